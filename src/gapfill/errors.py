@@ -1,0 +1,49 @@
+"""One exception root for everything a user can hit.
+
+::
+
+    GapfillError                 message is one sentence that says what to do
+    ├── ConfigError              bad flag, env var, config file or URL
+    ├── InputError               bad address, hash, import file
+    ├── UnknownContractError     --contract names nothing tracked
+    ├── StoreError               database unreachable, missing, or failing
+    └── RpcError                 node unreachable, wrong chain, method missing
+        └── (see gapfill.rpc.errors for the per-call classification)
+
+Driver exceptions (psycopg, sqlite3, aiohttp) are translated into these at the
+boundary with ``raise ... from exc``; the CLI prints ``str(exc)`` and exits 1.
+"""
+
+from __future__ import annotations
+
+
+class GapfillError(Exception):
+    """Root of gapfill's errors; ``str()`` is a message fit for the user."""
+
+    exit_code = 1
+
+
+class ConfigError(GapfillError):
+    """A flag, environment variable, config file or URL is wrong."""
+
+
+class InputError(GapfillError):
+    """User-supplied data (an address, a hash, an import file) is malformed."""
+
+
+class UnknownContractError(GapfillError):
+    """The contract is not tracked (or is ambiguous across chains)."""
+
+
+class StoreError(GapfillError):
+    """The database cannot be reached, does not exist, or failed."""
+
+
+class RpcError(GapfillError):
+    """A JSON-RPC endpoint cannot serve what gapfill needs."""
+
+
+class Interrupted(GapfillError):
+    """The user interrupted the run."""
+
+    exit_code = 130

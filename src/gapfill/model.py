@@ -1,0 +1,186 @@
+"""Frozen records shared by every layer.
+
+Conventions (they are the public schema's, see README "Schema"):
+
+* hashes, addresses and byte strings are lowercase ``0x`` hex ``str``;
+* integers are Python ``int`` whatever their size (the store writes the ones that
+  may pass 64 bits as ``NUMERIC(78,0)`` / decimal text, never as floats);
+* JSON columns hold plain Python values (``list`` / ``dict``) that the store
+  serialises; decoded arguments are ``dict[str, Any]`` whose integers are decimal
+  strings, bytes ``0x`` hex and addresses lowercase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Sort key of a ref whose block number is unknown: after every known block, on
+#: both backends (PostgreSQL and SQLite order NULLs differently, so neither is
+#: relied upon).
+UNKNOWN_BLOCK_KEY = 9_223_372_036_854_775_807
+
+#: A ref's position in a contract's gap: ``(block_key, tx_hash)``.
+RefKey = tuple[int, str]
+
+
+def block_key(block_number: int | None) -> int:
+    """The first half of a :data:`RefKey`."""
+    return UNKNOWN_BLOCK_KEY if block_number is None else block_number
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """A tracked ``(chain_id, address)``."""
+
+    chain_id: int
+    address: str
+    label: str | None = None
+    start_block: int | None = None
+    abi: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A transaction known to belong to a contract."""
+
+    chain_id: int
+    contract: str
+    tx_hash: str
+    block_number: int | None = None
+    source: str = "import"
+
+    @property
+    def key(self) -> RefKey:
+        return (block_key(self.block_number), self.tx_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class TxRow:
+    """One row of ``transactions``: the transaction, its receipt and its block time."""
+
+    chain_id: int
+    tx_hash: str
+    block_number: int
+    block_hash: str
+    tx_index: int
+    block_timestamp: int | None
+    from_address: str
+    to_address: str | None
+    value: int
+    input: str
+    nonce: int
+    gas: int
+    gas_price: int | None
+    max_fee_per_gas: int | None
+    max_priority_fee_per_gas: int | None
+    tx_type: int
+    status: int | None
+    root: str | None
+    gas_used: int
+    cumulative_gas_used: int
+    effective_gas_price: int | None
+    created_contract: str | None
+    access_list: list[Any] | None = None
+    max_fee_per_blob_gas: int | None = None
+    blob_versioned_hashes: list[str] | None = None
+    blob_gas_used: int | None = None
+    blob_gas_price: int | None = None
+    authorization_list: list[Any] | None = None
+    method_id: str | None = None
+    method_name: str | None = None
+    method_args: dict[str, Any] | None = None
+    log_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """One row of ``logs``."""
+
+    chain_id: int
+    tx_hash: str
+    log_index: int
+    block_number: int
+    address: str
+    topic0: str | None
+    topic1: str | None
+    topic2: str | None
+    topic3: str | None
+    data: str
+    event_name: str | None = None
+    event_args: dict[str, Any] | None = None
+
+
+#: Failure reasons. ``not_found`` and ``permanent`` take the ref out of the gap
+#: until ``enrich --retry-failed``; ``rpc_error`` leaves it in the gap.
+PERMANENT_REASONS = frozenset({"not_found", "permanent"})
+FAILURE_REASONS = frozenset({"not_found", "permanent", "rpc_error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A transaction that could not be enriched, and why."""
+
+    chain_id: int
+    tx_hash: str
+    contract: str
+    reason: str
+    last_error: str = ""
+    attempts: int = 1
+
+    @property
+    def permanent(self) -> bool:
+        return self.reason in PERMANENT_REASONS
+
+
+@dataclass(frozen=True, slots=True)
+class Enriched:
+    """What enriching some refs produced: rows to store and failures to record."""
+
+    txs: list[TxRow] = field(default_factory=list)
+    logs: list[LogRow] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A keyset slice ``[lo, hi]`` (inclusive) of one contract's gap."""
+
+    id: int
+    run_id: int
+    chain_id: int
+    contract: str
+    lo: RefKey
+    hi: RefKey
+    size: int
+    state: str = "pending"
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CoverageRange:
+    """Blocks ``[from_block, to_block]`` that a discovery method has scanned."""
+
+    chain_id: int
+    contract: str
+    from_block: int
+    to_block: int
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContractStatus:
+    """The counts ``gapfill status`` shows for one contract."""
+
+    chain_id: int
+    address: str
+    label: str | None
+    refs: int
+    enriched: int
+    missing: int
+    failed: int
+    min_block: int | None
+    max_block: int | None
+    unknown_block_refs: int = 0

@@ -25,11 +25,18 @@ def redact_url(url: str) -> str:
     except ValueError:
         return MASK
     netloc = parts.netloc
+    is_db = parts.scheme.lower().startswith(("postgres", "sqlite"))
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
-    segments = [MASK if _KEYLIKE_SEGMENT.match(s) else s for s in parts.path.split("/")]
+        if ":" in userinfo:
+            netloc = f"{user}:{MASK}@{hostport}"
+        elif not is_db:  # https://KEY@host: a bare userinfo on an RPC URL is a key
+            netloc = f"{MASK}@{hostport}"
+    # A database URL's path is a database name, not a secret.
+    segments = [
+        MASK if not is_db and _KEYLIKE_SEGMENT.match(s) else s for s in parts.path.split("/")
+    ]
     path = "/".join(segments)
     query = parts.query
     if query:
@@ -51,6 +58,8 @@ def secrets_of(url: str) -> list[str]:
         return [url]
     if parts.password:
         found.append(parts.password)
+    if parts.scheme.lower().startswith(("postgres", "sqlite")):
+        return found
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
     found.extend(s for s in parts.path.split("/") if _KEYLIKE_SEGMENT.match(s))

@@ -1,0 +1,55 @@
+"""Storage: schema, migrations and the two backends behind one interface.
+
+``open_store(url)`` picks the backend from the URL scheme:
+
+* ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (the default,
+  ``sqlite:///gapfill.db`` in the working directory);
+* ``postgresql://user:password@host:port/dbname`` (also ``postgres://``).
+"""
+
+from __future__ import annotations
+
+from gapfill.errors import ConfigError
+from gapfill.redact import redact_url
+from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RunInfo, Store, owner_name
+
+DEFAULT_DB_URL = "sqlite:///gapfill.db"
+
+__all__ = [
+    "DEFAULT_DB_URL",
+    "BatchCounts",
+    "LeaseEvent",
+    "PlanInfo",
+    "RunInfo",
+    "Store",
+    "open_store",
+    "owner_name",
+]
+
+
+def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
+    """Open the database at ``url`` and (by default) bring its schema up to date."""
+    url = url or DEFAULT_DB_URL
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    store: Store
+    if scheme == "sqlite":
+        from gapfill.store.sqlite import SqliteStore
+
+        store = SqliteStore(url)
+    elif scheme in ("postgresql", "postgres"):
+        from gapfill.store.postgres import PostgresStore
+
+        store = PostgresStore(url)
+    else:
+        shown = scheme or redact_url(url)
+        raise ConfigError(
+            f"unsupported database URL scheme {shown!r}: use sqlite:///path/to/file.db "
+            "or postgresql://user@host:5432/dbname"
+        )
+    if migrate:
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+    return store

@@ -1,0 +1,746 @@
+"""The storage seam: one narrow interface, two backends.
+
+Everything above ``store`` talks to :class:`Store`. The SQL that both backends
+share lives here with ``?`` placeholders; each backend supplies connection
+handling, the bulk upsert and the planning lock. Driver exceptions never leave
+this package: they become :class:`gapfill.errors.StoreError`.
+
+Rules this module enforces (see docs/architecture.md):
+
+* a batch's rows and its ``done`` state commit in one transaction, and only
+  while the committing worker still holds the lease (owner and attempt);
+* every write is an upsert on the primary key, so writing twice changes nothing;
+* the gap is computed from data, paged by key ``(block_key, tx_hash)``, never by
+  offset.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gapfill.errors import UnknownContractError
+from gapfill.model import (
+    PERMANENT_REASONS,
+    UNKNOWN_BLOCK_KEY,
+    Batch,
+    Contract,
+    ContractStatus,
+    CoverageRange,
+    Enriched,
+    Failure,
+    LogRow,
+    Ref,
+    RefKey,
+    TxRow,
+)
+
+TX_COLUMNS: tuple[str, ...] = (
+    "chain_id", "tx_hash", "block_number", "block_hash", "tx_index", "block_timestamp",
+    "from_address", "to_address", "value", "input", "nonce", "gas", "gas_price",
+    "max_fee_per_gas", "max_priority_fee_per_gas", "tx_type", "status", "root", "gas_used",
+    "cumulative_gas_used", "effective_gas_price", "created_contract", "access_list",
+    "max_fee_per_blob_gas", "blob_versioned_hashes", "blob_gas_used", "blob_gas_price",
+    "authorization_list", "method_id", "method_name", "method_args", "log_count",
+)  # fmt: skip
+LOG_COLUMNS: tuple[str, ...] = (
+    "chain_id", "tx_hash", "log_index", "block_number", "address", "topic0", "topic1",
+    "topic2", "topic3", "data", "event_name", "event_args",
+)  # fmt: skip
+#: Integer columns that may pass 64 bits: NUMERIC(78,0) on PostgreSQL, decimal TEXT on SQLite.
+BIG_INT_COLUMNS = frozenset({
+    "value", "nonce", "gas", "gas_price", "max_fee_per_gas", "max_priority_fee_per_gas",
+    "gas_used", "cumulative_gas_used", "effective_gas_price", "max_fee_per_blob_gas",
+    "blob_gas_used", "blob_gas_price",
+})  # fmt: skip
+JSON_COLUMNS = frozenset({
+    "access_list", "blob_versioned_hashes", "authorization_list", "method_args", "event_args",
+})  # fmt: skip
+
+KEY_SQL = f"COALESCE(r.block_number, {UNKNOWN_BLOCK_KEY})"
+_PERMANENT_IN = ", ".join(f"'{r}'" for r in sorted(PERMANENT_REASONS))
+#: Refs of one contract that are neither enriched nor permanently failed.
+GAP_WHERE = f"""
+    r.chain_id = ? AND r.contract = ?
+    AND NOT EXISTS (SELECT 1 FROM transactions t
+                    WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash)
+    AND NOT EXISTS (SELECT 1 FROM failures f
+                    WHERE f.chain_id = r.chain_id AND f.tx_hash = r.tx_hash
+                      AND f.reason IN ({_PERMANENT_IN}))
+"""
+
+MAX_ATTEMPTS = 3
+
+
+def json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column as read back: text on SQLite, already parsed on PostgreSQL."""
+    if value is None or not isinstance(value, str | bytes):
+        return value
+    return orjson.loads(value)
+
+
+def owner_name(worker: str = "") -> str:
+    """A lease owner id unique across hosts and processes."""
+    import os
+
+    suffix = f"/{worker}" if worker else ""
+    return f"{socket.gethostname()}:{os.getpid()}{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    run_id: int
+    started_at: float
+    finished_at: float | None
+    host: str
+    mode: str
+    workers: int
+    state: str
+    processed: int
+    failed: int
+    rpc_calls: int
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInfo:
+    """What planning found: per contract, whether it joined an open plan."""
+
+    batches: int
+    refs: int
+    joined: int  # contracts whose open plan was joined instead of planning again
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCounts:
+    pending: int
+    leased: int
+    done: int
+    total: int
+    succeeded: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEvent:
+    batch_id: int
+    owner: str
+    attempt: int
+    event: str
+    at: float
+
+
+class Store(abc.ABC):
+    """The narrow storage interface shared by both backends."""
+
+    backend: str = ""
+    #: The database URL with its password masked, for messages.
+    display_url: str = ""
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def migrate(self) -> int:
+        """Apply pending migrations idempotently; return the schema version."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abc.abstractmethod
+    def _tx(self) -> AbstractContextManager[Any]:
+        """A context manager: one database transaction, yielding a cursor."""
+
+    def _read(self) -> AbstractContextManager[Any]:
+        """A read-only transaction (SQLite: deferred, so readers never queue behind writers)."""
+        return self._tx()
+
+    @abc.abstractmethod
+    def _sql(self, sql: str) -> str:
+        """Translate ``?`` placeholders for the driver."""
+
+    @abc.abstractmethod
+    def _now(self, cur: Any) -> float:
+        """The clock leases are measured against (the database's, where it has one)."""
+
+    # -- contracts ---------------------------------------------------------------
+
+    def add_contract(self, contract: Contract) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "INSERT INTO contracts (chain_id, address, label, start_block, abi) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (chain_id, address) DO UPDATE SET "
+                    "label = COALESCE(EXCLUDED.label, contracts.label), "
+                    "start_block = COALESCE(EXCLUDED.start_block, contracts.start_block), "
+                    "abi = COALESCE(EXCLUDED.abi, contracts.abi)"
+                ),
+                (contract.chain_id, contract.address, contract.label, contract.start_block,
+                 json_text(contract.abi)),
+            )  # fmt: skip
+
+    def list_contracts(self) -> list[Contract]:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT chain_id, address, label, start_block, abi FROM contracts "
+                "ORDER BY chain_id, address"
+            )
+            return [
+                Contract(int(c), a, label, None if s is None else int(s), json_value(abi))
+                for c, a, label, s, abi in cur.fetchall()
+            ]
+
+    def get_contract(self, address: str, chain_id: int | None = None) -> Contract:
+        """The tracked contract at ``address``; ``chain_id`` is needed only if it is ambiguous."""
+        found = [
+            c for c in self.list_contracts()
+            if c.address == address and (chain_id is None or c.chain_id == chain_id)
+        ]  # fmt: skip
+        if not found:
+            where = f" on chain {chain_id}" if chain_id is not None else ""
+            raise UnknownContractError(
+                f"contract {address} is not tracked{where}: "
+                f"add it first with `gapfill contract add {address}`"
+            )
+        if len(found) > 1:
+            chains = ", ".join(str(c.chain_id) for c in found)
+            raise UnknownContractError(
+                f"contract {address} is tracked on chains {chains}: pass --chain-id to pick one"
+            )
+        return found[0]
+
+    # -- refs and the gap ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_refs(self, refs: Iterable[Ref]) -> int:
+        """Insert refs idempotently in one transaction; return how many were new.
+
+        ``refs`` is consumed as a stream, so a million hashes never sit in memory.
+        If iterating raises, nothing is imported.
+        """
+
+    def iter_gap(
+        self,
+        chain_id: int,
+        contract: str,
+        *,
+        after: RefKey | None = None,
+        start: RefKey | None = None,
+        upto: RefKey | None = None,
+        chunk: int = 5000,
+    ) -> Iterator[Ref]:
+        """Stream a contract's gap in key order by keyset pages.
+
+        Keys run from ``start`` (inclusive) or ``after`` (exclusive) up to ``upto``
+        (inclusive); each page resumes after the last key of the one before.
+        """
+        cursor_key = after
+        first_inclusive = start
+        while True:
+            sql = f"SELECT r.tx_hash, r.block_number, r.source FROM refs r WHERE {GAP_WHERE}"
+            params: list[Any] = [chain_id, contract]
+            if first_inclusive is not None:
+                sql += f" AND ({KEY_SQL} > ? OR ({KEY_SQL} = ? AND r.tx_hash >= ?))"
+                params += [first_inclusive[0], first_inclusive[0], first_inclusive[1]]
+                first_inclusive = None
+            elif cursor_key is not None:
+                sql += f" AND ({KEY_SQL} > ? OR ({KEY_SQL} = ? AND r.tx_hash > ?))"
+                params += [cursor_key[0], cursor_key[0], cursor_key[1]]
+            if upto is not None:
+                sql += f" AND ({KEY_SQL} < ? OR ({KEY_SQL} = ? AND r.tx_hash <= ?))"
+                params += [upto[0], upto[0], upto[1]]
+            sql += f" ORDER BY {KEY_SQL}, r.tx_hash LIMIT ?"
+            params.append(chunk)
+            with self._read() as cur:
+                cur.execute(self._sql(sql), params)
+                rows = cur.fetchall()
+            for tx_hash, block_number, source in rows:
+                yield Ref(chain_id, contract, tx_hash,
+                          None if block_number is None else int(block_number), source)  # fmt: skip
+            if len(rows) < chunk:
+                return
+            last = rows[-1]
+            cursor_key = (UNKNOWN_BLOCK_KEY if last[1] is None else int(last[1]), last[0])
+
+    def count_gap(self, chain_id: int, contract: str) -> int:
+        with self._read() as cur:
+            cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {GAP_WHERE}"),
+                        (chain_id, contract))  # fmt: skip
+            return int(cur.fetchone()[0])
+
+    def status(
+        self, chain_id: int | None = None, contract: str | None = None
+    ) -> list[ContractStatus]:
+        sql = f"""
+            SELECT c.chain_id, c.address, c.label,
+                   count(r.tx_hash),
+                   count(t.tx_hash),
+                   count(CASE WHEN t.tx_hash IS NULL AND f.tx_hash IS NOT NULL THEN 1 END),
+                   min(r.block_number), max(r.block_number),
+                   count(CASE WHEN r.tx_hash IS NOT NULL AND r.block_number IS NULL THEN 1 END)
+            FROM contracts c
+            LEFT JOIN refs r ON r.chain_id = c.chain_id AND r.contract = c.address
+            LEFT JOIN transactions t ON t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash
+            LEFT JOIN failures f ON f.chain_id = r.chain_id AND f.tx_hash = r.tx_hash
+                                AND f.reason IN ({_PERMANENT_IN})
+            WHERE (CAST(? AS BIGINT) IS NULL OR c.chain_id = ?) AND (CAST(? AS TEXT) IS NULL OR c.address = ?)
+            GROUP BY c.chain_id, c.address, c.label
+            ORDER BY c.chain_id, c.address
+        """
+        with self._read() as cur:
+            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract))
+            out = []
+            for cid, addr, label, refs, enriched, failed, lo, hi, unknown in cur.fetchall():
+                refs, enriched, failed = int(refs), int(enriched), int(failed)
+                out.append(ContractStatus(
+                    int(cid), addr, label, refs, enriched, refs - enriched - failed, failed,
+                    None if lo is None else int(lo), None if hi is None else int(hi), int(unknown),
+                ))  # fmt: skip
+            return out
+
+    # -- writing rows ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+        """Bulk upsert inside the caller's transaction."""
+
+    def _record_failures(self, cur: Any, enriched: Enriched) -> None:
+        if enriched.failures:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO failures (chain_id, tx_hash, contract, reason, attempts, last_error) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chain_id, tx_hash) DO UPDATE SET "
+                    "reason = EXCLUDED.reason, last_error = EXCLUDED.last_error, "
+                    "attempts = failures.attempts + EXCLUDED.attempts"
+                ),
+                [(f.chain_id, f.tx_hash, f.contract, f.reason, f.attempts, f.last_error[:2000])
+                 for f in enriched.failures],
+            )  # fmt: skip
+        if enriched.txs:
+            # A transaction that is now stored no longer failed.
+            cur.executemany(
+                self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"),
+                [(t.chain_id, t.tx_hash) for t in enriched.txs],
+            )
+
+    def write(self, enriched: Enriched) -> None:
+        """Store rows and failures in one transaction (no lease involved)."""
+        with self._tx() as cur:
+            self._upsert(cur, enriched.txs, enriched.logs)
+            self._record_failures(cur, enriched)
+
+    def list_failures(
+        self, chain_id: int | None = None, contract: str | None = None, limit: int = 1000
+    ) -> list[tuple[Failure, str]]:
+        """Failures with the time they were last recorded (ISO text)."""
+        sql = (
+            "SELECT chain_id, tx_hash, contract, reason, last_error, attempts, at FROM failures "
+            "WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) AND (CAST(? AS TEXT) IS NULL OR contract = ?) "
+            "ORDER BY chain_id, contract, tx_hash LIMIT ?"
+        )
+        with self._read() as cur:
+            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract, limit))
+            return [(Failure(int(c), h, k, r, e, int(a)), str(at))
+                    for c, h, k, r, e, a, at in cur.fetchall()]  # fmt: skip
+
+    def clear_failures(
+        self, chain_id: int | None = None, contract: str | None = None, permanent_only: bool = True
+    ) -> int:
+        """Put failed refs back into the gap (``enrich --retry-failed``)."""
+        sql = (
+            "DELETE FROM failures WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) AND (CAST(? AS TEXT) IS NULL OR contract = ?)"
+        )
+        if permanent_only:
+            sql += f" AND reason IN ({_PERMANENT_IN})"
+        with self._tx() as cur:
+            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract))
+            return int(cur.rowcount)
+
+    # -- coverage --------------------------------------------------------------------
+
+    def add_coverage(self, ranges: Sequence[CoverageRange]) -> None:
+        with self._tx() as cur:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                ),
+                [(r.chain_id, r.contract, r.method, r.from_block, r.to_block) for r in ranges],
+            )
+
+    def add_refs_and_coverage(self, refs: Sequence[Ref], ranges: Sequence[CoverageRange]) -> int:
+        """Discovery's commit: found refs and the ranges they cover, atomically."""
+        with self._tx() as cur:
+            new = self._insert_refs(cur, refs)
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                ),
+                [(r.chain_id, r.contract, r.method, r.from_block, r.to_block) for r in ranges],
+            )
+            return new
+
+    @abc.abstractmethod
+    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int: ...
+
+    def get_coverage(self, chain_id: int, contract: str) -> list[CoverageRange]:
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT method, from_block, to_block FROM coverage "
+                    "WHERE chain_id = ? AND contract = ? ORDER BY from_block, to_block"
+                ),
+                (chain_id, contract),
+            )
+            return [CoverageRange(chain_id, contract, int(lo), int(hi), m)
+                    for m, lo, hi in cur.fetchall()]  # fmt: skip
+
+    # -- runs ------------------------------------------------------------------------
+
+    def create_run(self, mode: str, workers: int, note: str = "") -> int:
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO runs (started_at, host, mode, workers, note) "
+                    "VALUES (?, ?, ?, ?, ?) RETURNING run_id"
+                ),
+                (now, socket.gethostname(), mode, workers, note),
+            )
+            return int(cur.fetchone()[0])
+
+    def finish_run(
+        self, run_id: int, state: str, processed: int, failed: int, rpc_calls: int
+    ) -> None:
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    "UPDATE runs SET finished_at = ?, state = ?, processed = ?, failed = ?, "
+                    "rpc_calls = ? WHERE run_id = ?"
+                ),
+                (now, state, processed, failed, rpc_calls, run_id),
+            )
+
+    def list_runs(self, limit: int = 50) -> list[RunInfo]:
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT run_id, started_at, finished_at, host, mode, workers, state, processed,"
+                    " failed, rpc_calls, note FROM runs ORDER BY run_id DESC LIMIT ?"
+                ),
+                (limit,),
+            )
+            return [
+                RunInfo(int(r[0]), float(r[1]), None if r[2] is None else float(r[2]), r[3], r[4],
+                        int(r[5]), r[6], int(r[7]), int(r[8]), int(r[9]), r[10])
+                for r in cur.fetchall()
+            ]  # fmt: skip
+
+    # -- planning and leases ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def _plan_lock(self, cur: Any) -> None:
+        """Serialise planning across processes and hosts (inside the transaction)."""
+
+    def plan(
+        self, run_id: int, targets: Sequence[tuple[int, str]], batch_size: int = 500
+    ) -> PlanInfo:
+        """Cut each target's gap into keyset batches, or join its open plan.
+
+        Runs under a lock so two coordinators never plan the same contract twice.
+        The gap is streamed by key: a million refs never sit in memory.
+        """
+        batches = refs = joined = 0
+        with self._tx() as cur:
+            self._plan_lock(cur)
+            for chain_id, contract in targets:
+                cur.execute(
+                    self._sql(
+                        "SELECT count(*) FROM batches WHERE chain_id = ? AND contract = ? "
+                        "AND state IN ('pending', 'leased')"
+                    ),
+                    (chain_id, contract),
+                )
+                if int(cur.fetchone()[0]) > 0:
+                    joined += 1
+                    continue
+                rows: list[tuple[Any, ...]] = []
+                lo: RefKey | None = None
+                last: RefKey | None = None
+                n = 0
+                for key in self._gap_keys(cur, chain_id, contract):
+                    if lo is None:
+                        lo = key
+                    last = key
+                    n += 1
+                    if n == batch_size:
+                        rows.append((run_id, chain_id, contract, lo[0], lo[1], key[0], key[1], n))
+                        lo, n = None, 0
+                if lo is not None and last is not None:
+                    rows.append((run_id, chain_id, contract, lo[0], lo[1], last[0], last[1], n))
+                if rows:
+                    cur.executemany(
+                        self._sql(
+                            "INSERT INTO batches (run_id, chain_id, contract, lo_block, lo_tx, "
+                            "hi_block, hi_tx, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        ),
+                        rows,
+                    )
+                batches += len(rows)
+                refs += sum(r[7] for r in rows)
+        return PlanInfo(batches, refs, joined)
+
+    @abc.abstractmethod
+    def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
+        """Stream the gap's keys in order inside the planning transaction."""
+
+    def batch_counts(self, run_id: int | None = None) -> BatchCounts:
+        """Counts over the open plans (or one run's batches)."""
+        sql = (
+            "SELECT state, count(*), coalesce(sum(succeeded), 0), coalesce(sum(failed), 0) "
+            "FROM batches WHERE (CAST(? AS BIGINT) IS NULL OR run_id = ?) GROUP BY state"
+        )
+        with self._read() as cur:
+            cur.execute(self._sql(sql), (run_id, run_id))
+            by: dict[str, tuple[int, int, int]] = {
+                s: (int(n), int(a), int(b)) for s, n, a, b in cur.fetchall()
+            }
+        total = sum(v[0] for v in by.values())
+        return BatchCounts(
+            by.get("pending", (0, 0, 0))[0], by.get("leased", (0, 0, 0))[0],
+            by.get("done", (0, 0, 0))[0], total,
+            sum(v[1] for v in by.values()), sum(v[2] for v in by.values()),
+        )  # fmt: skip
+
+    def has_open_batches(self, targets: Sequence[tuple[int, str]] | None = None) -> bool:
+        with self._read() as cur:
+            cur.execute(
+                "SELECT chain_id, contract FROM batches WHERE state IN ('pending', 'leased')"
+            )
+            open_ = {(int(c), k) for c, k in cur.fetchall()}
+        if targets is None:
+            return bool(open_)
+        return bool(open_ & set(targets))
+
+    def _event(
+        self, cur: Any, batch_id: int, owner: str, attempt: int, event: str, at: float
+    ) -> None:
+        cur.execute(
+            self._sql(
+                "INSERT INTO lease_events (batch_id, owner, attempt, event, at) VALUES (?, ?, ?, ?, ?)"
+            ),
+            (batch_id, owner, attempt, event, at),
+        )
+
+    @abc.abstractmethod
+    def _select_leasable(
+        self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
+    ) -> tuple[Any, ...] | None:
+        """Lock and return one leasable batch row (pending, or leased and expired)."""
+
+    _BATCH_COLS = (
+        "batch_id, run_id, chain_id, contract, lo_block, lo_tx, hi_block, hi_tx, size, state, "
+        "attempts, lease_owner, lease_expires_at"
+    )
+
+    @staticmethod
+    def _batch(row: Sequence[Any]) -> Batch:
+        return Batch(
+            int(row[0]), int(row[1]), int(row[2]), row[3], (int(row[4]), row[5]),
+            (int(row[6]), row[7]), int(row[8]), row[9], int(row[10]), row[11],
+            None if row[12] is None else float(row[12]),
+        )  # fmt: skip
+
+    def lease(
+        self,
+        owner: str,
+        lease_timeout_s: float,
+        targets: Sequence[tuple[int, str]] | None = None,
+    ) -> Batch | None:
+        """Claim one batch: a pending one, or one whose lease expired.
+
+        Batches another owner failed are preferred by other owners, so a retry
+        goes to a different worker where one exists.
+        """
+        with self._tx() as cur:
+            now = self._now(cur)
+            row = self._select_leasable(cur, now, owner, targets)
+            if row is None:
+                return None
+            b = self._batch(row)
+            if b.state == "leased" and b.lease_owner is not None:
+                self._event(cur, b.id, b.lease_owner, b.attempts, "expired", now)
+            attempt = b.attempts + 1
+            cur.execute(
+                self._sql(
+                    "UPDATE batches SET state = 'leased', attempts = ?, lease_owner = ?, "
+                    "lease_expires_at = ? WHERE batch_id = ?"
+                ),
+                (attempt, owner, now + lease_timeout_s, b.id),
+            )
+            self._event(cur, b.id, owner, attempt, "leased", now)
+            return Batch(b.id, b.run_id, b.chain_id, b.contract, b.lo, b.hi, b.size, "leased",
+                         attempt, owner, now + lease_timeout_s)  # fmt: skip
+
+    def renew(self, batch: Batch, lease_timeout_s: float) -> bool:
+        """Extend a lease this owner still holds; False if it was lost."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    "UPDATE batches SET lease_expires_at = ? WHERE batch_id = ? AND state = 'leased'"
+                    " AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
+                ),
+                (now + lease_timeout_s, batch.id, batch.lease_owner, batch.attempts, now),
+            )
+            ok = cur.rowcount == 1
+            if ok:
+                self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "renewed", now)
+            return bool(ok)
+
+    def batch_refs(self, batch: Batch) -> list[Ref]:
+        """The refs of a batch's key range that are still in the gap, right now."""
+        return list(self.iter_gap(batch.chain_id, batch.contract,
+                                  start=batch.lo, upto=batch.hi, chunk=10_000))  # fmt: skip
+
+    def commit_batch(self, batch: Batch, enriched: Enriched) -> bool:
+        """Rows, failures and ``done`` in one transaction, only if the lease is still held."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    "UPDATE batches SET state = 'done', succeeded = succeeded + ?, failed = ?, "
+                    "lease_expires_at = NULL WHERE batch_id = ? AND state = 'leased' "
+                    "AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
+                ),
+                (len(enriched.txs), len(enriched.failures), batch.id, batch.lease_owner,
+                 batch.attempts, now),
+            )  # fmt: skip
+            if cur.rowcount != 1:
+                # The lease is gone (expired and taken, or abandoned): write nothing.
+                return False
+            self._upsert(cur, enriched.txs, enriched.logs)
+            self._record_failures(cur, enriched)
+            self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
+            return True
+
+    def abandon(self, batch: Batch, error: str) -> None:
+        """Give a batch back (failure or shutdown); it is retried by the next lease."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    "UPDATE batches SET state = 'pending', lease_owner = NULL, "
+                    "lease_expires_at = NULL, last_error = ?, last_owner = ? "
+                    "WHERE batch_id = ? AND state = 'leased' AND lease_owner = ? AND attempts = ?"
+                ),
+                (error[:2000], batch.lease_owner, batch.id, batch.lease_owner, batch.attempts),
+            )
+            if cur.rowcount == 1:
+                self._event(cur, batch.id, batch.lease_owner or "", batch.attempts,
+                            "abandoned", now)  # fmt: skip
+
+    def expire_leases(self, owner_prefix: str | None = None) -> list[Batch]:
+        """Take back leases past their expiry (optionally only local owners')."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    f"SELECT {self._BATCH_COLS} FROM batches WHERE state = 'leased' "
+                    "AND lease_expires_at < ?"
+                ),
+                (now,),
+            )
+            rows = [self._batch(r) for r in cur.fetchall()]
+            out = []
+            for b in rows:
+                if owner_prefix is not None and not (b.lease_owner or "").startswith(owner_prefix):
+                    continue
+                cur.execute(
+                    self._sql(
+                        "UPDATE batches SET state = 'pending', lease_owner = NULL, "
+                        "lease_expires_at = NULL, last_owner = ?, last_error = 'lease expired' "
+                        "WHERE batch_id = ? AND state = 'leased' AND attempts = ?"
+                    ),
+                    (b.lease_owner, b.id, b.attempts),
+                )
+                if cur.rowcount == 1:
+                    self._event(cur, b.id, b.lease_owner or "", b.attempts, "expired", now)
+                    out.append(b)
+            return out
+
+    def lease_events(self, batch_id: int | None = None) -> list[LeaseEvent]:
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT batch_id, owner, attempt, event, at FROM lease_events "
+                    "WHERE (CAST(? AS BIGINT) IS NULL OR batch_id = ?) ORDER BY event_id"
+                ),
+                (batch_id, batch_id),
+            )
+            return [LeaseEvent(int(b), o, int(a), e, float(t)) for b, o, a, e, t in cur.fetchall()]
+
+    # -- reading rows back (tests, demo, status) -------------------------------------
+
+    def fetch_transactions(self, chain_id: int, hashes: Sequence[str] | None = None,
+                           limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """Rows of ``transactions`` as dicts with ints and parsed JSON (for display and checks)."""
+        cols = ", ".join(TX_COLUMNS)
+        sql = f"SELECT {cols} FROM transactions WHERE chain_id = ?"
+        params: list[Any] = [chain_id]
+        if hashes is not None:
+            sql += f" AND tx_hash IN ({', '.join('?' for _ in hashes)})"
+            params += list(hashes)
+        sql += " ORDER BY block_number, tx_index"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._read() as cur:
+            cur.execute(self._sql(sql), params)
+            return [_row_dict(TX_COLUMNS, r) for r in cur.fetchall()]
+
+    def fetch_logs(self, chain_id: int, tx_hash: str | None = None,
+                   limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        cols = ", ".join(LOG_COLUMNS)
+        sql = f"SELECT {cols} FROM logs WHERE chain_id = ? AND (CAST(? AS TEXT) IS NULL OR tx_hash = ?)"
+        sql += " ORDER BY block_number, tx_hash, log_index"
+        params: list[Any] = [chain_id, tx_hash, tx_hash]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._read() as cur:
+            cur.execute(self._sql(sql), params)
+            return [_row_dict(LOG_COLUMNS, r) for r in cur.fetchall()]
+
+
+def _row_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for col, v in zip(columns, row, strict=True):
+        if v is not None and col in BIG_INT_COLUMNS:
+            v = int(v)
+        elif col in JSON_COLUMNS:
+            v = json_value(v)
+        out[col] = v
+    return out
+
+
+def now_s() -> float:
+    return time.time()

@@ -1,0 +1,236 @@
+"""PostgreSQL backend (psycopg 3): many processes, many hosts.
+
+Bulk writes go through ``COPY`` into a session-local staging table and one
+``INSERT ... SELECT ... ON CONFLICT`` per table, inside the caller's
+transaction. Leases are claimed with ``FOR UPDATE SKIP LOCKED`` and measured
+against the database's clock, so workers on hosts with skewed clocks agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+
+from gapfill.errors import StoreError
+from gapfill.model import LogRow, Ref, RefKey, TxRow
+from gapfill.redact import redact_text, redact_url
+from gapfill.store.base import GAP_WHERE, KEY_SQL, LOG_COLUMNS, TX_COLUMNS, Store, json_text
+from gapfill.store.sqlite import _migrations
+
+_JSON_TX = {"access_list", "blob_versioned_hashes", "authorization_list", "method_args"}
+_TX_JSON_IDX = [i for i, c in enumerate(TX_COLUMNS) if c in _JSON_TX]
+_UPDATE_TX = ", ".join(f"{c} = EXCLUDED.{c}" for c in TX_COLUMNS[2:])
+_UPDATE_LOG = ", ".join(f"{c} = EXCLUDED.{c}" for c in LOG_COLUMNS[3:])
+_TX_COLS = ", ".join(TX_COLUMNS)
+_LOG_COLS = ", ".join(LOG_COLUMNS)
+_STAGE = """
+CREATE TEMP TABLE IF NOT EXISTS stage_tx
+    (LIKE transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_logs (LIKE logs) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_refs (LIKE refs) ON COMMIT DELETE ROWS;
+"""
+_MIGRATION_LOCK = 7_263_451_001
+_PLAN_LOCK = 7_263_451_002
+
+
+def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
+    v = [getattr(t, c) for c in TX_COLUMNS]
+    for i in _TX_JSON_IDX:
+        v[i] = json_text(v[i])
+    return tuple(v)
+
+
+def _log_tuple(g: LogRow) -> tuple[Any, ...]:
+    return (g.chain_id, g.tx_hash, g.log_index, g.block_number, g.address, g.topic0, g.topic1,
+            g.topic2, g.topic3, g.data, g.event_name, json_text(g.event_args))  # fmt: skip
+
+
+def translate(exc: psycopg.Error, url: str) -> StoreError:
+    """Turn a driver error into one sentence that says what to do."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    dbname = parts.path.lstrip("/") or "postgres"
+    msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), url)
+    low = msg.lower()
+    if "does not exist" in low and "database" in low:
+        return StoreError(
+            f'PostgreSQL database "{dbname}" does not exist on {where}: '
+            f"create it (createdb {dbname}) or fix --db / GAPFILL_DB"
+        )
+    if "password authentication failed" in low or "authentication" in low:
+        return StoreError(
+            f"PostgreSQL at {where} refused the credentials in {redact_url(url)}: fix --db / GAPFILL_DB"
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreError(
+            f"could not connect to PostgreSQL at {where} ({msg}): "
+            "check that the server runs and fix --db / GAPFILL_DB"
+        )
+    return StoreError(f"PostgreSQL error on {redact_url(url)}: {msg}")
+
+
+class PostgresStore(Store):
+    backend = "postgres"
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.display_url = redact_url(url)
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: psycopg.Connection[Any] | None = None
+        self._connect()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(
+                self.url, autocommit=False, connect_timeout=int(self._connect_timeout_s),
+                application_name="gapfill",
+            )  # fmt: skip
+        except psycopg.Error as exc:
+            raise translate(exc, self.url) from None
+        self._conn = conn
+        self._staged = False
+        return conn
+
+    def _live(self) -> psycopg.Connection[Any]:
+        """The connection, reconnecting if the server dropped it (e.g. pg_terminate_backend)."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    def _now(self, cur: Any) -> float:
+        cur.execute("SELECT extract(epoch from clock_timestamp())::float8")
+        return float(cur.fetchone()[0])
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Cursor[Any]]:
+        conn = self._live()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as exc:
+            raise translate(exc, self.url) from exc
+
+    def migrate(self) -> int:
+        with self._tx() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            row = cur.fetchone()
+            current = int(row[0]) if row else 0
+            for version, sql in _migrations("postgres"):
+                if version <= current:
+                    continue
+                cur.execute(sql.encode())
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                current = version
+            return current
+
+    def _stage(self, cur: Any) -> None:
+        if not self._staged:
+            cur.execute(_STAGE.encode())
+            self._staged = True
+
+    def add_refs(self, refs: Iterable[Ref]) -> int:
+        with self._tx() as cur:
+            self._stage(cur)
+            with cur.copy(
+                "COPY stage_refs (chain_id, contract, tx_hash, block_number, source) FROM STDIN"
+            ) as copy:
+                for r in refs:
+                    copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+            cur.execute(
+                "INSERT INTO refs SELECT DISTINCT ON (chain_id, contract, tx_hash) * FROM stage_refs "
+                "ORDER BY chain_id, contract, tx_hash, block_number NULLS LAST "
+                "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
+            )
+            n = int(cur.rowcount)
+            cur.execute("TRUNCATE stage_refs")
+            return n
+
+    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
+        cur.executemany(
+            "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING",
+            [(r.chain_id, r.contract, r.tx_hash, r.block_number, r.source) for r in refs],
+        )
+        return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)
+
+    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+        self._stage(cur)
+        if txs:
+            with cur.copy(f"COPY stage_tx ({_TX_COLS}) FROM STDIN") as copy:
+                for t in txs:
+                    copy.write_row(_tx_tuple(t))
+            cur.execute(
+                f"INSERT INTO transactions ({_TX_COLS}) "
+                f"SELECT DISTINCT ON (chain_id, tx_hash) {_TX_COLS} FROM stage_tx "
+                f"ON CONFLICT (chain_id, tx_hash) DO UPDATE SET {_UPDATE_TX}"
+            )
+            cur.execute("TRUNCATE stage_tx")
+        if logs:
+            with cur.copy(f"COPY stage_logs ({_LOG_COLS}) FROM STDIN") as copy:
+                for g in logs:
+                    copy.write_row(_log_tuple(g))
+            cur.execute(
+                f"INSERT INTO logs ({_LOG_COLS}) "
+                f"SELECT DISTINCT ON (chain_id, tx_hash, log_index) {_LOG_COLS} FROM stage_logs "
+                f"ON CONFLICT (chain_id, tx_hash, log_index) DO UPDATE SET {_UPDATE_LOG}"
+            )
+            cur.execute("TRUNCATE stage_logs")
+
+    def _plan_lock(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PLAN_LOCK,))
+
+    def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
+        conn = self._live()
+        # A named (server-side) cursor streams the keys inside the planning transaction.
+        with conn.cursor(name=f"gap_keys_{int(time.time() * 1e6)}") as named:
+            named.itersize = 20_000
+            named.execute(
+                self._sql(
+                    f"SELECT {KEY_SQL}, r.tx_hash FROM refs r WHERE {GAP_WHERE} "
+                    f"ORDER BY {KEY_SQL}, r.tx_hash"
+                ),
+                (chain_id, contract),
+            )
+            for k, h in named:
+                yield (int(k), h)
+
+    def _select_leasable(
+        self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
+    ) -> tuple[Any, ...] | None:
+        sql = (
+            f"SELECT {self._BATCH_COLS} FROM batches WHERE "
+            "(state = 'pending' OR (state = 'leased' AND lease_expires_at < %s)) "
+        )
+        params: list[Any] = [now]
+        if targets:
+            sql += (
+                "AND (" + " OR ".join("(chain_id = %s AND contract = %s)" for _ in targets) + ") "
+            )
+            for c, a in targets:
+                params += [c, a]
+        sql += "ORDER BY (coalesce(last_owner, '') = %s), batch_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        params.append(owner)
+        cur.execute(sql, params)
+        row = cur.fetchone()
+        return None if row is None else tuple(row)

@@ -1,0 +1,228 @@
+"""SQLite backend: the embedded default, for one machine.
+
+WAL mode lets readers (``status``) run beside the writer; every write is one
+``BEGIN IMMEDIATE`` transaction, which is also how leases are claimed: SQLite
+has one writer at a time, so an immediate transaction is a table lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gapfill.errors import StoreError
+from gapfill.model import LogRow, Ref, RefKey, TxRow
+from gapfill.store.base import (
+    BIG_INT_COLUMNS,
+    GAP_WHERE,
+    JSON_COLUMNS,
+    KEY_SQL,
+    LOG_COLUMNS,
+    TX_COLUMNS,
+    Store,
+    json_text,
+)
+
+_TX_BIG = [i for i, c in enumerate(TX_COLUMNS) if c in BIG_INT_COLUMNS]
+_TX_JSON = [i for i, c in enumerate(TX_COLUMNS) if c in JSON_COLUMNS]
+_UPDATE_TX = ", ".join(f"{c} = excluded.{c}" for c in TX_COLUMNS[2:])
+_UPDATE_LOG = ", ".join(f"{c} = excluded.{c}" for c in LOG_COLUMNS[3:])
+_INSERT_TX = (
+    f"INSERT INTO transactions ({', '.join(TX_COLUMNS)}) VALUES "
+    f"({', '.join('?' for _ in TX_COLUMNS)}) ON CONFLICT (chain_id, tx_hash) DO UPDATE SET {_UPDATE_TX}"
+)
+_INSERT_LOG = (
+    f"INSERT INTO logs ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' for _ in LOG_COLUMNS)}) "
+    f"ON CONFLICT (chain_id, tx_hash, log_index) DO UPDATE SET {_UPDATE_LOG}"
+)
+_INSERT_REF = (
+    "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
+)
+
+
+def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
+    v = [getattr(t, c) for c in TX_COLUMNS]
+    for i in _TX_BIG:
+        if v[i] is not None:
+            v[i] = str(v[i])
+    for i in _TX_JSON:
+        v[i] = json_text(v[i])
+    return tuple(v)
+
+
+def _log_tuple(g: LogRow) -> tuple[Any, ...]:
+    return (g.chain_id, g.tx_hash, g.log_index, g.block_number, g.address, g.topic0, g.topic1,
+            g.topic2, g.topic3, g.data, g.event_name, json_text(g.event_args))  # fmt: skip
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
+    rest = url[len("sqlite://") :]
+    if not rest.startswith("/"):
+        raise StoreError(
+            f"cannot read the SQLite URL {url!r}: write it as sqlite:///path/to/file.db"
+        )
+    path = rest[1:]
+    if not path:
+        raise StoreError("the SQLite URL names no file: write it as sqlite:///path/to/file.db")
+    return path
+
+
+class SqliteStore(Store):
+    backend = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.display_url = url
+        self.path = sqlite_path(url)
+        if self.path != ":memory:":
+            parent = Path(self.path).resolve().parent
+            if not parent.is_dir():
+                raise StoreError(
+                    f"cannot open the SQLite database {self.path}: folder {parent} does not exist"
+                )
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=60000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
+        self._depth = 0
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _now(self, cur: Any) -> float:
+        return time.time()
+
+    def _read(self) -> Any:
+        return self._tx(immediate=False)
+
+    @contextmanager
+    def _tx(self, immediate: bool = True) -> Iterator[sqlite3.Cursor]:
+        cur = self._conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        except sqlite3.Error as exc:
+            raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
+        try:
+            yield cur
+        except BaseException:
+            self._conn.rollback()
+            raise
+        else:
+            try:
+                cur.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._conn.rollback()
+                raise StoreError(f"writing to {self.path} failed: {exc}") from exc
+        finally:
+            cur.close()
+
+    def migrate(self) -> int:
+        with self._tx() as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            current = int(cur.fetchone()[0])
+            for version, sql in _migrations("sqlite"):
+                if version <= current:
+                    continue
+                for statement in _split(sql):
+                    cur.execute(statement)
+                cur.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+                current = version
+            return current
+
+    def add_refs(self, refs: Iterable[Ref]) -> int:
+        with self._tx() as cur:
+            before = self._conn.total_changes
+            chunk: list[tuple[Any, ...]] = []
+            for r in refs:
+                chunk.append((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+                if len(chunk) >= 10_000:
+                    cur.executemany(_INSERT_REF, chunk)
+                    chunk.clear()
+            if chunk:
+                cur.executemany(_INSERT_REF, chunk)
+            return self._conn.total_changes - before
+
+    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
+        before = self._conn.total_changes
+        cur.executemany(
+            _INSERT_REF,
+            [(r.chain_id, r.contract, r.tx_hash, r.block_number, r.source) for r in refs],
+        )
+        return self._conn.total_changes - before
+
+    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+        if txs:
+            cur.executemany(_INSERT_TX, [_tx_tuple(t) for t in txs])
+        if logs:
+            cur.executemany(_INSERT_LOG, [_log_tuple(g) for g in logs])
+
+    def _plan_lock(self, cur: Any) -> None:
+        # BEGIN IMMEDIATE already holds SQLite's single write lock.
+        return None
+
+    def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
+        read = self._conn.cursor()
+        try:
+            read.execute(
+                f"SELECT {KEY_SQL}, r.tx_hash FROM refs r WHERE {GAP_WHERE} "
+                f"ORDER BY {KEY_SQL}, r.tx_hash",
+                (chain_id, contract),
+            )
+            while rows := read.fetchmany(10_000):
+                for k, h in rows:
+                    yield (int(k), h)
+        finally:
+            read.close()
+
+    def _select_leasable(
+        self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
+    ) -> tuple[Any, ...] | None:
+        sql = (
+            f"SELECT {self._BATCH_COLS} FROM batches WHERE "
+            "(state = 'pending' OR (state = 'leased' AND lease_expires_at < ?)) "
+        )
+        params: list[Any] = [now]
+        if targets:
+            sql += "AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ") "
+            for c, a in targets:
+                params += [c, a]
+        sql += "ORDER BY (coalesce(last_owner, '') = ?), batch_id LIMIT 1"
+        params.append(owner)
+        cur.execute(sql, params)
+        row = cur.fetchone()
+        return None if row is None else tuple(row)
+
+
+def _migrations(backend: str) -> list[tuple[int, str]]:
+    folder = resources.files("gapfill.store") / "sql" / backend
+    out = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            out.append((int(name.split("_", 1)[0]), entry.read_text()))
+    return sorted(out)
+
+
+def _split(sql: str) -> list[str]:
+    """Split a migration into statements (no semicolons inside literals in our SQL)."""
+    lines = [ln for ln in sql.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,180 @@
+"""The storage seam on both backends: schema, refs, the gap, upserts, plans and leases."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from gapfill.model import UNKNOWN_BLOCK_KEY, Contract, Enriched, Failure, LogRow, Ref, TxRow
+from gapfill.store import Store, open_store
+
+C = "0x" + "ab" * 20
+
+
+def h(i: int) -> str:
+    return "0x" + f"{i:064x}"
+
+
+def tx_row(i: int, block: int, **over: Any) -> TxRow:
+    base: dict[str, Any] = dict(
+        chain_id=1, tx_hash=h(i), block_number=block, block_hash=h(10_000 + block), tx_index=i % 7,
+        block_timestamp=1_700_000_000 + block, from_address="0x" + "11" * 20, to_address=C,
+        value=2**70 + i, input="0xa9059cbb" + "00" * 64, nonce=i, gas=21_000, gas_price=None,
+        max_fee_per_gas=2**65, max_priority_fee_per_gas=1, tx_type=2, status=1, root=None,
+        gas_used=21_000, cumulative_gas_used=42_000, effective_gas_price=10**10,
+        created_contract=None, access_list=[{"address": C, "storageKeys": [h(1)]}],
+        method_id="0xa9059cbb", method_name="transfer", method_args={"to": C, "amount": "5"},
+        log_count=1,
+    )  # fmt: skip
+    base.update(over)
+    return TxRow(**base)
+
+
+def log_row(i: int, block: int) -> LogRow:
+    return LogRow(1, h(i), 0, block, C, h(99), h(98), None, None, "0x" + "00" * 32,
+                  "Transfer", {"value": str(2**80)})  # fmt: skip
+
+
+@pytest.fixture
+def store(db_url: str) -> Any:
+    s = open_store(db_url)
+    s.add_contract(Contract(1, C, label="token", start_block=5))
+    yield s
+    s.close()
+
+
+def test_migrate_is_idempotent(db_url: str) -> None:
+    with open_store(db_url) as s:
+        v = s.migrate()
+        assert s.migrate() == v >= 1
+
+
+def test_contract_roundtrip_and_unknown(store: Store) -> None:
+    store.add_contract(Contract(1, C, abi=[{"type": "function", "name": "f", "inputs": []}]))
+    (c,) = store.list_contracts()
+    assert c.label == "token" and c.start_block == 5 and c.abi and c.abi[0]["name"] == "f"
+    with pytest.raises(Exception, match="not tracked"):
+        store.get_contract("0x" + "cd" * 20)
+    store.add_contract(Contract(10, C))
+    with pytest.raises(Exception, match="pass --chain-id"):
+        store.get_contract(C)
+    assert store.get_contract(C, 10).chain_id == 10
+
+
+def test_gap_order_puts_unknown_blocks_last_and_streams_by_key(store: Store) -> None:
+    refs = [Ref(1, C, h(i), None if i % 5 == 0 else 100 - i) for i in range(1, 41)]
+    assert store.add_refs(iter(refs)) == 40
+    assert store.add_refs(iter(refs)) == 0  # duplicates are fine
+    got = list(store.iter_gap(1, C, chunk=7))
+    assert [r.key for r in got] == sorted(r.key for r in refs)
+    assert all(r.block_number is None for r in got[-8:])
+    assert got[-1].key[0] == UNKNOWN_BLOCK_KEY
+    # keyset resume and an inclusive start
+    mid = got[10].key
+    assert [r.key for r in store.iter_gap(1, C, after=mid, chunk=3)] == [r.key for r in got[11:]]
+    assert [r.key for r in store.iter_gap(1, C, start=mid, upto=got[20].key)] == [
+        r.key for r in got[10:21]
+    ]
+
+
+def test_upsert_twice_is_the_same_database_and_exact(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), 50 + i) for i in range(10)])
+    e = Enriched([tx_row(i, 50 + i) for i in range(5)], [log_row(i, 50 + i) for i in range(5)])
+    store.write(e)
+    first = store.fetch_transactions(1), store.fetch_logs(1)
+    store.write(e)
+    assert (store.fetch_transactions(1), store.fetch_logs(1)) == first
+    row = first[0][0]
+    assert row["value"] == 2**70 and row["max_fee_per_gas"] == 2**65
+    assert row["access_list"] == [{"address": C, "storageKeys": [h(1)]}]
+    assert row["method_args"] == {"to": C, "amount": "5"}
+    assert first[1][0]["event_args"] == {"value": str(2**80)}
+    assert store.count_gap(1, C) == 5
+    (st,) = store.status()
+    assert (st.refs, st.enriched, st.missing, st.failed, st.min_block, st.max_block) == (
+        10, 5, 5, 0, 50, 59,
+    )  # fmt: skip
+
+
+def test_permanent_failures_leave_the_gap_transient_ones_stay(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), 7) for i in range(4)])
+    store.write(Enriched(failures=[Failure(1, h(0), C, "not_found", "null"),
+                                   Failure(1, h(1), C, "rpc_error", "timeout")]))  # fmt: skip
+    assert {r.tx_hash for r in store.iter_gap(1, C)} == {h(1), h(2), h(3)}
+    assert store.status()[0].failed == 1
+    assert len(store.list_failures()) == 2
+    assert store.clear_failures() == 1
+    assert store.count_gap(1, C) == 4
+    # enriching a failed tx clears its failure
+    store.write(Enriched([tx_row(1, 7)]))
+    assert store.list_failures() == []
+
+
+def test_plan_cuts_keyset_batches_and_a_second_plan_joins(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), i // 3) for i in range(1, 1001)])
+    store.add_refs([Ref(1, C, h(5000 + i), None) for i in range(10)])
+    run = store.create_run("concurrent", 2)
+    info = store.plan(run, [(1, C)], batch_size=300)
+    assert (info.batches, info.refs, info.joined) == (4, 1010, 0)
+    again = store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=300)
+    assert again.joined == 1 and again.batches == 0
+    seen: list[str] = []
+    while (b := store.lease("w1", 60.0)) is not None:
+        refs = store.batch_refs(b)
+        assert len(refs) == b.size
+        seen += [r.tx_hash for r in refs]
+        assert store.commit_batch(b, Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0)
+                                               for r in refs]))  # fmt: skip
+    assert len(seen) == len(set(seen)) == 1010
+    assert store.count_gap(1, C) == 0
+    counts = store.batch_counts(run)
+    assert counts.done == counts.total == 4 and counts.succeeded == 1010
+
+
+def test_lost_lease_commits_nothing(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), 1) for i in range(1, 11)])
+    store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=500)
+    a = store.lease("a", 0.05)
+    assert a is not None
+    time.sleep(0.1)
+    assert not store.renew(a, 60.0)
+    b = store.lease("b", 60.0)
+    assert b is not None and b.id == a.id and b.attempts == 2
+    assert store.commit_batch(a, Enriched([tx_row(1, 1)])) is False
+    assert store.fetch_transactions(1) == []
+    assert store.renew(b, 60.0)
+    assert store.commit_batch(b, Enriched([tx_row(1, 1)]))
+    events = [(e.owner, e.event) for e in store.lease_events(a.id)]
+    assert events == [("a", "leased"), ("a", "expired"), ("b", "leased"), ("b", "renewed"),
+                      ("b", "committed")]  # fmt: skip
+
+
+def test_abandoned_batch_prefers_another_owner(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 21)])
+    store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=10)
+    first = store.lease("a", 60.0)
+    assert first is not None
+    store.abandon(first, "boom")
+    again = store.lease("a", 60.0)
+    assert again is not None and again.id != first.id
+    other = store.lease("b", 60.0)
+    assert other is not None and other.id == first.id and other.attempts == 2
+
+
+def test_expire_leases_returns_them(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 4)])
+    store.plan(store.create_run("concurrent", 1), [(1, C)])
+    b = store.lease("host:1/w", 0.01)
+    assert b is not None
+    time.sleep(0.05)
+    assert [x.id for x in store.expire_leases("host:1")] == [b.id]
+    assert store.batch_counts().pending == 1
+
+
+def test_runs_are_listed(store: Store) -> None:
+    r = store.create_run("batch", 1, note="x")
+    store.finish_run(r, "done", 10, 1, 25)
+    (info,) = store.list_runs()
+    assert (info.run_id, info.state, info.processed, info.failed, info.rpc_calls) == (r, "done", 10, 1, 25)

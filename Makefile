@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each bootstraps what it needs: a virtualenv in .venv and anvil (npm) in .tools.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ANVIL := .tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench setup clean
+
+setup: $(STAMP) $(ANVIL)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(ANVIL): .tools/package.json
+	cd .tools && npm install --no-audit --no-fund --silent
+	test -x $(ANVIL)
+	touch $(ANVIL)
+
+demo: setup
+	$(BIN)/gapfill demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	bench/run
+
+clean:
+	rm -rf $(VENV) .tools/node_modules .pytest_cache .mypy_cache gapfill.db gapfill.db-*

@@ -1,0 +1,327 @@
+"""The command line: parse flags and environment, call the library, render. No logic here.
+
+Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
+3 complete with permanent failures, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from gapfill import __version__
+from gapfill.errors import ConfigError, GapfillError
+from gapfill.model import Contract, ContractStatus
+from gapfill.redact import redact_text
+from gapfill.settings import EndpointSetting, FileConfig, load_config, resolve_endpoints
+from gapfill.store import DEFAULT_DB_URL, Store, open_store
+from gapfill.validate import parse_address
+
+log = logging.getLogger("gapfill")
+
+
+@dataclass
+class Ctx:
+    """What the global options resolved to."""
+
+    db_url: str
+    rpc_urls: tuple[str, ...]
+    rps: float | None
+    file: FileConfig
+    verbose: int
+    _store: Store | None = None
+
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.db_url)
+        return self._store
+
+    def endpoints(self, max_batch: int | None = None) -> list[EndpointSetting]:
+        eps = resolve_endpoints(self.rpc_urls, self.rps, max_batch, self.file)
+        if not eps:
+            raise ConfigError(
+                "no RPC endpoint is set: pass --rpc-url URL, set ETH_RPC_URL, "
+                "or add [[endpoints]] to gapfill.toml"
+            )
+        return eps
+
+    def secrets(self) -> list[str]:
+        return [self.db_url, *self.rpc_urls, *(e.url for e in self.file.endpoints)]
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def fail(ctx: Ctx | None, exc: BaseException) -> NoReturn:
+    secrets = ctx.secrets() if ctx else []
+    msg = redact_text(str(exc), *secrets)
+    click.echo(f"error: {msg}", err=True)
+    raise SystemExit(getattr(exc, "exit_code", 1))
+
+
+class GapfillGroup(click.Group):
+    """Turns gapfill's errors into one sentence and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GapfillError as exc:
+            fail(ctx.find_object(Ctx), exc)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            obj = ctx.find_object(Ctx)
+            if obj is not None and obj.verbose:
+                click.echo(redact_text(traceback.format_exc(), *obj.secrets()), err=True)
+            fail(obj, RuntimeError(
+                f"internal error ({type(exc).__name__}: {exc}); rerun with -v for details "
+                "and report it"
+            ))  # fmt: skip
+
+
+def _is_tty() -> bool:
+    return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+
+
+@click.group(cls=GapfillGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", "db_url", envvar="GAPFILL_DB", show_envvar=True, default=None,
+              help=f"Database URL: sqlite:///file.db or postgresql://... [default: {DEFAULT_DB_URL}]")
+@click.option("--rpc-url", "rpc_urls", envvar="ETH_RPC_URL", show_envvar=True, multiple=True,
+              help="JSON-RPC endpoint; repeat it or separate with commas for several.")
+@click.option("--rps", type=click.FloatRange(min=0.001), envvar="GAPFILL_RPS", show_envvar=True,
+              default=None, help="Calls per second per endpoint, shared by all processes of this host.")
+@click.option("--config", "config_file", envvar="GAPFILL_CONFIG", show_envvar=True, default=None,
+              help="TOML config file [default: ./gapfill.toml when present].")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(__version__, prog_name="gapfill")
+@click.pass_context
+def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: float | None,
+        config_file: str | None, verbose: int) -> None:  # fmt: skip
+    """Find the transactions missing from your EVM database and fill them in from JSON-RPC nodes."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        file = load_config(config_file)
+    except GapfillError as exc:
+        fail(None, exc)
+    obj = Ctx(db_url or file.db or DEFAULT_DB_URL, rpc_urls, rps, file, verbose)
+    ctx.obj = obj
+    ctx.call_on_close(obj.close)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def address_arg(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    """A malformed address is wrong usage (exit 2), said in one sentence."""
+    if value is None:
+        return None
+    try:
+        return parse_address(value)
+    except GapfillError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+contract_option = click.option("--contract", "contract", callback=address_arg, default=None,
+                               help="Contract address (default: every tracked contract).")  # fmt: skip
+chain_option = click.option(
+    "--chain-id", type=click.IntRange(min=1), default=None,
+    help="Chain id; needed only if the address is tracked on several chains.",
+)  # fmt: skip
+
+
+def resolve_targets(store: Store, contract: str | None, chain_id: int | None) -> list[Contract]:
+    if contract is not None:
+        return [store.get_contract(contract, chain_id)]
+    found = [c for c in store.list_contracts() if chain_id is None or c.chain_id == chain_id]
+    if not found:
+        raise GapfillError("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
+    return found
+
+
+# -- init, contract ---------------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def init(ctx: Ctx) -> None:
+    """Create or upgrade the schema (every command does this too)."""
+    version = ctx.store().migrate()
+    click.echo(f"database {ctx.store().display_url} is at schema version {version}")
+
+
+@cli.group()
+def contract() -> None:
+    """Track contracts."""
+
+
+@contract.command("add")
+@click.argument("address", callback=address_arg)
+@chain_option
+@click.option("--label", default=None, help="A name to show in status.")
+@click.option("--abi", "abi_file", type=click.Path(dir_okay=False), default=None,
+              help="ABI JSON file (a list, or an artifact with an \"abi\" key) for decoding.")
+@click.option("--start-block", type=click.IntRange(min=0), default=None,
+              help="First block of the contract (discovery starts here).")
+@pass_ctx
+def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None,
+                 abi_file: str | None, start_block: int | None) -> None:  # fmt: skip
+    """Track ADDRESS. The chain id defaults to the RPC node's."""
+    abi = load_abi(abi_file) if abi_file else None
+    if chain_id is None:
+        if not (ctx.rpc_urls or ctx.file.endpoints):
+            raise ConfigError(
+                "cannot tell the chain id: pass --chain-id N, or give --rpc-url so it can be asked"
+            )
+        from gapfill.engine.session import fetch_chain_id
+
+        chain_id = fetch_chain_id(ctx.endpoints())
+    store = ctx.store()
+    store.add_contract(Contract(chain_id, address, label, start_block, abi))
+    click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
+
+
+def load_abi(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as fh:
+            data = orjson.loads(fh.read())
+    except FileNotFoundError:
+        raise ConfigError(f"ABI file {path} does not exist") from None
+    except orjson.JSONDecodeError:
+        raise ConfigError(f"ABI file {path} is not JSON: give the contract's ABI JSON") from None
+    if isinstance(data, dict) and isinstance(data.get("abi"), list):
+        data = data["abi"]
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise ConfigError(f"ABI file {path} holds no ABI: expected a JSON list of entries")
+    return data
+
+
+@contract.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def contract_list(ctx: Ctx, as_json: bool) -> None:
+    """List tracked contracts."""
+    rows = ctx.store().list_contracts()
+    if as_json:
+        click.echo(orjson.dumps([{"chain_id": c.chain_id, "address": c.address, "label": c.label,
+                                  "start_block": c.start_block, "has_abi": c.abi is not None}
+                                 for c in rows]).decode())  # fmt: skip
+        return
+    for c in rows:
+        abi = "abi" if c.abi else "-"
+        click.echo(f"{c.chain_id}\t{c.address}\t{c.label or '-'}\t"
+                   f"{c.start_block if c.start_block is not None else '-'}\t{abi}")  # fmt: skip
+
+
+# -- import, status ------------------------------------------------------------------------
+
+
+@cli.command("import")
+@click.argument("file")
+@click.option("--contract", "contract", callback=address_arg, required=True,
+              help="The contract these transactions belong to.")
+@chain_option
+@pass_ctx
+def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
+    """Import the hashes in FILE (a hash per line, a CSV, an Etherscan export, or - for stdin)."""
+    from gapfill.discover.imports import parse_refs
+
+    store = ctx.store()
+    c = store.get_contract(contract, chain_id)
+    new = store.add_refs(parse_refs(file, c.chain_id, c.address))
+    click.echo(f"imported {new} new refs for {c.address} on chain {c.chain_id}")
+
+
+def status_dict(s: ContractStatus) -> dict[str, Any]:
+    return {
+        "chain_id": s.chain_id, "contract": s.address, "label": s.label, "refs": s.refs,
+        "enriched": s.enriched, "missing": s.missing, "failed": s.failed,
+        "min_block": s.min_block, "max_block": s.max_block,
+        "unknown_block_refs": s.unknown_block_refs,
+    }  # fmt: skip
+
+
+@cli.command()
+@contract_option
+@chain_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_ctx
+def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) -> None:
+    """Per contract: refs, enriched, missing and failed counts, and the block range."""
+    store = ctx.store()
+    if contract is not None:
+        store.get_contract(contract, chain_id)
+    rows = store.status(chain_id, contract)
+    extra = _coverage_report(store, rows)
+    if as_json:
+        out = []
+        for s in rows:
+            d = status_dict(s)
+            d.update(extra.get((s.chain_id, s.address), {}))
+            out.append(d)
+        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return
+    render_status(rows, extra)
+
+
+def _coverage_report(store: Store, rows: Sequence[ContractStatus]) -> dict[tuple[int, str], dict[str, Any]]:
+    # Discovery's coverage (unscanned and partial block ranges) joins this report
+    # once discovery lands; until then status shows counts only.
+    return {}
+
+
+def _blocks(s: ContractStatus) -> str:
+    if s.min_block is None:
+        return "-"
+    rng = f"{s.min_block}-{s.max_block}"
+    return rng + (f" (+{s.unknown_block_refs} unknown)" if s.unknown_block_refs else "")
+
+
+def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], dict[str, Any]]) -> None:
+    if not rows:
+        click.echo("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
+        return
+    headers = ["chain", "contract", "label", "refs", "enriched", "missing", "failed", "blocks"]
+    table = [[str(s.chain_id), s.address, s.label or "-", str(s.refs), str(s.enriched),
+              str(s.missing), str(s.failed), _blocks(s)] for s in rows]  # fmt: skip
+    if _is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="gapfill status")
+        for h in headers:
+            t.add_column(h, justify="right" if h in ("refs", "enriched", "missing", "failed") else "left")
+        for r in table:
+            t.add_row(*r)
+        Console().print(t)
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(headers)]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        for r in table:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    for s in rows:
+        info = extra.get((s.chain_id, s.address))
+        if info and info.get("summary"):
+            click.echo(f"{s.address}: {info['summary']}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="gapfill")
+
+

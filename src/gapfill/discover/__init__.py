@@ -1,0 +1,1 @@
+"""Filling ``refs`` and ``coverage``: imports from files, and discovery from the chain."""

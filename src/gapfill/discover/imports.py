@@ -1,0 +1,145 @@
+"""Importing refs from files: plain hash lists, CSVs, and Etherscan exports.
+
+The parser is a generator, so a million-line file streams straight into the
+store's bulk insert. It raises :class:`InputError` with the line number on the
+first malformed line; the store runs the import in one transaction, so nothing
+is imported when that happens.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from typing import IO, cast
+
+from gapfill.errors import InputError
+from gapfill.model import Ref
+from gapfill.validate import is_tx_hash
+
+HASH_COLUMNS = ("hash", "tx_hash", "transaction hash", "txhash", "transaction_hash")
+BLOCK_COLUMNS = ("block_number", "blocknumber", "blockno", "block", "block number")
+_BLOCK = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
+
+
+def _binary(sample: bytes) -> bool:
+    return b"\x00" in sample
+
+
+def open_text(path: str, stdin: IO[bytes] | None = None) -> tuple[str, IO[str]]:
+    """Open ``path`` (``-`` for stdin) as UTF-8 text, refusing binary files."""
+    import sys
+
+    name = "stdin" if path == "-" else path
+    try:
+        raw: IO[bytes] = (stdin or sys.stdin.buffer) if path == "-" else open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise InputError(f"cannot import {name}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot import {name}: it is a directory, not a file") from None
+    except OSError as exc:
+        raise InputError(f"cannot import {name}: {exc.strerror}") from None
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, raw))
+    head = buffered.peek(8192)[:8192]
+    if _binary(head):
+        raw.close()
+        raise InputError(
+            f"{name} looks like a binary file: give a text file with one hash per line, "
+            "or a CSV with a hash column"
+        )
+    return name, io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict", newline="")
+
+
+def _block(value: str, name: str, lineno: int) -> int | None:
+    v = value.strip()
+    if not v:
+        return None
+    if not _BLOCK.match(v):
+        raise InputError(f"{name} line {lineno}: {v[:40]!r} is not a block number; nothing was imported")
+    return int(v, 16) if v.startswith("0x") else int(v)
+
+
+def parse_refs(
+    path: str, chain_id: int, contract: str, *, source: str = "import", stdin: IO[bytes] | None = None
+) -> Iterator[Ref]:
+    """Yield the refs in ``path``: hash list, CSV with a hash column, or an Etherscan export."""
+    name, text = open_text(path, stdin)
+    with text:
+        try:
+            yield from _parse(text, name, chain_id, contract, source)
+        except UnicodeDecodeError:
+            raise InputError(
+                f"{name} is not UTF-8 text: give a text file with one hash per line, "
+                "or a CSV with a hash column"
+            ) from None
+
+
+def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str) -> Iterator[Ref]:
+    first = ""
+    lineno = 0
+    for line in text:
+        lineno += 1
+        if line.strip():
+            first = line
+            break
+    if not first:
+        return
+    stripped = first.strip()
+    if is_tx_hash(stripped.strip('"')) or ("," not in stripped and "\t" not in stripped):
+        # One hash per line.
+        yield from _hash_lines(text, name, chain_id, contract, source, first, lineno)
+        return
+    dialect = "excel-tab" if "\t" in stripped and "," not in stripped else "excel"
+    header = [h.strip().strip('"').lower() for h in next(csv.reader([stripped], dialect=dialect))]
+    hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
+    if hash_col is None:
+        raise InputError(
+            f"{name} has no hash column: its header needs one of hash, tx_hash or "
+            "'Transaction Hash' (Etherscan); nothing was imported"
+        )
+    block_col = next((header.index(c) for c in BLOCK_COLUMNS if c in header), None)
+    reader = csv.reader(text, dialect=dialect)
+    for row in reader:
+        lineno += 1
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= hash_col:
+            raise InputError(
+                f"{name} line {lineno}: the row has {len(row)} fields but the hash is in "
+                f"column {hash_col + 1}; nothing was imported"
+            )
+        tx = row[hash_col].strip()
+        if not is_tx_hash(tx):
+            raise InputError(
+                f"{name} line {lineno}: {tx[:80]!r} is not a transaction hash "
+                "(0x + 64 hex digits); nothing was imported"
+            )
+        block = None
+        if block_col is not None and block_col < len(row):
+            block = _block(row[block_col], name, lineno)
+        yield Ref(chain_id, contract, tx.lower(), block, source)
+
+
+def _hash_lines(
+    text: IO[str], name: str, chain_id: int, contract: str, source: str, first: str, lineno: int
+) -> Iterator[Ref]:
+    def one(line: str, n: int) -> Ref | None:
+        s = line.strip().strip('"')
+        if not s or s.startswith("#"):
+            return None
+        if not is_tx_hash(s):
+            raise InputError(
+                f"{name} line {n}: {s[:80]!r} is not a transaction hash "
+                "(0x + 64 hex digits); nothing was imported"
+            )
+        return Ref(chain_id, contract, s.lower(), None, source)
+
+    r = one(first, lineno)
+    if r is not None:
+        yield r
+    for line in text:
+        lineno += 1
+        r = one(line, lineno)
+        if r is not None:
+            yield r

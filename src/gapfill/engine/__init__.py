@@ -1,0 +1,1 @@
+"""Modes (sequential, batch, concurrent, auto), coordinator, workers, leases, supervision."""

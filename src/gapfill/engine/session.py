@@ -1,0 +1,48 @@
+"""Building RPC clients from settings, and running them from synchronous code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+from gapfill.settings import EndpointSetting
+
+DEFAULT_RPC_BATCH = 50
+
+
+def endpoint_configs(
+    endpoints: Sequence[EndpointSetting], rpc_batch_size: int | None = None
+) -> list[EndpointConfig]:
+    """``--rpc-batch-size`` caps every endpoint's batch (counted in calls)."""
+    out = []
+    for e in endpoints:
+        cap = e.max_batch or rpc_batch_size or DEFAULT_RPC_BATCH
+        if rpc_batch_size is not None:
+            cap = min(cap, rpc_batch_size)
+        out.append(EndpointConfig(e.url, e.rps, cap))
+    return out
+
+
+def make_client(
+    endpoints: Sequence[EndpointSetting],
+    *,
+    rpc_batch_size: int | None = None,
+    expected_chain_id: int | None = None,
+    settings: RpcSettings | None = None,
+) -> RpcClient:
+    return RpcClient(
+        endpoint_configs(endpoints, rpc_batch_size),
+        settings or RpcSettings(),
+        expected_chain_id=expected_chain_id,
+    )
+
+
+def fetch_chain_id(endpoints: Sequence[EndpointSetting]) -> int:
+    """Ask the nodes for their chain id (they must agree)."""
+
+    async def go() -> int:
+        async with make_client(endpoints) as client:
+            return await client.probe()
+
+    return asyncio.run(go())

@@ -1,0 +1,612 @@
+"""ABI decoding of call data and logs.
+
+The :class:`Decoder` is built once per run from the tracked contracts' ABIs and
+then called for every transaction and log, so all the work that does not depend
+on the data is done in ``__init__``: signatures are hashed once, each ABI entry
+is compiled into a small decoder, and ``eth_abi`` decoders are looked up once
+per signature. Entries whose parameters are all static value types (``address``,
+``uintN``, ``intN``, ``bool``, ``bytesN``: ``transfer``, ``approve``, ERC-20 and
+ERC-721 ``Transfer`` ...) skip ``eth_abi`` altogether and are read word by word
+from the hex string, with the same strict checks ``eth_abi`` applies (zero
+padding, value in range, ``bool`` is 0 or 1).
+
+Output shape, shared by ``method_args`` and ``event_args`` (see the public
+schema): a ``dict`` keyed by parameter name in ABI order (``argN`` for the N-th
+parameter when the ABI gives no name, or repeats one); integers (and fixed-point
+numbers) are decimal strings, ``bytes``/``bytesN`` are lowercase ``0x`` hex,
+addresses are lowercase, ``bool`` is a JSON bool, ``string`` is ``str`` (invalid
+UTF-8 is replaced by U+FFFD rather than failing the whole decode), arrays are
+lists and tuples are dicts keyed by component name. An indexed event parameter
+of a reference type (``string``, ``bytes``, array, tuple) is stored as the topic,
+the keccak hash the EVM logged instead of the value.
+
+Matching rules:
+
+* Call data: the 4-byte selector picks the function in the ABI of the
+  transaction's ``to`` address. Bytes after the encoded arguments are tolerated,
+  as Solidity tolerates them (forwarders append the sender to call data).
+* Logs: ``topic0`` and the number of topics pick the event, first in the ABI of
+  the log's address, then in :data:`BUILTIN_EVENT_ABIS` (so ERC-721
+  ``Transfer``, with its token id indexed, is told apart from ERC-20's). Data
+  of static events must have exactly the encoded length. Anonymous events are
+  not matched: they have no signature topic.
+
+Data that does not match (too short, bad padding, wrong topic count, invalid
+pointers) gives ``None`` for the decoded fields; decoding never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from eth_abi.decoding import ContextFramesBytesIO
+from eth_abi.registry import registry as _abi_registry
+from eth_hash.auto import keccak
+
+__all__ = [
+    "BUILTIN_EVENT_ABIS",
+    "Decoder",
+    "event_topic0",
+    "function_selector",
+    "method_id",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Hex characters in one 32-byte ABI word.
+_WORD_HEX = 64
+_ZERO_WORD = "0" * _WORD_HEX
+_ONE_WORD = "0" * (_WORD_HEX - 1) + "1"
+_ADDRESS_PAD = "0" * 24
+
+#: What a decoded argument becomes (see the module docstring).
+_Formatter = Callable[[Any], Any]
+#: Reads one 64-hex-character word; raises ``ValueError`` when it is not a valid
+#: encoding of the type.
+_WordReader = Callable[[str], Any]
+
+#: eth_abi's decoding stream (its constructor is untyped).
+_stream: Callable[[bytes], Any] = ContextFramesBytesIO
+
+_TYPE_RE = re.compile(r"^([a-z]+)(\d+(?:x\d+)?)?((?:\[\d*\])*)$")
+_DIM_RE = re.compile(r"\[\d*\]")
+
+
+BUILTIN_EVENT_ABIS: list[dict[str, Any]] = [
+    {
+        "type": "event",
+        "name": "Transfer",
+        "anonymous": False,
+        "inputs": [
+            {"name": "from", "type": "address", "indexed": True},
+            {"name": "to", "type": "address", "indexed": True},
+            {"name": "value", "type": "uint256", "indexed": False},
+        ],
+    },
+    {
+        "type": "event",
+        "name": "Approval",
+        "anonymous": False,
+        "inputs": [
+            {"name": "owner", "type": "address", "indexed": True},
+            {"name": "spender", "type": "address", "indexed": True},
+            {"name": "value", "type": "uint256", "indexed": False},
+        ],
+    },
+    # ERC-721: same signatures as ERC-20's, with the third parameter indexed,
+    # so a fourth topic tells them apart.
+    {
+        "type": "event",
+        "name": "Transfer",
+        "anonymous": False,
+        "inputs": [
+            {"name": "from", "type": "address", "indexed": True},
+            {"name": "to", "type": "address", "indexed": True},
+            {"name": "tokenId", "type": "uint256", "indexed": True},
+        ],
+    },
+    {
+        "type": "event",
+        "name": "Approval",
+        "anonymous": False,
+        "inputs": [
+            {"name": "owner", "type": "address", "indexed": True},
+            {"name": "approved", "type": "address", "indexed": True},
+            {"name": "tokenId", "type": "uint256", "indexed": True},
+        ],
+    },
+    # ERC-721 and ERC-1155.
+    {
+        "type": "event",
+        "name": "ApprovalForAll",
+        "anonymous": False,
+        "inputs": [
+            {"name": "owner", "type": "address", "indexed": True},
+            {"name": "operator", "type": "address", "indexed": True},
+            {"name": "approved", "type": "bool", "indexed": False},
+        ],
+    },
+    # ERC-1155.
+    {
+        "type": "event",
+        "name": "TransferSingle",
+        "anonymous": False,
+        "inputs": [
+            {"name": "operator", "type": "address", "indexed": True},
+            {"name": "from", "type": "address", "indexed": True},
+            {"name": "to", "type": "address", "indexed": True},
+            {"name": "id", "type": "uint256", "indexed": False},
+            {"name": "value", "type": "uint256", "indexed": False},
+        ],
+    },
+    {
+        "type": "event",
+        "name": "TransferBatch",
+        "anonymous": False,
+        "inputs": [
+            {"name": "operator", "type": "address", "indexed": True},
+            {"name": "from", "type": "address", "indexed": True},
+            {"name": "to", "type": "address", "indexed": True},
+            {"name": "ids", "type": "uint256[]", "indexed": False},
+            {"name": "values", "type": "uint256[]", "indexed": False},
+        ],
+    },
+    {
+        "type": "event",
+        "name": "URI",
+        "anonymous": False,
+        "inputs": [
+            {"name": "value", "type": "string", "indexed": False},
+            {"name": "id", "type": "uint256", "indexed": True},
+        ],
+    },
+]
+
+
+def function_selector(signature: str) -> str:
+    """``0x`` + 8 hex of ``keccak(signature)``: ``transfer(address,uint256)`` -> ``0xa9059cbb``."""
+    return "0x" + keccak(signature.encode()).hex()[:8]
+
+
+def event_topic0(signature: str) -> str:
+    """``0x`` + the 64-hex keccak of an event signature (its ``topic0``)."""
+    return "0x" + keccak(signature.encode()).hex()
+
+
+def method_id(input_hex: str | None) -> str | None:
+    """The first 4 bytes of call data as lowercase ``0x`` + 8 hex, or ``None`` when shorter."""
+    if input_hex is None or len(input_hex) < 10 or input_hex[:2] not in ("0x", "0X"):
+        return None
+    return input_hex[:10].lower()
+
+
+# --- compiling ABI types ----------------------------------------------------
+
+
+class _AbiError(ValueError):
+    """An ABI entry gapfill cannot compile (unknown type, malformed JSON)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Type:
+    """One compiled ABI parameter type."""
+
+    #: The type as written in signatures, e.g. ``(uint256,string)[]``.
+    canonical: str
+    #: The type handed to ``eth_abi``: ``string`` is read as ``bytes`` so that
+    #: invalid UTF-8 is replaced instead of failing the decode.
+    codec: str
+    fmt: _Formatter
+    #: Set for the value types read word by word without ``eth_abi``.
+    word: _WordReader | None
+    #: A value type is logged as itself when indexed; the rest as their hash.
+    value_type: bool
+
+
+def _identity(v: Any) -> Any:
+    return v
+
+
+def _hex(v: bytes) -> str:
+    return "0x" + v.hex()
+
+
+def _text(v: bytes) -> str:
+    return v.decode("utf-8", "replace")
+
+
+def _list_of(fmt: _Formatter) -> _Formatter:
+    if fmt is _identity:
+        return list
+    return lambda v: [fmt(x) for x in v]
+
+
+def _dict_of(names: tuple[str, ...], fmts: tuple[_Formatter, ...]) -> _Formatter:
+    return lambda v: {n: f(x) for n, f, x in zip(names, fmts, v, strict=True)}
+
+
+def _uint_word(bits: int) -> _WordReader:
+    limit = 1 << bits
+
+    def read(w: str) -> str:
+        v = int(w, 16)
+        if v >= limit:
+            raise ValueError("uint out of range")
+        return str(v)
+
+    return read
+
+
+def _int_word(bits: int) -> _WordReader:
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+
+    def read(w: str) -> str:
+        v = int(w, 16)
+        if v >= 1 << 255:
+            v -= 1 << 256
+        if not lo <= v < hi:
+            raise ValueError("int out of range")
+        return str(v)
+
+    return read
+
+
+def _address_word(w: str) -> str:
+    if not w.startswith(_ADDRESS_PAD):
+        raise ValueError("address padding")
+    return "0x" + w[24:]
+
+
+def _bool_word(w: str) -> bool:
+    if w == _ONE_WORD:
+        return True
+    if w == _ZERO_WORD:
+        return False
+    raise ValueError("bool out of range")
+
+
+def _bytes_word(size: int) -> _WordReader:
+    cut = 2 * size
+    pad = "0" * (_WORD_HEX - cut)
+
+    def read(w: str) -> str:
+        if w[cut:] != pad:
+            raise ValueError("bytesN padding")
+        return "0x" + w[:cut]
+
+    return read
+
+
+def _elementary(base: str, size: str | None) -> _Type:
+    """Compile an elementary type (no array dimensions)."""
+    if base in ("uint", "int"):
+        bits = int(size) if size and size.isdigit() else 0 if size else 256
+        if not (8 <= bits <= 256 and bits % 8 == 0):
+            raise _AbiError(f"bad type {base}{size}")
+        canonical = f"{base}{bits}"
+        word = _uint_word(bits) if base == "uint" else _int_word(bits)
+        return _Type(canonical, canonical, str, word, True)
+    if base == "address" and not size:
+        return _Type("address", "address", _identity, _address_word, True)
+    if base == "bool" and not size:
+        return _Type("bool", "bool", _identity, _bool_word, True)
+    if base == "bytes" and size:
+        n = int(size) if size.isdigit() else 0
+        if not 1 <= n <= 32:
+            raise _AbiError(f"bad type bytes{size}")
+        return _Type(f"bytes{n}", f"bytes{n}", _hex, _bytes_word(n), True)
+    if base == "byte" and not size:  # an old alias of bytes1
+        return _Type("bytes1", "bytes1", _hex, _bytes_word(1), True)
+    if base == "bytes":
+        return _Type("bytes", "bytes", _hex, None, False)
+    if base == "string" and not size:
+        return _Type("string", "bytes", _text, None, False)
+    if base == "function" and not size:
+        # An external function pointer: 20-byte address + 4-byte selector.
+        return _Type("function", "bytes24", _hex, _bytes_word(24), True)
+    if base in ("fixed", "ufixed"):
+        canonical = f"{base}{size or '128x18'}"
+        return _Type(canonical, canonical, str, None, True)
+    raise _AbiError(f"unsupported ABI type {base}{size or ''}")
+
+
+def _arg_names(params: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    names: list[str] = []
+    for i, p in enumerate(params):
+        name = p.get("name") or f"arg{i}"
+        if not isinstance(name, str) or name in names:
+            name = f"arg{i}"
+        names.append(name)
+    return tuple(names)
+
+
+def _compile_type(param: Mapping[str, Any]) -> _Type:
+    type_str = param.get("type")
+    if not isinstance(type_str, str):
+        raise _AbiError(f"parameter without a type: {param!r}")
+    m = _TYPE_RE.match(type_str.strip())
+    if m is None:
+        raise _AbiError(f"unsupported ABI type {type_str!r}")
+    base, size, dims = m.group(1), m.group(2), m.group(3)
+    if base == "tuple" and not size:
+        components = param.get("components")
+        if not isinstance(components, list):
+            raise _AbiError(f"tuple without components: {param!r}")
+        parts = [_compile_type(c) for c in components]
+        t = _Type(
+            "(" + ",".join(p.canonical for p in parts) + ")",
+            "(" + ",".join(p.codec for p in parts) + ")",
+            _dict_of(_arg_names(components), tuple(p.fmt for p in parts)),
+            None,
+            False,
+        )
+    else:
+        t = _elementary(base, size)
+    for dim in _DIM_RE.findall(dims):
+        t = _Type(t.canonical + dim, t.codec + dim, _list_of(t.fmt), None, False)
+    return t
+
+
+class _Args:
+    """Decodes one head/tail-encoded block of parameters from hex."""
+
+    __slots__ = ("_at", "_fmts", "_head", "_tuple", "_words")
+
+    def __init__(self, types: Sequence[_Type]) -> None:
+        self._head = _WORD_HEX * len(types)
+        self._at = tuple(range(0, self._head, _WORD_HEX))
+        words = [t.word for t in types]
+        self._words: tuple[_WordReader, ...] | None = None
+        self._tuple: Any = None
+        if all(w is not None for w in words):
+            self._words = tuple(w for w in words if w is not None)
+        else:
+            try:
+                self._tuple = _abi_registry.get_tuple_decoder(*(t.codec for t in types))
+            except Exception as exc:  # eth_abi raises several unrelated types here
+                raise _AbiError(f"eth_abi cannot decode {[t.codec for t in types]}") from exc
+        self._fmts = tuple(t.fmt for t in types)
+
+    def decode(self, body: str, exact: bool) -> list[Any] | None:
+        """The formatted values, or ``None`` when ``body`` (hex, no ``0x``) does not fit."""
+        n = len(body)
+        words = self._words
+        if words is not None:
+            if n < self._head or (exact and n != self._head):
+                return None
+            try:
+                return [read(body[i : i + _WORD_HEX]) for i, read in zip(self._at, words, strict=True)]
+            except ValueError:
+                return None
+        try:
+            values = self._tuple(_stream(bytes.fromhex(body)))
+            return [f(v) for f, v in zip(self._fmts, values, strict=True)]
+        except Exception:  # eth_abi raises a zoo (DecodingError, OverflowError, ...) on bad data
+            return None
+
+
+# --- compiled ABI entries ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Function:
+    name: str
+    signature: str
+    names: tuple[str, ...]
+    args: _Args
+
+    def decode(self, body: str) -> dict[str, Any] | None:
+        values = self.args.decode(body, exact=False)
+        return None if values is None else dict(zip(self.names, values, strict=True))
+
+
+def _hash_topic(w: str) -> str:
+    return "0x" + w
+
+
+def _topic_reader(t: _Type) -> _WordReader:
+    if t.word is not None:
+        return t.word
+    if t.value_type:  # fixed-point: rare enough to go through eth_abi
+        one = _Args([t])
+
+        def read(w: str) -> Any:
+            values = one.decode(w, exact=True)
+            if values is None:
+                raise ValueError("bad indexed value")
+            return values[0]
+
+        return read
+    return _hash_topic
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    name: str
+    signature: str
+    n_topics: int
+    names: tuple[str, ...]
+    #: For each parameter in ABI order: (True, topic position, reader) for an
+    #: indexed one, (False, position among the data values, None) otherwise.
+    plan: tuple[tuple[bool, int, _WordReader | None], ...]
+    data: _Args
+    data_static: bool
+
+    def decode(self, topics: Sequence[str], data: str) -> dict[str, Any] | None:
+        values = self.data.decode(data, exact=self.data_static)
+        if values is None:
+            return None
+        out: dict[str, Any] = {}
+        try:
+            for name, (indexed, pos, reader) in zip(self.names, self.plan, strict=True):
+                if indexed:
+                    topic = topics[pos]
+                    if len(topic) != 2 + _WORD_HEX:
+                        return None
+                    out[name] = reader(topic[2:].lower())  # type: ignore[misc]
+                else:
+                    out[name] = values[pos]
+        except ValueError:
+            return None
+        return out
+
+
+def _compile_function(entry: Mapping[str, Any]) -> _Function:
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise _AbiError("function without a name")
+    params = entry.get("inputs") or []
+    types = [_compile_type(p) for p in params]
+    signature = f"{name}({','.join(t.canonical for t in types)})"
+    return _Function(name, signature, _arg_names(params), _Args(types))
+
+
+def _compile_event(entry: Mapping[str, Any]) -> _Event:
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise _AbiError("event without a name")
+    params = entry.get("inputs") or []
+    types = [_compile_type(p) for p in params]
+    plan: list[tuple[bool, int, _WordReader | None]] = []
+    data_types: list[_Type] = []
+    n_indexed = 0
+    for p, t in zip(params, types, strict=True):
+        if p.get("indexed"):
+            n_indexed += 1
+            plan.append((True, n_indexed, _topic_reader(t)))
+        else:
+            plan.append((False, len(data_types), None))
+            data_types.append(t)
+    signature = f"{name}({','.join(t.canonical for t in types)})"
+    return _Event(
+        name,
+        signature,
+        1 + n_indexed,
+        _arg_names(params),
+        tuple(plan),
+        _Args(data_types),
+        all(t.word is not None for t in data_types),
+    )
+
+
+_FunctionTable = dict[str, tuple[_Function, ...]]
+_EventTable = dict[str, tuple[_Event, ...]]
+
+
+def _compile_abi(abi: Iterable[Mapping[str, Any]]) -> tuple[_FunctionTable, _EventTable]:
+    """Selector -> functions and topic0 -> events; entries that do not compile are skipped."""
+    functions: dict[str, list[_Function]] = {}
+    events: dict[str, list[_Event]] = {}
+    for entry in abi:
+        if not isinstance(entry, Mapping):
+            continue
+        kind = entry.get("type", "function")  # the ABI spec's default
+        try:
+            if kind == "function":
+                f = _compile_function(entry)
+                functions.setdefault(function_selector(f.signature), []).append(f)
+            elif kind == "event" and not entry.get("anonymous"):
+                e = _compile_event(entry)
+                events.setdefault(event_topic0(e.signature), []).append(e)
+        except _AbiError as exc:
+            logger.warning("skipping ABI %s %r: %s", kind, entry.get("name"), exc)
+    return (
+        {k: tuple(v) for k, v in functions.items()},
+        {k: tuple(v) for k, v in events.items()},
+    )
+
+
+@cache
+def _builtin_events() -> _EventTable:
+    return _compile_abi(BUILTIN_EVENT_ABIS)[1]
+
+
+# --- the decoder --------------------------------------------------------------
+
+
+class Decoder:
+    """Decodes call data and logs with the tracked contracts' ABIs.
+
+    ``abis`` maps a contract address to its ABI JSON list. Entries that cannot
+    be compiled (unknown types, malformed JSON) are skipped with a warning, so
+    one odd ABI does not stop a run. Contracts that share an ABI share its
+    compiled tables. Instances are immutable after ``__init__`` and safe to
+    share between threads and tasks.
+    """
+
+    __slots__ = ("_builtin", "_events", "_functions")
+
+    def __init__(self, abis: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> None:
+        self._functions: dict[str, _FunctionTable] = {}
+        self._events: dict[str, _EventTable] = {}
+        self._builtin = _builtin_events()
+        compiled: dict[str, tuple[_FunctionTable, _EventTable]] = {}
+        for address, abi in (abis or {}).items():
+            try:
+                key = json.dumps(abi, sort_keys=True, default=str)
+            except (TypeError, ValueError):
+                key = str(id(abi))
+            tables = compiled.get(key)
+            if tables is None:
+                tables = compiled[key] = _compile_abi(abi)
+            functions, events = tables
+            if functions:
+                self._functions[address.lower()] = functions
+            if events:
+                self._events[address.lower()] = events
+
+    def decode_input(
+        self, to_address: str | None, input_hex: str
+    ) -> tuple[str | None, str | None, dict[str, Any] | None]:
+        """``(method_id, method_name, method_args)`` of a transaction's call data.
+
+        ``method_id`` is set whenever the input has at least 4 bytes (contract
+        creations included: it is then the start of the init code); the other
+        two only when a function of ``to_address``'s ABI matches and decodes.
+        """
+        mid = method_id(input_hex)
+        if mid is None or to_address is None:
+            return mid, None, None
+        table = self._functions.get(to_address.lower())
+        if table is None:
+            return mid, None, None
+        candidates = table.get(mid)
+        if candidates is None:
+            return mid, None, None
+        body = input_hex[10:].lower()
+        for f in candidates:
+            args = f.decode(body)
+            if args is not None:
+                return mid, f.name, args
+        return mid, None, None
+
+    def decode_log(
+        self, address: str, topics: Sequence[str], data: str
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """``(event_name, event_args)`` of a log, or ``(None, None)`` when nothing matches."""
+        if not topics:
+            return None, None
+        topic0 = topics[0].lower()
+        n = len(topics)
+        body: str | None = None
+        for table in (self._events.get(address.lower()), self._builtin):
+            if not table:
+                continue
+            candidates = table.get(topic0)
+            if candidates is None:
+                continue
+            for e in candidates:
+                if e.n_topics != n:
+                    continue
+                if body is None:
+                    body = data[2:].lower() if data[:2] in ("0x", "0X") else data.lower()
+                args = e.decode(topics, body)
+                if args is not None:
+                    return e.name, args
+        return None, None

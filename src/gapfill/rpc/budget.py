@@ -1,0 +1,160 @@
+"""A token bucket that every gapfill process of one host draws from.
+
+Providers limit calls per second per API key, not per process, so four workers
+each spending "200 rps" would be answered 429 three times out of four. The bucket
+lives in a 48-byte file per endpoint (named by a hash of the URL, so no secret
+reaches the file system) and every read-modify-write happens under ``fcntl.flock``.
+A draw is a *reservation*: the caller takes its tokens at once, possibly driving
+the balance below zero, and sleeps until the debt is paid. Callers are therefore
+served in order, nothing polls, and N processes together never exceed ``rps``.
+
+The file also holds the AIMD factor (so a 429 seen by one worker slows all of
+them) and a "paused until" time (so a ``Retry-After`` is honoured host-wide).
+Times are ``time.monotonic()``, which on Linux is one clock for the whole host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_LAYOUT = struct.Struct("<dddddd")  # tokens, refilled_at, factor, cut_at, paused_until, spare
+_MIN_FACTOR = 0.05
+_INCREASE_STEP = 0.02  # of the configured rate, per successful request
+_CUT_INTERVAL_S = 1.0  # one multiplicative cut per interval however many 429s arrive
+
+
+def default_budget_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "gapfill-budgets")
+
+
+def budget_path(url: str, budget_dir: str | None = None) -> str:
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
+    return os.path.join(budget_dir or default_budget_dir(), f"{digest}.bucket")
+
+
+@dataclass(slots=True)
+class _State:
+    tokens: float
+    refilled_at: float
+    factor: float
+    cut_at: float
+    paused_until: float
+
+
+class SharedBudget:
+    """Host-wide token bucket for one endpoint, counting calls.
+
+    ``rps`` is the configured rate; the bucket holds at most ``burst_s`` seconds of
+    it (never more than one second) and never less than one batch, ``min_capacity``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        rps: float,
+        *,
+        budget_dir: str | None = None,
+        burst_s: float = 0.5,
+        min_capacity: float = 1.0,
+    ) -> None:
+        if rps <= 0:
+            raise ValueError("rps must be positive")
+        self.rps = rps
+        self.capacity = max(min(burst_s, 1.0) * rps, min(min_capacity, rps), 1.0)
+        self.path = budget_path(url, budget_dir)
+        self._fd: int | None = None
+        #: The shared AIMD factor as last seen by this process.
+        self.last_factor = 1.0
+
+    def _open(self) -> int:
+        if self._fd is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[_State]:
+        fd = self._open()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            now = time.monotonic()
+            raw = os.pread(fd, _LAYOUT.size, 0)
+            if len(raw) == _LAYOUT.size:
+                tokens, refilled_at, factor, cut_at, paused_until, _ = _LAYOUT.unpack(raw)
+                # A file left by an earlier boot (the clock restarted) or a corrupt one.
+                if not (0.0 < refilled_at <= now) or not (0.0 < factor <= 1.0):
+                    tokens, refilled_at, factor, cut_at, paused_until = (
+                        self.capacity, now, 1.0, 0.0, 0.0)
+                if paused_until > now + 3600:
+                    paused_until = 0.0
+            else:
+                tokens, refilled_at, factor, cut_at, paused_until = self.capacity, now, 1.0, 0.0, 0.0
+            state = _State(tokens, refilled_at, factor, cut_at, paused_until)
+            # Refill at the current (possibly cut) rate; a full bucket stops growing.
+            state.tokens = min(
+                self.capacity, state.tokens + (now - state.refilled_at) * self.rps * state.factor
+            )
+            state.refilled_at = now
+            yield state
+            self.last_factor = state.factor
+            os.pwrite(
+                fd,
+                _LAYOUT.pack(state.tokens, state.refilled_at, state.factor, state.cut_at,
+                             state.paused_until, 0.0),
+                0,
+            )
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def reserve(self, calls: int) -> float:
+        """Take ``calls`` tokens now; return how many seconds to sleep before sending."""
+        with self._locked() as state:
+            now = state.refilled_at
+            state.tokens -= calls
+            rate = self.rps * state.factor
+            wait = 0.0 if state.tokens >= 0 else -state.tokens / rate
+            return max(wait, state.paused_until - now)
+
+    def refund(self, calls: int) -> None:
+        """Give back tokens reserved for a request that was never sent (cancelled)."""
+        with self._locked() as state:
+            state.tokens = min(self.capacity, state.tokens + calls)
+
+    def on_rate_limited(self, retry_after_s: float | None) -> float:
+        """Cut the shared rate (at most once a second) and honour a wait hint; returns the factor."""
+        with self._locked() as state:
+            now = state.refilled_at
+            if now - state.cut_at >= _CUT_INTERVAL_S:
+                state.factor = max(_MIN_FACTOR, state.factor * 0.5)
+                state.cut_at = now
+                # The provider's bucket is empty: start ours empty too.
+                state.tokens = min(state.tokens, 0.0)
+            if retry_after_s:
+                state.paused_until = max(state.paused_until, now + retry_after_s)
+            return state.factor
+
+    def on_success(self) -> None:
+        with self._locked() as state:
+            if state.factor < 1.0:
+                state.factor = min(1.0, state.factor + _INCREASE_STEP)
+
+    def paused_for(self) -> float:
+        with self._locked() as state:
+            return max(0.0, state.paused_until - state.refilled_at)
+
+    def factor(self) -> float:
+        with self._locked() as state:
+            return state.factor

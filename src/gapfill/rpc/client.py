@@ -1,0 +1,541 @@
+"""The JSON-RPC client: batching, id matching, rate budget, retries and failover.
+
+A :meth:`RpcClient.call_many` request is cut into JSON-RPC batches no larger than
+the chosen endpoint's current cap; each batch is a task that waits for a slot
+(``max_in_flight``) and for its calls' tokens, posts, matches the reply by id and
+settles every item on its own. Items that failed for a reason that may pass are
+sent again, after a full-jitter backoff, preferably to another endpoint, as a new
+batch of their own; the other items of the batch are already done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gapfill.errors import ConfigError, RpcError
+from gapfill.redact import redact_text, redact_url
+from gapfill.rpc.classify import (
+    Fault,
+    Verdict,
+    classify_bad_body,
+    classify_error,
+    classify_exception,
+    classify_http,
+)
+from gapfill.rpc.config import Call, EndpointConfig, RpcSettings
+from gapfill.rpc.endpoint import Endpoint, EndpointStats
+from gapfill.rpc.errors import CallError
+from gapfill.rpc.transport import AiohttpTransport, HttpReply, Transport
+
+logger = logging.getLogger(__name__)
+
+_PENDING: Any = object()
+_BLOCK_RECEIPTS = "eth_getBlockReceipts"
+
+
+@dataclass(slots=True)
+class _Item:
+    call: Call
+    failures: int = 0  # attempts spent on transient failures and null answers
+    rate_limits: int = 0
+    sent: bool = False
+    avoid: set[int] = field(default_factory=set)
+
+
+def _as_id(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            return None
+    return None
+
+
+class RpcClient:
+    """Async JSON-RPC client over one or more endpoints; use as ``async with``.
+
+    One keep-alive HTTP session per client (a worker process makes one client).
+    ``transport`` replaces the HTTP layer (tests).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointConfig],
+        settings: RpcSettings = RpcSettings(),  # noqa: B008 - frozen, safe to share
+        *,
+        expected_chain_id: int | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ConfigError("no RPC endpoint configured; pass --rpc-url or set ETH_RPC_URL")
+        if settings.attempts < 1 or settings.max_in_flight < 1:
+            raise ConfigError("RPC attempts and max_in_flight must be at least 1")
+        self._settings = settings
+        self._expected_chain_id = expected_chain_id
+        self._urls = [e.url for e in endpoints]
+        self._endpoints: list[Endpoint] = []
+        seen: dict[str, int] = {}
+        for index, config in enumerate(endpoints):
+            key = redact_url(config.url)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > 1:
+                key = f"{key}#{seen[key]}"
+            self._endpoints.append(Endpoint(index, config, settings, key))
+        self._transport: Transport = transport or AiohttpTransport(settings)
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._ids = itertools.count(1)
+        self._chain_id: int | None = None
+        self._probe_lock = asyncio.Lock()
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> RpcClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP session and the budget files."""
+        await self._transport.aclose()
+        for endpoint in self._endpoints:
+            endpoint.close()
+
+    # -- public calls ----------------------------------------------------------------------
+
+    async def call(self, method: str, params: list[Any], *, null_retry: bool = False) -> Any:
+        """One call; raises :class:`gapfill.errors.RpcError` when it has no result."""
+        [out] = await self.call_many([Call(method, params, null_retry)])
+        if isinstance(out, CallError):
+            raise self._as_rpc_error(method, out)
+        return out
+
+    async def call_many(self, calls: Sequence[Call]) -> list[Any | CallError]:
+        """Results (or :class:`CallError`) in the order of ``calls``."""
+        items = [_Item(call) for call in calls]
+        results: list[Any] = [_PENDING] * len(items)
+        if items:
+            await self._drive(list(range(len(items))), items, results, None)
+        return results
+
+    def stats(self) -> dict[str, EndpointStats]:
+        """Counters per endpoint, keyed by redacted URL."""
+        return {e.key: e.stats() for e in self._endpoints}
+
+    # -- probe -----------------------------------------------------------------------------
+
+    async def probe(self) -> int:
+        """Check every endpoint's chain id (once) and whether it has ``eth_getBlockReceipts``.
+
+        Unreachable endpoints are set aside for good with a warning, unless none is
+        reachable; a chain id other than the expected one (or a disagreement between
+        endpoints) raises :class:`gapfill.errors.RpcError`.
+        """
+        async with self._probe_lock:
+            if self._chain_id is not None:
+                return self._chain_id
+            outcomes = await asyncio.gather(
+                *(self._call_pinned(e, "eth_chainId", []) for e in self._endpoints)
+            )
+            reachable: list[tuple[Endpoint, int]] = []
+            failed: list[tuple[Endpoint, str]] = []
+            for endpoint, out in zip(self._endpoints, outcomes, strict=True):
+                if isinstance(out, CallError):
+                    failed.append((endpoint, self._as_rpc_error("eth_chainId", out).args[0]))
+                    continue
+                chain_id = _as_id(out)
+                if chain_id is None:
+                    failed.append((endpoint, f"the RPC node at {endpoint.shown} answered "
+                                             f"eth_chainId with {str(out)[:60]!r}"))
+                    continue
+                endpoint.chain_id = chain_id
+                reachable.append((endpoint, chain_id))
+            if not reachable:
+                raise RpcError(failed[0][1])
+            for endpoint, message in failed:
+                endpoint.disabled_reason = message
+                logger.warning("RPC endpoint %s left out: %s", endpoint.shown, message)
+            expected = self._expected_chain_id
+            for endpoint, chain_id in reachable:
+                if expected is not None and chain_id != expected:
+                    raise RpcError(
+                        f"the RPC node at {endpoint.shown} serves chain {chain_id}, "
+                        f"expected {expected}: check --rpc-url"
+                    )
+            first, first_id = reachable[0]
+            for endpoint, chain_id in reachable[1:]:
+                if chain_id != first_id:
+                    raise RpcError(
+                        f"the RPC nodes disagree: {first.shown} serves chain {first_id} but "
+                        f"{endpoint.shown} serves chain {chain_id}; check --rpc-url"
+                    )
+            await self.supports(_BLOCK_RECEIPTS, ["latest"])
+            self._chain_id = first_id
+            return first_id
+
+    def supports_block_receipts(self) -> bool:
+        """After :meth:`probe`: True when some usable endpoint has ``eth_getBlockReceipts``."""
+        return any(e.usable() and _BLOCK_RECEIPTS in e.supported for e in self._endpoints)
+
+    async def supports(self, method: str, params: list[Any]) -> bool:
+        """Whether some usable endpoint serves ``method`` (tried once with ``params``, cached)."""
+        usable = [e for e in self._endpoints if e.usable()]
+        answers = await asyncio.gather(*(self._endpoint_supports(e, method, params) for e in usable))
+        return any(answers)
+
+    async def _endpoint_supports(self, endpoint: Endpoint, method: str, params: list[Any]) -> bool:
+        if method in endpoint.supported:
+            return True
+        if method in endpoint.unsupported:
+            return False
+        out = await self._call_pinned(endpoint, method, params)
+        if isinstance(out, CallError):
+            if method in endpoint.unsupported:
+                return False
+            if out.kind == "permanent":  # e.g. invalid params: the method exists
+                endpoint.supported.add(method)
+                return True
+            logger.warning(
+                "could not tell whether %s serves %s: %s", endpoint.shown, method, out.message
+            )
+            return False
+        endpoint.supported.add(method)
+        return True
+
+    async def _call_pinned(self, endpoint: Endpoint, method: str, params: list[Any]) -> Any:
+        items = [_Item(Call(method, params))]
+        results: list[Any] = [_PENDING]
+        await self._drive([0], items, results, endpoint)
+        return results[0]
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        return redact_text(text, *self._urls)
+
+    def _as_rpc_error(self, method: str, error: CallError) -> RpcError:
+        if error.message.startswith("could not reach"):
+            return RpcError(error.message)
+        if error.kind == "not_found":
+            return RpcError(f"{method} returned no result: {error.message}")
+        return RpcError(f"{method} failed: {error.message}")
+
+    def _pick(
+        self, method: str | None, avoid: frozenset[int], pin: Endpoint | None
+    ) -> tuple[Endpoint, float] | None:
+        now = time.monotonic()
+        if pin is not None:
+            return pin, max(0.0, pin.available_at() - now)
+        candidates = [
+            e for e in self._endpoints
+            if e.usable() and not (method is not None and method in e.unsupported)
+        ]
+        if not candidates:
+            return None
+        up = [e for e in candidates if e.available_at() <= now]
+        if up:
+            preferred = [e for e in up if e.index not in avoid] or up
+            return min(preferred, key=lambda e: (e.load_score(0), e.index)), 0.0
+        soonest = min(candidates, key=lambda e: e.available_at())
+        return soonest, soonest.available_at() - now
+
+    async def _drive(
+        self, indices: list[int], items: list[_Item], results: list[Any], pin: Endpoint | None
+    ) -> None:
+        restricted: set[str] = set()
+        for endpoint in self._endpoints:
+            restricted |= endpoint.unsupported
+        groups: dict[tuple[frozenset[int], str | None], list[int]] = {}
+        for i in indices:
+            name = items[i].call.method
+            key = (frozenset(items[i].avoid), name if name in restricted else None)
+            groups.setdefault(key, []).append(i)
+        async with asyncio.TaskGroup() as tasks:
+            for (avoid, method), group in groups.items():
+                remaining = group
+                while remaining:
+                    choice = self._pick(method, avoid, pin)
+                    if choice is None:
+                        for i in remaining:
+                            results[i] = CallError(
+                                "permanent", f"no RPC endpoint serves {items[i].call.method}"
+                            )
+                        break
+                    endpoint, wait = choice
+                    chunk, remaining = remaining[: endpoint.cap()], remaining[endpoint.cap():]
+                    endpoint.assigned_calls += len(chunk)
+                    tasks.create_task(self._dispatch(endpoint, wait, chunk, items, results, pin))
+
+    async def _dispatch(
+        self,
+        endpoint: Endpoint,
+        wait: float,
+        chunk: list[int],
+        items: list[_Item],
+        results: list[Any],
+        pin: Endpoint | None,
+    ) -> None:
+        try:
+            if wait > 0:  # every endpoint is set aside: wait for the first to come back
+                await asyncio.sleep(wait)
+            again = await self._exchange(endpoint, chunk, items, results, pin)
+        finally:
+            endpoint.assigned_calls -= len(chunk)
+        if not again:
+            return
+        spent = max(items[i].failures + items[i].rate_limits for i in again)
+        if spent:
+            ceiling = min(self._settings.backoff_max_s,
+                          self._settings.backoff_base_s * 2 ** (spent - 1))
+            await asyncio.sleep(self._rng.uniform(0.0, ceiling))
+        await self._drive(again, items, results, pin)
+
+    # -- one HTTP exchange -------------------------------------------------------------------
+
+    async def _exchange(
+        self,
+        endpoint: Endpoint,
+        chunk: list[int],
+        items: list[_Item],
+        results: list[Any],
+        pin: Endpoint | None,
+    ) -> list[int]:
+        """Send one batch; settle what can be settled; return the items to send again."""
+        by_id: dict[int, int] = {}
+        payload: list[dict[str, Any]] = []
+        for i in chunk:
+            request_id = next(self._ids)
+            by_id[request_id] = i
+            call = items[i].call
+            payload.append(
+                {"jsonrpc": "2.0", "id": request_id, "method": call.method, "params": call.params}
+            )
+        single = len(payload) == 1
+        body = orjson.dumps(payload[0] if single else payload)
+        reply: HttpReply | None = None
+        failure: Verdict | None = None
+        async with self._slots:
+            if len(chunk) > endpoint.cap():
+                # The cap shrank while this batch waited for a slot: split it first.
+                return list(chunk)
+            await endpoint.acquire(len(chunk))
+            for i in chunk:
+                if items[i].sent:
+                    endpoint.retries += 1
+                items[i].sent = True
+            started = time.monotonic()
+            try:
+                reply = await self._transport.post(endpoint.url, body)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                failure = classify_exception(exc, read_timeout_s=self._settings.read_timeout_s)
+            finally:
+                await endpoint.release()
+            latency = time.monotonic() - started
+        endpoint.record_request(len(chunk), len(body), len(reply.body) if reply else 0, latency)
+        if reply is None:
+            assert failure is not None
+            return self._fail_request(endpoint, chunk, items, results, failure, pin)
+        failure = classify_http(reply.status, reply.headers, reply.body)
+        if failure is not None:
+            return self._fail_request(endpoint, chunk, items, results, failure, pin)
+        try:
+            decoded = orjson.loads(reply.body)
+        except orjson.JSONDecodeError:
+            return self._fail_request(
+                endpoint, chunk, items, results, classify_bad_body(reply.body), pin
+            )
+        if isinstance(decoded, dict):
+            if not single and decoded.get("error") is not None:
+                # An error for the batch as a whole. Anything but a rate limit or a
+                # passing fault means "not like this": some providers refuse batches, or
+                # big ones, with an invalid-request error, so split.
+                verdict = classify_error(decoded["error"])
+                if verdict.fault in (Fault.PERMANENT, Fault.UNSUPPORTED):
+                    verdict = Verdict(Fault.BATCH_TOO_LARGE, verdict.message, verdict.code)
+                return self._fail_request(endpoint, chunk, items, results, verdict, pin)
+            if single and _as_id(decoded.get("id")) is None and decoded.get("error") is not None:
+                decoded = {**decoded, "id": payload[0]["id"]}
+            decoded = [decoded]
+        if not isinstance(decoded, list):
+            return self._fail_request(
+                endpoint, chunk, items, results,
+                Verdict(Fault.TRANSIENT, "the reply is JSON but not a JSON-RPC response"), pin,
+            )
+        answers: dict[int, dict[str, Any]] = {}
+        duplicates = 0
+        for entry in decoded:
+            if not isinstance(entry, dict):
+                continue
+            answer_id = _as_id(entry.get("id"))
+            if answer_id is None or answer_id not in by_id:
+                continue
+            if answer_id in answers:
+                duplicates += 1  # first answer wins; a repeat is a provider bug
+                continue
+            answers[answer_id] = entry
+        if duplicates:
+            logger.debug("%s repeated %d ids in one reply", endpoint.shown, duplicates)
+        return self._settle_reply(endpoint, by_id, answers, items, results, pin)
+
+    def _settle_reply(
+        self,
+        endpoint: Endpoint,
+        by_id: dict[int, int],
+        answers: dict[int, dict[str, Any]],
+        items: list[_Item],
+        results: list[Any],
+        pin: Endpoint | None,
+    ) -> list[int]:
+        again: list[int] = []
+        answered = 0
+        rate_limited: list[Verdict] = []
+        too_large: list[int] = []
+        for request_id, i in by_id.items():
+            entry = answers.get(request_id)
+            item = items[i]
+            if entry is None:
+                verdict = Verdict(Fault.TRANSIENT, "the batch reply had no answer for this call")
+            elif entry.get("error") is not None:
+                verdict = classify_error(entry["error"])
+            elif "result" in entry:
+                answered += 1
+                result = entry["result"]
+                if result is None and item.call.null_retry:
+                    item.failures += 1
+                    item.avoid.add(endpoint.index)
+                    if item.failures >= self._settings.attempts:
+                        results[i] = CallError(
+                            "not_found", f"still null after {item.failures} attempts"
+                        )
+                    else:
+                        again.append(i)
+                else:
+                    results[i] = result
+                continue
+            else:
+                verdict = Verdict(Fault.TRANSIENT, "malformed answer: neither result nor error")
+            if verdict.fault is Fault.RATE_LIMITED:
+                rate_limited.append(verdict)
+            else:
+                endpoint.errors += 1
+            if verdict.fault is Fault.RATE_LIMITED:
+                pass
+            elif verdict.fault is Fault.BATCH_TOO_LARGE:
+                too_large.append(i)
+                continue
+            elif verdict.fault is Fault.PERMANENT:
+                answered += 1
+            if self._settle_item(endpoint, i, item, verdict, results, pin):
+                again.append(i)
+        if too_large:
+            sent = len(by_id)
+            endpoint.shrink_batch(sent, accepted=sent - len(too_large) or None)
+            if sent == 1:
+                endpoint.record_failure("a batch of one call was refused as too large")
+                for i in too_large:
+                    if self._settle_item(
+                        endpoint, i, items[i],
+                        Verdict(Fault.TRANSIENT, "refused even a batch of one call"), results, pin,
+                    ):
+                        again.append(i)
+            else:
+                again.extend(too_large)
+        if rate_limited:
+            hint = max((v.retry_after_s or 0.0 for v in rate_limited), default=0.0)
+            endpoint.record_rate_limited(hint or None, count=len(rate_limited))
+        elif answered:
+            endpoint.record_success(len(by_id))
+        return again
+
+    def _fail_request(
+        self,
+        endpoint: Endpoint,
+        chunk: list[int],
+        items: list[_Item],
+        results: list[Any],
+        verdict: Verdict,
+        pin: Endpoint | None,
+    ) -> list[int]:
+        """The whole request failed: one verdict for every item of the batch."""
+        verdict = Verdict(verdict.fault, self._redact(verdict.message), verdict.code,
+                          verdict.retry_after_s, verdict.unreachable)
+        if verdict.fault is Fault.BATCH_TOO_LARGE and len(chunk) > 1:
+            endpoint.shrink_batch(len(chunk), message=verdict.message)
+            return list(chunk)
+        if verdict.fault is Fault.RATE_LIMITED:
+            endpoint.record_rate_limited(verdict.retry_after_s)
+        else:
+            endpoint.record_failure(verdict.message)
+            if verdict.fault is not Fault.TRANSIENT:
+                # An HTTP-level refusal (401, 404, ...) is about the endpoint, not the
+                # calls: let another endpoint try them.
+                verdict = Verdict(Fault.TRANSIENT, verdict.message, verdict.code)
+        logger.debug("request to %s failed: %s", endpoint.shown, verdict.message)
+        return [
+            i for i in chunk if self._settle_item(endpoint, i, items[i], verdict, results, pin)
+        ]
+
+    def _settle_item(
+        self,
+        endpoint: Endpoint,
+        i: int,
+        item: _Item,
+        verdict: Verdict,
+        results: list[Any],
+        pin: Endpoint | None,
+    ) -> bool:
+        """Record one failed item; True when it should be sent again."""
+        message = self._redact(verdict.message)
+        fault = verdict.fault
+        if fault is Fault.RATE_LIMITED:
+            item.rate_limits += 1
+            item.avoid.add(endpoint.index)
+            if item.rate_limits >= self._settings.rate_limit_attempts:
+                results[i] = CallError(
+                    "transient",
+                    f"{endpoint.shown} kept rate limiting after {item.rate_limits} tries: {message}",
+                    verdict.code,
+                )
+                return False
+            return True
+        if fault in (Fault.TRANSIENT, Fault.BATCH_TOO_LARGE):
+            item.failures += 1
+            item.avoid.add(endpoint.index)
+            if item.failures >= self._settings.attempts:
+                if verdict.unreachable:
+                    text = (f"could not reach the RPC node at {endpoint.shown}: {message}; "
+                            "check --rpc-url or ETH_RPC_URL")
+                else:
+                    text = f"{message} (at {endpoint.shown}, after {item.failures} attempts)"
+                results[i] = CallError("transient", text, verdict.code)
+                return False
+            return True
+        if fault is Fault.UNSUPPORTED:
+            endpoint.unsupported.add(item.call.method)
+            endpoint.supported.discard(item.call.method)
+            if pin is None and any(
+                e.usable() and item.call.method not in e.unsupported for e in self._endpoints
+            ):
+                return True
+        results[i] = CallError("permanent", message, verdict.code)
+        return False
+

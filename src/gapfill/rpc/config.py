@@ -1,0 +1,76 @@
+"""Settings and call records of the RPC layer (frozen, units in the names)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gapfill.errors import ConfigError
+from gapfill.redact import redact_url
+
+DEFAULT_MAX_BATCH = 50
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """One JSON-RPC URL and the limits its provider grants.
+
+    ``rps`` counts *calls* (items of a JSON-RPC batch) per second and is shared by
+    every gapfill process of this host; ``None`` means unlimited. ``max_batch``
+    counts calls per JSON-RPC batch.
+    """
+
+    url: str
+    rps: float | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"RPC URL {redact_url(self.url)!r} is not an http(s) URL; check --rpc-url"
+            )
+        if self.rps is not None and self.rps <= 0:
+            raise ConfigError(f"rps for {redact_url(self.url)} must be positive or unset")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch for {redact_url(self.url)} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RpcSettings:
+    """Client-wide knobs; the defaults suit public providers."""
+
+    attempts: int = 3
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0  # a stalled response is cut after this
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 10.0
+    max_in_flight: int = 8  # concurrent HTTP requests per client
+    budget_dir: str | None = None  # where host-shared token buckets live
+    #: Rate-limited answers are expected under load and are not the caller's
+    #: fault, so they have their own, larger allowance than ``attempts``.
+    rate_limit_attempts: int = 12
+    #: Consecutive failed requests after which an endpoint is set aside.
+    failures_to_set_aside: int = 3
+    #: Size of the shared bucket, in seconds of budget (at most one second).
+    burst_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One JSON-RPC call; ``null_retry`` marks a ``null`` result as "not yet"."""
+
+    method: str
+    params: list[Any]
+    null_retry: bool = False
+
+
+def parse_rpc_urls(values: Sequence[str]) -> list[str]:
+    """Split repeatable and comma-separated ``--rpc-url`` values, dropping blanks and repeats."""
+    urls: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            url = part.strip()
+            if url and url not in urls:
+                urls.append(url)
+    return urls

@@ -1,0 +1,278 @@
+"""Per-endpoint state: adaptive batch cap, health, rate budget, counters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from gapfill.redact import redact_url
+from gapfill.rpc.budget import SharedBudget
+from gapfill.rpc.config import EndpointConfig, RpcSettings
+
+logger = logging.getLogger(__name__)
+
+#: Successful requests at the current cap before trying one call more.
+GROW_AFTER_SUCCESSES = 50
+#: Notional rate of an endpoint without a configured limit, for spreading load.
+UNLIMITED_NOTIONAL_RPS = 1000.0
+_SET_ASIDE_FIRST_S = 1.0
+_NAMED_LIMIT = re.compile(r"(?:limit|max(?:imum)?|at most|up to)\D{0,24}?(\d+)", re.IGNORECASE)
+_SET_ASIDE_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """Counters of one endpoint since the client opened (``url`` is redacted)."""
+
+    url: str
+    calls: int  # calls sent (items of batches)
+    requests: int  # HTTP requests sent
+    retries: int  # calls sent again after a failure
+    rate_limited: int  # 429 replies plus items answered with a rate-limit error
+    errors: int  # failed requests plus failed items (rate limits excluded)
+    bytes_out: int
+    bytes_in: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+    batch_cap: int  # calls per batch now (after halving / growing back)
+    rate_factor: float  # share of the configured rps in use after AIMD cuts (1.0 = all)
+    healthy: bool
+    supports_block_receipts: bool | None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+class Endpoint:
+    """Mutable state of one configured URL inside one client (one event loop)."""
+
+    def __init__(self, index: int, config: EndpointConfig, settings: RpcSettings, key: str):
+        self.index = index
+        self.config = config
+        self.url = config.url
+        self.key = key  # redacted, unique within the client
+        self.shown = redact_url(config.url)
+        self._settings = settings
+        hard_cap = config.max_batch
+        if config.rps is not None:
+            # A provider whose bucket holds one second can never accept a bigger batch.
+            hard_cap = min(hard_cap, max(1, int(config.rps)))
+        self.max_cap = hard_cap
+        self.batch_cap = hard_cap
+        self._largest_ok = 0
+        self._known_bad = hard_cap + 1
+        self._successes_at_cap = 0
+        self.budget: SharedBudget | None = (
+            SharedBudget(
+                config.url,
+                config.rps,
+                budget_dir=settings.budget_dir,
+                burst_s=settings.burst_s,
+                min_capacity=hard_cap,
+            )
+            if config.rps is not None
+            else None
+        )
+        self.rate_factor = 1.0
+        # AIMD on concurrency for endpoints without a configured rate.
+        self.concurrency = float(settings.max_in_flight)
+        self.in_flight = 0
+        self._gate = asyncio.Condition()
+        self._last_cut = 0.0
+        self.paused_until = 0.0  # Retry-After for endpoints without a shared budget
+        # Health: a breaker that sets the endpoint aside, doubling the time.
+        self.consecutive_failures = 0
+        self.down_until = 0.0
+        self._set_aside_s = _SET_ASIDE_FIRST_S
+        self.disabled_reason: str | None = None  # failed its probe; never used
+        self.chain_id: int | None = None
+        self.supported: set[str] = set()
+        self.unsupported: set[str] = set()
+        self.assigned_calls = 0  # calls handed to this endpoint and not finished
+        # Counters.
+        self.calls = 0
+        self.requests = 0
+        self.retries = 0
+        self.rate_limited = 0
+        self.errors = 0
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.latencies: deque[float] = deque(maxlen=4096)
+
+    # -- selection ---------------------------------------------------------------------
+
+    def usable(self) -> bool:
+        return self.disabled_reason is None
+
+    def available_at(self) -> float:
+        return max(self.down_until, self.paused_until)
+
+    def capacity_rps(self) -> float:
+        if self.config.rps is not None:
+            return self.config.rps * self.rate_factor
+        return UNLIMITED_NOTIONAL_RPS * self.concurrency / max(1, self._settings.max_in_flight)
+
+    def load_score(self, calls: int) -> float:
+        """Seconds this endpoint needs for its queue plus ``calls`` more, roughly."""
+        return (self.assigned_calls + calls) / max(self.capacity_rps(), 1e-6)
+
+    def cap(self) -> int:
+        return self.batch_cap
+
+    # -- admission ---------------------------------------------------------------------
+
+    async def acquire(self, calls: int) -> None:
+        """Wait for a concurrency slot (AIMD) and for ``calls`` tokens of the shared budget."""
+        if self.budget is None:
+            async with self._gate:
+                await self._gate.wait_for(lambda: self.in_flight < max(1, int(self.concurrency)))
+                self.in_flight += 1
+            pause = self.paused_until - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            return
+        self.in_flight += 1
+        wait = self.budget.reserve(calls)
+        self.rate_factor = self.budget.last_factor
+        if wait > 0:
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self.budget.refund(calls)
+                self.in_flight -= 1
+                raise
+
+    async def release(self) -> None:
+        if self.budget is None:
+            async with self._gate:
+                self.in_flight -= 1
+                self._gate.notify_all()
+        else:
+            self.in_flight -= 1
+
+    # -- feedback ----------------------------------------------------------------------
+
+    def record_request(self, calls: int, bytes_out: int, bytes_in: int, latency_s: float) -> None:
+        self.requests += 1
+        self.calls += calls
+        self.bytes_out += bytes_out
+        self.bytes_in += bytes_in
+        self.latencies.append(latency_s)
+
+    def record_success(self, batch_size: int) -> None:
+        """A request came back as a well-formed JSON-RPC reply."""
+        if self.consecutive_failures >= self._settings.failures_to_set_aside:
+            logger.info("RPC endpoint %s answers again", self.shown)
+        self.consecutive_failures = 0
+        self._set_aside_s = _SET_ASIDE_FIRST_S
+        self._largest_ok = max(self._largest_ok, batch_size)
+        if batch_size >= self.batch_cap:
+            self._successes_at_cap += 1
+            if (
+                self._successes_at_cap >= GROW_AFTER_SUCCESSES
+                and self.batch_cap + 1 < self._known_bad
+                and self.batch_cap < self.max_cap
+            ):
+                self.batch_cap += 1
+                self._successes_at_cap = 0
+        if self.budget is not None:
+            if self.rate_factor < 1.0:
+                self.budget.on_success()
+                self.rate_factor = self.budget.last_factor
+        elif self.concurrency < self._settings.max_in_flight:
+            self.concurrency = min(
+                float(self._settings.max_in_flight), self.concurrency + 1.0 / self.concurrency
+            )
+
+    def record_failure(self, message: str) -> None:
+        """A request failed as a whole (transport, 5xx, garbage body)."""
+        self.errors += 1
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= self._settings.failures_to_set_aside:
+            pause = self._set_aside_s * random.uniform(0.75, 1.25)
+            self.down_until = time.monotonic() + pause
+            self._set_aside_s = min(self._set_aside_s * 2, max(_SET_ASIDE_MAX_S, pause))
+            logger.warning(
+                "RPC endpoint %s set aside for %.1f s after %d failures in a row: %s",
+                self.shown, pause, self.consecutive_failures, message,
+            )
+
+    def record_rate_limited(self, retry_after_s: float | None, count: int = 1) -> None:
+        self.rate_limited += count
+        now = time.monotonic()
+        if self.budget is not None:
+            self.rate_factor = self.budget.on_rate_limited(retry_after_s)
+        else:
+            if now - self._last_cut >= 1.0:
+                self.concurrency = max(1.0, self.concurrency / 2)
+                self._last_cut = now
+            if retry_after_s:
+                self.paused_until = max(self.paused_until, now + retry_after_s)
+        logger.debug(
+            "RPC endpoint %s rate limited (retry after %s s); rate factor %.2f, concurrency %.1f",
+            self.shown, retry_after_s, self.rate_factor, self.concurrency,
+        )
+
+    def shrink_batch(self, sent: int, accepted: int | None = None, message: str = "") -> None:
+        """The provider refused a batch of ``sent`` calls as too large.
+
+        ``accepted`` is how many calls of it were answered; a limit named in the
+        message ("exceeds the limit of 20") is believed when it is smaller than ``sent``.
+        """
+        self._known_bad = min(self._known_bad, sent)
+        named = _NAMED_LIMIT.search(message)
+        if named and 0 < int(named.group(1)) < sent:
+            new_cap = int(named.group(1))
+            self._known_bad = min(self._known_bad, new_cap + 1)
+        elif accepted:
+            new_cap = accepted
+        elif self._largest_ok and self._largest_ok < sent:
+            new_cap = max(self._largest_ok, sent // 2)
+        else:
+            new_cap = sent // 2
+        new_cap = max(1, min(new_cap, sent - 1 if sent > 1 else 1))
+        if new_cap < self.batch_cap:
+            logger.info(
+                "RPC endpoint %s refused a batch of %d calls; batches now hold %d",
+                self.shown, sent, new_cap,
+            )
+            self.batch_cap = new_cap
+        self._successes_at_cap = 0
+
+    def stats(self) -> EndpointStats:
+        ordered = sorted(self.latencies)
+        return EndpointStats(
+            url=self.key,
+            calls=self.calls,
+            requests=self.requests,
+            retries=self.retries,
+            rate_limited=self.rate_limited,
+            errors=self.errors,
+            bytes_out=self.bytes_out,
+            bytes_in=self.bytes_in,
+            latency_p50_s=_percentile(ordered, 0.50),
+            latency_p95_s=_percentile(ordered, 0.95),
+            latency_p99_s=_percentile(ordered, 0.99),
+            batch_cap=self.batch_cap,
+            rate_factor=self.rate_factor,
+            healthy=self.usable() and self.down_until <= time.monotonic(),
+            supports_block_receipts=(
+                True if "eth_getBlockReceipts" in self.supported
+                else False if "eth_getBlockReceipts" in self.unsupported else None
+            ),
+        )
+
+    def close(self) -> None:
+        if self.budget is not None:
+            self.budget.close()

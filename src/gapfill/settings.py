@@ -1,0 +1,132 @@
+"""Settings: flags beat environment variables, which beat the config file, which beats defaults.
+
+The config file is TOML. Its location is ``--config PATH``, else ``GAPFILL_CONFIG``,
+else ``./gapfill.toml`` when it exists. Example::
+
+    db = "postgresql://gapfill@db.internal/chain"
+
+    [[endpoints]]
+    url = "https://eth-mainnet.example.com/v2/KEY"
+    rps = 25            # calls per second, per host
+    max_batch = 100     # calls per JSON-RPC batch
+
+    [[endpoints]]
+    url = "https://backup.example.com/KEY"
+    rps = 10
+
+    [enrich]
+    batch_size = 500
+    rpc_batch_size = 50
+    workers = 4
+    lease_timeout_s = 300
+
+    [explorer]
+    url = "https://api.etherscan.io/v2/api"
+    key = "..."
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gapfill.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "gapfill.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSetting:
+    url: str
+    rps: float | None = None
+    max_batch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileConfig:
+    """What a config file says; every field is optional."""
+
+    path: str | None = None
+    db: str | None = None
+    endpoints: tuple[EndpointSetting, ...] = ()
+    enrich: dict[str, Any] = field(default_factory=dict)
+    explorer: dict[str, Any] = field(default_factory=dict)
+
+
+def config_path(explicit: str | None) -> Path | None:
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise ConfigError(f"config file {explicit} does not exist: fix --config or GAPFILL_CONFIG")
+        return p
+    env = os.environ.get("GAPFILL_CONFIG")
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise ConfigError(f"config file {env} (GAPFILL_CONFIG) does not exist: fix or unset it")
+        return p
+    p = Path(DEFAULT_CONFIG_NAME)
+    return p if p.is_file() else None
+
+
+def load_config(explicit: str | None = None) -> FileConfig:
+    path = config_path(explicit)
+    if path is None:
+        return FileConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix it") from None
+    endpoints = []
+    for i, e in enumerate(data.get("endpoints", [])):
+        if not isinstance(e, dict) or not isinstance(e.get("url"), str):
+            raise ConfigError(f"config file {path}: endpoints[{i}] needs a url = \"...\"")
+        rps = e.get("rps")
+        mb = e.get("max_batch")
+        if rps is not None and (not isinstance(rps, int | float) or rps <= 0):
+            raise ConfigError(f"config file {path}: endpoints[{i}].rps must be a positive number")
+        if mb is not None and (not isinstance(mb, int) or mb < 1):
+            raise ConfigError(f"config file {path}: endpoints[{i}].max_batch must be a positive integer")
+        endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb))
+    db = data.get("db")
+    if db is not None and not isinstance(db, str):
+        raise ConfigError(f"config file {path}: db must be a string URL")
+    return FileConfig(
+        str(path), db, tuple(endpoints), dict(data.get("enrich", {})), dict(data.get("explorer", {}))
+    )
+
+
+def split_urls(values: tuple[str, ...] | list[str]) -> list[str]:
+    """``--rpc-url`` is repeatable and comma-separated; ETH_RPC_URL may hold several."""
+    out: list[str] = []
+    for v in values:
+        for part in v.replace(" ", ",").split(","):
+            if part.strip():
+                out.append(part.strip())
+    return out
+
+
+def resolve_endpoints(
+    flag_urls: tuple[str, ...], rps: float | None, max_batch: int | None, file: FileConfig
+) -> list[EndpointSetting]:
+    """Flag/env URLs win over the file's; ``--rps``/``--rpc-batch-size`` apply to each flag URL."""
+    urls = split_urls(flag_urls)
+    if urls:
+        by_url = {e.url: e for e in file.endpoints}
+        return [
+            EndpointSetting(
+                u,
+                rps if rps is not None else by_url.get(u, EndpointSetting(u)).rps,
+                max_batch if max_batch is not None else by_url.get(u, EndpointSetting(u)).max_batch,
+            )
+            for u in urls
+        ]
+    return [
+        EndpointSetting(
+            e.url, rps if rps is not None else e.rps, max_batch if max_batch is not None else e.max_batch
+        )
+        for e in file.endpoints
+    ]

@@ -1,0 +1,190 @@
+"""The foundation commands end to end through the CLI, on both backends, bad input included."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+
+from gapfill.cli import cli
+from gapfill.store import open_store
+
+C = "0x" + "ab" * 20
+
+
+def h(i: int) -> str:
+    return "0x" + f"{i:064x}"
+
+
+def run(db: str, *args: str, input: str | bytes | None = None) -> Result:
+    return CliRunner().invoke(cli, ["--db", db, *args], input=input, catch_exceptions=False)
+
+
+def one_sentence(r: Result) -> str:
+    err = r.stderr.strip()
+    assert "Traceback" not in r.output + r.stderr
+    return err
+
+
+@pytest.fixture
+def tracked(db_url: str) -> str:
+    assert run(db_url, "init").exit_code == 0
+    r = run(db_url, "contract", "add", C, "--chain-id", "1", "--label", "token")
+    assert r.exit_code == 0, r.output + r.stderr
+    return db_url
+
+
+def refs_of(db: str) -> list[tuple[str, int | None]]:
+    with open_store(db) as s:
+        return [(r.tx_hash, r.block_number) for r in s.iter_gap(1, C)]
+
+
+def test_init_is_idempotent(db_url: str) -> None:
+    assert run(db_url, "init").exit_code == 0
+    r = run(db_url, "init")
+    assert r.exit_code == 0 and "schema version 1" in r.output
+
+
+def test_contract_add_and_list(tracked: str) -> None:
+    r = run(tracked, "contract", "list", "--json")
+    assert orjson.loads(r.output) == [
+        {"chain_id": 1, "address": C, "label": "token", "start_block": None, "has_abi": False}
+    ]
+
+
+def test_checksummed_address_is_accepted_and_lowercased(db_url: str) -> None:
+    addr = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    r = run(db_url, "contract", "add", addr, "--chain-id", "1")
+    assert r.exit_code == 0, r.stderr
+    assert addr.lower() in r.output
+
+
+@pytest.mark.parametrize(
+    ("address", "needle"),
+    [("0x1234", "40"), ("hello", "not an address"), ("0x" + "g" * 40, "not an address"),
+     ("0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAeD", "checksum")],
+)  # fmt: skip
+def test_bad_address_is_one_sentence_exit_2(db_url: str, address: str, needle: str) -> None:
+    r = run(db_url, "contract", "add", address, "--chain-id", "1")
+    assert r.exit_code == 2
+    assert needle in one_sentence(r)
+
+
+def test_contract_add_without_chain_id_or_rpc_says_what_to_do(db_url: str) -> None:
+    r = run(db_url, "contract", "add", C)
+    assert r.exit_code == 1
+    assert "--chain-id" in one_sentence(r)
+
+
+def test_import_hash_list_csv_etherscan_and_stdin(tracked: str, tmp_path: Path) -> None:
+    plain = tmp_path / "hashes.txt"
+    plain.write_text(f"{h(1)}\n\n{h(2).upper().replace('0X', '0x')}\n{h(1)}\n")
+    r = run(tracked, "import", str(plain), "--contract", C)
+    assert r.exit_code == 0, r.stderr
+    assert "imported 2 new refs" in r.output
+    csvf = tmp_path / "refs.csv"
+    csvf.write_text(f"tx_hash,blockNumber\n{h(3)},17\n{h(4)},0x20\n")
+    assert run(tracked, "import", str(csvf), "--contract", C).exit_code == 0
+    ether = tmp_path / "export.csv"
+    ether.write_text(
+        '"Transaction Hash","Blockno","UnixTimestamp","DateTime (UTC)","From","To","Method"\n'
+        f'"{h(5)}","99","1700000000","2023-11-14 22:13:20","0xaa","0xbb","Transfer"\n'
+    )
+    assert run(tracked, "import", str(ether), "--contract", C).exit_code == 0
+    assert run(tracked, "import", "-", "--contract", C, input=f"{h(6)}\n").exit_code == 0
+    assert sorted(refs_of(tracked), key=lambda x: x[0]) == [
+        (h(1), None), (h(2), None), (h(3), 17), (h(4), 32), (h(5), 99), (h(6), None)
+    ]  # fmt: skip
+
+
+def test_malformed_row_names_the_line_and_imports_nothing(tracked: str, tmp_path: Path) -> None:
+    f = tmp_path / "bad.csv"
+    f.write_text("hash,block_number\n" + "".join(f"{h(i)},{i}\n" for i in range(1, 6)) + "0xzz,7\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 1
+    assert "line 7" in one_sentence(r) and "nothing was imported" in r.stderr
+    assert refs_of(tracked) == []
+    g = tmp_path / "bad.txt"
+    g.write_text(f"{h(1)}\n{h(2)}xx\n")
+    r = run(tracked, "import", str(g), "--contract", C)
+    assert r.exit_code == 1 and "line 2" in r.stderr
+    assert refs_of(tracked) == []
+
+
+def test_csv_without_hash_column_and_binary_file(tracked: str, tmp_path: Path) -> None:
+    f = tmp_path / "nohash.csv"
+    f.write_text("foo,bar\n1,2\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 1 and "no hash column" in one_sentence(r)
+    b = tmp_path / "blob.bin"
+    b.write_bytes(b"\x00\x01\x02garbage" * 100)
+    r = run(tracked, "import", str(b), "--contract", C)
+    assert r.exit_code == 1 and "binary" in one_sentence(r)
+    r = run(tracked, "import", str(tmp_path / "missing.txt"), "--contract", C)
+    assert r.exit_code == 1 and "no such file" in one_sentence(r)
+
+
+def test_invalid_hash_and_unknown_contract(tracked: str, tmp_path: Path) -> None:
+    f = tmp_path / "h.txt"
+    f.write_text("0x1234\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 1 and "not a transaction hash" in one_sentence(r)
+    f.write_text(f"{h(1)}\n")
+    other = "0x" + "cd" * 20
+    r = run(tracked, "import", str(f), "--contract", other)
+    assert r.exit_code == 1 and "not tracked" in one_sentence(r) and "contract add" in r.stderr
+    r = run(tracked, "status", "--contract", other)
+    assert r.exit_code == 1 and "not tracked" in r.stderr
+
+
+def test_status_plain_and_json(tracked: str, tmp_path: Path) -> None:
+    f = tmp_path / "h.csv"
+    f.write_text("hash,block_number\n" + "".join(f"{h(i)},{10 + i}\n" for i in range(1, 4)))
+    run(tracked, "import", str(f), "--contract", C)
+    r = run(tracked, "status")
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert lines[0].split()[:8] == ["chain", "contract", "label", "refs", "enriched", "missing",
+                                    "failed", "blocks"]  # fmt: skip
+    assert lines[1].split()[:8] == ["1", C, "token", "3", "0", "3", "0", "11-13"]
+    data = orjson.loads(run(tracked, "status", "--json").output)
+    assert data[0]["refs"] == 3 and data[0]["missing"] == 3 and data[0]["min_block"] == 11
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("postgresql://gapfill:hunter2secret@127.0.0.1:1/nope", "could not connect"),
+        ("mysql://root:hunter2secret@127.0.0.1/x", "unsupported database URL scheme"),
+        ("sqlite:///no/such/dir/x.db", "does not exist"),
+    ],
+)
+def test_database_errors_are_one_sentence_without_secrets(url: str, needle: str) -> None:
+    r = run(url, "status")
+    assert r.exit_code == 1
+    err = one_sentence(r)
+    assert needle in err and "hunter2secret" not in r.output + r.stderr
+    assert len(err.splitlines()) == 1
+
+
+def test_missing_postgres_database(pg_url: str) -> None:
+    url = pg_url.rsplit("/", 1)[0].replace("postgres@", "postgres:hunter2secret@") + "/no_such_db_x"
+    r = run(url, "status")
+    assert r.exit_code == 1
+    assert 'database "no_such_db_x" does not exist' in one_sentence(r)
+    assert "hunter2secret" not in r.stderr
+
+
+def test_gapfill_db_env_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("GAPFILL_DB", url)
+    r = CliRunner().invoke(cli, ["init"])
+    assert r.exit_code == 0 and (tmp_path / "env.db").exists()
+
+
+def test_stdin_import_uses_the_bytes(tracked: str) -> None:
+    r = run(tracked, "import", "-", "--contract", C, input=io.BytesIO(f"{h(9)}\n".encode()).read())
+    assert r.exit_code == 0 and refs_of(tracked) == [(h(9), None)]

@@ -1,0 +1,457 @@
+"""RpcClient against a fake JSON-RPC server on 127.0.0.1 (no other network)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from gapfill.errors import RpcError
+from gapfill.rpc import Call, CallError, EndpointConfig, RpcClient, RpcSettings
+from gapfill.rpc.endpoint import GROW_AFTER_SUCCESSES, Endpoint
+
+pytestmark = pytest.mark.timeout(20)
+
+KEY = "abcdefghijklmnopqrstuvwxyz123456"
+
+Handler = Callable[["FakeNode", Any], web.Response | None]
+
+
+def ok(call: dict[str, Any], result: Any = None) -> dict[str, Any]:
+    """Echo the first param back as the result unless told otherwise."""
+    if result is None and call.get("params"):
+        result = call["params"][0]
+    return {"jsonrpc": "2.0", "id": call["id"], "result": result}
+
+
+def err(call: dict[str, Any] | None, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": None if call is None else call["id"],
+            "error": {"code": code, "message": message}}
+
+
+def as_batch(body: Any) -> list[dict[str, Any]]:
+    return body if isinstance(body, list) else [body]
+
+
+def reply(body: Any, answers: list[dict[str, Any]], **kw: Any) -> web.Response:
+    payload = answers[0] if isinstance(body, dict) and len(answers) == 1 else answers
+    return web.Response(body=orjson.dumps(payload), content_type="application/json", **kw)
+
+
+class FakeNode:
+    """A loopback JSON-RPC server whose behaviour is a function of the decoded body."""
+
+    def __init__(self, behaviour: Callable[[FakeNode, Any], web.Response]) -> None:
+        self.behaviour = behaviour
+        self.requests: list[Any] = []
+        self.calls = 0
+        self.stop = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.requests.append(body)
+        self.calls += len(as_batch(body))
+        return self.behaviour(self, body)
+
+    async def start(self, path: str = "/") -> FakeNode:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}{path}"
+        return self
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def make_node() -> AsyncIterator[Callable[..., Any]]:
+    nodes: list[FakeNode] = []
+
+    async def make(behaviour: Callable[[FakeNode, Any], web.Response], path: str = "/"):
+        node = await FakeNode(behaviour).start(path)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        await node.close()
+
+
+def echo(node: FakeNode, body: Any) -> web.Response:
+    return reply(body, [ok(c) for c in as_batch(body)])
+
+
+FAST = RpcSettings(backoff_base_s=0.01, backoff_max_s=0.05, read_timeout_s=2.0)
+
+
+def settings(tmp_path: Any, **kw: Any) -> RpcSettings:
+    base = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "read_timeout_s": 2.0,
+            "budget_dir": str(tmp_path)}
+    base.update(kw)
+    return RpcSettings(**base)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# -- id matching ------------------------------------------------------------------------
+
+
+async def test_reordered_missing_and_duplicate_ids(make_node: Any, tmp_path: Any) -> None:
+    dropped: set[str] = set()
+
+    def messy(node: FakeNode, body: Any) -> web.Response:
+        answers = []
+        for call in as_batch(body):
+            tag = call["params"][0]
+            if tag.endswith("7") and tag not in dropped:  # left out once
+                dropped.add(tag)
+                continue
+            answers.append(ok(call))
+        if answers:
+            first = answers[0]
+            answers.append({**first, "result": "WRONG"})  # a repeat: first answer wins
+            answers.append({"jsonrpc": "2.0", "id": 999_999, "result": "stranger"})
+        answers.reverse()
+        answers.insert(0, {**first, "result": first["result"]})
+        return reply(body, answers)
+
+    node = await make_node(messy)
+    calls = [Call("echo", [f"v{i}"]) for i in range(30)]
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        results = await client.call_many(calls)
+    assert results == [f"v{i}" for i in range(30)]
+    assert len(dropped) == 3
+    assert len(node.requests) == 2  # one batch, then one for the three left out
+
+
+async def test_one_item_error_is_its_own(make_node: Any, tmp_path: Any) -> None:
+    def one_bad(node: FakeNode, body: Any) -> web.Response:
+        return reply(body, [
+            err(c, -32602, "invalid argument 0") if c["params"][0] == "bad" else ok(c)
+            for c in as_batch(body)
+        ])
+
+    node = await make_node(one_bad)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        results = await client.call_many([Call("echo", ["a"]), Call("echo", ["bad"]),
+                                          Call("echo", ["c"])])
+        assert results[0] == "a" and results[2] == "c"
+        assert isinstance(results[1], CallError)
+        assert results[1].kind == "permanent" and results[1].code == -32602
+        assert node.calls == 3  # never retried
+        with pytest.raises(RpcError, match="execution reverted"):
+            node.behaviour = lambda n, b: reply(b, [err(c, 3, "execution reverted")
+                                                    for c in as_batch(b)])
+            await client.call("eth_call", [{}])
+        assert node.calls == 4
+        node.behaviour = lambda n, b: reply(b, [err(c, -32601, "method not found")
+                                                for c in as_batch(b)])
+        with pytest.raises(RpcError, match="method not found"):
+            await client.call("eth_nope", [])
+        assert node.calls == 5
+
+
+# -- retries ----------------------------------------------------------------------------
+
+
+async def test_transient_failures_are_retried(make_node: Any, tmp_path: Any) -> None:
+    script = iter([
+        web.Response(status=503, text="busy"),
+        web.Response(status=200, body=b"<html><body>502 Bad Gateway</body></html>"),
+        None,
+    ])
+
+    def flaky(node: FakeNode, body: Any) -> web.Response:
+        return next(script) or echo(node, body)
+
+    node = await make_node(flaky)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        assert await client.call("echo", ["x"]) == "x"
+        stats = next(iter(client.stats().values()))
+    assert len(node.requests) == 3
+    assert stats.retries == 2 and stats.errors == 2 and stats.requests == 3
+
+
+async def test_truncated_json_is_retried(make_node: Any, tmp_path: Any) -> None:
+    state = {"n": 0}
+
+    def truncating(node: FakeNode, body: Any) -> web.Response:
+        state["n"] += 1
+        response = echo(node, body)
+        if state["n"] == 1:
+            assert isinstance(response.body, bytes)
+            return web.Response(body=response.body[:10], content_type="application/json")
+        return response
+
+    node = await make_node(truncating)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        assert await client.call_many([Call("echo", [1]), Call("echo", [2])]) == [1, 2]
+
+
+async def test_stall_is_cut_after_read_timeout(make_node: Any, tmp_path: Any) -> None:
+    state = {"n": 0}
+
+    async def stalling(request: web.Request) -> web.Response:
+        raise AssertionError  # replaced below
+
+    node = await make_node(echo)
+    original = node._handle
+
+    async def handle(request: web.Request) -> web.Response:
+        state["n"] += 1
+        if state["n"] == 1:
+            await node.stop.wait()
+        return await original(request)
+
+    node._handle = handle  # type: ignore[method-assign]
+    # Re-register: the app captured the bound method at start, so start a second one.
+    node2 = FakeNode(echo)
+    node2._handle = handle  # type: ignore[method-assign]
+    await node2.start()
+    try:
+        started = time.monotonic()
+        async with RpcClient([EndpointConfig(node2.url)],
+                             settings(tmp_path, read_timeout_s=0.3)) as client:
+            assert await client.call("echo", ["late"]) == "late"
+        assert 0.3 <= time.monotonic() - started < 3
+    finally:
+        await node2.close()
+
+
+async def test_exhausted_retries_raise_one_redacted_sentence(
+    make_node: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def leaky(node: FakeNode, body: Any) -> web.Response:
+        return web.Response(status=500, text=f"internal error at {node.url} key={KEY}")
+
+    node = await make_node(leaky, path=f"/v2/{KEY}")
+    caplog.set_level(logging.DEBUG, logger="gapfill")
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.call("eth_blockNumber", [])
+        keys = list(client.stats())
+    message = str(info.value)
+    assert KEY not in message and "/v2/***" in message
+    assert "HTTP 500" in message and "after 3 attempts" in message
+    assert len(node.requests) == 3
+    assert all(KEY not in k for k in keys)
+    assert KEY not in caplog.text
+
+
+async def test_unreachable_node(tmp_path: Any) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v2/{KEY}"
+    async with RpcClient([EndpointConfig(url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+    port = url.split(":")[2].split("/")[0]
+    assert str(info.value) == (
+        f"could not reach the RPC node at http://127.0.0.1:{port}/v2/***: connection refused; "
+        "check --rpc-url or ETH_RPC_URL"
+    )
+
+
+async def test_null_retry(make_node: Any, tmp_path: Any) -> None:
+    seen: dict[str, int] = {}
+
+    def lagging(node: FakeNode, body: Any) -> web.Response:
+        answers = []
+        for c in as_batch(body):
+            tag = c["params"][0]
+            seen[tag] = seen.get(tag, 0) + 1
+            late = tag == "never" or seen[tag] <= 2
+            answers.append({"jsonrpc": "2.0", "id": c["id"], "result": None if late else tag})
+        return reply(body, answers)
+
+    node = await make_node(lagging)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        results = await client.call_many([
+            Call("eth_getTransactionReceipt", ["soon"], null_retry=True),
+            Call("eth_getTransactionReceipt", ["never"], null_retry=True),
+            Call("eth_getTransactionReceipt", ["plain"]),
+        ])
+    assert results[0] == "soon"
+    assert results[1] == CallError("not_found", "still null after 3 attempts")
+    assert results[2] is None  # null without null_retry is an answer
+    assert seen == {"soon": 3, "never": 3, "plain": 1}
+
+
+# -- rate limits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["seconds", "date", "body", "items"])
+async def test_rate_limit_wait_is_honoured(make_node: Any, tmp_path: Any, style: str) -> None:
+    import email.utils
+
+    state = {"n": 0}
+
+    def limited(node: FakeNode, body: Any) -> web.Response:
+        state["n"] += 1
+        if state["n"] > 1:
+            return echo(node, body)
+        if style == "seconds":
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        if style == "date":
+            date = email.utils.formatdate(time.time() + 2, usegmt=True)
+            return web.Response(status=429, headers={"Retry-After": date})
+        error = {"code": -32005, "message": "request rate exceeded",
+                 "data": {"backoff_seconds": 1}}
+        if style == "body":
+            return web.Response(status=429, body=orjson.dumps(
+                {"jsonrpc": "2.0", "id": None, "error": error}))
+        return reply(body, [{"jsonrpc": "2.0", "id": c["id"], "error": error}
+                            for c in as_batch(body)])
+
+    node = await make_node(limited)
+    for rps in (None, 1000.0):
+        state["n"] = 0
+        async with RpcClient([EndpointConfig(node.url, rps=rps)],
+                             settings(tmp_path / str(rps))) as client:
+            started = time.monotonic()
+            assert await client.call_many([Call("echo", [1]), Call("echo", [2])]) == [1, 2]
+            elapsed = time.monotonic() - started
+            stats = next(iter(client.stats().values()))
+        assert elapsed >= 0.9, (style, rps)
+        assert stats.rate_limited >= 1
+        if rps is not None:
+            assert stats.rate_factor < 1.0  # AIMD cut
+
+
+# -- batch size -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["413", "json", "json-named"])
+async def test_batch_too_large_halves_and_remembers(
+    make_node: Any, tmp_path: Any, style: str
+) -> None:
+    def capped(node: FakeNode, body: Any) -> web.Response:
+        if isinstance(body, list) and len(body) > 8:
+            if style == "413":
+                return web.Response(status=413, text="Request Entity Too Large")
+            message = "batch size exceeds the limit of 8" if style == "json-named" else (
+                "batch too large")
+            return web.Response(body=orjson.dumps(err(None, -32600, message)),
+                                content_type="application/json")
+        return echo(node, body)
+
+    node = await make_node(capped)
+    async with RpcClient([EndpointConfig(node.url, max_batch=50)], settings(tmp_path)) as client:
+        results = await client.call_many([Call("echo", [i]) for i in range(40)])
+        assert results == list(range(40))
+        cap = next(iter(client.stats().values())).batch_cap
+        refused = sum(1 for b in node.requests if isinstance(b, list) and len(b) > 8)
+        assert cap == (8 if style == "json-named" else 5)
+        before = len(node.requests)
+        assert await client.call_many([Call("echo", [i]) for i in range(40)]) == list(range(40))
+        assert len(node.requests) - before == -(-40 // cap)  # remembered: no new refusal
+    # Halving: 40 -> 20 -> 10 -> 5; batches already in flight when the first refusal
+    # came back are refused too, so at most 1 + 2 + 4.
+    assert refused == 1 if style == "json-named" else 3 <= refused <= 7
+
+
+def test_batch_cap_grows_back_but_not_into_the_limit() -> None:
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/", max_batch=50), RpcSettings(), "k")
+    endpoint.shrink_batch(50)
+    assert endpoint.cap() == 25
+    for _ in range(GROW_AFTER_SUCCESSES):
+        endpoint.record_success(25)
+    assert endpoint.cap() == 26
+    for _ in range(GROW_AFTER_SUCCESSES * 30):
+        endpoint.record_success(endpoint.cap())
+    assert endpoint.cap() == 49  # never back to the refused 50
+    endpoint.shrink_batch(40, message="batch limit is 30")
+    assert endpoint.cap() == 30
+    for _ in range(GROW_AFTER_SUCCESSES * 5):
+        endpoint.record_success(endpoint.cap())
+    assert endpoint.cap() == 30
+
+
+def test_rps_caps_the_batch() -> None:
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/", rps=10, max_batch=50),
+                        RpcSettings(budget_dir="/tmp/gapfill-test-budgets"), "k")
+    try:
+        assert endpoint.cap() == 10
+    finally:
+        endpoint.close()
+
+
+# -- endpoints --------------------------------------------------------------------------
+
+
+async def test_failover_sets_a_failing_endpoint_aside(make_node: Any, tmp_path: Any) -> None:
+    dead = await make_node(lambda n, b: web.Response(status=503, text="down"))
+    good = await make_node(echo)
+    endpoints = [EndpointConfig(dead.url, max_batch=10), EndpointConfig(good.url, max_batch=10)]
+    async with RpcClient(endpoints, settings(tmp_path)) as client:
+        for _ in range(5):
+            results = await client.call_many([Call("echo", [i]) for i in range(50)])
+            assert results == list(range(50))
+        stats = client.stats()
+    assert not stats[dead.url.rstrip("/") + "/"].healthy
+    assert len(dead.requests) <= 6  # set aside after three failures in a row
+
+
+async def test_all_endpoints_down(tmp_path: Any) -> None:
+    urls = [f"http://127.0.0.1:{free_port()}/", f"http://127.0.0.1:{free_port()}/"]
+    async with RpcClient([EndpointConfig(u) for u in urls], settings(tmp_path)) as client:
+        with pytest.raises(RpcError, match="could not reach the RPC node"):
+            await client.call("eth_blockNumber", [])
+
+
+async def test_probe_chain_and_capabilities(make_node: Any, tmp_path: Any) -> None:
+    def node_for(chain_id: int, receipts: bool) -> Callable[[FakeNode, Any], web.Response]:
+        def behave(node: FakeNode, body: Any) -> web.Response:
+            answers = []
+            for c in as_batch(body):
+                if c["method"] == "eth_chainId":
+                    answers.append(ok(c, hex(chain_id)))
+                elif c["method"] == "eth_getBlockReceipts" and not receipts:
+                    answers.append(err(c, -32601, "the method eth_getBlockReceipts does not "
+                                                  "exist/is not available"))
+                else:
+                    answers.append(ok(c, ["receipt"]))
+            return reply(body, answers)
+        return behave
+
+    mainnet = await make_node(node_for(1, True), path=f"/v3/{KEY}")
+    async with RpcClient([EndpointConfig(mainnet.url)], settings(tmp_path),
+                         expected_chain_id=31337) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+    assert str(info.value) == (f"the RPC node at {mainnet.url.replace(KEY, '***')} serves "
+                               "chain 1, expected 31337: check --rpc-url")
+
+    plain = await make_node(node_for(31337, False))
+    rich = await make_node(node_for(31337, True))
+    async with RpcClient([EndpointConfig(plain.url), EndpointConfig(rich.url)],
+                         settings(tmp_path), expected_chain_id=31337) as client:
+        assert await client.probe() == 31337
+        assert await client.probe() == 31337  # once
+        assert client.supports_block_receipts()
+        assert await client.supports("eth_getBlockReceipts", ["latest"])
+        probes = len(plain.requests)
+        results = await client.call_many([Call("eth_getBlockReceipts", [hex(i)])
+                                          for i in range(20)])
+        assert results == [["receipt"]] * 20
+        assert len(plain.requests) == probes  # routed to the endpoint that has it
+        assert client.stats()[plain.url].supports_block_receipts is False

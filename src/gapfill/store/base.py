@@ -364,7 +364,8 @@ class Store(abc.ABC):
     ) -> int:
         """Put failed refs back into the gap (``enrich --retry-failed``)."""
         sql = (
-            "DELETE FROM failures WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) AND (CAST(? AS TEXT) IS NULL OR contract = ?)"
+            "DELETE FROM failures WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
+            "AND (CAST(? AS TEXT) IS NULL OR contract = ?)"
         )
         if permanent_only:
             sql += f" AND reason IN ({_PERMANENT_IN})"

@@ -10,9 +10,9 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 import orjson
@@ -319,6 +319,221 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
         info = extra.get((s.chain_id, s.address))
         if info and info.get("summary"):
             click.echo(f"{s.address}: {info['summary']}")
+
+
+# -- enrich, worker, failures, runs ------------------------------------------------------
+
+
+def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None) -> tuple[int, list[Contract]]:
+    """The contracts to work on, all on one chain (the RPC endpoints' chain)."""
+    targets = resolve_targets(ctx.store(), contract, chain_id)
+    chains = {c.chain_id for c in targets}
+    if len(chains) == 1:
+        return chains.pop(), targets
+    from gapfill.engine.session import fetch_chain_id
+
+    node_chain = fetch_chain_id(ctx.endpoints())
+    on_chain = [c for c in targets if c.chain_id == node_chain]
+    if not on_chain:
+        raise GapfillError(
+            f"no tracked contract is on chain {node_chain}, the RPC node's chain: check --rpc-url"
+        )
+    return node_chain, on_chain
+
+
+def _renderer(quiet: bool) -> Any:
+    from gapfill.cli_progress import LineRenderer, LiveRenderer
+
+    if quiet:
+        from gapfill.engine.events import RunSummary
+
+        lines = LineRenderer()
+        return lambda ev: lines(ev) if isinstance(ev, RunSummary) else None
+    return LiveRenderer() if _is_tty() else LineRenderer()
+
+
+def _run_job(job: Any, quiet: bool) -> None:
+    from gapfill.cli_progress import LiveRenderer, summary_lines
+    from gapfill.engine.run import run_enrich
+
+    render = _renderer(quiet)
+    if isinstance(render, LiveRenderer):
+        with render:
+            summary = run_enrich(job, render)
+        for line in summary_lines(summary):
+            click.echo(line)
+    else:
+        summary = run_enrich(job, render)
+    if summary.permanent_failures:
+        raise SystemExit(3)
+
+
+enrich_options = [
+    click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
+                 help="Worker processes for concurrent mode [default: 75% of cores, 2-8]."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+                 help="Refs per batch (a lease covers one batch)."),
+    click.option("--rpc-batch-size", type=click.IntRange(min=1), default=50, show_default=True,
+                 help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
+    click.option("--batches-in-flight", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="Batches each worker works on at once."),
+    click.option("--lease-timeout", "lease_timeout_s", type=click.FloatRange(min=0.1), default=300.0,
+                 show_default=True, help="Seconds without progress before a batch is taken back."),
+    click.option("--grace-period", "grace_period_s", type=click.FloatRange(min=0), default=30.0,
+                 show_default=True, help="Seconds workers get to finish after Ctrl+C or SIGTERM."),
+    click.option("--plan", "plan_shape", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
+                 show_default=True, help="Force the call plan (the planner chooses by default)."),
+    click.option("--block-plan-min-refs", type=click.IntRange(min=1), default=3, show_default=True,
+                 help="Refs sharing a block from which the block is fetched whole."),
+    click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+                 help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+    click.option("-q", "--quiet", is_flag=True, help="Print only the summary."),
+]  # fmt: skip
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_options(options: list[Any]) -> Callable[[F], F]:
+    def wrap(f: F) -> F:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return wrap
+
+
+def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict[str, Any],
+         plan_new: bool = True) -> Any:  # fmt: skip
+    from gapfill.engine.run import EnrichJob
+    from gapfill.engine.worker import WorkerSettings
+    from gapfill.enrich.fetch import PlanSettings
+
+    return EnrichJob(
+        db_url=ctx.db_url,
+        endpoints=tuple(ctx.endpoints()),
+        targets=tuple((c.chain_id, c.address) for c in targets),
+        chain_id=chain_id,
+        mode=mode,
+        workers=opts["workers"],
+        batch_size=opts["batch_size"],
+        rpc_batch_size=opts["rpc_batch_size"],
+        grace_period_s=opts["grace_period_s"],
+        worker=WorkerSettings(lease_timeout_s=opts["lease_timeout_s"],
+                              batches_in_flight=opts["batches_in_flight"]),
+        plan=PlanSettings(block_plan_min_refs=opts["block_plan_min_refs"], shape=opts["plan_shape"]),
+        plan_new=plan_new,
+        metrics_port=opts["metrics_port"],
+    )  # fmt: skip
+
+
+@cli.command()
+@contract_option
+@chain_option
+@click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
+              show_default=True, help="How to run (auto picks by gap size).")
+@with_options(enrich_options)
+@click.option("--dry-run", is_flag=True,
+              help="Show the missing counts, batches and estimated calls; touch nothing.")
+@click.option("--retry-failed", is_flag=True, help="Put permanently failed refs back into the gap first.")
+@pass_ctx
+def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, dry_run: bool,
+           retry_failed: bool, **opts: Any) -> None:  # fmt: skip
+    """Fill the gap: fetch, decode and store every missing transaction."""
+    chain, targets = _chain_targets(ctx, contract, chain_id)
+    if dry_run:
+        _dry_run(ctx, chain, targets, opts)
+        return
+    if retry_failed:
+        n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
+        click.echo(f"{n} failed ref(s) put back into the gap", err=True)
+    ctx.close()  # workers open their own connections
+    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"])
+
+
+def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]) -> None:
+    from gapfill.engine.dryrun import estimate
+    from gapfill.enrich.fetch import PlanSettings
+
+    eps = resolve_endpoints(ctx.rpc_urls, ctx.rps, None, ctx.file)
+    rps_values = [e.rps for e in eps]
+    rps_total = sum(r for r in rps_values if r) if eps and all(rps_values) else None
+    rows = estimate(ctx.store(), [(c.chain_id, c.address) for c in targets], batch_size=opts["batch_size"],
+                    plan=PlanSettings(block_plan_min_refs=opts["block_plan_min_refs"],
+                                      shape=opts["plan_shape"]),
+                    rps_total=rps_total)  # fmt: skip
+    click.echo("dry run: nothing is fetched or written")
+    for r in rows:
+        when = (f"~{r.estimated_seconds:,.0f}s at {rps_total:g} calls/s" if r.estimated_seconds is not None
+                else "time depends on the node (no --rps set)")  # fmt: skip
+        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {r.batches:,} batches of "
+                   f"{opts['batch_size']}, {r.per_block_refs:,} refs in {r.blocks:,} whole blocks, "
+                   f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
+
+
+@cli.command()
+@with_options(enrich_options)
+@pass_ctx
+def worker(ctx: Ctx, /, **opts: Any) -> None:
+    """Join the open plans of this database (any host) and work until they are done."""
+    contracts = ctx.store().list_contracts()
+    if not contracts:
+        raise GapfillError("no contract is tracked in this database: check --db")
+    chain, targets = _chain_targets(ctx, None, None)
+    ctx.close()
+    _run_job(_job(ctx, chain, targets, "concurrent", opts, plan_new=False), opts["quiet"])
+
+
+@cli.command()
+@contract_option
+@chain_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@pass_ctx
+def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool, limit: int) -> None:
+    """List transactions that could not be enriched, and why."""
+    store = ctx.store()
+    if contract is not None:
+        store.get_contract(contract, chain_id)
+    rows = store.list_failures(chain_id, contract, limit)
+    if as_json:
+        click.echo(orjson.dumps([{"chain_id": f.chain_id, "tx_hash": f.tx_hash, "contract": f.contract,
+                                  "reason": f.reason, "permanent": f.permanent, "attempts": f.attempts,
+                                  "last_error": f.last_error, "at": at}
+                                 for f, at in rows]).decode())  # fmt: skip
+        return
+    if not rows:
+        click.echo("no failures")
+        return
+    for f, at in rows:
+        kind = "permanent" if f.permanent else "transient, still in the gap"
+        click.echo(f"{f.chain_id} {f.tx_hash} {f.reason} ({kind}, {f.attempts} attempt(s), {at}): "
+                   f"{f.last_error}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@pass_ctx
+def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
+    """Show the history of runs."""
+    import datetime as dt
+
+    rows = ctx.store().list_runs(limit)
+    if as_json:
+        click.echo(orjson.dumps([r.__dict__ if hasattr(r, "__dict__") else {
+            k: getattr(r, k) for k in r.__slots__} for r in rows]).decode())  # fmt: skip
+        return
+    if not rows:
+        click.echo("no runs yet")
+        return
+    for r in rows:
+        started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        secs = (r.finished_at - r.started_at) if r.finished_at else None
+        rate = f"{r.processed / secs:,.1f} tx/s" if secs else "-"
+        click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {r.state}: "
+                   f"{r.processed:,} processed, {r.failed:,} failed, {r.rpc_calls:,} calls, "
+                   f"{rate}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

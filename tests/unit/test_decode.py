@@ -558,3 +558,42 @@ def test_never_raises_on_random_data(token: Decoder) -> None:
         rich.decode_log(TOKEN, topics, "0x" + body)
         rich.decode_log(TOKEN, topics, "0x" + body[:-1])  # odd length
     assert token.decode_log(TOKEN, ["0x"], "0x") == (None, None)
+
+
+def test_abi_as_json_text_or_artifact() -> None:
+    input_hex = call("0xa9059cbb", ["address", "uint256"], [BOB, 1])
+    expected = ("0xa9059cbb", "transfer", {"to": BOB, "amount": "1"})
+    assert Decoder({TOKEN: json.dumps(token_abi())}).decode_input(TOKEN, input_hex) == expected  # type: ignore[dict-item]
+    artifact = {"abi": token_abi(), "bytecode": "0x00"}
+    assert Decoder({TOKEN: artifact}).decode_input(TOKEN, input_hex) == expected  # type: ignore[dict-item]
+    assert Decoder({TOKEN: "not json"}).decode_input(TOKEN, input_hex) == ("0xa9059cbb", None, None)  # type: ignore[dict-item]
+
+
+def test_never_raises_on_values_of_the_wrong_type(token: Decoder) -> None:
+    assert token.decode_input(TOKEN, None) == (None, None, None)  # type: ignore[arg-type]
+    assert token.decode_input(123, "0xa9059cbb00") == (None, None, None)  # type: ignore[arg-type]
+    assert token.decode_log(TOKEN, [None], "0x") == (None, None)  # type: ignore[list-item]
+    assert token.decode_log(TOKEN, [TRANSFER_TOPIC, None, None], "0x00") == (None, None)  # type: ignore[list-item]
+    assert token.decode_log(TOKEN, [TRANSFER_TOPIC, word(ALICE), word(BOB)], None) == (None, None)  # type: ignore[arg-type]
+
+
+def test_fixed_point_is_a_plain_decimal_string() -> None:
+    from decimal import Decimal
+
+    abi = [
+        {"type": "function", "name": "rate", "inputs": [{"name": "r", "type": "fixed128x18"}]},
+        {
+            "type": "event",
+            "name": "Rated",
+            "inputs": [{"name": "r", "type": "ufixed", "indexed": True}],
+        },
+    ]
+    decoder = Decoder({TOKEN: abi})
+    selector = function_selector("rate(fixed128x18)")
+    input_hex = call(selector, ["fixed128x18"], [Decimal("-1.25")])
+    assert decoder.decode_input(TOKEN, input_hex) == (selector, "rate", {"r": "-1.25"})
+    topic = "0x" + encode(["ufixed128x18"], [Decimal("1e-18")]).hex()
+    assert decoder.decode_log(TOKEN, [event_topic0("Rated(ufixed128x18)"), topic], "0x") == (
+        "Rated",
+        {"r": "0.000000000000000001"},
+    )

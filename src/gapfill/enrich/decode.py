@@ -217,6 +217,10 @@ def _hex(v: bytes) -> str:
     return "0x" + v.hex()
 
 
+def _plain_decimal(v: Any) -> str:
+    return format(v, "f")  # never exponent notation
+
+
 def _text(v: bytes) -> str:
     return v.decode("utf-8", "replace")
 
@@ -312,7 +316,7 @@ def _elementary(base: str, size: str | None) -> _Type:
         return _Type("function", "bytes24", _hex, _bytes_word(24), True)
     if base in ("fixed", "ufixed"):
         canonical = f"{base}{size or '128x18'}"
-        return _Type(canonical, canonical, str, None, True)
+        return _Type(canonical, canonical, _plain_decimal, None, True)
     raise _AbiError(f"unsupported ABI type {base}{size or ''}")
 
 
@@ -452,7 +456,7 @@ class _Event:
                     out[name] = reader(topic[2:].lower())  # type: ignore[misc]
                 else:
                     out[name] = values[pos]
-        except ValueError:
+        except (ValueError, TypeError, AttributeError):
             return None
         return out
 
@@ -527,6 +531,22 @@ def _builtin_events() -> _EventTable:
     return _compile_abi(BUILTIN_EVENT_ABIS)[1]
 
 
+def _abi_list(address: str, abi: Any) -> list[Mapping[str, Any]]:
+    """An ABI as a list of entries; also accepts JSON text and ``{"abi": [...]}`` artifacts."""
+    if isinstance(abi, str | bytes):
+        try:
+            abi = json.loads(abi)
+        except ValueError:
+            logger.warning("ignoring the ABI of %s: not valid JSON", address)
+            return []
+    if isinstance(abi, Mapping):
+        abi = abi.get("abi")
+    if not isinstance(abi, Sequence) or isinstance(abi, str | bytes):
+        logger.warning("ignoring the ABI of %s: not a list of entries", address)
+        return []
+    return list(abi)
+
+
 # --- the decoder --------------------------------------------------------------
 
 
@@ -547,7 +567,8 @@ class Decoder:
         self._events: dict[str, _EventTable] = {}
         self._builtin = _builtin_events()
         compiled: dict[str, tuple[_FunctionTable, _EventTable]] = {}
-        for address, abi in (abis or {}).items():
+        for address, raw in (abis or {}).items():
+            abi = _abi_list(address, raw)
             try:
                 key = json.dumps(abi, sort_keys=True, default=str)
             except (TypeError, ValueError):
@@ -570,43 +591,49 @@ class Decoder:
         creations included: it is then the start of the init code); the other
         two only when a function of ``to_address``'s ABI matches and decodes.
         """
-        mid = method_id(input_hex)
-        if mid is None or to_address is None:
+        try:
+            mid = method_id(input_hex)
+            if mid is None or to_address is None:
+                return mid, None, None
+            table = self._functions.get(to_address.lower())
+            if table is None:
+                return mid, None, None
+            candidates = table.get(mid)
+            if candidates is None:
+                return mid, None, None
+            body = input_hex[10:].lower()
+            for f in candidates:
+                args = f.decode(body)
+                if args is not None:
+                    return mid, f.name, args
             return mid, None, None
-        table = self._functions.get(to_address.lower())
-        if table is None:
-            return mid, None, None
-        candidates = table.get(mid)
-        if candidates is None:
-            return mid, None, None
-        body = input_hex[10:].lower()
-        for f in candidates:
-            args = f.decode(body)
-            if args is not None:
-                return mid, f.name, args
-        return mid, None, None
+        except (AttributeError, TypeError):  # not even strings: nothing to decode
+            return None, None, None
 
     def decode_log(
         self, address: str, topics: Sequence[str], data: str
     ) -> tuple[str | None, dict[str, Any] | None]:
         """``(event_name, event_args)`` of a log, or ``(None, None)`` when nothing matches."""
-        if not topics:
-            return None, None
-        topic0 = topics[0].lower()
-        n = len(topics)
-        body: str | None = None
-        for table in (self._events.get(address.lower()), self._builtin):
-            if not table:
-                continue
-            candidates = table.get(topic0)
-            if candidates is None:
-                continue
-            for e in candidates:
-                if e.n_topics != n:
+        try:
+            if not topics:
+                return None, None
+            topic0 = topics[0].lower()
+            n = len(topics)
+            body: str | None = None
+            for table in (self._events.get(address.lower()), self._builtin):
+                if not table:
                     continue
-                if body is None:
-                    body = data[2:].lower() if data[:2] in ("0x", "0X") else data.lower()
-                args = e.decode(topics, body)
-                if args is not None:
-                    return e.name, args
-        return None, None
+                candidates = table.get(topic0)
+                if candidates is None:
+                    continue
+                for e in candidates:
+                    if e.n_topics != n:
+                        continue
+                    if body is None:
+                        body = data[2:].lower() if data[:2] in ("0x", "0X") else data.lower()
+                    args = e.decode(topics, body)
+                    if args is not None:
+                        return e.name, args
+            return None, None
+        except (AttributeError, TypeError, IndexError):  # malformed topics or data
+            return None, None

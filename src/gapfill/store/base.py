@@ -659,6 +659,34 @@ class Store(abc.ABC):
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts,
                             "abandoned", now)  # fmt: skip
 
+    def release_owner(self, owner: str, error: str = "worker stopped") -> int:
+        """Give back every lease ``owner`` holds (a worker that crashed or was stopped)."""
+        with self._tx() as cur:
+            now = self._now(cur)
+            cur.execute(
+                self._sql(
+                    "SELECT batch_id, attempts FROM batches WHERE state = 'leased' AND lease_owner = ?"
+                ),
+                (owner,),
+            )
+            held = [(int(b), int(a)) for b, a in cur.fetchall()]
+            for batch_id, attempt in held:
+                cur.execute(
+                    self._sql(
+                        "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
+                        " last_owner = ?, last_error = ? WHERE batch_id = ? AND attempts = ?"
+                    ),
+                    (owner, error, batch_id, attempt),
+                )
+                self._event(cur, batch_id, owner, attempt, "abandoned", now)
+            return len(held)
+
+    def lease_owners(self) -> list[str]:
+        """Owners holding leases now (to find dead local workers)."""
+        with self._read() as cur:
+            cur.execute("SELECT DISTINCT lease_owner FROM batches WHERE state = 'leased'")
+            return [o for (o,) in cur.fetchall() if o]
+
     def expire_leases(self, owner_prefix: str | None = None) -> list[Batch]:
         """Take back leases past their expiry (optionally only local owners')."""
         with self._tx() as cur:

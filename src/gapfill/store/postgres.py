@@ -38,16 +38,22 @@ _MIGRATION_LOCK = 7_263_451_001
 _PLAN_LOCK = 7_263_451_002
 
 
+def _jsonb(value: Any) -> str | None:
+    """JSON text PostgreSQL accepts: JSONB refuses NUL characters, which decoded strings may hold."""
+    text = json_text(value)
+    return None if text is None else text.replace("\\u0000", "\\ufffd")
+
+
 def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
     v = [getattr(t, c) for c in TX_COLUMNS]
     for i in _TX_JSON_IDX:
-        v[i] = json_text(v[i])
+        v[i] = _jsonb(v[i])
     return tuple(v)
 
 
 def _log_tuple(g: LogRow) -> tuple[Any, ...]:
     return (g.chain_id, g.tx_hash, g.log_index, g.block_number, g.address, g.topic0, g.topic1,
-            g.topic2, g.topic3, g.data, g.event_name, json_text(g.event_args))  # fmt: skip
+            g.topic2, g.topic3, g.data, g.event_name, _jsonb(g.event_args))  # fmt: skip
 
 
 def translate(exc: psycopg.Error, url: str) -> StoreError:

@@ -1,0 +1,198 @@
+"""Rendering the engine's progress events: a rich live view on a terminal, log lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from gapfill.engine.events import (
+    BatchAbandoned,
+    BatchAssigned,
+    BatchDone,
+    Event,
+    Notice,
+    Progress,
+    RunStarted,
+    RunSummary,
+    WorkerExited,
+    WorkerStats,
+    key_range,
+)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{seconds:.1f}s"
+
+
+def summary_lines(s: RunSummary) -> list[str]:
+    lines = [
+        f"Run #{s.run_id} {s.state}: mode {s.mode}, {s.workers} worker(s)",
+        f"  processed: {s.processed:,} transactions",
+        f"  failed:    {s.failed:,} ({s.permanent_failures:,} permanent; see `gapfill failures`)",
+        f"  duration:  {fmt_duration(s.seconds)}",
+        f"  rate:      {s.rate_tx_s:,.1f} tx/s",
+        f"  calls:     {s.calls:,} RPC calls, {s.calls_per_tx:.2f} per transaction",
+    ]
+    if s.speedup is not None and s.sequential_rate_tx_s is not None:
+        lines.append(f"  speedup:   {s.speedup:,.1f}x over sequential ({s.sequential_rate_tx_s:,.1f} tx/s, "
+                     f"{s.sequential_rate_source})")  # fmt: skip
+    if s.restarts:
+        lines.append(f"  restarts:  {s.restarts} worker restart(s)")
+    if s.state == "interrupted":
+        lines.append("  interrupted: rerun the same command to continue where it stopped")
+    return lines
+
+
+class LineRenderer:
+    """The seed's log lines, with key ranges where the seed printed offsets."""
+
+    def __init__(self, out: TextIO = sys.stderr, progress_every_s: float = 5.0) -> None:
+        self.out = out
+        self.every = progress_every_s
+        self._last = 0.0
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, RunStarted):
+            join = f", joined {ev.joined} open plan(s)" if ev.joined else ""
+            self.line(f"Run #{ev.run_id}: mode {ev.mode}, {ev.workers} worker(s) on {ev.cores} CPU cores; "
+                      f"planned {ev.batches} batches, {ev.refs:,} refs{join}")  # fmt: skip
+        elif isinstance(ev, BatchAssigned):
+            self.line(f"[Worker-{ev.worker + 1}] Assigned batch {ev.batch_id}: {key_range(ev.lo, ev.hi)}, "
+                      f"{ev.refs} refs" + (f" (attempt {ev.attempt})" if ev.attempt > 1 else ""))  # fmt: skip
+        elif isinstance(ev, BatchDone):
+            if ev.committed:
+                self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} complete: +{ev.succeeded} success, "
+                          f"{ev.failed} failed ({ev.seconds:.1f}s)")  # fmt: skip
+            else:
+                self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id}: lease lost, nothing written")
+        elif isinstance(ev, BatchAbandoned):
+            self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} given back: "
+                      f"{ev.error}")  # fmt: skip
+        elif isinstance(ev, Progress):
+            now = time.monotonic()
+            if now - self._last >= self.every or ev.done_batches == ev.total_batches:
+                self._last = now
+                pct = 100.0 * ev.done_batches / ev.total_batches if ev.total_batches else 100.0
+                self.line(f"Progress: {ev.done_batches}/{ev.total_batches} batches ({pct:.1f}%), "
+                          f"{ev.active_workers} active workers, {ev.rate_tx_s:,.0f} tx/s, "
+                          f"ETA {fmt_duration(ev.eta_s)}")  # fmt: skip
+        elif isinstance(ev, Notice):
+            self.line(ev.text)
+        elif isinstance(ev, WorkerExited):
+            if ev.exitcode not in (0, None) and not ev.restarted:
+                self.line(f"[Worker-{ev.worker + 1}] exited with code {ev.exitcode}")
+        elif isinstance(ev, RunSummary):
+            for ln in summary_lines(ev):
+                self.line(ln)
+
+
+@dataclass
+class _WorkerRow:
+    pid: int = 0
+    processed: int = 0
+    failed: int = 0
+    rate: float = 0.0
+    retries: int = 0
+    limited: int = 0
+    batch: str = "-"
+
+
+@dataclass
+class LiveRenderer:
+    """A rich live view: overall bar, tx/s, ETA, a row per worker, retries and 429s."""
+
+    workers: dict[int, _WorkerRow] = field(default_factory=dict)
+    progress: Progress | None = None
+    started: RunStarted | None = None
+    notices: list[str] = field(default_factory=list)
+    _live: Any = None
+    _t0: float = field(default_factory=time.perf_counter)
+    _single: _WorkerRow = field(default_factory=_WorkerRow)
+
+    def __enter__(self) -> LiveRenderer:
+        from rich.live import Live
+
+        self._live = Live(self._render(), refresh_per_second=4, transient=False)
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.__exit__(None, None, None)
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        p = self.progress
+        parts: list[Any] = []
+        if self.started:
+            s = self.started
+            parts.append(Text(f"Run #{s.run_id} · mode {s.mode} · {s.workers} worker(s) on {s.cores} cores · "
+                              f"{s.batches} batches, {s.refs:,} refs", style="bold"))  # fmt: skip
+        total = p.total_batches if p else (self.started.batches if self.started else 0)
+        done = p.done_batches if p else 0
+        parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))
+        if p:
+            parts.append(Text(f"{done}/{total} batches · {p.processed:,} tx · {p.rate_tx_s:,.0f} tx/s · "
+                              f"ETA {fmt_duration(p.eta_s)} · failed {p.failed:,} · retries {p.retries:,} · "
+                              f"429s {p.rate_limited:,}"))  # fmt: skip
+        t = Table(box=None, pad_edge=False)
+        for col in ("worker", "pid", "batch", "tx", "tx/s", "failed", "retries", "429s"):
+            t.add_column(col, justify="left" if col in ("worker", "batch") else "right")
+        for i, w in sorted(self.workers.items()):
+            t.add_row(f"Worker-{i + 1}", str(w.pid), w.batch, f"{w.processed:,}", f"{w.rate:,.0f}",
+                      str(w.failed), str(w.retries), str(w.limited))  # fmt: skip
+        parts.append(t)
+        for n in self.notices[-4:]:
+            parts.append(Text(n, style="yellow"))
+        return Group(*parts)
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, RunStarted):
+            self.started = ev
+        elif isinstance(ev, WorkerStats):
+            w = self.workers.setdefault(ev.worker, _WorkerRow())
+            w.pid, w.processed, w.failed = ev.pid, ev.processed, ev.failed
+            w.retries, w.limited = ev.retries, ev.rate_limited
+            w.rate = ev.processed / ev.elapsed_s if ev.elapsed_s > 0 else 0.0
+            if not self.progress or len(self.workers) == 1:
+                # In-process modes send no Progress: derive it from the one worker.
+                self._single = w
+        elif isinstance(ev, BatchAssigned):
+            row = self.workers.setdefault(ev.worker, _WorkerRow())
+            row.batch = f"#{ev.batch_id} {key_range(ev.lo, ev.hi)}"
+        elif isinstance(ev, BatchDone) and self.started and self.started.workers == 1:
+            prev = self.progress
+            done = (prev.done_batches if prev else 0) + (1 if ev.committed else 0)
+            elapsed = time.perf_counter() - self._t0
+            processed = (prev.processed if prev else 0) + ev.succeeded
+            failed = (prev.failed if prev else 0) + ev.failed
+            rate = processed / elapsed if elapsed > 0 else 0.0
+            left = self.started.batches - done
+            eta = left * (elapsed / done) if done else None
+            self.progress = Progress(done, self.started.batches, 1, processed, failed, elapsed, rate, eta,
+                                     self._single.retries, self._single.limited)  # fmt: skip
+        elif isinstance(ev, Progress):
+            self.progress = ev
+        elif isinstance(ev, Notice):
+            self.notices.append(ev.text)
+        elif isinstance(ev, RunSummary):
+            return
+        if self._live is not None:
+            self._live.update(self._render())

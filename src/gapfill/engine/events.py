@@ -1,0 +1,140 @@
+"""Progress events: what the engine tells whoever renders it (the CLI's live view or log lines).
+
+Events are plain frozen records so they cross process boundaries (worker
+processes put them on a queue) and carry no rendering logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gapfill.model import UNKNOWN_BLOCK_KEY, RefKey
+
+
+def key_range(lo: RefKey, hi: RefKey) -> str:
+    """``blocks 1200-1288`` (the seed printed offsets here)."""
+
+    def b(k: RefKey) -> str:
+        return "?" if k[0] == UNKNOWN_BLOCK_KEY else str(k[0])
+
+    return f"blocks {b(lo)}-{b(hi)}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    run_id: int
+    mode: str
+    workers: int
+    cores: int
+    batches: int
+    refs: int
+    joined: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAssigned:
+    worker: int
+    batch_id: int
+    lo: RefKey
+    hi: RefKey
+    refs: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDone:
+    worker: int
+    batch_id: int
+    succeeded: int
+    failed: int
+    seconds: float
+    committed: bool  # False: the lease was lost and nothing was written
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAbandoned:
+    worker: int
+    batch_id: int
+    error: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """Cumulative counters of one worker (sent every second or so)."""
+
+    worker: int
+    pid: int
+    processed: int
+    failed: int
+    calls: int
+    retries: int
+    rate_limited: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerExited:
+    worker: int
+    pid: int
+    exitcode: int | None
+    restarted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    done_batches: int
+    total_batches: int
+    active_workers: int
+    processed: int
+    failed: int
+    elapsed_s: float
+    rate_tx_s: float
+    eta_s: float | None
+    retries: int = 0
+    rate_limited: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A line worth telling the user (restarts, expired leases, shutdown steps)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    run_id: int
+    mode: str
+    workers: int
+    processed: int
+    failed: int
+    permanent_failures: int
+    seconds: float
+    rate_tx_s: float
+    calls: int
+    calls_per_tx: float
+    state: str  # done | interrupted | failed
+    sequential_rate_tx_s: float | None = None
+    sequential_rate_source: str = ""
+    restarts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.sequential_rate_tx_s or self.sequential_rate_tx_s <= 0:
+            return None
+        return self.rate_tx_s / self.sequential_rate_tx_s
+
+
+Event = (
+    RunStarted | BatchAssigned | BatchDone | BatchAbandoned | WorkerStats | WorkerExited | Progress
+    | Notice | RunSummary
+)  # fmt: skip
+Emit = Callable[[Event], None]
+
+
+def ignore(_: Event) -> None:
+    """An :data:`Emit` that drops everything."""

@@ -1,0 +1,47 @@
+"""An optional Prometheus endpoint (``--metrics-port``), served from a thread.
+
+The text exposition format is simple enough that a dependency would cost more
+than these few lines.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class MetricsServer:
+    """Serves ``snapshot()`` as Prometheus counters/gauges on 127.0.0.1:``port``."""
+
+    def __init__(self, port: int, snapshot: Callable[[], dict[str, float]], host: str = "127.0.0.1") -> None:
+        get = snapshot
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") not in ("/metrics", ""):
+                    self.send_error(404)
+                    return
+                lines = []
+                for name, value in sorted(get().items()):
+                    kind = "counter" if name.endswith("_total") else "gauge"
+                    lines.append(f"# TYPE {name} {kind}")
+                    lines.append(f"{name} {value}")
+                body = ("\n".join(lines) + "\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="gapfill-metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,558 @@
+"""Runs: plan the gap into batches, then work them in one of the modes.
+
+* ``sequential``: one process, one transaction and one call at a time (the
+  seed's baseline, kept for comparison).
+* ``batch``: one process, JSON-RPC batches, several batches in flight.
+* ``concurrent``: a coordinator and N worker processes that lease batches from
+  the database. The coordinator restarts crashed workers, takes back expired
+  leases (killing a local worker stuck past its lease), and shuts down in
+  steps on SIGINT/SIGTERM: no new leases, a grace period, SIGTERM, SIGKILL.
+* ``auto``: picks by gap size from measurements (see :func:`choose_mode`).
+
+Every mode goes through the same plan and leases, so any run resumes any other:
+the batches table is a plan, the gap is always recomputed from data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from gapfill.engine.events import (
+    BatchDone,
+    Emit,
+    Event,
+    Notice,
+    Progress,
+    RunStarted,
+    RunSummary,
+    WorkerExited,
+    WorkerStats,
+)
+from gapfill.engine.session import make_client
+from gapfill.engine.worker import Worker, WorkerSettings
+from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
+from gapfill.errors import GapfillError, Interrupted
+from gapfill.rpc import RpcClient, RpcSettings
+from gapfill.settings import EndpointSetting
+from gapfill.store import Store, open_store, owner_name
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "sequential", "batch", "concurrent")
+#: Gap size from which ``auto`` runs worker processes instead of one process. Below it,
+#: starting processes costs more than it wins (measured: bench/engine.py, README "Modes").
+AUTO_CONCURRENT_FROM = 2_000
+
+
+def default_workers(cores: int | None = None) -> int:
+    """75% of the cores, clamped to 2-8 (the seed's rule)."""
+    n = cores if cores is not None else (os.cpu_count() or 2)
+    return max(2, min(8, int(n * 0.75)))
+
+
+def choose_mode(gap: int) -> tuple[str, str]:
+    """The mode ``auto`` picks for a gap of ``gap`` refs, and why.
+
+    The seed used sequential below 1,000 refs, batch to 10,000 and concurrent
+    above. Measured here, sequential never wins: batch mode is faster at every
+    size (its only cost is none), so auto never picks it.
+    """
+    if gap < AUTO_CONCURRENT_FROM:
+        return "batch", f"gap of {gap} refs < {AUTO_CONCURRENT_FROM}: one process is fastest"
+    return "concurrent", f"gap of {gap} refs >= {AUTO_CONCURRENT_FROM}: worker processes win"
+
+
+@dataclass(frozen=True, slots=True)
+class EnrichJob:
+    """Everything a run needs, picklable so worker processes receive it whole."""
+
+    db_url: str
+    endpoints: tuple[EndpointSetting, ...]
+    targets: tuple[tuple[int, str], ...]
+    chain_id: int
+    mode: str = "auto"
+    workers: int | None = None
+    batch_size: int = 500
+    rpc_batch_size: int = 50
+    grace_period_s: float = 30.0
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    rpc: RpcSettings = field(default_factory=RpcSettings)
+    plan_new: bool = True  # False for `gapfill worker`: only join open plans
+    measure_sequential: bool = True
+    metrics_port: int | None = None
+
+
+# -- shared pieces ---------------------------------------------------------------------
+
+
+def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> dict[int, Enricher]:
+    contracts = {c.address: c.abi for c in store.list_contracts() if c.chain_id == job.chain_id}
+    metered = any(e.rps is not None for e in job.endpoints)
+    plan = replace(job.plan, calls_metered=metered or job.plan.calls_metered)
+    return {job.chain_id: Enricher(client, job.chain_id, decoder_for(contracts), plan)}
+
+
+def _client(job: EnrichJob, *, sequential: bool = False) -> RpcClient:
+    settings = replace(job.rpc, max_in_flight=1) if sequential else job.rpc
+    return make_client(job.endpoints, rpc_batch_size=job.rpc_batch_size,
+                       expected_chain_id=job.chain_id, settings=settings)  # fmt: skip
+
+
+def _rpc_totals(client: RpcClient) -> tuple[int, int, int]:
+    calls = retries = limited = 0
+    for s in client.stats().values():
+        calls += s.calls
+        retries += s.retries
+        limited += s.rate_limited
+    return calls, retries, limited
+
+
+def gap_size(store: Store, targets: Sequence[tuple[int, str]]) -> int:
+    return sum(store.count_gap(c, a) for c, a in targets)
+
+
+def recorded_sequential_rate(store: Store) -> tuple[float, str] | None:
+    """The rate of the latest finished sequential run, if any."""
+    for r in store.list_runs(200):
+        if r.mode == "sequential" and r.state == "done" and r.finished_at and r.processed >= 10:
+            secs = r.finished_at - r.started_at
+            if secs > 0:
+                return r.processed / secs, f"recorded from sequential run #{r.run_id}"
+    return None
+
+
+async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tuple[float, str] | None:
+    """Enrich the gap's first ``n`` refs one call at a time, for the speedup figure."""
+    refs = []
+    for chain_id, contract in job.targets:
+        for r in store.iter_gap(chain_id, contract, chunk=n):
+            refs.append(r)
+            if len(refs) >= n:
+                break
+        if len(refs) >= n:
+            break
+    if len(refs) < 5:
+        return None
+    async with _client(job, sequential=True) as client:
+        await client.probe()
+        enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
+        t0 = time.perf_counter()
+        enriched = await enricher.enrich_sequential(refs)
+        secs = time.perf_counter() - t0
+    store.write(enriched)  # real rows, idempotent: they simply leave the gap
+    return len(refs) / secs, f"measured on {len(refs)} refs at the start of this run"
+
+
+def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
+    if not job.plan_new:
+        counts = store.batch_counts()
+        return counts.pending + counts.leased, 0, len(job.targets)
+    info = store.plan(run_id, job.targets, job.batch_size)
+    return info.batches, info.refs, info.joined
+
+
+# -- in-process modes ----------------------------------------------------------------------
+
+
+def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:
+    mode = "sequential" if sequential else "batch"
+    store = open_store(job.db_url)
+    try:
+        run_id = store.create_run(mode, 1)
+        batches, refs, joined = _plan(store, job, run_id)
+        emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
+        t0 = time.perf_counter()
+        totals_box: dict[str, Any] = {}
+        state = "done"
+        try:
+            asyncio.run(_in_process(job, store, emit, sequential, totals_box))
+        except KeyboardInterrupt:
+            state = "interrupted"
+        secs = time.perf_counter() - t0
+        w = totals_box.get("totals")
+        processed = w.processed if w else 0
+        failed = w.failed if w else 0
+        permanent = w.permanent if w else 0
+        calls = totals_box.get("calls", 0)
+        store.finish_run(run_id, state, processed, failed, calls)
+        seq = recorded_sequential_rate(store) if not sequential else None
+        summary = RunSummary(
+            run_id, mode, 1, processed, failed, permanent, secs, processed / secs if secs > 0 else 0.0,
+            calls, calls / processed if processed else 0.0, state,
+            seq[0] if seq else None, seq[1] if seq else "",
+        )  # fmt: skip
+        emit(summary)
+        if state == "interrupted":
+            raise Interrupted("interrupted: rerun the same command to continue where it stopped")
+        return summary
+    finally:
+        store.close()
+
+
+async def _in_process(
+    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any]
+) -> None:
+    settings = job.worker
+    if sequential:
+        settings = replace(settings, sequential=True, batches_in_flight=1)
+    async with _client(job, sequential=sequential) as client:
+        await client.probe()
+        enrichers = _decoder_and_enricher(store, client, job)
+        worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
+        box["totals"] = worker.totals
+        try:
+            await worker.run()
+        finally:
+            box["calls"] = _rpc_totals(client)[0]
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+
+def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any) -> None:
+    """Entry point of a worker process (spawned by the coordinator)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
+    logging.basicConfig(level=logging.WARNING)
+
+    def emit(event: Event) -> None:
+        with contextlib.suppress(Exception):
+            events.put_nowait(event)
+
+    try:
+        asyncio.run(_worker_async(index, job, emit, stop))
+    except GapfillError as exc:
+        emit(Notice(f"[Worker-{index + 1}] {exc}"))
+        raise SystemExit(1) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise SystemExit(0) from None
+
+
+async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    # SIGTERM (after the grace period): cancel, which abandons in-flight batches.
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    store = open_store(job.db_url)
+    try:
+        async with _client(job) as client:
+            await client.probe()
+            enrichers = _decoder_and_enricher(store, client, job)
+            worker = Worker(index, owner_name(f"w{index + 1}"), store, client, enrichers,
+                            job.worker, emit, job.targets)  # fmt: skip
+
+            async def watch_stop() -> None:
+                while not stop.is_set():
+                    await asyncio.sleep(0.2)
+                worker.stopping = True
+
+            watcher = asyncio.create_task(watch_stop())
+            try:
+                await worker.run()
+            finally:
+                watcher.cancel()
+    finally:
+        store.close()
+
+
+# -- the coordinator -----------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    index: int
+    proc: BaseProcess
+    started: float
+    restarts: int = 0
+    stats: WorkerStats | None = None
+    base_processed: int = 0
+    base_failed: int = 0
+    base_calls: int = 0
+    base_retries: int = 0
+    base_limited: int = 0
+
+
+class Coordinator:
+    """Spawns and supervises worker processes; aggregates their events."""
+
+    def __init__(self, job: EnrichJob, emit: Emit) -> None:
+        self.job = job
+        self.emit = emit
+        self.workers = job.workers or default_workers()
+        self.ctx = mp.get_context("spawn")
+        self.events: Any = self.ctx.Queue()
+        self.stop = self.ctx.Event()
+        self.slots: dict[int, _Slot] = {}
+        self.stopping_at: float | None = None
+        self.interrupts = 0
+        self.restarts = 0
+        self.host = socket.gethostname()
+        self.done_batches = 0
+        self.metrics: Any = None
+
+    def _spawn(self, index: int) -> BaseProcess:
+        p = self.ctx.Process(target=worker_process_main, args=(index, self.job, self.events, self.stop),
+                             name=f"gapfill-worker-{index + 1}", daemon=True)  # fmt: skip
+        p.start()
+        return p
+
+    def _owner(self, slot: _Slot) -> str:
+        return f"{self.host}:{slot.proc.pid}/w{slot.index + 1}"
+
+    def _on_signal(self, signum: int, _: Any) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.stopping_at = time.monotonic()
+            self.stop.set()
+            self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
+                             "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
+        else:
+            for s in self.slots.values():
+                with contextlib.suppress(Exception):
+                    s.proc.kill()
+            self.stopping_at = -1.0  # at once
+
+    def totals(self) -> tuple[int, int, int, int, int]:
+        processed = failed = calls = retries = limited = 0
+        for s in self.slots.values():
+            processed += s.base_processed
+            failed += s.base_failed
+            calls += s.base_calls
+            retries += s.base_retries
+            limited += s.base_limited
+            if s.stats is not None:
+                processed += s.stats.processed
+                failed += s.stats.failed
+                calls += s.stats.calls
+                retries += s.stats.retries
+                limited += s.stats.rate_limited
+        return processed, failed, calls, retries, limited
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                ev = self.events.get_nowait()
+            except (queue_mod.Empty, EOFError, OSError):
+                return
+            if isinstance(ev, WorkerStats):
+                slot = self.slots.get(ev.worker)
+                if slot is not None and slot.proc.pid == ev.pid:
+                    slot.stats = ev
+            if isinstance(ev, BatchDone) and ev.committed:
+                self.done_batches += 1
+            self.emit(ev)
+
+    def _release_dead_local_owners(self, store: Store) -> None:
+        prefix = f"{self.host}:"
+        for owner in store.lease_owners():
+            if not owner.startswith(prefix):
+                continue
+            try:
+                pid = int(owner[len(prefix):].split("/", 1)[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid):
+                n = store.release_owner(owner, "owner process is gone")
+                if n:
+                    self.emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
+
+    def run(self) -> RunSummary:
+        job = self.job
+        store = open_store(job.db_url)
+        old_int = signal.signal(signal.SIGINT, self._on_signal)
+        old_term = signal.signal(signal.SIGTERM, self._on_signal)
+        t0 = time.perf_counter()
+        run_id = 0
+        state = "done"
+        seq: tuple[float, str] | None = None
+        try:
+            mode = "concurrent" if job.plan_new else "worker"
+            run_id = store.create_run(mode, self.workers)
+            self._release_dead_local_owners(store)
+            if job.plan_new:
+                seq = recorded_sequential_rate(store)
+                if seq is None and job.measure_sequential:
+                    seq = asyncio.run(_measure_sequential(job, store))
+            batches, refs, joined = _plan(store, job, run_id)
+            self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
+            if job.metrics_port is not None:
+                from gapfill.engine.metrics import MetricsServer
+
+                self.metrics = MetricsServer(job.metrics_port, self._metrics_snapshot)
+            counts0 = store.batch_counts()
+            total_batches = counts0.pending + counts0.leased
+            for i in range(self.workers):
+                self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
+            last_progress = last_expiry = 0.0
+            while True:
+                self._drain()
+                now = time.monotonic()
+                alive = [s for s in self.slots.values() if s.proc.is_alive()]
+                for s in list(self.slots.values()):
+                    if s.proc.is_alive() or s.proc.exitcode is None:
+                        continue
+                    if s.proc.exitcode == 0 or self.stopping_at is not None:
+                        continue
+                    self._restart(store, s)
+                if self.stopping_at is not None:
+                    if not alive:
+                        break
+                    waited = now - self.stopping_at if self.stopping_at >= 0 else 1e9
+                    if waited > job.grace_period_s:
+                        for s in alive:
+                            s.proc.terminate()
+                    if waited > job.grace_period_s + 5:
+                        for s in alive:
+                            s.proc.kill()
+                elif not alive:
+                    if store.has_open_batches(job.targets if job.plan_new else None):
+                        # Workers left while work remains (e.g. they could not start): retry once more.
+                        for s in list(self.slots.values()):
+                            self._restart(store, s)
+                    else:
+                        break
+                if now - last_expiry > 1.0:
+                    last_expiry = now
+                    self._supervise_leases(store)
+                if now - last_progress > 1.0:
+                    last_progress = now
+                    counts = store.batch_counts(run_id if job.plan_new else None)
+                    total = max(total_batches, counts.total)
+                    self._progress(counts.done if job.plan_new else self.done_batches, total, len(alive), t0)
+                time.sleep(0.1)
+            self._drain()
+            for s in self.slots.values():
+                s.proc.join(timeout=5)
+                self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False))
+                if s.proc.exitcode not in (0, None):
+                    store.release_owner(self._owner(s), "worker stopped")
+            if self.stopping_at is not None:
+                state = "interrupted"
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+            for s in self.slots.values():
+                if s.proc.is_alive():
+                    s.proc.kill()
+                    s.proc.join(timeout=5)
+            if self.metrics is not None:
+                self.metrics.close()
+            secs = time.perf_counter() - t0
+            processed, failed, calls, _, _ = self.totals()
+            if run_id:
+                with contextlib.suppress(GapfillError):
+                    store.finish_run(run_id, state, processed, failed, calls)
+            permanent = 0
+            with contextlib.suppress(GapfillError):
+                permanent = sum(1 for f, _ in store.list_failures(limit=1_000_000) if f.permanent
+                                and (f.chain_id, f.contract) in set(job.targets))  # fmt: skip
+            store.close()
+            self.events.close()
+        rate = processed / secs if secs > 0 else 0.0
+        summary = RunSummary(
+            run_id, "concurrent" if job.plan_new else "worker", self.workers, processed, failed,
+            permanent, secs, rate, calls, calls / processed if processed else 0.0, state,
+            seq[0] if seq else None, seq[1] if seq else "", self.restarts,
+        )  # fmt: skip
+        self.emit(summary)
+        if state == "interrupted":
+            raise Interrupted("interrupted: rerun the same command to continue where it stopped")
+        return summary
+
+    def _restart(self, store: Store, s: _Slot) -> None:
+        owner = self._owner(s)
+        code = s.proc.exitcode
+        n = store.release_owner(owner, f"worker exited with code {code}")
+        if s.stats is not None and s.stats.pid == s.proc.pid:
+            s.base_processed += s.stats.processed
+            s.base_failed += s.stats.failed
+            s.base_calls += s.stats.calls
+            s.base_retries += s.stats.retries
+            s.base_limited += s.stats.rate_limited
+            s.stats = None
+        if self.restarts >= 10 * self.workers:
+            raise GapfillError(
+                f"workers keep crashing ({self.restarts} restarts): rerun with -v to see why"
+            )
+        self.restarts += 1
+        s.restarts += 1
+        self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True))
+        self.emit(Notice(f"[Worker-{s.index + 1}] exited with code {code}; restarted"
+                         + (f", {n} batch(es) returned to the plan" if n else "")))  # fmt: skip
+        s.proc = self._spawn(s.index)
+        s.started = time.monotonic()
+
+    def _supervise_leases(self, store: Store) -> None:
+        """Take back expired leases; kill a local worker that held one (it is stuck)."""
+        for b in store.expire_leases():
+            self.emit(Notice(f"lease of batch {b.id} held by {b.lease_owner} expired; it goes back "
+                             "to the plan"))  # fmt: skip
+            for s in self.slots.values():
+                if b.lease_owner == self._owner(s) and s.proc.is_alive():
+                    self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))
+                    s.proc.kill()
+
+    def _progress(self, done: int, total: int, active: int, t0: float) -> None:
+        processed, failed, _, retries, limited = self.totals()
+        elapsed = time.perf_counter() - t0
+        rate = processed / elapsed if elapsed > 0 else 0.0
+        remaining = total - done
+        eta = (remaining * (processed / done) / rate) if done and rate > 0 else None
+        self.emit(Progress(done, total, active, processed, failed, elapsed, rate, eta, retries, limited))
+
+    def _metrics_snapshot(self) -> dict[str, float]:
+        processed, failed, calls, retries, limited = self.totals()
+        return {
+            "gapfill_transactions_enriched_total": processed,
+            "gapfill_transactions_failed_total": failed,
+            "gapfill_rpc_calls_total": calls,
+            "gapfill_rpc_retries_total": retries,
+            "gapfill_rpc_rate_limited_total": limited,
+            "gapfill_batches_done_total": self.done_batches,
+            "gapfill_workers_alive": sum(1 for s in self.slots.values() if s.proc.is_alive()),
+            "gapfill_worker_restarts_total": self.restarts,
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
+    """Run ``job`` in its mode (``auto`` picks one); emits events, returns the summary."""
+    mode = job.mode
+    if mode not in MODES:
+        raise GapfillError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "auto":
+        with open_store(job.db_url) as store:
+            gap = gap_size(store, job.targets)
+            open_plan = store.has_open_batches(job.targets)
+        mode, why = choose_mode(gap)
+        if open_plan and mode == "batch":
+            why += " (joining the open plan)"
+        emit(Notice(f"mode auto: {mode} ({why})"))
+    if mode == "concurrent":
+        return Coordinator(replace(job, mode=mode), emit).run()
+    return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential")

@@ -1,0 +1,234 @@
+"""A worker: lease a batch, enrich it, commit rows and ``done`` together, repeat.
+
+One worker is one asyncio loop with one RPC client (one keep-alive HTTP session)
+and one database connection. It keeps ``batches_in_flight`` batches going at
+once, so the node is never idle while the database writes. Store calls are
+blocking and run in a thread, one at a time (a connection is not shared
+between threads).
+
+A lease is renewed only while the worker makes RPC progress: a worker stuck in
+one call stops renewing, its lease expires, and another worker takes the batch.
+A batch that keeps failing is retried (by another worker where one exists) and,
+on its last attempt, split until the failing transactions are isolated and
+recorded in ``failures``; the rest is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, WorkerStats
+from gapfill.enrich.fetch import Enricher
+from gapfill.model import Batch, Enriched, Failure, Ref
+from gapfill.rpc import RpcClient
+from gapfill.store import Store
+from gapfill.store.base import MAX_ATTEMPTS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    lease_timeout_s: float = 300.0
+    batches_in_flight: int = 2
+    sequential: bool = False  # the seed's one-call-at-a-time baseline
+    max_attempts: int = MAX_ATTEMPTS
+    idle_poll_s: float = 0.5
+    stats_every_s: float = 1.0
+    #: Keep polling while other workers hold leases that may still expire and come back.
+    wait_for_others: bool = True
+
+
+@dataclass
+class WorkerTotals:
+    processed: int = 0
+    failed: int = 0
+    permanent: int = 0
+    batches: int = 0
+    lost: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        owner: str,
+        store: Store,
+        client: RpcClient,
+        enrichers: dict[int, Enricher],
+        settings: WorkerSettings,
+        emit: Emit,
+        targets: Sequence[tuple[int, str]] | None = None,
+    ) -> None:
+        self.index = index
+        self.owner = owner
+        self.store = store
+        self.client = client
+        self.enrichers = enrichers
+        self.settings = settings
+        self.emit = emit
+        self.targets = list(targets) if targets else None
+        self.totals = WorkerTotals()
+        self.stopping = False
+        self._db_lock = asyncio.Lock()
+        self._last_stats = 0.0
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._db_lock:
+            return await asyncio.to_thread(fn, *args)
+
+    def _rpc_counters(self) -> tuple[int, int, int, int]:
+        calls = requests = retries = limited = 0
+        for s in self.client.stats().values():
+            calls += s.calls
+            requests += s.requests
+            retries += s.retries
+            limited += s.rate_limited
+        return calls, requests, retries, limited
+
+    def send_stats(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last_stats < self.settings.stats_every_s:
+            return
+        self._last_stats = now
+        calls, _, retries, limited = self._rpc_counters()
+        t = self.totals
+        self.emit(WorkerStats(self.index, os.getpid(), t.processed, t.failed, calls, retries, limited,
+                              now - t.started))  # fmt: skip
+
+    async def run(self) -> WorkerTotals:
+        """Lease and process batches until none is left or :attr:`stopping` is set."""
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not self.stopping:
+                if len(tasks) >= self.settings.batches_in_flight:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    tasks = {t for t in tasks if not t.done()}
+                    continue
+                batch = await self.db(self.store.lease, self.owner, self.settings.lease_timeout_s,
+                                      self.targets)  # fmt: skip
+                if batch is None:
+                    if tasks:
+                        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                        tasks = {t for t in tasks if not t.done()}
+                        continue
+                    if self.settings.wait_for_others and await self.db(
+                        self.store.has_open_batches, self.targets
+                    ):
+                        self.send_stats()
+                        await asyncio.sleep(self.settings.idle_poll_s)
+                        continue
+                    break
+                tasks.add(asyncio.create_task(self._handle(batch)))
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            self.send_stats(force=True)
+        return self.totals
+
+    async def _enrich(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
+        if self.settings.sequential:
+            return await enricher.enrich_sequential(refs)
+        return await enricher.enrich(refs)
+
+    async def _keep_lease(self, batch: Batch, lost: asyncio.Event) -> None:
+        """Renew while RPC makes progress; stop renewing when it stalls."""
+        period = max(self.settings.lease_timeout_s / 3, 0.05)
+        seen = self._rpc_counters()[1]
+        while True:
+            await asyncio.sleep(period)
+            now_requests = self._rpc_counters()[1]
+            if now_requests == seen:
+                log.warning("batch %s made no RPC progress for %.0fs; not renewing its lease",
+                            batch.id, period)  # fmt: skip
+                continue
+            seen = now_requests
+            if not await self.db(self.store.renew, batch, self.settings.lease_timeout_s):
+                lost.set()
+                return
+
+    async def _handle(self, batch: Batch) -> None:
+        t0 = time.perf_counter()
+        lost = asyncio.Event()
+        keeper: asyncio.Task[None] | None = None
+        try:
+            refs = await self.db(self.store.batch_refs, batch)
+            self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
+            enricher = self.enrichers[batch.chain_id]
+            keeper = asyncio.create_task(self._keep_lease(batch, lost))
+            try:
+                if batch.attempts >= self.settings.max_attempts:
+                    enriched = await self._isolate(enricher, refs)
+                else:
+                    enriched = await self._enrich(enricher, refs)
+            finally:
+                keeper.cancel()
+            if lost.is_set():
+                committed = False
+            else:
+                committed = await self.db(self.store.commit_batch, batch, enriched)
+            t = self.totals
+            if committed:
+                t.batches += 1
+                t.processed += len(enriched.txs)
+                t.failed += len(enriched.failures)
+                t.permanent += sum(1 for f in enriched.failures if f.permanent)
+            else:
+                t.lost += 1
+            self.emit(BatchDone(self.index, batch.id, len(enriched.txs), len(enriched.failures),
+                                time.perf_counter() - t0, committed))  # fmt: skip
+            self.send_stats()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon(batch, "worker stopped"))
+            raise
+        except Exception as exc:  # a batch-level failure: give it back for a retry
+            log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
+            await self._abandon(batch, f"{type(exc).__name__}: {exc}")
+
+    async def _abandon(self, batch: Batch, error: str) -> None:
+        try:
+            await self.db(self.store.abandon, batch, error)
+        except Exception as exc:  # the lease will expire instead
+            log.warning("could not give back batch %s: %s", batch.id, exc)
+        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts))
+
+    async def _isolate(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
+        """Last attempt: split until the refs that raise are isolated; store the rest."""
+        out = Enriched()
+
+        async def go(part: Sequence[Ref]) -> None:
+            try:
+                got = await self._enrich(enricher, part)
+            except Exception as exc:
+                if len(part) == 1:
+                    r = part[0]
+                    out.failures.append(Failure(r.chain_id, r.tx_hash, r.contract, "permanent",
+                                                f"isolated after {self.settings.max_attempts} "
+                                                f"attempts: {type(exc).__name__}: {exc}"))  # fmt: skip
+                    return
+                mid = len(part) // 2
+                await go(part[:mid])
+                await go(part[mid:])
+                return
+            out.txs.extend(got.txs)
+            out.logs.extend(got.logs)
+            out.failures.extend(got.failures)
+
+        await go(refs)
+        return out
+
+
+Factory = Callable[[], Awaitable[Worker]]

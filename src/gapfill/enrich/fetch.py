@@ -1,0 +1,318 @@
+"""Plan the RPC calls for a batch of refs, fetch them, and turn the answers into rows.
+
+The cost model counts the calls a provider meters (every item of a JSON-RPC
+batch counts) and, where calls are free (a local node with no rate limit), the
+work the node does to answer them.
+
+Plans, per ref:
+
+* **per block**: where at least ``block_plan_min_refs`` refs share a known block
+  and the endpoint supports ``eth_getBlockReceipts``, fetch
+  ``eth_getBlockByNumber(n, true)`` and ``eth_getBlockReceipts(n)`` once for the
+  block: 2 calls for all of its refs, and the block gives the timestamp.
+* **per transaction**, in two rounds:
+  1. ``eth_getTransactionReceipt``. Its logs carry ``blockTimestamp`` on recent
+     geth, reth and anvil; it also tells the block of refs imported without one.
+  2. ``eth_getTransactionByHash`` for refs whose timestamp is known. For the
+     others (no logs, or an older node), either the block with full
+     transactions, once per block, which gives transaction and timestamp in one
+     call (chosen when calls are metered: at most 2 calls per transaction in
+     every case), or ``eth_getTransactionByHash`` plus one header per block
+     (chosen when calls are free, because a full block makes the node serialise
+     every transaction in it).
+
+Block timestamps are cached per process, so a header is fetched at most once.
+Each ref ends enriched or as a :class:`~gapfill.model.Failure`: ``not_found``
+(still ``null`` after the retries: permanent until ``--retry-failed``),
+``permanent`` (the node rejected the call) or ``rpc_error`` (transient; the ref
+stays in the gap).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gapfill.enrich.decode import Decoder
+from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
+from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow
+from gapfill.rpc import Call, CallError, RpcClient
+
+PlanShape = Literal["auto", "per_tx", "per_block"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    """How the planner chooses; the defaults follow the cost model above."""
+
+    #: Refs sharing one block from which the per-block plan is used (2 calls for the block
+    #: instead of 2 per ref). Configurable because a block of 200 transactions costs the
+    #: node far more to serialise than 3 single transactions.
+    block_plan_min_refs: int = 3
+    #: Force one plan shape (tests and benchmarks); ``auto`` lets the planner choose.
+    shape: PlanShape = "auto"
+    #: Whether calls are metered (some endpoint has an rps limit); the engine sets it.
+    calls_metered: bool = False
+
+
+def _failure(ref: Ref, err: CallError | str, *, reason: str | None = None) -> Failure:
+    if isinstance(err, CallError):
+        kind = {"not_found": "not_found", "permanent": "permanent"}.get(err.kind, "rpc_error")
+        return Failure(ref.chain_id, ref.tx_hash, ref.contract, reason or kind, err.message)
+    return Failure(ref.chain_id, ref.tx_hash, ref.contract, reason or "rpc_error", err)
+
+
+class _Collector:
+    """Rows and failures for one batch; each ref is settled exactly once."""
+
+    def __init__(self) -> None:
+        self.txs: list[TxRow] = []
+        self.logs: list[LogRow] = []
+        self.failures: list[Failure] = []
+        self.done: set[str] = set()
+
+    def row(self, ref: Ref, tx: TxRow, logs: list[LogRow]) -> None:
+        if ref.tx_hash in self.done:
+            return
+        self.done.add(ref.tx_hash)
+        self.txs.append(tx)
+        self.logs.extend(logs)
+
+    def fail(self, failure: Failure) -> None:
+        if failure.tx_hash in self.done:
+            return
+        self.done.add(failure.tx_hash)
+        self.failures.append(failure)
+
+    def result(self) -> Enriched:
+        return Enriched(self.txs, self.logs, self.failures)
+
+
+class Enricher:
+    """Turns refs into rows for one chain. One per worker; it keeps a block-timestamp cache."""
+
+    def __init__(
+        self,
+        client: RpcClient,
+        chain_id: int,
+        decoder: Decoder | None = None,
+        plan: PlanSettings = PlanSettings(),
+        *,
+        timestamp_cache_size: int = 200_000,
+    ) -> None:
+        self.client = client
+        self.chain_id = chain_id
+        self.decoder = decoder
+        self.plan = plan
+        self.calls = 0
+        self._ts: dict[int, int] = {}
+        self._ts_cap = timestamp_cache_size
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _many(self, calls: list[Call]) -> list[Any | CallError]:
+        if not calls:
+            return []
+        self.calls += len(calls)
+        return await self.client.call_many(calls)
+
+    def _remember(self, block_number: int, ts: int) -> None:
+        if len(self._ts) >= self._ts_cap:
+            self._ts.clear()
+        self._ts[block_number] = ts
+
+    def _metered(self) -> bool:
+        return bool(self.plan.calls_metered)
+
+    def _normalise(
+        self, out: _Collector, ref: Ref, tx: Mapping[str, Any], receipt: Mapping[str, Any], ts: int | None
+    ) -> None:
+        try:
+            row, logs = normalise_tx(self.chain_id, tx, receipt, ts, self.decoder)
+        except NormaliseError as exc:
+            # Transaction and receipt disagree (a reorg between the calls, or a lagging
+            # node): transient, the ref stays in the gap for the next attempt.
+            out.fail(_failure(ref, f"inconsistent answers: {exc}"))
+            return
+        if row.block_timestamp is not None:
+            self._remember(row.block_number, row.block_timestamp)
+        out.row(ref, row, logs)
+
+    # -- plans ---------------------------------------------------------------------
+
+    def split(self, refs: Sequence[Ref]) -> tuple[dict[int, list[Ref]], list[Ref]]:
+        """Refs for the per-block plan (by block) and for the per-transaction plan."""
+        shape = self.plan.shape
+        if shape == "per_tx" or not self.client.supports_block_receipts():
+            return {}, list(refs)
+        by_block: dict[int, list[Ref]] = defaultdict(list)
+        per_tx: list[Ref] = []
+        for r in refs:
+            if r.block_number is None:
+                per_tx.append(r)
+            else:
+                by_block[r.block_number].append(r)
+        blocks: dict[int, list[Ref]] = {}
+        for b, rs in by_block.items():
+            if shape == "per_block" or len(rs) >= self.plan.block_plan_min_refs:
+                blocks[b] = rs
+            else:
+                per_tx.extend(rs)
+        return blocks, per_tx
+
+    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        """Enrich ``refs`` with batched calls; the planner picks per block or per transaction."""
+        out = _Collector()
+        blocks, per_tx = self.split(refs)
+        if blocks:
+            per_tx.extend(await self._per_block(blocks, out))
+        if per_tx:
+            await self._per_tx(per_tx, out)
+        return out.result()
+
+    async def _per_block(self, blocks: dict[int, list[Ref]], out: _Collector) -> list[Ref]:
+        numbers = sorted(blocks)
+        calls: list[Call] = []
+        for n in numbers:
+            calls.append(Call("eth_getBlockByNumber", [hex(n), True]))
+            calls.append(Call("eth_getBlockReceipts", [hex(n)]))
+        answers = await self._many(calls)
+        leftovers: list[Ref] = []
+        for i, n in enumerate(numbers):
+            block, receipts = answers[2 * i], answers[2 * i + 1]
+            if not isinstance(block, dict) or not isinstance(receipts, list):
+                # Unknown block, wrong block number in the refs, or no block receipts
+                # after all: the per-transaction plan settles these refs.
+                leftovers.extend(blocks[n])
+                continue
+            ts = int(block["timestamp"], 16)
+            self._remember(n, ts)
+            txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
+            recs = {r["transactionHash"].lower(): r for r in receipts if isinstance(r, dict)}
+            for ref in blocks[n]:
+                tx, rec = txs.get(ref.tx_hash), recs.get(ref.tx_hash)
+                if tx is None or rec is None:
+                    leftovers.append(ref)
+                else:
+                    self._normalise(out, ref, tx, rec, ts)
+        return leftovers
+
+    async def _per_tx(self, refs: Sequence[Ref], out: _Collector) -> None:
+        answers = await self._many(
+            [Call("eth_getTransactionReceipt", [r.tx_hash], null_retry=True) for r in refs]
+        )
+        with_ts: list[tuple[Ref, dict[str, Any], int]] = []
+        without_ts: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
+        for ref, rec in zip(refs, answers, strict=True):
+            if isinstance(rec, CallError):
+                out.fail(_failure(ref, rec))
+                continue
+            if not isinstance(rec, dict) or "blockNumber" not in rec:
+                out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
+                continue
+            block = int(rec["blockNumber"], 16)
+            ts = timestamp_from_receipt(rec)
+            if ts is None:
+                ts = self._ts.get(block)
+            if ts is None:
+                without_ts[block].append((ref, rec))
+            else:
+                with_ts.append((ref, rec, ts))
+
+        calls: list[Call] = [
+            Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _, _ in with_ts
+        ]
+        full_blocks = self._metered()
+        block_numbers = sorted(without_ts)
+        loose: list[tuple[Ref, dict[str, Any]]] = []
+        if full_blocks:
+            calls += [Call("eth_getBlockByNumber", [hex(b), True], null_retry=True) for b in block_numbers]
+        else:
+            loose = [item for b in block_numbers for item in without_ts[b]]
+            calls += [Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _ in loose]
+            calls += [Call("eth_getBlockByNumber", [hex(b), False], null_retry=True) for b in block_numbers]
+        answers = await self._many(calls)
+
+        k = 0
+        for ref, rec, ts in with_ts:
+            tx = answers[k]
+            k += 1
+            if isinstance(tx, CallError):
+                out.fail(_failure(ref, tx))
+            else:
+                self._normalise(out, ref, tx, rec, ts)
+
+        if full_blocks:
+            for b in block_numbers:
+                full: Any = answers[k]
+                k += 1
+                items = without_ts[b]
+                if isinstance(full, CallError):
+                    for ref, _ in items:
+                        out.fail(_failure(ref, full))
+                    continue
+                block_ts = int(full["timestamp"], 16)
+                self._remember(b, block_ts)
+                txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
+                for ref, rec in items:
+                    found = txs.get(ref.tx_hash)
+                    if found is None:
+                        out.fail(_failure(ref, f"block {b} does not hold the transaction (reorg?)"))
+                    else:
+                        self._normalise(out, ref, found, rec, block_ts)
+            return
+
+        loose_txs = answers[k : k + len(loose)]
+        headers = answers[k + len(loose) :]
+        stamps: dict[int, int | CallError] = {}
+        for b, header in zip(block_numbers, headers, strict=True):
+            if isinstance(header, CallError):
+                stamps[b] = header
+            else:
+                header_ts = int(header["timestamp"], 16)
+                stamps[b] = header_ts
+                self._remember(b, header_ts)
+        for (ref, rec), tx in zip(loose, loose_txs, strict=True):
+            stamp = stamps[int(rec["blockNumber"], 16)]
+            if isinstance(tx, CallError):
+                out.fail(_failure(ref, tx))
+            elif isinstance(stamp, CallError):
+                out.fail(_failure(ref, stamp))
+            else:
+                self._normalise(out, ref, tx, rec, stamp)
+
+    # -- the seed's baseline -------------------------------------------------------
+
+    async def enrich_sequential(self, refs: Sequence[Ref]) -> Enriched:
+        """One transaction at a time, one call at a time: the seed's baseline, for comparison."""
+        out = _Collector()
+        for ref in refs:
+            (rec,) = await self._many([Call("eth_getTransactionReceipt", [ref.tx_hash], null_retry=True)])
+            if isinstance(rec, CallError):
+                out.fail(_failure(ref, rec))
+                continue
+            (tx,) = await self._many([Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True)])
+            if isinstance(tx, CallError):
+                out.fail(_failure(ref, tx))
+                continue
+            block = int(rec["blockNumber"], 16)
+            ts = timestamp_from_receipt(rec)
+            if ts is None:
+                ts = self._ts.get(block)
+            if ts is None:
+                (header,) = await self._many(
+                    [Call("eth_getBlockByNumber", [hex(block), False], null_retry=True)]
+                )
+                if isinstance(header, CallError):
+                    out.fail(_failure(ref, header))
+                    continue
+                ts = int(header["timestamp"], 16)
+            self._normalise(out, ref, tx, rec, ts)
+        return out.result()
+
+
+def decoder_for(abis: Mapping[str, Sequence[Mapping[str, Any]] | None]) -> Decoder:
+    """A decoder with each tracked contract's ABI (and the built-in token events)."""
+    return Decoder({a.lower(): abi for a, abi in abis.items() if abi})

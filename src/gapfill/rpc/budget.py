@@ -158,3 +158,39 @@ class SharedBudget:
     def factor(self) -> float:
         with self._locked() as state:
             return state.factor
+
+
+class LearnedBudget:
+    """An in-process bucket for an endpoint without a configured rate that said 429.
+
+    The rate starts at half of what was being sent when the first 429 came, is
+    halved on each further 429 (at most once a second) and grows by 3 % per
+    successful request; it lives only as long as the client.
+    """
+
+    def __init__(self, rps: float) -> None:
+        self.rps = max(rps, 1.0)
+        self.tokens = 0.0
+        self.at = time.monotonic()
+        self.cut_at = self.at
+
+    def _refill(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.rps * 0.5, self.tokens + (now - self.at) * self.rps)
+        self.at = now
+        return now
+
+    def reserve(self, calls: int) -> float:
+        self._refill()
+        self.tokens -= calls
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rps
+
+    def cut(self) -> None:
+        now = self._refill()
+        if now - self.cut_at >= _CUT_INTERVAL_S:
+            self.rps = max(1.0, self.rps * 0.5)
+            self.cut_at = now
+            self.tokens = min(self.tokens, 0.0)
+
+    def grow(self) -> None:
+        self.rps *= 1.03

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from gapfill.redact import redact_url
-from gapfill.rpc.budget import SharedBudget
+from gapfill.rpc.budget import LearnedBudget, SharedBudget
 from gapfill.rpc.config import EndpointConfig, RpcSettings
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,8 @@ GROW_AFTER_SUCCESSES = 50
 #: Notional rate of an endpoint without a configured limit, for spreading load.
 UNLIMITED_NOTIONAL_RPS = 1000.0
 _SET_ASIDE_FIRST_S = 1.0
+#: An endpoint without a configured rate learns one from a 429 only above this rate.
+_LEARN_FROM_RPS = 10.0
 _NAMED_LIMIT = re.compile(r"(?:limit|max(?:imum)?|at most|up to)\D{0,24}?(\d+)", re.IGNORECASE)
 _SET_ASIDE_MAX_S = 30.0
 
@@ -91,6 +93,9 @@ class Endpoint:
         self._gate = asyncio.Condition()
         self._last_cut = 0.0
         self.paused_until = 0.0  # Retry-After for endpoints without a shared budget
+        # Endpoints without a configured rate learn one from their first 429.
+        self.learned: LearnedBudget | None = None
+        self._sent: deque[tuple[float, int]] = deque(maxlen=256)
         # Health: a breaker that sets the endpoint aside, doubling the time.
         self.consecutive_failures = 0
         self.down_until = 0.0
@@ -121,6 +126,8 @@ class Endpoint:
     def capacity_rps(self) -> float:
         if self.config.rps is not None:
             return self.config.rps * self.rate_factor
+        if self.learned is not None:
+            return self.learned.rps
         return UNLIMITED_NOTIONAL_RPS * self.concurrency / max(1, self._settings.max_in_flight)
 
     def load_score(self, calls: int) -> float:
@@ -139,8 +146,15 @@ class Endpoint:
                 await self._gate.wait_for(lambda: self.in_flight < max(1, int(self.concurrency)))
                 self.in_flight += 1
             pause = self.paused_until - time.monotonic()
+            if self.learned is not None:
+                pause = max(pause, self.learned.reserve(calls))
             if pause > 0:
-                await asyncio.sleep(pause)
+                try:
+                    await asyncio.sleep(pause)
+                except asyncio.CancelledError:
+                    await self.release()
+                    raise
+            self._sent.append((time.monotonic(), calls))
             return
         self.in_flight += 1
         wait = self.budget.reserve(calls)
@@ -190,6 +204,8 @@ class Endpoint:
             if self.rate_factor < 1.0:
                 self.budget.on_success()
                 self.rate_factor = self.budget.last_factor
+        elif self.learned is not None:
+            self.learned.grow()
         elif self.concurrency < self._settings.max_in_flight:
             self.concurrency = min(
                 float(self._settings.max_in_flight), self.concurrency + 1.0 / self.concurrency
@@ -214,11 +230,22 @@ class Endpoint:
         if self.budget is not None:
             self.rate_factor = self.budget.on_rate_limited(retry_after_s)
         else:
-            if now - self._last_cut >= 1.0:
-                self.concurrency = max(1.0, self.concurrency / 2)
-                self._last_cut = now
             if retry_after_s:
                 self.paused_until = max(self.paused_until, now + retry_after_s)
+            recent = sum(n for at, n in self._sent if at >= now - 2.0) / 2.0
+            if self.learned is None:
+                if recent < _LEARN_FROM_RPS:
+                    # A trickle was refused: the limit is not ours to learn (shared key,
+                    # a quota); the pause or the items' backoff is enough.
+                    return
+                self.learned = LearnedBudget(recent * 0.5)
+                self._last_cut = now
+                logger.info("RPC endpoint %s rate limits at about %.0f calls/s; "
+                            "sending %.0f calls/s", self.shown, recent, self.learned.rps)
+            elif now - self._last_cut >= 1.0:
+                self.learned.cut()
+                self.concurrency = max(1.0, self.concurrency / 2)
+                self._last_cut = now
         logger.debug(
             "RPC endpoint %s rate limited (retry after %s s); rate factor %.2f, concurrency %.1f",
             self.shown, retry_after_s, self.rate_factor, self.concurrency,

@@ -1,0 +1,216 @@
+"""RpcClient against the provider emulator in front of a real anvil node."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gapfill.errors import RpcError
+from gapfill.rpc import Call, CallError, EndpointConfig, RpcClient, RpcSettings
+from gapfill.testing.anvil import Anvil
+from gapfill.testing.chain import ChainSpec, GeneratedChain, generate
+from gapfill.testing.emulator import EmulatorConfig, ProviderEmulator
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Reference:
+    def __init__(self, url: str, chain: GeneratedChain, calls: list[Call], answers: list[Any]):
+        self.url = url
+        self.chain = chain
+        self.calls = calls
+        self.answers = answers
+
+
+@pytest.fixture(scope="module")
+def reference(anvil_module: Anvil) -> Iterator[Reference]:
+    """A small chain on the module's node, and its answers fetched straight from anvil."""
+    chain = generate(anvil_module.url, ChainSpec(layout="dense", total_txs=80, seed=5, blocks=20))
+    calls = [Call("eth_getTransactionReceipt", [h], null_retry=True) for h in chain.all_txs]
+    calls += [Call("eth_getTransactionByHash", [h]) for h in chain.all_txs[:40]]
+    calls += [Call("eth_getBlockByNumber", [hex(b), False]) for b in range(chain.head + 1)]
+
+    async def fetch() -> list[Any]:
+        async with RpcClient([EndpointConfig(anvil_module.url)]) as client:
+            return await client.call_many(calls)
+
+    answers = asyncio.run(fetch())
+    assert not any(isinstance(a, CallError) or a is None for a in answers)
+    yield Reference(anvil_module.url, chain, calls, answers)
+
+
+def settings(tmp_path: Any, **kw: Any) -> RpcSettings:
+    values: dict[str, Any] = {"attempts": 6, "backoff_base_s": 0.02, "backoff_max_s": 0.2,
+                              "read_timeout_s": 0.5, "budget_dir": str(tmp_path)}
+    values.update(kw)
+    return RpcSettings(**values)
+
+
+FAULTS = {
+    "shuffle": EmulatorConfig(seed=1, shuffle=True),
+    "5xx": EmulatorConfig(seed=2, p_5xx=0.3),
+    "html": EmulatorConfig(seed=3, p_html=0.3),
+    "truncated": EmulatorConfig(seed=4, p_truncated=0.3),
+    "reset": EmulatorConfig(seed=15, p_reset=0.3),
+    "stall": EmulatorConfig(seed=6, p_stall=0.15),
+    "latency": EmulatorConfig(seed=7, latency_s=0.05, latency_jitter_s=0.05),
+    "null_receipts": EmulatorConfig(seed=8, null_receipts=2),
+    "drop_and_duplicate": EmulatorConfig(seed=9, p_drop_item=0.1, p_duplicate_item=0.1),
+    "batch_cap_json": EmulatorConfig(seed=10, max_batch=7),
+    "batch_cap_413": EmulatorConfig(seed=11, max_batch=7, batch_error="413"),
+    "rate_limit_429": EmulatorConfig(seed=12, rps=80, retry_after_s=0.2),
+    "rate_limit_items": EmulatorConfig(seed=13, rps=80, rate_limit_style="items"),
+    "everything": EmulatorConfig(seed=14, shuffle=True, p_5xx=0.05, p_html=0.05,
+                                 p_truncated=0.05, p_reset=0.05, p_stall=0.03, null_receipts=1,
+                                 p_drop_item=0.03, p_duplicate_item=0.03, max_batch=20),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_every_fault_is_survived(reference: Reference, tmp_path: Any, fault: str) -> None:
+    config = FAULTS[fault]
+    async with ProviderEmulator(reference.url, config) as emu:
+        # The client does not know the emulator's limits: it must find them.
+        async with RpcClient([EndpointConfig(emu.url, max_batch=50)], settings(tmp_path),
+                             expected_chain_id=31337) as client:
+            assert await client.probe() == 31337
+            results = await client.call_many(reference.calls)
+            stats = next(iter(client.stats().values()))
+        assert results == reference.answers
+        seen = emu.stats
+    if config.max_batch:
+        assert stats.batch_cap <= config.max_batch
+        assert seen.batches_refused >= 1
+    if config.rps:
+        assert seen.responses_429 >= 1 and stats.rate_limited >= 1
+    injected = sum(seen.faults.values())
+    if fault not in ("shuffle", "latency", "batch_cap_json", "batch_cap_413") and not config.rps:
+        assert injected > 0, seen
+
+
+async def test_permanent_errors_are_not_retried(reference: Reference, tmp_path: Any) -> None:
+    async with ProviderEmulator(reference.url) as emu, \
+            RpcClient([EndpointConfig(emu.url)], settings(tmp_path)) as client:
+        results = await client.call_many([
+            Call("eth_getTransactionByHash", ["0x12"]),
+            Call("eth_noSuchMethod", []),
+            Call("eth_blockNumber", []),
+        ])
+        assert isinstance(results[0], CallError) and results[0].kind == "permanent"
+        assert isinstance(results[1], CallError) and results[1].kind == "permanent"
+        assert isinstance(results[2], str)
+        assert emu.stats.requests == 1 and emu.stats.calls == 3
+        # Remembered as unsupported: not even sent again.
+        with pytest.raises(RpcError, match="no RPC endpoint serves eth_noSuchMethod"):
+            await client.call("eth_noSuchMethod", [])
+        assert emu.stats.requests == 1
+
+
+@pytest.mark.parametrize("hint", [True, False])
+async def test_log_limits_are_permanent_item_errors(
+    reference: Reference, tmp_path: Any, hint: bool
+) -> None:
+    chain = reference.chain
+    config = EmulatorConfig(max_log_range=5, max_log_results=3, log_hint=hint)
+    wide = {"fromBlock": "0x0", "toBlock": hex(chain.head), "address": chain.token}
+    narrow = {"fromBlock": "0x1", "toBlock": "0x5", "address": chain.token}
+    async with ProviderEmulator(reference.url, config) as emu:
+        async with RpcClient([EndpointConfig(emu.url)], settings(tmp_path)) as client:
+            too_wide, too_many = await client.call_many(
+                [Call("eth_getLogs", [wide]), Call("eth_getLogs", [narrow])]
+            )
+        assert emu.stats.requests == 1  # neither is retried
+    assert isinstance(too_wide, CallError) and too_wide.kind == "permanent"
+    assert "exceeds max block range 5" in too_wide.message
+    assert isinstance(too_many, CallError) and too_many.kind == "permanent"
+    assert too_many.code == -32005
+    assert "query returned more than 3 results" in too_many.message
+    assert ("Try with this block range [0x1, " in too_many.message) is hint
+    assert ("Try with this block range [0x0, 0x4]" in too_wide.message) is hint
+
+
+async def test_wrong_chain_is_refused(reference: Reference, tmp_path: Any) -> None:
+    async with RpcClient([EndpointConfig(reference.url)], settings(tmp_path),
+                         expected_chain_id=1) as client:
+        with pytest.raises(RpcError, match="serves chain 31337, expected 1: check --rpc-url"):
+            await client.probe()
+
+
+async def test_shared_budget_keeps_clients_under_the_limit(
+    reference: Reference, tmp_path: Any
+) -> None:
+    """Three clients (as three workers would) share one 150 calls/s budget: no 429."""
+    rps = 150.0
+    config = EmulatorConfig(rps=rps, max_batch=50)
+    calls = [Call("eth_getTransactionByHash", [h]) for h in reference.chain.all_txs[:80]]
+    async with ProviderEmulator(reference.url, config) as emu:
+
+        async def worker() -> list[Any]:
+            async with RpcClient([EndpointConfig(emu.url, rps=rps)], settings(tmp_path)) as c:
+                return await c.call_many(calls)
+
+        started = time.monotonic()
+        outcomes = await asyncio.gather(worker(), worker(), worker())
+        elapsed = time.monotonic() - started
+        assert outcomes[0][:40] == reference.answers[-40 - reference.chain.head - 1:][:40]
+        assert outcomes[0] == outcomes[1] == outcomes[2]
+        assert all(isinstance(tx, dict) for tx in outcomes[0])
+        assert emu.stats.responses_429 == 0
+        assert emu.stats.calls_answered == 240
+    # 240 calls at 150/s with a half-second burst: about 1.1 s; never faster than the budget.
+    assert elapsed >= (240 - rps) / rps
+
+
+async def test_failover_throughput_with_one_dead_endpoint(
+    reference: Reference, tmp_path: Any
+) -> None:
+    rps = 100.0
+    calls = [Call("eth_getTransactionByHash", [h]) for h in reference.chain.all_txs] * 4
+    dead_config = EmulatorConfig(fail_status=503)
+    async with ProviderEmulator(reference.url, dead_config) as dead, \
+            ProviderEmulator(reference.url, EmulatorConfig(rps=rps)) as good:
+        endpoints = [EndpointConfig(dead.url, rps=rps), EndpointConfig(good.url, rps=rps)]
+        async with RpcClient(endpoints, settings(tmp_path)) as client:
+            started = time.monotonic()
+            results = await client.call_many(calls)
+            elapsed = time.monotonic() - started
+            stats = client.stats()
+        assert not any(isinstance(r, CallError) for r in results)
+        assert good.stats.responses_429 == 0
+    achieved = len(calls) / elapsed
+    assert achieved >= 0.8 * rps, (achieved, stats)
+
+
+def test_emulator_runs_as_a_process(reference: Reference) -> None:
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gapfill.testing.emulator", "--upstream", reference.url,
+         "--port", "0", "--rps", "50", "--path", "/v2/abcdefghijklmnopqrstuvwxyz"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v2/abcdefghijklmnopqrstuvwxyz")
+
+        async def one() -> Any:
+            async with RpcClient([EndpointConfig(url, rps=50)]) as client:
+                return await client.call("eth_chainId", [])
+
+        assert asyncio.run(one()) == "0x7a69"
+        base = url.split("/v2/")[0]
+        with urllib.request.urlopen(f"{base}/_emulator/stats", timeout=5) as response:
+            stats = json.loads(response.read())
+        assert stats["calls_answered"] == 1
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert process.returncode == 0

@@ -1,0 +1,119 @@
+"""``gapfill discover``: the thin CLI shell around :func:`gapfill.discover.run.discover`.
+
+Register it on the main group with ``cli.add_command(discover)`` (after ``Ctx``
+and the option helpers exist in :mod:`gapfill.cli`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import click
+
+from gapfill.cli import Ctx, address_arg, chain_option, resolve_targets
+from gapfill.discover.coverage import METHODS, coverage_report
+from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
+from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary
+from gapfill.discover.run import discover as run_discover
+from gapfill.errors import ConfigError
+from gapfill.model import Contract
+from gapfill.store import Store
+
+_pass_ctx = click.make_pass_decorator(Ctx)
+PROGRESS_EVERY_S = 1.0
+
+
+def _methods(values: tuple[str, ...]) -> list[str] | None:
+    out = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    return out or None
+
+
+def _explorer(ctx: Ctx, url: str | None, key: str | None) -> ExplorerConfig | None:
+    url = url or ctx.file.explorer.get("url")
+    key = key or ctx.file.explorer.get("key")
+    if not url:
+        if key:
+            raise ConfigError(f"an explorer key is set but no URL: pass --explorer-url or set {ENV_URL}")
+        return None
+    return ExplorerConfig(str(url), str(key) if key else None)
+
+
+class _Printer:
+    """Plain progress lines on stderr, at most one a second (plus the first and last)."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def __call__(self, p: DiscoverProgress) -> None:
+        now = time.monotonic()
+        if p.event == "chunk" and now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        if p.event == "start":
+            if p.from_block is None:
+                text = "nothing to scan below the safe head"
+            else:
+                text = (f"scanning blocks {p.from_block}-{p.to_block} with {','.join(p.methods)}: "
+                        f"{p.blocks_total} blocks to scan")  # fmt: skip
+        else:
+            pct = 100.0 * p.blocks_done / p.blocks_total if p.blocks_total else 100.0
+            text = (f"{p.blocks_done}/{p.blocks_total} blocks ({pct:.0f}%), {p.refs_found} refs found, "
+                    f"{p.new_refs} new")  # fmt: skip
+        click.echo(f"discover {p.contract}: {text}", err=True)
+
+
+@click.command("discover")
+@click.option("--contract", "contract", callback=address_arg, default=None,
+              help="Contract address (default: every tracked contract).")
+@chain_option
+@click.option("--from-block", type=click.IntRange(min=0), default=None,
+              help="First block [default: the contract's start block, or 0].")
+@click.option("--to-block", type=click.IntRange(min=0), default=None,
+              help="Last block [default and cap: latest - confirmations].")
+@click.option("--confirmations", type=click.IntRange(min=0), default=DEFAULT_CONFIRMATIONS,
+              show_default=True, help="Blocks below the head left alone (reorg safety).")
+@click.option("--method", "methods", multiple=True, metavar="LIST",
+              help=f"Comma-separated methods out of {','.join(METHODS)} [default: trace if the "
+                   "node has it, else explorer if configured, else logs,blocks].")
+@click.option("--explorer-url", envvar=ENV_URL, show_envvar=True, default=None,
+              help="Etherscan-compatible API, e.g. https://api.etherscan.io/v2/api.")
+@click.option("--explorer-key", envvar=ENV_KEY, show_envvar=True, default=None,
+              help="API key for the explorer (never printed).")
+@_pass_ctx
+def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: int | None,
+             to_block: int | None, confirmations: int, methods: tuple[str, ...],
+             explorer_url: str | None, explorer_key: str | None) -> None:  # fmt: skip
+    """Find the transactions of tracked contracts on chain and record refs and coverage.
+
+    Without a range, scans every block not yet complete up to latest - confirmations.
+    """
+    explorer = _explorer(ctx, explorer_url, explorer_key)
+    store = ctx.store()
+    targets = resolve_targets(store, contract, chain_id)
+    chosen = _methods(methods)
+    summaries = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
+                                 explorer))  # fmt: skip
+    for s in summaries:
+        click.echo(s.text)
+        report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
+        click.echo(f"{s.contract}: coverage {report['summary']}")
+
+
+async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
+               from_block: int | None, to_block: int | None, confirmations: int,
+               explorer: ExplorerConfig | None) -> list[DiscoverSummary]:  # fmt: skip
+    from gapfill.engine.session import make_client
+
+    out: list[DiscoverSummary] = []
+    by_chain: dict[int, list[Contract]] = {}
+    for c in targets:
+        by_chain.setdefault(c.chain_id, []).append(c)
+    for chain_id, contracts in by_chain.items():
+        async with make_client(ctx.endpoints(), expected_chain_id=chain_id) as client:
+            for c in contracts:
+                out.append(await run_discover(
+                    store, client, c, methods=methods, from_block=from_block, to_block=to_block,
+                    confirmations=confirmations, explorer=explorer, on_progress=_Printer(),
+                ))  # fmt: skip
+    return out

@@ -1,0 +1,328 @@
+"""Explorer scan: an Etherscan-compatible API (Etherscan v2, Blockscout, Routescan).
+
+Reads ``module=account&action=txlist`` (transactions sent to the contract,
+reverted ones flagged ``isError``) and ``action=txlistinternal`` (calls that
+reached it from another contract) for the contract, so its coverage is
+*complete*. The documented limits are handled here:
+
+* ``page × offset`` may not pass 10,000 ("Result window is too large"): after the
+  last page of a window the walk starts again at the last block seen
+  (``startblock``), and the rows of that block already read are dropped;
+* the free key allows 5 calls per second: requests are spaced by ``rps``, and a
+  "Max rate limit reached" answer (or HTTP 429) means wait and ask again, not fail;
+* the envelope ``{"status": "0", "message": "NOTOK", "result": "..."}`` is an
+  error, except ``"No transactions found"`` (status 0 with an empty result), which
+  is an empty page.
+
+The API key travels as the ``apikey`` query parameter and is never printed: every
+message goes through :func:`gapfill.redact.redact_text`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gapfill.errors import ConfigError, GapfillError
+from gapfill.model import Ref
+from gapfill.redact import MASK, redact_text, redact_url
+
+logger = logging.getLogger(__name__)
+
+METHOD = "explorer"
+ENV_URL = "GAPFILL_EXPLORER_URL"
+ENV_KEY = "GAPFILL_EXPLORER_KEY"
+ACTIONS = ("txlist", "txlistinternal")
+
+_RATE_LIMIT = re.compile(r"rate limit|max calls per sec|too many requests|slow down", re.IGNORECASE)
+_WINDOW = re.compile(r"result window is too large|page\s*no?\s*x\s*offset", re.IGNORECASE)
+_BAD_KEY = re.compile(r"api.?key", re.IGNORECASE)
+
+
+class ExplorerError(GapfillError):
+    """The explorer API refused or failed a request that waiting would not fix."""
+
+
+class _RateLimited(Exception):
+    pass
+
+
+class _WindowTooLarge(Exception):
+    pass
+
+
+class _Transient(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ExplorerConfig:
+    """Where the explorer API is and what it allows (defaults: Etherscan's free tier)."""
+
+    url: str
+    key: str | None = None
+    rps: float = 5.0
+    #: Rows per page (``offset``); at most ``max_window``.
+    page_size: int = 1_000
+    #: ``page × offset`` may not pass this (Etherscan: 10,000).
+    max_window: int = 10_000
+    #: First wait after "Max rate limit reached" (doubling up to 10 s); the limit is per second.
+    rate_limit_backoff_s: float = 1.0
+    #: Give up after being rate limited for this long in a row.
+    max_rate_limit_wait_s: float = 300.0
+    timeout_s: float = 30.0
+    attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"explorer URL {redact_url(self.url)!r} is not an http(s) URL; "
+                f"check --explorer-url or {ENV_URL}"
+            )
+        if self.rps <= 0 or self.page_size < 1 or self.max_window < self.page_size:
+            raise ConfigError("explorer rps must be positive and page_size between 1 and max_window")
+
+    def __repr__(self) -> str:  # the key must not leak through a repr in a log line
+        return f"ExplorerConfig(url={redact_url(self.url)!r}, key={'***' if self.key else None})"
+
+
+class ExplorerClient:
+    """One aiohttp session against one explorer API; use as ``async with``."""
+
+    def __init__(self, config: ExplorerConfig, chain_id: int) -> None:
+        self.config = config
+        self.chain_id = chain_id
+        self.requests = 0
+        self.rate_limited = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._gate = asyncio.Lock()
+        self._next_at = 0.0
+
+    async def __aenter__(self) -> ExplorerClient:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            headers={"Accept": "application/json"},
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def shown(self) -> str:
+        return redact_url(self.config.url)
+
+    def _scrub(self, text: str) -> str:
+        text = redact_text(text, self.config.url)
+        if self.config.key:
+            text = text.replace(self.config.key, MASK)
+        return text
+
+    # -- one request -------------------------------------------------------------------
+
+    async def _throttle(self) -> None:
+        async with self._gate:
+            now = time.monotonic()
+            wait = self._next_at - now
+            self._next_at = max(now, self._next_at) + 1.0 / self.config.rps
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _once(self, params: dict[str, str]) -> Any:
+        assert self._session is not None, "use ExplorerClient as an async context manager"
+        await self._throttle()
+        self.requests += 1
+        try:
+            async with self._session.get(self.config.url, params=params) as response:
+                body = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+        text = body[:300].decode("utf-8", errors="replace")
+        if status == 429 or (status != 200 and _RATE_LIMIT.search(text)):
+            raise _RateLimited(text)
+        if status >= 500:
+            raise _Transient(f"HTTP {status}")
+        if status != 200:
+            raise ExplorerError(
+                self._scrub(f"the explorer at {self.shown} answered HTTP {status}: {text.strip()}")
+            )
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _Transient("the reply is not JSON") from None
+        if not isinstance(data, dict):
+            raise _Transient("the reply is not an explorer envelope")
+        return self._unwrap(data)
+
+    def _unwrap(self, data: dict[str, Any]) -> Any:
+        if "jsonrpc" in data:  # module=proxy answers in JSON-RPC form
+            if data.get("error") is not None or "result" not in data:
+                raise ExplorerError(self._scrub(f"the explorer at {self.shown} answered {data.get('error')}"))
+            return data["result"]
+        status = str(data.get("status", ""))
+        message = str(data.get("message", ""))
+        result = data.get("result")
+        if status == "1":
+            return result
+        if isinstance(result, list) and not result and message.lower().startswith("no "):
+            return []  # "No transactions found": an empty page, not an error
+        detail = result if isinstance(result, str) else message
+        if _RATE_LIMIT.search(detail) or _RATE_LIMIT.search(message):
+            raise _RateLimited(detail)
+        if _WINDOW.search(detail):
+            raise _WindowTooLarge(detail)
+        if _BAD_KEY.search(detail):
+            raise ExplorerError(
+                self._scrub(
+                    f"the explorer at {self.shown} refused the API key ({detail}): "
+                    f"check --explorer-key or {ENV_KEY}"
+                )
+            )
+        raise ExplorerError(self._scrub(f"the explorer at {self.shown} answered {message}: {detail}"))
+
+    async def request(self, params: dict[str, str]) -> Any:
+        """The ``result`` of one API call; waits out rate limits, retries transient failures."""
+        full = {**params, "chainid": str(self.chain_id)}
+        if self.config.key:
+            full["apikey"] = self.config.key
+        waited = 0.0
+        backoff = self.config.rate_limit_backoff_s
+        failures = 0
+        while True:
+            try:
+                return await self._once(full)
+            except _RateLimited as exc:
+                self.rate_limited += 1
+                if waited >= self.config.max_rate_limit_wait_s:
+                    raise ExplorerError(self._scrub(
+                        f"the explorer at {self.shown} kept rate limiting for {waited:.0f} s "
+                        f"({exc}); lower the rate or use a paid key"
+                    )) from None  # fmt: skip
+                logger.debug("explorer rate limited; waiting %.1f s", backoff)
+                await asyncio.sleep(backoff)
+                waited += backoff
+                backoff = min(backoff * 2, 10.0)
+            except _Transient as exc:
+                failures += 1
+                if failures >= self.config.attempts:
+                    raise ExplorerError(self._scrub(
+                        f"the explorer at {self.shown} failed {failures} times: {exc}; "
+                        f"check --explorer-url or {ENV_URL}"
+                    )) from None  # fmt: skip
+                await asyncio.sleep(0.5 * 2 ** (failures - 1))
+
+    async def head(self) -> int | None:
+        """The explorer's latest indexed block, if it tells (``module=proxy``); else None."""
+        try:
+            result = await self.request({"module": "proxy", "action": "eth_blockNumber"})
+            return int(str(result), 16)
+        except (ExplorerError, ValueError) as exc:
+            logger.debug("explorer head unknown: %s", exc)
+            return None
+
+    # -- walking a list ----------------------------------------------------------------
+
+    async def walk(
+        self, action: str, address: str, lo: int, hi: int
+    ) -> AsyncIterator[tuple[list[tuple[str, int]], int]]:
+        """Pages of ``action`` over ``[lo, hi]`` as ``([(tx_hash, block)], done_through_block)``.
+
+        Pages go forward by ``page`` until the next would pass the result window,
+        then start again at the last block seen.
+        """
+        offset = self.config.page_size
+        window = self.config.max_window
+        start, page = lo, 1
+        last: int | None = None  # highest block read so far
+        seen: set[str] = set()  # hashes of block ``last`` already yielded
+        while True:
+            if page > 1 and page * offset > window:
+                if last is None or last <= start:
+                    raise ExplorerError(
+                        f"{address} has more than {window} {action} rows in block {start}: "
+                        "the explorer cannot page past them; scan that range with "
+                        "--method blocks or trace"
+                    )
+                start, page = last, 1
+            params = {"module": "account", "action": action, "address": address,
+                      "startblock": str(start), "endblock": str(hi), "page": str(page),
+                      "offset": str(offset), "sort": "asc"}  # fmt: skip
+            try:
+                rows = await self.request(params)
+            except _WindowTooLarge:
+                if page == 1:
+                    if offset == 1:
+                        raise ExplorerError("the explorer refuses even one row per page") from None
+                    offset = max(1, offset // 2)
+                else:
+                    window = (page - 1) * offset  # smaller than documented: start again at `last`
+                    page = window // offset + 1
+                continue
+            if not isinstance(rows, list):
+                raise ExplorerError(f"the explorer answered {action} with {str(rows)[:80]!r}")
+            out: list[tuple[str, int]] = []
+            for row in rows:
+                block = int(row["blockNumber"])
+                tx_hash = str(row["hash"]).lower()
+                if last is None or block > last:
+                    last, seen = block, set()
+                if tx_hash in seen:
+                    continue
+                seen.add(tx_hash)
+                if lo <= block <= hi:
+                    out.append((tx_hash, block))
+            if len(rows) < offset:
+                yield out, hi
+                return
+            assert last is not None
+            yield out, max(lo - 1, last - 1)
+            page += 1
+
+
+async def walk_explorer(
+    explorer: ExplorerClient, chain_id: int, contract: str, lo: int, hi: int
+) -> AsyncIterator[tuple[list[Ref], int]]:
+    """Both lists of ``contract`` over ``[lo, hi]`` in lockstep, as ``(refs, done_through_block)``.
+
+    A block is done once both ``txlist`` and ``txlistinternal`` have passed it; the
+    last pair has ``done_through_block == hi``.
+    """
+    walkers = {a: explorer.walk(a, contract, lo, hi) for a in ACTIONS}
+    through = dict.fromkeys(ACTIONS, lo - 1)
+    active = set(ACTIONS)
+    done_to = lo - 1
+    refs: dict[str, Ref] = {}
+    while active:
+        action = min(active, key=lambda a: (through[a], a))
+        try:
+            rows, reached = await anext(walkers[action])
+        except StopAsyncIteration:
+            active.discard(action)
+            through[action] = hi
+            continue
+        through[action] = reached
+        for tx_hash, block in rows:
+            refs.setdefault(tx_hash, Ref(chain_id, contract, tx_hash, block, METHOD))
+        now = min(through.values())
+        if now > done_to:
+            yield list(refs.values()), now
+            refs, done_to = {}, now
+    if refs or done_to < hi:
+        yield list(refs.values()), hi

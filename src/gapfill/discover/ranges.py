@@ -1,0 +1,155 @@
+"""Range queries a node may refuse: split on refusal, grow back after successes.
+
+``eth_getLogs`` and ``trace_filter`` take a block range, and providers cap it:
+by span ("exceeds max block range 2000"), by result count ("query returned more
+than 10000 results"), or by response size. :func:`scan_ranges` sends windows of
+an :class:`AdaptiveWindow`'s current width through ``call_many`` (several in
+flight at once) and, when a window is refused:
+
+1. uses the provider's hint when it gives one ("Try with this block range
+   [0x10, 0x3f]", geth/Alchemy/Infura style) and it starts where the window did;
+2. else uses a stated cap ("max block range 2000", "up to a 2K block range");
+3. else halves the window.
+
+After ``grow_after`` successes in a row at full width, the width doubles again
+(up to ``max_blocks``), because result-count limits depend on how busy a stretch
+of the chain is, not on a fixed span.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gapfill.errors import RpcError
+from gapfill.rpc import Call, CallError, RpcClient
+
+logger = logging.getLogger(__name__)
+
+Interval = tuple[int, int]
+
+_NUM = r"(0x[0-9a-fA-F]+|\d+)"
+_HINT = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*\]")
+_CAP = re.compile(
+    r"(?:max(?:imum)?|up to an?|limit(?:ed)? (?:of|to)?|at most)\s*(?:block\s*range|range)?"
+    r"\s*(?:of|is|:)?\s*(\d+)\s*([kK])?\s*(?:-?\s*block)?",
+    re.IGNORECASE,
+)
+_TIMEOUT = re.compile(r"time.?out|timed out|no response within", re.IGNORECASE)
+
+
+def _int(text: str) -> int:
+    return int(text, 16) if text.lower().startswith("0x") else int(text)
+
+
+def parse_hint(message: str, lo: int, hi: int) -> Interval | None:
+    """A suggested sub-range ``[lo, y]`` of ``[lo, hi]`` in a refusal message, if usable."""
+    for match in _HINT.finditer(message):
+        x, y = _int(match.group(1)), _int(match.group(2))
+        if x == lo and lo <= y < hi:
+            return (x, y)
+    return None
+
+
+def parse_cap(message: str) -> int | None:
+    """A block-span cap stated in a refusal message ("max block range 2000", "2K block range")."""
+    if "range" not in message.lower():
+        return None
+    match = _CAP.search(message)
+    if match is None:
+        return None
+    n = int(match.group(1)) * (1000 if match.group(2) else 1)
+    return n if n >= 1 else None
+
+
+@dataclass(slots=True)
+class AdaptiveWindow:
+    """The block span to ask for next; shared by every range of one scan."""
+
+    blocks: int = 2_000
+    min_blocks: int = 1
+    max_blocks: int = 100_000
+    grow_after: int = 3
+    refusals: int = 0
+    _streak: int = 0
+
+    def refused(self, new_width: int) -> None:
+        self.refusals += 1
+        self._streak = 0
+        self.blocks = max(self.min_blocks, min(self.blocks, new_width))
+
+    def succeeded(self, span: int) -> None:
+        if span < self.blocks:
+            return  # a short tail says nothing about whether wider windows would pass
+        self._streak += 1
+        if self._streak >= self.grow_after and self.blocks < self.max_blocks:
+            self.blocks = min(self.max_blocks, self.blocks * 2)
+            self._streak = 0
+
+
+def split_refused(lo: int, hi: int, message: str) -> tuple[list[Interval], int]:
+    """How to cut a refused ``[lo, hi]``: the pieces, and the width to use from now on."""
+    span = hi - lo + 1
+    hint = parse_hint(message, lo, hi)
+    if hint is not None:
+        return [hint, (hint[1] + 1, hi)], hint[1] - hint[0] + 1
+    cap = parse_cap(message)
+    if cap is not None and cap < span:
+        return [(lo, lo + cap - 1), (lo + cap, hi)], cap
+    half = span // 2
+    return [(lo, lo + half - 1), (lo + half, hi)], half
+
+
+def _refusal(error: CallError) -> bool:
+    """Whether a failed range query is worth splitting (the node said no to the range)."""
+    return error.kind == "permanent" or bool(_TIMEOUT.search(error.message))
+
+
+async def scan_ranges(
+    client: RpcClient,
+    ranges: list[Interval],
+    make_call: Callable[[int, int], Call],
+    window: AdaptiveWindow,
+    *,
+    parallel: int = 8,
+    counter: list[int] | None = None,
+) -> list[tuple[Interval, Any]]:
+    """Answers for windows that together cover ``ranges`` exactly, in no particular order.
+
+    Raises :class:`gapfill.errors.RpcError` when even one block is refused, or a
+    failure is not a refusal (the node is down, every retry failed).
+    """
+    pending: deque[Interval] = deque(ranges)
+    done: list[tuple[Interval, Any]] = []
+    while pending:
+        batch: list[Interval] = []
+        while pending and len(batch) < parallel:
+            lo, hi = pending.popleft()
+            width = window.blocks
+            if hi - lo + 1 > width:
+                pending.appendleft((lo + width, hi))
+                hi = lo + width - 1
+            batch.append((lo, hi))
+        calls = [make_call(lo, hi) for lo, hi in batch]
+        if counter is not None:
+            counter[0] += len(calls)
+        outs = await client.call_many(calls)
+        retry: list[Interval] = []
+        for (lo, hi), call, out in zip(batch, calls, outs, strict=True):
+            if not isinstance(out, CallError):
+                window.succeeded(hi - lo + 1)
+                done.append(((lo, hi), out))
+                continue
+            if lo == hi or not _refusal(out):
+                raise RpcError(f"{call.method} failed for blocks {lo}-{hi}: {out.message}")
+            pieces, width = split_refused(lo, hi, out.message)
+            logger.debug("%s refused blocks %d-%d (%s); now %d blocks", call.method, lo, hi,
+                         out.message, width)  # fmt: skip
+            window.refused(width)
+            retry.extend(pieces)
+        pending.extendleft(reversed(retry))
+    return done

@@ -1,0 +1,452 @@
+"""``discover``: fill a contract's ``refs`` and ``coverage`` from the chain.
+
+Methods, and what each one sees
+-------------------------------
+
+========  ===============================================  ==========  ====================
+method    finds                                            coverage    cost
+========  ===============================================  ==========  ====================
+logs      txs in which the contract emitted an event       partial     1 call per window
+blocks    txs sent straight to it (reverted, silent too)   complete    1 call per block
+trace     direct *and* internal calls (``trace_filter``    complete    1 call per window
+          or Otterscan ``ots_searchTransactionsAfter``)                (or per page)
+explorer  ``txlist`` + ``txlistinternal`` of an            complete    2+ requests per
+          Etherscan-compatible API                                     10,000 rows
+========  ===============================================  ==========  ====================
+
+Choosing methods (``--method``; the default)
+--------------------------------------------
+
+Without ``--method``, discover uses the cheapest set that sees every
+transaction sent to the contract:
+
+1. ``trace``, if the node serves ``trace_filter`` or ``ots_searchTransactionsAfter``
+   (probed once);
+2. otherwise ``explorer``, if an explorer URL is configured
+   (``--explorer-url`` / ``GAPFILL_EXPLORER_URL``);
+3. otherwise ``logs`` + ``blocks``: the block scan sees every direct call, and the
+   log scan adds the internal calls in which the contract emitted an event.
+
+Coverage and resuming
+---------------------
+
+A block range is *complete* for a contract once ``blocks``, ``trace`` or
+``explorer`` has scanned it; a range only ``logs`` scanned is *partial*. Without
+``--from-block``/``--to-block`` discover scans from the contract's start block (or
+0) to ``latest - confirmations`` (default 12; nothing above is ever recorded as
+covered), skipping what is already done:
+
+* with the default method set, every range that is already complete is skipped,
+  and each method also skips what it scanned itself before;
+* with an explicit ``--method``, each method skips only what it, or a method that
+  sees at least as much, has scanned (so ``--method trace`` over a range a block
+  scan completed looks again, for internal calls).
+
+Refs and coverage are committed together (``Store.add_refs_and_coverage``) per
+completed chunk, so an interrupted run loses only the chunks in flight, and a
+rerun scans only what is still missing.
+
+Concurrency
+-----------
+
+Discovery has its own machinery, separate from the enrich engine's batches and
+leases: one process, ``concurrency`` chunks in flight at once (asyncio tasks),
+each sending its calls through :meth:`RpcClient.call_many` (which batches them and
+spends the endpoints' rate budget). The cursor-style methods (explorer, Otterscan
+search) walk forward on their own task, committing per page. Progress goes to an
+``on_progress`` callback, one :class:`DiscoverProgress` per commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from gapfill.discover.blocks import scan_blocks
+from gapfill.discover.coverage import (
+    COMPLETE_METHODS,
+    DOMINATED_BY,
+    METHODS,
+    Interval,
+    chunks,
+    complete_ranges,
+    covered_by,
+    intersect,
+    merge,
+    size,
+    subtract,
+)
+from gapfill.discover.explorer import ExplorerClient, ExplorerConfig, walk_explorer
+from gapfill.discover.logs import scan_logs
+from gapfill.discover.ranges import AdaptiveWindow
+from gapfill.discover.trace import BACKENDS, TRACE_FILTER, scan_trace_filter, trace_backend, walk_ots
+from gapfill.errors import ConfigError, RpcError
+from gapfill.model import Contract, CoverageRange, Ref
+from gapfill.rpc import RpcClient
+from gapfill.store import Store
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIRMATIONS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverSettings:
+    """Knobs of the discovery machinery (the defaults suit public providers)."""
+
+    #: Chunks (commit units) in flight at once.
+    concurrency: int = 4
+    #: Chunk width when a block scan runs (one call per block: keep commits frequent).
+    block_chunk_blocks: int = 50
+    #: Chunk width for window methods alone (logs, trace_filter).
+    range_chunk_blocks: int = 20_000
+    #: First ``eth_getLogs`` / ``trace_filter`` window, and the most it grows to.
+    initial_window_blocks: int = 2_000
+    max_window_blocks: int = 100_000
+    #: Page size asked of ``ots_searchTransactionsAfter`` (a soft limit: whole blocks).
+    ots_page_size: int = 500
+    #: Trace backends to use, in order of preference (the first the node serves wins).
+    trace_backends: tuple[str, ...] = BACKENDS
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.block_chunk_blocks < 1 or self.range_chunk_blocks < 1:
+            raise ConfigError("discovery concurrency and chunk sizes must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverProgress:
+    """One event: ``start`` (the plan), ``chunk`` (a commit), or ``done``."""
+
+    event: str
+    chain_id: int
+    contract: str
+    methods: tuple[str, ...]
+    #: The range just committed (``chunk``), or the whole target (``start``/``done``).
+    from_block: int | None
+    to_block: int | None
+    #: Blocks scanned so far / to scan, summed over methods.
+    blocks_done: int
+    blocks_total: int
+    refs_found: int
+    new_refs: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverSummary:
+    """What one ``discover`` call did."""
+
+    chain_id: int
+    contract: str
+    methods: tuple[str, ...]
+    #: ``latest - confirmations`` when discovery started; nothing above was covered.
+    safe_head: int
+    #: The target range (None when there was nothing to scan).
+    from_block: int | None
+    to_block: int | None
+    blocks_scanned: dict[str, int] = field(default_factory=dict)
+    refs_found: dict[str, int] = field(default_factory=dict)
+    new_refs: int = 0
+    chunks: int = 0
+    rpc_calls: int = 0
+    explorer_requests: int = 0
+    trace_backend: str | None = None
+
+    @property
+    def text(self) -> str:
+        scanned = ", ".join(f"{m} {self.blocks_scanned.get(m, 0)} blocks/"
+                            f"{self.refs_found.get(m, 0)} refs" for m in self.methods)  # fmt: skip
+        where = "nothing to scan" if self.from_block is None else f"blocks {self.from_block}-{self.to_block}"
+        return (f"{self.contract}: {where}; {scanned or 'no method ran'}; {self.new_refs} new refs; "
+                f"{self.rpc_calls} RPC calls, {self.explorer_requests} explorer requests")  # fmt: skip
+
+
+async def choose_methods(
+    client: RpcClient,
+    contract: str,
+    explorer: ExplorerConfig | None,
+    trace_backends: tuple[str, ...] = BACKENDS,
+) -> tuple[str, ...]:
+    """The default method set (see the module docstring): trace, else explorer, else logs + blocks."""
+    if await trace_backend(client, contract, trace_backends) is not None:
+        return ("trace",)
+    if explorer is not None:
+        return ("explorer",)
+    return ("logs", "blocks")
+
+
+def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for m in methods:
+        name = m.strip().lower()
+        if name not in METHODS:
+            raise ConfigError(f"unknown discovery method {m!r}: use {', '.join(METHODS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ConfigError(f"no discovery method given: use {', '.join(METHODS)}")
+    return tuple(out)
+
+
+def plan_todo(
+    coverage: Sequence[CoverageRange],
+    target: Sequence[Interval],
+    methods: Sequence[str],
+    *,
+    default_set: bool,
+) -> dict[str, list[Interval]]:
+    """Per method, the parts of ``target`` it still has to scan (see "Coverage and resuming")."""
+    todo: dict[str, list[Interval]] = {}
+    complete = complete_ranges(coverage)
+    for m in methods:
+        done = covered_by(coverage, DOMINATED_BY[m])
+        if default_set:
+            done = merge([*done, *complete])
+        todo[m] = subtract(target, done)
+    return todo
+
+
+class _Run:
+    """State of one discover call: counters, the store lock, progress."""
+
+    def __init__(
+        self,
+        store: Store,
+        contract: Contract,
+        methods: tuple[str, ...],
+        todo: dict[str, list[Interval]],
+        on_progress: Callable[[DiscoverProgress], None] | None,
+    ) -> None:
+        self.store = store
+        self.chain_id = contract.chain_id
+        self.address = contract.address
+        self.methods = methods
+        self.on_progress = on_progress
+        self.blocks_total = sum(size(v) for v in todo.values())
+        self.blocks_done = 0
+        self.blocks_by_method: dict[str, int] = dict.fromkeys(methods, 0)
+        self.refs_by_method: dict[str, int] = dict.fromkeys(methods, 0)
+        self.refs_found = 0
+        self.new_refs = 0
+        self.chunks = 0
+        self.rpc_calls = [0]
+        self._lock = asyncio.Lock()
+
+    def emit(self, event: str, lo: int | None, hi: int | None) -> None:
+        if self.on_progress is not None:
+            self.on_progress(DiscoverProgress(
+                event, self.chain_id, self.address, self.methods, lo, hi, self.blocks_done,
+                self.blocks_total, self.refs_found, self.new_refs,
+            ))  # fmt: skip
+
+    async def commit(self, found: dict[str, list[Ref]], covered: dict[str, list[Interval]]) -> None:
+        """Refs and the ranges they cover, in one transaction."""
+        refs: dict[str, Ref] = {}
+        for method_refs in found.values():
+            for r in method_refs:
+                refs.setdefault(r.tx_hash, r)  # first method listed wins the ``source``
+        ranges = [CoverageRange(self.chain_id, self.address, lo, hi, m)
+                  for m, spans in covered.items() for lo, hi in spans]  # fmt: skip
+        if not ranges and not refs:
+            return
+        async with self._lock:
+            write = asyncio.ensure_future(
+                asyncio.to_thread(self.store.add_refs_and_coverage, list(refs.values()), ranges)
+            )
+            try:
+                new = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # The thread commits anyway: let it finish, so that when discover
+                # returns (or raises) the database holds exactly what was reported.
+                await asyncio.wait([write])
+                raise
+        self.new_refs += new
+        self.refs_found += len(refs)
+        self.chunks += 1
+        for m, spans in covered.items():
+            n = size(spans)
+            self.blocks_done += n
+            self.blocks_by_method[m] = self.blocks_by_method.get(m, 0) + n
+        for m, method_refs in found.items():
+            self.refs_by_method[m] = self.refs_by_method.get(m, 0) + len(method_refs)
+        all_spans = merge(s for spans in covered.values() for s in spans)
+        self.emit("chunk", all_spans[0][0] if all_spans else None,
+                  all_spans[-1][1] if all_spans else None)  # fmt: skip
+
+
+async def _run_all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run ``jobs`` concurrently; on the first failure cancel the rest and raise it (unwrapped)."""
+    tasks = [asyncio.ensure_future(job()) for job in jobs]
+    if not tasks:
+        return
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                raise exc
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def discover(
+    store: Store,
+    client: RpcClient,
+    contract: Contract,
+    *,
+    methods: Sequence[str] | None = None,
+    from_block: int | None = None,
+    to_block: int | None = None,
+    confirmations: int = DEFAULT_CONFIRMATIONS,
+    explorer: ExplorerConfig | None = None,
+    on_progress: Callable[[DiscoverProgress], None] | None = None,
+    settings: DiscoverSettings = DiscoverSettings(),
+) -> DiscoverSummary:
+    """Scan ``contract``'s blocks for its transactions; store refs and coverage as it goes.
+
+    See the module docstring for the methods, the default choice, coverage and
+    resuming. Raises :class:`gapfill.errors.ConfigError` for bad arguments and
+    :class:`gapfill.errors.RpcError` (or :class:`ExplorerError`) when a source
+    fails; chunks committed before the failure stay committed.
+    """
+    if confirmations < 0:
+        raise ConfigError("--confirmations must be 0 or more")
+    if from_block is not None and to_block is not None and from_block > to_block:
+        raise ConfigError(f"--from-block {from_block} is above --to-block {to_block}")
+    address = contract.address.lower()
+    contract = Contract(contract.chain_id, address, contract.label, contract.start_block, contract.abi)
+    chain_id = await client.probe()
+    if chain_id != contract.chain_id:
+        raise RpcError(
+            f"the RPC node serves chain {chain_id} but {address} is tracked on chain "
+            f"{contract.chain_id}: check --rpc-url"
+        )
+    chosen = _check_methods(methods) if methods is not None else None
+    if chosen is not None and "explorer" in chosen and explorer is None:
+        raise ConfigError(
+            "--method explorer needs an explorer: pass --explorer-url or set GAPFILL_EXPLORER_URL"
+        )
+    latest = int(str(await client.call("eth_blockNumber", [])), 16)
+    safe = latest - confirmations
+    start = from_block if from_block is not None else (contract.start_block or 0)
+    end = safe if to_block is None else min(to_block, safe)
+    if to_block is not None and to_block > safe:
+        logger.warning("stopping at block %d (latest %d - %d confirmations), not %d",
+                       safe, latest, confirmations, to_block)  # fmt: skip
+    backend: str | None = None
+    if chosen is None:
+        chosen = await choose_methods(client, address, explorer, settings.trace_backends)
+    if "trace" in chosen:
+        backend = await trace_backend(client, address, settings.trace_backends)
+        if backend is None:
+            raise RpcError("the node serves neither trace_filter nor ots_searchTransactionsAfter: "
+                           "use --method logs,blocks or an explorer")  # fmt: skip
+    target = [(start, end)] if start <= end else []
+    coverage = await asyncio.to_thread(store.get_coverage, contract.chain_id, address)
+    todo = plan_todo(coverage, target, chosen, default_set=methods is None)
+    run = _Run(store, contract, chosen, todo, on_progress)
+    run.emit("start", target[0][0] if target else None, target[0][1] if target else None)
+
+    explorer_client: ExplorerClient | None = None
+    jobs: list[Callable[[], Awaitable[None]]] = []
+    # Window and per-block methods share chunks, so one commit covers all of them.
+    chunked = [m for m in chosen if m in ("logs", "blocks") or (m == "trace" and backend == TRACE_FILTER)]
+    if chunked:
+        jobs += _chunk_jobs(run, client, settings, {m: todo[m] for m in chunked})
+    if "trace" in chosen and backend != TRACE_FILTER and todo["trace"]:
+        jobs.append(lambda: _walk_job(run, "trace", todo["trace"], lambda lo, hi: walk_ots(
+            client, contract.chain_id, address, lo, hi, page_size=settings.ots_page_size,
+            counter=run.rpc_calls)))  # fmt: skip
+    try:
+        if "explorer" in chosen and todo["explorer"]:
+            assert explorer is not None
+            explorer_client = ExplorerClient(explorer, contract.chain_id)
+            await explorer_client.__aenter__()
+            ex = explorer_client
+            ex_todo = todo["explorer"]
+            ex_head = await ex.head()
+            if ex_head is not None and ex_head < end:
+                # Blocks the explorer has not indexed yet are not covered by it.
+                logger.warning("the explorer has indexed up to block %d only", ex_head)
+                ex_todo = intersect(ex_todo, [(start, ex_head)])
+            if ex_todo:
+                jobs.append(lambda: _walk_job(run, "explorer", ex_todo, lambda lo, hi: walk_explorer(
+                    ex, contract.chain_id, address, lo, hi)))  # fmt: skip
+        await _run_all(jobs)
+    finally:
+        if explorer_client is not None:
+            await explorer_client.__aexit__(None, None, None)
+    run.emit("done", target[0][0] if target else None, target[0][1] if target else None)
+    return DiscoverSummary(
+        chain_id=contract.chain_id,
+        contract=address,
+        methods=chosen,
+        safe_head=safe,
+        from_block=target[0][0] if target else None,
+        to_block=target[0][1] if target else None,
+        blocks_scanned=run.blocks_by_method,
+        refs_found=run.refs_by_method,
+        new_refs=run.new_refs,
+        chunks=run.chunks,
+        rpc_calls=run.rpc_calls[0],
+        explorer_requests=explorer_client.requests if explorer_client else 0,
+        trace_backend=backend,
+    )
+
+
+def _chunk_jobs(
+    run: _Run, client: RpcClient, settings: DiscoverSettings, todo: dict[str, list[Interval]]
+) -> list[Callable[[], Awaitable[None]]]:
+    """Workers that take chunks off one shared plan, scan them with every method, and commit."""
+    width = settings.block_chunk_blocks if "blocks" in todo else settings.range_chunk_blocks
+    plan: Iterator[Interval] = iter(chunks(merge(s for spans in todo.values() for s in spans), width))
+    windows = {m: AdaptiveWindow(settings.initial_window_blocks, max_blocks=settings.max_window_blocks)
+               for m in todo}  # fmt: skip
+
+    async def scan(method: str, spans: list[Interval]) -> list[Ref]:
+        chain_id, address = run.chain_id, run.address
+        if method == "logs":
+            return await scan_logs(client, chain_id, address, spans, windows[method], counter=run.rpc_calls)
+        if method == "blocks":
+            return await scan_blocks(client, chain_id, address, spans, counter=run.rpc_calls)
+        return await scan_trace_filter(client, chain_id, address, spans, windows[method],
+                                       counter=run.rpc_calls)  # fmt: skip
+
+    async def worker() -> None:
+        for chunk in plan:  # a shared iterator: each chunk goes to one worker
+            parts = {m: intersect(spans, [chunk]) for m, spans in todo.items()}
+            parts = {m: p for m, p in parts.items() if p}
+            found = await asyncio.gather(*(scan(m, p) for m, p in parts.items()))
+            await run.commit(dict(zip(parts, found, strict=True)), parts)
+
+    return [worker for _ in range(settings.concurrency)]
+
+
+async def _walk_job(
+    run: _Run,
+    method: str,
+    todo: list[Interval],
+    walk: Callable[[int, int], AsyncIterator[tuple[list[Ref], int]]],
+) -> None:
+    """Commit a cursor-style method page by page: refs, and blocks up to the page's end."""
+    for lo, hi in todo:
+        done_to = lo - 1
+        async for refs, through in walk(lo, hi):
+            span = [(done_to + 1, through)] if through > done_to else []
+            await run.commit({method: refs}, {method: span})
+            done_to = max(done_to, through)
+
+
+__all__ = [
+    "COMPLETE_METHODS",
+    "DEFAULT_CONFIRMATIONS",
+    "DiscoverProgress",
+    "DiscoverSettings",
+    "DiscoverSummary",
+    "choose_methods",
+    "discover",
+    "plan_todo",
+]

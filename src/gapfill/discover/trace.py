@@ -1,0 +1,124 @@
+"""Trace scan: ``trace_filter`` (Parity/Erigon/Reth/anvil) or Otterscan's
+``ots_searchTransactionsAfter`` (Erigon/anvil), whichever the node serves.
+
+Both see every call frame, so they find transactions sent straight to the
+contract *and* those that reached it through another contract (internal calls),
+reverted ones included. Their coverage is *complete*. Contract creations are left
+out: the transaction that deployed the contract is not a call to it.
+
+* ``trace_filter`` takes a block range with ``toAddress``; refused ranges are split
+  like ``eth_getLogs`` ranges.
+* ``ots_searchTransactionsAfter(address, block, page_size)`` walks forward from a
+  block; pages hold whole blocks (the page size is a soft limit), so every block up
+  to the last one on a page is done, and the next page starts after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gapfill.discover.ranges import AdaptiveWindow, Interval, scan_ranges
+from gapfill.errors import RpcError
+from gapfill.model import Ref
+from gapfill.rpc import Call, RpcClient
+
+METHOD = "trace"
+TRACE_FILTER = "trace_filter"
+OTS_SEARCH = "ots_searchTransactionsAfter"
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else int(str(value), 16)
+
+
+BACKENDS = (TRACE_FILTER, OTS_SEARCH)
+
+
+async def trace_backend(
+    client: RpcClient, contract: str, backends: tuple[str, ...] = BACKENDS
+) -> str | None:
+    """The first of ``backends`` the node serves, or None (each probed once per client)."""
+    probes: dict[str, list[Any]] = {
+        TRACE_FILTER: [{"fromBlock": "0x0", "toBlock": "0x0", "toAddress": [contract]}],
+        OTS_SEARCH: [contract, 0, 1],
+    }
+    for name in backends:
+        if await client.supports(name, probes[name]):
+            return name
+    return None
+
+
+def _reaches(trace: dict[str, Any], contract: str) -> bool:
+    if trace.get("type") != "call":
+        return False
+    action = trace.get("action") or {}
+    return str(action.get("to") or "").lower() == contract
+
+
+async def scan_trace_filter(
+    client: RpcClient,
+    chain_id: int,
+    contract: str,
+    ranges: list[Interval],
+    window: AdaptiveWindow,
+    *,
+    counter: list[int] | None = None,
+) -> list[Ref]:
+    """Refs of the transactions in ``ranges`` with a call frame into ``contract``."""
+
+    def call(lo: int, hi: int) -> Call:
+        return Call(TRACE_FILTER, [{"fromBlock": hex(lo), "toBlock": hex(hi), "toAddress": [contract]}])
+
+    found: dict[str, Ref] = {}
+    for _, traces in await scan_ranges(client, ranges, call, window, counter=counter):
+        for trace in traces or ():
+            if not _reaches(trace, contract):
+                continue
+            tx_hash = trace.get("transactionHash")
+            if tx_hash is None:  # block rewards and the like
+                continue
+            key = str(tx_hash).lower()
+            if key not in found:
+                found[key] = Ref(chain_id, contract, key, _int(trace["blockNumber"]), METHOD)
+    return list(found.values())
+
+
+async def walk_ots(
+    client: RpcClient,
+    chain_id: int,
+    contract: str,
+    lo: int,
+    hi: int,
+    *,
+    page_size: int = 500,
+    counter: list[int] | None = None,
+) -> AsyncIterator[tuple[list[Ref], int]]:
+    """Pages of ``[lo, hi]`` as ``(refs, done_through_block)``, in block order.
+
+    The last pair has ``done_through_block == hi``.
+    """
+    after = max(lo - 1, 0)
+    while True:
+        if counter is not None:
+            counter[0] += 1
+        page = await client.call(OTS_SEARCH, [contract, after, page_size])
+        if not isinstance(page, dict):
+            raise RpcError(f"{OTS_SEARCH} answered with {str(page)[:80]!r}, not a page")
+        txs = page.get("txs") or []
+        refs: list[Ref] = []
+        top = after
+        for tx in txs:
+            block = _int(tx["blockNumber"])
+            top = max(top, block)
+            if lo <= block <= hi and tx.get("to"):  # no "to": the deployment, not a call
+                refs.append(Ref(chain_id, contract, str(tx["hash"]).lower(), block, METHOD))
+        # "After" pages come newest-first; the one holding the newest transactions
+        # is flagged firstPage.
+        if not txs or page.get("firstPage") or top >= hi:
+            yield refs, hi
+            return
+        if top <= after:
+            raise RpcError(f"{OTS_SEARCH} did not move past block {after}; cannot walk it")
+        yield refs, top
+        after = top

@@ -1,0 +1,248 @@
+"""Discovery against a real node (anvil): each method finds exactly what it can see."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gapfill.discover.coverage import coverage_report
+from gapfill.discover.explorer import ExplorerConfig
+from gapfill.discover.run import DiscoverProgress, DiscoverSettings, DiscoverSummary, discover
+from gapfill.discover.trace import OTS_SEARCH, TRACE_FILTER
+from gapfill.model import Contract
+from gapfill.rpc import EndpointConfig, RpcClient
+from gapfill.store import Store, open_store
+from gapfill.testing.chain import GeneratedChain
+from gapfill.testing.emulator import EmulatorConfig, ProviderEmulator
+from gapfill.testing.explorer_standin import ExplorerStandIn
+
+# `small_chain` yields conftest.NodeChain(node, chain); conftest is not importable.
+NodeChain = Any
+
+FAST = DiscoverSettings(block_chunk_blocks=5, concurrency=3)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with open_store(f"sqlite:///{tmp_path / 'd.db'}") as s:
+        yield s
+
+
+def _track(store: Store, chain: GeneratedChain) -> list[Contract]:
+    out = []
+    for address in (chain.token, chain.silent, chain.router):
+        c = Contract(chain.chain_id, address, start_block=0)
+        store.add_contract(c)
+        out.append(c)
+    return out
+
+
+def _refs(store: Store, contract: Contract) -> dict[str, str]:
+    return {r.tx_hash: r.source for r in store.iter_gap(contract.chain_id, contract.address)}
+
+
+def _refs_blocks(store: Store, contract: Contract) -> dict[str, int | None]:
+    return {r.tx_hash: r.block_number for r in store.iter_gap(contract.chain_id, contract.address)}
+
+
+async def _discover(store: Store, url: str, contract: Contract, **kw: object) -> DiscoverSummary:
+    async with RpcClient([EndpointConfig(url)]) as client:
+        kw.setdefault("confirmations", 0)
+        kw.setdefault("settings", FAST)
+        return await discover(store, client, contract, **kw)  # type: ignore[arg-type]
+
+
+def _expected(chain: GeneratedChain, method: str, address: str) -> frozenset[str]:
+    if method == "logs":
+        return chain.emitted[address]
+    if method == "blocks":
+        return chain.direct[address]
+    return chain.direct[address] | chain.internal[address]
+
+
+@pytest.mark.parametrize(
+    ("method", "backends"),
+    [("logs", None), ("blocks", None), ("trace", (TRACE_FILTER,)), ("trace", (OTS_SEARCH,))],
+)
+async def test_each_rpc_method_finds_exactly_what_it_sees(
+    small_chain: NodeChain, store: Store, method: str, backends: tuple[str, ...] | None
+) -> None:
+    chain = small_chain.chain
+    settings = FAST if backends is None else DiscoverSettings(block_chunk_blocks=5, trace_backends=backends,
+                                                              ots_page_size=20)  # fmt: skip
+    for contract in _track(store, chain):
+        summary = await _discover(store, small_chain.url, contract, methods=[method], settings=settings)
+        found = _refs_blocks(store, contract)
+        assert set(found) == _expected(chain, method, contract.address), (method, contract.address)
+        assert all(found[h] == chain.tx_block[h] for h in found)
+        assert set(_refs(store, contract).values()) <= {method}
+        report = coverage_report(store, chain.chain_id, contract.address, chain.head)
+        assert report["unscanned"] == []
+        if method == "logs":
+            assert report["partial"] == [[0, chain.head]] and report["complete"] == []
+        else:
+            assert report["complete"] == [[0, chain.head]] and report["partial"] == []
+        if backends is not None:
+            assert summary.trace_backend == backends[0]
+    # The sets differ, so "exactly" means something on this chain.
+    assert chain.internal[chain.silent] and chain.reverted & chain.direct[chain.silent]
+
+
+async def test_explorer_finds_what_the_standin_serves(small_chain: NodeChain, store: Store) -> None:
+    chain = small_chain.chain
+    # A small result window makes the walk restart at the last block seen several times.
+    async with ExplorerStandIn(chain, key="sekrit-key", rps=None, max_window=200) as api:
+        config = ExplorerConfig(api.url, key="sekrit-key", rps=1000, page_size=50, max_window=200)
+        for contract in _track(store, chain):
+            summary = await _discover(store, small_chain.url, contract, methods=["explorer"],
+                                      explorer=config)  # fmt: skip
+            assert set(_refs(store, contract)) == chain.direct[contract.address] | chain.internal[
+                contract.address]
+            assert summary.explorer_requests > 0
+        assert any(page > 1 for _, _, _, page, _ in api.stats.queries)
+        restarts = {start for action, start, *_ in api.stats.queries if action == "txlist"}
+        assert len(restarts) > 2  # walked forward by startblock past the 200-row window
+        assert api.stats.window_refused == 0
+    report = coverage_report(store, chain.chain_id, chain.token, chain.head)
+    assert report["complete"] == [[0, chain.head]]
+
+
+async def test_explorer_covers_only_what_it_has_indexed(small_chain: NodeChain, store: Store) -> None:
+    chain = small_chain.chain
+    contract = _track(store, chain)[0]
+    async with ExplorerStandIn(chain, rps=None, head=chain.head - 4) as api:
+        await _discover(store, small_chain.url, contract, methods=["explorer"],
+                        explorer=ExplorerConfig(api.url, rps=1000))  # fmt: skip
+    report = coverage_report(store, chain.chain_id, chain.token, chain.head)
+    assert report["complete"] == [[0, chain.head - 4]]
+    assert report["unscanned"] == [[chain.head - 3, chain.head]]
+
+
+async def test_explorer_waits_out_rate_limits(small_chain: NodeChain, store: Store) -> None:
+    chain = small_chain.chain
+    contract = _track(store, chain)[1]  # silent
+    async with ExplorerStandIn(chain, rps=8) as api:
+        config = ExplorerConfig(api.url, rps=1000, page_size=40, rate_limit_backoff_s=0.25)
+        await _discover(store, small_chain.url, contract, methods=["explorer"], explorer=config)
+        assert api.stats.rate_limited > 0
+    assert set(_refs(store, contract)) == chain.direct[chain.silent] | chain.internal[chain.silent]
+
+
+async def test_default_methods_find_every_tx_sent_to_the_contract(
+    small_chain: NodeChain, db_url: str
+) -> None:
+    chain = small_chain.chain
+    with open_store(db_url) as store:
+        for contract in _track(store, chain):
+            summary = await _discover(store, small_chain.url, contract)
+            assert summary.methods == ("trace",)
+            assert set(_refs(store, contract)) >= chain.direct[contract.address]
+
+
+async def test_default_without_trace_is_logs_and_blocks(small_chain: NodeChain, db_url: str) -> None:
+    chain = small_chain.chain
+    with open_store(db_url) as store:
+        for contract in _track(store, chain):
+            summary = await _discover(store, small_chain.url, contract,
+                                      settings=DiscoverSettings(block_chunk_blocks=5, trace_backends=()))
+            assert summary.methods == ("logs", "blocks")
+            found = set(_refs(store, contract))
+            assert found == chain.direct[contract.address] | chain.emitted[contract.address]
+            report = coverage_report(store, chain.chain_id, contract.address, chain.head)
+            assert report["complete"] == [[0, chain.head]]
+            # A rerun finds nothing left to scan.
+            again = await _discover(store, small_chain.url, contract,
+                                    settings=DiscoverSettings(block_chunk_blocks=5, trace_backends=()))
+            assert again.rpc_calls == 0 and again.chunks == 0
+
+
+@pytest.mark.parametrize("hint", [True, False])
+@pytest.mark.parametrize("limit", ["range", "results"])
+async def test_log_ranges_split_when_the_node_refuses(
+    small_chain: NodeChain, store: Store, hint: bool, limit: str
+) -> None:
+    chain = small_chain.chain
+    token = _track(store, chain)[0]
+    config = (EmulatorConfig(max_log_range=3, log_hint=hint) if limit == "range"
+              else EmulatorConfig(max_log_results=120, log_hint=hint))  # fmt: skip
+    settings = DiscoverSettings(range_chunk_blocks=1_000, initial_window_blocks=64)
+    async with ProviderEmulator(small_chain.url, config) as emu:
+        await _discover(store, emu.url, token, methods=["logs"], settings=settings)
+        refused = emu.stats.faults["log_range" if limit == "range" else "log_results"]
+    assert refused > 0
+    assert set(_refs(store, token)) == chain.emitted[chain.token]
+    assert coverage_report(store, chain.chain_id, chain.token, chain.head)["partial"] == [[0, chain.head]]
+
+
+async def test_interrupted_discovery_resumes_where_it_stopped(
+    small_chain: NodeChain, db_url: str
+) -> None:
+    chain = small_chain.chain
+    settings = DiscoverSettings(block_chunk_blocks=2, concurrency=2, trace_backends=())
+
+    class Stop(Exception):
+        pass
+
+    commits = 0
+
+    def stop_after_three(p: DiscoverProgress) -> None:
+        nonlocal commits
+        if p.event == "chunk":
+            commits += 1
+            if commits == 3:
+                raise Stop
+
+    with open_store(db_url) as store:
+        silent = _track(store, chain)[1]
+        with pytest.raises(Stop):
+            await _discover(store, small_chain.url, silent, settings=settings, on_progress=stop_after_three)
+        report = coverage_report(store, chain.chain_id, chain.silent, chain.head)
+        done = sum(hi - lo + 1 for lo, hi in report["complete"])
+        assert 0 < done < chain.head + 1
+        assert report["partial"] == []
+        assert report["unscanned"]
+        left = chain.head + 1 - done
+        again = await _discover(store, small_chain.url, silent, settings=settings)
+        # Only the blocks not yet complete are fetched again (one block call each, one
+        # log window per chunk at most).
+        assert again.blocks_scanned["blocks"] == left
+        assert left <= again.rpc_calls <= left + again.chunks
+        assert set(_refs(store, silent)) == chain.direct[chain.silent] | chain.emitted[chain.silent]
+        final = coverage_report(store, chain.chain_id, chain.silent, chain.head)
+        assert final["complete"] == [[0, chain.head]] and final["unscanned"] == []
+
+
+async def test_nothing_above_latest_minus_confirmations_is_covered(
+    small_chain: NodeChain, store: Store
+) -> None:
+    chain = small_chain.chain
+    token = _track(store, chain)[0]
+    summary = await _discover(store, small_chain.url, token, methods=["blocks"], confirmations=5)
+    assert summary.safe_head == chain.head - 5
+    assert max(r.to_block for r in store.get_coverage(chain.chain_id, chain.token)) == chain.head - 5
+    found = _refs_blocks(store, token)
+    assert found and all(b is not None and b <= chain.head - 5 for b in found.values())
+    report = coverage_report(store, chain.chain_id, chain.token, chain.head)
+    assert report["unscanned"] == [[chain.head - 4, chain.head]]
+
+
+async def test_partial_scans_are_reported(small_chain: NodeChain, store: Store) -> None:
+    chain = small_chain.chain
+    token = _track(store, chain)[0]
+    mid = chain.head // 2
+    await _discover(store, small_chain.url, token, methods=["logs"], from_block=0, to_block=mid)
+    await _discover(store, small_chain.url, token, methods=["blocks"], from_block=3, to_block=mid - 2)
+    report = coverage_report(store, chain.chain_id, chain.token, chain.head)
+    assert report["complete"] == [[3, mid - 2]]
+    assert report["partial"] == [[0, 2], [mid - 1, mid]]
+    assert report["unscanned"] == [[mid + 1, chain.head]]
+    assert "partial" in report["summary"] and "unscanned" in report["summary"]
+    # A default (logs + blocks) run now fills exactly what is not complete.
+    summary = await _discover(store, small_chain.url, token,
+                              settings=DiscoverSettings(block_chunk_blocks=5, trace_backends=()))
+    assert summary.blocks_scanned["blocks"] == chain.head + 1 - (mid - 2 - 3 + 1)
+    assert summary.blocks_scanned["logs"] == chain.head - mid
+    assert coverage_report(store, chain.chain_id, chain.token, chain.head)["complete"] == [[0, chain.head]]

@@ -1,0 +1,149 @@
+"""The explorer client against the local stand-in (loopback only, no node)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gapfill.discover.explorer import (
+    ExplorerClient,
+    ExplorerConfig,
+    ExplorerError,
+    _RateLimited,
+    walk_explorer,
+)
+from gapfill.testing.chain import GeneratedChain
+from gapfill.testing.explorer_standin import ExplorerStandIn
+
+TOKEN, SILENT, ROUTER = "0x" + "1" * 40, "0x" + "2" * 40, "0x" + "3" * 40
+KEY = "K3yK3yK3ySecretValue"
+
+
+def fake_chain(per_block: list[int], seed: int = 1) -> GeneratedChain:
+    """A chain description whose token gets ``per_block[i]`` direct txs in block ``i + 1``."""
+    rng = random.Random(seed)
+    all_txs: list[str] = []
+    tx_block: dict[str, int] = {}
+    direct: set[str] = set()
+    internal: set[str] = set()
+    for i, n in enumerate(per_block):
+        for _ in range(n):
+            h = "0x" + rng.randbytes(32).hex()
+            all_txs.append(h)
+            tx_block[h] = i + 1
+            (internal if rng.random() < 0.1 else direct).add(h)
+    empty: frozenset[str] = frozenset()
+    return GeneratedChain(
+        chain_id=31337, head=len(per_block), token=TOKEN, silent=SILENT, router=ROUTER,
+        token_abi=[], silent_abi=[], router_abi=[], all_txs=all_txs,
+        emitted={TOKEN: empty, SILENT: empty, ROUTER: empty},
+        direct={TOKEN: frozenset(direct), SILENT: empty, ROUTER: empty},
+        internal={TOKEN: frozenset(internal), SILENT: empty, ROUTER: empty},
+        reverted=frozenset(list(direct)[:3]), big_value=empty, tx_block=tx_block, first_block=1,
+    )  # fmt: skip
+
+
+async def _walk(client: ExplorerClient, lo: int, hi: int) -> tuple[dict[str, int], list[int]]:
+    found: dict[str, int] = {}
+    marks: list[int] = []
+    async for refs, through in walk_explorer(client, 31337, TOKEN, lo, hi):
+        for r in refs:
+            assert r.tx_hash not in found or found[r.tx_hash] == r.block_number
+            assert r.block_number is not None
+            found[r.tx_hash] = r.block_number
+        marks.append(through)
+    return found, marks
+
+
+async def test_walk_pages_and_restarts_past_the_result_window() -> None:
+    chain = fake_chain([rng_n for rng_n in (5, 40, 0, 33, 7, 61, 2, 19, 44, 1)])
+    async with ExplorerStandIn(chain, key=KEY, rps=None, max_window=60) as api:
+        config = ExplorerConfig(api.url, key=KEY, rps=1000, page_size=20, max_window=60)
+        async with ExplorerClient(config, 31337) as client:
+            found, marks = await _walk(client, 0, chain.head)
+        assert api.stats.window_refused == 0
+        starts = {q[1] for q in api.stats.queries if q[0] == "txlist"}
+    assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
+    assert all(found[h] == chain.tx_block[h] for h in found)
+    assert marks == sorted(marks) and marks[-1] == chain.head
+    assert len(starts) > 2
+
+
+async def test_walk_within_a_block_range() -> None:
+    chain = fake_chain([10, 10, 10, 10, 10])
+    async with (
+        ExplorerStandIn(chain, rps=None) as api,
+        ExplorerClient(ExplorerConfig(api.url, rps=1000), 31337) as client,
+    ):
+        found, marks = await _walk(client, 2, 3)
+    wanted = chain.direct[TOKEN] | chain.internal[TOKEN]
+    assert set(found) == {h for h in wanted if 2 <= chain.tx_block[h] <= 3}
+    assert marks[-1] == 3
+
+
+async def test_walk_discovers_a_smaller_window_than_configured() -> None:
+    chain = fake_chain([30, 30, 30, 30])
+    async with ExplorerStandIn(chain, rps=None, max_window=40) as api:
+        config = ExplorerConfig(api.url, rps=1000, page_size=20, max_window=10_000)
+        async with ExplorerClient(config, 31337) as client:
+            found, _ = await _walk(client, 0, chain.head)
+        assert api.stats.window_refused > 0
+    assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
+
+
+async def test_more_rows_in_one_block_than_the_window_is_an_error() -> None:
+    chain = fake_chain([200])
+    async with ExplorerStandIn(chain, rps=None, max_window=50) as api:
+        config = ExplorerConfig(api.url, rps=1000, page_size=25, max_window=50)
+        async with ExplorerClient(config, 31337) as client:
+            with pytest.raises(ExplorerError, match="cannot page past"):
+                await _walk(client, 0, 1)
+
+
+async def test_empty_result_is_success_and_bad_key_is_never_printed() -> None:
+    chain = fake_chain([3])
+    async with ExplorerStandIn(chain, key=KEY, rps=None) as api:
+        async with ExplorerClient(ExplorerConfig(api.url, key=KEY, rps=1000), 31337) as client:
+            rows = [r async for r in client.walk("txlist", SILENT, 0, 10)]
+            assert rows == [([], 10)]
+            assert await client.head() == chain.head
+        wrong = "WrongKeyWrongKeyWrongKey"
+        async with ExplorerClient(ExplorerConfig(api.url, key=wrong, rps=1000), 31337) as client:
+            with pytest.raises(ExplorerError) as info:
+                await client.request({"module": "account", "action": "txlist", "address": TOKEN})
+    assert "API key" in str(info.value)
+    assert wrong not in str(info.value)
+    assert wrong not in repr(ExplorerConfig(api.url, key=wrong))
+
+
+def test_envelope() -> None:
+    client = ExplorerClient(ExplorerConfig("https://api.example.invalid/api", key=KEY), 1)
+    assert client._unwrap({"status": "1", "message": "OK", "result": [{"a": 1}]}) == [{"a": 1}]
+    assert client._unwrap({"status": "0", "message": "No transactions found", "result": []}) == []
+    with pytest.raises(_RateLimited):
+        client._unwrap({"status": "0", "message": "NOTOK", "result": "Max rate limit reached"})
+    with pytest.raises(_RateLimited):
+        client._unwrap({"status": "0", "message": "NOTOK",
+                        "result": "Max calls per sec rate limit reached (5/sec)"})  # fmt: skip
+    with pytest.raises(ExplorerError, match="Query Timeout") as info:
+        client._unwrap({"status": "0", "message": "NOTOK", "result": f"Query Timeout occured {KEY}"})
+    assert KEY not in str(info.value)
+
+
+async def test_rate_limit_is_waited_out() -> None:
+    chain = fake_chain([4, 4, 4])
+    async with ExplorerStandIn(chain, rps=4) as api:
+        config = ExplorerConfig(api.url, rps=1000, page_size=4, max_window=8, rate_limit_backoff_s=0.25)
+        async with ExplorerClient(config, 31337) as client:
+            found, _ = await _walk(client, 0, chain.head)
+            assert client.rate_limited > 0
+        assert api.stats.rate_limited > 0
+    assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
+
+
+def test_config_rejects_bad_urls() -> None:
+    from gapfill.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        ExplorerConfig("ftp://x")

@@ -1,0 +1,117 @@
+"""Splitting refused eth_getLogs / trace_filter ranges and growing them back."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from gapfill.discover.coverage import merge
+from gapfill.discover.ranges import AdaptiveWindow, parse_cap, parse_hint, scan_ranges, split_refused
+from gapfill.errors import RpcError
+from gapfill.rpc import Call, CallError, RpcClient
+
+
+def test_parse_hint() -> None:
+    msg = "query returned more than 10000 results. Try with this block range [0x10, 0x1f]."
+    assert parse_hint(msg, 16, 100) == (16, 31)
+    assert parse_hint(msg, 15, 100) is None  # does not start where the window did
+    assert parse_hint(msg, 16, 31) is None  # not a strict sub-range
+    assert parse_hint("this block range should work: [100, 150]", 100, 400) == (100, 150)
+    assert parse_hint("no hint here", 0, 10) is None
+
+
+def test_parse_cap() -> None:
+    assert parse_cap("query exceeds max block range 2000") == 2000
+    assert parse_cap("You can make eth_getLogs requests with up to a 2K block range") == 2000
+    assert parse_cap("block range is too large, maximum is 500") is not None
+    assert parse_cap("query returned more than 10000 results") is None
+
+
+def test_split_refused() -> None:
+    assert split_refused(0, 99, "Try with this block range [0x0, 0x9]") == ([(0, 9), (10, 99)], 10)
+    assert split_refused(0, 99, "exceeds max block range 30") == ([(0, 29), (30, 99)], 30)
+    assert split_refused(0, 99, "response size exceeded") == ([(0, 49), (50, 99)], 50)
+    assert split_refused(0, 2, "too many") == ([(0, 0), (1, 2)], 1)
+
+
+def test_window_grows_back_after_successes() -> None:
+    w = AdaptiveWindow(blocks=100, max_blocks=400, grow_after=2)
+    w.refused(10)
+    assert w.blocks == 10
+    w.succeeded(5)  # a short tail does not count
+    w.succeeded(10)
+    w.succeeded(10)
+    assert w.blocks == 20
+    for _ in range(20):
+        w.succeeded(w.blocks)
+    assert w.blocks == 400
+
+
+class FakeNode:
+    """call_many for eth_getLogs with a span cap and a result cap (one log per block)."""
+
+    def __init__(self, max_span: int | None, max_results: int | None, hint: bool) -> None:
+        self.max_span, self.max_results, self.hint = max_span, max_results, hint
+        self.calls: list[tuple[int, int]] = []
+
+    async def call_many(self, calls: list[Call]) -> list[Any]:
+        out: list[Any] = []
+        for call in calls:
+            lo, hi = int(call.params[0]["fromBlock"], 16), int(call.params[0]["toBlock"], 16)
+            self.calls.append((lo, hi))
+            span = hi - lo + 1
+            if self.max_span is not None and span > self.max_span:
+                msg = "range too large"
+                if self.hint:
+                    msg += f". Try with this block range [{hex(lo)}, {hex(lo + self.max_span - 1)}]."
+                out.append(CallError("permanent", msg, -32600))
+            elif self.max_results is not None and span > self.max_results:
+                msg = f"query returned more than {self.max_results} results"
+                if self.hint:
+                    msg += f". Try with this block range [{hex(lo)}, {hex(lo + self.max_results - 1)}]."
+                out.append(CallError("permanent", msg, -32005))
+            else:
+                out.append([{"blockNumber": hex(b)} for b in range(lo, hi + 1)])
+        return out
+
+
+def _logs_call(lo: int, hi: int) -> Call:
+    return Call("eth_getLogs", [{"fromBlock": hex(lo), "toBlock": hex(hi)}])
+
+
+@pytest.mark.parametrize("hint", [True, False])
+@pytest.mark.parametrize(("max_span", "max_results"), [(7, None), (None, 13), (50, 5)])
+async def test_scan_ranges_covers_exactly_once(
+    hint: bool, max_span: int | None, max_results: int | None
+) -> None:
+    node = FakeNode(max_span, max_results, hint)
+    window = AdaptiveWindow(blocks=64)
+    done = await scan_ranges(cast(RpcClient, node), [(0, 299), (400, 420)], _logs_call, window)
+    spans = sorted(span for span, _ in done)
+    assert merge(spans) == [(0, 299), (400, 420)]
+    assert sum(hi - lo + 1 for lo, hi in spans) == 321  # no overlaps
+    blocks = sorted(int(log["blockNumber"], 16) for _, logs in done for log in logs)
+    assert blocks == [*range(300), *range(400, 421)]
+    assert window.refusals > 0
+    # Refusals stay a small share of the calls: the window remembers what passes.
+    assert window.refusals < len(node.calls) / 2
+
+
+async def test_scan_ranges_gives_up_on_a_single_refused_block() -> None:
+    node = FakeNode(None, 0, False)
+    with pytest.raises(RpcError, match="blocks 0-0"):
+        await scan_ranges(cast(RpcClient, node), [(0, 3)], _logs_call, AdaptiveWindow(blocks=4))
+
+
+async def test_scan_ranges_does_not_split_on_an_outage() -> None:
+    class Down:
+        calls = 0
+
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            Down.calls += len(calls)
+            return [CallError("transient", "could not reach the RPC node") for _ in calls]
+
+    with pytest.raises(RpcError, match="could not reach"):
+        await scan_ranges(cast(RpcClient, Down()), [(0, 999)], _logs_call, AdaptiveWindow(blocks=1000))
+    assert Down.calls == 1

@@ -138,9 +138,10 @@ def address_arg(_: click.Context, __: click.Parameter, value: str | None) -> str
         raise click.BadParameter(str(exc)) from None
 
 
-contract_option = click.option("--contract", "contract", callback=address_arg, default=None,
+_Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+contract_option: _Decorator = click.option("--contract", "contract", callback=address_arg, default=None,
                                help="Contract address (default: every tracked contract).")  # fmt: skip
-chain_option = click.option(
+chain_option: _Decorator = click.option(
     "--chain-id", type=click.IntRange(min=1), default=None,
     help="Chain id; needed only if the address is tracked on several chains.",
 )  # fmt: skip
@@ -281,9 +282,9 @@ def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) 
 
 
 def _coverage_report(store: Store, rows: Sequence[ContractStatus]) -> dict[tuple[int, str], dict[str, Any]]:
-    # Discovery's coverage (unscanned and partial block ranges) joins this report
-    # once discovery lands; until then status shows counts only.
-    return {}
+    from gapfill.discover.coverage import coverage_report
+
+    return {(s.chain_id, s.address): coverage_report(store, s.chain_id, s.address) for s in rows}
 
 
 def _blocks(s: ContractStatus) -> str:
@@ -385,6 +386,8 @@ enrich_options = [
                  show_default=True, help="Force the call plan (the planner chooses by default)."),
     click.option("--block-plan-min-refs", type=click.IntRange(min=1), default=3, show_default=True,
                  help="Refs sharing a block from which the block is fetched whole."),
+    click.option("--rpc-timeout", "rpc_timeout_s", type=click.FloatRange(min=0.1), default=30.0,
+                 show_default=True, help="Seconds to wait for an RPC response before retrying it."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                  help="Serve Prometheus metrics on 127.0.0.1:PORT."),
     click.option("-q", "--quiet", is_flag=True, help="Print only the summary."),
@@ -408,6 +411,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
     from gapfill.engine.run import EnrichJob
     from gapfill.engine.worker import WorkerSettings
     from gapfill.enrich.fetch import PlanSettings
+    from gapfill.rpc import RpcSettings
 
     return EnrichJob(
         db_url=ctx.db_url,
@@ -424,6 +428,8 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
         plan=PlanSettings(block_plan_min_refs=opts["block_plan_min_refs"], shape=opts["plan_shape"]),
         plan_new=plan_new,
         metrics_port=opts["metrics_port"],
+        rpc=RpcSettings() if opts.get("rpc_timeout_s") is None
+        else RpcSettings(read_timeout_s=opts["rpc_timeout_s"]),
     )  # fmt: skip
 
 
@@ -540,3 +546,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="gapfill")
 
 
+
+
+# Commands that live in modules of their own; they import this one, so they come last.
+from gapfill.cli_discover import discover as _discover  # noqa: E402
+
+cli.add_command(_discover)
+import gapfill.cli_demo  # noqa: E402, F401  (registers `gapfill demo`)

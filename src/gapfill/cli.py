@@ -384,8 +384,9 @@ enrich_options = [
                  show_default=True, help="Seconds workers get to finish after Ctrl+C or SIGTERM."),
     click.option("--plan", "plan_shape", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
                  show_default=True, help="Force the call plan (the planner chooses by default)."),
-    click.option("--block-plan-min-refs", type=click.IntRange(min=1), default=3, show_default=True,
-                 help="Refs sharing a block from which the block is fetched whole."),
+    click.option("--block-plan-min-refs", type=click.IntRange(min=1), default=None,
+                 help="Refs sharing a block from which the block is fetched whole "
+                      "[default: 2 when --rps is set, else 64]."),
     click.option("--rpc-timeout", "rpc_timeout_s", type=click.FloatRange(min=0.1), default=30.0,
                  show_default=True, help="Seconds to wait for an RPC response before retrying it."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
@@ -406,11 +407,21 @@ def with_options(options: list[Any]) -> Callable[[F], F]:
     return wrap
 
 
+def _plan_settings(opts: dict[str, Any], metered: bool = False) -> Any:
+    from gapfill.enrich.fetch import PlanSettings
+
+    n = opts.get("block_plan_min_refs")
+    base = PlanSettings(shape=opts["plan_shape"], calls_metered=metered)
+    if n is None:
+        return base
+    return PlanSettings(block_plan_min_refs=n, block_plan_min_refs_free=n, shape=opts["plan_shape"],
+                        calls_metered=metered)  # fmt: skip
+
+
 def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict[str, Any],
          plan_new: bool = True) -> Any:  # fmt: skip
     from gapfill.engine.run import EnrichJob
     from gapfill.engine.worker import WorkerSettings
-    from gapfill.enrich.fetch import PlanSettings
     from gapfill.rpc import RpcSettings
 
     return EnrichJob(
@@ -425,7 +436,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
         grace_period_s=opts["grace_period_s"],
         worker=WorkerSettings(lease_timeout_s=opts["lease_timeout_s"],
                               batches_in_flight=opts["batches_in_flight"]),
-        plan=PlanSettings(block_plan_min_refs=opts["block_plan_min_refs"], shape=opts["plan_shape"]),
+        plan=_plan_settings(opts),
         plan_new=plan_new,
         metrics_port=opts["metrics_port"],
         rpc=RpcSettings() if opts.get("rpc_timeout_s") is None
@@ -459,14 +470,12 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
 
 def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]) -> None:
     from gapfill.engine.dryrun import estimate
-    from gapfill.enrich.fetch import PlanSettings
 
     eps = resolve_endpoints(ctx.rpc_urls, ctx.rps, None, ctx.file)
     rps_values = [e.rps for e in eps]
     rps_total = sum(r for r in rps_values if r) if eps and all(rps_values) else None
     rows = estimate(ctx.store(), [(c.chain_id, c.address) for c in targets], batch_size=opts["batch_size"],
-                    plan=PlanSettings(block_plan_min_refs=opts["block_plan_min_refs"],
-                                      shape=opts["plan_shape"]),
+                    plan=_plan_settings(opts, metered=rps_total is not None),
                     rps_total=rps_total)  # fmt: skip
     click.echo("dry run: nothing is fetched or written")
     for r in rows:

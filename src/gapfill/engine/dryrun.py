@@ -47,11 +47,12 @@ def estimate(
                 unknown += 1
             else:
                 per_block[ref.block_number] += 1
+        threshold = plan.block_plan_min_refs if plan.calls_metered else plan.block_plan_min_refs_free
         calls = 2 * unknown
         pb_refs = blocks = 0
         for _, n in per_block.items():
             if block_receipts and plan.shape != "per_tx" and (
-                plan.shape == "per_block" or n >= plan.block_plan_min_refs
+                plan.shape == "per_block" or n >= threshold
             ):
                 calls += 2
                 pb_refs += n

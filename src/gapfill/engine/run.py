@@ -43,7 +43,7 @@ from gapfill.engine.events import (
 from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
-from gapfill.errors import GapfillError, Interrupted
+from gapfill.errors import GapfillError, Interrupted, StoreError
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 from gapfill.store import Store, open_store, owner_name
@@ -54,6 +54,8 @@ MODES = ("auto", "sequential", "batch", "concurrent")
 #: Gap size from which ``auto`` runs worker processes instead of one process. Below it,
 #: starting processes costs more than it wins (measured: bench/engine.py, README "Modes").
 AUTO_CONCURRENT_FROM = 2_000
+#: How long the coordinator keeps retrying when the database fails, before it gives up.
+DB_OUTAGE_S = 60.0
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -124,6 +126,13 @@ def gap_size(store: Store, targets: Sequence[tuple[int, str]]) -> int:
     return sum(store.count_gap(c, a) for c, a in targets)
 
 
+def permanent_failures(store: Store, targets: Sequence[tuple[int, str]]) -> int:
+    """Failures of ``targets`` that are permanent now, whichever run recorded them (exit code 3)."""
+    wanted = set(targets)
+    return sum(1 for f, _ in store.list_failures(limit=1_000_000)
+               if f.permanent and (f.chain_id, f.contract) in wanted)  # fmt: skip
+
+
 def recorded_sequential_rate(store: Store) -> tuple[float, str] | None:
     """The rate of the latest finished sequential run, if any."""
     for r in store.list_runs(200):
@@ -178,14 +187,16 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         totals_box: dict[str, Any] = {}
         state = "done"
         try:
-            asyncio.run(_in_process(job, store, emit, sequential, totals_box))
+            # Nothing open (the gap is empty or all failed for good): no node is asked anything.
+            if store.has_open_batches(job.targets):
+                asyncio.run(_in_process(job, store, emit, sequential, totals_box))
         except KeyboardInterrupt:
             state = "interrupted"
         secs = time.perf_counter() - t0
         w = totals_box.get("totals")
         processed = w.processed if w else 0
         failed = w.failed if w else 0
-        permanent = w.permanent if w else 0
+        permanent = permanent_failures(store, job.targets)
         calls = totals_box.get("calls", 0)
         store.finish_run(run_id, state, processed, failed, calls)
         seq = recorded_sequential_rate(store) if not sequential else None
@@ -394,44 +405,57 @@ class Coordinator:
                 self.metrics = MetricsServer(job.metrics_port, self._metrics_snapshot)
             counts0 = store.batch_counts()
             total_batches = counts0.pending + counts0.leased
-            for i in range(self.workers):
-                self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
+            if total_batches:  # with nothing open, no worker starts and no node is asked anything
+                for i in range(self.workers):
+                    self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
             last_progress = last_expiry = 0.0
+            db_down_since: float | None = None
             while True:
                 self._drain()
                 now = time.monotonic()
-                alive = [s for s in self.slots.values() if s.proc.is_alive()]
-                for s in list(self.slots.values()):
-                    if s.proc.is_alive() or s.proc.exitcode is None:
-                        continue
-                    if s.proc.exitcode == 0 or self.stopping_at is not None:
-                        continue
-                    self._restart(store, s)
-                if self.stopping_at is not None:
-                    if not alive:
-                        break
-                    waited = now - self.stopping_at if self.stopping_at >= 0 else 1e9
-                    if waited > job.grace_period_s:
-                        for s in alive:
-                            s.proc.terminate()
-                    if waited > job.grace_period_s + 5:
-                        for s in alive:
-                            s.proc.kill()
-                elif not alive:
-                    if store.has_open_batches(job.targets if job.plan_new else None):
-                        # Workers left while work remains (e.g. they could not start): retry once more.
-                        for s in list(self.slots.values()):
-                            self._restart(store, s)
-                    else:
-                        break
-                if now - last_expiry > 1.0:
-                    last_expiry = now
-                    self._supervise_leases(store)
-                if now - last_progress > 1.0:
-                    last_progress = now
-                    counts = store.batch_counts(run_id if job.plan_new else None)
-                    total = max(total_batches, counts.total)
-                    self._progress(counts.done if job.plan_new else self.done_batches, total, len(alive), t0)
+                try:
+                    alive = [s for s in self.slots.values() if s.proc.is_alive()]
+                    for s in list(self.slots.values()):
+                        if s.proc.is_alive() or s.proc.exitcode is None:
+                            continue
+                        if s.proc.exitcode == 0 or self.stopping_at is not None:
+                            continue
+                        self._restart(store, s)
+                    if self.stopping_at is not None:
+                        if not alive:
+                            break
+                        waited = now - self.stopping_at if self.stopping_at >= 0 else 1e9
+                        if waited > job.grace_period_s:
+                            for s in alive:
+                                s.proc.terminate()
+                        if waited > job.grace_period_s + 5:
+                            for s in alive:
+                                s.proc.kill()
+                    elif not alive:
+                        if store.has_open_batches(job.targets if job.plan_new else None):
+                            # Workers left while work remains (e.g. they could not start): retry once more.
+                            for s in list(self.slots.values()):
+                                self._restart(store, s)
+                        else:
+                            break
+                    if now - last_expiry > 1.0:
+                        last_expiry = now
+                        self._supervise_leases(store)
+                        db_down_since = None
+                    if now - last_progress > 1.0:
+                        last_progress = now
+                        counts = store.batch_counts(run_id if job.plan_new else None)
+                        total = max(total_batches, counts.total)
+                        done = counts.done if job.plan_new else self.done_batches
+                        self._progress(done, total, len(alive), t0)
+                except StoreError as exc:
+                    # A dropped connection (server restart, pg_terminate_backend) must not end
+                    # the run: the store reconnects on its next call. Give up after a long outage.
+                    if db_down_since is None:
+                        db_down_since = now
+                        self.emit(Notice(f"database error, retrying: {exc}"))
+                    elif now - db_down_since > DB_OUTAGE_S:
+                        raise
                 time.sleep(0.1)
             self._drain()
             for s in self.slots.values():
@@ -457,8 +481,7 @@ class Coordinator:
                     store.finish_run(run_id, state, processed, failed, calls)
             permanent = 0
             with contextlib.suppress(GapfillError):
-                permanent = sum(1 for f, _ in store.list_failures(limit=1_000_000) if f.permanent
-                                and (f.chain_id, f.contract) in set(job.targets))  # fmt: skip
+                permanent = permanent_failures(store, job.targets)
             store.close()
             self.events.close()
         rate = processed / secs if secs > 0 else 0.0

@@ -6,10 +6,15 @@ work the node does to answer them.
 
 Plans, per ref:
 
-* **per block**: where at least ``block_plan_min_refs`` refs share a known block
-  and the endpoint supports ``eth_getBlockReceipts``, fetch
-  ``eth_getBlockByNumber(n, true)`` and ``eth_getBlockReceipts(n)`` once for the
-  block: 2 calls for all of its refs, and the block gives the timestamp.
+* **per block**: where enough refs share a known block and the endpoint
+  supports ``eth_getBlockReceipts``, fetch ``eth_getBlockByNumber(n, true)`` and
+  ``eth_getBlockReceipts(n)`` once for the block: 2 calls for all of its refs,
+  and the block gives the timestamp. "Enough" is the cost model's break-even:
+  when calls are metered, 2 refs (2 calls instead of 4); when they are free, the
+  node's work decides, and a full block makes it serialise every transaction in
+  the block, used or not. Measured on anvil (bench/), a block's transactions and
+  receipts cost about as much as fetching 87% of them one by one, so by default
+  the free case needs 64 refs in one block (``block_plan_min_refs_free``).
 * **per transaction**, in two rounds:
   1. ``eth_getTransactionReceipt``. Its logs carry ``blockTimestamp`` on recent
      geth, reth and anvil; it also tells the block of refs imported without one.
@@ -47,10 +52,11 @@ PlanShape = Literal["auto", "per_tx", "per_block"]
 class PlanSettings:
     """How the planner chooses; the defaults follow the cost model above."""
 
-    #: Refs sharing one block from which the per-block plan is used (2 calls for the block
-    #: instead of 2 per ref). Configurable because a block of 200 transactions costs the
-    #: node far more to serialise than 3 single transactions.
-    block_plan_min_refs: int = 3
+    #: Refs sharing one block from which the per-block plan is used when calls are metered
+    #: (2 calls for the block instead of 2 per ref).
+    block_plan_min_refs: int = 2
+    #: The same threshold when calls are free (no rps limit): the node's work decides.
+    block_plan_min_refs_free: int = 64
     #: Force one plan shape (tests and benchmarks); ``auto`` lets the planner choose.
     shape: PlanShape = "auto"
     #: Whether calls are metered (some endpoint has an rps limit); the engine sets it.
@@ -147,6 +153,7 @@ class Enricher:
         shape = self.plan.shape
         if shape == "per_tx" or not self.client.supports_block_receipts():
             return {}, list(refs)
+        threshold = self.plan.block_plan_min_refs if self._metered() else self.plan.block_plan_min_refs_free
         by_block: dict[int, list[Ref]] = defaultdict(list)
         per_tx: list[Ref] = []
         for r in refs:
@@ -156,7 +163,7 @@ class Enricher:
                 by_block[r.block_number].append(r)
         blocks: dict[int, list[Ref]] = {}
         for b, rs in by_block.items():
-            if shape == "per_block" or len(rs) >= self.plan.block_plan_min_refs:
+            if shape == "per_block" or len(rs) >= threshold:
                 blocks[b] = rs
             else:
                 per_tx.extend(rs)

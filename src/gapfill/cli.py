@@ -112,7 +112,9 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         config_file: str | None, verbose: int) -> None:  # fmt: skip
     """Find the transactions missing from your EVM database and fill them in from JSON-RPC nodes."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        # Quiet by default: what a user must know arrives as one sentence or a progress
+        # event; -v shows retries, set-aside endpoints and other warnings.
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

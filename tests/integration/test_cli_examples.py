@@ -1,0 +1,93 @@
+"""The README's worked examples, with the options they show, against local stand-ins.
+
+- a hosted provider with a rate limit, a batch cap, faults and an API key in the URL;
+- an Etherscan CSV import (also in test_cli_foundation.py);
+- a PostgreSQL run that a `gapfill worker` joins (see test_engine_faults.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gapfill.store import open_store
+
+GAPFILL = str(Path(sys.executable).parent / "gapfill")
+KEY = "k3yS3cr3tAbCdEf0123456789"
+
+
+@pytest.fixture
+def provider(small_chain: Any) -> Iterator[str]:
+    """A 'hosted provider': 400 calls/s, batches of at most 20, a few 5xx and truncated bodies."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gapfill.testing.emulator", "--upstream", small_chain.url, "--path",
+         f"/v2/{KEY}", "--rps", "400", "--max-batch", "20", "--p-5xx", "0.02", "--p-truncated", "0.02",
+         "--seed", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1"), url
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)  # reads and closes both pipes
+
+
+def emulator_stats(url: str) -> dict[str, Any]:
+    base = url.split("/v2/")[0]
+    with urllib.request.urlopen(f"{base}/_emulator/stats", timeout=5) as r:
+        data: dict[str, Any] = json.loads(r.read())
+        return data
+
+
+@pytest.mark.timeout(180)
+def test_hosted_provider_example(tmp_path: Path, small_chain: Any, provider: str) -> None:
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    refs = tmp_path / "refs.csv"
+    hashes = sorted(chain.direct[chain.token])[:600]
+    refs.write_text("hash,block_number\n" + "".join(f"{h},{chain.tx_block[h]}\n" for h in hashes))
+    base = [GAPFILL, "--db", db, "--rpc-url", provider]
+    out = ""
+    for args in (["contract", "add", chain.token], ["import", str(refs), "--contract", chain.token],
+                 ["--rps", "300", "enrich", "--mode", "batch", "--rpc-batch-size", "20"]):  # fmt: skip
+        cmd = base[:5] + args if args[0] != "--rps" else base + args
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
+        out += r.stdout + r.stderr
+        assert r.returncode == 0, out
+    assert KEY not in out
+    with open_store(db) as s:
+        (st,) = s.status()
+        assert (st.refs, st.enriched, st.missing, st.failed) == (600, 600, 0, 0)
+    stats = emulator_stats(provider)
+    # The budget (300 < 400 calls/s) and the batch cap are respected from the start.
+    assert stats["batches_refused"] <= 2
+    assert stats["calls_rate_limited"] <= 0.02 * stats["calls"]
+
+
+def test_contract_add_asks_the_node_for_the_chain_id(tmp_path: Path, small_chain: Any) -> None:
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    r = subprocess.run([GAPFILL, "--db", db, "--rpc-url", small_chain.url, "contract", "add",
+                        small_chain.chain.token], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"on chain {small_chain.chain.chain_id}" in r.stdout
+
+
+def test_unreachable_node_is_one_sentence_without_the_key(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    url = f"http://127.0.0.1:9/v2/{KEY}?apikey={KEY}"
+    r = subprocess.run([GAPFILL, "--db", db, "--rpc-url", url, "contract", "add", "0x" + "ab" * 20],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1
+    err = r.stderr.strip()
+    assert "could not reach" in err and "--rpc-url" in err and len(err.splitlines()) == 1
+    assert KEY not in r.stdout + r.stderr and "Traceback" not in r.stderr

@@ -271,7 +271,7 @@ def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) 
     if contract is not None:
         store.get_contract(contract, chain_id)
     rows = store.status(chain_id, contract)
-    extra = _coverage_report(store, rows)
+    extra = _coverage_report(store, rows, _node_head(ctx, {s.chain_id for s in rows}))
     if as_json:
         out = []
         for s in rows:
@@ -283,10 +283,39 @@ def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) 
     render_status(rows, extra)
 
 
-def _coverage_report(store: Store, rows: Sequence[ContractStatus]) -> dict[tuple[int, str], dict[str, Any]]:
+def _node_head(ctx: Ctx, chains: set[int]) -> dict[int, int]:
+    """The head block of the configured node's chain, when a node is configured and answers.
+
+    Status is about the database: an unreachable node only makes the coverage report
+    stop at the highest scanned block instead of the head.
+    """
+    if not (ctx.rpc_urls or ctx.file.endpoints) or not chains:
+        return {}
+    import asyncio
+
+    from gapfill.engine.session import make_client
+    from gapfill.rpc import RpcSettings
+
+    async def go() -> dict[int, int]:
+        settings = RpcSettings(attempts=1, connect_timeout_s=3.0, read_timeout_s=5.0)
+        async with make_client(ctx.endpoints(), settings=settings) as client:
+            chain = await client.probe()
+            return {chain: int(await client.call("eth_blockNumber", []), 16)}
+
+    try:
+        return asyncio.run(go())
+    except GapfillError as exc:
+        log.info("no head from the node for status: %s", exc)
+        return {}
+
+
+def _coverage_report(
+    store: Store, rows: Sequence[ContractStatus], heads: dict[int, int]
+) -> dict[tuple[int, str], dict[str, Any]]:
     from gapfill.discover.coverage import coverage_report
 
-    return {(s.chain_id, s.address): coverage_report(store, s.chain_id, s.address) for s in rows}
+    return {(s.chain_id, s.address): coverage_report(store, s.chain_id, s.address, heads.get(s.chain_id))
+            for s in rows}  # fmt: skip
 
 
 def _blocks(s: ContractStatus) -> str:

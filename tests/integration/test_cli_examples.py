@@ -91,3 +91,24 @@ def test_unreachable_node_is_one_sentence_without_the_key(tmp_path: Path) -> Non
     err = r.stderr.strip()
     assert "could not reach" in err and "--rpc-url" in err and len(err.splitlines()) == 1
     assert KEY not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def test_status_reports_partial_and_unscanned_ranges_up_to_the_head(tmp_path: Path, small_chain: Any) -> None:
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = [GAPFILL, "--db", db, "--rpc-url", small_chain.url]
+    token = small_chain.chain.token
+    head = small_chain.chain.head
+    for args in (["contract", "add", token, "--start-block", "0"],
+                 ["discover", "--contract", token, "--from-block", "0", "--to-block", "9", "--method", "logs",
+                  "--confirmations", "0"],
+                 ["discover", "--contract", token, "--from-block", "5", "--to-block", "14", "--method",
+                  "blocks", "--confirmations", "0"]):  # fmt: skip
+        r = subprocess.run(base + args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([*base, "status", "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["complete"] == [[5, 14]]
+    assert row["partial"] == [[0, 4]]
+    assert row["unscanned"] == [[15, head]]
+    assert row["refs"] > 0

@@ -67,7 +67,7 @@ class LineRenderer:
         if isinstance(ev, RunStarted):
             join = f", joined {ev.joined} open plan(s)" if ev.joined else ""
             self.line(f"Run #{ev.run_id}: mode {ev.mode}, {ev.workers} worker(s) on {ev.cores} CPU cores; "
-                      f"planned {ev.batches} batches, {ev.refs:,} refs{join}")  # fmt: skip
+                      f"{ev.batches} open batches, {ev.refs:,} refs newly planned{join}")  # fmt: skip
         elif isinstance(ev, BatchAssigned):
             self.line(f"[Worker-{ev.worker + 1}] Assigned batch {ev.batch_id}: {key_range(ev.lo, ev.hi)}, "
                       f"{ev.refs} refs" + (f" (attempt {ev.attempt})" if ev.attempt > 1 else ""))  # fmt: skip

@@ -166,11 +166,13 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tupl
 
 
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
+    """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:
         counts = store.batch_counts()
         return counts.pending + counts.leased, 0, len(job.targets)
     info = store.plan(run_id, job.targets, job.batch_size)
-    return info.batches, info.refs, info.joined
+    counts = store.batch_counts(targets=list(job.targets))
+    return counts.pending + counts.leased, info.refs, info.joined
 
 
 # -- in-process modes ----------------------------------------------------------------------
@@ -403,7 +405,8 @@ class Coordinator:
                 from gapfill.engine.metrics import MetricsServer
 
                 self.metrics = MetricsServer(job.metrics_port, self._metrics_snapshot)
-            counts0 = store.batch_counts()
+            scope = list(job.targets) if job.plan_new else None
+            counts0 = store.batch_counts(targets=scope)
             total_batches = counts0.pending + counts0.leased
             if total_batches:  # with nothing open, no worker starts and no node is asked anything
                 for i in range(self.workers):
@@ -431,7 +434,8 @@ class Coordinator:
                         if waited > job.grace_period_s + 5:
                             for s in alive:
                                 s.proc.kill()
-                    elif not alive:
+                    elif not any(s.proc.is_alive() for s in self.slots.values()):
+                        # (``alive`` predates the restarts above: a worker restarted there is running.)
                         if store.has_open_batches(job.targets if job.plan_new else None):
                             # Workers left while work remains (e.g. they could not start): retry once more.
                             for s in list(self.slots.values()):

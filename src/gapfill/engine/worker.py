@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class TransientFailures(Exception):
+    """Some refs of a batch failed for a reason that may pass; the batch is retried."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     lease_timeout_s: float = 300.0
@@ -174,6 +178,13 @@ class Worker:
                     enriched = await self._isolate(enricher, refs)
                 else:
                     enriched = await self._enrich(enricher, refs)
+                    transient = [f for f in enriched.failures if not f.permanent]
+                    if transient:
+                        # Failures that may pass (timeouts, inconsistent answers) must not mark
+                        # the batch done: give it back for another attempt; the last one stores them.
+                        first = transient[0]
+                        raise TransientFailures(f"{len(transient)} transaction(s) failed, e.g. "
+                                                f"{first.tx_hash}: {first.last_error}")  # fmt: skip
             finally:
                 keeper.cancel()
             if lost.is_set():

@@ -513,14 +513,22 @@ class Store(abc.ABC):
     def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
         """Stream the gap's keys in order inside the planning transaction."""
 
-    def batch_counts(self, run_id: int | None = None) -> BatchCounts:
-        """Counts over the open plans (or one run's batches)."""
+    def batch_counts(
+        self, run_id: int | None = None, targets: Sequence[tuple[int, str]] | None = None
+    ) -> BatchCounts:
+        """Counts over all batches, one run's, or the batches of some contracts."""
         sql = (
             "SELECT state, count(*), coalesce(sum(succeeded), 0), coalesce(sum(failed), 0) "
-            "FROM batches WHERE (CAST(? AS BIGINT) IS NULL OR run_id = ?) GROUP BY state"
+            "FROM batches WHERE (CAST(? AS BIGINT) IS NULL OR run_id = ?)"
         )
+        params: list[Any] = [run_id, run_id]
+        if targets:
+            sql += " AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ")"
+            for c, a in targets:
+                params += [c, a]
+        sql += " GROUP BY state"
         with self._read() as cur:
-            cur.execute(self._sql(sql), (run_id, run_id))
+            cur.execute(self._sql(sql), params)
             by: dict[str, tuple[int, int, int]] = {
                 s: (int(n), int(a), int(b)) for s, n, a, b in cur.fetchall()
             }

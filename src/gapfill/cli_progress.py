@@ -55,13 +55,13 @@ def summary_lines(s: RunSummary) -> list[str]:
 class LineRenderer:
     """The seed's log lines, with key ranges where the seed printed offsets."""
 
-    def __init__(self, out: TextIO = sys.stderr, progress_every_s: float = 5.0) -> None:
+    def __init__(self, out: TextIO | None = None, progress_every_s: float = 5.0) -> None:
         self.out = out
         self.every = progress_every_s
         self._last = 0.0
 
     def line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(text, file=self.out or sys.stderr, flush=True)
 
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):

@@ -1,0 +1,427 @@
+"""Enrichment is exact: every stored field equals what the node returns for it.
+
+One anvil chain of 20,000 transactions over 160 blocks is generated per module.
+Token (with its ABI) and Silent are tracked, with a ref for every transaction
+that reaches them (directly, through the router, or by a log); about one ref in
+eight has no block number. The expected rows come from ``oracle.py``, which reads
+the node with plain ``urllib`` batches and decodes with ``eth_abi``: it shares
+no code with ``gapfill.enrich``.
+
+Covered: SQLite and PostgreSQL; batch mode with each plan shape forced;
+sequential mode on a subset; concurrent mode with 2 worker processes on
+PostgreSQL; reverted transactions; values above 2**64; a second run that
+changes nothing and asks the node for nothing; a hash the chain does not have
+(``not_found``, exit code 3, ``--retry-failed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from oracle import NodeView, diff_rows, expected_logs, expected_tx, read_node
+
+from gapfill.cli import cli
+from gapfill.store import open_store
+from gapfill.testing.anvil import Anvil
+from gapfill.testing.chain import ChainSpec, GeneratedChain, generate
+
+SPEC = ChainSpec(layout="dense", total_txs=20_000, seed=23, blocks=160)
+#: Methods that fetch a transaction's data; a run with nothing to do must send none.
+DATA_METHODS = ("eth_getTransactionReceipt", "eth_getTransactionByHash", "eth_getBlockByNumber",
+                "eth_getBlockReceipts")  # fmt: skip
+MISSING_HASH = "0x" + "ab" * 32
+GAPFILL_BIN = Path(sys.executable).with_name("gapfill")
+
+
+@dataclass
+class World:
+    """The chain, the refs to import per contract, and the rows the node implies."""
+
+    node: Anvil
+    chain: GeneratedChain
+    refs: dict[str, list[tuple[str, int | None]]]  # contract -> (hash, block or None)
+    abis: dict[str, Any]
+    view: NodeView
+    want_tx: dict[str, dict[str, Any]]
+    want_logs: dict[str, list[dict[str, Any]]]
+    abi_file: Path
+
+    @property
+    def hashes(self) -> set[str]:
+        return {h for rs in self.refs.values() for h, _ in rs}
+
+
+def _no_block(tx_hash: str) -> bool:
+    """About one ref in eight is imported without its block number."""
+    return int(tx_hash[2:6], 16) % 8 == 0
+
+
+@pytest.fixture(scope="module")
+def world(anvil_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with Anvil(binary=anvil_bin) as node:
+        chain = generate(node.url, SPEC)
+        refs = {
+            c: sorted((h, None if _no_block(h) else chain.tx_block[h]) for h in chain.reached(c))
+            for c in (chain.token, chain.silent)
+        }
+        abis: dict[str, Any] = {chain.token: chain.token_abi}  # Silent is tracked without an ABI
+        hashes = {h for rs in refs.values() for h, _ in rs}
+        view = read_node(node.url, hashes)
+        abi_file = tmp_path_factory.mktemp("abi") / "Token.json"
+        abi_file.write_text(json.dumps({"abi": chain.token_abi}))
+        yield World(
+            node, chain, refs, abis, view,
+            {h: expected_tx(view, h, abis) for h in hashes},
+            {h: expected_logs(view, h, abis) for h in hashes},
+            abi_file,
+        )  # fmt: skip
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def gapfill(db_url: str, rpc_url: str | None, *args: str) -> tuple[int, str]:
+    """Run the CLI in this process; return (exit code, stdout + stderr)."""
+    argv = ["--db", db_url]
+    if rpc_url:
+        argv += ["--rpc-url", rpc_url]
+    result = CliRunner().invoke(cli, [*argv, *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def setup_db(
+    db_url: str, w: World, tmp: Path, keep: Callable[[str], bool] = lambda h: True,
+    extra: Sequence[tuple[str, str, int | None]] = (),
+) -> set[str]:  # fmt: skip
+    """Track Token (ABI via ``--abi``) and Silent, import their refs by CSV; return the hashes."""
+    chain = w.chain
+    code, out = gapfill(db_url, None, "contract", "add", chain.token, "--chain-id", str(chain.chain_id),
+                        "--label", "token", "--abi", str(w.abi_file))  # fmt: skip
+    assert code == 0, out
+    code, out = gapfill(db_url, None, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id),
+                        "--label", "silent")  # fmt: skip
+    assert code == 0, out
+    imported: set[str] = set()
+    for contract, refs in w.refs.items():
+        rows = [(h, b) for h, b in refs if keep(h)]
+        rows += [(h, b) for c, h, b in extra if c == contract]
+        csv = tmp / f"refs-{contract}.csv"
+        csv.write_text("tx_hash,block_number\n" + "".join(f"{h},{'' if b is None else b}\n" for h, b in rows))
+        code, out = gapfill(db_url, None, "import", str(csv), "--contract", contract)
+        assert code == 0, out
+        imported |= {h for h, _ in rows}
+    return imported
+
+
+def stored(db_url: str, chain_id: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    with open_store(db_url) as s:
+        return s.fetch_transactions(chain_id), s.fetch_logs(chain_id)
+
+
+def assert_exact(
+    db_url: str, w: World, hashes: set[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every row of ``hashes`` (and nothing else) is stored exactly as the node implies."""
+    txs, logs = stored(db_url, w.chain.chain_id)
+    want_txs = [w.want_tx[h] for h in hashes]
+    want_logs = [row for h in hashes for row in w.want_logs[h]]
+    problems = diff_rows(txs, want_txs, ["tx_hash"]) + diff_rows(logs, want_logs, ["tx_hash", "log_index"])
+    assert not problems, f"{len(problems)}+ differences:\n" + "\n".join(problems)
+    assert len(txs) == len(hashes) and len(logs) == len(want_logs)
+    return txs, logs
+
+
+def failures_json(db_url: str) -> list[dict[str, Any]]:
+    code, out = gapfill(db_url, None, "failures", "--json")
+    assert code == 0, out
+    rows: list[dict[str, Any]] = json.loads(out)
+    return rows
+
+
+@contextmanager
+def counting_proxy(upstream: str) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The provider emulator (no faults) in front of ``upstream``: its URL and a stats reader."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gapfill.testing.emulator", "--upstream", upstream, "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), f"emulator did not start: {url!r}"
+        base = url.rstrip("/")
+
+        def stats() -> dict[str, Any]:
+            with urllib.request.urlopen(f"{base}/_emulator/stats", timeout=10) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+
+        yield url, stats
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def last_run(db_url: str) -> dict[str, Any]:
+    """The latest run as ``gapfill runs --json`` shows it."""
+    code, out = gapfill(db_url, None, "runs", "--json", "--limit", "1")
+    assert code == 0, out
+    (run,) = json.loads(out)
+    assert isinstance(run, dict)
+    return run
+
+
+def assert_rerun_is_a_no_op(db_url: str, w: World, before: tuple[list[Any], list[Any]]) -> None:
+    """A second ``enrich`` through a counting proxy: no data calls, rows unchanged."""
+    with counting_proxy(w.node.url) as (url, stats):
+        code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "-q")
+        seen = stats()
+    assert code == 0, out
+    methods = seen["methods"]
+    assert not {m: methods[m] for m in DATA_METHODS if m in methods}, methods
+    run = last_run(db_url)
+    assert (run["state"], run["processed"], run["rpc_calls"]) == ("done", 0, 0), run
+    assert stored(db_url, w.chain.chain_id) == before
+
+
+# -- the oracle itself -------------------------------------------------------------------
+
+
+def test_world_covers_the_hard_cases(world: World) -> None:
+    """The refs reach every shape the exactness tests claim to check, and the oracle decodes
+    the known shapes as a hand reading of the ABI encoding does."""
+    chain, want = world.chain, world.want_tx
+    hashes = world.hashes
+    assert len(chain.all_txs) >= 20_000 and chain.head - chain.first_block + 1 >= 150
+    assert len(hashes) > 15_000
+    assert chain.internal[chain.token] and chain.internal[chain.token] <= hashes  # via the router
+    assert sum(1 for rs in world.refs.values() for _, b in rs if b is None) > 1_000
+    reverted = chain.reverted & hashes
+    assert reverted and all(want[h]["status"] == 0 for h in reverted)
+    assert all(want[h]["status"] == 1 for h in hashes - chain.reverted)
+    big = chain.big_value & hashes
+    assert big and all(want[h]["value"] > 2**64 for h in big)
+    assert {want[h]["tx_type"] for h in hashes} == {0, 1, 2}
+    assert any(want[h]["access_list"] for h in hashes if want[h]["tx_type"] == 2)
+    deploy = chain.deploy_txs[chain.token]
+    assert want[deploy]["created_contract"] == chain.token and want[deploy]["to_address"] is None
+
+    names = {want[h]["method_name"] for h in hashes}
+    assert {"ping", "transfer", "approve", "fail", "mintMany", None} <= names
+    t = next(want[h] for h in hashes if want[h]["method_name"] == "transfer")
+    assert t["method_args"] == {"to": "0x" + t["input"][34:74], "amount": str(int(t["input"][74:138], 16))}
+    events = {row["event_name"]: row for rows in world.want_logs.values() for row in rows}
+    assert set(events) == {"Transfer", "Approval", "Pinged"}
+    p = events["Pinged"]
+    data = bytes.fromhex(p["data"][2:])
+    length = int.from_bytes(data[64:96], "big")
+    assert p["event_args"] == {
+        "sender": "0x" + p["topic1"][26:],
+        "value": str(int.from_bytes(data[:32], "big")),
+        "data": "0x" + data[96 : 96 + length].hex(),
+    }
+    tr = events["Transfer"]
+    assert tr["event_args"] == {"from": "0x" + tr["topic1"][26:], "to": "0x" + tr["topic2"][26:],
+                                "value": str(int(tr["data"], 16))}  # fmt: skip
+    silent_calls = [want[h] for h in chain.direct[chain.silent]]
+    assert all(r["method_name"] is None and r["method_id"] for r in silent_calls)  # no ABI
+
+
+# -- batch mode, each plan shape, both backends ---------------------------------------------
+
+
+@pytest.mark.parametrize("plan", ["per_tx", "per_block"])
+def test_batch_mode_is_exact(db_url: str, world: World, plan: str, tmp_path: Path) -> None:
+    hashes = setup_db(db_url, world, tmp_path)
+    t0 = time.perf_counter()
+    code, out = gapfill(db_url, world.node.url, "enrich", "--mode", "batch", "--plan", plan, "-q")
+    secs = time.perf_counter() - t0
+    assert code == 0, out
+    before = assert_exact(db_url, world, hashes)
+    run = last_run(db_url)
+    print(f"batch {plan}: {len(hashes)} txs in {secs:.1f}s, {run['rpc_calls']} calls")
+    assert run["processed"] == len(hashes)
+    if plan == "per_tx":  # a receipt and a transaction per ref
+        assert run["rpc_calls"] >= 2 * len(hashes), run
+    else:  # two calls per block, per transaction only for the refs without a block number
+        assert run["rpc_calls"] < len(hashes) // 2, run
+    assert_rerun_is_a_no_op(db_url, world, before)
+
+
+# -- nodes that do not annotate blockTimestamp ------------------------------------------------
+
+
+def _strip_timestamps(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_timestamps(v) for k, v in value.items() if k != "blockTimestamp"}
+    if isinstance(value, list):
+        return [_strip_timestamps(v) for v in value]
+    return value
+
+
+@contextmanager
+def no_timestamp_node(upstream: str) -> Iterator[str]:
+    """A proxy that removes ``blockTimestamp`` from every answer, as older geth and erigon send them.
+
+    anvil annotates receipts, logs and transactions with the block time, so without
+    this the planner's header and full-block fallbacks would never run.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            req = urllib.request.Request(upstream, data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answer = json.dumps(_strip_timestamps(json.loads(resp.read()))).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("metered", [False, True], ids=["headers", "full_blocks"])
+def test_per_tx_without_block_timestamps_is_exact(
+    sqlite_url: str, world: World, metered: bool, tmp_path: Path
+) -> None:
+    """Free calls: transaction plus one header per block; metered (--rps): the full block."""
+    subset = set(sorted(world.hashes)[::8]) | {world.chain.deploy_txs[world.chain.token]}
+    hashes = setup_db(sqlite_url, world, tmp_path, keep=subset.__contains__)
+    rps = ("--rps", "1000000") if metered else ()
+    with no_timestamp_node(world.node.url) as url:
+        code, out = gapfill(sqlite_url, url, *rps, "enrich", "--mode", "batch", "--plan", "per_tx", "-q")
+    assert code == 0, out
+    run = last_run(sqlite_url)
+    if metered:  # a full block per block instead of a transaction per ref: fewer calls
+        assert run["rpc_calls"] < 2 * len(hashes), run
+    else:  # a receipt and a transaction per ref, plus the headers
+        assert run["rpc_calls"] > 2 * len(hashes), run
+    assert_exact(sqlite_url, world, hashes)
+
+
+# -- sequential mode on a subset -----------------------------------------------------------
+
+
+def test_sequential_mode_is_exact(sqlite_url: str, world: World, tmp_path: Path) -> None:
+    chain = world.chain
+    pick = sorted(world.hashes)
+    subset = set(pick[::60])
+    # Make sure the hard cases are in the subset.
+    subset |= set(sorted(chain.reverted & world.hashes)[:5]) | set(sorted(chain.big_value & world.hashes)[:5])
+    subset |= set(sorted(chain.internal[chain.token])[:5]) | {chain.deploy_txs[chain.token]}
+    assert 250 <= len(subset) <= 400
+    hashes = setup_db(sqlite_url, world, tmp_path, keep=subset.__contains__)
+    code, out = gapfill(sqlite_url, world.node.url, "enrich", "--mode", "sequential", "-q")
+    assert code == 0, out
+    run = last_run(sqlite_url)
+    assert (run["mode"], run["processed"]) == ("sequential", len(hashes)), run
+    assert run["rpc_calls"] >= 2 * len(hashes), run  # one call at a time: receipt, then transaction
+    before = assert_exact(sqlite_url, world, hashes)
+    assert_rerun_is_a_no_op(sqlite_url, world, before)
+
+    # The check can fail: one wrong digit in a value, or one wrong decoded argument, is caught.
+    big = sorted(chain.big_value & hashes)[0]
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE transactions SET value = CAST(value AS TEXT) || '1' WHERE tx_hash = ?", (big,))
+    with pytest.raises(AssertionError, match="value"):
+        assert_exact(sqlite_url, world, hashes)
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
+        db.execute("UPDATE transactions SET value = substr(value, 1, length(value) - 1) WHERE tx_hash = ?",
+                   (big,))  # fmt: skip
+        db.execute("UPDATE logs SET event_args = json_set(event_args, '$.value', '1') "
+                   "WHERE event_name = 'Pinged' AND tx_hash = (SELECT min(tx_hash) FROM logs "
+                   "WHERE event_name = 'Pinged')")  # fmt: skip
+    with pytest.raises(AssertionError, match="event_args"):
+        assert_exact(sqlite_url, world, hashes)
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+def test_unknown_hash_is_a_permanent_not_found_failure(db_url: str, world: World, tmp_path: Path) -> None:
+    chain = world.chain
+    subset = set(sorted(world.hashes)[::400])
+    known_block = chain.tx_block[sorted(subset)[0]]
+    hashes = setup_db(db_url, world, tmp_path, keep=subset.__contains__,
+                      extra=[(chain.token, MISSING_HASH, known_block)])  # fmt: skip
+    good = hashes - {MISSING_HASH}
+
+    code, out = gapfill(db_url, world.node.url, "enrich", "--mode", "batch", "-q")
+    assert code == 3, out
+    assert_exact(db_url, world, good)
+    (f,) = failures_json(db_url)
+    assert (f["tx_hash"], f["contract"], f["reason"], f["permanent"]) == (
+        MISSING_HASH, chain.token, "not_found", True)  # fmt: skip
+    code, out = gapfill(db_url, None, "status", "--json")
+    token_status = next(s for s in json.loads(out) if s["contract"] == chain.token)
+    assert token_status["failed"] == 1 and token_status["missing"] == 0
+
+    # The failure left the gap: a rerun asks for nothing and keeps the failure.
+    with counting_proxy(world.node.url) as (url, stats):
+        code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "-q")
+        methods = stats()["methods"]
+    assert code == 3, out  # the permanent failure is still there, whichever run recorded it
+    assert not {m for m in DATA_METHODS if m in methods}, methods
+    assert [x["tx_hash"] for x in failures_json(db_url)] == [MISSING_HASH]
+
+    # --retry-failed puts it back into the gap: it is asked for again, and fails again.
+    with counting_proxy(world.node.url) as (url, stats):
+        code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "--retry-failed", "-q")
+        methods = stats()["methods"]
+    assert code == 3, out
+    assert "1 failed ref(s) put back into the gap" in out
+    assert methods.get("eth_getTransactionReceipt", 0) >= 1 or methods.get("eth_getBlockReceipts", 0) >= 1
+    (f,) = failures_json(db_url)
+    assert (f["tx_hash"], f["reason"]) == (MISSING_HASH, "not_found")
+    assert_exact(db_url, world, good)
+
+
+# -- concurrent mode -----------------------------------------------------------------------
+
+
+def test_concurrent_mode_on_postgres_is_exact(pg_url: str, world: World, tmp_path: Path) -> None:
+    hashes = setup_db(pg_url, world, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GAPFILL_", "ETH_RPC"))}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(GAPFILL_BIN), "--db", pg_url, "--rpc-url", world.node.url, "enrich", "--mode", "concurrent",
+         "--workers", "2", "--batch-size", "1000", "-q"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    secs = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"concurrent x2: {len(hashes)} txs in {secs:.1f}s")
+    run = last_run(pg_url)
+    assert (run["mode"], run["workers"], run["state"]) == ("concurrent", 2, "done"), run
+    before = assert_exact(pg_url, world, hashes)
+    assert_rerun_is_a_no_op(pg_url, world, before)

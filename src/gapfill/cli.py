@@ -1,7 +1,7 @@
 """The command line: parse flags and environment, call the library, render. No logic here.
 
 Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
-3 complete with permanent failures, 130 interrupted.
+3 finished with failures (see `gapfill failures`), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -396,7 +396,8 @@ def _run_job(job: Any, quiet: bool) -> None:
             click.echo(line)
     else:
         summary = run_enrich(job, render)
-    if summary.permanent_failures:
+    if summary.permanent_failures or summary.failed:
+        # Finished, but not everything is stored: `gapfill failures` says why.
         raise SystemExit(3)
 
 

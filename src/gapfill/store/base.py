@@ -678,16 +678,21 @@ class Store(abc.ABC):
                 (owner,),
             )
             held = [(int(b), int(a)) for b, a in cur.fetchall()]
+            released = 0
             for batch_id, attempt in held:
+                # Still this owner's lease? (Another coordinator may have expired it meanwhile.)
                 cur.execute(
                     self._sql(
                         "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
                         " last_owner = ?, last_error = ? WHERE batch_id = ? AND attempts = ?"
+                        " AND state = 'leased' AND lease_owner = ?"
                     ),
-                    (owner, error, batch_id, attempt),
+                    (owner, error, batch_id, attempt, owner),
                 )
-                self._event(cur, batch_id, owner, attempt, "abandoned", now)
-            return len(held)
+                if cur.rowcount == 1:
+                    released += 1
+                    self._event(cur, batch_id, owner, attempt, "abandoned", now)
+            return released
 
     def lease_owners(self) -> list[str]:
         """Owners holding leases now (to find dead local workers)."""
@@ -715,9 +720,9 @@ class Store(abc.ABC):
                     self._sql(
                         "UPDATE batches SET state = 'pending', lease_owner = NULL, "
                         "lease_expires_at = NULL, last_owner = ?, last_error = 'lease expired' "
-                        "WHERE batch_id = ? AND state = 'leased' AND attempts = ?"
+                        "WHERE batch_id = ? AND state = 'leased' AND attempts = ? AND lease_expires_at < ?"
                     ),
-                    (b.lease_owner, b.id, b.attempts),
+                    (b.lease_owner, b.id, b.attempts, now),
                 )
                 if cur.rowcount == 1:
                     self._event(cur, b.id, b.lease_owner or "", b.attempts, "expired", now)

@@ -1,0 +1,385 @@
+"""The concurrent engine under faults, end to end: real anvil, PostgreSQL, ``gapfill`` subprocesses.
+
+Every test runs ``gapfill enrich --mode concurrent`` (a coordinator and spawned
+worker processes), breaks something while batches are in flight, and then checks
+that the result is *exact*: every transaction and log the refs name is stored and
+equal to what the node returns (``engine_support.exactness_problems`` asks the
+node itself), and nothing else is stored.
+
+The node is reached through the provider emulator with some latency per request,
+so a run lasts several seconds and faults land mid-batch. Each database records a
+finished sequential run first, so coordinators skip their 20-ref sequential
+speed measurement (one call at a time through a slow emulator is many seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+from engine_support import (
+    CorruptingProxy,
+    GapfillProc,
+    NodeTruth,
+    Seeded,
+    alive,
+    chain_refs,
+    cmdline,
+    committed_count,
+    emulator,
+    emulator_stats,
+    exactness_problems,
+    free_port,
+    gapfill,
+    lease_events,
+    lease_overlaps,
+    leased_now,
+    node_truth,
+    owner_pid,
+    query,
+    record_sequential_run,
+    seed,
+    wait_for,
+    worker_pids,
+)
+
+from gapfill.testing.anvil import Anvil
+from gapfill.testing.chain import ChainSpec, GeneratedChain, generate
+
+FAULT_CHAIN = ChainSpec(layout="dense", total_txs=3_000, seed=11)
+LATENCY = ("--latency-s", "0.25", "--latency-jitter-s", "0.1")
+
+
+@dataclass(frozen=True)
+class NodeChain:
+    url: str
+    chain: GeneratedChain
+
+
+@pytest.fixture(scope="module")
+def node_chain(anvil_bin: str) -> Iterator[NodeChain]:
+    """A node with a ~3,000-tx dense chain, shared read-only by this module."""
+    with Anvil(binary=anvil_bin) as node:
+        yield NodeChain(node.url, generate(node.url, FAULT_CHAIN))
+
+
+@pytest.fixture(scope="module")
+def truth(node_chain: NodeChain) -> NodeTruth:
+    hashes = frozenset().union(*chain_refs(node_chain.chain).values())
+    return node_truth(node_chain.url, hashes)
+
+
+@pytest.fixture
+def seeded(pg_url: str, node_chain: NodeChain) -> Seeded:
+    s = seed(pg_url, node_chain.chain)
+    record_sequential_run(pg_url)
+    return s
+
+
+def enrich_args(db: str, rpc: str, *extra: str) -> list[str]:
+    return ["--db", db, "--rpc-url", rpc, "enrich", "--mode", "concurrent", "--workers", "2",
+            "--batch-size", "50", "--grace-period", "5", *extra]  # fmt: skip
+
+
+def assert_exact(db: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded) -> None:
+    problems = exactness_problems(db, node_chain.chain.chain_id, truth, seeded.hashes)
+    assert not problems, "\n".join(problems)
+    assert query(db, "SELECT count(*) FROM batches WHERE state <> 'done'")[0][0] == 0
+
+
+def stop_holding_worker(db: str, coordinator: GapfillProc, exclude: set[int]) -> tuple[str, list[int]]:
+    """SIGSTOP a worker of ``coordinator`` that holds a lease, then ``kill -9`` it.
+
+    Stopping first makes "mid-batch" certain: a stopped worker cannot commit, so
+    the leases read while it is stopped are the ones it dies holding.
+    Returns its owner name and the batches it held.
+    """
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert coordinator.poll() is None, coordinator.output()
+        workers = worker_pids(coordinator.pid) - exclude
+        for _batch, owner in leased_now(db):
+            pid = owner_pid(owner)
+            if pid not in workers:
+                continue
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.3)  # let a statement already sent to the server finish
+            held = [b for b, o in leased_now(db) if o == owner]
+            if held:
+                os.kill(pid, signal.SIGKILL)
+                return owner, held
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"no worker of the coordinator held a lease\n{coordinator.output()}")
+
+
+@pytest.mark.timeout(150)
+def test_worker_killed_twice_mid_batch(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 2, 60, proc=p)
+            first_owner, first_held = stop_holding_worker(pg_url, p, set())
+            first_pid = owner_pid(first_owner)
+            # The coordinator restarts it; kill the next worker holding a lease (never the dead one).
+            wait_for("the worker's restart", lambda: len(worker_pids(p.pid) - {first_pid}) == 2, 60, proc=p)
+            second_owner, second_held = stop_holding_worker(pg_url, p, {first_pid})
+            rc = p.wait(120)
+        finally:
+            p.close()
+    assert rc == 0, p.output()
+    assert_exact(pg_url, node_chain, truth, seeded)
+    events = lease_events(pg_url)
+    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+    for owner, held in ((first_owner, first_held), (second_owner, second_held)):
+        for batch_id in held:
+            mine = [e for e in events if e.batch_id == batch_id]
+            ends = [e.event for e in mine if e.owner == owner and e.event != "renewed"]
+            assert ends[-1] in ("abandoned", "expired"), (owner, batch_id, mine)
+            committed = [e for e in mine if e.event == "committed"]
+            assert len(committed) == 1 and committed[0].owner != owner, (owner, batch_id, mine)
+            assert committed[0].attempt >= 2
+    assert "restarted" in p.output(50_000)
+
+
+@pytest.mark.timeout(150)
+def test_sigint_stops_within_grace_period_and_rerun_completes(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    grace = 5.0
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            wait_for("some commits", lambda: committed_count(pg_url) >= 3, 60, proc=p)
+            wait_for("two workers", lambda: len(worker_pids(p.pid)) == 2, 30, proc=p)
+            p.poll()  # records the process tree (workers, resource tracker)
+            tree = set(p.seen)
+            assert leased_now(pg_url), "no batch in flight when interrupting"
+            t0 = time.monotonic()
+            os.killpg(p.pid, signal.SIGINT)  # Ctrl+C: the whole process group gets it
+            rc = p.wait(grace + 30)
+            took = time.monotonic() - t0
+        finally:
+            p.close()
+        assert rc == 130, p.output()
+        # The coordinator only SIGTERMs after the grace period and SIGKILLs 5 s later;
+        # the margin covers a loaded machine, not a slow shutdown.
+        assert took < grace + 8, f"took {took:.1f}s to stop\n{p.output()}"
+        left = wait_for_dead(tree)
+        assert not left, f"processes left behind: {[(q, cmdline(q)) for q in left]}"
+        assert leased_now(pg_url) == [], "an interrupted run left leases behind"
+        state = query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent' ORDER BY run_id")
+        assert [s for (s,) in state] == ["interrupted"]
+        # Some work is left for the rerun (else this test did not interrupt anything).
+        assert query(pg_url, "SELECT count(*) FROM batches WHERE state = 'pending'")[0][0] > 0
+
+        rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, "rerun")
+    assert rc == 0, out
+    assert_exact(pg_url, node_chain, truth, seeded)
+    events = lease_events(pg_url)
+    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+
+
+def wait_for_dead(pids: set[int], timeout_s: float = 5.0) -> set[int]:
+    """The pids still running after ``timeout_s`` (an exiting child may need a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = {q for q in pids if alive(q)}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+TERMINATE = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = 'gapfill' AND pid <> pg_backend_pid()"
+)
+
+
+@pytest.mark.timeout(150)
+def test_database_connections_dropped_mid_run(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            terminated = 0
+            for round_ in (3, 15):
+                wait_for(f"{round_} commits", lambda n=round_: committed_count(pg_url) >= n, 60, proc=p)  # type: ignore[misc]
+                terminated += int(query(pg_url, TERMINATE)[0][0])
+            rc = p.wait(120)
+        finally:
+            p.close()
+    assert terminated >= 3, "the connections of the coordinator and its workers were not dropped"
+    assert rc == 0, p.output()
+    assert_exact(pg_url, node_chain, truth, seeded)
+    events = lease_events(pg_url)
+    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+
+
+@pytest.mark.timeout(180)
+def test_two_coordinators_and_a_worker_share_the_plan(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        procs = [GapfillProc(enrich_args(pg_url, rpc), tmp_path, "coordinator-a"),
+                 GapfillProc(enrich_args(pg_url, rpc), tmp_path, "coordinator-b")]  # fmt: skip
+        try:
+            # `gapfill worker` only joins open plans: start it once there is one.
+            wait_for("a plan", lambda: query(pg_url, "SELECT count(*) FROM batches")[0][0] > 0, 60,
+                     proc=procs[0])  # fmt: skip
+            procs.append(GapfillProc(["--db", pg_url, "--rpc-url", rpc, "worker", "--workers", "2"],
+                                     tmp_path, "worker"))  # fmt: skip
+            pids: dict[str, set[int]] = {q.name: set() for q in procs}
+
+            def finished() -> bool:
+                for q in procs:
+                    if q.proc.poll() is None:
+                        pids[q.name] |= worker_pids(q.pid)
+                return all(q.proc.poll() is not None for q in procs)
+
+            wait_for("all three to finish", finished, 120, every_s=0.05)
+            codes = {q.name: q.wait(10) for q in procs}
+        finally:
+            for q in procs:
+                q.close()
+    assert codes == {"coordinator-a": 0, "coordinator-b": 0, "worker": 0}, "\n".join(
+        q.output() for q in procs
+    )
+    assert_exact(pg_url, node_chain, truth, seeded)
+    events = lease_events(pg_url)
+    problems = lease_overlaps(events)
+    assert not problems, "\n".join(problems)
+    plans = query(pg_url, "SELECT count(DISTINCT run_id) FROM batches")[0][0]
+    assert plans == 1, "the second coordinator planned again instead of joining the open plan"
+    committers = {owner_pid(e.owner) for e in events if e.event == "committed"}
+    working = [name for name, ps in pids.items() if ps & committers]
+    assert len(working) >= 2, f"only {working} committed batches: the run was not shared"
+
+
+@pytest.mark.timeout(150)
+def test_stalled_rpc_calls_are_cut_by_the_read_timeout(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # Some requests get no answer at all (the emulator holds them until it stops).
+    with emulator(node_chain.url, "--latency-s", "0.05", "--p-stall", "0.08", "--seed", "3") as (rpc, _):
+        rc, out = gapfill(enrich_args(pg_url, rpc, "--rpc-timeout", "2"), tmp_path, "enrich", 120)
+        stalls = emulator_stats(rpc)["faults"].get("stall", 0)
+    assert rc == 0, out
+    assert stalls >= 1, "no request stalled: the test proved nothing"
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(150)
+def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # The read timeout is longer than the lease: a worker stuck in a call stops renewing
+    # (no RPC progress), its lease expires, the coordinator kills it and the batch goes to
+    # another worker. One batch in flight per worker, so no other batch renews for it.
+    args = enrich_args(pg_url, "", "--lease-timeout", "3", "--rpc-timeout", "10", "--batches-in-flight", "1")
+    with emulator(node_chain.url, "--latency-s", "0.05", "--p-stall", "0.03", "--seed", "5") as (rpc, _):
+        args[args.index("--rpc-url") + 1] = rpc
+        rc, out = gapfill(args, tmp_path, "enrich", 140)
+        stalls = emulator_stats(rpc)["faults"].get("stall", 0)
+    assert rc == 0, out
+    assert stalls >= 1, "no request stalled: the test proved nothing"
+    assert_exact(pg_url, node_chain, truth, seeded)
+    events = lease_events(pg_url)
+    problems = lease_overlaps(events)
+    assert not problems, "\n".join(problems)
+    expired = [e for e in events if e.event == "expired"]
+    assert expired, f"no lease expired although {stalls} request(s) stalled\n{out}"
+    assert "stuck past its lease" in out
+    assert "exited with code None" not in out, "the coordinator replaced a worker that was running"
+
+
+@pytest.mark.timeout(120)
+def test_runs_are_listed_and_metrics_are_served(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    port = free_port()
+    scraped: dict[str, float] = {}
+
+    def scrape() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return False
+        for line in text.splitlines():
+            m = re.fullmatch(r"(gapfill_\w+) ([0-9.eE+-]+)", line)
+            if m:
+                scraped[m[1]] = float(m[2])
+        return scraped.get("gapfill_transactions_enriched_total", 0) > 0
+
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc, "--metrics-port", str(port)), tmp_path, "enrich")
+        try:
+            wait_for("metrics with enriched transactions", scrape, 60, every_s=0.2, proc=p)
+            rc = p.wait(120)
+        finally:
+            p.close()
+    assert rc == 0, p.output()
+    assert_exact(pg_url, node_chain, truth, seeded)
+    for name in ("gapfill_transactions_enriched_total", "gapfill_rpc_calls_total",
+                 "gapfill_batches_done_total", "gapfill_workers_alive"):  # fmt: skip
+        assert name in scraped, scraped
+    assert scraped["gapfill_rpc_calls_total"] > 0
+    assert scraped["gapfill_workers_alive"] >= 1
+
+    rc, out = gapfill(["--db", pg_url, "runs", "--json"], tmp_path, "runs-json", 60)
+    assert rc == 0, out
+    runs = orjson.loads(out.split("--- runs-json stdout ---\n", 1)[1].split("\n--- runs-json stderr", 1)[0])
+    mine = [r for r in runs if r["mode"] == "concurrent"]
+    assert len(mine) == 1 and mine[0]["state"] == "done" and mine[0]["workers"] == 2, runs
+    committed = query(pg_url, "SELECT coalesce(sum(succeeded), 0) FROM batches WHERE run_id = %s",
+                      (mine[0]["run_id"],))[0][0]  # fmt: skip
+    assert mine[0]["processed"] == committed > 0
+    assert mine[0]["rpc_calls"] > 0 and mine[0]["finished_at"] >= mine[0]["started_at"]
+    rc, out = gapfill(["--db", pg_url, "runs"], tmp_path, "runs", 60)
+    assert rc == 0, out
+    assert re.search(rf"#{mine[0]['run_id']} .* concurrent x2 done: {committed:,} processed", out), out
+
+
+@pytest.mark.timeout(150)
+def test_a_batch_that_keeps_failing_is_isolated(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, tmp_path: Path
+) -> None:
+    chain = node_chain.chain
+    refs = chain_refs(chain)
+    # A provider that always answers one transaction's receipt with a malformed block
+    # number: enriching any batch that holds it raises, on every attempt.
+    bad = sorted(refs[chain.silent] - refs[chain.token])[len(refs[chain.silent]) // 2]
+    seeded = seed(pg_url, chain, refs)
+    record_sequential_run(pg_url)
+    with CorruptingProxy(node_chain.url, bad) as proxy:
+        rc, out = gapfill(enrich_args(pg_url, proxy.url, "--plan", "per_tx"), tmp_path, "enrich", 120)
+    assert proxy.corrupted >= 3
+    assert rc == 3, out  # complete, with permanent failures
+    good = Seeded({a: hs - {bad} for a, hs in seeded.refs.items()})
+    problems = exactness_problems(pg_url, chain.chain_id, truth, good.hashes)
+    assert not problems, "\n".join(problems)
+    failures = query(pg_url, "SELECT tx_hash, reason, last_error FROM failures")
+    assert [(h, r) for h, r, _ in failures] == [(bad, "permanent")], failures
+    assert "isolated after 3 attempts" in failures[0][2]
+    (batch_id,) = [b for (b,) in query(pg_url, "SELECT batch_id FROM batches WHERE contract = %s AND "
+                                       "lo_tx <= %s AND hi_tx >= %s AND attempts > 1",
+                                       (chain.silent, bad, bad))]  # fmt: skip
+    events = [e for e in lease_events(pg_url) if e.batch_id == batch_id]
+    assert [(e.attempt, e.event) for e in events if e.event != "renewed"] == [
+        (1, "leased"), (1, "abandoned"), (2, "leased"), (2, "abandoned"), (3, "leased"), (3, "committed")
+    ], events
+    (state, succeeded, failed), = query(pg_url, "SELECT state, succeeded, failed FROM batches "
+                                         "WHERE batch_id = %s", (batch_id,))  # fmt: skip
+    assert state == "done" and failed == 1 and succeeded >= 1

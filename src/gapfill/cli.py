@@ -418,7 +418,7 @@ enrich_options = [
                  show_default=True, help="Force the call plan (the planner chooses by default)."),
     click.option("--block-plan-min-refs", type=click.IntRange(min=1), default=None,
                  help="Refs sharing a block from which the block is fetched whole "
-                      "[default: 2 when --rps is set, else 64]."),
+                      "[default: 2 when --rps is set; never without a rate limit]."),
     click.option("--rpc-timeout", "rpc_timeout_s", type=click.FloatRange(min=0.1), default=30.0,
                  show_default=True, help="Seconds to wait for an RPC response before retrying it."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from eth_utils.address import is_checksum_address
+from eth_hash.auto import keccak
 
 from gapfill.errors import InputError
 
@@ -21,11 +21,19 @@ def parse_address(text: str) -> str:
                 f"{s!r} is not an address: it has {len(s) - 2} hex digits, an address has 40"
             )
         raise InputError(f"{s!r} is not an address: write it as 0x followed by 40 hex digits")
-    if s[2:] != s[2:].lower() and s[2:] != s[2:].upper() and not is_checksum_address(s):
+    if s[2:] != s[2:].lower() and s[2:] != s[2:].upper() and s != to_checksum(s):
         raise InputError(
             f"{s!r} has a wrong EIP-55 checksum: check for a typo, or write it in lowercase"
         )
     return s.lower()
+
+
+def to_checksum(address: str) -> str:
+    """EIP-55: uppercase each hex letter whose nibble in keccak(lowercase address) is >= 8."""
+    body = address[2:].lower()
+    digest = keccak(body.encode()).hex()
+    return "0x" + "".join(c.upper() if c.isalpha() and int(digest[i], 16) >= 8 else c
+                          for i, c in enumerate(body))  # fmt: skip
 
 
 def is_tx_hash(text: str) -> bool:

@@ -250,21 +250,25 @@ class Store(abc.ABC):
         Keys run from ``start`` (inclusive) or ``after`` (exclusive) up to ``upto``
         (inclusive); each page resumes after the last key of the one before.
         """
+        # Row-value comparisons, not `a > x OR (a = x AND b > y)`: PostgreSQL turns the
+        # latter into a bitmap OR over every remaining row, while a row value walks the
+        # (chain_id, contract, key, tx_hash) index and stops at the LIMIT (2 ms a page
+        # instead of 150 ms at 1M refs).
         cursor_key = after
         first_inclusive = start
         while True:
             sql = f"SELECT r.tx_hash, r.block_number, r.source FROM refs r WHERE {GAP_WHERE}"
             params: list[Any] = [chain_id, contract]
             if first_inclusive is not None:
-                sql += f" AND ({KEY_SQL} > ? OR ({KEY_SQL} = ? AND r.tx_hash >= ?))"
-                params += [first_inclusive[0], first_inclusive[0], first_inclusive[1]]
+                sql += f" AND ({KEY_SQL}, r.tx_hash) >= (?, ?)"
+                params += [first_inclusive[0], first_inclusive[1]]
                 first_inclusive = None
             elif cursor_key is not None:
-                sql += f" AND ({KEY_SQL} > ? OR ({KEY_SQL} = ? AND r.tx_hash > ?))"
-                params += [cursor_key[0], cursor_key[0], cursor_key[1]]
+                sql += f" AND ({KEY_SQL}, r.tx_hash) > (?, ?)"
+                params += [cursor_key[0], cursor_key[1]]
             if upto is not None:
-                sql += f" AND ({KEY_SQL} < ? OR ({KEY_SQL} = ? AND r.tx_hash <= ?))"
-                params += [upto[0], upto[0], upto[1]]
+                sql += f" AND ({KEY_SQL}, r.tx_hash) <= (?, ?)"
+                params += [upto[0], upto[1]]
             sql += f" ORDER BY {KEY_SQL}, r.tx_hash LIMIT ?"
             params.append(chunk)
             with self._read() as cur:
@@ -334,10 +338,13 @@ class Store(abc.ABC):
             )  # fmt: skip
         if enriched.txs:
             # A transaction that is now stored no longer failed.
-            cur.executemany(
-                self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"),
-                [(t.chain_id, t.tx_hash) for t in enriched.txs],
-            )
+            self._clear_failed(cur, enriched.txs)
+
+    def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
+        cur.executemany(
+            self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"),
+            [(t.chain_id, t.tx_hash) for t in txs],
+        )
 
     def write(self, enriched: Enriched) -> None:
         """Store rows and failures in one transaction (no lease involved)."""

@@ -203,6 +203,14 @@ class PostgresStore(Store):
             )
             cur.execute("TRUNCATE stage_logs")
 
+    def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
+        # One statement per batch rather than one per transaction.
+        by_chain: dict[int, list[str]] = {}
+        for t in txs:
+            by_chain.setdefault(t.chain_id, []).append(t.tx_hash)
+        for chain_id, hashes in by_chain.items():
+            cur.execute("DELETE FROM failures WHERE chain_id = %s AND tx_hash = ANY(%s)", (chain_id, hashes))
+
     def _plan_lock(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PLAN_LOCK,))
 

@@ -408,7 +408,7 @@ enrich_options = [
                  help="Refs per batch (a lease covers one batch)."),
     click.option("--rpc-batch-size", type=click.IntRange(min=1), default=50, show_default=True,
                  help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
-    click.option("--batches-in-flight", type=click.IntRange(min=1), default=2, show_default=True,
+    click.option("--batches-in-flight", type=click.IntRange(min=1), default=4, show_default=True,
                  help="Batches each worker works on at once."),
     click.option("--lease-timeout", "lease_timeout_s", type=click.FloatRange(min=0.1), default=300.0,
                  show_default=True, help="Seconds without progress before a batch is taken back."),

@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "sequential", "batch", "concurrent")
 #: Gap size from which ``auto`` runs worker processes instead of one process. Below it,
-#: starting processes costs more than it wins (measured: bench/engine.py, README "Modes").
-AUTO_CONCURRENT_FROM = 2_000
+#: starting processes costs more than it wins (measured with bench/run: README "Modes").
+AUTO_CONCURRENT_FROM = 20_000
 #: How long the coordinator keeps retrying when the database fails, before it gives up.
 DB_OUTAGE_S = 60.0
 

@@ -41,7 +41,7 @@ class TransientFailures(Exception):
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     lease_timeout_s: float = 300.0
-    batches_in_flight: int = 2
+    batches_in_flight: int = 4
     sequential: bool = False  # the seed's one-call-at-a-time baseline
     max_attempts: int = MAX_ATTEMPTS
     idle_poll_s: float = 0.5

@@ -566,11 +566,31 @@ class Store(abc.ABC):
             (batch_id, owner, attempt, event, at),
         )
 
-    @abc.abstractmethod
+    #: Appended to the leasing SELECT: row locks that skip what another worker holds.
+    _LEASE_LOCK = ""
+
     def _select_leasable(
         self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
     ) -> tuple[Any, ...] | None:
-        """Lock and return one leasable batch row (pending, or leased and expired)."""
+        """Lock and return one leasable batch row (pending, or leased and expired).
+
+        Batches another owner failed last come first for this owner, so a retry goes
+        to a different worker where one exists.
+        """
+        sql = (
+            f"SELECT {self._BATCH_COLS} FROM batches WHERE "
+            "(state = 'pending' OR (state = 'leased' AND lease_expires_at < ?)) "
+        )
+        params: list[Any] = [now]
+        if targets:
+            sql += "AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ") "
+            for c, a in targets:
+                params += [c, a]
+        sql += "ORDER BY (coalesce(last_owner, '') = ?), batch_id LIMIT 1" + self._LEASE_LOCK
+        params.append(owner)
+        cur.execute(self._sql(sql), params)
+        row = cur.fetchone()
+        return None if row is None else tuple(row)
 
     _BATCH_COLS = (
         "batch_id, run_id, chain_id, contract, lo_block, lo_tx, hi_block, hi_tx, size, state, "

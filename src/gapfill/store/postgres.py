@@ -82,6 +82,7 @@ def translate(exc: psycopg.Error, url: str) -> StoreError:
 
 class PostgresStore(Store):
     backend = "postgres"
+    _LEASE_LOCK = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self.url = url
@@ -228,23 +229,3 @@ class PostgresStore(Store):
             )
             for k, h in named:
                 yield (int(k), h)
-
-    def _select_leasable(
-        self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
-    ) -> tuple[Any, ...] | None:
-        sql = (
-            f"SELECT {self._BATCH_COLS} FROM batches WHERE "
-            "(state = 'pending' OR (state = 'leased' AND lease_expires_at < %s)) "
-        )
-        params: list[Any] = [now]
-        if targets:
-            sql += (
-                "AND (" + " OR ".join("(chain_id = %s AND contract = %s)" for _ in targets) + ") "
-            )
-            for c, a in targets:
-                params += [c, a]
-        sql += "ORDER BY (coalesce(last_owner, '') = %s), batch_id LIMIT 1 FOR UPDATE SKIP LOCKED"
-        params.append(owner)
-        cur.execute(sql, params)
-        row = cur.fetchone()
-        return None if row is None else tuple(row)

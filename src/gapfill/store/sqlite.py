@@ -193,24 +193,6 @@ class SqliteStore(Store):
         finally:
             read.close()
 
-    def _select_leasable(
-        self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
-    ) -> tuple[Any, ...] | None:
-        sql = (
-            f"SELECT {self._BATCH_COLS} FROM batches WHERE "
-            "(state = 'pending' OR (state = 'leased' AND lease_expires_at < ?)) "
-        )
-        params: list[Any] = [now]
-        if targets:
-            sql += "AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ") "
-            for c, a in targets:
-                params += [c, a]
-        sql += "ORDER BY (coalesce(last_owner, '') = ?), batch_id LIMIT 1"
-        params.append(owner)
-        cur.execute(sql, params)
-        row = cur.fetchone()
-        return None if row is None else tuple(row)
-
 
 def _migrations(backend: str) -> list[tuple[int, str]]:
     folder = resources.files("gapfill.store") / "sql" / backend

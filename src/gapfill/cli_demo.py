@@ -145,8 +145,11 @@ def _show_rows(store: Any, chain_id: int, token: str, n: int) -> None:
     # One of each kind of call reads best: a transfer, a ping carrying a value, ...
     by_method: dict[str, dict[str, Any]] = {}
     for t in txs:
-        if t["method_name"] != "mintMany":
-            by_method.setdefault(t["method_name"], t)
+        if t["method_name"] == "mintMany":
+            continue
+        best = by_method.get(t["method_name"])
+        if best is None or t["value"] > best["value"]:  # a value above 2**64 shows exactness
+            by_method[t["method_name"]] = t
     shown = list(by_method.values())[:n]
     if not shown:
         return

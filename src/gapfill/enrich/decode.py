@@ -357,20 +357,48 @@ def _compile_type(param: Mapping[str, Any]) -> _Type:
     return t
 
 
-class _Args:
-    """Decodes one head/tail-encoded block of parameters from hex."""
+#: How a top-level parameter of the mixed fast path is read: a static word reader, or
+#: ``True``/``False`` for a dynamic ``string``/``bytes`` (UTF-8 text or hex).
+_Slot = _WordReader | bool
 
-    __slots__ = ("_at", "_fmts", "_head", "_tuple", "_words")
+
+def _slots(types: Sequence[_Type]) -> tuple[_Slot, ...] | None:
+    """Per-parameter readers when every type is a static word or plain ``bytes``/``string``."""
+    out: list[_Slot] = []
+    for t in types:
+        if t.word is not None:
+            out.append(t.word)
+        elif t.canonical in ("bytes", "string"):
+            out.append(t.canonical == "string")
+        else:
+            return None
+    return tuple(out)
+
+
+class _Args:
+    """Decodes one head/tail-encoded block of parameters from hex.
+
+    Three ways, fastest first: all static words (read word by word); static words
+    plus plain ``bytes``/``string`` (``ping(bytes)``, ``Pinged(uint256,bytes)``: read
+    from the hex with eth_abi's checks: pointers inside the tail, length word present,
+    value and zero padding complete); anything else through ``eth_abi``.
+    """
+
+    __slots__ = ("_at", "_fmts", "_head", "_slots", "_tuple", "_words")
 
     def __init__(self, types: Sequence[_Type]) -> None:
         self._head = _WORD_HEX * len(types)
         self._at = tuple(range(0, self._head, _WORD_HEX))
         words = [t.word for t in types]
         self._words: tuple[_WordReader, ...] | None = None
+        self._slots: tuple[tuple[int, _Slot], ...] | None = None
         self._tuple: Any = None
         if all(w is not None for w in words):
             self._words = tuple(w for w in words if w is not None)
         else:
+            slots = _slots(types)
+            if slots is not None:
+                self._slots = tuple(zip(self._at, slots, strict=True))
             try:
                 self._tuple = _abi_registry.get_tuple_decoder(*(t.codec for t in types))
             except Exception as exc:  # eth_abi raises several unrelated types here
@@ -378,7 +406,7 @@ class _Args:
         self._fmts = tuple(t.fmt for t in types)
 
     def decode(self, body: str, exact: bool) -> list[Any] | None:
-        """The formatted values, or ``None`` when ``body`` (hex, no ``0x``) does not fit."""
+        """The formatted values, or ``None`` when ``body`` (lowercase hex, no ``0x``) does not fit."""
         n = len(body)
         words = self._words
         if words is not None:
@@ -389,10 +417,45 @@ class _Args:
             except ValueError:
                 return None
         try:
-            values = self._tuple(_stream(bytes.fromhex(body)))
+            raw = bytes.fromhex(body)
+        except ValueError:
+            return None
+        if self._slots is not None and 2 * len(raw) == n:  # pure hex: no whitespace fromhex skipped
+            return self._decode_slots(body, n)
+        try:
+            values = self._tuple(_stream(raw))
             return [f(v) for f, v in zip(self._fmts, values, strict=True)]
         except Exception:  # eth_abi raises a zoo (DecodingError, OverflowError, ...) on bad data
             return None
+
+    def _decode_slots(self, body: str, n: int) -> list[Any] | None:
+        """The mixed fast path; ``body`` is valid hex of ``n`` characters."""
+        head = self._head
+        if n < head:
+            return None
+        out: list[Any] = []
+        try:
+            for at, slot in self._slots or ():
+                word = body[at : at + _WORD_HEX]
+                if slot is True or slot is False:
+                    # A pointer (bytes from the block's start) past the head and inside the
+                    # data, to a length word, then the value and its zero padding.
+                    start = 2 * int(word, 16)
+                    if start < head or start >= n or start + _WORD_HEX > n:
+                        return None
+                    size = int(body[start : start + _WORD_HEX], 16)
+                    start += _WORD_HEX
+                    end = start + 2 * size
+                    padded = start + 2 * (-(-size // 32) * 32)
+                    if padded > n or body[end:padded].strip("0"):
+                        return None
+                    value = body[start:end]
+                    out.append(bytes.fromhex(value).decode("utf-8", "replace") if slot else "0x" + value)
+                else:
+                    out.append(slot(word))
+        except ValueError:
+            return None
+        return out
 
 
 # --- compiled ABI entries ---------------------------------------------------
@@ -609,6 +672,53 @@ class Decoder:
             return mid, None, None
         except (AttributeError, TypeError):  # not even strings: nothing to decode
             return None, None, None
+
+    def decode_input_lower(
+        self, to_address: str | None, input_hex: str
+    ) -> tuple[str | None, str | None, dict[str, Any] | None]:
+        """:meth:`decode_input` for a ``to_address`` and ``input_hex`` already lowercase (normalise)."""
+        if len(input_hex) < 10 or input_hex[:2] != "0x":
+            return None, None, None
+        mid = input_hex[:10]
+        if to_address is None:
+            return mid, None, None
+        table = self._functions.get(to_address)
+        if table is None:
+            return mid, None, None
+        candidates = table.get(mid)
+        if candidates is None:
+            return mid, None, None
+        body = input_hex[10:]
+        for f in candidates:
+            args = f.decode(body)
+            if args is not None:
+                return mid, f.name, args
+        return mid, None, None
+
+    def decode_log_lower(
+        self, address: str, topic0: str, topics: Sequence[str], data: str
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """:meth:`decode_log` for an ``address``, ``topic0`` and ``data`` already lowercase."""
+        try:
+            n = len(topics)
+            body: str | None = None
+            for table in (self._events.get(address), self._builtin):
+                if not table:
+                    continue
+                candidates = table.get(topic0)
+                if candidates is None:
+                    continue
+                for e in candidates:
+                    if e.n_topics != n:
+                        continue
+                    if body is None:
+                        body = data[2:] if data[:2] == "0x" else data
+                    args = e.decode(topics, body)
+                    if args is not None:
+                        return e.name, args
+            return None, None
+        except (AttributeError, TypeError, IndexError):  # malformed topics
+            return None, None
 
     def decode_log(
         self, address: str, topics: Sequence[str], data: str

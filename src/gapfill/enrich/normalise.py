@@ -50,7 +50,7 @@ Decisions worth knowing when querying:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gapfill.enrich.decode import Decoder, method_id
@@ -172,31 +172,40 @@ def normalise_log(
     decoder: Decoder | None = None,
 ) -> LogRow:
     """One receipt log as a :class:`LogRow`; ``tx_hash`` must already be lowercase."""
-    log_tx = log.get("transactionHash")
-    if log_tx is not None and log_tx.lower() != tx_hash:
+    g: Callable[[str], Any] = log.get
+    log_tx = g("transactionHash")
+    if log_tx is not None and log_tx != tx_hash and log_tx.lower() != tx_hash:
         raise NormaliseError(f"log of {log_tx} in the receipt of {tx_hash}")
-    address = _required(log, "address", "log").lower()
-    topics: Sequence[str] = log.get("topics") or ()
-    data = (log.get("data") or "0x").lower()
+    address = g("address")
+    if address is None:
+        _required(log, "address", "log")
+    address = address.lower()
+    topics: Sequence[str] = g("topics") or ()
+    data = (g("data") or "0x").lower()
     n = len(topics)
-    log_block = hex_int(log.get("blockNumber"))
-    event_name, event_args = (
-        decoder.decode_log(address, topics, data) if decoder is not None and n else (None, None)
-    )
+    v = g("blockNumber")
+    if v is not None:
+        try:
+            block_number = int(v, 16)
+        except (TypeError, ValueError):
+            block_number = hex_int(v)  # type: ignore[assignment]  # an int, "0x", or raises
+    v = g("logIndex")
+    try:
+        log_index = int(v, 16)
+    except (TypeError, ValueError):
+        log_index = _required_int(log, "logIndex", "log")
+    topic0 = topics[0].lower() if n else None
+    if decoder is not None and topic0 is not None:
+        event_name, event_args = decoder.decode_log_lower(address, topic0, topics, data)
+    else:
+        event_name = event_args = None
     return LogRow(
-        chain_id=chain_id,
-        tx_hash=tx_hash,
-        log_index=_required_int(log, "logIndex", "log"),
-        block_number=block_number if log_block is None else log_block,
-        address=address,
-        topic0=topics[0].lower() if n > 0 else None,
-        topic1=topics[1].lower() if n > 1 else None,
-        topic2=topics[2].lower() if n > 2 else None,
-        topic3=topics[3].lower() if n > 3 else None,
-        data=data,
-        event_name=event_name,
-        event_args=event_args,
-    )
+        chain_id, tx_hash, log_index, block_number, address, topic0,
+        topics[1].lower() if n > 1 else None,
+        topics[2].lower() if n > 2 else None,
+        topics[3].lower() if n > 3 else None,
+        data, event_name, event_args,
+    )  # fmt: skip
 
 
 def normalise_tx(
@@ -218,7 +227,9 @@ def normalise_tx(
     :class:`BlockMismatchError` (a subclass) when the two come from different
     blocks.
     """
-    if not isinstance(tx, Mapping) or not isinstance(receipt, Mapping):
+    if not (type(tx) is dict or isinstance(tx, Mapping)) or not (
+        type(receipt) is dict or isinstance(receipt, Mapping)
+    ):  # parsed JSON is a plain dict: skip the (slow) ABC check
         raise NormaliseError("transaction or receipt is missing (null)")
     try:
         return _normalise_tx(chain_id, tx, receipt, block_timestamp, decoder)
@@ -237,23 +248,50 @@ def _normalise_tx(
     block_timestamp: int | None,
     decoder: Decoder | None,
 ) -> tuple[TxRow, list[LogRow]]:
-    tx_hash: str = _required(tx, "hash", "transaction").lower()
-    r_hash: str = _required(receipt, "transactionHash", "receipt").lower()
+    # The hottest function of a run: fields are read with one dict lookup and one int()
+    # each; the helpers (_required, _required_int, hex_int) run only to raise the same
+    # errors, or to read the odd values (ints, "0x") that int(v, 16) refuses.
+    g: Callable[[str], Any] = tx.get
+    rg: Callable[[str], Any] = receipt.get
+    v = g("hash")
+    if v is None:
+        _required(tx, "hash", "transaction")
+    tx_hash: str = v.lower()
+    v = rg("transactionHash")
+    if v is None:
+        _required(receipt, "transactionHash", "receipt")
+    r_hash: str = v.lower()
     if r_hash != tx_hash:
         raise NormaliseError(f"receipt of {r_hash} given for transaction {tx_hash}")
 
-    block_hash: str = _required(receipt, "blockHash", "receipt of", tx_hash).lower()
-    block_number: int = _required_int(receipt, "blockNumber", "receipt of", tx_hash)
-    tx_index: int = _required_int(receipt, "transactionIndex", "receipt of", tx_hash)
-    tx_block = tx.get("blockHash")
-    if tx_block is not None and tx_block.lower() != block_hash:
+    v = rg("blockHash")
+    if v is None:
+        _required(receipt, "blockHash", "receipt of", tx_hash)
+    block_hash: str = v.lower()
+    v = rg("blockNumber")
+    try:
+        block_number = int(v, 16)
+    except (TypeError, ValueError):
+        block_number = _required_int(receipt, "blockNumber", "receipt of", tx_hash)
+    v = rg("transactionIndex")
+    try:
+        tx_index = int(v, 16)
+    except (TypeError, ValueError):
+        tx_index = _required_int(receipt, "transactionIndex", "receipt of", tx_hash)
+    tx_block = g("blockHash")
+    if tx_block is not None and tx_block != block_hash and tx_block.lower() != block_hash:
         raise BlockMismatchError(
             f"transaction {tx_hash} is in block {tx_block.lower()}, its receipt in {block_hash}"
         )
 
-    g = tx.get
-    tx_type = hex_int(g("type") or receipt.get("type")) or 0
-    to_address = _lower(g("to"))
+    v = g("type") or rg("type")
+    try:
+        tx_type = int(v, 16)
+    except (TypeError, ValueError):
+        tx_type = hex_int(v) or 0
+    to_address = g("to")
+    if to_address is not None:
+        to_address = to_address.lower()
     input_hex: str = (g("input") or g("data") or "0x").lower()
     gas_price = hex_int(g("gasPrice"))
 
@@ -274,14 +312,14 @@ def _normalise_tx(
         max_fee_per_blob_gas = hex_int(g("maxFeePerBlobGas"))
         raw = g("blobVersionedHashes")
         blob_hashes = None if raw is None else [h.lower() for h in raw]
-        blob_gas_used = hex_int(receipt.get("blobGasUsed"))
-        blob_gas_price = hex_int(receipt.get("blobGasPrice"))
+        blob_gas_used = hex_int(rg("blobGasUsed"))
+        blob_gas_price = hex_int(rg("blobGasPrice"))
     authorization_list = None
     if tx_type == 4 or not known:
         raw = g("authorizationList")
         authorization_list = None if raw is None else _authorization_list(raw)
 
-    effective_gas_price = hex_int(receipt.get("effectiveGasPrice"))
+    effective_gas_price = hex_int(rg("effectiveGasPrice"))
     if effective_gas_price is None and tx_type in _GAS_PRICE_TYPES:
         effective_gas_price = gas_price
 
@@ -291,45 +329,59 @@ def _normalise_tx(
             block_timestamp = timestamp_from_receipt(receipt)
 
     if decoder is not None:
-        mid, method_name, method_args = decoder.decode_input(to_address, input_hex)
+        mid, method_name, method_args = decoder.decode_input_lower(to_address, input_hex)
     else:
         mid, method_name, method_args = method_id(input_hex), None, None
 
-    raw_logs = _required(receipt, "logs", "receipt of", tx_hash)
+    raw_logs = rg("logs")
+    if raw_logs is None:
+        _required(receipt, "logs", "receipt of", tx_hash)
     logs = [normalise_log(chain_id, tx_hash, block_number, log, decoder) for log in raw_logs]
 
+    v = g("from")
+    if v is None:
+        _required(tx, "from", "transaction", tx_hash)
+    from_address: str = v.lower()
+    v = g("value")
+    try:
+        value = int(v, 16)
+    except (TypeError, ValueError):
+        value = _required_int(tx, "value", "transaction", tx_hash)
+    v = g("nonce")
+    try:
+        nonce = int(v, 16)
+    except (TypeError, ValueError):
+        nonce = _required_int(tx, "nonce", "transaction", tx_hash)
+    v = g("gas")
+    try:
+        gas = int(v, 16)
+    except (TypeError, ValueError):
+        gas = _required_int(tx, "gas", "transaction", tx_hash)
+    status = hex_int(rg("status"))
+    root = rg("root")
+    if root is not None:
+        root = root.lower()
+    v = rg("gasUsed")
+    try:
+        gas_used = int(v, 16)
+    except (TypeError, ValueError):
+        gas_used = _required_int(receipt, "gasUsed", "receipt of", tx_hash)
+    v = rg("cumulativeGasUsed")
+    try:
+        cumulative_gas_used = int(v, 16)
+    except (TypeError, ValueError):
+        cumulative_gas_used = _required_int(receipt, "cumulativeGasUsed", "receipt of", tx_hash)
+    created = None
+    if to_address is None:
+        created = rg("contractAddress")
+        if created is not None:
+            created = created.lower()
+
     row = TxRow(
-        chain_id=chain_id,
-        tx_hash=tx_hash,
-        block_number=block_number,
-        block_hash=block_hash,
-        tx_index=tx_index,
-        block_timestamp=block_timestamp,
-        from_address=_required(tx, "from", "transaction", tx_hash).lower(),
-        to_address=to_address,
-        value=_required_int(tx, "value", "transaction", tx_hash),
-        input=input_hex,
-        nonce=_required_int(tx, "nonce", "transaction", tx_hash),
-        gas=_required_int(tx, "gas", "transaction", tx_hash),
-        gas_price=gas_price,
-        max_fee_per_gas=max_fee,
-        max_priority_fee_per_gas=max_priority,
-        tx_type=tx_type,
-        status=hex_int(receipt.get("status")),
-        root=_lower(receipt.get("root")),
-        gas_used=_required_int(receipt, "gasUsed", "receipt of", tx_hash),
-        cumulative_gas_used=_required_int(receipt, "cumulativeGasUsed", "receipt of", tx_hash),
-        effective_gas_price=effective_gas_price,
-        created_contract=_lower(receipt.get("contractAddress")) if to_address is None else None,
-        access_list=access_list,
-        max_fee_per_blob_gas=max_fee_per_blob_gas,
-        blob_versioned_hashes=blob_hashes,
-        blob_gas_used=blob_gas_used,
-        blob_gas_price=blob_gas_price,
-        authorization_list=authorization_list,
-        method_id=mid,
-        method_name=method_name,
-        method_args=method_args,
-        log_count=len(raw_logs),
-    )
+        chain_id, tx_hash, block_number, block_hash, tx_index, block_timestamp, from_address,
+        to_address, value, input_hex, nonce, gas, gas_price, max_fee, max_priority, tx_type,
+        status, root, gas_used, cumulative_gas_used, effective_gas_price, created, access_list,
+        max_fee_per_blob_gas, blob_hashes, blob_gas_used, blob_gas_price, authorization_list,
+        mid, method_name, method_args, len(raw_logs),
+    )  # fmt: skip
     return row, logs

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -50,7 +50,8 @@ class _Item:
     failures: int = 0  # attempts spent on transient failures and null answers
     rate_limits: int = 0
     sent: bool = False
-    avoid: set[int] = field(default_factory=set)
+    #: Endpoints to avoid for this call; immutable, so the usual empty one is shared.
+    avoid: frozenset[int] = frozenset()
 
 
 def _as_id(value: Any) -> int | None:
@@ -267,7 +268,7 @@ class RpcClient:
         groups: dict[tuple[frozenset[int], str | None], list[int]] = {}
         for i in indices:
             name = items[i].call.method
-            key = (frozenset(items[i].avoid), name if name in restricted else None)
+            key = (items[i].avoid, name if name in restricted else None)
             groups.setdefault(key, []).append(i)
         async with asyncio.TaskGroup() as tasks:
             for (avoid, method), group in groups.items():
@@ -421,7 +422,7 @@ class RpcClient:
                 result = entry["result"]
                 if result is None and item.call.null_retry:
                     item.failures += 1
-                    item.avoid.add(endpoint.index)
+                    item.avoid = item.avoid | {endpoint.index}
                     if item.failures >= self._settings.attempts:
                         results[i] = CallError(
                             "not_found", f"still null after {item.failures} attempts"
@@ -508,7 +509,7 @@ class RpcClient:
         fault = verdict.fault
         if fault is Fault.RATE_LIMITED:
             item.rate_limits += 1
-            item.avoid.add(endpoint.index)
+            item.avoid = item.avoid | {endpoint.index}
             if item.rate_limits >= self._settings.rate_limit_attempts:
                 results[i] = CallError(
                     "transient",
@@ -519,7 +520,7 @@ class RpcClient:
             return True
         if fault in (Fault.TRANSIENT, Fault.BATCH_TOO_LARGE):
             item.failures += 1
-            item.avoid.add(endpoint.index)
+            item.avoid = item.avoid | {endpoint.index}
             if item.failures >= self._settings.attempts:
                 if verdict.unreachable:
                     text = (f"could not reach the RPC node at {endpoint.shown}: {message}; "

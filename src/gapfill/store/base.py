@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +81,30 @@ MAX_ATTEMPTS = 3
 
 def json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
+
+
+def check_row_tuples(
+    tx_tuple: Callable[[TxRow], tuple[Any, ...]],
+    log_tuple: Callable[[LogRow], tuple[Any, ...]],
+    *,
+    big: Collection[str],
+    json: Collection[str],
+) -> None:
+    """Fail at import if a backend's hand-written row tuple drifts from the column lists.
+
+    The tuples are written out field by field (the fastest way to build them); this
+    compares them once with the obvious column-by-column construction on a row whose
+    every field holds a distinct value.
+    """
+    for cls, columns, build in ((TxRow, TX_COLUMNS, tx_tuple), (LogRow, LOG_COLUMNS, log_tuple)):
+        values: dict[str, Any] = {c: ({"k": i} if c in json else i) for i, c in enumerate(columns)}
+        row = cls(**values)
+        expected = tuple(
+            orjson.dumps(values[c]).decode() if c in json else str(values[c]) if c in big else values[c]
+            for c in columns
+        )
+        if build(row) != expected:  # type: ignore[arg-type]
+            raise AssertionError(f"{build.__module__}.{build.__name__} does not follow the column list")
 
 
 def json_value(value: Any) -> Any:
@@ -341,6 +365,10 @@ class Store(abc.ABC):
             self._clear_failed(cur, enriched.txs)
 
     def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
+        # Usually there is no failure at all: one probe instead of a DELETE per transaction.
+        cur.execute("SELECT 1 FROM failures LIMIT 1")
+        if cur.fetchone() is None:
+            return
         cur.executemany(
             self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"),
             [(t.chain_id, t.tx_hash) for t in txs],

@@ -14,16 +14,23 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 import psycopg
 
 from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import redact_text, redact_url
-from gapfill.store.base import GAP_WHERE, KEY_SQL, LOG_COLUMNS, TX_COLUMNS, Store, json_text
+from gapfill.store.base import (
+    GAP_WHERE,
+    JSON_COLUMNS,
+    KEY_SQL,
+    LOG_COLUMNS,
+    TX_COLUMNS,
+    Store,
+    check_row_tuples,
+)
 from gapfill.store.sqlite import _migrations
 
-_JSON_TX = {"access_list", "blob_versioned_hashes", "authorization_list", "method_args"}
-_TX_JSON_IDX = [i for i, c in enumerate(TX_COLUMNS) if c in _JSON_TX]
 _UPDATE_TX = ", ".join(f"{c} = EXCLUDED.{c}" for c in TX_COLUMNS[2:])
 _UPDATE_LOG = ", ".join(f"{c} = EXCLUDED.{c}" for c in LOG_COLUMNS[3:])
 _TX_COLS = ", ".join(TX_COLUMNS)
@@ -40,20 +47,29 @@ _PLAN_LOCK = 7_263_451_002
 
 def _jsonb(value: Any) -> str | None:
     """JSON text PostgreSQL accepts: JSONB refuses NUL characters, which decoded strings may hold."""
-    text = json_text(value)
-    return None if text is None else text.replace("\\u0000", "\\ufffd")
+    if value is None:
+        return None
+    return orjson.dumps(value).decode().replace("\\u0000", "\\ufffd")
 
 
 def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
-    v = [getattr(t, c) for c in TX_COLUMNS]
-    for i in _TX_JSON_IDX:
-        v[i] = _jsonb(v[i])
-    return tuple(v)
+    """A row in TX_COLUMNS order, JSON columns as text (COPY turns ints into NUMERIC itself)."""
+    return (
+        t.chain_id, t.tx_hash, t.block_number, t.block_hash, t.tx_index, t.block_timestamp,
+        t.from_address, t.to_address, t.value, t.input, t.nonce, t.gas, t.gas_price,
+        t.max_fee_per_gas, t.max_priority_fee_per_gas, t.tx_type, t.status, t.root, t.gas_used,
+        t.cumulative_gas_used, t.effective_gas_price, t.created_contract, _jsonb(t.access_list),
+        t.max_fee_per_blob_gas, _jsonb(t.blob_versioned_hashes), t.blob_gas_used, t.blob_gas_price,
+        _jsonb(t.authorization_list), t.method_id, t.method_name, _jsonb(t.method_args), t.log_count,
+    )  # fmt: skip
 
 
 def _log_tuple(g: LogRow) -> tuple[Any, ...]:
     return (g.chain_id, g.tx_hash, g.log_index, g.block_number, g.address, g.topic0, g.topic1,
             g.topic2, g.topic3, g.data, g.event_name, _jsonb(g.event_args))  # fmt: skip
+
+
+check_row_tuples(_tx_tuple, _log_tuple, big=(), json=JSON_COLUMNS)
 
 
 def translate(exc: psycopg.Error, url: str) -> StoreError:

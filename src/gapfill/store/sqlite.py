@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.store.base import (
@@ -25,11 +27,9 @@ from gapfill.store.base import (
     LOG_COLUMNS,
     TX_COLUMNS,
     Store,
-    json_text,
+    check_row_tuples,
 )
 
-_TX_BIG = [i for i, c in enumerate(TX_COLUMNS) if c in BIG_INT_COLUMNS]
-_TX_JSON = [i for i, c in enumerate(TX_COLUMNS) if c in JSON_COLUMNS]
 _UPDATE_TX = ", ".join(f"{c} = excluded.{c}" for c in TX_COLUMNS[2:])
 _UPDATE_LOG = ", ".join(f"{c} = excluded.{c}" for c in LOG_COLUMNS[3:])
 _INSERT_TX = (
@@ -46,19 +46,33 @@ _INSERT_REF = (
 )
 
 
+def _big(v: int | None) -> str | None:
+    return None if v is None else str(v)
+
+
+def _json(v: Any) -> str | None:
+    return None if v is None else orjson.dumps(v).decode()
+
+
 def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
-    v = [getattr(t, c) for c in TX_COLUMNS]
-    for i in _TX_BIG:
-        if v[i] is not None:
-            v[i] = str(v[i])
-    for i in _TX_JSON:
-        v[i] = json_text(v[i])
-    return tuple(v)
+    """A row in TX_COLUMNS order: big integers as decimal text, JSON columns as text."""
+    return (
+        t.chain_id, t.tx_hash, t.block_number, t.block_hash, t.tx_index, t.block_timestamp,
+        t.from_address, t.to_address, _big(t.value), t.input, _big(t.nonce), _big(t.gas),
+        _big(t.gas_price), _big(t.max_fee_per_gas), _big(t.max_priority_fee_per_gas), t.tx_type,
+        t.status, t.root, _big(t.gas_used), _big(t.cumulative_gas_used), _big(t.effective_gas_price),
+        t.created_contract, _json(t.access_list), _big(t.max_fee_per_blob_gas),
+        _json(t.blob_versioned_hashes), _big(t.blob_gas_used), _big(t.blob_gas_price),
+        _json(t.authorization_list), t.method_id, t.method_name, _json(t.method_args), t.log_count,
+    )  # fmt: skip
 
 
 def _log_tuple(g: LogRow) -> tuple[Any, ...]:
     return (g.chain_id, g.tx_hash, g.log_index, g.block_number, g.address, g.topic0, g.topic1,
-            g.topic2, g.topic3, g.data, g.event_name, json_text(g.event_args))  # fmt: skip
+            g.topic2, g.topic3, g.data, g.event_name, _json(g.event_args))  # fmt: skip
+
+
+check_row_tuples(_tx_tuple, _log_tuple, big=BIG_INT_COLUMNS, json=JSON_COLUMNS)
 
 
 def sqlite_path(url: str) -> str:
@@ -94,6 +108,14 @@ class SqliteStore(Store):
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=60000")
+            # CPU per stored row (bench/hotpath.py, ~100k rows): a 32 MiB page cache instead
+            # of 2 MiB keeps the indexes' hot pages in memory, and checkpointing every
+            # 10,000 WAL pages (~40 MB) instead of 1,000 copies a page rewritten by several
+            # batches once: together -22%. Consistency is unchanged (a batch's rows and its
+            # `done` still commit together); with synchronous=NORMAL, what a power cut may
+            # roll back is what was committed since the last checkpoint.
+            self._conn.execute("PRAGMA cache_size=-32768")
+            self._conn.execute("PRAGMA wal_autocheckpoint=10000")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
         self._depth = 0

@@ -64,16 +64,34 @@ def default_workers(cores: int | None = None) -> int:
     return max(2, min(8, int(n * 0.75)))
 
 
-def choose_mode(gap: int) -> tuple[str, str]:
+#: Cores from which ``auto`` considers worker processes at all.
+AUTO_CONCURRENT_MIN_CORES = 3
+
+
+def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
     """The mode ``auto`` picks for a gap of ``gap`` refs, and why.
 
     The seed used sequential below 1,000 refs, batch to 10,000 and concurrent
-    above. Measured here, sequential never wins: batch mode is faster at every
-    size (its only cost is none), so auto never picks it.
+    above. Measured with bench/run on 2 cores shared with a local node:
+
+    * sequential never wins (batch is 7x faster even at 1,000 refs), so auto never
+      picks it;
+    * at 2,849 refs batch is twice as fast as concurrent (starting processes
+      dominates);
+    * at 80,000 refs batch is 7-10% faster than concurrent: one process already
+      keeps the node busy, and a second one takes CPU from it.
+
+    So concurrent pays only where there are cores to spare beyond the node's and
+    one worker's; auto picks it from ``AUTO_CONCURRENT_FROM`` refs on machines
+    with at least ``AUTO_CONCURRENT_MIN_CORES`` cores (not measured here: this
+    machine has 2).
     """
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    if n < AUTO_CONCURRENT_MIN_CORES:
+        return "batch", f"{n} cores: one process keeps the node busy, a second would take its CPU"
     if gap < AUTO_CONCURRENT_FROM:
         return "batch", f"gap of {gap} refs < {AUTO_CONCURRENT_FROM}: one process is fastest"
-    return "concurrent", f"gap of {gap} refs >= {AUTO_CONCURRENT_FROM}: worker processes win"
+    return "concurrent", f"gap of {gap} refs >= {AUTO_CONCURRENT_FROM} on {n} cores: worker processes"
 
 
 @dataclass(frozen=True, slots=True)

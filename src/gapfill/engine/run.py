@@ -78,8 +78,9 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
       picks it;
     * at 2,849 refs batch is twice as fast as concurrent (starting processes
       dominates);
-    * at 80,000 refs batch is 7-10% faster than concurrent: one process already
-      keeps the node busy, and a second one takes CPU from it.
+    * at 80,000 refs batch is 1-12% faster than concurrent (two runs, both
+      backends): one process already keeps the node busy, and a second one takes
+      CPU from it.
 
     So concurrent pays only where there are cores to spare beyond the node's and
     one worker's; auto picks it from ``AUTO_CONCURRENT_FROM`` refs on machines

@@ -281,13 +281,16 @@ def test_stalled_rpc_calls_are_cut_by_the_read_timeout(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("in_flight", ["1", "4"])
 def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
-    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, in_flight: str
 ) -> None:
-    # The read timeout is longer than the lease: a worker stuck in a call stops renewing
-    # (no RPC progress), its lease expires, the coordinator kills it and the batch goes to
-    # another worker. One batch in flight per worker, so no other batch renews for it.
-    args = enrich_args(pg_url, "", "--lease-timeout", "3", "--rpc-timeout", "10", "--batches-in-flight", "1")
+    # The read timeout is longer than the lease: a batch stuck in a call stops renewing
+    # (its calls get no answers), its lease expires, the coordinator kills the worker and
+    # the batch goes to another one. With 4 batches in flight the others' answers must
+    # not renew the stuck batch's lease.
+    args = enrich_args(pg_url, "", "--lease-timeout", "3", "--rpc-timeout", "10",
+                       "--batches-in-flight", in_flight)  # fmt: skip
     with emulator(node_chain.url, "--latency-s", "0.05", "--p-stall", "0.03", "--seed", "5") as (rpc, _):
         args[args.index("--rpc-url") + 1] = rpc
         rc, out = gapfill(args, tmp_path, "enrich", 140)

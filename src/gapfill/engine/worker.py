@@ -29,6 +29,7 @@ from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit
 from gapfill.enrich.fetch import Enricher
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
+from gapfill.rpc.client import ANSWERED
 from gapfill.store import Store
 from gapfill.store.base import MAX_ATTEMPTS
 
@@ -180,18 +181,23 @@ class Worker:
             return await enricher.enrich_sequential(refs)
         return await enricher.enrich(refs)
 
-    async def _keep_lease(self, batch: Batch, lost: asyncio.Event) -> None:
-        """Renew while RPC makes progress; stop renewing when it stalls."""
+    async def _keep_lease(self, batch: Batch, lost: asyncio.Event, answered: list[int]) -> None:
+        """Renew while this batch's RPC calls get answers; stop renewing when they stall.
+
+        ``answered[0]`` counts the HTTP exchanges of this batch that answered at least
+        one call (set through :data:`gapfill.rpc.client.ANSWERED`), so one batch stuck
+        in a call loses its lease even while the worker's other batches progress.
+        """
         period = max(self.settings.lease_timeout_s / 3, 0.05)
-        seen = self._rpc_counters()[1]
+        seen = answered[0]
         while True:
             await asyncio.sleep(period)
-            now_requests = self._rpc_counters()[1]
-            if now_requests == seen:
+            now_answered = answered[0]
+            if now_answered == seen:
                 log.warning("batch %s made no RPC progress for %.0fs; not renewing its lease",
                             batch.id, period)  # fmt: skip
                 continue
-            seen = now_requests
+            seen = now_answered
             if not await self.db(self.store.renew, batch, self.settings.lease_timeout_s):
                 lost.set()
                 return
@@ -200,11 +206,18 @@ class Worker:
         t0 = time.perf_counter()
         lost = asyncio.Event()
         keeper: asyncio.Task[None] | None = None
+        answered = [0]
+
+        def on_answer() -> None:
+            answered[0] += 1
+
+        # This task's context (and the RPC tasks it creates) reports answers to this batch.
+        ANSWERED.set(on_answer)
         try:
             refs = await self.db(self.store.batch_refs, batch)
             self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
             enricher = self.enrichers[batch.chain_id]
-            keeper = asyncio.create_task(self._keep_lease(batch, lost))
+            keeper = asyncio.create_task(self._keep_lease(batch, lost, answered))
             try:
                 if batch.attempts >= self.settings.max_attempts:
                     enriched = await self._isolate(enricher, refs)

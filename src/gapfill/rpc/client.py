@@ -11,11 +11,12 @@ batch of their own; the other items of the batch are already done.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -42,6 +43,14 @@ logger = logging.getLogger(__name__)
 
 _PENDING: Any = object()
 _BLOCK_RECEIPTS = "eth_getBlockReceipts"
+
+
+#: Called (in the caller's context) each time an HTTP exchange of a ``call_many``
+#: answered at least one call. The engine sets it per batch, so a lease is renewed
+#: only while *that batch* gets answers, not merely while its worker does.
+ANSWERED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "gapfill_rpc_answered", default=None
+)
 
 
 @dataclass(slots=True)
@@ -301,6 +310,10 @@ class RpcClient:
             again = await self._exchange(endpoint, chunk, items, results, pin)
         finally:
             endpoint.assigned_calls -= len(chunk)
+        if len(again) < len(chunk):
+            hook = ANSWERED.get()
+            if hook is not None:
+                hook()
         if not again:
             return
         spent = max(items[i].failures + items[i].rate_limits for i in again)

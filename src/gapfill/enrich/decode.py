@@ -45,8 +45,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from eth_abi.decoding import ContextFramesBytesIO
-from eth_abi.registry import registry as _abi_registry
 from eth_hash.auto import keccak
 
 __all__ = [
@@ -72,7 +70,18 @@ _Formatter = Callable[[Any], Any]
 _WordReader = Callable[[str], Any]
 
 #: eth_abi's decoding stream (its constructor is untyped).
-_stream: Callable[[bytes], Any] = ContextFramesBytesIO
+def _stream(raw: bytes) -> Any:
+    from eth_abi.decoding import ContextFramesBytesIO
+
+    return ContextFramesBytesIO(raw)  # type: ignore[no-untyped-call]
+
+
+def _tuple_decoder(codecs: Sequence[str]) -> Any:
+    # eth_abi is imported on first need: its import (eth_utils, pydantic) costs about
+    # 0.16 s per process, and ABIs of value types, bytes and strings never need it.
+    from eth_abi.registry import registry
+
+    return registry.get_tuple_decoder(*codecs)
 
 _TYPE_RE = re.compile(r"^([a-z]+)(\d+(?:x\d+)?)?((?:\[\d*\])*)$")
 _DIM_RE = re.compile(r"\[\d*\]")
@@ -384,7 +393,7 @@ class _Args:
     value and zero padding complete); anything else through ``eth_abi``.
     """
 
-    __slots__ = ("_at", "_fmts", "_head", "_slots", "_tuple", "_words")
+    __slots__ = ("_at", "_codecs", "_fmts", "_head", "_slots", "_tuple", "_words")
 
     def __init__(self, types: Sequence[_Type]) -> None:
         self._head = _WORD_HEX * len(types)
@@ -393,17 +402,21 @@ class _Args:
         self._words: tuple[_WordReader, ...] | None = None
         self._slots: tuple[tuple[int, _Slot], ...] | None = None
         self._tuple: Any = None
+        self._codecs = tuple(t.codec for t in types)
         if all(w is not None for w in words):
             self._words = tuple(w for w in words if w is not None)
         else:
             slots = _slots(types)
             if slots is not None:
                 self._slots = tuple(zip(self._at, slots, strict=True))
-            try:
-                self._tuple = _abi_registry.get_tuple_decoder(*(t.codec for t in types))
-            except Exception as exc:  # eth_abi raises several unrelated types here
-                raise _AbiError(f"eth_abi cannot decode {[t.codec for t in types]}") from exc
+            # The eth_abi decoder is built the first time a body needs it.
         self._fmts = tuple(t.fmt for t in types)
+
+    def _eth_abi(self) -> Any:
+        try:
+            return _tuple_decoder(self._codecs)
+        except Exception as exc:  # eth_abi raises several unrelated types here
+            raise _AbiError(f"eth_abi cannot decode {list(self._codecs)}") from exc
 
     def decode(self, body: str, exact: bool) -> list[Any] | None:
         """The formatted values, or ``None`` when ``body`` (lowercase hex, no ``0x``) does not fit."""
@@ -423,6 +436,8 @@ class _Args:
         if self._slots is not None and 2 * len(raw) == n:  # pure hex: no whitespace fromhex skipped
             return self._decode_slots(body, n)
         try:
+            if self._tuple is None:
+                self._tuple = self._eth_abi()
             values = self._tuple(_stream(raw))
             return [f(v) for f, v in zip(self._fmts, values, strict=True)]
         except Exception:  # eth_abi raises a zoo (DecodingError, OverflowError, ...) on bad data

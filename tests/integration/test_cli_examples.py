@@ -112,3 +112,26 @@ def test_status_reports_partial_and_unscanned_ranges_up_to_the_head(tmp_path: Pa
     assert row["partial"] == [[0, 4]]
     assert row["unscanned"] == [[15, head]]
     assert row["refs"] > 0
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_enrich_with_an_unreachable_node_fails_fast_and_says_so(tmp_path: Path, mode: str) -> None:
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    contract = "0x" + "ab" * 20
+    url = f"http://127.0.0.1:9/v2/{KEY}"
+    subprocess.run([GAPFILL, "--db", db, "contract", "add", contract, "--chain-id", "1"], check=True,
+                   capture_output=True)  # fmt: skip
+    hashes = "".join(f"0x{i:064x}\n" for i in range(1, 8))
+    subprocess.run([GAPFILL, "--db", db, "import", "-", "--contract", contract], check=True,
+                   input=hashes, capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run([GAPFILL, "--db", db, "--rpc-url", url, "enrich", "--mode", mode],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "could not reach the RPC node" in errors[0], r.stderr
+    assert KEY not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert "restarted" not in r.stderr  # no crash loop of workers
+    with open_store(db) as s:
+        (run,) = s.list_runs()
+        assert run.state == "failed"
+        assert s.count_gap(1, contract) == 7  # nothing half-written: the gap is intact

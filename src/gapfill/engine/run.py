@@ -184,6 +184,11 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tupl
     return len(refs) / secs, f"measured on {len(refs)} refs at the start of this run"
 
 
+async def _probe(job: EnrichJob) -> None:
+    async with _client(job) as client:
+        await client.probe()
+
+
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:
@@ -213,6 +218,10 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
                 asyncio.run(_in_process(job, store, emit, sequential, totals_box))
         except KeyboardInterrupt:
             state = "interrupted"
+        except GapfillError:
+            # The node or the database failed for good: the run says so, the plan stays open.
+            store.finish_run(run_id, "failed", 0, 0, totals_box.get("calls", 0))
+            raise
         secs = time.perf_counter() - t0
         w = totals_box.get("totals")
         processed = w.processed if w else 0
@@ -257,7 +266,7 @@ async def _in_process(
 def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any) -> None:
     """Entry point of a worker process (spawned by the coordinator)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)  # as quiet as the CLI by default
 
     def emit(event: Event) -> None:
         with contextlib.suppress(Exception):
@@ -428,6 +437,9 @@ class Coordinator:
             counts0 = store.batch_counts(targets=scope)
             total_batches = counts0.pending + counts0.leased
             if total_batches:  # with nothing open, no worker starts and no node is asked anything
+                # One probe here fails fast with one sentence (unreachable node, wrong chain)
+                # instead of a crash loop of workers that each find out.
+                asyncio.run(_probe(job))
                 for i in range(self.workers):
                     self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
             last_progress = last_expiry = 0.0
@@ -488,6 +500,9 @@ class Coordinator:
                     store.release_owner(self._owner(s), "worker stopped")
             if self.stopping_at is not None:
                 state = "interrupted"
+        except GapfillError:
+            state = "failed"
+            raise
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)

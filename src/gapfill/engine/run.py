@@ -147,9 +147,7 @@ def gap_size(store: Store, targets: Sequence[tuple[int, str]]) -> int:
 
 def permanent_failures(store: Store, targets: Sequence[tuple[int, str]]) -> int:
     """Failures of ``targets`` that are permanent now, whichever run recorded them (exit code 3)."""
-    wanted = set(targets)
-    return sum(1 for f, _ in store.list_failures(limit=1_000_000)
-               if f.permanent and (f.chain_id, f.contract) in wanted)  # fmt: skip
+    return sum(store.count_permanent_failures(chain_id, contract) for chain_id, contract in targets)
 
 
 def recorded_sequential_rate(store: Store) -> tuple[float, str] | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import socket
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -396,6 +395,15 @@ class Store(abc.ABC):
             return [(Failure(int(c), h, k, r, e, int(a)), str(at))
                     for c, h, k, r, e, a, at in cur.fetchall()]  # fmt: skip
 
+    def count_permanent_failures(self, chain_id: int, contract: str) -> int:
+        with self._read() as cur:
+            cur.execute(
+                self._sql(f"SELECT count(*) FROM failures WHERE chain_id = ? AND contract = ? "
+                          f"AND reason IN ({_PERMANENT_IN})"),
+                (chain_id, contract),
+            )  # fmt: skip
+            return int(cur.fetchone()[0])
+
     def clear_failures(
         self, chain_id: int | None = None, contract: str | None = None, permanent_only: bool = True
     ) -> int:
@@ -708,21 +716,31 @@ class Store(abc.ABC):
             self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
             return True
 
+    def _give_back(
+        self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,
+        *, only_if_expired: bool = False,
+    ) -> bool:
+        """Return one lease to the plan if ``owner`` still holds it at ``attempt``; log ``event``."""
+        sql = (
+            "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, "
+            "last_owner = ?, last_error = ? WHERE batch_id = ? AND state = 'leased' "
+            "AND lease_owner = ? AND attempts = ?"
+        )
+        params: list[Any] = [owner, error[:2000], batch_id, owner, attempt]
+        if only_if_expired:  # not renewed in the meantime
+            sql += " AND lease_expires_at < ?"
+            params.append(now)
+        cur.execute(self._sql(sql), params)
+        if cur.rowcount != 1:
+            return False
+        self._event(cur, batch_id, owner, attempt, event, now)
+        return True
+
     def abandon(self, batch: Batch, error: str) -> None:
         """Give a batch back (failure or shutdown); it is retried by the next lease."""
         with self._tx() as cur:
-            now = self._now(cur)
-            cur.execute(
-                self._sql(
-                    "UPDATE batches SET state = 'pending', lease_owner = NULL, "
-                    "lease_expires_at = NULL, last_error = ?, last_owner = ? "
-                    "WHERE batch_id = ? AND state = 'leased' AND lease_owner = ? AND attempts = ?"
-                ),
-                (error[:2000], batch.lease_owner, batch.id, batch.lease_owner, batch.attempts),
-            )
-            if cur.rowcount == 1:
-                self._event(cur, batch.id, batch.lease_owner or "", batch.attempts,
-                            "abandoned", now)  # fmt: skip
+            self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error, "abandoned",
+                            self._now(cur))  # fmt: skip
 
     def release_owner(self, owner: str, error: str = "worker stopped") -> int:
         """Give back every lease ``owner`` holds (a worker that crashed or was stopped)."""
@@ -735,21 +753,8 @@ class Store(abc.ABC):
                 (owner,),
             )
             held = [(int(b), int(a)) for b, a in cur.fetchall()]
-            released = 0
-            for batch_id, attempt in held:
-                # Still this owner's lease? (Another coordinator may have expired it meanwhile.)
-                cur.execute(
-                    self._sql(
-                        "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,"
-                        " last_owner = ?, last_error = ? WHERE batch_id = ? AND attempts = ?"
-                        " AND state = 'leased' AND lease_owner = ?"
-                    ),
-                    (owner, error, batch_id, attempt, owner),
-                )
-                if cur.rowcount == 1:
-                    released += 1
-                    self._event(cur, batch_id, owner, attempt, "abandoned", now)
-            return released
+            # Another coordinator may have expired one meanwhile: _give_back re-checks each.
+            return sum(self._give_back(cur, b, owner, a, error, "abandoned", now) for b, a in held)
 
     def lease_owners(self) -> list[str]:
         """Owners holding leases now (to find dead local workers)."""
@@ -773,16 +778,8 @@ class Store(abc.ABC):
             for b in rows:
                 if owner_prefix is not None and not (b.lease_owner or "").startswith(owner_prefix):
                     continue
-                cur.execute(
-                    self._sql(
-                        "UPDATE batches SET state = 'pending', lease_owner = NULL, "
-                        "lease_expires_at = NULL, last_owner = ?, last_error = 'lease expired' "
-                        "WHERE batch_id = ? AND state = 'leased' AND attempts = ? AND lease_expires_at < ?"
-                    ),
-                    (b.lease_owner, b.id, b.attempts, now),
-                )
-                if cur.rowcount == 1:
-                    self._event(cur, b.id, b.lease_owner or "", b.attempts, "expired", now)
+                if self._give_back(cur, b.id, b.lease_owner or "", b.attempts, "lease expired", "expired",
+                                   now, only_if_expired=True):  # fmt: skip
                     out.append(b)
             return out
 
@@ -840,6 +837,3 @@ def _row_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
         out[col] = v
     return out
 
-
-def now_s() -> float:
-    return time.time()

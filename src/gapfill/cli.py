@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -568,8 +569,7 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
 
     rows = ctx.store().list_runs(limit)
     if as_json:
-        click.echo(orjson.dumps([r.__dict__ if hasattr(r, "__dict__") else {
-            k: getattr(r, k) for k in r.__slots__} for r in rows]).decode())  # fmt: skip
+        click.echo(orjson.dumps([dataclasses.asdict(r) for r in rows]).decode())
         return
     if not rows:
         click.echo("no runs yet")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gapfill.errors import ConfigError
+from gapfill.rpc.config import parse_rpc_urls
 
 DEFAULT_CONFIG_NAME = "gapfill.toml"
 
@@ -99,21 +100,11 @@ def load_config(explicit: str | None = None) -> FileConfig:
     )
 
 
-def split_urls(values: tuple[str, ...] | list[str]) -> list[str]:
-    """``--rpc-url`` is repeatable and comma-separated; ETH_RPC_URL may hold several."""
-    out: list[str] = []
-    for v in values:
-        for part in v.replace(" ", ",").split(","):
-            if part.strip():
-                out.append(part.strip())
-    return out
-
-
 def resolve_endpoints(
     flag_urls: tuple[str, ...], rps: float | None, max_batch: int | None, file: FileConfig
 ) -> list[EndpointSetting]:
     """Flag/env URLs win over the file's; ``--rps``/``--rpc-batch-size`` apply to each flag URL."""
-    urls = split_urls(flag_urls)
+    urls = parse_rpc_urls(flag_urls)
     if urls:
         by_url = {e.url: e for e in file.endpoints}
         return [

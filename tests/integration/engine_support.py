@@ -29,39 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from oracle import _int, _low, rpc_batch  # one reader of the node for both exactness checks
 
 from gapfill.model import Contract, Ref
 from gapfill.store import open_store
 from gapfill.testing.chain import GeneratedChain
 
 # -- talking to the node ourselves -----------------------------------------------------------
-
-
-def rpc_batch(url: str, calls: Sequence[tuple[str, list[Any]]], size: int = 500) -> list[Any]:
-    """Results of ``calls`` in order, by JSON-RPC batches of ``size``; an error raises."""
-    out: list[Any] = []
-    for start in range(0, len(calls), size):
-        chunk = calls[start : start + size]
-        payload = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in enumerate(chunk)]
-        req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            replies = json.loads(resp.read())
-        by_id = {r["id"]: r for r in replies}
-        for i, (m, p) in enumerate(chunk):
-            r = by_id[i]
-            if "error" in r:
-                raise RuntimeError(f"{m}{p} failed: {r['error']}")
-            out.append(r["result"])
-    return out
-
-
-def _int(v: str | None) -> int | None:
-    return None if v is None else int(v, 16)
-
-
-def _low(v: str | None) -> str | None:
-    return None if v is None else v.lower()
 
 
 TX_CHECKED = ("tx_hash", "block_number", "block_hash", "tx_index", "block_timestamp", "from_address",

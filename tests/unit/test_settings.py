@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gapfill.errors import ConfigError
-from gapfill.settings import EndpointSetting, load_config, resolve_endpoints, split_urls
+from gapfill.settings import EndpointSetting, load_config, resolve_endpoints
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -64,7 +64,3 @@ def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such/gapfill.toml")
-
-
-def test_split_urls() -> None:
-    assert split_urls(("https://a, https://b", "https://c")) == ["https://a", "https://b", "https://c"]

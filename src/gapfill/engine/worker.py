@@ -20,7 +20,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -286,5 +286,3 @@ class Worker:
         await go(refs)
         return out
 
-
-Factory = Callable[[], Awaitable[Worker]]

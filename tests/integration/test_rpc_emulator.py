@@ -68,6 +68,11 @@ FAULTS = {
                                  p_truncated=0.05, p_reset=0.05, p_stall=0.03, null_receipts=1,
                                  p_drop_item=0.03, p_duplicate_item=0.03, max_batch=20),
 }
+#: With every fault on, about a quarter of requests fail and each receipt spends its
+#: first attempt on a null answer: with 6 attempts, ~1 call in 1,000 meets five
+#: faults in a row and is (rightly) reported as failed, which made the run flaky.
+#: The assertion stays exact; the budget matches the injected fault rate.
+FAULT_SETTINGS: dict[str, dict[str, Any]] = {"everything": {"attempts": 12}}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -75,8 +80,9 @@ async def test_every_fault_is_survived(reference: Reference, tmp_path: Any, faul
     config = FAULTS[fault]
     async with ProviderEmulator(reference.url, config) as emu:
         # The client does not know the emulator's limits: it must find them.
-        async with RpcClient([EndpointConfig(emu.url, max_batch=50)], settings(tmp_path),
-                             expected_chain_id=31337) as client:
+        async with RpcClient([EndpointConfig(emu.url, max_batch=50)],
+                             settings(tmp_path, **FAULT_SETTINGS.get(fault, {})),
+                             expected_chain_id=31337) as client:  # fmt: skip
             assert await client.probe() == 31337
             results = await client.call_many(reference.calls)
             stats = next(iter(client.stats().values()))

@@ -15,7 +15,7 @@ machine) over ``--repeats`` runs; the minimum is reported, in µs per transactio
 * ``sqlite``: ``Store.write`` of the rows in 500-transaction batches into a fresh
   SQLite file;
 * ``postgres``: the same into a fresh PostgreSQL database (``--pg``; gapfill's
-  process only, the server's CPU is not counted);
+  process; ``postgres_server`` is the server backend's CPU over the same writes, from /proc);
 * ``enrich``: ``Enricher.enrich`` over 500-ref batches through a ``RpcClient``
   whose transport replays the recorded bytes, so RPC batching, id matching and
   parsing count (the replaying transport's own CPU is measured and subtracted);
@@ -34,6 +34,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -57,6 +58,7 @@ from gapfill.testing import chain as chain_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / ".bench" / "hotpath"
+CLK = os.sysconf("SC_CLK_TCK")
 BATCH = 500  # refs per enrich batch and transactions per store write (the engine's default)
 RPC_BATCH = 50  # calls per JSON-RPC batch (the engine's default)
 FAKE_URL = "http://replay.invalid/"
@@ -244,16 +246,37 @@ def _normalise_once(d: _Data) -> float:
     return spent
 
 
+def _server_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of a local PostgreSQL backend, from /proc; 0 without one."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+SERVER: dict[str, list[float]] = {}
+"""CPU seconds of the PostgreSQL backend per ``postgres`` sample (the server's share)."""
+
+
 def _write_all(url: str, d: _Data) -> float:
     store = open_store(url)
     try:
+        backend_pid = None
+        if url.startswith("postgres"):
+            with store._read() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                backend_pid = int(cur.fetchone()[0])
         gc.collect()
         spent = 0.0
+        server0 = _server_cpu_s(backend_pid)
         for refs in d.ref_batches():
             enriched = d.rows(refs)
             t0 = time.process_time()
             store.write(enriched)
             spent += time.process_time() - t0
+        if backend_pid is not None:
+            SERVER.setdefault("postgres_server", []).append(_server_cpu_s(backend_pid) - server0)
         return spent
     finally:
         store.close()
@@ -391,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(gc_tuned())
         _measure(args, d, digest, samples, want)
 
+    samples.update(SERVER)
     best = {k: round(min(v) / n * 1e6, 2) for k, v in samples.items()}
     median = {k: round(statistics.median(v) / n * 1e6, 2) for k, v in samples.items()}
     for store in ("sqlite", "postgres"):

@@ -79,6 +79,18 @@ def test_gap_order_puts_unknown_blocks_last_and_streams_by_key(store: Store) -> 
     ]
 
 
+def test_a_batch_mixing_new_and_stored_rows_stores_all_and_updates_the_old(store: Store) -> None:
+    # PostgreSQL COPYs new rows straight into the tables; a row already there makes it
+    # fall back to the staged upsert, which must leave nothing half-written.
+    store.write(Enriched([tx_row(1, 51)], [log_row(1, 51)]))
+    again = [tx_row(1, 51, method_name="changed"), tx_row(2, 52), tx_row(2, 52)]
+    store.write(Enriched(again, [log_row(1, 51), log_row(2, 52)]))
+    txs = {t["tx_hash"]: t for t in store.fetch_transactions(1)}
+    assert sorted(txs) == [h(1), h(2)]
+    assert txs[h(1)]["method_name"] == "changed"
+    assert [(g["tx_hash"], g["log_index"]) for g in store.fetch_logs(1)] == [(h(1), 0), (h(2), 0)]
+
+
 def test_upsert_twice_is_the_same_database_and_exact(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), 50 + i) for i in range(10)])
     e = Enriched([tx_row(i, 50 + i) for i in range(5)], [log_row(i, 50 + i) for i in range(5)])

@@ -597,3 +597,51 @@ def test_fixed_point_is_a_plain_decimal_string() -> None:
         "Rated",
         {"r": "0.000000000000000001"},
     )
+
+
+def test_dynamic_arrays_of_static_words_match_eth_abi_on_valid_and_mangled_bodies() -> None:
+    # address[] and uintN[] are read from the hex without eth_abi: every body eth_abi
+    # accepts must decode to the same values, every body it refuses must give None.
+    rng = random.Random(99)
+    sigs = [["address[]", "uint256"], ["uint8[]"], ["bytes", "int16[]", "bool"]]
+    abi = [{"name": f"g{i}", "inputs": [{"name": f"p{j}", "type": t} for j, t in enumerate(ts)]}
+           for i, ts in enumerate(sigs)]  # fmt: skip
+    decoder = Decoder({TOKEN: abi})
+
+    def value(t: str) -> Any:
+        if t.endswith("[]"):
+            return [value(t[:-2]) for _ in range(rng.randint(0, 4))]
+        make = {"address": lambda: "0x" + rng.randbytes(20).hex(), "uint256": lambda: rng.getrandbits(256),
+                "uint8": lambda: rng.getrandbits(8), "int16": lambda: rng.randint(-(2**15), 2**15 - 1),
+                "bool": lambda: rng.random() < 0.5,
+                "bytes": lambda: rng.randbytes(rng.randint(0, 40))}  # fmt: skip
+        return make[t]()
+
+    def fmt(t: str, v: Any) -> Any:
+        return [fmt(t[:-2], x) for x in v] if t.endswith("[]") else _format(t, v)
+
+    checked = accepted = 0
+    for i, types in enumerate(sigs):
+        selector = function_selector(f"g{i}({','.join(types)})")
+        for _ in range(300):
+            raw = bytearray(encode(types, [value(t) for t in types]))
+            if rng.random() < 0.6 and raw:  # mangle: flip a byte, cut the tail, or grow a length
+                k = rng.randrange(len(raw))
+                choice = rng.randrange(3)
+                if choice == 0:
+                    raw[k] ^= 1 << rng.randrange(8)
+                elif choice == 1:
+                    raw = raw[: rng.randrange(len(raw))]
+                else:
+                    raw[k - k % 32 + 31] = (raw[k - k % 32 + 31] + 1) % 256
+            try:
+                values = decode(types, bytes(raw))
+                pairs = enumerate(zip(types, values, strict=True))
+                expected: Any = {f"p{j}": fmt(t, v) for j, (t, v) in pairs}
+            except Exception:
+                expected = None
+            got = decoder.decode_input(TOKEN, selector + bytes(raw).hex())[2]
+            assert got == expected, (types, bytes(raw).hex())
+            checked += 1
+            accepted += expected is not None
+    assert checked == 900 and 300 < accepted < 900

@@ -78,7 +78,7 @@ def _stream(raw: bytes) -> Any:
 
 def _tuple_decoder(codecs: Sequence[str]) -> Any:
     # eth_abi is imported on first need: its import (eth_utils, pydantic) costs about
-    # 0.16 s per process, and ABIs of value types, bytes and strings never need it.
+    # 0.16 s per process, and ABIs of value types, bytes, strings and T[] never need it.
     from eth_abi.registry import registry
 
     return registry.get_tuple_decoder(*codecs)
@@ -366,19 +366,32 @@ def _compile_type(param: Mapping[str, Any]) -> _Type:
     return t
 
 
-#: How a top-level parameter of the mixed fast path is read: a static word reader, or
-#: ``True``/``False`` for a dynamic ``string``/``bytes`` (UTF-8 text or hex).
-_Slot = _WordReader | bool
+@dataclass(frozen=True, slots=True)
+class _ArrayOf:
+    """A dynamic array of a static word type (``address[]``, ``uint256[]``) in the fast path."""
+
+    read: _WordReader
+
+
+#: How a top-level parameter of the mixed fast path is read: a static word reader,
+#: ``True``/``False`` for a dynamic ``string``/``bytes`` (UTF-8 text or hex), or an
+#: :class:`_ArrayOf` for a dynamic array of static words.
+_Slot = _WordReader | bool | _ArrayOf
 
 
 def _slots(types: Sequence[_Type]) -> tuple[_Slot, ...] | None:
-    """Per-parameter readers when every type is a static word or plain ``bytes``/``string``."""
+    """Per-parameter readers when every type is a static word, ``bytes``/``string`` or ``T[]``."""
     out: list[_Slot] = []
     for t in types:
         if t.word is not None:
             out.append(t.word)
         elif t.canonical in ("bytes", "string"):
             out.append(t.canonical == "string")
+        elif t.canonical.endswith("[]") and "[" not in t.canonical[:-2] and "(" not in t.canonical:
+            item = _elementary(*_TYPE_RE.match(t.canonical[:-2]).group(1, 2))  # type: ignore[union-attr]
+            if item.word is None:
+                return None
+            out.append(_ArrayOf(item.word))
         else:
             return None
     return tuple(out)
@@ -388,9 +401,10 @@ class _Args:
     """Decodes one head/tail-encoded block of parameters from hex.
 
     Three ways, fastest first: all static words (read word by word); static words
-    plus plain ``bytes``/``string`` (``ping(bytes)``, ``Pinged(uint256,bytes)``: read
-    from the hex with eth_abi's checks: pointers inside the tail, length word present,
-    value and zero padding complete); anything else through ``eth_abi``.
+    plus plain ``bytes``/``string`` and dynamic arrays of static words (``ping(bytes)``,
+    ``Pinged(uint256,bytes)``, ``mintMany(address[],uint256)``: read from the hex with
+    eth_abi's checks: pointers inside the tail, length word present, value and zero
+    padding complete, every item valid); anything else through ``eth_abi``.
     """
 
     __slots__ = ("_at", "_codecs", "_fmts", "_head", "_slots", "_tuple", "_words")
@@ -452,7 +466,7 @@ class _Args:
         try:
             for at, slot in self._slots or ():
                 word = body[at : at + _WORD_HEX]
-                if slot is True or slot is False:
+                if isinstance(slot, (bool, _ArrayOf)):
                     # A pointer (bytes from the block's start) past the head and inside the
                     # data, to a length word, then the value and its zero padding.
                     start = 2 * int(word, 16)
@@ -460,6 +474,13 @@ class _Args:
                         return None
                     size = int(body[start : start + _WORD_HEX], 16)
                     start += _WORD_HEX
+                    if isinstance(slot, _ArrayOf):  # then ``size`` words, each a valid item
+                        end = start + _WORD_HEX * size
+                        if end > n:
+                            return None
+                        read = slot.read
+                        out.append([read(body[i : i + _WORD_HEX]) for i in range(start, end, _WORD_HEX)])
+                        continue
                     end = start + 2 * size
                     padded = start + 2 * (-(-size // 32) * 32)
                     if padded > n or body[end:padded].strip("0"):

@@ -198,6 +198,23 @@ class PostgresStore(Store):
         return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)
 
     def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+        # Fast path: COPY straight into the tables, under a savepoint. Rows of a gap are
+        # normally new, so this writes each row once. Any row already there (re-enrichment,
+        # a tx shared by two contracts, a duplicate in the batch) raises a unique
+        # violation: the savepoint undoes the partial COPY and the staged upsert runs.
+        try:
+            with cur.connection.transaction():
+                if txs:
+                    with cur.copy(f"COPY transactions ({_TX_COLS}) FROM STDIN") as copy:
+                        for t in txs:
+                            copy.write_row(_tx_tuple(t))
+                if logs:
+                    with cur.copy(f"COPY logs ({_LOG_COLS}) FROM STDIN") as copy:
+                        for g in logs:
+                            copy.write_row(_log_tuple(g))
+            return
+        except psycopg.errors.UniqueViolation:
+            pass
         self._stage(cur)
         if txs:
             with cur.copy(f"COPY stage_tx ({_TX_COLS}) FROM STDIN") as copy:

@@ -123,7 +123,10 @@ def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> di
     contracts = {c.address: c.abi for c in store.list_contracts() if c.chain_id == job.chain_id}
     metered = any(e.rps is not None for e in job.endpoints)
     plan = replace(job.plan, calls_metered=metered or job.plan.calls_metered)
-    return {job.chain_id: Enricher(client, job.chain_id, decoder_for(contracts), plan)}
+    return {
+        job.chain_id: Enricher(client, job.chain_id, decoder_for(contracts), plan,
+                               pairs_per_request=max(1, job.rpc_batch_size // 2))
+    }  # fmt: skip
 
 
 def _client(job: EnrichJob, *, sequential: bool = False) -> RpcClient:

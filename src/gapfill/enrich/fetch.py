@@ -311,18 +311,11 @@ class Enricher:
             else:
                 with_ts.append((ref, rec, ts))
 
+        block_numbers = sorted(without_ts)
         calls: list[Call] = [
             Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _, _ in with_ts
         ]
-        full_blocks = self._metered()
-        block_numbers = sorted(without_ts)
-        loose: list[tuple[Ref, dict[str, Any]]] = []
-        if full_blocks:
-            calls += [Call("eth_getBlockByNumber", [hex(b), True], null_retry=True) for b in block_numbers]
-        else:
-            loose = [item for b in block_numbers for item in without_ts[b]]
-            calls += [Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _ in loose]
-            calls += [Call("eth_getBlockByNumber", [hex(b), False], null_retry=True) for b in block_numbers]
+        calls += [Call("eth_getBlockByNumber", [hex(b), True], null_retry=True) for b in block_numbers]
         answers = await self._many(calls)
 
         k = 0
@@ -333,45 +326,23 @@ class Enricher:
                 out.fail(_failure(ref, tx))
             else:
                 self._normalise(out, ref, tx, rec, ts)
-
-        if full_blocks:
-            for b in block_numbers:
-                full: Any = answers[k]
-                k += 1
-                items = without_ts[b]
-                if isinstance(full, CallError):
-                    for ref, _ in items:
-                        out.fail(_failure(ref, full))
-                    continue
-                block_ts = int(full["timestamp"], 16)
-                self._remember(b, block_ts)
-                txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
-                for ref, rec in items:
-                    found = txs.get(ref.tx_hash)
-                    if found is None:
-                        out.fail(_failure(ref, f"block {b} does not hold the transaction (reorg?)"))
-                    else:
-                        self._normalise(out, ref, found, rec, block_ts)
-            return
-
-        loose_txs = answers[k : k + len(loose)]
-        headers = answers[k + len(loose) :]
-        stamps: dict[int, int | CallError] = {}
-        for b, header in zip(block_numbers, headers, strict=True):
-            if isinstance(header, CallError):
-                stamps[b] = header
-            else:
-                header_ts = int(header["timestamp"], 16)
-                stamps[b] = header_ts
-                self._remember(b, header_ts)
-        for (ref, rec), tx in zip(loose, loose_txs, strict=True):
-            stamp = stamps[int(rec["blockNumber"], 16)]
-            if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx))
-            elif isinstance(stamp, CallError):
-                out.fail(_failure(ref, stamp))
-            else:
-                self._normalise(out, ref, tx, rec, stamp)
+        for b in block_numbers:
+            full: Any = answers[k]
+            k += 1
+            items = without_ts[b]
+            if isinstance(full, CallError):
+                for ref, _ in items:
+                    out.fail(_failure(ref, full))
+                continue
+            block_ts = int(full["timestamp"], 16)
+            self._remember(b, block_ts)
+            txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
+            for ref, rec in items:
+                found = txs.get(ref.tx_hash)
+                if found is None:
+                    out.fail(_failure(ref, f"block {b} does not hold the transaction (reorg?)"))
+                else:
+                    self._normalise(out, ref, found, rec, block_ts)
 
     # -- the seed's baseline -------------------------------------------------------
 

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -70,8 +71,22 @@ def fail(ctx: Ctx | None, exc: BaseException) -> NoReturn:
     raise SystemExit(getattr(exc, "exit_code", 1))
 
 
+#: Commands in modules of their own, imported when asked for: `discover` pulls in the
+#: discovery engine and `demo` the chain generator, which no other command needs.
+_LAZY_COMMANDS = {"demo": "gapfill.cli_demo", "discover": "gapfill.cli_discover"}
+
+
 class GapfillGroup(click.Group):
     """Turns gapfill's errors into one sentence and an exit code, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = _LAZY_COMMANDS.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            importlib.import_module(module)  # registers the command on `cli`
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -585,12 +600,3 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="gapfill")
-
-
-
-
-# Commands that live in modules of their own; they import this one, so they come last.
-from gapfill.cli_discover import discover as _discover  # noqa: E402
-
-cli.add_command(_discover)
-import gapfill.cli_demo  # noqa: E402, F401  (registers `gapfill demo`)

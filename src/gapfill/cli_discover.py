@@ -1,7 +1,7 @@
 """``gapfill discover``: the thin CLI shell around :func:`gapfill.discover.run.discover`.
 
-Register it on the main group with ``cli.add_command(discover)`` (after ``Ctx``
-and the option helpers exist in :mod:`gapfill.cli`).
+Imported by :mod:`gapfill.cli` when the command is asked for; it registers itself
+on the main group.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import click
 
-from gapfill.cli import Ctx, address_arg, chain_option, resolve_targets
+from gapfill.cli import Ctx, address_arg, chain_option, cli, resolve_targets
 from gapfill.discover.coverage import METHODS, coverage_report
 from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary
@@ -117,3 +117,6 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
                     confirmations=confirmations, explorer=explorer, on_progress=_Printer(),
                 ))  # fmt: skip
     return out
+
+
+cli.add_command(discover)

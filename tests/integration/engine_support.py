@@ -320,7 +320,8 @@ def alive(pid: int) -> bool:
 
 def worker_pids(coordinator: int) -> set[int]:
     """The coordinator's worker processes: the children of its ``multiprocessing`` fork server."""
-    return {w for server in children(coordinator) if "forkserver" in cmdline(server) for w in children(server)}
+    servers = [p for p in children(coordinator) if "forkserver" in cmdline(p)]
+    return {w for server in servers for w in children(server)}
 
 
 def wait_for(what: str, cond: Callable[[], Any], timeout_s: float, every_s: float = 0.1,

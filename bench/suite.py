@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -716,67 +716,85 @@ def bench_layout(layout: str, args: argparse.Namespace, dbs: Databases, work: Pa
         pid = node.pid
         runs = res["runs"]
 
+        # Every tool runs once per round, round after round (not all of one tool's repeats
+        # in a row): a shared machine's speed drifts over minutes, and round-robin gives
+        # each tool the same share of fast and slow minutes. The fastest try is kept.
+        jobs: list[tuple[str, Callable[[int], dict[str, Any]]]] = []
         if not args.skip_peers:
-            log(f"{layout}: ethereum-etl")
-            etl_runs = []
-            for i in range(args.repeat):
-                etl_runs.append(rates(run_etl(node.url, chain.head, hashes_file, lw / f"etl{i}", pid), n))
-            runs["ethereum-etl"] = best_of(etl_runs)
+            jobs += [
+                ("ethereum-etl",
+                 lambda i: rates(run_etl(node.url, chain.head, hashes_file, lw / f"etl{i}", pid), n)),
+                ("cryo", lambda i: rates(run_cryo(node.url, chain.head, pid), n)),
+                ("bare-client", lambda i: rates(run_bare(node.url, hashes_file, pid), n)),
+            ]
+        workers = ["--workers", str(args.workers)] if args.workers else []
+
+        def gapfill_job(backend: str, mode: str, name: str) -> Callable[[int], dict[str, Any]]:
+            subset = mode == "sequential"
+
+            def run(i: int) -> dict[str, Any]:
+                db = dbs.new(backend, f"{layout}_{mode}")
+                if subset:
+                    keep = set(hashes[: args.seq_refs])
+                    refs = {c: [h for h in hs if h in keep] for c, hs in tracked.by_contract.items()}
+                else:
+                    refs = tracked.by_contract
+                setup_gapfill_db(db, chain, refs, lw, f"{mode}_{backend}")
+                m = n if not subset else min(n, args.seq_refs)
+                extra = workers if mode == "concurrent" else []
+                r = rates(run_gapfill(db, node.url, mode, pid, extra), m)
+                r["db"] = db
+                return r
+
+            return run
+
+        for backend in args.backends:
+            for mode in args.modes:
+                name = f"gapfill-{mode}-{'pg' if backend == 'postgres' else 'sqlite'}"
+                jobs.append((name, gapfill_job(backend, mode, name)))
+
+        tries: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in jobs}
+        for i in range(args.repeat):
+            for name, job in jobs:
+                if i > 0 and name.startswith("gapfill-sequential"):
+                    continue  # measured on a subset and extrapolated: once is enough
+                log(f"{layout}: {name} (round {i + 1} of {args.repeat})")
+                r = job(i)
+                tries[name].append(r)
+                log(
+                    f"{layout}: {name} {r['wall_s']:.2f} s wall, {r['tx_s']:,.0f} tx/s"
+                    + (f", {r['summary'].get('calls_per_tx')} calls/tx, rss {r['maxrss_mb']:.0f} MB, "
+                       f"rows {r['rows']}" if "summary" in r else "")
+                )  # fmt: skip
+
+        if not args.skip_peers:
+            runs["ethereum-etl"] = best_of(tries["ethereum-etl"])
             runs["ethereum-etl"]["calls_per_tx"] = (n + blocks) / n  # 1 receipt/tx + 1 full block/block
             runs["ethereum-etl"]["calls_note"] = (
                 "derived: one receipt per tracked tx + one full block per block"
             )
-            log(f"{layout}: ethereum-etl {runs['ethereum-etl']['wall_s']:.2f} s")
-            log(f"{layout}: cryo")
-            runs["cryo"] = best_of(
-                [rates(run_cryo(node.url, chain.head, pid), n) for _ in range(args.repeat)]
-            )
+            runs["cryo"] = best_of(tries["cryo"])
             runs["cryo"]["calls_per_tx"] = 2 * blocks / n
             runs["cryo"]["calls_note"] = (
                 "derived: eth_getBlockByNumber(full) + eth_getBlockReceipts per block"
             )
-            log(f"{layout}: cryo {runs['cryo']['wall_s']:.2f} s")
-            log(f"{layout}: bare asyncio client")
-            runs["bare-client"] = best_of(
-                [rates(run_bare(node.url, hashes_file, pid), n) for _ in range(args.repeat)]
-            )
+            runs["bare-client"] = best_of(tries["bare-client"])
             runs["bare-client"]["calls_per_tx"] = 2.0
-            log(f"{layout}: bare client {runs['bare-client']['wall_s']:.2f} s")
 
         keep_db: dict[str, str] = {}
-        workers = ["--workers", str(args.workers)] if args.workers else []
-        for backend in args.backends:
-            for mode in args.modes:
-                name = f"gapfill-{mode}-{'pg' if backend == 'postgres' else 'sqlite'}"
-                subset = mode == "sequential"
-                tries = []
-                for _ in range(1 if subset else args.repeat):
-                    db = dbs.new(backend, f"{layout}_{mode}")
-                    if subset:
-                        keep = set(hashes[: args.seq_refs])
-                        refs = {c: [h for h in hs if h in keep] for c, hs in tracked.by_contract.items()}
-                    else:
-                        refs = tracked.by_contract
-                    setup_gapfill_db(db, chain, refs, lw, f"{mode}_{backend}")
-                    m = n if not subset else min(n, args.seq_refs)
-                    log(f"{layout}: {name} on {m:,} refs")
-                    extra = workers if mode == "concurrent" else []
-                    r = rates(run_gapfill(db, node.url, mode, pid, extra), m)
-                    r["db"] = db
-                    tries.append(r)
-                r = best_of(tries)
-                keep_db[name] = r["db"]
-                if subset and r["txs"] < n:
-                    r["extrapolated"] = True
-                    r["note"] = f"measured on the first {r['txs']:,} refs (key order), rate extrapolated"
-                ok = r["rows"]["transactions"] >= r["txs"]
-                r["complete"] = ok
-                runs[name] = r
-                log(
-                    f"{layout}: {name} {r['wall_s']:.2f} s wall, {r['tx_s']:,.0f} tx/s, "
-                    f"{r['summary'].get('calls_per_tx')} calls/tx, cpu {r['cpu_s']:.1f} s, "
-                    f"rss {r['maxrss_mb']:.0f} MB, rows {r['rows']}{'' if ok else ' INCOMPLETE'}"
-                )
+        for name, _ in jobs:
+            if not name.startswith("gapfill-"):
+                continue
+            r = best_of(tries[name])
+            keep_db[name] = r["db"]
+            if name.startswith("gapfill-sequential") and r["txs"] < n:
+                r["extrapolated"] = True
+                r["note"] = f"measured on the first {r['txs']:,} refs (key order), rate extrapolated"
+            ok = r["rows"]["transactions"] >= r["txs"]
+            r["complete"] = ok
+            runs[name] = r
+            if not ok:
+                log(f"{layout}: {name} INCOMPLETE: rows {r['rows']}")
 
         if layout == "dense":
             for plan in [x for x in args.plan_variants.split(",") if x]:
@@ -1111,7 +1129,8 @@ def main() -> int:
     ap.add_argument("--modes", default="sequential,batch,concurrent")
     ap.add_argument("--seq-refs", type=int, default=1000, help="refs for sequential mode (extrapolated)")
     ap.add_argument("--workers", type=int, default=None, help="concurrent workers [gapfill's default]")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool/mode; the fastest is kept")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="rounds: every tool/mode runs once per round, the fastest try is kept")
     ap.add_argument("--scale-refs", type=int, default=1_000_000)
     ap.add_argument(
         "--plan-variants",

@@ -6,6 +6,8 @@ Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -598,5 +600,27 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
                    f"{rate}")  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cli.main(args=list(argv) if argv is not None else None, prog_name="gapfill")
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The console script: run the command, then leave without tearing the interpreter down.
+
+    When the command is done (every store closed, every commit awaited), the atexit
+    handlers run and the streams are flushed as at a normal exit; what is skipped is
+    freeing every module and object, which takes ~30 ms with aiohttp loaded and ~60 ms
+    with libpq too: a tenth of a small run. An exception other than SystemExit still
+    ends the normal way, traceback included.
+    """
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="gapfill")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -74,13 +74,13 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
     The seed used sequential below 1,000 refs, batch to 10,000 and concurrent
     above. Measured with bench/run on 2 cores shared with a local node:
 
-    * sequential never wins (batch is 7x faster even at 1,000 refs), so auto never
-      picks it;
-    * at 2,849 refs batch is twice as fast as concurrent (starting processes
-      dominates);
-    * at 80,000 refs batch is 1-12% faster than concurrent (two runs, both
-      backends): one process already keeps the node busy, and a second one takes
-      CPU from it.
+    * sequential never wins (batch is 6-9x faster even at 1,000 refs), so auto
+      never picks it;
+    * at 2,849 refs batch is about twice as fast as concurrent (starting
+      processes dominates);
+    * at 80,000 refs concurrent ran at 0.81-1.08x batch over three runs on
+      2026-11-28 (both backends): one process already keeps the node busy, and a
+      second one takes CPU from it, so concurrent does not win reliably.
 
     So concurrent pays only where there are cores to spare beyond the node's and
     one worker's; auto picks it from ``AUTO_CONCURRENT_FROM`` refs on machines

@@ -729,7 +729,7 @@ def bench_layout(layout: str, args: argparse.Namespace, dbs: Databases, work: Pa
             ]
         workers = ["--workers", str(args.workers)] if args.workers else []
 
-        def gapfill_job(backend: str, mode: str, name: str) -> Callable[[int], dict[str, Any]]:
+        def gapfill_job(backend: str, mode: str) -> Callable[[int], dict[str, Any]]:
             subset = mode == "sequential"
 
             def run(i: int) -> dict[str, Any]:
@@ -751,7 +751,7 @@ def bench_layout(layout: str, args: argparse.Namespace, dbs: Databases, work: Pa
         for backend in args.backends:
             for mode in args.modes:
                 name = f"gapfill-{mode}-{'pg' if backend == 'postgres' else 'sqlite'}"
-                jobs.append((name, gapfill_job(backend, mode, name)))
+                jobs.append((name, gapfill_job(backend, mode)))
 
         tries: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in jobs}
         for i in range(args.repeat):

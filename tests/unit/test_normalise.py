@@ -527,6 +527,10 @@ def test_timestamp_from_receipt() -> None:
     assert timestamp_from_receipt({"blockTimestamp": "0x10", "logs": []}) == 16
     assert timestamp_from_receipt({"logs": [{"blockTimestamp": None}, {"blockTimestamp": "0x5"}]}) == 5
     assert timestamp_from_receipt({"blockTimestamp": "garbage"}) is None
+    # Else the transaction's (anvil, recent geth); the receipt's wins when both have one.
+    assert timestamp_from_receipt({"logs": []}, {"blockTimestamp": "0x7"}) == 7
+    assert timestamp_from_receipt({"blockTimestamp": "0x10", "logs": []}, {"blockTimestamp": "0x7"}) == 16
+    assert timestamp_from_receipt({"logs": []}, None) is None
 
 
 # --- hex_int ---------------------------------------------------------------------

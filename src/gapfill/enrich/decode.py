@@ -216,6 +216,8 @@ class _Type:
     word: _WordReader | None
     #: A value type is logged as itself when indexed; the rest as their hash.
     value_type: bool
+    #: For ``T[]`` where ``T`` is read word by word: ``T``'s reader (the fast path's arrays).
+    array_of: _WordReader | None = None
 
 
 def _identity(v: Any) -> Any:
@@ -362,7 +364,8 @@ def _compile_type(param: Mapping[str, Any]) -> _Type:
     else:
         t = _elementary(base, size)
     for dim in _DIM_RE.findall(dims):
-        t = _Type(t.canonical + dim, t.codec + dim, _list_of(t.fmt), None, False)
+        array_of = t.word if dim == "[]" else None
+        t = _Type(t.canonical + dim, t.codec + dim, _list_of(t.fmt), None, False, array_of)
     return t
 
 
@@ -387,11 +390,8 @@ def _slots(types: Sequence[_Type]) -> tuple[_Slot, ...] | None:
             out.append(t.word)
         elif t.canonical in ("bytes", "string"):
             out.append(t.canonical == "string")
-        elif t.canonical.endswith("[]") and "[" not in t.canonical[:-2] and "(" not in t.canonical:
-            item = _elementary(*_TYPE_RE.match(t.canonical[:-2]).group(1, 2))  # type: ignore[union-attr]
-            if item.word is None:
-                return None
-            out.append(_ArrayOf(item.word))
+        elif t.array_of is not None:
+            out.append(_ArrayOf(t.array_of))
         else:
             return None
     return tuple(out)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gapfill.enrich.decode import Decoder
-from gapfill.enrich.normalise import NormaliseError, hex_int, normalise_tx, timestamp_from_receipt
+from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
 from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow
 from gapfill.rpc import Call, CallError, RpcClient
 
@@ -70,13 +70,6 @@ class PlanSettings:
     shape: PlanShape = "auto"
     #: Whether calls are metered (some endpoint has an rps limit); the engine sets it.
     calls_metered: bool = False
-
-
-def _quantity(v: Any) -> int | None:
-    try:
-        return hex_int(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def _failure(ref: Ref, err: CallError | str, *, reason: str | None = None) -> Failure:
@@ -110,6 +103,17 @@ class _Collector:
 
     def result(self) -> Enriched:
         return Enriched(self.txs, self.logs, self.failures)
+
+
+def _receipt(out: _Collector, ref: Ref, rec: Any) -> dict[str, Any] | None:
+    """The receipt answer if it is one; otherwise the ref's failure is recorded."""
+    if isinstance(rec, CallError):
+        out.fail(_failure(ref, rec))
+        return None
+    if not isinstance(rec, dict) or "blockNumber" not in rec:
+        out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
+        return None
+    return rec
 
 
 class Enricher:
@@ -245,20 +249,14 @@ class Enricher:
             calls.append(Call("eth_getTransactionReceipt", [r.tx_hash], null_retry=True))
         answers = await self._many(calls)
         for i, ref in enumerate(refs):
-            tx, rec = answers[2 * i], answers[2 * i + 1]
-            if isinstance(rec, CallError):
-                out.fail(_failure(ref, rec))
-                continue
-            if not isinstance(rec, dict) or "blockNumber" not in rec:
-                out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
+            tx, rec = answers[2 * i], _receipt(out, ref, answers[2 * i + 1])
+            if rec is None:
                 continue
             if isinstance(tx, CallError):
                 out.fail(_failure(ref, tx))
                 continue
             block = int(rec["blockNumber"], 16)  # malformed: raises, as the metered plan does
-            ts = timestamp_from_receipt(rec)
-            if ts is None and isinstance(tx, dict) and tx.get("blockTimestamp") is not None:
-                ts = _quantity(tx["blockTimestamp"])
+            ts = timestamp_from_receipt(rec, tx)
             if ts is None:
                 ts = self._ts.get(block)
             if ts is None:
@@ -295,12 +293,9 @@ class Enricher:
         )
         with_ts: list[tuple[Ref, dict[str, Any], int]] = []
         without_ts: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
-        for ref, rec in zip(refs, answers, strict=True):
-            if isinstance(rec, CallError):
-                out.fail(_failure(ref, rec))
-                continue
-            if not isinstance(rec, dict) or "blockNumber" not in rec:
-                out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
+        for ref, answer in zip(refs, answers, strict=True):
+            rec = _receipt(out, ref, answer)
+            if rec is None:
                 continue
             block = int(rec["blockNumber"], 16)
             ts = timestamp_from_receipt(rec)
@@ -350,16 +345,16 @@ class Enricher:
         """One transaction at a time, one call at a time: the seed's baseline, for comparison."""
         out = _Collector()
         for ref in refs:
-            (rec,) = await self._many([Call("eth_getTransactionReceipt", [ref.tx_hash], null_retry=True)])
-            if isinstance(rec, CallError):
-                out.fail(_failure(ref, rec))
+            (answer,) = await self._many([Call("eth_getTransactionReceipt", [ref.tx_hash], null_retry=True)])
+            rec = _receipt(out, ref, answer)
+            if rec is None:
                 continue
             (tx,) = await self._many([Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True)])
             if isinstance(tx, CallError):
                 out.fail(_failure(ref, tx))
                 continue
             block = int(rec["blockNumber"], 16)
-            ts = timestamp_from_receipt(rec)
+            ts = timestamp_from_receipt(rec, tx)
             if ts is None:
                 ts = self._ts.get(block)
             if ts is None:

@@ -104,12 +104,13 @@ def hex_int(v: str | None) -> int | None:
         raise
 
 
-def timestamp_from_receipt(receipt: Mapping[str, Any]) -> int | None:
-    """The block timestamp a receipt carries, if any.
+def timestamp_from_receipt(receipt: Mapping[str, Any], tx: Any = None) -> int | None:
+    """The block timestamp a receipt carries, else the transaction ``tx`` (if given), if any.
 
     Recent geth puts ``blockTimestamp`` on every log; some nodes also put it on
-    the receipt itself. ``None`` when neither is there (e.g. a receipt without
-    logs from a node that only annotates logs).
+    the receipt itself, and anvil and recent geth on the transaction. ``None``
+    when none has it (e.g. a receipt without logs from a node that only
+    annotates logs, and no transaction).
     """
     ts = receipt.get("blockTimestamp")
     if ts is None:
@@ -117,6 +118,8 @@ def timestamp_from_receipt(receipt: Mapping[str, Any]) -> int | None:
             ts = log.get("blockTimestamp")
             if ts is not None:
                 break
+    if ts is None and isinstance(tx, dict):
+        ts = tx.get("blockTimestamp")
     try:
         return hex_int(ts)
     except (TypeError, ValueError):

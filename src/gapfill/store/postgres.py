@@ -72,6 +72,14 @@ def _log_tuple(g: LogRow) -> tuple[Any, ...]:
 check_row_tuples(_tx_tuple, _log_tuple, big=(), json=JSON_COLUMNS)
 
 
+def _copy(cur: Any, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """``COPY table (columns) FROM STDIN`` of ``rows`` (nothing when there are none)."""
+    if rows:
+        with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+
 def translate(exc: psycopg.Error, url: str) -> StoreError:
     """Turn a driver error into one sentence that says what to do."""
     parts = urlsplit(url)
@@ -198,44 +206,32 @@ class PostgresStore(Store):
         return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)
 
     def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+        tx_rows = [_tx_tuple(t) for t in txs]
+        log_rows = [_log_tuple(g) for g in logs]
         # Fast path: COPY straight into the tables, under a savepoint. Rows of a gap are
         # normally new, so this writes each row once. Any row already there (re-enrichment,
         # a tx shared by two contracts, a duplicate in the batch) raises a unique
         # violation: the savepoint undoes the partial COPY and the staged upsert runs.
         try:
             with cur.connection.transaction():
-                if txs:
-                    with cur.copy(f"COPY transactions ({_TX_COLS}) FROM STDIN") as copy:
-                        for t in txs:
-                            copy.write_row(_tx_tuple(t))
-                if logs:
-                    with cur.copy(f"COPY logs ({_LOG_COLS}) FROM STDIN") as copy:
-                        for g in logs:
-                            copy.write_row(_log_tuple(g))
+                _copy(cur, "transactions", _TX_COLS, tx_rows)
+                _copy(cur, "logs", _LOG_COLS, log_rows)
             return
         except psycopg.errors.UniqueViolation:
             pass
         self._stage(cur)
-        if txs:
-            with cur.copy(f"COPY stage_tx ({_TX_COLS}) FROM STDIN") as copy:
-                for t in txs:
-                    copy.write_row(_tx_tuple(t))
+        for stage, table, cols, key, update, rows in (
+            ("stage_tx", "transactions", _TX_COLS, "chain_id, tx_hash", _UPDATE_TX, tx_rows),
+            ("stage_logs", "logs", _LOG_COLS, "chain_id, tx_hash, log_index", _UPDATE_LOG, log_rows),
+        ):
+            if not rows:
+                continue
+            _copy(cur, stage, cols, rows)
             cur.execute(
-                f"INSERT INTO transactions ({_TX_COLS}) "
-                f"SELECT DISTINCT ON (chain_id, tx_hash) {_TX_COLS} FROM stage_tx "
-                f"ON CONFLICT (chain_id, tx_hash) DO UPDATE SET {_UPDATE_TX}"
+                f"INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} FROM {stage} "
+                f"ON CONFLICT ({key}) DO UPDATE SET {update}"
             )
-            cur.execute("TRUNCATE stage_tx")
-        if logs:
-            with cur.copy(f"COPY stage_logs ({_LOG_COLS}) FROM STDIN") as copy:
-                for g in logs:
-                    copy.write_row(_log_tuple(g))
-            cur.execute(
-                f"INSERT INTO logs ({_LOG_COLS}) "
-                f"SELECT DISTINCT ON (chain_id, tx_hash, log_index) {_LOG_COLS} FROM stage_logs "
-                f"ON CONFLICT (chain_id, tx_hash, log_index) DO UPDATE SET {_UPDATE_LOG}"
-            )
-            cur.execute("TRUNCATE stage_logs")
+            cur.execute(f"TRUNCATE {stage}")
 
     def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         # One statement per batch rather than one per transaction.

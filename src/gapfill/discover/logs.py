@@ -8,17 +8,11 @@ split (see :mod:`gapfill.discover.ranges`).
 
 from __future__ import annotations
 
-from typing import Any
-
-from gapfill.discover.ranges import AdaptiveWindow, Interval, scan_ranges
+from gapfill.discover.ranges import AdaptiveWindow, Interval, block_number, scan_ranges
 from gapfill.model import Ref
 from gapfill.rpc import Call, RpcClient
 
 METHOD = "logs"
-
-
-def _block(value: Any) -> int:
-    return value if isinstance(value, int) else int(str(value), 16)
 
 
 async def scan_logs(
@@ -42,5 +36,5 @@ async def scan_logs(
                 continue
             tx_hash = str(log["transactionHash"]).lower()
             if tx_hash not in found:
-                found[tx_hash] = Ref(chain_id, contract, tx_hash, _block(log["blockNumber"]), METHOD)
+                found[tx_hash] = Ref(chain_id, contract, tx_hash, block_number(log["blockNumber"]), METHOD)
     return list(found.values())

@@ -46,6 +46,11 @@ def _int(text: str) -> int:
     return int(text, 16) if text.lower().startswith("0x") else int(text)
 
 
+def block_number(value: Any) -> int:
+    """A block number as a node sends it: a hex quantity, or (Otterscan) a JSON number."""
+    return value if isinstance(value, int) else int(str(value), 16)
+
+
 def parse_hint(message: str, lo: int, hi: int) -> Interval | None:
     """A suggested sub-range ``[lo, y]`` of ``[lo, hi]`` in a refusal message, if usable."""
     for match in _HINT.finditer(message):

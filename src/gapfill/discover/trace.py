@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gapfill.discover.ranges import AdaptiveWindow, Interval, scan_ranges
+from gapfill.discover.ranges import AdaptiveWindow, Interval, block_number, scan_ranges
 from gapfill.errors import RpcError
 from gapfill.model import Ref
 from gapfill.rpc import Call, RpcClient
@@ -26,10 +26,6 @@ from gapfill.rpc import Call, RpcClient
 METHOD = "trace"
 TRACE_FILTER = "trace_filter"
 OTS_SEARCH = "ots_searchTransactionsAfter"
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) else int(str(value), 16)
 
 
 BACKENDS = (TRACE_FILTER, OTS_SEARCH)
@@ -80,7 +76,7 @@ async def scan_trace_filter(
                 continue
             key = str(tx_hash).lower()
             if key not in found:
-                found[key] = Ref(chain_id, contract, key, _int(trace["blockNumber"]), METHOD)
+                found[key] = Ref(chain_id, contract, key, block_number(trace["blockNumber"]), METHOD)
     return list(found.values())
 
 
@@ -109,7 +105,7 @@ async def walk_ots(
         refs: list[Ref] = []
         top = after
         for tx in txs:
-            block = _int(tx["blockNumber"])
+            block = block_number(tx["blockNumber"])
             top = max(top, block)
             if lo <= block <= hi and tx.get("to"):  # no "to": the deployment, not a call
                 refs.append(Ref(chain_id, contract, str(tx["hash"]).lower(), block, METHOD))

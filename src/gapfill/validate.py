@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-from eth_hash.auto import keccak
-
 from gapfill.errors import InputError
+from gapfill.keccak import keccak
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")

@@ -645,3 +645,21 @@ def test_dynamic_arrays_of_static_words_match_eth_abi_on_valid_and_mangled_bodie
             checked += 1
             accepted += expected is not None
     assert checked == 900 and 300 < accepted < 900
+
+
+def test_keccak_is_ethereums_keccak_256() -> None:
+    import random
+
+    from eth_hash.auto import keccak as eth_hash_keccak
+
+    from gapfill.keccak import keccak
+
+    # Known vectors: the empty string, and the ERC-20 Transfer event's topic0.
+    assert keccak(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+    assert keccak(b"Transfer(address,address,uint256)").hex() == (
+        "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
+    )
+    rng = random.Random(7)
+    for n in (1, 31, 32, 135, 136, 137, 1000):
+        data = rng.randbytes(n)
+        assert keccak(data) == eth_hash_keccak(data)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from eth_hash.auto import keccak
+from gapfill.keccak import keccak
 
 __all__ = [
     "BUILTIN_EVENT_ABIS",

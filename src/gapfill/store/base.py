@@ -370,6 +370,9 @@ class Store(abc.ABC):
         cur.execute("SELECT 1 FROM failures LIMIT 1")
         if cur.fetchone() is None:
             return
+        self._delete_failed(cur, txs)
+
+    def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         cur.executemany(
             self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"),
             [(t.chain_id, t.tx_hash) for t in txs],

@@ -233,7 +233,7 @@ class PostgresStore(Store):
             )
             cur.execute(f"TRUNCATE {stage}")
 
-    def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
+    def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         # One statement per batch rather than one per transaction.
         by_chain: dict[int, list[str]] = {}
         for t in txs:

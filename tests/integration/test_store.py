@@ -190,3 +190,25 @@ def test_runs_are_listed(store: Store) -> None:
     store.finish_run(r, "done", 10, 1, 25)
     (info,) = store.list_runs()
     assert (info.run_id, info.state, info.processed, info.failed, info.rpc_calls) == (r, "done", 10, 1, 25)
+
+
+def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path: Any) -> None:
+    import sqlite3
+
+    from gapfill.store.sqlite import PAGE_SIZE, WAL_CHECKPOINT_BYTES
+
+    with open_store(f"sqlite:///{tmp_path}/new.db") as s:
+        s.add_refs([Ref(1, C, h(1), 7)])
+    conn = sqlite3.connect(tmp_path / "new.db")
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    conn.close()
+
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("CREATE TABLE t (a)")  # an existing file with SQLite's default 4 KiB pages
+    old.close()
+    with open_store(f"sqlite:///{tmp_path}/old.db") as s:
+        s.add_refs([Ref(1, C, h(1), 7)])
+        assert s.count_gap(1, C) == 1
+        conn = s._conn  # type: ignore[attr-defined]
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_BYTES // 4096

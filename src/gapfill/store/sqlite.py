@@ -75,6 +75,11 @@ def _log_tuple(g: LogRow) -> tuple[Any, ...]:
 check_row_tuples(_tx_tuple, _log_tuple, big=BIG_INT_COLUMNS, json=JSON_COLUMNS)
 
 
+#: Page size of a new database file, and the WAL size that triggers a checkpoint.
+PAGE_SIZE = 16_384
+WAL_CHECKPOINT_BYTES = 40 * 1024 * 1024
+
+
 def sqlite_path(url: str) -> str:
     """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
     rest = url[len("sqlite://") :]
@@ -105,17 +110,25 @@ class SqliteStore(Store):
             self._conn = sqlite3.connect(
                 self.path, timeout=60.0, isolation_level=None, check_same_thread=False
             )
+            self._conn.execute("PRAGMA busy_timeout=60000")
+            # A new file gets 16 KiB pages (SQLite's default is 4 KiB; an existing file
+            # keeps its own). Rows here are ~700 bytes and a batch's inserts land on
+            # random pages of the hash-keyed indexes: with bigger pages a commit writes
+            # fewer, and their thread spends ~10% less CPU (80,000 transactions from anvil,
+            # three runs each: 1.95 s against 1.76 s). Only an empty file takes it, and
+            # only before WAL mode is set.
+            self._conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=60000")
             # CPU per stored row (bench/hotpath.py, ~100k rows): a 32 MiB page cache instead
             # of 2 MiB keeps the indexes' hot pages in memory, and checkpointing every
-            # 10,000 WAL pages (~40 MB) instead of 1,000 copies a page rewritten by several
+            # ~40 MB of WAL instead of every 1,000 pages copies a page rewritten by several
             # batches once: together -22%. Consistency is unchanged (a batch's rows and its
             # `done` still commit together); with synchronous=NORMAL, what a power cut may
             # roll back is what was committed since the last checkpoint.
             self._conn.execute("PRAGMA cache_size=-32768")
-            self._conn.execute("PRAGMA wal_autocheckpoint=10000")
+            page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+            self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_BYTES // page}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
         self._depth = 0

@@ -152,6 +152,12 @@ class Enricher:
             self._ts.clear()
         self._ts[block_number] = ts
 
+    def _block_and_ts(self, rec: Mapping[str, Any], tx: Any = None) -> tuple[int, int | None]:
+        """The receipt's block, and its timestamp if the answers or the cache tell it."""
+        block = int(rec["blockNumber"], 16)  # malformed: raises, caught per batch
+        ts = timestamp_from_receipt(rec, tx)
+        return block, ts if ts is not None else self._ts.get(block)
+
     def _metered(self) -> bool:
         return bool(self.plan.calls_metered)
 
@@ -255,10 +261,7 @@ class Enricher:
             if isinstance(tx, CallError):
                 out.fail(_failure(ref, tx))
                 continue
-            block = int(rec["blockNumber"], 16)  # malformed: raises, as the metered plan does
-            ts = timestamp_from_receipt(rec, tx)
-            if ts is None:
-                ts = self._ts.get(block)
+            _, ts = self._block_and_ts(rec, tx)
             if ts is None:
                 late.append((ref, tx, rec))
             else:
@@ -297,10 +300,7 @@ class Enricher:
             rec = _receipt(out, ref, answer)
             if rec is None:
                 continue
-            block = int(rec["blockNumber"], 16)
-            ts = timestamp_from_receipt(rec)
-            if ts is None:
-                ts = self._ts.get(block)
+            block, ts = self._block_and_ts(rec)
             if ts is None:
                 without_ts[block].append((ref, rec))
             else:
@@ -353,10 +353,7 @@ class Enricher:
             if isinstance(tx, CallError):
                 out.fail(_failure(ref, tx))
                 continue
-            block = int(rec["blockNumber"], 16)
-            ts = timestamp_from_receipt(rec, tx)
-            if ts is None:
-                ts = self._ts.get(block)
+            block, ts = self._block_and_ts(rec, tx)
             if ts is None:
                 (header,) = await self._many(
                     [Call("eth_getBlockByNumber", [hex(block), False], null_retry=True)]

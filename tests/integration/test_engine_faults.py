@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 from engine_support import (
     CorruptingProxy,
@@ -227,6 +228,52 @@ def test_database_connections_dropped_mid_run(
     assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
 
 
+#: The server drops the connection of whoever leases a pending batch: once after the second
+#: commit and once after the sixth. A sequence is not rolled back with the lease, so each
+#: drop fires once; the drop lands inside the lease call, the one place a worker has no
+#: batch to give back.
+DROP_DURING_LEASE = """
+CREATE SEQUENCE fault_a;
+CREATE SEQUENCE fault_b;
+CREATE FUNCTION drop_during_lease() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE n bigint;
+BEGIN
+  IF OLD.state = 'pending' AND NEW.state = 'leased' THEN
+    n := (SELECT count(*) FROM lease_events WHERE event = 'committed');
+    IF n >= 6 THEN
+      IF nextval('fault_b') = 1 THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+    ELSIF n >= 2 THEN
+      IF nextval('fault_a') = 1 THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+    END IF;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER drop_during_lease BEFORE UPDATE ON batches
+  FOR EACH ROW EXECUTE FUNCTION drop_during_lease();
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_connection_dropped_inside_the_lease_call(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, mode: str
+) -> None:
+    # In batch mode there is no coordinator to replace the worker: it must reconnect itself.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(DROP_DURING_LEASE)
+    args = enrich_args(pg_url, node_chain.url)
+    args[args.index("--mode") + 1] = mode
+    rc, out = gapfill(args, tmp_path, f"enrich-{mode}", 100)
+    fired = query(pg_url, "SELECT (SELECT is_called FROM fault_a), (SELECT is_called FROM fault_b)")[0]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER drop_during_lease ON batches")
+    assert fired == (True, True), "a lease call was not cut: the test proved nothing"
+    assert rc == 0, out
+    assert_exact(pg_url, node_chain, truth, seeded)
+    events = lease_events(pg_url)
+    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+
+
 @pytest.mark.timeout(180)
 def test_two_coordinators_and_a_worker_share_the_plan(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
@@ -386,3 +433,40 @@ def test_a_batch_that_keeps_failing_is_isolated(
     (state, succeeded, failed), = query(pg_url, "SELECT state, succeeded, failed FROM batches "
                                          "WHERE batch_id = %s", (batch_id,))  # fmt: skip
     assert state == "done" and failed == 1 and succeeded >= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_lease_granted_but_its_answer_lost_is_given_back(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The third lease call is granted on the server but its answer never reaches the
+    # worker. The worker must give that lease back before leasing again: with a 300 s
+    # lease timeout an orphaned lease would hold the run (and this test) far past its end.
+    from gapfill.engine.run import EnrichJob, run_enrich
+    from gapfill.engine.worker import WorkerSettings
+    from gapfill.errors import StoreError
+    from gapfill.settings import EndpointSetting
+    from gapfill.store.postgres import PostgresStore
+
+    real_lease = PostgresStore.lease
+    calls = [0]
+
+    def lease(self: PostgresStore, *args: object, **kw: object) -> object:
+        calls[0] += 1
+        got = real_lease(self, *args, **kw)  # type: ignore[arg-type]
+        if calls[0] == 3:
+            raise StoreError("the server closed the connection unexpectedly")
+        return got
+
+    monkeypatch.setattr(PostgresStore, "lease", lease)
+    job = EnrichJob(
+        db_url=pg_url, endpoints=(EndpointSetting(node_chain.url),),
+        targets=tuple((node_chain.chain.chain_id, a) for a in seeded.refs),
+        chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
+        worker=WorkerSettings(lease_timeout_s=300.0, db_retry_s=0.05),
+    )  # fmt: skip
+    summary = run_enrich(job, lambda event: None)
+    assert calls[0] > 3 and summary.state == "done"
+    assert_exact(pg_url, node_chain, truth, seeded)
+    lost = query(pg_url, "SELECT count(*) FROM lease_events WHERE event = 'abandoned'")[0][0]
+    assert lost == 1, "the lease granted without an answer was not given back"

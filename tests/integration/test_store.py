@@ -175,6 +175,20 @@ def test_abandoned_batch_prefers_another_owner(store: Store) -> None:
     assert other is not None and other.id == first.id and other.attempts == 2
 
 
+def test_release_owner_keeps_the_batches_still_worked_on(store: Store) -> None:
+    # A worker whose lease answer was lost gives back what it may have been granted,
+    # not the batches its tasks are working on.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    working, orphan = store.lease("w", 60.0), store.lease("w", 60.0)
+    assert working is not None and orphan is not None
+    assert store.release_owner("w", "its lease answer was lost", keep={working.id}) == 1
+    assert store.renew(working, 60.0)
+    assert not store.renew(orphan, 60.0)
+    assert [e.event for e in store.lease_events(orphan.id)] == ["leased", "abandoned"]
+    assert store.batch_counts().pending == 2
+
+
 def test_expire_leases_returns_them(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), i) for i in range(1, 4)])
     store.plan(store.create_run("concurrent", 1), [(1, C)])

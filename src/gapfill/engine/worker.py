@@ -11,6 +11,11 @@ one call stops renewing, its lease expires, and another worker takes the batch.
 A batch that keeps failing is retried (by another worker where one exists) and,
 on its last attempt, split until the failing transactions are isolated and
 recorded in ``failures``; the rest is stored.
+
+A dropped database connection does not end a worker: a batch whose store call
+fails is given back, and the calls the worker cannot go on without (the next
+lease, "is work left?") are retried for up to ``db_outage_s`` while the store
+reconnects.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, WorkerStats
+from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, Notice, WorkerStats
 from gapfill.enrich.fetch import Enricher
+from gapfill.errors import StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -77,6 +83,10 @@ class WorkerSettings:
     stats_every_s: float = 1.0
     #: Keep polling while other workers hold leases that may still expire and come back.
     wait_for_others: bool = True
+    #: How long the database may stay unreachable before the worker gives up, and the
+    #: pause between tries (the store reconnects on its next call).
+    db_outage_s: float = 60.0
+    db_retry_s: float = 0.5
 
 
 @dataclass
@@ -113,6 +123,7 @@ class Worker:
         self.stopping = False
         self._db_lock = asyncio.Lock()
         self._last_stats = 0.0
+        self._held: set[int] = set()  # batches this worker's tasks are working on
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._db_lock:
@@ -150,20 +161,20 @@ class Worker:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     tasks = {t for t in tasks if not t.done()}
                     continue
-                batch = await self.db(self.store.lease, self.owner, self.settings.lease_timeout_s,
-                                      self.targets)  # fmt: skip
+                batch = await self._lease()
                 if batch is None:
                     if tasks:
                         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                         tasks = {t for t in tasks if not t.done()}
                         continue
-                    if self.settings.wait_for_others and await self.db(
-                        self.store.has_open_batches, self.targets
+                    if self.settings.wait_for_others and await self._retrying(
+                        "asking for open batches", lambda: self.db(self.store.has_open_batches, self.targets)
                     ):
                         self.send_stats()
                         await asyncio.sleep(self.settings.idle_poll_s)
                         continue
                     break
+                self._held.add(batch.id)
                 tasks.add(asyncio.create_task(self._handle(batch)))
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -175,6 +186,45 @@ class Worker:
         finally:
             self.send_stats(force=True)
         return self.totals
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call the worker cannot go on without: retried while the database is down.
+
+        A dropped connection (a server restart, ``pg_terminate_backend``) raises once; the
+        store reconnects on its next call. The worker gives up after ``db_outage_s``.
+        """
+        down_since: float | None = None
+        while True:
+            try:
+                return await call()
+            except StoreError as exc:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    self.emit(Notice(f"[Worker-{self.index + 1}] database error while {what}, "
+                                     f"retrying: {exc}"))  # fmt: skip
+                elif now - down_since > self.settings.db_outage_s:
+                    raise
+                await asyncio.sleep(self.settings.db_retry_s)
+
+    async def _lease(self) -> Batch | None:
+        """The next batch, or None. A lease call whose answer was lost may still have been
+        granted on the server: before trying again, give back every lease of this owner that
+        none of its tasks holds, or it would sit unused until it expires."""
+        unsure = False
+
+        async def attempt() -> Batch | None:
+            nonlocal unsure
+            if unsure:
+                await self.db(self.store.release_owner, self.owner, "its lease answer was lost",
+                              frozenset(self._held))  # fmt: skip
+            unsure = True
+            batch = await self.db(self.store.lease, self.owner, self.settings.lease_timeout_s,
+                                  self.targets)  # fmt: skip
+            unsure = False
+            return batch
+
+        return await self._retrying("leasing a batch", attempt)
 
     async def _enrich(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
         if self.settings.sequential:
@@ -253,6 +303,8 @@ class Worker:
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
             await self._abandon(batch, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._held.discard(batch.id)
 
     async def _abandon(self, batch: Batch, error: str) -> None:
         try:

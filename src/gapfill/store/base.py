@@ -745,8 +745,11 @@ class Store(abc.ABC):
             self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error, "abandoned",
                             self._now(cur))  # fmt: skip
 
-    def release_owner(self, owner: str, error: str = "worker stopped") -> int:
-        """Give back every lease ``owner`` holds (a worker that crashed or was stopped)."""
+    def release_owner(
+        self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset()
+    ) -> int:
+        """Give back every lease ``owner`` holds but the batches in ``keep`` (a worker that
+        crashed or was stopped, or one that lost the answer to a lease call)."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
@@ -755,7 +758,7 @@ class Store(abc.ABC):
                 ),
                 (owner,),
             )
-            held = [(int(b), int(a)) for b, a in cur.fetchall()]
+            held = [(int(b), int(a)) for b, a in cur.fetchall() if int(b) not in keep]
             # Another coordinator may have expired one meanwhile: _give_back re-checks each.
             return sum(self._give_back(cur, b, owner, a, error, "abandoned", now) for b, a in held)
 

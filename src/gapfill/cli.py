@@ -427,7 +427,7 @@ enrich_options = [
     click.option("--rpc-batch-size", type=click.IntRange(min=1), default=50, show_default=True,
                  help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
     click.option("--batches-in-flight", type=click.IntRange(min=1), default=4, show_default=True,
-                 help="Batches each worker works on at once."),
+                 help="Batches each worker fetches at once (finished ones wait to be committed together)."),
     click.option("--lease-timeout", "lease_timeout_s", type=click.FloatRange(min=0.1), default=300.0,
                  show_default=True, help="Seconds without progress before a batch is taken back."),
     click.option("--grace-period", "grace_period_s", type=click.FloatRange(min=0), default=30.0,

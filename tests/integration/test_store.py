@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gapfill.model import UNKNOWN_BLOCK_KEY, Contract, Enriched, Failure, LogRow, Ref, TxRow
+from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
 from gapfill.store import Store, open_store
 
 C = "0x" + "ab" * 20
@@ -161,6 +161,29 @@ def test_lost_lease_commits_nothing(store: Store) -> None:
     events = [(e.owner, e.event) for e in store.lease_events(a.id)]
     assert events == [("a", "leased"), ("a", "expired"), ("b", "leased"), ("b", "renewed"),
                       ("b", "committed")]  # fmt: skip
+
+
+def test_a_commit_group_writes_only_the_batches_whose_lease_is_held(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    a, b, c = (store.lease("w", 60.0) for _ in range(3))
+    assert a is not None and b is not None and c is not None
+    store.abandon(b, "given back meanwhile")
+
+    def rows(batch: Batch) -> Enriched:
+        refs = store.batch_refs(batch)
+        failures = [Failure(1, h(99), C, "not_found", "null")] if batch is c else []
+        return Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs], failures=failures)
+
+    group = [(a, rows(a)), (b, rows(b)), (c, rows(c))]
+    assert store.commit_batches(group) == [True, False, True]
+    assert len(store.fetch_transactions(1)) == 20
+    assert {r.tx_hash for r in store.iter_gap(1, C)} == {r.tx_hash for r in store.batch_refs(b)}
+    assert len(store.list_failures()) == 1
+    assert [e.event for e in store.lease_events(c.id)] == ["leased", "committed"]
+    assert [e.event for e in store.lease_events(b.id)] == ["leased", "abandoned"]
+    counts = store.batch_counts()
+    assert (counts.done, counts.pending, counts.succeeded) == (2, 1, 20)
 
 
 def test_abandoned_batch_prefers_another_owner(store: Store) -> None:

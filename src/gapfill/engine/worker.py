@@ -87,6 +87,11 @@ class WorkerSettings:
     #: pause between tries (the store reconnects on its next call).
     db_outage_s: float = 60.0
     db_retry_s: float = 0.5
+    #: Batches whose RPC is done wait to be committed together, up to this many
+    #: transactions per database transaction (see :meth:`Worker._commit`) ...
+    commit_group_txs: int = 2000
+    #: ... and at most this long (capped at a quarter of the lease timeout).
+    commit_wait_s: float = 1.0
 
 
 @dataclass
@@ -124,6 +129,14 @@ class Worker:
         self._db_lock = asyncio.Lock()
         self._last_stats = 0.0
         self._held: set[int] = set()  # batches this worker's tasks are working on
+        self._fetching = 0  # batches whose RPC is not done yet: at most batches_in_flight
+        self._changes = 0  # counts batches that finished their RPC, finished, or were committed
+        self._changed = asyncio.Event()
+        self._waiting: list[tuple[Batch, Enriched, asyncio.Future[bool]]] = []
+        self._waiting_txs = 0
+        self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_fired = False
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._db_lock:
@@ -157,15 +170,16 @@ class Worker:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while not self.stopping:
-                if len(tasks) >= self.settings.batches_in_flight:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    tasks = {t for t in tasks if not t.done()}
+                tasks = {t for t in tasks if not t.done()}
+                seen = self._changes
+                if (self._fetching >= self.settings.batches_in_flight
+                        or self._waiting_txs >= 2 * self.settings.commit_group_txs):  # fmt: skip
+                    await self._next_change(seen)
                     continue
                 batch = await self._lease()
                 if batch is None:
-                    if tasks:
-                        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                        tasks = {t for t in tasks if not t.done()}
+                    if any(not t.done() for t in tasks):
+                        await self._next_change(seen)  # returns at once if one came meanwhile
                         continue
                     if self.settings.wait_for_others and await self._retrying(
                         "asking for open batches", lambda: self.db(self.store.has_open_batches, self.targets)
@@ -175,17 +189,102 @@ class Worker:
                         continue
                     break
                 self._held.add(batch.id)
+                self._fetching += 1
                 tasks.add(asyncio.create_task(self._handle(batch)))
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if self._flusher is not None:
+                await self._flusher
         except asyncio.CancelledError:
             for t in tasks:
                 t.cancel()
+            if self._flusher is not None:
+                self._flusher.cancel()
+                tasks.add(self._flusher)
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             self.send_stats(force=True)
         return self.totals
+
+    def _note_change(self) -> None:
+        self._changes += 1
+        self._changed.set()
+
+    async def _next_change(self, seen: int) -> None:
+        """Wait for a change after the ``seen``-th (a batch finished its RPC, finished, or
+        was committed); returns at once if there was one since."""
+        while self._changes == seen:
+            self._changed.clear()
+            await self._changed.wait()
+
+    # -- group commit ---------------------------------------------------------------------
+
+    async def _commit(self, batch: Batch, enriched: Enriched) -> bool:
+        """Commit a batch, together with the others that are ready by then.
+
+        The batches wait until they hold ``commit_group_txs`` transactions, or no other
+        batch is still fetching, or the first has waited ``commit_wait_s``; then one
+        database transaction commits them all, each under its own lease check. Most of
+        a commit's cost is the leaf pages of the hash-keyed indexes, which a batch's
+        inserts touch all over: four batches in one transaction write those pages once
+        instead of four times (dense chain: -5% of gapfill's CPU on SQLite, -3% on PostgreSQL).
+        A crash loses nothing but the work of the waiting batches, which are redone.
+        """
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((batch, enriched, done))
+        self._waiting_txs += len(enriched.txs)
+        self._kick()
+        return await done
+
+    def _group_ready(self) -> bool:
+        return bool(self._waiting) and (
+            self._waiting_txs >= self.settings.commit_group_txs
+            or self._fetching == 0
+            or self._timer_fired
+        )
+
+    def _kick(self) -> None:
+        """Start a commit if the waiting group is ready, else make sure a timer will."""
+        if self._flusher is not None or not self._waiting:
+            return
+        if self._group_ready():
+            self._flusher = asyncio.create_task(self._flush())
+        elif self._timer is None:
+            wait = min(self.settings.commit_wait_s, self.settings.lease_timeout_s / 4)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._time_is_up)
+
+    def _time_is_up(self) -> None:
+        self._timer = None
+        self._timer_fired = True
+        self._kick()
+
+    async def _flush(self) -> None:
+        group: list[tuple[Batch, Enriched, asyncio.Future[bool]]] = []
+        try:
+            while self._group_ready():
+                group, self._waiting, self._waiting_txs = self._waiting, [], 0
+                self._timer_fired = False
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                try:
+                    held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group])
+                except Exception as exc:  # each batch's task gives its batch back
+                    for _, _, f in group:
+                        if not f.done():
+                            f.set_exception(exc)
+                else:
+                    for (_, _, f), ok in zip(group, held, strict=True):
+                        if not f.done():
+                            f.set_result(ok)
+                group = []
+                self._note_change()
+        finally:
+            for _, _, f in group:  # cancelled mid-commit: the tasks give their batches back
+                f.cancel()
+            self._flusher = None
+        self._kick()  # batches that arrived during the last commit
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """A store call the worker cannot go on without: retried while the database is down.
@@ -257,6 +356,15 @@ class Worker:
         lost = asyncio.Event()
         keeper: asyncio.Task[None] | None = None
         answered = [0]
+        fetching = True
+
+        def fetched() -> None:
+            nonlocal fetching
+            if fetching:
+                fetching = False
+                self._fetching -= 1
+                self._note_change()
+                self._kick()  # with nothing left fetching, the waiting group is ready
 
         def on_answer() -> None:
             answered[0] += 1
@@ -282,10 +390,11 @@ class Worker:
                                                 f"{first.tx_hash}: {first.last_error}")  # fmt: skip
             finally:
                 keeper.cancel()
+                fetched()
             if lost.is_set():
                 committed = False
             else:
-                committed = await self.db(self.store.commit_batch, batch, enriched)
+                committed = await self._commit(batch, enriched)
             t = self.totals
             if committed:
                 t.batches += 1
@@ -304,11 +413,16 @@ class Worker:
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
             await self._abandon(batch, f"{type(exc).__name__}: {exc}")
         finally:
+            fetched()
             self._held.discard(batch.id)
+            self._note_change()
 
     async def _abandon(self, batch: Batch, error: str) -> None:
+        # Retried like a lease: the call that failed the batch often met a dropped
+        # connection, and a lease not given back would hold the batch until it expires.
         try:
-            await self.db(self.store.abandon, batch, error)
+            await self._retrying(f"giving back batch {batch.id}",
+                                 lambda: self.db(self.store.abandon, batch, error))  # fmt: skip
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
         self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts))

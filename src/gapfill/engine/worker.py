@@ -232,10 +232,20 @@ class Worker:
         A crash loses nothing but the work of the waiting batches, which are redone.
         """
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append((batch, enriched, done))
+        entry = (batch, enriched, done)
+        self._waiting.append(entry)
         self._waiting_txs += len(enriched.txs)
         self._kick()
-        return await done
+        try:
+            return await done
+        except asyncio.CancelledError:
+            # Stopping: a batch that is still waiting leaves the group, so no later commit
+            # writes what its task is giving back.
+            kept = [e for e in self._waiting if e is not entry]
+            if len(kept) < len(self._waiting):
+                self._waiting = kept
+                self._waiting_txs -= len(enriched.txs)
+            raise
 
     def _group_ready(self) -> bool:
         return bool(self._waiting) and (
@@ -256,7 +266,7 @@ class Worker:
 
     def _time_is_up(self) -> None:
         self._timer = None
-        self._timer_fired = True
+        self._timer_fired = bool(self._waiting)
         self._kick()
 
     async def _flush(self) -> None:

@@ -74,12 +74,12 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
     The seed used sequential below 1,000 refs, batch to 10,000 and concurrent
     above. Measured with bench/run on 2 cores shared with a local node:
 
-    * sequential never wins (batch is 6-9x faster even at 1,000 refs), so auto
+    * sequential never wins (batch is 4-9x faster even at 1,000 refs), so auto
       never picks it;
-    * at 2,849 refs batch is about twice as fast as concurrent (starting
+    * at 2,849 refs batch is 2-2.5x as fast as concurrent (starting
       processes dominates);
     * at 80,000 refs concurrent ran at 0.81-1.08x batch over three runs on an
-      Intel machine and at 0.87-0.96x over four on an AMD one (2026-11-28, both
+      Intel machine and at 0.87-0.96x over five on an AMD one (2026-11-28, both
       backends): one process already keeps the node busy, and a second one takes
       CPU from it, so concurrent does not win.
 

@@ -21,6 +21,7 @@ reconnects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -139,8 +140,23 @@ class Worker:
         self._timer_fired = False
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store call in a thread, one at a time.
+
+        A call whose caller is cancelled still holds the lock until its thread is done:
+        the connection must never run two calls at once (on PostgreSQL that would nest
+        transactions and leave the connection inside one that never commits).
+        """
         async with self._db_lock:
-            return await asyncio.to_thread(fn, *args)
+            call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                while not call.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({call})
+                if not call.cancelled():
+                    call.exception()  # retrieved: the cancellation is what the caller gets
+                raise
 
     def _rpc_counters(self) -> tuple[int, int, int, int]:
         calls = requests = retries = limited = 0
@@ -182,7 +198,8 @@ class Worker:
                         await self._next_change(seen)  # returns at once if one came meanwhile
                         continue
                     if self.settings.wait_for_others and await self._retrying(
-                        "asking for open batches", lambda: self.db(self.store.has_open_batches, self.targets)
+                        "asking for open batches",
+                        lambda: self.db(self.store.has_open_batches, self.targets), stopping=False,
                     ):
                         self.send_stats()
                         await asyncio.sleep(self.settings.idle_poll_s)
@@ -195,7 +212,7 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             if self._flusher is not None:
                 await self._flusher
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the database stayed down: stop every batch task
             for t in tasks:
                 t.cancel()
             if self._flusher is not None:
@@ -280,10 +297,23 @@ class Worker:
                     self._timer = None
                 try:
                     held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group])
-                except Exception as exc:  # each batch's task gives its batch back
-                    for _, _, f in group:
-                        if not f.done():
-                            f.set_exception(exc)
+                except Exception as exc:
+                    if len(group) == 1:  # its task gives the batch back
+                        if not group[0][2].done():
+                            group[0][2].set_exception(exc)
+                    else:
+                        # Nothing of the group was written. One batch's failure (or a dropped
+                        # connection, which the store reopens) must not sink the others' work:
+                        # each is committed on its own.
+                        for b, e, f in group:
+                            try:
+                                (ok,) = await self.db(self.store.commit_batches, [(b, e)])
+                            except Exception as one:
+                                if not f.done():
+                                    f.set_exception(one)
+                            else:
+                                if not f.done():
+                                    f.set_result(ok)
                 else:
                     for (_, _, f), ok in zip(group, held, strict=True):
                         if not f.done():
@@ -296,17 +326,22 @@ class Worker:
             self._flusher = None
         self._kick()  # batches that arrived during the last commit
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], stopping: T) -> T:
         """A store call the worker cannot go on without: retried while the database is down.
 
         A dropped connection (a server restart, ``pg_terminate_backend``) raises once; the
-        store reconnects on its next call. The worker gives up after ``db_outage_s``.
+        store reconnects on its next call. The worker gives up after ``db_outage_s``. Once
+        the worker is :attr:`stopping` it does not wait for the database: ``stopping`` is
+        returned (the leases left behind expire, or the coordinator gives them back).
         """
         down_since: float | None = None
         while True:
             try:
                 return await call()
             except StoreError as exc:
+                if self.stopping:
+                    log.warning("database error while %s, stopping: %s", what, exc)
+                    return stopping
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now
@@ -333,7 +368,7 @@ class Worker:
             unsure = False
             return batch
 
-        return await self._retrying("leasing a batch", attempt)
+        return await self._retrying("leasing a batch", attempt, stopping=None)
 
     async def _enrich(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
         if self.settings.sequential:
@@ -417,7 +452,8 @@ class Worker:
                                 time.perf_counter() - t0, committed))  # fmt: skip
             self.send_stats()
         except asyncio.CancelledError:
-            await asyncio.shield(self._abandon(batch, "worker stopped"))
+            # One try only: a stop must not wait for a database that is down.
+            await asyncio.shield(self._abandon(batch, "worker stopped", retry=False))
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
@@ -427,12 +463,15 @@ class Worker:
             self._held.discard(batch.id)
             self._note_change()
 
-    async def _abandon(self, batch: Batch, error: str) -> None:
+    async def _abandon(self, batch: Batch, error: str, retry: bool = True) -> None:
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
         try:
-            await self._retrying(f"giving back batch {batch.id}",
-                                 lambda: self.db(self.store.abandon, batch, error))  # fmt: skip
+            if retry:
+                give_back = lambda: self.db(self.store.abandon, batch, error)  # noqa: E731
+                await self._retrying(f"giving back batch {batch.id}", give_back, stopping=None)
+            else:
+                await self.db(self.store.abandon, batch, error)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
         self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts))

@@ -711,11 +711,12 @@ class Store(abc.ABC):
         each touched index page once instead of once per batch: the hash-keyed indexes
         take inserts all over, so a batch of 500 dirties most of their leaf pages.
         """
-        held: list[bool] = []
+        held: dict[int, bool] = {}
         merged = Enriched()
         with self._tx() as cur:
             now = self._now(cur)
-            for batch, enriched in items:
+            # Rows locked in batch order: two workers' groups cannot deadlock on them.
+            for i, (batch, enriched) in sorted(enumerate(items), key=lambda x: x[1][0].id):
                 cur.execute(
                     self._sql(
                         "UPDATE batches SET state = 'done', succeeded = succeeded + ?, failed = ?, "
@@ -726,7 +727,7 @@ class Store(abc.ABC):
                      batch.attempts, now),
                 )  # fmt: skip
                 ok = cur.rowcount == 1
-                held.append(ok)
+                held[i] = ok
                 if not ok:
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
@@ -736,7 +737,7 @@ class Store(abc.ABC):
             if merged.txs or merged.logs:
                 self._upsert(cur, merged.txs, merged.logs)
             self._record_failures(cur, merged)
-        return held
+        return [held[i] for i in range(len(items))]
 
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,

@@ -1,0 +1,197 @@
+"""The worker's lease loop, group commit and database-call discipline, against a fake store.
+
+The fake store is a blocking object as the real ones are (the worker calls it from a
+thread); it records calls that overlap on its one "connection" and can fail on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from gapfill.engine.worker import Worker, WorkerSettings
+from gapfill.errors import StoreError
+from gapfill.model import Batch, Enriched, Ref
+
+
+class FakeStore:
+    def __init__(self, batches: int = 8, refs: int = 10) -> None:
+        self.batches, self.refs = batches, refs
+        self.next_id = 1
+        self.state: dict[int, str] = {}
+        self.committed: list[list[int]] = []  # one list of batch ids per transaction
+        self.overlaps: list[str] = []
+        self.calls: list[str] = []
+        self._busy = threading.Lock()
+        self.fail: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
+        self.slow_s = 0.0
+
+    def _call(self, name: str, args: Sequence[Any]) -> None:
+        if not self._busy.acquire(blocking=False):
+            self.overlaps.append(name)
+            self._busy.acquire()
+        try:
+            self.calls.append(name)
+            time.sleep(self.slow_s)
+            if self.fail(name, args):
+                raise StoreError(f"{name}: the server closed the connection")
+        finally:
+            self._busy.release()
+
+    def lease(self, owner: str, timeout_s: float, targets: Any) -> Batch | None:
+        self._call("lease", ())
+        if self.next_id > self.batches:
+            return None
+        b = Batch(self.next_id, 1, 1, "c", (0, "a"), (0, "b"), self.refs, "leased", 1, owner,
+                  time.time() + timeout_s)  # fmt: skip
+        self.state[b.id] = "leased"
+        self.next_id += 1
+        return b
+
+    def batch_refs(self, batch: Batch) -> list[Ref]:
+        self._call("batch_refs", (batch,))
+        return [Ref(1, "c", f"0x{batch.id:04x}{i:060x}", 1) for i in range(self.refs)]
+
+    def renew(self, batch: Batch, timeout_s: float) -> bool:
+        self._call("renew", (batch,))
+        return self.state.get(batch.id) == "leased"
+
+    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[bool]:
+        self._call("commit_batches", items)
+        out = [self.state.get(b.id) == "leased" for b, _ in items]
+        for (b, _), ok in zip(items, out, strict=True):
+            if ok:
+                self.state[b.id] = "done"
+        self.committed.append([b.id for (b, _), ok in zip(items, out, strict=True) if ok])
+        return out
+
+    def abandon(self, batch: Batch, error: str) -> None:
+        self._call("abandon", (batch,))
+        if self.state.get(batch.id) == "leased":
+            self.state[batch.id] = "pending"
+
+    def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
+        self._call("release_owner", ())
+        return 0
+
+    def has_open_batches(self, targets: Any) -> bool:
+        self._call("has_open_batches", ())
+        return False
+
+
+class _Stats:
+    calls = requests = retries = rate_limited = 0
+
+
+class FakeClient:
+    def stats(self) -> dict[str, _Stats]:
+        return {"node": _Stats()}
+
+
+class FakeEnricher:
+    def __init__(self, delay_s: float = 0.01) -> None:
+        self.delay_s = delay_s
+
+    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        await asyncio.sleep(self.delay_s)
+        return Enriched(txs=[object() for _ in refs])  # type: ignore[misc]
+
+
+def worker(store: FakeStore, enricher: FakeEnricher | None = None, **settings: Any) -> Worker:
+    s = WorkerSettings(**{"commit_wait_s": 0.05, "db_retry_s": 0.01, **settings})
+    return Worker(0, "w", store, FakeClient(), {1: enricher or FakeEnricher()},  # type: ignore[arg-type]
+                  s, lambda event: None)  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_batches_commit_in_groups_each_once() -> None:
+    store = FakeStore(batches=12, refs=10)
+    totals = asyncio.run(worker(store, commit_group_txs=40).run())
+    done = [b for group in store.committed for b in group]
+    assert sorted(done) == list(range(1, 13)) and totals.processed == 120
+    assert max(len(g) for g in store.committed) >= 2, store.committed
+    assert not store.overlaps
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_group_commits_its_batches_one_by_one() -> None:
+    # The group's transaction fails (say, a dropped connection): nothing of it was written,
+    # and each batch is then committed on its own instead of all being fetched again.
+    store = FakeStore(batches=8, refs=10)
+    failed = []
+
+    def fail(name: str, args: Sequence[Any]) -> bool:
+        if name == "commit_batches" and len(args) > 1 and not failed:
+            failed.append(len(args))
+            return True
+        return False
+
+    store.fail = fail
+    totals = asyncio.run(worker(store, commit_group_txs=40).run())
+    assert failed, "no group was failed: the test proved nothing"
+    assert totals.processed == 80 and totals.lost == 0
+    assert "abandon" not in store.calls
+    assert sorted(b for g in store.committed for b in g) == list(range(1, 9))
+
+
+@pytest.mark.timeout(30)
+def test_a_cancelled_store_call_keeps_the_connection_until_its_thread_is_done() -> None:
+    # Cancelling a task while its store call runs in a thread must not let the next call
+    # start on the same connection before that thread has finished.
+    store = FakeStore()
+    store.slow_s = 0.2
+    w = worker(store)
+
+    async def go() -> None:
+        first = asyncio.create_task(w.db(store.release_owner, "w", "stop"))
+        await asyncio.sleep(0.05)  # the thread is inside release_owner now
+        first.cancel()
+        await w.db(store.has_open_batches, None)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    asyncio.run(go())
+    assert store.calls == ["release_owner", "has_open_batches"]
+    assert not store.overlaps
+
+
+@pytest.mark.timeout(30)
+def test_a_stopping_worker_does_not_wait_for_a_database_that_is_down() -> None:
+    # The outage window is far longer than this test's timeout: a worker that kept
+    # retrying after a stop would be cut by it.
+    store = FakeStore(batches=100)
+    w = worker(store, db_outage_s=600.0)
+    store.fail = lambda name, args: name == "lease" and store.next_id > 3
+
+    async def go() -> None:
+        run = asyncio.create_task(w.run())
+        while "lease" not in store.calls[-1:] or store.next_id <= 3:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # retrying the lease now
+        w.stopping = True
+        await run
+
+    asyncio.run(go())
+    assert sorted(b for g in store.committed for b in g) == [1, 2, 3]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
+    store = FakeStore(batches=100)
+    w = worker(store, FakeEnricher(delay_s=0.5), db_outage_s=0.1)
+    store.fail = lambda name, args: name == "lease" and store.next_id > 3
+
+    async def go() -> set[asyncio.Task[Any]]:
+        with pytest.raises(StoreError):
+            await w.run()
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    left = asyncio.run(go())
+    assert not left, f"batch tasks outlived the worker: {left}"
+    # The three batches it held were given back, not left leased until they expire.
+    assert store.state == {1: "pending", 2: "pending", 3: "pending"}

@@ -195,3 +195,31 @@ def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
     assert not left, f"batch tasks outlived the worker: {left}"
     # The three batches it held were given back, not left leased until they expire.
     assert store.state == {1: "pending", 2: "pending", 3: "pending"}
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committed() -> None:
+    # Batch 1 is fetched and waits for its group; batch 2 is stuck in its RPC. A stop
+    # cancels both: batch 1 leaves the group and is given back, nothing is committed.
+    store = FakeStore(batches=2)
+
+    class OneStuck(FakeEnricher):
+        async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+            if refs[0].tx_hash.startswith("0x0002"):
+                await asyncio.sleep(3600)
+            return await super().enrich(refs)
+
+    w = worker(store, OneStuck(), commit_group_txs=1000, commit_wait_s=600.0)
+
+    async def go() -> None:
+        run = asyncio.create_task(w.run())
+        while not w._waiting:
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert not w._waiting and w._waiting_txs == 0
+
+    asyncio.run(go())
+    assert store.committed == [] and "commit_batches" not in store.calls
+    assert store.state == {1: "pending", 2: "pending"}

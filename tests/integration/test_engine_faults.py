@@ -263,6 +263,8 @@ def test_connection_dropped_inside_the_lease_call(
         conn.execute("DROP TRIGGER drop_during_lease ON batches")
     assert seen > 12, "the second lease call was not cut: the test proved nothing"
     assert rc == 0, out
+    # The worker itself reconnected: it was not replaced by a restart.
+    assert "restarted" not in out and "worker restart" not in out, out
     assert_exact(pg_url, node_chain, truth, seeded)
     events = lease_events(pg_url)
     assert not lease_overlaps(events), "\n".join(lease_overlaps(events))

@@ -493,3 +493,32 @@ def test_batches_commit_in_groups_and_the_result_is_exact(
     # A group is due at 200 transactions. While one commits, the next may grow to 400 (then no
     # batch is leased) plus the batches still fetching (4 in flight of 50).
     assert all(txs <= 2 * 200 + 4 * 50 for _, txs in groups), groups
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_batch_run_leaves_no_lease_behind(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl+C lands while the worker holds a lease it could not give back (say, a lease
+    # whose answer was lost). Batch mode has no coordinator: the run itself returns the
+    # lease, or a rerun would wait for it to expire.
+    from gapfill.engine.run import EnrichJob, run_enrich
+    from gapfill.engine.worker import Worker
+    from gapfill.errors import Interrupted
+    from gapfill.settings import EndpointSetting
+
+    async def interrupted_run(self: Worker) -> None:
+        assert self.store.lease(self.owner, 300.0, self.targets) is not None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Worker, "run", interrupted_run)
+    job = EnrichJob(
+        db_url=pg_url, endpoints=(EndpointSetting(node_chain.url),),
+        targets=tuple((node_chain.chain.chain_id, a) for a in seeded.refs),
+        chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
+    )  # fmt: skip
+    with pytest.raises(Interrupted):
+        run_enrich(job, lambda event: None)
+    assert leased_now(pg_url) == []
+    events = query(pg_url, "SELECT event FROM lease_events ORDER BY event_id")
+    assert [e for (e,) in events] == ["leased", "abandoned"]

@@ -223,3 +223,34 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
     asyncio.run(go())
     assert store.committed == [] and "commit_batches" not in store.calls
     assert store.state == {1: "pending", 2: "pending"}
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_renewal_does_not_stop_the_lease_keeper() -> None:
+    # One renewal meets a dropped connection; the next period renews again, so the batch
+    # keeps its lease through a long fetch and is committed.
+    from gapfill.rpc.client import ANSWERED
+
+    store = FakeStore(batches=1)
+    fails = [0]
+
+    def fail(name: str, args: Sequence[Any]) -> bool:
+        if name == "renew" and not fails[0]:
+            fails[0] += 1
+            return True
+        return False
+
+    store.fail = fail
+
+    class Slow(FakeEnricher):
+        async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+            for _ in range(40):  # 0.8 s of answers, over many renewal periods
+                await asyncio.sleep(0.02)
+                hook = ANSWERED.get()
+                if hook is not None:
+                    hook()
+            return await super().enrich(refs)
+
+    totals = asyncio.run(worker(store, Slow(), lease_timeout_s=0.3).run())
+    assert fails[0] == 1 and store.calls.count("renew") >= 3, store.calls
+    assert totals.processed == 10 and totals.lost == 0

@@ -224,6 +224,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             # The node or the database failed for good: the run says so, the plan stays open.
             store.finish_run(run_id, "failed", 0, 0, totals_box.get("calls", 0))
             raise
+        finally:
+            # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
+            # cut short) goes back now: batch mode has no coordinator to return it, and a
+            # rerun would wait for it to expire.
+            with contextlib.suppress(GapfillError):
+                store.release_owner(owner_name("w0"), "run stopped")
         secs = time.perf_counter() - t0
         w = totals_box.get("totals")
         processed = w.processed if w else 0
@@ -287,8 +293,13 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any) -> No
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
-    # SIGTERM (after the grace period): cancel, which abandons in-flight batches.
-    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    # SIGTERM (after the grace period): cancel, which abandons in-flight batches. Only
+    # once: the coordinator repeats SIGTERM, and a second cancel would cut the give-backs.
+    def cancel_once() -> None:
+        if not main.cancelling():
+            main.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, cancel_once)
     store = open_store(job.db_url)
     try:
         async with _client(job) as client:

@@ -304,14 +304,23 @@ class Worker:
                     else:
                         # Nothing of the group was written. One batch's failure (or a dropped
                         # connection, which the store reopens) must not sink the others' work:
-                        # each is committed on its own.
+                        # each is committed on its own. Two failures in a row mean the database
+                        # is down: the rest fail at once instead of each waiting to time out.
+                        streak, last = 0, exc
                         for b, e, f in group:
+                            if f.done():  # its task was cancelled meanwhile
+                                continue
+                            if streak >= 2:
+                                f.set_exception(last)
+                                continue
                             try:
                                 (ok,) = await self.db(self.store.commit_batches, [(b, e)])
                             except Exception as one:
+                                streak, last = streak + 1, one
                                 if not f.done():
                                     f.set_exception(one)
                             else:
+                                streak = 0
                                 if not f.done():
                                     f.set_result(ok)
                 else:
@@ -392,7 +401,12 @@ class Worker:
                             batch.id, period)  # fmt: skip
                 continue
             seen = now_answered
-            if not await self.db(self.store.renew, batch, self.settings.lease_timeout_s):
+            try:
+                held = await self.db(self.store.renew, batch, self.settings.lease_timeout_s)
+            except StoreError as exc:  # the next period tries again (the store reconnects)
+                log.warning("could not renew batch %s: %s", batch.id, exc)
+                continue
+            if not held:
                 lost.set()
                 return
 

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import psycopg
@@ -88,6 +89,20 @@ def seeded(pg_url: str, node_chain: NodeChain) -> Seeded:
 def enrich_args(db: str, rpc: str, *extra: str) -> list[str]:
     return ["--db", db, "--rpc-url", rpc, "enrich", "--mode", "concurrent", "--workers", "2",
             "--batch-size", "50", "--grace-period", "5", *extra]  # fmt: skip
+
+
+def batch_job(db: str, node_chain: NodeChain, seeded: Seeded, worker: Any = None) -> Any:
+    """A batch-mode job over the seeded refs, for tests that run the engine in this process."""
+    from gapfill.engine.run import EnrichJob
+    from gapfill.engine.worker import WorkerSettings
+    from gapfill.settings import EndpointSetting
+
+    return EnrichJob(
+        db_url=db, endpoints=(EndpointSetting(node_chain.url),),
+        targets=tuple((node_chain.chain.chain_id, a) for a in seeded.refs),
+        chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
+        worker=worker or WorkerSettings(),
+    )  # fmt: skip
 
 
 def assert_exact(db: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded) -> None:
@@ -438,10 +453,9 @@ def test_a_lease_granted_but_its_answer_lost_is_given_back(
     # The third lease call is granted on the server but its answer never reaches the
     # worker. The worker must give that lease back before leasing again: with a 300 s
     # lease timeout an orphaned lease would hold the run (and this test) far past its end.
-    from gapfill.engine.run import EnrichJob, run_enrich
+    from gapfill.engine.run import run_enrich
     from gapfill.engine.worker import WorkerSettings
     from gapfill.errors import StoreError
-    from gapfill.settings import EndpointSetting
     from gapfill.store.postgres import PostgresStore
 
     real_lease = PostgresStore.lease
@@ -455,12 +469,7 @@ def test_a_lease_granted_but_its_answer_lost_is_given_back(
         return got
 
     monkeypatch.setattr(PostgresStore, "lease", lease)
-    job = EnrichJob(
-        db_url=pg_url, endpoints=(EndpointSetting(node_chain.url),),
-        targets=tuple((node_chain.chain.chain_id, a) for a in seeded.refs),
-        chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
-        worker=WorkerSettings(lease_timeout_s=300.0, db_retry_s=0.05),
-    )  # fmt: skip
+    job = batch_job(pg_url, node_chain, seeded, WorkerSettings(lease_timeout_s=300.0, db_retry_s=0.05))
     summary = run_enrich(job, lambda event: None)
     assert calls[0] > 3 and summary.state == "done"
     assert_exact(pg_url, node_chain, truth, seeded)
@@ -474,16 +483,10 @@ def test_batches_commit_in_groups_and_the_result_is_exact(
 ) -> None:
     # Batches whose RPC is done wait for each other and commit in one transaction (the
     # committed events of a group share the transaction's time), each under its own lease.
-    from gapfill.engine.run import EnrichJob, run_enrich
+    from gapfill.engine.run import run_enrich
     from gapfill.engine.worker import WorkerSettings
-    from gapfill.settings import EndpointSetting
 
-    job = EnrichJob(
-        db_url=pg_url, endpoints=(EndpointSetting(node_chain.url),),
-        targets=tuple((node_chain.chain.chain_id, a) for a in seeded.refs),
-        chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
-        worker=WorkerSettings(commit_group_txs=200),
-    )  # fmt: skip
+    job = batch_job(pg_url, node_chain, seeded, WorkerSettings(commit_group_txs=200))
     summary = run_enrich(job, lambda event: None)
     assert summary.state == "done"
     assert_exact(pg_url, node_chain, truth, seeded)
@@ -502,21 +505,16 @@ def test_an_interrupted_batch_run_leaves_no_lease_behind(
     # Ctrl+C lands while the worker holds a lease it could not give back (say, a lease
     # whose answer was lost). Batch mode has no coordinator: the run itself returns the
     # lease, or a rerun would wait for it to expire.
-    from gapfill.engine.run import EnrichJob, run_enrich
+    from gapfill.engine.run import run_enrich
     from gapfill.engine.worker import Worker
     from gapfill.errors import Interrupted
-    from gapfill.settings import EndpointSetting
 
     async def interrupted_run(self: Worker) -> None:
         assert self.store.lease(self.owner, 300.0, self.targets) is not None
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Worker, "run", interrupted_run)
-    job = EnrichJob(
-        db_url=pg_url, endpoints=(EndpointSetting(node_chain.url),),
-        targets=tuple((node_chain.chain.chain_id, a) for a in seeded.refs),
-        chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
-    )  # fmt: skip
+    job = batch_job(pg_url, node_chain, seeded)
     with pytest.raises(Interrupted):
         run_enrich(job, lambda event: None)
     assert leased_now(pg_url) == []

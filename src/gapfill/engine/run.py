@@ -79,7 +79,7 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
     * at 2,849 refs batch is 2-2.5x as fast as concurrent (starting
       processes dominates);
     * at 80,000 refs concurrent ran at 0.81-1.08x batch over three runs on an
-      Intel machine and at 0.87-0.96x over five on an AMD one (2026-11-28, both
+      Intel machine and at 0.87-0.96x over six on an AMD one (2026-11-28, both
       backends): one process already keeps the node busy, and a second one takes
       CPU from it, so concurrent does not win.
 

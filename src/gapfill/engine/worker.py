@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -68,6 +69,16 @@ def gc_tuned() -> Iterator[None]:
         _gc_users -= 1
         if _gc_users == 0 and _gc_saved is not None:
             gc.set_threshold(*_gc_saved)
+
+
+def _settle(f: asyncio.Future[bool], ok: bool = False, error: BaseException | None = None) -> None:
+    """Resolve a batch's commit future, unless its task was cancelled meanwhile."""
+    if f.done():
+        return
+    if error is not None:
+        f.set_exception(error)
+    else:
+        f.set_result(ok)
 
 
 class TransientFailures(Exception):
@@ -134,7 +145,6 @@ class Worker:
         self._changes = 0  # counts batches that finished their RPC, finished, or were committed
         self._changed = asyncio.Event()
         self._waiting: list[tuple[Batch, Enriched, asyncio.Future[bool]]] = []
-        self._waiting_txs = 0
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
@@ -189,7 +199,7 @@ class Worker:
                 tasks = {t for t in tasks if not t.done()}
                 seen = self._changes
                 if (self._fetching >= self.settings.batches_in_flight
-                        or self._waiting_txs >= 2 * self.settings.commit_group_txs):  # fmt: skip
+                        or self._waiting_txs() >= 2 * self.settings.commit_group_txs):  # fmt: skip
                     await self._next_change(seen)
                     continue
                 batch = await self._lease()
@@ -199,7 +209,8 @@ class Worker:
                         continue
                     if self.settings.wait_for_others and await self._retrying(
                         "asking for open batches",
-                        lambda: self.db(self.store.has_open_batches, self.targets), stopping=False,
+                        functools.partial(self.db, self.store.has_open_batches, self.targets),
+                        stopping=False,
                     ):
                         self.send_stats()
                         await asyncio.sleep(self.settings.idle_poll_s)
@@ -251,22 +262,21 @@ class Worker:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         entry = (batch, enriched, done)
         self._waiting.append(entry)
-        self._waiting_txs += len(enriched.txs)
         self._kick()
         try:
             return await done
         except asyncio.CancelledError:
             # Stopping: a batch that is still waiting leaves the group, so no later commit
             # writes what its task is giving back.
-            kept = [e for e in self._waiting if e is not entry]
-            if len(kept) < len(self._waiting):
-                self._waiting = kept
-                self._waiting_txs -= len(enriched.txs)
+            self._waiting = [e for e in self._waiting if e is not entry]
             raise
+
+    def _waiting_txs(self) -> int:
+        return sum(len(e.txs) for _, e, _ in self._waiting)
 
     def _group_ready(self) -> bool:
         return bool(self._waiting) and (
-            self._waiting_txs >= self.settings.commit_group_txs
+            self._waiting_txs() >= self.settings.commit_group_txs
             or self._fetching == 0
             or self._timer_fired
         )
@@ -290,7 +300,7 @@ class Worker:
         group: list[tuple[Batch, Enriched, asyncio.Future[bool]]] = []
         try:
             while self._group_ready():
-                group, self._waiting, self._waiting_txs = self._waiting, [], 0
+                group, self._waiting = self._waiting, []
                 self._timer_fired = False
                 if self._timer is not None:
                     self._timer.cancel()
@@ -299,34 +309,12 @@ class Worker:
                     held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group])
                 except Exception as exc:
                     if len(group) == 1:  # its task gives the batch back
-                        if not group[0][2].done():
-                            group[0][2].set_exception(exc)
+                        _settle(group[0][2], error=exc)
                     else:
-                        # Nothing of the group was written. One batch's failure (or a dropped
-                        # connection, which the store reopens) must not sink the others' work:
-                        # each is committed on its own. Two failures in a row mean the database
-                        # is down: the rest fail at once instead of each waiting to time out.
-                        streak, last = 0, exc
-                        for b, e, f in group:
-                            if f.done():  # its task was cancelled meanwhile
-                                continue
-                            if streak >= 2:
-                                f.set_exception(last)
-                                continue
-                            try:
-                                (ok,) = await self.db(self.store.commit_batches, [(b, e)])
-                            except Exception as one:
-                                streak, last = streak + 1, one
-                                if not f.done():
-                                    f.set_exception(one)
-                            else:
-                                streak = 0
-                                if not f.done():
-                                    f.set_result(ok)
+                        await self._commit_each(group)
                 else:
                     for (_, _, f), ok in zip(group, held, strict=True):
-                        if not f.done():
-                            f.set_result(ok)
+                        _settle(f, ok)
                 group = []
                 self._note_change()
         finally:
@@ -334,6 +322,29 @@ class Worker:
                 f.cancel()
             self._flusher = None
         self._kick()  # batches that arrived during the last commit
+
+    async def _commit_each(self, group: Sequence[tuple[Batch, Enriched, asyncio.Future[bool]]]) -> None:
+        """After a group's transaction failed (nothing of it was written): each batch on its own.
+
+        One batch's failure, or a dropped connection (which the store reopens), must not
+        send the others' work back to be fetched again. Two failures in a row mean the
+        database is down: the rest fail at once instead of each waiting to time out.
+        """
+        streak, last = 0, None
+        for b, e, f in group:
+            if f.done():  # its task was cancelled meanwhile
+                continue
+            if streak >= 2:
+                _settle(f, error=last)
+                continue
+            try:
+                (ok,) = await self.db(self.store.commit_batches, [(b, e)])
+            except Exception as exc:
+                streak, last = streak + 1, exc
+                _settle(f, error=exc)
+            else:
+                streak = 0
+                _settle(f, ok)
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], stopping: T) -> T:
         """A store call the worker cannot go on without: retried while the database is down.
@@ -482,7 +493,7 @@ class Worker:
         # connection, and a lease not given back would hold the batch until it expires.
         try:
             if retry:
-                give_back = lambda: self.db(self.store.abandon, batch, error)  # noqa: E731
+                give_back = functools.partial(self.db, self.store.abandon, batch, error)
                 await self._retrying(f"giving back batch {batch.id}", give_back, stopping=None)
             else:
                 await self.db(self.store.abandon, batch, error)

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 import orjson
-from eth_hash.auto import keccak
+
+from gapfill.keccak import keccak
 
 __all__ = [
     "ChainError",

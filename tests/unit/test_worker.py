@@ -254,3 +254,25 @@ def test_a_failed_renewal_does_not_stop_the_lease_keeper() -> None:
     totals = asyncio.run(worker(store, Slow(), lease_timeout_s=0.3).run())
     assert fails[0] == 1 and store.calls.count("renew") >= 3, store.calls
     assert totals.processed == 10 and totals.lost == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_waiting_for_others_polls_soon_then_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every batch is leased by another worker, which commits the last one after a while.
+    # The idle worker polls after 50 ms, then doubling up to idle_poll_s: it notices the
+    # end soon after (a flat 0.5 s poll kept concurrent runs waiting ~0.45 s past it), and
+    # a long wait (a stuck worker's lease) still costs few queries.
+    store = FakeStore(batches=0)
+    polls = iter([True] * 7 + [False])
+    store.has_open_batches = lambda targets: next(polls)  # type: ignore[method-assign]
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    asyncio.run(worker(store, idle_poll_s=0.5, idle_first_poll_s=0.05).run())
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
+    assert store.calls.count("lease") == 8

@@ -91,7 +91,12 @@ class WorkerSettings:
     batches_in_flight: int = 4
     sequential: bool = False  # the seed's one-call-at-a-time baseline
     max_attempts: int = MAX_ATTEMPTS
+    #: While the batches left are leased by other workers, poll for one coming back (or
+    #: for the last to be committed) after ``idle_first_poll_s``, doubling up to
+    #: ``idle_poll_s``: a run's last batches finish a fraction of a second apart, and a
+    #: flat 0.5 s poll kept an idle worker, and so the run, waiting ~0.45 s past the end.
     idle_poll_s: float = 0.5
+    idle_first_poll_s: float = 0.05
     stats_every_s: float = 1.0
     #: Keep polling while other workers hold leases that may still expire and come back.
     wait_for_others: bool = True
@@ -194,6 +199,7 @@ class Worker:
 
     async def _run(self) -> WorkerTotals:
         tasks: set[asyncio.Task[None]] = set()
+        idle_polls = 0
         try:
             while not self.stopping:
                 tasks = {t for t in tasks if not t.done()}
@@ -213,9 +219,11 @@ class Worker:
                         stopping=False,
                     ):
                         self.send_stats()
-                        await asyncio.sleep(self.settings.idle_poll_s)
+                        await asyncio.sleep(self._idle_pause(idle_polls))
+                        idle_polls += 1
                         continue
                     break
+                idle_polls = 0
                 self._held.add(batch.id)
                 self._fetching += 1
                 tasks.add(asyncio.create_task(self._handle(batch)))
@@ -234,6 +242,11 @@ class Worker:
         finally:
             self.send_stats(force=True)
         return self.totals
+
+    def _idle_pause(self, polls: int) -> float:
+        """The pause before idle poll number ``polls`` (0, 1, ...): doubling, capped."""
+        first, cap = self.settings.idle_first_poll_s, self.settings.idle_poll_s
+        return min(cap, first * (1 << min(polls, 30)))
 
     def _note_change(self) -> None:
         self._changes += 1

@@ -249,3 +249,19 @@ def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path
         conn = s._conn  # type: ignore[attr-defined]
         assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
         assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_BYTES // 4096
+
+
+def test_postgres_connections_detect_a_vanished_server_and_the_url_can_say_otherwise(
+    pg_url: str,
+) -> None:
+    # Without keepalives a store call on a half-open connection waits for the kernel's
+    # retransmission timeout (~15 min) while holding its worker's database lock.
+    from gapfill.store.postgres import TCP_DEFAULTS, PostgresStore
+
+    with PostgresStore(pg_url) as s:
+        params = s._live().info.get_parameters()
+        assert {k: params.get(k) for k in TCP_DEFAULTS} == {k: str(v) for k, v in TCP_DEFAULTS.items()}
+    with PostgresStore(pg_url + "?keepalives_idle=7&tcp_user_timeout=5000") as s:
+        params = s._live().info.get_parameters()
+        assert params["keepalives_idle"] == "7" and params["tcp_user_timeout"] == "5000"
+        assert params["keepalives_count"] == "3"

@@ -79,10 +79,11 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
       never picks it;
     * at 2,849 refs batch is 2-2.5x as fast as concurrent (starting
       processes dominates);
-    * at 80,000 refs concurrent ran at 0.81-1.08x batch over three runs on an
-      Intel machine and at 0.87-0.96x over six on an AMD one (2026-11-28, both
-      backends): one process already keeps the node busy, and a second one takes
-      CPU from it, so concurrent does not win.
+    * at 80,000 refs concurrent ran at 0.87-0.96x batch over six runs on an AMD
+      machine, and at 0.95x in two runs on an Intel one after its start-up and
+      shutdown were cut by ~0.5 s (2026-11-28, both backends): one process already
+      keeps the node busy, and a second one takes CPU from it, so concurrent does
+      not win.
 
     So concurrent pays only where there are cores to spare beyond the node's and
     one worker's; auto picks it from ``AUTO_CONCURRENT_FROM`` refs on machines

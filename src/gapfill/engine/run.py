@@ -536,7 +536,7 @@ class Coordinator:
                 if s.proc.is_alive():
                     s.proc.kill()
                     s.proc.join(timeout=5)
-            _stop_fork_server()
+            _stop_fork_server(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()
             secs = time.perf_counter() - t0
@@ -616,23 +616,39 @@ class Coordinator:
 
 
 def _start_fork_server() -> None:
-    """Start the fork server (with its preload) without waiting for it to be ready."""
+    """Start the fork server (with its preload) without waiting for it to be ready.
+
+    It starts with SIGINT ignored (a disposition a new process inherits): the server
+    protects itself from Ctrl+C only once its preload is imported, and a Ctrl+C meant
+    for the coordinator would otherwise kill it mid-import with a traceback.
+    """
     from multiprocessing import forkserver
 
-    with contextlib.suppress(Exception):  # if it fails here, the first worker's start says why
-        forkserver.ensure_running()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(Exception):  # if it fails here, the first worker's start says why
+            forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def _stop_fork_server() -> None:
+def _stop_fork_server(*, unused: bool = False) -> None:
     """Stop and reap the workers' fork server once they are gone.
 
     Python 3.11 leaves it to exit by itself after the coordinator; reaping it here means
     no process outlives the run and the workers' CPU time counts in the coordinator's
-    children (``wait4``), as it did with spawned workers.
+    children (``wait4``), as it did with spawned workers. A server that forked nothing
+    (``unused``: nothing to do, or the run failed first) is killed rather than asked to
+    stop: it would finish importing its preload (~0.3 s) before it noticed.
     """
     from multiprocessing import forkserver
 
     server = getattr(forkserver, "_forkserver", None)
+    if unused:
+        pid = getattr(server, "_forkserver_pid", None)
+        if isinstance(pid, int):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         server._stop()  # type: ignore[union-attr]  # the one way the stdlib offers (its tests use it)
 

@@ -45,7 +45,8 @@ CREATE TEMP TABLE IF NOT EXISTS stage_refs (LIKE refs) ON COMMIT DELETE ROWS;
 #: TCP settings against a server that vanished without closing the connection (a host
 #: crash, a dropped NAT entry): without them a store call waits on the kernel's
 #: retransmission timeout (~15 min), holding its worker's database lock all along. With
-#: them it fails within about a minute and the store reconnects. A URL's own values win.
+#: them it fails within about a minute and the store reconnects. A URL's own values win,
+#: and so does a service file the URL names (``?service=``).
 TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
                 "keepalives_count": 3, "tcp_user_timeout": 60_000}  # fmt: skip
 _MIGRATION_LOCK = 7_263_451_001
@@ -125,7 +126,10 @@ class PostgresStore(Store):
     def _connect(self) -> psycopg.Connection[Any]:
         try:
             given = conninfo_to_dict(self.url)
-            tcp: dict[str, Any] = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+            # A service file (?service=) may set these itself: then it decides.
+            tcp: dict[str, Any] = (
+                {} if "service" in given else {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+            )
             conn = psycopg.connect(
                 self.url, autocommit=False, connect_timeout=int(self._connect_timeout_s),
                 application_name="gapfill", **tcp,

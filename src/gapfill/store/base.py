@@ -711,7 +711,7 @@ class Store(abc.ABC):
         each touched index page once instead of once per batch: the hash-keyed indexes
         take inserts all over, so a batch of 500 dirties most of their leaf pages.
         """
-        held: dict[int, bool] = {}
+        held = [False] * len(items)
         merged = Enriched()
         with self._tx() as cur:
             now = self._now(cur)
@@ -726,9 +726,8 @@ class Store(abc.ABC):
                     (len(enriched.txs), len(enriched.failures), batch.id, batch.lease_owner,
                      batch.attempts, now),
                 )  # fmt: skip
-                ok = cur.rowcount == 1
-                held[i] = ok
-                if not ok:
+                held[i] = cur.rowcount == 1
+                if not held[i]:
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
                 merged.txs.extend(enriched.txs)
@@ -737,7 +736,7 @@ class Store(abc.ABC):
             if merged.txs or merged.logs:
                 self._upsert(cur, merged.txs, merged.logs)
             self._record_failures(cur, merged)
-        return [held[i] for i in range(len(items))]
+        return held
 
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,

@@ -265,3 +265,29 @@ def test_postgres_connections_detect_a_vanished_server_and_the_url_can_say_other
         params = s._live().info.get_parameters()
         assert params["keepalives_idle"] == "7" and params["tcp_user_timeout"] == "5000"
         assert params["keepalives_count"] == "3"
+
+
+def test_postgres_sessions_ask_the_server_to_notice_a_vanished_client(pg_url: str) -> None:
+    # A backend whose client vanished mid-transaction keeps its row locks until the
+    # server's keepalive gives up (2 h by default): set per session, it is about a minute.
+    from urllib.parse import quote
+
+    from gapfill.store.postgres import SERVER_TCP_DEFAULTS, PostgresStore
+
+    def shown(s: PostgresStore) -> dict[str, str]:
+        conn = s._live()
+        out = {k: str(conn.execute(f"SELECT current_setting('{k}')").fetchone()[0])  # type: ignore[index]
+               for k in SERVER_TCP_DEFAULTS}  # fmt: skip
+        conn.rollback()
+        return out
+
+    with PostgresStore(pg_url) as s:
+        assert shown(s) == {k: str(v) for k, v in SERVER_TCP_DEFAULTS.items()}
+        s._live().close()  # a reconnect sets them again
+        assert shown(s)["tcp_keepalives_idle"] == "30"
+    own = quote("-c tcp_keepalives_idle=7")
+    with PostgresStore(f"{pg_url}?options={own}") as s:
+        got = shown(s)
+        assert got["tcp_keepalives_idle"] == "7" and got["tcp_keepalives_count"] == "3"
+    with PostgresStore(f"{pg_url}?keepalives=0") as s:
+        assert shown(s)["tcp_keepalives_idle"] != "30"  # left to the server (the kernel: 7200)

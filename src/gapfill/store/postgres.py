@@ -49,8 +49,25 @@ CREATE TEMP TABLE IF NOT EXISTS stage_refs (LIKE refs) ON COMMIT DELETE ROWS;
 #: and so does a service file the URL names (``?service=``).
 TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
                 "keepalives_count": 3, "tcp_user_timeout": 60_000}  # fmt: skip
+#: The same on the server's side of the connection, set per session. A worker whose host
+#: vanished mid-transaction leaves its backend waiting for the next command, holding the
+#: transaction's row locks (a batch's lease row, say), until the server's own keepalive
+#: gives up: the kernel's default is 2 hours, during which a retried commit of that batch
+#: blocks on those locks. With these the backend ends, and its locks go, within about a
+#: minute. The URL's ``options`` (``-c tcp_keepalives_idle=...``) or a service file win.
+SERVER_TCP_DEFAULTS = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10,
+                       "tcp_keepalives_count": 3, "tcp_user_timeout": 60_000}  # fmt: skip
 _MIGRATION_LOCK = 7_263_451_001
 _PLAN_LOCK = 7_263_451_002
+
+
+def _server_tcp_settings(given: dict[str, Any]) -> dict[str, str]:
+    """The server-side TCP settings to set on a new session: none where the URL's ``options``
+    name them, a service file decides, or the URL turned keepalives off."""
+    if "service" in given or str(given.get("keepalives", "1")) == "0":
+        return {}
+    options = str(given.get("options", ""))
+    return {k: str(v) for k, v in SERVER_TCP_DEFAULTS.items() if k not in options}
 
 
 def _jsonb(value: Any) -> str | None:
@@ -136,6 +153,19 @@ class PostgresStore(Store):
             )  # fmt: skip
         except psycopg.Error as exc:
             raise translate(exc, self.url) from None
+        server = _server_tcp_settings(given)
+        if server:
+            try:
+                conn.execute(
+                    "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in server),
+                    [x for kv in server.items() for x in kv],
+                )
+                conn.commit()
+            except psycopg.OperationalError as exc:
+                conn.close()
+                raise translate(exc, self.url) from None
+            except psycopg.Error:
+                conn.rollback()  # a server or a pooler that refuses them: go on without
         self._conn = conn
         self._staged = False
         return conn

@@ -222,6 +222,28 @@ def test_expire_leases_returns_them(store: Store) -> None:
     assert store.batch_counts().pending == 1
 
 
+def test_checking_for_expired_leases_does_not_take_sqlites_write_lock(tmp_path: Any) -> None:
+    # Coordinators check every second; a worker's commit must not queue behind a check
+    # that finds nothing.
+    import sqlite3
+
+    from gapfill.store.sqlite import SqliteStore
+
+    with SqliteStore(f"sqlite:///{tmp_path}/x.db") as s:
+        s.migrate()
+        s.add_refs([Ref(1, C, h(i), i) for i in range(1, 4)])
+        s.plan(s.create_run("concurrent", 1), [(1, C)])
+        assert s.lease("w", 60.0) is not None
+        s._conn.execute("PRAGMA busy_timeout=50")
+        writer = sqlite3.connect(f"{tmp_path}/x.db", isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # a worker in the middle of a commit
+        try:
+            assert s.expire_leases() == []
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+
+
 def test_runs_are_listed(store: Store) -> None:
     r = store.create_run("batch", 1, note="x")
     store.finish_run(r, "done", 10, 1, 25)

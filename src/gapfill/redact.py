@@ -13,13 +13,34 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 
-# Path segments that look like keys: long runs of letters/digits/-/_ .
+# Query values that look like keys: long runs of letters/digits/-/_ .
 _KEYLIKE_SEGMENT = re.compile(r"^[A-Za-z0-9_\-]{16,}$")
+# The only path segments of an RPC URL shown as they are: versions and a few words no
+# provider uses as a key. Any other segment may be a key, whatever its length
+# (``/v2/SECRETKEY123``), so it is masked.
+_PLAIN_SEGMENT = re.compile(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|evm)$", re.IGNORECASE)
+# A masked path segment is also scrubbed out of free text when at least this long:
+# shorter ones ("eth", "bsc") would mangle ordinary words; the whole path is scrubbed too.
+_MIN_SCRUBBED_SEGMENT = 6
+# libpq keyword/value connection strings: ``password=...``.
+_DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
 
 
+def _masked_segments(path: str) -> list[str]:
+    return [s for s in path.split("/") if not _PLAIN_SEGMENT.match(s)]
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password, key-like path segments and secret query values masked."""
+    """Return ``url`` with its password, path segments (but versions) and secret query values masked.
+
+    A string that is not a URL but a libpq ``key=value`` connection string keeps its
+    keywords, with the password masked.
+    """
+    if "://" not in url and "=" in url:
+        return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url)
+    if ":" not in url:  # a bare file path (a mistyped --db): nothing secret in it
+        return url
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -35,7 +56,7 @@ def redact_url(url: str) -> str:
             netloc = f"{MASK}@{hostport}"
     # A database URL's path is a database name, not a secret.
     segments = [
-        MASK if not is_db and _KEYLIKE_SEGMENT.match(s) else s for s in parts.path.split("/")
+        MASK if not is_db and not _PLAIN_SEGMENT.match(s) else s for s in parts.path.split("/")
     ]
     path = "/".join(segments)
     query = parts.query
@@ -50,8 +71,13 @@ def redact_url(url: str) -> str:
 
 
 def secrets_of(url: str) -> list[str]:
-    """The substrings of ``url`` that :func:`redact_url` would hide."""
+    """The substrings of ``url`` that :func:`redact_url` would hide (path segments too
+    short to scrub out of free text on their own are left out: see :func:`redact_text`)."""
     found: list[str] = []
+    if "://" not in url and "=" in url:
+        return [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
+    if ":" not in url:
+        return []
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -62,7 +88,7 @@ def secrets_of(url: str) -> list[str]:
         return found
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
-    found.extend(s for s in parts.path.split("/") if _KEYLIKE_SEGMENT.match(s))
+    found.extend(s for s in _masked_segments(parts.path) if len(s) >= _MIN_SCRUBBED_SEGMENT)
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         if v and (_SECRET_QUERY_NAMES.search(k) or _KEYLIKE_SEGMENT.match(v)):
             found.append(v)
@@ -70,11 +96,23 @@ def secrets_of(url: str) -> list[str]:
 
 
 def redact_text(text: str, *urls: str) -> str:
-    """Replace every secret of ``urls`` (and the raw URLs themselves) inside ``text``."""
+    """Replace every secret of ``urls`` (and the raw URLs and RPC paths themselves) inside ``text``.
+
+    A node's own error message may quote the request path (``/v2/KEY``) without the
+    host: the path is replaced whole, whatever its segments' length.
+    """
     for url in urls:
         if not url:
             continue
         text = text.replace(url, redact_url(url))
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            parts = None
+        if (parts is not None and "://" in url and not parts.scheme.lower().startswith(("postgres", "sqlite"))
+                and _masked_segments(parts.path)):  # fmt: skip
+            shown = urlsplit(redact_url(url)).path
+            text = text.replace(parts.path.rstrip("/"), shown.rstrip("/"))
         for secret in secrets_of(url):
             if len(secret) >= 3:
                 text = text.replace(secret, MASK)

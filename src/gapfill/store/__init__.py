@@ -41,7 +41,12 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
 
         store = PostgresStore(url)
     else:
-        shown = scheme or redact_url(url)
+        if "://" not in url and "=" in url:  # a libpq key=value string: its password masked
+            raise ConfigError(
+                f"{redact_url(url)!r} is not a database URL: write it as "
+                "postgresql://user:password@host:5432/dbname (or use sqlite:///path/to/file.db)"
+            )
+        shown = scheme if "://" in url else url  # a bare path: nothing secret in it
         raise ConfigError(
             f"unsupported database URL scheme {shown!r}: use sqlite:///path/to/file.db "
             "or postgresql://user@host:5432/dbname"

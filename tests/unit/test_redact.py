@@ -1,0 +1,41 @@
+"""What may be shown of a URL: never a key or a password, whatever its length or shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from gapfill.redact import redact_text, redact_url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:9/v2/SECRETKEY123", "http://127.0.0.1:9/v2/***"),  # short keys too
+        ("https://eth-mainnet.g.alchemy.com/v2/abcDEF123", "https://eth-mainnet.g.alchemy.com/v2/***"),
+        ("https://rpc.ankr.com/eth/0123456789abcdef", "https://rpc.ankr.com/***/***"),
+        ("https://x.quiknode.pro/deadbeef/", "https://x.quiknode.pro/***/"),
+        ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
+        ("https://KEY@node.example/rpc", "https://***@node.example/rpc"),
+        ("https://node.example/?apikey=abc&chain=1", "https://node.example/?apikey=***&chain=1"),
+        ("postgresql://u:hunter2@db.example/gapfill", "postgresql://u:***@db.example/gapfill"),
+        ("host=127.0.0.1 password=hunter2 dbname=x", "host=127.0.0.1 password=*** dbname=x"),
+        ("host=h password='a b' dbname=x", "host=h password=*** dbname=x"),
+        ("/tmp/gapfill.db", "/tmp/gapfill.db"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_node_quoting_the_request_path_does_not_leak_a_short_key() -> None:
+    url = "http://127.0.0.1:9/v2/SECRETKEY123"
+    text = "method not available at /v2/SECRETKEY123 (host 127.0.0.1)"
+    assert redact_text(text, url) == "method not available at /v2/*** (host 127.0.0.1)"
+    assert "SECRETKEY123" not in redact_text(f"key SECRETKEY123 rejected by {url}", url)
+
+
+def test_short_path_words_are_not_scrubbed_out_of_ordinary_text() -> None:
+    url = "https://rpc.example/eth/0123456789abcdef"
+    text = "eth_getLogs failed at /eth/0123456789abcdef"
+    assert redact_text(text, url) == "eth_getLogs failed at /***/***"
+    assert redact_text("password=hunter2 refused", "host=h password=hunter2") == "password=*** refused"

@@ -520,3 +520,63 @@ def test_an_interrupted_batch_run_leaves_no_lease_behind(
     assert leased_now(pg_url) == []
     events = query(pg_url, "SELECT event FROM lease_events ORDER BY event_id")
     assert [e for (e,) in events] == ["leased", "abandoned"]
+
+
+def batch_args(db: str, rpc: str) -> list[str]:
+    return ["--db", db, "--rpc-url", rpc, "enrich", "--mode", "batch", "--batch-size", "50",
+            "--batches-in-flight", "2"]  # fmt: skip
+
+
+def signal_mid_batch(db: str, rpc: str, log_dir: Path, sig: int) -> tuple[int, str]:
+    """Start a batch-mode run, send ``sig`` while it holds a lease; its exit code and output."""
+    p = GapfillProc(batch_args(db, rpc), log_dir, f"signal{sig}")
+    try:
+        wait_for("a batch in flight", lambda: bool(leased_now(db)), 60, proc=p)
+        os.kill(p.pid, sig)
+        return p.wait(30), p.output()
+    finally:
+        p.close()
+
+
+@pytest.mark.timeout(120)
+def test_batch_mode_stops_on_sigterm_and_a_killed_runs_leftovers_do_not_stall_the_rerun(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # `timeout`, systemd and `docker stop` send SIGTERM: batch mode stops as on Ctrl+C.
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        rc, out = signal_mid_batch(pg_url, rpc, tmp_path, signal.SIGTERM)
+        assert rc == 130, out
+        assert leased_now(pg_url) == [], "SIGTERM left leases behind"
+        assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("interrupted",)]
+        # SIGKILL gives no chance to clean up: the lease stays (300 s) and the run 'running'.
+        signal_mid_batch(pg_url, rpc, tmp_path, signal.SIGKILL)
+        assert leased_now(pg_url), "the killed run held no lease: nothing tested"
+        t0 = time.monotonic()
+        rc, out = gapfill(batch_args(pg_url, rpc), tmp_path, "rerun")
+        took = time.monotonic() - t0
+    assert rc == 0, out
+    assert "took back" in out and took < 100, f"the rerun waited for the lease ({took:.0f} s)\n{out}"
+    states = query(pg_url, "SELECT state, note FROM runs WHERE mode = 'batch' ORDER BY run_id")
+    assert [s for s, _ in states] == ["interrupted", "interrupted", "done"], states
+    assert "ended without finishing" in states[1][1]
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_ignores_another_chains_open_plan(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # A plan open on chain 1 (another host's, say) is not this node's work: the workers
+    # find nothing to lease, and the coordinator used to restart them over and over.
+    from gapfill.model import Contract, Ref
+    from gapfill.store import open_store
+
+    other = "0x" + "22" * 20
+    with open_store(pg_url) as store:
+        store.add_contract(Contract(1, other, None, None, None))
+        store.add_refs([Ref(1, other, "0x" + f"{i:064x}", i, "test") for i in range(1, 11)])
+        store.plan(store.create_run("batch", 1), [(1, other)])
+    rc, out = gapfill(["--db", pg_url, "--rpc-url", node_chain.url, "worker", "--workers", "2"],
+                      tmp_path, "worker", timeout_s=60)  # fmt: skip
+    assert rc == 0 and "restarted" not in out, out
+    assert query(pg_url, "SELECT count(*) FROM batches WHERE chain_id = 1 AND state = 'pending'") == [(1,)]

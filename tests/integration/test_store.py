@@ -313,3 +313,18 @@ def test_postgres_sessions_ask_the_server_to_notice_a_vanished_client(pg_url: st
         assert got["tcp_keepalives_idle"] == "7" and got["tcp_keepalives_count"] == "3"
     with PostgresStore(f"{pg_url}?keepalives=0") as s:
         assert shown(s)["tcp_keepalives_idle"] != "30"  # left to the server (the kernel: 7200)
+
+
+def test_a_new_run_marks_the_runs_of_dead_local_processes_interrupted(store: Store) -> None:
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = store.create_run("batch", 1)
+    alive = store.create_run("batch", 1)  # this process: still running
+    with store._tx() as cur:
+        cur.execute(store._sql("UPDATE runs SET pid = ? WHERE run_id = ?"), (gone.pid, dead))
+    store.create_run("concurrent", 2)
+    states = {r.run_id: (r.state, r.note) for r in store.list_runs()}
+    assert states[dead][0] == "interrupted" and "ended without finishing" in states[dead][1]
+    assert states[alive][0] == "running"

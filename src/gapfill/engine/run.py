@@ -23,6 +23,7 @@ import os
 import queue as queue_mod
 import signal
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -206,17 +207,25 @@ def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
 # -- in-process modes ----------------------------------------------------------------------
 
 
+def _release_dead_local_owners(store: Store, emit: Emit) -> None:
+    for pid, n in store.release_dead_local_owners().items():
+        emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
+
+
 def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:
     mode = "sequential" if sequential else "batch"
     store = open_store(job.db_url)
+    old_term = _sigterm_as_sigint()
     try:
         run_id = store.create_run(mode, 1)
-        batches, refs, joined = _plan(store, job, run_id)
-        emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
         t0 = time.perf_counter()
         totals_box: dict[str, Any] = {}
         state = "done"
         try:
+            _release_dead_local_owners(store, emit)
+            batches, refs, joined = _plan(store, job, run_id)
+            emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
+            t0 = time.perf_counter()
             # Nothing open (the gap is empty or all failed for good): no node is asked anything.
             if store.has_open_batches(job.targets):
                 asyncio.run(_in_process(job, store, emit, sequential, totals_box))
@@ -250,7 +259,22 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         store.close()
+
+
+def _sigterm_as_sigint() -> Any:
+    """In the main thread, make SIGTERM (``timeout``, systemd, ``docker stop``) stop an
+    in-process run as Ctrl+C does: batches given back, the run marked interrupted. Returns
+    the handler to restore, or None where signals cannot be handled (another thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 async def _in_process(
@@ -414,20 +438,6 @@ class Coordinator:
                 self.done_batches += 1
             self.emit(ev)
 
-    def _release_dead_local_owners(self, store: Store) -> None:
-        prefix = f"{self.host}:"
-        for owner in store.lease_owners():
-            if not owner.startswith(prefix):
-                continue
-            try:
-                pid = int(owner[len(prefix):].split("/", 1)[0])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                n = store.release_owner(owner, "owner process is gone")
-                if n:
-                    self.emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
-
     def run(self) -> RunSummary:
         job = self.job
         store = open_store(job.db_url)
@@ -443,7 +453,7 @@ class Coordinator:
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
             _start_fork_server()
-            self._release_dead_local_owners(store)
+            _release_dead_local_owners(store, self.emit)
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential:
@@ -454,8 +464,9 @@ class Coordinator:
                 from gapfill.engine.metrics import MetricsServer
 
                 self.metrics = MetricsServer(job.metrics_port, self._metrics_snapshot)
-            scope = list(job.targets) if job.plan_new else None
-            counts0 = store.batch_counts(targets=scope)
+            # Only the targets' batches: a worker leases on its node's chain alone, and
+            # counting another chain's open plan kept restarting workers that found nothing.
+            counts0 = store.batch_counts(targets=list(job.targets))
             total_batches = counts0.pending + counts0.leased
             if total_batches:  # with nothing open, no worker starts and no node is asked anything
                 # One probe here fails fast with one sentence (unreachable node, wrong chain)
@@ -488,7 +499,7 @@ class Coordinator:
                                 s.proc.kill()
                     elif not any(s.proc.is_alive() for s in self.slots.values()):
                         # (``alive`` predates the restarts above: a worker restarted there is running.)
-                        if store.has_open_batches(job.targets if job.plan_new else None):
+                        if store.has_open_batches(job.targets):
                             # Workers left while work remains (e.g. they could not start): retry once more.
                             for s in list(self.slots.values()):
                                 self._restart(store, s)
@@ -500,7 +511,8 @@ class Coordinator:
                         db_down_since = None
                     if now - last_progress > 1.0:
                         last_progress = now
-                        counts = store.batch_counts(run_id if job.plan_new else None)
+                        counts = (store.batch_counts(run_id) if job.plan_new
+                                  else store.batch_counts(targets=list(job.targets)))  # fmt: skip
                         total = max(total_batches, counts.total)
                         done = counts.done if job.plan_new else self.done_batches
                         self._progress(done, total, len(alive), t0)
@@ -651,16 +663,6 @@ def _stop_fork_server(*, unused: bool = False) -> None:
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         server._stop()  # type: ignore[union-attr]  # the one way the stdlib offers (its tests use it)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- entry point ---------------------------------------------------------------------------

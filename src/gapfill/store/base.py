@@ -17,6 +17,7 @@ Rules this module enforces (see docs/architecture.md):
 from __future__ import annotations
 
 import abc
+import os
 import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -113,10 +114,19 @@ def json_value(value: Any) -> Any:
     return orjson.loads(value)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def owner_name(worker: str = "") -> str:
     """A lease owner id unique across hosts and processes."""
-    import os
-
     suffix = f"/{worker}" if worker else ""
     return f"{socket.gethostname()}:{os.getpid()}{suffix}"
 
@@ -464,14 +474,29 @@ class Store(abc.ABC):
     # -- runs ------------------------------------------------------------------------
 
     def create_run(self, mode: str, workers: int, note: str = "") -> int:
+        """Record a new run of this process. Runs of this host still marked ``running``
+        whose process is gone (killed, crashed) are marked ``interrupted`` first."""
+        host = socket.gethostname()
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
+                self._sql("SELECT run_id, pid FROM runs WHERE state = 'running' AND host = ? "
+                          "AND pid IS NOT NULL"),
+                (host,),
+            )  # fmt: skip
+            for run_id, pid in cur.fetchall():
+                if not pid_alive(int(pid)):
+                    cur.execute(
+                        self._sql("UPDATE runs SET state = 'interrupted', finished_at = ?, "
+                                  "note = ? WHERE run_id = ? AND state = 'running'"),
+                        (now, "its process ended without finishing the run", run_id),
+                    )  # fmt: skip
+            cur.execute(
                 self._sql(
-                    "INSERT INTO runs (started_at, host, mode, workers, note) "
-                    "VALUES (?, ?, ?, ?, ?) RETURNING run_id"
+                    "INSERT INTO runs (started_at, host, pid, mode, workers, note) "
+                    "VALUES (?, ?, ?, ?, ?, ?) RETURNING run_id"
                 ),
-                (now, socket.gethostname(), mode, workers, note),
+                (now, host, os.getpid(), mode, workers, note),
             )
             return int(cur.fetchone()[0])
 
@@ -780,6 +805,24 @@ class Store(abc.ABC):
             held = [(int(b), int(a)) for b, a in cur.fetchall() if int(b) not in keep]
             # Another coordinator may have expired one meanwhile: _give_back re-checks each.
             return sum(self._give_back(cur, b, owner, a, error, "abandoned", now) for b, a in held)
+
+    def release_dead_local_owners(self) -> dict[int, int]:
+        """Give back the leases of this host's processes that are gone (killed, crashed):
+        a rerun need not wait for them to expire. Returns the leases given back, per pid."""
+        prefix = f"{socket.gethostname()}:"
+        out: dict[int, int] = {}
+        for owner in self.lease_owners():
+            if not owner.startswith(prefix):
+                continue
+            try:
+                pid = int(owner[len(prefix):].split("/", 1)[0])
+            except ValueError:
+                continue
+            if not pid_alive(pid):
+                n = self.release_owner(owner, "owner process is gone")
+                if n:
+                    out[pid] = out.get(pid, 0) + n
+        return out
 
     def lease_owners(self) -> list[str]:
         """Owners holding leases now (to find dead local workers)."""

@@ -22,6 +22,7 @@ import click
 import orjson
 
 from gapfill import __version__
+from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
@@ -119,7 +120,7 @@ def _is_tty() -> bool:
               help=f"Database URL: sqlite:///file.db or postgresql://... [default: {DEFAULT_DB_URL}]")
 @click.option("--rpc-url", "rpc_urls", envvar="ETH_RPC_URL", show_envvar=True, multiple=True,
               help="JSON-RPC endpoint; repeat it or separate with commas for several.")
-@click.option("--rps", type=click.FloatRange(min=0.001), envvar="GAPFILL_RPS", show_envvar=True,
+@click.option("--rps", type=FiniteFloatRange(min=0.001), envvar="GAPFILL_RPS", show_envvar=True,
               default=None, help="Calls per second per endpoint, shared by all processes of this host.")
 @click.option("--config", "config_file", envvar="GAPFILL_CONFIG", show_envvar=True, default=None,
               help="TOML config file [default: ./gapfill.toml when present].")
@@ -142,10 +143,21 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         fail(None, exc)
     obj = Ctx(db_url or file.db or DEFAULT_DB_URL, rpc_urls, rps, file, verbose)
     ctx.obj = obj
+    if file.enrich:
+        # The file's [enrich] table gives `enrich` and `worker` their defaults; flags win.
+        names = {p.name for p in enrich.params if p.name and p.name not in _NOT_IN_CONFIG}
+        unknown = sorted(set(file.enrich) - names)
+        if unknown:
+            fail(None, ConfigError(f"config file {file.path}: [enrich] has no setting "
+                                   f"{', '.join(unknown)}: use {', '.join(sorted(names))}"))  # fmt: skip
+        ctx.default_map = {"enrich": dict(file.enrich),
+                           "worker": {k: v for k, v in file.enrich.items() if k != "mode"}}  # fmt: skip
     ctx.call_on_close(obj.close)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+#: `enrich` parameters a config file's [enrich] table cannot set: they pick what to do, not how.
+_NOT_IN_CONFIG = frozenset({"contract", "chain_id", "dry_run", "retry_failed"})
 
 
 def address_arg(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
@@ -162,7 +174,7 @@ _Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 contract_option: _Decorator = click.option("--contract", "contract", callback=address_arg, default=None,
                                help="Contract address (default: every tracked contract).")  # fmt: skip
 chain_option: _Decorator = click.option(
-    "--chain-id", type=click.IntRange(min=1), default=None,
+    "--chain-id", type=int_range(1), default=None,
     help="Chain id; needed only if the address is tracked on several chains.",
 )  # fmt: skip
 
@@ -198,7 +210,7 @@ def contract() -> None:
 @click.option("--label", default=None, help="A name to show in status.")
 @click.option("--abi", "abi_file", type=click.Path(dir_okay=False), default=None,
               help="ABI JSON file (a list, or an artifact with an \"abi\" key) for decoding.")
-@click.option("--start-block", type=click.IntRange(min=0), default=None,
+@click.option("--start-block", type=int_range(0), default=None,
               help="First block of the contract (discovery starts here).")
 @pass_ctx
 def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None,
@@ -422,22 +434,22 @@ def _run_job(job: Any, quiet: bool) -> None:
 enrich_options = [
     click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
                  help="Worker processes for concurrent mode [default: 75% of cores, 2-8]."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+    click.option("--batch-size", type=int_range(1), default=500, show_default=True,
                  help="Refs per batch (a lease covers one batch)."),
-    click.option("--rpc-batch-size", type=click.IntRange(min=1), default=50, show_default=True,
+    click.option("--rpc-batch-size", type=int_range(1), default=50, show_default=True,
                  help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
-    click.option("--batches-in-flight", type=click.IntRange(min=1), default=4, show_default=True,
+    click.option("--batches-in-flight", type=int_range(1), default=4, show_default=True,
                  help="Batches each worker fetches at once (finished ones wait to be committed together)."),
-    click.option("--lease-timeout", "lease_timeout_s", type=click.FloatRange(min=0.1), default=300.0,
+    click.option("--lease-timeout", "lease_timeout_s", type=FiniteFloatRange(min=0.1), default=300.0,
                  show_default=True, help="Seconds without progress before a batch is taken back."),
-    click.option("--grace-period", "grace_period_s", type=click.FloatRange(min=0), default=30.0,
+    click.option("--grace-period", "grace_period_s", type=FiniteFloatRange(min=0), default=30.0,
                  show_default=True, help="Seconds workers get to finish after Ctrl+C or SIGTERM."),
     click.option("--plan", "plan_shape", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
                  show_default=True, help="Force the call plan (the planner chooses by default)."),
-    click.option("--block-plan-min-refs", type=click.IntRange(min=1), default=None,
+    click.option("--block-plan-min-refs", type=int_range(1), default=None,
                  help="Refs sharing a block from which the block is fetched whole "
                       "[default: 2 when --rps is set; never without a rate limit]."),
-    click.option("--rpc-timeout", "rpc_timeout_s", type=click.FloatRange(min=0.1), default=30.0,
+    click.option("--rpc-timeout", "rpc_timeout_s", type=FiniteFloatRange(min=0.1), default=30.0,
                  show_default=True, help="Seconds to wait for an RPC response before retrying it."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                  help="Serve Prometheus metrics on 127.0.0.1:PORT."),
@@ -512,6 +524,10 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         _dry_run(ctx, chain, targets, opts)
         return
     if retry_failed:
+        from gapfill.engine.session import fetch_chain_id
+
+        # A mistyped --rpc-url must not cost the failure records: check the node first.
+        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections
@@ -553,7 +569,7 @@ def worker(ctx: Ctx, /, **opts: Any) -> None:
 @contract_option
 @chain_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--limit", type=int_range(1), default=1000, show_default=True)
 @pass_ctx
 def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool, limit: int) -> None:
     """List transactions that could not be enriched, and why."""
@@ -578,7 +594,7 @@ def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--limit", type=int_range(1), default=20, show_default=True)
 @pass_ctx
 def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
     """Show the history of runs."""

@@ -26,6 +26,7 @@ import click
 import orjson
 
 from gapfill.cli import Ctx, _is_tty, cli, render_status
+from gapfill.cli_types import int_range
 from gapfill.errors import GapfillError
 from gapfill.model import Contract
 from gapfill.settings import EndpointSetting
@@ -38,14 +39,14 @@ def _say(text: str) -> None:
 
 
 @cli.command()
-@click.option("--txs", type=click.IntRange(min=500), default=30_000, show_default=True,
+@click.option("--txs", type=int_range(500), default=30_000, show_default=True,
               help="Transactions to generate on the local chain.")
 @click.option("--layout", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
               help="dense: blocks full of tracked transactions; sparse: 1-2 per block among others.")
 @click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
               show_default=True)
 @click.option("--workers", type=click.IntRange(min=1, max=16), default=None)
-@click.option("--rows", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--rows", type=int_range(0), default=3, show_default=True,
               help="Decoded rows to show at the end.")
 @click.pass_context
 def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: int | None, rows: int) -> None:

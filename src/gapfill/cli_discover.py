@@ -12,6 +12,7 @@ import time
 import click
 
 from gapfill.cli import Ctx, address_arg, chain_option, cli, resolve_targets
+from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
 from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary
@@ -67,11 +68,11 @@ class _Printer:
 @click.option("--contract", "contract", callback=address_arg, default=None,
               help="Contract address (default: every tracked contract).")
 @chain_option
-@click.option("--from-block", type=click.IntRange(min=0), default=None,
+@click.option("--from-block", type=int_range(0), default=None,
               help="First block [default: the contract's start block, or 0].")
-@click.option("--to-block", type=click.IntRange(min=0), default=None,
+@click.option("--to-block", type=int_range(0), default=None,
               help="Last block [default and cap: latest - confirmations].")
-@click.option("--confirmations", type=click.IntRange(min=0), default=DEFAULT_CONFIRMATIONS,
+@click.option("--confirmations", type=int_range(0), default=DEFAULT_CONFIRMATIONS,
               show_default=True, help="Blocks below the head left alone (reorg safety).")
 @click.option("--method", "methods", multiple=True, metavar="LIST",
               help=f"Comma-separated methods out of {','.join(METHODS)} [default: trace if the "

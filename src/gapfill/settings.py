@@ -14,7 +14,7 @@ else ``./gapfill.toml`` when it exists. Example::
     url = "https://backup.example.com/KEY"
     rps = 10
 
-    [enrich]
+    [enrich]            # defaults for `enrich` and `worker` (their flags win)
     batch_size = 500
     rpc_batch_size = 50
     workers = 4
@@ -60,6 +60,8 @@ class FileConfig:
 def config_path(explicit: str | None) -> Path | None:
     if explicit:
         p = Path(explicit)
+        if p.is_dir():
+            raise ConfigError(f"config file {explicit} is a directory: give --config a TOML file")
         if not p.is_file():
             raise ConfigError(f"config file {explicit} does not exist: fix --config or GAPFILL_CONFIG")
         return p
@@ -81,15 +83,20 @@ def load_config(explicit: str | None = None) -> FileConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix it") from None
+    for table in ("enrich", "explorer"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"config file {path}: {table} must be a table ([{table}] and key = value)")
+    if not isinstance(data.get("endpoints", []), list):
+        raise ConfigError(f"config file {path}: endpoints must be an array of tables ([[endpoints]] blocks)")
     endpoints = []
     for i, e in enumerate(data.get("endpoints", [])):
         if not isinstance(e, dict) or not isinstance(e.get("url"), str):
             raise ConfigError(f"config file {path}: endpoints[{i}] needs a url = \"...\"")
         rps = e.get("rps")
         mb = e.get("max_batch")
-        if rps is not None and (not isinstance(rps, int | float) or rps <= 0):
+        if rps is not None and (isinstance(rps, bool) or not isinstance(rps, int | float) or rps <= 0):
             raise ConfigError(f"config file {path}: endpoints[{i}].rps must be a positive number")
-        if mb is not None and (not isinstance(mb, int) or mb < 1):
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
             raise ConfigError(f"config file {path}: endpoints[{i}].max_batch must be a positive integer")
         endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb))
     db = data.get("db")

@@ -114,6 +114,39 @@ def test_malformed_row_names_the_line_and_imports_nothing(tracked: str, tmp_path
     assert refs_of(tracked) == []
 
 
+def test_a_one_column_csv_and_a_block_number_too_large_for_the_database(tracked: str, tmp_path: Path) -> None:
+    one = tmp_path / "one.csv"
+    one.write_text(f"tx_hash\n{h(1)}\n{h(2)}\n")
+    r = run(tracked, "import", str(one), "--contract", C)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(refs_of(tracked)) == [(h(1), None), (h(2), None)]
+    big = tmp_path / "big.csv"
+    big.write_text(f"hash,block_number\n{h(3)},7\n{h(4)},99999999999999999999999999\n")
+    r = run(tracked, "import", str(big), "--contract", C)
+    assert r.exit_code == 1 and "line 3" in one_sentence(r) and "too large" in r.stderr
+    assert len(refs_of(tracked)) == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("contract", "add", "0x" + "22" * 20, "--chain-id", "99999999999999999999999"),
+        ("contract", "add", "0x" + "22" * 20, "--chain-id", "1", "--start-block", "99999999999999999999"),
+        ("enrich", "--lease-timeout", "nan"),
+        ("--rps", "inf", "enrich", "--dry-run"),
+    ],
+)
+def test_out_of_range_options_are_usage_errors(tracked: str, args: tuple[str, ...]) -> None:
+    r = run(tracked, *args)
+    assert r.exit_code == 2 and "Invalid value" in r.stderr, r.output
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:hunter2@127.0.0.1:abc/x", "postgresql://u:hunter2@[::1/x"])
+def test_a_malformed_postgres_url_is_one_sentence_without_its_password(url: str) -> None:
+    r = run(url, "status")
+    assert r.exit_code == 1 and "malformed" in one_sentence(r) and "hunter2" not in r.output
+
+
 def test_csv_without_hash_column_and_binary_file(tracked: str, tmp_path: Path) -> None:
     f = tmp_path / "nohash.csv"
     f.write_text("foo,bar\n1,2\n")
@@ -188,3 +221,17 @@ def test_gapfill_db_env_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_stdin_import_uses_the_bytes(tracked: str) -> None:
     r = run(tracked, "import", "-", "--contract", C, input=io.BytesIO(f"{h(9)}\n".encode()).read())
     assert r.exit_code == 0 and refs_of(tracked) == [(h(9), None)]
+
+
+def test_the_config_files_enrich_table_gives_the_defaults(tracked: str, tmp_path: Path) -> None:
+    # [enrich] sets what the flags would: a 1-ref batch size shows in the dry run.
+    run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(2)}\n{h(3)}\n")
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text("[enrich]\nbatch_size = 1\n")
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
+    assert r.exit_code == 0 and "3 batches of 1" in r.output, r.output
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run", "--batch-size", "2")
+    assert r.exit_code == 0 and "2 batches of 2" in r.output, r.output  # the flag wins
+    cfg.write_text("[enrich]\nbatchsize = 1\n")
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
+    assert r.exit_code == 1 and "no setting batchsize" in r.stderr, r.output

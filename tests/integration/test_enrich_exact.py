@@ -394,6 +394,11 @@ def test_unknown_hash_is_a_permanent_not_found_failure(db_url: str, world: World
     assert not {m for m in DATA_METHODS if m in methods}, methods
     assert [x["tx_hash"] for x in failures_json(db_url)] == [MISSING_HASH]
 
+    # --retry-failed with a node that cannot be reached keeps the failure records.
+    code, out = gapfill(db_url, "http://127.0.0.1:9/", "enrich", "--mode", "batch", "--retry-failed", "-q")
+    assert code == 1 and "put back" not in out and "Traceback" not in out, out
+    assert [x["tx_hash"] for x in failures_json(db_url)] == [MISSING_HASH]
+
     # --retry-failed puts it back into the gap: it is asked for again, and fails again.
     with counting_proxy(world.node.url) as (url, stats):
         code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "--retry-failed", "-q")

@@ -54,7 +54,10 @@ def test_config_location_env_and_default(tmp_path: Path, monkeypatch: pytest.Mon
     ("text", "needle"),
     [("db = [", "not valid TOML"), ("[[endpoints]]\nrps = 3\n", "needs a url"),
      ('[[endpoints]]\nurl = "https://x"\nrps = -1\n', "positive"),
-     ('[[endpoints]]\nurl = "https://x"\nmax_batch = 0\n', "positive integer")],
+     ('[[endpoints]]\nurl = "https://x"\nmax_batch = 0\n', "positive integer"),
+     ('[[endpoints]]\nurl = "https://x"\nrps = true\n', "positive number"),
+     ("enrich = 5\n", "must be a table"), ("explorer = 5\n", "must be a table"),
+     ("endpoints = 5\n", "array of tables")],
 )  # fmt: skip
 def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -64,3 +67,8 @@ def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such/gapfill.toml")
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))

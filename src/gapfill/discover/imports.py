@@ -21,6 +21,7 @@ from gapfill.validate import is_tx_hash
 HASH_COLUMNS = ("hash", "tx_hash", "transaction hash", "txhash", "transaction_hash")
 BLOCK_COLUMNS = ("block_number", "blocknumber", "blockno", "block", "block number")
 _BLOCK = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
+MAX_BLOCK = 2**63 - 1  # what a BIGINT column holds
 
 
 def _binary(sample: bytes) -> bool:
@@ -57,7 +58,10 @@ def _block(value: str, name: str, lineno: int) -> int | None:
         return None
     if not _BLOCK.match(v):
         raise InputError(f"{name} line {lineno}: {v[:40]!r} is not a block number; nothing was imported")
-    return int(v, 16) if v.startswith("0x") else int(v)
+    n = int(v, 16) if v.startswith("0x") else int(v)
+    if n > MAX_BLOCK:
+        raise InputError(f"{name} line {lineno}: block number {v[:40]} is too large; nothing was imported")
+    return n
 
 
 def parse_refs(
@@ -87,7 +91,9 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str) 
         return
     stripped = first.strip()
     if is_tx_hash(stripped.strip('"')) or ("," not in stripped and "\t" not in stripped):
-        # One hash per line.
+        # One hash per line, perhaps under a one-column header ("hash", "tx_hash").
+        if stripped.strip('"').lower() in HASH_COLUMNS:
+            first = ""
         yield from _hash_lines(text, name, chain_id, contract, source, first, lineno)
         return
     dialect = "excel-tab" if "\t" in stripped and "," not in stripped else "excel"

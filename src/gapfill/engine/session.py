@@ -38,11 +38,11 @@ def make_client(
     )
 
 
-def fetch_chain_id(endpoints: Sequence[EndpointSetting]) -> int:
-    """Ask the nodes for their chain id (they must agree)."""
+def fetch_chain_id(endpoints: Sequence[EndpointSetting], expected_chain_id: int | None = None) -> int:
+    """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``)."""
 
     async def go() -> int:
-        async with make_client(endpoints) as client:
+        async with make_client(endpoints, expected_chain_id=expected_chain_id) as client:
             return await client.probe()
 
     return asyncio.run(go())

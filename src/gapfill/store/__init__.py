@@ -37,7 +37,17 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
 
         store = SqliteStore(url)
     elif scheme in ("postgresql", "postgres"):
+        from urllib.parse import urlsplit
+
         from gapfill.store.postgres import PostgresStore
+
+        try:
+            urlsplit(url).port  # noqa: B018 (raises on a malformed host or port)
+        except ValueError as exc:
+            raise ConfigError(
+                f"the PostgreSQL URL is malformed ({exc}): write it as "
+                "postgresql://user:password@host:5432/dbname in --db / GAPFILL_DB"
+            ) from None
 
         store = PostgresStore(url)
     else:

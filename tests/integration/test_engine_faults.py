@@ -580,3 +580,19 @@ def test_a_worker_ignores_another_chains_open_plan(
                       tmp_path, "worker", timeout_s=60)  # fmt: skip
     assert rc == 0 and "restarted" not in out, out
     assert query(pg_url, "SELECT count(*) FROM batches WHERE chain_id = 1 AND state = 'pending'") == [(1,)]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_node_without_a_method_enrichment_needs_stops_the_run_and_keeps_the_gap(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path, mode: str
+) -> None:
+    # Not one permanent failure per transaction: one sentence, exit 1, the gap untouched.
+    with emulator(node_chain.url, "--missing-methods", "eth_getTransactionReceipt") as (rpc, _):
+        rc, out = gapfill(["--db", pg_url, "--rpc-url", rpc, "enrich", "--mode", mode, "--workers", "2"],
+                          tmp_path, mode, timeout_s=60)  # fmt: skip
+    assert rc == 1, out
+    assert "does not serve eth_getTransactionReceipt" in out and "use another --rpc-url" in out, out
+    assert "Traceback" not in out and "restarted" not in out, out
+    assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
+    assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)]

@@ -139,6 +139,20 @@ def _client(job: EnrichJob, *, sequential: bool = False) -> RpcClient:
                        expected_chain_id=job.chain_id, settings=settings)  # fmt: skip
 
 
+#: Asked once per process with a hash no transaction has: the answer is null where the
+#: method exists, an error where the node does not serve it.
+_NO_SUCH_TX = "0x" + "00" * 32
+
+
+async def _ready(client: RpcClient) -> int:
+    """Probe the endpoints (chain id), then make sure the node serves what enrichment calls:
+    a node without them would otherwise fail every transaction, one by one, for good."""
+    chain_id = await client.probe()
+    await client.require(["eth_getTransactionByHash", "eth_getTransactionReceipt"], [_NO_SUCH_TX],
+                         "gapfill needs to enrich transactions")  # fmt: skip
+    return chain_id
+
+
 def _rpc_totals(client: RpcClient) -> tuple[int, int, int]:
     calls = retries = limited = 0
     for s in client.stats().values():
@@ -180,7 +194,7 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tupl
     if len(refs) < 5:
         return None
     async with _client(job, sequential=True) as client:
-        await client.probe()
+        await _ready(client)
         enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
         t0 = time.perf_counter()
         enriched = await enricher.enrich_sequential(refs)
@@ -191,7 +205,7 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tupl
 
 async def _probe(job: EnrichJob) -> None:
     async with _client(job) as client:
-        await client.probe()
+        await _ready(client)
 
 
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
@@ -284,7 +298,7 @@ async def _in_process(
     if sequential:
         settings = replace(settings, sequential=True, batches_in_flight=1)
     async with _client(job, sequential=sequential) as client:
-        await client.probe()
+        await _ready(client)
         enrichers = _decoder_and_enricher(store, client, job)
         worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
         box["totals"] = worker.totals
@@ -329,7 +343,7 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any) -> No
     store = open_store(job.db_url)
     try:
         async with _client(job) as client:
-            await client.probe()
+            await _ready(client)
             enrichers = _decoder_and_enricher(store, client, job)
             worker = Worker(index, owner_name(f"w{index + 1}"), store, client, enrichers,
                             job.worker, emit, job.targets)  # fmt: skip

@@ -212,6 +212,19 @@ class RpcClient:
         answers = await asyncio.gather(*(self._endpoint_supports(e, method, params) for e in usable))
         return any(answers)
 
+    async def require(self, methods: Sequence[str], params: list[Any], why: str) -> None:
+        """Raise :class:`RpcError` unless some usable endpoint serves each of ``methods``
+        (each tried once with ``params``): one sentence up front instead of every call
+        failing later."""
+        served = await asyncio.gather(*(self.supports(m, params) for m in methods))
+        missing = [m for m, ok in zip(methods, served, strict=True) if not ok]
+        if missing:
+            shown = ", ".join(e.shown for e in self._endpoints if e.usable())
+            raise RpcError(
+                f"the RPC node ({shown}) does not serve {' or '.join(missing)}, which {why}: "
+                "use another --rpc-url"
+            )
+
     async def _endpoint_supports(self, endpoint: Endpoint, method: str, params: list[Any]) -> bool:
         if method in endpoint.supported:
             return True

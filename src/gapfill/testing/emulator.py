@@ -79,6 +79,8 @@ class EmulatorConfig:
     max_log_range: int | None = None
     max_log_results: int | None = None
     log_hint: bool = True
+    #: Comma-separated methods this node does not serve (answered -32601).
+    missing_methods: str = ""
 
 
 @dataclass(slots=True)
@@ -369,6 +371,11 @@ class ProviderEmulator:
                 continue
             method = call.get("method")
             params = call.get("params") or []
+            if c.missing_methods and method in c.missing_methods.split(","):
+                self.stats.faults["missing_method"] += 1
+                local[position] = _error(call.get("id"), -32601,
+                                         f"the method {method} does not exist/is not available")
+                continue
             if method == "eth_getTransactionReceipt" and c.null_receipts and params:
                 key = str(params[0]).lower()
                 self._receipt_seen[key] += 1

@@ -20,7 +20,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -596,3 +596,55 @@ def test_a_node_without_a_method_enrichment_needs_stops_the_run_and_keeps_the_ga
     assert "Traceback" not in out and "restarted" not in out, out
     assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
     assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_whose_only_node_goes_away_stops_with_one_sentence(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # The node dies mid-run: no endpoint replies any more. The run gives its batches back
+    # and stops (here after 2 s without a reply; 120 s by default), instead of retrying
+    # until every transaction is an rpc_error failure; a rerun completes.
+    import threading
+
+    from gapfill.engine.run import run_enrich
+    from gapfill.engine.worker import WorkerSettings
+    from gapfill.errors import RpcError
+    from gapfill.settings import EndpointSetting
+
+    with emulator(node_chain.url, *LATENCY) as (rpc, proc):
+        def kill_after_a_commit() -> None:
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 1, 60)
+            proc.kill()
+
+        killer = threading.Thread(target=kill_after_a_commit, daemon=True)
+        killer.start()
+        job = batch_job(pg_url, node_chain, seeded, WorkerSettings(rpc_outage_s=2.0))
+        job = replace(job, endpoints=(EndpointSetting(rpc),))
+        with pytest.raises(RpcError, match="no RPC node has replied for"):
+            run_enrich(job, lambda event: None)
+        killer.join(5)
+    assert leased_now(pg_url) == []
+    assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("failed",)]
+    rc, out = gapfill(batch_args(pg_url, node_chain.url), tmp_path, "rerun")
+    assert rc == 0, out
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(120)
+def test_a_concurrent_run_whose_only_node_goes_away_stops_with_one_sentence(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # Workers that lose the node stop the run (not a restart loop), leases given back.
+    with emulator(node_chain.url, *LATENCY) as (rpc, proc):
+        p = GapfillProc(enrich_args(pg_url, rpc, "--rpc-outage", "2"), tmp_path, "enrich")
+        try:
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 1, 60, proc=p)
+            proc.kill()
+            rc = p.wait(60)
+        finally:
+            p.close()
+    out = p.output()
+    assert rc == 1 and "no RPC node has replied for" in out and "Traceback" not in out, out
+    assert "restarted" not in out, out
+    assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("failed",)]

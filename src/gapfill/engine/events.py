@@ -98,6 +98,14 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerLostNode:
+    """A worker stopped because no RPC node replies (or serves what it needs)."""
+
+    worker: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A line worth telling the user (restarts, expired leases, shutdown steps)."""
 
@@ -131,7 +139,7 @@ class RunSummary:
 
 Event = (
     RunStarted | BatchAssigned | BatchDone | BatchAbandoned | WorkerStats | WorkerExited | Progress
-    | Notice | RunSummary
+    | WorkerLostNode | Notice | RunSummary
 )  # fmt: skip
 Emit = Callable[[Event], None]
 

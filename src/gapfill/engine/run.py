@@ -40,17 +40,20 @@ from gapfill.engine.events import (
     RunStarted,
     RunSummary,
     WorkerExited,
+    WorkerLostNode,
     WorkerStats,
 )
 from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
-from gapfill.errors import GapfillError, Interrupted, StoreError
+from gapfill.errors import GapfillError, Interrupted, RpcError, StoreError
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 from gapfill.store import Store, open_store, owner_name
 
 log = logging.getLogger(__name__)
+#: A worker process's exit code when no RPC node replies or serves what it needs.
+EXIT_LOST_NODE = 4
 
 MODES = ("auto", "sequential", "batch", "concurrent")
 #: Gap size from which ``auto`` runs worker processes instead of one process. Below it,
@@ -322,6 +325,9 @@ def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any) -> N
 
     try:
         asyncio.run(_worker_async(index, job, emit, stop))
+    except RpcError as exc:  # the node is gone or unusable: restarting would not help
+        emit(WorkerLostNode(index, str(exc)))
+        raise SystemExit(EXIT_LOST_NODE) from None
     except GapfillError as exc:
         emit(Notice(f"[Worker-{index + 1}] {exc}"))
         raise SystemExit(1) from None
@@ -398,6 +404,7 @@ class Coordinator:
         self.restarts = 0
         self.host = socket.gethostname()
         self.done_batches = 0
+        self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.metrics: Any = None
 
     def _spawn(self, index: int) -> BaseProcess:
@@ -450,6 +457,9 @@ class Coordinator:
                     slot.stats = ev
             if isinstance(ev, BatchDone) and ev.committed:
                 self.done_batches += 1
+            if isinstance(ev, WorkerLostNode):
+                self.lost_node[ev.worker] = ev.message
+                continue  # the run's error says it
             self.emit(ev)
 
     def run(self) -> RunSummary:
@@ -500,6 +510,10 @@ class Coordinator:
                             continue
                         if s.proc.exitcode == 0 or self.stopping_at is not None:
                             continue
+                        if s.proc.exitcode == EXIT_LOST_NODE:
+                            self._drain()
+                            raise RpcError(self.lost_node.get(s.index)
+                                           or "a worker lost the RPC node: check it, then rerun")
                         self._restart(store, s)
                     if self.stopping_at is not None:
                         if not alive:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, Notice, WorkerStats
 from gapfill.enrich.fetch import Enricher
-from gapfill.errors import StoreError
+from gapfill.errors import RpcError, StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -109,6 +109,10 @@ class WorkerSettings:
     commit_group_txs: int = 2000
     #: ... and at most this long (capped at a quarter of the lease timeout).
     commit_wait_s: float = 1.0
+    #: With batches waiting on RPC and no HTTP reply from any endpoint for this long (the
+    #: node is down or unreachable), the worker gives its batches back and stops with one
+    #: sentence, instead of retrying until every transaction is an `rpc_error` failure.
+    rpc_outage_s: float = 120.0
 
 
 @dataclass
@@ -153,6 +157,8 @@ class Worker:
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
+        self._busy_since = time.monotonic()  # when _fetching last rose from 0
+        self._outage: RpcError | None = None
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call in a thread, one at a time.
@@ -193,9 +199,47 @@ class Worker:
                               now - t.started))  # fmt: skip
 
     async def run(self) -> WorkerTotals:
-        """Lease and process batches until none is left or :attr:`stopping` is set."""
-        with gc_tuned():
-            return await self._run()
+        """Lease and process batches until none is left or :attr:`stopping` is set.
+
+        Raises :class:`RpcError` when no endpoint has replied for ``rpc_outage_s`` while
+        batches wait on RPC (their leases are given back first)."""
+        main = asyncio.current_task()
+        assert main is not None
+        loop = asyncio.get_running_loop()
+        period = max(0.05, min(5.0, self.settings.rpc_outage_s / 4))
+        watch: asyncio.TimerHandle | None = None
+
+        def check() -> None:  # a timer, not a task: nothing to outlive the worker
+            nonlocal watch
+            if self._rpc_outage():
+                main.cancel()
+            else:
+                watch = loop.call_later(period, check)
+
+        watch = loop.call_later(period, check)
+        try:
+            with gc_tuned():
+                return await self._run()
+        except asyncio.CancelledError:
+            if self._outage is None:
+                raise
+            main.uncancel()
+            raise self._outage from None
+        finally:
+            watch.cancel()
+
+    def _rpc_outage(self) -> bool:
+        """True (and :attr:`_outage` set) once no endpoint has replied for ``rpc_outage_s``
+        while batches wait on RPC, counted from when they started waiting."""
+        if not self._fetching or self._outage is not None:
+            return False
+        quiet = time.monotonic() - max(self.client.last_reply_at, self._busy_since)
+        if quiet <= self.settings.rpc_outage_s:
+            return False
+        why = self.client.last_transport_error or "no reply"
+        self._outage = RpcError(f"no RPC node has replied for {quiet:.0f} s (last: {why}): "
+                                "check the node, then rerun to continue")  # fmt: skip
+        return True
 
     async def _run(self) -> WorkerTotals:
         tasks: set[asyncio.Task[None]] = set()
@@ -225,6 +269,8 @@ class Worker:
                     break
                 idle_polls = 0
                 self._held.add(batch.id)
+                if not self._fetching:
+                    self._busy_since = time.monotonic()
                 self._fetching += 1
                 tasks.add(asyncio.create_task(self._handle(batch)))
             if tasks:

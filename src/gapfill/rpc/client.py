@@ -112,6 +112,10 @@ class RpcClient:
         self._chain_id: int | None = None
         self._probe_lock = asyncio.Lock()
         self._rng = random.Random()
+        #: When some endpoint last sent an HTTP reply (any status: the node is there), and
+        #: the last request that got none (refused, reset, timed out), redacted.
+        self.last_reply_at = time.monotonic()
+        self.last_transport_error = ""
 
     async def __aenter__(self) -> RpcClient:
         return self
@@ -372,8 +376,10 @@ class RpcClient:
             started = time.monotonic()
             try:
                 reply = await self._transport.post(endpoint.url, body)
+                self.last_reply_at = time.monotonic()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 failure = classify_exception(exc, read_timeout_s=self._settings.read_timeout_s)
+                self.last_transport_error = f"{endpoint.shown}: {self._redact(failure.message)}"
             finally:
                 await endpoint.release()
             latency = time.monotonic() - started

@@ -19,7 +19,7 @@ import re
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -365,12 +365,9 @@ def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
     assert "exited with code None" not in out, "the coordinator replaced a worker that was running"
 
 
-@pytest.mark.timeout(120)
-def test_runs_are_listed_and_metrics_are_served(
-    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
-) -> None:
-    port = free_port()
-    scraped: dict[str, float] = {}
+def metrics_scraper(port: int, scraped: dict[str, float]) -> Callable[[], bool]:
+    """A probe for wait_for: scrape the endpoint into ``scraped``; True once some
+    transaction is counted."""
 
     def scrape() -> bool:
         try:
@@ -384,6 +381,16 @@ def test_runs_are_listed_and_metrics_are_served(
                 scraped[m[1]] = float(m[2])
         return scraped.get("gapfill_transactions_enriched_total", 0) > 0
 
+    return scrape
+
+
+@pytest.mark.timeout(120)
+def test_runs_are_listed_and_metrics_are_served(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    port = free_port()
+    scraped: dict[str, float] = {}
+    scrape = metrics_scraper(port, scraped)
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc, "--metrics-port", str(port)), tmp_path, "enrich")
         try:
@@ -648,3 +655,51 @@ def test_a_concurrent_run_whose_only_node_goes_away_stops_with_one_sentence(
     assert rc == 1 and "no RPC node has replied for" in out and "Traceback" not in out, out
     assert "restarted" not in out, out
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("failed",)]
+
+
+@pytest.mark.timeout(120)
+def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    import socket
+
+    port = free_port()
+    scraped: dict[str, float] = {}
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc([*batch_args(pg_url, rpc), "--metrics-port", str(port)], tmp_path, "batch")
+        try:
+            wait_for("metrics with enriched transactions", metrics_scraper(port, scraped), 60,
+                     every_s=0.2, proc=p)  # fmt: skip
+            os.kill(p.pid, signal.SIGINT)
+            p.wait(30)
+        finally:
+            p.close()
+    assert scraped["gapfill_rpc_calls_total"] > 0 and scraped["gapfill_workers_alive"] == 1, scraped
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        args = [*batch_args(pg_url, node_chain.url), "--metrics-port", str(taken)]
+        rc, out = gapfill(args, tmp_path, "busy")
+    assert rc == 1 and "choose another --metrics-port" in out and "internal error" not in out, out
+    assert leased_now(pg_url) == []
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_a_concurrent_run_starts_spawns_no_worker(
+    pg_url: str, node_chain: NodeChain, tmp_path: Path
+) -> None:
+    seed(pg_url, node_chain.chain)  # no recorded sequential rate: the run measures one first
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            time.sleep(1.5)  # inside the sequential measurement (20 refs, one call at a time)
+            os.killpg(p.pid, signal.SIGINT)
+            rc = p.wait(60)
+        finally:
+            p.close()
+    out = p.output()
+    assert rc == 130, out
+    assert "[Worker-" not in out, out  # none started (they used to, then sat out the grace period)
+    assert committed_count(pg_url) == 0 and leased_now(pg_url) == []
+    assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("interrupted",)]

@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from gapfill.errors import ConfigError
+
 
 class MetricsServer:
     """Serves ``snapshot()`` as Prometheus counters/gauges on 127.0.0.1:``port``."""
@@ -37,7 +39,13 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
+                "choose another --metrics-port"
+            ) from None
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="gapfill-metrics", daemon=True)
         self.thread.start()

@@ -305,10 +305,37 @@ async def _in_process(
         enrichers = _decoder_and_enricher(store, client, job)
         worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
         box["totals"] = worker.totals
+        metrics = None
+        if job.metrics_port is not None:
+            from gapfill.engine.metrics import MetricsServer
+
+            def snapshot() -> dict[str, float]:
+                t = worker.totals
+                calls, retries, limited = _rpc_totals(client)
+                return _metrics(t.processed, t.failed, calls, retries, limited, t.batches, 1, 0)
+
+            metrics = MetricsServer(job.metrics_port, snapshot)
         try:
             await worker.run()
         finally:
             box["calls"] = _rpc_totals(client)[0]
+            if metrics is not None:
+                metrics.close()
+
+
+def _metrics(processed: int, failed: int, calls: int, retries: int, limited: int, batches: int,
+             alive: int, restarts: int) -> dict[str, float]:  # fmt: skip
+    """The Prometheus series every mode serves on ``--metrics-port``."""
+    return {
+        "gapfill_transactions_enriched_total": processed,
+        "gapfill_transactions_failed_total": failed,
+        "gapfill_rpc_calls_total": calls,
+        "gapfill_rpc_retries_total": retries,
+        "gapfill_rpc_rate_limited_total": limited,
+        "gapfill_batches_done_total": batches,
+        "gapfill_workers_alive": alive,
+        "gapfill_worker_restarts_total": restarts,
+    }
 
 
 # -- worker processes ----------------------------------------------------------------------
@@ -480,7 +507,7 @@ class Coordinator:
             _release_dead_local_owners(store, self.emit)
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
-                if seq is None and job.measure_sequential:
+                if seq is None and job.measure_sequential and self.stopping_at is None:
                     seq = asyncio.run(_measure_sequential(job, store))
             batches, refs, joined = _plan(store, job, run_id)
             self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
@@ -492,7 +519,9 @@ class Coordinator:
             # counting another chain's open plan kept restarting workers that found nothing.
             counts0 = store.batch_counts(targets=list(job.targets))
             total_batches = counts0.pending + counts0.leased
-            if total_batches:  # with nothing open, no worker starts and no node is asked anything
+            # With nothing open, no worker starts and no node is asked anything; nor after a
+            # Ctrl+C during the start (the run ends at once, as interrupted).
+            if total_batches and self.stopping_at is None:
                 # One probe here fails fast with one sentence (unreachable node, wrong chain)
                 # instead of a crash loop of workers that each find out.
                 asyncio.run(_probe(job))
@@ -643,16 +672,8 @@ class Coordinator:
 
     def _metrics_snapshot(self) -> dict[str, float]:
         processed, failed, calls, retries, limited = self.totals()
-        return {
-            "gapfill_transactions_enriched_total": processed,
-            "gapfill_transactions_failed_total": failed,
-            "gapfill_rpc_calls_total": calls,
-            "gapfill_rpc_retries_total": retries,
-            "gapfill_rpc_rate_limited_total": limited,
-            "gapfill_batches_done_total": self.done_batches,
-            "gapfill_workers_alive": sum(1 for s in self.slots.values() if s.proc.is_alive()),
-            "gapfill_worker_restarts_total": self.restarts,
-        }
+        alive = sum(1 for s in self.slots.values() if s.proc.is_alive())
+        return _metrics(processed, failed, calls, retries, limited, self.done_batches, alive, self.restarts)
 
 
 def _start_fork_server() -> None:

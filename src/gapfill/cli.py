@@ -23,7 +23,7 @@ import orjson
 
 from gapfill import __version__
 from gapfill.cli_types import FiniteFloatRange, int_range
-from gapfill.errors import ConfigError, GapfillError
+from gapfill.errors import ConfigError, GapfillError, Interrupted
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
 from gapfill.settings import EndpointSetting, FileConfig, load_config, resolve_endpoints
@@ -416,16 +416,35 @@ def _renderer(quiet: bool) -> Any:
 
 def _run_job(job: Any, quiet: bool) -> None:
     from gapfill.cli_progress import LiveRenderer, summary_lines
+    from gapfill.engine.events import RunSummary
     from gapfill.engine.run import run_enrich
 
     render = _renderer(quiet)
-    if isinstance(render, LiveRenderer):
-        with render:
-            summary = run_enrich(job, render)
+    live = isinstance(render, LiveRenderer)
+    summaries: list[RunSummary] = []
+
+    def emit(ev: Any) -> None:
+        if isinstance(ev, RunSummary):
+            summaries.append(ev)
+        render(ev)
+
+    try:
+        if live:
+            with render:
+                summary = run_enrich(job, emit)
+        else:
+            summary = run_enrich(job, emit)
+    except Interrupted:
+        if not summaries:
+            raise
+        # The summary says it was interrupted and how to go on: no second line for it.
+        if live:
+            for line in summary_lines(summaries[-1]):
+                click.echo(line)
+        raise SystemExit(130) from None
+    if live:
         for line in summary_lines(summary):
             click.echo(line)
-    else:
-        summary = run_enrich(job, render)
     if summary.permanent_failures or summary.failed:
         # Finished, but not everything is stored: `gapfill failures` says why.
         raise SystemExit(3)

@@ -553,6 +553,7 @@ def test_batch_mode_stops_on_sigterm_and_a_killed_runs_leftovers_do_not_stall_th
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
         rc, out = signal_mid_batch(pg_url, rpc, tmp_path, signal.SIGTERM)
         assert rc == 130, out
+        assert out.count("rerun the same command") == 1, out  # the summary says it, once
         assert leased_now(pg_url) == [], "SIGTERM left leases behind"
         assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("interrupted",)]
         # SIGKILL gives no chance to clean up: the lease stays (300 s) and the run 'running'.

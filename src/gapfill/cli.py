@@ -182,7 +182,12 @@ chain_option: _Decorator = click.option(
 def resolve_targets(store: Store, contract: str | None, chain_id: int | None) -> list[Contract]:
     if contract is not None:
         return [store.get_contract(contract, chain_id)]
-    found = [c for c in store.list_contracts() if chain_id is None or c.chain_id == chain_id]
+    tracked = store.list_contracts()
+    found = [c for c in tracked if chain_id is None or c.chain_id == chain_id]
+    if not found and tracked:
+        chains = ", ".join(str(c) for c in sorted({c.chain_id for c in tracked}))
+        raise GapfillError(f"no contract is tracked on chain {chain_id} (only on chain {chains}): "
+                           "fix --chain-id, or add one with `gapfill contract add ADDRESS`")  # fmt: skip
     if not found:
         raise GapfillError("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
     return found
@@ -235,7 +240,7 @@ def load_abi(path: str) -> list[dict[str, Any]]:
         with open(path, "rb") as fh:
             data = orjson.loads(fh.read())
     except FileNotFoundError:
-        raise ConfigError(f"ABI file {path} does not exist") from None
+        raise ConfigError(f"ABI file {path} does not exist: fix the --abi path") from None
     except orjson.JSONDecodeError:
         raise ConfigError(f"ABI file {path} is not JSON: give the contract's ABI JSON") from None
     if isinstance(data, dict) and isinstance(data.get("abi"), list):
@@ -301,6 +306,8 @@ def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) 
     if contract is not None:
         store.get_contract(contract, chain_id)
     rows = store.status(chain_id, contract)
+    if not rows and chain_id is not None:
+        resolve_targets(store, None, chain_id)  # names the chains that do have contracts
     extra = _coverage_report(store, rows, _node_head(ctx, {s.chain_id for s in rows}))
     if as_json:
         out = []

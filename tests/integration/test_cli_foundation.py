@@ -235,3 +235,9 @@ def test_the_config_files_enrich_table_gives_the_defaults(tracked: str, tmp_path
     cfg.write_text("[enrich]\nbatchsize = 1\n")
     r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
     assert r.exit_code == 1 and "no setting batchsize" in r.stderr, r.output
+
+
+def test_a_chain_without_contracts_names_the_chains_that_have_some(tracked: str) -> None:
+    for args in (("status", "--chain-id", "5"), ("enrich", "--chain-id", "5", "--dry-run")):
+        r = run(tracked, *args)
+        assert r.exit_code == 1 and "no contract is tracked on chain 5 (only on chain 1)" in one_sentence(r)

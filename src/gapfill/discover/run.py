@@ -315,7 +315,7 @@ async def discover(
     if confirmations < 0:
         raise ConfigError("--confirmations must be 0 or more")
     if from_block is not None and to_block is not None and from_block > to_block:
-        raise ConfigError(f"--from-block {from_block} is above --to-block {to_block}")
+        raise ConfigError(f"--from-block {from_block} is above --to-block {to_block}: swap them")
     address = contract.address.lower()
     contract = Contract(contract.chain_id, address, contract.label, contract.start_block, contract.abi)
     chain_id = await client.probe()

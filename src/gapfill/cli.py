@@ -44,8 +44,19 @@ class Ctx:
     verbose: int
     _store: Store | None = None
 
-    def store(self) -> Store:
+    def store(self, create: bool = False) -> Store:
+        """The database; only commands that add to it (``create``) may start a new SQLite
+        file: a mistyped --db must not leave empty databases behind."""
         if self._store is None:
+            if not create and self.db_url.lower().startswith("sqlite:"):
+                from gapfill.store.sqlite import sqlite_path
+
+                path = sqlite_path(self.db_url)
+                if path != ":memory:" and not os.path.exists(path):
+                    raise ConfigError(
+                        f"the SQLite database {path} does not exist: check --db / GAPFILL_DB, "
+                        "or start one with `gapfill contract add ADDRESS`"
+                    )
             self._store = open_store(self.db_url)
         return self._store
 
@@ -200,7 +211,7 @@ def resolve_targets(store: Store, contract: str | None, chain_id: int | None) ->
 @pass_ctx
 def init(ctx: Ctx) -> None:
     """Create or upgrade the schema (every command does this too)."""
-    version = ctx.store().migrate()
+    version = ctx.store(create=True).migrate()
     click.echo(f"database {ctx.store().display_url} is at schema version {version}")
 
 
@@ -230,7 +241,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         from gapfill.engine.session import fetch_chain_id
 
         chain_id = fetch_chain_id(ctx.endpoints())
-    store = ctx.store()
+    store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
 

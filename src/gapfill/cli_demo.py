@@ -84,7 +84,7 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
                    f"silent {chain.silent}")  # fmt: skip
 
         _say("4. Registering the contracts and discovering their transactions from the chain ...")
-        store = ctx.store()
+        store = ctx.store(create=True)
         token = Contract(chain_id, chain.token, "DemoToken", 0, chain.token_abi)
         silent = Contract(chain_id, chain.silent, "Silent", 0, chain.silent_abi)
         store.add_contract(token)
@@ -114,7 +114,7 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
                 raise
 
         _say("7. After enrichment:")
-        store = ctx.store()
+        store = ctx.store(create=True)
         render_status(store.status(chain_id), {})
         _show_rows(store, chain_id, chain.token, rows)
         click.echo(f"\nDemo done in {time.perf_counter() - t_start:.0f}s. Database: {store.display_url}")

@@ -241,3 +241,13 @@ def test_a_chain_without_contracts_names_the_chains_that_have_some(tracked: str)
     for args in (("status", "--chain-id", "5"), ("enrich", "--chain-id", "5", "--dry-run")):
         r = run(tracked, *args)
         assert r.exit_code == 1 and "no contract is tracked on chain 5 (only on chain 1)" in one_sentence(r)
+
+
+@pytest.mark.parametrize("args", [("status",), ("runs",), ("failures",), ("contract", "list"),
+                                  ("enrich", "--dry-run")])  # fmt: skip
+def test_reading_commands_do_not_create_a_database_at_a_mistyped_path(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    path = tmp_path / "typo.db"
+    r = run(f"sqlite:///{path}", *args)
+    assert r.exit_code == 1 and "does not exist" in one_sentence(r) and not path.exists()

@@ -241,6 +241,9 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         from gapfill.engine.session import fetch_chain_id
 
         chain_id = fetch_chain_id(ctx.endpoints())
+        if chain_id < 1:
+            raise ConfigError(f"the RPC node reports chain id {chain_id}, which is not a chain id: "
+                              "pass --chain-id N")  # fmt: skip
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
@@ -610,7 +613,8 @@ def worker(ctx: Ctx, /, **opts: Any) -> None:
 @contract_option
 @chain_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--limit", type=int_range(1), default=1000, show_default=True)
+@click.option("--limit", type=int_range(1), default=1000, show_default=True,
+              help="Show at most this many failures.")
 @pass_ctx
 def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool, limit: int) -> None:
     """List transactions that could not be enriched, and why."""
@@ -635,7 +639,8 @@ def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--limit", type=int_range(1), default=20, show_default=True)
+@click.option("--limit", type=int_range(1), default=20, show_default=True,
+              help="Show the last this many runs.")
 @pass_ctx
 def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
     """Show the history of runs."""

@@ -251,3 +251,12 @@ def test_reading_commands_do_not_create_a_database_at_a_mistyped_path(
     path = tmp_path / "typo.db"
     r = run(f"sqlite:///{path}", *args)
     assert r.exit_code == 1 and "does not exist" in one_sentence(r) and not path.exists()
+
+
+def test_a_node_reporting_chain_id_0_is_not_taken_for_a_chain(anvil_bin: str, tmp_path: Path) -> None:
+    from gapfill.testing.anvil import Anvil
+
+    with Anvil(binary=anvil_bin, chain_id=0, accounts=1) as node:
+        r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'x.db'}", "--rpc-url", node.url,
+                                     "contract", "add", C])  # fmt: skip
+    assert r.exit_code == 1 and "chain id 0" in one_sentence(r) and "--chain-id N" in r.stderr

@@ -667,7 +667,8 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
     port = free_port()
     scraped: dict[str, float] = {}
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
-        p = GapfillProc([*batch_args(pg_url, rpc), "--metrics-port", str(port)], tmp_path, "batch")
+        p = GapfillProc([*batch_args(pg_url, rpc), "--metrics-port", str(port), "--workers", "3"],
+                        tmp_path, "batch")  # fmt: skip
         try:
             wait_for("metrics with enriched transactions", metrics_scraper(port, scraped), 60,
                      every_s=0.2, proc=p)  # fmt: skip
@@ -676,6 +677,7 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
         finally:
             p.close()
     assert scraped["gapfill_rpc_calls_total"] > 0 and scraped["gapfill_workers_alive"] == 1, scraped
+    assert "--workers 3 applies to concurrent mode" in p.output(), p.output()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -732,4 +732,6 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
         emit(Notice(f"mode auto: {mode} ({why})"))
     if mode == "concurrent":
         return Coordinator(replace(job, mode=mode), emit).run()
+    if job.workers and job.workers > 1:
+        emit(Notice(f"--workers {job.workers} applies to concurrent mode; {mode} mode runs one worker"))
     return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential")

@@ -241,9 +241,6 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         from gapfill.engine.session import fetch_chain_id
 
         chain_id = fetch_chain_id(ctx.endpoints())
-        if chain_id < 1:
-            raise ConfigError(f"the RPC node reports chain id {chain_id}, which is not a chain id: "
-                              "pass --chain-id N")  # fmt: skip
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))

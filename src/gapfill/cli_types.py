@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-#: The largest value of a BIGINT column (chain ids, block numbers, limits).
-BIGINT_MAX = 2**63 - 1
+from gapfill.model import BIGINT_MAX
 
 
 def int_range(min: int, max: int = BIGINT_MAX) -> click.IntRange:

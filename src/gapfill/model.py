@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+#: The largest value a BIGINT column holds (chain ids, block numbers).
+BIGINT_MAX = 2**63 - 1
 #: Sort key of a ref whose block number is unknown: after every known block, on
 #: both backends (PostgreSQL and SQLite order NULLs differently, so neither is
 #: relied upon).
-UNKNOWN_BLOCK_KEY = 9_223_372_036_854_775_807
+UNKNOWN_BLOCK_KEY = BIGINT_MAX
 
 #: A ref's position in a contract's gap: ``(block_key, tx_hash)``.
 RefKey = tuple[int, str]

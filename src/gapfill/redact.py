@@ -27,6 +27,16 @@ _DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNOR
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
 
 
+def is_keyword_dsn(url: str) -> bool:
+    """A libpq ``key=value`` connection string rather than a URL."""
+    return "://" not in url and "=" in url
+
+
+def _is_db(scheme: str) -> bool:
+    """A database URL's path is a database name, not a secret."""
+    return scheme.lower().startswith(("postgres", "sqlite"))
+
+
 def _masked_segments(path: str) -> list[str]:
     return [s for s in path.split("/") if not _PLAIN_SEGMENT.match(s)]
 
@@ -37,7 +47,7 @@ def redact_url(url: str) -> str:
     A string that is not a URL but a libpq ``key=value`` connection string keeps its
     keywords, with the password masked.
     """
-    if "://" not in url and "=" in url:
+    if is_keyword_dsn(url):
         return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url)
     if ":" not in url:  # a bare file path (a mistyped --db): nothing secret in it
         return url
@@ -46,7 +56,7 @@ def redact_url(url: str) -> str:
     except ValueError:
         return MASK
     netloc = parts.netloc
-    is_db = parts.scheme.lower().startswith(("postgres", "sqlite"))
+    is_db = _is_db(parts.scheme)
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
@@ -54,7 +64,6 @@ def redact_url(url: str) -> str:
             netloc = f"{user}:{MASK}@{hostport}"
         elif not is_db:  # https://KEY@host: a bare userinfo on an RPC URL is a key
             netloc = f"{MASK}@{hostport}"
-    # A database URL's path is a database name, not a secret.
     segments = [
         MASK if not is_db and not _PLAIN_SEGMENT.match(s) else s for s in parts.path.split("/")
     ]
@@ -74,7 +83,7 @@ def secrets_of(url: str) -> list[str]:
     """The substrings of ``url`` that :func:`redact_url` would hide (path segments too
     short to scrub out of free text on their own are left out: see :func:`redact_text`)."""
     found: list[str] = []
-    if "://" not in url and "=" in url:
+    if is_keyword_dsn(url):
         return [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
     if ":" not in url:
         return []
@@ -84,7 +93,7 @@ def secrets_of(url: str) -> list[str]:
         return [url]
     if parts.password:
         found.append(parts.password)
-    if parts.scheme.lower().startswith(("postgres", "sqlite")):
+    if _is_db(parts.scheme):
         return found
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
@@ -109,8 +118,7 @@ def redact_text(text: str, *urls: str) -> str:
             parts = urlsplit(url)
         except ValueError:
             parts = None
-        if (parts is not None and "://" in url and not parts.scheme.lower().startswith(("postgres", "sqlite"))
-                and _masked_segments(parts.path)):  # fmt: skip
+        if parts is not None and "://" in url and not _is_db(parts.scheme) and _masked_segments(parts.path):
             shown = urlsplit(redact_url(url)).path
             text = text.replace(parts.path.rstrip("/"), shown.rstrip("/"))
         for secret in secrets_of(url):

@@ -15,13 +15,12 @@ from collections.abc import Iterator
 from typing import IO, cast
 
 from gapfill.errors import InputError
-from gapfill.model import Ref
+from gapfill.model import BIGINT_MAX, Ref
 from gapfill.validate import is_tx_hash
 
 HASH_COLUMNS = ("hash", "tx_hash", "transaction hash", "txhash", "transaction_hash")
 BLOCK_COLUMNS = ("block_number", "blocknumber", "blockno", "block", "block number")
 _BLOCK = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
-MAX_BLOCK = 2**63 - 1  # what a BIGINT column holds
 
 
 def _binary(sample: bytes) -> bool:
@@ -59,7 +58,7 @@ def _block(value: str, name: str, lineno: int) -> int | None:
     if not _BLOCK.match(v):
         raise InputError(f"{name} line {lineno}: {v[:40]!r} is not a block number; nothing was imported")
     n = int(v, 16) if v.startswith("0x") else int(v)
-    if n > MAX_BLOCK:
+    if n > BIGINT_MAX:
         raise InputError(f"{name} line {lineno}: block number {v[:40]} is too large; nothing was imported")
     return n
 

@@ -181,6 +181,11 @@ class RpcClient:
                     failed.append((endpoint, f"the RPC node at {endpoint.shown} answered "
                                              f"eth_chainId with {str(out)[:60]!r}"))
                     continue
+                if chain_id < 1:
+                    failed.append((endpoint, f"the RPC node at {endpoint.shown} reports chain id "
+                                             f"{chain_id}, which is not a chain id: check --rpc-url, "
+                                             "or pass --chain-id N"))
+                    continue
                 endpoint.chain_id = chain_id
                 reachable.append((endpoint, chain_id))
             if not reachable:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from gapfill.errors import ConfigError
-from gapfill.redact import redact_url
+from gapfill.redact import is_keyword_dsn, redact_url
 from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RunInfo, Store, owner_name
 
 DEFAULT_DB_URL = "sqlite:///gapfill.db"
@@ -51,7 +51,7 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
 
         store = PostgresStore(url)
     else:
-        if "://" not in url and "=" in url:  # a libpq key=value string: its password masked
+        if is_keyword_dsn(url):  # its password masked
             raise ConfigError(
                 f"{redact_url(url)!r} is not a database URL: write it as "
                 "postgresql://user:password@host:5432/dbname (or use sqlite:///path/to/file.db)"

@@ -17,6 +17,7 @@ earlier demo's in the same database. With no ``--db``, it writes
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from pathlib import Path
@@ -51,20 +52,26 @@ def _say(text: str) -> None:
 @click.pass_context
 def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: int | None, rows: int) -> None:
     """Run the whole job on a local anvil chain: discover, status, enrich, decoded rows."""
-    from gapfill.testing.anvil import Anvil, AnvilError, find_anvil
+    from gapfill.testing.anvil import ANVIL_ENV, Anvil, AnvilError, find_anvil
     from gapfill.testing.chain import ChainSpec, generate
 
     ctx: Ctx = click_ctx.find_object(Ctx)  # type: ignore[assignment]
+    if find_anvil() is None:
+        configured = os.environ.get(ANVIL_ENV)
+        if configured:
+            raise GapfillError(
+                f"{ANVIL_ENV}={configured} is not an executable file: point it at an anvil "
+                "binary, or unset it to use the one `make demo` installs into .tools/"
+            )
+        raise GapfillError(
+            "anvil is not installed: run `make demo` (it installs anvil into .tools/) "
+            f"or point {ANVIL_ENV} at an anvil binary"
+        )
     explicit_db = click_ctx.parent is not None and click_ctx.parent.params.get("db_url") is not None
     if not explicit_db and not ctx.file.db:
         for suffix in ("", "-wal", "-shm"):
             Path(DEMO_DB + suffix).unlink(missing_ok=True)
         ctx.db_url = f"sqlite:///{DEMO_DB}"
-    if find_anvil() is None:
-        raise GapfillError(
-            "anvil is not installed: run `make demo` (it installs anvil into .tools/) "
-            "or point GAPFILL_ANVIL at an anvil binary"
-        )
     chain_id = random.randint(100_000, 999_999)
     t_start = time.perf_counter()
     _say(f"1. Starting anvil (chain id {chain_id}) ...")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,47 @@ def test_small_demo_runs_end_to_end(tmp_path: Path, anvil_bin: str) -> None:
     decoded = db.execute("SELECT count(*) FROM transactions WHERE method_name IS NOT NULL").fetchone()[0]
     db.close()
     assert refs > 1000 and missing == 0 and decoded > 0
+
+
+def test_demo_names_a_wrong_gapfill_anvil_and_keeps_the_old_demo_db(tmp_path: Path) -> None:
+    gapfill = Path(sys.executable).parent / "gapfill"
+    (tmp_path / "gapfill-demo.db").write_bytes(b"an earlier demo")
+    env = {**os.environ, "GAPFILL_ANVIL": str(tmp_path / "nonexistent")}
+    r = subprocess.run([str(gapfill), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 1
+    assert f"GAPFILL_ANVIL={tmp_path / 'nonexistent'} is not an executable file" in r.stderr
+    assert (tmp_path / "gapfill-demo.db").read_bytes() == b"an earlier demo"
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_chain_generation_stops_cleanly(tmp_path: Path, anvil_bin: str) -> None:
+    """A terminal's Ctrl+C reaches the whole foreground process group: the node must not die
+    under the generator (that ended in 'internal error (ChainError)'), and must be stopped."""
+    gapfill = Path(sys.executable).parent / "gapfill"
+    env = {**os.environ, "GAPFILL_ANVIL": anvil_bin, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(gapfill), "demo", "--txs", "200000"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    assert proc.stdout is not None
+    url = ""
+    try:
+        for line in proc.stdout:
+            if "node at " in line:
+                url = line.split("node at ", 1)[1].strip()
+            if line.startswith("2-3."):
+                break
+        time.sleep(4.0)  # well inside the generator (it then sends and mines in batches)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "internal error" not in err and "Traceback" not in err, err
+    assert "8. Stopping the node." in out
+    assert url.startswith("http://127.0.0.1:")
+    host, port = url.removeprefix("http://").split(":")
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
+        pass

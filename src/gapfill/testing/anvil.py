@@ -192,6 +192,9 @@ class Anvil:
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # Its own process group: a Ctrl+C at the terminal reaches gapfill, which
+                # stops the node itself, instead of killing it under a running command.
+                start_new_session=True,
             )
         except OSError as exc:
             raise AnvilError(f"cannot run anvil at {binary}: {exc}") from exc

@@ -310,6 +310,11 @@ class _Rpc:
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
             raise ChainError(f"node unreachable: {exc}") from exc
+        except BaseException:
+            # A Ctrl+C between request and reply leaves the connection mid-exchange; the
+            # next call (a `finally` restoring automine) must start on a fresh one.
+            self._conn.close()
+            raise
         if resp.status != 200:
             raise ChainError(f"node answered HTTP {resp.status}: {raw[:300]!r}")
         return orjson.loads(raw)

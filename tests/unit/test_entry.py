@@ -1,0 +1,31 @@
+"""The console script's entry point: a Ctrl+C while the CLI is still importing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+_INTERRUPT_IMPORT = """
+import builtins
+real_import = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "gapfill.cli":
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupted
+from gapfill._entry import main
+main()
+"""
+
+
+def test_ctrl_c_while_importing_ends_in_one_line_and_130() -> None:
+    r = subprocess.run([sys.executable, "-c", _INTERRUPT_IMPORT], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 130
+    assert r.stderr == "interrupted\n"
+
+
+def test_entry_point_runs_the_cli() -> None:
+    r = subprocess.run([sys.executable, "-c", "from gapfill._entry import main; main()", "--version"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "gapfill, version" in r.stdout

@@ -162,7 +162,8 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
             fail(None, ConfigError(f"config file {file.path}: [enrich] has no setting "
                                    f"{', '.join(unknown)}: use {', '.join(sorted(names))}"))  # fmt: skip
         ctx.default_map = {"enrich": dict(file.enrich),
-                           "worker": {k: v for k, v in file.enrich.items() if k != "mode"}}  # fmt: skip
+                           "worker": {k: v for k, v in file.enrich.items()
+                                      if k not in ("mode", "batch_size")}}  # fmt: skip
     ctx.call_on_close(obj.close)
 
 
@@ -468,11 +469,13 @@ def _run_job(job: Any, quiet: bool) -> None:
         raise SystemExit(3)
 
 
+#: Planning only: `gapfill worker` joins plans and never makes one.
+batch_size_option = click.option("--batch-size", type=int_range(1), default=500, show_default=True,
+                                 help="Refs per batch (a lease covers one batch).")
 enrich_options = [
     click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
                  help="Worker processes for concurrent mode [default: 75% of cores, 2-8]."),
-    click.option("--batch-size", type=int_range(1), default=500, show_default=True,
-                 help="Refs per batch (a lease covers one batch)."),
+    batch_size_option,
     click.option("--rpc-batch-size", type=int_range(1), default=50, show_default=True,
                  help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
     click.option("--batches-in-flight", type=int_range(1), default=4, show_default=True,
@@ -594,10 +597,11 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
 
 
 @cli.command()
-@with_options(enrich_options)
+@with_options([o for o in enrich_options if o is not batch_size_option])
 @pass_ctx
 def worker(ctx: Ctx, /, **opts: Any) -> None:
     """Join the open plans of this database (any host) and work until they are done."""
+    opts["batch_size"] = 500  # unused: a worker never plans (plan_new=False)
     contracts = ctx.store().list_contracts()
     if not contracts:
         raise GapfillError("no contract is tracked in this database: check --db")

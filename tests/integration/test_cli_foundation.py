@@ -260,3 +260,20 @@ def test_a_node_reporting_chain_id_0_is_not_taken_for_a_chain(anvil_bin: str, tm
         r = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'x.db'}", "--rpc-url", node.url,
                                      "contract", "add", C])  # fmt: skip
     assert r.exit_code == 1 and "chain id 0" in one_sentence(r) and "--chain-id N" in r.stderr
+
+
+def test_a_file_that_is_not_sqlite_says_what_to_check(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n" * 100)
+    r = run(f"sqlite:///{notes}", "status")
+    assert r.exit_code == 1
+    err = one_sentence(r)
+    assert "file is not a database" in err and "check --db / GAPFILL_DB" in err
+    assert notes.read_text() == "not a database\n" * 100
+
+
+def test_worker_offers_no_batch_size_it_would_never_use(tracked: str) -> None:
+    r = run(tracked, "worker", "--help")
+    assert r.exit_code == 0 and "--rpc-batch-size" in r.output
+    assert "--batch-size" not in r.output.replace("--rpc-batch-size", "")
+    assert run(tracked, "worker", "--batch-size", "3").exit_code == 2

@@ -147,3 +147,14 @@ def test_config_rejects_bad_urls() -> None:
 
     with pytest.raises(ConfigError):
         ExplorerConfig("ftp://x")
+
+
+async def test_a_wrong_explorer_url_says_what_to_check() -> None:
+    async with ExplorerStandIn(fake_chain([1]), key=KEY, rps=None) as api:
+        wrong = api.url.rsplit("/", 1)[0] + "/not-the-api"  # aiohttp answers 404
+        async with ExplorerClient(ExplorerConfig(wrong, key=KEY, rps=1000), 31337) as client:
+            with pytest.raises(ExplorerError) as info:
+                await client.request({"module": "account", "action": "txlist", "address": TOKEN})
+    message = str(info.value)
+    assert "answered HTTP 404" in message and "check --explorer-url" in message
+    assert KEY not in message

@@ -115,3 +115,14 @@ async def test_scan_ranges_does_not_split_on_an_outage() -> None:
     with pytest.raises(RpcError, match="could not reach"):
         await scan_ranges(cast(RpcClient, Down()), [(0, 999)], _logs_call, AdaptiveWindow(blocks=1000))
     assert Down.calls == 1
+
+
+async def test_a_node_without_the_method_says_what_to_do() -> None:
+    class NoLogs:
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            return [CallError("permanent", "no RPC endpoint serves eth_getLogs") for _ in calls]
+
+    with pytest.raises(RpcError) as info:
+        await scan_ranges(cast(RpcClient, NoLogs()), [(0, 9)], _logs_call, AdaptiveWindow(blocks=1))
+    assert str(info.value).endswith("pick another discovery method with --method (logs, blocks, "
+                                    "trace, explorer) or another node with --rpc-url")

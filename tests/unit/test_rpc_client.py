@@ -441,3 +441,19 @@ async def test_probe_chain_and_capabilities(make_node: Any, tmp_path: Any) -> No
         assert results == [["receipt"]] * 20
         assert len(plain.requests) == probes  # routed to the endpoint that has it
         assert client.stats()[plain.url].supports_block_receipts is False
+
+
+@pytest.mark.parametrize("status", [200, 404, 502])
+async def test_probe_of_a_web_page_says_what_to_check(make_node: Any, tmp_path: Any, status: int) -> None:
+    def web_page(node: FakeNode, body: Any) -> web.Response:
+        return web.Response(status=status, text=f"<html><body>Welcome {KEY}</body></html>",
+                            content_type="text/html")
+
+    page = await make_node(web_page, path=f"/v3/{KEY}")
+    async with RpcClient([EndpointConfig(page.url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+    message = str(info.value)
+    assert "HTML" in message and "Welcome" not in message and KEY not in message
+    assert message.endswith("check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC endpoint of "
+                            "an Ethereum node")

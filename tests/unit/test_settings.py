@@ -72,3 +72,20 @@ def test_missing_config_file() -> None:
 def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("ftp://node.example/KEY", "is not an http(s) URL"),
+        ("http://127.0.0.1:99999/SECRETKEY", "Port out of range"),
+        ("http://:8545/SECRETKEY", "it names no host"),
+        ("http://[::1:8545/SECRETKEY", "Invalid IPv6 URL"),
+    ],
+)
+def test_malformed_rpc_urls_are_refused_before_any_call(url: str, needle: str) -> None:
+    from gapfill.rpc.config import EndpointConfig
+
+    with pytest.raises(ConfigError) as err:
+        EndpointConfig(url)
+    assert needle in str(err.value) and "SECRETKEY" not in str(err.value)

@@ -276,3 +276,14 @@ def test_a_worker_waiting_for_others_polls_soon_then_less_often(monkeypatch: pyt
     asyncio.run(worker(store, idle_poll_s=0.5, idle_first_poll_s=0.05).run())
     assert pauses == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
     assert store.calls.count("lease") == 8
+
+
+def test_progress_key_ranges_name_refs_without_a_block() -> None:
+    from gapfill.engine.events import key_range
+    from gapfill.model import UNKNOWN_BLOCK_KEY
+
+    a, z = "0x" + "a" * 64, "0x" + "f" * 64
+    assert key_range((1200, a), (1288, z)) == "blocks 1200-1288"
+    assert key_range((1200, a), (UNKNOWN_BLOCK_KEY, z)) == (
+        "blocks 1200 and up, then refs with no block number yet")
+    assert key_range((UNKNOWN_BLOCK_KEY, a), (UNKNOWN_BLOCK_KEY, z)) == "refs with no block number yet"

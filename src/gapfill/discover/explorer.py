@@ -35,6 +35,7 @@ import orjson
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Ref
 from gapfill.redact import MASK, redact_text, redact_url
+from gapfill.rpc.classify import looks_like_html
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +161,12 @@ class ExplorerClient:
         if status >= 500:
             raise _Transient(f"HTTP {status}")
         if status != 200:
-            raise ExplorerError(
-                self._scrub(f"the explorer at {self.shown} answered HTTP {status}: {text.strip()}")
-            )
+            shown = "an HTML page" if looks_like_html(body) else " ".join(text.split()) or "no body"
+            raise ExplorerError(self._scrub(
+                f"the explorer at {self.shown} answered HTTP {status} ({shown}): check "
+                "--explorer-url (an Etherscan-compatible API such as "
+                "https://api.etherscan.io/v2/api) and --explorer-key"
+            ))  # fmt: skip
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:

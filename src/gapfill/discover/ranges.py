@@ -150,7 +150,10 @@ async def scan_ranges(
                 done.append(((lo, hi), out))
                 continue
             if lo == hi or not _refusal(out):
-                raise RpcError(f"{call.method} failed for blocks {lo}-{hi}: {out.message}")
+                hint = "" if "check " in out.message else (
+                    "; pick another discovery method with --method (logs, blocks, trace, "
+                    "explorer) or another node with --rpc-url")
+                raise RpcError(f"{call.method} failed for blocks {lo}-{hi}: {out.message}{hint}")
             pieces, width = split_refused(lo, hi, out.message)
             logger.debug("%s refused blocks %d-%d (%s); now %d blocks", call.method, lo, hi,
                          out.message, width)  # fmt: skip

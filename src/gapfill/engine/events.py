@@ -13,12 +13,15 @@ from gapfill.model import UNKNOWN_BLOCK_KEY, RefKey
 
 
 def key_range(lo: RefKey, hi: RefKey) -> str:
-    """``blocks 1200-1288`` (the seed printed offsets here)."""
+    """``blocks 1200-1288`` (the seed printed offsets here).
 
-    def b(k: RefKey) -> str:
-        return "?" if k[0] == UNKNOWN_BLOCK_KEY else str(k[0])
-
-    return f"blocks {b(lo)}-{b(hi)}"
+    Refs imported without a block number sort after every block.
+    """
+    if lo[0] == UNKNOWN_BLOCK_KEY:
+        return "refs with no block number yet"
+    if hi[0] == UNKNOWN_BLOCK_KEY:
+        return f"blocks {lo[0]} and up, then refs with no block number yet"
+    return f"blocks {lo[0]}-{hi[0]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -263,18 +263,18 @@ def classify_http(
         return None
     retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
     text = _body_text(body)
+    shown = "an HTML page" if looks_like_html(body) else text  # what a message quotes
     if status == 429:
         if retry_after is None:
             retry_after = _retry_after_in_body(body)
-        return Verdict(Fault.RATE_LIMITED, f"HTTP 429 {text}".strip(), 429, retry_after)
+        return Verdict(Fault.RATE_LIMITED, f"HTTP 429 {shown}".strip(), 429, retry_after)
     if status == 413 or _BATCH_TOO_LARGE.search(text):
-        return Verdict(Fault.BATCH_TOO_LARGE, f"HTTP {status} {text}".strip(), status)
+        return Verdict(Fault.BATCH_TOO_LARGE, f"HTTP {status} {shown}".strip(), status)
     if _RATE_LIMIT.search(text):
         if retry_after is None:
             retry_after = _retry_after_in_body(body)
-        return Verdict(Fault.RATE_LIMITED, f"HTTP {status} {text}".strip(), status, retry_after)
+        return Verdict(Fault.RATE_LIMITED, f"HTTP {status} {shown}".strip(), status, retry_after)
     if status >= 500 or status in (408, 425):
-        shown = "an HTML page" if looks_like_html(body) else text
         return Verdict(Fault.TRANSIENT, f"HTTP {status} {shown}".strip(), status, retry_after)
     if status in (401, 403):
         return Verdict(
@@ -283,8 +283,8 @@ def classify_http(
             status,
         )
     if status == 405:
-        return Verdict(Fault.UNSUPPORTED, f"HTTP {status} {text}".strip(), status)
-    return Verdict(Fault.PERMANENT, f"HTTP {status} {text}".strip(), status)
+        return Verdict(Fault.UNSUPPORTED, f"HTTP {status} {shown}".strip(), status)
+    return Verdict(Fault.PERMANENT, f"HTTP {status} {shown}".strip(), status)
 
 
 def _retry_after_in_body(body: bytes) -> float | None:

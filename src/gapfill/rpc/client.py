@@ -174,7 +174,11 @@ class RpcClient:
             failed: list[tuple[Endpoint, str]] = []
             for endpoint, out in zip(self._endpoints, outcomes, strict=True):
                 if isinstance(out, CallError):
-                    failed.append((endpoint, self._as_rpc_error("eth_chainId", out).args[0]))
+                    message = self._as_rpc_error("eth_chainId", out).args[0]
+                    if "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
+                        message += ("; check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC "
+                                    "endpoint of an Ethereum node")
+                    failed.append((endpoint, message))
                     continue
                 chain_id = _as_id(out)
                 if chain_id is None:

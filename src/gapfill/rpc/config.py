@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,16 @@ class EndpointConfig:
             raise ConfigError(
                 f"RPC URL {redact_url(self.url)!r} is not an http(s) URL; check --rpc-url"
             )
+        try:
+            parts = urllib.parse.urlsplit(self.url)
+            if not parts.hostname:
+                raise ValueError("it names no host")
+            parts.port  # noqa: B018 - raises ValueError when out of range
+        except ValueError as exc:
+            raise ConfigError(
+                f"RPC URL {redact_url(self.url)!r} is not valid ({exc}); "
+                "check --rpc-url, ETH_RPC_URL or the config file"
+            ) from None
         if self.rps is not None and self.rps <= 0:
             raise ConfigError(f"rps for {redact_url(self.url)} must be positive or unset")
         if self.max_batch < 1:

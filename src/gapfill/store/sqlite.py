@@ -104,7 +104,8 @@ class SqliteStore(Store):
             parent = Path(self.path).resolve().parent
             if not parent.is_dir():
                 raise StoreError(
-                    f"cannot open the SQLite database {self.path}: folder {parent} does not exist"
+                    f"cannot open the SQLite database {self.path}: folder {parent} does not "
+                    "exist; create it, or check --db / GAPFILL_DB"
                 )
         try:
             self._conn = sqlite3.connect(
@@ -130,7 +131,10 @@ class SqliteStore(Store):
             page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_BYTES // page}")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the SQLite database {self.path}: {exc}") from exc
+            raise StoreError(
+                f"cannot open the SQLite database {self.path}: {exc}; check --db / GAPFILL_DB: "
+                "it must name a SQLite file, or a new one, in a folder you can write to"
+            ) from exc
         self._depth = 0
 
     def close(self) -> None:

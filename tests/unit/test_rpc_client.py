@@ -433,6 +433,9 @@ async def test_probe_chain_and_capabilities(make_node: Any, tmp_path: Any) -> No
                          settings(tmp_path), expected_chain_id=31337) as client:
         assert await client.probe() == 31337
         assert await client.probe() == 31337  # once
+        assert not any(c["method"] == "eth_getBlockReceipts" for n in (plain, rich)
+                       for r in n.requests for c in as_batch(r))  # asked only when a plan needs it
+        assert await client.probe_block_receipts(7)
         assert client.supports_block_receipts()
         assert await client.supports("eth_getBlockReceipts", ["latest"])
         probes = len(plain.requests)

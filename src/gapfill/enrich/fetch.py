@@ -134,6 +134,8 @@ class Enricher:
         self.decoder = decoder
         self.plan = plan
         self.calls = 0
+        self._block_receipts_probed = False
+        self._probe_lock = asyncio.Lock()  # batches in flight share one probe
         self._ts: dict[int, int] = {}
         self._ts_cap = timestamp_cache_size
         #: Refs per JSON-RPC batch in the free per-transaction plan (two calls each).
@@ -177,12 +179,31 @@ class Enricher:
 
     # -- plans ---------------------------------------------------------------------
 
+    def _block_plan_threshold(self) -> int:
+        return self.plan.block_plan_min_refs if self._metered() else self.plan.block_plan_min_refs_free
+
+    async def _probe_block_receipts(self, refs: Sequence[Ref]) -> None:
+        """Ask the node whether it has ``eth_getBlockReceipts`` the first time a batch could
+        take the per-block plan (never, without a rate limit, unless it is forced)."""
+        shape = self.plan.shape
+        if self._block_receipts_probed or shape == "per_tx":
+            return
+        if shape == "auto" and len(refs) < self._block_plan_threshold():
+            return
+        first = min((r.block_number for r in refs if r.block_number is not None), default=None)
+        if first is None:
+            return
+        async with self._probe_lock:
+            if not self._block_receipts_probed:
+                await self.client.probe_block_receipts(first)
+                self._block_receipts_probed = True
+
     def split(self, refs: Sequence[Ref]) -> tuple[dict[int, list[Ref]], list[Ref]]:
         """Refs for the per-block plan (by block) and for the per-transaction plan."""
         shape = self.plan.shape
         if shape == "per_tx" or not self.client.supports_block_receipts():
             return {}, list(refs)
-        threshold = self.plan.block_plan_min_refs if self._metered() else self.plan.block_plan_min_refs_free
+        threshold = self._block_plan_threshold()
         by_block: dict[int, list[Ref]] = defaultdict(list)
         per_tx: list[Ref] = []
         for r in refs:
@@ -201,6 +222,7 @@ class Enricher:
     async def enrich(self, refs: Sequence[Ref]) -> Enriched:
         """Enrich ``refs`` with batched calls; the planner picks per block or per transaction."""
         out = _Collector()
+        await self._probe_block_receipts(refs)
         blocks, per_tx = self.split(refs)
         if blocks:
             per_tx.extend(await self._per_block(blocks, out))

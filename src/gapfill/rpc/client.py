@@ -158,7 +158,7 @@ class RpcClient:
     # -- probe -----------------------------------------------------------------------------
 
     async def probe(self) -> int:
-        """Check every endpoint's chain id (once) and whether it has ``eth_getBlockReceipts``.
+        """Check every endpoint's chain id (once).
 
         Unreachable endpoints are set aside for good with a warning, unless none is
         reachable; a chain id other than the expected one (or a disagreement between
@@ -211,12 +211,18 @@ class RpcClient:
                         f"the RPC nodes disagree: {first.shown} serves chain {first_id} but "
                         f"{endpoint.shown} serves chain {chain_id}; check --rpc-url"
                     )
-            await self.supports(_BLOCK_RECEIPTS, ["latest"])
             self._chain_id = first_id
             return first_id
 
+    async def probe_block_receipts(self, block_number: int) -> bool:
+        """Whether some usable endpoint has ``eth_getBlockReceipts``, asked (once per
+        endpoint) for a block the caller needs anyway: only a plan that may fetch whole
+        blocks asks, and never for 'latest', whose receipts are megabytes on mainnet."""
+        return await self.supports(_BLOCK_RECEIPTS, [hex(block_number)])
+
     def supports_block_receipts(self) -> bool:
-        """After :meth:`probe`: True when some usable endpoint has ``eth_getBlockReceipts``."""
+        """After :meth:`probe_block_receipts`: True when some usable endpoint has
+        ``eth_getBlockReceipts``."""
         return any(e.usable() and _BLOCK_RECEIPTS in e.supported for e in self._endpoints)
 
     async def supports(self, method: str, params: list[Any]) -> bool:

@@ -29,3 +29,13 @@ def test_entry_point_runs_the_cli() -> None:
     r = subprocess.run([sys.executable, "-c", "from gapfill._entry import main; main()", "--version"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "gapfill, version" in r.stdout
+
+
+def test_reading_commands_do_not_load_the_rpc_stack() -> None:
+    """status, runs and failures only read the database: aiohttp (~0.15 s) and pycryptodome
+    (~13 ms) stay unloaded until a command talks to a node or hashes."""
+    code = ("import sys; from gapfill.cli import cli; "
+            "print(sorted(m for m in ('aiohttp', 'Crypto', 'gapfill.rpc.client') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

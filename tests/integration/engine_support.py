@@ -343,15 +343,18 @@ def wait_for(what: str, cond: Callable[[], Any], timeout_s: float, every_s: floa
 class GapfillProc:
     """``gapfill ARGS`` in the background, output kept in files for failure messages."""
 
-    def __init__(self, args: Sequence[str], log_dir: Path, name: str) -> None:
+    def __init__(self, args: Sequence[str], log_dir: Path, name: str, *, ignore_sigint: bool = False) -> None:
         self.name = name
         self.out_path = log_dir / f"{name}.out"
         self.err_path = log_dir / f"{name}.err"
         self._out = self.out_path.open("wb")
         self._err = self.err_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
+        # ignore_sigint: as a non-interactive shell starts `cmd &`.
+        preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
         self.proc = subprocess.Popen([*gapfill_argv(), *args], stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=self._err, env=env, start_new_session=True)  # fmt: skip
+                                     stderr=self._err, env=env, start_new_session=True,
+                                     preexec_fn=preexec)  # fmt: skip
         self.pid = self.proc.pid
         self.seen: set[int] = set()  # every descendant pid seen while polling
 

@@ -534,9 +534,11 @@ def batch_args(db: str, rpc: str) -> list[str]:
             "--batches-in-flight", "2"]  # fmt: skip
 
 
-def signal_mid_batch(db: str, rpc: str, log_dir: Path, sig: int) -> tuple[int, str]:
+def signal_mid_batch(
+    db: str, rpc: str, log_dir: Path, sig: int, ignore_sigint: bool = False
+) -> tuple[int, str]:
     """Start a batch-mode run, send ``sig`` while it holds a lease; its exit code and output."""
-    p = GapfillProc(batch_args(db, rpc), log_dir, f"signal{sig}")
+    p = GapfillProc(batch_args(db, rpc), log_dir, f"signal{sig}", ignore_sigint=ignore_sigint)
     try:
         wait_for("a batch in flight", lambda: bool(leased_now(db)), 60, proc=p)
         os.kill(p.pid, sig)
@@ -567,6 +569,22 @@ def test_batch_mode_stops_on_sigterm_and_a_killed_runs_leftovers_do_not_stall_th
     states = query(pg_url, "SELECT state, note FROM runs WHERE mode = 'batch' ORDER BY run_id")
     assert [s for s, _ in states] == ["interrupted", "interrupted", "done"], states
     assert "ended without finishing" in states[1][1]
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_a_batch_run_started_in_the_background(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # A script's `gapfill enrich &` starts with SIGINT ignored; SIGTERM used to be turned
+    # into that ignored SIGINT, and the run went on to the end as if never told to stop.
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        rc, out = signal_mid_batch(pg_url, rpc, tmp_path, signal.SIGTERM, ignore_sigint=True)
+        assert rc == 130 and "interrupted" in out and "Traceback" not in out, out
+        assert leased_now(pg_url) == [], "SIGTERM left leases behind"
+        assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("interrupted",)]
+        rc, out = gapfill(batch_args(pg_url, rpc), tmp_path, "rerun")
+    assert rc == 0, out
     assert_exact(pg_url, node_chain, truth, seeded)
 
 

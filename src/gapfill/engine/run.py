@@ -289,6 +289,11 @@ def _sigterm_as_sigint() -> Any:
         return None
 
     def on_term(signum: int, frame: Any) -> None:
+        if not callable(signal.getsignal(signal.SIGINT)):
+            # SIGINT ignored: a background job of a script or cron (`cmd &` starts with
+            # SIGINT ignored), where raising it would do nothing. Stop the same way as
+            # Ctrl+C without the event loop's help: its tasks are cancelled as it closes.
+            raise KeyboardInterrupt
         signal.raise_signal(signal.SIGINT)
 
     return signal.signal(signal.SIGTERM, on_term)

@@ -589,6 +589,32 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
 
 
 @pytest.mark.timeout(90)
+def test_ctrl_c_during_the_sequential_sample_stops_at_once_and_plans_nothing(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # With no sequential run recorded, a concurrent run first enriches 20 refs one call at
+    # a time for its speedup figure. A Ctrl+C there went unheard until the sample was done,
+    # and the run then planned the whole gap anyway.
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # the fixture's recorded rate
+        conn.execute("DELETE FROM runs WHERE mode = 'sequential'")
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(["--db", pg_url, "--rpc-url", rpc, "enrich", "--mode", "concurrent",
+                         "--workers", "2"], tmp_path, "sampled")  # fmt: skip
+        try:
+            wait_for("the sample's first calls", lambda: emulator_stats(rpc)["methods"].get(
+                "eth_getTransactionReceipt", 0) >= 2, 60, proc=p)  # fmt: skip
+            os.kill(p.pid, signal.SIGINT)
+            rc, out = p.wait(30), p.output()
+        finally:
+            p.close()
+    assert rc == 130 and "Traceback" not in out, out
+    assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], out
+    assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)], "the cut sample was written"
+    assert query(pg_url, "SELECT state FROM runs") == [("interrupted",)]
+    assert "no new batches" in out and "processed: 0 transactions" in out, out
+
+
+@pytest.mark.timeout(90)
 def test_a_worker_ignores_another_chains_open_plan(
     pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
 ) -> None:

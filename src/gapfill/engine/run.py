@@ -184,7 +184,17 @@ def recorded_sequential_rate(store: Store) -> tuple[float, str] | None:
     return None
 
 
-async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tuple[float, str] | None:
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """The sequential rate measured at the start of a concurrent run, and what it cost."""
+
+    rate: float
+    why: str
+    processed: int
+    calls: int
+
+
+async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> _Sample | None:
     """Enrich the gap's first ``n`` refs one call at a time, for the speedup figure."""
     refs = []
     for chain_id, contract in job.targets:
@@ -202,8 +212,10 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> tupl
         t0 = time.perf_counter()
         enriched = await enricher.enrich_sequential(refs)
         secs = time.perf_counter() - t0
+        calls = _rpc_totals(client)[0]
     store.write(enriched)  # real rows, idempotent: they simply leave the gap
-    return len(refs) / secs, f"measured on {len(refs)} refs at the start of this run"
+    return _Sample(len(refs) / secs, f"measured on {len(refs)} refs at the start of this run",
+                   len(enriched.txs), calls)  # fmt: skip
 
 
 async def _probe(job: EnrichJob) -> None:
@@ -438,6 +450,8 @@ class Coordinator:
         self.done_batches = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.metrics: Any = None
+        self._sample_task: asyncio.Task[Any] | None = None  # the start-up sample, while it runs
+        self.sample: _Sample | None = None
 
     def _spawn(self, index: int) -> BaseProcess:
         p = self.ctx.Process(target=worker_process_main, args=(index, self.job, self.events, self.stop),
@@ -453,6 +467,9 @@ class Coordinator:
         if self.interrupts == 1:
             self.stopping_at = time.monotonic()
             self.stop.set()
+            task = self._sample_task
+            if task is not None:  # stop the sequential sample too (its rows are not written)
+                task.get_loop().call_soon_threadsafe(task.cancel)
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
         else:
@@ -461,8 +478,26 @@ class Coordinator:
                     s.proc.kill()
             self.stopping_at = -1.0  # at once
 
+    def _run_sample(self, store: Store) -> _Sample | None:
+        """The sequential sample, cancelled by a Ctrl+C or SIGTERM (see :meth:`_on_signal`)."""
+
+        async def sample() -> _Sample | None:
+            self._sample_task = asyncio.current_task()
+            try:
+                return await _measure_sequential(self.job, store)
+            finally:
+                self._sample_task = None
+
+        try:
+            return asyncio.run(sample())
+        except asyncio.CancelledError:
+            return None
+
     def totals(self) -> tuple[int, int, int, int, int]:
         processed = failed = calls = retries = limited = 0
+        if self.sample is not None:  # its rows are this run's too
+            processed += self.sample.processed
+            calls += self.sample.calls
         for s in self.slots.values():
             processed += s.base_processed
             failed += s.base_failed
@@ -513,8 +548,12 @@ class Coordinator:
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
-                    seq = asyncio.run(_measure_sequential(job, store))
-            batches, refs, joined = _plan(store, job, run_id)
+                    self.sample = self._run_sample(store)
+                    if self.sample is not None:
+                        seq = (self.sample.rate, self.sample.why)
+            batches = refs = joined = 0
+            if self.stopping_at is None:  # a Ctrl+C during the start plans nothing
+                batches, refs, joined = _plan(store, job, run_id)
             self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
             if job.metrics_port is not None:
                 from gapfill.engine.metrics import MetricsServer

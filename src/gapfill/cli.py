@@ -110,6 +110,12 @@ class GapfillGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
+        except BrokenPipeError:
+            # `gapfill failures | head`: the reader has what it wanted. End quietly, as a
+            # command killed by SIGPIPE would (141), and keep the final flush from failing.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -277,3 +280,16 @@ def test_worker_offers_no_batch_size_it_would_never_use(tracked: str) -> None:
     assert r.exit_code == 0 and "--rpc-batch-size" in r.output
     assert "--batch-size" not in r.output.replace("--rpc-batch-size", "")
     assert run(tracked, "worker", "--batch-size", "3").exit_code == 2
+
+
+@pytest.mark.parametrize("args", [("status", "--json"), ("contract", "list"), ("runs",)])
+def test_a_closed_pipe_ends_quietly(tracked: str, args: tuple[str, ...]) -> None:
+    """`gapfill status --json | head -c 10`: the reader leaves early; no 'internal error'."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        r = subprocess.run([str(Path(sys.executable).parent / "gapfill"), "--db", tracked, *args],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", r.stderr

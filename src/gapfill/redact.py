@@ -79,6 +79,18 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
+def redact_endpoint(url: str) -> str:
+    """An RPC or explorer URL as a message may show it. Not being an http(s) URL is the
+    usual reason to show one, so anything else (``eth.example.com/v2/KEY``, a key pasted
+    alone) shows only what precedes its first ``/``, ``?``, ``@``, ``#`` or space."""
+    if url.lower().startswith(("http://", "https://")):
+        return redact_url(url)
+    head = re.split(r"[/?@#\s]", url, maxsplit=1)[0]
+    if head == url and ("." in url or ":" in url):  # a host or host:port
+        return url
+    return f"{head}/{MASK}" if head and head != url else MASK
+
+
 def secrets_of(url: str) -> list[str]:
     """The substrings of ``url`` that :func:`redact_url` would hide (path segments too
     short to scrub out of free text on their own are left out: see :func:`redact_text`)."""

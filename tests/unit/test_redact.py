@@ -39,3 +39,31 @@ def test_short_path_words_are_not_scrubbed_out_of_ordinary_text() -> None:
     text = "eth_getLogs failed at /eth/0123456789abcdef"
     assert redact_text(text, url) == "eth_getLogs failed at /***/***"
     assert redact_text("password=hunter2 refused", "host=h password=hunter2") == "password=*** refused"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("eth.example.com/v2/RPCSECRET", "eth.example.com/***"),
+        ("not a url RPCSECRET", "not/***"),
+        ("RPCSECRETRPCSECRET", "***"),
+        ("localhost:8545", "localhost:8545"),
+        ("HTTPS://eth.example.com/v2/RPCSECRET", "https://eth.example.com/v2/***"),
+    ],
+)
+def test_redact_endpoint(url: str, shown: str) -> None:
+    from gapfill.redact import redact_endpoint
+
+    assert redact_endpoint(url) == shown
+
+
+def test_endpoint_urls_without_a_scheme_are_refused_without_their_key() -> None:
+    from gapfill.discover.explorer import ExplorerConfig
+    from gapfill.errors import ConfigError
+    from gapfill.rpc.config import EndpointConfig
+
+    for make in (EndpointConfig, ExplorerConfig):
+        with pytest.raises(ConfigError) as err:
+            make("eth.example.com/v2/RPCSECRET")
+        assert "RPCSECRET" not in str(err.value) and "eth.example.com/***" in str(err.value)
+    assert EndpointConfig("HTTP://127.0.0.1:8545").url == "HTTP://127.0.0.1:8545"  # not refused

@@ -34,7 +34,7 @@ import orjson
 
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Ref
-from gapfill.redact import MASK, redact_text, redact_url
+from gapfill.redact import MASK, redact_endpoint, redact_text, redact_url
 from gapfill.rpc.classify import looks_like_html
 
 logger = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ class ExplorerConfig:
     attempts: int = 3
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
+        if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(
-                f"explorer URL {redact_url(self.url)!r} is not an http(s) URL; "
+                f"explorer URL {redact_endpoint(self.url)!r} is not an http(s) URL; "
                 f"check --explorer-url or {ENV_URL}"
             )
         if self.rps <= 0 or self.page_size < 1 or self.max_window < self.page_size:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gapfill.errors import ConfigError
-from gapfill.redact import redact_url
+from gapfill.redact import redact_endpoint, redact_url
 
 DEFAULT_MAX_BATCH = 50
 
@@ -27,9 +27,10 @@ class EndpointConfig:
     max_batch: int = DEFAULT_MAX_BATCH
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
+        if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(
-                f"RPC URL {redact_url(self.url)!r} is not an http(s) URL; check --rpc-url"
+                f"RPC URL {redact_endpoint(self.url)!r} is not an http(s) URL: write it as "
+                "http(s)://host/path; check --rpc-url, ETH_RPC_URL or the config file"
             )
         try:
             parts = urllib.parse.urlsplit(self.url)

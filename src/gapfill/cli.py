@@ -162,13 +162,12 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
     ctx.obj = obj
     if file.enrich:
         # The file's [enrich] table gives `enrich` and `worker` their defaults; flags win.
-        names = {p.name for p in enrich.params if p.name and p.name not in _NOT_IN_CONFIG}
-        unknown = sorted(set(file.enrich) - names)
-        if unknown:
-            fail(None, ConfigError(f"config file {file.path}: [enrich] has no setting "
-                                   f"{', '.join(unknown)}: use {', '.join(sorted(names))}"))  # fmt: skip
-        ctx.default_map = {"enrich": dict(file.enrich),
-                           "worker": {k: v for k, v in file.enrich.items()
+        try:
+            defaults = enrich_defaults(file)
+        except GapfillError as exc:
+            fail(None, exc)
+        ctx.default_map = {"enrich": defaults,
+                           "worker": {k: v for k, v in defaults.items()
                                       if k not in ("mode", "batch_size")}}  # fmt: skip
     ctx.call_on_close(obj.close)
 
@@ -176,6 +175,51 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
 pass_ctx = click.make_pass_decorator(Ctx)
 #: `enrich` parameters a config file's [enrich] table cannot set: they pick what to do, not how.
 _NOT_IN_CONFIG = frozenset({"contract", "chain_id", "dry_run", "retry_failed"})
+#: Former names of [enrich] keys, still read: ``plan_shape`` is ``plan``.
+_CONFIG_ALIASES = {"plan_shape": "plan"}
+
+
+def enrich_defaults(file: FileConfig) -> dict[str, Any]:
+    """The config file's [enrich] table, each value checked by the type of the `enrich` option it sets.
+
+    Checked here, when the file is read, so that a bad value is reported as the file's
+    (exit 1, naming it) rather than by click as a bad flag the user never typed (exit 2).
+    """
+    params = {p.name: p for p in enrich.params if p.name and p.name not in _NOT_IN_CONFIG}
+    where = f"config file {file.path}: [enrich]"
+    unknown = sorted(k for k in file.enrich if _CONFIG_ALIASES.get(k, k) not in params)
+    if unknown:
+        raise ConfigError(f"{where} has no setting {', '.join(unknown)}: use {', '.join(sorted(params))}")
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in file.enrich.items():
+        name = _CONFIG_ALIASES.get(key, key)
+        if name in given_as:
+            raise ConfigError(f"{where} sets {name} twice (as {given_as[name]} and {key}): keep one of them")
+        given_as[name] = key
+        param = params[name]
+        problem = _toml_type_problem(param.type, value)
+        if problem is None:
+            try:
+                out[name] = param.type.convert(value, param, None)
+            except click.BadParameter as exc:
+                problem = exc.message.rstrip(".")
+        if problem is not None:
+            raise ConfigError(f"{where} {key}: {problem}")
+    return out
+
+
+def _toml_type_problem(kind: click.ParamType[Any], value: Any) -> str | None:
+    """What is wrong with a TOML value's own type, which click would coerce (4.5 to 4, true to 1)."""
+    if isinstance(kind, click.types.BoolParamType):
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    if isinstance(kind, click.types.IntParamType):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{value!r} is not a whole number"
+    if isinstance(kind, click.types.FloatParamType):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else f"{value!r} is not a number"
+    return None
 
 
 def address_arg(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
@@ -490,7 +534,7 @@ enrich_options = [
                  show_default=True, help="Seconds without progress before a batch is taken back."),
     click.option("--grace-period", "grace_period_s", type=FiniteFloatRange(min=0), default=30.0,
                  show_default=True, help="Seconds workers get to finish after Ctrl+C or SIGTERM."),
-    click.option("--plan", "plan_shape", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
+    click.option("--plan", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
                  show_default=True, help="Force the call plan (the planner chooses by default)."),
     click.option("--block-plan-min-refs", type=int_range(1), default=None,
                  help="Refs sharing a block from which the block is fetched whole "
@@ -522,10 +566,10 @@ def _plan_settings(opts: dict[str, Any], metered: bool = False) -> Any:
     from gapfill.enrich.fetch import PlanSettings
 
     n = opts.get("block_plan_min_refs")
-    base = PlanSettings(shape=opts["plan_shape"], calls_metered=metered)
+    base = PlanSettings(shape=opts["plan"], calls_metered=metered)
     if n is None:
         return base
-    return PlanSettings(block_plan_min_refs=n, block_plan_min_refs_free=n, shape=opts["plan_shape"],
+    return PlanSettings(block_plan_min_refs=n, block_plan_min_refs_free=n, shape=opts["plan"],
                         calls_metered=metered)  # fmt: skip
 
 

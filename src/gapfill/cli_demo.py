@@ -112,7 +112,7 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
         opts: dict[str, Any] = {
             "workers": workers, "batch_size": 500, "rpc_batch_size": 50, "grace_period_s": 30.0,
             "lease_timeout_s": 300.0, "batches_in_flight": 4, "block_plan_min_refs": None,
-            "plan_shape": "auto", "metrics_port": None,
+            "plan": "auto", "metrics_port": None,
         }  # fmt: skip
         try:
             _run_job(_job(ctx, chain_id, [token, silent], mode, opts), quiet=False)

@@ -240,6 +240,43 @@ def test_the_config_files_enrich_table_gives_the_defaults(tracked: str, tmp_path
     assert r.exit_code == 1 and "no setting batchsize" in r.stderr, r.output
 
 
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [("workers = 0", "workers: 0 is not in the range 1<=x<=64"),
+     ('mode = "turbo"', "mode: 'turbo' is not one of 'auto', 'sequential', 'batch', 'concurrent'"),
+     ("lease_timeout_s = -3", "lease_timeout_s: -3.0 is not in the range x>=0.1"),
+     ("metrics_port = 99999", "metrics_port: 99999 is not in the range 0<=x<=65535"),
+     ('plan_shape = "bogus"', "plan_shape: 'bogus' is not one of 'auto', 'per_tx', 'per_block'"),
+     ('plan = "bogus"', "plan: 'bogus' is not one of 'auto', 'per_tx', 'per_block'"),
+     ("workers = 4.5", "workers: 4.5 is not a whole number"),
+     ("batch_size = true", "batch_size: True is not a whole number"),
+     ("quiet = 1", "quiet: 1 is not true or false"),
+     ("grace_period_s = nan", "grace_period_s: nan is not a finite number"),
+     ('plan = "per_tx"\nplan_shape = "per_tx"',
+      "sets plan twice (as plan and plan_shape): keep one of them")],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["enrich", "worker"])
+def test_a_bad_value_in_the_config_files_enrich_table_names_the_file(
+    tracked: str, tmp_path: Path, setting: str, said: str, command: str
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[enrich]\n{setting}\n")
+    r = run(tracked, "--config", str(cfg), command, "--dry-run" if command == "enrich" else "--help")
+    assert r.exit_code == 1, r.output
+    assert one_sentence(r) == f"error: config file {cfg}: [enrich] {said}"
+
+
+@pytest.mark.parametrize("key", ["plan", "plan_shape"])
+def test_the_config_files_plan_key_is_plan(tracked: str, tmp_path: Path, key: str) -> None:
+    run(tracked, "import", "-", "--contract", C, input=f"hash,block_number\n{h(1)},7\n{h(2)},7\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[enrich]\n{key} = "per_block"\n')
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
+    assert r.exit_code == 0 and "2 refs in 1 whole blocks" in r.output, r.output
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run", "--plan", "per_tx")
+    assert r.exit_code == 0 and "0 refs in 0 whole blocks" in r.output, r.output  # the flag wins
+
+
 def test_a_chain_without_contracts_names_the_chains_that_have_some(tracked: str) -> None:
     for args in (("status", "--chain-id", "5"), ("enrich", "--chain-id", "5", "--dry-run")):
         r = run(tracked, *args)

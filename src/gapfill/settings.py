@@ -57,6 +57,33 @@ class FileConfig:
     explorer: dict[str, Any] = field(default_factory=dict)
 
 
+#: What a config file may hold, as it is written there. [enrich]'s keys are the options of
+#: `enrich`, checked by the CLI, which owns them.
+_TOP_LEVEL = ("db", "[[endpoints]]", "[enrich]", "[explorer]")
+_ENDPOINT_KEYS = ("url", "rps", "max_batch")
+_EXPLORER_KEYS = ("url", "key")
+
+
+def _no_unknown_keys(where: str, table: dict[str, Any], known: tuple[str, ...]) -> None:
+    """A mistyped key must not be ignored: ``dbb = ...`` would quietly use the default database."""
+    names = {k.strip("[]") for k in known}
+    unknown = [_as_written(k, v) for k, v in table.items() if k not in names]
+    if unknown:
+        raise ConfigError(f"{where} has no setting {', '.join(unknown)}: use {_or_list(known)}")
+
+
+def _as_written(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return f"[{key}]"
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return f"[[{key}]]"
+    return key
+
+
+def _or_list(items: tuple[str, ...]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
+
+
 def config_path(explicit: str | None) -> Path | None:
     if explicit:
         p = Path(explicit)
@@ -83,15 +110,18 @@ def load_config(explicit: str | None = None) -> FileConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix it") from None
+    _no_unknown_keys(f"config file {path}", data, _TOP_LEVEL)
     for table in ("enrich", "explorer"):
         if not isinstance(data.get(table, {}), dict):
             raise ConfigError(f"config file {path}: {table} must be a table ([{table}] and key = value)")
+    _no_unknown_keys(f"config file {path}: [explorer]", data.get("explorer", {}), _EXPLORER_KEYS)
     if not isinstance(data.get("endpoints", []), list):
         raise ConfigError(f"config file {path}: endpoints must be an array of tables ([[endpoints]] blocks)")
     endpoints = []
     for i, e in enumerate(data.get("endpoints", [])):
         if not isinstance(e, dict) or not isinstance(e.get("url"), str):
             raise ConfigError(f"config file {path}: endpoints[{i}] needs a url = \"...\"")
+        _no_unknown_keys(f"config file {path}: endpoints[{i}]", e, _ENDPOINT_KEYS)
         rps = e.get("rps")
         mb = e.get("max_batch")
         if rps is not None and (isinstance(rps, bool) or not isinstance(rps, int | float) or rps <= 0):

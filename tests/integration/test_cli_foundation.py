@@ -266,6 +266,18 @@ def test_a_bad_value_in_the_config_files_enrich_table_names_the_file(
     assert one_sentence(r) == f"error: config file {cfg}: [enrich] {said}"
 
 
+def test_a_mistyped_config_key_is_refused_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d3.toml").write_text(f'dbb = "sqlite:///{tmp_path / "a.db"}"\n')
+    r = CliRunner().invoke(cli, ["--config", "d3.toml", "status"])
+    assert r.exit_code == 1
+    assert one_sentence(r) == ("error: config file d3.toml has no setting dbb: "
+                               "use db, [[endpoints]], [enrich] or [explorer]")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d3.toml"]
+
+
 @pytest.mark.parametrize("key", ["plan", "plan_shape"])
 def test_the_config_files_plan_key_is_plan(tracked: str, tmp_path: Path, key: str) -> None:
     run(tracked, "import", "-", "--contract", C, input=f"hash,block_number\n{h(1)},7\n{h(2)},7\n")

@@ -64,6 +64,39 @@ def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str
         load_config(write(tmp_path, text))
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [('dbb = "sqlite:///a.db"\n', "has no setting dbb: use db, [[endpoints]], [enrich] or [explorer]"),
+     ("[enrch]\nworkers = 2\n", "has no setting [enrch]: use db,"),
+     ('[[endpoint]]\nurl = "https://x"\n', "has no setting [[endpoint]]: use db,"),
+     ('[[endpoints]]\nurl = "https://x"\nrsp = 3\n',
+      ": endpoints[0] has no setting rsp: use url, rps or max_batch"),
+     ('[explorer]\napikey = "SECRET1"\n', ": [explorer] has no setting apikey: use url or key")],
+)  # fmt: skip
+def test_unknown_keys_and_tables_are_refused_by_name(tmp_path: Path, text: str, said: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"config file {path}") and said in str(info.value)
+    assert "SECRET1" not in str(info.value)
+
+
+def test_every_documented_setting_is_read(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+db = "sqlite:///x.db"
+[[endpoints]]
+url = "https://a.example"
+rps = 2
+max_batch = 10
+[enrich]
+workers = 2
+[explorer]
+url = "https://api.example/api"
+key = "K"
+"""))
+    assert cfg.enrich == {"workers": 2} and cfg.explorer == {"url": "https://api.example/api", "key": "K"}
+
+
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such/gapfill.toml")
@@ -89,3 +122,17 @@ def test_malformed_rpc_urls_are_refused_before_any_call(url: str, needle: str) -
     with pytest.raises(ConfigError) as err:
         EndpointConfig(url)
     assert needle in str(err.value) and "SECRETKEY" not in str(err.value)
+
+
+def test_the_readme_lists_exactly_the_enrich_keys_accepted() -> None:
+    import re
+
+    from gapfill.cli import _NOT_IN_CONFIG, enrich
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("`[enrich]` takes the options", 1)[1].split("Values are checked", 1)[0]
+    # "| `key` | `--option` ..." or "| `key` | `-q` / `--option` ...", two to a row
+    documented = dict(re.findall(r"\| `(\w+)` \| (?:`-\w` / )?`(--[\w-]+)`", table))
+    accepted = {p.name: max(p.opts, key=len) for p in enrich.params
+                if p.name and p.name not in _NOT_IN_CONFIG}  # fmt: skip
+    assert documented == accepted

@@ -76,6 +76,10 @@ def redact_url(url: str) -> str:
              for k, v in pairs],
             safe="*",
         )
+    if not netloc and url[len(parts.scheme) + 1 :].startswith("//"):
+        # urlunsplit drops an empty authority: sqlite:///a.db would come back as sqlite:/a.db
+        # and every message quoting the URL would show a form that does not work.
+        return f"{parts.scheme}://{path}" + (f"?{query}" if query else "")
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 

@@ -206,6 +206,14 @@ def test_database_errors_are_one_sentence_without_secrets(url: str, needle: str)
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:"])
+def test_a_sqlite_url_without_a_path_is_shown_as_given(url: str) -> None:
+    r = run(url, "status")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: cannot read the SQLite URL {url!r}: "
+                               "write it as sqlite:///path/to/file.db")  # fmt: skip
+
+
 def test_missing_postgres_database(pg_url: str) -> None:
     url = pg_url.rsplit("/", 1)[0].replace("postgres@", "postgres:hunter2secret@") + "/no_such_db_x"
     r = run(url, "status")

@@ -21,6 +21,11 @@ from gapfill.redact import redact_text, redact_url
         ("host=127.0.0.1 password=hunter2 dbname=x", "host=127.0.0.1 password=*** dbname=x"),
         ("host=h password='a b' dbname=x", "host=h password=*** dbname=x"),
         ("/tmp/gapfill.db", "/tmp/gapfill.db"),
+        # An empty authority stays: sqlite:/a.db is not a URL the store reads.
+        ("sqlite:///a.db", "sqlite:///a.db"),
+        ("sqlite:////abs/a.db", "sqlite:////abs/a.db"),
+        ("sqlite://", "sqlite://"),
+        ("postgresql:///db?host=/tmp&password=pw", "postgresql:///db?host=%2Ftmp&password=***"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
@@ -67,3 +72,8 @@ def test_endpoint_urls_without_a_scheme_are_refused_without_their_key() -> None:
             make("eth.example.com/v2/RPCSECRET")
         assert "RPCSECRET" not in str(err.value) and "eth.example.com/***" in str(err.value)
     assert EndpointConfig("HTTP://127.0.0.1:8545").url == "HTTP://127.0.0.1:8545"  # not refused
+
+
+def test_a_message_quoting_a_sqlite_url_keeps_it_as_written() -> None:
+    msg = "cannot read the SQLite URL 'sqlite://': write it as sqlite:///path/to/file.db"
+    assert redact_text(msg, "sqlite://") == msg

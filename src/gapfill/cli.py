@@ -48,11 +48,18 @@ class Ctx:
         """The database; only commands that add to it (``create``) may start a new SQLite
         file: a mistyped --db must not leave empty databases behind."""
         if self._store is None:
-            if not create and self.db_url.lower().startswith("sqlite:"):
+            if self.db_url.lower().startswith("sqlite:"):
                 from gapfill.store.sqlite import sqlite_path
 
                 path = sqlite_path(self.db_url)
-                if path != ":memory:" and not os.path.exists(path):
+                if path == ":memory:":
+                    # Fine for the library's own tests; from the command line everything
+                    # written would vanish when the command ends, after it said "tracking".
+                    raise ConfigError(
+                        "an in-memory SQLite database (:memory:) is gone when the command ends: "
+                        "give --db / GAPFILL_DB a file, such as sqlite:///gapfill.db"
+                    )
+                if not create and not os.path.exists(path):
                     raise ConfigError(
                         f"the SQLite database {path} does not exist: check --db / GAPFILL_DB, "
                         "or start one with `gapfill contract add ADDRESS`"

@@ -214,6 +214,22 @@ def test_a_sqlite_url_without_a_path_is_shown_as_given(url: str) -> None:
                                "write it as sqlite:///path/to/file.db")  # fmt: skip
 
 
+@pytest.mark.parametrize("args", [("contract", "add", C, "--chain-id", "1"), ("init",), ("status",),
+                                  ("enrich", "--dry-run")])  # fmt: skip
+def test_an_in_memory_sqlite_database_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
+) -> None:
+    # It would say "tracking ..." and keep nothing.
+    monkeypatch.chdir(tmp_path)
+    r = run("sqlite:///:memory:", *args)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert one_sentence(r) == (
+        "error: an in-memory SQLite database (:memory:) is gone when the command ends: "
+        "give --db / GAPFILL_DB a file, such as sqlite:///gapfill.db"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_postgres_database(pg_url: str) -> None:
     url = pg_url.rsplit("/", 1)[0].replace("postgres@", "postgres:hunter2secret@") + "/no_such_db_x"
     r = run(url, "status")

@@ -238,6 +238,23 @@ def test_missing_postgres_database(pg_url: str) -> None:
     assert "hunter2secret" not in r.stderr
 
 
+@pytest.mark.parametrize(("query", "said"), [
+    ("foo=bar", 'invalid URI query parameter: "foo"'),
+    ("password=hunter2secret&foo=1", 'invalid URI query parameter: "foo"'),
+    ("sslmode=bogus", 'invalid sslmode value: "bogus"'),
+])  # fmt: skip
+def test_an_unknown_postgres_url_parameter_says_to_check_the_query(
+    pg_url: str, query: str, said: str
+) -> None:
+    url = pg_url.replace("postgres@", "postgres:hunter2secret@") + "?" + query
+    r = run(url, "status")
+    assert r.exit_code == 1
+    err = one_sentence(r)
+    assert said in err and "hunter2secret" not in r.output + r.stderr
+    assert err.endswith("check the query parameters of --db / GAPFILL_DB (only libpq connection "
+                        "parameters, such as sslmode=require, are allowed)")  # fmt: skip
+
+
 def test_gapfill_db_env_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("GAPFILL_DB", url)

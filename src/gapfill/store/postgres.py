@@ -8,6 +8,7 @@ against the database's clock, so workers on hosts with skewed clocks agree.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -105,6 +106,14 @@ def _copy(cur: Any, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -
                 copy.write_row(row)
 
 
+#: libpq's refusals of a URL's ``?key=value`` part: an unknown key, a key without a value,
+#: or a value it cannot read (``sslmode=bogus``). The server was never asked.
+_BAD_QUERY = re.compile(
+    r'URI query parameter|invalid connection option|invalid \w+ value: "|for connection option "',
+    re.IGNORECASE,
+)
+
+
 def translate(exc: psycopg.Error, url: str) -> StoreError:
     """Turn a driver error into one sentence that says what to do."""
     parts = urlsplit(url)
@@ -120,6 +129,12 @@ def translate(exc: psycopg.Error, url: str) -> StoreError:
     if "password authentication failed" in low or "authentication" in low:
         return StoreError(
             f"PostgreSQL at {where} refused the credentials in {redact_url(url)}: fix --db / GAPFILL_DB"
+        )
+    if _BAD_QUERY.search(msg):
+        return StoreError(
+            f"PostgreSQL cannot use the URL {redact_url(url)} ({msg}): check the query parameters "
+            "of --db / GAPFILL_DB (only libpq connection parameters, such as sslmode=require, "
+            "are allowed)"
         )
     if isinstance(exc, psycopg.OperationalError):
         return StoreError(

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import dataclasses
 import importlib
@@ -307,9 +308,14 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
 def load_abi(path: str) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as fh:
-            data = orjson.loads(fh.read())
+            raw = fh.read()
+        # Windows editors and some exporters start UTF-8 files with a byte-order mark,
+        # which JSON parsers refuse.
+        data = orjson.loads(raw.removeprefix(codecs.BOM_UTF8))
     except FileNotFoundError:
         raise ConfigError(f"ABI file {path} does not exist: fix the --abi path") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read ABI file {path} ({exc.strerror}): fix the --abi path") from None
     except orjson.JSONDecodeError:
         raise ConfigError(f"ABI file {path} is not JSON: give the contract's ABI JSON") from None
     if isinstance(data, dict) and isinstance(data.get("abi"), list):

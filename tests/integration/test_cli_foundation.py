@@ -76,6 +76,25 @@ def test_bad_address_is_one_sentence_exit_2(db_url: str, address: str, needle: s
     assert needle in one_sentence(r)
 
 
+def test_an_abi_file_with_a_utf8_byte_order_mark_is_read(db_url: str, tmp_path: Path) -> None:
+    abi = [{"type": "event", "name": "Ping", "anonymous": False, "inputs": []}]
+    f = tmp_path / "bom.abi.json"
+    f.write_bytes(b"\xef\xbb\xbf" + orjson.dumps({"abi": abi}))
+    r = run(db_url, "contract", "add", C, "--chain-id", "1", "--abi", str(f))
+    assert r.exit_code == 0, r.output + r.stderr
+    with open_store(db_url) as s:
+        assert s.get_contract(C, 1).abi == abi
+
+
+def test_an_unreadable_abi_path_is_one_sentence(sqlite_url: str, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    path = tmp_path / "notes.txt" / "abi.json"  # a file where a folder should be
+    r = run(sqlite_url, "contract", "add", C, "--chain-id", "1", "--abi", str(path))
+    assert r.exit_code == 1
+    assert one_sentence(r) == f"error: cannot read ABI file {path} (Not a directory): fix the --abi path"
+    assert not (tmp_path / "gapfill.db").exists()
+
+
 def test_contract_add_without_chain_id_or_rpc_says_what_to_do(db_url: str) -> None:
     r = run(db_url, "contract", "add", C)
     assert r.exit_code == 1

@@ -122,6 +122,29 @@ def test_import_hash_list_csv_etherscan_and_stdin(tracked: str, tmp_path: Path) 
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["hash;block_number\n{a};17\n{b};0x20\n",  # spreadsheets where the decimal mark is a comma
+     "tx_hash\tblockNumber\n{a}\t17\n{b}\t0x20\n",
+     '"Transaction Hash";"Blockno";"Method"\n"{a}";"17";"a,b"\n"{b}";"32";"c;d"\n',
+     '"a;b",hash,block_number\n"x;y",{a},17\nz,{b},32\n'],  # ';' inside a column name
+)  # fmt: skip
+def test_a_csv_separated_by_semicolons_or_tabs_is_read(tracked: str, tmp_path: Path, text: str) -> None:
+    f = tmp_path / "refs.csv"
+    f.write_text(text.format(a=h(1), b=h(2)))
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 0, r.stderr
+    assert sorted(refs_of(tracked)) == [(h(1), 17), (h(2), 32)]
+
+
+def test_a_csv_without_a_hash_column_names_the_separators(tracked: str, tmp_path: Path) -> None:
+    f = tmp_path / "refs.csv"
+    f.write_text("foo;bar\n1;2\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 1
+    assert "separated by commas, semicolons or tabs" in one_sentence(r) and refs_of(tracked) == []
+
+
 def test_malformed_row_names_the_line_and_imports_nothing(tracked: str, tmp_path: Path) -> None:
     f = tmp_path / "bad.csv"
     f.write_text("hash,block_number\n" + "".join(f"{h(i)},{i}\n" for i in range(1, 6)) + "0xzz,7\n")

@@ -21,6 +21,7 @@ from gapfill.validate import is_tx_hash
 HASH_COLUMNS = ("hash", "tx_hash", "transaction hash", "txhash", "transaction_hash")
 BLOCK_COLUMNS = ("block_number", "blocknumber", "blockno", "block", "block number")
 _BLOCK = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
+_DELIMITERS = (",", "\t", ";")
 
 
 def _binary(sample: bytes) -> bool:
@@ -49,6 +50,21 @@ def open_text(path: str, stdin: IO[bytes] | None = None) -> tuple[str, IO[str]]:
             "or a CSV with a hash column"
         )
     return name, io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict", newline="")
+
+
+def _columns(header: str, delimiter: str) -> list[str]:
+    return [h.strip().strip('"').lower() for h in next(csv.reader([header], delimiter=delimiter))]
+
+
+def _delimiter(header: str) -> str | None:
+    """The field separator of a CSV whose first line is ``header``; None for a one-column file.
+
+    Spreadsheets in locales whose decimal mark is a comma write ``;``. The separator is
+    the one that sets a hash column apart, else the first of ``,``, tab, ``;`` present.
+    """
+    present = [d for d in _DELIMITERS if d in header]
+    return next((d for d in present if set(_columns(header, d)) & set(HASH_COLUMNS)),
+                present[0] if present else None)  # fmt: skip
 
 
 def _block(value: str, name: str, lineno: int) -> int | None:
@@ -89,22 +105,23 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str) 
     if not first:
         return
     stripped = first.strip()
-    if is_tx_hash(stripped.strip('"')) or ("," not in stripped and "\t" not in stripped):
+    delimiter = None if is_tx_hash(stripped.strip('"')) else _delimiter(stripped)
+    if delimiter is None:
         # One hash per line, perhaps under a one-column header ("hash", "tx_hash").
         if stripped.strip('"').lower() in HASH_COLUMNS:
             first = ""
         yield from _hash_lines(text, name, chain_id, contract, source, first, lineno)
         return
-    dialect = "excel-tab" if "\t" in stripped and "," not in stripped else "excel"
-    header = [h.strip().strip('"').lower() for h in next(csv.reader([stripped], dialect=dialect))]
+    header = _columns(stripped, delimiter)
     hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
     if hash_col is None:
         raise InputError(
             f"{name} has no hash column: its header needs one of hash, tx_hash or "
-            "'Transaction Hash' (Etherscan); nothing was imported"
+            "'Transaction Hash' (Etherscan), separated by commas, semicolons or tabs; "
+            "nothing was imported"
         )
     block_col = next((header.index(c) for c in BLOCK_COLUMNS if c in header), None)
-    reader = csv.reader(text, dialect=dialect)
+    reader = csv.reader(text, delimiter=delimiter)
     for row in reader:
         lineno += 1
         if not row or all(not c.strip() for c in row):

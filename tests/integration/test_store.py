@@ -328,3 +328,29 @@ def test_a_new_run_marks_the_runs_of_dead_local_processes_interrupted(store: Sto
     states = {r.run_id: (r.state, r.note) for r in store.list_runs()}
     assert states[dead][0] == "interrupted" and "ended without finishing" in states[dead][1]
     assert states[alive][0] == "running"
+
+
+def block_of(store: Store, i: int) -> int | None:
+    with store._read() as cur:
+        cur.execute(store._sql("SELECT block_number FROM refs WHERE tx_hash = ?"), (h(i),))
+        return cur.fetchone()[0]  # type: ignore[no-any-return]
+
+
+def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_enrichment(
+    store: Store,
+) -> None:
+    # Hashes alone first (a plain list), then what later sources know about them.
+    assert store.add_refs([Ref(1, C, h(i), None) for i in range(1, 7)]) == 6
+    assert store.add_refs([Ref(1, C, h(1), 11), Ref(1, C, h(7), 17)]) == 1  # an import with blocks
+    assert block_of(store, 1) == 11
+    store.add_refs_and_coverage([Ref(1, C, h(2), 12, "logs")], [])  # discovery
+    assert block_of(store, 2) == 12
+    assert store.add_refs([Ref(1, C, h(1), 99)]) == 0 and block_of(store, 1) == 11  # known stays
+    # Enrichment learns the rest: a batch whose range holds unknown blocks records them.
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=500)
+    batch = store.lease("w", 60.0)
+    assert batch is not None and batch.hi[0] == UNKNOWN_BLOCK_KEY
+    refs = store.batch_refs(batch)
+    assert store.commit_batch(batch, Enriched([tx_row(int(r.tx_hash, 16), 30 + int(r.tx_hash, 16))
+                                               for r in refs]))  # fmt: skip
+    assert [block_of(store, i) for i in range(1, 8)] == [11, 12, 33, 34, 35, 36, 17]

@@ -447,6 +447,7 @@ class Store(abc.ABC):
         """Discovery's commit: found refs and the ranges they cover, atomically."""
         with self._tx() as cur:
             new = self._insert_refs(cur, refs)
+            self._fill_unknown_blocks(cur, refs, {})
             cur.executemany(
                 self._sql(
                     "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
@@ -458,6 +459,39 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int: ...
+
+    _FILL_BLOCK_SQL = (
+        "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
+        "AND block_number IS NULL"
+    )
+
+    def _has_unknown_blocks(self, cur: Any, chain_id: int, contract: str) -> bool:
+        """Whether a contract has refs without a block number (one probe of the key index)."""
+        cur.execute(
+            self._sql(f"SELECT 1 FROM refs r WHERE r.chain_id = ? AND r.contract = ? "
+                      f"AND {KEY_SQL} = ? LIMIT 1"),
+            (chain_id, contract, UNKNOWN_BLOCK_KEY),
+        )  # fmt: skip
+        return cur.fetchone() is not None
+
+    def _fill_unknown_blocks(
+        self, cur: Any, refs: Sequence[Ref], unknown: dict[tuple[int, str], bool]
+    ) -> None:
+        """Give refs imported without a block number the one a later import or discovery
+        knows. ``unknown`` caches, per contract, whether it has such refs at all: the usual
+        answer (no) costs one index probe per contract and call."""
+        fills = []
+        for r in refs:
+            if r.block_number is None:
+                continue
+            key = (r.chain_id, r.contract)
+            has = unknown.get(key)
+            if has is None:
+                has = unknown[key] = self._has_unknown_blocks(cur, *key)
+            if has:
+                fills.append((r.block_number, r.chain_id, r.contract, r.tx_hash))
+        if fills:
+            cur.executemany(self._sql(self._FILL_BLOCK_SQL), fills)
 
     def get_coverage(self, chain_id: int, contract: str) -> list[CoverageRange]:
         with self._read() as cur:
@@ -738,6 +772,7 @@ class Store(abc.ABC):
         """
         held = [False] * len(items)
         merged = Enriched()
+        fills: list[tuple[int, int, str, str]] = []
         with self._tx() as cur:
             now = self._now(cur)
             # Rows locked in batch order: two workers' groups cannot deadlock on them.
@@ -755,11 +790,16 @@ class Store(abc.ABC):
                 if not held[i]:
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
+                if batch.hi[0] == UNKNOWN_BLOCK_KEY:  # refs imported without a block: now known
+                    fills.extend((t.block_number, batch.chain_id, batch.contract, t.tx_hash)
+                                 for t in enriched.txs)  # fmt: skip
                 merged.txs.extend(enriched.txs)
                 merged.logs.extend(enriched.logs)
                 merged.failures.extend(enriched.failures)
             if merged.txs or merged.logs:
                 self._upsert(cur, merged.txs, merged.logs)
+            if fills:
+                cur.executemany(self._sql(self._FILL_BLOCK_SQL), fills)
             self._record_failures(cur, merged)
         return held
 

@@ -241,11 +241,23 @@ class PostgresStore(Store):
     def add_refs(self, refs: Iterable[Ref]) -> int:
         with self._tx() as cur:
             self._stage(cur)
+            contracts: set[tuple[int, str]] = set()
             with cur.copy(
                 "COPY stage_refs (chain_id, contract, tx_hash, block_number, source) FROM STDIN"
             ) as copy:
                 for r in refs:
+                    contracts.add((r.chain_id, r.contract))
                     copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+            # Refs already there without a block number get the one this import knows.
+            for chain_id, contract in contracts:
+                if self._has_unknown_blocks(cur, chain_id, contract):
+                    cur.execute(
+                        "UPDATE refs r SET block_number = s.block_number FROM stage_refs s "
+                        "WHERE r.chain_id = s.chain_id AND r.contract = s.contract "
+                        "AND r.tx_hash = s.tx_hash AND r.block_number IS NULL "
+                        "AND s.block_number IS NOT NULL AND r.chain_id = %s AND r.contract = %s",
+                        (chain_id, contract),
+                    )
             cur.execute(
                 "INSERT INTO refs SELECT DISTINCT ON (chain_id, contract, tx_hash) * FROM stage_refs "
                 "ORDER BY chain_id, contract, tx_hash, block_number NULLS LAST "

@@ -189,16 +189,19 @@ class SqliteStore(Store):
 
     def add_refs(self, refs: Iterable[Ref]) -> int:
         with self._tx() as cur:
-            before = self._conn.total_changes
-            chunk: list[tuple[Any, ...]] = []
+            new = 0
+            unknown: dict[tuple[int, str], bool] = {}
+            chunk: list[Ref] = []
             for r in refs:
-                chunk.append((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+                chunk.append(r)
                 if len(chunk) >= 10_000:
-                    cur.executemany(_INSERT_REF, chunk)
+                    new += self._insert_refs(cur, chunk)
+                    self._fill_unknown_blocks(cur, chunk, unknown)
                     chunk.clear()
             if chunk:
-                cur.executemany(_INSERT_REF, chunk)
-            return self._conn.total_changes - before
+                new += self._insert_refs(cur, chunk)
+                self._fill_unknown_blocks(cur, chunk, unknown)
+            return new
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
         before = self._conn.total_changes

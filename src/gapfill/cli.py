@@ -628,7 +628,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     """Fill the gap: fetch, decode and store every missing transaction."""
     chain, targets = _chain_targets(ctx, contract, chain_id)
     if dry_run:
-        _dry_run(ctx, chain, targets, opts)
+        _dry_run(ctx, chain, targets, opts, retry_failed)
         return
     if retry_failed:
         from gapfill.engine.session import fetch_chain_id
@@ -641,7 +641,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"])
 
 
-def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]) -> None:
+def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any], retry_failed: bool) -> None:
     from gapfill.engine.dryrun import estimate
 
     eps = resolve_endpoints(ctx.rpc_urls, ctx.rps, None, ctx.file)
@@ -649,8 +649,9 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
     rps_total = sum(r for r in rps_values if r) if eps and all(rps_values) else None
     rows = estimate(ctx.store(), [(c.chain_id, c.address) for c in targets], batch_size=opts["batch_size"],
                     plan=_plan_settings(opts, metered=rps_total is not None),
-                    rps_total=rps_total)  # fmt: skip
-    click.echo("dry run: nothing is fetched or written")
+                    rps_total=rps_total, retry_failed=retry_failed)  # fmt: skip
+    click.echo("dry run: nothing is fetched or written"
+               + (" (permanently failed refs counted as missing: --retry-failed)" if retry_failed else ""))
     for r in rows:
         when = (f"~{r.estimated_seconds:,.0f}s at {rps_total:g} calls/s" if r.estimated_seconds is not None
                 else "time depends on the node (no --rps set)")  # fmt: skip

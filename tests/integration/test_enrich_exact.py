@@ -398,6 +398,12 @@ def test_unknown_hash_is_a_permanent_not_found_failure(db_url: str, world: World
     assert not {m for m in DATA_METHODS if m in methods}, methods
     assert [x["tx_hash"] for x in failures_json(db_url)] == [MISSING_HASH]
 
+    # A dry run counts the failed ref as missing only with --retry-failed, and writes nothing.
+    for flags, missing in (((), 0), (("--retry-failed",), 1)):
+        code, out = gapfill(db_url, None, "enrich", "--dry-run", "--contract", chain.token, *flags)
+        assert code == 0 and f"{chain.token}: {missing} missing" in out, out
+    assert [x["tx_hash"] for x in failures_json(db_url)] == [MISSING_HASH]
+
     # --retry-failed with a node that cannot be reached keeps the failure records.
     code, out = gapfill(db_url, "http://127.0.0.1:9/", "enrich", "--mode", "batch", "--retry-failed", "-q")
     assert code == 1 and "put back" not in out and "Traceback" not in out, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ def estimate(
     plan: PlanSettings,
     block_receipts: bool = True,
     rps_total: float | None = None,
+    retry_failed: bool = False,
 ) -> list[DryRunRow]:
-    """Missing refs, batches and RPC calls per contract, from the planner's rules.
+    """Missing refs, batches and RPC calls per contract, from the planner's rules
+    (with ``retry_failed``, the permanently failed refs count as missing too).
 
     Per-block refs cost 2 calls per block; per-transaction refs 2 calls each
     (receipt and transaction; a timestamp header per block only where receipts'
@@ -41,7 +44,10 @@ def estimate(
     for chain_id, contract in targets:
         per_block: Counter[int] = Counter()
         missing = unknown = 0
-        for ref in store.iter_gap(chain_id, contract, chunk=20_000):
+        refs = store.iter_gap(chain_id, contract, chunk=20_000)
+        if retry_failed:
+            refs = itertools.chain(refs, store.iter_failed_refs(chain_id, contract))
+        for ref in refs:
             missing += 1
             if ref.block_number is None:
                 unknown += 1

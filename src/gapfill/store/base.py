@@ -431,6 +431,25 @@ class Store(abc.ABC):
             cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract))
             return int(cur.rowcount)
 
+    def iter_failed_refs(self, chain_id: int, contract: str) -> Iterator[Ref]:
+        """The refs :meth:`clear_failures` would put back into the gap (``enrich --dry-run
+        --retry-failed``): without a row, permanently failed for this contract."""
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT r.tx_hash, r.block_number, r.source FROM refs r "
+                    "WHERE r.chain_id = ? AND r.contract = ? AND NOT EXISTS (SELECT 1 FROM "
+                    "transactions t WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash) "
+                    "AND EXISTS (SELECT 1 FROM failures f WHERE f.chain_id = r.chain_id "
+                    "AND f.tx_hash = r.tx_hash AND f.contract = r.contract "
+                    f"AND f.reason IN ({_PERMANENT_IN}))"
+                ),
+                (chain_id, contract),
+            )
+            rows = cur.fetchall()
+        for tx_hash, block, source in rows:
+            yield Ref(chain_id, contract, tx_hash, None if block is None else int(block), source)
+
     # -- coverage --------------------------------------------------------------------
 
     def add_coverage(self, ranges: Sequence[CoverageRange]) -> None:

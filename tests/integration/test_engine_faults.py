@@ -529,6 +529,26 @@ def test_an_interrupted_batch_run_leaves_no_lease_behind(
     assert [e for (e,) in events] == ["leased", "abandoned"]
 
 
+@pytest.mark.timeout(60)
+def test_a_run_failed_by_its_database_keeps_its_committed_count(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk after some commits: the run row said 0 processed although rows were stored.
+    from gapfill.engine.run import run_enrich
+    from gapfill.engine.worker import Worker
+    from gapfill.errors import StoreError
+
+    async def fails_after_some_commits(self: Worker) -> None:
+        self.totals.processed, self.totals.failed = 150, 2
+        raise StoreError("writing to x.db failed: database or disk is full")
+
+    monkeypatch.setattr(Worker, "run", fails_after_some_commits)
+    with pytest.raises(StoreError):
+        run_enrich(batch_job(pg_url, node_chain, seeded), lambda event: None)
+    assert query(pg_url, "SELECT state, processed, failed FROM runs WHERE mode = 'batch'") == [
+        ("failed", 150, 2)]  # fmt: skip
+
+
 def batch_args(db: str, rpc: str) -> list[str]:
     return ["--db", db, "--rpc-url", rpc, "enrich", "--mode", "batch", "--batch-size", "50",
             "--batches-in-flight", "2"]  # fmt: skip

@@ -261,8 +261,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         except KeyboardInterrupt:
             state = "interrupted"
         except GapfillError:
-            # The node or the database failed for good: the run says so, the plan stays open.
-            store.finish_run(run_id, "failed", 0, 0, totals_box.get("calls", 0))
+            # The node or the database failed for good: the run says so, the plan stays open,
+            # and the row keeps what was committed before.
+            w = totals_box.get("totals")
+            with contextlib.suppress(GapfillError):  # the database may be what failed
+                store.finish_run(run_id, "failed", w.processed if w else 0, w.failed if w else 0,
+                                 totals_box.get("calls", 0))  # fmt: skip
             raise
         finally:
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back

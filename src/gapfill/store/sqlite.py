@@ -93,6 +93,19 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+def _hint(exc: sqlite3.Error) -> str:
+    """What to do about a failed write, for the errors a user can fix."""
+    text = str(exc).lower()
+    if "disk is full" in text or "disk i/o" in text:
+        return ("; free space on that disk (or move the database with --db), then rerun the same "
+                "command: what was committed is kept")  # fmt: skip
+    if "readonly" in text or "read-only" in text:
+        return "; the file or its folder is read-only: make it writable, or choose another --db"
+    if "locked" in text or "busy" in text:
+        return "; another program holds the database: wait for it, or stop it, then rerun"
+    return ""
+
+
 class SqliteStore(Store):
     backend = "sqlite"
 
@@ -158,6 +171,9 @@ class SqliteStore(Store):
             raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
         try:
             yield cur
+        except sqlite3.Error as exc:
+            self._conn.rollback()
+            raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc)}") from exc
         except BaseException:
             self._conn.rollback()
             raise
@@ -166,7 +182,7 @@ class SqliteStore(Store):
                 cur.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._conn.rollback()
-                raise StoreError(f"writing to {self.path} failed: {exc}") from exc
+                raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc)}") from exc
         finally:
             cur.close()
 

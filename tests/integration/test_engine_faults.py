@@ -742,6 +742,8 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
             p.close()
     assert scraped["gapfill_rpc_calls_total"] > 0 and scraped["gapfill_workers_alive"] == 1, scraped
     assert "--workers 3 applies to concurrent mode" in p.output(), p.output()
+    written = "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM batches)"
+    before = query(pg_url, written)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -750,6 +752,7 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
         rc, out = gapfill(args, tmp_path, "busy")
     assert rc == 1 and "choose another --metrics-port" in out and "internal error" not in out, out
     assert leased_now(pg_url) == []
+    assert query(pg_url, written) == before, "a busy port still left a run row or a plan behind"
 
 
 @pytest.mark.timeout(120)

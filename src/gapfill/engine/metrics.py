@@ -6,11 +6,29 @@ than these few lines.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from gapfill.errors import ConfigError
+
+
+def _cannot_serve(host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
+                       "choose another --metrics-port")  # fmt: skip
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """Raise the sentence :class:`MetricsServer` would, before a run writes anything (the
+    server itself starts once the run has its worker)."""
+    probe = ThreadingHTTPServer.address_family
+    with socket.socket(probe, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise _cannot_serve(host, port, exc) from None
 
 
 class MetricsServer:
@@ -42,10 +60,7 @@ class MetricsServer:
         try:
             self.server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
-            raise ConfigError(
-                f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
-                "choose another --metrics-port"
-            ) from None
+            raise _cannot_serve(host, port, exc) from None
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="gapfill-metrics", daemon=True)
         self.thread.start()

@@ -770,6 +770,10 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
     mode = job.mode
     if mode not in MODES:
         raise GapfillError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if job.metrics_port:  # a busy port is said before any run row or plan is written
+        from gapfill.engine.metrics import check_port
+
+        check_port(job.metrics_port)
     if mode == "auto":
         with open_store(job.db_url) as store:
             gap = gap_size(store, job.targets)

@@ -13,7 +13,9 @@ import dataclasses
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +113,9 @@ class GapfillGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        # `timeout`, systemd and `docker stop` send SIGTERM: every command stops as on Ctrl+C
+        # (enrich's modes install their own handlers on top of this one).
+        old_term = _term_as_interrupt()
         try:
             return super().invoke(ctx)
         except GapfillError as exc:
@@ -134,6 +139,21 @@ class GapfillGroup(click.Group):
                 f"internal error ({type(exc).__name__}: {exc}); rerun with -v for details "
                 "and report it"
             ))  # fmt: skip
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _term_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt; returns the handler to put back (None outside
+    the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 def _is_tty() -> bool:

@@ -425,3 +425,26 @@ def test_a_closed_pipe_ends_quietly(tracked: str, args: tuple[str, ...]) -> None
     finally:
         os.close(write_end)
     assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+def test_sigterm_stops_any_command_as_ctrl_c_does(tracked: str) -> None:
+    """`import -` waiting on a pipe gets SIGTERM (timeout, systemd, docker stop): it ends as
+    interrupted (130), with nothing of the half-read input imported."""
+    import signal
+    import time
+
+    p = subprocess.Popen([str(Path(sys.executable).parent / "gapfill"), "--db", tracked, "import", "-",
+                          "--contract", C], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdin is not None
+    try:
+        p.stdin.write("".join(f"{h(i)}\n" for i in range(1, 200)))
+        p.stdin.flush()
+        time.sleep(1.5)  # well inside the read loop, waiting for more
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and err.strip() == "interrupted", err
+    assert refs_of(tracked) == []

@@ -651,6 +651,7 @@ def test_a_worker_ignores_another_chains_open_plan(
     rc, out = gapfill(["--db", pg_url, "--rpc-url", node_chain.url, "worker", "--workers", "2"],
                       tmp_path, "worker", timeout_s=60)  # fmt: skip
     assert rc == 0 and "restarted" not in out, out
+    assert "0 open batches" in out and "joined" not in out, out  # nothing of its chain to join
     assert query(pg_url, "SELECT count(*) FROM batches WHERE chain_id = 1 AND state = 'pending'") == [(1,)]
 
 

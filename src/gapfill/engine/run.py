@@ -225,9 +225,10 @@ async def _probe(job: EnrichJob) -> None:
 
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
-    if not job.plan_new:
-        counts = store.batch_counts()
-        return counts.pending + counts.leased, 0, len(job.targets)
+    if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any
+        open_per_target = [store.batch_counts(targets=[t]) for t in job.targets]
+        return (sum(c.pending + c.leased for c in open_per_target), 0,
+                sum(1 for c in open_per_target if c.pending + c.leased))  # fmt: skip
     info = store.plan(run_id, job.targets, job.batch_size)
     counts = store.batch_counts(targets=list(job.targets))
     return counts.pending + counts.leased, info.refs, info.joined

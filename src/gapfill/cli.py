@@ -345,6 +345,23 @@ def load_abi(path: str) -> list[dict[str, Any]]:
     return data
 
 
+@contract.command("remove")
+@click.argument("address", callback=address_arg)
+@chain_option
+@click.confirmation_option(prompt="Remove the contract with its refs, plan and failure records?",
+                           help="Do not ask for confirmation.")
+@pass_ctx
+def contract_remove(ctx: Ctx, address: str, chain_id: int | None) -> None:
+    """Stop tracking ADDRESS: its refs, plan, coverage and failure records are deleted; the
+    transactions and logs already stored stay."""
+    store = ctx.store()
+    c = store.get_contract(address, chain_id)
+    deleted = store.remove_contract(c.chain_id, c.address)
+    click.echo(f"removed {c.address} on chain {c.chain_id}: {deleted['refs']:,} refs, "
+               f"{deleted['batches']:,} batches, {deleted['failures']:,} failure records; "
+               "its stored transactions stay")  # fmt: skip
+
+
 @contract.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_ctx

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
 from gapfill.store import Store, open_store
 
@@ -354,3 +355,24 @@ def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_e
     assert store.commit_batch(batch, Enriched([tx_row(int(r.tx_hash, 16), 30 + int(r.tx_hash, 16))
                                                for r in refs]))  # fmt: skip
     assert [block_of(store, i) for i in range(1, 8)] == [11, 12, 33, 34, 35, 36, 17]
+
+
+def test_removing_a_contract_keeps_the_chains_rows_and_other_contracts(store: Store) -> None:
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 5)] + [Ref(1, other, h(1), 1)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=2)
+    b = store.lease("w", 60.0)
+    assert b is not None
+    with pytest.raises(GapfillError, match="a run is enriching"):
+        store.remove_contract(1, C)  # leased: refused, nothing deleted
+    assert store.commit_batch(b, Enriched([tx_row(1, 1), tx_row(2, 2)]))
+    store.write(Enriched(failures=[Failure(1, h(3), C, "not_found", "null")]))
+    deleted = store.remove_contract(1, C)
+    assert (deleted["refs"], deleted["batches"], deleted["failures"], deleted["contracts"]) == (4, 2, 1, 1)
+    assert deleted["lease_events"] >= 2
+    assert [c.address for c in store.list_contracts()] == [other]
+    assert len(store.fetch_transactions(1)) == 2  # the chain's rows stay
+    assert [r.tx_hash for r in store.iter_gap(1, other)] == []  # h(1) is enriched, shared
+    with pytest.raises(UnknownContractError):
+        store.get_contract(C)

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from gapfill.errors import UnknownContractError
+from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import (
     PERMANENT_REASONS,
     UNKNOWN_BLOCK_KEY,
@@ -257,6 +257,39 @@ class Store(abc.ABC):
                 f"contract {address} is tracked on chains {chains}: pass --chain-id to pick one"
             )
         return found[0]
+
+    def remove_contract(self, chain_id: int, address: str) -> dict[str, int]:
+        """Stop tracking a contract: its refs, plan, lease history, coverage and failure
+        records go, in one transaction; the transactions and logs stay (they are the
+        chain's, and other contracts may share them). Refused while a batch of it is
+        leased. Returns the rows deleted per table."""
+        with self._tx() as cur:
+            cur.execute(
+                self._sql("SELECT count(*) FROM batches WHERE chain_id = ? AND contract = ? "
+                          "AND state = 'leased'"),
+                (chain_id, address),
+            )  # fmt: skip
+            if int(cur.fetchone()[0]):
+                raise GapfillError(
+                    f"a run is enriching {address} right now (a batch of it is leased): stop it, "
+                    "or wait for it to end, then remove the contract"
+                )
+            deleted: dict[str, int] = {}
+            cur.execute(
+                self._sql("DELETE FROM lease_events WHERE batch_id IN (SELECT batch_id FROM batches "
+                          "WHERE chain_id = ? AND contract = ?)"),
+                (chain_id, address),
+            )  # fmt: skip
+            deleted["lease_events"] = int(cur.rowcount)
+            for table, column in (("batches", "contract"), ("refs", "contract"),
+                                  ("coverage", "contract"), ("failures", "contract"),
+                                  ("contracts", "address")):  # fmt: skip
+                cur.execute(
+                    self._sql(f"DELETE FROM {table} WHERE chain_id = ? AND {column} = ?"),
+                    (chain_id, address),
+                )
+                deleted[table] = int(cur.rowcount)
+            return deleted
 
     # -- refs and the gap ----------------------------------------------------------
 

@@ -56,7 +56,10 @@ FAULTS = {
     "html": EmulatorConfig(seed=3, p_html=0.3),
     "truncated": EmulatorConfig(seed=4, p_truncated=0.3),
     "reset": EmulatorConfig(seed=15, p_reset=0.3),
-    "stall": EmulatorConfig(seed=6, p_stall=0.15),
+    # One draw per request: seed 22 stalls the 2nd, 3rd and 6th (the probe is the 1st), so a
+    # data batch stalls however many requests the probe makes (seed 6 stalled only the 5th,
+    # and stopped stalling anything when the probe lost a request).
+    "stall": EmulatorConfig(seed=22, p_stall=0.15),
     "latency": EmulatorConfig(seed=7, latency_s=0.05, latency_jitter_s=0.05),
     "null_receipts": EmulatorConfig(seed=8, null_receipts=2),
     "drop_and_duplicate": EmulatorConfig(seed=9, p_drop_item=0.1, p_duplicate_item=0.1),

@@ -1,7 +1,7 @@
 """The command line: parse flags and environment, call the library, render. No logic here.
 
 Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
-3 finished with failures (see `gapfill failures`), 130 interrupted.
+3 finished with failures (see `gapfill failures`), 130 interrupted, 141 output pipe closed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -123,7 +124,9 @@ class GapfillGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
-        except BrokenPipeError:
+        except BrokenPipeError as exc:
+            if not _stdout_gone():  # another pipe (a worker's, say): a real error
+                _internal_error(ctx, exc)
             # `gapfill failures | head`: the reader has what it wanted. End quietly, as a
             # command killed by SIGPIPE would (141), and keep the final flush from failing.
             with contextlib.suppress(OSError):
@@ -132,16 +135,30 @@ class GapfillGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:
-            obj = ctx.find_object(Ctx)
-            if obj is not None and obj.verbose:
-                click.echo(redact_text(traceback.format_exc(), *obj.secrets()), err=True)
-            fail(obj, RuntimeError(
-                f"internal error ({type(exc).__name__}: {exc}); rerun with -v for details "
-                "and report it"
-            ))  # fmt: skip
+            _internal_error(ctx, exc)
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+
+
+def _internal_error(ctx: click.Context, exc: Exception) -> NoReturn:
+    """A bug: one sentence asking for a report (the traceback with -v, redacted)."""
+    obj = ctx.find_object(Ctx)
+    if obj is not None and obj.verbose:
+        click.echo(redact_text(traceback.format_exc(), *obj.secrets()), err=True)
+    fail(obj, RuntimeError(
+        f"internal error ({type(exc).__name__}: {exc}); rerun with -v for details and report it"
+    ))  # fmt: skip
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has left (poll reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -24,6 +24,10 @@ _PLAIN_SEGMENT = re.compile(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|
 _MIN_SCRUBBED_SEGMENT = 6
 # libpq keyword/value connection strings: ``password=...``.
 _DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# A host name or address, with an optional port: what a URL without a scheme may show.
+_HOST = re.compile(
+    r"^(localhost|\[[0-9a-fA-F:.]+\]|(\d{1,3}\.){3}\d{1,3}|([a-zA-Z0-9-]+\.)+[a-zA-Z]{2,})(:\d{1,5})?$"
+)
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
 
 
@@ -85,14 +89,15 @@ def redact_url(url: str) -> str:
 
 def redact_endpoint(url: str) -> str:
     """An RPC or explorer URL as a message may show it. Not being an http(s) URL is the
-    usual reason to show one, so anything else (``eth.example.com/v2/KEY``, a key pasted
-    alone) shows only what precedes its first ``/``, ``?``, ``@``, ``#`` or space."""
+    usual reason to show one, so anything else (``eth.example.com/v2/KEY``,
+    ``user:password@host``, a key pasted alone) shows only its host, if it has one."""
     if url.lower().startswith(("http://", "https://")):
         return redact_url(url)
-    head = re.split(r"[/?@#\s]", url, maxsplit=1)[0]
-    if head == url and ("." in url or ":" in url):  # a host or host:port
-        return url
-    return f"{head}/{MASK}" if head and head != url else MASK
+    rest = url.rpartition("@")[2]  # user:password@ or KEY@ before a host: never shown
+    head = re.split(r"[/?#\s]", rest, maxsplit=1)[0]
+    if not _HOST.match(head):
+        return MASK
+    return head if head == url else f"{head}/{MASK}"
 
 
 def secrets_of(url: str) -> list[str]:

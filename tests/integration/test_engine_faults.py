@@ -774,3 +774,23 @@ def test_ctrl_c_while_a_concurrent_run_starts_spawns_no_worker(
     assert "[Worker-" not in out, out  # none started (they used to, then sat out the grace period)
     assert committed_count(pg_url) == 0 and leased_now(pg_url) == []
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("interrupted",)]
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_while_the_coordinator_probes_a_slow_node_spawns_no_worker(
+    pg_url: str, node_chain: NodeChain, tmp_path: Path
+) -> None:
+    seed(pg_url, node_chain.chain)
+    record_sequential_run(pg_url)  # straight to the probe
+    with emulator(node_chain.url, "--latency-s", "3") as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            wait_for("the probe's first call", lambda: emulator_stats(rpc)["requests"] >= 1, 30, proc=p)
+            os.killpg(p.pid, signal.SIGINT)
+            rc = p.wait(60)
+        finally:
+            p.close()
+    out = p.output()
+    assert rc == 130, out
+    assert "[Worker-" not in out, out  # the probe was cut; no worker started after it
+    assert leased_now(pg_url) == []

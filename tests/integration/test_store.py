@@ -360,19 +360,34 @@ def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_e
 def test_removing_a_contract_keeps_the_chains_rows_and_other_contracts(store: Store) -> None:
     other = "0x" + "cd" * 20
     store.add_contract(Contract(1, other))
-    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 5)] + [Ref(1, other, h(1), 1)])
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 5)] + [Ref(1, other, h(i), i) for i in (1, 3)])
     store.plan(store.create_run("batch", 1), [(1, C)], batch_size=2)
     b = store.lease("w", 60.0)
     assert b is not None
     with pytest.raises(GapfillError, match="a run is enriching"):
         store.remove_contract(1, C)  # leased: refused, nothing deleted
     assert store.commit_batch(b, Enriched([tx_row(1, 1), tx_row(2, 2)]))
-    store.write(Enriched(failures=[Failure(1, h(3), C, "not_found", "null")]))
+    store.write(Enriched(failures=[Failure(1, h(3), C, "not_found", "null"),
+                                   Failure(1, h(4), C, "not_found", "null")]))  # fmt: skip
+    assert store.lease("killed-run", 0.05) is not None  # the other batch
+    time.sleep(0.1)  # that run died: its lease expired, it blocks nothing
     deleted = store.remove_contract(1, C)
-    assert (deleted["refs"], deleted["batches"], deleted["failures"], deleted["contracts"]) == (4, 2, 1, 1)
-    assert deleted["lease_events"] >= 2
+    assert (deleted["refs"], deleted["batches"], deleted["contracts"]) == (4, 2, 1)
+    assert deleted["failures"] == 1 and deleted["lease_events"] >= 3
     assert [c.address for c in store.list_contracts()] == [other]
     assert len(store.fetch_transactions(1)) == 2  # the chain's rows stay
-    assert [r.tx_hash for r in store.iter_gap(1, other)] == []  # h(1) is enriched, shared
+    # h(3)'s failure is the transaction's, and `other` tracks it too: it stays failed there.
+    assert [f.tx_hash for f, _ in store.list_failures()] == [h(3)]
+    assert [r.tx_hash for r in store.iter_gap(1, other)] == []
     with pytest.raises(UnknownContractError):
         store.get_contract(C)
+
+
+def test_a_failed_sqlite_statement_is_a_store_error(tmp_path: Any) -> None:
+    from gapfill.errors import StoreError
+
+    with open_store(f"sqlite:///{tmp_path / 'x.db'}") as s:
+        with pytest.raises(StoreError, match="writing to .* failed: no such table"), s._tx() as cur:
+            cur.execute("INSERT INTO no_such_table VALUES (1)")
+        with pytest.raises(StoreError, match="reading from .* failed"), s._read() as cur:
+            cur.execute("SELECT * FROM no_such_table")

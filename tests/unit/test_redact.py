@@ -50,9 +50,13 @@ def test_short_path_words_are_not_scrubbed_out_of_ordinary_text() -> None:
     ("url", "shown"),
     [
         ("eth.example.com/v2/RPCSECRET", "eth.example.com/***"),
-        ("not a url RPCSECRET", "not/***"),
+        ("not a url RPCSECRET", "***"),
         ("RPCSECRETRPCSECRET", "***"),
         ("localhost:8545", "localhost:8545"),
+        ("alice:hunter2@eth.example.com/rpc", "eth.example.com/***"),
+        ("e8f1c3a9b2d4@eth.example.com/v2", "eth.example.com/***"),
+        ("eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl", "***"),
+        ("127.0.0.1:8545/KEY", "127.0.0.1:8545/***"),
         ("HTTPS://eth.example.com/v2/RPCSECRET", "https://eth.example.com/v2/***"),
     ],
 )

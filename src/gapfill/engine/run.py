@@ -25,11 +25,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_for_ready
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 
 from gapfill.engine.events import (
     BatchDone,
@@ -52,6 +52,7 @@ from gapfill.settings import EndpointSetting
 from gapfill.store import Store, open_store, owner_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 #: A worker process's exit code when no RPC node replies or serves what it needs.
 EXIT_LOST_NODE = 4
 
@@ -191,6 +192,7 @@ class _Sample:
     rate: float
     why: str
     processed: int
+    failed: int
     calls: int
 
 
@@ -215,7 +217,7 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> _Sam
         calls = _rpc_totals(client)[0]
     store.write(enriched)  # real rows, idempotent: they simply leave the gap
     return _Sample(len(refs) / secs, f"measured on {len(refs)} refs at the start of this run",
-                   len(enriched.txs), calls)  # fmt: skip
+                   len(enriched.txs), len(enriched.failures), calls)  # fmt: skip
 
 
 async def _probe(job: EnrichJob) -> None:
@@ -245,7 +247,8 @@ def _release_dead_local_owners(store: Store, emit: Emit) -> None:
 def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:
     mode = "sequential" if sequential else "batch"
     store = open_store(job.db_url)
-    old_term = _sigterm_as_sigint()
+    term = _Term()
+    old_term = _sigterm_as_sigint(term)
     try:
         run_id = store.create_run(mode, 1)
         t0 = time.perf_counter()
@@ -258,8 +261,14 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             t0 = time.perf_counter()
             # Nothing open (the gap is empty or all failed for good): no node is asked anything.
             if store.has_open_batches(job.targets):
-                asyncio.run(_in_process(job, store, emit, sequential, totals_box))
+                asyncio.run(_in_process(job, store, emit, sequential, totals_box, term))
+            if term.fired:  # stopped by SIGTERM, even if the last batch ended meanwhile
+                state = "interrupted"
         except KeyboardInterrupt:
+            state = "interrupted"
+        except asyncio.CancelledError:
+            if not term.fired:
+                raise
             state = "interrupted"
         except GapfillError:
             # The node or the database failed for good: the run says so, the plan stays open,
@@ -298,7 +307,15 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         store.close()
 
 
-def _sigterm_as_sigint() -> Any:
+@dataclass
+class _Term:
+    """What SIGTERM needs to stop an in-process run: the loop's main task, while it runs."""
+
+    task: asyncio.Task[Any] | None = None
+    fired: bool = False
+
+
+def _sigterm_as_sigint(term: _Term) -> Any:
     """In the main thread, make SIGTERM (``timeout``, systemd, ``docker stop``) stop an
     in-process run as Ctrl+C does: batches given back, the run marked interrupted. Returns
     the handler to restore, or None where signals cannot be handled (another thread)."""
@@ -306,17 +323,32 @@ def _sigterm_as_sigint() -> Any:
         return None
 
     def on_term(signum: int, frame: Any) -> None:
-        if not callable(signal.getsignal(signal.SIGINT)):
-            # SIGINT ignored: a background job of a script or cron (`cmd &` starts with
-            # SIGINT ignored), where raising it would do nothing. Stop the same way as
-            # Ctrl+C without the event loop's help: its tasks are cancelled as it closes.
+        if callable(signal.getsignal(signal.SIGINT)):
+            signal.raise_signal(signal.SIGINT)  # the event loop cancels its main task
+            return
+        # SIGINT ignored (a script's `cmd &` starts so): raising it would do nothing. Do what
+        # the loop's SIGINT handler does, cancel the main task, so the worker gives its
+        # batches back from its own await points; outside the loop, plain code is cut.
+        term.fired = True
+        task = term.task
+        if task is None:
             raise KeyboardInterrupt
-        signal.raise_signal(signal.SIGINT)
+        task.get_loop().call_soon_threadsafe(task.cancel)
 
     return signal.signal(signal.SIGTERM, on_term)
 
 
 async def _in_process(
+    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], term: _Term
+) -> None:
+    term.task = asyncio.current_task()
+    try:
+        await _enrich_in_process(job, store, emit, sequential, box)
+    finally:
+        term.task = None
+
+
+async def _enrich_in_process(
     job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any]
 ) -> None:
     settings = job.worker
@@ -444,7 +476,9 @@ class Coordinator:
         # Workers fork from a server process that imported the engine once: a spawned
         # worker would import everything again (~0.4 CPU s each, on the node's cores).
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["gapfill.engine.run"])
+        # keccak's backend too: gapfill.keccak loads it on first use, and a worker would
+        # pay that (~13 ms and a `file` subprocess) on every start and restart.
+        self.ctx.set_forkserver_preload(["gapfill.engine.run", "Crypto.Hash.keccak"])
         self.events: Any = self.ctx.Queue()
         self.stop = self.ctx.Event()
         self.slots: dict[int, _Slot] = {}
@@ -455,7 +489,8 @@ class Coordinator:
         self.done_batches = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.metrics: Any = None
-        self._sample_task: asyncio.Task[Any] | None = None  # the start-up sample, while it runs
+        #: The start-up sample or node probe, while it runs: a signal cancels it.
+        self._start_task: asyncio.Task[Any] | None = None
         self.sample: _Sample | None = None
 
     def _spawn(self, index: int) -> BaseProcess:
@@ -472,8 +507,8 @@ class Coordinator:
         if self.interrupts == 1:
             self.stopping_at = time.monotonic()
             self.stop.set()
-            task = self._sample_task
-            if task is not None:  # stop the sequential sample too (its rows are not written)
+            task = self._start_task
+            if task is not None:  # the sample (its rows are not written) or the probe
                 task.get_loop().call_soon_threadsafe(task.cancel)
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
@@ -483,18 +518,19 @@ class Coordinator:
                     s.proc.kill()
             self.stopping_at = -1.0  # at once
 
-    def _run_sample(self, store: Store) -> _Sample | None:
-        """The sequential sample, cancelled by a Ctrl+C or SIGTERM (see :meth:`_on_signal`)."""
+    def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
+        """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see
+        :meth:`_on_signal`); None when it was."""
 
-        async def sample() -> _Sample | None:
-            self._sample_task = asyncio.current_task()
+        async def main() -> T:
+            self._start_task = asyncio.current_task()
             try:
-                return await _measure_sequential(self.job, store)
+                return await work()
             finally:
-                self._sample_task = None
+                self._start_task = None
 
         try:
-            return asyncio.run(sample())
+            return asyncio.run(main())
         except asyncio.CancelledError:
             return None
 
@@ -502,6 +538,7 @@ class Coordinator:
         processed = failed = calls = retries = limited = 0
         if self.sample is not None:  # its rows are this run's too
             processed += self.sample.processed
+            failed += self.sample.failed
             calls += self.sample.calls
         for s in self.slots.values():
             processed += s.base_processed
@@ -553,7 +590,7 @@ class Coordinator:
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
-                    self.sample = self._run_sample(store)
+                    self.sample = self._cancellable(lambda: _measure_sequential(job, store))
                     if self.sample is not None:
                         seq = (self.sample.rate, self.sample.why)
             batches = refs = joined = 0
@@ -573,9 +610,10 @@ class Coordinator:
             if total_batches and self.stopping_at is None:
                 # One probe here fails fast with one sentence (unreachable node, wrong chain)
                 # instead of a crash loop of workers that each find out.
-                asyncio.run(_probe(job))
-                for i in range(self.workers):
-                    self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
+                self._cancellable(lambda: _probe(job))
+                if self.stopping_at is None:
+                    for i in range(self.workers):
+                        self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
             last_progress = last_expiry = 0.0
             db_down_since: float | None = None
             while True:

@@ -79,6 +79,11 @@ GAP_WHERE = f"""
 MAX_ATTEMPTS = 3
 
 
+def _fill_order(fill: tuple[int, int, str, str]) -> tuple[int, str, str]:
+    """(block, chain, contract, hash) fills, ordered by the refs' primary key."""
+    return fill[1], fill[2], fill[3]
+
+
 def json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
@@ -264,10 +269,11 @@ class Store(abc.ABC):
         chain's, and other contracts may share them). Refused while a batch of it is
         leased. Returns the rows deleted per table."""
         with self._tx() as cur:
+            # A lease past its expiry belongs to nobody (a killed run's): it does not block.
             cur.execute(
                 self._sql("SELECT count(*) FROM batches WHERE chain_id = ? AND contract = ? "
-                          "AND state = 'leased'"),
-                (chain_id, address),
+                          "AND state = 'leased' AND lease_expires_at >= ?"),
+                (chain_id, address, self._now(cur)),
             )  # fmt: skip
             if int(cur.fetchone()[0]):
                 raise GapfillError(
@@ -281,9 +287,16 @@ class Store(abc.ABC):
                 (chain_id, address),
             )  # fmt: skip
             deleted["lease_events"] = int(cur.rowcount)
+            # A failure record is the transaction's: it stays while another contract tracks it.
+            cur.execute(
+                self._sql("DELETE FROM failures WHERE chain_id = ? AND contract = ? AND NOT EXISTS "
+                          "(SELECT 1 FROM refs r WHERE r.chain_id = failures.chain_id "
+                          "AND r.tx_hash = failures.tx_hash AND r.contract <> ?)"),
+                (chain_id, address, address),
+            )  # fmt: skip
+            deleted["failures"] = int(cur.rowcount)
             for table, column in (("batches", "contract"), ("refs", "contract"),
-                                  ("coverage", "contract"), ("failures", "contract"),
-                                  ("contracts", "address")):  # fmt: skip
+                                  ("coverage", "contract"), ("contracts", "address")):  # fmt: skip
                 cur.execute(
                     self._sql(f"DELETE FROM {table} WHERE chain_id = ? AND {column} = ?"),
                     (chain_id, address),
@@ -542,8 +555,8 @@ class Store(abc.ABC):
                 has = unknown[key] = self._has_unknown_blocks(cur, *key)
             if has:
                 fills.append((r.block_number, r.chain_id, r.contract, r.tx_hash))
-        if fills:
-            cur.executemany(self._sql(self._FILL_BLOCK_SQL), fills)
+        if fills:  # in key order, as every writer of refs: no two can deadlock on them
+            cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
 
     def get_coverage(self, chain_id: int, contract: str) -> list[CoverageRange]:
         with self._read() as cur:
@@ -851,7 +864,7 @@ class Store(abc.ABC):
             if merged.txs or merged.logs:
                 self._upsert(cur, merged.txs, merged.logs)
             if fills:
-                cur.executemany(self._sql(self._FILL_BLOCK_SQL), fills)
+                cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
             self._record_failures(cur, merged)
         return held
 

@@ -96,7 +96,7 @@ def sqlite_path(url: str) -> str:
 def _hint(exc: sqlite3.Error) -> str:
     """What to do about a failed write, for the errors a user can fix."""
     text = str(exc).lower()
-    if "disk is full" in text or "disk i/o" in text:
+    if "disk is full" in text:
         return ("; free space on that disk (or move the database with --db), then rerun the same "
                 "command: what was committed is kept")  # fmt: skip
     if "readonly" in text or "read-only" in text:
@@ -173,7 +173,8 @@ class SqliteStore(Store):
             yield cur
         except sqlite3.Error as exc:
             self._conn.rollback()
-            raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc)}") from exc
+            doing = "writing to" if immediate else "reading from"
+            raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc)}") from exc
         except BaseException:
             self._conn.rollback()
             raise

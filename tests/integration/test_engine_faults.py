@@ -609,32 +609,6 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
 
 
 @pytest.mark.timeout(90)
-def test_ctrl_c_during_the_sequential_sample_stops_at_once_and_plans_nothing(
-    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
-) -> None:
-    # With no sequential run recorded, a concurrent run first enriches 20 refs one call at
-    # a time for its speedup figure. A Ctrl+C there went unheard until the sample was done,
-    # and the run then planned the whole gap anyway.
-    with psycopg.connect(pg_url, autocommit=True) as conn:  # the fixture's recorded rate
-        conn.execute("DELETE FROM runs WHERE mode = 'sequential'")
-    with emulator(node_chain.url, *LATENCY) as (rpc, _):
-        p = GapfillProc(["--db", pg_url, "--rpc-url", rpc, "enrich", "--mode", "concurrent",
-                         "--workers", "2"], tmp_path, "sampled")  # fmt: skip
-        try:
-            wait_for("the sample's first calls", lambda: emulator_stats(rpc)["methods"].get(
-                "eth_getTransactionReceipt", 0) >= 2, 60, proc=p)  # fmt: skip
-            os.kill(p.pid, signal.SIGINT)
-            rc, out = p.wait(30), p.output()
-        finally:
-            p.close()
-    assert rc == 130 and "Traceback" not in out, out
-    assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], out
-    assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)], "the cut sample was written"
-    assert query(pg_url, "SELECT state FROM runs") == [("interrupted",)]
-    assert "no new batches" in out and "processed: 0 transactions" in out, out
-
-
-@pytest.mark.timeout(90)
 def test_a_worker_ignores_another_chains_open_plan(
     pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
 ) -> None:
@@ -757,40 +731,36 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
 
 
 @pytest.mark.timeout(120)
-def test_ctrl_c_while_a_concurrent_run_starts_spawns_no_worker(
-    pg_url: str, node_chain: NodeChain, tmp_path: Path
+@pytest.mark.parametrize("phase", ["sample", "probe"])
+def test_ctrl_c_while_a_concurrent_run_starts_stops_it_at_once(
+    pg_url: str, node_chain: NodeChain, tmp_path: Path, phase: str
 ) -> None:
-    seed(pg_url, node_chain.chain)  # no recorded sequential rate: the run measures one first
-    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+    # sample: with no sequential rate recorded, the run first enriches 20 refs one call at
+    # a time; probe: the coordinator asks a slow node whether it serves what is needed.
+    # A Ctrl+C there used to wait for the whole phase, then plan and start workers anyway.
+    seed(pg_url, node_chain.chain)
+    if phase == "probe":
+        record_sequential_run(pg_url)
+    with emulator(node_chain.url, *(LATENCY if phase == "sample" else ("--latency-s", "3"))) as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
         try:
-            time.sleep(1.5)  # inside the sequential measurement (20 refs, one call at a time)
+            def in_phase() -> bool:
+                methods = emulator_stats(rpc)["methods"]
+                if phase == "probe":
+                    return methods.get("eth_chainId", 0) >= 1
+                return methods.get("eth_getTransactionReceipt", 0) >= 2  # the probe asks one
+
+            wait_for(f"the {phase} under way", in_phase, 60, proc=p)
             os.killpg(p.pid, signal.SIGINT)
             rc = p.wait(60)
         finally:
             p.close()
     out = p.output()
-    assert rc == 130, out
+    assert rc == 130 and "Traceback" not in out, out
     assert "[Worker-" not in out, out  # none started (they used to, then sat out the grace period)
     assert committed_count(pg_url) == 0 and leased_now(pg_url) == []
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("interrupted",)]
-
-
-@pytest.mark.timeout(90)
-def test_ctrl_c_while_the_coordinator_probes_a_slow_node_spawns_no_worker(
-    pg_url: str, node_chain: NodeChain, tmp_path: Path
-) -> None:
-    seed(pg_url, node_chain.chain)
-    record_sequential_run(pg_url)  # straight to the probe
-    with emulator(node_chain.url, "--latency-s", "3") as (rpc, _):
-        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
-        try:
-            wait_for("the probe's first call", lambda: emulator_stats(rpc)["requests"] >= 1, 30, proc=p)
-            os.killpg(p.pid, signal.SIGINT)
-            rc = p.wait(60)
-        finally:
-            p.close()
-    out = p.output()
-    assert rc == 130, out
-    assert "[Worker-" not in out, out  # the probe was cut; no worker started after it
-    assert leased_now(pg_url) == []
+    if phase == "sample":
+        assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], "planned after the Ctrl+C"
+        assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)], "the cut sample was written"
+        assert "processed: 0 transactions" in out, out

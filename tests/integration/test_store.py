@@ -387,7 +387,7 @@ def test_a_failed_sqlite_statement_is_a_store_error(tmp_path: Any) -> None:
     from gapfill.errors import StoreError
 
     with open_store(f"sqlite:///{tmp_path / 'x.db'}") as s:
-        with pytest.raises(StoreError, match="writing to .* failed: no such table"), s._tx() as cur:
+        with pytest.raises(StoreError, match=r"writing to .* failed: no such table"), s._tx() as cur:
             cur.execute("INSERT INTO no_such_table VALUES (1)")
-        with pytest.raises(StoreError, match="reading from .* failed"), s._read() as cur:
+        with pytest.raises(StoreError, match=r"reading from .* failed"), s._read() as cur:
             cur.execute("SELECT * FROM no_such_table")

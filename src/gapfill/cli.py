@@ -277,8 +277,15 @@ def address_arg(_: click.Context, __: click.Parameter, value: str | None) -> str
         raise click.BadParameter(str(exc)) from None
 
 
+def one_address(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> str | None:
+    """``--contract`` given at most once: click would silently keep only the last."""
+    if len(values) > 1:
+        raise click.BadParameter("give it once (or leave it out for every tracked contract)")
+    return address_arg(ctx, param, values[0] if values else None)
+
+
 _Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-contract_option: _Decorator = click.option("--contract", "contract", callback=address_arg, default=None,
+contract_option: _Decorator = click.option("--contract", "contract", callback=one_address, multiple=True,
                                help="Contract address (default: every tracked contract).")  # fmt: skip
 chain_option: _Decorator = click.option(
     "--chain-id", type=int_range(1), default=None,
@@ -401,7 +408,7 @@ def contract_list(ctx: Ctx, as_json: bool) -> None:
 
 @cli.command("import")
 @click.argument("file")
-@click.option("--contract", "contract", callback=address_arg, required=True,
+@click.option("--contract", "contract", callback=one_address, multiple=True, required=True,
               help="The contract these transactions belong to.")
 @chain_option
 @pass_ctx
@@ -752,7 +759,9 @@ def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool
         return
     for f, at in rows:
         kind = "permanent" if f.permanent else "transient, still in the gap"
-        click.echo(f"{f.chain_id} {f.tx_hash} {f.reason} ({kind}, {f.attempts} attempt(s), {at}): "
+        # `attempts` counts the times a run recorded it; the error itself may count RPC tries.
+        times = "once" if f.attempts == 1 else f"{f.attempts} times"
+        click.echo(f"{f.chain_id} {f.tx_hash} {f.reason} ({kind}, recorded {times}, last {at}): "
                    f"{f.last_error}")
 
 

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from gapfill.cli import Ctx, address_arg, chain_option, cli, resolve_targets
+from gapfill.cli import Ctx, chain_option, cli, contract_option, resolve_targets
 from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
 from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
@@ -65,8 +65,7 @@ class _Printer:
 
 
 @click.command("discover")
-@click.option("--contract", "contract", callback=address_arg, default=None,
-              help="Contract address (default: every tracked contract).")
+@contract_option
 @chain_option
 @click.option("--from-block", type=int_range(0), default=None,
               help="First block [default: the contract's start block, or 0].")

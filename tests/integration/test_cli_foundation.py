@@ -459,3 +459,10 @@ def test_contract_remove_asks_then_forgets_the_contract(tracked: str) -> None:
     assert run(tracked, "contract", "list").output == ""
     r = run(tracked, "contract", "remove", C, "--yes")
     assert r.exit_code == 1 and "is not tracked" in one_sentence(r)
+
+
+def test_contract_given_twice_is_wrong_usage_not_the_last_one(tracked: str) -> None:
+    other = "0x" + "cd" * 20
+    for cmd in (("status",), ("failures",), ("enrich", "--dry-run"), ("discover",), ("import", "-")):
+        r = run(tracked, *cmd, "--contract", C, "--contract", other)
+        assert r.exit_code == 2 and "give it once" in r.output + r.stderr, r.output

@@ -386,6 +386,9 @@ def test_unknown_hash_is_a_permanent_not_found_failure(db_url: str, world: World
     (f,) = failures_json(db_url)
     assert (f["tx_hash"], f["contract"], f["reason"], f["permanent"]) == (
         MISSING_HASH, chain.token, "not_found", True)  # fmt: skip
+    code, out = gapfill(db_url, None, "failures")
+    # Recorded once (by one run), whatever number of RPC tries its error mentions.
+    assert code == 0 and f"{MISSING_HASH} not_found (permanent, recorded once, last " in out, out
     code, out = gapfill(db_url, None, "status", "--json")
     token_status = next(s for s in json.loads(out) if s["contract"] == chain.token)
     assert token_status["failed"] == 1 and token_status["missing"] == 0

@@ -787,7 +787,8 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
         rate = f"{r.processed / secs:,.1f} tx/s" if secs else "-"
         click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {r.state}: "
                    f"{r.processed:,} processed, {r.failed:,} failed, {r.rpc_calls:,} calls, "
-                   f"{rate}")  # fmt: skip
+                   f"{rate}" + (f" ({redact_text(r.note, *ctx.secrets())})"
+                                if r.note and r.state != "done" else ""))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -447,3 +447,19 @@ def test_concurrent_mode_on_postgres_is_exact(pg_url: str, world: World, tmp_pat
     assert run["processed"] >= len(hashes), run
     before = assert_exact(pg_url, world, hashes)
     assert_rerun_is_a_no_op(pg_url, world, before)
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_run_that_fails_says_why_in_runs(db_url: str, world: World, mode: str) -> None:
+    # Contracts tracked on chain 1, a node of chain 31337: the run fails, and `runs` keeps why.
+    from gapfill.model import Contract, Ref
+
+    with open_store(db_url) as store:
+        store.add_contract(Contract(1, world.chain.token))
+        store.add_refs([Ref(1, world.chain.token, MISSING_HASH, 5, "test")])
+    code, out = gapfill(db_url, world.node.url, "enrich", "--chain-id", "1", "--mode", mode,
+                        "--workers", "2", "-q")  # fmt: skip
+    assert code == 1 and "serves chain 31337, expected 1" in out, out
+    code, out = gapfill(db_url, None, "runs")
+    assert code == 0 and f"{mode} x" in out and " failed: " in out, out
+    assert "serves chain 31337, expected 1" in out, out

@@ -270,13 +270,13 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             if not term.fired:
                 raise
             state = "interrupted"
-        except GapfillError:
-            # The node or the database failed for good: the run says so, the plan stays open,
-            # and the row keeps what was committed before.
+        except GapfillError as exc:
+            # The node or the database failed for good: the run says so (and why), the plan
+            # stays open, and the row keeps what was committed before.
             w = totals_box.get("totals")
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 store.finish_run(run_id, "failed", w.processed if w else 0, w.failed if w else 0,
-                                 totals_box.get("calls", 0))  # fmt: skip
+                                 totals_box.get("calls", 0), note=str(exc)[:1000])  # fmt: skip
             raise
         finally:
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
@@ -578,6 +578,7 @@ class Coordinator:
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         t0 = time.perf_counter()
         run_id = 0
+        why: str | None = None  # the sentence a failed run ends with, kept in its note
         state = "done"
         seq: tuple[float, str] | None = None
         try:
@@ -682,8 +683,9 @@ class Coordinator:
                     store.release_owner(self._owner(s), "worker stopped")
             if self.stopping_at is not None:
                 state = "interrupted"
-        except GapfillError:
+        except GapfillError as exc:
             state = "failed"
+            why = str(exc)[:1000]
             raise
         finally:
             signal.signal(signal.SIGINT, old_int)
@@ -699,7 +701,7 @@ class Coordinator:
             processed, failed, calls, _, _ = self.totals()
             if run_id:
                 with contextlib.suppress(GapfillError):
-                    store.finish_run(run_id, state, processed, failed, calls)
+                    store.finish_run(run_id, state, processed, failed, calls, note=why)
             permanent = 0
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)

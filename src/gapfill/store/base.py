@@ -600,16 +600,18 @@ class Store(abc.ABC):
             return int(cur.fetchone()[0])
 
     def finish_run(
-        self, run_id: int, state: str, processed: int, failed: int, rpc_calls: int
+        self, run_id: int, state: str, processed: int, failed: int, rpc_calls: int,
+        note: str | None = None,
     ) -> None:
+        """Record how a run ended; ``note`` (why it failed, say) replaces the run's note."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
                 self._sql(
                     "UPDATE runs SET finished_at = ?, state = ?, processed = ?, failed = ?, "
-                    "rpc_calls = ? WHERE run_id = ?"
+                    "rpc_calls = ?, note = COALESCE(?, note) WHERE run_id = ?"
                 ),
-                (now, state, processed, failed, rpc_calls, run_id),
+                (now, state, processed, failed, rpc_calls, note, run_id),
             )
 
     def list_runs(self, limit: int = 50) -> list[RunInfo]:

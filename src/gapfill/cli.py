@@ -124,6 +124,9 @@ class GapfillGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
+        except click.exceptions.Abort:  # a prompt met end of input or Ctrl+C
+            click.echo("aborted: nothing was changed", err=True)
+            raise SystemExit(1) from None
         except BrokenPipeError as exc:
             if not _stdout_gone():  # another pipe (a worker's, say): a real error
                 _internal_error(ctx, exc)
@@ -372,14 +375,21 @@ def load_abi(path: str) -> list[dict[str, Any]]:
 @contract.command("remove")
 @click.argument("address", callback=address_arg)
 @chain_option
-@click.confirmation_option(prompt="Remove the contract with its refs, plan and failure records?",
-                           help="Do not ask for confirmation.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
-def contract_remove(ctx: Ctx, address: str, chain_id: int | None) -> None:
+def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> None:
     """Stop tracking ADDRESS: its refs, plan, coverage and failure records are deleted; the
     transactions and logs already stored stay."""
     store = ctx.store()
     c = store.get_contract(address, chain_id)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError(f"contract remove deletes the refs and plan of {c.address}: pass --yes "
+                              "to confirm")  # fmt: skip
+        if not click.confirm(f"Remove {c.address} on chain {c.chain_id} with its refs, plan and "
+                             "failure records?", default=False):  # fmt: skip
+            raise GapfillError("nothing removed")
+    store.release_dead_local_owners()  # a killed run's leases block nothing
     deleted = store.remove_contract(c.chain_id, c.address)
     click.echo(f"removed {c.address} on chain {c.chain_id}: {deleted['refs']:,} refs, "
                f"{deleted['batches']:,} batches, {deleted['failures']:,} failure records; "

@@ -452,8 +452,8 @@ def test_sigterm_stops_any_command_as_ctrl_c_does(tracked: str) -> None:
 
 def test_contract_remove_asks_then_forgets_the_contract(tracked: str) -> None:
     run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(2)}\n")
-    r = run(tracked, "contract", "remove", C, input="n\n")
-    assert r.exit_code == 1 and refs_of(tracked) != []  # declined: nothing removed
+    r = run(tracked, "contract", "remove", C, input="y\n")  # not a terminal: --yes or nothing
+    assert r.exit_code == 1 and "pass --yes to confirm" in one_sentence(r) and refs_of(tracked) != []
     r = run(tracked, "contract", "remove", C, "--yes")
     assert r.exit_code == 0 and f"removed {C} on chain 1: 2 refs" in r.output, r.output
     assert run(tracked, "contract", "list").output == ""

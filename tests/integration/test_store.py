@@ -232,6 +232,7 @@ def test_checking_for_expired_leases_does_not_take_sqlites_write_lock(tmp_path: 
 
     with SqliteStore(f"sqlite:///{tmp_path}/x.db") as s:
         s.migrate()
+        s.add_contract(Contract(1, C))
         s.add_refs([Ref(1, C, h(i), i) for i in range(1, 4)])
         s.plan(s.create_run("concurrent", 1), [(1, C)])
         assert s.lease("w", 60.0) is not None
@@ -258,6 +259,7 @@ def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path
     from gapfill.store.sqlite import PAGE_SIZE, WAL_CHECKPOINT_BYTES
 
     with open_store(f"sqlite:///{tmp_path}/new.db") as s:
+        s.add_contract(Contract(1, C))
         s.add_refs([Ref(1, C, h(1), 7)])
     conn = sqlite3.connect(tmp_path / "new.db")
     assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
@@ -267,6 +269,7 @@ def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path
     old.execute("CREATE TABLE t (a)")  # an existing file with SQLite's default 4 KiB pages
     old.close()
     with open_store(f"sqlite:///{tmp_path}/old.db") as s:
+        s.add_contract(Contract(1, C))
         s.add_refs([Ref(1, C, h(1), 7)])
         assert s.count_gap(1, C) == 1
         conn = s._conn  # type: ignore[attr-defined]
@@ -351,6 +354,10 @@ def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_e
     store.plan(store.create_run("batch", 1), [(1, C)], batch_size=500)
     batch = store.lease("w", 60.0)
     assert batch is not None and batch.hi[0] == UNKNOWN_BLOCK_KEY
+    # While the plan is open a ref's key must not move under its batches (a run could end
+    # with it left behind): an import that knows the block waits for the enrichment.
+    store.add_refs([Ref(1, C, h(3), 3)])
+    assert block_of(store, 3) is None
     refs = store.batch_refs(batch)
     assert store.commit_batch(batch, Enriched([tx_row(int(r.tx_hash, 16), 30 + int(r.tx_hash, 16))
                                                for r in refs]))  # fmt: skip
@@ -381,6 +388,14 @@ def test_removing_a_contract_keeps_the_chains_rows_and_other_contracts(store: St
     assert [r.tx_hash for r in store.iter_gap(1, other)] == []
     with pytest.raises(UnknownContractError):
         store.get_contract(C)
+    # A discovery or an import that was running meanwhile writes nothing for it any more.
+    from gapfill.model import CoverageRange
+
+    with pytest.raises(UnknownContractError, match="no longer tracked"):
+        store.add_refs_and_coverage([Ref(1, C, h(9), 9, "logs")], [CoverageRange(1, C, 0, 9, "logs")])
+    with pytest.raises(UnknownContractError, match="no longer tracked"):
+        store.add_refs([Ref(1, C, h(9), 9)])
+    assert store.count_gap(1, C) == 0 and store.get_coverage(1, C) == []
 
 
 def test_a_failed_sqlite_statement_is_a_store_error(tmp_path: Any) -> None:

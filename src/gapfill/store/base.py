@@ -511,6 +511,8 @@ class Store(abc.ABC):
     def add_refs_and_coverage(self, refs: Sequence[Ref], ranges: Sequence[CoverageRange]) -> int:
         """Discovery's commit: found refs and the ranges they cover, atomically."""
         with self._tx() as cur:
+            for chain_id, contract in {(r.chain_id, r.contract) for r in refs}:
+                self._require_tracked(cur, chain_id, contract)
             new = self._insert_refs(cur, refs)
             self._fill_unknown_blocks(cur, refs, {})
             cur.executemany(
@@ -525,19 +527,47 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int: ...
 
+    _SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE" (SQLite's write transaction excludes all)
+
+    def _require_tracked(self, cur: Any, chain_id: int, contract: str) -> None:
+        """Refs are only written for a tracked contract: one removed while a discovery or an
+        import ran must not come back as rows nobody can see or remove. The row stays locked
+        until the writer commits, so a removal waits for it."""
+        cur.execute(
+            self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._SHARE_LOCK}"),
+            (chain_id, contract),
+        )
+        if cur.fetchone() is None:
+            raise UnknownContractError(
+                f"contract {contract} on chain {chain_id} is no longer tracked (removed meanwhile): "
+                "nothing was written; add it again with `gapfill contract add` if it was a mistake"
+            )
+
     _FILL_BLOCK_SQL = (
         "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
         "AND block_number IS NULL"
     )
 
     def _has_unknown_blocks(self, cur: Any, chain_id: int, contract: str) -> bool:
-        """Whether a contract has refs without a block number (one probe of the key index)."""
+        """Whether a contract has refs without a block number that may be given one now:
+        one probe of the key index, and none while a plan of the contract is open (a ref's
+        key would move under its batches, and a run could end with it left behind; the
+        ref then gets its block from its own enrichment). Holds the planning lock, so a
+        plan cannot start in between."""
         cur.execute(
             self._sql(f"SELECT 1 FROM refs r WHERE r.chain_id = ? AND r.contract = ? "
                       f"AND {KEY_SQL} = ? LIMIT 1"),
             (chain_id, contract, UNKNOWN_BLOCK_KEY),
         )  # fmt: skip
-        return cur.fetchone() is not None
+        if cur.fetchone() is None:
+            return False
+        self._plan_lock(cur)
+        cur.execute(
+            self._sql("SELECT 1 FROM batches WHERE chain_id = ? AND contract = ? "
+                      "AND state IN ('pending', 'leased') LIMIT 1"),
+            (chain_id, contract),
+        )  # fmt: skip
+        return cur.fetchone() is None
 
     def _fill_unknown_blocks(
         self, cur: Any, refs: Sequence[Ref], unknown: dict[tuple[int, str], bool]

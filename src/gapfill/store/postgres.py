@@ -147,6 +147,7 @@ def translate(exc: psycopg.Error, url: str) -> StoreError:
 class PostgresStore(Store):
     backend = "postgres"
     _LEASE_LOCK = " FOR UPDATE SKIP LOCKED"
+    _SHARE_LOCK = " FOR SHARE"
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self.url = url
@@ -250,6 +251,7 @@ class PostgresStore(Store):
                     copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
             # Refs already there without a block number get the one this import knows.
             for chain_id, contract in contracts:
+                self._require_tracked(cur, chain_id, contract)
                 if self._has_unknown_blocks(cur, chain_id, contract):
                     cur.execute(
                         "UPDATE refs r SET block_number = s.block_number FROM stage_refs s "

@@ -208,16 +208,24 @@ class SqliteStore(Store):
         with self._tx() as cur:
             new = 0
             unknown: dict[tuple[int, str], bool] = {}
+            tracked: set[tuple[int, str]] = set()
             chunk: list[Ref] = []
+
+            def flush() -> int:
+                for key in {(r.chain_id, r.contract) for r in chunk} - tracked:
+                    self._require_tracked(cur, *key)
+                    tracked.add(key)
+                added = self._insert_refs(cur, chunk)
+                self._fill_unknown_blocks(cur, chunk, unknown)
+                chunk.clear()
+                return added
+
             for r in refs:
                 chunk.append(r)
                 if len(chunk) >= 10_000:
-                    new += self._insert_refs(cur, chunk)
-                    self._fill_unknown_blocks(cur, chunk, unknown)
-                    chunk.clear()
+                    new += flush()
             if chunk:
-                new += self._insert_refs(cur, chunk)
-                self._fill_unknown_blocks(cur, chunk, unknown)
+                new += flush()
             return new
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:

@@ -406,3 +406,18 @@ def test_a_failed_sqlite_statement_is_a_store_error(tmp_path: Any) -> None:
             cur.execute("INSERT INTO no_such_table VALUES (1)")
         with pytest.raises(StoreError, match=r"reading from .* failed"), s._read() as cur:
             cur.execute("SELECT * FROM no_such_table")
+
+
+def test_a_failure_is_seen_and_retried_through_every_contract_tracking_its_transaction(
+    store: Store,
+) -> None:
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(1), 1), Ref(1, other, h(1), 1)])
+    store.write(Enriched(failures=[Failure(1, h(1), C, "not_found", "null")]))  # recorded under C
+    assert [f.tx_hash for f, _ in store.list_failures(1, other)] == [h(1)]
+    assert store.count_permanent_failures(1, other) == 1
+    assert [r.tx_hash for r in store.iter_failed_refs(1, other)] == [h(1)]
+    store.remove_contract(1, C)  # the failure is the transaction's: it stays, for `other`
+    assert store.clear_failures(1, other) == 1
+    assert [r.tx_hash for r in store.iter_gap(1, other)] == [h(1)]

@@ -76,6 +76,13 @@ GAP_WHERE = f"""
                       AND f.reason IN ({_PERMANENT_IN}))
 """
 
+#: A failure concerns a contract that recorded it or tracks its transaction: a failure row
+#: is the transaction's (keyed by hash), with the contract of the run that recorded it.
+_OF_CONTRACT = (
+    "(f.contract = ? OR EXISTS (SELECT 1 FROM refs r WHERE r.chain_id = f.chain_id "
+    "AND r.tx_hash = f.tx_hash AND r.contract = ?))"
+)
+
 MAX_ATTEMPTS = 3
 
 
@@ -445,21 +452,22 @@ class Store(abc.ABC):
     ) -> list[tuple[Failure, str]]:
         """Failures with the time they were last recorded (ISO text)."""
         sql = (
-            "SELECT chain_id, tx_hash, contract, reason, last_error, attempts, at FROM failures "
-            "WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) AND (CAST(? AS TEXT) IS NULL OR contract = ?) "
+            "SELECT chain_id, tx_hash, contract, reason, last_error, attempts, at FROM failures f "
+            "WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
+            f"AND (CAST(? AS TEXT) IS NULL OR {_OF_CONTRACT}) "
             "ORDER BY chain_id, contract, tx_hash LIMIT ?"
         )
         with self._read() as cur:
-            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract, limit))
+            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract, contract, limit))
             return [(Failure(int(c), h, k, r, e, int(a)), str(at))
                     for c, h, k, r, e, a, at in cur.fetchall()]  # fmt: skip
 
     def count_permanent_failures(self, chain_id: int, contract: str) -> int:
         with self._read() as cur:
             cur.execute(
-                self._sql(f"SELECT count(*) FROM failures WHERE chain_id = ? AND contract = ? "
+                self._sql(f"SELECT count(*) FROM failures f WHERE chain_id = ? AND {_OF_CONTRACT} "
                           f"AND reason IN ({_PERMANENT_IN})"),
-                (chain_id, contract),
+                (chain_id, contract, contract),
             )  # fmt: skip
             return int(cur.fetchone()[0])
 
@@ -468,18 +476,18 @@ class Store(abc.ABC):
     ) -> int:
         """Put failed refs back into the gap (``enrich --retry-failed``)."""
         sql = (
-            "DELETE FROM failures WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
-            "AND (CAST(? AS TEXT) IS NULL OR contract = ?)"
+            "DELETE FROM failures AS f WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
+            f"AND (CAST(? AS TEXT) IS NULL OR {_OF_CONTRACT})"
         )
         if permanent_only:
             sql += f" AND reason IN ({_PERMANENT_IN})"
         with self._tx() as cur:
-            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract))
+            cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract, contract))
             return int(cur.rowcount)
 
     def iter_failed_refs(self, chain_id: int, contract: str) -> Iterator[Ref]:
         """The refs :meth:`clear_failures` would put back into the gap (``enrich --dry-run
-        --retry-failed``): without a row, permanently failed for this contract."""
+        --retry-failed``): without a row, their transaction permanently failed."""
         with self._read() as cur:
             cur.execute(
                 self._sql(
@@ -487,8 +495,7 @@ class Store(abc.ABC):
                     "WHERE r.chain_id = ? AND r.contract = ? AND NOT EXISTS (SELECT 1 FROM "
                     "transactions t WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash) "
                     "AND EXISTS (SELECT 1 FROM failures f WHERE f.chain_id = r.chain_id "
-                    "AND f.tx_hash = r.tx_hash AND f.contract = r.contract "
-                    f"AND f.reason IN ({_PERMANENT_IN}))"
+                    f"AND f.tx_hash = r.tx_hash AND f.reason IN ({_PERMANENT_IN}))"
                 ),
                 (chain_id, contract),
             )

@@ -117,6 +117,8 @@ class GapfillGroup(click.Group):
         # `timeout`, systemd and `docker stop` send SIGTERM: every command stops as on Ctrl+C
         # (enrich's modes install their own handlers on top of this one).
         old_term = _term_as_interrupt()
+        # Read by the group's callback, once click has moved the subcommand's arguments away.
+        ctx.meta["gapfill.help_asked"] = any(a in ("-h", "--help") for a in ctx.args)
         try:
             return super().invoke(ctx)
         except GapfillError as exc:
@@ -188,7 +190,7 @@ def _is_tty() -> bool:
 @click.option("--rps", type=FiniteFloatRange(min=0.001), envvar="GAPFILL_RPS", show_envvar=True,
               default=None, help="Calls per second per endpoint, shared by all processes of this host.")
 @click.option("--config", "config_file", envvar="GAPFILL_CONFIG", show_envvar=True, default=None,
-              help="TOML config file [default: ./gapfill.toml when present].")
+              help="TOML config file [default: ./gapfill.toml when present; '' for none].")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="gapfill")
 @click.pass_context
@@ -202,10 +204,15 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A subcommand's --help must work whatever the config file says (it is what one reads
+    # to fix it): then a broken file is left unread.
+    help_asked = bool(ctx.meta.get("gapfill.help_asked"))
     try:
         file = load_config(config_file)
     except GapfillError as exc:
-        fail(None, exc)
+        if not help_asked:
+            fail(None, exc)
+        file = FileConfig()
     obj = Ctx(db_url or file.db or DEFAULT_DB_URL, rpc_urls, rps, file, verbose)
     ctx.obj = obj
     if file.enrich:
@@ -213,7 +220,9 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         try:
             defaults = enrich_defaults(file)
         except GapfillError as exc:
-            fail(None, exc)
+            if not help_asked:
+                fail(None, exc)
+            defaults = {}
         ctx.default_map = {"enrich": defaults,
                            "worker": {k: v for k, v in defaults.items()
                                       if k not in ("mode", "batch_size")}}  # fmt: skip

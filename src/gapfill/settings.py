@@ -85,6 +85,10 @@ def _or_list(items: tuple[str, ...]) -> str:
 
 
 def config_path(explicit: str | None) -> Path | None:
+    """The config file to read: --config, else GAPFILL_CONFIG, else ./gapfill.toml if there.
+    An empty --config or GAPFILL_CONFIG means none (to skip a ./gapfill.toml)."""
+    if explicit == "":
+        return None
     if explicit:
         p = Path(explicit)
         if p.is_dir():
@@ -93,6 +97,8 @@ def config_path(explicit: str | None) -> Path | None:
             raise ConfigError(f"config file {explicit} does not exist: fix --config or GAPFILL_CONFIG")
         return p
     env = os.environ.get("GAPFILL_CONFIG")
+    if env == "":
+        return None
     if env:
         p = Path(env)
         if not p.is_file():

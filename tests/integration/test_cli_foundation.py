@@ -236,6 +236,7 @@ def test_status_plain_and_json(tracked: str, tmp_path: Path) -> None:
     ("url", "needle"),
     [
         ("postgresql://gapfill:hunter2secret@127.0.0.1:1/nope", "could not connect"),
+        ("postgresql://gapfill:hunter2@secret@127.0.0.1:1/nope", "write it as %40"),
         ("mysql://root:hunter2secret@127.0.0.1/x", "unsupported database URL scheme"),
         ("sqlite:///no/such/dir/x.db", "does not exist"),
     ],
@@ -344,7 +345,7 @@ def test_a_bad_value_in_the_config_files_enrich_table_names_the_file(
 ) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"[enrich]\n{setting}\n")
-    r = run(tracked, "--config", str(cfg), command, "--dry-run" if command == "enrich" else "--help")
+    r = run(tracked, "--config", str(cfg), command, *(["--dry-run"] if command == "enrich" else []))
     assert r.exit_code == 1, r.output
     assert one_sentence(r) == f"error: config file {cfg}: [enrich] {said}"
 
@@ -466,3 +467,17 @@ def test_contract_given_twice_is_wrong_usage_not_the_last_one(tracked: str) -> N
     for cmd in (("status",), ("failures",), ("enrich", "--dry-run"), ("discover",), ("import", "-")):
         r = run(tracked, *cmd, "--contract", C, "--contract", other)
         assert r.exit_code == 2 and "give it once" in r.output + r.stderr, r.output
+
+
+def test_a_broken_config_file_leaves_help_working_and_can_be_skipped(
+    tracked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gapfill.toml").write_text("bogus = 1\n")  # read by default from here
+    r = run(tracked, "status")
+    assert r.exit_code == 1 and "has no setting bogus" in one_sentence(r)
+    r = run(tracked, "status", "--help")  # what one reads to fix it
+    assert r.exit_code == 0 and "status [OPTIONS]" in r.output
+    assert run(tracked, "--config", "", "status").exit_code == 0  # skipped
+    monkeypatch.setenv("GAPFILL_CONFIG", "")
+    assert run(tracked, "status").exit_code == 0

@@ -150,6 +150,12 @@ class PostgresStore(Store):
     _SHARE_LOCK = " FOR SHARE"
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+        if "://" in url and url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:
+            # libpq splits user:password@host at the first '@': the rest of the password
+            # would become the host, and appear in its error message.
+            raise StoreError(
+                "the password in --db / GAPFILL_DB contains '@': write it as %40 in the URL"
+            )
         self.url = url
         self.display_url = redact_url(url)
         self._connect_timeout_s = connect_timeout_s

@@ -78,6 +78,10 @@ class Ctx:
                 "no RPC endpoint is set: pass --rpc-url URL, set ETH_RPC_URL, "
                 "or add [[endpoints]] to gapfill.toml"
             )
+        from gapfill.rpc.config import EndpointConfig
+
+        for e in eps:  # a malformed URL is said now, before a run row or a plan is written
+            EndpointConfig(e.url, e.rps)
         return eps
 
     def secrets(self) -> list[str]:

@@ -481,3 +481,12 @@ def test_a_broken_config_file_leaves_help_working_and_can_be_skipped(
     assert run(tracked, "--config", "", "status").exit_code == 0  # skipped
     monkeypatch.setenv("GAPFILL_CONFIG", "")
     assert run(tracked, "status").exit_code == 0
+
+
+def test_a_malformed_rpc_url_is_refused_before_a_run_is_recorded(tracked: str) -> None:
+    run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n")
+    for url in ("127.0.0.1:8545/KEYKEYKEY", "http://127.0.0.1:99999/KEYKEYKEY"):
+        r = run(tracked, "--rpc-url", url, "enrich", "--mode", "batch")
+        assert r.exit_code == 1 and "KEYKEYKEY" not in r.output + r.stderr, r.output + r.stderr
+        assert "check --rpc-url" in one_sentence(r)
+    assert run(tracked, "runs").output.strip() == "no runs yet"

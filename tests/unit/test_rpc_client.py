@@ -458,5 +458,31 @@ async def test_probe_of_a_web_page_says_what_to_check(make_node: Any, tmp_path: 
             await client.probe()
     message = str(info.value)
     assert "HTML" in message and "Welcome" not in message and KEY not in message
-    assert message.endswith("check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC endpoint of "
-                            "an Ethereum node")
+    if status == 502:  # a gateway in front of a failing node
+        assert message.endswith("the node is failing: try again later, or use another --rpc-url")
+    else:
+        assert message.endswith("check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC endpoint of "
+                                "an Ethereum node")
+
+
+@pytest.mark.parametrize(("answer", "refused"), [("missing", True), ("failing", False)])
+async def test_require_refuses_only_a_node_that_says_it_lacks_the_method(
+    make_node: Any, tmp_path: Any, answer: str, refused: bool
+) -> None:
+    # A flaky provider (its answers fail) is not taken for a node without the method.
+    def behave(node: FakeNode, body: Any) -> web.Response:
+        if any(c["method"] == "eth_getTransactionReceipt" for c in as_batch(body)):
+            if answer == "failing":
+                return web.Response(status=502, text="<html>Bad gateway</html>", content_type="text/html")
+            return reply(body, [err(c, -32601, "the method eth_getTransactionReceipt does not exist")
+                                for c in as_batch(body)])  # fmt: skip
+        return reply(body, [ok(c, "0x7a69") for c in as_batch(body)])
+
+    node = await make_node(behave)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        await client.probe()
+        if refused:
+            with pytest.raises(RpcError, match="does not serve eth_getTransactionReceipt"):
+                await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")
+        else:
+            await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")

@@ -15,6 +15,7 @@ import contextvars
 import itertools
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -175,7 +176,9 @@ class RpcClient:
             for endpoint, out in zip(self._endpoints, outcomes, strict=True):
                 if isinstance(out, CallError):
                     message = self._as_rpc_error("eth_chainId", out).args[0]
-                    if "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
+                    if re.search(r"HTTP 5\d\d", message):  # the node (or its gateway) failing
+                        message += "; the node is failing: try again later, or use another --rpc-url"
+                    elif "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
                         message += ("; check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC "
                                     "endpoint of an Ethereum node")
                     failed.append((endpoint, message))
@@ -227,16 +230,24 @@ class RpcClient:
 
     async def supports(self, method: str, params: list[Any]) -> bool:
         """Whether some usable endpoint serves ``method`` (tried once with ``params``, cached)."""
+        return await self._answers(method, params) is True
+
+    async def _answers(self, method: str, params: list[Any]) -> bool | None:
+        """True if some usable endpoint serves ``method``; False if every one refused it;
+        None if none said yes but some could not tell (their answers failed)."""
         usable = [e for e in self._endpoints if e.usable()]
         answers = await asyncio.gather(*(self._endpoint_supports(e, method, params) for e in usable))
-        return any(answers)
+        if any(a is True for a in answers):
+            return True
+        return None if any(a is None for a in answers) else False
 
     async def require(self, methods: Sequence[str], params: list[Any], why: str) -> None:
-        """Raise :class:`RpcError` unless some usable endpoint serves each of ``methods``
-        (each tried once with ``params``): one sentence up front instead of every call
-        failing later."""
-        served = await asyncio.gather(*(self.supports(m, params) for m in methods))
-        missing = [m for m, ok in zip(methods, served, strict=True) if not ok]
+        """Raise :class:`RpcError` if every usable endpoint refuses one of ``methods`` (each
+        tried once with ``params``): one sentence up front instead of every call failing
+        later. A node whose answers fail (a flaky provider) is not taken for one without
+        the method: the run goes on, and its calls are retried as usual."""
+        served = await asyncio.gather(*(self._answers(m, params) for m in methods))
+        missing = [m for m, ok in zip(methods, served, strict=True) if ok is False]
         if missing:
             shown = ", ".join(e.shown for e in self._endpoints if e.usable())
             raise RpcError(
@@ -244,7 +255,10 @@ class RpcClient:
                 "use another --rpc-url"
             )
 
-    async def _endpoint_supports(self, endpoint: Endpoint, method: str, params: list[Any]) -> bool:
+    async def _endpoint_supports(
+        self, endpoint: Endpoint, method: str, params: list[Any]
+    ) -> bool | None:
+        """True or False as the endpoint answered; None when its answer failed."""
         if method in endpoint.supported:
             return True
         if method in endpoint.unsupported:
@@ -259,7 +273,7 @@ class RpcClient:
             logger.warning(
                 "could not tell whether %s serves %s: %s", endpoint.shown, method, out.message
             )
-            return False
+            return None
         endpoint.supported.add(method)
         return True
 

@@ -36,6 +36,7 @@ from engine_support import (
     chain_refs,
     cmdline,
     committed_count,
+    descendants,
     emulator,
     emulator_stats,
     exactness_problems,
@@ -604,6 +605,31 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
         assert leased_now(pg_url) == [], "SIGTERM left leases behind"
         assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("interrupted",)]
         rc, out = gapfill(batch_args(pg_url, rpc), tmp_path, "rerun")
+    assert rc == 0, out
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(120)
+def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # SIGKILL (the OOM killer, say) gives the coordinator no chance to stop its workers;
+    # nothing supervises them any more, so they stop as on Ctrl+C instead of running on
+    # to the end of the plan (with a slow node, that would take a while).
+    with emulator(node_chain.url, "--latency-s", "1") as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "coordinator")
+        try:
+            wait_for("workers with batches", lambda: len(leased_now(pg_url)) >= 2, 60, proc=p)
+            workers = descendants(p.pid) | p.seen  # the fork server, the workers
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+            wait_for("the workers to stop", lambda: not any(alive(w) for w in workers), 60)
+        finally:
+            p.close()
+        assert leased_now(pg_url) == [], "a stopped worker kept its lease"
+        assert query(pg_url, "SELECT count(*) FROM batches WHERE state = 'pending'")[0][0] > 0, (
+            "the orphaned workers ran the plan to its end")
+    rc, out = gapfill(enrich_args(pg_url, node_chain.url), tmp_path, "rerun")
     assert rc == 0, out
     assert_exact(pg_url, node_chain, truth, seeded)
 

@@ -50,6 +50,7 @@ from gapfill.errors import GapfillError, Interrupted, RpcError, StoreError
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 from gapfill.store import Store, open_store, owner_name
+from gapfill.store.base import pid_alive
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -395,8 +396,9 @@ def _metrics(processed: int, failed: int, calls: int, retries: int, limited: int
 # -- worker processes ----------------------------------------------------------------------
 
 
-def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any) -> None:
-    """Entry point of a worker process (forked by the coordinator's fork server)."""
+def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any, coordinator: int = 0) -> None:
+    """Entry point of a worker process (forked by the coordinator's fork server; ``coordinator``
+    is its pid: a worker whose coordinator died stops as on Ctrl+C, not orphaned)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
     logging.basicConfig(level=logging.ERROR)  # as quiet as the CLI by default
 
@@ -405,7 +407,7 @@ def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any) -> N
             events.put_nowait(event)
 
     try:
-        asyncio.run(_worker_async(index, job, emit, stop))
+        asyncio.run(_worker_async(index, job, emit, stop, coordinator))
     except RpcError as exc:  # the node is gone or unusable: restarting would not help
         emit(WorkerLostNode(index, str(exc)))
         raise SystemExit(EXIT_LOST_NODE) from None
@@ -416,7 +418,7 @@ def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any) -> N
         raise SystemExit(0) from None
 
 
-async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any) -> None:
+async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any, coordinator: int = 0) -> None:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -436,7 +438,9 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any) -> No
                             job.worker, emit, job.targets)  # fmt: skip
 
             async def watch_stop() -> None:
-                while not stop.is_set():
+                # The stop event, or the coordinator gone (SIGKILL, OOM): it can no longer
+                # supervise, so no new leases; in-flight batches finish or are given back.
+                while not stop.is_set() and (not coordinator or pid_alive(coordinator)):
                     await asyncio.sleep(0.2)
                 worker.stopping = True
 
@@ -494,7 +498,8 @@ class Coordinator:
         self.sample: _Sample | None = None
 
     def _spawn(self, index: int) -> BaseProcess:
-        p = self.ctx.Process(target=worker_process_main, args=(index, self.job, self.events, self.stop),
+        p = self.ctx.Process(target=worker_process_main,
+                             args=(index, self.job, self.events, self.stop, os.getpid()),
                              name=f"gapfill-worker-{index + 1}", daemon=True)  # fmt: skip
         p.start()
         return p

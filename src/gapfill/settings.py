@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gapfill.errors import ConfigError
-from gapfill.rpc.config import parse_rpc_urls
+from gapfill.rpc.config import EndpointConfig, parse_rpc_urls
 
 DEFAULT_CONFIG_NAME = "gapfill.toml"
 
@@ -113,7 +113,7 @@ def load_config(explicit: str | None = None) -> FileConfig:
     if path is None:
         return FileConfig()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no TOML error
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix it") from None
     _no_unknown_keys(f"config file {path}", data, _TOP_LEVEL)
@@ -134,7 +134,14 @@ def load_config(explicit: str | None = None) -> FileConfig:
             raise ConfigError(f"config file {path}: endpoints[{i}].rps must be a positive number")
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
             raise ConfigError(f"config file {path}: endpoints[{i}].max_batch must be a positive integer")
+        try:  # a malformed URL is the file's mistake, said as such
+            EndpointConfig(e["url"])
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: endpoints[{i}]: {exc}") from None
         endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb))
+    explorer_url = data.get("explorer", {}).get("url")
+    if explorer_url is not None and not isinstance(explorer_url, str):
+        raise ConfigError(f"config file {path}: [explorer] url must be a string URL")
     db = data.get("db")
     if db is not None and not isinstance(db, str):
         raise ConfigError(f"config file {path}: db must be a string URL")

@@ -57,11 +57,14 @@ def test_config_location_env_and_default(tmp_path: Path, monkeypatch: pytest.Mon
      ('[[endpoints]]\nurl = "https://x"\nmax_batch = 0\n', "positive integer"),
      ('[[endpoints]]\nurl = "https://x"\nrps = true\n', "positive number"),
      ("enrich = 5\n", "must be a table"), ("explorer = 5\n", "must be a table"),
-     ("endpoints = 5\n", "array of tables")],
+     ("endpoints = 5\n", "array of tables"),
+     ('[[endpoints]]\nurl = "eth.example.com/v2/KEY"\n', "endpoints[0]: RPC URL 'eth.example.com/***'"),
+     ("[explorer]\nurl = 5\n", "[explorer] url must be a string URL")],
 )  # fmt: skip
 def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str) -> None:
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
+    assert needle in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -136,3 +139,9 @@ def test_the_readme_lists_exactly_the_enrich_keys_accepted() -> None:
     accepted = {p.name: max(p.opts, key=len) for p in enrich.params
                 if p.name and p.name not in _NOT_IN_CONFIG}  # fmt: skip
     assert documented == accepted
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_bytes(b"\xef\xbb\xbf" + b'db = "sqlite:///bom.db"\n')
+    assert load_config(str(cfg)).db == "sqlite:///bom.db"

@@ -27,7 +27,7 @@ import orjson
 
 from gapfill import __version__
 from gapfill.cli_types import FiniteFloatRange, int_range
-from gapfill.errors import ConfigError, GapfillError, Interrupted
+from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
 from gapfill.settings import EndpointSetting, FileConfig, load_config, resolve_endpoints
@@ -394,7 +394,13 @@ def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> 
     """Stop tracking ADDRESS: its refs, plan, coverage and failure records are deleted; the
     transactions and logs already stored stay."""
     store = ctx.store()
-    c = store.get_contract(address, chain_id)
+    try:
+        c = store.get_contract(address, chain_id)
+    except UnknownContractError as exc:
+        if "not tracked" not in str(exc):
+            raise  # tracked on several chains: that message says to pass --chain-id
+        raise UnknownContractError(f"contract {address} is not tracked: nothing to remove "
+                                   "(`gapfill contract list` shows what is)") from None  # fmt: skip
     if not yes:
         if not sys.stdin.isatty():
             raise ConfigError(f"contract remove deletes the refs and plan of {c.address}: pass --yes "
@@ -516,7 +522,7 @@ def _coverage_report(
 
 def _blocks(s: ContractStatus) -> str:
     if s.min_block is None:
-        return "-"
+        return f"{s.unknown_block_refs} unknown" if s.unknown_block_refs else "-"
     rng = f"{s.min_block}-{s.max_block}"
     return rng + (f" (+{s.unknown_block_refs} unknown)" if s.unknown_block_refs else "")
 

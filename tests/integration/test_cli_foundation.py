@@ -459,7 +459,7 @@ def test_contract_remove_asks_then_forgets_the_contract(tracked: str) -> None:
     assert r.exit_code == 0 and f"removed {C} on chain 1: 2 refs" in r.output, r.output
     assert run(tracked, "contract", "list").output == ""
     r = run(tracked, "contract", "remove", C, "--yes")
-    assert r.exit_code == 1 and "is not tracked" in one_sentence(r)
+    assert r.exit_code == 1 and "is not tracked: nothing to remove" in one_sentence(r)
 
 
 def test_contract_given_twice_is_wrong_usage_not_the_last_one(tracked: str) -> None:
@@ -490,3 +490,9 @@ def test_a_malformed_rpc_url_is_refused_before_a_run_is_recorded(tracked: str) -
         assert r.exit_code == 1 and "KEYKEYKEY" not in r.output + r.stderr, r.output + r.stderr
         assert "check --rpc-url" in one_sentence(r)
     assert run(tracked, "runs").output.strip() == "no runs yet"
+
+
+def test_status_counts_refs_whose_block_is_unknown(tracked: str) -> None:
+    run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(2)}\n")  # hashes alone
+    out = run(tracked, "status").output
+    assert "2 unknown" in out.splitlines()[1], out

@@ -496,3 +496,8 @@ def test_status_counts_refs_whose_block_is_unknown(tracked: str) -> None:
     run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(2)}\n")  # hashes alone
     out = run(tracked, "status").output
     assert "2 unknown" in out.splitlines()[1], out
+
+
+def test_an_at_sign_in_a_postgres_query_is_not_a_password_at_sign() -> None:
+    r = run("postgresql://u:p@127.0.0.1:1?application_name=me@x", "status")
+    assert r.exit_code == 1 and "%40" not in one_sentence(r) and "could not connect" in one_sentence(r)

@@ -418,6 +418,47 @@ def test_a_failure_is_seen_and_retried_through_every_contract_tracking_its_trans
     assert [f.tx_hash for f, _ in store.list_failures(1, other)] == [h(1)]
     assert store.count_permanent_failures(1, other) == 1
     assert [r.tx_hash for r in store.iter_failed_refs(1, other)] == [h(1)]
-    store.remove_contract(1, C)  # the failure is the transaction's: it stays, for `other`
-    assert store.clear_failures(1, other) == 1
+    assert store.clear_failures(1, other) == 1  # retried through `other`
     assert [r.tx_hash for r in store.iter_gap(1, other)] == [h(1)]
+    store.write(Enriched(failures=[Failure(1, h(1), C, "not_found", "null")]))
+    store.remove_contract(1, C)  # the failure is the transaction's: it stays, for `other`
+    assert [f.tx_hash for f, _ in store.list_failures()] == [h(1)]
+    store.remove_contract(1, other)  # and goes with the last contract tracking it
+    assert store.list_failures() == []
+
+
+@pytest.mark.timeout(60)
+def test_removing_a_contract_waits_for_a_discovery_writing_it_and_deletes_what_it_wrote(
+    pg_url: str,
+) -> None:
+    # PostgreSQL, READ COMMITTED: a removal that did not wait would miss the refs a
+    # concurrent writer has not committed yet, and leave them for a contract nobody tracks.
+    import threading
+
+    import psycopg
+
+    with open_store(pg_url) as s:
+        s.add_contract(Contract(1, C))
+    writer = psycopg.connect(pg_url)
+    try:
+        # What a discovery does: the contract's row held shared, then its refs written.
+        writer.execute("SELECT 1 FROM contracts WHERE chain_id = 1 AND address = %s FOR SHARE", (C,))
+        writer.execute("INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
+                       "VALUES (1, %s, %s, 5, 'logs')", (C, h(5)))  # fmt: skip
+        removed: list[dict[str, int]] = []
+
+        def remove() -> None:
+            with open_store(pg_url) as other:
+                removed.append(other.remove_contract(1, C))
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        time.sleep(0.5)
+        assert remover.is_alive(), "the removal did not wait for the writer"
+        writer.commit()
+        remover.join(30)
+    finally:
+        writer.close()
+    assert removed and removed[0]["refs"] == 1
+    with open_store(pg_url) as s:
+        assert s.count_gap(1, C) == 0 and s.list_contracts() == []

@@ -47,6 +47,7 @@ from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
 from gapfill.errors import GapfillError, Interrupted, RpcError, StoreError
+from gapfill.redact import redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 from gapfill.store import Store, open_store, owner_name
@@ -240,6 +241,11 @@ def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
 # -- in-process modes ----------------------------------------------------------------------
 
 
+def _note(job: EnrichJob, exc: BaseException) -> str:
+    """Why a run failed, as its ``runs`` row keeps it: no URL's secret in it."""
+    return redact_text(str(exc), job.db_url, *(e.url for e in job.endpoints))[:1000]
+
+
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:
     for pid, n in store.release_dead_local_owners().items():
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
@@ -277,7 +283,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             w = totals_box.get("totals")
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 store.finish_run(run_id, "failed", w.processed if w else 0, w.failed if w else 0,
-                                 totals_box.get("calls", 0), note=str(exc)[:1000])  # fmt: skip
+                                 totals_box.get("calls", 0), note=_note(job, exc))  # fmt: skip
             raise
         finally:
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
@@ -690,7 +696,7 @@ class Coordinator:
                 state = "interrupted"
         except GapfillError as exc:
             state = "failed"
-            why = str(exc)[:1000]
+            why = _note(job, exc)
             raise
         finally:
             signal.signal(signal.SIGINT, old_int)

@@ -276,6 +276,13 @@ class Store(abc.ABC):
         chain's, and other contracts may share them). Refused while a batch of it is
         leased. Returns the rows deleted per table."""
         with self._tx() as cur:
+            # The contract's row first: a discovery or an import writing refs of it holds
+            # it shared, so this waits for them to commit, and then deletes what they wrote;
+            # one starting after this waits, then finds the contract gone and writes nothing.
+            cur.execute(
+                self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._ROW_LOCK}"),
+                (chain_id, address),
+            )
             # A lease past its expiry belongs to nobody (a killed run's): it does not block.
             cur.execute(
                 self._sql("SELECT count(*) FROM batches WHERE chain_id = ? AND contract = ? "
@@ -296,10 +303,10 @@ class Store(abc.ABC):
             deleted["lease_events"] = int(cur.rowcount)
             # A failure record is the transaction's: it stays while another contract tracks it.
             cur.execute(
-                self._sql("DELETE FROM failures WHERE chain_id = ? AND contract = ? AND NOT EXISTS "
-                          "(SELECT 1 FROM refs r WHERE r.chain_id = failures.chain_id "
-                          "AND r.tx_hash = failures.tx_hash AND r.contract <> ?)"),
-                (chain_id, address, address),
+                self._sql(f"DELETE FROM failures AS f WHERE chain_id = ? AND {_OF_CONTRACT} AND NOT "
+                          "EXISTS (SELECT 1 FROM refs r2 WHERE r2.chain_id = f.chain_id "
+                          "AND r2.tx_hash = f.tx_hash AND r2.contract <> ?)"),
+                (chain_id, address, address, address),
             )  # fmt: skip
             deleted["failures"] = int(cur.rowcount)
             for table, column in (("batches", "contract"), ("refs", "contract"),
@@ -518,7 +525,9 @@ class Store(abc.ABC):
     def add_refs_and_coverage(self, refs: Sequence[Ref], ranges: Sequence[CoverageRange]) -> int:
         """Discovery's commit: found refs and the ranges they cover, atomically."""
         with self._tx() as cur:
-            for chain_id, contract in {(r.chain_id, r.contract) for r in refs}:
+            for chain_id, contract in {(r.chain_id, r.contract) for r in refs} | {
+                (c.chain_id, c.contract) for c in ranges
+            }:
                 self._require_tracked(cur, chain_id, contract)
             new = self._insert_refs(cur, refs)
             self._fill_unknown_blocks(cur, refs, {})
@@ -535,6 +544,7 @@ class Store(abc.ABC):
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int: ...
 
     _SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE" (SQLite's write transaction excludes all)
+    _ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE"
 
     def _require_tracked(self, cur: Any, chain_id: int, contract: str) -> None:
         """Refs are only written for a tracked contract: one removed while a discovery or an

@@ -144,13 +144,22 @@ def translate(exc: psycopg.Error, url: str) -> StoreError:
     return StoreError(f"PostgreSQL error on {redact_url(url)}: {msg}")
 
 
+def _netloc(url: str) -> str:
+    """The user:password@host:port part of a URL (up to the first /, ? or #)."""
+    try:
+        return urlsplit(url).netloc
+    except ValueError:
+        return ""
+
+
 class PostgresStore(Store):
     backend = "postgres"
     _LEASE_LOCK = " FOR UPDATE SKIP LOCKED"
     _SHARE_LOCK = " FOR SHARE"
+    _ROW_LOCK = " FOR UPDATE"
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
-        if "://" in url and url.split("://", 1)[1].split("/", 1)[0].count("@") > 1:
+        if "://" in url and _netloc(url).count("@") > 1:
             # libpq splits user:password@host at the first '@': the rest of the password
             # would become the host, and appear in its error message.
             raise StoreError(
@@ -255,9 +264,18 @@ class PostgresStore(Store):
                 for r in refs:
                     contracts.add((r.chain_id, r.contract))
                     copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
-            # Refs already there without a block number get the one this import knows.
             for chain_id, contract in contracts:
                 self._require_tracked(cur, chain_id, contract)
+            cur.execute(
+                "INSERT INTO refs SELECT DISTINCT ON (chain_id, contract, tx_hash) * FROM stage_refs "
+                "ORDER BY chain_id, contract, tx_hash, block_number NULLS LAST "
+                "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
+            )
+            n = int(cur.rowcount)
+            # Refs already there without a block number get the one this import knows. Last,
+            # as in discovery (contract row, refs, then the planning lock): the same order
+            # everywhere, and the planning lock held only briefly.
+            for chain_id, contract in contracts:
                 if self._has_unknown_blocks(cur, chain_id, contract):
                     cur.execute(
                         "UPDATE refs r SET block_number = s.block_number FROM stage_refs s "
@@ -266,12 +284,6 @@ class PostgresStore(Store):
                         "AND s.block_number IS NOT NULL AND r.chain_id = %s AND r.contract = %s",
                         (chain_id, contract),
                     )
-            cur.execute(
-                "INSERT INTO refs SELECT DISTINCT ON (chain_id, contract, tx_hash) * FROM stage_refs "
-                "ORDER BY chain_id, contract, tx_hash, block_number NULLS LAST "
-                "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
-            )
-            n = int(cur.rowcount)
             cur.execute("TRUNCATE stage_refs")
             return n
 

@@ -268,7 +268,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             t0 = time.perf_counter()
             # Nothing open (the gap is empty or all failed for good): no node is asked anything.
             if store.has_open_batches(job.targets):
-                asyncio.run(_in_process(job, store, emit, sequential, totals_box, term))
+                asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box)))
             if term.fired:  # stopped by SIGTERM, even if the last batch ended meanwhile
                 state = "interrupted"
         except KeyboardInterrupt:
@@ -316,10 +316,28 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
 
 @dataclass
 class _Term:
-    """What SIGTERM needs to stop an in-process run: the loop's main task, while it runs."""
+    """What a signal handler needs to stop work running in an event loop: its main task,
+    while it runs (see :func:`_tracked`)."""
 
     task: asyncio.Task[Any] | None = None
     fired: bool = False
+
+    def cancel(self) -> bool:
+        """Cancel the task as the loop's own SIGINT handler would; False if none runs."""
+        task = self.task
+        if task is None:
+            return False
+        task.get_loop().call_soon_threadsafe(task.cancel)
+        return True
+
+
+async def _tracked(term: _Term, work: Callable[[], Awaitable[T]]) -> T:
+    """``await work()`` with its task in ``term`` for as long as it runs."""
+    term.task = asyncio.current_task()
+    try:
+        return await work()
+    finally:
+        term.task = None
 
 
 def _sigterm_as_sigint(term: _Term) -> Any:
@@ -337,25 +355,13 @@ def _sigterm_as_sigint(term: _Term) -> Any:
         # the loop's SIGINT handler does, cancel the main task, so the worker gives its
         # batches back from its own await points; outside the loop, plain code is cut.
         term.fired = True
-        task = term.task
-        if task is None:
+        if not term.cancel():
             raise KeyboardInterrupt
-        task.get_loop().call_soon_threadsafe(task.cancel)
 
     return signal.signal(signal.SIGTERM, on_term)
 
 
 async def _in_process(
-    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], term: _Term
-) -> None:
-    term.task = asyncio.current_task()
-    try:
-        await _enrich_in_process(job, store, emit, sequential, box)
-    finally:
-        term.task = None
-
-
-async def _enrich_in_process(
     job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any]
 ) -> None:
     settings = job.worker
@@ -500,7 +506,7 @@ class Coordinator:
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
-        self._start_task: asyncio.Task[Any] | None = None
+        self._start = _Term()
         self.sample: _Sample | None = None
 
     def _spawn(self, index: int) -> BaseProcess:
@@ -518,9 +524,7 @@ class Coordinator:
         if self.interrupts == 1:
             self.stopping_at = time.monotonic()
             self.stop.set()
-            task = self._start_task
-            if task is not None:  # the sample (its rows are not written) or the probe
-                task.get_loop().call_soon_threadsafe(task.cancel)
+            self._start.cancel()  # the sample (its rows are not written) or the probe
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
         else:
@@ -532,16 +536,8 @@ class Coordinator:
     def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see
         :meth:`_on_signal`); None when it was."""
-
-        async def main() -> T:
-            self._start_task = asyncio.current_task()
-            try:
-                return await work()
-            finally:
-                self._start_task = None
-
         try:
-            return asyncio.run(main())
+            return asyncio.run(_tracked(self._start, work))
         except asyncio.CancelledError:
             return None
 

@@ -42,12 +42,17 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
         from gapfill.store.postgres import PostgresStore
 
         try:
-            urlsplit(url).port  # noqa: B018 (raises on a malformed host or port)
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a malformed host or port)
         except ValueError as exc:
             raise ConfigError(
                 f"the PostgreSQL URL is malformed ({exc}): write it as "
                 "postgresql://user:password@host:5432/dbname in --db / GAPFILL_DB"
             ) from None
+        if parts.netloc.count("@") > 1:
+            # libpq splits user:password@host at the first '@': the rest of the password
+            # would become the host, and appear in its error message.
+            raise ConfigError("the password in --db / GAPFILL_DB contains '@': write it as %40 in the URL")
 
         store = PostgresStore(url)
     else:

@@ -525,12 +525,10 @@ class Store(abc.ABC):
     def add_refs_and_coverage(self, refs: Sequence[Ref], ranges: Sequence[CoverageRange]) -> int:
         """Discovery's commit: found refs and the ranges they cover, atomically."""
         with self._tx() as cur:
-            for chain_id, contract in {(r.chain_id, r.contract) for r in refs} | {
-                (c.chain_id, c.contract) for c in ranges
-            }:
-                self._require_tracked(cur, chain_id, contract)
-            new = self._insert_refs(cur, refs)
-            self._fill_unknown_blocks(cur, refs, {})
+            checked: set[tuple[int, str]] = set()
+            for c in ranges:  # a chunk with no refs still writes coverage
+                self._require_tracked(cur, c.chain_id, c.contract, checked)
+            new = self._write_refs(cur, refs, checked, {})
             cur.executemany(
                 self._sql(
                     "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
@@ -546,10 +544,31 @@ class Store(abc.ABC):
     _SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE" (SQLite's write transaction excludes all)
     _ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE"
 
-    def _require_tracked(self, cur: Any, chain_id: int, contract: str) -> None:
+    def _write_refs(
+        self, cur: Any, refs: Sequence[Ref], checked: set[tuple[int, str]],
+        unknown: dict[tuple[int, str], bool],
+    ) -> int:
+        """Insert refs of tracked contracts, then fill block numbers refs already there
+        lacked: the lock order every writer of refs keeps (the contract's row, the refs,
+        the planning lock). ``checked`` and ``unknown`` carry what one transaction has
+        learned about each contract across calls. Returns how many refs were new."""
+        for chain_id, contract in {(r.chain_id, r.contract) for r in refs}:
+            self._require_tracked(cur, chain_id, contract, checked)
+        new = self._insert_refs(cur, refs)
+        self._fill_unknown_blocks(cur, refs, unknown)
+        return new
+
+    def _require_tracked(
+        self, cur: Any, chain_id: int, contract: str, checked: set[tuple[int, str]] | None = None
+    ) -> None:
         """Refs are only written for a tracked contract: one removed while a discovery or an
         import ran must not come back as rows nobody can see or remove. The row stays locked
-        until the writer commits, so a removal waits for it."""
+        until the writer commits, so a removal waits for it. ``checked`` skips contracts this
+        transaction has already checked (and locked)."""
+        if checked is not None:
+            if (chain_id, contract) in checked:
+                return
+            checked.add((chain_id, contract))
         cur.execute(
             self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._SHARE_LOCK}"),
             (chain_id, contract),

@@ -144,14 +144,6 @@ def translate(exc: psycopg.Error, url: str) -> StoreError:
     return StoreError(f"PostgreSQL error on {redact_url(url)}: {msg}")
 
 
-def _netloc(url: str) -> str:
-    """The user:password@host:port part of a URL (up to the first /, ? or #)."""
-    try:
-        return urlsplit(url).netloc
-    except ValueError:
-        return ""
-
-
 class PostgresStore(Store):
     backend = "postgres"
     _LEASE_LOCK = " FOR UPDATE SKIP LOCKED"
@@ -159,12 +151,6 @@ class PostgresStore(Store):
     _ROW_LOCK = " FOR UPDATE"
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
-        if "://" in url and _netloc(url).count("@") > 1:
-            # libpq splits user:password@host at the first '@': the rest of the password
-            # would become the host, and appear in its error message.
-            raise StoreError(
-                "the password in --db / GAPFILL_DB contains '@': write it as %40 in the URL"
-            )
         self.url = url
         self.display_url = redact_url(url)
         self._connect_timeout_s = connect_timeout_s

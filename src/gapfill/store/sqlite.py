@@ -207,25 +207,16 @@ class SqliteStore(Store):
     def add_refs(self, refs: Iterable[Ref]) -> int:
         with self._tx() as cur:
             new = 0
+            checked: set[tuple[int, str]] = set()
             unknown: dict[tuple[int, str], bool] = {}
-            tracked: set[tuple[int, str]] = set()
             chunk: list[Ref] = []
-
-            def flush() -> int:
-                for key in {(r.chain_id, r.contract) for r in chunk} - tracked:
-                    self._require_tracked(cur, *key)
-                    tracked.add(key)
-                added = self._insert_refs(cur, chunk)
-                self._fill_unknown_blocks(cur, chunk, unknown)
-                chunk.clear()
-                return added
-
             for r in refs:
                 chunk.append(r)
                 if len(chunk) >= 10_000:
-                    new += flush()
+                    new += self._write_refs(cur, chunk, checked, unknown)
+                    chunk = []
             if chunk:
-                new += flush()
+                new += self._write_refs(cur, chunk, checked, unknown)
             return new
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:

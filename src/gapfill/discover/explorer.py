@@ -35,7 +35,7 @@ import orjson
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Ref
 from gapfill.redact import MASK, redact_endpoint, redact_text, redact_url
-from gapfill.rpc.classify import looks_like_html
+from gapfill.rpc.classify import shown_body
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class ExplorerClient:
         if status >= 500:
             raise _Transient(f"HTTP {status}")
         if status != 200:
-            shown = "an HTML page" if looks_like_html(body) else " ".join(text.split()) or "no body"
+            shown = shown_body(body) or "no body"
             raise ExplorerError(self._scrub(
                 f"the explorer at {self.shown} answered HTTP {status} ({shown}): check "
                 "--explorer-url (an Etherscan-compatible API such as "

@@ -250,6 +250,11 @@ def _body_text(body: bytes, limit: int = 300) -> str:
     return " ".join(text.split())
 
 
+def shown_body(body: bytes) -> str:
+    """A reply body as a message may quote it: its first words, or 'an HTML page'."""
+    return "an HTML page" if looks_like_html(body) else _body_text(body)
+
+
 def looks_like_html(body: bytes) -> bool:
     head = body[:200].lstrip().lower()
     return head.startswith((b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<"))
@@ -263,7 +268,7 @@ def classify_http(
         return None
     retry_after = parse_retry_after(headers.get("Retry-After"), now=now)
     text = _body_text(body)
-    shown = "an HTML page" if looks_like_html(body) else text  # what a message quotes
+    shown = shown_body(body)  # what a message quotes
     if status == 429:
         if retry_after is None:
             retry_after = _retry_after_in_body(body)

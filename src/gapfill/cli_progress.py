@@ -78,8 +78,9 @@ class LineRenderer:
             else:
                 self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id}: lease lost, nothing written")
         elif isinstance(ev, BatchAbandoned):
-            self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} given back: "
-                      f"{ev.error}")  # fmt: skip
+            kept = f" ({ev.kept} stored, the rest retried)" if ev.kept else ""
+            self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} given back"
+                      f"{kept}: {ev.error}")  # fmt: skip
         elif isinstance(ev, Progress):
             now = time.monotonic()
             if now - self._last >= self.every or ev.done_batches == ev.total_batches:

@@ -454,6 +454,30 @@ def test_a_batch_that_keeps_failing_is_isolated(
     assert state == "done" and failed == 1 and succeeded >= 1
 
 
+@pytest.mark.timeout(150)
+def test_a_flaky_node_fills_the_gap_keeping_what_each_attempt_got(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # A provider that answers half the requests with HTTP 5xx. Its only endpoint used to be
+    # set aside after three failures in a row (idling the run for seconds at a time), and a
+    # batch in which one call failed on every try lost all its rows: the run crawled and
+    # often never finished. Now each attempt stores what it got and gives the batch back
+    # for the rest (about a fifth of the batches here: one of their two requests failed
+    # three times).
+    with emulator(node_chain.url, "--p-5xx", "0.5", "--seed", "5") as (rpc, _):
+        rc, first = gapfill(enrich_args(pg_url, rpc), tmp_path, "enrich", 120)
+        assert rc == 0, first
+        injected = emulator_stats(rpc)["faults"].get("5xx", 0)
+        for i in range(2):  # refs that failed on every attempt stay in the gap for a rerun
+            if not query(pg_url, "SELECT count(*) FROM failures")[0][0]:
+                break
+            rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, f"rerun{i}", 120)
+            assert rc == 0, out
+    assert injected >= 20, "few requests failed: the test proved nothing"
+    assert re.search(r"given back \(\d+ stored, the rest retried\)", first), first[-3000:]
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
 @pytest.mark.timeout(60)
 def test_a_lease_granted_but_its_answer_lost_is_given_back(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, monkeypatch: pytest.MonkeyPatch

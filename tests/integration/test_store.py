@@ -187,6 +187,33 @@ def test_a_commit_group_writes_only_the_batches_whose_lease_is_held(store: Store
     assert (counts.done, counts.pending, counts.succeeded) == (2, 1, 20)
 
 
+def test_a_batch_given_back_keeps_what_its_attempt_got(store: Store) -> None:
+    # An attempt in which some calls failed for a reason that may pass stores the rest as it
+    # gives the batch back: the next attempt fetches only what is still in the gap.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 11)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    a = store.lease("a", 60.0)
+    assert a is not None
+    refs = store.batch_refs(a)
+    got = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs[:6]],
+                   failures=[Failure(1, refs[6].tx_hash, C, "permanent", "rejected")])  # fmt: skip
+    assert store.abandon(a, "TransientFailures: 3 failed", keep=got) is True
+    assert len(store.fetch_transactions(1)) == 6
+    b = store.lease("b", 60.0)
+    assert b is not None and b.id == a.id and b.attempts == 2
+    assert [r.tx_hash for r in store.batch_refs(b)] == [r.tx_hash for r in refs[7:]]
+    # The first owner no longer holds the lease: what it brings now is not written.
+    late = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs[7:]])
+    assert store.abandon(a, "late", keep=late) is False
+    assert len(store.fetch_transactions(1)) == 6
+    assert store.commit_batch(b, late)
+    assert len(store.fetch_transactions(1)) == 9 and store.count_gap(1, C) == 0
+    assert [(e.owner, e.event) for e in store.lease_events(a.id)] == [
+        ("a", "leased"), ("a", "abandoned"), ("b", "leased"), ("b", "committed")]
+    counts = store.batch_counts()
+    assert (counts.done, counts.succeeded) == (1, 9)
+
+
 def test_abandoned_batch_prefers_another_owner(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), i) for i in range(1, 21)])
     store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=10)

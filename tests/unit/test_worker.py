@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from gapfill.engine.events import BatchAbandoned
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.errors import StoreError
-from gapfill.model import Batch, Enriched, Ref
+from gapfill.model import Batch, Enriched, Failure, Ref
 
 
 class FakeStore:
@@ -29,6 +30,7 @@ class FakeStore:
         self.calls: list[str] = []
         self._busy = threading.Lock()
         self.fail: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
+        self.kept: dict[int, int] = {}  # batch id -> transactions stored as it was given back
         self.slow_s = 0.0
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
@@ -70,10 +72,14 @@ class FakeStore:
         self.committed.append([b.id for (b, _), ok in zip(items, out, strict=True) if ok])
         return out
 
-    def abandon(self, batch: Batch, error: str) -> None:
+    def abandon(self, batch: Batch, error: str, keep: Enriched | None = None) -> bool:
         self._call("abandon", (batch,))
-        if self.state.get(batch.id) == "leased":
-            self.state[batch.id] = "pending"
+        if self.state.get(batch.id) != "leased":
+            return False
+        self.state[batch.id] = "pending"
+        if keep is not None:
+            self.kept[batch.id] = len(keep.txs)
+        return True
 
     def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
         self._call("release_owner", ())
@@ -287,3 +293,28 @@ def test_progress_key_ranges_name_refs_without_a_block() -> None:
     assert key_range((1200, a), (UNKNOWN_BLOCK_KEY, z)) == (
         "blocks 1200 and up, then refs with no block number yet")
     assert key_range((UNKNOWN_BLOCK_KEY, a), (UNKNOWN_BLOCK_KEY, z)) == "refs with no block number yet"
+
+
+class HalfFailingEnricher(FakeEnricher):
+    """Every other ref fails for a reason that may pass (a 5xx after the retries)."""
+
+    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        await asyncio.sleep(self.delay_s)
+        return Enriched(txs=[object() for r in refs[::2]],  # type: ignore[misc]
+                        failures=[Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "HTTP 502")
+                                  for r in refs[1::2]])  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> None:
+    store = FakeStore(batches=3, refs=10)
+    events: list[Any] = []
+    w = Worker(0, "w", store, FakeClient(), {1: HalfFailingEnricher()},  # type: ignore[arg-type]
+               WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01), events.append)  # fmt: skip
+    totals = asyncio.run(w.run())
+    assert store.state == {1: "pending", 2: "pending", 3: "pending"}
+    assert store.kept == {1: 5, 2: 5, 3: 5} and "commit_batches" not in store.calls
+    assert totals.processed == 15 and totals.failed == 0
+    given_back = [e for e in events if isinstance(e, BatchAbandoned)]
+    assert sorted((e.batch_id, e.kept) for e in given_back) == [(1, 5), (2, 5), (3, 5)]
+    assert all(e.error.startswith("TransientFailures: 5 transaction(s) failed") for e in given_back)

@@ -62,6 +62,7 @@ class BatchAbandoned:
     batch_id: int
     error: str
     attempt: int
+    kept: int = 0  # transactions the attempt stored before giving the batch back
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,15 @@ def _settle(f: asyncio.Future[bool], ok: bool = False, error: BaseException | No
 
 
 class TransientFailures(Exception):
-    """Some refs of a batch failed for a reason that may pass; the batch is retried."""
+    """Some refs of a batch failed for a reason that may pass; the batch is retried.
+
+    ``kept`` is what the attempt got anyway (rows, and failures that will not pass):
+    stored as the batch is given back, so the retry fetches only the refs that failed.
+    """
+
+    def __init__(self, message: str, kept: Enriched) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,8 +523,10 @@ class Worker:
                         # Failures that may pass (timeouts, inconsistent answers) must not mark
                         # the batch done: give it back for another attempt; the last one stores them.
                         first = transient[0]
+                        kept = Enriched(enriched.txs, enriched.logs,
+                                        [f for f in enriched.failures if f.permanent])
                         raise TransientFailures(f"{len(transient)} transaction(s) failed, e.g. "
-                                                f"{first.tx_hash}: {first.last_error}")  # fmt: skip
+                                                f"{first.tx_hash}: {first.last_error}", kept)  # fmt: skip
             finally:
                 keeper.cancel()
                 fetched()
@@ -541,24 +551,39 @@ class Worker:
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
-            await self._abandon(batch, f"{type(exc).__name__}: {exc}")
+            keep = exc.kept if isinstance(exc, TransientFailures) and not lost.is_set() else None
+            await self._abandon(batch, f"{type(exc).__name__}: {exc}", keep=keep)
         finally:
             fetched()
             self._held.discard(batch.id)
             self._note_change()
 
-    async def _abandon(self, batch: Batch, error: str, retry: bool = True) -> None:
+    async def _abandon(
+        self, batch: Batch, error: str, retry: bool = True, keep: Enriched | None = None
+    ) -> None:
+        """Give ``batch`` back, storing ``keep`` (what the attempt got) with it."""
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
+        held = False
         try:
             if retry:
-                give_back = functools.partial(self.db, self.store.abandon, batch, error)
-                await self._retrying(f"giving back batch {batch.id}", give_back, stopping=None)
+                give_back = functools.partial(self.db, self.store.abandon, batch, error, keep)
+                held = bool(await self._retrying(f"giving back batch {batch.id}", give_back,
+                                                 stopping=None))  # fmt: skip
             else:
-                await self.db(self.store.abandon, batch, error)
+                held = await self.db(self.store.abandon, batch, error, keep)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
-        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts))
+        kept = 0
+        if held and keep is not None:
+            kept = len(keep.txs)
+            t = self.totals
+            t.processed += kept
+            t.failed += len(keep.failures)
+            t.permanent += len(keep.failures)
+        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept))
+        if kept:
+            self.send_stats()
 
     async def _isolate(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
         """Last attempt: split until the refs that raise are isolated; store the rest."""

@@ -904,8 +904,7 @@ class Store(abc.ABC):
         take inserts all over, so a batch of 500 dirties most of their leaf pages.
         """
         held = [False] * len(items)
-        merged = Enriched()
-        fills: list[tuple[int, int, str, str]] = []
+        written: list[tuple[Batch, Enriched]] = []
         with self._tx() as cur:
             now = self._now(cur)
             # Rows locked in batch order: two workers' groups cannot deadlock on them.
@@ -923,18 +922,26 @@ class Store(abc.ABC):
                 if not held[i]:
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
-                if batch.hi[0] == UNKNOWN_BLOCK_KEY:  # refs imported without a block: now known
-                    fills.extend((t.block_number, batch.chain_id, batch.contract, t.tx_hash)
-                                 for t in enriched.txs)  # fmt: skip
-                merged.txs.extend(enriched.txs)
-                merged.logs.extend(enriched.logs)
-                merged.failures.extend(enriched.failures)
-            if merged.txs or merged.logs:
-                self._upsert(cur, merged.txs, merged.logs)
-            if fills:
-                cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
-            self._record_failures(cur, merged)
+                written.append((batch, enriched))
+            self._write_results(cur, written)
         return held
+
+    def _write_results(self, cur: Any, written: Sequence[tuple[Batch, Enriched]]) -> None:
+        """Rows and failures of batches whose lease was just checked, in one write each."""
+        merged = Enriched()
+        fills: list[tuple[int, int, str, str]] = []
+        for batch, enriched in written:
+            if batch.hi[0] == UNKNOWN_BLOCK_KEY:  # refs imported without a block: now known
+                fills.extend((t.block_number, batch.chain_id, batch.contract, t.tx_hash)
+                             for t in enriched.txs)  # fmt: skip
+            merged.txs.extend(enriched.txs)
+            merged.logs.extend(enriched.logs)
+            merged.failures.extend(enriched.failures)
+        if merged.txs or merged.logs:
+            self._upsert(cur, merged.txs, merged.logs)
+        if fills:
+            cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
+        self._record_failures(cur, merged)
 
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,
@@ -956,11 +963,31 @@ class Store(abc.ABC):
         self._event(cur, batch_id, owner, attempt, event, now)
         return True
 
-    def abandon(self, batch: Batch, error: str) -> None:
-        """Give a batch back (failure or shutdown); it is retried by the next lease."""
+    def abandon(self, batch: Batch, error: str, keep: Enriched | None = None) -> bool:
+        """Give a batch back (failure or shutdown); it is retried by the next lease.
+
+        ``keep`` is what this attempt got before it failed (rows, and failures that will
+        not pass): stored in the same transaction, so the next attempt fetches only the
+        refs still in the gap. Nothing is written, and False returned, if the lease is
+        no longer this owner's (or, with ``keep``, has expired).
+        """
         with self._tx() as cur:
-            self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error, "abandoned",
-                            self._now(cur))  # fmt: skip
+            now = self._now(cur)
+            if keep is not None and (keep.txs or keep.failures):
+                # The same check as a commit: rows only from a lease still held.
+                cur.execute(
+                    self._sql(
+                        "UPDATE batches SET succeeded = succeeded + ? WHERE batch_id = ? "
+                        "AND state = 'leased' AND lease_owner = ? AND attempts = ? "
+                        "AND lease_expires_at >= ?"
+                    ),
+                    (len(keep.txs), batch.id, batch.lease_owner, batch.attempts, now),
+                )
+                if cur.rowcount != 1:
+                    return False
+                self._write_results(cur, [(batch, keep)])
+            return self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
+                                   "abandoned", now)  # fmt: skip
 
     def release_owner(
         self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset()

@@ -372,6 +372,50 @@ def test_batch_cap_grows_back_but_not_into_the_limit() -> None:
     assert endpoint.cap() == 30
 
 
+def test_a_flaky_endpoint_is_not_set_aside_a_dead_one_is() -> None:
+    # Half its requests fail: three in a row now and then, but most recent ones succeed.
+    flaky = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
+    for _ in range(50):
+        for _ in range(3):
+            flaky.record_success(10)
+        for _ in range(3):
+            flaky.record_failure("HTTP 502")
+    assert flaky.down_until == 0.0
+    # Every request fails: set aside at the third, as before.
+    dead = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
+    dead.record_failure("HTTP 502")
+    dead.record_failure("HTTP 502")
+    assert dead.down_until == 0.0
+    dead.record_failure("HTTP 502")
+    first = dead.down_until
+    assert first > time.monotonic()
+    # Requests already in flight that fail meanwhile do not stretch the pause.
+    for _ in range(6):
+        dead.record_failure("HTTP 502")
+    assert dead.down_until == first
+
+
+async def test_the_start_up_check_is_patient_with_a_node_that_answers_5xx(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # Four 502s in a row, then answers: three attempts would have refused this node for good.
+    def behave(node: FakeNode, body: Any) -> web.Response:
+        if len(node.requests) <= 4:
+            return web.Response(status=502, text="bad gateway")
+        return reply(body, [ok(c, "0x7a69") for c in as_batch(body)])
+
+    node = await make_node(behave)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        assert await client.probe() == 31337
+    assert len(node.requests) == 5
+    # A call of the run itself still gives up after three attempts.
+    failing = await make_node(lambda n, b: web.Response(status=502, text="bad gateway"))
+    async with RpcClient([EndpointConfig(failing.url)], settings(tmp_path)) as client:
+        [out] = await client.call_many([Call("eth_blockNumber", [])])
+    assert isinstance(out, CallError) and "after 3 attempts" in out.message
+    assert len(failing.requests) == 3
+
+
 def test_rps_caps_the_batch() -> None:
     endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/", rps=10, max_batch=50),
                         RpcSettings(budget_dir="/tmp/gapfill-test-budgets"), "k")

@@ -62,6 +62,14 @@ class _Item:
     sent: bool = False
     #: Endpoints to avoid for this call; immutable, so the usual empty one is shared.
     avoid: frozenset[int] = frozenset()
+    #: Start-up checks try a node that answers HTTP 5xx more than ``RpcSettings.attempts``
+    #: times, so a flaky node is not refused for good on three unlucky answers. An
+    #: unreachable or silent node still fails after ``attempts``.
+    patient: bool = False
+
+
+#: How many times ``RpcSettings.attempts`` a start-up check may try a failing node.
+_PATIENCE = 2
 
 
 def _as_id(value: Any) -> int | None:
@@ -278,7 +286,7 @@ class RpcClient:
         return True
 
     async def _call_pinned(self, endpoint: Endpoint, method: str, params: list[Any]) -> Any:
-        items = [_Item(Call(method, params))]
+        items = [_Item(Call(method, params), patient=True)]
         results: list[Any] = [_PENDING]
         await self._drive([0], items, results, endpoint)
         return results[0]
@@ -582,7 +590,10 @@ class RpcClient:
         if fault in (Fault.TRANSIENT, Fault.BATCH_TOO_LARGE):
             item.failures += 1
             item.avoid = item.avoid | {endpoint.index}
-            if item.failures >= self._settings.attempts:
+            limit = self._settings.attempts
+            if item.patient and verdict.code is not None and verdict.code >= 500:
+                limit *= _PATIENCE
+            if item.failures >= limit:
                 if verdict.unreachable:
                     text = (f"could not reach the RPC node at {endpoint.shown}: {message}; "
                             "check --rpc-url or ETH_RPC_URL")

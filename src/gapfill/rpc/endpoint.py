@@ -26,6 +26,12 @@ _SET_ASIDE_FIRST_S = 1.0
 _LEARN_FROM_RPS = 10.0
 _NAMED_LIMIT = re.compile(r"(?:limit|max(?:imum)?|at most|up to)\D{0,24}?(\d+)", re.IGNORECASE)
 _SET_ASIDE_MAX_S = 30.0
+#: Recent requests whose outcome decides whether failures in a row mean "down": an
+#: endpoint is set aside only if most of them failed. A flaky one (a quarter or half
+#: of its requests answered 5xx) fails several times in a row now and then, and
+#: setting it aside each time would idle the run; retrying its calls is what works.
+_OUTCOMES = 16
+_DOWN_SHARE = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +104,9 @@ class Endpoint:
         self._sent: deque[tuple[float, int]] = deque(maxlen=256)
         # Health: a breaker that sets the endpoint aside, doubling the time.
         self.consecutive_failures = 0
+        self._outcomes: deque[bool] = deque(maxlen=_OUTCOMES)  # True: the request succeeded
         self.down_until = 0.0
+        self._set_aside = False  # set aside since its last success
         self._set_aside_s = _SET_ASIDE_FIRST_S
         self.disabled_reason: str | None = None  # failed its probe; never used
         self.chain_id: int | None = None
@@ -186,9 +194,11 @@ class Endpoint:
 
     def record_success(self, batch_size: int) -> None:
         """A request came back as a well-formed JSON-RPC reply."""
-        if self.consecutive_failures >= self._settings.failures_to_set_aside:
+        if self._set_aside:
+            self._set_aside = False
             logger.info("RPC endpoint %s answers again", self.shown)
         self.consecutive_failures = 0
+        self._outcomes.append(True)
         self._set_aside_s = _SET_ASIDE_FIRST_S
         self._largest_ok = max(self._largest_ok, batch_size)
         if batch_size >= self.batch_cap:
@@ -215,9 +225,18 @@ class Endpoint:
         """A request failed as a whole (transport, 5xx, garbage body)."""
         self.errors += 1
         self.consecutive_failures += 1
-        if self.consecutive_failures >= self._settings.failures_to_set_aside:
+        self._outcomes.append(False)
+        now = time.monotonic()
+        failed_share = self._outcomes.count(False) / len(self._outcomes)
+        if (
+            self.consecutive_failures >= self._settings.failures_to_set_aside
+            and failed_share >= _DOWN_SHARE
+            # Requests sent before it was set aside and failing since do not add to the pause.
+            and now >= self.down_until
+        ):
             pause = self._set_aside_s * random.uniform(0.75, 1.25)
-            self.down_until = time.monotonic() + pause
+            self.down_until = now + pause
+            self._set_aside = True
             self._set_aside_s = min(self._set_aside_s * 2, max(_SET_ASIDE_MAX_S, pause))
             logger.warning(
                 "RPC endpoint %s set aside for %.1f s after %d failures in a row: %s",

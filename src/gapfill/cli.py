@@ -363,6 +363,16 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
+    if abi is not None:
+        # Rows stored before this ABI (another contract's refs, an earlier add or a
+        # removed contract's) are decoded with it now, as a new enrichment would.
+        from gapfill.enrich.redecode import redecode_contract
+
+        done = redecode_contract(store, chain_id, address, abi)
+        if done.txs or done.logs:
+            click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
+                       f"{done.txs:,} transactions sent to it, {done.decoded_logs:,} of "
+                       f"{done.logs:,} logs it emitted")  # fmt: skip
 
 
 def load_abi(path: str) -> list[dict[str, Any]]:

@@ -106,12 +106,13 @@ def gapfill(db_url: str, rpc_url: str | None, *args: str) -> tuple[int, str]:
 
 def setup_db(
     db_url: str, w: World, tmp: Path, keep: Callable[[str], bool] = lambda h: True,
-    extra: Sequence[tuple[str, str, int | None]] = (),
+    extra: Sequence[tuple[str, str, int | None]] = (), token_abi: bool = True,
 ) -> set[str]:  # fmt: skip
     """Track Token (ABI via ``--abi``) and Silent, import their refs by CSV; return the hashes."""
     chain = w.chain
+    abi = ("--abi", str(w.abi_file)) if token_abi else ()
     code, out = gapfill(db_url, None, "contract", "add", chain.token, "--chain-id", str(chain.chain_id),
-                        "--label", "token", "--abi", str(w.abi_file))  # fmt: skip
+                        "--label", "token", *abi)  # fmt: skip
     assert code == 0, out
     code, out = gapfill(db_url, None, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id),
                         "--label", "silent")  # fmt: skip
@@ -267,6 +268,27 @@ def test_batch_mode_is_exact(db_url: str, world: World, plan: str, tmp_path: Pat
     else:  # two calls per block, per transaction only for the refs without a block number
         assert run["rpc_calls"] < len(hashes) // 2, run
     assert_rerun_is_a_no_op(db_url, world, before)
+
+
+def test_an_abi_given_after_enrichment_decodes_the_stored_rows(
+    db_url: str, world: World, tmp_path: Path
+) -> None:
+    # Token tracked without its ABI and enriched: its calls and events are stored undecoded
+    # (but for the built-in token events). Giving the ABI afterwards decodes them as an
+    # enrichment with the ABI would have.
+    chain = world.chain
+    hashes = setup_db(db_url, world, tmp_path, token_abi=False)
+    code, out = gapfill(db_url, world.node.url, "enrich", "--mode", "batch", "-q")
+    assert code == 0, out
+    txs, _ = stored(db_url, chain.chain_id)
+    to_token = [t for t in txs if t["to_address"] == chain.token]
+    assert to_token and all(t["method_name"] is None for t in to_token)
+    code, out = gapfill(db_url, None, "contract", "add", chain.token, "--chain-id", str(chain.chain_id),
+                        "--abi", str(world.abi_file))  # fmt: skip
+    assert code == 0, out
+    decoded = sum(1 for t in to_token if world.want_tx[t["tx_hash"]]["method_name"] is not None)
+    assert f"decoded the stored rows with this ABI: {decoded:,} of {len(to_token):,} transactions" in out
+    assert_exact(db_url, world, hashes)
 
 
 # -- nodes that do not annotate blockTimestamp ------------------------------------------------

@@ -1106,6 +1106,67 @@ class Store(abc.ABC):
             cur.execute(self._sql(sql), params)
             return [_row_dict(LOG_COLUMNS, r) for r in cur.fetchall()]
 
+    # -- decoding stored rows again (a contract's ABI given or changed) ----------
+
+    def _hashes_where(self, table: str, column: str, chain_id: int, address: str) -> list[str]:
+        with self._read() as cur:
+            cur.execute(self._sql(f"SELECT DISTINCT tx_hash FROM {table} WHERE chain_id = ? "
+                                  f"AND {column} = ?"), (chain_id, address))  # fmt: skip
+            return sorted(h for (h,) in cur.fetchall())
+
+    def stored_calls(
+        self, chain_id: int, address: str, chunk: int = 2_000
+    ) -> Iterator[list[tuple[str, str]]]:
+        """``(tx_hash, input)`` of the stored transactions sent to ``address``, in chunks."""
+        hashes = self._hashes_where("transactions", "to_address", chain_id, address)
+        for i in range(0, len(hashes), chunk):
+            part = hashes[i : i + chunk]
+            with self._read() as cur:
+                cur.execute(self._sql(
+                    f"SELECT tx_hash, input FROM transactions WHERE chain_id = ? AND to_address = ? "
+                    f"AND tx_hash IN ({', '.join('?' for _ in part)})"), [chain_id, address, *part])
+                rows = [(h, data) for h, data in cur.fetchall()]  # fmt: skip
+            yield rows  # outside the read: the caller writes between chunks
+
+    def stored_logs(
+        self, chain_id: int, address: str, chunk: int = 2_000
+    ) -> Iterator[list[tuple[str, int, list[str], str]]]:
+        """``(tx_hash, log_index, topics, data)`` of the stored logs ``address`` emitted, in
+        chunks of transactions."""
+        hashes = self._hashes_where("logs", "address", chain_id, address)
+        for i in range(0, len(hashes), chunk):
+            part = hashes[i : i + chunk]
+            with self._read() as cur:
+                cur.execute(self._sql(
+                    "SELECT tx_hash, log_index, topic0, topic1, topic2, topic3, data FROM logs "
+                    f"WHERE chain_id = ? AND address = ? AND tx_hash IN ({', '.join('?' for _ in part)})"
+                ), [chain_id, address, *part])  # fmt: skip
+                logs = [(h, int(i), [t for t in (t0, t1, t2, t3) if t is not None], data)
+                        for h, i, t0, t1, t2, t3, data in cur.fetchall()]  # fmt: skip
+            yield logs
+
+    def set_decoded_calls(
+        self, chain_id: int, rows: Sequence[tuple[str, str | None, dict[str, Any] | None]]
+    ) -> None:
+        """``(tx_hash, method_name, method_args)``: the call data as decoded now."""
+        with self._tx() as cur:
+            cur.executemany(
+                self._sql("UPDATE transactions SET method_name = ?, method_args = ? "
+                          "WHERE chain_id = ? AND tx_hash = ?"),
+                [(name, json_text(args), chain_id, h) for h, name, args in rows],
+            )  # fmt: skip
+
+    def set_decoded_logs(
+        self, chain_id: int, rows: Sequence[tuple[str, int, str | None, dict[str, Any] | None]]
+    ) -> None:
+        """``(tx_hash, log_index, event_name, event_args)``: the logs as decoded now."""
+        with self._tx() as cur:
+            cur.executemany(
+                self._sql("UPDATE logs SET event_name = ?, event_args = ? "
+                          "WHERE chain_id = ? AND tx_hash = ? AND log_index = ?"),
+                [(name, json_text(args), chain_id, h, i) for h, i, name, args in rows],
+            )  # fmt: skip
+
 
 def _row_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}

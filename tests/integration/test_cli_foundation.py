@@ -257,6 +257,15 @@ def test_a_sqlite_url_without_a_path_is_shown_as_given(url: str) -> None:
                                "write it as sqlite:///path/to/file.db")  # fmt: skip
 
 
+def test_a_sqlite_url_with_parameters_is_refused_not_taken_as_a_file_name(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/x.db?mode=ro"
+    r = run(url, "init")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: the SQLite URL {url!r} has parameters, which gapfill does "
+                               "not take: write it as sqlite:///path/to/file.db")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args", [("contract", "add", C, "--chain-id", "1"), ("init",), ("status",),
                                   ("enrich", "--dry-run")])  # fmt: skip
 def test_an_in_memory_sqlite_database_is_refused(

@@ -90,6 +90,12 @@ def sqlite_path(url: str) -> str:
     path = rest[1:]
     if not path:
         raise StoreError("the SQLite URL names no file: write it as sqlite:///path/to/file.db")
+    if "?" in path:
+        # It would otherwise name a file "x.db?mode=ro", silently.
+        raise StoreError(
+            f"the SQLite URL {url!r} has parameters, which gapfill does not take: "
+            "write it as sqlite:///path/to/file.db"
+        )
     return path
 
 

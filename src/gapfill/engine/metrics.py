@@ -16,7 +16,7 @@ from gapfill.errors import ConfigError
 
 def _cannot_serve(host: str, port: int, exc: OSError) -> ConfigError:
     return ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}): "
-                       "choose another --metrics-port")  # fmt: skip
+                       "choose another --metrics-port (or metrics_port in the config file)")  # fmt: skip
 
 
 def check_port(port: int, host: str = "127.0.0.1") -> None:

@@ -466,13 +466,19 @@ def test_a_flaky_node_fills_the_gap_keeping_what_each_attempt_got(
     # three times).
     with emulator(node_chain.url, "--p-5xx", "0.5", "--seed", "5") as (rpc, _):
         rc, first = gapfill(enrich_args(pg_url, rpc), tmp_path, "enrich", 120)
-        assert rc == 0, first
         injected = emulator_stats(rpc)["faults"].get("5xx", 0)
-        for i in range(2):  # refs that failed on every attempt stay in the gap for a rerun
-            if not query(pg_url, "SELECT count(*) FROM failures")[0][0]:
+        out = first
+        for i in range(3):
+            if rc == 0:
                 break
+            # A request group can fail all its tries on every attempt (about one run in six
+            # here): those refs end as transient `rpc_error` failures, exit code 3, and stay
+            # in the gap for the next run.
+            assert rc == 3, out
+            reasons = query(pg_url, "SELECT DISTINCT reason FROM failures")
+            assert reasons == [("rpc_error",)], (reasons, out)
             rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, f"rerun{i}", 120)
-            assert rc == 0, out
+        assert rc == 0, out
     assert injected >= 20, "few requests failed: the test proved nothing"
     assert re.search(r"given back \(\d+ stored, the rest retried\)", first), first[-3000:]
     assert_exact(pg_url, node_chain, truth, seeded)

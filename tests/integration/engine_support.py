@@ -306,16 +306,26 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie is not: it only waits to be reaped)."""
+def state(pid: int) -> str:
+    """The process's state letter from ``/proc`` (``R``, ``S``, ``Z`` ...); "" when it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return False
+        return ""
     for line in status.splitlines():
         if line.startswith("State:"):
-            return "Z" not in line.split(":", 1)[1].split()[0]
-    return True
+            return line.split(":", 1)[1].split()[0]
+    return "?"
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: it only waits to be reaped)."""
+    return state(pid) not in ("", "Z")
+
+
+def zombie(pid: int) -> bool:
+    """Dead but not reaped yet: its parent has not waited for it (``kill(pid, 0)`` still succeeds)."""
+    return state(pid) == "Z"
 
 
 def worker_pids(coordinator: int) -> set[int]:

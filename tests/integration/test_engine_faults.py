@@ -52,6 +52,7 @@ from engine_support import (
     seed,
     wait_for,
     worker_pids,
+    zombie,
 )
 
 from gapfill.testing.anvil import Anvil
@@ -640,22 +641,36 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("parent", ["reaps", "never_waits"])
 def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
-    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, parent: str
 ) -> None:
     # SIGKILL (the OOM killer, say) gives the coordinator no chance to stop its workers;
     # nothing supervises them any more, so they stop as on Ctrl+C instead of running on
-    # to the end of the plan (with a slow node, that would take a while).
+    # to the end of the plan (with a slow node, that would take a while). A parent that does
+    # not wait for it (busy, or a harness that never calls wait) leaves it a zombie, which
+    # still "exists" to kill(pid, 0): its workers must see it gone all the same, so there it
+    # is reaped only after they stopped. One worker is a restarted one, forked after the
+    # others: it must not keep the watch open for the rest, nor miss it itself.
     with emulator(node_chain.url, "--latency-s", "1") as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "coordinator")
         try:
+            owner, _held = stop_holding_worker(pg_url, p, set())
+            wait_for("the worker's restart", lambda: len(worker_pids(p.pid) - {owner_pid(owner)}) == 2,
+                     60, proc=p)  # fmt: skip
             wait_for("workers with batches", lambda: len(leased_now(pg_url)) >= 2, 60, proc=p)
             workers = descendants(p.pid) | p.seen  # the fork server, the workers
+            assert {owner_pid(o) for _, o in leased_now(pg_url)} <= workers
             os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
+            if parent == "reaps":
+                p.wait(10)
+            else:  # nothing may wait for it from here on (no p.poll(), no wait_for(proc=p))
+                wait_for("the coordinator to die", lambda: zombie(p.pid), 10)
             wait_for("the workers to stop", lambda: not any(alive(w) for w in workers), 60)
+            if parent == "never_waits":
+                assert zombie(p.pid), "the coordinator was reaped before its workers stopped"
         finally:
-            p.close()
+            p.close()  # kills what is left, reaps the coordinator if nothing did
         assert leased_now(pg_url) == [], "a stopped worker kept its lease"
         assert query(pg_url, "SELECT count(*) FROM batches WHERE state = 'pending'")[0][0] > 0, (
             "the orphaned workers ran the plan to its end")

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
@@ -51,7 +52,6 @@ from gapfill.redact import redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 from gapfill.store import Store, open_store, owner_name
-from gapfill.store.base import pid_alive
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -408,9 +408,15 @@ def _metrics(processed: int, failed: int, calls: int, retries: int, limited: int
 # -- worker processes ----------------------------------------------------------------------
 
 
-def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any, coordinator: int = 0) -> None:
-    """Entry point of a worker process (forked by the coordinator's fork server; ``coordinator``
-    is its pid: a worker whose coordinator died stops as on Ctrl+C, not orphaned)."""
+def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any,
+                        coordinator: Connection | None = None) -> None:  # fmt: skip
+    """Entry point of a worker process (forked by the coordinator's fork server).
+
+    ``coordinator`` is the read end of the coordinator's lifeline, a pipe whose only write
+    end the coordinator holds (:attr:`Coordinator.lifeline`): it reads EOF once the
+    coordinator is dead, zombie or not, and the worker then stops as on Ctrl+C rather than
+    run on unsupervised.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
     logging.basicConfig(level=logging.ERROR)  # as quiet as the CLI by default
 
@@ -430,7 +436,8 @@ def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any, coor
         raise SystemExit(0) from None
 
 
-async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any, coordinator: int = 0) -> None:
+async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any,
+                        coordinator: Connection | None = None) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -452,7 +459,9 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any, coord
             async def watch_stop() -> None:
                 # The stop event, or the coordinator gone (SIGKILL, OOM): it can no longer
                 # supervise, so no new leases; in-flight batches finish or are given back.
-                while not stop.is_set() and (not coordinator or pid_alive(coordinator)):
+                # Nothing is ever written to the pipe: readable means EOF, its write end closed
+                # by the kernel when the coordinator died (a pid check took a zombie for alive).
+                while not stop.is_set() and not (coordinator is not None and coordinator.poll()):
                     await asyncio.sleep(0.2)
                 worker.stopping = True
 
@@ -497,6 +506,11 @@ class Coordinator:
         self.ctx.set_forkserver_preload(["gapfill.engine.run", "Crypto.Hash.keccak"])
         self.events: Any = self.ctx.Queue()
         self.stop = self.ctx.Event()
+        # The workers' lifeline: each gets the read end (sent through the fork server, which
+        # closes its copy once it forked); the write end never leaves this process (pipes are
+        # not inherited by the processes it spawns), so when it dies, even as a zombie its
+        # parent has not reaped, the kernel closes the write end and every worker reads EOF.
+        self.lifeline, self._lifeline_w = self.ctx.Pipe(duplex=False)
         self.slots: dict[int, _Slot] = {}
         self.stopping_at: float | None = None
         self.interrupts = 0
@@ -511,7 +525,7 @@ class Coordinator:
 
     def _spawn(self, index: int) -> BaseProcess:
         p = self.ctx.Process(target=worker_process_main,
-                             args=(index, self.job, self.events, self.stop, os.getpid()),
+                             args=(index, self.job, self.events, self.stop, self.lifeline),
                              name=f"gapfill-worker-{index + 1}", daemon=True)  # fmt: skip
         p.start()
         return p
@@ -714,6 +728,8 @@ class Coordinator:
                 permanent = permanent_failures(store, job.targets)
             store.close()
             self.events.close()
+            self.lifeline.close()
+            self._lifeline_w.close()
         rate = processed / secs if secs > 0 else 0.0
         summary = RunSummary(
             run_id, "concurrent" if job.plan_new else "worker", self.workers, processed, failed,

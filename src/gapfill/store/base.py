@@ -127,14 +127,20 @@ def json_value(value: Any) -> Any:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host."""
+    """Whether a process with this id runs on this host (a zombie does not: it was killed,
+    and its parent has not reaped it yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc here: kill() is all there is to ask
         return True
-    return True
+    return state not in (b"Z", b"X")
 
 
 def owner_name(worker: str = "") -> str:

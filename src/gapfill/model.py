@@ -145,6 +145,16 @@ class Enriched:
     txs: list[TxRow] = field(default_factory=list)
     logs: list[LogRow] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    #: The refs whose block number (none, or a wrong one from an import) is not their
+    #: row's, each with its row's: the transaction that stores the rows corrects them.
+    moved: list[Ref] = field(default_factory=list)
+
+    def extend(self, other: Enriched) -> None:
+        """Add what ``other`` produced to this."""
+        self.txs.extend(other.txs)
+        self.logs.extend(other.logs)
+        self.failures.extend(other.failures)
+        self.moved.extend(other.moved)
 
 
 @dataclass(frozen=True, slots=True)

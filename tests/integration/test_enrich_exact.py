@@ -291,6 +291,37 @@ def test_an_abi_given_after_enrichment_decodes_the_stored_rows(
     assert_exact(db_url, world, hashes)
 
 
+def ref_blocks(db_url: str) -> dict[tuple[str, str], int | None]:
+    """Every ref's block number, by (contract, hash)."""
+    with open_store(db_url) as s, s._read() as cur:
+        cur.execute("SELECT contract, tx_hash, block_number FROM refs")
+        return {(c, h): None if b is None else int(b) for c, h, b in cur.fetchall()}
+
+
+@pytest.mark.parametrize("plan", ["per_tx", "per_block"])
+def test_a_ref_ends_with_its_transactions_block_number(
+    db_url: str, world: World, plan: str, tmp_path: Path
+) -> None:
+    """Refs imported with a wrong block number (off by one, or past the chain's head) or
+    none get their transaction's when it is stored: the per-block plan finds no such
+    transaction in the block the ref names and fetches it on its own."""
+    chain = world.chain
+    subset = set(sorted(world.hashes)[::300])
+    wrong = {h: chain.head + 1_000 if i % 2 else chain.tx_block[h] + 1
+             for i, h in enumerate(sorted(subset)[:16])}  # fmt: skip
+    extra = [(c, h, b) for c, refs in world.refs.items() for h, _ in refs if (b := wrong.get(h))]
+    hashes = setup_db(db_url, world, tmp_path, keep=lambda h: h in subset and h not in wrong,
+                      extra=extra)  # fmt: skip
+    before = ref_blocks(db_url)
+    assert None in before.values() and max(filter(None, before.values())) > chain.head
+    code, out = gapfill(db_url, world.node.url, "enrich", "--mode", "batch", "--plan", plan, "-q")
+    assert code == 0, out
+    assert_exact(db_url, world, hashes)
+    assert ref_blocks(db_url) == {key: chain.tx_block[key[1]] for key in before}
+    code, out = gapfill(db_url, None, "status", "--json")
+    assert all(s["max_block"] <= chain.head and s["unknown_block_refs"] == 0 for s in json.loads(out)), out
+
+
 # -- nodes that do not annotate blockTimestamp ------------------------------------------------
 
 

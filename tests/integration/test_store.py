@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -386,9 +388,64 @@ def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_e
     store.add_refs([Ref(1, C, h(3), 3)])
     assert block_of(store, 3) is None
     refs = store.batch_refs(batch)
-    assert store.commit_batch(batch, Enriched([tx_row(int(r.tx_hash, 16), 30 + int(r.tx_hash, 16))
-                                               for r in refs]))  # fmt: skip
+    truth = {1: 11, 2: 12, 7: 17}
+    assert store.commit_batch(batch, enriched_as_fetched(refs, lambda i: truth.get(i, 30 + i)))
     assert [block_of(store, i) for i in range(1, 8)] == [11, 12, 33, 34, 35, 36, 17]
+
+
+def enriched_as_fetched(refs: list[Ref], true_block: Callable[[int], int]) -> Enriched:
+    """What the enricher returns for ``refs`` on a chain where ``h(i)`` is in block
+    ``true_block(i)``: a row each, and the refs whose block number was not that one."""
+    rows = [tx_row(int(r.tx_hash, 16), true_block(int(r.tx_hash, 16))) for r in refs]
+    moved = [replace(r, block_number=t.block_number)
+             for r, t in zip(refs, rows, strict=True) if r.block_number != t.block_number]
+    return Enriched(rows, moved=moved)
+
+
+def test_a_wrong_block_number_from_an_import_is_corrected_when_its_transaction_is_stored(
+    store: Store,
+) -> None:
+    # The file said h(1) is in block 5 and h(4) in block 10**9 (past the chain's head),
+    # and had no block for h(2). Their transactions say 7, 4 and 9.
+    truth = {1: 7, 2: 9, 3: 8, 4: 4, 5: 12, 6: 14, 7: 6}
+    store.add_refs([Ref(1, C, h(1), 5), Ref(1, C, h(2), None), Ref(1, C, h(3), 8),
+                    Ref(1, C, h(4), 10**9), Ref(1, C, h(5), 11), Ref(1, C, h(6), 13),
+                    Ref(1, C, h(7), 6)])  # fmt: skip
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=2)
+    first = store.lease("w", 60.0)  # h(1) and h(7): blocks 5 and 6
+    assert first is not None and [r.tx_hash for r in store.batch_refs(first)] == [h(1), h(7)]
+    # h(1)'s key moves into the next batch's range: its row is stored with it, so no batch
+    # can lose it. A moved ref whose row is not written here keeps its key, and so does
+    # another contract's (no open plan keeps an import from filling it meanwhile).
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, other, h(7), None)])
+    got = enriched_as_fetched(store.batch_refs(first), truth.__getitem__)
+    got.moved.extend([Ref(1, C, h(4), 4), Ref(1, other, h(7), 6)])
+    assert store.commit_batch(first, got)
+    assert [block_of(store, i) for i in (1, 4)] == [7, 10**9]
+    with store._read() as cur:
+        cur.execute(store._sql("SELECT contract, block_number FROM refs WHERE tx_hash = ?"), (h(7),))
+        assert sorted(cur.fetchall()) == [(C, 6), (other, None)]
+    # A batch given back keeps its rows and corrects their refs too.
+    second = store.lease("w", 60.0)
+    assert second is not None and [r.tx_hash for r in store.batch_refs(second)] == [h(3), h(5)]
+    kept = enriched_as_fetched(store.batch_refs(second)[1:], truth.__getitem__)
+    assert store.abandon(second, "TransientFailures: 1 failed", keep=kept)
+    assert block_of(store, 5) == 12
+    while (b := store.lease("w", 60.0)) is not None:
+        assert store.commit_batch(b, enriched_as_fetched(store.batch_refs(b), truth.__getitem__))
+    assert store.count_gap(1, C) == 0 and len(store.fetch_transactions(1)) == 7
+    assert {i: block_of(store, i) for i in truth} == truth
+    (s,) = store.status(1, C)
+    assert (s.min_block, s.max_block, s.unknown_block_refs) == (4, 14, 0)
+
+
+def test_rows_stored_without_a_lease_correct_their_refs_too(store: Store) -> None:
+    # The start-up sample of a concurrent run stores its rows with Store.write.
+    store.add_refs([Ref(1, C, h(1), None), Ref(1, C, h(2), 99), Ref(1, C, h(3), 3)])
+    store.write(enriched_as_fetched(list(store.iter_gap(1, C)), lambda i: i))
+    assert [block_of(store, i) for i in (1, 2, 3)] == [1, 2, 3]
 
 
 def test_removing_a_contract_keeps_the_chains_rows_and_other_contracts(store: Store) -> None:

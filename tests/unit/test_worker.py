@@ -31,6 +31,7 @@ class FakeStore:
         self._busy = threading.Lock()
         self.fail: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
         self.kept: dict[int, int] = {}  # batch id -> transactions stored as it was given back
+        self.moved: dict[int, int] = {}  # batch id -> refs whose block those rows correct
         self.slow_s = 0.0
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
@@ -79,6 +80,7 @@ class FakeStore:
         self.state[batch.id] = "pending"
         if keep is not None:
             self.kept[batch.id] = len(keep.txs)
+            self.moved[batch.id] = len(keep.moved)
         return True
 
     def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
@@ -302,7 +304,8 @@ class HalfFailingEnricher(FakeEnricher):
         await asyncio.sleep(self.delay_s)
         return Enriched(txs=[object() for r in refs[::2]],  # type: ignore[misc]
                         failures=[Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "HTTP 502")
-                                  for r in refs[1::2]])  # fmt: skip
+                                  for r in refs[1::2]],
+                        moved=[Ref(r.chain_id, r.contract, r.tx_hash, 2) for r in refs[::4]])  # fmt: skip
 
 
 @pytest.mark.timeout(30)
@@ -314,6 +317,7 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
     totals = asyncio.run(w.run())
     assert store.state == {1: "pending", 2: "pending", 3: "pending"}
     assert store.kept == {1: 5, 2: 5, 3: 5} and "commit_batches" not in store.calls
+    assert store.moved == {1: 3, 2: 3, 3: 3}  # the rows' block numbers are stored with them
     assert totals.processed == 15 and totals.failed == 0
     given_back = [e for e in events if isinstance(e, BatchAbandoned)]
     assert sorted((e.batch_id, e.kept) for e in given_back) == [(1, 5), (2, 5), (3, 5)]

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, Notice, WorkerStats
@@ -523,8 +523,7 @@ class Worker:
                         # Failures that may pass (timeouts, inconsistent answers) must not mark
                         # the batch done: give it back for another attempt; the last one stores them.
                         first = transient[0]
-                        kept = Enriched(enriched.txs, enriched.logs,
-                                        [f for f in enriched.failures if f.permanent])
+                        kept = replace(enriched, failures=[f for f in enriched.failures if f.permanent])
                         raise TransientFailures(f"{len(transient)} transaction(s) failed, e.g. "
                                                 f"{first.tx_hash}: {first.last_error}", kept)  # fmt: skip
             finally:
@@ -603,9 +602,7 @@ class Worker:
                 await go(part[:mid])
                 await go(part[mid:])
                 return
-            out.txs.extend(got.txs)
-            out.logs.extend(got.logs)
-            out.failures.extend(got.failures)
+            out.extend(got)
 
         await go(refs)
         return out

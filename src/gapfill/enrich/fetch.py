@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from gapfill.enrich.decode import Decoder
@@ -86,6 +86,7 @@ class _Collector:
         self.txs: list[TxRow] = []
         self.logs: list[LogRow] = []
         self.failures: list[Failure] = []
+        self.moved: list[Ref] = []
         self.done: set[str] = set()
 
     def row(self, ref: Ref, tx: TxRow, logs: list[LogRow]) -> None:
@@ -94,6 +95,8 @@ class _Collector:
         self.done.add(ref.tx_hash)
         self.txs.append(tx)
         self.logs.extend(logs)
+        if ref.block_number != tx.block_number:  # imported without one, or with a wrong one
+            self.moved.append(replace(ref, block_number=tx.block_number))
 
     def fail(self, failure: Failure) -> None:
         if failure.tx_hash in self.done:
@@ -102,7 +105,7 @@ class _Collector:
         self.failures.append(failure)
 
     def result(self) -> Enriched:
-        return Enriched(self.txs, self.logs, self.failures)
+        return Enriched(self.txs, self.logs, self.failures, self.moved)
 
 
 def _receipt(out: _Collector, ref: Ref, rec: Any) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -86,9 +86,17 @@ _OF_CONTRACT = (
 MAX_ATTEMPTS = 3
 
 
-def _fill_order(fill: tuple[int, int, str, str]) -> tuple[int, str, str]:
-    """(block, chain, contract, hash) fills, ordered by the refs' primary key."""
+def _fill_order(fill: tuple[Any, ...]) -> tuple[int, str, str]:
+    """(block, chain, contract, hash, ...) fills, ordered by the refs' primary key."""
     return fill[1], fill[2], fill[3]
+
+
+def _own_moves(batch: Batch, enriched: Enriched) -> Enriched:
+    """``enriched`` with only the moved refs of ``batch``'s contract: its plan is open, so no
+    import or discovery fills them meanwhile. Another contract may have no open plan, and an
+    import filling its refs in another order would deadlock with this commit."""
+    own = [r for r in enriched.moved if (r.chain_id, r.contract) == (batch.chain_id, batch.contract)]
+    return enriched if len(own) == len(enriched.moved) else replace(enriched, moved=own)
 
 
 def json_text(value: Any) -> str | None:
@@ -455,10 +463,16 @@ class Store(abc.ABC):
         )
 
     def write(self, enriched: Enriched) -> None:
-        """Store rows and failures in one transaction (no lease involved)."""
+        """Store rows, failures and moved keys in one transaction, with no lease (the start-up
+        sample of a concurrent run). No open plan keeps an import or a discovery from filling
+        these refs' block numbers meanwhile, so their keys move as those fills do: after the
+        contracts' rows and under the planning lock."""
         with self._tx() as cur:
-            self._upsert(cur, enriched.txs, enriched.logs)
-            self._record_failures(cur, enriched)
+            if enriched.moved:
+                for chain_id, contract in sorted({(r.chain_id, r.contract) for r in enriched.moved}):
+                    self._lock_contract(cur, chain_id, contract)  # one removed meanwhile: no refs
+                self._plan_lock(cur)
+            self._write_results(cur, [enriched])
 
     def list_failures(
         self, chain_id: int | None = None, contract: str | None = None, limit: int = 1000
@@ -575,15 +589,19 @@ class Store(abc.ABC):
             if (chain_id, contract) in checked:
                 return
             checked.add((chain_id, contract))
-        cur.execute(
-            self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._SHARE_LOCK}"),
-            (chain_id, contract),
-        )
-        if cur.fetchone() is None:
+        if not self._lock_contract(cur, chain_id, contract):
             raise UnknownContractError(
                 f"contract {contract} on chain {chain_id} is no longer tracked (removed meanwhile): "
                 "nothing was written; add it again with `gapfill contract add` if it was a mistake"
             )
+
+    def _lock_contract(self, cur: Any, chain_id: int, contract: str) -> bool:
+        """Hold a contract's row shared until commit (a removal waits); False if untracked."""
+        cur.execute(
+            self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._SHARE_LOCK}"),
+            (chain_id, contract),
+        )
+        return cur.fetchone() is not None
 
     _FILL_BLOCK_SQL = (
         "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
@@ -910,7 +928,7 @@ class Store(abc.ABC):
         take inserts all over, so a batch of 500 dirties most of their leaf pages.
         """
         held = [False] * len(items)
-        written: list[tuple[Batch, Enriched]] = []
+        written: list[Enriched] = []
         with self._tx() as cur:
             now = self._now(cur)
             # Rows locked in batch order: two workers' groups cannot deadlock on them.
@@ -928,26 +946,40 @@ class Store(abc.ABC):
                 if not held[i]:
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
-                written.append((batch, enriched))
+                written.append(_own_moves(batch, enriched))
             self._write_results(cur, written)
         return held
 
-    def _write_results(self, cur: Any, written: Sequence[tuple[Batch, Enriched]]) -> None:
-        """Rows and failures of batches whose lease was just checked, in one write each."""
+    def _write_results(self, cur: Any, written: Sequence[Enriched]) -> None:
+        """Rows, failures and moved keys of batches whose lease was just checked, in one
+        write each."""
         merged = Enriched()
-        fills: list[tuple[int, int, str, str]] = []
-        for batch, enriched in written:
-            if batch.hi[0] == UNKNOWN_BLOCK_KEY:  # refs imported without a block: now known
-                fills.extend((t.block_number, batch.chain_id, batch.contract, t.tx_hash)
-                             for t in enriched.txs)  # fmt: skip
-            merged.txs.extend(enriched.txs)
-            merged.logs.extend(enriched.logs)
-            merged.failures.extend(enriched.failures)
+        for enriched in written:
+            merged.extend(enriched)
         if merged.txs or merged.logs:
             self._upsert(cur, merged.txs, merged.logs)
-        if fills:
-            cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
+        self._move_keys(cur, merged)
         self._record_failures(cur, merged)
+
+    _MOVE_KEY_SQL = (
+        "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
+        "AND (block_number IS NULL OR block_number <> ?)"
+    )
+
+    def _move_keys(self, cur: Any, enriched: Enriched) -> None:
+        """Give the refs in ``enriched.moved`` their transaction's block number (they had
+        none, or a wrong one from an import), but only where that transaction is among the
+        rows written in this database transaction: a ref whose transaction is stored has
+        left the gap, so its key may move even while its contract's plan is open (no batch
+        can lose it), and only then."""
+        if not enriched.moved:
+            return
+        blocks = {(t.chain_id, t.tx_hash): t.block_number for t in enriched.txs}
+        moves = {(r.block_number, r.chain_id, r.contract, r.tx_hash, r.block_number)
+                 for r in enriched.moved
+                 if blocks.get((r.chain_id, r.tx_hash)) == r.block_number}  # fmt: skip
+        if moves:  # in key order, as every writer of refs: no two can deadlock on them
+            cur.executemany(self._sql(self._MOVE_KEY_SQL), sorted(moves, key=_fill_order))
 
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,
@@ -991,7 +1023,7 @@ class Store(abc.ABC):
                 )
                 if cur.rowcount != 1:
                     return False
-                self._write_results(cur, [(batch, keep)])
+                self._write_results(cur, [_own_moves(batch, keep)])
             return self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
                                    "abandoned", now)  # fmt: skip
 

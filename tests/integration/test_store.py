@@ -546,3 +546,28 @@ def test_removing_a_contract_waits_for_a_discovery_writing_it_and_deletes_what_i
     assert removed and removed[0]["refs"] == 1
     with open_store(pg_url) as s:
         assert s.count_gap(1, C) == 0 and s.list_contracts() == []
+
+
+def test_a_postgres_import_reads_each_ref_a_few_times_not_once_per_ref(pg_url: str) -> None:
+    # Refs just inserted have no statistics yet. Filling block numbers, the planner took
+    # them for one row and rescanned the staged refs for each (40,000 hashes took 48 s, a
+    # million would take hours), or looked each up by the contract's whole key range.
+    n = 20_000
+    with open_store(pg_url) as s:
+        s.add_contract(Contract(1, C))
+        s.add_refs([Ref(1, C, h(i), None) for i in range(n)])  # hashes alone
+        s.add_refs([Ref(1, C, h(i), None if i % 2 else i) for i in range(n)])  # then half with blocks
+        conn = s._live()  # type: ignore[attr-defined]
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.commit()
+        (staged,) = conn.execute(
+            "SELECT seq_tup_read FROM pg_stat_all_tables WHERE relname = 'stage_refs' "
+            "AND schemaname LIKE 'pg_temp%'"
+        ).fetchone()
+        (pages,) = conn.execute(
+            "SELECT heap_blks_hit + heap_blks_read + idx_blks_hit + idx_blks_read "
+            "FROM pg_statio_all_tables WHERE relname = 'refs' AND schemaname = 'public'"
+        ).fetchone()
+        conn.rollback()
+        assert staged <= 10 * n and pages <= 100 * n, (staged, pages)
+        assert s.count_gap(1, C) == n and block_of(s, 2) == 2 and block_of(s, 1) is None

@@ -441,6 +441,40 @@ def test_a_wrong_block_number_from_an_import_is_corrected_when_its_transaction_i
     assert (s.min_block, s.max_block, s.unknown_block_refs) == (4, 14, 0)
 
 
+def test_a_ref_written_without_a_block_for_a_stored_transaction_gets_the_stored_one(
+    store: Store,
+) -> None:
+    # C's transactions were enriched; then the same hashes are imported for another
+    # contract without block numbers: no enrichment would ever fill them (not in its gap).
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 4)])
+    store.write(Enriched([tx_row(i, i) for i in range(1, 4)]))
+
+    def blocks() -> dict[int, int | None]:
+        with store._read() as cur:
+            cur.execute(store._sql("SELECT tx_hash, block_number FROM refs WHERE contract = ?"), (other,))
+            return {int(t, 16): b for t, b in cur.fetchall()}
+
+    assert store.add_refs([Ref(1, other, h(i), None) for i in (1, 2, 3, 4)]) == 4
+    assert blocks() == {1: 1, 2: 2, 3: 3, 4: None}  # h(4) is not stored: it stays unknown
+    # A ref imported without a block before its transaction was stored (by another
+    # contract's run) gets it from the next import or discovery that writes it.
+    store.add_refs([Ref(1, other, h(i), None) for i in (8, 9)])
+    store.write(Enriched([tx_row(8, 80), tx_row(9, 90)]))
+    assert store.add_refs([Ref(1, other, h(8), None)]) == 0 and blocks()[8] == 80
+    store.add_refs_and_coverage([Ref(1, other, h(9), None, "logs"), Ref(1, other, h(4), 40, "logs")], [])
+    assert (blocks()[9], blocks()[4]) == (90, 40)
+    # While the contract's plan is open a ref already there keeps its key (as for every
+    # fill by an import); a new one takes its stored transaction's block: it is not in the
+    # gap, so no batch can lose it.
+    store.add_refs([Ref(1, other, h(5), None)])
+    store.plan(store.create_run("batch", 1), [(1, other)], batch_size=500)
+    store.write(Enriched([tx_row(5, 50), tx_row(6, 60)]))
+    store.add_refs([Ref(1, other, h(5), None), Ref(1, other, h(6), None)])
+    assert (blocks()[5], blocks()[6]) == (None, 60)
+
+
 def test_rows_stored_without_a_lease_correct_their_refs_too(store: Store) -> None:
     # The start-up sample of a concurrent run stores its rows with Store.write.
     store.add_refs([Ref(1, C, h(1), None), Ref(1, C, h(2), 99), Ref(1, C, h(3), 3)])

@@ -570,13 +570,43 @@ class Store(abc.ABC):
     ) -> int:
         """Insert refs of tracked contracts, then fill block numbers refs already there
         lacked: the lock order every writer of refs keeps (the contract's row, the refs,
-        the planning lock). ``checked`` and ``unknown`` carry what one transaction has
-        learned about each contract across calls. Returns how many refs were new."""
+        the planning lock). A ref given without a block number whose transaction is stored
+        is written with that transaction's. ``checked`` and ``unknown`` carry what one
+        transaction has learned about each contract across calls. Returns how many refs
+        were new."""
         for chain_id, contract in {(r.chain_id, r.contract) for r in refs}:
             self._require_tracked(cur, chain_id, contract, checked)
+        refs = self._with_stored_blocks(cur, refs)
         new = self._insert_refs(cur, refs)
         self._fill_unknown_blocks(cur, refs, unknown)
         return new
+
+    def _with_stored_blocks(self, cur: Any, refs: Sequence[Ref]) -> Sequence[Ref]:
+        """``refs``, those without a block number given their stored transaction's, if any.
+
+        A new ref of a stored transaction is not in the gap: it may take any key, even
+        while its contract's plan is open, and no enrichment would ever give it one. A ref
+        already there without one gets it only as every fill does (no open plan)."""
+        hashes: dict[int, list[str]] = {}
+        for r in refs:
+            if r.block_number is None:
+                hashes.setdefault(r.chain_id, []).append(r.tx_hash)
+        stored = {(chain_id, h): b for chain_id, hs in hashes.items() if self._has_transactions(cur, chain_id)
+                  for h, b in self._stored_blocks(cur, chain_id, hs).items()}  # fmt: skip
+        if not stored:
+            return refs
+        return [replace(r, block_number=stored[r.chain_id, r.tx_hash])
+                if r.block_number is None and (r.chain_id, r.tx_hash) in stored else r
+                for r in refs]  # fmt: skip
+
+    def _has_transactions(self, cur: Any, chain_id: int) -> bool:
+        """Whether any transaction of the chain is stored (none in a new database)."""
+        cur.execute(self._sql("SELECT 1 FROM transactions WHERE chain_id = ? LIMIT 1"), (chain_id,))
+        return cur.fetchone() is not None
+
+    @abc.abstractmethod
+    def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
+        """The block numbers of those of ``hashes`` whose transaction is stored."""
 
     def _require_tracked(
         self, cur: Any, chain_id: int, contract: str, checked: set[tuple[int, str]] | None = None

@@ -58,19 +58,26 @@ TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 1
 #: minute. The URL's ``options`` (``-c tcp_keepalives_idle=...``) or a service file win.
 SERVER_TCP_DEFAULTS = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10,
                        "tcp_keepalives_count": 3, "tcp_user_timeout": 60_000}  # fmt: skip
-#: An import's staged refs give their block numbers to refs of one contract that have none.
-#: The refs an import has just inserted have no statistics yet: filtered by contract, they
-#: looked like one row to the planner, which then rescanned the staged refs for each ref
-#: (quadratic: 40,000 hashes took 48 s, a million would take hours). So the contract is
-#: named inside a subquery the planner cannot pull up (``OFFSET 0``) and does not carry over
-#: to refs, and the staged refs are analyzed first: the planner knows how many there are,
-#: and hashes the join or looks refs up one by one as their numbers say.
+#: An import's staged refs give their block numbers (``{block}``: one of the two below) to
+#: refs of one contract that have none. The refs an import has just inserted have no
+#: statistics yet: filtered by contract, they looked like one row to the planner, which then
+#: rescanned the staged refs for each ref (quadratic: 40,000 hashes took 48 s, a million
+#: would take hours). So the contract is named inside a subquery the planner cannot pull up
+#: (``OFFSET 0``) and does not carry over to refs, and the staged refs are analyzed first:
+#: the planner knows how many there are, and hashes the join or looks refs up one by one as
+#: their numbers say.
 _FILL_FROM_STAGE = (
     "UPDATE refs r SET block_number = x.block_number FROM (SELECT s.chain_id, s.contract, s.tx_hash, "
-    "s.block_number FROM stage_refs s WHERE s.chain_id = %s AND s.contract = %s "
-    "AND s.block_number IS NOT NULL OFFSET 0) x "
+    "{block} AS block_number FROM stage_refs s WHERE s.chain_id = %s AND s.contract = %s OFFSET 0) x "
     "WHERE r.chain_id = x.chain_id AND r.contract = x.contract AND r.tx_hash = x.tx_hash "
-    "AND r.block_number IS NULL"
+    "AND r.block_number IS NULL AND x.block_number IS NOT NULL"
+)
+#: A staged ref's block number: the one given, else that of its transaction if it is stored
+#: (a scalar subquery: one lookup by key, whatever the planner thinks of the staged rows).
+_STAGED_BLOCK = "s.block_number"
+_STAGED_OR_STORED_BLOCK = (
+    "COALESCE(s.block_number, (SELECT t.block_number FROM transactions t "
+    "WHERE t.chain_id = s.chain_id AND t.tx_hash = s.tx_hash))"
 )
 _MIGRATION_LOCK = 7_263_451_001
 _PLAN_LOCK = 7_263_451_002
@@ -258,32 +265,48 @@ class PostgresStore(Store):
         with self._tx() as cur:
             self._stage(cur)
             contracts: set[tuple[int, str]] = set()
+            staged = 0
             with cur.copy(
                 "COPY stage_refs (chain_id, contract, tx_hash, block_number, source) FROM STDIN"
             ) as copy:
                 for r in refs:
                     contracts.add((r.chain_id, r.contract))
                     copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+                    staged += 1
             for chain_id, contract in contracts:
                 self._require_tracked(cur, chain_id, contract)
+            # Refs without a block number take their transaction's if it is stored (as in
+            # Store._with_stored_blocks); a new database has none to look up.
+            stored = any(self._has_transactions(cur, c) for c in {c for c, _ in contracts})
+            block = _STAGED_OR_STORED_BLOCK if stored else _STAGED_BLOCK
             cur.execute(
-                "INSERT INTO refs SELECT DISTINCT ON (chain_id, contract, tx_hash) * FROM stage_refs "
-                "ORDER BY chain_id, contract, tx_hash, block_number NULLS LAST "
+                "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
+                f"SELECT DISTINCT ON (s.chain_id, s.contract, s.tx_hash) s.chain_id, s.contract, "
+                f"s.tx_hash, {block}, s.source FROM stage_refs s "
+                "ORDER BY s.chain_id, s.contract, s.tx_hash, s.block_number NULLS LAST "
                 "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
             )
             n = int(cur.rowcount)
             # Refs already there without a block number get the one this import knows. Last,
             # as in discovery (contract row, refs, then the planning lock): the same order
-            # everywhere, and the planning lock held only briefly.
+            # everywhere, and the planning lock held only briefly. None is there if every
+            # staged ref was new.
             analyzed = False
-            for chain_id, contract in contracts:
+            for chain_id, contract in contracts if n < staged else ():
                 if self._has_unknown_blocks(cur, chain_id, contract):
                     if not analyzed:  # a temporary table, sampled: ~0.1 s for a million rows
                         cur.execute("ANALYZE stage_refs")
                         analyzed = True
-                    cur.execute(_FILL_FROM_STAGE, (chain_id, contract))
+                    cur.execute(_FILL_FROM_STAGE.format(block=block), (chain_id, contract))
             cur.execute("TRUNCATE stage_refs")
             return n
+
+    def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
+        cur.execute(
+            "SELECT tx_hash, block_number FROM transactions WHERE chain_id = %s AND tx_hash = ANY(%s)",
+            (chain_id, list(hashes)),
+        )
+        return {h: int(b) for h, b in cur.fetchall()}
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
         cur.executemany(

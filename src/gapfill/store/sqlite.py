@@ -233,6 +233,14 @@ class SqliteStore(Store):
         )
         return self._conn.total_changes - before
 
+    def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
+        cur.execute(
+            "SELECT tx_hash, block_number FROM transactions WHERE chain_id = ? "
+            "AND tx_hash IN (SELECT value FROM json_each(?))",
+            (chain_id, orjson.dumps(hashes).decode()),
+        )
+        return {h: int(b) for h, b in cur.fetchall()}
+
     def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
         if txs:
             cur.executemany(_INSERT_TX, [_tx_tuple(t) for t in txs])

@@ -457,8 +457,9 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
 
     store = ctx.store()
     c = store.get_contract(contract, chain_id)
-    new = store.add_refs(parse_refs(file, c.chain_id, c.address))
-    click.echo(f"imported {new} new refs for {c.address} on chain {c.chain_id}")
+    added = store.add_refs(parse_refs(file, c.chain_id, c.address))
+    filled = f", {added.filled} block numbers filled" if added.filled else ""
+    click.echo(f"imported {added.new} new refs for {c.address} on chain {c.chain_id}{filled}")
 
 
 def status_dict(s: ContractStatus) -> dict[str, Any]:

@@ -507,6 +507,19 @@ def test_status_counts_refs_whose_block_is_unknown(tracked: str) -> None:
     assert "2 unknown" in out.splitlines()[1], out
 
 
+def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path: Path) -> None:
+    r = run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(2)}\n{h(3)}\n")  # hashes alone
+    assert r.exit_code == 0 and r.output.strip() == f"imported 3 new refs for {C} on chain 1", r.output
+    csvf = tmp_path / "blocks.csv"
+    csvf.write_text(f"hash,block_number\n{h(1)},17\n{h(2)},18\n")
+    r = run(tracked, "import", str(csvf), "--contract", C)
+    assert r.exit_code == 0, r.stderr
+    assert r.output.strip() == f"imported 0 new refs for {C} on chain 1, 2 block numbers filled", r.output
+    r = run(tracked, "import", str(csvf), "--contract", C)  # nothing left to fill
+    assert r.output.strip() == f"imported 0 new refs for {C} on chain 1", r.output
+    assert sorted(refs_of(tracked)) == [(h(1), 17), (h(2), 18), (h(3), None)]
+
+
 def test_an_at_sign_in_a_postgres_query_is_not_a_password_at_sign() -> None:
     r = run("postgresql://u:p@127.0.0.1:1?application_name=me@x", "status")
     assert r.exit_code == 1 and "%40" not in one_sentence(r) and "could not connect" in one_sentence(r)

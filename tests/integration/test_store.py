@@ -11,7 +11,7 @@ import pytest
 
 from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
-from gapfill.store import Store, open_store
+from gapfill.store import RefsAdded, Store, open_store
 
 C = "0x" + "ab" * 20
 
@@ -68,8 +68,8 @@ def test_contract_roundtrip_and_unknown(store: Store) -> None:
 
 def test_gap_order_puts_unknown_blocks_last_and_streams_by_key(store: Store) -> None:
     refs = [Ref(1, C, h(i), None if i % 5 == 0 else 100 - i) for i in range(1, 41)]
-    assert store.add_refs(iter(refs)) == 40
-    assert store.add_refs(iter(refs)) == 0  # duplicates are fine
+    assert store.add_refs(iter(refs)).new == 40
+    assert store.add_refs(iter(refs)).new == 0  # duplicates are fine
     got = list(store.iter_gap(1, C, chunk=7))
     assert [r.key for r in got] == sorted(r.key for r in refs)
     assert all(r.block_number is None for r in got[-8:])
@@ -373,12 +373,13 @@ def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_e
     store: Store,
 ) -> None:
     # Hashes alone first (a plain list), then what later sources know about them.
-    assert store.add_refs([Ref(1, C, h(i), None) for i in range(1, 7)]) == 6
-    assert store.add_refs([Ref(1, C, h(1), 11), Ref(1, C, h(7), 17)]) == 1  # an import with blocks
+    assert store.add_refs([Ref(1, C, h(i), None) for i in range(1, 7)]) == RefsAdded(6, 0)
+    assert store.add_refs([Ref(1, C, h(1), 11), Ref(1, C, h(7), 17)]) == RefsAdded(1, 1)  # with blocks
     assert block_of(store, 1) == 11
     store.add_refs_and_coverage([Ref(1, C, h(2), 12, "logs")], [])  # discovery
     assert block_of(store, 2) == 12
-    assert store.add_refs([Ref(1, C, h(1), 99)]) == 0 and block_of(store, 1) == 11  # known stays
+    assert store.add_refs([Ref(1, C, h(1), 99)]) == RefsAdded(0, 0)  # a known block stays
+    assert block_of(store, 1) == 11
     # Enrichment learns the rest: a batch whose range holds unknown blocks records them.
     store.plan(store.create_run("batch", 1), [(1, C)], batch_size=500)
     batch = store.lease("w", 60.0)
@@ -456,13 +457,13 @@ def test_a_ref_written_without_a_block_for_a_stored_transaction_gets_the_stored_
             cur.execute(store._sql("SELECT tx_hash, block_number FROM refs WHERE contract = ?"), (other,))
             return {int(t, 16): b for t, b in cur.fetchall()}
 
-    assert store.add_refs([Ref(1, other, h(i), None) for i in (1, 2, 3, 4)]) == 4
+    assert store.add_refs([Ref(1, other, h(i), None) for i in (1, 2, 3, 4)]) == RefsAdded(4, 0)
     assert blocks() == {1: 1, 2: 2, 3: 3, 4: None}  # h(4) is not stored: it stays unknown
     # A ref imported without a block before its transaction was stored (by another
     # contract's run) gets it from the next import or discovery that writes it.
     store.add_refs([Ref(1, other, h(i), None) for i in (8, 9)])
     store.write(Enriched([tx_row(8, 80), tx_row(9, 90)]))
-    assert store.add_refs([Ref(1, other, h(8), None)]) == 0 and blocks()[8] == 80
+    assert store.add_refs([Ref(1, other, h(8), None)]) == RefsAdded(0, 1) and blocks()[8] == 80
     store.add_refs_and_coverage([Ref(1, other, h(9), None, "logs"), Ref(1, other, h(4), 40, "logs")], [])
     assert (blocks()[9], blocks()[4]) == (90, 40)
     # While the contract's plan is open a ref already there keeps its key (as for every

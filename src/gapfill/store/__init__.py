@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from gapfill.errors import ConfigError
 from gapfill.redact import is_keyword_dsn, redact_url
-from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RunInfo, Store, owner_name
+from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RefsAdded, RunInfo, Store, owner_name
 
 DEFAULT_DB_URL = "sqlite:///gapfill.db"
 
@@ -20,6 +20,7 @@ __all__ = [
     "BatchCounts",
     "LeaseEvent",
     "PlanInfo",
+    "RefsAdded",
     "RunInfo",
     "Store",
     "open_store",

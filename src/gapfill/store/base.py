@@ -173,6 +173,18 @@ class RunInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class RefsAdded:
+    """What writing refs did: refs new to the database, and refs already there that got the
+    block number they lacked."""
+
+    new: int
+    filled: int
+
+    def __add__(self, other: RefsAdded) -> RefsAdded:
+        return RefsAdded(self.new + other.new, self.filled + other.filled)
+
+
+@dataclass(frozen=True, slots=True)
 class PlanInfo:
     """What planning found: per contract, whether it joined an open plan."""
 
@@ -335,8 +347,9 @@ class Store(abc.ABC):
     # -- refs and the gap ----------------------------------------------------------
 
     @abc.abstractmethod
-    def add_refs(self, refs: Iterable[Ref]) -> int:
-        """Insert refs idempotently in one transaction; return how many were new.
+    def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
+        """Insert refs idempotently in one transaction; return how many were new, and how
+        many refs already there got a block number.
 
         ``refs`` is consumed as a stream, so a million hashes never sit in memory.
         If iterating raises, nothing is imported.
@@ -548,7 +561,7 @@ class Store(abc.ABC):
             checked: set[tuple[int, str]] = set()
             for c in ranges:  # a chunk with no refs still writes coverage
                 self._require_tracked(cur, c.chain_id, c.contract, checked)
-            new = self._write_refs(cur, refs, checked, {})
+            new = self._write_refs(cur, refs, checked, {}).new
             cur.executemany(
                 self._sql(
                     "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
@@ -567,19 +580,17 @@ class Store(abc.ABC):
     def _write_refs(
         self, cur: Any, refs: Sequence[Ref], checked: set[tuple[int, str]],
         unknown: dict[tuple[int, str], bool],
-    ) -> int:
+    ) -> RefsAdded:
         """Insert refs of tracked contracts, then fill block numbers refs already there
         lacked: the lock order every writer of refs keeps (the contract's row, the refs,
         the planning lock). A ref given without a block number whose transaction is stored
         is written with that transaction's. ``checked`` and ``unknown`` carry what one
-        transaction has learned about each contract across calls. Returns how many refs
-        were new."""
+        transaction has learned about each contract across calls."""
         for chain_id, contract in {(r.chain_id, r.contract) for r in refs}:
             self._require_tracked(cur, chain_id, contract, checked)
         refs = self._with_stored_blocks(cur, refs)
         new = self._insert_refs(cur, refs)
-        self._fill_unknown_blocks(cur, refs, unknown)
-        return new
+        return RefsAdded(new, self._fill_unknown_blocks(cur, refs, unknown))
 
     def _with_stored_blocks(self, cur: Any, refs: Sequence[Ref]) -> Sequence[Ref]:
         """``refs``, those without a block number given their stored transaction's, if any.
@@ -661,10 +672,10 @@ class Store(abc.ABC):
 
     def _fill_unknown_blocks(
         self, cur: Any, refs: Sequence[Ref], unknown: dict[tuple[int, str], bool]
-    ) -> None:
+    ) -> int:
         """Give refs imported without a block number the one a later import or discovery
-        knows. ``unknown`` caches, per contract, whether it has such refs at all: the usual
-        answer (no) costs one index probe per contract and call."""
+        knows; return how many got one. ``unknown`` caches, per contract, whether it has such
+        refs at all: the usual answer (no) costs one index probe per contract and call."""
         fills = []
         for r in refs:
             if r.block_number is None:
@@ -675,8 +686,11 @@ class Store(abc.ABC):
                 has = unknown[key] = self._has_unknown_blocks(cur, *key)
             if has:
                 fills.append((r.block_number, r.chain_id, r.contract, r.tx_hash))
-        if fills:  # in key order, as every writer of refs: no two can deadlock on them
-            cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
+        if not fills:
+            return 0
+        # In key order, as every writer of refs: no two can deadlock on them.
+        cur.executemany(self._sql(self._FILL_BLOCK_SQL), sorted(fills, key=_fill_order))
+        return max(int(cur.rowcount), 0)  # summed over the statements
 
     def get_coverage(self, chain_id: int, contract: str) -> list[CoverageRange]:
         with self._read() as cur:

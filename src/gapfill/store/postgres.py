@@ -28,6 +28,7 @@ from gapfill.store.base import (
     KEY_SQL,
     LOG_COLUMNS,
     TX_COLUMNS,
+    RefsAdded,
     Store,
     check_row_tuples,
 )
@@ -261,7 +262,7 @@ class PostgresStore(Store):
             cur.execute(_STAGE.encode())
             self._staged = True
 
-    def add_refs(self, refs: Iterable[Ref]) -> int:
+    def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
         with self._tx() as cur:
             self._stage(cur)
             contracts: set[tuple[int, str]] = set()
@@ -292,14 +293,16 @@ class PostgresStore(Store):
             # everywhere, and the planning lock held only briefly. None is there if every
             # staged ref was new.
             analyzed = False
+            filled = 0
             for chain_id, contract in contracts if n < staged else ():
                 if self._has_unknown_blocks(cur, chain_id, contract):
                     if not analyzed:  # a temporary table, sampled: ~0.1 s for a million rows
                         cur.execute("ANALYZE stage_refs")
                         analyzed = True
                     cur.execute(_FILL_FROM_STAGE.format(block=block), (chain_id, contract))
+                    filled += int(cur.rowcount)
             cur.execute("TRUNCATE stage_refs")
-            return n
+            return RefsAdded(n, filled)
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(

@@ -26,6 +26,7 @@ from gapfill.store.base import (
     KEY_SQL,
     LOG_COLUMNS,
     TX_COLUMNS,
+    RefsAdded,
     Store,
     check_row_tuples,
 )
@@ -210,20 +211,20 @@ class SqliteStore(Store):
                 current = version
             return current
 
-    def add_refs(self, refs: Iterable[Ref]) -> int:
+    def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
         with self._tx() as cur:
-            new = 0
+            added = RefsAdded(0, 0)
             checked: set[tuple[int, str]] = set()
             unknown: dict[tuple[int, str], bool] = {}
             chunk: list[Ref] = []
             for r in refs:
                 chunk.append(r)
                 if len(chunk) >= 10_000:
-                    new += self._write_refs(cur, chunk, checked, unknown)
+                    added += self._write_refs(cur, chunk, checked, unknown)
                     chunk = []
             if chunk:
-                new += self._write_refs(cur, chunk, checked, unknown)
-            return new
+                added += self._write_refs(cur, chunk, checked, unknown)
+            return added
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
         before = self._conn.total_changes

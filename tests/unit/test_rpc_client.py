@@ -381,10 +381,16 @@ def test_a_flaky_endpoint_is_not_set_aside_a_dead_one_is() -> None:
         for _ in range(3):
             flaky.record_failure("HTTP 502")
     assert flaky.down_until == 0.0
-    # Every request fails: set aside at the third, as before.
+    # Its first requests all fail: not yet set aside at the third (a flaky endpoint's first
+    # answers can all fail), but at the sixth.
+    flaky_start = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
+    for _ in range(3):
+        flaky_start.record_failure("HTTP 502")
+    assert flaky_start.down_until == 0.0
+    # Every request fails: set aside at the sixth.
     dead = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
-    dead.record_failure("HTTP 502")
-    dead.record_failure("HTTP 502")
+    for _ in range(5):
+        dead.record_failure("HTTP 502")
     assert dead.down_until == 0.0
     dead.record_failure("HTTP 502")
     first = dead.down_until

@@ -227,7 +227,9 @@ class Endpoint:
         self.consecutive_failures += 1
         self._outcomes.append(False)
         now = time.monotonic()
-        failed_share = self._outcomes.count(False) / len(self._outcomes)
+        # Over at least _OUTCOMES // 2 requests: at start, three failures in a row are not
+        # yet "most of its requests" (a flaky endpoint's first answers can all fail).
+        failed_share = self._outcomes.count(False) / max(len(self._outcomes), _OUTCOMES // 2)
         if (
             self.consecutive_failures >= self._settings.failures_to_set_aside
             and failed_share >= _DOWN_SHARE

@@ -352,6 +352,11 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
                  abi_file: str | None, start_block: int | None) -> None:  # fmt: skip
     """Track ADDRESS. The chain id defaults to the RPC node's."""
     abi = load_abi(abi_file) if abi_file else None
+    if chain_id is None and not (ctx.rpc_urls or ctx.file.endpoints):
+        # Already tracked on one chain (a new ABI or label for it): that chain.
+        tracked = [c.chain_id for c in ctx.store(create=True).list_contracts() if c.address == address]
+        if len(tracked) == 1:
+            chain_id = tracked[0]
     if chain_id is None:
         if not (ctx.rpc_urls or ctx.file.endpoints):
             raise ConfigError(
@@ -373,6 +378,9 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
                        f"{done.txs:,} transactions sent to it, {done.decoded_logs:,} of "
                        f"{done.logs:,} logs it emitted")  # fmt: skip
+            if not (done.decoded_txs or done.decoded_logs):
+                click.echo(f"warning: none of the stored rows matches this ABI: check that "
+                           f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
 
 
 def load_abi(path: str) -> list[dict[str, Any]]:
@@ -458,8 +466,10 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
     store = ctx.store()
     c = store.get_contract(contract, chain_id)
     added = store.add_refs(parse_refs(file, c.chain_id, c.address))
-    filled = f", {added.filled} block numbers filled" if added.filled else ""
-    click.echo(f"imported {added.new} new refs for {c.address} on chain {c.chain_id}{filled}")
+    filled = (f", {added.filled} block number{'' if added.filled == 1 else 's'} filled"
+              if added.filled else "")  # fmt: skip
+    click.echo(f"imported {added.new} new ref{'' if added.new == 1 else 's'} for {c.address} "
+               f"on chain {c.chain_id}{filled}")  # fmt: skip
 
 
 def status_dict(s: ContractStatus) -> dict[str, Any]:

@@ -257,12 +257,15 @@ def test_a_sqlite_url_without_a_path_is_shown_as_given(url: str) -> None:
                                "write it as sqlite:///path/to/file.db")  # fmt: skip
 
 
-def test_a_sqlite_url_with_parameters_is_refused_not_taken_as_a_file_name(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/x.db?mode=ro"
+@pytest.mark.parametrize("suffix", ["?mode=ro", "#x"])
+def test_a_sqlite_url_with_parameters_is_refused_not_taken_as_a_file_name(
+    tmp_path: Path, suffix: str
+) -> None:
+    url = f"sqlite:///{tmp_path}/x.db{suffix}"
     r = run(url, "init")
     assert r.exit_code == 1
-    assert one_sentence(r) == (f"error: the SQLite URL {url!r} has parameters, which gapfill does "
-                               "not take: write it as sqlite:///path/to/file.db")  # fmt: skip
+    assert one_sentence(r) == (f"error: the SQLite URL has parameters ({suffix!r}), which gapfill "
+                               "does not take: write it as sqlite:///path/to/file.db")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
 
 
@@ -518,6 +521,9 @@ def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path:
     r = run(tracked, "import", str(csvf), "--contract", C)  # nothing left to fill
     assert r.output.strip() == f"imported 0 new refs for {C} on chain 1", r.output
     assert sorted(refs_of(tracked)) == [(h(1), 17), (h(2), 18), (h(3), None)]
+    csvf.write_text(f"hash,block_number\n{h(3)},19\n{h(4)},20\n")
+    r = run(tracked, "import", str(csvf), "--contract", C)  # one of each: singular
+    assert r.output.strip() == f"imported 1 new ref for {C} on chain 1, 1 block number filled", r.output
 
 
 def test_an_at_sign_in_a_postgres_query_is_not_a_password_at_sign() -> None:

@@ -91,10 +91,11 @@ def sqlite_path(url: str) -> str:
     path = rest[1:]
     if not path:
         raise StoreError("the SQLite URL names no file: write it as sqlite:///path/to/file.db")
-    if "?" in path:
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
         # It would otherwise name a file "x.db?mode=ro", silently.
         raise StoreError(
-            f"the SQLite URL {url!r} has parameters, which gapfill does not take: "
+            f"the SQLite URL has parameters ({url[cut:]!r}), which gapfill does not take: "
             "write it as sqlite:///path/to/file.db"
         )
     return path

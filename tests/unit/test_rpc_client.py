@@ -422,6 +422,20 @@ async def test_the_start_up_check_is_patient_with_a_node_that_answers_5xx(
     assert len(failing.requests) == 3
 
 
+async def test_a_silent_node_at_start_up_is_called_silent(make_node: Any, tmp_path: Any) -> None:
+    # It accepts the connection and never answers: not "check that it is a JSON-RPC node".
+    async def silent(node: FakeNode, body: Any) -> web.Response:
+        await node.stop.wait()
+        return echo(node, body)
+
+    node = await make_node(silent)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path, read_timeout_s=0.2)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+    assert str(info.value).endswith("; the node does not answer: check that it is not stuck or "
+                                    "overloaded, or raise --rpc-timeout")  # fmt: skip
+
+
 def test_rps_caps_the_batch() -> None:
     endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/", rps=10, max_batch=50),
                         RpcSettings(budget_dir="/tmp/gapfill-test-budgets"), "k")

@@ -186,6 +186,9 @@ class RpcClient:
                     message = self._as_rpc_error("eth_chainId", out).args[0]
                     if re.search(r"HTTP 5\d\d", message):  # the node (or its gateway) failing
                         message += "; the node is failing: try again later, or use another --rpc-url"
+                    elif "no response within" in message:  # up (it accepted), but silent
+                        message += ("; the node does not answer: check that it is not stuck or "
+                                    "overloaded, or raise --rpc-timeout")  # fmt: skip
                     elif "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
                         message += ("; check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC "
                                     "endpoint of an Ethereum node")

@@ -84,6 +84,12 @@ _OF_CONTRACT = (
 )
 
 MAX_ATTEMPTS = 3
+#: A batch's lease is still this owner's at this attempt, and unexpired: the condition of
+#: every write that needs the lease (renew, commit, give back with rows). Parameters:
+#: batch id, owner, attempt, now.
+_LEASE_HELD = (
+    "batch_id = ? AND state = 'leased' AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
+)
 
 
 def _fill_order(fill: tuple[Any, ...]) -> tuple[int, str, str]:
@@ -943,8 +949,7 @@ class Store(abc.ABC):
             now = self._now(cur)
             cur.execute(
                 self._sql(
-                    "UPDATE batches SET lease_expires_at = ? WHERE batch_id = ? AND state = 'leased'"
-                    " AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
+                    f"UPDATE batches SET lease_expires_at = ? WHERE {_LEASE_HELD}"
                 ),
                 (now + lease_timeout_s, batch.id, batch.lease_owner, batch.attempts, now),
             )
@@ -980,8 +985,7 @@ class Store(abc.ABC):
                 cur.execute(
                     self._sql(
                         "UPDATE batches SET state = 'done', succeeded = succeeded + ?, failed = ?, "
-                        "lease_expires_at = NULL WHERE batch_id = ? AND state = 'leased' "
-                        "AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
+                        f"lease_expires_at = NULL WHERE {_LEASE_HELD}"
                     ),
                     (len(enriched.txs), len(enriched.failures), batch.id, batch.lease_owner,
                      batch.attempts, now),
@@ -1058,11 +1062,7 @@ class Store(abc.ABC):
             if keep is not None and (keep.txs or keep.failures):
                 # The same check as a commit: rows only from a lease still held.
                 cur.execute(
-                    self._sql(
-                        "UPDATE batches SET succeeded = succeeded + ? WHERE batch_id = ? "
-                        "AND state = 'leased' AND lease_owner = ? AND attempts = ? "
-                        "AND lease_expires_at >= ?"
-                    ),
+                    self._sql(f"UPDATE batches SET succeeded = succeeded + ? WHERE {_LEASE_HELD}"),
                     (len(keep.txs), batch.id, batch.lease_owner, batch.attempts, now),
                 )
                 if cur.rowcount != 1:
@@ -1190,42 +1190,41 @@ class Store(abc.ABC):
 
     # -- decoding stored rows again (a contract's ABI given or changed) ----------
 
-    def _hashes_where(self, table: str, column: str, chain_id: int, address: str) -> list[str]:
+    def _rows_of(
+        self, table: str, columns: str, where: str, chain_id: int, address: str, chunk: int
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """``columns`` of ``table``'s rows where ``where`` (a column) is ``address``, in chunks
+        of transactions, each read in its own transaction (the caller writes between them)."""
         with self._read() as cur:
             cur.execute(self._sql(f"SELECT DISTINCT tx_hash FROM {table} WHERE chain_id = ? "
-                                  f"AND {column} = ?"), (chain_id, address))  # fmt: skip
-            return sorted(h for (h,) in cur.fetchall())
+                                  f"AND {where} = ?"), (chain_id, address))  # fmt: skip
+            hashes = sorted(h for (h,) in cur.fetchall())
+        for i in range(0, len(hashes), chunk):
+            part = hashes[i : i + chunk]
+            with self._read() as cur:
+                marks = ", ".join("?" for _ in part)
+                cur.execute(self._sql(f"SELECT {columns} FROM {table} WHERE chain_id = ? AND "
+                                      f"{where} = ? AND tx_hash IN ({marks})"),
+                            [chain_id, address, *part])  # fmt: skip
+                rows = [tuple(r) for r in cur.fetchall()]
+            yield rows
 
     def stored_calls(
         self, chain_id: int, address: str, chunk: int = 2_000
     ) -> Iterator[list[tuple[str, str]]]:
         """``(tx_hash, input)`` of the stored transactions sent to ``address``, in chunks."""
-        hashes = self._hashes_where("transactions", "to_address", chain_id, address)
-        for i in range(0, len(hashes), chunk):
-            part = hashes[i : i + chunk]
-            with self._read() as cur:
-                cur.execute(self._sql(
-                    f"SELECT tx_hash, input FROM transactions WHERE chain_id = ? AND to_address = ? "
-                    f"AND tx_hash IN ({', '.join('?' for _ in part)})"), [chain_id, address, *part])
-                rows = [(h, data) for h, data in cur.fetchall()]  # fmt: skip
-            yield rows  # outside the read: the caller writes between chunks
+        for rows in self._rows_of("transactions", "tx_hash, input", "to_address", chain_id, address, chunk):
+            yield [(h, data) for h, data in rows]
 
     def stored_logs(
         self, chain_id: int, address: str, chunk: int = 2_000
     ) -> Iterator[list[tuple[str, int, list[str], str]]]:
         """``(tx_hash, log_index, topics, data)`` of the stored logs ``address`` emitted, in
         chunks of transactions."""
-        hashes = self._hashes_where("logs", "address", chain_id, address)
-        for i in range(0, len(hashes), chunk):
-            part = hashes[i : i + chunk]
-            with self._read() as cur:
-                cur.execute(self._sql(
-                    "SELECT tx_hash, log_index, topic0, topic1, topic2, topic3, data FROM logs "
-                    f"WHERE chain_id = ? AND address = ? AND tx_hash IN ({', '.join('?' for _ in part)})"
-                ), [chain_id, address, *part])  # fmt: skip
-                logs = [(h, int(i), [t for t in (t0, t1, t2, t3) if t is not None], data)
-                        for h, i, t0, t1, t2, t3, data in cur.fetchall()]  # fmt: skip
-            yield logs
+        columns = "tx_hash, log_index, topic0, topic1, topic2, topic3, data"
+        for rows in self._rows_of("logs", columns, "address", chain_id, address, chunk):
+            yield [(h, int(i), [t for t in (t0, t1, t2, t3) if t is not None], data)
+                   for h, i, t0, t1, t2, t3, data in rows]  # fmt: skip
 
     def set_decoded_calls(
         self, chain_id: int, rows: Sequence[tuple[str, str | None, dict[str, Any] | None]]

@@ -182,6 +182,11 @@ def _term_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+def _tell(text: str) -> None:
+    """A line for the user while a command works (not its output): standard error."""
+    click.echo(text, err=True)
+
+
 def _is_tty() -> bool:
     return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
 
@@ -364,7 +369,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             )
         from gapfill.engine.session import fetch_chain_id
 
-        chain_id = fetch_chain_id(ctx.endpoints())
+        chain_id = fetch_chain_id(ctx.endpoints(), on_slow=_tell)
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
@@ -587,7 +592,7 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None) -> tupl
         return chains.pop(), targets
     from gapfill.engine.session import fetch_chain_id
 
-    node_chain = fetch_chain_id(ctx.endpoints())
+    node_chain = fetch_chain_id(ctx.endpoints(), on_slow=_tell)
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
         raise GapfillError(
@@ -745,7 +750,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         from gapfill.engine.session import fetch_chain_id
 
         # A mistyped --rpc-url must not cost the failure records: check the node first.
-        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain)
+        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, on_slow=_tell)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections

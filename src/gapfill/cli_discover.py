@@ -111,6 +111,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
         by_chain.setdefault(c.chain_id, []).append(c)
     for chain_id, contracts in by_chain.items():
         async with make_client(ctx.endpoints(), expected_chain_id=chain_id) as client:
+            await client.probe(lambda text: click.echo(text, err=True))  # discover finds it asked
             for c in contracts:
                 out.append(await run_discover(
                     store, client, c, methods=methods, from_block=from_block, to_block=to_block,

@@ -436,6 +436,30 @@ async def test_a_silent_node_at_start_up_is_called_silent(make_node: Any, tmp_pa
                                     "overloaded, or raise --rpc-timeout")  # fmt: skip
 
 
+async def test_a_slow_start_up_check_says_it_is_waiting_once(make_node: Any, tmp_path: Any) -> None:
+    # A stuck node is given up only after every attempt timed out (90 s by default): the
+    # user hears, once, that the tool is waiting for it, and the URL's key stays hidden.
+    async def silent(node: FakeNode, body: Any) -> web.Response:
+        await node.stop.wait()
+        return echo(node, body)
+
+    node = await make_node(silent, path=f"/v3/{KEY}")
+    told: list[str] = []
+    slow = settings(tmp_path, read_timeout_s=0.3, slow_probe_notice_s=0.1)
+    async with RpcClient([EndpointConfig(node.url)], slow) as client:
+        with pytest.raises(RpcError, match="does not answer"):
+            await client.probe(told.append)
+    assert told == [f"waiting for the RPC node (http://127.0.0.1:{node.url.split(':')[2].split('/')[0]}"
+                    "/v3/***): no answer to eth_chainId after 0.1 s; it gets 3 tries of 0.3 s each "
+                    "(--rpc-timeout)"]  # fmt: skip
+
+    quick = await make_node(lambda n, b: reply(b, [ok(c, "0x7a69") for c in as_batch(b)]))
+    async with RpcClient([EndpointConfig(quick.url)], slow) as client:
+        assert await client.probe(told.append) == 31337
+        await asyncio.sleep(0.2)  # past the notice's time: it was called off
+    assert len(told) == 1
+
+
 def test_rps_caps_the_batch() -> None:
     endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/", rps=10, max_batch=50),
                         RpcSettings(budget_dir="/tmp/gapfill-test-budgets"), "k")

@@ -150,10 +150,11 @@ def _client(job: EnrichJob, *, sequential: bool = False) -> RpcClient:
 _NO_SUCH_TX = "0x" + "00" * 32
 
 
-async def _ready(client: RpcClient) -> int:
+async def _ready(client: RpcClient, emit: Emit | None = None) -> int:
     """Probe the endpoints (chain id), then make sure the node serves what enrichment calls:
-    a node without them would otherwise fail every transaction, one by one, for good."""
-    chain_id = await client.probe()
+    a node without them would otherwise fail every transaction, one by one, for good.
+    With ``emit``, a node slow to answer the probe is said to be waited for."""
+    chain_id = await client.probe(None if emit is None else lambda text: emit(Notice(text)))
     await client.require(["eth_getTransactionByHash", "eth_getTransactionReceipt"], [_NO_SUCH_TX],
                          "gapfill needs to enrich transactions")  # fmt: skip
     return chain_id
@@ -198,7 +199,7 @@ class _Sample:
     calls: int
 
 
-async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> _Sample | None:
+async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit, n: int = 20) -> _Sample | None:
     """Enrich the gap's first ``n`` refs one call at a time, for the speedup figure."""
     refs = []
     for chain_id, contract in job.targets:
@@ -211,7 +212,7 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> _Sam
     if len(refs) < 5:
         return None
     async with _client(job, sequential=True) as client:
-        await _ready(client)
+        await _ready(client, emit)
         enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
         t0 = time.perf_counter()
         enriched = await enricher.enrich_sequential(refs)
@@ -225,9 +226,9 @@ async def _measure_sequential(job: EnrichJob, store: Store, n: int = 20) -> _Sam
                    len(kept.txs), len(kept.failures), calls)  # fmt: skip
 
 
-async def _probe(job: EnrichJob) -> None:
+async def _probe(job: EnrichJob, emit: Emit) -> None:
     async with _client(job) as client:
-        await _ready(client)
+        await _ready(client, emit)
 
 
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
@@ -371,7 +372,7 @@ async def _in_process(
     if sequential:
         settings = replace(settings, sequential=True, batches_in_flight=1)
     async with _client(job, sequential=sequential) as client:
-        await _ready(client)
+        await _ready(client, emit)
         enrichers = _decoder_and_enricher(store, client, job)
         worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
         box["totals"] = worker.totals
@@ -615,7 +616,7 @@ class Coordinator:
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
-                    self.sample = self._cancellable(lambda: _measure_sequential(job, store))
+                    self.sample = self._cancellable(lambda: _measure_sequential(job, store, self.emit))
                     if self.sample is not None:
                         seq = (self.sample.rate, self.sample.why)
             batches = refs = joined = 0
@@ -635,7 +636,7 @@ class Coordinator:
             if total_batches and self.stopping_at is None:
                 # One probe here fails fast with one sentence (unreachable node, wrong chain)
                 # instead of a crash loop of workers that each find out.
-                self._cancellable(lambda: _probe(job))
+                self._cancellable(lambda: _probe(job, self.emit))
                 if self.stopping_at is None:
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())

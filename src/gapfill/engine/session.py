@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
@@ -38,11 +38,16 @@ def make_client(
     )
 
 
-def fetch_chain_id(endpoints: Sequence[EndpointSetting], expected_chain_id: int | None = None) -> int:
-    """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``)."""
+def fetch_chain_id(
+    endpoints: Sequence[EndpointSetting],
+    expected_chain_id: int | None = None,
+    on_slow: Callable[[str], None] | None = None,
+) -> int:
+    """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``);
+    ``on_slow`` hears when they are slow to answer (see :meth:`RpcClient.probe`)."""
 
     async def go() -> int:
         async with make_client(endpoints, expected_chain_id=expected_chain_id) as client:
-            return await client.probe()
+            return await client.probe(on_slow)
 
     return asyncio.run(go())

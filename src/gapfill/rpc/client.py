@@ -166,19 +166,30 @@ class RpcClient:
 
     # -- probe -----------------------------------------------------------------------------
 
-    async def probe(self) -> int:
+    async def probe(self, on_slow: Callable[[str], None] | None = None) -> int:
         """Check every endpoint's chain id (once).
 
         Unreachable endpoints are set aside for good with a warning, unless none is
         reachable; a chain id other than the expected one (or a disagreement between
-        endpoints) raises :class:`gapfill.errors.RpcError`.
+        endpoints) raises :class:`gapfill.errors.RpcError`. ``on_slow`` is told, once, in
+        one sentence, when no answer has come after ``slow_probe_notice_s``: a node that
+        accepts connections but never answers is only given up after every attempt timed
+        out, and the user should not stare at a silent terminal meanwhile.
         """
         async with self._probe_lock:
             if self._chain_id is not None:
                 return self._chain_id
-            outcomes = await asyncio.gather(
-                *(self._call_pinned(e, "eth_chainId", []) for e in self._endpoints)
-            )
+            calls = asyncio.gather(*(self._call_pinned(e, "eth_chainId", []) for e in self._endpoints))
+            if on_slow is None:
+                outcomes = await calls
+            else:
+                notice = asyncio.get_running_loop().call_later(
+                    self._settings.slow_probe_notice_s, self._say_slow, on_slow
+                )
+                try:
+                    outcomes = await calls
+                finally:
+                    notice.cancel()
             reachable: list[tuple[Endpoint, int]] = []
             failed: list[tuple[Endpoint, str]] = []
             for endpoint, out in zip(self._endpoints, outcomes, strict=True):
@@ -227,6 +238,14 @@ class RpcClient:
                     )
             self._chain_id = first_id
             return first_id
+
+    def _say_slow(self, on_slow: Callable[[str], None]) -> None:
+        s = self._settings
+        shown = ", ".join(e.shown for e in self._endpoints)
+        tries = f"{s.attempts} tries" if s.attempts > 1 else "1 try"
+        on_slow(f"waiting for the RPC node ({shown}): no answer to eth_chainId after "
+                f"{s.slow_probe_notice_s:g} s; it gets {tries} of {s.read_timeout_s:g} s each "
+                "(--rpc-timeout)")  # fmt: skip
 
     async def probe_block_receipts(self, block_number: int) -> bool:
         """Whether some usable endpoint has ``eth_getBlockReceipts``, asked (once per

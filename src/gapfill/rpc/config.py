@@ -66,6 +66,9 @@ class RpcSettings:
     failures_to_set_aside: int = 3
     #: Size of the shared bucket, in seconds of budget (at most one second).
     burst_s: float = 0.5
+    #: After this long without an answer to the start-up check, :meth:`RpcClient.probe`
+    #: says that it is still waiting (a stuck node takes ``attempts`` x the read timeout).
+    slow_probe_notice_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

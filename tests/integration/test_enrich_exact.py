@@ -25,11 +25,11 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from click.testing import CliRunner
@@ -46,6 +46,7 @@ DATA_METHODS = ("eth_getTransactionReceipt", "eth_getTransactionByHash", "eth_ge
                 "eth_getBlockReceipts")  # fmt: skip
 MISSING_HASH = "0x" + "ab" * 32
 GAPFILL_BIN = Path(sys.executable).with_name("gapfill")
+T = TypeVar("T")
 
 
 @dataclass
@@ -296,6 +297,97 @@ def test_an_abi_given_after_enrichment_decodes_the_stored_rows(
     assert_exact(db_url, world, hashes)
 
 
+class _Gate:
+    """A proxy to ``upstream`` that answers the first ``calls`` JSON-RPC calls, then holds
+    every request until :attr:`open` is set."""
+
+    def __init__(self, upstream: str, calls: int) -> None:
+        self.upstream, self.calls = upstream, calls
+        self.seen = 0
+        self.lock = threading.Lock()
+        self.holding = threading.Event()
+        self.open = threading.Event()
+
+
+def gated_node(upstream: str, calls: int) -> AbstractContextManager[tuple[str, _Gate]]:
+    gate = _Gate(upstream, calls)
+
+    def hold(body: bytes) -> bytes:
+        parsed = json.loads(body)
+        with gate.lock:
+            gate.seen += len(parsed) if isinstance(parsed, list) else 1
+            held = gate.seen > gate.calls
+        if held and not gate.open.is_set():
+            gate.holding.set()
+            gate.open.wait(60)
+        return body
+
+    return _proxy(upstream, gate, before=hold, after_close=gate.open.set)
+
+
+@contextmanager
+def _proxy(upstream: str, tag: T, before: Callable[[bytes], bytes] = lambda b: b,
+           after: Callable[[bytes], bytes] = lambda b: b,
+           after_close: Callable[[], None] = lambda: None) -> Iterator[tuple[str, T]]:  # fmt: skip
+    """A loopback JSON-RPC proxy to ``upstream``: ``before`` sees (and may hold) each request
+    body, ``after`` rewrites each answer; yields its URL and ``tag``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = before(self.rfile.read(int(self.headers["Content-Length"])))
+            req = urllib.request.Request(upstream, data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answer = after(resp.read())
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", tag
+    finally:
+        after_close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_an_abi_given_during_enrichment_decodes_every_row(
+    db_url: str, world: World, tmp_path: Path, mode: str
+) -> None:
+    # `contract add --abi` while a run enriches: it decodes the rows stored so far, but the
+    # run's processes keep the decoders they started with. The run decodes the rows they
+    # committed after the change when it ends.
+    chain = world.chain
+    hashes = setup_db(db_url, world, tmp_path, keep=set(sorted(world.hashes)[::6]).__contains__,
+                      token_abi=False)  # fmt: skip
+    with gated_node(world.node.url, calls=500) as (url, gate):
+        argv = [str(GAPFILL_BIN), "--db", db_url, "--rpc-url", url, "enrich", "--mode", mode,
+                "--batch-size", "100", "--workers", "2"]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert gate.holding.wait(60), "the run never got past the first calls"
+            code, out = gapfill(db_url, None, "contract", "add", chain.token, "--abi", str(world.abi_file))
+            assert code == 0, out
+            gate.open.set()
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, out
+    assert f"{chain.token} was given a new ABI during the run: decoded its stored rows again" in out, out
+    assert_exact(db_url, world, hashes)
+
+
 def ref_blocks(db_url: str) -> dict[tuple[str, str], int | None]:
     """Every ref's block number, by (contract, hash)."""
     with open_store(db_url) as s, s._read() as cur:
@@ -345,31 +437,9 @@ def no_timestamp_node(upstream: str) -> Iterator[str]:
     anvil annotates receipts, logs and transactions with the block time, so without
     this the planner's header and full-block fallbacks would never run.
     """
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            req = urllib.request.Request(upstream, data=body, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                answer = json.dumps(_strip_timestamps(json.loads(resp.read()))).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    strip = lambda answer: json.dumps(_strip_timestamps(json.loads(answer))).encode()  # noqa: E731
+    with _proxy(upstream, None, after=strip) as (url, _):
+        yield url
 
 
 @pytest.mark.parametrize("metered", [False, True], ids=["headers", "full_blocks"])

@@ -129,8 +129,33 @@ class EnrichJob:
 # -- shared pieces ---------------------------------------------------------------------
 
 
+def _abis(store: Store, chain_id: int) -> dict[str, Any]:
+    """The ABI of every contract tracked on ``chain_id`` (None where it has none), by address:
+    what a process's decoder is built from (a transaction to one contract may carry
+    another's logs)."""
+    return {c.address: c.abi for c in store.list_contracts() if c.chain_id == chain_id}
+
+
+def _decode_again_if_changed(store: Store, job: EnrichJob, before: dict[str, Any], emit: Emit) -> None:
+    """Decode again the stored rows of each contract given a new ABI while the run ran.
+
+    ``contract add --abi`` decodes the rows stored so far, but the run's processes keep the
+    decoders they built at their start: the rows they commit afterwards would stay decoded
+    the old way. At the end of the run (``before``: the ABIs when it started, which are at
+    most as new as any of its processes'), every contract whose ABI changed meanwhile has
+    its stored rows decoded with the new one.
+    """
+    from gapfill.enrich.redecode import redecode_contract
+
+    for address, abi in _abis(store, job.chain_id).items():
+        if abi is not None and before.get(address) != abi:
+            done = redecode_contract(store, job.chain_id, address, abi)
+            emit(Notice(f"{address} was given a new ABI during the run: decoded its stored rows "
+                        f"again ({done.txs:,} transactions sent to it, {done.logs:,} logs)"))  # fmt: skip
+
+
 def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> dict[int, Enricher]:
-    contracts = {c.address: c.abi for c in store.list_contracts() if c.chain_id == job.chain_id}
+    contracts = _abis(store, job.chain_id)
     metered = any(e.rps is not None for e in job.endpoints)
     plan = replace(job.plan, calls_metered=metered or job.plan.calls_metered)
     return {
@@ -262,6 +287,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
     old_term = _sigterm_as_sigint(term)
     try:
         run_id = store.create_run(mode, 1)
+        abis = _abis(store, job.chain_id)
         t0 = time.perf_counter()
         totals_box: dict[str, Any] = {}
         state = "done"
@@ -295,6 +321,8 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             # rerun would wait for it to expire.
             with contextlib.suppress(GapfillError):
                 store.release_owner(owner_name("w0"), "run stopped")
+            with contextlib.suppress(GapfillError):  # the database may be what failed
+                _decode_again_if_changed(store, job, abis, emit)
         secs = time.perf_counter() - t0
         w = totals_box.get("totals")
         processed = w.processed if w else 0
@@ -606,9 +634,11 @@ class Coordinator:
         why: str | None = None  # the sentence a failed run ends with, kept in its note
         state = "done"
         seq: tuple[float, str] | None = None
+        abis: dict[str, Any] | None = None
         try:
             mode = "concurrent" if job.plan_new else "worker"
             run_id = store.create_run(mode, self.workers)
+            abis = _abis(store, job.chain_id)
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
             _start_fork_server()
@@ -722,6 +752,9 @@ class Coordinator:
             _stop_fork_server(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()
+            if abis is not None:  # every worker has exited: no stale decoder writes after this
+                with contextlib.suppress(GapfillError):
+                    _decode_again_if_changed(store, job, abis, self.emit)
             secs = time.perf_counter() - t0
             processed, failed, calls, _, _ = self.totals()
             if run_id:

@@ -8,6 +8,8 @@ against the database's clock, so workers on hosts with skewed clocks agree.
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -136,11 +138,32 @@ _BAD_QUERY = re.compile(
 )
 
 
+def server_and_db(url: str) -> tuple[str, str]:
+    """Where libpq connects for ``url`` and to which database, for messages.
+
+    As libpq reads them: the URL's ``?host=`` / ``?port=`` / ``?dbname=`` before its other
+    parts, then ``PGHOST`` and the like; no host means the local Unix socket, and no
+    database the user's name.
+    """
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        parts = urlsplit(url)
+        info = {"host": parts.hostname, "port": parts.port, "dbname": parts.path.lstrip("/")}
+    env = os.environ
+    host = str(info.get("host") or env.get("PGHOST") or "")
+    port = str(info.get("port") or env.get("PGPORT") or 5432)
+    if not host or host.startswith("/"):
+        where = f"the local socket ({host or 'default directory'}, port {port})"
+    else:
+        where = f"{host}:{port}"
+    user = info.get("user") or env.get("PGUSER") or getpass.getuser()
+    return where, str(info.get("dbname") or env.get("PGDATABASE") or user)
+
+
 def translate(exc: psycopg.Error, url: str) -> StoreError:
     """Turn a driver error into one sentence that says what to do."""
-    parts = urlsplit(url)
-    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
-    dbname = parts.path.lstrip("/") or "postgres"
+    where, dbname = server_and_db(url)
     msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), url)
     low = msg.lower()
     if "does not exist" in low and "database" in low:

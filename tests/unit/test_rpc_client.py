@@ -277,9 +277,39 @@ async def test_null_retry(make_node: Any, tmp_path: Any) -> None:
             Call("eth_getTransactionReceipt", ["plain"]),
         ])
     assert results[0] == "soon"
-    assert results[1] == CallError("not_found", "still null after 3 attempts")
+    assert results[1] == CallError("not_found", "still null after 3 answers")
     assert results[2] is None  # null without null_retry is an answer
     assert seen == {"soon": 3, "never": 3, "plain": 1}
+
+
+@pytest.mark.parametrize(("script", "want"), [
+    # A lagging node that also fails now and then: two 502s and one null are no "not found".
+    (["502", "502", "null", "found"], "found"),
+    (["null", "502", "null", "502", "found"], "found"),
+    # Failures alone give up as failures (the ref stays in the gap), never as "not found".
+    (["502", "null", "502", "null", "502"], "transient"),
+    (["null", "502", "null", "null"], "not_found"),
+])  # fmt: skip
+async def test_not_found_takes_null_answers_not_failures(
+    make_node: Any, tmp_path: Any, script: list[str], want: str
+) -> None:
+    turn = iter(script)
+
+    def lagging_and_flaky(node: FakeNode, body: Any) -> web.Response:
+        step = next(turn)
+        if step == "502":
+            return web.Response(status=502, text="bad gateway")
+        result = None if step == "null" else "0xreceipt"
+        return reply(body, [{"jsonrpc": "2.0", "id": c["id"], "result": result} for c in as_batch(body)])
+
+    node = await make_node(lagging_and_flaky)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        [out] = await client.call_many([Call("eth_getTransactionReceipt", ["0xabc"], null_retry=True)])
+    if want == "found":
+        assert out == "0xreceipt"
+    else:
+        assert isinstance(out, CallError) and out.kind == want, out
+    assert next(turn, "spent") == "spent"  # every scripted answer was asked for, no more
 
 
 # -- rate limits ------------------------------------------------------------------------

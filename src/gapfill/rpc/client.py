@@ -57,7 +57,10 @@ ANSWERED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Contex
 @dataclass(slots=True)
 class _Item:
     call: Call
-    failures: int = 0  # attempts spent on transient failures and null answers
+    failures: int = 0  # attempts spent on transient failures
+    #: Null answers to a ``null_retry`` call: "not found" takes ``attempts`` of them, never
+    #: a mix with failures (a lagging node that also fails now and then is no proof).
+    nulls: int = 0
     rate_limits: int = 0
     sent: bool = False
     #: Endpoints to avoid for this call; immutable, so the usual empty one is shared.
@@ -392,7 +395,7 @@ class RpcClient:
                 hook()
         if not again:
             return
-        spent = max(items[i].failures + items[i].rate_limits for i in again)
+        spent = max(items[i].failures + items[i].nulls + items[i].rate_limits for i in again)
         if spent:
             ceiling = min(self._settings.backoff_max_s,
                           self._settings.backoff_base_s * 2 ** (spent - 1))
@@ -512,12 +515,10 @@ class RpcClient:
                 answered += 1
                 result = entry["result"]
                 if result is None and item.call.null_retry:
-                    item.failures += 1
+                    item.nulls += 1
                     item.avoid = item.avoid | {endpoint.index}
-                    if item.failures >= self._settings.attempts:
-                        results[i] = CallError(
-                            "not_found", f"still null after {item.failures} attempts"
-                        )
+                    if item.nulls >= self._settings.attempts:
+                        results[i] = CallError("not_found", f"still null after {item.nulls} answers")
                     else:
                         again.append(i)
                 else:

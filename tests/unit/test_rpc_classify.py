@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import email.utils
+import ssl
 
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from gapfill.rpc import parse_rpc_urls
 from gapfill.rpc.classify import (
     Fault,
     classify_bad_body,
     classify_error,
+    classify_exception,
     classify_http,
     parse_retry_after,
     retry_after_from_error,
@@ -133,3 +137,14 @@ def test_retry_after_in_json_bodies() -> None:
 def test_parse_rpc_urls() -> None:
     assert parse_rpc_urls(["http://a, http://b", "http://c", "http://a", " "]) == [
         "http://a", "http://b", "http://c"]
+
+
+def test_a_refused_certificate_names_the_reason() -> None:
+    error = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    error.verify_message = "self-signed certificate"
+    key = ConnectionKey("node.example", 443, True, True, None, None, None)
+    verdict = classify_exception(aiohttp.ClientConnectorCertificateError(key, error))
+    assert verdict.unreachable and verdict.message == (
+        "the TLS certificate was refused (self-signed certificate): check the host name in the URL, "
+        "or the machine's CA certificates"
+    )

@@ -604,3 +604,16 @@ async def test_require_refuses_only_a_node_that_says_it_lacks_the_method(
                 await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")
         else:
             await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")
+
+
+async def test_https_to_a_plain_http_node_says_so(make_node: Any, tmp_path: Any) -> None:
+    # OpenSSL's errno 1 once read as the OS's: "operation not permitted".
+    node = await make_node(echo, path=f"/v3/{KEY}")
+    url = node.url.replace("http://", "https://")
+    async with RpcClient([EndpointConfig(url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+    assert str(info.value) == (
+        f"could not reach the RPC node at {url.replace(KEY, '***')}: TLS handshake failed (the server "
+        "does not speak TLS): use http:// for this node; check --rpc-url or ETH_RPC_URL"
+    )

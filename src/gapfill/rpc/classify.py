@@ -30,6 +30,7 @@ import enum
 import math
 import os
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -317,6 +318,19 @@ def classify_bad_body(body: bytes) -> Verdict:
     return Verdict(Fault.TRANSIENT, f"invalid or truncated JSON in the response body ({len(body)} bytes)")
 
 
+def _tls_failure(error: BaseException) -> str:
+    """A failed TLS handshake, in words (its errno is OpenSSL's, not the OS's: strerror(1)
+    would say "operation not permitted")."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        why = error.verify_message or error.reason or "not trusted"
+        return (f"the TLS certificate was refused ({why}): check the host name in the URL, "
+                "or the machine's CA certificates")  # fmt: skip
+    reason = str(getattr(error, "reason", None) or error or "handshake failed")
+    if reason == "WRONG_VERSION_NUMBER":  # the usual sign of plain HTTP on the other end
+        return "TLS handshake failed (the server does not speak TLS): use http:// for this node"
+    return f"TLS handshake failed ({reason.lower().replace('_', ' ')})"
+
+
 def classify_exception(exc: BaseException, *, read_timeout_s: float | None = None) -> Verdict:
     """Classify an exception from the HTTP layer (all are transient: the node may come back)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -328,6 +342,8 @@ def classify_exception(exc: BaseException, *, read_timeout_s: float | None = Non
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
             return Verdict(Fault.TRANSIENT, f"host {exc.host} not found", unreachable=True)
+        if isinstance(exc, aiohttp.ClientSSLError) or isinstance(exc.os_error, ssl.SSLError):
+            return Verdict(Fault.TRANSIENT, _tls_failure(exc.os_error), unreachable=True)
         number = exc.os_error.errno
         if number:
             reason = os.strerror(number)

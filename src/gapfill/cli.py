@@ -181,14 +181,24 @@ def _internal_error(ctx: click.Context, exc: Exception) -> NoReturn:
     ))  # fmt: skip
 
 
-def _stdout_gone() -> bool:
-    """Whether standard output is a pipe whose reader has left (poll reports an error)."""
+def _stdout_gone(stream: Any = None) -> bool:
+    """Whether standard output (or ``stream``) is a pipe whose reader has left (poll reports
+    an error)."""
     try:
         poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        poller.register((stream or sys.stdout).fileno(), select.POLLOUT)
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _silence_gone_streams() -> None:
+    """Point standard output and error, where their reader has left, at /dev/null: the
+    lines still to come (and the interpreter's final flush) must not fail again."""
+    for stream in (sys.stdout, sys.stderr):
+        if _stdout_gone(stream):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -390,7 +400,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             )
         from gapfill.engine.session import fetch_chain_id
 
-        chain_id = fetch_chain_id(ctx.endpoints(), on_slow=_tell)
+        chain_id = fetch_chain_id(ctx.endpoints(), tell=_tell)
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
@@ -613,7 +623,7 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None) -> tupl
         return chains.pop(), targets
     from gapfill.engine.session import fetch_chain_id
 
-    node_chain = fetch_chain_id(ctx.endpoints(), on_slow=_tell)
+    node_chain = fetch_chain_id(ctx.endpoints(), tell=_tell)
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
         raise GapfillError(
@@ -641,11 +651,23 @@ def _run_job(job: Any, quiet: bool) -> None:
     render = _renderer(quiet)
     live = isinstance(render, LiveRenderer)
     summaries: list[RunSummary] = []
+    reader_left = False
 
     def emit(ev: Any) -> None:
+        nonlocal reader_left
         if isinstance(ev, RunSummary):
             summaries.append(ev)
-        render(ev)
+        if reader_left:
+            return
+        try:
+            render(ev)
+        except BrokenPipeError:
+            # `gapfill enrich 2>&1 | head`: the reader of the progress lines left. Raised into
+            # the engine, this failed every batch over and over; stop as on Ctrl+C instead
+            # (batches given back, the run marked interrupted), and end as SIGPIPE would.
+            reader_left = True
+            _silence_gone_streams()
+            os.kill(os.getpid(), signal.SIGINT)
 
     try:
         if live:
@@ -654,6 +676,8 @@ def _run_job(job: Any, quiet: bool) -> None:
         else:
             summary = run_enrich(job, emit)
     except Interrupted:
+        if reader_left:
+            raise SystemExit(141) from None
         if not summaries:
             raise
         # The summary says it was interrupted and how to go on: no second line for it.
@@ -771,7 +795,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         from gapfill.engine.session import fetch_chain_id
 
         # A mistyped --rpc-url must not cost the failure records: check the node first.
-        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, on_slow=_tell)
+        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=_tell)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections

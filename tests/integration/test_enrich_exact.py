@@ -591,3 +591,31 @@ def test_a_run_that_fails_says_why_in_runs(db_url: str, world: World, mode: str)
     code, out = gapfill(db_url, None, "runs")
     assert code == 0 and f"{mode} x" in out and " failed: " in out, out
     assert "serves chain 31337, expected 1" in out, out
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_reader_that_leaves_stops_the_run_as_sigpipe_would(
+    sqlite_url: str, world: World, tmp_path: Path, mode: str
+) -> None:
+    # `gapfill enrich 2>&1 | head -3`: the failing progress lines were raised into the
+    # engine, which failed every batch over and over at full CPU until its 125 s node-outage
+    # check ended the run. Now it stops as on Ctrl+C (exit 141), and a rerun finishes.
+    hashes = setup_db(sqlite_url, world, tmp_path, keep=set(sorted(world.hashes)[::4]).__contains__)
+    argv = [str(GAPFILL_BIN), "--db", sqlite_url, "--rpc-url", world.node.url, "enrich", "--mode", mode,
+            "--batch-size", "100"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith(b"Run #1: mode "), first
+        proc.stderr.close()  # the reader leaves
+        assert proc.wait(timeout=60) == 141
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run = last_run(sqlite_url)
+    assert run["state"] == "interrupted", run
+    code, out = gapfill(sqlite_url, world.node.url, "enrich", "--mode", "batch", "-q")
+    assert code == 0, out
+    assert_exact(sqlite_url, world, hashes)

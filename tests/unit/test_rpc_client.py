@@ -617,3 +617,23 @@ async def test_https_to_a_plain_http_node_says_so(make_node: Any, tmp_path: Any)
         f"could not reach the RPC node at {url.replace(KEY, '***')}: TLS handshake failed (the server "
         "does not speak TLS): use http:// for this node; check --rpc-url or ETH_RPC_URL"
     )
+
+
+async def test_a_hung_endpoint_is_left_out_once_another_answers(make_node: Any, tmp_path: Any) -> None:
+    # Waiting out its three 30 s timeouts held the whole run for 90 s although the other
+    # endpoint had answered at once (a hang here would trip the test's 20 s timeout).
+    async def silent(node: FakeNode, body: Any) -> web.Response:
+        await node.stop.wait()
+        return echo(node, body)
+
+    hung = await make_node(silent, path=f"/v3/{KEY}")
+    good = await make_node(lambda n, b: reply(b, [ok(c, "0x7a69") for c in as_batch(b)]))
+    told: list[str] = []
+    patient = settings(tmp_path, read_timeout_s=30.0, probe_grace_s=0.2)
+    async with RpcClient([EndpointConfig(hung.url), EndpointConfig(good.url)], patient) as client:
+        assert await client.probe(told.append) == 31337
+        assert await client.call_many([Call("eth_blockNumber", [])] * 3) == ["0x7a69"] * 3
+    shown = hung.url.replace(KEY, "***")
+    assert told == [f"left out for this run: the RPC node at {shown} did not answer eth_chainId "
+                    "within 0.2 s of another endpoint's answer"]  # fmt: skip
+    assert len(hung.requests) == 1  # asked once, never used again

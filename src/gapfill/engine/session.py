@@ -41,13 +41,13 @@ def make_client(
 def fetch_chain_id(
     endpoints: Sequence[EndpointSetting],
     expected_chain_id: int | None = None,
-    on_slow: Callable[[str], None] | None = None,
+    tell: Callable[[str], None] | None = None,
 ) -> int:
     """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``);
-    ``on_slow`` hears when they are slow to answer (see :meth:`RpcClient.probe`)."""
+    ``tell`` hears of slow or left-out endpoints (see :meth:`RpcClient.probe`)."""
 
     async def go() -> int:
         async with make_client(endpoints, expected_chain_id=expected_chain_id) as client:
-            return await client.probe(on_slow)
+            return await client.probe(tell)
 
     return asyncio.run(go())

@@ -74,6 +74,9 @@ class _Item:
 #: How many times ``RpcSettings.attempts`` a start-up check may try a failing node.
 _PATIENCE = 2
 
+#: The start-up check's outcome for an endpoint still silent when another had answered.
+_LATE = object()
+
 
 def _as_id(value: Any) -> int | None:
     if isinstance(value, bool):
@@ -169,33 +172,30 @@ class RpcClient:
 
     # -- probe -----------------------------------------------------------------------------
 
-    async def probe(self, on_slow: Callable[[str], None] | None = None) -> int:
+    async def probe(self, tell: Callable[[str], None] | None = None) -> int:
         """Check every endpoint's chain id (once).
 
         Unreachable endpoints are set aside for good with a warning, unless none is
-        reachable; a chain id other than the expected one (or a disagreement between
-        endpoints) raises :class:`gapfill.errors.RpcError`. ``on_slow`` is told, once, in
-        one sentence, when no answer has come after ``slow_probe_notice_s``: a node that
-        accepts connections but never answers is only given up after every attempt timed
-        out, and the user should not stare at a silent terminal meanwhile.
+        reachable; so is one still silent ``probe_grace_s`` after another endpoint answered
+        (a hung endpoint must not hold the run for its every timeout). A chain id other
+        than the expected one (or a disagreement between endpoints) raises
+        :class:`gapfill.errors.RpcError`. ``tell`` hears, in one sentence each, the
+        endpoints set aside and, once, that no answer came in ``slow_probe_notice_s``: a
+        node that accepts connections but never answers is given up only after every
+        attempt timed out, and the user should not stare at a silent terminal meanwhile.
         """
         async with self._probe_lock:
             if self._chain_id is not None:
                 return self._chain_id
-            calls = asyncio.gather(*(self._call_pinned(e, "eth_chainId", []) for e in self._endpoints))
-            if on_slow is None:
-                outcomes = await calls
-            else:
-                notice = asyncio.get_running_loop().call_later(
-                    self._settings.slow_probe_notice_s, self._say_slow, on_slow
-                )
-                try:
-                    outcomes = await calls
-                finally:
-                    notice.cancel()
+            outcomes = await self._ask_chain_ids(tell)
             reachable: list[tuple[Endpoint, int]] = []
             failed: list[tuple[Endpoint, str]] = []
             for endpoint, out in zip(self._endpoints, outcomes, strict=True):
+                if out is _LATE:
+                    failed.append((endpoint, f"the RPC node at {endpoint.shown} did not answer "
+                                             f"eth_chainId within {self._settings.probe_grace_s:g} s "
+                                             "of another endpoint's answer"))  # fmt: skip
+                    continue
                 if isinstance(out, CallError):
                     message = self._as_rpc_error("eth_chainId", out).args[0]
                     if re.search(r"HTTP 5\d\d", message):  # the node (or its gateway) failing
@@ -225,6 +225,8 @@ class RpcClient:
             for endpoint, message in failed:
                 endpoint.disabled_reason = message
                 logger.warning("RPC endpoint %s left out: %s", endpoint.shown, message)
+                if tell is not None:
+                    tell(f"left out for this run: {message}")
             expected = self._expected_chain_id
             for endpoint, chain_id in reachable:
                 if expected is not None and chain_id != expected:
@@ -242,13 +244,46 @@ class RpcClient:
             self._chain_id = first_id
             return first_id
 
-    def _say_slow(self, on_slow: Callable[[str], None]) -> None:
+    async def _ask_chain_ids(self, tell: Callable[[str], None] | None) -> list[Any]:
+        """Each endpoint's answer to ``eth_chainId`` (or its :class:`CallError`), in order."""
+        loop = asyncio.get_running_loop()
+        tasks = {e.index: asyncio.create_task(self._call_pinned(e, "eth_chainId", []))
+                 for e in self._endpoints}  # fmt: skip
+        outcomes: dict[int, Any] = {}
+        notice = None
+        if tell is not None:
+            notice = loop.call_later(self._settings.slow_probe_notice_s, self._say_slow, tell, tasks)
+        grace = self._settings.probe_grace_s
+        deadline: float | None = None  # set once some endpoint gave a chain id
+        try:
+            while len(outcomes) < len(tasks):
+                pending = [t for i, t in tasks.items() if i not in outcomes]
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(pending, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if not done:
+                    break
+                for i, t in tasks.items():
+                    if t in done:
+                        outcomes[i] = t.result()
+                        if deadline is None and (_as_id(outcomes[i]) or 0) >= 1:
+                            deadline = loop.time() + grace
+        finally:
+            if notice is not None:
+                notice.cancel()
+            late = [t for i, t in tasks.items() if i not in outcomes]
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        return [outcomes.get(e.index, _LATE) for e in self._endpoints]
+
+    def _say_slow(self, tell: Callable[[str], None], tasks: dict[int, asyncio.Task[Any]]) -> None:
         s = self._settings
-        shown = ", ".join(e.shown for e in self._endpoints)
+        shown = ", ".join(e.shown for e in self._endpoints if not tasks[e.index].done())
         tries = f"{s.attempts} tries" if s.attempts > 1 else "1 try"
-        on_slow(f"waiting for the RPC node ({shown}): no answer to eth_chainId after "
-                f"{s.slow_probe_notice_s:g} s; it gets {tries} of {s.read_timeout_s:g} s each "
-                "(--rpc-timeout)")  # fmt: skip
+        tell(f"waiting for the RPC node ({shown}): no answer to eth_chainId after "
+             f"{s.slow_probe_notice_s:g} s; it gets {tries} of {s.read_timeout_s:g} s each "
+             "(--rpc-timeout)")  # fmt: skip
 
     async def probe_block_receipts(self, block_number: int) -> bool:
         """Whether some usable endpoint has ``eth_getBlockReceipts``, asked (once per

@@ -69,6 +69,9 @@ class RpcSettings:
     #: After this long without an answer to the start-up check, :meth:`RpcClient.probe`
     #: says that it is still waiting (a stuck node takes ``attempts`` x the read timeout).
     slow_probe_notice_s: float = 10.0
+    #: How long the start-up check waits for the other endpoints once one has answered;
+    #: those still silent are left out of the run.
+    probe_grace_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

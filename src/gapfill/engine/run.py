@@ -48,6 +48,7 @@ from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
 from gapfill.errors import GapfillError, Interrupted, RpcError, StoreError
+from gapfill.model import Enriched
 from gapfill.redact import redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
@@ -224,30 +225,53 @@ class _Sample:
     calls: int
 
 
-async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit, n: int = 20) -> _Sample | None:
-    """Enrich the gap's first ``n`` refs one call at a time, for the speedup figure."""
+#: The start-up sample of a concurrent run: at most this many refs, and no longer than this
+#: (a slow or stalling node would otherwise hold the run's start for 40 round trips).
+SAMPLE_REFS = 20
+SAMPLE_BUDGET_S = 2.0
+_SAMPLE_MIN_REFS = 5
+
+
+async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Sample | None:
+    """Enrich the gap's first refs one call at a time, for the speedup figure: up to
+    ``SAMPLE_REFS`` of them, stopping after ``SAMPLE_BUDGET_S``; None if fewer than five
+    were done by then (the summary then has no speedup)."""
     refs = []
     for chain_id, contract in job.targets:
-        for r in store.iter_gap(chain_id, contract, chunk=n):
+        for r in store.iter_gap(chain_id, contract, chunk=SAMPLE_REFS):
             refs.append(r)
-            if len(refs) >= n:
+            if len(refs) >= SAMPLE_REFS:
                 break
-        if len(refs) >= n:
+        if len(refs) >= SAMPLE_REFS:
             break
-    if len(refs) < 5:
+    if len(refs) < _SAMPLE_MIN_REFS:
         return None
     async with _client(job, sequential=True) as client:
         await _ready(client, emit)
         enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
+        parts: list[Enriched] = []
         t0 = time.perf_counter()
-        enriched = await enricher.enrich_sequential(refs)
+        deadline = t0 + SAMPLE_BUDGET_S
+        for ref in refs:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            try:  # a call that stalls is cut at the deadline; its ref stays in the gap
+                parts.append(await asyncio.wait_for(enricher.enrich_sequential([ref]), left))
+            except TimeoutError:
+                break
         secs = time.perf_counter() - t0
         calls = _rpc_totals(client)[0]
+    enriched = Enriched()
+    for part in parts:
+        enriched.extend(part)
     # Real rows, idempotent: they simply leave the gap. Failures that may pass are not the
     # run's: those refs stay in the gap, and the plan that follows enriches them.
     kept = replace(enriched, failures=[f for f in enriched.failures if f.permanent])
     store.write(kept)
-    return _Sample(len(refs) / secs, f"measured on {len(refs)} refs at the start of this run",
+    if len(parts) < _SAMPLE_MIN_REFS:
+        return _Sample(0.0, "", len(kept.txs), len(kept.failures), calls)
+    return _Sample(len(parts) / secs, f"measured on {len(parts)} refs at the start of this run",
                    len(kept.txs), len(kept.failures), calls)  # fmt: skip
 
 
@@ -647,7 +671,7 @@ class Coordinator:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
                     self.sample = self._cancellable(lambda: _measure_sequential(job, store, self.emit))
-                    if self.sample is not None:
+                    if self.sample is not None and self.sample.rate > 0:
                         seq = (self.sample.rate, self.sample.why)
             batches = refs = joined = 0
             if self.stopping_at is None:  # a Ctrl+C during the start plans nothing

@@ -377,7 +377,9 @@ def contract() -> None:
 
 @contract.command("add")
 @click.argument("address", callback=address_arg)
-@chain_option
+@click.option("--chain-id", type=int_range(1), default=None,
+              help="Its chain [default: the RPC node's; without a node, the one chain it is "
+                   "tracked on].")  # fmt: skip
 @click.option("--label", default=None, help="A name to show in status.")
 @click.option("--abi", "abi_file", type=click.Path(dir_okay=False), default=None,
               help="ABI JSON file (a list, or an artifact with an \"abi\" key) for decoding.")
@@ -698,7 +700,8 @@ batch_size_option = click.option("--batch-size", type=int_range(1), default=500,
                                  help="Refs per batch (a lease covers one batch).")
 enrich_options = [
     click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
-                 help="Worker processes for concurrent mode [default: 75% of cores, 2-8]."),
+                 help="Worker processes of a concurrent run or of `gapfill worker` "
+                      "[default: 75% of cores, 2-8]."),
     batch_size_option,
     click.option("--rpc-batch-size", type=int_range(1), default=50, show_default=True,
                  help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),

@@ -45,8 +45,9 @@ def _say(text: str) -> None:
 @click.option("--layout", type=click.Choice(["dense", "sparse"]), default="dense", show_default=True,
               help="dense: blocks full of tracked transactions; sparse: 1-2 per block among others.")
 @click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
-              show_default=True)
-@click.option("--workers", type=click.IntRange(min=1, max=16), default=None)
+              show_default=True, help="Enrichment mode, as for `gapfill enrich`.")
+@click.option("--workers", type=click.IntRange(min=1, max=16), default=None,
+              help="Worker processes for concurrent mode [default: 75% of cores, 2-8].")
 @click.option("--rows", type=int_range(0), default=3, show_default=True,
               help="Decoded rows to show at the end.")
 @click.pass_context

@@ -51,15 +51,17 @@ class _Printer:
         if p.event == "chunk" and now - self._last < PROGRESS_EVERY_S:
             return
         self._last = now
+        # Each method scans the blocks it still needs: with several, count block scans.
+        unit = "blocks" if len(p.methods) < 2 else "block scans"
         if p.event == "start":
             if p.from_block is None:
                 text = "nothing to scan below the safe head"
             else:
                 text = (f"scanning blocks {p.from_block}-{p.to_block} with {','.join(p.methods)}: "
-                        f"{p.blocks_total} blocks to scan")  # fmt: skip
+                        f"{p.blocks_total} {unit} to do")  # fmt: skip
         else:
             pct = 100.0 * p.blocks_done / p.blocks_total if p.blocks_total else 100.0
-            text = (f"{p.blocks_done}/{p.blocks_total} blocks ({pct:.0f}%), {p.refs_found} refs found, "
+            text = (f"{p.blocks_done}/{p.blocks_total} {unit} ({pct:.0f}%), {p.refs_found} refs found, "
                     f"{p.new_refs} new")  # fmt: skip
         click.echo(f"discover {p.contract}: {text}", err=True)
 

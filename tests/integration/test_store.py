@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -119,7 +120,15 @@ def test_permanent_failures_leave_the_gap_transient_ones_stay(store: Store) -> N
                                    Failure(1, h(1), C, "rpc_error", "timeout")]))  # fmt: skip
     assert {r.tx_hash for r in store.iter_gap(1, C)} == {h(1), h(2), h(3)}
     assert store.status()[0].failed == 1
-    assert len(store.list_failures()) == 2
+    listed = store.list_failures()
+    assert len(listed) == 2
+    # The same text on both backends: UTC, milliseconds, "Z".
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", at) for _, at in listed), listed
+    first = dict((f.tx_hash, at) for f, at in listed)[h(1)]
+    time.sleep(0.01)
+    store.write(Enriched(failures=[Failure(1, h(1), C, "rpc_error", "timeout again")]))
+    (again,) = [(f, at) for f, at in store.list_failures() if f.tx_hash == h(1)]
+    assert again[0].attempts == 2 and again[1] > first  # "last recorded" is the last time
     assert store.clear_failures() == 1
     assert store.count_gap(1, C) == 4
     # enriching a failed tx clears its failure

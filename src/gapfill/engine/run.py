@@ -905,7 +905,7 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
             open_plan = store.has_open_batches(job.targets)
         mode, why = choose_mode(gap)
         if open_plan and mode == "batch":
-            why += " (joining the open plan)"
+            why += "; joining the open plan"
         emit(Notice(f"mode auto: {mode} ({why})"))
     if mode == "concurrent":
         return Coordinator(replace(job, mode=mode), emit).run()

@@ -17,6 +17,7 @@ Rules this module enforces (see docs/architecture.md):
 from __future__ import annotations
 
 import abc
+import datetime as dt
 import os
 import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -218,6 +219,15 @@ class LeaseEvent:
     at: float
 
 
+def _utc_text(at: Any) -> str:
+    """A stored time as SQLite keeps it (``2026-11-29T06:00:00.123Z``): PostgreSQL's
+    ``timestamptz`` comes back as a datetime."""
+    if isinstance(at, dt.datetime):
+        utc = at.astimezone(dt.UTC)
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return str(at)
+
+
 class Store(abc.ABC):
     """The narrow storage interface shared by both backends."""
 
@@ -293,7 +303,8 @@ class Store(abc.ABC):
             where = f" on chain {chain_id}" if chain_id is not None else ""
             raise UnknownContractError(
                 f"contract {address} is not tracked{where}: "
-                f"add it first with `gapfill contract add {address}`"
+                f"add it first with `gapfill contract add {address}"
+                + (f" --chain-id {chain_id}`" if chain_id is not None else "`")
             )
         if len(found) > 1:
             chains = ", ".join(str(c.chain_id) for c in found)
@@ -459,7 +470,7 @@ class Store(abc.ABC):
                     "INSERT INTO failures (chain_id, tx_hash, contract, reason, attempts, last_error) "
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chain_id, tx_hash) DO UPDATE SET "
                     "reason = EXCLUDED.reason, last_error = EXCLUDED.last_error, "
-                    "attempts = failures.attempts + EXCLUDED.attempts"
+                    "attempts = failures.attempts + EXCLUDED.attempts, at = EXCLUDED.at"
                 ),
                 [(f.chain_id, f.tx_hash, f.contract, f.reason, f.attempts, f.last_error[:2000])
                  for f in enriched.failures],
@@ -505,7 +516,7 @@ class Store(abc.ABC):
         )
         with self._read() as cur:
             cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract, contract, limit))
-            return [(Failure(int(c), h, k, r, e, int(a)), str(at))
+            return [(Failure(int(c), h, k, r, e, int(a)), _utc_text(at))
                     for c, h, k, r, e, a, at in cur.fetchall()]  # fmt: skip
 
     def count_permanent_failures(self, chain_id: int, contract: str) -> int:

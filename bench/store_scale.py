@@ -14,6 +14,7 @@ Each step prints one JSON object (its own timing and counts) on stdout.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -28,14 +29,19 @@ CONTRACT = "0x" + "ab" * 20
 REFS_PER_BLOCK = 7  # synthetic keys spread over blocks, so the key has two parts
 
 
+def _hash(i: int) -> str:
+    return hashlib.sha256(i.to_bytes(8, "big")).hexdigest()
+
+
 def populate(url: str, n: int, workdir: Path) -> dict[str, object]:
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"refs_{n}.csv"
+    path = workdir / f"refs_{n}_random.csv"
     if not path.exists():
         with path.open("w") as f:
             f.write("hash,block_number\n")
             for i in range(n):
-                f.write(f"0x{(i * 2654435761) % (1 << 256):064x},{1_000_000 + i // REFS_PER_BLOCK}\n")
+                # Real hashes are random: sorted ones would fill the hash-keyed indexes in order.
+                f.write(f"0x{_hash(i)},{1_000_000 + i // REFS_PER_BLOCK}\n")
     gapfill = str(Path(sys.executable).with_name("gapfill"))
     subprocess.run(
         [gapfill, "--db", url, "contract", "add", CONTRACT, "--chain-id", str(CHAIN_ID)],

@@ -407,6 +407,14 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
     if abi is not None:
+        from gapfill.enrich.decode import abi_problems
+
+        problems = abi_problems(abi)
+        if problems:
+            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+            click.echo(f"warning: {len(problems)} entr{'y' if len(problems) == 1 else 'ies'} of "
+                       f"{abi_file} cannot be decoded and will be skipped: {shown}", err=True)  # fmt: skip
+    if abi is not None:
         # Rows stored before this ABI (another contract's refs, an earlier add or a
         # removed contract's) are decoded with it now, as a new enrichment would.
         from gapfill.enrich.redecode import redecode_contract

@@ -86,6 +86,22 @@ def test_an_abi_file_with_a_utf8_byte_order_mark_is_read(db_url: str, tmp_path: 
         assert s.get_contract(C, 1).abi == abi
 
 
+def test_abi_entries_that_cannot_be_decoded_are_named(sqlite_url: str, tmp_path: Path) -> None:
+    # They used to be skipped without a word: the contract's calls simply stayed undecoded.
+    abi = [{"type": "function", "name": "odd", "inputs": [{"name": "x", "type": "uint7"}]},
+           {"type": "function", "name": "fine", "inputs": [{"name": "x", "type": "uint256"}]}]
+    f = tmp_path / "odd.abi.json"
+    f.write_bytes(orjson.dumps(abi))
+    r = run(sqlite_url, "contract", "add", C, "--chain-id", "1", "--abi", str(f))
+    assert r.exit_code == 0, r.output + r.stderr
+    assert r.stderr == (f"warning: 1 entry of {f} cannot be decoded and will be skipped: "
+                        "function odd: bad type uint7\n")  # fmt: skip
+    good = tmp_path / "good.abi.json"
+    good.write_bytes(orjson.dumps(abi[1:]))
+    r = run(sqlite_url, "contract", "add", C, "--chain-id", "1", "--abi", str(good))
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
 def test_an_unreadable_abi_path_is_one_sentence(sqlite_url: str, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     path = tmp_path / "notes.txt" / "abi.json"  # a file where a folder should be

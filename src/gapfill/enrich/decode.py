@@ -602,12 +602,17 @@ _FunctionTable = dict[str, tuple[_Function, ...]]
 _EventTable = dict[str, tuple[_Event, ...]]
 
 
-def _compile_abi(abi: Iterable[Mapping[str, Any]]) -> tuple[_FunctionTable, _EventTable]:
-    """Selector -> functions and topic0 -> events; entries that do not compile are skipped."""
+def _compile_abi(
+    abi: Iterable[Mapping[str, Any]], problems: list[str] | None = None
+) -> tuple[_FunctionTable, _EventTable]:
+    """Selector -> functions and topic0 -> events; entries that do not compile are skipped
+    (and, with ``problems``, described there)."""
     functions: dict[str, list[_Function]] = {}
     events: dict[str, list[_Event]] = {}
     for entry in abi:
         if not isinstance(entry, Mapping):
+            if problems is not None:
+                problems.append(f"{str(entry)[:40]!r} is not an ABI entry")
             continue
         kind = entry.get("type", "function")  # the ABI spec's default
         try:
@@ -619,10 +624,19 @@ def _compile_abi(abi: Iterable[Mapping[str, Any]]) -> tuple[_FunctionTable, _Eve
                 events.setdefault(event_topic0(e.signature), []).append(e)
         except _AbiError as exc:
             logger.warning("skipping ABI %s %r: %s", kind, entry.get("name"), exc)
+            if problems is not None:
+                problems.append(f"{kind} {entry.get('name')}: {exc}")
     return (
         {k: tuple(v) for k, v in functions.items()},
         {k: tuple(v) for k, v in events.items()},
     )
+
+
+def abi_problems(abi: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The entries of ``abi`` that cannot be decoded (and so are skipped), each described."""
+    problems: list[str] = []
+    _compile_abi(abi, problems)
+    return problems
 
 
 @cache

@@ -3,8 +3,9 @@
 
 Both see every call frame, so they find transactions sent straight to the
 contract *and* those that reached it through another contract (internal calls),
-reverted ones included. Their coverage is *complete*. Contract creations are left
-out: the transaction that deployed the contract is not a call to it.
+reverted ones included, and the transaction that created the contract (a ``create``
+frame whose result is the contract, directly or from a factory), as explorers list
+it. Their coverage is *complete*.
 
 * ``trace_filter`` takes a block range with ``toAddress``; refused ranges are split
   like ``eth_getLogs`` ranges.
@@ -46,10 +47,15 @@ async def trace_backend(
 
 
 def _reaches(trace: dict[str, Any], contract: str) -> bool:
-    if trace.get("type") != "call":
-        return False
-    action = trace.get("action") or {}
-    return str(action.get("to") or "").lower() == contract
+    """A call frame into ``contract``, or the frame that created it."""
+    kind = trace.get("type")
+    if kind == "call":
+        action = trace.get("action") or {}
+        return str(action.get("to") or "").lower() == contract
+    if kind == "create":
+        result = trace.get("result") or {}
+        return str(result.get("address") or "").lower() == contract
+    return False
 
 
 async def scan_trace_filter(
@@ -107,7 +113,7 @@ async def walk_ots(
         for tx in txs:
             block = block_number(tx["blockNumber"])
             top = max(top, block)
-            if lo <= block <= hi and tx.get("to"):  # no "to": the deployment, not a call
+            if lo <= block <= hi:  # without a "to": the transaction that created it
                 refs.append(Ref(chain_id, contract, str(tx["hash"]).lower(), block, METHOD))
         # "After" pages come newest-first; the one holding the newest transactions
         # is flagged firstPage.

@@ -63,6 +63,7 @@ class BatchAbandoned:
     error: str
     attempt: int
     kept: int = 0  # transactions the attempt stored before giving the batch back
+    kept_failed: int = 0  # and the permanent failures it recorded
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from gapfill.engine.events import (
+    BatchAbandoned,
     BatchDone,
     Emit,
     Event,
@@ -573,6 +574,9 @@ class Coordinator:
         self.restarts = 0
         self.host = socket.gethostname()
         self.done_batches = 0
+        # What the workers' commits stored, from their per-batch events: a worker killed
+        # (stuck, crashed) takes the counters of its last stats message with it.
+        self.committed = self.committed_failed = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
@@ -612,23 +616,28 @@ class Coordinator:
             return None
 
     def totals(self) -> tuple[int, int, int, int, int]:
-        processed = failed = calls = retries = limited = 0
-        if self.sample is not None:  # its rows are this run's too
-            processed += self.sample.processed
-            failed += self.sample.failed
-            calls += self.sample.calls
+        """Processed and failed as the batch events count them (at least the workers'
+        latest stats: an event may still be on its way); calls, retries and 429s from
+        the stats, which a killed worker's last second misses."""
+        processed = failed = stats_processed = stats_failed = calls = retries = limited = 0
         for s in self.slots.values():
-            processed += s.base_processed
-            failed += s.base_failed
+            stats_processed += s.base_processed
+            stats_failed += s.base_failed
             calls += s.base_calls
             retries += s.base_retries
             limited += s.base_limited
             if s.stats is not None:
-                processed += s.stats.processed
-                failed += s.stats.failed
+                stats_processed += s.stats.processed
+                stats_failed += s.stats.failed
                 calls += s.stats.calls
                 retries += s.stats.retries
                 limited += s.stats.rate_limited
+        processed = max(self.committed, stats_processed)
+        failed = max(self.committed_failed, stats_failed)
+        if self.sample is not None:  # its rows are this run's too
+            processed += self.sample.processed
+            failed += self.sample.failed
+            calls += self.sample.calls
         return processed, failed, calls, retries, limited
 
     def _drain(self) -> None:
@@ -643,6 +652,11 @@ class Coordinator:
                     slot.stats = ev
             if isinstance(ev, BatchDone) and ev.committed:
                 self.done_batches += 1
+                self.committed += ev.succeeded
+                self.committed_failed += ev.failed
+            if isinstance(ev, BatchAbandoned):
+                self.committed += ev.kept
+                self.committed_failed += ev.kept_failed
             if isinstance(ev, WorkerLostNode):
                 self.lost_node[ev.worker] = ev.message
                 continue  # the run's error says it

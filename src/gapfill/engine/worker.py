@@ -573,14 +573,14 @@ class Worker:
                 held = await self.db(self.store.abandon, batch, error, keep)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
-        kept = 0
+        kept = kept_failed = 0
         if held and keep is not None:
-            kept = len(keep.txs)
+            kept, kept_failed = len(keep.txs), len(keep.failures)
             t = self.totals
             t.processed += kept
-            t.failed += len(keep.failures)
-            t.permanent += len(keep.failures)
-        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept))
+            t.failed += kept_failed
+            t.permanent += kept_failed
+        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed))
         if kept:
             self.send_stats()
 

@@ -656,6 +656,9 @@ def test_batch_mode_stops_on_sigterm_and_a_killed_runs_leftovers_do_not_stall_th
         assert out.count("rerun the same command") == 1, out  # the summary says it, once
         assert leased_now(pg_url) == [], "SIGTERM left leases behind"
         assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("interrupted",)]
+        # What it had fetched is kept (given back with its batch), and the run counts it.
+        stored = query(pg_url, "SELECT count(*) FROM transactions")[0][0]
+        assert query(pg_url, "SELECT processed FROM runs WHERE mode = 'batch'") == [(stored,)]
         # SIGKILL gives no chance to clean up: the lease stays (300 s) and the run 'running'.
         signal_mid_batch(pg_url, rpc, tmp_path, signal.SIGKILL)
         assert leased_now(pg_url), "the killed run held no lease: nothing tested"
@@ -681,6 +684,9 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
         assert rc == 130 and "interrupted" in out and "Traceback" not in out, out
         assert leased_now(pg_url) == [], "SIGTERM left leases behind"
         assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("interrupted",)]
+        # What it had fetched is kept (given back with its batch), and the run counts it.
+        stored = query(pg_url, "SELECT count(*) FROM transactions")[0][0]
+        assert query(pg_url, "SELECT processed FROM runs WHERE mode = 'batch'") == [(stored,)]
         rc, out = gapfill(batch_args(pg_url, rpc), tmp_path, "rerun")
     assert rc == 0, out
     assert_exact(pg_url, node_chain, truth, seeded)

@@ -208,7 +208,8 @@ def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
 @pytest.mark.timeout(30)
 def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committed() -> None:
     # Batch 1 is fetched and waits for its group; batch 2 is stuck in its RPC. A stop
-    # cancels both: batch 1 leaves the group and is given back, nothing is committed.
+    # cancels both: batch 1 leaves the group and is given back with its rows (a Ctrl+C
+    # used to throw them away), batch 2 with nothing; no group commit runs.
     store = FakeStore(batches=2)
 
     class OneStuck(FakeEnricher):
@@ -231,6 +232,7 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
     asyncio.run(go())
     assert store.committed == [] and "commit_batches" not in store.calls
     assert store.state == {1: "pending", 2: "pending"}
+    assert store.kept == {1: 10}
 
 
 @pytest.mark.timeout(30)

@@ -508,6 +508,7 @@ class Worker:
 
         # This task's context (and the RPC tasks it creates) reports answers to this batch.
         ANSWERED.set(on_answer)
+        got: Enriched | None = None  # once fetched: what a stop gives back with the batch
         try:
             refs = await self.db(self.store.batch_refs, batch)
             self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
@@ -532,6 +533,7 @@ class Worker:
             if lost.is_set():
                 committed = False
             else:
+                got = enriched
                 committed = await self._commit(batch, enriched)
             t = self.totals
             if committed:
@@ -545,8 +547,13 @@ class Worker:
                                 time.perf_counter() - t0, committed))  # fmt: skip
             self.send_stats()
         except asyncio.CancelledError:
-            # One try only: a stop must not wait for a database that is down.
-            await asyncio.shield(self._abandon(batch, "worker stopped", retry=False))
+            # One try only: a stop must not wait for a database that is down. A batch
+            # fetched and waiting for its group's commit is given back with its rows (and
+            # permanent failures): a Ctrl+C must not throw away what was fetched.
+            keep = None
+            if got is not None:
+                keep = replace(got, failures=[f for f in got.failures if f.permanent])
+            await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep))
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)

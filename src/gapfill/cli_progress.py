@@ -150,9 +150,10 @@ class LiveRenderer:
         done = p.done_batches if p else 0
         parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))
         if p:
-            parts.append(Text(f"{done}/{total} batches · {p.processed:,} tx · {p.rate_tx_s:,.0f} tx/s · "
-                              f"ETA {fmt_duration(p.eta_s)} · failed {p.failed:,} · retries {p.retries:,} · "
-                              f"429s {p.rate_limited:,}"))  # fmt: skip
+            # The ETA first: a narrow terminal cuts the line's end.
+            parts.append(Text(f"{done}/{total} batches · ETA {fmt_duration(p.eta_s)} · "
+                              f"{p.rate_tx_s:,.0f} tx/s · {p.processed:,} tx · failed {p.failed:,} · "
+                              f"retries {p.retries:,} · 429s {p.rate_limited:,}"))  # fmt: skip
         t = Table(box=None, pad_edge=False)
         for col in ("worker", "pid", "batch", "tx", "tx/s", "failed", "retries", "429s"):
             t.add_column(col, justify="left" if col in ("worker", "batch") else "right")

@@ -313,14 +313,13 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
     try:
         run_id = store.create_run(mode, 1)
         abis = _abis(store, job.chain_id)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # as the run's row counts it: planning included
         totals_box: dict[str, Any] = {}
         state = "done"
         try:
             _release_dead_local_owners(store, emit)
             batches, refs, joined = _plan(store, job, run_id)
             emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
-            t0 = time.perf_counter()
             # Nothing open (the gap is empty or all failed for good): no node is asked anything.
             if store.has_open_batches(job.targets):
                 asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box)))

@@ -72,6 +72,9 @@ def test_ctrl_c_during_chain_generation_stops_cleanly(tmp_path: Path, anvil_bin:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pipe in (proc.stdout, proc.stderr):  # not left to the collector (a later test's warning)
+            if pipe is not None:
+                pipe.close()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "internal error" not in err and "Traceback" not in err, err
     assert "8. Stopping the node." in out

@@ -839,7 +839,7 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
         finally:
             p.close()
     assert scraped["gapfill_rpc_calls_total"] > 0 and scraped["gapfill_workers_alive"] == 1, scraped
-    assert "--workers 3 applies to concurrent mode" in p.output(), p.output()
+    assert "--workers 3 applies to concurrent mode" in p.output(1_000_000), p.output()
     written = "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM batches)"
     before = query(pg_url, written)
     with socket.socket() as busy:

@@ -156,10 +156,11 @@ def failures_json(db_url: str) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def counting_proxy(upstream: str) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
-    """The provider emulator (no faults) in front of ``upstream``: its URL and a stats reader."""
+def counting_proxy(upstream: str, *flags: str) -> Iterator[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The provider emulator in front of ``upstream`` (no faults, unless ``flags`` ask for
+    some): its URL and a stats reader."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gapfill.testing.emulator", "--upstream", upstream, "--port", "0"],
+        [sys.executable, "-m", "gapfill.testing.emulator", "--upstream", upstream, "--port", "0", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
@@ -601,19 +602,21 @@ def test_a_reader_that_leaves_stops_the_run_as_sigpipe_would(
     # engine, which failed every batch over and over at full CPU until its 125 s node-outage
     # check ended the run. Now it stops as on Ctrl+C (exit 141), and a rerun finishes.
     hashes = setup_db(sqlite_url, world, tmp_path, keep=set(sorted(world.hashes)[::4]).__contains__)
-    argv = [str(GAPFILL_BIN), "--db", sqlite_url, "--rpc-url", world.node.url, "enrich", "--mode", mode,
-            "--batch-size", "100"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        first = proc.stderr.readline()
-        assert first.startswith(b"Run #1: mode "), first
-        proc.stderr.close()  # the reader leaves
-        assert proc.wait(timeout=60) == 141
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # A slow node (0.2 s a request): the run lasts far longer than the reader stays.
+    with counting_proxy(world.node.url, "--latency-s", "0.2") as (url, _):
+        argv = [str(GAPFILL_BIN), "--db", sqlite_url, "--rpc-url", url, "enrich", "--mode", mode,
+                "--batch-size", "100"]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert proc.stderr is not None
+            first = proc.stderr.readline()
+            assert first.startswith(b"Run #1: mode "), first
+            proc.stderr.close()  # the reader leaves
+            assert proc.wait(timeout=60) == 141
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     run = last_run(sqlite_url)
     assert run["state"] == "interrupted", run
     code, out = gapfill(sqlite_url, world.node.url, "enrich", "--mode", "batch", "-q")

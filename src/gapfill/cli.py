@@ -675,9 +675,10 @@ def _run_job(job: Any, quiet: bool) -> None:
             # `gapfill enrich 2>&1 | head`: the reader of the progress lines left. Raised into
             # the engine, this failed every batch over and over; stop as on Ctrl+C instead
             # (batches given back, the run marked interrupted), and end as SIGPIPE would.
+            # SIGTERM, which every mode handles as Ctrl+C: SIGINT may be ignored (`cmd &`).
             reader_left = True
             _silence_gone_streams()
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     try:
         if live:
@@ -685,7 +686,7 @@ def _run_job(job: Any, quiet: bool) -> None:
                 summary = run_enrich(job, emit)
         else:
             summary = run_enrich(job, emit)
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt):
         if reader_left:
             raise SystemExit(141) from None
         if not summaries:

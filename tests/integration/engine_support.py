@@ -361,7 +361,10 @@ class GapfillProc:
         self._err = self.err_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
         # ignore_sigint: as a non-interactive shell starts `cmd &`.
-        preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+        # Otherwise SIGINT as a terminal leaves it, whatever this test run inherited (a CI
+        # started in the background ignores it, and so would every child).
+        disposition = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
+        preexec = lambda: signal.signal(signal.SIGINT, disposition)  # noqa: E731
         self.proc = subprocess.Popen([*gapfill_argv(), *args], stdin=subprocess.DEVNULL, stdout=self._out,
                                      stderr=self._err, env=env, start_new_session=True,
                                      preexec_fn=preexec)  # fmt: skip

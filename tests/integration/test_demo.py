@@ -56,7 +56,8 @@ def test_ctrl_c_during_chain_generation_stops_cleanly(tmp_path: Path, anvil_bin:
     env = {**os.environ, "GAPFILL_ANVIL": anvil_bin, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(gapfill), "demo", "--txs", "200000"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,  # SIGINT as a terminal leaves it:
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     assert proc.stdout is not None
     url = ""
     try:

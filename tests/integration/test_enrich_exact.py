@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -594,9 +595,13 @@ def test_a_run_that_fails_says_why_in_runs(db_url: str, world: World, mode: str)
     assert "serves chain 31337, expected 1" in out, out
 
 
-@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+@pytest.mark.parametrize(
+    ("mode", "sigint"),
+    [("batch", signal.SIG_DFL), ("concurrent", signal.SIG_DFL), ("batch", signal.SIG_IGN)],
+    ids=["batch", "concurrent", "nohup"],
+)
 def test_a_reader_that_leaves_stops_the_run_as_sigpipe_would(
-    sqlite_url: str, world: World, tmp_path: Path, mode: str
+    sqlite_url: str, world: World, tmp_path: Path, mode: str, sigint: Any
 ) -> None:
     # `gapfill enrich 2>&1 | head -3`: the failing progress lines were raised into the
     # engine, which failed every batch over and over at full CPU until its 125 s node-outage
@@ -606,7 +611,9 @@ def test_a_reader_that_leaves_stops_the_run_as_sigpipe_would(
     with counting_proxy(world.node.url, "--latency-s", "0.2") as (url, _):
         argv = [str(GAPFILL_BIN), "--db", sqlite_url, "--rpc-url", url, "enrich", "--mode", mode,
                 "--batch-size", "100"]  # fmt: skip
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # nohup: started with SIGINT ignored, as a script's `cmd &` is; it must stop all the same.
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))  # fmt: skip
         try:
             assert proc.stderr is not None
             first = proc.stderr.readline()

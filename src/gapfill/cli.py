@@ -159,8 +159,7 @@ class GapfillGroup(click.Group):
                 _internal_error(ctx, exc)
             # `gapfill failures | head`: the reader has what it wanted. End quietly, as a
             # command killed by SIGPIPE would (141), and keep the final flush from failing.
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _silence_gone_streams()
             raise SystemExit(141) from None
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
@@ -213,7 +212,7 @@ def _term_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def _tell(text: str) -> None:
+def tell(text: str) -> None:
     """A line for the user while a command works (not its output): standard error."""
     click.echo(text, err=True)
 
@@ -402,31 +401,30 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             )
         from gapfill.engine.session import fetch_chain_id
 
-        chain_id = fetch_chain_id(ctx.endpoints(), tell=_tell)
+        chain_id = fetch_chain_id(ctx.endpoints(), tell=tell)
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
-    if abi is not None:
-        from gapfill.enrich.decode import abi_problems
+    if abi is None:
+        return
+    from gapfill.enrich.decode import abi_problems
+    from gapfill.enrich.redecode import redecode_contract
 
-        problems = abi_problems(abi)
-        if problems:
-            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-            click.echo(f"warning: {len(problems)} entr{'y' if len(problems) == 1 else 'ies'} of "
-                       f"{abi_file} cannot be decoded and will be skipped: {shown}", err=True)  # fmt: skip
-    if abi is not None:
-        # Rows stored before this ABI (another contract's refs, an earlier add or a
-        # removed contract's) are decoded with it now, as a new enrichment would.
-        from gapfill.enrich.redecode import redecode_contract
-
-        done = redecode_contract(store, chain_id, address, abi)
-        if done.txs or done.logs:
-            click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
-                       f"{done.txs:,} transactions sent to it, {done.decoded_logs:,} of "
-                       f"{done.logs:,} logs it emitted")  # fmt: skip
-            if not (done.decoded_txs or done.decoded_logs):
-                click.echo(f"warning: none of the stored rows matches this ABI: check that "
-                           f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
+    problems = abi_problems(abi)
+    if problems:
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        click.echo(f"warning: {len(problems)} entr{'y' if len(problems) == 1 else 'ies'} of "
+                   f"{abi_file} cannot be decoded and will be skipped: {shown}", err=True)  # fmt: skip
+    # Rows stored before this ABI (another contract's refs, an earlier add or a removed
+    # contract's) are decoded with it now, as a new enrichment would.
+    done = redecode_contract(store, chain_id, address, abi)
+    if done.txs or done.logs:
+        click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
+                   f"{done.txs:,} transactions sent to it, {done.decoded_logs:,} of "
+                   f"{done.logs:,} logs it emitted")  # fmt: skip
+        if not (done.decoded_txs or done.decoded_logs):
+            click.echo(f"warning: none of the stored rows matches this ABI: check that "
+                       f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
 
 
 def load_abi(path: str) -> list[dict[str, Any]]:
@@ -633,7 +631,7 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None) -> tupl
         return chains.pop(), targets
     from gapfill.engine.session import fetch_chain_id
 
-    node_chain = fetch_chain_id(ctx.endpoints(), tell=_tell)
+    node_chain = fetch_chain_id(ctx.endpoints(), tell=tell)
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
         raise GapfillError(
@@ -807,7 +805,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         from gapfill.engine.session import fetch_chain_id
 
         # A mistyped --rpc-url must not cost the failure records: check the node first.
-        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=_tell)
+        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=tell)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from gapfill.cli import Ctx, chain_option, cli, contract_option, resolve_targets
+from gapfill.cli import Ctx, chain_option, cli, contract_option, resolve_targets, tell
 from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
 from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
@@ -113,7 +113,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
         by_chain.setdefault(c.chain_id, []).append(c)
     for chain_id, contracts in by_chain.items():
         async with make_client(ctx.endpoints(), expected_chain_id=chain_id) as client:
-            await client.probe(lambda text: click.echo(text, err=True))  # discover finds it asked
+            await client.probe(tell)  # discovery finds it asked
             for c in contracts:
                 out.append(await run_discover(
                     store, client, c, methods=methods, from_block=from_block, to_block=to_block,

@@ -12,7 +12,7 @@ Conventions (they are the public schema's, see README "Schema"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 #: The largest value a BIGINT column holds (chain ids, block numbers).
@@ -155,6 +155,11 @@ class Enriched:
         self.logs.extend(other.logs)
         self.failures.extend(other.failures)
         self.moved.extend(other.moved)
+
+    def settled(self) -> Enriched:
+        """This with only the failures that will not pass: what to store when the refs that
+        failed for a passing reason stay in the gap for another attempt."""
+        return replace(self, failures=[f for f in self.failures if f.permanent])
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,7 +250,8 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
     async with _client(job, sequential=True) as client:
         await _ready(client, emit)
         enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
-        parts: list[Enriched] = []
+        enriched = Enriched()
+        done = 0
         t0 = time.perf_counter()
         deadline = t0 + SAMPLE_BUDGET_S
         for ref in refs:
@@ -258,21 +259,19 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
             if left <= 0:
                 break
             try:  # a call that stalls is cut at the deadline; its ref stays in the gap
-                parts.append(await asyncio.wait_for(enricher.enrich_sequential([ref]), left))
+                enriched.extend(await asyncio.wait_for(enricher.enrich_sequential([ref]), left))
             except TimeoutError:
                 break
+            done += 1
         secs = time.perf_counter() - t0
         calls = _rpc_totals(client)[0]
-    enriched = Enriched()
-    for part in parts:
-        enriched.extend(part)
     # Real rows, idempotent: they simply leave the gap. Failures that may pass are not the
     # run's: those refs stay in the gap, and the plan that follows enriches them.
-    kept = replace(enriched, failures=[f for f in enriched.failures if f.permanent])
+    kept = enriched.settled()
     store.write(kept)
-    if len(parts) < _SAMPLE_MIN_REFS:
+    if done < _SAMPLE_MIN_REFS:
         return _Sample(0.0, "", len(kept.txs), len(kept.failures), calls)
-    return _Sample(len(parts) / secs, f"measured on {len(parts)} refs at the start of this run",
+    return _Sample(done / secs, f"measured on {done} refs at the start of this run",
                    len(kept.txs), len(kept.failures), calls)  # fmt: skip
 
 
@@ -540,8 +539,6 @@ class _Slot:
     started: float
     restarts: int = 0
     stats: WorkerStats | None = None
-    base_processed: int = 0
-    base_failed: int = 0
     base_calls: int = 0
     base_retries: int = 0
     base_limited: int = 0
@@ -615,24 +612,19 @@ class Coordinator:
             return None
 
     def totals(self) -> tuple[int, int, int, int, int]:
-        """Processed and failed as the batch events count them (at least the workers'
-        latest stats: an event may still be on its way); calls, retries and 429s from
-        the stats, which a killed worker's last second misses."""
-        processed = failed = stats_processed = stats_failed = calls = retries = limited = 0
+        """Processed and failed as the batch events count them (a worker sends its stats
+        after the events they count, on the same queue, so the events are never behind);
+        calls, retries and 429s from the stats, which a killed worker's last second misses."""
+        processed, failed = self.committed, self.committed_failed
+        calls = retries = limited = 0
         for s in self.slots.values():
-            stats_processed += s.base_processed
-            stats_failed += s.base_failed
             calls += s.base_calls
             retries += s.base_retries
             limited += s.base_limited
             if s.stats is not None:
-                stats_processed += s.stats.processed
-                stats_failed += s.stats.failed
                 calls += s.stats.calls
                 retries += s.stats.retries
                 limited += s.stats.rate_limited
-        processed = max(self.committed, stats_processed)
-        failed = max(self.committed_failed, stats_failed)
         if self.sample is not None:  # its rows are this run's too
             processed += self.sample.processed
             failed += self.sample.failed
@@ -820,8 +812,6 @@ class Coordinator:
         code = s.proc.exitcode
         n = store.release_owner(owner, f"worker exited with code {code}")
         if s.stats is not None and s.stats.pid == s.proc.pid:
-            s.base_processed += s.stats.processed
-            s.base_failed += s.stats.failed
             s.base_calls += s.stats.calls
             s.base_retries += s.stats.retries
             s.base_limited += s.stats.rate_limited

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, Notice, WorkerStats
@@ -524,7 +524,7 @@ class Worker:
                         # Failures that may pass (timeouts, inconsistent answers) must not mark
                         # the batch done: give it back for another attempt; the last one stores them.
                         first = transient[0]
-                        kept = replace(enriched, failures=[f for f in enriched.failures if f.permanent])
+                        kept = enriched.settled()
                         raise TransientFailures(f"{len(transient)} transaction(s) failed, e.g. "
                                                 f"{first.tx_hash}: {first.last_error}", kept)  # fmt: skip
             finally:
@@ -550,9 +550,7 @@ class Worker:
             # One try only: a stop must not wait for a database that is down. A batch
             # fetched and waiting for its group's commit is given back with its rows (and
             # permanent failures): a Ctrl+C must not throw away what was fetched.
-            keep = None
-            if got is not None:
-                keep = replace(got, failures=[f for f in got.failures if f.permanent])
+            keep = None if got is None else got.settled()
             await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep))
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry

@@ -514,8 +514,13 @@ def test_the_start_up_samples_passing_failures_are_not_the_runs(
     # Up to 20 refs, within its 2 s budget: retries may leave it fewer (or too few to say).
     sampled = sampled_refs(out)
     assert sampled is None or 5 <= sampled <= 20, out[-3000:]
-    (failed,) = [int(m) for m in re.findall(r"failed: +(\d+)", out)]
-    recorded = query(pg_url, "SELECT count(*) FROM failures")[0][0]
+    summary = re.findall(r"failed: +(\d+)", out)
+    assert len(summary) == 1, out[-3000:]
+    failed = int(summary[0])
+    # The summary counts refs: a transaction both contracts track that failed in each
+    # one's batch is one failure row (seen once in ~40 runs: "failed: 50" for 49 rows).
+    recorded = query(pg_url, "SELECT count(*) FROM refs r JOIN failures f "
+                             "ON f.chain_id = r.chain_id AND f.tx_hash = r.tx_hash")[0][0]  # fmt: skip
     assert failed == recorded, out[-3000:]
     assert rc == (3 if recorded else 0), out[-3000:]
     if not recorded:

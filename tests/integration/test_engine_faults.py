@@ -685,6 +685,38 @@ def test_batch_mode_stops_on_sigterm_and_a_killed_runs_leftovers_do_not_stall_th
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_run_killed_outright_keeps_the_counts_it_had_saved(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, mode: str
+) -> None:
+    # kill -9 (the OOM killer) leaves no chance to write the summary: the run's row keeps
+    # the counts it saved while it ran, instead of 0 processed for rows it did store.
+    def saved() -> int:
+        return int(query(pg_url, "SELECT coalesce(max(processed), 0) FROM runs WHERE mode = %s "
+                                 "AND state = 'running'", (mode,))[0][0])  # fmt: skip
+
+    with emulator(node_chain.url, "--latency-s", "1") as (rpc, _):  # a run of many saves
+        args = batch_args(pg_url, rpc) if mode == "batch" else enrich_args(pg_url, rpc)
+        p = GapfillProc(args, tmp_path, f"killed-{mode}")
+        try:
+            wait_for("the run's saved counts", lambda: saved() > 0, 60, proc=p)
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+        finally:
+            p.close()
+    stored = query(pg_url, "SELECT count(*) FROM transactions")[0][0]
+    args = batch_args(pg_url, node_chain.url) if mode == "batch" else enrich_args(pg_url, node_chain.url)
+    rc, out = gapfill(args, tmp_path, "rerun")
+    assert rc == 0, out
+    runs = query(pg_url, "SELECT state, processed, rpc_calls FROM runs WHERE mode = %s ORDER BY run_id",
+                 (mode,))  # fmt: skip
+    assert [s for s, _, _ in runs] == ["interrupted", "done"], runs
+    _, processed, calls = runs[0]
+    assert 0 < processed <= stored and calls >= processed, (runs, stored)
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(120)
 def test_sigterm_stops_a_batch_run_started_in_the_background(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
 ) -> None:

@@ -291,6 +291,17 @@ def test_runs_are_listed(store: Store) -> None:
     assert (info.run_id, info.state, info.processed, info.failed, info.rpc_calls) == (r, "done", 10, 1, 25)
 
 
+def test_a_running_runs_counts_are_saved_and_a_finished_one_keeps_its_own(store: Store) -> None:
+    r = store.create_run("batch", 1)
+    store.record_run_progress(r, 7, 1, 16)
+    (info,) = store.list_runs()
+    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("running", 7, 1, 16)
+    store.finish_run(r, "done", 10, 1, 25)
+    store.record_run_progress(r, 8, 1, 18)  # a save that lost the race with the end
+    (info,) = store.list_runs()
+    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 10, 1, 25)
+
+
 def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path: Any) -> None:
     import sqlite3
 

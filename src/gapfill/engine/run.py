@@ -66,6 +66,8 @@ MODES = ("auto", "sequential", "batch", "concurrent")
 AUTO_CONCURRENT_FROM = 20_000
 #: How long the coordinator keeps retrying when the database fails, before it gives up.
 DB_OUTAGE_S = 60.0
+#: How often a running run saves its counts in ``runs`` (what a ``kill -9`` leaves there).
+RUN_PROGRESS_EVERY_S = 2.0
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -321,7 +323,8 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
             # Nothing open (the gap is empty or all failed for good): no node is asked anything.
             if store.has_open_batches(job.targets):
-                asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box)))
+                asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box,
+                                                               run_id)))
             if term.fired:  # stopped by SIGTERM, even if the last batch ended meanwhile
                 state = "interrupted"
         except KeyboardInterrupt:
@@ -417,7 +420,7 @@ def _sigterm_as_sigint(term: _Term) -> Any:
 
 
 async def _in_process(
-    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any]
+    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], run_id: int
 ) -> None:
     settings = job.worker
     if sequential:
@@ -437,9 +440,22 @@ async def _in_process(
                 return _metrics(t.processed, t.failed, calls, retries, limited, t.batches, 1, 0)
 
             metrics = MetricsServer(job.metrics_port, snapshot)
+
+        async def save_counts() -> None:
+            while True:
+                await asyncio.sleep(RUN_PROGRESS_EVERY_S)
+                t = worker.totals
+                with contextlib.suppress(GapfillError):  # the worker's own calls handle outages
+                    await worker.db(store.record_run_progress, run_id, t.processed, t.failed,
+                                    _rpc_totals(client)[0])  # fmt: skip
+
+        saver = asyncio.create_task(save_counts())
         try:
             await worker.run()
         finally:
+            saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await saver
             box["calls"] = _rpc_totals(client)[0]
             if metrics is not None:
                 metrics.close()
@@ -699,7 +715,7 @@ class Coordinator:
                 if self.stopping_at is None:
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
-            last_progress = last_expiry = 0.0
+            last_progress = last_expiry = last_saved = 0.0
             db_down_since: float | None = None
             while True:
                 self._drain()
@@ -745,6 +761,10 @@ class Coordinator:
                         total = max(total_batches, counts.total)
                         done = counts.done if job.plan_new else self.done_batches
                         self._progress(done, total, len(alive), t0)
+                    if run_id and now - last_saved > RUN_PROGRESS_EVERY_S:
+                        last_saved = now
+                        processed, failed, calls, _, _ = self.totals()
+                        store.record_run_progress(run_id, processed, failed, calls)
                 except StoreError as exc:
                     # A dropped connection (server restart, pg_terminate_backend) must not end
                     # the run: the store reconnects on its next call. Give up after a long outage.

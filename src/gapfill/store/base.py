@@ -765,6 +765,16 @@ class Store(abc.ABC):
                 (now, state, processed, failed, rpc_calls, note, run_id),
             )
 
+    def record_run_progress(self, run_id: int, processed: int, failed: int, rpc_calls: int) -> None:
+        """Save a running run's counts so far: a run killed outright (``kill -9``, the OOM
+        killer) keeps them in ``runs`` instead of zeros. A finished run is left as it ended."""
+        with self._tx() as cur:
+            cur.execute(
+                self._sql("UPDATE runs SET processed = ?, failed = ?, rpc_calls = ? "
+                          "WHERE run_id = ? AND state = 'running'"),
+                (processed, failed, rpc_calls, run_id),
+            )  # fmt: skip
+
     def list_runs(self, limit: int = 50) -> list[RunInfo]:
         with self._read() as cur:
             cur.execute(

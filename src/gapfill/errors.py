@@ -8,6 +8,7 @@
     ├── UnknownContractError     --contract names nothing tracked
     ├── StoreError               database unreachable, missing, or failing
     └── RpcError                 node unreachable, wrong chain, method missing
+        ├── NodeUnavailable      the start-up check failed for a reason that may pass
         └── (see gapfill.rpc.errors for the per-call classification)
 
 Driver exceptions (psycopg, sqlite3, aiohttp) are translated into these at the
@@ -41,6 +42,13 @@ class StoreError(GapfillError):
 
 class RpcError(GapfillError):
     """A JSON-RPC endpoint cannot serve what gapfill needs."""
+
+
+class NodeUnavailable(RpcError):
+    """No endpoint passed the start-up check, for a reason that may pass by trying again
+    (HTTP 5xx, a timeout, a refused or reset connection): not a wrong chain id, a web
+    page or a refused API key. A worker process whose check fails so, although its
+    coordinator's passed, is restarted rather than ending the run."""
 
 
 class Interrupted(GapfillError):

@@ -493,6 +493,26 @@ def test_a_flaky_node_fills_the_gap_keeping_what_each_attempt_got(
     assert_exact(pg_url, node_chain, truth, seeded)
 
 
+@pytest.mark.timeout(120)
+def test_a_worker_whose_start_up_check_fails_is_restarted_instead_of_ending_the_run(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # On a node that answers half its requests with 5xx, a worker's start-up check (6 tries)
+    # still fails all its tries now and then: the worker exited as having lost the node and
+    # the run failed, although the coordinator's own check had just passed. Here on cue:
+    # the coordinator's eth_chainId (the first: one chain, no sample) is answered, the next
+    # 8 are not, more than the first worker's tries; its replacement gets an answer.
+    flags = ("--chain-id-503-from", "2", "--chain-id-503-count", "8")
+    with emulator(node_chain.url, *flags) as (rpc, _):
+        rc, out = gapfill(enrich_args(pg_url, rpc, "--workers", "1"), tmp_path, "enrich", 100)
+        faults = emulator_stats(rpc)["faults"]
+    assert rc == 0 and "Traceback" not in out, out
+    assert faults == {"chain_id_503": 8}, faults
+    assert re.search(r"\[Worker-1\] its start-up check of the RPC node failed \(eth_chainId failed: "
+                     r"HTTP 503 .*\); restarted", out), out  # fmt: skip
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
 def sampled_refs(out: str) -> int | None:
     """How many refs the start-up sample measured on, if it said (5 or more)."""
     said = re.search(r"measured on (\d+) refs at the start of this run", out)

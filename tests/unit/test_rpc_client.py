@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gapfill.errors import RpcError
+from gapfill.errors import NodeUnavailable, RpcError
 from gapfill.rpc import Call, CallError, EndpointConfig, RpcClient, RpcSettings
 from gapfill.rpc.endpoint import GROW_AFTER_SUCCESSES, Endpoint
 
@@ -604,6 +604,31 @@ async def test_require_refuses_only_a_node_that_says_it_lacks_the_method(
                 await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")
         else:
             await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")
+
+
+@pytest.mark.parametrize(("answer", "may_pass"), [
+    ("http503", True), ("truncated", True), ("http404", False), ("chain1", False), ("garbage", False),
+])  # fmt: skip
+async def test_a_failed_start_up_check_says_whether_trying_again_may_pass(
+    make_node: Any, tmp_path: Any, answer: str, may_pass: bool
+) -> None:
+    # A worker whose check fails for a reason that may pass is restarted; any other
+    # failure (a web page, a wrong chain, not a chain id) ends the run.
+    def behave(node: FakeNode, body: Any) -> web.Response:
+        if answer == "http503":
+            return web.Response(status=503, text="upstream error")
+        if answer == "http404":
+            return web.Response(status=404, text="not found")
+        if answer == "truncated":
+            return web.Response(body=b'{"jsonrpc": "2.0", "id"', content_type="application/json")
+        return reply(body, [ok(c, "0x1" if answer == "chain1" else "zebra") for c in as_batch(body)])
+
+    node = await make_node(behave)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path),
+                         expected_chain_id=31337) as client:  # fmt: skip
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+    assert isinstance(info.value, NodeUnavailable) is may_pass, info.value
 
 
 async def test_https_to_a_plain_http_node_says_so(make_node: Any, tmp_path: Any) -> None:

@@ -104,10 +104,12 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class WorkerLostNode:
-    """A worker stopped because no RPC node replies (or serves what it needs)."""
+    """A worker stopped because no RPC node replies (or serves what it needs); ``at_start``:
+    its start-up check failed for a reason that may pass (the coordinator restarts it)."""
 
     worker: int
     message: str
+    at_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)

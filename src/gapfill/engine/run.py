@@ -48,7 +48,7 @@ from gapfill.engine.events import (
 from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
-from gapfill.errors import GapfillError, Interrupted, RpcError, StoreError
+from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError, StoreError
 from gapfill.model import Enriched
 from gapfill.redact import redact_text
 from gapfill.rpc import RpcClient, RpcSettings
@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: A worker process's exit code when no RPC node replies or serves what it needs.
 EXIT_LOST_NODE = 4
+#: A worker process's exit code when its start-up check of the node failed for a reason
+#: that may pass (HTTP 5xx, timeouts): the coordinator's own check passed, so the node was
+#: there a moment ago, and the worker is restarted as a crashed one would be.
+EXIT_START_FAILED = 5
 
 MODES = ("auto", "sequential", "batch", "concurrent")
 #: Gap size from which ``auto`` runs worker processes instead of one process. Below it,
@@ -497,6 +501,12 @@ def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any,
 
     try:
         asyncio.run(_worker_async(index, job, emit, stop, coordinator))
+    except NodeUnavailable as exc:
+        # Only the start-up check raises it. On a flaky node a patient check still fails all
+        # its tries now and then: a crash to restart (within the restart budget), not a lost
+        # node. A wrong chain id or a missing method is a plain RpcError, and ends the run.
+        emit(WorkerLostNode(index, str(exc), at_start=True))
+        raise SystemExit(EXIT_START_FAILED) from None
     except RpcError as exc:  # the node is gone or unusable: restarting would not help
         emit(WorkerLostNode(index, str(exc)))
         raise SystemExit(EXIT_LOST_NODE) from None
@@ -590,6 +600,7 @@ class Coordinator:
         # (stuck, crashed) takes the counters of its last stats message with it.
         self.committed = self.committed_failed = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
+        self.start_failed: dict[int, str] = {}  # worker -> why its start-up check failed
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
         self._start = _Term()
@@ -665,8 +676,8 @@ class Coordinator:
                 self.committed += ev.kept
                 self.committed_failed += ev.kept_failed
             if isinstance(ev, WorkerLostNode):
-                self.lost_node[ev.worker] = ev.message
-                continue  # the run's error says it
+                (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
+                continue  # the run's error, or the restart's notice, says it
             self.emit(ev)
 
     def run(self) -> RunSummary:
@@ -836,14 +847,22 @@ class Coordinator:
             s.base_retries += s.stats.retries
             s.base_limited += s.stats.rate_limited
             s.stats = None
+        start_failed = None
+        if code == EXIT_START_FAILED:
+            self._drain()  # its last event may have come in after the loop's drain
+            start_failed = self.start_failed.pop(s.index, None)
         if self.restarts >= 10 * self.workers:
+            if start_failed is not None:  # the node kept failing the workers' start-up checks
+                raise NodeUnavailable(start_failed)
             raise GapfillError(
                 f"workers keep crashing ({self.restarts} restarts): rerun with -v to see why"
             )
         self.restarts += 1
         s.restarts += 1
         self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True))
-        self.emit(Notice(f"[Worker-{s.index + 1}] exited with code {code}; restarted"
+        why = (f"its start-up check of the RPC node failed ({start_failed})" if start_failed
+               else f"exited with code {code}")  # fmt: skip
+        self.emit(Notice(f"[Worker-{s.index + 1}] {why}; restarted"
                          + (f", {n} batch(es) returned to the plan" if n else "")))  # fmt: skip
         s.proc = self._spawn(s.index)
         s.started = time.monotonic()

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gapfill.errors import ConfigError, RpcError
+from gapfill.errors import ConfigError, NodeUnavailable, RpcError
 from gapfill.redact import redact_text, redact_url
 from gapfill.rpc.classify import (
     Fault,
@@ -76,6 +76,16 @@ _PATIENCE = 2
 
 #: The start-up check's outcome for an endpoint still silent when another had answered.
 _LATE = object()
+
+
+def _may_pass(error: CallError) -> bool:
+    """Whether a start-up check that failed so may pass if tried again: every try failed
+    with HTTP 5xx (or 408, 425, 429), a timeout, a refused or reset connection, a garbled
+    body; not when the node refused the call or the endpoint answered HTTP 4xx (a web
+    page's 404, a refused API key)."""
+    code = error.code
+    return error.kind == "transient" and not (code is not None and 400 <= code < 500
+                                              and code not in (408, 425, 429))  # fmt: skip
 
 
 def _as_id(value: Any) -> int | None:
@@ -190,6 +200,7 @@ class RpcClient:
             outcomes = await self._ask_chain_ids(tell)
             reachable: list[tuple[Endpoint, int]] = []
             failed: list[tuple[Endpoint, str]] = []
+            may_pass = False  # some endpoint failed only for a reason that may pass
             for endpoint, out in zip(self._endpoints, outcomes, strict=True):
                 if out is _LATE:
                     failed.append((endpoint, f"the RPC node at {endpoint.shown} did not answer "
@@ -197,6 +208,7 @@ class RpcClient:
                                              "of another endpoint's answer"))  # fmt: skip
                     continue
                 if isinstance(out, CallError):
+                    may_pass = may_pass or _may_pass(out)
                     message = self._as_rpc_error("eth_chainId", out).args[0]
                     if re.search(r"HTTP 5\d\d", message):  # the node (or its gateway) failing
                         message += "; the node is failing: try again later, or use another --rpc-url"
@@ -221,7 +233,7 @@ class RpcClient:
                 endpoint.chain_id = chain_id
                 reachable.append((endpoint, chain_id))
             if not reachable:
-                raise RpcError(failed[0][1])
+                raise (NodeUnavailable if may_pass else RpcError)(failed[0][1])
             for endpoint, message in failed:
                 endpoint.disabled_reason = message
                 logger.warning("RPC endpoint %s left out: %s", endpoint.shown, message)

@@ -81,6 +81,11 @@ class EmulatorConfig:
     log_hint: bool = True
     #: Comma-separated methods this node does not serve (answered -32601).
     missing_methods: str = ""
+    #: ``eth_chainId`` requests number ``chain_id_503_from`` (counted from 1) and the
+    #: ``chain_id_503_count - 1`` after it are answered HTTP 503: a start-up check that
+    #: fails all its tries on cue, where ``p_5xx`` would need luck.
+    chain_id_503_from: int = 0
+    chain_id_503_count: int = 0
 
 
 @dataclass(slots=True)
@@ -262,6 +267,11 @@ class ProviderEmulator:
         for call in calls:
             if isinstance(call, dict):
                 self.stats.methods[str(call.get("method"))] += 1
+        if c.chain_id_503_count and single and decoded.get("method") == "eth_chainId":
+            nth = self.stats.methods["eth_chainId"]
+            if c.chain_id_503_from <= nth < c.chain_id_503_from + c.chain_id_503_count:
+                self.stats.faults["chain_id_503"] += 1
+                return web.Response(status=503, text="service unavailable")
         if c.max_batch is not None and not single and len(calls) > c.max_batch:
             self.stats.batches_refused += 1
             if c.batch_error == "413":

@@ -11,6 +11,7 @@ batch of their own; the other items of the batch are already done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -473,7 +474,14 @@ class RpcClient:
         body = orjson.dumps(payload[0] if single else payload)
         reply: HttpReply | None = None
         failure: Verdict | None = None
-        async with self._slots:
+        # A start-up check (``pin``: one call per endpoint) takes no slot: with one slot (a
+        # sequential client), a hung endpoint's check held it until its every try timed out,
+        # and the other endpoints' checks waited behind it, so the probe could not leave
+        # the hung one out ``probe_grace_s`` after another answered.
+        slot: contextlib.AbstractAsyncContextManager[Any] = (
+            self._slots if pin is None else contextlib.nullcontext()
+        )
+        async with slot:
             if len(chunk) > endpoint.cap():
                 # The cap shrank while this batch waited for a slot: split it first.
                 return list(chunk)

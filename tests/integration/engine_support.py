@@ -6,7 +6,8 @@
 * ``gapfill`` (and the provider emulator) as subprocesses, and their process trees
   read from ``/proc``;
 * a lease-interval check over the ``lease_events`` audit table;
-* a tiny corrupting JSON-RPC proxy (one transaction's receipt comes back malformed).
+* a tiny corrupting JSON-RPC proxy (one transaction's receipt comes back malformed);
+* a hung node: it takes requests and never answers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from glob import glob
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from oracle import _int, _low, rpc_batch  # one reader of the node for both exactness checks
@@ -460,10 +461,34 @@ def emulator_stats(url: str) -> dict[str, Any]:
         return stats
 
 
+# -- loopback servers ------------------------------------------------------------------------------
+
+
+class _Loopback:
+    """A threaded HTTP server on 127.0.0.1, serving while in a ``with`` block."""
+
+    server: ThreadingHTTPServer
+    url: str
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler], path: str = "") -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # -- a provider that answers one transaction's receipt with garbage --------------------------------
 
 
-class CorruptingProxy:
+class CorruptingProxy(_Loopback):
     """A loopback JSON-RPC proxy: every receipt of ``bad_hash`` comes back with a
     malformed ``blockNumber`` (as a broken provider might), everything else is upstream's."""
 
@@ -492,10 +517,7 @@ class CorruptingProxy:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serve(Handler)
 
     def _mangle(self, reply: Any) -> Any:
         items = reply if isinstance(reply, list) else [reply]
@@ -509,10 +531,35 @@ class CorruptingProxy:
                     self.corrupted += 1
         return reply
 
-    def __enter__(self) -> CorruptingProxy:
-        self.thread.start()
-        return self
+
+# -- a node that takes requests and never answers --------------------------------------------------
+
+
+class HungNode(_Loopback):
+    """A loopback URL that accepts connections and requests but never answers (a hung
+    node), and counts the requests it got. Its URL ends in ``path`` (a fake API key)."""
+
+    def __init__(self, path: str = "/") -> None:
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        node = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with node._lock:
+                    node.requests += 1
+                node._release.wait()  # no answer: the connection is closed when the test ends
+                self.close_connection = True
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._serve(Handler, path)
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._release.set()
+        super().__exit__(*exc)

@@ -30,6 +30,7 @@ import pytest
 from engine_support import (
     CorruptingProxy,
     GapfillProc,
+    HungNode,
     NodeTruth,
     Seeded,
     alive,
@@ -510,6 +511,26 @@ def test_a_worker_whose_start_up_check_fails_is_restarted_instead_of_ending_the_
     assert faults == {"chain_id_503": 8}, faults
     assert re.search(r"\[Worker-1\] its start-up check of the RPC node failed \(eth_chainId failed: "
                      r"HTTP 503 .*\); restarted", out), out  # fmt: skip
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(120)
+def test_an_endpoint_the_first_probe_left_out_is_not_waited_for_again(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, tmp_path: Path
+) -> None:
+    # A hung endpoint next to a good one is left out of the run once it is still silent 5 s
+    # after the good one answered. The start-up sample's probe left it out, then the
+    # coordinator's probe and each worker's waited those 5 s for it again, each asking it.
+    # No sequential run recorded: the sample's probe is the first.
+    seeded = seed(pg_url, node_chain.chain)
+    key = "abcdefghijklmnopqrstuvwxyz123456"
+    with HungNode(f"/v3/{key}") as hung:
+        rc, out = gapfill(enrich_args(pg_url, f"{hung.url},{node_chain.url}"), tmp_path, "enrich", 100)
+        asked = hung.requests
+    assert rc == 0 and "Traceback" not in out, out
+    assert asked == 1, f"the hung endpoint was asked {asked} times\n{out}"
+    assert out.count("left out for this run: ") == 1, out
+    assert key not in out and "/v3/***" in out, out
     assert_exact(pg_url, node_chain, truth, seeded)
 
 

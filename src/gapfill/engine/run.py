@@ -132,6 +132,11 @@ class EnrichJob:
     plan_new: bool = True  # False for `gapfill worker`: only join open plans
     measure_sequential: bool = True
     metrics_port: int | None = None
+    #: Positions in ``endpoints`` of those the run's first probe left out (hung, unreachable):
+    #: the clients made after it (the coordinator's, the workers') go without them, instead
+    #: of each waiting ``probe_grace_s`` for them again. ``endpoints`` keeps them all, so
+    #: their URLs are still redacted wherever the run's messages are kept.
+    left_out: tuple[int, ...] = ()
 
 
 # -- shared pieces ---------------------------------------------------------------------
@@ -172,10 +177,23 @@ def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> di
     }  # fmt: skip
 
 
+def _kept(job: EnrichJob) -> list[int]:
+    """Positions in ``job.endpoints`` of the endpoints its clients use."""
+    return [i for i in range(len(job.endpoints)) if i not in job.left_out]
+
+
 def _client(job: EnrichJob, *, sequential: bool = False) -> RpcClient:
     settings = replace(job.rpc, max_in_flight=1) if sequential else job.rpc
-    return make_client(job.endpoints, rpc_batch_size=job.rpc_batch_size,
+    return make_client([job.endpoints[i] for i in _kept(job)], rpc_batch_size=job.rpc_batch_size,
                        expected_chain_id=job.chain_id, settings=settings)  # fmt: skip
+
+
+def _without_left_out(job: EnrichJob, client: RpcClient) -> EnrichJob:
+    """``job`` with the endpoints that ``client`` (one of ``_client(job)``) left out at its
+    probe added to :attr:`EnrichJob.left_out`."""
+    kept = _kept(job)
+    gone = {kept[i] for i in client.left_out()}
+    return replace(job, left_out=tuple(sorted({*job.left_out, *gone}))) if gone else job
 
 
 #: Asked once per process with a hash no transaction has: the answer is null where the
@@ -230,6 +248,7 @@ class _Sample:
     processed: int
     failed: int
     calls: int
+    job: EnrichJob  # the run's job, without the endpoints the sample's probe left out
 
 
 #: The start-up sample of a concurrent run: at most this many refs, and no longer than this
@@ -271,19 +290,22 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
             done += 1
         secs = time.perf_counter() - t0
         calls = _rpc_totals(client)[0]
+        job = _without_left_out(job, client)
     # Real rows, idempotent: they simply leave the gap. Failures that may pass are not the
     # run's: those refs stay in the gap, and the plan that follows enriches them.
     kept = enriched.settled()
     store.write(kept)
     if done < _SAMPLE_MIN_REFS:
-        return _Sample(0.0, "", len(kept.txs), len(kept.failures), calls)
+        return _Sample(0.0, "", len(kept.txs), len(kept.failures), calls, job)
     return _Sample(done / secs, f"measured on {done} refs at the start of this run",
-                   len(kept.txs), len(kept.failures), calls)  # fmt: skip
+                   len(kept.txs), len(kept.failures), calls, job)  # fmt: skip
 
 
-async def _probe(job: EnrichJob, emit: Emit) -> None:
+async def _probe(job: EnrichJob, emit: Emit) -> EnrichJob:
+    """Probe the node; returns ``job`` without the endpoints the probe left out."""
     async with _client(job) as client:
         await _ready(client, emit)
+        return _without_left_out(job, client)
 
 
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
@@ -703,8 +725,11 @@ class Coordinator:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
                     self.sample = self._cancellable(lambda: _measure_sequential(job, store, self.emit))
-                    if self.sample is not None and self.sample.rate > 0:
-                        seq = (self.sample.rate, self.sample.why)
+                    if self.sample is not None:
+                        # The endpoints its probe left out are left out of the workers too.
+                        self.job = job = self.sample.job
+                        if self.sample.rate > 0:
+                            seq = (self.sample.rate, self.sample.why)
             batches = refs = joined = 0
             if self.stopping_at is None:  # a Ctrl+C during the start plans nothing
                 batches, refs, joined = _plan(store, job, run_id)
@@ -721,8 +746,12 @@ class Coordinator:
             # Ctrl+C during the start (the run ends at once, as interrupted).
             if total_batches and self.stopping_at is None:
                 # One probe here fails fast with one sentence (unreachable node, wrong chain)
-                # instead of a crash loop of workers that each find out.
-                self._cancellable(lambda: _probe(job, self.emit))
+                # instead of a crash loop of workers that each find out. The endpoints it
+                # leaves out (a hung one) are left out of the workers' clients, so that no
+                # worker waits the probe grace for them again.
+                probed = self._cancellable(lambda: _probe(job, self.emit))
+                if probed is not None:
+                    self.job = job = probed
                 if self.stopping_at is None:
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())

@@ -257,6 +257,12 @@ class RpcClient:
             self._chain_id = first_id
             return first_id
 
+    def left_out(self) -> tuple[int, ...]:
+        """After :meth:`probe`: the positions (in the order given) of the endpoints it left
+        out for the run. A caller that builds more clients for the same run (worker
+        processes) builds them without these, so none of them waits for them again."""
+        return tuple(e.index for e in self._endpoints if e.disabled_reason is not None)
+
     async def _ask_chain_ids(self, tell: Callable[[str], None] | None) -> list[Any]:
         """Each endpoint's answer to ``eth_chainId`` (or its :class:`CallError`), in order."""
         loop = asyncio.get_running_loop()

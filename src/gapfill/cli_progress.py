@@ -52,6 +52,19 @@ def summary_lines(s: RunSummary) -> list[str]:
     return lines
 
 
+def _what_was_kept(ev: BatchAbandoned) -> str:
+    """`` (480 stored, the rest retried)`` for a batch given back with what it got; only
+    what is true: a stop gives back a batch whose every ref was stored (``(500 stored)``)."""
+    if not ev.kept and not ev.kept_failed:
+        return ""
+    said = [f"{ev.kept} stored"]
+    if ev.kept_failed:
+        said.append(f"{ev.kept_failed} failed for good")
+    if ev.rest:
+        said.append("the rest retried")
+    return f" ({', '.join(said)})"
+
+
 class LineRenderer:
     """The seed's log lines, with key ranges where the seed printed offsets."""
 
@@ -78,9 +91,8 @@ class LineRenderer:
             else:
                 self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id}: lease lost, nothing written")
         elif isinstance(ev, BatchAbandoned):
-            kept = f" ({ev.kept} stored, the rest retried)" if ev.kept else ""
             self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} given back"
-                      f"{kept}: {ev.error}")  # fmt: skip
+                      f"{_what_was_kept(ev)}: {ev.error}")  # fmt: skip
         elif isinstance(ev, Progress):
             now = time.monotonic()
             if now - self._last >= self.every or ev.done_batches == ev.total_batches:

@@ -110,10 +110,25 @@ class FakeEnricher:
         return Enriched(txs=[object() for _ in refs])  # type: ignore[misc]
 
 
-def worker(store: FakeStore, enricher: FakeEnricher | None = None, **settings: Any) -> Worker:
+def worker(store: FakeStore, enricher: FakeEnricher | None = None, emit: Any = None,
+           **settings: Any) -> Worker:  # fmt: skip
     s = WorkerSettings(**{"commit_wait_s": 0.05, "db_retry_s": 0.01, **settings})
     return Worker(0, "w", store, FakeClient(), {1: enricher or FakeEnricher()},  # type: ignore[arg-type]
-                  s, lambda event: None)  # fmt: skip
+                  s, emit or (lambda event: None))  # fmt: skip
+
+
+def given_back_lines(events: Sequence[Any]) -> list[str]:
+    """The progress lines of the batches given back, as the CLI prints them."""
+    import io
+
+    from gapfill.cli_progress import LineRenderer
+
+    out = io.StringIO()
+    render = LineRenderer(out)
+    for e in events:
+        if isinstance(e, BatchAbandoned):
+            render(e)
+    return out.getvalue().splitlines()
 
 
 @pytest.mark.timeout(30)
@@ -209,8 +224,10 @@ def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
 def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committed() -> None:
     # Batch 1 is fetched and waits for its group; batch 2 is stuck in its RPC. A stop
     # cancels both: batch 1 leaves the group and is given back with its rows (a Ctrl+C
-    # used to throw them away), batch 2 with nothing; no group commit runs.
+    # used to throw them away), batch 2 with nothing; no group commit runs. Batch 1's
+    # line said "(10 stored, the rest retried)", though nothing of it was left to retry.
     store = FakeStore(batches=2)
+    events: list[Any] = []
 
     class OneStuck(FakeEnricher):
         async def enrich(self, refs: Sequence[Ref]) -> Enriched:
@@ -218,7 +235,7 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
                 await asyncio.sleep(3600)
             return await super().enrich(refs)
 
-    w = worker(store, OneStuck(), commit_group_txs=1000, commit_wait_s=600.0)
+    w = worker(store, OneStuck(), events.append, commit_group_txs=1000, commit_wait_s=600.0)
 
     async def go() -> None:
         run = asyncio.create_task(w.run())
@@ -233,6 +250,10 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
     assert store.committed == [] and "commit_batches" not in store.calls
     assert store.state == {1: "pending", 2: "pending"}
     assert store.kept == {1: 10}
+    assert sorted(given_back_lines(events)) == [
+        "[Worker-1] Batch 1 attempt 1 given back (10 stored): worker stopped",
+        "[Worker-1] Batch 2 attempt 1 given back: worker stopped",
+    ]
 
 
 @pytest.mark.timeout(30)
@@ -324,3 +345,5 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
     given_back = [e for e in events if isinstance(e, BatchAbandoned)]
     assert sorted((e.batch_id, e.kept) for e in given_back) == [(1, 5), (2, 5), (3, 5)]
     assert all(e.error.startswith("TransientFailures: 5 transaction(s) failed") for e in given_back)
+    assert all(" given back (5 stored, the rest retried): TransientFailures: " in line
+               for line in given_back_lines(events)), given_back_lines(events)

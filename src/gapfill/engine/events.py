@@ -64,6 +64,7 @@ class BatchAbandoned:
     attempt: int
     kept: int = 0  # transactions the attempt stored before giving the batch back
     kept_failed: int = 0  # and the permanent failures it recorded
+    rest: int = 0  # refs it stored nothing for: they stay in the gap, for another attempt
 
 
 @dataclass(frozen=True, slots=True)

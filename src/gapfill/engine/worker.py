@@ -509,8 +509,10 @@ class Worker:
         # This task's context (and the RPC tasks it creates) reports answers to this batch.
         ANSWERED.set(on_answer)
         got: Enriched | None = None  # once fetched: what a stop gives back with the batch
+        n_refs = 0
         try:
             refs = await self.db(self.store.batch_refs, batch)
+            n_refs = len(refs)
             self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
             enricher = self.enrichers[batch.chain_id]
             keeper = asyncio.create_task(self._keep_lease(batch, lost, answered))
@@ -551,21 +553,24 @@ class Worker:
             # fetched and waiting for its group's commit is given back with its rows (and
             # permanent failures): a Ctrl+C must not throw away what was fetched.
             keep = None if got is None else got.settled()
-            await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep))
+            await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep,
+                                               refs=n_refs))  # fmt: skip
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
             keep = exc.kept if isinstance(exc, TransientFailures) and not lost.is_set() else None
-            await self._abandon(batch, f"{type(exc).__name__}: {exc}", keep=keep)
+            await self._abandon(batch, f"{type(exc).__name__}: {exc}", keep=keep, refs=n_refs)
         finally:
             fetched()
             self._held.discard(batch.id)
             self._note_change()
 
     async def _abandon(
-        self, batch: Batch, error: str, retry: bool = True, keep: Enriched | None = None
+        self, batch: Batch, error: str, retry: bool = True, keep: Enriched | None = None,
+        refs: int = 0,
     ) -> None:
-        """Give ``batch`` back, storing ``keep`` (what the attempt got) with it."""
+        """Give ``batch`` back, storing ``keep`` (what the attempt got of its ``refs`` refs)
+        with it."""
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
         held = False
@@ -585,7 +590,9 @@ class Worker:
             t.processed += kept
             t.failed += kept_failed
             t.permanent += kept_failed
-        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed))
+        rest = max(0, refs - kept - kept_failed)
+        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed,
+                                 rest))  # fmt: skip
         if kept:
             self.send_stats()
 

@@ -11,6 +11,7 @@ import codecs
 import contextlib
 import dataclasses
 import importlib
+import io
 import logging
 import os
 import select
@@ -901,6 +902,60 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
                                 if r.note and r.state != "done" else ""))  # fmt: skip
 
 
+class _WholeWrites(io.RawIOBase):
+    """A standard stream's file descriptor, as a raw stream whose ``write`` writes all it is
+    given or raises.
+
+    A pipe whose reader leaves in the middle of a large write takes part of it, and Python's
+    buffered writer then returns without writing the rest and without an error: `gapfill
+    status --json | head -c 10` lost its output's tail and exited 0. Writing the rest here
+    meets EPIPE (``BrokenPipeError``), so the command ends as SIGPIPE would (141), as
+    `gapfill enrich | head` does.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+    def write(self, data: Any, /) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        return done
+
+
+#: The streams :func:`_whole_writes` replaced, kept so that nothing closes them.
+_replaced_streams: list[Any] = []
+
+
+def _whole_writes() -> None:
+    """Put standard output and error (those that are not terminals) on :class:`_WholeWrites`."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            fd = stream.fileno()
+            if os.isatty(fd):  # a terminal takes every write whole
+                continue
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # no descriptor, or gone already
+            continue
+        _replaced_streams.append(stream)
+        setattr(sys, name, io.TextIOWrapper(
+            io.BufferedWriter(_WholeWrites(fd)), encoding=stream.encoding, errors=stream.errors,
+            line_buffering=stream.line_buffering, write_through=stream.write_through,
+        ))  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The console script: run the command, then leave without tearing the interpreter down.
 
@@ -910,6 +965,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     with libpq too: a tenth of a small run. An exception other than SystemExit still
     ends the normal way, traceback included.
     """
+    _whole_writes()
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="gapfill")
         code = 0

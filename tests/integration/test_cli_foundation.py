@@ -456,6 +456,30 @@ def test_a_closed_pipe_ends_quietly(tracked: str, args: tuple[str, ...]) -> None
     assert r.returncode == 141 and r.stderr == "", r.stderr
 
 
+def test_a_reader_that_leaves_mid_output_ends_the_command_as_sigpipe_would(tmp_path: Path) -> None:
+    """`gapfill status --json | head -c 10`, with more output than a pipe holds: the reader
+    leaves while the one large write is under way. The pipe took part of it, Python's buffered
+    writer dropped the rest without an error, and status exited 0; `enrich | head` exits 141."""
+    from gapfill.model import Contract
+
+    db = f"sqlite:///{tmp_path / 'many.db'}"
+    with open_store(db) as store:
+        for i in range(1, 801):  # ~280 kB of JSON: more than the 64 kB a pipe holds
+            store.add_contract(Contract(1, f"0x{i:040x}", None, None, None))
+    p = subprocess.Popen([str(Path(sys.executable).parent / "gapfill"), "--db", db, "status", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert p.stdout is not None and p.stderr is not None
+    try:
+        assert p.stdout.read(10) == b'[\n  {\n    '  # the write has begun; it cannot all fit
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=60) == 141 and err == "", err
+    finally:
+        p.kill()
+        p.wait()
+        p.stderr.close()
+
+
 def test_sigterm_stops_any_command_as_ctrl_c_does(tracked: str) -> None:
     """`import -` waiting on a pipe gets SIGTERM (timeout, systemd, docker stop): it ends as
     interrupted (130), with nothing of the half-read input imported."""

@@ -31,7 +31,7 @@ from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
-from gapfill.settings import EndpointSetting, FileConfig, load_config, resolve_endpoints
+from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
 
@@ -711,7 +711,7 @@ enrich_options = [
                  help="Worker processes of a concurrent run or of `gapfill worker` "
                       "[default: 75% of cores, 2-8]."),
     batch_size_option,
-    click.option("--rpc-batch-size", type=int_range(1), default=50, show_default=True,
+    click.option("--rpc-batch-size", type=int_range(1), default=ENRICH_RPC_BATCH, show_default=True,
                  help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
     click.option("--batches-in-flight", type=int_range(1), default=4, show_default=True,
                  help="Batches each worker fetches at once (finished ones wait to be committed together)."),

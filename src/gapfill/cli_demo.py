@@ -30,7 +30,7 @@ from gapfill.cli import Ctx, _is_tty, cli, render_status
 from gapfill.cli_types import int_range
 from gapfill.errors import GapfillError
 from gapfill.model import Contract
-from gapfill.settings import EndpointSetting
+from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 
 DEMO_DB = "gapfill-demo.db"
 
@@ -111,7 +111,7 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
         from gapfill.cli import _job, _run_job
 
         opts: dict[str, Any] = {
-            "workers": workers, "batch_size": 500, "rpc_batch_size": 50, "grace_period_s": 30.0,
+            "workers": workers, "batch_size": 500, "rpc_batch_size": ENRICH_RPC_BATCH, "grace_period_s": 30.0,
             "lease_timeout_s": 300.0, "batches_in_flight": 4, "block_plan_min_refs": None,
             "plan": "auto", "metrics_port": None,
         }  # fmt: skip

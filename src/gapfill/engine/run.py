@@ -52,7 +52,7 @@ from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError,
 from gapfill.model import Enriched
 from gapfill.redact import redact_text
 from gapfill.rpc import RpcClient, RpcSettings
-from gapfill.settings import EndpointSetting
+from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.store import Store, open_store, owner_name
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class EnrichJob:
     mode: str = "auto"
     workers: int | None = None
     batch_size: int = 500
-    rpc_batch_size: int = 50
+    rpc_batch_size: int = ENRICH_RPC_BATCH
     grace_period_s: float = 30.0
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     plan: PlanSettings = field(default_factory=PlanSettings)

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 
+#: Calls per JSON-RPC batch of the clients built without a size (discovery, probes);
+#: enrichment passes its own (``ENRICH_RPC_BATCH``).
 DEFAULT_RPC_BATCH = 50
 
 

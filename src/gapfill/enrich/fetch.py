@@ -130,7 +130,7 @@ class Enricher:
         plan: PlanSettings = PlanSettings(),
         *,
         timestamp_cache_size: int = 200_000,
-        pairs_per_request: int = 25,
+        pairs_per_request: int = 50,
     ) -> None:
         self.client = client
         self.chain_id = chain_id

@@ -71,7 +71,8 @@ class LineRenderer:
     def __init__(self, out: TextIO | None = None, progress_every_s: float = 5.0) -> None:
         self.out = out
         self.every = progress_every_s
-        self._last = 0.0
+        self._last: float | None = None  # when a progress line was last said
+        self._said_all: tuple[int, int] | None = None  # the "every batch done" line, said once
 
     def line(self, text: str) -> None:
         print(text, file=self.out or sys.stderr, flush=True)
@@ -95,8 +96,13 @@ class LineRenderer:
                       f"{_what_was_kept(ev)}: {ev.error}")  # fmt: skip
         elif isinstance(ev, Progress):
             now = time.monotonic()
-            if now - self._last >= self.every or ev.done_batches == ev.total_batches:
+            where = (ev.done_batches, ev.total_batches)
+            finished = ev.done_batches == ev.total_batches
+            due = self._last is None or now - self._last >= self.every
+            if where != self._said_all and (finished or due):
                 self._last = now
+                if finished:
+                    self._said_all = where
                 pct = 100.0 * ev.done_batches / ev.total_batches if ev.total_batches else 100.0
                 self.line(f"Progress: {ev.done_batches}/{ev.total_batches} batches ({pct:.1f}%), "
                           f"{ev.active_workers} active workers, {ev.rate_tx_s:,.0f} tx/s, "

@@ -758,6 +758,27 @@ def test_a_run_killed_outright_keeps_the_counts_it_had_saved(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_every_mode_prints_progress_lines_ending_with_the_whole_plan_once(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path, mode: str
+) -> None:
+    # The seed's "Progress: 45/137 batches (32.8%), ..." lines where output is not a terminal:
+    # batch mode printed none at all, and a concurrent run said its 100% line each second
+    # while its workers exited (or, for a short run, never).
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        args = batch_args(pg_url, rpc) if mode == "batch" else enrich_args(pg_url, rpc)
+        rc, out = gapfill(args, tmp_path, f"progress-{mode}")
+    assert rc == 0, out
+    total = query(pg_url, "SELECT count(*) FROM batches WHERE state = 'done'")[0][0]
+    lines = [ln for ln in out.splitlines() if ln.startswith("Progress: ")]
+    assert len(lines) >= 2, out  # the first report, then the end (the run lasts seconds)
+    assert lines[-1].startswith(f"Progress: {total}/{total} batches (100.0%)"), lines
+    assert sum("(100.0%)" in ln for ln in lines) == 1, lines
+    assert all(re.match(r"Progress: \d+/\d+ batches \(\d+\.\d%\), \d+ active workers, [\d,]+ tx/s, "
+                        r"ETA \S+", ln) for ln in lines), lines
+
+
+@pytest.mark.timeout(120)
 def test_sigterm_stops_a_batch_run_started_in_the_background(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
 ) -> None:

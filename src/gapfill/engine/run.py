@@ -72,6 +72,16 @@ AUTO_CONCURRENT_FROM = 20_000
 DB_OUTAGE_S = 60.0
 #: How often a running run saves its counts in ``runs`` (what a ``kill -9`` leaves there).
 RUN_PROGRESS_EVERY_S = 2.0
+#: How often a run reports its progress (the renderers show it less often: see cli_progress).
+PROGRESS_EVERY_S = 1.0
+
+
+def _progress_event(done: int, total: int, active: int, processed: int, failed: int, elapsed: float,
+                    retries: int, limited: int) -> Progress:  # fmt: skip
+    """Progress with its rate and ETA (the time the remaining batches take at the rate so far)."""
+    rate = processed / elapsed if elapsed > 0 else 0.0
+    eta = ((total - done) * (processed / done) / rate) if done and rate > 0 else None
+    return Progress(done, total, active, processed, failed, elapsed, rate, eta, retries, limited)
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -350,7 +360,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             # Nothing open (the gap is empty or all failed for good): no node is asked anything.
             if store.has_open_batches(job.targets):
                 asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box,
-                                                               run_id)))
+                                                               run_id, batches, t0)))
             if term.fired:  # stopped by SIGTERM, even if the last batch ended meanwhile
                 state = "interrupted"
         except KeyboardInterrupt:
@@ -446,7 +456,8 @@ def _sigterm_as_sigint(term: _Term) -> Any:
 
 
 async def _in_process(
-    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], run_id: int
+    job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], run_id: int,
+    total_batches: int, t0: float,
 ) -> None:
     settings = job.worker
     if sequential:
@@ -467,21 +478,34 @@ async def _in_process(
 
             metrics = MetricsServer(job.metrics_port, snapshot)
 
-        async def save_counts() -> None:
-            while True:
-                await asyncio.sleep(RUN_PROGRESS_EVERY_S)
-                t = worker.totals
-                with contextlib.suppress(GapfillError):  # the worker's own calls handle outages
-                    await worker.db(store.record_run_progress, run_id, t.processed, t.failed,
-                                    _rpc_totals(client)[0])  # fmt: skip
+        def progress() -> None:
+            t = worker.totals
+            _, retries, limited = _rpc_totals(client)
+            emit(_progress_event(t.batches, max(total_batches, t.batches), 1, t.processed, t.failed,
+                                 time.perf_counter() - t0, retries, limited))  # fmt: skip
 
-        saver = asyncio.create_task(save_counts())
+        async def tick() -> None:
+            """Progress each second (the renderers choose how often to show it), and the
+            counts saved in ``runs`` every ``RUN_PROGRESS_EVERY_S``."""
+            saved = time.monotonic()
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY_S)
+                progress()
+                if time.monotonic() - saved >= RUN_PROGRESS_EVERY_S:
+                    saved = time.monotonic()
+                    t = worker.totals
+                    with contextlib.suppress(GapfillError):  # the worker's own calls handle outages
+                        await worker.db(store.record_run_progress, run_id, t.processed, t.failed,
+                                        _rpc_totals(client)[0])  # fmt: skip
+
+        ticker = asyncio.create_task(tick())
         try:
             await worker.run()
+            progress()  # the last word: every batch done
         finally:
-            saver.cancel()
+            ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await saver
+                await ticker
             box["calls"] = _rpc_totals(client)[0]
             if metrics is not None:
                 metrics.close()
@@ -794,7 +818,7 @@ class Coordinator:
                         last_expiry = now
                         self._supervise_leases(store)
                         db_down_since = None
-                    if now - last_progress > 1.0:
+                    if now - last_progress > PROGRESS_EVERY_S:
                         last_progress = now
                         counts = (store.batch_counts(run_id) if job.plan_new
                                   else store.batch_counts(targets=list(job.targets)))  # fmt: skip
@@ -820,6 +844,12 @@ class Coordinator:
                 else:
                     time.sleep(0.1)
             self._drain()
+            if self.stopping_at is None and self.slots:  # the last word: where the plan ended
+                with contextlib.suppress(StoreError):
+                    counts = (store.batch_counts(run_id) if job.plan_new
+                              else store.batch_counts(targets=list(job.targets)))  # fmt: skip
+                    done = counts.done if job.plan_new else self.done_batches
+                    self._progress(done, max(total_batches, counts.total), 0, t0)
             for s in self.slots.values():
                 s.proc.join(timeout=5)
                 self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False))
@@ -908,11 +938,8 @@ class Coordinator:
 
     def _progress(self, done: int, total: int, active: int, t0: float) -> None:
         processed, failed, _, retries, limited = self.totals()
-        elapsed = time.perf_counter() - t0
-        rate = processed / elapsed if elapsed > 0 else 0.0
-        remaining = total - done
-        eta = (remaining * (processed / done) / rate) if done and rate > 0 else None
-        self.emit(Progress(done, total, active, processed, failed, elapsed, rate, eta, retries, limited))
+        self.emit(_progress_event(done, total, active, processed, failed, time.perf_counter() - t0,
+                                  retries, limited))  # fmt: skip
 
     def _metrics_snapshot(self) -> dict[str, float]:
         processed, failed, calls, retries, limited = self.totals()

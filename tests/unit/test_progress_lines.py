@@ -1,0 +1,41 @@
+"""The progress lines printed where output is not a terminal (``LineRenderer``)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from gapfill.cli_progress import LineRenderer
+from gapfill.engine.events import Progress
+
+
+def progress(done: int, total: int) -> Progress:
+    return Progress(done, total, 1, done * 10, 0, 1.0, 10.0, None)
+
+
+@pytest.mark.timeout(10)
+def test_progress_is_shown_every_period_and_the_finished_plan_once() -> None:
+    out = io.StringIO()
+    render = LineRenderer(out, progress_every_s=3600)
+    for done in (0, 1, 2, 3, 4, 4, 4):  # a coordinator reports each second, also while workers exit
+        render(progress(done, 4))
+    lines = out.getvalue().splitlines()
+    # The first report (no line said yet), then nothing until the period passes, except the
+    # line for the whole plan, which is said once however often it is reported.
+    assert lines == [
+        "Progress: 0/4 batches (0.0%), 1 active workers, 10 tx/s, ETA ?",
+        "Progress: 4/4 batches (100.0%), 1 active workers, 10 tx/s, ETA ?",
+    ], lines
+
+
+@pytest.mark.timeout(10)
+def test_a_plan_that_grows_is_reported_again() -> None:
+    # Another coordinator joins more batches to the plan: 4/4 is then not the end.
+    out = io.StringIO()
+    render = LineRenderer(out, progress_every_s=0)
+    for done, total in ((4, 4), (4, 4), (4, 6), (6, 6)):
+        render(progress(done, total))
+    assert [ln.split(",")[0] for ln in out.getvalue().splitlines()] == [
+        "Progress: 4/4 batches (100.0%)", "Progress: 4/6 batches (66.7%)", "Progress: 6/6 batches (100.0%)",
+    ]

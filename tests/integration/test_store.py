@@ -286,20 +286,39 @@ def test_checking_for_expired_leases_does_not_take_sqlites_write_lock(tmp_path: 
 
 def test_runs_are_listed(store: Store) -> None:
     r = store.create_run("batch", 1, note="x")
-    store.finish_run(r, "done", 10, 1, 25)
+    assert store.finish_run(r, "done", 25) == (0, 0)
     (info,) = store.list_runs()
-    assert (info.run_id, info.state, info.processed, info.failed, info.rpc_calls) == (r, "done", 10, 1, 25)
+    assert (info.run_id, info.state, info.processed, info.failed, info.rpc_calls) == (r, "done", 0, 0, 25)
 
 
-def test_a_running_runs_counts_are_saved_and_a_finished_one_keeps_its_own(store: Store) -> None:
-    r = store.create_run("batch", 1)
-    store.record_run_progress(r, 7, 1, 16)
+def test_a_runs_counts_are_kept_by_the_writes_they_count(store: Store) -> None:
+    # Counted in the transaction that writes the rows: a run killed outright, or a worker
+    # killed before it told its coordinator, leaves exactly what was written in `runs`.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
+    run = store.create_run("concurrent", 2)
+    store.plan(run, [(1, C)], batch_size=10)
+    store.counts_for_run = run
+    a, b, c = (store.lease("w", 60.0) for _ in range(3))
+    assert a is not None and b is not None and c is not None
+    store.abandon(b, "given back meanwhile")
+
+    def rows(batch: Batch, n: int) -> Enriched:
+        refs = store.batch_refs(batch)[:n]
+        return Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs],
+                        failures=[Failure(1, h(99), C, "permanent", "rejected")])  # fmt: skip
+
+    assert store.commit_batches([(a, rows(a, 10)), (b, rows(b, 10))]) == [True, False]  # b: not held
+    assert store.abandon(c, "TransientFailures: 4 failed", keep=rows(c, 6)) is True
+    store.write(Enriched([tx_row(40, 40)]))  # a start-up sample's row
+    store.counts_for_run = None
+    store.write(Enriched([tx_row(41, 41)]))  # no run's
+    store.record_run_calls(run, 57)
     (info,) = store.list_runs()
-    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("running", 7, 1, 16)
-    store.finish_run(r, "done", 10, 1, 25)
-    store.record_run_progress(r, 8, 1, 18)  # a save that lost the race with the end
+    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("running", 17, 2, 57)
+    assert store.finish_run(run, "done", 60) == (17, 2)
+    store.record_run_calls(run, 61)  # a save that lost the race with the end
     (info,) = store.list_runs()
-    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 10, 1, 25)
+    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 17, 2, 60)
 
 
 def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path: Any) -> None:

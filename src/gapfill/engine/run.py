@@ -70,7 +70,8 @@ MODES = ("auto", "sequential", "batch", "concurrent")
 AUTO_CONCURRENT_FROM = 20_000
 #: How long the coordinator keeps retrying when the database fails, before it gives up.
 DB_OUTAGE_S = 60.0
-#: How often a running run saves its counts in ``runs`` (what a ``kill -9`` leaves there).
+#: How often a running run saves its RPC calls in ``runs`` (what a ``kill -9`` leaves there;
+#: its processed and failed counts are kept as it writes).
 RUN_PROGRESS_EVERY_S = 2.0
 #: How often a run reports its progress (the renderers show it less often: see cli_progress).
 PROGRESS_EVERY_S = 1.0
@@ -142,6 +143,8 @@ class EnrichJob:
     plan_new: bool = True  # False for `gapfill worker`: only join open plans
     measure_sequential: bool = True
     metrics_port: int | None = None
+    #: The run the workers write for (their writes add to its counts); set by the coordinator.
+    run_id: int | None = None
     #: Positions in ``endpoints`` of those the run's first probe left out (hung, unreachable):
     #: the clients made after it (the coordinator's, the workers') go without them, instead
     #: of each waiting ``probe_grace_s`` for them again. ``endpoints`` keeps them all, so
@@ -349,6 +352,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
     old_term = _sigterm_as_sigint(term)
     try:
         run_id = store.create_run(mode, 1)
+        store.counts_for_run = run_id
         abis = _abis(store, job.chain_id)
         t0 = time.perf_counter()  # as the run's row counts it: planning included
         totals_box: dict[str, Any] = {}
@@ -372,10 +376,8 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         except GapfillError as exc:
             # The node or the database failed for good: the run says so (and why), the plan
             # stays open, and the row keeps what was committed before.
-            w = totals_box.get("totals")
             with contextlib.suppress(GapfillError):  # the database may be what failed
-                store.finish_run(run_id, "failed", w.processed if w else 0, w.failed if w else 0,
-                                 totals_box.get("calls", 0), note=_note(job, exc))  # fmt: skip
+                store.finish_run(run_id, "failed", totals_box.get("calls", 0), note=_note(job, exc))
             raise
         finally:
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
@@ -386,12 +388,9 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 _decode_again_if_changed(store, job, abis, emit)
         secs = time.perf_counter() - t0
-        w = totals_box.get("totals")
-        processed = w.processed if w else 0
-        failed = w.failed if w else 0
-        permanent = permanent_failures(store, job.targets)
         calls = totals_box.get("calls", 0)
-        store.finish_run(run_id, state, processed, failed, calls)
+        processed, failed = store.finish_run(run_id, state, calls)
+        permanent = permanent_failures(store, job.targets)
         seq = recorded_sequential_rate(store) if not sequential else None
         summary = RunSummary(
             run_id, mode, 1, processed, failed, permanent, secs, processed / secs if secs > 0 else 0.0,
@@ -493,10 +492,8 @@ async def _in_process(
                 progress()
                 if time.monotonic() - saved >= RUN_PROGRESS_EVERY_S:
                     saved = time.monotonic()
-                    t = worker.totals
                     with contextlib.suppress(GapfillError):  # the worker's own calls handle outages
-                        await worker.db(store.record_run_progress, run_id, t.processed, t.failed,
-                                        _rpc_totals(client)[0])  # fmt: skip
+                        await worker.db(store.record_run_calls, run_id, _rpc_totals(client)[0])
 
         ticker = asyncio.create_task(tick())
         try:
@@ -576,6 +573,7 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any,
 
     loop.add_signal_handler(signal.SIGTERM, cancel_once)
     store = open_store(job.db_url)
+    store.counts_for_run = job.run_id
     try:
         async with _client(job) as client:
             await _ready(client)
@@ -740,6 +738,8 @@ class Coordinator:
         try:
             mode = "concurrent" if job.plan_new else "worker"
             run_id = store.create_run(mode, self.workers)
+            store.counts_for_run = run_id  # the start-up sample's rows
+            self.job = job = replace(job, run_id=run_id)  # and the workers'
             abis = _abis(store, job.chain_id)
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
@@ -827,8 +827,7 @@ class Coordinator:
                         self._progress(done, total, len(alive), t0)
                     if run_id and now - last_saved > RUN_PROGRESS_EVERY_S:
                         last_saved = now
-                        processed, failed, calls, _, _ = self.totals()
-                        store.record_run_progress(run_id, processed, failed, calls)
+                        store.record_run_calls(run_id, self.totals()[2])
                 except StoreError as exc:
                     # A dropped connection (server restart, pg_terminate_backend) must not end
                     # the run: the store reconnects on its next call. Give up after a long outage.
@@ -877,8 +876,8 @@ class Coordinator:
             secs = time.perf_counter() - t0
             processed, failed, calls, _, _ = self.totals()
             if run_id:
-                with contextlib.suppress(GapfillError):
-                    store.finish_run(run_id, state, processed, failed, calls, note=why)
+                with contextlib.suppress(GapfillError):  # else the events' count stands
+                    processed, failed = store.finish_run(run_id, state, calls, note=why)
             permanent = 0
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)

@@ -234,6 +234,9 @@ class Store(abc.ABC):
     backend: str = ""
     #: The database URL with its password masked, for messages.
     display_url: str = ""
+    #: The run whose ``processed`` and ``failed`` this connection's writes of enrichment
+    #: results add to, in the transaction that writes them (None: no run's).
+    counts_for_run: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -751,29 +754,28 @@ class Store(abc.ABC):
             return int(cur.fetchone()[0])
 
     def finish_run(
-        self, run_id: int, state: str, processed: int, failed: int, rpc_calls: int,
-        note: str | None = None,
-    ) -> None:
-        """Record how a run ended; ``note`` (why it failed, say) replaces the run's note."""
+        self, run_id: int, state: str, rpc_calls: int, note: str | None = None
+    ) -> tuple[int, int]:
+        """Record how a run ended; ``note`` (why it failed, say) replaces the run's note.
+        Returns its processed and failed counts, which its writes kept (``counts_for_run``)."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
                 self._sql(
-                    "UPDATE runs SET finished_at = ?, state = ?, processed = ?, failed = ?, "
-                    "rpc_calls = ?, note = COALESCE(?, note) WHERE run_id = ?"
+                    "UPDATE runs SET finished_at = ?, state = ?, rpc_calls = ?, "
+                    "note = COALESCE(?, note) WHERE run_id = ? RETURNING processed, failed"
                 ),
-                (now, state, processed, failed, rpc_calls, note, run_id),
+                (now, state, rpc_calls, note, run_id),
             )
+            row = cur.fetchone()
+            return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
-    def record_run_progress(self, run_id: int, processed: int, failed: int, rpc_calls: int) -> None:
-        """Save a running run's counts so far: a run killed outright (``kill -9``, the OOM
-        killer) keeps them in ``runs`` instead of zeros. A finished run is left as it ended."""
+    def record_run_calls(self, run_id: int, rpc_calls: int) -> None:
+        """Save a running run's RPC calls so far (its other counts are kept as it writes):
+        a run killed outright keeps them. A finished run is left as it ended."""
         with self._tx() as cur:
-            cur.execute(
-                self._sql("UPDATE runs SET processed = ?, failed = ?, rpc_calls = ? "
-                          "WHERE run_id = ? AND state = 'running'"),
-                (processed, failed, rpc_calls, run_id),
-            )  # fmt: skip
+            cur.execute(self._sql("UPDATE runs SET rpc_calls = ? WHERE run_id = ? AND state = 'running'"),
+                        (rpc_calls, run_id))  # fmt: skip
 
     def list_runs(self, limit: int = 50) -> list[RunInfo]:
         with self._read() as cur:
@@ -1029,6 +1031,13 @@ class Store(abc.ABC):
             self._upsert(cur, merged.txs, merged.logs)
         self._move_keys(cur, merged)
         self._record_failures(cur, merged)
+        if self.counts_for_run is not None and (merged.txs or merged.failures):
+            # Counted with the rows they count, last (the run's row is locked the shortest):
+            # a run killed outright, or a worker killed before it told its coordinator, still
+            # has exactly what it wrote in `runs`.
+            cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ? "
+                                  "WHERE run_id = ?"),
+                        (len(merged.txs), len(merged.failures), self.counts_for_run))  # fmt: skip
 
     _MOVE_KEY_SQL = (
         "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "

@@ -100,7 +100,7 @@ def echo(node: FakeNode, body: Any) -> web.Response:
 
 def settings(tmp_path: Any, **kw: Any) -> RpcSettings:
     base = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "read_timeout_s": 2.0,
-            "budget_dir": str(tmp_path)}
+            "null_backoff_s": 0.01, "null_backoff_max_s": 0.05, "budget_dir": str(tmp_path)}
     base.update(kw)
     return RpcSettings(**base)
 

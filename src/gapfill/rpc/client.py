@@ -437,6 +437,7 @@ class RpcClient:
         results: list[Any],
         pin: Endpoint | None,
     ) -> None:
+        nulls_before = [items[i].nulls for i in chunk]
         try:
             if wait > 0:  # every endpoint is set aside: wait for the first to come back
                 await asyncio.sleep(wait)
@@ -449,12 +450,27 @@ class RpcClient:
                 hook()
         if not again:
             return
+        retried = set(again)
+        # The items asked again because they answered null this time (not because they failed).
+        nulled = max((items[i].nulls for i, before in zip(chunk, nulls_before, strict=True)
+                      if i in retried and items[i].nulls > before), default=0)  # fmt: skip
+        delay = self._retry_delay(again, items, nulled)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self._drive(again, items, results, pin)
+
+    def _retry_delay(self, again: list[int], items: list[_Item], nulled: int) -> float:
+        """How long to wait before sending ``again``: full jitter over the tries spent, and,
+        when some of them answered null (``nulled``: the most nulls among those), at least
+        ``null_backoff_s`` doubled per null, so a lagging node gets time to catch up."""
+        s = self._settings
+        delay = 0.0
         spent = max(items[i].failures + items[i].nulls + items[i].rate_limits for i in again)
         if spent:
-            ceiling = min(self._settings.backoff_max_s,
-                          self._settings.backoff_base_s * 2 ** (spent - 1))
-            await asyncio.sleep(self._rng.uniform(0.0, ceiling))
-        await self._drive(again, items, results, pin)
+            delay = self._rng.uniform(0.0, min(s.backoff_max_s, s.backoff_base_s * 2 ** (spent - 1)))
+        if nulled:
+            delay = max(delay, min(s.null_backoff_max_s, s.null_backoff_s * 2 ** (nulled - 1)))
+        return delay
 
     # -- one HTTP exchange -------------------------------------------------------------------
 

@@ -57,6 +57,12 @@ class RpcSettings:
     read_timeout_s: float = 30.0  # a stalled response is cut after this
     backoff_base_s: float = 0.2
     backoff_max_s: float = 10.0
+    #: A ``null_retry`` call that answered ``null`` is asked again no sooner than this,
+    #: doubling per null up to ``null_backoff_max_s``: a node whose receipts lag its
+    #: transactions by a moment catches up in the same attempt. (The failure backoff's
+    #: full jitter may be ~0, so alone it could spend every null back to back.)
+    null_backoff_s: float = 0.25
+    null_backoff_max_s: float = 2.0
     max_in_flight: int = 8  # concurrent HTTP requests per client
     budget_dir: str | None = None  # where host-shared token buckets live
     #: Rate-limited answers are expected under load and are not the caller's

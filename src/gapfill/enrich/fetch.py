@@ -35,9 +35,10 @@ Plans, per ref:
 
 Block timestamps are cached per process, so a header is fetched at most once.
 Each ref ends enriched or as a :class:`~gapfill.model.Failure`: ``not_found``
-(still ``null`` after the retries: permanent until ``--retry-failed``),
-``permanent`` (the node rejected the call) or ``rpc_error`` (transient; the ref
-stays in the gap).
+(the transaction lookup still ``null`` after the retries: permanent until
+``--retry-failed``), ``permanent`` (the node rejected the call) or ``rpc_error``
+(transient; the ref stays in the gap). A receipt still ``null`` while the node
+returns the transaction is ``rpc_error``: its receipts lag, the transaction is real.
 """
 
 from __future__ import annotations
@@ -108,10 +109,28 @@ class _Collector:
         return Enriched(self.txs, self.logs, self.failures, self.moved)
 
 
-def _receipt(out: _Collector, ref: Ref, rec: Any) -> dict[str, Any] | None:
-    """The receipt answer if it is one; otherwise the ref's failure is recorded."""
+def _no_receipt(ref: Ref, rec: CallError, tx: Any) -> Failure:
+    """The failure of a ref whose receipt stayed ``null`` (``rec``), given the answer to its
+    transaction lookup. ``not_found`` (permanent) only when that lookup was ``null`` too:
+    a node that returns the transaction knows it, and a receipt lagging behind it (a node
+    still indexing the block, a load balancer's other backend) is ``rpc_error``: the ref
+    stays in the gap, the batch is tried again, and a later run tries once more."""
+    if isinstance(tx, CallError):
+        return _failure(ref, tx)  # not_found, or why the lookup failed: it is no proof either way
+    if isinstance(tx, dict):
+        where = tx.get("blockNumber") or tx.get("blockHash")
+        state = f"mined in block {where}" if where is not None else "pending (not mined yet)"
+        return _failure(ref, f"receipt {rec.message}, but the transaction is {state}: "
+                             "the node's receipts lag; tried again later")  # fmt: skip
+    return _failure(ref, f"receipt {rec.message}; malformed transaction: {str(tx)[:200]}")
+
+
+def _receipt(out: _Collector, ref: Ref, rec: Any, tx: Any) -> dict[str, Any] | None:
+    """The receipt answer if it is one; otherwise the ref's failure is recorded. A receipt
+    still ``null`` is judged with ``tx``, the answer to the transaction lookup (see
+    :func:`_no_receipt`): the caller looks the transaction up before it calls this."""
     if isinstance(rec, CallError):
-        out.fail(_failure(ref, rec))
+        out.fail(_no_receipt(ref, rec, tx) if rec.kind == "not_found" else _failure(ref, rec))
         return None
     if not isinstance(rec, dict) or "blockNumber" not in rec:
         out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
@@ -280,7 +299,8 @@ class Enricher:
             calls.append(Call("eth_getTransactionReceipt", [r.tx_hash], null_retry=True))
         answers = await self._many(calls)
         for i, ref in enumerate(refs):
-            tx, rec = answers[2 * i], _receipt(out, ref, answers[2 * i + 1])
+            tx = answers[2 * i]
+            rec = _receipt(out, ref, answers[2 * i + 1], tx)
             if rec is None:
                 continue
             if isinstance(tx, CallError):
@@ -321,8 +341,14 @@ class Enricher:
         )
         with_ts: list[tuple[Ref, dict[str, Any], int]] = []
         without_ts: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
+        # A receipt still null is no proof that the transaction is unknown: look it up in
+        # the second round (one more call, only for these refs) before calling it not found.
+        unproven: list[tuple[Ref, CallError]] = []
         for ref, answer in zip(refs, answers, strict=True):
-            rec = _receipt(out, ref, answer)
+            if isinstance(answer, CallError) and answer.kind == "not_found":
+                unproven.append((ref, answer))
+                continue
+            rec = _receipt(out, ref, answer, None)  # no null receipt gets here (set aside above)
             if rec is None:
                 continue
             block, ts = self._block_and_ts(rec)
@@ -336,8 +362,11 @@ class Enricher:
             Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _, _ in with_ts
         ]
         calls += [Call("eth_getBlockByNumber", [hex(b), True], null_retry=True) for b in block_numbers]
+        calls += [Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _ in unproven]
         answers = await self._many(calls)
 
+        for (ref, missing), tx in zip(unproven, answers[len(answers) - len(unproven) :], strict=True):
+            out.fail(_no_receipt(ref, missing, tx))
         k = 0
         for ref, rec, ts in with_ts:
             tx = answers[k]
@@ -371,10 +400,10 @@ class Enricher:
         out = _Collector()
         for ref in refs:
             (answer,) = await self._many([Call("eth_getTransactionReceipt", [ref.tx_hash], null_retry=True)])
-            rec = _receipt(out, ref, answer)
+            (tx,) = await self._many([Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True)])
+            rec = _receipt(out, ref, answer, tx)
             if rec is None:
                 continue
-            (tx,) = await self._many([Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True)])
             if isinstance(tx, CallError):
                 out.fail(_failure(ref, tx))
                 continue

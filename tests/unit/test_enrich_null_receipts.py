@@ -1,0 +1,180 @@
+"""A receipt that lags behind its transaction is "not yet", never "not found".
+
+The enricher and the RPC client together, over a scripted transport (no sockets):
+each call's answers are scripted per method, ``null`` until the node "catches up".
+The client's waits between tries (``asyncio.sleep``) are recorded instead of slept,
+so the spacing of null retries is checked without reading a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from typing import Any
+from unittest.mock import patch
+
+import orjson
+import pytest
+from fixtures_io import result
+
+from gapfill.enrich.fetch import Enricher, PlanSettings
+from gapfill.model import Ref
+from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+from gapfill.rpc.transport import HttpReply
+
+pytestmark = pytest.mark.timeout(20)
+
+_real_sleep = asyncio.sleep
+
+CHAIN = 0xC72DD9D5E883E  # the execution-apis test chain
+TX = result("eth_getTransactionByHash/get-legacy-tx")
+RECEIPT = result("eth_getTransactionReceipt/get-legacy-receipt")
+HASH = TX["hash"].lower()
+TX_METHOD, RECEIPT_METHOD = "eth_getTransactionByHash", "eth_getTransactionReceipt"
+BLOCK_METHOD = "eth_getBlockByNumber"  # the metered plan's full block, for the timestamp
+
+
+class ScriptedNode:
+    """A transport whose answers follow a script per method: ``"null"``, ``"502"`` (the whole
+    request fails), ``"found"``; the last step repeats. Every request and every wait the
+    client asks for goes into ``events``, in order."""
+
+    def __init__(self, script: dict[str, list[str]], tx: dict[str, Any] = TX) -> None:
+        self.tx = tx
+        script = {BLOCK_METHOD: ["found"], **script}
+        self.script = {m: iter(steps) for m, steps in script.items()}
+        self.last = {m: steps[-1] for m, steps in script.items()}
+        self.events: list[tuple[str, Any]] = []
+        self.asked: dict[str, int] = {}
+
+    def _step(self, method: str) -> str:
+        self.asked[method] = self.asked.get(method, 0) + 1
+        return next(self.script[method], self.last[method])
+
+    async def post(self, url: str, body: bytes) -> HttpReply:
+        decoded = orjson.loads(body)
+        calls = decoded if isinstance(decoded, list) else [decoded]
+        self.events.append(("post", tuple(c["method"] for c in calls)))
+        steps = [self._step(c["method"]) for c in calls]
+        if "502" in steps:
+            return HttpReply(502, {}, b"bad gateway")
+        found = {TX_METHOD: self.tx, RECEIPT_METHOD: RECEIPT,
+                 BLOCK_METHOD: {"number": TX["blockNumber"], "timestamp": "0x1e", "transactions": [self.tx]}}
+        answers = [{"jsonrpc": "2.0", "id": c["id"], "result": None if step == "null" else found[c["method"]]}
+                   for c, step in zip(calls, steps, strict=True)]  # fmt: skip
+        return HttpReply(200, {}, orjson.dumps(answers if isinstance(decoded, list) else answers[0]))
+
+    async def aclose(self) -> None:
+        return None
+
+    async def sleep(self, delay: float) -> None:
+        self.events.append(("sleep", delay))
+        await _real_sleep(0)
+
+    def sleeps(self) -> list[float]:
+        return [d for kind, d in self.events if kind == "sleep"]
+
+
+@pytest.fixture
+def settings(tmp_path: Any) -> Iterator[RpcSettings]:
+    # A failure's backoff (full jitter) stays under 0.02 s here, below the null spacing.
+    yield RpcSettings(backoff_base_s=0.01, backoff_max_s=0.02, budget_dir=str(tmp_path))
+
+
+async def enrich(node: ScriptedNode, settings: RpcSettings, plan: str) -> Any:
+    client = RpcClient([EndpointConfig("http://node.invalid/")], settings, transport=node)
+    enricher = Enricher(client, CHAIN, plan=PlanSettings(calls_metered=plan == "metered"))
+    ref = Ref(CHAIN, "0x" + "cc" * 20, HASH, int(TX["blockNumber"], 16), "test")
+    # The client's waits are recorded in ``node.events``, not slept.
+    with patch("gapfill.rpc.client.asyncio.sleep", node.sleep):
+        async with client:
+            if plan == "sequential":
+                return await enricher.enrich_sequential([ref])
+            return await enricher.enrich([ref])
+
+
+PLANS = ["pairs", "metered", "sequential"]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_receipt_of_a_mined_transaction_is_transient(settings: RpcSettings, plan: str) -> None:
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["null"]})
+    got = await enrich(node, settings, plan)
+    assert got.txs == []
+    [failure] = got.failures
+    assert failure.reason == "rpc_error" and not failure.permanent, failure
+    assert f"mined in block {TX['blockNumber']}" in failure.last_error
+    assert node.asked[RECEIPT_METHOD] == settings.attempts  # three nulls in this attempt, spaced
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_receipt_of_a_pending_transaction_is_transient(settings: RpcSettings, plan: str) -> None:
+    pending = {**TX, "blockNumber": None, "blockHash": None, "transactionIndex": None}
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["null"]}, tx=pending)
+    got = await enrich(node, settings, plan)
+    [failure] = got.failures
+    assert failure.reason == "rpc_error" and "pending" in failure.last_error, failure
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_unknown_transaction_is_not_found(settings: RpcSettings, plan: str) -> None:
+    node = ScriptedNode({TX_METHOD: ["null"], RECEIPT_METHOD: ["null"]})
+    got = await enrich(node, settings, plan)
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("not_found", True), failure
+    assert failure.last_error == "still null after 3 answers"
+    assert node.asked[TX_METHOD] == settings.attempts
+
+
+# Not the pairs plan: there one request holds both calls, so a 502 fails the receipt's too.
+@pytest.mark.parametrize("plan", ["metered", "sequential"])
+async def test_receipt_null_and_transaction_lookup_failing_is_transient(
+    settings: RpcSettings, plan: str
+) -> None:
+    node = ScriptedNode({TX_METHOD: ["502"], RECEIPT_METHOD: ["null"]})
+    got = await enrich(node, settings, plan)
+    [failure] = got.failures
+    assert failure.reason == "rpc_error" and "502" in failure.last_error, failure
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_retries_are_spaced_so_a_lagging_node_catches_up(
+    settings: RpcSettings, plan: str
+) -> None:
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["null", "null", "found"]})
+    got = await enrich(node, settings, plan)
+    assert got.failures == [] and [t.tx_hash for t in got.txs] == [HASH]
+    # Each null is asked again after the null spacing (0.25 s, then doubled), not back to back.
+    assert node.sleeps() == [0.25, 0.5]
+    receipt_posts = [i for i, (kind, what) in enumerate(node.events)
+                     if kind == "post" and RECEIPT_METHOD in what]  # fmt: skip
+    assert len(receipt_posts) == 3
+    for before, after in itertools.pairwise(receipt_posts):
+        assert any(kind == "sleep" for kind, _ in node.events[before:after]), node.events
+
+
+async def test_failures_between_nulls_neither_count_nor_take_the_null_spacing(
+    settings: RpcSettings,
+) -> None:
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["null", "502", "null", "502", "found"]})
+    got = await enrich(node, settings, "metered")
+    assert got.failures == [] and [t.tx_hash for t in got.txs] == [HASH]
+    # The nulls' waits are the spacing; the failures' are their own (short) backoff: a
+    # failure after a null neither counts as a null nor waits as if it were one.
+    assert [d for d in node.sleeps() if d >= 0.25] == [
+        0.25, 0.5]
+    assert len(node.sleeps()) <= 4
+    assert node.asked[RECEIPT_METHOD] == 5
+
+
+def test_null_spacing_is_bounded(tmp_path: Any) -> None:
+    s = RpcSettings(attempts=12, backoff_base_s=0.001, backoff_max_s=0.001, budget_dir=str(tmp_path))
+    client = RpcClient([EndpointConfig("http://node.invalid/")], s, transport=ScriptedNode({}))
+    from gapfill.rpc.client import _Item
+    from gapfill.rpc.config import Call
+
+    items = [_Item(Call(RECEIPT_METHOD, [HASH], null_retry=True), nulls=n) for n in range(1, 12)]
+    delays = [client._retry_delay([i], items, items[i].nulls) for i in range(len(items))]
+    assert delays[:3] == [0.25, 0.5, 1.0]
+    assert max(delays) == 2.0  # null_backoff_max_s

@@ -31,6 +31,7 @@ from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
+from gapfill.rpc.config import RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
@@ -266,6 +267,11 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         ctx.default_map = {"enrich": defaults,
                            "worker": {k: v for k, v in defaults.items()
                                       if k not in ("mode", "batch_size")}}  # fmt: skip
+        if "rpc_timeout_s" in defaults:
+            # How long the node may take is the node's: the other commands that ask it
+            # something take it too.
+            node = {"rpc_timeout_s": defaults["rpc_timeout_s"]}
+            ctx.default_map.update({"discover": node, "contract": {"add": node}})
     ctx.call_on_close(obj.close)
 
 
@@ -343,6 +349,16 @@ chain_option: _Decorator = click.option(
     "--chain-id", type=int_range(1), default=None,
     help="Chain id; needed only if the address is tracked on several chains.",
 )  # fmt: skip
+#: Every command that asks the node something has it: a silent node's sentence says
+#: "raise --rpc-timeout", which must be an option of the command that said it.
+rpc_timeout_option: _Decorator = click.option(
+    "--rpc-timeout", "rpc_timeout_s", type=FiniteFloatRange(min=0.1), default=30.0, show_default=True,
+    help="Seconds to wait for an RPC response before retrying it.",
+)  # fmt: skip
+
+
+def rpc_settings(rpc_timeout_s: float | None) -> RpcSettings:
+    return RpcSettings() if rpc_timeout_s is None else RpcSettings(read_timeout_s=rpc_timeout_s)
 
 
 def resolve_targets(store: Store, contract: str | None, chain_id: int | None) -> list[Contract]:
@@ -385,9 +401,10 @@ def contract() -> None:
               help="ABI JSON file (a list, or an artifact with an \"abi\" key) for decoding.")
 @click.option("--start-block", type=int_range(0), default=None,
               help="First block of the contract (discovery starts here).")
+@rpc_timeout_option
 @pass_ctx
 def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None,
-                 abi_file: str | None, start_block: int | None) -> None:  # fmt: skip
+                 abi_file: str | None, start_block: int | None, rpc_timeout_s: float) -> None:  # fmt: skip
     """Track ADDRESS. The chain id defaults to the RPC node's."""
     abi = load_abi(abi_file) if abi_file else None
     if chain_id is None and not (ctx.rpc_urls or ctx.file.endpoints):
@@ -402,7 +419,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             )
         from gapfill.engine.session import fetch_chain_id
 
-        chain_id = fetch_chain_id(ctx.endpoints(), tell=tell)
+        chain_id = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(rpc_timeout_s))
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
@@ -624,7 +641,8 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
 # -- enrich, worker, failures, runs ------------------------------------------------------
 
 
-def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None) -> tuple[int, list[Contract]]:
+def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None,
+                   rpc: RpcSettings) -> tuple[int, list[Contract]]:  # fmt: skip
     """The contracts to work on, all on one chain (the RPC endpoints' chain)."""
     targets = resolve_targets(ctx.store(), contract, chain_id)
     chains = {c.chain_id for c in targets}
@@ -632,7 +650,7 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None) -> tupl
         return chains.pop(), targets
     from gapfill.engine.session import fetch_chain_id
 
-    node_chain = fetch_chain_id(ctx.endpoints(), tell=tell)
+    node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc)
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
         raise GapfillError(
@@ -724,8 +742,7 @@ enrich_options = [
     click.option("--block-plan-min-refs", type=int_range(1), default=None,
                  help="Refs sharing a block from which the block is fetched whole "
                       "[default: 2 when --rps is set; never without a rate limit]."),
-    click.option("--rpc-timeout", "rpc_timeout_s", type=FiniteFloatRange(min=0.1), default=30.0,
-                 show_default=True, help="Seconds to wait for an RPC response before retrying it."),
+    rpc_timeout_option,
     click.option("--rpc-outage", "rpc_outage_s", type=FiniteFloatRange(min=1), default=120.0,
                  show_default=True,
                  help="Stop (batches given back) when no RPC node has replied for this many seconds."),
@@ -762,7 +779,6 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
          plan_new: bool = True) -> Any:  # fmt: skip
     from gapfill.engine.run import EnrichJob
     from gapfill.engine.worker import WorkerSettings
-    from gapfill.rpc import RpcSettings
 
     return EnrichJob(
         db_url=ctx.db_url,
@@ -780,8 +796,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
         plan=_plan_settings(opts),
         plan_new=plan_new,
         metrics_port=opts["metrics_port"],
-        rpc=RpcSettings() if opts.get("rpc_timeout_s") is None
-        else RpcSettings(read_timeout_s=opts["rpc_timeout_s"]),
+        rpc=rpc_settings(opts.get("rpc_timeout_s")),
     )  # fmt: skip
 
 
@@ -798,7 +813,8 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, dry_run: bool,
            retry_failed: bool, **opts: Any) -> None:  # fmt: skip
     """Fill the gap: fetch, decode and store every missing transaction."""
-    chain, targets = _chain_targets(ctx, contract, chain_id)
+    rpc = rpc_settings(opts.get("rpc_timeout_s"))
+    chain, targets = _chain_targets(ctx, contract, chain_id, rpc)
     if dry_run:
         _dry_run(ctx, chain, targets, opts, retry_failed)
         return
@@ -806,7 +822,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         from gapfill.engine.session import fetch_chain_id
 
         # A mistyped --rpc-url must not cost the failure records: check the node first.
-        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=tell)
+        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections
@@ -841,7 +857,7 @@ def worker(ctx: Ctx, /, **opts: Any) -> None:
     contracts = ctx.store().list_contracts()
     if not contracts:
         raise GapfillError("no contract is tracked in this database: check --db")
-    chain, targets = _chain_targets(ctx, None, None)
+    chain, targets = _chain_targets(ctx, None, None, rpc_settings(opts.get("rpc_timeout_s")))
     ctx.close()
     _run_job(_job(ctx, chain, targets, "concurrent", opts, plan_new=False), opts["quiet"])
 

@@ -11,7 +11,16 @@ import time
 
 import click
 
-from gapfill.cli import Ctx, chain_option, cli, contract_option, resolve_targets, tell
+from gapfill.cli import (
+    Ctx,
+    chain_option,
+    cli,
+    contract_option,
+    resolve_targets,
+    rpc_settings,
+    rpc_timeout_option,
+    tell,
+)
 from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
 from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
@@ -19,6 +28,7 @@ from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, Discov
 from gapfill.discover.run import discover as run_discover
 from gapfill.errors import ConfigError
 from gapfill.model import Contract
+from gapfill.rpc.config import RpcSettings
 from gapfill.store import Store
 
 _pass_ctx = click.make_pass_decorator(Ctx)
@@ -82,10 +92,11 @@ class _Printer:
               help="Etherscan-compatible API, e.g. https://api.etherscan.io/v2/api.")
 @click.option("--explorer-key", envvar=ENV_KEY, show_envvar=True, default=None,
               help="API key for the explorer (never printed).")
+@rpc_timeout_option
 @_pass_ctx
 def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: int | None,
              to_block: int | None, confirmations: int, methods: tuple[str, ...],
-             explorer_url: str | None, explorer_key: str | None) -> None:  # fmt: skip
+             explorer_url: str | None, explorer_key: str | None, rpc_timeout_s: float) -> None:  # fmt: skip
     """Find the transactions of tracked contracts on chain and record refs and coverage.
 
     Without a range, scans every block not yet complete up to latest - confirmations.
@@ -95,7 +106,7 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     targets = resolve_targets(store, contract, chain_id)
     chosen = _methods(methods)
     summaries = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
-                                 explorer))  # fmt: skip
+                                 explorer, rpc_settings(rpc_timeout_s)))  # fmt: skip
     for s in summaries:
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
@@ -104,7 +115,7 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
 
 async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
                from_block: int | None, to_block: int | None, confirmations: int,
-               explorer: ExplorerConfig | None) -> list[DiscoverSummary]:  # fmt: skip
+               explorer: ExplorerConfig | None, rpc: RpcSettings) -> list[DiscoverSummary]:  # fmt: skip
     from gapfill.engine.session import make_client
 
     out: list[DiscoverSummary] = []
@@ -112,7 +123,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
     for c in targets:
         by_chain.setdefault(c.chain_id, []).append(c)
     for chain_id, contracts in by_chain.items():
-        async with make_client(ctx.endpoints(), expected_chain_id=chain_id) as client:
+        async with make_client(ctx.endpoints(), expected_chain_id=chain_id, settings=rpc) as client:
             await client.probe(tell)  # discovery finds it asked
             for c in contracts:
                 out.append(await run_discover(

@@ -14,7 +14,8 @@ else ``./gapfill.toml`` when it exists. Example::
     url = "https://backup.example.com/KEY"
     rps = 10
 
-    [enrich]            # defaults for `enrich` and `worker` (their flags win)
+    [enrich]            # defaults for `enrich` and `worker` (their flags win);
+                        # rpc_timeout_s also for `discover` and `contract add`
     batch_size = 500
     rpc_batch_size = 100
     workers = 4

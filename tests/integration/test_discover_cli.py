@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from engine_support import emulator
 
 from gapfill.cli import cli
 from gapfill.cli_discover import discover
@@ -110,3 +111,32 @@ def test_unknown_method_is_a_usage_error(small_chain: NodeChain, tmp_path: Path)
     res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "magic"])
     assert res.exit_code == 1
     assert "unknown discovery method 'magic'" in res.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["discover", "discover, from the config file", "contract add",
+                                 "enrich --retry-failed"])
+def test_a_stalled_node_is_given_up_after_the_commands_own_rpc_timeout(
+    small_chain: NodeChain, tmp_path: Path, how: str
+) -> None:
+    """The sentence for a node that does not answer says "raise --rpc-timeout": every
+    command that can say it has the option, and the config file's rpc_timeout_s."""
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.silent)
+    config = tmp_path / "gapfill.toml"
+    config.write_text("[enrich]\nrpc_timeout_s = 1\n")
+    command = {"discover": ["discover", "--rpc-timeout", "1"],
+               "discover, from the config file": ["--config", str(config), "discover"],
+               "contract add": ["contract", "add", "0x" + "cd" * 20, "--rpc-timeout", "1"],
+               # It asks the node before putting the failures back.
+               "enrich --retry-failed": ["enrich", "--retry-failed", "--rpc-timeout", "1"]}[how]  # fmt: skip
+    with emulator(small_chain.url, "--p-stall", "1.0") as (url, _):
+        res = runner.invoke(cli, ["--db", db, "--rpc-url", url, *command])
+    assert res.exit_code == 1, res.output + res.stderr
+    # 1 s, not the default 30 s, per try.
+    assert res.stderr.strip() == (
+        f"error: eth_chainId failed: no response within 1 s (at {url}, after 3 attempts); "
+        "the node does not answer: check that it is not stuck or overloaded, or raise --rpc-timeout"
+    )

@@ -44,12 +44,14 @@ def fetch_chain_id(
     endpoints: Sequence[EndpointSetting],
     expected_chain_id: int | None = None,
     tell: Callable[[str], None] | None = None,
+    settings: RpcSettings | None = None,
 ) -> int:
     """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``);
-    ``tell`` hears of slow or left-out endpoints (see :meth:`RpcClient.probe`)."""
+    ``tell`` hears of slow or left-out endpoints (see :meth:`RpcClient.probe`), and
+    ``settings`` carry the command's ``--rpc-timeout``."""
 
     async def go() -> int:
-        async with make_client(endpoints, expected_chain_id=expected_chain_id) as client:
+        async with make_client(endpoints, expected_chain_id=expected_chain_id, settings=settings) as client:
             return await client.probe(tell)
 
     return asyncio.run(go())

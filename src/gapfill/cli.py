@@ -1,7 +1,8 @@
 """The command line: parse flags and environment, call the library, render. No logic here.
 
 Exit codes: 0 success, 1 an error the user can act on, 2 wrong usage (click),
-3 finished with failures (see `gapfill failures`), 130 interrupted, 141 output pipe closed.
+3 finished with failures (see `gapfill failures`) or with contracts skipped because no
+endpoint serves their chain, 130 interrupted, 141 output pipe closed.
 """
 
 from __future__ import annotations
@@ -642,21 +643,51 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
 
 
 def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None,
-                   rpc: RpcSettings) -> tuple[int, list[Contract]]:  # fmt: skip
-    """The contracts to work on, all on one chain (the RPC endpoints' chain)."""
+                   rpc: RpcSettings) -> tuple[int, list[Contract], list[Contract]]:  # fmt: skip
+    """The contracts to work on, all on one chain (the RPC endpoints' chain), and those
+    left out because they are on another chain (see :func:`served`).
+
+    Targets all on one chain are not probed here: the run's own start-up check says, in
+    one sentence, when the node serves another chain (nothing could be done: exit 1)."""
     targets = resolve_targets(ctx.store(), contract, chain_id)
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
-        return chains.pop(), targets
+        return chains.pop(), targets, []
     from gapfill.engine.session import fetch_chain_id
 
     node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc)
+    on_chain, skipped = served(targets, node_chain)
+    return node_chain, on_chain, skipped
+
+
+def served(targets: Sequence[Contract], node_chain: int) -> tuple[list[Contract], list[Contract]]:
+    """``targets`` split into those on ``node_chain`` (the chain the endpoints serve) and
+    the rest; raises when none is on it: then nothing at all can be done."""
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
-        raise GapfillError(
-            f"no tracked contract is on chain {node_chain}, the RPC node's chain: check --rpc-url"
-        )
-    return node_chain, on_chain
+        chains = ", ".join(str(c) for c in sorted({c.chain_id for c in targets}))
+        raise GapfillError(f"no tracked contract is on chain {node_chain}, the RPC node's chain "
+                           f"(they are on chain {chains}): check --rpc-url")  # fmt: skip
+    return on_chain, [c for c in targets if c.chain_id != node_chain]
+
+
+def unserved(skipped: Sequence[Contract], missing: dict[tuple[int, str], int] | None = None) -> list[str]:
+    """One sentence per chain that no endpoint serves, naming its contracts left alone (with
+    the refs each leaves missing, when ``missing`` counts them) and how to reach them."""
+    by_chain: dict[int, list[Contract]] = {}
+    for c in skipped:
+        by_chain.setdefault(c.chain_id, []).append(c)
+    out = []
+    for chain, contracts in sorted(by_chain.items()):
+        names = ", ".join(c.address for c in contracts)
+        left = ""
+        if missing is not None:
+            n = sum(missing.get((c.chain_id, c.address), 0) for c in contracts)
+            left = f" ({n:,} missing ref{'' if n == 1 else 's'} left as they are)"
+        out.append(f"no --rpc-url serves chain {chain}: contract{'s' if len(contracts) > 1 else ''} "
+                   f"{names} skipped{left}; give an endpoint of chain {chain}, or pass --chain-id "
+                   "to work on one chain only")  # fmt: skip
+    return out
 
 
 def _renderer(quiet: bool) -> Any:
@@ -670,7 +701,9 @@ def _renderer(quiet: bool) -> Any:
     return LiveRenderer() if _is_tty() else LineRenderer()
 
 
-def _run_job(job: Any, quiet: bool) -> None:
+def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
+    """Run ``job``; ``left`` are the sentences naming work it cannot do (contracts on a
+    chain no endpoint serves), said after its summary: then it ends with exit 3."""
     from gapfill.cli_progress import LiveRenderer, summary_lines
     from gapfill.engine.events import RunSummary
     from gapfill.engine.run import run_enrich
@@ -716,8 +749,11 @@ def _run_job(job: Any, quiet: bool) -> None:
     if live:
         for line in summary_lines(summary):
             click.echo(line)
-    if summary.permanent_failures or summary.failed:
-        # Finished, but not everything is stored: `gapfill failures` says why.
+    for sentence in left:
+        tell(sentence)
+    if summary.permanent_failures or summary.failed or left:
+        # Finished, but not everything is stored: `gapfill failures` says why, or the
+        # sentences above which contracts no endpoint's chain let it reach.
         raise SystemExit(3)
 
 
@@ -814,9 +850,12 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
            retry_failed: bool, **opts: Any) -> None:  # fmt: skip
     """Fill the gap: fetch, decode and store every missing transaction."""
     rpc = rpc_settings(opts.get("rpc_timeout_s"))
-    chain, targets = _chain_targets(ctx, contract, chain_id, rpc)
+    chain, targets, skipped = _chain_targets(ctx, contract, chain_id, rpc)
+    # Contracts on a chain no endpoint serves, named when they have a gap the run leaves.
+    missing = {(c.chain_id, c.address): _gap_size(ctx.store(), c, retry_failed) for c in skipped}
+    skipped = [c for c in skipped if missing[(c.chain_id, c.address)]]
     if dry_run:
-        _dry_run(ctx, chain, targets, opts, retry_failed)
+        _dry_run(ctx, chain, targets + skipped, opts, retry_failed, unserved(skipped, missing))
         return
     if retry_failed:
         from gapfill.engine.session import fetch_chain_id
@@ -826,10 +865,18 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections
-    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"])
+    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"], unserved(skipped, missing))
 
 
-def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any], retry_failed: bool) -> None:
+def _gap_size(store: Store, c: Contract, retry_failed: bool) -> int:
+    """The refs a run would work on for ``c``."""
+    n = store.count_gap(c.chain_id, c.address)
+    return n + store.count_permanent_failures(c.chain_id, c.address) if retry_failed else n
+
+
+def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any], retry_failed: bool,
+             left: Sequence[str] = ()) -> None:  # fmt: skip
+    """What a run would do; ``left`` names the contracts among ``targets`` it would skip."""
     from gapfill.engine.dryrun import estimate
 
     eps = resolve_endpoints(ctx.rpc_urls, ctx.rps, None, ctx.file)
@@ -846,6 +893,8 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
         click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {r.batches:,} batches of "
                    f"{opts['batch_size']}, {r.per_block_refs:,} refs in {r.blocks:,} whole blocks, "
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
+    for sentence in left:  # what a run would say after its summary
+        click.echo(sentence)
 
 
 @cli.command()
@@ -857,7 +906,9 @@ def worker(ctx: Ctx, /, **opts: Any) -> None:
     contracts = ctx.store().list_contracts()
     if not contracts:
         raise GapfillError("no contract is tracked in this database: check --db")
-    chain, targets = _chain_targets(ctx, None, None, rpc_settings(opts.get("rpc_timeout_s")))
+    # A worker joins the plans of its endpoints' chain; those of another chain are for
+    # workers given an endpoint of that chain, so it leaves them without a word.
+    chain, targets, _ = _chain_targets(ctx, None, None, rpc_settings(opts.get("rpc_timeout_s")))
     ctx.close()
     _run_job(_job(ctx, chain, targets, "concurrent", opts, plan_new=False), opts["quiet"])
 

@@ -19,7 +19,9 @@ from gapfill.cli import (
     resolve_targets,
     rpc_settings,
     rpc_timeout_option,
+    served,
     tell,
+    unserved,
 )
 from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
@@ -100,37 +102,46 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     """Find the transactions of tracked contracts on chain and record refs and coverage.
 
     Without a range, scans every block not yet complete up to latest - confirmations.
+    Contracts on a chain that no endpoint serves are named and skipped (exit 3).
     """
     explorer = _explorer(ctx, explorer_url, explorer_key)
     store = ctx.store()
     targets = resolve_targets(store, contract, chain_id)
     chosen = _methods(methods)
-    summaries = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
-                                 explorer, rpc_settings(rpc_timeout_s)))  # fmt: skip
+    summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
+                                          explorer, rpc_settings(rpc_timeout_s)))  # fmt: skip
     for s in summaries:
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
         click.echo(f"{s.contract}: coverage {report['summary']}")
+    for sentence in unserved(skipped):
+        tell(sentence)
+    if skipped:
+        raise SystemExit(3)  # finished, with work left that these endpoints cannot do
 
 
 async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
                from_block: int | None, to_block: int | None, confirmations: int,
-               explorer: ExplorerConfig | None, rpc: RpcSettings) -> list[DiscoverSummary]:  # fmt: skip
+               explorer: ExplorerConfig | None,
+               rpc: RpcSettings) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
+    """Discover the targets on the endpoints' chain; returns their summaries and the
+    targets on other chains, left alone."""
     from gapfill.engine.session import make_client
 
     out: list[DiscoverSummary] = []
-    by_chain: dict[int, list[Contract]] = {}
-    for c in targets:
-        by_chain.setdefault(c.chain_id, []).append(c)
-    for chain_id, contracts in by_chain.items():
-        async with make_client(ctx.endpoints(), expected_chain_id=chain_id, settings=rpc) as client:
-            await client.probe(tell)  # discovery finds it asked
-            for c in contracts:
-                out.append(await run_discover(
-                    store, client, c, methods=methods, from_block=from_block, to_block=to_block,
-                    confirmations=confirmations, explorer=explorer, on_progress=_Printer(),
-                ))  # fmt: skip
-    return out
+    chains = {c.chain_id for c in targets}
+    # Targets all on one chain: a node of another chain is the one-sentence error of the
+    # start-up check (nothing can be done). Otherwise the node's chain picks the targets.
+    expected = next(iter(chains)) if len(chains) == 1 else None
+    async with make_client(ctx.endpoints(), expected_chain_id=expected, settings=rpc) as client:
+        node_chain = await client.probe(tell)  # discovery finds it asked
+        on_chain, skipped = served(targets, node_chain)
+        for c in on_chain:
+            out.append(await run_discover(
+                store, client, c, methods=methods, from_block=from_block, to_block=to_block,
+                confirmations=confirmations, explorer=explorer, on_progress=_Printer(),
+            ))  # fmt: skip
+    return out, skipped
 
 
 cli.add_command(discover)

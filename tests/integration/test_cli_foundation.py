@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -569,3 +570,35 @@ def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path:
 def test_an_at_sign_in_a_postgres_query_is_not_a_password_at_sign() -> None:
     r = run("postgresql://u:p@127.0.0.1:1?application_name=me@x", "status")
     assert r.exit_code == 1 and "%40" not in one_sentence(r) and "could not connect" in one_sentence(r)
+
+
+def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
+    small_chain: Any, sqlite_url: str
+) -> None:
+    """One node (chain 31337), refs tracked on chain 5 too: the node's chain is enriched,
+    the contract of chain 5 named with the fix (in the dry run too), and the run ends 3."""
+    db, chain, url = sqlite_url, small_chain.chain, small_chain.url
+    mine = sorted(chain.direct[chain.silent])[:5]
+    assert run(db, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id)).exit_code == 0
+    assert run(db, "import", "-", "--contract", chain.silent, input="\n".join(mine)).exit_code == 0
+    assert run(db, "contract", "add", C, "--chain-id", "5").exit_code == 0
+    r = run(db, "import", "-", "--contract", C, "--chain-id", "5", input="\n".join(map(h, range(50))))
+    assert r.exit_code == 0, r.stderr
+    skipped = (f"no --rpc-url serves chain 5: contract {C} skipped (50 missing refs left as they are); "
+               "give an endpoint of chain 5")  # fmt: skip
+    r = run(db, "--rpc-url", url, "enrich", "--dry-run")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"{chain.chain_id} {chain.silent}: 5 missing" in r.output and f"5 {C}: 50 missing" in r.output
+    assert skipped in r.output, r.output
+    r = run(db, "--rpc-url", url, "enrich", "--mode", "batch", "-q")
+    assert r.exit_code == 3, r.output + r.stderr
+    assert skipped in one_sentence(r)
+    with open_store(db) as s:
+        assert s.count_gap(chain.chain_id, chain.silent) == 0 and s.count_gap(5, C) == 50
+    # Told to work on the served chain only, the run is complete: 0, and nothing named.
+    r = run(db, "--rpc-url", url, "enrich", "--chain-id", str(chain.chain_id), "--mode", "batch", "-q")
+    assert r.exit_code == 0 and "no --rpc-url serves" not in r.stderr, r.stderr
+    # The contract of chain 5 named explicitly: nothing can be done, in one sentence.
+    r = run(db, "--rpc-url", url, "enrich", "--contract", C, "--chain-id", "5", "--mode", "batch")
+    assert r.exit_code == 1
+    assert f"serves chain {chain.chain_id}, expected 5: check --rpc-url" in one_sentence(r)

@@ -113,6 +113,39 @@ def test_unknown_method_is_a_usage_error(small_chain: NodeChain, tmp_path: Path)
     assert "unknown discovery method 'magic'" in res.stderr
 
 
+def test_discover_scans_the_served_chain_and_names_the_contracts_it_skips(
+    small_chain: NodeChain, tmp_path: Path
+) -> None:
+    """One node (chain 31337) and a contract tracked on chain 5 as well: the node's chain is
+    scanned, the other contract named with the fix, and the run does not end 0."""
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.silent)
+    other = "0x" + "5e" * 20
+    assert runner.invoke(cli, ["--db", db, "contract", "add", other, "--chain-id", "5"]).exit_code == 0
+    args = ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "blocks",
+            "--confirmations", "0"]  # fmt: skip
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 3, res.output + res.stderr
+    assert "Traceback" not in res.output + res.stderr
+    assert (f"no --rpc-url serves chain 5: contract {other} skipped; give an endpoint of chain 5"
+            in res.stderr), res.stderr  # fmt: skip
+    assert "coverage blocks 0-" in res.stdout  # the served contract was scanned
+    with open_store(db) as store:
+        found = {r.tx_hash for r in store.iter_gap(chain.chain_id, chain.silent)}
+        assert store.get_coverage(5, other) == []
+    assert found == chain.direct[chain.silent]
+    # Told to work on the served chain only, nothing is left: 0.
+    res = runner.invoke(cli, [*args, "--chain-id", str(chain.chain_id)])
+    assert res.exit_code == 0 and "no --rpc-url serves" not in res.stderr, res.stderr
+    # The contract on chain 5 named explicitly: nothing can be done, in one sentence.
+    res = runner.invoke(cli, [*args, "--contract", other])
+    assert res.exit_code == 1
+    assert res.stderr.strip() == (f"error: the RPC node at {small_chain.url} serves chain "
+                                  f"{chain.chain_id}, expected 5: check --rpc-url")  # fmt: skip
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["discover", "discover, from the config file", "contract add",
                                  "enrich --retry-failed"])

@@ -890,7 +890,8 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
     for r in rows:
         when = (f"~{r.estimated_seconds:,.0f}s at {rps_total:g} calls/s" if r.estimated_seconds is not None
                 else "time depends on the node (no --rps set)")  # fmt: skip
-        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {r.batches:,} batches of "
+        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {r.batches:,} "
+                   f"batch{'' if r.batches == 1 else 'es'} of "
                    f"{opts['batch_size']}, {r.per_block_refs:,} refs in {r.blocks:,} whole blocks, "
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary

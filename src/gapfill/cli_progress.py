@@ -42,7 +42,7 @@ def summary_lines(s: RunSummary) -> list[str]:
         f"  rate:      {s.rate_tx_s:,.1f} tx/s",
         f"  calls:     {s.calls:,} RPC calls, {s.calls_per_tx:.2f} per transaction",
     ]
-    if s.speedup is not None and s.sequential_rate_tx_s is not None:
+    if s.speedup is not None and s.sequential_rate_tx_s is not None and s.processed:
         lines.append(f"  speedup:   {s.speedup:,.1f}x over sequential ({s.sequential_rate_tx_s:,.1f} tx/s, "
                      f"{s.sequential_rate_source})")  # fmt: skip
     if s.restarts:

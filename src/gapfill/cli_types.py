@@ -10,8 +10,25 @@ import click
 from gapfill.model import BIGINT_MAX
 
 
+class _StorableInt(click.IntRange):
+    """An integer bounded below, and above by what the database can store; the help shows
+    the lower bound alone (``x>=1``, not ``1<=x<=9223372036854775807``)."""
+
+    def _describe_range(self) -> str:
+        return f"x>={self.min}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = click.INT.convert(value, param, ctx)
+        if rv > BIGINT_MAX:
+            self.fail(f"{rv} is larger than the database can store ({BIGINT_MAX}).", param, ctx)
+        return super().convert(rv, param, ctx)
+
+
 def int_range(min: int, max: int = BIGINT_MAX) -> click.IntRange:
-    """An integer option bounded below, and above by what the database can store."""
+    """An integer option bounded below, and above by what the database can store
+    (or by ``max``)."""
+    if max == BIGINT_MAX:
+        return _StorableInt(min=min, max=max)
     return click.IntRange(min=min, max=max)
 
 

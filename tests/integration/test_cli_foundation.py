@@ -348,6 +348,8 @@ def test_the_config_files_enrich_table_gives_the_defaults(tracked: str, tmp_path
     assert r.exit_code == 0 and "3 batches of 1" in r.output, r.output
     r = run(tracked, "--config", str(cfg), "enrich", "--dry-run", "--batch-size", "2")
     assert r.exit_code == 0 and "2 batches of 2" in r.output, r.output  # the flag wins
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run", "--batch-size", "3")
+    assert r.exit_code == 0 and "1 batch of 3" in r.output, r.output
     cfg.write_text("[enrich]\nbatchsize = 1\n")
     r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
     assert r.exit_code == 1 and "no setting batchsize" in r.stderr, r.output

@@ -410,6 +410,7 @@ def test_runs_are_listed_and_metrics_are_served(
         finally:
             p.close()
     assert rc == 0, p.output()
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in p.output(tail=10**7)  # where to scrape
     assert_exact(pg_url, node_chain, truth, seeded)
     for name in ("gapfill_transactions_enriched_total", "gapfill_rpc_calls_total",
                  "gapfill_batches_done_total", "gapfill_workers_alive"):  # fmt: skip

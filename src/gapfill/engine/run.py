@@ -476,6 +476,7 @@ async def _in_process(
                 return _metrics(t.processed, t.failed, calls, retries, limited, t.batches, 1, 0)
 
             metrics = MetricsServer(job.metrics_port, snapshot)
+            emit(Notice(f"metrics: http://127.0.0.1:{metrics.port}/metrics"))
 
         def progress() -> None:
             t = worker.totals
@@ -762,6 +763,7 @@ class Coordinator:
                 from gapfill.engine.metrics import MetricsServer
 
                 self.metrics = MetricsServer(job.metrics_port, self._metrics_snapshot)
+                self.emit(Notice(f"metrics: http://127.0.0.1:{self.metrics.port}/metrics"))
             # Only the targets' batches: a worker leases on its node's chain alone, and
             # counting another chain's open plan kept restarting workers that found nothing.
             counts0 = store.batch_counts(targets=list(job.targets))

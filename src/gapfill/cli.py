@@ -32,7 +32,7 @@ from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
-from gapfill.rpc.config import RpcSettings
+from gapfill.rpc.config import RpcSettings, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
@@ -88,7 +88,10 @@ class Ctx:
         return eps
 
     def secrets(self) -> list[str]:
-        return [self.db_url, *self.rpc_urls, *(e.url for e in self.file.endpoints)]
+        """The URLs whose secrets no message may show. A comma-separated ``--rpc-url`` is
+        several URLs: taken whole, the second one's host read as a secret path segment of
+        the first, and "the RPC node at http://***/" hid which endpoint was meant."""
+        return [self.db_url, *parse_rpc_urls(self.rpc_urls), *(e.url for e in self.file.endpoints)]
 
     def close(self) -> None:
         if self._store is not None:

@@ -81,3 +81,17 @@ def test_endpoint_urls_without_a_scheme_are_refused_without_their_key() -> None:
 def test_a_message_quoting_a_sqlite_url_keeps_it_as_written() -> None:
     msg = "cannot read the SQLite URL 'sqlite://': write it as sqlite:///path/to/file.db"
     assert redact_text(msg, "sqlite://") == msg
+
+
+def test_a_comma_separated_rpc_url_is_redacted_url_by_url() -> None:
+    # Taken whole, the second URL's host read as a secret path segment of the first, and
+    # "the RPC node at http://***/ serves chain 999" hid which endpoint was wrong.
+    from gapfill.cli import Ctx
+    from gapfill.settings import FileConfig
+
+    ctx = Ctx("sqlite:///x.db", ("http://127.0.0.1:18645/,http://127.0.0.1:18646/v3/SECRETKEY123",),
+              None, FileConfig(), 0)  # fmt: skip
+    said = redact_text("the RPC node at http://127.0.0.1:18645/ serves chain 999, expected 31337; "
+                       "http://127.0.0.1:18646/v3/SECRETKEY123 timed out", *ctx.secrets())  # fmt: skip
+    assert said == ("the RPC node at http://127.0.0.1:18645/ serves chain 999, expected 31337; "
+                    "http://127.0.0.1:18646/v3/*** timed out")  # fmt: skip

@@ -465,7 +465,6 @@ async def _in_process(
         await _ready(client, emit)
         enrichers = _decoder_and_enricher(store, client, job)
         worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
-        box["totals"] = worker.totals
         metrics = None
         if job.metrics_port is not None:
             from gapfill.engine.metrics import MetricsServer
@@ -486,7 +485,7 @@ async def _in_process(
 
         async def tick() -> None:
             """Progress each second (the renderers choose how often to show it), and the
-            counts saved in ``runs`` every ``RUN_PROGRESS_EVERY_S``."""
+            RPC calls saved in ``runs`` every ``RUN_PROGRESS_EVERY_S``."""
             saved = time.monotonic()
             while True:
                 await asyncio.sleep(PROGRESS_EVERY_S)
@@ -822,11 +821,7 @@ class Coordinator:
                         db_down_since = None
                     if now - last_progress > PROGRESS_EVERY_S:
                         last_progress = now
-                        counts = (store.batch_counts(run_id) if job.plan_new
-                                  else store.batch_counts(targets=list(job.targets)))  # fmt: skip
-                        total = max(total_batches, counts.total)
-                        done = counts.done if job.plan_new else self.done_batches
-                        self._progress(done, total, len(alive), t0)
+                        self._progress(store, run_id, total_batches, len(alive), t0)
                     if run_id and now - last_saved > RUN_PROGRESS_EVERY_S:
                         last_saved = now
                         store.record_run_calls(run_id, self.totals()[2])
@@ -847,10 +842,7 @@ class Coordinator:
             self._drain()
             if self.stopping_at is None and self.slots:  # the last word: where the plan ended
                 with contextlib.suppress(StoreError):
-                    counts = (store.batch_counts(run_id) if job.plan_new
-                              else store.batch_counts(targets=list(job.targets)))  # fmt: skip
-                    done = counts.done if job.plan_new else self.done_batches
-                    self._progress(done, max(total_batches, counts.total), 0, t0)
+                    self._progress(store, run_id, total_batches, 0, t0)
             for s in self.slots.values():
                 s.proc.join(timeout=5)
                 self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False))
@@ -937,7 +929,13 @@ class Coordinator:
                     self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))
                     s.proc.kill()
 
-    def _progress(self, done: int, total: int, active: int, t0: float) -> None:
+    def _progress(self, store: Store, run_id: int, total_batches: int, active: int, t0: float) -> None:
+        """Progress of the plan: this run's batches, or for `gapfill worker` those it did."""
+        job = self.job
+        counts = (store.batch_counts(run_id) if job.plan_new
+                  else store.batch_counts(targets=list(job.targets)))  # fmt: skip
+        done = counts.done if job.plan_new else self.done_batches
+        total = max(total_batches, counts.total)
         processed, failed, _, retries, limited = self.totals()
         self.emit(_progress_event(done, total, active, processed, failed, time.perf_counter() - t0,
                                   retries, limited))  # fmt: skip

@@ -515,6 +515,77 @@ async def test_failover_sets_a_failing_endpoint_aside(make_node: Any, tmp_path: 
     assert len(dead.requests) <= 6  # set aside after three failures in a row
 
 
+def node_with_latency(latency_s: float) -> Callable[[FakeNode, Any], Any]:
+    """An echoing node (chain 31337) that answers every request after ``latency_s``."""
+
+    async def behaviour(node: FakeNode, body: Any) -> web.Response:
+        await asyncio.sleep(latency_s)
+        return reply(body, [ok(c, "0x7a69" if c["method"] == "eth_chainId" else None)
+                            for c in as_batch(body)])
+
+    return behaviour
+
+
+async def test_a_slow_endpoint_beside_a_fast_one_gets_little_of_the_load(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # QA: a run took 4.4 s on the fast endpoint alone and 26.7 s with a 0.3 s-latency
+    # one added, since requests were split 50/50 whatever each endpoint's latency.
+    slow = await make_node(node_with_latency(0.3))
+    fast = await make_node(node_with_latency(0.0))
+    endpoints = [EndpointConfig(slow.url, max_batch=5), EndpointConfig(fast.url, max_batch=5)]
+    async with RpcClient(endpoints, settings(tmp_path)) as client:
+        assert await client.probe() == 31337  # measures each endpoint once
+        for _ in range(3):
+            results = await client.call_many([Call("echo", [i]) for i in range(400)])
+            assert results == list(range(400))
+    # 240 batches of 5: the slow endpoint is worth one only while the fast one has
+    # dozens queued (a 0.3 s answer against a few ms), not every other one.
+    assert len(fast.requests) + len(slow.requests) == 2 + 240
+    assert len(slow.requests) - 1 <= 24
+
+
+async def test_endpoints_alike_share_the_load(make_node: Any, tmp_path: Any) -> None:
+    nodes = [await make_node(node_with_latency(0.01)) for _ in range(2)]
+    endpoints = [EndpointConfig(n.url, max_batch=10) for n in nodes]
+    async with RpcClient(endpoints, settings(tmp_path)) as client:
+        for _ in range(3):
+            assert await client.call_many([Call("echo", [i]) for i in range(200)]) == list(range(200))
+    counts = sorted(len(n.requests) for n in nodes)
+    assert sum(counts) == 60
+    assert counts[0] >= 15  # neither endpoint idles
+
+
+def test_an_endpoint_measured_slow_once_is_tried_again_later() -> None:
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
+    assert endpoint.latency_estimate(time.monotonic()) is None
+    endpoint.observe_latency(0.002, start_up=True)  # stands in until a request is measured
+    assert endpoint.latency_estimate(time.monotonic()) == 0.002
+    endpoint.observe_latency(30.0)  # a request that timed out
+    now = time.monotonic()
+    assert endpoint.latency_estimate(now) == pytest.approx(30.0, rel=0.01)
+    assert endpoint.latency_estimate(now + 60.0) == pytest.approx(7.5, rel=0.01)  # two half-lives
+    endpoint.observe_latency(0.1)
+    assert endpoint.latency_estimate(time.monotonic()) == pytest.approx(30 + 0.3 * (0.1 - 30), rel=0.01)
+
+
+def test_endpoints_with_a_rate_limit_share_the_load_by_it(tmp_path: Any) -> None:
+    rpcs = [EndpointConfig(f"http://127.0.0.1:{free_port()}/", rps=rps, max_batch=10)
+            for rps in (20.0, 200.0)]  # fmt: skip
+    client = RpcClient(rpcs, settings(tmp_path))
+    handed = [0, 0]
+    for _ in range(110):  # batches of 10 handed out before any is answered
+        choice = client._pick(None, frozenset(), None, 10)
+        assert choice is not None
+        endpoint, _wait = choice
+        endpoint.assigned_calls += 10
+        endpoint.assigned_requests += 1
+        handed[endpoint.index] += 1
+    assert 8 <= handed[0] <= 12 and handed[0] + handed[1] == 110  # about 1 in 11
+    for endpoint in client._endpoints:
+        endpoint.close()
+
+
 async def test_all_endpoints_down(tmp_path: Any) -> None:
     urls = [f"http://127.0.0.1:{free_port()}/", f"http://127.0.0.1:{free_port()}/"]
     async with RpcClient([EndpointConfig(u) for u in urls], settings(tmp_path)) as client:

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 _PENDING: Any = object()
 _BLOCK_RECEIPTS = "eth_getBlockReceipts"
+#: Seconds per request assumed while no endpoint has been measured: it weighs queued
+#: requests against rate-limit waits (endpoints alike share requests evenly whatever it is).
+UNMEASURED_LATENCY_S = 0.1
 
 
 #: Called (in the caller's context) each time an HTTP exchange of a ``call_many``
@@ -383,8 +386,12 @@ class RpcClient:
         return RpcError(f"{method} failed: {error.message}")
 
     def _pick(
-        self, method: str | None, avoid: frozenset[int], pin: Endpoint | None
+        self, method: str | None, avoid: frozenset[int], pin: Endpoint | None, calls: int
     ) -> tuple[Endpoint, float] | None:
+        """The endpoint for the next batch of (about) ``calls`` calls, and how long to wait
+        before sending it: the one expected to answer first, counting the batches already
+        handed to each, its measured latency and its rate limit. A slow endpoint beside a
+        fast one gets only what the fast one could not answer sooner."""
         now = time.monotonic()
         if pin is not None:
             return pin, max(0.0, pin.available_at() - now)
@@ -397,7 +404,14 @@ class RpcClient:
         up = [e for e in candidates if e.available_at() <= now]
         if up:
             preferred = [e for e in up if e.index not in avoid] or up
-            return min(preferred, key=lambda e: (e.load_score(0), e.index)), 0.0
+            estimates = {e.index: e.latency_estimate(now) for e in preferred}
+            # An endpoint not yet measured is taken to be as fast as the fastest one
+            # measured, so it is tried; with none measured, a typical provider's.
+            known = [s for s in estimates.values() if s is not None]
+            stand_in = min(known) if known else UNMEASURED_LATENCY_S
+            return min(preferred, key=lambda e: (
+                e.load_score(calls, estimates[e.index] or stand_in, now), e.assigned_requests,
+                e.index)), 0.0
         soonest = min(candidates, key=lambda e: e.available_at())
         return soonest, soonest.available_at() - now
 
@@ -416,7 +430,7 @@ class RpcClient:
             for (avoid, method), group in groups.items():
                 remaining = group
                 while remaining:
-                    choice = self._pick(method, avoid, pin)
+                    choice = self._pick(method, avoid, pin, len(remaining))
                     if choice is None:
                         for i in remaining:
                             results[i] = CallError(
@@ -426,6 +440,7 @@ class RpcClient:
                     endpoint, wait = choice
                     chunk, remaining = remaining[: endpoint.cap()], remaining[endpoint.cap():]
                     endpoint.assigned_calls += len(chunk)
+                    endpoint.assigned_requests += 1
                     tasks.create_task(self._dispatch(endpoint, wait, chunk, items, results, pin))
 
     async def _dispatch(
@@ -444,6 +459,7 @@ class RpcClient:
             again = await self._exchange(endpoint, chunk, items, results, pin)
         finally:
             endpoint.assigned_calls -= len(chunk)
+            endpoint.assigned_requests -= 1
         if len(again) < len(chunk):
             hook = ANSWERED.get()
             if hook is not None:
@@ -513,22 +529,27 @@ class RpcClient:
                     endpoint.retries += 1
                 items[i].sent = True
             started = time.monotonic()
+            timed_out = False
             try:
                 reply = await self._transport.post(endpoint.url, body)
                 self.last_reply_at = time.monotonic()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 failure = classify_exception(exc, read_timeout_s=self._settings.read_timeout_s)
                 self.last_transport_error = f"{endpoint.shown}: {self._redact(failure.message)}"
+                timed_out = isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError)
             finally:
                 await endpoint.release()
             latency = time.monotonic() - started
         endpoint.record_request(len(chunk), len(body), len(reply.body) if reply else 0, latency)
         if reply is None:
             assert failure is not None
+            if timed_out:  # a refused connection or a 5xx says nothing of its speed
+                endpoint.observe_latency(latency, start_up=pin is not None)
             return self._fail_request(endpoint, chunk, items, results, failure, pin)
         failure = classify_http(reply.status, reply.headers, reply.body)
         if failure is not None:
             return self._fail_request(endpoint, chunk, items, results, failure, pin)
+        endpoint.observe_latency(latency, start_up=pin is not None)
         try:
             decoded = orjson.loads(reply.body)
         except orjson.JSONDecodeError:

@@ -19,8 +19,11 @@ logger = logging.getLogger(__name__)
 
 #: Successful requests at the current cap before trying one call more.
 GROW_AFTER_SUCCESSES = 50
-#: Notional rate of an endpoint without a configured limit, for spreading load.
-UNLIMITED_NOTIONAL_RPS = 1000.0
+#: Weight of the newest request in an endpoint's latency estimate (an EWMA).
+LATENCY_WEIGHT = 0.3
+#: An endpoint's latency estimate halves for each this many seconds it has gone
+#: unmeasured, so one that was slow once (a hiccup, a timeout) is tried again later.
+LATENCY_HALF_LIFE_S = 30.0
 _SET_ASIDE_FIRST_S = 1.0
 #: An endpoint without a configured rate learns one from a 429 only above this rate.
 _LEARN_FROM_RPS = 10.0
@@ -113,6 +116,11 @@ class Endpoint:
         self.supported: set[str] = set()
         self.unsupported: set[str] = set()
         self.assigned_calls = 0  # calls handed to this endpoint and not finished
+        self.assigned_requests = 0  # batches handed to this endpoint and not finished
+        # Seconds per request: an EWMA over the run's requests, else the start-up check's.
+        self._latency_s: float | None = None
+        self._probe_latency_s: float | None = None
+        self._latency_at = 0.0
         # Counters.
         self.calls = 0
         self.requests = 0
@@ -131,16 +139,44 @@ class Endpoint:
     def available_at(self) -> float:
         return max(self.down_until, self.paused_until)
 
-    def capacity_rps(self) -> float:
+    def rate_rps(self) -> float | None:
+        """Calls per second this endpoint may take: configured (after AIMD cuts) or
+        learned from its 429s; None when it has no known limit."""
         if self.config.rps is not None:
             return self.config.rps * self.rate_factor
         if self.learned is not None:
             return self.learned.rps
-        return UNLIMITED_NOTIONAL_RPS * self.concurrency / max(1, self._settings.max_in_flight)
+        return None
 
-    def load_score(self, calls: int) -> float:
-        """Seconds this endpoint needs for its queue plus ``calls`` more, roughly."""
-        return (self.assigned_calls + calls) / max(self.capacity_rps(), 1e-6)
+    def observe_latency(self, latency_s: float, *, start_up: bool = False) -> None:
+        """A request answered (or timed out) after ``latency_s``. A start-up check's
+        tiny call only stands in until the run's own requests are measured."""
+        if start_up:
+            self._probe_latency_s = latency_s
+            return
+        previous = self._latency_s
+        self._latency_s = latency_s if previous is None else (
+            previous + LATENCY_WEIGHT * (latency_s - previous)
+        )
+        self._latency_at = time.monotonic()
+
+    def latency_estimate(self, now: float) -> float | None:
+        """Seconds one request takes here, as far as known; decays while unmeasured."""
+        if self._latency_s is None:
+            return self._probe_latency_s
+        return self._latency_s * math.pow(0.5, (now - self._latency_at) / LATENCY_HALF_LIFE_S)
+
+    def load_score(self, calls: int, latency_s: float, now: float) -> float:
+        """Roughly when a new request of ``calls`` calls sent here would be answered,
+        in seconds from now: behind the requests already handed to it, run
+        ``concurrency`` at a time, each taking ``latency_s`` (its estimate, or the
+        caller's stand-in), plus the wait for its rate limit's tokens."""
+        slots = max(1, int(self.concurrency))
+        score = (self.assigned_requests // slots + 1) * latency_s
+        rate = self.rate_rps()
+        if rate is not None:
+            score += (self.assigned_calls + calls) / max(rate, 1e-6)
+        return score
 
     def cap(self) -> int:
         return self.batch_cap

@@ -24,10 +24,17 @@ _PLAIN_SEGMENT = re.compile(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|
 _MIN_SCRUBBED_SEGMENT = 6
 # libpq keyword/value connection strings: ``password=...``.
 _DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-# A host name or address, with an optional port: what a URL without a scheme may show.
+# A host name or address, with an optional port (a one-word host only with one: `anvil:8545`):
+# what a URL without a scheme may show.
 _HOST = re.compile(
-    r"^(localhost|\[[0-9a-fA-F:.]+\]|(\d{1,3}\.){3}\d{1,3}|([a-zA-Z0-9-]+\.)+[a-zA-Z]{2,})(:\d{1,5})?$"
+    r"^((localhost|\[[0-9a-fA-F:.]+\]|(\d{1,3}\.){3}\d{1,3}|([a-zA-Z0-9-]+\.)+[a-zA-Z]{2,})(:\d{1,5})?"
+    r"|[a-zA-Z][a-zA-Z0-9-]*:\d{1,5})$"
 )
+# A scheme written wrong before a host: `http:/host`, `http//host`, `http:host`.
+_MISTYPED_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DOTALL)
+# What a value that is not a URL at all may show: a short lowercase word ("notaurl"). Keys
+# have digits, capitals or length; such a value is hidden whole.
+_PLAIN_WORD = re.compile(r"^[a-z][a-z._\-]{0,14}$")
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
 
 
@@ -49,12 +56,15 @@ def redact_url(url: str) -> str:
     """Return ``url`` with its password, path segments (but versions) and secret query values masked.
 
     A string that is not a URL but a libpq ``key=value`` connection string keeps its
-    keywords, with the password masked.
+    keywords, with the password masked. One with a missing or mistyped scheme
+    (``localhost:8545``) is shown as :func:`redact_endpoint` shows it.
     """
     if is_keyword_dsn(url):
         return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url)
     if ":" not in url:  # a bare file path (a mistyped --db): nothing secret in it
         return url
+    if "://" not in url and not _is_db(url.partition(":")[0]):
+        return redact_endpoint(url)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -87,17 +97,67 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
+def _host_of(rest: str) -> str:
+    """The ``host:port`` that ``rest`` (a URL after its scheme) starts with."""
+    authority = re.split(r"[/?#\s]", rest, maxsplit=1)[0]
+    return authority.rpartition("@")[2]  # user:password@ or KEY@ before a host
+
+
+def _split_scheme(url: str) -> tuple[str, str] | None:
+    """A URL without ``scheme://`` but with a host, as (what stands for its scheme, the
+    rest from the host on): ``("", "localhost:8545")``, ``("http:/", "localhost:8545")``;
+    None when no host can be told."""
+    if _HOST.match(_host_of(url)):
+        return "", url
+    m = _MISTYPED_SCHEME.match(url)
+    if m and _HOST.match(_host_of(m.group(3))):
+        return m.group(1) + m.group(2), m.group(3)
+    return None
+
+
+def _redact_rest(rest: str) -> str:
+    """``host:port/path?query`` redacted as the same after ``http://`` would be."""
+    return redact_url("http://" + rest).removeprefix("http://")
+
+
 def redact_endpoint(url: str) -> str:
-    """An RPC or explorer URL as a message may show it. Not being an http(s) URL is the
-    usual reason to show one, so anything else (``eth.example.com/v2/KEY``,
-    ``user:password@host``, a key pasted alone) shows only its host, if it has one."""
-    if url.lower().startswith(("http://", "https://")):
+    """An RPC or explorer URL as a message may show it: scheme, host and port as written,
+    the rest as :func:`redact_url` shows it. Not being an http(s) URL is the usual reason to
+    show one: without a host to tell (a key pasted alone, say), only a short lowercase word
+    is shown, anything else is hidden whole."""
+    if "://" in url:
         return redact_url(url)
-    rest = url.rpartition("@")[2]  # user:password@ or KEY@ before a host: never shown
-    head = re.split(r"[/?#\s]", rest, maxsplit=1)[0]
-    if not _HOST.match(head):
-        return MASK
-    return head if head == url else f"{head}/{MASK}"
+    split = _split_scheme(url)
+    if split is not None:
+        return split[0] + _redact_rest(split[1])
+    return url if _PLAIN_WORD.match(url) else MASK
+
+
+def not_http_problem(url: str) -> str:
+    """What is wrong with ``url``, which is not an http(s) URL, and how to write it, in a
+    sentence's words (``'localhost:8545' has no scheme: write it as http://localhost:8545``)."""
+    shown = redact_endpoint(url)
+    scheme, sep, after = url.partition("://")
+    split = _split_scheme(url) if not sep else (scheme + sep, after) if _HOST.match(_host_of(after)) else None
+    if split is None:
+        if sep:
+            return f"{shown!r} is not an http(s) URL: write it as http(s)://host:port/path"
+        hidden = " (hidden: it may hold a key)" if shown == MASK else ""
+        return f"{shown!r}{hidden} is not a URL: write it as http(s)://host:port/path"
+    written, rest = split
+    # The scheme meant, if it shows; else a node on this machine or network is served over
+    # http, a provider's over https.
+    host = urlsplit("http://" + rest).hostname or ""
+    local = "." not in host or host.replace(".", "").isdigit() or ":" in host
+    meant = written.lower()
+    if meant.startswith(("https", "wss")):
+        scheme = "https"
+    else:
+        scheme = "http" if local or meant.startswith(("http", "ws")) else "https"
+    fixed = f"{scheme}://{_redact_rest(rest)}"
+    if not written:
+        return f"{shown!r} has no scheme: write it as {fixed}"
+    return f"{shown!r} is not an http(s) URL: write it as {fixed}"
 
 
 def secrets_of(url: str) -> list[str]:
@@ -108,6 +168,11 @@ def secrets_of(url: str) -> list[str]:
         return [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
     if ":" not in url:
         return []
+    if "://" not in url and not _is_db(url.partition(":")[0]):
+        split = _split_scheme(url)
+        if split is None:
+            return [] if _PLAIN_WORD.match(url) else [url]
+        return secrets_of("http://" + split[1])
     try:
         parts = urlsplit(url)
     except ValueError:

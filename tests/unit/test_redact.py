@@ -49,15 +49,25 @@ def test_short_path_words_are_not_scrubbed_out_of_ordinary_text() -> None:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("eth.example.com/v2/RPCSECRET", "eth.example.com/***"),
+        # Without a scheme, what follows the host is masked as in a whole URL.
+        ("eth.example.com/v2/RPCSECRET", "eth.example.com/v2/***"),
+        ("mainnet.infura.io/v3/0123456789abcdef0123456789abcdef", "mainnet.infura.io/v3/***"),
         ("not a url RPCSECRET", "***"),
         ("RPCSECRETRPCSECRET", "***"),
+        ("0123456789abcdef0123456789abcdef", "***"),  # a key pasted alone
         ("localhost:8545", "localhost:8545"),
-        ("alice:hunter2@eth.example.com/rpc", "eth.example.com/***"),
-        ("e8f1c3a9b2d4@eth.example.com/v2", "eth.example.com/***"),
+        ("anvil:8545", "anvil:8545"),
+        ("notaurl", "notaurl"),  # a short lowercase word holds no key
+        ("alice:hunter2@eth.example.com/rpc", "alice:***@eth.example.com/rpc"),
+        ("e8f1c3a9b2d4@eth.example.com/v2", "***@eth.example.com/v2"),
         ("eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl", "***"),
         ("127.0.0.1:8545/KEY", "127.0.0.1:8545/***"),
         ("HTTPS://eth.example.com/v2/RPCSECRET", "https://eth.example.com/v2/***"),
+        # A mistyped scheme shows as written, so that the typo can be seen.
+        ("http:/localhost:8545", "http:/localhost:8545"),
+        ("http//127.0.0.1:8545/v2/RPCSECRET", "http//127.0.0.1:8545/v2/***"),
+        ("ftp://x.example/KEY", "ftp://x.example/***"),
+        ("https:/node.example/?apikey=RPCSECRET", "https:/node.example/?apikey=***"),
     ],
 )
 def test_redact_endpoint(url: str, shown: str) -> None:
@@ -74,7 +84,7 @@ def test_endpoint_urls_without_a_scheme_are_refused_without_their_key() -> None:
     for make in (EndpointConfig, ExplorerConfig):
         with pytest.raises(ConfigError) as err:
             make("eth.example.com/v2/RPCSECRET")
-        assert "RPCSECRET" not in str(err.value) and "eth.example.com/***" in str(err.value)
+        assert "RPCSECRET" not in str(err.value) and "eth.example.com/v2/***" in str(err.value)
     assert EndpointConfig("HTTP://127.0.0.1:8545").url == "HTTP://127.0.0.1:8545"  # not refused
 
 
@@ -95,3 +105,69 @@ def test_a_comma_separated_rpc_url_is_redacted_url_by_url() -> None:
                        "http://127.0.0.1:18646/v3/SECRETKEY123 timed out", *ctx.secrets())  # fmt: skip
     assert said == ("the RPC node at http://127.0.0.1:18645/ serves chain 999, expected 31337; "
                     "http://127.0.0.1:18646/v3/*** timed out")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("localhost:8545", "RPC URL 'localhost:8545' has no scheme: write it as http://localhost:8545"),
+        ("127.0.0.1:8545", "RPC URL '127.0.0.1:8545' has no scheme: write it as http://127.0.0.1:8545"),
+        ("notaurl", "RPC URL 'notaurl' is not a URL: write it as http(s)://host:port/path"),
+        ("http:/localhost:8545", "RPC URL 'http:/localhost:8545' is not an http(s) URL: write it as "
+                                 "http://localhost:8545"),
+        ("htp://localhost:8545", "RPC URL 'htp://localhost:8545' is not an http(s) URL: write it as "
+                                 "http://localhost:8545"),
+        ("eth-mainnet.g.alchemy.com/v2/abcDEF123", "RPC URL 'eth-mainnet.g.alchemy.com/v2/***' has no "
+                                                   "scheme: write it as https://eth-mainnet.g.alchemy.com/v2/***"),
+        ("RPCSECRETRPCSECRET", "RPC URL '***' (hidden: it may hold a key) is not a URL: write it as "
+                               "http(s)://host:port/path"),
+    ],
+)  # fmt: skip
+def test_a_malformed_rpc_url_is_named_well_enough_to_fix(url: str, said: str) -> None:
+    # It said "RPC URL '***'" or "'localhost:***'" (the error's own redaction masked the
+    # port as a path), hiding the typo when there was no key in it to hide.
+    from gapfill.cli import Ctx
+    from gapfill.errors import ConfigError
+    from gapfill.settings import FileConfig
+
+    ctx = Ctx("sqlite:///x.db", (url,), None, FileConfig(), 0)
+    with pytest.raises(ConfigError) as err:
+        ctx.endpoints()
+    shown = redact_text(str(err.value), *ctx.secrets())  # as the CLI's error line is made
+    assert shown == f"{said}; check --rpc-url, ETH_RPC_URL or the config file"
+
+
+_KEY = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        (f"https://mainnet.infura.io/v3/{_KEY}", _KEY),
+        (f"mainnet.infura.io/v3/{_KEY}", _KEY),
+        (f"http:/mainnet.infura.io/v3/{_KEY}", _KEY),
+        ("https://eth-mainnet.g.alchemy.com/v2/abcDEF123", "abcDEF123"),
+        ("eth-mainnet.g.alchemy.com:443/v2/abcDEF123", "abcDEF123"),
+        ("https://api.node.example/rpc?apikey=RPCSECRET", "RPCSECRET"),
+        ("api.node.example/rpc?apikey=RPCSECRET", "RPCSECRET"),
+        ("https://alice:hunter22@node.example/rpc", "hunter22"),
+        ("alice:hunter22@node.example/rpc", "hunter22"),
+        ("htp://alice:hunter22@node.example/rpc", "hunter22"),
+        (_KEY, _KEY),
+    ],
+)
+def test_a_key_in_an_rpc_url_is_never_shown_however_it_is_written(url: str, secret: str) -> None:
+    from gapfill.cli import Ctx
+    from gapfill.errors import ConfigError
+    from gapfill.redact import redact_endpoint
+    from gapfill.settings import FileConfig
+
+    assert secret not in redact_endpoint(url)
+    if ":" in url:  # without one it may be a --db file path, which redact_url shows as it is
+        assert secret not in redact_url(url)
+        assert redact_text(f"{url} refused {secret}", url) == f"{redact_url(url)} refused ***"
+    ctx = Ctx("sqlite:///x.db", (url,), None, FileConfig(), 0)
+    try:
+        ctx.endpoints()
+    except ConfigError as exc:
+        assert secret not in redact_text(str(exc), *ctx.secrets())

@@ -34,7 +34,7 @@ import orjson
 
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Ref
-from gapfill.redact import MASK, redact_endpoint, redact_text, redact_url
+from gapfill.redact import MASK, not_http_problem, redact_text, redact_url
 from gapfill.rpc.classify import shown_body
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class ExplorerConfig:
     def __post_init__(self) -> None:
         if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(
-                f"explorer URL {redact_endpoint(self.url)!r} is not an http(s) URL; "
-                f"check --explorer-url or {ENV_URL}"
+                f"explorer URL {not_http_problem(self.url)}; check --explorer-url or {ENV_URL}"
             )
         if self.rps <= 0 or self.page_size < 1 or self.max_window < self.page_size:
             raise ConfigError("explorer rps must be positive and page_size between 1 and max_window")

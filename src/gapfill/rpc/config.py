@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gapfill.errors import ConfigError
-from gapfill.redact import redact_endpoint, redact_url
+from gapfill.redact import not_http_problem, redact_url
 
 DEFAULT_MAX_BATCH = 50
 
@@ -29,8 +29,7 @@ class EndpointConfig:
     def __post_init__(self) -> None:
         if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(
-                f"RPC URL {redact_endpoint(self.url)!r} is not an http(s) URL: write it as "
-                "http(s)://host/path; check --rpc-url, ETH_RPC_URL or the config file"
+                f"RPC URL {not_http_problem(self.url)}; check --rpc-url, ETH_RPC_URL or the config file"
             )
         try:
             parts = urllib.parse.urlsplit(self.url)

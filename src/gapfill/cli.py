@@ -639,7 +639,8 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
     for s in rows:
         info = extra.get((s.chain_id, s.address))
         if info and info.get("summary"):
-            click.echo(f"{s.address}: {info['summary']}")
+            # The chain too: one address may be tracked on several chains, each covered apart.
+            click.echo(f"{s.address} on chain {s.chain_id}: {info['summary']}")
 
 
 # -- enrich, worker, failures, runs ------------------------------------------------------

@@ -249,6 +249,21 @@ def test_status_plain_and_json(tracked: str, tmp_path: Path) -> None:
     assert data[0]["refs"] == 3 and data[0]["missing"] == 3 and data[0]["min_block"] == 11
 
 
+def test_status_coverage_lines_name_their_chain(tracked: str) -> None:
+    # One address on two chains gave two "0xabab...: ..." lines that could not be told apart.
+    from gapfill.model import CoverageRange
+
+    run(tracked, "contract", "add", C, "--chain-id", "5")
+    with open_store(tracked) as store:
+        store.add_refs_and_coverage([], [CoverageRange(5, C, 0, 9, "logs")])
+    lines = run(tracked, "status").output.splitlines()
+    assert f"{C} on chain 1: no block range scanned yet" in lines
+    assert [ln for ln in lines if ln.startswith(f"{C} on chain 5: ")] != []
+    data = orjson.loads(run(tracked, "status", "--json").output)
+    scanned = [(d["chain_id"], d["summary"] != "no block range scanned yet") for d in data]
+    assert scanned == [(1, False), (5, True)]
+
+
 @pytest.mark.parametrize(
     ("url", "needle"),
     [

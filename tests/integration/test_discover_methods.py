@@ -216,6 +216,38 @@ async def test_interrupted_discovery_resumes_where_it_stopped(
         assert final["complete"] == [[0, chain.head]] and final["unscanned"] == []
 
 
+async def test_a_commit_finishing_after_a_cancel_is_reported(small_chain: NodeChain, store: Store) -> None:
+    # Ctrl+C cancels discovery while a chunk's commit runs in its thread: the thread commits
+    # anyway, and it was not reported, so "interrupted: N blocks ... are committed" said less
+    # than the database held.
+    import asyncio
+    import threading
+
+    chain = small_chain.chain
+    silent = _track(store, chain)[1]
+    started, release = threading.Event(), threading.Event()
+    real = store.add_refs_and_coverage
+
+    def slow_commit(*args: Any) -> int:
+        started.set()
+        release.wait(30)
+        return real(*args)
+
+    store.add_refs_and_coverage = slow_commit  # type: ignore[method-assign]
+    seen: list[DiscoverProgress] = []
+    settings = DiscoverSettings(block_chunk_blocks=chain.head + 1, concurrency=1, trace_backends=())
+    task = asyncio.ensure_future(_discover(store, small_chain.url, silent, methods=["blocks"],
+                                           settings=settings, on_progress=seen.append))  # fmt: skip
+    assert await asyncio.to_thread(started.wait, 30)
+    task.cancel()
+    await asyncio.sleep(0)  # the cancel reaches the commit, which waits for its thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [p.event for p in seen] == ["start", "chunk"]
+    assert seen[-1].blocks_done == chain.head + 1 and seen[-1].new_refs == len(_refs(store, silent)) > 0
+
+
 async def test_nothing_above_latest_minus_confirmations_is_covered(
     small_chain: NodeChain, store: Store
 ) -> None:

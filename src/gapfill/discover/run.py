@@ -258,9 +258,17 @@ class _Run:
                 new = await asyncio.shield(write)
             except asyncio.CancelledError:
                 # The thread commits anyway: let it finish, so that when discover
-                # returns (or raises) the database holds exactly what was reported.
+                # returns (or raises) the database holds exactly what was reported,
+                # this commit included (Ctrl+C says what is kept from the reports).
                 await asyncio.wait([write])
+                if not write.cancelled() and write.exception() is None:
+                    self._committed(write.result(), refs, found, covered)
                 raise
+        self._committed(new, refs, found, covered)
+
+    def _committed(self, new: int, refs: dict[str, Ref], found: dict[str, list[Ref]],
+                   covered: dict[str, list[Interval]]) -> None:  # fmt: skip
+        """Count a commit and report it."""
         self.new_refs += new
         self.refs_found += len(refs)
         self.chunks += 1

@@ -50,6 +50,9 @@ class Ctx:
     file: FileConfig
     verbose: int
     _store: Store | None = None
+    #: What Ctrl+C would leave written, said after "interrupted: " (a command that writes
+    #: keeps it true as it goes); None says nothing more.
+    kept: Callable[[], str] | None = None
 
     def store(self, create: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
@@ -155,7 +158,9 @@ class GapfillGroup(click.Group):
         except GapfillError as exc:
             fail(ctx.find_object(Ctx), exc)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            obj = ctx.find_object(Ctx)
+            kept = obj.kept() if obj is not None and obj.kept is not None else None
+            click.echo(f"interrupted: {kept}" if kept else "interrupted", err=True)
             raise SystemExit(130) from None
         except click.exceptions.Abort:  # a prompt met end of input or Ctrl+C
             click.echo("aborted: nothing was changed", err=True)
@@ -410,6 +415,7 @@ def contract() -> None:
 def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None,
                  abi_file: str | None, start_block: int | None, rpc_timeout_s: float) -> None:  # fmt: skip
     """Track ADDRESS. The chain id defaults to the RPC node's."""
+    ctx.kept = lambda: "nothing was written; run the same command again"
     abi = load_abi(abi_file) if abi_file else None
     if chain_id is None and not (ctx.rpc_urls or ctx.file.endpoints):
         # Already tracked on one chain (a new ABI or label for it): that chain.
@@ -426,9 +432,14 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         chain_id = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(rpc_timeout_s))
     store = ctx.store(create=True)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
+    ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
     if abi is None:
         return
+    # Each chunk of stored rows is decoded again in a transaction of its own.
+    ctx.kept = lambda: (f"{address} is tracked on chain {chain_id} with this ABI, but the rows stored "
+                        "before it are not all decoded with it yet: run the same command again to "
+                        "finish")  # fmt: skip
     from gapfill.enrich.decode import abi_problems
     from gapfill.enrich.redecode import redecode_contract
 
@@ -531,7 +542,9 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
 
     store = ctx.store()
     c = store.get_contract(contract, chain_id)
+    ctx.kept = lambda: "nothing was imported (an import is one transaction); run it again"
     added = store.add_refs(parse_refs(file, c.chain_id, c.address))
+    ctx.kept = None
     filled = (f", {added.filled} block number{'' if added.filled == 1 else 's'} filled"
               if added.filled else "")  # fmt: skip
     click.echo(f"imported {added.new} new ref{'' if added.new == 1 else 's'} for {c.address} "

@@ -53,12 +53,25 @@ def _explorer(ctx: Ctx, url: str | None, key: str | None) -> ExplorerConfig | No
 
 
 class _Printer:
-    """Plain progress lines on stderr, at most one a second (plus the first and last)."""
+    """Plain progress lines on stderr, at most one a second (plus the first and last); it
+    keeps every contract's last progress, which counts what its commits wrote."""
 
     def __init__(self) -> None:
         self._last = 0.0
+        self._latest: dict[tuple[int, str], DiscoverProgress] = {}
+
+    def kept(self) -> str:
+        """What the commits reported so far wrote, as Ctrl+C says it."""
+        done = [p for p in self._latest.values() if p.blocks_done]
+        if not done:
+            return "nothing was written; run the same command again"
+        unit = "blocks" if all(len(p.methods) < 2 for p in done) else "block scans"
+        return (f"{sum(p.blocks_done for p in done)} {unit} scanned and the "
+                f"{sum(p.new_refs for p in done)} new refs found in them are committed; run the same "
+                "command again to continue where it stopped")  # fmt: skip
 
     def __call__(self, p: DiscoverProgress) -> None:
+        self._latest[(p.chain_id, p.contract)] = p
         now = time.monotonic()
         if p.event == "chunk" and now - self._last < PROGRESS_EVERY_S:
             return
@@ -108,8 +121,10 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     store = ctx.store()
     targets = resolve_targets(store, contract, chain_id)
     chosen = _methods(methods)
+    printer = _Printer()
+    ctx.kept = printer.kept
     summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
-                                          explorer, rpc_settings(rpc_timeout_s)))  # fmt: skip
+                                          explorer, rpc_settings(rpc_timeout_s), printer))  # fmt: skip
     for s in summaries:
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
@@ -122,8 +137,8 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
 
 async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
                from_block: int | None, to_block: int | None, confirmations: int,
-               explorer: ExplorerConfig | None,
-               rpc: RpcSettings) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
+               explorer: ExplorerConfig | None, rpc: RpcSettings,
+               printer: _Printer) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
     """Discover the targets on the endpoints' chain; returns their summaries and the
     targets on other chains, left alone."""
     from gapfill.engine.session import make_client
@@ -139,7 +154,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
         for c in on_chain:
             out.append(await run_discover(
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,
-                confirmations=confirmations, explorer=explorer, on_progress=_Printer(),
+                confirmations=confirmations, explorer=explorer, on_progress=printer,
             ))  # fmt: skip
     return out, skipped
 

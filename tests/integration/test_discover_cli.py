@@ -173,3 +173,53 @@ def test_a_stalled_node_is_given_up_after_the_commands_own_rpc_timeout(
         f"error: eth_chainId failed: no response within 1 s (at {url}, after 3 attempts); "
         "the node does not answer: check that it is not stuck or overloaded, or raise --rpc-timeout"
     )
+
+
+def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_path: Path) -> None:
+    # It said only "interrupted": not whether anything found was kept, or what to do next.
+    import os
+    import re
+    import signal
+
+    from engine_support import GapfillProc, gapfill, wait_for
+
+    from gapfill.discover.coverage import merge, size
+
+    target = "0x" + "be" * 20
+    sender = anvil.request("eth_accounts")[0]
+    sent = []
+    for _ in range(3):  # a transfer to the target every ~500 blocks: chunks of 50 blocks
+        sent.append(anvil.request("eth_sendTransaction", {"from": sender, "to": target, "value": "0x1"}))
+        anvil.request("anvil_mine", "0x1f4")
+    block_of = {tx: int(anvil.request("eth_getTransactionReceipt", tx)["blockNumber"], 16) for tx in sent}
+    head = int(anvil.request("eth_blockNumber"), 16)
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    assert gapfill(["--db", db, "contract", "add", target, "--chain-id", "31337"], tmp_path, "add")[0] == 0
+    args = ["discover", "--method", "blocks", "--confirmations", "0"]
+    # 2 s a request: a chunk's 50 blocks are one batch, 4 chunks in flight; 8 rounds in all.
+    with emulator(anvil.url, "--latency-s", "2") as (slow_url, _):
+        p = GapfillProc(["--db", db, "--rpc-url", slow_url, *args], tmp_path, "discover")
+        try:
+            wait_for("a committed chunk", lambda: "refs found" in p.err_path.read_text(), 120, proc=p)
+            os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl+C
+            assert p.wait(60) == 130, p.output()
+        finally:
+            p.close()
+    err = p.err_path.read_text()
+    assert "Traceback" not in err, err
+    said = re.fullmatch(r"interrupted: (\d+) blocks scanned and the (\d+) new refs found in them are "
+                        r"committed; run the same command again to continue where it stopped",
+                        err.splitlines()[-1])  # fmt: skip
+    assert said is not None, err
+    with open_store(db) as store:
+        covered = merge((c.from_block, c.to_block) for c in store.get_coverage(31337, target))
+        refs = {r.tx_hash for r in store.iter_gap(31337, target)}
+    # Whole chunks: the refs of exactly the blocks covered, as many as said.
+    assert 0 < size(covered) == int(said.group(1)) < head + 1
+    assert refs == {h for h, b in block_of.items() if any(lo <= b <= hi for lo, hi in covered)}
+    assert len(refs) == int(said.group(2))
+    rc, out = gapfill(["--db", db, "--rpc-url", anvil.url, *args], tmp_path, "again")
+    assert rc == 0, out
+    with open_store(db) as store:
+        assert {r.tx_hash for r in store.iter_gap(31337, target)} == set(block_of)
+

@@ -66,9 +66,10 @@ class _Printer:
         if not done:
             return "nothing was written; run the same command again"
         unit = "blocks" if all(len(p.methods) < 2 for p in done) else "block scans"
-        return (f"{sum(p.blocks_done for p in done)} {unit} scanned and the "
-                f"{sum(p.new_refs for p in done)} new refs found in them are committed; run the same "
-                "command again to continue where it stopped")  # fmt: skip
+        new = sum(p.new_refs for p in done)
+        return (f"{sum(p.blocks_done for p in done)} {unit} scanned and the {new} new "
+                f"ref{'' if new == 1 else 's'} found in them are committed; run the same command "
+                "again to continue where it stopped")  # fmt: skip
 
     def __call__(self, p: DiscoverProgress) -> None:
         self._latest[(p.chain_id, p.contract)] = p

@@ -207,7 +207,7 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
             p.close()
     err = p.err_path.read_text()
     assert "Traceback" not in err, err
-    said = re.fullmatch(r"interrupted: (\d+) blocks scanned and the (\d+) new refs found in them are "
+    said = re.fullmatch(r"interrupted: (\d+) blocks scanned and the (\d+) new refs? found in them are "
                         r"committed; run the same command again to continue where it stopped",
                         err.splitlines()[-1])  # fmt: skip
     assert said is not None, err

@@ -237,6 +237,32 @@ def test_abandoned_batch_prefers_another_owner(store: Store) -> None:
     assert other is not None and other.id == first.id and other.attempts == 2
 
 
+def test_a_batch_given_back_after_a_failure_waits_out_its_pause(store: Store) -> None:
+    # A node lagging by seconds failed a batch's three attempts back to back; the
+    # attempts are now spaced out.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 11)])
+    store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=10)
+    first = store.lease("a", 60.0)
+    assert first is not None
+    assert store.abandon(first, "boom", retry_after_s=3600.0)
+    assert store.lease("b", 60.0) is None  # held back ...
+    assert store.has_open_batches()  # ... but still the plan's: workers wait for it
+    assert store.batch_counts().pending == 1
+    store.expire_leases()  # a supervisor's sweep leaves a pending batch alone
+    assert store.lease("b", 60.0) is None
+    assert store.abandon(first, "again") is False  # no longer a's to give back
+
+
+def test_a_batch_given_back_after_a_failure_is_leased_again_after_its_pause(store: Store) -> None:
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 11)])
+    store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=10)
+    first = store.lease("a", 60.0)
+    assert first is not None and store.abandon(first, "boom", retry_after_s=0.05)
+    time.sleep(0.1)
+    again = store.lease("b", 60.0)
+    assert again is not None and again.id == first.id and again.attempts == 2
+
+
 def test_release_owner_keeps_the_batches_still_worked_on(store: Store) -> None:
     # A worker whose lease answer was lost gives back what it may have been granted,
     # not the batches its tasks are working on.

@@ -31,6 +31,7 @@ class FakeStore:
         self._busy = threading.Lock()
         self.fail: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
         self.kept: dict[int, int] = {}  # batch id -> transactions stored as it was given back
+        self.pauses: dict[int, float] = {}  # batch id -> seconds before it may be leased again
         self.moved: dict[int, int] = {}  # batch id -> refs whose block those rows correct
         self.slow_s = 0.0
 
@@ -73,11 +74,14 @@ class FakeStore:
         self.committed.append([b.id for (b, _), ok in zip(items, out, strict=True) if ok])
         return out
 
-    def abandon(self, batch: Batch, error: str, keep: Enriched | None = None) -> bool:
+    def abandon(
+        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
+    ) -> bool:
         self._call("abandon", (batch,))
         if self.state.get(batch.id) != "leased":
             return False
         self.state[batch.id] = "pending"
+        self.pauses[batch.id] = retry_after_s
         if keep is not None:
             self.kept[batch.id] = len(keep.txs)
             self.moved[batch.id] = len(keep.moved)
@@ -339,6 +343,7 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
                WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01), events.append)  # fmt: skip
     totals = asyncio.run(w.run())
     assert store.state == {1: "pending", 2: "pending", 3: "pending"}
+    assert store.pauses == {1: 1.0, 2: 1.0, 3: 1.0}  # a first attempt's retry waits 1 s
     assert store.kept == {1: 5, 2: 5, 3: 5} and "commit_batches" not in store.calls
     assert store.moved == {1: 3, 2: 3, 3: 3}  # the rows' block numbers are stored with them
     assert totals.processed == 15 and totals.failed == 0

@@ -99,6 +99,10 @@ class WorkerSettings:
     batches_in_flight: int = 4
     sequential: bool = False  # the seed's one-call-at-a-time baseline
     max_attempts: int = MAX_ATTEMPTS
+    #: A batch given back after a failed attempt is leased again no sooner than this,
+    #: doubling per attempt (1 s, then 2 s): a node lagging by a few seconds (receipts
+    #: not yet there) or failing for a moment gets that time before the next attempt.
+    retry_pause_s: float = 1.0
     #: While the batches left are leased by other workers, poll for one coming back (or
     #: for the last to be committed) after ``idle_first_poll_s``, doubling up to
     #: ``idle_poll_s``: a run's last batches finish a fraction of a second apart, and a
@@ -559,7 +563,9 @@ class Worker:
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
             keep = exc.kept if isinstance(exc, TransientFailures) and not lost.is_set() else None
-            await self._abandon(batch, f"{type(exc).__name__}: {exc}", keep=keep, refs=n_refs)
+            pause = self.settings.retry_pause_s * 2 ** max(0, batch.attempts - 1)
+            await self._abandon(batch, f"{type(exc).__name__}: {exc}", keep=keep, refs=n_refs,
+                                retry_after_s=pause)  # fmt: skip
         finally:
             fetched()
             self._held.discard(batch.id)
@@ -567,7 +573,7 @@ class Worker:
 
     async def _abandon(
         self, batch: Batch, error: str, retry: bool = True, keep: Enriched | None = None,
-        refs: int = 0,
+        refs: int = 0, retry_after_s: float = 0.0,
     ) -> None:
         """Give ``batch`` back, storing ``keep`` (what the attempt got of its ``refs`` refs)
         with it."""
@@ -576,7 +582,8 @@ class Worker:
         held = False
         try:
             if retry:
-                give_back = functools.partial(self.db, self.store.abandon, batch, error, keep)
+                give_back = functools.partial(self.db, self.store.abandon, batch, error, keep,
+                                              retry_after_s)  # fmt: skip
                 held = bool(await self._retrying(f"giving back batch {batch.id}", give_back,
                                                  stopping=None))  # fmt: skip
             else:

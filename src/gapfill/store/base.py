@@ -902,16 +902,18 @@ class Store(abc.ABC):
     def _select_leasable(
         self, cur: Any, now: float, owner: str, targets: Sequence[tuple[int, str]] | None
     ) -> tuple[Any, ...] | None:
-        """Lock and return one leasable batch row (pending, or leased and expired).
+        """Lock and return one leasable batch row (pending and not held back for a pause
+        before its retry, or leased and expired).
 
         Batches another owner failed last come first for this owner, so a retry goes
         to a different worker where one exists.
         """
         sql = (
             f"SELECT {self._BATCH_COLS} FROM batches WHERE "
-            "(state = 'pending' OR (state = 'leased' AND lease_expires_at < ?)) "
+            "((state = 'pending' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)) "
+            "OR (state = 'leased' AND lease_expires_at < ?)) "
         )
-        params: list[Any] = [now]
+        params: list[Any] = [now, now]
         if targets:
             sql += "AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ") "
             for c, a in targets:
@@ -1061,15 +1063,16 @@ class Store(abc.ABC):
 
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,
-        *, only_if_expired: bool = False,
+        *, only_if_expired: bool = False, not_before: float | None = None,
     ) -> bool:
-        """Return one lease to the plan if ``owner`` still holds it at ``attempt``; log ``event``."""
+        """Return one lease to the plan if ``owner`` still holds it at ``attempt``; log ``event``.
+        A pending batch's ``lease_expires_at`` is ``not_before``: no lease takes it earlier."""
         sql = (
-            "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL, "
+            "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = ?, "
             "last_owner = ?, last_error = ? WHERE batch_id = ? AND state = 'leased' "
             "AND lease_owner = ? AND attempts = ?"
         )
-        params: list[Any] = [owner, error[:2000], batch_id, owner, attempt]
+        params: list[Any] = [not_before, owner, error[:2000], batch_id, owner, attempt]
         if only_if_expired:  # not renewed in the meantime
             sql += " AND lease_expires_at < ?"
             params.append(now)
@@ -1079,8 +1082,11 @@ class Store(abc.ABC):
         self._event(cur, batch_id, owner, attempt, event, now)
         return True
 
-    def abandon(self, batch: Batch, error: str, keep: Enriched | None = None) -> bool:
-        """Give a batch back (failure or shutdown); it is retried by the next lease.
+    def abandon(
+        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
+    ) -> bool:
+        """Give a batch back (failure or shutdown); it is retried by a later lease, taken no
+        sooner than ``retry_after_s`` from now.
 
         ``keep`` is what this attempt got before it failed (rows, and failures that will
         not pass): stored in the same transaction, so the next attempt fetches only the
@@ -1099,7 +1105,8 @@ class Store(abc.ABC):
                     return False
                 self._write_results(cur, [_own_moves(batch, keep)])
             return self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
-                                   "abandoned", now)  # fmt: skip
+                                   "abandoned", now,
+                                   not_before=now + retry_after_s if retry_after_s > 0 else None)  # fmt: skip
 
     def release_owner(
         self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset()

@@ -71,6 +71,9 @@ class EmulatorConfig:
     p_duplicate_item: float = 0.0
     #: Each transaction's receipt is ``null`` for its first K requests (a lagging node).
     null_receipts: int = 0
+    #: Each transaction's receipt is ``null`` until this long after it was first asked
+    #: (a node whose receipts lag its transactions by seconds, not by requests).
+    receipt_lag_s: float = 0.0
     shuffle: bool = False
     #: Answer every request with this HTTP status (a dead endpoint).
     fail_status: int | None = None
@@ -165,6 +168,7 @@ class ProviderEmulator:
         self._rng = random.Random(config.seed)
         self._bucket = _Bucket(config.rps, config.burst_s) if config.rps else None
         self._receipt_seen: Counter[str] = Counter()
+        self._receipt_first_asked: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = asyncio.Event()
@@ -386,10 +390,12 @@ class ProviderEmulator:
                 local[position] = _error(call.get("id"), -32601,
                                          f"the method {method} does not exist/is not available")
                 continue
-            if method == "eth_getTransactionReceipt" and c.null_receipts and params:
+            if method == "eth_getTransactionReceipt" and (c.null_receipts or c.receipt_lag_s) and params:
                 key = str(params[0]).lower()
                 self._receipt_seen[key] += 1
-                if self._receipt_seen[key] <= c.null_receipts:
+                first = self._receipt_first_asked.setdefault(key, time.monotonic())
+                if (self._receipt_seen[key] <= c.null_receipts
+                        or time.monotonic() - first < c.receipt_lag_s):  # fmt: skip
                     self.stats.faults["null_receipt"] += 1
                     local[position] = {"jsonrpc": "2.0", "id": call.get("id"), "result": None}
                     continue

@@ -74,7 +74,7 @@ class Ctx:
                         f"the SQLite database {path} does not exist: check --db / GAPFILL_DB, "
                         "or start one with `gapfill contract add ADDRESS`"
                     )
-            self._store = open_store(self.db_url)
+            self._store = open_store(self.db_url, notice=tell)
         return self._store
 
     def endpoints(self, max_batch: int | None = None) -> list[EndpointSetting]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner, Result
+from engine_support import gapfill_argv
 
 from gapfill.cli import cli
 from gapfill.store import open_store
@@ -646,3 +648,35 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
     r = run(db, "--rpc-url", url, "enrich", "--contract", C, "--chain-id", "5", "--mode", "batch")
     assert r.exit_code == 1
     assert f"serves chain {chain.chain_id}, expected 5: check --rpc-url" in one_sentence(r)
+
+
+# -- store access: another process's lock ---------------------------------------------------
+
+C2 = "0x" + "cd" * 20
+
+
+def test_status_reads_beside_a_write_lock_and_a_write_says_it_waits_for_it(sqlite_url: str) -> None:
+    """Another process (a `sqlite3` shell in a transaction) holds SQLite's write lock: a read
+    goes on beside it, and a write says within seconds that it waits, instead of sitting
+    silent for a minute; once the lock is released, the write is done."""
+    db, path = sqlite_url, sqlite_url.removeprefix("sqlite:///")
+    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        r = run(db, "status", "--json")
+        assert r.exit_code == 0 and r.stderr == "", r.stderr
+        assert [s["contract"] for s in orjson.loads(r.output)] == [C]
+        p = subprocess.Popen([*gapfill_argv(), "--db", db, "contract", "add", C2, "--chain-id", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert p.stderr is not None
+            said = p.stderr.readline()
+        finally:
+            holder.execute("ROLLBACK")
+        out, err = p.communicate(timeout=120)
+    finally:
+        holder.close()
+    assert said == f"the SQLite database {path} is locked by another process: waiting up to 60 s for it\n"
+    assert p.returncode == 0 and err == "", err
+    assert out == f"tracking {C2} on chain 1\n"

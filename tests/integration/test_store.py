@@ -310,6 +310,34 @@ def test_checking_for_expired_leases_does_not_take_sqlites_write_lock(tmp_path: 
             writer.close()
 
 
+def test_a_write_says_it_waits_for_another_process_lock_and_then_what_to_do(tmp_path: Any) -> None:
+    import sqlite3
+
+    from gapfill.errors import StoreError
+    from gapfill.store.sqlite import SqliteStore
+
+    path = tmp_path / "x.db"
+    open_store(f"sqlite:///{path}").close()
+    heard: list[str] = []
+    with SqliteStore(f"sqlite:///{path}", lock_wait_s=0.2) as s:
+        s.notice = heard.append
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # a `sqlite3` shell in a transaction
+        try:
+            with pytest.raises(StoreError) as err:
+                s.add_contract(Contract(1, C))
+            assert s.list_contracts() == []  # reads go on beside it
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert heard == [f"the SQLite database {path} is locked by another process: waiting up to "
+                         "0.2 s for it"]  # fmt: skip
+        assert str(err.value) == (f"another process holds a write lock on {path}: stop it, or wait for "
+                                  "it to finish, then rerun")  # fmt: skip
+        s.add_contract(Contract(1, C))  # released: the same store writes again
+        assert [c.address for c in s.list_contracts()] == [C]
+
+
 def test_runs_are_listed(store: Store) -> None:
     r = store.create_run("batch", 1, note="x")
     assert store.finish_run(r, "done", 25) == (0, 0)

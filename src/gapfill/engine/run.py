@@ -340,6 +340,14 @@ def _note(job: EnrichJob, exc: BaseException) -> str:
     return redact_text(str(exc), job.db_url, *(e.url for e in job.endpoints))[:1000]
 
 
+def _open(job: EnrichJob, emit: Emit) -> Store:
+    """The run's database, saying through ``emit`` what it waits for (another process's lock).
+
+    Not a worker process's: its waits are mostly on its siblings, and the coordinator,
+    which writes too, says a lock held from outside."""
+    return open_store(job.db_url, notice=lambda text: emit(Notice(text)))
+
+
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:
     for pid, n in store.release_dead_local_owners().items():
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
@@ -347,7 +355,7 @@ def _release_dead_local_owners(store: Store, emit: Emit) -> None:
 
 def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:
     mode = "sequential" if sequential else "batch"
-    store = open_store(job.db_url)
+    store = _open(job, emit)
     term = _Term()
     old_term = _sigterm_as_sigint(term)
     try:
@@ -726,7 +734,7 @@ class Coordinator:
 
     def run(self) -> RunSummary:
         job = self.job
-        store = open_store(job.db_url)
+        store = _open(job, self.emit)
         old_int = signal.signal(signal.SIGINT, self._on_signal)
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         t0 = time.perf_counter()
@@ -997,7 +1005,7 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
 
         check_port(job.metrics_port)
     if mode == "auto":
-        with open_store(job.db_url) as store:
+        with _open(job, emit) as store:
             gap = gap_size(store, job.targets)
             open_plan = store.has_open_batches(job.targets)
         mode, why = choose_mode(gap)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gapfill.errors import ConfigError
 from gapfill.redact import is_keyword_dsn, redact_url
 from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RefsAdded, RunInfo, Store, owner_name
@@ -28,8 +30,11 @@ __all__ = [
 ]
 
 
-def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
-    """Open the database at ``url`` and (by default) bring its schema up to date."""
+def open_store(
+    url: str | None = None, *, migrate: bool = True, notice: Callable[[str], None] | None = None
+) -> Store:
+    """Open the database at ``url`` and (by default) bring its schema up to date; ``notice``
+    hears what the store waits for (another process's lock on SQLite)."""
     url = url or DEFAULT_DB_URL
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     store: Store
@@ -67,9 +72,13 @@ def open_store(url: str | None = None, *, migrate: bool = True) -> Store:
             f"unsupported database URL scheme {shown!r}: use sqlite:///path/to/file.db "
             "or postgresql://user@host:5432/dbname"
         )
+    store.notice = notice
     if migrate:
         try:
-            store.migrate()
+            # Read first: a database already up to date needs no write lock to be opened.
+            version = store.schema_version()
+            if version is None or version < store.latest_version():
+                store.migrate()
         except BaseException:
             store.close()
             raise

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -104,6 +105,17 @@ def _own_moves(batch: Batch, enriched: Enriched) -> Enriched:
     import filling its refs in another order would deadlock with this commit."""
     own = [r for r in enriched.moved if (r.chain_id, r.contract) == (batch.chain_id, batch.contract)]
     return enriched if len(own) == len(enriched.moved) else replace(enriched, moved=own)
+
+
+def migrations(backend: str) -> list[tuple[int, str]]:
+    """The schema migrations of ``backend``: (version, SQL), in order."""
+    folder = resources.files("gapfill.store") / "sql" / backend
+    out = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            out.append((int(name.split("_", 1)[0]), entry.read_text()))
+    return sorted(out)
 
 
 def json_text(value: Any) -> str | None:
@@ -237,8 +249,25 @@ class Store(abc.ABC):
     #: The run whose ``processed`` and ``failed`` this connection's writes of enrichment
     #: results add to, in the transaction that writes them (None: no run's).
     counts_for_run: int | None = None
+    #: Where a store says what it is waiting for (another process's lock), as it waits.
+    notice: Callable[[str], None] | None = None
+    #: A query counting the tables named ``schema_migrations`` this connection sees.
+    _HAS_SCHEMA_TABLE: str = ""
 
     # -- lifecycle ---------------------------------------------------------------
+
+    def schema_version(self) -> int | None:
+        """The schema version of the database, read without writing; None: no gapfill schema."""
+        with self._read() as cur:
+            cur.execute(self._HAS_SCHEMA_TABLE)
+            if not int(cur.fetchone()[0]):
+                return None
+            cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            return int(cur.fetchone()[0])
+
+    def latest_version(self) -> int:
+        """The schema version this gapfill writes."""
+        return migrations(self.backend)[-1][0]
 
     @abc.abstractmethod
     def migrate(self) -> int:

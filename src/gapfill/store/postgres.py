@@ -33,8 +33,8 @@ from gapfill.store.base import (
     RefsAdded,
     Store,
     check_row_tuples,
+    migrations,
 )
-from gapfill.store.sqlite import _migrations
 
 _UPDATE_TX = ", ".join(f"{c} = EXCLUDED.{c}" for c in TX_COLUMNS[2:])
 _UPDATE_LOG = ", ".join(f"{c} = EXCLUDED.{c}" for c in LOG_COLUMNS[3:])
@@ -194,6 +194,7 @@ class PostgresStore(Store):
     _LEASE_LOCK = " FOR UPDATE SKIP LOCKED"
     _SHARE_LOCK = " FOR SHARE"
     _ROW_LOCK = " FOR UPDATE"
+    _HAS_SCHEMA_TABLE = "SELECT (to_regclass('schema_migrations') IS NOT NULL)::int"
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self.url = url
@@ -272,7 +273,7 @@ class PostgresStore(Store):
             cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
             row = cur.fetchone()
             current = int(row[0]) if row else 0
-            for version, sql in _migrations("postgres"):
+            for version, sql in migrations("postgres"):
                 if version <= current:
                     continue
                 cur.execute(sql.encode())

@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from gapfill.store.base import (
     RefsAdded,
     Store,
     check_row_tuples,
+    migrations,
 )
 
 _UPDATE_TX = ", ".join(f"{c} = excluded.{c}" for c in TX_COLUMNS[2:])
@@ -105,6 +105,25 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+#: How long a transaction waits for another process's write lock before saying so, and
+#: how long it waits in all before it gives up.
+LOCK_NOTICE_S = 2.0
+LOCK_WAIT_S = 60.0
+
+
+def _code(exc: sqlite3.Error) -> int:
+    """The primary result code of a failed call."""
+    return int(getattr(exc, "sqlite_errorcode", 0)) & 0xFF
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    return _code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _locked(path: str) -> str:
+    return f"another process holds a write lock on {path}: stop it, or wait for it to finish, then rerun"
+
+
 def _hint(exc: sqlite3.Error) -> str:
     """What to do about a failed write, for the errors a user can fix."""
     text = str(exc).lower()
@@ -120,11 +139,16 @@ def _hint(exc: sqlite3.Error) -> str:
 
 class SqliteStore(Store):
     backend = "sqlite"
+    _HAS_SCHEMA_TABLE = (
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    )
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, lock_wait_s: float = LOCK_WAIT_S) -> None:
+        """``lock_wait_s``: how long a write waits for another process's lock."""
         self.url = url
         self.display_url = url
         self.path = sqlite_path(url)
+        self.lock_wait_s = lock_wait_s
         if self.path != ":memory:":
             parent = Path(self.path).resolve().parent
             if not parent.is_dir():
@@ -133,34 +157,47 @@ class SqliteStore(Store):
                     "exist; create it, or check --db / GAPFILL_DB"
                 )
         try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
-            self._conn.execute("PRAGMA busy_timeout=60000")
-            # A new file gets 16 KiB pages (SQLite's default is 4 KiB; an existing file
-            # keeps its own). Measured on batch commits of ~700-byte rows into
-            # hash-keyed indexes, the committing thread spends ~10% less CPU (80,000
-            # transactions from anvil, three runs each: 1.95 s against 1.76 s); 8 KiB
-            # gave less, 1-2 KiB cost more. Only an empty file takes it, and only before
-            # WAL mode is set.
-            self._conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            # CPU per stored row (bench/hotpath.py, ~100k rows): a 32 MiB page cache instead
-            # of 2 MiB keeps the indexes' hot pages in memory, and checkpointing every
-            # ~40 MB of WAL instead of every 1,000 pages copies a page rewritten by several
-            # batches once: together -22%. Consistency is unchanged (a batch's rows and its
-            # `done` still commit together); with synchronous=NORMAL, what a power cut may
-            # roll back is what was committed since the last checkpoint.
-            self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            page = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
-            self._conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_BYTES // page}")
+            self._conn = self._connect(self.path)
+            self._writable_settings()
         except sqlite3.Error as exc:
+            if _busy(exc):
+                raise StoreError(_locked(self.path)) from exc
             raise StoreError(
                 f"cannot open the SQLite database {self.path}: {exc}; check --db / GAPFILL_DB: "
                 "it must name a SQLite file, or a new one, in a folder you can write to"
             ) from exc
         self._depth = 0
+
+    def _connect(self, target: str) -> sqlite3.Connection:
+        # A lock another process holds is waited for in short steps (see _begin), so that the
+        # wait is said after LOCK_NOTICE_S instead of ending, silent, after LOCK_WAIT_S.
+        notice_s = min(LOCK_NOTICE_S, self.lock_wait_s)
+        conn = sqlite3.connect(
+            target, timeout=notice_s, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout={int(notice_s * 1000)}")
+        return conn
+
+    def _writable_settings(self) -> None:
+        conn = self._conn
+        # A new file gets 16 KiB pages (SQLite's default is 4 KiB; an existing file
+        # keeps its own). Measured on batch commits of ~700-byte rows into
+        # hash-keyed indexes, the committing thread spends ~10% less CPU (80,000
+        # transactions from anvil, three runs each: 1.95 s against 1.76 s); 8 KiB
+        # gave less, 1-2 KiB cost more. Only an empty file takes it, and only before
+        # WAL mode is set.
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        # CPU per stored row (bench/hotpath.py, ~100k rows): a 32 MiB page cache instead
+        # of 2 MiB keeps the indexes' hot pages in memory, and checkpointing every
+        # ~40 MB of WAL instead of every 1,000 pages copies a page rewritten by several
+        # batches once: together -22%. Consistency is unchanged (a batch's rows and its
+        # `done` still commit together); with synchronous=NORMAL, what a power cut may
+        # roll back is what was committed since the last checkpoint.
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_BYTES // page}")
 
     def close(self) -> None:
         self._conn.close()
@@ -174,13 +211,34 @@ class SqliteStore(Store):
     def _read(self) -> Any:
         return self._tx(immediate=False)
 
+    def _begin(self, cur: sqlite3.Cursor, immediate: bool) -> None:
+        """Begin a transaction; a write waits for another process's write lock up to
+        ``lock_wait_s``, and says so (``notice``) once it has waited LOCK_NOTICE_S."""
+        waiting_since: float | None = None
+        while True:
+            try:
+                cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                return
+            except sqlite3.Error as exc:
+                if not _busy(exc):
+                    raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
+                now = time.monotonic()
+                if waiting_since is None:
+                    waiting_since = now - min(LOCK_NOTICE_S, self.lock_wait_s)  # SQLite waited that
+                    if self.notice is not None:
+                        self.notice(f"the SQLite database {self.path} is locked by another process: "
+                                    f"waiting up to {self.lock_wait_s:g} s for it")  # fmt: skip
+                if now - waiting_since >= self.lock_wait_s:
+                    raise StoreError(_locked(self.path)) from exc
+
     @contextmanager
     def _tx(self, immediate: bool = True) -> Iterator[sqlite3.Cursor]:
         cur = self._conn.cursor()
         try:
-            cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        except sqlite3.Error as exc:
-            raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
+            self._begin(cur, immediate)
+        except BaseException:
+            cur.close()
+            raise
         try:
             yield cur
         except sqlite3.Error as exc:
@@ -207,7 +265,7 @@ class SqliteStore(Store):
             )
             cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
             current = int(cur.fetchone()[0])
-            for version, sql in _migrations("sqlite"):
+            for version, sql in migrations("sqlite"):
                 if version <= current:
                     continue
                 for statement in _split(sql):
@@ -278,16 +336,6 @@ class SqliteStore(Store):
                     yield (int(k), h)
         finally:
             read.close()
-
-
-def _migrations(backend: str) -> list[tuple[int, str]]:
-    folder = resources.files("gapfill.store") / "sql" / backend
-    out = []
-    for entry in folder.iterdir():
-        name = entry.name
-        if name.endswith(".sql"):
-            out.append((int(name.split("_", 1)[0]), entry.read_text()))
-    return sorted(out)
 
 
 def _split(sql: str) -> list[str]:

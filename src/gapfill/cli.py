@@ -53,10 +53,15 @@ class Ctx:
     #: What Ctrl+C would leave written, said after "interrupted: " (a command that writes
     #: keeps it true as it goes); None says nothing more.
     kept: Callable[[], str] | None = None
+    _store_read_only: bool = False
 
-    def store(self, create: bool = False) -> Store:
+    def store(self, create: bool = False, read_only: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
-        file: a mistyped --db must not leave empty databases behind."""
+        file: a mistyped --db must not leave empty databases behind. Commands that only
+        read (``read_only``) neither create nor change the schema, so a read-only file or
+        role can run them."""
+        if self._store is not None and self._store_read_only and not read_only:
+            self.close()
         if self._store is None:
             if self.db_url.lower().startswith("sqlite:"):
                 from gapfill.store.sqlite import sqlite_path
@@ -74,7 +79,8 @@ class Ctx:
                         f"the SQLite database {path} does not exist: check --db / GAPFILL_DB, "
                         "or start one with `gapfill contract add ADDRESS`"
                     )
-            self._store = open_store(self.db_url, notice=tell)
+            self._store = open_store(self.db_url, read_only=read_only, notice=tell)
+            self._store_read_only = read_only
         return self._store
 
     def endpoints(self, max_batch: int | None = None) -> list[EndpointSetting]:
@@ -515,7 +521,7 @@ def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> 
 @pass_ctx
 def contract_list(ctx: Ctx, as_json: bool) -> None:
     """List tracked contracts."""
-    rows = ctx.store().list_contracts()
+    rows = ctx.store(read_only=True).list_contracts()
     if as_json:
         click.echo(orjson.dumps([{"chain_id": c.chain_id, "address": c.address, "label": c.label,
                                   "start_block": c.start_block, "has_abi": c.abi is not None}
@@ -567,7 +573,7 @@ def status_dict(s: ContractStatus) -> dict[str, Any]:
 @pass_ctx
 def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) -> None:
     """Per contract: refs, enriched, missing and failed counts, and the block range."""
-    store = ctx.store()
+    store = ctx.store(read_only=True)
     if contract is not None:
         store.get_contract(contract, chain_id)
     rows = store.status(chain_id, contract)
@@ -940,7 +946,7 @@ def worker(ctx: Ctx, /, **opts: Any) -> None:
 @pass_ctx
 def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool, limit: int) -> None:
     """List transactions that could not be enriched, and why."""
-    store = ctx.store()
+    store = ctx.store(read_only=True)
     if contract is not None:
         store.get_contract(contract, chain_id)
     rows = store.list_failures(chain_id, contract, limit)
@@ -970,7 +976,7 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
     """Show the history of runs."""
     import datetime as dt
 
-    rows = ctx.store().list_runs(limit)
+    rows = ctx.store(read_only=True).list_runs(limit)
     if as_json:
         click.echo(orjson.dumps([dataclasses.asdict(r) for r in rows]).decode())
         return

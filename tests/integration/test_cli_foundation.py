@@ -7,10 +7,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from engine_support import gapfill_argv
@@ -650,7 +653,7 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
     assert f"serves chain {chain.chain_id}, expected 5: check --rpc-url" in one_sentence(r)
 
 
-# -- store access: another process's lock ---------------------------------------------------
+# -- store access: another process's lock, a read-only file, a read-only role ---------------
 
 C2 = "0x" + "cd" * 20
 
@@ -680,3 +683,131 @@ def test_status_reads_beside_a_write_lock_and_a_write_says_it_waits_for_it(sqlit
     assert said == f"the SQLite database {path} is locked by another process: waiting up to 60 s for it\n"
     assert p.returncode == 0 and err == "", err
     assert out == f"tracking {C2} on chain 1\n"
+
+
+def test_a_read_only_command_does_not_start_a_schema_in_a_foreign_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    conn.close()
+    for args in (["status"], ["runs"], ["contract", "list"], ["failures"]):
+        r = run(f"sqlite:///{path}", *args)
+        assert r.exit_code == 1
+        assert one_sentence(r) == (f"error: the database sqlite:///{path} has no gapfill schema "
+                                   "yet: start it with `gapfill init` or `gapfill contract add "
+                                   "ADDRESS`")  # fmt: skip
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [("notes",)]
+    conn.close()
+
+
+def _set_read_only(path: Path, read_only: bool) -> None:
+    """Make ``path`` read-only (or writable again) for this process: by its mode, or, for
+    root, whom modes do not bind, by the immutable attribute."""
+    if os.geteuid():
+        path.chmod((0o555 if path.is_dir() else 0o444) if read_only else 0o755)
+        return
+    r = subprocess.run(["chattr", "+i" if read_only else "-i", str(path)], capture_output=True, text=True)
+    if r.returncode and read_only:
+        pytest.skip(f"running as root, and `chattr +i` cannot make {path} read-only: {r.stderr.strip()}")
+
+
+@pytest.mark.parametrize("read_only", ["file", "file and folder"])
+def test_a_read_only_sqlite_file_is_read_and_a_write_says_it_is_read_only(
+    tmp_path: Path, read_only: str
+) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = folder / "g.db"
+    db = f"sqlite:///{path}"
+    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    before = path.read_bytes()
+    locked = [path] if read_only == "file" else [path, folder]
+    try:
+        for p in locked:
+            _set_read_only(p, True)
+        for args in (["status", "--json"], ["contract", "list"], ["runs"], ["failures"]):
+            r = run(db, *args)
+            assert r.exit_code == 0 and r.stderr == "", (args, r.stderr)
+        assert C in run(db, "contract", "list").output
+        r = run(db, "contract", "add", C2, "--chain-id", "1")
+        assert r.exit_code == 1
+        assert one_sentence(r) == (f"error: the SQLite database {path} is read-only (the file or its "
+                                   "folder): make it writable, or choose another --db")  # fmt: skip
+    finally:
+        for p in locked:
+            _set_read_only(p, False)
+    assert path.read_bytes() == before
+
+
+@pytest.fixture
+def reader(pg_url: str) -> Any:
+    """``pg_url``'s database as a new role that may only read it (CONNECT, USAGE, SELECT)."""
+    role = f"gapfill_ro_{uuid.uuid4().hex[:10]}"
+    parts = urlsplit(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'ro'")
+        admin.execute(f'GRANT CONNECT ON DATABASE "{parts.path[1:]}" TO {role}')
+        admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        yield parts._replace(netloc=f"{role}:ro@{parts.hostname}:{parts.port or 5432}").geturl()
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+
+
+def _role_and_db(url: str) -> tuple[str | None, str]:
+    parts = urlsplit(url)
+    return parts.username, parts.path[1:]
+
+
+def test_a_read_only_postgres_role_runs_the_read_only_commands(pg_url: str, reader: str) -> None:
+    assert run(pg_url, "contract", "add", C, "--chain-id", "1", "--label", "token").exit_code == 0
+    r = run(reader, "status", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [(s["contract"], s["label"]) for s in orjson.loads(r.output)] == [(C, "token")]
+    for args in (["runs"], ["contract", "list"], ["failures"]):
+        r = run(reader, *args)
+        assert r.exit_code == 0 and r.stderr == "", (args, r.stderr)
+    r = run(reader, "contract", "add", C2, "--chain-id", "1")
+    assert r.exit_code == 1
+    role, dbname = _role_and_db(reader)
+    assert one_sentence(r) == (
+        f'error: PostgreSQL role "{role}" may not write to table contracts of database "{dbname}" '
+        "(permission denied for table contracts): grant it INSERT, UPDATE and DELETE on gapfill's "
+        "tables, or use a role that may write, in --db / GAPFILL_DB"
+    )
+    with open_store(pg_url) as s:
+        assert [c.address for c in s.list_contracts()] == [C]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"REVOKE SELECT ON runs FROM {role}")
+    r = run(reader, "runs")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f'error: PostgreSQL role "{role}" lacks SELECT on table runs of database '
+                               f'"{dbname}" (permission denied for table runs): grant it SELECT on '
+                               "gapfill's tables")  # fmt: skip
+
+
+def test_a_read_only_command_does_not_create_a_missing_postgres_schema(pg_url: str, reader: str) -> None:
+    role, dbname = _role_and_db(reader)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("DROP SCHEMA public CASCADE")
+        admin.execute("CREATE SCHEMA public")
+        admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+    for url in (pg_url, reader):  # its owner, and a role that may only read it
+        r = run(url, "status")
+        assert r.exit_code == 1
+        shown = url.replace(":ro@", ":***@")
+        assert one_sentence(r) == (f"error: the database {shown} has no gapfill schema yet: start it "
+                                   "with `gapfill init` or `gapfill contract add ADDRESS`")  # fmt: skip
+    r = run(reader, "contract", "add", C, "--chain-id", "1")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (
+        f'error: PostgreSQL role "{role}" may not create gapfill\'s tables in schema public of '
+        f'database "{dbname}" (permission denied for schema public): grant it CREATE on that '
+        "schema, or run `gapfill init` once as a role that may"
+    )
+    with psycopg.connect(pg_url) as admin:
+        assert admin.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)

@@ -338,6 +338,22 @@ def test_a_write_says_it_waits_for_another_process_lock_and_then_what_to_do(tmp_
         assert [c.address for c in s.list_contracts()] == [C]
 
 
+def test_a_read_only_sqlite_store_reads_and_refuses_writes_in_one_sentence(tmp_path: Any) -> None:
+    from gapfill.errors import StoreError
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with open_store(url) as s:
+        s.add_contract(Contract(1, C))
+    with open_store(url, read_only=True) as s:
+        assert [c.address for c in s.list_contracts()] == [C]
+        with pytest.raises(StoreError) as err:
+            s.add_contract(Contract(1, "0x" + "cd" * 20))
+    assert str(err.value) == (f"the SQLite database {tmp_path / 'x.db'} is read-only (the file or its "
+                              "folder): make it writable, or choose another --db")  # fmt: skip
+    with open_store(url) as s:
+        assert [c.address for c in s.list_contracts()] == [C]
+
+
 def test_runs_are_listed(store: Store) -> None:
     r = store.create_run("batch", 1, note="x")
     assert store.finish_run(r, "done", 25) == (0, 0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gapfill.errors import ConfigError
+from gapfill.errors import ConfigError, StoreError
 from gapfill.redact import is_keyword_dsn, redact_url
 from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RefsAdded, RunInfo, Store, owner_name
 
@@ -31,17 +31,23 @@ __all__ = [
 
 
 def open_store(
-    url: str | None = None, *, migrate: bool = True, notice: Callable[[str], None] | None = None
+    url: str | None = None, *, migrate: bool = True, read_only: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> Store:
-    """Open the database at ``url`` and (by default) bring its schema up to date; ``notice``
-    hears what the store waits for (another process's lock on SQLite)."""
+    """Open the database at ``url`` and (by default) bring its schema up to date.
+
+    ``read_only``: for commands that only read. The database is opened so that a read-only
+    file or role can (SQLite: read-only), and its schema is not created: a database without
+    one is an error. One whose schema is behind is opened as usual and brought up to date.
+    ``notice`` hears what the store waits for (another process's lock on SQLite).
+    """
     url = url or DEFAULT_DB_URL
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     store: Store
     if scheme == "sqlite":
         from gapfill.store.sqlite import SqliteStore
 
-        store = SqliteStore(url)
+        store = SqliteStore(url, read_only=read_only)
     elif scheme in ("postgresql", "postgres"):
         from urllib.parse import urlsplit
 
@@ -73,13 +79,24 @@ def open_store(
             "or postgresql://user@host:5432/dbname"
         )
     store.notice = notice
-    if migrate:
-        try:
-            # Read first: a database already up to date needs no write lock to be opened.
-            version = store.schema_version()
-            if version is None or version < store.latest_version():
-                store.migrate()
-        except BaseException:
+    try:
+        if not (migrate or read_only):
+            return store
+        # Read first: a database already up to date needs no write lock, nor a role that may
+        # create tables.
+        version = store.schema_version()
+        if version is None and read_only:
+            raise StoreError(
+                f"the database {store.display_url} has no gapfill schema yet: start it with "
+                "`gapfill init` or `gapfill contract add ADDRESS`"
+            )
+        if version is not None and version >= store.latest_version():
+            return store
+        if read_only:
             store.close()
-            raise
+            return open_store(url, notice=notice)
+        store.migrate()
+    except BaseException:
+        store.close()
+        raise
     return store

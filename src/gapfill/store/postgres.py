@@ -157,15 +157,55 @@ def server_and_db(url: str) -> tuple[str, str]:
         where = f"the local socket ({host or 'default directory'}, port {port})"
     else:
         where = f"{host}:{port}"
-    user = info.get("user") or env.get("PGUSER") or getpass.getuser()
-    return where, str(info.get("dbname") or env.get("PGDATABASE") or user)
+    return where, str(info.get("dbname") or env.get("PGDATABASE") or role_name(url))
 
 
-def translate(exc: psycopg.Error, url: str) -> StoreError:
-    """Turn a driver error into one sentence that says what to do."""
+def role_name(url: str) -> str:
+    """The role libpq logs in as for ``url``."""
+    try:
+        user = conninfo_to_dict(url).get("user")
+    except psycopg.Error:
+        user = urlsplit(url).username
+    return str(user or os.environ.get("PGUSER") or getpass.getuser())
+
+
+_DENIED = re.compile(r"permission denied for (\w+) (\S+)")
+
+
+def _privilege_error(msg: str, url: str, reading: bool) -> StoreError:
+    """A refused privilege, as the one sentence saying which one the role lacks."""
+    role = f'PostgreSQL role "{role_name(url)}"'
+    where = f'database "{server_and_db(url)[1]}"'
+    m = _DENIED.search(msg)
+    kind, name = m.groups() if m else ("", "")
+    if kind == "schema":
+        return StoreError(
+            f"{role} may not create gapfill's tables in schema {name} of {where} ({msg}): grant it "
+            "CREATE on that schema, or run `gapfill init` once as a role that may"
+        )
+    if kind == "sequence":
+        return StoreError(f"{role} lacks USAGE on sequence {name} of {where} ({msg}): grant it, "
+                          "or use a role that may write, in --db / GAPFILL_DB")  # fmt: skip
+    if kind == "table" and not reading:
+        return StoreError(
+            f"{role} may not write to table {name} of {where} ({msg}): grant it INSERT, UPDATE "
+            "and DELETE on gapfill's tables, or use a role that may write, in --db / GAPFILL_DB"
+        )
+    if kind == "table":
+        return StoreError(f"{role} lacks SELECT on table {name} of {where} ({msg}): grant it "
+                          "SELECT on gapfill's tables")  # fmt: skip
+    return StoreError(f"{role} lacks a privilege on {where} ({msg}): grant it, or use another role "
+                      "in --db / GAPFILL_DB")  # fmt: skip
+
+
+def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreError:
+    """Turn a driver error into one sentence that says what to do (``reading``: it came from
+    a read-only transaction)."""
     where, dbname = server_and_db(url)
     msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), url)
     low = msg.lower()
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return _privilege_error(msg, url, reading)
     if "does not exist" in low and "database" in low:
         return StoreError(
             f'PostgreSQL database "{dbname}" does not exist on {where}: '
@@ -255,13 +295,16 @@ class PostgresStore(Store):
         return float(cur.fetchone()[0])
 
     @contextmanager
-    def _tx(self) -> Iterator[psycopg.Cursor[Any]]:
+    def _tx(self, reading: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         conn = self._live()
         try:
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
-            raise translate(exc, self.url) from exc
+            raise translate(exc, self.url, reading=reading) from exc
+
+    def _read(self) -> Any:
+        return self._tx(reading=True)
 
     def migrate(self) -> int:
         with self._tx() as cur:

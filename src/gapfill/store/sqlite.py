@@ -8,8 +8,10 @@ has one writer at a time, so an immediate transaction is a table lock.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,8 +122,17 @@ def _busy(exc: sqlite3.Error) -> bool:
     return _code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
+def _read_only(exc: sqlite3.Error) -> bool:
+    return _code(exc) == sqlite3.SQLITE_READONLY
+
+
 def _locked(path: str) -> str:
     return f"another process holds a write lock on {path}: stop it, or wait for it to finish, then rerun"
+
+
+def _read_only_file(path: str) -> str:
+    return (f"the SQLite database {path} is read-only (the file or its folder): make it writable, "
+            "or choose another --db")
 
 
 def _hint(exc: sqlite3.Error) -> str:
@@ -143,8 +154,9 @@ class SqliteStore(Store):
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
     )
 
-    def __init__(self, url: str, *, lock_wait_s: float = LOCK_WAIT_S) -> None:
-        """``lock_wait_s``: how long a write waits for another process's lock."""
+    def __init__(self, url: str, *, read_only: bool = False, lock_wait_s: float = LOCK_WAIT_S) -> None:
+        """``read_only``: open the file for reading only (it, or its folder, may be read-only);
+        ``lock_wait_s``: how long a write waits for another process's lock."""
         self.url = url
         self.display_url = url
         self.path = sqlite_path(url)
@@ -156,27 +168,52 @@ class SqliteStore(Store):
                     f"cannot open the SQLite database {self.path}: folder {parent} does not "
                     "exist; create it, or check --db / GAPFILL_DB"
                 )
+        if not read_only and os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+            # Said before SQLite opens it: it would leave a -wal and a -shm file beside it.
+            raise StoreError(_read_only_file(self.path))
         try:
-            self._conn = self._connect(self.path)
-            self._writable_settings()
+            if read_only and self.path != ":memory:":
+                self._conn = self._open_read_only()
+            else:
+                self._conn = self._connect(self.path)
+                self._writable_settings()
         except sqlite3.Error as exc:
             if _busy(exc):
                 raise StoreError(_locked(self.path)) from exc
+            if _read_only(exc):
+                raise StoreError(_read_only_file(self.path)) from exc
             raise StoreError(
                 f"cannot open the SQLite database {self.path}: {exc}; check --db / GAPFILL_DB: "
                 "it must name a SQLite file, or a new one, in a folder you can write to"
             ) from exc
         self._depth = 0
 
-    def _connect(self, target: str) -> sqlite3.Connection:
+    def _connect(self, target: str, uri: bool = False) -> sqlite3.Connection:
         # A lock another process holds is waited for in short steps (see _begin), so that the
         # wait is said after LOCK_NOTICE_S instead of ending, silent, after LOCK_WAIT_S.
         notice_s = min(LOCK_NOTICE_S, self.lock_wait_s)
         conn = sqlite3.connect(
-            target, timeout=notice_s, isolation_level=None, check_same_thread=False
+            target, timeout=notice_s, isolation_level=None, check_same_thread=False, uri=uri
         )
         conn.execute(f"PRAGMA busy_timeout={int(notice_s * 1000)}")
         return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection. SQLite reads a WAL-mode file through its ``-shm`` index,
+        which it creates beside the file: in a read-only folder without one, the file is
+        opened as immutable (nothing can be writing it there)."""
+        target = "file:" + urllib.parse.quote(str(Path(self.path).resolve()))
+        conn = self._connect(target + "?mode=ro", uri=True)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            conn.close()
+            wal = Path(self.path + "-wal")
+            no_index = _read_only(exc) or _code(exc) == sqlite3.SQLITE_CANTOPEN  # cannot create it
+            if not no_index or (wal.exists() and wal.stat().st_size > 0):
+                raise
+        return self._connect(target + "?mode=ro&immutable=1", uri=True)
 
     def _writable_settings(self) -> None:
         conn = self._conn
@@ -220,6 +257,8 @@ class SqliteStore(Store):
                 cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
                 return
             except sqlite3.Error as exc:
+                if _read_only(exc):
+                    raise StoreError(_read_only_file(self.path)) from exc
                 if not _busy(exc):
                     raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
                 now = time.monotonic()
@@ -243,6 +282,8 @@ class SqliteStore(Store):
             yield cur
         except sqlite3.Error as exc:
             self._conn.rollback()
+            if _read_only(exc):
+                raise StoreError(_read_only_file(self.path)) from exc
             doing = "writing to" if immediate else "reading from"
             raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc)}") from exc
         except BaseException:

@@ -658,6 +658,10 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
 C2 = "0x" + "cd" * 20
 
 
+def waiting_for_lock(path: str) -> str:
+    return f"the SQLite database {path} is locked by another process: waiting up to 60 s for it\n"
+
+
 def test_status_reads_beside_a_write_lock_and_a_write_says_it_waits_for_it(sqlite_url: str) -> None:
     """Another process (a `sqlite3` shell in a transaction) holds SQLite's write lock: a read
     goes on beside it, and a write says within seconds that it waits, instead of sitting
@@ -680,7 +684,7 @@ def test_status_reads_beside_a_write_lock_and_a_write_says_it_waits_for_it(sqlit
         out, err = p.communicate(timeout=120)
     finally:
         holder.close()
-    assert said == f"the SQLite database {path} is locked by another process: waiting up to 60 s for it\n"
+    assert said == waiting_for_lock(path)
     assert p.returncode == 0 and err == "", err
     assert out == f"tracking {C2} on chain 1\n"
 
@@ -811,3 +815,32 @@ def test_a_read_only_command_does_not_create_a_missing_postgres_schema(pg_url: s
     )
     with psycopg.connect(pg_url) as admin:
         assert admin.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
+
+
+def test_a_run_waiting_for_another_process_lock_says_so_among_its_progress_lines(
+    small_chain: Any, sqlite_url: str
+) -> None:
+    db, chain, path = sqlite_url, small_chain.chain, sqlite_url.removeprefix("sqlite:///")
+    assert run(db, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id)).exit_code == 0
+    mine = sorted(chain.direct[chain.silent])[:3]
+    assert run(db, "import", "-", "--contract", chain.silent, input="\n".join(mine)).exit_code == 0
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        p = subprocess.Popen([*gapfill_argv(), "--db", db, "--rpc-url", small_chain.url, "enrich",
+                              "--mode", "batch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)  # fmt: skip
+        assert p.stdout is not None
+        lines = []
+        try:
+            while (line := p.stdout.readline()) and "locked by another process" not in line:
+                lines.append(line)
+        finally:
+            holder.execute("ROLLBACK")
+        out, _ = p.communicate(timeout=120)
+    finally:
+        holder.close()
+    assert line == waiting_for_lock(path), lines
+    assert p.returncode == 0, out
+    with open_store(db) as s:
+        assert s.count_gap(chain.chain_id, chain.silent) == 0

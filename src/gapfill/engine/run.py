@@ -341,10 +341,9 @@ def _note(job: EnrichJob, exc: BaseException) -> str:
 
 
 def _open(job: EnrichJob, emit: Emit) -> Store:
-    """The run's database, saying through ``emit`` what it waits for (another process's lock).
-
-    Not a worker process's: its waits are mostly on its siblings, and the coordinator,
-    which writes too, says a lock held from outside."""
+    """The run's database, saying through ``emit`` what it waits for (another process's lock),
+    where this process is the run's only writer. A concurrent run's coordinator and workers
+    wait on each other's commits, which is no news: they do not say it."""
     return open_store(job.db_url, notice=lambda text: emit(Notice(text)))
 
 
@@ -734,7 +733,7 @@ class Coordinator:
 
     def run(self) -> RunSummary:
         job = self.job
-        store = _open(job, self.emit)
+        store = open_store(job.db_url)  # its waits are on its own workers' commits: not said
         old_int = signal.signal(signal.SIGINT, self._on_signal)
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         t0 = time.perf_counter()

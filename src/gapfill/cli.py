@@ -396,7 +396,7 @@ def resolve_targets(store: Store, contract: str | None, chain_id: int | None) ->
 @cli.command()
 @pass_ctx
 def init(ctx: Ctx) -> None:
-    """Create or upgrade the schema (every command does this too)."""
+    """Create or upgrade the schema (every command that writes does this too)."""
     version = ctx.store(create=True).migrate()
     click.echo(f"database {ctx.store().display_url} is at schema version {version}")
 

@@ -876,7 +876,8 @@ def test_a_worker_ignores_another_chains_open_plan(
 def test_a_node_without_a_method_enrichment_needs_stops_the_run_and_keeps_the_gap(
     pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path, mode: str
 ) -> None:
-    # Not one permanent failure per transaction: one sentence, exit 1, the gap untouched.
+    # Not one permanent failure per transaction: one sentence, exit 1, the gap untouched,
+    # and no plan: the node is checked before the plan is written (it used to stay open).
     with emulator(node_chain.url, "--missing-methods", "eth_getTransactionReceipt") as (rpc, _):
         rc, out = gapfill(["--db", pg_url, "--rpc-url", rpc, "enrich", "--mode", mode, "--workers", "2"],
                           tmp_path, mode, timeout_s=60)  # fmt: skip
@@ -885,6 +886,7 @@ def test_a_node_without_a_method_enrichment_needs_stops_the_run_and_keeps_the_ga
     assert "Traceback" not in out and "restarted" not in out, out
     assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
     assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)]
+    assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], "an open plan was left behind"
 
 
 @pytest.mark.timeout(120)
@@ -990,7 +992,8 @@ def test_ctrl_c_while_a_concurrent_run_starts_stops_it_at_once(
                 methods = emulator_stats(rpc)["methods"]
                 if phase == "probe":
                     return methods.get("eth_chainId", 0) >= 1
-                return methods.get("eth_getTransactionReceipt", 0) >= 2  # the probe asks one
+                # the coordinator's probe asks one, then the sample's own probe one
+                return methods.get("eth_getTransactionReceipt", 0) >= 3
 
             wait_for(f"the {phase} under way", in_phase, 60, proc=p)
             os.killpg(p.pid, signal.SIGINT)
@@ -1002,7 +1005,7 @@ def test_ctrl_c_while_a_concurrent_run_starts_stops_it_at_once(
     assert "[Worker-" not in out, out  # none started (they used to, then sat out the grace period)
     assert committed_count(pg_url) == 0 and leased_now(pg_url) == []
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("interrupted",)]
+    assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], "planned after the Ctrl+C"
     if phase == "sample":
-        assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], "planned after the Ctrl+C"
         assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)], "the cut sample was written"
         assert "processed: 0 transactions" in out, out

@@ -580,8 +580,10 @@ def test_concurrent_mode_on_postgres_is_exact(pg_url: str, world: World, tmp_pat
 
 
 @pytest.mark.parametrize("mode", ["batch", "concurrent"])
-def test_a_run_that_fails_says_why_in_runs(db_url: str, world: World, mode: str) -> None:
+def test_a_run_that_fails_says_why_in_runs_and_leaves_no_plan(db_url: str, world: World, mode: str) -> None:
     # Contracts tracked on chain 1, a node of chain 31337: the run fails, and `runs` keeps why.
+    # The plan used to be written before the node was checked, and stayed open: imports and
+    # discovery fill nothing under an open plan, and `gapfill worker` would join it.
     from gapfill.model import Contract, Ref
 
     with open_store(db_url) as store:
@@ -590,6 +592,8 @@ def test_a_run_that_fails_says_why_in_runs(db_url: str, world: World, mode: str)
     code, out = gapfill(db_url, world.node.url, "enrich", "--chain-id", "1", "--mode", mode,
                         "--workers", "2", "-q")  # fmt: skip
     assert code == 1 and "serves chain 31337, expected 1" in out, out
+    with open_store(db_url) as store:
+        assert not store.has_open_batches(), "the failed check left an open plan behind"
     code, out = gapfill(db_url, None, "runs")
     assert code == 0 and f"{mode} x" in out and " failed: " in out, out
     assert "serves chain 31337, expected 1" in out, out

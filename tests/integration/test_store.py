@@ -119,6 +119,7 @@ def test_permanent_failures_leave_the_gap_transient_ones_stay(store: Store) -> N
     store.write(Enriched(failures=[Failure(1, h(0), C, "not_found", "null"),
                                    Failure(1, h(1), C, "rpc_error", "timeout")]))  # fmt: skip
     assert {r.tx_hash for r in store.iter_gap(1, C)} == {h(1), h(2), h(3)}
+    assert store.has_gap(1, C) and not store.has_gap(2, C)
     assert store.status()[0].failed == 1
     listed = store.list_failures()
     assert len(listed) == 2
@@ -152,7 +153,7 @@ def test_plan_cuts_keyset_batches_and_a_second_plan_joins(store: Store) -> None:
         assert store.commit_batch(b, Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0)
                                                for r in refs]))  # fmt: skip
     assert len(seen) == len(set(seen)) == 1010
-    assert store.count_gap(1, C) == 0
+    assert store.count_gap(1, C) == 0 and not store.has_gap(1, C)
     counts = store.batch_counts(run)
     assert counts.done == counts.total == 4 and counts.succeeded == 1010
 

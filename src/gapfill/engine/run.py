@@ -321,6 +321,16 @@ async def _probe(job: EnrichJob, emit: Emit) -> EnrichJob:
         return _without_left_out(job, client)
 
 
+def _needs_node(store: Store, job: EnrichJob) -> bool:
+    """Whether the run has work for the node: an open plan of its targets, or (a run that
+    plans) a gap to plan. The node's start-up check, which may fail (another chain, a
+    method missing, unreachable), then comes before the plan is written: a failed check
+    must not leave an open plan behind (imports and discovery fill nothing under one)."""
+    if store.has_open_batches(job.targets):
+        return True
+    return job.plan_new and any(store.has_gap(chain_id, contract) for chain_id, contract in job.targets)
+
+
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any
@@ -364,14 +374,19 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         t0 = time.perf_counter()  # as the run's row counts it: planning included
         totals_box: dict[str, Any] = {}
         state = "done"
-        try:
-            _release_dead_local_owners(store, emit)
+        def start() -> int:
+            """Plan (or join) and say so; returns the run's open batches."""
             batches, refs, joined = _plan(store, job, run_id)
             emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
-            # Nothing open (the gap is empty or all failed for good): no node is asked anything.
-            if store.has_open_batches(job.targets):
+            return batches
+
+        try:
+            _release_dead_local_owners(store, emit)
+            if _needs_node(store, job):  # the node is checked first, then the plan written
                 asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box,
-                                                               run_id, batches, t0)))
+                                                               run_id, start, t0)))
+            else:  # the gap is empty or all failed for good: no node is asked anything
+                start()
             if term.fired:  # stopped by SIGTERM, even if the last batch ended meanwhile
                 state = "interrupted"
         except KeyboardInterrupt:
@@ -463,13 +478,18 @@ def _sigterm_as_sigint(term: _Term) -> Any:
 
 async def _in_process(
     job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], run_id: int,
-    total_batches: int, t0: float,
+    start: Callable[[], int], t0: float,
 ) -> None:
+    """Check the node, then ``start()`` (plan), then work the open batches."""
     settings = job.worker
     if sequential:
         settings = replace(settings, sequential=True, batches_in_flight=1)
     async with _client(job, sequential=sequential) as client:
         await _ready(client, emit)
+        total_batches = start()
+        if not total_batches:  # another run took the last of it meanwhile
+            box["calls"] = _rpc_totals(client)[0]
+            return
         enrichers = _decoder_and_enricher(store, client, job)
         worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
         metrics = None
@@ -752,6 +772,17 @@ class Coordinator:
             # overlaps the planning instead of delaying the first worker.
             _start_fork_server()
             _release_dead_local_owners(store, self.emit)
+            # One probe here, before anything is planned (or sampled), fails fast with one
+            # sentence (unreachable node, wrong chain, a method missing) instead of a crash
+            # loop of workers that each find out, and leaves no open plan behind. The
+            # endpoints it leaves out (a hung one) are left out of the sample's and the
+            # workers' clients, so that none waits the probe grace for them again.
+            probed = False
+            if self.stopping_at is None and _needs_node(store, job):
+                checked = self._cancellable(lambda: _probe(job, self.emit))
+                if checked is not None:
+                    self.job = job = checked
+                    probed = True
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
@@ -777,13 +808,10 @@ class Coordinator:
             # With nothing open, no worker starts and no node is asked anything; nor after a
             # Ctrl+C during the start (the run ends at once, as interrupted).
             if total_batches and self.stopping_at is None:
-                # One probe here fails fast with one sentence (unreachable node, wrong chain)
-                # instead of a crash loop of workers that each find out. The endpoints it
-                # leaves out (a hung one) are left out of the workers' clients, so that no
-                # worker waits the probe grace for them again.
-                probed = self._cancellable(lambda: _probe(job, self.emit))
-                if probed is not None:
-                    self.job = job = probed
+                if not probed:  # a plan opened by another run since the check above
+                    checked = self._cancellable(lambda: _probe(job, self.emit))
+                    if checked is not None:
+                        self.job = job = checked
                 if self.stopping_at is None:
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())

@@ -453,6 +453,12 @@ class Store(abc.ABC):
             last = rows[-1]
             cursor_key = (UNKNOWN_BLOCK_KEY if last[1] is None else int(last[1]), last[0])
 
+    def has_gap(self, chain_id: int, contract: str) -> bool:
+        """Whether a ref of the contract is missing: one probe of the index, not a count."""
+        with self._read() as cur:
+            cur.execute(self._sql(f"SELECT 1 FROM refs r WHERE {GAP_WHERE} LIMIT 1"), (chain_id, contract))
+            return cur.fetchone() is not None
+
     def count_gap(self, chain_id: int, contract: str) -> int:
         with self._read() as cur:
             cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {GAP_WHERE}"),

@@ -517,6 +517,40 @@ def test_a_worker_whose_start_up_check_fails_is_restarted_instead_of_ending_the_
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("first_failed", [2, 3], ids=["every-worker", "one-worker"])
+def test_a_node_that_fails_after_the_coordinators_check_ends_the_run_without_restarts(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path, first_failed: int
+) -> None:
+    # Every eth_chainId from the `first_failed`-th on is answered 503: the coordinator's
+    # check (the first) passed, then the node is gone. Each worker whose own check failed
+    # was restarted, 10 x workers times (~30 s of restarts) before the run failed. Now the
+    # coordinator checks the node itself, finds it gone too, and ends the run with the
+    # node's sentence. With 3, one worker's check passed and it holds leases when the run
+    # ends (20 calls/s: it cannot finish meanwhile): they go back at once (they used to
+    # wait for their expiry), and it is stopped.
+    flags = ("--chain-id-503-from", str(first_failed), "--chain-id-503-count", "1000")
+    if first_failed == 3:
+        flags += ("--rps", "20")
+    with emulator(node_chain.url, *flags) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            wait_for("the run's end", lambda: p.poll() is not None, 100)  # polls note its processes
+            rc = p.wait(5)
+        finally:
+            p.close()
+    out = p.output()
+    assert p.seen, "no process of the run was seen"
+    assert rc == 1 and "Traceback" not in out, out
+    assert "error: eth_chainId failed: HTTP 503" in out and "the node is failing" in out, out
+    assert "restarted" not in out, out
+    assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("failed",)]
+    if first_failed == 3:
+        assert any(e.event == "leased" for e in lease_events(pg_url)), out
+    assert leased_now(pg_url) == []
+    assert not [pid for pid in p.seen if alive(pid)], "processes of the run outlived it"
+
+
+@pytest.mark.timeout(120)
 def test_an_endpoint_the_first_probe_left_out_is_not_waited_for_again(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, tmp_path: Path
 ) -> None:

@@ -777,12 +777,8 @@ class Coordinator:
             # loop of workers that each find out, and leaves no open plan behind. The
             # endpoints it leaves out (a hung one) are left out of the sample's and the
             # workers' clients, so that none waits the probe grace for them again.
-            probed = False
-            if self.stopping_at is None and _needs_node(store, job):
-                checked = self._cancellable(lambda: _probe(job, self.emit))
-                if checked is not None:
-                    self.job = job = checked
-                    probed = True
+            probed = self.stopping_at is None and _needs_node(store, job) and self._check_node()
+            job = self.job
             if job.plan_new:
                 seq = recorded_sequential_rate(store)
                 if seq is None and job.measure_sequential and self.stopping_at is None:
@@ -809,9 +805,8 @@ class Coordinator:
             # Ctrl+C during the start (the run ends at once, as interrupted).
             if total_batches and self.stopping_at is None:
                 if not probed:  # a plan opened by another run since the check above
-                    checked = self._cancellable(lambda: _probe(job, self.emit))
-                    if checked is not None:
-                        self.job = job = checked
+                    self._check_node()
+                    job = self.job
                 if self.stopping_at is None:
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
@@ -893,9 +888,11 @@ class Coordinator:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             for s in self.slots.values():
-                if s.proc.is_alive():
+                if s.proc.is_alive():  # the run failed: its leases go back at once, not at expiry
                     s.proc.kill()
                     s.proc.join(timeout=5)
+                    with contextlib.suppress(GapfillError):  # the database may be what failed
+                        store.release_owner(self._owner(s), "run failed")
             _stop_fork_server(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()
@@ -938,6 +935,11 @@ class Coordinator:
         if code == EXIT_START_FAILED:
             self._drain()  # its last event may have come in after the loop's drain
             start_failed = self.start_failed.pop(s.index, None)
+            # The node is checked from here too: on a flaky node this (patient) check
+            # passes and the worker is restarted; a node gone for the coordinator too ends
+            # the run at once (NodeUnavailable), not after the restart budget.
+            if start_failed is not None and not self._check_node():
+                return  # a Ctrl+C during the check: the run stops
         if self.restarts >= 10 * self.workers:
             if start_failed is not None:  # the node kept failing the workers' start-up checks
                 raise NodeUnavailable(start_failed)
@@ -953,6 +955,17 @@ class Coordinator:
                          + (f", {n} batch(es) returned to the plan" if n else "")))  # fmt: skip
         s.proc = self._spawn(s.index)
         s.started = time.monotonic()
+
+    def _check_node(self) -> bool:
+        """The node's start-up check, from the coordinator (it raises what fails it); the
+        endpoints it leaves out are left out of the clients made after it. False when a
+        Ctrl+C cancelled it."""
+        job = self.job
+        checked = self._cancellable(lambda: _probe(job, self.emit))
+        if checked is None:
+            return False
+        self.job = checked
+        return True
 
     def _supervise_leases(self, store: Store) -> None:
         """Take back expired leases; kill a local worker that held one (it is stuck)."""

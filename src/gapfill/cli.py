@@ -923,8 +923,11 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
 
 @cli.command()
 @with_options([o for o in enrich_options if o is not batch_size_option])
+@click.option("--wait", is_flag=True,
+              help="With no plan open yet, wait for one (`gapfill enrich` on another host) "
+                   "instead of exiting.")  # fmt: skip
 @pass_ctx
-def worker(ctx: Ctx, /, **opts: Any) -> None:
+def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
     """Join the open plans of this database (any host) and work until they are done."""
     opts["batch_size"] = 500  # unused: a worker never plans (plan_new=False)
     contracts = ctx.store().list_contracts()
@@ -933,6 +936,17 @@ def worker(ctx: Ctx, /, **opts: Any) -> None:
     # A worker joins the plans of its endpoints' chain; those of another chain are for
     # workers given an endpoint of that chain, so it leaves them without a word.
     chain, targets, _ = _chain_targets(ctx, None, None, rpc_settings(opts.get("rpc_timeout_s")))
+    keys = [(c.chain_id, c.address) for c in targets]
+    if not ctx.store().has_open_batches(keys):
+        if not wait:  # nothing to join: said, and nothing written (not even a run row)
+            tell(f"no open plan to join on chain {chain}: run `gapfill enrich` with this database "
+                 "(on any host) to plan the gap, or start the worker with --wait")  # fmt: skip
+            return
+        tell(f"no open plan on chain {chain} yet: waiting for `gapfill enrich` to plan one "
+             "(Ctrl+C to stop)")  # fmt: skip
+        from gapfill.engine.run import wait_for_plan
+
+        wait_for_plan(ctx.store(), keys)
     ctx.close()
     _run_job(_job(ctx, chain, targets, "concurrent", opts, plan_new=False), opts["quiet"])
 

@@ -466,6 +466,17 @@ def test_worker_offers_no_batch_size_it_would_never_use(tracked: str) -> None:
     assert run(tracked, "worker", "--batch-size", "3").exit_code == 2
 
 
+def test_a_worker_with_no_open_plan_says_so_and_what_to_do(tracked: str) -> None:
+    # It used to start a run of nothing and print its empty summary: 0 open batches, 0
+    # transactions, and not a word about what was wrong or what to do.
+    r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "worker")
+    assert r.exit_code == 0, r.output + r.stderr
+    said = ("no open plan to join on chain 1: run `gapfill enrich` with this database (on any host) "
+            "to plan the gap, or start the worker with --wait")  # fmt: skip
+    assert one_sentence(r) == said
+    assert r.stdout == "" and run(tracked, "runs").stdout.strip() == "no runs yet"
+
+
 @pytest.mark.parametrize("args", [("status", "--json"), ("contract", "list"), ("runs",)])
 def test_a_closed_pipe_ends_quietly(tracked: str, args: tuple[str, ...]) -> None:
     """`gapfill status --json | head -c 10`: the reader leaves early; no 'internal error'."""

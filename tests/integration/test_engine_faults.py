@@ -901,8 +901,33 @@ def test_a_worker_ignores_another_chains_open_plan(
     rc, out = gapfill(["--db", pg_url, "--rpc-url", node_chain.url, "worker", "--workers", "2"],
                       tmp_path, "worker", timeout_s=60)  # fmt: skip
     assert rc == 0 and "restarted" not in out, out
-    assert "0 open batches" in out and "joined" not in out, out  # nothing of its chain to join
+    # nothing of its chain to join: said in one line, and no run of nothing recorded
+    assert f"no open plan to join on chain {node_chain.chain.chain_id}: run `gapfill enrich`" in out, out
+    assert "Run #" not in out and query(pg_url, "SELECT count(*) FROM runs WHERE mode = 'worker'") == [(0,)]
     assert query(pg_url, "SELECT count(*) FROM batches WHERE chain_id = 1 AND state = 'pending'") == [(1,)]
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_told_to_wait_joins_the_plan_made_after_it_started(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, tmp_path: Path
+) -> None:
+    # Workers on a second host started before the first host's `gapfill enrich` planned:
+    # without --wait they say there is nothing to join and exit 0; with it they wait.
+    from gapfill.store import open_store
+
+    some = {a: frozenset(sorted(hs)[:60]) for a, hs in chain_refs(node_chain.chain).items()}
+    seeded = seed(pg_url, node_chain.chain, some)
+    p = GapfillProc(["--db", pg_url, "--rpc-url", node_chain.url, "worker", "--workers", "1", "--wait"],
+                    tmp_path, "worker")  # fmt: skip
+    try:
+        wait_for("the worker waiting", lambda: "waiting for `gapfill enrich`" in p.output(), 60, proc=p)
+        with open_store(pg_url) as store:  # what the other host's `gapfill enrich` writes first
+            store.plan(store.create_run("concurrent", 2), [(node_chain.chain.chain_id, a) for a in some])
+        rc = p.wait(60)
+    finally:
+        p.close()
+    assert rc == 0, p.output()
+    assert_exact(pg_url, node_chain, truth, seeded)
 
 
 @pytest.mark.timeout(90)

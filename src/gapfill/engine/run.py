@@ -331,6 +331,16 @@ def _needs_node(store: Store, job: EnrichJob) -> bool:
     return job.plan_new and any(store.has_gap(chain_id, contract) for chain_id, contract in job.targets)
 
 
+#: How often `gapfill worker --wait` looks for an open plan.
+PLAN_POLL_S = 2.0
+
+
+def wait_for_plan(store: Store, targets: Sequence[tuple[int, str]], poll_s: float = PLAN_POLL_S) -> None:
+    """Return once one of ``targets`` has an open plan (Ctrl+C stops the wait)."""
+    while not store.has_open_batches(targets):
+        time.sleep(poll_s)
+
+
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any

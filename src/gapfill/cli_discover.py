@@ -104,6 +104,12 @@ class _Printer:
 @click.option("--method", "methods", multiple=True, metavar="LIST",
               help=f"Comma-separated methods out of {','.join(METHODS)} [default: trace if the "
                    "node has it, else explorer if configured, else logs,blocks].")
+@click.option("--rescan", is_flag=True,
+              help="Scan blocks again even where coverage says they are done (after a reorg deeper "
+                   "than --confirmations, a new --method, or a provider that missed logs). Refs "
+                   "already stored stay and new ones are added (the summary counts them): nothing is "
+                   "deleted. Without --from-block/--to-block: every block scanned before, and the "
+                   "rest up to latest - confirmations.")
 @click.option("--explorer-url", envvar=ENV_URL, show_envvar=True, default=None,
               help="Etherscan-compatible API, e.g. https://api.etherscan.io/v2/api.")
 @click.option("--explorer-key", envvar=ENV_KEY, show_envvar=True, default=None,
@@ -111,11 +117,12 @@ class _Printer:
 @rpc_timeout_option
 @_pass_ctx
 def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: int | None,
-             to_block: int | None, confirmations: int, methods: tuple[str, ...],
+             to_block: int | None, confirmations: int, methods: tuple[str, ...], rescan: bool,
              explorer_url: str | None, explorer_key: str | None, rpc_timeout_s: float) -> None:  # fmt: skip
     """Find the transactions of tracked contracts on chain and record refs and coverage.
 
-    Without a range, scans every block not yet complete up to latest - confirmations.
+    Without a range, scans every block not yet complete up to latest - confirmations;
+    blocks skipped as already scanned are named, and --rescan scans them again.
     Contracts on a chain that no endpoint serves are named and skipped (exit 3).
     """
     explorer = _explorer(ctx, explorer_url, explorer_key)
@@ -125,7 +132,8 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     printer = _Printer()
     ctx.kept = printer.kept
     summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
-                                          explorer, rpc_settings(rpc_timeout_s), printer))  # fmt: skip
+                                          rescan, explorer, rpc_settings(rpc_timeout_s),
+                                          printer))  # fmt: skip
     for s in summaries:
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
@@ -137,7 +145,7 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
 
 
 async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
-               from_block: int | None, to_block: int | None, confirmations: int,
+               from_block: int | None, to_block: int | None, confirmations: int, rescan: bool,
                explorer: ExplorerConfig | None, rpc: RpcSettings,
                printer: _Printer) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
     """Discover the targets on the endpoints' chain; returns their summaries and the
@@ -155,7 +163,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
         for c in on_chain:
             out.append(await run_discover(
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,
-                confirmations=confirmations, explorer=explorer, on_progress=printer,
+                confirmations=confirmations, explorer=explorer, on_progress=printer, rescan=rescan,
             ))  # fmt: skip
     return out, skipped
 

@@ -14,6 +14,7 @@ from engine_support import emulator
 
 from gapfill.cli import cli
 from gapfill.cli_discover import discover
+from gapfill.discover.coverage import coverage_report
 from gapfill.store import open_store
 from gapfill.testing.chain import GeneratedChain
 from gapfill.testing.explorer_standin import ExplorerStandIn
@@ -72,6 +73,53 @@ def test_discover_command(small_chain: NodeChain, tmp_path: Path) -> None:
     res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "blocks",
                               "--confirmations", "0"])  # fmt: skip
     assert res.exit_code == 0 and "0 new refs" in res.stdout
+
+
+def test_rescan_finds_refs_the_first_scan_missed(small_chain: NodeChain, db_url: str) -> None:
+    """Refs deleted behind discover's back (a provider that missed logs): a plain rerun skips
+    the covered blocks and says how to scan them again; --rescan finds exactly those refs."""
+    chain = small_chain.chain
+    runner = CliRunner()
+    _add(runner, db_url, chain, chain.silent)
+    args = ["--db", db_url, "--rpc-url", small_chain.url, "discover", "--method", "blocks",
+            "--confirmations", "0"]  # fmt: skip
+    assert runner.invoke(cli, args).exit_code == 0
+
+    def refs() -> set[str]:
+        with open_store(db_url) as store:
+            return {r.tx_hash for r in store.iter_gap(chain.chain_id, chain.silent)}
+
+    by_block = sorted(chain.direct[chain.silent], key=lambda h: (chain.tx_block[h], h))
+    lost = [by_block[0], by_block[len(by_block) // 2], by_block[-1]]
+    assert len({chain.tx_block[h] for h in lost}) == 3
+    with open_store(db_url) as store, store._tx() as cur:
+        cur.executemany(store._sql("DELETE FROM refs WHERE chain_id = ? AND contract = ? AND tx_hash = ?"),
+                        [(chain.chain_id, chain.silent, h) for h in lost])  # fmt: skip
+    assert refs() == chain.direct[chain.silent] - set(lost)
+
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "0 new refs" in res.stdout
+    assert (f"{chain.silent}: blocks 0-{chain.head} already scanned: pass --rescan to scan them again"
+            in res.stdout), res.stdout  # fmt: skip
+    assert refs() == chain.direct[chain.silent] - set(lost)
+
+    # A range: only the one lost ref in it comes back.
+    block = chain.tx_block[lost[1]]
+    res = runner.invoke(cli, [*args, "--rescan", "--from-block", str(block), "--to-block", str(block)])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert f"rescanned blocks {block}-{block}" in res.stdout and "; 1 new refs;" in res.stdout, res.stdout
+    assert "already scanned" not in res.stdout
+    assert refs() == chain.direct[chain.silent] - {lost[0], lost[2]}
+
+    # No range: the whole covered span, and nothing already there is touched or deleted.
+    res = runner.invoke(cli, [*args, "--rescan"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert f"rescanned blocks 0-{chain.head}" in res.stdout and "; 2 new refs;" in res.stdout, res.stdout
+    assert refs() == chain.direct[chain.silent]
+    with open_store(db_url) as store:
+        report = coverage_report(store, chain.chain_id, chain.silent, chain.head)
+    assert report["complete"] == [[0, chain.head]]
 
 
 def test_discover_explorer_from_env_never_prints_the_key(

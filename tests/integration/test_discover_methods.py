@@ -262,6 +262,19 @@ async def test_nothing_above_latest_minus_confirmations_is_covered(
     assert report["unscanned"] == [[chain.head - 4, chain.head]]
 
 
+async def test_a_rescan_without_a_range_covers_what_was_scanned_below_the_start_block(
+    small_chain: NodeChain, store: Store
+) -> None:
+    chain = small_chain.chain
+    silent = Contract(chain.chain_id, chain.silent, start_block=chain.head // 2)
+    store.add_contract(silent)
+    await _discover(store, small_chain.url, silent, methods=["blocks"], from_block=0)
+    summary = await _discover(store, small_chain.url, silent, methods=["blocks"], rescan=True)
+    assert (summary.from_block, summary.to_block) == (0, chain.head)
+    assert summary.blocks_scanned == {"blocks": chain.head + 1} and summary.already_scanned == ()
+    assert summary.new_refs == 0 and set(_refs(store, silent)) == chain.direct[chain.silent]
+
+
 async def test_partial_scans_are_reported(small_chain: NodeChain, store: Store) -> None:
     chain = small_chain.chain
     token = _track(store, chain)[0]

@@ -122,7 +122,8 @@ def covered_by(coverage: Sequence[CoverageRange], methods: Iterable[str]) -> lis
     return merge((r.from_block, r.to_block) for r in coverage if r.method in wanted)
 
 
-def _fmt(intervals: Sequence[Interval]) -> str:
+def fmt_ranges(intervals: Sequence[Interval]) -> str:
+    """``0-9, 20, 30-39``: the first three ranges, and how many there are when more."""
     return ", ".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in intervals[:3]) + (
         f", ... ({len(intervals)} ranges)" if len(intervals) > 3 else ""
     )
@@ -142,9 +143,9 @@ def report(coverage: Sequence[CoverageRange], start_block: int, head: int | None
     total = end - start_block + 1
     parts = [f"blocks {start_block}-{end}: {size(complete)}/{total} complete"]
     if partial:
-        parts.append(f"{size(partial)} partial (logs only: {_fmt(partial)})")
+        parts.append(f"{size(partial)} partial (logs only: {fmt_ranges(partial)})")
     if unscanned:
-        parts.append(f"{size(unscanned)} unscanned ({_fmt(unscanned)})")
+        parts.append(f"{size(unscanned)} unscanned ({fmt_ranges(unscanned)})")
     return {
         "complete": [[lo, hi] for lo, hi in complete],
         "partial": [[lo, hi] for lo, hi in partial],

@@ -42,6 +42,16 @@ covered), skipping what is already done:
   sees at least as much, has scanned (so ``--method trace`` over a range a block
   scan completed looks again, for internal calls).
 
+Discover reports the blocks it skipped that way ("blocks 0-1200 already scanned:
+pass --rescan to scan them again"). With ``rescan=True`` nothing is skipped: every
+chosen method scans the whole target again (after a reorg deeper than the
+confirmations, a new method, or a provider that missed logs). Refs are only ever
+added (one already there stays as it is, nothing is deleted), so ``new_refs`` counts
+what the earlier scans missed (and what blocks never scanned hold); coverage is
+recorded as usual. Without ``from_block`` the rescan starts at the lowest block ever
+covered, if that is below the contract's start block, so it covers everything
+scanned before.
+
 Refs and coverage are committed together (``Store.add_refs_and_coverage``) per
 completed chunk, so an interrupted run loses only the chunks in flight, and a
 rerun scans only what is still missing.
@@ -73,6 +83,7 @@ from gapfill.discover.coverage import (
     chunks,
     complete_ranges,
     covered_by,
+    fmt_ranges,
     intersect,
     merge,
     size,
@@ -152,14 +163,24 @@ class DiscoverSummary:
     rpc_calls: int = 0
     explorer_requests: int = 0
     trace_backend: str | None = None
+    #: Whether coverage was ignored (``rescan=True``).
+    rescan: bool = False
+    #: Blocks of the target that no method scanned because coverage said they were done.
+    already_scanned: tuple[Interval, ...] = ()
 
     @property
     def text(self) -> str:
+        """One line of what was done, and one more naming the blocks skipped as done."""
         scanned = ", ".join(f"{m} {self.blocks_scanned.get(m, 0)} blocks/"
                             f"{self.refs_found.get(m, 0)} refs" for m in self.methods)  # fmt: skip
-        where = "nothing to scan" if self.from_block is None else f"blocks {self.from_block}-{self.to_block}"
-        return (f"{self.contract}: {where}; {scanned or 'no method ran'}; {self.new_refs} new refs; "
+        where = "nothing to scan" if self.from_block is None else (
+            f"{'rescanned ' if self.rescan else ''}blocks {self.from_block}-{self.to_block}")
+        text = (f"{self.contract}: {where}; {scanned or 'no method ran'}; {self.new_refs} new refs; "
                 f"{self.rpc_calls} RPC calls, {self.explorer_requests} explorer requests")  # fmt: skip
+        if self.already_scanned:
+            text += (f"\n{self.contract}: blocks {fmt_ranges(self.already_scanned)} already scanned: "
+                     "pass --rescan to scan them again")  # fmt: skip
+        return text
 
 
 async def choose_methods(
@@ -312,11 +333,12 @@ async def discover(
     explorer: ExplorerConfig | None = None,
     on_progress: Callable[[DiscoverProgress], None] | None = None,
     settings: DiscoverSettings = DiscoverSettings(),
+    rescan: bool = False,
 ) -> DiscoverSummary:
     """Scan ``contract``'s blocks for its transactions; store refs and coverage as it goes.
 
-    See the module docstring for the methods, the default choice, coverage and
-    resuming. Raises :class:`gapfill.errors.ConfigError` for bad arguments and
+    See the module docstring for the methods, the default choice, coverage,
+    resuming and ``rescan``. Raises :class:`gapfill.errors.ConfigError` for bad arguments and
     :class:`gapfill.errors.RpcError` (or :class:`ExplorerError`) when a source
     fails; chunks committed before the failure stay committed.
     """
@@ -339,7 +361,10 @@ async def discover(
         )
     latest = int(str(await client.call("eth_blockNumber", [])), 16)
     safe = latest - confirmations
+    coverage = await asyncio.to_thread(store.get_coverage, contract.chain_id, address)
     start = from_block if from_block is not None else (contract.start_block or 0)
+    if rescan and from_block is None and coverage:
+        start = min(start, min(c.from_block for c in coverage))  # everything scanned before
     end = safe if to_block is None else min(to_block, safe)
     if to_block is not None and to_block > safe:
         logger.warning("stopping at block %d (latest %d - %d confirmations), not %d",
@@ -353,8 +378,10 @@ async def discover(
             raise RpcError("the node serves neither trace_filter nor ots_searchTransactionsAfter: "
                            "use --method logs,blocks or an explorer")  # fmt: skip
     target = [(start, end)] if start <= end else []
-    coverage = await asyncio.to_thread(store.get_coverage, contract.chain_id, address)
-    todo = plan_todo(coverage, target, chosen, default_set=methods is None)
+    if rescan:
+        todo = {m: list(target) for m in chosen}
+    else:
+        todo = plan_todo(coverage, target, chosen, default_set=methods is None)
     run = _Run(store, contract, chosen, todo, on_progress)
     run.emit("start", target[0][0] if target else None, target[0][1] if target else None)
 
@@ -402,6 +429,8 @@ async def discover(
         rpc_calls=run.rpc_calls[0],
         explorer_requests=explorer_client.requests if explorer_client else 0,
         trace_backend=backend,
+        rescan=rescan,
+        already_scanned=tuple(subtract(target, (s for spans in todo.values() for s in spans))),
     )
 
 

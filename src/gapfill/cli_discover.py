@@ -56,7 +56,8 @@ class _Printer:
     """Plain progress lines on stderr, at most one a second (plus the first and last); it
     keeps every contract's last progress, which counts what its commits wrote."""
 
-    def __init__(self) -> None:
+    def __init__(self, rescan: bool = False) -> None:
+        self._rescan = rescan
         self._last = 0.0
         self._latest: dict[tuple[int, str], DiscoverProgress] = {}
 
@@ -67,9 +68,12 @@ class _Printer:
             return "nothing was written; run the same command again"
         unit = "blocks" if all(len(p.methods) < 2 for p in done) else "block scans"
         new = sum(p.new_refs for p in done)
+        # A rescan ignores coverage, so running it again starts over rather than resuming.
+        again = ("again to rescan from the start" if self._rescan
+                 else "again to continue where it stopped")  # fmt: skip
         return (f"{sum(p.blocks_done for p in done)} {unit} scanned and the {new} new "
                 f"ref{'' if new == 1 else 's'} found in them are committed; run the same command "
-                "again to continue where it stopped")  # fmt: skip
+                f"{again}")  # fmt: skip
 
     def __call__(self, p: DiscoverProgress) -> None:
         self._latest[(p.chain_id, p.contract)] = p
@@ -129,7 +133,7 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     store = ctx.store()
     targets = resolve_targets(store, contract, chain_id)
     chosen = _methods(methods)
-    printer = _Printer()
+    printer = _Printer(rescan)
     ctx.kept = printer.kept
     summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
                                           rescan, explorer, rpc_settings(rpc_timeout_s),

@@ -1,4 +1,5 @@
-"""The progress lines printed where output is not a terminal (``LineRenderer``)."""
+"""The progress lines printed where output is not a terminal (``LineRenderer``, and
+``discover``'s printer)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import io
 
 import pytest
 
+from gapfill.cli_discover import _Printer
 from gapfill.cli_progress import LineRenderer
+from gapfill.discover.run import DiscoverProgress
 from gapfill.engine.events import Progress
 
 
@@ -39,3 +42,14 @@ def test_a_plan_that_grows_is_reported_again() -> None:
     assert [ln.split(",")[0] for ln in out.getvalue().splitlines()] == [
         "Progress: 4/4 batches (100.0%)", "Progress: 4/6 batches (66.7%)", "Progress: 6/6 batches (100.0%)",
     ]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("rescan", [False, True])
+def test_ctrl_c_during_a_rescan_says_a_rerun_starts_over(rescan: bool) -> None:
+    # A rescan ignores coverage: "continue where it stopped" was not what running it again does.
+    printer = _Printer(rescan)
+    printer(DiscoverProgress("chunk", 1, "0x" + "ab" * 20, ("blocks",), 0, 49, 50, 100, 2, 1))
+    assert printer.kept() == ("50 blocks scanned and the 1 new ref found in them are committed; run the "
+                              "same command again to " + ("rescan from the start" if rescan
+                                                          else "continue where it stopped"))  # fmt: skip

@@ -33,9 +33,12 @@ def require(condition: bool, reason: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in _ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    # Each test has its own host-shared RPC state (rate buckets, learned batch sizes): a
+    # loopback URL another test used (the same port, later) must not carry its limits over.
+    monkeypatch.setenv("GAPFILL_BUDGET_DIR", str(tmp_path_factory.mktemp("budgets")))
 
 
 def _pg_url(dbname: str) -> str:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gapfill.errors import NodeUnavailable, RpcError
 from gapfill.rpc import Call, CallError, EndpointConfig, RpcClient, RpcSettings
+from gapfill.rpc.budget import LEARNED_CAP_TTL_S, budget_path, read_learned_cap, write_learned_cap
 from gapfill.rpc.endpoint import GROW_AFTER_SUCCESSES, Endpoint
 
 pytestmark = pytest.mark.timeout(20)
@@ -383,6 +384,28 @@ async def test_batch_too_large_halves_and_remembers(
     # Halving: 40 -> 20 -> 10 -> 5; batches already in flight when the first refusal
     # came back are refused too, so at most 1 + 2 + 4.
     assert refused == 1 if style == "json-named" else 3 <= refused <= 7
+    # The next process (a run's other workers, the next run) starts at the learned size.
+    before = len(node.requests)
+    async with RpcClient([EndpointConfig(node.url, max_batch=50)], settings(tmp_path)) as client:
+        assert next(iter(client.stats().values())).batch_cap == cap
+        assert await client.call_many([Call("echo", [i]) for i in range(40)]) == list(range(40))
+    assert len(node.requests) - before == -(-40 // cap)  # not one refused
+
+
+def test_a_learned_batch_size_is_forgotten_when_old_or_unreadable(tmp_path: Any) -> None:
+    url = "http://127.0.0.1:1/"
+    write_learned_cap(url, 5, 10, str(tmp_path))
+    assert read_learned_cap(url, str(tmp_path)) == (5, 10)
+    assert read_learned_cap("http://127.0.0.1:2/", str(tmp_path)) is None  # per endpoint
+    path = budget_path(url, str(tmp_path), "cap")
+    old = time.time() - LEARNED_CAP_TTL_S - 1
+    with open(path, "w") as f:
+        f.write(f"5 10 {old}\n")
+    assert read_learned_cap(url, str(tmp_path)) is None  # a provider may have raised its limit
+    for garbage in ("", "five ten now", "10 5 0", "0 1 1e12"):
+        with open(path, "w") as f:
+            f.write(garbage)
+        assert read_learned_cap(url, str(tmp_path)) is None
 
 
 def test_batch_cap_grows_back_but_not_into_the_limit() -> None:

@@ -8,8 +8,10 @@ A draw is a *reservation*: the caller takes its tokens at once, possibly driving
 the balance below zero, and sleeps until the debt is paid. Callers are therefore
 served in order, nothing polls, and N processes together never exceed ``rps``.
 
-The file also holds the AIMD factor (so a 429 seen by one worker slows all of
-them) and a "paused until" time (so a ``Retry-After`` is honoured host-wide).
+A second small file per endpoint (``.cap``) remembers the batch size it refused, so
+that the next process starts below it. The bucket file also holds the AIMD factor
+(so a 429 seen by one worker slows all of them) and a "paused until" time (so a
+``Retry-After`` is honoured host-wide).
 Times are ``time.monotonic()``, which on Linux is one clock for the whole host.
 """
 
@@ -31,13 +33,50 @@ _INCREASE_STEP = 0.02  # of the configured rate, per successful request
 _CUT_INTERVAL_S = 1.0  # one multiplicative cut per interval however many 429s arrive
 
 
+#: Where the host's shared state per endpoint lives unless ``RpcSettings.budget_dir`` says.
+BUDGET_DIR_ENV = "GAPFILL_BUDGET_DIR"
+#: How long a batch size an endpoint refused is remembered (a provider may raise its limit).
+LEARNED_CAP_TTL_S = 24 * 3600.0
+
+
 def default_budget_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "gapfill-budgets")
+    return os.environ.get(BUDGET_DIR_ENV) or os.path.join(tempfile.gettempdir(), "gapfill-budgets")
 
 
-def budget_path(url: str, budget_dir: str | None = None) -> str:
+def budget_path(url: str, budget_dir: str | None = None, suffix: str = "bucket") -> str:
     digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
-    return os.path.join(budget_dir or default_budget_dir(), f"{digest}.bucket")
+    return os.path.join(budget_dir or default_budget_dir(), f"{digest}.{suffix}")
+
+
+def read_learned_cap(url: str, budget_dir: str | None = None) -> tuple[int, int] | None:
+    """The batch size last used at ``url`` after it refused a batch as too large, and the
+    smallest size it refused: (cap, refused), if learned in the last ``LEARNED_CAP_TTL_S``
+    by any gapfill process of this host. Each run's worker processes would otherwise
+    learn it again, one refused batch (or several, halving) each."""
+    try:
+        with open(budget_path(url, budget_dir, "cap"), encoding="ascii") as f:
+            cap, refused, at = f.read().split()
+        learned = (int(cap), int(refused))
+        age = time.time() - float(at)
+        if not -60.0 <= age <= LEARNED_CAP_TTL_S or not 1 <= learned[0] < learned[1]:
+            return None
+        return learned
+    except (OSError, ValueError):  # none yet, or unreadable: learn it again
+        return None
+
+
+def write_learned_cap(url: str, cap: int, refused: int, budget_dir: str | None = None) -> None:
+    """Remember what :func:`read_learned_cap` reads (best effort: written whole or not)."""
+    path = budget_path(url, budget_dir, "cap")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cap-")
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{cap} {refused} {time.time():.3f}\n")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from gapfill.redact import redact_url
-from gapfill.rpc.budget import LearnedBudget, SharedBudget
+from gapfill.rpc.budget import LearnedBudget, SharedBudget, read_learned_cap, write_learned_cap
 from gapfill.rpc.config import EndpointConfig, RpcSettings
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class Endpoint:
         self.batch_cap = hard_cap
         self._largest_ok = 0
         self._known_bad = hard_cap + 1
+        learned = read_learned_cap(config.url, settings.budget_dir)
+        if learned is not None and learned[0] < hard_cap:  # another process found the limit
+            self.batch_cap = learned[0]
+            self._known_bad = min(self._known_bad, learned[1])
         self._successes_at_cap = 0
         self.budget: SharedBudget | None = (
             SharedBudget(
@@ -332,6 +336,7 @@ class Endpoint:
                 self.shown, sent, new_cap,
             )
             self.batch_cap = new_cap
+            write_learned_cap(self.url, new_cap, self._known_bad, self._settings.budget_dir)
         self._successes_at_cap = 0
 
     def stats(self) -> EndpointStats:

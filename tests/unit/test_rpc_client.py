@@ -256,6 +256,9 @@ async def test_unreachable_node(tmp_path: Any) -> None:
         f"could not reach the RPC node at http://127.0.0.1:{port}/v2/***: connection refused; "
         "check --rpc-url or ETH_RPC_URL"
     )
+    # Nothing reached the node: the run's "calls" (and calls per transaction) count none.
+    [stats] = client.stats().values()
+    assert (stats.calls, stats.requests, stats.errors) == (0, 0, 3)
 
 
 async def test_null_retry(make_node: Any, tmp_path: Any) -> None:

@@ -540,7 +540,8 @@ class RpcClient:
             finally:
                 await endpoint.release()
             latency = time.monotonic() - started
-        endpoint.record_request(len(chunk), len(body), len(reply.body) if reply else 0, latency)
+        if reply is not None or not (failure and failure.unreachable):  # it reached the node
+            endpoint.record_request(len(chunk), len(body), len(reply.body) if reply else 0, latency)
         if reply is None:
             assert failure is not None
             if timed_out:  # a refused connection or a 5xx says nothing of its speed

@@ -42,7 +42,7 @@ class EndpointStats:
     """Counters of one endpoint since the client opened (``url`` is redacted)."""
 
     url: str
-    calls: int  # calls sent (items of batches)
+    calls: int  # calls sent (items of batches); not those whose connection failed
     requests: int  # HTTP requests sent
     retries: int  # calls sent again after a failure
     rate_limited: int  # 429 replies plus items answered with a rate-limit error

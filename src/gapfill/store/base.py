@@ -384,14 +384,19 @@ class Store(abc.ABC):
                 (chain_id, address, address, address),
             )  # fmt: skip
             deleted["failures"] = int(cur.rowcount)
-            for table, column in (("batches", "contract"), ("refs", "contract"),
-                                  ("coverage", "contract"), ("contracts", "address")):  # fmt: skip
+            for table, source, column in (
+                ("batches", "batches", "contract"), ("refs", self._REMOVE_REFS_FROM, "contract"),
+                ("coverage", "coverage", "contract"), ("contracts", "contracts", "address"),
+            ):  # fmt: skip
                 cur.execute(
-                    self._sql(f"DELETE FROM {table} WHERE chain_id = ? AND {column} = ?"),
+                    self._sql(f"DELETE FROM {source} WHERE chain_id = ? AND {column} = ?"),
                     (chain_id, address),
                 )
                 deleted[table] = int(cur.rowcount)
             return deleted
+
+    #: The table a removal deletes a contract's refs from (SQLite names the index to walk).
+    _REMOVE_REFS_FROM = "refs"
 
     # -- refs and the gap ----------------------------------------------------------
 

@@ -726,6 +726,133 @@ def test_removing_a_contract_waits_for_a_discovery_writing_it_and_deletes_what_i
         assert s.count_gap(1, C) == 0 and s.list_contracts() == []
 
 
+def _until(check: Callable[[], bool]) -> None:
+    """Poll ``check`` until it holds (the test's timeout ends a wait that never does)."""
+    while not check():
+        time.sleep(0.02)
+
+
+class _Removal:
+    """``remove_contract(1, C)`` on its own connection and thread, started at a point of
+    another transaction; ``started_and_waiting`` returns once it waits for a row lock."""
+
+    def __init__(self, pg_url: str) -> None:
+        import threading
+
+        import psycopg
+
+        self.url = pg_url
+        self.watcher = psycopg.connect(pg_url, autocommit=True)  # sees the waits and the clock
+        self.removed: list[dict[str, int]] = []
+        self.errors: list[Exception] = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            with open_store(self.url) as other:
+                self.removed.append(other.remove_contract(1, C))
+        except Exception as exc:
+            self.errors.append(exc)
+
+    def started_and_waiting(self) -> None:
+        self.thread.start()
+        _until(lambda: self.watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'").fetchone()[0] > 0)  # fmt: skip
+
+    def beside(self, call: Callable[[], Any], *closing: Any) -> Any:
+        """``call()``, which starts the removal, its error kept with the removal's; then
+        waits for the removal to end and closes ``closing`` and the watcher."""
+        try:
+            return call()
+        except Exception as exc:
+            self.errors.append(exc)
+            return None
+        finally:
+            self.thread.join(30)
+            for c in (*closing, self.watcher):
+                c.close()
+
+    def expired(self, batch: Batch) -> None:
+        """Wait until the database's clock has passed ``batch``'s lease."""
+        _until(lambda: self.watcher.execute("SELECT extract(epoch from clock_timestamp()) > %s",
+                                            (batch.lease_expires_at,)).fetchone()[0])  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_removal_and_a_commit_whose_lease_just_expired_do_not_deadlock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit locks its batch's row while the lease is held, then writes failures and
+    # refs. A removal starting as that lease expires is not refused; it used to delete the
+    # contract's failure records before its batches, so each waited for the other:
+    # "deadlock detected", and one of the two was rolled back.
+    with open_store(pg_url) as s:
+        s.add_contract(Contract(1, C))
+        s.add_refs([Ref(1, C, h(1), 1), Ref(1, C, h(2), 2)])
+        s.write(Enriched(failures=[Failure(1, h(1), C, "rpc_error", "timeout")]))  # retried
+        s.plan(s.create_run("batch", 1), [(1, C)], batch_size=10)
+    worker = open_store(pg_url)
+    removal = _Removal(pg_url)
+    write_results = worker._write_results  # type: ignore[attr-defined]
+
+    def late_commit(cur: Any, written: Any) -> None:
+        # The batch's row is locked, the lease was held: now it expires, and a removal runs.
+        removal.expired(b)
+        removal.started_and_waiting()
+        write_results(cur, written)
+
+    b = worker.lease("w", 2.0)
+    assert b is not None
+    monkeypatch.setattr(worker, "_write_results", late_commit)
+    enriched = Enriched([tx_row(2, 2)], failures=[Failure(1, h(1), C, "not_found", "null")])
+    committed = removal.beside(lambda: worker.commit_batch(b, enriched), worker)
+    assert removal.errors == [] and committed
+    deleted = removal.removed[0]
+    assert (deleted["refs"], deleted["failures"], deleted["batches"]) == (2, 1, 1)
+    with open_store(pg_url) as s:
+        assert s.list_contracts() == [] and s.list_failures() == []
+        assert len(s.fetch_transactions(1)) == 1  # the chain's row stays
+
+
+@pytest.mark.timeout(60)
+def test_a_removal_and_a_coordinator_expiring_its_batches_do_not_deadlock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A removal locks the contract's batches in batch order; an expiry giving several of
+    # them back must lock them in that order too, not in the order the table's rows lie in
+    # (here the second batch first: the first was updated last).
+    with open_store(pg_url) as s:
+        s.add_contract(Contract(1, C))
+        s.add_refs([Ref(1, C, h(i), i) for i in range(1, 5)])
+        s.plan(s.create_run("batch", 1), [(1, C)], batch_size=2)
+        first, second = s.lease("killed", 60.0), s.lease("killed", 60.0)
+        assert first is not None and second is not None
+    removal = _Removal(pg_url)
+    for b in (second, first):  # their run was killed a while ago
+        removal.watcher.execute("UPDATE batches SET lease_expires_at = extract(epoch from clock_timestamp()) "
+                        "- 10 WHERE batch_id = %s", (b.id,))  # fmt: skip
+    assert [i for (i,) in removal.watcher.execute("SELECT batch_id FROM batches ORDER BY ctid")] == [
+        second.id, first.id,
+    ]  # fmt: skip
+    coordinator = open_store(pg_url)
+    # Its rows in the table's order, as a sequential scan reads them.
+    coordinator._live().execute("SET enable_indexscan = off; SET enable_bitmapscan = off")  # type: ignore[attr-defined]
+    coordinator._live().commit()  # type: ignore[attr-defined]
+    give_back = coordinator._give_back  # type: ignore[attr-defined]
+
+    def then_a_removal(*args: Any, **kwargs: Any) -> bool:
+        ok: bool = give_back(*args, **kwargs)
+        if removal.thread.ident is None:
+            removal.started_and_waiting()  # after the first batch given back
+        return ok
+
+    monkeypatch.setattr(coordinator, "_give_back", then_a_removal)
+    expired = removal.beside(coordinator.expire_leases, coordinator)
+    assert removal.errors == [] and sorted(b.id for b in expired) == [first.id, second.id]
+    assert removal.removed[0]["batches"] == 2
+
+
 def test_a_postgres_import_reads_each_ref_a_few_times_not_once_per_ref(pg_url: str) -> None:
     # Refs just inserted have no statistics yet. Filling block numbers, the planner took
     # them for one row and rescanned the staged refs for each (40,000 hashes took 48 s, a

@@ -358,13 +358,20 @@ class Store(abc.ABC):
                 self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._ROW_LOCK}"),
                 (chain_id, address),
             )
-            # A lease past its expiry belongs to nobody (a killed run's): it does not block.
+            # Then its batches, in batch order, before any other row: a worker's commit or
+            # give-back locks its batches (in that order) before the refs and failures it
+            # writes, and an expiry locks only batches, so none can hold a row this removal
+            # still needs while waiting for one it holds. Read once locked, they are as
+            # the last of those left them.
             cur.execute(
-                self._sql("SELECT count(*) FROM batches WHERE chain_id = ? AND contract = ? "
-                          "AND state = 'leased' AND lease_expires_at >= ?"),
-                (chain_id, address, self._now(cur)),
+                self._sql("SELECT state, lease_expires_at FROM batches WHERE chain_id = ? "
+                          f"AND contract = ? ORDER BY batch_id{self._ROW_LOCK}"),
+                (chain_id, address),
             )  # fmt: skip
-            if int(cur.fetchone()[0]):
+            plan = cur.fetchall()
+            now = self._now(cur)
+            # A lease past its expiry belongs to nobody (a killed run's): it does not block.
+            if any(state == "leased" and float(expires) >= now for state, expires in plan):
                 raise GapfillError(
                     f"a run is enriching {address} right now (a batch of it is leased): stop it, "
                     "or wait for it to end, then remove the contract"
@@ -1157,7 +1164,8 @@ class Store(abc.ABC):
             now = self._now(cur)
             cur.execute(
                 self._sql(
-                    "SELECT batch_id, attempts FROM batches WHERE state = 'leased' AND lease_owner = ?"
+                    "SELECT batch_id, attempts FROM batches WHERE state = 'leased' AND lease_owner = ? "
+                    "ORDER BY batch_id"  # given back, so locked, in batch order
                 ),
                 (owner,),
             )
@@ -1208,7 +1216,7 @@ class Store(abc.ABC):
             cur.execute(
                 self._sql(
                     f"SELECT {self._BATCH_COLS} FROM batches WHERE state = 'leased' "
-                    "AND lease_expires_at < ?"
+                    "AND lease_expires_at < ? ORDER BY batch_id"  # locked in batch order
                 ),
                 (now,),
             )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 import pytest
 
-from gapfill.store.postgres import server_and_db
+from gapfill.store.postgres import server_and_db, translate
 from gapfill.store.sqlite import _hint
 
 
@@ -31,3 +32,24 @@ def test_postgres_messages_name_where_libpq_connects(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PGUSER", "alice")
     assert server_and_db(url) == (where, db)
+
+
+URL = "postgresql://u:secret@db.example:6432/app"
+
+
+@pytest.mark.parametrize(("exc", "says"), [
+    (psycopg.OperationalError("connection refused"), "could not connect to PostgreSQL at db.example:6432"),
+    (psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+     "could not connect to PostgreSQL"),
+    # The server raised these for a statement: it is there, and connecting is not the fix.
+    (psycopg.errors.DeadlockDetected("deadlock detected"),
+     "rolled the change back because a concurrent one conflicted with it (deadlock detected): "
+     "nothing of it was written; run the command again"),
+    (psycopg.errors.SerializationFailure("could not serialize access"), "run the command again"),
+    (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+     "PostgreSQL error on postgresql://u:***@db.example:6432/app: canceling statement due to "
+     "statement timeout"),
+])  # fmt: skip
+def test_postgres_errors_say_what_went_wrong(exc: psycopg.Error, says: str) -> None:
+    text = str(translate(exc, URL))
+    assert says in text and "secret" not in text

@@ -221,12 +221,25 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
             "of --db / GAPFILL_DB (only libpq connection parameters, such as sslmode=require, "
             "are allowed)"
         )
-    if isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
+        # OperationalErrors too, but the server is there: a concurrent transaction won.
+        return StoreError(
+            f"PostgreSQL at {where} rolled the change back because a concurrent one conflicted "
+            f"with it ({msg}): nothing of it was written; run the command again"
+        )
+    if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc):
         return StoreError(
             f"could not connect to PostgreSQL at {where} ({msg}): "
             "check that the server runs and fix --db / GAPFILL_DB"
         )
     return StoreError(f"PostgreSQL error on {redact_url(url)}: {msg}")
+
+
+def _connection_lost(exc: psycopg.Error) -> bool:
+    """Whether the error is about reaching the server (no answer, refused, dropped, shut
+    down), not one the server raised for a statement (a timeout, a full disk, a conflict)."""
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
 
 class PostgresStore(Store):

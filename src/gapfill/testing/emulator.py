@@ -74,6 +74,10 @@ class EmulatorConfig:
     #: Each transaction's receipt is ``null`` until this long after it was first asked
     #: (a node whose receipts lag its transactions by seconds, not by requests).
     receipt_lag_s: float = 0.0
+    #: A node this many blocks behind its upstream (still syncing, or a load balancer's
+    #: lagging backend): ``eth_blockNumber`` says head - N, and transaction, receipt and
+    #: block lookups of the blocks above that answer ``null``.
+    lag_blocks: int = 0
     shuffle: bool = False
     #: Answer every request with this HTTP status (a dead endpoint).
     fail_status: int | None = None
@@ -379,6 +383,10 @@ class ProviderEmulator:
         forward: list[tuple[int, Any]] = []
         log_spans: dict[int, tuple[int, int]] = {}
         head: int | None = None
+        lagged: int | None = None  # the head this node admits to, with ``lag_blocks``
+        if c.lag_blocks:
+            head = await self._head()
+            lagged = max(0, head - c.lag_blocks)
         for position, call in enumerate(calls):
             if not isinstance(call, dict):
                 local[position] = _error(None, -32600, "invalid request")
@@ -413,6 +421,11 @@ class ProviderEmulator:
                                     f"[{hex(lo)}, {hex(lo + c.max_log_range - 1)}].")
                     local[position] = _error(call.get("id"), -32600, message)
                     continue
+            if lagged is not None:
+                answer = self._lagging(call, lagged)
+                if answer is not None:
+                    local[position] = answer
+                    continue
             forward.append((position, call))
         answers: dict[int, dict[str, Any]] = dict(local)
         if forward:
@@ -429,8 +442,37 @@ class ProviderEmulator:
                 entry = by_id.get(_id_key(call.get("id")))
                 if entry is None:
                     entry = _error(call.get("id"), -32603, "upstream gave no answer")
+                if lagged is not None:
+                    entry = self._unmined_above(call, entry, lagged)
                 answers[position] = self._limit_logs(call, entry, log_spans.get(position))
         return [answers[p] for p in range(len(calls))]
+
+    def _lagging(self, call: dict[str, Any], lagged: int) -> dict[str, Any] | None:
+        """The answer of a node whose head is ``lagged`` to what it can answer alone: its
+        head, and ``null`` for a block above it; None to ask upstream."""
+        method, params = call.get("method"), call.get("params") or []
+        if method == "eth_blockNumber":
+            return {"jsonrpc": "2.0", "id": call.get("id"), "result": hex(lagged)}
+        if method in ("eth_getBlockByNumber", "eth_getBlockReceipts") and params:
+            tag = params[0]
+            if tag in _TAGS_AT_HEAD:
+                params[0] = hex(lagged)  # "latest" is this node's head
+            elif isinstance(tag, str) and tag.startswith("0x") and int(tag, 16) > lagged:
+                self.stats.faults["beyond_head"] += 1
+                return {"jsonrpc": "2.0", "id": call.get("id"), "result": None}
+        return None
+
+    def _unmined_above(self, call: dict[str, Any], entry: dict[str, Any], lagged: int) -> dict[str, Any]:
+        """``null`` for a transaction or receipt in a block above ``lagged``."""
+        result = entry.get("result")
+        if call.get("method") not in ("eth_getTransactionByHash", "eth_getTransactionReceipt") or not (
+            isinstance(result, dict) and isinstance(result.get("blockNumber"), str)
+        ):
+            return entry
+        if int(result["blockNumber"], 16) <= lagged:
+            return entry
+        self.stats.faults["beyond_head"] += 1
+        return {**entry, "result": None}
 
     def _limit_logs(
         self, call: dict[str, Any], entry: dict[str, Any], span: tuple[int, int] | None

@@ -117,9 +117,24 @@ class LogRow(NamedTuple):
 
 
 #: Failure reasons. ``not_found`` and ``permanent`` take the ref out of the gap
-#: until ``enrich --retry-failed``; ``rpc_error`` leaves it in the gap.
+#: until ``enrich --retry-failed``; ``rpc_error`` and ``beyond_head`` (the node answered
+#: ``null`` for a block above its head: it has not reached it yet) leave it in the gap.
 PERMANENT_REASONS = frozenset({"not_found", "permanent"})
-FAILURE_REASONS = frozenset({"not_found", "permanent", "rpc_error"})
+FAILURE_REASONS = frozenset({"not_found", "permanent", "rpc_error", "beyond_head"})
+
+_HEAD_SAID = "the node's head "
+
+
+def beyond_head_error(block: int, head: int) -> str:
+    """A ``beyond_head`` failure's ``last_error``; :func:`head_in_error` reads ``head`` back."""
+    return f"block {block} is above {_HEAD_SAID}{head}: not reached yet"
+
+
+def head_in_error(last_error: str) -> int | None:
+    """The node's head a ``beyond_head`` failure's ``last_error`` names, if it names one."""
+    _, said, rest = last_error.partition(_HEAD_SAID)
+    digits = rest.split(":", 1)[0]
+    return int(digits) if said and digits.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)

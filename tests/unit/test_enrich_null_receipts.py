@@ -33,6 +33,8 @@ RECEIPT = result("eth_getTransactionReceipt/get-legacy-receipt")
 HASH = TX["hash"].lower()
 TX_METHOD, RECEIPT_METHOD = "eth_getTransactionByHash", "eth_getTransactionReceipt"
 BLOCK_METHOD = "eth_getBlockByNumber"  # the metered plan's full block, for the timestamp
+HEAD_METHOD, BLOCK_RECEIPTS_METHOD = "eth_blockNumber", "eth_getBlockReceipts"
+BLOCK = int(TX["blockNumber"], 16)
 
 
 class ScriptedNode:
@@ -40,9 +42,10 @@ class ScriptedNode:
     request fails), ``"found"``; the last step repeats. Every request and every wait the
     client asks for goes into ``events``, in order."""
 
-    def __init__(self, script: dict[str, list[str]], tx: dict[str, Any] = TX) -> None:
+    def __init__(self, script: dict[str, list[str]], tx: dict[str, Any] = TX, head: int = BLOCK) -> None:
         self.tx = tx
-        script = {BLOCK_METHOD: ["found"], **script}
+        self.head = head  # the node's head: by default it has reached the transaction's block
+        script = {BLOCK_METHOD: ["found"], HEAD_METHOD: ["found"], BLOCK_RECEIPTS_METHOD: ["found"], **script}
         self.script = {m: iter(steps) for m, steps in script.items()}
         self.last = {m: steps[-1] for m, steps in script.items()}
         self.events: list[tuple[str, Any]] = []
@@ -59,7 +62,8 @@ class ScriptedNode:
         steps = [self._step(c["method"]) for c in calls]
         if "502" in steps:
             return HttpReply(502, {}, b"bad gateway")
-        found = {TX_METHOD: self.tx, RECEIPT_METHOD: RECEIPT,
+        found = {TX_METHOD: self.tx, RECEIPT_METHOD: RECEIPT, HEAD_METHOD: hex(self.head),
+                 BLOCK_RECEIPTS_METHOD: [RECEIPT],
                  BLOCK_METHOD: {"number": TX["blockNumber"], "timestamp": "0x1e", "transactions": [self.tx]}}
         answers = [{"jsonrpc": "2.0", "id": c["id"], "result": None if step == "null" else found[c["method"]]}
                    for c, step in zip(calls, steps, strict=True)]  # fmt: skip
@@ -82,16 +86,18 @@ def settings(tmp_path: Any) -> Iterator[RpcSettings]:
     yield RpcSettings(backoff_base_s=0.01, backoff_max_s=0.02, budget_dir=str(tmp_path))
 
 
-async def enrich(node: ScriptedNode, settings: RpcSettings, plan: str) -> Any:
+async def enrich(node: ScriptedNode, settings: RpcSettings, plan: str, block: int | None = BLOCK,
+                 hashes: tuple[str, ...] = (HASH,)) -> Any:  # fmt: skip
     client = RpcClient([EndpointConfig("http://node.invalid/")], settings, transport=node)
-    enricher = Enricher(client, CHAIN, plan=PlanSettings(calls_metered=plan == "metered"))
-    ref = Ref(CHAIN, "0x" + "cc" * 20, HASH, int(TX["blockNumber"], 16), "test")
+    shape = "per_block" if plan == "per_block" else "auto"
+    enricher = Enricher(client, CHAIN, plan=PlanSettings(calls_metered=plan == "metered", shape=shape))
+    refs = [Ref(CHAIN, "0x" + "cc" * 20, h, block, "test") for h in hashes]
     # The client's waits are recorded in ``node.events``, not slept.
     with patch("gapfill.rpc.client.asyncio.sleep", node.sleep):
         async with client:
             if plan == "sequential":
-                return await enricher.enrich_sequential([ref])
-            return await enricher.enrich([ref])
+                return await enricher.enrich_sequential(refs)
+            return await enricher.enrich(refs)
 
 
 PLANS = ["pairs", "metered", "sequential"]
@@ -124,6 +130,75 @@ async def test_unknown_transaction_is_not_found(settings: RpcSettings, plan: str
     [failure] = got.failures
     assert (failure.reason, failure.permanent) == ("not_found", True), failure
     assert failure.last_error == "still null after 3 answers"
+    assert node.asked[TX_METHOD] == settings.attempts
+    assert node.asked[HEAD_METHOD] == 1  # the node has reached its block: no excuse
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_transaction_above_the_node_head_is_not_yet_not_not_found(
+    settings: RpcSettings, plan: str
+) -> None:
+    # Five refs in a block the node (a lagging one) has not reached: one head for all of them.
+    hashes = tuple(HASH[:-2] + f"{i:02x}" for i in range(5))
+    node = ScriptedNode({TX_METHOD: ["null"], RECEIPT_METHOD: ["null"]}, head=BLOCK - 1)
+    got = await enrich(node, settings, plan, hashes=hashes)
+    assert got.txs == [] and sorted(f.tx_hash for f in got.failures) == sorted(hashes)
+    for failure in got.failures:
+        assert (failure.reason, failure.permanent) == ("beyond_head", False), failure
+        assert failure.last_error == f"block {BLOCK} is above the node's head {BLOCK - 1}: not reached yet"
+    assert node.asked[HEAD_METHOD] == 1
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_transaction_without_a_block_number_is_not_found(settings: RpcSettings, plan: str) -> None:
+    node = ScriptedNode({TX_METHOD: ["null"], RECEIPT_METHOD: ["null"]}, head=BLOCK - 1)
+    got = await enrich(node, settings, plan, block=None)
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("not_found", True), failure
+    assert HEAD_METHOD not in node.asked  # nothing to compare the head with
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_with_the_head_unknown_is_transient(settings: RpcSettings, plan: str) -> None:
+    node = ScriptedNode({TX_METHOD: ["null"], RECEIPT_METHOD: ["null"], HEAD_METHOD: ["502"]})
+    got = await enrich(node, settings, plan)
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("rpc_error", False), failure
+    assert "the node's head could not be asked" in failure.last_error and "502" in failure.last_error
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_block_above_the_node_head_is_not_yet(settings: RpcSettings, plan: str) -> None:
+    # Transaction and receipt found (neither with the block's timestamp), the block (header
+    # or full) for the timestamp null: a load balancer's backends at different heights.
+    # Above the head that null says "not yet".
+    untimed = {k: v for k, v in TX.items() if k != "blockTimestamp"}
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["found"], BLOCK_METHOD: ["null"]},
+                        tx=untimed, head=BLOCK - 1)  # fmt: skip
+    got = await enrich(node, settings, plan, block=None)  # the block asked is the receipt's
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("beyond_head", False), failure
+
+
+async def test_per_block_plan_null_block_above_the_node_head_is_not_yet(settings: RpcSettings) -> None:
+    node = ScriptedNode({BLOCK_METHOD: ["null"], BLOCK_RECEIPTS_METHOD: ["null"], TX_METHOD: ["null"],
+                         RECEIPT_METHOD: ["null"]}, head=BLOCK - 1)  # fmt: skip
+    got = await enrich(node, settings, "per_block")
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("beyond_head", False), failure
+    # The ref's block number may be wrong: its transaction is looked up before anything is said.
+    assert node.asked[TX_METHOD] == settings.attempts
+    assert node.asked[HEAD_METHOD] == 1
+
+
+async def test_per_block_plan_null_block_at_or_below_the_head_falls_back_to_lookups(
+    settings: RpcSettings,
+) -> None:
+    node = ScriptedNode({BLOCK_METHOD: ["null"], BLOCK_RECEIPTS_METHOD: ["null"], TX_METHOD: ["null"],
+                         RECEIPT_METHOD: ["null"]})  # fmt: skip
+    got = await enrich(node, settings, "per_block")
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("not_found", True), failure
     assert node.asked[TX_METHOD] == settings.attempts
 
 

@@ -36,14 +36,24 @@ Plans, per ref:
 Block timestamps are cached per process, so a header is fetched at most once.
 Each ref ends enriched or as a :class:`~gapfill.model.Failure`: ``not_found``
 (the transaction lookup still ``null`` after the retries: permanent until
-``--retry-failed``), ``permanent`` (the node rejected the call) or ``rpc_error``
-(transient; the ref stays in the gap). A receipt still ``null`` while the node
-returns the transaction is ``rpc_error``: its receipts lag, the transaction is real.
+``--retry-failed``), ``permanent`` (the node rejected the call), ``rpc_error``
+(transient; the ref stays in the gap) or ``beyond_head`` (transient too). A receipt
+still ``null`` while the node returns the transaction is ``rpc_error``: its receipts
+lag, the transaction is real. A ``null`` is no proof either for a block the node has
+not reached: before a null makes a ref ``not_found``, the node's head
+(``eth_blockNumber``, asked once for the refs an attempt has in that state, and
+cached for ``HEAD_TTL_S``) is compared with the ref's block (the transaction
+lookup's) or the block asked (a header, a full block); above it, the ref is
+``beyond_head``. A ref without a block number proves nothing either way: a ``null``
+for it stays ``not_found``. In the per-block plan a ``null`` block sends its refs to
+the per-transaction plan as before, above the head too: an imported block number may
+be wrong, and only the transaction lookup tells; a ``null`` there is judged as above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -51,10 +61,14 @@ from typing import Any, Literal
 
 from gapfill.enrich.decode import Decoder
 from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
-from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow
+from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow, beyond_head_error
 from gapfill.rpc import Call, CallError, RpcClient
 
 PlanShape = Literal["auto", "per_tx", "per_block"]
+
+#: How long the node's head, once asked, stands for it (batches in flight share it): a head
+#: older than the nulls it judges is lower, so it errs towards "not reached yet".
+HEAD_TTL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +103,9 @@ class _Collector:
         self.failures: list[Failure] = []
         self.moved: list[Ref] = []
         self.done: set[str] = set()
+        #: ``not_found`` failures that the node's head may disprove, each with the block
+        #: whose ``null`` made it: judged by :meth:`Enricher._judge_nulls`.
+        self.unproven: list[tuple[Failure, int]] = []
 
     def row(self, ref: Ref, tx: TxRow, logs: list[LogRow]) -> None:
         if ref.tx_hash in self.done:
@@ -99,13 +116,19 @@ class _Collector:
         if ref.block_number != tx.block_number:  # imported without one, or with a wrong one
             self.moved.append(replace(ref, block_number=tx.block_number))
 
-    def fail(self, failure: Failure) -> None:
+    def fail(self, failure: Failure, block: int | None = None) -> None:
+        """Settle a ref as ``failure``; ``block``: the block a ``null`` answer was about (the
+        ref's, or the block asked), so a ``not_found`` in it is checked against the head."""
         if failure.tx_hash in self.done:
             return
         self.done.add(failure.tx_hash)
-        self.failures.append(failure)
+        if failure.reason == "not_found" and block is not None:
+            self.unproven.append((failure, block))
+        else:
+            self.failures.append(failure)
 
     def result(self) -> Enriched:
+        assert not self.unproven, "nulls not judged against the node's head"
         return Enriched(self.txs, self.logs, self.failures, self.moved)
 
 
@@ -130,7 +153,8 @@ def _receipt(out: _Collector, ref: Ref, rec: Any, tx: Any) -> dict[str, Any] | N
     still ``null`` is judged with ``tx``, the answer to the transaction lookup (see
     :func:`_no_receipt`): the caller looks the transaction up before it calls this."""
     if isinstance(rec, CallError):
-        out.fail(_no_receipt(ref, rec, tx) if rec.kind == "not_found" else _failure(ref, rec))
+        out.fail(_no_receipt(ref, rec, tx) if rec.kind == "not_found" else _failure(ref, rec),
+                 ref.block_number)
         return None
     if not isinstance(rec, dict) or "blockNumber" not in rec:
         out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
@@ -160,6 +184,8 @@ class Enricher:
         self._probe_lock = asyncio.Lock()  # batches in flight share one probe
         self._ts: dict[int, int] = {}
         self._ts_cap = timestamp_cache_size
+        self._head: tuple[float, int] | None = None  # (time.monotonic() asked, head)
+        self._head_lock = asyncio.Lock()  # batches in flight share one eth_blockNumber
         #: Refs per JSON-RPC batch in the free per-transaction plan (two calls each).
         self.pairs_per_request = max(1, pairs_per_request)
 
@@ -181,6 +207,41 @@ class Enricher:
         block = int(rec["blockNumber"], 16)  # malformed: raises, caught per batch
         ts = timestamp_from_receipt(rec, tx)
         return block, ts if ts is not None else self._ts.get(block)
+
+    async def _node_head(self) -> int | str:
+        """The node's head block, or why it is unknown: asked at most once per
+        ``HEAD_TTL_S`` whatever the batches in flight."""
+        async with self._head_lock:
+            if self._head is not None and time.monotonic() - self._head[0] < HEAD_TTL_S:
+                return self._head[1]
+            (answer,) = await self._many([Call("eth_blockNumber", [])])
+            if isinstance(answer, CallError):
+                return answer.message
+            try:
+                head = int(answer, 16)
+            except (TypeError, ValueError):
+                return f"malformed eth_blockNumber answer: {str(answer)[:100]}"
+            self._head = (time.monotonic(), head)
+            return head
+
+    async def _judge_nulls(self, out: _Collector) -> None:
+        """Settle the ``not_found`` failures waiting in ``out``: a ``null`` about a block
+        above the node's head is ``beyond_head`` (the node has not reached it), and with
+        the head unknown it is ``rpc_error``; either way the ref stays in the gap."""
+        if not out.unproven:
+            return
+        head = await self._node_head()
+        for failure, block in out.unproven:
+            if isinstance(head, str):
+                out.failures.append(replace(failure, reason="rpc_error", last_error=(
+                    f"{failure.last_error}, and the node's head could not be asked ({head}): "
+                    "without it a null proves nothing; tried again later")))  # fmt: skip
+            elif block > head:
+                out.failures.append(replace(failure, reason="beyond_head",
+                                            last_error=beyond_head_error(block, head)))
+            else:
+                out.failures.append(failure)
+        out.unproven.clear()
 
     def _metered(self) -> bool:
         return bool(self.plan.calls_metered)
@@ -250,6 +311,7 @@ class Enricher:
             per_tx.extend(await self._per_block(blocks, out))
         if per_tx:
             await self._per_tx(per_tx, out)
+        await self._judge_nulls(out)
         return out.result()
 
     async def _per_block(self, blocks: dict[int, list[Ref]], out: _Collector) -> list[Ref]:
@@ -263,8 +325,9 @@ class Enricher:
         for i, n in enumerate(numbers):
             block, receipts = answers[2 * i], answers[2 * i + 1]
             if not isinstance(block, dict) or not isinstance(receipts, list):
-                # Unknown block, wrong block number in the refs, or no block receipts
-                # after all: the per-transaction plan settles these refs.
+                # Unknown block (one above the node's head too: the ref's number may be
+                # wrong, the lookup tells), wrong block number in the refs, or no block
+                # receipts after all: the per-transaction plan settles these refs.
                 leftovers.extend(blocks[n])
                 continue
             ts = int(block["timestamp"], 16)
@@ -304,7 +367,7 @@ class Enricher:
             if rec is None:
                 continue
             if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx))
+                out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
                 continue
             _, ts = self._block_and_ts(rec, tx)
             if ts is None:
@@ -328,9 +391,10 @@ class Enricher:
                 stamps[b] = header_ts
                 self._remember(b, header_ts)
         for ref, tx, rec in late:
-            stamp = stamps[int(rec["blockNumber"], 16)]
+            block = int(rec["blockNumber"], 16)
+            stamp = stamps[block]
             if isinstance(stamp, CallError):
-                out.fail(_failure(ref, stamp))
+                out.fail(_failure(ref, stamp), block)
             else:
                 self._normalise(out, ref, tx, rec, stamp)
 
@@ -366,13 +430,13 @@ class Enricher:
         answers = await self._many(calls)
 
         for (ref, missing), tx in zip(unproven, answers[len(answers) - len(unproven) :], strict=True):
-            out.fail(_no_receipt(ref, missing, tx))
+            out.fail(_no_receipt(ref, missing, tx), ref.block_number)
         k = 0
         for ref, rec, ts in with_ts:
             tx = answers[k]
             k += 1
             if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx))
+                out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
             else:
                 self._normalise(out, ref, tx, rec, ts)
         for b in block_numbers:
@@ -381,7 +445,7 @@ class Enricher:
             items = without_ts[b]
             if isinstance(full, CallError):
                 for ref, _ in items:
-                    out.fail(_failure(ref, full))
+                    out.fail(_failure(ref, full), b)
                 continue
             block_ts = int(full["timestamp"], 16)
             self._remember(b, block_ts)
@@ -405,7 +469,7 @@ class Enricher:
             if rec is None:
                 continue
             if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx))
+                out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
                 continue
             block, ts = self._block_and_ts(rec, tx)
             if ts is None:
@@ -413,10 +477,11 @@ class Enricher:
                     [Call("eth_getBlockByNumber", [hex(block), False], null_retry=True)]
                 )
                 if isinstance(header, CallError):
-                    out.fail(_failure(ref, header))
+                    out.fail(_failure(ref, header), block)
                     continue
                 ts = int(header["timestamp"], 16)
             self._normalise(out, ref, tx, rec, ts)
+        await self._judge_nulls(out)
         return out.result()
 
 

@@ -47,6 +47,10 @@ def summary_lines(s: RunSummary) -> list[str]:
                      f"{s.sequential_rate_source})")  # fmt: skip
     if s.restarts:
         lines.append(f"  restarts:  {s.restarts} worker restart(s)")
+    if s.beyond_head:
+        head = "" if s.head is None else f" (its head is {s.head})"
+        lines.append(f"  not yet:   {s.beyond_head:,} ref(s) are in blocks the node has not reached yet"
+                     f"{head}: rerun once it has caught up to fill them")  # fmt: skip
     if s.state == "interrupted":
         lines.append("  interrupted: rerun the same command to continue where it stopped")
     return lines

@@ -137,6 +137,10 @@ class RunSummary:
     sequential_rate_source: str = ""
     restarts: int = 0
     notes: list[str] = field(default_factory=list)
+    #: Refs left in the gap in blocks the node had not reached (``beyond_head``), and the
+    #: node's head as the latest of their failures found it.
+    beyond_head: int = 0
+    head: int | None = None
 
     @property
     def speedup(self) -> float | None:

@@ -49,7 +49,7 @@ from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
 from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError, StoreError
-from gapfill.model import Enriched
+from gapfill.model import Enriched, head_in_error
 from gapfill.redact import redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
@@ -242,6 +242,19 @@ def permanent_failures(store: Store, targets: Sequence[tuple[int, str]]) -> int:
     return sum(store.count_permanent_failures(chain_id, contract) for chain_id, contract in targets)
 
 
+def refs_beyond_head(store: Store, targets: Sequence[tuple[int, str]]) -> tuple[int, int | None]:
+    """Refs of ``targets`` left in the gap in blocks the node had not reached, and the
+    highest head their failures name."""
+    n, heads = 0, []
+    for chain_id, contract in targets:
+        count, last_error = store.count_beyond_head(chain_id, contract)
+        n += count
+        head = None if last_error is None else head_in_error(last_error)
+        if head is not None:
+            heads.append(head)
+    return n, max(heads, default=None)
+
+
 def recorded_sequential_rate(store: Store) -> tuple[float, str] | None:
     """The rate of the latest finished sequential run, if any."""
     for r in store.list_runs(200):
@@ -423,11 +436,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         calls = totals_box.get("calls", 0)
         processed, failed = store.finish_run(run_id, state, calls)
         permanent = permanent_failures(store, job.targets)
+        behind, head = refs_beyond_head(store, job.targets)
         seq = recorded_sequential_rate(store) if not sequential else None
         summary = RunSummary(
             run_id, mode, 1, processed, failed, permanent, secs, processed / secs if secs > 0 else 0.0,
             calls, calls / processed if processed else 0.0, state,
-            seq[0] if seq else None, seq[1] if seq else "",
+            seq[0] if seq else None, seq[1] if seq else "", beyond_head=behind, head=head,
         )  # fmt: skip
         emit(summary)
         if state == "interrupted":
@@ -914,9 +928,10 @@ class Coordinator:
             if run_id:
                 with contextlib.suppress(GapfillError):  # else the events' count stands
                     processed, failed = store.finish_run(run_id, state, calls, note=why)
-            permanent = 0
+            permanent, behind, head = 0, 0, None
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)
+                behind, head = refs_beyond_head(store, job.targets)
             store.close()
             self.events.close()
             self.lifeline.close()
@@ -926,6 +941,7 @@ class Coordinator:
             run_id, "concurrent" if job.plan_new else "worker", self.workers, processed, failed,
             permanent, secs, rate, calls, calls / processed if processed else 0.0, state,
             seq[0] if seq else None, seq[1] if seq else "", self.restarts,
+            beyond_head=behind, head=head,
         )  # fmt: skip
         self.emit(summary)
         if state == "interrupted":

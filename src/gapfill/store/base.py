@@ -578,6 +578,19 @@ class Store(abc.ABC):
             )  # fmt: skip
             return int(cur.fetchone()[0])
 
+    def count_beyond_head(self, chain_id: int, contract: str) -> tuple[int, str | None]:
+        """Refs of ``contract`` left in the gap as ``beyond_head`` (in blocks the node had
+        not reached), and the ``last_error`` of the latest such failure (its head)."""
+        where = f"WHERE chain_id = ? AND {_OF_CONTRACT} AND reason = 'beyond_head'"
+        with self._read() as cur:
+            cur.execute(self._sql(f"SELECT count(*) FROM failures f {where}"), (chain_id, contract, contract))
+            n = int(cur.fetchone()[0])
+            if not n:
+                return 0, None
+            cur.execute(self._sql(f"SELECT last_error FROM failures f {where} ORDER BY at DESC LIMIT 1"),
+                        (chain_id, contract, contract))  # fmt: skip
+            return n, str(cur.fetchone()[0])
+
     def clear_failures(
         self, chain_id: int | None = None, contract: str | None = None, permanent_only: bool = True
     ) -> int:

@@ -9,7 +9,7 @@ secrets out of free text such as driver error messages.
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 
@@ -82,19 +82,35 @@ def redact_url(url: str) -> str:
         MASK if not is_db and not _PLAIN_SEGMENT.match(s) else s for s in parts.path.split("/")
     ]
     path = "/".join(segments)
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, MASK if _SECRET_QUERY_NAMES.search(k) or _KEYLIKE_SEGMENT.match(v) else v)
-             for k, v in pairs],
-            safe="*",
-        )
+    query = "&".join(_redact_query_piece(piece, is_db) for piece in parts.query.split("&")) \
+        if parts.query else ""
     if not netloc and url[len(parts.scheme) + 1 :].startswith("//"):
         # urlunsplit drops an empty authority: sqlite:///a.db would come back as sqlite:/a.db
         # and every message quoting the URL would show a form that does not work.
         return f"{parts.scheme}://{path}" + (f"?{query}" if query else "")
     return urlunsplit((parts.scheme, netloc, path, query, ""))
+
+
+def _query_secrets(piece: str, is_db: bool) -> tuple[bool, bool]:
+    """Of one ``name=value`` (or bare ``token``) of a query: whether its name, and whether
+    its value, may be a secret. On an RPC URL a bare token is a key pasted as the query
+    (``?KEY``), and so is a key-like name."""
+    name, eq, value = piece.partition("=")
+    name, value = unquote_plus(name), unquote_plus(value)
+    if not eq:
+        return (not is_db and bool(name)), False
+    name_secret = not is_db and bool(_KEYLIKE_SEGMENT.match(name))
+    value_secret = bool(value) and bool(_SECRET_QUERY_NAMES.search(name) or _KEYLIKE_SEGMENT.match(value))
+    return name_secret, value_secret
+
+
+def _redact_query_piece(piece: str, is_db: bool) -> str:
+    name_secret, value_secret = _query_secrets(piece, is_db)
+    if name_secret:
+        return MASK if "=" not in piece else f"{MASK}={MASK}"
+    if value_secret:
+        return f"{piece.partition('=')[0]}={MASK}"
+    return piece
 
 
 def _host_of(rest: str) -> str:
@@ -179,14 +195,21 @@ def secrets_of(url: str) -> list[str]:
         return [url]
     if parts.password:
         found.append(parts.password)
-    if _is_db(parts.scheme):
+    is_db = _is_db(parts.scheme)
+    for piece in parts.query.split("&") if parts.query else ():
+        name_secret, value_secret = _query_secrets(piece, is_db)
+        name, _, value = (unquote_plus(x) for x in piece.partition("="))
+        if name_secret:
+            found.append(name)
+            if value and len(value) >= _MIN_SCRUBBED_SEGMENT:
+                found.append(value)
+        elif value_secret:
+            found.append(value)
+    if is_db:
         return found
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
     found.extend(s for s in _masked_segments(parts.path) if len(s) >= _MIN_SCRUBBED_SEGMENT)
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if v and (_SECRET_QUERY_NAMES.search(k) or _KEYLIKE_SEGMENT.match(v)):
-            found.append(v)
     return found
 
 

@@ -828,9 +828,11 @@ def test_a_read_only_command_does_not_create_a_missing_postgres_schema(pg_url: s
         assert admin.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,)
 
 
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
 def test_a_run_waiting_for_another_process_lock_says_so_among_its_progress_lines(
-    small_chain: Any, sqlite_url: str
+    small_chain: Any, sqlite_url: str, mode: str
 ) -> None:
+    # QA: a concurrent run started under another process's lock said nothing for 60 s.
     db, chain, path = sqlite_url, small_chain.chain, sqlite_url.removeprefix("sqlite:///")
     assert run(db, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id)).exit_code == 0
     mine = sorted(chain.direct[chain.silent])[:3]
@@ -839,7 +841,7 @@ def test_a_run_waiting_for_another_process_lock_says_so_among_its_progress_lines
     holder.execute("BEGIN IMMEDIATE")
     try:
         p = subprocess.Popen([*gapfill_argv(), "--db", db, "--rpc-url", small_chain.url, "enrich",
-                              "--mode", "batch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              "--mode", mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)  # fmt: skip
         assert p.stdout is not None
         lines = []

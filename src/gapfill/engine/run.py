@@ -375,8 +375,9 @@ def _note(job: EnrichJob, exc: BaseException) -> str:
 
 def _open(job: EnrichJob, emit: Emit) -> Store:
     """The run's database, saying through ``emit`` what it waits for (another process's lock),
-    where this process is the run's only writer. A concurrent run's coordinator and workers
-    wait on each other's commits, which is no news: they do not say it."""
+    while this process is the run's only writer. A concurrent run's coordinator (once its
+    workers started) and workers wait on each other's commits, which is no news: they do
+    not say it."""
     return open_store(job.db_url, notice=lambda text: emit(Notice(text)))
 
 
@@ -777,7 +778,9 @@ class Coordinator:
 
     def run(self) -> RunSummary:
         job = self.job
-        store = open_store(job.db_url)  # its waits are on its own workers' commits: not said
+        # Until its workers start it is the run's only writer: a lock it waits for is
+        # another process's, and said; afterwards its waits are on its workers' commits.
+        store = _open(job, self.emit)
         old_int = signal.signal(signal.SIGINT, self._on_signal)
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         t0 = time.perf_counter()
@@ -832,6 +835,7 @@ class Coordinator:
                     self._check_node()
                     job = self.job
                 if self.stopping_at is None:
+                    store.notice = None
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
             last_progress = last_expiry = last_saved = 0.0

@@ -829,6 +829,28 @@ def test_a_read_only_command_does_not_create_a_missing_postgres_schema(pg_url: s
 
 
 @pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_ref_whose_transaction_another_contract_stored_gets_its_block_number(
+    small_chain: Any, sqlite_url: str, mode: str
+) -> None:
+    # QA: hash-only refs of one contract whose transactions another contract's run stored
+    # first stayed "unknown" block numbers for good.
+    db, chain = sqlite_url, small_chain.chain
+    shared = sorted(chain.direct[chain.silent])[:4]
+    for contract in (chain.silent, chain.token):
+        assert run(db, "contract", "add", contract, "--chain-id", str(chain.chain_id)).exit_code == 0
+    assert run(db, "import", "-", "--contract", chain.token, input="\n".join(shared)).exit_code == 0
+    rows = "hash,block_number\n" + "".join(f"{h},{chain.tx_block[h]}\n" for h in shared)
+    assert run(db, "import", "-", "--contract", chain.silent, input=rows).exit_code == 0
+    rpc = ["--rpc-url", small_chain.url]
+    assert run(db, *rpc, "enrich", "--contract", chain.silent, "--mode", mode).exit_code == 0
+    assert run(db, *rpc, "enrich", "--mode", mode).exit_code == 0  # the token's gap is empty
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        got = dict(conn.execute("SELECT tx_hash, block_number FROM refs WHERE contract = ?",
+                                (chain.token.lower(),)).fetchall())  # fmt: skip
+    assert got == {h: chain.tx_block[h] for h in shared}
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
 def test_a_run_waiting_for_another_process_lock_says_so_among_its_progress_lines(
     small_chain: Any, sqlite_url: str, mode: str
 ) -> None:

@@ -593,6 +593,26 @@ def test_rows_stored_without_a_lease_correct_their_refs_too(store: Store) -> Non
     assert [block_of(store, i) for i in (1, 2, 3)] == [1, 2, 3]
 
 
+def test_refs_whose_transaction_another_contract_stored_get_its_block(store: Store) -> None:
+    # QA: `status` kept "(+505 unknown)" for good: refs imported without a block number
+    # whose transactions another contract's batches stored first.
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(i), None) for i in (1, 2, 3)] + [Ref(1, other, h(i), i) for i in (1, 2)])
+    store.plan(store.create_run("batch", 1), [(1, other)])
+    b = store.lease("w", 60.0)
+    assert b is not None and store.commit_batch(b, Enriched([tx_row(1, 1), tx_row(2, 2)]))
+    assert [r.tx_hash for r in store.iter_gap(1, C)] == [h(3)]  # 1 and 2 left C's gap ...
+    with store._read() as cur:
+        cur.execute(store._sql("SELECT tx_hash, block_number FROM refs WHERE contract = ? ORDER BY 1"), (C,))
+        assert cur.fetchall() == [(h(1), None), (h(2), None), (h(3), None)]  # ... unknown still
+    assert store.fill_block_numbers(1, C) == 2
+    with store._read() as cur:
+        cur.execute(store._sql("SELECT tx_hash, block_number FROM refs WHERE contract = ? ORDER BY 1"), (C,))
+        assert cur.fetchall() == [(h(1), 1), (h(2), 2), (h(3), None)]  # 3 is not stored: as it was
+    assert store.fill_block_numbers(1, C) == 0
+
+
 def test_removing_a_contract_keeps_the_chains_rows_and_other_contracts(store: Store) -> None:
     other = "0x" + "cd" * 20
     store.add_contract(Contract(1, other))

@@ -162,6 +162,17 @@ def _abis(store: Store, chain_id: int) -> dict[str, Any]:
     return {c.address: c.abi for c in store.list_contracts() if c.chain_id == chain_id}
 
 
+def _fill_block_numbers(store: Store, job: EnrichJob) -> None:
+    """At a run's end: refs of its contracts left without a block number whose transaction
+    is stored (another contract's batch stored it first) get its block. Best effort: a
+    conflict with a concurrent writer leaves them for the next run."""
+    for chain_id, contract in job.targets:
+        try:
+            store.fill_block_numbers(chain_id, contract)
+        except GapfillError as exc:
+            log.info("block numbers of %s not filled this time: %s", contract, exc)
+
+
 def _decode_again_if_changed(store: Store, job: EnrichJob, before: dict[str, Any], emit: Emit) -> None:
     """Decode again the stored rows of each contract given a new ABI while the run ran.
 
@@ -433,6 +444,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
                 store.release_owner(owner_name("w0"), "run stopped")
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 _decode_again_if_changed(store, job, abis, emit)
+            _fill_block_numbers(store, job)
         secs = time.perf_counter() - t0
         calls = totals_box.get("calls", 0)
         processed, failed = store.finish_run(run_id, state, calls)
@@ -927,6 +939,7 @@ class Coordinator:
             if abis is not None:  # every worker has exited: no stale decoder writes after this
                 with contextlib.suppress(GapfillError):
                     _decode_again_if_changed(store, job, abis, self.emit)
+                _fill_block_numbers(store, job)
             secs = time.perf_counter() - t0
             processed, failed, calls, _, _ = self.totals()
             if run_id:

@@ -1121,6 +1121,27 @@ class Store(abc.ABC):
         if moves:  # in key order, as every writer of refs: no two can deadlock on them
             cur.executemany(self._sql(self._MOVE_KEY_SQL), sorted(moves, key=_fill_order))
 
+    def fill_block_numbers(self, chain_id: int, contract: str) -> int:
+        """Give the contract's refs without a block number the block of their transaction
+        where it is stored; returns how many. A batch moves only its own contract's refs
+        (see :func:`_own_moves`), so a ref whose transaction another contract's batch
+        stored first kept no block number for good. Its transaction is stored, so the ref
+        has left the gap and its key may move. Only refs of unknown block are looked at,
+        through the gap's key index (their key sorts last), not the contract's every ref."""
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT t.block_number, r.chain_id, r.contract, r.tx_hash, t.block_number "
+                    f"FROM refs r JOIN transactions t ON t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash "
+                    f"WHERE r.chain_id = ? AND r.contract = ? AND {KEY_SQL} = ?"
+                ),
+                (chain_id, contract, UNKNOWN_BLOCK_KEY),
+            )
+            moves = [tuple(row) for row in cur.fetchall()]
+            if moves:  # in key order, as every writer of refs
+                cur.executemany(self._sql(self._MOVE_KEY_SQL), sorted(moves, key=_fill_order))
+            return len(moves)
+
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,
         *, only_if_expired: bool = False, not_before: float | None = None,

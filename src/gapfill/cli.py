@@ -665,14 +665,15 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
 # -- enrich, worker, failures, runs ------------------------------------------------------
 
 
-def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None,
-                   rpc: RpcSettings) -> tuple[int, list[Contract], list[Contract]]:  # fmt: skip
+def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None, rpc: RpcSettings,
+                   read_only: bool = False) -> tuple[int, list[Contract], list[Contract]]:  # fmt: skip
     """The contracts to work on, all on one chain (the RPC endpoints' chain), and those
-    left out because they are on another chain (see :func:`served`).
+    left out because they are on another chain (see :func:`served`); ``read_only``: for a
+    command that writes nothing (see :meth:`Ctx.store`).
 
     Targets all on one chain are not probed here: the run's own start-up check says, in
     one sentence, when the node serves another chain (nothing could be done: exit 1)."""
-    targets = resolve_targets(ctx.store(), contract, chain_id)
+    targets = resolve_targets(ctx.store(read_only=read_only), contract, chain_id)
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
         return chains.pop(), targets, []
@@ -873,9 +874,11 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
            retry_failed: bool, **opts: Any) -> None:  # fmt: skip
     """Fill the gap: fetch, decode and store every missing transaction."""
     rpc = rpc_settings(opts.get("rpc_timeout_s"))
-    chain, targets, skipped = _chain_targets(ctx, contract, chain_id, rpc)
+    # A dry run writes nothing: it reads as `status` does (a read-only file or role will do).
+    chain, targets, skipped = _chain_targets(ctx, contract, chain_id, rpc, read_only=dry_run)
     # Contracts on a chain no endpoint serves, named when they have a gap the run leaves.
-    missing = {(c.chain_id, c.address): _gap_size(ctx.store(), c, retry_failed) for c in skipped}
+    store = ctx.store(read_only=dry_run)
+    missing = {(c.chain_id, c.address): _gap_size(store, c, retry_failed) for c in skipped}
     skipped = [c for c in skipped if missing[(c.chain_id, c.address)]]
     if dry_run:
         _dry_run(ctx, chain, targets + skipped, opts, retry_failed, unserved(skipped, missing))
@@ -905,8 +908,8 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
     eps = resolve_endpoints(ctx.rpc_urls, ctx.rps, None, ctx.file)
     rps_values = [e.rps for e in eps]
     rps_total = sum(r for r in rps_values if r) if eps and all(rps_values) else None
-    rows = estimate(ctx.store(), [(c.chain_id, c.address) for c in targets], batch_size=opts["batch_size"],
-                    plan=_plan_settings(opts, metered=rps_total is not None),
+    rows = estimate(ctx.store(read_only=True), [(c.chain_id, c.address) for c in targets],
+                    batch_size=opts["batch_size"], plan=_plan_settings(opts, metered=rps_total is not None),
                     rps_total=rps_total, retry_failed=retry_failed)  # fmt: skip
     click.echo("dry run: nothing is fetched or written"
                + (" (permanently failed refs counted as missing: --retry-failed)" if retry_failed else ""))

@@ -741,7 +741,8 @@ def test_a_read_only_sqlite_file_is_read_and_a_write_says_it_is_read_only(
     try:
         for p in locked:
             _set_read_only(p, True)
-        for args in (["status", "--json"], ["contract", "list"], ["runs"], ["failures"]):
+        for args in (["status", "--json"], ["contract", "list"], ["runs"], ["failures"],
+                     ["enrich", "--dry-run"]):  # fmt: skip
             r = run(db, *args)
             assert r.exit_code == 0 and r.stderr == "", (args, r.stderr)
         assert C in run(db, "contract", "list").output
@@ -783,7 +784,7 @@ def test_a_read_only_postgres_role_runs_the_read_only_commands(pg_url: str, read
     r = run(reader, "status", "--json")
     assert r.exit_code == 0, r.stderr
     assert [(s["contract"], s["label"]) for s in orjson.loads(r.output)] == [(C, "token")]
-    for args in (["runs"], ["contract", "list"], ["failures"]):
+    for args in (["runs"], ["contract", "list"], ["failures"], ["enrich", "--dry-run"]):
         r = run(reader, *args)
         assert r.exit_code == 0 and r.stderr == "", (args, r.stderr)
     r = run(reader, "contract", "add", C2, "--chain-id", "1")
@@ -812,11 +813,13 @@ def test_a_read_only_command_does_not_create_a_missing_postgres_schema(pg_url: s
         admin.execute("CREATE SCHEMA public")
         admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
     for url in (pg_url, reader):  # its owner, and a role that may only read it
-        r = run(url, "status")
-        assert r.exit_code == 1
-        shown = url.replace(":ro@", ":***@")
-        assert one_sentence(r) == (f"error: the database {shown} has no gapfill schema yet: start it "
-                                   "with `gapfill init` or `gapfill contract add ADDRESS`")  # fmt: skip
+        for args in (["status"], ["enrich", "--dry-run"]):
+            r = run(url, *args)
+            assert r.exit_code == 1
+            shown = url.replace(":ro@", ":***@")
+            assert one_sentence(r) == (f"error: the database {shown} has no gapfill schema yet: "
+                                       "start it with `gapfill init` or `gapfill contract add "
+                                       "ADDRESS`")  # fmt: skip
     r = run(reader, "contract", "add", C, "--chain-id", "1")
     assert r.exit_code == 1
     assert one_sentence(r) == (

@@ -754,6 +754,29 @@ def test_a_read_only_sqlite_file_is_read_and_a_write_says_it_is_read_only(
         for p in locked:
             _set_read_only(p, False)
     assert path.read_bytes() == before
+    # No -wal or -shm beside it: read-only too, they would fail the writes once it is writable.
+    assert sorted(p.name for p in folder.iterdir()) == ["g.db"]
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_write_names_the_read_only_side_file_beside_a_writable_sqlite_file(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / "g.db"
+    db = f"sqlite:///{path}"
+    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    side = tmp_path / f"g.db{suffix}"
+    side.touch()  # as a reader of the file while it was read-only left it
+    try:
+        _set_read_only(side, True)
+        r = run(db, "contract", "add", C2, "--chain-id", "1")
+        assert r.exit_code == 1
+        assert one_sentence(r) == (f"error: the file {side} beside the SQLite database {path} is "
+                                   "read-only: make it writable, or choose another --db")  # fmt: skip
+    finally:
+        _set_read_only(side, False)
+    side.unlink()
+    assert run(db, "contract", "add", C2, "--chain-id", "1").exit_code == 0
 
 
 @pytest.fixture

@@ -130,7 +130,20 @@ def _locked(path: str) -> str:
     return f"another process holds a write lock on {path}: stop it, or wait for it to finish, then rerun"
 
 
+def _unwritable(path: str) -> str | None:
+    """The first of the database file and the ``-wal`` and ``-shm`` files beside it that
+    exists and that this process may not write."""
+    for p in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            return p
+    return None
+
+
 def _read_only_file(path: str) -> str:
+    side = _unwritable(path)
+    if side is not None and side != path:  # left by a reader as read-only as the file was
+        return (f"the file {side} beside the SQLite database {path} is read-only: make it "
+                "writable, or choose another --db")  # fmt: skip
     return (f"the SQLite database {path} is read-only (the file or its folder): make it writable, "
             "or choose another --db")
 
@@ -168,7 +181,7 @@ class SqliteStore(Store):
                     f"cannot open the SQLite database {self.path}: folder {parent} does not "
                     "exist; create it, or check --db / GAPFILL_DB"
                 )
-        if not read_only and os.path.exists(self.path) and not os.access(self.path, os.W_OK):
+        if not read_only and os.path.exists(self.path) and _unwritable(self.path):
             # Said before SQLite opens it: it would leave a -wal and a -shm file beside it.
             raise StoreError(_read_only_file(self.path))
         try:
@@ -200,20 +213,32 @@ class SqliteStore(Store):
 
     def _open_read_only(self) -> sqlite3.Connection:
         """A read-only connection. SQLite reads a WAL-mode file through its ``-shm`` index,
-        which it creates beside the file: in a read-only folder without one, the file is
-        opened as immutable (nothing can be writing it there)."""
+        which it creates beside the file with a ``-wal`` (as read-only as the file), and
+        only a writer removes them. So a file this process may not write, with no
+        transaction pending beside it, is opened as immutable: it leaves nothing behind.
+        So is one in a read-only folder without an index (nothing can be writing it)."""
         target = "file:" + urllib.parse.quote(str(Path(self.path).resolve()))
+        if not os.access(self.path, os.W_OK) and not self._pending():
+            return self._connect(target + "?mode=ro&immutable=1", uri=True)
         conn = self._connect(target + "?mode=ro", uri=True)
         try:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return conn
         except sqlite3.Error as exc:
             conn.close()
-            wal = Path(self.path + "-wal")
             no_index = _read_only(exc) or _code(exc) == sqlite3.SQLITE_CANTOPEN  # cannot create it
-            if not no_index or (wal.exists() and wal.stat().st_size > 0):
+            if not no_index or self._pending():
                 raise
         return self._connect(target + "?mode=ro&immutable=1", uri=True)
+
+    def _pending(self) -> bool:
+        """Whether committed pages may wait beside the file, in a ``-wal`` (or a crashed
+        writer's ``-journal``) with content: the file alone is then not the database."""
+        for suffix in ("-wal", "-journal"):
+            side = Path(self.path + suffix)
+            if side.exists() and side.stat().st_size > 0:
+                return True
+        return False
 
     def _writable_settings(self) -> None:
         conn = self._conn

@@ -22,6 +22,8 @@ _PLAIN_SEGMENT = re.compile(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|
 # A masked path segment is also scrubbed out of free text when at least this long:
 # shorter ones ("eth", "bsc") would mangle ordinary words; the whole path is scrubbed too.
 _MIN_SCRUBBED_SEGMENT = 6
+# What after a path would make it a longer one (a sentence's full stop would not).
+_PATH_GOES_ON = r"(?![A-Za-z0-9_~%\-])"
 # libpq keyword/value connection strings: ``password=...``.
 _DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 # A host name or address, with an optional port (a one-word host only with one: `anvil:8545`):
@@ -228,8 +230,10 @@ def redact_text(text: str, *urls: str) -> str:
         except ValueError:
             parts = None
         if parts is not None and "://" in url and not _is_db(parts.scheme) and _masked_segments(parts.path):
-            shown = urlsplit(redact_url(url)).path
-            text = text.replace(parts.path.rstrip("/"), shown.rstrip("/"))
+            shown = urlsplit(redact_url(url)).path.rstrip("/")
+            # Only the path itself, not one that goes on: `/db` is in "5432/dbname".
+            whole = re.escape(parts.path.rstrip("/")) + _PATH_GOES_ON
+            text = re.sub(whole, shown.replace("\\", "\\\\"), text)
         for secret in secrets_of(url):
             if len(secret) >= 3:
                 text = text.replace(secret, MASK)

@@ -7,6 +7,26 @@ import pytest
 from gapfill.redact import redact_text, redact_url
 
 
+def test_a_path_is_scrubbed_where_it_stands_whole_not_inside_a_longer_word() -> None:
+    # `--db mysql://u:P@h/db` masked "/db" in the sentence's own example: ".../***name".
+    from gapfill.cli import Ctx
+    from gapfill.errors import ConfigError
+    from gapfill.settings import FileConfig
+    from gapfill.store import open_store
+
+    ctx = Ctx("mysql://u:P@h/db", (), None, FileConfig(), 0)
+    with pytest.raises(ConfigError) as err:
+        open_store(ctx.db_url)
+    assert redact_text(str(err.value), *ctx.secrets()) == (
+        "unsupported database URL scheme 'mysql': use sqlite:///path/to/file.db "
+        "or postgresql://user@host:5432/dbname"
+    )
+    url = "http://127.0.0.1:9/v2/KEY"
+    assert redact_text("not found: /v2/KEY. Retry /v2/KEY/x or /v2/KEY?id=1", url) == (
+        "not found: /v2/***. Retry /v2/***/x or /v2/***?id=1"
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

@@ -286,6 +286,23 @@ def test_database_errors_are_one_sentence_without_secrets(url: str, needle: str)
     assert len(err.splitlines()) == 1
 
 
+def test_a_postgres_server_that_answers_says_what_to_fix_in_the_url(pg_url: str) -> None:
+    # Neither said "check that the server runs": this server runs, and has no SSL.
+    parts = urlsplit(pg_url)
+    where = f"{parts.hostname}:{parts.port or 5432}"
+    no_role = parts._replace(netloc=f"nosuchrole:hunter2secret@{where}").geturl()
+    r = run(no_role, "status")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f'error: PostgreSQL at {where} has no role "nosuchrole": fix the user '
+                               "name in --db / GAPFILL_DB, or create that role (createuser "
+                               "nosuchrole)")  # fmt: skip
+    r = run(pg_url + "?sslmode=require", "status")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: PostgreSQL at {where} does not accept SSL, which "
+                               "sslmode=require in --db / GAPFILL_DB demands: set it to prefer (or "
+                               "disable), or enable SSL on the server")  # fmt: skip
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:"])
 def test_a_sqlite_url_without_a_path_is_shown_as_given(url: str) -> None:
     r = run(url, "status")

@@ -53,3 +53,20 @@ URL = "postgresql://u:secret@db.example:6432/app"
 def test_postgres_errors_say_what_went_wrong(exc: psycopg.Error, says: str) -> None:
     text = str(translate(exc, URL))
     assert says in text and "secret" not in text
+
+
+# libpq's own words: it gives these no SQLSTATE, like a server that does not answer.
+_FAILED = 'connection failed: connection to server at "db.example", port 6432 failed: '
+
+
+@pytest.mark.parametrize(("url", "said", "says"), [
+    (URL, 'FATAL:  role "u" does not exist',
+     'PostgreSQL at db.example:6432 has no role "u": fix the user name in --db / GAPFILL_DB, or '
+     "create that role (createuser u)"),
+    (URL + "?sslmode=require", "server does not support SSL, but SSL was required",
+     "PostgreSQL at db.example:6432 does not accept SSL, which sslmode=require in --db / GAPFILL_DB "
+     "demands: set it to prefer (or disable), or enable SSL on the server"),
+])  # fmt: skip
+def test_a_server_that_answers_is_not_said_to_be_down(url: str, said: str, says: str) -> None:
+    # Both said "could not connect ...: check that the server runs", which it does.
+    assert str(translate(psycopg.OperationalError(_FAILED + said), url)) == says

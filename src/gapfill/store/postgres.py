@@ -138,6 +138,24 @@ _BAD_QUERY = re.compile(
 )
 
 
+# Connection errors the server (or libpq) raises when it is there: a fix in --db, not in
+# whether the server runs. libpq gives them no SQLSTATE; the text is its own.
+_NO_ROLE = re.compile(r'\brole "((?:[^"]|"")*)" does not exist')
+_NO_SSL = re.compile(r"server does not support SSL, but SSL was required", re.IGNORECASE)
+
+
+def _sslmode_source(url: str) -> str:
+    """Where the ``sslmode`` that demanded SSL was set, for a message."""
+    try:
+        given = conninfo_to_dict(url).get("sslmode")
+    except psycopg.Error:
+        given = None
+    if given:
+        return f"sslmode={given} in --db / GAPFILL_DB"
+    env = os.environ.get("PGSSLMODE")
+    return f"PGSSLMODE={env} in the environment" if env else "the connection's sslmode"
+
+
 def server_and_db(url: str) -> tuple[str, str]:
     """Where libpq connects for ``url`` and to which database, for messages.
 
@@ -206,6 +224,18 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
     low = msg.lower()
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return _privilege_error(msg, url, reading)
+    role = _NO_ROLE.search(msg)
+    if role:
+        name = role.group(1).replace('""', '"')
+        return StoreError(
+            f'PostgreSQL at {where} has no role "{name}": fix the user name in --db / GAPFILL_DB, '
+            f"or create that role (createuser {name})"
+        )
+    if _NO_SSL.search(msg):
+        return StoreError(
+            f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url)} demands: "
+            "set it to prefer (or disable), or enable SSL on the server"
+        )
     if "does not exist" in low and "database" in low:
         return StoreError(
             f'PostgreSQL database "{dbname}" does not exist on {where}: '

@@ -118,9 +118,11 @@ class LogRow(NamedTuple):
 
 #: Failure reasons. ``not_found`` and ``permanent`` take the ref out of the gap
 #: until ``enrich --retry-failed``; ``rpc_error`` and ``beyond_head`` (the node answered
-#: ``null`` for a block above its head: it has not reached it yet) leave it in the gap.
+#: ``null`` for a block above its head: it has not reached it yet) leave it in the gap;
+#: so does ``retrying``, a permanent failure that ``--retry-failed`` put back into the gap
+#: (its record, and so its ``attempts``, kept until it is stored or fails again).
 PERMANENT_REASONS = frozenset({"not_found", "permanent"})
-FAILURE_REASONS = frozenset({"not_found", "permanent", "rpc_error", "beyond_head"})
+FAILURE_REASONS = frozenset({"not_found", "permanent", "rpc_error", "beyond_head", "retrying"})
 
 _HEAD_SAID = "the node's head "
 

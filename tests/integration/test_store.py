@@ -132,9 +132,23 @@ def test_permanent_failures_leave_the_gap_transient_ones_stay(store: Store) -> N
     assert again[0].attempts == 2 and again[1] > first  # "last recorded" is the last time
     assert store.clear_failures() == 1
     assert store.count_gap(1, C) == 4
-    # enriching a failed tx clears its failure
-    store.write(Enriched([tx_row(1, 7)]))
+    # enriching a failed tx clears its failure, a retried one's too
+    store.write(Enriched([tx_row(0, 7), tx_row(1, 7)]))
     assert store.list_failures() == []
+
+
+def test_a_retried_failure_that_fails_again_counts_its_attempts(store: Store) -> None:
+    """`enrich --retry-failed` puts the ref back into the gap but keeps its record: failing
+    again is its second attempt, not a first one."""
+    store.add_refs([Ref(1, C, h(1), 7)])
+    store.write(Enriched(failures=[Failure(1, h(1), C, "not_found", "null")]))
+    assert store.clear_failures(1, C) == 1
+    assert [r.tx_hash for r in store.iter_gap(1, C)] == [h(1)]  # back in the gap
+    assert store.count_permanent_failures(1, C) == 0 and store.status()[0].failed == 0
+    store.write(Enriched(failures=[Failure(1, h(1), C, "not_found", "null again")]))
+    ((f, _),) = store.list_failures()
+    assert (f.reason, f.attempts, f.last_error) == ("not_found", 2, "null again")
+    assert store.count_gap(1, C) == 0
 
 
 def test_plan_cuts_keyset_batches_and_a_second_plan_joins(store: Store) -> None:

@@ -594,13 +594,17 @@ class Store(abc.ABC):
     def clear_failures(
         self, chain_id: int | None = None, contract: str | None = None, permanent_only: bool = True
     ) -> int:
-        """Put failed refs back into the gap (``enrich --retry-failed``)."""
-        sql = (
-            "DELETE FROM failures AS f WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
+        """Put failed refs back into the gap (``enrich --retry-failed``). A permanent failure's
+        record stays, as ``retrying`` (transient): failing again adds to its ``attempts``.
+        With ``permanent_only=False`` every record matched is deleted instead."""
+        where = (
+            "WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
             f"AND (CAST(? AS TEXT) IS NULL OR {_OF_CONTRACT})"
         )
         if permanent_only:
-            sql += f" AND reason IN ({_PERMANENT_IN})"
+            sql = f"UPDATE failures AS f SET reason = 'retrying' {where} AND reason IN ({_PERMANENT_IN})"
+        else:
+            sql = f"DELETE FROM failures AS f {where}"
         with self._tx() as cur:
             cur.execute(self._sql(sql), (chain_id, chain_id, contract, contract, contract))
             return int(cur.rowcount)

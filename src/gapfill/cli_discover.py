@@ -60,6 +60,7 @@ class _Printer:
         self._rescan = rescan
         self._last = 0.0
         self._latest: dict[tuple[int, str], DiscoverProgress] = {}
+        self._said: dict[tuple[int, str], str] = {}  # each contract's last line
 
     def kept(self) -> str:
         """What the commits reported so far wrote, as Ctrl+C says it."""
@@ -76,11 +77,11 @@ class _Printer:
                 f"{again}")  # fmt: skip
 
     def __call__(self, p: DiscoverProgress) -> None:
-        self._latest[(p.chain_id, p.contract)] = p
+        key = (p.chain_id, p.contract)
+        self._latest[key] = p
         now = time.monotonic()
         if p.event == "chunk" and now - self._last < PROGRESS_EVERY_S:
             return
-        self._last = now
         # Each method scans the blocks it still needs: with several, count block scans.
         unit = "blocks" if len(p.methods) < 2 else "block scans"
         if p.event == "start":
@@ -93,6 +94,10 @@ class _Printer:
             pct = 100.0 * p.blocks_done / p.blocks_total if p.blocks_total else 100.0
             text = (f"{p.blocks_done}/{p.blocks_total} {unit} ({pct:.0f}%), {p.refs_found} refs found, "
                     f"{p.new_refs} new")  # fmt: skip
+        if p.event == "done" and self._said.get(key) == text:
+            return  # the last chunk's line said it already
+        self._last = now
+        self._said[key] = text
         click.echo(f"discover {p.contract}: {text}", err=True)
 
 

@@ -53,3 +53,20 @@ def test_ctrl_c_during_a_rescan_says_a_rerun_starts_over(rescan: bool) -> None:
     assert printer.kept() == ("50 blocks scanned and the 1 new ref found in them are committed; run the "
                               "same command again to " + ("rescan from the start" if rescan
                                                           else "continue where it stopped"))  # fmt: skip
+
+
+@pytest.mark.timeout(10)
+def test_discover_says_its_last_progress_line_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last chunk's line is said (a second after the one before), then "done" reports the same.
+    monkeypatch.setattr("gapfill.cli_discover.PROGRESS_EVERY_S", 0.0)
+    printer = _Printer()
+    c = "0x" + "ab" * 20
+    printer(DiscoverProgress("start", 1, c, ("blocks",), 0, 49, 0, 50, 0, 0))
+    printer(DiscoverProgress("chunk", 1, c, ("blocks",), 0, 49, 50, 50, 2, 1))
+    printer(DiscoverProgress("done", 1, c, ("blocks",), 0, 49, 50, 50, 2, 1))
+    assert capsys.readouterr().err.splitlines() == [
+        f"discover {c}: scanning blocks 0-49 with blocks: 50 blocks to do",
+        f"discover {c}: 50/50 blocks (100%), 2 refs found, 1 new",
+    ]

@@ -147,6 +147,8 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
         click.echo(f"{s.contract}: coverage {report['summary']}")
+    for limit in dict.fromkeys(s.limit for s in summaries if s.limit):  # each said once
+        tell(limit)
     for sentence in unserved(skipped):
         tell(sentence)
     if skipped:

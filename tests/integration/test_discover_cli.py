@@ -122,6 +122,41 @@ def test_rescan_finds_refs_the_first_scan_missed(small_chain: NodeChain, db_url:
     assert report["complete"] == [[0, chain.head]]
 
 
+def _two_confirmations(small_chain: NodeChain, tmp_path: Path) -> tuple[GeneratedChain, CliRunner, list[str]]:
+    """The silent contract tracked in a new database, and the discover arguments with 2 confirmations."""
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, small_chain.chain, small_chain.chain.silent)
+    args = ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "blocks",
+            "--confirmations", "2"]  # fmt: skip
+    return small_chain.chain, runner, args
+
+
+def test_a_to_block_past_the_safe_head_is_capped_and_says_so(small_chain: NodeChain, tmp_path: Path) -> None:
+    """--to-block above latest - confirmations is capped: said once, with the head, and how
+    to go higher."""
+    chain, runner, args = _two_confirmations(small_chain, tmp_path)
+    safe, why = chain.head - 2, f"(latest {chain.head} - 2 confirmations)"
+    res = runner.invoke(cli, [*args, "--from-block", str(safe - 1), "--to-block", str(chain.head + 10)])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert f": blocks {safe - 1}-{safe};" in res.stdout, res.stdout
+    said = f"--to-block {chain.head + 10} was capped at {safe} {why}: pass a lower --confirmations"
+    assert res.stderr.count(said) == 1, res.stderr
+
+
+def test_a_from_block_past_the_safe_head_says_so(small_chain: NodeChain, tmp_path: Path) -> None:
+    """--from-block above latest - confirmations scans nothing, and says why: above the head,
+    or within the confirmations (then how to go higher)."""
+    chain, runner, args = _two_confirmations(small_chain, tmp_path)
+    safe, why = chain.head - 2, f"(latest {chain.head} - 2 confirmations)"
+    res = runner.invoke(cli, [*args, "--from-block", str(chain.head)])
+    assert res.exit_code == 0 and "nothing to scan" in res.stdout, res.output + res.stderr
+    assert f"--from-block {chain.head} is above the safe head {safe} {why}: pass a lower" in res.stderr
+    res = runner.invoke(cli, [*args, "--from-block", "1000000"])
+    assert res.exit_code == 0 and "nothing to scan" in res.stdout, res.output + res.stderr
+    assert f"--from-block 1000000 is above the node's head ({chain.head})" in res.stderr, res.stderr
+
+
 def test_discover_explorer_from_env_never_prints_the_key(
     small_chain: NodeChain, tmp_path: Path, standin: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

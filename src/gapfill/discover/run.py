@@ -167,6 +167,31 @@ class DiscoverSummary:
     rescan: bool = False
     #: Blocks of the target that no method scanned because coverage said they were done.
     already_scanned: tuple[Interval, ...] = ()
+    #: The node's head when discovery started (``safe_head`` + confirmations).
+    latest: int | None = None
+    #: The range asked for: ``--from-block`` (or the start block) and ``--to-block``.
+    asked_from: int | None = None
+    asked_to: int | None = None
+    #: Whether ``asked_from`` is ``--from-block`` (else the contract's start block).
+    from_given: bool = True
+
+    @property
+    def limit(self) -> str | None:
+        """Why the range asked for was cut short by the head, or left nothing to scan, and
+        what to do about it; None when it was not."""
+        if self.latest is None:
+            return None
+        why = f"latest {self.latest} - {self.latest - self.safe_head} confirmations"
+        lower = "pass a lower --confirmations to scan closer to the head"
+        if self.from_block is None and self.asked_from is not None and self.asked_from > self.safe_head:
+            first = (f"--from-block {self.asked_from}" if self.from_given
+                     else f"the start block {self.asked_from}")  # fmt: skip
+            if self.asked_from > self.latest:
+                return f"{first} is above the node's head ({self.latest}): nothing to scan yet"
+            return f"{first} is above the safe head {self.safe_head} ({why}): {lower}"
+        if self.asked_to is not None and self.asked_to > self.safe_head and self.to_block is not None:
+            return f"--to-block {self.asked_to} was capped at {self.safe_head} ({why}): {lower}"
+        return None
 
     @property
     def text(self) -> str:
@@ -365,10 +390,7 @@ async def discover(
     start = from_block if from_block is not None else (contract.start_block or 0)
     if rescan and from_block is None and coverage:
         start = min(start, min(c.from_block for c in coverage))  # everything scanned before
-    end = safe if to_block is None else min(to_block, safe)
-    if to_block is not None and to_block > safe:
-        logger.warning("stopping at block %d (latest %d - %d confirmations), not %d",
-                       safe, latest, confirmations, to_block)  # fmt: skip
+    end = safe if to_block is None else min(to_block, safe)  # DiscoverSummary.limit says it
     backend: str | None = None
     if chosen is None:
         chosen = await choose_methods(client, address, explorer, settings.trace_backends)
@@ -431,6 +453,10 @@ async def discover(
         trace_backend=backend,
         rescan=rescan,
         already_scanned=tuple(subtract(target, (s for spans in todo.values() for s in spans))),
+        latest=latest,
+        asked_from=start,
+        asked_to=to_block,
+        from_given=from_block is not None,
     )
 
 

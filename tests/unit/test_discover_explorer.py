@@ -158,3 +158,15 @@ async def test_a_wrong_explorer_url_says_what_to_check() -> None:
     message = str(info.value)
     assert "answered HTTP 404" in message and "check --explorer-url" in message
     assert KEY not in message
+
+
+async def test_an_unreachable_explorer_says_so_in_words_with_its_url_redacted() -> None:
+    # Port 1 on loopback: refused, as an explorer that is down or mistyped.
+    url = "http://127.0.0.1:1/api/SecretPathToken123456"
+    async with ExplorerClient(ExplorerConfig(url, key=KEY, rps=1000, attempts=1), 31337) as client:
+        with pytest.raises(ExplorerError) as info:
+            await client.request({"module": "account", "action": "txlist", "address": TOKEN})
+    message = str(info.value)
+    assert "failed once: connection refused; check --explorer-url" in message, message
+    assert "Error" not in message and "ssl:" not in message, message  # no aiohttp class or text
+    assert "SecretPathToken123456" not in message and KEY not in message, message

@@ -35,7 +35,7 @@ import orjson
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Ref
 from gapfill.redact import MASK, not_http_problem, redact_text, redact_url
-from gapfill.rpc.classify import shown_body
+from gapfill.rpc.classify import classify_exception, shown_body
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class ExplorerClient:
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+            # In words, as for an RPC node ("connection refused"), not aiohttp's class and text.
+            raise _Transient(classify_exception(exc).message) from None
         text = body[:300].decode("utf-8", errors="replace")
         if status == 429 or (status != 200 and _RATE_LIMIT.search(text)):
             raise _RateLimited(text)
@@ -226,7 +227,8 @@ class ExplorerClient:
                 failures += 1
                 if failures >= self.config.attempts:
                     raise ExplorerError(self._scrub(
-                        f"the explorer at {self.shown} failed {failures} times: {exc}; "
+                        f"the explorer at {self.shown} failed "
+                        f"{'once' if failures == 1 else f'{failures} times'}: {exc}; "
                         f"check --explorer-url or {ENV_URL}"
                     )) from None  # fmt: skip
                 await asyncio.sleep(0.5 * 2 ** (failures - 1))

@@ -564,7 +564,10 @@ class Worker:
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
             keep = exc.kept if isinstance(exc, TransientFailures) and not lost.is_set() else None
             pause = self.settings.retry_pause_s * 2 ** max(0, batch.attempts - 1)
-            await self._abandon(batch, f"{type(exc).__name__}: {exc}", keep=keep, refs=n_refs,
+            # Refs failing for a reason that may pass is expected: said plainly. Anything
+            # else is unexpected, and its class helps to tell what it was.
+            said = str(exc) if isinstance(exc, TransientFailures) else f"{type(exc).__name__}: {exc}"
+            await self._abandon(batch, said, keep=keep, refs=n_refs,
                                 retry_after_s=pause)  # fmt: skip
         finally:
             fetched()

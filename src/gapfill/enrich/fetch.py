@@ -142,6 +142,8 @@ def _no_receipt(ref: Ref, rec: CallError, tx: Any) -> Failure:
         return _failure(ref, tx)  # not_found, or why the lookup failed: it is no proof either way
     if isinstance(tx, dict):
         where = tx.get("blockNumber") or tx.get("blockHash")
+        if isinstance(where, str) and where.startswith("0x") and len(where) <= 18:
+            where = int(where, 16)  # a block number, said as the user's other numbers are
         state = f"mined in block {where}" if where is not None else "pending (not mined yet)"
         return _failure(ref, f"receipt {rec.message}, but the transaction is {state}: "
                              "the node's receipts lag; tried again later")  # fmt: skip

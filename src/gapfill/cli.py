@@ -949,7 +949,10 @@ def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
              "(Ctrl+C to stop)")  # fmt: skip
         from gapfill.engine.run import wait_for_plan
 
+        ctx.kept = lambda: ("no plan was joined and nothing was written; run the same command "
+                            "again to wait for one")  # fmt: skip
         wait_for_plan(ctx.store(), keys)
+        ctx.kept = None  # the run's summary says what Ctrl+C leaves from here on
     ctx.close()
     _run_job(_job(ctx, chain, targets, "concurrent", opts, plan_new=False), opts["quiet"])
 

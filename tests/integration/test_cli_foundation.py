@@ -494,6 +494,20 @@ def test_a_worker_with_no_open_plan_says_so_and_what_to_do(tracked: str) -> None
     assert r.stdout == "" and run(tracked, "runs").stdout.strip() == "no runs yet"
 
 
+def test_ctrl_c_while_a_worker_waits_for_a_plan_says_nothing_was_written(
+    tracked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gapfill.engine.run.wait_for_plan", interrupted)
+    r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "worker", "--wait")
+    assert r.exit_code == 130, r.output + r.stderr
+    assert r.stderr.splitlines()[-1] == ("interrupted: no plan was joined and nothing was written; run the "
+                                         "same command again to wait for one"), r.stderr  # fmt: skip
+    assert run(tracked, "runs").stdout.strip() == "no runs yet"
+
+
 @pytest.mark.parametrize("args", [("status", "--json"), ("contract", "list"), ("runs",)])
 def test_a_closed_pipe_ends_quietly(tracked: str, args: tuple[str, ...]) -> None:
     """`gapfill status --json | head -c 10`: the reader leaves early; no 'internal error'."""

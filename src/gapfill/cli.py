@@ -83,9 +83,10 @@ class Ctx:
             self._store_read_only = read_only
         return self._store
 
-    def endpoints(self, max_batch: int | None = None) -> list[EndpointSetting]:
+    def endpoints(self, max_batch: int | None = None, required: bool = True) -> list[EndpointSetting]:
+        """The endpoints, each checked (no network); none is an error when ``required``."""
         eps = resolve_endpoints(self.rpc_urls, self.rps, max_batch, self.file)
-        if not eps:
+        if not eps and required:
             raise ConfigError(
                 "no RPC endpoint is set: pass --rpc-url URL, set ETH_RPC_URL, "
                 "or add [[endpoints]] to gapfill.toml"
@@ -905,7 +906,7 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
     """What a run would do; ``left`` names the contracts among ``targets`` it would skip."""
     from gapfill.engine.dryrun import estimate
 
-    eps = resolve_endpoints(ctx.rpc_urls, ctx.rps, None, ctx.file)
+    eps = ctx.endpoints(required=False)  # a malformed one is said as a real run would say it
     rps_values = [e.rps for e in eps]
     rps_total = sum(r for r in rps_values if r) if eps and all(rps_values) else None
     rows = estimate(ctx.store(read_only=True), [(c.chain_id, c.address) for c in targets],

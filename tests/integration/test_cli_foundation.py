@@ -494,6 +494,15 @@ def test_a_worker_with_no_open_plan_says_so_and_what_to_do(tracked: str) -> None
     assert r.stdout == "" and run(tracked, "runs").stdout.strip() == "no runs yet"
 
 
+def test_a_dry_run_checks_the_endpoints_as_a_run_does(tracked: str) -> None:
+    r = run(tracked, "--rpc-url", "htp://127.0.0.1:8545", "enrich", "--dry-run")
+    assert r.exit_code == 1, r.output + r.stderr
+    err = one_sentence(r)
+    assert err == one_sentence(run(tracked, "--rpc-url", "htp://127.0.0.1:8545", "enrich")), err
+    assert "dry run" not in r.stdout
+    assert run(tracked, "enrich", "--dry-run").exit_code == 0  # no endpoint at all: still fine
+
+
 def test_ctrl_c_while_a_worker_waits_for_a_plan_says_nothing_was_written(
     tracked: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,7 +32,7 @@ from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
-from gapfill.rpc.config import RpcSettings, parse_rpc_urls
+from gapfill.rpc.config import FLAG_CHECK, RpcSettings, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
@@ -54,6 +54,8 @@ class Ctx:
     #: keeps it true as it goes); None says nothing more.
     kept: Callable[[], str] | None = None
     _store_read_only: bool = False
+    #: Where ``rpc_urls`` came from, as a message's "check ..." names it.
+    rpc_check: str = FLAG_CHECK
 
     def store(self, create: bool = False, read_only: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
@@ -85,7 +87,7 @@ class Ctx:
 
     def endpoints(self, max_batch: int | None = None, required: bool = True) -> list[EndpointSetting]:
         """The endpoints, each checked (no network); none is an error when ``required``."""
-        eps = resolve_endpoints(self.rpc_urls, self.rps, max_batch, self.file)
+        eps = resolve_endpoints(self.rpc_urls, self.rps, max_batch, self.file, self.rpc_check)
         if not eps and required:
             raise ConfigError(
                 "no RPC endpoint is set: pass --rpc-url URL, set ETH_RPC_URL, "
@@ -271,6 +273,11 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
             fail(None, exc)
         file = FileConfig()
     obj = Ctx(db_url or file.db or DEFAULT_DB_URL, rpc_urls, rps, file, verbose)
+    source = ctx.get_parameter_source("rpc_urls")
+    if source is click.core.ParameterSource.COMMANDLINE:  # hints name what the user gave
+        obj.rpc_check = "--rpc-url"
+    elif source is click.core.ParameterSource.ENVIRONMENT:
+        obj.rpc_check = "ETH_RPC_URL"
     ctx.obj = obj
     if file.enrich:
         # The file's [enrich] table gives `enrich` and `worker` their defaults; flags win.
@@ -836,6 +843,15 @@ def _plan_settings(opts: dict[str, Any], metered: bool = False) -> Any:
                         calls_metered=metered)  # fmt: skip
 
 
+def _workers_said(ctx: Ctx, workers: int | None) -> str | None:
+    """How a message names the worker count when the config file set it (else None:
+    ``--workers N``, as the user typed it)."""
+    source = click.get_current_context().get_parameter_source("workers")
+    if workers is None or source is not click.core.ParameterSource.DEFAULT_MAP:
+        return None
+    return f"workers = {workers} (from {ctx.file.path})"
+
+
 def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict[str, Any],
          plan_new: bool = True) -> Any:  # fmt: skip
     from gapfill.engine.run import EnrichJob
@@ -848,6 +864,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
         chain_id=chain_id,
         mode=mode,
         workers=opts["workers"],
+        workers_said=_workers_said(ctx, opts["workers"]),
         batch_size=opts["batch_size"],
         rpc_batch_size=opts["rpc_batch_size"],
         grace_period_s=opts["grace_period_s"],

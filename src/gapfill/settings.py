@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gapfill.errors import ConfigError
-from gapfill.rpc.config import EndpointConfig, parse_rpc_urls
+from gapfill.rpc.config import FLAG_CHECK, EndpointConfig, parse_rpc_urls
 
 DEFAULT_CONFIG_NAME = "gapfill.toml"
 #: Calls per JSON-RPC batch when enriching (``--rpc-batch-size``): 50 transactions, each
@@ -51,6 +51,8 @@ class EndpointSetting:
     url: str
     rps: float | None = None
     max_batch: int | None = None
+    #: Where the URL came from, as a message's "check ..." names it.
+    check: str = field(default=FLAG_CHECK, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +147,8 @@ def load_config(explicit: str | None = None) -> FileConfig:
             EndpointConfig(e["url"])
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: endpoints[{i}]: {exc}") from None
-        endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb))
+        endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb,
+                                         f"the endpoint in {path}"))  # fmt: skip
     explorer_url = data.get("explorer", {}).get("url")
     if explorer_url is not None and not isinstance(explorer_url, str):
         raise ConfigError(f"config file {path}: [explorer] url must be a string URL")
@@ -158,9 +161,11 @@ def load_config(explicit: str | None = None) -> FileConfig:
 
 
 def resolve_endpoints(
-    flag_urls: tuple[str, ...], rps: float | None, max_batch: int | None, file: FileConfig
+    flag_urls: tuple[str, ...], rps: float | None, max_batch: int | None, file: FileConfig,
+    flag_check: str = FLAG_CHECK,
 ) -> list[EndpointSetting]:
-    """Flag/env URLs win over the file's; ``--rps``/``--rpc-batch-size`` apply to each flag URL."""
+    """Flag/env URLs win over the file's; ``--rps``/``--rpc-batch-size`` apply to each flag URL.
+    ``flag_check`` names where the flag URLs came from (``--rpc-url`` or ``ETH_RPC_URL``)."""
     urls = parse_rpc_urls(flag_urls)
     if urls:
         by_url = {e.url: e for e in file.endpoints}
@@ -169,12 +174,14 @@ def resolve_endpoints(
                 u,
                 rps if rps is not None else by_url.get(u, EndpointSetting(u)).rps,
                 max_batch if max_batch is not None else by_url.get(u, EndpointSetting(u)).max_batch,
+                flag_check,
             )
             for u in urls
         ]
     return [
         EndpointSetting(
-            e.url, rps if rps is not None else e.rps, max_batch if max_batch is not None else e.max_batch
+            e.url, rps if rps is not None else e.rps, max_batch if max_batch is not None else e.max_batch,
+            e.check,
         )
         for e in file.endpoints
     ]

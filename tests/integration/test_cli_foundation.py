@@ -494,6 +494,23 @@ def test_a_worker_with_no_open_plan_says_so_and_what_to_do(tracked: str) -> None
     assert r.stdout == "" and run(tracked, "runs").stdout.strip() == "no runs yet"
 
 
+def test_hints_name_the_config_file_for_what_it_set(tracked: str, tmp_path: Path) -> None:
+    # The file set the workers and the endpoint: the user passed neither --workers nor --rpc-url.
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text('[[endpoints]]\nurl = "http://127.0.0.1:9/"\n\n[enrich]\nworkers = 2\n')
+    assert run(tracked, "import", "-", "--contract", C, input=h(1) + "\n").exit_code == 0
+    r = run(tracked, "--config", str(cfg), "enrich", "--mode", "batch", "--rpc-timeout", "1")
+    assert r.exit_code == 1, r.output + r.stderr
+    assert f"workers = 2 (from {cfg}) applies to concurrent mode; batch mode runs one worker" in r.output
+    assert f"connection refused; check the endpoint in {cfg}" in r.stderr, r.stderr
+    assert "--workers" not in r.output + r.stderr and "--rpc-url" not in r.output + r.stderr
+    # Given as an option or in the environment, each is named as given.
+    r = run(tracked, "--config", "", "--rpc-url", "http://127.0.0.1:9/", "enrich", "--mode", "batch",
+            "--workers", "2")  # fmt: skip
+    assert "--workers 2 applies to concurrent mode" in r.output
+    assert r.stderr.strip().endswith("connection refused; check --rpc-url"), r.stderr
+
+
 def test_a_dry_run_checks_the_endpoints_as_a_run_does(tracked: str) -> None:
     r = run(tracked, "--rpc-url", "htp://127.0.0.1:8545", "enrich", "--dry-run")
     assert r.exit_code == 1, r.output + r.stderr

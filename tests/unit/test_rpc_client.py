@@ -640,7 +640,7 @@ async def test_probe_chain_and_capabilities(make_node: Any, tmp_path: Any) -> No
         with pytest.raises(RpcError) as info:
             await client.probe()
     assert str(info.value) == (f"the RPC node at {mainnet.url.replace(KEY, '***')} serves "
-                               "chain 1, expected 31337: check --rpc-url")
+                               "chain 1, expected 31337: check --rpc-url or ETH_RPC_URL")
 
     plain = await make_node(node_for(31337, False))
     rich = await make_node(node_for(31337, True))

@@ -134,6 +134,8 @@ class EnrichJob:
     chain_id: int
     mode: str = "auto"
     workers: int | None = None
+    #: How messages name ``workers`` when it is not ``--workers N`` (the config file's).
+    workers_said: str | None = None
     batch_size: int = 500
     rpc_batch_size: int = ENRICH_RPC_BATCH
     grace_period_s: float = 30.0
@@ -1098,5 +1100,6 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
     if mode == "concurrent":
         return Coordinator(replace(job, mode=mode), emit).run()
     if job.workers and job.workers > 1:
-        emit(Notice(f"--workers {job.workers} applies to concurrent mode; {mode} mode runs one worker"))
+        said = job.workers_said or f"--workers {job.workers}"
+        emit(Notice(f"{said} applies to concurrent mode; {mode} mode runs one worker"))
     return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential")

@@ -22,7 +22,7 @@ def endpoint_configs(
         cap = e.max_batch or rpc_batch_size or DEFAULT_RPC_BATCH
         if rpc_batch_size is not None:
             cap = min(cap, rpc_batch_size)
-        out.append(EndpointConfig(e.url, e.rps, cap))
+        out.append(EndpointConfig(e.url, e.rps, cap, e.check))
     return out
 
 

@@ -231,7 +231,8 @@ class RpcClient:
                     continue
                 if chain_id < 1:
                     failed.append((endpoint, f"the RPC node at {endpoint.shown} reports chain id "
-                                             f"{chain_id}, which is not a chain id: check --rpc-url, "
+                                             f"{chain_id}, which is not a chain id: check "
+                                             f"{endpoint.config.check}, "
                                              "or pass --chain-id N"))
                     continue
                 endpoint.chain_id = chain_id
@@ -248,14 +249,14 @@ class RpcClient:
                 if expected is not None and chain_id != expected:
                     raise RpcError(
                         f"the RPC node at {endpoint.shown} serves chain {chain_id}, "
-                        f"expected {expected}: check --rpc-url"
+                        f"expected {expected}: check {endpoint.config.check}"
                     )
             first, first_id = reachable[0]
             for endpoint, chain_id in reachable[1:]:
                 if chain_id != first_id:
                     raise RpcError(
                         f"the RPC nodes disagree: {first.shown} serves chain {first_id} but "
-                        f"{endpoint.shown} serves chain {chain_id}; check --rpc-url"
+                        f"{endpoint.shown} serves chain {chain_id}; check {endpoint.config.check}"
                     )
             self._chain_id = first_id
             return first_id
@@ -718,7 +719,7 @@ class RpcClient:
             if item.failures >= limit:
                 if verdict.unreachable:
                     text = (f"could not reach the RPC node at {endpoint.shown}: {message}; "
-                            "check --rpc-url or ETH_RPC_URL")
+                            f"check {endpoint.config.check}")
                 else:
                     text = f"{message} (at {endpoint.shown}, after {item.failures} attempts)"
                 results[i] = CallError("transient", text, verdict.code)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gapfill.errors import ConfigError
 from gapfill.redact import not_http_problem, redact_url
 
 DEFAULT_MAX_BATCH = 50
+#: What to check about an endpoint given on the command line or in the environment.
+FLAG_CHECK = "--rpc-url or ETH_RPC_URL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,8 @@ class EndpointConfig:
     url: str
     rps: float | None = None
     max_batch: int = DEFAULT_MAX_BATCH
+    #: What a message about this endpoint tells the user to check: where its URL came from.
+    check: str = field(default=FLAG_CHECK, compare=False)
 
     def __post_init__(self) -> None:
         if not self.url.lower().startswith(("http://", "https://")):

@@ -56,6 +56,7 @@ from engine_support import (
     zombie,
 )
 
+from gapfill.store import open_store
 from gapfill.testing.anvil import Anvil
 from gapfill.testing.chain import ChainSpec, GeneratedChain, generate
 
@@ -1068,3 +1069,24 @@ def test_ctrl_c_while_a_concurrent_run_starts_stops_it_at_once(
     if phase == "sample":
         assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)], "the cut sample was written"
         assert "processed: 0 transactions" in out, out
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_transaction_of_two_contracts_counts_once(
+    small_chain: Any, db_url: str, mode: str, tmp_path: Path
+) -> None:
+    """Both contracts track the same 600 transactions, in 2 batches each: a worker leases
+    4 batches at once, so both contracts' batches fetch each transaction. `processed` (the
+    run's row, the summary, its rate) counts the transactions the run stored, each once."""
+    chain = small_chain.chain
+    hashes = frozenset(sorted(chain.reached(chain.token), key=lambda h: (chain.tx_block[h], h))[:600])
+    seed(db_url, chain, {chain.token: hashes, chain.silent: hashes})
+    code, out = gapfill(["--db", db_url, "--rpc-url", small_chain.url, "enrich", "--mode", mode,
+                         "--workers", "2", "--batch-size", "300"], tmp_path, mode)  # fmt: skip
+    assert code == 0, out
+    with open_store(db_url) as store:
+        stored = len(store.fetch_transactions(chain.chain_id))
+        run = store.list_runs()[0]
+    assert stored == len(hashes)
+    assert (run.state, run.processed) == ("done", stored), run
+    assert f"processed: {stored:,} transactions" in out, out

@@ -406,6 +406,38 @@ def test_a_runs_counts_are_kept_by_the_writes_they_count(store: Store) -> None:
     assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 17, 2, 60)
 
 
+def test_a_transaction_two_contracts_share_counts_once_in_the_run(store: Store) -> None:
+    # Two contracts' batches in flight at once both fetch a transaction they share: a run's
+    # `processed` counts the transactions it newly stored, so each once, whichever batch
+    # (in one commit group, in two commits, or a batch given back with what it got) wrote it.
+    D = "0x" + "cd" * 20
+    store.add_contract(Contract(1, D, label="other"))
+    store.add_refs([Ref(1, c, h(i), i) for c in (C, D) for i in range(1, 31)])
+    run = store.create_run("concurrent", 2)
+    store.plan(run, [(1, C), (1, D)], batch_size=10)
+    store.counts_for_run = run
+    batches = [store.lease("w", 60.0) for _ in range(6)]
+    assert all(b is not None for b in batches)
+    by = {(b.contract, b.lo): b for b in batches if b is not None}
+    c1, c2, c3 = (b for (c, _), b in sorted(by.items()) if c == C)
+    d1, d2, d3 = (b for (c, _), b in sorted(by.items()) if c == D)
+
+    def rows(batch: Batch, upto: int | None = None) -> Enriched:
+        return Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0)
+                         for r in store.batch_refs(batch)[:upto]])  # fmt: skip
+
+    fetched = [rows(b) for b in (c1, c2, c3, d1, d2, d3)]  # all fetched before any commit
+    assert store.commit_batches([(c1, fetched[0]), (d1, fetched[3])]) == [True, True]  # one group
+    assert store.commit_batches([(c2, fetched[1])]) == [True]
+    assert store.commit_batches([(d2, fetched[4])]) == [True]  # a later commit, rows already there
+    assert store.abandon(d3, "TransientFailures: 5 failed", keep=rows(d3, 5)) is True
+    assert store.commit_batches([(c3, fetched[2])]) == [True]  # 5 new, 5 stored by d3
+    assert len(store.fetch_transactions(1)) == 30
+    (info,) = store.list_runs()
+    assert info.processed == 30
+    assert store.finish_run(run, "done", 0) == (30, 0)
+
+
 def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path: Any) -> None:
     import sqlite3
 

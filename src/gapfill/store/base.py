@@ -510,8 +510,11 @@ class Store(abc.ABC):
     # -- writing rows ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
-        """Bulk upsert inside the caller's transaction."""
+    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> int:
+        """Bulk upsert inside the caller's transaction. Returns how many transaction rows it
+        inserted: a row already stored (by another contract's batch, of this run or another,
+        or earlier in ``txs``) is updated and not counted, so a run counts each transaction
+        it stored once."""
 
     def _record_failures(self, cur: Any, enriched: Enriched) -> None:
         if enriched.failures:
@@ -1093,17 +1096,16 @@ class Store(abc.ABC):
         merged = Enriched()
         for enriched in written:
             merged.extend(enriched)
-        if merged.txs or merged.logs:
-            self._upsert(cur, merged.txs, merged.logs)
+        new = self._upsert(cur, merged.txs, merged.logs) if merged.txs or merged.logs else 0
         self._move_keys(cur, merged)
         self._record_failures(cur, merged)
-        if self.counts_for_run is not None and (merged.txs or merged.failures):
+        if self.counts_for_run is not None and (new or merged.failures):
             # Counted with the rows they count, last (the run's row is locked the shortest):
             # a run killed outright, or a worker killed before it told its coordinator, still
             # has exactly what it wrote in `runs`.
             cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ? "
                                   "WHERE run_id = ?"),
-                        (len(merged.txs), len(merged.failures), self.counts_for_run))  # fmt: skip
+                        (new, len(merged.failures), self.counts_for_run))  # fmt: skip
 
     _MOVE_KEY_SQL = (
         "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "

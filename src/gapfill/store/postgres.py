@@ -429,21 +429,23 @@ class PostgresStore(Store):
         )
         return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)
 
-    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> int:
         tx_rows = [_tx_tuple(t) for t in txs]
         log_rows = [_log_tuple(g) for g in logs]
         # Fast path: COPY straight into the tables, under a savepoint. Rows of a gap are
-        # normally new, so this writes each row once. Any row already there (re-enrichment,
-        # a tx shared by two contracts, a duplicate in the batch) raises a unique
+        # normally new, so this writes each row once (and every one is new). Any row already
+        # there (re-enrichment, a tx shared by two contracts, a duplicate in the batch, or
+        # one another transaction is writing: COPY waits for it) raises a unique
         # violation: the savepoint undoes the partial COPY and the staged upsert runs.
         try:
             with cur.connection.transaction():
                 _copy(cur, "transactions", _TX_COLS, tx_rows)
                 _copy(cur, "logs", _LOG_COLS, log_rows)
-            return
+            return len(tx_rows)
         except psycopg.errors.UniqueViolation:
             pass
         self._stage(cur)
+        new = 0
         for stage, table, cols, key, update, rows in (
             ("stage_tx", "transactions", _TX_COLS, "chain_id, tx_hash", _UPDATE_TX, tx_rows),
             ("stage_logs", "logs", _LOG_COLS, "chain_id, tx_hash, log_index", _UPDATE_LOG, log_rows),
@@ -451,11 +453,17 @@ class PostgresStore(Store):
             if not rows:
                 continue
             _copy(cur, stage, cols, rows)
+            # A row this statement inserted has no xmax; one it updated (stored before, by
+            # whichever transaction) has this transaction's: only the first kind is new.
             cur.execute(
-                f"INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} FROM {stage} "
-                f"ON CONFLICT ({key}) DO UPDATE SET {update}"
+                f"WITH w AS (INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} "
+                f"FROM {stage} ON CONFLICT ({key}) DO UPDATE SET {update} RETURNING xmax = 0 AS new) "
+                "SELECT count(*) FILTER (WHERE new) FROM w"
             )
+            if table == "transactions":
+                new = int(cur.fetchone()[0])
             cur.execute(f"TRUNCATE {stage}")
+        return new
 
     def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         # One statement per batch rather than one per transaction.

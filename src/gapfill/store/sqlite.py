@@ -44,6 +44,7 @@ _INSERT_LOG = (
     f"INSERT INTO logs ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' for _ in LOG_COLUMNS)}) "
     f"ON CONFLICT (chain_id, tx_hash, log_index) DO UPDATE SET {_UPDATE_LOG}"
 )
+_LAST_TX_ROWID = "SELECT COALESCE(MAX(rowid), 0) FROM transactions"
 _INSERT_REF = (
     "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
@@ -397,11 +398,21 @@ class SqliteStore(Store):
         )
         return {h: int(b) for h, b in cur.fetchall()}
 
-    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> None:
+    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> int:
+        new = 0
         if txs:
+            # An upsert's update counts as a change too, so changes() cannot tell inserted rows
+            # from updated ones; rowids do: SQLite gives an inserted row the largest rowid + 1,
+            # an update keeps its row's, and nothing deletes transactions meanwhile (this is
+            # the one writer). Two lookups of the rowid b-tree's last entry per write.
+            cur.execute(_LAST_TX_ROWID)
+            before = cur.fetchone()[0]
             cur.executemany(_INSERT_TX, [_tx_tuple(t) for t in txs])
+            cur.execute(_LAST_TX_ROWID)
+            new = cur.fetchone()[0] - before
         if logs:
             cur.executemany(_INSERT_LOG, [_log_tuple(g) for g in logs])
+        return int(new)
 
     def _plan_lock(self, cur: Any) -> None:
         # BEGIN IMMEDIATE already holds SQLite's single write lock.

@@ -205,7 +205,7 @@ class LiveRenderer:
             prev = self.progress
             done = (prev.done_batches if prev else 0) + (1 if ev.committed else 0)
             elapsed = time.perf_counter() - self._t0
-            processed = (prev.processed if prev else 0) + ev.succeeded
+            processed = (prev.processed if prev else 0) + ev.stored
             failed = (prev.failed if prev else 0) + ev.failed
             rate = processed / elapsed if elapsed > 0 else 0.0
             left = self.started.batches - done

@@ -203,7 +203,7 @@ def test_a_commit_group_writes_only_the_batches_whose_lease_is_held(store: Store
         return Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs], failures=failures)
 
     group = [(a, rows(a)), (b, rows(b)), (c, rows(c))]
-    assert store.commit_batches(group) == [True, False, True]
+    assert store.commit_batches(group) == [10, None, 10]  # transactions newly stored; b not held
     assert len(store.fetch_transactions(1)) == 20
     assert {r.tx_hash for r in store.iter_gap(1, C)} == {r.tx_hash for r in store.batch_refs(b)}
     assert len(store.list_failures()) == 1
@@ -392,7 +392,7 @@ def test_a_runs_counts_are_kept_by_the_writes_they_count(store: Store) -> None:
         return Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs],
                         failures=[Failure(1, h(99), C, "permanent", "rejected")])  # fmt: skip
 
-    assert store.commit_batches([(a, rows(a, 10)), (b, rows(b, 10))]) == [True, False]  # b: not held
+    assert store.commit_batches([(a, rows(a, 10)), (b, rows(b, 10))]) == [10, None]  # b: not held
     assert store.abandon(c, "TransientFailures: 4 failed", keep=rows(c, 6)) is True
     store.write(Enriched([tx_row(40, 40)]))  # a start-up sample's row
     store.counts_for_run = None
@@ -427,11 +427,12 @@ def test_a_transaction_two_contracts_share_counts_once_in_the_run(store: Store) 
                          for r in store.batch_refs(batch)[:upto]])  # fmt: skip
 
     fetched = [rows(b) for b in (c1, c2, c3, d1, d2, d3)]  # all fetched before any commit
-    assert store.commit_batches([(c1, fetched[0]), (d1, fetched[3])]) == [True, True]  # one group
-    assert store.commit_batches([(c2, fetched[1])]) == [True]
-    assert store.commit_batches([(d2, fetched[4])]) == [True]  # a later commit, rows already there
-    assert store.abandon(d3, "TransientFailures: 5 failed", keep=rows(d3, 5)) is True
-    assert store.commit_batches([(c3, fetched[2])]) == [True]  # 5 new, 5 stored by d3
+    # Per batch, the transactions it newly stored (the engine's totals and events count these).
+    assert store.commit_batches([(c1, fetched[0]), (d1, fetched[3])]) == [10, 0]  # one group
+    assert store.commit_batches([(c2, fetched[1])]) == [10]
+    assert store.commit_batches([(d2, fetched[4])]) == [0]  # a later commit, rows already there
+    assert store.abandon_keeping(d3, "TransientFailures: 5 failed", keep=rows(d3, 5)) == 5
+    assert store.commit_batches([(c3, fetched[2])]) == [5]  # 5 new, 5 stored by d3
     assert len(store.fetch_transactions(1)) == 30
     (info,) = store.list_runs()
     assert info.processed == 30
@@ -862,11 +863,11 @@ def test_a_removal_and_a_commit_whose_lease_just_expired_do_not_deadlock(
     removal = _Removal(pg_url)
     write_results = worker._write_results  # type: ignore[attr-defined]
 
-    def late_commit(cur: Any, written: Any) -> None:
+    def late_commit(cur: Any, written: Any) -> list[int]:
         # The batch's row is locked, the lease was held: now it expires, and a removal runs.
         removal.expired(b)
         removal.started_and_waiting()
-        write_results(cur, written)
+        return write_results(cur, written)  # type: ignore[no-any-return]
 
     b = worker.lease("w", 2.0)
     assert b is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gapfill.engine.events import BatchAbandoned
+from gapfill.engine.events import BatchAbandoned, BatchDone
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.errors import StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
@@ -34,6 +34,7 @@ class FakeStore:
         self.pauses: dict[int, float] = {}  # batch id -> seconds before it may be leased again
         self.moved: dict[int, int] = {}  # batch id -> refs whose block those rows correct
         self.slow_s = 0.0
+        self.already = 0  # transactions of each batch another batch stored first
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
         if not self._busy.acquire(blocking=False):
@@ -65,27 +66,27 @@ class FakeStore:
         self._call("renew", (batch,))
         return self.state.get(batch.id) == "leased"
 
-    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[bool]:
+    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[int | None]:
         self._call("commit_batches", items)
         out = [self.state.get(b.id) == "leased" for b, _ in items]
         for (b, _), ok in zip(items, out, strict=True):
             if ok:
                 self.state[b.id] = "done"
         self.committed.append([b.id for (b, _), ok in zip(items, out, strict=True) if ok])
-        return out
+        return [len(e.txs) - self.already if ok else None for (_, e), ok in zip(items, out, strict=True)]
 
-    def abandon(
+    def abandon_keeping(
         self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
-    ) -> bool:
+    ) -> int | None:
         self._call("abandon", (batch,))
         if self.state.get(batch.id) != "leased":
-            return False
+            return None
         self.state[batch.id] = "pending"
         self.pauses[batch.id] = retry_after_s
         if keep is not None:
             self.kept[batch.id] = len(keep.txs)
             self.moved[batch.id] = len(keep.moved)
-        return True
+        return 0 if keep is None else len(keep.txs) - self.already
 
     def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
         self._call("release_owner", ())
@@ -143,6 +144,28 @@ def test_batches_commit_in_groups_each_once() -> None:
     assert sorted(done) == list(range(1, 13)) and totals.processed == 120
     assert max(len(g) for g in store.committed) >= 2, store.committed
     assert not store.overlaps
+
+
+@pytest.mark.timeout(30)
+def test_the_totals_count_what_the_batches_newly_stored_not_what_they_fetched() -> None:
+    # Two contracts' batches in flight at once both fetch a transaction they share; it is
+    # stored once, and the run's count in the database counts it once: so do the totals
+    # (the coordinator's, the live progress) and the events they come from.
+    store = FakeStore(batches=4, refs=10)
+    store.already = 3
+    events: list[Any] = []
+    totals = asyncio.run(worker(store, emit=events.append).run())
+    done = [e for e in events if isinstance(e, BatchDone)]
+    assert [(e.succeeded, e.stored) for e in done] == [(10, 7)] * 4  # the line says what it fetched
+    assert totals.processed == 28
+    store = FakeStore(batches=3, refs=10)
+    store.already = 2
+    events = []
+    w = Worker(0, "w", store, FakeClient(), {1: HalfFailingEnricher()},  # type: ignore[arg-type]
+               WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01), events.append)  # fmt: skip
+    totals = asyncio.run(w.run())
+    given_back = [e for e in events if isinstance(e, BatchAbandoned)]
+    assert [(e.kept, e.kept_new) for e in given_back] == [(5, 3)] * 3 and totals.processed == 9
 
 
 @pytest.mark.timeout(30)

@@ -54,6 +54,10 @@ class BatchDone:
     failed: int
     seconds: float
     committed: bool  # False: the lease was lost and nothing was written
+    #: Of ``succeeded`` (what the batch fetched), the transactions no other batch had
+    #: stored: what the run's ``processed`` counts (a transaction two contracts share is
+    #: fetched by both contracts' batches, and stored once).
+    stored: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,9 @@ class BatchAbandoned:
     kept: int = 0  # transactions the attempt stored before giving the batch back
     kept_failed: int = 0  # and the permanent failures it recorded
     rest: int = 0  # refs it stored nothing for: they stay in the gap, for another attempt
+    #: Of ``kept``, the transactions no other batch had stored: what the run's ``processed``
+    #: counts (a transaction two contracts share is fetched by both contracts' batches).
+    kept_new: int = 0
 
 
 @dataclass(frozen=True, slots=True)

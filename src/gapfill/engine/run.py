@@ -333,11 +333,11 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
     # Real rows, idempotent: they simply leave the gap. Failures that may pass are not the
     # run's: those refs stay in the gap, and the plan that follows enriches them.
     kept = enriched.settled()
-    store.write(kept)
+    new = store.write(kept)  # a transaction two of the refs share is stored (and counted) once
     if done < _SAMPLE_MIN_REFS:
-        return _Sample(0.0, "", len(kept.txs), len(kept.failures), calls, job)
+        return _Sample(0.0, "", new, len(kept.failures), calls, job)
     return _Sample(done / secs, f"measured on {done} refs at the start of this run",
-                   len(kept.txs), len(kept.failures), calls, job)  # fmt: skip
+                   new, len(kept.failures), calls, job)  # fmt: skip
 
 
 async def _probe(job: EnrichJob, emit: Emit) -> EnrichJob:
@@ -780,10 +780,10 @@ class Coordinator:
                     slot.stats = ev
             if isinstance(ev, BatchDone) and ev.committed:
                 self.done_batches += 1
-                self.committed += ev.succeeded
+                self.committed += ev.stored
                 self.committed_failed += ev.failed
             if isinstance(ev, BatchAbandoned):
-                self.committed += ev.kept
+                self.committed += ev.kept_new
                 self.committed_failed += ev.kept_failed
             if isinstance(ev, WorkerLostNode):
                 (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message

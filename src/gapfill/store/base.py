@@ -107,6 +107,23 @@ def _own_moves(batch: Batch, enriched: Enriched) -> Enriched:
     return enriched if len(own) == len(enriched.moved) else replace(enriched, moved=own)
 
 
+def _newly_stored(written: Sequence[Enriched], inserted: set[tuple[int, str]] | None) -> list[int]:
+    """Per batch of ``written``, its transactions among the rows ``inserted`` (None: all
+    were), each counted for the first batch that holds it."""
+    if inserted is None:
+        return [len(e.txs) for e in written]
+    out = []
+    for e in written:
+        n = 0
+        for t in e.txs:
+            key = (t.chain_id, t.tx_hash)
+            if key in inserted:
+                inserted.discard(key)
+                n += 1
+        out.append(n)
+    return out
+
+
 def migrations(backend: str) -> list[tuple[int, str]]:
     """The schema migrations of ``backend``: (version, SQL), in order."""
     folder = resources.files("gapfill.store") / "sql" / backend
@@ -510,11 +527,14 @@ class Store(abc.ABC):
     # -- writing rows ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> int:
-        """Bulk upsert inside the caller's transaction. Returns how many transaction rows it
-        inserted: a row already stored (by another contract's batch, of this run or another,
-        or earlier in ``txs``) is updated and not counted, so a run counts each transaction
-        it stored once."""
+    def _upsert(
+        self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]
+    ) -> set[tuple[int, str]] | None:
+        """Bulk upsert inside the caller's transaction. Returns the keys of the transaction
+        rows it inserted, or None when it inserted every one of ``txs`` (the usual case, told
+        at no cost). A row already stored (by another contract's batch, of this run or
+        another, or earlier in ``txs``) is updated, not inserted: a run counts each
+        transaction it stored once."""
 
     def _record_failures(self, cur: Any, enriched: Enriched) -> None:
         if enriched.failures:
@@ -545,17 +565,19 @@ class Store(abc.ABC):
             [(t.chain_id, t.tx_hash) for t in txs],
         )
 
-    def write(self, enriched: Enriched) -> None:
+    def write(self, enriched: Enriched) -> int:
         """Store rows, failures and moved keys in one transaction, with no lease (the start-up
-        sample of a concurrent run). No open plan keeps an import or a discovery from filling
-        these refs' block numbers meanwhile, so their keys move as those fills do: after the
-        contracts' rows and under the planning lock."""
+        sample of a concurrent run); returns the transactions it newly stored. No open plan
+        keeps an import or a discovery from filling these refs' block numbers meanwhile, so
+        their keys move as those fills do: after the contracts' rows and under the planning
+        lock."""
         with self._tx() as cur:
             if enriched.moved:
                 for chain_id, contract in sorted({(r.chain_id, r.contract) for r in enriched.moved}):
                     self._lock_contract(cur, chain_id, contract)  # one removed meanwhile: no refs
                 self._plan_lock(cur)
-            self._write_results(cur, [enriched])
+            (new,) = self._write_results(cur, [enriched])
+            return new
 
     def list_failures(
         self, chain_id: int | None = None, contract: str | None = None, limit: int = 1000
@@ -1057,12 +1079,14 @@ class Store(abc.ABC):
 
     def commit_batch(self, batch: Batch, enriched: Enriched) -> bool:
         """Rows, failures and ``done`` in one transaction, only if the lease is still held."""
-        return self.commit_batches([(batch, enriched)])[0]
+        return self.commit_batches([(batch, enriched)])[0] is not None
 
-    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[bool]:
+    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[int | None]:
         """Several batches in one transaction; each is written only if its lease is still held.
 
-        Returns, per batch, whether it was written. A batch whose lease is gone (expired
+        Returns, per batch, the transactions it newly stored (not those another batch, of
+        this group or an earlier commit, stored), or None where it was not written (its
+        lease was gone). A batch whose lease is gone (expired
         and taken, or abandoned) writes nothing, the others are unaffected; if the
         transaction fails, none is written. One transaction for several batches writes
         each touched index page once instead of once per batch: the hash-keyed indexes
@@ -1070,6 +1094,7 @@ class Store(abc.ABC):
         """
         held = [False] * len(items)
         written: list[Enriched] = []
+        stored: list[int | None] = [None] * len(items)
         with self._tx() as cur:
             now = self._now(cur)
             # Rows locked in batch order: two workers' groups cannot deadlock on them.
@@ -1087,16 +1112,23 @@ class Store(abc.ABC):
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
                 written.append(_own_moves(batch, enriched))
-            self._write_results(cur, written)
-        return held
+            new = iter(self._write_results(cur, written))
+            # written is in batch order too
+            for i, _ in sorted(enumerate(items), key=lambda x: x[1][0].id):
+                if held[i]:
+                    stored[i] = next(new)
+        return stored
 
-    def _write_results(self, cur: Any, written: Sequence[Enriched]) -> None:
+    def _write_results(self, cur: Any, written: Sequence[Enriched]) -> list[int]:
         """Rows, failures and moved keys of batches whose lease was just checked, in one
-        write each."""
+        write each. Returns, per batch, the transactions it newly stored (a transaction
+        two of them hold counts for the first)."""
         merged = Enriched()
         for enriched in written:
             merged.extend(enriched)
-        new = self._upsert(cur, merged.txs, merged.logs) if merged.txs or merged.logs else 0
+        inserted = self._upsert(cur, merged.txs, merged.logs) if merged.txs or merged.logs else None
+        stored = _newly_stored(written, inserted)
+        new = sum(stored)
         self._move_keys(cur, merged)
         self._record_failures(cur, merged)
         if self.counts_for_run is not None and (new or merged.failures):
@@ -1106,6 +1138,7 @@ class Store(abc.ABC):
             cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ? "
                                   "WHERE run_id = ?"),
                         (new, len(merged.failures), self.counts_for_run))  # fmt: skip
+        return stored
 
     _MOVE_KEY_SQL = (
         "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
@@ -1180,8 +1213,16 @@ class Store(abc.ABC):
         refs still in the gap. Nothing is written, and False returned, if the lease is
         no longer this owner's (or, with ``keep``, has expired).
         """
+        return self.abandon_keeping(batch, error, keep, retry_after_s) is not None
+
+    def abandon_keeping(
+        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
+    ) -> int | None:
+        """:meth:`abandon`, returning the transactions of ``keep`` it newly stored (None: the
+        batch was not given back, nothing written)."""
         with self._tx() as cur:
             now = self._now(cur)
+            new = 0
             if keep is not None and (keep.txs or keep.failures):
                 # The same check as a commit: rows only from a lease still held.
                 cur.execute(
@@ -1189,11 +1230,12 @@ class Store(abc.ABC):
                     (len(keep.txs), batch.id, batch.lease_owner, batch.attempts, now),
                 )
                 if cur.rowcount != 1:
-                    return False
-                self._write_results(cur, [_own_moves(batch, keep)])
-            return self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
-                                   "abandoned", now,
-                                   not_before=now + retry_after_s if retry_after_s > 0 else None)  # fmt: skip
+                    return None
+                (new,) = self._write_results(cur, [_own_moves(batch, keep)])
+            not_before = now + retry_after_s if retry_after_s > 0 else None
+            given = self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
+                                    "abandoned", now, not_before=not_before)  # fmt: skip
+            return new if given else None
 
     def release_owner(
         self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset()

@@ -429,7 +429,9 @@ class PostgresStore(Store):
         )
         return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)
 
-    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> int:
+    def _upsert(
+        self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]
+    ) -> set[tuple[int, str]] | None:
         tx_rows = [_tx_tuple(t) for t in txs]
         log_rows = [_log_tuple(g) for g in logs]
         # Fast path: COPY straight into the tables, under a savepoint. Rows of a gap are
@@ -441,11 +443,11 @@ class PostgresStore(Store):
             with cur.connection.transaction():
                 _copy(cur, "transactions", _TX_COLS, tx_rows)
                 _copy(cur, "logs", _LOG_COLS, log_rows)
-            return len(tx_rows)
+            return None
         except psycopg.errors.UniqueViolation:
             pass
         self._stage(cur)
-        new = 0
+        inserted: set[tuple[int, str]] = set()
         for stage, table, cols, key, update, rows in (
             ("stage_tx", "transactions", _TX_COLS, "chain_id, tx_hash", _UPDATE_TX, tx_rows),
             ("stage_logs", "logs", _LOG_COLS, "chain_id, tx_hash, log_index", _UPDATE_LOG, log_rows),
@@ -453,17 +455,20 @@ class PostgresStore(Store):
             if not rows:
                 continue
             _copy(cur, stage, cols, rows)
-            # A row this statement inserted has no xmax; one it updated (stored before, by
-            # whichever transaction) has this transaction's: only the first kind is new.
-            cur.execute(
-                f"WITH w AS (INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} "
-                f"FROM {stage} ON CONFLICT ({key}) DO UPDATE SET {update} RETURNING xmax = 0 AS new) "
-                "SELECT count(*) FILTER (WHERE new) FROM w"
+            upsert = (
+                f"INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} FROM {stage} "
+                f"ON CONFLICT ({key}) DO UPDATE SET {update}"
             )
             if table == "transactions":
-                new = int(cur.fetchone()[0])
+                # A row this statement inserted has no xmax; one it updated (stored before,
+                # by whichever transaction) has this transaction's: only the first is new.
+                cur.execute(f"WITH w AS ({upsert} RETURNING chain_id, tx_hash, xmax = 0 AS new) "
+                            "SELECT chain_id, tx_hash FROM w WHERE new")  # fmt: skip
+                inserted = {(int(c), h) for c, h in cur.fetchall()}
+            else:
+                cur.execute(upsert)
             cur.execute(f"TRUNCATE {stage}")
-        return new
+        return inserted
 
     def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         # One statement per batch rather than one per transaction.

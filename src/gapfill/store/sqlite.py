@@ -398,21 +398,26 @@ class SqliteStore(Store):
         )
         return {h: int(b) for h, b in cur.fetchall()}
 
-    def _upsert(self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]) -> int:
-        new = 0
+    def _upsert(
+        self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]
+    ) -> set[tuple[int, str]] | None:
+        inserted: set[tuple[int, str]] | None = None
         if txs:
             # An upsert's update counts as a change too, so changes() cannot tell inserted rows
             # from updated ones; rowids do: SQLite gives an inserted row the largest rowid + 1,
             # an update keeps its row's, and nothing deletes transactions meanwhile (this is
-            # the one writer). Two lookups of the rowid b-tree's last entry per write.
+            # the one writer). Two lookups of the rowid b-tree's last entry per write; the
+            # inserted rows are listed only when some row was not new.
             cur.execute(_LAST_TX_ROWID)
-            before = cur.fetchone()[0]
+            (before,) = cur.fetchone()
             cur.executemany(_INSERT_TX, [_tx_tuple(t) for t in txs])
             cur.execute(_LAST_TX_ROWID)
-            new = cur.fetchone()[0] - before
+            if cur.fetchone()[0] - before != len(txs):
+                cur.execute("SELECT chain_id, tx_hash FROM transactions WHERE rowid > ?", (before,))
+                inserted = {(int(c), h) for c, h in cur.fetchall()}
         if logs:
             cur.executemany(_INSERT_LOG, [_log_tuple(g) for g in logs])
-        return int(new)
+        return inserted
 
     def _plan_lock(self, cur: Any) -> None:
         # BEGIN IMMEDIATE already holds SQLite's single write lock.

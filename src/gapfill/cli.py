@@ -32,7 +32,7 @@ from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import redact_text
-from gapfill.rpc.config import FLAG_CHECK, RpcSettings, parse_rpc_urls
+from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
@@ -96,8 +96,13 @@ class Ctx:
         from gapfill.rpc.config import EndpointConfig
 
         for e in eps:  # a malformed URL is said now, before a run row or a plan is written
-            EndpointConfig(e.url, e.rps)
+            EndpointConfig(e.url, e.rps, check=e.check)
         return eps
+
+    def endpoints_check(self) -> str:
+        """Where the endpoints came from, as a message's "check ..." names it: ``--rpc-url``,
+        ``ETH_RPC_URL`` or the config file's key."""
+        return checks(resolve_endpoints(self.rpc_urls, None, None, self.file, self.rpc_check))
 
     def secrets(self) -> list[str]:
         """The URLs whose secrets no message may show. A comma-separated ``--rpc-url`` is
@@ -688,24 +693,27 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None, rpc: Rp
     from gapfill.engine.session import fetch_chain_id
 
     node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc)
-    on_chain, skipped = served(targets, node_chain)
+    on_chain, skipped = served(targets, node_chain, ctx.endpoints_check())
     return node_chain, on_chain, skipped
 
 
-def served(targets: Sequence[Contract], node_chain: int) -> tuple[list[Contract], list[Contract]]:
+def served(targets: Sequence[Contract], node_chain: int, check: str) -> tuple[list[Contract], list[Contract]]:
     """``targets`` split into those on ``node_chain`` (the chain the endpoints serve) and
-    the rest; raises when none is on it: then nothing at all can be done."""
+    the rest; raises when none is on it: then nothing at all can be done. ``check`` names
+    where the endpoints came from (see :meth:`Ctx.endpoints_check`)."""
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
         chains = ", ".join(str(c) for c in sorted({c.chain_id for c in targets}))
         raise GapfillError(f"no tracked contract is on chain {node_chain}, the RPC node's chain "
-                           f"(they are on chain {chains}): check --rpc-url")  # fmt: skip
+                           f"(they are on chain {chains}): check {check}")  # fmt: skip
     return on_chain, [c for c in targets if c.chain_id != node_chain]
 
 
-def unserved(skipped: Sequence[Contract], missing: dict[tuple[int, str], int] | None = None) -> list[str]:
+def unserved(skipped: Sequence[Contract], check: str,
+             missing: dict[tuple[int, str], int] | None = None) -> list[str]:  # fmt: skip
     """One sentence per chain that no endpoint serves, naming its contracts left alone (with
-    the refs each leaves missing, when ``missing`` counts them) and how to reach them."""
+    the refs each leaves missing, when ``missing`` counts them) and how to reach them;
+    ``check`` names where the endpoints came from."""
     by_chain: dict[int, list[Contract]] = {}
     for c in skipped:
         by_chain.setdefault(c.chain_id, []).append(c)
@@ -716,7 +724,7 @@ def unserved(skipped: Sequence[Contract], missing: dict[tuple[int, str], int] | 
         if missing is not None:
             n = sum(missing.get((c.chain_id, c.address), 0) for c in contracts)
             left = f" ({n:,} missing ref{'' if n == 1 else 's'} left as they are)"
-        out.append(f"no --rpc-url serves chain {chain}: contract{'s' if len(contracts) > 1 else ''} "
+        out.append(f"no endpoint ({check}) serves chain {chain}: contract{'s' if len(contracts) > 1 else ''} "
                    f"{names} skipped{left}; give an endpoint of chain {chain}, or pass --chain-id "
                    "to work on one chain only")  # fmt: skip
     return out
@@ -899,7 +907,8 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     missing = {(c.chain_id, c.address): _gap_size(store, c, retry_failed) for c in skipped}
     skipped = [c for c in skipped if missing[(c.chain_id, c.address)]]
     if dry_run:
-        _dry_run(ctx, chain, targets + skipped, opts, retry_failed, unserved(skipped, missing))
+        _dry_run(ctx, chain, targets + skipped, opts, retry_failed,
+                 unserved(skipped, ctx.endpoints_check(), missing))  # fmt: skip
         return
     if retry_failed:
         from gapfill.engine.session import fetch_chain_id
@@ -909,7 +918,8 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections
-    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"], unserved(skipped, missing))
+    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"],
+             unserved(skipped, ctx.endpoints_check(), missing))  # fmt: skip
 
 
 def _gap_size(store: Store, c: Contract, retry_failed: bool) -> int:

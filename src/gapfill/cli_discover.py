@@ -149,7 +149,7 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
         click.echo(f"{s.contract}: coverage {report['summary']}")
     for limit in dict.fromkeys(s.limit for s in summaries if s.limit):  # each said once
         tell(limit)
-    for sentence in unserved(skipped):
+    for sentence in unserved(skipped, ctx.endpoints_check()):
         tell(sentence)
     if skipped:
         raise SystemExit(3)  # finished, with work left that these endpoints cannot do
@@ -170,7 +170,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
     expected = next(iter(chains)) if len(chains) == 1 else None
     async with make_client(ctx.endpoints(), expected_chain_id=expected, settings=rpc) as client:
         node_chain = await client.probe(tell)  # discovery finds it asked
-        on_chain, skipped = served(targets, node_chain)
+        on_chain, skipped = served(targets, node_chain, client.check)
         for c in on_chain:
             out.append(await run_discover(
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gapfill.errors import ConfigError
-from gapfill.rpc.config import FLAG_CHECK, EndpointConfig, parse_rpc_urls
+from gapfill.rpc.config import FLAG_CHECK, EndpointConfig, file_check, parse_rpc_urls
 
 DEFAULT_CONFIG_NAME = "gapfill.toml"
 #: Calls per JSON-RPC batch when enriching (``--rpc-batch-size``): 50 transactions, each
@@ -143,12 +143,10 @@ def load_config(explicit: str | None = None) -> FileConfig:
             raise ConfigError(f"config file {path}: endpoints[{i}].rps must be a positive number")
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
             raise ConfigError(f"config file {path}: endpoints[{i}].max_batch must be a positive integer")
-        try:  # a malformed URL is the file's mistake, said as such
-            EndpointConfig(e["url"])
-        except ConfigError as exc:
-            raise ConfigError(f"config file {path}: endpoints[{i}]: {exc}") from None
+        # A malformed URL is the file's mistake, said as such: its message names the key.
+        EndpointConfig(e["url"], check=f"endpoints[{i}].url in {path}")
         endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb,
-                                         f"the endpoint in {path}"))  # fmt: skip
+                                         file_check(str(path))))  # fmt: skip
     explorer_url = data.get("explorer", {}).get("url")
     if explorer_url is not None and not isinstance(explorer_url, str):
         raise ConfigError(f"config file {path}: [explorer] url must be a string URL")

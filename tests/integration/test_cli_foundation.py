@@ -502,13 +502,52 @@ def test_hints_name_the_config_file_for_what_it_set(tracked: str, tmp_path: Path
     r = run(tracked, "--config", str(cfg), "enrich", "--mode", "batch", "--rpc-timeout", "1")
     assert r.exit_code == 1, r.output + r.stderr
     assert f"workers = 2 (from {cfg}) applies to concurrent mode; batch mode runs one worker" in r.output
-    assert f"connection refused; check the endpoint in {cfg}" in r.stderr, r.stderr
+    assert f"connection refused; check [[endpoints]] url in {cfg}" in r.stderr, r.stderr
     assert "--workers" not in r.output + r.stderr and "--rpc-url" not in r.output + r.stderr
     # Given as an option or in the environment, each is named as given.
     r = run(tracked, "--config", "", "--rpc-url", "http://127.0.0.1:9/", "enrich", "--mode", "batch",
             "--workers", "2")  # fmt: skip
     assert "--workers 2 applies to concurrent mode" in r.output
     assert r.stderr.strip().endswith("connection refused; check --rpc-url"), r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_node_hints_name_the_config_file_key_not_rpc_url(anvil_session: Any, sqlite_url: str,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    """The endpoint came from the config file: a node that lacks a method, or serves another
+    chain than the contracts', is named by the file's key, never by --rpc-url."""
+    from engine_support import emulator
+
+    db, cfg, other = sqlite_url, tmp_path / "gapfill.toml", "0x" + "cd" * 20
+    key = f"[[endpoints]] url in {cfg}"
+    for address, chain in ((C, "31337"), (other, "5")):
+        assert run(db, "contract", "add", address, "--chain-id", chain).exit_code == 0
+        r = run(db, "import", "-", "--contract", address, "--chain-id", chain, input=h(1) + "\n")
+        assert r.exit_code == 0, r.stderr
+    with emulator(anvil_session.url, "--missing-methods", "eth_getTransactionReceipt") as (url, _):
+        cfg.write_text(f'[[endpoints]]\nurl = "{url}"\n')
+        r = run(db, "--config", str(cfg), "enrich", "--chain-id", "31337", "--mode", "batch")
+    assert r.exit_code == 1, r.output + r.stderr
+    assert one_sentence(r).endswith(f"does not serve eth_getTransactionReceipt, which gapfill needs to "
+                                    f"enrich transactions: point {key} at another node"), r.stderr
+    cfg.write_text(f'[[endpoints]]\nurl = "{anvil_session.url}"\n')
+    r = run(db, "--config", str(cfg), "enrich", "--dry-run")  # chain 5's contract is left alone
+    assert r.exit_code == 0 and f"no endpoint ({key}) serves chain 5: contract {other}" in r.output, r.output
+    r = run(db, "--config", str(cfg), "discover", "--contract", other, "--chain-id", "5")
+    assert r.exit_code == 1 and one_sentence(r).endswith(f"expected 5: check {key}"), r.stderr
+    # Contracts on two chains, neither the node's: nothing can be done, in one sentence.
+    db = f"sqlite:///{tmp_path / 'other.db'}"
+    for address, chain in ((C, "1"), (other, "5")):
+        assert run(db, "contract", "add", address, "--chain-id", chain).exit_code == 0
+    for args in (["enrich", "--dry-run"], ["discover"]):
+        r = run(db, "--config", str(cfg), *args)
+        assert r.exit_code == 1, r.output + r.stderr
+        assert one_sentence(r) == ("error: no tracked contract is on chain 31337, the RPC node's chain "
+                                   f"(they are on chain 1, 5): check {key}"), r.stderr
+    # Given in the environment, the hint names the variable.
+    r = CliRunner().invoke(cli, ["--db", db, "--config", "", "enrich", "--dry-run"],
+                           env={"ETH_RPC_URL": anvil_session.url})
+    assert r.exit_code == 1 and one_sentence(r).endswith("check ETH_RPC_URL"), r.stderr
 
 
 def test_a_dry_run_checks_the_endpoints_as_a_run_does(tracked: str) -> None:
@@ -701,8 +740,8 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
     assert run(db, "contract", "add", C, "--chain-id", "5").exit_code == 0
     r = run(db, "import", "-", "--contract", C, "--chain-id", "5", input="\n".join(map(h, range(50))))
     assert r.exit_code == 0, r.stderr
-    skipped = (f"no --rpc-url serves chain 5: contract {C} skipped (50 missing refs left as they are); "
-               "give an endpoint of chain 5")  # fmt: skip
+    skipped = (f"no endpoint (--rpc-url) serves chain 5: contract {C} skipped (50 missing refs left "
+               "as they are); give an endpoint of chain 5")  # fmt: skip
     r = run(db, "--rpc-url", url, "enrich", "--dry-run")
     assert r.exit_code == 0, r.output + r.stderr
     assert f"{chain.chain_id} {chain.silent}: 5 missing" in r.output and f"5 {C}: 50 missing" in r.output
@@ -714,7 +753,7 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
         assert s.count_gap(chain.chain_id, chain.silent) == 0 and s.count_gap(5, C) == 50
     # Told to work on the served chain only, the run is complete: 0, and nothing named.
     r = run(db, "--rpc-url", url, "enrich", "--chain-id", str(chain.chain_id), "--mode", "batch", "-q")
-    assert r.exit_code == 0 and "no --rpc-url serves" not in r.stderr, r.stderr
+    assert r.exit_code == 0 and "serves chain 5" not in r.stderr, r.stderr
     # The contract of chain 5 named explicitly: nothing can be done, in one sentence.
     r = run(db, "--rpc-url", url, "enrich", "--contract", C, "--chain-id", "5", "--mode", "batch")
     assert r.exit_code == 1

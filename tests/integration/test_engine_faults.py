@@ -946,7 +946,7 @@ def test_a_node_without_a_method_enrichment_needs_stops_the_run_and_keeps_the_ga
         rc, out = gapfill(["--db", pg_url, "--rpc-url", rpc, "enrich", "--mode", mode, "--workers", "2"],
                           tmp_path, mode, timeout_s=60)  # fmt: skip
     assert rc == 1, out
-    assert "does not serve eth_getTransactionReceipt" in out and "use another --rpc-url" in out, out
+    assert "does not serve eth_getTransactionReceipt" in out and "point --rpc-url at another node" in out, out
     assert "Traceback" not in out and "restarted" not in out, out
     assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
     assert query(pg_url, "SELECT count(*) FROM transactions") == [(0,)]

@@ -51,6 +51,8 @@ def test_window_grows_back_after_successes() -> None:
 class FakeNode:
     """call_many for eth_getLogs with a span cap and a result cap (one log per block)."""
 
+    check = "--rpc-url"
+
     def __init__(self, max_span: int | None, max_results: int | None, hint: bool) -> None:
         self.max_span, self.max_results, self.hint = max_span, max_results, hint
         self.calls: list[tuple[int, int]] = []
@@ -107,6 +109,7 @@ async def test_scan_ranges_gives_up_on_a_single_refused_block() -> None:
 async def test_scan_ranges_does_not_split_on_an_outage() -> None:
     class Down:
         calls = 0
+        check = "--rpc-url"
 
         async def call_many(self, calls: list[Call]) -> list[Any]:
             Down.calls += len(calls)
@@ -119,10 +122,12 @@ async def test_scan_ranges_does_not_split_on_an_outage() -> None:
 
 async def test_a_node_without_the_method_says_what_to_do() -> None:
     class NoLogs:
+        check = "--rpc-url"
+
         async def call_many(self, calls: list[Call]) -> list[Any]:
             return [CallError("permanent", "no RPC endpoint serves eth_getLogs") for _ in calls]
 
     with pytest.raises(RpcError) as info:
         await scan_ranges(cast(RpcClient, NoLogs()), [(0, 9)], _logs_call, AdaptiveWindow(blocks=1))
     assert str(info.value).endswith("pick another discovery method with --method (logs, blocks, "
-                                    "trace, explorer) or another node with --rpc-url")
+                                    "trace, explorer), or point --rpc-url at another node")

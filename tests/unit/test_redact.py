@@ -154,7 +154,7 @@ def test_a_malformed_rpc_url_is_named_well_enough_to_fix(url: str, said: str) ->
     with pytest.raises(ConfigError) as err:
         ctx.endpoints()
     shown = redact_text(str(err.value), *ctx.secrets())  # as the CLI's error line is made
-    assert shown == f"{said}; check --rpc-url, ETH_RPC_URL or the config file"
+    assert shown == f"{said}; check --rpc-url or ETH_RPC_URL"
 
 
 _KEY = "0123456789abcdef0123456789abcdef"

@@ -674,9 +674,10 @@ async def test_probe_of_a_web_page_says_what_to_check(make_node: Any, tmp_path: 
     message = str(info.value)
     assert "HTML" in message and "Welcome" not in message and KEY not in message
     if status == 502:  # a gateway in front of a failing node
-        assert message.endswith("the node is failing: try again later, or use another --rpc-url")
+        assert message.endswith("the node is failing: try again later, or point --rpc-url or ETH_RPC_URL "
+                                "at another node")
     else:
-        assert message.endswith("check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC endpoint of "
+        assert message.endswith("check that --rpc-url or ETH_RPC_URL is the JSON-RPC endpoint of "
                                 "an Ethereum node")
 
 
@@ -766,3 +767,48 @@ async def test_a_hung_endpoint_is_left_out_once_another_answers(
     assert told == [f"left out for this run: the RPC node at {shown} did not answer eth_chainId "
                     "within 0.2 s of another endpoint's answer"]  # fmt: skip
     assert len(hung.requests) == 1  # asked once, never used again
+
+
+@pytest.mark.parametrize("case", ["missing method", "web page", "failing gateway", "another chain"])
+async def test_hints_name_the_config_file_key_the_endpoint_came_from(
+    make_node: Any, tmp_path: Any, case: str
+) -> None:
+    # An endpoint of the config file: the user never typed --rpc-url, so no hint names it.
+    def behave(node: FakeNode, body: Any) -> web.Response:
+        if case == "web page":
+            return web.Response(status=404, text="<html>Not found</html>", content_type="text/html")
+        if case == "failing gateway":
+            return web.Response(status=502, text="<html>Bad gateway</html>", content_type="text/html")
+        if any(c["method"] == "eth_getTransactionReceipt" for c in as_batch(body)):
+            return reply(body, [err(c, -32601, "the method eth_getTransactionReceipt does not exist")
+                                for c in as_batch(body)])  # fmt: skip
+        return reply(body, [ok(c, "0x7a69") for c in as_batch(body)])
+
+    node = await make_node(behave, path=f"/v3/{KEY}")
+    check = "[[endpoints]] url in /etc/gapfill.toml"
+    expected = 1 if case == "another chain" else None
+    async with RpcClient([EndpointConfig(node.url, check=check)], settings(tmp_path),
+                         expected_chain_id=expected) as client:  # fmt: skip
+        assert client.check == check
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+            await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs it")
+    message = str(info.value)
+    assert message.endswith({
+        "missing method": "point [[endpoints]] url in /etc/gapfill.toml at another node",
+        "web page": "check that [[endpoints]] url in /etc/gapfill.toml is the JSON-RPC endpoint of "
+                    "an Ethereum node",
+        "failing gateway": "try again later, or point [[endpoints]] url in /etc/gapfill.toml at "
+                           "another node",
+        "another chain": "serves chain 31337, expected 1: check [[endpoints]] url in /etc/gapfill.toml",
+    }[case]), message
+    assert "--rpc-url" not in message and KEY not in message
+
+
+def test_the_endpoints_together_name_each_place_once() -> None:
+    from gapfill.rpc.config import FLAG_CHECK, checks, file_check
+
+    a, b = (EndpointConfig(f"http://127.0.0.1:{p}/", check=file_check("g.toml")) for p in (1, 2))
+    assert checks([a, b]) == "[[endpoints]] url in g.toml"
+    assert checks([EndpointConfig("http://x/", check="--rpc-url"), a]) == f"--rpc-url or {a.check}"
+    assert checks([]) == FLAG_CHECK

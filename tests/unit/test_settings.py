@@ -59,7 +59,7 @@ def test_config_location_env_and_default(tmp_path: Path, monkeypatch: pytest.Mon
      ("enrich = 5\n", "must be a table"), ("explorer = 5\n", "must be a table"),
      ("endpoints = 5\n", "array of tables"),
      ('[[endpoints]]\nurl = "eth.example.com/v2/KEY"\n',
-      "endpoints[0]: RPC URL 'eth.example.com/v2/***' has no scheme"),
+      "RPC URL 'eth.example.com/v2/***' has no scheme"),
      ("[explorer]\nurl = 5\n", "[explorer] url must be a string URL")],
 )  # fmt: skip
 def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str) -> None:

@@ -152,7 +152,7 @@ async def scan_ranges(
             if lo == hi or not _refusal(out):
                 hint = "" if "check " in out.message else (
                     "; pick another discovery method with --method (logs, blocks, trace, "
-                    "explorer) or another node with --rpc-url")
+                    f"explorer), or point {client.check} at another node")
                 raise RpcError(f"{call.method} failed for blocks {lo}-{hi}: {out.message}{hint}")
             pieces, width = split_refused(lo, hi, out.message)
             logger.debug("%s refused blocks %d-%d (%s); now %d blocks", call.method, lo, hi,

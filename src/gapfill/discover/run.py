@@ -377,7 +377,7 @@ async def discover(
     if chain_id != contract.chain_id:
         raise RpcError(
             f"the RPC node serves chain {chain_id} but {address} is tracked on chain "
-            f"{contract.chain_id}: check --rpc-url"
+            f"{contract.chain_id}: check {client.check}"
         )
     chosen = _check_methods(methods) if methods is not None else None
     if chosen is not None and "explorer" in chosen and explorer is None:

@@ -36,7 +36,7 @@ from gapfill.rpc.classify import (
     classify_exception,
     classify_http,
 )
-from gapfill.rpc.config import Call, EndpointConfig, RpcSettings
+from gapfill.rpc.config import Call, EndpointConfig, RpcSettings, checks
 from gapfill.rpc.endpoint import Endpoint, EndpointStats
 from gapfill.rpc.errors import CallError
 from gapfill.rpc.transport import AiohttpTransport, HttpReply, Transport
@@ -146,6 +146,12 @@ class RpcClient:
         self.last_reply_at = time.monotonic()
         self.last_transport_error = ""
 
+    @property
+    def check(self) -> str:
+        """What a message about the endpoints together tells the user to check: where their
+        URLs came from (``--rpc-url``, ``ETH_RPC_URL`` or the config file's key)."""
+        return checks(e.config for e in self._endpoints)
+
     async def __aenter__(self) -> RpcClient:
         return self
 
@@ -215,12 +221,13 @@ class RpcClient:
                     may_pass = may_pass or _may_pass(out)
                     message = self._as_rpc_error("eth_chainId", out).args[0]
                     if re.search(r"HTTP 5\d\d", message):  # the node (or its gateway) failing
-                        message += "; the node is failing: try again later, or use another --rpc-url"
+                        message += ("; the node is failing: try again later, or point "
+                                    f"{endpoint.config.check} at another node")
                     elif "no response within" in message:  # up (it accepted), but silent
                         message += ("; the node does not answer: check that it is not stuck or "
                                     "overloaded, or raise --rpc-timeout")  # fmt: skip
                     elif "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
-                        message += ("; check that --rpc-url (or ETH_RPC_URL) is the JSON-RPC "
+                        message += (f"; check that {endpoint.config.check} is the JSON-RPC "
                                     "endpoint of an Ethereum node")
                     failed.append((endpoint, message))
                     continue
@@ -343,7 +350,7 @@ class RpcClient:
             shown = ", ".join(e.shown for e in self._endpoints if e.usable())
             raise RpcError(
                 f"the RPC node ({shown}) does not serve {' or '.join(missing)}, which {why}: "
-                "use another --rpc-url"
+                f"point {self.check} at another node"
             )
 
     async def _endpoint_supports(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gapfill.errors import ConfigError
 from gapfill.redact import not_http_problem, redact_url
@@ -13,6 +13,21 @@ from gapfill.redact import not_http_problem, redact_url
 DEFAULT_MAX_BATCH = 50
 #: What to check about an endpoint given on the command line or in the environment.
 FLAG_CHECK = "--rpc-url or ETH_RPC_URL"
+
+
+def file_check(path: str) -> str:
+    """What to check about an endpoint a config file gave: its key, in that file."""
+    return f"[[endpoints]] url in {path}"
+
+
+class _Checked(Protocol):
+    @property
+    def check(self) -> str: ...
+
+
+def checks(endpoints: Iterable[_Checked]) -> str:
+    """What to check about several endpoints: where each came from, each place said once."""
+    return " or ".join(dict.fromkeys(e.check for e in endpoints)) or FLAG_CHECK
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +48,7 @@ class EndpointConfig:
     def __post_init__(self) -> None:
         if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(
-                f"RPC URL {not_http_problem(self.url)}; check --rpc-url, ETH_RPC_URL or the config file"
+                f"RPC URL {not_http_problem(self.url)}; check {self.check}"
             )
         try:
             parts = urllib.parse.urlsplit(self.url)
@@ -42,8 +57,7 @@ class EndpointConfig:
             parts.port  # noqa: B018 - raises ValueError when out of range
         except ValueError as exc:
             raise ConfigError(
-                f"RPC URL {redact_url(self.url)!r} is not valid ({exc}); "
-                "check --rpc-url, ETH_RPC_URL or the config file"
+                f"RPC URL {redact_url(self.url)!r} is not valid ({exc}); check {self.check}"
             ) from None
         if self.rps is not None and self.rps <= 0:
             raise ConfigError(f"rps for {redact_url(self.url)} must be positive or unset")

@@ -1,0 +1,102 @@
+"""Hints name where a value came from: the option, the environment variable, or the config
+file's key and file; never an option the user did not pass."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gapfill.cli import Ctx, served, unserved
+from gapfill.errors import ConfigError, GapfillError, RpcError
+from gapfill.model import Contract
+from gapfill.redact import redact_text
+from gapfill.rpc import Call, CallError
+from gapfill.settings import FileConfig, load_config
+
+A, B = "0x" + "aa" * 20, "0x" + "bb" * 20
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def file_ctx(tmp_path: Path) -> Ctx:
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'[[endpoints]]\nurl = "https://eth.example.com/v2/{KEY}"\n')
+    return Ctx("sqlite:///x.db", (), None, load_config(str(cfg)), 0)
+
+
+def test_the_config_file_endpoints_are_named_by_key_and_file(tmp_path: Path) -> None:
+    ctx = file_ctx(tmp_path)
+    assert ctx.endpoints_check() == f"[[endpoints]] url in {tmp_path / 'gapfill.toml'}"
+    # Given as an option or in the environment, the flag's URLs win and are named as given.
+    ctx.rpc_urls, ctx.rpc_check = ("http://127.0.0.1:8545",), "ETH_RPC_URL"
+    assert ctx.endpoints_check() == "ETH_RPC_URL"
+
+
+def test_served_names_where_the_endpoints_came_from(tmp_path: Path) -> None:
+    check = file_ctx(tmp_path).endpoints_check()
+    with pytest.raises(GapfillError) as info:
+        served([Contract(1, A), Contract(5, B)], 31337, check)
+    assert str(info.value) == ("no tracked contract is on chain 31337, the RPC node's chain (they are "
+                               f"on chain 1, 5): check [[endpoints]] url in {tmp_path / 'gapfill.toml'}")
+
+
+def test_unserved_names_where_the_endpoints_came_from() -> None:
+    [said] = unserved([Contract(5, B)], "[[endpoints]] url in /etc/gapfill.toml", {(5, B): 2})
+    assert said == (f"no endpoint ([[endpoints]] url in /etc/gapfill.toml) serves chain 5: contract {B} "
+                    "skipped (2 missing refs left as they are); give an endpoint of chain 5, or pass "
+                    "--chain-id to work on one chain only")
+    [said] = unserved([Contract(5, B)], "ETH_RPC_URL")
+    assert said.startswith("no endpoint (ETH_RPC_URL) serves chain 5") and "--rpc-url" not in said
+
+
+def test_a_malformed_url_in_the_config_file_names_its_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text('[[endpoints]]\nurl = "https://a.example/"\n\n[[endpoints]]\nurl = "http://h:99999/"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(cfg))
+    assert str(info.value) == ("RPC URL 'http://h:99999/' is not valid (Port out of range 0-65535); "
+                               f"check endpoints[1].url in {cfg}")
+
+
+@pytest.mark.parametrize(("check", "said"), [("--rpc-url", "--rpc-url"), ("ETH_RPC_URL", "ETH_RPC_URL")])
+def test_a_malformed_url_names_the_option_or_the_variable(check: str, said: str) -> None:
+    ctx = Ctx("sqlite:///x.db", (f"eth.example.com/v2/{KEY}",), None, FileConfig(), 0)
+    ctx.rpc_check = check
+    with pytest.raises(ConfigError) as info:
+        ctx.endpoints()
+    shown = redact_text(str(info.value), *ctx.secrets())
+    assert shown.endswith(f"; check {said}") and "config file" not in shown and KEY not in shown
+
+
+class _Client:
+    """What discovery asks of a client before and while it scans: a chain, and answers."""
+
+    check = "[[endpoints]] url in /etc/gapfill.toml"
+
+    async def probe(self, tell: Any = None) -> int:
+        return 31337
+
+    async def call_many(self, calls: list[Call]) -> list[Any]:
+        return [CallError("transient", "HTTP 500 (at http://n/, after 3 attempts)") for _ in calls]
+
+
+def test_discovery_on_another_chain_names_where_the_endpoints_came_from() -> None:
+    from gapfill.discover.run import discover
+
+    with pytest.raises(RpcError) as info:
+        asyncio.run(discover(None, _Client(), Contract(1, A)))  # type: ignore[arg-type]
+    assert str(info.value) == (f"the RPC node serves chain 31337 but {A} is tracked on chain 1: "
+                               "check [[endpoints]] url in /etc/gapfill.toml")
+
+
+def test_a_failed_range_scan_names_where_the_endpoints_came_from() -> None:
+    from gapfill.discover.ranges import AdaptiveWindow, scan_ranges
+
+    scan = scan_ranges(_Client(), [(0, 9)], lambda lo, hi: Call("eth_getLogs", [lo, hi]),  # type: ignore[arg-type]
+                       AdaptiveWindow())  # fmt: skip
+    with pytest.raises(RpcError) as info:
+        asyncio.run(scan)
+    assert str(info.value).endswith(
+        "or point [[endpoints]] url in /etc/gapfill.toml at another node"), str(info.value)

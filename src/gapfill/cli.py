@@ -56,6 +56,8 @@ class Ctx:
     _store_read_only: bool = False
     #: Where ``rpc_urls`` came from, as a message's "check ..." names it.
     rpc_check: str = FLAG_CHECK
+    #: Where ``db_url`` came from, named so: ``--db``, ``GAPFILL_DB`` or the config file's key.
+    db_check: str = "--db / GAPFILL_DB"
 
     def store(self, create: bool = False, read_only: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
@@ -74,11 +76,11 @@ class Ctx:
                     # written would vanish when the command ends, after it said "tracking".
                     raise ConfigError(
                         "an in-memory SQLite database (:memory:) is gone when the command ends: "
-                        "give --db / GAPFILL_DB a file, such as sqlite:///gapfill.db"
+                        f"set {self.db_check} to a file, such as sqlite:///gapfill.db"
                     )
                 if not create and not os.path.exists(path):
                     raise ConfigError(
-                        f"the SQLite database {path} does not exist: check --db / GAPFILL_DB, "
+                        f"the SQLite database {path} does not exist: check {self.db_check}, "
                         "or start one with `gapfill contract add ADDRESS`"
                     )
             self._store = open_store(self.db_url, read_only=read_only, notice=tell)
@@ -283,6 +285,13 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         obj.rpc_check = "--rpc-url"
     elif source is click.core.ParameterSource.ENVIRONMENT:
         obj.rpc_check = "ETH_RPC_URL"
+    source = ctx.get_parameter_source("db_url")
+    if db_url and source is click.core.ParameterSource.COMMANDLINE:
+        obj.db_check = "--db"
+    elif db_url and source is click.core.ParameterSource.ENVIRONMENT:
+        obj.db_check = "GAPFILL_DB"
+    elif file.db:
+        obj.db_check = f"db in {file.path}"
     ctx.obj = obj
     if file.enrich:
         # The file's [enrich] table gives `enrich` and `worker` their defaults; flags win.
@@ -963,7 +972,7 @@ def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
     opts["batch_size"] = 500  # unused: a worker never plans (plan_new=False)
     contracts = ctx.store().list_contracts()
     if not contracts:
-        raise GapfillError("no contract is tracked in this database: check --db")
+        raise GapfillError(f"no contract is tracked in this database: check {ctx.db_check}")
     # A worker joins the plans of its endpoints' chain; those of another chain are for
     # workers given an endpoint of that chain, so it leaves them without a word.
     chain, targets, _ = _chain_targets(ctx, None, None, rpc_settings(opts.get("rpc_timeout_s")))

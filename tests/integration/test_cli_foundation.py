@@ -334,7 +334,7 @@ def test_an_in_memory_sqlite_database_is_refused(
     assert r.exit_code == 1 and r.stdout == ""
     assert one_sentence(r) == (
         "error: an in-memory SQLite database (:memory:) is gone when the command ends: "
-        "give --db / GAPFILL_DB a file, such as sqlite:///gapfill.db"
+        "set --db to a file, such as sqlite:///gapfill.db"
     )
     assert list(tmp_path.iterdir()) == []
 

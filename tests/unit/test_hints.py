@@ -100,3 +100,37 @@ def test_a_failed_range_scan_names_where_the_endpoints_came_from() -> None:
         asyncio.run(scan)
     assert str(info.value).endswith(
         "or point [[endpoints]] url in /etc/gapfill.toml at another node"), str(info.value)
+
+
+@pytest.mark.parametrize("given", ["config file", "environment", "option"])
+def test_database_hints_name_where_the_url_came_from(tmp_path: Path, given: str) -> None:
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    missing = tmp_path / "missing.db"
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'db = "sqlite:///{missing}"\n')
+    args, env = {"config file": (["--config", str(cfg)], {}),
+                 "environment": (["--config", ""], {"GAPFILL_DB": f"sqlite:///{missing}"}),
+                 "option": (["--config", str(cfg), "--db", f"sqlite:///{missing}"], {})}[given]  # fmt: skip
+    said = {"config file": f"db in {cfg}", "environment": "GAPFILL_DB", "option": "--db"}[given]
+    r = CliRunner().invoke(cli, [*args, "status"], env=env)
+    assert r.exit_code == 1 and r.stderr == (f"error: the SQLite database {missing} does not exist: check "
+                                             f"{said}, or start one with `gapfill contract add ADDRESS`\n")
+    assert not missing.exists()
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "--db", "sqlite:///:memory:", "status"])
+    assert r.stderr.endswith("gone when the command ends: set --db to a file, such as sqlite:///gapfill.db\n")
+
+
+def test_a_worker_on_a_database_without_contracts_names_the_config_files_db(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'db = "sqlite:///{tmp_path / "empty.db"}"\n')
+    assert CliRunner().invoke(cli, ["--config", str(cfg), "init"]).exit_code == 0
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "worker"])
+    assert r.exit_code == 1
+    assert r.stderr == f"error: no contract is tracked in this database: check db in {cfg}\n"

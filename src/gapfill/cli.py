@@ -31,7 +31,7 @@ from gapfill import __version__
 from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
 from gapfill.model import Contract, ContractStatus
-from gapfill.redact import redact_text
+from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DEFAULT_DB_URL, Store, open_store
@@ -109,8 +109,9 @@ class Ctx:
     def secrets(self) -> list[str]:
         """The URLs whose secrets no message may show. A comma-separated ``--rpc-url`` is
         several URLs: taken whole, the second one's host read as a secret path segment of
-        the first, and "the RPC node at http://***/" hid which endpoint was meant."""
-        return [self.db_url, *parse_rpc_urls(self.rpc_urls), *(e.url for e in self.file.endpoints)]
+        the first, and "the RPC node at http://***/" hid which endpoint was meant. The
+        database URL is marked as one: its password is hidden however it is written."""
+        return [DbUrl(self.db_url), *parse_rpc_urls(self.rpc_urls), *(e.url for e in self.file.endpoints)]
 
     def close(self) -> None:
         if self._store is not None:

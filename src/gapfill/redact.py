@@ -15,6 +15,9 @@ MASK = "***"
 
 # Query values that look like keys: long runs of letters/digits/-/_ .
 _KEYLIKE_SEGMENT = re.compile(r"^[A-Za-z0-9_\-]{16,}$")
+# A path segment that looks like a key wherever it stands: as long, with letters and digits
+# (a file or directory name has a dot, or is words).
+_KEY_SEGMENT = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-]{16,}$")
 # The only path segments of an RPC URL shown as they are: versions and a few words no
 # provider uses as a key. Any other segment may be a key, whatever its length
 # (``/v2/SECRETKEY123``), so it is masked.
@@ -40,9 +43,24 @@ _PLAIN_WORD = re.compile(r"^[a-z][a-z._\-]{0,14}$")
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
 
 
+class DbUrl(str):
+    """A database URL (``--db``), marked so that redaction reads it as one whatever its
+    shape: written without a scheme (``user:pw@host:5432/db``), its path is still a
+    database name to show and the part after the user's ``:`` still a password to hide."""
+
+    __slots__ = ()
+
+
+# A libpq ``key=value`` connection string starts with a keyword and its '='.
+_KEYWORD_DSN = re.compile(r"^\s*[A-Za-z_]+\s*=")
+# What stands for a scheme before a database URL's user: `scheme://`, or one written wrong.
+_DB_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://|(postgres(ql)?|sqlite)(:/*|/+))", re.IGNORECASE)
+
+
 def is_keyword_dsn(url: str) -> bool:
-    """A libpq ``key=value`` connection string rather than a URL."""
-    return "://" not in url and "=" in url
+    """A libpq ``key=value`` connection string rather than a URL (one whose query holds
+    ``=``, ``postgres:pw@host/db?sslmode=require``, is not one)."""
+    return "://" not in url and bool(_KEYWORD_DSN.match(url))
 
 
 def _is_db(scheme: str) -> bool:
@@ -50,47 +68,111 @@ def _is_db(scheme: str) -> bool:
     return scheme.lower().startswith(("postgres", "sqlite"))
 
 
+def _is_db_url(url: str) -> bool:
+    """Whether ``url`` is to be read as a database URL: marked one, a libpq connection
+    string, or one that names a database scheme, even written wrong (``postgres:pw@host``)."""
+    return isinstance(url, DbUrl) or is_keyword_dsn(url) or (_is_db(url) and bool(_DB_SCHEME.match(url)))
+
+
 def _masked_segments(path: str) -> list[str]:
     return [s for s in path.split("/") if not _PLAIN_SEGMENT.match(s)]
+
+
+def _db_scheme(head: str) -> str:
+    """What stands for the scheme at the start of a database URL (before its query): ``""``
+    when there is none. In ``postgres:pw@host`` it is the user's name, not a scheme: a
+    password must not show as a user."""
+    m = _DB_SCHEME.match(head)
+    user, at, _ = head[m.end() :].partition("@") if m else ("", "", "")
+    if m is None or (m.group(0).endswith(":") and at and ":" not in user):
+        return ""
+    return m.group(0)
+
+
+def _redact_db(url: str) -> tuple[str, list[str]]:
+    """A database URL with its password masked, and the secrets masked, whatever its shape:
+    ``scheme://user:pw@host/db``, without its ``//`` (``postgres:user:pw@host/db``), without
+    a scheme (``user:pw@host:5432/db``), a libpq connection string. Its user, host, port and
+    database name show: they are how the user recognises it."""
+    if is_keyword_dsn(url):
+        passwords = [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
+        return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url), passwords
+    scheme = _db_scheme(url.partition("?")[0])
+    # The password ends at the last '@': it may hold an '@', '/', '?' or '#' libpq would cut
+    # at (an '@' in the query then hides more than the password, never less).
+    userinfo, at, rest = url[len(scheme) :].rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    found: list[str] = []
+    if at and colon and password and not scheme.lower().startswith("sqlite"):
+        # Its pieces too: libpq quotes the one it read as a host or a port.
+        found += [password, unquote_plus(password), *re.split(r"[@/?#:]", password)]
+        scheme += f"{user}:{MASK}@"
+    else:
+        rest = url[len(scheme) :]
+    head, q, query = rest.partition("?")
+    shown_query, in_query = _redact_query(query, is_db=True)
+    return scheme + head + q + shown_query, found + in_query
+
+
+def _redact_loose(url: str) -> tuple[str, list[str]]:
+    """A string without a colon or a host to tell (a file path, ``host/path?KEY``,
+    ``KEY@host``) with what looks like a key masked: the part before an ``@`` in front of
+    the first ``/``, a query as on an RPC URL, and path segments of 16 or more letters and
+    digits. The rest shows: a path is how the user recognises it."""
+    head, q, query = url.partition("?")
+    shown_query, found = _redact_query(query, is_db=False)
+    first, slash, path = head.partition("/")
+    userinfo, at, host = first.rpartition("@")
+    if at and userinfo:
+        found.append(userinfo)
+    segments = []
+    for segment in (host + slash + path).split("/"):
+        if _KEY_SEGMENT.match(segment):  # a key pasted alone too
+            found.append(segment)
+            segment = MASK
+        segments.append(segment)
+    return (f"{MASK}@" if at and userinfo else at) + "/".join(segments) + q + shown_query, found
+
+
+def redact_db_url(url: str) -> str:
+    """A database URL (``--db``) as a message may show it: its password masked, whatever
+    its shape, and its user, host, port, database name and file path as written."""
+    return _redact_db(url)[0]
+
+
+def db_url_after_scheme(url: str) -> str:
+    """A database URL as :func:`redact_db_url` shows it, without what stands for its scheme
+    (``postgres:/``, ``postgres:``, nothing): what goes after ``postgresql://``."""
+    shown = redact_db_url(url)
+    return shown[len(_db_scheme(shown.partition("?")[0])) :]
 
 
 def redact_url(url: str) -> str:
     """Return ``url`` with its password, path segments (but versions) and secret query values masked.
 
-    A string that is not a URL but a libpq ``key=value`` connection string keeps its
-    keywords, with the password masked. One with a missing or mistyped scheme
-    (``localhost:8545``) is shown as :func:`redact_endpoint` shows it.
+    A database URL (a :class:`DbUrl`, a libpq ``key=value`` connection string, or one with
+    a database scheme) is shown as :func:`redact_db_url` shows it. One with a missing or
+    mistyped scheme (``localhost:8545``) is shown as :func:`redact_endpoint` shows it; one
+    without a colon or a host as :func:`_redact_loose` does.
     """
-    if is_keyword_dsn(url):
-        return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url)
-    if ":" not in url:  # a bare file path (a mistyped --db): nothing secret in it
-        return url
-    if "://" not in url and not _is_db(url.partition(":")[0]):
+    if _is_db_url(url):
+        return redact_db_url(url)
+    if "://" not in url:
+        if ":" not in url and _split_scheme(url) is None:
+            return _redact_loose(url)[0]
         return redact_endpoint(url)
     try:
         parts = urlsplit(url)
     except ValueError:
         return MASK
     netloc = parts.netloc
-    is_db = _is_db(parts.scheme)
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
-        if ":" in userinfo:
-            netloc = f"{user}:{MASK}@{hostport}"
-        elif not is_db:  # https://KEY@host: a bare userinfo on an RPC URL is a key
-            netloc = f"{MASK}@{hostport}"
-    segments = [
-        MASK if not is_db and not _PLAIN_SEGMENT.match(s) else s for s in parts.path.split("/")
-    ]
-    path = "/".join(segments)
-    query = "&".join(_redact_query_piece(piece, is_db) for piece in parts.query.split("&")) \
-        if parts.query else ""
-    if not netloc and url[len(parts.scheme) + 1 :].startswith("//"):
-        # urlunsplit drops an empty authority: sqlite:///a.db would come back as sqlite:/a.db
-        # and every message quoting the URL would show a form that does not work.
-        return f"{parts.scheme}://{path}" + (f"?{query}" if query else "")
-    return urlunsplit((parts.scheme, netloc, path, query, ""))
+        # https://KEY@host: a bare userinfo on an RPC URL is a key
+        netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
+    path = "/".join(s if _PLAIN_SEGMENT.match(s) else MASK for s in parts.path.split("/"))
+    return urlunsplit((parts.scheme, netloc, path, _redact_query(parts.query, is_db=False)[0], ""))
 
 
 def _query_secrets(piece: str, is_db: bool) -> tuple[bool, bool]:
@@ -106,13 +188,23 @@ def _query_secrets(piece: str, is_db: bool) -> tuple[bool, bool]:
     return name_secret, value_secret
 
 
-def _redact_query_piece(piece: str, is_db: bool) -> str:
-    name_secret, value_secret = _query_secrets(piece, is_db)
-    if name_secret:
-        return MASK if "=" not in piece else f"{MASK}={MASK}"
-    if value_secret:
-        return f"{piece.partition('=')[0]}={MASK}"
-    return piece
+def _redact_query(query: str, is_db: bool) -> tuple[str, list[str]]:
+    """A URL's query (after its ``?``) with its secret names and values masked, and the
+    secrets (a masked name's value only when long enough to scrub out of free text)."""
+    shown: list[str] = []
+    found: list[str] = []
+    for piece in query.split("&") if query else ():
+        name_secret, value_secret = _query_secrets(piece, is_db)
+        name, eq, value = (unquote_plus(x) for x in piece.partition("="))
+        if name_secret:
+            shown.append(f"{MASK}={MASK}" if eq else MASK)
+            found += [name, value] if len(value) >= _MIN_SCRUBBED_SEGMENT else [name]
+        elif value_secret:
+            shown.append(f"{piece.partition('=')[0]}={MASK}")
+            found.append(value)
+        else:
+            shown.append(piece)
+    return "&".join(shown), found
 
 
 def _host_of(rest: str) -> str:
@@ -181,34 +273,21 @@ def not_http_problem(url: str) -> str:
 def secrets_of(url: str) -> list[str]:
     """The substrings of ``url`` that :func:`redact_url` would hide (path segments too
     short to scrub out of free text on their own are left out: see :func:`redact_text`)."""
-    found: list[str] = []
-    if is_keyword_dsn(url):
-        return [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
-    if ":" not in url:
-        return []
-    if "://" not in url and not _is_db(url.partition(":")[0]):
+    if _is_db_url(url):
+        return _redact_db(url)[1]
+    if "://" not in url:
         split = _split_scheme(url)
-        if split is None:
-            return [] if _PLAIN_WORD.match(url) else [url]
-        return secrets_of("http://" + split[1])
+        if split is not None:
+            return secrets_of("http://" + split[1])
+        if ":" not in url:
+            return _redact_loose(url)[1]
+        return [] if _PLAIN_WORD.match(url) else [url]
     try:
         parts = urlsplit(url)
     except ValueError:
         return [url]
-    if parts.password:
-        found.append(parts.password)
-    is_db = _is_db(parts.scheme)
-    for piece in parts.query.split("&") if parts.query else ():
-        name_secret, value_secret = _query_secrets(piece, is_db)
-        name, _, value = (unquote_plus(x) for x in piece.partition("="))
-        if name_secret:
-            found.append(name)
-            if value and len(value) >= _MIN_SCRUBBED_SEGMENT:
-                found.append(value)
-        elif value_secret:
-            found.append(value)
-    if is_db:
-        return found
+    found = [parts.password] if parts.password else []
+    found += _redact_query(parts.query, is_db=False)[1]
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
     found.extend(s for s in _masked_segments(parts.path) if len(s) >= _MIN_SCRUBBED_SEGMENT)
@@ -229,7 +308,7 @@ def redact_text(text: str, *urls: str) -> str:
             parts = urlsplit(url)
         except ValueError:
             parts = None
-        if parts is not None and "://" in url and not _is_db(parts.scheme) and _masked_segments(parts.path):
+        if parts is not None and "://" in url and not _is_db_url(url) and _masked_segments(parts.path):
             shown = urlsplit(redact_url(url)).path.rstrip("/")
             # Only the path itself, not one that goes on: `/db` is in "5432/dbname".
             whole = re.escape(parts.path.rstrip("/")) + _PATH_GOES_ON

@@ -187,11 +187,103 @@ def test_a_key_in_an_rpc_url_is_never_shown_however_it_is_written(url: str, secr
     from gapfill.settings import FileConfig
 
     assert secret not in redact_endpoint(url)
-    if ":" in url:  # without one it may be a --db file path, which redact_url shows as it is
-        assert secret not in redact_url(url)
-        assert redact_text(f"{url} refused {secret}", url) == f"{redact_url(url)} refused ***"
+    assert secret not in redact_url(url)
+    assert redact_text(f"{url} refused {secret}", url) == f"{redact_url(url)} refused ***"
     ctx = Ctx("sqlite:///x.db", (url,), None, FileConfig(), 0)
     try:
         ctx.endpoints()
     except ConfigError as exc:
         assert secret not in redact_text(str(exc), *ctx.secrets())
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Without a colon: a key before an '@', a query pasted bare, a key-like segment go;
+        # a file path or a host shows as written (it may be a --db file).
+        ("mykey@host", "***@host"),
+        ("host/path?key", "host/path?***"),
+        ("host/path?apikey=RPCSECRET&chain=1", "host/path?apikey=***&chain=1"),
+        ("data/0123456789abcdef0123456789abcdef/x", "data/***/x"),
+        ("e8f1c3a9b2d4@eth.example.com/v2", "***@eth.example.com/v2"),
+        ("node.example.com/rpc?apikey=RPCSECRET", "node.example.com/rpc?apikey=***"),
+        ("some/path/my_gapfill_database.db", "some/path/my_gapfill_database.db"),
+        ("backups/gapfill.db", "backups/gapfill.db"),
+        ("node.example.com", "node.example.com"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_a_string_without_a_colon_masks_what_looks_like_a_key(url: str, shown: str) -> None:
+    # Such strings were returned untouched, keys and all.
+    assert redact_url(url) == shown
+
+
+_PW = "s3cretPW"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"postgres:{_PW}@host/db", "postgres:***@host/db"),
+        (f"postgresql:user:{_PW}@host/db", "postgresql:user:***@host/db"),
+        (f"postgres:/user:{_PW}@host/db", "postgres:/user:***@host/db"),
+        (f"postgres//user:{_PW}@host/db", "postgres//user:***@host/db"),
+        (f"postgresql://user:{_PW}@host", "postgresql://user:***@host"),
+        (f"user:{_PW}@host:5432/gapfill_db", "user:***@host:5432/gapfill_db"),
+        (f"user:{_PW}@host/db?sslmode=require", "user:***@host/db?sslmode=require"),
+        (f"host=h password={_PW} dbname=x", "host=h password=*** dbname=x"),
+        (f"postgresql://u@h/db?sslmode=require&password={_PW}", "postgresql://u@h/db?sslmode=require&password=***"),
+        (f"postgres:{_PW}@host/db?password={_PW}", "postgres:***@host/db?password=***"),
+        (f"host:5432/db?password={_PW}", "host:5432/db?password=***"),
+        (f"postgresql://u:pa/{_PW}@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:pa?{_PW}@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://bob@db.example:6432/app", "postgresql://bob@db.example:6432/app"),
+        ("sqlite:///data/gapfill.db", "sqlite:///data/gapfill.db"),
+        ("data/gapfill.db", "data/gapfill.db"),
+    ],
+)  # fmt: skip
+def test_a_database_password_is_masked_however_the_url_is_written(url: str, shown: str) -> None:
+    # `postgres:pw@host/db` and the like were shown with their password, and scheme-less
+    # ones had their database name masked as if it were an RPC key.
+    from gapfill.cli import Ctx
+    from gapfill.redact import DbUrl, redact_db_url
+    from gapfill.settings import FileConfig
+
+    assert redact_db_url(url) == shown
+    assert redact_url(DbUrl(url)) == shown
+    ctx = Ctx(url, (), None, FileConfig(), 0)
+    said = redact_text(f"cannot use {url}: {_PW} refused", *ctx.secrets())
+    assert said == f"cannot use {shown}: {'***' if _PW in url else _PW} refused"
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (f"postgres:{_PW}@127.0.0.1/db", "'postgres:***@127.0.0.1/db' is not a PostgreSQL URL: write it "
+                                         "as postgresql://postgres:***@127.0.0.1/db in --db / GAPFILL_DB"),
+        (f"postgresql:user:{_PW}@h/db", "'postgresql:user:***@h/db' is not a PostgreSQL URL: write it as "
+                                        "postgresql://user:***@h/db in --db / GAPFILL_DB"),
+        (f"user:{_PW}@h:5432/gapfill_db", "'user:***@h:5432/gapfill_db' is not a PostgreSQL URL: write it "
+                                          "as postgresql://user:***@h:5432/gapfill_db in --db / GAPFILL_DB"),
+        ("postgres:localhost:5432/db", "'postgres:localhost:5432/db' is not a PostgreSQL URL: write it as "
+                                       "postgresql://localhost:5432/db in --db / GAPFILL_DB"),
+        (f"postgresql://u:pa/{_PW}@h/db", "the password in --db / GAPFILL_DB contains '/': write it as %2F "
+                                          "in the URL"),
+        (f"postgresql://u:p?s@{_PW}@h/db", "the password in --db / GAPFILL_DB contains '@' and '?': write it "
+                                          "as %40 and %3F in the URL"),
+        (f"h:5432/db?password={_PW}", "unsupported database URL scheme 'h:5432/db?password=***': use "
+                                      "sqlite:///path/to/file.db or postgresql://user@host:5432/dbname"),
+    ],
+)  # fmt: skip
+def test_a_malformed_database_url_is_refused_without_its_password(url: str, said: str) -> None:
+    # libpq quoted `postgres:pw@host/db` whole ("missing '=' after ..."), password and all.
+    from gapfill.cli import Ctx
+    from gapfill.errors import ConfigError
+    from gapfill.settings import FileConfig
+    from gapfill.store import open_store
+
+    ctx = Ctx(url, (), None, FileConfig(), 0)
+    with pytest.raises(ConfigError) as err:
+        open_store(url)
+    assert str(err.value) == said
+    assert redact_text(str(err.value), *ctx.secrets()) == said

@@ -50,7 +50,7 @@ from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
 from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError, StoreError
 from gapfill.model import Enriched, head_in_error
-from gapfill.redact import redact_text
+from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.store import Store, open_store, owner_name
@@ -383,7 +383,7 @@ def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
 
 def _note(job: EnrichJob, exc: BaseException) -> str:
     """Why a run failed, as its ``runs`` row keeps it: no URL's secret in it."""
-    return redact_text(str(exc), job.db_url, *(e.url for e in job.endpoints))[:1000]
+    return redact_text(str(exc), DbUrl(job.db_url), *(e.url for e in job.endpoints))[:1000]
 
 
 def _open(job: EnrichJob, emit: Emit) -> Store:

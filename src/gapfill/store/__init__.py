@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from gapfill.errors import ConfigError, StoreError
-from gapfill.redact import is_keyword_dsn, redact_url
+from gapfill.redact import db_url_after_scheme, is_keyword_dsn, redact_db_url
 from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RefsAdded, RunInfo, Store, owner_name
 
 DEFAULT_DB_URL = "sqlite:///gapfill.db"
@@ -48,32 +49,49 @@ def open_store(
         from gapfill.store.sqlite import SqliteStore
 
         store = SqliteStore(url, read_only=read_only)
-    elif scheme in ("postgresql", "postgres"):
+    elif scheme in ("postgresql", "postgres") and url[len(scheme) + 1 :].startswith("//"):
         from urllib.parse import urlsplit
 
         from gapfill.store.postgres import PostgresStore
 
+        error: ValueError | None = None
         try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 (raises on a malformed host or port)
+            urlsplit(url).port  # noqa: B018 (raises on a malformed host or port)
         except ValueError as exc:
+            error = exc
+        after = url.partition("://")[2]
+        netloc = re.split(r"[/?#]", after, maxsplit=1)[0]  # the authority, as urlsplit cuts it
+        if netloc.count("@") > 1 or (error is not None and "@" not in netloc and "@" in after):
+            # libpq splits user:password@host at the first '@' (and the URL's authority ends
+            # at a '/', '?' or '#'): the rest of the password would become the host or the
+            # port, and appear in the error message.
+            password = after.rpartition("@")[0].partition(":")[2]
+            found = [c for c in "@/?#" if c in password] or ["@"]
             raise ConfigError(
-                f"the PostgreSQL URL is malformed ({exc}): write it as "
+                f"the password in --db / GAPFILL_DB contains {' and '.join(map(repr, found))}: "
+                f"write it as {' and '.join(f'%{ord(c):02X}' for c in found)} in the URL"
+            )
+        if error is not None:  # its text quotes the host or the port, not the password
+            raise ConfigError(
+                f"the PostgreSQL URL is malformed ({error}): write it as "
                 "postgresql://user:password@host:5432/dbname in --db / GAPFILL_DB"
-            ) from None
-        if parts.netloc.count("@") > 1:
-            # libpq splits user:password@host at the first '@': the rest of the password
-            # would become the host, and appear in its error message.
-            raise ConfigError("the password in --db / GAPFILL_DB contains '@': write it as %40 in the URL")
+            )
 
         store = PostgresStore(url)
     else:
         if is_keyword_dsn(url):  # its password masked
             raise ConfigError(
-                f"{redact_url(url)!r} is not a database URL: write it as "
+                f"{redact_db_url(url)!r} is not a database URL: write it as "
                 "postgresql://user:password@host:5432/dbname (or use sqlite:///path/to/file.db)"
             )
-        shown = scheme if "://" in url else url  # a bare path: nothing secret in it
+        if "://" not in url and (scheme in ("postgresql", "postgres") or "@" in url):
+            # postgres:pw@host/db, user:pw@host:5432/db: libpq would quote it whole,
+            # password and all, as a connection string missing its '='.
+            raise ConfigError(
+                f"{redact_db_url(url)!r} is not a PostgreSQL URL: write it as "
+                f"postgresql://{db_url_after_scheme(url)} in --db / GAPFILL_DB"
+            )
+        shown = scheme if "://" in url else redact_db_url(url)  # a bare path: as written
         raise ConfigError(
             f"unsupported database URL scheme {shown!r}: use sqlite:///path/to/file.db "
             "or postgresql://user@host:5432/dbname"

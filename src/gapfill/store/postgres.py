@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
-from gapfill.redact import redact_text, redact_url
+from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.store.base import (
     GAP_WHERE,
     JSON_COLUMNS,
@@ -220,7 +220,7 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
     """Turn a driver error into one sentence that says what to do (``reading``: it came from
     a read-only transaction)."""
     where, dbname = server_and_db(url)
-    msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), url)
+    msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), DbUrl(url))
     low = msg.lower()
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return _privilege_error(msg, url, reading)
@@ -243,11 +243,11 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
         )
     if "password authentication failed" in low or "authentication" in low:
         return StoreError(
-            f"PostgreSQL at {where} refused the credentials in {redact_url(url)}: fix --db / GAPFILL_DB"
+            f"PostgreSQL at {where} refused the credentials in {redact_db_url(url)}: fix --db / GAPFILL_DB"
         )
     if _BAD_QUERY.search(msg):
         return StoreError(
-            f"PostgreSQL cannot use the URL {redact_url(url)} ({msg}): check the query parameters "
+            f"PostgreSQL cannot use the URL {redact_db_url(url)} ({msg}): check the query parameters "
             "of --db / GAPFILL_DB (only libpq connection parameters, such as sslmode=require, "
             "are allowed)"
         )
@@ -262,7 +262,7 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
             f"could not connect to PostgreSQL at {where} ({msg}): "
             "check that the server runs and fix --db / GAPFILL_DB"
         )
-    return StoreError(f"PostgreSQL error on {redact_url(url)}: {msg}")
+    return StoreError(f"PostgreSQL error on {redact_db_url(url)}: {msg}")
 
 
 def _connection_lost(exc: psycopg.Error) -> bool:
@@ -281,7 +281,7 @@ class PostgresStore(Store):
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self.url = url
-        self.display_url = redact_url(url)
+        self.display_url = redact_db_url(url)
         self._connect_timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
         self._connect()

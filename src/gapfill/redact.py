@@ -41,6 +41,7 @@ _MISTYPED_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DO
 # have digits, capitals or length; such a value is hidden whole.
 _PLAIN_WORD = re.compile(r"^[a-z][a-z._\-]{0,14}$")
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
+_DB_SECRET_QUERY_NAMES = re.compile(r"(pass|pwd|secret|token)", re.IGNORECASE)
 
 
 class DbUrl(str):
@@ -184,7 +185,9 @@ def _query_secrets(piece: str, is_db: bool) -> tuple[bool, bool]:
     if not eq:
         return (not is_db and bool(name)), False
     name_secret = not is_db and bool(_KEYLIKE_SEGMENT.match(name))
-    value_secret = bool(value) and bool(_SECRET_QUERY_NAMES.search(name) or _KEYLIKE_SEGMENT.match(value))
+    # A database URL's only secret parameters are passwords (sslkey=, sslcert= are paths).
+    names = _DB_SECRET_QUERY_NAMES if is_db else _SECRET_QUERY_NAMES
+    value_secret = bool(value) and bool(names.search(name) or _KEYLIKE_SEGMENT.match(value))
     return name_secret, value_secret
 
 

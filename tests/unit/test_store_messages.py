@@ -70,3 +70,48 @@ _FAILED = 'connection failed: connection to server at "db.example", port 6432 fa
 def test_a_server_that_answers_is_not_said_to_be_down(url: str, said: str, says: str) -> None:
     # Both said "could not connect ...: check that the server runs", which it does.
     assert str(translate(psycopg.OperationalError(_FAILED + said), url)) == says
+
+
+_FIX = ("point sslrootcert in --db / GAPFILL_DB at the server's CA certificate, or use sslmode=require "
+        "to encrypt without checking it")  # fmt: skip
+
+
+@pytest.mark.parametrize(("query", "said", "says"), [
+    ("sslmode=verify-full&sslrootcert=/nonexistent",
+     'root certificate file "/nonexistent" does not exist\nEither provide the file, use the system\'s '
+     "trusted roots with sslrootcert=system, or change sslmode to disable server certificate verification.",
+     'cannot check the certificate of PostgreSQL at db.example:6432: the root certificate file '
+     '"/nonexistent" (sslrootcert in --db / GAPFILL_DB) cannot be read (root certificate file '
+     f'"/nonexistent" does not exist); {_FIX}'),
+    ("sslmode=verify-ca", 'root certificate file "/home/u/.postgresql/root.crt" does not exist',
+     'cannot check the certificate of PostgreSQL at db.example:6432: the root certificate file '
+     '"/home/u/.postgresql/root.crt" (libpq\'s default, as no sslrootcert is set) cannot be read (root '
+     f'certificate file "/home/u/.postgresql/root.crt" does not exist); {_FIX}'),
+    ("sslmode=verify-full&sslrootcert=/etc/x.pem",
+     'could not read root certificate file "/etc/x.pem": no certificate or crl found',
+     'cannot check the certificate of PostgreSQL at db.example:6432: the root certificate file '
+     '"/etc/x.pem" (sslrootcert in --db / GAPFILL_DB) cannot be read (could not read root certificate '
+     f'file "/etc/x.pem": no certificate or crl found); {_FIX}'),
+    ("sslmode=verify-ca&sslrootcert=/etc/ca.pem", "SSL error: certificate verify failed",
+     'PostgreSQL at db.example:6432 presented a certificate that no CA in the root certificate file '
+     '"/etc/ca.pem" (sslrootcert in --db / GAPFILL_DB) signed (SSL error: certificate verify failed); '
+     f"{_FIX}"),
+    ("sslmode=verify-full&sslrootcert=system", "SSL error: certificate verify failed",
+     "PostgreSQL at db.example:6432 presented a certificate that no CA in the system's trusted roots "
+     f"(sslrootcert=system) signed (SSL error: certificate verify failed); {_FIX}"),
+    ("sslmode=verify-full", 'server certificate for "db.internal" (and 2 other names) does not match '
+     'host name "db.example"',
+     'PostgreSQL at db.example:6432 presented a certificate for "db.internal", not for the host name '
+     '"db.example" that sslmode=verify-full checks: connect to the name in its certificate, or use '
+     "sslmode=verify-ca to check the certificate but not its name"),
+    ("sslmode=require&sslkey=/k.pem", 'certificate present, but not private key file "/k.pem"',
+     "PostgreSQL at db.example:6432 and the SSL settings in --db / GAPFILL_DB do not agree (certificate "
+     'present, but not private key file "/k.pem"): check sslmode, sslrootcert, sslcert and sslkey'),
+])  # fmt: skip
+def test_a_certificate_problem_is_named_not_said_to_be_a_server_down(
+    monkeypatch: pytest.MonkeyPatch, query: str, said: str, says: str
+) -> None:
+    # All said "could not connect ...: check that the server runs", which it does.
+    monkeypatch.delenv("PGSSLROOTCERT", raising=False)
+    text = str(translate(psycopg.OperationalError(_FAILED + said), f"{URL}?{query}"))
+    assert text == says and "secret" not in text

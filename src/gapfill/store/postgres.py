@@ -156,6 +156,62 @@ def _sslmode_source(url: str) -> str:
     return f"PGSSLMODE={env} in the environment" if env else "the connection's sslmode"
 
 
+_NO_ROOT_CERT = re.compile(r'root certificate file "([^"]*)" does not exist|could not read root certificate '
+                           r'file "([^"]*)"|could not get home directory to locate root certificate')
+_CERT_REFUSED = re.compile(r"certificate verify failed")
+_CERT_NAME = re.compile(r'server certificate for "([^"]*)"(?: \(and \d+ other names?\))? does not match host '
+                        r'name "([^"]*)"')
+_CERT_OTHER = re.compile(r"certificate|sslrootcert|private key", re.IGNORECASE)
+_SSL_FIX = ("point sslrootcert in --db / GAPFILL_DB at the server's CA certificate, or use "
+            "sslmode=require to encrypt without checking it")  # fmt: skip
+
+
+def _root_cert(url: str, path: str = "") -> str:
+    """The root certificates libpq checks the server's against (``path``: the file libpq
+    named), and where they were set, as a message names them."""
+    try:
+        given = conninfo_to_dict(url).get("sslrootcert")
+    except psycopg.Error:
+        given = None
+    source = "sslrootcert in --db / GAPFILL_DB" if given else "PGSSLROOTCERT in the environment"
+    given = given or os.environ.get("PGSSLROOTCERT")
+    if given == "system":
+        return "the system's trusted roots (sslrootcert=system)"
+    if not given:
+        source = "libpq's default, as no sslrootcert is set"
+    return f'the root certificate file "{path or given or "~/.postgresql/root.crt"}" ({source})'
+
+
+def _certificate_problem(msg: str, url: str, where: str) -> StoreError | None:
+    """A server certificate libpq could not check, or would not accept, as the one sentence
+    naming it (the server answered: whether it runs is not the question)."""
+    said = msg.rpartition(" failed: ")[2] or msg
+    m = _NO_ROOT_CERT.search(msg)
+    if m:
+        return StoreError(
+            f"cannot check the certificate of PostgreSQL at {where}: "
+            f"{_root_cert(url, m.group(1) or m.group(2) or '')} cannot be read ({said}); {_SSL_FIX}"
+        )
+    if _CERT_REFUSED.search(msg):
+        return StoreError(
+            f"PostgreSQL at {where} presented a certificate that no CA in {_root_cert(url)} "
+            f"signed ({said}); {_SSL_FIX}"
+        )
+    m = _CERT_NAME.search(msg)
+    if m:
+        return StoreError(
+            f'PostgreSQL at {where} presented a certificate for "{m.group(1)}", not for the host '
+            f'name "{m.group(2)}" that sslmode=verify-full checks: connect to the name in its '
+            "certificate, or use sslmode=verify-ca to check the certificate but not its name"
+        )
+    if _CERT_OTHER.search(msg):
+        return StoreError(
+            f"PostgreSQL at {where} and the SSL settings in --db / GAPFILL_DB do not agree "
+            f"({said}): check sslmode, sslrootcert, sslcert and sslkey"
+        )
+    return None
+
+
 def server_and_db(url: str) -> tuple[str, str]:
     """Where libpq connects for ``url`` and to which database, for messages.
 
@@ -236,6 +292,9 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
             f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url)} demands: "
             "set it to prefer (or disable), or enable SSL on the server"
         )
+    certificate = _certificate_problem(msg, url, where)
+    if certificate is not None:
+        return certificate
     if "does not exist" in low and "database" in low:
         return StoreError(
             f'PostgreSQL database "{dbname}" does not exist on {where}: '

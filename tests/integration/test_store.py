@@ -12,7 +12,7 @@ import pytest
 
 from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
-from gapfill.store import RefsAdded, Store, open_store
+from gapfill.store import PlanInfo, RefsAdded, Store, open_store
 
 C = "0x" + "ab" * 20
 
@@ -799,16 +799,33 @@ def _until(check: Callable[[], bool]) -> None:
         time.sleep(0.02)
 
 
-class _Removal:
-    """``remove_contract(1, C)`` on its own connection and thread, started at a point of
-    another transaction; ``started_and_waiting`` returns once it waits for a row lock."""
+def _tracking_refs(url: str, n: int = 4) -> Store:
+    """A store on ``url`` tracking C, with refs h(1) .. h(n) (in blocks 1 .. n)."""
+    s = open_store(url)
+    s.add_contract(Contract(1, C))
+    s.add_refs([Ref(1, C, h(i), i) for i in range(1, n + 1)])
+    return s
 
-    def __init__(self, pg_url: str) -> None:
+
+def _waits_for_a_lock(watcher: Any) -> bool:
+    """Whether a session of this database waits for a lock (a row's, or an advisory one)."""
+    return bool(watcher.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'").fetchone()[0] > 0)  # fmt: skip
+
+
+class _Removal:
+    """``remove_contract(1, address)`` on its own connection and thread, started at a point
+    of another transaction; ``started_and_waiting`` returns once it waits for a lock, or has
+    ended without waiting."""
+
+    def __init__(self, pg_url: str, address: str = C) -> None:
         import threading
 
         import psycopg
 
         self.url = pg_url
+        self.address = address
         self.watcher = psycopg.connect(pg_url, autocommit=True)  # sees the waits and the clock
         self.removed: list[dict[str, int]] = []
         self.errors: list[Exception] = []
@@ -817,15 +834,13 @@ class _Removal:
     def _run(self) -> None:
         try:
             with open_store(self.url) as other:
-                self.removed.append(other.remove_contract(1, C))
+                self.removed.append(other.remove_contract(1, self.address))
         except Exception as exc:
             self.errors.append(exc)
 
     def started_and_waiting(self) -> None:
         self.thread.start()
-        _until(lambda: self.watcher.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock'").fetchone()[0] > 0)  # fmt: skip
+        _until(lambda: not self.thread.is_alive() or _waits_for_a_lock(self.watcher))
 
     def beside(self, call: Callable[[], Any], *closing: Any) -> Any:
         """``call()``, which starts the removal, its error kept with the removal's; then
@@ -889,9 +904,7 @@ def test_a_removal_and_a_coordinator_expiring_its_batches_do_not_deadlock(
     # A removal locks the contract's batches in batch order; an expiry giving several of
     # them back must lock them in that order too, not in the order the table's rows lie in
     # (here the second batch first: the first was updated last).
-    with open_store(pg_url) as s:
-        s.add_contract(Contract(1, C))
-        s.add_refs([Ref(1, C, h(i), i) for i in range(1, 5)])
+    with _tracking_refs(pg_url) as s:
         s.plan(s.create_run("batch", 1), [(1, C)], batch_size=2)
         first, second = s.lease("killed", 60.0), s.lease("killed", 60.0)
         assert first is not None and second is not None
@@ -918,6 +931,68 @@ def test_a_removal_and_a_coordinator_expiring_its_batches_do_not_deadlock(
     expired = removal.beside(coordinator.expire_leases, coordinator)
     assert removal.errors == [] and sorted(b.id for b in expired) == [first.id, second.id]
     assert removal.removed[0]["batches"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_plan_started_during_a_removal_waits_for_it_and_plans_nothing(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plan read the gap from its own snapshot, where the refs a removal had deleted but
+    # not committed were still there: it planned batches after the removal had deleted the
+    # contract's, and left an open plan of a contract nobody tracks.
+    import threading
+
+    import psycopg
+
+    with _tracking_refs(pg_url) as s:
+        run_id = s.create_run("batch", 1)
+    remover, planner = open_store(pg_url), open_store(pg_url)
+    watcher = psycopg.connect(pg_url, autocommit=True)
+    plans: list[PlanInfo] = []
+    plan = threading.Thread(target=lambda: plans.append(planner.plan(run_id, [(1, C)], 2)))
+    sql = remover._sql  # type: ignore[attr-defined]
+
+    def then_a_plan(text: str) -> str:
+        if text.startswith("DELETE FROM contracts"):  # its refs and batches deleted, uncommitted
+            plan.start()
+            _until(lambda: not plan.is_alive() or _waits_for_a_lock(watcher))
+        return sql(text)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(remover, "_sql", then_a_plan)
+    try:
+        assert remover.remove_contract(1, C)["refs"] == 4
+        plan.join(30)
+    finally:
+        for c in (remover, planner, watcher):
+            c.close()
+    assert plans == [PlanInfo(0, 0, 0)]
+    with open_store(pg_url) as s:
+        assert s.list_contracts() == [] and not s.has_open_batches()
+
+
+@pytest.mark.timeout(60)
+def test_a_removal_started_during_a_plan_waits_for_it_and_deletes_its_batches(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other way round: a removal that did not wait for a plan under way deleted the refs
+    # the plan had read, and the plan then committed batches of a contract nobody tracks.
+    planner = _tracking_refs(pg_url)
+    removal = _Removal(pg_url)
+    gap_keys = planner._gap_keys  # type: ignore[attr-defined]
+
+    def then_a_removal(cur: Any, chain_id: int, contract: str) -> Any:
+        keys = gap_keys(cur, chain_id, contract)
+        first = next(keys)  # the gap read
+        removal.started_and_waiting()
+        yield first
+        yield from keys
+
+    monkeypatch.setattr(planner, "_gap_keys", then_a_removal)
+    info = removal.beside(lambda: planner.plan(planner.create_run("batch", 1), [(1, C)], 2), planner)
+    assert removal.errors == [] and info == PlanInfo(2, 4, 0)
+    assert removal.removed[0]["batches"] == 2 and removal.removed[0]["refs"] == 4
+    with open_store(pg_url) as s:
+        assert s.list_contracts() == [] and not s.has_open_batches()
 
 
 def test_a_postgres_import_reads_each_ref_a_few_times_not_once_per_ref(pg_url: str) -> None:

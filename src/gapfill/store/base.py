@@ -368,8 +368,8 @@ class Store(abc.ABC):
         chain's, and other contracts may share them). Refused while a batch of it is
         leased. Returns the rows deleted per table."""
         with self._tx() as cur:
-            # The contract's row first: a discovery or an import writing refs of it holds
-            # it shared, so this waits for them to commit, and then deletes what they wrote;
+            # The contract's row first: a discovery, an import or a plan of it holds it
+            # shared, so this waits for them to commit, and then deletes what they wrote;
             # one starting after this waits, then finds the contract gone and writes nothing.
             cur.execute(
                 self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._ROW_LOCK}"),
@@ -897,8 +897,16 @@ class Store(abc.ABC):
         """
         batches = refs = joined = 0
         with self._tx() as cur:
+            # The targets' rows first, shared (the lock order of every writer of refs: the
+            # contract's row, then the planning lock). A removal locks its contract's row for
+            # update: it waits for this plan to commit, then deletes its batches; a plan
+            # starting during a removal waits for it, then finds the contract gone and plans
+            # nothing for it (no open plan of a contract nobody tracks).
+            tracked = {t for t in sorted(set(targets)) if self._lock_contract(cur, *t)}
             self._plan_lock(cur)
             for chain_id, contract in targets:
+                if (chain_id, contract) not in tracked:
+                    continue
                 cur.execute(
                     self._sql(
                         "SELECT count(*) FROM batches WHERE chain_id = ? AND contract = ? "

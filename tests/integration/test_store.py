@@ -995,6 +995,36 @@ def test_a_removal_started_during_a_plan_waits_for_it_and_deletes_its_batches(
         assert s.list_contracts() == [] and not s.has_open_batches()
 
 
+@pytest.mark.timeout(60)
+def test_two_removals_at_once_delete_the_failure_record_of_a_transaction_they_shared(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each removal kept the shared failure record because the other contract still had a
+    # ref to its transaction, as each saw it before the other committed: it outlived both.
+    other = "0x" + "cd" * 20
+    with open_store(pg_url) as s:
+        s.add_contract(Contract(1, C))
+        s.add_contract(Contract(1, other))
+        s.add_refs([Ref(1, C, h(1), 1), Ref(1, other, h(1), 1), Ref(1, other, h(2), 2)])
+        s.write(Enriched(failures=[Failure(1, h(1), other, "not_found", "null"),
+                                   Failure(1, h(2), other, "not_found", "null")]))  # fmt: skip
+    first = open_store(pg_url)
+    removal = _Removal(pg_url, C)
+    sql = first._sql  # type: ignore[attr-defined]
+
+    def then_the_other(text: str) -> str:
+        if text.startswith("DELETE FROM contracts") and removal.thread.ident is None:
+            removal.started_and_waiting()  # `other`'s refs deleted, not yet committed
+        return sql(text)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(first, "_sql", then_the_other)
+    deleted = removal.beside(lambda: first.remove_contract(1, other), first)
+    assert removal.errors == [] and deleted is not None
+    assert deleted["failures"] == 1 and removal.removed[0]["failures"] == 1
+    with open_store(pg_url) as s:
+        assert s.list_contracts() == [] and s.list_failures() == []
+
+
 def test_a_postgres_import_reads_each_ref_a_few_times_not_once_per_ref(pg_url: str) -> None:
     # Refs just inserted have no statistics yet. Filling block numbers, the planner took
     # them for one row and rescanned the staged refs for each (40,000 hashes took 48 s, a

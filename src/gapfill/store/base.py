@@ -368,7 +368,11 @@ class Store(abc.ABC):
         chain's, and other contracts may share them). Refused while a batch of it is
         leased. Returns the rows deleted per table."""
         with self._tx() as cur:
-            # The contract's row first: a discovery, an import or a plan of it holds it
+            # One removal at a time: whether another contract still tracks a failed
+            # transaction is read from refs, and two removals at once each saw the other's
+            # refs (not yet deleted) and kept a failure record neither contract tracks.
+            self._removal_lock(cur)
+            # The contract's row next: a discovery, an import or a plan of it holds it
             # shared, so this waits for them to commit, and then deletes what they wrote;
             # one starting after this waits, then finds the contract gone and writes nothing.
             cur.execute(
@@ -421,6 +425,11 @@ class Store(abc.ABC):
 
     #: The table a removal deletes a contract's refs from (SQLite names the index to walk).
     _REMOVE_REFS_FROM = "refs"
+
+    def _removal_lock(self, cur: Any) -> None:
+        """Serialise removals across processes and hosts (inside the transaction); SQLite's
+        ``BEGIN IMMEDIATE`` already serialises every writer."""
+        return None
 
     # -- refs and the gap ----------------------------------------------------------
 

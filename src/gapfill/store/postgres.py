@@ -84,6 +84,7 @@ _STAGED_OR_STORED_BLOCK = (
 )
 _MIGRATION_LOCK = 7_263_451_001
 _PLAN_LOCK = 7_263_451_002
+_REMOVAL_LOCK = 7_263_451_003
 
 
 def _server_tcp_settings(given: dict[str, Any]) -> dict[str, str]:
@@ -539,6 +540,9 @@ class PostgresStore(Store):
 
     def _plan_lock(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PLAN_LOCK,))
+
+    def _removal_lock(self, cur: Any) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_REMOVAL_LOCK,))
 
     def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
         conn = self._live()

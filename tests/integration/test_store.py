@@ -1025,6 +1025,88 @@ def test_two_removals_at_once_delete_the_failure_record_of_a_transaction_they_sh
         assert s.list_contracts() == [] and s.list_failures() == []
 
 
+@pytest.mark.parametrize("first", ["x", "y"])
+def test_removing_contracts_deletes_exactly_the_failure_records_no_other_contract_tracks(
+    db_url: str, first: str
+) -> None:
+    x, y = "0x" + "aa" * 20, "0x" + "bb" * 20
+    refs = {1: (x,), 2: (x, y), 3: (y,), 6: (y,)}  # h(4), h(5): no contract has a ref to them
+    recorded = {1: x, 2: x, 3: x, 4: x, 5: y, 6: y}  # the contract whose run recorded it
+    with open_store(db_url) as s:
+        s.add_contract(Contract(1, x))
+        s.add_contract(Contract(1, y))
+        s.add_refs([Ref(1, c, h(i), i) for i, cs in refs.items() for c in cs])
+        s.write(Enriched(failures=[Failure(1, h(i), c, "not_found", "null") for i, c in recorded.items()]))
+        # Its own transaction's (1), and one it recorded that no contract tracks (4); not
+        # the ones y tracks (2, 3, 6), nor one y recorded that no contract tracks (5).
+        stays = {"x": [2, 3, 5, 6], "y": [1, 2, 4]}[first]
+        assert s.remove_contract(1, x if first == "x" else y)["failures"] == 6 - len(stays)
+        assert [f.tx_hash for f, _ in s.list_failures()] == [h(i) for i in stays]
+        s.remove_contract(1, y if first == "x" else x)  # the last contract: the rest goes
+        assert s.list_failures() == []
+
+
+SMALL, BIG = "0x" + "aa" * 20, "0x" + "bb" * 20
+
+
+def _a_small_contract_beside_a_big_one(url: str, n: int) -> Store:
+    """SMALL with 100 refs, BIG with the n - 50 refs from h(50) on (h(50) .. h(99) shared),
+    and a failure record of each of SMALL's transactions and every 10th of the others."""
+    s = open_store(url)
+    s.add_contract(Contract(1, SMALL))
+    s.add_contract(Contract(1, BIG))
+    s.add_refs([Ref(1, SMALL, h(i), i) for i in range(100)])
+    s.add_refs([Ref(1, BIG, h(i), i) for i in range(50, n)])
+    s.write(Enriched(failures=[Failure(1, h(i), SMALL if i < 100 else BIG, "not_found", "null")
+                               for i in range(n) if i < 100 or i % 10 == 0]))  # fmt: skip
+    return s
+
+
+def test_a_postgres_removal_reads_refs_only_through_their_indexes(pg_url: str) -> None:
+    # Whether another contract tracks a failed transaction was a NOT EXISTS the planner made
+    # an anti-join hashing every other contract's refs, read by a full scan of refs: a small
+    # contract's removal read the whole table. Each failure record is now one index probe.
+    n = 20_000
+    with _a_small_contract_beside_a_big_one(pg_url, n) as s:
+        conn = s._live()  # type: ignore[attr-defined]
+        conn.execute("ANALYZE")
+        conn.commit()
+
+        def seq_read() -> int:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.commit()
+            (read,) = conn.execute("SELECT seq_tup_read FROM pg_stat_user_tables "
+                                   "WHERE relname = 'refs'").fetchone()  # fmt: skip
+            conn.rollback()
+            return int(read)
+
+        before = seq_read()
+        deleted = s.remove_contract(1, SMALL)
+        read = seq_read() - before
+    assert (deleted["refs"], deleted["failures"]) == (100, 50)  # h(0) .. h(49): not BIG's
+    assert read < n // 10, read
+
+
+def test_a_sqlite_removal_looks_a_failed_transactions_refs_up_by_its_hash(sqlite_url: str) -> None:
+    # Without statistics SQLite looked them up through the gap's key index, searched by
+    # chain alone: every ref of the chain read per failure record (quadratic).
+    n = 20_000
+    with _a_small_contract_beside_a_big_one(sqlite_url, n) as s:
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        s._conn.set_progress_handler(count, 1000)  # type: ignore[attr-defined]
+        deleted = s.remove_contract(1, SMALL)
+        s._conn.set_progress_handler(None, 0)  # type: ignore[attr-defined]
+    assert (deleted["refs"], deleted["failures"]) == (100, 50)
+    # ~80,000 VM instructions (a few per record and ref), where a chain's refs read per
+    # record of SMALL's made 5 million.
+    assert steps[0] * 1000 < 20 * n, steps[0]
+
+
 def test_a_postgres_import_reads_each_ref_a_few_times_not_once_per_ref(pg_url: str) -> None:
     # Refs just inserted have no statistics yet. Filling block numbers, the planner took
     # them for one row and rescanned the staged refs for each (40,000 hashes took 48 s, a

@@ -85,6 +85,16 @@ _OF_CONTRACT = (
     "AND r.tx_hash = f.tx_hash AND r.contract = ?))"
 )
 
+#: A failure record only ``contract`` (the parameter, given thrice) tracks: its transaction's
+#: refs are all that contract's, or, with none, the contract recorded it. One scalar subquery
+#: per record, so one probe of the refs' (chain_id, tx_hash) index each (``{refs}`` names it
+#: where the planner would not): as a NOT EXISTS, PostgreSQL made it an anti-join hashing
+#: every other contract's refs, read by a full scan.
+_ONLY_OF_CONTRACT = (
+    "COALESCE((SELECT min(r.contract) = ? AND max(r.contract) = ? FROM {refs} "
+    "WHERE r.chain_id = f.chain_id AND r.tx_hash = f.tx_hash), f.contract = ?)"
+)
+
 MAX_ATTEMPTS = 3
 #: A batch's lease is still this owner's at this attempt, and unexpired: the condition of
 #: every write that needs the lease (renew, commit, give back with rows). Parameters:
@@ -405,12 +415,9 @@ class Store(abc.ABC):
             )  # fmt: skip
             deleted["lease_events"] = int(cur.rowcount)
             # A failure record is the transaction's: it stays while another contract tracks it.
-            cur.execute(
-                self._sql(f"DELETE FROM failures AS f WHERE chain_id = ? AND {_OF_CONTRACT} AND NOT "
-                          "EXISTS (SELECT 1 FROM refs r2 WHERE r2.chain_id = f.chain_id "
-                          "AND r2.tx_hash = f.tx_hash AND r2.contract <> ?)"),
-                (chain_id, address, address, address),
-            )  # fmt: skip
+            only_of = _ONLY_OF_CONTRACT.format(refs=self._REFS_BY_TX)
+            cur.execute(self._sql(f"DELETE FROM failures AS f WHERE chain_id = ? AND {only_of}"),
+                        (chain_id, address, address, address))  # fmt: skip
             deleted["failures"] = int(cur.rowcount)
             for table, source, column in (
                 ("batches", "batches", "contract"), ("refs", self._REMOVE_REFS_FROM, "contract"),
@@ -425,6 +432,8 @@ class Store(abc.ABC):
 
     #: The table a removal deletes a contract's refs from (SQLite names the index to walk).
     _REMOVE_REFS_FROM = "refs"
+    #: Refs, as ``r``, looked up by transaction (SQLite names the index: see its backend).
+    _REFS_BY_TX = "refs r"
 
     def _removal_lock(self, cur: Any) -> None:
         """Serialise removals across processes and hosts (inside the transaction); SQLite's

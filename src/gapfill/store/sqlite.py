@@ -374,6 +374,10 @@ class SqliteStore(Store):
     #: order of the (chain_id, tx_hash) index: two of the refs' four b-trees are swept in
     #: order instead of the one SQLite's own choice (the key index) would sweep.
     _REMOVE_REFS_FROM = "refs INDEXED BY sqlite_autoindex_refs_1"
+    #: Without statistics, SQLite looks a transaction's refs up through refs_key, which
+    #: covers the columns asked but is searched by chain alone: every ref of the chain read
+    #: per lookup, instead of one probe of refs_tx_hash.
+    _REFS_BY_TX = "refs r INDEXED BY refs_tx_hash"
 
     def remove_contract(self, chain_id: int, address: str) -> dict[str, int]:
         # Deleting a contract's refs removes an entry at a random place of the hash-keyed

@@ -371,39 +371,44 @@ def test_a_read_only_sqlite_store_reads_and_refuses_writes_in_one_sentence(tmp_p
 
 def test_runs_are_listed(store: Store) -> None:
     r = store.create_run("batch", 1, note="x")
-    assert store.finish_run(r, "done", 25) == (0, 0)
+    assert store.finish_run(r, "done", 25) == (0, 0, 25)
     (info,) = store.list_runs()
     assert (info.run_id, info.state, info.processed, info.failed, info.rpc_calls) == (r, "done", 0, 0, 25)
 
 
 def test_a_runs_counts_are_kept_by_the_writes_they_count(store: Store) -> None:
     # Counted in the transaction that writes the rows: a run killed outright, or a worker
-    # killed before it told its coordinator, leaves exactly what was written in `runs`.
+    # killed before it told its coordinator, leaves exactly what was written in `runs`; so
+    # are the RPC calls a worker made since its previous write, whatever that write did.
     store.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
     run = store.create_run("concurrent", 2)
     store.plan(run, [(1, C)], batch_size=10)
     store.counts_for_run = run
     a, b, c = (store.lease("w", 60.0) for _ in range(3))
     assert a is not None and b is not None and c is not None
-    store.abandon(b, "given back meanwhile")
+    store.abandon(b, "given back meanwhile", calls=1)
 
     def rows(batch: Batch, n: int) -> Enriched:
         refs = store.batch_refs(batch)[:n]
         return Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs],
                         failures=[Failure(1, h(99), C, "permanent", "rejected")])  # fmt: skip
 
-    assert store.commit_batches([(a, rows(a, 10)), (b, rows(b, 10))]) == [10, None]  # b: not held
-    assert store.abandon(c, "TransientFailures: 4 failed", keep=rows(c, 6)) is True
-    store.write(Enriched([tx_row(40, 40)]))  # a start-up sample's row
+    assert store.commit_batches([(a, rows(a, 10)), (b, rows(b, 10))], calls=20) == [10, None]  # b: not held
+    assert store.abandon(c, "TransientFailures: 4 failed", keep=rows(c, 6), calls=4) is True
+    assert store.abandon(b, "no longer held", keep=rows(b, 3), calls=8) is False  # its calls count
+    assert store.commit_batches([(b, rows(b, 10))], calls=16) == [None]  # as do these
+    store.write(Enriched([tx_row(40, 40)]), calls=2)  # a start-up sample's row
+    store.add_run_calls(32)  # a worker's last calls, as it ends
     store.counts_for_run = None
-    store.write(Enriched([tx_row(41, 41)]))  # no run's
-    store.record_run_calls(run, 57)
+    store.write(Enriched([tx_row(41, 41)]), calls=64)  # no run's
+    store.add_run_calls(128)
     (info,) = store.list_runs()
-    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("running", 17, 2, 57)
-    assert store.finish_run(run, "done", 60) == (17, 2)
-    store.record_run_calls(run, 61)  # a save that lost the race with the end
+    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("running", 17, 2, 83)
+    assert store.finish_run(run, "done", 3) == (17, 2, 86)  # the coordinator's own calls
+    store.counts_for_run = run
+    store.add_run_calls(5)  # a killed coordinator's orphaned worker, ending after a rerun
     (info,) = store.list_runs()
-    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 17, 2, 60)
+    assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 17, 2, 91)
 
 
 def test_a_transaction_two_contracts_share_counts_once_in_the_run(store: Store) -> None:
@@ -436,7 +441,7 @@ def test_a_transaction_two_contracts_share_counts_once_in_the_run(store: Store) 
     assert len(store.fetch_transactions(1)) == 30
     (info,) = store.list_runs()
     assert info.processed == 30
-    assert store.finish_run(run, "done", 0) == (30, 0)
+    assert store.finish_run(run, "done", 0) == (30, 0, 0)
 
 
 def test_a_new_sqlite_file_gets_big_pages_an_existing_one_keeps_its_own(tmp_path: Any) -> None:
@@ -878,11 +883,11 @@ def test_a_removal_and_a_commit_whose_lease_just_expired_do_not_deadlock(
     removal = _Removal(pg_url)
     write_results = worker._write_results  # type: ignore[attr-defined]
 
-    def late_commit(cur: Any, written: Any) -> list[int]:
+    def late_commit(cur: Any, written: Any, calls: int = 0) -> list[int]:
         # The batch's row is locked, the lease was held: now it expires, and a removal runs.
         removal.expired(b)
         removal.started_and_waiting()
-        return write_results(cur, written)  # type: ignore[no-any-return]
+        return write_results(cur, written, calls)  # type: ignore[no-any-return]
 
     b = worker.lease("w", 2.0)
     assert b is not None

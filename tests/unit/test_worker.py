@@ -35,6 +35,7 @@ class FakeStore:
         self.moved: dict[int, int] = {}  # batch id -> refs whose block those rows correct
         self.slow_s = 0.0
         self.already = 0  # transactions of each batch another batch stored first
+        self.run_calls = 0  # the RPC calls the writes added to the run's
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
         if not self._busy.acquire(blocking=False):
@@ -66,8 +67,9 @@ class FakeStore:
         self._call("renew", (batch,))
         return self.state.get(batch.id) == "leased"
 
-    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[int | None]:
+    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]], calls: int = 0) -> list[int | None]:
         self._call("commit_batches", items)
+        self.run_calls += calls
         out = [self.state.get(b.id) == "leased" for b, _ in items]
         for (b, _), ok in zip(items, out, strict=True):
             if ok:
@@ -76,9 +78,11 @@ class FakeStore:
         return [len(e.txs) - self.already if ok else None for (_, e), ok in zip(items, out, strict=True)]
 
     def abandon_keeping(
-        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
+        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
+        calls: int = 0,
     ) -> int | None:
         self._call("abandon", (batch,))
+        self.run_calls += calls
         if self.state.get(batch.id) != "leased":
             return None
         self.state[batch.id] = "pending"
@@ -87,6 +91,10 @@ class FakeStore:
             self.kept[batch.id] = len(keep.txs)
             self.moved[batch.id] = len(keep.moved)
         return 0 if keep is None else len(keep.txs) - self.already
+
+    def add_run_calls(self, calls: int) -> None:
+        self._call("add_run_calls", ())
+        self.run_calls += calls
 
     def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
         self._call("release_owner", ())
@@ -102,23 +110,33 @@ class _Stats:
 
 
 class FakeClient:
+    def __init__(self) -> None:
+        self.node = _Stats()
+
     def stats(self) -> dict[str, _Stats]:
-        return {"node": _Stats()}
+        return {"node": self.node}
 
 
 class FakeEnricher:
     def __init__(self, delay_s: float = 0.01) -> None:
         self.delay_s = delay_s
+        self.client: FakeClient | None = None  # set by worker(): 2 calls per ref, as per-tx
 
     async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        if self.client is not None:
+            self.client.node.calls += len(refs)
         await asyncio.sleep(self.delay_s)
+        if self.client is not None:
+            self.client.node.calls += len(refs)
         return Enriched(txs=[object() for _ in refs])  # type: ignore[misc]
 
 
 def worker(store: FakeStore, enricher: FakeEnricher | None = None, emit: Any = None,
            **settings: Any) -> Worker:  # fmt: skip
     s = WorkerSettings(**{"commit_wait_s": 0.05, "db_retry_s": 0.01, **settings})
-    return Worker(0, "w", store, FakeClient(), {1: enricher or FakeEnricher()},  # type: ignore[arg-type]
+    enricher = enricher or FakeEnricher()
+    enricher.client = FakeClient()
+    return Worker(0, "w", store, enricher.client, {1: enricher},  # type: ignore[arg-type]
                   s, emit or (lambda event: None))  # fmt: skip
 
 
@@ -187,6 +205,39 @@ def test_a_failed_group_commits_its_batches_one_by_one() -> None:
     assert totals.processed == 80 and totals.lost == 0
     assert "abandon" not in store.calls
     assert sorted(b for g in store.committed for b in g) == list(range(1, 9))
+
+
+@pytest.mark.timeout(30)
+def test_each_write_adds_the_calls_made_since_the_previous_one_never_twice() -> None:
+    # The run's row takes a worker's RPC calls with its writes (a commit, a give-back, in
+    # the same transaction), so a kill -9 of its coordinator cannot lose a committed batch's
+    # calls. A write that fails adds none (the next one takes them), a commit whose lease
+    # was lost adds them all the same (they were made), and the rest is saved at the end.
+    store = FakeStore(batches=8, refs=10)
+    failed: list[str] = []
+
+    def fail(name: str, args: Sequence[Any]) -> bool:
+        if name == "commit_batches" and len(failed) < 2:
+            failed.append(name)
+            if len(failed) == 2:  # the second: its leases were lost meanwhile
+                for b, _ in args:
+                    store.state[b.id] = "expired"
+                return False
+            return True
+        return False
+
+    store.fail = fail
+    w = worker(store, commit_group_txs=40)
+    totals = asyncio.run(w.run())
+    assert len(failed) == 2 and totals.lost > 0
+    assert store.run_calls == w.client.stats()["node"].calls == 160 and w.unsaved_calls() == 0
+    assert not store.overlaps
+    # Calls after the last write (here a probe's, with nothing to lease) are saved as it ends.
+    store = FakeStore(batches=0)
+    w = worker(store)
+    w.client.stats()["node"].calls = 3
+    asyncio.run(w.run())
+    assert store.run_calls == 3 and store.calls[-1] == "add_run_calls"
 
 
 @pytest.mark.timeout(30)

@@ -70,9 +70,6 @@ MODES = ("auto", "sequential", "batch", "concurrent")
 AUTO_CONCURRENT_FROM = 20_000
 #: How long the coordinator keeps retrying when the database fails, before it gives up.
 DB_OUTAGE_S = 60.0
-#: How often a running run saves its RPC calls in ``runs`` (what a ``kill -9`` leaves there;
-#: its processed and failed counts are kept as it writes).
-RUN_PROGRESS_EVERY_S = 2.0
 #: How often a run reports its progress (the renderers show it less often: see cli_progress).
 PROGRESS_EVERY_S = 1.0
 
@@ -333,17 +330,21 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
     # Real rows, idempotent: they simply leave the gap. Failures that may pass are not the
     # run's: those refs stay in the gap, and the plan that follows enriches them.
     kept = enriched.settled()
-    new = store.write(kept)  # a transaction two of the refs share is stored (and counted) once
+    new = store.write(kept, calls)  # a transaction two of the refs share is stored (and counted) once
     if done < _SAMPLE_MIN_REFS:
         return _Sample(0.0, "", new, len(kept.failures), calls, job)
     return _Sample(done / secs, f"measured on {done} refs at the start of this run",
                    new, len(kept.failures), calls, job)  # fmt: skip
 
 
-async def _probe(job: EnrichJob, emit: Emit) -> EnrichJob:
-    """Probe the node; returns ``job`` without the endpoints the probe left out."""
+async def _probe(job: EnrichJob, emit: Emit, count: Callable[[int], None]) -> EnrichJob:
+    """Probe the node; returns ``job`` without the endpoints the probe left out. ``count``
+    hears the calls it made, even if it fails."""
     async with _client(job) as client:
-        await _ready(client, emit)
+        try:
+            await _ready(client, emit)
+        finally:
+            count(_rpc_totals(client)[0])
         return _without_left_out(job, client)
 
 
@@ -448,8 +449,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
                 _decode_again_if_changed(store, job, abis, emit)
             _fill_block_numbers(store, job)
         secs = time.perf_counter() - t0
-        calls = totals_box.get("calls", 0)
-        processed, failed = store.finish_run(run_id, state, calls)
+        processed, failed, calls = store.finish_run(run_id, state, totals_box.get("calls", 0))
         permanent = permanent_failures(store, job.targets)
         behind, head = refs_beyond_head(store, job.targets)
         seq = recorded_sequential_rate(store) if not sequential else None
@@ -519,15 +519,19 @@ async def _in_process(
     job: EnrichJob, store: Store, emit: Emit, sequential: bool, box: dict[str, Any], run_id: int,
     start: Callable[[], int], t0: float,
 ) -> None:
-    """Check the node, then ``start()`` (plan), then work the open batches."""
+    """Check the node, then ``start()`` (plan), then work the open batches. ``box["calls"]``:
+    the calls no write of the run counted (the worker's writes count its own)."""
     settings = job.worker
     if sequential:
         settings = replace(settings, sequential=True, batches_in_flight=1)
     async with _client(job, sequential=sequential) as client:
-        await _ready(client, emit)
-        total_batches = start()
-        if not total_batches:  # another run took the last of it meanwhile
+        box["calls"] = 0
+        try:
+            await _ready(client, emit)
+            total_batches = start()
+        finally:
             box["calls"] = _rpc_totals(client)[0]
+        if not total_batches:  # another run took the last of it meanwhile
             return
         enrichers = _decoder_and_enricher(store, client, job)
         worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
@@ -550,16 +554,10 @@ async def _in_process(
                                  time.perf_counter() - t0, retries, limited))  # fmt: skip
 
         async def tick() -> None:
-            """Progress each second (the renderers choose how often to show it), and the
-            RPC calls saved in ``runs`` every ``RUN_PROGRESS_EVERY_S``."""
-            saved = time.monotonic()
+            """Progress each second (the renderers choose how often to show it)."""
             while True:
                 await asyncio.sleep(PROGRESS_EVERY_S)
                 progress()
-                if time.monotonic() - saved >= RUN_PROGRESS_EVERY_S:
-                    saved = time.monotonic()
-                    with contextlib.suppress(GapfillError):  # the worker's own calls handle outages
-                        await worker.db(store.record_run_calls, run_id, _rpc_totals(client)[0])
 
         ticker = asyncio.create_task(tick())
         try:
@@ -569,7 +567,7 @@ async def _in_process(
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-            box["calls"] = _rpc_totals(client)[0]
+            box["calls"] = worker.unsaved_calls()  # its writes counted the others (the probe's too)
             if metrics is not None:
                 metrics.close()
 
@@ -715,6 +713,9 @@ class Coordinator:
         #: The start-up sample or node probe, while it runs: a signal cancels it.
         self._start = _Term()
         self.sample: _Sample | None = None
+        #: The calls of the coordinator's node checks, which its ``finish_run`` adds to the
+        #: run's (the sample's are written with its rows, the workers' with theirs).
+        self.own_calls = 0
 
     def _spawn(self, index: int) -> BaseProcess:
         p = self.ctx.Process(target=worker_process_main,
@@ -766,7 +767,7 @@ class Coordinator:
             processed += self.sample.processed
             failed += self.sample.failed
             calls += self.sample.calls
-        return processed, failed, calls, retries, limited
+        return processed, failed, calls + self.own_calls, retries, limited
 
     def _drain(self) -> None:
         while True:
@@ -852,7 +853,7 @@ class Coordinator:
                     store.notice = None
                     for i in range(self.workers):
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
-            last_progress = last_expiry = last_saved = 0.0
+            last_progress = last_expiry = 0.0
             db_down_since: float | None = None
             while True:
                 self._drain()
@@ -894,9 +895,6 @@ class Coordinator:
                     if now - last_progress > PROGRESS_EVERY_S:
                         last_progress = now
                         self._progress(store, run_id, total_batches, len(alive), t0)
-                    if run_id and now - last_saved > RUN_PROGRESS_EVERY_S:
-                        last_saved = now
-                        store.record_run_calls(run_id, self.totals()[2])
                 except StoreError as exc:
                     # A dropped connection (server restart, pg_terminate_backend) must not end
                     # the run: the store reconnects on its next call. Give up after a long outage.
@@ -946,7 +944,7 @@ class Coordinator:
             processed, failed, calls, _, _ = self.totals()
             if run_id:
                 with contextlib.suppress(GapfillError):  # else the events' count stands
-                    processed, failed = store.finish_run(run_id, state, calls, note=why)
+                    processed, failed, calls = store.finish_run(run_id, state, self.own_calls, note=why)
             permanent, behind, head = 0, 0, None
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)
@@ -1006,11 +1004,14 @@ class Coordinator:
         endpoints it leaves out are left out of the clients made after it. False when a
         Ctrl+C cancelled it."""
         job = self.job
-        checked = self._cancellable(lambda: _probe(job, self.emit))
+        checked = self._cancellable(lambda: _probe(job, self.emit, self._count_own_calls))
         if checked is None:
             return False
         self.job = checked
         return True
+
+    def _count_own_calls(self, calls: int) -> None:
+        self.own_calls += calls
 
     def _supervise_leases(self, store: Store) -> None:
         """Take back expired leases; kill a local worker that held one (it is stuck)."""

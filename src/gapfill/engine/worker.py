@@ -12,6 +12,10 @@ A batch that keeps failing is retried (by another worker where one exists) and,
 on its last attempt, split until the failing transactions are isolated and
 recorded in ``failures``; the rest is stored.
 
+Each write of a worker (a commit, a give-back, and a last one as it ends) adds the RPC calls
+it made since its previous write to the run's row, in the same transaction: whatever kills
+whom, ``runs.rpc_calls`` holds the calls of every batch committed and never more than were made.
+
 A dropped database connection does not end a worker: a batch whose store call
 fails is given back, and the calls the worker cannot go on without (the next
 lease, "is work left?") are retried for up to ``db_outage_s`` while the store
@@ -173,16 +177,28 @@ class Worker:
         self._timer_fired = False
         self._busy_since = time.monotonic()  # when _fetching last rose from 0
         self._outage: RpcError | None = None
+        self._calls_saved = 0  # of the client's calls, those a write added to the run's
 
-    async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking store call in a thread, one at a time.
+    async def db(self, fn: Callable[..., T], *args: Any, calls: bool = False) -> T:
+        """Run a blocking store call in a thread, one at a time; with ``calls``, a write that
+        takes the RPC calls made since this worker's previous such write (``calls=``).
 
         A call whose caller is cancelled still holds the lock until its thread is done:
         the connection must never run two calls at once (on PostgreSQL that would nest
         transactions and leave the connection inside one that never commits).
         """
         async with self._db_lock:
-            call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            run: Callable[[], T] = functools.partial(fn, *args)
+            if calls:  # counted under the lock: no two writes take the same calls
+                made = self._rpc_counters()[0]
+                write = functools.partial(fn, *args, calls=made - self._calls_saved)
+
+                def run() -> T:
+                    out = write()
+                    self._calls_saved = made  # committed: even if the caller was cancelled
+                    return out
+
+            call = asyncio.ensure_future(asyncio.to_thread(run))
             try:
                 return await asyncio.shield(call)
             except asyncio.CancelledError:
@@ -201,6 +217,19 @@ class Worker:
             retries += s.retries
             limited += s.rate_limited
         return calls, requests, retries, limited
+
+    def unsaved_calls(self) -> int:
+        """The RPC calls this worker made that no write of it added to the run's yet."""
+        return self._rpc_counters()[0] - self._calls_saved
+
+    async def _save_calls(self) -> None:
+        """As the worker ends: its calls since its last write, one try (a stopping worker
+        does not wait for the database; what is not saved is left out, never counted twice)."""
+        if self.unsaved_calls():
+            try:
+                await self.db(self.store.add_run_calls, calls=True)
+            except Exception as exc:  # it must not hide why the worker stops
+                log.warning("could not save the run's calls: %s", exc)
 
     def send_stats(self, force: bool = False) -> None:
         now = time.perf_counter()
@@ -300,6 +329,7 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
+            await self._save_calls()
             self.send_stats(force=True)
         return self.totals
 
@@ -380,7 +410,8 @@ class Worker:
                     self._timer.cancel()
                     self._timer = None
                 try:
-                    held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group])
+                    held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group],
+                                         calls=True)  # fmt: skip
                 except Exception as exc:
                     if len(group) == 1:  # its task gives the batch back
                         _settle(group[0][2], error=exc)
@@ -412,7 +443,7 @@ class Worker:
                 _settle(f, error=last)
                 continue
             try:
-                (ok,) = await self.db(self.store.commit_batches, [(b, e)])
+                (ok,) = await self.db(self.store.commit_batches, [(b, e)], calls=True)
             except Exception as exc:
                 streak, last = streak + 1, exc
                 _settle(f, error=exc)
@@ -589,11 +620,11 @@ class Worker:
         try:
             if retry:
                 give_back = functools.partial(self.db, self.store.abandon_keeping, batch, error, keep,
-                                              retry_after_s)  # fmt: skip
+                                              retry_after_s, calls=True)  # fmt: skip
                 stored = await self._retrying(f"giving back batch {batch.id}", give_back,
                                               stopping=None)  # fmt: skip
             else:
-                stored = await self.db(self.store.abandon_keeping, batch, error, keep)
+                stored = await self.db(self.store.abandon_keeping, batch, error, keep, calls=True)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
         kept = kept_failed = 0

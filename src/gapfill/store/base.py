@@ -273,8 +273,9 @@ class Store(abc.ABC):
     backend: str = ""
     #: The database URL with its password masked, for messages.
     display_url: str = ""
-    #: The run whose ``processed`` and ``failed`` this connection's writes of enrichment
-    #: results add to, in the transaction that writes them (None: no run's).
+    #: The run whose ``processed``, ``failed`` and ``rpc_calls`` this connection's writes of
+    #: enrichment results (and the calls they are given) add to, in the transaction that
+    #: writes them (None: no run's).
     counts_for_run: int | None = None
     #: Where a store says what it is waiting for (another process's lock), as it waits.
     notice: Callable[[str], None] | None = None
@@ -583,9 +584,10 @@ class Store(abc.ABC):
             [(t.chain_id, t.tx_hash) for t in txs],
         )
 
-    def write(self, enriched: Enriched) -> int:
+    def write(self, enriched: Enriched, calls: int = 0) -> int:
         """Store rows, failures and moved keys in one transaction, with no lease (the start-up
-        sample of a concurrent run); returns the transactions it newly stored. No open plan
+        sample of a concurrent run), adding ``calls`` to the run's; returns the transactions
+        it newly stored. No open plan
         keeps an import or a discovery from filling these refs' block numbers meanwhile, so
         their keys move as those fills do: after the contracts' rows and under the planning
         lock."""
@@ -594,7 +596,7 @@ class Store(abc.ABC):
                 for chain_id, contract in sorted({(r.chain_id, r.contract) for r in enriched.moved}):
                     self._lock_contract(cur, chain_id, contract)  # one removed meanwhile: no refs
                 self._plan_lock(cur)
-            (new,) = self._write_results(cur, [enriched])
+            (new,) = self._write_results(cur, [enriched], calls)
             return new
 
     def list_failures(
@@ -861,28 +863,36 @@ class Store(abc.ABC):
             return int(cur.fetchone()[0])
 
     def finish_run(
-        self, run_id: int, state: str, rpc_calls: int, note: str | None = None
-    ) -> tuple[int, int]:
-        """Record how a run ended; ``note`` (why it failed, say) replaces the run's note.
-        Returns its processed and failed counts, which its writes kept (``counts_for_run``)."""
+        self, run_id: int, state: str, more_calls: int = 0, note: str | None = None
+    ) -> tuple[int, int, int]:
+        """Record how a run ended, adding ``more_calls`` (those no write of the run counted
+        yet) to its calls; ``note`` (why it failed, say) replaces the run's note. Returns its
+        processed, failed and calls, which its writes kept (``counts_for_run``)."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
                 self._sql(
-                    "UPDATE runs SET finished_at = ?, state = ?, rpc_calls = ?, "
-                    "note = COALESCE(?, note) WHERE run_id = ? RETURNING processed, failed"
+                    "UPDATE runs SET finished_at = ?, state = ?, rpc_calls = rpc_calls + ?, "
+                    "note = COALESCE(?, note) WHERE run_id = ? RETURNING processed, failed, rpc_calls"
                 ),
-                (now, state, rpc_calls, note, run_id),
+                (now, state, more_calls, note, run_id),
             )
             row = cur.fetchone()
-            return (0, 0) if row is None else (int(row[0]), int(row[1]))
+            return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
-    def record_run_calls(self, run_id: int, rpc_calls: int) -> None:
-        """Save a running run's RPC calls so far (its other counts are kept as it writes):
-        a run killed outright keeps them. A finished run is left as it ended."""
-        with self._tx() as cur:
-            cur.execute(self._sql("UPDATE runs SET rpc_calls = ? WHERE run_id = ? AND state = 'running'"),
-                        (rpc_calls, run_id))  # fmt: skip
+    def add_run_calls(self, calls: int) -> None:
+        """Add ``calls`` to the calls of the run of ``counts_for_run`` (a worker's calls since
+        its last write, as it ends)."""
+        if calls and self.counts_for_run is not None:
+            with self._tx() as cur:
+                self._count_for_run(cur, 0, 0, calls)
+
+    def _count_for_run(self, cur: Any, processed: int, failed: int, calls: int) -> None:
+        """Add to the counts of the run of ``counts_for_run``, in the caller's transaction."""
+        if self.counts_for_run is not None and (processed or failed or calls):
+            cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ?, "
+                                  "rpc_calls = rpc_calls + ? WHERE run_id = ?"),
+                        (processed, failed, calls, self.counts_for_run))  # fmt: skip
 
     def list_runs(self, limit: int = 50) -> list[RunInfo]:
         with self._read() as cur:
@@ -1107,8 +1117,10 @@ class Store(abc.ABC):
         """Rows, failures and ``done`` in one transaction, only if the lease is still held."""
         return self.commit_batches([(batch, enriched)])[0] is not None
 
-    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]]) -> list[int | None]:
+    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]], calls: int = 0) -> list[int | None]:
         """Several batches in one transaction; each is written only if its lease is still held.
+        ``calls`` (the RPC calls made since the worker's previous write) are added to the
+        run's in the same transaction, whether or not the leases were still held.
 
         Returns, per batch, the transactions it newly stored (not those another batch, of
         this group or an earlier commit, stored), or None where it was not written (its
@@ -1138,17 +1150,17 @@ class Store(abc.ABC):
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
                 written.append(_own_moves(batch, enriched))
-            new = iter(self._write_results(cur, written))
+            new = iter(self._write_results(cur, written, calls))
             # written is in batch order too
             for i, _ in sorted(enumerate(items), key=lambda x: x[1][0].id):
                 if held[i]:
                     stored[i] = next(new)
         return stored
 
-    def _write_results(self, cur: Any, written: Sequence[Enriched]) -> list[int]:
+    def _write_results(self, cur: Any, written: Sequence[Enriched], calls: int = 0) -> list[int]:
         """Rows, failures and moved keys of batches whose lease was just checked, in one
-        write each. Returns, per batch, the transactions it newly stored (a transaction
-        two of them hold counts for the first)."""
+        write each, and ``calls`` added to the run's. Returns, per batch, the transactions it
+        newly stored (a transaction two of them hold counts for the first)."""
         merged = Enriched()
         for enriched in written:
             merged.extend(enriched)
@@ -1157,13 +1169,10 @@ class Store(abc.ABC):
         new = sum(stored)
         self._move_keys(cur, merged)
         self._record_failures(cur, merged)
-        if self.counts_for_run is not None and (new or merged.failures):
-            # Counted with the rows they count, last (the run's row is locked the shortest):
-            # a run killed outright, or a worker killed before it told its coordinator, still
-            # has exactly what it wrote in `runs`.
-            cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ? "
-                                  "WHERE run_id = ?"),
-                        (new, len(merged.failures), self.counts_for_run))  # fmt: skip
+        # Counted with the rows they count, last (the run's row is locked the shortest): a run
+        # killed outright, or a worker killed before it told its coordinator, still has
+        # exactly what it wrote in `runs`, and the calls that fetched it.
+        self._count_for_run(cur, new, len(merged.failures), calls)
         return stored
 
     _MOVE_KEY_SQL = (
@@ -1229,7 +1238,8 @@ class Store(abc.ABC):
         return True
 
     def abandon(
-        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
+        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
+        calls: int = 0,
     ) -> bool:
         """Give a batch back (failure or shutdown); it is retried by a later lease, taken no
         sooner than ``retry_after_s`` from now.
@@ -1237,15 +1247,17 @@ class Store(abc.ABC):
         ``keep`` is what this attempt got before it failed (rows, and failures that will
         not pass): stored in the same transaction, so the next attempt fetches only the
         refs still in the gap. Nothing is written, and False returned, if the lease is
-        no longer this owner's (or, with ``keep``, has expired).
+        no longer this owner's (or, with ``keep``, has expired). ``calls`` are added to the
+        run's as by :meth:`commit_batches`, in any case.
         """
-        return self.abandon_keeping(batch, error, keep, retry_after_s) is not None
+        return self.abandon_keeping(batch, error, keep, retry_after_s, calls) is not None
 
     def abandon_keeping(
-        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0
+        self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
+        calls: int = 0,
     ) -> int | None:
         """:meth:`abandon`, returning the transactions of ``keep`` it newly stored (None: the
-        batch was not given back, nothing written)."""
+        batch was not given back, nothing of ``keep`` written)."""
         with self._tx() as cur:
             now = self._now(cur)
             new = 0
@@ -1256,11 +1268,14 @@ class Store(abc.ABC):
                     (len(keep.txs), batch.id, batch.lease_owner, batch.attempts, now),
                 )
                 if cur.rowcount != 1:
+                    self._count_for_run(cur, 0, 0, calls)
                     return None
-                (new,) = self._write_results(cur, [_own_moves(batch, keep)])
+                (new,) = self._write_results(cur, [_own_moves(batch, keep)], calls)
+                calls = 0
             not_before = now + retry_after_s if retry_after_s > 0 else None
             given = self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
                                     "abandoned", now, not_before=not_before)  # fmt: skip
+            self._count_for_run(cur, 0, 0, calls)  # the run's row last, as in a commit
             return new if given else None
 
     def release_owner(

@@ -803,10 +803,11 @@ def test_a_run_killed_outright_keeps_the_counts_it_had_saved(
     runs = query(pg_url, "SELECT state, processed, rpc_calls FROM runs WHERE mode = %s ORDER BY run_id",
                  (mode,))  # fmt: skip
     assert [s for s, _, _ in runs] == ["interrupted", "done"], runs
-    # Every row it wrote counts (a transaction of two contracts' refs may count twice). Its
-    # calls are saved every 2 s: the killed run may have died before its first save.
-    processed = runs[0][1]
+    # Every row it wrote counts (a transaction of two contracts' refs may count twice), and
+    # so do the calls that fetched them, committed with them: 2 per transaction (per-tx plan).
+    processed, calls = runs[0][1], runs[0][2]
     assert 0 < stored <= processed <= satisfied, (runs, stored, satisfied)
+    assert calls >= 2 * stored, runs
     assert_exact(pg_url, node_chain, truth, seeded)
 
 

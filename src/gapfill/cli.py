@@ -34,7 +34,7 @@ from gapfill.model import Contract, ContractStatus
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
-from gapfill.store import DEFAULT_DB_URL, Store, open_store
+from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
 
 log = logging.getLogger("gapfill")
@@ -57,7 +57,7 @@ class Ctx:
     #: Where ``rpc_urls`` came from, as a message's "check ..." names it.
     rpc_check: str = FLAG_CHECK
     #: Where ``db_url`` came from, named so: ``--db``, ``GAPFILL_DB`` or the config file's key.
-    db_check: str = "--db / GAPFILL_DB"
+    db_check: str = DB_CHECK
 
     def store(self, create: bool = False, read_only: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
@@ -83,7 +83,7 @@ class Ctx:
                         f"the SQLite database {path} does not exist: check {self.db_check}, "
                         "or start one with `gapfill contract add ADDRESS`"
                     )
-            self._store = open_store(self.db_url, read_only=read_only, notice=tell)
+            self._store = open_store(self.db_url, read_only=read_only, notice=tell, check=self.db_check)
             self._store_read_only = read_only
         return self._store
 
@@ -286,13 +286,8 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         obj.rpc_check = "--rpc-url"
     elif source is click.core.ParameterSource.ENVIRONMENT:
         obj.rpc_check = "ETH_RPC_URL"
-    source = ctx.get_parameter_source("db_url")
-    if db_url and source is click.core.ParameterSource.COMMANDLINE:
-        obj.db_check = "--db"
-    elif db_url and source is click.core.ParameterSource.ENVIRONMENT:
-        obj.db_check = "GAPFILL_DB"
-    elif file.db:
-        obj.db_check = f"db in {file.path}"
+    obj.db_check = given_as(ctx, "db_url", db_url, "--db", "GAPFILL_DB",
+                            f"db in {file.path}" if file.db else None) or obj.db_check
     ctx.obj = obj
     if file.enrich:
         # The file's [enrich] table gives `enrich` and `worker` their defaults; flags win.
@@ -397,6 +392,21 @@ rpc_timeout_option: _Decorator = click.option(
 
 def rpc_settings(rpc_timeout_s: float | None) -> RpcSettings:
     return RpcSettings() if rpc_timeout_s is None else RpcSettings(read_timeout_s=rpc_timeout_s)
+
+
+def given_as(click_ctx: click.Context | None, param: str, value: object, flag: str, env: str | None,
+             in_file: str | None) -> str | None:  # fmt: skip
+    """Where a parameter's ``value`` came from, as a message's "check ..." names it: ``flag``
+    when typed, ``env`` from the environment, else ``in_file`` (the config file's key,
+    None when the file does not set it), None when none of them gave it."""
+    source = click_ctx.get_parameter_source(param) if click_ctx is not None else None
+    if value and source is click.core.ParameterSource.COMMANDLINE:
+        return flag
+    if value and source is click.core.ParameterSource.ENVIRONMENT:
+        return env or flag
+    if source is click.core.ParameterSource.DEFAULT_MAP or not value:
+        return in_file
+    return None
 
 
 def resolve_targets(store: Store, contract: str | None, chain_id: int | None) -> list[Contract]:
@@ -877,6 +887,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 
     return EnrichJob(
         db_url=ctx.db_url,
+        db_check=ctx.db_check,
         endpoints=tuple(ctx.endpoints()),
         targets=tuple((c.chain_id, c.address) for c in targets),
         chain_id=chain_id,

@@ -294,12 +294,12 @@ def test_a_postgres_server_that_answers_says_what_to_fix_in_the_url(pg_url: str)
     r = run(no_role, "status")
     assert r.exit_code == 1
     assert one_sentence(r) == (f'error: PostgreSQL at {where} has no role "nosuchrole": fix the user '
-                               "name in --db / GAPFILL_DB, or create that role (createuser "
+                               "name in --db, or create that role (createuser "
                                "nosuchrole)")  # fmt: skip
     r = run(pg_url + "?sslmode=require", "status")
     assert r.exit_code == 1
     assert one_sentence(r) == (f"error: PostgreSQL at {where} does not accept SSL, which "
-                               "sslmode=require in --db / GAPFILL_DB demands: set it to prefer (or "
+                               "sslmode=require in --db demands: set it to prefer (or "
                                "disable), or enable SSL on the server")  # fmt: skip
 
 
@@ -347,6 +347,19 @@ def test_missing_postgres_database(pg_url: str) -> None:
     assert "hunter2secret" not in r.stderr
 
 
+def test_a_missing_postgres_database_in_the_config_file_names_its_db(pg_url: str, tmp_path: Path) -> None:
+    # It said "fix --db / GAPFILL_DB", neither of which was set.
+    url = pg_url.rsplit("/", 1)[0].replace("postgres@", "postgres:hunter2secret@") + "/no_such_db_x"
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'db = "{url}"\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "status"])
+    assert r.exit_code == 1
+    where = urlsplit(pg_url).netloc.rpartition("@")[2]
+    assert one_sentence(r) == (f'error: PostgreSQL database "no_such_db_x" does not exist on {where}: '
+                               f"create it (createdb no_such_db_x) or fix db in {cfg}")  # fmt: skip
+    assert "hunter2secret" not in r.output + r.stderr
+
+
 @pytest.mark.parametrize(("query", "said"), [
     ("foo=bar", 'invalid URI query parameter: "foo"'),
     ("password=hunter2secret&foo=1", 'invalid URI query parameter: "foo"'),
@@ -360,7 +373,7 @@ def test_an_unknown_postgres_url_parameter_says_to_check_the_query(
     assert r.exit_code == 1
     err = one_sentence(r)
     assert said in err and "hunter2secret" not in r.output + r.stderr
-    assert err.endswith("check the query parameters of --db / GAPFILL_DB (only libpq connection "
+    assert err.endswith("check the query parameters of --db (only libpq connection "
                         "parameters, such as sslmode=require, are allowed)")  # fmt: skip
 
 
@@ -472,7 +485,7 @@ def test_a_file_that_is_not_sqlite_says_what_to_check(tmp_path: Path) -> None:
     r = run(f"sqlite:///{notes}", "status")
     assert r.exit_code == 1
     err = one_sentence(r)
-    assert "file is not a database" in err and "check --db / GAPFILL_DB" in err
+    assert "file is not a database" in err and "check --db:" in err
     assert notes.read_text() == "not a database\n" * 100
 
 
@@ -845,7 +858,7 @@ def test_a_read_only_sqlite_file_is_read_and_a_write_says_it_is_read_only(
         r = run(db, "contract", "add", C2, "--chain-id", "1")
         assert r.exit_code == 1
         assert one_sentence(r) == (f"error: the SQLite database {path} is read-only (the file or its "
-                                   "folder): make it writable, or choose another --db")  # fmt: skip
+                                   "folder): make it writable, or set --db to another database")  # fmt: skip
     finally:
         for p in locked:
             _set_read_only(p, False)
@@ -868,7 +881,8 @@ def test_a_write_names_the_read_only_side_file_beside_a_writable_sqlite_file(
         r = run(db, "contract", "add", C2, "--chain-id", "1")
         assert r.exit_code == 1
         assert one_sentence(r) == (f"error: the file {side} beside the SQLite database {path} is "
-                                   "read-only: make it writable, or choose another --db")  # fmt: skip
+                                   "read-only: make it writable, or set --db to another "
+                                   "database")  # fmt: skip
     finally:
         _set_read_only(side, False)
     side.unlink()
@@ -912,7 +926,7 @@ def test_a_read_only_postgres_role_runs_the_read_only_commands(pg_url: str, read
     assert one_sentence(r) == (
         f'error: PostgreSQL role "{role}" may not write to table contracts of database "{dbname}" '
         "(permission denied for table contracts): grant it INSERT, UPDATE and DELETE on gapfill's "
-        "tables, or use a role that may write, in --db / GAPFILL_DB"
+        "tables, or use a role that may write, in --db"
     )
     with open_store(pg_url) as s:
         assert [c.address for c in s.list_contracts()] == [C]

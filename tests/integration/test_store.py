@@ -364,7 +364,8 @@ def test_a_read_only_sqlite_store_reads_and_refuses_writes_in_one_sentence(tmp_p
         with pytest.raises(StoreError) as err:
             s.add_contract(Contract(1, "0x" + "cd" * 20))
     assert str(err.value) == (f"the SQLite database {tmp_path / 'x.db'} is read-only (the file or its "
-                              "folder): make it writable, or choose another --db")  # fmt: skip
+                              "folder): make it writable, or set --db / GAPFILL_DB to another "
+                              "database")  # fmt: skip
     with open_store(url) as s:
         assert [c.address for c in s.list_contracts()] == [C]
 

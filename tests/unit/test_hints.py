@@ -134,3 +134,50 @@ def test_a_worker_on_a_database_without_contracts_names_the_config_files_db(tmp_
     r = CliRunner().invoke(cli, ["--config", str(cfg), "worker"])
     assert r.exit_code == 1
     assert r.stderr == f"error: no contract is tracked in this database: check db in {cfg}\n"
+
+
+def test_a_worker_process_names_where_the_database_url_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A concurrent run's workers open their own stores: their messages said
+    # "--db / GAPFILL_DB" whatever the source, as the job did not carry it.
+    import queue
+    import signal
+
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import EnrichJob, _open, worker_process_main
+
+    monkeypatch.setattr("logging.basicConfig", lambda **_: None)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # SIGINT stays pytest's
+    missing = tmp_path / "no" / "x.db"
+    job = EnrichJob(db_url=f"sqlite:///{missing}", endpoints=(), targets=(), chain_id=1,
+                    db_check="db in /etc/gapfill.toml")  # fmt: skip
+    said = (f"cannot open the SQLite database {missing}: folder {missing.parent} does not exist; create "
+            "it, or check db in /etc/gapfill.toml")  # fmt: skip
+    events: queue.Queue[Any] = queue.Queue()
+    with pytest.raises(SystemExit):
+        worker_process_main(0, job, events, None)
+    assert events.get_nowait() == Notice(f"[Worker-1] {said}")
+    with pytest.raises(GapfillError) as info:
+        _open(job, lambda event: None)  # the coordinator's, and a batch run's
+    assert str(info.value) == said
+
+
+def test_a_runs_job_carries_where_the_database_url_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import gapfill.cli
+    from gapfill.cli import cli
+
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'db = "sqlite:///{tmp_path / "g.db"}"\n\n[[endpoints]]\nurl = "http://127.0.0.1:1/"\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "contract", "add", A, "--chain-id", "1"])
+    assert r.exit_code == 0
+    jobs: list[Any] = []
+    monkeypatch.setattr(gapfill.cli, "_chain_targets", lambda *a, **k: (1, [Contract(1, A)], []))
+    monkeypatch.setattr(gapfill.cli, "_run_job", lambda job, *a: jobs.append(job))
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "enrich"])  # `worker` builds its job alike
+    assert r.exit_code == 0, r.stderr
+    assert [job.db_check for job in jobs] == [f"db in {cfg}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -115,3 +116,83 @@ def test_a_certificate_problem_is_named_not_said_to_be_a_server_down(
     monkeypatch.delenv("PGSSLROOTCERT", raising=False)
     text = str(translate(psycopg.OperationalError(_FAILED + said), f"{URL}?{query}"))
     assert text == says and "secret" not in text
+
+
+#: Where a database URL can come from, as the CLI names it.
+SOURCES = ["--db", "GAPFILL_DB", "db in /etc/gapfill.toml"]
+
+
+@pytest.mark.parametrize("check", SOURCES)
+@pytest.mark.parametrize(("exc", "query"), [
+    (psycopg.OperationalError(_FAILED + 'FATAL:  role "u" does not exist'), ""),
+    (psycopg.OperationalError(_FAILED + "server does not support SSL, but SSL was required"),
+     "?sslmode=require"),
+    (psycopg.OperationalError(_FAILED + 'root certificate file "/ca.pem" does not exist'),
+     "?sslmode=verify-full&sslrootcert=/ca.pem"),
+    (psycopg.OperationalError(_FAILED + "SSL error: certificate verify failed"),
+     "?sslmode=verify-ca&sslrootcert=/ca.pem"),
+    (psycopg.OperationalError(_FAILED + 'certificate present, but not private key file "/k.pem"'),
+     "?sslkey=/k.pem"),
+    (psycopg.OperationalError(_FAILED + 'FATAL:  database "app" does not exist'), ""),
+    (psycopg.OperationalError(_FAILED + 'FATAL:  password authentication failed for user "u"'), ""),
+    (psycopg.ProgrammingError('invalid URI query parameter: "foo"'), "?foo=1"),
+    (psycopg.OperationalError(_FAILED + "Connection refused"), ""),
+    (psycopg.errors.InsufficientPrivilege("permission denied for sequence batches_id_seq"), ""),
+    (psycopg.errors.InsufficientPrivilege("permission denied for table refs"), ""),
+    (psycopg.errors.InsufficientPrivilege("permission denied for database app"), ""),
+])  # fmt: skip
+def test_postgres_messages_name_where_the_url_came_from(exc: psycopg.Error, query: str, check: str) -> None:
+    # Each said "--db / GAPFILL_DB" whatever the source: a URL from the config file's db
+    # sent the user to an option and a variable they never set.
+    text = str(translate(exc, URL + query, check=check))
+    assert check in text and "--db / GAPFILL_DB" not in text and "secret" not in text, text
+
+
+def test_the_important_postgres_messages_name_the_config_files_db() -> None:
+    check = "db in /etc/gapfill.toml"
+    said = _FAILED + 'FATAL:  password authentication failed for user "u"'
+    assert str(translate(psycopg.OperationalError(said), URL, check=check)) == (
+        "PostgreSQL at db.example:6432 refused the credentials in "
+        "postgresql://u:***@db.example:6432/app: fix db in /etc/gapfill.toml")
+    said = _FAILED + 'FATAL:  database "app" does not exist'
+    assert str(translate(psycopg.OperationalError(said), URL, check=check)) == (
+        'PostgreSQL database "app" does not exist on db.example:6432: create it (createdb app) or fix '
+        "db in /etc/gapfill.toml")
+    # Without a source, as the library's callers other than the CLI get it.
+    assert str(translate(psycopg.OperationalError(said), URL)).endswith("or fix --db / GAPFILL_DB")
+
+
+@pytest.mark.parametrize("check", SOURCES)
+@pytest.mark.parametrize("url", [
+    "postgresql://u:p@ss@h/db",  # libpq would show the password's rest as the host
+    "postgresql://u:secret@h:99999/db",  # a port out of range
+    "postgres:secret@h/db",  # no //
+])  # fmt: skip
+def test_a_malformed_postgres_url_names_where_it_came_from(url: str, check: str) -> None:
+    from gapfill.errors import ConfigError
+    from gapfill.store import open_store
+
+    with pytest.raises(ConfigError) as info:
+        open_store(url, check=check)
+    text = str(info.value)
+    assert check in text and "--db / GAPFILL_DB" not in text and "secret" not in text, text
+
+
+@pytest.mark.parametrize("check", SOURCES)
+def test_sqlite_messages_name_where_the_url_came_from(tmp_path: Path, check: str) -> None:
+    from gapfill.errors import StoreError
+    from gapfill.store import open_store
+
+    with pytest.raises(StoreError) as info:
+        open_store(f"sqlite:///{tmp_path / 'no' / 'x.db'}", check=check)
+    assert str(info.value) == (f"cannot open the SQLite database {tmp_path / 'no' / 'x.db'}: folder "
+                               f"{tmp_path / 'no'} does not exist; create it, or check {check}")  # fmt: skip
+    assert _hint(sqlite3.OperationalError("database or disk is full"), check).startswith(
+        f"; free space on that disk (or move the database and set {check} to it)")
+    assert _hint(sqlite3.OperationalError("attempt to write a readonly database"), check).endswith(
+        f"make it writable, or set {check} to another database")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError) as info:
+        open_store(f"sqlite:///{garbage}", check=check)
+    assert f"; check {check}: it must name a SQLite file" in str(info.value)

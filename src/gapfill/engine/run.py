@@ -53,7 +53,7 @@ from gapfill.model import Enriched, head_in_error
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
-from gapfill.store import Store, open_store, owner_name
+from gapfill.store import DB_CHECK, Store, open_store, owner_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +129,9 @@ class EnrichJob:
     endpoints: tuple[EndpointSetting, ...]
     targets: tuple[tuple[int, str], ...]
     chain_id: int
+    #: Where ``db_url`` came from, as the database's messages name it (each worker
+    #: process opens its own store).
+    db_check: str = DB_CHECK
     mode: str = "auto"
     workers: int | None = None
     #: How messages name ``workers`` when it is not ``--workers N`` (the config file's).
@@ -392,7 +395,7 @@ def _open(job: EnrichJob, emit: Emit) -> Store:
     while this process is the run's only writer. A concurrent run's coordinator (once its
     workers started) and workers wait on each other's commits, which is no news: they do
     not say it."""
-    return open_store(job.db_url, notice=lambda text: emit(Notice(text)))
+    return open_store(job.db_url, notice=lambda text: emit(Notice(text)), check=job.db_check)
 
 
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:
@@ -636,7 +639,7 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any,
             main.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, cancel_once)
-    store = open_store(job.db_url)
+    store = open_store(job.db_url, check=job.db_check)
     store.counts_for_run = job.run_id
     try:
         async with _client(job) as client:

@@ -14,11 +14,21 @@ from collections.abc import Callable
 
 from gapfill.errors import ConfigError, StoreError
 from gapfill.redact import db_url_after_scheme, is_keyword_dsn, redact_db_url
-from gapfill.store.base import BatchCounts, LeaseEvent, PlanInfo, RefsAdded, RunInfo, Store, owner_name
+from gapfill.store.base import (
+    DB_CHECK,
+    BatchCounts,
+    LeaseEvent,
+    PlanInfo,
+    RefsAdded,
+    RunInfo,
+    Store,
+    owner_name,
+)
 
 DEFAULT_DB_URL = "sqlite:///gapfill.db"
 
 __all__ = [
+    "DB_CHECK",
     "DEFAULT_DB_URL",
     "BatchCounts",
     "LeaseEvent",
@@ -33,7 +43,7 @@ __all__ = [
 
 def open_store(
     url: str | None = None, *, migrate: bool = True, read_only: bool = False,
-    notice: Callable[[str], None] | None = None,
+    notice: Callable[[str], None] | None = None, check: str = DB_CHECK,
 ) -> Store:
     """Open the database at ``url`` and (by default) bring its schema up to date.
 
@@ -41,6 +51,8 @@ def open_store(
     file or role can (SQLite: read-only), and its schema is not created: a database without
     one is an error. One whose schema is behind is opened as usual and brought up to date.
     ``notice`` hears what the store waits for (another process's lock on SQLite).
+    ``check`` names where ``url`` came from in the messages that say to fix it: the
+    option, the environment variable or the config file's key.
     """
     url = url or DEFAULT_DB_URL
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -48,7 +60,7 @@ def open_store(
     if scheme == "sqlite":
         from gapfill.store.sqlite import SqliteStore
 
-        store = SqliteStore(url, read_only=read_only)
+        store = SqliteStore(url, read_only=read_only, check=check)
     elif scheme in ("postgresql", "postgres") and url[len(scheme) + 1 :].startswith("//"):
         from urllib.parse import urlsplit
 
@@ -68,16 +80,16 @@ def open_store(
             password = after.rpartition("@")[0].partition(":")[2]
             found = [c for c in "@/?#" if c in password] or ["@"]
             raise ConfigError(
-                f"the password in --db / GAPFILL_DB contains {' and '.join(map(repr, found))}: "
+                f"the password in {check} contains {' and '.join(map(repr, found))}: "
                 f"write it as {' and '.join(f'%{ord(c):02X}' for c in found)} in the URL"
             )
         if error is not None:  # its text quotes the host or the port, not the password
             raise ConfigError(
                 f"the PostgreSQL URL is malformed ({error}): write it as "
-                "postgresql://user:password@host:5432/dbname in --db / GAPFILL_DB"
+                f"postgresql://user:password@host:5432/dbname in {check}"
             )
 
-        store = PostgresStore(url)
+        store = PostgresStore(url, check=check)
     else:
         if is_keyword_dsn(url):  # its password masked
             raise ConfigError(
@@ -89,7 +101,7 @@ def open_store(
             # password and all, as a connection string missing its '='.
             raise ConfigError(
                 f"{redact_db_url(url)!r} is not a PostgreSQL URL: write it as "
-                f"postgresql://{db_url_after_scheme(url)} in --db / GAPFILL_DB"
+                f"postgresql://{db_url_after_scheme(url)} in {check}"
             )
         shown = scheme if "://" in url else redact_db_url(url)  # a bare path: as written
         raise ConfigError(
@@ -112,7 +124,7 @@ def open_store(
             return store
         if read_only:
             store.close()
-            return open_store(url, notice=notice)
+            return open_store(url, notice=notice, check=check)
         store.migrate()
     except BaseException:
         store.close()

@@ -267,12 +267,19 @@ def _utc_text(at: Any) -> str:
     return str(at)
 
 
+#: Where the database URL came from, as a message's "fix ..." names it when its caller
+#: does not say (the CLI passes ``--db``, ``GAPFILL_DB`` or the config file's ``db``).
+DB_CHECK = "--db / GAPFILL_DB"
+
+
 class Store(abc.ABC):
     """The narrow storage interface shared by both backends."""
 
     backend: str = ""
     #: The database URL with its password masked, for messages.
     display_url: str = ""
+    #: Where the URL came from, as the store's messages name it (see :data:`DB_CHECK`).
+    check: str = DB_CHECK
     #: The run whose ``processed``, ``failed`` and ``rpc_calls`` this connection's writes of
     #: enrichment results (and the calls they are given) add to, in the transaction that
     #: writes them (None: no run's).

@@ -25,6 +25,7 @@ from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.store.base import (
+    DB_CHECK,
     GAP_WHERE,
     JSON_COLUMNS,
     KEY_SQL,
@@ -145,14 +146,14 @@ _NO_ROLE = re.compile(r'\brole "((?:[^"]|"")*)" does not exist')
 _NO_SSL = re.compile(r"server does not support SSL, but SSL was required", re.IGNORECASE)
 
 
-def _sslmode_source(url: str) -> str:
+def _sslmode_source(url: str, check: str) -> str:
     """Where the ``sslmode`` that demanded SSL was set, for a message."""
     try:
         given = conninfo_to_dict(url).get("sslmode")
     except psycopg.Error:
         given = None
     if given:
-        return f"sslmode={given} in --db / GAPFILL_DB"
+        return f"sslmode={given} in {check}"
     env = os.environ.get("PGSSLMODE")
     return f"PGSSLMODE={env} in the environment" if env else "the connection's sslmode"
 
@@ -163,18 +164,19 @@ _CERT_REFUSED = re.compile(r"certificate verify failed")
 _CERT_NAME = re.compile(r'server certificate for "([^"]*)"(?: \(and \d+ other names?\))? does not match host '
                         r'name "([^"]*)"')
 _CERT_OTHER = re.compile(r"certificate|sslrootcert|private key", re.IGNORECASE)
-_SSL_FIX = ("point sslrootcert in --db / GAPFILL_DB at the server's CA certificate, or use "
+def _ssl_fix(check: str) -> str:
+    return (f"point sslrootcert in {check} at the server's CA certificate, or use "
             "sslmode=require to encrypt without checking it")  # fmt: skip
 
 
-def _root_cert(url: str, path: str = "") -> str:
+def _root_cert(url: str, check: str, path: str = "") -> str:
     """The root certificates libpq checks the server's against (``path``: the file libpq
     named), and where they were set, as a message names them."""
     try:
         given = conninfo_to_dict(url).get("sslrootcert")
     except psycopg.Error:
         given = None
-    source = "sslrootcert in --db / GAPFILL_DB" if given else "PGSSLROOTCERT in the environment"
+    source = f"sslrootcert in {check}" if given else "PGSSLROOTCERT in the environment"
     given = given or os.environ.get("PGSSLROOTCERT")
     if given == "system":
         return "the system's trusted roots (sslrootcert=system)"
@@ -183,7 +185,7 @@ def _root_cert(url: str, path: str = "") -> str:
     return f'the root certificate file "{path or given or "~/.postgresql/root.crt"}" ({source})'
 
 
-def _certificate_problem(msg: str, url: str, where: str) -> StoreError | None:
+def _certificate_problem(msg: str, url: str, where: str, check: str) -> StoreError | None:
     """A server certificate libpq could not check, or would not accept, as the one sentence
     naming it (the server answered: whether it runs is not the question)."""
     said = msg.rpartition(" failed: ")[2] or msg
@@ -191,12 +193,13 @@ def _certificate_problem(msg: str, url: str, where: str) -> StoreError | None:
     if m:
         return StoreError(
             f"cannot check the certificate of PostgreSQL at {where}: "
-            f"{_root_cert(url, m.group(1) or m.group(2) or '')} cannot be read ({said}); {_SSL_FIX}"
+            f"{_root_cert(url, check, m.group(1) or m.group(2) or '')} cannot be read ({said}); "
+            f"{_ssl_fix(check)}"
         )
     if _CERT_REFUSED.search(msg):
         return StoreError(
-            f"PostgreSQL at {where} presented a certificate that no CA in {_root_cert(url)} "
-            f"signed ({said}); {_SSL_FIX}"
+            f"PostgreSQL at {where} presented a certificate that no CA in {_root_cert(url, check)} "
+            f"signed ({said}); {_ssl_fix(check)}"
         )
     m = _CERT_NAME.search(msg)
     if m:
@@ -207,7 +210,7 @@ def _certificate_problem(msg: str, url: str, where: str) -> StoreError | None:
         )
     if _CERT_OTHER.search(msg):
         return StoreError(
-            f"PostgreSQL at {where} and the SSL settings in --db / GAPFILL_DB do not agree "
+            f"PostgreSQL at {where} and the SSL settings in {check} do not agree "
             f"({said}): check sslmode, sslrootcert, sslcert and sslkey"
         )
     return None
@@ -247,7 +250,7 @@ def role_name(url: str) -> str:
 _DENIED = re.compile(r"permission denied for (\w+) (\S+)")
 
 
-def _privilege_error(msg: str, url: str, reading: bool) -> StoreError:
+def _privilege_error(msg: str, url: str, reading: bool, check: str) -> StoreError:
     """A refused privilege, as the one sentence saying which one the role lacks."""
     role = f'PostgreSQL role "{role_name(url)}"'
     where = f'database "{server_and_db(url)[1]}"'
@@ -260,55 +263,55 @@ def _privilege_error(msg: str, url: str, reading: bool) -> StoreError:
         )
     if kind == "sequence":
         return StoreError(f"{role} lacks USAGE on sequence {name} of {where} ({msg}): grant it, "
-                          "or use a role that may write, in --db / GAPFILL_DB")  # fmt: skip
+                          f"or use a role that may write, in {check}")  # fmt: skip
     if kind == "table" and not reading:
         return StoreError(
             f"{role} may not write to table {name} of {where} ({msg}): grant it INSERT, UPDATE "
-            "and DELETE on gapfill's tables, or use a role that may write, in --db / GAPFILL_DB"
+            f"and DELETE on gapfill's tables, or use a role that may write, in {check}"
         )
     if kind == "table":
         return StoreError(f"{role} lacks SELECT on table {name} of {where} ({msg}): grant it "
                           "SELECT on gapfill's tables")  # fmt: skip
     return StoreError(f"{role} lacks a privilege on {where} ({msg}): grant it, or use another role "
-                      "in --db / GAPFILL_DB")  # fmt: skip
+                      f"in {check}")  # fmt: skip
 
 
-def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreError:
+def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str = DB_CHECK) -> StoreError:
     """Turn a driver error into one sentence that says what to do (``reading``: it came from
-    a read-only transaction)."""
+    a read-only transaction; ``check``: where ``url`` came from, as the sentence names it)."""
     where, dbname = server_and_db(url)
     msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), DbUrl(url))
     low = msg.lower()
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-        return _privilege_error(msg, url, reading)
+        return _privilege_error(msg, url, reading, check)
     role = _NO_ROLE.search(msg)
     if role:
         name = role.group(1).replace('""', '"')
         return StoreError(
-            f'PostgreSQL at {where} has no role "{name}": fix the user name in --db / GAPFILL_DB, '
+            f'PostgreSQL at {where} has no role "{name}": fix the user name in {check}, '
             f"or create that role (createuser {name})"
         )
     if _NO_SSL.search(msg):
         return StoreError(
-            f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url)} demands: "
+            f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url, check)} demands: "
             "set it to prefer (or disable), or enable SSL on the server"
         )
-    certificate = _certificate_problem(msg, url, where)
+    certificate = _certificate_problem(msg, url, where, check)
     if certificate is not None:
         return certificate
     if "does not exist" in low and "database" in low:
         return StoreError(
             f'PostgreSQL database "{dbname}" does not exist on {where}: '
-            f"create it (createdb {dbname}) or fix --db / GAPFILL_DB"
+            f"create it (createdb {dbname}) or fix {check}"
         )
     if "password authentication failed" in low or "authentication" in low:
         return StoreError(
-            f"PostgreSQL at {where} refused the credentials in {redact_db_url(url)}: fix --db / GAPFILL_DB"
+            f"PostgreSQL at {where} refused the credentials in {redact_db_url(url)}: fix {check}"
         )
     if _BAD_QUERY.search(msg):
         return StoreError(
             f"PostgreSQL cannot use the URL {redact_db_url(url)} ({msg}): check the query parameters "
-            "of --db / GAPFILL_DB (only libpq connection parameters, such as sslmode=require, "
+            f"of {check} (only libpq connection parameters, such as sslmode=require, "
             "are allowed)"
         )
     if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
@@ -320,7 +323,7 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False) -> StoreEr
     if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc):
         return StoreError(
             f"could not connect to PostgreSQL at {where} ({msg}): "
-            "check that the server runs and fix --db / GAPFILL_DB"
+            f"check that the server runs and fix {check}"
         )
     return StoreError(f"PostgreSQL error on {redact_db_url(url)}: {msg}")
 
@@ -339,8 +342,9 @@ class PostgresStore(Store):
     _ROW_LOCK = " FOR UPDATE"
     _HAS_SCHEMA_TABLE = "SELECT (to_regclass('schema_migrations') IS NOT NULL)::int"
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0, check: str = DB_CHECK) -> None:
         self.url = url
+        self.check = check
         self.display_url = redact_db_url(url)
         self._connect_timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
@@ -358,7 +362,7 @@ class PostgresStore(Store):
                 application_name="gapfill", **tcp,
             )  # fmt: skip
         except psycopg.Error as exc:
-            raise translate(exc, self.url) from None
+            raise translate(exc, self.url, check=self.check) from None
         server = _server_tcp_settings(given)
         if server:
             try:
@@ -369,7 +373,7 @@ class PostgresStore(Store):
                 conn.commit()
             except psycopg.OperationalError as exc:
                 conn.close()
-                raise translate(exc, self.url) from None
+                raise translate(exc, self.url, check=self.check) from None
             except psycopg.Error:
                 conn.rollback()  # a server or a pooler that refuses them: go on without
         self._conn = conn
@@ -404,7 +408,7 @@ class PostgresStore(Store):
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
-            raise translate(exc, self.url, reading=reading) from exc
+            raise translate(exc, self.url, reading=reading, check=self.check) from exc
 
     def _read(self) -> Any:
         return self._tx(reading=True)

@@ -23,6 +23,7 @@ from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.store.base import (
     BIG_INT_COLUMNS,
+    DB_CHECK,
     GAP_WHERE,
     JSON_COLUMNS,
     KEY_SQL,
@@ -140,23 +141,24 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
-def _read_only_file(path: str) -> str:
+def _read_only_file(path: str, check: str = DB_CHECK) -> str:
     side = _unwritable(path)
     if side is not None and side != path:  # left by a reader as read-only as the file was
         return (f"the file {side} beside the SQLite database {path} is read-only: make it "
-                "writable, or choose another --db")  # fmt: skip
+                f"writable, or set {check} to another database")  # fmt: skip
     return (f"the SQLite database {path} is read-only (the file or its folder): make it writable, "
-            "or choose another --db")
+            f"or set {check} to another database")
 
 
-def _hint(exc: sqlite3.Error) -> str:
-    """What to do about a failed write, for the errors a user can fix."""
+def _hint(exc: sqlite3.Error, check: str = DB_CHECK) -> str:
+    """What to do about a failed write, for the errors a user can fix (``check``: where the
+    database URL came from)."""
     text = str(exc).lower()
     if "disk is full" in text:
-        return ("; free space on that disk (or move the database with --db), then rerun the same "
-                "command: what was committed is kept")  # fmt: skip
+        return (f"; free space on that disk (or move the database and set {check} to it), then rerun "
+                "the same command: what was committed is kept")  # fmt: skip
     if "readonly" in text or "read-only" in text:
-        return "; the file or its folder is read-only: make it writable, or choose another --db"
+        return f"; the file or its folder is read-only: make it writable, or set {check} to another database"
     if "locked" in text or "busy" in text:
         return "; another program holds the database: wait for it, or stop it, then rerun"
     return ""
@@ -168,10 +170,13 @@ class SqliteStore(Store):
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
     )
 
-    def __init__(self, url: str, *, read_only: bool = False, lock_wait_s: float = LOCK_WAIT_S) -> None:
+    def __init__(self, url: str, *, read_only: bool = False, lock_wait_s: float = LOCK_WAIT_S,
+                 check: str = DB_CHECK) -> None:  # fmt: skip
         """``read_only``: open the file for reading only (it, or its folder, may be read-only);
-        ``lock_wait_s``: how long a write waits for another process's lock."""
+        ``lock_wait_s``: how long a write waits for another process's lock; ``check``: where
+        ``url`` came from, as messages name it."""
         self.url = url
+        self.check = check
         self.display_url = url
         self.path = sqlite_path(url)
         self.lock_wait_s = lock_wait_s
@@ -180,11 +185,11 @@ class SqliteStore(Store):
             if not parent.is_dir():
                 raise StoreError(
                     f"cannot open the SQLite database {self.path}: folder {parent} does not "
-                    "exist; create it, or check --db / GAPFILL_DB"
+                    f"exist; create it, or check {check}"
                 )
         if not read_only and os.path.exists(self.path) and _unwritable(self.path):
             # Said before SQLite opens it: it would leave a -wal and a -shm file beside it.
-            raise StoreError(_read_only_file(self.path))
+            raise StoreError(_read_only_file(self.path, self.check))
         try:
             if read_only and self.path != ":memory:":
                 self._conn = self._open_read_only()
@@ -195,9 +200,9 @@ class SqliteStore(Store):
             if _busy(exc):
                 raise StoreError(_locked(self.path)) from exc
             if _read_only(exc):
-                raise StoreError(_read_only_file(self.path)) from exc
+                raise StoreError(_read_only_file(self.path, self.check)) from exc
             raise StoreError(
-                f"cannot open the SQLite database {self.path}: {exc}; check --db / GAPFILL_DB: "
+                f"cannot open the SQLite database {self.path}: {exc}; check {check}: "
                 "it must name a SQLite file, or a new one, in a folder you can write to"
             ) from exc
         self._depth = 0
@@ -284,7 +289,7 @@ class SqliteStore(Store):
                 return
             except sqlite3.Error as exc:
                 if _read_only(exc):
-                    raise StoreError(_read_only_file(self.path)) from exc
+                    raise StoreError(_read_only_file(self.path, self.check)) from exc
                 if not _busy(exc):
                     raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
                 now = time.monotonic()
@@ -309,9 +314,9 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             self._conn.rollback()
             if _read_only(exc):
-                raise StoreError(_read_only_file(self.path)) from exc
+                raise StoreError(_read_only_file(self.path, self.check)) from exc
             doing = "writing to" if immediate else "reading from"
-            raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc)}") from exc
+            raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
         except BaseException:
             self._conn.rollback()
             raise
@@ -320,7 +325,7 @@ class SqliteStore(Store):
                 cur.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._conn.rollback()
-                raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc)}") from exc
+                raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
         finally:
             cur.close()
 

@@ -360,6 +360,24 @@ def test_a_missing_postgres_database_in_the_config_file_names_its_db(pg_url: str
     assert "hunter2secret" not in r.output + r.stderr
 
 
+@pytest.mark.parametrize(("options", "said"), [
+    ("-cfoo", "-c foo requires a value"),
+    ("foo", "invalid command-line argument for server process: foo"),
+    ("-cnosuch%3D1", 'unrecognized configuration parameter "nosuch"'),
+    ("-cwork_mem%3Dabc", 'invalid value for parameter "work_mem": "abc"'),
+])  # fmt: skip
+def test_options_the_server_refuses_say_to_fix_them_not_that_it_is_down(
+    pg_url: str, options: str, said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    r = CliRunner().invoke(cli, ["status"], env={"GAPFILL_DB": f"{pg_url}?options={options}"})
+    assert r.exit_code == 1
+    where = urlsplit(pg_url).netloc.rpartition("@")[2]
+    assert one_sentence(r) == (f"error: PostgreSQL at {where} refused the options= of the URL ({said}): "
+                               "fix them in GAPFILL_DB, each setting written as -c%20name%3Dvalue, or "
+                               "remove them")  # fmt: skip
+
+
 @pytest.mark.parametrize(("query", "said"), [
     ("foo=bar", 'invalid URI query parameter: "foo"'),
     ("password=hunter2secret&foo=1", 'invalid URI query parameter: "foo"'),

@@ -140,6 +140,9 @@ SOURCES = ["--db", "GAPFILL_DB", "db in /etc/gapfill.toml"]
     (psycopg.errors.InsufficientPrivilege("permission denied for sequence batches_id_seq"), ""),
     (psycopg.errors.InsufficientPrivilege("permission denied for table refs"), ""),
     (psycopg.errors.InsufficientPrivilege("permission denied for database app"), ""),
+    (psycopg.OperationalError(_FAILED + "FATAL:  -c foo requires a value"), "?options=-cfoo"),
+    (psycopg.ProgrammingError('extra key/value separator "=" in URI query parameter: "options"'),
+     "?options=-c%20a=b"),
 ])  # fmt: skip
 def test_postgres_messages_name_where_the_url_came_from(exc: psycopg.Error, query: str, check: str) -> None:
     # Each said "--db / GAPFILL_DB" whatever the source: a URL from the config file's db
@@ -196,3 +199,45 @@ def test_sqlite_messages_name_where_the_url_came_from(tmp_path: Path, check: str
     with pytest.raises(StoreError) as info:
         open_store(f"sqlite:///{garbage}", check=check)
     assert f"; check {check}: it must name a SQLite file" in str(info.value)
+
+
+#: The server's own words for bad ?options= values, as PostgreSQL 15 gives them (checked
+#: against a real server in tests/integration/test_cli_foundation.py).
+@pytest.mark.parametrize(("options", "said"), [
+    ("-cfoo", "-c foo requires a value"),
+    ("--foo", "--foo requires a value"),
+    ("foo", "invalid command-line argument for server process: foo"),
+    ("-c", "invalid command-line argument for server process: -c"),
+    ("-cwork_mem%3Dabc", 'invalid value for parameter "work_mem": "abc"'),
+    ("-cnosuch%3D1", 'unrecognized configuration parameter "nosuch"'),
+    ("-cshared_buffers%3D1MB", 'parameter "shared_buffers" cannot be changed without restarting the server'),
+    ("-cdefault_transaction_read_only%3Dmaybe",
+     'parameter "default_transaction_read_only" requires a Boolean value'),
+    ("-cwork_mem%3D1", '1 kB is outside the valid range for parameter "work_mem" (64 .. 2147483647)'),
+    ("-clog_statement%3Dall", 'permission denied to set parameter "log_statement"'),
+])  # fmt: skip
+def test_options_the_server_refuses_are_named_not_said_to_be_a_server_down(
+    monkeypatch: pytest.MonkeyPatch, options: str, said: str
+) -> None:
+    # All said "could not connect ...: check that the server runs", which it does.
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    exc = psycopg.OperationalError(_FAILED + "FATAL:  " + said + '\nHINT:  Try "postgres --help"')
+    assert str(translate(exc, f"{URL}?options={options}", check="db in /etc/gapfill.toml")) == (
+        f"PostgreSQL at db.example:6432 refused the options= of the URL ({said}): fix them in db in "
+        "/etc/gapfill.toml, each setting written as -c%20name%3Dvalue, or remove them")
+    # Set in the environment, not in the URL: PGOPTIONS is what to fix.
+    monkeypatch.setenv("PGOPTIONS", "-cfoo")
+    assert str(translate(exc, URL)) == (
+        f"PostgreSQL at db.example:6432 refused PGOPTIONS in the environment ({said}): fix it, each "
+        "setting written as -c name=value, or unset it")
+    # With no options anywhere, such a text is not taken for theirs.
+    monkeypatch.delenv("PGOPTIONS")
+    assert "options" not in str(translate(exc, URL))
+
+
+def test_an_unescaped_equals_sign_in_options_says_how_to_write_it() -> None:
+    exc = psycopg.ProgrammingError('extra key/value separator "=" in URI query parameter: "options"')
+    assert str(translate(exc, f"{URL}?options=-c%20a=b", check="GAPFILL_DB")) == (
+        "PostgreSQL cannot use the URL postgresql://u:***@db.example:6432/app?options=-c%20a=b (extra "
+        'key/value separator "=" in URI query parameter: "options"): in the options= of GAPFILL_DB, write '
+        "each '=' as %3D and each space as %20 (-c%20name%3Dvalue)")

@@ -146,6 +146,38 @@ _NO_ROLE = re.compile(r'\brole "((?:[^"]|"")*)" does not exist')
 _NO_SSL = re.compile(r"server does not support SSL, but SSL was required", re.IGNORECASE)
 
 
+#: libpq's refusal of an ``options=`` value with a bare '=' (``-c name=value`` as typed).
+_OPTIONS_EQUALS = re.compile(r'separator "=" in URI query parameter: "options"')
+#: The server's refusals of the settings a connection's ``options`` (``?options=`` in the URL,
+#: or PGOPTIONS) pass it at start-up: it runs, and the options are what to fix.
+_BAD_OPTIONS = re.compile(
+    r"FATAL:\s+(invalid command-line argument for server process|(?:-c \S+|--\S+) requires a value"
+    r"|unrecognized configuration parameter|invalid value for parameter"
+    r'|parameter "[^"]*" (?:cannot be changed|requires)|.* is outside the valid range for parameter'
+    r"|permission denied to set parameter)"
+)
+
+
+def _options_refused(msg: str, url: str, where: str, check: str) -> StoreError | None:
+    """The server refused the start-up options: the sentence names where they were set."""
+    m = _BAD_OPTIONS.search(msg)
+    if m is None:
+        return None
+    try:
+        given = conninfo_to_dict(url).get("options")
+    except psycopg.Error:
+        given = None
+    env = os.environ.get("PGOPTIONS")
+    if not given and not env:
+        return None
+    said = msg[m.start(1) :]
+    if given:
+        return StoreError(f"PostgreSQL at {where} refused the options= of the URL ({said}): fix them in "
+                          f"{check}, each setting written as -c%20name%3Dvalue, or remove them")  # fmt: skip
+    return StoreError(f"PostgreSQL at {where} refused PGOPTIONS in the environment ({said}): fix it, "
+                      "each setting written as -c name=value, or unset it")  # fmt: skip
+
+
 def _sslmode_source(url: str, check: str) -> str:
     """Where the ``sslmode`` that demanded SSL was set, for a message."""
     try:
@@ -291,6 +323,9 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
             f'PostgreSQL at {where} has no role "{name}": fix the user name in {check}, '
             f"or create that role (createuser {name})"
         )
+    options = _options_refused(msg, url, where, check)
+    if options is not None:
+        return options
     if _NO_SSL.search(msg):
         return StoreError(
             f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url, check)} demands: "
@@ -307,6 +342,11 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
     if "password authentication failed" in low or "authentication" in low:
         return StoreError(
             f"PostgreSQL at {where} refused the credentials in {redact_db_url(url)}: fix {check}"
+        )
+    if _BAD_QUERY.search(msg) and _OPTIONS_EQUALS.search(msg):
+        return StoreError(
+            f"PostgreSQL cannot use the URL {redact_db_url(url)} ({msg}): in the options= of {check}, "
+            "write each '=' as %3D and each space as %20 (-c%20name%3Dvalue)"
         )
     if _BAD_QUERY.search(msg):
         return StoreError(

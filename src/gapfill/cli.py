@@ -391,7 +391,15 @@ rpc_timeout_option: _Decorator = click.option(
 
 
 def rpc_settings(rpc_timeout_s: float | None) -> RpcSettings:
-    return RpcSettings() if rpc_timeout_s is None else RpcSettings(read_timeout_s=rpc_timeout_s)
+    """The RPC settings of the running command; "raise ..." names the config file's
+    rpc_timeout_s when the file gave it."""
+    if rpc_timeout_s is None:
+        return RpcSettings()
+    click_ctx = click.get_current_context(silent=True)
+    obj = click_ctx.find_object(Ctx) if click_ctx is not None else None
+    in_file = f"[enrich] rpc_timeout_s in {obj.file.path}" if obj and obj.file.path else None
+    check = given_as(click_ctx, "rpc_timeout_s", rpc_timeout_s, "--rpc-timeout", None, in_file)
+    return RpcSettings(read_timeout_s=rpc_timeout_s, timeout_check=check or "--rpc-timeout")
 
 
 def given_as(click_ctx: click.Context | None, param: str, value: object, flag: str, env: str | None,

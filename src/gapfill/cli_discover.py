@@ -16,6 +16,7 @@ from gapfill.cli import (
     chain_option,
     cli,
     contract_option,
+    given_as,
     resolve_targets,
     rpc_settings,
     rpc_timeout_option,
@@ -25,7 +26,7 @@ from gapfill.cli import (
 )
 from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
-from gapfill.discover.explorer import ENV_KEY, ENV_URL, ExplorerConfig
+from gapfill.discover.explorer import ENV_KEY, ENV_URL, KEY_CHECK, URL_CHECK, ExplorerConfig
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary
 from gapfill.discover.run import discover as run_discover
 from gapfill.errors import ConfigError
@@ -43,13 +44,22 @@ def _methods(values: tuple[str, ...]) -> list[str] | None:
 
 
 def _explorer(ctx: Ctx, url: str | None, key: str | None) -> ExplorerConfig | None:
+    """The explorer the options, the environment or the config file's [explorer] name,
+    its messages naming where its URL and key came from."""
+    click_ctx = click.get_current_context()
+    in_file = {k: f"[explorer] {k} in {ctx.file.path}" if ctx.file.explorer.get(k) else None
+               for k in ("url", "key")}  # fmt: skip
+    url_check = given_as(click_ctx, "explorer_url", url, "--explorer-url", ENV_URL, in_file["url"])
+    key_check = given_as(click_ctx, "explorer_key", key, "--explorer-key", ENV_KEY, in_file["key"])
     url = url or ctx.file.explorer.get("url")
     key = key or ctx.file.explorer.get("key")
     if not url:
         if key:
-            raise ConfigError(f"an explorer key is set but no URL: pass --explorer-url or set {ENV_URL}")
+            raise ConfigError(f"an explorer key is set ({key_check}) but no URL: pass --explorer-url "
+                              f"or set {ENV_URL}")  # fmt: skip
         return None
-    return ExplorerConfig(str(url), str(key) if key else None)
+    return ExplorerConfig(str(url), str(key) if key else None,
+                          url_check=url_check or URL_CHECK, key_check=key_check or KEY_CHECK)  # fmt: skip
 
 
 class _Printer:

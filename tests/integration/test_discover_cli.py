@@ -236,7 +236,8 @@ def test_a_stalled_node_is_given_up_after_the_commands_own_rpc_timeout(
     small_chain: NodeChain, tmp_path: Path, how: str
 ) -> None:
     """The sentence for a node that does not answer says "raise --rpc-timeout": every
-    command that can say it has the option, and the config file's rpc_timeout_s."""
+    command that can say it has the option, and the config file's rpc_timeout_s (which it
+    names when the file set it)."""
     chain = small_chain.chain
     db = f"sqlite:///{tmp_path / 'cli.db'}"
     runner = CliRunner()
@@ -251,10 +252,11 @@ def test_a_stalled_node_is_given_up_after_the_commands_own_rpc_timeout(
     with emulator(small_chain.url, "--p-stall", "1.0") as (url, _):
         res = runner.invoke(cli, ["--db", db, "--rpc-url", url, *command])
     assert res.exit_code == 1, res.output + res.stderr
-    # 1 s, not the default 30 s, per try.
+    # 1 s, not the default 30 s, per try; the file's key named when the file gave it.
+    raise_ = f"[enrich] rpc_timeout_s in {config}" if "config" in how else "--rpc-timeout"
     assert res.stderr.strip() == (
         f"error: eth_chainId failed: no response within 1 s (at {url}, after 3 attempts); "
-        "the node does not answer: check that it is not stuck or overloaded, or raise --rpc-timeout"
+        f"the node does not answer: check that it is not stuck or overloaded, or raise {raise_}"
     )
 
 

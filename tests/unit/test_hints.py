@@ -136,6 +136,99 @@ def test_a_worker_on_a_database_without_contracts_names_the_config_files_db(tmp_
     assert r.stderr == f"error: no contract is tracked in this database: check db in {cfg}\n"
 
 
+@pytest.fixture
+def silent_node() -> Any:
+    """An RPC URL whose server accepts connections and never answers."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+
+
+@pytest.mark.parametrize("given", ["config file", "option"])
+def test_a_silent_node_names_where_the_rpc_timeout_came_from(tmp_path: Path, silent_node: str,
+                                                             given: str) -> None:  # fmt: skip
+    # "raise --rpc-timeout" was said when the config file's [enrich] set it.
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'[[endpoints]]\nurl = "{silent_node}"\n\n[enrich]\nrpc_timeout_s = 0.2\n')
+    flag = ["--rpc-timeout", "0.3"] if given == "option" else []
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'x.db'}",
+                                 "contract", "add", A, *flag])  # fmt: skip
+    assert r.exit_code == 1, r.stderr
+    said = f"[enrich] rpc_timeout_s in {cfg}" if given == "config file" else "--rpc-timeout"
+    assert r.stderr.endswith(f"check that it is not stuck or overloaded, or raise {said}\n"), r.stderr
+
+
+async def test_the_start_up_wait_names_where_the_rpc_timeout_came_from(silent_node: str) -> None:
+    from gapfill.rpc import RpcClient
+    from gapfill.rpc.config import EndpointConfig, RpcSettings
+
+    told: list[str] = []
+    settings = RpcSettings(read_timeout_s=0.3, slow_probe_notice_s=0.1, attempts=1,
+                           timeout_check="[enrich] rpc_timeout_s in /etc/gapfill.toml")  # fmt: skip
+    async with RpcClient([EndpointConfig(silent_node)], settings) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe(told.append)
+    assert told[0].endswith("it gets 1 try of 0.3 s each ([enrich] rpc_timeout_s in /etc/gapfill.toml)")
+    assert str(info.value).endswith("or raise [enrich] rpc_timeout_s in /etc/gapfill.toml")
+
+
+@pytest.mark.parametrize("given", ["config file", "environment", "option"])
+def test_a_bad_explorer_url_names_where_it_came_from(tmp_path: Path, given: str) -> None:
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text('[explorer]\nurl = "ftp://explorer.example/api"\n')
+    args, env = {"config file": ([], {}),
+                 "environment": ([], {"GAPFILL_EXPLORER_URL": "ftp://explorer.example/api"}),
+                 "option": (["--explorer-url", "ftp://explorer.example/api"], {})}[given]  # fmt: skip
+    said = {"config file": f"[explorer] url in {cfg}", "environment": "GAPFILL_EXPLORER_URL",
+            "option": "--explorer-url"}[given]  # fmt: skip
+    if given != "config file":
+        cfg.write_text("")
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'x.db'}",
+                                 "discover", *args], env=env)  # fmt: skip
+    assert r.exit_code == 1
+    assert r.stderr == ("error: explorer URL 'ftp://explorer.example/api' is not an http(s) URL: write it "
+                        f"as https://explorer.example/api; check {said}\n")  # fmt: skip
+
+
+def test_an_explorer_key_without_a_url_names_where_the_key_came_from(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'[explorer]\nkey = "{KEY}"\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'x.db'}", "discover"])
+    assert r.exit_code == 1 and KEY not in r.stderr
+    assert r.stderr == (f"error: an explorer key is set ([explorer] key in {cfg}) but no URL: pass "
+                        "--explorer-url or set GAPFILL_EXPLORER_URL\n")  # fmt: skip
+
+
+async def test_explorer_messages_name_where_the_url_and_key_came_from() -> None:
+    from gapfill.discover.explorer import ExplorerClient, ExplorerConfig, ExplorerError
+
+    config = ExplorerConfig("http://127.0.0.1:1/api", key=KEY, attempts=1,
+                            url_check="[explorer] url in /etc/gapfill.toml",
+                            key_check="[explorer] key in /etc/gapfill.toml")  # fmt: skip
+    async with ExplorerClient(config, 1) as client:
+        with pytest.raises(ExplorerError) as info:
+            await client.request({"module": "account", "action": "txlist"})
+        assert str(info.value).endswith("; check [explorer] url in /etc/gapfill.toml")
+        with pytest.raises(ExplorerError) as info:
+            client._unwrap({"status": "0", "message": "NOTOK", "result": "Invalid API Key"})
+        assert str(info.value).endswith("check [explorer] key in /etc/gapfill.toml")
+
+
 def test_a_worker_process_names_where_the_database_url_came_from(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +43,9 @@ METHOD = "explorer"
 ENV_URL = "GAPFILL_EXPLORER_URL"
 ENV_KEY = "GAPFILL_EXPLORER_KEY"
 ACTIONS = ("txlist", "txlistinternal")
+#: What to check about an explorer URL or key whose source its caller does not say.
+URL_CHECK = f"--explorer-url or {ENV_URL}"
+KEY_CHECK = f"--explorer-key or {ENV_KEY}"
 
 _RATE_LIMIT = re.compile(r"rate limit|max calls per sec|too many requests|slow down", re.IGNORECASE)
 _WINDOW = re.compile(r"result window is too large|page\s*no?\s*x\s*offset", re.IGNORECASE)
@@ -82,12 +85,14 @@ class ExplorerConfig:
     max_rate_limit_wait_s: float = 300.0
     timeout_s: float = 30.0
     attempts: int = 3
+    #: Where ``url`` and ``key`` came from, as messages name them: the option, the
+    #: environment variable, or the config file's [explorer] key.
+    url_check: str = field(default=URL_CHECK, compare=False)
+    key_check: str = field(default=KEY_CHECK, compare=False)
 
     def __post_init__(self) -> None:
         if not self.url.lower().startswith(("http://", "https://")):
-            raise ConfigError(
-                f"explorer URL {not_http_problem(self.url)}; check --explorer-url or {ENV_URL}"
-            )
+            raise ConfigError(f"explorer URL {not_http_problem(self.url)}; check {self.url_check}")
         if self.rps <= 0 or self.page_size < 1 or self.max_window < self.page_size:
             raise ConfigError("explorer rps must be positive and page_size between 1 and max_window")
 
@@ -164,8 +169,8 @@ class ExplorerClient:
             shown = shown_body(body) or "no body"
             raise ExplorerError(self._scrub(
                 f"the explorer at {self.shown} answered HTTP {status} ({shown}): check "
-                "--explorer-url (an Etherscan-compatible API such as "
-                "https://api.etherscan.io/v2/api) and --explorer-key"
+                f"{self.config.url_check} (an Etherscan-compatible API such as "
+                f"https://api.etherscan.io/v2/api) and {self.config.key_check}"
             ))  # fmt: skip
         try:
             data = orjson.loads(body)
@@ -196,7 +201,7 @@ class ExplorerClient:
             raise ExplorerError(
                 self._scrub(
                     f"the explorer at {self.shown} refused the API key ({detail}): "
-                    f"check --explorer-key or {ENV_KEY}"
+                    f"check {self.config.key_check}"
                 )
             )
         raise ExplorerError(self._scrub(f"the explorer at {self.shown} answered {message}: {detail}"))
@@ -229,7 +234,7 @@ class ExplorerClient:
                     raise ExplorerError(self._scrub(
                         f"the explorer at {self.shown} failed "
                         f"{'once' if failures == 1 else f'{failures} times'}: {exc}; "
-                        f"check --explorer-url or {ENV_URL}"
+                        f"check {self.config.url_check}"
                     )) from None  # fmt: skip
                 await asyncio.sleep(0.5 * 2 ** (failures - 1))
 

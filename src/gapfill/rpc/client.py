@@ -225,7 +225,7 @@ class RpcClient:
                                     f"{endpoint.config.check} at another node")
                     elif "no response within" in message:  # up (it accepted), but silent
                         message += ("; the node does not answer: check that it is not stuck or "
-                                    "overloaded, or raise --rpc-timeout")  # fmt: skip
+                                    f"overloaded, or raise {self._settings.timeout_check}")  # fmt: skip
                     elif "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
                         message += (f"; check that {endpoint.config.check} is the JSON-RPC "
                                     "endpoint of an Ethereum node")
@@ -313,7 +313,7 @@ class RpcClient:
         tries = f"{s.attempts} tries" if s.attempts > 1 else "1 try"
         tell(f"waiting for the RPC node ({shown}): no answer to eth_chainId after "
              f"{s.slow_probe_notice_s:g} s; it gets {tries} of {s.read_timeout_s:g} s each "
-             "(--rpc-timeout)")  # fmt: skip
+             f"({s.timeout_check})")  # fmt: skip
 
     async def probe_block_receipts(self, block_number: int) -> bool:
         """Whether some usable endpoint has ``eth_getBlockReceipts``, asked (once per

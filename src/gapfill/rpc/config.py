@@ -95,6 +95,9 @@ class RpcSettings:
     #: How long the start-up check waits for the other endpoints once one has answered;
     #: those still silent are left out of the run.
     probe_grace_s: float = 5.0
+    #: Where ``read_timeout_s`` came from, as "raise ..." names it: the option, or the
+    #: config file's key.
+    timeout_check: str = field(default="--rpc-timeout", compare=False)
 
 
 @dataclass(frozen=True, slots=True)

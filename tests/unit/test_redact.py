@@ -271,6 +271,12 @@ def test_a_database_password_is_masked_however_the_url_is_written(url: str, show
                                           "in the URL"),
         (f"postgresql://u:p?s@{_PW}@h/db", "the password in --db / GAPFILL_DB contains '@' and '?': write it "
                                           "as %40 and %3F in the URL"),
+        # The authority ends at the first '/': libpq would take "Wr@ng" for user, password and
+        # host, and say "could not connect to ... at ng", a piece of the password.
+        ("postgresql://u:Wr@ng/Pw77@127.0.0.1/postgres", "the password in --db / GAPFILL_DB contains '@' "
+                                                         "and '/': write it as %40 and %2F in the URL"),
+        ("postgresql://u:12/34@h/db", "the password in --db / GAPFILL_DB contains '/': write it as %2F in "
+                                      "the URL"),
         (f"h:5432/db?password={_PW}", "unsupported database URL scheme 'h:5432/db?password=***': use "
                                       "sqlite:///path/to/file.db or postgresql://user@host:5432/dbname"),
     ],

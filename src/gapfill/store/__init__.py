@@ -73,7 +73,12 @@ def open_store(
             error = exc
         after = url.partition("://")[2]
         netloc = re.split(r"[/?#]", after, maxsplit=1)[0]  # the authority, as urlsplit cuts it
-        if netloc.count("@") > 1 or (error is not None and "@" not in netloc and "@" in after):
+        before_query = re.split(r"[?#]", after, maxsplit=1)[0]
+        if (
+            netloc.count("@") > 1
+            or (error is not None and "@" not in netloc and "@" in after)
+            or "@" in before_query[len(netloc):]  # u:Wr@ng/Pw@host: the host would be "ng"
+        ):
             # libpq splits user:password@host at the first '@' (and the URL's authority ends
             # at a '/', '?' or '#'): the rest of the password would become the host or the
             # port, and appear in the error message.

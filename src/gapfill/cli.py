@@ -287,7 +287,7 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
     elif source is click.core.ParameterSource.ENVIRONMENT:
         obj.rpc_check = "ETH_RPC_URL"
     obj.db_check = given_as(ctx, "db_url", db_url, "--db", "GAPFILL_DB",
-                            f"db in {file.path}" if file.db else None) or obj.db_check
+                            f"the db key of {file.path}" if file.db else None) or obj.db_check
     ctx.obj = obj
     if file.enrich:
         # The file's [enrich] table gives `enrich` and `worker` their defaults; flags win.

@@ -356,7 +356,7 @@ def test_a_missing_postgres_database_in_the_config_file_names_its_db(pg_url: str
     assert r.exit_code == 1
     where = urlsplit(pg_url).netloc.rpartition("@")[2]
     assert one_sentence(r) == (f'error: PostgreSQL database "no_such_db_x" does not exist on {where}: '
-                               f"create it (createdb no_such_db_x) or fix db in {cfg}")  # fmt: skip
+                               f"create it (createdb no_such_db_x) or fix the db key of {cfg}")  # fmt: skip
     assert "hunter2secret" not in r.output + r.stderr
 
 

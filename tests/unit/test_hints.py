@@ -114,13 +114,39 @@ def test_database_hints_name_where_the_url_came_from(tmp_path: Path, given: str)
     args, env = {"config file": (["--config", str(cfg)], {}),
                  "environment": (["--config", ""], {"GAPFILL_DB": f"sqlite:///{missing}"}),
                  "option": (["--config", str(cfg), "--db", f"sqlite:///{missing}"], {})}[given]  # fmt: skip
-    said = {"config file": f"db in {cfg}", "environment": "GAPFILL_DB", "option": "--db"}[given]
+    said = {"config file": f"the db key of {cfg}", "environment": "GAPFILL_DB", "option": "--db"}[given]
     r = CliRunner().invoke(cli, [*args, "status"], env=env)
     assert r.exit_code == 1 and r.stderr == (f"error: the SQLite database {missing} does not exist: check "
                                              f"{said}, or start one with `gapfill contract add ADDRESS`\n")
     assert not missing.exists()
     r = CliRunner().invoke(cli, ["--config", str(cfg), "--db", "sqlite:///:memory:", "status"])
     assert r.stderr.endswith("gone when the command ends: set --db to a file, such as sqlite:///gapfill.db\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("mysql://root:hunter2secret@127.0.0.1/x", "unsupported database URL scheme 'mysql' in the db key of "
+                                                   "{cfg}: use sqlite:///path/to/file.db or "
+                                                   "postgresql://user@host:5432/dbname"),
+        ("host=127.0.0.1 password=hunter2secret",
+         "'host=127.0.0.1 password=***' is not a database URL: write the db key of {cfg} as "
+         "postgresql://user:password@host:5432/dbname (or sqlite:///path/to/file.db)"),
+    ],
+)  # fmt: skip
+def test_a_database_url_of_no_known_form_names_where_it_came_from(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    # Both named no setting at all: the user had to guess which of --db, GAPFILL_DB or the file.
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'db = "{url}"\n')
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "status"])
+    assert r.exit_code == 1 and r.stderr == f"error: {said.format(cfg=cfg)}\n"
+    assert "hunter2" not in r.stderr
 
 
 def test_a_worker_on_a_database_without_contracts_names_the_config_files_db(tmp_path: Path) -> None:
@@ -133,7 +159,7 @@ def test_a_worker_on_a_database_without_contracts_names_the_config_files_db(tmp_
     assert CliRunner().invoke(cli, ["--config", str(cfg), "init"]).exit_code == 0
     r = CliRunner().invoke(cli, ["--config", str(cfg), "worker"])
     assert r.exit_code == 1
-    assert r.stderr == f"error: no contract is tracked in this database: check db in {cfg}\n"
+    assert r.stderr == f"error: no contract is tracked in this database: check the db key of {cfg}\n"
 
 
 @pytest.fixture
@@ -244,9 +270,9 @@ def test_a_worker_process_names_where_the_database_url_came_from(
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # SIGINT stays pytest's
     missing = tmp_path / "no" / "x.db"
     job = EnrichJob(db_url=f"sqlite:///{missing}", endpoints=(), targets=(), chain_id=1,
-                    db_check="db in /etc/gapfill.toml")  # fmt: skip
+                    db_check="the db key of /etc/gapfill.toml")  # fmt: skip
     said = (f"cannot open the SQLite database {missing}: folder {missing.parent} does not exist; create "
-            "it, or check db in /etc/gapfill.toml")  # fmt: skip
+            "it, or check the db key of /etc/gapfill.toml")  # fmt: skip
     events: queue.Queue[Any] = queue.Queue()
     with pytest.raises(SystemExit):
         worker_process_main(0, job, events, None)
@@ -273,4 +299,4 @@ def test_a_runs_job_carries_where_the_database_url_came_from(
     monkeypatch.setattr(gapfill.cli, "_run_job", lambda job, *a: jobs.append(job))
     r = CliRunner().invoke(cli, ["--config", str(cfg), "enrich"])  # `worker` builds its job alike
     assert r.exit_code == 0, r.stderr
-    assert [job.db_check for job in jobs] == [f"db in {cfg}"]
+    assert [job.db_check for job in jobs] == [f"the db key of {cfg}"]

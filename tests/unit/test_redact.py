@@ -18,7 +18,7 @@ def test_a_path_is_scrubbed_where_it_stands_whole_not_inside_a_longer_word() -> 
     with pytest.raises(ConfigError) as err:
         open_store(ctx.db_url)
     assert redact_text(str(err.value), *ctx.secrets()) == (
-        "unsupported database URL scheme 'mysql': use sqlite:///path/to/file.db "
+        "unsupported database URL scheme 'mysql' in --db / GAPFILL_DB: use sqlite:///path/to/file.db "
         "or postgresql://user@host:5432/dbname"
     )
     url = "http://127.0.0.1:9/v2/KEY"
@@ -277,8 +277,9 @@ def test_a_database_password_is_masked_however_the_url_is_written(url: str, show
                                                          "and '/': write it as %40 and %2F in the URL"),
         ("postgresql://u:12/34@h/db", "the password in --db / GAPFILL_DB contains '/': write it as %2F in "
                                       "the URL"),
-        (f"h:5432/db?password={_PW}", "unsupported database URL scheme 'h:5432/db?password=***': use "
-                                      "sqlite:///path/to/file.db or postgresql://user@host:5432/dbname"),
+        (f"h:5432/db?password={_PW}", "unsupported database URL scheme 'h:5432/db?password=***' in --db / "
+                                      "GAPFILL_DB: use sqlite:///path/to/file.db or "
+                                      "postgresql://user@host:5432/dbname"),
     ],
 )  # fmt: skip
 def test_a_malformed_database_url_is_refused_without_its_password(url: str, said: str) -> None:

@@ -119,7 +119,7 @@ def test_a_certificate_problem_is_named_not_said_to_be_a_server_down(
 
 
 #: Where a database URL can come from, as the CLI names it.
-SOURCES = ["--db", "GAPFILL_DB", "db in /etc/gapfill.toml"]
+SOURCES = ["--db", "GAPFILL_DB", "the db key of /etc/gapfill.toml"]
 
 
 @pytest.mark.parametrize("check", SOURCES)
@@ -152,15 +152,15 @@ def test_postgres_messages_name_where_the_url_came_from(exc: psycopg.Error, quer
 
 
 def test_the_important_postgres_messages_name_the_config_files_db() -> None:
-    check = "db in /etc/gapfill.toml"
+    check = "the db key of /etc/gapfill.toml"
     said = _FAILED + 'FATAL:  password authentication failed for user "u"'
     assert str(translate(psycopg.OperationalError(said), URL, check=check)) == (
         "PostgreSQL at db.example:6432 refused the credentials in "
-        "postgresql://u:***@db.example:6432/app: fix db in /etc/gapfill.toml")
+        "postgresql://u:***@db.example:6432/app: fix the db key of /etc/gapfill.toml")
     said = _FAILED + 'FATAL:  database "app" does not exist'
     assert str(translate(psycopg.OperationalError(said), URL, check=check)) == (
         'PostgreSQL database "app" does not exist on db.example:6432: create it (createdb app) or fix '
-        "db in /etc/gapfill.toml")
+        "the db key of /etc/gapfill.toml")
     # Without a source, as the library's callers other than the CLI get it.
     assert str(translate(psycopg.OperationalError(said), URL)).endswith("or fix --db / GAPFILL_DB")
 
@@ -222,8 +222,8 @@ def test_options_the_server_refuses_are_named_not_said_to_be_a_server_down(
     # All said "could not connect ...: check that the server runs", which it does.
     monkeypatch.delenv("PGOPTIONS", raising=False)
     exc = psycopg.OperationalError(_FAILED + "FATAL:  " + said + '\nHINT:  Try "postgres --help"')
-    assert str(translate(exc, f"{URL}?options={options}", check="db in /etc/gapfill.toml")) == (
-        f"PostgreSQL at db.example:6432 refused the options= of the URL ({said}): fix them in db in "
+    assert str(translate(exc, f"{URL}?options={options}", check="the db key of /etc/gapfill.toml")) == (
+        f"PostgreSQL at db.example:6432 refused the options= of the URL ({said}): fix them in the db key of "
         "/etc/gapfill.toml, each setting written as -c%20name%3Dvalue, or remove them")
     # Set in the environment, not in the URL: PGOPTIONS is what to fix.
     monkeypatch.setenv("PGOPTIONS", "-cfoo")

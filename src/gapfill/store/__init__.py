@@ -98,8 +98,8 @@ def open_store(
     else:
         if is_keyword_dsn(url):  # its password masked
             raise ConfigError(
-                f"{redact_db_url(url)!r} is not a database URL: write it as "
-                "postgresql://user:password@host:5432/dbname (or use sqlite:///path/to/file.db)"
+                f"{redact_db_url(url)!r} is not a database URL: write {check} as "
+                "postgresql://user:password@host:5432/dbname (or sqlite:///path/to/file.db)"
             )
         if "://" not in url and (scheme in ("postgresql", "postgres") or "@" in url):
             # postgres:pw@host/db, user:pw@host:5432/db: libpq would quote it whole,
@@ -110,7 +110,7 @@ def open_store(
             )
         shown = scheme if "://" in url else redact_db_url(url)  # a bare path: as written
         raise ConfigError(
-            f"unsupported database URL scheme {shown!r}: use sqlite:///path/to/file.db "
+            f"unsupported database URL scheme {shown!r} in {check}: use sqlite:///path/to/file.db "
             "or postgresql://user@host:5432/dbname"
         )
     store.notice = notice

@@ -83,7 +83,8 @@ class Ctx:
                         f"the SQLite database {path} does not exist: check {self.db_check}, "
                         "or start one with `gapfill contract add ADDRESS`"
                     )
-            self._store = open_store(self.db_url, read_only=read_only, notice=tell, check=self.db_check)
+            self._store = open_store(self.db_url, read_only=read_only, notice=tell, check=self.db_check,
+                                     app=_command_name())  # fmt: skip
             self._store_read_only = read_only
         return self._store
 
@@ -238,6 +239,16 @@ def _term_as_interrupt() -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _command_name() -> str:
+    """The command running (``contract remove``), without the program's name."""
+    names: list[str] = []
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(reversed(names))
 
 
 def tell(text: str) -> None:

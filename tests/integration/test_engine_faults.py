@@ -230,7 +230,7 @@ def wait_for_dead(pids: set[int], timeout_s: float = 5.0) -> set[int]:
 
 TERMINATE = (
     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
-    "AND application_name = 'gapfill' AND pid <> pg_backend_pid()"
+    "AND application_name LIKE 'gapfill %%(pid %%' AND pid <> pg_backend_pid()"
 )
 
 

@@ -390,12 +390,17 @@ def _note(job: EnrichJob, exc: BaseException) -> str:
     return redact_text(str(exc), DbUrl(job.db_url), *(e.url for e in job.endpoints))[:1000]
 
 
+def _app(job: EnrichJob) -> str:
+    """The command, as the run's PostgreSQL sessions name it (see ``open_store``)."""
+    return "enrich" if job.plan_new else "worker"
+
+
 def _open(job: EnrichJob, emit: Emit) -> Store:
     """The run's database, saying through ``emit`` what it waits for (another process's lock),
     while this process is the run's only writer. A concurrent run's coordinator (once its
     workers started) and workers wait on each other's commits, which is no news: they do
     not say it."""
-    return open_store(job.db_url, notice=lambda text: emit(Notice(text)), check=job.db_check)
+    return open_store(job.db_url, notice=lambda text: emit(Notice(text)), check=job.db_check, app=_app(job))
 
 
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:
@@ -639,7 +644,7 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any,
             main.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, cancel_once)
-    store = open_store(job.db_url, check=job.db_check)
+    store = open_store(job.db_url, check=job.db_check, app=f"{_app(job)} worker {index + 1}")
     store.counts_for_run = job.run_id
     try:
         async with _client(job) as client:

@@ -43,14 +43,16 @@ __all__ = [
 
 def open_store(
     url: str | None = None, *, migrate: bool = True, read_only: bool = False,
-    notice: Callable[[str], None] | None = None, check: str = DB_CHECK,
+    notice: Callable[[str], None] | None = None, check: str = DB_CHECK, app: str = "",
 ) -> Store:
     """Open the database at ``url`` and (by default) bring its schema up to date.
 
     ``read_only``: for commands that only read. The database is opened so that a read-only
     file or role can (SQLite: read-only), and its schema is not created: a database without
     one is an error. One whose schema is behind is opened as usual and brought up to date.
-    ``notice`` hears what the store waits for (another process's lock on SQLite).
+    ``notice`` hears what the store waits for (another process's lock on SQLite, another
+    session's on PostgreSQL). ``app`` names the command in the PostgreSQL session's
+    ``application_name`` (``gapfill <app> (pid N)``), which another's lock wait names.
     ``check`` names where ``url`` came from in the messages that say to fix it: the
     option, the environment variable or the config file's key.
     """
@@ -94,7 +96,7 @@ def open_store(
                 f"postgresql://user:password@host:5432/dbname in {check}"
             )
 
-        store = PostgresStore(url, check=check)
+        store = PostgresStore(url, check=check, app=app)
     else:
         if is_keyword_dsn(url):  # its password masked
             raise ConfigError(
@@ -129,7 +131,7 @@ def open_store(
             return store
         if read_only:
             store.close()
-            return open_store(url, notice=notice, check=check)
+            return open_store(url, notice=notice, check=check, app=app)
         store.migrate()
     except BaseException:
         store.close()

@@ -36,6 +36,7 @@ from gapfill.store.base import (
     check_row_tuples,
     migrations,
 )
+from gapfill.store.pg_wait import MIGRATION_LOCK, PLAN_LOCK, REMOVAL_LOCK, LockWatch, application_name
 
 _UPDATE_TX = ", ".join(f"{c} = EXCLUDED.{c}" for c in TX_COLUMNS[2:])
 _UPDATE_LOG = ", ".join(f"{c} = EXCLUDED.{c}" for c in LOG_COLUMNS[3:])
@@ -86,9 +87,6 @@ _STAGED_OR_STORED_BLOCK = (
 #: An import adding at least this many refs, and a tenth of those the planner knows of,
 #: analyzes refs (see ``PostgresStore._analyze_refs_after``).
 ANALYZE_AFTER_REFS = 1_000
-_MIGRATION_LOCK = 7_263_451_001
-_PLAN_LOCK = 7_263_451_002
-_REMOVAL_LOCK = 7_263_451_003
 
 
 def _server_tcp_settings(given: dict[str, Any]) -> dict[str, str]:
@@ -385,25 +383,37 @@ class PostgresStore(Store):
     _ROW_LOCK = " FOR UPDATE"
     _HAS_SCHEMA_TABLE = "SELECT (to_regclass('schema_migrations') IS NOT NULL)::int"
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 10.0, check: str = DB_CHECK) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0, check: str = DB_CHECK,
+                 app: str = "") -> None:  # fmt: skip
+        """``app``: the command, as the session's ``application_name`` (``gapfill <app> (pid
+        N)``) names it to another session waiting for its locks."""
         self.url = url
         self.check = check
         self.display_url = redact_db_url(url)
         self._connect_timeout_s = connect_timeout_s
+        self._app = application_name(app)
         self._conn: psycopg.Connection[Any] | None = None
+        self._depth = 0
+        self._watch = LockWatch(self._side_connection, lambda: self.notice, *server_and_db(url))
         self._connect()
+
+    def _open(self, *, autocommit: bool, app: str) -> psycopg.Connection[Any]:
+        given = conninfo_to_dict(self.url)
+        # A service file (?service=) may set these itself: then it decides.
+        tcp: dict[str, Any] = (
+            {} if "service" in given else {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+        )
+        return psycopg.connect(self.url, autocommit=autocommit, connect_timeout=int(self._connect_timeout_s),
+                               application_name=app, **tcp)  # fmt: skip
+
+    def _side_connection(self) -> psycopg.Connection[Any]:
+        """The lock watch's connection, which only reads ``pg_locks`` (see ``pg_wait``)."""
+        return self._open(autocommit=True, app=f"{self._app} lock watch")
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
             given = conninfo_to_dict(self.url)
-            # A service file (?service=) may set these itself: then it decides.
-            tcp: dict[str, Any] = (
-                {} if "service" in given else {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
-            )
-            conn = psycopg.connect(
-                self.url, autocommit=False, connect_timeout=int(self._connect_timeout_s),
-                application_name="gapfill", **tcp,
-            )  # fmt: skip
+            conn = self._open(autocommit=False, app=self._app)
         except psycopg.Error as exc:
             raise translate(exc, self.url, check=self.check) from None
         server = _server_tcp_settings(given)
@@ -433,6 +443,7 @@ class PostgresStore(Store):
         return conn
 
     def close(self) -> None:
+        self._watch.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -447,18 +458,27 @@ class PostgresStore(Store):
     @contextmanager
     def _tx(self, reading: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         conn = self._live()
+        # Its lock waits are said (LockWatch) where someone listens, as SQLite's are.
+        watched = self._depth == 0 and self.notice is not None
+        if watched:
+            self._watch.begin(conn.info.backend_pid)
+        self._depth += 1
         try:
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
         except psycopg.Error as exc:
             raise translate(exc, self.url, reading=reading, check=self.check) from exc
+        finally:
+            self._depth -= 1
+            if watched:
+                self._watch.end()
 
     def _read(self) -> Any:
         return self._tx(reading=True)
 
     def migrate(self) -> int:
         with self._tx() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             cur.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
@@ -600,10 +620,10 @@ class PostgresStore(Store):
             cur.execute("DELETE FROM failures WHERE chain_id = %s AND tx_hash = ANY(%s)", (chain_id, hashes))
 
     def _plan_lock(self, cur: Any) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PLAN_LOCK,))
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (PLAN_LOCK,))
 
     def _removal_lock(self, cur: Any) -> None:
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_REMOVAL_LOCK,))
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (REMOVAL_LOCK,))
 
     def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
         # The keys stream through a cursor, which the planner plans to start fast: with no

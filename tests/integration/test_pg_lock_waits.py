@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from engine_support import gapfill_argv
 
 from gapfill.cli import cli
-from gapfill.model import Contract
+from gapfill.model import Contract, Ref
 from gapfill.store import open_store
-from gapfill.store.pg_wait import REMOVAL_LOCK
+from gapfill.store.pg_wait import PLAN_LOCK, REMOVAL_LOCK
 
 C = "0x" + "ab" * 20
 C2 = "0x" + "cd" * 20
@@ -119,21 +119,29 @@ def test_contract_remove_says_it_waits_for_a_row_and_for_another_removal_naming_
         assert s.list_contracts() == []
 
 
+@pytest.mark.parametrize("lock", ["removal", "planning"])
 def test_an_advisory_lock_another_session_holds_is_said_and_waited_for(
-    pg_url: str, psql: psycopg.Connection[Any]
+    pg_url: str, psql: psycopg.Connection[Any], lock: str
 ) -> None:
     heard: list[tuple[float, str]] = []
     with open_store(pg_url) as s:
         s.add_contract(Contract(1, C))
-        psql.execute("SELECT pg_advisory_xact_lock(%s)", (REMOVAL_LOCK,))
+        s.add_refs([Ref(1, C, "0x" + "11" * 32, 5, "test")])
+        run_id = s.create_run("concurrent", 1)
+        psql.execute("SELECT pg_advisory_xact_lock(%s)", (REMOVAL_LOCK if lock == "removal" else PLAN_LOCK,))
         t0 = time.monotonic()
         s.notice = lambda text: heard.append((time.monotonic() - t0, text))
         threading.Timer(3.5, psql.commit).start()
-        deleted = s.remove_contract(1, C)  # not failed: it waited
+        # Not failed: each waited, then did its work.
+        if lock == "removal":
+            assert s.remove_contract(1, C)["refs"] == 1
+        else:
+            assert s.plan(run_id, [(1, C)], batch_size=10).refs == 1
         took = time.monotonic() - t0
-    assert deleted["contracts"] == 1 and took >= 3.5
+    assert took >= 3.5
     holder = f"session {psql.info.backend_pid} of psql, idle in transaction"
-    assert [text + "\n" for _, text in heard] == [waiting(pg_url, "the contract removal lock", holder)]
+    what = "the contract removal lock" if lock == "removal" else "the planning lock"
+    assert [text + "\n" for _, text in heard] == [waiting(pg_url, what, holder)]
     assert 1.9 <= heard[0][0] <= 3.5, heard
 
 

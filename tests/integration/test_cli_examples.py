@@ -135,3 +135,23 @@ def test_enrich_with_an_unreachable_node_fails_fast_and_says_so(tmp_path: Path, 
         (run,) = s.list_runs()
         assert run.state == "failed"
         assert s.count_gap(1, contract) == 7  # nothing half-written: the gap is intact
+
+
+@pytest.mark.timeout(120)
+def test_a_rate_limited_run_is_not_said_slower_than_sequential(tmp_path: Path, small_chain: Any) -> None:
+    """Under --rps the start-up sample ran within the bucket's burst, unthrottled, and the
+    run said "speedup: 0.1x over sequential"; its baseline is now what the rate limit allows
+    one call at a time."""
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    hashes = sorted(chain.direct[chain.token])[:400]
+    base = [GAPFILL, "--db", db, "--rpc-url", small_chain.url]
+    refs = "".join(f"{h}\n" for h in hashes)
+    run = ["--rps", "150", "enrich", "--mode", "concurrent", "--workers", "2"]
+    for args, stdin in ((["contract", "add", chain.token], None),
+                        (["import", "-", "--contract", chain.token], refs), (run, None)):  # fmt: skip
+        r = subprocess.run(base + args, input=stdin, capture_output=True, text=True, timeout=100)
+        assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "speedup:" in ln]
+    speedup = float(line.split("speedup:")[1].split("x over")[0])
+    assert speedup >= 0.5 and "150 calls/s rate limit" in line, line

@@ -35,3 +35,29 @@ def test_a_run_with_nothing_to_do_claims_no_speedup() -> None:
     assert not any("speedup" in ln for ln in summary_lines(empty))
     done = RunSummary(2, "batch", 1, 100, 0, 0, 0.1, 1000.0, 200, 2.0, "done", 500.0, "recorded")
     assert any("speedup:   2.0x over sequential" in ln for ln in summary_lines(done))
+
+
+@pytest.mark.timeout(10)
+def test_a_rate_limited_run_compares_with_what_the_limit_allows_one_call_at_a_time() -> None:
+    from gapfill.engine.run import EnrichJob, rate_limit, sequential_baseline
+    from gapfill.settings import EndpointSetting
+
+    def job(*rps: float | None) -> EnrichJob:
+        endpoints = tuple(EndpointSetting(f"http://n{i}", r) for i, r in enumerate(rps))
+        return EnrichJob(db_url="sqlite:///x.db", endpoints=endpoints, targets=(), chain_id=1)
+
+    assert rate_limit(job(150.0)) == 150.0
+    assert rate_limit(job(100.0, 50.0)) == 150.0
+    assert rate_limit(job(150.0, None)) is None  # one endpoint without a limit: no bound
+    assert rate_limit(job(None)) is None
+    # QA's case: 20 refs sampled within the bucket's burst at 500 tx/s, 3 calls each; the
+    # run held at 150 calls/s and 2 calls per tx did 75 tx/s, which said "0.1x".
+    why = "measured on 20 refs at the start of this run"
+    rate, said = sequential_baseline(500.0, why, 3.0, rate_limit(job(150.0)))
+    assert rate == pytest.approx(50.0) and said.startswith(why) and "150 calls/s rate limit" in said
+    run = RunSummary(3, "concurrent", 2, 600, 0, 0, 8.0, 75.0, 1200, 2.0, "done", rate, said)
+    (line,) = [ln for ln in summary_lines(run) if "speedup" in ln]
+    assert "1.5x over sequential (50.0 tx/s" in line and "rate limit" in line, line
+    # Without a limit, or a sequential rate the limit allows anyway, the figure stands.
+    assert sequential_baseline(500.0, why, 3.0, None) == (500.0, why)
+    assert sequential_baseline(40.0, why, 3.0, 150.0) == (40.0, why)

@@ -268,13 +268,38 @@ def refs_beyond_head(store: Store, targets: Sequence[tuple[int, str]]) -> tuple[
     return n, max(heads, default=None)
 
 
-def recorded_sequential_rate(store: Store) -> tuple[float, str] | None:
-    """The rate of the latest finished sequential run, if any."""
+def rate_limit(job: EnrichJob) -> float | None:
+    """The calls per second the run's endpoints allow together when every one of them is
+    metered (``--rps``, or ``rps`` in the config file): a client that makes one call at a
+    time cannot go faster either. None when one of them has no limit."""
+    limits = [job.endpoints[i].rps for i in _kept(job)]
+    if not limits or any(r is None for r in limits):
+        return None
+    return sum(r for r in limits if r is not None)
+
+
+def sequential_baseline(rate: float, why: str, calls_per_tx: float, rps: float | None) -> tuple[float, str]:
+    """The sequential rate a run's speedup compares with: ``rate`` (measured or recorded,
+    ``why`` says which), made at ``calls_per_tx`` calls per transaction, but no more than
+    the run's rate limit ``rps`` allows a sequential client. A start-up sample of 20 refs
+    runs within the rate limit's burst, unthrottled, and a recorded run may have had no
+    limit: compared with a run the limit holds back, either made a rate-limited run look
+    slower than one call at a time ("0.1x")."""
+    if rps is None or calls_per_tx <= 0 or rate <= rps / calls_per_tx:
+        return rate, why
+    return rps / calls_per_tx, (f"{why}, capped at what the {rps:g} calls/s rate limit allows "
+                                f"at its {calls_per_tx:.2f} calls per transaction")  # fmt: skip
+
+
+def recorded_sequential_rate(store: Store, rps: float | None = None) -> tuple[float, str] | None:
+    """The rate of the latest finished sequential run, if any, as :func:`sequential_baseline`
+    bounds it under the rate limit ``rps``."""
     for r in store.list_runs(200):
         if r.mode == "sequential" and r.state == "done" and r.finished_at and r.processed >= 10:
             secs = r.finished_at - r.started_at
             if secs > 0:
-                return r.processed / secs, f"recorded from sequential run #{r.run_id}"
+                return sequential_baseline(r.processed / secs, f"recorded from sequential run #{r.run_id}",
+                                           r.rpc_calls / r.processed, rps)  # fmt: skip
     return None
 
 
@@ -316,6 +341,7 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
         enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
         enriched = Enriched()
         done = 0
+        calls0 = _rpc_totals(client)[0]  # the probe's: not the sample's calls per ref
         t0 = time.perf_counter()
         deadline = t0 + SAMPLE_BUDGET_S
         for ref in refs:
@@ -336,8 +362,9 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
     new = store.write(kept, calls)  # a transaction two of the refs share is stored (and counted) once
     if done < _SAMPLE_MIN_REFS:
         return _Sample(0.0, "", new, len(kept.failures), calls, job)
-    return _Sample(done / secs, f"measured on {done} refs at the start of this run",
-                   new, len(kept.failures), calls, job)  # fmt: skip
+    rate, why = sequential_baseline(done / secs, f"measured on {done} refs at the start of this run",
+                                    (calls - calls0) / done, rate_limit(job))  # fmt: skip
+    return _Sample(rate, why, new, len(kept.failures), calls, job)
 
 
 async def _probe(job: EnrichJob, emit: Emit, count: Callable[[int], None]) -> EnrichJob:
@@ -460,7 +487,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         processed, failed, calls = store.finish_run(run_id, state, totals_box.get("calls", 0))
         permanent = permanent_failures(store, job.targets)
         behind, head = refs_beyond_head(store, job.targets)
-        seq = recorded_sequential_rate(store) if not sequential else None
+        seq = recorded_sequential_rate(store, rate_limit(job)) if not sequential else None
         summary = RunSummary(
             run_id, mode, 1, processed, failed, permanent, secs, processed / secs if secs > 0 else 0.0,
             calls, calls / processed if processed else 0.0, state,
@@ -830,7 +857,7 @@ class Coordinator:
             probed = self.stopping_at is None and _needs_node(store, job) and self._check_node()
             job = self.job
             if job.plan_new:
-                seq = recorded_sequential_rate(store)
+                seq = recorded_sequential_rate(store, rate_limit(job))
                 if seq is None and job.measure_sequential and self.stopping_at is None:
                     self.sample = self._cancellable(lambda: _measure_sequential(job, store, self.emit))
                     if self.sample is not None:

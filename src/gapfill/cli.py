@@ -29,7 +29,7 @@ import orjson
 
 from gapfill import __version__
 from gapfill.cli_types import FiniteFloatRange, int_range
-from gapfill.errors import ConfigError, GapfillError, Interrupted, UnknownContractError
+from gapfill.errors import ConfigError, GapfillError, Interrupted, RpcError, UnknownContractError
 from gapfill.model import Contract, ContractStatus
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
@@ -315,7 +315,7 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
             # How long the node may take is the node's: the other commands that ask it
             # something take it too.
             node = {"rpc_timeout_s": defaults["rpc_timeout_s"]}
-            ctx.default_map.update({"discover": node, "contract": {"add": node}})
+            ctx.default_map.update({"discover": node, "contract": {"add": node}, "status": node})
     ctx.call_on_close(obj.close)
 
 
@@ -618,12 +618,21 @@ def status_dict(s: ContractStatus) -> dict[str, Any]:
     }  # fmt: skip
 
 
+#: How long `status` waits for the node's head unless --rpc-timeout (or the config file's
+#: rpc_timeout_s) says: status is about the database, and the head only lets the coverage
+#: report reach it, so a silent node should not hold the table for enrich's 30 s.
+STATUS_HEAD_TIMEOUT_S = 5.0
+
+
 @cli.command()
 @contract_option
 @chain_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--rpc-timeout", "rpc_timeout_s", type=FiniteFloatRange(min=0.1), default=None,
+              help=f"Seconds to wait for the node's head [default: {STATUS_HEAD_TIMEOUT_S:g}].")  # fmt: skip
 @pass_ctx
-def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) -> None:
+def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool,
+           rpc_timeout_s: float | None) -> None:  # fmt: skip
     """Per contract: refs, enriched, missing and failed counts, and the block range."""
     store = ctx.store(read_only=True)
     if contract is not None:
@@ -631,7 +640,8 @@ def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) 
     rows = store.status(chain_id, contract)
     if not rows and chain_id is not None:
         resolve_targets(store, None, chain_id)  # names the chains that do have contracts
-    extra = _coverage_report(store, rows, _node_head(ctx, {s.chain_id for s in rows}))
+    rpc = rpc_settings(STATUS_HEAD_TIMEOUT_S if rpc_timeout_s is None else rpc_timeout_s)
+    extra = _coverage_report(store, rows, _node_head(ctx, {s.chain_id for s in rows}, rpc))
     if as_json:
         out = []
         for s in rows:
@@ -643,29 +653,37 @@ def status(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool) 
     render_status(rows, extra)
 
 
-def _node_head(ctx: Ctx, chains: set[int]) -> dict[int, int]:
-    """The head block of the configured node's chain, when a node is configured and answers.
+def _node_head(ctx: Ctx, chains: set[int], rpc: RpcSettings) -> dict[int, int]:
+    """The head block of the configured node's chain, when a node is configured and answers
+    within ``rpc``'s read timeout (one try).
 
-    Status is about the database: an unreachable node only makes the coverage report
-    stop at the highest scanned block instead of the head.
+    Status is about the database: a node that does not answer only makes the coverage
+    report stop at the highest scanned block instead of the head, which is said in one
+    sentence on standard error (the output, JSON too, stays whole).
     """
     if not (ctx.rpc_urls or ctx.file.endpoints) or not chains:
         return {}
     import asyncio
 
     from gapfill.engine.session import make_client
-    from gapfill.rpc import RpcSettings
+
+    settings = dataclasses.replace(rpc, attempts=1, connect_timeout_s=min(3.0, rpc.read_timeout_s))
 
     async def go() -> dict[int, int]:
-        settings = RpcSettings(attempts=1, connect_timeout_s=3.0, read_timeout_s=5.0)
         async with make_client(ctx.endpoints(), settings=settings) as client:
             chain = await client.probe()
-            return {chain: int(await client.call("eth_blockNumber", []), 16)}
+            head = await client.call("eth_blockNumber", [])
+            try:
+                return {chain: int(head, 16)}
+            except (TypeError, ValueError):
+                raise RpcError(f"it answered eth_blockNumber with {str(head)[:60]!r}") from None
 
     try:
         return asyncio.run(go())
     except GapfillError as exc:
-        log.info("no head from the node for status: %s", exc)
+        why = redact_text(str(exc), *ctx.secrets()).rstrip(".")
+        tell(f"note: no head block from the RPC node, so coverage stops at the highest scanned "
+             f"block: {why}")  # fmt: skip
         return {}
 
 

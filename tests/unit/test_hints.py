@@ -4,6 +4,7 @@ file's key and file; never an option the user did not pass."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,35 @@ def test_a_runs_job_carries_where_the_database_url_came_from(
     r = CliRunner().invoke(cli, ["--config", str(cfg), "enrich"])  # `worker` builds its job alike
     assert r.exit_code == 0, r.stderr
     assert [job.db_check for job in jobs] == [f"the db key of {cfg}"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("given", ["config file", "option"])
+def test_status_waits_for_the_head_as_long_as_the_rpc_timeout_says_and_says_when_none_came(
+    tmp_path: Path, silent_node: str, given: str
+) -> None:
+    # It waited a fixed 5 s whatever --rpc-timeout said, and said nothing of the missing head.
+    import time
+
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    db = ["--db", f"sqlite:///{tmp_path / 'x.db'}"]
+    assert CliRunner().invoke(cli, [*db, "contract", "add", A, "--chain-id", "1"]).exit_code == 0
+    cfg = tmp_path / "gapfill.toml"
+    timeout = "\n[enrich]\nrpc_timeout_s = 0.3\n" if given == "config file" else ""
+    cfg.write_text(f'[[endpoints]]\nurl = "{silent_node}"\n{timeout}')
+    flag = ["--rpc-timeout", "0.3"] if given == "option" else []
+    for args in (["status", *flag], ["status", "--json", *flag]):
+        t0 = time.monotonic()
+        r = CliRunner().invoke(cli, ["--config", str(cfg), *db, *args])
+        assert time.monotonic() - t0 < 3.0
+        assert r.exit_code == 0, r.stderr
+        assert A in r.stdout  # the table (or the JSON) is whole
+        said = f"[enrich] rpc_timeout_s in {cfg}" if given == "config file" else "--rpc-timeout"
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("note: no head block from the RPC node, so coverage stops at the highest "
+                               "scanned block: eth_chainId failed: no response within 0.3 s"), line  # fmt: skip
+        assert line.endswith(f"or raise {said}"), line
+    assert json.loads(r.stdout)[0]["contract"] == A

@@ -329,7 +329,7 @@ def test_status_waits_for_the_head_as_long_as_the_rpc_timeout_says_and_says_when
         assert A in r.stdout  # the table (or the JSON) is whole
         said = f"[enrich] rpc_timeout_s in {cfg}" if given == "config file" else "--rpc-timeout"
         (line,) = r.stderr.splitlines()
-        assert line.startswith("note: no head block from the RPC node, so coverage stops at the highest "
-                               "scanned block: eth_chainId failed: no response within 0.3 s"), line  # fmt: skip
+        assert line.startswith("note: no head block from the RPC node, so coverage stops at the "
+                               "highest scanned block: eth_chainId failed: no response within 0.3 s"), line
         assert line.endswith(f"or raise {said}"), line
     assert json.loads(r.stdout)[0]["contract"] == A

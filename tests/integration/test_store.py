@@ -241,6 +241,64 @@ def test_a_batch_given_back_keeps_what_its_attempt_got(store: Store) -> None:
     assert (counts.done, counts.succeeded) == (1, 9)
 
 
+def batch_states(store: Store) -> dict[int, tuple[str, int, int]]:
+    """Each batch's state, succeeded and failed, by id."""
+    with store._read() as cur:  # type: ignore[attr-defined]
+        cur.execute("SELECT batch_id, state, succeeded, failed FROM batches")
+        return {int(b): (st, int(s), int(f)) for b, st, s, f in cur.fetchall()}
+
+
+def test_a_batch_given_back_with_all_its_refs_stored_is_done_not_pending(store: Store) -> None:
+    # A Ctrl+C gives back a batch fetched and waiting for its group's commit, with its rows:
+    # it stayed pending with nothing left to fetch, counted open by the next run and leased
+    # for nothing; a batch given back with part of its refs stored stays pending.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 21)])
+    run = store.create_run("batch", 1)
+    store.plan(run, [(1, C)], batch_size=10)
+    a, b = store.lease("w", 60.0), store.lease("w", 60.0)
+    assert a is not None and b is not None
+    refs_a, refs_b = store.batch_refs(a), store.batch_refs(b)
+    every = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs_a[:9]],
+                     failures=[Failure(1, refs_a[9].tx_hash, C, "permanent", "rejected")])  # fmt: skip
+    part = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs_b[:4]])
+    assert store.abandon_keeping(a, "worker stopped", every) == 9
+    assert store.abandon_keeping(b, "worker stopped", part) == 4
+    assert batch_states(store) == {a.id: ("done", 9, 1), b.id: ("pending", 4, 0)}
+    assert [e.event for e in store.lease_events(a.id)] == ["leased", "committed"]
+    assert [e.event for e in store.lease_events(b.id)] == ["leased", "abandoned"]
+    counts = store.batch_counts()
+    assert (counts.pending, counts.done, counts.succeeded, counts.failed) == (1, 1, 13, 1)
+    again = store.lease("w2", 60.0)
+    assert again is not None and again.id == b.id and store.lease("w2", 60.0) is None
+
+
+def test_a_plan_joined_closes_its_batches_with_nothing_left_to_fetch(store: Store) -> None:
+    # Batches left pending with their refs stored (given back before a give-back closed them,
+    # or their transactions stored by another contract's batches) were counted as open
+    # batches by the next run, which leased them for nothing.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
+    first = store.create_run("batch", 1)
+    store.plan(first, [(1, C)], batch_size=10)
+    held = [store.lease("w", 60.0) for _ in range(3)]
+    assert all(b is not None for b in held)
+    batches = [b for b in held if b is not None]
+    for b in batches:
+        assert store.abandon(b, "worker stopped")
+    # Batch 1's and batch 3's refs are stored meanwhile (as a give-back used to leave them).
+    for b in (batches[0], batches[2]):
+        store.write(Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in store.batch_refs(b)]))
+    info = store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    assert (info.joined, info.batches) == (1, 0)
+    states = {i: state for i, (state, _, _) in batch_states(store).items()}
+    assert states == {batches[0].id: "done", batches[1].id: "pending", batches[2].id: "done"}
+    assert [e.event for e in store.lease_events(batches[0].id)][-1] == "emptied"
+    # Once the rest is stored too, the plan is closed whole, and nothing is left to join.
+    store.write(Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0)
+                          for r in store.batch_refs(batches[1])]))  # fmt: skip
+    info = store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    assert (info.joined, info.batches) == (0, 0) and not store.has_open_batches()
+
+
 def test_abandoned_batch_prefers_another_owner(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), i) for i in range(1, 21)])
     store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=10)

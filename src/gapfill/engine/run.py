@@ -379,13 +379,15 @@ async def _probe(job: EnrichJob, emit: Emit, count: Callable[[int], None]) -> En
 
 
 def _needs_node(store: Store, job: EnrichJob) -> bool:
-    """Whether the run has work for the node: an open plan of its targets, or (a run that
-    plans) a gap to plan. The node's start-up check, which may fail (another chain, a
+    """Whether the run has work for the node: a gap, in an open plan of its targets or (a
+    run that plans) to plan. The node's start-up check, which may fail (another chain, a
     method missing, unreachable), then comes before the plan is written: a failed check
-    must not leave an open plan behind (imports and discovery fill nothing under one)."""
-    if store.has_open_batches(job.targets):
-        return True
-    return job.plan_new and any(store.has_gap(chain_id, contract) for chain_id, contract in job.targets)
+    must not leave an open plan behind (imports and discovery fill nothing under one). An
+    open plan of an empty gap (its batches given back on Ctrl+C with all they had fetched)
+    needs no node: planning closes its batches."""
+    if not any(store.has_gap(chain_id, contract) for chain_id, contract in job.targets):
+        return False
+    return job.plan_new or store.has_open_batches(job.targets)
 
 
 #: How often `gapfill worker --wait` looks for an open plan.

@@ -99,6 +99,19 @@ MAX_ATTEMPTS = 3
 #: A batch's lease is still this owner's at this attempt, and unexpired: the condition of
 #: every write that needs the lease (renew, commit, give back with rows). Parameters:
 #: batch id, owner, attempt, now.
+
+
+def _key_bound(op: str) -> str:
+    """`` AND`` a ref's key ``op`` (``>``, ``>=``, ``<=``) a key given as three parameters
+    (block, hash, block). Row-value comparisons, with a plain bound on the key's first half
+    that lets SQLite seek (see :meth:`Store.iter_gap`)."""
+    return f" AND ({KEY_SQL}, r.tx_hash) {op} (?, ?) AND {KEY_SQL} {op[0]}= ?"
+
+
+#: A ref of the gap in a key range ``lo``..``hi`` (contract, then both keys as :func:`_key_bound`
+#: takes them): a batch without one has nothing left to fetch.
+RANGE_GAP_SQL = f"SELECT 1 FROM refs r WHERE {GAP_WHERE}{_key_bound('>=')}{_key_bound('<=')} LIMIT 1"
+
 _LEASE_HELD = (
     "batch_id = ? AND state = 'leased' AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
 )
@@ -486,14 +499,14 @@ class Store(abc.ABC):
             sql = f"SELECT r.tx_hash, r.block_number, r.source FROM refs r WHERE {GAP_WHERE}"
             params: list[Any] = [chain_id, contract]
             if first_inclusive is not None:
-                sql += f" AND ({KEY_SQL}, r.tx_hash) >= (?, ?) AND {KEY_SQL} >= ?"
+                sql += _key_bound(">=")
                 params += [first_inclusive[0], first_inclusive[1], first_inclusive[0]]
                 first_inclusive = None
             elif cursor_key is not None:
-                sql += f" AND ({KEY_SQL}, r.tx_hash) > (?, ?) AND {KEY_SQL} >= ?"
+                sql += _key_bound(">")
                 params += [cursor_key[0], cursor_key[1], cursor_key[0]]
             if upto is not None:
-                sql += f" AND ({KEY_SQL}, r.tx_hash) <= (?, ?) AND {KEY_SQL} <= ?"
+                sql += _key_bound("<=")
                 params += [upto[0], upto[1], upto[0]]
             sql += f" ORDER BY {KEY_SQL}, r.tx_hash LIMIT ?"
             params.append(chunk)
@@ -949,7 +962,8 @@ class Store(abc.ABC):
                     ),
                     (chain_id, contract),
                 )
-                if int(cur.fetchone()[0]) > 0:
+                open_ = int(cur.fetchone()[0])
+                if open_ and open_ > self._close_emptied(cur, chain_id, contract, run_id):
                     joined += 1
                     continue
                 rows: list[tuple[Any, ...]] = []
@@ -977,6 +991,36 @@ class Store(abc.ABC):
                 batches += len(rows)
                 refs += sum(r[7] for r in rows)
         return PlanInfo(batches, refs, joined)
+
+    def _close_emptied(self, cur: Any, chain_id: int, contract: str, run_id: int) -> int:
+        """Mark done the pending batches of the contract's open plan that have nothing left
+        to fetch, for the plan that joins it; returns how many. A batch given back (Ctrl+C)
+        with the rows it had fetched, or whose refs left the gap otherwise (another contract
+        stored their transactions), would be counted open, and leased for nothing. Only the
+        batches given back before are looked at one by one (a probe of the gap's index each),
+        unless the contract has no gap at all."""
+        cur.execute(self._sql(f"SELECT 1 FROM refs r WHERE {GAP_WHERE} LIMIT 1"), (chain_id, contract))
+        no_gap = cur.fetchone() is None
+        cur.execute(
+            self._sql(f"SELECT {self._BATCH_COLS} FROM batches WHERE chain_id = ? AND contract = ? "
+                      "AND state = 'pending' AND (attempts > 0 OR ?) ORDER BY batch_id"),
+            (chain_id, contract, no_gap),
+        )  # fmt: skip
+        pending = [self._batch(row) for row in cur.fetchall()]
+        now = self._now(cur)
+        closed = 0
+        for batch in pending:
+            if not no_gap and self._range_in_gap(cur, batch):
+                continue
+            cur.execute(
+                self._sql("UPDATE batches SET state = 'done', lease_expires_at = NULL "
+                          "WHERE batch_id = ? AND state = 'pending'"),
+                (batch.id,),
+            )  # fmt: skip
+            if cur.rowcount == 1:
+                self._event(cur, batch.id, f"run {run_id}", batch.attempts, "emptied", now)
+                closed += 1
+        return closed
 
     @abc.abstractmethod
     def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
@@ -1146,7 +1190,7 @@ class Store(abc.ABC):
             for i, (batch, enriched) in sorted(enumerate(items), key=lambda x: x[1][0].id):
                 cur.execute(
                     self._sql(
-                        "UPDATE batches SET state = 'done', succeeded = succeeded + ?, failed = ?, "
+                        "UPDATE batches SET state = 'done', succeeded = succeeded + ?, failed = failed + ?, "
                         f"lease_expires_at = NULL WHERE {_LEASE_HELD}"
                     ),
                     (len(enriched.txs), len(enriched.failures), batch.id, batch.lease_owner,
@@ -1271,19 +1315,36 @@ class Store(abc.ABC):
             if keep is not None and (keep.txs or keep.failures):
                 # The same check as a commit: rows only from a lease still held.
                 cur.execute(
-                    self._sql(f"UPDATE batches SET succeeded = succeeded + ? WHERE {_LEASE_HELD}"),
-                    (len(keep.txs), batch.id, batch.lease_owner, batch.attempts, now),
-                )
+                    self._sql(f"UPDATE batches SET succeeded = succeeded + ?, failed = failed + ? "
+                              f"WHERE {_LEASE_HELD}"),
+                    (len(keep.txs), len(keep.failures), batch.id, batch.lease_owner, batch.attempts, now),
+                )  # fmt: skip
                 if cur.rowcount != 1:
                     self._count_for_run(cur, 0, 0, calls)
                     return None
                 (new,) = self._write_results(cur, [_own_moves(batch, keep)], calls)
+                if not self._range_in_gap(cur, batch):
+                    # All it was planned for is stored (or failed for good): the batch is done,
+                    # not a pending one that a plan would count and a lease would take for nothing.
+                    cur.execute(
+                        self._sql("UPDATE batches SET state = 'done', lease_owner = NULL, "
+                                  "lease_expires_at = NULL, last_owner = ? WHERE batch_id = ?"),
+                        (batch.lease_owner, batch.id),
+                    )  # fmt: skip
+                    self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
+                    return new
                 calls = 0
             not_before = now + retry_after_s if retry_after_s > 0 else None
             given = self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
                                     "abandoned", now, not_before=not_before)  # fmt: skip
             self._count_for_run(cur, 0, 0, calls)  # the run's row last, as in a commit
             return new if given else None
+
+    def _range_in_gap(self, cur: Any, batch: Batch) -> bool:
+        """Whether a ref of ``batch``'s key range is still in the gap, as ``cur`` sees it."""
+        cur.execute(self._sql(RANGE_GAP_SQL), (batch.chain_id, batch.contract, *batch.lo, batch.lo[0],
+                                               *batch.hi, batch.hi[0]))  # fmt: skip
+        return cur.fetchone() is not None
 
     def release_owner(
         self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset()

@@ -155,3 +155,26 @@ def test_a_rate_limited_run_is_not_said_slower_than_sequential(tmp_path: Path, s
     (line,) = [ln for ln in r.stderr.splitlines() if "speedup:" in ln]
     speedup = float(line.split("speedup:")[1].split("x over")[0])
     assert speedup >= 0.5 and "150 calls/s rate limit" in line, line
+
+
+@pytest.mark.timeout(120)
+def test_a_rerun_joining_an_open_plan_reports_its_progress(tmp_path: Path, small_chain: Any) -> None:
+    """A concurrent run counted done only the batches its own run id planned: joining the
+    plan an interrupted run left, it said "Progress: 0/10 batches (0.0%)" to the end."""
+    from gapfill.model import Contract, Ref
+
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    with open_store(db) as s:  # the plan an interrupted run left open
+        s.add_contract(Contract(chain.chain_id, chain.token))
+        s.add_refs(Ref(chain.chain_id, chain.token, h, chain.tx_block[h], "test")
+                   for h in sorted(chain.direct[chain.token])[:200])  # fmt: skip
+        run = s.create_run("batch", 1)
+        s.plan(run, [(chain.chain_id, chain.token)], batch_size=20)
+        s.finish_run(run, "interrupted", 0)
+    r = subprocess.run([GAPFILL, "--db", db, "--rpc-url", small_chain.url, "enrich", "--mode", "concurrent",
+                        "--workers", "2"], capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "10 open batches, 0 refs newly planned, joined 1 open plan(s)" in r.stderr, r.stderr
+    progress = [ln for ln in r.stderr.splitlines() if ln.startswith("Progress:")]
+    assert progress[-1].startswith("Progress: 10/10 batches (100.0%)"), r.stderr

@@ -931,7 +931,7 @@ class Coordinator:
                         db_down_since = None
                     if now - last_progress > PROGRESS_EVERY_S:
                         last_progress = now
-                        self._progress(store, run_id, total_batches, len(alive), t0)
+                        self._progress(store, total_batches, len(alive), t0)
                 except StoreError as exc:
                     # A dropped connection (server restart, pg_terminate_backend) must not end
                     # the run: the store reconnects on its next call. Give up after a long outage.
@@ -949,7 +949,7 @@ class Coordinator:
             self._drain()
             if self.stopping_at is None and self.slots:  # the last word: where the plan ended
                 with contextlib.suppress(StoreError):
-                    self._progress(store, run_id, total_batches, 0, t0)
+                    self._progress(store, total_batches, 0, t0)
             for s in self.slots.values():
                 s.proc.join(timeout=5)
                 self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False))
@@ -1060,13 +1060,19 @@ class Coordinator:
                     self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))
                     s.proc.kill()
 
-    def _progress(self, store: Store, run_id: int, total_batches: int, active: int, t0: float) -> None:
-        """Progress of the plan: this run's batches, or for `gapfill worker` those it did."""
+    def _progress(self, store: Store, total_batches: int, active: int, t0: float) -> None:
+        """Progress of the plan: the batches open at the run's start (planned by it, or
+        those of the plan it joined, which keep the run id of the run that planned them:
+        counting this run's ids said 0% all along after a rerun), or for `gapfill worker`
+        those it did."""
         job = self.job
-        counts = (store.batch_counts(run_id) if job.plan_new
-                  else store.batch_counts(targets=list(job.targets)))  # fmt: skip
-        done = counts.done if job.plan_new else self.done_batches
-        total = max(total_batches, counts.total)
+        counts = store.batch_counts(targets=list(job.targets))
+        if job.plan_new:
+            total = total_batches
+            done = max(0, total - counts.pending - counts.leased)
+        else:
+            done = self.done_batches
+            total = max(total_batches, counts.total)
         processed, failed, _, retries, limited = self.totals()
         self.emit(_progress_event(done, total, active, processed, failed, time.perf_counter() - t0,
                                   retries, limited))  # fmt: skip

@@ -96,6 +96,20 @@ def test_a_batch_mixing_new_and_stored_rows_stores_all_and_updates_the_old(store
     assert [(g["tx_hash"], g["log_index"]) for g in store.fetch_logs(1)] == [(h(1), 0), (h(2), 0)]
 
 
+def test_a_write_after_one_rolled_back_mid_upsert_still_upserts(store: Store) -> None:
+    # A commit group whose transaction failed after a staged upsert (a deadlock between two
+    # workers writing a shared transaction) took PostgreSQL's temporary staging tables with
+    # it, and every later upsert on that connection said 'relation "stage_tx" does not
+    # exist': the worker gave back batch after batch.
+    store.write(Enriched([tx_row(1, 51)], [log_row(1, 51)]))
+    with pytest.raises(RuntimeError), store._tx() as cur:
+        store._upsert(cur, [tx_row(1, 51), tx_row(2, 52)], [log_row(1, 51)])  # stages: row 1 is there
+        raise RuntimeError("the transaction fails after the staged upsert")
+    store.write(Enriched([tx_row(1, 51, method_name="again"), tx_row(3, 53)], [log_row(1, 51)]))
+    txs = {t["tx_hash"]: t for t in store.fetch_transactions(1)}
+    assert sorted(txs) == [h(1), h(3)] and txs[h(1)]["method_name"] == "again"
+
+
 def test_upsert_twice_is_the_same_database_and_exact(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), 50 + i) for i in range(10)])
     e = Enriched([tx_row(i, 50 + i) for i in range(5)], [log_row(i, 50 + i) for i in range(5)])
@@ -1249,3 +1263,4 @@ def test_a_postgres_plan_streams_the_gap_without_checking_each_ref_against_every
         conn.rollback()
     assert info.refs == n - failed
     assert _compared(plan[0]["Plan"]) < n, plan
+

@@ -466,8 +466,13 @@ class PostgresStore(Store):
         try:
             with conn.transaction(), conn.cursor() as cur:
                 yield cur
-        except psycopg.Error as exc:
-            raise translate(exc, self.url, reading=reading, check=self.check) from exc
+        except BaseException as exc:
+            # A rollback takes the staging tables created in it (or in a savepoint of it)
+            # with it: the next staged upsert creates them again.
+            self._staged = False
+            if isinstance(exc, psycopg.Error):
+                raise translate(exc, self.url, reading=reading, check=self.check) from exc
+            raise
         finally:
             self._depth -= 1
             if watched:

@@ -1264,3 +1264,48 @@ def test_a_postgres_plan_streams_the_gap_without_checking_each_ref_against_every
     assert info.refs == n - failed
     assert _compared(plan[0]["Plan"]) < n, plan
 
+
+def test_two_postgres_writers_of_shared_transactions_in_other_orders_do_not_deadlock(pg_url: str) -> None:
+    # Two workers committing transactions two contracts share, each in its batch's key
+    # order: one held y and waited for x, the other held x and waited for y, and PostgreSQL
+    # ended one with "deadlock detected" after a second (every concurrent run over
+    # overlapping contracts hit it; the loser's whole commit group was written again).
+    import threading
+
+    import psycopg
+
+    x, y, z = (tx_row(i, 60 + i) for i in (1, 2, 3))  # hashes in the order x < y < z
+    holder, a, b = open_store(pg_url), open_store(pg_url), open_store(pg_url)
+    hold = holder._tx()
+    cur = hold.__enter__()
+    holder._upsert(cur, [z], [])  # z written, not committed: both writers will wait for it
+    errors: list[BaseException] = []
+
+    def write(store: Store, rows: list[TxRow]) -> None:
+        try:
+            store.write(Enriched(rows, []))
+        except BaseException as exc:  # the test reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(a, [y, z, x])),
+               threading.Thread(target=write, args=(b, [x, z, y]))]  # fmt: skip
+    for t in threads:
+        t.start()
+    with psycopg.connect(pg_url, autocommit=True) as watch:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            (waiting,) = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting >= 2:
+                break
+            time.sleep(0.05)
+    hold.__exit__(RuntimeError, RuntimeError("rolled back"), None)  # z goes: both go on
+    for t in threads:
+        t.join(timeout=30)
+    for s in (holder, a, b):
+        s.close()
+    assert not errors, errors
+    with open_store(pg_url) as s:
+        assert sorted(t["tx_hash"] for t in s.fetch_transactions(1)) == [h(1), h(2), h(3)]

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -578,8 +579,12 @@ class PostgresStore(Store):
     def _upsert(
         self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]
     ) -> set[tuple[int, str]] | None:
-        tx_rows = [_tx_tuple(t) for t in txs]
-        log_rows = [_log_tuple(g) for g in logs]
+        # In key order (chain, hash[, log index]), whatever the batches' order (block, hash):
+        # two workers writing transactions they share then take those rows' locks in the
+        # same order, so one waits for the other instead of both waiting for each other
+        # ("deadlock detected" after a second, and the loser's commit group written again).
+        tx_rows = sorted((_tx_tuple(t) for t in txs), key=itemgetter(0, 1))
+        log_rows = sorted((_log_tuple(g) for g in logs), key=itemgetter(0, 1, 2))
         # Fast path: COPY straight into the tables, under a savepoint. Rows of a gap are
         # normally new, so this writes each row once (and every one is new). Any row already
         # there (re-enrichment, a tx shared by two contracts, a duplicate in the batch, or

@@ -636,14 +636,6 @@ class PostgresStore(Store):
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (REMOVAL_LOCK,))
 
     def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
-        # The keys stream through a cursor, which the planner plans to start fast: with no
-        # statistics of failures (a table runs fill, which autovacuum analyzes a minute
-        # later at best), it took the contract's failure records for one row and checked
-        # every ref against each, materialized (1M refs, 2,000 records: 36 s to plan
-        # instead of ~3 s). Analyzing them takes a few milliseconds.
-        cur.execute("SELECT 1 FROM failures LIMIT 1")
-        if cur.fetchone() is not None:
-            cur.execute("ANALYZE failures")
         conn = self._live()
         # A named (server-side) cursor streams the keys inside the planning transaction.
         with conn.cursor(name=f"gap_keys_{int(time.time() * 1e6)}") as named:

@@ -13,7 +13,6 @@ import pytest
 from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
 from gapfill.store import PlanInfo, RefsAdded, Store, open_store
-from gapfill.store.base import GAP_WHERE
 
 C = "0x" + "ab" * 20
 
@@ -1209,34 +1208,6 @@ def test_a_postgres_import_reads_each_ref_a_few_times_not_once_per_ref(pg_url: s
         conn.rollback()
         assert staged <= 10 * n and pages <= 100 * n, (staged, pages)
         assert s.count_gap(1, C) == n and block_of(s, 2) == 2 and block_of(s, 1) is None
-
-
-def test_a_postgres_gap_right_after_an_import_is_not_checked_against_every_failure(pg_url: str) -> None:
-    # Refs just imported have no statistics until autovacuum's next round: the planner took a
-    # contract's refs for a few rows and checked each against every failure record (a nested
-    # loop over the materialized failures: 1M refs x 2,000 records took 72 s). An import
-    # that adds many refs analyzes them.
-    n, failed = 20_000, 300
-    with open_store(pg_url) as s:
-        conn = s._live()  # type: ignore[attr-defined]
-        conn.execute("ALTER TABLE refs SET (autovacuum_enabled = false)")  # no help from it
-        conn.commit()
-        s.add_contract(Contract(1, C))
-        s.write(Enriched(failures=[Failure(1, h(i), C, "not_found") for i in range(failed)]))
-        s.add_refs([Ref(1, C, h(i), i // 7) for i in range(n)])
-        (plan,) = conn.execute(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + s._sql(f"SELECT count(*) FROM refs r WHERE {GAP_WHERE}"),
-            (1, C),
-        ).fetchone()
-        conn.rollback()
-        gap = s.count_gap(1, C)
-
-    def compared(node: dict[str, Any]) -> int:
-        below = sum(compared(p) for p in node.get("Plans", []))
-        return int(node.get("Rows Removed by Join Filter", 0)) + below
-
-    assert compared(plan[0]["Plan"]) < n, plan
-    assert gap == n - failed
 
 
 def test_two_postgres_writers_of_shared_transactions_in_other_orders_do_not_deadlock(pg_url: str) -> None:

@@ -85,9 +85,6 @@ _STAGED_OR_STORED_BLOCK = (
     "COALESCE(s.block_number, (SELECT t.block_number FROM transactions t "
     "WHERE t.chain_id = s.chain_id AND t.tx_hash = s.tx_hash))"
 )
-#: An import adding at least this many refs, and a tenth of those the planner knows of,
-#: analyzes refs (see ``PostgresStore._analyze_refs_after``).
-ANALYZE_AFTER_REFS = 1_000
 
 
 def _server_tcp_settings(given: dict[str, Any]) -> dict[str, str]:
@@ -545,21 +542,7 @@ class PostgresStore(Store):
                     cur.execute(_FILL_FROM_STAGE.format(block=block), (chain_id, contract))
                     filled += int(cur.rowcount)
             cur.execute("TRUNCATE stage_refs")
-            self._analyze_refs_after(cur, n)
             return RefsAdded(n, filled)
-
-    def _analyze_refs_after(self, cur: Any, new: int) -> None:
-        """Give the planner statistics of refs after an import that added many: until
-        autovacuum's next round (a minute, or never on a busy or tuned server), a table just
-        filled looks empty to it, and the gap's queries then checked every ref against every
-        failure record (a nested loop over the failures, 1M refs x 2,000 records: 72 s to
-        plan a run instead of 0.6 s). ANALYZE samples 30,000 rows: 0.4 s at 1M refs, against
-        ~30 s for the import. Within the import's transaction, so the statistics come with
-        the rows; a role that does not own the table is skipped with a server notice."""
-        cur.execute("SELECT reltuples FROM pg_class WHERE oid = 'refs'::regclass")
-        (known,) = cur.fetchone()
-        if new >= max(ANALYZE_AFTER_REFS, float(known) / 10):
-            cur.execute("ANALYZE refs")
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(

@@ -1269,7 +1269,7 @@ def test_a_postgres_gap_query_looks_each_ref_up_whatever_the_statistics(pg_url: 
     # statement is prepared) hashed every stored transaction: each batch read all the
     # others' rows, and a run of 80,000 transactions took 258 s instead of 14. With neither
     # analyzed it checked each ref against every failure record instead.
-    from gapfill.store.base import GAP_WHERE, KEY_SQL, _key_bound
+    from gapfill.store.base import KEY_SQL, _key_bound
 
     with open_store(pg_url) as s:
         conn = s._live()  # type: ignore[attr-defined]
@@ -1283,7 +1283,8 @@ def test_a_postgres_gap_query_looks_each_ref_up_whatever_the_statistics(pg_url: 
         if analyzed == "refs":
             conn.execute("ANALYZE refs")
             conn.commit()
-        sql = s._sql(f"SELECT r.tx_hash FROM refs r WHERE {GAP_WHERE}{_key_bound('>=')}{_key_bound('<=')} "
+        gap = s._GAP_WHERE  # type: ignore[attr-defined]
+        sql = s._sql(f"SELECT r.tx_hash FROM refs r WHERE {gap}{_key_bound('>=')}{_key_bound('<=')} "
                      f"ORDER BY {KEY_SQL}, r.tx_hash LIMIT ?")  # fmt: skip
         n = sql.count("%s")
         for i in range(1, n + 1):

@@ -68,15 +68,24 @@ JSON_COLUMNS = frozenset({
 
 KEY_SQL = f"COALESCE(r.block_number, {UNKNOWN_BLOCK_KEY})"
 _PERMANENT_IN = ", ".join(f"'{r}'" for r in sorted(PERMANENT_REASONS))
-#: Refs of one contract that are neither enriched nor permanently failed.
-GAP_WHERE = f"""
+
+
+def gap_where(probe: str = "") -> str:
+    """Refs of one contract that are neither enriched nor permanently failed; ``probe`` ends
+    each ``NOT EXISTS`` subquery (a backend's way to keep them per-ref lookups)."""
+    return f"""
     r.chain_id = ? AND r.contract = ?
     AND NOT EXISTS (SELECT 1 FROM transactions t
-                    WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash)
+                    WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash{probe})
     AND NOT EXISTS (SELECT 1 FROM failures f
                     WHERE f.chain_id = r.chain_id AND f.tx_hash = r.tx_hash
-                      AND f.reason IN ({_PERMANENT_IN}))
+                      AND f.reason IN ({_PERMANENT_IN}){probe})
 """
+
+
+#: Refs of one contract that are neither enriched nor permanently failed (as SQLite runs it;
+#: each backend's is ``Store._GAP_WHERE``).
+GAP_WHERE = gap_where()
 
 #: A failure concerns a contract that recorded it or tracks its transaction: a failure row
 #: is the transaction's (keyed by hash), with the contract of the run that recorded it.
@@ -107,10 +116,6 @@ def _key_bound(op: str) -> str:
     that lets SQLite seek (see :meth:`Store.iter_gap`)."""
     return f" AND ({KEY_SQL}, r.tx_hash) {op} (?, ?) AND {KEY_SQL} {op[0]}= ?"
 
-
-#: A ref of the gap in a key range ``lo``..``hi`` (contract, then both keys as :func:`_key_bound`
-#: takes them): a batch without one has nothing left to fetch.
-RANGE_GAP_SQL = f"SELECT 1 FROM refs r WHERE {GAP_WHERE}{_key_bound('>=')}{_key_bound('<=')} LIMIT 1"
 
 _LEASE_HELD = (
     "batch_id = ? AND state = 'leased' AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
@@ -299,6 +304,8 @@ class Store(abc.ABC):
     counts_for_run: int | None = None
     #: Where a store says what it is waiting for (another process's lock), as it waits.
     notice: Callable[[str], None] | None = None
+    #: The gap's test, as this backend runs it (see :func:`gap_where`).
+    _GAP_WHERE: str = GAP_WHERE
     #: A query counting the tables named ``schema_migrations`` this connection sees.
     _HAS_SCHEMA_TABLE: str = ""
 
@@ -496,7 +503,7 @@ class Store(abc.ABC):
         cursor_key = after
         first_inclusive = start
         while True:
-            sql = f"SELECT r.tx_hash, r.block_number, r.source FROM refs r WHERE {GAP_WHERE}"
+            sql = f"SELECT r.tx_hash, r.block_number, r.source FROM refs r WHERE {self._GAP_WHERE}"
             params: list[Any] = [chain_id, contract]
             if first_inclusive is not None:
                 sql += _key_bound(">=")
@@ -524,12 +531,16 @@ class Store(abc.ABC):
     def has_gap(self, chain_id: int, contract: str) -> bool:
         """Whether a ref of the contract is missing: one probe of the index, not a count."""
         with self._read() as cur:
-            cur.execute(self._sql(f"SELECT 1 FROM refs r WHERE {GAP_WHERE} LIMIT 1"), (chain_id, contract))
-            return cur.fetchone() is not None
+            return self._gap_in(cur, chain_id, contract)
+
+    def _gap_in(self, cur: Any, chain_id: int, contract: str) -> bool:
+        """Whether a ref of the contract is missing, as ``cur`` sees it."""
+        cur.execute(self._sql(f"SELECT 1 FROM refs r WHERE {self._GAP_WHERE} LIMIT 1"), (chain_id, contract))
+        return cur.fetchone() is not None
 
     def count_gap(self, chain_id: int, contract: str) -> int:
         with self._read() as cur:
-            cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {GAP_WHERE}"),
+            cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"),
                         (chain_id, contract))  # fmt: skip
             return int(cur.fetchone()[0])
 
@@ -999,8 +1010,7 @@ class Store(abc.ABC):
         stored their transactions), would be counted open, and leased for nothing. Only the
         batches given back before are looked at one by one (a probe of the gap's index each),
         unless the contract has no gap at all."""
-        cur.execute(self._sql(f"SELECT 1 FROM refs r WHERE {GAP_WHERE} LIMIT 1"), (chain_id, contract))
-        no_gap = cur.fetchone() is None
+        no_gap = not self._gap_in(cur, chain_id, contract)
         cur.execute(
             self._sql(f"SELECT {self._BATCH_COLS} FROM batches WHERE chain_id = ? AND contract = ? "
                       "AND state = 'pending' AND (attempts > 0 OR ?) ORDER BY batch_id"),
@@ -1342,7 +1352,8 @@ class Store(abc.ABC):
 
     def _range_in_gap(self, cur: Any, batch: Batch) -> bool:
         """Whether a ref of ``batch``'s key range is still in the gap, as ``cur`` sees it."""
-        cur.execute(self._sql(RANGE_GAP_SQL), (batch.chain_id, batch.contract, *batch.lo, batch.lo[0],
+        sql = f"SELECT 1 FROM refs r WHERE {self._GAP_WHERE}{_key_bound('>=')}{_key_bound('<=')} LIMIT 1"
+        cur.execute(self._sql(sql), (batch.chain_id, batch.contract, *batch.lo, batch.lo[0],
                                                *batch.hi, batch.hi[0]))  # fmt: skip
         return cur.fetchone() is not None
 

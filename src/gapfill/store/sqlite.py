@@ -24,7 +24,6 @@ from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.store.base import (
     BIG_INT_COLUMNS,
     DB_CHECK,
-    GAP_WHERE,
     JSON_COLUMNS,
     KEY_SQL,
     LOG_COLUMNS,
@@ -436,7 +435,7 @@ class SqliteStore(Store):
         read = self._conn.cursor()
         try:
             read.execute(
-                f"SELECT {KEY_SQL}, r.tx_hash FROM refs r WHERE {GAP_WHERE} "
+                f"SELECT {KEY_SQL}, r.tx_hash FROM refs r WHERE {self._GAP_WHERE} "
                 f"ORDER BY {KEY_SQL}, r.tx_hash",
                 (chain_id, contract),
             )

@@ -26,12 +26,21 @@ from gapfill.cli import (
 )
 from gapfill.cli_types import int_range
 from gapfill.discover.coverage import METHODS, coverage_report
-from gapfill.discover.explorer import ENV_KEY, ENV_URL, KEY_CHECK, URL_CHECK, ExplorerConfig
+from gapfill.discover.explorer import (
+    ENV_KEY,
+    ENV_URL,
+    KEY_CHECK,
+    NO_EXPLORER,
+    URL_CHECK,
+    ExplorerConfig,
+    url_hint,
+)
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary
 from gapfill.discover.run import discover as run_discover
 from gapfill.errors import ConfigError
 from gapfill.model import Contract
 from gapfill.rpc.config import RpcSettings
+from gapfill.settings import DEFAULT_CONFIG_NAME
 from gapfill.store import Store
 
 _pass_ctx = click.make_pass_decorator(Ctx)
@@ -43,9 +52,10 @@ def _methods(values: tuple[str, ...]) -> list[str] | None:
     return out or None
 
 
-def _explorer(ctx: Ctx, url: str | None, key: str | None) -> ExplorerConfig | None:
+def _explorer(ctx: Ctx, url: str | None, key: str | None,
+              methods: list[str] | None) -> ExplorerConfig | None:  # fmt: skip
     """The explorer the options, the environment or the config file's [explorer] name,
-    its messages naming where its URL and key came from."""
+    its messages naming where its URL and key came from; ``--method explorer`` needs one."""
     click_ctx = click.get_current_context()
     in_file = {k: f"[explorer] {k} in {ctx.file.path}" if ctx.file.explorer.get(k) else None
                for k in ("url", "key")}  # fmt: skip
@@ -54,9 +64,12 @@ def _explorer(ctx: Ctx, url: str | None, key: str | None) -> ExplorerConfig | No
     url = url or ctx.file.explorer.get("url")
     key = key or ctx.file.explorer.get("key")
     if not url:
+        # The file read, else the one that would be: ./gapfill.toml.
+        hint = url_hint(ctx.file.path or DEFAULT_CONFIG_NAME)
         if key:
-            raise ConfigError(f"an explorer key is set ({key_check}) but no URL: pass --explorer-url "
-                              f"or set {ENV_URL}")  # fmt: skip
+            raise ConfigError(f"an explorer key is set ({key_check}) but no URL: {hint}")
+        if methods and "explorer" in (m.lower() for m in methods):
+            raise ConfigError(f"{NO_EXPLORER}: {hint}")  # before any database or node is opened
         return None
     return ExplorerConfig(str(url), str(key) if key else None,
                           url_check=url_check or URL_CHECK, key_check=key_check or KEY_CHECK)  # fmt: skip
@@ -144,10 +157,10 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     blocks skipped as already scanned are named, and --rescan scans them again.
     Contracts on a chain that no endpoint serves are named and skipped (exit 3).
     """
-    explorer = _explorer(ctx, explorer_url, explorer_key)
+    chosen = _methods(methods)
+    explorer = _explorer(ctx, explorer_url, explorer_key, chosen)
     store = ctx.store()
     targets = resolve_targets(store, contract, chain_id)
-    chosen = _methods(methods)
     printer = _Printer(rescan)
     ctx.kept = printer.kept
     summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,

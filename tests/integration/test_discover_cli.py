@@ -308,3 +308,34 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
     with open_store(db) as store:
         assert {r.tx_hash for r in store.iter_gap(31337, target)} == set(block_of)
 
+
+
+def test_method_explorer_without_an_explorer_names_every_way_to_give_one(
+    anvil: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config file's [explorer] url works as well as the option and its variable, so the
+    message names it: the file read, else ./gapfill.toml, the one that would be."""
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    address = "0x" + "ab" * 20
+    res = runner.invoke(cli, ["--db", db, "contract", "add", address, "--chain-id", "31337"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)  # no ./gapfill.toml here
+    args = ["--db", db, "--rpc-url", anvil.url, "discover", "--method", "logs,Explorer"]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 1
+    assert res.stderr.strip() == (
+        "error: --method explorer needs an explorer: pass --explorer-url, set GAPFILL_EXPLORER_URL "
+        "or set [explorer] url in gapfill.toml"
+    ), res.stderr
+    cfg = tmp_path / "mine.toml"
+    cfg.write_text("[enrich]\nworkers = 2\n")
+    res = runner.invoke(cli, ["--config", str(cfg), *args])
+    assert res.exit_code == 1
+    assert f"or set [explorer] url in {cfg}" in res.stderr, res.stderr
+    # A key with no URL is told the same ways.
+    cfg.write_text('[explorer]\nkey = "k"\n')
+    res = runner.invoke(cli, ["--config", str(cfg), *args])
+    assert res.exit_code == 1
+    assert (f"an explorer key is set ([explorer] key in {cfg}) but no URL: pass --explorer-url, "
+            f"set GAPFILL_EXPLORER_URL or set [explorer] url in {cfg}") in res.stderr, res.stderr  # fmt: skip

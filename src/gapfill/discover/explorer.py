@@ -46,6 +46,13 @@ ACTIONS = ("txlist", "txlistinternal")
 #: What to check about an explorer URL or key whose source its caller does not say.
 URL_CHECK = f"--explorer-url or {ENV_URL}"
 KEY_CHECK = f"--explorer-key or {ENV_KEY}"
+#: What ``--method explorer`` without an explorer says; the CLI names its config file.
+NO_EXPLORER = "--method explorer needs an explorer"
+
+
+def url_hint(config_path: str = "a config file") -> str:
+    """How to give the explorer URL: the option, its variable or the config file's key."""
+    return f"pass --explorer-url, set {ENV_URL} or set [explorer] url in {config_path}"
 
 _RATE_LIMIT = re.compile(r"rate limit|max calls per sec|too many requests|slow down", re.IGNORECASE)
 _WINDOW = re.compile(r"result window is too large|page\s*no?\s*x\s*offset", re.IGNORECASE)

@@ -89,7 +89,7 @@ from gapfill.discover.coverage import (
     size,
     subtract,
 )
-from gapfill.discover.explorer import ExplorerClient, ExplorerConfig, walk_explorer
+from gapfill.discover.explorer import NO_EXPLORER, ExplorerClient, ExplorerConfig, url_hint, walk_explorer
 from gapfill.discover.logs import scan_logs
 from gapfill.discover.ranges import AdaptiveWindow
 from gapfill.discover.trace import BACKENDS, TRACE_FILTER, scan_trace_filter, trace_backend, walk_ots
@@ -381,9 +381,7 @@ async def discover(
         )
     chosen = _check_methods(methods) if methods is not None else None
     if chosen is not None and "explorer" in chosen and explorer is None:
-        raise ConfigError(
-            "--method explorer needs an explorer: pass --explorer-url or set GAPFILL_EXPLORER_URL"
-        )
+        raise ConfigError(f"{NO_EXPLORER}: {url_hint()}")
     latest = int(str(await client.call("eth_blockNumber", [])), 16)
     safe = latest - confirmations
     coverage = await asyncio.to_thread(store.get_coverage, contract.chain_id, address)

@@ -843,6 +843,34 @@ def test_a_read_only_command_does_not_start_a_schema_in_a_foreign_sqlite_file(tm
     conn.close()
 
 
+def test_no_schema_names_where_the_database_url_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL from GAPFILL_DB or a config file's db key may not be the database the user
+    meant: the sentence names it, so they see why they are there."""
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).close()
+    url = f"sqlite:///{path}"
+    start = "start it with `gapfill init` or `gapfill contract add ADDRESS`"
+    monkeypatch.setenv("GAPFILL_DB", url)
+    r = CliRunner().invoke(cli, ["status"])
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: the database {url} (from GAPFILL_DB) has no gapfill schema yet: "
+                               f"{start}, or fix GAPFILL_DB if it is not the database you meant")  # fmt: skip
+    monkeypatch.delenv("GAPFILL_DB")
+    cfg = tmp_path / "gapfill.toml"
+    cfg.write_text(f'db = "{url}"\n')
+    key = f"the db key of {cfg}"
+    for args in (["runs"], ["failures"], ["enrich", "--dry-run"]):
+        r = CliRunner().invoke(cli, ["--config", str(cfg), *args])
+        assert r.exit_code == 1
+        assert one_sentence(r) == (f"error: the database {url} (from {key}) has no gapfill schema yet: "
+                                   f"{start}, or fix {key} if it is not the database you meant")  # fmt: skip
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)  # nothing started
+    conn.close()
+
+
 def _set_read_only(path: Path, read_only: bool) -> None:
     """Make ``path`` read-only (or writable again) for this process: by its mode, or, for
     root, whom modes do not bind, by the immutable attribute."""

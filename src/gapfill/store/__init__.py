@@ -123,9 +123,12 @@ def open_store(
         # create tables.
         version = store.schema_version()
         if version is None and read_only:
+            # A URL from the environment or a config file may not be the one the user meant.
+            typed = check in ("--db", DB_CHECK)
             raise StoreError(
-                f"the database {store.display_url} has no gapfill schema yet: start it with "
-                "`gapfill init` or `gapfill contract add ADDRESS`"
+                f"the database {store.display_url}{'' if typed else f' (from {check})'} has no "
+                "gapfill schema yet: start it with `gapfill init` or `gapfill contract add ADDRESS`"
+                + ("" if typed else f", or fix {check} if it is not the database you meant")
             )
         if version is not None and version >= store.latest_version():
             return store

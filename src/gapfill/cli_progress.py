@@ -58,7 +58,8 @@ def summary_lines(s: RunSummary) -> list[str]:
 
 def _what_was_kept(ev: BatchAbandoned) -> str:
     """`` (480 stored, the rest retried)`` for a batch given back with what it got; only
-    what is true: a stop gives back a batch whose every ref was stored (``(500 stored)``)."""
+    what is true: ``(480 stored, 20 failed for good)`` says nothing is retried (a batch whose
+    every ref was stored as it was given back is closed, and its line says it is complete)."""
     if not ev.kept and not ev.kept_failed:
         return ""
     said = [f"{ev.kept} stored"]
@@ -95,6 +96,9 @@ class LineRenderer:
                           f"{ev.failed} failed ({ev.seconds:.1f}s)")  # fmt: skip
             else:
                 self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id}: lease lost, nothing written")
+        elif isinstance(ev, BatchAbandoned) and ev.closed:
+            self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} complete as it was given back "
+                      f"({ev.error}): +{ev.kept} success, {ev.kept_failed} failed")  # fmt: skip
         elif isinstance(ev, BatchAbandoned):
             self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} given back"
                       f"{_what_was_kept(ev)}: {ev.error}")  # fmt: skip

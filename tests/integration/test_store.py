@@ -12,7 +12,7 @@ import pytest
 
 from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
-from gapfill.store import PlanInfo, RefsAdded, Store, open_store
+from gapfill.store import GivenBack, PlanInfo, RefsAdded, Store, open_store
 
 C = "0x" + "ab" * 20
 
@@ -274,8 +274,8 @@ def test_a_batch_given_back_with_all_its_refs_stored_is_done_not_pending(store: 
     every = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs_a[:9]],
                      failures=[Failure(1, refs_a[9].tx_hash, C, "permanent", "rejected")])  # fmt: skip
     part = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in refs_b[:4]])
-    assert store.abandon_keeping(a, "worker stopped", every) == 9
-    assert store.abandon_keeping(b, "worker stopped", part) == 4
+    assert store.abandon_keeping(a, "worker stopped", every) == GivenBack(9, closed=True)
+    assert store.abandon_keeping(b, "worker stopped", part) == GivenBack(4, closed=False)
     assert batch_states(store) == {a.id: ("done", 9, 1), b.id: ("pending", 4, 0)}
     assert [e.event for e in store.lease_events(a.id)] == ["leased", "committed"]
     assert [e.event for e in store.lease_events(b.id)] == ["leased", "abandoned"]
@@ -509,7 +509,7 @@ def test_a_transaction_two_contracts_share_counts_once_in_the_run(store: Store) 
     assert store.commit_batches([(c1, fetched[0]), (d1, fetched[3])]) == [10, 0]  # one group
     assert store.commit_batches([(c2, fetched[1])]) == [10]
     assert store.commit_batches([(d2, fetched[4])]) == [0]  # a later commit, rows already there
-    assert store.abandon_keeping(d3, "TransientFailures: 5 failed", keep=rows(d3, 5)) == 5
+    assert store.abandon_keeping(d3, "TransientFailures: 5 failed", keep=rows(d3, 5)) == GivenBack(5)
     assert store.commit_batches([(c3, fetched[2])]) == [5]  # 5 new, 5 stored by d3
     assert len(store.fetch_transactions(1)) == 30
     (info,) = store.list_runs()

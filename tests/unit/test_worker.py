@@ -10,6 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,8 @@ import pytest
 from gapfill.engine.events import BatchAbandoned, BatchDone
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.errors import StoreError
-from gapfill.model import Batch, Enriched, Failure, Ref
+from gapfill.model import Batch, Contract, Enriched, Failure, Ref, TxRow
+from gapfill.store import GivenBack, open_store
 
 
 class FakeStore:
@@ -80,17 +82,19 @@ class FakeStore:
     def abandon_keeping(
         self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
         calls: int = 0,
-    ) -> int | None:
+    ) -> GivenBack | None:
         self._call("abandon", (batch,))
         self.run_calls += calls
         if self.state.get(batch.id) != "leased":
             return None
-        self.state[batch.id] = "pending"
+        # As the real stores: a batch whose every ref the give-back stored is done.
+        closed = keep is not None and len(keep.txs) + len(keep.failures) >= self.refs
+        self.state[batch.id] = "done" if closed else "pending"
         self.pauses[batch.id] = retry_after_s
         if keep is not None:
             self.kept[batch.id] = len(keep.txs)
             self.moved[batch.id] = len(keep.moved)
-        return 0 if keep is None else len(keep.txs) - self.already
+        return GivenBack(0 if keep is None else len(keep.txs) - self.already, closed)
 
     def add_run_calls(self, calls: int) -> None:
         self._call("add_run_calls", ())
@@ -138,6 +142,17 @@ def worker(store: FakeStore, enricher: FakeEnricher | None = None, emit: Any = N
     enricher.client = FakeClient()
     return Worker(0, "w", store, enricher.client, {1: enricher},  # type: ignore[arg-type]
                   s, emit or (lambda event: None))  # fmt: skip
+
+
+async def stop_while_a_batch_waits(w: Worker) -> None:
+    """Run ``w`` and cancel it (a stop's SIGTERM) once a fetched batch waits for its group."""
+    run = asyncio.create_task(w.run())
+    while not w._waiting:
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert not w._waiting
 
 
 def given_back_lines(events: Sequence[Any]) -> list[str]:
@@ -302,8 +317,9 @@ def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
 def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committed() -> None:
     # Batch 1 is fetched and waits for its group; batch 2 is stuck in its RPC. A stop
     # cancels both: batch 1 leaves the group and is given back with its rows (a Ctrl+C
-    # used to throw them away), batch 2 with nothing; no group commit runs. Batch 1's
-    # line said "(10 stored, the rest retried)", though nothing of it was left to retry.
+    # used to throw them away), which stores all it had left and closes it; batch 2 with
+    # nothing; no group commit runs. Batch 1's line said "(10 stored, the rest retried)",
+    # then "given back (10 stored)", though nothing of it was left for a retry: it is complete.
     store = FakeStore(batches=2)
     events: list[Any] = []
 
@@ -314,22 +330,43 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
             return await super().enrich(refs)
 
     w = worker(store, OneStuck(), events.append, commit_group_txs=1000, commit_wait_s=600.0)
-
-    async def go() -> None:
-        run = asyncio.create_task(w.run())
-        while not w._waiting:
-            await asyncio.sleep(0.01)
-        run.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await run
-        assert not w._waiting
-
-    asyncio.run(go())
+    asyncio.run(stop_while_a_batch_waits(w))
     assert store.committed == [] and "commit_batches" not in store.calls
-    assert store.state == {1: "pending", 2: "pending"}
-    assert store.kept == {1: 10}
+    assert store.state == {1: "done", 2: "pending"}
+    assert store.kept == {1: 10} and w.totals.batches == 1
     assert sorted(given_back_lines(events)) == [
-        "[Worker-1] Batch 1 attempt 1 given back (10 stored): worker stopped",
+        "[Worker-1] Batch 1 complete as it was given back (worker stopped): +10 success, 0 failed",
+        "[Worker-1] Batch 2 attempt 1 given back: worker stopped",
+    ]
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_that_stores_all_a_batch_had_left_says_the_batch_is_complete(tmp_path: Path) -> None:
+    # The same stop on a real store: batch 1, given back with all its rows, is closed (done,
+    # not pending), but its line said "given back (10 stored)" as if left for a retry.
+    c = "0x" + "ab" * 20
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    store.add_contract(Contract(1, c))
+    hashes = [f"0x{i:064x}" for i in range(1, 21)]
+    store.add_refs([Ref(1, c, x, i) for i, x in enumerate(hashes, 1)])
+    store.plan(store.create_run("batch", 1), [(1, c)], batch_size=10)
+
+    class Rows(FakeEnricher):
+        async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+            if refs[0].tx_hash == hashes[10]:  # batch 2's
+                await asyncio.sleep(3600)
+            return Enriched([TxRow(1, r.tx_hash, r.block_number or 0, "0x" + "00" * 32, 0, None,
+                                   "0x" + "11" * 20, c, 0, "0x", 0, 21_000, None, None, None, 2, 1,
+                                   None, 21_000, 21_000, None, None) for r in refs])  # fmt: skip
+
+    events: list[Any] = []
+    w = worker(store, Rows(), events.append, commit_group_txs=1000, commit_wait_s=600.0)  # type: ignore[arg-type]
+    asyncio.run(stop_while_a_batch_waits(w))
+    counts = store.batch_counts()
+    store.close()
+    assert (counts.done, counts.pending, counts.succeeded) == (1, 1, 10)
+    assert sorted(given_back_lines(events)) == [
+        "[Worker-1] Batch 1 complete as it was given back (worker stopped): +10 success, 0 failed",
         "[Worker-1] Batch 2 attempt 1 given back: worker stopped",
     ]
 

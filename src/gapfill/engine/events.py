@@ -72,6 +72,8 @@ class BatchAbandoned:
     #: Of ``kept``, the transactions no other batch had stored: what the run's ``processed``
     #: counts (a transaction two contracts share is fetched by both contracts' batches).
     kept_new: int = 0
+    #: What it stored was all the batch had left: the batch is done, not given back.
+    closed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

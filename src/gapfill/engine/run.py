@@ -821,6 +821,8 @@ class Coordinator:
                 self.committed += ev.stored
                 self.committed_failed += ev.failed
             if isinstance(ev, BatchAbandoned):
+                if ev.closed:
+                    self.done_batches += 1
                 self.committed += ev.kept_new
                 self.committed_failed += ev.kept_failed
             if isinstance(ev, WorkerLostNode):

@@ -42,7 +42,7 @@ from gapfill.errors import RpcError, StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
-from gapfill.store import Store
+from gapfill.store import GivenBack, Store
 from gapfill.store.base import MAX_ATTEMPTS
 
 log = logging.getLogger(__name__)
@@ -616,27 +616,30 @@ class Worker:
         with it."""
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
-        stored: int | None = None  # None: not given back
+        given: GivenBack | None = None  # None: not given back
         try:
             if retry:
                 give_back = functools.partial(self.db, self.store.abandon_keeping, batch, error, keep,
                                               retry_after_s, calls=True)  # fmt: skip
-                stored = await self._retrying(f"giving back batch {batch.id}", give_back,
-                                              stopping=None)  # fmt: skip
+                given = await self._retrying(f"giving back batch {batch.id}", give_back,
+                                             stopping=None)  # fmt: skip
             else:
-                stored = await self.db(self.store.abandon_keeping, batch, error, keep, calls=True)
+                given = await self.db(self.store.abandon_keeping, batch, error, keep, calls=True)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
         kept = kept_failed = 0
-        if stored is not None and keep is not None:
+        if given is not None and keep is not None:
             kept, kept_failed = len(keep.txs), len(keep.failures)
             t = self.totals
-            t.processed += stored
+            t.processed += given.stored
             t.failed += kept_failed
             t.permanent += kept_failed
+            if given.closed:  # all it had left was stored: done, as a commit is
+                t.batches += 1
         rest = max(0, refs - kept - kept_failed)
         self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed,
-                                 rest, stored or 0))  # fmt: skip
+                                 rest, given.stored if given else 0,
+                                 closed=given is not None and given.closed))  # fmt: skip
         if kept:
             self.send_stats()
 

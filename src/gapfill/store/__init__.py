@@ -17,6 +17,7 @@ from gapfill.redact import db_url_after_scheme, is_keyword_dsn, redact_db_url
 from gapfill.store.base import (
     DB_CHECK,
     BatchCounts,
+    GivenBack,
     LeaseEvent,
     PlanInfo,
     RefsAdded,
@@ -31,6 +32,7 @@ __all__ = [
     "DB_CHECK",
     "DEFAULT_DB_URL",
     "BatchCounts",
+    "GivenBack",
     "LeaseEvent",
     "PlanInfo",
     "RefsAdded",

@@ -258,6 +258,15 @@ class PlanInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class GivenBack:
+    """What giving a batch back with rows stored (:meth:`Store.abandon_keeping`)."""
+
+    stored: int  # the transactions of the rows that no other batch had stored
+    #: Nothing the batch was planned for is left in the gap: it is done, not pending.
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class BatchCounts:
     pending: int
     leased: int
@@ -1316,9 +1325,9 @@ class Store(abc.ABC):
     def abandon_keeping(
         self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
         calls: int = 0,
-    ) -> int | None:
-        """:meth:`abandon`, returning the transactions of ``keep`` it newly stored (None: the
-        batch was not given back, nothing of ``keep`` written)."""
+    ) -> GivenBack | None:
+        """:meth:`abandon`, saying what of ``keep`` it newly stored and whether that closed
+        the batch (None: the batch was not given back, nothing of ``keep`` written)."""
         with self._tx() as cur:
             now = self._now(cur)
             new = 0
@@ -1342,13 +1351,13 @@ class Store(abc.ABC):
                         (batch.lease_owner, batch.id),
                     )  # fmt: skip
                     self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
-                    return new
+                    return GivenBack(new, closed=True)
                 calls = 0
             not_before = now + retry_after_s if retry_after_s > 0 else None
             given = self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
                                     "abandoned", now, not_before=not_before)  # fmt: skip
             self._count_for_run(cur, 0, 0, calls)  # the run's row last, as in a commit
-            return new if given else None
+            return GivenBack(new) if given else None
 
     def _range_in_gap(self, cur: Any, batch: Batch) -> bool:
         """Whether a ref of ``batch``'s key range is still in the gap, as ``cur`` sees it."""

@@ -178,3 +178,7 @@ def test_a_rerun_joining_an_open_plan_reports_its_progress(tmp_path: Path, small
     assert "10 open batches, 0 refs newly planned, joined 1 open plan(s)" in r.stderr, r.stderr
     progress = [ln for ln in r.stderr.splitlines() if ln.startswith("Progress:")]
     assert progress[-1].startswith("Progress: 10/10 batches (100.0%)"), r.stderr
+    # The start-up sample stored the first batch's 20 refs: it is closed, not leased with 0 refs.
+    assert "measured on 20 refs" in r.stdout + r.stderr, r.stdout + r.stderr
+    assigned = [ln for ln in r.stderr.splitlines() if "Assigned batch" in ln]
+    assert len(assigned) == 9 and all(ln.endswith(", 20 refs") for ln in assigned), r.stderr

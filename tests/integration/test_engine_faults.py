@@ -639,7 +639,7 @@ def test_a_lease_granted_but_its_answer_lost_is_given_back(
     from gapfill.errors import StoreError
     from gapfill.store.postgres import PostgresStore
 
-    real_lease = PostgresStore.lease
+    real_lease = PostgresStore.lease_next
     calls = [0]
 
     def lease(self: PostgresStore, *args: object, **kw: object) -> object:
@@ -649,7 +649,7 @@ def test_a_lease_granted_but_its_answer_lost_is_given_back(
             raise StoreError("the server closed the connection unexpectedly")
         return got
 
-    monkeypatch.setattr(PostgresStore, "lease", lease)
+    monkeypatch.setattr(PostgresStore, "lease_next", lease)
     job = batch_job(pg_url, node_chain, seeded, WorkerSettings(lease_timeout_s=300.0, db_retry_s=0.05))
     summary = run_enrich(job, lambda event: None)
     assert calls[0] > 3 and summary.state == "done"

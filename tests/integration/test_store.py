@@ -12,7 +12,7 @@ import pytest
 
 from gapfill.errors import GapfillError, UnknownContractError
 from gapfill.model import UNKNOWN_BLOCK_KEY, Batch, Contract, Enriched, Failure, LogRow, Ref, TxRow
-from gapfill.store import GivenBack, PlanInfo, RefsAdded, Store, open_store
+from gapfill.store import GivenBack, Leased, PlanInfo, RefsAdded, Store, open_store
 
 C = "0x" + "ab" * 20
 
@@ -283,6 +283,27 @@ def test_a_batch_given_back_with_all_its_refs_stored_is_done_not_pending(store: 
     assert (counts.pending, counts.done, counts.succeeded, counts.failed) == (1, 1, 13, 1)
     again = store.lease("w2", 60.0)
     assert again is not None and again.id == b.id and store.lease("w2", 60.0) is None
+
+
+def test_a_lease_closes_the_batches_emptied_meanwhile_instead_of_leasing_them(store: Store) -> None:
+    # Batches whose refs left the gap some other way (another contract's batch stored their
+    # transactions, or the start-up sample did with a batch size of 20 or less) were leased
+    # once with 0 refs: a lease and a commit for nothing, and an "Assigned ... 0 refs" line.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 41)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    expired = store.lease("w0", 0.01)  # batch 1, its worker gone
+    assert expired is not None and expired.id == 1
+    time.sleep(0.05)
+    store.write(Enriched([tx_row(i, i) for i in (*range(1, 11), *range(11, 21))]))  # batches 1, 2
+    b = store.lease("w", 60.0)
+    assert b is not None and b.id == 3 and len(store.batch_refs(b)) == 10
+    assert [e.event for e in store.lease_events(1)] == ["leased", "expired", "emptied"]
+    assert [e.event for e in store.lease_events(2)] == ["emptied"]
+    assert {i: s for i, (s, _, _) in batch_states(store).items()} == {
+        1: "done", 2: "done", 3: "leased", 4: "pending"}
+    store.write(Enriched([tx_row(i, i) for i in range(31, 41)]))  # batch 4, the last
+    assert store.lease_next("w", 60.0) == Leased(None, emptied=1)
+    assert store.batch_counts().done == 3
 
 
 def test_a_plan_joined_closes_its_batches_with_nothing_left_to_fetch(store: Store) -> None:
@@ -748,9 +769,9 @@ def test_removing_a_contract_keeps_the_chains_rows_and_other_contracts(store: St
     with pytest.raises(GapfillError, match="a run is enriching"):
         store.remove_contract(1, C)  # leased: refused, nothing deleted
     assert store.commit_batch(b, Enriched([tx_row(1, 1), tx_row(2, 2)]))
+    assert store.lease("killed-run", 0.05) is not None  # the other batch
     store.write(Enriched(failures=[Failure(1, h(3), C, "not_found", "null"),
                                    Failure(1, h(4), C, "not_found", "null")]))  # fmt: skip
-    assert store.lease("killed-run", 0.05) is not None  # the other batch
     time.sleep(0.1)  # that run died: its lease expired, it blocks nothing
     deleted = store.remove_contract(1, C)
     assert (deleted["refs"], deleted["batches"], deleted["contracts"]) == (4, 2, 1)

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from gapfill.engine.events import BatchAbandoned, BatchDone
-from gapfill.engine.worker import Worker, WorkerSettings
+from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
+from gapfill.engine.worker import Worker, WorkerSettings, WorkerTotals
 from gapfill.errors import StoreError
 from gapfill.model import Batch, Contract, Enriched, Failure, Ref, TxRow
-from gapfill.store import GivenBack, open_store
+from gapfill.store import GivenBack, Leased, open_store
 
 
 class FakeStore:
@@ -38,6 +38,7 @@ class FakeStore:
         self.slow_s = 0.0
         self.already = 0  # transactions of each batch another batch stored first
         self.run_calls = 0  # the RPC calls the writes added to the run's
+        self.emptied = 0  # batches the next lease call closes, as if emptied meanwhile
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
         if not self._busy.acquire(blocking=False):
@@ -60,6 +61,10 @@ class FakeStore:
         self.state[b.id] = "leased"
         self.next_id += 1
         return b
+
+    def lease_next(self, owner: str, timeout_s: float, targets: Any) -> Leased:
+        emptied, self.emptied = self.emptied, 0
+        return Leased(self.lease(owner, timeout_s, targets), emptied)
 
     def batch_refs(self, batch: Batch) -> list[Ref]:
         self._call("batch_refs", (batch,))
@@ -144,6 +149,12 @@ def worker(store: FakeStore, enricher: FakeEnricher | None = None, emit: Any = N
                   s, emit or (lambda event: None))  # fmt: skip
 
 
+def run_with_events(store: FakeStore) -> tuple[WorkerTotals, list[Any]]:
+    """Run a worker on ``store`` to the end; its totals and the events it sent."""
+    events: list[Any] = []
+    return asyncio.run(worker(store, emit=events.append).run()), events
+
+
 async def stop_while_a_batch_waits(w: Worker) -> None:
     """Run ``w`` and cancel it (a stop's SIGTERM) once a fetched batch waits for its group."""
     run = asyncio.create_task(w.run())
@@ -180,14 +191,26 @@ def test_batches_commit_in_groups_each_once() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_batches_a_lease_closed_as_emptied_count_as_done_without_a_line() -> None:
+    # The store closes batches emptied meanwhile instead of leasing them: the worker counts
+    # them done (the progress of `enrich` and `worker` comes from its totals and events),
+    # and no "Assigned batch ..., 0 refs" line is said for them.
+    store = FakeStore(batches=3, refs=10)
+    store.emptied = 2
+    totals, events = run_with_events(store)
+    assert totals.batches == 5 and totals.processed == 30
+    assert [e for e in events if isinstance(e, BatchesEmptied)] == [BatchesEmptied(0, 2)]
+    assert sum(isinstance(e, BatchAssigned) for e in events) == 3
+
+
+@pytest.mark.timeout(30)
 def test_the_totals_count_what_the_batches_newly_stored_not_what_they_fetched() -> None:
     # Two contracts' batches in flight at once both fetch a transaction they share; it is
     # stored once, and the run's count in the database counts it once: so do the totals
     # (the coordinator's, the live progress) and the events they come from.
     store = FakeStore(batches=4, refs=10)
     store.already = 3
-    events: list[Any] = []
-    totals = asyncio.run(worker(store, emit=events.append).run())
+    totals, events = run_with_events(store)
     done = [e for e in events if isinstance(e, BatchDone)]
     assert [(e.succeeded, e.stored) for e in done] == [(10, 7)] * 4  # the line says what it fetched
     assert totals.processed == 28

@@ -77,6 +77,15 @@ class BatchAbandoned:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchesEmptied:
+    """A lease call closed ``count`` batches instead of leasing them: nothing of their key
+    range was left in the gap (another contract's batch or the start-up sample stored it)."""
+
+    worker: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerStats:
     """Cumulative counters of one worker (sent every second or so)."""
 
@@ -159,8 +168,8 @@ class RunSummary:
 
 
 Event = (
-    RunStarted | BatchAssigned | BatchDone | BatchAbandoned | WorkerStats | WorkerExited | Progress
-    | WorkerLostNode | Notice | RunSummary
+    RunStarted | BatchAssigned | BatchDone | BatchAbandoned | BatchesEmptied | WorkerStats | WorkerExited
+    | Progress | WorkerLostNode | Notice | RunSummary
 )  # fmt: skip
 Emit = Callable[[Event], None]
 

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from gapfill.engine.events import (
     BatchAbandoned,
     BatchDone,
+    BatchesEmptied,
     Emit,
     Event,
     Notice,
@@ -820,6 +821,8 @@ class Coordinator:
                 self.done_batches += 1
                 self.committed += ev.stored
                 self.committed_failed += ev.failed
+            if isinstance(ev, BatchesEmptied):
+                self.done_batches += ev.count
             if isinstance(ev, BatchAbandoned):
                 if ev.closed:
                     self.done_batches += 1

@@ -36,7 +36,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Emit, Notice, WorkerStats
+from gapfill.engine.events import (
+    BatchAbandoned,
+    BatchAssigned,
+    BatchDone,
+    BatchesEmptied,
+    Emit,
+    Notice,
+    WorkerStats,
+)
 from gapfill.enrich.fetch import Enricher
 from gapfill.errors import RpcError, StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
@@ -488,10 +496,13 @@ class Worker:
                 await self.db(self.store.release_owner, self.owner, "its lease answer was lost",
                               frozenset(self._held))  # fmt: skip
             unsure = True
-            batch = await self.db(self.store.lease, self.owner, self.settings.lease_timeout_s,
-                                  self.targets)  # fmt: skip
+            leased = await self.db(self.store.lease_next, self.owner, self.settings.lease_timeout_s,
+                                   self.targets)  # fmt: skip
             unsure = False
-            return batch
+            if leased.emptied:  # closed as done, with nothing to fetch: done batches all the same
+                self.totals.batches += leased.emptied
+                self.emit(BatchesEmptied(self.index, leased.emptied))
+            return leased.batch
 
         return await self._retrying("leasing a batch", attempt, stopping=None)
 

@@ -267,6 +267,16 @@ class GivenBack:
 
 
 @dataclass(frozen=True, slots=True)
+class Leased:
+    """What a lease call found (:meth:`Store.lease_next`)."""
+
+    batch: Batch | None  # the batch claimed; None: none is left
+    #: The batches it closed instead (``done``, an ``emptied`` event): nothing of their key
+    #: range was left in the gap, so a lease would have fetched nothing.
+    emptied: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class BatchCounts:
     pending: int
     leased: int
@@ -1016,9 +1026,10 @@ class Store(abc.ABC):
         """Mark done the pending batches of the contract's open plan that have nothing left
         to fetch, for the plan that joins it; returns how many. A batch given back (Ctrl+C)
         with the rows it had fetched, or whose refs left the gap otherwise (another contract
-        stored their transactions), would be counted open, and leased for nothing. Only the
-        batches given back before are looked at one by one (a probe of the gap's index each),
-        unless the contract has no gap at all."""
+        stored their transactions), would be counted open. Only the batches given back
+        before are looked at one by one (a probe of the gap's index each), unless the
+        contract has no gap at all; :meth:`lease_next` closes any other emptied one as it
+        comes to it, rather than lease it for nothing."""
         no_gap = not self._gap_in(cur, chain_id, contract)
         cur.execute(
             self._sql(f"SELECT {self._BATCH_COLS} FROM batches WHERE chain_id = ? AND contract = ? "
@@ -1031,15 +1042,21 @@ class Store(abc.ABC):
         for batch in pending:
             if not no_gap and self._range_in_gap(cur, batch):
                 continue
-            cur.execute(
-                self._sql("UPDATE batches SET state = 'done', lease_expires_at = NULL "
-                          "WHERE batch_id = ? AND state = 'pending'"),
-                (batch.id,),
-            )  # fmt: skip
-            if cur.rowcount == 1:
-                self._event(cur, batch.id, f"run {run_id}", batch.attempts, "emptied", now)
-                closed += 1
+            closed += self._mark_emptied(cur, batch, f"run {run_id}", now)
         return closed
+
+    def _mark_emptied(self, cur: Any, batch: Batch, who: str, now: float) -> bool:
+        """Mark done a batch that has nothing of its key range left in the gap, if it is still
+        in ``batch.state`` (pending, or leased with its lease expired); ``who`` closed it."""
+        cur.execute(
+            self._sql("UPDATE batches SET state = 'done', last_owner = coalesce(lease_owner, last_owner), "
+                      "lease_owner = NULL, lease_expires_at = NULL WHERE batch_id = ? AND state = ?"),
+            (batch.id, batch.state),
+        )  # fmt: skip
+        if cur.rowcount != 1:
+            return False
+        self._event(cur, batch.id, who, batch.attempts, "emptied", now)
+        return True
 
     @abc.abstractmethod
     def _gap_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[RefKey]:
@@ -1138,19 +1155,36 @@ class Store(abc.ABC):
         lease_timeout_s: float,
         targets: Sequence[tuple[int, str]] | None = None,
     ) -> Batch | None:
+        """Claim one batch: a pending one, or one whose lease expired (see :meth:`lease_next`)."""
+        return self.lease_next(owner, lease_timeout_s, targets).batch
+
+    def lease_next(
+        self,
+        owner: str,
+        lease_timeout_s: float,
+        targets: Sequence[tuple[int, str]] | None = None,
+    ) -> Leased:
         """Claim one batch: a pending one, or one whose lease expired.
 
         Batches another owner failed are preferred by other owners, so a retry
-        goes to a different worker where one exists.
+        goes to a different worker where one exists. A batch with nothing of its key range
+        left in the gap (another contract's batch or the start-up sample stored its
+        transactions) is closed instead, and the next one taken: a lease of it would cost
+        a lease and a commit for nothing.
         """
+        emptied = 0
         with self._tx() as cur:
             now = self._now(cur)
-            row = self._select_leasable(cur, now, owner, targets)
-            if row is None:
-                return None
-            b = self._batch(row)
-            if b.state == "leased" and b.lease_owner is not None:
-                self._event(cur, b.id, b.lease_owner, b.attempts, "expired", now)
+            while True:
+                row = self._select_leasable(cur, now, owner, targets)
+                if row is None:
+                    return Leased(None, emptied)
+                b = self._batch(row)
+                if b.state == "leased" and b.lease_owner is not None:
+                    self._event(cur, b.id, b.lease_owner, b.attempts, "expired", now)
+                if self._range_in_gap(cur, b):
+                    break
+                emptied += self._mark_emptied(cur, b, owner, now)
             attempt = b.attempts + 1
             cur.execute(
                 self._sql(
@@ -1160,8 +1194,8 @@ class Store(abc.ABC):
                 (attempt, owner, now + lease_timeout_s, b.id),
             )
             self._event(cur, b.id, owner, attempt, "leased", now)
-            return Batch(b.id, b.run_id, b.chain_id, b.contract, b.lo, b.hi, b.size, "leased",
-                         attempt, owner, now + lease_timeout_s)  # fmt: skip
+            return Leased(Batch(b.id, b.run_id, b.chain_id, b.contract, b.lo, b.hi, b.size, "leased",
+                                attempt, owner, now + lease_timeout_s), emptied)  # fmt: skip
 
     def renew(self, batch: Batch, lease_timeout_s: float) -> bool:
         """Extend a lease this owner still holds; False if it was lost."""

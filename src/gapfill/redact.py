@@ -42,6 +42,19 @@ _MISTYPED_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DO
 _PLAIN_WORD = re.compile(r"^[a-z][a-z._\-]{0,14}$")
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
 _DB_SECRET_QUERY_NAMES = re.compile(r"(pass|pwd|secret|token)", re.IGNORECASE)
+# Where a database URL's query starts: a '?' before one of libpq's parameters (the only
+# names it takes there). A '?' before anything else may be in a password, and an '@' after
+# it may end one: one of a newer libpq's parameters then masks more, never less.
+_DB_QUERY = re.compile(
+    r"\?(?=(application_name|channel_binding|client_encoding|connect_timeout|dbname"
+    r"|fallback_application_name|gssdelegation|gssencmode|gsslib|host|hostaddr|keepalives"
+    r"|keepalives_count|keepalives_idle|keepalives_interval|krbsrvname|load_balance_hosts"
+    r"|max_protocol_version|min_protocol_version|oauth_client_id|oauth_client_secret|oauth_issuer"
+    r"|oauth_scope|options|passfile|password|port|replication|require_auth|requirepeer"
+    r"|scram_client_key|scram_server_key|service|ssl_max_protocol_version|ssl_min_protocol_version"
+    r"|sslcert|sslcertmode|sslcompression|sslcrl|sslcrldir|sslkey|sslkeylogfile|sslmode"
+    r"|sslnegotiation|sslpassword|sslrootcert|sslsni|target_session_attrs|tcp_user_timeout|user)=)"
+)
 
 
 class DbUrl(str):
@@ -99,17 +112,20 @@ def _redact_db(url: str) -> tuple[str, list[str]]:
         passwords = [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
         return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url), passwords
     scheme = _db_scheme(url.partition("?")[0])
-    # The password ends at the last '@': it may hold an '@', '/', '?' or '#' libpq would cut
-    # at (an '@' in the query then hides more than the password, never less).
-    userinfo, at, rest = url[len(scheme) :].rpartition("@")
+    body = url[len(scheme) :]
+    # The password ends at the last '@' before the query: it may hold an '@', '/', '?' or
+    # '#' libpq would cut at. An '@' in the query (``?options=-c%20x=a:b@c``) is the query's.
+    query_at = m.start() if (m := _DB_QUERY.search(body)) else len(body)
+    userinfo, at, rest = body[:query_at].rpartition("@")
     user, colon, password = userinfo.partition(":")
     found: list[str] = []
     if at and colon and password and not scheme.lower().startswith("sqlite"):
         # Its pieces too: libpq quotes the one it read as a host or a port.
         found += [password, unquote_plus(password), *re.split(r"[@/?#:]", password)]
         scheme += f"{user}:{MASK}@"
+        rest += body[query_at:]
     else:
-        rest = url[len(scheme) :]
+        rest = body
     head, q, query = rest.partition("?")
     shown_query, in_query = _redact_query(query, is_db=True)
     return scheme + head + q + shown_query, found + in_query

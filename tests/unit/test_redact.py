@@ -237,6 +237,13 @@ _PW = "s3cretPW"
         (f"host:5432/db?password={_PW}", "host:5432/db?password=***"),
         (f"postgresql://u:pa/{_PW}@h/db", "postgresql://u:***@h/db"),
         (f"postgresql://u:pa?{_PW}@h/db", "postgresql://u:***@h/db"),
+        # An '@' in the query is the query's: the host, database and query were masked with
+        # the password ("postgresql://u:***@c"), or the query's "a:b@" taken for credentials.
+        (f"postgresql://u:{_PW}@h/db?options=-c%20x=a:b@c", "postgresql://u:***@h/db?options=-c%20x=a:b@c"),
+        ("postgresql://u@h/db?options=a:b@c", "postgresql://u@h/db?options=a:b@c"),
+        (f"postgresql://u:pa?{_PW}@h/db?application_name=x@y", "postgresql://u:***@h/db?application_name=x@y"),
+        (f"postgresql://u:{_PW}@h/db?sslmode=require&password={_PW}@x",
+         "postgresql://u:***@h/db?sslmode=require&password=***"),
         ("postgresql://bob@db.example:6432/app", "postgresql://bob@db.example:6432/app"),
         ("sqlite:///data/gapfill.db", "sqlite:///data/gapfill.db"),
         ("data/gapfill.db", "data/gapfill.db"),

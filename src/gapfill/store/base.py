@@ -1182,9 +1182,10 @@ class Store(abc.ABC):
                 b = self._batch(row)
                 if b.state == "leased" and b.lease_owner is not None:
                     self._event(cur, b.id, b.lease_owner, b.attempts, "expired", now)
-                if self._range_in_gap(cur, b):
+                # (A batch it could not close, none should be, is leased as before.)
+                if self._range_in_gap(cur, b) or not self._mark_emptied(cur, b, owner, now):
                     break
-                emptied += self._mark_emptied(cur, b, owner, now)
+                emptied += 1
             attempt = b.attempts + 1
             cur.execute(
                 self._sql(

@@ -27,8 +27,12 @@ _PLAIN_SEGMENT = re.compile(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|
 _MIN_SCRUBBED_SEGMENT = 6
 # What after a path would make it a longer one (a sentence's full stop would not).
 _PATH_GOES_ON = r"(?![A-Za-z0-9_~%\-])"
-# libpq keyword/value connection strings: ``password=...``.
-_DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# libpq keyword/value connection strings: the secrets they may hold, passwords (sslpassword
+# too), SCRAM keys and an OAuth client secret.
+_DSN_PASSWORD = re.compile(
+    r"((?:password|scram_client_key|scram_server_key|oauth_client_secret)\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)",
+    re.IGNORECASE,
+)
 # A host name or address, with an optional port (a one-word host only with one: `anvil:8545`):
 # what a URL without a scheme may show.
 _HOST = re.compile(
@@ -41,7 +45,7 @@ _MISTYPED_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DO
 # have digits, capitals or length; such a value is hidden whole.
 _PLAIN_WORD = re.compile(r"^[a-z][a-z._\-]{0,14}$")
 _SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
-_DB_SECRET_QUERY_NAMES = re.compile(r"(pass|pwd|secret|token)", re.IGNORECASE)
+_DB_SECRET_QUERY_NAMES = re.compile(r"(pass|pwd|secret|token|scram_)", re.IGNORECASE)
 # Where a database URL's query starts: a '?' before one of libpq's parameters (the only
 # names it takes there). A '?' before anything else may be in a password, and an '@' after
 # it may end one: one of a newer libpq's parameters then masks more, never less.

@@ -238,7 +238,8 @@ def test_an_explorer_key_without_a_url_names_where_the_key_came_from(tmp_path: P
     r = CliRunner().invoke(cli, ["--config", str(cfg), "--db", f"sqlite:///{tmp_path / 'x.db'}", "discover"])
     assert r.exit_code == 1 and KEY not in r.stderr
     assert r.stderr == (f"error: an explorer key is set ([explorer] key in {cfg}) but no URL: pass "
-                        f"--explorer-url, set GAPFILL_EXPLORER_URL or set [explorer] url in {cfg}\n")  # fmt: skip
+                        "--explorer-url, set GAPFILL_EXPLORER_URL or set [explorer] url in "
+                        f"{cfg}\n")  # fmt: skip
 
 
 async def test_explorer_messages_name_where_the_url_and_key_came_from() -> None:

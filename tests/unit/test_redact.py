@@ -46,6 +46,11 @@ def test_a_path_is_scrubbed_where_it_stands_whole_not_inside_a_longer_word() -> 
         ("sqlite:////abs/a.db", "sqlite:////abs/a.db"),
         ("sqlite://", "sqlite://"),
         ("postgresql:///db?host=/tmp&password=pw", "postgresql:///db?host=/tmp&password=***"),
+        # libpq's other secrets: SCRAM keys (base64), an OAuth client secret.
+        ("postgresql://u@h/db?scram_client_key=Q2xp%2BZW50&scram_server_key=U2Vy",
+         "postgresql://u@h/db?scram_client_key=***&scram_server_key=***"),
+        ("host=h scram_client_key=Q2xpZW50 scram_server_key='U2Vy dmVy' oauth_client_secret=s3 dbname=x",
+         "host=h scram_client_key=*** scram_server_key=*** oauth_client_secret=*** dbname=x"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

@@ -98,6 +98,12 @@ _BY_KEY = (
     "SELECT h, (SELECT {column} FROM {table} x WHERE x.chain_id = %s AND x.tx_hash = h) "
     "FROM unnest(%s::text[]) AS h"
 )
+#: Those of some hashes that have a failure record, probed as in ``_BY_KEY``: a commit asks it
+#: for every transaction it writes, and usually none has one (so none comes back).
+_WITH_FAILURE = (
+    "SELECT h FROM unnest(%s::text[]) AS h "
+    "WHERE (SELECT 1 FROM failures x WHERE x.chain_id = %s AND x.tx_hash = h) IS NOT NULL"
+)
 
 
 def _server_tcp_settings(given: dict[str, Any]) -> dict[str, str]:
@@ -625,14 +631,14 @@ class PostgresStore(Store):
 
     def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         # Which of the batch's transactions have a record: one statement, one probe each
-        # (_BY_KEY); then only those go, each by its key (usually none).
+        # (_WITH_FAILURE); then only those go, each by its key (usually none).
         by_chain: dict[int, list[str]] = {}
         for t in txs:
             by_chain.setdefault(t.chain_id, []).append(t.tx_hash)
         gone = []
         for chain_id, hashes in by_chain.items():
-            cur.execute(_BY_KEY.format(column="1", table="failures"), (chain_id, hashes))
-            gone += [(chain_id, h) for h, found in cur.fetchall() if found is not None]
+            cur.execute(_WITH_FAILURE, (hashes, chain_id))
+            gone += [(chain_id, h) for (h,) in cur.fetchall()]
         if gone:  # in key order, as a commit writes rows
             cur.executemany("DELETE FROM failures WHERE chain_id = %s AND tx_hash = %s", sorted(gone))
 

@@ -331,6 +331,20 @@ def zombie(pid: int) -> bool:
     return state(pid) == "Z"
 
 
+def process_group(pgid: int) -> set[int]:
+    """The live processes of process group ``pgid`` (a ``GapfillProc`` leads its own): the
+    coordinator's fork server, workers and resource tracker stay in it after it dies,
+    whoever their parent is then."""
+    out: set[int] = set()
+    for path in glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # Fields after the command name, which may hold spaces: state ppid pgrp ...
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.add(int(path.split("/")[2]))
+    return out
+
+
 def worker_pids(coordinator: int) -> set[int]:
     """The coordinator's worker processes: the children of its ``multiprocessing`` fork server."""
     servers = [p for p in children(coordinator) if "forkserver" in cmdline(p)]

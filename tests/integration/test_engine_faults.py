@@ -14,6 +14,7 @@ speed measurement (one call at a time through a slow emulator is many seconds).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -48,6 +49,7 @@ from engine_support import (
     leased_now,
     node_truth,
     owner_pid,
+    process_group,
     query,
     record_sequential_run,
     seed,
@@ -854,6 +856,33 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
     assert_exact(pg_url, node_chain, truth, seeded)
 
 
+def run_group_left(p: GapfillProc, timeout_s: float = 15.0) -> list[tuple[int, str]]:
+    """The processes of ``p``'s run (its process group: the coordinator leads it, and its
+    fork server, workers and resource tracker stay in it whoever adopts them) still
+    running ``timeout_s`` after it ended, with their command lines."""
+    deadline = time.monotonic() + timeout_s
+    while process_group(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [(q, cmdline(q)) for q in process_group(p.pid)]
+
+
+def kill_run_group(p: GapfillProc) -> None:
+    p.close()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+def assert_killed_run_left_nothing(p: GapfillProc, left: list[tuple[int, str]], db: str) -> None:
+    """After a kill -9 of ``p``, a coordinator, mid-run: none of its processes ran on
+    (``left``, from :func:`run_group_left`), nothing said a resource leaked, its workers
+    gave their leases back and stopped instead of running the plan to its end."""
+    assert not left, f"left behind 15 s after the coordinator was killed: {left}\n{p.output()}"
+    assert "leaked" not in p.output() and "Traceback" not in p.output(), p.output()
+    assert leased_now(db) == [], "a stopped worker kept its lease"
+    assert query(db, "SELECT count(*) FROM batches WHERE state = 'pending'")[0][0] > 0, (
+        "the orphaned workers ran the plan to its end")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("parent", ["reaps", "never_waits"])
 def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
@@ -865,7 +894,10 @@ def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
     # not wait for it (busy, or a harness that never calls wait) leaves it a zombie, which
     # still "exists" to kill(pid, 0): its workers must see it gone all the same, so there it
     # is reaped only after they stopped. One worker is a restarted one, forked after the
-    # others: it must not keep the watch open for the rest, nor miss it itself.
+    # others: it must not keep the watch open for the rest, nor miss it itself. Then nothing
+    # of the run remains, the fork server and the resource tracker included, and the tracker
+    # does not warn of "8 leaked semaphore objects" (a multiprocessing Queue's and Event's,
+    # which only the coordinator's own exit unlinked).
     with emulator(node_chain.url, "--latency-s", "1") as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "coordinator")
         try:
@@ -880,14 +912,41 @@ def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
                 p.wait(10)
             else:  # nothing may wait for it from here on (no p.poll(), no wait_for(proc=p))
                 wait_for("the coordinator to die", lambda: zombie(p.pid), 10)
-            wait_for("the workers to stop", lambda: not any(alive(w) for w in workers), 60)
+            left = run_group_left(p)
             if parent == "never_waits":
                 assert zombie(p.pid), "the coordinator was reaped before its workers stopped"
         finally:
-            p.close()  # kills what is left, reaps the coordinator if nothing did
-        assert leased_now(pg_url) == [], "a stopped worker kept its lease"
-        assert query(pg_url, "SELECT count(*) FROM batches WHERE state = 'pending'")[0][0] > 0, (
-            "the orphaned workers ran the plan to its end")
+            kill_run_group(p)  # kills what is left, reaps the coordinator if nothing did
+    assert_killed_run_left_nothing(p, left, pg_url)
+    rc, out = gapfill(enrich_args(pg_url, node_chain.url), tmp_path, "rerun")
+    assert rc == 0, out
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(150)
+def test_workers_whose_coordinator_stopped_reading_their_events_exit_when_it_is_killed(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # A coordinator that stops reading (SIGSTOP here; swapped out, a debugger) and is then
+    # killed leaves its workers with more events than their pipe holds. Through a
+    # multiprocessing.Queue, whose read end every worker holds too, a worker's exit waited
+    # for room in that pipe forever, and kept the fork server (and the resource tracker)
+    # alive with it. One-ref batches on the bare node make ~230 bytes of events each, so
+    # 600 commits fill the 64 KiB pipe twice over.
+    p = GapfillProc(enrich_args(pg_url, node_chain.url, "--batch-size", "1"), tmp_path, "coordinator")
+    try:
+        wait_for("two workers", lambda: len(worker_pids(p.pid)) == 2, 30, proc=p)
+        wait_for("a first commit", lambda: committed_count(pg_url) > 0, 60, proc=p)
+        os.kill(p.pid, signal.SIGSTOP)
+        before = committed_count(pg_url)
+        wait_for("600 commits", lambda: committed_count(pg_url) >= before + 600, 60)
+        os.kill(p.pid, signal.SIGKILL)
+        rc = p.wait(10)
+        left = run_group_left(p)
+    finally:
+        kill_run_group(p)
+    assert rc == -signal.SIGKILL
+    assert_killed_run_left_nothing(p, left, pg_url)
     rc, out = gapfill(enrich_args(pg_url, node_chain.url), tmp_path, "rerun")
     assert rc == 0, out
     assert_exact(pg_url, node_chain, truth, seeded)

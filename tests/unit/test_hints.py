@@ -262,7 +262,7 @@ def test_a_worker_process_names_where_the_database_url_came_from(
 ) -> None:
     # A concurrent run's workers open their own stores: their messages said
     # "--db / GAPFILL_DB" whatever the source, as the job did not carry it.
-    import queue
+    import multiprocessing
     import signal
 
     from gapfill.engine.events import Notice
@@ -275,10 +275,10 @@ def test_a_worker_process_names_where_the_database_url_came_from(
                     db_check="the db key of /etc/gapfill.toml")  # fmt: skip
     said = (f"cannot open the SQLite database {missing}: folder {missing.parent} does not exist; create "
             "it, or check the db key of /etc/gapfill.toml")  # fmt: skip
-    events: queue.Queue[Any] = queue.Queue()
+    events, sent = multiprocessing.Pipe(duplex=False)
     with pytest.raises(SystemExit):
-        worker_process_main(0, job, events, None)
-    assert events.get_nowait() == Notice(f"[Worker-1] {said}")
+        worker_process_main(0, job, sent, None)
+    assert events.recv() == Notice(f"[Worker-1] {said}")
     with pytest.raises(GapfillError) as info:
         _open(job, lambda event: None)  # the coordinator's, and a batch run's
     assert str(info.value) == said

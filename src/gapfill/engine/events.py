@@ -1,7 +1,7 @@
 """Progress events: what the engine tells whoever renders it (the CLI's live view or log lines).
 
 Events are plain frozen records so they cross process boundaries (worker
-processes put them on a queue) and carry no rendering logic.
+processes send them through pipes) and carry no rendering logic.
 """
 
 from __future__ import annotations

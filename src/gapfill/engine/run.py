@@ -628,24 +628,56 @@ def _metrics(processed: int, failed: int, calls: int, retries: int, limited: int
 # -- worker processes ----------------------------------------------------------------------
 
 
-def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any,
+class _EventSender:
+    """A worker's events on their way to its coordinator, through a pipe of their own.
+
+    A thread sends them, so the event loop never waits for a coordinator that has not
+    drained the pipe yet. The coordinator holds the pipe's only read end, so once it is
+    dead a send fails (EPIPE) and the rest are dropped: a ``multiprocessing.Queue`` gives
+    every process the read end too, and a worker whose queue was full when its coordinator
+    died blocked at exit flushing it, forever (and kept the fork server alive).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue_mod.SimpleQueue[Event | None] = queue_mod.SimpleQueue()
+        self._thread = threading.Thread(target=self._send, name="gapfill-events", daemon=True)
+        self._thread.start()
+
+    def put(self, event: Event) -> None:
+        self._queue.put(event)
+
+    def _send(self) -> None:
+        while (event := self._queue.get()) is not None:
+            try:
+                self._conn.send(event)
+            except OSError:  # the coordinator is gone: nobody will read the rest
+                return
+
+    def close(self) -> None:
+        """Send what is queued (unless the coordinator is gone), then close the pipe."""
+        self._queue.put(None)
+        self._thread.join()
+        self._conn.close()
+
+
+def worker_process_main(index: int, job: EnrichJob, events: Connection,
                         coordinator: Connection | None = None) -> None:  # fmt: skip
     """Entry point of a worker process (forked by the coordinator's fork server).
 
-    ``coordinator`` is the read end of the coordinator's lifeline, a pipe whose only write
-    end the coordinator holds (:attr:`Coordinator.lifeline`): it reads EOF once the
-    coordinator is dead, zombie or not, and the worker then stops as on Ctrl+C rather than
-    run on unsupervised.
+    ``events`` is the write end of this worker's own event pipe, whose read end only the
+    coordinator holds. ``coordinator`` is the read end of the coordinator's lifeline
+    (:attr:`Coordinator.lifeline`), whose only write end the coordinator holds: it becomes
+    readable when the coordinator writes its stop to it (Ctrl+C, SIGTERM) or when the
+    coordinator is dead, zombie or not (EOF), and either way the worker stops as on Ctrl+C
+    rather than run on unsupervised.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
     logging.basicConfig(level=logging.ERROR)  # as quiet as the CLI by default
-
-    def emit(event: Event) -> None:
-        with contextlib.suppress(Exception):
-            events.put_nowait(event)
-
+    sender = _EventSender(events)
+    emit = sender.put
     try:
-        asyncio.run(_worker_async(index, job, emit, stop, coordinator))
+        asyncio.run(_worker_async(index, job, emit, coordinator))
     except NodeUnavailable as exc:
         # Only the start-up check raises it. On a flaky node a patient check still fails all
         # its tries now and then: a crash to restart (within the restart budget), not a lost
@@ -660,10 +692,11 @@ def worker_process_main(index: int, job: EnrichJob, events: Any, stop: Any,
         raise SystemExit(1) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise SystemExit(0) from None
+    finally:
+        sender.close()
 
 
-async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any,
-                        coordinator: Connection | None = None) -> None:  # fmt: skip
+async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Connection | None) -> None:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -684,11 +717,12 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, stop: Any,
                             job.worker, emit, job.targets)  # fmt: skip
 
             async def watch_stop() -> None:
-                # The stop event, or the coordinator gone (SIGKILL, OOM): it can no longer
-                # supervise, so no new leases; in-flight batches finish or are given back.
-                # Nothing is ever written to the pipe: readable means EOF, its write end closed
-                # by the kernel when the coordinator died (a pid check took a zombie for alive).
-                while not stop.is_set() and not (coordinator is not None and coordinator.poll()):
+                # The coordinator's stop, or the coordinator gone (SIGKILL, OOM): it can no
+                # longer supervise, so no new leases; in-flight batches finish or are given
+                # back. The lifeline is readable in both cases: the stop written to it (and
+                # never read, so every worker sees it), or EOF, its write end closed by the
+                # kernel when the coordinator died (a pid check took a zombie for alive).
+                while not (coordinator is not None and coordinator.poll()):
                     await asyncio.sleep(0.2)
                 worker.stopping = True
 
@@ -729,12 +763,17 @@ class Coordinator:
         # keccak's backend too: gapfill.keccak loads it on first use, and a worker would
         # pay that (~13 ms and a `file` subprocess) on every start and restart.
         self.ctx.set_forkserver_preload(["gapfill.engine.run", "Crypto.Hash.keccak"])
-        self.events: Any = self.ctx.Queue()
-        self.stop = self.ctx.Event()
+        # Pipes only, no multiprocessing.Queue or Event: those are named semaphores that this
+        # process creates and unlinks at its exit, so a kill -9 left them to the resource
+        # tracker, which warned of "leaked semaphore objects" on the terminal.
+        # The read ends of the workers' event pipes (one each, a restarted worker's too),
+        # until they read EOF: a dead worker's last events are read before that.
+        self.events: list[Connection] = []
         # The workers' lifeline: each gets the read end (sent through the fork server, which
         # closes its copy once it forked); the write end never leaves this process (pipes are
         # not inherited by the processes it spawns), so when it dies, even as a zombie its
         # parent has not reaped, the kernel closes the write end and every worker reads EOF.
+        # Its stop (the first Ctrl+C or SIGTERM) is written to it, and read by nobody.
         self.lifeline, self._lifeline_w = self.ctx.Pipe(duplex=False)
         self.slots: dict[int, _Slot] = {}
         self.stopping_at: float | None = None
@@ -756,10 +795,14 @@ class Coordinator:
         self.own_calls = 0
 
     def _spawn(self, index: int) -> BaseProcess:
-        p = self.ctx.Process(target=worker_process_main,
-                             args=(index, self.job, self.events, self.stop, self.lifeline),
+        reader, writer = self.ctx.Pipe(duplex=False)
+        p = self.ctx.Process(target=worker_process_main, args=(index, self.job, writer, self.lifeline),
                              name=f"gapfill-worker-{index + 1}", daemon=True)  # fmt: skip
-        p.start()
+        try:
+            p.start()  # the write end is with the fork server now: the worker holds the only one
+        finally:
+            writer.close()
+        self.events.append(reader)
         return p
 
     def _owner(self, slot: _Slot) -> str:
@@ -769,7 +812,8 @@ class Coordinator:
         self.interrupts += 1
         if self.interrupts == 1:
             self.stopping_at = time.monotonic()
-            self.stop.set()
+            with contextlib.suppress(OSError):
+                self._lifeline_w.send_bytes(b"stop")
             self._start.cancel()  # the sample (its rows are not written) or the probe
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
@@ -789,7 +833,7 @@ class Coordinator:
 
     def totals(self) -> tuple[int, int, int, int, int]:
         """Processed and failed as the batch events count them (a worker sends its stats
-        after the events they count, on the same queue, so the events are never behind);
+        after the events they count, through the same pipe, so the events are never behind);
         calls, retries and 429s from the stats, which a killed worker's last second misses."""
         processed, failed = self.committed, self.committed_failed
         calls = retries = limited = 0
@@ -808,30 +852,34 @@ class Coordinator:
         return processed, failed, calls + self.own_calls, retries, limited
 
     def _drain(self) -> None:
-        while True:
+        for conn in list(self.events):
             try:
-                ev = self.events.get_nowait()
-            except (queue_mod.Empty, EOFError, OSError):
-                return
-            if isinstance(ev, WorkerStats):
-                slot = self.slots.get(ev.worker)
-                if slot is not None and slot.proc.pid == ev.pid:
-                    slot.stats = ev
-            if isinstance(ev, BatchDone) and ev.committed:
+                while conn.poll():
+                    self._take(conn.recv())
+            except (EOFError, OSError):  # its worker has exited, and every event of it is read
+                self.events.remove(conn)
+                conn.close()
+
+    def _take(self, ev: Event) -> None:
+        if isinstance(ev, WorkerStats):
+            slot = self.slots.get(ev.worker)
+            if slot is not None and slot.proc.pid == ev.pid:
+                slot.stats = ev
+        if isinstance(ev, BatchDone) and ev.committed:
+            self.done_batches += 1
+            self.committed += ev.stored
+            self.committed_failed += ev.failed
+        if isinstance(ev, BatchesEmptied):
+            self.done_batches += ev.count
+        if isinstance(ev, BatchAbandoned):
+            if ev.closed:
                 self.done_batches += 1
-                self.committed += ev.stored
-                self.committed_failed += ev.failed
-            if isinstance(ev, BatchesEmptied):
-                self.done_batches += ev.count
-            if isinstance(ev, BatchAbandoned):
-                if ev.closed:
-                    self.done_batches += 1
-                self.committed += ev.kept_new
-                self.committed_failed += ev.kept_failed
-            if isinstance(ev, WorkerLostNode):
-                (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
-                continue  # the run's error, or the restart's notice, says it
-            self.emit(ev)
+            self.committed += ev.kept_new
+            self.committed_failed += ev.kept_failed
+        if isinstance(ev, WorkerLostNode):
+            (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
+            return  # the run's error, or the restart's notice, says it
+        self.emit(ev)
 
     def run(self) -> RunSummary:
         job = self.job
@@ -992,7 +1040,8 @@ class Coordinator:
                 permanent = permanent_failures(store, job.targets)
                 behind, head = refs_beyond_head(store, job.targets)
             store.close()
-            self.events.close()
+            for conn in self.events:
+                conn.close()
             self.lifeline.close()
             self._lifeline_w.close()
         rate = processed / secs if secs > 0 else 0.0

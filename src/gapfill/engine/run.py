@@ -404,12 +404,10 @@ def wait_for_plan(store: Store, targets: Sequence[tuple[int, str]], poll_s: floa
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any
-        open_per_target = [store.batch_counts(targets=[t]) for t in job.targets]
-        return (sum(c.pending + c.leased for c in open_per_target), 0,
-                sum(1 for c in open_per_target if c.pending + c.leased))  # fmt: skip
+        open_per_target = [store.open_counts([t]).open for t in job.targets]
+        return sum(open_per_target), 0, sum(1 for n in open_per_target if n)
     info = store.plan(run_id, job.targets, job.batch_size)
-    counts = store.batch_counts(targets=list(job.targets))
-    return counts.pending + counts.leased, info.refs, info.joined
+    return store.open_counts(job.targets).open, info.refs, info.joined
 
 
 # -- in-process modes ----------------------------------------------------------------------
@@ -931,8 +929,7 @@ class Coordinator:
                 self.emit(Notice(f"metrics: http://127.0.0.1:{self.metrics.port}/metrics"))
             # Only the targets' batches: a worker leases on its node's chain alone, and
             # counting another chain's open plan kept restarting workers that found nothing.
-            counts0 = store.batch_counts(targets=list(job.targets))
-            total_batches = counts0.pending + counts0.leased
+            total_batches = store.open_counts(job.targets).open
             # With nothing open, no worker starts and no node is asked anything; nor after a
             # Ctrl+C during the start (the run ends at once, as interrupted).
             if total_batches and self.stopping_at is None:
@@ -1118,15 +1115,17 @@ class Coordinator:
         """Progress of the plan: the batches open at the run's start (planned by it, or
         those of the plan it joined, which keep the run id of the run that planned them:
         counting this run's ids said 0% all along after a rerun), or for `gapfill worker`
-        those it did."""
+        those it did, of those and the ones still open. Only open batches are counted: the
+        done ones of earlier runs (never pruned) made a count per second grow with the
+        history, and a worker's total counted them all."""
         job = self.job
-        counts = store.batch_counts(targets=list(job.targets))
+        open_ = store.open_counts(job.targets).open
         if job.plan_new:
             total = total_batches
-            done = max(0, total - counts.pending - counts.leased)
+            done = max(0, total - open_)
         else:
             done = self.done_batches
-            total = max(total_batches, counts.total)
+            total = max(total_batches, done + open_)
         processed, failed, _, retries, limited = self.totals()
         self.emit(_progress_event(done, total, active, processed, failed, time.perf_counter() - t0,
                                   retries, limited))  # fmt: skip

@@ -153,6 +153,27 @@ _LEASE_HELD = (
     "batch_id = ? AND state = 'leased' AND lease_owner = ? AND attempts = ? AND lease_expires_at >= ?"
 )
 
+#: The open batches (pending or leased), as the partial indexes ``batches_open`` and
+#: ``batches_open_contract`` name them, word for word: every query over batches that runs
+#: per lease or per second says it (a leased-only one as well as its ``state = 'leased'``),
+#: so that it reads the open plan and never the done batches, which every run adds (2,000
+#: per million refs) and nothing prunes. SQLite uses a partial index only for a query whose
+#: WHERE has the index's term itself (``state = 'leased'`` alone did not count), and
+#: PostgreSQL without statistics took the contracts' index for a lease of two contracts and
+#: filtered the state. With 200,000 done batches and 2,000 open: a lease 15 ms on SQLite
+#: (0.4 now), 62 ms on PostgreSQL (1.2), the expiry check each second 13 ms on SQLite (0.01).
+_OPEN = "state IN ('pending', 'leased')"
+
+
+def _of_targets(targets: Sequence[tuple[int, str]] | None, params: list[Any]) -> str:
+    """`` AND`` the row is of one of ``targets`` (none: of any contract), adding their
+    parameters to ``params``."""
+    if not targets:
+        return ""
+    for c, a in targets:
+        params += [c, a]
+    return " AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ")"
+
 
 def _fill_order(fill: tuple[Any, ...]) -> tuple[int, str, str]:
     """(block, chain, contract, hash, ...) fills, ordered by the refs' primary key."""
@@ -306,6 +327,18 @@ class Leased:
     #: The batches it closed instead (``done``, an ``emptied`` event): nothing of their key
     #: range was left in the gap, so a lease would have fetched nothing.
     emptied: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OpenCounts:
+    """The open batches (:meth:`Store.open_counts`)."""
+
+    pending: int
+    leased: int
+
+    @property
+    def open(self) -> int:
+        return self.pending + self.leased
 
 
 @dataclass(frozen=True, slots=True)
@@ -1081,17 +1114,14 @@ class Store(abc.ABC):
     def batch_counts(
         self, run_id: int | None = None, targets: Sequence[tuple[int, str]] | None = None
     ) -> BatchCounts:
-        """Counts over all batches, one run's, or the batches of some contracts."""
+        """Counts over all batches, one run's, or the batches of some contracts: it reads every
+        batch they have, done ones included (what runs per second is :meth:`open_counts`)."""
         sql = (
             "SELECT state, count(*), coalesce(sum(succeeded), 0), coalesce(sum(failed), 0) "
             "FROM batches WHERE (CAST(? AS BIGINT) IS NULL OR run_id = ?)"
         )
         params: list[Any] = [run_id, run_id]
-        if targets:
-            sql += " AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ")"
-            for c, a in targets:
-                params += [c, a]
-        sql += " GROUP BY state"
+        sql += _of_targets(targets, params) + " GROUP BY state"
         with self._read() as cur:
             cur.execute(self._sql(sql), params)
             by: dict[str, tuple[int, int, int]] = {
@@ -1104,11 +1134,21 @@ class Store(abc.ABC):
             sum(v[1] for v in by.values()), sum(v[2] for v in by.values()),
         )  # fmt: skip
 
+    def open_counts(self, targets: Sequence[tuple[int, str]] | None = None) -> OpenCounts:
+        """The pending and leased batches, of all contracts or of ``targets``: what a run's
+        progress asks every second. It reads the open batches alone, however many done ones
+        earlier runs left (:data:`_OPEN`)."""
+        params: list[Any] = []
+        of = _of_targets(targets, params)
+        sql = f"SELECT state, count(*) FROM batches WHERE {_OPEN}{of} GROUP BY state"
+        with self._read() as cur:
+            cur.execute(self._sql(sql), params)
+            by = {state: int(n) for state, n in cur.fetchall()}
+        return OpenCounts(by.get("pending", 0), by.get("leased", 0))
+
     def has_open_batches(self, targets: Sequence[tuple[int, str]] | None = None) -> bool:
         with self._read() as cur:
-            cur.execute(
-                "SELECT chain_id, contract FROM batches WHERE state IN ('pending', 'leased')"
-            )
+            cur.execute(f"SELECT chain_id, contract FROM batches WHERE {_OPEN}")
             open_ = {(int(c), k) for c, k in cur.fetchall()}
         if targets is None:
             return bool(open_)
@@ -1137,16 +1177,13 @@ class Store(abc.ABC):
         to a different worker where one exists.
         """
         sql = (
-            f"SELECT {self._BATCH_COLS} FROM batches WHERE "
+            f"SELECT {self._BATCH_COLS} FROM batches WHERE {_OPEN} AND "
             "((state = 'pending' AND (lease_expires_at IS NULL OR lease_expires_at <= ?)) "
-            "OR (state = 'leased' AND lease_expires_at < ?)) "
+            "OR (state = 'leased' AND lease_expires_at < ?))"
         )
         params: list[Any] = [now, now]
-        if targets:
-            sql += "AND (" + " OR ".join("(chain_id = ? AND contract = ?)" for _ in targets) + ") "
-            for c, a in targets:
-                params += [c, a]
-        sql += "ORDER BY (coalesce(last_owner, '') = ?), batch_id LIMIT 1" + self._LEASE_LOCK
+        sql += _of_targets(targets, params)
+        sql += " ORDER BY (coalesce(last_owner, '') = ?), batch_id LIMIT 1" + self._LEASE_LOCK
         params.append(owner)
         cur.execute(self._sql(sql), params)
         row = cur.fetchone()
@@ -1427,9 +1464,9 @@ class Store(abc.ABC):
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
-                self._sql(
-                    "SELECT batch_id, attempts FROM batches WHERE state = 'leased' AND lease_owner = ? "
-                    "ORDER BY batch_id"  # given back, so locked, in batch order
+                self._sql(  # given back, so locked, in batch order
+                    f"SELECT batch_id, attempts FROM batches WHERE {_OPEN} AND "
+                    "state = 'leased' AND lease_owner = ? ORDER BY batch_id"
                 ),
                 (owner,),
             )
@@ -1458,7 +1495,8 @@ class Store(abc.ABC):
     def lease_owners(self) -> list[str]:
         """Owners holding leases now (to find dead local workers)."""
         with self._read() as cur:
-            cur.execute("SELECT DISTINCT lease_owner FROM batches WHERE state = 'leased'")
+            cur.execute(f"SELECT DISTINCT lease_owner FROM batches WHERE {_OPEN} "
+                        "AND state = 'leased'")
             return [o for (o,) in cur.fetchall() if o]
 
     def expire_leases(self, owner_prefix: str | None = None) -> list[Batch]:
@@ -1470,7 +1508,8 @@ class Store(abc.ABC):
         """
         with self._read() as cur:
             cur.execute(
-                self._sql("SELECT 1 FROM batches WHERE state = 'leased' AND lease_expires_at < ? LIMIT 1"),
+                self._sql(f"SELECT 1 FROM batches WHERE {_OPEN} AND state = 'leased' "
+                          "AND lease_expires_at < ? LIMIT 1"),
                 (self._now(cur),),
             )
             if cur.fetchone() is None:
@@ -1479,8 +1518,8 @@ class Store(abc.ABC):
             now = self._now(cur)
             cur.execute(
                 self._sql(
-                    f"SELECT {self._BATCH_COLS} FROM batches WHERE state = 'leased' "
-                    "AND lease_expires_at < ? ORDER BY batch_id"  # locked in batch order
+                    f"SELECT {self._BATCH_COLS} FROM batches WHERE {_OPEN} "
+                    "AND state = 'leased' AND lease_expires_at < ? ORDER BY batch_id"  # locked in batch order
                 ),
                 (now,),
             )

@@ -791,10 +791,13 @@ def _renderer(quiet: bool) -> Any:
     from gapfill.cli_progress import LineRenderer, LiveRenderer
 
     if quiet:
-        from gapfill.engine.events import RunSummary
+        from gapfill.engine.events import Notice, RunSummary
 
+        # Quiet is the summary, and what the run waits for: a lock or a node silent for
+        # minutes would otherwise look like a hang.
         lines = LineRenderer()
-        return lambda ev: lines(ev) if isinstance(ev, RunSummary) else None
+        return lambda ev: lines(ev) if isinstance(ev, RunSummary) or (
+            isinstance(ev, Notice) and ev.waiting) else None
     return LiveRenderer() if _is_tty() else LineRenderer()
 
 
@@ -881,7 +884,8 @@ enrich_options = [
                  help="Stop (batches given back) when no RPC node has replied for this many seconds."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                  help="Serve Prometheus metrics on 127.0.0.1:PORT."),
-    click.option("-q", "--quiet", is_flag=True, help="Print only the summary."),
+    click.option("-q", "--quiet", is_flag=True,
+                 help="Print only the summary (and what the run waits for: a lock, a slow node)."),
 ]  # fmt: skip
 
 

@@ -133,9 +133,14 @@ class WorkerLostNode:
 
 @dataclass(frozen=True, slots=True)
 class Notice:
-    """A line worth telling the user (restarts, expired leases, shutdown steps)."""
+    """A line worth telling the user (restarts, expired leases, shutdown steps).
+
+    ``waiting``: the run waits on something outside it (another process's lock, a node
+    slow to answer); said even with ``--quiet``, which would otherwise sit silent.
+    """
 
     text: str
+    waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,7 +232,7 @@ async def _ready(client: RpcClient, emit: Emit | None = None) -> int:
     """Probe the endpoints (chain id), then make sure the node serves what enrichment calls:
     a node without them would otherwise fail every transaction, one by one, for good.
     With ``emit``, a node slow to answer the probe is said to be waited for."""
-    chain_id = await client.probe(None if emit is None else lambda text: emit(Notice(text)))
+    chain_id = await client.probe(None if emit is None else lambda text: emit(Notice(text, waiting=True)))
     await client.require(["eth_getTransactionByHash", "eth_getTransactionReceipt"], [_NO_SUCH_TX],
                          "gapfill needs to enrich transactions")  # fmt: skip
     return chain_id
@@ -428,7 +428,8 @@ def _open(job: EnrichJob, emit: Emit) -> Store:
     while this process is the run's only writer. A concurrent run's coordinator (once its
     workers started) and workers wait on each other's commits, which is no news: they do
     not say it."""
-    return open_store(job.db_url, notice=lambda text: emit(Notice(text)), check=job.db_check, app=_app(job))
+    return open_store(job.db_url, notice=lambda text: emit(Notice(text, waiting=True)), check=job.db_check,
+                      app=_app(job))
 
 
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:

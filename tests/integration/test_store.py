@@ -1568,7 +1568,7 @@ def test_postgres_leases_and_progress_read_the_open_batches_alone(
                 # The open batches, and the old versions of those a lease or a give-back
                 # updated since the last vacuum: a few times OPEN, however long the history.
                 assert read * node["Actual Loops"] <= 5 * OPEN, plan
-        assert s.open_counts([(1, C)]).open == OPEN and s.open_counts([(1, D)]).open == 0
+        assert s.count_open_batches([(1, C)]) == OPEN and s.count_open_batches([(1, D)]) == 0
 
 
 class _Recorded:
@@ -1619,7 +1619,7 @@ def test_sqlite_leases_and_progress_search_the_open_batches_index(tmp_path: Any,
             reads = [x for x in plan if re.match(r"(SCAN|SEARCH) batches\b", x)]
             open_only = [re.search(r"INDEX batches_open(_contract)?\b", x) for x in reads]
             assert reads and all(open_only), (sql, plan)
-        assert s.open_counts([(1, C)]).open == OPEN and s.open_counts([(1, D)]).open == 0
+        assert s.count_open_batches([(1, C)]) == OPEN and s.count_open_batches([(1, D)]) == 0
 
 
 def test_a_workers_progress_counts_what_it_did_and_what_is_open_not_the_history(db_url: str) -> None:

@@ -404,10 +404,10 @@ def wait_for_plan(store: Store, targets: Sequence[tuple[int, str]], poll_s: floa
 def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any
-        open_per_target = [store.open_counts([t]).open for t in job.targets]
+        open_per_target = [store.count_open_batches([t]) for t in job.targets]
         return sum(open_per_target), 0, sum(1 for n in open_per_target if n)
     info = store.plan(run_id, job.targets, job.batch_size)
-    return store.open_counts(job.targets).open, info.refs, info.joined
+    return store.count_open_batches(job.targets), info.refs, info.joined
 
 
 # -- in-process modes ----------------------------------------------------------------------
@@ -930,7 +930,7 @@ class Coordinator:
                 self.emit(Notice(f"metrics: http://127.0.0.1:{self.metrics.port}/metrics"))
             # Only the targets' batches: a worker leases on its node's chain alone, and
             # counting another chain's open plan kept restarting workers that found nothing.
-            total_batches = store.open_counts(job.targets).open
+            total_batches = store.count_open_batches(job.targets)
             # With nothing open, no worker starts and no node is asked anything; nor after a
             # Ctrl+C during the start (the run ends at once, as interrupted).
             if total_batches and self.stopping_at is None:
@@ -1120,7 +1120,7 @@ class Coordinator:
         done ones of earlier runs (never pruned) made a count per second grow with the
         history, and a worker's total counted them all."""
         job = self.job
-        open_ = store.open_counts(job.targets).open
+        open_ = store.count_open_batches(job.targets)
         if job.plan_new:
             total = total_batches
             done = max(0, total - open_)

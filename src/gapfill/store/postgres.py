@@ -87,19 +87,19 @@ _STAGED_OR_STORED_BLOCK = (
 )
 
 
-#: Each of some hashes (an array) with ``{column}`` of its row in ``{table}`` (as ``x``), NULL
-#: where it has none: a scalar subquery per hash, one probe of the primary key each, which
-#: PostgreSQL cannot make a join. As ``tx_hash = ANY(%s)`` the planner, with statistics
-#: missing or stale, read every row of the chain and checked each against the array: a
-#: commit's clearing of failure records grew with the chain's records (100,000 of them:
-#: 21 ms instead of 1 for each commit), a lookup of stored blocks with the chain's
-#: transactions (130,000: 56 ms instead of 2).
-_BY_KEY = (
-    "SELECT h, (SELECT {column} FROM {table} x WHERE x.chain_id = %s AND x.tx_hash = h) "
+# Hashes (an array) looked up one by one, each a scalar subquery (one probe of the primary
+# key), which PostgreSQL cannot make a join. As ``tx_hash = ANY(%s)`` the planner, with
+# statistics missing or stale, read every row of the chain and checked each against the
+# array: a commit's clearing of failure records grew with the chain's records (100,000 of
+# them: 21 ms instead of 1 for each commit), a lookup of stored blocks with the chain's
+# transactions (130,000: 56 ms instead of 2).
+#: Each hash with its stored transaction's block, NULL where none is stored.
+_STORED_BLOCKS = (
+    "SELECT h, (SELECT x.block_number FROM transactions x WHERE x.chain_id = %s AND x.tx_hash = h) "
     "FROM unnest(%s::text[]) AS h"
 )
-#: Those of some hashes that have a failure record, probed as in ``_BY_KEY``: a commit asks it
-#: for every transaction it writes, and usually none has one (so none comes back).
+#: Those of some hashes that have a failure record: a commit asks it for every transaction it
+#: writes, and usually none has one (so none comes back).
 _WITH_FAILURE = (
     "SELECT h FROM unnest(%s::text[]) AS h "
     "WHERE (SELECT 1 FROM failures x WHERE x.chain_id = %s AND x.tx_hash = h) IS NOT NULL"
@@ -573,7 +573,7 @@ class PostgresStore(Store):
             return RefsAdded(n, filled)
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
-        cur.execute(_BY_KEY.format(column="x.block_number", table="transactions"), (chain_id, list(hashes)))
+        cur.execute(_STORED_BLOCKS, (chain_id, list(hashes)))
         return {h: int(b) for h, b in cur.fetchall() if b is not None}
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:

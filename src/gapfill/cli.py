@@ -393,6 +393,12 @@ chain_option: _Decorator = click.option(
     "--chain-id", type=int_range(1), default=None,
     help="Chain id; needed only if the address is tracked on several chains.",
 )  # fmt: skip
+#: ``chain_option`` of the commands that ask the endpoints their chain (see resolve_targets).
+node_chain_option: _Decorator = click.option(
+    "--chain-id", type=int_range(1), default=None,
+    help="Chain id; needed only if the address is tracked on several chains and no RPC endpoint "
+         "is given (the endpoints' chain picks).",
+)  # fmt: skip
 #: Every command that asks the node something has it: a silent node's sentence says
 #: "raise --rpc-timeout", which must be an option of the command that said it.
 rpc_timeout_option: _Decorator = click.option(
@@ -428,8 +434,17 @@ def given_as(click_ctx: click.Context | None, param: str, value: object, flag: s
     return None
 
 
-def resolve_targets(store: Store, contract: str | None, chain_id: int | None) -> list[Contract]:
+def resolve_targets(store: Store, contract: str | None, chain_id: int | None,
+                    node_picks: bool = False) -> list[Contract]:  # fmt: skip
+    """The tracked contracts a command works on. ``node_picks``: the command asks its RPC
+    endpoints their chain, so an address tracked on several chains, given without
+    ``chain_id``, is each of them (``served(..., one_address=True)`` keeps the one the
+    endpoints serve) instead of the error that asks for --chain-id."""
     if contract is not None:
+        if node_picks and chain_id is None:
+            found = [c for c in store.list_contracts() if c.address == contract]
+            if len(found) > 1:
+                return found
         return [store.get_contract(contract, chain_id)]
     tracked = store.list_contracts()
     found = [c for c in tracked if chain_id is None or c.chain_id == chain_id]
@@ -743,27 +758,33 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None, rpc: Rp
 
     Targets all on one chain are not probed here: the run's own start-up check says, in
     one sentence, when the node serves another chain (nothing could be done: exit 1)."""
-    targets = resolve_targets(ctx.store(read_only=read_only), contract, chain_id)
+    # `--contract X` of an address tracked on several chains: the endpoints' chain picks
+    # (without endpoints, as in a dry run without a node, it stays the --chain-id error).
+    node_picks = bool(ctx.endpoints(required=False))
+    targets = resolve_targets(ctx.store(read_only=read_only), contract, chain_id, node_picks)
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
         return chains.pop(), targets, []
     from gapfill.engine.session import fetch_chain_id
 
     node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc)
-    on_chain, skipped = served(targets, node_chain, ctx.endpoints_check())
+    on_chain, skipped = served(targets, node_chain, ctx.endpoints_check(), one_address=contract is not None)
     return node_chain, on_chain, skipped
 
 
-def served(targets: Sequence[Contract], node_chain: int, check: str) -> tuple[list[Contract], list[Contract]]:
+def served(targets: Sequence[Contract], node_chain: int, check: str,
+           one_address: bool = False) -> tuple[list[Contract], list[Contract]]:  # fmt: skip
     """``targets`` split into those on ``node_chain`` (the chain the endpoints serve) and
     the rest; raises when none is on it: then nothing at all can be done. ``check`` names
-    where the endpoints came from (see :meth:`Ctx.endpoints_check`)."""
+    where the endpoints came from (see :meth:`Ctx.endpoints_check`). ``one_address``: the
+    targets are the chains of the one address --contract named (see :func:`resolve_targets`),
+    of which the endpoints' chain is the one meant: the rest is not left out, not asked for."""
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
         chains = ", ".join(str(c) for c in sorted({c.chain_id for c in targets}))
         raise GapfillError(f"no tracked contract is on chain {node_chain}, the RPC node's chain "
                            f"(they are on chain {chains}): check {check}")  # fmt: skip
-    return on_chain, [c for c in targets if c.chain_id != node_chain]
+    return on_chain, [] if one_address else [c for c in targets if c.chain_id != node_chain]
 
 
 def unserved(skipped: Sequence[Contract], check: str,
@@ -950,7 +971,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 
 @cli.command()
 @contract_option
-@chain_option
+@node_chain_option
 @click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
               show_default=True, help="How to run (auto picks by gap size).")
 @with_options(enrich_options)

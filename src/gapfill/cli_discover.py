@@ -13,10 +13,10 @@ import click
 
 from gapfill.cli import (
     Ctx,
-    chain_option,
     cli,
     contract_option,
     given_as,
+    node_chain_option,
     resolve_targets,
     rpc_settings,
     rpc_timeout_option,
@@ -126,7 +126,7 @@ class _Printer:
 
 @click.command("discover")
 @contract_option
-@chain_option
+@node_chain_option
 @click.option("--from-block", type=int_range(0), default=None,
               help="First block [default: the contract's start block, or 0].")
 @click.option("--to-block", type=int_range(0), default=None,
@@ -160,12 +160,12 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     chosen = _methods(methods)
     explorer = _explorer(ctx, explorer_url, explorer_key, chosen)
     store = ctx.store()
-    targets = resolve_targets(store, contract, chain_id)
+    targets = resolve_targets(store, contract, chain_id, node_picks=True)  # the probe in _run picks
     printer = _Printer(rescan)
     ctx.kept = printer.kept
     summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
-                                          rescan, explorer, rpc_settings(rpc_timeout_s),
-                                          printer))  # fmt: skip
+                                          rescan, explorer, rpc_settings(rpc_timeout_s), printer,
+                                          one_address=contract is not None))  # fmt: skip
     for s in summaries:
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
@@ -180,10 +180,10 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
 
 async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
                from_block: int | None, to_block: int | None, confirmations: int, rescan: bool,
-               explorer: ExplorerConfig | None, rpc: RpcSettings,
-               printer: _Printer) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
+               explorer: ExplorerConfig | None, rpc: RpcSettings, printer: _Printer,
+               one_address: bool) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
     """Discover the targets on the endpoints' chain; returns their summaries and the
-    targets on other chains, left alone."""
+    targets on other chains, left alone (none when ``one_address``: see :func:`served`)."""
     from gapfill.engine.session import make_client
 
     out: list[DiscoverSummary] = []
@@ -193,7 +193,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
     expected = next(iter(chains)) if len(chains) == 1 else None
     async with make_client(ctx.endpoints(), expected_chain_id=expected, settings=rpc) as client:
         node_chain = await client.probe(tell)  # discovery finds it asked
-        on_chain, skipped = served(targets, node_chain, client.check)
+        on_chain, skipped = served(targets, node_chain, client.check, one_address)
         for c in on_chain:
             out.append(await run_discover(
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,

@@ -791,6 +791,41 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
     assert f"serves chain {chain.chain_id}, expected 5: check --rpc-url" in one_sentence(r)
 
 
+def test_enrich_of_an_address_tracked_on_two_chains_works_on_the_nodes(
+    small_chain: Any, sqlite_url: str
+) -> None:
+    """The node's contract tracked on its chain (31337) and on chain 1: `enrich --contract`
+    without --chain-id is not ambiguous, the node's chain decides (it used to ask for --chain-id)."""
+    db, chain, url = sqlite_url, small_chain.chain, small_chain.url
+    x, mine = chain.silent, sorted(chain.direct[chain.silent])[:5]
+    assert run(db, "contract", "add", x, "--chain-id", str(chain.chain_id)).exit_code == 0
+    assert run(db, "import", "-", "--contract", x, "--chain-id", str(chain.chain_id),
+               input="\n".join(mine)).exit_code == 0  # fmt: skip
+    assert run(db, "contract", "add", x, "--chain-id", "1").exit_code == 0
+    r = run(db, "import", "-", "--contract", x, "--chain-id", "1", input="\n".join(map(h, range(50))))
+    assert r.exit_code == 0, r.stderr
+    r = run(db, "--rpc-url", url, "enrich", "--contract", x, "--dry-run")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"{chain.chain_id} {x}: 5 missing" in r.output and f"1 {x}" not in r.output, r.output
+    r = run(db, "--rpc-url", url, "enrich", "--contract", x, "--mode", "batch", "-q")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "chain 1" not in r.output + r.stderr, r.output + r.stderr  # not asked for: not named
+    with open_store(db) as s:
+        assert s.count_gap(chain.chain_id, x) == 0 and s.count_gap(1, x) == 50
+    # A dry run without a node has no one to ask: the address is still ambiguous.
+    r = run(db, "enrich", "--contract", x, "--dry-run")
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: contract {x} is tracked on chains 1, {chain.chain_id}: pass "
+                               "--chain-id to pick one")  # fmt: skip
+    # On two chains, neither of them the node's: nothing can be done, in one sentence.
+    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    assert run(db, "contract", "add", C, "--chain-id", "5").exit_code == 0
+    r = run(db, "--rpc-url", url, "enrich", "--contract", C)
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: no tracked contract is on chain {chain.chain_id}, the RPC "
+                               "node's chain (they are on chain 1, 5): check --rpc-url")  # fmt: skip
+
+
 # -- store access: another process's lock, a read-only file, a read-only role ---------------
 
 C2 = "0x" + "cd" * 20

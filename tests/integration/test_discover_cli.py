@@ -229,6 +229,26 @@ def test_discover_scans_the_served_chain_and_names_the_contracts_it_skips(
                                   f"{chain.chain_id}, expected 5: check --rpc-url")  # fmt: skip
 
 
+def test_discover_of_an_address_tracked_on_two_chains_scans_the_nodes(
+    small_chain: NodeChain, tmp_path: Path
+) -> None:
+    """The node's contract tracked on its chain and on chain 5: `discover --contract` without
+    --chain-id is not ambiguous, the node's chain decides (it used to ask for --chain-id)."""
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.silent)
+    assert runner.invoke(cli, ["--db", db, "contract", "add", chain.silent, "--chain-id", "5"]).exit_code == 0
+    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--contract",
+                              chain.silent, "--method", "blocks", "--confirmations", "0"])  # fmt: skip
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "chain 5" not in res.stderr, res.stderr  # not asked for: not named
+    with open_store(db) as store:
+        found = {r.tx_hash for r in store.iter_gap(chain.chain_id, chain.silent)}
+        assert store.get_coverage(5, chain.silent) == []
+    assert found == chain.direct[chain.silent]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["discover", "discover, from the config file", "contract add",
                                  "enrich --retry-failed"])

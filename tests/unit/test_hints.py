@@ -43,6 +43,24 @@ def test_served_names_where_the_endpoints_came_from(tmp_path: Path) -> None:
                                f"on chain 1, 5): check [[endpoints]] url in {tmp_path / 'gapfill.toml'}")
 
 
+def test_one_address_on_several_chains_is_the_nodes_or_else_still_asks_for_the_chain(tmp_path: Path) -> None:
+    # `--contract A` on chains 1 and 5: the endpoints' chain is the one meant, the other not
+    # left out (not asked for); with no endpoint to ask, A stays ambiguous, dry run or not.
+    picked = served([Contract(1, A), Contract(5, A)], 5, "--rpc-url", one_address=True)
+    assert picked == ([Contract(5, A)], [])
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    db = ["--db", f"sqlite:///{tmp_path / 'x.db'}"]
+    for chain in ("1", "5"):
+        assert CliRunner().invoke(cli, [*db, "contract", "add", A, "--chain-id", chain]).exit_code == 0
+    for dry_run in ([], ["--dry-run"]):
+        r = CliRunner().invoke(cli, [*db, "enrich", "--contract", A, *dry_run])
+        assert r.exit_code == 1
+        assert r.stderr == f"error: contract {A} is tracked on chains 1, 5: pass --chain-id to pick one\n"
+
+
 def test_unserved_names_where_the_endpoints_came_from() -> None:
     [said] = unserved([Contract(5, B)], "[[endpoints]] url in /etc/gapfill.toml", {(5, B): 2})
     assert said == (f"no endpoint ([[endpoints]] url in /etc/gapfill.toml) serves chain 5: contract {B} "

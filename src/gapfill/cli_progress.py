@@ -11,6 +11,7 @@ from gapfill.engine.events import (
     BatchAbandoned,
     BatchAssigned,
     BatchDone,
+    BatchesEmptied,
     Event,
     Notice,
     Progress,
@@ -20,6 +21,7 @@ from gapfill.engine.events import (
     WorkerStats,
     key_range,
 )
+from gapfill.wording import counted
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -34,13 +36,22 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def summary_lines(s: RunSummary) -> list[str]:
+    see = " (see `gapfill failures`)"
+    # ``failed`` is what this run recorded, ``permanent_failures`` what the database holds
+    # for the run's contracts, whichever run recorded it: two lines, where "3 (8,006
+    # permanent)" read as 8,006 of the 3. This run's number stays first (bench/suite.py).
     lines = [
         f"Run #{s.run_id} {s.state}: mode {s.mode}, {s.workers} worker(s)",
-        f"  processed: {s.processed:,} transactions",
-        f"  failed:    {s.failed:,} ({s.permanent_failures:,} permanent; see `gapfill failures`)",
+        f"  processed: {counted(s.processed, 'transaction')}",
+        f"  failed:    {s.failed:,} this run{see if s.failed and not s.permanent_failures else ''}",
+    ]
+    if s.permanent_failures:
+        lines.append(f"  permanent: {counted(s.permanent_failures, 'failure')} on record for the run's "
+                     f"contracts, whichever run recorded them{see}")  # fmt: skip
+    lines += [
         f"  duration:  {fmt_duration(s.seconds)}",
         f"  rate:      {s.rate_tx_s:,.1f} tx/s",
-        f"  calls:     {s.calls:,} RPC calls, {s.calls_per_tx:.2f} per transaction",
+        f"  calls:     {counted(s.calls, 'RPC call')}, {s.calls_per_tx:.2f} per transaction",
     ]
     if s.speedup is not None and s.sequential_rate_tx_s is not None and s.processed:
         lines.append(f"  speedup:   {s.speedup:,.1f}x over sequential ({s.sequential_rate_tx_s:,.1f} tx/s, "
@@ -86,10 +97,12 @@ class LineRenderer:
         if isinstance(ev, RunStarted):
             join = f", joined {ev.joined} open plan(s)" if ev.joined else ""
             self.line(f"Run #{ev.run_id}: mode {ev.mode}, {ev.workers} worker(s) on {ev.cores} CPU cores; "
-                      f"{ev.batches} open batches, {ev.refs:,} refs newly planned{join}")  # fmt: skip
+                      f"{counted(ev.batches, 'open batch', 'open batches')}, "
+                      f"{counted(ev.refs, 'ref')} newly planned{join}")  # fmt: skip
         elif isinstance(ev, BatchAssigned):
+            again = f" (attempt {ev.attempt})" if ev.attempt > 1 else ""
             self.line(f"[Worker-{ev.worker + 1}] Assigned batch {ev.batch_id}: {key_range(ev.lo, ev.hi)}, "
-                      f"{ev.refs} refs" + (f" (attempt {ev.attempt})" if ev.attempt > 1 else ""))  # fmt: skip
+                      f"{counted(ev.refs, 'ref')}{again}")  # fmt: skip
         elif isinstance(ev, BatchDone):
             if ev.committed:
                 self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} complete: +{ev.succeeded} success, "
@@ -112,6 +125,8 @@ class LineRenderer:
                 if finished:
                     self._said_all = where
                 pct = 100.0 * ev.done_batches / ev.total_batches if ev.total_batches else 100.0
+                # The seed's line, word for word ("1 active workers" too): log parsers and
+                # the README's example read it as it is.
                 self.line(f"Progress: {ev.done_batches}/{ev.total_batches} batches ({pct:.1f}%), "
                           f"{ev.active_workers} active workers, {ev.rate_tx_s:,.0f} tx/s, "
                           f"ETA {fmt_duration(ev.eta_s)}")  # fmt: skip
@@ -170,8 +185,9 @@ class LiveRenderer:
         parts: list[Any] = []
         if self.started:
             s = self.started
+            work = f"{counted(s.batches, 'batch', 'batches')}, {counted(s.refs, 'ref')}"
             parts.append(Text(f"Run #{s.run_id} · mode {s.mode} · {s.workers} worker(s) on {s.cores} cores · "
-                              f"{s.batches} batches, {s.refs:,} refs", style="bold"))  # fmt: skip
+                              f"{work}", style="bold"))  # fmt: skip
         total = p.total_batches if p else (self.started.batches if self.started else 0)
         done = p.done_batches if p else 0
         parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))
@@ -191,6 +207,24 @@ class LiveRenderer:
             parts.append(Text(n, style="yellow"))
         return Group(*parts)
 
+    def _count(self, done: int, stored: int, failed: int) -> None:
+        """With one worker (batch and sequential mode, which count as this does), a batch's
+        event moves the bar as it comes: a commit, a batch closed at lease time or given
+        back closed alike. With several, the coordinator's ``Progress`` (once a second)
+        does: it may already count a batch whose event it has not passed on yet."""
+        if not (self.started and self.started.workers == 1):
+            return
+        prev = self.progress
+        done += prev.done_batches if prev else 0
+        elapsed = time.perf_counter() - self._t0
+        processed = (prev.processed if prev else 0) + stored
+        failed += prev.failed if prev else 0
+        rate = processed / elapsed if elapsed > 0 else 0.0
+        left = self.started.batches - done
+        eta = left * (elapsed / done) if done else None
+        self.progress = Progress(done, self.started.batches, 1, processed, failed, elapsed, rate, eta,
+                                 self._single.retries, self._single.limited)  # fmt: skip
+
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
             self.started = ev
@@ -205,17 +239,12 @@ class LiveRenderer:
         elif isinstance(ev, BatchAssigned):
             row = self.workers.setdefault(ev.worker, _WorkerRow())
             row.batch = f"#{ev.batch_id} {key_range(ev.lo, ev.hi)}"
-        elif isinstance(ev, BatchDone) and self.started and self.started.workers == 1:
-            prev = self.progress
-            done = (prev.done_batches if prev else 0) + (1 if ev.committed else 0)
-            elapsed = time.perf_counter() - self._t0
-            processed = (prev.processed if prev else 0) + ev.stored
-            failed = (prev.failed if prev else 0) + ev.failed
-            rate = processed / elapsed if elapsed > 0 else 0.0
-            left = self.started.batches - done
-            eta = left * (elapsed / done) if done else None
-            self.progress = Progress(done, self.started.batches, 1, processed, failed, elapsed, rate, eta,
-                                     self._single.retries, self._single.limited)  # fmt: skip
+        elif isinstance(ev, BatchDone):
+            self._count(1 if ev.committed else 0, ev.stored, ev.failed)
+        elif isinstance(ev, BatchesEmptied):  # closed at lease time, nothing left to fetch: done
+            self._count(ev.count, 0, 0)
+        elif isinstance(ev, BatchAbandoned):  # with what it stored; done if that was all it had
+            self._count(1 if ev.closed else 0, ev.kept_new, ev.kept_failed)
         elif isinstance(ev, Progress):
             self.progress = ev
         elif isinstance(ev, Notice):

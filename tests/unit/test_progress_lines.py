@@ -3,14 +3,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gapfill.cli_discover import _Printer
-from gapfill.cli_progress import LineRenderer
+from gapfill.cli_progress import LineRenderer, LiveRenderer, summary_lines
 from gapfill.discover.run import DiscoverProgress
-from gapfill.engine.events import Progress
+from gapfill.engine.events import (
+    BatchAbandoned,
+    BatchAssigned,
+    BatchDone,
+    BatchesEmptied,
+    Progress,
+    RunStarted,
+    RunSummary,
+)
+from gapfill.wording import counted
 
 
 def progress(done: int, total: int) -> Progress:
@@ -40,7 +53,9 @@ def test_a_plan_that_grows_is_reported_again() -> None:
     for done, total in ((4, 4), (4, 4), (4, 6), (6, 6)):
         render(progress(done, total))
     assert [ln.split(",")[0] for ln in out.getvalue().splitlines()] == [
-        "Progress: 4/4 batches (100.0%)", "Progress: 4/6 batches (66.7%)", "Progress: 6/6 batches (100.0%)",
+        "Progress: 4/4 batches (100.0%)",
+        "Progress: 4/6 batches (66.7%)",
+        "Progress: 6/6 batches (100.0%)",
     ]
 
 
@@ -70,3 +85,88 @@ def test_discover_says_its_last_progress_line_once(
         f"discover {c}: scanning blocks 0-49 with blocks: 50 blocks to do",
         f"discover {c}: 50/50 blocks (100%), 2 refs found, 1 new",
     ]
+
+
+def summary(processed: int, failed: int, permanent: int, calls: int) -> RunSummary:
+    return RunSummary(7, "batch", 1, processed, failed, permanent, 2.0, processed / 2.0, calls,
+                      calls / processed if processed else 0.0, "done")  # fmt: skip
+
+
+def bench_parse_summary(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """bench/suite.py's reader of the summary (the benchmarks' record of every run)."""
+    path = Path(__file__).parents[2] / "bench" / "suite.py"
+    spec = importlib.util.spec_from_file_location("bench_suite", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module.parse_summary
+
+
+@pytest.mark.timeout(30)
+def test_the_summary_says_this_runs_failures_apart_from_the_permanent_ones_on_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 3 failed in this run; the database holds 8,006 permanent failures of the run's contracts,
+    # most recorded by earlier runs. "failed: 3 (8,006 permanent; ...)" read as 8,006 of the 3.
+    lines = summary_lines(summary(1_000, 3, 8_006, 2_003))
+    assert lines[1:4] == [
+        "  processed: 1,000 transactions",
+        "  failed:    3 this run",
+        "  permanent: 8,006 failures on record for the run's contracts, whichever run recorded them "
+        "(see `gapfill failures`)",
+    ], lines
+    # None on record: no such line, and the run's own failures point at `gapfill failures`.
+    lines = summary_lines(summary(1_000, 3, 0, 2_003))
+    assert "  failed:    3 this run (see `gapfill failures`)" in lines, lines
+    assert not any("permanent" in ln for ln in lines), lines
+    assert "  failed:    0 this run" in summary_lines(summary(1_000, 0, 0, 2_003))
+    # The benchmarks still read this run's numbers from it.
+    parsed = bench_parse_summary(monkeypatch)("\n".join(summary_lines(summary(1_000, 3, 8_006, 2_003))))
+    said = (parsed["processed"], parsed["failed"], parsed["calls"], parsed["calls_per_tx"])
+    assert said == (1_000, 3, 2_003, 2.0), parsed
+
+
+@pytest.mark.timeout(10)
+def test_a_count_of_one_is_said_in_the_singular() -> None:
+    lines = summary_lines(summary(1, 0, 1, 1))
+    assert "  processed: 1 transaction" in lines, lines
+    assert "  permanent: 1 failure on record for the run's contracts, whichever run recorded them " \
+           "(see `gapfill failures`)" in lines, lines  # fmt: skip
+    assert "  calls:     1 RPC call, 1.00 per transaction" in lines, lines
+    out = io.StringIO()
+    render = LineRenderer(out)
+    render(RunStarted(7, "batch", 1, 2, 1, 1, 0))
+    render(BatchAssigned(0, 5, (10, 0, 0), (10, 0, 0), 1, 1))
+    assert out.getvalue().splitlines() == [
+        "Run #7: mode batch, 1 worker(s) on 2 CPU cores; 1 open batch, 1 ref newly planned",
+        "[Worker-1] Assigned batch 5: blocks 10-10, 1 ref",
+    ]
+    assert (counted(0, "batch", "batches"), counted(2_000, "RPC call")) == ("0 batches", "2,000 RPC calls")
+
+
+def live_view_text(live: LiveRenderer) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(live._render())
+    return console.export_text()
+
+
+@pytest.mark.timeout(10)
+def test_the_live_view_counts_batches_closed_without_a_commit_as_they_come() -> None:
+    # One worker (batch mode): its events move the bar between the once-a-second Progress
+    # events. A lease that found 2 batches' ranges already stored closes them, and a batch
+    # given back with all it had left stored is done: both used to wait for the next Progress.
+    live = LiveRenderer()
+    live(RunStarted(7, "batch", 1, 2, 5, 2_000, 0))
+    live(BatchDone(0, 1, 400, 0, 0.5, True, 400))
+    assert live.progress is not None and live.progress.done_batches == 1
+    live(BatchesEmptied(0, 2))
+    assert live.progress.done_batches == 3
+    live(BatchAbandoned(0, 4, "worker stopped", 1, kept=380, kept_failed=20, kept_new=370, closed=True))
+    assert (live.progress.done_batches, live.progress.processed, live.progress.failed) == (4, 770, 20)
+    # Given back with some of it stored: not done, what it stored counted.
+    live(BatchAbandoned(0, 5, "HTTP 503", 1, kept=100, rest=300, kept_new=100))
+    assert (live.progress.done_batches, live.progress.processed) == (4, 870)
+    assert "4/5 batches" in live_view_text(live)

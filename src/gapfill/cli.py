@@ -36,6 +36,7 @@ from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
+from gapfill.wording import counted
 
 log = logging.getLogger("gapfill")
 
@@ -526,8 +527,8 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     done = redecode_contract(store, chain_id, address, abi)
     if done.txs or done.logs:
         click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
-                   f"{done.txs:,} transactions sent to it, {done.decoded_logs:,} of "
-                   f"{done.logs:,} logs it emitted")  # fmt: skip
+                   f"{counted(done.txs, 'transaction')} sent to it, {done.decoded_logs:,} of "
+                   f"{counted(done.logs, 'log')} it emitted")  # fmt: skip
         if not (done.decoded_txs or done.decoded_logs):
             click.echo(f"warning: none of the stored rows matches this ABI: check that "
                        f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
@@ -578,8 +579,9 @@ def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> 
             raise GapfillError("nothing removed")
     store.release_dead_local_owners()  # a killed run's leases block nothing
     deleted = store.remove_contract(c.chain_id, c.address)
-    click.echo(f"removed {c.address} on chain {c.chain_id}: {deleted['refs']:,} refs, "
-               f"{deleted['batches']:,} batches, {deleted['failures']:,} failure records; "
+    click.echo(f"removed {c.address} on chain {c.chain_id}: {counted(deleted['refs'], 'ref')}, "
+               f"{counted(deleted['batches'], 'batch', 'batches')}, "
+               f"{counted(deleted['failures'], 'failure record')}; "
                "its stored transactions stay")  # fmt: skip
 
 
@@ -1119,7 +1121,7 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
         secs = (r.finished_at - r.started_at) if r.finished_at else None
         rate = f"{r.processed / secs:,.1f} tx/s" if secs else "-"
         click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {r.state}: "
-                   f"{r.processed:,} processed, {r.failed:,} failed, {r.rpc_calls:,} calls, "
+                   f"{r.processed:,} processed, {r.failed:,} failed, {counted(r.rpc_calls, 'call')}, "
                    f"{rate}" + (f" ({redact_text(r.note, *ctx.secrets())})"
                                 if r.note and r.state != "done" else ""))  # fmt: skip
 

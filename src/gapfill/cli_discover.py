@@ -42,6 +42,7 @@ from gapfill.model import Contract
 from gapfill.rpc.config import RpcSettings
 from gapfill.settings import DEFAULT_CONFIG_NAME
 from gapfill.store import Store
+from gapfill.wording import counted
 
 _pass_ctx = click.make_pass_decorator(Ctx)
 PROGRESS_EVERY_S = 1.0
@@ -115,8 +116,8 @@ class _Printer:
                         f"{p.blocks_total} {unit} to do")  # fmt: skip
         else:
             pct = 100.0 * p.blocks_done / p.blocks_total if p.blocks_total else 100.0
-            text = (f"{p.blocks_done}/{p.blocks_total} {unit} ({pct:.0f}%), {p.refs_found} refs found, "
-                    f"{p.new_refs} new")  # fmt: skip
+            text = (f"{p.blocks_done}/{p.blocks_total} {unit} ({pct:.0f}%), "
+                    f"{counted(p.refs_found, 'ref')} found, {p.new_refs} new")  # fmt: skip
         if p.event == "done" and self._said.get(key) == text:
             return  # the last chunk's line said it already
         self._last = now

@@ -305,7 +305,7 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
     with emulator(anvil.url, "--latency-s", "2") as (slow_url, _):
         p = GapfillProc(["--db", db, "--rpc-url", slow_url, *args], tmp_path, "discover")
         try:
-            wait_for("a committed chunk", lambda: "refs found" in p.err_path.read_text(), 120, proc=p)
+            wait_for("a committed chunk", lambda: " found, " in p.err_path.read_text(), 120, proc=p)
             os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl+C
             assert p.wait(60) == 130, p.output()
         finally:

@@ -15,3 +15,9 @@ def test_auto_never_picks_sequential_and_needs_spare_cores_for_processes() -> No
 
 def test_default_workers_is_75_percent_of_cores_clamped_2_to_8() -> None:
     assert [default_workers(c) for c in (1, 2, 3, 4, 8, 12, 64)] == [2, 2, 2, 3, 6, 8, 8]
+
+
+def test_auto_says_why_in_the_singular_for_one_ref() -> None:
+    # A rerun with one ref left said "mode auto: batch (gap of 1 refs < 20000: ...)".
+    assert choose_mode(1, cores=8)[1] == "gap of 1 ref < 20,000: one process is fastest"
+    assert choose_mode(25_000, cores=8)[1] == "gap of 25,000 refs >= 20,000 on 8 cores: worker processes"

@@ -170,3 +170,13 @@ def test_the_live_view_counts_batches_closed_without_a_commit_as_they_come() -> 
     live(BatchAbandoned(0, 5, "HTTP 503", 1, kept=100, rest=300, kept_new=100))
     assert (live.progress.done_batches, live.progress.processed) == (4, 870)
     assert "4/5 batches" in live_view_text(live)
+
+
+@pytest.mark.timeout(10)
+def test_discover_says_one_ref_found_in_the_singular(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gapfill.cli_discover.PROGRESS_EVERY_S", 0.0)
+    c = "0x" + "ab" * 20
+    _Printer()(DiscoverProgress("chunk", 1, c, ("blocks",), 0, 49, 50, 50, 1, 1))
+    assert capsys.readouterr().err == f"discover {c}: 50/50 blocks (100%), 1 ref found, 1 new\n"

@@ -246,6 +246,15 @@ async def test_exhausted_retries_raise_one_redacted_sentence(
     assert KEY not in caplog.text
 
 
+async def test_one_attempt_is_said_in_the_singular(make_node: Any, tmp_path: Any) -> None:
+    # `gapfill status` asks the node's head with one attempt: "after 1 attempts" it said.
+    node = await make_node(lambda node, body: web.Response(status=500, text="down"))
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path, attempts=1)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.call("eth_blockNumber", [])
+    assert "after 1 attempt)" in str(info.value), str(info.value)
+
+
 async def test_unreachable_node(tmp_path: Any) -> None:
     url = f"http://127.0.0.1:{free_port()}/v2/{KEY}"
     async with RpcClient([EndpointConfig(url)], settings(tmp_path)) as client:

@@ -487,3 +487,35 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
     assert all(e.error.startswith("5 transaction(s) failed, e.g. 0x") for e in given_back)
     assert all(" given back (5 stored, the rest retried): 5 transaction(s) failed, e.g. " in line
                for line in given_back_lines(events)), given_back_lines(events)
+
+
+class RaisingEnricher(FakeEnricher):
+    """Raises for any part that holds the batch's first ref."""
+
+    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        await asyncio.sleep(0)
+        if refs[0].tx_hash.endswith(f"{0:060x}"):
+            raise ValueError("the node choked on it")
+        return Enriched(txs=[object() for _ in refs])  # type: ignore[misc]
+
+
+class RecordingStore(FakeStore):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.failures: list[Failure] = []
+
+    def commit_batches(self, items: Sequence[tuple[Batch, Enriched]], calls: int = 0) -> list[int | None]:
+        self.failures += [f for _, e in items for f in e.failures]
+        return super().commit_batches(items, calls)
+
+
+@pytest.mark.timeout(30)
+def test_a_ref_isolated_after_one_attempt_says_one_attempt() -> None:
+    # With one attempt allowed, the first is the last: the ref that raises is isolated.
+    store = RecordingStore(batches=1, refs=4)
+    settings = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, max_attempts=1)
+    w = Worker(0, "w", store, FakeClient(), {1: RaisingEnricher()}, settings, lambda e: None)  # type: ignore[arg-type]
+    asyncio.run(w.run())
+    assert [(f.reason, f.last_error) for f in store.failures] == [
+        ("permanent", "isolated after 1 attempt: ValueError: the node choked on it")
+    ], store.failures

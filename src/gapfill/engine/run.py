@@ -55,6 +55,7 @@ from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.store import DB_CHECK, Store, open_store, owner_name
+from gapfill.wording import counted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,8 +119,9 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
     if n < AUTO_CONCURRENT_MIN_CORES:
         return "batch", f"{n} cores: one process keeps the node busy, a second would take its CPU"
     if gap < AUTO_CONCURRENT_FROM:
-        return "batch", f"gap of {gap} refs < {AUTO_CONCURRENT_FROM}: one process is fastest"
-    return "concurrent", f"gap of {gap} refs >= {AUTO_CONCURRENT_FROM} on {n} cores: worker processes"
+        return "batch", f"gap of {counted(gap, 'ref')} < {AUTO_CONCURRENT_FROM:,}: one process is fastest"
+    return "concurrent", (f"gap of {counted(gap, 'ref')} >= {AUTO_CONCURRENT_FROM:,} on {n} cores: "
+                          "worker processes")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +193,8 @@ def _decode_again_if_changed(store: Store, job: EnrichJob, before: dict[str, Any
         if abi is not None and before.get(address) != abi:
             done = redecode_contract(store, job.chain_id, address, abi)
             emit(Notice(f"{address} was given a new ABI during the run: decoded its stored rows "
-                        f"again ({done.txs:,} transactions sent to it, {done.logs:,} logs)"))  # fmt: skip
+                        f"again ({counted(done.txs, 'transaction')} sent to it, "
+                        f"{counted(done.logs, 'log')})"))  # fmt: skip
 
 
 def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> dict[int, Enricher]:
@@ -363,8 +366,8 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
     new = store.write(kept, calls)  # a transaction two of the refs share is stored (and counted) once
     if done < _SAMPLE_MIN_REFS:
         return _Sample(0.0, "", new, len(kept.failures), calls, job)
-    rate, why = sequential_baseline(done / secs, f"measured on {done} refs at the start of this run",
-                                    (calls - calls0) / done, rate_limit(job))  # fmt: skip
+    why = f"measured on {counted(done, 'ref')} at the start of this run"
+    rate, why = sequential_baseline(done / secs, why, (calls - calls0) / done, rate_limit(job))
     return _Sample(rate, why, new, len(kept.failures), calls, job)
 
 

@@ -52,6 +52,7 @@ from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
 from gapfill.store import GivenBack, Store
 from gapfill.store.base import MAX_ATTEMPTS
+from gapfill.wording import counted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -665,8 +666,9 @@ class Worker:
                 if len(part) == 1:
                     r = part[0]
                     out.failures.append(Failure(r.chain_id, r.tx_hash, r.contract, "permanent",
-                                                f"isolated after {self.settings.max_attempts} "
-                                                f"attempts: {type(exc).__name__}: {exc}"))  # fmt: skip
+                                                f"isolated after "
+                                                f"{counted(self.settings.max_attempts, 'attempt')}: "
+                                                f"{type(exc).__name__}: {exc}"))  # fmt: skip
                     return
                 mid = len(part) // 2
                 await go(part[:mid])

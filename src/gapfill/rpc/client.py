@@ -40,6 +40,7 @@ from gapfill.rpc.config import Call, EndpointConfig, RpcSettings, checks
 from gapfill.rpc.endpoint import Endpoint, EndpointStats
 from gapfill.rpc.errors import CallError
 from gapfill.rpc.transport import AiohttpTransport, HttpReply, Transport
+from gapfill.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -728,7 +729,7 @@ class RpcClient:
                     text = (f"could not reach the RPC node at {endpoint.shown}: {message}; "
                             f"check {endpoint.config.check}")
                 else:
-                    text = f"{message} (at {endpoint.shown}, after {item.failures} attempts)"
+                    text = f"{message} (at {endpoint.shown}, after {counted(item.failures, 'attempt')})"
                 results[i] = CallError("transient", text, verdict.code)
                 return False
             return True

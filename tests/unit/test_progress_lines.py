@@ -180,3 +180,27 @@ def test_discover_says_one_ref_found_in_the_singular(
     c = "0x" + "ab" * 20
     _Printer()(DiscoverProgress("chunk", 1, c, ("blocks",), 0, 49, 50, 50, 1, 1))
     assert capsys.readouterr().err == f"discover {c}: 50/50 blocks (100%), 1 ref found, 1 new\n"
+
+
+@pytest.mark.timeout(10)
+def test_a_coordinators_done_count_takes_emptied_and_closed_batches_as_they_come() -> None:
+    # With several workers the renderers show the coordinator's Progress; `gapfill worker`'s
+    # counts the batches its workers' events say are done: committed, closed at lease time
+    # or closed as given back (not one given back for a retry). The line renderer has no
+    # count of its own: it prints that Progress.
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2, plan_new=False)
+    coordinator = Coordinator(job, seen.append)
+    try:
+        coordinator._take(BatchDone(0, 1, 10, 0, 0.5, True, 10))
+        coordinator._take(BatchesEmptied(1, 2))
+        closed = BatchAbandoned(0, 4, "worker stopped", 1, kept=5, kept_failed=5, kept_new=5, closed=True)
+        coordinator._take(closed)
+        coordinator._take(BatchAbandoned(1, 5, "HTTP 503", 1, kept=3, rest=7, kept_new=3))
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert coordinator.done_batches == 4 and coordinator.totals()[:2] == (18, 5)
+    assert len(seen) == 4  # every event passed on to the renderer

@@ -294,9 +294,12 @@ def test_a_worker_process_names_where_the_database_url_came_from(
     said = (f"cannot open the SQLite database {missing}: folder {missing.parent} does not exist; create "
             "it, or check the db key of /etc/gapfill.toml")  # fmt: skip
     events, sent = multiprocessing.Pipe(duplex=False)
+    lifeline, coordinator = multiprocessing.Pipe(duplex=False)  # the coordinator's, as it holds it
     with pytest.raises(SystemExit):
-        worker_process_main(0, job, sent, None)
+        worker_process_main(0, job, sent, lifeline)
     assert events.recv() == Notice(f"[Worker-1] {said}")
+    for conn in (events, lifeline, coordinator):
+        conn.close()
     with pytest.raises(GapfillError) as info:
         _open(job, lambda event: None)  # the coordinator's, and a batch run's
     assert str(info.value) == said

@@ -663,8 +663,7 @@ class _EventSender:
         self._conn.close()
 
 
-def worker_process_main(index: int, job: EnrichJob, events: Connection,
-                        coordinator: Connection | None = None) -> None:  # fmt: skip
+def worker_process_main(index: int, job: EnrichJob, events: Connection, coordinator: Connection) -> None:
     """Entry point of a worker process (forked by the coordinator's fork server).
 
     ``events`` is the write end of this worker's own event pipe, whose read end only the
@@ -698,7 +697,7 @@ def worker_process_main(index: int, job: EnrichJob, events: Connection,
         sender.close()
 
 
-async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Connection | None) -> None:
+async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -724,7 +723,7 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Con
                 # back. The lifeline is readable in both cases: the stop written to it (and
                 # never read, so every worker sees it), or EOF, its write end closed by the
                 # kernel when the coordinator died (a pid check took a zombie for alive).
-                while not (coordinator is not None and coordinator.poll()):
+                while not coordinator.poll():
                     await asyncio.sleep(0.2)
                 worker.stopping = True
 

@@ -7,6 +7,7 @@ thread); it records calls that overlap on its one "connection" and can fail on d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -519,3 +520,32 @@ def test_a_ref_isolated_after_one_attempt_says_one_attempt() -> None:
     assert [(f.reason, f.last_error) for f in store.failures] == [
         ("permanent", "isolated after 1 attempt: ValueError: the node choked on it")
     ], store.failures
+
+
+@pytest.mark.timeout(30)
+def test_an_event_that_does_not_pickle_becomes_a_notice_and_the_later_ones_still_arrive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It ended the sender thread: every later event of the worker stayed queued, and the
+    # coordinator heard nothing more from it.
+    import multiprocessing
+
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import _EventSender
+
+    events, sent = multiprocessing.Pipe(duplex=False)
+    sender = _EventSender(sent, "Worker-2")
+    sender.put(Notice("before"))
+    sender.put(Notice(lambda: "a bug: an event that holds a function"))  # type: ignore[arg-type]
+    sender.put(Notice("after"))
+    sender.close()
+    got = []
+    with contextlib.suppress(EOFError):  # the sender closed its end: every event is read
+        while True:
+            got.append(events.recv())
+    events.close()
+    dropped = "[Worker-2] a Notice event could not be sent to the coordinator and was dropped: the run's"
+    assert got == [Notice("before"), Notice(f"{dropped} progress and counts may miss it"), Notice("after")]
+    [logged] = caplog.records
+    assert logged.getMessage() == "[Worker-2] could not send a Notice event to the coordinator"
+    assert logged.exc_info is not None  # the traceback names what did not pickle

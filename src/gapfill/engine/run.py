@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, TypeVar
 
 from gapfill.engine.events import (
@@ -640,8 +641,9 @@ class _EventSender:
     died blocked at exit flushing it, forever (and kept the fork server alive).
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, who: str) -> None:
         self._conn = conn
+        self._who = who  # how its notices name the worker: "Worker-1"
         self._queue: queue_mod.SimpleQueue[Event | None] = queue_mod.SimpleQueue()
         self._thread = threading.Thread(target=self._send, name="gapfill-events", daemon=True)
         self._thread.start()
@@ -652,9 +654,21 @@ class _EventSender:
     def _send(self) -> None:
         while (event := self._queue.get()) is not None:
             try:
-                self._conn.send(event)
+                self._conn.send_bytes(self._pickled(event))
             except OSError:  # the coordinator is gone: nobody will read the rest
                 return
+
+    def _pickled(self, event: Event) -> memoryview:
+        """``event`` as the pipe carries it, or a notice that it could not be: an event that
+        does not pickle (a bug) must not end this thread, which would leave every later
+        event of the worker queued, unsent, and the coordinator blind to it."""
+        try:
+            return ForkingPickler.dumps(event)
+        except Exception:  # whatever pickling raises: nothing was written to the pipe yet
+            name = type(event).__name__
+            log.warning("[%s] could not send a %s event to the coordinator", self._who, name, exc_info=True)
+            said = f"[{self._who}] a {name} event could not be sent to the coordinator and was dropped"
+            return ForkingPickler.dumps(Notice(f"{said}: the run's progress and counts may miss it"))
 
     def close(self) -> None:
         """Send what is queued (unless the coordinator is gone), then close the pipe."""
@@ -675,7 +689,7 @@ def worker_process_main(index: int, job: EnrichJob, events: Connection, coordina
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
     logging.basicConfig(level=logging.ERROR)  # as quiet as the CLI by default
-    sender = _EventSender(events)
+    sender = _EventSender(events, f"Worker-{index + 1}")
     emit = sender.put
     try:
         asyncio.run(_worker_async(index, job, emit, coordinator))

@@ -6,6 +6,7 @@
 * ``gapfill`` (and the provider emulator) as subprocesses, and their process trees
   read from ``/proc``;
 * a lease-interval check over the ``lease_events`` audit table;
+* what every run must leave: the exact rows, a rerun that completes, leases that never overlapped;
 * a tiny corrupting JSON-RPC proxy (one transaction's receipt comes back malformed);
 * a hung node: it takes requests and never answers.
 """
@@ -475,6 +476,44 @@ def emulator_stats(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{base[0]}//{base[2]}/_emulator/stats", timeout=10) as resp:
         stats: dict[str, Any] = json.loads(resp.read())
         return stats
+
+
+# -- what a run must leave ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeChain:
+    """The fault tests' node and the chain generated on it."""
+
+    url: str
+    chain: GeneratedChain
+
+
+def assert_exact(db_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded) -> None:
+    """Every ref's transaction and logs are stored as the node says, nothing else is, and
+    every batch of the plan is done."""
+    problems = exactness_problems(db_url, node_chain.chain.chain_id, truth, seeded.hashes)
+    assert not problems, "\n".join(problems)
+    assert query(db_url, "SELECT count(*) FROM batches WHERE state <> 'done'")[0][0] == 0
+
+
+def assert_rerun_is_exact(db_url: str, args: Sequence[str], log_dir: Path, node_chain: NodeChain,
+                          truth: NodeTruth, seeded: Seeded) -> str:  # fmt: skip
+    """Run ``gapfill ARGS`` again after a run that was cut short (killed, interrupted, its
+    node gone): it exits 0 and leaves the database exact. Returns its output."""
+    rc, out = gapfill(args, log_dir, "rerun")
+    assert rc == 0, out
+    assert_exact(db_url, node_chain, truth, seeded)
+    return out
+
+
+def assert_leases_never_overlapped(db_url: str) -> list[Ev]:
+    """The lease audit trail, checked by :func:`lease_overlaps` (one holder at a time, each
+    batch committed once); returned for the test's own checks."""
+    events = lease_events(db_url)
+    problems = lease_overlaps(events)
+    assert not problems, "\n".join(problems)
+    return events
 
 
 # -- loopback servers ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,13 @@ from engine_support import (
     CorruptingProxy,
     GapfillProc,
     HungNode,
+    NodeChain,
     NodeTruth,
     Seeded,
     alive,
+    assert_exact,
+    assert_leases_never_overlapped,
+    assert_rerun_is_exact,
     chain_refs,
     cmdline,
     committed_count,
@@ -45,7 +49,6 @@ from engine_support import (
     free_port,
     gapfill,
     lease_events,
-    lease_overlaps,
     leased_now,
     node_truth,
     owner_pid,
@@ -60,16 +63,10 @@ from engine_support import (
 
 from gapfill.store import open_store
 from gapfill.testing.anvil import Anvil
-from gapfill.testing.chain import ChainSpec, GeneratedChain, generate
+from gapfill.testing.chain import ChainSpec, generate
 
 FAULT_CHAIN = ChainSpec(layout="dense", total_txs=3_000, seed=11)
 LATENCY = ("--latency-s", "0.25", "--latency-jitter-s", "0.1")
-
-
-@dataclass(frozen=True)
-class NodeChain:
-    url: str
-    chain: GeneratedChain
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +106,6 @@ def batch_job(db: str, node_chain: NodeChain, seeded: Seeded, worker: Any = None
         chain_id=node_chain.chain.chain_id, mode="batch", batch_size=50,
         worker=worker or WorkerSettings(),
     )  # fmt: skip
-
-
-def assert_exact(db: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded) -> None:
-    problems = exactness_problems(db, node_chain.chain.chain_id, truth, seeded.hashes)
-    assert not problems, "\n".join(problems)
-    assert query(db, "SELECT count(*) FROM batches WHERE state <> 'done'")[0][0] == 0
 
 
 def stop_holding_worker(db: str, coordinator: GapfillProc, exclude: set[int]) -> tuple[str, list[int]]:
@@ -169,8 +160,7 @@ def test_worker_killed_twice_mid_batch(
     stored = query(pg_url, "SELECT count(*) FROM transactions")[0][0]
     refs = query(pg_url, "SELECT count(*) FROM refs")[0][0]
     assert stored <= processed <= refs and failed == 0, (processed, stored, refs, failed)
-    events = lease_events(pg_url)
-    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+    events = assert_leases_never_overlapped(pg_url)
     for owner, held in ((first_owner, first_held), (second_owner, second_held)):
         for batch_id in held:
             mine = [e for e in events if e.batch_id == batch_id]
@@ -213,11 +203,8 @@ def test_sigint_stops_within_grace_period_and_rerun_completes(
         # Some work is left for the rerun (else this test did not interrupt anything).
         assert query(pg_url, "SELECT count(*) FROM batches WHERE state = 'pending'")[0][0] > 0
 
-        rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, "rerun")
-    assert rc == 0, out
-    assert_exact(pg_url, node_chain, truth, seeded)
-    events = lease_events(pg_url)
-    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+        assert_rerun_is_exact(pg_url, enrich_args(pg_url, rpc), tmp_path, node_chain, truth, seeded)
+    assert_leases_never_overlapped(pg_url)
 
 
 def wait_for_dead(pids: set[int], timeout_s: float = 5.0) -> set[int]:
@@ -253,8 +240,7 @@ def test_database_connections_dropped_mid_run(
     assert terminated >= 3, "the connections of the coordinator and its workers were not dropped"
     assert rc == 0, p.output()
     assert_exact(pg_url, node_chain, truth, seeded)
-    events = lease_events(pg_url)
-    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+    assert_leases_never_overlapped(pg_url)
 
 
 #: The server drops the connection of whoever leases a pending batch, at the 5th and
@@ -295,8 +281,7 @@ def test_connection_dropped_inside_the_lease_call(
     # The worker itself reconnected: it was not replaced by a restart.
     assert "restarted" not in out and "worker restart" not in out, out
     assert_exact(pg_url, node_chain, truth, seeded)
-    events = lease_events(pg_url)
-    assert not lease_overlaps(events), "\n".join(lease_overlaps(events))
+    assert_leases_never_overlapped(pg_url)
 
 
 @pytest.mark.timeout(180)
@@ -329,9 +314,7 @@ def test_two_coordinators_and_a_worker_share_the_plan(
         q.output() for q in procs
     )
     assert_exact(pg_url, node_chain, truth, seeded)
-    events = lease_events(pg_url)
-    problems = lease_overlaps(events)
-    assert not problems, "\n".join(problems)
+    events = assert_leases_never_overlapped(pg_url)
     plans = query(pg_url, "SELECT count(DISTINCT run_id) FROM batches")[0][0]
     assert plans == 1, "the second coordinator planned again instead of joining the open plan"
     committers = {owner_pid(e.owner) for e in events if e.event == "committed"}
@@ -370,9 +353,7 @@ def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
     assert rc == 0, out
     assert stalls >= 1, "no request stalled: the test proved nothing"
     assert_exact(pg_url, node_chain, truth, seeded)
-    events = lease_events(pg_url)
-    problems = lease_overlaps(events)
-    assert not problems, "\n".join(problems)
+    events = assert_leases_never_overlapped(pg_url)
     expired = [e for e in events if e.event == "expired"]
     assert expired, f"no lease expired although {stalls} request(s) stalled\n{out}"
     assert "stuck past its lease" in out
@@ -803,8 +784,7 @@ def test_a_run_killed_outright_keeps_the_counts_it_had_saved(
     satisfied = query(pg_url, "SELECT count(*) FROM refs r JOIN transactions t "
                               "ON t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash")[0][0]  # fmt: skip
     args = batch_args(pg_url, node_chain.url) if mode == "batch" else enrich_args(pg_url, node_chain.url)
-    rc, out = gapfill(args, tmp_path, "rerun")
-    assert rc == 0, out
+    assert_rerun_is_exact(pg_url, args, tmp_path, node_chain, truth, seeded)
     runs = query(pg_url, "SELECT state, processed, rpc_calls FROM runs WHERE mode = %s ORDER BY run_id",
                  (mode,))  # fmt: skip
     assert [s for s, _, _ in runs] == ["interrupted", "done"], runs
@@ -813,7 +793,6 @@ def test_a_run_killed_outright_keeps_the_counts_it_had_saved(
     processed, calls = runs[0][1], runs[0][2]
     assert 0 < stored <= processed <= satisfied, (runs, stored, satisfied)
     assert calls >= 2 * stored, runs
-    assert_exact(pg_url, node_chain, truth, seeded)
 
 
 @pytest.mark.timeout(120)
@@ -851,9 +830,7 @@ def test_sigterm_stops_a_batch_run_started_in_the_background(
         # What it had fetched is kept (given back with its batch), and the run counts it.
         stored = query(pg_url, "SELECT count(*) FROM transactions")[0][0]
         assert query(pg_url, "SELECT processed FROM runs WHERE mode = 'batch'") == [(stored,)]
-        rc, out = gapfill(batch_args(pg_url, rpc), tmp_path, "rerun")
-    assert rc == 0, out
-    assert_exact(pg_url, node_chain, truth, seeded)
+        assert_rerun_is_exact(pg_url, batch_args(pg_url, rpc), tmp_path, node_chain, truth, seeded)
 
 
 def run_group_left(p: GapfillProc, timeout_s: float = 15.0) -> list[tuple[int, str]]:
@@ -918,9 +895,7 @@ def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
         finally:
             kill_run_group(p)  # kills what is left, reaps the coordinator if nothing did
     assert_killed_run_left_nothing(p, left, pg_url)
-    rc, out = gapfill(enrich_args(pg_url, node_chain.url), tmp_path, "rerun")
-    assert rc == 0, out
-    assert_exact(pg_url, node_chain, truth, seeded)
+    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
 
 
 @pytest.mark.timeout(150)
@@ -947,9 +922,7 @@ def test_workers_whose_coordinator_stopped_reading_their_events_exit_when_it_is_
         kill_run_group(p)
     assert rc == -signal.SIGKILL
     assert_killed_run_left_nothing(p, left, pg_url)
-    rc, out = gapfill(enrich_args(pg_url, node_chain.url), tmp_path, "rerun")
-    assert rc == 0, out
-    assert_exact(pg_url, node_chain, truth, seeded)
+    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
 
 
 @pytest.mark.timeout(90)
@@ -1044,9 +1017,7 @@ def test_a_run_whose_only_node_goes_away_stops_with_one_sentence(
         killer.join(5)
     assert leased_now(pg_url) == []
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'batch'") == [("failed",)]
-    rc, out = gapfill(batch_args(pg_url, node_chain.url), tmp_path, "rerun")
-    assert rc == 0, out
-    assert_exact(pg_url, node_chain, truth, seeded)
+    assert_rerun_is_exact(pg_url, batch_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
 
 
 @pytest.mark.timeout(120)
@@ -1186,9 +1157,7 @@ def test_a_killed_coordinators_run_keeps_the_calls_of_every_batch_its_workers_co
     # The per-tx plan makes 2 calls per transaction it fetched (and a stored one was fetched).
     assert state == "running" and processed == stored > 0, (state, processed, stored)
     assert 2 * stored <= calls <= made, (calls, stored, made)
-    rc, out = gapfill(enrich_args(pg_url, node_chain.url), tmp_path, "rerun")
-    assert rc == 0, out
-    assert_exact(pg_url, node_chain, truth, seeded)
+    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
 
 
 @pytest.mark.timeout(120)

@@ -289,6 +289,11 @@ def test_a_database_password_is_masked_however_the_url_is_written(url: str, show
                                                          "and '/': write it as %40 and %2F in the URL"),
         ("postgresql://u:12/34@h/db", "the password in --db / GAPFILL_DB contains '/': write it as %2F in "
                                       "the URL"),
+        # libpq said "invalid percent-encoded token" and nothing of what to do.
+        (f"postgresql://u:SEC%RET{_PW}@h/db", "the password in --db / GAPFILL_DB contains '%': write it "
+                                             "as %25 in the URL"),
+        (f"postgresql://u%:{_PW}@h/db", "the user name in --db / GAPFILL_DB contains '%': write it as %25 "
+                                        "in the URL"),
         (f"h:5432/db?password={_PW}", "unsupported database URL scheme 'h:5432/db?password=***' in --db / "
                                       "GAPFILL_DB: use sqlite:///path/to/file.db or "
                                       "postgresql://user@host:5432/dbname"),

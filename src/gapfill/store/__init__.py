@@ -28,6 +28,8 @@ from gapfill.store.base import (
 )
 
 DEFAULT_DB_URL = "sqlite:///gapfill.db"
+#: A '%' that starts no %XX escape: libpq refuses the URL it is in.
+_BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 __all__ = [
     "DB_CHECK",
@@ -94,6 +96,11 @@ def open_store(
                 f"the password in {check} contains {' and '.join(map(repr, found))}: "
                 f"write it as {' and '.join(f'%{ord(c):02X}' for c in found)} in the URL"
             )
+        userinfo = netloc.rpartition("@")[0]
+        if _BARE_PERCENT.search(userinfo):
+            # libpq refuses it as "invalid percent-encoded token", with no word of what to do.
+            part = "password" if _BARE_PERCENT.search(userinfo.partition(":")[2]) else "user name"
+            raise ConfigError(f"the {part} in {check} contains '%': write it as %25 in the URL")
         if error is not None:  # its text quotes the host or the port, not the password
             raise ConfigError(
                 f"the PostgreSQL URL is malformed ({error}): write it as "

@@ -294,6 +294,9 @@ def test_a_database_password_is_masked_however_the_url_is_written(url: str, show
                                              "as %25 in the URL"),
         (f"postgresql://u%:{_PW}@h/db", "the user name in --db / GAPFILL_DB contains '%': write it as %25 "
                                         "in the URL"),
+        # A bare path was said as an "unsupported database URL scheme 'gapfill.db'".
+        ("gapfill.db", "'gapfill.db' is not a database URL: write it as sqlite:///gapfill.db in --db / "
+                       "GAPFILL_DB for a SQLite file (or postgresql://user@host:5432/dbname)"),
         (f"h:5432/db?password={_PW}", "unsupported database URL scheme 'h:5432/db?password=***' in --db / "
                                       "GAPFILL_DB: use sqlite:///path/to/file.db or "
                                       "postgresql://user@host:5432/dbname"),

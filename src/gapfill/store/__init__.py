@@ -121,7 +121,13 @@ def open_store(
                 f"{redact_db_url(url)!r} is not a PostgreSQL URL: write it as "
                 f"postgresql://{db_url_after_scheme(url)} in {check}"
             )
-        shown = scheme if "://" in url else redact_db_url(url)  # a bare path: as written
+        if ":" not in url:  # a bare path, as `--db gapfill.db`: not a scheme it names
+            raise ConfigError(
+                f"{redact_db_url(url)!r} is not a database URL: write it as sqlite:///{redact_db_url(url)} "
+                f"in {check} for a "
+                "SQLite file (or postgresql://user@host:5432/dbname)"
+            )
+        shown = scheme if "://" in url else redact_db_url(url)
         raise ConfigError(
             f"unsupported database URL scheme {shown!r} in {check}: use sqlite:///path/to/file.db "
             "or postgresql://user@host:5432/dbname"

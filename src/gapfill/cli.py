@@ -975,7 +975,8 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 @contract_option
 @node_chain_option
 @click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
-              show_default=True, help="How to run (auto picks by gap size).")
+              show_default=True,
+              help="How to run (auto: batch under 20,000 refs or 3 cores, else concurrent).")
 @with_options(enrich_options)
 @click.option("--dry-run", is_flag=True,
               help="Show the missing counts, batches and estimated calls; touch nothing.")
@@ -1103,7 +1104,7 @@ def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--limit", type=int_range(1), default=20, show_default=True,
-              help="Show the last this many runs.")
+              help="Show at most this many runs, the latest first.")
 @pass_ctx
 def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
     """Show the history of runs."""

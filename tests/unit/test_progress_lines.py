@@ -204,3 +204,12 @@ def test_a_coordinators_done_count_takes_emptied_and_closed_batches_as_they_come
         coordinator._lifeline_w.close()
     assert coordinator.done_batches == 4 and coordinator.totals()[:2] == (18, 5)
     assert len(seen) == 4  # every event passed on to the renderer
+
+
+@pytest.mark.timeout(10)
+def test_a_run_of_one_open_batch_says_batch() -> None:
+    from gapfill.engine.events import RunStarted
+
+    out = io.StringIO()
+    LineRenderer(out)(RunStarted(3, "batch", 1, 2, 1, 3, 0))
+    assert "; 1 open batch, 3 refs newly planned" in out.getvalue(), out.getvalue()

@@ -855,6 +855,44 @@ def test_a_failure_is_seen_and_retried_through_every_contract_tracking_its_trans
     assert store.list_failures() == []
 
 
+def test_the_failed_refs_a_retry_would_put_back_are_the_contracts_unstored_permanent_failures(
+    store: Store,
+) -> None:
+    # `enrich --dry-run --retry-failed` counts these: found from the failure records, not by
+    # walking every ref of the contract, with the same answer whatever recorded them.
+    other, elsewhere = "0x" + "cd" * 20, "0x" + "ef" * 20
+    store.add_contract(Contract(1, other))
+    store.add_contract(Contract(2, elsewhere))
+    store.add_refs([Ref(1, C, h(i), 100 + i, "explorer") for i in range(1, 9)]
+                   + [Ref(1, C, h(9), None), Ref(1, C, h(11), 111), Ref(1, other, h(8), 108),
+                      Ref(1, other, h(10), 110), Ref(2, elsewhere, h(11), 111)])  # fmt: skip
+    store.write(Enriched(txs=[tx_row(1, 101), tx_row(4, 104)]))  # stored
+    failures = [
+        Failure(1, h(2), C, "not_found", "null"),  # permanent: put back
+        Failure(1, h(3), C, "rpc_error", "timeout"),  # transient: in the gap already
+        Failure(1, h(5), C, "retrying", "null"),  # retried already
+        Failure(1, h(6), C, "permanent", "bad"),  # permanent: put back
+        Failure(1, h(8), other, "not_found", "null"),  # recorded by the contract sharing it
+        Failure(1, h(9), C, "not_found", "null"),  # a ref of unknown block
+        Failure(1, h(10), other, "not_found", "null"),  # the other contract's alone
+        Failure(2, h(11), elsewhere, "not_found", "null"),  # the same hash on another chain
+    ]
+    store.write(Enriched(failures=failures[::-1]))
+    with store._tx() as cur:  # a record left beside a transaction stored since (an import's)
+        cur.execute(store._sql("INSERT INTO failures (chain_id, tx_hash, contract, reason) "
+                               "VALUES (?, ?, ?, ?)"), (1, h(4), C, "not_found"))  # fmt: skip
+    assert list(store.iter_failed_refs(1, C)) == [
+        Ref(1, C, h(2), 102, "explorer"), Ref(1, C, h(6), 106, "explorer"),
+        Ref(1, C, h(8), 108, "explorer"), Ref(1, C, h(9), None),
+    ]  # fmt: skip
+    assert list(store.iter_failed_refs(1, other)) == [Ref(1, other, h(8), 108), Ref(1, other, h(10), 110)]
+    assert list(store.iter_failed_refs(2, elsewhere)) == [Ref(2, elsewhere, h(11), 111)]
+    assert list(store.iter_failed_refs(2, C)) == []
+    assert store.count_permanent_failures(1, C) == 5  # h(4)'s record too: it is not a ref put back
+    assert store.clear_failures(1, C) == 5
+    assert list(store.iter_failed_refs(1, C)) == []
+
+
 @pytest.mark.timeout(60)
 def test_removing_a_contract_waits_for_a_discovery_writing_it_and_deletes_what_it_wrote(
     pg_url: str,

@@ -949,6 +949,43 @@ def test_a_read_only_sqlite_file_is_read_and_a_write_says_it_is_read_only(
     assert sorted(p.name for p in folder.iterdir()) == ["g.db"]
 
 
+def test_a_read_only_command_leaves_no_wal_or_shm_beside_a_writable_sqlite_file(tmp_path: Path) -> None:
+    # A WAL-mode file's reader creates a -wal and a -shm beside it; a connection opened with
+    # mode=ro left them there, empty, after every status. One that may write leaves them to
+    # a run that has the file open, and removes them once nobody has.
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = folder / "g.db"
+    db = f"sqlite:///{path}"
+    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["g.db"]
+    reads = (["status"], ["status", "--json"], ["contract", "list"], ["runs"], ["failures"],
+             ["enrich", "--dry-run"], ["enrich", "--dry-run", "--retry-failed"])  # fmt: skip
+    for args in reads:
+        r = run(db, *args)
+        assert r.exit_code == 0 and r.stderr == "", (args, r.stderr)
+        assert sorted(p.name for p in folder.iterdir()) == ["g.db"], args
+    # The console script, which ends with os._exit once the command is done.
+    out = subprocess.run([*gapfill_argv(), "--db", db, "status"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and C in out.stdout, out.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["g.db"]
+    # Beside a writer (a run): its -wal, with what it has not checkpointed, stays its own.
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint=0")
+        writer.execute("UPDATE contracts SET label = 'token'")
+        assert (folder / "g.db-wal").stat().st_size > 0
+        r = run(db, "contract", "list")
+        assert r.exit_code == 0 and "token" in r.output, r.output
+        assert sorted(p.name for p in folder.iterdir()) == ["g.db", "g.db-shm", "g.db-wal"]
+        assert (folder / "g.db-wal").stat().st_size > 0
+        writer.execute("UPDATE contracts SET label = 'still'")
+    finally:
+        writer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["g.db"]
+    assert "still" in run(db, "contract", "list").output
+
+
 @pytest.mark.parametrize("suffix", ["-wal", "-shm"])
 def test_a_write_names_the_read_only_side_file_beside_a_writable_sqlite_file(
     tmp_path: Path, suffix: str

@@ -219,9 +219,23 @@ class SqliteStore(Store):
     def _open_read_only(self) -> sqlite3.Connection:
         """A read-only connection. SQLite reads a WAL-mode file through its ``-shm`` index,
         which it creates beside the file with a ``-wal`` (as read-only as the file), and
-        only a writer removes them. So a file this process may not write, with no
-        transaction pending beside it, is opened as immutable: it leaves nothing behind.
-        So is one in a read-only folder without an index (nothing can be writing it)."""
+        only a writer removes them: the last connection to close checkpoints the ``-wal``
+        and deletes both, unless it was opened read-only (``mode=ro``), which leaves them.
+        So a file this process may write, in a folder it may write, is opened for writing,
+        with ``query_only`` (no statement can write): as the last to close it leaves what a
+        writer leaves, nothing, and while another connection is open (a run) it leaves
+        both to it. A file this process may not write, with no transaction pending beside
+        it, is opened as immutable: it leaves nothing behind. So is one in a read-only
+        folder without an index (nothing can be writing it)."""
+        if self._writable_here():
+            conn = self._connect(self.path)
+            try:
+                conn.execute("PRAGMA query_only=ON")
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # is it SQLite?
+                return conn
+            except sqlite3.Error:
+                conn.close()
+                raise
         target = "file:" + urllib.parse.quote(str(Path(self.path).resolve()))
         if not os.access(self.path, os.W_OK) and not self._pending():
             return self._connect(target + "?mode=ro&immutable=1", uri=True)
@@ -235,6 +249,13 @@ class SqliteStore(Store):
             if not no_index or self._pending():
                 raise
         return self._connect(target + "?mode=ro&immutable=1", uri=True)
+
+    def _writable_here(self) -> bool:
+        """Whether the file exists (a reader must not create one) and this process may write
+        it, the ``-wal`` and ``-shm`` beside it, and its folder (to create and delete them)."""
+        path = Path(self.path)
+        return (path.is_file() and os.access(path.resolve().parent, os.W_OK | os.X_OK)
+                and _unwritable(self.path) is None)  # fmt: skip
 
     def _pending(self) -> bool:
         """Whether committed pages may wait beside the file, in a ``-wal`` (or a crashed

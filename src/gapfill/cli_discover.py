@@ -35,7 +35,7 @@ from gapfill.discover.explorer import (
     ExplorerConfig,
     url_hint,
 )
-from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary
+from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary, check_methods
 from gapfill.discover.run import discover as run_discover
 from gapfill.errors import ConfigError
 from gapfill.model import Contract
@@ -48,9 +48,16 @@ _pass_ctx = click.make_pass_decorator(Ctx)
 PROGRESS_EVERY_S = 1.0
 
 
-def _methods(values: tuple[str, ...]) -> list[str] | None:
+def _methods(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> list[str] | None:
+    """``--method a,b --method c`` as one list (None: the default set); an unknown method is
+    wrong usage (exit 2), said before any database or node is opened."""
     out = [m.strip() for v in values for m in v.split(",") if m.strip()]
-    return out or None
+    if not out:
+        return None
+    try:
+        return list(check_methods(out))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _explorer(ctx: Ctx, url: str | None, key: str | None,
@@ -134,7 +141,7 @@ class _Printer:
               help="Last block [default and cap: latest - confirmations].")
 @click.option("--confirmations", type=int_range(0), default=DEFAULT_CONFIRMATIONS,
               show_default=True, help="Blocks below the head left alone (reorg safety).")
-@click.option("--method", "methods", multiple=True, metavar="LIST",
+@click.option("--method", "methods", multiple=True, metavar="LIST", callback=_methods,
               help=f"Comma-separated methods out of {','.join(METHODS)} [default: trace if the "
                    "node has it, else explorer if configured, else logs,blocks].")
 @click.option("--rescan", is_flag=True,
@@ -150,7 +157,7 @@ class _Printer:
 @rpc_timeout_option
 @_pass_ctx
 def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: int | None,
-             to_block: int | None, confirmations: int, methods: tuple[str, ...], rescan: bool,
+             to_block: int | None, confirmations: int, methods: list[str] | None, rescan: bool,
              explorer_url: str | None, explorer_key: str | None, rpc_timeout_s: float) -> None:  # fmt: skip
     """Find the transactions of tracked contracts on chain and record refs and coverage.
 
@@ -158,13 +165,14 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     blocks skipped as already scanned are named, and --rescan scans them again.
     Contracts on a chain that no endpoint serves are named and skipped (exit 3).
     """
-    chosen = _methods(methods)
-    explorer = _explorer(ctx, explorer_url, explorer_key, chosen)
+    if from_block is not None and to_block is not None and from_block > to_block:
+        raise click.UsageError(f"--from-block {from_block} is above --to-block {to_block}: swap them")
+    explorer = _explorer(ctx, explorer_url, explorer_key, methods)
     store = ctx.store()
     targets = resolve_targets(store, contract, chain_id, node_picks=True)  # the probe in _run picks
     printer = _Printer(rescan)
     ctx.kept = printer.kept
-    summaries, skipped = asyncio.run(_run(ctx, store, targets, chosen, from_block, to_block, confirmations,
+    summaries, skipped = asyncio.run(_run(ctx, store, targets, methods, from_block, to_block, confirmations,
                                           rescan, explorer, rpc_settings(rpc_timeout_s), printer,
                                           one_address=contract is not None))  # fmt: skip
     for s in summaries:

@@ -186,16 +186,6 @@ def test_discover_explorer_from_env_never_prints_the_key(
     assert "WrongKeyThatMustNotShow" not in res.output + res.stderr
 
 
-def test_unknown_method_is_a_usage_error(small_chain: NodeChain, tmp_path: Path) -> None:
-    chain = small_chain.chain
-    db = f"sqlite:///{tmp_path / 'cli.db'}"
-    runner = CliRunner()
-    _add(runner, db, chain, chain.token)
-    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "magic"])
-    assert res.exit_code == 1
-    assert "unknown discovery method 'magic'" in res.stderr
-
-
 def test_discover_scans_the_served_chain_and_names_the_contracts_it_skips(
     small_chain: NodeChain, tmp_path: Path
 ) -> None:

@@ -222,7 +222,9 @@ async def choose_methods(
     return ("logs", "blocks")
 
 
-def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """``methods`` as discovery names them (lower case, each once); raises
+    :class:`ConfigError` for an unknown one or none."""
     out: list[str] = []
     for m in methods:
         name = m.strip().lower()
@@ -379,7 +381,7 @@ async def discover(
             f"the RPC node serves chain {chain_id} but {address} is tracked on chain "
             f"{contract.chain_id}: check {client.check}"
         )
-    chosen = _check_methods(methods) if methods is not None else None
+    chosen = check_methods(methods) if methods is not None else None
     if chosen is not None and "explorer" in chosen and explorer is None:
         raise ConfigError(f"{NO_EXPLORER}: {url_hint()}")
     latest = int(str(await client.call("eth_blockNumber", [])), 16)
@@ -507,6 +509,7 @@ __all__ = [
     "DiscoverProgress",
     "DiscoverSettings",
     "DiscoverSummary",
+    "check_methods",
     "choose_methods",
     "discover",
     "plan_todo",

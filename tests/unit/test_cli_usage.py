@@ -1,0 +1,40 @@
+"""Wrong usage is exit 2 (README, Exit codes), said before any node or database is asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from gapfill.cli import cli
+
+pytestmark = pytest.mark.timeout(20)
+
+A = "0x" + "aa" * 20
+
+
+def run(tmp_path: Path, *args: str) -> Result:
+    # A node nobody listens on: a command that asks it fails with exit 1, not 2.
+    db = ["--db", f"sqlite:///{tmp_path / 'x.db'}", "--rpc-url", "http://127.0.0.1:9/"]
+    return CliRunner().invoke(cli, [*db, *args])
+
+
+@pytest.fixture
+def tracked(tmp_path: Path) -> Path:
+    assert run(tmp_path, "contract", "add", A, "--chain-id", "1").exit_code == 0
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [(("--from-block", "10", "--to-block", "5"), "Error: --from-block 10 is above --to-block 5: swap them"),
+     (("--method", "foo"), "Error: Invalid value for '--method': unknown discovery method 'foo': use logs, "
+                           "blocks, trace, explorer"),
+     (("--method", "logs,Magic", "--method", "blocks"), "unknown discovery method 'Magic'")],
+)  # fmt: skip
+def test_discover_options_that_cannot_work_are_usage_errors(tracked: Path, args: tuple[str, ...],
+                                                            said: str) -> None:  # fmt: skip
+    r = run(tracked, "discover", *args)
+    assert r.exit_code == 2, r.output
+    assert said in r.stderr and "127.0.0.1" not in r.stderr, r.stderr

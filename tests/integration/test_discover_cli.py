@@ -75,6 +75,27 @@ def test_discover_command(small_chain: NodeChain, tmp_path: Path) -> None:
     assert res.exit_code == 0 and "0 new refs" in res.stdout
 
 
+def test_a_method_that_skips_blocks_another_scanned_says_so(small_chain: NodeChain, tmp_path: Path) -> None:
+    """`--method logs,blocks` over blocks a block scan covered: logs scans them, blocks skips
+    them, and the summary names that method (it said nothing unless every method skipped)."""
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.token)
+    args = ["--db", db, "--rpc-url", small_chain.url, "discover", "--confirmations", "0", "--to-block", "8"]
+    assert runner.invoke(cli, [*args, "--method", "blocks"]).exit_code == 0
+    res = runner.invoke(cli, [*args, "--method", "logs,blocks"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "logs 9 blocks/" in res.stdout and "blocks 0 blocks/0 refs" in res.stdout, res.stdout
+    assert (f"{chain.token}: blocks 0-8 already scanned for method blocks: pass --rescan to scan them "
+            "again") in res.stdout, res.stdout  # fmt: skip
+    # Every method skipping them: the line names none.
+    res = runner.invoke(cli, [*args, "--method", "logs,blocks"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert (f"{chain.token}: blocks 0-8 already scanned: pass --rescan to scan them again"
+            in res.stdout), res.stdout  # fmt: skip
+
+
 def test_rescan_finds_refs_the_first_scan_missed(small_chain: NodeChain, db_url: str) -> None:
     """Refs deleted behind discover's back (a provider that missed logs): a plain rerun skips
     the covered blocks and says how to scan them again; --rescan finds exactly those refs."""

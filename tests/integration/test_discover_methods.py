@@ -271,7 +271,7 @@ async def test_a_rescan_without_a_range_covers_what_was_scanned_below_the_start_
     await _discover(store, small_chain.url, silent, methods=["blocks"], from_block=0)
     summary = await _discover(store, small_chain.url, silent, methods=["blocks"], rescan=True)
     assert (summary.from_block, summary.to_block) == (0, chain.head)
-    assert summary.blocks_scanned == {"blocks": chain.head + 1} and summary.already_scanned == ()
+    assert summary.blocks_scanned == {"blocks": chain.head + 1} and summary.already_scanned == {}
     assert summary.new_refs == 0 and set(_refs(store, silent)) == chain.direct[chain.silent]
 
 

@@ -43,9 +43,11 @@ covered), skipping what is already done:
   scan completed looks again, for internal calls).
 
 Discover reports the blocks it skipped that way ("blocks 0-1200 already scanned:
-pass --rescan to scan them again"). With ``rescan=True`` nothing is skipped: every
-chosen method scans the whole target again (after a reorg deeper than the
-confirmations, a new method, or a provider that missed logs). Refs are only ever
+pass --rescan to scan them again"), naming the methods that skipped them when not
+every method did ("blocks 0-8 already scanned for method blocks: ..."). With
+``rescan=True`` nothing is skipped: every chosen method scans the whole target
+again (after a reorg deeper than the confirmations, a new method, or a provider
+that missed logs). Refs are only ever
 added (one already there stays as it is, nothing is deleted), so ``new_refs`` counts
 what the earlier scans missed (and what blocks never scanned hold); coverage is
 recorded as usual. Without ``from_block`` the rescan starts at the lowest block ever
@@ -165,8 +167,9 @@ class DiscoverSummary:
     trace_backend: str | None = None
     #: Whether coverage was ignored (``rescan=True``).
     rescan: bool = False
-    #: Blocks of the target that no method scanned because coverage said they were done.
-    already_scanned: tuple[Interval, ...] = ()
+    #: Per method that skipped some, the blocks of the target it did not scan because
+    #: coverage said they were done (see "Coverage and resuming").
+    already_scanned: dict[str, tuple[Interval, ...]] = field(default_factory=dict)
     #: The node's head when discovery started (``safe_head`` + confirmations).
     latest: int | None = None
     #: The range asked for: ``--from-block`` (or the start block) and ``--to-block``.
@@ -202,8 +205,15 @@ class DiscoverSummary:
             f"{'rescanned ' if self.rescan else ''}blocks {self.from_block}-{self.to_block}")
         text = (f"{self.contract}: {where}; {scanned or 'no method ran'}; {self.new_refs} new refs; "
                 f"{self.rpc_calls} RPC calls, {self.explorer_requests} explorer requests")  # fmt: skip
-        if self.already_scanned:
-            text += (f"\n{self.contract}: blocks {fmt_ranges(self.already_scanned)} already scanned: "
+        # One line per set of blocks skipped, naming the methods that skipped it unless every
+        # method did: `--method logs,blocks` over blocks a block scan did skips only `blocks`.
+        skipped: dict[tuple[Interval, ...], list[str]] = {}
+        for m, spans in self.already_scanned.items():
+            skipped.setdefault(spans, []).append(m)
+        for spans, methods in skipped.items():
+            named = f" for method{'s' if len(methods) > 1 else ''} {', '.join(methods)}"
+            which = "" if len(methods) == len(self.methods) else named
+            text += (f"\n{self.contract}: blocks {fmt_ranges(spans)} already scanned{which}: "
                      "pass --rescan to scan them again")  # fmt: skip
         return text
 
@@ -452,7 +462,7 @@ async def discover(
         explorer_requests=explorer_client.requests if explorer_client else 0,
         trace_backend=backend,
         rescan=rescan,
-        already_scanned=tuple(subtract(target, (s for spans in todo.values() for s in spans))),
+        already_scanned={m: tuple(skipped) for m in chosen if (skipped := subtract(target, todo[m]))},
         latest=latest,
         asked_from=start,
         asked_to=to_block,

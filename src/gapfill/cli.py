@@ -353,7 +353,7 @@ def enrich_defaults(file: FileConfig) -> dict[str, Any]:
             except click.BadParameter as exc:
                 problem = exc.message.rstrip(".")
         if problem is not None:
-            raise ConfigError(f"{where} {key}: {problem}")
+            raise ConfigError(f"[enrich] {key}: {problem}: fix it in {file.path}")
     return out
 
 

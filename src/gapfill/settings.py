@@ -130,31 +130,31 @@ def load_config(explicit: str | None = None) -> FileConfig:
     _no_unknown_keys(f"config file {path}", data, _TOP_LEVEL)
     for table in ("enrich", "explorer"):
         if not isinstance(data.get(table, {}), dict):
-            raise ConfigError(f"config file {path}: {table} must be a table ([{table}] and key = value)")
+            raise ConfigError(f"{table} must be a table ([{table}] and key = value): fix it in {path}")
     _no_unknown_keys(f"config file {path}: [explorer]", data.get("explorer", {}), _EXPLORER_KEYS)
     if not isinstance(data.get("endpoints", []), list):
-        raise ConfigError(f"config file {path}: endpoints must be an array of tables ([[endpoints]] blocks)")
+        raise ConfigError(f"endpoints must be an array of tables ([[endpoints]] blocks): fix it in {path}")
     endpoints = []
     for i, e in enumerate(data.get("endpoints", [])):
         if not isinstance(e, dict) or not isinstance(e.get("url"), str):
-            raise ConfigError(f"config file {path}: endpoints[{i}] needs a url = \"...\"")
+            raise ConfigError(f"endpoints[{i}] needs a url = \"...\": add it in {path}")
         _no_unknown_keys(f"config file {path}: endpoints[{i}]", e, _ENDPOINT_KEYS)
         rps = e.get("rps")
         mb = e.get("max_batch")
         if rps is not None and (isinstance(rps, bool) or not isinstance(rps, int | float) or rps <= 0):
-            raise ConfigError(f"config file {path}: endpoints[{i}].rps must be a positive number")
+            raise ConfigError(f"endpoints[{i}].rps must be a positive number: fix it in {path}")
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
-            raise ConfigError(f"config file {path}: endpoints[{i}].max_batch must be a positive integer")
+            raise ConfigError(f"endpoints[{i}].max_batch must be a positive integer: fix it in {path}")
         # A malformed URL is the file's mistake, said as such: its message names the key.
         EndpointConfig(e["url"], check=f"endpoints[{i}].url in {path}")
         endpoints.append(EndpointSetting(e["url"], None if rps is None else float(rps), mb,
                                          file_check(str(path))))  # fmt: skip
     explorer_url = data.get("explorer", {}).get("url")
     if explorer_url is not None and not isinstance(explorer_url, str):
-        raise ConfigError(f"config file {path}: [explorer] url must be a string URL")
+        raise ConfigError(f"[explorer] url must be a string URL: fix it in {path}")
     db = data.get("db")
     if db is not None and not isinstance(db, str):
-        raise ConfigError(f"config file {path}: db must be a string URL")
+        raise ConfigError(f"db must be a string URL: fix it in {path}")
     return FileConfig(
         str(path), db, tuple(endpoints), dict(data.get("enrich", {})), dict(data.get("explorer", {}))
     )

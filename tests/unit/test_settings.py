@@ -52,20 +52,41 @@ def test_config_location_env_and_default(tmp_path: Path, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("db = [", "not valid TOML"), ("[[endpoints]]\nrps = 3\n", "needs a url"),
-     ('[[endpoints]]\nurl = "https://x"\nrps = -1\n', "positive"),
-     ('[[endpoints]]\nurl = "https://x"\nmax_batch = 0\n', "positive integer"),
+    [("db = [", "not valid TOML"),
+     ("[[endpoints]]\nrps = 3\n", 'endpoints[0] needs a url = "...": add it in'),
+     ('[[endpoints]]\nurl = "https://x"\nrps = -1\n', "rps must be a positive number: fix it in"),
+     ('[[endpoints]]\nurl = "https://x"\nmax_batch = 0\n', "max_batch must be a positive integer: fix it in"),
      ('[[endpoints]]\nurl = "https://x"\nrps = true\n', "positive number"),
-     ("enrich = 5\n", "must be a table"), ("explorer = 5\n", "must be a table"),
-     ("endpoints = 5\n", "array of tables"),
+     ("enrich = 5\n", "enrich must be a table ([enrich] and key = value): fix it in"),
+     ("explorer = 5\n", "must be a table"),
+     ("endpoints = 5\n", "endpoints must be an array of tables ([[endpoints]] blocks): fix it in"),
      ('[[endpoints]]\nurl = "eth.example.com/v2/KEY"\n',
       "RPC URL 'eth.example.com/v2/***' has no scheme"),
-     ("[explorer]\nurl = 5\n", "[explorer] url must be a string URL")],
+     ("[explorer]\nurl = 5\n", "[explorer] url must be a string URL: fix it in"),
+     ("db = 5\n", "db must be a string URL: fix it in")],
 )  # fmt: skip
 def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, text))
+        load_config(path)
     assert needle in str(err.value)
+    # The sentence ends with what to do, and where (a TOML syntax error names the file first).
+    assert str(err.value).endswith((f" in {path}", ": fix it")), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [('"four"', "'four' is not a whole number"), ("0", "0 is not in the range 1<=x<=64")],
+)
+def test_a_bad_value_in_the_enrich_table_says_to_fix_it_there(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    from gapfill.cli import enrich_defaults
+
+    path = write(tmp_path, f"[enrich]\nworkers = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        enrich_defaults(load_config(path))
+    assert str(info.value) == f"[enrich] workers: {problem}: fix it in {path}"
 
 
 @pytest.mark.parametrize(

@@ -880,11 +880,13 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
         raise SystemExit(3)
 
 
+#: The most worker processes a run takes (`enrich`, `worker` and `demo` --workers).
+MAX_WORKERS = 64
 #: Planning only: `gapfill worker` joins plans and never makes one.
 batch_size_option = click.option("--batch-size", type=int_range(1), default=500, show_default=True,
                                  help="Refs per batch (a lease covers one batch).")
 enrich_options = [
-    click.option("--workers", type=click.IntRange(min=1, max=64), default=None,
+    click.option("--workers", type=click.IntRange(min=1, max=MAX_WORKERS), default=None,
                  help="Worker processes of a concurrent run or of `gapfill worker` "
                       "[default: 75% of cores, 2-8]."),
     batch_size_option,

@@ -38,3 +38,17 @@ def test_discover_options_that_cannot_work_are_usage_errors(tracked: Path, args:
     r = run(tracked, "discover", *args)
     assert r.exit_code == 2, r.output
     assert said in r.stderr and "127.0.0.1" not in r.stderr, r.stderr
+
+
+def test_every_workers_option_takes_the_same_range() -> None:
+    import click
+
+    from gapfill.cli import enrich, worker
+    from gapfill.cli_demo import demo
+
+    ranges = set()
+    for command in (enrich, worker, demo):
+        [kind] = [p.type for p in command.params if p.name == "workers"]
+        assert isinstance(kind, click.IntRange)
+        ranges.add((kind.min, kind.max))
+    assert len(ranges) == 1, ranges

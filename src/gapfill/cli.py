@@ -613,17 +613,25 @@ def contract_list(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
     """Import the hashes in FILE (a hash per line, a CSV, an Etherscan export, or - for stdin)."""
-    from gapfill.discover.imports import parse_refs
+    from gapfill.discover.imports import NoRefs, parse_refs
+    from gapfill.store import RefsAdded
 
     store = ctx.store()
     c = store.get_contract(contract, chain_id)
     ctx.kept = lambda: "nothing was imported (an import is one transaction); run it again"
-    added = store.add_refs(parse_refs(file, c.chain_id, c.address))
+    try:
+        added = store.add_refs(parse_refs(file, c.chain_id, c.address))
+        remark = ""
+    except NoRefs:
+        if file != "-":
+            raise  # a file named that holds nothing is almost surely the wrong file
+        # A pipe that found nothing new to import (a script's quiet day) is no error.
+        added, remark = RefsAdded(0, 0), " (stdin held no transaction hashes)"
     ctx.kept = None
     filled = (f", {added.filled} block number{'' if added.filled == 1 else 's'} filled"
               if added.filled else "")  # fmt: skip
     click.echo(f"imported {added.new} new ref{'' if added.new == 1 else 's'} for {c.address} "
-               f"on chain {c.chain_id}{filled}")  # fmt: skip
+               f"on chain {c.chain_id}{filled}{remark}")  # fmt: skip
 
 
 def status_dict(s: ContractStatus) -> dict[str, Any]:

@@ -79,14 +79,26 @@ def _block(value: str, name: str, lineno: int) -> int | None:
     return n
 
 
+class NoRefs(InputError):
+    """The file holds no transaction hash: it is empty, or holds blank lines, comments or a
+    header alone."""
+
+
 def parse_refs(
     path: str, chain_id: int, contract: str, *, source: str = "import", stdin: IO[bytes] | None = None
 ) -> Iterator[Ref]:
-    """Yield the refs in ``path``: hash list, CSV with a hash column, or an Etherscan export."""
+    """Yield the refs in ``path``: hash list, CSV with a hash column, or an Etherscan export.
+    Raises :class:`NoRefs` when it holds none."""
     name, text = open_text(path, stdin)
     with text:
         try:
-            yield from _parse(text, name, chain_id, contract, source)
+            refs = _parse(text, name, chain_id, contract, source)
+            first = next(refs, None)
+            if first is None:
+                raise NoRefs(f"{name} holds no transaction hashes (it is empty, or a header alone): "
+                             "check that it is the file you meant to import")  # fmt: skip
+            yield first
+            yield from refs
         except UnicodeDecodeError:
             raise InputError(
                 f"{name} is not UTF-8 text: give a text file with one hash per line, "

@@ -92,6 +92,17 @@ def test_http_statuses(status: int, body: bytes, fault: Fault) -> None:
     assert verdict.fault is fault
 
 
+def test_a_401_or_403_is_a_refused_key_unless_its_body_says_otherwise() -> None:
+    # Some providers answer a rate limit, or a method their plan does not include, with a 403.
+    for status, body in ((401, b"invalid project id"), (403, b""), (403, b"Forbidden")):
+        verdict = classify_http(status, {}, body)
+        assert verdict is not None and verdict.auth_refused
+    for body, fault in ((b"rate limit exceeded", Fault.RATE_LIMITED),
+                        (b"method trace_filter is not whitelisted", Fault.UNSUPPORTED)):  # fmt: skip
+        verdict = classify_http(403, {}, body)
+        assert verdict is not None and (verdict.fault, verdict.auth_refused) == (fault, False)
+
+
 def test_http_2xx_is_left_to_the_body() -> None:
     assert classify_http(200, {}, b"{}") is None
 

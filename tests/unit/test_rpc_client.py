@@ -246,6 +246,53 @@ async def test_exhausted_retries_raise_one_redacted_sentence(
     assert KEY not in caplog.text
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_api_key_fails_at_once_and_says_to_check_it(
+    make_node: Any, tmp_path: Any, status: int
+) -> None:
+    # Retrying a refused key cannot pass: one request, one sentence, the key not shown.
+    def refuse(node: FakeNode, body: Any) -> web.Response:
+        return web.Response(status=status, text=f"invalid API key {KEY}")
+
+    node = await make_node(refuse, path=f"/v3/{KEY}")
+    shown = node.url.replace(KEY, "***")
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.probe()
+        assert not isinstance(info.value, NodeUnavailable)  # a worker is not restarted for it
+        assert str(info.value) == (
+            f"eth_chainId failed: the RPC node at {shown} refused the request "
+            f"(HTTP {status}): check the API key in --rpc-url or ETH_RPC_URL"
+        )
+        assert len(node.requests) == 1
+        with pytest.raises(RpcError, match="check the API key"):
+            await client.call("eth_blockNumber", [])
+        assert len(node.requests) == 2
+
+
+async def test_a_refused_api_key_leaves_the_calls_to_another_endpoint(make_node: Any, tmp_path: Any) -> None:
+    refusing = await make_node(lambda node, body: web.Response(status=401, text="bad key"))
+    good = await make_node(echo)
+    endpoints = [EndpointConfig(refusing.url), EndpointConfig(good.url)]
+    async with RpcClient(endpoints, settings(tmp_path)) as client:
+        assert await client.call_many([Call("echo", [i]) for i in range(5)]) == list(range(5))
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    (b"Too many requests, slow down", "HTTP 403 Too many requests"),  # a rate limit
+    (b"method eth_getLogs is not allowed", "HTTP 403 method eth_getLogs is not allowed"),
+])  # fmt: skip
+async def test_a_403_that_is_no_key_refusal_is_not_called_one(
+    make_node: Any, tmp_path: Any, body: bytes, said: str
+) -> None:
+    node = await make_node(lambda n, b: web.Response(status=403, body=body))
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path, rate_limit_attempts=3)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.call("eth_getLogs", [])
+    assert said in str(info.value) and "API key" not in str(info.value), str(info.value)
+    assert len(node.requests) == 3  # retried, as before
+
+
 async def test_one_attempt_is_said_in_the_singular(make_node: Any, tmp_path: Any) -> None:
     # `gapfill status` asks the node's head with one attempt: "after 1 attempts" it said.
     node = await make_node(lambda node, body: web.Response(status=500, text="down"))

@@ -10,12 +10,17 @@ RATE_LIMITED       HTTP 429; "rate limit"/"too many requests"; -32005 with a   y
 BATCH_TOO_LARGE    HTTP 413; "batch size exceeds"/"batch too large"            re-split
 TRANSIENT          timeouts, stalls, resets, refused connections, 5xx,         yes
                    HTML/truncated bodies, -32603, "header not found"
-UNSUPPORTED        -32601 method not found, -32004, "... not supported"        no (other
-                                                                               endpoint)
+UNSUPPORTED        -32601 method not found, -32004, "... not supported"; HTTP  no (other
+                   405, a 403 "method ... not allowed"                         endpoint)
 PERMANENT          -32602 invalid params, -32600, execution reverted, other    no
                    -32000, Infura's -32005 "query returned more than 10000
-                   results", "exceeds max block range"
+                   results", "exceeds max block range"; HTTP 401 and any
+                   other 403 (``auth_refused``: a refused API key)
 =================  ==========================================================  =========
+
+A failure of the HTTP request as a whole is about the endpoint, not the calls: the
+client sends them again, to another endpoint where there is one, and gives up on a
+refused key (``auth_refused``) at once when there is none.
 
 Infura answers both a rate limit and an oversized ``eth_getLogs`` with ``-32005``;
 only the message tells them apart, so log-limit messages are checked first and are
@@ -61,6 +66,9 @@ class Verdict:
     retry_after_s: float | None = None
     #: The node could not be reached at all (refused, no route, unknown host).
     unreachable: bool = False
+    #: The endpoint refused the request's credentials (HTTP 401, or a 403 that is neither a
+    #: rate limit nor a refused method): trying it again cannot pass.
+    auth_refused: bool = False
 
 
 # Order matters: the first matching rule wins.
@@ -282,14 +290,12 @@ def classify_http(
         return Verdict(Fault.RATE_LIMITED, f"HTTP {status} {shown}".strip(), status, retry_after)
     if status >= 500 or status in (408, 425):
         return Verdict(Fault.TRANSIENT, f"HTTP {status} {shown}".strip(), status, retry_after)
-    if status in (401, 403):
-        return Verdict(
-            Fault.PERMANENT,
-            f"HTTP {status}: the provider refused the request; check the API key in the URL",
-            status,
-        )
-    if status == 405:
+    if status == 405 or (status == 403 and _UNSUPPORTED.search(text)):
+        # Some providers refuse a method the plan does not include with a 403.
         return Verdict(Fault.UNSUPPORTED, f"HTTP {status} {shown}".strip(), status)
+    if status in (401, 403):
+        return Verdict(Fault.PERMANENT, f"HTTP {status}: the provider refused the request", status,
+                       auth_refused=True)  # fmt: skip
     return Verdict(Fault.PERMANENT, f"HTTP {status} {shown}".strip(), status)
 
 

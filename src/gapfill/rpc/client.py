@@ -19,7 +19,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -677,8 +677,7 @@ class RpcClient:
         pin: Endpoint | None,
     ) -> list[int]:
         """The whole request failed: one verdict for every item of the batch."""
-        verdict = Verdict(verdict.fault, self._redact(verdict.message), verdict.code,
-                          verdict.retry_after_s, verdict.unreachable)
+        verdict = replace(verdict, message=self._redact(verdict.message))
         if verdict.fault is Fault.BATCH_TOO_LARGE and len(chunk) > 1:
             endpoint.shrink_batch(len(chunk), message=verdict.message)
             return list(chunk)
@@ -689,11 +688,16 @@ class RpcClient:
             if verdict.fault is not Fault.TRANSIENT:
                 # An HTTP-level refusal (401, 404, ...) is about the endpoint, not the
                 # calls: let another endpoint try them.
-                verdict = Verdict(Fault.TRANSIENT, verdict.message, verdict.code)
+                verdict = replace(verdict, fault=Fault.TRANSIENT)
         logger.debug("request to %s failed: %s", endpoint.shown, verdict.message)
         return [
             i for i in chunk if self._settle_item(endpoint, i, items[i], verdict, results, pin)
         ]
+
+    def _elsewhere(self, endpoint: Endpoint, item: _Item) -> bool:
+        """Whether an endpoint other than ``endpoint`` may serve ``item``'s call."""
+        return any(e is not endpoint and e.usable() and item.call.method not in e.unsupported
+                   for e in self._endpoints)  # fmt: skip
 
     def _settle_item(
         self,
@@ -724,6 +728,12 @@ class RpcClient:
             limit = self._settings.attempts
             if item.patient and verdict.code is not None and verdict.code >= 500:
                 limit *= _PATIENCE
+            if verdict.auth_refused and (pin is not None or not self._elsewhere(endpoint, item)):
+                # A refused key does not pass by asking again: said at once.
+                results[i] = CallError("transient", f"the RPC node at {endpoint.shown} refused the request "
+                                       f"(HTTP {verdict.code}): check the API key in {endpoint.config.check}",
+                                       verdict.code)  # fmt: skip
+                return False
             if item.failures >= limit:
                 if verdict.unreachable:
                     text = (f"could not reach the RPC node at {endpoint.shown}: {message}; "

@@ -508,30 +508,39 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
     click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
-    if abi is None:
-        return
-    # Each chunk of stored rows is decoded again in a transaction of its own.
-    ctx.kept = lambda: (f"{address} is tracked on chain {chain_id} with this ABI, but the rows stored "
-                        "before it are not all decoded with it yet: run the same command again to "
-                        "finish")  # fmt: skip
-    from gapfill.enrich.decode import abi_problems
-    from gapfill.enrich.redecode import redecode_contract
+    if abi is not None:
+        # The ABI and the ask to decode the stored rows again were written together: if this
+        # is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
+        ctx.kept = lambda: (f"{address} is tracked on chain {chain_id} with this ABI, but the rows stored "
+                            "before it are not all decoded with it yet: the next `gapfill enrich` "
+                            "finishes that, or run the same command again")  # fmt: skip
+        from gapfill.enrich.decode import abi_problems
 
-    problems = abi_problems(abi)
-    if problems:
-        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-        click.echo(f"warning: {len(problems)} entr{'y' if len(problems) == 1 else 'ies'} of "
-                   f"{abi_file} cannot be decoded and will be skipped: {shown}", err=True)  # fmt: skip
+        problems = abi_problems(abi)
+        if problems:
+            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+            click.echo(f"warning: {len(problems)} entr{'y' if len(problems) == 1 else 'ies'} of "
+                       f"{abi_file} cannot be decoded and will be skipped: {shown}", err=True)  # fmt: skip
+    from gapfill.enrich.redecode import finish_redecodes
+
     # Rows stored before this ABI (another contract's refs, an earlier add or a removed
-    # contract's) are decoded with it now, as a new enrichment would.
-    done = redecode_contract(store, chain_id, address, abi)
-    if done.txs or done.logs:
-        click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
-                   f"{counted(done.txs, 'transaction')} sent to it, {done.decoded_logs:,} of "
-                   f"{counted(done.logs, 'log')} it emitted")  # fmt: skip
-        if not (done.decoded_txs or done.decoded_logs):
-            click.echo(f"warning: none of the stored rows matches this ABI: check that "
-                       f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
+    # contract's) are decoded with it now, as a new enrichment would; so are those of any
+    # contract an earlier run or `contract add` left to do (killed, a power cut).
+    for done_chain, done_address, done in finish_redecodes(store):
+        if not (done.txs or done.logs):
+            continue
+        if abi is None or (done_chain, done_address) != (chain_id, address):
+            click.echo(f"decoded the stored rows of {done_address} on chain {done_chain} again with its "
+                       f"ABI, which a run or `contract add` cut short had left to do: "
+                       f"{counted(done.txs, 'transaction')} sent to it, "
+                       f"{counted(done.logs, 'log')} it emitted")  # fmt: skip
+        else:
+            click.echo(f"decoded the stored rows with this ABI: {done.decoded_txs:,} of "
+                       f"{counted(done.txs, 'transaction')} sent to it, {done.decoded_logs:,} of "
+                       f"{counted(done.logs, 'log')} it emitted")  # fmt: skip
+            if not (done.decoded_txs or done.decoded_logs):
+                click.echo(f"warning: none of the stored rows matches this ABI: check that "
+                           f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
 
 
 def load_abi(path: str) -> list[dict[str, Any]]:

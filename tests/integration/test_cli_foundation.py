@@ -54,7 +54,7 @@ def refs_of(db: str) -> list[tuple[str, int | None]]:
 def test_init_is_idempotent(db_url: str) -> None:
     assert run(db_url, "init").exit_code == 0
     r = run(db_url, "init")
-    assert r.exit_code == 0 and "schema version 3" in r.output
+    assert r.exit_code == 0 and "schema version 4" in r.output
 
 
 def test_contract_add_and_list(tracked: str) -> None:

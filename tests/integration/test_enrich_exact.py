@@ -361,6 +361,18 @@ def _proxy(upstream: str, tag: T, before: Callable[[bytes], bytes] = lambda b: b
         thread.join(timeout=10)
 
 
+def _a_sixth(world: World) -> Callable[[str], bool]:
+    """One ref in six: the refs of the runs an ABI is given during."""
+    return set(sorted(world.hashes)[::6]).__contains__
+
+
+def _enrich_of_a_sixth(db_url: str, url: str, mode: str) -> list[str]:
+    """A run of 2 workers, if concurrent, over batches of 100: long enough to change an ABI
+    while it runs."""
+    return [str(GAPFILL_BIN), "--db", db_url, "--rpc-url", url, "enrich", "--mode", mode,
+            "--batch-size", "100", "--workers", "2"]  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["batch", "concurrent"])
 def test_an_abi_given_during_enrichment_decodes_every_row(
     db_url: str, world: World, tmp_path: Path, mode: str
@@ -369,11 +381,9 @@ def test_an_abi_given_during_enrichment_decodes_every_row(
     # run's processes keep the decoders they started with. The run decodes the rows they
     # committed after the change when it ends.
     chain = world.chain
-    hashes = setup_db(db_url, world, tmp_path, keep=set(sorted(world.hashes)[::6]).__contains__,
-                      token_abi=False)  # fmt: skip
+    hashes = setup_db(db_url, world, tmp_path, keep=_a_sixth(world), token_abi=False)
     with gated_node(world.node.url, calls=500) as (url, gate):
-        argv = [str(GAPFILL_BIN), "--db", db_url, "--rpc-url", url, "enrich", "--mode", mode,
-                "--batch-size", "100", "--workers", "2"]  # fmt: skip
+        argv = _enrich_of_a_sixth(db_url, url, mode)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             assert gate.holding.wait(60), "the run never got past the first calls"
@@ -386,8 +396,83 @@ def test_an_abi_given_during_enrichment_decodes_every_row(
                 proc.kill()
                 proc.communicate()
     assert proc.returncode == 0, out
-    assert f"{chain.token} was given a new ABI during the run: decoded its stored rows again" in out, out
+    assert f"decoded the stored rows of {chain.token} again" in out and "during this run" in out, out
     assert_exact(db_url, world, hashes)
+
+
+class _Relay:
+    """A proxy's gate: lets the JSON-RPC calls up to :attr:`limit` through and holds the
+    rest until the limit is raised (or the proxy closes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.seen, self.held, self.closed = limit, 0, 0, False
+        self.cond = threading.Condition()
+
+    def before(self, body: bytes) -> bytes:
+        parsed = json.loads(body)
+        with self.cond:
+            self.seen += len(parsed) if isinstance(parsed, list) else 1
+            mine = self.seen
+            if mine > self.limit and not self.closed:
+                self.held += 1
+                self.cond.notify_all()
+                self.cond.wait_for(lambda: mine <= self.limit or self.closed, 120)
+                self.held -= 1
+        return body
+
+    def let_through(self, calls: int) -> None:
+        with self.cond:
+            self.limit = self.seen + calls
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def stale_rows(db_url: str, world: World) -> int:
+    """Stored transactions the token's ABI decodes that are stored undecoded."""
+    txs, _ = stored(db_url, world.chain.chain_id)
+    return sum(1 for t in txs if t["method_name"] is None and world.want_tx[t["tx_hash"]]["method_name"])
+
+
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_run_killed_after_an_abi_change_leaves_its_rows_to_the_next_run(
+    db_url: str, world: World, tmp_path: Path, mode: str
+) -> None:
+    # `contract add --abi` while a run enriches, whose processes go on storing rows with
+    # the decoders they started with; then the run is killed outright (kill -9 of its
+    # process group: no end, where it would have decoded them again). The next run does.
+    chain = world.chain
+    hashes = setup_db(db_url, world, tmp_path, keep=_a_sixth(world), token_abi=False)
+    relay = _Relay(500)
+    with _proxy(world.node.url, relay, before=relay.before, after_close=relay.close) as (url, _):
+        argv = _enrich_of_a_sixth(db_url, url, mode)
+        with (tmp_path / "killed.log").open("w") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            with relay.cond:
+                assert relay.cond.wait_for(lambda: relay.held > 0, 60), "the run never got past its start"
+            code, out = gapfill(db_url, None, "contract", "add", chain.token, "--abi", str(world.abi_file))
+            assert code == 0, out
+            relay.let_through(1_000)  # the batches in flight, and a few more, then held again
+            deadline = time.monotonic() + 60
+            while not stale_rows(db_url, world):
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+                assert time.monotonic() < deadline, "no row was stored with the old decoder"
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert stale_rows(db_url, world)
+    code, out = gapfill(db_url, world.node.url, "enrich", "--mode", "batch")
+    assert code == 0, out
+    assert_exact(db_url, world, hashes)
+    assert f"decoded the stored rows of {chain.token} again" in out and "cut short" in out, out
 
 
 def ref_blocks(db_url: str) -> dict[tuple[str, str], int | None]:

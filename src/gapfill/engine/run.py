@@ -179,23 +179,28 @@ def _fill_block_numbers(store: Store, job: EnrichJob) -> None:
             log.info("block numbers of %s not filled this time: %s", contract, exc)
 
 
-def _decode_again_if_changed(store: Store, job: EnrichJob, before: dict[str, Any], emit: Emit) -> None:
-    """Decode again the stored rows of each contract given a new ABI while the run ran.
+def _finish_redecodes(store: Store, run_id: int | None, emit: Emit) -> None:
+    """Decode again the stored rows of each contract whose ABI changed while they were stored.
 
-    ``contract add --abi`` decodes the rows stored so far, but the run's processes keep the
-    decoders they built at their start: the rows they commit afterwards would stay decoded
-    the old way. At the end of the run (``before``: the ABIs when it started, which are at
-    most as new as any of its processes'), every contract whose ABI changed meanwhile has
-    its stored rows decoded with the new one.
+    ``contract add --abi`` decodes the rows stored so far, but a run's processes keep the
+    decoders they built at their start: the rows they commit afterwards are decoded the old
+    way. Each run keeps the ABI versions it started with (``create_run``), which are at most
+    as new as any of its processes'. At its start (``run_id`` None) a run finishes what
+    others left: the runs that are over (a run killed outright never reached its end) and
+    a ``contract add`` cut short, before it stores rows of its own (a contract given its
+    ABI before any row was stored costs nothing then, and would cost a pass over the run's
+    rows at its end). At its end (its workers gone, so no stale decoder writes after this)
+    the run settles itself the same way.
     """
-    from gapfill.enrich.redecode import redecode_contract
+    from gapfill.enrich.redecode import finish_redecodes
 
-    for address, abi in _abis(store, job.chain_id).items():
-        if abi is not None and before.get(address) != abi:
-            done = redecode_contract(store, job.chain_id, address, abi)
-            emit(Notice(f"{address} was given a new ABI during the run: decoded its stored rows "
-                        f"again ({counted(done.txs, 'transaction')} sent to it, "
-                        f"{counted(done.logs, 'log')})"))  # fmt: skip
+    why = ("a run or `contract add` cut short left some decoded with its old ABI" if run_id is None
+           else "it was given a new ABI during this run (or one cut short)")  # fmt: skip
+    for _, address, done in finish_redecodes(store, run_id):
+        if done.txs or done.logs:
+            emit(Notice(f"decoded the stored rows of {address} again "
+                        f"({counted(done.txs, 'transaction')} sent to it, "
+                        f"{counted(done.logs, 'log')}): {why}"))  # fmt: skip
 
 
 def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> dict[int, Enricher]:
@@ -447,9 +452,8 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
     term = _Term()
     old_term = _sigterm_as_sigint(term)
     try:
-        run_id = store.create_run(mode, 1)
+        run_id = store.create_run(mode, 1, chain_id=job.chain_id)
         store.counts_for_run = run_id
-        abis = _abis(store, job.chain_id)
         t0 = time.perf_counter()  # as the run's row counts it: planning included
         totals_box: dict[str, Any] = {}
         state = "done"
@@ -461,6 +465,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
 
         try:
             _release_dead_local_owners(store, emit)
+            _finish_redecodes(store, None, emit)
             if _needs_node(store, job):  # the node is checked first, then the plan written
                 asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box,
                                                                run_id, start, t0)))
@@ -486,8 +491,8 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             # rerun would wait for it to expire.
             with contextlib.suppress(GapfillError):
                 store.release_owner(owner_name("w0"), "run stopped")
-            with contextlib.suppress(GapfillError):  # the database may be what failed
-                _decode_again_if_changed(store, job, abis, emit)
+            with contextlib.suppress(GapfillError):  # the database may be what failed: the next run does it
+                _finish_redecodes(store, run_id, emit)
             _fill_block_numbers(store, job)
         secs = time.perf_counter() - t0
         processed, failed, calls = store.finish_run(run_id, state, totals_box.get("calls", 0))
@@ -908,17 +913,16 @@ class Coordinator:
         why: str | None = None  # the sentence a failed run ends with, kept in its note
         state = "done"
         seq: tuple[float, str] | None = None
-        abis: dict[str, Any] | None = None
         try:
             mode = "concurrent" if job.plan_new else "worker"
-            run_id = store.create_run(mode, self.workers)
+            run_id = store.create_run(mode, self.workers, chain_id=job.chain_id)
             store.counts_for_run = run_id  # the start-up sample's rows
             self.job = job = replace(job, run_id=run_id)  # and the workers'
-            abis = _abis(store, job.chain_id)
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
             _start_fork_server()
             _release_dead_local_owners(store, self.emit)
+            _finish_redecodes(store, None, self.emit)
             # One probe here, before anything is planned (or sampled), fails fast with one
             # sentence (unreachable node, wrong chain, a method missing) instead of a crash
             # loop of workers that each find out, and leaves no open plan behind. The
@@ -1040,9 +1044,9 @@ class Coordinator:
             _stop_fork_server(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()
-            if abis is not None:  # every worker has exited: no stale decoder writes after this
-                with contextlib.suppress(GapfillError):
-                    _decode_again_if_changed(store, job, abis, self.emit)
+            if run_id:  # every worker has exited: no stale decoder writes after this
+                with contextlib.suppress(GapfillError):  # else the next run does it
+                    _finish_redecodes(store, run_id, self.emit)
                 _fill_block_numbers(store, job)
             secs = time.perf_counter() - t0
             processed, failed, calls, _, _ = self.totals()

@@ -7,6 +7,14 @@ whose ABI is replaced, would otherwise keep rows decoded with no ABI or the old 
 the contract and every stored log it emitted, and writes the result in chunks (each
 chunk one transaction: an interruption leaves every row decoded either the old way or
 the new, and running it again finishes the job).
+
+What is left to do is kept in the database, so that no interruption leaves rows decoded
+the old way for good: giving an ABI asks for the contract's rows to be decoded again in
+the same transaction, and a run keeps the ABI versions it started with, which are
+compared with the current ones once it is over (at its end, or, if it was killed, by the
+next run or ``contract add``): each contract whose ABI changed meanwhile is asked too.
+:func:`finish_redecodes` settles the runs that are over and does what was asked; each
+enrichment run calls it at its start and its end, and ``contract add`` after it writes.
 """
 
 from __future__ import annotations
@@ -53,3 +61,16 @@ def redecode_contract(
         store.set_decoded_logs(chain_id, events)
         logs += len(events)
     return Redecoded(txs, decoded_txs, logs, decoded_logs)
+
+
+def finish_redecodes(store: Store, run_id: int | None = None) -> list[tuple[int, str, Redecoded]]:
+    """Settle run ``run_id`` (this process's, its workers gone) and every run that is over,
+    then decode again the stored rows of each contract asked for; returns, per contract
+    done, ``(chain_id, address, counts)``. A contract whose ABI changes meanwhile stays
+    asked for, to be done with the new one."""
+    store.settle_runs(run_id)
+    done = []
+    for chain_id, address, abi, asked in store.pending_redecodes():
+        done.append((chain_id, address, redecode_contract(store, chain_id, address, abi)))
+        store.redecoded(chain_id, address, asked)
+    return done

@@ -451,17 +451,23 @@ class Store(abc.ABC):
     # -- contracts ---------------------------------------------------------------
 
     def add_contract(self, contract: Contract) -> None:
+        """Track ``contract`` (or update a tracked one's label, start block and ABI). An ABI
+        given asks, in the same transaction, for its stored rows to be decoded again with it
+        (:meth:`pending_redecodes`): a process killed before it did so leaves that asked."""
+        given = int(contract.abi is not None)
         with self._tx() as cur:
             cur.execute(
                 self._sql(
-                    "INSERT INTO contracts (chain_id, address, label, start_block, abi) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (chain_id, address) DO UPDATE SET "
-                    "label = COALESCE(EXCLUDED.label, contracts.label), "
+                    "INSERT INTO contracts (chain_id, address, label, start_block, abi, abi_version, "
+                    "redecode_asked) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (chain_id, address) "
+                    "DO UPDATE SET label = COALESCE(EXCLUDED.label, contracts.label), "
                     "start_block = COALESCE(EXCLUDED.start_block, contracts.start_block), "
-                    "abi = COALESCE(EXCLUDED.abi, contracts.abi)"
+                    "abi = COALESCE(EXCLUDED.abi, contracts.abi), "
+                    "abi_version = contracts.abi_version + EXCLUDED.abi_version, "
+                    "redecode_asked = contracts.redecode_asked + EXCLUDED.redecode_asked"
                 ),
                 (contract.chain_id, contract.address, contract.label, contract.start_block,
-                 json_text(contract.abi)),
+                 json_text(contract.abi), given, given),
             )  # fmt: skip
 
     def list_contracts(self) -> list[Contract]:
@@ -936,32 +942,107 @@ class Store(abc.ABC):
 
     # -- runs ------------------------------------------------------------------------
 
-    def create_run(self, mode: str, workers: int, note: str = "") -> int:
+    def create_run(self, mode: str, workers: int, note: str = "", chain_id: int | None = None) -> int:
         """Record a new run of this process. Runs of this host still marked ``running``
-        whose process is gone (killed, crashed) are marked ``interrupted`` first."""
+        whose process is gone (killed, crashed) are marked ``interrupted`` first.
+
+        ``chain_id``: the run decodes that chain's rows. The ABI version of each of its
+        contracts is kept with the run (its processes build their decoders after this, so
+        from ABIs at least as new): :meth:`settle_runs` compares them with the versions
+        then current once the run is over, even if it was killed."""
         host = socket.gethostname()
         with self._tx() as cur:
             now = self._now(cur)
-            cur.execute(
-                self._sql("SELECT run_id, pid FROM runs WHERE state = 'running' AND host = ? "
-                          "AND pid IS NOT NULL"),
-                (host,),
-            )  # fmt: skip
-            for run_id, pid in cur.fetchall():
-                if not pid_alive(int(pid)):
-                    cur.execute(
-                        self._sql("UPDATE runs SET state = 'interrupted', finished_at = ?, "
-                                  "note = ? WHERE run_id = ? AND state = 'running'"),
-                        (now, "its process ended without finishing the run", run_id),
-                    )  # fmt: skip
+            self._mark_dead_runs(cur, host, now)
+            versions = None
+            if chain_id is not None:
+                cur.execute(self._sql("SELECT address, abi_version FROM contracts WHERE chain_id = ?"),
+                            (chain_id,))  # fmt: skip
+                versions = json_text({"chain_id": chain_id,
+                                      "versions": {a: int(v) for a, v in cur.fetchall()}})  # fmt: skip
             cur.execute(
                 self._sql(
-                    "INSERT INTO runs (started_at, host, pid, mode, workers, note) "
-                    "VALUES (?, ?, ?, ?, ?, ?) RETURNING run_id"
+                    "INSERT INTO runs (started_at, host, pid, mode, workers, note, abi_versions) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING run_id"
                 ),
-                (now, host, os.getpid(), mode, workers, note),
+                (now, host, os.getpid(), mode, workers, note, versions),
             )
             return int(cur.fetchone()[0])
+
+    def _mark_dead_runs(self, cur: Any, host: str, now: float) -> None:
+        """Runs of ``host`` still marked ``running`` whose process is gone: ``interrupted``."""
+        cur.execute(
+            self._sql("SELECT run_id, pid FROM runs WHERE state = 'running' AND host = ? "
+                      "AND pid IS NOT NULL"),
+            (host,),
+        )  # fmt: skip
+        for run_id, pid in cur.fetchall():
+            if not pid_alive(int(pid)):
+                cur.execute(
+                    self._sql("UPDATE runs SET state = 'interrupted', finished_at = ?, "
+                              "note = ? WHERE run_id = ? AND state = 'running'"),
+                    (now, "its process ended without finishing the run", run_id),
+                )  # fmt: skip
+
+    def settle_runs(self, run_id: int | None = None) -> list[tuple[int, str]]:
+        """Ask for the stored rows of every contract whose ABI changed since a finished run
+        started to be decoded again: its processes may have stored some decoded with the
+        ABIs they started with. Settles run ``run_id`` (this process's, whose workers have
+        exited) and every run that is over (finished, failed, or its process gone), each
+        once; returns the contracts asked, by ``(chain_id, address)``.
+
+        While another live process of this host holds a lease, runs other than ``run_id``
+        wait for a later call: a run killed outright may have left workers finishing their
+        batches, still to commit rows decoded the old way.
+        """
+        host = socket.gethostname()
+        busy = any(pid != os.getpid() and pid_alive(pid) for _, pid in self._local_owners(host))
+        asked: set[tuple[int, str]] = set()
+        with self._tx() as cur:
+            now = self._now(cur)
+            self._mark_dead_runs(cur, host, now)
+            over = "" if busy else " OR state <> 'running'"
+            cur.execute(self._sql(f"SELECT run_id, abi_versions FROM runs WHERE abi_versions IS NOT NULL "
+                                  f"AND (run_id = ?{over}) ORDER BY run_id"),
+                        (-1 if run_id is None else run_id,))  # fmt: skip
+            for settled, text in cur.fetchall():
+                # Two processes settling at once settle each run once: the one that clears it.
+                cur.execute(self._sql("UPDATE runs SET abi_versions = NULL WHERE run_id = ? "
+                                      "AND abi_versions IS NOT NULL"), (settled,))  # fmt: skip
+                if cur.rowcount != 1:
+                    continue
+                started = json_value(text)
+                chain_id, versions = int(started["chain_id"]), started["versions"]
+                cur.execute(self._sql("SELECT address, abi_version FROM contracts WHERE chain_id = ? "
+                                      "AND abi_version > 0"), (chain_id,))  # fmt: skip
+                asked.update((chain_id, a) for a, v in cur.fetchall() if int(v) != versions.get(a, 0))
+            for chain_id, address in sorted(asked):
+                cur.execute(self._sql("UPDATE contracts SET redecode_asked = redecode_asked + 1 "
+                                      "WHERE chain_id = ? AND address = ?"), (chain_id, address))  # fmt: skip
+        return sorted(asked)
+
+    def pending_redecodes(self) -> list[tuple[int, str, Any, int]]:
+        """``(chain_id, address, abi, asked)`` of each contract whose stored rows may not all
+        be decoded with its current ABI yet (given, or changed while a run stored them),
+        read together: decoding with that ABI, then :meth:`redecoded` with ``asked``,
+        settles it unless it was asked again meanwhile."""
+        with self._read() as cur:
+            cur.execute(
+                "SELECT chain_id, address, abi, redecode_asked FROM contracts WHERE "
+                "redecode_asked > redecode_done AND abi IS NOT NULL ORDER BY chain_id, address"
+            )
+            return [(int(c), a, json_value(abi), int(n)) for c, a, abi, n in cur.fetchall()]
+
+    def redecoded(self, chain_id: int, address: str, asked: int) -> None:
+        """Every stored row of the contract is decoded with the ABI read with ``asked``."""
+        with self._tx() as cur:
+            cur.execute(
+                self._sql(
+                    "UPDATE contracts SET redecode_done = ? WHERE chain_id = ? AND address = ? "
+                    "AND redecode_done < ?"
+                ),
+                (asked, chain_id, address, asked),
+            )
 
     def finish_run(
         self, run_id: int, state: str, more_calls: int = 0, note: str | None = None
@@ -1477,20 +1558,23 @@ class Store(abc.ABC):
     def release_dead_local_owners(self) -> dict[int, int]:
         """Give back the leases of this host's processes that are gone (killed, crashed):
         a rerun need not wait for them to expire. Returns the leases given back, per pid."""
-        prefix = f"{socket.gethostname()}:"
         out: dict[int, int] = {}
-        for owner in self.lease_owners():
-            if not owner.startswith(prefix):
-                continue
-            try:
-                pid = int(owner[len(prefix):].split("/", 1)[0])
-            except ValueError:
-                continue
+        for owner, pid in self._local_owners(socket.gethostname()):
             if not pid_alive(pid):
                 n = self.release_owner(owner, "owner process is gone")
                 if n:
                     out[pid] = out.get(pid, 0) + n
         return out
+
+    def _local_owners(self, host: str) -> Iterator[tuple[str, int]]:
+        """The lease owners of ``host``'s processes, with the process id each names."""
+        prefix = f"{host}:"
+        for owner in self.lease_owners():
+            if owner.startswith(prefix):
+                try:
+                    yield owner, int(owner[len(prefix):].split("/", 1)[0])
+                except ValueError:
+                    continue
 
     def lease_owners(self) -> list[str]:
         """Owners holding leases now (to find dead local workers)."""

@@ -1,0 +1,156 @@
+"""Decoding stored rows again is kept in the database until done, on both backends: a
+``contract add --abi`` cut short, or a run killed after its contract's ABI changed, leaves
+rows decoded the old way that a later step decodes again (``enrich/redecode.py``)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from test_store import C, h, tx_row
+
+from gapfill.cli import cli
+from gapfill.enrich.redecode import Redecoded, finish_redecodes
+from gapfill.model import Contract, Enriched, Ref
+from gapfill.store import Store, open_store
+from gapfill.store import postgres as pg_backend
+from gapfill.store import sqlite as sqlite_backend
+from gapfill.store.base import migrations
+
+ABI = [{"type": "function", "name": "transfer",
+        "inputs": [{"name": "to", "type": "address"}, {"name": "amount", "type": "uint256"}]}]  # fmt: skip
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = open_store(db_url)
+    s.add_contract(Contract(1, C, label="token"))
+    yield s
+    s.close()
+
+
+def store_undecoded(store: Store, *numbers: int) -> None:
+    """Transactions to C stored as a decoder without its ABI leaves them."""
+    rows = [tx_row(i, 10 + i, method_name=None, method_args=None) for i in numbers]
+    store.write(Enriched(txs=rows))
+
+
+def method_names(store: Store) -> set[str | None]:
+    return {t["method_name"] for t in store.fetch_transactions(1)}
+
+
+def dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def test_an_abi_given_stays_asked_for_until_its_rows_are_decoded_with_it(store: Store) -> None:
+    store_undecoded(store, 1, 2)
+    # `contract add --abi` killed right after it wrote the ABI: its rows were never decoded.
+    store.add_contract(Contract(1, C, abi=ABI))
+    ((chain_id, address, abi, asked),) = store.pending_redecodes()
+    assert (chain_id, address, abi) == (1, C, ABI)
+    # The ABI changes while a re-decode runs with the one before: it does not settle it.
+    store.add_contract(Contract(1, C, abi=ABI))
+    store.redecoded(1, C, asked)
+    assert [p[3] for p in store.pending_redecodes()] == [asked + 1]
+    assert method_names(store) == {None}
+    ((_, address, done),) = finish_redecodes(store)  # what the next enrich or contract add does
+    assert address == C and done.txs == done.decoded_txs == 2
+    assert method_names(store) == {"transfer"}
+    assert store.pending_redecodes() == [] and finish_redecodes(store) == []
+
+
+def test_a_run_killed_after_an_abi_change_has_its_rows_decoded_again_by_a_later_step(store: Store) -> None:
+    killed = store.create_run("concurrent", 2, chain_id=1)
+    live = store.create_run("concurrent", 2, chain_id=1)  # this process's: it settles itself
+    # `contract add --abi` while both run: it decodes what is stored, then is done.
+    store.add_contract(Contract(1, C, abi=ABI))
+    assert finish_redecodes(store) and store.pending_redecodes() == []
+    # A worker of each run, its decoder built before the change, commits rows the old way;
+    # then the first run is killed outright: it never reaches its end.
+    store_undecoded(store, 1, 2)
+    with store._tx() as cur:
+        cur.execute(store._sql("UPDATE runs SET pid = ? WHERE run_id = ?"), (dead_pid(), killed))
+    ((_, _, done),) = finish_redecodes(store)
+    assert done.txs == done.decoded_txs == 2 and method_names(store) == {"transfer"}
+    states = {r.run_id: r.state for r in store.list_runs()}
+    assert states == {killed: "interrupted", live: "running"}
+    # The live run is not settled by another process's step (its workers may still write
+    # the old way), only by its own end.
+    store_undecoded(store, 3)
+    assert finish_redecodes(store) == []
+    ((_, _, done),) = finish_redecodes(store, live)
+    assert done.txs == 3 and method_names(store) == {"transfer"}
+    assert finish_redecodes(store, live) == []
+
+
+def test_a_run_started_after_the_change_asks_for_nothing(store: Store) -> None:
+    store.add_contract(Contract(1, C, abi=ABI))
+    assert finish_redecodes(store)
+    run = store.create_run("batch", 1, chain_id=1)
+    store.write(Enriched(txs=[tx_row(1, 11)]))
+    store.finish_run(run, "done")
+    assert finish_redecodes(store, run) == [] and store.pending_redecodes() == []
+
+
+def test_a_database_of_schema_3_upgrades_with_nothing_asked(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = sqlite_backend if db_url.startswith("sqlite") else pg_backend
+    if backend is pg_backend:  # a database of its own, without the template's schema
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("DROP SCHEMA public CASCADE")
+            admin.execute("CREATE SCHEMA public")
+    monkeypatch.setattr(backend, "migrations", lambda name: [m for m in migrations(name) if m[0] <= 3])
+    with open_store(db_url, migrate=False) as s:
+        assert s.migrate() == 3
+        with s._tx() as cur:  # as gapfill before this change wrote them
+            cur.execute(s._sql("INSERT INTO contracts (chain_id, address, abi) VALUES (?, ?, ?)"),
+                        (1, C, '[{"type": "event", "name": "E", "inputs": []}]'))  # fmt: skip
+            cur.execute("INSERT INTO runs (started_at, host, mode, workers) VALUES (0, 'h', 'batch', 1)")
+        (old_run,) = s.list_runs()
+    monkeypatch.undo()
+    with open_store(db_url) as s:
+        assert s.schema_version() == 4 and s.migrate() == 4
+        assert finish_redecodes(s) == [] and s.pending_redecodes() == []
+        assert s.list_runs() == [old_run]
+        s.add_contract(Contract(1, C, abi=ABI))
+        assert [p[:3] for p in s.pending_redecodes()] == [(1, C, ABI)]
+
+
+def test_contract_add_finishes_what_one_cut_short_left(store: Store, db_url: str) -> None:
+    store_undecoded(store, 1, 2)
+    store.add_contract(Contract(1, C, abi=ABI))  # as `contract add --abi` killed before decoding leaves it
+    other = "0x" + "cd" * 20
+    r = CliRunner().invoke(cli, ["--db", db_url, "contract", "add", other, "--chain-id", "1"])
+    assert r.exit_code == 0, r.output
+    assert (f"decoded the stored rows of {C} on chain 1 again with its ABI, which a run or `contract add` "
+            "cut short had left to do: 2 transactions sent to it, 0 logs it emitted") in r.output  # fmt: skip
+    assert method_names(store) == {"transfer"} and store.pending_redecodes() == []
+
+
+def test_a_killed_run_waits_while_a_live_local_process_may_still_commit_for_it(store: Store) -> None:
+    # kill -9 of a coordinator leaves its workers finishing their batches: rows they commit
+    # after a re-decode would stay decoded the old way, so the killed run is settled once
+    # no other live process of this host holds a lease.
+    killed = store.create_run("concurrent", 2, chain_id=1)
+    store.add_contract(Contract(1, C, abi=ABI))
+    with store._tx() as cur:
+        cur.execute(store._sql("UPDATE runs SET pid = ? WHERE run_id = ?"), (dead_pid(), killed))
+    store.add_refs([Ref(1, C, h(9), 9)])
+    store.plan(store.create_run("batch", 1), [(1, C)])
+    with subprocess.Popen(["sleep", "60"]) as worker:
+        try:
+            assert store.lease(f"{socket.gethostname()}:{worker.pid}/w1", 60.0) is not None
+            assert finish_redecodes(store) == [(1, C, Redecoded())]  # the add's own ask, nothing stored
+            store_undecoded(store, 1)  # the worker's commit
+        finally:
+            worker.kill()
+    ((_, _, done),) = finish_redecodes(store)
+    assert done.txs == 1 and method_names(store) == {"transfer"}

@@ -777,10 +777,22 @@ def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None, rpc: Rp
 
     Targets all on one chain are not probed here: the run's own start-up check says, in
     one sentence, when the node serves another chain (nothing could be done: exit 1)."""
+    return _on_node_chain(ctx, _tracked_targets(ctx, contract, chain_id, read_only), contract, rpc)
+
+
+def _tracked_targets(ctx: Ctx, contract: str | None, chain_id: int | None, read_only: bool) -> list[Contract]:
+    """The tracked contracts ``--contract`` and ``--chain-id`` select, on any chain (see
+    :func:`_chain_targets`)."""
     # `--contract X` of an address tracked on several chains: the endpoints' chain picks
     # (without endpoints, as in a dry run without a node, it stays the --chain-id error).
     node_picks = bool(ctx.endpoints(required=False))
-    targets = resolve_targets(ctx.store(read_only=read_only), contract, chain_id, node_picks)
+    return resolve_targets(ctx.store(read_only=read_only), contract, chain_id, node_picks)
+
+
+def _on_node_chain(ctx: Ctx, targets: list[Contract], contract: str | None,
+                   rpc: RpcSettings) -> tuple[int, list[Contract], list[Contract]]:  # fmt: skip
+    """``targets`` (of :func:`_tracked_targets`) as :func:`_chain_targets` returns them: the
+    endpoints are asked their chain only when the targets are on several."""
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
         return chains.pop(), targets, []
@@ -1006,14 +1018,20 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     """Fill the gap: fetch, decode and store every missing transaction."""
     rpc = rpc_settings(opts.get("rpc_timeout_s"))
     # A dry run writes nothing: it reads as `status` does (a read-only file or role will do).
-    chain, targets, skipped = _chain_targets(ctx, contract, chain_id, rpc, read_only=dry_run)
+    tracked = _tracked_targets(ctx, contract, chain_id, read_only=dry_run)
+    # Nothing missing on any chain: no node is asked anything, not even its chain.
+    if not dry_run and _say_if_nothing_to_enrich(ctx, tracked, retry_failed):
+        return
+    chain, targets, skipped = _on_node_chain(ctx, tracked, contract, rpc)
     # Contracts on a chain no endpoint serves, named when they have a gap the run leaves.
     store = ctx.store(read_only=dry_run)
     missing = {(c.chain_id, c.address): _gap_size(store, c, retry_failed) for c in skipped}
     skipped = [c for c in skipped if missing[(c.chain_id, c.address)]]
+    left = unserved(skipped, ctx.endpoints_check(), missing)
     if dry_run:
-        _dry_run(ctx, chain, targets + skipped, opts, retry_failed,
-                 unserved(skipped, ctx.endpoints_check(), missing))  # fmt: skip
+        _dry_run(ctx, chain, targets + skipped, opts, retry_failed, left)
+        return
+    if targets != tracked and _say_if_nothing_to_enrich(ctx, targets, retry_failed, left):
         return
     if retry_failed:
         from gapfill.engine.session import fetch_chain_id
@@ -1023,8 +1041,47 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections
-    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"],
-             unserved(skipped, ctx.endpoints_check(), missing))  # fmt: skip
+    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"], left)
+
+
+def _say_if_nothing_to_enrich(ctx: Ctx, targets: list[Contract], retry_failed: bool,
+                              left: Sequence[str] = ()) -> bool:  # fmt: skip
+    """When a run of ``targets`` would have nothing to do (see ``engine.run.nothing_to_enrich``),
+    say so and return True, without asking the node anything or recording a run (each rerun
+    recorded one of 0 calls, after a node check for nothing); ``left`` as for
+    :func:`_run_job`. Like a run, it exits 3 while permanent failures of ``targets`` are on
+    record (or ``left`` names contracts skipped), else 0."""
+    from gapfill.engine.run import fill_block_numbers, nothing_to_enrich
+
+    store = ctx.store()
+    keys = [(c.chain_id, c.address) for c in targets]
+    idle = nothing_to_enrich(store, keys, retry_failed=retry_failed)
+    if idle is None:
+        return False
+    fill_block_numbers(store, keys)  # what a run's end would have done
+    tell(nothing_to_enrich_said(targets, idle))
+    for sentence in left:
+        tell(sentence)
+    if idle.permanent or left:
+        raise SystemExit(3)
+    return True
+
+
+def nothing_to_enrich_said(targets: Sequence[Contract], idle: Any) -> str:
+    """The sentence for a run of ``targets`` with nothing to do (``idle``, a
+    ``NothingToEnrich``)."""
+    chains = sorted({c.chain_id for c in targets})
+    where = f"chain{'s' if len(chains) > 1 else ''} {', '.join(str(c) for c in chains)}"
+    one = len(targets) == 1
+    who = f"{targets[0].address} on {where}" if one else f"the {len(targets)} tracked contracts on {where}"
+    if not idle.has_refs:
+        return (f"nothing to enrich: {who} {'has' if one else 'have'} no refs yet: "
+                "`gapfill discover` or `gapfill import` finds them")  # fmt: skip
+    if not idle.permanent:
+        return f"nothing to enrich: every ref of {who} is stored"
+    return (f"nothing to enrich: every ref of {who} is stored or failed for good "
+            f"({counted(idle.permanent, 'permanent failure')} on record: `gapfill failures` says why, "
+            "`gapfill enrich --retry-failed` tries them again)")  # fmt: skip
 
 
 def _gap_size(store: Store, c: Contract, retry_failed: bool) -> int:
@@ -1055,6 +1112,12 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary
         click.echo(sentence)
+    from gapfill.engine.run import nothing_to_enrich
+
+    idle = nothing_to_enrich(ctx.store(read_only=True), [(c.chain_id, c.address) for c in targets],
+                             retry_failed=retry_failed)  # fmt: skip
+    if idle is not None:  # what the run would say instead of running
+        click.echo(nothing_to_enrich_said(targets, idle))
 
 
 @cli.command()

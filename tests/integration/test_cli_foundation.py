@@ -786,6 +786,12 @@ def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(
     assert skipped in one_sentence(r)
     with open_store(db) as s:
         assert s.count_gap(chain.chain_id, chain.silent) == 0 and s.count_gap(5, C) == 50
+    # Again: nothing left on the served chain, said without a run; chain 5's named again.
+    r = run(db, "--rpc-url", url, "enrich", "--mode", "batch", "-q")
+    assert r.exit_code == 3, r.output + r.stderr
+    nothing = f"nothing to enrich: every ref of {chain.silent} on chain {chain.chain_id} is stored\n"
+    assert r.stderr.startswith(nothing + skipped), r.stderr
+    assert len(orjson.loads(run(db, "runs", "--json").output)) == 1
     # Told to work on the served chain only, the run is complete: 0, and nothing named.
     r = run(db, "--rpc-url", url, "enrich", "--chain-id", str(chain.chain_id), "--mode", "batch", "-q")
     assert r.exit_code == 0 and "serves chain 5" not in r.stderr, r.stderr
@@ -821,9 +827,11 @@ def test_enrich_of_an_address_tracked_on_two_chains_works_on_the_nodes(
     assert r.exit_code == 1
     assert one_sentence(r) == (f"error: contract {x} is tracked on chains 1, {chain.chain_id}: pass "
                                "--chain-id to pick one")  # fmt: skip
-    # On two chains, neither of them the node's: nothing can be done, in one sentence.
-    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
-    assert run(db, "contract", "add", C, "--chain-id", "5").exit_code == 0
+    # On two chains, neither of them the node's, with refs missing: nothing can be done, in
+    # one sentence (with none missing, it says there is nothing to do without asking the node).
+    for other in ("1", "5"):
+        assert run(db, "contract", "add", C, "--chain-id", other).exit_code == 0
+        assert run(db, "import", "-", "--contract", C, "--chain-id", other, input=h(1)).exit_code == 0
     r = run(db, "--rpc-url", url, "enrich", "--contract", C)
     assert r.exit_code == 1
     assert one_sentence(r) == (f"error: no tracked contract is on chain {chain.chain_id}, the RPC "

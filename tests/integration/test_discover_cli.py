@@ -273,6 +273,15 @@ def test_a_stalled_node_is_given_up_after_the_commands_own_rpc_timeout(
     db = f"sqlite:///{tmp_path / 'cli.db'}"
     runner = CliRunner()
     _add(runner, db, chain, chain.silent)
+    if how == "enrich --retry-failed":  # a failure to put back: with none, it has nothing to ask
+        from gapfill.model import Enriched, Failure
+
+        tx = min(chain.direct[chain.silent])
+        res = runner.invoke(cli, ["--db", db, "import", "-", "--contract", chain.silent], input=tx)
+        assert res.exit_code == 0, res.stderr
+        failed = Failure(chain.chain_id, tx, chain.silent, "permanent", "rejected")
+        with open_store(db) as store:
+            store.write(Enriched(failures=[failed]))
     config = tmp_path / "gapfill.toml"
     config.write_text("[enrich]\nrpc_timeout_s = 1\n")
     command = {"discover": ["discover", "--rpc-timeout", "1"],

@@ -42,9 +42,6 @@ from gapfill.testing.anvil import Anvil
 from gapfill.testing.chain import ChainSpec, GeneratedChain, generate
 
 SPEC = ChainSpec(layout="dense", total_txs=20_000, seed=23, blocks=160)
-#: Methods that fetch a transaction's data; a run with nothing to do must send none.
-DATA_METHODS = ("eth_getTransactionReceipt", "eth_getTransactionByHash", "eth_getBlockByNumber",
-                "eth_getBlockReceipts")  # fmt: skip
 MISSING_HASH = "0x" + "ab" * 32
 GAPFILL_BIN = Path(sys.executable).with_name("gapfill")
 T = TypeVar("T")
@@ -193,15 +190,15 @@ def last_run(db_url: str) -> dict[str, Any]:
 
 
 def assert_rerun_is_a_no_op(db_url: str, w: World, before: tuple[list[Any], list[Any]]) -> None:
-    """A second ``enrich`` through a counting proxy: no data calls, rows unchanged."""
+    """A second ``enrich`` through a counting proxy: no call at all, no run recorded (it says
+    there is nothing to enrich), rows unchanged."""
+    first = last_run(db_url)
     with counting_proxy(w.node.url) as (url, stats):
         code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "-q")
         seen = stats()
-    assert code == 0, out
-    methods = seen["methods"]
-    assert not {m: methods[m] for m in DATA_METHODS if m in methods}, methods
-    run = last_run(db_url)
-    assert (run["state"], run["processed"], run["rpc_calls"]) == ("done", 0, 0), run
+    assert code == 0 and out.startswith("nothing to enrich: every ref of the 2 tracked contracts "), out
+    assert not seen["methods"], seen
+    assert last_run(db_url) == first
     assert stored(db_url, w.chain.chain_id) == before
 
 
@@ -608,12 +605,16 @@ def test_unknown_hash_is_a_permanent_not_found_failure(db_url: str, world: World
     token_status = next(s for s in json.loads(out) if s["contract"] == chain.token)
     assert token_status["failed"] == 1 and token_status["missing"] == 0
 
-    # The failure left the gap: a rerun asks for nothing and keeps the failure.
+    # The failure left the gap: a rerun asks nothing (not even the node's chain), records no
+    # run, and keeps the failure.
+    runs_before = last_run(db_url)
     with counting_proxy(world.node.url) as (url, stats):
         code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "-q")
         methods = stats()["methods"]
     assert code == 3, out  # the permanent failure is still there, whichever run recorded it
-    assert not {m for m in DATA_METHODS if m in methods}, methods
+    assert out.startswith("nothing to enrich: ") and "(1 permanent failure on record: " in out, out
+    assert not methods, methods
+    assert last_run(db_url) == runs_before
     assert [x["tx_hash"] for x in failures_json(db_url)] == [MISSING_HASH]
 
     # A dry run counts the failed ref as missing only with --retry-failed, and writes nothing.

@@ -317,8 +317,11 @@ def test_a_runs_job_carries_where_the_database_url_came_from(
     cfg.write_text(f'db = "sqlite:///{tmp_path / "g.db"}"\n\n[[endpoints]]\nurl = "http://127.0.0.1:1/"\n')
     r = CliRunner().invoke(cli, ["--config", str(cfg), "contract", "add", A, "--chain-id", "1"])
     assert r.exit_code == 0
+    # A ref to fetch: with nothing missing, enrich says so and builds no job.
+    ref = "0x" + "11" * 32
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "import", "-", "--contract", A], input=ref)
+    assert r.exit_code == 0, r.stderr
     jobs: list[Any] = []
-    monkeypatch.setattr(gapfill.cli, "_chain_targets", lambda *a, **k: (1, [Contract(1, A)], []))
     monkeypatch.setattr(gapfill.cli, "_run_job", lambda job, *a: jobs.append(job))
     r = CliRunner().invoke(cli, ["--config", str(cfg), "enrich"])  # `worker` builds its job alike
     assert r.exit_code == 0, r.stderr

@@ -168,11 +168,12 @@ def _abis(store: Store, chain_id: int) -> dict[str, Any]:
     return {c.address: c.abi for c in store.list_contracts() if c.chain_id == chain_id}
 
 
-def _fill_block_numbers(store: Store, job: EnrichJob) -> None:
-    """At a run's end: refs of its contracts left without a block number whose transaction
-    is stored (another contract's batch stored it first) get its block. Best effort: a
-    conflict with a concurrent writer leaves them for the next run."""
-    for chain_id, contract in job.targets:
+def fill_block_numbers(store: Store, targets: Sequence[tuple[int, str]]) -> None:
+    """At a run's end (or instead of a run, when ``enrich`` has nothing to do): refs of
+    ``targets`` left without a block number whose transaction is stored (another contract's
+    batch stored it first) get its block. Best effort: a conflict with a concurrent writer
+    leaves them for the next run."""
+    for chain_id, contract in targets:
         try:
             store.fill_block_numbers(chain_id, contract)
         except GapfillError as exc:
@@ -258,6 +259,32 @@ def _rpc_totals(client: RpcClient) -> tuple[int, int, int]:
 
 def gap_size(store: Store, targets: Sequence[tuple[int, str]]) -> int:
     return sum(store.count_gap(c, a) for c, a in targets)
+
+
+@dataclass(frozen=True, slots=True)
+class NothingToEnrich:
+    """What an ``enrich`` run of its targets would find instead of work."""
+
+    #: Whether any target has a ref at all (none: nothing was discovered or imported yet).
+    has_refs: bool
+    #: The targets' permanent failures on record: out of the gap until ``--retry-failed``.
+    permanent: int
+
+
+def nothing_to_enrich(
+    store: Store, targets: Sequence[tuple[int, str]], *, retry_failed: bool = False
+) -> NothingToEnrich | None:
+    """What there is instead of work, when an ``enrich`` run of ``targets`` would have none;
+    None when it has some: a ref in a gap, an open plan (an interrupted run's: the run joins
+    it, or closes its batches that have nothing left), or with ``retry_failed`` a permanent
+    failure to put back into the gap. Without any, a run would ask the node nothing and
+    store nothing: ``enrich`` says so instead of recording a run that did nothing."""
+    if store.has_open_batches(targets) or any(store.has_gap(c, a) for c, a in targets):
+        return None
+    permanent = permanent_failures(store, targets)
+    if retry_failed and permanent:
+        return None
+    return NothingToEnrich(any(store.has_refs(c, a) for c, a in targets), permanent)
 
 
 def permanent_failures(store: Store, targets: Sequence[tuple[int, str]]) -> int:
@@ -493,7 +520,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
                 store.release_owner(owner_name("w0"), "run stopped")
             with contextlib.suppress(GapfillError):  # the database may be what failed: the next run does it
                 _finish_redecodes(store, run_id, emit)
-            _fill_block_numbers(store, job)
+            fill_block_numbers(store, job.targets)
         secs = time.perf_counter() - t0
         processed, failed, calls = store.finish_run(run_id, state, totals_box.get("calls", 0))
         permanent = permanent_failures(store, job.targets)
@@ -1047,7 +1074,7 @@ class Coordinator:
             if run_id:  # every worker has exited: no stale decoder writes after this
                 with contextlib.suppress(GapfillError):  # else the next run does it
                     _finish_redecodes(store, run_id, self.emit)
-                _fill_block_numbers(store, job)
+                fill_block_numbers(store, job.targets)
             secs = time.perf_counter() - t0
             processed, failed, calls, _, _ = self.totals()
             if run_id:

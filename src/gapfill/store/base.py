@@ -639,6 +639,13 @@ class Store(abc.ABC):
         cur.execute(self._sql(_ANY_GAP.format(gap=self._GAP_WHERE)), (chain_id, contract))
         return cur.fetchone() is not None
 
+    def has_refs(self, chain_id: int, contract: str) -> bool:
+        """Whether the contract has any ref at all (one probe of its primary key)."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT 1 FROM refs WHERE chain_id = ? AND contract = ? LIMIT 1"),
+                        (chain_id, contract))  # fmt: skip
+            return cur.fetchone() is not None
+
     def count_gap(self, chain_id: int, contract: str) -> int:
         with self._read() as cur:
             cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"),

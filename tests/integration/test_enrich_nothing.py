@@ -1,0 +1,100 @@
+"""`gapfill enrich` with nothing to do: one sentence, no run recorded, no node asked.
+
+A rerun with every ref stored used to record a run of 0 calls ("Run #2 ... done") each
+time, and with an unreachable --rpc-url said the same: it never needed the node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+
+from gapfill.cli import cli
+from gapfill.model import Enriched, Failure
+from gapfill.store import open_store
+
+#: Nothing listens there; the key must never be printed.
+UNREACHABLE = "http://127.0.0.1:1/?apikey=SECRETKEY"
+A = "0x" + "aa" * 20
+B = "0x" + "bb" * 20
+
+
+def h(i: int) -> str:
+    return "0x" + f"{i:064x}"
+
+
+def run(db: str, *args: str, input: str | None = None) -> Result:
+    r = CliRunner().invoke(cli, ["--db", db, *args], input=input, catch_exceptions=False)
+    assert "Traceback" not in r.output + r.stderr and "SECRETKEY" not in r.output + r.stderr
+    return r
+
+
+def run_ids(db: str) -> list[int]:
+    return [r["run_id"] for r in orjson.loads(run(db, "runs", "--json").output)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["auto", "sequential", "batch", "concurrent"])
+def test_a_rerun_with_every_ref_stored_says_so_and_records_no_run(
+    small_chain: Any, sqlite_url: str, mode: str
+) -> None:
+    db, chain = sqlite_url, small_chain.chain
+    silent = chain.silent
+    assert run(db, "contract", "add", silent, "--chain-id", str(chain.chain_id)).exit_code == 0
+    mine = sorted(chain.direct[silent])[:6]
+    assert run(db, "import", "-", "--contract", silent, input="\n".join(mine)).exit_code == 0
+    enrich = ["enrich", "--mode", mode, *(["--workers", "2"] if mode == "concurrent" else [])]
+    r = run(db, "--rpc-url", small_chain.url, *enrich)
+    assert r.exit_code == 0, r.output + r.stderr
+    [first] = run_ids(db)
+
+    said = f"nothing to enrich: every ref of {silent} on chain {chain.chain_id} is stored\n"
+    r = run(db, "--rpc-url", small_chain.url, *enrich)
+    assert (r.exit_code, r.stderr, r.stdout) == (0, said, ""), r.output + r.stderr
+    # The node is not needed to know that: not asked (nothing listens here).
+    r = run(db, "--rpc-url", UNREACHABLE, *enrich, "-q")
+    assert (r.exit_code, r.stderr) == (0, said), r.output + r.stderr
+    assert run_ids(db) == [first]  # no run recorded for either
+    # The dry run says what the run would.
+    r = run(db, "--rpc-url", UNREACHABLE, "enrich", "--dry-run")
+    assert r.exit_code == 0 and r.stdout.endswith(said), r.output
+
+
+def test_permanent_failures_are_named_with_the_way_to_retry_them_and_exit_3(db_url: str) -> None:
+    # Every ref failed for good: nothing to fetch, but not everything is stored (exit 3, as
+    # a run that found them on record ends); --retry-failed is work, and needs the node.
+    db = db_url
+    assert run(db, "contract", "add", A, "--chain-id", "1").exit_code == 0
+    hashes = [h(i) for i in range(1, 4)]
+    assert run(db, "import", "-", "--contract", A, input="\n".join(hashes)).exit_code == 0
+    with open_store(db) as store:
+        store.write(Enriched(failures=[Failure(1, x, A, "not_found", "null") for x in hashes]))
+    said = (f"nothing to enrich: every ref of {A} on chain 1 is stored or failed for good (3 permanent "
+            "failures on record: `gapfill failures` says why, `gapfill enrich --retry-failed` tries "
+            "them again)\n")  # fmt: skip
+    for mode in ("auto", "batch"):
+        r = run(db, "--rpc-url", UNREACHABLE, "enrich", "--mode", mode)
+        assert (r.exit_code, r.stderr) == (3, said), r.output + r.stderr
+    r = run(db, "--rpc-url", UNREACHABLE, "enrich", "--retry-failed")
+    assert r.exit_code == 1 and "put back" not in r.stderr, r.stderr  # the node checked first
+    assert run(db, "runs").output.strip() == "no runs yet"
+    with open_store(db) as store:
+        assert store.count_permanent_failures(1, A) == 3
+
+
+def test_contracts_without_refs_are_told_where_refs_come_from(db_url: str) -> None:
+    db = db_url
+    for address, chain in ((A, "1"), (B, "5")):
+        assert run(db, "contract", "add", address, "--chain-id", chain).exit_code == 0
+    r = run(db, "--rpc-url", UNREACHABLE, "enrich", "--contract", A)
+    assert (r.exit_code, r.stderr) == (0, f"nothing to enrich: {A} on chain 1 has no refs yet: "
+                                          "`gapfill discover` or `gapfill import` finds them\n")  # fmt: skip
+    # On two chains: the node is not even asked which one it serves.
+    r = run(db, "--rpc-url", UNREACHABLE, "enrich")
+    assert (r.exit_code, r.stderr) == (0, "nothing to enrich: the 2 tracked contracts on chains 1, 5 have "
+                                          "no refs yet: `gapfill discover` or `gapfill import` finds "
+                                          "them\n")  # fmt: skip
+    assert run(db, "runs").output.strip() == "no runs yet"

@@ -1051,14 +1051,18 @@ def _say_if_nothing_to_enrich(ctx: Ctx, targets: list[Contract], retry_failed: b
     recorded one of 0 calls, after a node check for nothing); ``left`` as for
     :func:`_run_job`. Like a run, it exits 3 while permanent failures of ``targets`` are on
     record (or ``left`` names contracts skipped), else 0."""
-    from gapfill.engine.run import fill_block_numbers, nothing_to_enrich
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import fill_block_numbers, finish_left_redecodes, nothing_to_enrich
 
     store = ctx.store()
     keys = [(c.chain_id, c.address) for c in targets]
     idle = nothing_to_enrich(store, keys, retry_failed=retry_failed)
     if idle is None:
         return False
-    fill_block_numbers(store, keys)  # what a run's end would have done
+    # What a run's start and end would have done: block numbers, and the re-decode a run
+    # killed after an ABI change (or a `contract add` cut short) left to do.
+    fill_block_numbers(store, keys)
+    finish_left_redecodes(store, None, lambda ev: tell(ev.text) if isinstance(ev, Notice) else None)
     tell(nothing_to_enrich_said(targets, idle))
     for sentence in left:
         tell(sentence)

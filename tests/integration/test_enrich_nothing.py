@@ -6,6 +6,7 @@ time, and with an unreachable --rpc-url said the same: it never needed the node.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -98,3 +99,29 @@ def test_contracts_without_refs_are_told_where_refs_come_from(db_url: str) -> No
                                           "no refs yet: `gapfill discover` or `gapfill import` finds "
                                           "them\n")  # fmt: skip
     assert run(db, "runs").output.strip() == "no runs yet"
+
+
+@pytest.mark.timeout(120)
+def test_nothing_to_enrich_still_finishes_a_redecode_a_killed_run_left(small_chain: Any, db_url: str) -> None:
+    # Every ref is stored, but the contract's ABI came after its rows and the re-decode was
+    # cut short (a run killed after `contract add --abi`, which wrote the ABI and asked for
+    # the re-decode in one transaction): a rerun has nothing to fetch, yet must decode them.
+    db, chain = db_url, small_chain.chain
+    token = chain.token
+    assert run(db, "contract", "add", token, "--chain-id", str(chain.chain_id)).exit_code == 0
+    mine = sorted(chain.direct[token])[:4]
+    assert run(db, "import", "-", "--contract", token, input="\n".join(mine)).exit_code == 0
+    assert run(db, "--rpc-url", small_chain.url, "enrich", "--mode", "batch").exit_code == 0
+    with open_store(db) as store:
+        assert {t["method_name"] for t in store.fetch_transactions(chain.chain_id)} == {None}
+        (contract,) = store.list_contracts()
+        store.add_contract(replace(contract, abi=chain.token_abi))  # the ABI only: killed here
+        assert [p[1] for p in store.pending_redecodes()] == [token]
+    r = run(db, "--rpc-url", UNREACHABLE, "enrich")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"nothing to enrich: every ref of {token} on chain {chain.chain_id} is stored" in r.stderr
+    assert f"decoded the stored rows of {token} again (4 transactions sent to it" in r.stderr, r.stderr
+    with open_store(db) as store:
+        assert store.pending_redecodes() == []
+        names = {t["method_name"] for t in store.fetch_transactions(chain.chain_id)}
+    assert None not in names, names

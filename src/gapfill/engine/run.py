@@ -180,7 +180,7 @@ def fill_block_numbers(store: Store, targets: Sequence[tuple[int, str]]) -> None
             log.info("block numbers of %s not filled this time: %s", contract, exc)
 
 
-def _finish_redecodes(store: Store, run_id: int | None, emit: Emit) -> None:
+def finish_left_redecodes(store: Store, run_id: int | None, emit: Emit) -> None:
     """Decode again the stored rows of each contract whose ABI changed while they were stored.
 
     ``contract add --abi`` decodes the rows stored so far, but a run's processes keep the
@@ -492,7 +492,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
 
         try:
             _release_dead_local_owners(store, emit)
-            _finish_redecodes(store, None, emit)
+            finish_left_redecodes(store, None, emit)
             if _needs_node(store, job):  # the node is checked first, then the plan written
                 asyncio.run(_tracked(term, lambda: _in_process(job, store, emit, sequential, totals_box,
                                                                run_id, start, t0)))
@@ -519,7 +519,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             with contextlib.suppress(GapfillError):
                 store.release_owner(owner_name("w0"), "run stopped")
             with contextlib.suppress(GapfillError):  # the database may be what failed: the next run does it
-                _finish_redecodes(store, run_id, emit)
+                finish_left_redecodes(store, run_id, emit)
             fill_block_numbers(store, job.targets)
         secs = time.perf_counter() - t0
         processed, failed, calls = store.finish_run(run_id, state, totals_box.get("calls", 0))
@@ -949,7 +949,7 @@ class Coordinator:
             # overlaps the planning instead of delaying the first worker.
             _start_fork_server()
             _release_dead_local_owners(store, self.emit)
-            _finish_redecodes(store, None, self.emit)
+            finish_left_redecodes(store, None, self.emit)
             # One probe here, before anything is planned (or sampled), fails fast with one
             # sentence (unreachable node, wrong chain, a method missing) instead of a crash
             # loop of workers that each find out, and leaves no open plan behind. The
@@ -1073,7 +1073,7 @@ class Coordinator:
                 self.metrics.close()
             if run_id:  # every worker has exited: no stale decoder writes after this
                 with contextlib.suppress(GapfillError):  # else the next run does it
-                    _finish_redecodes(store, run_id, self.emit)
+                    finish_left_redecodes(store, run_id, self.emit)
                 fill_block_numbers(store, job.targets)
             secs = time.perf_counter() - t0
             processed, failed, calls, _, _ = self.totals()

@@ -132,7 +132,7 @@ class FakeEnricher:
         self.delay_s = delay_s
         self.client: FakeClient | None = None  # set by worker(): 2 calls per ref, as per-tx
 
-    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
         if self.client is not None:
             self.client.node.calls += len(refs)
         await asyncio.sleep(self.delay_s)
@@ -348,10 +348,10 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
     events: list[Any] = []
 
     class OneStuck(FakeEnricher):
-        async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
             if refs[0].tx_hash.startswith("0x0002"):
                 await asyncio.sleep(3600)
-            return await super().enrich(refs)
+            return await super().enrich(refs, out)
 
     w = worker(store, OneStuck(), events.append, commit_group_txs=1000, commit_wait_s=600.0)
     asyncio.run(stop_while_a_batch_waits(w))
@@ -376,7 +376,7 @@ def test_a_stop_that_stores_all_a_batch_had_left_says_the_batch_is_complete(tmp_
     store.plan(store.create_run("batch", 1), [(1, c)], batch_size=10)
 
     class Rows(FakeEnricher):
-        async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
             if refs[0].tx_hash == hashes[10]:  # batch 2's
                 await asyncio.sleep(3600)
             return Enriched([TxRow(1, r.tx_hash, r.block_number or 0, "0x" + "00" * 32, 0, None,
@@ -413,13 +413,13 @@ def test_a_failed_renewal_does_not_stop_the_lease_keeper() -> None:
     store.fail = fail
 
     class Slow(FakeEnricher):
-        async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
             for _ in range(40):  # 0.8 s of answers, over many renewal periods
                 await asyncio.sleep(0.02)
                 hook = ANSWERED.get()
                 if hook is not None:
                     hook()
-            return await super().enrich(refs)
+            return await super().enrich(refs, out)
 
     totals = asyncio.run(worker(store, Slow(), lease_timeout_s=0.3).run())
     assert fails[0] == 1 and store.calls.count("renew") >= 3, store.calls
@@ -462,7 +462,7 @@ def test_progress_key_ranges_name_refs_without_a_block() -> None:
 class HalfFailingEnricher(FakeEnricher):
     """Every other ref fails for a reason that may pass (a 5xx after the retries)."""
 
-    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
         await asyncio.sleep(self.delay_s)
         return Enriched(txs=[object() for r in refs[::2]],  # type: ignore[misc]
                         failures=[Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "HTTP 502")
@@ -493,7 +493,7 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
 class RaisingEnricher(FakeEnricher):
     """Raises for any part that holds the batch's first ref."""
 
-    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
         await asyncio.sleep(0)
         if refs[0].tx_hash.endswith(f"{0:060x}"):
             raise ValueError("the node choked on it")
@@ -549,3 +549,129 @@ def test_an_event_that_does_not_pickle_becomes_a_notice_and_the_later_ones_still
     [logged] = caplog.records
     assert logged.getMessage() == "[Worker-2] could not send a Notice event to the coordinator"
     assert logged.exc_info is not None  # the traceback names what did not pickle
+
+
+class StallingNode:
+    """A transport serving six transactions: 1-5 in block 3 (timestamp on the receipt), 6 in
+    block 4 (no timestamp but the block's). Requests that ask for one of ``stall`` (transaction
+    hashes, block numbers) never answer; ``calls`` counts the calls asked."""
+
+    def __init__(self, hashes: Sequence[str], stall: set[str | int]) -> None:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from fixtures_io import result
+
+        self.stall = stall
+        self.calls = 0
+        self.stalled = 0
+        tx = result("eth_getTransactionByHash/get-legacy-tx")
+        rec = result("eth_getTransactionReceipt/get-legacy-receipt")
+        self.txs, self.recs = {}, {}
+        for i, h in enumerate(hashes, 1):
+            block = 4 if i == 6 else 3
+            t = {**tx, "hash": h, "blockNumber": hex(block)}
+            t.pop("blockTimestamp")
+            r = {**rec, "transactionHash": h, "blockNumber": hex(block)}
+            if block == 3:
+                r["blockTimestamp"] = "0x1e"
+            self.txs[h], self.recs[h] = t, r
+
+    def _answer(self, method: str, params: list[Any]) -> tuple[Any, str | int]:
+        if method == "eth_getTransactionByHash":
+            return self.txs[params[0]], params[0]
+        if method == "eth_getTransactionReceipt":
+            return self.recs[params[0]], "receipt"
+        assert method == "eth_getBlockByNumber", method
+        n = int(params[0], 16)
+        full = [t for t in self.txs.values() if t["blockNumber"] == params[0]] if params[1] else []
+        return {"number": params[0], "timestamp": hex(10 * n), "transactions": full}, n
+
+    async def post(self, url: str, body: bytes) -> Any:
+        import orjson
+
+        from gapfill.rpc.transport import HttpReply
+
+        decoded = orjson.loads(body)
+        calls = decoded if isinstance(decoded, list) else [decoded]
+        self.calls += len(calls)
+        answers = []
+        for c in calls:
+            answer, about = self._answer(c["method"], c["params"])
+            if about in self.stall:
+                self.stalled += 1
+                await asyncio.sleep(3600)
+            answers.append({"jsonrpc": "2.0", "id": c["id"], "result": answer})
+        return HttpReply(200, {}, orjson.dumps(answers if isinstance(decoded, list) else answers[0]))
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("plan", ["pairs", "metered", "sequential"])
+def test_a_stop_mid_fetch_stores_the_rows_already_fetched_and_a_rerun_fetches_the_rest(
+    tmp_path: Path, plan: str
+) -> None:
+    # A stop while a batch waits on RPC threw away every answer it had: with a tight rate
+    # limit, all the calls of the batches in flight. Here the node answers refs 1-4, holds
+    # back ref 5 and block 4, which ref 6's timestamp needs (in the free plan its transaction
+    # and receipt are in: its row is not complete). The stop stores 1-4 with the batch given
+    # back; a rerun asks only for 5 and 6.
+    from gapfill.enrich.fetch import Collector, Enricher, PlanSettings
+    from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+
+    c = "0x" + "ab" * 20
+    hashes = [f"0x{i:064x}" for i in range(1, 7)]
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    store.add_contract(Contract(1, c))
+    store.add_refs([Ref(1, c, h, 4 if i == 6 else 3) for i, h in enumerate(hashes, 1)])
+    store.plan(store.create_run("batch", 1), [(1, c)], batch_size=10)
+
+    class Watched(Enricher):
+        out: Collector | None = None
+
+        async def enrich(self, refs: Sequence[Ref], out: Collector | None = None) -> Enriched:
+            self.out = out
+            return await super().enrich(refs, out)
+
+        async def enrich_sequential(self, refs: Sequence[Ref], out: Collector | None = None) -> Enriched:
+            self.out = out
+            return await super().enrich_sequential(refs, out)
+
+    def worker_on(node: StallingNode, events: list[Any]) -> tuple[Worker, Watched]:
+        # One call a request: what is answered does not depend on how calls are grouped.
+        client = RpcClient([EndpointConfig("http://node.invalid/", max_batch=1)],
+                           RpcSettings(budget_dir=str(tmp_path)), transport=node)  # fmt: skip
+        plan_settings = PlanSettings(shape="per_tx", calls_metered=plan == "metered")
+        enricher = Watched(client, 1, plan=plan_settings, pairs_per_request=1)
+        s = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, sequential=plan == "sequential")
+        return Worker(0, "w", store, client, {1: enricher}, s, events.append), enricher
+
+    async def stopped_mid_fetch(events: list[Any]) -> None:
+        node = StallingNode(hashes, {hashes[4], 4})
+        w, enricher = worker_on(node, events)
+        run = asyncio.create_task(w.run())
+        while not (enricher.out is not None and len(enricher.out.txs) == 4 and node.stalled):
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    events: list[Any] = []
+    asyncio.run(stopped_mid_fetch(events))
+    counts = store.batch_counts()
+    assert (counts.pending, counts.succeeded) == (1, 4)
+    assert store.count_gap(1, c) == 2
+    assert given_back_lines(events) == [
+        "[Worker-1] Batch 1 attempt 1 given back (4 stored, the rest retried): worker stopped"
+    ]
+
+    rerun = StallingNode(hashes, set())
+    asyncio.run(worker_on(rerun, [])[0].run())
+    counts = store.batch_counts()
+    store.close()
+    assert (counts.done, counts.succeeded) == (1, 6)
+    # Refs 5 and 6 only: two calls each, and block 4 once (its header, or the full block).
+    assert rerun.calls == (4 if plan == "metered" else 5)
+

@@ -45,7 +45,7 @@ from gapfill.engine.events import (
     Notice,
     WorkerStats,
 )
-from gapfill.enrich.fetch import Enricher
+from gapfill.enrich.fetch import Collector, Enricher
 from gapfill.errors import RpcError, StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
@@ -507,10 +507,10 @@ class Worker:
 
         return await self._retrying("leasing a batch", attempt, stopping=None)
 
-    async def _enrich(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
+    async def _enrich(self, enricher: Enricher, refs: Sequence[Ref], out: Collector) -> Enriched:
         if self.settings.sequential:
-            return await enricher.enrich_sequential(refs)
-        return await enricher.enrich(refs)
+            return await enricher.enrich_sequential(refs, out)
+        return await enricher.enrich(refs, out)
 
     async def _keep_lease(self, batch: Batch, lost: asyncio.Event, answered: list[int]) -> None:
         """Renew while this batch's RPC calls get answers; stop renewing when they stall.
@@ -559,6 +559,7 @@ class Worker:
         # This task's context (and the RPC tasks it creates) reports answers to this batch.
         ANSWERED.set(on_answer)
         got: Enriched | None = None  # once fetched: what a stop gives back with the batch
+        fetching_now = Collector()  # while fetching: the rows in so far, given back on a stop
         n_refs = 0
         try:
             refs = await self.db(self.store.batch_refs, batch)
@@ -568,9 +569,9 @@ class Worker:
             keeper = asyncio.create_task(self._keep_lease(batch, lost, answered))
             try:
                 if batch.attempts >= self.settings.max_attempts:
-                    enriched = await self._isolate(enricher, refs)
+                    enriched = await self._isolate(enricher, refs, fetching_now)
                 else:
-                    enriched = await self._enrich(enricher, refs)
+                    enriched = await self._enrich(enricher, refs, fetching_now)
                     transient = [f for f in enriched.failures if not f.permanent]
                     if transient:
                         # Failures that may pass (timeouts, inconsistent answers) must not mark
@@ -599,10 +600,14 @@ class Worker:
                                 time.perf_counter() - t0, committed, stored or 0))  # fmt: skip
             self.send_stats()
         except asyncio.CancelledError:
-            # One try only: a stop must not wait for a database that is down. A batch
-            # fetched and waiting for its group's commit is given back with its rows (and
-            # permanent failures): a Ctrl+C must not throw away what was fetched.
-            keep = None if got is None else got.settled()
+            # One try only: a stop must not wait for a database that is down. A batch is
+            # given back with the rows (and permanent failures) it has: all of them once
+            # fetched and waiting for its group's commit, else those whose answers are in:
+            # a Ctrl+C must not throw away calls already paid for.
+            keep = got.settled() if got is not None else None
+            if keep is None and not lost.is_set():
+                so_far = fetching_now.so_far().settled()
+                keep = so_far if so_far.txs or so_far.failures else None
             await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep,
                                                refs=n_refs))  # fmt: skip
             raise
@@ -655,27 +660,31 @@ class Worker:
         if kept:
             self.send_stats()
 
-    async def _isolate(self, enricher: Enricher, refs: Sequence[Ref]) -> Enriched:
-        """Last attempt: split until the refs that raise are isolated; store the rest."""
-        out = Enriched()
+    async def _isolate(self, enricher: Enricher, refs: Sequence[Ref], out: Collector) -> Enriched:
+        """Last attempt: split until the refs that raise are isolated; store the rest. ``out``
+        collects the parts done (and, if cancelled, what the part in progress got)."""
 
         async def go(part: Sequence[Ref]) -> None:
+            part_out = Collector()  # a part that raises is split and fetched again: apart
             try:
-                got = await self._enrich(enricher, part)
+                got = await self._enrich(enricher, part, part_out)
+            except asyncio.CancelledError:
+                out.take(part_out.so_far())
+                raise
             except Exception as exc:
                 if len(part) == 1:
                     r = part[0]
-                    out.failures.append(Failure(r.chain_id, r.tx_hash, r.contract, "permanent",
-                                                f"isolated after "
-                                                f"{counted(self.settings.max_attempts, 'attempt')}: "
-                                                f"{type(exc).__name__}: {exc}"))  # fmt: skip
+                    out.fail(Failure(r.chain_id, r.tx_hash, r.contract, "permanent",
+                                     f"isolated after "
+                                     f"{counted(self.settings.max_attempts, 'attempt')}: "
+                                     f"{type(exc).__name__}: {exc}"))  # fmt: skip
                     return
                 mid = len(part) // 2
                 await go(part[:mid])
                 await go(part[mid:])
                 return
-            out.extend(got)
+            out.take(got)
 
         await go(refs)
-        return out
+        return out.result()
 

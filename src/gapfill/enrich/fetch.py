@@ -53,9 +53,10 @@ be wrong, and only the transaction lookup tells; a ``null`` there is judged as a
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -94,8 +95,13 @@ def _failure(ref: Ref, err: CallError | str, *, reason: str | None = None) -> Fa
     return Failure(ref.chain_id, ref.tx_hash, ref.contract, reason or "rpc_error", err)
 
 
-class _Collector:
-    """Rows and failures for one batch; each ref is settled exactly once."""
+class Collector:
+    """Rows and failures for one batch; each ref is settled exactly once.
+
+    A caller that passes its own to :meth:`Enricher.enrich` can read :meth:`so_far` when
+    the enriching is cancelled: the worker gives a stopped batch back with it, so a
+    Ctrl+C does not throw away the calls already answered.
+    """
 
     def __init__(self) -> None:
         self.txs: list[TxRow] = []
@@ -127,9 +133,23 @@ class _Collector:
         else:
             self.failures.append(failure)
 
+    def take(self, got: Enriched) -> None:
+        """Add what enriching other refs (a part of the batch, none of them settled here yet)
+        produced."""
+        self.txs.extend(got.txs)
+        self.logs.extend(got.logs)
+        self.failures.extend(got.failures)
+        self.moved.extend(got.moved)
+
     def result(self) -> Enriched:
         assert not self.unproven, "nulls not judged against the node's head"
         return Enriched(self.txs, self.logs, self.failures, self.moved)
+
+    def so_far(self) -> Enriched:
+        """A copy of what is settled yet: complete rows (a transaction still waiting for its
+        block's timestamp has none), and failures, but not the nulls still to be judged
+        against the node's head."""
+        return Enriched(list(self.txs), list(self.logs), list(self.failures), list(self.moved))
 
 
 def _no_receipt(ref: Ref, rec: CallError, tx: Any) -> Failure:
@@ -150,7 +170,7 @@ def _no_receipt(ref: Ref, rec: CallError, tx: Any) -> Failure:
     return _failure(ref, f"receipt {rec.message}; malformed transaction: {str(tx)[:200]}")
 
 
-def _receipt(out: _Collector, ref: Ref, rec: Any, tx: Any) -> dict[str, Any] | None:
+def _receipt(out: Collector, ref: Ref, rec: Any, tx: Any) -> dict[str, Any] | None:
     """The receipt answer if it is one; otherwise the ref's failure is recorded. A receipt
     still ``null`` is judged with ``tx``, the answer to the transaction lookup (see
     :func:`_no_receipt`): the caller looks the transaction up before it calls this."""
@@ -199,6 +219,30 @@ class Enricher:
         self.calls += len(calls)
         return await self.client.call_many(calls)
 
+    async def _many_each(self, jobs: Sequence[tuple[list[Call], Callable[[list[Any]], None]]]) -> None:
+        """Ask every job's calls, in requests of about ``2 * pairs_per_request`` calls (the
+        run's ``--rpc-batch-size``) sent at once, and hand each job its answers as soon as
+        its request is in. Rows so become complete while the rest is still asked (and
+        rate-limited): a batch stopped midway keeps them (see :class:`Collector`)."""
+        step = 2 * self.pairs_per_request
+        parts: list[list[tuple[list[Call], Callable[[list[Any]], None]]]] = [[]]
+        size = 0
+        for job in jobs:
+            if size and size + len(job[0]) > step:
+                parts.append([])
+                size = 0
+            parts[-1].append(job)
+            size += len(job[0])
+
+        async def ask(part: list[tuple[list[Call], Callable[[list[Any]], None]]]) -> None:
+            answers = await self._many([c for calls, _ in part for c in calls])
+            k = 0
+            for calls, settle in part:
+                settle(answers[k : k + len(calls)])
+                k += len(calls)
+
+        await asyncio.gather(*(ask(part) for part in parts if part))
+
     def _remember(self, block_number: int, ts: int) -> None:
         if len(self._ts) >= self._ts_cap:
             self._ts.clear()
@@ -226,7 +270,7 @@ class Enricher:
             self._head = (time.monotonic(), head)
             return head
 
-    async def _judge_nulls(self, out: _Collector) -> None:
+    async def _judge_nulls(self, out: Collector) -> None:
         """Settle the ``not_found`` failures waiting in ``out``: a ``null`` about a block
         above the node's head is ``beyond_head`` (the node has not reached it), and with
         the head unknown it is ``rpc_error``; either way the ref stays in the gap."""
@@ -249,7 +293,7 @@ class Enricher:
         return bool(self.plan.calls_metered)
 
     def _normalise(
-        self, out: _Collector, ref: Ref, tx: Mapping[str, Any], receipt: Mapping[str, Any], ts: int | None
+        self, out: Collector, ref: Ref, tx: Mapping[str, Any], receipt: Mapping[str, Any], ts: int | None
     ) -> None:
         try:
             row, logs = normalise_tx(self.chain_id, tx, receipt, ts, self.decoder)
@@ -304,9 +348,11 @@ class Enricher:
                 per_tx.extend(rs)
         return blocks, per_tx
 
-    async def enrich(self, refs: Sequence[Ref]) -> Enriched:
-        """Enrich ``refs`` with batched calls; the planner picks per block or per transaction."""
-        out = _Collector()
+    async def enrich(self, refs: Sequence[Ref], out: Collector | None = None) -> Enriched:
+        """Enrich ``refs`` with batched calls; the planner picks per block or per transaction.
+
+        ``out``, if given, collects the rows as the answers arrive (see :class:`Collector`)."""
+        out = Collector() if out is None else out
         await self._probe_block_receipts(refs)
         blocks, per_tx = self.split(refs)
         if blocks:
@@ -316,22 +362,17 @@ class Enricher:
         await self._judge_nulls(out)
         return out.result()
 
-    async def _per_block(self, blocks: dict[int, list[Ref]], out: _Collector) -> list[Ref]:
-        numbers = sorted(blocks)
-        calls: list[Call] = []
-        for n in numbers:
-            calls.append(Call("eth_getBlockByNumber", [hex(n), True]))
-            calls.append(Call("eth_getBlockReceipts", [hex(n)]))
-        answers = await self._many(calls)
+    async def _per_block(self, blocks: dict[int, list[Ref]], out: Collector) -> list[Ref]:
         leftovers: list[Ref] = []
-        for i, n in enumerate(numbers):
-            block, receipts = answers[2 * i], answers[2 * i + 1]
+
+        def settle(n: int, answers: list[Any]) -> None:
+            block, receipts = answers
             if not isinstance(block, dict) or not isinstance(receipts, list):
                 # Unknown block (one above the node's head too: the ref's number may be
                 # wrong, the lookup tells), wrong block number in the refs, or no block
                 # receipts after all: the per-transaction plan settles these refs.
                 leftovers.extend(blocks[n])
-                continue
+                return
             ts = int(block["timestamp"], 16)
             self._remember(n, ts)
             txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
@@ -342,9 +383,15 @@ class Enricher:
                     leftovers.append(ref)
                 else:
                     self._normalise(out, ref, tx, rec, ts)
+
+        await self._many_each([
+            ([Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])],
+             functools.partial(settle, n))
+            for n in sorted(blocks)
+        ])  # fmt: skip
         return leftovers
 
-    async def _per_tx(self, refs: Sequence[Ref], out: _Collector) -> None:
+    async def _per_tx(self, refs: Sequence[Ref], out: Collector) -> None:
         if self._metered():
             await self._per_tx_rounds(refs, out)
             return
@@ -355,7 +402,7 @@ class Enricher:
             await self._with_headers(late, out)
 
     async def _pairs(
-        self, refs: Sequence[Ref], out: _Collector, late: list[tuple[Ref, Any, dict[str, Any]]]
+        self, refs: Sequence[Ref], out: Collector, late: list[tuple[Ref, Any, dict[str, Any]]]
     ) -> None:
         """Transaction and receipt of each ref in one request; normalised on arrival."""
         calls: list[Call] = []
@@ -377,7 +424,7 @@ class Enricher:
             else:
                 self._normalise(out, ref, tx, rec, ts)
 
-    async def _with_headers(self, late: list[tuple[Ref, Any, dict[str, Any]]], out: _Collector) -> None:
+    async def _with_headers(self, late: list[tuple[Ref, Any, dict[str, Any]]], out: Collector) -> None:
         """Timestamps from one header per block (those no other answer has told since)."""
         needed = {int(rec["blockNumber"], 16) for _, _, rec in late}
         stamps: dict[int, int | CallError] = {b: self._ts[b] for b in needed if b in self._ts}
@@ -400,7 +447,7 @@ class Enricher:
             else:
                 self._normalise(out, ref, tx, rec, stamp)
 
-    async def _per_tx_rounds(self, refs: Sequence[Ref], out: _Collector) -> None:
+    async def _per_tx_rounds(self, refs: Sequence[Ref], out: Collector) -> None:
         """The metered plan: receipts first, then transactions or full blocks (see above)."""
         answers = await self._many(
             [Call("eth_getTransactionReceipt", [r.tx_hash], null_retry=True) for r in refs]
@@ -423,32 +470,20 @@ class Enricher:
             else:
                 with_ts.append((ref, rec, ts))
 
-        block_numbers = sorted(without_ts)
-        calls: list[Call] = [
-            Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _, _ in with_ts
-        ]
-        calls += [Call("eth_getBlockByNumber", [hex(b), True], null_retry=True) for b in block_numbers]
-        calls += [Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True) for ref, _ in unproven]
-        answers = await self._many(calls)
-
-        for (ref, missing), tx in zip(unproven, answers[len(answers) - len(unproven) :], strict=True):
-            out.fail(_no_receipt(ref, missing, tx), ref.block_number)
-        k = 0
-        for ref, rec, ts in with_ts:
-            tx = answers[k]
-            k += 1
+        def with_tx(ref: Ref, rec: dict[str, Any], ts: int, answers: list[Any]) -> None:
+            (tx,) = answers
             if isinstance(tx, CallError):
                 out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
             else:
                 self._normalise(out, ref, tx, rec, ts)
-        for b in block_numbers:
-            full: Any = answers[k]
-            k += 1
+
+        def with_block(b: int, answers: list[Any]) -> None:
+            (full,) = answers
             items = without_ts[b]
             if isinstance(full, CallError):
                 for ref, _ in items:
                     out.fail(_failure(ref, full), b)
-                continue
+                return
             block_ts = int(full["timestamp"], 16)
             self._remember(b, block_ts)
             txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
@@ -459,11 +494,31 @@ class Enricher:
                 else:
                     self._normalise(out, ref, found, rec, block_ts)
 
+        def judged(ref: Ref, missing: CallError, answers: list[Any]) -> None:
+            out.fail(_no_receipt(ref, missing, answers[0]), ref.block_number)
+
+        def lookup(tx_hash: str) -> list[Call]:
+            return [Call("eth_getTransactionByHash", [tx_hash], null_retry=True)]
+
+        partial = functools.partial
+        jobs: list[tuple[list[Call], Callable[[list[Any]], None]]] = [
+            (lookup(ref.tx_hash), partial(with_tx, ref, rec, ts)) for ref, rec, ts in with_ts
+        ]
+        jobs += [
+            ([Call("eth_getBlockByNumber", [hex(b), True], null_retry=True)], partial(with_block, b))
+            for b in sorted(without_ts)
+        ]
+        jobs += [(lookup(ref.tx_hash), partial(judged, ref, missing)) for ref, missing in unproven]
+        # Each request's transactions are stored as soon as it is answered, not once every
+        # request of the round is: with a tight rate limit that is seconds apart.
+        await self._many_each(jobs)
+
     # -- the seed's baseline -------------------------------------------------------
 
-    async def enrich_sequential(self, refs: Sequence[Ref]) -> Enriched:
-        """One transaction at a time, one call at a time: the seed's baseline, for comparison."""
-        out = _Collector()
+    async def enrich_sequential(self, refs: Sequence[Ref], out: Collector | None = None) -> Enriched:
+        """One transaction at a time, one call at a time: the seed's baseline, for comparison;
+        ``out`` as in :meth:`enrich`."""
+        out = Collector() if out is None else out
         for ref in refs:
             (answer,) = await self._many([Call("eth_getTransactionReceipt", [ref.tx_hash], null_retry=True)])
             (tx,) = await self._many([Call("eth_getTransactionByHash", [ref.tx_hash], null_retry=True)])

@@ -122,6 +122,11 @@ class _Stats:
 class FakeClient:
     def __init__(self) -> None:
         self.node = _Stats()
+        self.last_reply_at = time.monotonic()
+        self.waiting: set[int] = set()  # priorities whose requests wait for their turn
+
+    def queued(self, priority: int) -> bool:
+        return priority in self.waiting
 
     def stats(self) -> dict[str, _Stats]:
         return {"node": self.node}
@@ -675,3 +680,40 @@ def test_a_stop_mid_fetch_stores_the_rows_already_fetched_and_a_rerun_fetches_th
     # Refs 5 and 6 only: two calls each, and block 4 once (its header, or the full block).
     assert rerun.calls == (4 if plan == "metered" else 5)
 
+
+@pytest.mark.timeout(30)
+def test_each_batchs_rpc_requests_carry_its_lease_order() -> None:
+    # The client serves metered requests lowest priority first (gapfill.rpc.slots): the
+    # batch leased first must have the lowest.
+    from gapfill.rpc.slots import PRIORITY
+
+    seen: dict[int, int] = {}
+
+    class Recording(FakeEnricher):
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+            seen[int(refs[0].tx_hash[2:6], 16)] = PRIORITY.get()
+            return await super().enrich(refs, out)
+
+    asyncio.run(worker(FakeStore(batches=6), Recording()).run())
+    assert seen == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_waiting_for_its_turn_at_the_rate_limit_keeps_its_lease() -> None:
+    # Its requests wait while an earlier batch's go first, so none of its own is answered
+    # for a while; the node answers the others': it is waiting, not stuck, and was let go.
+    store = FakeStore(batches=1)
+
+    class Waiting(FakeEnricher):
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+            assert self.client is not None
+            self.client.waiting.add(1)
+            for _ in range(40):  # 0.8 s of the others' answers, over many renewal periods
+                await asyncio.sleep(0.02)
+                self.client.last_reply_at = time.monotonic()
+            self.client.waiting.clear()
+            return await super().enrich(refs, out)
+
+    totals = asyncio.run(worker(store, Waiting(), lease_timeout_s=0.3).run())
+    assert store.calls.count("renew") >= 3, store.calls
+    assert totals.processed == 10 and totals.lost == 0

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import os
 import time
@@ -50,6 +51,7 @@ from gapfill.errors import RpcError, StoreError
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
+from gapfill.rpc.slots import PRIORITY
 from gapfill.store import GivenBack, Store
 from gapfill.store.base import MAX_ATTEMPTS
 from gapfill.wording import counted
@@ -187,6 +189,7 @@ class Worker:
         self._busy_since = time.monotonic()  # when _fetching last rose from 0
         self._outage: RpcError | None = None
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
+        self._lease_order = itertools.count(1)  # the batches' RPC priority: earlier first
 
     async def db(self, fn: Callable[..., T], *args: Any, calls: bool = False) -> T:
         """Run a blocking store call in a thread, one at a time; with ``calls``, a write that
@@ -512,19 +515,26 @@ class Worker:
             return await enricher.enrich_sequential(refs, out)
         return await enricher.enrich(refs, out)
 
-    async def _keep_lease(self, batch: Batch, lost: asyncio.Event, answered: list[int]) -> None:
+    async def _keep_lease(
+        self, batch: Batch, lost: asyncio.Event, answered: list[int], priority: int
+    ) -> None:
         """Renew while this batch's RPC calls get answers; stop renewing when they stall.
 
         ``answered[0]`` counts the HTTP exchanges of this batch that answered at least
         one call (set through :data:`gapfill.rpc.client.ANSWERED`), so one batch stuck
-        in a call loses its lease even while the worker's other batches progress.
+        in a call loses its lease even while the worker's other batches progress. With
+        metered calls a batch's requests wait while those of the batches leased before it
+        go first (its ``priority``): it is renewed too while it waits so and the node answers.
         """
         period = max(self.settings.lease_timeout_s / 3, 0.05)
         seen = answered[0]
+        replied = self.client.last_reply_at
         while True:
             await asyncio.sleep(period)
             now_answered = answered[0]
-            if now_answered == seen:
+            waits_turn = self.client.queued(priority) and self.client.last_reply_at > replied
+            replied = self.client.last_reply_at
+            if now_answered == seen and not waits_turn:
                 log.warning("batch %s made no RPC progress for %.0fs; not renewing its lease",
                             batch.id, period)  # fmt: skip
                 continue
@@ -556,8 +566,12 @@ class Worker:
         def on_answer() -> None:
             answered[0] += 1
 
-        # This task's context (and the RPC tasks it creates) reports answers to this batch.
+        # This task's context (and the RPC tasks it creates) reports answers to this batch,
+        # and, when calls are metered, has its requests served before those of the batches
+        # leased after it: they complete one after another instead of all late together.
         ANSWERED.set(on_answer)
+        priority = next(self._lease_order)
+        PRIORITY.set(priority)
         got: Enriched | None = None  # once fetched: what a stop gives back with the batch
         fetching_now = Collector()  # while fetching: the rows in so far, given back on a stop
         n_refs = 0
@@ -566,7 +580,7 @@ class Worker:
             n_refs = len(refs)
             self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
             enricher = self.enrichers[batch.chain_id]
-            keeper = asyncio.create_task(self._keep_lease(batch, lost, answered))
+            keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority))
             try:
                 if batch.attempts >= self.settings.max_attempts:
                     enriched = await self._isolate(enricher, refs, fetching_now)

@@ -39,6 +39,7 @@ from gapfill.rpc.classify import (
 from gapfill.rpc.config import Call, EndpointConfig, RpcSettings, checks
 from gapfill.rpc.endpoint import Endpoint, EndpointStats
 from gapfill.rpc.errors import CallError
+from gapfill.rpc.slots import PrioritySlots
 from gapfill.rpc.transport import AiohttpTransport, HttpReply, Transport
 from gapfill.wording import counted
 
@@ -137,7 +138,12 @@ class RpcClient:
                 key = f"{key}#{seen[key]}"
             self._endpoints.append(Endpoint(index, config, settings, key))
         self._transport: Transport = transport or AiohttpTransport(settings)
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        # Metered calls: the earlier batch's requests first (see gapfill.rpc.slots).
+        self._slots: asyncio.Semaphore | PrioritySlots = (
+            PrioritySlots(settings.max_in_flight)
+            if any(e.rps is not None for e in endpoints)
+            else asyncio.Semaphore(settings.max_in_flight)
+        )
         self._ids = itertools.count(1)
         self._chain_id: int | None = None
         self._probe_lock = asyncio.Lock()
@@ -186,6 +192,11 @@ class RpcClient:
         if items:
             await self._drive(list(range(len(items))), items, results, None)
         return results
+
+    def queued(self, priority: int) -> bool:
+        """Whether requests of :data:`~gapfill.rpc.slots.PRIORITY` ``priority`` wait for
+        their turn behind those of a lower one (only where calls are metered)."""
+        return isinstance(self._slots, PrioritySlots) and self._slots.queued(priority)
 
     def stats(self) -> dict[str, EndpointStats]:
         """Counters per endpoint, keyed by redacted URL."""

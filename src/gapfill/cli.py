@@ -22,7 +22,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
 import orjson
@@ -257,6 +257,45 @@ def tell(text: str) -> None:
     click.echo(text, err=True)
 
 
+class _StderrLog(logging.StreamHandler[TextIO]):
+    """Log records on standard error as it is when each is written, with the secrets of
+    :attr:`secrets` (the command's URLs) masked.
+
+    Standard error as it is *now*: on a terminal, rich's live view swaps ``sys.stderr`` for
+    a proxy that prints above the view, and a handler holding the stream it started with
+    wrote under the view, breaking it. Worker processes send their records to their
+    coordinator (``gapfill.engine.run``), so they come here too, whole lines each.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.secrets: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr  # under the handler's lock
+        super().emit(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Modules redact the URLs they log; this is the net for what they cannot know of
+        # (a driver's message quoting a connection string, another library's records).
+        return redact_text(super().format(record), *self.secrets)
+
+
+def _log_to_stderr(verbose: int) -> _StderrLog:
+    """Log at ``-v`` (INFO) or ``-vv`` (DEBUG), else errors only, to standard error; returns
+    the handler (unused where logging was set up already: a test's)."""
+    handler = _StderrLog()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(
+        # Quiet by default: what a user must know arrives as one sentence or a progress
+        # event; -v shows decisions, batches with timings, retries, set-aside endpoints and
+        # other warnings; -vv every HTTP request, SQL timings, lease renewals.
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR,
+        handlers=[handler],
+    )
+    return handler
+
+
 def _is_tty() -> bool:
     return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
 
@@ -276,13 +315,7 @@ def _is_tty() -> bool:
 def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: float | None,
         config_file: str | None, verbose: int) -> None:  # fmt: skip
     """Find the transactions missing from your EVM database and fill them in from JSON-RPC nodes."""
-    logging.basicConfig(
-        # Quiet by default: what a user must know arrives as one sentence or a progress
-        # event; -v shows retries, set-aside endpoints and other warnings.
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_handler = _log_to_stderr(verbose)
     # A subcommand's --help must work whatever the config file says (it is what one reads
     # to fix it): then a broken file is left unread.
     help_asked = bool(ctx.meta.get("gapfill.help_asked"))
@@ -293,6 +326,7 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
             fail(None, exc)
         file = FileConfig()
     obj = Ctx(db_url or file.db or DEFAULT_DB_URL, rpc_urls, rps, file, verbose)
+    log_handler.secrets = obj.secrets()
     source = ctx.get_parameter_source("rpc_urls")
     if source is click.core.ParameterSource.COMMANDLINE:  # hints name what the user gave
         obj.rpc_check = "--rpc-url"

@@ -286,7 +286,7 @@ def test_a_worker_process_names_where_the_database_url_came_from(
     from gapfill.engine.events import Notice
     from gapfill.engine.run import EnrichJob, _open, worker_process_main
 
-    monkeypatch.setattr("logging.basicConfig", lambda **_: None)
+    monkeypatch.setattr("gapfill.engine.run._log_through", lambda *_: None)  # logging stays pytest's
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # SIGINT stays pytest's
     missing = tmp_path / "no" / "x.db"
     job = EnrichJob(db_url=f"sqlite:///{missing}", endpoints=(), targets=(), chain_id=1,

@@ -868,3 +868,67 @@ def test_the_endpoints_together_name_each_place_once() -> None:
     assert checks([a, b]) == "[[endpoints]] url in g.toml"
     assert checks([EndpointConfig("http://x/", check="--rpc-url"), a]) == f"--rpc-url or {a.check}"
     assert checks([]) == FLAG_CHECK
+
+
+# -- what -v and -vv show ------------------------------------------------------------------
+
+
+def _messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and r.name.startswith("gapfill.rpc")]
+
+
+async def test_debug_logs_one_record_per_http_request_with_its_size_and_status(
+    make_node: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await make_node(echo, path=f"/v3/{KEY}")
+    caplog.set_level(logging.DEBUG, logger="gapfill")
+    keyed = EndpointConfig(f"{node.url}?apikey={KEY}", max_batch=10)
+    async with RpcClient([keyed], settings(tmp_path)) as client:
+        await client.call_many([Call("echo", [f"v{i}"]) for i in range(25)])
+    posts = [m for m in _messages(caplog, logging.DEBUG) if m.startswith("POST ")]
+    assert len(posts) == len(node.requests) == 3, posts  # per request, not per call
+    assert sorted(m.split(": ")[1].split(" call(s)")[0] for m in posts) == ["10", "10", "5"]
+    assert all("/v3/***?apikey=***" in m and "HTTP 200" in m and " B sent" in m for m in posts), posts
+    assert KEY not in caplog.text
+
+
+async def test_info_logs_the_chain_id_and_whether_block_receipts_are_served(
+    make_node: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def node_without_block_receipts(node: FakeNode, body: Any) -> web.Response:
+        return reply(body, [err(c, -32601, "the method does not exist")
+                            if c["method"] == "eth_getBlockReceipts" else ok(c, "0x1")
+                            for c in as_batch(body)])  # fmt: skip
+
+    node = await make_node(node_without_block_receipts)
+    caplog.set_level(logging.INFO, logger="gapfill")
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        await client.probe()
+        assert not await client.probe_block_receipts(5)
+    said = _messages(caplog, logging.INFO)
+    assert f"chain id 1: RPC endpoint(s) {node.url} kept for the run" in said, said
+    assert "eth_getBlockReceipts not served: every transaction is fetched on its own" in said, said
+
+
+def test_info_logs_batch_size_growth_and_rate_limits_with_the_wait(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gapfill")
+    url = f"http://127.0.0.1:1/v3/{KEY}?apikey={KEY}"
+    endpoint = Endpoint(0, EndpointConfig(url, max_batch=50), settings(tmp_path), "k")
+    endpoint.shrink_batch(50)
+    for _ in range(GROW_AFTER_SUCCESSES):
+        endpoint.record_success(25)
+    endpoint.record_rate_limited(2.0)
+    metered = Endpoint(1, EndpointConfig(url, rps=100), settings(tmp_path), "m")
+    metered.record_rate_limited(None)
+    metered.close()
+    said = _messages(caplog, logging.INFO)
+    shown = "http://127.0.0.1:1/v3/***?apikey=***"
+    assert said[:2] == [f"RPC endpoint {shown} refused a batch of 50 calls; batches now hold 25",
+                        f"RPC endpoint {shown} took {GROW_AFTER_SUCCESSES} batches of 25 calls; batches now "
+                        "hold 26"], said  # fmt: skip
+    assert said[2].startswith(f"RPC endpoint {shown} rate limited 1 call(s): pausing 2.0 s (Retry-After); "
+                              ), said  # fmt: skip
+    assert said[3].startswith(f"RPC endpoint {shown} rate limited 1 call(s); now sending "), said
+    assert KEY not in caplog.text

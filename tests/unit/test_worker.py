@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -527,28 +528,38 @@ def test_a_ref_isolated_after_one_attempt_says_one_attempt() -> None:
     ], store.failures
 
 
-@pytest.mark.timeout(30)
-def test_an_event_that_does_not_pickle_becomes_a_notice_and_the_later_ones_still_arrive(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # It ended the sender thread: every later event of the worker stayed queued, and the
-    # coordinator heard nothing more from it.
+def sent_through_a_pipe(who: str, send: Callable[[Any], None]) -> list[Any]:
+    """What a worker's event sender (named ``who``) delivers when ``send(sender)`` uses it."""
     import multiprocessing
 
-    from gapfill.engine.events import Notice
     from gapfill.engine.run import _EventSender
 
     events, sent = multiprocessing.Pipe(duplex=False)
-    sender = _EventSender(sent, "Worker-2")
-    sender.put(Notice("before"))
-    sender.put(Notice(lambda: "a bug: an event that holds a function"))  # type: ignore[arg-type]
-    sender.put(Notice("after"))
+    sender = _EventSender(sent, who)
+    send(sender)
     sender.close()
     got = []
     with contextlib.suppress(EOFError):  # the sender closed its end: every event is read
         while True:
             got.append(events.recv())
     events.close()
+    return got
+
+
+@pytest.mark.timeout(30)
+def test_an_event_that_does_not_pickle_becomes_a_notice_and_the_later_ones_still_arrive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It ended the sender thread: every later event of the worker stayed queued, and the
+    # coordinator heard nothing more from it.
+    from gapfill.engine.events import Notice
+
+    def send(sender: Any) -> None:
+        sender.put(Notice("before"))
+        sender.put(Notice(lambda: "a bug: an event that holds a function"))  # type: ignore[arg-type]
+        sender.put(Notice("after"))
+
+    got = sent_through_a_pipe("Worker-2", send)
     dropped = "[Worker-2] a Notice event could not be sent to the coordinator and was dropped: the run's"
     assert got == [Notice("before"), Notice(f"{dropped} progress and counts may miss it"), Notice("after")]
     [logged] = caplog.records
@@ -717,3 +728,45 @@ def test_a_batch_waiting_for_its_turn_at_the_rate_limit_keeps_its_lease() -> Non
     totals = asyncio.run(worker(store, Waiting(), lease_timeout_s=0.3).run())
     assert store.calls.count("renew") >= 3, store.calls
     assert totals.processed == 10 and totals.lost == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_processs_records_reach_the_coordinators_handlers_naming_the_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gapfill.engine.events import Logged
+    from gapfill.engine.run import _LogToCoordinator, log_here
+
+    record = logging.makeLogRecord({"name": "gapfill.engine.worker", "levelno": logging.INFO,
+                                    "levelname": "INFO", "msg": "batch %d leased", "args": (7,)})  # fmt: skip
+    [ev] = sent_through_a_pipe("Worker-3", lambda s: _LogToCoordinator(s, "Worker-3").handle(record))
+    assert ev == Logged(logging.INFO, "gapfill.engine.worker", "[Worker-3] batch 7 leased", record.created)
+    caplog.set_level(logging.INFO, logger="gapfill")
+    log_here(ev)  # in the coordinator: to its handlers, as its own records
+    [here] = [r for r in caplog.records if r.name == "gapfill.engine.worker"]
+    assert (here.levelno, here.getMessage(), here.created) == (logging.INFO, "[Worker-3] batch 7 leased",
+                                                               record.created)  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_info_logs_each_batch_leased_committed_and_given_back_with_timings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gapfill")
+    asyncio.run(worker(FakeStore(batches=2, refs=10)).run())
+    w = Worker(0, "w", FakeStore(batches=1, refs=10), FakeClient(), {1: HalfFailingEnricher()},  # type: ignore[arg-type]
+               WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01), lambda event: None)  # fmt: skip
+    asyncio.run(w.run())
+    said = [r.getMessage() for r in caplog.records if r.name == "gapfill.engine.worker"]
+    leased = [m for m in said if " leased: " in m]
+    assert len(leased) == 3, said
+    assert leased[0].startswith("batch 1 leased: blocks 0-0 of c, 10 refs still in the gap"), said
+    committed = [m for m in said if " committed: " in m]
+    assert len(committed) == 2, said
+    assert all(m.startswith("batch ") and " commit " in m
+               and "10 fetched (10 newly stored), 0 failed; fetch " in m
+               for m in committed), committed  # fmt: skip
+    [given] = [m for m in said if " given back " in m]
+    assert given.startswith("batch 1 attempt 1 given back (5 transaction(s) failed, e.g. 0x"), given
+    assert given.endswith("5 stored, 0 failed for good, 5 left in the gap; leased again no sooner than "
+                          "in 1.0 s"), given  # fmt: skip

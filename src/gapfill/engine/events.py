@@ -144,6 +144,19 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class Logged:
+    """A log record of a worker process (``text``: its message, the worker named), on its
+    way to the coordinator, which hands it to its own handlers: the CLI's writes whole
+    lines on standard error, above the live view. A worker writing to the terminal itself
+    would write under the live view and break it."""
+
+    level: int
+    logger: str
+    text: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
 class RunSummary:
     run_id: int
     mode: str
@@ -174,7 +187,7 @@ class RunSummary:
 
 Event = (
     RunStarted | BatchAssigned | BatchDone | BatchAbandoned | BatchesEmptied | WorkerStats | WorkerExited
-    | Progress | WorkerLostNode | Notice | RunSummary
+    | Progress | WorkerLostNode | Notice | Logged | RunSummary
 )  # fmt: skip
 Emit = Callable[[Event], None]
 

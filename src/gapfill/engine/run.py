@@ -39,6 +39,7 @@ from gapfill.engine.events import (
     BatchesEmptied,
     Emit,
     Event,
+    Logged,
     Notice,
     Progress,
     RunStarted,
@@ -245,6 +246,7 @@ async def _ready(client: RpcClient, emit: Emit | None = None) -> int:
     chain_id = await client.probe(None if emit is None else lambda text: emit(Notice(text, waiting=True)))
     await client.require(["eth_getTransactionByHash", "eth_getTransactionReceipt"], [_NO_SUCH_TX],
                          "gapfill needs to enrich transactions")  # fmt: skip
+    log.debug("the RPC node serves eth_getTransactionByHash and eth_getTransactionReceipt")
     return chain_id
 
 
@@ -441,9 +443,17 @@ def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
     """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
     if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any
         open_per_target = [store.count_open_batches([t]) for t in job.targets]
-        return sum(open_per_target), 0, sum(1 for n in open_per_target if n)
+        joined = sum(1 for n in open_per_target if n)
+        log.info("run %s joins %d open plan(s) of %d contract(s): %d open batches", run_id, joined,
+                 len(job.targets), sum(open_per_target))  # fmt: skip
+        return sum(open_per_target), 0, joined
+    t0 = time.perf_counter()
     info = store.plan(run_id, job.targets, job.batch_size)
-    return store.count_open_batches(job.targets), info.refs, info.joined
+    batches = store.count_open_batches(job.targets)
+    log.info("run %s planned %d ref(s) into %d new batch(es) of up to %d refs, joined %d open plan(s); "
+             "%d open batches for %d contract(s) (%.2f s)", run_id, info.refs, info.batches, job.batch_size,
+             info.joined, batches, len(job.targets), time.perf_counter() - t0)  # fmt: skip
+    return batches, info.refs, info.joined
 
 
 # -- in-process modes ----------------------------------------------------------------------
@@ -709,7 +719,44 @@ class _EventSender:
         self._conn.close()
 
 
-def worker_process_main(index: int, job: EnrichJob, events: Connection, coordinator: Connection) -> None:
+class _LogToCoordinator(logging.Handler):
+    """A worker process's log records, sent to its coordinator with its events (see
+    :class:`gapfill.engine.events.Logged`), each naming the worker."""
+
+    def __init__(self, sender: _EventSender, who: str) -> None:
+        super().__init__()
+        self._sender = sender
+        self._who = who
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)  # the message, and the traceback of exc_info
+            self._sender.put(Logged(record.levelno, record.name, f"[{self._who}] {text}", record.created))
+        except Exception:
+            self.handleError(record)
+
+
+def _log_through(sender: _EventSender, who: str, level: int) -> None:
+    """Log this worker process at ``level`` (the coordinator's) through its event pipe."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_LogToCoordinator(sender, who))
+    root.setLevel(level)
+
+
+def log_here(ev: Logged) -> None:
+    """A worker's record, handed to this process's handlers as its own records are (the
+    worker's time kept)."""
+    record = logging.makeLogRecord({
+        "name": ev.logger, "levelno": ev.level, "levelname": logging.getLevelName(ev.level),
+        "msg": ev.text, "created": ev.created, "msecs": ev.created % 1 * 1000,
+    })  # fmt: skip
+    logging.getLogger(ev.logger).handle(record)
+
+
+def worker_process_main(index: int, job: EnrichJob, events: Connection, coordinator: Connection,
+                        log_level: int = logging.ERROR) -> None:  # fmt: skip
     """Entry point of a worker process (forked by the coordinator's fork server).
 
     ``events`` is the write end of this worker's own event pipe, whose read end only the
@@ -718,10 +765,13 @@ def worker_process_main(index: int, job: EnrichJob, events: Connection, coordina
     readable when the coordinator writes its stop to it (Ctrl+C, SIGTERM) or when the
     coordinator is dead, zombie or not (EOF), and either way the worker stops as on Ctrl+C
     rather than run on unsupervised.
+
+    ``log_level`` is the coordinator's (the CLI's ``-v``, ``-vv``): the worker's records go
+    to the coordinator, which writes them with its own.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides about Ctrl+C
-    logging.basicConfig(level=logging.ERROR)  # as quiet as the CLI by default
     sender = _EventSender(events, f"Worker-{index + 1}")
+    _log_through(sender, f"Worker-{index + 1}", log_level)
     emit = sender.put
     try:
         asyncio.run(_worker_async(index, job, emit, coordinator))
@@ -843,7 +893,9 @@ class Coordinator:
 
     def _spawn(self, index: int) -> BaseProcess:
         reader, writer = self.ctx.Pipe(duplex=False)
-        p = self.ctx.Process(target=worker_process_main, args=(index, self.job, writer, self.lifeline),
+        level = logging.getLogger("gapfill").getEffectiveLevel()  # the CLI's -v, -vv
+        p = self.ctx.Process(target=worker_process_main,
+                             args=(index, self.job, writer, self.lifeline, level),
                              name=f"gapfill-worker-{index + 1}", daemon=True)  # fmt: skip
         try:
             p.start()  # the write end is with the fork server now: the worker holds the only one
@@ -908,6 +960,9 @@ class Coordinator:
                 conn.close()
 
     def _take(self, ev: Event) -> None:
+        if isinstance(ev, Logged):
+            log_here(ev)
+            return
         if isinstance(ev, WorkerStats):
             slot = self.slots.get(ev.worker)
             if slot is not None and slot.proc.pid == ev.pid:
@@ -1130,6 +1185,9 @@ class Coordinator:
         self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True))
         why = (f"its start-up check of the RPC node failed ({start_failed})" if start_failed
                else f"exited with code {code}")  # fmt: skip
+        log.info("restarting Worker-%d (pid %s, up %.1f s): %s; %d lease(s) returned; restart %d of the "
+                 "run (at most %d)", s.index + 1, s.proc.pid, time.monotonic() - s.started, why, n,
+                 self.restarts, 10 * self.workers)  # fmt: skip
         self.emit(Notice(f"[Worker-{s.index + 1}] {why}; restarted"
                          + (f", {n} batch(es) returned to the plan" if n else "")))  # fmt: skip
         s.proc = self._spawn(s.index)
@@ -1152,6 +1210,8 @@ class Coordinator:
     def _supervise_leases(self, store: Store) -> None:
         """Take back expired leases; kill a local worker that held one (it is stuck)."""
         for b in store.expire_leases():
+            log.info("lease of batch %d (attempt %d) held by %s expired; taken back", b.id, b.attempts,
+                     b.lease_owner)  # fmt: skip
             self.emit(Notice(f"lease of batch {b.id} held by {b.lease_owner} expired; it goes back "
                              "to the plan"))  # fmt: skip
             for s in self.slots.values():
@@ -1236,9 +1296,13 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
         check_port(job.metrics_port)
     if mode == "auto":
         with _open(job, emit) as store:
+            t0 = time.perf_counter()
             gap = gap_size(store, job.targets)
             open_plan = store.has_open_batches(job.targets)
         mode, why = choose_mode(gap)
+        log.info("mode auto: a gap of %d ref(s) (counted in %.2f s)%s on %d core(s): %s (%s)", gap,
+                 time.perf_counter() - t0, ", an open plan" if open_plan else "", os.cpu_count() or 1, mode,
+                 why)  # fmt: skip
         if open_plan and mode == "batch":
             why += "; joining the open plan"
         emit(Notice(f"mode auto: {mode} ({why})"))

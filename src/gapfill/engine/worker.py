@@ -45,6 +45,7 @@ from gapfill.engine.events import (
     Emit,
     Notice,
     WorkerStats,
+    key_range,
 )
 from gapfill.enrich.fetch import Collector, Enricher
 from gapfill.errors import RpcError, StoreError
@@ -421,15 +422,22 @@ class Worker:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
+                t0 = time.perf_counter()
                 try:
                     held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group],
                                          calls=True)  # fmt: skip
                 except Exception as exc:
+                    log.info("a commit of %d batch(es) failed (%s)%s", len(group), exc,
+                             "" if len(group) == 1 else "; committing them one by one")  # fmt: skip
                     if len(group) == 1:  # its task gives the batch back
                         _settle(group[0][2], error=exc)
                     else:
                         await self._commit_each(group)
                 else:
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("committed %d batch(es), %d transactions, in one database transaction "
+                                  "(%.3f s)", len(group), sum(len(e.txs) for _, e, _ in group),
+                                  time.perf_counter() - t0)  # fmt: skip
                     for (_, _, f), ok in zip(group, held, strict=True):
                         _settle(f, ok)
                 group = []
@@ -545,8 +553,11 @@ class Worker:
                 log.warning("could not renew batch %s: %s", batch.id, exc)
                 continue
             if not held:
+                log.info("batch %s: its lease was lost (expired and taken back); what it fetches "
+                         "will not be written", batch.id)  # fmt: skip
                 lost.set()
                 return
+            log.debug("batch %s: lease renewed for %.0f s", batch.id, self.settings.lease_timeout_s)
 
     async def _handle(self, batch: Batch) -> None:
         t0 = time.perf_counter()
@@ -578,6 +589,11 @@ class Worker:
         try:
             refs = await self.db(self.store.batch_refs, batch)
             n_refs = len(refs)
+            t_refs = time.perf_counter()
+            if log.isEnabledFor(logging.INFO):
+                log.info("batch %s leased: %s of %s, %s still in the gap (query %.3f s), attempt %d",
+                         batch.id, key_range(batch.lo, batch.hi), batch.contract, counted(n_refs, "ref"),
+                         t_refs - t0, batch.attempts)  # fmt: skip
             self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
             enricher = self.enrichers[batch.chain_id]
             keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority))
@@ -597,11 +613,22 @@ class Worker:
             finally:
                 keeper.cancel()
                 fetched()
+            t_fetched = time.perf_counter()
             stored = None
             if not lost.is_set():
                 got = enriched
                 stored = await self._commit(batch, enriched)
             committed = stored is not None
+            if log.isEnabledFor(logging.INFO):
+                t_end = time.perf_counter()
+                if committed:
+                    log.info("batch %s committed: %d fetched (%d newly stored), %d failed; fetch %.2f s, "
+                             "commit %.2f s (with the wait for its group)", batch.id, len(enriched.txs),
+                             stored, len(enriched.failures), t_fetched - t_refs,
+                             t_end - t_fetched)  # fmt: skip
+                else:
+                    log.info("batch %s: lease lost after a fetch of %.2f s; nothing written", batch.id,
+                             t_fetched - t_refs)  # fmt: skip
             t = self.totals
             if stored is not None:
                 t.batches += 1
@@ -668,6 +695,12 @@ class Worker:
             if given.closed:  # all it had left was stored: done, as a commit is
                 t.batches += 1
         rest = max(0, refs - kept - kept_failed)
+        if given is not None:
+            log.info("batch %s attempt %d given back (%s): %d stored, %d failed for good, %d left in the "
+                     "gap%s%s", batch.id, batch.attempts, error[:300], kept, kept_failed, rest,
+                     "; closed: nothing of it is left" if given.closed else "",
+                     f"; leased again no sooner than in {retry_after_s:.1f} s" if retry and retry_after_s
+                     else "")  # fmt: skip
         self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed,
                                  rest, given.stored if given else 0,
                                  closed=given is not None and given.closed))  # fmt: skip

@@ -19,12 +19,16 @@ enrichment run calls it at its start and its end, and ``contract add`` after it 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gapfill.enrich.decode import Decoder
 from gapfill.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,7 @@ def redecode_contract(
 ) -> Redecoded:
     """Decode the stored transactions to ``address`` and its stored logs with ``abi``."""
     address = address.lower()
+    t0 = time.perf_counter()
     decoder = Decoder({address: abi})
     txs = decoded_txs = logs = decoded_logs = 0
     for chunk in store.stored_calls(chain_id, address):
@@ -60,6 +65,9 @@ def redecode_contract(
             decoded_logs += event is not None
         store.set_decoded_logs(chain_id, events)
         logs += len(events)
+    log.info("decoded again the stored rows of %s on chain %d with its new ABI: %d transaction(s) sent to "
+             "it (%d decoded), %d log(s) (%d decoded) in %.2f s", address, chain_id, txs, decoded_txs, logs,
+             decoded_logs, time.perf_counter() - t0)  # fmt: skip
     return Redecoded(txs, decoded_txs, logs, decoded_logs)
 
 

@@ -278,6 +278,9 @@ class RpcClient:
                         f"{endpoint.shown} serves chain {chain_id}; check {endpoint.config.check}"
                     )
             self._chain_id = first_id
+            logger.info("chain id %d: RPC endpoint(s) %s kept for the run%s", first_id,
+                        ", ".join(e.shown for e, _ in reachable),
+                        f", {len(failed)} left out" if failed else "")  # fmt: skip
             return first_id
 
     def left_out(self) -> tuple[int, ...]:
@@ -331,7 +334,11 @@ class RpcClient:
         """Whether some usable endpoint has ``eth_getBlockReceipts``, asked (once per
         endpoint) for a block the caller needs anyway: only a plan that may fetch whole
         blocks asks, and never for 'latest', whose receipts are megabytes on mainnet."""
-        return await self.supports(_BLOCK_RECEIPTS, [hex(block_number)])
+        served = await self.supports(_BLOCK_RECEIPTS, [hex(block_number)])
+        logger.info("%s %s: %s", _BLOCK_RECEIPTS, "served" if served else "not served",
+                    "blocks with many refs are fetched whole" if served
+                    else "every transaction is fetched on its own")  # fmt: skip
+        return served
 
     def supports_block_receipts(self) -> bool:
         """After :meth:`probe_block_receipts`: True when some usable endpoint has
@@ -491,6 +498,11 @@ class RpcClient:
         nulled = max((items[i].nulls for i, before in zip(chunk, nulls_before, strict=True)
                       if i in retried and items[i].nulls > before), default=0)  # fmt: skip
         delay = self._retry_delay(again, items, nulled)
+        if logger.isEnabledFor(logging.DEBUG):
+            why = ("null answers" if nulled else "rate limited" if any(items[i].rate_limits for i in again)
+                   else "failed or too large a batch")  # fmt: skip
+            logger.debug("%d call(s) from %s sent again in %.2f s: %s", len(again), endpoint.shown, delay,
+                         why)  # fmt: skip
         if delay > 0:
             await asyncio.sleep(delay)
         await self._drive(again, items, results, pin)
@@ -562,6 +574,12 @@ class RpcClient:
             latency = time.monotonic() - started
         if reply is not None or not (failure and failure.unreachable):  # it reached the node
             endpoint.record_request(len(chunk), len(body), len(reply.body) if reply else 0, latency)
+        if logger.isEnabledFor(logging.DEBUG):  # one record per HTTP request, not per call
+            logger.debug("POST %s: %d call(s) (%s ...), %d B sent, %s in %.3f s", endpoint.shown, len(chunk),
+                         items[chunk[0]].call.method, len(body),
+                         f"HTTP {reply.status}, {len(reply.body)} B" if reply is not None
+                         else f"no reply ({self._redact(failure.message) if failure else '?'})",
+                         latency)  # fmt: skip
         if reply is None:
             assert failure is not None
             if timed_out:  # a refused connection or a 5xx says nothing of its speed

@@ -58,6 +58,10 @@ class EndpointStats:
     supports_block_receipts: bool | None
 
 
+def _retry_after(seconds: float | None) -> str:
+    return f" (Retry-After {seconds:g} s)" if seconds else ""
+
+
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -250,6 +254,8 @@ class Endpoint:
             ):
                 self.batch_cap += 1
                 self._successes_at_cap = 0
+                logger.info("RPC endpoint %s took %d batches of %d calls; batches now hold %d",
+                            self.shown, GROW_AFTER_SUCCESSES, self.batch_cap - 1, self.batch_cap)  # fmt: skip
         if self.budget is not None:
             if self.rate_factor < 1.0:
                 self.budget.on_success()
@@ -290,27 +296,31 @@ class Endpoint:
         now = time.monotonic()
         if self.budget is not None:
             self.rate_factor = self.budget.on_rate_limited(retry_after_s)
+            logger.info("RPC endpoint %s rate limited %d call(s)%s; now sending %.0f calls/s (%.2f of its "
+                        "rate)", self.shown, count, _retry_after(retry_after_s), self.rate_rps() or 0.0,
+                        self.rate_factor)  # fmt: skip
         else:
             if retry_after_s:
                 self.paused_until = max(self.paused_until, now + retry_after_s)
             recent = sum(n for at, n in self._sent if at >= now - 2.0) / 2.0
             if self.learned is None:
-                if recent < _LEARN_FROM_RPS:
-                    # A trickle was refused: the limit is not ours to learn (shared key,
-                    # a quota); the pause or the items' backoff is enough.
-                    return
-                self.learned = LearnedBudget(recent * 0.5)
-                self._last_cut = now
-                logger.info("RPC endpoint %s rate limits at about %.0f calls/s; "
-                            "sending %.0f calls/s", self.shown, recent, self.learned.rps)
+                # A trickle refused is not a limit to learn (a shared key, a quota): the
+                # pause or the items' backoff is enough.
+                if recent >= _LEARN_FROM_RPS:
+                    self.learned = LearnedBudget(recent * 0.5)
+                    self._last_cut = now
+                    logger.info("RPC endpoint %s rate limits at about %.0f calls/s; "
+                                "sending %.0f calls/s", self.shown, recent, self.learned.rps)
             elif now - self._last_cut >= 1.0:
                 self.learned.cut()
                 self.concurrency = max(1.0, self.concurrency / 2)
                 self._last_cut = now
-        logger.debug(
-            "RPC endpoint %s rate limited (retry after %s s); rate factor %.2f, concurrency %.1f",
-            self.shown, retry_after_s, self.rate_factor, self.concurrency,
-        )
+            if logger.isEnabledFor(logging.INFO):
+                pause = self.paused_until - now
+                logger.info("RPC endpoint %s rate limited %d call(s)%s; %s, %.1f requests at a time",
+                            self.shown, count, f": pausing {pause:.1f} s (Retry-After)" if pause > 0 else "",
+                            f"sending {self.learned.rps:.0f} calls/s" if self.learned else "no rate learned",
+                            self.concurrency)  # fmt: skip
 
     def shrink_batch(self, sent: int, accepted: int | None = None, message: str = "") -> None:
         """The provider refused a batch of ``sent`` calls as too large.

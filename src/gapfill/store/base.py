@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -57,6 +59,8 @@ LOG_COLUMNS: tuple[str, ...] = (
     "topic2", "topic3", "data", "event_name", "event_args",
 )  # fmt: skip
 #: Integer columns that may pass 64 bits: NUMERIC(78,0) on PostgreSQL, decimal TEXT on SQLite.
+log = logging.getLogger(__name__)
+
 BIG_INT_COLUMNS = frozenset({
     "value", "nonce", "gas", "gas_price", "max_fee_per_gas", "max_priority_fee_per_gas",
     "gas_used", "cumulative_gas_used", "effective_gas_price", "max_fee_per_blob_gas",
@@ -234,6 +238,12 @@ def migrations(backend: str) -> list[tuple[int, str]]:
         if name.endswith(".sql"):
             out.append((int(name.split("_", 1)[0]), entry.read_text()))
     return sorted(out)
+
+
+def migrated(where: str, version: int, started: float) -> None:
+    """Log that migration ``version`` was applied to the database ``where`` (redacted)."""
+    log.info("database %s: schema migration %d applied (%.2f s)", where, version,
+             time.perf_counter() - started)  # fmt: skip
 
 
 def json_text(value: Any) -> str | None:

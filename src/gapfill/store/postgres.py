@@ -36,6 +36,7 @@ from gapfill.store.base import (
     check_row_tuples,
     failed_refs_sql,
     gap_where,
+    migrated,
     migrations,
 )
 from gapfill.store.pg_wait import MIGRATION_LOCK, PLAN_LOCK, REMOVAL_LOCK, LockWatch, application_name
@@ -531,8 +532,10 @@ class PostgresStore(Store):
             for version, sql in migrations("postgres"):
                 if version <= current:
                     continue
+                started = time.perf_counter()
                 cur.execute(sql.encode())
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                migrated(self.display_url, version, started)
                 current = version
             return current
 

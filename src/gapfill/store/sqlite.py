@@ -31,6 +31,7 @@ from gapfill.store.base import (
     RefsAdded,
     Store,
     check_row_tuples,
+    migrated,
     migrations,
 )
 
@@ -360,9 +361,11 @@ class SqliteStore(Store):
             for version, sql in migrations("sqlite"):
                 if version <= current:
                     continue
+                started = time.perf_counter()
                 for statement in _split(sql):
                     cur.execute(statement)
                 cur.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+                migrated(self.path, version, started)
                 current = version
             return current
 

@@ -286,13 +286,18 @@ def _log_to_stderr(verbose: int) -> _StderrLog:
     the handler (unused where logging was set up already: a test's)."""
     handler = _StderrLog()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR
     logging.basicConfig(
         # Quiet by default: what a user must know arrives as one sentence or a progress
         # event; -v shows decisions, batches with timings, retries, set-aside endpoints and
         # other warnings; -vv every HTTP request, SQL timings, lease renewals.
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR,
+        level=max(level, logging.INFO),
         handlers=[handler],
     )
+    # -vv is gapfill's debugging (every request, lease renewal, SQL timing), not asyncio's
+    # or a driver's, whose DEBUG records would bury it: only gapfill's loggers go below INFO
+    # (worker processes do the same: engine.run._log_through).
+    logging.getLogger("gapfill").setLevel(level)
     return handler
 
 

@@ -71,3 +71,6 @@ def test_debug_logging_shows_no_secret(
     assert " DEBUG gapfill.rpc.client: POST http://127.0.0.1:" in err, err
     assert " DEBUG gapfill.rpc.client: [Worker-" in err, err
     assert "/v3/***?apikey=***" in err, err
+    # -vv is gapfill's DEBUG, not other libraries' (asyncio's "Using selector", in every process).
+    debug_names = {ln.split(" DEBUG ", 1)[1].split(":", 1)[0] for ln in err.splitlines() if " DEBUG " in ln}
+    assert debug_names and all(n.startswith("gapfill.") for n in debug_names), debug_names

@@ -742,7 +742,8 @@ def _log_through(sender: _EventSender, who: str, level: int) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_LogToCoordinator(sender, who))
-    root.setLevel(level)
+    root.setLevel(max(level, logging.INFO))  # other libraries' DEBUG stays out, as in the CLI
+    logging.getLogger("gapfill").setLevel(level)
 
 
 def log_here(ev: Logged) -> None:

@@ -959,7 +959,8 @@ enrich_options = [
                       "[default: 75% of cores, 2-8]."),
     batch_size_option,
     click.option("--rpc-batch-size", type=int_range(1), default=ENRICH_RPC_BATCH, show_default=True,
-                 help="Calls per JSON-RPC batch (a call, not a transaction, is the unit)."),
+                 help="Calls per JSON-RPC batch (a call, not a transaction, is the unit; without --rps "
+                      "a transaction and its receipt share a batch, so an odd size sends one call less)."),
     click.option("--batches-in-flight", type=int_range(1), default=4, show_default=True,
                  help="Batches each worker fetches at once (finished ones wait to be committed together)."),
     click.option("--lease-timeout", "lease_timeout_s", type=FiniteFloatRange(min=0.1), default=300.0,

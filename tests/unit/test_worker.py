@@ -660,7 +660,7 @@ def test_a_stop_mid_fetch_stores_the_rows_already_fetched_and_a_rerun_fetches_th
         client = RpcClient([EndpointConfig("http://node.invalid/", max_batch=1)],
                            RpcSettings(budget_dir=str(tmp_path)), transport=node)  # fmt: skip
         plan_settings = PlanSettings(shape="per_tx", calls_metered=plan == "metered")
-        enricher = Watched(client, 1, plan=plan_settings, pairs_per_request=1)
+        enricher = Watched(client, 1, plan=plan_settings, calls_per_request=1)
         s = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, sequential=plan == "sequential")
         return Worker(0, "w", store, client, {1: enricher}, s, events.append), enricher
 

@@ -211,7 +211,7 @@ def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> di
     plan = replace(job.plan, calls_metered=metered or job.plan.calls_metered)
     return {
         job.chain_id: Enricher(client, job.chain_id, decoder_for(contracts), plan,
-                               pairs_per_request=max(1, job.rpc_batch_size // 2))
+                               calls_per_request=job.rpc_batch_size)
     }  # fmt: skip
 
 

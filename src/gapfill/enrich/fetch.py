@@ -195,7 +195,7 @@ class Enricher:
         plan: PlanSettings = PlanSettings(),
         *,
         timestamp_cache_size: int = 200_000,
-        pairs_per_request: int = 50,
+        calls_per_request: int = 100,
     ) -> None:
         self.client = client
         self.chain_id = chain_id
@@ -208,8 +208,13 @@ class Enricher:
         self._ts_cap = timestamp_cache_size
         self._head: tuple[float, int] | None = None  # (time.monotonic() asked, head)
         self._head_lock = asyncio.Lock()  # batches in flight share one eth_blockNumber
-        #: Refs per JSON-RPC batch in the free per-transaction plan (two calls each).
-        self.pairs_per_request = max(1, pairs_per_request)
+        #: Calls per JSON-RPC request (the run's ``--rpc-batch-size``) wherever the enricher
+        #: groups calls itself; elsewhere the client cuts them at its endpoint's cap.
+        self.calls_per_request = max(1, calls_per_request)
+        #: Refs per request in the free per-transaction plan: a ref's transaction and receipt
+        #: go in one request, so an odd size is rounded down to whole pairs, and a size of 1
+        #: still sends pairs (the client splits a request above its endpoint's cap).
+        self.pairs_per_request = max(1, self.calls_per_request // 2)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -220,28 +225,38 @@ class Enricher:
         return await self.client.call_many(calls)
 
     async def _many_each(self, jobs: Sequence[tuple[list[Call], Callable[[list[Any]], None]]]) -> None:
-        """Ask every job's calls, in requests of about ``2 * pairs_per_request`` calls (the
-        run's ``--rpc-batch-size``) sent at once, and hand each job its answers as soon as
-        its request is in. Rows so become complete while the rest is still asked (and
-        rate-limited): a batch stopped midway keeps them (see :class:`Collector`)."""
-        step = 2 * self.pairs_per_request
-        parts: list[list[tuple[list[Call], Callable[[list[Any]], None]]]] = [[]]
-        size = 0
-        for job in jobs:
-            if size and size + len(job[0]) > step:
-                parts.append([])
-                size = 0
-            parts[-1].append(job)
-            size += len(job[0])
+        """Ask every job's calls, in requests of ``calls_per_request`` calls sent at once, and
+        hand each job its answers as soon as the requests holding its calls are in (a job may
+        straddle two: requests are filled to the size). Rows so become complete while the
+        rest is still asked (and rate-limited): a batch stopped midway keeps them (see
+        :class:`Collector`)."""
+        step = self.calls_per_request
+        calls: list[Call] = []
+        spans: list[tuple[int, int]] = []  # each job's calls: calls[start:end]
+        for job_calls, _ in jobs:
+            spans.append((len(calls), len(calls) + len(job_calls)))
+            calls.extend(job_calls)
+        answers: list[Any] = [None] * len(calls)
+        holding: list[list[int]] = [[] for _ in range(0, len(calls), step)]  # request -> jobs
+        waiting: list[int] = []  # job -> requests not answered yet
+        for j, (start, end) in enumerate(spans):
+            requests = range(start // step, (end - 1) // step + 1) if end > start else range(0)
+            for r in requests:
+                holding[r].append(j)
+            waiting.append(len(requests))
+            if not requests:
+                jobs[j][1]([])
 
-        async def ask(part: list[tuple[list[Call], Callable[[list[Any]], None]]]) -> None:
-            answers = await self._many([c for calls, _ in part for c in calls])
-            k = 0
-            for calls, settle in part:
-                settle(answers[k : k + len(calls)])
-                k += len(calls)
+        async def ask(r: int) -> None:
+            lo = r * step
+            answers[lo : lo + step] = await self._many(calls[lo : lo + step])
+            for j in holding[r]:
+                waiting[j] -= 1
+                if not waiting[j]:
+                    start, end = spans[j]
+                    jobs[j][1](answers[start:end])
 
-        await asyncio.gather(*(ask(part) for part in parts if part))
+        await asyncio.gather(*(ask(r) for r in range(len(holding))))
 
     def _remember(self, block_number: int, ts: int) -> None:
         if len(self._ts) >= self._ts_cap:

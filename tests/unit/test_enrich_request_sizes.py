@@ -1,0 +1,132 @@
+"""How many calls each JSON-RPC request of an enrichment holds (``--rpc-batch-size``).
+
+The enricher and the RPC client together over an in-memory node that records every
+request it is sent: the calls the enricher groups itself (the free plan's pairs, the
+metered plan's second round, the per-block plan) and the endpoint's own cap, which
+cuts any request larger than it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from fixtures_io import result
+
+from gapfill.enrich.fetch import Enricher, PlanSettings, PlanShape
+from gapfill.model import Ref
+from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+from gapfill.rpc.transport import HttpReply
+
+pytestmark = pytest.mark.timeout(20)
+
+TX = result("eth_getTransactionByHash/get-legacy-tx")
+RECEIPT = result("eth_getTransactionReceipt/get-legacy-receipt")
+CONTRACT = "0x" + "cc" * 20
+
+
+class CountingNode:
+    """Serves ``refs`` transactions, two to a block (the receipts carry the timestamp); each
+    request's methods go into ``requests``. ``refuse_above`` makes it refuse larger batches
+    ("batch too large"), as a provider with a cap does."""
+
+    def __init__(self, refs: int, refuse_above: int | None = None) -> None:
+        self.refuse_above = refuse_above
+        self.requests: list[list[tuple[str, Any]]] = []
+        self.txs: dict[str, dict[str, Any]] = {}
+        self.receipts: dict[str, dict[str, Any]] = {}
+        for i in range(refs):
+            h, block = f"0x{i + 1:064x}", hex(10 + i // 2)
+            self.txs[h] = {**TX, "hash": h, "blockNumber": block}
+            self.receipts[h] = {**RECEIPT, "transactionHash": h, "blockNumber": block,
+                                "blockTimestamp": "0x1e"}  # fmt: skip
+
+    def refs(self) -> list[Ref]:
+        return [Ref(1, CONTRACT, h, int(tx["blockNumber"], 16), "test") for h, tx in self.txs.items()]
+
+    def _answer(self, method: str, params: list[Any]) -> Any:
+        if method == "eth_getTransactionByHash":
+            return self.txs[params[0]]
+        if method == "eth_getTransactionReceipt":
+            return self.receipts[params[0]]
+        in_block = [h for h, tx in self.txs.items() if tx["blockNumber"] == params[0]]
+        if method == "eth_getBlockReceipts":
+            return [self.receipts[h] for h in in_block]
+        assert method == "eth_getBlockByNumber", method
+        return {"number": params[0], "timestamp": "0x1e", "transactions": [self.txs[h] for h in in_block]}
+
+    async def post(self, url: str, body: bytes) -> HttpReply:
+        decoded = orjson.loads(body)
+        calls = decoded if isinstance(decoded, list) else [decoded]
+        if self.refuse_above is not None and len(calls) > self.refuse_above:
+            return HttpReply(413, {}, b"Request Entity Too Large")
+        self.requests.append([(c["method"], c["params"][0]) for c in calls])
+        answers = [{"jsonrpc": "2.0", "id": c["id"], "result": self._answer(c["method"], c["params"])}
+                   for c in calls]  # fmt: skip
+        return HttpReply(200, {}, orjson.dumps(answers if isinstance(decoded, list) else answers[0]))
+
+    async def aclose(self) -> None:
+        return None
+
+    def sizes(self, *methods: str) -> list[int]:
+        """The sizes of the requests made only of ``methods``, in the order sent."""
+        return [len(r) for r in self.requests if {m for m, _ in r} <= set(methods)]
+
+
+async def enrich(node: CountingNode, tmp_path: Any, calls_per_request: int, *, metered: bool = False,
+                 shape: PlanShape = "per_tx", max_batch: int | None = None) -> int:  # fmt: skip
+    """Enrich every ref of ``node`` as a run with ``--rpc-batch-size calls_per_request`` does
+    (its endpoint capped at the same size, unless ``max_batch``); the rows stored."""
+    endpoint = EndpointConfig("http://node.invalid/", max_batch=max_batch or calls_per_request)
+    client = RpcClient([endpoint], RpcSettings(budget_dir=str(tmp_path)), transport=node)
+    plan = PlanSettings(shape=shape, calls_metered=metered)
+    async with client:
+        got = await Enricher(client, 1, plan=plan, calls_per_request=calls_per_request).enrich(node.refs())
+    assert got.failures == []
+    return len(got.txs)
+
+
+async def test_the_free_plan_sends_whole_pairs_and_rounds_an_odd_size_down(tmp_path: Any) -> None:
+    node = CountingNode(10)
+    assert await enrich(node, tmp_path, 5) == 10
+    assert [len(r) for r in node.requests] == [4] * 5  # 2 pairs each: a pair is never split
+    for request in node.requests:
+        asked = [h for _, h in request]
+        assert asked[::2] == asked[1::2]  # each ref's transaction and receipt side by side
+
+
+async def test_the_free_plan_with_one_call_a_request_still_sends_pairs_the_cap_splits(
+    tmp_path: Any,
+) -> None:
+    node = CountingNode(3)
+    assert await enrich(node, tmp_path, 1) == 3
+    assert [len(r) for r in node.requests] == [1] * 6
+
+
+async def test_the_metered_plan_fills_requests_to_an_odd_size(tmp_path: Any) -> None:
+    # The second round went in requests of 4 calls for a size of 5 (25% more requests).
+    node = CountingNode(10)
+    assert await enrich(node, tmp_path, 5, metered=True) == 10
+    assert node.sizes("eth_getTransactionReceipt") == [5, 5]
+    assert node.sizes("eth_getTransactionByHash") == [5, 5]
+
+
+async def test_the_per_block_plan_fills_requests_to_an_odd_size(tmp_path: Any) -> None:
+    # Block and block receipts, two calls a block: they went in requests of 4 for a size of
+    # 5; a block's two calls may now be in two requests (its refs wait for both).
+    node = CountingNode(10)
+    assert await enrich(node, tmp_path, 5, metered=True, shape="per_block") == 10
+    assert node.sizes("eth_getBlockByNumber", "eth_getBlockReceipts") == [1, 5, 5]  # the probe, the blocks
+
+
+@pytest.mark.parametrize("metered", [False, True])
+async def test_the_endpoints_cap_cuts_requests_larger_than_it(tmp_path: Any, metered: bool) -> None:
+    # A provider's max_batch below --rpc-batch-size, and a cap the endpoint learns from
+    # refusals: every request holds at most that, and every row is stored.
+    node = CountingNode(10)
+    assert await enrich(node, tmp_path, 5, metered=metered, max_batch=3) == 10
+    assert max(len(r) for r in node.requests) == 3
+    refusing = CountingNode(10, refuse_above=2)
+    assert await enrich(refusing, tmp_path / "learned", 5, metered=metered) == 10
+    assert max(len(r) for r in refusing.requests) <= 2

@@ -496,6 +496,51 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
                for line in given_back_lines(events)), given_back_lines(events)
 
 
+class CrashingEnricher(FakeEnricher):
+    """Settles a batch's first refs (3 rows, a ref not found, a 502), then raises: a bug, or
+    an answer nothing expected. ``at_commit``: raise later, with every ref settled, from
+    the commit instead."""
+
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+        from types import SimpleNamespace
+
+        assert out is not None  # the worker hands its collector to every fetch
+        for r in refs[:3]:
+            out.row(r, SimpleNamespace(block_number=r.block_number), [])
+        out.fail(Failure(1, refs[3].tx_hash, "c", "not_found", "the node does not know it"))
+        out.fail(Failure(1, refs[4].tx_hash, "c", "rpc_error", "HTTP 502"))
+        await asyncio.sleep(self.delay_s)
+        raise RuntimeError("an answer nothing expected")
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_failing_unexpectedly_midway_is_given_back_with_what_it_fetched() -> None:
+    # It was given back with nothing kept: every call already answered was asked again.
+    store = FakeStore(batches=2, refs=10)
+    events: list[Any] = []
+    totals = asyncio.run(worker(store, CrashingEnricher(), emit=events.append).run())
+    assert store.state == {1: "pending", 2: "pending"}
+    assert store.kept == {1: 3, 2: 3} and "commit_batches" not in store.calls
+    given_back = [e for e in events if isinstance(e, BatchAbandoned)]
+    # The rows and the permanent failure are kept; the 502's ref stays in the gap.
+    assert sorted((e.batch_id, e.kept, e.kept_failed, e.rest) for e in given_back) == [
+        (1, 3, 1, 6), (2, 3, 1, 6)]  # fmt: skip
+    assert all(e.error == "RuntimeError: an answer nothing expected" for e in given_back)
+    assert totals.processed == 6 and totals.permanent == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_whose_commit_fails_is_given_back_without_its_rows() -> None:
+    # The rows a failed commit held may fail again: the give-back must not depend on them.
+    store = FakeStore(batches=1, refs=10)
+    store.fail = lambda name, args: name == "commit_batches"
+    events: list[Any] = []
+    asyncio.run(worker(store, emit=events.append).run())
+    [given_back] = [e for e in events if isinstance(e, BatchAbandoned)]
+    assert "commit_batches" in store.calls, "the commit was not tried: the test proved nothing"
+    assert given_back.kept == 0 and store.kept == {} and store.state == {1: "pending"}
+
+
 class RaisingEnricher(FakeEnricher):
     """Raises for any part that holds the batch's first ref."""
 

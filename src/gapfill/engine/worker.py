@@ -577,6 +577,14 @@ class Worker:
         def on_answer() -> None:
             answered[0] += 1
 
+        def fetched_so_far() -> Enriched | None:
+            """While the lease is held, the rows (and permanent failures) the fetch in
+            progress has settled, if any: what a batch stopped or failed midway keeps."""
+            if lost.is_set():
+                return None
+            so_far = fetching_now.so_far().settled()
+            return so_far if so_far.txs or so_far.failures else None
+
         # This task's context (and the RPC tasks it creates) reports answers to this batch,
         # and, when calls are metered, has its requests served before those of the batches
         # leased after it: they complete one after another instead of all late together.
@@ -645,16 +653,19 @@ class Worker:
             # given back with the rows (and permanent failures) it has: all of them once
             # fetched and waiting for its group's commit, else those whose answers are in:
             # a Ctrl+C must not throw away calls already paid for.
-            keep = got.settled() if got is not None else None
-            if keep is None and not lost.is_set():
-                so_far = fetching_now.so_far().settled()
-                keep = so_far if so_far.txs or so_far.failures else None
+            keep = got.settled() if got is not None else fetched_so_far()
             await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep,
                                                refs=n_refs))  # fmt: skip
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
-            keep = exc.kept if isinstance(exc, TransientFailures) and not lost.is_set() else None
+            # What the attempt fetched before the failure is kept as a stop keeps it, unless
+            # the fetch was over: then the failure was the commit's, which those rows may
+            # well fail again, and the give-back must not.
+            if isinstance(exc, TransientFailures):
+                keep = exc.kept if not lost.is_set() else None
+            else:
+                keep = fetched_so_far() if got is None else None
             pause = self.settings.retry_pause_s * 2 ** max(0, batch.attempts - 1)
             # Refs failing for a reason that may pass is expected: said plainly. Anything
             # else is unexpected, and its class helps to tell what it was.

@@ -828,10 +828,16 @@ def _tracked_targets(ctx: Ctx, contract: str | None, chain_id: int | None, read_
     return resolve_targets(ctx.store(read_only=read_only), contract, chain_id, node_picks)
 
 
-def _on_node_chain(ctx: Ctx, targets: list[Contract], contract: str | None,
-                   rpc: RpcSettings) -> tuple[int, list[Contract], list[Contract]]:  # fmt: skip
+def _on_node_chain(
+    ctx: Ctx,
+    targets: list[Contract],
+    contract: str | None,
+    rpc: RpcSettings,
+    say: Callable[[str], None] | None = tell,
+) -> tuple[int, list[Contract], list[Contract]]:
     """``targets`` (of :func:`_tracked_targets`) as :func:`_chain_targets` returns them: the
-    endpoints are asked their chain only when the targets are on several."""
+    endpoints are asked their chain only when the targets are on several. ``say`` (if
+    any) hears which chain they picked for the one address --contract named."""
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
         return chains.pop(), targets, []
@@ -839,7 +845,18 @@ def _on_node_chain(ctx: Ctx, targets: list[Contract], contract: str | None,
 
     node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc)
     on_chain, skipped = served(targets, node_chain, ctx.endpoints_check(), one_address=contract is not None)
+    if contract is not None and say is not None:
+        say(picked_by_node(targets, node_chain))
     return node_chain, on_chain, skipped
+
+
+def picked_by_node(targets: Sequence[Contract], node_chain: int) -> str:
+    """The line that says which chain of an address tracked on several (``targets``, the
+    chains of the one address --contract named) a command works on: the endpoints'.
+    Said once, as it is a choice made for the user (see :func:`served`)."""
+    chains = ", ".join(str(c) for c in sorted({c.chain_id for c in targets}))
+    return (f"{targets[0].address} is tracked on chains {chains}: working on chain {node_chain}, "
+            "the RPC node's chain")  # fmt: skip
 
 
 def served(targets: Sequence[Contract], node_chain: int, check: str,
@@ -1062,7 +1079,8 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     # Nothing missing on any chain: no node is asked anything, not even its chain.
     if not dry_run and _say_if_nothing_to_enrich(ctx, tracked, retry_failed):
         return
-    chain, targets, skipped = _on_node_chain(ctx, tracked, contract, rpc)
+    # -q shows only the summary and what the run waits for.
+    chain, targets, skipped = _on_node_chain(ctx, tracked, contract, rpc, None if opts["quiet"] else tell)
     # Contracts on a chain no endpoint serves, named when they have a gap the run leaves.
     store = ctx.store(read_only=dry_run)
     missing = {(c.chain_id, c.address): _gap_size(store, c, retry_failed) for c in skipped}

@@ -17,6 +17,7 @@ from gapfill.cli import (
     contract_option,
     given_as,
     node_chain_option,
+    picked_by_node,
     resolve_targets,
     rpc_settings,
     rpc_timeout_option,
@@ -203,6 +204,8 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
     async with make_client(ctx.endpoints(), expected_chain_id=expected, settings=rpc) as client:
         node_chain = await client.probe(tell)  # discovery finds it asked
         on_chain, skipped = served(targets, node_chain, client.check, one_address)
+        if one_address and len(chains) > 1:
+            tell(picked_by_node(targets, node_chain))
         for c in on_chain:
             out.append(await run_discover(
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,

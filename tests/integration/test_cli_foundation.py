@@ -817,9 +817,14 @@ def test_enrich_of_an_address_tracked_on_two_chains_works_on_the_nodes(
     r = run(db, "--rpc-url", url, "enrich", "--contract", x, "--dry-run")
     assert r.exit_code == 0, r.output + r.stderr
     assert f"{chain.chain_id} {x}: 5 missing" in r.output and f"1 {x}" not in r.output, r.output
+    # The choice is the user's to see, once (on stderr, as it is no result).
+    picked = (f"{x} is tracked on chains 1, {chain.chain_id}: working on chain {chain.chain_id}, "
+              "the RPC node's chain\n")  # fmt: skip
+    assert r.stderr.count(picked) == 1 and picked not in r.stdout, r.stderr
     r = run(db, "--rpc-url", url, "enrich", "--contract", x, "--mode", "batch", "-q")
     assert r.exit_code == 0, r.output + r.stderr
     assert "chain 1" not in r.output + r.stderr, r.output + r.stderr  # not asked for: not named
+    assert "is tracked on chains" not in r.stderr, r.stderr  # -q: the summary and the waits only
     with open_store(db) as s:
         assert s.count_gap(chain.chain_id, x) == 0 and s.count_gap(1, x) == 50
     # A dry run without a node has no one to ask: the address is still ambiguous.

@@ -254,6 +254,9 @@ def test_discover_of_an_address_tracked_on_two_chains_scans_the_nodes(
                               chain.silent, "--method", "blocks", "--confirmations", "0"])  # fmt: skip
     assert res.exit_code == 0, res.output + res.stderr
     assert "chain 5" not in res.stderr, res.stderr  # not asked for: not named
+    picked = (f"{chain.silent} is tracked on chains 5, {chain.chain_id}: working on chain "
+              f"{chain.chain_id}, the RPC node's chain\n")  # fmt: skip
+    assert res.stderr.count(picked) == 1, res.stderr  # the choice made for the user is said once
     with open_store(db) as store:
         found = {r.tx_hash for r in store.iter_gap(chain.chain_id, chain.silent)}
         assert store.get_coverage(5, chain.silent) == []

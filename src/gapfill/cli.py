@@ -297,7 +297,8 @@ def _log_to_stderr(verbose: int) -> _StderrLog:
     # -vv is gapfill's debugging (every request, lease renewal, SQL timing), not asyncio's
     # or a driver's, whose DEBUG records would bury it: only gapfill's loggers go below INFO
     # (worker processes do the same: engine.run._log_through).
-    logging.getLogger("gapfill").setLevel(level)
+    # (NOTSET below -vv: gapfill's loggers follow the root's level, as they did.)
+    logging.getLogger("gapfill").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.NOTSET)
     return handler
 
 

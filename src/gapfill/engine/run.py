@@ -743,7 +743,7 @@ def _log_through(sender: _EventSender, who: str, level: int) -> None:
         root.removeHandler(handler)
     root.addHandler(_LogToCoordinator(sender, who))
     root.setLevel(max(level, logging.INFO))  # other libraries' DEBUG stays out, as in the CLI
-    logging.getLogger("gapfill").setLevel(level)
+    logging.getLogger("gapfill").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.NOTSET)
 
 
 def log_here(ev: Logged) -> None:

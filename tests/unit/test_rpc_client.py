@@ -271,11 +271,41 @@ async def test_a_refused_api_key_fails_at_once_and_says_to_check_it(
 
 
 async def test_a_refused_api_key_leaves_the_calls_to_another_endpoint(make_node: Any, tmp_path: Any) -> None:
-    refusing = await make_node(lambda node, body: web.Response(status=401, text="bad key"))
+    # The refusing endpoint is set aside for good after its first refusal, said once (it was
+    # asked again each time its breaker's pause ran out, and nothing said why it was).
+    refusing = await make_node(lambda node, body: web.Response(status=401, text="bad key"),
+                               path=f"/v3/{KEY}")  # fmt: skip
     good = await make_node(echo)
     endpoints = [EndpointConfig(refusing.url), EndpointConfig(good.url)]
-    async with RpcClient(endpoints, settings(tmp_path)) as client:
-        assert await client.call_many([Call("echo", [i]) for i in range(5)]) == list(range(5))
+    told: list[str] = []
+    refused: list[str] = []
+    async with RpcClient(endpoints, settings(tmp_path, max_in_flight=1)) as client:
+        client.tell, client.on_refused = told.append, refused.append
+        for _ in range(10):
+            assert await client.call_many([Call("echo", [i]) for i in range(5)]) == list(range(5))
+    assert len(refusing.requests) == 1
+    shown = refusing.url.replace(KEY, "***")
+    assert told == [f"set aside for this run: the RPC node at {shown} refused the request (HTTP 401): "
+                    "check the API key in --rpc-url or ETH_RPC_URL; the other endpoints take its calls"]  # fmt: skip
+    assert refused == []  # the calls went elsewhere: nothing to stop for
+
+
+async def test_a_key_the_last_endpoint_refuses_is_said_to_the_caller(make_node: Any, tmp_path: Any) -> None:
+    # Every endpoint refuses: each endpoint but the last is set aside, and the call that the
+    # last refuses tells the caller (a worker stops the run on it).
+    nodes = [await make_node(lambda node, body: web.Response(status=401, text="bad key")) for _ in range(2)]
+    told: list[str] = []
+    refused: list[str] = []
+    endpoints = [EndpointConfig(n.url) for n in nodes]
+    async with RpcClient(endpoints, settings(tmp_path, max_in_flight=1)) as client:
+        client.tell, client.on_refused = told.append, refused.append
+        with pytest.raises(RpcError, match="check the API key"):
+            await client.call("eth_blockNumber", [])
+    assert [len(n.requests) for n in nodes] == [1, 1]
+    assert len(told) == 1 and len(refused) == 1
+    [last] = [n.url for n in nodes if n.url not in told[0]]
+    assert refused == [f"the RPC node at {last} refused the request (HTTP 401): check the API key in "
+                       "--rpc-url or ETH_RPC_URL"]  # fmt: skip
 
 
 @pytest.mark.parametrize(("body", "said"), [

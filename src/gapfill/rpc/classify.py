@@ -19,8 +19,9 @@ PERMANENT          -32602 invalid params, -32600, execution reverted, other    n
 =================  ==========================================================  =========
 
 A failure of the HTTP request as a whole is about the endpoint, not the calls: the
-client sends them again, to another endpoint where there is one, and gives up on a
-refused key (``auth_refused``) at once when there is none.
+client sends them again, to another endpoint where there is one (setting aside for good
+one that refused the key, ``auth_refused``), and gives up on a refused key at once when
+there is none.
 
 Infura answers both a rate limit and an oversized ``eth_getLogs`` with ``-32005``;
 only the message tells them apart, so log-limit messages are checked first and are

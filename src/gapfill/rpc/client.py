@@ -152,6 +152,13 @@ class RpcClient:
         #: the last request that got none (refused, reset, timed out), redacted.
         self.last_reply_at = time.monotonic()
         self.last_transport_error = ""
+        #: Hears, once per endpoint, one that refused the API key while another could take
+        #: its calls: it is set aside for the client's life (asking again cannot pass).
+        self.tell: Callable[[str], None] | None = None
+        #: Called with the sentence (redacted) each time a call fails because the endpoint
+        #: refused the API key and no other could take it: a caller that makes many calls
+        #: (a worker) stops at once rather than fail every one of them.
+        self.on_refused: Callable[[str], None] | None = None
 
     @property
     def check(self) -> str:
@@ -714,6 +721,8 @@ class RpcClient:
             endpoint.record_rate_limited(verdict.retry_after_s)
         else:
             endpoint.record_failure(verdict.message)
+            if verdict.auth_refused and pin is None:
+                self._set_aside_refusing(endpoint, verdict)
             if verdict.fault is not Fault.TRANSIENT:
                 # An HTTP-level refusal (401, 404, ...) is about the endpoint, not the
                 # calls: let another endpoint try them.
@@ -722,6 +731,22 @@ class RpcClient:
         return [
             i for i in chunk if self._settle_item(endpoint, i, items[i], verdict, results, pin)
         ]
+
+    def _refusal(self, endpoint: Endpoint, verdict: Verdict) -> str:
+        return (f"the RPC node at {endpoint.shown} refused the request (HTTP {verdict.code}): "
+                f"check the API key in {endpoint.config.check}")  # fmt: skip
+
+    def _set_aside_refusing(self, endpoint: Endpoint, verdict: Verdict) -> None:
+        """An endpoint refused the API key: with another usable one left, it takes no more
+        calls (asking again cannot pass), said once. The last one is kept: its calls fail
+        with the sentence (and :attr:`on_refused` hears it) instead of "no endpoint"."""
+        if not endpoint.usable() or not any(e is not endpoint and e.usable() for e in self._endpoints):
+            return
+        endpoint.disabled_reason = self._refusal(endpoint, verdict)
+        logger.warning("RPC endpoint %s set aside: %s", endpoint.shown, endpoint.disabled_reason)
+        if self.tell is not None:
+            self.tell(f"set aside for this run: {endpoint.disabled_reason}; the other endpoints "
+                      "take its calls")  # fmt: skip
 
     def _elsewhere(self, endpoint: Endpoint, item: _Item) -> bool:
         """Whether an endpoint other than ``endpoint`` may serve ``item``'s call."""
@@ -759,9 +784,10 @@ class RpcClient:
                 limit *= _PATIENCE
             if verdict.auth_refused and (pin is not None or not self._elsewhere(endpoint, item)):
                 # A refused key does not pass by asking again: said at once.
-                results[i] = CallError("transient", f"the RPC node at {endpoint.shown} refused the request "
-                                       f"(HTTP {verdict.code}): check the API key in {endpoint.config.check}",
-                                       verdict.code)  # fmt: skip
+                refusal = self._refusal(endpoint, verdict)
+                results[i] = CallError("transient", refusal, verdict.code)
+                if pin is None and self.on_refused is not None:
+                    self.on_refused(refusal)
                 return False
             if item.failures >= limit:
                 if verdict.unreachable:

@@ -1039,6 +1039,43 @@ def test_a_concurrent_run_whose_only_node_goes_away_stops_with_one_sentence(
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("failed",)]
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["batch", "concurrent", "worker"])
+def test_a_key_refused_mid_run_stops_the_run_with_one_sentence_and_records_no_failure(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, mode: str
+) -> None:
+    # A key revoked mid-run (or the provider's auth outage) made every call fail at once: the
+    # run raced through every batch, 3 attempts each, recorded an rpc_error failure for every
+    # ref and ended 3. Now the first refused call stops it: the batches in flight are given
+    # back with what they fetched, nothing is recorded as failed, and it ends 1 with one
+    # sentence (the key not in it); a rerun with a working key completes.
+    key = "r3v0k3dK3yAbCdEf0123456789"
+    if mode == "worker":  # `gapfill worker` joins the plan another host's `enrich` wrote
+        with open_store(pg_url) as store:
+            targets = [(node_chain.chain.chain_id, a) for a in seeded.refs]
+            store.plan(store.create_run("concurrent", 2), targets, batch_size=50)
+    # The start-up checks (the coordinator's and each worker's) and some batches pass.
+    flags = ("--fail-status", "401", "--fail-status-after", "20", "--path", f"/v3/{key}")
+    with emulator(node_chain.url, *LATENCY, *flags) as (rpc, _):
+        args = {"batch": batch_args(pg_url, rpc), "concurrent": enrich_args(pg_url, rpc),
+                "worker": ["--db", pg_url, "--rpc-url", rpc, "worker", "--workers", "2"]}[mode]  # fmt: skip
+        rc, out = gapfill(args, tmp_path, mode, timeout_s=120)
+        refused = emulator_stats(rpc)["faults"].get("fail_status", 0)
+    shown = rpc.replace(key, "***")
+    assert rc == 1, out
+    assert (f"the RPC node at {shown} refused the request (HTTP 401): check the API key in --rpc-url, "
+            "then rerun to continue") in out, out  # fmt: skip
+    assert key not in out and "Traceback" not in out and "restarted" not in out, out
+    assert refused <= 12, f"{refused} requests refused: the run went on after the first"
+    assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
+    assert query(pg_url, "SELECT count(*) > 0 FROM transactions") == [(True,)]
+    assert leased_now(pg_url) == []
+    [(state, note)] = query(pg_url, "SELECT state, note FROM runs WHERE mode = %s",
+                            (mode,))  # fmt: skip
+    assert state == "failed" and "check the API key" in note and key not in note, note
+    assert_rerun_is_exact(pg_url, batch_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
+
+
 @pytest.mark.timeout(120)
 def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
     pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path

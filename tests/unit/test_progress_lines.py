@@ -213,3 +213,25 @@ def test_a_run_of_one_open_batch_says_batch() -> None:
     out = io.StringIO()
     LineRenderer(out)(RunStarted(3, "batch", 1, 2, 1, 3, 0))
     assert "; 1 open batch, 3 refs newly planned" in out.getvalue(), out.getvalue()
+
+
+@pytest.mark.timeout(10)
+def test_a_notice_every_worker_says_once_is_said_once_per_run() -> None:
+    # Each worker process sets aside an endpoint that refuses the API key, and says so: the
+    # run says it once, and still every other notice.
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2, plan_new=False)
+    coordinator = Coordinator(job, seen.append)
+    set_aside = Notice("set aside for this run: the RPC node at http://a/v3/*** refused it", once=True)
+    retrying = "database error while leasing a batch, retrying"
+    try:
+        for worker in (1, 2):
+            coordinator._take(set_aside)
+            coordinator._take(Notice(f"[Worker-{worker}] {retrying}"))
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert [e.text for e in seen] == [set_aside.text, f"[Worker-1] {retrying}", f"[Worker-2] {retrying}"]

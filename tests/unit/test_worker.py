@@ -669,6 +669,17 @@ class StallingNode:
         return None
 
 
+def six_refs_planned(tmp_path: Path, c: str) -> tuple[Any, list[str]]:
+    """A SQLite store with contract ``c``'s six refs of :class:`StallingNode` in one open
+    batch, and their hashes."""
+    hashes = [f"0x{i:064x}" for i in range(1, 7)]
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    store.add_contract(Contract(1, c))
+    store.add_refs([Ref(1, c, h, 4 if i == 6 else 3) for i, h in enumerate(hashes, 1)])
+    store.plan(store.create_run("batch", 1), [(1, c)], batch_size=10)
+    return store, hashes
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("plan", ["pairs", "metered", "sequential"])
 def test_a_stop_mid_fetch_stores_the_rows_already_fetched_and_a_rerun_fetches_the_rest(
@@ -683,11 +694,7 @@ def test_a_stop_mid_fetch_stores_the_rows_already_fetched_and_a_rerun_fetches_th
     from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 
     c = "0x" + "ab" * 20
-    hashes = [f"0x{i:064x}" for i in range(1, 7)]
-    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
-    store.add_contract(Contract(1, c))
-    store.add_refs([Ref(1, c, h, 4 if i == 6 else 3) for i, h in enumerate(hashes, 1)])
-    store.plan(store.create_run("batch", 1), [(1, c)], batch_size=10)
+    store, hashes = six_refs_planned(tmp_path, c)
 
     class Watched(Enricher):
         out: Collector | None = None
@@ -815,3 +822,72 @@ def test_info_logs_each_batch_leased_committed_and_given_back_with_timings(
     assert given.startswith("batch 1 attempt 1 given back (5 transaction(s) failed, e.g. 0x"), given
     assert given.endswith("5 stored, 0 failed for good, 5 left in the gap; leased again no sooner than "
                           "in 1.0 s"), given  # fmt: skip
+
+
+class RevokingNode(StallingNode):
+    """A :class:`StallingNode` whose API key is revoked after ``answered`` calls: every
+    request after them is refused with HTTP 401."""
+
+    def __init__(self, hashes: Sequence[str], answered: int) -> None:
+        super().__init__(hashes, set())
+        self.answered = answered
+        self.refused = 0
+
+    async def post(self, url: str, body: bytes) -> Any:
+        import orjson
+
+        from gapfill.rpc.transport import HttpReply
+
+        decoded = orjson.loads(body)
+        if self.calls + (len(decoded) if isinstance(decoded, list) else 1) > self.answered:
+            self.refused += 1
+            return HttpReply(401, {}, b"invalid API key")
+        return await super().post(url, body)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("plan", ["pairs", "sequential"])
+def test_a_key_refused_mid_run_stops_the_worker_with_its_batch_given_back_and_no_failure(
+    tmp_path: Path, plan: str
+) -> None:
+    # A key revoked mid-run made every call fail at once: each batch was tried 3 times and
+    # its refs recorded as rpc_error failures. Now the worker stops at the first refused
+    # call with the sentence, gives its batch back with the rows it has, records no failure,
+    # and a rerun with a working key fetches the rest.
+    from gapfill.enrich.fetch import Enricher, PlanSettings
+    from gapfill.errors import RpcError
+    from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+
+    def worker_on(node: StallingNode, events: list[Any]) -> Worker:
+        client = RpcClient([EndpointConfig("http://node.invalid/v3/SECRET", max_batch=1)],
+                           RpcSettings(budget_dir=str(tmp_path)), transport=node)  # fmt: skip
+        enricher = Enricher(client, 1, plan=PlanSettings(shape="per_tx"), pairs_per_request=1)
+        s = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, retry_pause_s=0.01,
+                           sequential=plan == "sequential")  # fmt: skip
+        return Worker(0, "w", store, client, {1: enricher}, s, events.append)
+
+    events: list[Any] = []
+    node = RevokingNode(hashes, answered=8)  # refs 1-4 one call at a time: receipt, transaction
+    with pytest.raises(RpcError) as info:
+        asyncio.run(worker_on(node, events).run())
+    assert str(info.value) == (
+        "the RPC node at http://node.invalid/v3/*** refused the request (HTTP 401): "
+        "check the API key in --rpc-url or ETH_RPC_URL, then rerun to continue"
+    )
+    assert store.list_failures() == []
+    counts = store.batch_counts()
+    assert counts.pending == 1, counts
+    if plan == "sequential":
+        assert counts.succeeded == 4 and node.refused == 1  # nothing asked after the refusal
+        assert given_back_lines(events) == [
+            "[Worker-1] Batch 1 attempt 1 given back (4 stored, the rest retried): worker stopped"
+        ]
+    assert [e.attempt for e in events if isinstance(e, BatchAssigned)] == [1]  # not tried again
+
+    asyncio.run(worker_on(StallingNode(hashes, set()), []).run())
+    counts = store.batch_counts()
+    failures = store.list_failures()
+    store.close()
+    assert (counts.done, counts.succeeded, failures) == (1, 6, [])

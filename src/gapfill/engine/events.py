@@ -123,7 +123,8 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class WorkerLostNode:
-    """A worker stopped because no RPC node replies (or serves what it needs); ``at_start``:
+    """A worker stopped because no RPC node replies (or serves what it needs, or takes the
+    API key); ``at_start``:
     its start-up check failed for a reason that may pass (the coordinator restarts it)."""
 
     worker: int
@@ -137,10 +138,13 @@ class Notice:
 
     ``waiting``: the run waits on something outside it (another process's lock, a node
     slow to answer); said even with ``--quiet``, which would otherwise sit silent.
+    ``once``: said once per run, however many of its worker processes say it (an endpoint
+    each of them sets aside).
     """
 
     text: str
     waiting: bool = False
+    once: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,8 +61,11 @@ from gapfill.wording import counted
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: A worker process's exit code when no RPC node replies or serves what it needs.
+#: A worker process's exit code when no RPC node replies or serves what it needs, or every
+#: one refuses the API key.
 EXIT_LOST_NODE = 4
+#: How long the other workers get to give their batches back once one lost the node.
+LOST_NODE_STOP_S = 10.0
 #: A worker process's exit code when its start-up check of the node failed for a reason
 #: that may pass (HTTP 5xx, timeouts): the coordinator's own check passed, so the node was
 #: there a moment ago, and the worker is restarted as a crashed one would be.
@@ -884,6 +887,7 @@ class Coordinator:
         self.committed = self.committed_failed = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.start_failed: dict[int, str] = {}  # worker -> why its start-up check failed
+        self.said: set[str] = set()  # the workers' notices said once per run (Notice.once)
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
         self._start = _Term()
@@ -982,6 +986,10 @@ class Coordinator:
         if isinstance(ev, WorkerLostNode):
             (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
             return  # the run's error, or the restart's notice, says it
+        if isinstance(ev, Notice) and ev.once:
+            if ev.text in self.said:
+                return
+            self.said.add(ev.text)
         self.emit(ev)
 
     def run(self) -> RunSummary:
@@ -1057,7 +1065,7 @@ class Coordinator:
                         if s.proc.exitcode == 0 or self.stopping_at is not None:
                             continue
                         if s.proc.exitcode == EXIT_LOST_NODE:
-                            self._drain()
+                            self._stop_workers()
                             raise RpcError(self.lost_node.get(s.index)
                                            or "a worker lost the RPC node: check it, then rerun")
                         self._restart(store, s)
@@ -1119,9 +1127,13 @@ class Coordinator:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             for s in self.slots.values():
-                if s.proc.is_alive():  # the run failed: its leases go back at once, not at expiry
+                still_running = s.proc.is_alive()
+                if still_running:  # the run failed: its leases go back at once, not at expiry
                     s.proc.kill()
                     s.proc.join(timeout=5)
+                # A worker stopped as the run failed may have stopped with a lease whose answer
+                # its cancel cut short (a lost node stops them all): it goes back too.
+                if still_running or state == "failed":
                     with contextlib.suppress(GapfillError):  # the database may be what failed
                         store.release_owner(self._owner(s), "run failed")
             _stop_fork_server(unused=not self.slots)
@@ -1156,6 +1168,20 @@ class Coordinator:
         if state == "interrupted":
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
+
+    def _stop_workers(self) -> None:
+        """A worker lost the node (none replies, or every one refuses the API key): the others
+        would too. Stop them as the grace period's SIGTERM does, so each gives its batches
+        back with what it fetched, for at most ``LOST_NODE_STOP_S``; the run's end kills and
+        releases any still running."""
+        for s in self.slots.values():
+            if s.proc.is_alive():
+                with contextlib.suppress(Exception):
+                    s.proc.terminate()
+        deadline = time.monotonic() + LOST_NODE_STOP_S
+        for s in self.slots.values():
+            s.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._drain()
 
     def _restart(self, store: Store, s: _Slot) -> None:
         owner = self._owner(s)

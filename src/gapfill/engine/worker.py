@@ -188,7 +188,8 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
         self._busy_since = time.monotonic()  # when _fetching last rose from 0
-        self._outage: RpcError | None = None
+        self._outage: RpcError | None = None  # why the worker stops: no node replies, or none takes the key
+        self._tasks: set[asyncio.Task[None]] = set()  # the batch tasks
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
         self._lease_order = itertools.count(1)  # the batches' RPC priority: earlier first
 
@@ -258,7 +259,10 @@ class Worker:
         """Lease and process batches until none is left or :attr:`stopping` is set.
 
         Raises :class:`RpcError` when no endpoint has replied for ``rpc_outage_s`` while
-        batches wait on RPC (their leases are given back first)."""
+        batches wait on RPC, or as soon as a call fails because the endpoint refused the API
+        key and no other could take it (a key revoked mid-run): every call would fail so.
+        The batches in flight are given back first, with what they fetched, and no failure
+        is recorded for their refs."""
         main = asyncio.current_task()
         assert main is not None
         loop = asyncio.get_running_loop()
@@ -272,7 +276,19 @@ class Worker:
             else:
                 watch = loop.call_later(period, check)
 
+        def refused(sentence: str) -> None:
+            # Called inside the refused call: the batch tasks are cancelled before any of
+            # them sees the failed call, so none records it or gives its batch back as failed.
+            if self._outage is not None:
+                return
+            self._outage = RpcError(f"{sentence}, then rerun to continue")
+            for t in self._tasks:
+                t.cancel()
+            main.cancel()
+
         watch = loop.call_later(period, check)
+        self.client.on_refused = refused
+        self.client.tell = lambda text: self.emit(Notice(text, once=True))
         try:
             with gc_tuned():
                 return await self._run()
@@ -283,6 +299,7 @@ class Worker:
             raise self._outage from None
         finally:
             watch.cancel()
+            self.client.on_refused = self.client.tell = None
 
     def _rpc_outage(self) -> bool:
         """True (and :attr:`_outage` set) once no endpoint has replied for ``rpc_outage_s``
@@ -298,11 +315,11 @@ class Worker:
         return True
 
     async def _run(self) -> WorkerTotals:
-        tasks: set[asyncio.Task[None]] = set()
+        tasks = self._tasks
         idle_polls = 0
         try:
             while not self.stopping:
-                tasks = {t for t in tasks if not t.done()}
+                tasks.difference_update([t for t in tasks if t.done()])
                 seen = self._changes
                 if (self._fetching >= self.settings.batches_in_flight
                         or self._waiting_txs() >= 2 * self.settings.commit_group_txs):  # fmt: skip

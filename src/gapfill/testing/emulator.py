@@ -79,8 +79,10 @@ class EmulatorConfig:
     #: block lookups of the blocks above that answer ``null``.
     lag_blocks: int = 0
     shuffle: bool = False
-    #: Answer every request with this HTTP status (a dead endpoint).
+    #: Answer every request with this HTTP status (a dead endpoint) ...
     fail_status: int | None = None
+    #: ... after answering this many as usual (401: an API key revoked mid-run).
+    fail_status_after: int = 0
     #: eth_getLogs limits: block span and number of logs; ``log_hint`` adds a
     #: geth/Alchemy-style "Try with this block range [0x.., 0x..]." suggestion.
     max_log_range: int | None = None
@@ -260,9 +262,11 @@ class ProviderEmulator:
         c = self.config
         body = await request.read()
         self.stats.requests += 1
-        if c.fail_status is not None:
+        if c.fail_status is not None and self.stats.requests > c.fail_status_after:
             self.stats.faults["fail_status"] += 1
-            return web.Response(status=c.fail_status, text="service unavailable")
+            refused = c.fail_status in (401, 403)
+            return web.Response(status=c.fail_status,
+                                text="invalid API key" if refused else "service unavailable")  # fmt: skip
         try:
             decoded = orjson.loads(body)
         except orjson.JSONDecodeError:

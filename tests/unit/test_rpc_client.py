@@ -285,8 +285,10 @@ async def test_a_refused_api_key_leaves_the_calls_to_another_endpoint(make_node:
             assert await client.call_many([Call("echo", [i]) for i in range(5)]) == list(range(5))
     assert len(refusing.requests) == 1
     shown = refusing.url.replace(KEY, "***")
-    assert told == [f"set aside for this run: the RPC node at {shown} refused the request (HTTP 401): "
-                    "check the API key in --rpc-url or ETH_RPC_URL; the other endpoints take its calls"]  # fmt: skip
+    assert told == [
+        f"set aside for this run: the RPC node at {shown} refused the request (HTTP 401): "
+        "check the API key in --rpc-url or ETH_RPC_URL; the other endpoints take its calls"
+    ]
     assert refused == []  # the calls went elsewhere: nothing to stop for
 
 

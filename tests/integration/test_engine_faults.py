@@ -1076,6 +1076,30 @@ def test_a_key_refused_mid_run_stops_the_run_with_one_sentence_and_records_no_fa
     assert_rerun_is_exact(pg_url, batch_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
 
 
+@pytest.mark.timeout(180)
+def test_an_endpoint_that_refuses_the_key_mid_run_is_set_aside_and_the_others_carry_on(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # Of two endpoints, one refuses the key after a few requests: the other takes its calls,
+    # each worker sets it aside for good, and the run says so once and completes.
+    key = "r3v0k3dK3yAbCdEf0123456789"
+    # The start-up checks pass (the coordinator's and each worker's), then every request is refused.
+    flags = ("--fail-status", "401", "--fail-status-after", "9", "--path", f"/v3/{key}")
+    with emulator(node_chain.url, *flags) as (refusing, _):
+        args = ["--db", pg_url, "--rpc-url", refusing, "--rpc-url", node_chain.url, "enrich", "--mode",
+                "concurrent", "--workers", "2", "--batch-size", "50"]  # fmt: skip
+        rc, out = gapfill(args, tmp_path, "enrich", timeout_s=120)
+        refused = emulator_stats(refusing)["faults"].get("fail_status", 0)
+    assert rc == 0, out
+    shown = refusing.replace(key, "***")
+    said = (f"set aside for this run: the RPC node at {shown} refused the request (HTTP 401): check the "
+            "API key in --rpc-url; the other endpoints take its calls")  # fmt: skip
+    assert out.count(said) == 1 and key not in out, out
+    assert 1 <= refused <= 10, refused  # at most the requests in flight as each worker set it aside
+    assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
 @pytest.mark.timeout(120)
 def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
     pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path

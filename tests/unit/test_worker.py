@@ -863,7 +863,7 @@ def test_a_key_refused_mid_run_stops_the_worker_with_its_batch_given_back_and_no
     def worker_on(node: StallingNode, events: list[Any]) -> Worker:
         client = RpcClient([EndpointConfig("http://node.invalid/v3/SECRET", max_batch=1)],
                            RpcSettings(budget_dir=str(tmp_path)), transport=node)  # fmt: skip
-        enricher = Enricher(client, 1, plan=PlanSettings(shape="per_tx"), pairs_per_request=1)
+        enricher = Enricher(client, 1, plan=PlanSettings(shape="per_tx"), calls_per_request=1)
         s = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, retry_pause_s=0.01,
                            sequential=plan == "sequential")  # fmt: skip
         return Worker(0, "w", store, client, {1: enricher}, s, events.append)

@@ -256,7 +256,16 @@ class Enricher:
                     start, end = spans[j]
                     jobs[j][1](answers[start:end])
 
-        await asyncio.gather(*(ask(r) for r in range(len(holding))))
+        # One request that raises (or a job that raises on its answers) ends them all: the
+        # others must not run on, asking the node for a batch already given back.
+        asked = [asyncio.ensure_future(ask(r)) for r in range(len(holding))]
+        try:
+            await asyncio.gather(*asked)
+        except BaseException:
+            for task in asked:
+                task.cancel()
+            await asyncio.gather(*asked, return_exceptions=True)
+            raise
 
     def _remember(self, block_number: int, ts: int) -> None:
         if len(self._ts) >= self._ts_cap:

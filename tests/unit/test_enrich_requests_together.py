@@ -1,0 +1,54 @@
+"""The requests an enrichment sends at once (``Enricher._many_each``) end together.
+
+An answer nothing expected (a block without a timestamp) raises in the job it settles,
+midway through a batch: the batch is given back, and its other requests must not run on
+behind it, asking the node (and spending a rate limit) for a batch no longer held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+
+from gapfill.enrich.fetch import Enricher
+from gapfill.rpc import RpcClient
+from gapfill.rpc.config import Call
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class HangingClient:
+    """Answers a request holding ``bad`` with a malformed block at once; every other request
+    waits for good, and records whether it was cancelled."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.cancelled = 0
+
+    async def call_many(self, calls: Sequence[Call]) -> list[Any]:
+        if calls[0].params[0] == "bad":
+            return [{"number": "0x1"}]  # no timestamp
+        self.waiting += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return []  # pragma: no cover
+
+
+async def test_a_job_that_raises_cancels_the_requests_still_asked() -> None:
+    client = HangingClient()
+    enricher = Enricher(cast(RpcClient, client), 1, calls_per_request=1)
+
+    def settle(answers: list[Any]) -> None:
+        int(answers[0]["timestamp"], 16)
+
+    jobs = [([Call("eth_getBlockByNumber", [p, True])], settle) for p in ("slow", "bad", "slow2")]
+    with pytest.raises(KeyError):
+        await enricher._many_each(jobs)
+    assert client.waiting == 2
+    assert client.cancelled == 2  # none left running behind the raised batch

@@ -154,3 +154,25 @@ def test_a_killed_run_waits_while_a_live_local_process_may_still_commit_for_it(s
             worker.kill()
     ((_, _, done),) = finish_redecodes(store)
     assert done.txs == 1 and method_names(store) == {"transfer"}
+
+
+def test_a_redecode_overtaken_by_a_newer_abi_stops_instead_of_writing_the_old_one(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two re-decodes of one contract at once (an enrich's start and a `contract add --abi`
+    # giving a newer ABI): the one with the older ABI must not write after the newer one
+    # finished, which would leave rows decoded the old way with nothing left asked.
+    store_undecoded(store, 1, 2)
+    old = [{**ABI[0], "name": "oldName"}]
+    store.add_contract(Contract(1, C, abi=old))
+    write = store.set_decoded_calls
+
+    def overtaken(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(store, "set_decoded_calls", write)
+        store.add_contract(Contract(1, C, abi=ABI))  # the other process, start to end
+        assert finish_redecodes(store)
+        return write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "set_decoded_calls", overtaken)
+    finish_redecodes(store)
+    assert method_names(store) == {"transfer"} and store.pending_redecodes() == []

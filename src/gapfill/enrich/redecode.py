@@ -42,20 +42,25 @@ class Redecoded:
 
 
 def redecode_contract(
-    store: Store, chain_id: int, address: str, abi: Sequence[Mapping[str, Any]]
-) -> Redecoded:
-    """Decode the stored transactions to ``address`` and its stored logs with ``abi``."""
+    store: Store, chain_id: int, address: str, abi: Sequence[Mapping[str, Any]], asked: int | None = None
+) -> Redecoded | None:
+    """Decode the stored transactions to ``address`` and its stored logs with ``abi``.
+    ``asked``: the contract's ``redecode_asked`` read with ``abi`` (``pending_redecodes``);
+    once it changes (a newer ABI given meanwhile, done by another re-decode) this one stops
+    before its next chunk and returns None: its rows must not overwrite the newer ones."""
     address = address.lower()
     t0 = time.perf_counter()
     decoder = Decoder({address: abi})
     txs = decoded_txs = logs = decoded_logs = 0
+    guard = None if asked is None else (address, asked)
     for chunk in store.stored_calls(chain_id, address):
         calls: list[tuple[str, str | None, dict[str, Any] | None]] = []
         for tx_hash, input_hex in chunk:
             _, name, args = decoder.decode_input(address, input_hex)
             calls.append((tx_hash, name, args))
             decoded_txs += name is not None
-        store.set_decoded_calls(chain_id, calls)
+        if not store.set_decoded_calls(chain_id, calls, guard):
+            return None
         txs += len(calls)
     for log_chunk in store.stored_logs(chain_id, address):
         events: list[tuple[str, int, str | None, dict[str, Any] | None]] = []
@@ -63,7 +68,8 @@ def redecode_contract(
             event, args = decoder.decode_log(address, topics, data)
             events.append((tx_hash, log_index, event, args))
             decoded_logs += event is not None
-        store.set_decoded_logs(chain_id, events)
+        if not store.set_decoded_logs(chain_id, events, guard):
+            return None
         logs += len(events)
     log.info("decoded again the stored rows of %s on chain %d with its new ABI: %d transaction(s) sent to "
              "it (%d decoded), %d log(s) (%d decoded) in %.2f s", address, chain_id, txs, decoded_txs, logs,
@@ -79,6 +85,9 @@ def finish_redecodes(store: Store, run_id: int | None = None) -> list[tuple[int,
     store.settle_runs(run_id)
     done = []
     for chain_id, address, abi, asked in store.pending_redecodes():
-        done.append((chain_id, address, redecode_contract(store, chain_id, address, abi)))
+        counts = redecode_contract(store, chain_id, address, abi, asked)
+        if counts is None:  # overtaken by a newer ABI: the re-decode doing that settles it
+            continue
+        done.append((chain_id, address, counts))
         store.redecoded(chain_id, address, asked)
     return done

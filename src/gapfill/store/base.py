@@ -1716,26 +1716,52 @@ class Store(abc.ABC):
                    for h, i, t0, t1, t2, t3, data in rows]  # fmt: skip
 
     def set_decoded_calls(
-        self, chain_id: int, rows: Sequence[tuple[str, str | None, dict[str, Any] | None]]
-    ) -> None:
-        """``(tx_hash, method_name, method_args)``: the call data as decoded now."""
+        self,
+        chain_id: int,
+        rows: Sequence[tuple[str, str | None, dict[str, Any] | None]],
+        asked: tuple[str, int] | None = None,
+    ) -> bool:
+        """``(tx_hash, method_name, method_args)``: the call data as decoded now. ``asked``:
+        see :meth:`_still_asked`; False (nothing written) when it is not."""
         with self._tx() as cur:
+            if not self._still_asked(cur, chain_id, asked):
+                return False
             cur.executemany(
                 self._sql("UPDATE transactions SET method_name = ?, method_args = ? "
                           "WHERE chain_id = ? AND tx_hash = ?"),
                 [(name, json_text(args), chain_id, h) for h, name, args in rows],
             )  # fmt: skip
+        return True
 
     def set_decoded_logs(
-        self, chain_id: int, rows: Sequence[tuple[str, int, str | None, dict[str, Any] | None]]
-    ) -> None:
-        """``(tx_hash, log_index, event_name, event_args)``: the logs as decoded now."""
+        self,
+        chain_id: int,
+        rows: Sequence[tuple[str, int, str | None, dict[str, Any] | None]],
+        asked: tuple[str, int] | None = None,
+    ) -> bool:
+        """``(tx_hash, log_index, event_name, event_args)``: the logs as decoded now.
+        ``asked``: see :meth:`_still_asked`; False (nothing written) when it is not."""
         with self._tx() as cur:
+            if not self._still_asked(cur, chain_id, asked):
+                return False
             cur.executemany(
                 self._sql("UPDATE logs SET event_name = ?, event_args = ? "
                           "WHERE chain_id = ? AND tx_hash = ? AND log_index = ?"),
                 [(name, json_text(args), chain_id, h, i) for h, i, name, args in rows],
             )  # fmt: skip
+        return True
+
+    def _still_asked(self, cur: Any, chain_id: int, asked: tuple[str, int] | None) -> bool:
+        """Whether contract ``asked[0]`` is still at the ``redecode_asked`` (``asked[1]``) a
+        re-decode read with its ABI: if not, a newer ABI (or a later ask) is being done by
+        another re-decode, which rows decoded with this one must not overwrite. The no-op
+        update locks the contract's row until the caller's transaction ends, so the ABI
+        cannot change between this check and the write."""
+        if asked is None:
+            return True
+        cur.execute(self._sql("UPDATE contracts SET redecode_asked = redecode_asked WHERE chain_id = ? "
+                              "AND address = ? AND redecode_asked = ?"), (chain_id, *asked))  # fmt: skip
+        return bool(cur.rowcount == 1)
 
 
 def _row_dict(columns: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:

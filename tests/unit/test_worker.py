@@ -891,3 +891,60 @@ def test_a_key_refused_mid_run_stops_the_worker_with_its_batch_given_back_and_no
     failures = store.list_failures()
     store.close()
     assert (counts.done, counts.succeeded, failures) == (1, 6, [])
+
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_cancelled_twice_while_its_give_back_waits_still_reports_and_counts_it() -> None:
+    # A refused key cancelled each batch task, then the worker's main task, whose own stop
+    # path cancelled them again. The main task, in a store call (here the next lease,
+    # slow), took its cancel only once that call was over: by then the batch task waited
+    # for its give-back (for the connection the lease held), and the second cancel let the
+    # give-back run on unwatched: the worker ended before it, its event and totals lost.
+    from gapfill.errors import RpcError
+
+    class SlowSecondLease(FakeStore):
+        def __init__(self) -> None:
+            super().__init__(batches=1, refs=4)
+            self.leases = 0
+            self.leasing, self.gate = threading.Event(), threading.Event()
+
+        def lease(self, owner: str, timeout_s: float, targets: Any) -> Batch | None:
+            self.leases += 1
+            if self.leases == 2:  # the batch task gets the connection while it is retried
+                raise StoreError("lease: the server closed the connection")
+            if self.leases == 3:
+                self.leasing.set()
+                self.gate.wait(20)
+            return super().lease(owner, timeout_s, targets)
+
+    store = SlowSecondLease()
+
+    class Refusing(FakeEnricher):
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+            while not store.leasing.is_set():
+                await asyncio.sleep(0.01)
+            r = refs[0]
+            out.fail(Failure(r.chain_id, r.tx_hash, r.contract, "not_found", "no such transaction"))
+            self.client.on_refused("the key was refused")  # type: ignore[union-attr]
+            refused.set()
+            await asyncio.sleep(3600)
+            raise AssertionError("not cancelled")
+
+    events: list[Any] = []
+    w = worker(store, Refusing(), events.append)
+
+    async def go() -> None:
+        run = asyncio.create_task(w.run())
+        await refused.wait()
+        for _ in range(100):  # the batch task takes its cancel and waits for its give-back
+            await asyncio.sleep(0)
+        store.gate.set()
+        with pytest.raises(RpcError, match="the key was refused, then rerun to continue"):
+            await run
+
+    refused = asyncio.Event()
+    asyncio.run(go())
+    [given_back] = [e for e in events if isinstance(e, BatchAbandoned)]
+    assert (given_back.batch_id, given_back.kept_failed) == (1, 1)
+    assert (w.totals.failed, w.totals.permanent) == (1, 1) and store.state == {1: "pending"}

@@ -87,6 +87,15 @@ def gc_tuned() -> Iterator[None]:
             gc.set_threshold(*_gc_saved)
 
 
+def cancel_once(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` unless it is being cancelled already. A batch task takes one cancel:
+    it then waits, shielded, for its batch's give-back, and a second cancel would end it
+    there, the give-back running on unwatched (its event and totals lost, racing the
+    store's close)."""
+    if not task.cancelling():
+        task.cancel()
+
+
 def _settle(f: asyncio.Future[int | None], stored: int | None = None,
             error: BaseException | None = None) -> None:  # fmt: skip
     """Resolve a batch's commit future (the transactions it newly stored, None if its lease
@@ -283,7 +292,7 @@ class Worker:
                 return
             self._outage = RpcError(f"{sentence}, then rerun to continue")
             for t in self._tasks:
-                t.cancel()
+                cancel_once(t)
             main.cancel()
 
         watch = loop.call_later(period, check)
@@ -352,7 +361,7 @@ class Worker:
                 await self._flusher
         except BaseException:  # cancelled, or the database stayed down: stop every batch task
             for t in tasks:
-                t.cancel()
+                cancel_once(t)  # a refused key may have cancelled it already
             if self._flusher is not None:
                 self._flusher.cancel()
                 tasks.add(self._flusher)

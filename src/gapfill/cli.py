@@ -1077,8 +1077,12 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     rpc = rpc_settings(opts.get("rpc_timeout_s"))
     # A dry run writes nothing: it reads as `status` does (a read-only file or role will do).
     tracked = _tracked_targets(ctx, contract, chain_id, read_only=dry_run)
-    # Nothing missing on any chain: no node is asked anything, not even its chain.
-    if not dry_run and _say_if_nothing_to_enrich(ctx, tracked, retry_failed):
+    # Nothing missing on any chain: no node is asked anything, not even its chain. Not so
+    # for `--contract X` tracked on several chains: the node's chain is the one meant, and
+    # only its copy counts (another chain's failures must not make the exit 3); the node is
+    # asked its chain first, as a run with work asks it anyway.
+    one_of_several = contract is not None and len({c.chain_id for c in tracked}) > 1
+    if not dry_run and not one_of_several and _say_if_nothing_to_enrich(ctx, tracked, retry_failed):
         return
     # -q shows only the summary and what the run waits for.
     chain, targets, skipped = _on_node_chain(ctx, tracked, contract, rpc, None if opts["quiet"] else tell)

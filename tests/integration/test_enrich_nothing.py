@@ -125,3 +125,32 @@ def test_nothing_to_enrich_still_finishes_a_redecode_a_killed_run_left(small_cha
         assert store.pending_redecodes() == []
         names = {t["method_name"] for t in store.fetch_transactions(chain.chain_id)}
     assert None not in names, names
+
+
+@pytest.mark.timeout(120)
+def test_an_address_tracked_on_two_chains_counts_only_the_nodes_chain(
+    small_chain: Any, sqlite_url: str
+) -> None:
+    # `--contract X` of an address tracked on the node's chain and on chain 1: the node's
+    # chain is the one meant. Its copy fully stored, chain 1's failed for good: the check ran
+    # on both copies before the node was asked, ended with exit 3 for chain 1's failures, and
+    # named one address "the 2 tracked contracts on chains 1, 31337".
+    db, chain = sqlite_url, small_chain.chain
+    x, mine = chain.silent, sorted(chain.direct[chain.silent])[:4]
+    assert run(db, "contract", "add", x, "--chain-id", str(chain.chain_id)).exit_code == 0
+    assert run(db, "import", "-", "--contract", x, "--chain-id", str(chain.chain_id),
+               input="\n".join(mine)).exit_code == 0  # fmt: skip
+    assert run(db, "contract", "add", x, "--chain-id", "1").exit_code == 0
+    hashes = [h(i) for i in range(1, 4)]
+    assert run(db, "import", "-", "--contract", x, "--chain-id", "1", input="\n".join(hashes)).exit_code == 0
+    with open_store(db) as store:
+        store.write(Enriched(failures=[Failure(1, t, x, "not_found", "null") for t in hashes]))
+    r = run(db, "--rpc-url", small_chain.url, "enrich", "--contract", x, "--mode", "batch")
+    assert r.exit_code == 0, r.output + r.stderr
+    [first] = run_ids(db)
+    r = run(db, "--rpc-url", small_chain.url, "enrich", "--contract", x, "--mode", "batch")
+    assert (r.exit_code, r.stderr) == (0, (
+        f"{x} is tracked on chains 1, {chain.chain_id}: working on chain {chain.chain_id}, the RPC "
+        f"node's chain\nnothing to enrich: every ref of {x} on chain {chain.chain_id} is stored\n"
+    )), r.output + r.stderr  # fmt: skip
+    assert run_ids(db) == [first]  # no run recorded

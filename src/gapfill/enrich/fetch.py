@@ -56,7 +56,7 @@ import asyncio
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -93,6 +93,20 @@ def _failure(ref: Ref, err: CallError | str, *, reason: str | None = None) -> Fa
         kind = {"not_found": "not_found", "permanent": "permanent"}.get(err.kind, "rpc_error")
         return Failure(ref.chain_id, ref.tx_hash, ref.contract, reason or kind, err.message)
     return Failure(ref.chain_id, ref.tx_hash, ref.contract, reason or "rpc_error", err)
+
+
+async def _together(requests: Iterable[Awaitable[None]]) -> None:
+    """Await a batch's requests sent at once. One that raises (or whose answers raise as
+    they are settled) ends them all: the others must not run on, asking the node (and
+    spending a rate limit) for a batch already given back."""
+    asked = [asyncio.ensure_future(r) for r in requests]
+    try:
+        await asyncio.gather(*asked)
+    except BaseException:
+        for task in asked:
+            task.cancel()
+        await asyncio.gather(*asked, return_exceptions=True)
+        raise
 
 
 class Collector:
@@ -256,16 +270,7 @@ class Enricher:
                     start, end = spans[j]
                     jobs[j][1](answers[start:end])
 
-        # One request that raises (or a job that raises on its answers) ends them all: the
-        # others must not run on, asking the node for a batch already given back.
-        asked = [asyncio.ensure_future(ask(r)) for r in range(len(holding))]
-        try:
-            await asyncio.gather(*asked)
-        except BaseException:
-            for task in asked:
-                task.cancel()
-            await asyncio.gather(*asked, return_exceptions=True)
-            raise
+        await _together(ask(r) for r in range(len(holding)))
 
     def _remember(self, block_number: int, ts: int) -> None:
         if len(self._ts) >= self._ts_cap:
@@ -421,7 +426,7 @@ class Enricher:
             return
         late: list[tuple[Ref, Any, dict[str, Any]]] = []
         step = self.pairs_per_request
-        await asyncio.gather(*(self._pairs(refs[i : i + step], out, late) for i in range(0, len(refs), step)))
+        await _together(self._pairs(refs[i : i + step], out, late) for i in range(0, len(refs), step))
         if late:
             await self._with_headers(late, out)
 

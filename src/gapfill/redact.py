@@ -69,6 +69,8 @@ class DbUrl(str):
     __slots__ = ()
 
 
+# What a database URL's host and port look like, after what stands for its scheme.
+_HOST_PORT = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*:/*)?[A-Za-z0-9.\-\[\]]*:\d+$")
 # A libpq ``key=value`` connection string starts with a keyword and its '='.
 _KEYWORD_DSN = re.compile(r"^\s*[A-Za-z_]+\s*=")
 # What stands for a scheme before a database URL's user: `scheme://`, or one written wrong.
@@ -96,6 +98,22 @@ def _masked_segments(path: str) -> list[str]:
     return [s for s in path.split("/") if not _PLAIN_SEGMENT.match(s)]
 
 
+def _db_query_at(url: str) -> int:
+    """Where a database URL's query starts (its length when it has none). A '?' before a
+    libpq parameter with a ':' but no '@' before it and an '@' after it is in a password
+    (libpq reads ``u:ab?sslmode=x@host`` as user ``u``, password ``ab?sslmode=x``), unless
+    a host and port and a '/' come first (``h:5432/db?options=a@b``)."""
+    for m in _DB_QUERY.finditer(url):
+        before, after = url[: m.start()], url[m.start() :]
+        first, slash, _ = before.partition("/")
+        in_password = "@" not in before and ":" in before and "@" in after
+        if in_password and slash and _HOST_PORT.match(first):
+            in_password = False
+        if not in_password:
+            return m.start()
+    return len(url)
+
+
 def _db_scheme(head: str) -> str:
     """What stands for the scheme at the start of a database URL (before its query): ``""``
     when there is none. In ``postgres:pw@host`` it is the user's name, not a scheme: a
@@ -115,17 +133,20 @@ def _redact_db(url: str) -> tuple[str, list[str]]:
     if is_keyword_dsn(url):
         passwords = [m.group(2).strip("'") for m in _DSN_PASSWORD.finditer(url)]
         return _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK, url), passwords
-    scheme = _db_scheme(url.partition("?")[0])
+    scheme = _db_scheme(url[: _db_query_at(url)])
     body = url[len(scheme) :]
     # The password ends at the last '@' before the query: it may hold an '@', '/', '?' or
     # '#' libpq would cut at. An '@' in the query (``?options=-c%20x=a:b@c``) is the query's.
-    query_at = m.start() if (m := _DB_QUERY.search(body)) else len(body)
+    query_at = _db_query_at(body)
     userinfo, at, rest = body[:query_at].rpartition("@")
     user, colon, password = userinfo.partition(":")
     found: list[str] = []
     if at and colon and password and not scheme.lower().startswith("sqlite"):
         # Its pieces too: libpq quotes the one it read as a host or a port.
-        found += [password, unquote_plus(password), *re.split(r"[@/?#:]", password)]
+        # A piece that reads as a parameter (``ab?sslmode=KEY@``): its value too, as libpq
+        # quotes one it cannot take ("invalid sslmode value").
+        pieces = re.split(r"[@/?#:&]", password)
+        found += [password, unquote_plus(password), *pieces, *(p.partition("=")[2] for p in pieces)]
         scheme += f"{user}:{MASK}@"
         rest += body[query_at:]
     else:
@@ -165,7 +186,7 @@ def db_url_after_scheme(url: str) -> str:
     """A database URL as :func:`redact_db_url` shows it, without what stands for its scheme
     (``postgres:/``, ``postgres:``, nothing): what goes after ``postgresql://``."""
     shown = redact_db_url(url)
-    return shown[len(_db_scheme(shown.partition("?")[0])) :]
+    return shown[len(_db_scheme(shown[: _db_query_at(shown)])) :]
 
 
 def redact_url(url: str) -> str:

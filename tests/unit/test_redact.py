@@ -249,6 +249,14 @@ _PW = "s3cretPW"
         (f"postgresql://u:pa?{_PW}@h/db?application_name=x@y", "postgresql://u:***@h/db?application_name=x@y"),
         (f"postgresql://u:{_PW}@h/db?sslmode=require&password={_PW}@x",
          "postgresql://u:***@h/db?sslmode=require&password=***"),
+        # A '?' and a libpq parameter's name in the password, an '@' after: libpq reads the
+        # userinfo up to the '@'; the query was taken to start at the '?', and the rest of
+        # the password shown ("postgresql://u:ab?sslmode=s3cretPW@h/db").
+        (f"postgresql://u:ab?sslmode={_PW}@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:ab?password={_PW}@h/db?sslmode=require", "postgresql://u:***@h/db?sslmode=require"),
+        (f"postgres:ab?host={_PW}@h/db", "postgres:***@h/db"),
+        (f"u:a#b/c?user={_PW}@h:5432/db", "u:***@h:5432/db"),
+        ("postgresql://h:5432/db?options=a@b", "postgresql://h:5432/db?options=a@b"),
         ("postgresql://bob@db.example:6432/app", "postgresql://bob@db.example:6432/app"),
         ("sqlite:///data/gapfill.db", "sqlite:///data/gapfill.db"),
         ("data/gapfill.db", "data/gapfill.db"),
@@ -314,3 +322,37 @@ def test_a_malformed_database_url_is_refused_without_its_password(url: str, said
         open_store(url)
     assert str(err.value) == said
     assert redact_text(str(err.value), *ctx.secrets()) == said
+
+
+@pytest.mark.parametrize(
+    "db",
+    [
+        "postgresql://postgres:ab?sslmode=NASTYpw1@127.0.0.1:1/db",
+        "postgresql://postgres:ab?password=NASTYpw1@127.0.0.1:1/db?sslmode=disable",
+        "postgres:ab?host=NASTYpw1@127.0.0.1:1/db",
+        "postgresql://postgres:a#NASTYpw1@127.0.0.1:1/db",
+        "postgresql://postgres:a/NASTYpw1@127.0.0.1:1/db",
+        "postgresql://postgres:a@NASTYpw1@127.0.0.1:1/db",
+        "postgresql://postgres@127.0.0.1:1/db?password=NASTYpw1",
+        "host=127.0.0.1 port=1 password=NASTYpw1 dbname=db",
+    ],
+)
+@pytest.mark.parametrize(
+    "rpc",
+    [
+        "http://127.0.0.1:1/?apikey=NASTYkey2",
+        "http://127.0.0.1:1/v3/NASTYkey2",
+        "http://user:NASTYkey2@127.0.0.1:1/",
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["runs"], ["enrich"], ["discover"]])
+def test_no_command_shows_a_password_or_key_at_any_verbosity(db: str, rpc: str, command: list[str]) -> None:
+    # Each fails (no server at port 1): its sentence and its -vv log lines name neither secret.
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    result = CliRunner().invoke(cli, ["-vv", "--config", "", "--db", db, "--rpc-url", rpc, *command])
+    said = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code != 0
+    assert "NASTY" not in said, said

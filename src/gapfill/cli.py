@@ -21,7 +21,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TextIO, TypeVar
 
 import click
@@ -31,7 +31,7 @@ from gapfill import __version__
 from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, RpcError, UnknownContractError
 from gapfill.model import Contract, ContractStatus
-from gapfill.redact import DbUrl, redact_text
+from gapfill.redact import DbUrl, Secret, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
@@ -59,6 +59,10 @@ class Ctx:
     rpc_check: str = FLAG_CHECK
     #: Where ``db_url`` came from, named so: ``--db``, ``GAPFILL_DB`` or the config file's key.
     db_check: str = DB_CHECK
+    #: Secrets a command adds to those of the global options (an explorer's URL and key).
+    more_secrets: list[str] = field(default_factory=list)
+    #: The handler that masks the secrets in log records, told of the ones a command adds.
+    log_handler: _StderrLog | None = None
 
     def store(self, create: bool = False, read_only: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
@@ -113,7 +117,15 @@ class Ctx:
         several URLs: taken whole, the second one's host read as a secret path segment of
         the first, and "the RPC node at http://***/" hid which endpoint was meant. The
         database URL is marked as one: its password is hidden however it is written."""
-        return [DbUrl(self.db_url), *parse_rpc_urls(self.rpc_urls), *(e.url for e in self.file.endpoints)]
+        return [DbUrl(self.db_url), *parse_rpc_urls(self.rpc_urls), *(e.url for e in self.file.endpoints),
+                *self.more_secrets]  # fmt: skip
+
+    def hide(self, *urls: str | None, key: str | None = None) -> None:
+        """Add ``urls`` and an API ``key`` (given alone) to what no message or log line may
+        show, for the rest of the command."""
+        self.more_secrets += [u for u in urls if u] + ([Secret(key)] if key else [])
+        if self.log_handler is not None:
+            self.log_handler.secrets = self.secrets()
 
     def close(self) -> None:
         if self._store is not None:
@@ -333,6 +345,7 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
         file = FileConfig()
     obj = Ctx(db_url or file.db or DEFAULT_DB_URL, rpc_urls, rps, file, verbose)
     log_handler.secrets = obj.secrets()
+    obj.log_handler = log_handler
     source = ctx.get_parameter_source("rpc_urls")
     if source is click.core.ParameterSource.COMMANDLINE:  # hints name what the user gave
         obj.rpc_check = "--rpc-url"

@@ -72,6 +72,9 @@ def _explorer(ctx: Ctx, url: str | None, key: str | None,
     key_check = given_as(click_ctx, "explorer_key", key, "--explorer-key", ENV_KEY, in_file["key"])
     url = url or ctx.file.explorer.get("url")
     key = key or ctx.file.explorer.get("key")
+    # Whatever quotes them from here on (a library's error text or log record with the
+    # request's URL and its apikey=) has them masked.
+    ctx.hide(str(url) if url else None, key=str(key) if key else None)
     if not url:
         # The file read, else the one that would be: ./gapfill.toml.
         hint = url_hint(ctx.file.path or DEFAULT_CONFIG_NAME)

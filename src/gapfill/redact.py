@@ -69,6 +69,13 @@ class DbUrl(str):
     __slots__ = ()
 
 
+class Secret(str):
+    """A secret given alone, not in a URL (an explorer's API key): hidden wherever it
+    appears in text, whatever its shape."""
+
+    __slots__ = ()
+
+
 # What a database URL's host and port look like, after what stands for its scheme.
 _HOST_PORT = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*:/*)?[A-Za-z0-9.\-\[\]]*:\d+$")
 # A libpq ``key=value`` connection string starts with a keyword and its '='.
@@ -339,13 +346,18 @@ def secrets_of(url: str) -> list[str]:
 
 
 def redact_text(text: str, *urls: str) -> str:
-    """Replace every secret of ``urls`` (and the raw URLs and RPC paths themselves) inside ``text``.
+    """Replace every secret of ``urls`` (and the raw URLs and RPC paths themselves) inside ``text``;
+    a :class:`Secret` among them is replaced whole.
 
     A node's own error message may quote the request path (``/v2/KEY``) without the
     host: the path is replaced whole, whatever its segments' length.
     """
     for url in urls:
         if not url:
+            continue
+        if isinstance(url, Secret):
+            if len(url) >= 3:  # shorter would mask pieces of words
+                text = text.replace(url, MASK)
             continue
         text = text.replace(url, redact_url(url))
         try:

@@ -382,3 +382,40 @@ def test_method_explorer_without_an_explorer_names_every_way_to_give_one(
     assert res.exit_code == 1
     assert (f"an explorer key is set ([explorer] key in {cfg}) but no URL: pass --explorer-url, "
             f"set GAPFILL_EXPLORER_URL or set [explorer] url in {cfg}") in res.stderr, res.stderr  # fmt: skip
+
+
+def test_an_explorer_error_quoting_its_request_never_shows_the_key(
+    small_chain: NodeChain, tmp_path: Path, standin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library's exception or log record may quote the request's URL, apikey= and all:
+    the CLI's net masks the explorer's key (short ones too) and URL, with -v's traceback."""
+    import logging
+
+    from gapfill.cli import _StderrLog
+    from gapfill.discover.explorer import ExplorerClient
+
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.token)
+    key = "Ky7"  # as short as a key is masked
+
+    async def fails(self: ExplorerClient, params: dict[str, str]) -> Any:
+        asked = f"{self.config.url}?module=account&apikey={self.config.key}"
+        logging.getLogger("aiohttp.client").error("GET %s: server disconnected", asked)
+        raise RuntimeError(f"{asked}: server disconnected")
+
+    monkeypatch.setattr(ExplorerClient, "request", fails)
+    handler = _StderrLog()  # the CLI's, as pytest's own handlers keep basicConfig from adding it
+    monkeypatch.setattr("gapfill.cli._log_to_stderr", lambda verbose: handler)
+    logging.getLogger().addHandler(handler)
+    try:
+        res = runner.invoke(cli, ["-v", "--db", db, "--rpc-url", small_chain.url, "discover", "--method",
+                                  "explorer", "--explorer-url", f"{standin}?token=Ky7", "--explorer-key", key,
+                                  "--confirmations", "0", "--contract", chain.token])  # fmt: skip
+    finally:
+        logging.getLogger().removeHandler(handler)
+    said = res.output + res.stderr
+    assert res.exit_code == 1, said
+    assert "internal error (RuntimeError:" in res.stderr and "server disconnected" in said, said
+    assert "apikey=***" in said and key not in said, said

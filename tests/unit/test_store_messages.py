@@ -99,7 +99,9 @@ _FIX = ("point sslrootcert in --db / GAPFILL_DB at the server's CA certificate, 
      f"{_FIX}"),
     ("sslmode=verify-full&sslrootcert=system", "SSL error: certificate verify failed",
      "PostgreSQL at db.example:6432 presented a certificate that no CA in the system's trusted roots "
-     f"(sslrootcert=system) signed (SSL error: certificate verify failed); {_FIX}"),
+     "(sslrootcert=system) signed (SSL error: certificate verify failed); point sslrootcert in --db / "
+     "GAPFILL_DB at the server's CA certificate instead of system, or remove sslrootcert=system and use "
+     "sslmode=require to encrypt without checking it"),
     ("sslmode=verify-full", 'server certificate for "db.internal" (and 2 other names) does not match '
      'host name "db.example"',
      'PostgreSQL at db.example:6432 presented a certificate for "db.internal", not for the host name '
@@ -241,3 +243,44 @@ def test_an_unescaped_equals_sign_in_options_says_how_to_write_it() -> None:
         "PostgreSQL cannot use the URL postgresql://u:***@db.example:6432/app?options=-c%20a=b (extra "
         'key/value separator "=" in URI query parameter: "options"): in the options= of GAPFILL_DB, write '
         "each '=' as %3D and each space as %20 (-c%20name%3Dvalue)")
+
+
+@pytest.mark.parametrize(("query", "said", "says"), [
+    # Said "could not connect ...: check that the server runs": no service file was read.
+    ("service=nosuch", 'connection is bad: definition of service "nosuch" not found',
+     'no service file defines the service "nosuch" that service= in --db / GAPFILL_DB names: add it to '
+     "~/.pg_service.conf (or the file PGSERVICEFILE names), or remove it"),
+    # Both said "check the query parameters (only libpq connection parameters ... are allowed)".
+    ("bogus=1", 'invalid URI query parameter: "bogus"',
+     'libpq has no connection parameter "bogus" (in --db / GAPFILL_DB): remove it, or correct its name '
+     "(such as sslmode, connect_timeout, application_name)"),
+    ("sslmode=bogus", 'connection is bad: invalid sslmode value: "bogus"',
+     'libpq cannot take "bogus" for sslmode (in --db / GAPFILL_DB): correct it, or remove it to use the '
+     "default"),
+    # "set it to prefer": libpq refuses prefer beside sslrootcert=system, which alone makes
+    # verify-full the default.
+    ("sslrootcert=system", "server does not support SSL, but SSL was required",
+     "PostgreSQL at db.example:6432 does not accept SSL, which sslrootcert=system in --db / GAPFILL_DB "
+     "demands (it makes verify-full the default sslmode): remove it, or enable SSL on the server"),
+    ("sslrootcert=system&sslmode=verify-full", "server does not support SSL, but SSL was required",
+     "PostgreSQL at db.example:6432 does not accept SSL, which sslmode=verify-full in --db / GAPFILL_DB "
+     "demands: remove sslrootcert=system and set sslmode to prefer (or disable), or enable SSL on the "
+     "server"),
+    # Said the SSL settings "do not agree": check sslmode, sslrootcert, sslcert and sslkey.
+    ("sslrootcert=system&sslmode=require",
+     'connection is bad: weak sslmode "require" may not be used with sslrootcert=system (use "verify-full")',
+     "sslmode=require is too weak for sslrootcert=system in --db / GAPFILL_DB, which checks the server's "
+     "certificate and name: set sslmode to verify-full, or remove sslrootcert=system"),
+    # Said "could not connect ...: check that the server runs".
+    ("sslnegotiation=direct", 'connection is bad: weak sslmode "prefer" may not be used with '
+     'sslnegotiation=direct (use "require", "verify-ca", or "verify-full")',
+     "sslmode=prefer is too weak for sslnegotiation=direct in --db / GAPFILL_DB: set sslmode to require, "
+     "verify-ca, or verify-full, or remove sslnegotiation=direct"),
+])  # fmt: skip
+def test_a_connection_setting_libpq_refuses_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, query: str, said: str, says: str
+) -> None:
+    for name in ("PGSSLMODE", "PGSSLROOTCERT", "PGSERVICE", "PGSSLNEGOTIATION"):
+        monkeypatch.delenv(name, raising=False)
+    text = str(translate(psycopg.OperationalError(said), f"{URL}?{query}"))
+    assert text == says and "secret" not in text

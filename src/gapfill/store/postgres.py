@@ -198,16 +198,40 @@ def _options_refused(msg: str, url: str, where: str, check: str) -> StoreError |
                       "each setting written as -c name=value, or unset it")  # fmt: skip
 
 
-def _sslmode_source(url: str, check: str) -> str:
-    """Where the ``sslmode`` that demanded SSL was set, for a message."""
+def _given(url: str, name: str) -> str | None:
+    """The connection parameter ``name`` as the URL sets it, else as libpq's variable does."""
     try:
-        given = conninfo_to_dict(url).get("sslmode")
+        given = conninfo_to_dict(url).get(name)
     except psycopg.Error:
         given = None
+    return str(given) if given else None
+
+
+def _sslmode_source(url: str, check: str) -> str:
+    """Where the ``sslmode`` that demanded SSL was set, for a message."""
+    given = _given(url, "sslmode")
     if given:
         return f"sslmode={given} in {check}"
     env = os.environ.get("PGSSLMODE")
     return f"PGSSLMODE={env} in the environment" if env else "the connection's sslmode"
+
+
+def _system_roots(url: str, check: str) -> str | None:
+    """Where ``sslrootcert=system`` was set, when it was (it makes libpq check the server's
+    certificate and name against the system's CAs, and verify-full the default sslmode)."""
+    if _given(url, "sslrootcert") == "system":
+        return f"sslrootcert=system in {check}"
+    return "PGSSLROOTCERT=system in the environment" if os.environ.get("PGSSLROOTCERT") == "system" else None
+
+
+#: libpq's refusal of an sslmode weaker than another setting needs (sslrootcert=system,
+#: sslnegotiation=direct), before it connects.
+_WEAK_SSLMODE = re.compile(r'weak sslmode "([^"]*)" may not be used with (\S+?)=?(\w+)? \(use ([^)]*)\)')
+#: A ``service=`` (or PGSERVICE) that no service file defines.
+_NO_SERVICE = re.compile(r'definition of service "([^"]*)" not found')
+#: libpq's refusals of one parameter: one it does not know, or a value it cannot read.
+_UNKNOWN_PARAM = re.compile(r'invalid (?:URI query parameter|connection option): "([^"]*)"')
+_BAD_VALUE = re.compile(r'invalid (\w+) value: "([^"]*)"')
 
 
 _NO_ROOT_CERT = re.compile(r'root certificate file "([^"]*)" does not exist|could not read root certificate '
@@ -216,7 +240,11 @@ _CERT_REFUSED = re.compile(r"certificate verify failed")
 _CERT_NAME = re.compile(r'server certificate for "([^"]*)"(?: \(and \d+ other names?\))? does not match host '
                         r'name "([^"]*)"')
 _CERT_OTHER = re.compile(r"certificate|sslrootcert|private key", re.IGNORECASE)
-def _ssl_fix(check: str) -> str:
+def _ssl_fix(check: str, system: bool = False) -> str:
+    if system:  # sslmode=require is refused beside sslrootcert=system
+        return (f"point sslrootcert in {check} at the server's CA certificate instead of system, "
+                "or remove sslrootcert=system and use sslmode=require to encrypt without checking "
+                "it")  # fmt: skip
     return (f"point sslrootcert in {check} at the server's CA certificate, or use "
             "sslmode=require to encrypt without checking it")  # fmt: skip
 
@@ -251,7 +279,7 @@ def _certificate_problem(msg: str, url: str, where: str, check: str) -> StoreErr
     if _CERT_REFUSED.search(msg):
         return StoreError(
             f"PostgreSQL at {where} presented a certificate that no CA in {_root_cert(url, check)} "
-            f"signed ({said}); {_ssl_fix(check)}"
+            f"signed ({said}); {_ssl_fix(check, _system_roots(url, check) is not None)}"
         )
     m = _CERT_NAME.search(msg)
     if m:
@@ -346,7 +374,38 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
     options = _options_refused(msg, url, where, check)
     if options is not None:
         return options
+    service = _NO_SERVICE.search(msg)
+    if service:
+        source = f"service= in {check}" if _given(url, "service") else "PGSERVICE in the environment"
+        return StoreError(
+            f'no service file defines the service "{service.group(1)}" that {source} names: add it to '
+            "~/.pg_service.conf (or the file PGSERVICEFILE names), or remove it"
+        )
+    weak = _WEAK_SSLMODE.search(msg)
+    if weak:
+        mode, needs = weak.group(1), weak.group(2) + (f"={weak.group(3)}" if weak.group(3) else "")
+        if needs == "sslrootcert=system":
+            source = _system_roots(url, check) or needs
+            why = ", which checks the server's certificate and name"
+        else:
+            source, why = (f"{needs} in {check}" if _given(url, weak.group(2)) else needs), ""
+        return StoreError(
+            f"sslmode={mode} is too weak for {source}{why}: set sslmode to "
+            f"{weak.group(4).replace(chr(34), '')}, or remove {needs}"
+        )
     if _NO_SSL.search(msg):
+        system = _system_roots(url, check)
+        if system and not (_given(url, "sslmode") or os.environ.get("PGSSLMODE")):
+            return StoreError(
+                f"PostgreSQL at {where} does not accept SSL, which {system} demands (it makes "
+                "verify-full the default sslmode): remove it, or enable SSL on the server"
+            )
+        if system:  # sslmode=prefer is refused beside it
+            return StoreError(
+                f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url, check)} demands: "
+                "remove sslrootcert=system and set sslmode to prefer (or disable), or enable SSL on the "
+                "server"
+            )
         return StoreError(
             f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url, check)} demands: "
             "set it to prefer (or disable), or enable SSL on the server"
@@ -367,6 +426,17 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
         return StoreError(
             f"PostgreSQL cannot use the URL {redact_db_url(url)} ({msg}): in the options= of {check}, "
             "write each '=' as %3D and each space as %20 (-c%20name%3Dvalue)"
+        )
+    unknown, bad = _UNKNOWN_PARAM.search(msg), _BAD_VALUE.search(msg)
+    if _BAD_QUERY.search(msg) and unknown:
+        return StoreError(
+            f'libpq has no connection parameter "{unknown.group(1)}" (in {check}): remove it, or '
+            "correct its name (such as sslmode, connect_timeout, application_name)"
+        )
+    if _BAD_QUERY.search(msg) and bad:
+        return StoreError(
+            f'libpq cannot take "{bad.group(2)}" for {bad.group(1)} (in {check}): correct it, or remove '
+            "it to use the default"
         )
     if _BAD_QUERY.search(msg):
         return StoreError(

@@ -397,9 +397,10 @@ def test_runs_are_listed_and_metrics_are_served(
     assert f"metrics: http://127.0.0.1:{port}/metrics" in p.output(tail=10**7)  # where to scrape
     assert_exact(pg_url, node_chain, truth, seeded)
     for name in ("gapfill_transactions_enriched_total", "gapfill_rpc_calls_total",
-                 "gapfill_batches_done_total", "gapfill_workers_alive"):  # fmt: skip
+                 "gapfill_batches_done_total", "gapfill_workers_alive", "gapfill_leases_held"):  # fmt: skip
         assert name in scraped, scraped
     assert scraped["gapfill_rpc_calls_total"] > 0
+    assert scraped["gapfill_leases_taken_total"] >= 1  # a batch was leased before it stored anything
     assert scraped["gapfill_workers_alive"] >= 1
 
     rc, out = gapfill(["--db", pg_url, "runs", "--json"], tmp_path, "runs-json", 60)
@@ -1126,6 +1127,7 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
         finally:
             p.close()
     assert scraped["gapfill_rpc_calls_total"] > 0 and scraped["gapfill_workers_alive"] == 1, scraped
+    assert scraped["gapfill_leases_taken_total"] >= 1, scraped  # batch mode counts its leases too
     assert "--workers 3 applies to concurrent mode" in p.output(1_000_000), p.output()
     written = "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM batches)"
     before = query(pg_url, written)

@@ -1,17 +1,92 @@
-"""An optional Prometheus endpoint (``--metrics-port``), served from a thread.
+"""An optional Prometheus endpoint (``--metrics-port``): ``prometheus_client`` serves,
+from its own thread, what the run counts.
 
-The text exposition format is simple enough that a dependency would cost more
-than these few lines.
+Every mode serves the same series (:func:`series`): transactions enriched and failed,
+RPC calls, retries and 429s, batches done, workers alive and restarted, and the run's
+leases (:class:`LeaseTally`: taken, committed, given back, lost, taken back expired, held
+now). ``prometheus_client`` is imported only when a port is asked for.
 """
 
 from __future__ import annotations
 
 import socket
-import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Event
 from gapfill.errors import ConfigError
+
+__all__ = ["LeaseTally", "MetricsServer", "check_port", "series"]
+
+#: Each series and its help text; names ending in ``_total`` are counters.
+HELP: dict[str, str] = {
+    "gapfill_transactions_enriched_total": "Transactions this run stored.",
+    "gapfill_transactions_failed_total": "Transactions this run recorded as failed.",
+    "gapfill_rpc_calls_total": "JSON-RPC calls sent (a batch of N calls counts N).",
+    "gapfill_rpc_retries_total": "JSON-RPC calls sent again after a failure.",
+    "gapfill_rpc_rate_limited_total": "Calls refused for an endpoint's rate limit (HTTP 429 or its code).",
+    "gapfill_batches_done_total": "Batches this run finished (committed, or found already filled).",
+    "gapfill_workers_alive": "Worker processes (or in-process workers) running now.",
+    "gapfill_worker_restarts_total": "Worker processes restarted after a crash or a kill.",
+    "gapfill_leases_taken_total": "Batch leases this run's workers took.",
+    "gapfill_leases_committed_total": "Leases that ended in a commit of their batch.",
+    "gapfill_leases_given_back_total": "Leases given back (an error, a stop); what they fetched is kept.",
+    "gapfill_leases_lost_total": "Leases gone at commit (expired, taken by another): nothing written.",
+    "gapfill_leases_expired_total": "Leases past their timeout that this run's coordinator took back.",
+    "gapfill_leases_held": "Leases this run's workers hold now.",
+}
+
+
+@dataclass
+class LeaseTally:
+    """What happened to the leases of a run's workers, counted from their events."""
+
+    taken: int = 0
+    committed: int = 0
+    given_back: int = 0
+    lost: int = 0
+    expired: int = 0  # taken back by the coordinator (its workers' or anyone's)
+    expired_own: int = 0  # of those, held by this run's workers
+
+    def take(self, ev: Event) -> None:
+        if isinstance(ev, BatchAssigned):
+            self.taken += 1
+        elif isinstance(ev, BatchDone):
+            if ev.committed:
+                self.committed += 1
+            else:
+                self.lost += 1
+        elif isinstance(ev, BatchAbandoned):
+            if ev.closed:
+                self.committed += 1
+            else:
+                self.given_back += 1
+
+    @property
+    def held(self) -> int:
+        return max(0, self.taken - self.committed - self.given_back - self.lost - self.expired_own)
+
+
+def series(processed: int, failed: int, calls: int, retries: int, limited: int, batches: int,
+           alive: int, restarts: int, leases: LeaseTally) -> dict[str, float]:  # fmt: skip
+    """The values of every series in :data:`HELP`."""
+    return {
+        "gapfill_transactions_enriched_total": processed,
+        "gapfill_transactions_failed_total": failed,
+        "gapfill_rpc_calls_total": calls,
+        "gapfill_rpc_retries_total": retries,
+        "gapfill_rpc_rate_limited_total": limited,
+        "gapfill_batches_done_total": batches,
+        "gapfill_workers_alive": alive,
+        "gapfill_worker_restarts_total": restarts,
+        "gapfill_leases_taken_total": leases.taken,
+        "gapfill_leases_committed_total": leases.committed,
+        "gapfill_leases_given_back_total": leases.given_back,
+        "gapfill_leases_lost_total": leases.lost,
+        "gapfill_leases_expired_total": leases.expired,
+        "gapfill_leases_held": leases.held,
+    }
 
 
 def _cannot_serve(host: str, port: int, exc: OSError) -> ConfigError:
@@ -22,8 +97,7 @@ def _cannot_serve(host: str, port: int, exc: OSError) -> ConfigError:
 def check_port(port: int, host: str = "127.0.0.1") -> None:
     """Raise the sentence :class:`MetricsServer` would, before a run writes anything (the
     server itself starts once the run has its worker)."""
-    probe = ThreadingHTTPServer.address_family
-    with socket.socket(probe, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
         try:
             sock.bind((host, port))
@@ -32,38 +106,29 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
 
 
 class MetricsServer:
-    """Serves ``snapshot()`` as Prometheus counters/gauges on 127.0.0.1:``port``."""
+    """Serves ``snapshot()`` (a value for every series of :data:`HELP`) on ``host:port``,
+    read at each scrape."""
 
     def __init__(self, port: int, snapshot: Callable[[], dict[str, float]], host: str = "127.0.0.1") -> None:
-        get = snapshot
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.registry import Collector
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.rstrip("/") not in ("/metrics", ""):
-                    self.send_error(404)
-                    return
-                lines = []
-                for name, value in sorted(get().items()):
-                    kind = "counter" if name.endswith("_total") else "gauge"
-                    lines.append(f"# TYPE {name} {kind}")
-                    lines.append(f"{name} {value}")
-                body = ("\n".join(lines) + "\n").encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        class Snapshot(Collector):
+            def collect(self) -> Iterator[Any]:
+                for name, value in sorted(snapshot().items()):
+                    if name.endswith("_total"):  # the client adds the suffix back
+                        yield CounterMetricFamily(name[: -len("_total")], HELP[name], value=value)
+                    else:
+                        yield GaugeMetricFamily(name, HELP[name], value=value)
 
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Snapshot())
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server, self.thread = start_http_server(port, host, registry=registry)
         except OSError as exc:
             raise _cannot_serve(host, port, exc) from None
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name="gapfill-metrics", daemon=True)
-        self.thread.start()
+        self.port = int(self.server.server_address[1])
 
     def close(self) -> None:
         self.server.shutdown()

@@ -48,6 +48,7 @@ from gapfill.engine.events import (
     WorkerLostNode,
     WorkerStats,
 )
+from gapfill.engine.metrics import LeaseTally, series
 from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
@@ -620,7 +621,14 @@ async def _in_process(
         if not total_batches:  # another run took the last of it meanwhile
             return
         enrichers = _decoder_and_enricher(store, client, job)
-        worker = Worker(0, owner_name("w0"), store, client, enrichers, settings, emit, job.targets)
+        leases = LeaseTally()  # for --metrics-port
+
+        def emit_counted(ev: Event) -> None:
+            leases.take(ev)
+            emit(ev)
+
+        worker = Worker(0, owner_name("w0"), store, client, enrichers, settings,
+                        emit if job.metrics_port is None else emit_counted, job.targets)  # fmt: skip
         metrics = None
         if job.metrics_port is not None:
             from gapfill.engine.metrics import MetricsServer
@@ -628,7 +636,7 @@ async def _in_process(
             def snapshot() -> dict[str, float]:
                 t = worker.totals
                 calls, retries, limited = _rpc_totals(client)
-                return _metrics(t.processed, t.failed, calls, retries, limited, t.batches, 1, 0)
+                return series(t.processed, t.failed, calls, retries, limited, t.batches, 1, 0, leases)
 
             metrics = MetricsServer(job.metrics_port, snapshot)
             emit(Notice(f"metrics: http://127.0.0.1:{metrics.port}/metrics"))
@@ -656,21 +664,6 @@ async def _in_process(
             box["calls"] = worker.unsaved_calls()  # its writes counted the others (the probe's too)
             if metrics is not None:
                 metrics.close()
-
-
-def _metrics(processed: int, failed: int, calls: int, retries: int, limited: int, batches: int,
-             alive: int, restarts: int) -> dict[str, float]:  # fmt: skip
-    """The Prometheus series every mode serves on ``--metrics-port``."""
-    return {
-        "gapfill_transactions_enriched_total": processed,
-        "gapfill_transactions_failed_total": failed,
-        "gapfill_rpc_calls_total": calls,
-        "gapfill_rpc_retries_total": retries,
-        "gapfill_rpc_rate_limited_total": limited,
-        "gapfill_batches_done_total": batches,
-        "gapfill_workers_alive": alive,
-        "gapfill_worker_restarts_total": restarts,
-    }
 
 
 # -- worker processes ----------------------------------------------------------------------
@@ -882,6 +875,7 @@ class Coordinator:
         self.restarts = 0
         self.host = socket.gethostname()
         self.done_batches = 0
+        self.leases = LeaseTally()  # for --metrics-port
         # What the workers' commits stored, from their per-batch events: a worker killed
         # (stuck, crashed) takes the counters of its last stats message with it.
         self.committed = self.committed_failed = 0
@@ -972,6 +966,7 @@ class Coordinator:
             slot = self.slots.get(ev.worker)
             if slot is not None and slot.proc.pid == ev.pid:
                 slot.stats = ev
+        self.leases.take(ev)
         if isinstance(ev, BatchDone) and ev.committed:
             self.done_batches += 1
             self.committed += ev.stored
@@ -1237,6 +1232,9 @@ class Coordinator:
     def _supervise_leases(self, store: Store) -> None:
         """Take back expired leases; kill a local worker that held one (it is stuck)."""
         for b in store.expire_leases():
+            self.leases.expired += 1
+            if any(b.lease_owner == self._owner(s) for s in self.slots.values()):
+                self.leases.expired_own += 1
             log.info("lease of batch %d (attempt %d) held by %s expired; taken back", b.id, b.attempts,
                      b.lease_owner)  # fmt: skip
             self.emit(Notice(f"lease of batch {b.id} held by {b.lease_owner} expired; it goes back "
@@ -1268,7 +1266,8 @@ class Coordinator:
     def _metrics_snapshot(self) -> dict[str, float]:
         processed, failed, calls, retries, limited = self.totals()
         alive = sum(1 for s in self.slots.values() if s.proc.is_alive())
-        return _metrics(processed, failed, calls, retries, limited, self.done_batches, alive, self.restarts)
+        return series(processed, failed, calls, retries, limited, self.done_batches, alive, self.restarts,
+                      self.leases)
 
 
 def _start_fork_server() -> None:

@@ -1,0 +1,79 @@
+"""The --metrics-port endpoint: prometheus_client serves the run's counters, leases among them."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
+from gapfill.engine.metrics import HELP, LeaseTally, MetricsServer, check_port, series
+from gapfill.errors import ConfigError
+
+KEY = (1, "0x" + "00" * 32)
+
+
+def assigned(batch_id: int) -> BatchAssigned:
+    return BatchAssigned(worker=0, batch_id=batch_id, lo=KEY, hi=KEY, refs=10, attempt=1)  # type: ignore[arg-type]
+
+
+def test_the_lease_tally_follows_each_lease_to_its_end() -> None:
+    tally = LeaseTally()
+    for ev in (
+        *(assigned(i) for i in range(1, 7)),
+        BatchDone(0, 1, 10, 0, 0.1, committed=True, stored=10),
+        BatchDone(0, 2, 10, 0, 0.1, committed=False),  # lost at commit: nothing written
+        BatchAbandoned(0, 3, "node gone", 1, kept=4, rest=6),  # given back
+        BatchAbandoned(0, 4, "stopped", 1, kept=10, closed=True),  # what it kept was all: done
+        BatchesEmptied(0, 3),  # closed without a lease: no lease event
+    ):
+        tally.take(ev)
+    tally.expired += 2  # the coordinator took back two leases, one of them its worker's
+    tally.expired_own += 1
+    assert (tally.taken, tally.committed, tally.given_back, tally.lost) == (6, 2, 1, 1)
+    assert tally.held == 1  # batches 5 and 6 were leased; one of them expired
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def test_the_endpoint_serves_every_series_with_its_help_read_at_each_scrape() -> None:
+    tally = LeaseTally(taken=3, committed=1)
+    calls = [5]
+
+    def snapshot() -> dict[str, float]:
+        return series(40, 2, calls[0], 1, 0, 1, 2, 0, tally)
+
+    server = MetricsServer(0, snapshot)
+    try:
+        families = {f.name: f for f in text_string_to_metric_families(scrape(server.port))}
+        assert set(HELP) == set(snapshot())
+        for name, help_text in HELP.items():
+            family = families[name.removesuffix("_total")]  # as the parser names a counter
+            assert family.documentation == help_text, name
+            assert family.type == ("counter" if name.endswith("_total") else "gauge"), name
+            assert [s.name for s in family.samples] == [name]
+        text = scrape(server.port)
+        assert "gapfill_rpc_calls_total 5.0\n" in text
+        assert "gapfill_leases_taken_total 3.0\n" in text and "gapfill_leases_held 2.0\n" in text
+        calls[0] = 9
+        tally.committed = 3
+        text = scrape(server.port)
+        assert "gapfill_rpc_calls_total 9.0\n" in text and "gapfill_leases_held 0.0\n" in text
+    finally:
+        server.close()
+
+
+def test_a_busy_port_is_one_sentence() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for start in (lambda: check_port(port), lambda: MetricsServer(port, dict)):
+            with pytest.raises(ConfigError, match=rf"^cannot serve metrics on 127.0.0.1:{port} \(.*\): "
+                                                  "choose another --metrics-port"):  # fmt: skip
+                start()

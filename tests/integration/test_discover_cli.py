@@ -419,3 +419,32 @@ def test_an_explorer_error_quoting_its_request_never_shows_the_key(
     assert res.exit_code == 1, said
     assert "internal error (RuntimeError:" in res.stderr and "server disconnected" in said, said
     assert "apikey=***" in said and key not in said, said
+
+
+@pytest.mark.parametrize("method", [None, "logs"])
+def test_a_node_without_eth_getlogs_is_said_up_front_in_one_sentence(
+    small_chain: NodeChain, tmp_path: Path, method: str | None
+) -> None:
+    """It split the range down to one block on the node's "method not found", then blamed that
+    block: "eth_getLogs failed for blocks 24-24: no RPC endpoint serves eth_getLogs"."""
+    from engine_support import emulator_stats
+
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.token)
+    missing = "eth_getLogs,trace_filter,ots_searchTransactionsAfter,ots_getApiLevel"
+    with emulator(small_chain.url, "--missing-methods", missing) as (url, _):
+        res = runner.invoke(cli, ["--db", db, "--rpc-url", url, "discover", "--confirmations", "0",
+                                  *(["--method", method] if method else [])])  # fmt: skip
+        asked = emulator_stats(url)["methods"].get("eth_getLogs", 0)
+    assert res.exit_code == 1, res.output + res.stderr
+    which, instead = (("discover's default methods (logs,blocks) use", "pass --method blocks to scan "
+                       "without it") if method is None else
+                      ("the logs discovery method uses", "pick another method with --method (blocks, "
+                       "trace, explorer)"))  # fmt: skip
+    assert res.stderr == (f"error: the RPC node ({url}) does not serve eth_getLogs, which {which}: "
+                          f"point --rpc-url at another node, or {instead}\n")  # fmt: skip
+    assert asked == 1  # asked once, not once per halving of the range
+    with open_store(db) as store:
+        assert store.get_coverage(chain.chain_id, chain.token) == []

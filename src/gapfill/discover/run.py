@@ -414,6 +414,8 @@ async def discover(
         todo = {m: list(target) for m in chosen}
     else:
         todo = plan_todo(coverage, target, chosen, default_set=methods is None)
+    if "logs" in chosen and todo["logs"]:
+        await _require_logs(client, address, todo["logs"][0][0], default_set=methods is None)
     run = _Run(store, contract, chosen, todo, on_progress)
     run.emit("start", target[0][0] if target else None, target[0][1] if target else None)
 
@@ -468,6 +470,23 @@ async def discover(
         asked_to=to_block,
         from_given=from_block is not None,
     )
+
+
+async def _require_logs(client: RpcClient, address: str, block: int, *, default_set: bool) -> None:
+    """Raise :class:`RpcError` in one sentence if no endpoint serves ``eth_getLogs`` (asked
+    once, for one block): otherwise the log scan took its refusal for a range too wide,
+    split the range down to a single block, and blamed that block."""
+    # The default set is logs,blocks only when the node has no trace method and no explorer
+    # is configured: then a block scan alone is the way left on this node.
+    why, instead = (("discover's default methods (logs,blocks) use", "pass --method blocks to scan "
+                     "without it") if default_set else
+                    ("the logs discovery method uses", "pick another method with --method (blocks, trace, "
+                     "explorer)"))  # fmt: skip
+    try:
+        await client.require(["eth_getLogs"], [{"address": address, "fromBlock": hex(block),
+                                                "toBlock": hex(block)}], why)  # fmt: skip
+    except RpcError as exc:
+        raise RpcError(f"{exc}, or {instead}") from None
 
 
 def _chunk_jobs(

@@ -50,8 +50,14 @@ PROGRESS_EVERY_S = 1.0
 
 
 def _methods(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> list[str] | None:
-    """``--method a,b --method c`` as one list (None: the default set); an unknown method is
-    wrong usage (exit 2), said before any database or node is opened."""
+    """``--method a,b --method c`` as one list (None: the default set, ``--method`` not
+    given); an unknown method, or a ``--method`` naming none (``--method ''``, an unset
+    variable in a script), is wrong usage (exit 2), said before any database or node is
+    opened."""
+    for v in values:
+        if not any(m.strip() for m in v.split(",")):
+            raise click.BadParameter(f"{v!r} names no method: give some of {', '.join(METHODS)}, "
+                                     "or leave --method out for the default set")  # fmt: skip
     out = [m.strip() for v in values for m in v.split(",") if m.strip()]
     if not out:
         return None

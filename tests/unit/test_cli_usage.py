@@ -31,7 +31,11 @@ def tracked(tmp_path: Path) -> Path:
     [(("--from-block", "10", "--to-block", "5"), "Error: --from-block 10 is above --to-block 5: swap them"),
      (("--method", "foo"), "Error: Invalid value for '--method': unknown discovery method 'foo': use logs, "
                            "blocks, trace, explorer"),
-     (("--method", "logs,Magic", "--method", "blocks"), "unknown discovery method 'Magic'")],
+     (("--method", "logs,Magic", "--method", "blocks"), "unknown discovery method 'Magic'"),
+     # It meant the default set: a script's empty variable scanned with methods nobody chose.
+     (("--method", ""), "Error: Invalid value for '--method': '' names no method: give some of logs, "
+                        "blocks, trace, explorer, or leave --method out for the default set"),
+     (("--method", "logs", "--method", " , "), "' , ' names no method")],
 )  # fmt: skip
 def test_discover_options_that_cannot_work_are_usage_errors(tracked: Path, args: tuple[str, ...],
                                                             said: str) -> None:  # fmt: skip

@@ -448,3 +448,31 @@ def test_a_node_without_eth_getlogs_is_said_up_front_in_one_sentence(
     assert asked == 1  # asked once, not once per halving of the range
     with open_store(db) as store:
         assert store.get_coverage(chain.chain_id, chain.token) == []
+
+
+def test_verbose_discover_logs_every_chunk_once(anvil: Any, tmp_path: Path) -> None:
+    """-v said nothing of discovery itself (the endpoint line alone), and the progress line
+    comes at most once a second: -v now names every chunk committed, once, with its refs."""
+    import re
+
+    from engine_support import gapfill
+
+    target = "0x" + "be" * 20
+    sender = anvil.request("eth_accounts")[0]
+    for _ in range(2):  # a transfer to the target, then 100 empty blocks
+        anvil.request("eth_sendTransaction", {"from": sender, "to": target, "value": "0x1"})
+        anvil.request("anvil_mine", "0x64")
+    head = int(anvil.request("eth_blockNumber"), 16)
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    assert gapfill(["--db", db, "contract", "add", target, "--chain-id", "31337"], tmp_path, "add")[0] == 0
+    rc, out = gapfill(["--db", db, "--rpc-url", anvil.url, "-v", "discover", "--method", "logs,blocks",
+                       "--confirmations", "0"], tmp_path, "discover")  # fmt: skip
+    assert rc == 0, out
+    err = (tmp_path / "discover.err").read_text()
+    said = re.findall(rf" INFO gapfill\.discover\.run: discover {target}: blocks (\d+)-(\d+) scanned with "
+                      r"logs,blocks: (\d+) refs?, (\d+) new$", err, re.MULTILINE)  # fmt: skip
+    spans = sorted((int(lo), int(hi)) for lo, hi, _, _ in said)
+    # Chunks of 50 blocks (a block scan runs), each said once: together exactly 0..head.
+    assert spans == [(lo, min(lo + 49, head)) for lo in range(0, head + 1, 50)], err
+    assert sum(int(n) for _, _, n, _ in said) == sum(int(n) for _, _, _, n in said) == 2, err
+    assert " DEBUG " not in err  # -v is INFO

@@ -99,6 +99,7 @@ from gapfill.errors import ConfigError, RpcError
 from gapfill.model import Contract, CoverageRange, Ref
 from gapfill.rpc import RpcClient
 from gapfill.store import Store
+from gapfill.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -337,6 +338,12 @@ class _Run:
         for m, method_refs in found.items():
             self.refs_by_method[m] = self.refs_by_method.get(m, 0) + len(method_refs)
         all_spans = merge(s for spans in covered.values() for s in spans)
+        # -v: every commit once (the progress line is at most one a second), so a log shows
+        # which blocks are done, and with which methods, whatever order the chunks end in.
+        logger.info("discover %s: %s with %s: %s, %d new", self.address,
+                    f"blocks {fmt_ranges(all_spans)} scanned" if all_spans else "no new block done",
+                    ",".join(m for m, spans in covered.items() if spans) or ",".join(found),
+                    counted(len(refs), "ref"), new)  # fmt: skip
         self.emit("chunk", all_spans[0][0] if all_spans else None,
                   all_spans[-1][1] if all_spans else None)  # fmt: skip
 

@@ -476,3 +476,17 @@ def test_verbose_discover_logs_every_chunk_once(anvil: Any, tmp_path: Path) -> N
     assert spans == [(lo, min(lo + 49, head)) for lo in range(0, head + 1, 50)], err
     assert sum(int(n) for _, _, n, _ in said) == sum(int(n) for _, _, _, n in said) == 2, err
     assert " DEBUG " not in err  # -v is INFO
+
+
+def test_more_confirmations_than_blocks_says_so_without_a_negative_head(
+    small_chain: NodeChain, tmp_path: Path
+) -> None:
+    """A young chain (anvil, a new testnet) under the default 12 confirmations, or a huge
+    --confirmations: it said "the start block 0 is above the safe head -994988 (latest ...)"."""
+    chain, runner, args = _two_confirmations(small_chain, tmp_path)
+    res = runner.invoke(cli, [*args, "--confirmations", str(chain.head + 7)])
+    assert res.exit_code == 0 and "nothing to scan" in res.stdout, res.output + res.stderr
+    assert res.stderr.splitlines()[-1] == (f"no block is {chain.head + 7} confirmations deep yet (the node's "
+                                           f"head is {chain.head}): pass a lower --confirmations to scan "
+                                           "closer to the head")  # fmt: skip
+    assert "-7" not in res.stderr, res.stderr

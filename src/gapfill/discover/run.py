@@ -192,6 +192,9 @@ class DiscoverSummary:
                      else f"the start block {self.asked_from}")  # fmt: skip
             if self.asked_from > self.latest:
                 return f"{first} is above the node's head ({self.latest}): nothing to scan yet"
+            if self.safe_head < 0:  # not a block to name: a young chain, or a huge --confirmations
+                return (f"no block is {self.latest - self.safe_head} confirmations deep yet (the "
+                        f"node's head is {self.latest}): {lower}")  # fmt: skip
             return f"{first} is above the safe head {self.safe_head} ({why}): {lower}"
         if self.asked_to is not None and self.asked_to > self.safe_head and self.to_block is not None:
             return f"--to-block {self.asked_to} was capped at {self.safe_head} ({why}): {lower}"

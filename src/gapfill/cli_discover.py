@@ -113,7 +113,8 @@ class _Printer:
         # A rescan ignores coverage, so running it again starts over rather than resuming.
         again = ("again to rescan from the start" if self._rescan
                  else "again to continue where it stopped")  # fmt: skip
-        return (f"{sum(p.blocks_done for p in done)} {unit} scanned and the {new} new "
+        return (f"{sum(p.blocks_done for p in done)} {unit} {'scanned' if unit == 'blocks' else 'done'} "
+                f"and the {new} new "
                 f"ref{'' if new == 1 else 's'} found in them are committed; run the same command "
                 f"{again}")  # fmt: skip
 
@@ -135,8 +136,8 @@ class _Printer:
             pct = 100.0 * p.blocks_done / p.blocks_total if p.blocks_total else 100.0
             text = (f"{p.blocks_done}/{p.blocks_total} {unit} ({pct:.0f}%), "
                     f"{counted(p.refs_found, 'ref')} found, {p.new_refs} new")  # fmt: skip
-        if p.event == "done" and self._said.get(key) == text:
-            return  # the last chunk's line said it already
+        if p.event == "done" and (self._said.get(key) == text or not p.blocks_total):
+            return  # the last chunk's line said it already, or the start line that none was to do
         self._last = now
         self._said[key] = text
         click.echo(f"discover {p.contract}: {text}", err=True)

@@ -70,21 +70,52 @@ def test_ctrl_c_during_a_rescan_says_a_rerun_starts_over(rescan: bool) -> None:
                                                           else "continue where it stopped"))  # fmt: skip
 
 
+C = "0x" + "ab" * 20
+
+
+def printed(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, method: str,
+            *events: tuple[str, int | None, int | None, int, int, int, int]) -> list[str]:  # fmt: skip
+    """The progress lines a printer says for ``events`` (event, from, to, done, total, found,
+    new) of one contract and method, every one due (no second between them needed)."""
+    monkeypatch.setattr("gapfill.cli_discover.PROGRESS_EVERY_S", 0.0)
+    printer = _Printer()
+    for event in events:
+        printer(DiscoverProgress(event[0], 1, C, (method,), *event[1:]))
+    return capsys.readouterr().err.splitlines()
+
+
 @pytest.mark.timeout(10)
 def test_discover_says_its_last_progress_line_once(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The last chunk's line is said (a second after the one before), then "done" reports the same.
-    monkeypatch.setattr("gapfill.cli_discover.PROGRESS_EVERY_S", 0.0)
-    printer = _Printer()
-    c = "0x" + "ab" * 20
-    printer(DiscoverProgress("start", 1, c, ("blocks",), 0, 49, 0, 50, 0, 0))
-    printer(DiscoverProgress("chunk", 1, c, ("blocks",), 0, 49, 50, 50, 2, 1))
-    printer(DiscoverProgress("done", 1, c, ("blocks",), 0, 49, 50, 50, 2, 1))
-    assert capsys.readouterr().err.splitlines() == [
-        f"discover {c}: scanning blocks 0-49 with blocks: 50 blocks to do",
-        f"discover {c}: 50/50 blocks (100%), 2 refs found, 1 new",
+    said = printed(capsys, monkeypatch, "blocks", ("start", 0, 49, 0, 50, 0, 0),
+                   ("chunk", 0, 49, 50, 50, 2, 1), ("done", 0, 49, 50, 50, 2, 1))
+    assert said == [
+        f"discover {C}: scanning blocks 0-49 with blocks: 50 blocks to do",
+        f"discover {C}: 50/50 blocks (100%), 2 refs found, 1 new",
     ]
+
+
+@pytest.mark.timeout(10)
+def test_discover_with_nothing_to_do_says_it_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rerun over scanned blocks said "0 blocks to do", then "0/0 blocks (100%), 0 refs found, 0 new".
+    said = printed(capsys, monkeypatch, "trace", ("start", 0, 49, 0, 0, 0, 0), ("done", 0, 49, 0, 0, 0, 0),
+                   ("start", None, None, 0, 0, 0, 0), ("done", None, None, 0, 0, 0, 0))
+    assert said == [
+        f"discover {C}: scanning blocks 0-49 with trace: 0 blocks to do",
+        f"discover {C}: nothing to scan below the safe head",
+    ]
+
+
+@pytest.mark.timeout(10)
+def test_ctrl_c_with_several_methods_counts_block_scans_done() -> None:
+    # "400 block scans scanned and the 199 new refs ...".
+    printer = _Printer()
+    printer(DiscoverProgress("chunk", 1, "0x" + "ab" * 20, ("logs", "blocks"), 0, 49, 100, 200, 2, 1))
+    assert printer.kept().startswith("100 block scans done and the 1 new ref found in them are committed; ")
 
 
 def summary(processed: int, failed: int, permanent: int, calls: int) -> RunSummary:

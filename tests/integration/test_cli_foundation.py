@@ -1157,3 +1157,15 @@ def test_a_run_waiting_for_another_process_lock_says_so_among_its_progress_lines
     assert p.returncode == 0, out
     with open_store(db) as s:
         assert s.count_gap(chain.chain_id, chain.silent) == 0
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_a_utf16_export_imports_like_utf8(tracked: str, tmp_path: Path, encoding: str) -> None:
+    # Excel's "Unicode Text" (tab-separated) and PowerShell's `>` write UTF-16 with a BOM: it
+    # was refused as "looks like a binary file", which it is not.
+    f = tmp_path / "export.txt"
+    bom = b"\xfe\xff" if encoding == "utf-16-be" else b""
+    f.write_bytes(bom + f"hash\tblock_number\r\n{h(1)}\t7\r\n{h(2)}\t\r\n".encode(encoding))
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert sorted(refs_of(tracked)) == [(h(1), 7), (h(2), None)]

@@ -8,6 +8,7 @@ is imported when that happens.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import re
@@ -29,7 +30,8 @@ def _binary(sample: bytes) -> bool:
 
 
 def open_text(path: str, stdin: IO[bytes] | None = None) -> tuple[str, IO[str]]:
-    """Open ``path`` (``-`` for stdin) as UTF-8 text, refusing binary files."""
+    """Open ``path`` (``-`` for stdin) as UTF-8 text (UTF-16 with its byte-order mark),
+    refusing binary files."""
     import sys
 
     name = "stdin" if path == "-" else path
@@ -43,6 +45,10 @@ def open_text(path: str, stdin: IO[bytes] | None = None) -> tuple[str, IO[str]]:
         raise InputError(f"cannot import {name}: {exc.strerror}") from None
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, raw))
     head = buffered.peek(8192)[:8192]
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # Excel's "Unicode Text" and Windows PowerShell's `>` write UTF-16 (its NULs are
+        # not a binary file): the BOM says which byte order.
+        return name, io.TextIOWrapper(buffered, encoding="utf-16", errors="strict", newline="")
     if _binary(head):
         raw.close()
         raise InputError(

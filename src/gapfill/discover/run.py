@@ -178,6 +178,9 @@ class DiscoverSummary:
     asked_to: int | None = None
     #: Whether ``asked_from`` is ``--from-block`` (else the contract's start block).
     from_given: bool = True
+    #: The explorer's last indexed block, when it is below the target's end (the blocks
+    #: above it were left for a later run).
+    explorer_head: int | None = None
 
     @property
     def limit(self) -> str | None:
@@ -219,6 +222,11 @@ class DiscoverSummary:
             which = "" if len(methods) == len(self.methods) else named
             text += (f"\n{self.contract}: blocks {fmt_ranges(spans)} already scanned{which}: "
                      "pass --rescan to scan them again")  # fmt: skip
+        if self.explorer_head is not None and self.to_block is not None:
+            left = max(self.explorer_head + 1, self.from_block or 0)
+            text += (f"\n{self.contract}: the explorer has indexed up to block {self.explorer_head} "
+                     f"only: blocks {left}-{self.to_block} are left unscanned; run discover again "
+                     "once it has caught up")  # fmt: skip
         return text
 
 
@@ -430,6 +438,7 @@ async def discover(
     run.emit("start", target[0][0] if target else None, target[0][1] if target else None)
 
     explorer_client: ExplorerClient | None = None
+    explorer_head: int | None = None
     jobs: list[Callable[[], Awaitable[None]]] = []
     # Window and per-block methods share chunks, so one commit covers all of them.
     chunked = [m for m in chosen if m in ("logs", "blocks") or (m == "trace" and backend == TRACE_FILTER)]
@@ -448,8 +457,9 @@ async def discover(
             ex_todo = todo["explorer"]
             ex_head = await ex.head()
             if ex_head is not None and ex_head < end:
-                # Blocks the explorer has not indexed yet are not covered by it.
-                logger.warning("the explorer has indexed up to block %d only", ex_head)
+                # Blocks the explorer has not indexed yet are not covered by it: the summary
+                # says so (a warning log went unseen: the CLI logs errors alone by default).
+                explorer_head = ex_head
                 ex_todo = intersect(ex_todo, [(start, ex_head)])
             if ex_todo:
                 jobs.append(lambda: _walk_job(run, "explorer", ex_todo, lambda lo, hi: walk_explorer(
@@ -479,6 +489,7 @@ async def discover(
         asked_from=start,
         asked_to=to_block,
         from_given=from_block is not None,
+        explorer_head=explorer_head,
     )
 
 

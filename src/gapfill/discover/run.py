@@ -206,12 +206,13 @@ class DiscoverSummary:
     @property
     def text(self) -> str:
         """One line of what was done, and one more naming the blocks skipped as done."""
-        scanned = ", ".join(f"{m} {self.blocks_scanned.get(m, 0)} blocks/"
-                            f"{self.refs_found.get(m, 0)} refs" for m in self.methods)  # fmt: skip
+        scanned = ", ".join(f"{m} {counted(self.blocks_scanned.get(m, 0), 'block')}/"
+                            f"{counted(self.refs_found.get(m, 0), 'ref')}" for m in self.methods)  # fmt: skip
         where = "nothing to scan" if self.from_block is None else (
             f"{'rescanned ' if self.rescan else ''}blocks {self.from_block}-{self.to_block}")
-        text = (f"{self.contract}: {where}; {scanned or 'no method ran'}; {self.new_refs} new refs; "
-                f"{self.rpc_calls} RPC calls, {self.explorer_requests} explorer requests")  # fmt: skip
+        text = (f"{self.contract}: {where}; {scanned or 'no method ran'}; "
+                f"{counted(self.new_refs, 'new ref')}; {counted(self.rpc_calls, 'RPC call')}, "
+                f"{counted(self.explorer_requests, 'explorer request')}")  # fmt: skip
         # One line per set of blocks skipped, naming the methods that skipped it unless every
         # method did: `--method logs,blocks` over blocks a block scan did skips only `blocks`.
         skipped: dict[tuple[Interval, ...], list[str]] = {}

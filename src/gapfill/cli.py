@@ -558,9 +558,10 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
 
         chain_id = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(rpc_timeout_s))
     store = ctx.store(create=True)
+    was = {c.chain_id: c for c in store.list_contracts() if c.address == address}.get(chain_id)
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
-    click.echo(f"tracking {address} on chain {chain_id}" + (f" ({label})" if label else ""))
+    click.echo(_added(was, store.get_contract(address, chain_id), abi is not None))
     if abi is not None:
         # The ABI and the ask to decode the stored rows again were written together: if this
         # is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
@@ -594,6 +595,22 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             if not (done.decoded_txs or done.decoded_logs):
                 click.echo(f"warning: none of the stored rows matches this ABI: check that "
                            f"{abi_file} is {address}'s ABI", err=True)  # fmt: skip
+
+
+def _added(was: Contract | None, now: Contract, new_abi: bool) -> str:
+    """What `contract add` did: started tracking ``now``, or (``was`` tracked already) what
+    it changed, as said nothing of a label or start block it kept, nor that none changed."""
+    named = f" ({now.label})" if now.label else ""
+    if was is None:
+        return f"tracking {now.address} on chain {now.chain_id}{named}"
+    changes = [f"{what} {old if old not in (None, '') else 'none'} -> {new if new != '' else 'none'}"
+               for what, old, new in (("label", was.label, now.label),
+                                      ("start block", was.start_block, now.start_block))
+               if old != new]  # fmt: skip
+    if new_abi:
+        changes.append("ABI replaced" if was.abi is not None else "ABI set")
+    return (f"{now.address} on chain {now.chain_id}{named} was tracked already: "
+            + (", ".join(changes) if changes else "nothing changed"))
 
 
 def load_abi(path: str) -> list[dict[str, Any]]:

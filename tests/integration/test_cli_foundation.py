@@ -1169,3 +1169,22 @@ def test_a_utf16_export_imports_like_utf8(tracked: str, tmp_path: Path, encoding
     r = run(tracked, "import", str(f), "--contract", C)
     assert r.exit_code == 0, r.output + r.stderr
     assert sorted(refs_of(tracked)) == [(h(1), 7), (h(2), None)]
+
+
+def test_contract_add_of_a_tracked_contract_says_what_it_changed(tracked: str, tmp_path: Path) -> None:
+    # A second add said "tracking 0x... on chain 1" again, without the label it kept, and
+    # whether anything changed could only be read in `contract list`.
+    def add(*args: str) -> str:
+        r = run(tracked, "contract", "add", C, "--chain-id", "1", *args)
+        assert r.exit_code == 0, r.output + r.stderr
+        return r.stdout.splitlines()[0]
+
+    again = f"{C} on chain 1 (token) was tracked already"
+    assert add() == f"{again}: nothing changed"
+    assert add("--start-block", "5") == f"{again}: start block none -> 5"
+    abi = tmp_path / "abi.json"
+    abi.write_text("[]")
+    assert add("--start-block", "7", "--abi", str(abi)) == f"{again}: start block 5 -> 7, ABI set"
+    assert add("--label", "bridge") == f"{C} on chain 1 (bridge) was tracked already: label token -> bridge"
+    r = run(tracked, "contract", "add", "0x" + "de" * 20, "--chain-id", "1", "--label", "new")
+    assert r.stdout == f"tracking 0x{'de' * 20} on chain 1 (new)\n"

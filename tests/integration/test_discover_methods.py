@@ -296,3 +296,31 @@ async def test_partial_scans_are_reported(small_chain: NodeChain, store: Store) 
     assert summary.blocks_scanned["blocks"] == chain.head + 1 - (mid - 2 - 3 + 1)
     assert summary.blocks_scanned["logs"] == chain.head - mid
     assert coverage_report(store, chain.chain_id, chain.token, chain.head)["complete"] == [[0, chain.head]]
+
+
+async def test_a_log_scan_keeps_its_windows_before_its_chunk_ends(anvil: Any, db_url: str) -> None:
+    """Logs alone scan chunks of 20,000 blocks, committed whole: under a provider's 2-block cap
+    a chunk is thousands of calls, and a Ctrl+C lost them all ("nothing was written"). Now
+    every 32 windows answered are committed, and a rerun asks only for the rest."""
+    anvil.request("anvil_mine", hex(199))
+    head = int(anvil.request("eth_blockNumber"), 16)
+    target = Contract(31337, "0x" + "be" * 20, None, 0, None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_first(p: DiscoverProgress) -> None:
+        if p.event == "chunk":
+            raise Stop
+
+    with open_store(db_url) as store:
+        store.add_contract(target)
+        async with ProviderEmulator(anvil.url, EmulatorConfig(max_log_range=2)) as emu:
+            with pytest.raises(Stop):
+                await _discover(store, emu.url, target, methods=["logs"], on_progress=stop_at_first)
+            report = coverage_report(store, 31337, target.address, head)
+            kept = sum(hi - lo + 1 for lo, hi in report["partial"])
+            assert 0 < kept < head + 1, report
+            again = await _discover(store, emu.url, target, methods=["logs"])
+        assert again.blocks_scanned["logs"] == head + 1 - kept
+        assert coverage_report(store, 31337, target.address, head)["partial"] == [[0, head]]

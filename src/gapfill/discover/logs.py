@@ -8,7 +8,9 @@ split (see :mod:`gapfill.discover.ranges`).
 
 from __future__ import annotations
 
-from gapfill.discover.ranges import AdaptiveWindow, Interval, block_number, scan_ranges
+from typing import Any
+
+from gapfill.discover.ranges import AdaptiveWindow, Interval, OnRefs, block_number, scan_for_refs
 from gapfill.model import Ref
 from gapfill.rpc import Call, RpcClient
 
@@ -23,18 +25,23 @@ async def scan_logs(
     window: AdaptiveWindow,
     *,
     counter: list[int] | None = None,
+    on_refs: OnRefs | None = None,
 ) -> list[Ref]:
-    """Refs of the transactions in ``ranges`` in which ``contract`` emitted a log."""
+    """Refs of the transactions in ``ranges`` in which ``contract`` emitted a log; with
+    ``on_refs``, given to it round by round with the windows they cover (none returned)."""
 
     def call(lo: int, hi: int) -> Call:
         return Call("eth_getLogs", [{"address": contract, "fromBlock": hex(lo), "toBlock": hex(hi)}])
 
-    found: dict[str, Ref] = {}
-    for _, logs in await scan_ranges(client, ranges, call, window, counter=counter):
-        for log in logs or ():
-            if log.get("removed"):
-                continue
-            tx_hash = str(log["transactionHash"]).lower()
-            if tx_hash not in found:
-                found[tx_hash] = Ref(chain_id, contract, tx_hash, block_number(log["blockNumber"]), METHOD)
-    return list(found.values())
+    def refs(answers: list[tuple[Interval, Any]]) -> list[Ref]:
+        found: dict[str, Ref] = {}
+        for _, logs in answers:
+            for log in logs or ():
+                if log.get("removed"):
+                    continue
+                key = str(log["transactionHash"]).lower()
+                if key not in found:
+                    found[key] = Ref(chain_id, contract, key, block_number(log["blockNumber"]), METHOD)
+        return list(found.values())
+
+    return await scan_for_refs(client, ranges, call, window, refs, counter=counter, on_refs=on_refs)

@@ -21,16 +21,21 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from gapfill.errors import RpcError
+from gapfill.model import Ref
 from gapfill.rpc import Call, CallError, RpcClient
 
 logger = logging.getLogger(__name__)
 
 Interval = tuple[int, int]
+#: Takes a round's windows and the refs found in them (a scan's way to hand refs over early).
+OnRefs = Callable[[list[Interval], list[Ref]], Awaitable[None]]
+#: Turns a scan's answers (window, result) into refs.
+RefsOf = Callable[[list[tuple[Interval, Any]]], list[Ref]]
 
 _NUM = r"(0x[0-9a-fA-F]+|\d+)"
 _HINT = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*\]")
@@ -122,8 +127,11 @@ async def scan_ranges(
     *,
     parallel: int = 8,
     counter: list[int] | None = None,
+    on_round: Callable[[list[tuple[Interval, Any]]], Awaitable[None]] | None = None,
 ) -> list[tuple[Interval, Any]]:
     """Answers for windows that together cover ``ranges`` exactly, in no particular order.
+    With ``on_round``, each round's answers go to it as they come (awaited before the next
+    round is sent) and none is returned: a caller can keep them before the scan ends.
 
     Raises :class:`gapfill.errors.RpcError` when even one block is refused, or a
     failure is not a refusal (the node is down, every retry failed).
@@ -144,10 +152,11 @@ async def scan_ranges(
             counter[0] += len(calls)
         outs = await client.call_many(calls)
         retry: list[Interval] = []
+        answered: list[tuple[Interval, Any]] = []
         for (lo, hi), call, out in zip(batch, calls, outs, strict=True):
             if not isinstance(out, CallError):
                 window.succeeded(hi - lo + 1)
-                done.append(((lo, hi), out))
+                answered.append(((lo, hi), out))
                 continue
             if lo == hi or not _refusal(out):
                 hint = "" if "check " in out.message else (
@@ -159,5 +168,31 @@ async def scan_ranges(
                          out.message, width)  # fmt: skip
             window.refused(width)
             retry.extend(pieces)
+        if on_round is None:
+            done.extend(answered)
+        elif answered:
+            await on_round(answered)
         pending.extendleft(reversed(retry))
     return done
+
+
+async def scan_for_refs(
+    client: RpcClient,
+    ranges: list[Interval],
+    make_call: Callable[[int, int], Call],
+    window: AdaptiveWindow,
+    refs_of: RefsOf,
+    *,
+    counter: list[int] | None = None,
+    on_refs: OnRefs | None = None,
+) -> list[Ref]:
+    """:func:`scan_ranges` turned into refs by ``refs_of``; with ``on_refs``, given to it
+    round by round with the windows they cover, so that they can be committed before the
+    scan ends (none returned)."""
+
+    async def each_round(answers: list[tuple[Interval, Any]]) -> None:
+        assert on_refs is not None
+        await on_refs([span for span, _ in answers], refs_of(answers))
+
+    return refs_of(await scan_ranges(client, ranges, make_call, window, counter=counter,
+                                     on_round=each_round if on_refs else None))  # fmt: skip

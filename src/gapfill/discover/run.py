@@ -55,7 +55,8 @@ covered, if that is below the contract's start block, so it covers everything
 scanned before.
 
 Refs and coverage are committed together (``Store.add_refs_and_coverage``) per
-completed chunk, so an interrupted run loses only the chunks in flight, and a
+completed chunk (window methods alone: every ``commit_windows`` windows answered,
+as their chunks are wide), so an interrupted run loses only the work in flight, and a
 rerun scans only what is still missing.
 
 Concurrency
@@ -116,6 +117,9 @@ class DiscoverSettings:
     block_chunk_blocks: int = 50
     #: Chunk width for window methods alone (logs, trace_filter).
     range_chunk_blocks: int = 20_000
+    #: Window methods alone commit every this many windows answered, not once per chunk:
+    #: a provider whose cap is 10 blocks makes a chunk 2,000 calls, lost to a Ctrl+C.
+    commit_windows: int = 32
     #: First ``eth_getLogs`` / ``trace_filter`` window, and the most it grows to.
     initial_window_blocks: int = 2_000
     max_window_blocks: int = 100_000
@@ -125,7 +129,7 @@ class DiscoverSettings:
     trace_backends: tuple[str, ...] = BACKENDS
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.block_chunk_blocks < 1 or self.range_chunk_blocks < 1:
+        if min(self.concurrency, self.block_chunk_blocks, self.range_chunk_blocks, self.commit_windows) < 1:
             raise ConfigError("discovery concurrency and chunk sizes must be at least 1")
 
 
@@ -520,23 +524,54 @@ def _chunk_jobs(
     windows = {m: AdaptiveWindow(settings.initial_window_blocks, max_blocks=settings.max_window_blocks)
                for m in todo}  # fmt: skip
 
+    # With a block scan, a chunk is 50 blocks: commit it whole. Window methods alone have
+    # wide chunks: they commit as their windows are answered (see _Early).
+    early = "blocks" not in todo
+
     async def scan(method: str, spans: list[Interval]) -> list[Ref]:
         chain_id, address = run.chain_id, run.address
-        if method == "logs":
-            return await scan_logs(client, chain_id, address, spans, windows[method], counter=run.rpc_calls)
         if method == "blocks":
             return await scan_blocks(client, chain_id, address, spans, counter=run.rpc_calls)
-        return await scan_trace_filter(client, chain_id, address, spans, windows[method],
-                                       counter=run.rpc_calls)  # fmt: skip
+        kept = _Early(run, method, settings.commit_windows) if early else None
+        scan_windows = scan_logs if method == "logs" else scan_trace_filter
+        refs = await scan_windows(client, chain_id, address, spans, windows[method], counter=run.rpc_calls,
+                                  on_refs=kept.add if kept else None)  # fmt: skip
+        if kept is not None:
+            await kept.flush()
+        return refs
 
     async def worker() -> None:
         for chunk in plan:  # a shared iterator: each chunk goes to one worker
             parts = {m: intersect(spans, [chunk]) for m, spans in todo.items()}
             parts = {m: p for m, p in parts.items() if p}
             found = await asyncio.gather(*(scan(m, p) for m, p in parts.items()))
-            await run.commit(dict(zip(parts, found, strict=True)), parts)
+            if not early:
+                await run.commit(dict(zip(parts, found, strict=True)), parts)
 
     return [worker for _ in range(settings.concurrency)]
+
+
+class _Early:
+    """A window method's answered windows and their refs, committed every ``every`` windows
+    (and at the end, :meth:`flush`), so an interrupted scan keeps them."""
+
+    def __init__(self, run: _Run, method: str, every: int) -> None:
+        self._run, self._method, self._every = run, method, every
+        self._spans: list[Interval] = []
+        self._refs: list[Ref] = []
+
+    async def add(self, spans: list[Interval], refs: list[Ref]) -> None:
+        self._spans += spans
+        self._refs += refs
+        if len(self._spans) >= self._every:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._spans:
+            return
+        spans, refs = merge(self._spans), self._refs
+        self._spans, self._refs = [], []
+        await self._run.commit({self._method: refs}, {self._method: spans})
 
 
 async def _walk_job(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gapfill.discover.ranges import AdaptiveWindow, Interval, block_number, scan_ranges
+from gapfill.discover.ranges import AdaptiveWindow, Interval, OnRefs, block_number, scan_for_refs
 from gapfill.errors import RpcError
 from gapfill.model import Ref
 from gapfill.rpc import Call, RpcClient
@@ -66,24 +66,29 @@ async def scan_trace_filter(
     window: AdaptiveWindow,
     *,
     counter: list[int] | None = None,
+    on_refs: OnRefs | None = None,
 ) -> list[Ref]:
-    """Refs of the transactions in ``ranges`` with a call frame into ``contract``."""
+    """Refs of the transactions in ``ranges`` with a call frame into ``contract``; with
+    ``on_refs``, given to it round by round with the windows they cover (none returned)."""
 
     def call(lo: int, hi: int) -> Call:
         return Call(TRACE_FILTER, [{"fromBlock": hex(lo), "toBlock": hex(hi), "toAddress": [contract]}])
 
-    found: dict[str, Ref] = {}
-    for _, traces in await scan_ranges(client, ranges, call, window, counter=counter):
-        for trace in traces or ():
-            if not _reaches(trace, contract):
-                continue
-            tx_hash = trace.get("transactionHash")
-            if tx_hash is None:  # block rewards and the like
-                continue
-            key = str(tx_hash).lower()
-            if key not in found:
-                found[key] = Ref(chain_id, contract, key, block_number(trace["blockNumber"]), METHOD)
-    return list(found.values())
+    def refs(answers: list[tuple[Interval, Any]]) -> list[Ref]:
+        found: dict[str, Ref] = {}
+        for _, traces in answers:
+            for trace in traces or ():
+                if not _reaches(trace, contract):
+                    continue
+                tx_hash = trace.get("transactionHash")
+                if tx_hash is None:  # block rewards and the like
+                    continue
+                key = str(tx_hash).lower()
+                if key not in found:
+                    found[key] = Ref(chain_id, contract, key, block_number(trace["blockNumber"]), METHOD)
+        return list(found.values())
+
+    return await scan_for_refs(client, ranges, call, window, refs, counter=counter, on_refs=on_refs)
 
 
 async def walk_ots(

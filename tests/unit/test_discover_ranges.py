@@ -48,13 +48,25 @@ def test_window_grows_back_after_successes() -> None:
     assert w.blocks == 400
 
 
+async def test_a_stated_span_cap_is_not_grown_past() -> None:
+    # "query exceeds max block range 10" (with a hint, or not): the window grew back after 3
+    # successes and was refused again, a third of the calls refused over a long scan.
+    for hint in (True, False):
+        node = FakeNode(10, None, hint, said="query exceeds max block range 10")
+        window = AdaptiveWindow(blocks=64)
+        await scan_ranges(cast(RpcClient, node), [(0, 9_999)], _logs_call, window)
+        # The first round's 8 windows in flight are refused; none after.
+        assert window.refusals <= 8 and len(node.calls) < 1_100, (hint, window.refusals)
+
+
 class FakeNode:
     """call_many for eth_getLogs with a span cap and a result cap (one log per block)."""
 
     check = "--rpc-url"
 
-    def __init__(self, max_span: int | None, max_results: int | None, hint: bool) -> None:
-        self.max_span, self.max_results, self.hint = max_span, max_results, hint
+    def __init__(self, max_span: int | None, max_results: int | None, hint: bool,
+                 said: str = "range too large") -> None:  # fmt: skip
+        self.max_span, self.max_results, self.hint, self.said = max_span, max_results, hint, said
         self.calls: list[tuple[int, int]] = []
 
     async def call_many(self, calls: list[Call]) -> list[Any]:
@@ -64,7 +76,7 @@ class FakeNode:
             self.calls.append((lo, hi))
             span = hi - lo + 1
             if self.max_span is not None and span > self.max_span:
-                msg = "range too large"
+                msg = self.said
                 if self.hint:
                     msg += f". Try with this block range [{hex(lo)}, {hex(lo + self.max_span - 1)}]."
                 out.append(CallError("permanent", msg, -32600))

@@ -13,7 +13,8 @@ flight at once) and, when a window is refused:
 
 After ``grow_after`` successes in a row at full width, the width doubles again
 (up to ``max_blocks``), because result-count limits depend on how busy a stretch
-of the chain is, not on a fixed span.
+of the chain is, not on a fixed span; a span cap the node states is one, so the
+width never grows past it (each growth would be refused again).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class AdaptiveWindow:
         self._streak = 0
         self.blocks = max(self.min_blocks, min(self.blocks, new_width))
 
+    def capped(self, cap: int) -> None:
+        """A span the node says it never exceeds ("max block range 2000"): never grow past it."""
+        self.max_blocks = max(self.min_blocks, min(self.max_blocks, cap))
+        self.blocks = min(self.blocks, self.max_blocks)
+
     def succeeded(self, span: int) -> None:
         if span < self.blocks:
             return  # a short tail says nothing about whether wider windows would pass
@@ -167,6 +173,9 @@ async def scan_ranges(
             logger.debug("%s refused blocks %d-%d (%s); now %d blocks", call.method, lo, hi,
                          out.message, width)  # fmt: skip
             window.refused(width)
+            cap = parse_cap(out.message)
+            if cap is not None:  # a fixed span limit: growing back past it is refused again
+                window.capped(cap)
             retry.extend(pieces)
         if on_round is None:
             done.extend(answered)

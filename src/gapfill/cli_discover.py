@@ -128,7 +128,7 @@ class _Printer:
         unit = "blocks" if len(p.methods) < 2 else "block scans"
         if p.event == "start":
             if p.from_block is None:
-                text = "nothing to scan below the safe head"
+                text = "nothing to scan"  # the summary's last line says why
             else:
                 text = (f"scanning blocks {p.from_block}-{p.to_block} with {','.join(p.methods)}: "
                         f"{p.blocks_total} {unit} to do")  # fmt: skip

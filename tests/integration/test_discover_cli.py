@@ -492,3 +492,19 @@ def test_more_confirmations_than_blocks_says_so_without_a_negative_head(
                                            f"head is {chain.head}): pass a lower --confirmations to scan "
                                            "closer to the head")  # fmt: skip
     assert "-7" not in res.stderr, res.stderr
+
+
+def test_a_to_block_below_the_start_block_says_so(small_chain: NodeChain, tmp_path: Path) -> None:
+    """It scanned nothing, said "nothing to scan below the safe head" (not why), and exited 0."""
+    chain, runner, args = _two_confirmations(small_chain, tmp_path)
+    db = args[1]
+    res = runner.invoke(cli, ["--db", db, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id),
+                              "--start-block", "10"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, [*args, "--to-block", "4"])
+    assert res.exit_code == 0 and "nothing to scan" in res.stdout, res.output + res.stderr
+    assert res.stderr.splitlines() == [
+        f"discover {chain.silent}: nothing to scan",
+        "--to-block 4 is below the start block 10: nothing to scan; pass --from-block to scan below the "
+        "start block",
+    ], res.stderr

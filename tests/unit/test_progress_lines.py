@@ -106,7 +106,7 @@ def test_discover_with_nothing_to_do_says_it_once(
                    ("start", None, None, 0, 0, 0, 0), ("done", None, None, 0, 0, 0, 0))
     assert said == [
         f"discover {C}: scanning blocks 0-49 with trace: 0 blocks to do",
-        f"discover {C}: nothing to scan below the safe head",
+        f"discover {C}: nothing to scan",
     ]
 
 

@@ -203,6 +203,10 @@ class DiscoverSummary:
                 return (f"no block is {self.latest - self.safe_head} confirmations deep yet (the "
                         f"node's head is {self.latest}): {lower}")  # fmt: skip
             return f"{first} is above the safe head {self.safe_head} ({why}): {lower}"
+        if (self.from_block is None and not self.from_given and self.asked_from is not None
+                and self.asked_to is not None and self.asked_to < self.asked_from):  # fmt: skip
+            return (f"--to-block {self.asked_to} is below the start block {self.asked_from}: nothing "
+                    "to scan; pass --from-block to scan below the start block")  # fmt: skip
         if self.asked_to is not None and self.asked_to > self.safe_head and self.to_block is not None:
             return f"--to-block {self.asked_to} was capped at {self.safe_head} ({why}): {lower}"
         return None

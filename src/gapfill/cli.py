@@ -684,6 +684,10 @@ def contract_list(ctx: Ctx, as_json: bool) -> None:
 # -- import, status ------------------------------------------------------------------------
 
 
+def _stdin_is_a_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
 @cli.command("import")
 @click.argument("file")
 @click.option("--contract", "contract", callback=one_address, multiple=True, required=True,
@@ -698,6 +702,10 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
     store = ctx.store()
     c = store.get_contract(contract, chain_id)
     ctx.kept = lambda: "nothing was imported (an import is one transaction); run it again"
+    if file == "-" and _stdin_is_a_terminal():
+        # Else a blank terminal that waits, and nothing says for what.
+        click.echo("reading transaction hashes from the terminal: one a line, then Ctrl+D "
+                   "(or give a file, or pipe one in)", err=True)  # fmt: skip
     try:
         added = store.add_refs(parse_refs(file, c.chain_id, c.address))
         remark = ""

@@ -1188,3 +1188,18 @@ def test_contract_add_of_a_tracked_contract_says_what_it_changed(tracked: str, t
     assert add("--label", "bridge") == f"{C} on chain 1 (bridge) was tracked already: label token -> bridge"
     r = run(tracked, "contract", "add", "0x" + "de" * 20, "--chain-id", "1", "--label", "new")
     assert r.stdout == f"tracking 0x{'de' * 20} on chain 1 (new)\n"
+
+
+def test_import_from_a_terminal_says_what_it_waits_for(
+    tracked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `gapfill import - --contract ...` typed at a terminal waited on a blank screen.
+    monkeypatch.setattr("gapfill.cli._stdin_is_a_terminal", lambda: True)
+    r = run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert r.stderr == ("reading transaction hashes from the terminal: one a line, then Ctrl+D (or give "
+                        "a file, or pipe one in)\n")  # fmt: skip
+    assert refs_of(tracked) == [(h(1), None)]
+    monkeypatch.undo()
+    r = run(tracked, "import", "-", "--contract", C, input=f"{h(2)}\n")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr  # a pipe: nothing to say

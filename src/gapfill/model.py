@@ -12,6 +12,7 @@ Conventions (they are the public schema's, see README "Schema"):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -205,6 +206,23 @@ class CoverageRange:
     from_block: int
     to_block: int
     method: str
+
+
+#: An inclusive block range ``(from_block, to_block)``.
+Interval = tuple[int, int]
+
+
+def merge(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, disjoint, non-touching intervals covering the same blocks (``[1, 5]`` and
+    ``[6, 9]`` touch and become ``[1, 9]``); empty ones (``lo > hi``) are dropped."""
+    out: list[Interval] = []
+    for lo, hi in sorted(i for i in intervals if i[0] <= i[1]):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 @dataclass(frozen=True, slots=True)

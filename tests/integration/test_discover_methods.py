@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,23 @@ def _expected(chain: GeneratedChain, method: str, address: str) -> frozenset[str
         return chain.direct[address]
     # Traces also see the frame that created the contract (explorers list its transaction).
     return chain.direct[address] | chain.internal[address] | {chain.deploy_txs[address]}
+
+
+class _Stop(Exception):
+    """Raised by a progress callback: discovery interrupted at a known commit, as by Ctrl+C."""
+
+
+def _stop_at(chunks: int) -> Callable[[DiscoverProgress], None]:
+    """A progress callback that raises :class:`_Stop` once ``chunks`` commits are reported."""
+    seen = 0
+
+    def on_progress(p: DiscoverProgress) -> None:
+        nonlocal seen
+        seen += p.event == "chunk"
+        if seen == chunks:
+            raise _Stop
+
+    return on_progress
 
 
 @pytest.mark.parametrize(
@@ -187,23 +204,10 @@ async def test_interrupted_discovery_resumes_where_it_stopped(
 ) -> None:
     chain = small_chain.chain
     settings = DiscoverSettings(block_chunk_blocks=2, concurrency=2, trace_backends=())
-
-    class Stop(Exception):
-        pass
-
-    commits = 0
-
-    def stop_after_three(p: DiscoverProgress) -> None:
-        nonlocal commits
-        if p.event == "chunk":
-            commits += 1
-            if commits == 3:
-                raise Stop
-
     with open_store(db_url) as store:
         silent = _track(store, chain)[1]
-        with pytest.raises(Stop):
-            await _discover(store, small_chain.url, silent, settings=settings, on_progress=stop_after_three)
+        with pytest.raises(_Stop):
+            await _discover(store, small_chain.url, silent, settings=settings, on_progress=_stop_at(3))
         report = coverage_report(store, chain.chain_id, chain.silent, chain.head)
         done = sum(hi - lo + 1 for lo, hi in report["complete"])
         assert 0 < done < chain.head + 1
@@ -324,3 +328,33 @@ async def test_a_log_scan_keeps_its_windows_before_its_chunk_ends(anvil: Any, db
             again = await _discover(store, emu.url, target, methods=["logs"])
         assert again.blocks_scanned["logs"] == head + 1 - kept
         assert coverage_report(store, 31337, target.address, head)["partial"] == [[0, head]]
+
+
+async def test_a_long_scan_leaves_one_coverage_row_per_contiguous_range(anvil: Any, db_url: str) -> None:
+    """Coverage got a row per committed chunk (a 20M-block chain: ~400,000 rows, every one
+    read by each resume and status); it is kept merged, per method, as chunks commit, also
+    when a Ctrl+C leaves holes and a rerun fills them."""
+    from gapfill.discover.coverage import merge
+
+    anvil.request("anvil_mine", hex(299))
+    head = int(anvil.request("eth_blockNumber"), 16)
+    target = Contract(31337, "0x" + "be" * 20, None, 0, None)
+    settings = DiscoverSettings(block_chunk_blocks=5, concurrency=3, trace_backends=())
+
+    def rows(store: Store, method: str) -> list[tuple[int, int]]:
+        return [(r.from_block, r.to_block) for r in store.get_coverage(31337, target.address)
+                if r.method == method]  # fmt: skip
+
+    with open_store(db_url) as store:
+        store.add_contract(target)
+        with pytest.raises(_Stop):
+            await _discover(store, anvil.url, target, settings=settings, on_progress=_stop_at(20))
+        blocks = rows(store, "blocks")
+        assert blocks and blocks == merge(blocks)  # one row per contiguous range, nothing touching
+        assert rows(store, "logs") == merge(rows(store, "logs"))
+        done = sum(hi - lo + 1 for lo, hi in blocks)
+        assert done < head + 1
+        again = await _discover(store, anvil.url, target, settings=settings)
+        assert again.blocks_scanned["blocks"] == head + 1 - done  # only what was missing
+        assert rows(store, "blocks") == rows(store, "logs") == [(0, head)]
+        assert len(store.get_coverage(31337, target.address)) == 2

@@ -1671,3 +1671,157 @@ def test_a_workers_progress_counts_what_it_did_and_what_is_open_not_the_history(
                         (run,))  # fmt: skip
         assert _progress(s, done_batches=3, plan_new=False) == (3, OPEN)
         assert _progress(s) == (3, OPEN)
+
+
+# -- coverage ------------------------------------------------------------------------
+
+
+def _cover(store: Store, *spans: tuple[int, int], method: str = "blocks", contract: str = C) -> None:
+    """Record ``spans`` as discovery does (one commit, no refs)."""
+    from gapfill.model import CoverageRange
+
+    store.add_refs_and_coverage([], [CoverageRange(1, contract, lo, hi, method) for lo, hi in spans])
+
+
+def _coverage(store: Store, contract: str = C, chain_id: int = 1) -> list[tuple[str, int, int]]:
+    """The contract's coverage rows, by method."""
+    return sorted((r.method, r.from_block, r.to_block) for r in store.get_coverage(chain_id, contract))
+
+
+def test_coverage_that_touches_or_overlaps_is_kept_as_one_row(store: Store) -> None:
+    _cover(store, (0, 9))
+    _cover(store, (10, 19))  # touches
+    assert _coverage(store) == [("blocks", 0, 19)]
+    _cover(store, (5, 25))  # overlaps
+    _cover(store, (30, 39))  # a gap stays a gap
+    _cover(store, (3, 4))  # inside: nothing to add
+    assert _coverage(store) == [("blocks", 0, 25), ("blocks", 30, 39)]
+    _cover(store, (26, 29))  # fills the gap: both neighbours and it become one row
+    assert _coverage(store) == [("blocks", 0, 39)]
+    # Several ranges of one commit, out of order and overlapping each other.
+    _cover(store, (60, 69), (45, 52), (50, 59), (41, 44))
+    assert _coverage(store) == [("blocks", 0, 39), ("blocks", 41, 69)]
+    _cover(store, (0, 100))
+    assert _coverage(store) == [("blocks", 0, 100)]
+
+
+def test_coverage_of_other_methods_contracts_and_chains_stays_apart(store: Store) -> None:
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_contract(Contract(2, C))
+    _cover(store, (0, 9))
+    _cover(store, (10, 19), method="logs")
+    _cover(store, (10, 19), contract=other)
+    from gapfill.model import CoverageRange
+
+    store.add_refs_and_coverage([], [CoverageRange(2, C, 10, 19, "blocks")])
+    assert _coverage(store) == [("blocks", 0, 9), ("logs", 10, 19)]
+    assert _coverage(store, other) == [("blocks", 10, 19)]
+    assert _coverage(store, C, chain_id=2) == [("blocks", 10, 19)]
+
+
+def _insert_coverage_rows(s: Store, rows: list[tuple[str, str, int, int]]) -> None:
+    """Coverage rows written as gapfill did before it merged them: one per chunk."""
+    with s._tx() as cur:
+        cur.executemany(s._sql("INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
+                               "VALUES (1, ?, ?, ?, ?)"), rows)  # fmt: skip
+
+
+def test_coverage_written_unmerged_is_merged_on_the_next_write_of_its_key(store: Store) -> None:
+    _insert_coverage_rows(store, [(C, "blocks", lo, lo + 4) for lo in range(0, 100, 5)]
+                          + [(C, "logs", 0, 4), (C, "logs", 5, 9)])  # fmt: skip
+    _cover(store, (200, 209))  # elsewhere in the key: the whole key is merged
+    assert _coverage(store) == [("blocks", 0, 99), ("blocks", 200, 209), ("logs", 0, 4), ("logs", 5, 9)]
+
+
+def schema_up_to(db_url: str, monkeypatch: pytest.MonkeyPatch, version: int) -> None:
+    """Empty the database at ``db_url`` and have migrations stop at ``version`` until
+    ``monkeypatch.undo()``: a database as an older gapfill left it."""
+    import psycopg
+
+    from gapfill.store import postgres as pg_backend
+    from gapfill.store import sqlite as sqlite_backend
+    from gapfill.store.base import migrations
+
+    backend = sqlite_backend if db_url.startswith("sqlite") else pg_backend
+    if backend is pg_backend:  # a database of its own, without the template's schema
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("DROP SCHEMA public CASCADE")
+            admin.execute("CREATE SCHEMA public")
+    monkeypatch.setattr(backend, "migrations", lambda name: [m for m in migrations(name) if m[0] <= version])
+
+
+def test_a_database_of_schema_4_has_its_coverage_merged(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    schema_up_to(db_url, monkeypatch, 4)
+    other = "0x" + "cd" * 20
+    with open_store(db_url, migrate=False) as s:
+        assert s.migrate() == 4
+        _insert_coverage_rows(s, [
+            *[(C, "blocks", lo, lo + 4) for lo in range(0, 50, 5)],  # touching chunks
+            (C, "blocks", 20, 60), (C, "blocks", 61, 61), (C, "blocks", 3, 3),  # overlapping, inside
+            (C, "blocks", 70, 79), (C, "blocks", 80, 80),  # after a gap
+            (C, "logs", 0, 9), (C, "logs", 10, 19), (other, "blocks", 62, 69),  # other keys
+        ])  # fmt: skip
+    monkeypatch.undo()
+    with open_store(db_url) as s:
+        assert s.schema_version() == s.latest_version() >= 5
+        assert _coverage(s) == [("blocks", 0, 61), ("blocks", 70, 80), ("logs", 0, 19)]
+        assert _coverage(s, other) == [("blocks", 62, 69)]
+
+
+@pytest.mark.timeout(60)
+def test_two_discoveries_of_one_contract_record_coverage_one_after_the_other(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL, READ COMMITTED: two writers that each read the contract's rows before the
+    # other committed would each write their own merge, and leave [0, 9] and [10, 19] apart
+    # (or, deleting by range instead of by the rows they read, lose one's blocks).
+    import threading
+
+    import psycopg
+
+    from gapfill.model import CoverageRange
+
+    with open_store(pg_url) as s:
+        s.add_contract(Contract(1, C))
+    first, second = open_store(pg_url), open_store(pg_url)
+    read, release = threading.Event(), threading.Event()
+    real = first._coverage_rows
+
+    def read_then_wait(*args: Any) -> Any:
+        rows = real(*args)
+        read.set()
+        release.wait(30)
+        return rows
+
+    monkeypatch.setattr(first, "_coverage_rows", read_then_wait)
+    errors: list[Exception] = []
+
+    def commit(store: Store, lo: int, hi: int) -> None:
+        try:
+            store.add_refs_and_coverage([Ref(1, C, h(lo), lo, "blocks")],
+                                        [CoverageRange(1, C, lo, hi, "blocks")])  # fmt: skip
+        except Exception as exc:
+            errors.append(exc)
+
+    a = threading.Thread(target=commit, args=(first, 0, 9))
+    b = threading.Thread(target=commit, args=(second, 10, 19))
+    watcher = psycopg.connect(pg_url, autocommit=True)
+    try:
+        a.start()
+        assert read.wait(30)
+        b.start()
+        _until(lambda: not b.is_alive() or _waits_for_a_lock(watcher))
+        waited = b.is_alive()
+        release.set()
+        a.join(30)
+        b.join(30)
+    finally:
+        release.set()
+        watcher.close()
+        first.close()
+        second.close()
+    assert errors == []
+    with open_store(pg_url) as s:
+        assert _coverage(s) == [("blocks", 0, 19)] and s.count_gap(1, C) == 2
+    assert waited  # for the contract's row, which the first held until it committed

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gapfill.model import CoverageRange
+from gapfill.model import Interval as Interval  # here too: the store merges its rows with it
+from gapfill.model import merge as merge
 from gapfill.store import Store
-
-Interval = tuple[int, int]
 
 #: Methods that see every direct call to the contract: their ranges are complete.
 COMPLETE_METHODS = frozenset({"blocks", "trace", "explorer"})
@@ -35,18 +35,6 @@ DOMINATED_BY: dict[str, frozenset[str]] = {
     "trace": frozenset({"trace", "explorer"}),
     "explorer": frozenset({"trace", "explorer"}),
 }
-
-
-def merge(intervals: Iterable[Interval]) -> list[Interval]:
-    """Sorted, disjoint, non-touching intervals covering the same blocks."""
-    out: list[Interval] = []
-    for lo, hi in sorted(i for i in intervals if i[0] <= i[1]):
-        if out and lo <= out[-1][1] + 1:
-            if hi > out[-1][1]:
-                out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def subtract(base: Iterable[Interval], remove: Iterable[Interval]) -> list[Interval]:

@@ -40,10 +40,12 @@ from gapfill.model import (
     CoverageRange,
     Enriched,
     Failure,
+    Interval,
     LogRow,
     Ref,
     RefKey,
     TxRow,
+    merge,
 )
 
 TX_COLUMNS: tuple[str, ...] = (
@@ -798,36 +800,68 @@ class Store(abc.ABC):
 
     # -- coverage --------------------------------------------------------------------
 
-    def add_coverage(self, ranges: Sequence[CoverageRange]) -> None:
-        with self._tx() as cur:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-                ),
-                [(r.chain_id, r.contract, r.method, r.from_block, r.to_block) for r in ranges],
-            )
-
     def add_refs_and_coverage(self, refs: Sequence[Ref], ranges: Sequence[CoverageRange]) -> int:
-        """Discovery's commit: found refs and the ranges they cover, atomically."""
+        """Discovery's commit: found refs and the ranges they cover, atomically.
+
+        Coverage is kept merged: per ``(chain_id, contract, method)``, the rows are disjoint
+        and never touch (``[0, 9]`` and ``[10, 19]`` are one row, ``[0, 19]``), so a long
+        scan leaves one row per contiguous range, however many chunks it committed. The
+        ranges' contracts are locked first, exclusively (``FOR NO KEY UPDATE`` on
+        PostgreSQL): two discoveries of one contract record coverage one after the other,
+        each merging with what the other committed."""
         with self._tx() as cur:
             checked: set[tuple[int, str]] = set()
-            for c in ranges:  # a chunk with no refs still writes coverage
-                self._require_tracked(cur, c.chain_id, c.contract, checked)
+            # A chunk with no refs still writes coverage. In key order: two writers of
+            # several contracts' coverage take the exclusive locks in one order.
+            for key in sorted({(c.chain_id, c.contract) for c in ranges}):
+                self._require_tracked(cur, *key, checked, lock=self._COVERAGE_LOCK)
             new = self._write_refs(cur, refs, checked, {}).new
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-                ),
-                [(r.chain_id, r.contract, r.method, r.from_block, r.to_block) for r in ranges],
-            )
+            self._merge_coverage(cur, ranges)
             return new
+
+    _COVERAGE_ROWS = (
+        "SELECT from_block, to_block FROM coverage WHERE chain_id = ? AND contract = ? AND method = ?"
+    )
+
+    def _coverage_rows(self, cur: Any, chain_id: int, contract: str, method: str) -> set[Interval]:
+        """The stored ranges of one key (a few once merged: one per contiguous range)."""
+        cur.execute(self._sql(self._COVERAGE_ROWS), (chain_id, contract, method))
+        return {(int(lo), int(hi)) for lo, hi in cur.fetchall()}
+
+    def _merge_coverage(self, cur: Any, ranges: Sequence[CoverageRange]) -> None:
+        """Record ``ranges``, each key's rows and new ranges replaced by their merge. Every
+        row of the key is read, not only those the new ranges touch, so a database written
+        before coverage was merged (one row per chunk) is merged on its next write for that
+        key. Only rows read are deleted, and only for a merge that holds their blocks: no
+        covered block is lost, even by a writer that did not hold the contract's row."""
+        spans: dict[tuple[int, str, str], list[Interval]] = {}
+        for r in ranges:
+            spans.setdefault((r.chain_id, r.contract, r.method), []).append((r.from_block, r.to_block))
+        gone: list[tuple[int, str, str, int, int]] = []
+        added: list[tuple[int, str, str, int, int]] = []
+        for key, new in sorted(spans.items()):
+            stored = self._coverage_rows(cur, *key)
+            merged = merge([*stored, *new])
+            gone += [(*key, lo, hi) for lo, hi in sorted(stored.difference(merged))]
+            added += [(*key, lo, hi) for lo, hi in merged if (lo, hi) not in stored]
+        if gone:
+            cur.executemany(
+                self._sql("DELETE FROM coverage WHERE chain_id = ? AND contract = ? AND method = ? "
+                          "AND from_block = ? AND to_block = ?"),
+                gone,
+            )  # fmt: skip
+        if added:
+            cur.executemany(
+                self._sql("INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
+                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                added,
+            )  # fmt: skip
 
     @abc.abstractmethod
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int: ...
 
     _SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE" (SQLite's write transaction excludes all)
+    _COVERAGE_LOCK = ""  # PostgreSQL: " FOR NO KEY UPDATE" (one coverage writer per contract)
     _ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE"
 
     def _write_refs(
@@ -873,26 +907,29 @@ class Store(abc.ABC):
         """The block numbers of those of ``hashes`` whose transaction is stored."""
 
     def _require_tracked(
-        self, cur: Any, chain_id: int, contract: str, checked: set[tuple[int, str]] | None = None
+        self, cur: Any, chain_id: int, contract: str, checked: set[tuple[int, str]] | None = None,
+        lock: str | None = None,
     ) -> None:
         """Refs are only written for a tracked contract: one removed while a discovery or an
         import ran must not come back as rows nobody can see or remove. The row stays locked
-        until the writer commits, so a removal waits for it. ``checked`` skips contracts this
-        transaction has already checked (and locked)."""
+        (``lock``, shared by default) until the writer commits, so a removal waits for it.
+        ``checked`` skips contracts this transaction has already checked (and locked)."""
         if checked is not None:
             if (chain_id, contract) in checked:
                 return
             checked.add((chain_id, contract))
-        if not self._lock_contract(cur, chain_id, contract):
+        if not self._lock_contract(cur, chain_id, contract, lock):
             raise UnknownContractError(
                 f"contract {contract} on chain {chain_id} is no longer tracked (removed meanwhile): "
                 "nothing was written; add it again with `gapfill contract add` if it was a mistake"
             )
 
-    def _lock_contract(self, cur: Any, chain_id: int, contract: str) -> bool:
-        """Hold a contract's row shared until commit (a removal waits); False if untracked."""
+    def _lock_contract(self, cur: Any, chain_id: int, contract: str, lock: str | None = None) -> bool:
+        """Hold a contract's row until commit, shared unless ``lock`` says otherwise (a
+        removal waits); False if untracked."""
+        clause = self._SHARE_LOCK if lock is None else lock
         cur.execute(
-            self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{self._SHARE_LOCK}"),
+            self._sql(f"SELECT 1 FROM contracts WHERE chain_id = ? AND address = ?{clause}"),
             (chain_id, contract),
         )
         return cur.fetchone() is not None

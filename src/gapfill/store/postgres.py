@@ -469,6 +469,7 @@ class PostgresStore(Store):
     backend = "postgres"
     _LEASE_LOCK = " FOR UPDATE SKIP LOCKED"
     _SHARE_LOCK = " FOR SHARE"
+    _COVERAGE_LOCK = " FOR NO KEY UPDATE"
     _ROW_LOCK = " FOR UPDATE"
     _HAS_SCHEMA_TABLE = "SELECT (to_regclass('schema_migrations') IS NOT NULL)::int"
     #: The gap's test as PostgreSQL runs it: each ref looked up in ``transactions`` and

@@ -882,7 +882,8 @@ def _on_node_chain(
         return chains.pop(), targets, []
     from gapfill.engine.session import fetch_chain_id
 
-    node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc)
+    # The run's own start-up check says the chain at -v; this one only picks the targets.
+    node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc, check_only=True)
     on_chain, skipped = served(targets, node_chain, ctx.endpoints_check(), one_address=contract is not None)
     if contract is not None and say is not None:
         say(picked_by_node(targets, node_chain))
@@ -1138,7 +1139,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         from gapfill.engine.session import fetch_chain_id
 
         # A mistyped --rpc-url must not cost the failure records: check the node first.
-        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc)
+        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc, check_only=True)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections

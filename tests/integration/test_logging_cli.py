@@ -56,6 +56,24 @@ def test_worker_processes_log_at_the_clis_level(tmp_path: Path, small_chain: Any
     assert any("INFO gapfill.engine.run: run " in ln and " planned 580 ref(s) into 6 new batch(es)" in ln
                for ln in lines), err  # fmt: skip
     assert not any(" DEBUG " in ln for ln in lines)  # -v is INFO
+    # Each start-up fact once: the coordinator's check says the chain, not again its
+    # sample's client nor each worker's (they said it 4 times).
+    chain = [ln for ln in lines if " chain id 31337: RPC endpoint(s) " in ln]
+    assert len(chain) == 1 and "[Worker-" not in chain[0], chain
+
+
+@pytest.mark.timeout(180)
+def test_verbose_says_block_receipts_once_for_all_workers(tmp_path: Path, small_chain: Any) -> None:
+    # Under a rate limit each worker asks whether eth_getBlockReceipts is served (the
+    # per-block plan counts calls); a node slow enough that both workers get batches. The
+    # coordinator writes the answer once, not once per worker.
+    with emulator(small_chain.url, "--latency-s", "0.2") as (url, _):
+        err = _enrich(f"sqlite:///{tmp_path / 'g.db'}", url, small_chain, tmp_path, "-v", "--rps", "100000")
+    lines = err.splitlines()
+    assert {ln.split("[Worker-")[1][0] for ln in lines if " committed: " in ln} == {"1", "2"}, err
+    said = [ln for ln in lines
+            if " INFO gapfill.rpc.client: [Worker-" in ln and "eth_getBlockReceipts served" in ln]
+    assert len(said) == 1, said
 
 
 @pytest.mark.timeout(180)

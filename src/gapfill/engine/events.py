@@ -158,6 +158,9 @@ class Logged:
     logger: str
     text: str
     created: float
+    #: The message (without the worker's name) of a record logged with
+    #: ``extra={"once": True}``: the coordinator writes it for its first worker only.
+    once: str = ""
 
 
 @dataclass(frozen=True, slots=True)

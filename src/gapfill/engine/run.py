@@ -161,6 +161,9 @@ class EnrichJob:
     #: of each waiting ``probe_grace_s`` for them again. ``endpoints`` keeps them all, so
     #: their URLs are still redacted wherever the run's messages are kept.
     left_out: tuple[int, ...] = ()
+    #: Whether the run's start-up check has said (at -v) the node's chain: the clients made
+    #: after it (the sample's, the workers') say it at DEBUG only.
+    chain_said: bool = False
 
 
 # -- shared pieces ---------------------------------------------------------------------
@@ -227,7 +230,8 @@ def _kept(job: EnrichJob) -> list[int]:
 def _client(job: EnrichJob, *, sequential: bool = False) -> RpcClient:
     settings = replace(job.rpc, max_in_flight=1) if sequential else job.rpc
     return make_client([job.endpoints[i] for i in _kept(job)], rpc_batch_size=job.rpc_batch_size,
-                       expected_chain_id=job.chain_id, settings=settings)  # fmt: skip
+                       expected_chain_id=job.chain_id, settings=settings,
+                       chain_said=job.chain_said)  # fmt: skip
 
 
 def _without_left_out(job: EnrichJob, client: RpcClient) -> EnrichJob:
@@ -418,7 +422,7 @@ async def _probe(job: EnrichJob, emit: Emit, count: Callable[[int], None]) -> En
             await _ready(client, emit)
         finally:
             count(_rpc_totals(client)[0])
-        return _without_left_out(job, client)
+        return replace(_without_left_out(job, client), chain_said=True)
 
 
 def _needs_node(store: Store, job: EnrichJob) -> bool:
@@ -727,7 +731,9 @@ class _LogToCoordinator(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record)  # the message, and the traceback of exc_info
-            self._sender.put(Logged(record.levelno, record.name, f"[{self._who}] {text}", record.created))
+            once = record.getMessage() if getattr(record, "once", False) else ""
+            self._sender.put(Logged(record.levelno, record.name, f"[{self._who}] {text}", record.created,
+                                    once))  # fmt: skip
         except Exception:
             self.handleError(record)
 
@@ -742,9 +748,15 @@ def _log_through(sender: _EventSender, who: str, level: int) -> None:
     logging.getLogger("gapfill").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.NOTSET)
 
 
-def log_here(ev: Logged) -> None:
+def log_here(ev: Logged, said: set[str] | None = None) -> None:
     """A worker's record, handed to this process's handlers as its own records are (the
-    worker's time kept)."""
+    worker's time kept). A record logged with ``extra={"once": True}`` (a fact about the
+    node each worker finds out) is handed on only if ``said`` does not hold its message
+    yet, and added to it: ``-v`` says it once per run, not once per worker."""
+    if ev.once and said is not None:
+        if ev.once in said:
+            return
+        said.add(ev.once)
     record = logging.makeLogRecord({
         "name": ev.logger, "levelno": ev.level, "levelname": logging.getLevelName(ev.level),
         "msg": ev.text, "created": ev.created, "msecs": ev.created % 1 * 1000,
@@ -881,6 +893,7 @@ class Coordinator:
         self.committed = self.committed_failed = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.start_failed: dict[int, str] = {}  # worker -> why its start-up check failed
+        self.said_once: set[str] = set()  # the workers' `once` log messages written so far
         self.said: set[str] = set()  # the workers' notices said once per run (Notice.once)
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
@@ -960,7 +973,7 @@ class Coordinator:
 
     def _take(self, ev: Event) -> None:
         if isinstance(ev, Logged):
-            log_here(ev)
+            log_here(ev, self.said_once)
             return
         if isinstance(ev, WorkerStats):
             slot = self.slots.get(ev.worker)

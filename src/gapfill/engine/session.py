@@ -32,11 +32,14 @@ def make_client(
     rpc_batch_size: int | None = None,
     expected_chain_id: int | None = None,
     settings: RpcSettings | None = None,
+    chain_said: bool = False,
 ) -> RpcClient:
+    """A client of ``endpoints``; ``chain_said`` as for :class:`~gapfill.rpc.client.RpcClient`."""
     return RpcClient(
         endpoint_configs(endpoints, rpc_batch_size),
         settings or RpcSettings(),
         expected_chain_id=expected_chain_id,
+        chain_said=chain_said,
     )
 
 
@@ -45,13 +48,17 @@ def fetch_chain_id(
     expected_chain_id: int | None = None,
     tell: Callable[[str], None] | None = None,
     settings: RpcSettings | None = None,
+    *,
+    check_only: bool = False,
 ) -> int:
     """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``);
     ``tell`` hears of slow or left-out endpoints (see :meth:`RpcClient.probe`), and
-    ``settings`` carry the command's ``--rpc-timeout``."""
+    ``settings`` carry the command's ``--rpc-timeout``. ``check_only``: a check before a
+    run, whose own start-up check says the chain id at ``-v``; this one logs it at DEBUG."""
 
     async def go() -> int:
-        async with make_client(endpoints, expected_chain_id=expected_chain_id, settings=settings) as client:
+        async with make_client(endpoints, expected_chain_id=expected_chain_id, settings=settings,
+                               chain_said=check_only) as client:  # fmt: skip
             return await client.probe(tell)
 
     return asyncio.run(go())

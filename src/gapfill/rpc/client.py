@@ -111,7 +111,9 @@ class RpcClient:
     """Async JSON-RPC client over one or more endpoints; use as ``async with``.
 
     One keep-alive HTTP session per client (a worker process makes one client).
-    ``transport`` replaces the HTTP layer (tests).
+    ``transport`` replaces the HTTP layer (tests). ``chain_said``: another client of the
+    same run has said (at INFO) the chain id its probe found; this one logs it at DEBUG, so
+    that ``-v`` says it once.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class RpcClient:
         *,
         expected_chain_id: int | None = None,
         transport: Transport | None = None,
+        chain_said: bool = False,
     ) -> None:
         if not endpoints:
             raise ConfigError("no RPC endpoint configured; pass --rpc-url or set ETH_RPC_URL")
@@ -128,6 +131,9 @@ class RpcClient:
             raise ConfigError("RPC attempts and max_in_flight must be at least 1")
         self._settings = settings
         self._expected_chain_id = expected_chain_id
+        # -v says the chain once per run: a client made after another of the same run said
+        # it (the sample's, a worker process's) logs it at DEBUG only.
+        self._chain_log = logging.DEBUG if chain_said else logging.INFO
         self._urls = [e.url for e in endpoints]
         self._endpoints: list[Endpoint] = []
         seen: dict[str, int] = {}
@@ -285,7 +291,7 @@ class RpcClient:
                         f"{endpoint.shown} serves chain {chain_id}; check {endpoint.config.check}"
                     )
             self._chain_id = first_id
-            logger.info("chain id %d: RPC endpoint(s) %s kept for the run%s", first_id,
+            logger.log(self._chain_log, "chain id %d: RPC endpoint(s) %s kept for the run%s", first_id,
                         ", ".join(e.shown for e, _ in reachable),
                         f", {len(failed)} left out" if failed else "")  # fmt: skip
             return first_id
@@ -342,9 +348,11 @@ class RpcClient:
         endpoint) for a block the caller needs anyway: only a plan that may fetch whole
         blocks asks, and never for 'latest', whose receipts are megabytes on mainnet."""
         served = await self.supports(_BLOCK_RECEIPTS, [hex(block_number)])
+        # Each worker process of a run asks (the first that needs it); its coordinator
+        # writes the answer once (`once`: see gapfill.engine.run.log_here).
         logger.info("%s %s: %s", _BLOCK_RECEIPTS, "served" if served else "not served",
                     "blocks with many refs are fetched whole" if served
-                    else "every transaction is fetched on its own")  # fmt: skip
+                    else "every transaction is fetched on its own", extra={"once": True})  # fmt: skip
         return served
 
     def supports_block_receipts(self) -> bool:

@@ -1038,10 +1038,12 @@ class Coordinator:
                         self.job = job = self.sample.job
                         if self.sample.rate > 0:
                             seq = (self.sample.rate, self.sample.why)
-            batches = refs = joined = 0
-            if self.stopping_at is None:  # a Ctrl+C during the start plans nothing
+            # A Ctrl+C during the start plans nothing, and says no start: "Run #N: ... 0 open
+            # batches, 0 refs newly planned" after "stopping:" read as a run starting with
+            # nothing to do (the in-process modes say it after planning too).
+            if self.stopping_at is None:
                 batches, refs, joined = _plan(store, job, run_id)
-            self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
+                self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
             if job.metrics_port is not None:
                 from gapfill.engine.metrics import MetricsServer
 

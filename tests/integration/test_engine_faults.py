@@ -1172,6 +1172,8 @@ def test_ctrl_c_while_a_concurrent_run_starts_stops_it_at_once(
     assert rc == 130 and "Traceback" not in out, out
     assert "[Worker-" not in out, out  # none started (they used to, then sat out the grace period)
     assert "newly planned" not in out, out  # no "Run #N: ... 0 open batches" start after the stop
+    # nor a grace period promised to workers that never started
+    assert "stopping: no worker has started yet" in out and "workers have" not in out, out
     assert committed_count(pg_url) == 0 and leased_now(pg_url) == []
     assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("interrupted",)]
     assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], "planned after the Ctrl+C"

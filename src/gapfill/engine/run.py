@@ -926,6 +926,9 @@ class Coordinator:
             with contextlib.suppress(OSError):
                 self._lifeline_w.send_bytes(b"stop")
             self._start.cancel()  # the sample (its rows are not written) or the probe
+            if not self.slots:  # still starting: no worker to give a grace period to
+                self.emit(Notice("stopping: no worker has started yet, so nothing is planned or fetched"))
+                return
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
         else:

@@ -749,7 +749,7 @@ async def test_probe_chain_and_capabilities(make_node: Any, tmp_path: Any) -> No
         assert client.stats()[plain.url].supports_block_receipts is False
 
 
-@pytest.mark.parametrize("status", [200, 404, 502])
+@pytest.mark.parametrize("status", [200, 404, 501, 502])  # 501: a web server that takes no POST
 async def test_probe_of_a_web_page_says_what_to_check(make_node: Any, tmp_path: Any, status: int) -> None:
     def web_page(node: FakeNode, body: Any) -> web.Response:
         return web.Response(status=status, text=f"<html><body>Welcome {KEY}</body></html>",
@@ -794,6 +794,7 @@ async def test_require_refuses_only_a_node_that_says_it_lacks_the_method(
 
 @pytest.mark.parametrize(("answer", "may_pass"), [
     ("http503", True), ("truncated", True), ("http404", False), ("chain1", False), ("garbage", False),
+    ("http501", False),  # a web server that takes no POST: the wrong URL, not a node failing
 ])  # fmt: skip
 async def test_a_failed_start_up_check_says_whether_trying_again_may_pass(
     make_node: Any, tmp_path: Any, answer: str, may_pass: bool
@@ -805,6 +806,9 @@ async def test_a_failed_start_up_check_says_whether_trying_again_may_pass(
             return web.Response(status=503, text="upstream error")
         if answer == "http404":
             return web.Response(status=404, text="not found")
+        if answer == "http501":
+            return web.Response(status=501, text="<html><body>Unsupported method ('POST')</body></html>",
+                                content_type="text/html")
         if answer == "truncated":
             return web.Response(body=b'{"jsonrpc": "2.0", "id"', content_type="application/json")
         return reply(body, [ok(c, "0x1" if answer == "chain1" else "zebra") for c in as_batch(body)])

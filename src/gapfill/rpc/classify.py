@@ -8,7 +8,7 @@ fault              examples                                                    r
 RATE_LIMITED       HTTP 429; "rate limit"/"too many requests"; -32005 with a   yes, with
                    rate-limit message                                          backoff
 BATCH_TOO_LARGE    HTTP 413; "batch size exceeds"/"batch too large"            re-split
-TRANSIENT          timeouts, stalls, resets, refused connections, 5xx,         yes
+TRANSIENT          timeouts, stalls, resets, refused connections, 5xx but 501, yes
                    HTML/truncated bodies, -32603, "header not found"
 UNSUPPORTED        -32601 method not found, -32004, "... not supported"; HTTP  no (other
                    405, a 403 "method ... not allowed"                         endpoint)
@@ -270,6 +270,14 @@ def looks_like_html(body: bytes) -> bool:
     return head.startswith((b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<"))
 
 
+def node_failing(status: int) -> bool:
+    """Whether HTTP ``status`` says the node (or its gateway) is failing for now: a 5xx,
+    but 501 Not Implemented, which a web server that takes no POST (Python's http.server,
+    a static site) answers every request and every retry. Like a 404, that is the wrong
+    URL, not a node to wait for."""
+    return status >= 500 and status != 501
+
+
 def classify_http(
     status: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None
 ) -> Verdict | None:
@@ -289,7 +297,7 @@ def classify_http(
         if retry_after is None:
             retry_after = _retry_after_in_body(body)
         return Verdict(Fault.RATE_LIMITED, f"HTTP {status} {shown}".strip(), status, retry_after)
-    if status >= 500 or status in (408, 425):
+    if node_failing(status) or status in (408, 425):
         return Verdict(Fault.TRANSIENT, f"HTTP {status} {shown}".strip(), status, retry_after)
     if status == 405 or (status == 403 and _UNSUPPORTED.search(text)):
         # Some providers refuse a method the plan does not include with a 403.

@@ -16,7 +16,6 @@ import contextvars
 import itertools
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from gapfill.rpc.classify import (
     classify_error,
     classify_exception,
     classify_http,
+    node_failing,
 )
 from gapfill.rpc.config import Call, EndpointConfig, RpcSettings, checks
 from gapfill.rpc.endpoint import Endpoint, EndpointStats
@@ -87,11 +87,11 @@ _LATE = object()
 def _may_pass(error: CallError) -> bool:
     """Whether a start-up check that failed so may pass if tried again: every try failed
     with HTTP 5xx (or 408, 425, 429), a timeout, a refused or reset connection, a garbled
-    body; not when the node refused the call or the endpoint answered HTTP 4xx (a web
-    page's 404, a refused API key)."""
+    body; not when the node refused the call or the endpoint answered HTTP 4xx or 501 (a
+    web page's 404, a refused API key, a web server that takes no POST)."""
     code = error.code
-    return error.kind == "transient" and not (code is not None and 400 <= code < 500
-                                              and code not in (408, 425, 429))  # fmt: skip
+    return error.kind == "transient" and (code is None or not 400 <= code < 600 or node_failing(code)
+                                          or code in (408, 425, 429))  # fmt: skip
 
 
 def _as_id(value: Any) -> int | None:
@@ -245,7 +245,7 @@ class RpcClient:
                 if isinstance(out, CallError):
                     may_pass = may_pass or _may_pass(out)
                     message = self._as_rpc_error("eth_chainId", out).args[0]
-                    if re.search(r"HTTP 5\d\d", message):  # the node (or its gateway) failing
+                    if out.code is not None and node_failing(out.code):  # the node (or its gateway)
                         message += ("; the node is failing: try again later, or point "
                                     f"{endpoint.config.check} at another node")
                     elif "no response within" in message:  # up (it accepted), but silent
@@ -788,7 +788,7 @@ class RpcClient:
             item.failures += 1
             item.avoid = item.avoid | {endpoint.index}
             limit = self._settings.attempts
-            if item.patient and verdict.code is not None and verdict.code >= 500:
+            if item.patient and verdict.code is not None and node_failing(verdict.code):
                 limit *= _PATIENCE
             if verdict.auth_refused and (pin is not None or not self._elsewhere(endpoint, item)):
                 # A refused key does not pass by asking again: said at once.

@@ -133,7 +133,7 @@ class LineRenderer:
         elif isinstance(ev, Notice):
             self.line(ev.text)
         elif isinstance(ev, WorkerExited):
-            if ev.exitcode not in (0, None) and not ev.restarted:
+            if ev.exitcode not in (0, None) and not ev.restarted and not ev.killed:
                 self.line(f"[Worker-{ev.worker + 1}] exited with code {ev.exitcode}")
         elif isinstance(ev, RunSummary):
             for ln in summary_lines(ev):

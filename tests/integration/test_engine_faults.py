@@ -207,6 +207,29 @@ def test_sigint_stops_within_grace_period_and_rerun_completes(
     assert_leases_never_overlapped(pg_url)
 
 
+@pytest.mark.timeout(150)
+def test_a_second_ctrl_c_stops_at_once_and_says_so_once(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # The workers killed as asked used to be reported as crashes, one line each:
+    # "[Worker-1] exited with code -9".
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc, "--grace-period", "60"), tmp_path, "enrich")
+        try:
+            for what, ready in (("batches in flight", lambda: len(leased_now(pg_url)) >= 2),
+                                ("the stop said", lambda: "stopping: no new batches" in p.output())):
+                wait_for(what, ready, 60, proc=p)
+                os.killpg(p.pid, signal.SIGINT)  # Ctrl+C, then Ctrl+C again
+            rc = p.wait(30)
+        finally:
+            p.close()
+    out = p.output(100_000)
+    assert rc == 130 and "Traceback" not in out, out
+    assert out.count("stopping at once: the workers are killed; their batches go back to the plan") == 1, out
+    assert "exited with code" not in out, out
+    assert leased_now(pg_url) == [], "killed workers' leases were left behind"
+
+
 def wait_for_dead(pids: set[int], timeout_s: float = 5.0) -> set[int]:
     """The pids still running after ``timeout_s`` (an exiting child may need a moment)."""
     deadline = time.monotonic() + timeout_s

@@ -105,6 +105,8 @@ class WorkerExited:
     pid: int
     exitcode: int | None
     restarted: bool
+    #: Killed by its coordinator as the user asked (a second Ctrl+C), not crashed.
+    killed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -932,6 +932,9 @@ class Coordinator:
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
         else:
+            if self.stopping_at != -1.0 and self.slots:
+                self.emit(Notice("stopping at once: the workers are killed; their batches go back to "
+                                 "the plan"))  # fmt: skip
             for s in self.slots.values():
                 with contextlib.suppress(Exception):
                     s.proc.kill()
@@ -1127,7 +1130,9 @@ class Coordinator:
                     self._progress(store, total_batches, 0, t0)
             for s in self.slots.values():
                 s.proc.join(timeout=5)
-                self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False))
+                # Killed as asked (a second Ctrl+C) is no crash to report: said once above.
+                killed = self.stopping_at == -1.0 and s.proc.exitcode == -signal.SIGKILL
+                self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False, killed))
                 if s.proc.exitcode not in (0, None):
                     store.release_owner(self._owner(s), "worker stopped")
             if self.stopping_at is not None:

@@ -1212,9 +1212,13 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
     for r in rows:
         when = (f"~{r.estimated_seconds:,.0f}s at {rps_total:g} calls/s" if r.estimated_seconds is not None
                 else "time depends on the node (no --rps set)")  # fmt: skip
-        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {r.batches:,} "
-                   f"batch{'' if r.batches == 1 else 'es'} of "
-                   f"{opts['batch_size']}, {r.per_block_refs:,} refs in {r.blocks:,} whole blocks, "
+        # Whole blocks only where the plan fetches some (under --rps, or --plan per_block):
+        # "0 refs in 0 whole blocks" on every dry run without a rate limit read as a gap
+        # the plan had lost.
+        whole = (f"{counted(r.per_block_refs, 'ref')} in {counted(r.blocks, 'whole block')}, "
+                 if r.per_block_refs else "")  # fmt: skip
+        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, "
+                   f"{counted(r.batches, 'batch', 'batches')} of {opts['batch_size']}, {whole}"
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary
         click.echo(sentence)

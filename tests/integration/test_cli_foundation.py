@@ -477,9 +477,10 @@ def test_the_config_files_plan_key_is_plan(tracked: str, tmp_path: Path, key: st
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[enrich]\n{key} = "per_block"\n')
     r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
-    assert r.exit_code == 0 and "2 refs in 1 whole blocks" in r.output, r.output
+    assert r.exit_code == 0 and "2 refs in 1 whole block," in r.output, r.output
     r = run(tracked, "--config", str(cfg), "enrich", "--dry-run", "--plan", "per_tx")
-    assert r.exit_code == 0 and "0 refs in 0 whole blocks" in r.output, r.output  # the flag wins
+    assert r.exit_code == 0 and "whole block" not in r.output, r.output  # the flag wins
+    assert "2 missing, 1 batch of 500, ~4 RPC calls" in r.output, r.output
 
 
 def test_a_chain_without_contracts_names_the_chains_that_have_some(tracked: str) -> None:

@@ -62,7 +62,9 @@ def summary_lines(s: RunSummary) -> list[str]:
         head = "" if s.head is None else f" (its head is {s.head})"
         lines.append(f"  not yet:   {s.beyond_head:,} ref(s) are in blocks the node has not reached yet"
                      f"{head}: rerun once it has caught up to fill them")  # fmt: skip
-    if s.state == "interrupted":
+    if s.state == "interrupted" and s.nothing_left:
+        lines.append("  interrupted: the batches in flight finished, and nothing is left to enrich")
+    elif s.state == "interrupted":
         lines.append("  interrupted: rerun the same command to continue where it stopped")
     return lines
 

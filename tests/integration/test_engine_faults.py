@@ -230,6 +230,29 @@ def test_a_second_ctrl_c_stops_at_once_and_says_so_once(
     assert leased_now(pg_url) == [], "killed workers' leases were left behind"
 
 
+@pytest.mark.timeout(150)
+def test_a_ctrl_c_whose_batches_all_finish_does_not_ask_for_a_rerun(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # One batch per contract, both leased: a Ctrl+C lets them finish (grace period), and
+    # nothing is left. The summary said "rerun the same command to continue where it
+    # stopped", and the rerun only said "nothing to enrich".
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        args = enrich_args(pg_url, rpc, "--batch-size", "5000", "--grace-period", "60")
+        p = GapfillProc(args, tmp_path, "enrich")
+        try:
+            wait_for("every batch leased", lambda: len(leased_now(pg_url)) == 2, 60, proc=p)
+            os.killpg(p.pid, signal.SIGINT)
+            rc = p.wait(60)
+        finally:
+            p.close()
+    out = p.output(100_000)
+    assert rc == 130 and "Traceback" not in out, out
+    assert "  interrupted: the batches in flight finished, and nothing is left to enrich" in out, out
+    assert "rerun" not in out, out
+    assert query(pg_url, "SELECT count(*) FROM batches WHERE state <> 'done'") == [(0,)]
+
+
 def wait_for_dead(pids: set[int], timeout_s: float = 5.0) -> set[int]:
     """The pids still running after ``timeout_s`` (an exiting child may need a moment)."""
     deadline = time.monotonic() + timeout_s

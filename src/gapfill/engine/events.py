@@ -186,6 +186,9 @@ class RunSummary:
     #: node's head as the latest of their failures found it.
     beyond_head: int = 0
     head: int | None = None
+    #: An interrupted run whose batches in flight finished within the grace period and left
+    #: nothing to do: a rerun would only say "nothing to enrich".
+    nothing_left: bool = False
 
     @property
     def speedup(self) -> float | None:

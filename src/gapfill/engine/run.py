@@ -297,6 +297,12 @@ def nothing_to_enrich(
     return NothingToEnrich(any(store.has_refs(c, a) for c, a in targets), permanent)
 
 
+def _nothing_left(store: Store, job: EnrichJob) -> bool:
+    """Whether an interrupted run left its targets nothing to do (its batches in flight
+    finished within the grace period): no gap, no open plan."""
+    return nothing_to_enrich(store, job.targets) is not None
+
+
 def permanent_failures(store: Store, targets: Sequence[tuple[int, str]]) -> int:
     """Failures of ``targets`` that are permanent now, whichever run recorded them (exit code 3)."""
     return sum(store.count_permanent_failures(chain_id, contract) for chain_id, contract in targets)
@@ -548,6 +554,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             run_id, mode, 1, processed, failed, permanent, secs, processed / secs if secs > 0 else 0.0,
             calls, calls / processed if processed else 0.0, state,
             seq[0] if seq else None, seq[1] if seq else "", beyond_head=behind, head=head,
+            nothing_left=state == "interrupted" and _nothing_left(store, job),
         )  # fmt: skip
         emit(summary)
         if state == "interrupted":
@@ -1166,10 +1173,11 @@ class Coordinator:
             if run_id:
                 with contextlib.suppress(GapfillError):  # else the events' count stands
                     processed, failed, calls = store.finish_run(run_id, state, self.own_calls, note=why)
-            permanent, behind, head = 0, 0, None
+            permanent, behind, head, nothing_left = 0, 0, None, False
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)
                 behind, head = refs_beyond_head(store, job.targets)
+                nothing_left = state == "interrupted" and _nothing_left(store, job)
             store.close()
             for conn in self.events:
                 conn.close()
@@ -1180,7 +1188,7 @@ class Coordinator:
             run_id, "concurrent" if job.plan_new else "worker", self.workers, processed, failed,
             permanent, secs, rate, calls, calls / processed if processed else 0.0, state,
             seq[0] if seq else None, seq[1] if seq else "", self.restarts,
-            beyond_head=behind, head=head,
+            beyond_head=behind, head=head, nothing_left=nothing_left,
         )  # fmt: skip
         self.emit(summary)
         if state == "interrupted":

@@ -63,6 +63,9 @@ class Ctx:
     more_secrets: list[str] = field(default_factory=list)
     #: The handler that masks the secrets in log records, told of the ones a command adds.
     log_handler: _StderrLog | None = None
+    #: Positions in :meth:`endpoints` of those a check before a run left out (hung,
+    #: unreachable): the run goes without them, rather than say so and wait for them again.
+    left_out: tuple[int, ...] = ()
 
     def store(self, create: bool = False, read_only: bool = False) -> Store:
         """The database; only commands that add to it (``create``) may start a new SQLite
@@ -880,10 +883,10 @@ def _on_node_chain(
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
         return chains.pop(), targets, []
-    from gapfill.engine.session import fetch_chain_id
+    from gapfill.engine.session import check_node
 
     # The run's own start-up check says the chain at -v; this one only picks the targets.
-    node_chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc, check_only=True)
+    node_chain, ctx.left_out = check_node(ctx.endpoints(), tell=tell, settings=rpc)
     on_chain, skipped = served(targets, node_chain, ctx.endpoints_check(), one_address=contract is not None)
     if contract is not None and say is not None:
         say(picked_by_node(targets, node_chain))
@@ -1096,6 +1099,7 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
         plan_new=plan_new,
         metrics_port=opts["metrics_port"],
         rpc=rpc_settings(opts.get("rpc_timeout_s")),
+        left_out=ctx.left_out,
     )  # fmt: skip
 
 
@@ -1136,10 +1140,10 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     if targets != tracked and _say_if_nothing_to_enrich(ctx, targets, retry_failed, left):
         return
     if retry_failed:
-        from gapfill.engine.session import fetch_chain_id
+        from gapfill.engine.session import check_node
 
         # A mistyped --rpc-url must not cost the failure records: check the node first.
-        fetch_chain_id(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc, check_only=True)
+        _, ctx.left_out = check_node(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{n} failed ref(s) put back into the gap", err=True)
     ctx.close()  # workers open their own connections

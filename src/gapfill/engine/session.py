@@ -48,17 +48,29 @@ def fetch_chain_id(
     expected_chain_id: int | None = None,
     tell: Callable[[str], None] | None = None,
     settings: RpcSettings | None = None,
-    *,
-    check_only: bool = False,
 ) -> int:
     """Ask the nodes for their chain id (they must agree, and match ``expected_chain_id``);
     ``tell`` hears of slow or left-out endpoints (see :meth:`RpcClient.probe`), and
-    ``settings`` carry the command's ``--rpc-timeout``. ``check_only``: a check before a
-    run, whose own start-up check says the chain id at ``-v``; this one logs it at DEBUG."""
+    ``settings`` carry the command's ``--rpc-timeout``."""
+    return check_node(endpoints, expected_chain_id, tell, settings, before_run=False)[0]
 
-    async def go() -> int:
+
+def check_node(
+    endpoints: Sequence[EndpointSetting],
+    expected_chain_id: int | None = None,
+    tell: Callable[[str], None] | None = None,
+    settings: RpcSettings | None = None,
+    *,
+    before_run: bool = True,
+) -> tuple[int, tuple[int, ...]]:
+    """:func:`fetch_chain_id`, and the positions in ``endpoints`` of those it left out.
+    ``before_run``: a check before an ``enrich`` run, which goes without them (its job's
+    ``left_out``), so that they are said once and not waited for again, and whose own
+    check says the chain id at ``-v``: this one logs it at DEBUG."""
+
+    async def go() -> tuple[int, tuple[int, ...]]:
         async with make_client(endpoints, expected_chain_id=expected_chain_id, settings=settings,
-                               chain_said=check_only) as client:  # fmt: skip
-            return await client.probe(tell)
+                               chain_said=before_run) as client:  # fmt: skip
+            return await client.probe(tell), client.left_out()
 
     return asyncio.run(go())

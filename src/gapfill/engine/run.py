@@ -156,7 +156,8 @@ class EnrichJob:
     metrics_port: int | None = None
     #: The run the workers write for (their writes add to its counts); set by the coordinator.
     run_id: int | None = None
-    #: Positions in ``endpoints`` of those the run's first probe left out (hung, unreachable):
+    #: Positions in ``endpoints`` of those the run's first probe (or the CLI's check before
+    #: the run, ``engine.session.check_node``) left out (hung, unreachable):
     #: the clients made after it (the coordinator's, the workers') go without them, instead
     #: of each waiting ``probe_grace_s`` for them again. ``endpoints`` keeps them all, so
     #: their URLs are still redacted wherever the run's messages are kept.

@@ -98,9 +98,10 @@ class LineRenderer:
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
             join = f", joined {ev.joined} open plan(s)" if ev.joined else ""
+            # `gapfill worker` never plans: "0 refs newly planned" would say nothing true.
+            planned = "" if ev.mode == "worker" else f", {counted(ev.refs, 'ref')} newly planned"
             self.line(f"Run #{ev.run_id}: mode {ev.mode}, {ev.workers} worker(s) on {ev.cores} CPU cores; "
-                      f"{counted(ev.batches, 'open batch', 'open batches')}, "
-                      f"{counted(ev.refs, 'ref')} newly planned{join}")  # fmt: skip
+                      f"{counted(ev.batches, 'open batch', 'open batches')}{planned}{join}")  # fmt: skip
         elif isinstance(ev, BatchAssigned):
             again = f" (attempt {ev.attempt})" if ev.attempt > 1 else ""
             self.line(f"[Worker-{ev.worker + 1}] Assigned batch {ev.batch_id}: {key_range(ev.lo, ev.hi)}, "

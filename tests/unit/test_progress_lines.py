@@ -169,9 +169,11 @@ def test_a_count_of_one_is_said_in_the_singular() -> None:
     render = LineRenderer(out)
     render(RunStarted(7, "batch", 1, 2, 1, 1, 0))
     render(BatchAssigned(0, 5, (10, 0, 0), (10, 0, 0), 1, 1))
+    render(RunStarted(8, "worker", 2, 2, 3, 0, 1))  # `gapfill worker` joins; it never plans
     assert out.getvalue().splitlines() == [
         "Run #7: mode batch, 1 worker(s) on 2 CPU cores; 1 open batch, 1 ref newly planned",
         "[Worker-1] Assigned batch 5: blocks 10-10, 1 ref",
+        "Run #8: mode worker, 2 worker(s) on 2 CPU cores; 3 open batches, joined 1 open plan(s)",
     ]
     assert (counted(0, "batch", "batches"), counted(2_000, "RPC call")) == ("0 batches", "2,000 RPC calls")
 

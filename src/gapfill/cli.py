@@ -536,7 +536,7 @@ def contract() -> None:
               help="Its chain [default: the RPC node's; without a node, the one chain it is "
                    "tracked on].")  # fmt: skip
 @click.option("--label", default=None, help="A name to show in status.")
-@click.option("--abi", "abi_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--abi", "abi_file", type=click.Path(), default=None,
               help="ABI JSON file (a list, or an artifact with an \"abi\" key) for decoding.")
 @click.option("--start-block", type=int_range(0), default=None,
               help="First block of the contract (discovery starts here).")
@@ -625,6 +625,8 @@ def load_abi(path: str) -> list[dict[str, Any]]:
         data = orjson.loads(raw.removeprefix(codecs.BOM_UTF8))
     except FileNotFoundError:
         raise ConfigError(f"ABI file {path} does not exist: fix the --abi path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"ABI file {path} is a directory, not a file: fix the --abi path") from None
     except OSError as exc:
         raise ConfigError(f"cannot read ABI file {path} ({exc.strerror}): fix the --abi path") from None
     except orjson.JSONDecodeError:

@@ -56,3 +56,13 @@ def test_every_workers_option_takes_the_same_range() -> None:
         assert isinstance(kind, click.IntRange)
         ranges.add((kind.min, kind.max))
     assert len(ranges) == 1, ranges
+
+
+@pytest.mark.parametrize("abi", ["missing.json", "."])
+def test_an_abi_path_that_is_no_file_is_one_sentence_and_exit_1_either_way(tmp_path: Path, abi: str) -> None:
+    # A directory was click's usage error (exit 2, a usage block) and a missing file exit 1.
+    path = str(tmp_path / abi)
+    res = run(tmp_path, "contract", "add", A, "--chain-id", "1", "--abi", path)
+    what = "does not exist" if abi == "missing.json" else "is a directory, not a file"
+    assert (res.exit_code, res.stderr) == (1, f"error: ABI file {path} {what}: fix the --abi path\n")
+    assert not (tmp_path / "x.db").exists()  # said before the database was started

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -30,7 +30,7 @@ import orjson
 from gapfill import __version__
 from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.errors import ConfigError, GapfillError, Interrupted, RpcError, UnknownContractError
-from gapfill.model import Contract, ContractStatus
+from gapfill.model import Contract, ContractStatus, Ref
 from gapfill.redact import DbUrl, Secret, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
@@ -711,9 +711,17 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
         # Else a blank terminal that waits, and nothing says for what.
         click.echo("reading transaction hashes from the terminal: one a line, then Ctrl+D "
                    "(or give a file, or pipe one in)", err=True)  # fmt: skip
+    read = 0
+
+    def counting(refs: Iterator[Ref]) -> Iterator[Ref]:
+        nonlocal read
+        for ref in refs:
+            read += 1
+            yield ref
+
     try:
-        added = store.add_refs(parse_refs(file, c.chain_id, c.address))
-        remark = ""
+        added = store.add_refs(counting(parse_refs(file, c.chain_id, c.address)))
+        remark = _known_already(read, read - added.new - added.filled)
     except NoRefs:
         if file != "-":
             raise  # a file named that holds nothing is almost surely the wrong file
@@ -722,8 +730,18 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
     ctx.kept = None
     filled = (f", {added.filled} block number{'' if added.filled == 1 else 's'} filled"
               if added.filled else "")  # fmt: skip
-    click.echo(f"imported {added.new} new ref{'' if added.new == 1 else 's'} for {c.address} "
+    click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
                f"on chain {c.chain_id}{filled}{remark}")  # fmt: skip
+
+
+def _known_already(read: int, unchanged: int) -> str:
+    """What an import says of the hashes it read that changed nothing (tracked already with
+    what they say, or given twice): an import of 0 new refs did not just fail to read."""
+    if not unchanged:
+        return ""
+    if unchanged == read:
+        return " (every hash was known already)" if read > 1 else " (the hash was known already)"
+    return f" ({unchanged:,} of {counted(read, 'hash', 'hashes')} known already)"
 
 
 def status_dict(s: ContractStatus) -> dict[str, Any]:

@@ -759,8 +759,14 @@ def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path:
     assert r.exit_code == 0, r.stderr
     assert r.output.strip() == f"imported 0 new refs for {C} on chain 1, 2 block numbers filled", r.output
     r = run(tracked, "import", str(csvf), "--contract", C)  # nothing left to fill
-    assert r.output.strip() == f"imported 0 new refs for {C} on chain 1", r.output
-    assert sorted(refs_of(tracked)) == [(h(1), 17), (h(2), 18), (h(3), None)]
+    said = f"imported 0 new refs for {C} on chain 1"
+    assert r.output.strip() == f"{said} (every hash was known already)", r.output
+    r = run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n")
+    assert r.output.strip() == f"{said} (the hash was known already)", r.output
+    r = run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(9)}\n{h(9)}\n")  # h(9) twice
+    assert r.output.strip() == f"imported 1 new ref for {C} on chain 1 (2 of 3 hashes known already)", \
+        r.output
+    assert sorted(refs_of(tracked)) == [(h(1), 17), (h(2), 18), (h(3), None), (h(9), None)]
     csvf.write_text(f"hash,block_number\n{h(3)},19\n{h(4)},20\n")
     r = run(tracked, "import", str(csvf), "--contract", C)  # one of each: singular
     assert r.output.strip() == f"imported 1 new ref for {C} on chain 1, 1 block number filled", r.output

@@ -1267,8 +1267,15 @@ def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
     if not contracts:
         raise GapfillError(f"no contract is tracked in this database: check {ctx.db_check}")
     # A worker joins the plans of its endpoints' chain; those of another chain are for
-    # workers given an endpoint of that chain, so it leaves them without a word.
-    chain, targets, _ = _chain_targets(ctx, None, None, rpc_settings(opts.get("rpc_timeout_s")))
+    # workers given an endpoint of that chain, so it leaves them without a word. The node
+    # is asked its chain even when every contract is on one: a worker is there to work, and
+    # one given another chain's node used to say there was no plan of the contracts' chain
+    # (or wait for one, with --wait) and fail only once a plan was there to join.
+    from gapfill.engine.session import fetch_chain_id
+
+    tracked = _tracked_targets(ctx, None, None, read_only=False)
+    chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(opts.get("rpc_timeout_s")))
+    targets, _ = served(tracked, chain, ctx.endpoints_check())
     keys = [(c.chain_id, c.address) for c in targets]
     if not ctx.store().has_open_batches(keys):
         if not wait:  # nothing to join: said, and nothing written (not even a run row)

@@ -525,15 +525,36 @@ def test_worker_offers_no_batch_size_it_would_never_use(tracked: str) -> None:
     assert run(tracked, "worker", "--batch-size", "3").exit_code == 2
 
 
-def test_a_worker_with_no_open_plan_says_so_and_what_to_do(tracked: str) -> None:
+def test_a_worker_with_no_open_plan_says_so_and_what_to_do(tracked: str, anvil_bin: str) -> None:
     # It used to start a run of nothing and print its empty summary: 0 open batches, 0
     # transactions, and not a word about what was wrong or what to do.
-    r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "worker")
+    from gapfill.testing.anvil import Anvil
+
+    with Anvil(binary=anvil_bin, chain_id=1, accounts=1) as node:  # the worker asks its chain
+        r = run(tracked, "--rpc-url", node.url, "worker")
     assert r.exit_code == 0, r.output + r.stderr
     said = ("no open plan to join on chain 1: run `gapfill enrich` with this database (on any host) "
             "to plan the gap, or start the worker with --wait")  # fmt: skip
     assert one_sentence(r) == said
     assert r.stdout == "" and run(tracked, "runs").stdout.strip() == "no runs yet"
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_given_another_chains_node_says_so_before_anything(tracked: str, anvil_session: Any) -> None:
+    # The contract is on chain 1, the node serves 31337. The worker used to say there was
+    # no plan of chain 1 to join (exit 0; with --wait it waited for one), and once a plan
+    # was open it joined it and only then failed, leaving a failed run row of 1 call.
+    said = ("no tracked contract is on chain 31337, the RPC node's chain (they are on chain 1): "
+            "check --rpc-url")  # fmt: skip
+    r = run(tracked, "--rpc-url", anvil_session.url, "worker")
+    assert r.exit_code == 1 and one_sentence(r) == f"error: {said}", r.output + r.stderr
+    assert run(tracked, "import", "-", "--contract", C, input=h(1) + "\n").exit_code == 0
+    with open_store(tracked) as s:  # another host's `gapfill enrich` planned chain 1's gap
+        s.plan(s.create_run("batch", 1), [(1, C)])
+    r = run(tracked, "--rpc-url", anvil_session.url, "worker", "--wait")
+    assert r.exit_code == 1 and one_sentence(r) == f"error: {said}", r.output + r.stderr
+    with open_store(tracked) as s:
+        assert [run_.mode for run_ in s.list_runs()] == ["batch"]
 
 
 def test_hints_name_the_config_file_for_what_it_set(tracked: str, tmp_path: Path) -> None:
@@ -608,6 +629,7 @@ def test_ctrl_c_while_a_worker_waits_for_a_plan_says_nothing_was_written(
         raise KeyboardInterrupt
 
     monkeypatch.setattr("gapfill.engine.run.wait_for_plan", interrupted)
+    monkeypatch.setattr("gapfill.engine.session.fetch_chain_id", lambda *_, **__: 1)  # the node's chain
     r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "worker", "--wait")
     assert r.exit_code == 130, r.output + r.stderr
     assert r.stderr.splitlines()[-1] == ("interrupted: no plan was joined and nothing was written; run the "

@@ -1241,8 +1241,15 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
         # the plan had lost.
         whole = (f"{counted(r.per_block_refs, 'ref')} in {counted(r.blocks, 'whole block')}, "
                  if r.per_block_refs else "")  # fmt: skip
-        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, "
-                   f"{counted(r.batches, 'batch', 'batches')} of {opts['batch_size']}, {whole}"
+        # A contract with an open plan (a run in progress, or one stopped) is not planned
+        # again: the run joins it, batches and all, so "N batches of --batch-size" would be
+        # a plan that never happens.
+        plan = ctx.store(read_only=True).batch_counts(targets=[(r.chain_id, r.contract)])
+        batches = (f"{counted(r.batches, 'batch', 'batches')} of {opts['batch_size']}"
+                   if not (plan.pending or plan.leased) or not r.missing else
+                   f"joins the open plan ({plan.pending:,} pending, {plan.leased:,} leased "
+                   f"{'batch' if plan.pending + plan.leased == 1 else 'batches'})")  # fmt: skip
+        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {batches}, {whole}"
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary
         click.echo(sentence)

@@ -613,6 +613,20 @@ def test_node_hints_name_the_config_file_key_not_rpc_url(anvil_session: Any, sql
     assert r.exit_code == 1 and one_sentence(r).endswith("check ETH_RPC_URL"), r.stderr
 
 
+def test_a_dry_run_says_a_run_would_join_the_open_plan(tracked: str) -> None:
+    # Another run's plan is open (in progress, or stopped): a run joins it rather than plan
+    # again. The dry run used to show the plan of --batch-size that would never happen.
+    refs = "".join(h(i) + "\n" for i in range(1, 4))
+    assert run(tracked, "import", "-", "--contract", C, input=refs).exit_code == 0
+    assert "1 batch of 500" in run(tracked, "enrich", "--dry-run").stdout
+    with open_store(tracked) as s:
+        s.plan(s.create_run("batch", 1), [(1, C)], batch_size=1)
+    r = run(tracked, "enrich", "--dry-run")
+    assert r.exit_code == 0, r.output + r.stderr
+    line = f"1 {C}: 3 missing, joins the open plan (3 pending, 0 leased batches), ~"
+    assert line in r.stdout and "of 500" not in r.stdout, r.stdout
+
+
 def test_a_dry_run_checks_the_endpoints_as_a_run_does(tracked: str) -> None:
     r = run(tracked, "--rpc-url", "htp://127.0.0.1:8545", "enrich", "--dry-run")
     assert r.exit_code == 1, r.output + r.stderr

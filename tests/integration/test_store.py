@@ -1660,6 +1660,17 @@ def test_sqlite_leases_and_progress_search_the_open_batches_index(tmp_path: Any,
         assert s.count_open_batches([(1, C)]) == OPEN and s.count_open_batches([(1, D)]) == 0
 
 
+def test_a_workers_progress_ends_at_100_percent_when_another_run_did_the_rest(db_url: str) -> None:
+    # `gapfill worker` beside a coordinator: the worker did 3 batches, the coordinator the
+    # rest. Its total stayed the open batches it joined, so it ended on "3/OPEN (x%)", never
+    # said the finished plan, and read as if the plan were left unfinished.
+    with open_store(db_url) as s:
+        run = _with_history(s, analyzed=False)
+        with s._tx() as cur:  # type: ignore[attr-defined]
+            cur.execute(s._sql("UPDATE batches SET state = 'done' WHERE run_id = ?"), (run,))  # type: ignore[attr-defined]
+        assert _progress(s, done_batches=3, plan_new=False) == (3, 3)
+
+
 def test_a_workers_progress_counts_what_it_did_and_what_is_open_not_the_history(db_url: str) -> None:
     # `gapfill worker` said "3/40,020 batches": its total counted every batch its contract
     # ever had. A run that planned (or joined) counts the batches open at its start.

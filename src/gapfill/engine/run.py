@@ -1282,7 +1282,9 @@ class Coordinator:
         counting this run's ids said 0% all along after a rerun), or for `gapfill worker`
         those it did, of those and the ones still open. Only open batches are counted: the
         done ones of earlier runs (never pruned) made a count per second grow with the
-        history, and a worker's total counted them all."""
+        history, and a worker's total counted them all. A worker's total is not held at
+        the batches open when it joined: other runs' workers close some of them, and it
+        ended short of 100% ("95/159"), its finished plan never said."""
         job = self.job
         open_ = store.count_open_batches(job.targets)
         if job.plan_new:
@@ -1290,7 +1292,7 @@ class Coordinator:
             done = max(0, total - open_)
         else:
             done = self.done_batches
-            total = max(total_batches, done + open_)
+            total = done + open_
         processed, failed, _, retries, limited = self.totals()
         self.emit(_progress_event(done, total, active, processed, failed, time.perf_counter() - t0,
                                   retries, limited))  # fmt: skip

@@ -196,6 +196,8 @@ class GapfillGroup(click.Group):
             kept = obj.kept() if obj is not None and obj.kept is not None else None
             click.echo(f"interrupted: {kept}" if kept else "interrupted", err=True)
             raise SystemExit(130) from None
+        except click.exceptions.NoSuchOption as exc:
+            raise _name_the_global_option(ctx, exc) from None
         except click.exceptions.Abort:  # a prompt met end of input or Ctrl+C
             click.echo("aborted: nothing was changed", err=True)
             raise SystemExit(1) from None
@@ -213,6 +215,23 @@ class GapfillGroup(click.Group):
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+
+
+def _name_the_global_option(ctx: click.Context,
+                            exc: click.exceptions.NoSuchOption) -> click.exceptions.NoSuchOption:  # fmt: skip
+    """``gapfill worker --rpc-url URL``: an option of gapfill itself given after the command
+    was "No such option '--rpc-url'. Did you mean '--rpc-timeout'?", as if it did not exist.
+    Say where it goes instead (the usage error, exit 2, stays)."""
+    name = exc.option_name.split("=", 1)[0]
+    own = {o for p in ctx.command.params for o in (*p.opts, *p.secondary_opts)}
+    path = exc.ctx.command_path.split(" ", 1) if exc.ctx is not None else []
+    sub = path[1] if len(path) == 2 else None  # "contract list": the words after gapfill
+    if name not in own or sub is None:
+        return exc
+    return click.exceptions.NoSuchOption(
+        exc.option_name, ctx=exc.ctx,
+        message=f"{name} is an option of gapfill itself, not of `{sub}`: put it before the command "
+                f"(gapfill {name} ... {sub})")  # fmt: skip
 
 
 def _internal_error(ctx: click.Context, exc: Exception) -> NoReturn:

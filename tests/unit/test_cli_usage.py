@@ -66,3 +66,17 @@ def test_an_abi_path_that_is_no_file_is_one_sentence_and_exit_1_either_way(tmp_p
     what = "does not exist" if abi == "missing.json" else "is a directory, not a file"
     assert (res.exit_code, res.stderr) == (1, f"error: ABI file {path} {what}: fix the --abi path\n")
     assert not (tmp_path / "x.db").exists()  # said before the database was started
+@pytest.mark.parametrize(("args", "name"), [(("worker", "--rpc-url", "http://127.0.0.1:9/"), "--rpc-url"),
+                                            (("enrich", "--db=sqlite:///y.db"), "--db"),
+                                            (("contract", "list", "-v"), "-v")])  # fmt: skip
+def test_an_option_of_gapfill_itself_after_the_command_says_where_it_goes(
+    tracked: Path, args: tuple[str, ...], name: str
+) -> None:
+    # It was "No such option '--rpc-url'. Did you mean '--rpc-timeout'?": as if gapfill had
+    # no such option, and the README's `gapfill --rpc-url ... worker` is easy to turn round.
+    r = run(tracked, *args)
+    assert r.exit_code == 2, r.output
+    sub = "contract list" if args[0] == "contract" else args[0]
+    said = f"Error: {name} is an option of gapfill itself, not of `{sub}`: put it before the command"
+    assert said in r.stderr and "Did you mean" not in r.stderr, r.stderr
+    assert "No such option '--nope'" in run(tracked, "worker", "--nope").stderr  # others as before

@@ -1296,11 +1296,14 @@ def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
     # workers given an endpoint of that chain, so it leaves them without a word. The node
     # is asked its chain even when every contract is on one: a worker is there to work, and
     # one given another chain's node used to say there was no plan of the contracts' chain
-    # (or wait for one, with --wait) and fail only once a plan was there to join.
-    from gapfill.engine.session import fetch_chain_id
+    # (or wait for one, with --wait) and fail only once a plan was there to join. The run
+    # goes without the endpoints this check left out, and its own check says the chain at
+    # -v: each said once, a hung endpoint waited for once.
+    from gapfill.engine.session import check_node
 
     tracked = _tracked_targets(ctx, None, None, read_only=False)
-    chain = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(opts.get("rpc_timeout_s")))
+    chain, ctx.left_out = check_node(ctx.endpoints(), tell=tell,
+                                     settings=rpc_settings(opts.get("rpc_timeout_s")))  # fmt: skip
     targets, _ = served(tracked, chain, ctx.endpoints_check())
     keys = [(c.chain_id, c.address) for c in targets]
     if not ctx.store().has_open_batches(keys):

@@ -643,7 +643,7 @@ def test_ctrl_c_while_a_worker_waits_for_a_plan_says_nothing_was_written(
         raise KeyboardInterrupt
 
     monkeypatch.setattr("gapfill.engine.run.wait_for_plan", interrupted)
-    monkeypatch.setattr("gapfill.engine.session.fetch_chain_id", lambda *_, **__: 1)  # the node's chain
+    monkeypatch.setattr("gapfill.engine.session.check_node", lambda *_, **__: (1, ()))  # the node's chain
     r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "worker", "--wait")
     assert r.exit_code == 130, r.output + r.stderr
     assert r.stderr.splitlines()[-1] == ("interrupted: no plan was joined and nothing was written; run the "

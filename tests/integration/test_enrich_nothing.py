@@ -172,3 +172,18 @@ def test_retry_failed_says_an_endpoint_left_out_once(small_chain: Any, sqlite_ur
     assert r.exit_code == 0, r.output + r.stderr
     said = r.stderr.count("left out for this run: could not reach the RPC node at http://127.0.0.1:1/")
     assert said == 1, r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_says_an_endpoint_left_out_once(small_chain: Any, sqlite_url: str) -> None:
+    # `gapfill worker` asks its endpoints' chain before joining a plan, then its run's own
+    # start-up check asked them again: "left out for this run: ..." came twice (a hung
+    # endpoint waited for twice). The run goes without what the first check left out.
+    db, chain = sqlite_url, small_chain.chain
+    track(db, chain, chain.silent, 6)
+    with open_store(db) as s:  # another host's `gapfill enrich` planned the gap
+        s.plan(s.create_run("batch", 1), [(chain.chain_id, chain.silent)])
+    r = run(db, "--rpc-url", f"{small_chain.url},{UNREACHABLE}", "worker", "--workers", "1")
+    assert r.exit_code == 0, r.output + r.stderr
+    said = r.stderr.count("left out for this run: could not reach the RPC node at http://127.0.0.1:1/")
+    assert said == 1, r.stderr

@@ -1836,3 +1836,50 @@ def test_two_discoveries_of_one_contract_record_coverage_one_after_the_other(
     with open_store(pg_url) as s:
         assert _coverage(s) == [("blocks", 0, 19)] and s.count_gap(1, C) == 2
     assert waited  # for the contract's row, which the first held until it committed
+
+
+@pytest.mark.timeout(60)
+def test_migration_5_merges_coverage_an_older_gapfill_commits_meanwhile(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A discovery of an older gapfill (another host, schema 4) commits a chunk's row while
+    # migration 5 runs. The migration read the rows into its merge, then deleted every row:
+    # one committed between the two was deleted without being merged (its blocks lost), and
+    # one committed after it stayed a row of its own beside the merge. It locks the table's
+    # writers out first, so such a row waits and is merged.
+    import threading
+
+    import psycopg
+
+    schema_up_to(pg_url, monkeypatch, 4)
+    with open_store(pg_url, migrate=False) as s:
+        assert s.migrate() == 4
+        s.add_contract(Contract(1, C))
+        _insert_coverage_rows(s, [(C, "blocks", 0, 9)])
+    monkeypatch.undo()
+    older = psycopg.connect(pg_url)  # its chunk's row, not yet committed
+    older.execute("INSERT INTO coverage (chain_id, contract, method, from_block, to_block) "
+                  "VALUES (1, %s, 'blocks', 10, 19)", (C,))  # fmt: skip
+    errors: list[Exception] = []
+
+    def migrate() -> None:
+        try:
+            with open_store(pg_url):
+                pass
+        except Exception as exc:
+            errors.append(exc)
+
+    migration = threading.Thread(target=migrate)
+    watcher = psycopg.connect(pg_url, autocommit=True)
+    try:
+        migration.start()
+        _until(lambda: not migration.is_alive() or _waits_for_a_lock(watcher))
+        older.commit()
+        migration.join(30)
+    finally:
+        older.close()
+        watcher.close()
+    assert errors == []
+    with open_store(pg_url) as s:
+        assert s.schema_version() == 5
+        assert _coverage(s) == [("blocks", 0, 19)]

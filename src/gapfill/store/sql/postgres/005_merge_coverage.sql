@@ -3,6 +3,10 @@
 -- Discovery used to add a row per committed chunk (a 20M-block scan: ~400,000 rows, every
 -- one read by each resume and each `gapfill status`): merged here once. A row follows one
 -- before it in its key that reaches at least its from_block - 1, or starts a new range.
+-- Writers (a discovery of an older gapfill, on another host) are locked out first: a row
+-- committed between the merge's read and the DELETE would be deleted unmerged, its blocks
+-- lost. SHARE ROW EXCLUSIVE waits for writes in progress and lets readers read.
+LOCK TABLE coverage IN SHARE ROW EXCLUSIVE MODE;
 CREATE TEMP TABLE coverage_merged AS
 WITH ordered AS (
     SELECT chain_id, contract, method, from_block, to_block, scanned_at,

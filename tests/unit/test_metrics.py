@@ -22,7 +22,8 @@ def assigned(batch_id: int) -> BatchAssigned:
 def test_the_lease_tally_follows_each_lease_to_its_end() -> None:
     tally = LeaseTally()
     for ev in (
-        *(assigned(i) for i in range(1, 7)),
+        *(assigned(i) for i in range(1, 8)),
+        BatchAssigned(worker=1, batch_id=8, lo=KEY, hi=KEY, refs=10, attempt=1),  # type: ignore[arg-type]
         BatchDone(0, 1, 10, 0, 0.1, committed=True, stored=10),
         BatchDone(0, 2, 10, 0, 0.1, committed=False),  # lost at commit: nothing written
         BatchAbandoned(0, 3, "node gone", 1, kept=4, rest=6),  # given back
@@ -30,10 +31,14 @@ def test_the_lease_tally_follows_each_lease_to_its_end() -> None:
         BatchesEmptied(0, 3),  # closed without a lease: no lease event
     ):
         tally.take(ev)
-    tally.expired += 2  # the coordinator took back two leases, one of them its worker's
-    tally.expired_own += 1
-    assert (tally.taken, tally.committed, tally.given_back, tally.lost) == (6, 2, 1, 1)
-    assert tally.held == 1  # batches 5 and 6 were leased; one of them expired
+    tally.took_back(5)  # the coordinator took an expired lease back (its worker is killed)
+    tally.took_back(99)  # another run's
+    assert (tally.taken, tally.committed, tally.given_back, tally.lost, tally.expired) == (8, 2, 1, 1, 2)
+    assert sorted(tally.held) == [6, 7, 8]
+    tally.take(BatchDone(0, 5, 10, 0, 0.1, committed=False))  # the killed worker's late word
+    tally.worker_gone(0)  # worker 0 crashed: its leases went back with it
+    assert tally.held == {8: 1}
+    assert series(0, 0, 0, 0, 0, 0, 1, 1, tally)["gapfill_leases_held"] == 1
 
 
 def scrape(port: int) -> str:
@@ -42,7 +47,7 @@ def scrape(port: int) -> str:
 
 
 def test_the_endpoint_serves_every_series_with_its_help_read_at_each_scrape() -> None:
-    tally = LeaseTally(taken=3, committed=1)
+    tally = LeaseTally(taken=3, committed=1, held={7: 0, 8: 1})
     calls = [5]
 
     def snapshot() -> dict[str, float]:
@@ -62,6 +67,7 @@ def test_the_endpoint_serves_every_series_with_its_help_read_at_each_scrape() ->
         assert "gapfill_leases_taken_total 3.0\n" in text and "gapfill_leases_held 2.0\n" in text
         calls[0] = 9
         tally.committed = 3
+        tally.held.clear()
         text = scrape(server.port)
         assert "gapfill_rpc_calls_total 9.0\n" in text and "gapfill_leases_held 0.0\n" in text
     finally:

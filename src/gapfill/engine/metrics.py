@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Event
@@ -40,32 +40,42 @@ HELP: dict[str, str] = {
 
 @dataclass
 class LeaseTally:
-    """What happened to the leases of a run's workers, counted from their events."""
+    """What happened to the leases of a run's workers, counted from their events (and the
+    coordinator's takings back): ``held`` maps each batch leased now to its worker."""
 
     taken: int = 0
     committed: int = 0
     given_back: int = 0
     lost: int = 0
     expired: int = 0  # taken back by the coordinator (its workers' or anyone's)
-    expired_own: int = 0  # of those, held by this run's workers
+    held: dict[int, int] = field(default_factory=dict)  # batch id -> worker index
 
     def take(self, ev: Event) -> None:
         if isinstance(ev, BatchAssigned):
             self.taken += 1
+            self.held[ev.batch_id] = ev.worker
         elif isinstance(ev, BatchDone):
             if ev.committed:
                 self.committed += 1
             else:
                 self.lost += 1
+            self.held.pop(ev.batch_id, None)
         elif isinstance(ev, BatchAbandoned):
             if ev.closed:
                 self.committed += 1
             else:
                 self.given_back += 1
+            self.held.pop(ev.batch_id, None)
 
-    @property
-    def held(self) -> int:
-        return max(0, self.taken - self.committed - self.given_back - self.lost - self.expired_own)
+    def took_back(self, batch_id: int) -> None:
+        """The coordinator took back an expired lease (a stuck worker's, or anyone's)."""
+        self.expired += 1
+        self.held.pop(batch_id, None)
+
+    def worker_gone(self, worker: int) -> None:
+        """A worker process ended (crashed, killed): its leases were released with it."""
+        for batch_id in [b for b, w in self.held.items() if w == worker]:
+            del self.held[batch_id]
 
 
 def series(processed: int, failed: int, calls: int, retries: int, limited: int, batches: int,
@@ -85,7 +95,7 @@ def series(processed: int, failed: int, calls: int, retries: int, limited: int, 
         "gapfill_leases_given_back_total": leases.given_back,
         "gapfill_leases_lost_total": leases.lost,
         "gapfill_leases_expired_total": leases.expired,
-        "gapfill_leases_held": leases.held,
+        "gapfill_leases_held": len(leases.held),
     }
 
 

@@ -1214,6 +1214,8 @@ class Coordinator:
         owner = self._owner(s)
         code = s.proc.exitcode
         n = store.release_owner(owner, f"worker exited with code {code}")
+        self._drain()  # its last events first: they may end leases it held
+        self.leases.worker_gone(s.index)
         if s.stats is not None and s.stats.pid == s.proc.pid:
             s.base_calls += s.stats.calls
             s.base_retries += s.stats.retries
@@ -1264,9 +1266,7 @@ class Coordinator:
     def _supervise_leases(self, store: Store) -> None:
         """Take back expired leases; kill a local worker that held one (it is stuck)."""
         for b in store.expire_leases():
-            self.leases.expired += 1
-            if any(b.lease_owner == self._owner(s) for s in self.slots.values()):
-                self.leases.expired_own += 1
+            self.leases.took_back(b.id)
             log.info("lease of batch %d (attempt %d) held by %s expired; taken back", b.id, b.attempts,
                      b.lease_owner)  # fmt: skip
             self.emit(Notice(f"lease of batch {b.id} held by {b.lease_owner} expired; it goes back "

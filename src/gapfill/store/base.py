@@ -873,7 +873,7 @@ class Store(abc.ABC):
         the planning lock). A ref given without a block number whose transaction is stored
         is written with that transaction's. ``checked`` and ``unknown`` carry what one
         transaction has learned about each contract across calls."""
-        for chain_id, contract in {(r.chain_id, r.contract) for r in refs}:
+        for chain_id, contract in sorted({(r.chain_id, r.contract) for r in refs}):  # in key order
             self._require_tracked(cur, chain_id, contract, checked)
         refs = self._with_stored_blocks(cur, refs)
         new = self._insert_refs(cur, refs)

@@ -627,7 +627,7 @@ class PostgresStore(Store):
                     contracts.add((r.chain_id, r.contract))
                     copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
                     staged += 1
-            for chain_id, contract in contracts:
+            for chain_id, contract in sorted(contracts):  # locked in key order, as discovery does
                 self._require_tracked(cur, chain_id, contract)
             # Refs without a block number take their transaction's if it is stored (as in
             # Store._with_stored_blocks); a new database has none to look up.

@@ -1364,15 +1364,14 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
 
     rows = ctx.store(read_only=True).list_runs(limit)
     if as_json:
-        click.echo(orjson.dumps([dataclasses.asdict(r) for r in rows]).decode())
+        click.echo(orjson.dumps([{**dataclasses.asdict(r), "rate": r.rate} for r in rows]).decode())
         return
     if not rows:
         click.echo("no runs yet")
         return
     for r in rows:
         started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        secs = (r.finished_at - r.started_at) if r.finished_at else None
-        rate = f"{r.processed / secs:,.1f} tx/s" if secs else "-"
+        rate = "-" if r.rate is None else f"{r.rate:,.1f} tx/s"
         click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {r.state}: "
                    f"{r.processed:,} processed, {r.failed:,} failed, {counted(r.rpc_calls, 'call')}, "
                    f"{rate}" + (f" ({redact_text(r.note, *ctx.secrets())})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1248,3 +1249,58 @@ def test_import_from_a_terminal_says_what_it_waits_for(
     monkeypatch.undo()
     r = run(tracked, "import", "-", "--contract", C, input=f"{h(2)}\n")
     assert r.exit_code == 0 and r.stderr == "", r.stderr  # a pipe: nothing to say
+
+
+def test_a_run_killed_outright_ends_when_it_was_last_seen_working_and_runs_says_its_rate(
+    tracked: str,
+) -> None:
+    # A run killed -9 stays 'running' until a later run of its host finds its process gone.
+    # It was marked finished then, when it was noticed: `runs` said '19.9 tx/s' of a run that
+    # did ~280 tx/s minutes earlier. It ends at the last lease event its own processes wrote
+    # (whose owners name the run), not at give-backs others write for it when they notice;
+    # where nothing dates its end, neither its end nor a rate is made up.
+    from test_store import tx_row
+
+    from gapfill.model import Enriched, Ref
+
+    host = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with open_store(tracked) as s:
+        s.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
+        killed = s.create_run("concurrent", 2)
+        s.plan(killed, [(1, C)], batch_size=10)
+        owner = f"{host}:{gone.pid}/run{killed}/w1"  # as its worker process named itself
+        s.counts_for_run = killed
+        a, b = s.lease(owner, 60.0), s.lease(owner, 60.0)  # b still held when it was killed
+        assert a is not None and b is not None
+        assert s.commit_batches([(a, Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0)
+                                               for r in s.batch_refs(a)]))]) == [10]  # fmt: skip
+        sampled = s.create_run("concurrent", 2)  # killed after its start-up sample's rows
+        s.counts_for_run = sampled
+        s.write(Enriched([tx_row(99, 99)]))
+        idle = s.create_run("batch", 1)  # killed before it did anything
+        s.counts_for_run = None
+        alive = s.create_run("concurrent", 2)  # this process's: later events, another run's
+        assert s.lease(f"{host}:{os.getpid()}/run{alive}/w1", 60.0) is not None
+        with s._tx() as cur:
+            cur.execute(s._sql("UPDATE runs SET pid = ?, started_at = 1000 WHERE run_id IN (?, ?, ?)"),
+                        (gone.pid, killed, sampled, idle))  # fmt: skip
+            for event, at in (("leased", 1001.0), ("committed", 1004.0)):
+                cur.execute(s._sql("UPDATE lease_events SET at = ? WHERE owner = ? AND event = ?"),
+                            (at, owner, event))  # fmt: skip
+        assert s.release_dead_local_owners() == {gone.pid: 1}  # b: 'abandoned', dated now
+        s.create_run("batch", 1)  # the run that notices them
+        got = {r.run_id: r for r in s.list_runs()}
+    assert (got[killed].state, got[killed].finished_at, got[killed].processed) == ("interrupted", 1004.0, 10)
+    assert got[killed].note == "its process ended without finishing the run"
+    assert (got[sampled].state, got[sampled].finished_at, got[sampled].processed) == ("interrupted", None, 1)
+    assert got[sampled].note == "its process ended without finishing the run, at a time not known"
+    assert (got[idle].state, got[idle].finished_at) == ("interrupted", 1000.0)
+    assert got[alive].state == "running"
+    lines = {int(line.split()[0][1:]): line for line in run(tracked, "runs").stdout.splitlines()}
+    assert "interrupted: 10 processed, 0 failed, 0 calls, 2.5 tx/s (" in lines[killed], lines[killed]
+    assert "interrupted: 1 processed, 0 failed, 0 calls, - (" in lines[sampled], lines[sampled]
+    assert "interrupted: 0 processed, 0 failed, 0 calls, - (" in lines[idle], lines[idle]
+    rates = {r["run_id"]: r["rate"] for r in orjson.loads(run(tracked, "runs", "--json").stdout)}
+    assert (rates[killed], rates[sampled], rates[idle], rates[alive]) == (2.5, None, None, None)

@@ -847,6 +847,14 @@ def test_a_run_killed_outright_keeps_the_counts_it_had_saved(
     processed, calls = runs[0][1], runs[0][2]
     assert 0 < stored <= processed <= satisfied, (runs, stored, satisfied)
     assert calls >= 2 * stored, runs
+    # It ended when its processes were last seen working (the lease events they wrote,
+    # whose owners name the run), not when the rerun noticed it dead: that made its rate low.
+    (killed, started, finished), (_, rerun_started, _) = query(
+        pg_url, "SELECT run_id, started_at, finished_at FROM runs WHERE mode = %s ORDER BY run_id", (mode,))
+    (last,) = query(pg_url, "SELECT max(at) FROM lease_events WHERE owner LIKE %s "
+                            "AND event IN ('leased', 'renewed', 'committed', 'emptied')",
+                    (f"%/run{killed}/%",))[0]  # fmt: skip
+    assert last is not None and started < finished == last < rerun_started, (started, finished, last)
 
 
 @pytest.mark.timeout(120)

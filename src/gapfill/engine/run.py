@@ -57,7 +57,7 @@ from gapfill.model import Enriched, head_in_error
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
-from gapfill.store import DB_CHECK, Store, open_store, owner_name
+from gapfill.store import DB_CHECK, Store, open_store, owner_name, run_owner
 from gapfill.wording import counted
 
 log = logging.getLogger(__name__)
@@ -542,7 +542,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             # cut short) goes back now: batch mode has no coordinator to return it, and a
             # rerun would wait for it to expire.
             with contextlib.suppress(GapfillError):
-                store.release_owner(owner_name("w0"), "run stopped")
+                store.release_owner(owner_name("w0", run_id), "run stopped")
             with contextlib.suppress(GapfillError):  # the database may be what failed: the next run does it
                 finish_left_redecodes(store, run_id, emit)
             fill_block_numbers(store, job.targets)
@@ -639,7 +639,7 @@ async def _in_process(
             leases.take(ev)
             emit(ev)
 
-        worker = Worker(0, owner_name("w0"), store, client, enrichers, settings,
+        worker = Worker(0, owner_name("w0", run_id), store, client, enrichers, settings,
                         emit if job.metrics_port is None else emit_counted, job.targets)  # fmt: skip
         metrics = None
         if job.metrics_port is not None:
@@ -827,7 +827,7 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Con
         async with _client(job) as client:
             await _ready(client)
             enrichers = _decoder_and_enricher(store, client, job)
-            worker = Worker(index, owner_name(f"w{index + 1}"), store, client, enrichers,
+            worker = Worker(index, owner_name(f"w{index + 1}", job.run_id), store, client, enrichers,
                             job.worker, emit, job.targets)  # fmt: skip
 
             async def watch_stop() -> None:
@@ -925,7 +925,7 @@ class Coordinator:
         return p
 
     def _owner(self, slot: _Slot) -> str:
-        return f"{self.host}:{slot.proc.pid}/w{slot.index + 1}"
+        return run_owner(self.host, slot.proc.pid, f"w{slot.index + 1}", self.job.run_id)
 
     def _on_signal(self, signum: int, _: Any) -> None:
         self.interrupts += 1

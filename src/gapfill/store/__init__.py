@@ -25,6 +25,7 @@ from gapfill.store.base import (
     RunInfo,
     Store,
     owner_name,
+    run_owner,
 )
 
 DEFAULT_DB_URL = "sqlite:///gapfill.db"
@@ -44,6 +45,7 @@ __all__ = [
     "Store",
     "open_store",
     "owner_name",
+    "run_owner",
 ]
 
 

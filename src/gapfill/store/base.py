@@ -20,6 +20,7 @@ import abc
 import datetime as dt
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -300,10 +301,19 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-def owner_name(worker: str = "") -> str:
-    """A lease owner id unique across hosts and processes."""
-    suffix = f"/{worker}" if worker else ""
-    return f"{socket.gethostname()}:{os.getpid()}{suffix}"
+def owner_name(worker: str = "", run_id: int | None = None) -> str:
+    """A lease owner id unique across hosts and processes: ``host:pid[/runN][/worker]``.
+
+    ``run_id`` names the run the owner works for: the lease events it writes are then the
+    run's evidence of being alive, which dates the end of a run killed outright
+    (:meth:`Store._mark_dead_runs`)."""
+    return run_owner(socket.gethostname(), os.getpid(), worker, run_id)
+
+
+def run_owner(host: str, pid: int | None, worker: str = "", run_id: int | None = None) -> str:
+    """:func:`owner_name` of process ``pid`` of ``host``."""
+    run = "" if run_id is None else f"/run{run_id}"
+    return f"{host}:{pid}{run}" + (f"/{worker}" if worker else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +329,15 @@ class RunInfo:
     failed: int
     rpc_calls: int
     note: str
+
+    @property
+    def rate(self) -> float | None:
+        """Transactions processed per second from its start to its end, None where that is
+        not known: the run is not over, or was killed leaving nothing that dates its end
+        (a killed run ends when it was last seen working, :meth:`Store._mark_dead_runs`)."""
+        if self.finished_at is None or self.finished_at <= self.started_at:
+            return None
+        return self.processed / (self.finished_at - self.started_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -998,7 +1017,8 @@ class Store(abc.ABC):
 
     def create_run(self, mode: str, workers: int, note: str = "", chain_id: int | None = None) -> int:
         """Record a new run of this process. Runs of this host still marked ``running``
-        whose process is gone (killed, crashed) are marked ``interrupted`` first.
+        whose process is gone (killed, crashed) are marked ``interrupted`` first, ended
+        when they were last seen working (:meth:`_mark_dead_runs`).
 
         ``chain_id``: the run decodes that chain's rows. The ABI version of each of its
         contracts is kept with the run (its processes build their decoders after this, so
@@ -1024,19 +1044,44 @@ class Store(abc.ABC):
             return int(cur.fetchone()[0])
 
     def _mark_dead_runs(self, cur: Any, host: str, now: float) -> None:
-        """Runs of ``host`` still marked ``running`` whose process is gone: ``interrupted``."""
+        """Runs of ``host`` still marked ``running`` whose process is gone: ``interrupted``,
+        finished when they were last seen working (:meth:`_last_seen`), not now."""
         cur.execute(
-            self._sql("SELECT run_id, pid FROM runs WHERE state = 'running' AND host = ? "
-                      "AND pid IS NOT NULL"),
+            self._sql("SELECT run_id, pid, started_at, processed, failed FROM runs "
+                      "WHERE state = 'running' AND host = ? AND pid IS NOT NULL"),
             (host,),
         )  # fmt: skip
-        for run_id, pid in cur.fetchall():
-            if not pid_alive(int(pid)):
-                cur.execute(
-                    self._sql("UPDATE runs SET state = 'interrupted', finished_at = ?, "
-                              "note = ? WHERE run_id = ? AND state = 'running'"),
-                    (now, "its process ended without finishing the run", run_id),
-                )  # fmt: skip
+        for run_id, pid, started, processed, failed in cur.fetchall():
+            if pid_alive(int(pid)):
+                continue
+            note = "its process ended without finishing the run"
+            finished = self._last_seen(cur, host, int(run_id))
+            if finished is not None:
+                finished = min(max(finished, float(started)), now)
+            elif processed or failed:
+                # Rows were counted (a start-up sample's, or a run of an older gapfill whose
+                # leases name no run) but nothing dates them: its end and rate stay unknown.
+                note += ", at a time not known"
+            else:
+                finished = float(started)  # nothing it did is recorded: it ended as it began
+            cur.execute(
+                self._sql("UPDATE runs SET state = 'interrupted', finished_at = ?, "
+                          "note = ? WHERE run_id = ? AND state = 'running'"),
+                (finished, note, run_id),
+            )  # fmt: skip
+
+    def _last_seen(self, cur: Any, host: str, run_id: int) -> float | None:
+        """When a process of run ``run_id`` of ``host`` last wrote a lease event of its own
+        (leased, renewed, committed, emptied; not the give-backs and expiries others write for it,
+        dated when they noticed), if any: the owners of its leases name it (:func:`owner_name`)."""
+        pattern = re.sub(r"([!%_])", r"!\1", host) + f":%/run{run_id}/%"
+        cur.execute(
+            self._sql("SELECT max(at) FROM lease_events WHERE owner LIKE ? ESCAPE '!' "
+                      "AND event IN ('leased', 'renewed', 'committed', 'emptied')"),
+            (pattern,),
+        )  # fmt: skip
+        row = cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def settle_runs(self, run_id: int | None = None) -> list[tuple[int, str]]:
         """Ask for the stored rows of every contract whose ABI changed since a finished run

@@ -26,7 +26,7 @@ from gapfill.cli import (
     unserved,
 )
 from gapfill.cli_types import int_range
-from gapfill.discover.coverage import METHODS, coverage_report
+from gapfill.discover.coverage import METHODS, Interval, coverage_report, fmt_ranges, size
 from gapfill.discover.explorer import (
     ENV_KEY,
     ENV_URL,
@@ -38,7 +38,7 @@ from gapfill.discover.explorer import (
 )
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary, check_methods
 from gapfill.discover.run import discover as run_discover
-from gapfill.errors import ConfigError
+from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Contract
 from gapfill.rpc.config import RpcSettings
 from gapfill.settings import DEFAULT_CONFIG_NAME
@@ -102,6 +102,7 @@ class _Printer:
         self._last = 0.0
         self._latest: dict[tuple[int, str], DiscoverProgress] = {}
         self._said: dict[tuple[int, str], str] = {}  # each contract's last line
+        self._scanning: tuple[int, str] | None = None  # the contract being scanned, if any
 
     def kept(self) -> str:
         """What the commits reported so far wrote, as Ctrl+C says it."""
@@ -118,9 +119,39 @@ class _Printer:
                 f"ref{'' if new == 1 else 's'} found in them are committed; run the same command "
                 f"{again}")  # fmt: skip
 
+    def kept_at_failure(self) -> str | None:
+        """What the contract being scanned when an error ended discovery kept, and what to do
+        next; None when no scan was under way (the error came before one, or between two)."""
+        if self._scanning is None:
+            return None
+        p = self._latest[self._scanning]
+        again = ("run the same command again to rescan from the start" if self._rescan
+                 else "run the same command again to continue where it stopped")  # fmt: skip
+        if not p.scanned:
+            return (f"no chunk of {p.contract} was finished, so nothing was kept: run the same command "
+                    "again")  # fmt: skip
+        by_spans: dict[tuple[Interval, ...], list[str]] = {}
+        for method, spans in p.scanned:
+            by_spans.setdefault(spans, []).append(method)
+        # Methods that scanned the same blocks (the shared chunks of logs,blocks) are said
+        # once, and named only when another method scanned other blocks (or none).
+        named = len(by_spans) > 1 or len(p.scanned) < len(p.methods)
+        blocks = " and ".join(f"{counted(size(spans), 'block')} ({fmt_ranges(spans)})"
+                              + (f" with {','.join(methods)}" if named else "")
+                              for spans, methods in by_spans.items())  # fmt: skip
+        were = "was" if len(by_spans) == 1 and size(next(iter(by_spans))) == 1 else "were"
+        found = (f", with the {counted(p.new_refs, 'new ref')} found in them" if p.new_refs
+                 else " (no new ref in them)")  # fmt: skip
+        scanned = "rescanned" if self._rescan else "scanned"
+        return f"{blocks} of {p.contract} {were} {scanned} and kept{found}: {again}"
+
     def __call__(self, p: DiscoverProgress) -> None:
         key = (p.chain_id, p.contract)
         self._latest[key] = p
+        if p.event == "start":
+            self._scanning = key if p.from_block is not None else None
+        elif p.event == "done":
+            self._scanning = None
         now = time.monotonic()
         if p.event == "chunk" and now - self._last < PROGRESS_EVERY_S:
             return
@@ -183,9 +214,23 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     targets = resolve_targets(store, contract, chain_id, node_picks=True)  # the probe in _run picks
     printer = _Printer(rescan)
     ctx.kept = printer.kept
-    summaries, skipped = asyncio.run(_run(ctx, store, targets, methods, from_block, to_block, confirmations,
-                                          rescan, explorer, rpc_settings(rpc_timeout_s), printer,
-                                          one_address=contract is not None))  # fmt: skip
+    summaries: list[DiscoverSummary] = []
+    try:
+        skipped = asyncio.run(_run(ctx, store, targets, methods, from_block, to_block, confirmations,
+                                   rescan, explorer, rpc_settings(rpc_timeout_s), printer, summaries,
+                                   one_address=contract is not None))  # fmt: skip
+    except GapfillError as exc:
+        # The node died or kept failing mid-scan: what finished is committed (a rerun
+        # resumes), and the user is told so. Contracts scanned in full first get their
+        # summary as usual; the one under way, a clause of the error's sentence.
+        for s in summaries:
+            click.echo(s.text)
+        kept = printer.kept_at_failure()
+        if kept is None:
+            raise
+        failed = GapfillError(f"{exc}; {kept}")
+        failed.exit_code = exc.exit_code
+        raise failed from exc
     for s in summaries:
         click.echo(s.text)
         report = coverage_report(store, s.chain_id, s.contract, s.safe_head)
@@ -201,12 +246,12 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
 async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[str] | None,
                from_block: int | None, to_block: int | None, confirmations: int, rescan: bool,
                explorer: ExplorerConfig | None, rpc: RpcSettings, printer: _Printer,
-               one_address: bool) -> tuple[list[DiscoverSummary], list[Contract]]:  # fmt: skip
-    """Discover the targets on the endpoints' chain; returns their summaries and the
-    targets on other chains, left alone (none when ``one_address``: see :func:`served`)."""
+               out: list[DiscoverSummary], one_address: bool) -> list[Contract]:  # fmt: skip
+    """Discover the targets on the endpoints' chain, adding their summaries to ``out`` as
+    each ends (an error keeps those before it); returns the targets on other chains, left
+    alone (none when ``one_address``: see :func:`served`)."""
     from gapfill.engine.session import make_client
 
-    out: list[DiscoverSummary] = []
     chains = {c.chain_id for c in targets}
     # Targets all on one chain: a node of another chain is the one-sentence error of the
     # start-up check (nothing can be done). Otherwise the node's chain picks the targets.
@@ -221,7 +266,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,
                 confirmations=confirmations, explorer=explorer, on_progress=printer, rescan=rescan,
             ))  # fmt: skip
-    return out, skipped
+    return skipped
 
 
 cli.add_command(discover)

@@ -305,6 +305,16 @@ def test_a_stalled_node_is_given_up_after_the_commands_own_rpc_timeout(
     )
 
 
+def _sparse_transfers(anvil: Any, target: str) -> list[str]:
+    """Three transfers to ``target``, one every ~500 blocks (a block scan's chunks are 50)."""
+    sender = anvil.request("eth_accounts")[0]
+    sent = []
+    for _ in range(3):
+        sent.append(anvil.request("eth_sendTransaction", {"from": sender, "to": target, "value": "0x1"}))
+        anvil.request("anvil_mine", "0x1f4")
+    return sent
+
+
 def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_path: Path) -> None:
     # It said only "interrupted": not whether anything found was kept, or what to do next.
     import os
@@ -316,11 +326,7 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
     from gapfill.discover.coverage import merge, size
 
     target = "0x" + "be" * 20
-    sender = anvil.request("eth_accounts")[0]
-    sent = []
-    for _ in range(3):  # a transfer to the target every ~500 blocks: chunks of 50 blocks
-        sent.append(anvil.request("eth_sendTransaction", {"from": sender, "to": target, "value": "0x1"}))
-        anvil.request("anvil_mine", "0x1f4")
+    sent = _sparse_transfers(anvil, target)
     block_of = {tx: int(anvil.request("eth_getTransactionReceipt", tx)["blockNumber"], 16) for tx in sent}
     head = int(anvil.request("eth_blockNumber"), 16)
     db = f"sqlite:///{tmp_path / 'd.db'}"
@@ -353,6 +359,56 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
     with open_store(db) as store:
         assert {r.tx_hash for r in store.iter_gap(31337, target)} == set(block_of)
 
+
+
+@pytest.mark.parametrize("answered", [2, 12])
+def test_a_node_failing_mid_scan_says_what_was_kept_and_a_rerun_scans_the_rest(
+    anvil: Any, db_url: str, answered: int
+) -> None:
+    """The error of a node that dies mid-scan said only what failed: not that the chunks
+    done were kept, nor that a rerun continues. ``answered`` requests are answered (the
+    start-up check and the head, then a chunk a request), the rest get HTTP 503."""
+    import re
+
+    from gapfill.discover.coverage import fmt_ranges, merge, size
+
+    target = "0x" + "be" * 20
+    sent = _sparse_transfers(anvil, target)
+    head = int(anvil.request("eth_blockNumber"), 16)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--db", db_url, "contract", "add", target, "--chain-id", "31337"])
+    assert res.exit_code == 0, res.output
+    args = ["discover", "--method", "blocks", "--confirmations", "0"]
+    with emulator(anvil.url, "--fail-status", "503", "--fail-status-after", str(answered)) as (url, _):
+        res = runner.invoke(cli, ["--db", db_url, "--rpc-url", url, *args])
+    assert res.exit_code == 1, res.output
+    error = res.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: eth_getBlockByNumber failed for block ") and "HTTP 503" in error, error
+    with open_store(db_url) as store:
+        covered = merge((c.from_block, c.to_block) for c in store.get_coverage(31337, target))
+        refs = {r.tx_hash for r in store.iter_gap(31337, target)}
+    if answered == 2:  # no chunk got its answer
+        assert not covered and not refs
+        assert error.endswith(f"; no chunk of {target} was finished, so nothing was kept: run the same "
+                              "command again"), error  # fmt: skip
+    else:
+        assert 0 < size(covered) < head + 1
+        found = f", with the {len(refs)} new ref{'' if len(refs) == 1 else 's'} found in them" if refs else (
+            " (no new ref in them)")
+        assert error.endswith(
+            f"; {size(covered):,} blocks ({fmt_ranges(covered)}) of {target} were scanned and kept{found}: "
+            "run the same command again to continue where it stopped"
+        ), error
+    # The rerun scans only the blocks not kept, and finds every transaction.
+    res = runner.invoke(cli, ["--db", db_url, "--rpc-url", anvil.url, *args])
+    assert res.exit_code == 0, res.output
+    summary = re.search(r"; blocks ([\d,]+) blocks?/", res.stdout)
+    assert summary is not None, res.stdout
+    assert int(summary.group(1).replace(",", "")) == head + 1 - size(covered)
+    if covered:
+        assert f"blocks {fmt_ranges(covered)} already scanned" in res.stdout
+    with open_store(db_url) as store:
+        assert {r.tx_hash for r in store.iter_gap(31337, target)} == set(sent)
 
 
 def test_method_explorer_without_an_explorer_names_every_way_to_give_one(

@@ -118,6 +118,41 @@ def test_ctrl_c_with_several_methods_counts_block_scans_done() -> None:
     assert printer.kept().startswith("100 block scans done and the 1 new ref found in them are committed; ")
 
 
+@pytest.mark.timeout(10)
+def test_an_error_mid_scan_names_the_blocks_each_method_kept() -> None:
+    # The error ended the sentence at what failed: nothing said the chunks done were kept.
+    methods = ("logs", "blocks")
+    printer = _Printer()
+    assert printer.kept_at_failure() is None  # no scan under way: the error alone
+    printer(DiscoverProgress("start", 1, C, methods, 0, 999, 0, 2000, 0, 0))
+    assert printer.kept_at_failure() == (f"no chunk of {C} was finished, so nothing was kept: run the "
+                                         "same command again")  # fmt: skip
+    both = ((0, 49), (100, 149))
+    printer(DiscoverProgress("chunk", 1, C, methods, 100, 149, 200, 2000, 3, 2,
+                             (("logs", both), ("blocks", both))))  # fmt: skip
+    assert printer.kept_at_failure() == (
+        f"100 blocks (0-49, 100-149) of {C} were scanned and kept, with the 2 new refs found in them: "
+        "run the same command again to continue where it stopped")  # fmt: skip
+    printer(DiscoverProgress("chunk", 1, C, methods, 5000, 5000, 201, 2000, 3, 0,
+                             (("logs", ((0, 49), (100, 149), (5000, 5000))), ("blocks", both))))  # fmt: skip
+    assert printer.kept_at_failure() == (
+        f"101 blocks (0-49, 100-149, 5000) with logs and 100 blocks (0-49, 100-149) with blocks of {C} "
+        "were scanned and kept (no new ref in them): run the same command again to continue where it "
+        "stopped")  # fmt: skip
+    printer(DiscoverProgress("done", 1, C, methods, 0, 999, 201, 2000, 3, 0))
+    assert printer.kept_at_failure() is None  # this contract is done: the next one has not started
+
+
+@pytest.mark.timeout(10)
+def test_an_error_mid_rescan_says_a_rerun_starts_over() -> None:
+    printer = _Printer(rescan=True)
+    printer(DiscoverProgress("start", 1, C, ("blocks",), 7, 7, 0, 1, 0, 0))
+    printer(DiscoverProgress("chunk", 1, C, ("blocks",), 7, 7, 1, 1, 1, 1, (("blocks", ((7, 7),)),)))
+    assert printer.kept_at_failure() == (f"1 block (7) of {C} was rescanned and kept, with the 1 new ref "
+                                         "found in them: run the same command again to rescan from the "
+                                         "start")  # fmt: skip
+
+
 def summary(processed: int, failed: int, permanent: int, calls: int) -> RunSummary:
     return RunSummary(7, "batch", 1, processed, failed, permanent, 2.0, processed / 2.0, calls,
                       calls / processed if processed else 0.0, "done")  # fmt: skip

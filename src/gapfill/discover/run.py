@@ -149,6 +149,9 @@ class DiscoverProgress:
     blocks_total: int
     refs_found: int
     new_refs: int
+    #: Per method, the blocks this call has committed so far (merged): what a failure or an
+    #: interruption keeps.
+    scanned: tuple[tuple[str, tuple[Interval, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +309,7 @@ class _Run:
         self.blocks_done = 0
         self.blocks_by_method: dict[str, int] = dict.fromkeys(methods, 0)
         self.refs_by_method: dict[str, int] = dict.fromkeys(methods, 0)
+        self.scanned: dict[str, list[Interval]] = {m: [] for m in methods}
         self.refs_found = 0
         self.new_refs = 0
         self.chunks = 0
@@ -317,6 +321,7 @@ class _Run:
             self.on_progress(DiscoverProgress(
                 event, self.chain_id, self.address, self.methods, lo, hi, self.blocks_done,
                 self.blocks_total, self.refs_found, self.new_refs,
+                tuple((m, tuple(spans)) for m, spans in self.scanned.items() if spans),
             ))  # fmt: skip
 
     async def commit(self, found: dict[str, list[Ref]], covered: dict[str, list[Interval]]) -> None:
@@ -355,6 +360,9 @@ class _Run:
             n = size(spans)
             self.blocks_done += n
             self.blocks_by_method[m] = self.blocks_by_method.get(m, 0) + n
+            # Chunks end in any order: a few ranges (one per chunk in flight, or per hole
+            # the plan skipped), merged as they come.
+            self.scanned[m] = merge([*self.scanned.get(m, []), *spans])
         for m, method_refs in found.items():
             self.refs_by_method[m] = self.refs_by_method.get(m, 0) + len(method_refs)
         all_spans = merge(s for spans in covered.values() for s in spans)

@@ -396,20 +396,14 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
     if _NO_SSL.search(msg):
         system = _system_roots(url, check)
         if system and not (_given(url, "sslmode") or os.environ.get("PGSSLMODE")):
-            return StoreError(
-                f"PostgreSQL at {where} does not accept SSL, which {system} demands (it makes "
-                "verify-full the default sslmode): remove it, or enable SSL on the server"
-            )
-        if system:  # sslmode=prefer is refused beside it
-            return StoreError(
-                f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url, check)} demands: "
-                "remove sslrootcert=system and set sslmode to prefer (or disable), or enable SSL on the "
-                "server"
-            )
-        return StoreError(
-            f"PostgreSQL at {where} does not accept SSL, which {_sslmode_source(url, check)} demands: "
-            "set it to prefer (or disable), or enable SSL on the server"
-        )
+            demands, fix = f"{system} demands (it makes verify-full the default sslmode)", "remove it"
+        elif system:  # sslmode=prefer is refused beside it
+            demands = f"{_sslmode_source(url, check)} demands"
+            fix = "remove sslrootcert=system and set sslmode to prefer (or disable)"
+        else:
+            demands, fix = f"{_sslmode_source(url, check)} demands", "set it to prefer (or disable)"
+        return StoreError(f"PostgreSQL at {where} does not accept SSL, which {demands}: {fix}, or enable "
+                          "SSL on the server")  # fmt: skip
     certificate = _certificate_problem(msg, url, where, check)
     if certificate is not None:
         return certificate
@@ -427,18 +421,18 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
             f"PostgreSQL cannot use the URL {redact_db_url(url)} ({msg}): in the options= of {check}, "
             "write each '=' as %3D and each space as %20 (-c%20name%3Dvalue)"
         )
-    unknown, bad = _UNKNOWN_PARAM.search(msg), _BAD_VALUE.search(msg)
-    if _BAD_QUERY.search(msg) and unknown:
-        return StoreError(
-            f'libpq has no connection parameter "{unknown.group(1)}" (in {check}): remove it, or '
-            "correct its name (such as sslmode, connect_timeout, application_name)"
-        )
-    if _BAD_QUERY.search(msg) and bad:
-        return StoreError(
-            f'libpq cannot take "{bad.group(2)}" for {bad.group(1)} (in {check}): correct it, or remove '
-            "it to use the default"
-        )
     if _BAD_QUERY.search(msg):
+        unknown, bad = _UNKNOWN_PARAM.search(msg), _BAD_VALUE.search(msg)
+        if unknown:
+            return StoreError(
+                f'libpq has no connection parameter "{unknown.group(1)}" (in {check}): remove it, or '
+                "correct its name (such as sslmode, connect_timeout, application_name)"
+            )
+        if bad:
+            return StoreError(
+                f'libpq cannot take "{bad.group(2)}" for {bad.group(1)} (in {check}): correct it, or '
+                "remove it to use the default"
+            )
         return StoreError(
             f"PostgreSQL cannot use the URL {redact_db_url(url)} ({msg}): check the query parameters "
             f"of {check} (only libpq connection parameters, such as sslmode=require, "

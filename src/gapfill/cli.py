@@ -580,7 +580,10 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
 
         chain_id = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(rpc_timeout_s))
     store = ctx.store(create=True)
-    was = {c.chain_id: c for c in store.list_contracts() if c.address == address}.get(chain_id)
+    try:
+        was: Contract | None = store.get_contract(address, chain_id)
+    except UnknownContractError:
+        was = None
     store.add_contract(Contract(chain_id, address, label, start_block, abi))
     ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
     click.echo(_added(was, store.get_contract(address, chain_id), abi is not None))
@@ -747,8 +750,7 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
         # A pipe that found nothing new to import (a script's quiet day) is no error.
         added, remark = RefsAdded(0, 0), " (stdin held no transaction hashes)"
     ctx.kept = None
-    filled = (f", {added.filled} block number{'' if added.filled == 1 else 's'} filled"
-              if added.filled else "")  # fmt: skip
+    filled = f", {counted(added.filled, 'block number')} filled" if added.filled else ""
     click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
                f"on chain {c.chain_id}{filled}{remark}")  # fmt: skip
 

@@ -307,8 +307,8 @@ class _Run:
         self.on_progress = on_progress
         self.blocks_total = sum(size(v) for v in todo.values())
         self.blocks_done = 0
-        self.blocks_by_method: dict[str, int] = dict.fromkeys(methods, 0)
         self.refs_by_method: dict[str, int] = dict.fromkeys(methods, 0)
+        #: Per method, the blocks committed so far, merged (their size: the blocks it scanned).
         self.scanned: dict[str, list[Interval]] = {m: [] for m in methods}
         self.refs_found = 0
         self.new_refs = 0
@@ -357,9 +357,7 @@ class _Run:
         self.refs_found += len(refs)
         self.chunks += 1
         for m, spans in covered.items():
-            n = size(spans)
-            self.blocks_done += n
-            self.blocks_by_method[m] = self.blocks_by_method.get(m, 0) + n
+            self.blocks_done += size(spans)
             # Chunks end in any order: a few ranges (one per chunk in flight, or per hole
             # the plan skipped), merged as they come.
             self.scanned[m] = merge([*self.scanned.get(m, []), *spans])
@@ -493,7 +491,7 @@ async def discover(
         safe_head=safe,
         from_block=target[0][0] if target else None,
         to_block=target[0][1] if target else None,
-        blocks_scanned=run.blocks_by_method,
+        blocks_scanned={m: size(spans) for m, spans in run.scanned.items()},
         refs_found=run.refs_by_method,
         new_refs=run.new_refs,
         chunks=run.chunks,

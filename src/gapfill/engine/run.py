@@ -901,8 +901,8 @@ class Coordinator:
         self.committed = self.committed_failed = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
         self.start_failed: dict[int, str] = {}  # worker -> why its start-up check failed
-        self.said_once: set[str] = set()  # the workers' `once` log messages written so far
-        self.said: set[str] = set()  # the workers' notices said once per run (Notice.once)
+        # The workers' notices (Notice.once) and log records (`once`) said once per run.
+        self.said: set[str] = set()
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
         self._start = _Term()
@@ -987,7 +987,7 @@ class Coordinator:
 
     def _take(self, ev: Event) -> None:
         if isinstance(ev, Logged):
-            log_here(ev, self.said_once)
+            log_here(ev, self.said)
             return
         if isinstance(ev, WorkerStats):
             slot = self.slots.get(ev.worker)

@@ -3,15 +3,21 @@
 RPC URLs often carry an API key in the path (``/v2/<key>``) or the query
 (``?apikey=...``); database URLs carry passwords. Anything that prints or logs a
 URL goes through :func:`redact_url`, and :func:`redact_text` scrubs known
-secrets out of free text such as driver error messages.
+secrets out of free text such as driver error messages, however it encodes them.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from functools import lru_cache
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
+# A secret is scrubbed out of free text when at least this long: a shorter one would mask
+# pieces of ordinary words, and the masks would spell it out.
+_MIN_SCRUBBED = 3
+# Characters no URL encoder escapes: any other may show percent-encoded.
+_UNRESERVED = re.compile(r"[A-Za-z0-9._~\-]")
 
 # Query values that look like keys: long runs of letters/digits/-/_ .
 _KEYLIKE_SEGMENT = re.compile(r"^[A-Za-z0-9_\-]{16,}$")
@@ -153,7 +159,7 @@ def _redact_db(url: str) -> tuple[str, list[str]]:
         # A piece that reads as a parameter (``ab?sslmode=KEY@``): its value too, as libpq
         # quotes one it cannot take ("invalid sslmode value").
         pieces = re.split(r"[@/?#:&]", password)
-        found += [password, unquote_plus(password), *pieces, *(p.partition("=")[2] for p in pieces)]
+        found += [password, *pieces, *(p.partition("=")[2] for p in pieces)]
         scheme += f"{user}:{MASK}@"
         rest += body[query_at:]
     else:
@@ -345,9 +351,54 @@ def secrets_of(url: str) -> list[str]:
     return found
 
 
+def _written_any_way(text: str) -> str:
+    """A pattern for ``text`` however a message may write it: each character as is or
+    percent-encoded (either case of hex), a space also as ``+``. A node quotes the request
+    path as its HTTP client encoded it (``Key^1`` as ``Key%5E1``), a driver the password it
+    decoded (``p%40ss`` as ``p@ss``)."""
+    pattern = []
+    for c in text:
+        if _UNRESERVED.match(c):
+            pattern.append(re.escape(c))
+            continue
+        ways = [re.escape(c), "(?i:" + "".join(f"%{b:02X}" for b in c.encode()) + ")"]
+        pattern.append("(?:" + "|".join(ways + ([r"\+"] if c == " " else [])) + ")")
+    return "".join(pattern)
+
+
+@lru_cache(maxsize=256)
+def _secret_pattern(secret: str) -> re.Pattern[str] | None:
+    """A pattern for ``secret`` in any encoding, as given or decoded (a URL holds it
+    percent-encoded, a query's ``+`` is a space); None when every form of it is too short
+    to scrub out of free text."""
+    forms = {secret, unquote(secret), unquote_plus(secret)}
+    kept = sorted((f for f in forms if len(f) >= _MIN_SCRUBBED), key=len, reverse=True)
+    return re.compile("|".join(map(_written_any_way, kept))) if kept else None
+
+
+def _scrub(text: str, secret: str) -> str:
+    """``text`` with ``secret`` masked wherever it shows, in any encoding."""
+    pattern = _secret_pattern(secret)
+    return pattern.sub(MASK, text) if pattern else text
+
+
+@lru_cache(maxsize=256, typed=True)
+def _request_targets(url: str) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """What a node may quote of the RPC URL ``url`` where it shows a secret, in any
+    encoding, and how it is to be shown: its path. Only the whole, not one that goes on:
+    `/db` is in "5432/dbname"."""
+    try:
+        parts, shown = urlsplit(url), urlsplit(redact_url(url))
+    except ValueError:
+        return ()
+    pairs = [(parts.path.rstrip("/"), shown.path.rstrip("/"))]
+    return tuple((re.compile(_written_any_way(raw) + _PATH_GOES_ON), said)
+                 for raw, said in pairs if raw != said)  # fmt: skip
+
+
 def redact_text(text: str, *urls: str) -> str:
-    """Replace every secret of ``urls`` (and the raw URLs and RPC paths themselves) inside ``text``;
-    a :class:`Secret` among them is replaced whole.
+    """Replace every secret of ``urls`` (and the raw URLs and RPC paths themselves) inside ``text``,
+    in any encoding (see :func:`_written_any_way`); a :class:`Secret` among them is replaced whole.
 
     A node's own error message may quote the request path (``/v2/KEY``) without the
     host: the path is replaced whole, whatever its segments' length.
@@ -356,20 +407,12 @@ def redact_text(text: str, *urls: str) -> str:
         if not url:
             continue
         if isinstance(url, Secret):
-            if len(url) >= 3:  # shorter would mask pieces of words
-                text = text.replace(url, MASK)
+            text = _scrub(text, url)
             continue
         text = text.replace(url, redact_url(url))
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            parts = None
-        if parts is not None and "://" in url and not _is_db_url(url) and _masked_segments(parts.path):
-            shown = urlsplit(redact_url(url)).path.rstrip("/")
-            # Only the path itself, not one that goes on: `/db` is in "5432/dbname".
-            whole = re.escape(parts.path.rstrip("/")) + _PATH_GOES_ON
-            text = re.sub(whole, shown.replace("\\", "\\\\"), text)
+        if "://" in url and not _is_db_url(url):
+            for target, shown in _request_targets(url):
+                text = target.sub(shown.replace("\\", "\\\\"), text)
         for secret in secrets_of(url):
-            if len(secret) >= 3:
-                text = text.replace(secret, MASK)
+            text = _scrub(text, secret)
     return text

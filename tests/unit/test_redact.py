@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
-from gapfill.redact import redact_text, redact_url
+from gapfill.redact import DbUrl, Secret, redact_text, redact_url
 
 
 def test_a_path_is_scrubbed_where_it_stands_whole_not_inside_a_longer_word() -> None:
@@ -356,3 +360,78 @@ def test_no_command_shows_a_password_or_key_at_any_verbosity(db: str, rpc: str, 
     said = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert result.exit_code != 0
     assert "NASTY" not in said, said
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "said"),
+    [
+        # A node quotes the request path as aiohttp encoded it.
+        ("no route for POST /v2/Key%5ECaret%7CPipe1", "http://h/v2/Key^Caret|Pipe1",
+         "no route for POST /v2/***"),
+        ("no route for POST /v2/%d0%ba%d0%bb%d1%8e%d1%8712345", "http://h/v2/ключ12345",
+         "no route for POST /v2/***"),
+        # ... and a query half re-encoded (%2F decoded, %2B kept), or a key quoted alone.
+        ("no route for POST /?apikey=Key%2BPlus/slash1", "http://h/?apikey=Key%2BPlus%2Fslash1",
+         "no route for POST /?apikey=***"),
+        ("key Key%2BPlus%2Fslash1 refused", "http://h/?apikey=Key%2BPlus%2Fslash1", "key *** refused"),
+        ("key Key+With+Space1 refused", "http://h/?apikey=Key%20With%20Space1", "key *** refused"),
+        # A driver quotes the password it decoded, or a key given alone shows encoded.
+        ("password p@ss:w0rd refused", DbUrl("postgresql://u:p%40ss%3Aw0rd@h/db"), "password *** refused"),
+        ("apikey=Key%2bWith+Space1", Secret("Key+With Space1"), "apikey=***"),
+    ],
+)  # fmt: skip
+def test_a_secret_is_scrubbed_however_a_message_encodes_it(text: str, url: str, said: str) -> None:
+    # Only the form given was scrubbed: "no route for POST /v2/Key%5ECaret%7CPipe1".
+    assert redact_text(text, url) == said
+
+
+@pytest.fixture
+def echoing_node() -> Iterator[str]:
+    """A loopback "node" that answers every request 404, quoting its request target as
+    received (percent-encoded by the client), as many gateways do; yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = f"no route for POST {self.path}".encode()
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("path", "pieces"),
+    [
+        ("/v2/Key^Caret|Pipe1", ["Caret", "Pipe1"]),
+        ("/v2/ключ12345", ["12345", "%D0%BA"]),
+        ("/?apikey=Key%2BPlus%2Fslash1", ["Plus", "slash1"]),
+    ],
+)
+def test_a_node_quoting_the_request_target_shows_no_key(echoing_node: str, sqlite_url: str, path: str,
+                                                        pieces: list[str]) -> None:  # fmt: skip
+    # It said "HTTP 404 no route for POST /v2/Key%5ECaret%7CPipe1" (at .../v2/***).
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    url = echoing_node + path
+    result = CliRunner().invoke(cli, ["--config", "", "--db", sqlite_url, "--rpc-url", url, "contract", "add",
+                                      "0x" + "ab" * 20])  # fmt: skip
+    said = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code != 0 and "HTTP 404 no route for POST /" in said, said
+    assert not [p for p in pieces if p in said], said
+

@@ -385,13 +385,15 @@ def _scrub(text: str, secret: str) -> str:
 @lru_cache(maxsize=256, typed=True)
 def _request_targets(url: str) -> tuple[tuple[re.Pattern[str], str], ...]:
     """What a node may quote of the RPC URL ``url`` where it shows a secret, in any
-    encoding, and how it is to be shown: its path. Only the whole, not one that goes on:
-    `/db` is in "5432/dbname"."""
+    encoding, and how it is to be shown: the request target (path and query), then the
+    path alone. Only the whole, not one that goes on: `/db` is in "5432/dbname"."""
     try:
         parts, shown = urlsplit(url), urlsplit(redact_url(url))
     except ValueError:
         return ()
     pairs = [(parts.path.rstrip("/"), shown.path.rstrip("/"))]
+    if parts.query:
+        pairs.insert(0, (f"{parts.path}?{parts.query}", f"{shown.path}?{shown.query}"))
     return tuple((re.compile(_written_any_way(raw) + _PATH_GOES_ON), said)
                  for raw, said in pairs if raw != said)  # fmt: skip
 
@@ -400,8 +402,10 @@ def redact_text(text: str, *urls: str) -> str:
     """Replace every secret of ``urls`` (and the raw URLs and RPC paths themselves) inside ``text``,
     in any encoding (see :func:`_written_any_way`); a :class:`Secret` among them is replaced whole.
 
-    A node's own error message may quote the request path (``/v2/KEY``) without the
-    host: the path is replaced whole, whatever its segments' length.
+    A node's own error message may quote the request target (``/v2/KEY?apikey=K``) or its
+    path without the host: each is replaced whole, as :func:`redact_url` shows it, whatever
+    the length of its secrets. Elsewhere a secret shorter than 3 characters is left: masking
+    every "ab" would mangle words and point at the secret.
     """
     for url in urls:
         if not url:

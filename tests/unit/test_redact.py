@@ -419,6 +419,8 @@ def echoing_node() -> Iterator[str]:
         ("/v2/Key^Caret|Pipe1", ["Caret", "Pipe1"]),
         ("/v2/ключ12345", ["12345", "%D0%BA"]),
         ("/?apikey=Key%2BPlus%2Fslash1", ["Plus", "slash1"]),
+        # A key too short to scrub out of free text, where the node quotes it in its target.
+        ("/rpc?apikey=k7&chain=1", ["k7"]),
     ],
 )
 def test_a_node_quoting_the_request_target_shows_no_key(echoing_node: str, sqlite_url: str, path: str,
@@ -435,3 +437,38 @@ def test_a_node_quoting_the_request_target_shows_no_key(echoing_node: str, sqlit
     assert result.exit_code != 0 and "HTTP 404 no route for POST /" in said, said
     assert not [p for p in pieces if p in said], said
 
+
+@pytest.mark.parametrize(
+    ("text", "url", "said"),
+    [
+        # A key too short to scrub out of free text, where a node quotes the request target.
+        ("no route for POST /rpc?apikey=k7&chain=1", "http://h/rpc?apikey=k7&chain=1",
+         "no route for POST /rpc?apikey=***&chain=1"),
+        ("no route for POST /?k7", "http://h/?k7", "no route for POST /?***"),
+        ("no route for POST /v2/k%5E", "http://h/v2/k^", "no route for POST /v2/***"),
+        # Elsewhere it stays: masking every "to" mangles the words, and the masks spell it out.
+        ("connection to server failed", DbUrl("postgresql://u:to@h/db"), "connection to server failed"),
+        ("connection to server failed", Secret("to"), "connection to server failed"),
+    ],
+)  # fmt: skip
+def test_a_short_secret_is_masked_where_its_url_shows(text: str, url: str, said: str) -> None:
+    assert redact_text(text, url) == said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:Qz@h/db", "postgresql://u:Q@h:5432/db?sslmode=require", "postgres:Qz@h/db",
+        "postgresql:u:Qz@h/db", "u:Qz@h:5432/db", "postgresql://u@h/db?password=Qz",
+        "host=h password=Qz dbname=x", "postgresql://u:Qz@/db?host=/tmp", "postgresql://u:Q%40@h/db",
+        "https://u:Qz@h.example/rpc", "https://Qz@h.example/rpc", "https://h.example/v2/Qz",
+        "https://h.example/rpc?apikey=Qz", "https://h.example/rpc?Qz", "h.example/v2/Qz", "Qz@h.example/rpc",
+    ],
+)  # fmt: skip
+def test_a_short_secret_never_shows_in_its_url(url: str) -> None:
+    from gapfill.redact import DbUrl, redact_endpoint
+
+    assert "Q" not in redact_url(url)
+    if url.startswith("http") or "." in url.partition("/")[0]:
+        assert "Q" not in redact_endpoint(url)
+    assert "Q" not in redact_text(f"cannot use {url}", DbUrl(url) if "h.example" not in url else url)

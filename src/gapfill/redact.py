@@ -113,16 +113,21 @@ def _masked_segments(path: str) -> list[str]:
 
 def _db_query_at(url: str) -> int:
     """Where a database URL's query starts (its length when it has none). A '?' before a
-    libpq parameter with a ':' but no '@' before it and an '@' after it is in a password
-    (libpq reads ``u:ab?sslmode=x@host`` as user ``u``, password ``ab?sslmode=x``), unless
-    a host and port and a '/' come first (``h:5432/db?options=a@b``)."""
+    libpq parameter with an '@' after it may be in a password, which is then masked up to
+    that '@'. libpq reads ``u:ab?sslmode=x@host`` as user ``u``, password ``ab?sslmode=x``
+    (not so when a host and port and a '/' come first: ``h:5432/db?options=a@b``); it reads
+    ``u:ab@cd?sslmode=x@host/db`` as password ``ab``, host ``cd``, sslmode ``x@host/db``,
+    but the user may have meant password ``ab@cd?sslmode=x`` (not so when a '/' follows the
+    host: ``u:pw@h/db?options=a@b``)."""
     for m in _DB_QUERY.finditer(url):
         before, after = url[: m.start()], url[m.start() :]
+        userinfo, at, host = before.partition("@")
         first, slash, _ = before.partition("/")
-        in_password = "@" not in before and ":" in before and "@" in after
-        if in_password and slash and _HOST_PORT.match(first):
-            in_password = False
-        if not in_password:
+        if at:
+            in_password = ":" in userinfo and "/" not in host
+        else:
+            in_password = ":" in before and not (slash and _HOST_PORT.match(first))
+        if not (in_password and "@" in after):
             return m.start()
     return len(url)
 

@@ -810,8 +810,17 @@ def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path:
 
 
 def test_an_at_sign_in_a_postgres_query_is_not_a_password_at_sign() -> None:
-    r = run("postgresql://u:p@127.0.0.1:1?application_name=me@x", "status")
+    r = run("postgresql://u@127.0.0.1:1?application_name=me@x", "status")
     assert r.exit_code == 1 and "%40" not in one_sentence(r) and "could not connect" in one_sentence(r)
+    r = run("postgresql://u:p@127.0.0.1:1?application_name=me%40x", "status")
+    assert r.exit_code == 1 and "could not connect" in one_sentence(r)
+    # After a password, it may be one: "p@127.0.0.1:1?application_name=me" before the host
+    # "x". Whichever was meant, a piece of the password would show: it is refused.
+    r = run("postgresql://u:p@127.0.0.1:1?application_name=me@x", "status")
+    assert r.exit_code == 1 and one_sentence(r) == (
+        "error: the password in --db contains '@' and '?' (or its query an '@'): write it as %40 and %3F "
+        "in the URL"
+    )
 
 
 def test_enrich_fills_the_served_chain_and_names_the_contracts_it_skips(

@@ -261,6 +261,14 @@ _PW = "s3cretPW"
         (f"postgres:ab?host={_PW}@h/db", "postgres:***@h/db"),
         (f"u:a#b/c?user={_PW}@h:5432/db", "u:***@h:5432/db"),
         ("postgresql://h:5432/db?options=a@b", "postgresql://h:5432/db?options=a@b"),
+        # An '@' before and after a '?' and a libpq parameter's name: libpq reads password
+        # "ab", host "cd" and a parameter "...@h/db", but the password may be all up to the
+        # last '@', and "cd" and the parameter were shown ("postgresql://u:***@cd?sslmode=...").
+        (f"postgresql://u:ab@cd?sslmode={_PW}@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:ab@{_PW}?application_name=x@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (f"postgres:ab@{_PW}?host=x@h/db", "postgres:***@h/db"),
+        (f"u:ab@{_PW}:6432?port=x@h:5432/db", "u:***@h:5432/db"),
+        ("postgresql://u@cd?application_name=x@y", "postgresql://u@cd?application_name=x@y"),  # no password
         ("postgresql://bob@db.example:6432/app", "postgresql://bob@db.example:6432/app"),
         ("sqlite:///data/gapfill.db", "sqlite:///data/gapfill.db"),
         ("data/gapfill.db", "data/gapfill.db"),
@@ -301,6 +309,12 @@ def test_a_database_password_is_masked_however_the_url_is_written(url: str, show
                                                          "and '/': write it as %40 and %2F in the URL"),
         ("postgresql://u:12/34@h/db", "the password in --db / GAPFILL_DB contains '/': write it as %2F in "
                                       "the URL"),
+        # libpq read the password as "ab", the host as "cd" and quoted the rest as sslmode's.
+        (f"postgresql://u:ab@cd?sslmode={_PW}@h/db",
+         "the password in --db / GAPFILL_DB contains '@' and '?' (or its query an '@'): write it as %40 and "
+         "%3F in the URL"),
+        (f"postgresql://u:ab@cd#{_PW}@h/db",
+         "the password in --db / GAPFILL_DB contains '@' and '#': write it as %40 and %23 in the URL"),
         # libpq said "invalid percent-encoded token" and nothing of what to do.
         (f"postgresql://u:SEC%RET{_PW}@h/db", "the password in --db / GAPFILL_DB contains '%': write it "
                                              "as %25 in the URL"),
@@ -436,6 +450,46 @@ def test_a_node_quoting_the_request_target_shows_no_key(echoing_node: str, sqlit
     said = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert result.exit_code != 0 and "HTTP 404 no route for POST /" in said, said
     assert not [p for p in pieces if p in said], said
+
+
+@pytest.mark.parametrize(
+    "db",
+    [
+        "postgresql://postgres:Secret@127.0.0.1:1?sslmode=Word1@127.0.0.1:1/db",
+        "postgresql://postgres:Secret@127.0.0.1:1?port=Word1@127.0.0.1:1/db",
+        "postgresql://postgres:Secret@127.0.0.1:1?application_name=Word1@127.0.0.1:1/db",
+    ],
+)
+def test_a_password_libpq_would_cut_at_an_at_before_its_query_never_shows(db: str) -> None:
+    # libpq read "Secret" as the password and the rest as a parameter, which it quoted:
+    # 'invalid integer value "Word1@127.0.0.1:1/db" for connection option "port"'.
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    result = CliRunner().invoke(cli, ["-vv", "--config", "", "--db", db, "status"])
+    said = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code != 0
+    assert "Secret" not in said and "Word1" not in said, said
+    assert "contains '@' and '?' (or its query an '@'): write it as %40 and %3F" in said, said
+
+
+def test_a_password_cut_at_an_at_before_its_query_never_shows_from_a_real_server(pg_url: str) -> None:
+    # The server took "Secret" (trust) and gapfill said "the database postgresql://postgres:***@
+    # 127.0.0.1:5432?application_name=Word1@127.0.0.1:5432/... has no gapfill schema yet".
+    from urllib.parse import urlsplit
+
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    where = urlsplit(pg_url)
+    host = where.netloc.rpartition("@")[2]
+    db = f"postgresql://postgres:Secret@{host}?application_name=Word1@{host}{where.path}"
+    result = CliRunner().invoke(cli, ["--config", "", "--db", db, "status"])
+    said = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code != 0
+    assert "Secret" not in said and "Word1" not in said, said
 
 
 @pytest.mark.parametrize(

@@ -84,18 +84,25 @@ def open_store(
         after = url.partition("://")[2]
         netloc = re.split(r"[/?#]", after, maxsplit=1)[0]  # the authority, as urlsplit cuts it
         before_query = re.split(r"[?#]", after, maxsplit=1)[0]
+        # u:ab@cd?sslmode=x@host/db: libpq's password "ab", host "cd" and sslmode
+        # "x@host/db", or the password "ab@cd?sslmode=x" the user may have meant.
+        beyond = after[len(netloc):]
+        credentials, at, _ = netloc.partition("@")
+        either = bool(at) and ":" in credentials and beyond.startswith(("?", "#")) and "@" in beyond
         if (
             netloc.count("@") > 1
             or (error is not None and "@" not in netloc and "@" in after)
             or "@" in before_query[len(netloc):]  # u:Wr@ng/Pw@host: the host would be "ng"
+            or either
         ):
             # libpq splits user:password@host at the first '@' (and the URL's authority ends
-            # at a '/', '?' or '#'): the rest of the password would become the host or the
-            # port, and appear in the error message.
+            # at a '/', '?' or '#'): the rest of the password would become the host, the
+            # port or a parameter, and appear in the error message.
             password = after.rpartition("@")[0].partition(":")[2]
             found = [c for c in "@/?#" if c in password] or ["@"]
+            query = " (or its query an '@')" if either and beyond.startswith("?") else ""
             raise ConfigError(
-                f"the password in {check} contains {' and '.join(map(repr, found))}: "
+                f"the password in {check} contains {' and '.join(map(repr, found))}{query}: "
                 f"write it as {' and '.join(f'%{ord(c):02X}' for c in found)} in the URL"
             )
         userinfo = netloc.rpartition("@")[0]

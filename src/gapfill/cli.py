@@ -972,7 +972,7 @@ def unserved(skipped: Sequence[Contract], check: str,
         left = ""
         if missing is not None:
             n = sum(missing.get((c.chain_id, c.address), 0) for c in contracts)
-            left = f" ({n:,} missing ref{'' if n == 1 else 's'} left as they are)"
+            left = f" ({counted(n, 'missing ref')} left as {'it is' if n == 1 else 'they are'})"
         out.append(f"no endpoint ({check}) serves chain {chain}: contract{'s' if len(contracts) > 1 else ''} "
                    f"{names} skipped{left}; give an endpoint of chain {chain}, or pass --chain-id "
                    "to work on one chain only")  # fmt: skip

@@ -162,11 +162,11 @@ class _Printer:
                 text = "nothing to scan"  # the summary's last line says why
             else:
                 text = (f"scanning blocks {p.from_block}-{p.to_block} with {','.join(p.methods)}: "
-                        f"{p.blocks_total} {unit} to do")  # fmt: skip
+                        f"{p.blocks_total:,} {unit} to do")  # fmt: skip
         else:
             pct = 100.0 * p.blocks_done / p.blocks_total if p.blocks_total else 100.0
-            text = (f"{p.blocks_done}/{p.blocks_total} {unit} ({pct:.0f}%), "
-                    f"{counted(p.refs_found, 'ref')} found, {p.new_refs} new")  # fmt: skip
+            text = (f"{p.blocks_done:,}/{p.blocks_total:,} {unit} ({pct:.0f}%), "
+                    f"{counted(p.refs_found, 'ref')} found, {p.new_refs:,} new")  # fmt: skip
         if p.event == "done" and (self._said.get(key) == text or not p.blocks_total):
             return  # the last chunk's line said it already, or the start line that none was to do
         self._last = now

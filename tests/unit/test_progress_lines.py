@@ -98,6 +98,19 @@ def test_discover_says_its_last_progress_line_once(
 
 
 @pytest.mark.timeout(10)
+def test_discover_progress_separates_thousands_as_its_summary_does(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Said "1,442 refs found, 1442 new" and "1400/2000 blocks" beside the summary's "1,442 new refs".
+    said = printed(capsys, monkeypatch, "blocks", ("start", 0, 1999, 0, 2000, 0, 0),
+                   ("chunk", 0, 1399, 1400, 2000, 1442, 1442))
+    assert said == [
+        f"discover {C}: scanning blocks 0-1999 with blocks: 2,000 blocks to do",
+        f"discover {C}: 1,400/2,000 blocks (70%), 1,442 refs found, 1,442 new",
+    ]
+
+
+@pytest.mark.timeout(10)
 def test_discover_with_nothing_to_do_says_it_once(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

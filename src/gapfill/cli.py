@@ -86,7 +86,7 @@ class Ctx:
                         "an in-memory SQLite database (:memory:) is gone when the command ends: "
                         f"set {self.db_check} to a file, such as sqlite:///gapfill.db"
                     )
-                if not create and not os.path.exists(path):
+                if not create and not self.database_exists():
                     raise ConfigError(
                         f"the SQLite database {path} does not exist: check {self.db_check}, "
                         "or start one with `gapfill contract add ADDRESS`"
@@ -95,6 +95,14 @@ class Ctx:
                                      app=_command_name())  # fmt: skip
             self._store_read_only = read_only
         return self._store
+
+    def database_exists(self) -> bool:
+        """False for a SQLite file not made yet (a PostgreSQL database is not made here)."""
+        if not self.db_url.lower().startswith("sqlite:"):
+            return True
+        from gapfill.store.sqlite import sqlite_path
+
+        return os.path.exists(sqlite_path(self.db_url))
 
     def endpoints(self, max_batch: int | None = None, required: bool = True) -> list[EndpointSetting]:
         """The endpoints, each checked (no network); none is an error when ``required``."""
@@ -567,8 +575,10 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     ctx.kept = lambda: "nothing was written; run the same command again"
     abi = load_abi(abi_file) if abi_file else None
     if chain_id is None and not (ctx.rpc_urls or ctx.file.endpoints):
-        # Already tracked on one chain (a new ABI or label for it): that chain.
-        tracked = [c.chain_id for c in ctx.store(create=True).list_contracts() if c.address == address]
+        # Already tracked on one chain (a new ABI or label for it): that chain. Nothing is
+        # tracked in a database not made yet, and the error below must not leave one behind.
+        tracked = [c.chain_id for c in ctx.store(create=True).list_contracts()
+                   if c.address == address] if ctx.database_exists() else []  # fmt: skip
         if len(tracked) == 1:
             chain_id = tracked[0]
     if chain_id is None:

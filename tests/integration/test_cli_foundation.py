@@ -126,6 +126,17 @@ def test_contract_add_without_chain_id_or_rpc_says_what_to_do(db_url: str) -> No
     assert "--chain-id" in one_sentence(r)
 
 
+def test_contract_add_without_chain_id_or_rpc_leaves_no_new_sqlite_file(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # It made an empty gapfill.db (schema and all) to look the address up, then said it could
+    # not tell the chain: `status` then said "no contract is tracked yet", not that the
+    # database does not exist.
+    r = run(sqlite_url, "contract", "add", C)
+    assert r.exit_code == 1 and "--chain-id" in one_sentence(r)
+    assert not (tmp_path / "gapfill.db").exists()
+
+
 def test_import_hash_list_csv_etherscan_and_stdin(tracked: str, tmp_path: Path) -> None:
     plain = tmp_path / "hashes.txt"
     plain.write_text(f"{h(1)}\n\n{h(2).upper().replace('0X', '0x')}\n{h(1)}\n")

@@ -638,8 +638,9 @@ def _added(was: Contract | None, now: Contract, new_abi: bool) -> str:
     named = f" ({now.label})" if now.label else ""
     if was is None:
         return f"tracking {now.address} on chain {now.chain_id}{named}"
-    changes = [f"{what} {old if old not in (None, '') else 'none'} -> {new if new != '' else 'none'}"
-               for what, old, new in (("label", was.label, now.label),
+    # An empty label (`--label ''`) is no label, as `contract list` shows both.
+    changes = [f"{what} {'none' if old in (None, '') else old} -> {'none' if new in (None, '') else new}"
+               for what, old, new in (("label", was.label or None, now.label or None),
                                       ("start block", was.start_block, now.start_block))
                if old != new]  # fmt: skip
     if new_abi:

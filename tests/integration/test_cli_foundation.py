@@ -1252,8 +1252,13 @@ def test_contract_add_of_a_tracked_contract_says_what_it_changed(tracked: str, t
     abi.write_text("[]")
     assert add("--start-block", "7", "--abi", str(abi)) == f"{again}: start block 5 -> 7, ABI set"
     assert add("--label", "bridge") == f"{C} on chain 1 (bridge) was tracked already: label token -> bridge"
+    assert add("--label", "") == f"{C} on chain 1 was tracked already: label bridge -> none"
     r = run(tracked, "contract", "add", "0x" + "de" * 20, "--chain-id", "1", "--label", "new")
     assert r.stdout == f"tracking 0x{'de' * 20} on chain 1 (new)\n"
+    # An empty label given to a contract that had none said "label none -> none".
+    assert run(tracked, "contract", "add", "0x" + "ef" * 20, "--chain-id", "1").exit_code == 0
+    r = run(tracked, "contract", "add", "0x" + "ef" * 20, "--chain-id", "1", "--label", "")
+    assert r.stdout == f"0x{'ef' * 20} on chain 1 was tracked already: nothing changed\n"
 
 
 def test_import_from_a_terminal_says_what_it_waits_for(

@@ -643,7 +643,7 @@ def _added(was: Contract | None, now: Contract, new_abi: bool) -> str:
                for what, old, new in (("label", was.label or None, now.label or None),
                                       ("start block", was.start_block, now.start_block))
                if old != new]  # fmt: skip
-    if new_abi:
+    if new_abi and now.abi != was.abi:  # the same ABI given again changes nothing
         changes.append("ABI replaced" if was.abi is not None else "ABI set")
     return (f"{now.address} on chain {now.chain_id}{named} was tracked already: "
             + (", ".join(changes) if changes else "nothing changed"))

@@ -1251,6 +1251,10 @@ def test_contract_add_of_a_tracked_contract_says_what_it_changed(tracked: str, t
     abi = tmp_path / "abi.json"
     abi.write_text("[]")
     assert add("--start-block", "7", "--abi", str(abi)) == f"{again}: start block 5 -> 7, ABI set"
+    # The same ABI given again (a provisioning script rerun) said "ABI replaced".
+    assert add("--abi", str(abi)) == f"{again}: nothing changed"
+    abi.write_text('[{"type": "event", "name": "Ping", "inputs": []}]')
+    assert add("--abi", str(abi)) == f"{again}: ABI replaced"
     assert add("--label", "bridge") == f"{C} on chain 1 (bridge) was tracked already: label token -> bridge"
     assert add("--label", "") == f"{C} on chain 1 was tracked already: label bridge -> none"
     r = run(tracked, "contract", "add", "0x" + "de" * 20, "--chain-id", "1", "--label", "new")

@@ -1197,7 +1197,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         # A mistyped --rpc-url must not cost the failure records: check the node first.
         _, ctx.left_out = check_node(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
-        click.echo(f"{n} failed ref(s) put back into the gap", err=True)
+        click.echo(f"{counted(n, 'failed ref')} put back into the gap", err=True)
     ctx.close()  # workers open their own connections
     _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"], left)
 

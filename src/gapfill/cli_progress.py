@@ -57,10 +57,11 @@ def summary_lines(s: RunSummary) -> list[str]:
         lines.append(f"  speedup:   {s.speedup:,.1f}x over sequential ({s.sequential_rate_tx_s:,.1f} tx/s, "
                      f"{s.sequential_rate_source})")  # fmt: skip
     if s.restarts:
-        lines.append(f"  restarts:  {s.restarts} worker restart(s)")
+        lines.append(f"  restarts:  {counted(s.restarts, 'worker restart')}")
     if s.beyond_head:
         head = "" if s.head is None else f" (its head is {s.head})"
-        lines.append(f"  not yet:   {s.beyond_head:,} ref(s) are in blocks the node has not reached yet"
+        lines.append(f"  not yet:   {counted(s.beyond_head, 'ref')} {'is' if s.beyond_head == 1 else 'are'} "
+                     "in blocks the node has not reached yet"
                      f"{head}: rerun once it has caught up to fill them")  # fmt: skip
     if s.state == "interrupted" and s.nothing_left:
         lines.append("  interrupted: the batches in flight finished, and nothing is left to enrich")

@@ -633,7 +633,7 @@ def test_unknown_hash_is_a_permanent_not_found_failure(db_url: str, world: World
         code, out = gapfill(db_url, url, "enrich", "--mode", "batch", "--retry-failed", "-q")
         methods = stats()["methods"]
     assert code == 3, out
-    assert "1 failed ref(s) put back into the gap" in out
+    assert "1 failed ref put back into the gap" in out
     assert methods.get("eth_getTransactionReceipt", 0) >= 1 or methods.get("eth_getBlockReceipts", 0) >= 1
     (f,) = failures_json(db_url)
     assert (f["tx_hash"], f["reason"], f["attempts"]) == (MISSING_HASH, "not_found", 2)  # its second

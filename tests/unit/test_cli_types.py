@@ -38,6 +38,22 @@ def test_a_run_with_nothing_to_do_claims_no_speedup() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_the_summary_counts_refs_and_restarts_in_words() -> None:
+    # It said "1 ref(s) are in blocks the node has not reached yet" and "1 worker restart(s)".
+    def said(restarts: int, beyond_head: int) -> list[str]:
+        run = RunSummary(4, "concurrent", 2, 0, 0, 0, 1.0, 0.0, 6, 0.0, "done", restarts=restarts,
+                         beyond_head=beyond_head, head=30)  # fmt: skip
+        return [ln for ln in summary_lines(run) if ln.startswith(("  restarts", "  not yet"))]
+
+    assert said(1, 1) == ["  restarts:  1 worker restart",
+                          "  not yet:   1 ref is in blocks the node has not reached yet (its head is 30): "
+                          "rerun once it has caught up to fill them"]  # fmt: skip
+    assert said(2, 1_500) == ["  restarts:  2 worker restarts",
+                              "  not yet:   1,500 refs are in blocks the node has not reached yet (its head "
+                              "is 30): rerun once it has caught up to fill them"]  # fmt: skip
+
+
+@pytest.mark.timeout(10)
 def test_a_rate_limited_run_compares_with_what_the_limit_allows_one_call_at_a_time() -> None:
     from gapfill.engine.run import EnrichJob, rate_limit, sequential_baseline
     from gapfill.settings import EndpointSetting

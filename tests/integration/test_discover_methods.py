@@ -283,6 +283,22 @@ async def test_a_rescan_without_a_range_covers_what_was_scanned_below_the_start_
     assert summary.new_refs == 0 and set(_refs(store, silent)) == chain.direct[chain.silent]
 
 
+async def test_a_rescan_without_a_range_covers_what_fewer_confirmations_scanned(
+    small_chain: NodeChain, store: Store
+) -> None:
+    # A scan with --confirmations 0, then `discover --rescan` with the default 12: it rescanned
+    # only up to the head - 12, silently leaving the blocks above, scanned before, alone.
+    chain = small_chain.chain
+    silent = Contract(chain.chain_id, chain.silent)
+    store.add_contract(silent)
+    await _discover(store, small_chain.url, silent, methods=["blocks"])
+    summary = await _discover(store, small_chain.url, silent, methods=["blocks"], rescan=True,
+                              confirmations=5)  # fmt: skip
+    assert (summary.from_block, summary.to_block) == (0, chain.head)
+    assert summary.blocks_scanned == {"blocks": chain.head + 1} and summary.limit is None
+    assert summary.new_refs == 0 and set(_refs(store, silent)) == chain.direct[chain.silent]
+
+
 async def test_partial_scans_are_reported(small_chain: NodeChain, store: Store) -> None:
     chain = small_chain.chain
     token = _track(store, chain)[0]

@@ -51,8 +51,9 @@ that missed logs). Refs are only ever
 added (one already there stays as it is, nothing is deleted), so ``new_refs`` counts
 what the earlier scans missed (and what blocks never scanned hold); coverage is
 recorded as usual. Without ``from_block`` the rescan starts at the lowest block ever
-covered, if that is below the contract's start block, so it covers everything
-scanned before.
+covered, if that is below the contract's start block, and without ``to_block`` it ends
+at the highest (if below the head), if that is above ``latest - confirmations`` (an
+earlier scan with fewer confirmations), so it covers everything scanned before.
 
 Refs and coverage are committed together (``Store.add_refs_and_coverage``) per
 completed chunk (window methods alone: every ``commit_windows`` windows answered,
@@ -434,6 +435,10 @@ async def discover(
     if rescan and from_block is None and coverage:
         start = min(start, min(c.from_block for c in coverage))  # everything scanned before
     end = safe if to_block is None else min(to_block, safe)  # DiscoverSummary.limit says it
+    if rescan and to_block is None and coverage:
+        # Blocks a run with fewer confirmations scanned above today's safe head are covered
+        # already: a rescan of "everything scanned before" takes them too (below the head).
+        end = max(end, min(latest, max(c.to_block for c in coverage)))
     backend: str | None = None
     if chosen is None:
         chosen = await choose_methods(client, address, explorer, settings.trace_backends)

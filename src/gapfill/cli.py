@@ -688,11 +688,12 @@ def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> 
         raise UnknownContractError(f"contract {address} is not tracked: nothing to remove "
                                    "(`gapfill contract list` shows what is)") from None  # fmt: skip
     if not yes:
-        if not sys.stdin.isatty():
+        if not _stdin_is_a_terminal():
             raise ConfigError(f"contract remove deletes the refs and plan of {c.address}: pass --yes "
                               "to confirm")  # fmt: skip
-        if not click.confirm(f"Remove {c.address} on chain {c.chain_id} with its refs, plan and "
-                             "failure records?", default=False):  # fmt: skip
+        # Coverage too: the blocks discover scanned for it would have to be scanned again.
+        if not click.confirm(f"Remove {c.address} on chain {c.chain_id} with its refs, plan, "
+                             "discovery coverage and failure records?", default=False):  # fmt: skip
             raise GapfillError("nothing removed")
     store.release_dead_local_owners()  # a killed run's leases block nothing
     deleted = store.remove_contract(c.chain_id, c.address)

@@ -762,6 +762,19 @@ def test_contract_remove_asks_then_forgets_the_contract(tracked: str) -> None:
     assert r.exit_code == 1 and "is not tracked: nothing to remove" in one_sentence(r)
 
 
+def test_contract_remove_at_a_terminal_names_all_it_deletes(
+    tracked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The question named "its refs, plan and failure records", not the coverage that also goes.
+    monkeypatch.setattr("gapfill.cli._stdin_is_a_terminal", lambda: True)
+    r = run(tracked, "contract", "remove", C, input="n\n")
+    assert r.exit_code == 1 and run(tracked, "contract", "list").output != ""
+    assert r.output.startswith(f"Remove {C} on chain 1 with its refs, plan, discovery coverage and "
+                               "failure records? [y/N]: "), r.output  # fmt: skip
+    r = run(tracked, "contract", "remove", C, input="y\n")
+    assert r.exit_code == 0 and run(tracked, "contract", "list").output == ""
+
+
 def test_contract_given_twice_is_wrong_usage_not_the_last_one(tracked: str) -> None:
     other = "0x" + "cd" * 20
     for cmd in (("status",), ("failures",), ("enrich", "--dry-run"), ("discover",), ("import", "-")):

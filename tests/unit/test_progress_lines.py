@@ -316,3 +316,32 @@ def test_a_notice_every_worker_says_once_is_said_once_per_run() -> None:
         coordinator.lifeline.close()
         coordinator._lifeline_w.close()
     assert [e.text for e in seen] == [set_aside.text, f"[Worker-1] {retrying}", f"[Worker-2] {retrying}"]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("planned", "spawning", "said"), [
+    (False, False, "stopping: no worker has started yet, so nothing is planned or fetched"),
+    (True, False, "stopping: no worker has started yet, so nothing is fetched; the open plan stays for "
+                  "the rerun"),
+    (True, True, "stopping: no new batches; workers have 30s to finish (Ctrl+C again to stop at once)"),
+])  # fmt: skip
+def test_a_ctrl_c_as_a_concurrent_run_starts_says_what_it_leaves(
+    planned: bool, spawning: bool, said: str
+) -> None:
+    # A Ctrl+C while the workers were being started said "no worker has started yet, so
+    # nothing is planned or fetched"; the run had planned, and its workers then leased and
+    # committed two batches before "interrupted: the batches in flight finished".
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2, plan_new=True)
+    coordinator = Coordinator(job, seen.append)
+    coordinator.planned, coordinator.spawning = planned, spawning
+    try:
+        coordinator._on_signal(2, None)
+        assert coordinator.lifeline.poll()  # the workers, started or to start, see the stop
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert [e.text for e in seen if isinstance(e, Notice)] == [said]

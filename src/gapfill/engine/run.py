@@ -829,6 +829,9 @@ async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Con
             enrichers = _decoder_and_enricher(store, client, job)
             worker = Worker(index, owner_name(f"w{index + 1}", job.run_id), store, client, enrichers,
                             job.worker, emit, job.targets)  # fmt: skip
+            # Stopped while this worker started (Ctrl+C as it was spawned): it leases nothing,
+            # where the watcher below would see the stop only after a first lease.
+            worker.stopping = coordinator.poll()
 
             async def watch_stop() -> None:
                 # The coordinator's stop, or the coordinator gone (SIGKILL, OOM): it can no
@@ -892,6 +895,9 @@ class Coordinator:
         self.slots: dict[int, _Slot] = {}
         self.stopping_at: float | None = None
         self.interrupts = 0
+        #: How far the start went, for what a stop then leaves: the plan written (``planned``)
+        #: and the workers being started (``spawning``), which then get the grace period.
+        self.planned = self.spawning = False
         self.restarts = 0
         self.host = socket.gethostname()
         self.done_batches = 0
@@ -934,8 +940,10 @@ class Coordinator:
             with contextlib.suppress(OSError):
                 self._lifeline_w.send_bytes(b"stop")
             self._start.cancel()  # the sample (its rows are not written) or the probe
-            if not self.slots:  # still starting: no worker to give a grace period to
-                self.emit(Notice("stopping: no worker has started yet, so nothing is planned or fetched"))
+            if not self.slots and not self.spawning:  # still starting: no worker to give a grace period to
+                left = ("nothing is fetched; the open plan stays for the rerun" if self.planned
+                        else "nothing is planned or fetched")  # fmt: skip
+                self.emit(Notice(f"stopping: no worker has started yet, so {left}"))
                 return
             self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
                              "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
@@ -1057,6 +1065,7 @@ class Coordinator:
             # nothing to do (the in-process modes say it after planning too).
             if self.stopping_at is None:
                 batches, refs, joined = _plan(store, job, run_id)
+                self.planned = True
                 self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
             if job.metrics_port is not None:
                 from gapfill.engine.metrics import MetricsServer
@@ -1074,7 +1083,12 @@ class Coordinator:
                     job = self.job
                 if self.stopping_at is None:
                     store.notice = None
+                    # A stop while a worker is being started (the fork server's import takes
+                    # ~0.3 s) starts no more; those started see the stop and lease nothing.
+                    self.spawning = True
                     for i in range(self.workers):
+                        if self.stopping_at is not None:
+                            break
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
             last_progress = last_expiry = 0.0
             db_down_since: float | None = None

@@ -1170,6 +1170,9 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, dry_run: bool,
            retry_failed: bool, **opts: Any) -> None:  # fmt: skip
     """Fill the gap: fetch, decode and store every missing transaction."""
+    # Until a run starts (its summary says what a Ctrl+C leaves from then on): a bare
+    # "interrupted" left it open whether anything had been written.
+    ctx.kept = lambda: "nothing was fetched yet; run the same command again"
     rpc = rpc_settings(opts.get("rpc_timeout_s"))
     # A dry run writes nothing: it reads as `status` does (a read-only file or role will do).
     tracked = _tracked_targets(ctx, contract, chain_id, read_only=dry_run)

@@ -775,6 +775,22 @@ def test_contract_remove_at_a_terminal_names_all_it_deletes(
     assert r.exit_code == 0 and run(tracked, "contract", "list").output == ""
 
 
+def test_ctrl_c_before_an_enrich_run_starts_says_nothing_was_fetched(
+    tracked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl+C while enrich asks the node its chain (or chooses its mode) said a bare "interrupted".
+    run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n")
+
+    def interrupted(*_: Any, **__: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gapfill.cli._on_node_chain", interrupted)
+    r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "enrich")
+    assert r.exit_code == 130
+    assert one_sentence(r) == "interrupted: nothing was fetched yet; run the same command again"
+    assert run(tracked, "runs").output.strip() == "no runs yet"
+
+
 def test_contract_given_twice_is_wrong_usage_not_the_last_one(tracked: str) -> None:
     other = "0x" + "cd" * 20
     for cmd in (("status",), ("failures",), ("enrich", "--dry-run"), ("discover",), ("import", "-")):

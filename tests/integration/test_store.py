@@ -128,6 +128,44 @@ def test_upsert_twice_is_the_same_database_and_exact(store: Store) -> None:
     )  # fmt: skip
 
 
+def test_extreme_and_missing_values_are_stored_exactly(store: Store) -> None:
+    # PostgreSQL copies rows in binary, each column as its type: the largest 256-bit
+    # quantity, a type no fork of Ethereum defines, NULLs in every optional column, and a
+    # decoded string holding NUL (which JSONB refuses: U+FFFD there) come back as given.
+    big = 2**256 - 1
+    odd = tx_row(1, 2**62, value=big, nonce=0, gas=big, gas_price=big, max_fee_per_gas=None,
+                 max_priority_fee_per_gas=None, tx_type=0x7E, status=None, root=h(7),
+                 block_timestamp=None, to_address=None, created_contract=C, access_list=None,
+                 max_fee_per_blob_gas=big, blob_versioned_hashes=[h(3)], blob_gas_used=0,
+                 blob_gas_price=big, authorization_list=[{"chainId": "0x1", "r": None}],
+                 method_id=None, method_name=None, method_args={"s": "a\x00b", "n": [1, None]},
+                 log_count=2**31 - 1)  # fmt: skip
+    log = LogRow(1, h(1), 2**31 - 1, 2**62, C, None, None, None, None, "0x", None, None)
+    store.write(Enriched([odd], [log]))
+    (row,) = store.fetch_transactions(1)
+    on_pg = type(store).__name__ == "PostgresStore"
+    expected = odd._replace(method_args={"s": "a\ufffdb" if on_pg else "a\x00b", "n": [1, None]})
+    assert {k: row[k] for k in TxRow._fields} == expected._asdict()
+    (got,) = store.fetch_logs(1)
+    assert {k: got[k] for k in LogRow._fields} == log._asdict()
+
+
+def test_postgres_copies_each_column_as_the_schema_types_it(pg_url: str) -> None:
+    # Rows are copied in binary, which needs each column's exact type: the list must follow
+    # the schema (a migration that changes a column's type changes it too).
+    from gapfill.store.base import LOG_COLUMNS, TX_COLUMNS
+    from gapfill.store.postgres import COPY_TYPES, PostgresStore
+
+    with PostgresStore(pg_url) as s:
+        for table, columns in (("transactions", TX_COLUMNS), ("logs", LOG_COLUMNS)):
+            rows = s._live().execute(
+                "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+                "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped", (table,)
+            ).fetchall()
+            assert {c: COPY_TYPES[c] for c in columns} == {c: ty for c, ty in rows if c in columns}
+            s._live().rollback()
+
+
 def test_permanent_failures_leave_the_gap_transient_ones_stay(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), 7) for i in range(4)])
     store.write(Enriched(failures=[Failure(1, h(0), C, "not_found", "null"),

@@ -124,6 +124,18 @@ def _jsonb(value: Any) -> str | None:
     return orjson.dumps(value).decode().replace("\\u0000", "\\ufffd")
 
 
+class _JsonbDumper(psycopg.adapt.Dumper):
+    """JSON text (see :func:`_jsonb`) as a binary ``jsonb`` value of a ``COPY``: the format's
+    version (1), then the text. Registered for the type only (``COPY`` after ``set_types``),
+    not for ``str``."""
+
+    format = psycopg.pq.Format.BINARY
+    oid = psycopg.adapters.types["jsonb"].oid
+
+    def dump(self, obj: str) -> bytes:
+        return b"\x01" + obj.encode()
+
+
 def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
     """A row in TX_COLUMNS order, JSON columns as text (COPY turns ints into NUMERIC itself)."""
     return (
@@ -143,11 +155,34 @@ def _log_tuple(g: LogRow) -> tuple[Any, ...]:
 
 check_row_tuples(_tx_tuple, _log_tuple, big=(), json=JSON_COLUMNS)
 
+#: The type of each column of ``transactions`` and ``logs`` that a commit writes (psycopg's
+#: names, which are pg_type's): rows are copied in binary, and binary needs the exact type.
+COPY_TYPES = {
+    "chain_id": "int8", "tx_hash": "text", "block_number": "int8", "block_hash": "text",
+    "tx_index": "int4", "block_timestamp": "int8", "from_address": "text", "to_address": "text",
+    "value": "numeric", "input": "text", "nonce": "numeric", "gas": "numeric",
+    "gas_price": "numeric", "max_fee_per_gas": "numeric", "max_priority_fee_per_gas": "numeric",
+    "tx_type": "int4", "status": "int2", "root": "text", "gas_used": "numeric",
+    "cumulative_gas_used": "numeric", "effective_gas_price": "numeric",
+    "created_contract": "text", "access_list": "jsonb", "max_fee_per_blob_gas": "numeric",
+    "blob_versioned_hashes": "jsonb", "blob_gas_used": "numeric", "blob_gas_price": "numeric",
+    "authorization_list": "jsonb", "method_id": "text", "method_name": "text",
+    "method_args": "jsonb", "log_count": "int4",
+    "log_index": "int4", "address": "text", "topic0": "text", "topic1": "text",
+    "topic2": "text", "topic3": "text", "data": "text", "event_name": "text", "event_args": "jsonb",
+}  # fmt: skip
+_TX_TYPES = [COPY_TYPES[c] for c in TX_COLUMNS]
+_LOG_TYPES = [COPY_TYPES[c] for c in LOG_COLUMNS]
 
-def _copy(cur: Any, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """``COPY table (columns) FROM STDIN`` of ``rows`` (nothing when there are none)."""
+
+def _copy(cur: Any, table: str, columns: str, types: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
+    """``COPY table (columns) FROM STDIN`` of ``rows`` (nothing when there are none), whose
+    columns are of ``types``. In binary: the server reads numerics and integers as they
+    are instead of parsing their decimal text (bench/hotpath.py, dense chain: -15% of the
+    server's CPU per stored transaction, and -19% of this process's)."""
     if rows:
-        with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+        with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(types)
             for row in rows:
                 copy.write_row(row)
 
@@ -532,6 +567,7 @@ class PostgresStore(Store):
                 raise translate(exc, self.url, check=self.check) from None
             except psycopg.Error:
                 conn.rollback()  # a server or a pooler that refuses them: go on without
+        conn.adapters.register_dumper(None, _JsonbDumper)  # for the type only: see _copy
         self._conn = conn
         self._staged = False
         return conn
@@ -679,20 +715,21 @@ class PostgresStore(Store):
         # violation: the savepoint undoes the partial COPY and the staged upsert runs.
         try:
             with cur.connection.transaction():
-                _copy(cur, "transactions", _TX_COLS, tx_rows)
-                _copy(cur, "logs", _LOG_COLS, log_rows)
+                _copy(cur, "transactions", _TX_COLS, _TX_TYPES, tx_rows)
+                _copy(cur, "logs", _LOG_COLS, _LOG_TYPES, log_rows)
             return None
         except psycopg.errors.UniqueViolation:
             pass
         self._stage(cur)
         inserted: set[tuple[int, str]] = set()
-        for stage, table, cols, key, update, rows in (
-            ("stage_tx", "transactions", _TX_COLS, "chain_id, tx_hash", _UPDATE_TX, tx_rows),
-            ("stage_logs", "logs", _LOG_COLS, "chain_id, tx_hash, log_index", _UPDATE_LOG, log_rows),
+        for stage, table, cols, types, key, update, rows in (
+            ("stage_tx", "transactions", _TX_COLS, _TX_TYPES, "chain_id, tx_hash", _UPDATE_TX, tx_rows),
+            ("stage_logs", "logs", _LOG_COLS, _LOG_TYPES, "chain_id, tx_hash, log_index", _UPDATE_LOG,
+             log_rows),
         ):
             if not rows:
                 continue
-            _copy(cur, stage, cols, rows)
+            _copy(cur, stage, cols, types, rows)
             upsert = (
                 f"INSERT INTO {table} ({cols}) SELECT DISTINCT ON ({key}) {cols} FROM {stage} "
                 f"ON CONFLICT ({key}) DO UPDATE SET {update}"

@@ -38,6 +38,7 @@ from gapfill.store.base import (
     gap_where,
     migrated,
     migrations,
+    status_sql,
 )
 from gapfill.store.pg_wait import MIGRATION_LOCK, PLAN_LOCK, REMOVAL_LOCK, LockWatch, application_name
 
@@ -66,6 +67,14 @@ TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 1
 #: minute. The URL's ``options`` (``-c tcp_keepalives_idle=...``) or a service file win.
 SERVER_TCP_DEFAULTS = {"tcp_keepalives_idle": 30, "tcp_keepalives_interval": 10,
                        "tcp_keepalives_count": 3, "tcp_user_timeout": 60_000}  # fmt: skip
+#: A permanent failure record's refs, looked up by hash (``refs_tx_hash``) in a subquery the
+#: contract's test stays out of (``OFFSET 0``). With it inside, PostgreSQL without statistics
+#: (after an import) looked each record's ref up in ``refs_key``, by chain and contract alone:
+#: every ref of the contract read per record (200,000 refs, 70 records: 600 ms instead of 3).
+_REFS_OF_RECORD = (
+    "LATERAL (SELECT x.chain_id, x.contract, x.tx_hash, x.block_number, x.source FROM refs x "
+    "WHERE x.chain_id = f.chain_id AND x.tx_hash = f.tx_hash OFFSET 0) r"
+)
 #: An import's staged refs give their block numbers (``{block}``: one of the two below) to
 #: refs of one contract that have none. The refs an import has just inserted have no
 #: statistics yet: filtered by contract, they looked like one row to the planner, which then
@@ -510,16 +519,10 @@ class PostgresStore(Store):
     #: neither analyzed, it checked each ref against every failure record (1M refs, 3,000
     #: records: 72 s to count a gap).
     _GAP_WHERE = gap_where(" OFFSET 0")
-    #: A permanent failure record's refs, looked up by hash (``refs_tx_hash``) in a subquery
-    #: the contract's test stays out of (``OFFSET 0``). With it inside, PostgreSQL without
-    #: statistics (after an import) looked each record's ref up in ``refs_key``, by chain and
-    #: contract alone: every ref of the contract read per record (200,000 refs, 70 records:
-    #: 600 ms instead of 3).
-    _FAILED_REFS = failed_refs_sql(
-        "LATERAL (SELECT x.chain_id, x.contract, x.tx_hash, x.block_number, x.source FROM refs x "
-        "WHERE x.chain_id = f.chain_id AND x.tx_hash = f.tx_hash OFFSET 0) r",
-        " OFFSET 0",
-    )
+    #: The refs of permanent failure records (see :data:`_REFS_OF_RECORD`), and how many per
+    #: contract (``status``).
+    _FAILED_REFS = failed_refs_sql(_REFS_OF_RECORD, " OFFSET 0")
+    _STATUS = status_sql(failed_refs_sql(_REFS_OF_RECORD, " OFFSET 0", counts=True))
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0, check: str = DB_CHECK,
                  app: str = "") -> None:  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -997,6 +998,37 @@ def test_status_counts_what_a_ref_by_ref_reading_counts(store: Store) -> None:
     assert by == {(1, C): (10, 3, 3, 4, 2), (1, other): (2, 0, 0, 2, 0), (1, full): (2, 2, 0, 0, 0),
                   (1, empty): (0, 0, 0, 0, 0), (2, elsewhere): (1, 0, 1, 0, 0),
                   (2, C): (1, 0, 1, 0, 0)}  # fmt: skip
+
+
+def test_a_dry_run_counts_the_gap_per_block_as_the_gap_streamed_would(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `enrich --dry-run` streamed every ref of the gap in key order (1M refs, 780,000 stored:
+    # 19 s on PostgreSQL); it asks for per-block counts, with the same estimate.
+    from gapfill.engine.dryrun import DryRunRow, estimate
+    from gapfill.enrich.fetch import PlanSettings
+
+    full, empty = "0x" + "ef" * 20, "0x" + "12" * 20
+    store.add_contract(Contract(1, full))
+    store.add_contract(Contract(1, empty))
+    store.add_refs([Ref(1, C, h(i), 100 + i // 3) for i in range(1, 13)]
+                   + [Ref(1, C, h(20), None), Ref(1, C, h(21), None), Ref(1, full, h(1), 100)])  # fmt: skip
+    store.write(Enriched(txs=[tx_row(1, 100), tx_row(4, 101)], failures=[
+        Failure(1, h(2), C, "not_found", "null"), Failure(1, h(3), C, "rpc_error", "timeout"),
+        Failure(1, h(21), C, "permanent", "bad"),
+    ]))  # fmt: skip
+    targets = [(1, C), (1, full), (1, empty)]
+    per_block = PlanSettings(shape="per_block")
+    streamed = {k: Counter(r.block_number for r in store.iter_gap(*k)) for k in targets}
+    assert {k: Counter(dict(store.gap_blocks(*k))) for k in targets} == streamed
+    assert streamed[(1, C)] == {101: 2, 102: 3, 103: 3, 104: 1, None: 1}
+    monkeypatch.setattr(store, "iter_gap", lambda *a, **k: pytest.fail("the gap was streamed"))
+    assert estimate(store, targets, batch_size=5, plan=per_block) == [
+        DryRunRow(1, C, 10, 2, 9, 4, 10, None), DryRunRow(1, full, 0, 0, 0, 0, 0, None),
+        DryRunRow(1, empty, 0, 0, 0, 0, 0, None),
+    ]  # fmt: skip
+    assert estimate(store, targets[:1], batch_size=5, plan=per_block, retry_failed=True) == [
+        DryRunRow(1, C, 12, 3, 10, 5, 14, None)]  # h(2) in block 100, h(21) of unknown block
 
 
 @pytest.mark.timeout(60)

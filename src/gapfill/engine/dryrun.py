@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gapfill.enrich.fetch import PlanSettings
@@ -44,15 +45,16 @@ def estimate(
     for chain_id, contract in targets:
         per_block: Counter[int] = Counter()
         missing = unknown = 0
-        refs = store.iter_gap(chain_id, contract, chunk=20_000)
-        if retry_failed:
-            refs = itertools.chain(refs, store.iter_failed_refs(chain_id, contract))
-        for ref in refs:
-            missing += 1
-            if ref.block_number is None:
-                unknown += 1
+        gap: Iterable[tuple[int | None, int]] = store.gap_blocks(chain_id, contract)
+        if retry_failed:  # not in the gap: the two never count a ref twice
+            failed = store.iter_failed_refs(chain_id, contract)
+            gap = itertools.chain(gap, ((ref.block_number, 1) for ref in failed))
+        for block, n in gap:
+            missing += n
+            if block is None:
+                unknown += n
             else:
-                per_block[ref.block_number] += 1
+                per_block[block] += n
         threshold = plan.block_plan_min_refs if plan.calls_metered else plan.block_plan_min_refs_free
         calls = 2 * unknown
         pb_refs = blocks = 0

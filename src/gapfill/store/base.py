@@ -712,6 +712,18 @@ class Store(abc.ABC):
                         (chain_id, contract))  # fmt: skip
             return int(cur.fetchone()[0])
 
+    def gap_blocks(self, chain_id: int, contract: str) -> list[tuple[int | None, int]]:
+        """The contract's gap per block: (block number, None for refs of unknown block; how
+        many of its refs are in the gap), in no order (``enrich --dry-run``). One aggregate
+        over the refs in the order the database likes, instead of streaming every ref of the
+        gap in key order: the key's order probes ``transactions`` in random hash order and
+        reads each ref's row apart (1M refs, 4 contracts, 780,000 stored: the dry run took
+        19 s on PostgreSQL, 7 on SQLite)."""
+        with self._read() as cur:
+            cur.execute(self._sql(f"SELECT r.block_number, count(*) FROM refs r WHERE {self._GAP_WHERE} "
+                                  "GROUP BY r.block_number"), (chain_id, contract))  # fmt: skip
+            return [(None if b is None else int(b), int(n)) for b, n in cur.fetchall()]
+
     def status(
         self, chain_id: int | None = None, contract: str | None = None
     ) -> list[ContractStatus]:

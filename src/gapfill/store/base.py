@@ -718,7 +718,8 @@ class Store(abc.ABC):
         over the refs in the order the database likes, instead of streaming every ref of the
         gap in key order: the key's order probes ``transactions`` in random hash order and
         reads each ref's row apart (1M refs, 4 contracts, 780,000 stored: the dry run took
-        19 s on PostgreSQL, 7 on SQLite)."""
+        19-25 s on PostgreSQL instead of 7-9; SQLite's lookups cost the same in either
+        order)."""
         with self._read() as cur:
             cur.execute(self._sql(f"SELECT r.block_number, count(*) FROM refs r WHERE {self._GAP_WHERE} "
                                   "GROUP BY r.block_number"), (chain_id, contract))  # fmt: skip

@@ -253,6 +253,42 @@ def test_a_ctrl_c_whose_batches_all_finish_does_not_ask_for_a_rerun(
     assert query(pg_url, "SELECT count(*) FROM batches WHERE state <> 'done'") == [(0,)]
 
 
+@pytest.mark.timeout(150)
+def test_a_rate_limited_run_stopped_midway_keeps_the_transactions_it_paid_for(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # With --rps the per-transaction plan asked a batch's every receipt before any of its
+    # transactions: a stop before the last receipt (here 500 calls at 100 calls/s) kept
+    # nothing of the hundreds of calls made (QA: 183 and 743 calls, 0 rows). Its rounds now
+    # go a request's refs at a time, so transactions complete steadily through the batch.
+    rps = ["--rps", "100"]
+    args = ["--db", pg_url, "--rpc-url", "", *rps, "enrich", "--mode", "concurrent", "--workers", "1",
+            "--batches-in-flight", "1", "--batch-size", "500", "--plan", "per_tx",
+            "--grace-period", "0"]  # fmt: skip
+    with emulator(node_chain.url, "--rps", "150") as (rpc, _):
+        args[args.index("--rpc-url") + 1] = rpc
+        p = GapfillProc(args, tmp_path, "enrich")
+        try:
+            wait_for("400 calls answered", lambda: emulator_stats(rpc)["calls_answered"] >= 400, 60,
+                     every_s=0.05, proc=p)  # fmt: skip
+            os.killpg(p.pid, signal.SIGINT)
+            rc = p.wait(30)
+        finally:
+            p.close()
+        made = emulator_stats(rpc)["calls"]
+    out = p.output(100_000)
+    assert rc == 130 and "Traceback" not in out, out
+    stored = {h for (h,) in query(pg_url, "SELECT tx_hash FROM transactions")}
+    assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
+    # At 400 calls answered (four requests of 100) the first 100 refs have their receipt and
+    # transaction; the old order had only receipts, and its first transactions after 600.
+    assert len(stored) >= 100, (len(stored), made, out)
+    assert made < 600, f"the stop came too late to tell ({made} calls made)"
+    problems = exactness_problems(pg_url, node_chain.chain.chain_id, truth, stored)
+    assert not problems, "\n".join(problems)
+    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
+
+
 def wait_for_dead(pids: set[int], timeout_s: float = 5.0) -> set[int]:
     """The pids still running after ``timeout_s`` (an exiting child may need a moment)."""
     deadline = time.monotonic() + timeout_s

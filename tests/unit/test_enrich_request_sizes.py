@@ -112,6 +112,37 @@ async def test_the_metered_plan_fills_requests_to_an_odd_size(tmp_path: Any) -> 
     assert node.sizes("eth_getTransactionByHash") == [5, 5]
 
 
+async def test_the_metered_plan_asks_transactions_before_the_last_receipts(tmp_path: Any) -> None:
+    # It asked every receipt of the batch before any transaction: with a rate limit a stop
+    # before the last receipt kept nothing. A request's refs at a time, the first
+    # transactions are asked (and their rows complete) while later receipts still wait: the
+    # receipts of at most RECEIPTS_AHEAD (2) requests are asked ahead of the transactions.
+    node = CountingNode(25)
+    assert await enrich(node, tmp_path, 5, metered=True) == 25
+    assert node.sizes("eth_getTransactionReceipt") == [5] * 5
+    assert node.sizes("eth_getTransactionByHash") == [5] * 5
+    methods = [r[0][0] for r in node.requests]
+    first_tx = methods.index("eth_getTransactionByHash")
+    last_receipts = len(methods) - 1 - methods[::-1].index("eth_getTransactionReceipt")
+    assert first_tx < last_receipts, methods
+
+
+async def test_a_full_block_the_metered_plan_asks_serves_the_later_requests_refs_too(tmp_path: Any) -> None:
+    # Receipts without a timestamp: one full block per block gives transactions and
+    # timestamp. Asked a request's refs at a time, a block whose refs straddle two requests
+    # is still asked once, and its later refs ask nothing more: 1 receipt per ref and 1
+    # block per block, as when every receipt came first.
+    node = CountingNode(10)
+    for h in node.txs:
+        node.txs[h].pop("blockTimestamp", None)
+        node.receipts[h].pop("blockTimestamp")
+    assert await enrich(node, tmp_path, 5, metered=True) == 10  # blocks 10-14; block 12 straddles
+    asked = [c for r in node.requests for c in r]
+    assert sum(1 for m, _ in asked if m == "eth_getTransactionReceipt") == 10
+    assert sorted(b for m, b in asked if m == "eth_getBlockByNumber") == [hex(b) for b in range(10, 15)]
+    assert not [c for c in asked if c[0] == "eth_getTransactionByHash"]
+
+
 async def test_the_per_block_plan_fills_requests_to_an_odd_size(tmp_path: Any) -> None:
     # Block and block receipts, two calls a block: they went in requests of 4 for a size of
     # 5; a block's two calls may now be in two requests (its refs wait for both).

@@ -33,6 +33,10 @@ Plans, per ref:
      others, the block with full transactions, once per block, which gives
      transaction and timestamp in one call: at most 2 calls per transaction.
 
+  Both rounds go one request's refs at a time, a few requests of receipts ahead of
+  the transactions (:data:`RECEIPTS_AHEAD`), so that transactions complete steadily
+  through the batch: a stop (Ctrl+C, a node gone) keeps them.
+
 Block timestamps are cached per process, so a header is fetched at most once.
 Each ref ends enriched or as a :class:`~gapfill.model.Failure`: ``not_found``
 (the transaction lookup still ``null`` after the retries: permanent until
@@ -70,6 +74,13 @@ PlanShape = Literal["auto", "per_tx", "per_block"]
 #: How long the node's head, once asked, stands for it (batches in flight share it): a head
 #: older than the nulls it judges is lower, so it errs towards "not reached yet".
 HEAD_TTL_S = 1.0
+
+#: In the metered per-transaction plan, how many requests of receipts may be asked ahead of
+#: the transactions (see :meth:`Enricher._per_tx_rounds`). One left a batch alone with two
+#: requests at a time: where the rate limit is loose for the node's latency, the receipts
+#: then waited on the round trips (measured with the emulator at 5,000 calls/s and 0.2 s:
+#: 330 transactions/s, against 520 asking every receipt first and 600 with two ahead).
+RECEIPTS_AHEAD = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,12 +488,44 @@ class Enricher:
                 self._normalise(out, ref, tx, rec, stamp)
 
     async def _per_tx_rounds(self, refs: Sequence[Ref], out: Collector) -> None:
-        """The metered plan: receipts first, then transactions or full blocks (see above)."""
+        """The metered plan (receipts first, then transactions or full blocks; see above), a
+        request's refs (a part) at a time: a part's second round is asked as soon as its
+        receipts are in, and the receipts of at most :data:`RECEIPTS_AHEAD` parts are asked
+        ahead of it. Transactions so complete one request after another through the batch,
+        and a stop keeps them; asking every receipt of the batch first (as this plan did)
+        kept none until the last receipt was in, at the rate limit seconds or minutes later.
+        The calls are the same: a full block one part asks also settles the refs of that
+        block the later parts have (see :meth:`_rounds`)."""
+        step = self.calls_per_request
+        parts = [refs[i : i + step] for i in range(0, len(refs), step)]
+        turns = [asyncio.Event() for _ in parts]
+        fulls: dict[int, asyncio.Future[Any]] = {}
+
+        async def part(k: int) -> None:
+            if k >= RECEIPTS_AHEAD:
+                await turns[k - RECEIPTS_AHEAD].wait()  # that part's receipts are in
+            await self._rounds(parts[k], out, fulls, turns[k].set)
+
+        await _together(part(k) for k in range(len(parts)))
+
+    async def _rounds(
+        self,
+        refs: Sequence[Ref],
+        out: Collector,
+        fulls: dict[int, asyncio.Future[Any]],
+        receipts_in: Callable[[], None],
+    ) -> None:
+        """Both rounds of the metered plan for ``refs``; ``receipts_in()`` once the first is
+        answered. ``fulls``: the full blocks the batch's parts asked (the answer, or the
+        :class:`CallError`, once in): a ref in one of them waits for it instead of asking
+        for its transaction, as if its part had asked the block with the earlier one."""
         answers = await self._many(
             [Call("eth_getTransactionReceipt", [r.tx_hash], null_retry=True) for r in refs]
         )
+        receipts_in()
         with_ts: list[tuple[Ref, dict[str, Any], int]] = []
         without_ts: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
+        riders: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
         # A receipt still null is no proof that the transaction is unknown: look it up in
         # the second round (one more call, only for these refs) before calling it not found.
         unproven: list[tuple[Ref, CallError]] = []
@@ -494,10 +537,15 @@ class Enricher:
             if rec is None:
                 continue
             block, ts = self._block_and_ts(rec)
-            if ts is None:
+            if block in fulls:
+                riders[block].append((ref, rec))
+            elif ts is None:
                 without_ts[block].append((ref, rec))
             else:
                 with_ts.append((ref, rec, ts))
+        loop = asyncio.get_running_loop()
+        for b in without_ts:
+            fulls[b] = loop.create_future()
 
         def with_tx(ref: Ref, rec: dict[str, Any], ts: int, answers: list[Any]) -> None:
             (tx,) = answers
@@ -506,9 +554,7 @@ class Enricher:
             else:
                 self._normalise(out, ref, tx, rec, ts)
 
-        def with_block(b: int, answers: list[Any]) -> None:
-            (full,) = answers
-            items = without_ts[b]
+        def with_block(b: int, items: list[tuple[Ref, dict[str, Any]]], full: Any) -> None:
             if isinstance(full, CallError):
                 for ref, _ in items:
                     out.fail(_failure(ref, full), b)
@@ -523,6 +569,11 @@ class Enricher:
                 else:
                     self._normalise(out, ref, found, rec, block_ts)
 
+        def asked_block(b: int, answers: list[Any]) -> None:
+            (full,) = answers
+            fulls[b].set_result(full)
+            with_block(b, without_ts[b], full)
+
         def judged(ref: Ref, missing: CallError, answers: list[Any]) -> None:
             out.fail(_no_receipt(ref, missing, answers[0]), ref.block_number)
 
@@ -534,13 +585,15 @@ class Enricher:
             (lookup(ref.tx_hash), partial(with_tx, ref, rec, ts)) for ref, rec, ts in with_ts
         ]
         jobs += [
-            ([Call("eth_getBlockByNumber", [hex(b), True], null_retry=True)], partial(with_block, b))
+            ([Call("eth_getBlockByNumber", [hex(b), True], null_retry=True)], partial(asked_block, b))
             for b in sorted(without_ts)
         ]
         jobs += [(lookup(ref.tx_hash), partial(judged, ref, missing)) for ref, missing in unproven]
         # Each request's transactions are stored as soon as it is answered, not once every
         # request of the round is: with a tight rate limit that is seconds apart.
         await self._many_each(jobs)
+        for b, items in riders.items():
+            with_block(b, items, await fulls[b])
 
     # -- the seed's baseline -------------------------------------------------------
 

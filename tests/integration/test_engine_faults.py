@@ -461,6 +461,46 @@ def metrics_scraper(port: int, scraped: dict[str, float]) -> Callable[[], bool]:
     return scrape
 
 
+@pytest.mark.timeout(150)
+def test_the_rpc_calls_metric_counts_a_workers_calls_while_its_batch_is_fetched(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # The coordinator learnt a worker's calls from the stats it sent as batches ended: with a
+    # rate limit a batch takes minutes, and gapfill_rpc_calls_total (a counter, live) lagged
+    # by its calls. Here one batch of ~1,000 refs at 100 calls/s takes ~20 s: the counter
+    # follows the calls the node answers while it is still being fetched.
+    port = free_port()
+    args = ["--db", pg_url, "--rpc-url", "", "--rps", "100", "enrich", "--mode", "concurrent",
+            "--workers", "1", "--batches-in-flight", "1", "--batch-size", "1000", "--plan", "per_tx",
+            "--grace-period", "0", "--metrics-port", str(port)]  # fmt: skip
+    scraped: dict[str, float] = {}
+    scrape = metrics_scraper(port, scraped)
+    seen: list[tuple[float, float]] = []  # (calls counted, batches done) at each scrape
+
+    def counted() -> bool:
+        scrape()
+        if "gapfill_rpc_calls_total" in scraped:
+            seen.append((scraped["gapfill_rpc_calls_total"], scraped["gapfill_batches_done_total"]))
+        return scraped.get("gapfill_rpc_calls_total", 0) >= 300
+
+    with emulator(node_chain.url, "--rps", "150") as (rpc, _):
+        args[args.index("--rpc-url") + 1] = rpc
+        p = GapfillProc(args, tmp_path, "enrich")
+        try:
+            wait_for("300 calls answered", lambda: emulator_stats(rpc)["calls_answered"] >= 300, 60, proc=p)
+            wait_for("the metrics to count 300 calls", counted, 10, every_s=0.2, proc=p)
+            made = emulator_stats(rpc)["calls"]
+            os.killpg(p.pid, signal.SIGINT)
+            rc = p.wait(30)
+        finally:
+            p.close()
+    assert rc == 130, p.output()
+    calls, batches = seen[-1]
+    assert batches == 0, "a batch was done before the calls were counted: the test proved nothing"
+    assert calls <= made, (calls, made)
+    assert [c for c, _ in seen] == sorted(c for c, _ in seen), seen  # a counter never goes down
+
+
 @pytest.mark.timeout(120)
 def test_runs_are_listed_and_metrics_are_served(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path

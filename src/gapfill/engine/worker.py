@@ -277,6 +277,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         period = max(0.05, min(5.0, self.settings.rpc_outage_s / 4))
         watch: asyncio.TimerHandle | None = None
+        stats: asyncio.TimerHandle | None = None
 
         def check() -> None:  # a timer, not a task: nothing to outlive the worker
             nonlocal watch
@@ -295,7 +296,16 @@ class Worker:
                 cancel_once(t)
             main.cancel()
 
+        def report() -> None:  # a timer too: the stats of a batch still fetching
+            nonlocal stats
+            self.send_stats()
+            stats = loop.call_later(self.settings.stats_every_s, report)
+
         watch = loop.call_later(period, check)
+        # Its running counts every ``stats_every_s``, not only as batches end: with a rate
+        # limit a batch takes minutes, and the coordinator's gapfill_rpc_calls_total (a
+        # counter, live) lagged by its calls.
+        stats = loop.call_later(self.settings.stats_every_s, report)
         self.client.on_refused = refused
         self.client.tell = lambda text: self.emit(Notice(text, once=True))
         try:
@@ -308,6 +318,7 @@ class Worker:
             raise self._outage from None
         finally:
             watch.cancel()
+            stats.cancel()
             self.client.on_refused = self.client.tell = None
 
     def _rpc_outage(self) -> bool:

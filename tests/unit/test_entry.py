@@ -39,3 +39,13 @@ def test_reading_commands_do_not_load_the_rpc_stack() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_a_run_in_one_process_does_not_load_multiprocessing() -> None:
+    """The engine imports multiprocessing only where a concurrent run starts its workers:
+    batch and sequential runs never do, and it was a fixed cost of every small run's start."""
+    code = ("import sys; import gapfill.engine.run; "
+            "print('multiprocessing' in sys.modules)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

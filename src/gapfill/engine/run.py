@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
@@ -27,11 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as wait_for_ready
-from multiprocessing.process import BaseProcess
-from multiprocessing.reduction import ForkingPickler
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gapfill.engine.events import (
     BatchAbandoned,
@@ -59,6 +54,11 @@ from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.store import DB_CHECK, Store, open_store, owner_name, run_owner
 from gapfill.wording import counted
+
+if TYPE_CHECKING:  # multiprocessing is imported where a concurrent run needs it: a batch run
+    # never does, and it is a fixed cost of every small run's start (~5 ms)
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -692,6 +692,9 @@ class _EventSender:
     """
 
     def __init__(self, conn: Connection, who: str) -> None:
+        from multiprocessing.reduction import ForkingPickler
+
+        self._dumps = ForkingPickler.dumps
         self._conn = conn
         self._who = who  # how its notices name the worker: "Worker-1"
         self._queue: queue_mod.SimpleQueue[Event | None] = queue_mod.SimpleQueue()
@@ -713,12 +716,12 @@ class _EventSender:
         does not pickle (a bug) must not end this thread, which would leave every later
         event of the worker queued, unsent, and the coordinator blind to it."""
         try:
-            return ForkingPickler.dumps(event)
+            return self._dumps(event)
         except Exception:  # whatever pickling raises: nothing was written to the pipe yet
             name = type(event).__name__
             log.warning("[%s] could not send a %s event to the coordinator", self._who, name, exc_info=True)
             said = f"[{self._who}] a {name} event could not be sent to the coordinator and was dropped"
-            return ForkingPickler.dumps(Notice(f"{said}: the run's progress and counts may miss it"))
+            return self._dumps(Notice(f"{said}: the run's progress and counts may miss it"))
 
     def close(self) -> None:
         """Send what is queued (unless the coordinator is gone), then close the pipe."""
@@ -871,6 +874,8 @@ class Coordinator:
     """Spawns and supervises worker processes; aggregates their events."""
 
     def __init__(self, job: EnrichJob, emit: Emit) -> None:
+        import multiprocessing as mp
+
         self.job = job
         self.emit = emit
         self.workers = job.workers or default_workers()
@@ -878,7 +883,7 @@ class Coordinator:
         # worker would import everything again (~0.4 CPU s each, on the node's cores).
         self.ctx = mp.get_context("forkserver")
         # keccak's backend too: gapfill.keccak loads it on first use, and a worker would
-        # pay that (~13 ms and a `file` subprocess) on every start and restart.
+        # pay that (~13 ms) on every start and restart.
         self.ctx.set_forkserver_preload(["gapfill.engine.run", "Crypto.Hash.keccak"])
         # Pipes only, no multiprocessing.Queue or Event: those are named semaphores that this
         # process creates and unlinks at its exit, so a kill -9 left them to the resource
@@ -1023,6 +1028,8 @@ class Coordinator:
         self.emit(ev)
 
     def run(self) -> RunSummary:
+        from multiprocessing.connection import wait as wait_for_ready
+
         job = self.job
         # Until its workers start it is the run's only writer: a lock it waits for is
         # another process's, and said; afterwards its waits are on its workers' commits.

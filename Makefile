@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 ANVIL := .tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil
 STAMP := $(VENV)/.installed
+# Two test processes (pytest-xdist; each test has its own database): on a 2-core machine
+# the suite took 15:44 instead of 17:45 in one. PYTEST_ARGS= runs it in one process.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test lint bench setup clean
 

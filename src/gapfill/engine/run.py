@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -814,16 +814,44 @@ def worker_process_main(index: int, job: EnrichJob, events: Connection, coordina
 
 
 async def _worker_async(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:
+    with _sigterm_cancels_main():
+        await _worker_body(index, job, emit, coordinator)
+
+
+@contextlib.contextmanager
+def _sigterm_cancels_main() -> Iterator[None]:
+    """SIGTERM (after the grace period) cancels the running loop's main task, which abandons
+    in-flight batches; SIGTERMs after the block are ignored.
+
+    Only one cancel: the coordinator repeats SIGTERM, and a second cancel would cut the
+    give-backs. Ignored afterwards because the loop closes its wakeup pipe before it removes
+    its signal handlers, and a SIGTERM in between made Python print "Exception ignored when
+    trying to write to the signal wakeup fd" and a traceback on the user's terminal. The
+    worker is on its way out by then, and a worker stuck on it still gets the SIGKILL.
+    """
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
-    # SIGTERM (after the grace period): cancel, which abandons in-flight batches. Only
-    # once: the coordinator repeats SIGTERM, and a second cancel would cut the give-backs.
+
     def cancel_once() -> None:
         if not main.cancelling():
             main.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, cancel_once)
+    try:
+        yield
+    finally:
+        # Blocked while it changes hands: removing the handler restores SIG_DFL for a moment,
+        # and a SIGTERM then would kill the worker before its last events are sent.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            loop.remove_signal_handler(signal.SIGTERM)  # also clears the wakeup fd
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+async def _worker_body(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:
     store = open_store(job.db_url, check=job.db_check, app=f"{_app(job)} worker {index + 1}")
     store.counts_for_run = job.run_id
     try:

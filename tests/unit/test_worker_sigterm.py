@@ -1,0 +1,83 @@
+"""A worker's SIGTERM: cancels its main task once, and is harmless as its loop closes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# The loop closes its wakeup pipe before it removes its signal handlers: the script sends
+# SIGTERM in that gap, as the coordinator's repeated SIGTERM once did in CI.
+_SCRIPT = textwrap.dedent("""
+    import asyncio, os, signal
+    from gapfill.engine.run import _sigterm_cancels_main
+
+    {helper}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        close_pipe = loop._close_self_pipe
+
+        def close_then_term():
+            close_pipe()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        loop._close_self_pipe = close_then_term
+        with guard():
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    print("exited normally")
+""")
+_NEW = "guard = _sigterm_cancels_main"
+# What the worker did before: the loop's handler and nothing when the block ends.
+_OLD = """
+import contextlib
+@contextlib.contextmanager
+def guard():
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
+    yield
+"""
+
+
+def _run(helper: str) -> subprocess.CompletedProcess[str]:
+    script = _SCRIPT.format(helper=helper)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_as_the_workers_loop_closes_prints_nothing() -> None:
+    old = _run(_OLD)  # the race is real: the old way printed a traceback
+    assert "Exception ignored when trying to write to the signal wakeup fd" in old.stderr, old.stderr
+    new = _run(_NEW)
+    assert new.returncode == 0 and new.stdout == "exited normally\n", new
+    assert new.stderr == "", new.stderr
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_in_the_block_cancels_the_main_task_once() -> None:
+    script = textwrap.dedent("""
+        import asyncio, os, signal
+        from gapfill.engine.run import _sigterm_cancels_main
+
+        async def main():
+            with _sigterm_cancels_main():
+                os.kill(os.getpid(), signal.SIGTERM)
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    print("cancelled")
+                os.kill(os.getpid(), signal.SIGTERM)  # a repeat does not cut the clean-up
+                await asyncio.sleep(0.1)
+                print("clean-up finished")
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored once the block is left
+            print("after the block")
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done
+    assert done.stdout == "cancelled\nclean-up finished\nafter the block\n", done
+    assert done.stderr == ""

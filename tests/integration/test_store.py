@@ -654,6 +654,34 @@ def test_postgres_sessions_ask_the_server_to_notice_a_vanished_client(pg_url: st
         assert shown(s)["tcp_keepalives_idle"] != "30"  # left to the server (the kernel: 7200)
 
 
+def test_postgres_sessions_run_without_jit_unless_the_url_or_pgoptions_ask_for_it(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # JIT compiling cost gapfill's large reads more than it won (status, dry-run at 1M refs).
+    from urllib.parse import quote
+
+    from gapfill.store.postgres import PostgresStore
+
+    def jit(s: PostgresStore) -> str:
+        conn = s._live()
+        value = str(conn.execute("SELECT current_setting('jit')").fetchone()[0])  # type: ignore[index]
+        conn.rollback()
+        return value
+
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    with PostgresStore(pg_url) as s:
+        assert jit(s) == "off"
+        s._live().close()  # a reconnect sets it again
+        assert jit(s) == "off"
+    with PostgresStore(f"{pg_url}?options={quote('-c jit=on')}") as s:
+        assert jit(s) == "on"
+    with PostgresStore(f"{pg_url}?keepalives=0") as s:  # not one of the TCP settings
+        assert jit(s) == "off"
+    monkeypatch.setenv("PGOPTIONS", "-c jit=on")
+    with PostgresStore(pg_url) as s:
+        assert jit(s) == "on"
+
+
 def test_a_new_run_marks_the_runs_of_dead_local_processes_interrupted(store: Store) -> None:
     import subprocess
 

@@ -117,13 +117,24 @@ _WITH_FAILURE = (
 )
 
 
-def _server_tcp_settings(given: dict[str, Any]) -> dict[str, str]:
-    """The server-side TCP settings to set on a new session: none where the URL's ``options``
-    name them, a service file decides, or the URL turned keepalives off."""
-    if "service" in given or str(given.get("keepalives", "1")) == "0":
-        return {}
+#: Settings of every session besides the TCP ones, unless the URL's ``options`` or PGOPTIONS
+#: name them. JIT off: gapfill's large reads (status, the dry run's and the planner's counts
+#: at a million refs) paid more for compiling than they won by it; on 1M refs (bench/
+#: read_scale.py) `status` took 1.51 s with it and 1.36 s without, `enrich --dry-run` 4.92
+#: and 4.60 (best of 5 each).
+SESSION_DEFAULTS = {"jit": "off"}
+
+
+def _session_settings(given: dict[str, Any]) -> dict[str, str]:
+    """The settings to set on a new session: the server-side TCP ones unless the URL's
+    ``options`` name them, a service file decides, or the URL turned keepalives off; and
+    :data:`SESSION_DEFAULTS` unless the URL's ``options`` or PGOPTIONS name them."""
     options = str(given.get("options", ""))
-    return {k: str(v) for k, v in SERVER_TCP_DEFAULTS.items() if k not in options}
+    out = {k: v for k, v in SESSION_DEFAULTS.items()
+           if k not in options and k not in os.environ.get("PGOPTIONS", "")}  # fmt: skip
+    if "service" in given or str(given.get("keepalives", "1")) == "0":
+        return out
+    return {**{k: str(v) for k, v in SERVER_TCP_DEFAULTS.items() if k not in options}, **out}
 
 
 def _jsonb(value: Any) -> str | None:
@@ -557,7 +568,7 @@ class PostgresStore(Store):
             conn = self._open(autocommit=False, app=self._app)
         except psycopg.Error as exc:
             raise translate(exc, self.url, check=self.check) from None
-        server = _server_tcp_settings(given)
+        server = _session_settings(given)
         if server:
             try:
                 conn.execute(

@@ -207,6 +207,51 @@ def db_url_after_scheme(url: str) -> str:
     return shown[len(_db_scheme(shown[: _db_query_at(shown)])) :]
 
 
+def _port_of(authority: str) -> str | None:
+    """What stands as the port of ``authority`` (``user:pw@host:port``): None when it has none."""
+    hostport = authority.rpartition("@")[2]
+    if hostport.startswith("["):  # [::1]:8545
+        after = hostport.partition("]")[2]
+        return after[1:] if after.startswith(":") else None
+    return hostport.rpartition(":")[2] if ":" in hostport else None
+
+
+def _well_formed(url: str) -> tuple[str, str | None, bool]:
+    """``url`` (``scheme://...``) as :func:`urllib.parse.urlsplit` reads it right, what its
+    authority holds as a port that is none (a secret: a library may quote it as the port),
+    and whether that was taken out of the URL returned (to be shown masked).
+
+    A '/', '?' or '#' written as is in a password ends the authority there, and urlsplit
+    reads the password's start as a port (``http://user:pa?ss@host``: host ``user``, port
+    ``pa``, query ``ss@host``), which a message then showed. A port that is not all digits
+    is no port: with an '@' further on, it is the start of a password that runs to the
+    last '@', whose '/', '?' and '#' are then percent-encoded (an '@' in the query too,
+    ``http://u:p?w@host/x?to=a@b``, masks more, never less); without one, it is masked and
+    taken out. A URL with a port of digits is read as written: ``http://host:8545/x?to=a@b``
+    keeps its host."""
+    scheme, sep, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    port = _port_of(authority)
+    if port is None or port.isdigit() or not port:
+        return url, None, False
+    at = rest.rfind("@")
+    if at > len(authority):
+        userinfo = re.sub(r"[/?#]", lambda m: f"%{ord(m.group()):02X}", rest[:at])
+        return scheme + sep + userinfo + rest[at:], port, False
+    return scheme + sep + authority[: -len(port)] + rest[len(authority) :], port, True
+
+
+def misplaced_in_password(url: str) -> list[str]:
+    """The characters (of '/', '?', '#') that the password of ``url`` (``scheme://...``)
+    holds unencoded, each once, as :func:`_well_formed` reads it: a URL must write them
+    ``%2F``, ``%3F``, ``%23``."""
+    fixed, _, taken_out = _well_formed(url)
+    if fixed == url or taken_out:
+        return []
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    return [c for c in "/?#" if c in userinfo]
+
+
 def redact_url(url: str) -> str:
     """Return ``url`` with its password, path segments (but versions) and secret query values masked.
 
@@ -221,11 +266,12 @@ def redact_url(url: str) -> str:
         if ":" not in url and _split_scheme(url) is None:
             return _redact_loose(url)[0]
         return redact_endpoint(url)
+    url, _, taken_out = _well_formed(url)
     try:
         parts = urlsplit(url)
     except ValueError:
         return MASK
-    netloc = parts.netloc
+    netloc = parts.netloc + (MASK if taken_out else "")
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
@@ -344,11 +390,13 @@ def secrets_of(url: str) -> list[str]:
         if ":" not in url:
             return _redact_loose(url)[1]
         return [] if _PLAIN_WORD.match(url) else [url]
+    url, misread, _ = _well_formed(url)
     try:
         parts = urlsplit(url)
     except ValueError:
         return [url]
     found = [parts.password] if parts.password else []
+    found += [misread] if misread else []
     found += _redact_query(parts.query, is_db=False)[1]
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
@@ -393,7 +441,7 @@ def _request_targets(url: str) -> tuple[tuple[re.Pattern[str], str], ...]:
     encoding, and how it is to be shown: the request target (path and query), then the
     path alone. Only the whole, not one that goes on: `/db` is in "5432/dbname"."""
     try:
-        parts, shown = urlsplit(url), urlsplit(redact_url(url))
+        parts, shown = urlsplit(_well_formed(url)[0]), urlsplit(redact_url(url))
     except ValueError:
         return ()
     pairs = [(parts.path.rstrip("/"), shown.path.rstrip("/"))]

@@ -526,3 +526,70 @@ def test_a_short_secret_never_shows_in_its_url(url: str) -> None:
     if url.startswith("http") or "." in url.partition("/")[0]:
         assert "Q" not in redact_endpoint(url)
     assert "Q" not in redact_text(f"cannot use {url}", DbUrl(url) if "h.example" not in url else url)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "chars"),
+    [
+        # A '?', '#' or '/' as is in a password: urlsplit read the password's start as the
+        # port, and "http://user:Qaa?***", "http://user:Qaa", "http://user:Qaa/***/***" showed it.
+        ("http://user:Qaa?Qss@host/v3/KEY", "http://user:***@host/v3/***", "'?': write it as %3F"),
+        ("http://user:Qaa#Qss@host/x", "http://user:***@host/***", "'#': write it as %23"),
+        ("http://user:Qaa/Qss@host/x", "http://user:***@host/***", "'/': write it as %2F"),
+        ("https://:Qaa?Q/s@node.example:8545/rpc", "https://:***@node.example:8545/rpc",
+         "'/' and '?': write them as %2F and %3F"),
+        ("http://u:Qaa?Qs@[::1]:8545/", "http://u:***@[::1]:8545/", "'?': write it as %3F"),
+        # With an '@' in the query too, the password may run to it: more is masked, never less.
+        ("http://u:Qaa?Qs@host:8545/rpc?to=a@b", "http://u:***@b", "'/' and '?': write them as %2F and %3F"),
+    ],
+)  # fmt: skip
+def test_a_password_with_a_delimiter_written_as_is_never_shows(url: str, shown: str, chars: str) -> None:
+    from gapfill.cli import Ctx
+    from gapfill.errors import ConfigError
+    from gapfill.redact import redact_endpoint, secrets_of
+    from gapfill.settings import FileConfig
+
+    assert redact_url(url) == shown
+    assert redact_endpoint(url) == shown
+    assert "Q" not in redact_text(f"cannot reach {url}: the port Qaa is not a number", url), secrets_of(url)
+    ctx = Ctx("sqlite:///x.db", (url,), None, FileConfig(), 0)
+    with pytest.raises(ConfigError) as err:
+        ctx.endpoints()
+    said = redact_text(str(err.value), *ctx.secrets())  # as the CLI's error line is made
+    assert said == f"the password in RPC URL {shown!r} contains {chars} in --rpc-url or ETH_RPC_URL"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A port of digits is a port: an '@' in the query is the query's.
+        ("http://host:8545/path?to=a@b", "http://host:8545/***?to=a@b"),
+        ("http://[::1]:8545/?to=a@b", "http://[::1]:8545/?to=a@b"),
+        ("https://node.example?to=a@b", "https://node.example?to=a@b"),
+        ("http://user:pw@host:8545/rpc", "http://user:***@host:8545/rpc"),
+        # A port that is not one, with no '@' after it, may be a password: masked.
+        ("http://host:85x45/rpc", "http://host:***/rpc"),
+        ("http://user:Qsecret/rpc", "http://user:***/rpc"),
+    ],
+)
+def test_a_url_with_an_at_after_its_authority_keeps_its_host(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    if "Q" in url:
+        assert "Q" not in redact_text(f"{url} said Qsecret", url)
+
+
+def test_the_cli_never_shows_a_password_with_a_delimiter_written_as_is(tmp_path: object) -> None:
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    db = f"sqlite:///{tmp_path}/x.db"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--config", "", "--db", db, "contract", "add", "0x" + "ab" * 20,
+                               "--chain-id", "1"]).exit_code == 0  # fmt: skip
+    for command in (["enrich"], ["discover"], ["status"]):
+        for rpc in ("http://user:QQpw?QQrest@127.0.0.1:1/", "http://user:QQpw#QQrest@127.0.0.1:1/"):
+            result = runner.invoke(cli, ["-vv", "--config", "", "--db", db, "--rpc-url", rpc, *command])
+            assert "QQ" not in result.output, result.output
+            assert "the password in RPC URL 'http://user:***@127.0.0.1:1/' contains" in result.stderr
+            assert "Traceback" not in result.output, result.output

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gapfill.errors import ConfigError
-from gapfill.redact import not_http_problem, redact_url
+from gapfill.redact import misplaced_in_password, not_http_problem, redact_url
 
 DEFAULT_MAX_BATCH = 50
 #: What to check about an endpoint given on the command line or in the environment.
@@ -50,14 +50,25 @@ class EndpointConfig:
             raise ConfigError(
                 f"RPC URL {not_http_problem(self.url)}; check {self.check}"
             )
+        misplaced = misplaced_in_password(self.url)
+        if misplaced:
+            # urlsplit (and aiohttp) would read the password's start as the port, and their
+            # error quoted it.
+            raise ConfigError(
+                f"the password in RPC URL {redact_url(self.url)!r} contains "
+                f"{' and '.join(map(repr, misplaced))}: write {'it' if len(misplaced) == 1 else 'them'} "
+                f"as {' and '.join(f'%{ord(c):02X}' for c in misplaced)} in {self.check}"
+            )
         try:
             parts = urllib.parse.urlsplit(self.url)
             if not parts.hostname:
                 raise ValueError("it names no host")
             parts.port  # noqa: B018 - raises ValueError when out of range
         except ValueError as exc:
+            # Its text may quote what stands as the port ("... as 'pw'"): a password's start.
+            why = "its port is not a number" if "Port could not be cast" in str(exc) else exc
             raise ConfigError(
-                f"RPC URL {redact_url(self.url)!r} is not valid ({exc}); check {self.check}"
+                f"RPC URL {redact_url(self.url)!r} is not valid ({why}); check {self.check}"
             ) from None
         if self.rps is not None and self.rps <= 0:
             raise ConfigError(f"rps for {redact_url(self.url)} must be positive or unset")

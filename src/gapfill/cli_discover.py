@@ -34,6 +34,7 @@ from gapfill.discover.explorer import (
     NO_EXPLORER,
     URL_CHECK,
     ExplorerConfig,
+    KeyRefused,
     url_hint,
 )
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary, check_methods
@@ -119,17 +120,20 @@ class _Printer:
                 f"ref{'' if new == 1 else 's'} found in them are committed; run the same command "
                 f"{again}")  # fmt: skip
 
-    def kept_at_failure(self) -> str | None:
+    def kept_at_failure(self, fix: str | None = None) -> str | None:
         """What the contract being scanned when an error ended discovery kept, and what to do
-        next; None when no scan was under way (the error came before one, or between two)."""
+        next (``fix`` first, when running the same command again cannot pass without it: a
+        refused key); None when no scan was under way (the error came before one, or
+        between two)."""
         if self._scanning is None:
             return None
         p = self._latest[self._scanning]
-        again = ("run the same command again to rescan from the start" if self._rescan
-                 else "run the same command again to continue where it stopped")  # fmt: skip
+        first = f"{fix}, then " if fix else ""
+        again = (f"{first}run the same command again to rescan from the start" if self._rescan
+                 else f"{first}run the same command again to continue where it stopped")  # fmt: skip
         if not p.scanned:
-            return (f"no chunk of {p.contract} was finished, so nothing was kept: run the same command "
-                    "again")  # fmt: skip
+            return (f"no chunk of {p.contract} was finished, so nothing was kept: {first}run the same "
+                    "command again")  # fmt: skip
         by_spans: dict[tuple[Interval, ...], list[str]] = {}
         for method, spans in p.scanned:
             by_spans.setdefault(spans, []).append(method)
@@ -225,10 +229,13 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
         # summary as usual; the one under way, a clause of the error's sentence.
         for s in summaries:
             click.echo(s.text)
-        kept = printer.kept_at_failure()
+        # A refused key: what to check is the sentence's end, not "run the same command
+        # again", which alone cannot pass.
+        refused = exc if isinstance(exc, KeyRefused) else None
+        kept = printer.kept_at_failure(f"check {refused.check}" if refused else None)
         if kept is None:
             raise
-        failed = GapfillError(f"{exc}; {kept}")
+        failed = GapfillError(f"{refused.what if refused else exc}; {kept}")
         failed.exit_code = exc.exit_code
         raise failed from exc
     for s in summaries:

@@ -15,6 +15,7 @@ from engine_support import emulator
 from gapfill.cli import cli
 from gapfill.cli_discover import discover
 from gapfill.discover.coverage import coverage_report
+from gapfill.redact import redact_url
 from gapfill.store import open_store
 from gapfill.testing.chain import GeneratedChain
 from gapfill.testing.explorer_standin import ExplorerStandIn
@@ -205,8 +206,18 @@ def test_discover_explorer_from_env_never_prints_the_key(
     res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "explorer",
                               "--confirmations", "0", "--contract", chain.silent])  # fmt: skip
     assert res.exit_code == 1
-    assert "API key" in res.stderr
+    # What to do is to check the key where it was given, not to run the same command again.
+    refused = (f"error: the explorer at {redact_url(standin)} refused the API key (Invalid API Key); "
+               f"no chunk of {chain.silent} was finished, so nothing was kept: check {{}}, then run "
+               "the same command again\n")  # fmt: skip
+    assert res.stderr.endswith(refused.format("GAPFILL_EXPLORER_KEY")), res.stderr
     assert "WrongKeyThatMustNotShow" not in res.output + res.stderr
+    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "explorer",
+                              "--confirmations", "0", "--contract", chain.silent,
+                              "--explorer-key", "AnotherWrongKey"])  # fmt: skip
+    assert res.exit_code == 1
+    assert res.stderr.endswith(refused.format("--explorer-key")), res.stderr
+    assert "AnotherWrongKey" not in res.output + res.stderr
 
 
 def test_discover_scans_the_served_chain_and_names_the_contracts_it_skips(

@@ -157,6 +157,21 @@ def test_an_error_mid_scan_names_the_blocks_each_method_kept() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_an_error_a_rerun_cannot_pass_says_what_to_fix_before_it() -> None:
+    # A refused explorer key ended "...: run the same command again", which cannot pass.
+    printer = _Printer()
+    printer(DiscoverProgress("start", 1, C, ("explorer",), 0, 999, 0, 1000, 0, 0))
+    fix = "check --explorer-key"
+    assert printer.kept_at_failure(fix) == (f"no chunk of {C} was finished, so nothing was kept: check "
+                                            "--explorer-key, then run the same command again")  # fmt: skip
+    scanned = (("explorer", ((0, 49),)),)
+    printer(DiscoverProgress("chunk", 1, C, ("explorer",), 0, 49, 50, 1000, 1, 1, scanned))
+    assert printer.kept_at_failure(fix) == (
+        f"50 blocks (0-49) of {C} were scanned and kept, with the 1 new ref found in them: check "
+        "--explorer-key, then run the same command again to continue where it stopped")  # fmt: skip
+
+
+@pytest.mark.timeout(10)
 def test_an_error_mid_rescan_says_a_rerun_starts_over() -> None:
     printer = _Printer(rescan=True)
     printer(DiscoverProgress("start", 1, C, ("blocks",), 7, 7, 0, 1, 0, 0))

@@ -63,6 +63,17 @@ class ExplorerError(GapfillError):
     """The explorer API refused or failed a request that waiting would not fix."""
 
 
+class KeyRefused(ExplorerError):
+    """The explorer refused the API key: asking again cannot pass until the user fixes it.
+    ``what`` says what happened and ``check`` where the key came from, for a caller that
+    words the sentence with more in it (what was kept) and the fix last."""
+
+    def __init__(self, what: str, check: str) -> None:
+        super().__init__(f"{what}: check {check}")
+        self.what = what
+        self.check = check
+
+
 class _RateLimited(Exception):
     pass
 
@@ -205,11 +216,9 @@ class ExplorerClient:
         if _WINDOW.search(detail):
             raise _WindowTooLarge(detail)
         if _BAD_KEY.search(detail):
-            raise ExplorerError(
-                self._scrub(
-                    f"the explorer at {self.shown} refused the API key ({detail}): "
-                    f"check {self.config.key_check}"
-                )
+            raise KeyRefused(
+                self._scrub(f"the explorer at {self.shown} refused the API key ({detail})"),
+                self.config.key_check,
             )
         raise ExplorerError(self._scrub(f"the explorer at {self.shown} answered {message}: {detail}"))
 

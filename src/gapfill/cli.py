@@ -735,7 +735,7 @@ def _stdin_is_a_terminal() -> bool:
 @pass_ctx
 def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
     """Import the hashes in FILE (a hash per line, a CSV, an Etherscan export, or - for stdin)."""
-    from gapfill.discover.imports import NoRefs, parse_refs
+    from gapfill.discover.imports import CsvColumns, NoRefs, parse_refs
     from gapfill.store import RefsAdded
 
     store = ctx.store()
@@ -753,8 +753,9 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
             read += 1
             yield ref
 
+    columns: list[CsvColumns] = []
     try:
-        added = store.add_refs(counting(parse_refs(file, c.chain_id, c.address)))
+        added = store.add_refs(counting(parse_refs(file, c.chain_id, c.address, on_columns=columns.append)))
         remark = _known_already(read, read - added.new - added.filled)
     except NoRefs:
         if file != "-":
@@ -762,6 +763,13 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
         # A pipe that found nothing new to import (a script's quiet day) is no error.
         added, remark = RefsAdded(0, 0), " (stdin held no transaction hashes)"
     ctx.kept = None
+    for col in columns:
+        if col.block is None and col.ignored:
+            # A misspelt block column ("block_num") would be dropped without a word.
+            tell(f"note: {'stdin' if file == '-' else file} has no block number column, so its refs get "
+                 f"their block numbers when enriched; ignored: {', '.join(col.ignored)} (block numbers "
+                 "are read from a column named block_number, blockNumber, blockno, block or "
+                 "'Block Number')")  # fmt: skip
     filled = f", {counted(added.filled, 'block number')} filled" if added.filled else ""
     click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
                f"on chain {c.chain_id}{filled}{remark}")  # fmt: skip

@@ -181,6 +181,29 @@ def test_a_csv_without_a_hash_column_names_the_separators(tracked: str, tmp_path
     assert "separated by commas, semicolons or tabs" in one_sentence(r) and refs_of(tracked) == []
 
 
+def test_a_csv_whose_block_column_is_not_read_names_the_columns_ignored(tracked: str, tmp_path: Path) -> None:
+    # A misspelt block column was dropped without a word: the refs came in without blocks.
+    f = tmp_path / "refs.csv"
+    f.write_text(f"tx_hash,Block_Num,from\n{h(1)},17,0xaa\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 0, r.stderr
+    assert "imported 1 new ref" in r.stdout and "note" not in r.stdout
+    assert r.stderr == (f"note: {f} has no block number column, so its refs get their block numbers when "
+                        "enriched; ignored: Block_Num, from (block numbers are read from a column named "
+                        "block_number, blockNumber, blockno, block or 'Block Number')\n")  # fmt: skip
+    assert refs_of(tracked) == [(h(1), None)]
+    # With a block column (an Etherscan export's many others are not news), or no other: no note.
+    for text in (f"hash,blockNumber,from\n{h(2)},5,0xaa\n", f"hash\n{h(3)}\n", f"{h(4)}\n"):
+        f.write_text(text)
+        r = run(tracked, "import", str(f), "--contract", C)
+        assert r.exit_code == 0 and r.stderr == "", r.stderr
+    # A misspelt hash column: nothing is imported, and the columns read are named.
+    f.write_text(f"tx_hsh,block_number\n{h(5)},5\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 1
+    assert one_sentence(r).startswith(f"error: {f} has no hash column among tx_hsh, block_number: "), r.stderr
+
+
 def test_malformed_row_names_the_line_and_imports_nothing(tracked: str, tmp_path: Path) -> None:
     f = tmp_path / "bad.csv"
     f.write_text("hash,block_number\n" + "".join(f"{h(i)},{i}\n" for i in range(1, 6)) + "0xzz,7\n")

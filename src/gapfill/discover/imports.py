@@ -12,7 +12,8 @@ import codecs
 import csv
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import IO, cast
 
 from gapfill.errors import InputError
@@ -85,20 +86,32 @@ def _block(value: str, name: str, lineno: int) -> int | None:
     return n
 
 
+@dataclass(frozen=True, slots=True)
+class CsvColumns:
+    """What an import read of a CSV's header: the column of hashes and the column of block
+    numbers (None: none it knows), and the other columns, ignored, as the header names them."""
+
+    hash: str
+    block: str | None
+    ignored: tuple[str, ...]
+
+
 class NoRefs(InputError):
     """The file holds no transaction hash: it is empty, or holds blank lines, comments or a
     header alone."""
 
 
 def parse_refs(
-    path: str, chain_id: int, contract: str, *, source: str = "import", stdin: IO[bytes] | None = None
+    path: str, chain_id: int, contract: str, *, source: str = "import", stdin: IO[bytes] | None = None,
+    on_columns: Callable[[CsvColumns], None] | None = None,
 ) -> Iterator[Ref]:
     """Yield the refs in ``path``: hash list, CSV with a hash column, or an Etherscan export.
-    Raises :class:`NoRefs` when it holds none."""
+    Raises :class:`NoRefs` when it holds none. ``on_columns`` hears what was read of a CSV's
+    header (a column it ignores may hold what the user meant as block numbers)."""
     name, text = open_text(path, stdin)
     with text:
         try:
-            refs = _parse(text, name, chain_id, contract, source)
+            refs = _parse(text, name, chain_id, contract, source, on_columns)
             first = next(refs, None)
             if first is None:
                 raise NoRefs(f"{name} holds no transaction hashes (it is empty, or a header alone): "
@@ -112,7 +125,8 @@ def parse_refs(
             ) from None
 
 
-def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str) -> Iterator[Ref]:
+def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
+           on_columns: Callable[[CsvColumns], None] | None) -> Iterator[Ref]:  # fmt: skip
     first = ""
     lineno = 0
     for line in text:
@@ -131,14 +145,19 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str) 
         yield from _hash_lines(text, name, chain_id, contract, source, first, lineno)
         return
     header = _columns(stripped, delimiter)
+    written = [h.strip().strip('"') for h in next(csv.reader([stripped], delimiter=delimiter))]
     hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
     if hash_col is None:
         raise InputError(
-            f"{name} has no hash column: its header needs one of hash, tx_hash or "
-            "'Transaction Hash' (Etherscan), separated by commas, semicolons or tabs; "
-            "nothing was imported"
+            f"{name} has no hash column among {', '.join(written)[:200]}: its header needs "
+            "one of hash, tx_hash or 'Transaction Hash' (Etherscan), separated by commas, semicolons "
+            "or tabs; nothing was imported"
         )
     block_col = next((header.index(c) for c in BLOCK_COLUMNS if c in header), None)
+    if on_columns is not None:
+        used = {hash_col, block_col}
+        on_columns(CsvColumns(written[hash_col], None if block_col is None else written[block_col],
+                              tuple(w for i, w in enumerate(written) if i not in used and w)))  # fmt: skip
     reader = csv.reader(text, delimiter=delimiter)
     for row in reader:
         lineno += 1

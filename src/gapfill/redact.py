@@ -252,6 +252,18 @@ def misplaced_in_password(url: str) -> list[str]:
     return [c for c in "/?#" if c in userinfo]
 
 
+def misplaced_problem(url: str, named: str, check: str) -> str | None:
+    """What is wrong with ``url`` (``scheme://...``) when its password holds an unencoded
+    '/', '?' or '#', and how to write it, in a sentence's words naming it ``named`` ("RPC
+    URL") and where it came from ``check``; None when it holds none."""
+    misplaced = misplaced_in_password(url)
+    if not misplaced:
+        return None
+    return (f"the password in {named} {redact_url(url)!r} contains {' and '.join(map(repr, misplaced))}: "
+            f"write {'it' if len(misplaced) == 1 else 'them'} as "
+            f"{' and '.join(f'%{ord(c):02X}' for c in misplaced)} in {check}")
+
+
 def redact_url(url: str) -> str:
     """Return ``url`` with its password, path segments (but versions) and secret query values masked.
 

@@ -147,6 +147,11 @@ def test_config_rejects_bad_urls() -> None:
 
     with pytest.raises(ConfigError):
         ExplorerConfig("ftp://x")
+    # A '?' in the password: aiohttp said "InvalidUrlClientError" only, at the first request.
+    with pytest.raises(ConfigError) as info:
+        ExplorerConfig("https://user:Secret?Pw@api.example/api", key=KEY)
+    assert str(info.value) == ("the password in explorer URL 'https://user:***@api.example/api' contains "
+                               "'?': write it as %3F in --explorer-url or GAPFILL_EXPLORER_URL")  # fmt: skip
 
 
 async def test_a_wrong_explorer_url_says_what_to_check() -> None:

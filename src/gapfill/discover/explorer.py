@@ -34,7 +34,7 @@ import orjson
 
 from gapfill.errors import ConfigError, GapfillError
 from gapfill.model import Ref
-from gapfill.redact import MASK, not_http_problem, redact_text, redact_url
+from gapfill.redact import MASK, misplaced_problem, not_http_problem, redact_text, redact_url
 from gapfill.rpc.classify import classify_exception, shown_body
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class ExplorerConfig:
     def __post_init__(self) -> None:
         if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(f"explorer URL {not_http_problem(self.url)}; check {self.url_check}")
+        misplaced = misplaced_problem(self.url, "explorer URL", self.url_check)
+        if misplaced:  # aiohttp refuses it as an "InvalidUrlClientError", with no word of why
+            raise ConfigError(misplaced)
         if self.rps <= 0 or self.page_size < 1 or self.max_window < self.page_size:
             raise ConfigError("explorer rps must be positive and page_size between 1 and max_window")
 

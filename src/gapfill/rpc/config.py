@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gapfill.errors import ConfigError
-from gapfill.redact import misplaced_in_password, not_http_problem, redact_url
+from gapfill.redact import misplaced_problem, not_http_problem, redact_url
 
 DEFAULT_MAX_BATCH = 50
 #: What to check about an endpoint given on the command line or in the environment.
@@ -50,15 +50,11 @@ class EndpointConfig:
             raise ConfigError(
                 f"RPC URL {not_http_problem(self.url)}; check {self.check}"
             )
-        misplaced = misplaced_in_password(self.url)
+        misplaced = misplaced_problem(self.url, "RPC URL", self.check)
         if misplaced:
             # urlsplit (and aiohttp) would read the password's start as the port, and their
             # error quoted it.
-            raise ConfigError(
-                f"the password in RPC URL {redact_url(self.url)!r} contains "
-                f"{' and '.join(map(repr, misplaced))}: write {'it' if len(misplaced) == 1 else 'them'} "
-                f"as {' and '.join(f'%{ord(c):02X}' for c in misplaced)} in {self.check}"
-            )
+            raise ConfigError(misplaced)
         try:
             parts = urllib.parse.urlsplit(self.url)
             if not parts.hostname:

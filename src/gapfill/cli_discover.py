@@ -34,12 +34,11 @@ from gapfill.discover.explorer import (
     NO_EXPLORER,
     URL_CHECK,
     ExplorerConfig,
-    KeyRefused,
     url_hint,
 )
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary, check_methods
 from gapfill.discover.run import discover as run_discover
-from gapfill.errors import ConfigError, GapfillError
+from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Contract
 from gapfill.rpc.config import RpcSettings
 from gapfill.settings import DEFAULT_CONFIG_NAME
@@ -229,10 +228,11 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
         # summary as usual; the one under way, a clause of the error's sentence.
         for s in summaries:
             click.echo(s.text)
-        # A refused key: what to check is the sentence's end, not "run the same command
-        # again", which alone cannot pass.
-        refused = exc if isinstance(exc, KeyRefused) else None
-        kept = printer.kept_at_failure(f"check {refused.check}" if refused else None)
+        # An error that running again cannot pass until the user fixes something (a key the
+        # node or the explorer refuses): what to check is the sentence's end, then the
+        # rerun, not "run the same command again" alone.
+        refused = exc if isinstance(exc, FixFirst) else None
+        kept = printer.kept_at_failure(refused.fix if refused else None)
         if kept is None:
             raise
         failed = GapfillError(f"{refused.what if refused else exc}; {kept}")

@@ -3,11 +3,15 @@
 ::
 
     GapfillError                 message is one sentence that says what to do
+    ├── FixFirst                 running again cannot pass until the user fixes something:
+    │                            ``what`` happened, then ``fix`` (mixed into RpcKeyRefused
+    │                            and gapfill.discover.explorer's refusals)
     ├── ConfigError              bad flag, env var, config file or URL
     ├── InputError               bad address, hash, import file
     ├── UnknownContractError     --contract names nothing tracked
     ├── StoreError               database unreachable, missing, or failing
     └── RpcError                 node unreachable, wrong chain, method missing
+        ├── RpcKeyRefused        the node refused the key (also a FixFirst)
         ├── NodeUnavailable      the start-up check failed for a reason that may pass
         └── (see gapfill.rpc.errors for the per-call classification)
 
@@ -22,6 +26,19 @@ class GapfillError(Exception):
     """Root of gapfill's errors; ``str()`` is a message fit for the user."""
 
     exit_code = 1
+
+
+class FixFirst(GapfillError):
+    """An error the same command cannot get past until the user fixes something (an API key
+    the node or the explorer refuses): ``what`` says what happened and ``fix`` what to do
+    ("check the API key in --rpc-url"); ``str()`` is both, the fix last. A caller that words
+    a longer sentence (what a scan kept before the error) keeps the fix last, before the
+    rerun. Mixed into the error's own class (:class:`RpcKeyRefused`, the explorer's)."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(f"{what}: {fix}")
+        self.what = what
+        self.fix = fix
 
 
 class ConfigError(GapfillError):
@@ -42,6 +59,11 @@ class StoreError(GapfillError):
 
 class RpcError(GapfillError):
     """A JSON-RPC endpoint cannot serve what gapfill needs."""
+
+
+class RpcKeyRefused(RpcError, FixFirst):
+    """The RPC node refused the request's credentials (HTTP 401, or a 403 that is neither a
+    rate limit nor a refused method): asking again cannot pass until the key is fixed."""
 
 
 class NodeUnavailable(RpcError):

@@ -422,6 +422,56 @@ def test_a_node_failing_mid_scan_says_what_was_kept_and_a_rerun_scans_the_rest(
         assert {r.tx_hash for r in store.iter_gap(31337, target)} == set(sent)
 
 
+@pytest.mark.parametrize(("answered", "given"), [(2, "--rpc-url"), (12, "ETH_RPC_URL"), (12, "file")])
+def test_a_key_the_node_refuses_mid_scan_ends_with_where_to_fix_it(
+    anvil: Any, db_url: str, tmp_path: Path, answered: int, given: str
+) -> None:
+    """A node refusing its key mid-scan (HTTP 401) said "check the API key in --rpc-url" in
+    the middle and ended "run the same command again", which cannot pass: it now says what
+    was kept, then where the URL came from, then the rerun. ``answered`` as above."""
+    from gapfill.discover.coverage import fmt_ranges, merge, size
+
+    target = "0x" + "be" * 20
+    _sparse_transfers(anvil, target)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--db", db_url, "contract", "add", target, "--chain-id", "31337"])
+    assert res.exit_code == 0, res.output
+    key = "r3v0k3dN0d3K3y0123456789"
+    args = ["discover", "--method", "blocks", "--confirmations", "0"]
+    flags = ("--fail-status", "401", "--fail-status-after", str(answered), "--path", f"/v3/{key}")
+    config = tmp_path / "gapfill.toml"
+    with emulator(anvil.url, *flags) as (url, _):
+        if given == "file":
+            config.write_text(f'[[endpoints]]\nurl = "{url}"\n')
+            res = runner.invoke(cli, ["--db", db_url, "--config", str(config), *args])
+        elif given == "ETH_RPC_URL":
+            res = runner.invoke(cli, ["--db", db_url, *args], env={"ETH_RPC_URL": url})
+        else:
+            res = runner.invoke(cli, ["--db", db_url, "--rpc-url", url, *args])
+    assert res.exit_code == 1, res.output
+    assert key not in res.output + res.stderr, res.stderr
+    error = res.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: eth_getBlockByNumber failed for block "), error
+    shown = url.replace(key, "***")
+    assert (f": the RPC node at {shown} refused the request (HTTP 401); " in error
+            and error.count("check the API key") == 1), error  # fmt: skip
+    with open_store(db_url) as store:
+        covered = merge((c.from_block, c.to_block) for c in store.get_coverage(31337, target))
+        refs = {r.tx_hash for r in store.iter_gap(31337, target)}
+    check = {"file": f"[[endpoints]] url in {config}"}.get(given, given)
+    if answered == 2:
+        assert error.endswith(f"; no chunk of {target} was finished, so nothing was kept: check the API key "
+                              f"in {check}, then run the same command again"), error  # fmt: skip
+    else:
+        assert size(covered) > 0, error
+        found = f", with the {len(refs)} new ref{'' if len(refs) == 1 else 's'} found in them" if refs else (
+            " (no new ref in them)")
+        assert error.endswith(
+            f"; {size(covered):,} blocks ({fmt_ranges(covered)}) of {target} were scanned and kept{found}: "
+            f"check the API key in {check}, then run the same command again to continue where it stopped"
+        ), error
+
+
 def test_method_explorer_without_an_explorer_names_every_way_to_give_one(
     anvil: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from gapfill.discover.coverage import merge
 from gapfill.discover.ranges import AdaptiveWindow, parse_cap, parse_hint, scan_ranges, split_refused
-from gapfill.errors import RpcError
+from gapfill.errors import RpcError, RpcKeyRefused
 from gapfill.rpc import Call, CallError, RpcClient
 
 
@@ -130,6 +130,23 @@ async def test_scan_ranges_does_not_split_on_an_outage() -> None:
     with pytest.raises(RpcError, match="could not reach"):
         await scan_ranges(cast(RpcClient, Down()), [(0, 999)], _logs_call, AdaptiveWindow(blocks=1000))
     assert Down.calls == 1
+
+
+async def test_a_refused_key_keeps_what_to_fix_apart() -> None:
+    # The fix was only the middle of the message's text: discover's CLI could not put it last.
+    class Refusing:
+        check = "--rpc-url"
+
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            what = "the RPC node at http://n/v3/*** refused the request (HTTP 401)"
+            return [CallError.key_refused(what, "check the API key in ETH_RPC_URL", 401) for _ in calls]
+
+    with pytest.raises(RpcKeyRefused) as info:
+        await scan_ranges(cast(RpcClient, Refusing()), [(0, 9)], _logs_call, AdaptiveWindow(blocks=10))
+    assert info.value.what == ("eth_getLogs failed for blocks 0-9: the RPC node at http://n/v3/*** refused "
+                               "the request (HTTP 401)")  # fmt: skip
+    assert info.value.fix == "check the API key in ETH_RPC_URL"
+    assert str(info.value) == f"{info.value.what}: {info.value.fix}"  # no "pick another method" hint
 
 
 async def test_a_node_without_the_method_says_what_to_do() -> None:

@@ -9,7 +9,6 @@ whatever the contract's traffic.
 from __future__ import annotations
 
 from gapfill.discover.ranges import Interval
-from gapfill.errors import RpcError
 from gapfill.model import Ref
 from gapfill.rpc import Call, CallError, RpcClient
 
@@ -34,7 +33,7 @@ async def scan_blocks(
     out: list[Ref] = []
     for number, block in zip(numbers, await client.call_many(calls), strict=True):
         if isinstance(block, CallError):
-            raise RpcError(f"eth_getBlockByNumber failed for block {number}: {block.message}")
+            raise block.failed(f"eth_getBlockByNumber failed for block {number}")
         for tx in block.get("transactions") or ():
             if isinstance(tx, dict) and str(tx.get("to") or "").lower() == contract:
                 out.append(Ref(chain_id, contract, str(tx["hash"]).lower(), number, METHOD))

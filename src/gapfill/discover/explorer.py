@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gapfill.errors import ConfigError, GapfillError
+from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Ref
 from gapfill.redact import MASK, misplaced_problem, not_http_problem, redact_text, redact_url
 from gapfill.rpc.classify import classify_exception, shown_body
@@ -63,15 +63,10 @@ class ExplorerError(GapfillError):
     """The explorer API refused or failed a request that waiting would not fix."""
 
 
-class KeyRefused(ExplorerError):
+class ExplorerRefused(ExplorerError, FixFirst):
     """The explorer refused the API key: asking again cannot pass until the user fixes it.
-    ``what`` says what happened and ``check`` where the key came from, for a caller that
-    words the sentence with more in it (what was kept) and the fix last."""
-
-    def __init__(self, what: str, check: str) -> None:
-        super().__init__(f"{what}: check {check}")
-        self.what = what
-        self.check = check
+    ``what`` says what happened and ``fix`` what to check, for a caller that words the
+    sentence with more in it (what was kept) and the fix last."""
 
 
 class _RateLimited(Exception):
@@ -219,9 +214,9 @@ class ExplorerClient:
         if _WINDOW.search(detail):
             raise _WindowTooLarge(detail)
         if _BAD_KEY.search(detail):
-            raise KeyRefused(
+            raise ExplorerRefused(
                 self._scrub(f"the explorer at {self.shown} refused the API key ({detail})"),
-                self.config.key_check,
+                f"check {self.config.key_check}",
             )
         raise ExplorerError(self._scrub(f"the explorer at {self.shown} answered {message}: {detail}"))
 

@@ -165,6 +165,8 @@ async def scan_ranges(
                 answered.append(((lo, hi), out))
                 continue
             if lo == hi or not _refusal(out):
+                if out.fix is not None:  # a refused key: the fix, apart, for the CLI to say last
+                    raise out.failed(f"{call.method} failed for blocks {lo}-{hi}")
                 hint = "" if "check " in out.message else (
                     "; pick another discovery method with --method (logs, blocks, trace, "
                     f"explorer), or point {client.check} at another node")

@@ -425,7 +425,7 @@ class RpcClient:
             return RpcError(error.message)
         if error.kind == "not_found":
             return RpcError(f"{method} returned no result: {error.message}")
-        return RpcError(f"{method} failed: {error.message}")
+        return error.failed(f"{method} failed")
 
     def _pick(
         self, method: str | None, avoid: frozenset[int], pin: Endpoint | None, calls: int
@@ -740,9 +740,11 @@ class RpcClient:
             i for i in chunk if self._settle_item(endpoint, i, items[i], verdict, results, pin)
         ]
 
-    def _refusal(self, endpoint: Endpoint, verdict: Verdict) -> str:
-        return (f"the RPC node at {endpoint.shown} refused the request (HTTP {verdict.code}): "
-                f"check the API key in {endpoint.config.check}")  # fmt: skip
+    def _refusal(self, endpoint: Endpoint, verdict: Verdict) -> CallError:
+        return CallError.key_refused(
+            f"the RPC node at {endpoint.shown} refused the request (HTTP {verdict.code})",
+            f"check the API key in {endpoint.config.check}", verdict.code,
+        )  # fmt: skip
 
     def _set_aside_refusing(self, endpoint: Endpoint, verdict: Verdict) -> None:
         """An endpoint refused the API key: with another usable one left, it takes no more
@@ -750,7 +752,7 @@ class RpcClient:
         with the sentence (and :attr:`on_refused` hears it) instead of "no endpoint"."""
         if not endpoint.usable() or not any(e is not endpoint and e.usable() for e in self._endpoints):
             return
-        endpoint.disabled_reason = self._refusal(endpoint, verdict)
+        endpoint.disabled_reason = self._refusal(endpoint, verdict).message
         logger.warning("RPC endpoint %s set aside: %s", endpoint.shown, endpoint.disabled_reason)
         if self.tell is not None:
             self.tell(f"set aside for this run: {endpoint.disabled_reason}; the other endpoints "
@@ -793,9 +795,9 @@ class RpcClient:
             if verdict.auth_refused and (pin is not None or not self._elsewhere(endpoint, item)):
                 # A refused key does not pass by asking again: said at once.
                 refusal = self._refusal(endpoint, verdict)
-                results[i] = CallError("transient", refusal, verdict.code)
+                results[i] = refusal
                 if pin is None and self.on_refused is not None:
-                    self.on_refused(refusal)
+                    self.on_refused(refusal.message)
                 return False
             if item.failures >= limit:
                 if verdict.unreachable:

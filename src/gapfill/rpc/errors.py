@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from gapfill.errors import RpcError
+from gapfill.errors import RpcError, RpcKeyRefused
 
 CallErrorKind = Literal["not_found", "permanent", "transient"]
 
@@ -26,15 +26,31 @@ class CallError:
     * ``transient``: every attempt failed for reasons that might pass (timeouts,
       rate limits, 5xx, garbage bodies).
 
-    ``message`` is already redacted.
+    ``message`` is already redacted. ``fix`` is what the user must do before asking again
+    can pass (a refused key: "check the API key in --rpc-url"), ``message``'s end (see
+    :meth:`key_refused`); an error built by :meth:`failed` keeps it apart.
     """
 
     kind: CallErrorKind
     message: str
     code: int | None = None
+    fix: str | None = None
+
+    @classmethod
+    def key_refused(cls, what: str, fix: str, code: int | None) -> CallError:
+        """The node refused the request's credentials: ``what`` happened, ``fix`` to do."""
+        return cls("transient", f"{what}: {fix}", code, fix)
+
+    def failed(self, doing: str) -> RpcError:
+        """The error of a call that failed so, ``doing`` saying which ("eth_getLogs failed
+        for blocks 1-9"): an :class:`RpcKeyRefused` with the fix apart, for a caller that
+        words a longer sentence with the fix last, when there is one."""
+        if self.fix is None:
+            return RpcError(f"{doing}: {self.message}")
+        return RpcKeyRefused(f"{doing}: {self.message.removesuffix(f': {self.fix}')}", self.fix)
 
     def to_exception(self, method: str) -> RpcError:
-        return RpcError(f"{method} failed: {self.message}")
+        return self.failed(f"{method} failed")
 
 
 __all__ = ["CallError", "CallErrorKind", "RpcError"]

@@ -229,8 +229,8 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
         for s in summaries:
             click.echo(s.text)
         # An error that running again cannot pass until the user fixes something (a key the
-        # node or the explorer refuses): what to check is the sentence's end, then the
-        # rerun, not "run the same command again" alone.
+        # node or the explorer refuses, an explorer's HTTP error): what to check is the
+        # sentence's end, then the rerun, not "run the same command again" alone.
         refused = exc if isinstance(exc, FixFirst) else None
         kept = printer.kept_at_failure(refused.fix if refused else None)
         if kept is None:

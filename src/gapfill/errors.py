@@ -30,10 +30,11 @@ class GapfillError(Exception):
 
 class FixFirst(GapfillError):
     """An error the same command cannot get past until the user fixes something (an API key
-    the node or the explorer refuses): ``what`` says what happened and ``fix`` what to do
-    ("check the API key in --rpc-url"); ``str()`` is both, the fix last. A caller that words
-    a longer sentence (what a scan kept before the error) keeps the fix last, before the
-    rerun. Mixed into the error's own class (:class:`RpcKeyRefused`, the explorer's)."""
+    the node or the explorer refuses, a wrong explorer URL): ``what`` says what happened
+    and ``fix`` what to do ("check the API key in --rpc-url"); ``str()`` is both, the fix
+    last. A caller that words a longer sentence (what a scan kept before the error) keeps
+    the fix last, before the rerun. Mixed into the error's own class (:class:`RpcKeyRefused`,
+    the explorer's)."""
 
     def __init__(self, what: str, fix: str) -> None:
         super().__init__(f"{what}: {fix}")

@@ -220,6 +220,28 @@ def test_discover_explorer_from_env_never_prints_the_key(
     assert "AnotherWrongKey" not in res.output + res.stderr
 
 
+def test_an_explorer_answering_an_http_error_mid_scan_ends_with_what_to_check(
+    small_chain: NodeChain, tmp_path: Path, standin: str
+) -> None:
+    # A wrong path (HTTP 404) said "check --explorer-url ... and --explorer-key" mid-sentence,
+    # then "run the same command again", which cannot pass: the check is now last, then the rerun.
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.token)
+    wrong = standin.replace("/v2/api", "/v1/api")
+    explorer = ["--explorer-url", wrong, "--explorer-key", KEY]
+    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "explorer",
+                              "--confirmations", "0", *explorer])  # fmt: skip
+    assert res.exit_code == 1, res.output + res.stderr
+    assert res.stderr.endswith(
+        f"error: the explorer at {redact_url(wrong)} answered HTTP 404 (404: Not Found); no chunk of "
+        f"{chain.token} was finished, so nothing was kept: check --explorer-url (an Etherscan-compatible "
+        "API such as https://api.etherscan.io/v2/api) and --explorer-key, then run the same command again\n"
+    ), res.stderr
+    assert KEY not in res.output + res.stderr
+
+
 def test_discover_scans_the_served_chain_and_names_the_contracts_it_skips(
     small_chain: NodeChain, tmp_path: Path
 ) -> None:

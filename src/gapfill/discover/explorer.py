@@ -64,9 +64,10 @@ class ExplorerError(GapfillError):
 
 
 class ExplorerRefused(ExplorerError, FixFirst):
-    """The explorer refused the API key: asking again cannot pass until the user fixes it.
-    ``what`` says what happened and ``fix`` what to check, for a caller that words the
-    sentence with more in it (what was kept) and the fix last."""
+    """The explorer refused the API key, or answered an HTTP error (a wrong URL or key):
+    asking again cannot pass until the user fixes it. ``what`` says what happened and
+    ``fix`` what to check, for a caller that words the sentence with more in it (what was
+    kept) and the fix last."""
 
 
 class _RateLimited(Exception):
@@ -183,11 +184,11 @@ class ExplorerClient:
             raise _Transient(f"HTTP {status}")
         if status != 200:
             shown = shown_body(body) or "no body"
-            raise ExplorerError(self._scrub(
-                f"the explorer at {self.shown} answered HTTP {status} ({shown}): check "
-                f"{self.config.url_check} (an Etherscan-compatible API such as "
-                f"https://api.etherscan.io/v2/api) and {self.config.key_check}"
-            ))  # fmt: skip
+            raise ExplorerRefused(
+                self._scrub(f"the explorer at {self.shown} answered HTTP {status} ({shown})"),
+                f"check {self.config.url_check} (an Etherscan-compatible API such as "
+                f"https://api.etherscan.io/v2/api) and {self.config.key_check}",
+            )
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -104,35 +104,17 @@ class _Printer:
         self._said: dict[tuple[int, str], str] = {}  # each contract's last line
         self._scanning: tuple[int, str] | None = None  # the contract being scanned, if any
 
-    def kept(self) -> str:
-        """What the commits reported so far wrote, as Ctrl+C says it."""
-        done = [p for p in self._latest.values() if p.blocks_done]
-        if not done:
-            return "nothing was written; run the same command again"
-        unit = "blocks" if all(len(p.methods) < 2 for p in done) else "block scans"
-        new = sum(p.new_refs for p in done)
-        # A rescan ignores coverage, so running it again starts over rather than resuming.
-        again = ("again to rescan from the start" if self._rescan
-                 else "again to continue where it stopped")  # fmt: skip
-        return (f"{sum(p.blocks_done for p in done)} {unit} {'scanned' if unit == 'blocks' else 'done'} "
-                f"and the {new} new "
-                f"ref{'' if new == 1 else 's'} found in them are committed; run the same command "
-                f"{again}")  # fmt: skip
-
-    def kept_at_failure(self, fix: str | None = None) -> str | None:
-        """What the contract being scanned when an error ended discovery kept, and what to do
-        next (``fix`` first, when running the same command again cannot pass without it: a
-        refused key); None when no scan was under way (the error came before one, or
-        between two)."""
-        if self._scanning is None:
-            return None
-        p = self._latest[self._scanning]
+    def _again(self, fix: str | None = None) -> str:
+        """What to do next: ``fix`` first, when running the same command again cannot pass
+        without it (a refused key), then the rerun (a rescan ignores coverage, so running it
+        again starts over rather than resuming)."""
         first = f"{fix}, then " if fix else ""
-        again = (f"{first}run the same command again to rescan from the start" if self._rescan
-                 else f"{first}run the same command again to continue where it stopped")  # fmt: skip
-        if not p.scanned:
-            return (f"no chunk of {p.contract} was finished, so nothing was kept: {first}run the same "
-                    "command again")  # fmt: skip
+        return (f"{first}run the same command again to rescan from the start" if self._rescan
+                else f"{first}run the same command again to continue where it stopped")  # fmt: skip
+
+    def _blocks_kept(self, p: DiscoverProgress) -> str:
+        """The blocks a contract's commits kept, per method where they differ, and the new
+        refs found in them (``p.scanned`` is not empty)."""
         by_spans: dict[tuple[Interval, ...], list[str]] = {}
         for method, spans in p.scanned:
             by_spans.setdefault(spans, []).append(method)
@@ -146,7 +128,29 @@ class _Printer:
         found = (f", with the {counted(p.new_refs, 'new ref')} found in them" if p.new_refs
                  else " (no new ref in them)")  # fmt: skip
         scanned = "rescanned" if self._rescan else "scanned"
-        return f"{blocks} of {p.contract} {were} {scanned} and kept{found}: {again}"
+        return f"{blocks} of {p.contract} {were} {scanned} and kept{found}"
+
+    def kept(self) -> str:
+        """What the commits reported so far kept, per contract and by block range, as
+        Ctrl+C says it (the summaries of contracts done are not printed then)."""
+        done = [p for p in self._latest.values() if p.scanned]
+        if not done:
+            return "nothing was written; run the same command again"
+        return f"{'; '.join(self._blocks_kept(p) for p in done)}: {self._again()}"
+
+    def kept_at_failure(self, fix: str | None = None) -> str | None:
+        """What the contract being scanned when an error ended discovery kept, and what to do
+        next (``fix`` first, when running the same command again cannot pass without it: a
+        refused key); None when no scan was under way (the error came before one, or
+        between two)."""
+        if self._scanning is None:
+            return None
+        p = self._latest[self._scanning]
+        if not p.scanned:
+            first = f"{fix}, then " if fix else ""
+            return (f"no chunk of {p.contract} was finished, so nothing was kept: {first}run the same "
+                    "command again")  # fmt: skip
+        return f"{self._blocks_kept(p)}: {self._again(fix)}"
 
     def __call__(self, p: DiscoverProgress) -> None:
         key = (p.chain_id, p.contract)

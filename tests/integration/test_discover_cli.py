@@ -356,7 +356,7 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
 
     from engine_support import GapfillProc, gapfill, wait_for
 
-    from gapfill.discover.coverage import merge, size
+    from gapfill.discover.coverage import fmt_ranges, merge, size
 
     target = "0x" + "be" * 20
     sent = _sparse_transfers(anvil, target)
@@ -376,17 +376,18 @@ def test_ctrl_c_says_what_discovery_kept_and_a_rerun_finishes(anvil: Any, tmp_pa
             p.close()
     err = p.err_path.read_text()
     assert "Traceback" not in err, err
-    said = re.fullmatch(r"interrupted: (\d+) blocks scanned and the (\d+) new refs? found in them are "
-                        r"committed; run the same command again to continue where it stopped",
-                        err.splitlines()[-1])  # fmt: skip
+    said = re.fullmatch(r"interrupted: ([\d,]+) blocks? \(([-\d, ]+)\) of (0x[0-9a-f]{40}) were scanned and "
+                        r"kept(?:, with the (\d+) new refs? found in them| \(no new ref in them\)): run the "
+                        r"same command again to continue where it stopped", err.splitlines()[-1])  # fmt: skip
     assert said is not None, err
     with open_store(db) as store:
         covered = merge((c.from_block, c.to_block) for c in store.get_coverage(31337, target))
         refs = {r.tx_hash for r in store.iter_gap(31337, target)}
-    # Whole chunks: the refs of exactly the blocks covered, as many as said.
-    assert 0 < size(covered) == int(said.group(1)) < head + 1
+    # Whole chunks: the refs of exactly the blocks covered, as many as said, and which.
+    assert 0 < size(covered) == int(said.group(1).replace(",", "")) < head + 1
+    assert said.group(2) == fmt_ranges(covered) and said.group(3) == target, err
     assert refs == {h for h, b in block_of.items() if any(lo <= b <= hi for lo, hi in covered)}
-    assert len(refs) == int(said.group(2))
+    assert len(refs) == int(said.group(4) or 0)
     rc, out = gapfill(["--db", db, "--rpc-url", anvil.url, *args], tmp_path, "again")
     assert rc == 0, out
     with open_store(db) as store:

@@ -64,10 +64,12 @@ def test_a_plan_that_grows_is_reported_again() -> None:
 def test_ctrl_c_during_a_rescan_says_a_rerun_starts_over(rescan: bool) -> None:
     # A rescan ignores coverage: "continue where it stopped" was not what running it again does.
     printer = _Printer(rescan)
-    printer(DiscoverProgress("chunk", 1, "0x" + "ab" * 20, ("blocks",), 0, 49, 50, 100, 2, 1))
-    assert printer.kept() == ("50 blocks scanned and the 1 new ref found in them are committed; run the "
-                              "same command again to " + ("rescan from the start" if rescan
-                                                          else "continue where it stopped"))  # fmt: skip
+    printer(DiscoverProgress("chunk", 1, "0x" + "ab" * 20, ("blocks",), 0, 49, 50, 100, 2, 1,
+                             (("blocks", ((0, 49),)),)))  # fmt: skip
+    assert printer.kept() == (f"50 blocks (0-49) of {'0x' + 'ab' * 20} were {'re' if rescan else ''}scanned "
+                              "and kept, with the 1 new ref found in them: run the same command again "
+                              "to " + ("rescan from the start" if rescan
+                                       else "continue where it stopped"))  # fmt: skip
 
 
 C = "0x" + "ab" * 20
@@ -124,11 +126,24 @@ def test_discover_with_nothing_to_do_says_it_once(
 
 
 @pytest.mark.timeout(10)
-def test_ctrl_c_with_several_methods_counts_block_scans_done() -> None:
-    # "400 block scans scanned and the 199 new refs ...".
+def test_ctrl_c_names_the_blocks_each_contract_kept() -> None:
+    # It said "1,000 block scans done and the 3 new refs found in them are committed": counts,
+    # summed over contracts and methods, but not which blocks of which contract were kept.
     printer = _Printer()
-    printer(DiscoverProgress("chunk", 1, "0x" + "ab" * 20, ("logs", "blocks"), 0, 49, 100, 200, 2, 1))
-    assert printer.kept().startswith("100 block scans done and the 1 new ref found in them are committed; ")
+    other = "0x" + "cd" * 20
+    printer(DiscoverProgress("start", 1, other, ("blocks",), 0, 99, 0, 100, 0, 0))
+    printer(DiscoverProgress("done", 1, other, ("blocks",), 0, 99, 100, 100, 2, 2,
+                             (("blocks", ((0, 99),)),)))  # fmt: skip
+    both = ("logs", "blocks")
+    printer(DiscoverProgress("start", 1, C, both, 0, 999, 0, 2000, 0, 0))
+    printer(DiscoverProgress("chunk", 1, C, both, 0, 49, 100, 2000, 1, 1,
+                             (("logs", ((0, 49), (100, 149))), ("blocks", ((0, 49),)))))  # fmt: skip
+    assert printer.kept() == (
+        f"100 blocks (0-99) of {other} were scanned and kept, with the 2 new refs found in them; "
+        f"100 blocks (0-49, 100-149) with logs and 50 blocks (0-49) with blocks of {C} were scanned and "
+        "kept, with the 1 new ref found in them: run the same command again to continue where it stopped"
+    )
+    assert _Printer().kept() == "nothing was written; run the same command again"
 
 
 @pytest.mark.timeout(10)

@@ -41,6 +41,10 @@ class FixFirst(GapfillError):
         self.what = what
         self.fix = fix
 
+    def __reduce__(self) -> tuple[type[FixFirst], tuple[str, str]]:
+        # Pickled with its two parts (a process hands it on): the default passes str() alone.
+        return type(self), (self.what, self.fix)
+
 
 class ConfigError(GapfillError):
     """A flag, environment variable, config file or URL is wrong."""

@@ -160,3 +160,18 @@ async def test_a_node_without_the_method_says_what_to_do() -> None:
         await scan_ranges(cast(RpcClient, NoLogs()), [(0, 9)], _logs_call, AdaptiveWindow(blocks=1))
     assert str(info.value).endswith("pick another discovery method with --method (logs, blocks, "
                                     "trace, explorer), or point --rpc-url at another node")
+
+
+def test_a_refusal_survives_pickling_with_its_parts() -> None:
+    # Errors may cross a process boundary (a worker's to its coordinator): the default
+    # pickling passed str() alone to an __init__ that takes what and fix.
+    import pickle
+
+    from gapfill.discover.explorer import ExplorerRefused
+    from gapfill.errors import RpcKeyRefused
+
+    for cls in (RpcKeyRefused, ExplorerRefused):
+        back = pickle.loads(pickle.dumps(cls("the node refused the request", "check the API key")))
+        assert type(back) is cls and back.what == "the node refused the request"
+        assert back.fix == "check the API key"
+        assert str(back) == "the node refused the request: check the API key"

@@ -371,7 +371,54 @@ def test_a_ctrl_c_as_a_concurrent_run_starts_says_what_it_leaves(
     try:
         coordinator._on_signal(2, None)
         assert coordinator.lifeline.poll()  # the workers, started or to start, see the stop
+        assert seen == []  # the handler writes nothing; the main thread says it
+        coordinator._say_unsaid()
     finally:
         coordinator.lifeline.close()
         coordinator._lifeline_w.close()
     assert [e.text for e in seen if isinstance(e, Notice)] == [said]
+
+
+@pytest.mark.timeout(10)
+def test_a_ctrl_c_that_lands_while_a_line_is_written_is_said_after_it() -> None:
+    # The coordinator's handler said "stopping: ..." itself. A handler runs between two
+    # bytecodes of the main thread, here inside the write of a progress line to standard
+    # error (the CLI's stream, whose raw write is Python code), and its own line to the
+    # same stream raised "RuntimeError: reentrant call inside <_io.BufferedWriter>" there.
+    import os
+    import signal
+
+    from gapfill.cli import _WholeWrites
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    class SignalledMidWrite(_WholeWrites):
+        fired = False
+
+        def write(self, data: Any, /) -> int:
+            if not self.fired:
+                self.fired = True
+                signal.raise_signal(signal.SIGINT)  # its handler runs here, in this frame
+            return super().write(data)
+
+    read_end, write_end = os.pipe()
+    # As the CLI's _whole_writes() puts standard error where it is not a terminal.
+    err = io.TextIOWrapper(io.BufferedWriter(SignalledMidWrite(write_end)), line_buffering=True)
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2, plan_new=True)
+    coordinator = Coordinator(job, LineRenderer(err))
+    coordinator.planned = coordinator.spawning = True
+    previous = signal.signal(signal.SIGINT, coordinator._on_signal)
+    try:
+        coordinator.emit(progress(1, 4))
+        coordinator._say_unsaid()  # what its loop does next
+        err.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+        err.close()  # not the descriptor: a raw stream of the CLI's leaves it open
+        os.close(write_end)
+    with os.fdopen(read_end) as said:
+        lines = said.read().splitlines()
+    assert lines[0].startswith("Progress: 1/4 batches (25.0%)"), lines
+    assert lines[1:] == ["stopping: no new batches; workers have 30s to finish (Ctrl+C again to stop at "
+                         "once)"]  # fmt: skip

@@ -945,6 +945,8 @@ class Coordinator:
         self.metrics: Any = None
         #: The start-up sample or node probe, while it runs: a signal cancels it.
         self._start = _Term()
+        #: What a signal has to say, said by the main thread (:meth:`_say_unsaid`).
+        self._unsaid: list[Notice] = []
         self.sample: _Sample | None = None
         #: The calls of the coordinator's node checks, which its ``finish_run`` adds to the
         #: run's (the sample's are written with its rows, the workers' with theirs).
@@ -967,6 +969,12 @@ class Coordinator:
         return run_owner(self.host, slot.proc.pid, f"w{slot.index + 1}", self.job.run_id)
 
     def _on_signal(self, signum: int, _: Any) -> None:
+        """Ctrl+C or SIGTERM: stop (the first), stop at once (the next).
+
+        It writes nothing: a handler runs between two bytecodes of the main thread, which
+        may be inside a write to the stream the notice would go to, and the notice written
+        there raised "reentrant call inside <_io.BufferedWriter>" (an internal error in
+        place of the stop). Its notices wait in ``_unsaid`` for the main thread."""
         self.interrupts += 1
         if self.interrupts == 1:
             self.stopping_at = time.monotonic()
@@ -976,18 +984,26 @@ class Coordinator:
             if not self.slots and not self.spawning:  # still starting: no worker to give a grace period to
                 left = ("nothing is fetched; the open plan stays for the rerun" if self.planned
                         else "nothing is planned or fetched")  # fmt: skip
-                self.emit(Notice(f"stopping: no worker has started yet, so {left}"))
+                self._unsaid.append(Notice(f"stopping: no worker has started yet, so {left}"))
                 return
-            self.emit(Notice(f"stopping: no new batches; workers have {self.job.grace_period_s:.0f}s "
-                             "to finish (Ctrl+C again to stop at once)"))  # fmt: skip
+            self._unsaid.append(Notice(f"stopping: no new batches; workers have "
+                                       f"{self.job.grace_period_s:.0f}s to finish (Ctrl+C again to stop "
+                                       "at once)"))  # fmt: skip
         else:
             if self.stopping_at != -1.0 and self.slots:
-                self.emit(Notice("stopping at once: the workers are killed; their batches go back to "
-                                 "the plan"))  # fmt: skip
+                self._unsaid.append(Notice("stopping at once: the workers are killed; their batches go "
+                                           "back to the plan"))  # fmt: skip
             for s in self.slots.values():
                 with contextlib.suppress(Exception):
                     s.proc.kill()
             self.stopping_at = -1.0  # at once
+
+    def _say_unsaid(self) -> None:
+        """Say, from the main thread, the notices of the signals since the last call: it
+        calls this after the start-up sample or probe (which a signal cuts short), at each
+        turn of its supervision loop (every 0.1 s at most) and as the run ends."""
+        while self._unsaid:
+            self.emit(self._unsaid.pop(0))
 
     def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see
@@ -996,6 +1012,8 @@ class Coordinator:
             return asyncio.run(_tracked(self._start, work))
         except asyncio.CancelledError:
             return None
+        finally:
+            self._say_unsaid()
 
     def totals(self) -> tuple[int, int, int, int, int]:
         """Processed and failed as the batch events count them (a worker sends its stats
@@ -1128,6 +1146,7 @@ class Coordinator:
             last_progress = last_expiry = 0.0
             db_down_since: float | None = None
             while True:
+                self._say_unsaid()
                 self._drain()
                 now = time.monotonic()
                 try:
@@ -1201,6 +1220,7 @@ class Coordinator:
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
+            self._say_unsaid()
             for s in self.slots.values():
                 still_running = s.proc.is_alive()
                 if still_running:  # the run failed: its leases go back at once, not at expiry

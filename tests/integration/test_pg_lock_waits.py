@@ -130,19 +130,33 @@ def test_an_advisory_lock_another_session_holds_is_said_and_waited_for(
         run_id = s.create_run("concurrent", 1)
         psql.execute("SELECT pg_advisory_xact_lock(%s)", (REMOVAL_LOCK if lock == "removal" else PLAN_LOCK,))
         t0 = time.monotonic()
-        s.notice = lambda text: heard.append((time.monotonic() - t0, text))
-        threading.Timer(3.5, psql.commit).start()
+        said = threading.Event()
+
+        def notice(text: str) -> None:
+            heard.append((time.monotonic() - t0, text))
+            said.set()
+
+        def release() -> None:
+            said.wait(SAY_WITHIN_S)  # (never said: the assertions below tell)
+            psql.commit()
+
+        s.notice = notice
+        # The lock is released once the wait is said: released at a fixed 3.5 s, it left the
+        # notice 1.5 s to come, which a loaded machine can miss.
+        releaser = threading.Thread(target=release)
+        releaser.start()
         # Not failed: each waited, then did its work.
         if lock == "removal":
             assert s.remove_contract(1, C)["refs"] == 1
         else:
             assert s.plan(run_id, [(1, C)], batch_size=10).refs == 1
         took = time.monotonic() - t0
-    assert took >= 3.5
+        releaser.join()
     holder = f"session {psql.info.backend_pid} of psql, idle in transaction"
     what = "the contract removal lock" if lock == "removal" else "the planning lock"
     assert [text + "\n" for _, text in heard] == [waiting(pg_url, what, holder)]
-    assert 1.9 <= heard[0][0] <= 3.5, heard
+    # Said after ~2 s of waiting, while it waited (the lock went only then), and then it went on.
+    assert 1.9 <= heard[0][0] <= took, (heard, took)
 
 
 def test_no_wait_and_a_long_statement_that_waits_for_no_lock_say_nothing(pg_url: str) -> None:

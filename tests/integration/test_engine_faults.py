@@ -112,7 +112,9 @@ def stop_holding_worker(db: str, coordinator: GapfillProc, exclude: set[int]) ->
     """SIGSTOP a worker of ``coordinator`` that holds a lease, then ``kill -9`` it.
 
     Stopping first makes "mid-batch" certain: a stopped worker cannot commit, so
-    the leases read while it is stopped are the ones it dies holding.
+    the leases read while it is stopped are the ones it dies holding, once the
+    statements it had sent are done (a commit on a loaded server can take longer
+    than the 0.3 s allowed for a statement on its way to the server).
     Returns its owner name and the batches it held.
     """
     deadline = time.monotonic() + 60
@@ -124,7 +126,8 @@ def stop_holding_worker(db: str, coordinator: GapfillProc, exclude: set[int]) ->
             if pid not in workers:
                 continue
             os.kill(pid, signal.SIGSTOP)
-            time.sleep(0.3)  # let a statement already sent to the server finish
+            time.sleep(0.3)  # a statement on its way to the server gets there
+            wait_for("its statements to end", lambda p=pid: not running_statements(db, p), 60)  # type: ignore[misc]
             held = [b for b, o in leased_now(db) if o == owner]
             if held:
                 os.kill(pid, signal.SIGKILL)
@@ -132,6 +135,12 @@ def stop_holding_worker(db: str, coordinator: GapfillProc, exclude: set[int]) ->
             os.kill(pid, signal.SIGCONT)
         time.sleep(0.05)
     raise AssertionError(f"no worker of the coordinator held a lease\n{coordinator.output()}")
+
+
+def running_statements(db: str, pid: int) -> int:
+    """How many statements the sessions of process ``pid`` have running on the server."""
+    return int(query(db, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
+                         "AND state = 'active'", (f"gapfill %(pid {pid})",))[0][0])  # fmt: skip
 
 
 @pytest.mark.timeout(150)

@@ -154,7 +154,12 @@ def test_a_rate_limited_run_is_not_said_slower_than_sequential(tmp_path: Path, s
         assert r.returncode == 0, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if "speedup:" in ln]
     speedup = float(line.split("speedup:")[1].split("x over")[0])
-    assert speedup >= 0.5 and "150 calls/s rate limit" in line, line
+    baseline = float(line.split("over sequential (")[1].split(" tx/s")[0].replace(",", ""))
+    # The baseline is at most what the limit allows one call at a time (150 calls/s at 2 calls
+    # a transaction), and says so where the sample was faster, as on an idle machine; on a
+    # loaded one the sample can be slower than that (32.7 tx/s), and is the baseline as it is.
+    assert speedup >= 0.5 and baseline <= 75.0, line
+    assert baseline < 75.0 or "capped at what the 150 calls/s rate limit allows" in line, line
 
 
 @pytest.mark.timeout(120)

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -440,13 +439,6 @@ def gapfill(args: Sequence[str], log_dir: Path, name: str, timeout_s: float = 12
     p = GapfillProc(args, log_dir, name)
     rc = p.wait(timeout_s)
     return rc, p.output(20_000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager

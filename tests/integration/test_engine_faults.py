@@ -46,7 +46,6 @@ from engine_support import (
     emulator,
     emulator_stats,
     exactness_problems,
-    free_port,
     gapfill,
     lease_events,
     leased_now,
@@ -451,13 +450,22 @@ def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
     assert "exited with code None" not in out, "the coordinator replaced a worker that was running"
 
 
-def metrics_scraper(port: int, scraped: dict[str, float]) -> Callable[[], bool]:
-    """A probe for wait_for: scrape the endpoint into ``scraped``; True once some
-    transaction is counted."""
+def metrics_scraper(p: GapfillProc, scraped: dict[str, float]) -> Callable[[], bool]:
+    """A probe for wait_for: scrape the endpoint of ``p`` (run with ``--metrics-port 0``)
+    into ``scraped``; True once some transaction is counted.
+
+    The port is the one its "metrics: URL" line says the kernel gave it: a port found free
+    beforehand stayed free until the run bound it, for another test's server to take meanwhile."""
+    url: list[str] = []
 
     def scrape() -> bool:
+        if not url:
+            said = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)\n", p.output(10**7))
+            if said is None:
+                return False
+            url.append(said[1])
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            with urllib.request.urlopen(url[0], timeout=2) as resp:
                 text = resp.read().decode()
         except OSError:
             return False
@@ -478,12 +486,10 @@ def test_the_rpc_calls_metric_counts_a_workers_calls_while_its_batch_is_fetched(
     # rate limit a batch takes minutes, and gapfill_rpc_calls_total (a counter, live) lagged
     # by its calls. Here one batch of ~1,000 refs at 100 calls/s takes ~20 s: the counter
     # follows the calls the node answers while it is still being fetched.
-    port = free_port()
     args = ["--db", pg_url, "--rpc-url", "", "--rps", "100", "enrich", "--mode", "concurrent",
             "--workers", "1", "--batches-in-flight", "1", "--batch-size", "1000", "--plan", "per_tx",
-            "--grace-period", "0", "--metrics-port", str(port)]  # fmt: skip
+            "--grace-period", "0", "--metrics-port", "0"]  # fmt: skip
     scraped: dict[str, float] = {}
-    scrape = metrics_scraper(port, scraped)
     seen: list[tuple[float, float]] = []  # (calls counted, batches done) at each scrape
 
     def counted() -> bool:
@@ -495,6 +501,7 @@ def test_the_rpc_calls_metric_counts_a_workers_calls_while_its_batch_is_fetched(
     with emulator(node_chain.url, "--rps", "150") as (rpc, _):
         args[args.index("--rpc-url") + 1] = rpc
         p = GapfillProc(args, tmp_path, "enrich")
+        scrape = metrics_scraper(p, scraped)
         try:
             wait_for("300 calls answered", lambda: emulator_stats(rpc)["calls_answered"] >= 300, 60, proc=p)
             wait_for("the metrics to count 300 calls", counted, 10, every_s=0.2, proc=p)
@@ -514,18 +521,16 @@ def test_the_rpc_calls_metric_counts_a_workers_calls_while_its_batch_is_fetched(
 def test_runs_are_listed_and_metrics_are_served(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
 ) -> None:
-    port = free_port()
     scraped: dict[str, float] = {}
-    scrape = metrics_scraper(port, scraped)
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
-        p = GapfillProc(enrich_args(pg_url, rpc, "--metrics-port", str(port)), tmp_path, "enrich")
-        try:
-            wait_for("metrics with enriched transactions", scrape, 60, every_s=0.2, proc=p)
+        p = GapfillProc(enrich_args(pg_url, rpc, "--metrics-port", "0"), tmp_path, "enrich")
+        try:  # scraped where its "metrics: URL" line says
+            wait_for("metrics with enriched transactions", metrics_scraper(p, scraped), 60,
+                     every_s=0.2, proc=p)  # fmt: skip
             rc = p.wait(120)
         finally:
             p.close()
     assert rc == 0, p.output()
-    assert f"metrics: http://127.0.0.1:{port}/metrics" in p.output(tail=10**7)  # where to scrape
     assert_exact(pg_url, node_chain, truth, seeded)
     for name in ("gapfill_transactions_enriched_total", "gapfill_rpc_calls_total",
                  "gapfill_batches_done_total", "gapfill_workers_alive", "gapfill_leases_held"):  # fmt: skip
@@ -1253,13 +1258,12 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
 ) -> None:
     import socket
 
-    port = free_port()
     scraped: dict[str, float] = {}
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
-        p = GapfillProc([*batch_args(pg_url, rpc), "--metrics-port", str(port), "--workers", "3"],
+        p = GapfillProc([*batch_args(pg_url, rpc), "--metrics-port", "0", "--workers", "3"],
                         tmp_path, "batch")  # fmt: skip
         try:
-            wait_for("metrics with enriched transactions", metrics_scraper(port, scraped), 60,
+            wait_for("metrics with enriched transactions", metrics_scraper(p, scraped), 60,
                      every_s=0.2, proc=p)  # fmt: skip
             os.kill(p.pid, signal.SIGINT)
             p.wait(30)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -111,6 +112,22 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@pytest.fixture
+def refused() -> Iterator[Callable[[], int]]:
+    """Loopback ports that refuse connections: each is held bound, never listening, for
+    the test. A port found free and let go (``free_port``) could meanwhile be taken by a
+    server of a test in the other xdist process, which would then answer."""
+    with contextlib.ExitStack() as held:
+
+        def port() -> int:
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            bound: int = s.getsockname()[1]
+            return bound
+
+        yield port
 
 
 # -- id matching ------------------------------------------------------------------------
@@ -334,8 +351,8 @@ async def test_one_attempt_is_said_in_the_singular(make_node: Any, tmp_path: Any
     assert "after 1 attempt)" in str(info.value), str(info.value)
 
 
-async def test_unreachable_node(tmp_path: Any) -> None:
-    url = f"http://127.0.0.1:{free_port()}/v2/{KEY}"
+async def test_unreachable_node(tmp_path: Any, refused: Callable[[], int]) -> None:
+    url = f"http://127.0.0.1:{refused()}/v2/{KEY}"
     async with RpcClient([EndpointConfig(url)], settings(tmp_path)) as client:
         with pytest.raises(RpcError) as info:
             await client.probe()
@@ -700,8 +717,8 @@ def test_endpoints_with_a_rate_limit_share_the_load_by_it(tmp_path: Any) -> None
         endpoint.close()
 
 
-async def test_all_endpoints_down(tmp_path: Any) -> None:
-    urls = [f"http://127.0.0.1:{free_port()}/", f"http://127.0.0.1:{free_port()}/"]
+async def test_all_endpoints_down(tmp_path: Any, refused: Callable[[], int]) -> None:
+    urls = [f"http://127.0.0.1:{refused()}/", f"http://127.0.0.1:{refused()}/"]
     async with RpcClient([EndpointConfig(u) for u in urls], settings(tmp_path)) as client:
         with pytest.raises(RpcError, match="could not reach the RPC node"):
             await client.call("eth_blockNumber", [])

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fixtures_runs import all_failed_open_plan
 
 from gapfill.cli import cli
-from gapfill.model import Enriched, Failure
 from gapfill.store import open_store
-
-A = "0x" + "aa" * 20
-UNREACHABLE = "http://127.0.0.1:9/"
 
 
 @pytest.mark.timeout(60)
@@ -24,20 +21,7 @@ def test_a_rerun_closes_an_open_plan_with_nothing_left_and_asks_the_node_nothing
     # pending, so the rerun said "2 open batches", needed the node (and failed when it was
     # down, though nothing was missing), and leased them for nothing.
     db = f"sqlite:///{tmp_path / 'g.db'}"
-    base = ["--db", db, "--rpc-url", UNREACHABLE]
-    assert CliRunner().invoke(cli, [*base, "contract", "add", A, "--chain-id", "1"]).exit_code == 0
-    hashes = [f"0x{i:064x}" for i in range(1, 21)]
-    r = CliRunner().invoke(cli, [*base, "import", "-", "--contract", A], input="\n".join(hashes))
-    assert r.exit_code == 0, r.output
-    with open_store(db) as store:  # the interrupted run: two batches given back, all stored
-        run = store.create_run("batch", 1)
-        store.plan(run, [(1, A)], batch_size=10)
-        for _ in range(2):
-            batch = store.lease("w", 60.0)
-            assert batch is not None
-            assert store.abandon(batch, "worker stopped")
-        store.write(Enriched(failures=[Failure(1, h, A, "permanent", "rejected") for h in hashes]))
-        store.finish_run(run, "interrupted", 0)
+    base = all_failed_open_plan(db)
     workers = ["--workers", "2"] if mode == "concurrent" else []
     r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
     assert r.exit_code == 3, r.output  # complete, with permanent failures: nothing to fetch

@@ -498,11 +498,49 @@ def _release_dead_local_owners(store: Store, emit: Emit) -> None:
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
 
 
+class _Held:
+    """Ctrl+C and SIGTERM while a run records its end (its row's state and totals, what
+    remains to say of it, its summary): the first is held, so that a run that completed is
+    recorded complete (its exit code too) and an interrupted one interrupted, with its
+    totals; a second, where the database hangs, stops the command at once (the next run
+    marks the row interrupted). A signal landing there used to raise ``KeyboardInterrupt``
+    in the middle of it: the row stayed ``running``, no summary was said, and a run that had
+    completed exited 130."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._previous: dict[int, Any] = {}
+
+    def hold(self, previous: dict[int, Any] | None = None) -> None:
+        """From here on (the main thread only: no other can handle signals); once is enough.
+        ``previous``: the handlers :meth:`restore` puts back, if not those this replaces."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if previous is not None:
+                signal.signal(signum, self._on_signal)
+                self._previous[signum] = previous[signum]
+            elif signal.getsignal(signum) not in (signal.SIG_IGN, None):  # `cmd &` ignores SIGINT
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _: Any) -> None:
+        self.held += 1
+        if self.held > 1:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        """Put back the handlers :meth:`hold` replaced."""
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            signal.signal(signum, handler)
+
+
 def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:
     mode = "sequential" if sequential else "batch"
     store = _open(job, emit)
     term = _Term()
     old_term = _sigterm_as_sigint(term)
+    end = _Held()
     try:
         run_id = store.create_run(mode, 1, chain_id=job.chain_id)
         store.counts_for_run = run_id
@@ -534,10 +572,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         except GapfillError as exc:
             # The node or the database failed for good: the run says so (and why), the plan
             # stays open, and the row keeps what was committed before.
+            end.hold()
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 store.finish_run(run_id, "failed", totals_box.get("calls", 0), note=_note(job, exc))
             raise
         finally:
+            end.hold()
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
             # cut short) goes back now: batch mode has no coordinator to return it, and a
             # rerun would wait for it to expire.
@@ -562,9 +602,10 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
     finally:
+        store.close()
+        end.restore()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        store.close()
 
 
 @dataclass
@@ -1074,6 +1115,13 @@ class Coordinator:
         self.emit(ev)
 
     def run(self) -> RunSummary:
+        end = _Held()
+        try:
+            return self._run(end)
+        finally:
+            end.restore()
+
+    def _run(self, end: _Held) -> RunSummary:
         from multiprocessing.connection import wait as wait_for_ready
 
         job = self.job
@@ -1218,8 +1266,9 @@ class Coordinator:
             why = _note(job, exc)
             raise
         finally:
-            signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
+            # Until run() returns, a signal no longer stops workers (they have stopped or
+            # are killed below) but is held: the run's end is recorded whole.
+            end.hold({signal.SIGINT: old_int, signal.SIGTERM: old_term})
             self._say_unsaid()
             for s in self.slots.values():
                 still_running = s.proc.is_alive()

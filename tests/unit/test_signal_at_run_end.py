@@ -1,0 +1,69 @@
+"""A Ctrl+C or SIGTERM that lands while a run records its end does not cut that short."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fixtures_runs import all_failed_open_plan
+
+from gapfill.cli import cli
+from gapfill.store import open_store
+from gapfill.store.base import Store
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("mode", ["batch", "sequential", "concurrent"])
+def test_a_signal_as_a_run_records_its_end_leaves_it_recorded_as_it_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, signum: int
+) -> None:
+    # The coordinator put the CLI's handlers back before it wrote the run's end: a Ctrl+C or
+    # SIGTERM landing then raised KeyboardInterrupt in the middle of it. The run's row stayed
+    # `running` (until the next run marked it `interrupted`), no summary was said, and a run
+    # that had finished exited 130. Batch and sequential modes had the same gap.
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)  # a rerun closes the plan at once: complete, exit 3
+    finish_run = Store.finish_run
+
+    def signalled(self: Store, *args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        signal.raise_signal(signum)  # its handler runs here, before the row is written
+        return finish_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "finish_run", signalled)
+    workers = ["--workers", "2"] if mode == "concurrent" else []
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    assert r.exit_code == 3, r.output  # complete, with permanent failures, as without the signal
+    assert "Traceback" not in r.output and "interrupted" not in r.output, r.output
+    assert "Run #2" in r.output, r.output
+    with open_store(db) as store:
+        run = max(store.list_runs(), key=lambda run: run.run_id)
+    assert run.state == "done" and run.finished_at is not None, run
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_second_signal_as_a_run_records_its_end_stops_it_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # The record waits for the database, which may hang: a Ctrl+C repeated there stops the
+    # command at once, with one line (the next run marks the row interrupted).
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)  # a rerun closes the plan at once: complete, exit 3
+
+    def signalled(self: Store, *args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(Store, "finish_run", signalled)
+    workers = ["--workers", "2"] if mode == "concurrent" else []
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    assert r.exit_code == 130, r.output
+    assert r.output.count("interrupted") == 1, r.output
+    assert r.output.strip().splitlines()[-1].startswith("interrupted"), r.output
+    assert "Traceback" not in r.output and "not reached" not in r.output, r.output
+

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from fixtures_runs import all_failed_open_plan
+from fixtures_runs import UNREACHABLE, A, all_failed_open_plan
 
 from gapfill.cli import cli
 from gapfill.store import open_store
@@ -67,3 +67,57 @@ def test_a_second_signal_as_a_run_records_its_end_stops_it_with_one_line(
     assert r.output.strip().splitlines()[-1].startswith("interrupted"), r.output
     assert "Traceback" not in r.output and "not reached" not in r.output, r.output
 
+
+def _starting_worker(ready: int) -> None:
+    """A worker process before its event loop handles SIGTERM (as the fork server starts it)."""
+    import os
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.write(ready, b"!")
+    time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_the_grace_periods_sigterm_ends_as_it_starts_is_no_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With --grace-period 0, a stop as the workers start sends them SIGTERM at once; a worker
+    # whose event loop had not yet set its handler died of it (-15), and the run said "[Worker-1]
+    # exited with code -15", a crash the coordinator had caused itself. The worker here never
+    # sets one.
+    import multiprocessing
+    import os
+
+    from gapfill.cli_progress import LineRenderer
+    from gapfill.engine.run import Coordinator, EnrichJob
+    from gapfill.errors import Interrupted
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = ["--db", db, "--rpc-url", UNREACHABLE]
+    assert CliRunner().invoke(cli, [*base, "contract", "add", A, "--chain-id", "1"]).exit_code == 0
+    hashes = "\n".join(f"0x{i:064x}" for i in range(1, 11))
+    assert CliRunner().invoke(cli, [*base, "import", "-", "--contract", A], input=hashes).exit_code == 0
+
+    def spawn_then_stop(self: Coordinator, index: int) -> Any:
+        ready, ready_w = os.pipe()
+        fork = multiprocessing.get_context("fork")
+        proc = fork.Process(target=_starting_worker, args=(ready_w,), daemon=True)
+        proc.start()
+        assert os.read(ready, 1) == b"!"
+        os.close(ready)
+        os.close(ready_w)
+        signal.raise_signal(signal.SIGINT)  # the stop, as the first worker starts
+        return proc
+
+    monkeypatch.setattr(Coordinator, "_spawn", spawn_then_stop)
+    monkeypatch.setattr(Coordinator, "_check_node", lambda self: True)
+    lines: list[str] = []
+    renderer = LineRenderer()
+    monkeypatch.setattr(renderer, "line", lines.append)
+    job = EnrichJob(db, (), ((1, A),), 1, workers=2, grace_period_s=0.0, measure_sequential=False)
+    with pytest.raises(Interrupted):
+        Coordinator(job, renderer).run()
+    assert not [ln for ln in lines if "exited with code" in ln], lines
+    assert any(ln.startswith("stopping: no new batches") for ln in lines), lines

@@ -105,7 +105,8 @@ class WorkerExited:
     pid: int
     exitcode: int | None
     restarted: bool
-    #: Killed by its coordinator as the user asked (a second Ctrl+C), not crashed.
+    #: Killed by its coordinator as the user asked (a second Ctrl+C), or ended by the SIGTERM
+    #: it sent (the grace period's end) before its handler was set: not crashed.
     killed: bool = False
 
 

@@ -937,6 +937,9 @@ class _Slot:
     base_calls: int = 0
     base_retries: int = 0
     base_limited: int = 0
+    #: Sent SIGTERM by the coordinator (the grace period's end, a lost node): a worker that
+    #: dies of it had not set its handler yet (still starting), which is no crash to report.
+    terminated: bool = False
 
 
 class Coordinator:
@@ -1215,6 +1218,7 @@ class Coordinator:
                         waited = now - self.stopping_at if self.stopping_at >= 0 else 1e9
                         if waited > job.grace_period_s:
                             for s in alive:
+                                s.terminated = True
                                 s.proc.terminate()
                         if waited > job.grace_period_s + 5:
                             for s in alive:
@@ -1254,8 +1258,10 @@ class Coordinator:
                     self._progress(store, total_batches, 0, t0)
             for s in self.slots.values():
                 s.proc.join(timeout=5)
-                # Killed as asked (a second Ctrl+C) is no crash to report: said once above.
-                killed = self.stopping_at == -1.0 and s.proc.exitcode == -signal.SIGKILL
+                # Killed as asked (a second Ctrl+C) is no crash to report: said once above; nor
+                # the SIGTERM this process sent, to a worker still starting.
+                killed = (self.stopping_at == -1.0 and s.proc.exitcode == -signal.SIGKILL) or (
+                    s.terminated and s.proc.exitcode == -signal.SIGTERM)
                 self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False, killed))
                 if s.proc.exitcode not in (0, None):
                     store.release_owner(self._owner(s), "worker stopped")
@@ -1321,6 +1327,7 @@ class Coordinator:
         releases any still running."""
         for s in self.slots.values():
             if s.proc.is_alive():
+                s.terminated = True
                 with contextlib.suppress(Exception):
                     s.proc.terminate()
         deadline = time.monotonic() + LOST_NODE_STOP_S

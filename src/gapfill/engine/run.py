@@ -505,7 +505,12 @@ class _Held:
     totals; a second, where the database hangs, stops the command at once (the next run
     marks the row interrupted). A signal landing there used to raise ``KeyboardInterrupt``
     in the middle of it: the row stayed ``running``, no summary was said, and a run that had
-    completed exited 130."""
+    completed exited 130.
+
+    A handler is swapped in rather than the signals blocked with ``pthread_sigmask``: that
+    blocks them for the calling thread only, another thread of the process (an executor's,
+    the metrics server's) takes them, and their Python handler runs in the main thread all
+    the same."""
 
     def __init__(self) -> None:
         self.held = 0
@@ -602,10 +607,10 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
     finally:
-        store.close()
         end.restore()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        store.close()
 
 
 @dataclass

@@ -1017,18 +1017,19 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
     """Run ``job``; ``left`` are the sentences naming work it cannot do (contracts on a
     chain no endpoint serves), said after its summary: then it ends with exit 3."""
     from gapfill.cli_progress import LiveRenderer, summary_lines
-    from gapfill.engine.events import RunSummary
+    from gapfill.engine.events import RunStarted, RunSummary
     from gapfill.engine.run import run_enrich
 
     render = _renderer(quiet)
     live = isinstance(render, LiveRenderer)
     summaries: list[RunSummary] = []
-    reader_left = False
+    started = reader_left = False
 
     def emit(ev: Any) -> None:
-        nonlocal reader_left
+        nonlocal reader_left, started
         if isinstance(ev, RunSummary):
             summaries.append(ev)
+        started = started or isinstance(ev, RunStarted)
         if reader_left:
             return
         try:
@@ -1051,8 +1052,12 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
     except (Interrupted, KeyboardInterrupt):
         if reader_left:
             raise SystemExit(141) from None
-        if not summaries:
-            raise
+        if not summaries and not started:
+            raise  # the command says what a stop before the run leaves
+        if not summaries:  # a second Ctrl+C cut the run's end short: the next run marks it
+            tell("interrupted: what the run committed is kept; rerun the same command to continue "
+                 "where it stopped")  # fmt: skip
+            raise SystemExit(130) from None
         # The summary says it was interrupted and how to go on: no second line for it.
         if live:
             for line in summary_lines(summaries[-1]):

@@ -50,7 +50,8 @@ def test_a_second_signal_as_a_run_records_its_end_stops_it_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     # The record waits for the database, which may hang: a Ctrl+C repeated there stops the
-    # command at once, with one line (the next run marks the row interrupted).
+    # command at once, with one line (the next run marks the row interrupted). That line said
+    # "nothing was fetched yet", as before the run started, whatever the run had committed.
     db = f"sqlite:///{tmp_path / 'g.db'}"
     base = all_failed_open_plan(db)  # a rerun closes the plan at once: complete, exit 3
 
@@ -64,7 +65,9 @@ def test_a_second_signal_as_a_run_records_its_end_stops_it_with_one_line(
     r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
     assert r.exit_code == 130, r.output
     assert r.output.count("interrupted") == 1, r.output
-    assert r.output.strip().splitlines()[-1].startswith("interrupted"), r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "interrupted: what the run committed is kept; rerun the same command to continue where it stopped"
+    ), r.output
     assert "Traceback" not in r.output and "not reached" not in r.output, r.output
 
 

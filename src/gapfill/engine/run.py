@@ -887,8 +887,11 @@ def _sigterm_cancels_main() -> Iterator[None]:
     try:
         yield
     finally:
-        # Blocked while it changes hands: removing the handler restores SIG_DFL for a moment,
-        # and a SIGTERM then would kill the worker before its last events are sent.
+        # Blocked in this thread while it changes hands: removing the handler restores SIG_DFL
+        # for a moment, and a SIGTERM then would kill the worker before its last events are
+        # sent. Only this thread's mask: the kernel may still hand it to another thread of the
+        # worker (the events sender, to_thread's) in that moment, and the worker then ends
+        # with -15, which the coordinator, having sent it, does not report.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             loop.remove_signal_handler(signal.SIGTERM)  # also clears the wakeup fd

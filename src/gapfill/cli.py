@@ -772,7 +772,17 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
                  "'Block Number')")  # fmt: skip
     filled = f", {counted(added.filled, 'block number')} filled" if added.filled else ""
     click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
-               f"on chain {c.chain_id}{filled}{remark}")  # fmt: skip
+               f"on chain {c.chain_id}{filled}{remark}{_conflicting(added.conflicts)}")  # fmt: skip
+
+
+def _conflicting(conflicts: int) -> str:
+    """What an import says of hashes it was given another block number for than the one
+    kept (a line that disagrees with an earlier line, or with the ref stored before)."""
+    if not conflicts:
+        return ""
+    return (f"; {counted(conflicts, 'hash', 'hashes')} had conflicting block numbers: "
+            f"{'it' if conflicts == 1 else 'each'} kept the one stored before, else the first given "
+            "(enrichment corrects a wrong one)")  # fmt: skip
 
 
 def _known_already(read: int, unchanged: int) -> str:

@@ -872,6 +872,27 @@ def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path:
     assert r.output.strip() == f"imported 1 new ref for {C} on chain 1, 1 block number filled", r.output
 
 
+def test_an_import_says_how_many_hashes_had_conflicting_block_numbers(tracked: str, tmp_path: Path) -> None:
+    # One hash, two block numbers: SQLite kept the first, PostgreSQL the smallest, and the
+    # summary said nothing. Both keep the first given now, and the summary says so.
+    csvf = tmp_path / "twice.csv"
+    csvf.write_text(f"hash,block_number\n{h(1)},7\n{h(1)},5\n{h(2)},5\n{h(2)},7\n{h(2)},9\n{h(3)},8\n")
+    r = run(tracked, "import", str(csvf), "--contract", C)
+    kept = "kept the one stored before, else the first given (enrichment corrects a wrong one)"
+    assert r.exit_code == 0 and r.output.strip() == (
+        f"imported 3 new refs for {C} on chain 1 (3 of 6 hashes known already); "
+        f"2 hashes had conflicting block numbers: each {kept}"), r.output  # fmt: skip
+    assert sorted(refs_of(tracked)) == [(h(1), 7), (h(2), 5), (h(3), 8)]
+    # Against a ref stored before (here by that import): the stored block number stays.
+    r = run(tracked, "import", "-", "--contract", C, input=f"hash,block_number\n{h(3)},80\n{h(4)},4\n")
+    assert r.exit_code == 0 and r.output.strip() == (
+        f"imported 1 new ref for {C} on chain 1 (1 of 2 hashes known already); "
+        f"1 hash had conflicting block numbers: it {kept}"), r.output  # fmt: skip
+    assert sorted(refs_of(tracked)) == [(h(1), 7), (h(2), 5), (h(3), 8), (h(4), 4)]
+    r = run(tracked, "import", str(csvf), "--contract", C)  # the same file again: the same word
+    assert r.output.strip().endswith(f"; 2 hashes had conflicting block numbers: each {kept}"), r.output
+
+
 def test_an_at_sign_in_a_postgres_query_is_not_a_password_at_sign() -> None:
     r = run("postgresql://u@127.0.0.1:1?application_name=me@x", "status")
     assert r.exit_code == 1 and "%40" not in one_sentence(r) and "could not connect" in one_sentence(r)

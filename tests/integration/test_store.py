@@ -712,7 +712,7 @@ def test_refs_imported_without_a_block_get_it_from_a_later_import_discovery_or_e
     assert block_of(store, 1) == 11
     store.add_refs_and_coverage([Ref(1, C, h(2), 12, "logs")], [])  # discovery
     assert block_of(store, 2) == 12
-    assert store.add_refs([Ref(1, C, h(1), 99)]) == RefsAdded(0, 0)  # a known block stays
+    assert store.add_refs([Ref(1, C, h(1), 99)]) == RefsAdded(0, 0, 1)  # a known block stays
     assert block_of(store, 1) == 11
     # Enrichment learns the rest: a batch whose range holds unknown blocks records them.
     store.plan(store.create_run("batch", 1), [(1, C)], batch_size=500)
@@ -774,6 +774,40 @@ def test_a_wrong_block_number_from_an_import_is_corrected_when_its_transaction_i
     assert {i: block_of(store, i) for i in truth} == truth
     (s,) = store.status(1, C)
     assert (s.min_block, s.max_block, s.unknown_block_refs) == (4, 14, 0)
+
+
+def test_a_ref_keeps_the_first_block_number_it_is_given_and_the_others_are_counted(
+    store: Store,
+) -> None:
+    # One hash, two block numbers: SQLite kept the file's first, PostgreSQL the smallest, and
+    # neither said so. Now both keep the first given (a row without one gives none), and
+    # count the refs given another: each once, however many of its rows disagree.
+    added = store.add_refs([Ref(1, C, h(1), 7), Ref(1, C, h(1), 5), Ref(1, C, h(2), 5),
+                            Ref(1, C, h(2), 7), Ref(1, C, h(2), 9), Ref(1, C, h(3), None),
+                            Ref(1, C, h(3), 8), Ref(1, C, h(4), 4), Ref(1, C, h(4), 4),
+                            Ref(1, C, h(4), None)])  # fmt: skip
+    assert [block_of(store, i) for i in (1, 2, 3, 4)] == [7, 5, 8, 4]
+    assert (added.new, added.conflicts) == (4, 2)
+    # Against refs stored before (by an import here, or discovery): the stored one stays.
+    store.add_refs_and_coverage([Ref(1, C, h(5), 50, "logs")], [])
+    assert store.add_refs([Ref(1, C, h(1), 99), Ref(1, C, h(2), 5), Ref(1, C, h(5), 51),
+                           Ref(1, C, h(5), 52), Ref(1, C, h(6), None)]) == RefsAdded(1, 0, 2)  # fmt: skip
+    assert [block_of(store, i) for i in (1, 2, 5, 6)] == [7, 5, 50, None]
+    # A ref given no block before gets the first one given, and disagrees with no other.
+    assert store.add_refs([Ref(1, C, h(6), 60), Ref(1, C, h(6), 61)]) == RefsAdded(0, 1, 1)
+    assert block_of(store, 6) == 60
+    # Rows of one ref far apart in a big import (SQLite writes it 10,000 rows at a time).
+    many = [Ref(1, C, h(1_000 + i), 1_000 + i) for i in range(10_010)]
+    many[10_005] = Ref(1, C, h(1_000), 3)
+    many[10_007] = Ref(1, C, h(1_000), 4)
+    assert store.add_refs(many) == RefsAdded(10_008, 0, 1) and block_of(store, 1_000) == 1_000
+    # Enrichment stores the transaction's own block number on the ref, whichever was kept.
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=20_000)
+    batch = store.lease("w", 60.0)
+    assert batch is not None
+    truth = {1: 5, 2: 9}
+    assert store.commit_batch(batch, enriched_as_fetched(store.batch_refs(batch), lambda i: truth.get(i, i)))
+    assert [block_of(store, i) for i in (1, 2)] == [5, 9]
 
 
 def test_a_ref_written_without_a_block_for_a_stored_transaction_gets_the_stored_one(

@@ -369,14 +369,22 @@ class RunInfo:
 
 @dataclass(frozen=True, slots=True)
 class RefsAdded:
-    """What writing refs did: refs new to the database, and refs already there that got the
-    block number they lacked."""
+    """What writing refs did: refs new to the database, refs already there that got the
+    block number they lacked, and refs given a block number other than the one they kept
+    (``conflicts``: each counted once, however many lines disagreed).
+
+    A ref keeps the first block number it was given: the one stored before (by an import,
+    discovery or enrichment), else the first an import's lines give it (a line without one
+    gives none). A wrong one only orders the work: enrichment fetches by hash, and stores
+    the transaction's own block number on the ref (``Enriched.moved``)."""
 
     new: int
     filled: int
+    conflicts: int = 0
 
     def __add__(self, other: RefsAdded) -> RefsAdded:
-        return RefsAdded(self.new + other.new, self.filled + other.filled)
+        return RefsAdded(self.new + other.new, self.filled + other.filled,
+                         self.conflicts + other.conflicts)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,8 +641,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
-        """Insert refs idempotently in one transaction; return how many were new, and how
-        many refs already there got a block number.
+        """Insert refs idempotently in one transaction; return how many were new, how many
+        refs already there got a block number, and how many were given one other than the
+        block number they kept (see :class:`RefsAdded`: the first given wins).
 
         ``refs`` is consumed as a stream, so a million hashes never sit in memory.
         If iterating raises, nothing is imported.

@@ -50,7 +50,7 @@ _STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS stage_tx
     (LIKE transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_logs (LIKE logs) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_refs (LIKE refs) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_refs (LIKE refs, seq BIGINT) ON COMMIT DELETE ROWS;
 """
 #: TCP settings against a server that vanished without closing the connection (a host
 #: crash, a dropped NAT entry): without them a store call waits on the kernel's
@@ -83,11 +83,22 @@ _REFS_OF_RECORD = (
 #: (``OFFSET 0``) and does not carry over to refs, and the staged refs are analyzed first:
 #: the planner knows how many there are, and hashes the join or looks refs up one by one as
 #: their numbers say.
+#: A staged ref's row that writes it: its first that gives a block number, else its first
+#: (``seq`` is the row's place in the import), as SQLite's import in file order keeps.
+_FIRST_GIVEN = "s.tx_hash, s.block_number IS NULL, s.seq"
 _FILL_FROM_STAGE = (
-    "UPDATE refs r SET block_number = x.block_number FROM (SELECT s.chain_id, s.contract, s.tx_hash, "
-    "{block} AS block_number FROM stage_refs s WHERE s.chain_id = %s AND s.contract = %s OFFSET 0) x "
+    "UPDATE refs r SET block_number = x.block_number FROM (SELECT DISTINCT ON (s.tx_hash) s.chain_id, "
+    "s.contract, s.tx_hash, {block} AS block_number FROM stage_refs s "
+    f"WHERE s.chain_id = %s AND s.contract = %s ORDER BY {_FIRST_GIVEN} OFFSET 0) x "
     "WHERE r.chain_id = x.chain_id AND r.contract = x.contract AND r.tx_hash = x.tx_hash "
     "AND r.block_number IS NULL AND x.block_number IS NOT NULL"
+)
+#: The refs of an import that one of its rows gave another block number than the one kept
+#: (that of the ref stored before, else its first row's that gives one): each counted once.
+_CONFLICTS = (
+    "SELECT count(*) FROM (SELECT DISTINCT s.chain_id, s.contract, s.tx_hash FROM stage_refs s "
+    "JOIN refs r ON r.chain_id = s.chain_id AND r.contract = s.contract AND r.tx_hash = s.tx_hash "
+    "WHERE s.block_number <> r.block_number) x"
 )
 #: A staged ref's block number: the one given, else that of its transaction if it is stored
 #: (a scalar subquery: one lookup by key, whatever the planner thinks of the staged rows).
@@ -665,11 +676,11 @@ class PostgresStore(Store):
             contracts: set[tuple[int, str]] = set()
             staged = 0
             with cur.copy(
-                "COPY stage_refs (chain_id, contract, tx_hash, block_number, source) FROM STDIN"
+                "COPY stage_refs (chain_id, contract, tx_hash, block_number, source, seq) FROM STDIN"
             ) as copy:
                 for r in refs:
                     contracts.add((r.chain_id, r.contract))
-                    copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+                    copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source, staged))
                     staged += 1
             for chain_id, contract in sorted(contracts):  # locked in key order, as discovery does
                 self._require_tracked(cur, chain_id, contract)
@@ -681,7 +692,7 @@ class PostgresStore(Store):
                 "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
                 f"SELECT DISTINCT ON (s.chain_id, s.contract, s.tx_hash) s.chain_id, s.contract, "
                 f"s.tx_hash, {block}, s.source FROM stage_refs s "
-                "ORDER BY s.chain_id, s.contract, s.tx_hash, s.block_number NULLS LAST "
+                f"ORDER BY s.chain_id, s.contract, {_FIRST_GIVEN} "
                 "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
             )
             n = int(cur.rowcount)
@@ -698,8 +709,15 @@ class PostgresStore(Store):
                         analyzed = True
                     cur.execute(_FILL_FROM_STAGE.format(block=block), (chain_id, contract))
                     filled += int(cur.rowcount)
+            conflicts = 0
+            if n < staged:  # a hash given twice, or a ref already there: its blocks may differ
+                if not analyzed:  # else the join may take the staged refs for one row
+                    cur.execute("ANALYZE stage_refs")
+                cur.execute(_CONFLICTS)
+                (count,) = cur.fetchone() or (0,)
+                conflicts = int(count)
             cur.execute("TRUNCATE stage_refs")
-            return RefsAdded(n, filled)
+            return RefsAdded(n, filled, conflicts)
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(_STORED_BLOCKS, (chain_id, list(hashes)))

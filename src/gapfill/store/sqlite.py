@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -388,15 +389,29 @@ class SqliteStore(Store):
             added = RefsAdded(0, 0)
             checked: set[tuple[int, str]] = set()
             unknown: dict[tuple[int, str], bool] = {}
+            conflicts = _Conflicts(cur)
             chunk: list[Ref] = []
             for r in refs:
                 chunk.append(r)
                 if len(chunk) >= 10_000:
-                    added += self._write_refs(cur, chunk, checked, unknown)
+                    added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
                     chunk = []
             if chunk:
-                added += self._write_refs(cur, chunk, checked, unknown)
-            return added
+                added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
+            return replace(added, conflicts=conflicts.count())
+
+    def _write_chunk(
+        self, cur: Any, chunk: Sequence[Ref], checked: set[tuple[int, str]],
+        unknown: dict[tuple[int, str], bool], conflicts: _Conflicts,
+    ) -> RefsAdded:
+        """Write one chunk of an import in file order: a ref's first row inserts it, later
+        ones change nothing (``ON CONFLICT DO NOTHING``). Only when some row inserted nothing
+        (a hash given again, or a ref already there) are the chunk's block numbers compared
+        with those kept: one lookup per chunk, none in an import of new hashes."""
+        added = self._write_refs(cur, chunk, checked, unknown)
+        if added.new < len(chunk):
+            conflicts.note(chunk)
+        return added
 
     #: A removal deletes refs in primary-key order (contract, then hash), which is also the
     #: order of the (chain_id, tx_hash) index: two of the refs' four b-trees are swept in
@@ -468,6 +483,54 @@ class SqliteStore(Store):
                     yield (int(k), h)
         finally:
             read.close()
+
+
+class _Conflicts:
+    """The refs of one import given a block number other than the one they kept, each
+    counted once however many of its rows disagree: the keys go to a temporary table (in
+    the import's transaction), since a corrected file imported again may disagree on every
+    one of a million refs, too many to hold in memory."""
+
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self._cur = cur
+        self._table = False
+
+    def note(self, chunk: Sequence[Ref]) -> None:
+        """Note those of ``chunk``'s refs whose block number differs from the one stored."""
+        given: dict[tuple[int, str], list[Ref]] = {}
+        for r in chunk:
+            if r.block_number is not None:
+                given.setdefault((r.chain_id, r.contract), []).append(r)
+        differ: set[tuple[int, str, str]] = set()
+        for (chain_id, contract), rs in given.items():
+            # By primary key: one probe of a page the insert just read.
+            self._cur.execute(
+                "SELECT tx_hash, block_number FROM refs INDEXED BY sqlite_autoindex_refs_1 "
+                "WHERE chain_id = ? AND contract = ? AND tx_hash IN (SELECT value FROM json_each(?))",
+                (chain_id, contract, orjson.dumps([r.tx_hash for r in rs]).decode()),
+            )
+            kept = {h: int(b) for h, b in self._cur.fetchall() if b is not None}
+            differ.update((chain_id, contract, r.tx_hash) for r in rs
+                          if kept.get(r.tx_hash, r.block_number) != r.block_number)  # fmt: skip
+        if not differ:
+            return
+        if not self._table:
+            self._cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS import_conflicts (chain_id INTEGER, contract TEXT, "
+                "tx_hash TEXT, PRIMARY KEY (chain_id, contract, tx_hash)) WITHOUT ROWID"
+            )
+            self._cur.execute("DELETE FROM temp.import_conflicts")
+            self._table = True
+        self._cur.executemany("INSERT OR IGNORE INTO temp.import_conflicts VALUES (?, ?, ?)", sorted(differ))
+
+    def count(self) -> int:
+        """How many refs disagreed; the table is dropped (in the transaction)."""
+        if not self._table:
+            return 0
+        self._cur.execute("SELECT count(*) FROM temp.import_conflicts")
+        (n,) = self._cur.fetchone()
+        self._cur.execute("DROP TABLE temp.import_conflicts")
+        return int(n)
 
 
 def _split(sql: str) -> list[str]:

@@ -95,10 +95,12 @@ _FILL_FROM_STAGE = (
 )
 #: The refs of an import that one of its rows gave another block number than the one kept
 #: (that of the ref stored before, else its first row's that gives one): each counted once.
+#: Per contract, named as constants: joined on all three columns, PostgreSQL read every
+#: contract's refs to hash them (or probed each staged ref's).
 _CONFLICTS = (
-    "SELECT count(*) FROM (SELECT DISTINCT s.chain_id, s.contract, s.tx_hash FROM stage_refs s "
-    "JOIN refs r ON r.chain_id = s.chain_id AND r.contract = s.contract AND r.tx_hash = s.tx_hash "
-    "WHERE s.block_number <> r.block_number) x"
+    "SELECT count(*) FROM (SELECT DISTINCT s.tx_hash FROM stage_refs s JOIN refs r ON r.tx_hash = s.tx_hash "
+    "WHERE r.chain_id = %s AND r.contract = %s AND s.chain_id = %s AND s.contract = %s "
+    "AND s.block_number <> r.block_number) x"
 )
 #: A staged ref's block number: the one given, else that of its transaction if it is stored
 #: (a scalar subquery: one lookup by key, whatever the planner thinks of the staged rows).
@@ -710,14 +712,23 @@ class PostgresStore(Store):
                     cur.execute(_FILL_FROM_STAGE.format(block=block), (chain_id, contract))
                     filled += int(cur.rowcount)
             conflicts = 0
-            if n < staged:  # a hash given twice, or a ref already there: its blocks may differ
+            # Only a hash given twice, or a ref already there, may disagree, and only if a
+            # row gives a block number (a list of hashes gives none). An import of new
+            # hashes pays nothing; a CSV of 200,000 refs imported again, 1.5 s instead of 1.0.
+            if n < staged and self._gives_blocks(cur):
                 if not analyzed:  # else the join may take the staged refs for one row
                     cur.execute("ANALYZE stage_refs")
-                cur.execute(_CONFLICTS)
-                (count,) = cur.fetchone() or (0,)
-                conflicts = int(count)
+                for chain_id, contract in sorted(contracts):
+                    cur.execute(_CONFLICTS, (chain_id, contract, chain_id, contract))
+                    (count,) = cur.fetchone() or (0,)
+                    conflicts += int(count)
             cur.execute("TRUNCATE stage_refs")
             return RefsAdded(n, filled, conflicts)
+
+    def _gives_blocks(self, cur: Any) -> bool:
+        """Whether a staged row gives a block number (the first does, in a CSV that has them)."""
+        cur.execute("SELECT 1 FROM stage_refs WHERE block_number IS NOT NULL LIMIT 1")
+        return cur.fetchone() is not None
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(_STORED_BLOCKS, (chain_id, list(hashes)))

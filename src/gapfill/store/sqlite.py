@@ -47,10 +47,16 @@ _INSERT_LOG = (
     f"ON CONFLICT (chain_id, tx_hash, log_index) DO UPDATE SET {_UPDATE_LOG}"
 )
 _LAST_TX_ROWID = "SELECT COALESCE(MAX(rowid), 0) FROM transactions"
+#: A ref's first row inserts it; a later one giving another block number updates the ref to
+#: itself, a change SQLite counts: an import learns that some row disagreed with the block
+#: number kept without looking a ref up (a row that agrees, or gives none, changes nothing).
+#: The column set is one no index holds, so only the row is written again, not an index.
 _INSERT_REF = (
     "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
+    "ON CONFLICT (chain_id, contract, tx_hash) DO UPDATE SET source = refs.source "
+    "WHERE refs.block_number <> excluded.block_number"
 )
+_LAST_REF_ROWID = "SELECT COALESCE(MAX(rowid), 0) FROM refs"
 
 
 def _big(v: int | None) -> str | None:
@@ -405,12 +411,14 @@ class SqliteStore(Store):
         unknown: dict[tuple[int, str], bool], conflicts: _Conflicts,
     ) -> RefsAdded:
         """Write one chunk of an import in file order: a ref's first row inserts it, later
-        ones change nothing (``ON CONFLICT DO NOTHING``). Only when some row inserted nothing
-        (a hash given again, or a ref already there) are the chunk's block numbers compared
-        with those kept: one lookup per chunk, none in an import of new hashes."""
+        ones leave its block number as it is. Only when a row disagreed with it (counted by
+        :data:`_INSERT_REF`), or a fill took the first of two rows giving one, are the
+        chunk's refs looked up to count those that disagreed: none in an import of new
+        hashes, or of hashes known already with the same block numbers."""
+        disagreed = self._disagreed
         added = self._write_refs(cur, chunk, checked, unknown)
-        if added.new < len(chunk):
-            conflicts.note(chunk)
+        if self._disagreed > disagreed or (added.filled and _repeats(chunk)):
+            conflicts.note(chunk)  # the rare case: which refs, each counted once
         return added
 
     #: A removal deletes refs in primary-key order (contract, then hash), which is also the
@@ -429,13 +437,24 @@ class SqliteStore(Store):
         with self._big_cache():
             return super().remove_contract(chain_id, address)
 
+    #: Rows of refs written so far that gave a ref already there another block number
+    #: (:data:`_INSERT_REF`); an import compares it before and after each chunk.
+    _disagreed = 0
+
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
+        # An update counts as a change too; rowids tell the inserted rows, as in _upsert:
+        # SQLite gives each the largest rowid + 1, and this writer deletes none meanwhile.
         before = self._conn.total_changes
+        cur.execute(_LAST_REF_ROWID)
+        (last,) = cur.fetchone()
         cur.executemany(
             _INSERT_REF,
             [(r.chain_id, r.contract, r.tx_hash, r.block_number, r.source) for r in refs],
         )
-        return self._conn.total_changes - before
+        cur.execute(_LAST_REF_ROWID)
+        new = int(cur.fetchone()[0]) - int(last)
+        self._disagreed += self._conn.total_changes - before - new
+        return new
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(
@@ -483,6 +502,13 @@ class SqliteStore(Store):
                     yield (int(k), h)
         finally:
             read.close()
+
+
+def _repeats(chunk: Sequence[Ref]) -> bool:
+    """Whether two of ``chunk``'s rows give a block number for one ref (which one a fill
+    kept is then the first: the others may disagree with it)."""
+    given = [(r.chain_id, r.contract, r.tx_hash) for r in chunk if r.block_number is not None]
+    return len(set(given)) < len(given)
 
 
 class _Conflicts:

@@ -787,7 +787,7 @@ def test_a_ref_keeps_the_first_block_number_it_is_given_and_the_others_are_count
                             Ref(1, C, h(3), 8), Ref(1, C, h(4), 4), Ref(1, C, h(4), 4),
                             Ref(1, C, h(4), None)])  # fmt: skip
     assert [block_of(store, i) for i in (1, 2, 3, 4)] == [7, 5, 8, 4]
-    assert (added.new, added.conflicts) == (4, 2)
+    assert added == RefsAdded(4, 0, 2)  # h(3) is new: none of it was filled
     # Against refs stored before (by an import here, or discovery): the stored one stays.
     store.add_refs_and_coverage([Ref(1, C, h(5), 50, "logs")], [])
     assert store.add_refs([Ref(1, C, h(1), 99), Ref(1, C, h(2), 5), Ref(1, C, h(5), 51),
@@ -805,6 +805,11 @@ def test_a_ref_keeps_the_first_block_number_it_is_given_and_the_others_are_count
     store.plan(store.create_run("batch", 1), [(1, C)], batch_size=20_000)
     batch = store.lease("w", 60.0)
     assert batch is not None
+    # A new ref takes the first block number given even while a plan is open: no batch has
+    # seen it (SQLite kept none until its enrichment, PostgreSQL the first).
+    assert store.add_refs([Ref(1, C, h(20), None), Ref(1, C, h(20), 50),
+                           Ref(1, C, h(20), 51)]) == RefsAdded(1, 0, 1)  # fmt: skip
+    assert block_of(store, 20) == 50
     truth = {1: 5, 2: 9}
     assert store.commit_batch(batch, enriched_as_fetched(store.batch_refs(batch), lambda i: truth.get(i, i)))
     assert [block_of(store, i) for i in (1, 2)] == [5, 9]

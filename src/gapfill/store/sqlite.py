@@ -396,14 +396,20 @@ class SqliteStore(Store):
             checked: set[tuple[int, str]] = set()
             unknown: dict[tuple[int, str], bool] = {}
             conflicts = _Conflicts(cur)
-            chunk: list[Ref] = []
-            for r in refs:
-                chunk.append(r)
-                if len(chunk) >= 10_000:
+            cur.execute(_LAST_REF_ROWID)
+            (self._import_after,) = cur.fetchone()
+            self._unknown_given = False
+            try:
+                chunk: list[Ref] = []
+                for r in refs:
+                    chunk.append(r)
+                    if len(chunk) >= 10_000:
+                        added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
+                        chunk = []
+                if chunk:
                     added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
-                    chunk = []
-            if chunk:
-                added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
+            finally:
+                self._import_after = None
             return replace(added, conflicts=conflicts.count())
 
     def _write_chunk(
@@ -415,9 +421,9 @@ class SqliteStore(Store):
         :data:`_INSERT_REF`), or a fill took the first of two rows giving one, are the
         chunk's refs looked up to count those that disagreed: none in an import of new
         hashes, or of hashes known already with the same block numbers."""
-        disagreed = self._disagreed
+        disagreed, late = self._disagreed, self._late
         added = self._write_refs(cur, chunk, checked, unknown)
-        if self._disagreed > disagreed or (added.filled and _repeats(chunk)):
+        if self._disagreed > disagreed or ((added.filled or self._late > late) and _repeats(chunk)):
             conflicts.note(chunk)  # the rare case: which refs, each counted once
         return added
 
@@ -440,6 +446,12 @@ class SqliteStore(Store):
     #: Rows of refs written so far that gave a ref already there another block number
     #: (:data:`_INSERT_REF`); an import compares it before and after each chunk.
     _disagreed = 0
+    #: During an import, the last rowid of refs before it: the refs it inserted come after.
+    _import_after: int | None = None
+    #: Whether the import inserted a row without a block number so far.
+    _unknown_given = False
+    #: Refs this import inserted without a block number that a later row of it gave one.
+    _late = 0
 
     def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
         # An update counts as a change too; rowids tell the inserted rows, as in _upsert:
@@ -454,7 +466,27 @@ class SqliteStore(Store):
         cur.execute(_LAST_REF_ROWID)
         new = int(cur.fetchone()[0]) - int(last)
         self._disagreed += self._conn.total_changes - before - new
+        if self._import_after is not None:
+            self._give_first_blocks(cur, refs)
         return new
+
+    def _give_first_blocks(self, cur: Any, refs: Sequence[Ref]) -> None:
+        """A ref this import inserted from a row without a block number takes the first a
+        later row of it gives, as PostgreSQL's staged import does, even while its contract
+        has an open plan: no batch has seen it (the fill of refs stored before waits for the
+        plan's end). Only in an import with such rows: one probe per row giving a block."""
+        if not self._unknown_given:
+            self._unknown_given = any(r.block_number is None for r in refs)
+            if not self._unknown_given:
+                return
+        before = self._conn.total_changes
+        cur.executemany(  # in file order: the first row giving one wins
+            "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
+            "AND block_number IS NULL AND rowid > ?",
+            [(r.block_number, r.chain_id, r.contract, r.tx_hash, self._import_after)
+             for r in refs if r.block_number is not None],
+        )  # fmt: skip
+        self._late += self._conn.total_changes - before
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(

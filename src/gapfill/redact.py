@@ -227,18 +227,24 @@ def _well_formed(url: str) -> tuple[str, str | None, bool]:
     is no port: with an '@' further on, it is the start of a password that runs to the
     last '@', whose '/', '?' and '#' are then percent-encoded (an '@' in the query too,
     ``http://u:p?w@host/x?to=a@b``, masks more, never less); without one, it is masked and
-    taken out. A URL with a port of digits is read as written: ``http://host:8545/x?to=a@b``
-    keeps its host."""
+    taken out. An empty port with an '@' further on is a password's start too: one that
+    starts with the '/', '?' or '#' (``http://user:?pw@host``, which showed whole). A URL
+    with a port of digits is read as written: ``http://host:8545/x?to=a@b`` keeps its host."""
     scheme, sep, rest = url.partition("://")
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     port = _port_of(authority)
-    if port is None or port.isdigit() or not port:
-        return url, None, False
     at = rest.rfind("@")
+    if port is None or port.isdigit() or not (port or at > len(authority)):
+        return url, None, False
     if at > len(authority):
         userinfo = re.sub(r"[/?#]", lambda m: f"%{ord(m.group()):02X}", rest[:at])
         return scheme + sep + userinfo + rest[at:], port, False
     return scheme + sep + authority[: -len(port)] + rest[len(authority) :], port, True
+
+
+# What a host and port read after a password that ran to the last '@' may be shown as: when
+# that '@' was in the query (``...?to=a@b&apikey=KEY``), what follows it is the query's.
+_HOST_AFTER_AT = re.compile(r"^(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9.\-_~%]*)(:\d*)?$")
 
 
 def misplaced_in_password(url: str) -> list[str]:
@@ -278,7 +284,7 @@ def redact_url(url: str) -> str:
         if ":" not in url and _split_scheme(url) is None:
             return _redact_loose(url)[0]
         return redact_endpoint(url)
-    url, _, taken_out = _well_formed(url)
+    url, misread, taken_out = _well_formed(url)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -286,6 +292,8 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc + (MASK if taken_out else "")
     if "@" in netloc:
         userinfo, _, hostport = netloc.rpartition("@")
+        if misread is not None and not _HOST_AFTER_AT.match(hostport):
+            hostport = MASK
         user = userinfo.split(":", 1)[0]
         # https://KEY@host: a bare userinfo on an RPC URL is a key
         netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
@@ -412,6 +420,9 @@ def secrets_of(url: str) -> list[str]:
     found += _redact_query(parts.query, is_db=False)[1]
     if "@" in parts.netloc and ":" not in parts.netloc.rpartition("@")[0]:
         found.append(parts.netloc.rpartition("@")[0])
+    hostport = parts.netloc.rpartition("@")[2]
+    if misread is not None and "@" in parts.netloc and not _HOST_AFTER_AT.match(hostport):
+        found += [hostport, *(p.partition("=")[2] for p in hostport.split("&") if "=" in p)]
     found.extend(s for s in _masked_segments(parts.path) if len(s) >= _MIN_SCRUBBED_SEGMENT)
     return found
 

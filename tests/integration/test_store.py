@@ -682,6 +682,23 @@ def test_postgres_sessions_run_without_jit_unless_the_url_or_pgoptions_ask_for_i
         assert jit(s) == "on"
 
 
+def test_postgres_sessions_keep_their_tcp_settings_on_a_server_without_jit(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL 10 has no 'jit' setting: set_config('jit', ...) failed the one statement
+    # that also set the TCP ones, and a backend whose worker vanished kept its locks 2 h.
+    from gapfill.store import postgres
+    from gapfill.store.postgres import PostgresStore
+
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    monkeypatch.setattr(postgres, "SESSION_DEFAULTS", {"jit": "off", "no_such_setting": "off"})
+    with PostgresStore(pg_url) as s:
+        conn = s._live()
+        got = conn.execute("SELECT current_setting('tcp_keepalives_idle'), current_setting('jit')").fetchone()
+        conn.rollback()
+    assert got == ("30", "off")
+
+
 def test_a_new_run_marks_the_runs_of_dead_local_processes_interrupted(store: Store) -> None:
     import subprocess
 

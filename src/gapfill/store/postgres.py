@@ -584,8 +584,12 @@ class PostgresStore(Store):
         server = _session_settings(given)
         if server:
             try:
+                # Only those the server knows: one without JIT (PostgreSQL 10) refused
+                # set_config('jit', ...), and the TCP settings in the same statement with it.
                 conn.execute(
-                    "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in server),
+                    "SELECT set_config(s.name, v.value, false) FROM (VALUES "
+                    + ", ".join("(%s::text, %s::text)" for _ in server)
+                    + ") AS v(name, value) JOIN pg_settings s ON s.name = v.name",
                     [x for kv in server.items() for x in kv],
                 )
                 conn.commit()

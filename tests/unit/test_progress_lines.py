@@ -354,24 +354,30 @@ def test_a_notice_every_worker_says_once_is_said_once_per_run() -> None:
     (True, False, "stopping: no worker has started yet, so nothing is fetched; the open plan stays for "
                   "the rerun"),
     (True, True, "stopping: no new batches; workers have 30s to finish (Ctrl+C again to stop at once)"),
+    # As the plan is written (at a million refs, seconds): its transaction goes on to commit.
+    ("as it is written", False, "stopping: no worker has started yet, so nothing is fetched; the open "
+                                "plan stays for the rerun"),
 ])  # fmt: skip
 def test_a_ctrl_c_as_a_concurrent_run_starts_says_what_it_leaves(
-    planned: bool, spawning: bool, said: str
+    planned: bool | str, spawning: bool, said: str
 ) -> None:
     # A Ctrl+C while the workers were being started said "no worker has started yet, so
     # nothing is planned or fetched"; the run had planned, and its workers then leased and
-    # committed two batches before "interrupted: the batches in flight finished".
+    # committed two batches before "interrupted: the batches in flight finished". One while
+    # the plan was written said so too, after "Run #N: ... refs newly planned": the handler
+    # words it when the main thread says it.
     from gapfill.engine.events import Notice
     from gapfill.engine.run import Coordinator, EnrichJob
 
     seen: list[Any] = []
     job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2, plan_new=True)
     coordinator = Coordinator(job, seen.append)
-    coordinator.planned, coordinator.spawning = planned, spawning
+    coordinator.planned, coordinator.spawning = planned is True, spawning
     try:
         coordinator._on_signal(2, None)
         assert coordinator.lifeline.poll()  # the workers, started or to start, see the stop
         assert seen == []  # the handler writes nothing; the main thread says it
+        coordinator.planned = bool(planned)
         coordinator._say_unsaid()
     finally:
         coordinator.lifeline.close()

@@ -998,7 +998,8 @@ class Coordinator:
         #: The start-up sample or node probe, while it runs: a signal cancels it.
         self._start = _Term()
         #: What a signal has to say, said by the main thread (:meth:`_say_unsaid`).
-        self._unsaid: list[Notice] = []
+        #: None stands for the stop before any worker started, worded as it is said.
+        self._unsaid: list[Notice | None] = []
         self.sample: _Sample | None = None
         #: The calls of the coordinator's node checks, which its ``finish_run`` adds to the
         #: run's (the sample's are written with its rows, the workers' with theirs).
@@ -1034,9 +1035,7 @@ class Coordinator:
                 self._lifeline_w.send_bytes(b"stop")
             self._start.cancel()  # the sample (its rows are not written) or the probe
             if not self.slots and not self.spawning:  # still starting: no worker to give a grace period to
-                left = ("nothing is fetched; the open plan stays for the rerun" if self.planned
-                        else "nothing is planned or fetched")  # fmt: skip
-                self._unsaid.append(Notice(f"stopping: no worker has started yet, so {left}"))
+                self._unsaid.append(None)  # worded when said: a plan being written gets committed
                 return
             self._unsaid.append(Notice(f"stopping: no new batches; workers have "
                                        f"{self.job.grace_period_s:.0f}s to finish (Ctrl+C again to stop "
@@ -1055,7 +1054,12 @@ class Coordinator:
         calls this after the start-up sample or probe (which a signal cuts short), at each
         turn of its supervision loop (every 0.1 s at most) and as the run ends."""
         while self._unsaid:
-            self.emit(self._unsaid.pop(0))
+            notice = self._unsaid.pop(0)
+            if notice is None:  # a stop before any worker started: what it leaves, as it is now
+                left = ("nothing is fetched; the open plan stays for the rerun" if self.planned
+                        else "nothing is planned or fetched")  # fmt: skip
+                notice = Notice(f"stopping: no worker has started yet, so {left}")
+            self.emit(notice)
 
     def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see

@@ -216,6 +216,17 @@ def _port_of(authority: str) -> str | None:
     return hostport.rpartition(":")[2] if ":" in hostport else None
 
 
+def _may_be_host(authority: str) -> bool:
+    """Whether ``authority`` (without a port) may be the host of a URL that has an '@'
+    further on: a name or an address, not one a host cannot be (empty, with a character no
+    host name holds) or a key (no dot, 16 or more letters and digits)."""
+    if authority.startswith("["):
+        return True
+    return bool(re.fullmatch(r"[A-Za-z0-9.\-_~%]+", authority)) and not (
+        "." not in authority and _KEY_SEGMENT.match(authority)
+    )
+
+
 def _well_formed(url: str) -> tuple[str, str | None, bool]:
     """``url`` (``scheme://...``) as :func:`urllib.parse.urlsplit` reads it right, what its
     authority holds as a port that is none (a secret: a library may quote it as the port),
@@ -228,12 +239,25 @@ def _well_formed(url: str) -> tuple[str, str | None, bool]:
     last '@', whose '/', '?' and '#' are then percent-encoded (an '@' in the query too,
     ``http://u:p?w@host/x?to=a@b``, masks more, never less); without one, it is masked and
     taken out. An empty port with an '@' further on is a password's start too: one that
-    starts with the '/', '?' or '#' (``http://user:?pw@host``, which showed whole). A URL
-    with a port of digits is read as written: ``http://host:8545/x?to=a@b`` keeps its host."""
+    starts with the '/', '?' or '#' (``http://user:?pw@host``, which showed whole). So is
+    a host that cannot be one (see :func:`_may_be_host`) with an '@' further on: a key
+    before the '@' holding one of them (``https://KEY?x@host``), or a password holding an
+    '@' then one of them (``https://u:p@?w@host``). A URL with a port of digits, or a host
+    that may be one, is read as written: ``http://host:8545/x?to=a@b`` keeps its host."""
     scheme, sep, rest = url.partition("://")
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     port = _port_of(authority)
     at = rest.rfind("@")
+    before, _, host = authority.rpartition("@")
+    if port is None and at > len(authority) and not _may_be_host(host):
+        # A key before the '@' (``https://KEY?x@host``) read as the host, or a password
+        # holding an '@' then a '?' (``https://u:p@?w@host``) read as none: it runs to the
+        # last '@' too, and what was read as the host is a secret a library may quote. A
+        # key's ':' and '@' encoded too: one (``?x=a:b@c``) must not start a password
+        # after a user's name shown.
+        userinfo = re.sub(r"[/?#]" if ":" in before else r"[/?#:@]",
+                          lambda m: f"%{ord(m.group()):02X}", rest[:at])  # fmt: skip
+        return scheme + sep + userinfo + rest[at:], host, False
     if port is None or port.isdigit() or not (port or at > len(authority)):
         return url, None, False
     if at > len(authority):
@@ -265,7 +289,9 @@ def misplaced_problem(url: str, named: str, check: str) -> str | None:
     misplaced = misplaced_in_password(url)
     if not misplaced:
         return None
-    return (f"the password in {named} {redact_url(url)!r} contains {' and '.join(map(repr, misplaced))}: "
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    what = "password" if ":" in authority else "key before the '@'"
+    return (f"the {what} in {named} {redact_url(url)!r} contains {' and '.join(map(repr, misplaced))}: "
             f"write {'it' if len(misplaced) == 1 else 'them'} as "
             f"{' and '.join(f'%{ord(c):02X}' for c in misplaced)} in {check}")
 

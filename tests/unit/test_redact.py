@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -547,6 +548,17 @@ def test_a_short_secret_never_shows_in_its_url(url: str) -> None:
         ("http://user:/Qss@host/x", "http://user:***@host/***", "'/': write it as %2F"),
         ("https://:?QQ/s@node.example:8545/rpc", "https://:***@node.example:8545/rpc",
          "'/' and '?': write them as %2F and %3F"),
+        # A key before the '@' (no password): urlsplit read its start as the host, and
+        # "https://QQQQQQQQ12345678?***", "https://QQ$ab/***/rpc" showed it.
+        ("https://QQQQQQQQ12345678?s@node.example/rpc", "https://***@node.example/rpc",
+         "'?': write it as %3F"),
+        ("https://QQ$ab/Qcd+ef0123==@node.example/rpc", "https://***@node.example/rpc",
+         "'/': write it as %2F"),
+        ("http://?QQ@[::1]:8545/", "http://***@[::1]:8545/", "'?': write it as %3F"),
+        ("https://user:Q@?QQ@node.example:8545/v2/QQQQQQQQ12345678", "https://user:***@node.example:8545/v2/***",
+         "'?': write it as %3F"),
+        ("https://Q=#@127.0.0.1/v2/QQQQQQQQ12345678?x=a:b@c&apikey=QQQQQQ", "https://***@***",
+         "'/' and '?' and '#': write them as %2F and %3F and %23"),
         # With an '@' in the query too, the password may run to it: more is masked, never less.
         ("http://u:Qaa?Qs@host:8545/rpc?to=a@b", "http://u:***@b", "'/' and '?': write them as %2F and %3F"),
         # ... and what follows that '@' is no host: it may hold the query's key.
@@ -568,7 +580,8 @@ def test_a_password_with_a_delimiter_written_as_is_never_shows(url: str, shown: 
     with pytest.raises(ConfigError) as err:
         ctx.endpoints()
     said = redact_text(str(err.value), *ctx.secrets())  # as the CLI's error line is made
-    assert said == f"the password in RPC URL {shown!r} contains {chars} in --rpc-url or ETH_RPC_URL"
+    what = "password" if re.match(r"https?://[^/?#]*:", url) else "key before the '@'"
+    assert said == f"the {what} in RPC URL {shown!r} contains {chars} in --rpc-url or ETH_RPC_URL"
 
 
 @pytest.mark.parametrize(
@@ -578,6 +591,9 @@ def test_a_password_with_a_delimiter_written_as_is_never_shows(url: str, shown: 
         ("http://host:8545/path?to=a@b", "http://host:8545/***?to=a@b"),
         ("http://[::1]:8545/?to=a@b", "http://[::1]:8545/?to=a@b"),
         ("https://node.example?to=a@b", "https://node.example?to=a@b"),
+        ("http://anvil/x?to=a@b", "http://anvil/***?to=a@b"),
+        ("http://[::1]/?to=a@b", "http://[::1]/?to=a@b"),
+        ("https://node-1.example/rpc?to=a@b&apikey=Qsecret", "https://node-1.example/rpc?to=a@b&apikey=***"),
         ("http://user:pw@host:8545/rpc", "http://user:***@host:8545/rpc"),
         # A port that is not one, with no '@' after it, may be a password: masked.
         ("http://host:85x45/rpc", "http://host:***/rpc"),

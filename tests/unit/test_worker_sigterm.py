@@ -81,3 +81,34 @@ def test_sigterm_in_the_block_cancels_the_main_task_once() -> None:
     assert done.returncode == 0, done
     assert done.stdout == "cancelled\nclean-up finished\nafter the block\n", done
     assert done.stderr == ""
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_as_the_handler_changes_hands_does_not_kill_the_worker() -> None:
+    # The block's end restored SIG_DFL (the loop's remove_signal_handler) before it ignored
+    # SIGTERM, blocked in the main thread alone: a SIGTERM then went to another thread (the
+    # worker's events sender), and killed the worker before its last events were sent.
+    script = textwrap.dedent("""
+        import asyncio, os, signal, threading, time
+        from gapfill.engine.run import _sigterm_cancels_main
+
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        set_handler = signal.signal
+
+        def set_then_term(sig, handler):  # a SIGTERM right after each change of hands
+            previous = set_handler(sig, handler)
+            if sig == signal.SIGTERM:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+            return previous
+
+        async def main():
+            with _sigterm_cancels_main():
+                await asyncio.sleep(0)
+                signal.signal = set_then_term
+
+        asyncio.run(main())
+        print("exited normally")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == "exited normally\n", done

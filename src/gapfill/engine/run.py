@@ -887,17 +887,20 @@ def _sigterm_cancels_main() -> Iterator[None]:
     try:
         yield
     finally:
-        # Blocked in this thread while it changes hands: removing the handler restores SIG_DFL
-        # for a moment, and a SIGTERM then would kill the worker before its last events are
-        # sent. Only this thread's mask: the kernel may still hand it to another thread of the
-        # worker (the events sender, to_thread's) in that moment, and the worker then ends
-        # with -15, which the coordinator, having sent it, does not report.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            loop.remove_signal_handler(signal.SIGTERM)  # also clears the wakeup fd
+        # Ignored in one step from the loop's handler: the loop's remove_signal_handler
+        # restores SIG_DFL first, and a SIGTERM then killed the worker before its last
+        # events were sent, through any other thread (its events sender, the executor's
+        # resolvers), which blocking it in this one did not cover. The loop's record of
+        # the handler goes after, else the loop restores SIG_DFL as it closes.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        handlers = getattr(loop, "_signal_handlers", None)
+        if isinstance(handlers, dict):
+            handlers.pop(signal.SIGTERM, None)
+            if not handlers:
+                signal.set_wakeup_fd(-1)  # as remove_signal_handler does
+        else:  # a loop that keeps no such record: SIG_DFL for a moment
+            loop.remove_signal_handler(signal.SIGTERM)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 async def _worker_body(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:

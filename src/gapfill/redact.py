@@ -335,7 +335,9 @@ def _query_secrets(piece: str, is_db: bool) -> tuple[bool, bool]:
     name, value = unquote_plus(name), unquote_plus(value)
     if not eq:
         return (not is_db and bool(name)), False
-    name_secret = not is_db and bool(_KEYLIKE_SEGMENT.match(name))
+    # A name holding an '@' is none: a password's rest after a start read as the port
+    # (``http://user:12?pw@host/x?apikey=K``, a port of digits is one).
+    name_secret = not is_db and (bool(_KEYLIKE_SEGMENT.match(name)) or "@" in name)
     # A database URL's only secret parameters are passwords (sslkey=, sslcert= are paths).
     names = _DB_SECRET_QUERY_NAMES if is_db else _SECRET_QUERY_NAMES
     value_secret = bool(value) and bool(names.search(name) or _KEYLIKE_SEGMENT.match(value))

@@ -595,6 +595,9 @@ def test_a_password_with_a_delimiter_written_as_is_never_shows(url: str, shown: 
         ("http://[::1]/?to=a@b", "http://[::1]/?to=a@b"),
         ("https://node-1.example/rpc?to=a@b&apikey=Qsecret", "https://node-1.example/rpc?to=a@b&apikey=***"),
         ("http://user:pw@host:8545/rpc", "http://user:***@host:8545/rpc"),
+        # A password of digits then a '?' reads as that port: the rest, read as a query's
+        # name holding an '@' (which no name does), showed ("http://user:12?QQ@node...").
+        ("http://user:12?QQ@node.example:8545/v2?apikey=Qsecret", "http://user:12?***=***"),
         # A port that is not one, with no '@' after it, may be a password: masked.
         ("http://host:85x45/rpc", "http://host:***/rpc"),
         ("http://user:Qsecret/rpc", "http://user:***/rpc"),

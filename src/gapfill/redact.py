@@ -21,6 +21,8 @@ _UNRESERVED = re.compile(r"[A-Za-z0-9._~\-]")
 
 # Query values that look like keys: long runs of letters/digits/-/_ .
 _KEYLIKE_SEGMENT = re.compile(r"^[A-Za-z0-9_\-]{16,}$")
+# A JSON web token: base64url parts between dots (its header and claims at least 8 each).
+_JWT = re.compile(r"^[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*$")
 # A path segment that looks like a key wherever it stands: as long, with letters and digits
 # (a file or directory name has a dot, or is words).
 _KEY_SEGMENT = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-]{16,}$")
@@ -50,7 +52,7 @@ _MISTYPED_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DO
 # What a value that is not a URL at all may show: a short lowercase word ("notaurl"). Keys
 # have digits, capitals or length; such a value is hidden whole.
 _PLAIN_WORD = re.compile(r"^[a-z][a-z._\-]{0,14}$")
-_SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig)", re.IGNORECASE)
+_SECRET_QUERY_NAMES = re.compile(r"(key|token|secret|auth|pass|pwd|sig|jwt)", re.IGNORECASE)
 _DB_SECRET_QUERY_NAMES = re.compile(r"(pass|pwd|secret|token|scram_)", re.IGNORECASE)
 # Where a database URL's query starts: a '?' before one of libpq's parameters (the only
 # names it takes there). A '?' before anything else may be in a password, and an '@' after
@@ -340,7 +342,8 @@ def _query_secrets(piece: str, is_db: bool) -> tuple[bool, bool]:
     name_secret = not is_db and (bool(_KEYLIKE_SEGMENT.match(name)) or "@" in name)
     # A database URL's only secret parameters are passwords (sslkey=, sslcert= are paths).
     names = _DB_SECRET_QUERY_NAMES if is_db else _SECRET_QUERY_NAMES
-    value_secret = bool(value) and bool(names.search(name) or _KEYLIKE_SEGMENT.match(value))
+    value_secret = bool(value) and bool(names.search(name) or _KEYLIKE_SEGMENT.match(value)
+                                        or (not is_db and _JWT.match(value)))
     return name_secret, value_secret
 
 

@@ -42,6 +42,11 @@ def test_a_path_is_scrubbed_where_it_stands_whole_not_inside_a_longer_word() -> 
         ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
         ("https://KEY@node.example/rpc", "https://***@node.example/rpc"),
         ("https://node.example/?apikey=abc&chain=1", "https://node.example/?apikey=***&chain=1"),
+        # A JSON web token (dots between its parts), under its name or another.
+        ("https://node.example/?jwt=eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl&chain=1",
+         "https://node.example/?jwt=***&chain=1"),
+        ("https://node.example/?t=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+         "https://node.example/?t=***"),
         ("postgresql://u:hunter2@db.example/gapfill", "postgresql://u:***@db.example/gapfill"),
         ("host=127.0.0.1 password=hunter2 dbname=x", "host=127.0.0.1 password=*** dbname=x"),
         ("host=h password='a b' dbname=x", "host=h password=*** dbname=x"),

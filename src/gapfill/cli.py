@@ -764,8 +764,9 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
         added, remark = RefsAdded(0, 0), " (stdin held no transaction hashes)"
     ctx.kept = None
     for col in columns:
-        if col.block is None and col.ignored:
-            # A misspelt block column ("block_num") would be dropped without a word.
+        if col.block is None and col.ignored and read:
+            # A misspelt block column ("block_num") would be dropped without a word (with
+            # refs read: a header alone on stdin brings none).
             tell(f"note: {'stdin' if file == '-' else file} has no block number column, so its refs get "
                  f"their block numbers when enriched; ignored: {', '.join(col.ignored)} (block numbers "
                  "are read from a column named block_number, blockNumber, blockno, block or "

@@ -197,6 +197,9 @@ def test_a_csv_whose_block_column_is_not_read_names_the_columns_ignored(tracked:
         f.write_text(text)
         r = run(tracked, "import", str(f), "--contract", C)
         assert r.exit_code == 0 and r.stderr == "", r.stderr
+    # A header alone on stdin (a quiet day): no refs, so no word of their block numbers.
+    r = run(tracked, "import", "-", "--contract", C, input="tx_hash,Block_Num\n")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
     # A misspelt hash column: nothing is imported, and the columns read are named.
     f.write_text(f"tx_hsh,block_number\n{h(5)},5\n")
     r = run(tracked, "import", str(f), "--contract", C)

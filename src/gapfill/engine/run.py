@@ -1290,7 +1290,6 @@ class Coordinator:
             # Until run() returns, a signal no longer stops workers (they have stopped or
             # are killed below) but is held: the run's end is recorded whole.
             end.hold({signal.SIGINT: old_int, signal.SIGTERM: old_term})
-            self._say_unsaid()
             for s in self.slots.values():
                 still_running = s.proc.is_alive()
                 if still_running:  # the run failed: its leases go back at once, not at expiry
@@ -1304,6 +1303,8 @@ class Coordinator:
             _stop_fork_server(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()
+            # After the workers' clean-up, which a failing write of a notice must not skip.
+            self._say_unsaid()
             if run_id:  # every worker has exited: no stale decoder writes after this
                 with contextlib.suppress(GapfillError):  # else the next run does it
                     finish_left_redecodes(store, run_id, self.emit)

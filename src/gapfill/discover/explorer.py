@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Ref
 from gapfill.redact import MASK, misplaced_problem, not_http_problem, redact_text, redact_url
 from gapfill.rpc.classify import classify_exception, shown_body
+from gapfill.rpc.tls import aiohttp, trust_for
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class ExplorerClient:
         assert self._session is not None, "use ExplorerClient as an async context manager"
         await self._throttle()
         self.requests += 1
+        trust_for(self.config.url)  # the CA certificates, before the first https request
         try:
             async with self._session.get(self.config.url, params=params) as response:
                 body = await response.read()

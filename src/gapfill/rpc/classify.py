@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+from gapfill.rpc.tls import aiohttp
 
 
 class Fault(enum.Enum):

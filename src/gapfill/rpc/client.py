@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
-import aiohttp
 import orjson
 
 from gapfill.errors import ConfigError, NodeUnavailable, RpcError
@@ -40,6 +39,7 @@ from gapfill.rpc.config import Call, EndpointConfig, RpcSettings, checks
 from gapfill.rpc.endpoint import Endpoint, EndpointStats
 from gapfill.rpc.errors import CallError
 from gapfill.rpc.slots import PrioritySlots
+from gapfill.rpc.tls import aiohttp
 from gapfill.rpc.transport import AiohttpTransport, HttpReply, Transport
 from gapfill.wording import counted
 

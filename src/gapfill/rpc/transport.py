@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import aiohttp
-
 from gapfill.rpc.config import RpcSettings
+from gapfill.rpc.tls import aiohttp, trust_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +60,7 @@ class AiohttpTransport:
         return self._session
 
     async def post(self, url: str, body: bytes) -> HttpReply:
+        trust_for(url)  # the CA certificates, on the first URL that may use TLS (see tls)
         session = self._ensure_session()
         async with session.post(url, data=body) as response:
             data = await response.read()

@@ -29,7 +29,6 @@ else ``./gapfill.toml`` when it exists. Example::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +122,8 @@ def load_config(explicit: str | None = None) -> FileConfig:
     path = config_path(explicit)
     if path is None:
         return FileConfig()
+    import tomllib  # only with a config file: ~3 ms of every start-up otherwise
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no TOML error
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

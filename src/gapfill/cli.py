@@ -768,12 +768,20 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
             # A misspelt block column ("block_num") would be dropped without a word (with
             # refs read: a header alone on stdin brings none).
             tell(f"note: {'stdin' if file == '-' else file} has no block number column, so its refs get "
-                 f"their block numbers when enriched; ignored: {', '.join(col.ignored)} (block numbers "
+                 f"their block numbers when enriched; ignored: {_some(col.ignored)} (block numbers "
                  "are read from a column named block_number, blockNumber, blockno, block or "
                  "'Block Number')")  # fmt: skip
     filled = f", {counted(added.filled, 'block number')} filled" if added.filled else ""
     click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
                f"on chain {c.chain_id}{filled}{remark}{_conflicting(added.conflicts)}")  # fmt: skip
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """``names`` joined, the first ``shown`` of them when there are more (an export of 60
+    columns made a note of 60 names): "a, b, c, d, e and 55 more"."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def _conflicting(conflicts: int) -> str:

@@ -192,6 +192,11 @@ def test_a_csv_whose_block_column_is_not_read_names_the_columns_ignored(tracked:
                         "enriched; ignored: Block_Num, from (block numbers are read from a column named "
                         "block_number, blockNumber, blockno, block or 'Block Number')\n")  # fmt: skip
     assert refs_of(tracked) == [(h(1), None)]
+    # Many columns: the first five are named, and how many more.
+    f.write_text(",".join(["hash", *(f"col{i}" for i in range(60))]) + f"\n{h(5)}" + ",x" * 60 + "\n")
+    r = run(tracked, "import", str(f), "--contract", C)
+    assert r.exit_code == 0, r.stderr
+    assert "; ignored: col0, col1, col2, col3, col4 and 55 more (block numbers are read" in r.stderr, r.stderr
     # With a block column (an Etherscan export's many others are not news), or no other: no note.
     for text in (f"hash,blockNumber,from\n{h(2)},5,0xaa\n", f"hash\n{h(3)}\n", f"{h(4)}\n"):
         f.write_text(text)

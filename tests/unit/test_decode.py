@@ -663,3 +663,22 @@ def test_keccak_is_ethereums_keccak_256() -> None:
     for n in (1, 31, 32, 135, 136, 137, 1000):
         data = rng.randbytes(n)
         assert keccak(data) == eth_hash_keccak(data)
+
+
+def test_the_first_hash_runs_no_command() -> None:
+    # pycryptodome's first load ran `file` on the Python executable (platform.architecture):
+    # a fork and an exec, ~14 ms with the event loop blocked, to tell Windows from the rest.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, platform\n"
+        "seen = []\n"
+        "sys.addaudithook(lambda event, args: seen.append(args) if event == 'subprocess.Popen' else None)\n"
+        "real = platform.architecture\n"
+        "from gapfill.keccak import keccak\n"
+        "print(keccak(b'').hex(), seen, platform.architecture is real)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    empty = "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
+    assert out.stdout.split() == [empty, "[]", "True"]

@@ -1240,13 +1240,13 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
 
 def _say_if_nothing_to_enrich(ctx: Ctx, targets: list[Contract], retry_failed: bool,
                               left: Sequence[str] = ()) -> bool:  # fmt: skip
-    """When a run of ``targets`` would have nothing to do (see ``engine.run.nothing_to_enrich``),
+    """When a run of ``targets`` would have nothing to do (see ``engine.idle.nothing_to_enrich``),
     say so and return True, without asking the node anything or recording a run (each rerun
     recorded one of 0 calls, after a node check for nothing); ``left`` as for
     :func:`_run_job`. Like a run, it exits 3 while permanent failures of ``targets`` are on
     record (or ``left`` names contracts skipped), else 0."""
     from gapfill.engine.events import Notice
-    from gapfill.engine.run import fill_block_numbers, finish_left_redecodes, nothing_to_enrich
+    from gapfill.engine.idle import fill_block_numbers, finish_left_redecodes, nothing_to_enrich
 
     store = ctx.store()
     keys = [(c.chain_id, c.address) for c in targets]
@@ -1321,7 +1321,7 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary
         click.echo(sentence)
-    from gapfill.engine.run import nothing_to_enrich
+    from gapfill.engine.idle import nothing_to_enrich
 
     idle = nothing_to_enrich(ctx.store(read_only=True), [(c.chain_id, c.address) for c in targets],
                              retry_failed=retry_failed)  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
 from typing import Any
 
@@ -214,3 +215,53 @@ def test_a_worker_says_an_endpoint_left_out_once(small_chain: Any, sqlite_url: s
     assert r.exit_code == 0, r.output + r.stderr
     said = r.stderr.count("left out for this run: could not reach the RPC node at http://127.0.0.1:1/")
     assert said == 1, r.stderr
+
+
+def _fork_servers(marker: str) -> list[int]:
+    """The live fork servers whose environment holds ``marker`` (not the resource tracker,
+    which multiprocessing starts with it, and which exits by itself as its parent does)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if (marker.encode() in (proc / "environ").read_bytes()
+                        and b"multiprocessing.forkserver" in (proc / "cmdline").read_bytes()):  # fmt: skip
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", ["nothing to do", "unreachable node"])
+def test_concurrent_mode_leaves_no_fork_server_when_no_worker_starts(sqlite_url: str, case: str) -> None:
+    # `--mode concurrent` starts the workers' fork server first thing, so that its import
+    # overlaps the command's own; a command that then starts no worker must not leave it
+    # importing behind it (it would for a few tenths of a second, orphaned).
+    import os
+    import uuid
+
+    marker = f"GAPFILL_TEST_MARK={uuid.uuid4().hex}"
+    assert run(sqlite_url, "contract", "add", A, "--chain-id", "31337").exit_code == 0
+    if case == "unreachable node":
+        assert run(sqlite_url, "import", "-", "--contract", A, input=h(1)).exit_code == 0
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    gapfill = "import sys; sys.argv[0] = 'gapfill'; from gapfill._entry import main; main()"
+    cmd = [sys.executable, "-c", gapfill, "--db", sqlite_url, "--rpc-url", UNREACHABLE, "enrich", "--mode",
+           "concurrent"]  # fmt: skip
+    # Its output goes to a file: with a pipe, waiting for the pipe's end would wait for a
+    # fork server left holding it, and see nothing left.
+    with tempfile.TemporaryFile("w+") as err:
+        code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, timeout=50).returncode
+        left = _fork_servers(marker.split("=")[1])
+        err.seek(0)
+        said = err.read()
+    assert "Traceback" not in said and "SECRETKEY" not in said, said
+    if case == "nothing to do":
+        assert code == 0 and "nothing to enrich" in said, said
+    else:
+        assert code == 1 and "could not reach the RPC node" in said, said
+    assert left == []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 from multiprocessing import forkserver
 
 import pytest
 
-from gapfill.engine.run import _start_fork_server, _stop_fork_server
+from gapfill.engine import forkserver as workers_server
 
 
 def _ignored_signals(pid: int) -> int:
@@ -22,9 +21,8 @@ def _ignored_signals(pid: int) -> int:
 def test_the_fork_server_ignores_ctrl_c_from_its_start_and_an_unused_one_is_reaped() -> None:
     # The server protects itself from SIGINT only after importing its preload (~0.3 s):
     # it must start with SIGINT ignored, or a Ctrl+C during planning kills it mid-import.
-    mp.get_context("forkserver").set_forkserver_preload(["gapfill.engine.run"])
     before = signal.getsignal(signal.SIGINT)
-    _start_fork_server()
+    workers_server.start("sqlite:///unused.db")
     server = forkserver._forkserver
     pid = server._forkserver_pid  # type: ignore[attr-defined]
     try:
@@ -32,7 +30,7 @@ def test_the_fork_server_ignores_ctrl_c_from_its_start_and_an_unused_one_is_reap
         assert signal.getsignal(signal.SIGINT) is before  # the coordinator's handler is back
         assert _ignored_signals(pid) & (1 << (signal.SIGINT - 1)), "the server would die on Ctrl+C"
     finally:
-        _stop_fork_server(unused=True)
+        workers_server.stop(unused=True)
     assert server._forkserver_pid is None  # type: ignore[attr-defined]
     with pytest.raises(ChildProcessError):  # already reaped: nothing outlives the run
         os.waitpid(pid, os.WNOHANG)

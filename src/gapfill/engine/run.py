@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from gapfill.engine import forkserver
 from gapfill.engine.events import (
     BatchAbandoned,
     BatchDone,
@@ -904,9 +905,8 @@ class Coordinator:
         # Workers fork from a server process that imported the engine once: a spawned
         # worker would import everything again (~0.4 CPU s each, on the node's cores).
         self.ctx = mp.get_context("forkserver")
-        # keccak's backend too: gapfill.keccak loads it on first use, and a worker would
-        # pay that (~13 ms) on every start and restart.
-        self.ctx.set_forkserver_preload(["gapfill.engine.run", "Crypto.Hash.keccak"])
+        # (Its preload: see gapfill.engine.forkserver, which the CLI may have started it with.)
+        self.ctx.set_forkserver_preload(forkserver.preload(job.db_url))
         # Pipes only, no multiprocessing.Queue or Event: those are named semaphores that this
         # process creates and unlinks at its exit, so a kill -9 left them to the resource
         # tracker, which warned of "leaked semaphore objects" on the terminal.
@@ -1099,7 +1099,7 @@ class Coordinator:
             self.job = job = replace(job, run_id=run_id)  # and the workers'
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
-            _start_fork_server()
+            forkserver.start(job.db_url)
             _release_dead_local_owners(store, self.emit)
             finish_left_redecodes(store, None, self.emit)
             # One probe here, before anything is planned (or sampled), fails fast with one
@@ -1239,7 +1239,7 @@ class Coordinator:
                 if still_running or state == "failed":
                     with contextlib.suppress(GapfillError):  # the database may be what failed
                         store.release_owner(self._owner(s), "run failed")
-            _stop_fork_server(unused=not self.slots)
+            forkserver.stop(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()
             # After the workers' clean-up, which a failing write of a notice must not skip.
@@ -1382,44 +1382,6 @@ class Coordinator:
         alive = sum(1 for s in self.slots.values() if s.proc.is_alive())
         return series(processed, failed, calls, retries, limited, self.done_batches, alive, self.restarts,
                       self.leases)
-
-
-def _start_fork_server() -> None:
-    """Start the fork server (with its preload) without waiting for it to be ready.
-
-    It starts with SIGINT ignored (a disposition a new process inherits): the server
-    protects itself from Ctrl+C only once its preload is imported, and a Ctrl+C meant
-    for the coordinator would otherwise kill it mid-import with a traceback.
-    """
-    from multiprocessing import forkserver
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with contextlib.suppress(Exception):  # if it fails here, the first worker's start says why
-            forkserver.ensure_running()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _stop_fork_server(*, unused: bool = False) -> None:
-    """Stop and reap the workers' fork server once they are gone.
-
-    Python 3.11 leaves it to exit by itself after the coordinator; reaping it here means
-    no process outlives the run and the workers' CPU time counts in the coordinator's
-    children (``wait4``), as it did with spawned workers. A server that forked nothing
-    (``unused``: nothing to do, or the run failed first) is killed rather than asked to
-    stop: it would finish importing its preload (~0.3 s) before it noticed.
-    """
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    if unused:
-        pid = getattr(server, "_forkserver_pid", None)
-        if isinstance(pid, int):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        server._stop()  # type: ignore[union-attr]  # the one way the stdlib offers (its tests use it)
 
 
 # -- entry point ---------------------------------------------------------------------------

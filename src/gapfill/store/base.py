@@ -148,6 +148,27 @@ def status_sql(failed_counts: str) -> str:
     ORDER BY c.chain_id, c.address
 """
 
+#: Of an import's staged rows of one ref (``stage_refs s``, each with its place ``seq``), the
+#: one that writes it comes first in this order: its first that gives a block number, else
+#: its first. So a ref keeps the first block number given, wherever its rows are in the file.
+FIRST_GIVEN = "s.block_number IS NULL, s.seq"
+#: A staged ref's block number: the one given, else that of its transaction if it is stored
+#: (a scalar subquery: one lookup by key, whatever a planner thinks of the staged rows).
+STAGED_BLOCK = "s.block_number"
+STAGED_OR_STORED_BLOCK = (
+    "COALESCE(s.block_number, (SELECT t.block_number FROM transactions t "
+    "WHERE t.chain_id = s.chain_id AND t.tx_hash = s.tx_hash))"
+)
+#: The refs of an import that one of its rows gave another block number than the one kept
+#: (that of the ref stored before, else its first row's that gives one): each counted once.
+#: Per contract, named as constants: joined on all three columns, PostgreSQL read every
+#: contract's refs to hash them (or probed each staged ref's).
+_CONFLICTS = (
+    "SELECT count(*) FROM (SELECT DISTINCT s.tx_hash FROM stage_refs s JOIN refs r ON r.tx_hash = s.tx_hash "
+    "WHERE r.chain_id = ? AND r.contract = ? AND s.chain_id = ? AND s.contract = ? "
+    "AND s.block_number <> r.block_number) x"
+)
+
 #: A ref's stored transaction's block number, looked up by key.
 _STORED_BLOCK = ("(SELECT t.block_number FROM transactions t "
                  "WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash)")
@@ -644,15 +665,83 @@ class Store(abc.ABC):
 
     # -- refs and the gap ----------------------------------------------------------
 
-    @abc.abstractmethod
     def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
         """Insert refs idempotently in one transaction; return how many were new, how many
         refs already there got a block number, and how many were given one other than the
         block number they kept (see :class:`RefsAdded`: the first given wins).
 
-        ``refs`` is consumed as a stream, so a million hashes never sit in memory.
-        If iterating raises, nothing is imported.
+        ``refs`` is consumed as a stream, so a million hashes never sit in memory: its rows
+        are staged (``stage_refs``, a temporary table) with their place in it, ``seq``. Then
+        one statement inserts each new ref from its first row that gives a block number,
+        else its first (:data:`FIRST_GIVEN`); refs already there without one get it, as any
+        fill does; and one query per contract counts the conflicts. If iterating raises,
+        nothing is imported.
         """
+        with self._import_tx() as cur:
+            staged, contracts = self._stage_refs(cur, refs)
+            for chain_id, contract in sorted(contracts):  # locked in key order, as discovery does
+                self._require_tracked(cur, chain_id, contract)
+            # Refs without a block number take their transaction's if it is stored (as in
+            # _with_stored_blocks); a new database has none to look up.
+            stored = any(self._has_transactions(cur, c) for c in {c for c, _ in contracts})
+            block = STAGED_OR_STORED_BLOCK if stored else STAGED_BLOCK
+            cur.execute(self._sql(self._INSERT_STAGED.format(block=block)))
+            n = int(cur.rowcount)
+            # Refs already there without a block number get the one this import knows. Last,
+            # as in discovery (contract row, refs, then the planning lock): the same order
+            # everywhere, and the planning lock held only briefly. None is there if every
+            # staged row inserted a ref.
+            analyzed = False
+            filled = 0
+            for chain_id, contract in sorted(contracts) if n < staged else ():
+                if self._has_unknown_blocks(cur, chain_id, contract):
+                    if not analyzed:
+                        self._analyze_stage(cur)
+                        analyzed = True
+                    cur.execute(self._sql(self._FILL_FROM_STAGE.format(block=block)), (chain_id, contract))
+                    filled += int(cur.rowcount)
+            conflicts = 0
+            # Only a hash given twice, or a ref already there, may disagree, and only if a
+            # row gives a block number (a list of hashes gives none): an import of new
+            # hashes pays nothing.
+            if n < staged and self._gives_blocks(cur):
+                if not analyzed:
+                    self._analyze_stage(cur)
+                for chain_id, contract in sorted(contracts):
+                    cur.execute(self._sql(_CONFLICTS), (chain_id, contract, chain_id, contract))
+                    (count,) = cur.fetchone() or (0,)
+                    conflicts += int(count)
+            self._unstage(cur)
+            return RefsAdded(n, filled, conflicts)
+
+    def _import_tx(self) -> AbstractContextManager[Any]:
+        """The transaction of an import (SQLite's takes a bigger page cache)."""
+        return self._tx()
+
+    @abc.abstractmethod
+    def _stage_refs(self, cur: Any, refs: Iterable[Ref]) -> tuple[int, set[tuple[int, str]]]:
+        """Write ``refs`` to ``stage_refs``, empty before, each row with its place (``seq``,
+        from 0); return how many were staged, and their contracts."""
+
+    #: The staged refs' rows that write them (:data:`FIRST_GIVEN`), inserted (``{block}``:
+    #: :data:`STAGED_BLOCK` or :data:`STAGED_OR_STORED_BLOCK`), refs already there left as
+    #: they are; and, for one contract's refs already there without a block number, the
+    #: block they get (parameters: chain, contract). Each backend's.
+    _INSERT_STAGED: str
+    _FILL_FROM_STAGE: str
+
+    def _analyze_stage(self, cur: Any) -> None:
+        """Give the planner the staged refs' statistics before a join with refs (PostgreSQL)."""
+        return None
+
+    @abc.abstractmethod
+    def _unstage(self, cur: Any) -> None:
+        """Empty ``stage_refs`` (in the transaction)."""
+
+    def _gives_blocks(self, cur: Any) -> bool:
+        """Whether a staged row gives a block number (the first does, in a CSV that has them)."""
+        cur.execute("SELECT 1 FROM stage_refs WHERE block_number IS NOT NULL LIMIT 1")
+        return cur.fetchone() is not None
 
     def iter_gap(
         self,
@@ -932,9 +1021,6 @@ class Store(abc.ABC):
                 added,
             )  # fmt: skip
 
-    @abc.abstractmethod
-    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int: ...
-
     _SHARE_LOCK = ""  # PostgreSQL: " FOR SHARE" (SQLite's write transaction excludes all)
     _COVERAGE_LOCK = ""  # PostgreSQL: " FOR NO KEY UPDATE" (one coverage writer per contract)
     _ROW_LOCK = ""  # PostgreSQL: " FOR UPDATE"
@@ -1008,6 +1094,14 @@ class Store(abc.ABC):
             (chain_id, contract),
         )
         return cur.fetchone() is not None
+
+    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
+        cur.executemany(
+            self._sql("INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
+                      "VALUES (?, ?, ?, ?, ?) ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"),
+            [(r.chain_id, r.contract, r.tx_hash, r.block_number, r.source) for r in refs],
+        )  # fmt: skip
+        return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)  # summed over the rows
 
     _FILL_BLOCK_SQL = (
         "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "

@@ -27,11 +27,11 @@ from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.store.base import (
     DB_CHECK,
+    FIRST_GIVEN,
     JSON_COLUMNS,
     KEY_SQL,
     LOG_COLUMNS,
     TX_COLUMNS,
-    RefsAdded,
     Store,
     check_row_tuples,
     failed_refs_sql,
@@ -75,7 +75,7 @@ _REFS_OF_RECORD = (
     "LATERAL (SELECT x.chain_id, x.contract, x.tx_hash, x.block_number, x.source FROM refs x "
     "WHERE x.chain_id = f.chain_id AND x.tx_hash = f.tx_hash OFFSET 0) r"
 )
-#: An import's staged refs give their block numbers (``{block}``: one of the two below) to
+#: An import's staged refs give their block numbers (``{block}``: see ``Store.add_refs``) to
 #: refs of one contract that have none. The refs an import has just inserted have no
 #: statistics yet: filtered by contract, they looked like one row to the planner, which then
 #: rescanned the staged refs for each ref (quadratic: 40,000 hashes took 48 s, a million
@@ -83,31 +83,20 @@ _REFS_OF_RECORD = (
 #: (``OFFSET 0``) and does not carry over to refs, and the staged refs are analyzed first:
 #: the planner knows how many there are, and hashes the join or looks refs up one by one as
 #: their numbers say.
-#: A staged ref's row that writes it: its first that gives a block number, else its first
-#: (``seq`` is the row's place in the import), as SQLite's import in file order keeps.
-_FIRST_GIVEN = "s.tx_hash, s.block_number IS NULL, s.seq"
 _FILL_FROM_STAGE = (
     "UPDATE refs r SET block_number = x.block_number FROM (SELECT DISTINCT ON (s.tx_hash) s.chain_id, "
     "s.contract, s.tx_hash, {block} AS block_number FROM stage_refs s "
-    f"WHERE s.chain_id = %s AND s.contract = %s ORDER BY {_FIRST_GIVEN} OFFSET 0) x "
+    f"WHERE s.chain_id = ? AND s.contract = ? ORDER BY s.tx_hash, {FIRST_GIVEN} OFFSET 0) x "
     "WHERE r.chain_id = x.chain_id AND r.contract = x.contract AND r.tx_hash = x.tx_hash "
     "AND r.block_number IS NULL AND x.block_number IS NOT NULL"
 )
-#: The refs of an import that one of its rows gave another block number than the one kept
-#: (that of the ref stored before, else its first row's that gives one): each counted once.
-#: Per contract, named as constants: joined on all three columns, PostgreSQL read every
-#: contract's refs to hash them (or probed each staged ref's).
-_CONFLICTS = (
-    "SELECT count(*) FROM (SELECT DISTINCT s.tx_hash FROM stage_refs s JOIN refs r ON r.tx_hash = s.tx_hash "
-    "WHERE r.chain_id = %s AND r.contract = %s AND s.chain_id = %s AND s.contract = %s "
-    "AND s.block_number <> r.block_number) x"
-)
-#: A staged ref's block number: the one given, else that of its transaction if it is stored
-#: (a scalar subquery: one lookup by key, whatever the planner thinks of the staged rows).
-_STAGED_BLOCK = "s.block_number"
-_STAGED_OR_STORED_BLOCK = (
-    "COALESCE(s.block_number, (SELECT t.block_number FROM transactions t "
-    "WHERE t.chain_id = s.chain_id AND t.tx_hash = s.tx_hash))"
+#: The staged refs, each from its first row that gives a block number, else its first.
+_INSERT_STAGED = (
+    "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
+    "SELECT DISTINCT ON (s.chain_id, s.contract, s.tx_hash) s.chain_id, s.contract, "
+    "s.tx_hash, {block}, s.source FROM stage_refs s "
+    f"ORDER BY s.chain_id, s.contract, s.tx_hash, {FIRST_GIVEN} "
+    "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
 )
 
 
@@ -676,75 +665,34 @@ class PostgresStore(Store):
             cur.execute(_STAGE.encode())
             self._staged = True
 
-    def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
-        with self._tx() as cur:
-            self._stage(cur)
-            contracts: set[tuple[int, str]] = set()
-            staged = 0
-            with cur.copy(
-                "COPY stage_refs (chain_id, contract, tx_hash, block_number, source, seq) FROM STDIN"
-            ) as copy:
-                for r in refs:
-                    contracts.add((r.chain_id, r.contract))
-                    copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source, staged))
-                    staged += 1
-            for chain_id, contract in sorted(contracts):  # locked in key order, as discovery does
-                self._require_tracked(cur, chain_id, contract)
-            # Refs without a block number take their transaction's if it is stored (as in
-            # Store._with_stored_blocks); a new database has none to look up.
-            stored = any(self._has_transactions(cur, c) for c in {c for c, _ in contracts})
-            block = _STAGED_OR_STORED_BLOCK if stored else _STAGED_BLOCK
-            cur.execute(
-                "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
-                f"SELECT DISTINCT ON (s.chain_id, s.contract, s.tx_hash) s.chain_id, s.contract, "
-                f"s.tx_hash, {block}, s.source FROM stage_refs s "
-                f"ORDER BY s.chain_id, s.contract, {_FIRST_GIVEN} "
-                "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
-            )
-            n = int(cur.rowcount)
-            # Refs already there without a block number get the one this import knows. Last,
-            # as in discovery (contract row, refs, then the planning lock): the same order
-            # everywhere, and the planning lock held only briefly. None is there if every
-            # staged ref was new.
-            analyzed = False
-            filled = 0
-            for chain_id, contract in contracts if n < staged else ():
-                if self._has_unknown_blocks(cur, chain_id, contract):
-                    if not analyzed:  # a temporary table, sampled: ~0.1 s for a million rows
-                        cur.execute("ANALYZE stage_refs")
-                        analyzed = True
-                    cur.execute(_FILL_FROM_STAGE.format(block=block), (chain_id, contract))
-                    filled += int(cur.rowcount)
-            conflicts = 0
-            # Only a hash given twice, or a ref already there, may disagree, and only if a
-            # row gives a block number (a list of hashes gives none). An import of new
-            # hashes pays nothing; a CSV of 200,000 refs imported again, 1.5 s instead of 1.0.
-            if n < staged and self._gives_blocks(cur):
-                if not analyzed:  # else the join may take the staged refs for one row
-                    cur.execute("ANALYZE stage_refs")
-                for chain_id, contract in sorted(contracts):
-                    cur.execute(_CONFLICTS, (chain_id, contract, chain_id, contract))
-                    (count,) = cur.fetchone() or (0,)
-                    conflicts += int(count)
-            cur.execute("TRUNCATE stage_refs")
-            return RefsAdded(n, filled, conflicts)
+    _INSERT_STAGED = _INSERT_STAGED
+    _FILL_FROM_STAGE = _FILL_FROM_STAGE
 
-    def _gives_blocks(self, cur: Any) -> bool:
-        """Whether a staged row gives a block number (the first does, in a CSV that has them)."""
-        cur.execute("SELECT 1 FROM stage_refs WHERE block_number IS NOT NULL LIMIT 1")
-        return cur.fetchone() is not None
+    def _stage_refs(self, cur: Any, refs: Iterable[Ref]) -> tuple[int, set[tuple[int, str]]]:
+        self._stage(cur)
+        contracts: set[tuple[int, str]] = set()
+        staged = 0
+        with cur.copy(
+            "COPY stage_refs (chain_id, contract, tx_hash, block_number, source, seq) FROM STDIN"
+        ) as copy:
+            for r in refs:
+                contracts.add((r.chain_id, r.contract))
+                copy.write_row((r.chain_id, r.contract, r.tx_hash, r.block_number, r.source, staged))
+                staged += 1
+        return staged, contracts
+
+    def _analyze_stage(self, cur: Any) -> None:
+        # A temporary table, sampled: ~0.1 s for a million rows. Without it the join may
+        # take the staged refs for one row. A CSV of 200,000 refs imported again counts its
+        # conflicts in 1.5 s instead of 1.0.
+        cur.execute("ANALYZE stage_refs")
+
+    def _unstage(self, cur: Any) -> None:
+        cur.execute("TRUNCATE stage_refs")
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(_STORED_BLOCKS, (chain_id, list(hashes)))
         return {h: int(b) for h, b in cur.fetchall() if b is not None}
-
-    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
-        cur.executemany(
-            "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING",
-            [(r.chain_id, r.contract, r.tx_hash, r.block_number, r.source) for r in refs],
-        )
-        return int(cur.rowcount) if cur.rowcount >= 0 else len(refs)
 
     def _upsert(
         self, cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow]

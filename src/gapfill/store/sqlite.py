@@ -14,7 +14,6 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from gapfill.store.base import (
     KEY_SQL,
     LOG_COLUMNS,
     TX_COLUMNS,
-    RefsAdded,
     Store,
     check_row_tuples,
     migrated,
@@ -47,16 +45,31 @@ _INSERT_LOG = (
     f"ON CONFLICT (chain_id, tx_hash, log_index) DO UPDATE SET {_UPDATE_LOG}"
 )
 _LAST_TX_ROWID = "SELECT COALESCE(MAX(rowid), 0) FROM transactions"
-#: A ref's first row inserts it; a later one giving another block number updates the ref to
-#: itself, a change SQLite counts: an import learns that some row disagreed with the block
-#: number kept without looking a ref up (a row that agrees, or gives none, changes nothing).
-#: The column set is one no index holds, so only the row is written again, not an index.
-_INSERT_REF = (
-    "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (chain_id, contract, tx_hash) DO UPDATE SET source = refs.source "
-    "WHERE refs.block_number <> excluded.block_number"
+#: An import's staged rows (``Store.add_refs``), one per ref: its first in FIRST_GIVEN order.
+#: SQLite has no ``DISTINCT ON``: grouped by ref, the row of the smallest rank, its place
+#: plus 2^62 if it gives no block number (so it ranks after every row that gives one); a
+#: group's other columns are those of the row whose rank ``min()`` took (SQLite's rule for
+#: bare columns). The groups come in the order of the staged rows' index (see
+#: ``_stage_refs``), by ref: the refs' two hash-keyed indexes are written in order.
+_FIRST_STAGED = (
+    "SELECT chain_id, contract, tx_hash, block_number, source, "
+    "min((block_number IS NULL) * 4611686018427387904 + seq) FROM temp.stage_refs{where} "
+    "GROUP BY chain_id, contract, tx_hash"
 )
-_LAST_REF_ROWID = "SELECT COALESCE(MAX(rowid), 0) FROM refs"
+#: ``WHERE true``: SQLite reads ``SELECT ... ON CONFLICT`` without a WHERE as a join's ON.
+_INSERT_STAGED = (
+    "INSERT INTO refs (chain_id, contract, tx_hash, block_number, source) "
+    "SELECT s.chain_id, s.contract, s.tx_hash, {block}, s.source "
+    f"FROM ({_FIRST_STAGED.format(where='')}) s WHERE true "
+    "ON CONFLICT (chain_id, contract, tx_hash) DO NOTHING"
+)
+_FILL_FROM_STAGE = (
+    "UPDATE refs SET block_number = x.block_number FROM (SELECT s.chain_id, s.contract, s.tx_hash, "
+    "{block} AS block_number FROM ("
+    + _FIRST_STAGED.format(where=" WHERE chain_id = ? AND contract = ?")
+    + ") s) x WHERE refs.chain_id = x.chain_id AND refs.contract = x.contract "
+    "AND refs.tx_hash = x.tx_hash AND refs.block_number IS NULL AND x.block_number IS NOT NULL"
+)
 
 
 def _big(v: int | None) -> str | None:
@@ -387,45 +400,46 @@ class SqliteStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
 
-    def add_refs(self, refs: Iterable[Ref]) -> RefsAdded:
-        # Hashes are random: each new ref lands on a random page of the two hash-keyed
-        # indexes, and with the usual 32 MiB cache a big import rereads most of them (1M
-        # refs: 24 s). 128 MiB for the import's one transaction: 16 s, ~170 MB peak RSS.
+    @contextmanager
+    def _import_tx(self) -> Iterator[sqlite3.Cursor]:
+        # The refs are inserted by hash, and hashes are random: each new ref lands on a
+        # random page of the key index, and with the usual 32 MiB cache a big import
+        # rereads most of them (1M refs: ~28 CPU s). 128 MiB for the import's one
+        # transaction: ~20 CPU s, ~175 MB peak RSS.
         with self._big_cache(), self._tx() as cur:
-            added = RefsAdded(0, 0)
-            checked: set[tuple[int, str]] = set()
-            unknown: dict[tuple[int, str], bool] = {}
-            conflicts = _Conflicts(cur)
-            cur.execute(_LAST_REF_ROWID)
-            (self._import_after,) = cur.fetchone()
-            self._unknown_given = False
-            try:
-                chunk: list[Ref] = []
-                for r in refs:
-                    chunk.append(r)
-                    if len(chunk) >= 10_000:
-                        added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
-                        chunk = []
-                if chunk:
-                    added += self._write_chunk(cur, chunk, checked, unknown, conflicts)
-            finally:
-                self._import_after = None
-            return replace(added, conflicts=conflicts.count())
+            yield cur
 
-    def _write_chunk(
-        self, cur: Any, chunk: Sequence[Ref], checked: set[tuple[int, str]],
-        unknown: dict[tuple[int, str], bool], conflicts: _Conflicts,
-    ) -> RefsAdded:
-        """Write one chunk of an import in file order: a ref's first row inserts it, later
-        ones leave its block number as it is. Only when a row disagreed with it (counted by
-        :data:`_INSERT_REF`), or a fill took the first of two rows giving one, are the
-        chunk's refs looked up to count those that disagreed: none in an import of new
-        hashes, or of hashes known already with the same block numbers."""
-        disagreed, late = self._disagreed, self._late
-        added = self._write_refs(cur, chunk, checked, unknown)
-        if self._disagreed > disagreed or ((added.filled or self._late > late) and _repeats(chunk)):
-            conflicts.note(chunk)  # the rare case: which refs, each counted once
-        return added
+    _INSERT_STAGED = _INSERT_STAGED
+    _FILL_FROM_STAGE = _FILL_FROM_STAGE
+
+    def _stage_refs(self, cur: Any, refs: Iterable[Ref]) -> tuple[int, set[tuple[int, str]]]:
+        # In the import's transaction: a rollback takes it away with the rest.
+        cur.execute("DROP TABLE IF EXISTS temp.stage_refs")
+        cur.execute(
+            "CREATE TEMP TABLE stage_refs (seq INTEGER PRIMARY KEY, chain_id INTEGER, "
+            "contract TEXT, tx_hash TEXT, block_number INTEGER, source TEXT)"
+        )
+        contracts: set[tuple[int, str]] = set()
+        staged = 0
+        chunk: list[tuple[Any, ...]] = []
+        for r in refs:
+            contracts.add((r.chain_id, r.contract))
+            chunk.append((staged, r.chain_id, r.contract, r.tx_hash, r.block_number, r.source))
+            staged += 1
+            if len(chunk) >= 10_000:  # memory bounded, whatever the file's size
+                cur.executemany("INSERT INTO temp.stage_refs VALUES (?, ?, ?, ?, ?, ?)", chunk)
+                chunk = []
+        if chunk:
+            cur.executemany("INSERT INTO temp.stage_refs VALUES (?, ?, ?, ?, ?, ?)", chunk)
+        # By ref, holding every column read (_FIRST_STAGED): sorted by this statement, whose
+        # sorter takes as much memory as the page cache and frees it at its end, before the
+        # insert fills the page cache (sorted by the insert, ~140 MB more at the peak).
+        cur.execute("CREATE INDEX temp.stage_refs_by_ref ON stage_refs "
+                    "(chain_id, contract, tx_hash, seq, block_number, source)")  # fmt: skip
+        return staged, contracts
+
+    def _unstage(self, cur: Any) -> None:
+        cur.execute("DROP TABLE temp.stage_refs")  # its pages too
 
     #: A removal deletes refs in primary-key order (contract, then hash), which is also the
     #: order of the (chain_id, tx_hash) index: two of the refs' four b-trees are swept in
@@ -442,51 +456,6 @@ class SqliteStore(Store):
         # on disk) took 20 s; with the import's cache and in primary-key order, 6 s.
         with self._big_cache():
             return super().remove_contract(chain_id, address)
-
-    #: Rows of refs written so far that gave a ref already there another block number
-    #: (:data:`_INSERT_REF`); an import compares it before and after each chunk.
-    _disagreed = 0
-    #: During an import, the last rowid of refs before it: the refs it inserted come after.
-    _import_after: int | None = None
-    #: Whether the import inserted a row without a block number so far.
-    _unknown_given = False
-    #: Refs this import inserted without a block number that a later row of it gave one.
-    _late = 0
-
-    def _insert_refs(self, cur: Any, refs: Sequence[Ref]) -> int:
-        # An update counts as a change too; rowids tell the inserted rows, as in _upsert:
-        # SQLite gives each the largest rowid + 1, and this writer deletes none meanwhile.
-        before = self._conn.total_changes
-        cur.execute(_LAST_REF_ROWID)
-        (last,) = cur.fetchone()
-        cur.executemany(
-            _INSERT_REF,
-            [(r.chain_id, r.contract, r.tx_hash, r.block_number, r.source) for r in refs],
-        )
-        cur.execute(_LAST_REF_ROWID)
-        new = int(cur.fetchone()[0]) - int(last)
-        self._disagreed += self._conn.total_changes - before - new
-        if self._import_after is not None:
-            self._give_first_blocks(cur, refs)
-        return new
-
-    def _give_first_blocks(self, cur: Any, refs: Sequence[Ref]) -> None:
-        """A ref this import inserted from a row without a block number takes the first a
-        later row of it gives, as PostgreSQL's staged import does, even while its contract
-        has an open plan: no batch has seen it (the fill of refs stored before waits for the
-        plan's end). Only in an import with such rows: one probe per row giving a block."""
-        if not self._unknown_given:
-            self._unknown_given = any(r.block_number is None for r in refs)
-            if not self._unknown_given:
-                return
-        before = self._conn.total_changes
-        cur.executemany(  # in file order: the first row giving one wins
-            "UPDATE refs SET block_number = ? WHERE chain_id = ? AND contract = ? AND tx_hash = ? "
-            "AND block_number IS NULL AND rowid > ?",
-            [(r.block_number, r.chain_id, r.contract, r.tx_hash, self._import_after)
-             for r in refs if r.block_number is not None],
-        )  # fmt: skip
-        self._late += self._conn.total_changes - before
 
     def _stored_blocks(self, cur: Any, chain_id: int, hashes: Sequence[str]) -> dict[str, int]:
         cur.execute(
@@ -534,61 +503,6 @@ class SqliteStore(Store):
                     yield (int(k), h)
         finally:
             read.close()
-
-
-def _repeats(chunk: Sequence[Ref]) -> bool:
-    """Whether two of ``chunk``'s rows give a block number for one ref (which one a fill
-    kept is then the first: the others may disagree with it)."""
-    given = [(r.chain_id, r.contract, r.tx_hash) for r in chunk if r.block_number is not None]
-    return len(set(given)) < len(given)
-
-
-class _Conflicts:
-    """The refs of one import given a block number other than the one they kept, each
-    counted once however many of its rows disagree: the keys go to a temporary table (in
-    the import's transaction), since a corrected file imported again may disagree on every
-    one of a million refs, too many to hold in memory."""
-
-    def __init__(self, cur: sqlite3.Cursor) -> None:
-        self._cur = cur
-        self._table = False
-
-    def note(self, chunk: Sequence[Ref]) -> None:
-        """Note those of ``chunk``'s refs whose block number differs from the one stored."""
-        given: dict[tuple[int, str], list[Ref]] = {}
-        for r in chunk:
-            if r.block_number is not None:
-                given.setdefault((r.chain_id, r.contract), []).append(r)
-        differ: set[tuple[int, str, str]] = set()
-        for (chain_id, contract), rs in given.items():
-            # By primary key: one probe of a page the insert just read.
-            self._cur.execute(
-                "SELECT tx_hash, block_number FROM refs INDEXED BY sqlite_autoindex_refs_1 "
-                "WHERE chain_id = ? AND contract = ? AND tx_hash IN (SELECT value FROM json_each(?))",
-                (chain_id, contract, orjson.dumps([r.tx_hash for r in rs]).decode()),
-            )
-            kept = {h: int(b) for h, b in self._cur.fetchall() if b is not None}
-            differ.update((chain_id, contract, r.tx_hash) for r in rs
-                          if kept.get(r.tx_hash, r.block_number) != r.block_number)  # fmt: skip
-        if not differ:
-            return
-        if not self._table:
-            self._cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS import_conflicts (chain_id INTEGER, contract TEXT, "
-                "tx_hash TEXT, PRIMARY KEY (chain_id, contract, tx_hash)) WITHOUT ROWID"
-            )
-            self._cur.execute("DELETE FROM temp.import_conflicts")
-            self._table = True
-        self._cur.executemany("INSERT OR IGNORE INTO temp.import_conflicts VALUES (?, ?, ?)", sorted(differ))
-
-    def count(self) -> int:
-        """How many refs disagreed; the table is dropped (in the transaction)."""
-        if not self._table:
-            return 0
-        self._cur.execute("SELECT count(*) FROM temp.import_conflicts")
-        (n,) = self._cur.fetchone()
-        self._cur.execute("DROP TABLE temp.import_conflicts")
-        return int(n)
 
 
 def _split(sql: str) -> list[str]:

@@ -866,19 +866,19 @@ def test_a_ref_written_without_a_block_for_a_stored_transaction_gets_the_stored_
     assert (blocks()[5], blocks()[6]) == (None, 60)
 
 
-def test_a_new_ref_of_a_stored_transaction_takes_the_first_block_a_row_gives(store: Store) -> None:
-    # A row without a block number gives none, even for a stored transaction: the stored
-    # one is the ref's only if no row gives one. So on both backends; SQLite gave h(1) its
-    # transaction's block (its row came first) and counted the second row as a conflict.
+def test_a_new_ref_of_a_stored_transaction_takes_the_transactions_block(store: Store) -> None:
+    # The stored transaction's block is the node's; a row of a file may give a wrong one,
+    # and the ref of a stored transaction is never enriched again to correct it. So it
+    # wins, wherever the row giving another is, and that row counts as a conflict.
     other = "0x" + "cd" * 20
     store.add_contract(Contract(1, other))
-    store.add_refs([Ref(1, C, h(i), i) for i in (1, 2)])
-    store.write(Enriched([tx_row(1, 1), tx_row(2, 2)]))
-    assert store.add_refs([Ref(1, other, h(1), None), Ref(1, other, h(1), 5),
-                           Ref(1, other, h(2), None)]) == RefsAdded(2, 0)  # fmt: skip
+    store.add_refs([Ref(1, C, h(i), i) for i in (1, 2, 3)])
+    store.write(Enriched([tx_row(1, 1), tx_row(2, 2), tx_row(3, 3)]))
+    rows = [Ref(1, other, h(1), b) for b in (None, 5)] + [Ref(1, other, h(2), None), Ref(1, other, h(3), 7)]
+    assert store.add_refs(rows) == RefsAdded(3, 0, 2)
     with store._read() as cur:
         cur.execute(store._sql("SELECT tx_hash, block_number FROM refs WHERE contract = ?"), (other,))
-        assert sorted(cur.fetchall()) == [(h(1), 5), (h(2), 2)]
+        assert sorted(cur.fetchall()) == [(h(1), 1), (h(2), 2), (h(3), 3)]
 
 
 def test_rows_stored_without_a_lease_correct_their_refs_too(store: Store) -> None:

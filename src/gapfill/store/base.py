@@ -152,15 +152,18 @@ def status_sql(failed_counts: str) -> str:
 #: one that writes it comes first in this order: its first that gives a block number, else
 #: its first. So a ref keeps the first block number given, wherever its rows are in the file.
 FIRST_GIVEN = "s.block_number IS NULL, s.seq"
-#: A staged ref's block number: the one given, else that of its transaction if it is stored
-#: (a scalar subquery: one lookup by key, whatever a planner thinks of the staged rows).
+#: A staged ref's block number: that of its transaction if it is stored (the node's word,
+#: which a row of a file may get wrong: the ref of a stored transaction is never enriched
+#: again to correct it), else the one given (a scalar subquery: one lookup by key, whatever
+#: a planner thinks of the staged rows).
 STAGED_BLOCK = "s.block_number"
 STAGED_OR_STORED_BLOCK = (
-    "COALESCE(s.block_number, (SELECT t.block_number FROM transactions t "
-    "WHERE t.chain_id = s.chain_id AND t.tx_hash = s.tx_hash))"
+    "COALESCE((SELECT t.block_number FROM transactions t "
+    "WHERE t.chain_id = s.chain_id AND t.tx_hash = s.tx_hash), s.block_number)"
 )
 #: The refs of an import that one of its rows gave another block number than the one kept
-#: (that of the ref stored before, else its first row's that gives one): each counted once.
+#: (that of the ref stored before, else of its stored transaction, else its first row's
+#: that gives one): each counted once.
 #: Per contract, named as constants: joined on all three columns, PostgreSQL read every
 #: contract's refs to hash them (or probed each staged ref's).
 _CONFLICTS = (

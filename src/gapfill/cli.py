@@ -1211,11 +1211,21 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     # the plan. Killed at the end if no worker came of it (nothing to do, an error).
     from gapfill.engine import forkserver
 
-    forkserver.start(ctx.db_url)
     try:
+        forkserver.start(ctx.db_url, _may_use_tls(ctx))
         _enrich(ctx, contract, chain_id, mode, dry_run, retry_failed, opts)
     finally:
         forkserver.stop(unused=True)  # a run that used it has stopped it already
+
+
+def _may_use_tls(ctx: Ctx) -> bool:
+    """Whether an endpoint may use TLS (a malformed setting is said later, as without this)."""
+    from gapfill.rpc.tls import may_use_tls
+
+    try:
+        return any(may_use_tls(e.url) for e in ctx.endpoints(required=False))
+    except GapfillError:
+        return False
 
 
 def _enrich(ctx: Ctx, contract: str | None, chain_id: int | None, mode: str, dry_run: bool,

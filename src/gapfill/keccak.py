@@ -38,7 +38,8 @@ def _load() -> Any:
     try:
         from Crypto.Hash import keccak as _keccak
     finally:
-        platform.architecture = real
+        if platform.architecture is architecture:  # not another thread's, doing the same
+            platform.architecture = real
     return _keccak.new
 
 

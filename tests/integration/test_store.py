@@ -881,6 +881,18 @@ def test_a_new_ref_of_a_stored_transaction_takes_the_transactions_block(store: S
         assert sorted(cur.fetchall()) == [(h(1), 1), (h(2), 2), (h(3), 3)]
 
 
+def test_one_row_giving_a_stored_transaction_another_block_is_a_conflict(store: Store) -> None:
+    # Every row a new ref, each hash once: the conflicts were counted only for a hash given
+    # twice or a ref already there, so a row giving a stored transaction another block went
+    # unsaid although the ref took the transaction's.
+    other = "0x" + "cd" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(1), 1)])
+    store.write(Enriched([tx_row(1, 1)]))
+    assert store.add_refs([Ref(1, other, h(1), 7), Ref(1, other, h(2), 2)]) == RefsAdded(2, 0, 1)
+    assert store.add_refs([Ref(1, C, h(3), 3)]) == RefsAdded(1, 0, 0)  # agrees: none
+
+
 def test_rows_stored_without_a_lease_correct_their_refs_too(store: Store) -> None:
     # The start-up sample of a concurrent run stores its rows with Store.write.
     store.add_refs([Ref(1, C, h(1), None), Ref(1, C, h(2), 99), Ref(1, C, h(3), 3)])

@@ -34,3 +34,29 @@ def test_the_fork_server_ignores_ctrl_c_from_its_start_and_an_unused_one_is_reap
     assert server._forkserver_pid is None  # type: ignore[attr-defined]
     with pytest.raises(ChildProcessError):  # already reaped: nothing outlives the run
         os.waitpid(pid, os.WNOHANG)
+
+
+def test_the_fork_server_preloads_the_store_backend_and_the_cas_only_when_needed() -> None:
+    assert workers_server.preload("sqlite:///x.db") == ["gapfill.engine.preload", "gapfill.store.sqlite"]
+    assert workers_server.preload("SQLite:///x.db")[1] == "gapfill.store.sqlite"
+    assert workers_server.preload("postgresql://u@h/db", tls=True) == [
+        "gapfill.engine.preload", "gapfill.store.postgres", "gapfill.rpc.trusted"]  # fmt: skip
+
+
+def test_what_the_fork_server_preloads_runs_no_command_and_loads_the_cas() -> None:
+    # Its workers inherit what it loaded: keccak's backend (without the `file` command
+    # pycryptodome runs on its own) and, for an endpoint that may use TLS, the CA
+    # certificates, which each worker loaded again otherwise (~85 ms each).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "seen = []\n"
+        "sys.addaudithook(lambda event, args: seen.append(args) if event == 'subprocess.Popen' else None)\n"
+        "import gapfill.engine.preload, gapfill.store.sqlite, gapfill.rpc.trusted\n"
+        "import aiohttp.connector as c\n"
+        "print(seen, c._SSL_CONTEXT_VERIFIED.cert_store_stats()['x509_ca'] > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["[]", "True"], out.stdout + out.stderr

@@ -16,21 +16,20 @@ import contextlib
 import os
 import signal
 
-#: What the server imports before it forks anything: the engine, keccak's backend
-#: (gapfill.keccak loads it on first use: ~13 ms a worker, on every start and restart),
-#: and the store backend of the run's database (:func:`preload`).
-ENGINE = ("gapfill.engine.run", "Crypto.Hash.keccak")
+
+def preload(db_url: str, tls: bool = False) -> list[str]:
+    """The modules the server imports for a run on ``db_url``: the engine and keccak's
+    backend (:mod:`gapfill.engine.preload`), the database's store backend, and with ``tls``
+    (an endpoint may use TLS: :func:`gapfill.rpc.tls.may_use_tls`) the CA certificates
+    (:mod:`gapfill.rpc.trusted`)."""
+    sqlite = db_url.lower().startswith("sqlite:")
+    backend = "gapfill.store.sqlite" if sqlite else "gapfill.store.postgres"
+    return ["gapfill.engine.preload", backend, *(["gapfill.rpc.trusted"] if tls else [])]
 
 
-def preload(db_url: str) -> list[str]:
-    """The modules the server imports for a run on ``db_url``."""
-    backend = "gapfill.store.sqlite" if db_url.startswith("sqlite") else "gapfill.store.postgres"
-    return [*ENGINE, backend]
-
-
-def start(db_url: str) -> None:
+def start(db_url: str, tls: bool = False) -> None:
     """Start the fork server for a run on ``db_url`` (if it is not running) without
-    waiting for its import.
+    waiting for its import; ``tls`` as for :func:`preload`.
 
     It starts with SIGINT ignored (a disposition a new process inherits): the server
     protects itself from Ctrl+C only once its preload is imported, and a Ctrl+C meant
@@ -38,7 +37,7 @@ def start(db_url: str) -> None:
     """
     from multiprocessing import forkserver
 
-    forkserver.set_forkserver_preload(preload(db_url))
+    forkserver.set_forkserver_preload(preload(db_url, tls))
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with contextlib.suppress(Exception):  # if it fails here, the first worker's start says why

@@ -893,6 +893,12 @@ class _Slot:
     terminated: bool = False
 
 
+def _may_use_tls(job: EnrichJob) -> bool:
+    from gapfill.rpc.tls import may_use_tls
+
+    return any(may_use_tls(e.url) for e in job.endpoints)
+
+
 class Coordinator:
     """Spawns and supervises worker processes; aggregates their events."""
 
@@ -906,7 +912,7 @@ class Coordinator:
         # worker would import everything again (~0.4 CPU s each, on the node's cores).
         self.ctx = mp.get_context("forkserver")
         # (Its preload: see gapfill.engine.forkserver, which the CLI may have started it with.)
-        self.ctx.set_forkserver_preload(forkserver.preload(job.db_url))
+        self.ctx.set_forkserver_preload(forkserver.preload(job.db_url, _may_use_tls(job)))
         # Pipes only, no multiprocessing.Queue or Event: those are named semaphores that this
         # process creates and unlinks at its exit, so a kill -9 left them to the resource
         # tracker, which warned of "leaked semaphore objects" on the terminal.
@@ -1099,7 +1105,7 @@ class Coordinator:
             self.job = job = replace(job, run_id=run_id)  # and the workers'
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
-            forkserver.start(job.db_url)
+            forkserver.start(job.db_url, _may_use_tls(job))
             _release_dead_local_owners(store, self.emit)
             finish_left_redecodes(store, None, self.emit)
             # One probe here, before anything is planned (or sampled), fails fast with one

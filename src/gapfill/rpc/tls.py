@@ -17,11 +17,16 @@ first request to a URL that may use TLS: https, or http to a host that is not lo
 time any connection could use them.
 
 If aiohttp was imported before gapfill (a program using gapfill as a library), its
-contexts were built the usual way and nothing here changes them.
+contexts were built the usual way and nothing here changes them. A program that imports
+gapfill first and then makes https requests of its own with aiohttp calls :func:`trust`
+before them. Concurrent mode's fork server loads them itself when an endpoint may use TLS
+(:mod:`gapfill.rpc.trusted`), so that its workers inherit them rather than each loading
+them again.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import ssl
 import sys
@@ -29,7 +34,7 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
-_EMPTY: list[ssl.SSLContext] = []  # the contexts aiohttp built at import, CAs not loaded yet
+_EMPTY: list[ssl.SSLContext] = []  # aiohttp's verifying context, CAs not loaded yet
 _lock = threading.Lock()
 
 
@@ -42,11 +47,15 @@ def _import_aiohttp() -> None:
         if args or kwargs:  # not aiohttp's plain call: build it as asked
             return create(*args, **kwargs)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+        # What create_default_context adds from Python 3.13 (stricter chain checks).
+        for flag in ("VERIFY_X509_PARTIAL_CHAIN", "VERIFY_X509_STRICT"):
+            if sys.version_info >= (3, 13) and hasattr(ssl, flag):
+                ctx.verify_flags |= getattr(ssl, flag)
         _EMPTY.append(ctx)
         return ctx
 
     def load_later(self: ssl.SSLContext) -> None:
-        _EMPTY.append(self)
+        """The non-verifying context's: it checks nothing, so it needs no CA."""
 
     own = "set_default_verify_paths" in vars(ssl.SSLContext)  # else inherited from _ssl's class
     ssl.create_default_context = create_empty
@@ -73,6 +82,7 @@ def trust() -> None:
             _EMPTY.pop().load_default_certs(ssl.Purpose.SERVER_AUTH)
 
 
+@functools.lru_cache(maxsize=64)
 def may_use_tls(url: str) -> bool:
     """Whether a request to ``url`` can end on a TLS connection: https, or http to a host that
     is not loopback, which can redirect to https. Plain http to loopback (a local node) cannot

@@ -704,10 +704,11 @@ class Store(abc.ABC):
                     cur.execute(self._sql(self._FILL_FROM_STAGE.format(block=block)), (chain_id, contract))
                     filled += int(cur.rowcount)
             conflicts = 0
-            # Only a hash given twice, or a ref already there, may disagree, and only if a
-            # row gives a block number (a list of hashes gives none): an import of new
-            # hashes pays nothing.
-            if n < staged and self._gives_blocks(cur):
+            # Only a hash given twice, a ref already there, or a new ref of a stored
+            # transaction (which takes its block) may disagree, and only if a row gives a
+            # block number (a list of hashes gives none): an import of new hashes into a
+            # new database pays nothing.
+            if (n < staged or stored) and self._gives_blocks(cur):
                 if not analyzed:
                     self._analyze_stage(cur)
                 for chain_id, contract in sorted(contracts):

@@ -1220,10 +1220,10 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
 
 def _may_use_tls(ctx: Ctx) -> bool:
     """Whether an endpoint may use TLS (a malformed setting is said later, as without this)."""
-    from gapfill.rpc.tls import may_use_tls
+    from gapfill.rpc.tls import any_may_use_tls
 
     try:
-        return any(may_use_tls(e.url) for e in ctx.endpoints(required=False))
+        return any_may_use_tls(e.url for e in ctx.endpoints(required=False))
     except GapfillError:
         return False
 

@@ -58,6 +58,7 @@ from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError,
 from gapfill.model import Enriched, head_in_error
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
+from gapfill.rpc.tls import any_may_use_tls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.store import DB_CHECK, Store, open_store, owner_name, run_owner
 from gapfill.wording import counted
@@ -893,12 +894,6 @@ class _Slot:
     terminated: bool = False
 
 
-def _may_use_tls(job: EnrichJob) -> bool:
-    from gapfill.rpc.tls import may_use_tls
-
-    return any(may_use_tls(e.url) for e in job.endpoints)
-
-
 class Coordinator:
     """Spawns and supervises worker processes; aggregates their events."""
 
@@ -911,8 +906,8 @@ class Coordinator:
         # Workers fork from a server process that imported the engine once: a spawned
         # worker would import everything again (~0.4 CPU s each, on the node's cores).
         self.ctx = mp.get_context("forkserver")
-        # (Its preload: see gapfill.engine.forkserver, which the CLI may have started it with.)
-        self.ctx.set_forkserver_preload(forkserver.preload(job.db_url, _may_use_tls(job)))
+        # Its preload is set by forkserver.start (in run(), or earlier by the CLI), before
+        # the server or any worker starts.
         # Pipes only, no multiprocessing.Queue or Event: those are named semaphores that this
         # process creates and unlinks at its exit, so a kill -9 left them to the resource
         # tracker, which warned of "leaked semaphore objects" on the terminal.
@@ -1105,7 +1100,7 @@ class Coordinator:
             self.job = job = replace(job, run_id=run_id)  # and the workers'
             # Start the workers' fork server now: its import of the engine (~0.3 s) then
             # overlaps the planning instead of delaying the first worker.
-            forkserver.start(job.db_url, _may_use_tls(job))
+            forkserver.start(job.db_url, any_may_use_tls(e.url for e in job.endpoints))
             _release_dead_local_owners(store, self.emit)
             finish_left_redecodes(store, None, self.emit)
             # One probe here, before anything is planned (or sampled), fails fast with one

@@ -31,6 +31,7 @@ import ipaddress
 import ssl
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -97,6 +98,11 @@ def may_use_tls(url: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return True
+
+
+def any_may_use_tls(urls: Iterable[str]) -> bool:
+    """Whether a request to any of ``urls`` may use TLS (:func:`may_use_tls`)."""
+    return any(may_use_tls(url) for url in urls)
 
 
 def trust_for(url: str) -> None:

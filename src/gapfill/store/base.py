@@ -403,9 +403,10 @@ class RefsAdded:
     (``conflicts``: each counted once, however many lines disagreed).
 
     A ref keeps the first block number it was given: the one stored before (by an import,
-    discovery or enrichment), else the first an import's lines give it (a line without one
-    gives none). A wrong one only orders the work: enrichment fetches by hash, and stores
-    the transaction's own block number on the ref (``Enriched.moved``)."""
+    discovery or enrichment), else that of its transaction if that is stored, else the
+    first an import's lines give it (a line without one gives none). A wrong one only
+    orders the work: enrichment fetches by hash, and stores the transaction's own block
+    number on the ref (``Enriched.moved``)."""
 
     new: int
     filled: int

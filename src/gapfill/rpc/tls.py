@@ -9,12 +9,12 @@ Every module of gapfill imports aiohttp from here (``from gapfill.rpc.tls import
 aiohttp``). If aiohttp is not imported yet, it is imported with those two contexts built
 empty: a plain ``SSLContext(PROTOCOL_TLS_CLIENT)``, which checks certificates and host
 names but trusts no CA yet, so a connection made with it before :func:`trust` fails its
-certificate check; it never skips one. :func:`trust` loads the default CA paths into them
-(what ``ssl.create_default_context`` would have loaded: ``SSL_CERT_FILE`` and
-``SSL_CERT_DIR`` are honoured), once per process, and every client calls it before its
-first request to a URL that may use TLS: https, or http to a host that is not loopback
-(it may redirect to https). So aiohttp's contexts are the ones it would have built, by the
-time any connection could use them.
+certificate check; it never skips one. :func:`trust` loads the default CA paths into the
+verifying one (the other checks nothing): what ``ssl.create_default_context`` would have
+loaded (``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` are honoured), once per process, and
+every client calls it before its first request to a URL that may use TLS: https, or http
+to a host that is not loopback (it may redirect to https). So aiohttp's verifying context
+is the one it would have built, by the time any connection could use it.
 
 If aiohttp was imported before gapfill (a program using gapfill as a library), its
 contexts were built the usual way and nothing here changes them. A program that imports

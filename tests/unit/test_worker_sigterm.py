@@ -112,3 +112,40 @@ def test_a_sigterm_as_the_handler_changes_hands_does_not_kill_the_worker() -> No
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout == "exited normally\n", done
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("taken_by", ["the main thread", "another thread"])
+def test_a_sigterm_wakes_the_idle_loop(taken_by: str) -> None:
+    # The kernel gives a process's SIGTERM to any thread that does not block it. Taken by
+    # the main thread, it interrupts the loop's wait; taken by another (the worker's events
+    # sender, the executor's resolvers), it interrupts no wait of the main thread, whose
+    # Python handler runs only once it runs again: here the main thread blocks it to make
+    # sure. Either way the loop has nothing to do for an hour.
+    script = textwrap.dedent("""
+        import asyncio, os, signal, threading, time
+        from gapfill.engine.run import _sigterm_cancels_main
+
+        def term_later():
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+
+        async def main():
+            with _sigterm_cancels_main():
+                threading.Thread(target=term_later, daemon=True).start()
+                if {block}:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    print("cancelled")
+
+        asyncio.run(main())
+    """).format(block=taken_by == "another thread")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the SIGTERM did not wake the idle loop")
+    assert done.returncode == 0 and done.stdout == "cancelled\n", done
+    assert done.stderr == "", done.stderr

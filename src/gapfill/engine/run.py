@@ -811,37 +811,52 @@ def _sigterm_cancels_main() -> Iterator[None]:
     in-flight batches; SIGTERMs after the block are ignored.
 
     Only one cancel: the coordinator repeats SIGTERM, and a second cancel would cut the
-    give-backs. Ignored afterwards because the loop closes its wakeup pipe before it removes
-    its signal handlers, and a SIGTERM in between made Python print "Exception ignored when
-    trying to write to the signal wakeup fd" and a traceback on the user's terminal. The
-    worker is on its way out by then, and a worker stuck on it still gets the SIGKILL.
+    give-backs. A plain ``signal.signal`` handler, not the loop's ``add_signal_handler``:
+    the loop's ``remove_signal_handler`` restores SIG_DFL before anything else can be set,
+    and a SIGTERM then killed the worker before its last events were sent, through any
+    other thread (its events sender, the executor's resolvers), which blocking it in this
+    one did not cover; and the loop closes its wakeup pipe before it removes its handlers,
+    so a SIGTERM in between made Python print "Exception ignored when trying to write to
+    the signal wakeup fd" and a traceback on the user's terminal. Here SIGTERM goes from
+    this handler to ignored in one step, inside the block, and the wakeup fd is this
+    block's own, unset before it is closed. The worker is on its way out by then, and a
+    worker stuck on it still gets the SIGKILL.
     """
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
+    ended = False
 
     def cancel_once() -> None:
-        if not main.cancelling():
+        if not ended and not main.cancelling():
             main.cancel()
 
-    loop.add_signal_handler(signal.SIGTERM, cancel_once)
-    try:
-        yield
-    finally:
-        # Ignored in one step from the loop's handler: the loop's remove_signal_handler
-        # restores SIG_DFL first, and a SIGTERM then killed the worker before its last
-        # events were sent, through any other thread (its events sender, the executor's
-        # resolvers), which blocking it in this one did not cover. The loop's record of
-        # the handler goes after, else the loop restores SIG_DFL as it closes.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        handlers = getattr(loop, "_signal_handlers", None)
-        if isinstance(handlers, dict):
-            handlers.pop(signal.SIGTERM, None)
-            if not handlers:
-                signal.set_wakeup_fd(-1)  # as remove_signal_handler does
-        else:  # a loop that keeps no such record: SIG_DFL for a moment
-            loop.remove_signal_handler(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def on_term(signum: int, frame: Any) -> None:
+        # Python runs it in the main thread (the loop's) between two bytecodes, perhaps in
+        # the middle of the loop's own code: the cancel is left to the loop, as a callback.
+        loop.call_soon_threadsafe(cancel_once)
+
+    # A SIGTERM that another thread takes interrupts no wait of the main thread: the byte
+    # Python writes to the wakeup fd wakes the loop, and the handler runs on its way.
+    wake, wake_w = socket.socketpair()
+    with wake, wake_w:
+        wake.setblocking(False)
+        wake_w.setblocking(False)
+        previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        try:
+            loop.add_reader(wake, _drain, wake)
+            signal.signal(signal.SIGTERM, on_term)
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # runs a pending handler first
+            ended = True  # and so its cancel, should it come after the block, does nothing
+            signal.set_wakeup_fd(previous)
+            loop.remove_reader(wake)
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # empty (BlockingIOError), or closed
+        sock.recv(4096)
 
 
 async def _worker_body(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:

@@ -1037,7 +1037,7 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
     chain no endpoint serves), said after its summary: then it ends with exit 3."""
     from gapfill.cli_progress import LiveRenderer, summary_lines
     from gapfill.engine.events import RunStarted, RunSummary
-    from gapfill.engine.run import run_enrich
+    from gapfill.engine.run import HeldSignals, run_enrich
 
     render = _renderer(quiet)
     live = isinstance(render, LiveRenderer)
@@ -1062,31 +1062,54 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
             _silence_gone_streams()
             os.kill(os.getpid(), signal.SIGTERM)
 
+    # The run's end is recorded as the engine returns, and what is left to say of it (the
+    # live view's last frame, the summary, the contracts it could not reach) holds a first
+    # Ctrl+C or SIGTERM as the engine's end did: one landing there ended a complete run with
+    # 130 and "interrupted", its summary cut short, and a line its KeyboardInterrupt cut
+    # was written again (a buffered write that fails keeps its data). A second signal stops
+    # the command at once, saying nothing more: the output may be what hangs.
+    end = HeldSignals()
+
+    def run() -> RunSummary:
+        try:
+            return run_enrich(job, emit)
+        finally:
+            end.hold()
+
     try:
-        if live:
-            with render:
-                summary = run_enrich(job, emit)
-        else:
-            summary = run_enrich(job, emit)
-    except (Interrupted, KeyboardInterrupt):
-        if reader_left:
-            raise SystemExit(141) from None
-        if not summaries and not started:
-            raise  # the command says what a stop before the run leaves
-        if not summaries:  # a second Ctrl+C cut the run's end short: the next run marks it
-            tell("interrupted: what the run committed is kept; rerun the same command to continue "
-                 "where it stopped")  # fmt: skip
+        try:
+            if live:
+                with render:
+                    summary = run()
+            else:
+                summary = run()
+        except (Interrupted, KeyboardInterrupt):
+            if reader_left:
+                raise SystemExit(141) from None
+            if end.held > 1:
+                raise  # as the live view ended: below
+            if not summaries and not started:
+                raise  # the command says what a stop before the run leaves
+            if not summaries:  # a second Ctrl+C cut the run's end short: the next run marks it
+                tell("interrupted: what the run committed is kept; rerun the same command to continue "
+                     "where it stopped")  # fmt: skip
+                raise SystemExit(130) from None
+            # The summary says it was interrupted and how to go on: no second line for it.
+            if live:
+                for line in summary_lines(summaries[-1]):
+                    click.echo(line)
             raise SystemExit(130) from None
-        # The summary says it was interrupted and how to go on: no second line for it.
         if live:
-            for line in summary_lines(summaries[-1]):
+            for line in summary_lines(summary):
                 click.echo(line)
-        raise SystemExit(130) from None
-    if live:
-        for line in summary_lines(summary):
-            click.echo(line)
-    for sentence in left:
-        tell(sentence)
+        for sentence in left:
+            tell(sentence)
+    except KeyboardInterrupt:
+        if end.held < 2:
+            raise
+        raise SystemExit(130) from None  # a second signal as the run's end is said
+    finally:
+        end.restore()
     if summary.permanent_failures or summary.failed or left:
         # Finished, but not everything is stored: `gapfill failures` says why, or the
         # sentences above which contracts no endpoint's chain let it reach.

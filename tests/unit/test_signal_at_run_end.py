@@ -134,3 +134,87 @@ def test_a_worker_the_grace_periods_sigterm_ends_as_it_starts_is_no_crash(
         Coordinator(job, renderer).run()
     assert not [ln for ln in lines if "exited with code" in ln], lines
     assert any(ln.startswith("stopping: no new batches") for ln in lines), lines
+
+
+def _signal_as_the_summary_is_said(monkeypatch: pytest.MonkeyPatch, signals: list[int]) -> None:
+    """The live view (a terminal's), and ``signals`` raised as the summary's second line is
+    written, once the run has returned."""
+    import click
+
+    import gapfill.cli
+
+    monkeypatch.setattr(gapfill.cli, "_is_tty", lambda: True)
+    echo = click.echo
+
+    def echo_signalled(message: Any = None, *args: Any, **kwargs: Any) -> None:
+        if isinstance(message, str) and message.startswith("  processed:"):
+            for signum in signals:
+                signal.raise_signal(signum)  # its handler runs here, as the line is written
+        echo(message, *args, **kwargs)
+
+    monkeypatch.setattr(click, "echo", echo_signalled)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_summary_is_said_leaves_the_exit_code_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    # The run had ended and been recorded complete, yet a Ctrl+C as its summary was written
+    # ended the command with 130, "interrupted" and the summary cut short; where the output
+    # is not a terminal, a line cut by it was written twice.
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)  # a rerun closes the plan at once: complete, exit 3
+    _signal_as_the_summary_is_said(monkeypatch, [signum])
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", "batch"])
+    assert r.exit_code == 3, r.output  # complete, with permanent failures, as without the signal
+    assert "Traceback" not in r.output and "interrupted" not in r.output, r.output
+    assert r.output.count("  processed:") == 1 and "  calls:" in r.output, r.output  # said whole, once
+
+
+@pytest.mark.timeout(60)
+def test_a_second_signal_as_the_summary_is_said_stops_the_command_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)
+    _signal_as_the_summary_is_said(monkeypatch, [signal.SIGINT, signal.SIGINT])
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", "batch"])
+    assert r.exit_code == 130, r.output
+    assert "Traceback" not in r.output and "  calls:" not in r.output, r.output
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_as_the_unreached_contracts_are_named_leaves_the_exit_code_the_runs(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not at a terminal: the summary is said as the run ends, the contracts no endpoint
+    # serves after it. A Ctrl+C as they were said ended the command with 130.
+    import gapfill.cli
+    import gapfill.engine.run
+    from gapfill.engine.events import RunSummary
+
+    def run_enrich(job: Any, emit: Any) -> RunSummary:
+        summary = RunSummary(1, "batch", 1, 5, 0, 0, 1.0, 5.0, 10, 2.0, "done")
+        emit(summary)
+        return summary
+
+    said: list[str] = []
+
+    def tell(text: str) -> None:
+        if not said:
+            signal.raise_signal(signal.SIGINT)
+        said.append(text)
+
+    monkeypatch.setattr(gapfill.engine.run, "run_enrich", run_enrich)
+    monkeypatch.setattr(gapfill.cli, "tell", tell)
+    try:
+        gapfill.cli._run_job(None, quiet=True, left=["no endpoint serves chain 2", "nor chain 3"])
+    except KeyboardInterrupt:  # uncaught, it would stop pytest itself
+        pytest.fail("the signal stopped the command as it named the contracts")
+    except SystemExit as exc:
+        assert exc.code == 3
+    else:
+        pytest.fail("no exit 3")
+    assert said == ["no endpoint serves chain 2", "nor chain 3"]
+

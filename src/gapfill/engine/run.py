@@ -439,14 +439,14 @@ def _release_dead_local_owners(store: Store, emit: Emit) -> None:
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
 
 
-class _Held:
+class HeldSignals:
     """Ctrl+C and SIGTERM while a run records its end (its row's state and totals, what
     remains to say of it, its summary): the first is held, so that a run that completed is
     recorded complete (its exit code too) and an interrupted one interrupted, with its
     totals; a second, where the database hangs, stops the command at once (the next run
     marks the row interrupted). A signal landing there used to raise ``KeyboardInterrupt``
     in the middle of it: the row stayed ``running``, no summary was said, and a run that had
-    completed exited 130.
+    completed exited 130. The CLI holds them so too while it says the rest of the run's end.
 
     A handler is swapped in rather than the signals blocked with ``pthread_sigmask``: that
     blocks them for the calling thread only, another thread of the process (an executor's,
@@ -486,7 +486,7 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
     store = _open(job, emit)
     term = _Term()
     old_term = _sigterm_as_sigint(term)
-    end = _Held()
+    end = HeldSignals()
     try:
         run_id = store.create_run(mode, 1, chain_id=job.chain_id)
         store.counts_for_run = run_id
@@ -1088,13 +1088,13 @@ class Coordinator:
         self.emit(ev)
 
     def run(self) -> RunSummary:
-        end = _Held()
+        end = HeldSignals()
         try:
             return self._run(end)
         finally:
             end.restore()
 
-    def _run(self, end: _Held) -> RunSummary:
+    def _run(self, end: HeldSignals) -> RunSummary:
         from multiprocessing.connection import wait as wait_for_ready
 
         job = self.job

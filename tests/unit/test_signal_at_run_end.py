@@ -218,3 +218,34 @@ def test_a_signal_as_the_unreached_contracts_are_named_leaves_the_exit_code_the_
         pytest.fail("no exit 3")
     assert said == ["no endpoint serves chain 2", "nor chain 3"]
 
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["batch", "sequential", "concurrent"])
+def test_a_signal_as_a_run_closes_its_database_leaves_the_exit_code_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Batch and sequential mode put the CLI's handlers back before they closed the run's
+    # database: a Ctrl+C then made a run recorded complete exit 130.
+    from gapfill.store.sqlite import SqliteStore
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)  # a rerun closes the plan at once: complete, exit 3
+    finish_run, close = Store.finish_run, SqliteStore.close
+    ended: list[int] = []
+
+    def finished(self: Store, run_id: int, *args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        ended.append(run_id)
+        return finish_run(self, run_id, *args, **kwargs)
+
+    def signalled(self: SqliteStore) -> None:
+        if ended and ended.pop() == self.counts_for_run:  # the run's own database, once
+            signal.raise_signal(signal.SIGINT)
+        close(self)
+
+    monkeypatch.setattr(Store, "finish_run", finished)
+    monkeypatch.setattr(SqliteStore, "close", signalled)
+    workers = ["--workers", "2"] if mode == "concurrent" else []
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    assert not ended, "the run's database was not closed"
+    assert r.exit_code == 3, r.output
+    assert "Traceback" not in r.output and "interrupted" not in r.output, r.output

@@ -548,10 +548,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
     finally:
-        end.restore()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        store.close()
+        try:
+            store.close()  # held too: a Ctrl+C as it closed made a run recorded complete exit 130
+        finally:
+            end.restore()
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
 
 
 @dataclass

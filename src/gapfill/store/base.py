@@ -741,7 +741,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _unstage(self, cur: Any) -> None:
-        """Empty ``stage_refs`` (in the transaction)."""
+        """Empty ``stage_refs`` (in the transaction), or leave it to the next import's
+        ``_stage_refs``."""
 
     def _gives_blocks(self, cur: Any) -> bool:
         """Whether a staged row gives a block number (the first does, in a CSV that has them)."""

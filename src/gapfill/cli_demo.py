@@ -10,7 +10,8 @@
 8. stop the node.
 
 Each demo uses a fresh random chain id, so its rows never collide with an
-earlier demo's in the same database. With no ``--db``, it writes
+earlier demo's in the same database. Without ``--db`` on its command line (GAPFILL_DB and
+the config file's ``db`` name the user's own database, and are left alone), it writes
 ``gapfill-demo.db`` in the working directory, replaced on every run.
 """
 
@@ -25,12 +26,14 @@ from typing import Any
 
 import click
 import orjson
+from click.core import ParameterSource
 
 from gapfill.cli import MAX_WORKERS, Ctx, _is_tty, cli, render_status
 from gapfill.cli_types import int_range
 from gapfill.errors import GapfillError
 from gapfill.model import Contract
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
+from gapfill.store import DB_CHECK
 
 DEMO_DB = "gapfill-demo.db"
 
@@ -52,7 +55,11 @@ def _say(text: str) -> None:
               help="Decoded rows to show at the end.")
 @click.pass_context
 def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: int | None, rows: int) -> None:
-    """Run the whole job on a local anvil chain: discover, status, enrich, decoded rows."""
+    """Run the whole job on a local anvil chain: discover, status, enrich, decoded rows.
+
+    It writes gapfill-demo.db in the working directory, replaced on every run, unless
+    --db is given before `demo` (GAPFILL_DB and the config file's db are left alone).
+    """
     from gapfill.testing.anvil import ANVIL_ENV, Anvil, AnvilError, find_anvil
     from gapfill.testing.chain import ChainSpec, generate
 
@@ -68,11 +75,19 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
             "anvil is not installed: run `make demo` (it installs anvil into .tools/) "
             f"or point {ANVIL_ENV} at an anvil binary"
         )
-    explicit_db = click_ctx.parent is not None and click_ctx.parent.params.get("db_url") is not None
-    if not explicit_db and not ctx.file.db:
+    # Only a --db typed on this command line picks the demo's database: GAPFILL_DB and the
+    # config file's db name the user's own (the README's quick tour exports GAPFILL_DB, then
+    # runs the demo), which would keep two demo contracts on a chain no endpoint serves.
+    parent = click_ctx.parent
+    explicit_db = parent is not None and parent.get_parameter_source("db_url") is ParameterSource.COMMANDLINE
+    if not explicit_db:
+        if ctx.db_check != DB_CHECK:  # GAPFILL_DB or the config file's db set it
+            click.echo(f"{ctx.db_check} is left alone: the demo writes {DEMO_DB} "
+                       "(pass --db before `demo` to choose its database)", err=True)  # fmt: skip
         for suffix in ("", "-wal", "-shm"):
             Path(DEMO_DB + suffix).unlink(missing_ok=True)
         ctx.db_url = f"sqlite:///{DEMO_DB}"
+        ctx.db_check = DB_CHECK
     chain_id = random.randint(100_000, 999_999)
     t_start = time.perf_counter()
     _say(f"1. Starting anvil (chain id {chain_id}) ...")

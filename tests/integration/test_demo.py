@@ -37,6 +37,32 @@ def test_small_demo_runs_end_to_end(tmp_path: Path, anvil_bin: str) -> None:
     assert refs > 1000 and missing == 0 and decoded > 0
 
 
+@pytest.mark.timeout(120)
+def test_demo_leaves_the_database_of_gapfill_db_and_of_the_config_file_alone(
+    tmp_path: Path, anvil_bin: str
+) -> None:
+    """The README's quick tour exports GAPFILL_DB (the user's own database) and ends with
+    `gapfill demo`: the demo's contracts, on a random chain no endpoint serves, went into
+    that database, and every later `discover` named them and ended with exit 3."""
+    gapfill = Path(sys.executable).parent / "gapfill"
+    (tmp_path / "gapfill.toml").write_text('db = "sqlite:///from-file.db"\n')
+    env = {**os.environ, "GAPFILL_ANVIL": anvil_bin, "GAPFILL_DB": "sqlite:///mine.db"}
+    r = subprocess.run([str(gapfill), "demo", "--txs", "500", "--rows", "0"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "GAPFILL_DB is left alone: the demo writes gapfill-demo.db" in r.stderr
+    assert not (tmp_path / "mine.db").exists() and not (tmp_path / "from-file.db").exists()
+    db = sqlite3.connect(tmp_path / "gapfill-demo.db")
+    assert db.execute("SELECT count(*) FROM refs").fetchone()[0] > 0
+    db.close()
+    del env["GAPFILL_DB"]  # the config file's db is left alone too, and said so
+    r = subprocess.run([str(gapfill), "demo", "--txs", "500", "--rows", "0"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the db key of gapfill.toml is left alone" in r.stderr
+    assert not (tmp_path / "from-file.db").exists()
+
+
 def test_demo_names_a_wrong_gapfill_anvil_and_keeps_the_old_demo_db(tmp_path: Path) -> None:
     gapfill = Path(sys.executable).parent / "gapfill"
     (tmp_path / "gapfill-demo.db").write_bytes(b"an earlier demo")

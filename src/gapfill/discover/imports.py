@@ -148,6 +148,15 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
     written = [h.strip().strip('"') for h in next(csv.reader([stripped], delimiter=delimiter))]
     hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
     if hash_col is None:
+        if any(is_tx_hash(w) for w in written):
+            # A header-less CSV (psql's COPY ... WITH CSV writes none): its first row is data.
+            example = f"hash{delimiter}block_number"
+            if delimiter == "\t":
+                example = "hash and block_number, tab-separated"
+            raise InputError(
+                f"{name} has no header line (its first line holds a transaction hash): add one "
+                f"naming the columns, such as {example}; nothing was imported"
+            )
         raise InputError(
             f"{name} has no hash column among {', '.join(written)[:200]}: its header needs "
             "one of hash, tx_hash or 'Transaction Hash' (Etherscan), separated by commas, semicolons "

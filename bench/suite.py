@@ -433,7 +433,8 @@ def parse_summary(text: str) -> dict[str, Any]:
         elif line.startswith("calls:"):
             parts = line.split()
             s["calls"] = int(parts[1].replace(",", ""))
-            s["calls_per_tx"] = float(parts[4])
+            if len(parts) > 4:  # said only when the run stored a transaction
+                s["calls_per_tx"] = float(parts[4])
         elif line.startswith("duration:"):
             s["duration"] = line.split(None, 1)[1]
         elif line.startswith("Run #"):

@@ -51,7 +51,10 @@ def summary_lines(s: RunSummary) -> list[str]:
     lines += [
         f"  duration:  {fmt_duration(s.seconds)}",
         f"  rate:      {s.rate_tx_s:,.1f} tx/s",
-        f"  calls:     {counted(s.calls, 'RPC call')}, {s.calls_per_tx:.2f} per transaction",
+        # Per transaction only when one was stored: "48 RPC calls, 0.00 per transaction" was
+        # said of a run whose every ref failed.
+        f"  calls:     {counted(s.calls, 'RPC call')}"
+        + (f", {s.calls_per_tx:.2f} per transaction" if s.processed else ""),
     ]
     if s.speedup is not None and s.sequential_rate_tx_s is not None and s.processed:
         lines.append(f"  speedup:   {s.speedup:,.1f}x over sequential ({s.sequential_rate_tx_s:,.1f} tx/s, "

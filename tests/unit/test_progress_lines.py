@@ -237,6 +237,15 @@ def test_the_summary_says_this_runs_failures_apart_from_the_permanent_ones_on_re
 
 
 @pytest.mark.timeout(10)
+def test_a_run_that_stored_nothing_says_no_calls_per_transaction() -> None:
+    # Every ref failed (not found, beyond the head): 48 calls for no transaction stored,
+    # which read "48 RPC calls, 0.00 per transaction".
+    lines = summary_lines(summary(0, 5, 5, 48))
+    assert "  calls:     48 RPC calls" in lines, lines
+    assert "  calls:     1,003 RPC calls, 2.01 per transaction" in summary_lines(summary(499, 0, 0, 1_003))
+
+
+@pytest.mark.timeout(10)
 def test_a_count_of_one_is_said_in_the_singular() -> None:
     lines = summary_lines(summary(1, 0, 1, 1))
     assert "  processed: 1 transaction" in lines, lines

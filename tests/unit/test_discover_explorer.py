@@ -82,6 +82,18 @@ async def test_walk_within_a_block_range() -> None:
     assert marks[-1] == 3
 
 
+async def test_a_chainid_in_the_url_gives_way_to_the_contracts_chain() -> None:
+    # The README's example URL carried ?chainid=1; gapfill adds the contract's chainid, so
+    # the explorer got both (`chainid=1&...&chainid=31337`) and Etherscan-like APIs read the
+    # first: another chain's list for a contract that is not on chain 1.
+    chain = fake_chain([10, 10, 10])
+    async with ExplorerStandIn(chain, rps=None) as api:
+        for url in (f"{api.url}?chainid=1", f"{api.url}?ChainId=1&x=y", f"{api.url}?chainid=31337"):
+            async with ExplorerClient(ExplorerConfig(url, rps=1000), 31337) as client:
+                found, _ = await _walk(client, 0, chain.head)
+            assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN], url
+
+
 async def test_walk_discovers_a_smaller_window_than_configured() -> None:
     chain = fake_chain([30, 30, 30, 30])
     async with ExplorerStandIn(chain, rps=None, max_window=40) as api:

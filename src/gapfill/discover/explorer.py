@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -117,12 +118,26 @@ class ExplorerConfig:
         return f"ExplorerConfig(url={redact_url(self.url)!r}, key={'***' if self.key else None})"
 
 
+def _without_chainid(url: str) -> str:
+    """``url`` without a ``chainid`` in its query: each request names the contract's chain
+    (Etherscan's V2 API serves every chain at one URL), and a second ``chainid`` from the URL
+    (``...?chainid=1``) came first, so such APIs answered for that chain instead. The rest
+    of the URL is kept as written (a key in it is not re-encoded)."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    query, hash_, fragment = query.partition("#")
+    kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]).strip().lower() != "chainid"]
+    return base + (("?" + "&".join(kept)) if any(kept) else "") + hash_ + fragment
+
+
 class ExplorerClient:
     """One aiohttp session against one explorer API; use as ``async with``."""
 
     def __init__(self, config: ExplorerConfig, chain_id: int) -> None:
         self.config = config
         self.chain_id = chain_id
+        self._url = _without_chainid(config.url)
         self.requests = 0
         self.rate_limited = 0
         self._session: aiohttp.ClientSession | None = None
@@ -172,7 +187,7 @@ class ExplorerClient:
         self.requests += 1
         trust_for(self.config.url)  # the CA certificates, before the first https request
         try:
-            async with self._session.get(self.config.url, params=params) as response:
+            async with self._session.get(self._url, params=params) as response:
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:

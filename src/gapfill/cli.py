@@ -533,8 +533,9 @@ def resolve_targets(store: Store, contract: str | None, chain_id: int | None,
     tracked = store.list_contracts()
     found = [c for c in tracked if chain_id is None or c.chain_id == chain_id]
     if not found and tracked:
-        chains = ", ".join(str(c) for c in sorted({c.chain_id for c in tracked}))
-        raise GapfillError(f"no contract is tracked on chain {chain_id} (only on chain {chains}): "
+        ids = sorted({c.chain_id for c in tracked})
+        chains = ("chain " if len(ids) == 1 else "chains ") + ", ".join(str(c) for c in ids)
+        raise GapfillError(f"no contract is tracked on chain {chain_id} (only on {chains}): "
                            "fix --chain-id, or add one with `gapfill contract add ADDRESS`")  # fmt: skip
     if not found:
         raise GapfillError("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")

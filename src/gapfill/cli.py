@@ -992,9 +992,10 @@ def served(targets: Sequence[Contract], node_chain: int, check: str,
     of which the endpoints' chain is the one meant: the rest is not left out, not asked for."""
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
-        chains = ", ".join(str(c) for c in sorted({c.chain_id for c in targets}))
+        ids = sorted({c.chain_id for c in targets})
+        chains = ("chain " if len(ids) == 1 else "chains ") + ", ".join(str(c) for c in ids)
         raise GapfillError(f"no tracked contract is on chain {node_chain}, the RPC node's chain "
-                           f"(they are on chain {chains}): check {check}")  # fmt: skip
+                           f"(they are on {chains}): check {check}")  # fmt: skip
     return on_chain, [] if one_address else [c for c in targets if c.chain_id != node_chain]
 
 

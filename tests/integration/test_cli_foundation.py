@@ -649,7 +649,7 @@ def test_node_hints_name_the_config_file_key_not_rpc_url(anvil_session: Any, sql
         r = run(db, "--config", str(cfg), *args)
         assert r.exit_code == 1, r.output + r.stderr
         assert one_sentence(r) == ("error: no tracked contract is on chain 31337, the RPC node's chain "
-                                   f"(they are on chain 1, 5): check {key}"), r.stderr
+                                   f"(they are on chains 1, 5): check {key}"), r.stderr
     # Given in the environment, the hint names the variable.
     r = CliRunner().invoke(cli, ["--db", db, "--config", "", "enrich", "--dry-run"],
                            env={"ETH_RPC_URL": anvil_session.url})
@@ -992,7 +992,7 @@ def test_enrich_of_an_address_tracked_on_two_chains_works_on_the_nodes(
     r = run(db, "--rpc-url", url, "enrich", "--contract", C)
     assert r.exit_code == 1
     assert one_sentence(r) == (f"error: no tracked contract is on chain {chain.chain_id}, the RPC "
-                               "node's chain (they are on chain 1, 5): check --rpc-url")  # fmt: skip
+                               "node's chain (they are on chains 1, 5): check --rpc-url")  # fmt: skip
 
 
 # -- store access: another process's lock, a read-only file, a read-only role ---------------

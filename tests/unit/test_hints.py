@@ -40,7 +40,7 @@ def test_served_names_where_the_endpoints_came_from(tmp_path: Path) -> None:
     with pytest.raises(GapfillError) as info:
         served([Contract(1, A), Contract(5, B)], 31337, check)
     assert str(info.value) == ("no tracked contract is on chain 31337, the RPC node's chain (they are "
-                               f"on chain 1, 5): check [[endpoints]] url in {tmp_path / 'gapfill.toml'}")
+                               f"on chains 1, 5): check [[endpoints]] url in {tmp_path / 'gapfill.toml'}")
 
 
 def test_one_address_on_several_chains_is_the_nodes_or_else_still_asks_for_the_chain(tmp_path: Path) -> None:

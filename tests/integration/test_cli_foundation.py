@@ -1226,6 +1226,22 @@ def test_a_read_only_postgres_role_runs_the_read_only_commands(pg_url: str, read
                                "gapfill's tables")  # fmt: skip
 
 
+def test_init_as_a_read_only_postgres_role_reports_an_up_to_date_schema(pg_url: str, reader: str) -> None:
+    # QA: `gapfill init` as a role that may only read said to grant it CREATE on the schema,
+    # though the schema was at the latest version and there was nothing to create.
+    assert run(pg_url, "init").exit_code == 0
+    r = run(reader, "init")
+    assert r.exit_code == 0, r.stderr
+    with open_store(pg_url) as s:
+        latest = s.latest_version()
+    assert r.output.strip().endswith(f"is at schema version {latest}")
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("DELETE FROM schema_migrations WHERE version = %s", (latest,))
+    r = run(reader, "init")  # a migration to apply: it still needs a role that may create
+    assert r.exit_code == 1
+    assert "may not create gapfill's tables" in one_sentence(r)
+
+
 def test_a_read_only_command_does_not_create_a_missing_postgres_schema(pg_url: str, reader: str) -> None:
     role, dbname = _role_and_db(reader)
     with psycopg.connect(pg_url, autocommit=True) as admin:

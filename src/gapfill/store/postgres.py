@@ -641,6 +641,12 @@ class PostgresStore(Store):
         return self._tx(reading=True)
 
     def migrate(self) -> int:
+        # A schema already at this version is left alone, read without writing: CREATE TABLE
+        # IF NOT EXISTS asks for CREATE on the schema even when the table is there, and
+        # `gapfill init` as a role that may only read an up-to-date database said to grant it.
+        current = self.schema_version()
+        if current is not None and current >= self.latest_version():
+            return current
         with self._tx() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             cur.execute(

@@ -34,6 +34,7 @@ from gapfill.model import Contract, ContractStatus, Ref
 from gapfill.redact import DbUrl, Secret, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
+from gapfill.signals import CommitUnknown, HeldSignals, HoldFromCommit
 from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
 from gapfill.wording import counted
@@ -139,9 +140,9 @@ class Ctx:
             self.log_handler.secrets = self.secrets()
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        store, self._store = self._store, None  # closed once, even if cut short
+        if store is not None:
+            store.close()
 
 
 def fail(ctx: Ctx | None, exc: BaseException) -> NoReturn:
@@ -196,9 +197,17 @@ class GapfillGroup(click.Group):
         # Read by the group's callback, once click has moved the subcommand's arguments away.
         ctx.meta["gapfill.help_asked"] = any(a in ("-h", "--help") for a in ctx.args)
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                _close_held(ctx)
         except GapfillError as exc:
             fail(ctx.find_object(Ctx), exc)
+        except CommitUnknown:
+            click.echo("interrupted as the database committed: whether what this command wrote is "
+                       "stored is not known; `gapfill status` shows what is, and running the same "
+                       "command again is safe", err=True)  # fmt: skip
+            raise SystemExit(130) from None
         except KeyboardInterrupt:
             obj = ctx.find_object(Ctx)
             kept = obj.kept() if obj is not None and obj.kept is not None else None
@@ -223,6 +232,25 @@ class GapfillGroup(click.Group):
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+
+
+def _close_held(ctx: click.Context) -> None:
+    """Close the command's database (SQLite checkpoints its WAL: ~0.2 s after an import of 1M
+    refs) holding a first Ctrl+C or SIGTERM, as a run's end holds it: the command has done
+    and said what it did, and its exit code stands. Closed by click as its context ended, it
+    took one as "Aborted!" and exit 1. A second stops the command at once (130)."""
+    obj = ctx.find_object(Ctx)
+    if obj is None:
+        return
+    end = HeldSignals()
+    end.hold()
+    try:
+        obj.close()
+    except KeyboardInterrupt:
+        tell("interrupted as the database closed, after the command ended: what it committed is kept")
+        raise SystemExit(130) from None
+    finally:
+        end.restore()
 
 
 def _name_the_global_option(ctx: click.Context,
@@ -595,15 +623,19 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         was: Contract | None = store.get_contract(address, chain_id)
     except UnknownContractError:
         was = None
-    store.add_contract(Contract(chain_id, address, label, start_block, abi))
-    ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
+    # A Ctrl+C or SIGTERM as the contract is written stops the command once it is (the
+    # scope's end), saying so: it raised as the commit returned, "nothing was written".
+    with HoldFromCommit():
+        store.add_contract(Contract(chain_id, address, label, start_block, abi))
+        ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
+        if abi is not None:
+            # The ABI and the ask to decode the stored rows again were written together: if
+            # this is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
+            ctx.kept = lambda: (f"{address} is tracked on chain {chain_id} with this ABI, but the rows "
+                                "stored before it are not all decoded with it yet: the next `gapfill "
+                                "enrich` finishes that, or run the same command again")  # fmt: skip
     click.echo(_added(was, store.get_contract(address, chain_id), abi is not None))
     if abi is not None:
-        # The ABI and the ask to decode the stored rows again were written together: if this
-        # is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
-        ctx.kept = lambda: (f"{address} is tracked on chain {chain_id} with this ABI, but the rows stored "
-                            "before it are not all decoded with it yet: the next `gapfill enrich` "
-                            "finishes that, or run the same command again")  # fmt: skip
         from gapfill.enrich.decode import abi_problems
 
         problems = abi_problems(abi)
@@ -697,11 +729,18 @@ def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> 
                              "discovery coverage and failure records?", default=False):  # fmt: skip
             raise GapfillError("nothing removed")
     store.release_dead_local_owners()  # a killed run's leases block nothing
-    deleted = store.remove_contract(c.chain_id, c.address)
-    click.echo(f"removed {c.address} on chain {c.chain_id}: {counted(deleted['refs'], 'ref')}, "
-               f"{counted(deleted['batches'], 'batch', 'batches')}, "
-               f"{counted(deleted['failures'], 'failure record')}; "
-               "its stored transactions stay")  # fmt: skip
+    # As an import's: a Ctrl+C or SIGTERM from the removal's commit on is held, and said
+    # after it; it raised as the commit returned, and the removal done went unsaid (130).
+    with HoldFromCommit(deliver=False) as late:
+        ctx.kept = lambda: (f"{c.address} on chain {c.chain_id} had been removed" if late.committed
+                            else "nothing was removed")  # fmt: skip
+        deleted = store.remove_contract(c.chain_id, c.address)
+        click.echo(f"removed {c.address} on chain {c.chain_id}: {counted(deleted['refs'], 'ref')}, "
+                   f"{counted(deleted['batches'], 'batch', 'batches')}, "
+                   f"{counted(deleted['failures'], 'failure record')}; "
+                   "its stored transactions stay")  # fmt: skip
+        if late.held:
+            tell("interrupted only after the removal was committed: it is complete, nothing to run again")
 
 
 @contract.command("list")
@@ -755,26 +794,34 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
             yield ref
 
     columns: list[CsvColumns] = []
-    try:
-        added = store.add_refs(counting(parse_refs(file, c.chain_id, c.address, on_columns=columns.append)))
-        remark = _known_already(read, read - added.new - added.filled)
-    except NoRefs:
-        if file != "-":
-            raise  # a file named that holds nothing is almost surely the wrong file
-        # A pipe that found nothing new to import (a script's quiet day) is no error.
-        added, remark = RefsAdded(0, 0), " (stdin held no transaction hashes)"
-    ctx.kept = None
-    for col in columns:
-        if col.block is None and col.ignored and read:
-            # A misspelt block column ("block_num") would be dropped without a word (with
-            # refs read: a header alone on stdin brings none).
-            tell(f"note: {'stdin' if file == '-' else file} has no block number column, so its refs get "
-                 f"their block numbers when enriched; ignored: {_some(col.ignored)} (block numbers "
-                 "are read from a column named block_number, blockNumber, blockno, block or "
-                 "'Block Number')")  # fmt: skip
-    filled = f", {counted(added.filled, 'block number')} filled" if added.filled else ""
-    click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
-               f"on chain {c.chain_id}{filled}{remark}{_conflicting(added.conflicts)}")  # fmt: skip
+    # A Ctrl+C or SIGTERM from the commit on is held: the import is said whole, then that it
+    # came too late to stop it, and the exit code is the import's. It raised as the commit
+    # returned, and "nothing was imported" was said of an import stored whole.
+    with HoldFromCommit(deliver=False) as late:
+        ctx.kept = lambda: ("the import had been committed: all its refs are stored" if late.committed else
+                            "nothing was imported (an import is one transaction); run it again")  # fmt: skip
+        try:
+            parsed = parse_refs(file, c.chain_id, c.address, on_columns=columns.append)
+            added = store.add_refs(counting(parsed))
+            remark = _known_already(read, read - added.new - added.filled)
+        except NoRefs:
+            if file != "-":
+                raise  # a file named that holds nothing is almost surely the wrong file
+            # A pipe that found nothing new to import (a script's quiet day) is no error.
+            added, remark = RefsAdded(0, 0), " (stdin held no transaction hashes)"
+        for col in columns:
+            if col.block is None and col.ignored and read:
+                # A misspelt block column ("block_num") would be dropped without a word (with
+                # refs read: a header alone on stdin brings none).
+                tell(f"note: {'stdin' if file == '-' else file} has no block number column, so its refs "
+                     f"get their block numbers when enriched; ignored: {_some(col.ignored)} (block "
+                     "numbers are read from a column named block_number, blockNumber, blockno, block or "
+                     "'Block Number')")  # fmt: skip
+        filled = f", {counted(added.filled, 'block number')} filled" if added.filled else ""
+        click.echo(f"imported {counted(added.new, 'new ref')} for {c.address} "
+                   f"on chain {c.chain_id}{filled}{remark}{_conflicting(added.conflicts)}")  # fmt: skip
+        if late.held:
+            tell("interrupted only after the import was committed: it is complete, nothing to run again")
 
 
 def _some(names: Sequence[str], shown: int = 5) -> str:
@@ -1039,7 +1086,7 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
     chain no endpoint serves), said after its summary: then it ends with exit 3."""
     from gapfill.cli_progress import LiveRenderer, summary_lines
     from gapfill.engine.events import RunStarted, RunSummary
-    from gapfill.engine.run import HeldSignals, run_enrich
+    from gapfill.engine.run import run_enrich
 
     render = _renderer(quiet)
     live = isinstance(render, LiveRenderer)

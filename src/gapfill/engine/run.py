@@ -60,6 +60,7 @@ from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.rpc.tls import any_may_use_tls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
+from gapfill.signals import HeldSignals
 from gapfill.store import DB_CHECK, Store, open_store, owner_name, run_owner
 from gapfill.wording import counted
 
@@ -437,48 +438,6 @@ def _open(job: EnrichJob, emit: Emit) -> Store:
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:
     for pid, n in store.release_dead_local_owners().items():
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
-
-
-class HeldSignals:
-    """Ctrl+C and SIGTERM while a run records its end (its row's state and totals, what
-    remains to say of it, its summary): the first is held, so that a run that completed is
-    recorded complete (its exit code too) and an interrupted one interrupted, with its
-    totals; a second, where the database hangs, stops the command at once (the next run
-    marks the row interrupted). A signal landing there used to raise ``KeyboardInterrupt``
-    in the middle of it: the row stayed ``running``, no summary was said, and a run that had
-    completed exited 130. The CLI holds them so too while it says the rest of the run's end.
-
-    A handler is swapped in rather than the signals blocked with ``pthread_sigmask``: that
-    blocks them for the calling thread only, another thread of the process (an executor's,
-    the metrics server's) takes them, and their Python handler runs in the main thread all
-    the same."""
-
-    def __init__(self) -> None:
-        self.held = 0
-        self._previous: dict[int, Any] = {}
-
-    def hold(self, previous: dict[int, Any] | None = None) -> None:
-        """From here on (the main thread only: no other can handle signals); once is enough.
-        ``previous``: the handlers :meth:`restore` puts back, if not those this replaces."""
-        if self._previous or threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            if previous is not None:
-                signal.signal(signum, self._on_signal)
-                self._previous[signum] = previous[signum]
-            elif signal.getsignal(signum) not in (signal.SIG_IGN, None):  # `cmd &` ignores SIGINT
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, _: Any) -> None:
-        self.held += 1
-        if self.held > 1:
-            raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        """Put back the handlers :meth:`hold` replaced."""
-        while self._previous:
-            signum, handler = self._previous.popitem()
-            signal.signal(signum, handler)
 
 
 def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:

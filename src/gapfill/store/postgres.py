@@ -13,8 +13,9 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from operator import itemgetter
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
+from gapfill.signals import committing
 from gapfill.store.base import (
     DB_CHECK,
     FIRST_GIVEN,
@@ -156,6 +158,27 @@ class _JsonbDumper(psycopg.adapt.Dumper):
 
     def dump(self, obj: str) -> bytes:
         return b"\x01" + obj.encode()
+
+
+class _Committing:
+    """A write transaction (``conn.transaction()``) whose commit, not its rollback, runs in
+    ``committing``: psycopg answers a ``KeyboardInterrupt`` during a ``COMMIT`` by cancelling it
+    on the server, which may have committed (a cancel stops work the commit does, such as
+    deferred triggers, not its flush), so a Ctrl+C there left the outcome unknown. Held, the
+    first one waits for the commit's end."""
+
+    def __init__(self, tx: AbstractContextManager[psycopg.Transaction]) -> None:
+        self._tx = tx
+
+    def __enter__(self) -> psycopg.Transaction:
+        return self._tx.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool | None:  # fmt: skip
+        if kind is not None:
+            return self._tx.__exit__(kind, exc, tb)
+        with committing():
+            return self._tx.__exit__(None, None, None)
 
 
 def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
@@ -621,9 +644,11 @@ class PostgresStore(Store):
         watched = self._depth == 0 and self.notice is not None
         if watched:
             self._watch.begin(conn.info.backend_pid)
+        outermost_write = self._depth == 0 and not reading
         self._depth += 1
         try:
-            with conn.transaction(), conn.cursor() as cur:
+            tx = conn.transaction()
+            with _Committing(tx) if outermost_write else tx, conn.cursor() as cur:
                 yield cur
         except BaseException as exc:
             # A rollback takes the staging tables created in it (or in a savepoint of it)

@@ -22,6 +22,7 @@ import orjson
 
 from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
+from gapfill.signals import committing
 from gapfill.store.base import (
     BIG_INT_COLUMNS,
     DB_CHECK,
@@ -403,12 +404,26 @@ class SqliteStore(Store):
             raise
         else:
             try:
-                cur.execute("COMMIT")
+                if immediate:  # a write: see gapfill.signals
+                    self._commit(cur)
+                else:
+                    cur.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._conn.rollback()
                 raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
         finally:
             cur.close()
+
+    def _commit(self, cur: sqlite3.Cursor) -> None:
+        """Commit a write. A Ctrl+C or SIGTERM waits for the commit's end (``committing``):
+        it raised as the ``COMMIT`` returned, and a stored import was said not to be. No
+        progress handler runs in it: a ``COMMIT`` is one step that no handler can cut, and one
+        called as it ends (SQLite calls it there too) could fail a commit that was done."""
+        if self._watching:
+            self._conn.set_progress_handler(None, 0)
+            self._watching = False  # the next transaction puts it back
+        with committing():
+            cur.execute("COMMIT")
 
     def migrate(self) -> int:
         with self._tx() as cur:

@@ -144,11 +144,10 @@ class RpcClient:
                 key = f"{key}#{seen[key]}"
             self._endpoints.append(Endpoint(index, config, settings, key))
         self._transport: Transport = transport or AiohttpTransport(settings)
-        # Metered calls: the earlier batch's requests first (see gapfill.rpc.slots).
-        self._slots: asyncio.Semaphore | PrioritySlots = (
-            PrioritySlots(settings.max_in_flight)
-            if any(e.rps is not None for e in endpoints)
-            else asyncio.Semaphore(settings.max_in_flight)
+        # Metered calls: the earlier batch's requests first (see gapfill.rpc.slots); in
+        # arrival order until then, and from an endpoint's first learned rate on.
+        self._slots = PrioritySlots(
+            settings.max_in_flight, prioritized=any(e.rps is not None for e in endpoints)
         )
         self._ids = itertools.count(1)
         self._chain_id: int | None = None
@@ -208,8 +207,9 @@ class RpcClient:
 
     def queued(self, priority: int) -> bool:
         """Whether requests of :data:`~gapfill.rpc.slots.PRIORITY` ``priority`` wait for
-        their turn behind those of a lower one (only where calls are metered)."""
-        return isinstance(self._slots, PrioritySlots) and self._slots.queued(priority)
+        their turn behind those of a lower one (only once calls are metered: before, they
+        wait in arrival order, not long)."""
+        return self._slots.prioritized and self._slots.queued(priority)
 
     def stats(self) -> dict[str, EndpointStats]:
         """Counters per endpoint, keyed by redacted URL."""
@@ -706,7 +706,7 @@ class RpcClient:
                 again.extend(too_large)
         if rate_limited:
             hint = max((v.retry_after_s or 0.0 for v in rate_limited), default=0.0)
-            endpoint.record_rate_limited(hint or None, count=len(rate_limited))
+            self._rate_limited(endpoint, hint or None, len(rate_limited))
         elif answered:
             endpoint.record_success(len(by_id))
         return again
@@ -726,7 +726,7 @@ class RpcClient:
             endpoint.shrink_batch(len(chunk), message=verdict.message)
             return list(chunk)
         if verdict.fault is Fault.RATE_LIMITED:
-            endpoint.record_rate_limited(verdict.retry_after_s)
+            self._rate_limited(endpoint, verdict.retry_after_s, 1)
         else:
             endpoint.record_failure(verdict.message)
             if verdict.auth_refused and pin is None:
@@ -739,6 +739,14 @@ class RpcClient:
         return [
             i for i in chunk if self._settle_item(endpoint, i, items[i], verdict, results, pin)
         ]
+
+    def _rate_limited(self, endpoint: Endpoint, retry_after_s: float | None, count: int) -> None:
+        endpoint.record_rate_limited(retry_after_s, count=count)
+        if endpoint.rate_rps() is not None:
+            # It learned a rate: its calls are metered from now on, and a worker's batches
+            # in flight, served in arrival order, would share it evenly and finish late
+            # together; the earlier batch's requests go first instead.
+            self._slots.by_priority()
 
     def _refusal(self, endpoint: Endpoint, verdict: Verdict) -> CallError:
         return CallError.key_refused(

@@ -783,6 +783,54 @@ def test_a_batch_waiting_for_its_turn_at_the_rate_limit_keeps_its_lease() -> Non
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("refused", [False, True])
+def test_under_a_rate_learned_from_a_429_the_batch_leased_first_is_fetched_first(
+    tmp_path: Path, refused: bool
+) -> None:
+    # A free-tier provider without --rps: its 429 (here at the 300th call, in batch 1's
+    # first round) teaches the endpoint a rate. Batch 1's second round (block 4, for ref 6)
+    # then went behind all of batch 2's requests, queued meanwhile: the two shared the
+    # budget and finished late together. Now it goes first; before any 429, arrival order.
+    from gapfill.enrich.fetch import Enricher, PlanSettings
+    from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+    from gapfill.rpc.slots import PRIORITY
+    from gapfill.rpc.transport import HttpReply
+
+    c = "0x" + "ab" * 20
+    hashes = [f"0x{i:064x}" for i in range(1, 401)]
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    store.add_contract(Contract(1, c))
+    # The node puts ref 6 (batch 1's) in block 4, whose timestamp takes a second round.
+    store.add_refs([Ref(1, c, h, 3) for h in hashes])
+    store.plan(store.create_run("batch", 1), [(1, c)], batch_size=200)
+
+    asked: list[int] = []  # each request's batch, by its lease order (the worker's)
+
+    class Refusing(StallingNode):
+        """Answers 429 once, at the 300th call if ``refused``."""
+
+        async def post(self, url: str, body: bytes) -> Any:
+            if refused and self.calls == 299:
+                self.calls += 1
+                return HttpReply(429, {}, b"Too Many Requests")
+            asked.append(PRIORITY.get())
+            await asyncio.sleep(0.001)  # a node's latency: the worker leases batch 2 meanwhile
+            return await super().post(url, body)
+
+    node = Refusing(hashes, set())
+    client = RpcClient([EndpointConfig("http://node.invalid/", max_batch=1)],
+                       RpcSettings(max_in_flight=1, budget_dir=str(tmp_path)), transport=node)  # fmt: skip
+    enricher = Enricher(client, 1, plan=PlanSettings(shape="per_tx"), calls_per_request=1)
+    s = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, batches_in_flight=2)
+    totals = asyncio.run(Worker(0, "w", store, client, {1: enricher}, s, lambda event: None).run())
+    store.close()
+    assert totals.processed == 400
+    last_of_batch_1 = len(asked) - asked[::-1].index(1)
+    behind = asked[:last_of_batch_1].count(2)  # batch 2's requests before batch 1's last
+    assert (behind < 10) if refused else (behind >= 400), behind
+
+
+@pytest.mark.timeout(30)
 def test_a_worker_processs_records_reach_the_coordinators_handlers_naming_the_worker(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -103,3 +103,39 @@ def test_an_import_stopped_in_its_insert_ends_as_interrupted(
     monkeypatch.undo()
     with open_store(db) as store:
         assert not store.has_refs(1, C)
+
+
+@pytest.mark.parametrize("at", ["BEGIN", "BEGIN IMMEDIATE", "COMMIT"])
+def test_a_signal_in_begin_or_a_reads_commit_is_an_interrupt_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    # Review: the progress handler also runs in BEGIN and in a read's COMMIT (SQLite counts
+    # its steps over a cached statement's life, so any statement may be the one it runs in):
+    # a Ctrl+C there was said as "the SQLite database ... is not usable: interrupted" or
+    # "writing to ... failed: interrupted", exit 1, instead of an interrupt.
+    from gapfill.store import sqlite as backend
+
+    statement: list[str] = []
+    armed = [False]
+
+    def on_step() -> int:
+        if armed[0] and statement and statement[-1] == at:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return 0
+
+    monkeypatch.setattr(backend, "_run_signal_handlers", on_step)
+    monkeypatch.setattr(backend, "SIGNAL_CHECK_STEPS", 1)
+    with open_store(f"sqlite:///{tmp_path / 'g.db'}") as store:
+        assert isinstance(store, SqliteStore)
+        store.add_contract(Contract(1, C))
+        store._conn.set_trace_callback(statement.append)
+        armed[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            if at == "BEGIN IMMEDIATE":
+                store.add_contract(Contract(1, C, label="again"))
+            else:
+                store.list_contracts()
+        assert not armed[0]  # it was the statement named that the handler cut
+        assert not store._conn.in_transaction
+        assert [c.address for c in store.list_contracts()] == [C]  # still usable

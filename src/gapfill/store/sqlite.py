@@ -357,6 +357,9 @@ class SqliteStore(Store):
                 cur.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
                 return
             except sqlite3.Error as exc:
+                if _interrupted(exc):  # the progress handler may run in BEGIN too
+                    self._conn.rollback()
+                    raise KeyboardInterrupt from None
                 if _read_only(exc):
                     raise StoreError(_read_only_file(self.path, self.check)) from exc
                 if not _busy(exc):
@@ -410,7 +413,10 @@ class SqliteStore(Store):
                     cur.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._conn.rollback()
-                raise StoreError(f"writing to {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
+                if _interrupted(exc):  # a read's COMMIT, which runs the progress handler
+                    raise KeyboardInterrupt from None
+                doing = "writing to" if immediate else "reading from"
+                raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
         finally:
             cur.close()
 

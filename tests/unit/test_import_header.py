@@ -21,7 +21,12 @@ def run(tmp_path: Path, *args: str, input: str | None = None) -> Result:
 
 @pytest.mark.parametrize(("first", "example"), [
     (f"{H},12", "hash,block_number"), (f"{H};12", "hash;block_number"),
-    (f"12\t{H}", "hash and block_number, tab-separated"), (f'"{H}","12"', "hash,block_number"),
+    # The example follows the row (review: it said hash,block_number of a row whose hash
+    # was in its second column, and the header it gave failed on "12").
+    (f"12\t{H}", "block_number and hash, tab-separated"), (f'"{H}","12"', "hash,block_number"),
+    (f"12,{H}", "block_number,hash"),
+    # psql's COPY of a table: chain id, contract, hash, block: two integers, no guess.
+    (f"1,{A},{H},12", "column1,column2,hash,column4"),
 ])
 def test_a_csv_whose_first_line_is_data_asks_for_a_header(tmp_path: Path, first: str, example: str) -> None:
     # `psql -c "COPY ... TO STDOUT WITH CSV"` writes no header: the error named the first
@@ -32,4 +37,5 @@ def test_a_csv_whose_first_line_is_data_asks_for_a_header(tmp_path: Path, first:
     r = run(tmp_path, "import", str(f), "--contract", A)
     assert r.exit_code == 1, r.output
     assert r.stderr == (f"error: {f} has no header line (its first line holds a transaction hash): "
-                        f"add one naming the columns, such as {example}; nothing was imported\n")
+                        "add one naming the hashes' column hash and the block numbers' block_number "
+                        f"(other columns are ignored), such as {example}; nothing was imported\n")

@@ -150,12 +150,11 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
     if hash_col is None:
         if any(is_tx_hash(w) for w in written):
             # A header-less CSV (psql's COPY ... WITH CSV writes none): its first row is data.
-            example = f"hash{delimiter}block_number"
-            if delimiter == "\t":
-                example = "hash and block_number, tab-separated"
             raise InputError(
                 f"{name} has no header line (its first line holds a transaction hash): add one "
-                f"naming the columns, such as {example}; nothing was imported"
+                "naming the hashes' column hash and the block numbers' block_number (other "
+                f"columns are ignored), such as {_header_for(written, delimiter)}; nothing was "
+                "imported"
             )
         raise InputError(
             f"{name} has no hash column among {', '.join(written)[:200]}: its header needs "
@@ -187,6 +186,19 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
         if block_col is not None and block_col < len(row):
             block = _block(row[block_col], name, lineno)
         yield Ref(chain_id, contract, tx.lower(), block, source)
+
+
+def _header_for(row: list[str], delimiter: str) -> str:
+    """A header for a header-less CSV whose first row is ``row``, built from it: its first
+    transaction hash's column ``hash``, its one integer's (if it has only one)
+    ``block_number``, the others ``columnN``; tab-separated columns said in words."""
+    hash_at = next(i for i, w in enumerate(row) if is_tx_hash(w))
+    ints = [i for i, w in enumerate(row) if w.isdigit()]
+    names = ["hash" if i == hash_at else "block_number" if ints == [i] else f"column{i + 1}"
+             for i in range(len(row))]  # fmt: skip
+    if delimiter != "\t":
+        return delimiter.join(names)
+    return f"{', '.join(names[:-1])} and {names[-1]}, tab-separated" if len(names) > 1 else names[0]
 
 
 def _hash_lines(

@@ -149,3 +149,32 @@ def test_a_sigterm_wakes_the_idle_loop(taken_by: str) -> None:
         pytest.fail("the SIGTERM did not wake the idle loop")
     assert done.returncode == 0 and done.stdout == "cancelled\n", done
     assert done.stderr == "", done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_block_refuses_a_wakeup_fd_set_already() -> None:
+    # Its own wakeup fd replaced the one found, whose readers (the loop's
+    # `add_signal_handler` handlers) then never ran; it now refuses and leaves it be.
+    script = textwrap.dedent("""
+        import asyncio, signal
+        from gapfill.engine.run import _sigterm_cancels_main
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGUSR1, lambda: None)
+            found = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(found)
+            try:
+                with _sigterm_cancels_main():
+                    print("entered")
+            except RuntimeError as exc:
+                print("refused:", "add_signal_handler" in str(exc))
+            after = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(after)
+            print("left be:", found != -1 and after == found)
+            loop.remove_signal_handler(signal.SIGUSR1)
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout == "refused: True\nleft be: True\n", done

@@ -782,6 +782,12 @@ def _sigterm_cancels_main() -> Iterator[None]:
     this handler to ignored in one step, inside the block, and the wakeup fd is this
     block's own, unset before it is closed. The worker is on its way out by then, and a
     worker stuck on it still gets the SIGKILL.
+
+    So nothing inside the block may use ``loop.add_signal_handler``: the loop's handlers are
+    run from the bytes of its own wakeup fd, which this block's replaces and whose bytes
+    :func:`_drain` throws away, so they would never run; and the block's end would put back
+    the fd it found, whatever the loop had set meanwhile. Entered with a wakeup fd already
+    set (a loop's handler, another such block), it raises ``RuntimeError`` and changes nothing.
     """
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -804,6 +810,12 @@ def _sigterm_cancels_main() -> Iterator[None]:
         wake.setblocking(False)
         wake_w.setblocking(False)
         previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        if previous != -1:
+            signal.set_wakeup_fd(previous)
+            raise RuntimeError(
+                f"a signal wakeup fd ({previous}) is set already: _sigterm_cancels_main would drop "
+                "what the signals write to it (loop.add_signal_handler handlers never run)"
+            )
         try:
             loop.add_reader(wake, _drain, wake)
             signal.signal(signal.SIGTERM, on_term)

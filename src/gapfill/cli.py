@@ -1116,14 +1116,21 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
     # Ctrl+C or SIGTERM as the engine's end did: one landing there ended a complete run with
     # 130 and "interrupted", its summary cut short, and a line its KeyboardInterrupt cut
     # was written again (a buffered write that fails keeps its data). A second signal stops
-    # the command at once, saying nothing more: the output may be what hangs.
+    # the command at once, saying nothing more: the output may be what hangs. The engine
+    # holds them in this same `end`, and leaves them held as it returns: it gave its handlers
+    # back first, and a signal in between ended a run recorded complete with 130.
     end = HeldSignals()
+    cut = False  # a second signal stopped the engine as it recorded the run's end
 
     def run() -> RunSummary:
+        nonlocal cut
         try:
-            return run_enrich(job, emit)
+            return run_enrich(job, emit, end)
+        except KeyboardInterrupt:
+            cut = end.held > 1
+            raise
         finally:
-            end.hold()
+            end.hold()  # where the engine did not (it stopped before its run's end)
 
     try:
         try:
@@ -1135,7 +1142,7 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
         except (Interrupted, KeyboardInterrupt):
             if reader_left:
                 raise SystemExit(141) from None
-            if end.held > 1:
+            if end.held > 1 and not cut:
                 raise  # as the live view ended: below
             if not summaries and not started:
                 raise  # the command says what a stop before the run leaves

@@ -48,11 +48,15 @@ class HeldSignals:
 
     def hold(self, previous: dict[int, Any] | None = None) -> None:
         """From here on (the main thread only: no other can handle signals); once is enough.
-        ``previous``: the handlers :meth:`restore` puts back, if not those this replaces."""
+        ``previous``: the handlers :meth:`restore` puts back, if not those this replaces (an
+        ignored one is put back at once, as one ignored here is left so)."""
         if self._previous or threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
             if previous is not None:
+                if previous[signum] is signal.SIG_IGN:  # given back now: it stays ignored
+                    signal.signal(signum, signal.SIG_IGN)
+                    continue
                 signal.signal(signum, self._on_signal)
                 self._previous[signum] = previous[signum]
             elif signal.getsignal(signum) not in (signal.SIG_IGN, None):  # `cmd &` ignores SIGINT

@@ -26,25 +26,39 @@ def _ctrl_c_as_at_a_terminal() -> Any:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("at", ["record", "handover"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("mode", ["batch", "sequential", "concurrent"])
 def test_a_signal_as_a_run_records_its_end_leaves_it_recorded_as_it_ended(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, signum: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, signum: int, at: str
 ) -> None:
-    # The coordinator put the CLI's handlers back before it wrote the run's end: a Ctrl+C or
-    # SIGTERM landing then raised KeyboardInterrupt in the middle of it. The run's row stayed
-    # `running` (until the next run marked it `interrupted`), no summary was said, and a run
-    # that had finished exited 130. Batch and sequential modes had the same gap.
+    # record: the coordinator put the CLI's handlers back before it wrote the run's end: a
+    # Ctrl+C or SIGTERM landing then raised KeyboardInterrupt in the middle of it. The run's
+    # row stayed `running` (until the next run marked it `interrupted`), no summary was said,
+    # and a run that had finished exited 130. Batch and sequential modes had the same gap.
+    # handover: the engine gave its handlers back as it returned, and the CLI held the
+    # signals again only after it had: a signal in between made a complete run exit 130.
+    import gapfill.engine.run
+
     db = f"sqlite:///{tmp_path / 'g.db'}"
     base = all_failed_open_plan(db)  # a rerun closes the plan at once: complete, exit 3
-    finish_run = Store.finish_run
+    finish_run, run_enrich = Store.finish_run, gapfill.engine.run.run_enrich
 
     def signalled(self: Store, *args: Any, **kwargs: Any) -> tuple[int, int, int]:
         signal.raise_signal(signum)  # its handler runs here, before the row is written
         return finish_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(Store, "finish_run", signalled)
+    def returned_signalled(*args: Any, **kwargs: Any) -> Any:
+        summary = run_enrich(*args, **kwargs)
+        signal.raise_signal(signum)  # its handler runs here, as the engine returns
+        return summary
+
+    if at == "record":
+        monkeypatch.setattr(Store, "finish_run", signalled)
+    else:
+        monkeypatch.setattr(gapfill.engine.run, "run_enrich", returned_signalled)
     workers = ["--workers", "2"] if mode == "concurrent" else []
+    term = signal.getsignal(signal.SIGTERM)
     r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
     assert r.exit_code == 3, r.output  # complete, with permanent failures, as without the signal
     assert "Traceback" not in r.output and "interrupted" not in r.output, r.output
@@ -52,6 +66,9 @@ def test_a_signal_as_a_run_records_its_end_leaves_it_recorded_as_it_ended(
     with open_store(db) as store:
         run = max(store.list_runs(), key=lambda run: run.run_id)
     assert run.state == "done" and run.finished_at is not None, run
+    # and the handlers are given back once the end is said
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == term
 
 
 @pytest.mark.timeout(60)
@@ -173,12 +190,23 @@ def test_a_signal_as_the_summary_is_said_leaves_the_exit_code_the_runs(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("first_at", ["summary", "record"])
 def test_a_second_signal_as_the_summary_is_said_stops_the_command_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_at: str
 ) -> None:
+    # record: the first came as the run recorded its end. The engine and the CLI held them
+    # each in its own count, and a repeated Ctrl+C was taken each time for a first one.
     db = f"sqlite:///{tmp_path / 'g.db'}"
     base = all_failed_open_plan(db)
-    _signal_as_the_summary_is_said(monkeypatch, [signal.SIGINT, signal.SIGINT])
+    finish_run = Store.finish_run
+
+    def signalled(self: Store, *args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        signal.raise_signal(signal.SIGINT)
+        return finish_run(self, *args, **kwargs)
+
+    if first_at == "record":
+        monkeypatch.setattr(Store, "finish_run", signalled)
+    _signal_as_the_summary_is_said(monkeypatch, [signal.SIGINT] * (2 if first_at == "summary" else 1))
     r = CliRunner().invoke(cli, [*base, "enrich", "--mode", "batch"])
     assert r.exit_code == 130, r.output
     assert "Traceback" not in r.output and "  calls:" not in r.output, r.output
@@ -194,7 +222,7 @@ def test_a_signal_as_the_unreached_contracts_are_named_leaves_the_exit_code_the_
     import gapfill.engine.run
     from gapfill.engine.events import RunSummary
 
-    def run_enrich(job: Any, emit: Any) -> RunSummary:
+    def run_enrich(job: Any, emit: Any, end: Any = None) -> RunSummary:
         summary = RunSummary(1, "batch", 1, 5, 0, 0, 1.0, 5.0, 10, 2.0, "done")
         emit(summary)
         return summary
@@ -249,3 +277,24 @@ def test_a_signal_as_a_run_closes_its_database_leaves_the_exit_code_the_runs(
     assert not ended, "the run's database was not closed"
     assert r.exit_code == 3, r.output
     assert "Traceback" not in r.output and "interrupted" not in r.output, r.output
+
+
+def test_a_handler_to_put_back_that_ignores_the_signal_leaves_it_ignored() -> None:
+    # `gapfill enrich &` starts with SIGINT ignored: the run's end, holding with the CLI's
+    # handlers to put back, counted a `kill -INT` as a Ctrl+C (a second one stopped it).
+    from gapfill.signals import HeldSignals
+
+    def term(signum: int, frame: Any) -> None: ...
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
+    end = HeldSignals()
+    try:
+        end.hold({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: term})
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert getattr(signal.getsignal(signal.SIGTERM), "__self__", None) is end
+        end.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is term
+    finally:
+        end.restore()
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])

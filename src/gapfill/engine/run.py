@@ -440,12 +440,19 @@ def _release_dead_local_owners(store: Store, emit: Emit) -> None:
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
 
 
-def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummary:
+def run_in_process(
+    job: EnrichJob, emit: Emit, *, sequential: bool, end: HeldSignals | None = None
+) -> RunSummary:
+    """``end``: see :func:`run_enrich`."""
     mode = "sequential" if sequential else "batch"
     store = _open(job, emit)
     term = _Term()
+    old_int = signal.getsignal(signal.SIGINT)
     old_term = _sigterm_as_sigint(term)
-    end = HeldSignals()
+    own_end, end = end is None, end if end is not None else HeldSignals()
+    # The run's end holds the signals with the caller's handlers as those put back, not the
+    # run's own (SIGTERM's), so that a caller that holds them on does so with no gap.
+    callers: dict[int, Any] = {signal.SIGINT: old_int, signal.SIGTERM: old_term}
     try:
         run_id = store.create_run(mode, 1, chain_id=job.chain_id)
         store.counts_for_run = run_id
@@ -477,12 +484,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
         except GapfillError as exc:
             # The node or the database failed for good: the run says so (and why), the plan
             # stays open, and the row keeps what was committed before.
-            end.hold()
+            end.hold(callers)
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 store.finish_run(run_id, "failed", totals_box.get("calls", 0), note=_note(job, exc))
             raise
         finally:
-            end.hold()
+            end.hold(callers)
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
             # cut short) goes back now: batch mode has no coordinator to return it, and a
             # rerun would wait for it to expire.
@@ -507,12 +514,12 @@ def run_in_process(job: EnrichJob, emit: Emit, *, sequential: bool) -> RunSummar
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
     finally:
+        end.hold(callers)  # where the run did not start: the caller's SIGTERM handler goes back
         try:
             store.close()  # held too: a Ctrl+C as it closed made a run recorded complete exit 130
         finally:
-            end.restore()
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            if own_end:  # else the caller gives the handlers back once it has said the end
+                end.restore()
 
 
 @dataclass
@@ -1060,12 +1067,14 @@ class Coordinator:
             self.said.add(ev.text)
         self.emit(ev)
 
-    def run(self) -> RunSummary:
-        end = HeldSignals()
+    def run(self, end: HeldSignals | None = None) -> RunSummary:
+        """The run; ``end``: see :func:`run_enrich`."""
+        held = end if end is not None else HeldSignals()
         try:
-            return self._run(end)
+            return self._run(held)
         finally:
-            end.restore()
+            if end is None:  # else the caller gives the handlers back once it has said the end
+                held.restore()
 
     def _run(self, end: HeldSignals) -> RunSummary:
         from multiprocessing.connection import wait as wait_for_ready
@@ -1376,8 +1385,14 @@ class Coordinator:
 # -- entry point ---------------------------------------------------------------------------
 
 
-def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
-    """Run ``job`` in its mode (``auto`` picks one); emits events, returns the summary."""
+def run_enrich(job: EnrichJob, emit: Emit, end: HeldSignals | None = None) -> RunSummary:
+    """Run ``job`` in its mode (``auto`` picks one); emits events, returns the summary.
+
+    The run's end (recorded, its database closed) holds a first Ctrl+C or SIGTERM in
+    ``end``, with the caller's handlers as those :meth:`HeldSignals.restore` puts back; with
+    ``end`` the caller's, the run leaves them held and the caller restores them once it has
+    said the end, so that no signal lands in between (it ended a complete run with 130).
+    Without it, the run gives them back as it returns."""
     mode = job.mode
     if mode not in MODES:
         raise GapfillError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -1398,8 +1413,8 @@ def run_enrich(job: EnrichJob, emit: Emit) -> RunSummary:
             why += "; joining the open plan"
         emit(Notice(f"mode auto: {mode} ({why})"))
     if mode == "concurrent":
-        return Coordinator(replace(job, mode=mode), emit).run()
+        return Coordinator(replace(job, mode=mode), emit).run(end)
     if job.workers and job.workers > 1:
         said = job.workers_said or f"--workers {job.workers}"
         emit(Notice(f"{said} applies to concurrent mode; {mode} mode runs one worker"))
-    return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential")
+    return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential", end=end)

@@ -1081,9 +1081,12 @@ def _renderer(quiet: bool) -> Any:
     return LiveRenderer() if _is_tty() else LineRenderer()
 
 
-def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
+def _run_job(job: Any, quiet: bool, left: Sequence[str] = (), deliver: bool = False) -> None:
     """Run ``job``; ``left`` are the sentences naming work it cannot do (contracts on a
-    chain no endpoint serves), said after its summary: then it ends with exit 3."""
+    chain no endpoint serves), said after its summary: then it ends with exit 3.
+    ``deliver``: a first Ctrl+C or SIGTERM held through the run's end is handled once that
+    end is said (``gapfill demo`` stops there, before its next steps); else the command ends
+    with its run's exit code."""
     from gapfill.cli_progress import LiveRenderer, summary_lines
     from gapfill.engine.events import RunStarted, RunSummary
     from gapfill.engine.run import run_enrich
@@ -1166,6 +1169,8 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = ()) -> None:
         raise SystemExit(130) from None  # a second signal as the run's end is said
     finally:
         end.restore()
+    if deliver and end.first is not None:
+        signal.raise_signal(end.first)  # its handler, put back, runs now
     if summary.permanent_failures or summary.failed or left:
         # Finished, but not everything is stored: `gapfill failures` says why, or the
         # sentences above which contracts no endpoint's chain let it reach.

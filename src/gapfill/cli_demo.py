@@ -131,7 +131,8 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
             "plan": "auto", "metrics_port": None,
         }  # fmt: skip
         try:
-            _run_job(_job(ctx, chain_id, [token, silent], mode, opts), quiet=False)
+            # A Ctrl+C held as the run ended stops the demo once the run's end is said.
+            _run_job(_job(ctx, chain_id, [token, silent], mode, opts), quiet=False, deliver=True)
         except SystemExit as exc:
             if exc.code not in (0, 3, None):
                 raise

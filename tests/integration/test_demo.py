@@ -109,3 +109,37 @@ def test_ctrl_c_during_chain_generation_stops_cleanly(tmp_path: Path, anvil_bin:
     host, port = url.removeprefix("http://").split(":")
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
         pass
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_as_the_demos_run_summary_is_said_stops_the_demo_after_it(
+    tmp_path: Path, anvil_bin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first Ctrl+C as the run's end is said is held, so that the summary is said whole;
+    it was then dropped, and the demo went on through its remaining steps."""
+    import click
+    from click.testing import CliRunner
+
+    import gapfill.cli
+    from gapfill.cli import cli
+
+    monkeypatch.setenv("GAPFILL_ANVIL", anvil_bin)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gapfill.cli, "_is_tty", lambda: True)  # the summary said after the live view
+    echo = click.echo
+
+    def echo_signalled(message: object = None, *args: object, **kwargs: object) -> None:
+        if isinstance(message, str) and message.startswith("  processed:"):
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, as the line is written
+        echo(message, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(click, "echo", echo_signalled)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
+    try:
+        r = CliRunner().invoke(cli, ["demo", "--txs", "500", "--rows", "0"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert r.exit_code == 130, r.output
+    assert r.output.count("  processed:") == 1 and "  calls:" in r.output, r.output  # said whole
+    assert "7. After enrichment" not in r.output and "8. Stopping the node" in r.output, r.output
+    assert "Traceback" not in r.output, r.output

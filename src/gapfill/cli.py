@@ -198,9 +198,14 @@ class GapfillGroup(click.Group):
         ctx.meta["gapfill.help_asked"] = any(a in ("-h", "--help") for a in ctx.args)
         try:
             try:
-                return super().invoke(ctx)
-            finally:
-                _close_held(ctx)
+                result = super().invoke(ctx)
+            except BaseException:
+                # The command's own outcome is said below: a Ctrl+C as the database closes
+                # must not say "after the command ended" in its place.
+                _close_held(ctx, ended=False)
+                raise
+            _close_held(ctx)
+            return result
         except GapfillError as exc:
             fail(ctx.find_object(Ctx), exc)
         except CommitUnknown:
@@ -234,11 +239,13 @@ class GapfillGroup(click.Group):
                 signal.signal(signal.SIGTERM, old_term)
 
 
-def _close_held(ctx: click.Context) -> None:
+def _close_held(ctx: click.Context, ended: bool = True) -> None:
     """Close the command's database (SQLite checkpoints its WAL: ~0.2 s after an import of 1M
     refs) holding a first Ctrl+C or SIGTERM, as a run's end holds it: the command has done
     and said what it did, and its exit code stands. Closed by click as its context ended, it
-    took one as "Aborted!" and exit 1. A second stops the command at once (130)."""
+    took one as "Aborted!" and exit 1. A second stops the command at once (130), said so
+    where the command ``ended``; where it did not (an error or an interrupt on its way to
+    be said), that outcome is said instead."""
     obj = ctx.find_object(Ctx)
     if obj is None:
         return
@@ -247,6 +254,8 @@ def _close_held(ctx: click.Context) -> None:
     try:
         obj.close()
     except KeyboardInterrupt:
+        if not ended:
+            return
         tell("interrupted as the database closed, after the command ended: what it committed is kept")
         raise SystemExit(130) from None
     finally:
@@ -625,15 +634,16 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         was = None
     # A Ctrl+C or SIGTERM as the contract is written stops the command once it is (the
     # scope's end), saying so: it raised as the commit returned, "nothing was written".
-    with HoldFromCommit():
+    written = f"{address} is tracked on chain {chain_id}"
+    if abi is not None:
+        # The ABI and the ask to decode the stored rows again were written together: if
+        # this is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
+        written += (" with this ABI, but the rows stored before it are not all decoded with "
+                    "it yet: the next `gapfill enrich` finishes that, or run the same command again")
+    with HoldFromCommit() as late:
+        # Set before the write: a second signal as it commits is said from `late.committed`.
+        ctx.kept = lambda: written if late.committed else "nothing was written; run the same command again"
         store.add_contract(Contract(chain_id, address, label, start_block, abi))
-        ctx.kept = lambda: f"{address} is tracked on chain {chain_id}"
-        if abi is not None:
-            # The ABI and the ask to decode the stored rows again were written together: if
-            # this is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
-            ctx.kept = lambda: (f"{address} is tracked on chain {chain_id} with this ABI, but the rows "
-                                "stored before it are not all decoded with it yet: the next `gapfill "
-                                "enrich` finishes that, or run the same command again")  # fmt: skip
     click.echo(_added(was, store.get_contract(address, chain_id), abi is not None))
     if abi is not None:
         from gapfill.enrich.decode import abi_problems

@@ -155,16 +155,29 @@ def test_a_second_signal_at_an_imports_commit_stops_it_saying_the_outcome_is_unk
     assert r.stdout == "" and r.stderr == UNKNOWN + "\n", r.output
 
 
+@pytest.mark.parametrize("when", ["at_commit", "two_after_commit"])
 def test_a_signal_at_a_contracts_commit_stops_contract_add_saying_it_is_tracked(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+    db_url: str, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     # It said "interrupted: nothing was written; run the same command again" of a contract
-    # that was tracked.
+    # that was tracked: of one signal at its commit, and (review) of two between its commit
+    # and the line that set what Ctrl+C leaves.
     with open_store(db_url):
         pass
-    arm = signal_at_commit(monkeypatch, db_url, "add_contract", signal.SIGINT)
+    if when == "at_commit":
+        arm = signal_at_commit(monkeypatch, db_url, "add_contract", signal.SIGINT)
+    else:
+        real = Store.add_contract
+
+        def add_then_two_signals(self: Store, contract: Contract) -> None:
+            real(self, contract)
+            signal.raise_signal(signal.SIGINT)  # held: the scope's commit is done
+            signal.raise_signal(signal.SIGINT)  # stops the command at once
+
+        monkeypatch.setattr(Store, "add_contract", add_then_two_signals)
     r = run(db_url, "contract", "add", C, "--chain-id", "1", "--label", "x")
-    assert arm.fired == 1
+    if when == "at_commit":
+        assert arm.fired == 1
     assert r.exit_code == 130, r.output
     assert r.stderr == f"interrupted: {C} is tracked on chain 1\n", r.output
     monkeypatch.undo()
@@ -305,3 +318,17 @@ def test_a_signal_during_a_postgres_commit(
         assert r.stdout == f"imported {N} new refs for {C} on chain 1\n"
         assert r.stderr == AFTER.format("import"), r.output
         assert stored_refs(pg_url) == N
+
+
+def test_a_second_signal_as_a_failed_commands_database_closes_leaves_its_error(
+    tracked: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: the close ran before the command's error was said, and two signals there put
+    # "interrupted as the database closed, after the command ended" in its place (130).
+    db, hashes = tracked
+    hashes.write_text(f"{h(1)}\nnot-a-hash\n")
+    signal_at_close(monkeypatch, signal.SIGINT, signal.SIGINT)
+    r = run(db, "import", str(hashes), "--contract", C)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("error: ") and "line 2" in r.stderr, r.output
+    assert "closed" not in r.stderr

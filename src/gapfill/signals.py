@@ -13,7 +13,8 @@ outcome was unknown there.
   nothing more, a second raises ``KeyboardInterrupt`` at once (where what is waited for hangs).
 * :func:`committing`: the stores run each write transaction's commit of the main thread in
   it, so that a first signal waits for the commit's end, whose outcome is then known; a
-  second stops the command at once with :class:`CommitUnknown`.
+  second stops the command at once with :class:`CommitUnknown` (on PostgreSQL: SQLite's
+  commit, which no signal cuts, has returned by then, and its store says what it did).
 * :class:`HoldFromCommit`: where a command says what a commit stored, it holds the signals
   from that commit's start to the scope's end, and the command reports what it did.
 
@@ -78,7 +79,9 @@ class HeldSignals:
 
 class CommitUnknown(KeyboardInterrupt):
     """A second Ctrl+C or SIGTERM during a commit stopped the command before the commit's
-    outcome was known: on PostgreSQL psycopg cancels the ``COMMIT``, which may have completed."""
+    outcome was known: on PostgreSQL psycopg cancels the ``COMMIT``, which may have completed.
+    SQLite's ``COMMIT`` is one C call that no signal cuts, so the store knows the outcome
+    there and raises a plain ``KeyboardInterrupt`` instead (:func:`mark_committed`)."""
 
 
 #: The :class:`HoldFromCommit` scopes open, innermost last (the main thread's only).
@@ -125,6 +128,14 @@ class HoldFromCommit:
             self._held = held  # for the caller to read once the scope is over
         if kind is None and self.deliver and held.first is not None:
             signal.raise_signal(held.first)  # its handler, put back, runs now
+
+
+def mark_committed() -> None:
+    """The commit that :class:`CommitUnknown` stopped is known to be done (SQLite's, whose
+    ``COMMIT`` had returned when the second signal was handled): the :class:`HoldFromCommit`
+    scope open says so in ``committed``, and the command says what it stored."""
+    if _scopes and threading.current_thread() is threading.main_thread():
+        _scopes[-1].committed = True
 
 
 def _holding() -> bool:

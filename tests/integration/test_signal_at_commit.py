@@ -68,9 +68,12 @@ class _Arm:
                 signal.raise_signal(s)
 
 
-def signal_at_commit(monkeypatch: pytest.MonkeyPatch, db: str, method: str, *signals: int) -> _Arm:
+def signal_at_commit(monkeypatch: pytest.MonkeyPatch, db: str, method: str, *signals: int,
+                     before: bool = False) -> _Arm:  # fmt: skip
     """Have the commit of ``Store.<method>``'s transaction followed at once by ``signals``: a
-    SQLite cursor's ``COMMIT``, or psycopg's transaction end, returns, then they are raised."""
+    SQLite cursor's ``COMMIT``, or psycopg's transaction end, returns, then they are raised.
+    ``before`` (SQLite): they are raised as the ``COMMIT`` is about to run, which then does
+    not (a second signal is handled before SQLite's one C call begins, or after it ends)."""
     arm = _Arm(list(signals))
     real = getattr(Store, method)
 
@@ -85,6 +88,8 @@ def signal_at_commit(monkeypatch: pytest.MonkeyPatch, db: str, method: str, *sig
     if db.startswith("sqlite"):
         class Cursor(sqlite3.Cursor):
             def execute(self, sql: str, *args: Any) -> Any:
+                if before and sql == "COMMIT":
+                    arm.commit_returned()
                 out = super().execute(sql, *args)
                 if sql == "COMMIT":
                     arm.commit_returned()
@@ -145,14 +150,57 @@ def test_a_signal_at_an_imports_commit_is_said_after_the_import_it_did_not_stop(
     assert stored_refs(db) == N
 
 
-def test_a_second_signal_at_an_imports_commit_stops_it_saying_the_outcome_is_unknown(
+def test_a_second_signal_at_an_imports_commit_stops_it_saying_what_is_known(
     tracked: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # PostgreSQL: psycopg cancels the COMMIT, which may have completed. SQLite: its COMMIT is
+    # one C call that both signals waited for, so it is done, and the import says so (it
+    # said, as PostgreSQL's, that whether it was stored is not known).
     db, hashes = tracked
-    signal_at_commit(monkeypatch, db, "add_refs", signal.SIGINT, signal.SIGTERM)
+    arm = signal_at_commit(monkeypatch, db, "add_refs", signal.SIGINT, signal.SIGTERM)
     r = run(db, "import", str(hashes), "--contract", C)
+    assert arm.fired == 1
     assert r.exit_code == 130, r.output
-    assert r.stdout == "" and r.stderr == UNKNOWN + "\n", r.output
+    if db.startswith("sqlite"):
+        assert r.stdout == "", r.output
+        assert r.stderr == "interrupted: the import had been committed: all its refs are stored\n", r.output
+        monkeypatch.undo()
+        assert stored_refs(db) == N
+    else:
+        assert r.stdout == "" and r.stderr == UNKNOWN + "\n", r.output
+
+
+def test_a_second_signal_before_sqlites_commit_began_says_nothing_was_imported(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both handled before the COMMIT ran: the transaction is rolled back, and the import
+    # said so (it said that whether it was stored is not known).
+    with open_store(sqlite_url) as store:
+        store.add_contract(Contract(1, C))
+    hashes = tmp_path / "hashes.txt"
+    hashes.write_text("".join(f"{h(i)}\n" for i in range(1, N + 1)))
+    arm = signal_at_commit(monkeypatch, sqlite_url, "add_refs", signal.SIGINT, signal.SIGTERM, before=True)
+    r = run(sqlite_url, "import", str(hashes), "--contract", C)
+    assert arm.fired == 1
+    assert r.exit_code == 130, r.output
+    assert r.stderr == "interrupted: nothing was imported (an import is one transaction); run it again\n"
+    monkeypatch.undo()
+    assert stored_refs(sqlite_url) == 0
+
+
+def test_a_second_signal_at_sqlites_commit_of_a_removal_says_it_was_removed(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(sqlite_url) as store:
+        store.add_contract(Contract(1, C))
+    arm = signal_at_commit(monkeypatch, sqlite_url, "remove_contract", signal.SIGTERM, signal.SIGINT)
+    r = run(sqlite_url, "contract", "remove", C, "--yes")
+    assert arm.fired == 1
+    assert r.exit_code == 130, r.output
+    assert r.stdout == "" and r.stderr == f"interrupted: {C} on chain 1 had been removed\n", r.output
+    monkeypatch.undo()
+    with open_store(sqlite_url) as store:
+        assert store.list_contracts() == []
 
 
 @pytest.mark.parametrize("when", ["at_commit", "two_after_commit"])
@@ -201,6 +249,23 @@ def test_a_signal_at_a_removals_commit_is_said_after_the_removal_it_did_not_stop
         assert store.list_contracts() == []
 
 
+@pytest.mark.xfail(strict=True, reason="needs cli.py: contract add's kept reads 'nothing was written' "
+                   "until add_contract returns; it should ask its HoldFromCommit's `committed`")
+def test_a_second_signal_at_sqlites_commit_of_a_contract_says_it_is_tracked(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(sqlite_url):
+        pass
+    arm = signal_at_commit(monkeypatch, sqlite_url, "add_contract", signal.SIGINT, signal.SIGTERM)
+    r = run(sqlite_url, "contract", "add", C, "--chain-id", "1", "--label", "x")
+    assert arm.fired == 1
+    assert r.exit_code == 130, r.output
+    monkeypatch.undo()
+    with open_store(sqlite_url) as store:
+        assert store.get_contract(C, 1).label == "x"
+    assert r.stderr == f"interrupted: {C} is tracked on chain 1\n", r.output
+
+
 def signal_at_close(monkeypatch: pytest.MonkeyPatch, *signals: int) -> list[str]:
     """Have each store's close followed at once by ``signals``; returns the closes made."""
     closed: list[str] = []
@@ -235,6 +300,8 @@ def test_a_signal_as_the_database_closes_leaves_the_commands_outcome(
 def test_a_second_signal_as_the_database_closes_stops_the_command_with_one_line(
     tracked: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Both signals come once the close has returned (on SQLite it is one C call, and two
+    # Ctrl+C during it would be one): the database is closed, so the line is true.
     db, hashes = tracked
     signal_at_close(monkeypatch, signal.SIGINT, signal.SIGINT)
     r = run(db, "import", str(hashes), "--contract", C)

@@ -22,7 +22,7 @@ import orjson
 
 from gapfill.errors import StoreError
 from gapfill.model import LogRow, Ref, RefKey, TxRow
-from gapfill.signals import committing
+from gapfill.signals import CommitUnknown, committing, mark_committed
 from gapfill.store.base import (
     BIG_INT_COLUMNS,
     DB_CHECK,
@@ -428,8 +428,25 @@ class SqliteStore(Store):
         if self._watching:
             self._conn.set_progress_handler(None, 0)
             self._watching = False  # the next transaction puts it back
-        with committing():
-            cur.execute("COMMIT")
+        failed = False
+        try:
+            with committing():
+                try:
+                    cur.execute("COMMIT")
+                except sqlite3.Error:
+                    failed = True  # set before any handler runs: none runs as it raises
+                    raise
+        except KeyboardInterrupt as exc:
+            # The signals were handled before the COMMIT began or after it returned, never
+            # in it, so what it did is known: a second one (CommitUnknown) said "not known"
+            # of an import stored whole, or of one that never was.
+            if self._conn.in_transaction:
+                self._conn.rollback()
+            elif not failed:
+                mark_committed()
+            if isinstance(exc, CommitUnknown):
+                raise KeyboardInterrupt from None
+            raise
 
     def migrate(self) -> int:
         with self._tx() as cur:

@@ -150,8 +150,9 @@ def committing() -> Iterator[None]:
     """Around a write transaction's ``COMMIT`` (the stores'): in the main thread, the only
     one signals reach, a first Ctrl+C or SIGTERM waits for the commit's end, whose outcome
     is then known, and is handled after it (at once, or at the end of a
-    :class:`HoldFromCommit` scope open); a second raises :class:`CommitUnknown`. Elsewhere,
-    or where a holder is already at work, it does nothing."""
+    :class:`HoldFromCommit` scope open, or as the commit fails: its error is then the
+    ``KeyboardInterrupt``'s context); a second raises :class:`CommitUnknown`. Elsewhere, or
+    where a holder is already at work, it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -170,6 +171,12 @@ def committing() -> Iterator[None]:
         raise CommitUnknown from None
     except BaseException:
         held.restore()
+        if held.first is not None:
+            # The commit failed (a PostgreSQL serialization failure or deferred constraint,
+            # SQLite's disk full): the signal held is handled all the same, the error its
+            # context. Dropped, the command said the error and exited 1, and a caller that
+            # catches the store's error lost the Ctrl+C.
+            signal.raise_signal(held.first)
         raise
     if scope is not None:
         scope.committed = True

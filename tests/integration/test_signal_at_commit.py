@@ -11,6 +11,7 @@ when a signal that came during the C call is handled), for the commit of one sto
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import threading
@@ -23,7 +24,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from gapfill.cli import cli
-from gapfill.model import Contract
+from gapfill.errors import StoreError
+from gapfill.model import Contract, Ref
 from gapfill.store import open_store
 from gapfill.store.base import Store
 from gapfill.store.postgres import PostgresStore
@@ -53,27 +55,43 @@ def _ctrl_c_as_at_a_terminal() -> Iterator[None]:
 
 
 class _Arm:
-    """Raise ``signals`` just after the commit of the one call of the store method armed."""
+    """Raise ``signals`` at the commit of the one call of the store method armed."""
 
     def __init__(self, signals: list[int]) -> None:
         self.signals = signals
         self.armed = False
         self.fired = 0
 
-    def commit_returned(self) -> None:
-        if self.armed:
-            self.armed = False
-            self.fired += 1
-            for s in self.signals:
-                signal.raise_signal(s)
+    def commit_returned(self) -> bool:
+        """Raise them if armed; whether it was."""
+        if not self.armed:
+            return False
+        self.armed = False
+        self.fired += 1
+        for s in self.signals:
+            signal.raise_signal(s)
+        return True
+
+
+#: A deferred trigger on refs that fails the COMMIT, as a serialization failure or a
+#: deferred constraint would.
+_FAIL_AT_COMMIT = """
+CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'refused at commit'; END $$;
+CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON refs DEFERRABLE INITIALLY DEFERRED
+FOR EACH ROW WHEN (NEW.tx_hash = '{first}') EXECUTE FUNCTION fail_at_commit();
+"""
 
 
 def signal_at_commit(monkeypatch: pytest.MonkeyPatch, db: str, method: str, *signals: int,
-                     before: bool = False) -> _Arm:  # fmt: skip
+                     before: bool = False, fail: bool = False) -> _Arm:  # fmt: skip
     """Have the commit of ``Store.<method>``'s transaction followed at once by ``signals``: a
     SQLite cursor's ``COMMIT``, or psycopg's transaction end, returns, then they are raised.
-    ``before`` (SQLite): they are raised as the ``COMMIT`` is about to run, which then does
-    not (a second signal is handled before SQLite's one C call begins, or after it ends)."""
+    ``before``: they are raised as the commit is about to run (on SQLite a signal is handled
+    before its one C call begins or after it ends). ``fail``: then the commit fails,
+    as a full disk fails SQLite's (it raises without running) or a deferred constraint
+    PostgreSQL's (a trigger on refs fails it on the server). Patch before the store opens."""
+    before = before or fail
     arm = _Arm(list(signals))
     real = getattr(Store, method)
 
@@ -88,10 +106,10 @@ def signal_at_commit(monkeypatch: pytest.MonkeyPatch, db: str, method: str, *sig
     if db.startswith("sqlite"):
         class Cursor(sqlite3.Cursor):
             def execute(self, sql: str, *args: Any) -> Any:
-                if before and sql == "COMMIT":
-                    arm.commit_returned()
+                if before and sql == "COMMIT" and arm.commit_returned() and fail:
+                    raise sqlite3.OperationalError("database or disk is full")
                 out = super().execute(sql, *args)
-                if sql == "COMMIT":
+                if sql == "COMMIT" and not before:
                     arm.commit_returned()
                 return out
 
@@ -102,11 +120,16 @@ def signal_at_commit(monkeypatch: pytest.MonkeyPatch, db: str, method: str, *sig
         connect = sqlite3.connect
         monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: connect(*a, **kw, factory=Connection))
     else:
+        if fail:
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute(_FAIL_AT_COMMIT.format(first=h(1)).encode())
         end = psycopg.Transaction.__exit__
 
         def exit_then_signal(self: psycopg.Transaction, kind: Any, exc: Any, tb: Any) -> Any:
+            if before and kind is None and not self.savepoint_name:
+                arm.commit_returned()
             out = end(self, kind, exc, tb)
-            if kind is None and not self.savepoint_name:
+            if not before and kind is None and not self.savepoint_name:
                 arm.commit_returned()
             return out
 
@@ -264,6 +287,42 @@ def test_a_second_signal_at_sqlites_commit_of_a_contract_says_it_is_tracked(
     with open_store(sqlite_url) as store:
         assert store.get_contract(C, 1).label == "x"
     assert r.stderr == f"interrupted: {C} is tracked on chain 1\n", r.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_a_commit_that_fails_still_interrupts_the_import(
+    tracked: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, sig: int
+) -> None:
+    # The signal held through the commit was dropped as the commit failed: the command said
+    # the store's error and exited 1, as if no Ctrl+C had come.
+    db, hashes = tracked
+    arm = signal_at_commit(monkeypatch, db, "add_refs", sig, fail=True)
+    r = run(db, "import", str(hashes), "--contract", C)
+    assert arm.fired == 1
+    assert r.exit_code == 130, r.output
+    assert r.stdout == "", r.output
+    assert r.stderr == "interrupted: nothing was imported (an import is one transaction); run it again\n"
+    monkeypatch.undo()
+    assert stored_refs(db) == 0
+
+
+def test_a_signal_at_a_commit_that_fails_reaches_a_caller_that_catches_the_stores_error(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller that catches StoreError lost the Ctrl+C. The store's error is the interrupt's
+    # context, the transaction is rolled back, and the store goes on working.
+    with open_store(db_url) as store:
+        store.add_contract(Contract(1, C))
+    arm = signal_at_commit(monkeypatch, db_url, "add_refs", signal.SIGINT, fail=True)
+    with open_store(db_url) as store:
+        refs = [Ref(1, C, h(i), None) for i in range(1, 4)]
+        with pytest.raises(KeyboardInterrupt) as caught, contextlib.suppress(StoreError):
+            store.add_refs(refs)
+        assert arm.fired == 1
+        assert isinstance(caught.value.__context__, (sqlite3.Error, psycopg.Error)), caught.value.__context__
+        assert sum(s.refs for s in store.status() if s.address == C) == 0
+        store.add_contract(Contract(1, C, "again"))
+        assert store.get_contract(C, 1).label == "again"
 
 
 def signal_at_close(monkeypatch: pytest.MonkeyPatch, *signals: int) -> list[str]:

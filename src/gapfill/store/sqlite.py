@@ -439,7 +439,8 @@ class SqliteStore(Store):
         except KeyboardInterrupt as exc:
             # The signals were handled before the COMMIT began or after it returned, never
             # in it, so what it did is known: a second one (CommitUnknown) said "not known"
-            # of an import stored whole, or of one that never was.
+            # of an import stored whole, or of one that never was. A first one raised here
+            # as the commit failed, and the transaction is still open if it did not end it.
             if self._conn.in_transaction:
                 self._conn.rollback()
             elif not failed:

@@ -272,8 +272,6 @@ def test_a_signal_at_a_removals_commit_is_said_after_the_removal_it_did_not_stop
         assert store.list_contracts() == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli.py: contract add's kept reads 'nothing was written' "
-                   "until add_contract returns; it should ask its HoldFromCommit's `committed`")
 def test_a_second_signal_at_sqlites_commit_of_a_contract_says_it_is_tracked(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

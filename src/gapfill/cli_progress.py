@@ -62,7 +62,7 @@ def summary_lines(s: RunSummary) -> list[str]:
     if s.restarts:
         lines.append(f"  restarts:  {counted(s.restarts, 'worker restart')}")
     if s.beyond_head:
-        head = "" if s.head is None else f" (its head is {s.head})"
+        head = "" if s.head is None else f" (its head was {s.head} when last asked)"
         lines.append(f"  not yet:   {counted(s.beyond_head, 'ref')} {'is' if s.beyond_head == 1 else 'are'} "
                      "in blocks the node has not reached yet"
                      f"{head}: rerun once it has caught up to fill them")  # fmt: skip

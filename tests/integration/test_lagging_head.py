@@ -62,8 +62,8 @@ def test_refs_above_a_lagging_node_head_stay_in_the_gap_until_it_catches_up(
     assert stats["faults"]["beyond_head"] > 0, stats  # the lag was there
     # Refs left in the gap end the run as they always do (exit 3), and it says why, once.
     assert rc == 3, out
-    sentence = (f"{counted(len(above), 'ref')} are in blocks the node has not reached yet (its head is "
-                f"{head}): rerun once it has caught up to fill them")  # fmt: skip
+    sentence = (f"{counted(len(above), 'ref')} are in blocks the node has not reached yet (its head was "
+                f"{head} when last asked): rerun once it has caught up to fill them")  # fmt: skip
     assert out.count(sentence) == 1, out
     with open_store(db) as store:
         (st,) = store.status()

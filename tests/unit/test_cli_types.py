@@ -46,11 +46,12 @@ def test_the_summary_counts_refs_and_restarts_in_words() -> None:
         return [ln for ln in summary_lines(run) if ln.startswith(("  restarts", "  not yet"))]
 
     assert said(1, 1) == ["  restarts:  1 worker restart",
-                          "  not yet:   1 ref is in blocks the node has not reached yet (its head is 30): "
-                          "rerun once it has caught up to fill them"]  # fmt: skip
+                          "  not yet:   1 ref is in blocks the node has not reached yet (its head was 30 "
+                          "when last asked): rerun once it has caught up to fill them"]  # fmt: skip
     assert said(2, 1_500) == ["  restarts:  2 worker restarts",
-                              "  not yet:   1,500 refs are in blocks the node has not reached yet (its head "
-                              "is 30): rerun once it has caught up to fill them"]  # fmt: skip
+                              "  not yet:   1,500 refs are in blocks the node has not reached yet (its "
+                              "head was 30 when last asked): rerun once it has caught up to fill "
+                              "them"]  # fmt: skip
 
 
 @pytest.mark.timeout(10)

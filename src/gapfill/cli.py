@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TextIO, TypeVar
 
@@ -555,6 +555,12 @@ def given_as(click_ctx: click.Context | None, param: str, value: object, flag: s
     return None
 
 
+def _chains(contracts: Iterable[Contract]) -> str:
+    """The chains of ``contracts``, named: "chain 1", "chains 1, 5"."""
+    ids = sorted({c.chain_id for c in contracts})
+    return ("chain " if len(ids) == 1 else "chains ") + ", ".join(str(c) for c in ids)
+
+
 def resolve_targets(store: Store, contract: str | None, chain_id: int | None,
                     node_picks: bool = False) -> list[Contract]:  # fmt: skip
     """The tracked contracts a command works on. ``node_picks``: the command asks its RPC
@@ -570,9 +576,7 @@ def resolve_targets(store: Store, contract: str | None, chain_id: int | None,
     tracked = store.list_contracts()
     found = [c for c in tracked if chain_id is None or c.chain_id == chain_id]
     if not found and tracked:
-        ids = sorted({c.chain_id for c in tracked})
-        chains = ("chain " if len(ids) == 1 else "chains ") + ", ".join(str(c) for c in ids)
-        raise GapfillError(f"no contract is tracked on chain {chain_id} (only on {chains}): "
+        raise GapfillError(f"no contract is tracked on chain {chain_id} (only on {_chains(tracked)}): "
                            "fix --chain-id, or add one with `gapfill contract add ADDRESS`")  # fmt: skip
     if not found:
         raise GapfillError("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
@@ -1049,10 +1053,8 @@ def served(targets: Sequence[Contract], node_chain: int, check: str,
     of which the endpoints' chain is the one meant: the rest is not left out, not asked for."""
     on_chain = [c for c in targets if c.chain_id == node_chain]
     if not on_chain:
-        ids = sorted({c.chain_id for c in targets})
-        chains = ("chain " if len(ids) == 1 else "chains ") + ", ".join(str(c) for c in ids)
         raise GapfillError(f"no tracked contract is on chain {node_chain}, the RPC node's chain "
-                           f"(they are on {chains}): check {check}")  # fmt: skip
+                           f"(they are on {_chains(targets)}): check {check}")  # fmt: skip
     return on_chain, [] if one_address else [c for c in targets if c.chain_id != node_chain]
 
 

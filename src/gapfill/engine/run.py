@@ -449,7 +449,7 @@ def run_in_process(
     term = _Term()
     old_int = signal.getsignal(signal.SIGINT)
     old_term = _sigterm_as_sigint(term)
-    own_end, end = end is None, end if end is not None else HeldSignals()
+    held = end if end is not None else HeldSignals()
     # The run's end holds the signals with the caller's handlers as those put back, not the
     # run's own (SIGTERM's), so that a caller that holds them on does so with no gap.
     callers: dict[int, Any] = {signal.SIGINT: old_int, signal.SIGTERM: old_term}
@@ -484,12 +484,12 @@ def run_in_process(
         except GapfillError as exc:
             # The node or the database failed for good: the run says so (and why), the plan
             # stays open, and the row keeps what was committed before.
-            end.hold(callers)
+            held.hold(callers)
             with contextlib.suppress(GapfillError):  # the database may be what failed
                 store.finish_run(run_id, "failed", totals_box.get("calls", 0), note=_note(job, exc))
             raise
         finally:
-            end.hold(callers)
+            held.hold(callers)
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
             # cut short) goes back now: batch mode has no coordinator to return it, and a
             # rerun would wait for it to expire.
@@ -514,12 +514,12 @@ def run_in_process(
             raise Interrupted("interrupted: rerun the same command to continue where it stopped")
         return summary
     finally:
-        end.hold(callers)  # where the run did not start: the caller's SIGTERM handler goes back
+        held.hold(callers)  # where the run did not start: the caller's SIGTERM handler goes back
         try:
             store.close()  # held too: a Ctrl+C as it closed made a run recorded complete exit 130
         finally:
-            if own_end:  # else the caller gives the handlers back once it has said the end
-                end.restore()
+            if end is None:  # else the caller gives the handlers back once it has said the end
+                held.restore()
 
 
 @dataclass

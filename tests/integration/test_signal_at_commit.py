@@ -33,6 +33,7 @@ from gapfill.store.sqlite import SqliteStore
 
 C = "0x" + "ab" * 20
 N = 50
+IMPORTED = f"imported {N} new refs for {C} on chain 1\n"
 AFTER = "interrupted only after the {} was committed: it is complete, nothing to run again\n"
 UNKNOWN = ("interrupted as the database committed: whether what this command wrote is stored is not "
            "known; `gapfill status` shows what is, and running the same command again is safe")  # fmt: skip
@@ -167,7 +168,7 @@ def test_a_signal_at_an_imports_commit_is_said_after_the_import_it_did_not_stop(
     r = run(db, "import", str(hashes), "--contract", C)
     assert arm.fired == 1
     assert r.exit_code == 0, r.output
-    assert r.stdout == f"imported {N} new refs for {C} on chain 1\n"
+    assert r.stdout == IMPORTED
     assert r.stderr == AFTER.format("import")
     monkeypatch.undo()
     assert stored_refs(db) == N
@@ -349,7 +350,7 @@ def test_a_signal_as_the_database_closes_leaves_the_commands_outcome(
     r = run(db, "import", str(hashes), "--contract", C)
     assert closed, "the store was not closed"
     assert r.exit_code == 0, r.output
-    assert r.stdout == f"imported {N} new refs for {C} on chain 1\n" and r.stderr == "", r.output
+    assert r.stdout == IMPORTED and r.stderr == "", r.output
     monkeypatch.undo()
     assert stored_refs(db) == N
 
@@ -363,7 +364,7 @@ def test_a_second_signal_as_the_database_closes_stops_the_command_with_one_line(
     signal_at_close(monkeypatch, signal.SIGINT, signal.SIGINT)
     r = run(db, "import", str(hashes), "--contract", C)
     assert r.exit_code == 130, r.output
-    assert r.stdout == f"imported {N} new refs for {C} on chain 1\n"
+    assert r.stdout == IMPORTED
     assert r.stderr == ("interrupted as the database closed, after the command ended: what it committed "
                         "is kept\n"), r.output  # fmt: skip
 
@@ -444,7 +445,7 @@ def test_a_signal_during_a_postgres_commit(
         assert r.stderr == UNKNOWN + "\n", r.output
     else:
         assert r.exit_code == 0, r.output
-        assert r.stdout == f"imported {N} new refs for {C} on chain 1\n"
+        assert r.stdout == IMPORTED
         assert r.stderr == AFTER.format("import"), r.output
         assert stored_refs(pg_url) == N
 

@@ -42,9 +42,12 @@ def guard():
 """
 
 
+def _python(script: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+
+
 def _run(helper: str) -> subprocess.CompletedProcess[str]:
-    script = _SCRIPT.format(helper=helper)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    return _python(_SCRIPT.format(helper=helper))
 
 
 @pytest.mark.timeout(60)
@@ -77,7 +80,7 @@ def test_sigterm_in_the_block_cancels_the_main_task_once() -> None:
 
         asyncio.run(main())
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    done = _python(script)
     assert done.returncode == 0, done
     assert done.stdout == "cancelled\nclean-up finished\nafter the block\n", done
     assert done.stderr == ""
@@ -110,7 +113,7 @@ def test_a_sigterm_as_the_handler_changes_hands_does_not_kill_the_worker() -> No
         asyncio.run(main())
         print("exited normally")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    done = _python(script)
     assert done.returncode == 0 and done.stdout == "exited normally\n", done
 
 
@@ -144,7 +147,7 @@ def test_a_sigterm_wakes_the_idle_loop(taken_by: str) -> None:
         asyncio.run(main())
     """).format(block=taken_by == "another thread")
     try:
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+        done = _python(script, timeout=20)
     except subprocess.TimeoutExpired:
         pytest.fail("the SIGTERM did not wake the idle loop")
     assert done.returncode == 0 and done.stdout == "cancelled\n", done
@@ -176,5 +179,5 @@ def test_the_block_refuses_a_wakeup_fd_set_already() -> None:
 
         asyncio.run(main())
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    done = _python(script)
     assert done.returncode == 0 and done.stdout == "refused: True\nleft be: True\n", done

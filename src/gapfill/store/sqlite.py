@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -395,13 +395,7 @@ class SqliteStore(Store):
         try:
             yield cur
         except sqlite3.Error as exc:
-            self._conn.rollback()
-            if _interrupted(exc):  # Ctrl+C or SIGTERM during a statement (_run_signal_handlers)
-                raise KeyboardInterrupt from None
-            if _read_only(exc):
-                raise StoreError(_read_only_file(self.path, self.check)) from exc
-            doing = "writing to" if immediate else "reading from"
-            raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
+            self._failed(exc, immediate)
         except BaseException:
             self._conn.rollback()
             raise
@@ -410,15 +404,22 @@ class SqliteStore(Store):
                 if immediate:  # a write: see gapfill.signals
                     self._commit(cur)
                 else:
-                    cur.execute("COMMIT")
+                    cur.execute("COMMIT")  # a read's, which runs the progress handler
             except sqlite3.Error as exc:
-                self._conn.rollback()
-                if _interrupted(exc):  # a read's COMMIT, which runs the progress handler
-                    raise KeyboardInterrupt from None
-                doing = "writing to" if immediate else "reading from"
-                raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
+                self._failed(exc, immediate)
         finally:
             cur.close()
+
+    def _failed(self, exc: sqlite3.Error, immediate: bool) -> NoReturn:
+        """Roll back a transaction whose statement or commit failed, and say why: a Ctrl+C
+        or SIGTERM that the progress handler took (:func:`_run_signal_handlers`) as itself."""
+        self._conn.rollback()
+        if _interrupted(exc):
+            raise KeyboardInterrupt from None
+        if _read_only(exc):
+            raise StoreError(_read_only_file(self.path, self.check)) from exc
+        doing = "writing to" if immediate else "reading from"
+        raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
 
     def _commit(self, cur: sqlite3.Cursor) -> None:
         """Commit a write. A Ctrl+C or SIGTERM waits for the commit's end (``committing``):

@@ -50,6 +50,17 @@ ERRORS = [
     (-32000, "header not found", Fault.TRANSIENT),
     (-32000, "request timed out", Fault.TRANSIENT),
     (-32005, "limit exceeded", Fault.TRANSIENT),
+    # geth answers these with the generic -32000, yet each passes: its transaction index
+    # being built (after a sync), its own deadline, a backend cut mid-answer, a node going down
+    (-32000, "transaction indexing is in progress", Fault.TRANSIENT),
+    (-32000, "transaction indexer is still running", Fault.TRANSIENT),
+    (-32000, "context deadline exceeded", Fault.TRANSIENT),
+    (-32000, "context canceled", Fault.TRANSIENT),
+    (-32000, "unexpected EOF", Fault.TRANSIENT),
+    (-32000, "leveldb: closed", Fault.TRANSIENT),
+    (-32000, "pebble: closed", Fault.TRANSIENT),
+    (-32000, "server is shutting down", Fault.TRANSIENT),
+    (-32000, "no suitable peers available", Fault.TRANSIENT),
     (-32050, "something implementation defined", Fault.TRANSIENT),
 ]
 

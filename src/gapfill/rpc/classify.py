@@ -9,7 +9,9 @@ RATE_LIMITED       HTTP 429; "rate limit"/"too many requests"; -32005 with a   y
                    rate-limit message                                          backoff
 BATCH_TOO_LARGE    HTTP 413; "batch size exceeds"/"batch too large"            re-split
 TRANSIENT          timeouts, stalls, resets, refused connections, 5xx but 501, yes
-                   HTML/truncated bodies, -32603, "header not found"
+                   HTML/truncated bodies, -32603, "header not found"; geth's
+                   -32000 "transaction indexing is in progress", "context
+                   deadline exceeded", "unexpected EOF"; a node shutting down
 UNSUPPORTED        -32601 method not found, -32004, "... not supported"; HTTP  no (other
                    405, a 403 "method ... not allowed"                         endpoint)
 PERMANENT          -32602 invalid params, -32600, execution reverted, other    no
@@ -116,7 +118,15 @@ _REVERTED = re.compile(r"execution reverted|\brevert", re.IGNORECASE)
 _TRANSIENT = re.compile(
     r"time.?out|timed out|header not found|unknown block|missing trie node|try again"
     r"|temporar|busy|overload|unavailable|internal error|upstream|gateway|no backends?"
-    r"|not synced|syncing|connection|reset",
+    r"|not synced|syncing|connection|reset"
+    # geth (and its forks: bsc, op-geth) while it builds its transaction index after a
+    # (snap) sync or a --history.transactions change: -32000, and the index does come
+    r"|(transaction )?index(ing|er) (is )?(still )?(in progress|running|not ready)"
+    # Go nodes (geth, erigon) answering a request their own deadline or a lost backend cut
+    r"|context deadline exceeded|context canceled|unexpected EOF|broken pipe"
+    # a node on its way down or not yet up (geth's leveldb/pebble, erigon's mdbx)
+    r"|(database|db|leveldb|pebble|mdbx)(:| is)? closed|shutting down|not ready"
+    r"|no suitable peers",
     re.IGNORECASE,
 )
 _TRY_AGAIN_IN = re.compile(

@@ -42,8 +42,10 @@ class ScriptedNode:
     request fails), ``"found"``; the last step repeats. Every request and every wait the
     client asks for goes into ``events``, in order."""
 
-    def __init__(self, script: dict[str, list[str]], tx: dict[str, Any] = TX, head: int = BLOCK) -> None:
+    def __init__(self, script: dict[str, list[str]], tx: dict[str, Any] = TX, head: int = BLOCK,
+                 receipt: dict[str, Any] = RECEIPT) -> None:  # fmt: skip
         self.tx = tx
+        self.receipt = receipt
         self.head = head  # the node's head: by default it has reached the transaction's block
         script = {BLOCK_METHOD: ["found"], HEAD_METHOD: ["found"], BLOCK_RECEIPTS_METHOD: ["found"], **script}
         self.script = {m: iter(steps) for m, steps in script.items()}
@@ -62,8 +64,8 @@ class ScriptedNode:
         steps = [self._step(c["method"]) for c in calls]
         if "502" in steps:
             return HttpReply(502, {}, b"bad gateway")
-        found = {TX_METHOD: self.tx, RECEIPT_METHOD: RECEIPT, HEAD_METHOD: hex(self.head),
-                 BLOCK_RECEIPTS_METHOD: [RECEIPT],
+        found = {TX_METHOD: self.tx, RECEIPT_METHOD: self.receipt, HEAD_METHOD: hex(self.head),
+                 BLOCK_RECEIPTS_METHOD: [self.receipt],
                  BLOCK_METHOD: {"number": TX["blockNumber"], "timestamp": "0x1e", "transactions": [self.tx]}}
         answers = [{"jsonrpc": "2.0", "id": c["id"], "result": None if step == "null" else found[c["method"]]}
                    for c, step in zip(calls, steps, strict=True)]  # fmt: skip
@@ -178,6 +180,35 @@ async def test_null_block_above_the_node_head_is_not_yet(settings: RpcSettings, 
     got = await enrich(node, settings, plan, block=None)  # the block asked is the receipt's
     [failure] = got.failures
     assert (failure.reason, failure.permanent) == ("beyond_head", False), failure
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_transaction_despite_its_receipt_is_transient(settings: RpcSettings, plan: str) -> None:
+    # A load balancer: one backend answers the receipt, a lagging one the transaction lookup.
+    # The node knows the transaction (as with a receipt null beside a returned transaction).
+    # The receipt tells the block's timestamp, so the metered plan looks the transaction up
+    # (rather than fetching the full block).
+    timed = {**RECEIPT, "blockTimestamp": "0x1e"}
+    node = ScriptedNode({TX_METHOD: ["null"], RECEIPT_METHOD: ["found"]}, head=BLOCK + 10, receipt=timed)
+    got = await enrich(node, settings, plan)
+    assert got.txs == []
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("rpc_error", False), failure
+    assert failure.last_error == (f"transaction lookup still null after 3 answers, but the node "
+                                  f"returned its receipt (block {BLOCK}); tried again later")  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_null_block_despite_a_receipt_in_it_is_transient(settings: RpcSettings, plan: str) -> None:
+    # The block (header or full) for the timestamp null at or below the head, although a
+    # receipt in it came: a lagging backend again, not a transaction the node does not know.
+    untimed = {k: v for k, v in TX.items() if k != "blockTimestamp"}
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["found"], BLOCK_METHOD: ["null"]},
+                        tx=untimed, head=BLOCK + 10)  # fmt: skip
+    got = await enrich(node, settings, plan)
+    [failure] = got.failures
+    assert (failure.reason, failure.permanent) == ("rpc_error", False), failure
+    assert f"the node returned a receipt in block {BLOCK}; tried again later" in failure.last_error
 
 
 async def test_per_block_plan_null_block_above_the_node_head_is_not_yet(settings: RpcSettings) -> None:

@@ -43,7 +43,8 @@ Each ref ends enriched or as a :class:`~gapfill.model.Failure`: ``not_found``
 ``--retry-failed``), ``permanent`` (the node rejected the call), ``rpc_error``
 (transient; the ref stays in the gap) or ``beyond_head`` (transient too). A receipt
 still ``null`` while the node returns the transaction is ``rpc_error``: its receipts
-lag, the transaction is real. A ``null`` is no proof either for a block the node has
+lag, the transaction is real; so is a transaction lookup (or its block) still ``null``
+while its receipt came. A ``null`` is no proof either for a block the node has
 not reached: before a null makes a ref ``not_found``, the node's head
 (``eth_blockNumber``, asked once for the refs an attempt has in that state, and
 cached for ``HEAD_TTL_S``) is compared with the ref's block (the transaction
@@ -135,8 +136,9 @@ class Collector:
         self.moved: list[Ref] = []
         self.done: set[str] = set()
         #: ``not_found`` failures that the node's head may disprove, each with the block
-        #: whose ``null`` made it: judged by :meth:`Enricher._judge_nulls`.
-        self.unproven: list[tuple[Failure, int]] = []
+        #: whose ``null`` made it and what showed the node knows the transaction (if
+        #: anything did): judged by :meth:`Enricher._judge_nulls`.
+        self.unproven: list[tuple[Failure, int, str | None]] = []
 
     def row(self, ref: Ref, tx: TxRow, logs: list[LogRow]) -> None:
         if ref.tx_hash in self.done:
@@ -147,14 +149,16 @@ class Collector:
         if ref.block_number != tx.block_number:  # imported without one, or with a wrong one
             self.moved.append(replace(ref, block_number=tx.block_number))
 
-    def fail(self, failure: Failure, block: int | None = None) -> None:
+    def fail(self, failure: Failure, block: int | None = None, *, known: str | None = None) -> None:
         """Settle a ref as ``failure``; ``block``: the block a ``null`` answer was about (the
-        ref's, or the block asked), so a ``not_found`` in it is checked against the head."""
+        ref's, or the block asked), so a ``not_found`` in it is checked against the head.
+        ``known``: what showed that the node knows the transaction although this lookup
+        stayed ``null`` (its receipt came), which makes the ``null`` a lagging backend's."""
         if failure.tx_hash in self.done:
             return
         self.done.add(failure.tx_hash)
         if failure.reason == "not_found" and block is not None:
-            self.unproven.append((failure, block))
+            self.unproven.append((failure, block, known))
         else:
             self.failures.append(failure)
 
@@ -207,6 +211,21 @@ def _receipt(out: Collector, ref: Ref, rec: Any, tx: Any) -> dict[str, Any] | No
         out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
         return None
     return rec
+
+
+def _fail_despite_receipt(out: Collector, ref: Ref, tx: CallError, rec: Mapping[str, Any]) -> None:
+    """Settle a ref whose transaction lookup failed although its receipt (``rec``) came: a
+    ``null`` there is a lagging backend's, not an unknown transaction (unless the receipt's
+    block is above the node's head: see :meth:`Enricher._judge_nulls`)."""
+    block = int(rec["blockNumber"], 16)  # malformed: raises, caught per batch
+    failure = _failure(ref, tx)
+    out.fail(replace(failure, last_error=f"transaction lookup {tx.message}"), block,
+             known=f"the node returned its receipt (block {block})")  # fmt: skip
+
+
+def _block_known(block: int) -> str:
+    """Why a ``null`` for ``block`` (a header, a full block) is no proof: a receipt in it came."""
+    return f"the node returned a receipt in block {block}"
 
 
 class Enricher:
@@ -317,7 +336,7 @@ class Enricher:
         if not out.unproven:
             return
         head = await self._node_head()
-        for failure, block in out.unproven:
+        for failure, block, known in out.unproven:
             if isinstance(head, str):
                 out.failures.append(replace(failure, reason="rpc_error", last_error=(
                     f"{failure.last_error}, and the node's head could not be asked ({head}): "
@@ -325,6 +344,12 @@ class Enricher:
             elif block > head:
                 out.failures.append(replace(failure, reason="beyond_head",
                                             last_error=beyond_head_error(block, head)))
+            elif known is not None:
+                # The node answered the receipt: it knows the transaction, and the null came
+                # from a backend behind (a load balancer's), as _no_receipt has it the other
+                # way round. The ref stays in the gap.
+                out.failures.append(replace(failure, reason="rpc_error", last_error=(
+                    f"{failure.last_error}, but {known}; tried again later")))
             else:
                 out.failures.append(failure)
         out.unproven.clear()
@@ -456,7 +481,7 @@ class Enricher:
             if rec is None:
                 continue
             if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
+                _fail_despite_receipt(out, ref, tx, rec)
                 continue
             _, ts = self._block_and_ts(rec, tx)
             if ts is None:
@@ -483,7 +508,7 @@ class Enricher:
             block = int(rec["blockNumber"], 16)
             stamp = stamps[block]
             if isinstance(stamp, CallError):
-                out.fail(_failure(ref, stamp), block)
+                out.fail(_failure(ref, stamp), block, known=_block_known(block))
             else:
                 self._normalise(out, ref, tx, rec, stamp)
 
@@ -550,14 +575,14 @@ class Enricher:
         def with_tx(ref: Ref, rec: dict[str, Any], ts: int, answers: list[Any]) -> None:
             (tx,) = answers
             if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
+                _fail_despite_receipt(out, ref, tx, rec)
             else:
                 self._normalise(out, ref, tx, rec, ts)
 
         def with_block(b: int, items: list[tuple[Ref, dict[str, Any]]], full: Any) -> None:
             if isinstance(full, CallError):
                 for ref, _ in items:
-                    out.fail(_failure(ref, full), b)
+                    out.fail(_failure(ref, full), b, known=_block_known(b))
                 return
             block_ts = int(full["timestamp"], 16)
             self._remember(b, block_ts)
@@ -608,7 +633,7 @@ class Enricher:
             if rec is None:
                 continue
             if isinstance(tx, CallError):
-                out.fail(_failure(ref, tx), self._block_and_ts(rec)[0])
+                _fail_despite_receipt(out, ref, tx, rec)
                 continue
             block, ts = self._block_and_ts(rec, tx)
             if ts is None:
@@ -616,7 +641,7 @@ class Enricher:
                     [Call("eth_getBlockByNumber", [hex(block), False], null_retry=True)]
                 )
                 if isinstance(header, CallError):
-                    out.fail(_failure(ref, header), block)
+                    out.fail(_failure(ref, header), block, known=_block_known(block))
                     continue
                 ts = int(header["timestamp"], 16)
             self._normalise(out, ref, tx, rec, ts)

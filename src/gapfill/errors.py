@@ -68,7 +68,8 @@ class RpcError(GapfillError):
 
 class RpcKeyRefused(RpcError, FixFirst):
     """The RPC node refused the request's credentials (HTTP 401, or a 403 that is neither a
-    rate limit nor a refused method): asking again cannot pass until the key is fixed."""
+    rate limit nor a refused method), or no endpoint serves a method a call needs: asking
+    again cannot pass until the key (or the node) is fixed."""
 
 
 class NodeUnavailable(RpcError):

@@ -1141,6 +1141,22 @@ def test_a_node_without_a_method_enrichment_needs_stops_the_run_and_keeps_the_ga
     assert query(pg_url, "SELECT count(*) FROM batches") == [(0,)], "an open plan was left behind"
 
 
+@pytest.mark.timeout(150)
+def test_a_bad_backend_saying_now_and_then_that_a_method_is_missing_fails_no_ref(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # One batch in ten meets a load balancer's backend that answers its every call -32601.
+    # The first one set eth_getTransactionReceipt (or eth_getTransactionByHash) aside for the
+    # worker's life: every later ref of that worker became a permanent failure, unsent.
+    with emulator(node_chain.url, "--p-lacking", "0.1", "--seed", "3") as (rpc, _):
+        rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, "enrich", timeout_s=120)
+        lacking = emulator_stats(rpc)["faults"].get("lacking", 0)
+    assert rc == 0, out
+    assert lacking > 0  # the bad backend was met
+    assert query(pg_url, "SELECT count(*) FROM failures") == [(0,)]
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
 @pytest.mark.timeout(120)
 def test_a_run_whose_only_node_goes_away_stops_with_one_sentence(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path

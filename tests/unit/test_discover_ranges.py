@@ -139,7 +139,7 @@ async def test_a_refused_key_keeps_what_to_fix_apart() -> None:
 
         async def call_many(self, calls: list[Call]) -> list[Any]:
             what = "the RPC node at http://n/v3/*** refused the request (HTTP 401)"
-            return [CallError.key_refused(what, "check the API key in ETH_RPC_URL", 401) for _ in calls]
+            return [CallError.refused(what, "check the API key in ETH_RPC_URL", 401) for _ in calls]
 
     with pytest.raises(RpcKeyRefused) as info:
         await scan_ranges(cast(RpcClient, Refusing()), [(0, 9)], _logs_call, AdaptiveWindow(blocks=10))

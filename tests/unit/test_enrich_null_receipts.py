@@ -39,7 +39,8 @@ BLOCK = int(TX["blockNumber"], 16)
 
 class ScriptedNode:
     """A transport whose answers follow a script per method: ``"null"``, ``"502"`` (the whole
-    request fails), ``"found"``; the last step repeats. Every request and every wait the
+    request fails), ``"lacks"`` (-32601, as a load balancer's bad backend may say), ``"found"``;
+    the last step repeats. Every request and every wait the
     client asks for goes into ``events``, in order."""
 
     def __init__(self, script: dict[str, list[str]], tx: dict[str, Any] = TX, head: int = BLOCK,
@@ -67,7 +68,9 @@ class ScriptedNode:
         found = {TX_METHOD: self.tx, RECEIPT_METHOD: self.receipt, HEAD_METHOD: hex(self.head),
                  BLOCK_RECEIPTS_METHOD: [self.receipt],
                  BLOCK_METHOD: {"number": TX["blockNumber"], "timestamp": "0x1e", "transactions": [self.tx]}}
-        answers = [{"jsonrpc": "2.0", "id": c["id"], "result": None if step == "null" else found[c["method"]]}
+        lacks = {"code": -32601, "message": "the method does not exist/is not available"}
+        answers = [{"jsonrpc": "2.0", "id": c["id"], "error": lacks} if step == "lacks" else
+                   {"jsonrpc": "2.0", "id": c["id"], "result": None if step == "null" else found[c["method"]]}
                    for c, step in zip(calls, steps, strict=True)]  # fmt: skip
         return HttpReply(200, {}, orjson.dumps(answers if isinstance(decoded, list) else answers[0]))
 
@@ -196,6 +199,15 @@ async def test_null_transaction_despite_its_receipt_is_transient(settings: RpcSe
     assert (failure.reason, failure.permanent) == ("rpc_error", False), failure
     assert failure.last_error == (f"transaction lookup still null after 3 answers, but the node "
                                   f"returned its receipt (block {BLOCK}); tried again later")  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", PLANS)
+async def test_one_method_not_found_answer_fails_no_ref(settings: RpcSettings, plan: str) -> None:
+    # It set eth_getTransactionReceipt aside for the client's life: this ref and every later
+    # one became a permanent failure without its receipt being asked again.
+    node = ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["lacks", "found"]})
+    got = await enrich(node, settings, plan)
+    assert got.failures == [] and [t.tx_hash for t in got.txs] == [HASH]
 
 
 @pytest.mark.parametrize("plan", PLANS)

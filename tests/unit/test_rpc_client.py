@@ -183,9 +183,107 @@ async def test_one_item_error_is_its_own(make_node: Any, tmp_path: Any) -> None:
         assert node.calls == 4
         node.behaviour = lambda n, b: reply(b, [err(c, -32601, "method not found")
                                                 for c in as_batch(b)])
-        with pytest.raises(RpcError, match="method not found"):
+        with pytest.raises(RpcError, match=r"does not serve eth_nope \(asked twice, it answered: "
+                                           r"method not found \(code -32601\)\)"):  # fmt: skip
             await client.call("eth_nope", [])
-        assert node.calls == 5
+        assert node.calls == 6  # believed when a second request says it too (see below)
+
+
+# -- a method an endpoint says it lacks ---------------------------------------------------
+
+RECEIPT_CALL = Call("eth_getTransactionReceipt", ["0x" + "ab" * 32])
+
+
+def lacks_once(lacking: set[str], times: int = 1) -> Callable[[FakeNode, Any], web.Response]:
+    """A node (a load balancer's bad backend, now and then) that answers the first ``times``
+    requests holding a method of ``lacking`` with -32601 for those calls."""
+    refusals = iter(range(times))
+
+    def behave(node: FakeNode, body: Any) -> web.Response:
+        refuse = any(c["method"] in lacking for c in as_batch(body)) and next(refusals, None) is not None
+        return reply(body, [err(c, -32601, f"the method {c['method']} does not exist/is not available")
+                            if refuse and c["method"] in lacking else ok(c)
+                            for c in as_batch(body)])  # fmt: skip
+
+    return behave
+
+
+async def test_one_method_not_found_answer_does_not_set_the_method_aside(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # It did, for the client's life: with one endpoint every later receipt failed unsent as
+    # "no RPC endpoint serves eth_getTransactionReceipt", and each ref asking became a
+    # permanent failure.
+    node = await make_node(lacks_once({RECEIPT_CALL.method}))
+    refused: list[str] = []
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        client.on_refused = refused.append
+        first = await client.call_many([RECEIPT_CALL, Call("eth_blockNumber", ["0x1"])])
+        assert first == [RECEIPT_CALL.params[0], "0x1"]  # asked again, and answered
+        sent = len(node.requests)
+        assert await client.call_many([RECEIPT_CALL]) == [RECEIPT_CALL.params[0]]
+        assert len(node.requests) == sent + 1  # reached the node
+    assert refused == []
+
+
+async def test_method_not_found_from_an_endpoint_that_served_it_may_pass(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # Once it has answered the method, however often it says it lacks it, that is a failure
+    # that may pass: the call ends transient (its ref stays in the gap), never permanent,
+    # and the method is not set aside.
+    node = await make_node(lacks_once({RECEIPT_CALL.method}, times=0))
+    refused: list[str] = []
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        client.on_refused = refused.append
+        assert await client.call_many([RECEIPT_CALL]) == [RECEIPT_CALL.params[0]]
+        node.behaviour = lacks_once({RECEIPT_CALL.method}, times=100)
+        [failed] = await client.call_many([RECEIPT_CALL])
+        assert isinstance(failed, CallError) and failed.kind == "transient", failed
+        assert "does not exist" in failed.message and "after 3 attempts" in failed.message
+        node.behaviour = echo
+        assert await client.call_many([RECEIPT_CALL]) == [RECEIPT_CALL.params[0]]
+    assert refused == []
+
+
+async def test_a_method_no_endpoint_serves_stops_the_caller_with_one_sentence(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # Said twice (two requests) by an endpoint that never answered it: believed. With no other
+    # endpoint, the call fails (not permanent: the node is at fault, not the ref) with the
+    # start-up check's sentence, and on_refused hears it (a worker stops the run on it).
+    node = await make_node(lacks_once({"eth_getBlockByNumber"}, times=100), path=f"/v3/{KEY}")
+    refused: list[str] = []
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        client.on_refused = refused.append
+        [failed] = await client.call_many([Call("eth_getBlockByNumber", ["0x1", False])])
+        assert len(node.requests) == 2
+        shown = node.url.replace(KEY, "***")
+        sentence = (f"the RPC node ({shown}) does not serve eth_getBlockByNumber (asked twice, it "
+                    "answered: the method eth_getBlockByNumber does not exist/is not available (code "
+                    "-32601)): point --rpc-url or ETH_RPC_URL at another node")  # fmt: skip
+        fix = "point --rpc-url or ETH_RPC_URL at another node"
+        assert failed == CallError("transient", sentence, None, fix)
+        assert refused == [sentence]
+        [again] = await client.call_many([Call("eth_getBlockByNumber", ["0x2", False])])
+        assert len(node.requests) == 2  # not sent again
+        assert isinstance(again, CallError) and again.kind == "transient" and again.fix is not None
+    assert KEY not in " ".join(refused)
+
+
+async def test_a_method_one_endpoint_lacks_goes_to_another(make_node: Any, tmp_path: Any) -> None:
+    lacking = await make_node(lacks_once({"eth_getBlockByNumber"}, times=100))
+    serving = await make_node(echo)
+    refused: list[str] = []
+    endpoints = [EndpointConfig(lacking.url), EndpointConfig(serving.url)]
+    async with RpcClient(endpoints, settings(tmp_path)) as client:
+        client.on_refused = refused.append
+        for block in range(6):
+            calls = [Call("eth_getBlockByNumber", [hex(block * 10 + i), False]) for i in range(10)]
+            assert await client.call_many(calls) == [c.params[0] for c in calls]
+    assert refused == []
+    # Believed on its second refusal: not asked the method again after that.
+    assert 1 <= len(lacking.requests) <= 2, lacking.requests
 
 
 # -- retries ----------------------------------------------------------------------------

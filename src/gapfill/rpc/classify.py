@@ -13,7 +13,9 @@ TRANSIENT          timeouts, stalls, resets, refused connections, 5xx but 501, y
                    -32000 "transaction indexing is in progress", "context
                    deadline exceeded", "unexpected EOF"; a node shutting down
 UNSUPPORTED        -32601 method not found, -32004, "... not supported"; HTTP  no (other
-                   405, a 403 "method ... not allowed"                         endpoint)
+                   405, a 403 "method ... not allowed". The client believes    endpoint)
+                   an item's only when a second request says it (see
+                   ``RpcClient._believed``)
 PERMANENT          -32602 invalid params, -32600, execution reverted, other    no
                    -32000, Infura's -32005 "query returned more than 10000
                    results", "exceeds max block range"; HTTP 401 and any

@@ -161,8 +161,9 @@ class RpcClient:
         #: its calls: it is set aside for the client's life (asking again cannot pass).
         self.tell: Callable[[str], None] | None = None
         #: Called with the sentence (redacted) each time a call fails because the endpoint
-        #: refused the API key and no other could take it: a caller that makes many calls
-        #: (a worker) stops at once rather than fail every one of them.
+        #: refused the API key and no other could take it, or because no usable endpoint
+        #: serves its method: a caller that makes many calls (a worker) stops at once rather
+        #: than fail every one of them.
         self.on_refused: Callable[[str], None] | None = None
 
     @property
@@ -381,11 +382,25 @@ class RpcClient:
         served = await asyncio.gather(*(self._answers(m, params) for m in methods))
         missing = [m for m, ok in zip(methods, served, strict=True) if ok is False]
         if missing:
-            shown = ", ".join(e.shown for e in self._endpoints if e.usable())
-            raise RpcError(
-                f"the RPC node ({shown}) does not serve {' or '.join(missing)}, which {why}: "
-                f"point {self.check} at another node"
-            )
+            raise RpcError(self._not_served(missing, f", which {why}").message)
+
+    def _not_served(self, methods: Sequence[str], why: str = "") -> CallError:
+        """The failure of a call whose method no usable endpoint serves (said as the
+        start-up check says it, ``why`` after the methods): not ``permanent``, as the node
+        is at fault, not the call."""
+        shown = ", ".join(e.shown for e in self._endpoints if e.usable())
+        return CallError.refused(f"the RPC node ({shown}) does not serve {' or '.join(methods)}{why}",
+                                 f"point {self.check} at another node")  # fmt: skip
+
+    def _none_serves(self, method: str, said: str = "") -> CallError:
+        """A call's failure mid-run when no usable endpoint serves ``method`` (``said``: the
+        last one's answer, if this call heard it): :attr:`on_refused` hears it, so that a
+        worker stops with the sentence (its refs left in the gap) rather than fail every
+        call."""
+        error = self._not_served([method], f" (asked twice, it answered: {said})" if said else "")
+        if self.on_refused is not None:
+            self.on_refused(error.message)
+        return error
 
     async def _endpoint_supports(
         self, endpoint: Endpoint, method: str, params: list[Any]
@@ -473,11 +488,10 @@ class RpcClient:
                 remaining = group
                 while remaining:
                     choice = self._pick(method, avoid, pin, len(remaining))
-                    if choice is None:
+                    if choice is None:  # ``method`` is set: only a method set aside leaves none
+                        error = self._none_serves(items[remaining[0]].call.method)
                         for i in remaining:
-                            results[i] = CallError(
-                                "permanent", f"no RPC endpoint serves {items[i].call.method}"
-                            )
+                            results[i] = error
                         break
                     endpoint, wait = choice
                     chunk, remaining = remaining[: endpoint.cap()], remaining[endpoint.cap():]
@@ -656,6 +670,8 @@ class RpcClient:
         answered = 0
         rate_limited: list[Verdict] = []
         too_large: list[int] = []
+        request = next(iter(by_id))  # its first call's id names this request
+        supported = endpoint.supported
         for request_id, i in by_id.items():
             entry = answers.get(request_id)
             item = items[i]
@@ -663,8 +679,13 @@ class RpcClient:
                 verdict = Verdict(Fault.TRANSIENT, "the batch reply had no answer for this call")
             elif entry.get("error") is not None:
                 verdict = classify_error(entry["error"])
+                if verdict.fault is Fault.UNSUPPORTED and pin is None:
+                    verdict = self._believed(endpoint, item.call.method, verdict, request)
+                elif verdict.fault is Fault.PERMANENT:  # e.g. invalid params: the method exists
+                    supported.add(item.call.method)
             elif "result" in entry:
                 answered += 1
+                supported.add(item.call.method)
                 result = entry["result"]
                 if result is None and item.call.null_retry:
                     item.nulls += 1
@@ -711,6 +732,18 @@ class RpcClient:
             endpoint.record_success(len(by_id))
         return again
 
+    def _believed(self, endpoint: Endpoint, method: str, verdict: Verdict, request: int) -> Verdict:
+        """A call's "method not found" (-32601, -32004, "not supported") as it is taken. One
+        answer proves little behind a load balancer, whose one bad backend may say it of a
+        method the others serve, and believing it set the method aside for the client's
+        life: every later call of it failed unsent. From an endpoint that has answered the
+        method it is a failure that may pass (sent again, elsewhere if it can be); from one
+        that never has, it is believed (UNSUPPORTED) once a later request says it again, and
+        until then it may pass too. ``request``: the id of this request's first call."""
+        if method not in endpoint.supported and endpoint.doubted.setdefault(method, request) != request:
+            return verdict
+        return replace(verdict, fault=Fault.TRANSIENT)
+
     def _fail_request(
         self,
         endpoint: Endpoint,
@@ -749,7 +782,7 @@ class RpcClient:
             self._slots.by_priority()
 
     def _refusal(self, endpoint: Endpoint, verdict: Verdict) -> CallError:
-        return CallError.key_refused(
+        return CallError.refused(
             f"the RPC node at {endpoint.shown} refused the request (HTTP {verdict.code})",
             f"check the API key in {endpoint.config.check}", verdict.code,
         )  # fmt: skip
@@ -817,12 +850,16 @@ class RpcClient:
                 return False
             return True
         if fault is Fault.UNSUPPORTED:
-            endpoint.unsupported.add(item.call.method)
-            endpoint.supported.discard(item.call.method)
-            if pin is None and any(
-                e.usable() and item.call.method not in e.unsupported for e in self._endpoints
-            ):
-                return True
+            method = item.call.method
+            if pin is None and method not in endpoint.unsupported:  # said twice (see _believed)
+                logger.warning("RPC endpoint %s does not serve %s: %s", endpoint.shown, method, message)
+            endpoint.unsupported.add(method)
+            endpoint.supported.discard(method)
+            if pin is None:  # its calls go to the others, if any
+                if self._elsewhere(endpoint, item):
+                    return True
+                results[i] = self._none_serves(method, message)
+                return False
         results[i] = CallError("permanent", message, verdict.code)
         return False
 

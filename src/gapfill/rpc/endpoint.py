@@ -121,8 +121,12 @@ class Endpoint:
         self._set_aside_s = _SET_ASIDE_FIRST_S
         self.disabled_reason: str | None = None  # failed its probe; never used
         self.chain_id: int | None = None
+        #: Methods it answered (a result, a null, or a refusal of the params): it serves them.
         self.supported: set[str] = set()
         self.unsupported: set[str] = set()
+        #: Methods it said once it lacks, never having answered them: the request (its first
+        #: call's id) that said so. Believed when a later request says it again.
+        self.doubted: dict[str, int] = {}
         self.assigned_calls = 0  # calls handed to this endpoint and not finished
         self.assigned_requests = 0  # batches handed to this endpoint and not finished
         # Seconds per request: an EWMA over the run's requests, else the start-up check's.

@@ -27,8 +27,9 @@ class CallError:
       rate limits, 5xx, garbage bodies).
 
     ``message`` is already redacted. ``fix`` is what the user must do before asking again
-    can pass (a refused key: "check the API key in --rpc-url"), ``message``'s end (see
-    :meth:`key_refused`); an error built by :meth:`failed` keeps it apart.
+    can pass (a refused key: "check the API key in --rpc-url"; a method no endpoint serves:
+    "point --rpc-url at another node"), ``message``'s end (see :meth:`refused`); an error
+    built by :meth:`failed` keeps it apart.
     """
 
     kind: CallErrorKind
@@ -37,8 +38,10 @@ class CallError:
     fix: str | None = None
 
     @classmethod
-    def key_refused(cls, what: str, fix: str, code: int | None) -> CallError:
-        """The node refused the request's credentials: ``what`` happened, ``fix`` to do."""
+    def refused(cls, what: str, fix: str, code: int | None = None) -> CallError:
+        """The node refused the request's credentials, or no endpoint serves the method:
+        ``what`` happened, ``fix`` to do. Not ``permanent``: it is about the node, not the
+        call, and a ref that asked it stays in the gap for the run after the fix."""
         return cls("transient", f"{what}: {fix}", code, fix)
 
     def failed(self, doing: str) -> RpcError:

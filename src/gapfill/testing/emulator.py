@@ -90,6 +90,10 @@ class EmulatorConfig:
     log_hint: bool = True
     #: Comma-separated methods this node does not serve (answered -32601).
     missing_methods: str = ""
+    #: Per-request probability that a batch (two calls or more: never a start-up check)
+    #: meets a load balancer's bad backend, which answers each of its calls -32601 although
+    #: the node serves the method.
+    p_lacking: float = 0.0
     #: ``eth_chainId`` requests number ``chain_id_503_from`` (counted from 1) and the
     #: ``chain_id_503_count - 1`` after it are answered HTTP 503: a start-up check that
     #: fails all its tries on cue, where ``p_5xx`` would need luck.
@@ -391,14 +395,15 @@ class ProviderEmulator:
         if c.lag_blocks:
             head = await self._head()
             lagged = max(0, head - c.lag_blocks)
+        lacking = c.p_lacking > 0 and len(calls) > 1 and self._rng.random() < c.p_lacking
         for position, call in enumerate(calls):
             if not isinstance(call, dict):
                 local[position] = _error(None, -32600, "invalid request")
                 continue
             method = call.get("method")
             params = call.get("params") or []
-            if c.missing_methods and method in c.missing_methods.split(","):
-                self.stats.faults["missing_method"] += 1
+            if lacking or (c.missing_methods and method in c.missing_methods.split(",")):
+                self.stats.faults["lacking" if lacking else "missing_method"] += 1
                 local[position] = _error(call.get("id"), -32601,
                                          f"the method {method} does not exist/is not available")
                 continue

@@ -462,3 +462,38 @@ def test_a_second_signal_as_a_failed_commands_database_closes_leaves_its_error(
     assert r.exit_code == 1, r.output
     assert r.stderr.startswith("error: ") and "line 2" in r.stderr, r.output
     assert "closed" not in r.stderr
+
+
+@pytest.mark.parametrize("reading", [False, True])
+def test_a_signal_as_a_postgres_transaction_begins_leaves_none_open(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, reading: bool
+) -> None:
+    # Review: a KeyboardInterrupt whose handler ran once psycopg had begun the transaction,
+    # before the store's `with` took it (as its enter returned), left it open with nothing to
+    # end it: each later transaction of the connection was a savepoint inside it, released
+    # and never committed, so no other session saw the command's writes.
+    enter = psycopg.Transaction.__enter__
+    armed = [False]
+
+    def cut(self: psycopg.Transaction) -> psycopg.Transaction:
+        entered = enter(self)
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt  # as the handler raises it once BEGIN has returned
+        return entered
+
+    monkeypatch.setattr(psycopg.Transaction, "__enter__", cut)
+    with open_store(pg_url) as store:
+        assert isinstance(store, PostgresStore)
+        armed[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            if reading:
+                store.list_contracts()
+            else:
+                store.add_contract(Contract(1, C))
+        assert not armed[0]
+        assert store._conn is not None
+        assert store._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        store.add_contract(Contract(1, C, label="again"))
+    with psycopg.connect(pg_url) as other:  # committed: another session sees it
+        assert other.execute("SELECT label FROM contracts").fetchall() == [("again",)]

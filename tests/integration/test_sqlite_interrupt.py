@@ -139,3 +139,73 @@ def test_a_signal_in_begin_or_a_reads_commit_is_an_interrupt_not_a_failure(
         assert not armed[0]  # it was the statement named that the handler cut
         assert not store._conn.in_transaction
         assert [c.address for c in store.list_contracts()] == [C]  # still usable
+
+
+@pytest.mark.parametrize("immediate", [True, False])
+def test_a_signal_as_begin_returns_leaves_no_transaction_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, immediate: bool
+) -> None:
+    # Review: a BEGIN IMMEDIATE that waited for another process's lock succeeds as the Ctrl+C
+    # that came meanwhile is handled, and its KeyboardInterrupt raised as `execute` returned.
+    # `_tx` only closed the cursor: the connection kept the transaction (and SQLite's write
+    # lock), and the next write failed with "cannot start a transaction within a transaction".
+    begin = SqliteStore._begin
+    armed = [False]
+
+    def cut(self: SqliteStore, cur: sqlite3.Cursor, immediate: bool) -> None:
+        begin(self, cur, immediate)
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt  # as the handler raises it once BEGIN has returned
+
+    monkeypatch.setattr(SqliteStore, "_begin", cut)
+    with open_store(f"sqlite:///{tmp_path / 'g.db'}") as store:
+        assert isinstance(store, SqliteStore)
+        armed[0] = True
+        with pytest.raises(KeyboardInterrupt):
+            if immediate:
+                store.add_contract(Contract(1, C))
+            else:
+                store.list_contracts()
+        assert not armed[0]
+        assert not store._conn.in_transaction
+        store.add_contract(Contract(1, C, label="again"))  # the next write works
+        assert [c.label for c in store.list_contracts()] == ["again"]
+
+
+def test_a_signal_as_a_batch_runs_begin_returns_ends_it_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sigint_raises: None
+) -> None:
+    # The same in a batch-mode run, before its loop (its first write after the run's row):
+    # the run's end found the transaction open, and failed to record itself ("cannot start a
+    # transaction within a transaction"): exit 1, and the row stayed `running`.
+    from gapfill.store.base import Store
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = ["--db", db, "--rpc-url", "http://127.0.0.1:9/"]
+    assert CliRunner().invoke(cli, [*base, "contract", "add", C, "--chain-id", "1"]).exit_code == 0
+    hashes = "\n".join(h(i) for i in range(1, 11))
+    assert CliRunner().invoke(cli, [*base, "import", "-", "--contract", C], input=hashes).exit_code == 0
+    begin, create_run = SqliteStore._begin, Store.create_run
+    armed = [False]
+
+    def cut(self: SqliteStore, cur: sqlite3.Cursor, immediate: bool) -> None:
+        begin(self, cur, immediate)
+        if armed[0] and immediate:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    def arm(self: Store, *args: object, **kwargs: object) -> int:
+        run_id = create_run(self, *args, **kwargs)  # type: ignore[arg-type]
+        armed[0] = True
+        return run_id
+
+    monkeypatch.setattr(SqliteStore, "_begin", cut)
+    monkeypatch.setattr(Store, "create_run", arm)
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", "batch"])
+    assert not armed[0]  # a write came
+    assert r.exit_code == 130, r.output
+    assert "Traceback" not in r.output and "within a transaction" not in r.output, r.output
+    monkeypatch.undo()
+    with open_store(db) as store:
+        assert [run.state for run in store.list_runs()] == ["interrupted"]

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from operator import itemgetter
 from types import TracebackType
 from typing import Any
@@ -640,6 +640,9 @@ class PostgresStore(Store):
     @contextmanager
     def _tx(self, reading: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         conn = self._live()
+        # The Transaction itself, not `conn.transaction()`'s generator around it: its status
+        # says whether a `with` cut short left it begun (below).
+        tx = psycopg.Transaction(conn)
         # Its lock waits are said (LockWatch) where someone listens, as SQLite's are.
         watched = self._depth == 0 and self.notice is not None
         if watched:
@@ -647,10 +650,15 @@ class PostgresStore(Store):
         outermost_write = self._depth == 0 and not reading
         self._depth += 1
         try:
-            tx = conn.transaction()
             with _Committing(tx) if outermost_write else tx, conn.cursor() as cur:
                 yield cur
         except BaseException as exc:
+            if tx.status is tx.Status.ACTIVE:
+                # Begun, but a Ctrl+C whose handler ran as its enter returned (after BEGIN)
+                # raised before the `with` held it, so nothing ended it: left open, each later
+                # transaction of the connection was a savepoint in it, never committed.
+                with suppress(psycopg.Error):
+                    tx.__exit__(type(exc), exc, exc.__traceback__)
             # A rollback takes the staging tables created in it (or in a savepoint of it)
             # with it: the next staged upsert creates them again.
             self._staged = False

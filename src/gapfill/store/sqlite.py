@@ -388,16 +388,16 @@ class SqliteStore(Store):
         self._watch_signals()
         cur = self._conn.cursor()
         try:
+            # In the same try as the body: a Ctrl+C whose handler runs as BEGIN returns (a
+            # BEGIN IMMEDIATE that waited for another process's lock) raises with the
+            # transaction begun, and it must not stay open with the write lock: the next
+            # transaction failed ("cannot start a transaction within a transaction").
             self._begin(cur, immediate)
-        except BaseException:
-            cur.close()
-            raise
-        try:
             yield cur
         except sqlite3.Error as exc:
             self._failed(exc, immediate)
         except BaseException:
-            self._conn.rollback()
+            self._conn.rollback()  # nothing to do where BEGIN failed
             raise
         else:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,14 @@ def test_a_second_signal_as_a_run_records_its_end_stops_it_with_one_line(
     assert "Traceback" not in r.output and "not reached" not in r.output, r.output
 
 
+def _ten_refs(db: str) -> None:
+    """Contract ``A`` tracked in ``db``, with 10 refs, none planned."""
+    base = ["--db", db, "--rpc-url", UNREACHABLE]
+    assert CliRunner().invoke(cli, [*base, "contract", "add", A, "--chain-id", "1"]).exit_code == 0
+    hashes = "\n".join(f"0x{i:064x}" for i in range(1, 11))
+    assert CliRunner().invoke(cli, [*base, "import", "-", "--contract", A], input=hashes).exit_code == 0
+
+
 def _starting_worker(ready: int) -> None:
     """A worker process before its event loop handles SIGTERM (as the fork server starts it)."""
     import os
@@ -125,10 +134,7 @@ def test_a_worker_the_grace_periods_sigterm_ends_as_it_starts_is_no_crash(
     from gapfill.errors import Interrupted
 
     db = f"sqlite:///{tmp_path / 'g.db'}"
-    base = ["--db", db, "--rpc-url", UNREACHABLE]
-    assert CliRunner().invoke(cli, [*base, "contract", "add", A, "--chain-id", "1"]).exit_code == 0
-    hashes = "\n".join(f"0x{i:064x}" for i in range(1, 11))
-    assert CliRunner().invoke(cli, [*base, "import", "-", "--contract", A], input=hashes).exit_code == 0
+    _ten_refs(db)
 
     def spawn_then_stop(self: Coordinator, index: int) -> Any:
         ready, ready_w = os.pipe()
@@ -298,3 +304,98 @@ def test_a_handler_to_put_back_that_ignores_the_signal_leaves_it_ignored() -> No
         end.restore()
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raised", ["CommitUnknown", "OSError"])
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_run_ended_by_an_exception_is_recorded_as_it_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, raised: str
+) -> None:
+    # Review: the coordinator recorded as `done` a run that an exception ended: its state
+    # started as `done` and only a GapfillError changed it. Two Ctrl+C during a main-thread
+    # COMMIT on PostgreSQL (the plan's here) raise CommitUnknown; the command exited 130 with
+    # its run `done`. Any other exception (an OSError spawning a worker) did the same, and in
+    # batch mode left the row `running`.
+    import gapfill.engine.run
+    from gapfill.signals import CommitUnknown
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        if raised == "CommitUnknown":
+            raise CommitUnknown
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gapfill.engine.run, "_plan", plan)
+    workers = ["--workers", "2"] if mode == "concurrent" else []
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    assert "Traceback" not in r.output, r.output
+    with open_store(db) as store:
+        run = max(store.list_runs(), key=lambda run: run.run_id)
+    assert run.run_id == 2 and run.finished_at is not None, run
+    if raised == "CommitUnknown":
+        assert r.exit_code == 130, r.output
+        assert run.state == "interrupted", run
+        assert "rerun the same command to continue where it stopped" in r.output, r.output
+    else:
+        assert r.exit_code == 1, r.output
+        assert run.state == "failed", run
+        assert run.note == "internal error (OSError: [Errno 28] No space left on device)", run
+        assert r.output.strip().splitlines()[-1].startswith("error: internal error (OSError:"), r.output
+
+
+def _exits_at_once() -> None:
+    raise SystemExit(1)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_ended_by_an_exception_gives_back_the_leases_of_a_crashed_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: a worker that crashed holding a lease is restarted, and its lease given back
+    # first; where that give-back stopped at two Ctrl+C (CommitUnknown), the run's end
+    # released only the leases of workers still running, and the crashed one's batch sat
+    # leased until its lease expired.
+    import multiprocessing
+    import sqlite3
+
+    from gapfill.engine.run import Coordinator, EnrichJob
+    from gapfill.errors import Interrupted
+    from gapfill.signals import CommitUnknown
+    from gapfill.store.base import run_owner
+
+    path = tmp_path / "g.db"
+    db = f"sqlite:///{path}"
+    _ten_refs(db)
+
+    def spawn_leasing(self: Coordinator, index: int) -> Any:
+        proc = multiprocessing.get_context("fork").Process(target=_exits_at_once, daemon=True)
+        proc.start()
+        with open_store(db) as store:  # what the worker leased before it crashed
+            assert store.lease(run_owner(self.host, proc.pid, f"w{index + 1}", self.job.run_id), 300.0)
+        proc.join()
+        return proc
+
+    release_owner = Store.release_owner
+
+    def cut(self: Store, owner: str, error: str = "worker stopped", *args: Any, **kwargs: Any) -> int:
+        if error.startswith("worker exited"):  # the restart's give-back
+            raise CommitUnknown
+        return release_owner(self, owner, error, *args, **kwargs)
+
+    monkeypatch.setattr(Coordinator, "_spawn", spawn_leasing)
+    monkeypatch.setattr(Coordinator, "_check_node", lambda self: True)
+    monkeypatch.setattr(Store, "release_owner", cut)
+    job = EnrichJob(db, (), ((1, A),), 1, workers=1, batch_size=5, measure_sequential=False)
+    try:
+        Coordinator(job, lambda ev: None).run()
+    except Interrupted:
+        pass
+    except KeyboardInterrupt:  # uncaught, it would stop pytest itself
+        pytest.fail("the run did not end as interrupted")
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM batches WHERE lease_owner IS NOT NULL").fetchone() == (0,)
+    with open_store(db) as store:
+        assert max(store.list_runs(), key=lambda run: run.run_id).state == "interrupted"

@@ -417,8 +417,10 @@ def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
 
 
 def _note(job: EnrichJob, exc: BaseException) -> str:
-    """Why a run failed, as its ``runs`` row keeps it: no URL's secret in it."""
-    return redact_text(str(exc), DbUrl(job.db_url), *(e.url for e in job.endpoints))[:1000]
+    """Why a run failed, as its ``runs`` row keeps it: no URL's secret in it. An exception
+    that is not gapfill's (a bug, an OSError) is named as the CLI says it."""
+    why = str(exc) if isinstance(exc, GapfillError) else f"internal error ({type(exc).__name__}: {exc})"
+    return redact_text(why, DbUrl(job.db_url), *(e.url for e in job.endpoints))[:1000]
 
 
 def _app(job: EnrichJob) -> str:
@@ -475,19 +477,18 @@ def run_in_process(
                 start()
             if term.fired:  # stopped by SIGTERM, even if the last batch ended meanwhile
                 state = "interrupted"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # CommitUnknown too: a second signal in a commit (PostgreSQL)
             state = "interrupted"
-        except asyncio.CancelledError:
-            if not term.fired:
+        except BaseException as exc:
+            if not (isinstance(exc, asyncio.CancelledError) and term.fired):  # SIGTERM, SIGINT ignored
+                # The node or the database failed for good, or anything else (a bug, an
+                # OSError): the run says so (and why), the plan stays open, and the row keeps
+                # what was committed before. It stayed `running` where the error was not gapfill's.
+                held.hold(callers)
+                with contextlib.suppress(GapfillError):  # the database may be what failed
+                    store.finish_run(run_id, "failed", totals_box.get("calls", 0), note=_note(job, exc))
                 raise
             state = "interrupted"
-        except GapfillError as exc:
-            # The node or the database failed for good: the run says so (and why), the plan
-            # stays open, and the row keeps what was committed before.
-            held.hold(callers)
-            with contextlib.suppress(GapfillError):  # the database may be what failed
-                store.finish_run(run_id, "failed", totals_box.get("calls", 0), note=_note(job, exc))
-            raise
         finally:
             held.hold(callers)
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
@@ -1090,6 +1091,7 @@ class Coordinator:
         why: str | None = None  # the sentence a failed run ends with, kept in its note
         state = "done"
         seq: tuple[float, str] | None = None
+        ended = False  # the supervision ended as it should, not by an exception
         try:
             mode = "concurrent" if job.plan_new else "worker"
             run_id = store.create_run(mode, self.workers, chain_id=job.chain_id)
@@ -1219,7 +1221,17 @@ class Coordinator:
                     store.release_owner(self._owner(s), "worker stopped")
             if self.stopping_at is not None:
                 state = "interrupted"
-        except GapfillError as exc:
+            ended = True
+        except KeyboardInterrupt:
+            # A second signal during a commit of this thread (CommitUnknown, PostgreSQL's: the
+            # plan's, a lease expiry's, a restart's give-back): a stop at once, as in the
+            # in-process modes. Before the run's row exists there is nothing to record.
+            if not run_id:
+                raise
+            state = "interrupted"
+        except BaseException as exc:
+            # The node or the database failed for good, or anything else (a bug, an OSError
+            # spawning a worker): recorded as failed, and why. It was recorded `done`.
             state = "failed"
             why = _note(job, exc)
             raise
@@ -1233,10 +1245,13 @@ class Coordinator:
                     s.proc.kill()
                     s.proc.join(timeout=5)
                 # A worker stopped as the run failed may have stopped with a lease whose answer
-                # its cancel cut short (a lost node stops them all): it goes back too.
-                if still_running or state == "failed":
+                # its cancel cut short (a lost node stops them all), and one that crashed may
+                # not have been restarted (its leases given back) before the run ended: theirs
+                # go back too.
+                if still_running or not ended:
+                    why_back = "run failed" if state == "failed" else "run stopped"
                     with contextlib.suppress(GapfillError):  # the database may be what failed
-                        store.release_owner(self._owner(s), "run failed")
+                        store.release_owner(self._owner(s), why_back)
             forkserver.stop(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()

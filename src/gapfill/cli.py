@@ -1216,7 +1216,8 @@ enrich_options = [
     rpc_timeout_option,
     click.option("--rpc-outage", "rpc_outage_s", type=FiniteFloatRange(min=1), default=120.0,
                  show_default=True,
-                 help="Stop (batches given back) when no RPC node has replied for this many seconds."),
+                 help="Stop (batches given back) when no RPC node has replied for this many seconds "
+                      "of trying (waits for --rps or a Retry-After pause do not count)."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                  help="Serve Prometheus metrics on 127.0.0.1:PORT."),
     click.option("-q", "--quiet", is_flag=True,

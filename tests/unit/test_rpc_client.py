@@ -560,6 +560,41 @@ async def test_rate_limit_wait_is_honoured(make_node: Any, tmp_path: Any, style:
             assert stats.rate_factor < 1.0  # AIMD cut
 
 
+@pytest.mark.parametrize("rps", [None, 1000.0])
+async def test_a_pause_holds_the_requests_back_off_the_outage_clock_and_silence_is_on_it(
+    make_node: Any, tmp_path: Any, rps: float | None
+) -> None:
+    # A Retry-After pause is the client's choice: a worker must take it neither for a dead
+    # node (its outage clock, silent_s) nor for a batch stuck in a call (held_back). A
+    # request the node does not answer is on the clock, and any reply sets it back to 0.
+    from gapfill.rpc.slots import PRIORITY
+
+    answered = asyncio.Event()
+    turn = iter(["429", "silent", "echo"])
+
+    async def node_does(node: FakeNode, body: Any) -> web.Response:
+        what = next(turn, "echo")
+        if what == "429":
+            return web.Response(status=429, headers={"Retry-After": "0.5"})
+        if what == "silent":
+            await asyncio.sleep(0.4)
+        answered.set()
+        return echo(node, body)
+
+    node = await make_node(node_does)
+    async with RpcClient([EndpointConfig(node.url, rps=rps)], settings(tmp_path)) as client:
+        PRIORITY.set(7)  # as a batch's task sets it: the call's requests inherit it
+        call = asyncio.create_task(client.call("echo", [1]))
+        await asyncio.sleep(0.3)  # in the pause
+        paused = (client.held_back(7), client.held_back(8), client.silent_s())
+        await asyncio.sleep(0.5)  # the pause is over: the node is asked, and does not answer
+        silent = (client.held_back(7), client.silent_s())
+        assert await call == 1
+    assert paused[:2] == (True, False) and paused[2] < 0.1, paused
+    assert silent[0] is False and silent[1] >= 0.1, silent
+    assert answered.is_set() and client.silent_s() < 0.05
+
+
 # -- batch size -------------------------------------------------------------------------
 
 

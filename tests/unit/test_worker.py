@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,12 @@ class FakeClient:
 
     def queued(self, priority: int) -> bool:
         return priority in self.waiting
+
+    def held_back(self, priority: int) -> bool:
+        return False
+
+    def silent_s(self) -> float:
+        return 0.0
 
     def stats(self) -> dict[str, _Stats]:
         return {"node": self.node}
@@ -996,3 +1003,164 @@ def test_a_batch_cancelled_twice_while_its_give_back_waits_still_reports_and_cou
     [given_back] = [e for e in events if isinstance(e, BatchAbandoned)]
     assert (given_back.batch_id, given_back.kept_failed) == (1, 1)
     assert (w.totals.failed, w.totals.permanent) == (1, 1) and store.state == {1: "pending"}
+
+
+class PausingNode(StallingNode):
+    """A :class:`StallingNode` whose first reply is HTTP 429 with ``Retry-After: 1``."""
+
+    def __init__(self, hashes: Sequence[str]) -> None:
+        super().__init__(hashes, set())
+        self.paused = False
+
+    async def post(self, url: str, body: bytes) -> Any:
+        from gapfill.rpc.transport import HttpReply
+
+        if not self.paused:
+            self.paused = True
+            return HttpReply(429, {"Retry-After": "1"}, b"")
+        return await super().post(url, body)
+
+
+class DeadNode(StallingNode):
+    """A node that is gone: it refuses every connection, or (``silent``) takes every
+    request and never answers."""
+
+    def __init__(self, hashes: Sequence[str], silent: bool) -> None:
+        super().__init__(hashes, set())
+        self.silent = silent
+
+    async def post(self, url: str, body: bytes) -> Any:
+        if self.silent:
+            await asyncio.sleep(3600)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+def worker_on_node(store: Any, node: StallingNode, tmp_path: Path, rps: float | None = None,
+                   events: list[Any] | None = None, **settings: Any) -> Worker:  # fmt: skip
+    """A worker fetching through a real client from ``node`` (one call a request, per
+    transaction), with ``settings`` as its :class:`WorkerSettings`."""
+    from gapfill.enrich.fetch import Enricher, PlanSettings
+    from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+
+    rpc = settings.pop("rpc", RpcSettings())
+    client = RpcClient([EndpointConfig("http://node.invalid/", rps=rps, max_batch=1)],
+                       replace(rpc, budget_dir=str(tmp_path)), transport=node)  # fmt: skip
+    enricher = Enricher(client, 1, plan=PlanSettings(shape="per_tx", calls_metered=rps is not None),
+                        calls_per_request=1)  # fmt: skip
+    s = WorkerSettings(**{"commit_wait_s": 0.05, "db_retry_s": 0.01, "retry_pause_s": 0.01, **settings})
+    return Worker(0, "w", store, enricher.client, {1: enricher}, s,
+                  events.append if events is not None else lambda event: None)  # fmt: skip
+
+
+def renewals_counted(store: Any) -> list[float]:
+    """When each renewal of ``store``'s leases was asked (``time.monotonic()``)."""
+    at: list[float] = []
+    renew = store.renew
+
+    def counted_renew(batch: Batch, timeout_s: float) -> bool:
+        at.append(time.monotonic())
+        return bool(renew(batch, timeout_s))
+
+    store.renew = counted_renew
+    return at
+
+
+@pytest.mark.timeout(30)
+def test_a_retry_after_pause_is_not_taken_for_a_dead_node(tmp_path: Path) -> None:
+    # The node answered 429 with Retry-After: the client paused, as asked, and sent nothing.
+    # The outage clock only looked at the time since the last reply, so a pause longer than
+    # --rpc-outage stopped the worker: "no RPC node has replied for ..." (in a concurrent
+    # run, EXIT_LOST_NODE: the run failed). The node did reply; the wait was the client's.
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+    node = PausingNode(hashes)
+    totals = asyncio.run(worker_on_node(store, node, tmp_path, rpc_outage_s=0.3).run())
+    counts = store.batch_counts()
+    store.close()
+    assert node.paused and totals.processed == 6 and (counts.done, counts.succeeded) == (1, 6)
+
+
+@pytest.mark.timeout(30)
+def test_a_slow_rate_limit_is_not_taken_for_a_dead_node(tmp_path: Path) -> None:
+    # Under --rps the requests wait for their tokens: here a reply comes every 0.1 s (with
+    # four workers at 2 rps, one every ~200 s), more than --rpc-outage apart.
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+    node = StallingNode(hashes, set())
+    totals = asyncio.run(worker_on_node(store, node, tmp_path, rps=10, rpc_outage_s=0.05).run())
+    counts = store.batch_counts()
+    store.close()
+    assert node.calls >= 12 and totals.processed == 6 and (counts.done, counts.succeeded) == (1, 6)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("wait", ["retry_after", "rps"])
+def test_a_batch_waiting_on_a_pause_or_the_rate_budget_keeps_its_lease(tmp_path: Path, wait: str) -> None:
+    # Its requests wait, by the client's choice, longer than a lease: for a Retry-After
+    # pause (1 s), or for their tokens (one every 0.2 s). No call of it is answered
+    # meanwhile, and it waits for no slot, so its lease was not renewed: it lapsed, the
+    # fetch was thrown away and the batch fetched again (by a coordinator, the worker
+    # killed as stuck).
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+    renewed = renewals_counted(store)
+    node = PausingNode(hashes) if wait == "retry_after" else StallingNode(hashes, set())
+    events: list[Any] = []
+    w = worker_on_node(store, node, tmp_path, rps=5 if wait == "rps" else None, events=events,
+                       lease_timeout_s=0.15)  # fmt: skip
+    totals = asyncio.run(w.run())
+    counts = store.batch_counts()
+    store.close()
+    assert totals.lost == 0 and [e.attempt for e in events if isinstance(e, BatchAssigned)] == [1]
+    assert (counts.done, counts.succeeded) == (1, 6) and len(renewed) >= 5, renewed
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("rps", [None, 10.0])
+@pytest.mark.parametrize("silent", [False, True], ids=["refused", "silent"])
+def test_a_node_that_does_not_answer_still_stops_the_worker(
+    tmp_path: Path, silent: bool, rps: float | None
+) -> None:
+    # Waits of the client's own choosing are off the outage clock; trying to reach a node
+    # that refuses connections (with the backoff and the breaker's pauses between tries) or
+    # never answers is not. Under a rate limit too. The batch is given back, no failure.
+    from gapfill.errors import RpcError
+    from gapfill.rpc import RpcSettings
+
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+    # Enough tries that no call fails for good before the clock runs out.
+    rpc = RpcSettings(attempts=50, backoff_base_s=0.01, backoff_max_s=0.02)
+    w = worker_on_node(store, DeadNode(hashes, silent), tmp_path, rps=rps, rpc=rpc, rpc_outage_s=0.3)
+    with pytest.raises(RpcError, match=r"^no RPC node has replied for 0 s \(last: "):
+        asyncio.run(w.run())
+    counts = store.batch_counts()
+    failures = store.list_failures()
+    store.close()
+    assert (counts.pending, counts.succeeded, failures) == (1, 0, [])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("rps", [None, 10.0])
+def test_a_batch_stuck_in_one_call_stops_renewing_its_lease(tmp_path: Path, rps: float | None) -> None:
+    # Waits by choice keep a lease; a call that never returns does not, under a rate limit
+    # too: once the batch's other calls are answered (and their waits for tokens over), its
+    # renewals stop, and the lease lapses for another worker to take the batch.
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+    renewed = renewals_counted(store)
+    node = StallingNode(hashes, {hashes[4]})
+    w = worker_on_node(store, node, tmp_path, rps=rps, lease_timeout_s=0.15)
+
+    async def stuck() -> float:
+        run = asyncio.create_task(w.run())
+        while node.calls < 12:  # every call but the stalled one answered (its block's too)
+            await asyncio.sleep(0.01)
+        settled = time.monotonic() + 0.1  # a renewal check already under way may still renew
+        await asyncio.sleep(0.6)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        return settled
+
+    settled = asyncio.run(stuck())
+    counts = store.batch_counts()
+    store.close()
+    assert node.stalled == 1 and [at for at in renewed if at > settled] == []
+    # The stop's give-back found the lease lapsed: nothing written, the batch left to expire.
+    assert (counts.leased, counts.succeeded) == (1, 0), counts

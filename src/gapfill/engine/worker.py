@@ -6,8 +6,9 @@ once, so the node is never idle while the database writes. Store calls are
 blocking and run in a thread, one at a time (a connection is not shared
 between threads).
 
-A lease is renewed only while the worker makes RPC progress: a worker stuck in
-one call stops renewing, its lease expires, and another worker takes the batch.
+A lease is renewed only while the worker makes RPC progress (or its client holds the
+batch's requests back by its own choice: a rate limit, a ``Retry-After`` pause): a worker
+stuck in one call stops renewing, its lease expires, and another worker takes the batch.
 A batch that keeps failing is retried (by another worker where one exists) and,
 on its last attempt, split until the failing transactions are isolated and
 recorded in ``failures``; the rest is stored.
@@ -148,9 +149,11 @@ class WorkerSettings:
     commit_group_txs: int = 2000
     #: ... and at most this long (capped at a quarter of the lease timeout).
     commit_wait_s: float = 1.0
-    #: With batches waiting on RPC and no HTTP reply from any endpoint for this long (the
-    #: node is down or unreachable), the worker gives its batches back and stops with one
-    #: sentence, instead of retrying until every transaction is an `rpc_error` failure.
+    #: With batches waiting on RPC and this long spent trying to reach a node without an HTTP
+    #: reply from any endpoint (it is down or unreachable; waits of the client's own choosing,
+    #: for a Retry-After pause or the rate budget, do not count), the worker gives its batches
+    #: back and stops with one sentence, instead of retrying until every transaction is an
+    #: `rpc_error` failure.
     rpc_outage_s: float = 120.0
 
 
@@ -196,7 +199,6 @@ class Worker:
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
-        self._busy_since = time.monotonic()  # when _fetching last rose from 0
         self._outage: RpcError | None = None  # why the worker stops: no node replies, or none takes the key
         self._tasks: set[asyncio.Task[None]] = set()  # the batch tasks
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
@@ -322,11 +324,13 @@ class Worker:
             self.client.on_refused = self.client.tell = None
 
     def _rpc_outage(self) -> bool:
-        """True (and :attr:`_outage` set) once no endpoint has replied for ``rpc_outage_s``
-        while batches wait on RPC, counted from when they started waiting."""
+        """True (and :attr:`_outage` set) once the client has spent ``rpc_outage_s`` trying to
+        reach a node since any endpoint last replied, while batches wait on RPC. Its waits of
+        its own choosing (a ``Retry-After`` pause, the rate budget's tokens, the backoff after
+        a rate-limited answer) do not count: the node did reply (:mod:`gapfill.rpc.waits`)."""
         if not self._fetching or self._outage is not None:
             return False
-        quiet = time.monotonic() - max(self.client.last_reply_at, self._busy_since)
+        quiet = self.client.silent_s()
         if quiet <= self.settings.rpc_outage_s:
             return False
         why = self.client.last_transport_error or "no reply"
@@ -362,8 +366,6 @@ class Worker:
                     break
                 idle_polls = 0
                 self._held.add(batch.id)
-                if not self._fetching:
-                    self._busy_since = time.monotonic()
                 self._fetching += 1
                 tasks.add(asyncio.create_task(self._handle(batch)))
             if tasks:
@@ -570,6 +572,9 @@ class Worker:
         in a call loses its lease even while the worker's other batches progress. With
         metered calls a batch's requests wait while those of the batches leased before it
         go first (its ``priority``): it is renewed too while it waits so and the node answers.
+        So it is while the client holds its requests back by its own choice (its rate
+        budget's tokens, a ``Retry-After`` pause, the backoff after a rate-limited answer:
+        :meth:`RpcClient.held_back`), however long: that is not being stuck in a call.
         """
         period = max(self.settings.lease_timeout_s / 3, 0.05)
         seen = answered[0]
@@ -579,7 +584,7 @@ class Worker:
             now_answered = answered[0]
             waits_turn = self.client.queued(priority) and self.client.last_reply_at > replied
             replied = self.client.last_reply_at
-            if now_answered == seen and not waits_turn:
+            if now_answered == seen and not waits_turn and not self.client.held_back(priority):
                 log.warning("batch %s made no RPC progress for %.0fs; not renewing its lease",
                             batch.id, period)  # fmt: skip
                 continue

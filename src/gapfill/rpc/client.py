@@ -38,9 +38,10 @@ from gapfill.rpc.classify import (
 from gapfill.rpc.config import Call, EndpointConfig, RpcSettings, checks
 from gapfill.rpc.endpoint import Endpoint, EndpointStats
 from gapfill.rpc.errors import CallError
-from gapfill.rpc.slots import PrioritySlots
+from gapfill.rpc.slots import PRIORITY, PrioritySlots
 from gapfill.rpc.tls import aiohttp
 from gapfill.rpc.transport import AiohttpTransport, HttpReply, Transport
+from gapfill.rpc.waits import Waits
 from gapfill.wording import counted
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class RpcClient:
         #: the last request that got none (refused, reset, timed out), redacted.
         self.last_reply_at = time.monotonic()
         self.last_transport_error = ""
+        self._waits = Waits()
         #: Hears, once per endpoint, one that refused the API key while another could take
         #: its calls: it is set aside for the client's life (asking again cannot pass).
         self.tell: Callable[[str], None] | None = None
@@ -211,6 +213,20 @@ class RpcClient:
         their turn behind those of a lower one (only once calls are metered: before, they
         wait in arrival order, not long)."""
         return self._slots.prioritized and self._slots.queued(priority)
+
+    def held_back(self, priority: int) -> bool:
+        """Whether requests of :data:`~gapfill.rpc.slots.PRIORITY` ``priority`` wait by the
+        client's own choice (its rate budget's tokens, a ``Retry-After`` pause, the backoff
+        after a rate-limited or null answer), or wait for a slot while a request holding one
+        waits so: held back on purpose, not stuck (:mod:`gapfill.rpc.waits`)."""
+        waits = self._waits
+        return waits.held(priority) or (waits.in_slot > 0 and self._slots.queued(priority))
+
+    def silent_s(self) -> float:
+        """Seconds spent trying to reach a node since some endpoint last replied: a request
+        in flight, or waiting to be sent again after one that got no reply. Waits of the
+        client's own choosing, and having nothing to send, do not count."""
+        return self._waits.silent_s()
 
     def stats(self) -> dict[str, EndpointStats]:
         """Counters per endpoint, keyed by redacted URL."""
@@ -508,10 +524,14 @@ class RpcClient:
         results: list[Any],
         pin: Endpoint | None,
     ) -> None:
-        nulls_before = [items[i].nulls for i in chunk]
+        before = [(items[i].nulls, items[i].failures) for i in chunk]
         try:
-            if wait > 0:  # every endpoint is set aside: wait for the first to come back
-                await asyncio.sleep(wait)
+            if wait > 0:  # every endpoint is set aside or paused: wait for the first to come back
+                # A pause (Retry-After) is the client's choice; the breaker's set-aside
+                # (failed requests) is trying to reach a node that does not answer well.
+                paused = endpoint.paused_until >= endpoint.down_until
+                with self._held() if paused else self._waits.trying():
+                    await asyncio.sleep(wait)
             again = await self._exchange(endpoint, chunk, items, results, pin)
         finally:
             endpoint.assigned_calls -= len(chunk)
@@ -524,8 +544,12 @@ class RpcClient:
             return
         retried = set(again)
         # The items asked again because they answered null this time (not because they failed).
-        nulled = max((items[i].nulls for i, before in zip(chunk, nulls_before, strict=True)
-                      if i in retried and items[i].nulls > before), default=0)  # fmt: skip
+        nulled = max((items[i].nulls for i, (nulls, _) in zip(chunk, before, strict=True)
+                      if i in retried and items[i].nulls > nulls), default=0)  # fmt: skip
+        # Some failed (no reply, a 5xx, ...): the backoff is part of trying to reach a node.
+        # Only rate-limited or null answers (or a batch too large): the client's choice.
+        failed = any(items[i].failures > failures for i, (_, failures) in zip(chunk, before, strict=True)
+                     if i in retried)  # fmt: skip
         delay = self._retry_delay(again, items, nulled)
         if logger.isEnabledFor(logging.DEBUG):
             why = ("null answers" if nulled else "rate limited" if any(items[i].rate_limits for i in again)
@@ -533,8 +557,17 @@ class RpcClient:
             logger.debug("%d call(s) from %s sent again in %.2f s: %s", len(again), endpoint.shown, delay,
                          why)  # fmt: skip
         if delay > 0:
-            await asyncio.sleep(delay)
+            with self._waits.trying() if failed else self._held():
+                await asyncio.sleep(delay)
         await self._drive(again, items, results, pin)
+
+    def _held(self) -> contextlib.AbstractContextManager[None]:
+        """A wait of the client's own choosing, of the request in this context."""
+        return self._waits.by_choice(PRIORITY.get())
+
+    def _held_in_slot(self) -> contextlib.AbstractContextManager[None]:
+        """The same, while the request holds one of the client's slots."""
+        return self._waits.by_choice(PRIORITY.get(), in_slot=True)
 
     def _retry_delay(self, again: list[int], items: list[_Item], nulled: int) -> float:
         """How long to wait before sending ``again``: full jitter over the tries spent, and,
@@ -584,21 +617,24 @@ class RpcClient:
             if len(chunk) > endpoint.cap():
                 # The cap shrank while this batch waited for a slot: split it first.
                 return list(chunk)
-            await endpoint.acquire(len(chunk))
+            await endpoint.acquire(len(chunk), self._held_in_slot if pin is None else self._held)
             for i in chunk:
                 if items[i].sent:
                     endpoint.retries += 1
                 items[i].sent = True
             started = time.monotonic()
             timed_out = False
+            self._waits.start_trying()
             try:
                 reply = await self._transport.post(endpoint.url, body)
                 self.last_reply_at = time.monotonic()
+                self._waits.replied()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 failure = classify_exception(exc, read_timeout_s=self._settings.read_timeout_s)
                 self.last_transport_error = f"{endpoint.shown}: {self._redact(failure.message)}"
                 timed_out = isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError)
             finally:
+                self._waits.stop_trying()
                 await endpoint.release()
             latency = time.monotonic() - started
         if reply is not None or not (failure and failure.unreachable):  # it reached the node

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gapfill.redact import redact_url
@@ -195,8 +197,13 @@ class Endpoint:
 
     # -- admission ---------------------------------------------------------------------
 
-    async def acquire(self, calls: int) -> None:
-        """Wait for a concurrency slot (AIMD) and for ``calls`` tokens of the shared budget."""
+    async def acquire(
+        self, calls: int, by_choice: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    ) -> None:
+        """Wait for a concurrency slot (AIMD) and for ``calls`` tokens of the shared budget.
+        The wait for the tokens, or for a ``Retry-After`` pause to end, is the client's own
+        choice: it runs inside ``by_choice()`` (see :mod:`gapfill.rpc.waits`)."""
+        chosen = by_choice or contextlib.nullcontext
         if self.budget is None:
             async with self._gate:
                 await self._gate.wait_for(lambda: self.in_flight < max(1, int(self.concurrency)))
@@ -206,7 +213,8 @@ class Endpoint:
                 pause = max(pause, self.learned.reserve(calls))
             if pause > 0:
                 try:
-                    await asyncio.sleep(pause)
+                    with chosen():
+                        await asyncio.sleep(pause)
                 except asyncio.CancelledError:
                     await self.release()
                     raise
@@ -217,7 +225,8 @@ class Endpoint:
         self.rate_factor = self.budget.last_factor
         if wait > 0:
             try:
-                await asyncio.sleep(wait)
+                with chosen():
+                    await asyncio.sleep(wait)
             except asyncio.CancelledError:
                 self.budget.refund(calls)
                 self.in_flight -= 1

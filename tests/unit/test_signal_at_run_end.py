@@ -399,3 +399,33 @@ def test_a_run_ended_by_an_exception_gives_back_the_leases_of_a_crashed_worker(
         assert conn.execute("SELECT count(*) FROM batches WHERE lease_owner IS NOT NULL").fetchone() == (0,)
     with open_store(db) as store:
         assert max(store.list_runs(), key=lambda run: run.run_id).state == "interrupted"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["batch", "concurrent"])
+def test_a_database_failing_at_the_runs_end_does_not_hide_why_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # A run that failed (here: the node, as it was planned) still fills the block numbers of
+    # its refs at its end, outside any except clause: a database failing there too must not
+    # replace the run's own error with its own (the user would fix the wrong thing).
+    # `idle.fill_block_numbers` is best effort; this guards that it stays so.
+    import gapfill.engine.run
+    from gapfill.errors import RpcError, StoreError
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    base = all_failed_open_plan(db)
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        raise RpcError("the RPC node went away: check it, then rerun")
+
+    def fill(*args: Any, **kwargs: Any) -> None:
+        raise StoreError("the database went away: check it, then rerun")
+
+    monkeypatch.setattr(gapfill.engine.run, "_plan", plan)
+    monkeypatch.setattr(Store, "fill_block_numbers", fill)
+    workers = ["--workers", "2"] if mode == "concurrent" else []
+    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output, r.output
+    assert "the RPC node went away" in r.output and "database went away" not in r.output, r.output

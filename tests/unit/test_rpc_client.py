@@ -942,6 +942,22 @@ async def test_require_refuses_only_a_node_that_says_it_lacks_the_method(
             await client.require(["eth_getTransactionReceipt"], ["0x" + "00" * 32], "enriching needs")
 
 
+async def test_a_start_up_check_believes_method_not_found_only_when_said_twice(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # A load balancer's bad backend answering the start-up check's one call with -32601 ended
+    # the run with "does not serve eth_getTransactionReceipt" for a node that serves it (the
+    # calls of a run believe it only when a second request says it: the check now does too).
+    node = await make_node(lacks_once({RECEIPT_CALL.method}))
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        await client.require([RECEIPT_CALL.method], RECEIPT_CALL.params, "enriching needs")
+        assert await client.call_many([RECEIPT_CALL]) == [RECEIPT_CALL.params[0]]
+    node = await make_node(lacks_once({RECEIPT_CALL.method}, times=2))
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError, match="does not serve eth_getTransactionReceipt"):
+            await client.require([RECEIPT_CALL.method], RECEIPT_CALL.params, "enriching needs")
+
+
 @pytest.mark.parametrize(("answer", "may_pass"), [
     ("http503", True), ("truncated", True), ("http404", False), ("chain1", False), ("garbage", False),
     ("http501", False),  # a web server that takes no POST: the wrong URL, not a node failing

@@ -421,12 +421,17 @@ class RpcClient:
     async def _endpoint_supports(
         self, endpoint: Endpoint, method: str, params: list[Any]
     ) -> bool | None:
-        """True or False as the endpoint answered; None when its answer failed."""
+        """True or False as the endpoint answered; None when its answer failed. "Method not
+        found" is believed when a second request says it too, as for a run's calls (see
+        :meth:`_believed`): a load balancer's one bad backend says it of methods it serves."""
         if method in endpoint.supported:
             return True
         if method in endpoint.unsupported:
             return False
         out = await self._call_pinned(endpoint, method, params)
+        if isinstance(out, CallError) and method in endpoint.unsupported:
+            endpoint.unsupported.discard(method)
+            out = await self._call_pinned(endpoint, method, params)
         if isinstance(out, CallError):
             if method in endpoint.unsupported:
                 return False

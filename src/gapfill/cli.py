@@ -1546,7 +1546,10 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
     for r in rows:
         started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         rate = "-" if r.rate is None else f"{r.rate:,.1f} tx/s"
-        click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {r.state}: "
+        # A run this host cannot judge (another machine, or PID namespace, that has the name)
+        # is marked by a later run where it ran, if ever: its row may be stale.
+        state = r.state if r.state != "running" or r.judged_here else "running (not checked from here)"
+        click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {state}: "
                    f"{r.processed:,} processed, {r.failed:,} failed, {counted(r.rpc_calls, 'call')}, "
                    f"{rate}" + (f" ({redact_text(r.note, *ctx.secrets())})"
                                 if r.note and r.state != "done" else ""))  # fmt: skip

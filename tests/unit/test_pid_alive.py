@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gapfill.store.base import pid_alive
+from gapfill.store.liveness import pid_alive
 
 
 def _state(pid: int) -> bytes:

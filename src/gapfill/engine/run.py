@@ -62,6 +62,7 @@ from gapfill.rpc.tls import any_may_use_tls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.signals import HeldSignals
 from gapfill.store import DB_CHECK, Store, open_store, owner_name, run_owner
+from gapfill.store.liveness import owner_host, shown_owner
 from gapfill.wording import counted
 
 if TYPE_CHECKING:  # multiprocessing is imported where a concurrent run needs it: a batch run
@@ -923,7 +924,7 @@ class Coordinator:
         #: and the workers being started (``spawning``), which then get the grace period.
         self.planned = self.spawning = False
         self.restarts = 0
-        self.host = socket.gethostname()
+        self.host = owner_host()  # its workers' owner ids name it: owner_name as they run
         self.done_batches = 0
         self.leases = LeaseTally()  # for --metrics-port
         # What the workers' commits stored, from their per-batch events: a worker killed
@@ -1362,8 +1363,8 @@ class Coordinator:
             self.leases.took_back(b.id)
             log.info("lease of batch %d (attempt %d) held by %s expired; taken back", b.id, b.attempts,
                      b.lease_owner)  # fmt: skip
-            self.emit(Notice(f"lease of batch {b.id} held by {b.lease_owner} expired; it goes back "
-                             "to the plan"))  # fmt: skip
+            self.emit(Notice(f"lease of batch {b.id} held by {shown_owner(b.lease_owner or '')} expired; "
+                             "it goes back to the plan"))  # fmt: skip
             for s in self.slots.values():
                 if b.lease_owner == self._owner(s) and s.proc.is_alive():
                     self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))

@@ -22,7 +22,6 @@ import functools
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -48,6 +47,7 @@ from gapfill.model import (
     TxRow,
     merge,
 )
+from gapfill.store import liveness
 
 TX_COLUMNS: tuple[str, ...] = (
     "chain_id", "tx_hash", "block_number", "block_hash", "tx_index", "block_timestamp",
@@ -340,34 +340,19 @@ def json_value(value: Any) -> Any:
     return orjson.loads(value)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (a zombie does not: it was killed,
-    and its parent has not reaped it yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):  # no /proc here: kill() is all there is to ask
-        return True
-    return state not in (b"Z", b"X")
-
-
 def owner_name(worker: str = "", run_id: int | None = None) -> str:
-    """A lease owner id unique across hosts and processes: ``host:pid[/runN][/worker]``.
+    """A lease owner id unique across hosts and processes: ``host@space:pid[/runN][/worker]``
+    (``host:pid...`` where no space is known, as older versions wrote): the space says
+    which processes may judge the pid (:mod:`gapfill.store.liveness`).
 
     ``run_id`` names the run the owner works for: the lease events it writes are then the
     run's evidence of being alive, which dates the end of a run killed outright
     (:meth:`Store._mark_dead_runs`)."""
-    return run_owner(socket.gethostname(), os.getpid(), worker, run_id)
+    return run_owner(liveness.owner_host(), os.getpid(), worker, run_id)
 
 
 def run_owner(host: str, pid: int | None, worker: str = "", run_id: int | None = None) -> str:
-    """:func:`owner_name` of process ``pid`` of ``host``."""
+    """:func:`owner_name` of process ``pid`` of ``host`` (an :func:`liveness.owner_host`)."""
     run = "" if run_id is None else f"/run{run_id}"
     return f"{host}:{pid}{run}" + (f"/{worker}" if worker else "")
 
@@ -385,6 +370,10 @@ class RunInfo:
     failed: int
     rpc_calls: int
     note: str
+    #: Whether this process can tell if the run's process still runs (its host and PID
+    #: namespace, :mod:`gapfill.store.liveness`): a ``running`` row it cannot judge may
+    #: be stale, left by a process killed where no later run has looked.
+    judged_here: bool = True
 
     @property
     def rate(self) -> float | None:
@@ -1180,7 +1169,7 @@ class Store(abc.ABC):
         contracts is kept with the run (its processes build their decoders after this, so
         from ABIs at least as new): :meth:`settle_runs` compares them with the versions
         then current once the run is over, even if it was killed."""
-        host = socket.gethostname()
+        host, space = liveness.host(), liveness.here()
         with self._tx() as cur:
             now = self._now(cur)
             self._mark_dead_runs(cur, host, now)
@@ -1192,23 +1181,26 @@ class Store(abc.ABC):
                                       "versions": {a: int(v) for a, v in cur.fetchall()}})  # fmt: skip
             cur.execute(
                 self._sql(
-                    "INSERT INTO runs (started_at, host, pid, mode, workers, note, abi_versions) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING run_id"
+                    "INSERT INTO runs (started_at, host, space, pid, mode, workers, note, abi_versions) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING run_id"
                 ),
-                (now, host, os.getpid(), mode, workers, note, versions),
+                (now, host, None if space is None else str(space), os.getpid(), mode, workers, note,
+                 versions),
             )
             return int(cur.fetchone()[0])
 
     def _mark_dead_runs(self, cur: Any, host: str, now: float) -> None:
-        """Runs of ``host`` still marked ``running`` whose process is gone: ``interrupted``,
-        finished when they were last seen working (:meth:`_last_seen`), not now."""
+        """Runs of ``host`` still marked ``running`` whose process is known to be gone
+        (:func:`liveness.verdict`: never one of another PID namespace or machine):
+        ``interrupted``, finished when they were last seen working (:meth:`_last_seen`),
+        not now."""
         cur.execute(
-            self._sql("SELECT run_id, pid, started_at, processed, failed FROM runs "
+            self._sql("SELECT run_id, pid, started_at, processed, failed, space FROM runs "
                       "WHERE state = 'running' AND host = ? AND pid IS NOT NULL"),
             (host,),
         )  # fmt: skip
-        for run_id, pid, started, processed, failed in cur.fetchall():
-            if pid_alive(int(pid)):
+        for run_id, pid, started, processed, failed, space in cur.fetchall():
+            if liveness.verdict(host, liveness.Space.parse(space), int(pid)) is not False:
                 continue
             note = "its process ended without finishing the run"
             finished = self._last_seen(cur, host, int(run_id))
@@ -1229,12 +1221,13 @@ class Store(abc.ABC):
     def _last_seen(self, cur: Any, host: str, run_id: int) -> float | None:
         """When a process of run ``run_id`` of ``host`` last wrote a lease event of its own
         (leased, renewed, committed, emptied; not the give-backs and expiries others write for it,
-        dated when they noticed), if any: the owners of its leases name it (:func:`owner_name`)."""
-        pattern = re.sub(r"([!%_])", r"!\1", host) + f":%/run{run_id}/%"
+        dated when they noticed), if any: the owners of its leases name it (:func:`owner_name`,
+        with its space or, an older gapfill's, without)."""
+        name = re.sub(r"([!%_])", r"!\1", host)
         cur.execute(
-            self._sql("SELECT max(at) FROM lease_events WHERE owner LIKE ? ESCAPE '!' "
-                      "AND event IN ('leased', 'renewed', 'committed', 'emptied')"),
-            (pattern,),
+            self._sql("SELECT max(at) FROM lease_events WHERE (owner LIKE ? ESCAPE '!' OR owner LIKE ? "
+                      "ESCAPE '!') AND event IN ('leased', 'renewed', 'committed', 'emptied')"),
+            (f"{name}:%/run{run_id}/%", f"{name}@%:%/run{run_id}/%"),
         )  # fmt: skip
         row = cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
@@ -1250,8 +1243,8 @@ class Store(abc.ABC):
         wait for a later call: a run killed outright may have left workers finishing their
         batches, still to commit rows decoded the old way.
         """
-        host = socket.gethostname()
-        busy = any(pid != os.getpid() and pid_alive(pid) for _, pid in self._local_owners(host))
+        host = liveness.host()
+        busy = any(pid != os.getpid() and alive for _, pid, alive in self._local_owners())
         asked: set[tuple[int, str]] = set()
         with self._tx() as cur:
             now = self._now(cur)
@@ -1336,13 +1329,14 @@ class Store(abc.ABC):
             cur.execute(
                 self._sql(
                     "SELECT run_id, started_at, finished_at, host, mode, workers, state, processed,"
-                    " failed, rpc_calls, note FROM runs ORDER BY run_id DESC LIMIT ?"
+                    " failed, rpc_calls, note, pid, space FROM runs ORDER BY run_id DESC LIMIT ?"
                 ),
                 (limit,),
             )
             return [
                 RunInfo(int(r[0]), float(r[1]), None if r[2] is None else float(r[2]), r[3], r[4],
-                        int(r[5]), r[6], int(r[7]), int(r[8]), int(r[9]), r[10])
+                        int(r[5]), r[6], int(r[7]), int(r[8]), int(r[9]), r[10],
+                        r[11] is not None and liveness.judged_here(r[3], liveness.Space.parse(r[12])))
                 for r in cur.fetchall()
             ]  # fmt: skip
 
@@ -1811,25 +1805,32 @@ class Store(abc.ABC):
             return sum(self._give_back(cur, b, owner, a, error, "abandoned", now) for b, a in held)
 
     def release_dead_local_owners(self) -> dict[int, int]:
-        """Give back the leases of this host's processes that are gone (killed, crashed):
-        a rerun need not wait for them to expire. Returns the leases given back, per pid."""
+        """Give back the leases of this host's processes that are known to be gone (killed,
+        crashed, or of an earlier boot): a rerun need not wait for them to expire. Owners
+        this process cannot judge (another PID namespace or machine with this host name,
+        :func:`liveness.verdict`) are left to expire. Returns the leases given back, per pid."""
         out: dict[int, int] = {}
-        for owner, pid in self._local_owners(socket.gethostname()):
-            if not pid_alive(pid):
+        for owner, pid, alive in self._local_owners():
+            if alive is False:
                 n = self.release_owner(owner, "owner process is gone")
                 if n:
                     out[pid] = out.get(pid, 0) + n
         return out
 
-    def _local_owners(self, host: str) -> Iterator[tuple[str, int]]:
-        """The lease owners of ``host``'s processes, with the process id each names."""
-        prefix = f"{host}:"
+    def _local_owners(self) -> Iterator[tuple[str, int, bool | None]]:
+        """The lease owners of this host's processes, with the process id each names and
+        whether it runs (None: not known from here, :func:`liveness.verdict`)."""
+        host = liveness.host()
         for owner in self.lease_owners():
-            if owner.startswith(prefix):
-                try:
-                    yield owner, int(owner[len(prefix):].split("/", 1)[0])
-                except ValueError:
-                    continue
+            where, colon, rest = owner.partition(":")
+            name, space = liveness.split_owner_host(where)
+            if not colon or name != host:
+                continue
+            try:
+                pid = int(rest.split("/", 1)[0])
+            except ValueError:
+                continue
+            yield owner, pid, liveness.verdict(name, space, pid)
 
     def lease_owners(self) -> list[str]:
         """Owners holding leases now (to find dead local workers)."""

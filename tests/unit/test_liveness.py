@@ -1,0 +1,161 @@
+"""Which lease owners and running runs a process may judge dead: only those of its own
+host name, machine, boot and PID namespace (or of an earlier boot of its machine), and
+those an older gapfill wrote (by host name, as before)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gapfill.cli import cli
+from gapfill.model import Contract, Ref
+from gapfill.store import Store, liveness, open_store, run_owner
+from gapfill.store.liveness import INIT_PID_NS, Space
+
+A = "0x" + "aa" * 20
+#: This process, as each test makes it: a machine's initial PID namespace, boot b1.
+HERE = Space("0a0a0a0a0a0a", "b1b1b1b1b1b1", INIT_PID_NS)
+
+
+@pytest.fixture
+def gone_pid() -> int:
+    """A pid no process has here any more."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _store(tmp_path: Path) -> Store:
+    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
+    store.add_contract(Contract(1, A))
+    store.add_refs([Ref(1, A, f"0x{i:064x}", i) for i in range(1, 31)])
+    return store
+
+
+def _run_of(store: Store, monkeypatch: pytest.MonkeyPatch, space: Space | None, pid: int) -> tuple[int, str]:
+    """A run started by process ``pid`` of this host name in ``space`` (None: an older
+    gapfill's, which wrote none), holding a lease; returns its id and owner."""
+    with monkeypatch.context() as m:
+        m.setattr(liveness, "here", lambda: space)
+        run = store.create_run("concurrent", 1)
+        owner = run_owner(liveness.owner_host(), pid, "w1", run)
+    with store._tx() as cur:
+        cur.execute(store._sql("UPDATE runs SET pid = ? WHERE run_id = ?"), (pid, run))
+    store.plan(run, [(1, A)], batch_size=10)
+    assert store.lease(owner, 300.0) is not None
+    return run, owner
+
+
+def _state(store: Store, run: int) -> str:
+    return {r.run_id: r.state for r in store.list_runs()}[run]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        Space(HERE.machine, HERE.boot, 4026532999),  # a container (--network host) beside it
+        Space("0b0b0b0b0b0b", "b0b0b0b0b0b0", INIT_PID_NS),  # a cloned VM that kept the name
+        Space(HERE.machine, "b0b0b0b0b0b0", 4026532999),  # a container of an earlier boot
+        Space("", "b0b0b0b0b0b0", INIT_PID_NS),  # a machine without a machine id
+    ],
+    ids=["namespace", "machine", "container-of-earlier-boot", "no-machine-id"],
+)
+def test_a_process_of_another_namespace_or_machine_is_never_judged_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone_pid: int, other: Space
+) -> None:
+    # Review: a coordinator starting released the live leases of a `gapfill worker` in a
+    # container with the host's name (its pid was no process here), whose commits then
+    # failed the lease check, and marked its running run `interrupted`.
+    with _store(tmp_path) as store:
+        run, owner = _run_of(store, monkeypatch, other, gone_pid)
+        monkeypatch.setattr(liveness, "here", lambda: HERE)
+        assert store.release_dead_local_owners() == {}
+        store.create_run("batch", 1)  # the run that would notice it
+        assert store.lease_owners() == [owner]  # left to its lease's expiry
+        assert _state(store, run) == "running"
+        out = CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'g.db'}", "runs"])
+        assert out.exit_code == 0, out.output
+        line = next(x for x in out.output.splitlines() if x.startswith(f"#{run} "))
+        assert f" {socket.gethostname()} concurrent x1 running (not checked from here): " in line
+
+
+def test_an_earlier_boot_of_this_machine_is_gone_whatever_its_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a reboot a pid of the old boot may be a live process of this one: nothing of
+    # that boot runs, so its leases go back and its run is interrupted at once.
+    with _store(tmp_path) as store:
+        run, _owner = _run_of(
+            store, monkeypatch, Space(HERE.machine, "b0b0b0b0b0b0", INIT_PID_NS), os.getpid()
+        )
+        monkeypatch.setattr(liveness, "here", lambda: HERE)
+        assert store.release_dead_local_owners() == {os.getpid(): 1}
+        assert store.lease_owners() == []
+        store.create_run("batch", 1)
+        assert _state(store, run) == "interrupted"
+
+
+@pytest.mark.parametrize("space", [HERE, None], ids=["same-space", "older-gapfill"])
+def test_a_dead_process_of_this_space_or_an_older_gapfills_row_is_judged_by_its_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone_pid: int, space: Space | None
+) -> None:
+    # An older gapfill's owners (host:pid/...) and runs (no space) are judged by host name
+    # as it judged them, so an upgrade strands no lease and no `running` row.
+    with _store(tmp_path) as store:
+        run, owner = _run_of(store, monkeypatch, space, gone_pid)
+        assert (":" in owner.split("@")[0]) is (space is None)  # an older gapfill's owner id
+        alive, _ = _run_of(store, monkeypatch, space, os.getpid())
+        monkeypatch.setattr(liveness, "here", lambda: HERE)
+        assert store.release_dead_local_owners() == {gone_pid: 1}
+        store.create_run("batch", 1)
+        assert (_state(store, run), _state(store, alive)) == ("interrupted", "running")
+        assert {r.run_id: r.judged_here for r in store.list_runs()}[alive] is True
+
+
+def test_without_proc_a_process_writes_and_judges_as_older_versions_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone_pid: int
+) -> None:
+    with _store(tmp_path) as store:
+        run, _owner = _run_of(store, monkeypatch, HERE, gone_pid)
+        monkeypatch.setattr(liveness, "here", lambda: None)
+        assert liveness.owner_host() == socket.gethostname()
+        assert store.release_dead_local_owners() == {}  # a space it cannot place
+        legacy, _ = _run_of(store, monkeypatch, None, gone_pid)
+        assert store.release_dead_local_owners() == {gone_pid: 1}
+        store.create_run("batch", 1)
+        assert (_state(store, run), _state(store, legacy)) == ("running", "interrupted")
+
+
+def test_a_space_reads_back_as_written_and_this_process_has_one() -> None:
+    for space in (HERE, Space("", "b0", 4026532999)):
+        assert Space.parse(str(space)) == space
+    assert Space.parse(None) is None
+    odd = Space.parse("a later version's")  # judged by nobody, not as an older gapfill's
+    assert odd is not None and odd != HERE and odd.pidns != INIT_PID_NS
+    mine = liveness.here()
+    if os.path.exists("/proc/self/ns/pid"):
+        assert mine is not None and mine.pidns == os.stat("/proc/self/ns/pid").st_ino
+
+
+def test_an_expired_lease_is_said_with_its_owners_host_and_pid_not_its_space() -> None:
+    # What the progress lines show stays `host:pid/runN/wN`: the space is for judging.
+    from types import SimpleNamespace
+
+    from gapfill.engine.events import Notice
+    from gapfill.engine.metrics import LeaseTally
+    from gapfill.engine.run import Coordinator
+    from gapfill.model import Batch
+
+    owner = f"w1@{HERE}:4242/run7/w2"
+    said: list[object] = []
+    expired = Batch(3, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 1, owner, 0.0)
+    store = SimpleNamespace(expire_leases=lambda: [expired])
+    coordinator = SimpleNamespace(leases=LeaseTally(), emit=said.append, slots={})
+    Coordinator._supervise_leases(coordinator, store)  # type: ignore[arg-type]
+    assert said == [Notice("lease of batch 3 held by w1:4242/run7/w2 expired; it goes back to the plan")]
+    assert liveness.shown_owner("h:1/run2/w3") == "h:1/run2/w3"  # an older gapfill's

@@ -459,6 +459,36 @@ def test_repeated_names_fall_back_to_arg_n() -> None:
     )
 
 
+def test_a_name_clashing_with_an_unnamed_parameters_arg_n_loses_no_value() -> None:
+    # f(uint256 arg1, uint256): the unnamed second parameter's argN is arg1, which the first
+    # holds; both values stay (this used to keep only the 7, under arg1). The same in events
+    # and in tuple components.
+    abi: list[dict[str, Any]] = [
+        {"type": "function", "name": "f", "inputs": [
+            {"name": "arg1", "type": "uint256"}, {"name": "", "type": "uint256"},
+            {"name": "arg1_2", "type": "uint256"}, {"name": "arg1", "type": "uint256"},
+        ]},
+        {"type": "function", "name": "g", "inputs": [{"name": "t", "type": "tuple", "components": [
+            {"name": "arg1", "type": "uint8"}, {"name": "", "type": "uint8"},
+        ]}]},
+        {"type": "event", "name": "E", "anonymous": False, "inputs": [
+            {"name": "arg1", "type": "uint256", "indexed": True},
+            {"name": "arg1", "type": "uint256", "indexed": False},
+        ]},
+    ]  # fmt: skip
+    decoder = Decoder({TOKEN: abi})
+    f = function_selector("f(uint256,uint256,uint256,uint256)")
+    assert decoder.decode_input(TOKEN, call(f, ["uint256"] * 4, [5, 7, 8, 9]))[2] == {
+        "arg1": "5", "arg1_2": "7", "arg2": "8", "arg3": "9",
+    }  # fmt: skip
+    g = function_selector("g((uint8,uint8))")
+    assert decoder.decode_input(TOKEN, call(g, ["(uint8,uint8)"], [(5, 7)]))[2] == {
+        "t": {"arg1": "5", "arg1_2": "7"},
+    }  # fmt: skip
+    topics = [event_topic0("E(uint256,uint256)"), word(5)]
+    assert decoder.decode_log(TOKEN, topics, data(["uint256"], [7])) == ("E", {"arg1": "5", "arg1_2": "7"})
+
+
 def test_signed_and_short_types_are_range_checked() -> None:
     selector = function_selector("pair(int8,bytes3)")
     decoder = Decoder({TOKEN: RICH_ABI})

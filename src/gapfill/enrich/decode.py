@@ -12,7 +12,8 @@ padding, value in range, ``bool`` is 0 or 1).
 
 Output shape, shared by ``method_args`` and ``event_args`` (see the public
 schema): a ``dict`` keyed by parameter name in ABI order (``argN`` for the N-th
-parameter when the ABI gives no name, or repeats one); integers (and fixed-point
+parameter, counted from 0, when the ABI gives no name or repeats one; ``argN_2``,
+``argN_3``, ... when an earlier parameter is named ``argN`` too); integers (and fixed-point
 numbers) are decimal strings, ``bytes``/``bytesN`` are lowercase ``0x`` hex,
 addresses are lowercase, ``bool`` is a JSON bool, ``string`` is ``str`` (invalid
 UTF-8 is replaced by U+FFFD rather than failing the whole decode), arrays are
@@ -332,12 +333,22 @@ def _elementary(base: str, size: str | None) -> _Type:
 
 
 def _arg_names(params: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """Unique keys for ``params`` in order: the ABI's name, else ``argN`` (N its position)
+    when the ABI gives none or an earlier parameter holds it, else, when ``argN`` is held
+    too (``f(uint256 arg1, uint256)``), ``argN_2``, ``argN_3``, ...: a value is never lost
+    to a clash, and a name an earlier parameter holds is never taken from it."""
     names: list[str] = []
+    taken: set[str] = set()
     for i, p in enumerate(params):
-        name = p.get("name") or f"arg{i}"
-        if not isinstance(name, str) or name in names:
+        name = p.get("name")
+        if not isinstance(name, str) or not name or name in taken:
             name = f"arg{i}"
+            k = 2
+            while name in taken:
+                name = f"arg{i}_{k}"
+                k += 1
         names.append(name)
+        taken.add(name)
     return tuple(names)
 
 

@@ -39,3 +39,49 @@ def test_a_csv_whose_first_line_is_data_asks_for_a_header(tmp_path: Path, first:
     assert r.stderr == (f"error: {f} has no header line (its first line holds a transaction hash): "
                         "add one naming the hashes' column hash and the block numbers' block_number "
                         f"(other columns are ignored), such as {example}; nothing was imported\n")
+
+
+H1, H2, H3 = ("0x" + c * 64 for c in "abc")
+
+
+def import_failing(tmp_path: Path, text: str) -> tuple[Path, Result]:
+    """A fresh contract's import of ``text`` as refs.csv, which fails: the file and the result."""
+    assert run(tmp_path, "contract", "add", A, "--chain-id", "1").exit_code == 0
+    f = tmp_path / "refs.csv"
+    f.write_text(text)
+    r = run(tmp_path, "import", str(f), "--contract", A)
+    assert r.exit_code == 1, r.output
+    return f, r
+
+
+def test_an_unbalanced_quote_fails_the_import_instead_of_swallowing_the_rest(tmp_path: Path) -> None:
+    # The quote opened on line 2 made the rest of the file one field: 0xbb.. and 0xcc.. were
+    # dropped and the import said it had succeeded, with 1 new ref.
+    f, r = import_failing(tmp_path, f'hash,note\n{H1},"oops\n{H2},x\n{H3},y\n')
+    assert r.stderr == (f'error: {f} line 2: a quote (") opened in the row that starts here is never '
+                        "closed, so it would swallow the rest of the file: close it; nothing was "
+                        "imported\n")  # fmt: skip
+    f.write_text(f'hash,note\n{H1},"oops"\n{H2},x\n{H3},y\n')
+    r = run(tmp_path, "import", str(f), "--contract", A)  # nothing of the failed one was kept
+    assert (r.exit_code, r.stdout) == (0, f"imported 3 new refs for {A} on chain 1\n")
+
+
+def test_an_unbalanced_quote_before_a_long_tail_is_no_internal_error(tmp_path: Path) -> None:
+    # Past 131,072 characters the csv module's field limit struck first, and its error
+    # surfaced as "internal error ... report it".
+    f, r = import_failing(tmp_path, f'\nhash,note\n{H1},"oops\n' + f"{H2},x\n" * 2000)
+    assert r.stderr == (f"error: {f} line 3: a field of the row that starts here runs past 131,072 "
+                        'characters, most likely from a quote (") opened and never closed: close it; '
+                        "nothing was imported\n")  # fmt: skip
+
+
+def test_text_after_a_closing_quote_is_an_error_with_its_line(tmp_path: Path) -> None:
+    f, r = import_failing(tmp_path, f'hash,note\n{H1},x\n"{H2}" ,y\n')
+    assert r.stderr.startswith(f"error: {f} line 3: a quoted field has something after its closing quote")
+
+
+def test_line_numbers_are_the_files_after_a_quoted_field_over_several_lines(tmp_path: Path) -> None:
+    # A note of three lines is one row: the bad hash on line 5 was said to be on line 3.
+    f, r = import_failing(tmp_path, f'hash,note\n{H1},"one\ntwo\nthree"\n0xbad,x\n')
+    assert r.stderr == (f"error: {f} line 5: '0xbad' is not a transaction hash (0x + 64 hex digits); "
+                        "nothing was imported\n")  # fmt: skip

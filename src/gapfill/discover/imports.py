@@ -2,7 +2,8 @@
 
 The parser is a generator, so a million-line file streams straight into the
 store's bulk insert. It raises :class:`InputError` with the line number on the
-first malformed line; the store runs the import in one transaction, so nothing
+first malformed line (a CSV is read strictly: a quote never closed is one, not a field
+that runs to the end of the file); the store runs the import in one transaction, so nothing
 is imported when that happens.
 """
 
@@ -144,6 +145,7 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
             first = ""
         yield from _hash_lines(text, name, chain_id, contract, source, first, lineno)
         return
+    header_line = lineno
     header = _columns(stripped, delimiter)
     written = [h.strip().strip('"') for h in next(csv.reader([stripped], delimiter=delimiter))]
     hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
@@ -166,9 +168,18 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
         used = {hash_col, block_col}
         on_columns(CsvColumns(written[hash_col], None if block_col is None else written[block_col],
                               tuple(w for i, w in enumerate(written) if i not in used and w)))  # fmt: skip
-    reader = csv.reader(text, delimiter=delimiter)
-    for row in reader:
-        lineno += 1
+    # Strict: a quote never closed is an error, not a field that swallows the rest of the file.
+    reader = csv.reader(text, delimiter=delimiter, strict=True)
+    while True:
+        # The line the next row starts on: a quoted field can hold line breaks, so rows and
+        # lines part ways (the reader counts the lines it read).
+        lineno = header_line + reader.line_num + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            raise _not_csv(name, lineno, exc) from None
+        if row is None:
+            return
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= hash_col:
@@ -186,6 +197,23 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
         if block_col is not None and block_col < len(row):
             block = _block(row[block_col], name, lineno)
         yield Ref(chain_id, contract, tx.lower(), block, source)
+
+
+def _not_csv(name: str, lineno: int, exc: csv.Error) -> InputError:
+    """The error for a CSV row from line ``lineno`` on that the csv module cannot read."""
+    why = str(exc)
+    if why == "unexpected end of data":
+        what = ('a quote (") opened in the row that starts here is never closed, so it would swallow '
+                "the rest of the file: close it")  # fmt: skip
+    elif why.startswith("field larger than field limit"):
+        what = (f"a field of the row that starts here runs past {csv.field_size_limit():,} characters, "
+                'most likely from a quote (") opened and never closed: close it')  # fmt: skip
+    elif "expected after" in why:
+        what = ('a quoted field has something after its closing quote: remove it (a space before '
+                'the separator counts), or write a quote inside the field as two ("")')  # fmt: skip
+    else:
+        what = f"the row that starts here is not valid CSV ({why}): fix it"
+    return InputError(f"{name} line {lineno}: {what}; nothing was imported")
 
 
 def _header_for(row: list[str], delimiter: str) -> str:

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from gapfill.cli import cli
+from gapfill.discover.imports import parse_refs
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -85,3 +86,46 @@ def test_line_numbers_are_the_files_after_a_quoted_field_over_several_lines(tmp_
     f, r = import_failing(tmp_path, f'hash,note\n{H1},"one\ntwo\nthree"\n0xbad,x\n')
     assert r.stderr == (f"error: {f} line 5: '0xbad' is not a transaction hash (0x + 64 hex digits); "
                         "nothing was imported\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "blocks"), [
+    # A comment with a comma on the first line was read as a CSV header: "has no hash column
+    # among # exported 2024, from etherscan".
+    (f"# exported 2024, from etherscan\n{H1}\n# later ones, by hand\n{H2}\n", [None, None]),
+    # A hash list's one-column header under a comment was read as a hash.
+    (f"# deposits\n\nhash\n{H1}\n{H2}\n", [None, None]),
+    # Comments above a CSV's header.
+    (f"# bridge deposits, from etherscan\n\"# by hand; tab-separated\"\nhash\tblock_number\n{H1}\t12\n"
+     f"{H2}\t13\n", [12, 13]),
+    # A header whose first column is named # is a header, not a comment.
+    (f"#,hash,block_number\n1,{H1},12\n2,{H2},13\n", [12, 13]),
+])  # fmt: skip
+def test_comment_lines_above_the_first_hash_or_header_are_skipped(
+    tmp_path: Path, text: str, blocks: list[int | None]
+) -> None:
+    f = tmp_path / "refs.txt"
+    f.write_text(text)
+    read = [(r.tx_hash, r.block_number) for r in parse_refs(str(f), 1, A)]
+    assert read == list(zip([H1, H2], blocks, strict=True))
+
+
+@pytest.mark.parametrize("header", ["hash,note", "note,hash"])
+def test_a_comment_among_a_csvs_rows_says_where_comments_go(tmp_path: Path, header: str) -> None:
+    # Not skipped, as a row whose first field starts with # may hold a hash; it said "'# the
+    # rest by hand' is not a transaction hash", or that "the row has 1 fields".
+    f, r = import_failing(tmp_path, f"{header}\n{H1},{H1}\n# the rest by hand\n{H2},{H2}\n")
+    assert r.stderr == (f"error: {f} line 3: '# the rest by hand' reads as a comment, but comments go "
+                        "above a CSV's header, not among its rows: move it there; nothing was "
+                        "imported\n")  # fmt: skip
+
+
+def test_a_row_with_a_hash_and_a_first_field_starting_with_a_hash_sign_is_a_row(tmp_path: Path) -> None:
+    f = tmp_path / "refs.csv"
+    f.write_text(f"label,hash\n#1,{H1}\n#2,{H2}\n")
+    assert [r.tx_hash for r in parse_refs(str(f), 1, A)] == [H1, H2]
+
+
+def test_a_row_too_short_for_its_hash_column_says_how_many_fields_it_has(tmp_path: Path) -> None:
+    f, r = import_failing(tmp_path, f"note,hash\nx,{H1}\ny\n")
+    assert r.stderr == (f"error: {f} line 3: the row has 1 field but the hash is in column 2; nothing "
+                        "was imported\n")  # fmt: skip

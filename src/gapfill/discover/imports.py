@@ -4,7 +4,9 @@ The parser is a generator, so a million-line file streams straight into the
 store's bulk insert. It raises :class:`InputError` with the line number on the
 first malformed line (a CSV is read strictly: a quote never closed is one, not a field
 that runs to the end of the file); the store runs the import in one transaction, so nothing
-is imported when that happens.
+is imported when that happens. Lines starting with ``#`` are comments anywhere in a hash
+list and above a CSV's header; among a CSV's rows they are rows (a row's first field may
+start with ``#`` and its hash column hold a hash), so one holding no hash is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import IO, cast
 from gapfill.errors import InputError
 from gapfill.model import BIGINT_MAX, Ref
 from gapfill.validate import is_tx_hash
+from gapfill.wording import counted
 
 HASH_COLUMNS = ("hash", "tx_hash", "transaction hash", "txhash", "transaction_hash")
 BLOCK_COLUMNS = ("block_number", "blocknumber", "blockno", "block", "block number")
@@ -73,6 +76,16 @@ def _delimiter(header: str) -> str | None:
     present = [d for d in _DELIMITERS if d in header]
     return next((d for d in present if set(_columns(header, d)) & set(HASH_COLUMNS)),
                 present[0] if present else None)  # fmt: skip
+
+
+def _comment(line: str) -> bool:
+    """Whether ``line`` (stripped), ahead of a file's first hash or header, is a comment: it
+    starts with ``#`` (perhaps quoted), and is not a CSV header naming a hash column (an export
+    may call a row-number column ``#``). A comma in it (``# exported 2024, from etherscan``)
+    does not make it a header."""
+    return line.strip('"').startswith("#") and not any(
+        set(_columns(line, d)) & set(HASH_COLUMNS) for d in _DELIMITERS if d in line
+    )
 
 
 def _block(value: str, name: str, lineno: int) -> int | None:
@@ -132,7 +145,7 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
     lineno = 0
     for line in text:
         lineno += 1
-        if line.strip():
+        if line.strip() and not _comment(line.strip()):
             first = line
             break
     if not first:
@@ -182,12 +195,17 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
             return
         if not row or all(not c.strip() for c in row):
             continue
-        if len(row) <= hash_col:
+        tx = row[hash_col].strip() if hash_col < len(row) else None
+        if (tx is None or not is_tx_hash(tx)) and row[0].strip().startswith("#"):
             raise InputError(
-                f"{name} line {lineno}: the row has {len(row)} fields but the hash is in "
+                f"{name} line {lineno}: {row[0].strip()[:40]!r} reads as a comment, but comments go "
+                "above a CSV's header, not among its rows: move it there; nothing was imported"
+            )
+        if tx is None:
+            raise InputError(
+                f"{name} line {lineno}: the row has {counted(len(row), 'field')} but the hash is in "
                 f"column {hash_col + 1}; nothing was imported"
             )
-        tx = row[hash_col].strip()
         if not is_tx_hash(tx):
             raise InputError(
                 f"{name} line {lineno}: {tx[:80]!r} is not a transaction hash "

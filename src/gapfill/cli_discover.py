@@ -192,7 +192,7 @@ class _Printer:
               show_default=True, help="Blocks below the head left alone (reorg safety).")
 @click.option("--method", "methods", multiple=True, metavar="LIST", callback=_methods,
               help=f"Comma-separated methods out of {','.join(METHODS)} [default: trace if the "
-                   "node has it, else explorer if configured, else logs,blocks].")
+                   "node has it, else logs,explorer if an explorer is configured, else logs,blocks].")
 @click.option("--rescan", is_flag=True,
               help="Scan blocks again even where coverage says they are done (after a reorg deeper "
                    "than --confirmations, a new --method, or a provider that missed logs). Refs "
@@ -210,8 +210,9 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
              explorer_url: str | None, explorer_key: str | None, rpc_timeout_s: float) -> None:  # fmt: skip
     """Find the transactions of tracked contracts on chain and record refs and coverage.
 
-    Without a range, scans every block not yet complete up to latest - confirmations;
-    blocks skipped as already scanned are named, and --rescan scans them again.
+    Without a range, each method scans every block up to latest - confirmations that it,
+    or a method seeing as much, has not scanned yet; blocks skipped as already scanned
+    are named, and --rescan scans them again.
     Contracts on a chain that no endpoint serves are named and skipped (exit 3).
     """
     if from_block is not None and to_block is not None and from_block > to_block:

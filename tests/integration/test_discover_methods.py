@@ -99,7 +99,7 @@ async def test_each_rpc_method_finds_exactly_what_it_sees(
         assert set(_refs(store, contract).values()) <= {method}
         report = coverage_report(store, chain.chain_id, contract.address, chain.head)
         assert report["unscanned"] == []
-        if method == "logs":
+        if method in ("logs", "blocks"):  # each misses what the other sees
             assert report["partial"] == [[0, chain.head]] and report["complete"] == []
         else:
             assert report["complete"] == [[0, chain.head]] and report["partial"] == []
@@ -112,7 +112,9 @@ async def test_each_rpc_method_finds_exactly_what_it_sees(
 async def test_explorer_finds_what_the_standin_serves(small_chain: NodeChain, store: Store) -> None:
     chain = small_chain.chain
     # A small result window makes the walk restart at the last block seen several times.
-    async with ExplorerStandIn(chain, key="sekrit-key", rps=None, max_window=200) as api:
+    # Blockscout's API, asked for zero-value internal calls (the router's carry no ETH).
+    standin = ExplorerStandIn(chain, key="sekrit-key", rps=None, max_window=200, flavour="blockscout")
+    async with standin as api:
         config = ExplorerConfig(api.url, key="sekrit-key", rps=1000, page_size=50, max_window=200)
         for contract in _track(store, chain):
             summary = await _discover(store, small_chain.url, contract, methods=["explorer"],
@@ -124,8 +126,36 @@ async def test_explorer_finds_what_the_standin_serves(small_chain: NodeChain, st
         restarts = {start for action, start, *_ in api.stats.queries if action == "txlist"}
         assert len(restarts) > 2  # walked forward by startblock past the 200-row window
         assert api.stats.window_refused == 0
+    # An explorer may list no zero-value internal call: alone, its coverage is partial.
     report = coverage_report(store, chain.chain_id, chain.token, chain.head)
-    assert report["complete"] == [[0, chain.head]]
+    assert report["partial"] == [[0, chain.head]] and report["complete"] == []
+
+
+async def test_an_explorer_without_trace_is_paired_with_logs(small_chain: NodeChain, store: Store) -> None:
+    """Etherscan lists no internal call that carries no ETH: the router's calls to the token
+    were missed, yet the blocks counted complete, and a later `--method logs` skipped them.
+    The explorer's coverage now stands for what it lists, and the default set without trace
+    is logs and the explorer: the token's Transfer events find those calls."""
+    chain = small_chain.chain
+    token, silent, _ = _track(store, chain)
+    async with ExplorerStandIn(chain, rps=None) as api:
+        config = ExplorerConfig(api.url, rps=1000)
+        await _discover(store, small_chain.url, token, methods=["explorer"], explorer=config)
+        assert set(_refs(store, token)) == chain.direct[chain.token]  # no router call
+        assert coverage_report(store, chain.chain_id, chain.token, chain.head)["complete"] == []
+        logs = await _discover(store, small_chain.url, token, methods=["logs"])
+        assert logs.blocks_scanned == {"logs": chain.head + 1} and logs.already_scanned == {}
+        assert set(_refs(store, token)) == chain.direct[chain.token] | chain.emitted[chain.token]
+        assert chain.internal[chain.token] - chain.direct[chain.token] <= set(_refs(store, token))
+        report = coverage_report(store, chain.chain_id, chain.token, chain.head)
+        assert report["complete"] == [[0, chain.head]]
+
+        settings = DiscoverSettings(block_chunk_blocks=5, trace_backends=())
+        summary = await _discover(store, small_chain.url, silent, explorer=config, settings=settings)
+        assert summary.methods == ("logs", "explorer")
+        assert set(_refs(store, silent)) == chain.direct[chain.silent] | chain.emitted[chain.silent]
+        report = coverage_report(store, chain.chain_id, chain.silent, chain.head)
+        assert report["complete"] == [[0, chain.head]]
 
 
 async def test_explorer_covers_only_what_it_has_indexed(small_chain: NodeChain, store: Store) -> None:
@@ -139,14 +169,14 @@ async def test_explorer_covers_only_what_it_has_indexed(small_chain: NodeChain, 
         f"{chain.token}: the explorer has indexed up to block {chain.head - 4} only: blocks "
         f"{chain.head - 3}-{chain.head} are left unscanned; run discover again once it has caught up")
     report = coverage_report(store, chain.chain_id, chain.token, chain.head)
-    assert report["complete"] == [[0, chain.head - 4]]
+    assert report["partial"] == [[0, chain.head - 4]]
     assert report["unscanned"] == [[chain.head - 3, chain.head]]
 
 
 async def test_explorer_waits_out_rate_limits(small_chain: NodeChain, store: Store) -> None:
     chain = small_chain.chain
     contract = _track(store, chain)[1]  # silent
-    async with ExplorerStandIn(chain, rps=8) as api:
+    async with ExplorerStandIn(chain, rps=8, flavour="blockscout") as api:
         config = ExplorerConfig(api.url, rps=1000, page_size=40, rate_limit_backoff_s=0.25)
         await _discover(store, small_chain.url, contract, methods=["explorer"], explorer=config)
         assert api.stats.rate_limited > 0

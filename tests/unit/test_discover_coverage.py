@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 
-from gapfill.discover.coverage import chunks, intersect, merge, report, size, subtract
-from gapfill.discover.run import plan_todo
+from gapfill.discover.coverage import DOMINATED_BY, chunks, intersect, merge, report, size, subtract
+from gapfill.discover.explorer import ExplorerConfig
+from gapfill.discover.run import choose_methods, plan_todo
 from gapfill.model import CoverageRange
+from gapfill.rpc import RpcClient
 
 
 def cov(lo: int, hi: int, method: str) -> CoverageRange:
@@ -38,17 +42,28 @@ def test_intersect_and_size_and_chunks() -> None:
 def test_report_splits_complete_partial_and_unscanned() -> None:
     coverage = [cov(0, 50, "logs"), cov(10, 20, "blocks"), cov(15, 30, "trace"), cov(60, 70, "explorer")]
     r = report(coverage, 5, 100)
-    assert r["complete"] == [[10, 30], [60, 70]]
-    assert r["partial"] == [[5, 9], [31, 50]]
+    # logs with blocks (10-20) and trace (15-30) are complete; the explorer alone is not: it
+    # lists no internal call that carries no ETH, so a token called by a router is unseen.
+    assert r["complete"] == [[10, 30]]
+    assert r["partial"] == [[5, 9], [31, 50], [60, 70]]
     assert r["unscanned"] == [[51, 59], [71, 100]]
-    assert r["summary"].startswith("blocks 5-100: 32/96 complete")
-    assert "partial" in r["summary"] and "unscanned" in r["summary"]
+    assert r["summary"] == ("blocks 5-100: 21/96 complete; 36 partial (logs only: 5-9, 31-50; "
+                            "explorer only: 60-70); 39 unscanned (51-59, 71-100)")  # fmt: skip
+
+
+def test_only_methods_that_see_direct_calls_and_events_between_them_make_a_range_complete() -> None:
+    coverage = [cov(0, 9, "blocks"), cov(10, 19, "explorer"), cov(20, 29, "logs"), cov(20, 24, "blocks"),
+                cov(25, 29, "explorer"), cov(30, 39, "blocks"), cov(30, 39, "explorer")]  # fmt: skip
+    r = report(coverage, 0, 39)
+    assert r["complete"] == [[20, 29]]
+    assert r["partial"] == [[0, 19], [30, 39]]
+    assert "30 partial (blocks only: 0-9; explorer only: 10-19; blocks+explorer only: 30-39)" in r["summary"]
 
 
 def test_report_without_head_stops_at_the_highest_covered_block() -> None:
-    r = report([cov(0, 9, "blocks"), cov(20, 29, "logs")], 0, None)
-    assert r["complete"] == [[0, 9]]
-    assert r["partial"] == [[20, 29]]
+    r = report([cov(0, 9, "blocks"), cov(20, 29, "logs"), cov(30, 39, "trace")], 0, None)
+    assert r["complete"] == [[30, 39]]
+    assert r["partial"] == [[0, 9], [20, 29]]
     assert r["unscanned"] == [[10, 19]]
 
 
@@ -58,13 +73,26 @@ def test_report_with_nothing_scanned() -> None:
     assert report([], 7, 9)["unscanned"] == [[7, 9]]
 
 
-def test_plan_todo_default_set_skips_complete_ranges() -> None:
+def test_a_method_skips_only_what_a_method_seeing_as_much_scanned() -> None:
     coverage = [cov(0, 49, "blocks"), cov(0, 79, "logs")]
-    todo = plan_todo(coverage, [(0, 99)], ("logs", "blocks"), default_set=True)
-    assert todo == {"logs": [(80, 99)], "blocks": [(50, 99)]}
-    # trace as the default skips what is complete too...
-    assert plan_todo(coverage, [(0, 99)], ("trace",), default_set=True) == {"trace": [(50, 99)]}
-    # ...but asked for explicitly it scans what only a weaker method covered.
-    assert plan_todo(coverage, [(0, 99)], ("trace",), default_set=False) == {"trace": [(0, 99)]}
-    assert plan_todo([cov(0, 99, "trace")], [(0, 99)], ("logs", "blocks"), default_set=False) == {
-        "logs": [], "blocks": []}
+    assert plan_todo(coverage, [(0, 99)], ("logs", "blocks")) == {"logs": [(80, 99)], "blocks": [(50, 99)]}
+    # A block scan sees no internal call: trace scans its blocks again, the default set or not.
+    assert plan_todo([cov(0, 99, "blocks")], [(0, 99)], ("trace",)) == {"trace": [(0, 99)]}
+    assert plan_todo(coverage, [(0, 99)], ("trace",)) == {"trace": [(0, 99)]}
+    assert plan_todo([cov(0, 99, "trace")], [(0, 99)], ("logs", "blocks", "explorer")) == {
+        "logs": [], "blocks": [], "explorer": []}
+    # The explorer misses zero-value internal calls: it stands in for the block scan alone.
+    assert plan_todo([cov(0, 99, "explorer")], [(0, 99)], ("logs", "blocks", "trace")) == {
+        "logs": [(0, 99)], "blocks": [], "trace": [(0, 99)]}
+    dominated = {m: set(by) for m, by in DOMINATED_BY.items()}
+    assert dominated == {"logs": {"logs", "trace"}, "blocks": {"blocks", "trace", "explorer"},
+                         "trace": {"trace"}, "explorer": {"explorer", "trace"}}  # fmt: skip
+
+
+async def test_the_default_set_pairs_the_explorer_with_logs() -> None:
+    # No trace backend to probe (so no call is made): the explorer alone would miss a token's
+    # calls from a router, which carry no ETH; the log scan sees them by its Transfer events.
+    client = cast(RpcClient, object())
+    explorer = ExplorerConfig("https://api.example.invalid/api")
+    assert await choose_methods(client, "0xc", explorer, ()) == ("logs", "explorer")
+    assert await choose_methods(client, "0xc", None, ()) == ("logs", "blocks")

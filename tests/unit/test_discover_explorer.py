@@ -58,7 +58,7 @@ async def _walk(client: ExplorerClient, lo: int, hi: int) -> tuple[dict[str, int
 
 async def test_walk_pages_and_restarts_past_the_result_window() -> None:
     chain = fake_chain([rng_n for rng_n in (5, 40, 0, 33, 7, 61, 2, 19, 44, 1)])
-    async with ExplorerStandIn(chain, key=KEY, rps=None, max_window=60) as api:
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], key=KEY, rps=None, max_window=60) as api:
         config = ExplorerConfig(api.url, key=KEY, rps=1000, page_size=20, max_window=60)
         async with ExplorerClient(config, 31337) as client:
             found, marks = await _walk(client, 0, chain.head)
@@ -70,10 +70,42 @@ async def test_walk_pages_and_restarts_past_the_result_window() -> None:
     assert len(starts) > 2
 
 
+async def test_zero_value_internal_calls_are_found_where_the_explorer_lists_them() -> None:
+    """Etherscan lists only internal calls that carry ETH; Blockscout lists the others when
+    asked (``include_zero_value``) and names their transaction ``transactionHash``, which
+    ended discovery with "internal error (KeyError: 'hash')"."""
+    chain = fake_chain([5, 40, 0, 33, 7])
+    assert chain.internal[TOKEN]
+    everything = chain.direct[TOKEN] | chain.internal[TOKEN]
+    none: frozenset[str] = frozenset()
+    for flavour, valued, wanted in (("etherscan", none, chain.direct[TOKEN]),
+                                    ("etherscan", chain.internal[TOKEN], everything),
+                                    ("blockscout", chain.internal[TOKEN], everything),
+                                    ("blockscout", none, everything)):  # fmt: skip
+        async with ExplorerStandIn(chain, rps=None, flavour=flavour, valued=valued, max_window=60) as api:
+            config = ExplorerConfig(api.url, rps=1000, page_size=20, max_window=60)
+            async with ExplorerClient(config, 31337) as client:
+                found, marks = await _walk(client, 0, chain.head)
+        assert set(found) == wanted, flavour
+        assert all(found[h] == chain.tx_block[h] for h in found)
+        assert marks[-1] == chain.head
+
+
+async def test_a_row_without_a_hash_is_one_sentence() -> None:
+    client = ExplorerClient(ExplorerConfig("https://api.example.invalid/api", key=KEY), 1)
+    assert client._row("txlistinternal", {"blockNumber": "7", "transactionHash": "0xAB"}) == (7, "0xab")
+    with pytest.raises(ExplorerError) as info:
+        client._row("txlistinternal", {"blockNumber": "7", "traceId": "0"})
+    assert str(info.value).startswith(
+        "the explorer at https://api.example.invalid/api answered txlistinternal with a row "
+        "without a block number or a transaction hash")
+    assert "\n" not in str(info.value)
+
+
 async def test_walk_within_a_block_range() -> None:
     chain = fake_chain([10, 10, 10, 10, 10])
     async with (
-        ExplorerStandIn(chain, rps=None) as api,
+        ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None) as api,
         ExplorerClient(ExplorerConfig(api.url, rps=1000), 31337) as client,
     ):
         found, marks = await _walk(client, 2, 3)
@@ -87,7 +119,7 @@ async def test_a_chainid_in_the_url_gives_way_to_the_contracts_chain() -> None:
     # the explorer got both (`chainid=1&...&chainid=31337`) and Etherscan-like APIs read the
     # first: another chain's list for a contract that is not on chain 1.
     chain = fake_chain([10, 10, 10])
-    async with ExplorerStandIn(chain, rps=None) as api:
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None) as api:
         for url in (f"{api.url}?chainid=1", f"{api.url}?ChainId=1&x=y", f"{api.url}?chainid=31337"):
             async with ExplorerClient(ExplorerConfig(url, rps=1000), 31337) as client:
                 found, _ = await _walk(client, 0, chain.head)
@@ -96,7 +128,7 @@ async def test_a_chainid_in_the_url_gives_way_to_the_contracts_chain() -> None:
 
 async def test_walk_discovers_a_smaller_window_than_configured() -> None:
     chain = fake_chain([30, 30, 30, 30])
-    async with ExplorerStandIn(chain, rps=None, max_window=40) as api:
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None, max_window=40) as api:
         config = ExplorerConfig(api.url, rps=1000, page_size=20, max_window=10_000)
         async with ExplorerClient(config, 31337) as client:
             found, _ = await _walk(client, 0, chain.head)
@@ -106,7 +138,7 @@ async def test_walk_discovers_a_smaller_window_than_configured() -> None:
 
 async def test_more_rows_in_one_block_than_the_window_is_an_error() -> None:
     chain = fake_chain([200])
-    async with ExplorerStandIn(chain, rps=None, max_window=50) as api:
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None, max_window=50) as api:
         config = ExplorerConfig(api.url, rps=1000, page_size=25, max_window=50)
         async with ExplorerClient(config, 31337) as client:
             with pytest.raises(ExplorerError, match="cannot page past"):
@@ -115,7 +147,7 @@ async def test_more_rows_in_one_block_than_the_window_is_an_error() -> None:
 
 async def test_empty_result_is_success_and_bad_key_is_never_printed() -> None:
     chain = fake_chain([3])
-    async with ExplorerStandIn(chain, key=KEY, rps=None) as api:
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], key=KEY, rps=None) as api:
         async with ExplorerClient(ExplorerConfig(api.url, key=KEY, rps=1000), 31337) as client:
             rows = [r async for r in client.walk("txlist", SILENT, 0, 10)]
             assert rows == [([], 10)]
@@ -145,7 +177,7 @@ def test_envelope() -> None:
 
 async def test_rate_limit_is_waited_out() -> None:
     chain = fake_chain([4, 4, 4])
-    async with ExplorerStandIn(chain, rps=4) as api:
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=4) as api:
         config = ExplorerConfig(api.url, rps=1000, page_size=4, max_window=8, rate_limit_backoff_s=0.25)
         async with ExplorerClient(config, 31337) as client:
             found, _ = await _walk(client, 0, chain.head)

@@ -1,8 +1,9 @@
 """Block scan: full blocks (``eth_getBlockByNumber(n, true)``) in JSON-RPC batches.
 
 Finds every transaction whose ``to`` is the contract, reverted and silent ones
-included, so its coverage is *complete*; it cannot see calls that reach the
-contract from another contract (internal calls). It costs one call per block,
+included; it cannot see calls that reach the contract from another contract
+(internal calls), so its coverage is *partial* unless ``logs`` scanned the same
+blocks (see :mod:`gapfill.discover.coverage`). It costs one call per block,
 whatever the contract's traffic.
 """
 

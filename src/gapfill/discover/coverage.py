@@ -3,17 +3,28 @@
 Ranges are inclusive ``(from_block, to_block)`` pairs of ints; ``[1, 5]`` and
 ``[6, 9]`` touch and merge into ``[1, 9]``.
 
-What each discovery method sees decides what its coverage means:
+What each discovery method sees (:data:`SEES`) decides what its coverage means.
+A transaction can belong to a contract in four ways: sent straight to it
+(``direct``), the contract emitted a log in it (``events``), an internal call
+carrying ETH reached it (``value``), or one carrying none did (``calls``):
 
-* ``blocks``, ``trace`` and ``explorer`` see every transaction sent to the
-  contract, so a range one of them scanned is **complete**;
-* ``logs`` sees only transactions in which the contract emitted an event, so a
-  range only it scanned is **partial**.
+* ``logs`` sees ``events``; ``blocks`` sees ``direct``;
+* ``explorer`` sees ``direct`` and ``value`` (``txlist`` and ``txlistinternal``:
+  Etherscan lists only internal calls that carry ETH, Blockscout too unless asked);
+* ``trace`` sees every call frame, so all four.
+
+A block range is **complete** once the methods that scanned it see, between
+them, every transaction sent to the contract and every one in which it emitted an
+event (:data:`COMPLETE_KINDS`): ``trace`` alone, ``logs`` with ``blocks``, or
+``logs`` with ``explorer``. A range scanned only by methods that see less (``logs``,
+``blocks`` or ``explorer`` alone) is **partial**. Internal calls that carry no ETH
+and emit nothing are seen by ``trace`` alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 from gapfill.model import CoverageRange
@@ -21,19 +32,24 @@ from gapfill.model import Interval as Interval  # here too: the store merges its
 from gapfill.model import merge as merge
 from gapfill.store import Store
 
-#: Methods that see every direct call to the contract: their ranges are complete.
-COMPLETE_METHODS = frozenset({"blocks", "trace", "explorer"})
 #: Every method discovery knows, in the order the CLI lists them.
 METHODS: tuple[str, ...] = ("logs", "blocks", "trace", "explorer")
 
-#: Which methods' coverage makes a method's own scan redundant: a method that sees
-#: a superset of what another sees (trace sees direct and internal calls, so
-#: everything that emitted a log or was sent straight to the contract).
+#: The kinds of transaction each method finds (see the module docstring).
+SEES: dict[str, frozenset[str]] = {
+    "logs": frozenset({"events"}),
+    "blocks": frozenset({"direct"}),
+    "trace": frozenset({"direct", "events", "value", "calls"}),
+    "explorer": frozenset({"direct", "value"}),
+}
+#: What the methods that scanned a range must see between them for it to be complete.
+COMPLETE_KINDS = frozenset({"direct", "events"})
+
+#: Which methods' coverage makes a method's own scan redundant: those that see every kind
+#: it sees (trace sees all, so everything; explorer misses zero-value internal calls, so
+#: it stands in for ``blocks`` alone).
 DOMINATED_BY: dict[str, frozenset[str]] = {
-    "logs": frozenset({"logs", "trace", "explorer"}),
-    "blocks": frozenset({"blocks", "trace", "explorer"}),
-    "trace": frozenset({"trace", "explorer"}),
-    "explorer": frozenset({"trace", "explorer"}),
+    m: frozenset(n for n in METHODS if SEES[n] >= SEES[m]) for m in METHODS
 }
 
 
@@ -101,8 +117,30 @@ def ranges_by_method(coverage: Sequence[CoverageRange]) -> dict[str, list[Interv
 
 
 def complete_ranges(coverage: Sequence[CoverageRange]) -> list[Interval]:
-    """Ranges scanned by a method that sees every direct call."""
-    return merge((r.from_block, r.to_block) for r in coverage if r.method in COMPLETE_METHODS)
+    """Ranges whose methods see every kind in :data:`COMPLETE_KINDS` between them."""
+    out = merge((r.from_block, r.to_block) for r in coverage)
+    for kind in COMPLETE_KINDS:
+        out = intersect(out, covered_by(coverage, (m for m, seen in SEES.items() if kind in seen)))
+    return out
+
+
+def methods_over(
+    coverage: Sequence[CoverageRange], spans: Iterable[Interval]
+) -> list[tuple[str, list[Interval]]]:
+    """``spans`` cut where the methods that scanned them change, as ``(methods, ranges)``
+    with ``methods`` joined by ``+`` in :data:`METHODS` order (``blocks+explorer``)."""
+    by_method = ranges_by_method(coverage)
+    edges = {b for ranges in by_method.values() for lo, hi in ranges for b in (lo, hi + 1)}
+    groups: dict[str, list[Interval]] = {}
+
+    def scanned(method: str, block: int) -> bool:
+        return any(r_lo <= block <= r_hi for r_lo, r_hi in by_method.get(method, []))
+
+    for lo, hi in merge(spans):
+        for a, b in pairwise(sorted({lo, hi + 1, *(e for e in edges if lo < e <= hi)})):
+            names = "+".join(m for m in METHODS if scanned(m, a))
+            groups.setdefault(names, []).append((a, b - 1))
+    return [(names, merge(ranges)) for names, ranges in groups.items()]
 
 
 def covered_by(coverage: Sequence[CoverageRange], methods: Iterable[str]) -> list[Interval]:
@@ -131,7 +169,9 @@ def report(coverage: Sequence[CoverageRange], start_block: int, head: int | None
     total = end - start_block + 1
     parts = [f"blocks {start_block}-{end}: {size(complete)}/{total} complete"]
     if partial:
-        parts.append(f"{size(partial)} partial (logs only: {fmt_ranges(partial)})")
+        which = "; ".join(f"{names} only: {fmt_ranges(ranges)}"
+                          for names, ranges in methods_over(coverage, partial))  # fmt: skip
+        parts.append(f"{size(partial)} partial ({which})")
     if unscanned:
         parts.append(f"{size(unscanned)} unscanned ({fmt_ranges(unscanned)})")
     return {
@@ -150,8 +190,9 @@ def coverage_report(
     Returns ``complete``, ``partial`` and ``unscanned``: lists of inclusive
     ``[from, to]`` ranges between the contract's ``start_block`` (or 0) and
     ``head`` (or, when ``head`` is None, the highest block any method covered),
-    and ``summary``, one line of text. A range is complete once ``blocks``,
-    ``trace`` or ``explorer`` scanned it; partial when only ``logs`` did.
+    and ``summary``, one line of text. A range is complete once ``trace``, or ``logs``
+    with ``blocks`` or ``explorer``, scanned it; partial when only a method that sees
+    less did (see the module docstring).
     """
     tracked = store.get_contract(contract, chain_id)
     return report(store.get_coverage(chain_id, contract), tracked.start_block or 0, head)

@@ -2,8 +2,15 @@
 
 Reads ``module=account&action=txlist`` (transactions sent to the contract,
 reverted ones flagged ``isError``) and ``action=txlistinternal`` (calls that
-reached it from another contract) for the contract, so its coverage is
-*complete*. The documented limits are handled here:
+reached it from another contract) for the contract. Etherscan's
+``txlistinternal`` lists only internal calls that carry ETH; Blockscout's does the
+same by default since 2025 and lists the others with ``include_zero_value=true``,
+which is sent (Etherscan ignores it). As an explorer may so miss a token called by
+a router, its coverage stands for direct calls and value-carrying internal ones
+only: *partial* unless ``logs`` scanned the same blocks (see
+:mod:`gapfill.discover.coverage`). Etherscan names a row's transaction ``hash``,
+Blockscout's ``txlistinternal`` ``transactionHash``: both are read. The documented
+limits are handled here:
 
 * ``page × offset`` may not pass 10,000 ("Result window is too large"): after the
   last page of a window the walk starts again at the last block seen
@@ -280,6 +287,23 @@ class ExplorerClient:
 
     # -- walking a list ----------------------------------------------------------------
 
+    def _row(self, action: str, row: Any) -> tuple[int, str]:
+        """A row's block and transaction hash; Blockscout's ``txlistinternal`` names the
+        hash ``transactionHash``, Etherscan's ``hash``."""
+        if isinstance(row, dict):
+            tx_hash = row.get("hash") or row.get("transactionHash")
+            try:
+                block = int(row.get("blockNumber"))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                block = -1
+            if isinstance(tx_hash, str) and tx_hash and block >= 0:
+                return block, tx_hash.lower()
+        raise ExplorerError(self._scrub(
+            f"the explorer at {self.shown} answered {action} with a row without a block number "
+            f"or a transaction hash ({str(row)[:80]!r}); check {self.config.url_check} (an "
+            "Etherscan-compatible API)"
+        ))  # fmt: skip
+
     async def walk(
         self, action: str, address: str, lo: int, hi: int
     ) -> AsyncIterator[tuple[list[tuple[str, int]], int]]:
@@ -305,6 +329,8 @@ class ExplorerClient:
             params = {"module": "account", "action": action, "address": address,
                       "startblock": str(start), "endblock": str(hi), "page": str(page),
                       "offset": str(offset), "sort": "asc"}  # fmt: skip
+            if action == "txlistinternal":
+                params["include_zero_value"] = "true"  # Blockscout: value > 0 only without it
             try:
                 rows = await self.request(params)
             except _WindowTooLarge:
@@ -320,8 +346,7 @@ class ExplorerClient:
                 raise ExplorerError(f"the explorer answered {action} with {str(rows)[:80]!r}")
             out: list[tuple[str, int]] = []
             for row in rows:
-                block = int(row["blockNumber"])
-                tx_hash = str(row["hash"]).lower()
+                block, tx_hash = self._row(action, row)
                 if last is None or block > last:
                     last, seen = block, set()
                 if tx_hash in seen:

@@ -2,7 +2,8 @@
 
 Finds the transactions in which the contract emitted at least one event, and
 nothing else: a call that emitted nothing (a silent or reverted call) is
-invisible to it, so its coverage is *partial*. Ranges the node refuses are
+invisible to it, so its coverage is *partial* unless ``blocks`` or ``explorer``
+scanned the same blocks (see :mod:`gapfill.discover.coverage`). Ranges the node refuses are
 split (see :mod:`gapfill.discover.ranges`).
 """
 

@@ -3,44 +3,54 @@
 Methods, and what each one sees
 -------------------------------
 
-========  ===============================================  ==========  ====================
-method    finds                                            coverage    cost
-========  ===============================================  ==========  ====================
-logs      txs in which the contract emitted an event       partial     1 call per window
-blocks    txs sent straight to it (reverted, silent too)   complete    1 call per block
-trace     direct *and* internal calls (``trace_filter``    complete    1 call per window
-          or Otterscan ``ots_searchTransactionsAfter``)                (or per page)
-explorer  ``txlist`` + ``txlistinternal`` of an            complete    2+ requests per
-          Etherscan-compatible API                                     10,000 rows
-========  ===============================================  ==========  ====================
+========  ===============================================  ====================
+method    finds                                            cost
+========  ===============================================  ====================
+logs      txs in which the contract emitted an event       1 call per window
+blocks    txs sent straight to it (reverted, silent too)   1 call per block
+trace     direct *and* internal calls (``trace_filter``    1 call per window
+          or Otterscan ``ots_searchTransactionsAfter``)    (or per page)
+explorer  ``txlist`` + ``txlistinternal`` of an            2+ requests per
+          Etherscan-compatible API: direct txs, and        10,000 rows
+          internal calls that carry ETH (Etherscan lists
+          no others; Blockscout does, as gapfill asks)
+========  ===============================================  ====================
+
+What each misses: ``logs`` a transaction in which the contract emitted nothing;
+``blocks`` every internal call; ``explorer`` internal calls that carry no ETH
+(a token called by a router, a contract called through a Safe or a forwarder)
+on Etherscan; ``trace`` nothing.
 
 Choosing methods (``--method``; the default)
 --------------------------------------------
 
-Without ``--method``, discover uses the cheapest set that sees every
-transaction sent to the contract:
+Without ``--method``, discover uses the cheapest set whose coverage is complete
+(:mod:`gapfill.discover.coverage`: every transaction sent to the contract and every
+one in which it emitted an event):
 
 1. ``trace``, if the node serves ``trace_filter`` or ``ots_searchTransactionsAfter``
-   (probed once);
-2. otherwise ``explorer``, if an explorer URL is configured
-   (``--explorer-url`` / ``GAPFILL_EXPLORER_URL``);
+   (probed once): it alone also sees internal calls that emit nothing;
+2. otherwise ``logs`` + ``explorer``, if an explorer URL is configured
+   (``--explorer-url`` / ``GAPFILL_EXPLORER_URL``): the explorer lists direct
+   calls and those carrying ETH, the log scan the internal calls in which the
+   contract emitted an event;
 3. otherwise ``logs`` + ``blocks``: the block scan sees every direct call, and the
    log scan adds the internal calls in which the contract emitted an event.
 
 Coverage and resuming
 ---------------------
 
-A block range is *complete* for a contract once ``blocks``, ``trace`` or
-``explorer`` has scanned it; a range only ``logs`` scanned is *partial*. Without
-``--from-block``/``--to-block`` discover scans from the contract's start block (or
-0) to ``latest - confirmations`` (default 12; nothing above is ever recorded as
-covered), skipping what is already done:
-
-* with the default method set, every range that is already complete is skipped,
-  and each method also skips what it scanned itself before;
-* with an explicit ``--method``, each method skips only what it, or a method that
-  sees at least as much, has scanned (so ``--method trace`` over a range a block
-  scan completed looks again, for internal calls).
+Coverage is recorded per method, and claims only what that method sees. A block
+range is *complete* for a contract once ``trace``, or ``logs`` with ``blocks`` or
+``explorer``, has scanned it; a range only one of ``logs``, ``blocks`` or
+``explorer`` scanned is *partial*. Without ``--from-block``/``--to-block`` discover
+scans from the contract's start block (or 0) to ``latest - confirmations`` (default
+12; nothing above is ever recorded as covered), skipping what is already done: each
+method skips what it, or a method that sees every kind it sees
+(:data:`~gapfill.discover.coverage.DOMINATED_BY`), has scanned, whether the methods
+are the default or ``--method``. So ``trace`` looks again over a range ``logs`` and
+``blocks`` completed (for internal calls), ``logs`` over one the explorer scanned,
+and ``blocks`` skips what ``explorer`` or ``trace`` scanned.
 
 Discover reports the blocks it skipped that way ("blocks 0-1200 already scanned:
 pass --rescan to scan them again"), naming the methods that skipped them when not
@@ -80,12 +90,10 @@ from dataclasses import dataclass, field
 
 from gapfill.discover.blocks import scan_blocks
 from gapfill.discover.coverage import (
-    COMPLETE_METHODS,
     DOMINATED_BY,
     METHODS,
     Interval,
     chunks,
-    complete_ranges,
     covered_by,
     fmt_ranges,
     intersect,
@@ -249,11 +257,12 @@ async def choose_methods(
     explorer: ExplorerConfig | None,
     trace_backends: tuple[str, ...] = BACKENDS,
 ) -> tuple[str, ...]:
-    """The default method set (see the module docstring): trace, else explorer, else logs + blocks."""
+    """The default method set (see the module docstring): trace, else logs + explorer, else
+    logs + blocks."""
     if await trace_backend(client, contract, trace_backends) is not None:
         return ("trace",)
     if explorer is not None:
-        return ("explorer",)
+        return ("logs", "explorer")
     return ("logs", "blocks")
 
 
@@ -276,18 +285,9 @@ def plan_todo(
     coverage: Sequence[CoverageRange],
     target: Sequence[Interval],
     methods: Sequence[str],
-    *,
-    default_set: bool,
 ) -> dict[str, list[Interval]]:
     """Per method, the parts of ``target`` it still has to scan (see "Coverage and resuming")."""
-    todo: dict[str, list[Interval]] = {}
-    complete = complete_ranges(coverage)
-    for m in methods:
-        done = covered_by(coverage, DOMINATED_BY[m])
-        if default_set:
-            done = merge([*done, *complete])
-        todo[m] = subtract(target, done)
-    return todo
+    return {m: subtract(target, covered_by(coverage, DOMINATED_BY[m])) for m in methods}
 
 
 class _Run:
@@ -446,14 +446,11 @@ async def discover(
         backend = await trace_backend(client, address, settings.trace_backends)
         if backend is None:
             raise RpcError("the node serves neither trace_filter nor ots_searchTransactionsAfter: "
-                           "use --method logs,blocks or an explorer")  # fmt: skip
+                           "use --method logs,blocks, or logs,explorer with an explorer")  # fmt: skip
     target = [(start, end)] if start <= end else []
-    if rescan:
-        todo = {m: list(target) for m in chosen}
-    else:
-        todo = plan_todo(coverage, target, chosen, default_set=methods is None)
+    todo = {m: list(target) for m in chosen} if rescan else plan_todo(coverage, target, chosen)
     if "logs" in chosen and todo["logs"]:
-        await _require_logs(client, address, todo["logs"][0][0], default_set=methods is None)
+        await _require_logs(client, address, todo["logs"][0][0], chosen if methods is None else None)
     run = _Run(store, contract, chosen, todo, on_progress)
     run.emit("start", target[0][0] if target else None, target[0][1] if target else None)
 
@@ -513,16 +510,22 @@ async def discover(
     )
 
 
-async def _require_logs(client: RpcClient, address: str, block: int, *, default_set: bool) -> None:
+async def _require_logs(
+    client: RpcClient, address: str, block: int, default_set: tuple[str, ...] | None
+) -> None:
     """Raise :class:`RpcError` in one sentence if no endpoint serves ``eth_getLogs`` (asked
     once, for one block): otherwise the log scan took its refusal for a range too wide,
-    split the range down to a single block, and blamed that block."""
-    # The default set is logs,blocks only when the node has no trace method and no explorer
-    # is configured: then a block scan alone is the way left on this node.
-    why, instead = (("discover's default methods (logs,blocks) use", "pass --method blocks to scan "
-                     "without it") if default_set else
-                    ("the logs discovery method uses", "pick another method with --method (blocks, trace, "
-                     "explorer)"))  # fmt: skip
+    split the range down to a single block, and blamed that block. ``default_set`` is the
+    default method set logs is part of, or None when the user chose the methods."""
+    # The default set has logs only when the node has no trace method: then the other
+    # method of the set (blocks, or the explorer) is the way left on this node.
+    if default_set is not None:
+        others = ",".join(m for m in default_set if m != "logs")
+        why = f"discover's default methods ({','.join(default_set)}) use"
+        instead = f"pass --method {others} to scan without it"
+    else:
+        why = "the logs discovery method uses"
+        instead = "pick another method with --method (blocks, trace, explorer)"
     try:
         await client.require(["eth_getLogs"], [{"address": address, "fromBlock": hex(block),
                                                 "toBlock": hex(block)}], why)  # fmt: skip
@@ -605,7 +608,6 @@ async def _walk_job(
 
 
 __all__ = [
-    "COMPLETE_METHODS",
     "DEFAULT_CONFIRMATIONS",
     "DiscoverProgress",
     "DiscoverSettings",

@@ -6,7 +6,11 @@ behaves as the Etherscan docs say:
 
 * ``txlist`` of an address: the transactions sent to it (reverted ones with
   ``isError=1``); ``txlistinternal``: one row per call that reached it from
-  another contract (the router);
+  another contract (the router) *carrying ETH* (``valued``: the chain's router
+  calls carry none), as Etherscan lists no others;
+* ``flavour="blockscout"``: ``txlistinternal`` rows name the transaction
+  ``transactionHash`` (not ``hash``), and ``include_zero_value=true`` lists the
+  internal calls that carry no ETH too;
 * ``startblock``/``endblock``, ``page``/``offset``, ``sort=asc|desc``;
   ``page × offset`` above ``max_window`` (10,000) is refused with "Result window
   is too large";
@@ -48,7 +52,9 @@ class StandInStats:
     queries: list[tuple[str, int, int, int, int]] = field(default_factory=list)
 
 
-def _rows(chain: GeneratedChain) -> tuple[dict[str, list[dict[str, str]]], dict[str, list[dict[str, str]]]]:
+def _rows(
+    chain: GeneratedChain, valued: frozenset[str], hash_key: str
+) -> tuple[dict[str, list[dict[str, str]]], dict[str, list[dict[str, str]]]]:
     position = {h: i for i, h in enumerate(chain.all_txs)}
     by_block = chain.block_txs()
     index = {h: i for txs in by_block.values() for i, h in enumerate(txs)}
@@ -66,9 +72,9 @@ def _rows(chain: GeneratedChain) -> tuple[dict[str, list[dict[str, str]]], dict[
             })  # fmt: skip
         normal[address] = rows
         internal[address] = [
-            {"blockNumber": str(chain.tx_block[h]), "timeStamp": "0", "hash": h,
-             "from": chain.router, "to": address, "value": "0", "type": "call", "traceId": "0",
-             "isError": "0", "errCode": ""}
+            {"blockNumber": str(chain.tx_block[h]), "timeStamp": "0", hash_key: h,
+             "from": chain.router, "to": address, "value": "1" if h in valued else "0", "type": "call",
+             "traceId": "0", "isError": "0", "errCode": ""}
             for h in sorted(chain.internal[address], key=lambda x: position[x])
         ]  # fmt: skip
     return normal, internal
@@ -86,16 +92,24 @@ class ExplorerStandIn:
         max_window: int = 10_000,
         head: int | None = None,
         path: str = "/v2/api",
+        flavour: str = "etherscan",
+        valued: frozenset[str] = frozenset(),
     ) -> None:
+        """``valued``: the txs whose internal calls carry ETH (those ``txlistinternal`` lists
+        unless a Blockscout is asked for zero-value ones too)."""
+        if flavour not in ("etherscan", "blockscout"):
+            raise ValueError(f"unknown explorer flavour {flavour!r}")
         self.chain = chain
         self.key = key
         self.rps = rps
         self.max_window = max_window
         self.head = chain.head if head is None else head
         self.path = path
+        self.flavour = flavour
         self.stats = StandInStats()
         self.url = ""
-        self._normal, self._internal = _rows(chain)
+        self._normal, self._internal = _rows(
+            chain, valued, "transactionHash" if flavour == "blockscout" else "hash")
         self._tokens = float(rps or 0)
         self._at = time.monotonic()
         self._runner: web.AppRunner | None = None
@@ -175,6 +189,9 @@ class ExplorerStandIn:
             )  # fmt: skip
         source = self._normal if action == "txlist" else self._internal
         rows = [r for r in source.get(address, []) if start <= int(r["blockNumber"]) <= end]
+        zero_too = self.flavour == "blockscout" and q.get("include_zero_value", "").lower() == "true"
+        if action == "txlistinternal" and not zero_too:
+            rows = [r for r in rows if r["value"] != "0"]
         if q.get("sort") == "desc":
             rows.reverse()
         rows = rows[(page - 1) * offset : page * offset]

@@ -277,7 +277,9 @@ class ExplorerClient:
                 await asyncio.sleep(0.5 * 2 ** (failures - 1))
 
     async def head(self) -> int | None:
-        """The explorer's latest indexed block, if it tells (``module=proxy``); else None."""
+        """The explorer's head, if it tells (``module=proxy``, which Etherscan serves and
+        Blockscout does not); else None. It is the head of the explorer's node, not how far
+        its indexer has got: only ``confirmations`` keep blocks not yet indexed out."""
         try:
             result = await self.request({"module": "proxy", "action": "eth_blockNumber"})
             return int(str(result), 16)

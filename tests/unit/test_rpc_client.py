@@ -271,6 +271,37 @@ async def test_a_method_no_endpoint_serves_stops_the_caller_with_one_sentence(
     assert KEY not in " ".join(refused)
 
 
+async def test_two_requests_in_flight_together_are_not_method_not_found_said_twice(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # Two requests for eth_getBlockByNumber sent at the same moment met the same bad backend:
+    # the second answer counted as "said twice", so the method was set aside and on_refused
+    # stopped the run ("does not serve eth_getBlockByNumber") for a node that serves it. Only
+    # a request sent after the first such answer arrived is a second look.
+    both_in = asyncio.Event()
+    lacked: list[int] = []
+
+    async def behave(node: FakeNode, body: Any) -> web.Response:
+        if len(node.requests) <= 2:
+            if len(node.requests) == 2:
+                both_in.set()
+            await both_in.wait()  # both in flight before either is answered
+            lacked.append(len(node.requests))
+            return reply(body, [err(c, -32601, "the method does not exist/is not available")
+                                for c in as_batch(body)])  # fmt: skip
+        return echo(node, body)
+
+    node = await make_node(behave)
+    refused: list[str] = []
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        client.on_refused = refused.append
+        calls = [Call("eth_getBlockByNumber", [hex(block), False]) for block in (1, 2)]
+        got = await asyncio.gather(*(client.call_many([call]) for call in calls))
+        assert got == [["0x1"], ["0x2"]]
+    assert len(lacked) == 2 and len(node.requests) == 4
+    assert refused == []
+
+
 async def test_a_method_one_endpoint_lacks_goes_to_another(make_node: Any, tmp_path: Any) -> None:
     lacking = await make_node(lacks_once({"eth_getBlockByNumber"}, times=100))
     serving = await make_node(echo)

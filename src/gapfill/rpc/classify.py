@@ -14,8 +14,8 @@ TRANSIENT          timeouts, stalls, resets, refused connections, 5xx but 501, y
                    deadline exceeded", "unexpected EOF"; a node shutting down
 UNSUPPORTED        -32601 method not found, -32004, "... not supported"; HTTP  no (other
                    405, a 403 "method ... not allowed". The client believes    endpoint)
-                   an item's only when a second request says it (see
-                   ``RpcClient._believed``)
+                   an item's only when a request sent after that answer
+                   arrived says it too (see ``RpcClient._believed``)
 PERMANENT          -32602 invalid params, -32600, execution reverted, other    no
                    -32000, Infura's -32005 "query returned more than 10000
                    results", "exceeds max block range"; HTTP 401 and any

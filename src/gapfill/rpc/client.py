@@ -629,6 +629,8 @@ class RpcClient:
                 items[i].sent = True
             started = time.monotonic()
             timed_out = False
+            sequence = endpoint.sends  # see Endpoint.doubted
+            endpoint.sends += 1
             self._waits.start_trying()
             try:
                 reply = await self._transport.post(endpoint.url, body)
@@ -696,7 +698,7 @@ class RpcClient:
             answers[answer_id] = entry
         if duplicates:
             logger.debug("%s repeated %d ids in one reply", endpoint.shown, duplicates)
-        return self._settle_reply(endpoint, by_id, answers, items, results, pin)
+        return self._settle_reply(endpoint, by_id, answers, items, results, pin, sequence)
 
     def _settle_reply(
         self,
@@ -706,12 +708,14 @@ class RpcClient:
         items: list[_Item],
         results: list[Any],
         pin: Endpoint | None,
+        sequence: int,
     ) -> list[int]:
+        """Settle a reply's answers; ``sequence``: the request's number among those sent to
+        ``endpoint`` (see :attr:`Endpoint.doubted`). Return the items to send again."""
         again: list[int] = []
         answered = 0
         rate_limited: list[Verdict] = []
         too_large: list[int] = []
-        request = next(iter(by_id))  # its first call's id names this request
         supported = endpoint.supported
         for request_id, i in by_id.items():
             entry = answers.get(request_id)
@@ -721,7 +725,7 @@ class RpcClient:
             elif entry.get("error") is not None:
                 verdict = classify_error(entry["error"])
                 if verdict.fault is Fault.UNSUPPORTED and pin is None:
-                    verdict = self._believed(endpoint, item.call.method, verdict, request)
+                    verdict = self._believed(endpoint, item.call.method, verdict, sequence)
                 elif verdict.fault is Fault.PERMANENT:  # e.g. invalid params: the method exists
                     supported.add(item.call.method)
             elif "result" in entry:
@@ -773,15 +777,20 @@ class RpcClient:
             endpoint.record_success(len(by_id))
         return again
 
-    def _believed(self, endpoint: Endpoint, method: str, verdict: Verdict, request: int) -> Verdict:
+    def _believed(self, endpoint: Endpoint, method: str, verdict: Verdict, sequence: int) -> Verdict:
         """A call's "method not found" (-32601, -32004, "not supported") as it is taken. One
         answer proves little behind a load balancer, whose one bad backend may say it of a
         method the others serve, and believing it set the method aside for the client's
         life: every later call of it failed unsent. From an endpoint that has answered the
         method it is a failure that may pass (sent again, elsewhere if it can be); from one
-        that never has, it is believed (UNSUPPORTED) once a later request says it again, and
-        until then it may pass too. ``request``: the id of this request's first call."""
-        if method not in endpoint.supported and endpoint.doubted.setdefault(method, request) != request:
+        that never has, it is believed (UNSUPPORTED) once a request sent after the first
+        such answer arrived says it again, and until then it may pass too. A request already
+        in flight then is no second look: two sent at the same moment may both have met the
+        same bad backend. ``sequence``: this request's number (see :attr:`Endpoint.doubted`)."""
+        if method in endpoint.supported:
+            return replace(verdict, fault=Fault.TRANSIENT)
+        first = endpoint.doubted.setdefault(method, endpoint.sends)
+        if sequence >= first:
             return verdict
         return replace(verdict, fault=Fault.TRANSIENT)
 

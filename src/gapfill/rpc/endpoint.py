@@ -126,8 +126,11 @@ class Endpoint:
         #: Methods it answered (a result, a null, or a refusal of the params): it serves them.
         self.supported: set[str] = set()
         self.unsupported: set[str] = set()
-        #: Methods it said once it lacks, never having answered them: the request (its first
-        #: call's id) that said so. Believed when a later request says it again.
+        #: Requests sent to it so far: a request's number is this count when it was sent.
+        self.sends = 0
+        #: Methods it said once it lacks, never having answered them: :attr:`sends` when that
+        #: answer arrived. Believed when a request sent after it (numbered at least that)
+        #: says it again; one in flight at the same moment may have met the same bad backend.
         self.doubted: dict[str, int] = {}
         self.assigned_calls = 0  # calls handed to this endpoint and not finished
         self.assigned_requests = 0  # batches handed to this endpoint and not finished

@@ -4,12 +4,13 @@
 
     GapfillError                 message is one sentence that says what to do
     ├── FixFirst                 running again cannot pass until the user fixes something:
-    │                            ``what`` happened, then ``fix`` (mixed into RpcKeyRefused
-    │                            and gapfill.discover.explorer's refusals)
+    │                            ``what`` happened, then ``fix`` (mixed into RpcKeyRefused,
+    │                            StoreRefused and gapfill.discover.explorer's refusals)
     ├── ConfigError              bad flag, env var, config file or URL
     ├── InputError               bad address, hash, import file
     ├── UnknownContractError     --contract names nothing tracked
     ├── StoreError               database unreachable, missing, or failing
+    │   └── StoreRefused         it refuses the writes until fixed (also a FixFirst)
     └── RpcError                 node unreachable, wrong chain, method missing
         ├── RpcKeyRefused        the node refused the key (also a FixFirst)
         ├── NodeUnavailable      the start-up check failed for a reason that may pass
@@ -60,6 +61,13 @@ class UnknownContractError(GapfillError):
 
 class StoreError(GapfillError):
     """The database cannot be reached, does not exist, or failed."""
+
+
+class StoreRefused(StoreError, FixFirst):
+    """The database refused what the command must do, and does so until the user fixes it:
+    the role lacks a privilege, the database takes no writes (a hot standby,
+    ``default_transaction_read_only``), a ``statement_timeout`` cancelled a statement, or
+    its disk is full. ``fix`` is what to do before running the command again."""
 
 
 class RpcError(GapfillError):

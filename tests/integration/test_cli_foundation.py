@@ -1226,6 +1226,40 @@ def test_a_read_only_postgres_role_runs_the_read_only_commands(pg_url: str, read
                                "gapfill's tables")  # fmt: skip
 
 
+def test_discover_as_a_read_only_postgres_role_says_the_grant_then_the_rerun(
+    pg_url: str, reader: str, anvil: Any
+) -> None:
+    # The privilege's sentence was not a fix to do first: discovery gave two fixes that
+    # contradict ("..., in --db; no chunk ... was kept: run the same command again").
+    assert run(pg_url, "contract", "add", C, "--chain-id", "31337", "--start-block", "0").exit_code == 0
+    r = run(reader, "--rpc-url", anvil.url, "discover", "--method", "blocks", "--confirmations", "0")
+    assert r.exit_code == 1
+    role, _ = _role_and_db(reader)
+    error = one_sentence(r).splitlines()[-1]
+    assert error.startswith(f'error: PostgreSQL role "{role}" may not write to table '), error
+    assert error.endswith(
+        "grant it INSERT, UPDATE and DELETE on gapfill's tables, or use a role that may write, in --db, "
+        "then run the same command again"), error  # fmt: skip
+    assert error.count("run the same command again") == 1 and ": run the same" not in error, error
+
+
+def test_a_postgres_database_that_takes_no_writes_says_to_point_db_at_a_writable_one(pg_url: str) -> None:
+    # As a hot standby refuses writes: the sentence named the driver's words and no fix.
+    assert run(pg_url, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    _, dbname = _role_and_db(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+    r = run(pg_url, "contract", "add", C2, "--chain-id", "1")
+    assert r.exit_code == 1
+    where = f"{urlsplit(pg_url).hostname}:{urlsplit(pg_url).port or 5432}"
+    assert one_sentence(r) == (
+        f'error: PostgreSQL database "{dbname}" on {where} takes no writes (cannot execute INSERT in a '
+        "read-only transaction): point --db at the primary server (a hot standby is read-only) or "
+        "another writable database, or turn default_transaction_read_only off for it")  # fmt: skip
+    with open_store(pg_url) as s:
+        assert [c.address for c in s.list_contracts()] == [C]
+
+
 def test_init_as_a_read_only_postgres_role_reports_an_up_to_date_schema(pg_url: str, reader: str) -> None:
     # QA: `gapfill init` as a role that may only read said to grant it CREATE on the schema,
     # though the schema was at the latest version and there was nothing to create.

@@ -8,6 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from gapfill.errors import FixFirst, StoreRefused
 from gapfill.store.postgres import server_and_db, translate
 from gapfill.store.sqlite import _hint
 
@@ -47,13 +48,45 @@ URL = "postgresql://u:secret@db.example:6432/app"
      "rolled the change back because a concurrent one conflicted with it (deadlock detected): "
      "nothing of it was written; run the command again"),
     (psycopg.errors.SerializationFailure("could not serialize access"), "run the command again"),
-    (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
-     "PostgreSQL error on postgresql://u:***@db.example:6432/app: canceling statement due to "
-     "statement timeout"),
 ])  # fmt: skip
 def test_postgres_errors_say_what_went_wrong(exc: psycopg.Error, says: str) -> None:
     text = str(translate(exc, URL))
     assert says in text and "secret" not in text
+
+
+_TIMEOUT = psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+_FULL = psycopg.errors.DiskFull('could not extend file "base/1/2": No space left on device')
+_STANDBY = psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction")
+_DENIED = psycopg.errors.InsufficientPrivilege("permission denied for table refs")
+
+
+@pytest.mark.parametrize(("exc", "what", "fix"), [
+    (_TIMEOUT, "PostgreSQL at db.example:6432 cancelled a statement of gapfill's at its statement_timeout",
+     'raise or unset statement_timeout for role "u" (ALTER ROLE "u" SET statement_timeout = 0), or in '
+     "--db / GAPFILL_DB if its options set it"),
+    (_FULL, 'PostgreSQL at db.example:6432 has no disk space left for database "app"',
+     "free space on the database server"),
+    (_STANDBY, 'PostgreSQL database "app" on db.example:6432 takes no writes',
+     "point --db / GAPFILL_DB at the primary server (a hot standby is read-only) or another writable "
+     "database, or turn default_transaction_read_only off for it"),
+    (_DENIED, 'PostgreSQL role "u" may not write to table refs of database "app"',
+     "grant it INSERT, UPDATE and DELETE on gapfill's tables, or use a role that may write, in --db / "
+     "GAPFILL_DB"),
+])  # fmt: skip
+def test_postgres_errors_the_server_keeps_raising_say_what_to_fix_first(
+    exc: psycopg.Error, what: str, fix: str
+) -> None:
+    # They ended at the driver's words ("PostgreSQL error on ...: ..."), or (a privilege)
+    # were not a FixFirst, so discovery added "run the same command again" after a fix.
+    error = translate(exc, URL)
+    assert isinstance(error, StoreRefused) and isinstance(error, FixFirst)
+    assert (error.what, error.fix) == (f"{what} ({exc})", fix)
+    assert str(error) == f"{what} ({exc}): {fix}"
+
+
+def test_a_statement_cancelled_by_someone_else_is_not_called_a_timeout() -> None:
+    error = translate(psycopg.errors.QueryCanceled("canceling statement due to user request"), URL)
+    assert not isinstance(error, FixFirst) and "statement_timeout" not in str(error)
 
 
 # libpq's own words: it gives these no SQLSTATE, like a server that does not answer.

@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from gapfill.errors import StoreError
+from gapfill.errors import StoreError, StoreRefused
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.signals import committing
@@ -410,30 +410,54 @@ def role_name(url: str) -> str:
 _DENIED = re.compile(r"permission denied for (\w+) (\S+)")
 
 
-def _privilege_error(msg: str, url: str, reading: bool, check: str) -> StoreError:
+def _privilege_error(msg: str, url: str, reading: bool, check: str) -> StoreRefused:
     """A refused privilege, as the one sentence saying which one the role lacks."""
     role = f'PostgreSQL role "{role_name(url)}"'
     where = f'database "{server_and_db(url)[1]}"'
     m = _DENIED.search(msg)
     kind, name = m.groups() if m else ("", "")
     if kind == "schema":
-        return StoreError(
-            f"{role} may not create gapfill's tables in schema {name} of {where} ({msg}): grant it "
-            "CREATE on that schema, or run `gapfill init` once as a role that may"
+        return StoreRefused(
+            f"{role} may not create gapfill's tables in schema {name} of {where} ({msg})",
+            "grant it CREATE on that schema, or run `gapfill init` once as a role that may",
         )
     if kind == "sequence":
-        return StoreError(f"{role} lacks USAGE on sequence {name} of {where} ({msg}): grant it, "
-                          f"or use a role that may write, in {check}")  # fmt: skip
+        return StoreRefused(f"{role} lacks USAGE on sequence {name} of {where} ({msg})",
+                            f"grant it, or use a role that may write, in {check}")  # fmt: skip
     if kind == "table" and not reading:
-        return StoreError(
-            f"{role} may not write to table {name} of {where} ({msg}): grant it INSERT, UPDATE "
-            f"and DELETE on gapfill's tables, or use a role that may write, in {check}"
+        return StoreRefused(
+            f"{role} may not write to table {name} of {where} ({msg})",
+            f"grant it INSERT, UPDATE and DELETE on gapfill's tables, or use a role that may write, "
+            f"in {check}",
         )
     if kind == "table":
-        return StoreError(f"{role} lacks SELECT on table {name} of {where} ({msg}): grant it "
-                          "SELECT on gapfill's tables")  # fmt: skip
-    return StoreError(f"{role} lacks a privilege on {where} ({msg}): grant it, or use another role "
-                      f"in {check}")  # fmt: skip
+        return StoreRefused(f"{role} lacks SELECT on table {name} of {where} ({msg})",
+                            "grant it SELECT on gapfill's tables")  # fmt: skip
+    return StoreRefused(f"{role} lacks a privilege on {where} ({msg})",
+                        f"grant it, or use another role in {check}")  # fmt: skip
+
+
+def _refused_by_server(exc: psycopg.Error, msg: str, url: str, check: str) -> StoreRefused | None:
+    """A statement the server refuses until someone changes it: a database that takes no
+    writes, a ``statement_timeout``, a full disk (SQLite's equivalents say what to do too)."""
+    where, dbname = server_and_db(url)
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return StoreRefused(
+            f'PostgreSQL database "{dbname}" on {where} takes no writes ({msg})',
+            f"point {check} at the primary server (a hot standby is read-only) or another writable "
+            "database, or turn default_transaction_read_only off for it",
+        )
+    if isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in msg.lower():
+        role = role_name(url)
+        return StoreRefused(
+            f"PostgreSQL at {where} cancelled a statement of gapfill's at its statement_timeout ({msg})",
+            f'raise or unset statement_timeout for role "{role}" (ALTER ROLE "{role}" SET '
+            f"statement_timeout = 0), or in {check} if its options set it",
+        )
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StoreRefused(f'PostgreSQL at {where} has no disk space left for database "{dbname}" ({msg})',
+                            "free space on the database server")  # fmt: skip
+    return None
 
 
 def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str = DB_CHECK) -> StoreError:
@@ -529,6 +553,9 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
             f"could not connect to PostgreSQL at {where} ({msg}): "
             f"check that the server runs and fix {check}"
         )
+    refused = _refused_by_server(exc, msg, url, check)
+    if refused is not None:
+        return refused
     return StoreError(f"PostgreSQL error on {redact_db_url(url)}: {msg}")
 
 

@@ -43,11 +43,16 @@ def open_text(path: str, stdin: IO[bytes] | None = None) -> tuple[str, IO[str]]:
     try:
         raw: IO[bytes] = (stdin or sys.stdin.buffer) if path == "-" else open(path, "rb")  # noqa: SIM115
     except FileNotFoundError:
-        raise InputError(f"cannot import {name}: no such file") from None
+        raise InputError(f"cannot import {name}: no such file: check the path") from None
     except IsADirectoryError:
-        raise InputError(f"cannot import {name}: it is a directory, not a file") from None
+        raise InputError(f"cannot import {name}: it is a directory, not a file: give the path of "
+                         "the file in it") from None  # fmt: skip
+    except PermissionError:
+        raise InputError(f"cannot import {name}: this user may not read it: make it readable "
+                         f"(chmod +r {name}), or run gapfill as a user who may") from None  # fmt: skip
     except OSError as exc:
-        raise InputError(f"cannot import {name}: {exc.strerror}") from None
+        raise InputError(f"cannot import {name} ({exc.strerror}): check the path, and that the file "
+                         "is readable there") from None  # fmt: skip
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, raw))
     head = buffered.peek(8192)[:8192]
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):

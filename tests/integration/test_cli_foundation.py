@@ -1176,6 +1176,32 @@ def test_a_write_names_the_read_only_side_file_beside_a_writable_sqlite_file(
     assert run(db, "contract", "add", C2, "--chain-id", "1").exit_code == 0
 
 
+def test_a_sqlite_write_past_a_file_size_limit_says_the_likely_causes(tmp_path: Path) -> None:
+    # A file-size limit (ulimit -f: EFBIG) ended "... failed: disk I/O error" with no hint.
+    import resource
+
+    path = tmp_path / "g.db"
+    db = f"sqlite:///{path}"
+    assert run(db, "contract", "add", C, "--chain-id", "1").exit_code == 0
+    hashes = tmp_path / "hashes.txt"
+    hashes.write_text("".join(f"0x{i:064x}\n" for i in range(1, 20_001)))
+    limit = path.stat().st_size + 64 * 1024
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = subprocess.run([*gapfill_argv(), "--db", db, "import", str(hashes), "--contract", C],
+                         capture_output=True, text=True, timeout=60, preexec_fn=limited)  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    error = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and "disk I/O error" in error, out.stderr
+    assert error.endswith(
+        "; the disk may be full, or the file may have reached a file-size limit (ulimit -f): free space or "
+        "raise the limit (or move the database and set --db to it), then rerun the same command: what was "
+        "committed is kept"), error  # fmt: skip
+    assert "contract" in run(db, "status").output  # the file was left whole
+
+
 @pytest.fixture
 def reader(pg_url: str) -> Any:
     """``pg_url``'s database as a new role that may only read it (CONNECT, USAGE, SELECT)."""

@@ -626,6 +626,34 @@ async def test_a_pause_holds_the_requests_back_off_the_outage_clock_and_silence_
     assert answered.is_set() and client.silent_s() < 0.05
 
 
+@pytest.mark.timeout(60)
+async def test_a_rate_limit_smaller_than_a_batch_shrinks_the_batches(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # A provider whose bucket holds about a second of calls answers 429 to every batch
+    # bigger than its rate, however long the client waits: the batches must come down to
+    # the rate it learned, or the run never moves (it sent 100-call batches at 6 calls/s).
+    # Batches already cut at the old size when the rate was learned wait out the
+    # Retry-After and their tokens: they must be cut again, not sent as they were.
+    def bucket(node: FakeNode, body: Any) -> web.Response:
+        if isinstance(body, list) and len(body) > 30:
+            return web.Response(status=429, headers={"Retry-After": "1"}, text="Too Many Requests")
+        return echo(node, body)
+
+    node = await make_node(bucket)
+    async with RpcClient([EndpointConfig(node.url, max_batch=40)], settings(tmp_path)) as client:
+        in_flight = [client.call_many([Call("echo", [i]) for i in range(k, k + 40)])
+                     for k in range(0, 160, 40)]
+        results = await asyncio.gather(*in_flight)
+    assert [r for rs in results for r in rs] == list(range(160))
+    sizes = [len(b) for b in node.requests if isinstance(b, list)]
+    # Refused: the four batches sent before the first 429, and at most one cut at the
+    # first rate learned (half the calls sent); the old code sent each waiting batch of 40
+    # again at the old size (8 refusals, then 10-call batches at a few calls/s).
+    assert sum(1 for n in sizes if n > 30) <= 5, sizes
+    assert any(1 < n <= 30 for n in sizes)
+
+
 # -- batch size -------------------------------------------------------------------------
 
 

@@ -231,5 +231,10 @@ class LearnedBudget:
             self.cut_at = now
             self.tokens = min(self.tokens, 0.0)
 
+    def refund(self, calls: int) -> None:
+        """Give back tokens reserved for a request that was not sent."""
+        self._refill()
+        self.tokens = min(self.rps * 0.5, self.tokens + calls)
+
     def grow(self) -> None:
         self.rps *= 1.03

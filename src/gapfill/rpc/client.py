@@ -623,6 +623,12 @@ class RpcClient:
                 # The cap shrank while this batch waited for a slot: split it first.
                 return list(chunk)
             await endpoint.acquire(len(chunk), self._held_in_slot if pin is None else self._held)
+            if len(chunk) > endpoint.cap():
+                # It shrank while this batch waited for its tokens (a rate learned from
+                # 429s): sent as it is, it would only be refused again.
+                endpoint.refund(len(chunk))
+                await endpoint.release()
+                return list(chunk)
             for i in chunk:
                 if items[i].sent:
                     endpoint.retries += 1

@@ -196,6 +196,12 @@ class Endpoint:
         return score
 
     def cap(self) -> int:
+        """Calls per batch now. A rate learned from 429s caps it as a configured rate
+        does: a provider whose bucket holds about a second refuses every batch above its
+        rate however long the client waits (it sent 100-call batches at 6 calls/s, all
+        refused, and the run never moved)."""
+        if self.learned is not None:
+            return max(1, min(self.batch_cap, int(self.learned.rps)))
         return self.batch_cap
 
     # -- admission ---------------------------------------------------------------------
@@ -234,6 +240,13 @@ class Endpoint:
                 self.budget.refund(calls)
                 self.in_flight -= 1
                 raise
+
+    def refund(self, calls: int) -> None:
+        """Give back the tokens :meth:`acquire` took for ``calls`` calls that were not sent."""
+        if self.budget is not None:
+            self.budget.refund(calls)
+        elif self.learned is not None:
+            self.learned.refund(calls)
 
     async def release(self) -> None:
         if self.budget is None:

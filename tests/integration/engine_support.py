@@ -532,6 +532,22 @@ class _Loopback:
         self.server.server_close()
 
 
+def _forward(upstream: str, body: bytes) -> Any:
+    """The decoded answer of ``upstream`` to the JSON-RPC request ``body``."""
+    req = urllib.request.Request(upstream, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _answer(handler: BaseHTTPRequestHandler, reply: Any) -> None:
+    out = json.dumps(reply).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(out)))
+    handler.end_headers()
+    handler.wfile.write(out)
+
+
 # -- a provider that answers one transaction's receipt with garbage --------------------------------
 
 
@@ -550,16 +566,7 @@ class CorruptingProxy(_Loopback):
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                req = urllib.request.Request(proxy.upstream, data=body,
-                                             headers={"Content-Type": "application/json"})  # fmt: skip
-                with urllib.request.urlopen(req, timeout=60) as resp:
-                    reply = json.loads(resp.read())
-                out = json.dumps(proxy._mangle(reply)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                _answer(self, proxy._mangle(_forward(proxy.upstream, body)))
 
             def log_message(self, format: str, *args: object) -> None:
                 return
@@ -584,9 +591,10 @@ class CorruptingProxy(_Loopback):
 
 class HungNode(_Loopback):
     """A loopback URL that accepts connections and requests but never answers (a hung
-    node), and counts the requests it got. Its URL ends in ``path`` (a fake API key)."""
+    node), and counts the requests it got. Its URL ends in ``path`` (a fake API key).
+    With ``upstream``, the requests :meth:`_stalls` lets through are upstream's to answer."""
 
-    def __init__(self, path: str = "/") -> None:
+    def __init__(self, path: str = "/", upstream: str | None = None) -> None:
         self.requests = 0
         self._lock = threading.Lock()
         self._release = threading.Event()
@@ -596,7 +604,10 @@ class HungNode(_Loopback):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if upstream is not None and not node._stalls(body):
+                    _answer(self, _forward(upstream, body))
+                    return
                 with node._lock:
                     node.requests += 1
                 node._release.wait()  # no answer: the connection is closed when the test ends
@@ -607,6 +618,28 @@ class HungNode(_Loopback):
 
         self._serve(Handler, path)
 
+    def _stalls(self, body: bytes) -> bool:
+        return True
+
     def __exit__(self, *exc: object) -> None:
         self._release.set()
         super().__exit__(*exc)
+
+
+class StallingProxy(HungNode):
+    """A loopback JSON-RPC proxy that never answers the ``nth`` request (counted from 1)
+    holding one call of ``method`` with ``params``; everything else is upstream's."""
+
+    def __init__(self, upstream: str, method: str, params: list[Any], nth: int) -> None:
+        self.call = (method, params)
+        self.nth = nth
+        self.seen = 0
+        super().__init__("/", upstream)
+
+    def _stalls(self, body: bytes) -> bool:
+        call = json.loads(body)
+        if not isinstance(call, dict) or (call.get("method"), call.get("params")) != self.call:
+            return False
+        with self._lock:
+            self.seen += 1
+            return self.seen == self.nth

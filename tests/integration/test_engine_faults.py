@@ -35,6 +35,7 @@ from engine_support import (
     NodeChain,
     NodeTruth,
     Seeded,
+    StallingProxy,
     alive,
     assert_exact,
     assert_leases_never_overlapped,
@@ -744,6 +745,26 @@ def test_the_start_up_sample_of_a_slow_node_stops_at_its_budget(
     assert rc == 0, out[-3000:]
     sampled = sampled_refs(out)
     assert sampled is None or sampled == 5, out[-3000:]
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(120)
+def test_the_start_up_samples_own_node_check_stops_at_its_budget(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, tmp_path: Path
+) -> None:
+    # The sample checks the node again (its own client) before its refs; that check was
+    # outside the 2 s budget: one stalled call of it held the run's start, saying nothing,
+    # for three --rpc-timeout tries (QA: 2 minutes at --rpc-timeout 60), then the sample
+    # went on to measure. Here the coordinator's check passes, the sample's stalls.
+    from gapfill.engine.run import _NO_SUCH_TX
+
+    seeded = seed(pg_url, node_chain.chain)
+    with StallingProxy(node_chain.url, "eth_getTransactionReceipt", [_NO_SUCH_TX], nth=2) as proxy:
+        rc, out = gapfill(enrich_args(pg_url, proxy.url, "--rpc-timeout", "20"), tmp_path, "enrich", 100)
+    assert rc == 0 and "Traceback" not in out, out[-3000:]
+    assert proxy.seen >= 2, out[-3000:]  # the sample's check was the one stalled
+    # Cut at the budget: no sample, so no speedup figure measured on it.
+    assert sampled_refs(out) is None and "speedup" not in out, out[-3000:]
     assert_exact(pg_url, node_chain, truth, seeded)
 
 

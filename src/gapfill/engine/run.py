@@ -334,7 +334,11 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
     if len(refs) < _SAMPLE_MIN_REFS:
         return None
     async with _client(job, sequential=True) as client:
-        await _ready(client, emit)
+        try:  # its own start-up check has the same budget: one stalled call held the run's
+            # start (and its first line) for three --rpc-timeout tries, silently
+            await asyncio.wait_for(_ready(client, emit), SAMPLE_BUDGET_S)
+        except TimeoutError:  # no sample, no speedup figure; the workers check the node again
+            return _Sample(0.0, "", 0, 0, _rpc_totals(client)[0], _without_left_out(job, client))
         enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
         enriched = Enriched()
         done = 0

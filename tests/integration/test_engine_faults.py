@@ -451,6 +451,32 @@ def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
     assert "exited with code None" not in out, "the coordinator replaced a worker that was running"
 
 
+class BatchStallingProxy(HungNode):
+    """Answers single calls (the start-up checks) from upstream, never a JSON-RPC batch."""
+
+    def _stalls(self, body: bytes) -> bool:
+        return isinstance(orjson.loads(body), list)
+
+
+@pytest.mark.timeout(150)
+def test_workers_that_keep_getting_stuck_end_the_run_saying_why(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # A node that never answers a batch: every lease expires, and the worker holding it
+    # is killed and restarted, until the restart budget is spent. That ended with
+    # "workers keep crashing (10 restarts): rerun with -v to see why", -v said no more,
+    # and each kill was said once per lease it held ("killing it" four times in a row).
+    with BatchStallingProxy("/", node_chain.url) as node:
+        args = enrich_args(pg_url, node.url, "--workers", "1", "--lease-timeout", "0.5",
+                           "--rpc-timeout", "60")  # fmt: skip
+        rc, out = gapfill(args, tmp_path, "enrich", 140)
+    assert rc == 1 and "Traceback" not in out, out[-3000:]
+    assert "error: workers keep getting stuck (10 restarts): " in out, out[-3000:]
+    assert "raise --lease-timeout" in out and "keep crashing" not in out, out[-3000:]
+    restarted = out.count("[Worker-1] was killed, stuck past its lease; restarted")
+    assert restarted == 10 and out.count("is stuck past its lease; killing it") == restarted + 1, out[-3000:]
+
+
 def metrics_scraper(p: GapfillProc, scraped: dict[str, float]) -> Callable[[], bool]:
     """A probe for wait_for: scrape the endpoint of ``p`` (run with ``--metrics-port 0``)
     into ``scraped``; True once some transaction is counted.

@@ -893,6 +893,9 @@ class _Slot:
     #: Sent SIGTERM by the coordinator (the grace period's end, a lost node): a worker that
     #: dies of it had not set its handler yet (still starting), which is no crash to report.
     terminated: bool = False
+    #: Killed by the coordinator for holding a lease past its expiry (its RPC calls made
+    #: no progress): said as such, not as a crash.
+    stuck: bool = False
 
 
 class Coordinator:
@@ -1328,9 +1331,16 @@ class Coordinator:
             # the run at once (NodeUnavailable), not after the restart budget.
             if start_failed is not None and not self._check_node():
                 return  # a Ctrl+C during the check: the run stops
+        stuck, s.stuck = s.stuck, False
         if self.restarts >= 10 * self.workers:
             if start_failed is not None:  # the node kept failing the workers' start-up checks
                 raise NodeUnavailable(start_failed)
+            if stuck:  # -v would not say more: the node is too slow for the lease timeout
+                raise GapfillError(
+                    f"workers keep getting stuck ({self.restarts} restarts): their RPC calls made no "
+                    f"progress for the lease timeout ({self.job.worker.lease_timeout_s:g} s): check "
+                    "the RPC node, or raise --lease-timeout, then rerun to continue"
+                )
             raise GapfillError(
                 f"workers keep crashing ({self.restarts} restarts): rerun with -v to see why"
             )
@@ -1338,6 +1348,7 @@ class Coordinator:
         s.restarts += 1
         self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True))
         why = (f"its start-up check of the RPC node failed ({start_failed})" if start_failed
+               else "was killed, stuck past its lease" if stuck
                else f"exited with code {code}")  # fmt: skip
         log.info("restarting Worker-%d (pid %s, up %.1f s): %s; %d lease(s) returned; restart %d of the "
                  "run (at most %d)", s.index + 1, s.proc.pid, time.monotonic() - s.started, why, n,
@@ -1370,8 +1381,10 @@ class Coordinator:
             self.emit(Notice(f"lease of batch {b.id} held by {shown_owner(b.lease_owner or '')} expired; "
                              "it goes back to the plan"))  # fmt: skip
             for s in self.slots.values():
-                if b.lease_owner == self._owner(s) and s.proc.is_alive():
+                if b.lease_owner == self._owner(s) and s.proc.is_alive() and not s.stuck:
+                    # Once, however many of its leases expired together.
                     self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))
+                    s.stuck = True
                     s.proc.kill()
 
     def _progress(self, store: Store, total_batches: int, active: int, t0: float) -> None:

@@ -1509,7 +1509,11 @@ def failures(ctx: Ctx, contract: str | None, chain_id: int | None, as_json: bool
     store = ctx.store(read_only=True)
     if contract is not None:
         store.get_contract(contract, chain_id)
-    rows = store.list_failures(chain_id, contract, limit)
+    rows = store.list_failures(chain_id, contract, limit + 1)
+    if len(rows) > limit:  # said on standard error, so a script's JSON or lines stay whole
+        rows = rows[:limit]
+        click.echo(f"note: only the first {counted(limit, 'failure')} are shown, and there are more: "
+                   "pass a higher --limit to see them", err=True)  # fmt: skip
     if as_json:
         click.echo(orjson.dumps([{"chain_id": f.chain_id, "tx_hash": f.tx_hash, "contract": f.contract,
                                   "reason": f.reason, "permanent": f.permanent, "attempts": f.attempts,

@@ -53,6 +53,22 @@ def refs_of(db: str) -> list[tuple[str, int | None]]:
         return [(r.tx_hash, r.block_number) for r in s.iter_gap(1, C)]
 
 
+def test_failures_cut_short_by_limit_say_so(tracked: str) -> None:
+    # --limit (1000 by default) cut the list without a word: 1000 lines looked like all.
+    from gapfill.model import Enriched, Failure, Ref
+
+    with open_store(tracked) as s:
+        s.add_refs([Ref(1, C, h(i), 7) for i in range(3)])
+        s.write(Enriched(failures=[Failure(1, h(i), C, "not_found", "null") for i in range(3)]))
+    for args in ((), ("--json",)):
+        r = run(tracked, "failures", "--limit", "2", *args)
+        assert r.exit_code == 0 and len(r.stdout.splitlines() if not args else orjson.loads(r.stdout)) == 2
+        assert one_sentence(r) == ("note: only the first 2 failures are shown, and there are more: "
+                                   "pass a higher --limit to see them"), r.stderr
+        r = run(tracked, "failures", "--limit", "3", *args)
+        assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
 def test_init_is_idempotent(db_url: str) -> None:
     assert run(db_url, "init").exit_code == 0
     r = run(db_url, "init")

@@ -16,7 +16,8 @@ def main() -> NoReturn:
     try:
         from gapfill.cli import main as run
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        # As other commands stopped by Ctrl+C say what they kept: here, nothing had begun.
+        sys.stderr.write("interrupted before the command started: nothing was done; run it again\n")
         sys.stderr.flush()
         os._exit(130)
     run()

@@ -1337,9 +1337,10 @@ class Coordinator:
                 raise NodeUnavailable(start_failed)
             if stuck:  # -v would not say more: the node is too slow for the lease timeout
                 raise GapfillError(
-                    f"workers keep getting stuck ({self.restarts} restarts): their RPC calls made no "
-                    f"progress for the lease timeout ({self.job.worker.lease_timeout_s:g} s): check "
-                    "the RPC node, or raise --lease-timeout, then rerun to continue"
+                    f"workers keep getting stuck ({self.restarts} restarts): they renewed no lease "
+                    f"for the lease timeout ({self.job.worker.lease_timeout_s:g} s), their RPC calls "
+                    "(or a database write) making no progress: check the RPC node and the database, "
+                    "or raise --lease-timeout, then rerun to continue"
                 )
             raise GapfillError(
                 f"workers keep crashing ({self.restarts} restarts): rerun with -v to see why"

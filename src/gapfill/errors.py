@@ -10,7 +10,8 @@
     ├── InputError               bad address, hash, import file
     ├── UnknownContractError     --contract names nothing tracked
     ├── StoreError               database unreachable, missing, or failing
-    │   └── StoreRefused         it refuses the writes until fixed (also a FixFirst)
+    │   ├── StoreRefused         it refuses the writes until fixed (also a FixFirst)
+    │   └── StoreDropped         a connection that worked was lost, or cannot be reopened
     └── RpcError                 node unreachable, wrong chain, method missing
         ├── RpcKeyRefused        the node refused the key (also a FixFirst)
         ├── NodeUnavailable      the start-up check failed for a reason that may pass
@@ -29,22 +30,27 @@ class GapfillError(Exception):
     exit_code = 1
 
 
-class FixFirst(GapfillError):
-    """An error the same command cannot get past until the user fixes something (an API key
-    the node or the explorer refuses, a wrong explorer URL): ``what`` says what happened
-    and ``fix`` what to do ("check the API key in --rpc-url"); ``str()`` is both, the fix
-    last. A caller that words a longer sentence (what a scan kept before the error) keeps
-    the fix last, before the rerun. Mixed into the error's own class (:class:`RpcKeyRefused`,
-    the explorer's)."""
+class _WhatThenFix(GapfillError):
+    """An error of two parts: ``what`` happened, then ``fix`` (what to do); ``str()`` is
+    both, the fix last."""
 
     def __init__(self, what: str, fix: str) -> None:
         super().__init__(f"{what}: {fix}")
         self.what = what
         self.fix = fix
 
-    def __reduce__(self) -> tuple[type[FixFirst], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[_WhatThenFix], tuple[str, str]]:
         # Pickled with its two parts (a process hands it on): the default passes str() alone.
         return type(self), (self.what, self.fix)
+
+
+class FixFirst(_WhatThenFix):
+    """An error the same command cannot get past until the user fixes something (an API key
+    the node or the explorer refuses, a wrong explorer URL): ``what`` says what happened
+    and ``fix`` what to do ("check the API key in --rpc-url"); ``str()`` is both, the fix
+    last. A caller that words a longer sentence (what a scan kept before the error) keeps
+    the fix last, before the rerun. Mixed into the error's own class (:class:`RpcKeyRefused`,
+    the explorer's)."""
 
 
 class ConfigError(GapfillError):
@@ -68,6 +74,14 @@ class StoreRefused(StoreError, FixFirst):
     the role lacks a privilege, the database takes no writes (a hot standby,
     ``default_transaction_read_only``), a ``statement_timeout`` cancelled a statement, or
     its disk is full. ``fix`` is what to do before running the command again."""
+
+
+class StoreDropped(StoreError, _WhatThenFix):
+    """A connection to the database that had worked was dropped (a server restart,
+    ``pg_terminate_backend``), or opening it again failed: the URL was right, so the
+    message does not send the user to fix it. ``what`` says what happened ("lost the
+    connection to PostgreSQL at ..."), ``fix`` what to do; ``str()`` is both. A run that
+    retries says ``what`` and that it retries (:func:`gapfill.engine.events.db_retrying`)."""
 
 
 class RpcError(GapfillError):

@@ -2243,3 +2243,29 @@ def test_migration_5_merges_coverage_an_older_gapfill_commits_meanwhile(
     with open_store(pg_url) as s:
         assert s.schema_version() == s.latest_version() >= 5
         assert _coverage(s) == [("blocks", 0, 19)]
+
+
+def test_postgres_a_dropped_connection_is_said_as_such_not_as_a_url_to_fix(pg_url: str) -> None:
+    # A run's retry notice said "could not connect to PostgreSQL ...: check that the server
+    # runs and fix GAPFILL_DB" after pg_terminate_backend: the connection had worked.
+    import psycopg
+
+    from gapfill.errors import StoreDropped
+    from gapfill.store.postgres import PostgresStore
+
+    with PostgresStore(pg_url) as s:
+        pid = s._live().info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(StoreDropped) as dropped:
+            s.schema_version()
+        assert str(dropped.value).startswith("lost the connection to PostgreSQL at 127.0.0.1:")
+        assert "GAPFILL_DB" not in str(dropped.value)
+        assert s.schema_version() is not None  # reopened on the next call
+        # A server that stopped answering since: its port closed (1 has no server).
+        s._live().close()
+        s.url = re.sub(r":\d+/", ":1/", pg_url)
+        with pytest.raises(StoreDropped) as down:
+            s.schema_version()
+        assert str(down.value).startswith("PostgreSQL at 127.0.0.1:1 is not answering now (")
+        assert str(down.value).endswith(": check that the server runs, then run the command again")

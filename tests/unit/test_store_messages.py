@@ -8,7 +8,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gapfill.errors import FixFirst, StoreRefused
+from gapfill.engine.events import db_retrying
+from gapfill.errors import FixFirst, StoreDropped, StoreError, StoreRefused
 from gapfill.store.postgres import server_and_db, translate
 from gapfill.store.sqlite import _hint
 
@@ -52,6 +53,31 @@ URL = "postgresql://u:secret@db.example:6432/app"
 def test_postgres_errors_say_what_went_wrong(exc: psycopg.Error, says: str) -> None:
     text = str(translate(exc, URL))
     assert says in text and "secret" not in text
+
+
+_DROPPED = psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+
+
+def test_a_connection_that_worked_and_dropped_does_not_blame_the_url() -> None:
+    # The first connection's failure keeps "fix --db / GAPFILL_DB" (above); after one
+    # worked, the URL is right: the drop, or the server not answering now, is said.
+    lost = translate(_DROPPED, URL, connection="open")
+    assert isinstance(lost, StoreDropped) and str(lost) == (
+        "lost the connection to PostgreSQL at db.example:6432 (terminating connection due to "
+        "administrator command): check that the server runs, then run the command again")
+    down = translate(psycopg.OperationalError("connection refused"), URL, connection="again")
+    assert str(down) == ("PostgreSQL at db.example:6432 is not answering now (connection refused): "
+                         "check that the server runs, then run the command again")
+    assert db_retrying(lost).text == (
+        "lost the connection to PostgreSQL at db.example:6432 (terminating connection due to "
+        "administrator command); retrying")
+    assert db_retrying(down, "leasing a batch").text == (
+        "PostgreSQL at db.example:6432 is not answering now (connection refused) while leasing a "
+        "batch; retrying")
+    # What is not a lost connection keeps its own words.
+    assert db_retrying(StoreError("disk full"), "leasing a batch").text == (
+        "database error while leasing a batch, retrying: disk full")
+    assert "fix --db" in str(translate(psycopg.OperationalError("connection refused"), URL))
 
 
 _TIMEOUT = psycopg.errors.QueryCanceled("canceling statement due to statement timeout")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gapfill.errors import StoreDropped, StoreError
 from gapfill.model import UNKNOWN_BLOCK_KEY, RefKey
 
 
@@ -148,6 +149,15 @@ class Notice:
     text: str
     waiting: bool = False
     once: bool = False
+
+
+def db_retrying(exc: StoreError, doing: str = "") -> Notice:
+    """The notice of a run that retries after a store call failed (``doing``: "leasing a
+    batch"). A connection that worked and dropped is said as such, not as a database
+    error whose URL is to be fixed: the run reconnects on its own."""
+    if isinstance(exc, StoreDropped):
+        return Notice(f"{exc.what}{f' while {doing}' if doing else ''}; retrying")
+    return Notice(f"database error{f' while {doing}' if doing else ''}, retrying: {exc}")
 
 
 @dataclass(frozen=True, slots=True)

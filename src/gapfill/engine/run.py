@@ -43,6 +43,7 @@ from gapfill.engine.events import (
     WorkerExited,
     WorkerLostNode,
     WorkerStats,
+    db_retrying,
 )
 from gapfill.engine.idle import (
     fill_block_numbers,
@@ -1205,7 +1206,7 @@ class Coordinator:
                     # the run: the store reconnects on its next call. Give up after a long outage.
                     if db_down_since is None:
                         db_down_since = now
-                        self.emit(Notice(f"database error, retrying: {exc}"))
+                        self.emit(db_retrying(exc))
                     elif now - db_down_since > DB_OUTAGE_S:
                         raise
                 # Wake up as soon as a worker exits (the last one ends the run), else every 0.1 s.

@@ -46,6 +46,7 @@ from gapfill.engine.events import (
     Emit,
     Notice,
     WorkerStats,
+    db_retrying,
     key_range,
 )
 from gapfill.enrich.fetch import Collector, Enricher
@@ -529,8 +530,8 @@ class Worker:
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now
-                    self.emit(Notice(f"[Worker-{self.index + 1}] database error while {what}, "
-                                     f"retrying: {exc}"))  # fmt: skip
+                    said = db_retrying(exc, what)
+                    self.emit(Notice(f"[Worker-{self.index + 1}] {said.text}"))
                 elif now - down_since > self.settings.db_outage_s:
                     raise
                 await asyncio.sleep(self.settings.db_retry_s)

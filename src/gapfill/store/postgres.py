@@ -16,14 +16,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from operator import itemgetter
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from gapfill.errors import StoreError, StoreRefused
+from gapfill.errors import StoreDropped, StoreError, StoreRefused
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.signals import committing
@@ -460,9 +460,13 @@ def _refused_by_server(exc: psycopg.Error, msg: str, url: str, check: str) -> St
     return None
 
 
-def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str = DB_CHECK) -> StoreError:
+def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str = DB_CHECK,
+              connection: Literal["first", "open", "again"] = "first") -> StoreError:  # fmt: skip
     """Turn a driver error into one sentence that says what to do (``reading``: it came from
-    a read-only transaction; ``check``: where ``url`` came from, as the sentence names it)."""
+    a read-only transaction; ``check``: where ``url`` came from, as the sentence names it;
+    ``connection``: the error came while opening the first connection, on one that was
+    ``open``, or opening one ``again`` after the first had worked, when a lost server is
+    no reason to doubt the URL)."""
     where, dbname = server_and_db(url)
     msg = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), DbUrl(url))
     low = msg.lower()
@@ -548,6 +552,10 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
             f"PostgreSQL at {where} rolled the change back because a concurrent one conflicted "
             f"with it ({msg}): nothing of it was written; run the command again"
         )
+    if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc) and connection != "first":
+        what = (f"lost the connection to PostgreSQL at {where} ({msg})" if connection == "open"
+                else f"PostgreSQL at {where} is not answering now ({msg})")  # fmt: skip
+        return StoreDropped(what, "check that the server runs, then run the command again")
     if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc):
         return StoreError(
             f"could not connect to PostgreSQL at {where} ({msg}): "
@@ -597,6 +605,8 @@ class PostgresStore(Store):
         self._connect_timeout_s = connect_timeout_s
         self._app = application_name(app)
         self._conn: psycopg.Connection[Any] | None = None
+        #: How a failure to connect is worded: after one connection has worked, the URL is right.
+        self._once: Literal["first", "again"] = "first"
         self._depth = 0
         self._watch = LockWatch(self._side_connection, lambda: self.notice, *server_and_db(url))
         self._connect()
@@ -619,7 +629,7 @@ class PostgresStore(Store):
             given = conninfo_to_dict(self.url)
             conn = self._open(autocommit=False, app=self._app)
         except psycopg.Error as exc:
-            raise translate(exc, self.url, check=self.check) from None
+            raise translate(exc, self.url, check=self.check, connection=self._once) from None
         server = _session_settings(given)
         if server:
             try:
@@ -634,12 +644,13 @@ class PostgresStore(Store):
                 conn.commit()
             except psycopg.OperationalError as exc:
                 conn.close()
-                raise translate(exc, self.url, check=self.check) from None
+                raise translate(exc, self.url, check=self.check, connection=self._once) from None
             except psycopg.Error:
                 conn.rollback()  # a server or a pooler that refuses them: go on without
         conn.adapters.register_dumper(None, _JsonbDumper)  # for the type only: see _copy
         self._conn = conn
         self._staged = False
+        self._once = "again"
         return conn
 
     def _live(self) -> psycopg.Connection[Any]:
@@ -690,7 +701,8 @@ class PostgresStore(Store):
             # with it: the next staged upsert creates them again.
             self._staged = False
             if isinstance(exc, psycopg.Error):
-                raise translate(exc, self.url, reading=reading, check=self.check) from exc
+                raise translate(exc, self.url, reading=reading, check=self.check,
+                                connection="open") from exc
             raise
         finally:
             self._depth -= 1

@@ -1442,7 +1442,9 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
                    if not (plan.pending or plan.leased) or not r.missing else
                    f"joins the open plan ({plan.pending:,} pending, {plan.leased:,} leased "
                    f"{'batch' if plan.pending + plan.leased == 1 else 'batches'})")  # fmt: skip
-        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing, {batches}, {whole}"
+        # A transaction a contract above shares is fetched once: its calls are counted there.
+        shared = f" ({r.shared:,} shared with a contract above, its calls counted there)" if r.shared else ""
+        click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing{shared}, {batches}, {whole}"
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary
         click.echo(sentence)

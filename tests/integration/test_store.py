@@ -1171,7 +1171,7 @@ def test_a_dry_run_counts_the_gap_per_block_as_the_gap_streamed_would(
     targets = [(1, C), (1, full), (1, empty)]
     per_block = PlanSettings(shape="per_block")
     streamed = {k: Counter(r.block_number for r in store.iter_gap(*k)) for k in targets}
-    assert {k: Counter(dict(store.gap_blocks(*k))) for k in targets} == streamed
+    assert {k: Counter({b: n for b, n, _ in store.gap_blocks(*k)}) for k in targets} == streamed
     assert streamed[(1, C)] == {101: 2, 102: 3, 103: 3, 104: 1, None: 1}
     monkeypatch.setattr(store, "iter_gap", lambda *a, **k: pytest.fail("the gap was streamed"))
     assert estimate(store, targets, batch_size=5, plan=per_block) == [
@@ -1180,6 +1180,35 @@ def test_a_dry_run_counts_the_gap_per_block_as_the_gap_streamed_would(
     ]  # fmt: skip
     assert estimate(store, targets[:1], batch_size=5, plan=per_block, retry_failed=True) == [
         DryRunRow(1, C, 12, 3, 10, 5, 14, None)]  # h(2) in block 100, h(21) of unknown block
+
+
+def test_a_dry_run_counts_the_calls_of_a_transaction_two_contracts_share_once(store: Store) -> None:
+    # Summed per contract, a shared transaction was counted twice, though a run fetches it
+    # once (the second contract's batch finds it stored, out of its gap).
+    from gapfill.engine.dryrun import DryRunRow, estimate
+    from gapfill.enrich.fetch import PlanSettings
+
+    other = "0x" + "ef" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(i), 100 + i) for i in range(1, 5)]
+                   + [Ref(1, other, h(i), 100 + i) for i in (3, 4, 5)]
+                   + [Ref(1, other, h(6), None)])  # fmt: skip
+    store.write(Enriched(failures=[Failure(1, h(7), C, "permanent", "bad")]))
+    store.add_refs([Ref(1, C, h(7), 107), Ref(1, other, h(7), 107)])
+    targets = [(1, C), (1, other)]
+    per_tx = PlanSettings(shape="per_tx")
+    rows = estimate(store, targets, batch_size=5, plan=per_tx)
+    assert [r.estimated_calls for r in rows] == [8, 4]  # h(3), h(4) were counted in both
+    assert rows == [
+        DryRunRow(1, C, 4, 1, 0, 0, 8, None), DryRunRow(1, other, 4, 1, 0, 0, 4, None, shared=2),
+    ]  # fmt: skip
+    assert estimate(store, targets, batch_size=5, plan=per_tx, retry_failed=True) == [
+        DryRunRow(1, C, 5, 1, 0, 0, 10, None), DryRunRow(1, other, 5, 1, 0, 0, 4, None, shared=3),
+    ]  # fmt: skip
+    # Whole blocks: a block whose refs were all counted above costs nothing here.
+    per_block = PlanSettings(shape="per_block")
+    assert estimate(store, targets, batch_size=5, plan=per_block)[1] == DryRunRow(
+        1, other, 4, 1, 1, 1, 4, None, shared=2)  # block 105's call, and h(6)'s (of no block)
 
 
 @pytest.mark.timeout(60)

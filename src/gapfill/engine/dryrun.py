@@ -22,6 +22,9 @@ class DryRunRow:
     blocks: int
     estimated_calls: int
     estimated_seconds: float | None
+    #: Of ``missing``, the refs of a transaction a contract above this one in the estimate
+    #: also misses: a run fetches it once, so its calls are counted there, not here.
+    shared: int = 0
 
 
 def estimate(
@@ -39,22 +42,31 @@ def estimate(
 
     Per-block refs cost 2 calls per block; per-transaction refs 2 calls each
     (receipt and transaction; a timestamp header per block only where receipts'
-    logs carry none, which this estimate does not know in advance).
+    logs carry none, which this estimate does not know in advance). A transaction two
+    contracts share is counted once, as a run fetches it once (the second contract's
+    batch finds it stored, gone from its gap): with the first of ``targets`` that has it.
     """
     rows = []
-    for chain_id, contract in targets:
+    failed_before: dict[int, set[str]] = {}
+    for i, (chain_id, contract) in enumerate(targets):
         per_block: Counter[int] = Counter()
-        missing = unknown = 0
-        gap: Iterable[tuple[int | None, int]] = store.gap_blocks(chain_id, contract)
+        missing = unknown = shared = 0
+        before = [c for cid, c in targets[:i] if cid == chain_id]
+        gap: Iterable[tuple[int | None, int, int]] = store.gap_blocks(chain_id, contract, before)
         if retry_failed:  # not in the gap: the two never count a ref twice
-            failed = store.iter_failed_refs(chain_id, contract)
-            gap = itertools.chain(gap, ((ref.block_number, 1) for ref in failed))
-        for block, n in gap:
+            seen = failed_before.setdefault(chain_id, set())
+            failed = list(store.iter_failed_refs(chain_id, contract))
+            gap = itertools.chain(gap, [(ref.block_number, 1, int(ref.tx_hash in seen)) for ref in failed])
+            seen.update(ref.tx_hash for ref in failed)
+        for block, n, counted_above in gap:
             missing += n
+            shared += counted_above
+            if n == counted_above:
+                continue
             if block is None:
-                unknown += n
+                unknown += n - counted_above
             else:
-                per_block[block] += n
+                per_block[block] += n - counted_above
         threshold = plan.block_plan_min_refs if plan.calls_metered else plan.block_plan_min_refs_free
         calls = 2 * unknown
         pb_refs = blocks = 0
@@ -69,5 +81,5 @@ def estimate(
                 calls += 2 * n
         secs = calls / rps_total if rps_total else None
         rows.append(DryRunRow(chain_id, contract, missing, math.ceil(missing / batch_size), pb_refs, blocks,
-                              calls, secs))  # fmt: skip
+                              calls, secs, shared))  # fmt: skip
     return rows

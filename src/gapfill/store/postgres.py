@@ -590,6 +590,7 @@ class PostgresStore(Store):
     #: neither analyzed, it checked each ref against every failure record (1M refs, 3,000
     #: records: 72 s to count a gap).
     _GAP_WHERE = gap_where(" OFFSET 0")
+    _FENCE = " OFFSET 0"
     #: The refs of permanent failure records (see :data:`_REFS_OF_RECORD`), and how many per
     #: contract (``status``).
     _FAILED_REFS = failed_refs_sql(_REFS_OF_RECORD, " OFFSET 0")

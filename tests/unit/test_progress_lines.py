@@ -395,6 +395,32 @@ def test_a_ctrl_c_as_a_concurrent_run_starts_says_what_it_leaves(
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize(("grace_s", "said"), [
+    (0.0, "the workers are stopped now and give their batches in flight back"),
+    (0.4, "workers have 0.4s to finish"),
+    (30.0, "workers have 30s to finish"),
+])  # fmt: skip
+def test_a_ctrl_c_says_the_grace_period_as_given(grace_s: float, said: str) -> None:
+    # --grace-period 0 said "workers have 0s to finish", and 0.4 the same.
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2, plan_new=True,
+                    grace_period_s=grace_s)  # fmt: skip
+    coordinator = Coordinator(job, seen.append)
+    coordinator.planned = coordinator.spawning = True
+    try:
+        coordinator._on_signal(2, None)
+        coordinator._say_unsaid()
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert [e.text for e in seen if isinstance(e, Notice)] == [
+        f"stopping: no new batches; {said} (Ctrl+C again to stop at once)"]
+
+
+@pytest.mark.timeout(10)
 def test_a_ctrl_c_that_lands_while_a_line_is_written_is_said_after_it() -> None:
     # The coordinator's handler said "stopping: ..." itself. A handler runs between two
     # bytecodes of the main thread, here inside the write of a progress line to standard

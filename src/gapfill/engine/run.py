@@ -985,9 +985,12 @@ class Coordinator:
             if not self.slots and not self.spawning:  # still starting: no worker to give a grace period to
                 self._unsaid.append(None)  # worded when said: a plan being written gets committed
                 return
-            self._unsaid.append(Notice(f"stopping: no new batches; workers have "
-                                       f"{self.job.grace_period_s:.0f}s to finish (Ctrl+C again to stop "
-                                       "at once)"))  # fmt: skip
+            grace = self.job.grace_period_s
+            # --grace-period 0: the workers get SIGTERM at once ("have 0s to finish" said it
+            # as a wait); a fraction of a second is said as given, not rounded to 0.
+            given = ("the workers are stopped now and give their batches in flight back" if grace <= 0
+                     else f"workers have {grace:g}s to finish")  # fmt: skip
+            self._unsaid.append(Notice(f"stopping: no new batches; {given} (Ctrl+C again to stop at once)"))
         else:
             if self.stopping_at != -1.0 and self.slots:
                 self._unsaid.append(Notice("stopping at once: the workers are killed; their batches go "

@@ -443,6 +443,14 @@ def _open(job: EnrichJob, emit: Emit) -> Store:
                       app=_app(job))
 
 
+def _as_recorded(measured_s: float, recorded_s: float) -> float:
+    """The run's duration as its summary says it: the one its row records, from which
+    ``gapfill runs`` works out its rate (measured here apart, the two rates differed:
+    2,493.0 against 2,493.1 tx/s). ``measured_s`` where the database's clock gives none
+    (it stepped back between the run's start and end)."""
+    return recorded_s if recorded_s > 0 else measured_s
+
+
 def _release_dead_local_owners(store: Store, emit: Emit) -> None:
     for pid, n in store.release_dead_local_owners().items():
         emit(Notice(f"took back {n} lease(s) of a dead local worker (pid {pid})"))
@@ -506,7 +514,8 @@ def run_in_process(
                 finish_left_redecodes(store, run_id, emit)
             fill_block_numbers(store, job.targets)
         secs = time.perf_counter() - t0
-        processed, failed, calls = store.finish_run(run_id, state, totals_box.get("calls", 0))
+        processed, failed, calls, recorded = store.finish_run(run_id, state, totals_box.get("calls", 0))
+        secs = _as_recorded(secs, recorded)
         permanent = permanent_failures(store, job.targets)
         behind, head = refs_beyond_head(store, job.targets)
         seq = recorded_sequential_rate(store, rate_limit(job)) if not sequential else None
@@ -1277,7 +1286,9 @@ class Coordinator:
             processed, failed, calls, _, _ = self.totals()
             if run_id:
                 with contextlib.suppress(GapfillError):  # else the events' count stands
-                    processed, failed, calls = store.finish_run(run_id, state, self.own_calls, note=why)
+                    processed, failed, calls, recorded = store.finish_run(run_id, state, self.own_calls,
+                                                                          note=why)  # fmt: skip
+                    secs = _as_recorded(secs, recorded)
             permanent, behind, head, nothing_left = 0, 0, None, False
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -383,6 +383,17 @@ class RunInfo:
         if self.finished_at is None or self.finished_at <= self.started_at:
             return None
         return self.processed / (self.finished_at - self.started_at)
+
+
+class RunTotals(NamedTuple):
+    """What :meth:`Store.finish_run` recorded of a run: its counts, and its duration from
+    its row's start to the end just written, the one ``gapfill runs`` divides by
+    (:attr:`RunInfo.rate`), so that the run's summary says the same rate."""
+
+    processed: int
+    failed: int
+    calls: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -1309,21 +1320,25 @@ class Store(abc.ABC):
 
     def finish_run(
         self, run_id: int, state: str, more_calls: int = 0, note: str | None = None
-    ) -> tuple[int, int, int]:
+    ) -> RunTotals:
         """Record how a run ended, adding ``more_calls`` (those no write of the run counted
         yet) to its calls; ``note`` (why it failed, say) replaces the run's note. Returns its
-        processed, failed and calls, which its writes kept (``counts_for_run``)."""
+        processed, failed and calls, which its writes kept (``counts_for_run``), and its
+        recorded duration."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
                 self._sql(
                     "UPDATE runs SET finished_at = ?, state = ?, rpc_calls = rpc_calls + ?, "
-                    "note = COALESCE(?, note) WHERE run_id = ? RETURNING processed, failed, rpc_calls"
+                    "note = COALESCE(?, note) WHERE run_id = ? "
+                    "RETURNING processed, failed, rpc_calls, started_at"
                 ),
                 (now, state, more_calls, note, run_id),
             )
             row = cur.fetchone()
-            return (0, 0, 0) if row is None else (int(row[0]), int(row[1]), int(row[2]))
+            if row is None:
+                return RunTotals(0, 0, 0, 0.0)
+            return RunTotals(int(row[0]), int(row[1]), int(row[2]), now - float(row[3]))
 
     def add_run_calls(self, calls: int) -> None:
         """Add ``calls`` to the calls of the run of ``counts_for_run`` (a worker's calls since

@@ -371,6 +371,8 @@ def test_connection_dropped_inside_the_lease_call(
     assert rc == 0, out
     # The worker itself reconnected: it was not replaced by a restart.
     assert "restarted" not in out and "worker restart" not in out, out
+    # Said as a lost connection, not as a URL to fix (it had worked).
+    assert "lost the connection to PostgreSQL at 127.0.0.1:" in out and "fix --db" not in out, out
     assert_exact(pg_url, node_chain, truth, seeded)
     assert_leases_never_overlapped(pg_url)
 

@@ -117,3 +117,26 @@ def test_processes_share_one_budget(tmp_path: Path) -> None:
         window = [s for s in stamps[i:] if s < t + 1.0]
         if t > start + 1.0:
             assert 5 * len(window) <= rps + 5
+
+
+def test_the_default_budget_folder_is_the_users_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # One /tmp/gapfill-budgets for every user of the host: the first made it mode 755 and
+    # the others could not create their buckets in it.
+    from gapfill.rpc.budget import BUDGET_DIR_ENV, default_budget_dir
+
+    monkeypatch.delenv(BUDGET_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert default_budget_dir().endswith(f"gapfill-budgets-{os.getuid()}")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_budget_dir() == str(tmp_path / "gapfill-budgets")
+    monkeypatch.setenv(BUDGET_DIR_ENV, str(tmp_path / "mine"))
+    assert default_budget_dir() == str(tmp_path / "mine")  # one user's processes share it as told
+
+
+def test_a_budget_folder_it_cannot_use_is_one_sentence_at_once(tmp_path: Path) -> None:
+    # It was an OSError at the first call of a run: "internal error (ExceptionGroup ...)".
+    from gapfill.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="set GAPFILL_BUDGET_DIR to a folder this user can write to"):
+        SharedBudget(URL, 10, budget_dir=str(tmp_path / "a-file" / "budgets"))

@@ -27,6 +27,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from gapfill.errors import ConfigError
+
 _LAYOUT = struct.Struct("<dddddd")  # tokens, refilled_at, factor, cut_at, paused_until, spare
 _MIN_FACTOR = 0.05
 _INCREASE_STEP = 0.02  # of the configured rate, per successful request
@@ -40,7 +42,16 @@ LEARNED_CAP_TTL_S = 24 * 3600.0
 
 
 def default_budget_dir() -> str:
-    return os.environ.get(BUDGET_DIR_ENV) or os.path.join(tempfile.gettempdir(), "gapfill-budgets")
+    """``GAPFILL_BUDGET_DIR``, else a folder of this user's: ``$XDG_RUNTIME_DIR/gapfill-budgets``
+    or ``gapfill-budgets-<uid>`` in the temporary folder. One folder for every user of the
+    host was created by the first (mode 755), and the others could not write their buckets."""
+    configured = os.environ.get(BUDGET_DIR_ENV)
+    if configured:
+        return configured
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return os.path.join(runtime, "gapfill-budgets")
+    return os.path.join(tempfile.gettempdir(), f"gapfill-budgets-{os.getuid()}")
 
 
 def budget_path(url: str, budget_dir: str | None = None, suffix: str = "bucket") -> str:
@@ -69,7 +80,7 @@ def write_learned_cap(url: str, cap: int, refused: int, budget_dir: str | None =
     """Remember what :func:`read_learned_cap` reads (best effort: written whole or not)."""
     path = budget_path(url, budget_dir, "cap")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cap-")
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(f"{cap} {refused} {time.time():.3f}\n")
@@ -112,11 +123,19 @@ class SharedBudget:
         self._fd: int | None = None
         #: The shared AIMD factor as last seen by this process.
         self.last_factor = 1.0
+        self._open()  # a folder it cannot use is said now, not by the first call of a run
 
     def _open(self) -> int:
         if self._fd is None:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            folder = os.path.dirname(self.path)
+            try:
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot keep the rate budget in {folder} ({exc.strerror or exc}): set "
+                    f"{BUDGET_DIR_ENV} to a folder this user can write to"
+                ) from exc
         return self._fd
 
     def close(self) -> None:

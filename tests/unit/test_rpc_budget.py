@@ -119,6 +119,86 @@ def test_processes_share_one_budget(tmp_path: Path) -> None:
             assert 5 * len(window) <= rps + 5
 
 
+# -- a rate learned from 429s (no --rps) -------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _learn(limit: float, seconds: float = 60.0, first_batch: int = 100) -> tuple[float, float, int]:
+    """A client learning ``limit`` from a provider whose bucket holds one second of it, one
+    request at a time (10 ms each) on a fake clock, starting with a batch of ``first_batch``
+    calls, as the endpoint does (half a second's calls a batch). Returns the learned rate,
+    the calls accepted per second, and the requests refused."""
+    from gapfill.rpc.budget import AcceptedCalls, LearnedBudget
+
+    clock = _Clock()
+    start = clock.t
+    accepted = AcceptedCalls(clock)
+    provider = [limit, clock.t]  # tokens, refilled at
+
+    def take(calls: int) -> bool:
+        provider[0] = min(limit, provider[0] + (clock.t - provider[1]) * limit)
+        provider[1] = clock.t
+        if provider[0] >= calls:
+            provider[0] -= calls
+            return True
+        return False
+
+    learned: LearnedBudget | None = None
+    ok = refused = 0
+    calls = first_batch
+    while clock.t - start < seconds:
+        if learned is not None:
+            calls = max(1, min(first_batch, int(learned.rps * 0.5)))
+            clock.t += learned.reserve(calls)
+        clock.t += 0.01
+        if take(calls):
+            accepted.add(calls)
+            ok += calls
+            if learned is not None:
+                learned.grow()
+        else:
+            refused += 1
+            if learned is None:
+                learned = LearnedBudget(max(accepted.rate(), calls / 2), accepted, clock)
+            else:
+                learned.cut()
+    assert learned is not None
+    return learned.rps, ok / seconds, refused
+
+
+@pytest.mark.parametrize("limit", [2.0, 5.0, 10.0, 50.0, 200.0])
+def test_a_learned_rate_settles_near_the_providers_limit(limit: float) -> None:
+    # The first rate was half the calls *sent* when the first 429 came (refused ones
+    # included: "about 402 calls/s" for a 50 calls/s provider), halved per 429 and grown
+    # by 3 % a request: a run reached about 60 % of the limit. Limits under 10 calls/s
+    # were never learned at all, so a batch above a small bucket was refused forever.
+    rate, took, refused = _learn(limit)
+    assert 0.85 * limit <= took <= 1.1 * limit, (rate, took, refused)
+    assert 0.8 * limit <= rate <= 1.3 * limit, (rate, took, refused)
+    assert refused <= 30, (rate, took, refused)  # a 429 every few seconds, not a storm
+
+
+def test_a_learned_rate_is_what_the_provider_accepted_not_what_was_sent() -> None:
+    from gapfill.rpc.budget import AcceptedCalls
+
+    clock = _Clock()
+    accepted = AcceptedCalls(clock)
+    clock.t += 3.0
+    for _ in range(20):  # 50 calls/s accepted for two seconds
+        accepted.add(5)
+        clock.t += 0.1
+    assert 45 <= accepted.rate() <= 55
+    clock.t += 5.0
+    assert accepted.rate() == 0.0  # old answers do not count
+
+
 def test_the_default_budget_folder_is_the_users_own(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # One /tmp/gapfill-budgets for every user of the host: the first made it mode 755 and
     # the others could not create their buckets in it.

@@ -1189,7 +1189,32 @@ def test_info_logs_batch_size_growth_and_rate_limits_with_the_wait(
     assert said[:2] == [f"RPC endpoint {shown} refused a batch of 50 calls; batches now hold 25",
                         f"RPC endpoint {shown} took {GROW_AFTER_SUCCESSES} batches of 25 calls; batches now "
                         "hold 26"], said  # fmt: skip
-    assert said[2].startswith(f"RPC endpoint {shown} rate limited 1 call(s): pausing 2.0 s (Retry-After); "
+    # It had answered 25 calls a request: a rate is learned (even under 10 calls/s now).
+    assert said[2].startswith(f"RPC endpoint {shown} rate limits: it accepted "), said
+    assert said[3].startswith(f"RPC endpoint {shown} rate limited 1 call(s): pausing 2.0 s (Retry-After); "
                               ), said  # fmt: skip
-    assert said[3].startswith(f"RPC endpoint {shown} rate limited 1 call(s); now sending "), said
+    assert said[4].startswith(f"RPC endpoint {shown} rate limited 1 call(s); now sending "), said
     assert KEY not in caplog.text
+
+
+def test_the_first_learned_rate_counts_calls_accepted_not_calls_refused(tmp_path: Any) -> None:
+    # A first round of eight 100-call batches, all refused by a 50 calls/s provider: the
+    # old estimate took half the calls *sent* ("about 402 calls/s", then 151 calls/s and a
+    # storm of halvings); none were accepted, so the refused request's half is the guess.
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), settings(tmp_path), "e0")
+    for _ in range(8):
+        endpoint.record_rate_limited(None, count=1, refused_calls=100)
+    assert endpoint.rate_rps() == 50.0
+    assert endpoint.cap() == 25  # half a second of it: a batch passes with the bucket not full
+
+
+@pytest.mark.parametrize("limit", [1, 3, 5, 9])
+def test_a_small_rate_limit_is_learned_and_the_batches_follow_it(tmp_path: Any, limit: int) -> None:
+    # Refusals under 10 calls/s were never learned: a batch above a free tier's per-second
+    # bucket (5 calls/s) was sent again as it was, refused each time.
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/", max_batch=20), settings(tmp_path), "e0")
+    endpoint.record_accepted(limit)  # what it took in the last second
+    endpoint.record_rate_limited(None, count=1, refused_calls=2 * limit)
+    rate = endpoint.rate_rps()
+    assert rate is not None and 1.0 <= rate <= limit
+    assert endpoint.cap() <= max(1, limit // 2)

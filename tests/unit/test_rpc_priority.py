@@ -95,10 +95,11 @@ async def test_with_a_rate_learned_from_a_429_the_earlier_batchs_requests_go_fir
     assert asked == (["b0", "a0", "a1", "a2", "b1", "b2"], True)
 
 
-async def test_a_429_that_teaches_no_rate_keeps_the_arrival_order(tmp_path: Path) -> None:
-    # A trickle refused (5 calls in 2 s) is not a limit to learn: calls are not metered.
+async def test_a_429_under_ten_calls_a_second_teaches_a_rate_too(tmp_path: Path) -> None:
+    # A trickle refused (5 calls in 2 s) was not learned as a limit, so a free tier's
+    # 5 calls/s was never respected; it is metered now, as any learned rate.
     asked = await requests_of_two_batches(tmp_path, rps=None, before=5, refused=True)
-    assert asked == (["b0", "b1", "b2", "a0", "a1", "a2"], False)
+    assert asked == (["b0", "a0", "a1", "a2", "b1", "b2"], True)
 
 
 def queue_for(slots: PrioritySlots, priorities: list[int], order: list[int]) -> list[asyncio.Task[None]]:

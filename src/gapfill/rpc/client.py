@@ -778,7 +778,8 @@ class RpcClient:
                 again.extend(too_large)
         if rate_limited:
             hint = max((v.retry_after_s or 0.0 for v in rate_limited), default=0.0)
-            self._rate_limited(endpoint, hint or None, len(rate_limited))
+            endpoint.record_accepted(len(by_id) - len(rate_limited))
+            self._rate_limited(endpoint, hint or None, len(rate_limited), len(by_id))
         elif answered:
             endpoint.record_success(len(by_id))
         return again
@@ -815,7 +816,7 @@ class RpcClient:
             endpoint.shrink_batch(len(chunk), message=verdict.message)
             return list(chunk)
         if verdict.fault is Fault.RATE_LIMITED:
-            self._rate_limited(endpoint, verdict.retry_after_s, 1)
+            self._rate_limited(endpoint, verdict.retry_after_s, 1, len(chunk))
         else:
             endpoint.record_failure(verdict.message)
             if verdict.auth_refused and pin is None:
@@ -829,8 +830,10 @@ class RpcClient:
             i for i in chunk if self._settle_item(endpoint, i, items[i], verdict, results, pin)
         ]
 
-    def _rate_limited(self, endpoint: Endpoint, retry_after_s: float | None, count: int) -> None:
-        endpoint.record_rate_limited(retry_after_s, count=count)
+    def _rate_limited(
+        self, endpoint: Endpoint, retry_after_s: float | None, count: int, calls: int
+    ) -> None:
+        endpoint.record_rate_limited(retry_after_s, count=count, refused_calls=calls)
         if endpoint.rate_rps() is not None:
             # It learned a rate: its calls are metered from now on, and a worker's batches
             # in flight, served in arrival order, would share it evenly and finish late

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gapfill.redact import redact_url
-from gapfill.rpc.budget import LearnedBudget, SharedBudget, read_learned_cap, write_learned_cap
+from gapfill.rpc.budget import AcceptedCalls, LearnedBudget, SharedBudget, read_learned_cap, write_learned_cap
 from gapfill.rpc.config import EndpointConfig, RpcSettings
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,10 @@ LATENCY_WEIGHT = 0.3
 #: unmeasured, so one that was slow once (a hiccup, a timeout) is tried again later.
 LATENCY_HALF_LIFE_S = 30.0
 _SET_ASIDE_FIRST_S = 1.0
-#: An endpoint without a configured rate learns one from a 429 only above this rate.
-_LEARN_FROM_RPS = 10.0
+#: Under a rate learned from 429s a batch holds at most this many seconds of it: the
+#: learned rate is near the limit, and a batch of a full second's calls passes only when
+#: the provider's bucket (about a second) is full to the last token.
+LEARNED_BATCH_S = 0.5
 _NAMED_LIMIT = re.compile(r"(?:limit|max(?:imum)?|at most|up to)\D{0,24}?(\d+)", re.IGNORECASE)
 _SET_ASIDE_MAX_S = 30.0
 #: Recent requests whose outcome decides whether failures in a row mean "down": an
@@ -110,11 +112,10 @@ class Endpoint:
         self.concurrency = float(settings.max_in_flight)
         self.in_flight = 0
         self._gate = asyncio.Condition()
-        self._last_cut = 0.0
         self.paused_until = 0.0  # Retry-After for endpoints without a shared budget
         # Endpoints without a configured rate learn one from their first 429.
         self.learned: LearnedBudget | None = None
-        self._sent: deque[tuple[float, int]] = deque(maxlen=256)
+        self._accepted = AcceptedCalls()
         # Health: a breaker that sets the endpoint aside, doubling the time.
         self.consecutive_failures = 0
         self._outcomes: deque[bool] = deque(maxlen=_OUTCOMES)  # True: the request succeeded
@@ -201,7 +202,7 @@ class Endpoint:
         rate however long the client waits (it sent 100-call batches at 6 calls/s, all
         refused, and the run never moved)."""
         if self.learned is not None:
-            return max(1, min(self.batch_cap, int(self.learned.rps)))
+            return max(1, min(self.batch_cap, int(self.learned.rps * LEARNED_BATCH_S)))
         return self.batch_cap
 
     # -- admission ---------------------------------------------------------------------
@@ -227,7 +228,6 @@ class Endpoint:
                 except asyncio.CancelledError:
                     await self.release()
                     raise
-            self._sent.append((time.monotonic(), calls))
             return
         self.in_flight += 1
         wait = self.budget.reserve(calls)
@@ -265,6 +265,11 @@ class Endpoint:
         self.bytes_in += bytes_in
         self.latencies.append(latency_s)
 
+    def record_accepted(self, calls: int) -> None:
+        """``calls`` calls of a request were answered, not refused by a rate limit."""
+        if self.budget is None and calls > 0:
+            self._accepted.add(calls)
+
     def record_success(self, batch_size: int) -> None:
         """A request came back as a well-formed JSON-RPC reply."""
         if self._set_aside:
@@ -274,6 +279,7 @@ class Endpoint:
         self._outcomes.append(True)
         self._set_aside_s = _SET_ASIDE_FIRST_S
         self._largest_ok = max(self._largest_ok, batch_size)
+        self.record_accepted(batch_size)
         if batch_size >= self.batch_cap:
             self._successes_at_cap += 1
             if (
@@ -320,7 +326,12 @@ class Endpoint:
                 self.shown, pause, self.consecutive_failures, message,
             )
 
-    def record_rate_limited(self, retry_after_s: float | None, count: int = 1) -> None:
+    def record_rate_limited(
+        self, retry_after_s: float | None, count: int = 1, refused_calls: int | None = None
+    ) -> None:
+        """``count`` refusals (a 429, or items answered with a rate-limit error) of a request
+        of ``refused_calls`` calls (``count`` when not said)."""
+        refused_calls = count if refused_calls is None else refused_calls
         self.rate_limited += count
         now = time.monotonic()
         if self.budget is not None:
@@ -331,19 +342,18 @@ class Endpoint:
         else:
             if retry_after_s:
                 self.paused_until = max(self.paused_until, now + retry_after_s)
-            recent = sum(n for at, n in self._sent if at >= now - 2.0) / 2.0
-            if self.learned is None:
-                # A trickle refused is not a limit to learn (a shared key, a quota): the
-                # pause or the items' backoff is enough.
-                if recent >= _LEARN_FROM_RPS:
-                    self.learned = LearnedBudget(recent * 0.5)
-                    self._last_cut = now
-                    logger.info("RPC endpoint %s rate limits at about %.0f calls/s; "
-                                "sending %.0f calls/s", self.shown, recent, self.learned.rps)
-            elif now - self._last_cut >= 1.0:
+            accepted = self._accepted.rate()
+            if self.learned is None and (refused_calls > 1 or accepted >= 1.0):
+                # What it accepted per second is its limit; with less than half the refused
+                # request accepted (a first round of batches above its bucket), half of that.
+                # One call refused before any was answered says no rate (a quota, a pause):
+                # the Retry-After or the call's backoff is the answer to it.
+                self.learned = LearnedBudget(max(accepted, refused_calls / 2), self._accepted)
+                logger.info("RPC endpoint %s rate limits: it accepted %.0f calls/s and refused a "
+                            "request of %d; sending %.0f calls/s", self.shown, accepted,
+                            refused_calls, self.learned.rps)  # fmt: skip
+            elif self.learned is not None:
                 self.learned.cut()
-                self.concurrency = max(1.0, self.concurrency / 2)
-                self._last_cut = now
             if logger.isEnabledFor(logging.INFO):
                 pause = self.paused_until - now
                 logger.info("RPC endpoint %s rate limited %d call(s)%s; %s, %.1f requests at a time",

@@ -226,3 +226,18 @@ def test_emulator_runs_as_a_process(reference: Reference) -> None:
         process.terminate()
         process.communicate(timeout=10)
     assert process.returncode == 0
+
+
+async def test_a_small_rate_limit_is_learned_without_rps(reference: Reference, tmp_path: Any) -> None:
+    """A free tier (3 calls/s) and an 8-call batch, no --rps: the client learns a rate from
+    the first refusal (the old estimate needed 10 calls/s sent, and learned only from the
+    retries, some runs 1.7 calls/s after 5 refusals), its batches follow it, every call is
+    answered, and the 429s stay few."""
+    calls = [Call("eth_getTransactionByHash", [h]) for h in reference.chain.all_txs[:8]]
+    async with ProviderEmulator(reference.url, EmulatorConfig(rps=3.0)) as emu:
+        async with RpcClient([EndpointConfig(emu.url, max_batch=8)], settings(tmp_path)) as client:
+            results = await client.call_many(calls)
+            learned = client._endpoints[0].rate_rps()
+        assert all(isinstance(r, dict) for r in results), results
+        assert emu.stats.responses_429 <= 4, emu.stats.as_dict()
+    assert learned is not None and 2.0 <= learned <= 6.0, learned

@@ -654,6 +654,27 @@ async def test_a_rate_limit_smaller_than_a_batch_shrinks_the_batches(
     assert any(1 < n <= 30 for n in sizes)
 
 
+@pytest.mark.timeout(60)
+async def test_a_configured_rate_above_the_providers_shrinks_the_batches_too(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # With --rps set above what the provider takes, 429s cut the rate (rate_factor) but the
+    # batch stayed at int(--rps): every 40-call batch of a provider that refuses batches over
+    # 30 was refused, and the run never moved.
+    def bucket(node: FakeNode, body: Any) -> web.Response:
+        if isinstance(body, list) and len(body) > 30:
+            return web.Response(status=429, headers={"Retry-After": "1"}, text="Too Many Requests")
+        return echo(node, body)
+
+    node = await make_node(bucket)
+    config = EndpointConfig(node.url, max_batch=40, rps=40.0)
+    async with RpcClient([config], settings(tmp_path)) as client:
+        results = await client.call_many([Call("echo", [i]) for i in range(80)])
+    assert results == list(range(80))
+    sizes = [len(b) for b in node.requests if isinstance(b, list)]
+    assert any(1 < n <= 30 for n in sizes), sizes
+
+
 # -- batch size -------------------------------------------------------------------------
 
 

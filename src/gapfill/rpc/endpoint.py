@@ -203,6 +203,11 @@ class Endpoint:
         refused, and the run never moved)."""
         if self.learned is not None:
             return max(1, min(self.batch_cap, int(self.learned.rps * LEARNED_BATCH_S)))
+        rps = self.config.rps
+        if rps is not None and self.rate_factor < 1.0:
+            # A configured rate above the provider's, cut by its 429s (rate_factor): the
+            # batch follows the rate in use, or every batch of int(--rps) calls is refused.
+            return max(1, min(self.batch_cap, int(rps * self.rate_factor)))
         return self.batch_cap
 
     # -- admission ---------------------------------------------------------------------

@@ -746,6 +746,24 @@ def test_batch_cap_grows_back_but_not_into_the_limit() -> None:
     assert endpoint.cap() == 30
 
 
+async def test_tokens_of_a_learned_rate_go_back_when_the_wait_for_them_is_cancelled() -> None:
+    # A request cancelled while it waited for the tokens of a rate learned from 429s (a
+    # sibling request failed and took its group down, or a Ctrl+C) kept them taken: the
+    # next requests waited for tokens nobody used. A configured rate's budget gave them back.
+    from gapfill.rpc.budget import AcceptedCalls, LearnedBudget
+
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
+    endpoint.learned = LearnedBudget(10.0, AcceptedCalls())
+    waiting = asyncio.create_task(endpoint.acquire(10))
+    await asyncio.sleep(0.05)  # it waits ~1 s for its 10 tokens at 10 calls/s
+    assert not waiting.done()
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert endpoint.in_flight == 0
+    assert endpoint.learned.reserve(1) < 0.2  # not the ~1 s the cancelled request took
+
+
 def test_a_flaky_endpoint_is_not_set_aside_a_dead_one_is() -> None:
     # Half its requests fail: three in a row now and then, but most recent ones succeed.
     flaky = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")

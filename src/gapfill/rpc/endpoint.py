@@ -224,13 +224,16 @@ class Endpoint:
                 await self._gate.wait_for(lambda: self.in_flight < max(1, int(self.concurrency)))
                 self.in_flight += 1
             pause = self.paused_until - time.monotonic()
-            if self.learned is not None:
-                pause = max(pause, self.learned.reserve(calls))
+            learned = self.learned  # its tokens go back if the wait is cancelled
+            if learned is not None:
+                pause = max(pause, learned.reserve(calls))
             if pause > 0:
                 try:
                     with chosen():
                         await asyncio.sleep(pause)
                 except asyncio.CancelledError:
+                    if learned is not None:
+                        learned.refund(calls)
                     await self.release()
                     raise
             return

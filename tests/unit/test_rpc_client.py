@@ -626,6 +626,18 @@ async def test_a_pause_holds_the_requests_back_off_the_outage_clock_and_silence_
     assert answered.is_set() and client.silent_s() < 0.05
 
 
+def refuses_batches_over(limit: int) -> Callable[[FakeNode, Any], web.Response]:
+    """A provider whose bucket holds about a second of calls: it answers 429 to every batch
+    of more than ``limit`` calls, however long the client waits."""
+
+    def bucket(node: FakeNode, body: Any) -> web.Response:
+        if isinstance(body, list) and len(body) > limit:
+            return web.Response(status=429, headers={"Retry-After": "1"}, text="Too Many Requests")
+        return echo(node, body)
+
+    return bucket
+
+
 @pytest.mark.timeout(60)
 async def test_a_rate_limit_smaller_than_a_batch_shrinks_the_batches(
     make_node: Any, tmp_path: Any
@@ -635,12 +647,7 @@ async def test_a_rate_limit_smaller_than_a_batch_shrinks_the_batches(
     # the rate it learned, or the run never moves (it sent 100-call batches at 6 calls/s).
     # Batches already cut at the old size when the rate was learned wait out the
     # Retry-After and their tokens: they must be cut again, not sent as they were.
-    def bucket(node: FakeNode, body: Any) -> web.Response:
-        if isinstance(body, list) and len(body) > 30:
-            return web.Response(status=429, headers={"Retry-After": "1"}, text="Too Many Requests")
-        return echo(node, body)
-
-    node = await make_node(bucket)
+    node = await make_node(refuses_batches_over(30))
     async with RpcClient([EndpointConfig(node.url, max_batch=40)], settings(tmp_path)) as client:
         in_flight = [client.call_many([Call("echo", [i]) for i in range(k, k + 40)])
                      for k in range(0, 160, 40)]
@@ -661,12 +668,7 @@ async def test_a_configured_rate_above_the_providers_shrinks_the_batches_too(
     # With --rps set above what the provider takes, 429s cut the rate (rate_factor) but the
     # batch stayed at int(--rps): every 40-call batch of a provider that refuses batches over
     # 30 was refused, and the run never moved.
-    def bucket(node: FakeNode, body: Any) -> web.Response:
-        if isinstance(body, list) and len(body) > 30:
-            return web.Response(status=429, headers={"Retry-After": "1"}, text="Too Many Requests")
-        return echo(node, body)
-
-    node = await make_node(bucket)
+    node = await make_node(refuses_batches_over(30))
     config = EndpointConfig(node.url, max_batch=40, rps=40.0)
     async with RpcClient([config], settings(tmp_path)) as client:
         results = await client.call_many([Call("echo", [i]) for i in range(80)])

@@ -58,9 +58,8 @@ def test_a_signal_as_a_run_records_its_end_leaves_it_recorded_as_it_ended(
         monkeypatch.setattr(Store, "finish_run", signalled)
     else:
         monkeypatch.setattr(gapfill.engine.run, "run_enrich", returned_signalled)
-    workers = ["--workers", "2"] if mode == "concurrent" else []
     term = signal.getsignal(signal.SIGTERM)
-    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    r = _enrich(base, mode)
     assert r.exit_code == 3, r.output  # complete, with permanent failures, as without the signal
     assert "Traceback" not in r.output and "interrupted" not in r.output, r.output
     assert "Run #2" in r.output, r.output
@@ -89,14 +88,19 @@ def test_a_second_signal_as_a_run_records_its_end_stops_it_with_one_line(
         raise AssertionError("not reached")
 
     monkeypatch.setattr(Store, "finish_run", signalled)
-    workers = ["--workers", "2"] if mode == "concurrent" else []
-    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    r = _enrich(base, mode)
     assert r.exit_code == 130, r.output
     assert r.output.count("interrupted") == 1, r.output
     assert r.output.strip().splitlines()[-1] == (
         "interrupted: what the run committed is kept; rerun the same command to continue where it stopped"
     ), r.output
     assert "Traceback" not in r.output and "not reached" not in r.output, r.output
+
+
+def _enrich(base: list[str], mode: str) -> Any:
+    """``gapfill ... enrich`` in ``mode`` (two workers in concurrent mode), through click."""
+    workers = ["--workers", "2"] if mode == "concurrent" else []
+    return CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
 
 
 def _ten_refs(db: str) -> None:
@@ -278,8 +282,7 @@ def test_a_signal_as_a_run_closes_its_database_leaves_the_exit_code_the_runs(
 
     monkeypatch.setattr(Store, "finish_run", finished)
     monkeypatch.setattr(SqliteStore, "close", signalled)
-    workers = ["--workers", "2"] if mode == "concurrent" else []
-    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    r = _enrich(base, mode)
     assert not ended, "the run's database was not closed"
     assert r.exit_code == 3, r.output
     assert "Traceback" not in r.output and "interrupted" not in r.output, r.output
@@ -329,8 +332,7 @@ def test_a_run_ended_by_an_exception_is_recorded_as_it_ended(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gapfill.engine.run, "_plan", plan)
-    workers = ["--workers", "2"] if mode == "concurrent" else []
-    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    r = _enrich(base, mode)
     assert "Traceback" not in r.output, r.output
     with open_store(db) as store:
         run = max(store.list_runs(), key=lambda run: run.run_id)
@@ -424,8 +426,7 @@ def test_a_database_failing_at_the_runs_end_does_not_hide_why_it_failed(
 
     monkeypatch.setattr(gapfill.engine.run, "_plan", plan)
     monkeypatch.setattr(Store, "fill_block_numbers", fill)
-    workers = ["--workers", "2"] if mode == "concurrent" else []
-    r = CliRunner().invoke(cli, [*base, "enrich", "--mode", mode, *workers])
+    r = _enrich(base, mode)
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output, r.output
     assert "the RPC node went away" in r.output and "database went away" not in r.output, r.output

@@ -278,7 +278,6 @@ class LearnedBudget:
         rps: float,
         accepted: AcceptedCalls,
         clock: Callable[[], float] = time.monotonic,
-        refused_rps: float = math.inf,
     ) -> None:
         self._clock = clock
         self.rps = max(rps, 1.0)
@@ -288,7 +287,7 @@ class LearnedBudget:
         self.cut_at = self.at
         self.cuts = 0
         #: The rate last refused: far below it the rate grows fast again.
-        self.refused_rps = refused_rps
+        self.refused_rps = math.inf
         self._set_rps = self.rps  # as first set or last cut: refusals at it teach nothing new
         self._bound_at = -1e9  # when a reserve last had to wait: the rate is what limits
         self._grown_at = self.at

@@ -429,9 +429,6 @@ class RpcClient:
         if method in endpoint.unsupported:
             return False
         out = await self._call_pinned(endpoint, method, params)
-        if isinstance(out, CallError) and method in endpoint.unsupported:
-            endpoint.unsupported.discard(method)
-            out = await self._call_pinned(endpoint, method, params)
         if isinstance(out, CallError):
             if method in endpoint.unsupported:
                 return False
@@ -730,7 +727,7 @@ class RpcClient:
                 verdict = Verdict(Fault.TRANSIENT, "the batch reply had no answer for this call")
             elif entry.get("error") is not None:
                 verdict = classify_error(entry["error"])
-                if verdict.fault is Fault.UNSUPPORTED and pin is None:
+                if verdict.fault is Fault.UNSUPPORTED:
                     verdict = self._believed(endpoint, item.call.method, verdict, sequence)
                 elif verdict.fault is Fault.PERMANENT:  # e.g. invalid params: the method exists
                     supported.add(item.call.method)

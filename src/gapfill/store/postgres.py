@@ -552,15 +552,15 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
             f"PostgreSQL at {where} rolled the change back because a concurrent one conflicted "
             f"with it ({msg}): nothing of it was written; run the command again"
         )
-    if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc) and connection != "first":
+    if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc):
+        if connection == "first":
+            return StoreError(
+                f"could not connect to PostgreSQL at {where} ({msg}): "
+                f"check that the server runs and fix {check}"
+            )
         what = (f"lost the connection to PostgreSQL at {where} ({msg})" if connection == "open"
                 else f"PostgreSQL at {where} is not answering now ({msg})")  # fmt: skip
         return StoreDropped(what, "check that the server runs, then run the command again")
-    if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc):
-        return StoreError(
-            f"could not connect to PostgreSQL at {where} ({msg}): "
-            f"check that the server runs and fix {check}"
-        )
     refused = _refused_by_server(exc, msg, url, check)
     if refused is not None:
         return refused

@@ -200,15 +200,15 @@ def _hint(exc: sqlite3.Error, check: str = DB_CHECK) -> str:
     """What to do about a failed write, for the errors a user can fix (``check``: where the
     database URL came from)."""
     text = str(exc).lower()
+    then = (f"(or move the database and set {check} to it), then rerun the same command: what was "
+            "committed is kept")  # fmt: skip
     if "disk is full" in text:
-        return (f"; free space on that disk (or move the database and set {check} to it), then rerun "
-                "the same command: what was committed is kept")  # fmt: skip
-    if getattr(exc, "sqlite_errorcode", 0) == sqlite3.SQLITE_IOERR_WRITE:
+        return f"; free space on that disk {then}"
+    if getattr(exc, "sqlite_errorcode", 0) == sqlite3.SQLITE_IOERR_WRITE:  # the extended code
         # A write the system refused: no space, or a file-size limit (EFBIG), which SQLite
         # does not tell apart from a failing disk.
         return ("; the disk may be full, or the file may have reached a file-size limit (ulimit -f): "
-                f"free space or raise the limit (or move the database and set {check} to it), then rerun "
-                "the same command: what was committed is kept")  # fmt: skip
+                f"free space or raise the limit {then}")  # fmt: skip
     if "readonly" in text or "read-only" in text:
         return f"; the file or its folder is read-only: make it writable, or set {check} to another database"
     if "locked" in text or "busy" in text:

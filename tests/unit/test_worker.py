@@ -1035,6 +1035,24 @@ class DeadNode(StallingNode):
         raise ConnectionRefusedError(111, "Connection refused")
 
 
+class FreezingNode(StallingNode):
+    """A :class:`StallingNode` whose first request finds the process frozen (as by SIGSTOP)
+    for ``freeze_s`` while its reply is on its way: the loop is blocked, then wakes with
+    the reply ready and the worker's outage check due."""
+
+    def __init__(self, hashes: Sequence[str], freeze_s: float) -> None:
+        super().__init__(hashes, set())
+        self.freeze_s = freeze_s
+        self.frozen = False
+
+    async def post(self, url: str, body: bytes) -> Any:
+        if not self.frozen:
+            self.frozen = True
+            asyncio.get_running_loop().call_soon(time.sleep, self.freeze_s)
+            await asyncio.sleep(0.001)
+        return await super().post(url, body)
+
+
 def worker_on_node(store: Any, node: StallingNode, tmp_path: Path, rps: float | None = None,
                    events: list[Any] | None = None, **settings: Any) -> Worker:  # fmt: skip
     """A worker fetching through a real client from ``node`` (one call a request, per
@@ -1077,6 +1095,19 @@ def test_a_retry_after_pause_is_not_taken_for_a_dead_node(tmp_path: Path) -> Non
     counts = store.batch_counts()
     store.close()
     assert node.paused and totals.processed == 6 and (counts.done, counts.succeeded) == (1, 6)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_woken_from_a_pause_reads_its_replies_before_judging_the_node(tmp_path: Path) -> None:
+    # The process was frozen longer than --rpc-outage with a request in flight (SIGSTOP, a
+    # frozen VM). On waking, the loop ran the due outage check before the request read its
+    # reply: "no RPC node has replied for 1 s", although the node had answered.
+    store, hashes = six_refs_planned(tmp_path, "0x" + "ab" * 20)
+    node = FreezingNode(hashes, freeze_s=1.0)
+    totals = asyncio.run(worker_on_node(store, node, tmp_path, rpc_outage_s=0.2).run())
+    counts = store.batch_counts()
+    store.close()
+    assert node.frozen and totals.processed == 6 and (counts.done, counts.succeeded) == (1, 6)
 
 
 @pytest.mark.timeout(30)

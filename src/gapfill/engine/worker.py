@@ -201,6 +201,7 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
         self._outage: RpcError | None = None  # why the worker stops: no node replies, or none takes the key
+        self._silent_seen = False  # the previous outage check found no reply for rpc_outage_s
         self._tasks: set[asyncio.Task[None]] = set()  # the batch tasks
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
         self._lease_order = itertools.count(1)  # the batches' RPC priority: earlier first
@@ -328,11 +329,18 @@ class Worker:
         """True (and :attr:`_outage` set) once the client has spent ``rpc_outage_s`` trying to
         reach a node since any endpoint last replied, while batches wait on RPC. Its waits of
         its own choosing (a ``Retry-After`` pause, the rate budget's tokens, the backoff after
-        a rate-limited answer) do not count: the node did reply (:mod:`gapfill.rpc.waits`)."""
+        a rate-limited answer) do not count: the node did reply (:mod:`gapfill.rpc.waits`).
+
+        Two checks in a row must find it so. A process that was paused (SIGSTOP, a frozen
+        container or VM, a laptop asleep) finds, on waking, its requests' replies waiting in
+        its sockets, and this check due: the loop runs it before the requests read them, so
+        one check alone stopped a worker whose node had answered everything."""
         if not self._fetching or self._outage is not None:
+            self._silent_seen = False
             return False
         quiet = self.client.silent_s()
-        if quiet <= self.settings.rpc_outage_s:
+        if quiet <= self.settings.rpc_outage_s or not self._silent_seen:
+            self._silent_seen = quiet > self.settings.rpc_outage_s
             return False
         why = self.client.last_transport_error or "no reply"
         self._outage = RpcError(f"no RPC node has replied for {quiet:.0f} s (last: {why}): "

@@ -20,7 +20,7 @@ import pytest
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
 from gapfill.engine.worker import Worker, WorkerSettings, WorkerTotals
-from gapfill.errors import StoreError
+from gapfill.errors import StoreError, StoreRefused
 from gapfill.model import Batch, Contract, Enriched, Failure, Ref, TxRow
 from gapfill.store import GivenBack, Leased, open_store
 
@@ -42,6 +42,7 @@ class FakeStore:
         self.already = 0  # transactions of each batch another batch stored first
         self.run_calls = 0  # the RPC calls the writes added to the run's
         self.emptied = 0  # batches the next lease call closes, as if emptied meanwhile
+        self.refusal: StoreRefused | None = None  # what a failing call raises, if not a lost connection
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
         if not self._busy.acquire(blocking=False):
@@ -51,7 +52,7 @@ class FakeStore:
             self.calls.append(name)
             time.sleep(self.slow_s)
             if self.fail(name, args):
-                raise StoreError(f"{name}: the server closed the connection")
+                raise self.refusal or StoreError(f"{name}: the server closed the connection")
         finally:
             self._busy.release()
 
@@ -348,6 +349,19 @@ def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
     assert not left, f"batch tasks outlived the worker: {left}"
     # The three batches it held were given back, not left leased until they expire.
     assert store.state == {1: "pending", 2: "pending", 3: "pending"}
+
+
+@pytest.mark.timeout(30)
+def test_a_database_that_refuses_the_work_stops_the_worker_at_once() -> None:
+    # A read-only database, a full disk or a missing grant refuses every try alike: the
+    # worker retried the lease for the whole outage window before saying what to fix.
+    store = FakeStore(batches=100)
+    w = worker(store, FakeEnricher(delay_s=0.2), db_outage_s=0.5)
+    store.refusal = StoreRefused('PostgreSQL database "x" takes no writes', "point --db at the primary")
+    store.fail = lambda name, args: name == "lease" and store.next_id > 3
+    with pytest.raises(StoreRefused, match="takes no writes"):
+        asyncio.run(w.run())
+    assert store.calls.count("lease") == 4, store.calls  # three leased, then one refused
 
 
 @pytest.mark.timeout(30)

@@ -50,7 +50,7 @@ from gapfill.engine.events import (
     key_range,
 )
 from gapfill.enrich.fetch import Collector, Enricher
-from gapfill.errors import RpcError, StoreError
+from gapfill.errors import RpcError, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -523,7 +523,9 @@ class Worker:
         """A store call the worker cannot go on without: retried while the database is down.
 
         A dropped connection (a server restart, ``pg_terminate_backend``) raises once; the
-        store reconnects on its next call. The worker gives up after ``db_outage_s``. Once
+        store reconnects on its next call. The worker gives up after ``db_outage_s``, and at
+        once on a :class:`StoreRefused` (a read-only database, a full disk, a missing
+        grant): no wait lets it pass, and the user waited a minute for what to fix. Once
         the worker is :attr:`stopping` it does not wait for the database: ``stopping`` is
         returned (the leases left behind expire, or the coordinator gives them back).
         """
@@ -535,6 +537,8 @@ class Worker:
                 if self.stopping:
                     log.warning("database error while %s, stopping: %s", what, exc)
                     return stopping
+                if isinstance(exc, StoreRefused):  # no wait lets it pass: say what to fix now
+                    raise
                 now = time.monotonic()
                 if down_since is None:
                     down_since = now

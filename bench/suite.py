@@ -922,7 +922,9 @@ def machine() -> dict[str, Any]:
 
 def git_state() -> dict[str, Any]:
     def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+        # Only the line ends: a porcelain line starts with its status, " M" included.
+        out = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout
+        return out.rstrip("\n")
 
     return {
         "head": git("rev-parse", "HEAD"),

@@ -28,7 +28,7 @@ import click
 import orjson
 
 from gapfill import __version__
-from gapfill.cli_types import FiniteFloatRange, int_range
+from gapfill.cli_types import Age, FiniteFloatRange, int_range, said_age
 from gapfill.errors import ConfigError, GapfillError, Interrupted, RpcError, UnknownContractError
 from gapfill.model import Contract, ContractStatus, Ref
 from gapfill.redact import DbUrl, Secret, redact_text
@@ -1559,6 +1559,45 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
                    f"{r.processed:,} processed, {r.failed:,} failed, {counted(r.rpc_calls, 'call')}, "
                    f"{rate}" + (f" ({redact_text(r.note, *ctx.secrets())})"
                                 if r.note and r.state != "done" else ""))  # fmt: skip
+
+
+@cli.command()
+@click.option("--older-than", "older_than_s", type=Age(), default="30", show_default=True,
+              help="Prune plans last worked on longer ago than this: days (30), or 12h, 7d.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted, and delete nothing.")
+@pass_ctx
+def prune(ctx: Ctx, older_than_s: float, dry_run: bool) -> None:
+    """Delete finished plans (batches) and their lease events, once older than --older-than.
+
+    A plan goes once it is over: none of its batches pending or leased, the run that planned
+    it no longer running, and nothing done on it for --older-than. Open plans, and those of
+    runs still running, stay. The runs stay too: `gapfill runs` shows them with their counts,
+    which the runs table keeps."""
+    from gapfill.engine.prune import prune as prune_plans
+    from gapfill.store import Pruned
+
+    age = said_age(older_than_s)
+    store = ctx.store(read_only=dry_run)
+
+    def said(p: Pruned) -> str:
+        return (f"{counted(p.batches, 'batch', 'batches')} and {counted(p.events, 'lease event')} "
+                f"of {counted(p.plans, 'finished plan')} older than {age}")  # fmt: skip
+
+    so_far = Pruned()
+
+    def done(total: Pruned) -> None:
+        nonlocal so_far
+        so_far = total
+
+    ctx.kept = lambda: (f"pruned {said(so_far)}, each plan whole; run the same command again to prune "
+                        "the rest" if so_far.plans else "nothing was pruned")  # fmt: skip
+    pruned = prune_plans(store, older_than_s, dry_run=dry_run, done=done)
+    if not pruned.plans:
+        click.echo(f"nothing to prune: no finished plan older than {age}")
+    elif dry_run:
+        click.echo(f"would prune {said(pruned)} (dry run: nothing was deleted)")
+    else:
+        click.echo(f"pruned {said(pruned)}; the runs stay (`gapfill runs`)")
 
 
 class _WholeWrites(io.RawIOBase):

@@ -42,3 +42,32 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return v
+
+
+class Age(click.ParamType[float]):
+    """An age in seconds, given as days (``30``, ``1.5``) or with a unit: ``12h``, ``7d``."""
+
+    name = "age"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        number, unit = (text[:-1], text[-1]) if text[-1:] in ("d", "h") else (text, "")
+        try:
+            n = float(number)
+        except ValueError:
+            n = math.nan
+        if not math.isfinite(n) or n < 0 or not number.replace(".", "", 1).isdigit():
+            self.fail(f"{value!r} is not an age: give days (30), or hours or days with h or d (12h, 7d)",
+                      param, ctx)  # fmt: skip
+        return n * (3_600 if unit == "h" else 86_400)
+
+
+def said_age(seconds: float) -> str:
+    """An :class:`Age` as a sentence says it: ``30 days``, ``12 hours``, ``1.5 days``."""
+    if seconds % 86_400 == 0:
+        return f"{seconds / 86_400:,.0f} day" + ("" if seconds == 86_400 else "s")
+    if seconds % 3_600 == 0:
+        return f"{seconds / 3_600:,.0f} hour" + ("" if seconds == 3_600 else "s")
+    return f"{seconds / 86_400:,.4g} days"

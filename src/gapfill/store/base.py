@@ -464,6 +464,38 @@ class LeaseEvent:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class FinishedPlan:
+    """A plan that is over: the batches one run planned for one contract, none of them open,
+    with the lease events written for them (:meth:`Store.finished_plans`). Its batch ids lie
+    between ``lo`` and ``hi`` (a plan is written in one statement, so they are close)."""
+
+    run_id: int
+    chain_id: int
+    contract: str
+    batches: int
+    events: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What a prune deleted (or, in a dry run, would delete)."""
+
+    plans: int = 0
+    batches: int = 0
+    events: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(self.plans + other.plans, self.batches + other.batches, self.events + other.events)
+
+
+#: Of a plan's events (``e``), one written by run ``{run}``'s processes (their lease owners
+#: name it, :func:`owner_name`) or by its planning (``run N`` closed a batch, ``emptied``).
+_BY_RUN = "(e.owner LIKE '%/run{run}/%' OR e.owner LIKE '%/run{run}' OR e.owner = 'run {run}')"
+
+
 def _utc_text(at: Any) -> str:
     """A stored time as SQLite keeps it (``2026-11-29T06:00:00.123Z``): PostgreSQL's
     ``timestamptz`` comes back as a datetime."""
@@ -1913,6 +1945,78 @@ class Store(abc.ABC):
                 (batch_id, batch_id),
             )
             return [LeaseEvent(int(b), o, int(a), e, float(t)) for b, o, a, e, t in cur.fetchall()]
+
+    # -- pruning finished plans ----------------------------------------------------------
+
+    def finished_plans(self, older_than_s: float) -> list[FinishedPlan]:
+        """The plans that are over and were last worked on more than ``older_than_s`` ago, by
+        the lowest batch id: none of their batches is open (pending or leased: a done batch
+        never reopens), the run that planned them is not ``running`` and ended before then,
+        their last lease event is older, and no run still marked ``running`` wrote any of
+        their events (a run killed outright is dated by its last one when a later run marks
+        it, :meth:`_last_seen`). It reads every batch and lease event, once: a command's
+        housekeeping, not something a run does."""
+        with self._read() as cur:
+            cutoff = self._now(cur) - older_than_s
+            cur.execute("SELECT run_id FROM runs WHERE state = 'running'")
+            running = [int(r) for (r,) in cur.fetchall()]
+            # Run ids are integers: nothing in the patterns needs escaping.
+            busy = " OR ".join(_BY_RUN.format(run=r) for r in running) or "1 = 0"
+            cur.execute(
+                self._sql(f"""
+                SELECT p.run_id, p.chain_id, p.contract, p.batches, p.events, p.lo, p.hi FROM (
+                    SELECT b.run_id, b.chain_id, b.contract, count(DISTINCT b.batch_id) AS batches,
+                           count(e.event_id) AS events, min(b.batch_id) AS lo, max(b.batch_id) AS hi,
+                           max(e.at) AS last_at,
+                           max(CASE WHEN b.state IN ('pending', 'leased') THEN 1 ELSE 0 END) AS open_,
+                           max(CASE WHEN {busy} THEN 1 ELSE 0 END) AS busy
+                    FROM batches b LEFT JOIN lease_events e ON e.batch_id = b.batch_id
+                    GROUP BY b.run_id, b.chain_id, b.contract
+                ) p LEFT JOIN runs r ON r.run_id = p.run_id
+                WHERE p.open_ = 0 AND p.busy = 0 AND (p.last_at IS NULL OR p.last_at < ?)
+                  AND (r.run_id IS NULL OR (r.state <> 'running'
+                                            AND COALESCE(r.finished_at, r.started_at) < ?))
+                ORDER BY p.lo"""),
+                (cutoff, cutoff),
+            )  # fmt: skip
+            return [FinishedPlan(int(r), int(c), a, int(b), int(e), int(lo), int(hi))
+                    for r, c, a, b, e, lo, hi in cur.fetchall()]  # fmt: skip
+
+    def delete_plans(self, plans: Sequence[FinishedPlan]) -> Pruned:
+        """Delete the batches of ``plans`` (from :meth:`finished_plans`) and their lease
+        events, in one transaction: a plan goes whole or not at all. Removals and other prunes
+        wait (the removal lock: a removal locks a contract's batches, then deletes their
+        events, and a prune deleting events first deadlocked with it); nothing else writes a
+        done batch. A plan one of whose batches is open again is left (none can be)."""
+        if not plans:
+            return Pruned()
+        with self._tx() as cur:
+            self._removal_lock(cur)
+            wanted = {(p.run_id, p.chain_id, p.contract) for p in plans}
+            # One read of the batch ids the plans span (by primary key), kept to theirs.
+            cur.execute(
+                self._sql("SELECT batch_id, run_id, chain_id, contract, state FROM batches "
+                          "WHERE batch_id >= ? AND batch_id <= ?"),
+                (min(p.lo for p in plans), max(p.hi for p in plans)),
+            )  # fmt: skip
+            ids: dict[tuple[int, int, str], list[int]] = {}
+            reopened = set()
+            for b, r, c, a, state in cur.fetchall():
+                key = (int(r), int(c), a)
+                if key in wanted:
+                    ids.setdefault(key, []).append(int(b))
+                    if state in ("pending", "leased"):
+                        reopened.add(key)
+            doomed = [b for key, batch_ids in ids.items() if key not in reopened for b in batch_ids]
+            events = batches = 0
+            for i in range(0, len(doomed), 500):  # within any SQLite's limit of parameters
+                some = doomed[i:i + 500]
+                marks = ", ".join("?" for _ in some)
+                cur.execute(self._sql(f"DELETE FROM lease_events WHERE batch_id IN ({marks})"), some)
+                events += int(cur.rowcount)
+                cur.execute(self._sql(f"DELETE FROM batches WHERE batch_id IN ({marks})"), some)
+                batches += int(cur.rowcount)
+            return Pruned(len(ids) - len(reopened), batches, events)
 
     # -- reading rows back (tests, demo, status) -------------------------------------
 

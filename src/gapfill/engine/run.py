@@ -1408,8 +1408,8 @@ class Coordinator:
         those of the plan it joined, which keep the run id of the run that planned them:
         counting this run's ids said 0% all along after a rerun), or for `gapfill worker`
         those it did, of those and the ones still open. Only open batches are counted: the
-        done ones of earlier runs (never pruned) made a count per second grow with the
-        history, and a worker's total counted them all. A worker's total is not held at
+        done ones of earlier runs (kept until `gapfill prune`) made a count per second grow with
+        the history, and a worker's total counted them all. A worker's total is not held at
         the batches open when it joined: other runs' workers close some of them, and it
         ended short of 100% ("95/159"), its finished plan never said."""
         job = self.job

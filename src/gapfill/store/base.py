@@ -235,11 +235,12 @@ _LEASE_HELD = (
 #: ``batches_open_contract`` name them, word for word: every query over batches that runs
 #: per lease or per second says it (a leased-only one as well as its ``state = 'leased'``),
 #: so that it reads the open plan and never the done batches, which every run adds (2,000
-#: per million refs) and nothing prunes. SQLite uses a partial index only for a query whose
-#: WHERE has the index's term itself (``state = 'leased'`` alone did not count), and
-#: PostgreSQL without statistics took the contracts' index for a lease of two contracts and
-#: filtered the state. With 200,000 done batches and 2,000 open: a lease 15 ms on SQLite
-#: (0.4 now), 62 ms on PostgreSQL (1.2), the expiry check each second 13 ms on SQLite (0.01).
+#: per million refs) and only ``gapfill prune`` deletes, if anyone runs it. SQLite uses a
+#: partial index only for a query whose WHERE has the index's term itself (``state =
+#: 'leased'`` alone did not count), and PostgreSQL without statistics took the contracts'
+#: index for a lease of two contracts and filtered the state. With 200,000 done batches and
+#: 2,000 open: a lease 15 ms on SQLite (0.4 now), 62 ms on PostgreSQL (1.2), the expiry
+#: check each second 13 ms on SQLite (0.01).
 _OPEN = "state IN ('pending', 'leased')"
 
 

@@ -293,3 +293,29 @@ def test_older_than_takes_days_or_hours(sqlite_url: str, value: str, said: str) 
     assert run(sqlite_url, "contract", "add", OLD, "--chain-id", "1").exit_code == 0
     r = run(sqlite_url, "prune", "--older-than", value)
     assert (r.exit_code, r.stdout) == (0, f"nothing to prune: no finished plan older than {said}\n")
+
+
+def test_ctrl_c_during_a_prune_says_what_it_pruned(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gapfill.engine.prune as pruning
+
+    with open_store(sqlite_url) as s:
+        for i, c in enumerate((OLD, RECENT), 1):
+            finished_plan(s, c, 100 * i)
+        age(s, 40)
+    deleted = []
+    delete = Store.delete_plans
+
+    def then_ctrl_c(self: Store, plans: Any) -> Pruned:
+        if deleted:
+            raise KeyboardInterrupt
+        deleted.append(plans)
+        return delete(self, plans)
+
+    monkeypatch.setattr(pruning, "chunks", lambda plans, size: ([p] for p in plans))
+    monkeypatch.setattr(Store, "delete_plans", then_ctrl_c)
+    r = run(sqlite_url, "prune")
+    assert (r.exit_code, r.stdout, r.stderr) == (130, "", (
+        "interrupted: pruned 3 batches and 6 lease events of 1 finished plan older than 30 days, each "
+        "plan whole; run the same command again to prune the rest\n")), r.output  # fmt: skip
+    monkeypatch.undo()
+    assert run(sqlite_url, "prune").stdout.startswith("pruned 3 batches and 6 lease events of 1 finished")

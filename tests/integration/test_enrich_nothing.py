@@ -96,6 +96,43 @@ def test_permanent_failures_are_named_with_the_way_to_retry_them_and_exit_3(db_u
         assert store.count_permanent_failures(1, A) == 3
 
 
+def test_a_null_for_a_transaction_another_contract_stored_is_no_failure_on_record(db_url: str) -> None:
+    # A and B share transactions: B's batch stores them; A's, leased before, commits a null
+    # for one (a lagging backend), and on PostgreSQL a commit beside B's can leave such a
+    # record (written here). `status` said 0 failed, but every rerun of `enrich --contract A`
+    # exited 3 ("1 permanent failure on record") and `gapfill failures` listed it.
+    db = db_url
+    for address in (A, B):
+        assert run(db, "contract", "add", address, "--chain-id", "1").exit_code == 0
+        assert run(db, "import", "-", "--contract", address, input=f"{h(1)}\n{h(2)}").exit_code == 0
+    with open_store(db) as store:
+        store.plan(store.create_run("concurrent", 2), [(1, A), (1, B)], batch_size=10)
+        a, b = store.lease("wa", 300, [(1, A)]), store.lease("wb", 300, [(1, B)])
+        assert a is not None and b is not None
+        rows = [_row(1, 5), _row(2, 6)]
+        assert store.commit_batches([(b, Enriched(rows))]) == [2]
+        null = Failure(1, h(1), A, "not_found", "null")
+        assert store.commit_batches([(a, Enriched(failures=[null]))]) == [0]
+        with store._tx() as cur:  # type: ignore[attr-defined]
+            cur.execute(store._sql("INSERT INTO failures (chain_id, tx_hash, contract, reason) "  # type: ignore[attr-defined]
+                                   "VALUES (?, ?, ?, ?)"), (1, h(2), A, "not_found"))  # fmt: skip
+    said = f"nothing to enrich: every ref of {A} on chain 1 is stored\n"
+    r = run(db, "--rpc-url", UNREACHABLE, "enrich", "--contract", A)
+    assert (r.exit_code, r.stderr) == (0, said), r.output + r.stderr
+    for args in (["--contract", A], []):
+        assert run(db, "failures", *args).stdout == "no failures\n"
+        assert orjson.loads(run(db, "failures", "--json", *args).stdout) == []
+    assert [c["failed"] for c in orjson.loads(run(db, "status", "--json").stdout)] == [0, 0]
+
+
+def _row(i: int, block: int) -> Any:
+    """A stored transaction ``h(i)`` in ``block``."""
+    from gapfill.model import TxRow
+
+    return TxRow(1, h(i), block, "0x" + "00" * 32, 0, None, "0x" + "11" * 20, A, 0, "0x", 0, 21_000, None,
+                 None, None, 2, 1, None, 21_000, 21_000, None, None)  # fmt: skip
+
+
 #: ``gapfill enrich`` in a process that says, as it exits, which of the RPC stack's modules it loaded.
 _ENRICH_THEN_MODULES = """
 import atexit, sys

@@ -1056,6 +1056,97 @@ def test_a_failure_is_seen_and_retried_through_every_contract_tracking_its_trans
     assert store.list_failures() == []
 
 
+def _shared_batches(store: Store, shared: list[str], own: list[str]) -> tuple[Batch, Batch]:
+    """C and D both track the transactions ``shared``, C alone ``own``: a batch of each,
+    both leased (C's first) and counted for one run."""
+    store.add_contract(Contract(1, D))
+    store.add_refs([Ref(1, k, x, 5) for k in (C, D) for x in shared] + [Ref(1, C, x, 5) for x in own])
+    run = store.create_run("concurrent", 2)
+    store.plan(run, [(1, C), (1, D)], batch_size=10)
+    store.counts_for_run = run
+    bc, bd = store.lease("wc", 300, [(1, C)]), store.lease("wd", 300, [(1, D)])
+    assert bc is not None and bd is not None
+    return bc, bd
+
+
+def _says_no_failure_of(store: Store, stored: list[str]) -> None:
+    """Nothing that reads failure records names one of ``stored``, whose transactions are."""
+    for contract in (C, D):
+        assert not {f.tx_hash for f, _ in store.list_failures(1, contract)} & set(stored)
+        assert store.count_beyond_head(1, contract) == (0, None)
+    assert not {f.tx_hash for f, _ in store.list_failures()} & set(stored)
+    assert {s.address: s.failed for s in store.status()} == {C: 1, D: 0}
+    assert store.count_gap(1, C) == store.count_gap(1, D) == 0
+    assert store.count_permanent_failures(1, D) == 0 and store.clear_failures(1, D) == 0
+
+
+@pytest.mark.parametrize("reason", ["not_found", "beyond_head"])
+def test_a_null_for_a_transaction_another_contracts_batch_stored_is_no_failure(
+    store: Store, reason: str
+) -> None:
+    # D's batch stores the transaction both track; C's batch, leased before, got a null for
+    # it (a load balancer's lagging backend) and commits after. It used to record the
+    # failure all the same: `status` said 0 failed, but `enrich --contract C` exited 3 on
+    # every rerun (a permanent failure on record), or said a ref was beyond the node's head.
+    bc, bd = _shared_batches(store, [h(1)], [h(2)])
+    assert store.commit_batches([(bd, Enriched([tx_row(1, 5)]))]) == [1]
+    said = "block 5 is above the node's head 4" if reason == "beyond_head" else "null"
+    failures = [Failure(1, h(1), C, reason, said), Failure(1, h(2), C, "not_found", "null")]
+    assert store.commit_batches([(bc, Enriched(failures=failures))]) == [0]
+    assert store.count_permanent_failures(1, C) == 1  # h(2)'s, which is a failure
+    assert [f.tx_hash for f, _ in store.list_failures(1, C)] == [h(2)]
+    _says_no_failure_of(store, [h(1)])
+    (info,) = store.list_runs()
+    assert (info.processed, info.failed) == (1, 1)  # the failure it recorded, not the null
+    assert store.clear_failures(1, C) == 1
+
+
+@pytest.mark.parametrize("reason", ["not_found", "beyond_head"])
+def test_a_failure_record_beside_a_stored_transaction_is_no_failure(store: Store, reason: str) -> None:
+    # On PostgreSQL the two commits can run at once: neither sees the other's row, so C's
+    # record stays beside D's transaction (the next test makes them). Every reader skips it.
+    store.add_contract(Contract(1, D))
+    store.add_refs([Ref(1, k, h(1), 5) for k in (C, D)] + [Ref(1, C, h(2), 5)])
+    store.write(Enriched([tx_row(1, 5)], failures=[Failure(1, h(2), C, "not_found", "null")]))
+    with store._tx() as cur:  # type: ignore[attr-defined]
+        cur.execute(store._sql("INSERT INTO failures (chain_id, tx_hash, contract, reason, last_error) "  # type: ignore[attr-defined]
+                               "VALUES (?, ?, ?, ?, ?)"), (1, h(1), C, reason, "head 4"))  # fmt: skip
+    assert store.count_permanent_failures(1, C) == 1
+    assert [f.tx_hash for f, _ in store.list_failures(1, C)] == [h(2)]
+    _says_no_failure_of(store, [h(1)])
+    assert [r.tx_hash for r in store.iter_failed_refs(1, C)] == [h(2)]
+    assert store.clear_failures(1, C) == 1  # h(2)'s: h(1) is not put back
+
+
+def test_a_null_committed_beside_the_commit_storing_its_transaction_is_no_failure(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # C's commit has written its failure record (not yet committed) when D's commit stores
+    # the transaction: D's clearing of failure records cannot see C's row, nor C's test of
+    # stored transactions D's. The record stays; nothing counts it.
+    c_store, d_store = open_store(pg_url), open_store(pg_url)
+    c_store.add_contract(Contract(1, C))
+    bc, bd = _shared_batches(c_store, [h(1)], [h(2)])
+    count_for_run = c_store._count_for_run  # type: ignore[attr-defined]
+
+    def d_commits_meanwhile(cur: Any, *args: Any) -> None:  # C's last statement, before COMMIT
+        assert d_store.commit_batches([(bd, Enriched([tx_row(1, 5)]))]) == [1]
+        count_for_run(cur, *args)
+
+    monkeypatch.setattr(c_store, "_count_for_run", d_commits_meanwhile)
+    failures = [Failure(1, h(1), C, "not_found", "null"), Failure(1, h(2), C, "not_found", "null")]
+    assert c_store.commit_batches([(bc, Enriched(failures=failures))]) == [0]
+    monkeypatch.undo()
+    with c_store._read() as cur:  # type: ignore[attr-defined]
+        cur.execute("SELECT tx_hash FROM failures ORDER BY tx_hash")
+        assert [x for (x,) in cur.fetchall()] == [h(1), h(2)]  # the race took place
+    assert c_store.count_permanent_failures(1, C) == 1
+    assert [f.tx_hash for f, _ in c_store.list_failures(1, C)] == [h(2)]
+    _says_no_failure_of(c_store, [h(1)])
+    c_store.close()
+    d_store.close()
+
+
 def test_the_failed_refs_a_retry_would_put_back_are_the_contracts_unstored_permanent_failures(
     store: Store,
 ) -> None:
@@ -1089,8 +1180,9 @@ def test_the_failed_refs_a_retry_would_put_back_are_the_contracts_unstored_perma
     assert list(store.iter_failed_refs(1, other)) == [Ref(1, other, h(8), 108), Ref(1, other, h(10), 110)]
     assert list(store.iter_failed_refs(2, elsewhere)) == [Ref(2, elsewhere, h(11), 111)]
     assert list(store.iter_failed_refs(2, C)) == []
-    assert store.count_permanent_failures(1, C) == 5  # h(4)'s record too: it is not a ref put back
-    assert store.clear_failures(1, C) == 5
+    # h(4)'s record is not a failure: its transaction is stored (nor is it put back).
+    assert store.count_permanent_failures(1, C) == 4
+    assert store.clear_failures(1, C) == 4
     assert list(store.iter_failed_refs(1, C)) == []
 
 

@@ -184,6 +184,17 @@ _STORED_BLOCK = ("(SELECT t.block_number FROM transactions t "
 _ANY_GAP = "SELECT 1 FROM refs r WHERE {gap} ORDER BY r.tx_hash LIMIT 1"
 
 
+#: A failure record (``f``) whose transaction is not stored: one probe of the transactions'
+#: primary key per record (``{probe}`` as in :func:`gap_where`). A stored transaction is not a
+#: failure, whatever record its hash has: one contract's batch can record a null for a
+#: transaction another contract's batch stored (a lagging backend answered the first), and
+#: on PostgreSQL both commits may run at once, neither seeing the other's row, so a record
+#: can be left beside the stored transaction. Every reader of failure records tests this, as
+#: the gap and ``status`` do.
+NOT_STORED = ("NOT EXISTS (SELECT 1 FROM transactions t "
+              "WHERE t.chain_id = f.chain_id AND t.tx_hash = f.tx_hash{probe})")
+
+
 def failed_refs_sql(refs: str = "refs r", probe: str = "", *, counts: bool = False) -> str:
     """The refs of one contract (parameters: chain, contract) that are not stored and whose
     transaction permanently failed, in hash order: found from the chain's permanent failure
@@ -208,8 +219,7 @@ def failed_refs_sql(refs: str = "refs r", probe: str = "", *, counts: bool = Fal
     SELECT {select} FROM failures f CROSS JOIN {refs}
     WHERE {chain} AND f.reason IN ({_PERMANENT_IN})
       AND r.chain_id = f.chain_id AND r.tx_hash = f.tx_hash AND {contract}
-      AND NOT EXISTS (SELECT 1 FROM transactions t
-                      WHERE t.chain_id = f.chain_id AND t.tx_hash = f.tx_hash{probe})
+      AND {NOT_STORED.format(probe=probe)}
     {order}
 """
 
@@ -530,6 +540,9 @@ class Store(abc.ABC):
     #: What ends a subquery this backend must keep a lookup by its own keys (PostgreSQL's
     #: ``OFFSET 0``: see :data:`gap_where`); SQLite takes none.
     _FENCE: str = ""
+    #: A failure record's transaction is not stored, as this backend tests it (see
+    #: :data:`NOT_STORED`).
+    _NOT_STORED: str = NOT_STORED.format(probe="")
     #: The refs :meth:`iter_failed_refs` gives, as this backend finds them (see
     #: :func:`failed_refs_sql`).
     _FAILED_REFS: str = failed_refs_sql()
@@ -908,8 +921,12 @@ class Store(abc.ABC):
         another, or earlier in ``txs``) is updated, not inserted: a run counts each
         transaction it stored once."""
 
-    def _record_failures(self, cur: Any, enriched: Enriched) -> None:
-        if enriched.failures:
+    def _record_failures(self, cur: Any, enriched: Enriched) -> int:
+        """Record ``enriched``'s failures, except those of transactions stored (by this
+        transaction's rows, or another contract's batch before), and clear the records of
+        the transactions it stores; returns how many it recorded."""
+        failures = self._of_unstored(cur, enriched.failures)
+        if failures:
             cur.executemany(
                 self._sql(
                     "INSERT INTO failures (chain_id, tx_hash, contract, reason, attempts, last_error) "
@@ -918,11 +935,24 @@ class Store(abc.ABC):
                     "attempts = failures.attempts + EXCLUDED.attempts, at = EXCLUDED.at"
                 ),
                 [(f.chain_id, f.tx_hash, f.contract, f.reason, f.attempts, f.last_error[:2000])
-                 for f in enriched.failures],
+                 for f in failures],
             )  # fmt: skip
         if enriched.txs:
             # A transaction that is now stored no longer failed.
             self._clear_failed(cur, enriched.txs)
+        return len(failures)
+
+    def _of_unstored(self, cur: Any, failures: Sequence[Failure]) -> Sequence[Failure]:
+        """Those of ``failures`` whose transaction is not stored, as ``cur`` sees it: one
+        lookup per chain (usually none: most commits record no failure). A commit running
+        beside the one that stores it does not see it; the readers of failure records skip
+        such a record (:data:`NOT_STORED`)."""
+        hashes: dict[int, list[str]] = {}
+        for f in failures:
+            hashes.setdefault(f.chain_id, []).append(f.tx_hash)
+        stored = {(chain_id, h) for chain_id, hs in hashes.items()
+                  for h in self._stored_blocks(cur, chain_id, hs)}  # fmt: skip
+        return [f for f in failures if (f.chain_id, f.tx_hash) not in stored] if stored else failures
 
     def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
         # Usually there is no failure at all: one probe instead of a DELETE per transaction.
@@ -959,7 +989,7 @@ class Store(abc.ABC):
         sql = (
             "SELECT chain_id, tx_hash, contract, reason, last_error, attempts, at FROM failures f "
             "WHERE (CAST(? AS BIGINT) IS NULL OR chain_id = ?) "
-            f"AND (CAST(? AS TEXT) IS NULL OR {_OF_CONTRACT}) "
+            f"AND (CAST(? AS TEXT) IS NULL OR {_OF_CONTRACT}) AND {self._NOT_STORED} "
             "ORDER BY chain_id, contract, tx_hash LIMIT ?"
         )
         with self._read() as cur:
@@ -971,7 +1001,7 @@ class Store(abc.ABC):
         with self._read() as cur:
             cur.execute(
                 self._sql(f"SELECT count(*) FROM failures f WHERE chain_id = ? AND {_OF_CONTRACT} "
-                          f"AND reason IN ({_PERMANENT_IN})"),
+                          f"AND reason IN ({_PERMANENT_IN}) AND {self._NOT_STORED}"),
                 (chain_id, contract, contract),
             )  # fmt: skip
             return int(cur.fetchone()[0])
@@ -979,7 +1009,7 @@ class Store(abc.ABC):
     def count_beyond_head(self, chain_id: int, contract: str) -> tuple[int, str | None]:
         """Refs of ``contract`` left in the gap as ``beyond_head`` (in blocks the node had
         not reached), and the ``last_error`` of the latest such failure (its head)."""
-        where = f"WHERE chain_id = ? AND {_OF_CONTRACT} AND reason = 'beyond_head'"
+        where = f"WHERE chain_id = ? AND {_OF_CONTRACT} AND reason = 'beyond_head' AND {self._NOT_STORED}"
         with self._read() as cur:
             cur.execute(self._sql(f"SELECT count(*) FROM failures f {where}"), (chain_id, contract, contract))
             n = int(cur.fetchone()[0])
@@ -1000,7 +1030,8 @@ class Store(abc.ABC):
             f"AND (CAST(? AS TEXT) IS NULL OR {_OF_CONTRACT})"
         )
         if permanent_only:
-            sql = f"UPDATE failures AS f SET reason = 'retrying' {where} AND reason IN ({_PERMANENT_IN})"
+            sql = (f"UPDATE failures AS f SET reason = 'retrying' {where} AND reason IN ({_PERMANENT_IN}) "
+                   f"AND {self._NOT_STORED}")  # a stored transaction's record puts nothing back
         else:
             sql = f"DELETE FROM failures AS f {where}"
         with self._tx() as cur:
@@ -1719,11 +1750,11 @@ class Store(abc.ABC):
         stored = _newly_stored(written, inserted)
         new = sum(stored)
         self._move_keys(cur, merged)
-        self._record_failures(cur, merged)
+        failed = self._record_failures(cur, merged)
         # Counted with the rows they count, last (the run's row is locked the shortest): a run
         # killed outright, or a worker killed before it told its coordinator, still has
         # exactly what it wrote in `runs`, and the calls that fetched it.
-        self._count_for_run(cur, new, len(merged.failures), calls)
+        self._count_for_run(cur, new, failed, calls)
         return stored
 
     _MOVE_KEY_SQL = (

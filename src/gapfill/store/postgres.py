@@ -33,6 +33,7 @@ from gapfill.store.base import (
     JSON_COLUMNS,
     KEY_SQL,
     LOG_COLUMNS,
+    NOT_STORED,
     TX_COLUMNS,
     Store,
     check_row_tuples,
@@ -591,6 +592,7 @@ class PostgresStore(Store):
     #: records: 72 s to count a gap).
     _GAP_WHERE = gap_where(" OFFSET 0")
     _FENCE = " OFFSET 0"
+    _NOT_STORED = NOT_STORED.format(probe=" OFFSET 0")
     #: The refs of permanent failure records (see :data:`_REFS_OF_RECORD`), and how many per
     #: contract (``status``).
     _FAILED_REFS = failed_refs_sql(_REFS_OF_RECORD, " OFFSET 0")

@@ -1147,6 +1147,58 @@ def test_a_null_committed_beside_the_commit_storing_its_transaction_is_no_failur
     d_store.close()
 
 
+def _commit_at_once(commits: list[tuple[Store, Batch | None, Enriched]]) -> list[Exception]:
+    """Each ``(store, batch, enriched)`` committed on its own thread, all let go at once;
+    the errors they raised."""
+    import threading
+
+    gate = threading.Barrier(len(commits))
+    errors: list[Exception] = []
+
+    def commit(store: Store, batch: Batch | None, enriched: Enriched) -> None:
+        assert batch is not None
+        gate.wait()
+        try:
+            store.commit_batches([(batch, enriched)])
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit, args=c) for c in commits]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+@pytest.mark.timeout(120)
+def test_two_commits_recording_the_same_failures_in_opposite_orders_do_not_deadlock(pg_url: str) -> None:
+    # Two contracts' batches met nulls for the same transactions, each in its own batch
+    # order. Their records were upserted in that order, so two commits at once each waited
+    # for a row the other held: "deadlock detected", and one was rolled back (every try of
+    # 3, with 2,000 records). They are written in key order now, as rows are.
+    hashes = [h(i) for i in range(1, 2001)]
+    errors: list[Exception] = []
+    with open_store(pg_url) as setup:
+        for attempt in range(3):
+            mine = ["0x" + f"{attempt:02x}" + k * 19 for k in ("ab", "cd")]
+            for k in mine:
+                setup.add_contract(Contract(1, k))
+            setup.add_refs([Ref(1, k, h(10_000 + attempt), 1) for k in mine])
+            setup.plan(setup.create_run("concurrent", 2), [(1, k) for k in mine], batch_size=10)
+            stores = [open_store(pg_url), open_store(pg_url)]
+            errors += _commit_at_once([
+                (s, s.lease("w", 300, [(1, k)]), Enriched(failures=[Failure(1, x, k, "not_found", "null")
+                                                                    for x in order]))
+                for s, k, order in zip(stores, mine, [hashes, hashes[::-1]], strict=True)
+            ])  # fmt: skip
+            for s in stores:
+                s.close()
+            assert not errors, errors
+            assert len(setup.list_failures(limit=10_000)) == len(hashes)  # both committed
+            setup.clear_failures(permanent_only=False)
+
+
 def test_the_failed_refs_a_retry_would_put_back_are_the_contracts_unstored_permanent_failures(
     store: Store,
 ) -> None:

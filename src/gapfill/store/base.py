@@ -927,6 +927,9 @@ class Store(abc.ABC):
         the transactions it stores; returns how many it recorded."""
         failures = self._of_unstored(cur, enriched.failures)
         if failures:
+            # In key order, as rows are (whatever the batches' order): two commits recording
+            # failures of the transactions two contracts share, each in its batch's order,
+            # deadlocked.
             cur.executemany(
                 self._sql(
                     "INSERT INTO failures (chain_id, tx_hash, contract, reason, attempts, last_error) "
@@ -935,7 +938,7 @@ class Store(abc.ABC):
                     "attempts = failures.attempts + EXCLUDED.attempts, at = EXCLUDED.at"
                 ),
                 [(f.chain_id, f.tx_hash, f.contract, f.reason, f.attempts, f.last_error[:2000])
-                 for f in failures],
+                 for f in sorted(failures, key=lambda f: (f.chain_id, f.tx_hash))],
             )  # fmt: skip
         if enriched.txs:
             # A transaction that is now stored no longer failed.

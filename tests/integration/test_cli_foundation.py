@@ -1302,6 +1302,45 @@ def test_a_postgres_database_that_takes_no_writes_says_to_point_db_at_a_writable
         assert [c.address for c in s.list_contracts()] == [C]
 
 
+@pytest.mark.parametrize("limited", ["role", "database"])
+def test_a_postgres_server_with_no_connection_slot_left_says_which_limit_to_raise(
+    pg_url: str, limited: str
+) -> None:
+    # libpq gives the refusal no SQLSTATE, so it was said as a server that does not run:
+    # "could not connect ...: check that the server runs and fix --db".
+    role = f"gapfill_cl_{uuid.uuid4().hex[:10]}"
+    parts = urlsplit(pg_url)
+    _, dbname = _role_and_db(pg_url)
+    where = f"{parts.hostname}:{parts.port or 5432}"
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        # A superuser is held to neither limit: a role that is not one, allowed no session.
+        limit = 0 if limited == "role" else -1
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'cl' CONNECTION LIMIT {limit}")
+        if limited == "database":
+            admin.execute(f'ALTER DATABASE "{dbname}" CONNECTION LIMIT 0')
+    try:
+        r = run(parts._replace(netloc=f"{role}:cl@{where}").geturl(), "status")
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" CONNECTION LIMIT -1')
+            admin.execute(f"DROP ROLE {role}")
+    assert r.exit_code == 1
+    error = one_sentence(r)
+    fewer = "close other clients, or run gapfill with fewer --workers (each worker holds a connection)"
+    if limited == "role":
+        assert error.startswith(f'error: PostgreSQL role "{role}" has as many sessions on {where} as its '
+                                "CONNECTION LIMIT allows ("), error  # fmt: skip
+        assert error.endswith(f'FATAL:  too many connections for role "{role}"): {fewer}, or raise the '
+                              f'limit (ALTER ROLE "{role}" CONNECTION LIMIT -1 lifts it)'), error  # fmt: skip
+    else:
+        assert error.startswith(f'error: PostgreSQL database "{dbname}" on {where} has as many sessions as '
+                                "its CONNECTION LIMIT allows ("), error  # fmt: skip
+        assert error.endswith(f'FATAL:  too many connections for database "{dbname}"): {fewer}, or '
+                              f'raise the limit (ALTER DATABASE "{dbname}" CONNECTION LIMIT -1 lifts it)'
+                              ), error  # fmt: skip
+    assert "cl@" not in error
+
+
 def test_init_as_a_read_only_postgres_role_reports_an_up_to_date_schema(pg_url: str, reader: str) -> None:
     # QA: `gapfill init` as a role that may only read said to grant it CREATE on the schema,
     # though the schema was at the latest version and there was nothing to create.

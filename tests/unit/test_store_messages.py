@@ -84,12 +84,17 @@ _TIMEOUT = psycopg.errors.QueryCanceled("canceling statement due to statement ti
 _FULL = psycopg.errors.DiskFull('could not extend file "base/1/2": No space left on device')
 _STANDBY = psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction")
 _DENIED = psycopg.errors.InsufficientPrivilege("permission denied for table refs")
+_LOCK_TIMEOUT = psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")
 
 
 @pytest.mark.parametrize(("exc", "what", "fix"), [
     (_TIMEOUT, "PostgreSQL at db.example:6432 cancelled a statement of gapfill's at its statement_timeout",
      'raise or unset statement_timeout for role "u" (ALTER ROLE "u" SET statement_timeout = 0), or in '
      "--db / GAPFILL_DB if its options set it"),
+    (_LOCK_TIMEOUT, "PostgreSQL at db.example:6432 cancelled a statement of gapfill's that waited for a "
+     "lock longer than its lock_timeout",
+     'raise or unset lock_timeout for role "u" (ALTER ROLE "u" SET lock_timeout = 0), or in --db / '
+     "GAPFILL_DB if its options set it"),
     (_FULL, 'PostgreSQL at db.example:6432 has no disk space left for database "app"',
      "free space on the database server"),
     (_STANDBY, 'PostgreSQL database "app" on db.example:6432 takes no writes',
@@ -113,6 +118,58 @@ def test_postgres_errors_the_server_keeps_raising_say_what_to_fix_first(
 def test_a_statement_cancelled_by_someone_else_is_not_called_a_timeout() -> None:
     error = translate(psycopg.errors.QueryCanceled("canceling statement due to user request"), URL)
     assert not isinstance(error, FixFirst) and "statement_timeout" not in str(error)
+    # 55P03 is also a NOWAIT lock that was not free: no timeout of the role's to raise.
+    error = translate(psycopg.errors.LockNotAvailable('could not obtain lock on row in relation "x"'), URL)
+    assert not isinstance(error, FixFirst) and "lock_timeout" not in str(error)
+
+
+_FEWER = "close other clients, or run gapfill with fewer --workers (each worker holds a connection)"
+
+
+@pytest.mark.parametrize(("said", "what", "fix"), [
+    ("sorry, too many clients already",
+     "PostgreSQL at db.example:6432 has no connection slot left: its max_connections are in use",
+     f"{_FEWER}, or raise max_connections on the server (it takes a restart)"),
+    ("remaining connection slots are reserved for non-replication superuser connections",
+     "PostgreSQL at db.example:6432 has no connection slot left: its max_connections are in use",
+     f"{_FEWER}, or raise max_connections on the server (it takes a restart)"),
+    ('too many connections for role "u"',
+     'PostgreSQL role "u" has as many sessions on db.example:6432 as its CONNECTION LIMIT allows',
+     f'{_FEWER}, or raise the limit (ALTER ROLE "u" CONNECTION LIMIT -1 lifts it)'),
+    ('too many connections for database "app"',
+     'PostgreSQL database "app" on db.example:6432 has as many sessions as its CONNECTION LIMIT allows',
+     f'{_FEWER}, or raise the limit (ALTER DATABASE "app" CONNECTION LIMIT -1 lifts it)'),
+])  # fmt: skip
+def test_a_server_with_no_connection_slot_left_says_which_limit_and_what_to_do(
+    said: str, what: str, fix: str
+) -> None:
+    # libpq gives them no SQLSTATE at connect time, so they were taken for a server that is
+    # not there: "could not connect ...: check that the server runs and fix --db".
+    exc = psycopg.OperationalError(f"{_FAILED}FATAL:  {said}")
+    first = translate(exc, URL)
+    assert str(first) == f"{what} ({_FAILED}FATAL:  {said}): {fix}"
+    assert not isinstance(first, FixFirst | StoreDropped)
+    # Opening a connection again mid-run: other clients may leave, so a run retries it as it
+    # retries a server not answering, saying which limit it waits for.
+    again = translate(exc, URL, connection="again")
+    assert isinstance(again, StoreDropped)
+    assert again.what == f"{what} ({_FAILED}FATAL:  {said})"
+    assert again.fix == f"{fix}, then run the command again"
+    assert db_retrying(again, "leasing a batch").text == f"{again.what} while leasing a batch; retrying"
+    # The same error raised with its SQLSTATE says the same.
+    coded = psycopg.errors.TooManyConnections(said)
+    assert str(translate(coded, URL)) == f"{what} ({said}): {fix}"
+
+
+def test_a_server_out_of_memory_is_said_as_such_and_may_pass() -> None:
+    says = ("PostgreSQL at db.example:6432 ran out of memory ({}): nothing of what failed was written; "
+            "free memory on the database server (or run gapfill with fewer --workers, or lower work_mem "
+            "for its role), then run the command again")  # fmt: skip
+    error = translate(psycopg.errors.OutOfMemory("out of memory"), URL)
+    assert str(error) == says.format("out of memory")
+    assert not isinstance(error, FixFirst | StoreDropped)  # another session may free it: a run retries
+    at_start = psycopg.OperationalError(_FAILED + "FATAL:  out of memory")
+    assert str(translate(at_start, URL)) == says.format(f"{_FAILED}FATAL:  out of memory")
 
 
 # libpq's own words: it gives these no SQLSTATE, like a server that does not answer.

@@ -440,7 +440,8 @@ def _privilege_error(msg: str, url: str, reading: bool, check: str) -> StoreRefu
 
 def _refused_by_server(exc: psycopg.Error, msg: str, url: str, check: str) -> StoreRefused | None:
     """A statement the server refuses until someone changes it: a database that takes no
-    writes, a ``statement_timeout``, a full disk (SQLite's equivalents say what to do too)."""
+    writes, a ``statement_timeout`` or ``lock_timeout``, a full disk (SQLite's equivalents
+    say what to do too)."""
     where, dbname = server_and_db(url)
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         return StoreRefused(
@@ -455,10 +456,57 @@ def _refused_by_server(exc: psycopg.Error, msg: str, url: str, check: str) -> St
             f'raise or unset statement_timeout for role "{role}" (ALTER ROLE "{role}" SET '
             f"statement_timeout = 0), or in {check} if its options set it",
         )
+    if isinstance(exc, psycopg.errors.LockNotAvailable) and "lock timeout" in msg.lower():
+        role = role_name(url)
+        return StoreRefused(
+            f"PostgreSQL at {where} cancelled a statement of gapfill's that waited for a lock longer "
+            f"than its lock_timeout ({msg})",
+            f'raise or unset lock_timeout for role "{role}" (ALTER ROLE "{role}" SET lock_timeout = 0), '
+            f"or in {check} if its options set it",
+        )
     if isinstance(exc, psycopg.errors.DiskFull):
         return StoreRefused(f'PostgreSQL at {where} has no disk space left for database "{dbname}" ({msg})',
                             "free space on the database server")  # fmt: skip
     return None
+
+
+#: The server's refusals of a new session for want of a slot (SQLSTATE 53300, which libpq
+#: passes on without its code at connect time, as it does a server that is not there): all of
+#: its ``max_connections`` in use (or all but those it keeps for superusers), or the role's or
+#: the database's ``CONNECTION LIMIT`` reached.
+_NO_SLOT = re.compile(r'sorry, too many clients already|remaining connection slots are reserved'
+                      r'|too many connections for (role|database) "((?:[^"]|"")*)"')
+_FEWER = "close other clients, or run gapfill with fewer --workers (each worker holds a connection)"
+
+
+def _no_slot_left(exc: psycopg.Error, msg: str, where: str,
+                  connection: Literal["first", "open", "again"]) -> StoreError | None:  # fmt: skip
+    """A new session the server refused for want of a connection slot, as the sentence naming
+    the limit and what to do. Other clients may leave, so a run that had connected retries
+    it as it retries a server that is not answering (:class:`StoreDropped`); a command's
+    first connection ends the command with it."""
+    m = _NO_SLOT.search(msg)
+    if m is None and not isinstance(exc, psycopg.errors.TooManyConnections):
+        return None
+    kind, name = (m.group(1), m.group(2).replace('""', '"')) if m and m.group(1) else ("", "")
+    if kind == "role":
+        what = (f'PostgreSQL role "{name}" has as many sessions on {where} as its CONNECTION LIMIT '
+                f"allows ({msg})")  # fmt: skip
+        fix = f'{_FEWER}, or raise the limit (ALTER ROLE "{name}" CONNECTION LIMIT -1 lifts it)'
+    elif kind == "database":
+        what = (f'PostgreSQL database "{name}" on {where} has as many sessions as its CONNECTION LIMIT '
+                f"allows ({msg})")  # fmt: skip
+        fix = f'{_FEWER}, or raise the limit (ALTER DATABASE "{name}" CONNECTION LIMIT -1 lifts it)'
+    else:
+        what = f"PostgreSQL at {where} has no connection slot left: its max_connections are in use ({msg})"
+        fix = f"{_FEWER}, or raise max_connections on the server (it takes a restart)"
+    if connection == "first":
+        return StoreError(f"{what}: {fix}")
+    return StoreDropped(what, f"{fix}, then run the command again")
+
+
+#: A server out of memory as a session starts: libpq passes it on without its SQLSTATE.
+_NO_MEMORY = re.compile(r"FATAL:\s+out of memory")
 
 
 def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str = DB_CHECK,
@@ -473,6 +521,16 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
     low = msg.lower()
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return _privilege_error(msg, url, reading, check)
+    no_slot = _no_slot_left(exc, msg, where, connection)
+    if no_slot is not None:
+        return no_slot
+    if isinstance(exc, psycopg.errors.OutOfMemory) or _NO_MEMORY.search(msg):
+        # It may pass (another session's query freed its memory): a run retries it.
+        return StoreError(
+            f"PostgreSQL at {where} ran out of memory ({msg}): nothing of what failed was written; "
+            "free memory on the database server (or run gapfill with fewer --workers, or lower "
+            "work_mem for its role), then run the command again"
+        )
     role = _NO_ROLE.search(msg)
     if role:
         name = role.group(1).replace('""', '"')

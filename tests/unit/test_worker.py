@@ -365,6 +365,26 @@ def test_a_database_that_refuses_the_work_stops_the_worker_at_once() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_commit_the_database_refuses_stops_the_worker_with_its_batches_given_back() -> None:
+    # A statement_timeout its commits meet, a full disk, a grant revoked on one table: the
+    # leases still pass, so the worker leased, fetched and had refused batch after batch,
+    # the node's work for each thrown away, and ended as if done, saying nothing.
+    store = FakeStore(batches=100)
+    w = worker(store, FakeEnricher(delay_s=0.2))
+    store.refusal = StoreRefused("PostgreSQL at x cancelled a statement at its statement_timeout",
+                                 'raise or unset statement_timeout for role "u"')  # fmt: skip
+    store.fail = lambda name, args: name == "commit_batches"
+    with pytest.raises(StoreRefused, match="statement_timeout"):
+        asyncio.run(w.run())
+    # The batches in flight at the refusal (4, and those leased as their places freed) are
+    # given back, those of the refused group too (a stop cut their give-backs short), none
+    # left leased until it expires; no other one is leased.
+    assert store.next_id - 1 <= 8, store.calls
+    assert set(store.state.values()) == {"pending"}, store.state
+    assert store.committed == []
+
+
+@pytest.mark.timeout(30)
 def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committed() -> None:
     # Batch 1 is fetched and waits for its group; batch 2 is stuck in its RPC. A stop
     # cancels both: batch 1 leaves the group and is given back with its rows (a Ctrl+C

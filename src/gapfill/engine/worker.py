@@ -50,7 +50,7 @@ from gapfill.engine.events import (
     key_range,
 )
 from gapfill.enrich.fetch import Collector, Enricher
-from gapfill.errors import RpcError, StoreError, StoreRefused
+from gapfill.errors import GapfillError, RpcError, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -200,9 +200,12 @@ class Worker:
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
-        self._outage: RpcError | None = None  # why the worker stops: no node replies, or none takes the key
+        # Why the worker stops: no node replies, none takes the key, or the database refuses its work.
+        self._outage: GapfillError | None = None
+        self._stop_for: Callable[[GapfillError], None] | None = None  # while it runs: see run()
         self._silent_seen = False  # the previous outage check found no reply for rpc_outage_s
         self._tasks: set[asyncio.Task[None]] = set()  # the batch tasks
+        self._giving_back: set[asyncio.Future[None]] = set()  # give-backs of failed attempts under way
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
         self._lease_order = itertools.count(1)  # the batches' RPC priority: earlier first
 
@@ -274,6 +277,10 @@ class Worker:
         Raises :class:`RpcError` when no endpoint has replied for ``rpc_outage_s`` while
         batches wait on RPC, or as soon as a call fails because the endpoint refused the API
         key and no other could take it (a key revoked mid-run): every call would fail so.
+        Raises :class:`StoreRefused` as soon as the database refuses a batch's commit so (a
+        read-only database, a full disk, a statement_timeout, a missing grant; the lease and
+        the other calls it cannot go on without raise it at once too: see :meth:`_retrying`):
+        the next commit would be refused too, after the node's work for it.
         The batches in flight are given back first, with what they fetched, and no failure
         is recorded for their refs."""
         main = asyncio.current_task()
@@ -290,15 +297,19 @@ class Worker:
             else:
                 watch = loop.call_later(period, check)
 
-        def refused(sentence: str) -> None:
-            # Called inside the refused call: the batch tasks are cancelled before any of
-            # them sees the failed call, so none records it or gives its batch back as failed.
+        def stop_for(error: GapfillError) -> None:
+            """Stop the worker with ``error``: its batch tasks give their batches back."""
             if self._outage is not None:
                 return
-            self._outage = RpcError(f"{sentence}, then rerun to continue")
+            self._outage = error
             for t in self._tasks:
                 cancel_once(t)
             main.cancel()
+
+        def refused(sentence: str) -> None:
+            # Called inside the refused call: the batch tasks are cancelled before any of
+            # them sees the failed call, so none records it or gives its batch back as failed.
+            stop_for(RpcError(f"{sentence}, then rerun to continue"))
 
         def report() -> None:  # a timer too: the stats of a batch still fetching
             nonlocal stats
@@ -312,6 +323,7 @@ class Worker:
         stats = loop.call_later(self.settings.stats_every_s, report)
         self.client.on_refused = refused
         self.client.tell = lambda text: self.emit(Notice(text, once=True))
+        self._stop_for = stop_for
         try:
             with gc_tuned():
                 return await self._run()
@@ -324,6 +336,7 @@ class Worker:
             watch.cancel()
             stats.cancel()
             self.client.on_refused = self.client.tell = None
+            self._stop_for = None
 
     def _rpc_outage(self) -> bool:
         """True (and :attr:`_outage` set) once the client has spent ``rpc_outage_s`` trying to
@@ -382,12 +395,14 @@ class Worker:
             if self._flusher is not None:
                 await self._flusher
         except BaseException:  # cancelled, or the database stayed down: stop every batch task
+            self.stopping = True  # a give-back under way tries the database once more, no longer
             for t in tasks:
                 cancel_once(t)  # a refused key may have cancelled it already
             if self._flusher is not None:
                 self._flusher.cancel()
                 tasks.add(self._flusher)
             await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self._giving_back, return_exceptions=True)
             raise
         finally:
             await self._save_calls()
@@ -725,8 +740,19 @@ class Worker:
             # Refs failing for a reason that may pass is expected: said plainly. Anything
             # else is unexpected, and its class helps to tell what it was.
             said = str(exc) if isinstance(exc, TransientFailures) else f"{type(exc).__name__}: {exc}"
-            await self._abandon(batch, said, keep=keep, refs=n_refs,
-                                retry_after_s=pause)  # fmt: skip
+            # Not cut short by a stop that cancels this task (a refusal seen by another batch
+            # of the same commit group stops the worker): the worker waits for it as it stops.
+            give_back = asyncio.ensure_future(self._abandon(batch, said, keep=keep, refs=n_refs,
+                                                            retry_after_s=pause))  # fmt: skip
+            self._giving_back.add(give_back)
+            give_back.add_done_callback(self._giving_back.discard)
+            await asyncio.shield(give_back)
+            if isinstance(exc, StoreRefused) and self._stop_for is not None:
+                # Its commit was refused for a reason no wait lets pass (a statement_timeout
+                # its writes meet, a full disk, a grant revoked on one table): the next batch's
+                # would be too, after the node's work for it, so the worker stops and says what
+                # to fix, its other batches given back with what they fetched.
+                self._stop_for(exc)
         finally:
             fetched()
             self._held.discard(batch.id)

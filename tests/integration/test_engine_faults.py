@@ -352,6 +352,52 @@ def test_database_connections_dropped_mid_run(
     assert_leases_never_overlapped(pg_url)
 
 
+@pytest.mark.timeout(120)
+def test_a_database_that_starts_refusing_writes_ends_a_concurrent_run_with_what_to_fix(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # The database turns read-only mid-run (as a primary demoted to a standby does): no wait
+    # lets that pass. The coordinator retried it for a minute, and restarted each worker that
+    # stopped on it, up to 10 x --workers times, ending "workers keep crashing ...: rerun with
+    # -v to see why". Now the run ends at once with the refusal's sentence, its workers
+    # stopped; after the fix, a rerun completes.
+    dbname = pg_url.rsplit("/", 1)[1]
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            wait_for("a few commits", lambda: committed_count(pg_url) >= 3, 60, proc=p)
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+                # The run's sessions were opened before: they reconnect into it.
+                terminated = int(admin.execute(TERMINATE).fetchone()[0])  # type: ignore[index]
+            t0 = time.monotonic()
+            rc = p.wait(40)  # the old coordinator retried for 60 s
+            took = time.monotonic() - t0
+            left = run_group_left(p)
+        finally:
+            p.close()
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute("SET default_transaction_read_only = off")  # this session's, from it
+                admin.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+    out = p.output(100_000)
+    assert terminated >= 3, out
+    assert rc == 1, out
+    said = f'error: PostgreSQL database "{dbname}" on 127.0.0.1:5432 takes no writes (cannot execute '
+    assert said in out, out
+    assert out.rstrip().endswith("or turn default_transaction_read_only off for it"), out
+    assert "keep crashing" not in out and "Traceback" not in out, out
+    assert out.count("; restarted") <= 1, out
+    assert not left, f"left behind after the run ended: {left}\n{out}"
+    print(f"the run ended {took:.1f} s after the database turned read-only")
+    rerun = assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth,
+                                  seeded)  # fmt: skip
+    # The failed run's row could not be written (the database took no writes): the rerun
+    # marked it interrupted, and took its leases back at once.
+    states = query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent' ORDER BY run_id")
+    assert states == [("interrupted",), ("done",)], (states, rerun)
+    assert_leases_never_overlapped(pg_url)
+
+
 #: The server drops the connection of whoever leases a pending batch, at the 5th and
 #: the 12th lease. A sequence is not rolled back with the lease, so each drop fires once;
 #: the drop lands inside the lease call, the one place a worker has no batch to give back.

@@ -137,6 +137,17 @@ class WorkerLostNode:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerRefused:
+    """A worker stopped because the database refuses what it must do until the user fixes
+    something (a :class:`gapfill.errors.StoreRefused`: ``what`` happened, ``fix`` what to do):
+    a restarted worker, and the others, would meet it too, so the run ends with it."""
+
+    worker: int
+    what: str
+    fix: str
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A line worth telling the user (restarts, expired leases, shutdown steps).
 
@@ -210,7 +221,7 @@ class RunSummary:
 
 Event = (
     RunStarted | BatchAssigned | BatchDone | BatchAbandoned | BatchesEmptied | WorkerStats | WorkerExited
-    | Progress | WorkerLostNode | Notice | Logged | RunSummary
+    | Progress | WorkerLostNode | WorkerRefused | Notice | Logged | RunSummary
 )  # fmt: skip
 Emit = Callable[[Event], None]
 

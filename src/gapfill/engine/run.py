@@ -42,6 +42,7 @@ from gapfill.engine.events import (
     RunSummary,
     WorkerExited,
     WorkerLostNode,
+    WorkerRefused,
     WorkerStats,
     db_retrying,
 )
@@ -55,7 +56,7 @@ from gapfill.engine.metrics import LeaseTally, series
 from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
-from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError, StoreError
+from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError, StoreError, StoreRefused
 from gapfill.model import Enriched, head_in_error
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
@@ -76,12 +77,18 @@ T = TypeVar("T")
 #: A worker process's exit code when no RPC node replies or serves what it needs, or every
 #: one refuses the API key.
 EXIT_LOST_NODE = 4
-#: How long the other workers get to give their batches back once one lost the node.
+#: How long the other workers get to give their batches back once one lost the node (or met
+#: a database that refuses its work).
 LOST_NODE_STOP_S = 10.0
 #: A worker process's exit code when its start-up check of the node failed for a reason
 #: that may pass (HTTP 5xx, timeouts): the coordinator's own check passed, so the node was
 #: there a moment ago, and the worker is restarted as a crashed one would be.
 EXIT_START_FAILED = 5
+#: A worker process's exit code when the database refuses what it must do until the user
+#: fixes something (a :class:`StoreRefused`: a read-only database, a full disk, a missing
+#: grant, a statement_timeout): no restart passes it, so the coordinator ends the run with
+#: the worker's sentence, as it does with a lost node's.
+EXIT_REFUSED = 6
 
 MODES = ("auto", "sequential", "batch", "concurrent")
 #: Gap size from which ``auto`` runs worker processes instead of one process. Below it,
@@ -775,6 +782,9 @@ def worker_process_main(index: int, job: EnrichJob, events: Connection, coordina
     except RpcError as exc:  # the node is gone or unusable: restarting would not help
         emit(WorkerLostNode(index, str(exc)))
         raise SystemExit(EXIT_LOST_NODE) from None
+    except StoreRefused as exc:  # nor would it here: the run ends with what to fix
+        emit(WorkerRefused(index, exc.what, exc.fix))
+        raise SystemExit(EXIT_REFUSED) from None
     except GapfillError as exc:
         emit(Notice(f"[Worker-{index + 1}] {exc}"))
         raise SystemExit(1) from None
@@ -948,6 +958,7 @@ class Coordinator:
         # (stuck, crashed) takes the counters of its last stats message with it.
         self.committed = self.committed_failed = 0
         self.lost_node: dict[int, str] = {}  # worker -> why it stopped (WorkerLostNode)
+        self.refused: dict[int, StoreRefused] = {}  # worker -> what its database refused (WorkerRefused)
         self.start_failed: dict[int, str] = {}  # worker -> why its start-up check failed
         # The workers' notices (Notice.once) and log records (`once`) said once per run.
         self.said: set[str] = set()
@@ -1083,6 +1094,9 @@ class Coordinator:
         if isinstance(ev, WorkerLostNode):
             (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
             return  # the run's error, or the restart's notice, says it
+        if isinstance(ev, WorkerRefused):
+            self.refused[ev.worker] = StoreRefused(ev.what, ev.fix)
+            return  # the run's error says it
         if isinstance(ev, Notice) and ev.once:
             if ev.text in self.said:
                 return
@@ -1186,6 +1200,10 @@ class Coordinator:
                             self._stop_workers()
                             raise RpcError(self.lost_node.get(s.index)
                                            or "a worker lost the RPC node: check it, then rerun")
+                        if s.proc.exitcode == EXIT_REFUSED:  # stopped below, as for its own refusal
+                            self._drain()  # its last event says what
+                            raise self.refused.get(s.index) or StoreRefused(
+                                "the database refused a worker's writes", "check it, then rerun")
                         self._restart(store, s)
                     if self.stopping_at is not None:
                         if not alive:
@@ -1214,6 +1232,13 @@ class Coordinator:
                         last_progress = now
                         self._progress(store, total_batches, len(alive), t0)
                 except StoreError as exc:
+                    if isinstance(exc, StoreRefused):
+                        # A read-only database, a full disk, a missing grant: no wait lets it
+                        # pass, and restarted workers would each meet it. The workers give their
+                        # batches back where the database still takes that; the run ends with
+                        # what to fix.
+                        self._stop_workers()
+                        raise
                     # A dropped connection (server restart, pg_terminate_backend) must not end
                     # the run: the store reconnects on its next call. Give up after a long outage.
                     if db_down_since is None:
@@ -1312,8 +1337,9 @@ class Coordinator:
         return summary
 
     def _stop_workers(self) -> None:
-        """A worker lost the node (none replies, or every one refuses the API key): the others
-        would too. Stop them as the grace period's SIGTERM does, so each gives its batches
+        """A worker lost the node (none replies, or every one refuses the API key), or the
+        database refuses the run's work (:class:`StoreRefused`): the others would meet it too.
+        Stop them as the grace period's SIGTERM does, so each gives its batches
         back with what it fetched, for at most ``LOST_NODE_STOP_S``; the run's end kills and
         releases any still running."""
         for s in self.slots.values():

@@ -352,49 +352,80 @@ def test_database_connections_dropped_mid_run(
     assert_leases_never_overlapped(pg_url)
 
 
+#: A full disk as a worker's commit meets it: a stored transaction's insert (COPY too) is
+#: refused, while the smaller writes (leases, give-backs, the run's row) still pass.
+DISK_FULL_ON_COMMIT = """
+CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device' USING ERRCODE = 'disk_full';
+END $$;
+CREATE TRIGGER disk_full BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION disk_full();
+"""
+
+
+def refuse_writes(db: str, how: str) -> None:
+    """Make the database refuse the run's writes from now on: all of them (read-only, as a
+    primary demoted to a standby; the run's sessions, opened before, reconnect into it), or
+    only its commits' (a full disk)."""
+    with psycopg.connect(db, autocommit=True) as admin:
+        if how == "read-only":
+            admin.execute(f'ALTER DATABASE "{db.rsplit("/", 1)[1]}" SET default_transaction_read_only = on')
+            assert admin.execute(TERMINATE).fetchone() != (0,), "the run had no session to drop"
+        else:
+            admin.execute(DISK_FULL_ON_COMMIT)
+
+
+def accept_writes(db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as admin:
+        admin.execute("SET default_transaction_read_only = off")  # this session's, from the database
+        admin.execute(f'ALTER DATABASE "{db.rsplit("/", 1)[1]}" RESET default_transaction_read_only')
+        admin.execute("DROP TRIGGER IF EXISTS disk_full ON transactions")
+
+
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["read-only", "disk-full"])
 def test_a_database_that_starts_refusing_writes_ends_a_concurrent_run_with_what_to_fix(
-    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, how: str
 ) -> None:
-    # The database turns read-only mid-run (as a primary demoted to a standby does): no wait
-    # lets that pass. The coordinator retried it for a minute, and restarted each worker that
-    # stopped on it, up to 10 x --workers times, ending "workers keep crashing ...: rerun with
-    # -v to see why". Now the run ends at once with the refusal's sentence, its workers
-    # stopped; after the fix, a rerun completes.
+    # No wait lets a refusal pass. The coordinator retried its own for a minute, and
+    # restarted each worker that stopped on one, up to 10 x --workers times, ending "workers
+    # keep crashing ...: rerun with -v to see why"; a worker whose commits alone were refused
+    # leased, fetched and had refused batch after batch. Now the run ends at once with the
+    # refusal's sentence, its workers stopped, their batches given back where the database
+    # takes that; after the fix, a rerun completes.
     dbname = pg_url.rsplit("/", 1)[1]
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
         try:
             wait_for("a few commits", lambda: committed_count(pg_url) >= 3, 60, proc=p)
-            with psycopg.connect(pg_url, autocommit=True) as admin:
-                admin.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
-                # The run's sessions were opened before: they reconnect into it.
-                terminated = int(admin.execute(TERMINATE).fetchone()[0])  # type: ignore[index]
-            t0 = time.monotonic()
+            refuse_writes(pg_url, how)
             rc = p.wait(40)  # the old coordinator retried for 60 s
-            took = time.monotonic() - t0
             left = run_group_left(p)
         finally:
             p.close()
-            with psycopg.connect(pg_url, autocommit=True) as admin:
-                admin.execute("SET default_transaction_read_only = off")  # this session's, from it
-                admin.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+            accept_writes(pg_url)
     out = p.output(100_000)
-    assert terminated >= 3, out
     assert rc == 1, out
-    said = f'error: PostgreSQL database "{dbname}" on 127.0.0.1:5432 takes no writes (cannot execute '
-    assert said in out, out
-    assert out.rstrip().endswith("or turn default_transaction_read_only off for it"), out
-    assert "keep crashing" not in out and "Traceback" not in out, out
-    assert out.count("; restarted") <= 1, out
+    error = out.rstrip().splitlines()[-1]
+    if how == "read-only":
+        assert error.startswith(f'error: PostgreSQL database "{dbname}" on 127.0.0.1:5432 takes no writes '
+                                "(cannot execute "), out  # fmt: skip
+        assert error.endswith("or turn default_transaction_read_only off for it"), out
+    else:
+        assert error == (f"error: PostgreSQL at 127.0.0.1:5432 has no disk space left for database "
+                         f'"{dbname}" (could not extend file "base/1/2": No space left on device): free '
+                         "space on the database server"), out  # fmt: skip
+    assert "keep crashing" not in out and "Traceback" not in out and "restarted" not in out, out
     assert not left, f"left behind after the run ended: {left}\n{out}"
-    print(f"the run ended {took:.1f} s after the database turned read-only")
-    rerun = assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth,
-                                  seeded)  # fmt: skip
-    # The failed run's row could not be written (the database took no writes): the rerun
-    # marked it interrupted, and took its leases back at once.
+    if how == "disk-full":  # the rest still takes writes: the leases went back, the run's end is recorded
+        assert leased_now(pg_url) == [], out
+        [(state, note)] = query(pg_url, "SELECT state, note FROM runs WHERE mode = 'concurrent'")
+        assert state == "failed" and note == error.removeprefix("error: "), (state, note)
+    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
+    # Where its end could not be written (the database took no writes), the rerun marked the
+    # run interrupted (and took its leases back at once).
     states = query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent' ORDER BY run_id")
-    assert states == [("interrupted",), ("done",)], (states, rerun)
+    assert states == [("interrupted" if how == "read-only" else "failed",), ("done",)], states
     assert_leases_never_overlapped(pg_url)
 
 

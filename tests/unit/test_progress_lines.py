@@ -336,6 +336,30 @@ def test_a_run_of_one_open_batch_says_batch() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_workers_refusal_is_the_runs_error_or_said_when_the_run_stops_anyway() -> None:
+    # A worker that stops on a database refusal sends it for the coordinator's error (said
+    # once, not as each worker's notice too); after a Ctrl+C the run ends interrupted, so
+    # the refusal is said as the worker's notice, as it was before it ended the run.
+    from gapfill.engine.events import WorkerRefused
+    from gapfill.engine.run import Coordinator, EnrichJob
+    from gapfill.errors import StoreRefused
+
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2)
+    coordinator = Coordinator(job, seen.append)
+    try:
+        coordinator._take(WorkerRefused(0, 'database "x" takes no writes', "point --db at the primary"))
+        assert seen == [] and isinstance(coordinator.refused[0], StoreRefused)
+        assert str(coordinator.refused[0]) == 'database "x" takes no writes: point --db at the primary'
+        coordinator.stopping_at = 1.0
+        coordinator._take(WorkerRefused(1, 'database "x" takes no writes', "point --db at the primary"))
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert [e.text for e in seen] == ['[Worker-2] database "x" takes no writes: point --db at the primary']
+
+
+@pytest.mark.timeout(10)
 def test_a_notice_every_worker_says_once_is_said_once_per_run() -> None:
     # Each worker process sets aside an endpoint that refuses the API key, and says so: the
     # run says it once, and still every other notice.

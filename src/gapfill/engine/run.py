@@ -1096,7 +1096,11 @@ class Coordinator:
             return  # the run's error, or the restart's notice, says it
         if isinstance(ev, WorkerRefused):
             self.refused[ev.worker] = StoreRefused(ev.what, ev.fix)
-            return  # the run's error says it
+            if self.stopping_at is None:
+                return  # the run's error says it
+            # A stop (Ctrl+C) ends the run as interrupted whatever its workers exit with: the
+            # refusal is said here, or the rerun would meet it unwarned.
+            ev = Notice(f"[Worker-{ev.worker + 1}] {self.refused[ev.worker]}")
         if isinstance(ev, Notice) and ev.once:
             if ev.text in self.said:
                 return

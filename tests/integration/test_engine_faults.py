@@ -383,19 +383,22 @@ def accept_writes(db: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["read-only", "disk-full"])
-def test_a_database_that_starts_refusing_writes_ends_a_concurrent_run_with_what_to_fix(
-    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, how: str
+@pytest.mark.parametrize(("mode", "how"), [("concurrent", "read-only"), ("concurrent", "disk-full"),
+                                           ("batch", "disk-full")])  # fmt: skip
+def test_a_database_that_starts_refusing_writes_ends_the_run_with_what_to_fix(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path, mode: str, how: str
 ) -> None:
     # No wait lets a refusal pass. The coordinator retried its own for a minute, and
     # restarted each worker that stopped on one, up to 10 x --workers times, ending "workers
     # keep crashing ...: rerun with -v to see why"; a worker whose commits alone were refused
     # leased, fetched and had refused batch after batch. Now the run ends at once with the
     # refusal's sentence, its workers stopped, their batches given back where the database
-    # takes that; after the fix, a rerun completes.
+    # takes that; after the fix, a rerun completes. (A batch run met a read-only database's
+    # refusal at its next lease already.)
     dbname = pg_url.rsplit("/", 1)[1]
+    args = enrich_args if mode == "concurrent" else batch_args
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
-        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        p = GapfillProc(args(pg_url, rpc), tmp_path, "enrich")
         try:
             wait_for("a few commits", lambda: committed_count(pg_url) >= 3, 60, proc=p)
             refuse_writes(pg_url, how)
@@ -419,12 +422,12 @@ def test_a_database_that_starts_refusing_writes_ends_a_concurrent_run_with_what_
     assert not left, f"left behind after the run ended: {left}\n{out}"
     if how == "disk-full":  # the rest still takes writes: the leases went back, the run's end is recorded
         assert leased_now(pg_url) == [], out
-        [(state, note)] = query(pg_url, "SELECT state, note FROM runs WHERE mode = 'concurrent'")
+        [(state, note)] = query(pg_url, "SELECT state, note FROM runs WHERE mode = %s", (mode,))
         assert state == "failed" and note == error.removeprefix("error: "), (state, note)
-    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
+    assert_rerun_is_exact(pg_url, args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
     # Where its end could not be written (the database took no writes), the rerun marked the
     # run interrupted (and took its leases back at once).
-    states = query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent' ORDER BY run_id")
+    states = query(pg_url, "SELECT state FROM runs WHERE mode = %s ORDER BY run_id", (mode,))
     assert states == [("interrupted" if how == "read-only" else "failed",), ("done",)], states
     assert_leases_never_overlapped(pg_url)
 

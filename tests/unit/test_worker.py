@@ -181,6 +181,16 @@ async def stop_while_a_batch_waits(w: Worker) -> None:
     assert not w._waiting
 
 
+async def stop_once(w: Worker, started: threading.Event) -> None:
+    """Run ``w`` and cancel it (a stop's SIGTERM) once ``started`` is set."""
+    run = asyncio.create_task(w.run())
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+
 def given_back_lines(events: Sequence[Any]) -> list[str]:
     """The progress lines of the batches given back, as the CLI prints them."""
     import io
@@ -291,6 +301,55 @@ def test_each_write_adds_the_calls_made_since_the_previous_one_never_twice() -> 
     w.client.stats()["node"].calls = 3
     asyncio.run(w.run())
     assert store.run_calls == 3 and store.calls[-1] == "add_run_calls"
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_during_a_group_commit_reports_what_the_commit_did() -> None:
+    # The stop cancels the group's task while its commit runs in the store's thread; the
+    # commit ends all the same (the worker waits for the thread). Its batches are done, but
+    # their lines said "given back: worker stopped" and the totals counted none of them.
+    store = FakeStore(batches=2, refs=10)
+    started = threading.Event()
+
+    def slow_commit(name: str, args: Sequence[Any]) -> bool:
+        if name == "commit_batches":
+            started.set()
+            time.sleep(0.3)
+        return False
+
+    store.fail = slow_commit
+    events: list[Any] = []
+    w = worker(store, emit=events.append, commit_group_txs=1000, batches_in_flight=2)
+    asyncio.run(stop_once(w, started))
+    assert store.committed == [[1, 2]] and store.state == {1: "done", 2: "done"}
+    assert not [e for e in events if isinstance(e, BatchAbandoned)]
+    assert [(e.batch_id, e.committed, e.stored) for e in events if isinstance(e, BatchDone)] == \
+        [(1, True, 10), (2, True, 10)]  # fmt: skip
+    assert (w.totals.batches, w.totals.processed) == (2, 20)
+    assert store.run_calls == w.client.stats()["node"].calls == 40
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_during_a_group_commit_on_a_real_store_reports_it_committed(db_url: str) -> None:
+    store = planned_store(db_url)
+    real = store.commit_batches
+    started = threading.Event()
+
+    def slow_commit(items: Any, calls: int = 0) -> Any:
+        started.set()
+        time.sleep(0.3)
+        return real(items, calls=calls)
+
+    store.commit_batches = slow_commit
+    events: list[Any] = []
+    w = worker(store, RowsEnricher(), events.append, commit_group_txs=1000, batches_in_flight=2)  # type: ignore[arg-type]
+    asyncio.run(stop_once(w, started))
+    counts = store.batch_counts()
+    store.close()
+    assert counts.done == 2
+    assert sorted((e.batch_id, e.committed, e.stored) for e in events if isinstance(e, BatchDone)) == \
+        [(1, True, 10), (2, True, 10)]  # fmt: skip
+    assert not [e for e in events if isinstance(e, BatchAbandoned)] and w.totals.processed == 20
 
 
 @pytest.mark.timeout(30)
@@ -411,27 +470,45 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
     ]
 
 
+C = "0x" + "ab" * 20
+HASHES = [f"0x{i:064x}" for i in range(1, 21)]
+
+
+def planned_store(url: str) -> Any:
+    """A real store whose run planned the 20 refs of :data:`HASHES` in 2 batches, its writes
+    adding to that run's counts (as a run's worker's do)."""
+    store = open_store(url)
+    store.add_contract(Contract(1, C))
+    store.add_refs([Ref(1, C, x, i) for i, x in enumerate(HASHES, 1)])
+    store.counts_for_run = store.create_run("batch", 1)
+    store.plan(store.counts_for_run, [(1, C)], batch_size=10)
+    return store
+
+
+class RowsEnricher(FakeEnricher):
+    """Rows a real store takes, one per ref (2 calls each); a batch holding ``stuck`` hangs."""
+
+    def __init__(self, stuck: str = "") -> None:
+        super().__init__()
+        self.stuck = stuck
+
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+        if refs[0].tx_hash == self.stuck:
+            await asyncio.sleep(3600)
+        await super().enrich(refs, out)
+        return Enriched([TxRow(1, r.tx_hash, r.block_number or 0, "0x" + "00" * 32, 0, None,
+                               "0x" + "11" * 20, C, 0, "0x", 0, 21_000, None, None, None, 2, 1, None,
+                               21_000, 21_000, None, None) for r in refs])  # fmt: skip
+
+
 @pytest.mark.timeout(30)
 def test_a_stop_that_stores_all_a_batch_had_left_says_the_batch_is_complete(tmp_path: Path) -> None:
     # The same stop on a real store: batch 1, given back with all its rows, is closed (done,
     # not pending), but its line said "given back (10 stored)" as if left for a retry.
-    c = "0x" + "ab" * 20
-    store = open_store(f"sqlite:///{tmp_path / 'g.db'}")
-    store.add_contract(Contract(1, c))
-    hashes = [f"0x{i:064x}" for i in range(1, 21)]
-    store.add_refs([Ref(1, c, x, i) for i, x in enumerate(hashes, 1)])
-    store.plan(store.create_run("batch", 1), [(1, c)], batch_size=10)
-
-    class Rows(FakeEnricher):
-        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
-            if refs[0].tx_hash == hashes[10]:  # batch 2's
-                await asyncio.sleep(3600)
-            return Enriched([TxRow(1, r.tx_hash, r.block_number or 0, "0x" + "00" * 32, 0, None,
-                                   "0x" + "11" * 20, c, 0, "0x", 0, 21_000, None, None, None, 2, 1,
-                                   None, 21_000, 21_000, None, None) for r in refs])  # fmt: skip
-
+    store = planned_store(f"sqlite:///{tmp_path / 'g.db'}")
     events: list[Any] = []
-    w = worker(store, Rows(), events.append, commit_group_txs=1000, commit_wait_s=600.0)  # type: ignore[arg-type]
+    w = worker(store, RowsEnricher(stuck=HASHES[10]), events.append, commit_group_txs=1000,  # type: ignore[arg-type]
+               commit_wait_s=600.0)  # fmt: skip
     asyncio.run(stop_while_a_batch_waits(w))
     counts = store.batch_counts()
     store.close()

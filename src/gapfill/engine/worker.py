@@ -110,6 +110,10 @@ def _settle(f: asyncio.Future[int | None], stored: int | None = None,
         f.set_result(stored)
 
 
+#: A batch waiting for its group's commit: its rows, and the future its commit settles.
+_Waiting = tuple[Batch, Enriched, "asyncio.Future[int | None]"]
+
+
 class TransientFailures(Exception):
     """Some refs of a batch failed for a reason that may pass; the batch is retried.
 
@@ -196,7 +200,7 @@ class Worker:
         self._fetching = 0  # batches whose RPC is not done yet: at most batches_in_flight
         self._changes = 0  # counts batches that finished their RPC, finished, or were committed
         self._changed = asyncio.Event()
-        self._waiting: list[tuple[Batch, Enriched, asyncio.Future[int | None]]] = []
+        self._waiting: list[_Waiting] = []
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_fired = False
@@ -444,12 +448,26 @@ class Worker:
         self._waiting.append(entry)
         self._kick()
         try:
-            return await done
+            return await asyncio.shield(done)
         except asyncio.CancelledError:
-            # Stopping: a batch that is still waiting leaves the group, so no later commit
-            # writes what its task is giving back.
-            self._waiting = [e for e in self._waiting if e is not entry]
-            raise
+            if any(e is entry for e in self._waiting):
+                # Stopping: a batch that is still waiting leaves the group, so no later commit
+                # writes what its task is giving back.
+                self._waiting = [e for e in self._waiting if e is not entry]
+                raise
+            # Its group's commit is in flight: it ends anyway (the connection is busy until
+            # its thread returns), and its outcome is the batch's. A batch it committed
+            # reports as committed, not as given back (its give-back would find it done).
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({done})
+            if done.cancelled() or done.exception() is not None:
+                raise  # nothing written: the task gives the batch back
+            task = asyncio.current_task()
+            assert task is not None
+            while task.uncancel():
+                pass
+            return done.result()
 
     def _waiting_txs(self) -> int:
         return sum(len(e.txs) for _, e, _ in self._waiting)
@@ -477,7 +495,7 @@ class Worker:
         self._kick()
 
     async def _flush(self) -> None:
-        group: list[tuple[Batch, Enriched, asyncio.Future[int | None]]] = []
+        group: list[_Waiting] = []
         try:
             while self._group_ready():
                 group, self._waiting = self._waiting, []
@@ -487,8 +505,7 @@ class Worker:
                     self._timer = None
                 t0 = time.perf_counter()
                 try:
-                    held = await self.db(self.store.commit_batches, [(b, e) for b, e, _ in group],
-                                         calls=True)  # fmt: skip
+                    await self._commit_group(group)
                 except Exception as exc:
                     log.info("a commit of %d batch(es) failed (%s)%s", len(group), exc,
                              "" if len(group) == 1 else "; committing them one by one")  # fmt: skip
@@ -501,8 +518,6 @@ class Worker:
                         log.debug("committed %d batch(es), %d transactions, in one database transaction "
                                   "(%.3f s)", len(group), sum(len(e.txs) for _, e, _ in group),
                                   time.perf_counter() - t0)  # fmt: skip
-                    for (_, _, f), ok in zip(group, held, strict=True):
-                        _settle(f, ok)
                 group = []
                 self._note_change()
         finally:
@@ -511,7 +526,7 @@ class Worker:
             self._flusher = None
         self._kick()  # batches that arrived during the last commit
 
-    async def _commit_each(self, group: Sequence[tuple[Batch, Enriched, asyncio.Future[int | None]]]) -> None:
+    async def _commit_each(self, group: Sequence[_Waiting]) -> None:
         """After a group's transaction failed (nothing of it was written): each batch on its own.
 
         One batch's failure, or a dropped connection (which the store reopens), must not
@@ -520,19 +535,44 @@ class Worker:
         """
         streak, last = 0, None
         for b, e, f in group:
-            if f.done():  # its task was cancelled meanwhile
+            if f.done():  # settled already
                 continue
             if streak >= 2:
                 _settle(f, error=last)
                 continue
             try:
-                (ok,) = await self.db(self.store.commit_batches, [(b, e)], calls=True)
+                await self._commit_group([(b, e, f)])
             except Exception as exc:
                 streak, last = streak + 1, exc
                 _settle(f, error=exc)
             else:
                 streak = 0
-                _settle(f, ok)
+
+    async def _commit_group(self, group: Sequence[_Waiting]) -> None:
+        """Commit ``group`` in one database transaction, and settle each batch's future with
+        what it stored (None: its lease was lost); raises, settling none, if it failed.
+
+        Cancelled (a stop) while the commit is in flight, it still settles them once the
+        commit ends: the connection is busy until then anyway, and a batch it committed must
+        report as committed, not as given back (its give-back would find it done).
+        """
+        items = [(b, e) for b, e, _ in group]
+        commit = self.db(self.store.commit_batches, items, calls=True)
+        call = asyncio.ensure_future(commit)
+        try:
+            held = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            while not call.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({call})
+            if not call.cancelled() and call.exception() is None:
+                self._settle_group(group, call.result())
+            raise
+        self._settle_group(group, held)
+
+    def _settle_group(self, group: Sequence[_Waiting], held: Sequence[int | None]) -> None:
+        for (_, _, f), ok in zip(group, held, strict=True):
+            _settle(f, ok)
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], stopping: T) -> T:
         """A store call the worker cannot go on without: retried while the database is down.

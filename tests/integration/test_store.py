@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import replace
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
-from gapfill.errors import GapfillError, UnknownContractError
+from gapfill.errors import GapfillError, StoreDropped, UnknownContractError
 from gapfill.model import (
     PERMANENT_REASONS,
     UNKNOWN_BLOCK_KEY,
@@ -275,6 +279,95 @@ def test_a_commit_group_writes_only_the_batches_whose_lease_is_held(store: Store
     assert [e.event for e in store.lease_events(b.id)] == ["leased", "abandoned"]
     counts = store.batch_counts()
     assert (counts.done, counts.pending, counts.succeeded) == (2, 1, 20)
+
+
+def test_lease_outcomes_say_how_each_leases_attempt_ended(store: Store) -> None:
+    # What a worker asks after a write whose answer was lost: whether that write landed.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 41)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    a, b, c, d = (store.lease("w", 60.0) for _ in range(4))
+    assert a is not None and b is not None and c is not None and d is not None
+    assert store.commit_batches([(a, Enriched())]) == [0]
+    store.abandon(b, "given back")
+    assert store.lease("x", 60.0) == replace(b, attempts=2, lease_owner="x", lease_expires_at=ANY)
+    other_attempt = replace(d, attempts=d.attempts + 1)
+    assert store.lease_outcomes([a, b, c, other_attempt]) == {a.id: "committed", b.id: "abandoned",
+                                                             c.id: "leased"}  # fmt: skip
+
+
+class CutAfterCommit:
+    """A loopback TCP proxy to PostgreSQL that, once :attr:`armed`, passes the next COMMIT
+    on, drops the server's answer and closes the client's connection: the commit lands, and
+    the client never hears it did."""
+
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = False
+        self.answer_dropped = threading.Event()
+        self.cut = threading.Event()
+        self._cutting = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> CutAfterCommit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in [self.listener, *self._sockets]:
+            s.close()
+
+    def _accept(self) -> None:
+        with suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                self._sockets += [client, server]
+                threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        with suppress(OSError):
+            while data := src.recv(65536):
+                if not up and self._cutting:  # the COMMIT's answer: never passed on
+                    self.answer_dropped.set()
+                    continue
+                commit = up and self.armed and b"COMMIT\x00" in data
+                if commit:
+                    self.armed, self._cutting = False, True
+                dst.sendall(data)
+                if commit:
+                    self.answer_dropped.wait(10)  # the server has committed
+                    self.cut.set()
+                    for s in (src, dst):
+                        s.shutdown(socket.SHUT_RDWR)
+                    self._cutting = False
+                    return
+
+
+def test_a_commit_whose_answer_is_cut_off_is_a_dropped_connection_the_lease_events_settle(
+    pg_url: str,
+) -> None:
+    # The worker takes a StoreDropped as a write that may have landed, and asks
+    # lease_outcomes, on the connection the store reopens, whether it did.
+    with CutAfterCommit() as proxy:
+        s = open_store(pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+        s.add_contract(Contract(1, C))
+        s.add_refs([Ref(1, C, h(i), i) for i in range(1, 11)])
+        s.counts_for_run = s.create_run("batch", 1)
+        s.plan(s.counts_for_run, [(1, C)], batch_size=10)
+        a = s.lease("w", 60.0)
+        assert a is not None
+        rows = Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in s.batch_refs(a)])
+        proxy.armed = True
+        with pytest.raises(StoreDropped, match="lost the connection to PostgreSQL"):
+            s.commit_batches([(a, rows)], calls=7)
+        assert proxy.cut.is_set()
+        assert s.lease_outcomes([a]) == {a.id: "committed"}
+        [run] = s.list_runs()
+        s.close()
+    assert (run.processed, run.rpc_calls) == (10, 7)
 
 
 def test_a_batch_given_back_keeps_what_its_attempt_got(store: Store) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
 from gapfill.engine.worker import Worker, WorkerSettings, WorkerTotals
-from gapfill.errors import StoreError, StoreRefused
+from gapfill.errors import StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Contract, Enriched, Failure, Ref, TxRow
 from gapfill.store import GivenBack, Leased, open_store
 
@@ -43,6 +43,9 @@ class FakeStore:
         self.run_calls = 0  # the RPC calls the writes added to the run's
         self.emptied = 0  # batches the next lease call closes, as if emptied meanwhile
         self.refusal: StoreRefused | None = None  # what a failing call raises, if not a lost connection
+        #: A write for which this says True is done, but its answer is lost (StoreDropped).
+        self.lose: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
+        self.ended: dict[int, str] = {}  # batch id -> the lease event that ended its attempt
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
         if not self._busy.acquire(blocking=False):
@@ -74,6 +77,16 @@ class FakeStore:
         self._call("batch_refs", (batch,))
         return [Ref(1, "c", f"0x{batch.id:04x}{i:060x}", 1) for i in range(self.refs)]
 
+    def _answer(self, name: str, args: Sequence[Any]) -> None:
+        if self.lose(name, args):
+            raise StoreDropped("lost the connection to PostgreSQL at db:5432 (server closed the connection "
+                               "unexpectedly)", "check that the server runs, then run the command again")
+
+    def lease_outcomes(self, batches: Sequence[Batch]) -> dict[int, str]:
+        self._call("lease_outcomes", batches)
+        out = {b.id: self.ended[b.id] for b in batches if b.id in self.ended}
+        return out | {b.id: "leased" for b in batches if self.state.get(b.id) == "leased"}
+
     def renew(self, batch: Batch, timeout_s: float) -> bool:
         self._call("renew", (batch,))
         return self.state.get(batch.id) == "leased"
@@ -85,7 +98,9 @@ class FakeStore:
         for (b, _), ok in zip(items, out, strict=True):
             if ok:
                 self.state[b.id] = "done"
+                self.ended[b.id] = "committed"
         self.committed.append([b.id for (b, _), ok in zip(items, out, strict=True) if ok])
+        self._answer("commit_batches", items)
         return [len(e.txs) - self.already if ok else None for (_, e), ok in zip(items, out, strict=True)]
 
     def abandon_keeping(
@@ -99,10 +114,12 @@ class FakeStore:
         # As the real stores: a batch whose every ref the give-back stored is done.
         closed = keep is not None and len(keep.txs) + len(keep.failures) >= self.refs
         self.state[batch.id] = "done" if closed else "pending"
+        self.ended[batch.id] = "committed" if closed else "abandoned"
         self.pauses[batch.id] = retry_after_s
         if keep is not None:
             self.kept[batch.id] = len(keep.txs)
             self.moved[batch.id] = len(keep.moved)
+        self._answer("abandon", (batch,))
         return GivenBack(0 if keep is None else len(keep.txs) - self.already, closed)
 
     def add_run_calls(self, calls: int) -> None:
@@ -303,6 +320,81 @@ def test_each_write_adds_the_calls_made_since_the_previous_one_never_twice() -> 
     assert store.run_calls == 3 and store.calls[-1] == "add_run_calls"
 
 
+def lose_once(store: FakeStore, name: str, batch_id: int | None = None) -> list[int]:
+    """Make the first ``name`` write of ``store`` (of batch ``batch_id``, if given) lose its
+    answer; returns the batches it wrote."""
+    lost: list[int] = []
+
+    def lose(n: str, args: Sequence[Any]) -> bool:
+        ids = [b.id for b, *_ in (args if n == "commit_batches" else [(args[0],)])]
+        if n != name or lost or batch_id not in (None, *ids):
+            return False
+        lost.extend(ids)
+        return True
+
+    store.lose = lose
+    return lost
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_a_commit_whose_answer_was_lost_counts_its_batches_and_calls_once(in_flight: int) -> None:
+    # The commit lands on the server, then the connection drops before its answer: the
+    # worker's retry (the give-back of a group of one, or each batch's own commit) finds the
+    # leases gone. It added those calls to the run's again, said "given back" or "lease
+    # lost" for batches that were committed, and left them out of its totals.
+    store = FakeStore(batches=6, refs=10)
+    lost = lose_once(store, "commit_batches")
+    events: list[Any] = []
+    w = worker(store, emit=events.append, batches_in_flight=in_flight, commit_group_txs=1000)
+    totals = asyncio.run(w.run())
+    assert lost and (in_flight == 1 or len(lost) > 1), "no commit lost its answer: the test proved nothing"
+    assert store.run_calls == w.client.stats()["node"].calls == 120 and w.unsaved_calls() == 0
+    assert (totals.batches, totals.processed, totals.lost) == (6, 60, 0)
+    assert not [e for e in events if isinstance(e, BatchAbandoned)]
+    assert sorted(e.batch_id for e in events if isinstance(e, BatchDone) and e.committed) == list(range(1, 7))
+    assert not store.overlaps
+
+
+@pytest.mark.timeout(30)
+def test_a_give_back_whose_answer_was_lost_counts_its_calls_once_and_says_what_it_stored() -> None:
+    store = FakeStore(batches=2, refs=10)
+    lost = lose_once(store, "abandon")
+    events: list[Any] = []
+    w = Worker(0, "w", store, FakeClient(), {1: HalfFailingEnricher()},  # type: ignore[arg-type]
+               WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01), events.append)  # fmt: skip
+    w.client.node.calls = 7  # type: ignore[attr-defined]
+    totals = asyncio.run(w.run())
+    assert lost == [1] and store.kept == {1: 5, 2: 5}
+    assert store.run_calls == 7 and totals.processed == 10
+    assert sorted((e.batch_id, e.kept) for e in events if isinstance(e, BatchAbandoned)) == [(1, 5), (2, 5)]
+
+
+@pytest.mark.timeout(30)
+def test_a_stops_give_back_whose_answer_was_lost_is_not_counted_again_as_the_worker_ends() -> None:
+    # One try only as it stops, then the worker's last write (the calls not saved yet): it
+    # added the give-back's calls again, and the line said nothing was stored.
+    store = FakeStore(batches=2, refs=10)
+    lost = lose_once(store, "abandon", batch_id=1)
+    events: list[Any] = []
+    w = worker(store, emit=events.append, commit_group_txs=1000, commit_wait_s=600.0,
+               batches_in_flight=2)  # fmt: skip
+
+    class Stuck(FakeEnricher):  # batch 2 is leased and stays fetching: batch 1 waits for it
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+            if refs[0].tx_hash.startswith("0x0002"):
+                await asyncio.sleep(3600)
+            return await super().enrich(refs, out)
+
+    w.enrichers = {1: Stuck()}
+    w.enrichers[1].client = w.client  # type: ignore[attr-defined]
+    asyncio.run(stop_while_a_batch_waits(w))
+    assert lost == [1] and store.kept == {1: 10}
+    assert store.run_calls == w.client.stats()["node"].calls == 20 and w.unsaved_calls() == 0
+    assert "[Worker-1] Batch 1 complete as it was given back (worker stopped): +10 success, 0 failed" \
+        in given_back_lines(events)  # fmt: skip
+
+
 @pytest.mark.timeout(30)
 def test_a_stop_during_a_group_commit_reports_what_the_commit_did() -> None:
     # The stop cancels the group's task while its commit runs in the store's thread; the
@@ -327,6 +419,35 @@ def test_a_stop_during_a_group_commit_reports_what_the_commit_did() -> None:
         [(1, True, 10), (2, True, 10)]  # fmt: skip
     assert (w.totals.batches, w.totals.processed) == (2, 20)
     assert store.run_calls == w.client.stats()["node"].calls == 40
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_a_lost_commit_answer_on_a_real_store_keeps_the_counts_exact(db_url: str, in_flight: int) -> None:
+    # The same on both backends, whose lease events tell the worker what the commit did.
+    store = planned_store(db_url)
+    real = store.commit_batches
+    lost: list[int] = []
+
+    def commit_then_lose_the_answer(items: Any, calls: int = 0) -> Any:
+        out = real(items, calls=calls)
+        if not lost:
+            lost.append(len(items))
+            raise StoreDropped("lost the connection to PostgreSQL at db:5432 (server closed the connection "
+                               "unexpectedly)", "check that the server runs, then run the command again")
+        return out
+
+    store.commit_batches = commit_then_lose_the_answer
+    events: list[Any] = []
+    w = worker(store, RowsEnricher(), events.append, commit_group_txs=1000, batches_in_flight=in_flight)  # type: ignore[arg-type]
+    totals = asyncio.run(w.run())
+    [run] = store.list_runs()
+    counts = store.batch_counts()
+    store.close()
+    assert lost == [in_flight], "no commit lost its answer as planned: the test proved nothing"
+    assert (counts.done, run.processed, run.rpc_calls) == (2, 20, w.client.stats()["node"].calls)
+    assert (totals.batches, totals.processed, totals.lost) == (2, 20, 0)
+    assert not [e for e in events if isinstance(e, BatchAbandoned)]
 
 
 @pytest.mark.timeout(60)

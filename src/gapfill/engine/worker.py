@@ -16,6 +16,10 @@ recorded in ``failures``; the rest is stored.
 Each write of a worker (a commit, a give-back, and a last one as it ends) adds the RPC calls
 it made since its previous write to the run's row, in the same transaction: whatever kills
 whom, ``runs.rpc_calls`` holds the calls of every batch committed and never more than were made.
+A write whose answer was lost (the connection dropped as it committed) may have landed: the
+worker's next write first asks the store how the leases it wrote ended (:meth:`Worker._check_lost`)
+and counts its calls as saved if it landed, so they are not added again, and the batches it
+committed report as committed.
 
 A dropped database connection does not end a worker: a batch whose store call
 fails is given back, and the calls the worker cannot go on without (the next
@@ -50,7 +54,7 @@ from gapfill.engine.events import (
     key_range,
 )
 from gapfill.enrich.fetch import Collector, Enricher
-from gapfill.errors import GapfillError, RpcError, StoreError, StoreRefused
+from gapfill.errors import GapfillError, RpcError, StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -112,6 +116,15 @@ def _settle(f: asyncio.Future[int | None], stored: int | None = None,
 
 #: A batch waiting for its group's commit: its rows, and the future its commit settles.
 _Waiting = tuple[Batch, Enriched, "asyncio.Future[int | None]"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """A write whose answer was lost (:class:`StoreDropped`): it may have committed."""
+
+    made: int  # the client's calls it was to save up to
+    batches: tuple[Batch, ...]  # the batches it wrote, whose lease events tell whether it did
+    commit: bool  # a commit (else a give-back)
 
 
 class TransientFailures(Exception):
@@ -211,11 +224,20 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()  # the batch tasks
         self._giving_back: set[asyncio.Future[None]] = set()  # give-backs of failed attempts under way
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
+        self._lost: _Lost | None = None  # the last write whose answer was lost, until checked
+        #: Batches a write whose answer was lost turned out to have ended: "committed" by a
+        #: commit, "closed" or "given back" by a give-back. Read by the batch's next write.
+        self._landed: dict[int, str] = {}
         self._lease_order = itertools.count(1)  # the batches' RPC priority: earlier first
 
-    async def db(self, fn: Callable[..., T], *args: Any, calls: bool = False) -> T:
+    async def db(
+        self, fn: Callable[..., T], *args: Any, calls: bool = False, writes: Sequence[Batch] = (),
+        commit: bool = False,
+    ) -> T:
         """Run a blocking store call in a thread, one at a time; with ``calls``, a write that
-        takes the RPC calls made since this worker's previous such write (``calls=``).
+        takes the RPC calls made since this worker's previous such write (``calls=``). It
+        writes the batches ``writes``, as a ``commit`` or else a give-back: what tells, if its
+        answer is lost, whether it landed (:meth:`_check_lost`).
 
         A call whose caller is cancelled still holds the lock until its thread is done:
         the connection must never run two calls at once (on PostgreSQL that would nest
@@ -225,10 +247,14 @@ class Worker:
             run: Callable[[], T] = functools.partial(fn, *args)
             if calls:  # counted under the lock: no two writes take the same calls
                 made = self._rpc_counters()[0]
-                write = functools.partial(fn, *args, calls=made - self._calls_saved)
 
                 def run() -> T:
-                    out = write()
+                    self._check_lost()  # first: whether its calls are still to be added
+                    try:
+                        out = fn(*args, calls=made - self._calls_saved)
+                    except StoreDropped:  # its answer, not only the write, may be what was lost
+                        self._lost = _Lost(made, tuple(writes), commit)
+                        raise
                     self._calls_saved = made  # committed: even if the caller was cancelled
                     return out
 
@@ -242,6 +268,32 @@ class Worker:
                 if not call.cancelled():
                     call.exception()  # retrieved: the cancellation is what the caller gets
                 raise
+
+    def _check_lost(self) -> None:
+        """Settle the last write whose answer was lost (in the store's thread, before the
+        next write): ask the store how the leases it wrote ended.
+
+        The rule: it landed if one of its batches has this lease's (owner and attempt)
+        ``committed`` or ``abandoned`` event; it did not if one is still leased to it (a
+        landed write would have ended that lease); if neither (no batch, or every lease lost
+        to another before it), nothing tells, and it counts as landed. A write that landed
+        saved its calls (it added them in its transaction), so no later write adds them
+        again, and each batch it ended is noted in :attr:`_landed` for that batch's next
+        write: a commit's retry or give-back then finds its lease gone and reports the batch
+        as that write ended it, not as lost or given back. Never more calls than were made:
+        only a write that landed with every lease lost is not told from one that did not.
+        Raises :class:`StoreError` (still unsettled) while the database is unreachable.
+        """
+        lost = self._lost
+        if lost is None:
+            return
+        found = self.store.lease_outcomes(lost.batches) if lost.batches else {}
+        ended = {b: e for b, e in found.items() if e in ("committed", "abandoned")}
+        if ended or "leased" not in found.values():
+            self._calls_saved = max(self._calls_saved, lost.made)
+        for b, e in ended.items():
+            self._landed[b] = "given back" if e == "abandoned" else "committed" if lost.commit else "closed"
+        self._lost = None
 
     def _rpc_counters(self) -> tuple[int, int, int, int]:
         calls = requests = retries = limited = 0
@@ -557,7 +609,8 @@ class Worker:
         report as committed, not as given back (its give-back would find it done).
         """
         items = [(b, e) for b, e, _ in group]
-        commit = self.db(self.store.commit_batches, items, calls=True)
+        commit = self.db(self.store.commit_batches, items, calls=True, writes=[b for b, _ in items],
+                         commit=True)  # fmt: skip
         call = asyncio.ensure_future(commit)
         try:
             held = await asyncio.shield(call)
@@ -571,8 +624,8 @@ class Worker:
         self._settle_group(group, held)
 
     def _settle_group(self, group: Sequence[_Waiting], held: Sequence[int | None]) -> None:
-        for (_, _, f), ok in zip(group, held, strict=True):
-            _settle(f, ok)
+        for (b, e, f), ok in zip(group, held, strict=True):
+            _settle(f, self._landed_commit(b, e, ok))
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], stopping: T) -> T:
         """A store call the worker cannot go on without: retried while the database is down.
@@ -736,28 +789,7 @@ class Worker:
             if not lost.is_set():
                 got = enriched
                 stored = await self._commit(batch, enriched)
-            committed = stored is not None
-            if log.isEnabledFor(logging.INFO):
-                t_end = time.perf_counter()
-                if committed:
-                    log.info("batch %s committed: %d fetched (%d newly stored), %d failed; fetch %.2f s, "
-                             "commit %.2f s (with the wait for its group)", batch.id, len(enriched.txs),
-                             stored, len(enriched.failures), t_fetched - t_refs,
-                             t_end - t_fetched)  # fmt: skip
-                else:
-                    log.info("batch %s: lease lost after a fetch of %.2f s; nothing written", batch.id,
-                             t_fetched - t_refs)  # fmt: skip
-            t = self.totals
-            if stored is not None:
-                t.batches += 1
-                t.processed += stored  # a transaction another batch stored first is not counted
-                t.failed += len(enriched.failures)
-                t.permanent += sum(1 for f in enriched.failures if f.permanent)
-            else:
-                t.lost += 1
-            self.emit(BatchDone(self.index, batch.id, len(enriched.txs), len(enriched.failures),
-                                time.perf_counter() - t0, committed, stored or 0))  # fmt: skip
-            self.send_stats()
+            self._done(batch, enriched, stored, t0, t_fetched - t_refs)
         except asyncio.CancelledError:
             # One try only: a stop must not wait for a database that is down. A batch is
             # given back with the rows (and permanent failures) it has: all of them once
@@ -765,7 +797,7 @@ class Worker:
             # a Ctrl+C must not throw away calls already paid for.
             keep = got.settled() if got is not None else fetched_so_far()
             await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep,
-                                               refs=n_refs))  # fmt: skip
+                                               refs=n_refs, fetched=got, t0=t0))  # fmt: skip
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
@@ -783,7 +815,8 @@ class Worker:
             # Not cut short by a stop that cancels this task (a refusal seen by another batch
             # of the same commit group stops the worker): the worker waits for it as it stops.
             give_back = asyncio.ensure_future(self._abandon(batch, said, keep=keep, refs=n_refs,
-                                                            retry_after_s=pause))  # fmt: skip
+                                                            retry_after_s=pause, fetched=got,
+                                                            t0=t0))  # fmt: skip
             self._giving_back.add(give_back)
             give_back.add_done_callback(self._giving_back.discard)
             await asyncio.shield(give_back)
@@ -796,27 +829,78 @@ class Worker:
         finally:
             fetched()
             self._held.discard(batch.id)
+            self._landed.pop(batch.id, None)
             self._note_change()
+
+    def _done(self, batch: Batch, enriched: Enriched, stored: int | None, t0: float,
+              fetch_s: float) -> None:  # fmt: skip
+        """Count and report a batch whose commit is over: ``stored`` transactions newly stored,
+        None if its lease was lost (nothing written)."""
+        committed = stored is not None
+        if log.isEnabledFor(logging.INFO):
+            if committed:
+                log.info("batch %s committed: %d fetched (%d newly stored), %d failed; fetch %.2f s, "
+                         "commit %.2f s (with the wait for its group)", batch.id, len(enriched.txs),
+                         stored, len(enriched.failures), fetch_s,
+                         time.perf_counter() - t0 - fetch_s)  # fmt: skip
+            else:
+                log.info("batch %s: lease lost after a fetch of %.2f s; nothing written", batch.id,
+                         fetch_s)  # fmt: skip
+        t = self.totals
+        if stored is not None:
+            t.batches += 1
+            t.processed += stored  # a transaction another batch stored first is not counted
+            t.failed += len(enriched.failures)
+            t.permanent += sum(1 for f in enriched.failures if f.permanent)
+        else:
+            t.lost += 1
+        self.emit(BatchDone(self.index, batch.id, len(enriched.txs), len(enriched.failures),
+                            time.perf_counter() - t0, committed, stored or 0))  # fmt: skip
+        self.send_stats()
+
+    def _landed_commit(self, batch: Batch, enriched: Enriched, stored: int | None) -> int | None:
+        """What a commit of ``batch`` stored, None if its lease was lost; but a batch that an
+        earlier commit whose answer was lost committed (:meth:`_check_lost`) is committed. How
+        many of its rows that commit newly stored went with the answer: all count (only a
+        transaction another contract's batch stored first makes that more than the run's
+        ``processed``, which the database keeps exact)."""
+        if stored is None and self._landed.get(batch.id) == "committed":
+            del self._landed[batch.id]
+            return len(enriched.txs)
+        return stored
 
     async def _abandon(
         self, batch: Batch, error: str, retry: bool = True, keep: Enriched | None = None,
-        refs: int = 0, retry_after_s: float = 0.0,
+        refs: int = 0, retry_after_s: float = 0.0, fetched: Enriched | None = None, t0: float = 0.0,
     ) -> None:
         """Give ``batch`` back, storing ``keep`` (what the attempt got of its ``refs`` refs)
-        with it."""
+        with it. ``fetched``: all the attempt fetched, if its fetch was over (what its commit
+        held, if one ran; the batch task's start at ``t0``)."""
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
         given: GivenBack | None = None  # None: not given back
+        give_back = functools.partial(self.db, self.store.abandon_keeping, batch, error, keep,
+                                      retry_after_s, calls=True, writes=(batch,))  # fmt: skip
         try:
             if retry:
-                give_back = functools.partial(self.db, self.store.abandon_keeping, batch, error, keep,
-                                              retry_after_s, calls=True)  # fmt: skip
                 given = await self._retrying(f"giving back batch {batch.id}", give_back,
                                              stopping=None)  # fmt: skip
             else:
-                given = await self.db(self.store.abandon_keeping, batch, error, keep, calls=True)
+                try:
+                    given = await give_back()
+                except StoreDropped:
+                    # Its answer may be what was lost: one look at how its lease ended.
+                    await self.db(self._check_lost)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
+        if given is None:  # its lease is gone: a write whose answer was lost may have ended it
+            landed = self._landed.pop(batch.id, None)
+            if landed == "committed":  # its commit landed: the batch is committed, not given back
+                done = fetched or Enriched()
+                self._done(batch, done, len(done.txs), t0, time.perf_counter() - t0)
+                return
+            if landed is not None:  # an earlier try of this give-back landed
+                given = GivenBack(len(keep.txs) if keep is not None else 0, closed=landed == "closed")
         kept = kept_failed = 0
         if given is not None and keep is not None:
             kept, kept_failed = len(keep.txs), len(keep.failures)

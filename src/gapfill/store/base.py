@@ -2058,6 +2058,32 @@ class Store(abc.ABC):
                         events += int(cur.rowcount)
             return Pruned(len(ids) - len(reopened), batches, events)
 
+    def lease_outcomes(self, batches: Sequence[Batch]) -> dict[int, str]:
+        """How the lease each of ``batches`` names (its owner and attempt) stands, by batch id:
+        ``committed`` or ``abandoned`` if it ended so (its event), ``leased`` if it is still
+        held; batches of neither are left out. A worker whose write lost its answer (the
+        connection dropped as it committed) asks this to learn whether that write landed."""
+        out: dict[int, str] = {}
+        with self._read() as cur:
+            for b in batches:
+                cur.execute(
+                    self._sql("SELECT event FROM lease_events WHERE batch_id = ? AND owner = ? "
+                              "AND attempt = ? AND event IN ('committed', 'abandoned') "
+                              "ORDER BY event_id DESC LIMIT 1"),
+                    (b.id, b.lease_owner, b.attempts),
+                )  # fmt: skip
+                row = cur.fetchone()
+                if row is None:
+                    cur.execute(
+                        self._sql("SELECT 'leased' FROM batches WHERE batch_id = ? AND state = 'leased' "
+                                  "AND lease_owner = ? AND attempts = ?"),
+                        (b.id, b.lease_owner, b.attempts),
+                    )  # fmt: skip
+                    row = cur.fetchone()
+                if row is not None:
+                    out[b.id] = str(row[0])
+        return out
+
     # -- reading rows back (tests, demo, status) -------------------------------------
 
     def fetch_transactions(self, chain_id: int, hashes: Sequence[str] | None = None,

@@ -1465,6 +1465,10 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
 def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
     """Join the open plans of this database (any host) and work until they are done."""
     opts["batch_size"] = 500  # unused: a worker never plans (plan_new=False)
+    # Until its run starts (the summary says what a Ctrl+C leaves from then on): a stop
+    # while a slow node answered its first call said a bare "interrupted".
+    before_run = "no plan was joined and nothing was written; run the same command again"
+    ctx.kept = lambda: before_run
     contracts = ctx.store().list_contracts()
     if not contracts:
         raise GapfillError(f"no contract is tracked in this database: check {ctx.db_check}")
@@ -1491,10 +1495,9 @@ def worker(ctx: Ctx, /, wait: bool, **opts: Any) -> None:
              "(Ctrl+C to stop)")  # fmt: skip
         from gapfill.engine.run import wait_for_plan
 
-        ctx.kept = lambda: ("no plan was joined and nothing was written; run the same command "
-                            "again to wait for one")  # fmt: skip
+        ctx.kept = lambda: f"{before_run} to wait for one"
         wait_for_plan(ctx.store(), keys)
-        ctx.kept = None  # the run's summary says what Ctrl+C leaves from here on
+        ctx.kept = lambda: before_run
     ctx.close()
     _run_job(_job(ctx, chain, targets, "concurrent", opts, plan_new=False), opts["quiet"])
 

@@ -695,18 +695,26 @@ def test_a_dry_run_checks_the_endpoints_as_a_run_does(tracked: str) -> None:
     assert run(tracked, "enrich", "--dry-run").exit_code == 0  # no endpoint at all: still fine
 
 
-def test_ctrl_c_while_a_worker_waits_for_a_plan_says_nothing_was_written(
-    tracked: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("stopped_in", "again"), [
+    ("gapfill.engine.session.check_node", ""),  # a slow node's first answer: it said a bare "interrupted"
+    ("gapfill.engine.run.wait_for_plan", " to wait for one"),
+    ("gapfill.engine.run.run_enrich", ""),  # a plan came, the run not started yet: as bare
+])  # fmt: skip
+def test_ctrl_c_before_a_worker_runs_says_nothing_was_written(
+    tracked: str, monkeypatch: pytest.MonkeyPatch, stopped_in: str, again: str
 ) -> None:
-    def interrupted(*_: Any, **__: Any) -> None:
+    def interrupted(*_: Any, **__: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gapfill.engine.run.wait_for_plan", interrupted)
-    monkeypatch.setattr("gapfill.engine.session.check_node", lambda *_, **__: (1, ()))  # the node's chain
+    if stopped_in != "gapfill.engine.session.check_node":
+        monkeypatch.setattr("gapfill.engine.session.check_node", lambda *_, **__: (1, ()))  # the node's chain
+    if stopped_in == "gapfill.engine.run.run_enrich":
+        monkeypatch.setattr("gapfill.engine.run.wait_for_plan", lambda *_, **__: None)
+    monkeypatch.setattr(stopped_in, interrupted)
     r = run(tracked, "--rpc-url", "http://127.0.0.1:9/", "worker", "--wait")
     assert r.exit_code == 130, r.output + r.stderr
     assert r.stderr.splitlines()[-1] == ("interrupted: no plan was joined and nothing was written; run the "
-                                         "same command again to wait for one"), r.stderr  # fmt: skip
+                                         f"same command again{again}"), r.stderr  # fmt: skip
     assert run(tracked, "runs").stdout.strip() == "no runs yet"
 
 

@@ -955,9 +955,9 @@ def _coverage_report(
 
 def _blocks(s: ContractStatus) -> str:
     if s.min_block is None:
-        return f"{s.unknown_block_refs} unknown" if s.unknown_block_refs else "-"
-    rng = f"{s.min_block}-{s.max_block}"
-    return rng + (f" (+{s.unknown_block_refs} unknown)" if s.unknown_block_refs else "")
+        return f"{s.unknown_block_refs:,} unknown" if s.unknown_block_refs else "-"
+    rng = f"{s.min_block}-{s.max_block}"  # block numbers, not counts: as a node names them
+    return rng + (f" (+{s.unknown_block_refs:,} unknown)" if s.unknown_block_refs else "")
 
 
 def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], dict[str, Any]]) -> None:
@@ -965,8 +965,9 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
         click.echo("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
         return
     headers = ["chain", "contract", "label", "refs", "enriched", "missing", "failed", "blocks"]
-    table = [[str(s.chain_id), s.address, s.label or "-", str(s.refs), str(s.enriched),
-              str(s.missing), str(s.failed), _blocks(s)] for s in rows]  # fmt: skip
+    # Counts with thousands separators, as every other count gapfill says (`--json` has them bare).
+    table = [[str(s.chain_id), s.address, s.label or "-", f"{s.refs:,}", f"{s.enriched:,}",
+              f"{s.missing:,}", f"{s.failed:,}", _blocks(s)] for s in rows]  # fmt: skip
     if _is_tty():
         from rich.console import Console
         from rich.table import Table

@@ -882,6 +882,19 @@ def test_status_counts_refs_whose_block_is_unknown(tracked: str) -> None:
     assert "2 unknown" in out.splitlines()[1], out
 
 
+def test_status_counts_have_thousands_separators(tracked: str) -> None:
+    # QA: the table said "1001" and "(+1000 unknown)" beside the run's "1,001 refs".
+    hashes = "".join(f"{h(i)}\n" for i in range(1, 1001))
+    assert run(tracked, "import", "-", "--contract", C, input=hashes).exit_code == 0  # hashes alone
+    one = f"hash,block_number\n{h(1001)},7\n"
+    assert run(tracked, "import", "-", "--contract", C, input=one).exit_code == 0
+    r = run(tracked, "status")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert r.output.splitlines()[1].split()[3:] == ["1,001", "0", "1,001", "0", "7-7", "(+1,000", "unknown)"]
+    data = orjson.loads(run(tracked, "status", "--json").output)  # bare numbers for scripts
+    assert (data[0]["refs"], data[0]["unknown_block_refs"]) == (1001, 1000)
+
+
 def test_an_import_that_only_fills_block_numbers_says_so(tracked: str, tmp_path: Path) -> None:
     r = run(tracked, "import", "-", "--contract", C, input=f"{h(1)}\n{h(2)}\n{h(3)}\n")  # hashes alone
     assert r.exit_code == 0 and r.output.strip() == f"imported 3 new refs for {C} on chain 1", r.output

@@ -768,10 +768,22 @@ def contract_list(ctx: Ctx, as_json: bool) -> None:
                                   "start_block": c.start_block, "has_abi": c.abi is not None}
                                  for c in rows]).decode())  # fmt: skip
         return
-    for c in rows:
-        abi = "abi" if c.abi else "-"
-        click.echo(f"{c.chain_id}\t{c.address}\t{c.label or '-'}\t"
-                   f"{c.start_block if c.start_block is not None else '-'}\t{abi}")  # fmt: skip
+    if not rows:
+        return
+    # A header names the columns: "31337 0x... router - -" could not be read without --json.
+    # Tab-separated off a terminal (a label may hold spaces: `cut -f3` still finds it),
+    # aligned on one.
+    table = [["chain", "address", "label", "start_block", "abi"]]
+    table += [[str(c.chain_id), c.address, c.label or "-",
+               str(c.start_block) if c.start_block is not None else "-", "yes" if c.abi is not None else "no"]
+              for c in rows]  # fmt: skip
+    if not _is_tty():
+        for r in table:
+            click.echo("\t".join(r))
+        return
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 # -- import, status ------------------------------------------------------------------------

@@ -83,6 +83,30 @@ def test_contract_add_and_list(tracked: str) -> None:
     ]
 
 
+def test_contract_list_names_its_columns(
+    tracked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QA: "1 0x... token - -" and "... - abi" could not be read without --json.
+    abi = tmp_path / "abi.json"
+    abi.write_text("[]")
+    other = "0x" + "cd" * 20
+    r = run(tracked, "contract", "add", other, "--chain-id", "5", "--label", "my pool", "--abi", str(abi),
+            "--start-block", "12")  # fmt: skip
+    assert r.exit_code == 0, r.output + r.stderr
+    r = run(tracked, "contract", "list")  # not a terminal: tab-separated, a label's spaces kept whole
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert [ln.split("\t") for ln in r.output.splitlines()] == [
+        ["chain", "address", "label", "start_block", "abi"],
+        ["1", C, "token", "-", "no"],
+        ["5", other, "my pool", "12", "yes"],
+    ], r.output
+    monkeypatch.setattr("gapfill.cli._is_tty", lambda: True)  # a terminal: aligned columns
+    lines = run(tracked, "contract", "list").output.splitlines()
+    assert lines[0].split() == ["chain", "address", "label", "start_block", "abi"], lines
+    assert lines[1].split() == ["1", C, "token", "-", "no"], lines
+    assert [ln.index(C if i == 1 else "address") for i, ln in enumerate(lines[:2])] == [7, 7], lines
+
+
 def test_checksummed_address_is_accepted_and_lowercased(db_url: str) -> None:
     addr = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
     r = run(db_url, "contract", "add", addr, "--chain-id", "1")

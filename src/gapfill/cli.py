@@ -741,7 +741,9 @@ def contract_remove(ctx: Ctx, address: str, chain_id: int | None, yes: bool) -> 
         # Coverage too: the blocks discover scanned for it would have to be scanned again.
         if not click.confirm(f"Remove {c.address} on chain {c.chain_id} with its refs, plan, "
                              "discovery coverage and failure records?", default=False):  # fmt: skip
-            raise GapfillError("nothing removed")
+            # The user's "no" is an answer, not an error: said as such, and exit 0.
+            click.echo("nothing removed")
+            return
     store.release_dead_local_owners()  # a killed run's leases block nothing
     # As an import's: a Ctrl+C or SIGTERM from the removal's commit on is held, and said
     # after it; it raised as the commit returned, and the removal done went unsaid (130).

@@ -590,8 +590,16 @@ def resolve_targets(store: Store, contract: str | None, chain_id: int | None,
 @pass_ctx
 def init(ctx: Ctx) -> None:
     """Create or upgrade the schema (every command that writes does this too)."""
-    version = ctx.store(create=True).migrate()
-    click.echo(f"database {ctx.store().display_url} is at schema version {version}")
+    store = ctx.store(create=True)
+    version = store.migrate()
+    # A first run and a second one said the same, so a user could not tell it created anything.
+    if store.schema_found is None:
+        click.echo(f"created gapfill's schema (version {version}) in {store.display_url}")
+    elif 0 <= store.schema_found < version:
+        click.echo(f"upgraded gapfill's schema in {store.display_url} from version {store.schema_found} "
+                   f"to {version}")  # fmt: skip
+    else:
+        click.echo(f"database {store.display_url} is at schema version {version}")
 
 
 @cli.group()

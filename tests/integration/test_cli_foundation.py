@@ -69,11 +69,32 @@ def test_failures_cut_short_by_limit_say_so(tracked: str) -> None:
         assert r.exit_code == 0 and r.stderr == "", r.stderr
 
 
-def test_init_is_idempotent(db_url: str) -> None:
-    assert run(db_url, "init").exit_code == 0
-    r = run(db_url, "init")
+def test_init_is_idempotent_and_says_whether_it_created_the_schema(db_url: str) -> None:
+    # QA: a first init and a second one both said "... is at schema version N".
+    if db_url.startswith("postgresql"):  # the fixture's database has the schema already
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            admin.execute("DROP SCHEMA public CASCADE")
+            admin.execute("CREATE SCHEMA public")
     latest = migrations("sqlite")[-1][0]  # the same on both backends
-    assert r.exit_code == 0 and f"schema version {latest}" in r.output
+    with open_store(db_url, migrate=False) as s:
+        shown = s.display_url
+    r = run(db_url, "init")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert r.output == f"created gapfill's schema (version {latest}) in {shown}\n", r.output
+    r = run(db_url, "init")
+    assert r.exit_code == 0 and r.output == f"database {shown} is at schema version {latest}\n", r.output
+
+
+def test_init_says_it_upgraded_an_older_schema(sqlite_url: str) -> None:
+    assert run(sqlite_url, "init").exit_code == 0
+    latest = migrations("sqlite")[-1][0]
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:  # as the version before left it
+        db.execute("ALTER TABLE runs DROP COLUMN space")  # what 006_run_space.sql adds
+        db.execute("DELETE FROM schema_migrations WHERE version = ?", (latest,))
+    r = run(sqlite_url, "init")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert r.output == f"upgraded gapfill's schema in {sqlite_url} from version {latest - 1} to {latest}\n"
+    assert run(sqlite_url, "init").output == f"database {sqlite_url} is at schema version {latest}\n"
 
 
 def test_contract_add_and_list(tracked: str) -> None:

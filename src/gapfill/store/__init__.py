@@ -151,7 +151,7 @@ def open_store(
             return store
         # Read first: a database already up to date needs no write lock, nor a role that may
         # create tables.
-        version = store.schema_version()
+        version = store.schema_found = store.schema_version()
         if version is None and read_only:
             # A URL from the environment or a config file may not be the one the user meant.
             typed = check in ("--db", DB_CHECK)

@@ -535,6 +535,10 @@ class Store(abc.ABC):
     counts_for_run: int | None = None
     #: Where a store says what it is waiting for (another process's lock), as it waits.
     notice: Callable[[str], None] | None = None
+    #: The schema version :func:`gapfill.store.open_store` found as it opened the database,
+    #: before bringing it up to date (None: no gapfill schema, so it created one; -1: not
+    #: read, opened with ``migrate=False``), for `gapfill init` to say what it did.
+    schema_found: int | None = -1
     #: The gap's test, as this backend runs it (see :func:`gap_where`).
     _GAP_WHERE: str = GAP_WHERE
     #: What ends a subquery this backend must keep a lookup by its own keys (PostgreSQL's

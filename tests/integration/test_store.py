@@ -295,6 +295,19 @@ def test_lease_outcomes_say_how_each_leases_attempt_ended(store: Store) -> None:
                                                              c.id: "leased"}  # fmt: skip
 
 
+def test_lease_outcomes_leave_out_a_lease_that_expired(store: Store) -> None:
+    # A write made after its lease expired wrote no rows but added its calls and committed:
+    # "leased" would make the worker take it for one that did not land and add them again.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 11)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
+    a = store.lease("w", 0.05)
+    assert a is not None
+    assert store.lease_outcomes([a]) == {a.id: "leased"}
+    time.sleep(0.2)
+    assert store.commit_batches([(a, Enriched())], calls=5) == [None]
+    assert store.lease_outcomes([a]) == {}
+
+
 class CutAfterCommit:
     """A loopback TCP proxy to PostgreSQL that, once :attr:`armed`, passes the next COMMIT
     on, drops the server's answer and closes the client's connection: the commit lands, and

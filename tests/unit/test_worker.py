@@ -451,6 +451,55 @@ def test_a_lost_commit_answer_on_a_real_store_keeps_the_counts_exact(db_url: str
 
 
 @pytest.mark.timeout(60)
+def test_a_lost_commit_answer_on_an_expired_lease_counts_its_calls_once(db_url: str) -> None:
+    # The first batch's fetch makes no RPC progress for longer than its lease, which expires
+    # unrenewed: its commit writes no rows but adds its calls, and its answer is lost. Until
+    # the worker looks, nobody takes the batch back. Its expired lease was taken for one
+    # still held (a write that did not land), and the give-back added the same calls again.
+    store = planned_store(db_url)
+    real_commit, real_lease, real_outcomes = store.commit_batches, store.lease_next, store.lease_outcomes
+    lost: list[Any] = []
+    looked: list[dict[int, str]] = []
+    leased: list[Any] = []
+
+    def commit_then_lose_the_answer(items: Any, calls: int = 0) -> Any:
+        out = real_commit(items, calls=calls)
+        if not lost:
+            lost.append(out)
+            raise StoreDropped("lost the connection to PostgreSQL at db:5432 (server closed the connection "
+                               "unexpectedly)", "check that the server runs, then run the command again")
+        return out
+
+    def lease_once_until_looked_up(*args: Any) -> Leased:  # the expired lease stays as it was
+        if leased and not looked:
+            return Leased(None, 0)
+        leased.append(real_lease(*args))
+        return leased[-1]
+
+    def outcomes(batches: Any) -> dict[int, str]:
+        looked.append(real_outcomes(batches))
+        return looked[-1]
+
+    class SlowFirst(RowsEnricher):
+        async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+            if len(leased) == 1:
+                await asyncio.sleep(0.6)  # no answer: the lease is not renewed
+            return await super().enrich(refs, out)
+
+    store.commit_batches, store.lease_next, store.lease_outcomes = (commit_then_lose_the_answer,
+                                                                    lease_once_until_looked_up, outcomes)
+    w = worker(store, SlowFirst(), lease_timeout_s=0.2, batches_in_flight=1, retry_pause_s=0.01)
+    totals = asyncio.run(w.run())
+    [run] = store.list_runs()
+    counts = store.batch_counts()
+    store.close()
+    assert lost == [[None]], "no commit on an expired lease lost its answer: the test proved nothing"
+    assert (counts.done, run.processed, run.rpc_calls) == (2, 20, w.client.stats()["node"].calls)
+    assert (totals.batches, totals.processed) == (2, 20)
+    assert looked[0] == {}  # nothing tells whether it landed: its calls count as saved
+
+
+@pytest.mark.timeout(60)
 def test_a_stop_during_a_group_commit_on_a_real_store_reports_it_committed(db_url: str) -> None:
     store = planned_store(db_url)
     real = store.commit_batches

@@ -2065,10 +2065,14 @@ class Store(abc.ABC):
     def lease_outcomes(self, batches: Sequence[Batch]) -> dict[int, str]:
         """How the lease each of ``batches`` names (its owner and attempt) stands, by batch id:
         ``committed`` or ``abandoned`` if it ended so (its event), ``leased`` if it is still
-        held; batches of neither are left out. A worker whose write lost its answer (the
-        connection dropped as it committed) asks this to learn whether that write landed."""
+        held and has not expired; batches of neither are left out. A worker whose write lost
+        its answer (the connection dropped as it committed) asks this to learn whether that
+        write landed. An expired lease is neither: a write made after it expired wrote no rows
+        (the writes' lease check, :data:`_LEASE_HELD`, tests expiry) yet added its calls, so
+        it cannot tell; and a lease that has expired is never renewed."""
         out: dict[int, str] = {}
         with self._read() as cur:
+            now = self._now(cur)
             for b in batches:
                 cur.execute(
                     self._sql("SELECT event FROM lease_events WHERE batch_id = ? AND owner = ? "
@@ -2079,9 +2083,8 @@ class Store(abc.ABC):
                 row = cur.fetchone()
                 if row is None:
                     cur.execute(
-                        self._sql("SELECT 'leased' FROM batches WHERE batch_id = ? AND state = 'leased' "
-                                  "AND lease_owner = ? AND attempts = ?"),
-                        (b.id, b.lease_owner, b.attempts),
+                        self._sql(f"SELECT 'leased' FROM batches WHERE {_LEASE_HELD}"),
+                        (b.id, b.lease_owner, b.attempts, now),
                     )  # fmt: skip
                     row = cur.fetchone()
                 if row is not None:

@@ -110,6 +110,7 @@ class FakeStore:
         self._call("abandon", (batch,))
         self.run_calls += calls
         if self.state.get(batch.id) != "leased":
+            self._answer("abandon", (batch,))  # it wrote its calls, so its answer can be lost too
             return None
         # As the real stores: a batch whose every ref the give-back stored is done.
         closed = keep is not None and len(keep.txs) + len(keep.failures) >= self.refs
@@ -368,6 +369,32 @@ def test_a_give_back_whose_answer_was_lost_counts_its_calls_once_and_says_what_i
     assert lost == [1] and store.kept == {1: 5, 2: 5}
     assert store.run_calls == 7 and totals.processed == 10
     assert sorted((e.batch_id, e.kept) for e in events if isinstance(e, BatchAbandoned)) == [(1, 5), (2, 5)]
+
+
+@pytest.mark.timeout(30)
+def test_a_commit_and_then_its_give_back_both_losing_their_answer_leave_the_batch_committed() -> None:
+    # The commit lands and its answer is lost; its give-back (the retry of a group of one)
+    # finds the batch done, and loses its answer too. The next look-up found the commit's
+    # event again and took it for the give-back's: the batch said "closed" with nothing
+    # stored, and the totals left the committed batch out.
+    store = FakeStore(batches=1, refs=10)
+    lost: list[str] = []
+
+    def lose_the_first_of_each(name: str, args: Sequence[Any]) -> bool:
+        if name in lost:
+            return False
+        lost.append(name)
+        return True
+
+    store.lose = lose_the_first_of_each
+    events: list[Any] = []
+    w = worker(store, emit=events.append, batches_in_flight=1)
+    totals = asyncio.run(w.run())
+    assert lost == ["commit_batches", "abandon"], "not two lost answers in a row: the test proved nothing"
+    assert (totals.batches, totals.processed, totals.lost) == (1, 10, 0)
+    assert not [e for e in events if isinstance(e, BatchAbandoned)]
+    assert [e.batch_id for e in events if isinstance(e, BatchDone) and e.committed] == [1]
+    assert store.run_calls == w.client.stats()["node"].calls == 20 and w.unsaved_calls() == 0
 
 
 @pytest.mark.timeout(30)

@@ -292,7 +292,11 @@ class Worker:
         if ended or "leased" not in found.values():
             self._calls_saved = max(self._calls_saved, lost.made)
         for b, e in ended.items():
-            self._landed[b] = "given back" if e == "abandoned" else "committed" if lost.commit else "closed"
+            # A lease ends once: a batch noted already was ended by an earlier write whose
+            # answer was lost too (a commit, then its give-back that found the batch done), and
+            # this is that write's event again, not this one's.
+            self._landed.setdefault(b, "given back" if e == "abandoned" else "committed" if lost.commit
+                                    else "closed")  # fmt: skip
         self._lost = None
 
     def _rpc_counters(self) -> tuple[int, int, int, int]:

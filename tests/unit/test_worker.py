@@ -209,6 +209,19 @@ async def stop_once(w: Worker, started: threading.Event) -> None:
         await run
 
 
+def slow_call(name: str, started: threading.Event) -> Callable[[str, Sequence[Any]], bool]:
+    """A :attr:`FakeStore.fail` that fails nothing but holds each ``name`` call for 0.3 s,
+    setting ``started`` as it begins: a stop can come while that call runs."""
+
+    def slow(n: str, args: Sequence[Any]) -> bool:
+        if n == name:
+            started.set()
+            time.sleep(0.3)
+        return False
+
+    return slow
+
+
 def given_back_lines(events: Sequence[Any]) -> list[str]:
     """The progress lines of the batches given back, as the CLI prints them."""
     import io
@@ -398,6 +411,26 @@ def test_a_commit_and_then_its_give_back_both_losing_their_answer_leave_the_batc
 
 
 @pytest.mark.timeout(30)
+def test_a_stop_during_the_give_back_after_a_lost_commit_answer_reports_the_batch_committed() -> None:
+    # The commit lands and its answer is lost; the stop comes while the give-back that
+    # follows runs on, shielded, and has found the commit landed. The batch's task, cancelled,
+    # let the batch go at once, dropping that note: the give-back then found the batch done
+    # and reported it given back with nothing, and the totals left the committed batch out.
+    store = FakeStore(batches=1, refs=10)
+    lost = lose_once(store, "commit_batches")
+    giving_back = threading.Event()
+    store.fail = slow_call("abandon", giving_back)
+    events: list[Any] = []
+    w = worker(store, emit=events.append, batches_in_flight=1)
+    asyncio.run(stop_once(w, giving_back))
+    assert lost == [1], "no commit lost its answer: the test proved nothing"
+    assert (w.totals.batches, w.totals.processed, w.totals.lost) == (1, 10, 0)
+    assert not [e for e in events if isinstance(e, BatchAbandoned)]
+    assert [e.batch_id for e in events if isinstance(e, BatchDone) and e.committed] == [1]
+    assert store.run_calls == w.client.stats()["node"].calls == 20 and not w._held
+
+
+@pytest.mark.timeout(30)
 def test_a_stops_give_back_whose_answer_was_lost_is_not_counted_again_as_the_worker_ends() -> None:
     # One try only as it stops, then the worker's last write (the calls not saved yet): it
     # added the give-back's calls again, and the line said nothing was stored.
@@ -429,14 +462,7 @@ def test_a_stop_during_a_group_commit_reports_what_the_commit_did() -> None:
     # their lines said "given back: worker stopped" and the totals counted none of them.
     store = FakeStore(batches=2, refs=10)
     started = threading.Event()
-
-    def slow_commit(name: str, args: Sequence[Any]) -> bool:
-        if name == "commit_batches":
-            started.set()
-            time.sleep(0.3)
-        return False
-
-    store.fail = slow_commit
+    store.fail = slow_call("commit_batches", started)
     events: list[Any] = []
     w = worker(store, emit=events.append, commit_group_txs=1000, batches_in_flight=2)
     asyncio.run(stop_once(w, started))

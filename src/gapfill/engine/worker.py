@@ -759,6 +759,7 @@ class Worker:
         priority = next(self._lease_order)
         PRIORITY.set(priority)
         got: Enriched | None = None  # once fetched: what a stop gives back with the batch
+        give_back: asyncio.Future[None] | None = None  # a failed attempt's, once under way
         fetching_now = Collector()  # while fetching: the rows in so far, given back on a stop
         n_refs = 0
         try:
@@ -832,9 +833,18 @@ class Worker:
                 self._stop_for(exc)
         finally:
             fetched()
-            self._held.discard(batch.id)
-            self._landed.pop(batch.id, None)
-            self._note_change()
+            if give_back is not None and not give_back.done():
+                # Stopped while the give-back runs on: the batch is its until it ends (a
+                # write whose answer was lost may yet turn out to have committed it).
+                give_back.add_done_callback(lambda _: self._let_go(batch.id))
+            else:
+                self._let_go(batch.id)
+
+    def _let_go(self, batch_id: int) -> None:
+        """The batch's task, and the give-back it started, are over."""
+        self._held.discard(batch_id)
+        self._landed.pop(batch_id, None)
+        self._note_change()
 
     def _done(self, batch: Batch, enriched: Enriched, stored: int | None, t0: float,
               fetch_s: float) -> None:  # fmt: skip

@@ -339,7 +339,8 @@ def test_a_run_of_one_open_batch_says_batch() -> None:
 def test_a_workers_refusal_is_the_runs_error_or_said_when_the_run_stops_anyway() -> None:
     # A worker that stops on a database refusal sends it for the coordinator's error (said
     # once, not as each worker's notice too); after a Ctrl+C the run ends interrupted, so
-    # the refusal is said as the worker's notice, as it was before it ended the run.
+    # the refusals are said as the workers' notices, as they were before they ended the run:
+    # the one that comes then, and the one kept before the stop.
     from gapfill.engine.events import WorkerRefused
     from gapfill.engine.run import Coordinator, EnrichJob
     from gapfill.errors import StoreRefused
@@ -356,7 +357,39 @@ def test_a_workers_refusal_is_the_runs_error_or_said_when_the_run_stops_anyway()
     finally:
         coordinator.lifeline.close()
         coordinator._lifeline_w.close()
-    assert [e.text for e in seen] == ['[Worker-2] database "x" takes no writes: point --db at the primary']
+    assert [e.text for e in seen] == ['[Worker-1] database "x" takes no writes: point --db at the primary',
+                                      '[Worker-2] database "x" takes no writes: point --db at the primary']
+
+
+@pytest.mark.timeout(10)
+def test_a_workers_refusal_kept_for_the_runs_error_is_said_once_when_a_stop_comes_first() -> None:
+    # The refusal came while the run went on, and was kept for the run's error, said when the
+    # loop sees that worker exit; a Ctrl+C came first, and the loop skips the exit codes of a
+    # run that stops (it ends interrupted): the refusal was never said.
+    import signal
+
+    from gapfill.engine.events import WorkerRefused
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=2)
+    coordinator = Coordinator(job, seen.append)
+    coordinator.planned = coordinator.spawning = True  # its workers were being started
+    try:
+        coordinator._take(WorkerRefused(0, 'database "x" takes no writes', "point --db at the primary"))
+        coordinator._say_unsaid()  # a turn of the supervision loop
+        assert seen == []
+        coordinator._on_signal(signal.SIGINT, None)
+        for _ in range(2):  # the loop's next turns, and the run's end
+            coordinator._say_unsaid()
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert [e.text for e in seen] == [
+        f"stopping: no new batches; workers have {job.grace_period_s:g}s to finish (Ctrl+C again to stop "
+        "at once)",
+        '[Worker-1] database "x" takes no writes: point --db at the primary',
+    ]
 
 
 @pytest.mark.timeout(10)

@@ -1031,6 +1031,22 @@ class Coordinator:
                         else "nothing is planned or fetched")  # fmt: skip
                 notice = Notice(f"stopping: no worker has started yet, so {left}")
             self.emit(notice)
+        if self.stopping_at is not None:
+            self._say_refused()  # one kept for the run's error before the stop came
+
+    def _say_refused(self) -> None:
+        """While stopping: each worker's database refusal not said yet, as its notice.
+
+        A refusal is kept for the run's error, which the supervision loop raises when it sees
+        that worker's exit code; a stop (Ctrl+C) ends the run as interrupted whatever its
+        workers exit with, so one that comes during the stop, or that was kept before the
+        stop came and the loop saw the exit, would never be said, and the rerun would meet
+        it unwarned."""
+        for index, refused in sorted(self.refused.items()):
+            text = f"[Worker-{index + 1}] {refused}"
+            if text not in self.said:
+                self.said.add(text)
+                self.emit(Notice(text))
 
     def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see
@@ -1096,11 +1112,9 @@ class Coordinator:
             return  # the run's error, or the restart's notice, says it
         if isinstance(ev, WorkerRefused):
             self.refused[ev.worker] = StoreRefused(ev.what, ev.fix)
-            if self.stopping_at is None:
-                return  # the run's error says it
-            # A stop (Ctrl+C) ends the run as interrupted whatever its workers exit with: the
-            # refusal is said here, or the rerun would meet it unwarned.
-            ev = Notice(f"[Worker-{ev.worker + 1}] {self.refused[ev.worker]}")
+            if self.stopping_at is not None:
+                self._say_refused()
+            return  # else the run's error says it
         if isinstance(ev, Notice) and ev.once:
             if ev.text in self.said:
                 return

@@ -28,6 +28,7 @@ else ``./gapfill.toml`` when it exists. Example::
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +143,9 @@ def load_config(explicit: str | None = None) -> FileConfig:
         _no_unknown_keys(f"config file {path}: endpoints[{i}]", e, _ENDPOINT_KEYS)
         rps = e.get("rps")
         mb = e.get("max_batch")
-        if rps is not None and (isinstance(rps, bool) or not isinstance(rps, int | float) or rps <= 0):
+        # TOML allows nan and inf, which pass ``rps <= 0``; True is an int to Python.
+        if rps is not None and (isinstance(rps, bool) or not isinstance(rps, int | float)
+                                or not math.isfinite(rps) or rps <= 0):  # fmt: skip
             raise ConfigError(f"endpoints[{i}].rps must be a positive number: fix it in {path}")
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
             raise ConfigError(f"endpoints[{i}].max_batch must be a positive integer: fix it in {path}")

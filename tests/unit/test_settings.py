@@ -57,6 +57,13 @@ def test_config_location_env_and_default(tmp_path: Path, monkeypatch: pytest.Mon
      ('[[endpoints]]\nurl = "https://x"\nrps = -1\n', "rps must be a positive number: fix it in"),
      ('[[endpoints]]\nurl = "https://x"\nmax_batch = 0\n', "max_batch must be a positive integer: fix it in"),
      ('[[endpoints]]\nurl = "https://x"\nrps = true\n', "positive number"),
+     # TOML allows nan and inf: both pass ``rps <= 0``, and the run crashed on int(nan).
+     ('[[endpoints]]\nurl = "https://x"\nrps = nan\n', "endpoints[0].rps must be a positive number: fix it"),
+     ('[[endpoints]]\nurl = "https://x"\nrps = inf\n', "endpoints[0].rps must be a positive number: fix it"),
+     ('[[endpoints]]\nurl = "https://x"\nrps = -inf\n', "endpoints[0].rps must be a positive number: fix it"),
+     ('[[endpoints]]\nurl = "https://x"\nrps = 0\n', "endpoints[0].rps must be a positive number: fix it"),
+     ('[[endpoints]]\nurl = "https://x"\nmax_batch = true\n', "max_batch must be a positive integer"),
+     ('[[endpoints]]\nurl = "https://x"\nmax_batch = 2.5\n', "max_batch must be a positive integer"),
      ("enrich = 5\n", "enrich must be a table ([enrich] and key = value): fix it in"),
      ("explorer = 5\n", "must be a table"),
      ("endpoints = 5\n", "endpoints must be an array of tables ([[endpoints]] blocks): fix it in"),
@@ -75,18 +82,24 @@ def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str
 
 
 @pytest.mark.parametrize(
-    ("value", "problem"),
-    [('"four"', "'four' is not a whole number"), ("0", "0 is not in the range 1<=x<=64")],
-)
+    ("key", "value", "problem"),
+    [("workers", '"four"', "'four' is not a whole number"),
+     ("workers", "0", "0 is not in the range 1<=x<=64"),
+     ("workers", "true", "True is not a whole number"),
+     ("lease_timeout_s", "nan", "nan is not a finite number"),
+     ("rpc_timeout_s", "inf", "inf is not a finite number"),
+     ("rpc_outage_s", "true", "True is not a number"),
+     ("grace_period_s", "-1", "-1.0 is not in the range x>=0")],
+)  # fmt: skip
 def test_a_bad_value_in_the_enrich_table_says_to_fix_it_there(
-    tmp_path: Path, value: str, problem: str
+    tmp_path: Path, key: str, value: str, problem: str
 ) -> None:
     from gapfill.cli import enrich_defaults
 
-    path = write(tmp_path, f"[enrich]\nworkers = {value}\n")
+    path = write(tmp_path, f"[enrich]\n{key} = {value}\n")
     with pytest.raises(ConfigError) as info:
         enrich_defaults(load_config(path))
-    assert str(info.value) == f"[enrich] workers: {problem}: fix it in {path}"
+    assert str(info.value) == f"[enrich] {key}: {problem}: fix it in {path}"
 
 
 @pytest.mark.parametrize(
@@ -167,3 +180,12 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     cfg = tmp_path / "gapfill.toml"
     cfg.write_bytes(b"\xef\xbb\xbf" + b'db = "sqlite:///bom.db"\n')
     assert load_config(str(cfg)).db == "sqlite:///bom.db"
+
+
+@pytest.mark.parametrize("rps", [float("nan"), float("inf"), 0.0, -1.0])
+def test_an_endpoint_refuses_an_rps_it_cannot_meter(rps: float) -> None:
+    # nan passes ``rps <= 0``, and the client's int(rps) raised ValueError mid-run.
+    from gapfill.rpc.config import EndpointConfig
+
+    with pytest.raises(ConfigError, match="must be positive or unset"):
+        EndpointConfig("https://x.example", rps=rps)

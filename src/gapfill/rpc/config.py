@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class EndpointConfig:
             raise ConfigError(
                 f"RPC URL {redact_url(self.url)!r} is not valid ({why}); check {self.check}"
             ) from None
-        if self.rps is not None and self.rps <= 0:
+        if self.rps is not None and not (math.isfinite(self.rps) and self.rps > 0):
             raise ConfigError(f"rps for {redact_url(self.url)} must be positive or unset")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch for {redact_url(self.url)} must be at least 1")

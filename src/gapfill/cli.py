@@ -32,7 +32,7 @@ from gapfill.cli_types import Age, FiniteFloatRange, int_range, said_age
 from gapfill.errors import ConfigError, GapfillError, Interrupted, RpcError, UnknownContractError
 from gapfill.model import Contract, ContractStatus, Ref
 from gapfill.redact import DbUrl, Secret, redact_text
-from gapfill.rpc.config import FLAG_CHECK, RpcSettings, checks, parse_rpc_urls
+from gapfill.rpc.config import FLAG_CHECK, RpcSettings, calls_metered, checks, metered_rate, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
 from gapfill.signals import CommitUnknown, HeldSignals, HoldFromCommit
 from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
@@ -1442,16 +1442,17 @@ def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any]
     from gapfill.engine.dryrun import estimate
 
     eps = ctx.endpoints(required=False)  # a malformed one is said as a real run would say it
-    rps_values = [e.rps for e in eps]
-    rps_total = sum(r for r in rps_values if r) if eps and all(rps_values) else None
+    rps_total = metered_rate(eps)
+    unmetered = sum(e.rps is None for e in eps)
     rows = estimate(ctx.store(read_only=True), [(c.chain_id, c.address) for c in targets],
-                    batch_size=opts["batch_size"], plan=_plan_settings(opts, metered=rps_total is not None),
+                    batch_size=opts["batch_size"], plan=_plan_settings(opts, metered=calls_metered(eps)),
                     rps_total=rps_total, retry_failed=retry_failed)  # fmt: skip
     click.echo("dry run: nothing is fetched or written"
                + (" (permanently failed refs counted as missing: --retry-failed)" if retry_failed else ""))
     for r in rows:
         when = (f"~{r.estimated_seconds:,.0f}s at {rps_total:g} calls/s" if r.estimated_seconds is not None
-                else "time depends on the node (no --rps set)")  # fmt: skip
+                else "time depends on the node (no --rps set)" if unmetered == len(eps)
+                else f"time depends on the node ({counted(unmetered, 'endpoint')} with no rps)")  # fmt: skip
         # Whole blocks only where the plan fetches some (under --rps, or --plan per_block):
         # "0 refs in 0 whole blocks" on every dry run without a rate limit read as a gap
         # the plan had lost.

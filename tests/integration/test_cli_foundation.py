@@ -1617,3 +1617,24 @@ def test_a_run_killed_outright_ends_when_it_was_last_seen_working_and_runs_says_
     assert "interrupted: 0 processed, 0 failed, 0 calls, - (" in lines[idle], lines[idle]
     rates = {r["run_id"]: r["rate"] for r in orjson.loads(run(tracked, "runs", "--json").stdout)}
     assert (rates[killed], rates[sampled], rates[idle], rates[alive]) == (2.5, None, None, None)
+
+
+def test_a_dry_run_meters_calls_as_the_run_does_when_one_endpoint_has_an_rps(
+    tracked: str, tmp_path: Path
+) -> None:
+    # The run meters calls when any endpoint has an rps (whole blocks from 2 refs); the dry
+    # run did only when every one had, and estimated a per-transaction plan "(no --rps set)".
+    refs = "".join(f"{h(i)},7\n" for i in range(1, 4))
+    assert run(tracked, "import", "-", "--contract", C, input="hash,block_number\n" + refs).exit_code == 0
+    cfg = tmp_path / "e2.toml"
+    cfg.write_text('[[endpoints]]\nurl = "http://127.0.0.1:9/a"\nrps = 100000\n'
+                   '[[endpoints]]\nurl = "http://127.0.0.1:9/b"\n')  # fmt: skip
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "3 refs in 1 whole block, ~2 RPC calls" in r.stdout, r.stdout
+    assert "no --rps set" not in r.stdout and "(1 endpoint with no rps)" in r.stdout, r.stdout
+    # Every endpoint metered: the time follows from their summed rps.
+    cfg.write_text('[[endpoints]]\nurl = "http://127.0.0.1:9/a"\nrps = 1\n'
+                   '[[endpoints]]\nurl = "http://127.0.0.1:9/b"\nrps = 1\n')  # fmt: skip
+    r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
+    assert "~2 RPC calls, ~1s at 2 calls/s" in r.stdout, r.stdout

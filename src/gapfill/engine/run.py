@@ -60,6 +60,7 @@ from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError,
 from gapfill.model import Enriched, head_in_error
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
+from gapfill.rpc.config import calls_metered
 from gapfill.rpc.tls import any_may_use_tls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting
 from gapfill.signals import HeldSignals
@@ -197,7 +198,7 @@ def _abis(store: Store, chain_id: int) -> dict[str, Any]:
 
 def _decoder_and_enricher(store: Store, client: RpcClient, job: EnrichJob) -> dict[int, Enricher]:
     contracts = _abis(store, job.chain_id)
-    metered = any(e.rps is not None for e in job.endpoints)
+    metered = calls_metered(job.endpoints)
     plan = replace(job.plan, calls_metered=metered or job.plan.calls_metered)
     return {
         job.chain_id: Enricher(client, job.chain_id, decoder_for(contracts), plan,

@@ -31,6 +31,27 @@ def checks(endpoints: Iterable[_Checked]) -> str:
     return " or ".join(dict.fromkeys(e.check for e in endpoints)) or FLAG_CHECK
 
 
+class _Limited(Protocol):
+    @property
+    def rps(self) -> float | None: ...
+
+
+def calls_metered(endpoints: Iterable[_Limited]) -> bool:
+    """Whether a run's calls are metered: some endpoint has an rps limit. The planner then
+    fetches a block whole from fewer shared refs (calls are the budget); ``enrich --dry-run``
+    estimates by the same rule as the run it predicts."""
+    return any(e.rps is not None for e in endpoints)
+
+
+def metered_rate(endpoints: Sequence[_Limited]) -> float | None:
+    """The calls per second all ``endpoints`` together allow, or None when one of them has
+    no limit (or there are none): then the node's speed, not a budget, decides the time."""
+    rates = [e.rps for e in endpoints]
+    if not rates or any(r is None for r in rates):
+        return None
+    return sum(r for r in rates if r is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     """One JSON-RPC URL and the limits its provider grants.

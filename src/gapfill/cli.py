@@ -1108,11 +1108,12 @@ def _renderer(quiet: bool) -> Any:
     if quiet:
         from gapfill.engine.events import Notice, RunSummary
 
-        # Quiet is the summary, and what the run waits for: a lock or a node silent for
-        # minutes would otherwise look like a hang.
+        # Quiet is the summary, what the run waits for (a lock or a node silent for minutes
+        # would otherwise look like a hang), and what the user must know of it: an endpoint
+        # set aside, the metrics address (Notice.quiet_too).
         lines = LineRenderer()
         return lambda ev: lines(ev) if isinstance(ev, RunSummary) or (
-            isinstance(ev, Notice) and ev.waiting) else None
+            isinstance(ev, Notice) and (ev.waiting or ev.quiet_too)) else None
     return LiveRenderer() if _is_tty() else LineRenderer()
 
 

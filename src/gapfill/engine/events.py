@@ -155,11 +155,15 @@ class Notice:
     slow to answer); said even with ``--quiet``, which would otherwise sit silent.
     ``once``: said once per run, however many of its worker processes say it (an endpoint
     each of them sets aside).
+    ``quiet_too``: said even with ``--quiet`` as well, as it changes what the run does (an
+    endpoint set aside for it) or is the one way to reach it (the metrics address of
+    ``--metrics-port 0``).
     """
 
     text: str
     waiting: bool = False
     once: bool = False
+    quiet_too: bool = False
 
 
 def db_retrying(exc: StoreError, doing: str = "") -> Notice:

@@ -630,7 +630,7 @@ async def _in_process(
                 return series(t.processed, t.failed, calls, retries, limited, t.batches, 1, 0, leases)
 
             metrics = MetricsServer(job.metrics_port, snapshot)
-            emit(Notice(f"metrics: http://127.0.0.1:{metrics.port}/metrics"))
+            emit(Notice(f"metrics: http://127.0.0.1:{metrics.port}/metrics", quiet_too=True))
 
         def progress() -> None:
             t = worker.totals
@@ -1183,7 +1183,7 @@ class Coordinator:
                 from gapfill.engine.metrics import MetricsServer
 
                 self.metrics = MetricsServer(job.metrics_port, self._metrics_snapshot)
-                self.emit(Notice(f"metrics: http://127.0.0.1:{self.metrics.port}/metrics"))
+                self.emit(Notice(f"metrics: http://127.0.0.1:{self.metrics.port}/metrics", quiet_too=True))
             # Only the targets' batches: a worker leases on its node's chain alone, and
             # counting another chain's open plan kept restarting workers that found nothing.
             total_batches = store.count_open_batches(job.targets)

@@ -382,7 +382,7 @@ class Worker:
         # counter, live) lagged by its calls.
         stats = loop.call_later(self.settings.stats_every_s, report)
         self.client.on_refused = refused
-        self.client.tell = lambda text: self.emit(Notice(text, once=True))
+        self.client.tell = lambda text: self.emit(Notice(text, once=True, quiet_too=True))
         self._stop_for = stop_for
         try:
             with gc_tuned():

@@ -405,7 +405,8 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
     # to fix it): then a broken file is left unread.
     help_asked = bool(ctx.meta.get("gapfill.help_asked"))
     try:
-        file = load_config(config_file)
+        from_env = ctx.get_parameter_source("config_file") is click.core.ParameterSource.ENVIRONMENT
+        file = load_config(config_file, "GAPFILL_CONFIG" if from_env else "--config")
     except GapfillError as exc:
         if not help_asked:
             fail(None, exc)

@@ -95,40 +95,69 @@ def _or_list(items: tuple[str, ...]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
-def config_path(explicit: str | None) -> Path | None:
+#: Where a config file's path came from, as a message says to fix it: the flag, the
+#: environment variable, or None for ./gapfill.toml found in the working directory.
+ConfigSource = str | None
+
+
+def config_path(explicit: str | None, given_as: str = "--config") -> Path | None:
     """The config file to read: --config, else GAPFILL_CONFIG, else ./gapfill.toml if there.
-    An empty --config or GAPFILL_CONFIG means none (to skip a ./gapfill.toml)."""
+    An empty --config or GAPFILL_CONFIG means none (to skip a ./gapfill.toml). ``given_as``
+    names where ``explicit`` came from (``--config``, or ``GAPFILL_CONFIG`` when click read
+    the flag's value from it), as a message about it says what to fix."""
+    found = _config_path(explicit, given_as)
+    return None if found is None else found[0]
+
+
+def _config_path(explicit: str | None, given_as: str) -> tuple[Path, ConfigSource] | None:
     if explicit == "":
         return None
     if explicit:
-        p = Path(explicit)
-        if p.is_dir():
-            raise ConfigError(f"config file {explicit} is a directory: give --config a TOML file")
-        if not p.is_file():
-            raise ConfigError(f"config file {explicit} does not exist: fix --config or GAPFILL_CONFIG")
-        return p
+        return _config_file(explicit, given_as), given_as
     env = os.environ.get("GAPFILL_CONFIG")
     if env == "":
         return None
     if env:
-        p = Path(env)
-        if not p.is_file():
-            raise ConfigError(f"config file {env} (GAPFILL_CONFIG) does not exist: fix or unset it")
-        return p
+        return _config_file(env, "GAPFILL_CONFIG"), "GAPFILL_CONFIG"
     p = Path(DEFAULT_CONFIG_NAME)
-    return p if p.is_file() else None
+    return (p, None) if p.is_file() else None
 
 
-def load_config(explicit: str | None = None) -> FileConfig:
-    path = config_path(explicit)
-    if path is None:
+def _config_file(text: str, given_as: str) -> Path:
+    """``text``, the path ``given_as`` gave, checked: a FIFO read would block, and it said
+    "does not exist"; a directory or a path it may not look into is the user's to fix."""
+    p = Path(text)
+    try:
+        if p.is_dir():
+            raise ConfigError(f"config file {text} is a directory: give {given_as} a TOML file")
+        if not p.exists():
+            raise ConfigError(f"config file {text} does not exist: fix {given_as}")
+        if not p.is_file():
+            raise ConfigError(f"config file {text} is not a regular file: give {given_as} a TOML file")
+    except OSError as exc:
+        raise _unreadable(p, exc, given_as) from None
+    return p
+
+
+def _unreadable(path: Path, exc: OSError, given_as: ConfigSource) -> ConfigError:
+    fix = f"fix {given_as}" if given_as else "fix it, or pass --config '' to read none"
+    return ConfigError(f"cannot read config file {path} ({exc.strerror or exc}): {fix}")
+
+
+def load_config(explicit: str | None = None, given_as: str = "--config") -> FileConfig:
+    """The config file's settings (see :func:`config_path`; ``given_as`` too)."""
+    found = _config_path(explicit, given_as)
+    if found is None:
         return FileConfig()
+    path, source = found
     import tomllib  # only with a config file: ~3 ms of every start-up otherwise
 
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no TOML error
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}): fix it") from None
+    except OSError as exc:  # permissions, an I/O error: the user's to fix, not a gapfill bug
+        raise _unreadable(path, exc, source) from None
     _no_unknown_keys(f"config file {path}", data, _TOP_LEVEL)
     for table in ("enrich", "explorer"):
         if not isinstance(data.get(table, {}), dict):

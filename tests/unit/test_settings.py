@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,55 @@ def test_an_endpoint_refuses_an_rps_it_cannot_meter(rps: float) -> None:
 
     with pytest.raises(ConfigError, match="must be positive or unset"):
         EndpointConfig("https://x.example", rps=rps)
+
+
+def _config_error(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    r = CliRunner().invoke(cli, [*args, "status"], env=env)
+    assert "Traceback" not in r.output + r.stderr and "internal error" not in r.stderr, r.stderr
+    return r.exit_code, r.stderr.strip()
+
+
+@pytest.mark.parametrize("given_as", ["--config", "GAPFILL_CONFIG"])
+def test_a_config_file_that_cannot_be_read_says_where_its_path_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given_as: str
+) -> None:
+    # A file it may not read was an "internal error (PermissionError ...)"; a directory
+    # named by GAPFILL_CONFIG said "give --config a TOML file"; a FIFO "does not exist".
+    path = write(tmp_path, 'db = "sqlite:///x.db"\n')
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+
+    def given(p: str | Path) -> tuple[int, str]:
+        if given_as == "--config":
+            return _config_error(["--config", str(p)])
+        return _config_error([], env={"GAPFILL_CONFIG": str(p)})
+
+    assert given(tmp_path) == (1, f"error: config file {tmp_path} is a directory: "
+                                  f"give {given_as} a TOML file")  # fmt: skip
+    assert given(fifo) == (1, f"error: config file {fifo} is not a regular file: give {given_as} a TOML file")
+    assert given(tmp_path / "no.toml") == (1, f"error: config file {tmp_path / 'no.toml'} does not exist: "
+                                              f"fix {given_as}")  # fmt: skip
+
+    def refused(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))  # chmod 000, as root can't
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    assert given(path) == (1, f"error: cannot read config file {path} (Permission denied): fix {given_as}")
+
+
+def test_an_unreadable_gapfill_toml_in_the_working_directory_says_how_to_skip_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, 'db = "sqlite:///x.db"\n')
+
+    def refused(self: Path, *args: object, **kwargs: object) -> str:
+        raise OSError(5, "Input/output error", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    assert _config_error([]) == (1, "error: cannot read config file gapfill.toml (Input/output error): "
+                                    "fix it, or pass --config '' to read none")  # fmt: skip

@@ -1365,6 +1365,12 @@ def _enrich(ctx: Ctx, contract: str | None, chain_id: int | None, mode: str, dry
     one_of_several = contract is not None and len({c.chain_id for c in tracked}) > 1
     if not dry_run and not one_of_several and _say_if_nothing_to_enrich(ctx, tracked, retry_failed):
         return
+    if dry_run and not ctx.endpoints(required=False):
+        # A dry run fetches nothing: with no node to pick a chain, it estimates every chain
+        # of the targets, as it does the one chain of targets all on one (it stopped at "no
+        # RPC endpoint is set" where these were on two).
+        _dry_run(ctx, tracked, opts, retry_failed)
+        return
     # -q shows only the summary and what the run waits for.
     chain, targets, skipped = _on_node_chain(ctx, tracked, contract, rpc, None if opts["quiet"] else tell)
     # Contracts on a chain no endpoint serves, named when they have a gap the run leaves.
@@ -1373,7 +1379,7 @@ def _enrich(ctx: Ctx, contract: str | None, chain_id: int | None, mode: str, dry
     skipped = [c for c in skipped if missing[(c.chain_id, c.address)]]
     left = unserved(skipped, ctx.endpoints_check(), missing)
     if dry_run:
-        _dry_run(ctx, chain, targets + skipped, opts, retry_failed, left)
+        _dry_run(ctx, targets + skipped, opts, retry_failed, left)
         return
     if targets != tracked and _say_if_nothing_to_enrich(ctx, targets, retry_failed, left):
         return
@@ -1438,7 +1444,7 @@ def _gap_size(store: Store, c: Contract, retry_failed: bool) -> int:
     return n + store.count_permanent_failures(c.chain_id, c.address) if retry_failed else n
 
 
-def _dry_run(ctx: Ctx, chain: int, targets: list[Contract], opts: dict[str, Any], retry_failed: bool,
+def _dry_run(ctx: Ctx, targets: list[Contract], opts: dict[str, Any], retry_failed: bool,
              left: Sequence[str] = ()) -> None:  # fmt: skip
     """What a run would do; ``left`` names the contracts among ``targets`` it would skip."""
     from gapfill.engine.dryrun import estimate

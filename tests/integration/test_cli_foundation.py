@@ -1638,3 +1638,19 @@ def test_a_dry_run_meters_calls_as_the_run_does_when_one_endpoint_has_an_rps(
                    '[[endpoints]]\nurl = "http://127.0.0.1:9/b"\nrps = 1\n')  # fmt: skip
     r = run(tracked, "--config", str(cfg), "enrich", "--dry-run")
     assert "~2 RPC calls, ~1s at 2 calls/s" in r.stdout, r.stdout
+
+
+def test_a_dry_run_without_a_node_estimates_contracts_on_every_chain(tracked: str) -> None:
+    # A dry run fetches nothing, so needs no node, as with contracts on one chain; on two it
+    # stopped at "no RPC endpoint is set" (it asked the endpoints which chain to estimate).
+    other = "0x" + "cd" * 20
+    assert run(tracked, "contract", "add", other, "--chain-id", "5").exit_code == 0
+    for address, chain in ((C, "1"), (other, "5")):
+        r = run(tracked, "import", "-", "--contract", address, "--chain-id", chain, input=h(1) + "\n")
+        assert r.exit_code == 0, r.stderr
+    r = run(tracked, "enrich", "--dry-run")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"1 {C}: 1 missing," in r.stdout and f"5 {other}: 1 missing," in r.stdout, r.stdout
+    # --chain-id still picks one.
+    r = run(tracked, "enrich", "--dry-run", "--chain-id", "5")
+    assert r.exit_code == 0 and f"5 {other}: 1 missing," in r.stdout and C not in r.stdout, r.stdout

@@ -87,6 +87,16 @@ def _what_was_kept(ev: BatchAbandoned) -> str:
     return f" ({', '.join(said)})"
 
 
+def plan_said(ev: RunStarted) -> str:
+    """A run's plan as its first line says it (the line renderer's and the live view's):
+    ``RunStarted.refs`` counts only the refs newly planned, so on a resume (the open plan
+    joined) a bare "0 refs" read as nothing to do; `gapfill worker` never plans, and says
+    no planned refs at all."""
+    join = f", joined {ev.joined} open plan(s)" if ev.joined else ""
+    planned = "" if ev.mode == "worker" else f", {counted(ev.refs, 'ref')} newly planned"
+    return f"{counted(ev.batches, 'open batch', 'open batches')}{planned}{join}"
+
+
 class LineRenderer:
     """The seed's log lines, with key ranges where the seed printed offsets."""
 
@@ -101,11 +111,8 @@ class LineRenderer:
 
     def __call__(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
-            join = f", joined {ev.joined} open plan(s)" if ev.joined else ""
-            # `gapfill worker` never plans: "0 refs newly planned" would say nothing true.
-            planned = "" if ev.mode == "worker" else f", {counted(ev.refs, 'ref')} newly planned"
             self.line(f"Run #{ev.run_id}: mode {ev.mode}, {ev.workers} worker(s) on {ev.cores} CPU cores; "
-                      f"{counted(ev.batches, 'open batch', 'open batches')}{planned}{join}")  # fmt: skip
+                      f"{plan_said(ev)}")  # fmt: skip
         elif isinstance(ev, BatchAssigned):
             again = f" (attempt {ev.attempt})" if ev.attempt > 1 else ""
             self.line(f"[Worker-{ev.worker + 1}] Assigned batch {ev.batch_id}: {key_range(ev.lo, ev.hi)}, "
@@ -192,9 +199,8 @@ class LiveRenderer:
         parts: list[Any] = []
         if self.started:
             s = self.started
-            work = f"{counted(s.batches, 'batch', 'batches')}, {counted(s.refs, 'ref')}"
             parts.append(Text(f"Run #{s.run_id} · mode {s.mode} · {s.workers} worker(s) on {s.cores} cores · "
-                              f"{work}", style="bold"))  # fmt: skip
+                              f"{plan_said(s)}", style="bold"))  # fmt: skip
         total = p.total_batches if p else (self.started.batches if self.started else 0)
         done = p.done_batches if p else 0
         parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))

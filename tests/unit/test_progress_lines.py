@@ -274,6 +274,24 @@ def live_view_text(live: LiveRenderer) -> str:
 
 
 @pytest.mark.timeout(10)
+def test_the_live_view_header_words_the_plan_as_the_line_renderer_does() -> None:
+    # RunStarted.refs counts the refs newly planned only: on a resume, and in `gapfill
+    # worker`, the header said "0 refs" of a run with batches open.
+    for started, said in [
+        (RunStarted(9, "batch", 1, 2, 4, 0, 1),
+         "4 open batches, 0 refs newly planned, joined 1 open plan(s)"),
+        (RunStarted(8, "worker", 2, 2, 3, 0, 1), "3 open batches, joined 1 open plan(s)"),
+    ]:
+        live = LiveRenderer()
+        live(started)
+        header = live_view_text(live).splitlines()[0]
+        out = io.StringIO()
+        LineRenderer(out=out)(started)
+        assert header.endswith(f" · {said}") and out.getvalue().rstrip().endswith(f"; {said}"), header
+        assert "0 refs\n" not in live_view_text(live)
+
+
+@pytest.mark.timeout(10)
 def test_the_live_view_counts_batches_closed_without_a_commit_as_they_come() -> None:
     # One worker (batch mode): its events move the bar between the once-a-second Progress
     # events. A lease that found 2 batches' ranges already stored closes them, and a batch

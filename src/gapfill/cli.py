@@ -648,7 +648,9 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     # A Ctrl+C or SIGTERM as the contract is written stops the command once it is (the
     # scope's end), saying so: it raised as the commit returned, "nothing was written".
     written = f"{address} is tracked on chain {chain_id}"
-    if abi is not None:
+    # The ABI the contract has already: nothing is asked to be decoded again (Store.add_contract).
+    abi_changed = abi is not None and (was is None or was.abi != abi)
+    if abi_changed:
         # The ABI and the ask to decode the stored rows again were written together: if
         # this is cut short, the next `gapfill enrich` (or `contract add`) finishes it.
         written += (" with this ABI, but the rows stored before it are not all decoded with "
@@ -657,7 +659,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         # Set before the write: a second signal as it commits is said from `late.committed`.
         ctx.kept = lambda: written if late.committed else "nothing was written; run the same command again"
         store.add_contract(Contract(chain_id, address, label, start_block, abi))
-    click.echo(_added(was, store.get_contract(address, chain_id), abi is not None))
+    click.echo(_added(was, store.get_contract(address, chain_id), abi_changed))
     if abi is not None:
         from gapfill.enrich.decode import abi_problems
 
@@ -674,7 +676,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     for done_chain, done_address, done in finish_redecodes(store):
         if not (done.txs or done.logs):
             continue
-        if abi is None or (done_chain, done_address) != (chain_id, address):
+        if not abi_changed or (done_chain, done_address) != (chain_id, address):
             click.echo(f"decoded the stored rows of {done_address} on chain {done_chain} again with its "
                        f"ABI, which a run or `contract add` cut short had left to do: "
                        f"{counted(done.txs, 'transaction')} sent to it, "
@@ -699,7 +701,7 @@ def _added(was: Contract | None, now: Contract, new_abi: bool) -> str:
                for what, old, new in (("label", was.label or None, now.label or None),
                                       ("start block", was.start_block, now.start_block))
                if old != new]  # fmt: skip
-    if new_abi and now.abi != was.abi:  # the same ABI given again changes nothing
+    if new_abi:
         changes.append("ABI replaced" if was.abi is not None else "ABI set")
     return (f"{now.address} on chain {now.chain_id}{named} was tracked already: "
             + (", ".join(changes) if changes else "nothing changed"))

@@ -7,7 +7,9 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
+import orjson
 import pytest
 from click.testing import CliRunner
 from test_store import C, h, schema_up_to, tx_row
@@ -19,6 +21,10 @@ from gapfill.store import Store, open_store
 
 ABI = [{"type": "function", "name": "transfer",
         "inputs": [{"name": "to", "type": "address"}, {"name": "amount", "type": "uint256"}]}]  # fmt: skip
+
+
+#: Another ABI of the same function (an event added).
+ABI_TOO = [*ABI, {"type": "event", "name": "Ping", "inputs": []}]
 
 
 @pytest.fixture
@@ -51,8 +57,10 @@ def test_an_abi_given_stays_asked_for_until_its_rows_are_decoded_with_it(store: 
     store.add_contract(Contract(1, C, abi=ABI))
     ((chain_id, address, abi, asked),) = store.pending_redecodes()
     assert (chain_id, address, abi) == (1, C, ABI)
+    store.add_contract(Contract(1, C, abi=ABI))  # the same ABI again asks nothing more
+    assert [p[3] for p in store.pending_redecodes()] == [asked]
     # The ABI changes while a re-decode runs with the one before: it does not settle it.
-    store.add_contract(Contract(1, C, abi=ABI))
+    store.add_contract(Contract(1, C, abi=ABI_TOO))
     store.redecoded(1, C, asked)
     assert [p[3] for p in store.pending_redecodes()] == [asked + 1]
     assert method_names(store) == {None}
@@ -127,6 +135,30 @@ def test_contract_add_finishes_what_one_cut_short_left(store: Store, db_url: str
     assert (f"decoded the stored rows of {C} on chain 1 again with its ABI, which a run or `contract add` "
             "cut short had left to do: 2 transactions sent to it, 0 logs it emitted") in r.output  # fmt: skip
     assert method_names(store) == {"transfer"} and store.pending_redecodes() == []
+
+
+def test_the_same_abi_given_again_decodes_nothing_again(store: Store, db_url: str, tmp_path: Path) -> None:
+    # `contract add X --abi same.json` (a provisioning script rerun) said "nothing changed",
+    # then decoded every stored row of X again: "decoded the stored rows with this ABI".
+    store_undecoded(store, 1, 2)
+    abi = tmp_path / "abi.json"
+    abi.write_bytes(orjson.dumps(ABI))
+    add = ["--db", db_url, "contract", "add", C, "--chain-id", "1", "--abi", str(abi)]
+    r = CliRunner().invoke(cli, add)
+    assert r.exit_code == 0, r.output
+    assert "decoded the stored rows with this ABI: 2 of 2 transactions" in r.output, r.output
+    r = CliRunner().invoke(cli, add)
+    assert r.exit_code == 0, r.output
+    assert r.output == f"{C} on chain 1 (token) was tracked already: nothing changed\n"
+    assert store.pending_redecodes() == []
+    # A run not settled (another host's, never judged from here) began before the ABI: the
+    # rows it stored may be decoded the old way, and the same ABI again is how they are
+    # redone (README), so then it still asks.
+    store.create_run("concurrent", 2, chain_id=1)
+    store.add_contract(Contract(1, C, abi=ABI_TOO))  # changed as it runs
+    assert finish_redecodes(store) and store.pending_redecodes() == []
+    store.add_contract(Contract(1, C, abi=ABI_TOO))
+    assert [p[:3] for p in store.pending_redecodes()] == [(1, C, ABI_TOO)]
 
 
 def test_a_killed_run_waits_while_a_live_local_process_may_still_commit_for_it(store: Store) -> None:

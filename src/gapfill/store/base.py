@@ -604,9 +604,19 @@ class Store(abc.ABC):
     def add_contract(self, contract: Contract) -> None:
         """Track ``contract`` (or update a tracked one's label, start block and ABI). An ABI
         given asks, in the same transaction, for its stored rows to be decoded again with it
-        (:meth:`pending_redecodes`): a process killed before it did so leaves that asked."""
-        given = int(contract.abi is not None)
+        (:meth:`pending_redecodes`): a process killed before it did so leaves that asked.
+        The ABI the contract has already asks nothing (every row was decoded again for
+        nothing), unless a run not settled yet began with an older one (see
+        :meth:`settle_runs`): its rows may be decoded the old way, and giving the ABI again
+        is how one that is never settled (another host's, a container gone) has them redone."""
         with self._tx() as cur:
+            given = 0
+            if contract.abi is not None:
+                cur.execute(self._sql("SELECT abi, abi_version FROM contracts WHERE chain_id = ? "
+                                      "AND address = ?"), (contract.chain_id, contract.address))  # fmt: skip
+                row = cur.fetchone()
+                given = int(row is None or json_value(row[0]) != contract.abi
+                            or self._older_in_unsettled_run(cur, contract, int(row[1])))  # fmt: skip
             cur.execute(
                 self._sql(
                     "INSERT INTO contracts (chain_id, address, label, start_block, abi, abi_version, "
@@ -620,6 +630,16 @@ class Store(abc.ABC):
                 (contract.chain_id, contract.address, contract.label, contract.start_block,
                  json_text(contract.abi), given, given),
             )  # fmt: skip
+
+    def _older_in_unsettled_run(self, cur: Any, contract: Contract, version: int) -> bool:
+        """Whether a run not settled yet began with another ABI ``version`` of ``contract``."""
+        cur.execute("SELECT abi_versions FROM runs WHERE abi_versions IS NOT NULL")
+        for (text,) in cur.fetchall():
+            started = json_value(text)
+            if int(started["chain_id"]) == contract.chain_id and \
+                    int(started["versions"].get(contract.address, 0)) != version:
+                return True
+        return False
 
     def list_contracts(self) -> list[Contract]:
         with self._read() as cur:

@@ -1018,20 +1018,9 @@ def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], d
 # -- enrich, worker, failures, runs ------------------------------------------------------
 
 
-def _chain_targets(ctx: Ctx, contract: str | None, chain_id: int | None, rpc: RpcSettings,
-                   read_only: bool = False) -> tuple[int, list[Contract], list[Contract]]:  # fmt: skip
-    """The contracts to work on, all on one chain (the RPC endpoints' chain), and those
-    left out because they are on another chain (see :func:`served`); ``read_only``: for a
-    command that writes nothing (see :meth:`Ctx.store`).
-
-    Targets all on one chain are not probed here: the run's own start-up check says, in
-    one sentence, when the node serves another chain (nothing could be done: exit 1)."""
-    return _on_node_chain(ctx, _tracked_targets(ctx, contract, chain_id, read_only), contract, rpc)
-
-
 def _tracked_targets(ctx: Ctx, contract: str | None, chain_id: int | None, read_only: bool) -> list[Contract]:
     """The tracked contracts ``--contract`` and ``--chain-id`` select, on any chain (see
-    :func:`_chain_targets`)."""
+    :func:`_on_node_chain`)."""
     # `--contract X` of an address tracked on several chains: the endpoints' chain picks
     # (without endpoints, as in a dry run without a node, it stays the --chain-id error).
     node_picks = bool(ctx.endpoints(required=False))
@@ -1045,9 +1034,13 @@ def _on_node_chain(
     rpc: RpcSettings,
     say: Callable[[str], None] | None = tell,
 ) -> tuple[int, list[Contract], list[Contract]]:
-    """``targets`` (of :func:`_tracked_targets`) as :func:`_chain_targets` returns them: the
-    endpoints are asked their chain only when the targets are on several. ``say`` (if
-    any) hears which chain they picked for the one address --contract named."""
+    """The contracts of ``targets`` (of :func:`_tracked_targets`) to work on, all on one chain
+    (the RPC endpoints' chain), and those left out because they are on another (see
+    :func:`served`): the endpoints are asked their chain only when the targets are on
+    several. Targets all on one chain are not probed here: the run's own start-up check
+    says, in one sentence, when the node serves another chain (nothing could be done:
+    exit 1). ``say`` (if any) hears which chain they picked for the one address
+    --contract named."""
     chains = {c.chain_id for c in targets}
     if len(chains) == 1:
         return chains.pop(), targets, []

@@ -393,7 +393,8 @@ def test_an_abi_given_during_enrichment_decodes_every_row(
                 proc.kill()
                 proc.communicate()
     assert proc.returncode == 0, out
-    assert f"decoded the stored rows of {chain.token} again" in out and "during this run" in out, out
+    said = f"decoded the stored rows of {chain.token} on chain {chain.chain_id} again"
+    assert said in out and "during this run" in out, out
     assert_exact(db_url, world, hashes)
 
 
@@ -469,7 +470,8 @@ def test_a_run_killed_after_an_abi_change_leaves_its_rows_to_the_next_run(
     code, out = gapfill(db_url, world.node.url, "enrich", "--mode", "batch")
     assert code == 0, out
     assert_exact(db_url, world, hashes)
-    assert f"decoded the stored rows of {chain.token} again" in out and "cut short" in out, out
+    said = f"decoded the stored rows of {chain.token} on chain {chain.chain_id} again"
+    assert said in out and "cut short" in out, out
 
 
 def ref_blocks(db_url: str) -> dict[tuple[str, str], int | None]:

@@ -190,7 +190,8 @@ def test_nothing_to_enrich_still_finishes_a_redecode_a_killed_run_left(small_cha
     r = run(db, "--rpc-url", UNREACHABLE, "enrich")
     assert r.exit_code == 0, r.output + r.stderr
     assert f"nothing to enrich: every ref of {token} on chain {chain.chain_id} is stored" in r.stderr
-    assert f"decoded the stored rows of {token} again (4 transactions sent to it" in r.stderr, r.stderr
+    said = f"decoded the stored rows of {token} on chain {chain.chain_id} again (4 transactions sent to it"
+    assert said in r.stderr, r.stderr
     with open_store(db) as store:
         assert store.pending_redecodes() == []
         names = {t["method_name"] for t in store.fetch_transactions(chain.chain_id)}

@@ -79,8 +79,9 @@ def finish_left_redecodes(store: Store, run_id: int | None, emit: Emit) -> None:
 
     why = ("a run or `contract add` cut short left some decoded with its old ABI" if run_id is None
            else "it was given a new ABI during this run (or one cut short)")  # fmt: skip
-    for _, address, done in finish_redecodes(store, run_id):
+    for chain_id, address, done in finish_redecodes(store, run_id):
         if done.txs or done.logs:
-            emit(Notice(f"decoded the stored rows of {address} again "
+            # The chain too: one address may be tracked on several, each decoded apart.
+            emit(Notice(f"decoded the stored rows of {address} on chain {chain_id} again "
                         f"({counted(done.txs, 'transaction')} sent to it, "
                         f"{counted(done.logs, 'log')}): {why}"))  # fmt: skip

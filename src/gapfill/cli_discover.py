@@ -34,12 +34,14 @@ from gapfill.discover.explorer import (
     NO_EXPLORER,
     URL_CHECK,
     ExplorerConfig,
+    key_hint,
     url_hint,
 )
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary, check_methods
 from gapfill.discover.run import discover as run_discover
 from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Contract
+from gapfill.redact import ExplorerUrl
 from gapfill.rpc.config import RpcSettings
 from gapfill.settings import DEFAULT_CONFIG_NAME
 from gapfill.store import Store
@@ -80,17 +82,19 @@ def _explorer(ctx: Ctx, url: str | None, key: str | None,
     key = key or ctx.file.explorer.get("key")
     # Whatever quotes them from here on (a library's error text or log record with the
     # request's URL and its apikey=) has them masked.
-    ctx.hide(str(url) if url else None, key=str(key) if key else None)
+    # Marked an explorer's: its path shows (a typo in it), its query's key does not.
+    ctx.hide(ExplorerUrl(str(url)) if url else None, key=str(key) if key else None)
+    # The file read, else the one that would be: ./gapfill.toml.
+    config_path = ctx.file.path or DEFAULT_CONFIG_NAME
     if not url:
-        # The file read, else the one that would be: ./gapfill.toml.
-        hint = url_hint(ctx.file.path or DEFAULT_CONFIG_NAME)
+        hint = url_hint(config_path)
         if key:
             raise ConfigError(f"an explorer key is set ({key_check}) but no URL: {hint}")
         if methods and "explorer" in (m.lower() for m in methods):
             raise ConfigError(f"{NO_EXPLORER}: {hint}")  # before any database or node is opened
         return None
-    return ExplorerConfig(str(url), str(key) if key else None,
-                          url_check=url_check or URL_CHECK, key_check=key_check or KEY_CHECK)  # fmt: skip
+    return ExplorerConfig(str(url), str(key) if key else None, url_check=url_check or URL_CHECK,
+                          key_check=key_check or KEY_CHECK, key_hint=key_hint(config_path))  # fmt: skip
 
 
 class _Printer:

@@ -1,7 +1,8 @@
 """Keep secrets in URLs out of every message.
 
 RPC URLs often carry an API key in the path (``/v2/<key>``) or the query
-(``?apikey=...``); database URLs carry passwords. Anything that prints or logs a
+(``?apikey=...``); explorer APIs in the query only (see :class:`ExplorerUrl`); database
+URLs carry passwords. Anything that prints or logs a
 URL goes through :func:`redact_url`, and :func:`redact_text` scrubs known
 secrets out of free text such as driver error messages, however it encodes them.
 """
@@ -109,8 +110,33 @@ def _is_db_url(url: str) -> bool:
     return isinstance(url, DbUrl) or is_keyword_dsn(url) or (_is_db(url) and bool(_DB_SCHEME.match(url)))
 
 
-def _masked_segments(path: str) -> list[str]:
-    return [s for s in path.split("/") if not _PLAIN_SEGMENT.match(s)]
+class ExplorerUrl(str):
+    """An explorer API's URL (``--explorer-url``), marked so that redaction shows its path.
+
+    Etherscan-compatible APIs (Etherscan, Blockscout, Routescan) take their key in the
+    query (``apikey=``), masked as on any URL, never in the path, whose segments are
+    versions and words (``/v2/api``, ``/v2/network/mainnet/evm/1/etherscan/api``). Masked
+    as an RPC URL's path, they hid the very typo an explorer's 404 came from (``/v2/apj``
+    showed as ``/v2/***``). A segment as long as a key (16 characters or more: a key
+    pasted in the wrong place) is still masked; an RPC URL's path keeps its own rule."""
+
+    __slots__ = ()
+
+
+# An explorer URL's path segment this long may be a key pasted there: masked (see ExplorerUrl).
+_EXPLORER_KEY_SEGMENT_LEN = 16
+
+
+def _segment_masked(segment: str, explorer: bool) -> bool:
+    """Whether a path segment may be a key: on an explorer URL one as long as a key, on an
+    RPC URL any but a version or a few words (see ``_PLAIN_SEGMENT``)."""
+    if explorer:
+        return len(segment) >= _EXPLORER_KEY_SEGMENT_LEN
+    return not _PLAIN_SEGMENT.match(segment)
+
+
+def _masked_segments(path: str, explorer: bool = False) -> list[str]:
+    return [s for s in path.split("/") if _segment_masked(s, explorer)]
 
 
 def _db_query_at(url: str) -> int:
@@ -299,7 +325,8 @@ def misplaced_problem(url: str, named: str, check: str) -> str | None:
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with its password, path segments (but versions) and secret query values masked.
+    """Return ``url`` with its password, path segments (but versions; of an
+    :class:`ExplorerUrl` only those as long as a key) and secret query values masked.
 
     A database URL (a :class:`DbUrl`, a libpq ``key=value`` connection string, or one with
     a database scheme) is shown as :func:`redact_db_url` shows it. One with a missing or
@@ -312,6 +339,7 @@ def redact_url(url: str) -> str:
         if ":" not in url and _split_scheme(url) is None:
             return _redact_loose(url)[0]
         return redact_endpoint(url)
+    explorer = isinstance(url, ExplorerUrl)
     url, misread, taken_out = _well_formed(url)
     try:
         parts = urlsplit(url)
@@ -325,7 +353,7 @@ def redact_url(url: str) -> str:
         user = userinfo.split(":", 1)[0]
         # https://KEY@host: a bare userinfo on an RPC URL is a key
         netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{MASK}@{hostport}"
-    path = "/".join(s if _PLAIN_SEGMENT.match(s) else MASK for s in parts.path.split("/"))
+    path = "/".join(MASK if _segment_masked(s, explorer) else s for s in parts.path.split("/"))
     return urlunsplit((parts.scheme, netloc, path, _redact_query(parts.query, is_db=False)[0], ""))
 
 
@@ -384,9 +412,11 @@ def _split_scheme(url: str) -> tuple[str, str] | None:
     return None
 
 
-def _redact_rest(rest: str) -> str:
-    """``host:port/path?query`` redacted as the same after ``http://`` would be."""
-    return redact_url("http://" + rest).removeprefix("http://")
+def _redact_rest(rest: str, explorer: bool = False) -> str:
+    """``host:port/path?query`` redacted as the same after ``http://`` would be (an
+    explorer's as an explorer URL)."""
+    url = "http://" + rest
+    return redact_url(ExplorerUrl(url) if explorer else url).removeprefix("http://")
 
 
 def redact_endpoint(url: str) -> str:
@@ -398,7 +428,7 @@ def redact_endpoint(url: str) -> str:
         return redact_url(url)
     split = _split_scheme(url)
     if split is not None:
-        return split[0] + _redact_rest(split[1])
+        return split[0] + _redact_rest(split[1], isinstance(url, ExplorerUrl))
     return url if _PLAIN_WORD.match(url) else MASK
 
 
@@ -423,7 +453,7 @@ def not_http_problem(url: str) -> str:
         scheme = "https"
     else:
         scheme = "http" if local or meant.startswith(("http", "ws")) else "https"
-    fixed = f"{scheme}://{_redact_rest(rest)}"
+    fixed = f"{scheme}://{_redact_rest(rest, isinstance(url, ExplorerUrl))}"
     if not written:
         return f"{shown!r} has no scheme: write it as {fixed}"
     return f"{shown!r} is not an http(s) URL: write it as {fixed}"
@@ -437,10 +467,12 @@ def secrets_of(url: str) -> list[str]:
     if "://" not in url:
         split = _split_scheme(url)
         if split is not None:
-            return secrets_of("http://" + split[1])
+            rest = "http://" + split[1]
+            return secrets_of(ExplorerUrl(rest) if isinstance(url, ExplorerUrl) else rest)
         if ":" not in url:
             return _redact_loose(url)[1]
         return [] if _PLAIN_WORD.match(url) else [url]
+    explorer = isinstance(url, ExplorerUrl)
     url, misread, _ = _well_formed(url)
     try:
         parts = urlsplit(url)
@@ -454,7 +486,7 @@ def secrets_of(url: str) -> list[str]:
     hostport = parts.netloc.rpartition("@")[2]
     if misread is not None and "@" in parts.netloc and not _HOST_AFTER_AT.match(hostport):
         found += [hostport, *(p.partition("=")[2] for p in hostport.split("&") if "=" in p)]
-    found.extend(s for s in _masked_segments(parts.path) if len(s) >= _MIN_SCRUBBED_SEGMENT)
+    found.extend(s for s in _masked_segments(parts.path, explorer) if len(s) >= _MIN_SCRUBBED_SEGMENT)
     return found
 
 

@@ -221,26 +221,57 @@ def test_discover_explorer_from_env_never_prints_the_key(
     assert "AnotherWrongKey" not in res.output + res.stderr
 
 
+def _explorer_fails(small_chain: NodeChain, db_file: Path, *explorer: str) -> str:
+    """What ``discover --method explorer`` with ``explorer``'s options says as it fails, on
+    the token tracked in a new database."""
+    chain = small_chain.chain
+    db = f"sqlite:///{db_file}"
+    runner = CliRunner()
+    _add(runner, db, chain, chain.token)
+    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "explorer",
+                              "--confirmations", "0", *explorer])  # fmt: skip
+    assert res.exit_code == 1, res.output + res.stderr
+    return res.output + res.stderr
+
+
 def test_an_explorer_answering_an_http_error_mid_scan_ends_with_what_to_check(
     small_chain: NodeChain, tmp_path: Path, standin: str
 ) -> None:
     # A wrong path (HTTP 404) said "check --explorer-url ... and --explorer-key" mid-sentence,
     # then "run the same command again", which cannot pass: the check is now last, then the rerun.
-    chain = small_chain.chain
-    db = f"sqlite:///{tmp_path / 'cli.db'}"
-    runner = CliRunner()
-    _add(runner, db, chain, chain.token)
     wrong = standin.replace("/v2/api", "/v1/api")
-    explorer = ["--explorer-url", wrong, "--explorer-key", KEY]
-    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "discover", "--method", "explorer",
-                              "--confirmations", "0", *explorer])  # fmt: skip
-    assert res.exit_code == 1, res.output + res.stderr
-    assert res.stderr.endswith(
-        f"error: the explorer at {redact_url(wrong)} answered HTTP 404 (404: Not Found); no chunk of "
-        f"{chain.token} was finished, so nothing was kept: check --explorer-url (an Etherscan-compatible "
-        "API such as https://api.etherscan.io/v2/api) and --explorer-key, then run the same command again\n"
-    ), res.stderr
-    assert KEY not in res.output + res.stderr
+    said = _explorer_fails(small_chain, tmp_path / "cli.db", "--explorer-url", wrong, "--explorer-key", KEY)
+    # The path shows as written (the mistyped segment was the one masked), and a 404 is
+    # about the URL alone: the key's check is not named.
+    assert said.endswith(
+        f"error: the explorer at {wrong} answered HTTP 404 (404: Not Found); no chunk of "
+        f"{small_chain.chain.token} was finished, so nothing was kept: check the path in --explorer-url "
+        "(an Etherscan-compatible API such as https://api.etherscan.io/v2/api), then run the same "
+        "command again\n"
+    ), said
+    assert KEY not in said
+
+
+def test_an_explorer_key_in_the_url_or_none_is_said_as_such(
+    small_chain: NodeChain, tmp_path: Path, standin: str
+) -> None:
+    # A key in --explorer-url said "check --explorer-key or GAPFILL_EXPLORER_KEY", neither set;
+    # no key at all said "refused the API key" too.
+    token = small_chain.chain.token
+    in_url = f"{standin}?chainid=1&apikey=WRONGKEYZZ"
+    said = _explorer_fails(small_chain, tmp_path / "in_url.db", "--explorer-url", in_url)
+    assert "WRONGKEYZZ" not in said
+    assert said.endswith(
+        f"error: the explorer at {standin}?chainid=1&apikey=*** refused the API key in its URL (Invalid "
+        f"API Key); no chunk of {token} was finished, so nothing was kept: check the apikey in "
+        "--explorer-url, then run the same command again\n"
+    ), said
+    said = _explorer_fails(small_chain, tmp_path / "none.db", "--explorer-url", standin)
+    assert said.endswith(
+        f"error: the explorer at {standin} needs an API key and none was given (Missing/Invalid API Key); "
+        f"no chunk of {token} was finished, so nothing was kept: pass --explorer-key, set "
+        "GAPFILL_EXPLORER_KEY or set [explorer] key in gapfill.toml, then run the same command again\n"
+    ), said
 
 
 def test_discover_scans_the_served_chain_and_names_the_contracts_it_skips(

@@ -205,7 +205,7 @@ async def test_a_wrong_explorer_url_says_what_to_check() -> None:
             with pytest.raises(ExplorerError) as info:
                 await client.request({"module": "account", "action": "txlist", "address": TOKEN})
     message = str(info.value)
-    assert "answered HTTP 404" in message and "check --explorer-url" in message
+    assert "answered HTTP 404" in message and "check the path in --explorer-url" in message
     assert KEY not in message
 
 
@@ -219,3 +219,42 @@ async def test_an_unreachable_explorer_says_so_in_words_with_its_url_redacted() 
     assert "failed once: connection refused; check --explorer-url" in message, message
     assert "Error" not in message and "ssl:" not in message, message  # no aiohttp class or text
     assert "SecretPathToken123456" not in message and KEY not in message, message
+
+
+async def _refusal(api_url: str, key: str | None = None) -> str:
+    """The sentence an explorer's refusal of a txlist request gives."""
+    config = ExplorerConfig(api_url, key=key, rps=1000, url_check="--explorer-url",
+                            key_check="--explorer-key", key_hint="pass --explorer-key")  # fmt: skip
+    async with ExplorerClient(config, 31337) as client:
+        with pytest.raises(ExplorerError) as info:
+            await client.request({"module": "account", "action": "txlist", "address": TOKEN})
+    return str(info.value)
+
+
+async def test_a_refused_key_is_named_where_it_came_from_or_asked_for_when_none_was_given() -> None:
+    # A key written in --explorer-url said "check --explorer-key or GAPFILL_EXPLORER_KEY",
+    # neither of them set; no key at all said "refused the API key" too.
+    async with ExplorerStandIn(fake_chain([1]), key=KEY, rps=None) as api:
+        in_url = await _refusal(api.url + "?chainid=1&apikey=WRONGKEYZZ")
+        given = await _refusal(api.url, key="WrongKeyGivenApart")
+        # A key given apart wins over one in the URL: it alone is sent, and named.
+        both = await _refusal(api.url + "?apikey=" + KEY, key="WrongKeyGivenApart")
+        none = await _refusal(api.url)
+    assert in_url.endswith("refused the API key in its URL (Invalid API Key): check the apikey in "
+                           "--explorer-url"), in_url  # fmt: skip
+    assert "WRONGKEYZZ" not in in_url and "apikey=***" in in_url, in_url
+    assert given.endswith("refused the API key (Invalid API Key): check --explorer-key"), given
+    assert both == given.replace(api.url, api.url + "?apikey=***"), both
+    assert none.endswith("needs an API key and none was given (Missing/Invalid API Key): "
+                         "pass --explorer-key"), none  # fmt: skip
+
+
+async def test_a_mistyped_explorer_path_shows_and_its_404_is_about_the_url() -> None:
+    # The mistyped segment was the one masked ("/v2/***"), and the hint named the key too.
+    async with ExplorerStandIn(fake_chain([1]), key=KEY, rps=None) as api:
+        wrong = api.url.replace("/v2/api", "/v2/apj")
+        message = await _refusal(wrong + "?apikey=" + KEY)
+    assert f"the explorer at {wrong}?apikey=*** answered HTTP 404" in message, message
+    assert message.endswith("check the path in --explorer-url (an Etherscan-compatible API such as "
+                            "https://api.etherscan.io/v2/api)"), message  # fmt: skip
+    assert KEY not in message

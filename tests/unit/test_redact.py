@@ -118,8 +118,14 @@ def test_endpoint_urls_without_a_scheme_are_refused_without_their_key() -> None:
 
     for make in (EndpointConfig, ExplorerConfig):
         with pytest.raises(ConfigError) as err:
-            make("eth.example.com/v2/RPCSECRET")
+            make("eth.example.com/v2/RPCSECRET0123456789")
         assert "RPCSECRET" not in str(err.value) and "eth.example.com/v2/***" in str(err.value)
+    # An explorer's path shows, a short segment too (its key is in the query): the fix quoted
+    # has the path as written, a typo in it included.
+    with pytest.raises(ConfigError) as err:
+        ExplorerConfig("api.example.com/v2/apj?apikey=K3Y")
+    shown = "api.example.com/v2/apj?apikey=***"
+    assert str(err.value).startswith(f"explorer URL {shown!r} has no scheme: write it as https://{shown}")
     assert EndpointConfig("HTTP://127.0.0.1:8545").url == "HTTP://127.0.0.1:8545"  # not refused
 
 
@@ -629,3 +635,29 @@ def test_the_cli_never_shows_a_password_with_a_delimiter_written_as_is(tmp_path:
             assert "QQ" not in result.output, result.output
             assert "the password in RPC URL 'http://user:***@127.0.0.1:1/' contains" in result.stderr
             assert "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Explorer APIs take their key in the query: the path shows, so that a typo in it can
+        # be seen (it showed as /v2/***, the very segment mistyped).
+        ("http://127.0.0.1:33543/v2/apj", "http://127.0.0.1:33543/v2/apj"),
+        ("https://api.example.io/wrong/api?chainid=1&apikey=WRONGKEYZZ",
+         "https://api.example.io/wrong/api?chainid=1&apikey=***"),
+        ("https://api.routescan.io/v2/network/mainnet/evm/43114/etherscan/api",
+         "https://api.routescan.io/v2/network/mainnet/evm/43114/etherscan/api"),
+        # A segment as long as a key is one pasted in the wrong place: masked still.
+        ("https://api.example.io/v2/api/ABCDEFGH12345678ABCD", "https://api.example.io/v2/api/***"),
+        ("https://u:pw@api.example.io/api", "https://u:***@api.example.io/api"),
+    ],
+)
+def test_an_explorer_url_shows_its_path(url: str, shown: str) -> None:
+    from gapfill.redact import ExplorerUrl
+
+    assert redact_url(ExplorerUrl(url)) == shown
+    # Nor is a path segment scrubbed out of a message that quotes the URL or its path.
+    assert redact_text(f"at {url}: 404 for {url.partition('//')[2].partition('/')[2]}", ExplorerUrl(url)) == (
+        f"at {shown}: 404 for {shown.partition('//')[2].partition('/')[2]}")
+    # An RPC URL's path keeps its rule: /v3/KEY paths are real.
+    assert redact_url("http://127.0.0.1:33543/v2/apj") == "http://127.0.0.1:33543/v2/***"

@@ -22,7 +22,10 @@ limits are handled here:
   is an empty page.
 
 The API key travels as the ``apikey`` query parameter and is never printed: every
-message goes through :func:`gapfill.redact.redact_text`.
+message goes through :func:`gapfill.redact.redact_text`. It is the one given apart
+(``key``), else one written in the URL's query (``?apikey=...``); a refusal names where
+it came from, or, with none at all, says that one is needed and how to give it. The URL
+is an :class:`~gapfill.redact.ExplorerUrl`: messages show its path, where a typo is.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ import orjson
 
 from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Ref
-from gapfill.redact import MASK, misplaced_problem, not_http_problem, redact_text, redact_url
+from gapfill.redact import (
+    MASK,
+    ExplorerUrl,
+    misplaced_problem,
+    not_http_problem,
+    redact_text,
+    redact_url,
+)
 from gapfill.rpc.classify import classify_exception, shown_body
 from gapfill.rpc.tls import aiohttp, trust_for
 
@@ -61,6 +71,15 @@ NO_EXPLORER = "--method explorer needs an explorer"
 def url_hint(config_path: str = "a config file") -> str:
     """How to give the explorer URL: the option, its variable or the config file's key."""
     return f"pass --explorer-url, set {ENV_URL} or set [explorer] url in {config_path}"
+
+
+def key_hint(config_path: str = "a config file") -> str:
+    """How to give the explorer's API key: the option, its variable or the config file's key."""
+    return f"pass --explorer-key, set {ENV_KEY} or set [explorer] key in {config_path}"
+
+
+#: The query parameter an Etherscan-compatible API reads its key from.
+KEY_PARAM = "apikey"
 
 _RATE_LIMIT = re.compile(r"rate limit|max calls per sec|too many requests|slow down", re.IGNORECASE)
 _WINDOW = re.compile(r"result window is too large|page\s*no?\s*x\s*offset", re.IGNORECASE)
@@ -111,8 +130,12 @@ class ExplorerConfig:
     #: environment variable, or the config file's [explorer] key.
     url_check: str = field(default=URL_CHECK, compare=False)
     key_check: str = field(default=KEY_CHECK, compare=False)
+    #: How to give a key, said when the explorer needs one and none was given.
+    key_hint: str = field(default_factory=key_hint, compare=False)
 
     def __post_init__(self) -> None:
+        # Its path shows in messages (a typo in it is what a 404 is about); keys are in the query.
+        object.__setattr__(self, "url", ExplorerUrl(self.url))
         if not self.url.lower().startswith(("http://", "https://")):
             raise ConfigError(f"explorer URL {not_http_problem(self.url)}; check {self.url_check}")
         misplaced = misplaced_problem(self.url, "explorer URL", self.url_check)
@@ -125,16 +148,23 @@ class ExplorerConfig:
         return f"ExplorerConfig(url={redact_url(self.url)!r}, key={'***' if self.key else None})"
 
 
-def _without_chainid(url: str) -> str:
-    """``url`` without a ``chainid`` in its query: each request names the contract's chain
-    (Etherscan's V2 API serves every chain at one URL), and a second ``chainid`` from the URL
-    (``...?chainid=1``) came first, so such APIs answered for that chain instead. The rest
-    of the URL is kept as written (a key in it is not re-encoded)."""
+def _query_names(url: str) -> set[str]:
+    """The names in ``url``'s query, lowercase."""
+    query = url.partition("?")[2].partition("#")[0]
+    return {unquote_plus(p.partition("=")[0]).strip().lower() for p in query.split("&") if p}
+
+
+def _without(url: str, *names: str) -> str:
+    """``url`` without the parameters ``names`` in its query, each request giving its own:
+    ``chainid``, the contract's chain (Etherscan's V2 API serves every chain at one URL), as
+    a second one from the URL (``...?chainid=1``) came first, so such APIs answered for that
+    chain instead; ``apikey`` when a key is given apart, which wins. The rest of the URL is
+    kept as written (a key in it is not re-encoded)."""
     base, sep, query = url.partition("?")
     if not sep:
         return url
     query, hash_, fragment = query.partition("#")
-    kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]).strip().lower() != "chainid"]
+    kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]).strip().lower() not in names]
     return base + (("?" + "&".join(kept)) if any(kept) else "") + hash_ + fragment
 
 
@@ -144,7 +174,7 @@ class ExplorerClient:
     def __init__(self, config: ExplorerConfig, chain_id: int) -> None:
         self.config = config
         self.chain_id = chain_id
-        self._url = _without_chainid(config.url)
+        self._url = _without(config.url, "chainid", *([KEY_PARAM] if config.key else []))
         self.requests = 0
         self.rate_limited = 0
         self._session: aiohttp.ClientSession | None = None
@@ -178,6 +208,16 @@ class ExplorerClient:
             text = text.replace(self.config.key, MASK)
         return text
 
+    def _key_source(self) -> tuple[str, str]:
+        """What the explorer did with the key, by where it came from, and what to do: the
+        key given apart (``--explorer-key``, its variable, the config file), else the one in
+        the URL's query, else none (a key is needed)."""
+        if self.config.key:
+            return "refused the API key", f"check {self.config.key_check}"
+        if KEY_PARAM in _query_names(self.config.url):
+            return "refused the API key in its URL", f"check the {KEY_PARAM} in {self.config.url_check}"
+        return "needs an API key and none was given", self.config.key_hint
+
     # -- one request -------------------------------------------------------------------
 
     async def _throttle(self) -> None:
@@ -207,10 +247,13 @@ class ExplorerClient:
             raise _Transient(f"HTTP {status}")
         if status != 200:
             shown = shown_body(body) or "no body"
+            # A 404 is about the URL's path alone; another refusal (401, 403) may be the key's.
+            path = "the path in " if status == 404 else ""
+            key = "" if status == 404 else f" and {self._key_source()[1]}"
             raise ExplorerRefused(
                 self._scrub(f"the explorer at {self.shown} answered HTTP {status} ({shown})"),
-                f"check {self.config.url_check} (an Etherscan-compatible API such as "
-                f"https://api.etherscan.io/v2/api) and {self.config.key_check}",
+                f"check {path}{self.config.url_check} (an Etherscan-compatible API such as "
+                f"https://api.etherscan.io/v2/api){key}",
             )
         try:
             data = orjson.loads(body)
@@ -238,10 +281,8 @@ class ExplorerClient:
         if _WINDOW.search(detail):
             raise _WindowTooLarge(detail)
         if _BAD_KEY.search(detail):
-            raise ExplorerRefused(
-                self._scrub(f"the explorer at {self.shown} refused the API key ({detail})"),
-                f"check {self.config.key_check}",
-            )
+            refused, fix = self._key_source()
+            raise ExplorerRefused(self._scrub(f"the explorer at {self.shown} {refused} ({detail})"), fix)
         raise ExplorerError(self._scrub(f"the explorer at {self.shown} answered {message}: {detail}"))
 
     async def request(self, params: dict[str, str]) -> Any:

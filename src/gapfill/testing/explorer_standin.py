@@ -17,7 +17,8 @@ behaves as the Etherscan docs say:
 * more than ``rps`` requests per second: ``{"status": "0", "message": "NOTOK",
   "result": "Max rate limit reached"}``;
 * no rows: ``{"status": "0", "message": "No transactions found", "result": []}``;
-* a wrong ``apikey`` (when ``key`` is set): "Invalid API Key".
+* a wrong ``apikey`` (when ``key`` is set): "Invalid API Key"; none: "Missing/Invalid
+  API Key", as Etherscan's V2 API answers a request without one.
 
 Usage::
 
@@ -160,7 +161,8 @@ class ExplorerStandIn:
             self.stats.rate_limited += 1
             return self._reply("0", "NOTOK", "Max rate limit reached")
         if self.key is not None and q.get("apikey") != self.key:
-            return self._reply("0", "NOTOK", "Invalid API Key")
+            said = "Invalid API Key" if q.get("apikey") else "Missing/Invalid API Key"
+            return self._reply("0", "NOTOK", said)
         chain_id = q.get("chainid")
         if chain_id is not None and chain_id != str(self.chain.chain_id):
             return self._reply("0", "NOTOK", f"Missing or unsupported chainid {chain_id}")

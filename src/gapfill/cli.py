@@ -842,7 +842,8 @@ def import_(ctx: Ctx, file: str, contract: str, chain_id: int | None) -> None:
         try:
             parsed = parse_refs(file, c.chain_id, c.address, on_columns=columns.append)
             added = store.add_refs(counting(parsed))
-            remark = _known_already(read, read - added.new - added.filled)
+            remark = _known_already(read - added.repeated, read - added.repeated - added.new - added.filled,
+                                    added.repeated)  # fmt: skip
         except NoRefs:
             if file != "-":
                 raise  # a file named that holds nothing is almost surely the wrong file
@@ -881,14 +882,19 @@ def _conflicting(conflicts: int) -> str:
             "(enrichment corrects a wrong one)")  # fmt: skip
 
 
-def _known_already(read: int, unchanged: int) -> str:
-    """What an import says of the hashes it read that changed nothing (tracked already with
-    what they say, or given twice): an import of 0 new refs did not just fail to read."""
+def _known_already(read: int, unchanged: int, repeated: int = 0) -> str:
+    """What an import says of the ``read`` hashes (each once) it read that changed nothing
+    (tracked already with what they say), and of the lines that repeat a hash of an earlier
+    line (``repeated``, not known before for that): an import of 0 new refs did not just
+    fail to read."""
+    again = f"{repeated:,} repeated in the file" if repeated else ""
     if not unchanged:
-        return ""
+        return f" ({again})" if again else ""
     if unchanged == read:
-        return " (every hash was known already)" if read > 1 else " (the hash was known already)"
-    return f" ({unchanged:,} of {counted(read, 'hash', 'hashes')} known already)"
+        known = "every hash was known already" if read > 1 else "the hash was known already"
+    else:
+        known = f"{unchanged:,} of {counted(read, 'hash', 'hashes')} known already"
+    return f" ({known}; {again})" if again else f" ({known})"
 
 
 def status_dict(s: ContractStatus) -> dict[str, Any]:

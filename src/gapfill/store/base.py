@@ -172,6 +172,9 @@ _CONFLICTS = (
     "AND s.block_number <> r.block_number) x"
 )
 
+#: How many refs an import's staged rows give, each counted once (a hash on two lines, once).
+_STAGED_REFS = "SELECT count(*) FROM (SELECT DISTINCT chain_id, contract, tx_hash FROM stage_refs) x"
+
 #: A ref's stored transaction's block number, looked up by key.
 _STORED_BLOCK = ("(SELECT t.block_number FROM transactions t "
                  "WHERE t.chain_id = r.chain_id AND t.tx_hash = r.tx_hash)")
@@ -417,15 +420,19 @@ class RefsAdded:
     discovery or enrichment), else that of its transaction if that is stored, else the
     first an import's lines give it (a line without one gives none). A wrong one only
     orders the work: enrichment fetches by hash, and stores the transaction's own block
-    number on the ref (``Enriched.moved``)."""
+    number on the ref (``Enriched.moved``).
+
+    ``repeated``: the rows that gave a ref an earlier row of the same import gave (a hash on
+    two lines of a file), which are not refs known already."""
 
     new: int
     filled: int
     conflicts: int = 0
+    repeated: int = 0
 
     def __add__(self, other: RefsAdded) -> RefsAdded:
         return RefsAdded(self.new + other.new, self.filled + other.filled,
-                         self.conflicts + other.conflicts)  # fmt: skip
+                         self.conflicts + other.conflicts, self.repeated + other.repeated)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -789,8 +796,14 @@ class Store(abc.ABC):
                     cur.execute(self._sql(_CONFLICTS), (chain_id, contract, chain_id, contract))
                     (count,) = cur.fetchone() or (0,)
                     conflicts += int(count)
+            # Rows that repeat a ref of an earlier row: only when some row inserted nothing.
+            repeated = 0
+            if n < staged:
+                cur.execute(_STAGED_REFS)
+                (distinct,) = cur.fetchone() or (staged,)
+                repeated = staged - int(distinct)
             self._unstage(cur)
-            return RefsAdded(n, filled, conflicts)
+            return RefsAdded(n, filled, conflicts, repeated)
 
     def _import_tx(self) -> AbstractContextManager[Any]:
         """The transaction of an import (SQLite's takes a bigger page cache)."""

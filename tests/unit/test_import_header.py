@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ A = "0x" + "aa" * 20
 H = "0x" + "12" * 32
 
 
-def run(tmp_path: Path, *args: str, input: str | None = None) -> Result:
+def run(tmp_path: Path, *args: str, input: str | bytes | None = None) -> Result:
     return CliRunner().invoke(cli, ["--db", f"sqlite:///{tmp_path / 'x.db'}", *args], input=input)
 
 
@@ -129,3 +130,47 @@ def test_a_row_too_short_for_its_hash_column_says_how_many_fields_it_has(tmp_pat
     f, r = import_failing(tmp_path, f"note,hash\nx,{H1}\ny\n")
     assert r.stderr == (f"error: {f} line 3: the row has 1 field but the hash is in column 2; nothing "
                         "was imported\n")  # fmt: skip
+
+
+def test_a_latin1_csv_says_to_save_it_as_utf8_with_the_line_of_its_first_bad_byte(tmp_path: Path) -> None:
+    # It said "give a text file with one hash per line, or a CSV with a hash column": wrong
+    # advice for a CSV whose header and hashes are right, and no line.
+    assert run(tmp_path, "contract", "add", A, "--chain-id", "1").exit_code == 0
+    f = tmp_path / "latin1.csv"
+    f.write_bytes(f"hash,block_number,note\n{H1},1,ok\n{H2},2,caf\xe9\n".encode("latin-1"))
+    r = run(tmp_path, "import", str(f), "--contract", A)
+    assert r.exit_code == 1, r.output
+    assert r.stderr == (f"error: {f} line 3 is not UTF-8 text (byte 0xe9), as a Latin-1 or Windows-1252 "
+                        'file has accents: save the file as UTF-8 (a spreadsheet\'s "CSV UTF-8") and '
+                        "import it again; nothing was imported\n"), r.stderr  # fmt: skip
+    # From stdin, which cannot be read again, without its line.
+    r = run(tmp_path, "import", "-", "--contract", A, input=f.read_bytes())
+    assert r.exit_code == 1 and r.stderr.startswith("error: stdin is not UTF-8 text (byte 0xe9)"), r.stderr
+
+
+@pytest.mark.parametrize("block", ["1,003", "3.5", "1.000", "1e3", "0x1.0"])
+def test_a_block_number_in_another_form_says_which_form_is_expected(tmp_path: Path, block: str) -> None:
+    # "'1,003' is not a block number; nothing was imported" did not say what to write.
+    f, r = import_failing(tmp_path, f'hash;block_number\n{H1};2\n{H2};"{block}"\n')
+    assert r.stderr == (f"error: {f} line 3: {block!r} is not a block number: write it as a whole "
+                        "number such as 1003 (decimal, or 0x hex), without decimals or thousands "
+                        "separators; nothing was imported\n"), r.stderr  # fmt: skip
+
+
+def test_a_whole_block_number_written_as_a_float_is_read() -> None:
+    # pandas writes an integer column with a blank in it as floats: 3.0.
+    text = f"hash,block_number\n{H1},3.0\n{H2},\n{H3},0x10\n".encode()
+    assert [r.block_number for r in parse_refs("-", 1, A, stdin=io.BytesIO(text))] == [3, None, 16]
+
+
+@pytest.mark.parametrize(("header", "named"), [
+    ("hash,tx_hash,block_number", "2 hash columns, hash and tx_hash"),
+    ("Transaction Hash,Blockno,block_number", "2 block number columns, Blockno and block_number"),
+])
+def test_a_header_with_two_hash_or_block_columns_is_refused(tmp_path: Path, header: str, named: str) -> None:
+    # The tx_hash column of "hash,tx_hash,block_number" was ignored without a word.
+    f, r = import_failing(tmp_path, f"{header}\n{H1},{H2},1\n")
+    last = named.rpartition(" ")[2]
+    assert r.stderr == (f"error: {f} line 1: the header has {named}: keep the one to import under its "
+                        f"name and rename the others (such as {last}_ignored), as columns of other names "
+                        "are ignored; nothing was imported\n"), r.stderr  # fmt: skip

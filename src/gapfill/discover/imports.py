@@ -26,7 +26,13 @@ from gapfill.wording import counted
 
 HASH_COLUMNS = ("hash", "tx_hash", "transaction hash", "txhash", "transaction_hash")
 BLOCK_COLUMNS = ("block_number", "blocknumber", "blockno", "block", "block number")
-_BLOCK = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)$")
+# A whole number written as a float by a tool whose column was one (pandas writes 3.0 for
+# 3 in a column with a blank): read as the number. Only ".0": "1.000" may be a thousand
+# with a dot for thousands separator, so any other decimals are refused.
+_BLOCK = re.compile(r"^(0x[0-9a-fA-F]+|[0-9]+)(\.0)?$")
+#: What a block number is to look like, as an error about one says it.
+BLOCK_FORM = ("write it as a whole number such as 1003 (decimal, or 0x hex), without decimals or "
+              "thousands separators")
 _DELIMITERS = (",", "\t", ";")
 
 
@@ -97,8 +103,11 @@ def _block(value: str, name: str, lineno: int) -> int | None:
     v = value.strip()
     if not v:
         return None
-    if not _BLOCK.match(v):
-        raise InputError(f"{name} line {lineno}: {v[:40]!r} is not a block number; nothing was imported")
+    m = _BLOCK.match(v)
+    if m is None or (m.group(2) and v.startswith("0x")):
+        raise InputError(f"{name} line {lineno}: {v[:40]!r} is not a block number: {BLOCK_FORM}; "
+                         "nothing was imported")  # fmt: skip
+    v = m.group(1)
     n = int(v, 16) if v.startswith("0x") else int(v)
     if n > BIGINT_MAX:
         raise InputError(f"{name} line {lineno}: block number {v[:40]} is too large; nothing was imported")
@@ -137,11 +146,8 @@ def parse_refs(
                              "check that it is the file you meant to import")  # fmt: skip
             yield first
             yield from refs
-        except UnicodeDecodeError:
-            raise InputError(
-                f"{name} is not UTF-8 text: give a text file with one hash per line, "
-                "or a CSV with a hash column"
-            ) from None
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, name, exc) from None
 
 
 def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
@@ -166,6 +172,8 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
     header_line = lineno
     header = _columns(stripped, delimiter)
     written = [h.strip().strip('"') for h in next(csv.reader([stripped], delimiter=delimiter))]
+    _one_column(name, header_line, written, header, HASH_COLUMNS, "hash")
+    _one_column(name, header_line, written, header, BLOCK_COLUMNS, "block number")
     hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
     if hash_col is None:
         if any(is_tx_hash(w) for w in written):
@@ -220,6 +228,41 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
         if block_col is not None and block_col < len(row):
             block = _block(row[block_col], name, lineno)
         yield Ref(chain_id, contract, tx.lower(), block, source)
+
+
+def _not_utf8(path: str, name: str, exc: UnicodeDecodeError) -> InputError:
+    """The error for a file that is not UTF-8 (a spreadsheet's Latin-1 or Windows-1252 ``é``):
+    the line of its first bad byte, which a file read again tells (a character never spans a
+    line break), and how to save it."""
+    where, byte = "", exc.object[exc.start : exc.start + 1]
+    if path != "-":
+        try:
+            with open(path, "rb") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as bad:
+                        where, byte = f" line {n}", line[bad.start : bad.start + 1]
+                        break
+        except OSError:
+            pass
+    shown = f" (byte 0x{byte.hex()})" if byte else ""
+    return InputError(f"{name}{where} is not UTF-8 text{shown}, as a Latin-1 or Windows-1252 file has "
+                      "accents: save the file as UTF-8 (a spreadsheet's \"CSV UTF-8\") and import it "
+                      "again; nothing was imported")  # fmt: skip
+
+
+def _one_column(name: str, lineno: int, written: list[str], header: list[str], names: tuple[str, ...],
+                what: str) -> None:  # fmt: skip
+    """Refuse a header with more than one column of ``names`` (``hash,tx_hash``): the others
+    were ignored without a word, and which holds what was meant is the user's to say."""
+    found = [w for w, h in zip(written, header, strict=True) if h in names]
+    if len(found) > 1:
+        both = f"{', '.join(found[:-1])} and {found[-1]}"
+        raise InputError(f"{name} line {lineno}: the header has {len(found)} {what} columns, {both}: "
+                         f"keep the one to import under its name and rename the others (such as "
+                         f"{found[-1]}_ignored), as columns of other names are ignored; nothing "
+                         "was imported")  # fmt: skip
 
 
 def _not_csv(name: str, lineno: int, exc: csv.Error) -> InputError:

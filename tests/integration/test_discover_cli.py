@@ -682,3 +682,21 @@ def test_a_to_block_below_the_start_block_says_so(small_chain: NodeChain, tmp_pa
         "--to-block 4 is below the start block 10: nothing to scan; pass --from-block to scan below the "
         "start block",
     ], res.stderr
+
+
+def test_blocks_scanned_below_the_start_block_show_in_the_summary_and_status(
+    small_chain: NodeChain, tmp_path: Path
+) -> None:
+    # As the tool advises ("pass --from-block"): its coverage was stored, but the summary and
+    # status showed the blocks from the start block on only.
+    chain, runner, args = _two_confirmations(small_chain, tmp_path)
+    db = args[1]
+    res = runner.invoke(cli, ["--db", db, "contract", "add", chain.silent, "--chain-id", str(chain.chain_id),
+                              "--start-block", "10"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, [*args, "--from-block", "3", "--to-block", "5"])
+    assert res.exit_code == 0, res.output + res.stderr
+    also = "3 blocks below the start block 10 scanned too (3-5)"
+    assert f"{chain.silent}: coverage " in res.stdout and also in res.stdout, res.stdout
+    res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "status"])
+    assert res.exit_code == 0 and also in res.stdout, res.output + res.stderr

@@ -48,7 +48,22 @@ def test_report_splits_complete_partial_and_unscanned() -> None:
     assert r["partial"] == [[5, 9], [31, 50], [60, 70]]
     assert r["unscanned"] == [[51, 59], [71, 100]]
     assert r["summary"] == ("blocks 5-100: 21/96 complete; 36 partial (logs only: 5-9, 31-50; "
-                            "explorer only: 60-70); 39 unscanned (51-59, 71-100)")  # fmt: skip
+                            "explorer only: 60-70); 39 unscanned (51-59, 71-100); 5 blocks below the "
+                            "start block 5 scanned too (0-4)")  # fmt: skip
+    assert r["below_start"] == [[0, 4]]
+
+
+def test_blocks_scanned_below_the_start_block_are_said() -> None:
+    # `discover --from-block 90 --to-block 95` on a contract that starts at 100 stored its
+    # coverage, and status and the summary showed "blocks 100-205" only.
+    r = report([cov(100, 205, "trace"), cov(90, 95, "blocks")], 100, 205)
+    assert r["summary"] == ("blocks 100-205: 106/106 complete; 6 blocks below the start block 100 "
+                            "scanned too (90-95)")  # fmt: skip
+    assert r["below_start"] == [[90, 95]] and r["complete"] == [[100, 205]]
+    # Before anything from the start block on is scanned, and without a head to stop at.
+    r = report([cov(90, 95, "blocks")], 100, None)
+    assert r["summary"] == ("no block from the start block 100 on scanned yet; 6 blocks below the start "
+                            "block 100 scanned too (90-95)")  # fmt: skip
 
 
 def test_only_methods_that_see_direct_calls_and_events_between_them_make_a_range_complete() -> None:

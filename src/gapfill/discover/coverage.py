@@ -32,6 +32,7 @@ from gapfill.model import CoverageRange
 from gapfill.model import Interval as Interval  # here too: the store merges its rows with it
 from gapfill.model import merge as merge
 from gapfill.store import Store
+from gapfill.wording import counted
 
 #: Every method discovery knows, in the order the CLI lists them.
 METHODS: tuple[str, ...] = ("logs", "blocks", "trace", "explorer")
@@ -167,10 +168,21 @@ def fmt_ranges(intervals: Sequence[Interval]) -> str:
 def report(coverage: Sequence[CoverageRange], start_block: int, head: int | None) -> dict[str, Any]:
     """The pure part of :func:`coverage_report` (unit-testable without a store)."""
     scanned = merge((r.from_block, r.to_block) for r in coverage)
-    end = head if head is not None else (scanned[-1][1] if scanned else None)
+    # Blocks below the start block a `--from-block` scanned (or scanned before the start
+    # block was raised): not in the window, but said, as a scan that was asked for and
+    # recorded showed nowhere ("blocks 100-205" after scanning 90-95).
+    below = intersect(scanned, [(0, start_block - 1)]) if start_block > 0 else []
+    also = (f"{counted(size(below), 'block')} below the start block {start_block} scanned too "
+            f"({fmt_ranges(below)})" if below else "")  # fmt: skip
+    above = [(lo, hi) for lo, hi in scanned if hi >= start_block]
+    end = head if head is not None else (above[-1][1] if above else None)
     if end is None or end < start_block:
-        summary = "no block range scanned yet" if not scanned else "nothing to scan below the head"
-        return {"complete": [], "partial": [], "unscanned": [], "summary": summary}
+        if end is None and below:
+            summary = f"no block from the start block {start_block} on scanned yet"
+        else:
+            summary = "no block range scanned yet" if not scanned else "nothing to scan below the head"
+        return {"complete": [], "partial": [], "unscanned": [], "below_start": [[lo, hi] for lo, hi in below],
+                "summary": "; ".join(filter(None, (summary, also)))}
     window = [(start_block, end)]
     complete = intersect(complete_ranges(coverage), window)
     partial = subtract(intersect(scanned, window), complete)
@@ -183,10 +195,13 @@ def report(coverage: Sequence[CoverageRange], start_block: int, head: int | None
         parts.append(f"{size(partial)} partial ({which})")
     if unscanned:
         parts.append(f"{size(unscanned)} unscanned ({fmt_ranges(unscanned)})")
+    if also:
+        parts.append(also)
     return {
         "complete": [[lo, hi] for lo, hi in complete],
         "partial": [[lo, hi] for lo, hi in partial],
         "unscanned": [[lo, hi] for lo, hi in unscanned],
+        "below_start": [[lo, hi] for lo, hi in below],
         "summary": "; ".join(parts),
     }
 
@@ -199,6 +214,7 @@ def coverage_report(
     Returns ``complete``, ``partial`` and ``unscanned``: lists of inclusive
     ``[from, to]`` ranges between the contract's ``start_block`` (or 0) and
     ``head`` (or, when ``head`` is None, the highest block any method covered),
+    ``below_start``, the ranges scanned below the start block (a ``--from-block`` under it),
     and ``summary``, one line of text. A range is complete once ``trace``, or ``logs``
     with ``blocks`` or ``explorer``, scanned it; partial when only a method that sees
     less did (see the module docstring).

@@ -950,20 +950,21 @@ def test_a_ref_keeps_the_first_block_number_it_is_given_and_the_others_are_count
                             Ref(1, C, h(3), 8), Ref(1, C, h(4), 4), Ref(1, C, h(4), 4),
                             Ref(1, C, h(4), None)])  # fmt: skip
     assert [block_of(store, i) for i in (1, 2, 3, 4)] == [7, 5, 8, 4]
-    assert added == RefsAdded(4, 0, 2)  # h(3) is new: none of it was filled
+    # h(3) is new: none of it was filled; 6 of the 10 rows repeat a ref of an earlier row.
+    assert added == RefsAdded(4, 0, 2, repeated=6)
     # Against refs stored before (by an import here, or discovery): the stored one stays.
     store.add_refs_and_coverage([Ref(1, C, h(5), 50, "logs")], [])
     assert store.add_refs([Ref(1, C, h(1), 99), Ref(1, C, h(2), 5), Ref(1, C, h(5), 51),
-                           Ref(1, C, h(5), 52), Ref(1, C, h(6), None)]) == RefsAdded(1, 0, 2)  # fmt: skip
+                           Ref(1, C, h(5), 52), Ref(1, C, h(6), None)]) == RefsAdded(1, 0, 2, 1)  # fmt: skip
     assert [block_of(store, i) for i in (1, 2, 5, 6)] == [7, 5, 50, None]
     # A ref given no block before gets the first one given, and disagrees with no other.
-    assert store.add_refs([Ref(1, C, h(6), 60), Ref(1, C, h(6), 61)]) == RefsAdded(0, 1, 1)
+    assert store.add_refs([Ref(1, C, h(6), 60), Ref(1, C, h(6), 61)]) == RefsAdded(0, 1, 1, 1)
     assert block_of(store, 6) == 60
     # Rows of one ref far apart in a big import (SQLite writes it 10,000 rows at a time).
     many = [Ref(1, C, h(1_000 + i), 1_000 + i) for i in range(10_010)]
     many[10_005] = Ref(1, C, h(1_000), 3)
     many[10_007] = Ref(1, C, h(1_000), 4)
-    assert store.add_refs(many) == RefsAdded(10_008, 0, 1) and block_of(store, 1_000) == 1_000
+    assert store.add_refs(many) == RefsAdded(10_008, 0, 1, 2) and block_of(store, 1_000) == 1_000
     # Enrichment stores the transaction's own block number on the ref, whichever was kept.
     store.plan(store.create_run("batch", 1), [(1, C)], batch_size=20_000)
     batch = store.lease("w", 60.0)
@@ -971,7 +972,7 @@ def test_a_ref_keeps_the_first_block_number_it_is_given_and_the_others_are_count
     # A new ref takes the first block number given even while a plan is open: no batch has
     # seen it (SQLite kept none until its enrichment, PostgreSQL the first).
     assert store.add_refs([Ref(1, C, h(20), None), Ref(1, C, h(20), 50),
-                           Ref(1, C, h(20), 51)]) == RefsAdded(1, 0, 1)  # fmt: skip
+                           Ref(1, C, h(20), 51)]) == RefsAdded(1, 0, 1, 2)  # fmt: skip
     assert block_of(store, 20) == 50
     truth = {1: 5, 2: 9}
     assert store.commit_batch(batch, enriched_as_fetched(store.batch_refs(batch), lambda i: truth.get(i, i)))
@@ -1021,7 +1022,7 @@ def test_a_new_ref_of_a_stored_transaction_takes_the_transactions_block(store: S
     store.add_refs([Ref(1, C, h(i), i) for i in (1, 2, 3)])
     store.write(Enriched([tx_row(1, 1), tx_row(2, 2), tx_row(3, 3)]))
     rows = [Ref(1, other, h(1), b) for b in (None, 5)] + [Ref(1, other, h(2), None), Ref(1, other, h(3), 7)]
-    assert store.add_refs(rows) == RefsAdded(3, 0, 2)
+    assert store.add_refs(rows) == RefsAdded(3, 0, 2, repeated=1)
     with store._read() as cur:
         cur.execute(store._sql("SELECT tx_hash, block_number FROM refs WHERE contract = ?"), (other,))
         assert sorted(cur.fetchall()) == [(h(1), 1), (h(2), 2), (h(3), 3)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 from pathlib import Path
 
@@ -146,6 +147,16 @@ def test_a_latin1_csv_says_to_save_it_as_utf8_with_the_line_of_its_first_bad_byt
     # From stdin, which cannot be read again, without its line.
     r = run(tmp_path, "import", "-", "--contract", A, input=f.read_bytes())
     assert r.exit_code == 1 and r.stderr.startswith("error: stdin is not UTF-8 text (byte 0xe9)"), r.stderr
+
+
+def test_a_broken_utf16_file_is_not_said_to_be_utf8(tmp_path: Path) -> None:
+    # A UTF-16 byte-order mark, then a lone surrogate: it is read as UTF-16, not UTF-8.
+    f, r = import_failing(tmp_path, "")
+    f.write_bytes(codecs.BOM_UTF16_LE + "0x".encode("utf-16-le") + b"\x00\xd8a\x00")
+    r = run(tmp_path, "import", str(f), "--contract", A)
+    assert r.exit_code == 1 and r.stderr == (
+        f"error: {f} starts with a UTF-16 byte-order mark but is not UTF-16 text: save the file as "
+        "UTF-8 and import it again; nothing was imported\n"), r.stderr  # fmt: skip
 
 
 @pytest.mark.parametrize("block", ["1,003", "3.5", "1.000", "1e3", "0x1.0"])

@@ -234,6 +234,9 @@ def _not_utf8(path: str, name: str, exc: UnicodeDecodeError) -> InputError:
     """The error for a file that is not UTF-8 (a spreadsheet's Latin-1 or Windows-1252 ``é``):
     the line of its first bad byte, which a file read again tells (a character never spans a
     line break), and how to save it."""
+    if not exc.encoding.lower().replace("-", "").startswith("utf8"):  # a UTF-16 BOM, then no UTF-16
+        return InputError(f"{name} starts with a UTF-16 byte-order mark but is not UTF-16 text: save "
+                          "the file as UTF-8 and import it again; nothing was imported")  # fmt: skip
     where, byte = "", exc.object[exc.start : exc.start + 1]
     if path != "-":
         try:

@@ -53,6 +53,13 @@ def test_report_splits_complete_partial_and_unscanned() -> None:
     assert r["below_start"] == [[0, 4]]
 
 
+def test_the_summary_writes_its_counts_with_thousands_separators() -> None:
+    # "20039/20039 complete", "11301 unscanned" beside "20,000 blocks" in the same output.
+    r = report([cov(0, 8_737, "trace"), cov(10_000, 12_000, "logs")], 0, 20_038)
+    assert r["summary"] == ("blocks 0-20038: 8,738/20,039 complete; 2,001 partial (logs only: "
+                            "10000-12000); 9,300 unscanned (8738-9999, 12001-20038)")  # fmt: skip
+
+
 def test_blocks_scanned_below_the_start_block_are_said() -> None:
     # `discover --from-block 90 --to-block 95` on a contract that starts at 100 stored its
     # coverage, and status and the summary showed "blocks 100-205" only.

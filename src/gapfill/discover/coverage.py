@@ -188,13 +188,13 @@ def report(coverage: Sequence[CoverageRange], start_block: int, head: int | None
     partial = subtract(intersect(scanned, window), complete)
     unscanned = subtract(window, scanned)
     total = end - start_block + 1
-    parts = [f"blocks {start_block}-{end}: {size(complete)}/{total} complete"]
+    parts = [f"blocks {start_block}-{end}: {size(complete):,}/{total:,} complete"]
     if partial:
         which = "; ".join(f"{names} only: {fmt_ranges(ranges)}"
                           for names, ranges in methods_over(coverage, partial))  # fmt: skip
-        parts.append(f"{size(partial)} partial ({which})")
+        parts.append(f"{size(partial):,} partial ({which})")
     if unscanned:
-        parts.append(f"{size(unscanned)} unscanned ({fmt_ranges(unscanned)})")
+        parts.append(f"{size(unscanned):,} unscanned ({fmt_ranges(unscanned)})")
     if also:
         parts.append(also)
     return {

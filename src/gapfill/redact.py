@@ -117,21 +117,25 @@ class ExplorerUrl(str):
     query (``apikey=``), masked as on any URL, never in the path, whose segments are
     versions and words (``/v2/api``, ``/v2/network/mainnet/evm/1/etherscan/api``). Masked
     as an RPC URL's path, they hid the very typo an explorer's 404 came from (``/v2/apj``
-    showed as ``/v2/***``). A segment as long as a key (16 characters or more: a key
-    pasted in the wrong place) is still masked; an RPC URL's path keeps its own rule."""
+    showed as ``/v2/***``). A segment that may be a key pasted in the wrong place or a
+    self-hosted proxy's token is still masked: 16 characters or more, or 8 or more mixing
+    letters and digits (``/k/Xy7pQ2rT9sLm4/api`` showed whole); an RPC URL's path keeps
+    its own rule."""
 
     __slots__ = ()
 
 
-# An explorer URL's path segment this long may be a key pasted there: masked (see ExplorerUrl).
+# An explorer URL's path segment this long may be a key pasted there: masked (see ExplorerUrl);
+# so may a shorter one mixing letters and digits (a proxy's token), but not a version ("v2").
 _EXPLORER_KEY_SEGMENT_LEN = 16
+_EXPLORER_TOKEN_SEGMENT = re.compile(r"^(?=.*\d)(?=.*[A-Za-z]).{8,}$")
 
 
 def _segment_masked(segment: str, explorer: bool) -> bool:
     """Whether a path segment may be a key: on an explorer URL one as long as a key, on an
     RPC URL any but a version or a few words (see ``_PLAIN_SEGMENT``)."""
     if explorer:
-        return len(segment) >= _EXPLORER_KEY_SEGMENT_LEN
+        return len(segment) >= _EXPLORER_KEY_SEGMENT_LEN or bool(_EXPLORER_TOKEN_SEGMENT.match(segment))
     return not _PLAIN_SEGMENT.match(segment)
 
 

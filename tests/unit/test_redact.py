@@ -649,6 +649,8 @@ def test_the_cli_never_shows_a_password_with_a_delimiter_written_as_is(tmp_path:
          "https://api.routescan.io/v2/network/mainnet/evm/43114/etherscan/api"),
         # A segment as long as a key is one pasted in the wrong place: masked still.
         ("https://api.example.io/v2/api/ABCDEFGH12345678ABCD", "https://api.example.io/v2/api/***"),
+        # So is a shorter token mixing letters and digits (a self-hosted proxy's): it showed whole.
+        ("http://127.0.0.1:18777/k/Xy7pQ2rT9sLm4/api", "http://127.0.0.1:18777/k/***/api"),
         ("https://u:pw@api.example.io/api", "https://u:***@api.example.io/api"),
     ],
 )

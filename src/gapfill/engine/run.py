@@ -1047,7 +1047,7 @@ class Coordinator:
             text = f"[Worker-{index + 1}] {refused}"
             if text not in self.said:
                 self.said.add(text)
-                self.emit(Notice(text))
+                self.emit(Notice(text, quiet_too=True))  # what to fix: a -q run says it too
 
     def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see

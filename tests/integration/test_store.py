@@ -83,6 +83,36 @@ def test_contract_roundtrip_and_unknown(store: Store) -> None:
     assert store.get_contract(C, 10).chain_id == 10
 
 
+def test_the_same_abi_given_while_another_is_given_leaves_the_other_at_its_version(pg_url: str) -> None:
+    # `contract add --abi X` (X current: nothing to decode) read the row, then `--abi Y`
+    # committed Y at a new version, then X's upsert wrote X back at Y's version: the ABI
+    # the version names was gone, and a run begun with Y never had its rows decoded again.
+    x = [{"type": "function", "name": "f", "inputs": []}]
+    y = [{"type": "function", "name": "g", "inputs": []}]
+    with open_store(pg_url) as first, open_store(pg_url) as second:
+        first.add_contract(Contract(1, C, abi=x))
+        reading, go_on = threading.Event(), threading.Event()
+        older = first._older_in_unsettled_run
+
+        def paused(cur: Any, contract: Contract, version: int) -> bool:
+            reading.set()
+            go_on.wait(10)
+            return older(cur, contract, version)
+
+        first._older_in_unsettled_run = paused  # type: ignore[method-assign]
+        same = threading.Thread(target=first.add_contract, args=(Contract(1, C, abi=x),))
+        same.start()
+        assert reading.wait(10)
+        other = threading.Thread(target=second.add_contract, args=(Contract(1, C, abi=y),))
+        other.start()
+        other.join(1.0)  # it waits for the first's lock (before: it committed at once)
+        go_on.set()
+        same.join(10)
+        other.join(10)
+        (contract,) = second.list_contracts()
+    assert contract.abi == y
+
+
 def test_gap_order_puts_unknown_blocks_last_and_streams_by_key(store: Store) -> None:
     refs = [Ref(1, C, h(i), None if i % 5 == 0 else 100 - i) for i in range(1, 41)]
     assert store.add_refs(iter(refs)).new == 40

@@ -619,8 +619,12 @@ class Store(abc.ABC):
         with self._tx() as cur:
             given = 0
             if contract.abi is not None:
+                # Locked (PostgreSQL) until the upsert: a `contract add --abi Y` committing between
+                # this read and the upsert of the same ABI X left X at Y's version, and a run that
+                # began with Y was never asked to decode its rows again.
                 cur.execute(self._sql("SELECT abi, abi_version FROM contracts WHERE chain_id = ? "
-                                      "AND address = ?"), (contract.chain_id, contract.address))  # fmt: skip
+                                      f"AND address = ?{self._ROW_LOCK}"),
+                            (contract.chain_id, contract.address))  # fmt: skip
                 row = cur.fetchone()
                 given = int(row is None or json_value(row[0]) != contract.abi
                             or self._older_in_unsettled_run(cur, contract, int(row[1])))  # fmt: skip

@@ -594,11 +594,12 @@ def init(ctx: Ctx) -> None:
     store = ctx.store(create=True)
     version = store.migrate()
     # A first run and a second one said the same, so a user could not tell it created anything.
+    # "Tables", not "schema": on PostgreSQL they go in the search_path's schema, which exists.
     if store.schema_found is None:
-        click.echo(f"created gapfill's schema (version {version}) in {store.display_url}")
+        click.echo(f"created gapfill's tables (schema version {version}) in {store.display_url}")
     elif 0 <= store.schema_found < version:
-        click.echo(f"upgraded gapfill's schema in {store.display_url} from version {store.schema_found} "
-                   f"to {version}")  # fmt: skip
+        click.echo(f"upgraded gapfill's tables in {store.display_url} from schema version "
+                   f"{store.schema_found} to {version}")  # fmt: skip
     else:
         click.echo(f"database {store.display_url} is at schema version {version}")
 

@@ -80,7 +80,7 @@ def test_init_is_idempotent_and_says_whether_it_created_the_schema(db_url: str) 
         shown = s.display_url
     r = run(db_url, "init")
     assert r.exit_code == 0, r.output + r.stderr
-    assert r.output == f"created gapfill's schema (version {latest}) in {shown}\n", r.output
+    assert r.output == f"created gapfill's tables (schema version {latest}) in {shown}\n", r.output
     r = run(db_url, "init")
     assert r.exit_code == 0 and r.output == f"database {shown} is at schema version {latest}\n", r.output
 
@@ -93,7 +93,8 @@ def test_init_says_it_upgraded_an_older_schema(sqlite_url: str) -> None:
         db.execute("DELETE FROM schema_migrations WHERE version = ?", (latest,))
     r = run(sqlite_url, "init")
     assert r.exit_code == 0, r.output + r.stderr
-    assert r.output == f"upgraded gapfill's schema in {sqlite_url} from version {latest - 1} to {latest}\n"
+    assert r.output == (f"upgraded gapfill's tables in {sqlite_url} from schema version {latest - 1} "
+                        f"to {latest}\n")
     assert run(sqlite_url, "init").output == f"database {sqlite_url} is at schema version {latest}\n"
 
 

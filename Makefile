@@ -31,13 +31,15 @@ $(ANVIL): .tools/package.json
 demo: setup
 	$(BIN)/gapfill demo $(DEMO_ARGS)
 
-test: setup
+lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	bench/run
 
 clean:
-	rm -rf $(VENV) .tools/node_modules .pytest_cache .mypy_cache gapfill.db gapfill.db-*
+	rm -rf $(VENV) .tools/node_modules .pytest_cache .mypy_cache gapfill.db gapfill.db-* gapfill-demo.db gapfill-demo.db-*

@@ -1,9 +1,10 @@
 """The read-only commands at scale, with fresh statistics: `status`, `runs`, `failures`,
 `enrich --dry-run` and the planning step, on ~1M synthetic refs over several contracts.
 
-    python bench/read_scale.py populate DB_URL --dir DIR   # refs via `gapfill import`, rows by SQL, ANALYZE
-    python bench/read_scale.py time DB_URL                 # each command, best of --tries
-    python bench/read_scale.py plan DB_URL                 # store.plan of every contract (writes batches)
+    .venv/bin/python bench/read_scale.py populate DB_URL --dir DIR  # refs by `gapfill import`, rows
+                                                                    # by SQL, then ANALYZE
+    .venv/bin/python bench/read_scale.py time DB_URL    # each command, best of --tries
+    .venv/bin/python bench/read_scale.py plan DB_URL    # store.plan of every contract (writes batches)
 
 DB_URL: an empty PostgreSQL database, or a SQLite file not there yet (sqlite:///PATH).
 Contracts (refs, share of them stored): 400,000 at 90%, 300,000 at 50%, 200,000 at 100%,

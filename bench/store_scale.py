@@ -3,10 +3,10 @@
 One step per process, so the caller (bench/suite.py) reads each step's peak RSS
 from the kernel (``wait4``):
 
-    python bench/store_scale.py populate DB_URL --n 1000000 --dir DIR   # via `gapfill import`
-    python bench/store_scale.py plan DB_URL        # store.plan: cut the gap into batches of 500
-    python bench/store_scale.py iter DB_URL        # iter_gap over the whole gap
-    python bench/store_scale.py lease DB_URL       # lease every batch, one at a time
+    .venv/bin/python bench/store_scale.py populate DB_URL --n 1000000 --dir DIR   # via `gapfill import`
+    .venv/bin/python bench/store_scale.py plan DB_URL        # store.plan: cut the gap into batches of 500
+    .venv/bin/python bench/store_scale.py iter DB_URL        # iter_gap over the whole gap
+    .venv/bin/python bench/store_scale.py lease DB_URL       # lease every batch, one at a time
 
 Each step prints one JSON object (its own timing and counts) on stdout.
 """

@@ -7,12 +7,13 @@ PostgreSQL and SQLite with the Token and Silent ABIs registered (decoding on).
 On the dense chain it also checks gapfill's rows field by field against
 ethereum-etl's CSVs and measures end-to-end scaling; without a chain it measures
 the store at 1M refs (plan, iter_gap, lease). Every process is measured from the
-kernel: wall time, CPU (``wait4`` rusage, so worker processes count), peak RSS
-(``wait4`` gives the max over the process tree; /proc is sampled for a per-process
-view) and the node's own CPU over the same interval.
+kernel: wall time, CPU (``wait4`` rusage, so worker processes count), peak RSS per
+process (/proc's VmHWM, sampled while it runs; ``wait4``'s ``ru_maxrss`` only where
+/proc gave nothing) and the node's own CPU over the same interval.
 
 Outputs: docs/bench/results.json, docs/bench/table.md, docs/bench/throughput.png,
-docs/bench/scaling.png (charts drawn by bench/plot.py in .bench/plot).
+docs/bench/scaling.png (charts drawn by bench/plot.py in .bench/plot); ``--out DIR``
+writes them elsewhere (a trial run that must not replace the committed results).
 """
 
 from __future__ import annotations

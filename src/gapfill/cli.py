@@ -1246,9 +1246,10 @@ enrich_options = [
                  help="Stop (batches given back) when no RPC node has replied for this many seconds "
                       "of trying (waits for --rps or a Retry-After pause do not count)."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
-                 help="Serve Prometheus metrics on 127.0.0.1:PORT."),
+                 help="Serve Prometheus metrics on 127.0.0.1:PORT (0: a free port, said at the start)."),
     click.option("-q", "--quiet", is_flag=True,
-                 help="Print only the summary (and what the run waits for: a lock, a slow node)."),
+                 help="Print only the summary, what the run waits for (a lock, a slow node) and what "
+                      "changes it (an endpoint set aside, failures put back, the metrics address)."),
 ]  # fmt: skip
 
 
@@ -1317,7 +1318,8 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 @node_chain_option
 @click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
               show_default=True,
-              help="How to run (auto: batch under 20,000 refs or 3 cores, else concurrent).")
+              help="How to run (auto: batch under 20,000 refs or on fewer than 3 cores, else "
+                   "concurrent).")
 @with_options(enrich_options)
 @click.option("--dry-run", is_flag=True,
               help="Show the missing counts, batches and estimated calls; touch nothing.")

@@ -72,8 +72,9 @@ class StoreError(GapfillError):
 class StoreRefused(StoreError, FixFirst):
     """The database refused what the command must do, and does so until the user fixes it:
     the role lacks a privilege, the database takes no writes (a hot standby,
-    ``default_transaction_read_only``), a ``statement_timeout`` cancelled a statement, or
-    its disk is full. ``fix`` is what to do before running the command again."""
+    ``default_transaction_read_only``, a read-only SQLite file or folder), a
+    ``statement_timeout`` cancelled a statement, or its disk is full. ``fix`` is what to do
+    before running the command again."""
 
 
 class StoreDropped(StoreError, _WhatThenFix):

@@ -15,7 +15,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from gapfill.errors import GapfillError, StoreDropped, UnknownContractError
+from gapfill.errors import GapfillError, StoreDropped, StoreRefused, UnknownContractError
 from gapfill.model import (
     PERMANENT_REASONS,
     UNKNOWN_BLOCK_KEY,
@@ -645,6 +645,9 @@ def test_a_read_only_sqlite_store_reads_and_refuses_writes_in_one_sentence(tmp_p
     assert str(err.value) == (f"the SQLite database {tmp_path / 'x.db'} is read-only (the file or its "
                               "folder): make it writable, or set --db / GAPFILL_DB to another "
                               "database")  # fmt: skip
+    # Refused until fixed, as PostgreSQL's read-only database: a run stops at once with it
+    # (it retried it for its database outage window, a concurrent run restarting workers).
+    assert isinstance(err.value, StoreRefused)
     with open_store(url) as s:
         assert [c.address for c in s.list_contracts()] == [C]
 

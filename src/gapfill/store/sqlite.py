@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import orjson
 
-from gapfill.errors import StoreError
+from gapfill.errors import StoreError, StoreRefused
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.signals import CommitUnknown, committing, mark_committed
 from gapfill.store.base import (
@@ -165,13 +165,14 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
-def _read_only_file(path: str, check: str = DB_CHECK) -> str:
+def _read_only_file(path: str, check: str = DB_CHECK) -> StoreRefused:
+    """A write to a read-only file: refused until the user fixes it, as PostgreSQL's read-only
+    database is (a run stops at once with it rather than retry it for its outage window)."""
     side = _unwritable(path)
+    fix = f"make it writable, or set {check} to another database"
     if side is not None and side != path:  # left by a reader as read-only as the file was
-        return (f"the file {side} beside the SQLite database {path} is read-only: make it "
-                f"writable, or set {check} to another database")  # fmt: skip
-    return (f"the SQLite database {path} is read-only (the file or its folder): make it writable, "
-            f"or set {check} to another database")
+        return StoreRefused(f"the file {side} beside the SQLite database {path} is read-only", fix)
+    return StoreRefused(f"the SQLite database {path} is read-only (the file or its folder)", fix)
 
 
 #: How many steps of SQLite's virtual machine a statement run by the main thread takes
@@ -241,7 +242,7 @@ class SqliteStore(Store):
                 )
         if not read_only and os.path.exists(self.path) and _unwritable(self.path):
             # Said before SQLite opens it: it would leave a -wal and a -shm file beside it.
-            raise StoreError(_read_only_file(self.path, self.check))
+            raise _read_only_file(self.path, self.check)
         try:
             if read_only and self.path != ":memory:":
                 self._conn = self._open_read_only()
@@ -252,7 +253,7 @@ class SqliteStore(Store):
             if _busy(exc):
                 raise StoreError(_locked(self.path)) from exc
             if _read_only(exc):
-                raise StoreError(_read_only_file(self.path, self.check)) from exc
+                raise _read_only_file(self.path, self.check) from exc
             raise StoreError(
                 f"cannot open the SQLite database {self.path}: {exc}; check {check}: "
                 "it must name a SQLite file, or a new one, in a folder you can write to"
@@ -367,7 +368,7 @@ class SqliteStore(Store):
                     self._conn.rollback()
                     raise KeyboardInterrupt from None
                 if _read_only(exc):
-                    raise StoreError(_read_only_file(self.path, self.check)) from exc
+                    raise _read_only_file(self.path, self.check) from exc
                 if not _busy(exc):
                     raise StoreError(f"the SQLite database {self.path} is not usable: {exc}") from exc
                 now = time.monotonic()
@@ -423,7 +424,7 @@ class SqliteStore(Store):
         if _interrupted(exc):
             raise KeyboardInterrupt from None
         if _read_only(exc):
-            raise StoreError(_read_only_file(self.path, self.check)) from exc
+            raise _read_only_file(self.path, self.check) from exc
         doing = "writing to" if immediate else "reading from"
         raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
 

@@ -129,7 +129,10 @@ class FakeStore:
 
     def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
         self._call("release_owner", ())
-        return 0
+        given = [b for b, state in self.state.items() if state == "leased" and b not in keep]
+        for b in given:
+            self.state[b] = "pending"
+        return len(given)
 
     def has_open_batches(self, targets: Any) -> bool:
         self._call("has_open_batches", ())
@@ -664,6 +667,37 @@ def test_a_commit_the_database_refuses_stops_the_worker_with_its_batches_given_b
     assert store.next_id - 1 <= 8, store.calls
     assert set(store.state.values()) == {"pending"}, store.state
     assert store.committed == []
+
+
+@pytest.mark.timeout(30)
+def test_a_stop_during_a_lease_call_gives_back_the_batch_it_leased() -> None:
+    # The stop cancelled the worker while its lease call ran in its thread: the call went
+    # on and leased a batch that no task took, left leased until its lease expired.
+    store = FakeStore(batches=100)
+    in_lease, go_on = threading.Event(), threading.Event()
+    lease = store.lease
+
+    def slow_second_lease(owner: str, timeout_s: float, targets: Any) -> Batch | None:
+        if store.next_id == 2:
+            in_lease.set()
+            go_on.wait(10)
+        return lease(owner, timeout_s, targets)
+
+    store.lease = slow_second_lease  # type: ignore[method-assign]
+    w = worker(store, FakeEnricher(delay_s=5.0))
+
+    async def go() -> None:
+        run = asyncio.create_task(w.run())
+        while not in_lease.is_set():
+            await asyncio.sleep(0.01)
+        run.cancel()
+        await asyncio.sleep(0.05)
+        go_on.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    asyncio.run(go())
+    assert store.next_id == 3 and store.state == {1: "pending", 2: "pending"}, store.state
 
 
 @pytest.mark.timeout(30)
@@ -1527,5 +1561,6 @@ def test_a_batch_stuck_in_one_call_stops_renewing_its_lease(tmp_path: Path, rps:
     counts = store.batch_counts()
     store.close()
     assert node.stalled == 1 and [at for at in renewed if at > settled] == []
-    # The stop's give-back found the lease lapsed: nothing written, the batch left to expire.
-    assert (counts.leased, counts.succeeded) == (1, 0), counts
+    # The stop's give-back found the lease lapsed: nothing written; the worker's last word,
+    # giving back what its owner still holds, hands the batch back (no one else had it).
+    assert (counts.pending, counts.leased, counts.succeeded) == (1, 0, 0), counts

@@ -463,6 +463,10 @@ class Worker:
                 tasks.add(self._flusher)
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*self._giving_back, return_exceptions=True)
+            # A lease call the stop cut (its thread went on, and leased a batch no task took):
+            # given back, one try, or it stayed leased until it expired.
+            with contextlib.suppress(Exception):
+                await self.db(self.store.release_owner, self.owner, "worker stopped", frozenset(self._held))
             raise
         finally:
             await self._save_calls()

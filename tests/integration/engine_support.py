@@ -643,3 +643,18 @@ class StallingProxy(HungNode):
         with self._lock:
             self.seen += 1
             return self.seen == self.nth
+
+
+@contextlib.contextmanager
+def rpc_held(url: str) -> Iterator[None]:
+    """Hold every RPC request to the emulator at ``url`` (none is answered) for the block:
+    a run cannot finish meanwhile, and its workers wait on calls, holding their leases."""
+    base = url.split("/", 3)
+    control = f"{base[0]}//{base[2]}/_emulator"
+    with urllib.request.urlopen(urllib.request.Request(f"{control}/hold", method="POST"), timeout=10):
+        pass
+    try:
+        yield
+    finally:
+        with urllib.request.urlopen(urllib.request.Request(f"{control}/release", method="POST"), timeout=10):
+            pass

@@ -55,6 +55,7 @@ from engine_support import (
     process_group,
     query,
     record_sequential_run,
+    rpc_held,
     seed,
     wait_for,
     worker_pids,
@@ -169,11 +170,16 @@ def test_worker_killed_twice_mid_batch(
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
         try:
             wait_for("a first commit", lambda: committed_count(pg_url) >= 2, 60, proc=p)
-            first_owner, first_held = stop_holding_worker(pg_url, p, set())
+            # The node's answers held meanwhile, the run cannot end before a worker is caught
+            # mid-batch (in CI, one stop that met a COPY in flight let it go on for 4 s, and
+            # the other worker finished the plan).
+            with rpc_held(rpc):
+                first_owner, first_held = stop_holding_worker(pg_url, p, set())
             first_pid = owner_pid(first_owner)
             # The coordinator restarts it; kill the next worker holding a lease (never the dead one).
             wait_for("the worker's restart", lambda: len(worker_pids(p.pid) - {first_pid}) == 2, 60, proc=p)
-            second_owner, second_held = stop_holding_worker(pg_url, p, {first_pid})
+            with rpc_held(rpc):
+                second_owner, second_held = stop_holding_worker(pg_url, p, {first_pid})
             rc = p.wait(120)
         finally:
             p.close()

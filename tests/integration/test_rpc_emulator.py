@@ -241,3 +241,23 @@ async def test_a_small_rate_limit_is_learned_without_rps(reference: Reference, t
         assert all(isinstance(r, dict) for r in results), results
         assert emu.stats.responses_429 <= 4, emu.stats.as_dict()
     assert learned is not None and 2.0 <= learned <= 6.0, learned
+
+
+async def test_a_held_emulator_answers_nothing_until_released(reference: Reference) -> None:
+    # Fault tests hold it to act on a run that cannot finish meanwhile (its workers all
+    # waiting on calls), where a fast run ended before a worker could be caught mid-batch.
+    import aiohttp
+
+    async with ProviderEmulator(reference.url) as emu, aiohttp.ClientSession() as http:
+        base = emu.url.rstrip("/")
+        call = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+        async with http.post(f"{base}/_emulator/hold") as r:
+            assert r.status == 200
+        pending = asyncio.ensure_future(http.post(emu.url, json=call))
+        done, _ = await asyncio.wait({pending}, timeout=0.5)
+        assert not done and emu.stats.calls == 0
+        async with http.post(f"{base}/_emulator/release") as r:
+            assert r.status == 200
+        async with await asyncio.wait_for(pending, 5) as r:
+            assert (await r.json())["result"] == "0x7a69"
+        assert emu.stats.calls_answered == 1

@@ -15,6 +15,10 @@ or as a process shared by several workers (the URL is the first line on stdout;
 ``GET /_emulator/stats`` returns the counters as JSON)::
 
     python -m gapfill.testing.emulator --upstream http://127.0.0.1:8545 --port 0 --rps 200
+
+``POST /_emulator/hold`` makes every request from then on wait, unanswered, until
+``POST /_emulator/release`` (or the emulator's close): a test can then act on a run
+that cannot finish meanwhile, its workers all waiting on calls (see :meth:`hold`).
 """
 
 from __future__ import annotations
@@ -182,6 +186,8 @@ class ProviderEmulator:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = asyncio.Event()
+        self._open = asyncio.Event()  # cleared while held
+        self._open.set()
         self.url = ""
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -205,6 +211,8 @@ class ProviderEmulator:
         )
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/_emulator/stats", self._handle_stats)
+        app.router.add_post("/_emulator/hold", self._handle_hold)
+        app.router.add_post("/_emulator/release", self._handle_release)
         app.router.add_post("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -219,6 +227,7 @@ class ProviderEmulator:
 
     async def close(self) -> None:
         self._closing.set()
+        self._open.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -229,11 +238,27 @@ class ProviderEmulator:
     def reset_stats(self) -> None:
         self.stats = EmulatorStats()
 
+    def hold(self) -> None:
+        """Keep every request from now on waiting, unanswered, until :meth:`release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        """Let the held requests, and the ones after them, through."""
+        self._open.set()
+
     # -- handlers ----------------------------------------------------------------------
 
     async def _handle_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats.as_dict()),
                             content_type="application/json")
+
+    async def _handle_hold(self, request: web.Request) -> web.Response:
+        self.hold()
+        return web.Response(text="held")
+
+    async def _handle_release(self, request: web.Request) -> web.Response:
+        self.release()
+        return web.Response(text="released")
 
     def _json(self, payload: Any, status: int = 200,
               headers: dict[str, str] | None = None) -> web.Response:
@@ -265,6 +290,8 @@ class ProviderEmulator:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         c = self.config
         body = await request.read()
+        if not self._open.is_set():
+            await self._open.wait()
         self.stats.requests += 1
         if c.fail_status is not None and self.stats.requests > c.fail_status_after:
             self.stats.faults["fail_status"] += 1

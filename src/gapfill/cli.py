@@ -1238,8 +1238,8 @@ enrich_options = [
     click.option("--plan", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
                  show_default=True, help="Force the call plan (the planner chooses by default)."),
     click.option("--block-plan-min-refs", type=int_range(1), default=None,
-                 help="Refs sharing a block from which the block is fetched whole "
-                      "[default: 2 when --rps is set; never without a rate limit]."),
+                 help="Refs sharing a block (of all the run's contracts) from which it is fetched "
+                      "whole, once [default: 2 when --rps is set; never without a rate limit]."),
     rpc_timeout_option,
     click.option("--rpc-outage", "rpc_outage_s", type=FiniteFloatRange(min=1), default=120.0,
                  show_default=True,
@@ -1478,8 +1478,11 @@ def _dry_run(ctx: Ctx, targets: list[Contract], opts: dict[str, Any], retry_fail
                    if not (plan.pending or plan.leased) or not r.missing else
                    f"joins the open plan ({plan.pending:,} pending, {plan.leased:,} leased "
                    f"{'batch' if plan.pending + plan.leased == 1 else 'batches'})")  # fmt: skip
-        # A transaction a contract above shares is fetched once: its calls are counted there.
-        shared = f" ({r.shared:,} shared with a contract above, its calls counted there)" if r.shared else ""
+        # A transaction a contract above shares is fetched once, and a block a contract above
+        # fetches whole stores this one's refs in it too: their calls are counted there.
+        above = [f"{r.shared:,} shared with a contract above"] if r.shared else []
+        above += [f"{r.riders:,} in whole blocks a contract above fetches"] if r.riders else []
+        shared = f" ({' and '.join(above)}, their calls counted there)" if above else ""
         click.echo(f"{r.chain_id} {r.contract}: {r.missing:,} missing{shared}, {batches}, {whole}"
                    f"~{r.estimated_calls:,} RPC calls, {when}")  # fmt: skip
     for sentence in left:  # what a run would say after its summary

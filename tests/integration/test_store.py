@@ -1495,6 +1495,28 @@ def test_a_dry_run_counts_the_calls_of_a_transaction_two_contracts_share_once(st
         1, other, 4, 1, 1, 1, 4, None, shared=2)  # block 105's call, and h(6)'s (of no block)
 
 
+def test_a_dry_run_counts_a_block_two_contracts_crowd_once(store: Store) -> None:
+    # Under --rps the batch that fetches a block whole stores the refs of every contract of
+    # the run in it: counted per contract, a block two contracts' refs crowd was counted for
+    # each (QA: 370 + 370 estimated, 808 made, before the run fetched it once), and one ref
+    # of each in a block was two per-transaction estimates where the run fetches it whole.
+    from gapfill.engine.dryrun import DryRunRow, estimate
+    from gapfill.enrich.fetch import PlanSettings
+
+    other = "0x" + "ef" * 20
+    store.add_contract(Contract(1, other))
+    store.add_refs([Ref(1, C, h(1), 101), Ref(1, C, h(2), 102), Ref(1, C, h(3), 102), Ref(1, C, h(4), 104)]
+                   + [Ref(1, other, h(i), 101 + (i > 7)) for i in (6, 7, 8)]
+                   + [Ref(1, other, h(9), 109), Ref(1, other, h(4), 104)])  # fmt: skip
+    targets = [(1, C), (1, other)]
+    metered = PlanSettings(calls_metered=True)
+    # Block 101: h(1) with h(6), h(7); 102: h(2), h(3) with h(8); 104: h(4), shared; 109: h(9).
+    assert estimate(store, targets, batch_size=5, plan=metered) == [
+        DryRunRow(1, C, 4, 1, 3, 2, 6, None),
+        DryRunRow(1, other, 5, 1, 0, 0, 2, None, shared=1, riders=3),
+    ]  # fmt: skip
+
+
 @pytest.mark.timeout(60)
 def test_removing_a_contract_waits_for_a_discovery_writing_it_and_deletes_what_it_wrote(
     pg_url: str,

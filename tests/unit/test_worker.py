@@ -167,6 +167,9 @@ class FakeEnricher:
         self.delay_s = delay_s
         self.client: FakeClient | None = None  # set by worker(): 2 calls per ref, as per-tx
 
+    def may_fetch_blocks(self) -> bool:  # per-tx: no riders to look up
+        return False
+
     async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
         if self.client is not None:
             self.client.node.calls += len(refs)

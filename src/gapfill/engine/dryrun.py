@@ -6,7 +6,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gapfill.enrich.fetch import PlanSettings
 from gapfill.store import Store
@@ -25,6 +25,10 @@ class DryRunRow:
     #: Of ``missing``, the refs of a transaction a contract above this one in the estimate
     #: also misses: a run fetches it once, so its calls are counted there, not here.
     shared: int = 0
+    #: Of ``missing`` (and not ``shared``), the refs in blocks a contract above fetches whole:
+    #: the batch that fetches a block stores every ref of the run in it, so their calls are
+    #: counted there too.
+    riders: int = 0
 
 
 def estimate(
@@ -40,17 +44,29 @@ def estimate(
     """Missing refs, batches and RPC calls per contract, from the planner's rules
     (with ``retry_failed``, the permanently failed refs count as missing too).
 
-    Per-block refs cost 2 calls per block; per-transaction refs 2 calls each
-    (receipt and transaction; a timestamp header per block only where receipts'
+    A block is fetched whole (2 calls) where the refs of the run in it, every contract's
+    together, reach the break-even: the first batch that has a ref in it fetches it and
+    stores them all (``Enricher.split``'s riders), so its calls count with the first of
+    ``targets`` that has refs in it (that contract's batches come first). Other refs cost 2
+    calls each (receipt and transaction; a timestamp header per block only where receipts'
     logs carry none, which this estimate does not know in advance). A transaction two
-    contracts share is counted once, as a run fetches it once (the second contract's
-    batch finds it stored, gone from its gap): with the first of ``targets`` that has it.
+    contracts share is counted once, as a run fetches it once (the second contract's batch
+    finds it stored, gone from its gap): with the first of ``targets`` that has it.
     """
-    rows = []
+    threshold = plan.block_plan_min_refs if plan.calls_metered else plan.block_plan_min_refs_free
+    whole_blocks = block_receipts and plan.shape != "per_tx"
+
+    @dataclass
+    class Tally:
+        missing: int = 0
+        unknown: int = 0
+        shared: int = 0
+        per_block: Counter[int] = field(default_factory=Counter)
+
+    tallies: list[Tally] = []
     failed_before: dict[int, set[str]] = {}
     for i, (chain_id, contract) in enumerate(targets):
-        per_block: Counter[int] = Counter()
-        missing = unknown = shared = 0
+        t = Tally()
         before = [c for cid, c in targets[:i] if cid == chain_id]
         gap: Iterable[tuple[int | None, int, int]] = store.gap_blocks(chain_id, contract, before)
         if retry_failed:  # not in the gap: the two never count a ref twice
@@ -59,27 +75,41 @@ def estimate(
             gap = itertools.chain(gap, [(ref.block_number, 1, int(ref.tx_hash in seen)) for ref in failed])
             seen.update(ref.tx_hash for ref in failed)
         for block, n, counted_above in gap:
-            missing += n
-            shared += counted_above
+            t.missing += n
+            t.shared += counted_above
             if n == counted_above:
                 continue
             if block is None:
-                unknown += n - counted_above
+                t.unknown += n - counted_above
             else:
-                per_block[block] += n - counted_above
-        threshold = plan.block_plan_min_refs if plan.calls_metered else plan.block_plan_min_refs_free
-        calls = 2 * unknown
-        pb_refs = blocks = 0
-        for _, n in per_block.items():
-            if block_receipts and plan.shape != "per_tx" and (
-                plan.shape == "per_block" or n >= threshold
-            ):
-                calls += 2
-                pb_refs += n
-                blocks += 1
-            else:
-                calls += 2 * n
-        secs = calls / rps_total if rps_total else None
-        rows.append(DryRunRow(chain_id, contract, missing, math.ceil(missing / batch_size), pb_refs, blocks,
-                              calls, secs, shared))  # fmt: skip
+                t.per_block[block] += n - counted_above
+        tallies.append(t)
+    # Per chain and block, the refs of every target in it, in the targets' order.
+    in_block: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, ((chain_id, _), t) in enumerate(zip(targets, tallies, strict=True)):
+        for block, n in t.per_block.items():
+            in_block.setdefault((chain_id, block), []).append((i, n))
+    calls = [2 * t.unknown for t in tallies]
+    pb_refs = [0] * len(targets)
+    blocks = [0] * len(targets)
+    riders = [0] * len(targets)
+    for held in in_block.values():
+        total = sum(n for _, n in held)
+        if whole_blocks and (plan.shape == "per_block" or total >= threshold):
+            first = held[0][0]
+            calls[first] += 2
+            blocks[first] += 1
+            for i, n in held:
+                if i == first:
+                    pb_refs[i] += n
+                else:
+                    riders[i] += n
+        else:
+            for i, n in held:
+                calls[i] += 2 * n
+    rows = []
+    for i, ((chain_id, contract), t) in enumerate(zip(targets, tallies, strict=True)):
+        secs = calls[i] / rps_total if rps_total else None
+        rows.append(DryRunRow(chain_id, contract, t.missing, math.ceil(t.missing / batch_size), pb_refs[i],
+                              blocks[i], calls[i], secs, t.shared, riders[i]))  # fmt: skip
     return rows

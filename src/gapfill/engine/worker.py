@@ -686,10 +686,29 @@ class Worker:
 
         return await self._retrying("leasing a batch", attempt, stopping=None)
 
-    async def _enrich(self, enricher: Enricher, refs: Sequence[Ref], out: Collector) -> Enriched:
+    async def _enrich(self, enricher: Enricher, refs: Sequence[Ref], out: Collector,
+                      riders: Sequence[Ref] = ()) -> Enriched:  # fmt: skip
         if self.settings.sequential:
             return await enricher.enrich_sequential(refs, out)
-        return await enricher.enrich(refs, out)
+        return await (enricher.enrich(refs, out, riders) if riders else enricher.enrich(refs, out))
+
+    async def _riders(self, enricher: Enricher, batch: Batch, refs: Sequence[Ref]) -> list[Ref]:
+        """The refs in the gap, of the run's contracts on the batch's chain, in the blocks of
+        the batch's refs (but not the batch's own): a block the batch fetches whole stores
+        them too (:meth:`Enricher.split`), so no other batch fetches it again. Without them
+        each contract's batches fetched the blocks two contracts share, and a contract's two
+        batches the block cut between them. Looked up only where a batch may fetch whole
+        blocks (under a rate limit, or ``--plan per_block``)."""
+        if self.settings.sequential or not enricher.may_fetch_blocks():
+            return []
+        blocks = sorted({r.block_number for r in refs if r.block_number is not None})
+        if not blocks:
+            return []
+        contracts = sorted({c for chain_id, c in self.targets or () if chain_id == batch.chain_id}
+                           | {batch.contract})  # fmt: skip
+        own = {r.tx_hash for r in refs}
+        found = await self.db(self.store.gap_in_blocks, batch.chain_id, contracts, blocks)
+        return [r for r in found if r.tx_hash not in own]
 
     async def _keep_lease(
         self, batch: Batch, lost: asyncio.Event, answered: list[int], priority: int
@@ -781,7 +800,8 @@ class Worker:
                 if batch.attempts >= self.settings.max_attempts:
                     enriched = await self._isolate(enricher, refs, fetching_now)
                 else:
-                    enriched = await self._enrich(enricher, refs, fetching_now)
+                    riders = await self._riders(enricher, batch, refs)
+                    enriched = await self._enrich(enricher, refs, fetching_now, riders)
                     transient = [f for f in enriched.failures if not f.permanent]
                     if transient:
                         # Failures that may pass (timeouts, inconsistent answers) must not mark

@@ -10,14 +10,17 @@ Plans, per ref:
   supports ``eth_getBlockReceipts``, fetch ``eth_getBlockByNumber(n, true)`` and
   ``eth_getBlockReceipts(n)`` once for the block: 2 calls for all of its refs,
   and the block gives the timestamp. "Enough" is the cost model's break-even:
-  when calls are metered, 2 refs (2 calls instead of 4). When they are free, the
+  when calls are metered, 2 refs (2 calls instead of 4), counting the batch's riders:
+  the refs of the run's other contracts (and of its own beyond the batch) in the
+  block, whose rows the block makes too (:meth:`Enricher.split`), so that a block is
+  fetched once per run rather than once per contract's batch. When calls are free, the
   node's work decides: a full block makes it serialise every transaction in the
-  block, used or not, and batches are per contract, so a block shared by two
-  tracked contracts is fetched twice. Measured on anvil (bench/, dense chain,
-  ~105 transactions a block, 80% tracked by two contracts), whole blocks cost the
-  node 0.47 CPU s per 1,000 refs against 0.18 one by one, and took 1.9x longer.
-  So with free calls the planner never fetches whole blocks unless told to
-  (``block_plan_min_refs_free``, ``--block-plan-min-refs``).
+  block, used or not. Measured on anvil (bench/, dense chain, ~105 transactions a
+  block, 80% tracked by two contracts, when each contract's batches fetched a block
+  they shared again), whole blocks cost the node 0.47 CPU s per 1,000 refs against
+  0.18 one by one, and took 1.9x longer. So with free calls the planner never
+  fetches whole blocks unless told to (``block_plan_min_refs_free``,
+  ``--block-plan-min-refs``).
 * **per transaction**, when calls are free: ``eth_getTransactionByHash`` and
   ``eth_getTransactionReceipt`` side by side, one JSON-RPC batch of pairs at a
   time, every batch in flight at once and each normalised as soon as its reply
@@ -60,8 +63,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -69,6 +73,7 @@ from gapfill.enrich.decode import Decoder
 from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
 from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow, beyond_head_error
 from gapfill.rpc import Call, CallError, RpcClient
+from gapfill.rpc.client import ANSWERED
 
 PlanShape = Literal["auto", "per_tx", "per_block"]
 
@@ -82,6 +87,13 @@ HEAD_TTL_S = 1.0
 #: then waited on the round trips (measured with the emulator at 5,000 calls/s and 0.2 s:
 #: 330 transactions/s, against 520 asking every receipt first and 600 with two ahead).
 RECEIPTS_AHEAD = 2
+
+#: How many rows of the blocks it fetched whole an enricher keeps for the batches after
+#: (see :meth:`Enricher._per_block`): a batch leased before another's commit still has the
+#: refs that batch settled as riders, and without the rows asked their block again. About
+#: what 4 batches in flight of 500 refs and their riders hold (rows they hold anyway until
+#: their commit; the oldest blocks' are let go first).
+SHARED_ROWS_CAP = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +252,7 @@ class Enricher:
         *,
         timestamp_cache_size: int = 200_000,
         calls_per_request: int = 100,
+        shared_rows_cap: int = SHARED_ROWS_CAP,
     ) -> None:
         self.client = client
         self.chain_id = chain_id
@@ -252,6 +265,15 @@ class Enricher:
         self._ts_cap = timestamp_cache_size
         self._head: tuple[float, int] | None = None  # (time.monotonic() asked, head)
         self._head_lock = asyncio.Lock()  # batches in flight share one eth_blockNumber
+        #: Blocks a batch of this process is fetching whole, until their answer is in: a batch
+        #: in flight at the same time that wants one of them waits for that answer instead of
+        #: asking the block again (two contracts' batches leased together cover the same blocks).
+        self._blocks_asked: dict[int, asyncio.Future[dict[str, tuple[TxRow, list[LogRow]]] | None]] = {}
+        #: The rows of the blocks this process fetched whole lately, by block and hash (see
+        #: :meth:`_per_block`), at most about ``shared_rows_cap`` of them.
+        self._block_rows: OrderedDict[int, dict[str, tuple[TxRow, list[LogRow]]]] = OrderedDict()
+        self._block_rows_n = 0
+        self.shared_rows_cap = shared_rows_cap
         #: Calls per JSON-RPC request (the run's ``--rpc-batch-size``) wherever the enricher
         #: groups calls itself; elsewhere the client cuts them at its endpoint's cap.
         self.calls_per_request = max(1, calls_per_request)
@@ -358,18 +380,23 @@ class Enricher:
         return bool(self.plan.calls_metered)
 
     def _normalise(
-        self, out: Collector, ref: Ref, tx: Mapping[str, Any], receipt: Mapping[str, Any], ts: int | None
-    ) -> None:
+        self, out: Collector, ref: Ref, tx: Mapping[str, Any], receipt: Mapping[str, Any], ts: int | None,
+        *, rider: bool = False,
+    ) -> tuple[TxRow, list[LogRow]] | None:
+        """Make the ref's row and settle it with it (returned too); ``rider``: a ref that is not
+        the batch's, which never fails it (its own batch finds it still in the gap)."""
         try:
             row, logs = normalise_tx(self.chain_id, tx, receipt, ts, self.decoder)
         except NormaliseError as exc:
             # Transaction and receipt disagree (a reorg between the calls, or a lagging
             # node): transient, the ref stays in the gap for the next attempt.
-            out.fail(_failure(ref, f"inconsistent answers: {exc}"))
-            return
+            if not rider:
+                out.fail(_failure(ref, f"inconsistent answers: {exc}"))
+            return None
         if row.block_timestamp is not None:
             self._remember(row.block_number, row.block_timestamp)
         out.row(ref, row, logs)
+        return row, logs
 
     # -- plans ---------------------------------------------------------------------
 
@@ -392,8 +419,24 @@ class Enricher:
                 await self.client.probe_block_receipts(first)
                 self._block_receipts_probed = True
 
-    def split(self, refs: Sequence[Ref]) -> tuple[dict[int, list[Ref]], list[Ref]]:
-        """Refs for the per-block plan (by block) and for the per-transaction plan."""
+    def may_fetch_blocks(self) -> bool:
+        """Whether a batch may take the per-block plan at all (``--plan per_block``, or calls
+        metered under ``auto``): only then are a batch's riders worth looking up."""
+        shape = self.plan.shape
+        if self._block_receipts_probed and not self.client.supports_block_receipts():
+            return False
+        return shape == "per_block" or (shape == "auto" and self._metered())
+
+    def split(
+        self, refs: Sequence[Ref], riders: Sequence[Ref] = ()
+    ) -> tuple[dict[int, list[Ref]], list[Ref]]:
+        """Refs for the per-block plan (by block) and for the per-transaction plan.
+
+        ``riders``: refs in the gap that are not the batch's (another contract's of the run,
+        or its own contract's beyond the batch's key range) in the blocks of its refs. They
+        count towards a block's break-even, and a block fetched whole settles them too, so
+        the batch that fetches it first leaves nothing of it to fetch again; a block not
+        fetched whole leaves them to their own batches."""
         shape = self.plan.shape
         if shape == "per_tx" or not self.client.supports_block_receipts():
             return {}, list(refs)
@@ -405,56 +448,149 @@ class Enricher:
                 per_tx.append(r)
             else:
                 by_block[r.block_number].append(r)
+        own = {r.tx_hash for r in refs}
+        extra: dict[int, list[Ref]] = defaultdict(list)
+        for r in riders:
+            if r.block_number in by_block and r.tx_hash not in own:
+                own.add(r.tx_hash)  # a transaction two riders share is one
+                extra[r.block_number].append(r)
         blocks: dict[int, list[Ref]] = {}
         for b, rs in by_block.items():
-            if shape == "per_block" or len(rs) >= threshold:
-                blocks[b] = rs
+            # A block another batch of this process fetched whole, or is fetching, costs
+            # nothing where its rows hold these refs (see _per_block), whatever their number.
+            shared = b in self._block_rows or b in self._blocks_asked
+            if shape == "per_block" or shared or len(rs) + len(extra.get(b, ())) >= threshold:
+                blocks[b] = rs + extra.get(b, [])
             else:
                 per_tx.extend(rs)
         return blocks, per_tx
 
-    async def enrich(self, refs: Sequence[Ref], out: Collector | None = None) -> Enriched:
+    async def enrich(
+        self, refs: Sequence[Ref], out: Collector | None = None, riders: Sequence[Ref] = ()
+    ) -> Enriched:
         """Enrich ``refs`` with batched calls; the planner picks per block or per transaction.
 
-        ``out``, if given, collects the rows as the answers arrive (see :class:`Collector`)."""
+        ``out``, if given, collects the rows as the answers arrive (see :class:`Collector`).
+        ``riders``: see :meth:`split`; their rows are added to the result where a block
+        fetched whole holds them, and nothing else is asked or recorded for them."""
         out = Collector() if out is None else out
-        await self._probe_block_receipts(refs)
-        blocks, per_tx = self.split(refs)
+        await self._probe_block_receipts([*refs, *riders])
+        blocks, per_tx = self.split(refs, riders)
         if blocks:
-            per_tx.extend(await self._per_block(blocks, out))
+            riding = {(r.contract, r.tx_hash) for r in riders}
+            per_tx.extend(await self._per_block(blocks, out, riding))
         if per_tx:
             await self._per_tx(per_tx, out)
         await self._judge_nulls(out)
         return out.result()
 
-    async def _per_block(self, blocks: dict[int, list[Ref]], out: Collector) -> list[Ref]:
-        leftovers: list[Ref] = []
+    async def _per_block(
+        self, blocks: dict[int, list[Ref]], out: Collector, riding: AbstractSet[tuple[str, str]] = frozenset()
+    ) -> list[Ref]:
+        """Fetch ``blocks`` whole; returns the refs they did not settle (none of ``riding``,
+        the riders: those are left to their own batches).
 
-        def settle(n: int, answers: list[Any]) -> None:
+        A block this process fetched whole lately, or is fetching for another batch in flight,
+        is not asked again where the rows it made hold every ref of this batch in it
+        (:attr:`_block_rows`, :attr:`_blocks_asked`): a batch leased before another's commit
+        still has the refs that batch's riders settled, and two contracts' batches leased
+        together cover the same blocks."""
+        leftovers: list[Ref] = []
+        Made = dict[str, tuple[TxRow, list[LogRow]]]
+
+        def settle(n: int, answers: list[Any]) -> Made | None:
             block, receipts = answers
             if not isinstance(block, dict) or not isinstance(receipts, list):
                 # Unknown block (one above the node's head too: the ref's number may be
                 # wrong, the lookup tells), wrong block number in the refs, or no block
                 # receipts after all: the per-transaction plan settles these refs.
-                leftovers.extend(blocks[n])
-                return
+                leftovers.extend(r for r in blocks[n] if (r.contract, r.tx_hash) not in riding)
+                return None
             ts = int(block["timestamp"], 16)
             self._remember(n, ts)
             txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
             recs = {r["transactionHash"].lower(): r for r in receipts if isinstance(r, dict)}
+            made: Made = {}
             for ref in blocks[n]:
                 tx, rec = txs.get(ref.tx_hash), recs.get(ref.tx_hash)
+                rider = (ref.contract, ref.tx_hash) in riding
                 if tx is None or rec is None:
-                    leftovers.append(ref)
-                else:
-                    self._normalise(out, ref, tx, rec, ts)
+                    if not rider:
+                        leftovers.append(ref)
+                    continue
+                got = self._normalise(out, ref, tx, rec, ts, rider=rider)
+                if got is not None:
+                    made[ref.tx_hash] = got
+            self._keep_rows(n, made)
+            return made
 
-        await self._many_each([
-            ([Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])],
-             functools.partial(settle, n))
-            for n in sorted(blocks)
-        ])  # fmt: skip
+        def reuse(n: int, made: Made | None) -> bool:
+            """Settle block ``n``'s refs from rows another batch's fetch made, if they hold
+            every one of this batch's own refs there."""
+            if made is None or any(r.tx_hash not in made for r in blocks[n]
+                                   if (r.contract, r.tx_hash) not in riding):  # fmt: skip
+                return False
+            for ref in blocks[n]:
+                if ref.tx_hash in made:
+                    out.row(ref, *made[ref.tx_hash])
+            return True
+
+        loop = asyncio.get_running_loop()
+        mine: list[int] = []
+        theirs: dict[int, asyncio.Future[Made | None]] = {}
+        for n in sorted(blocks):
+            asked = self._blocks_asked.get(n)
+            if asked is not None:
+                theirs[n] = asked
+            elif not reuse(n, self._block_rows.get(n)):
+                self._blocks_asked[n] = loop.create_future()
+                mine.append(n)
+
+        def answered(n: int, answers: list[Any]) -> None:
+            made = settle(n, answers)
+            asked = self._blocks_asked.pop(n, None)
+            if asked is not None and not asked.done():
+                asked.set_result(made)
+
+        async def fetch(ns: Sequence[int]) -> None:
+            await self._many_each([
+                ([Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])],
+                 functools.partial(answered, n))
+                for n in ns
+            ])  # fmt: skip
+
+        async def share(n: int, asked: asyncio.Future[Made | None]) -> None:
+            await asyncio.wait({asked})  # raises only if this batch is cancelled
+            made = None if asked.cancelled() or asked.exception() is not None else asked.result()
+            hook = ANSWERED.get()
+            if hook is not None:  # this batch's lease is kept while the answers it waits for come
+                hook()
+            if not reuse(n, made):  # the batch that asked it stopped, or it lacks some refs
+                answers = await self._many([Call("eth_getBlockByNumber", [hex(n), True]),
+                                            Call("eth_getBlockReceipts", [hex(n)])])  # fmt: skip
+                settle(n, answers)
+
+        try:
+            await _together([fetch(mine), *(share(n, f) for n, f in theirs.items())])
+        finally:
+            for n in mine:  # not answered (this batch stopped, or a request raised): let go
+                asked = self._blocks_asked.get(n)
+                if asked is not None and not asked.done():
+                    del self._blocks_asked[n]
+                    asked.cancel()
         return leftovers
+
+    def _keep_rows(self, n: int, made: dict[str, tuple[TxRow, list[LogRow]]]) -> None:
+        """Keep the rows block ``n`` made for the batches after this one (see
+        :meth:`_per_block`), the oldest blocks' let go past :attr:`shared_rows_cap` rows."""
+        if not made:
+            return
+        old = self._block_rows.pop(n, None)
+        self._block_rows_n += len(made) - (len(old) if old else 0)
+        self._block_rows[n] = made
+        while self._block_rows_n > self.shared_rows_cap and len(self._block_rows) > 1:
+            _, gone = self._block_rows.popitem(last=False)
+            self._block_rows_n -= len(gone)
 
     async def _per_tx(self, refs: Sequence[Ref], out: Collector) -> None:
         if self._metered():

@@ -911,6 +911,31 @@ class Store(abc.ABC):
                         (chain_id, contract))  # fmt: skip
             return int(cur.fetchone()[0])
 
+    #: A contract's refs in the gap (parameters: chain, contract) whose block is one of a list
+    #: (``{marks}``: a parameter per block), by one seek of the gap's key index per block:
+    #: SQLite does that with ``IN`` on the index's own expression (see :meth:`gap_in_blocks`).
+    _IN_BLOCKS = ("SELECT r.tx_hash, r.block_number, r.source FROM refs r "
+                  "WHERE {gap} AND " + KEY_SQL + " IN ({marks})")  # fmt: skip
+    #: Whether :data:`_IN_BLOCKS` takes the blocks as one array parameter, first.
+    _BLOCKS_AS_ARRAY = False
+
+    def gap_in_blocks(self, chain_id: int, contracts: Sequence[str], blocks: Sequence[int]) -> list[Ref]:
+        """The refs in the gap of ``contracts`` whose block is one of ``blocks`` (a batch's
+        riders: see ``Enricher.split``): per contract, one seek of the gap's key index per
+        block, never a walk of the refs between them (another contract's may crowd them)."""
+        out: list[Ref] = []
+        with self._read() as cur:
+            for contract in contracts:
+                for i in range(0, len(blocks), 500):
+                    part = list(blocks[i : i + 500])
+                    sql = self._IN_BLOCKS.format(gap=self._GAP_WHERE, marks=", ".join("?" * len(part)))
+                    params: list[Any] = [chain_id, contract, *part]
+                    if self._BLOCKS_AS_ARRAY:
+                        params = [part, chain_id, contract]
+                    cur.execute(self._sql(sql), params)
+                    out += [Ref(chain_id, contract, h, int(b), src) for h, b, src in cur.fetchall()]
+        return out
+
     def gap_blocks(self, chain_id: int, contract: str, besides: Sequence[str] = ()
                    ) -> list[tuple[int | None, int, int]]:  # fmt: skip
         """The contract's gap per block: (block number, None for refs of unknown block; how

@@ -649,6 +649,13 @@ class PostgresStore(Store):
     #: neither analyzed, it checked each ref against every failure record (1M refs, 3,000
     #: records: 72 s to count a gap).
     _GAP_WHERE = gap_where(" OFFSET 0")
+    #: Each block joined laterally, fenced (``OFFSET 0``): with ``= ANY(array)``, or the
+    #: lateral join unfenced, and no statistics (a table never analyzed) PostgreSQL sought
+    #: the contract in the key index and filtered every ref of it by block, per batch leased.
+    _IN_BLOCKS = ("SELECT r.tx_hash, r.block_number, r.source FROM unnest(CAST(? AS BIGINT[])) AS k(b) "
+                  "CROSS JOIN LATERAL (SELECT r.tx_hash, r.block_number, r.source FROM refs r "
+                  "WHERE {gap} AND " + KEY_SQL + " = k.b OFFSET 0) r")  # fmt: skip
+    _BLOCKS_AS_ARRAY = True
     _FENCE = " OFFSET 0"
     _NOT_STORED = NOT_STORED.format(probe=" OFFSET 0")
     #: The refs of permanent failure records (see :data:`_REFS_OF_RECORD`), and how many per

@@ -161,6 +161,52 @@ def test_the_same_abi_given_again_decodes_nothing_again(store: Store, db_url: st
     assert [p[:3] for p in store.pending_redecodes()] == [(1, C, ABI_TOO)]
 
 
+def versions(store: Store) -> tuple[int, int]:
+    """C's ``(abi_version, redecode_asked)``."""
+    with store._tx() as cur:
+        cur.execute(store._sql("SELECT abi_version, redecode_asked FROM contracts WHERE address = ?"), (C,))
+        version, asked = cur.fetchone()
+    return int(version), int(asked)
+
+
+def test_the_same_abi_given_again_asks_once_for_a_run_never_settled(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    # The same ABI given again while a run of another host (never settled from here) that
+    # began with the ABI before ran bumped the version with the ask: the run's version never
+    # matched again, and every later identical `contract add --abi` said "nothing changed",
+    # then decoded every stored row again.
+    store_undecoded(store, 1, 2)
+    store.add_contract(Contract(1, C, abi=ABI))
+    assert finish_redecodes(store)
+    run = store.create_run("concurrent", 2, chain_id=1)
+    with store._tx() as cur:
+        cur.execute(store._sql("UPDATE runs SET host = 'otherhost' WHERE run_id = ?"), (run,))
+    abi = tmp_path / "abi.json"
+    abi.write_bytes(orjson.dumps(ABI_TOO))
+    add = ["--db", db_url, "contract", "add", C, "--chain-id", "1", "--abi", str(abi)]
+    r = CliRunner().invoke(cli, add)
+    assert r.exit_code == 0 and "ABI replaced" in r.output, r.output
+    assert versions(store) == (2, 2) and store.pending_redecodes() == []
+    # Given again, once: the run's rows are asked for (a version bump would be a change).
+    r = CliRunner().invoke(cli, add)
+    assert r.exit_code == 0 and "decoded the stored rows of" in r.output, r.output
+    assert versions(store) == (2, 3) and store.pending_redecodes() == []
+    for _ in range(3):  # then nothing more, for that run
+        r = CliRunner().invoke(cli, add)
+        assert r.exit_code == 0, r.output
+        assert r.output == f"{C} on chain 1 (token) was tracked already: nothing changed\n"
+        assert versions(store) == (2, 3) and store.pending_redecodes() == []
+    # Once the ABI changed again, the same ABI given again asks for the run once more.
+    store.add_contract(Contract(1, C, abi=ABI))
+    assert versions(store) == (3, 4)
+    for _ in range(3):
+        store.add_contract(Contract(1, C, abi=ABI))
+    assert versions(store) == (3, 5)
+    # The run's own end still settles it against the version it began with.
+    assert store.settle_runs(run) == [(1, C)] and versions(store) == (3, 6)
+
+
 def test_a_killed_run_waits_while_a_live_local_process_may_still_commit_for_it(store: Store) -> None:
     # kill -9 of a coordinator leaves its workers finishing their batches: rows they commit
     # after a re-decode would stay decoded the old way, so the killed run is settled once

@@ -92,14 +92,14 @@ def test_the_same_abi_given_while_another_is_given_leaves_the_other_at_its_versi
     with open_store(pg_url) as first, open_store(pg_url) as second:
         first.add_contract(Contract(1, C, abi=x))
         reading, go_on = threading.Event(), threading.Event()
-        older = first._older_in_unsettled_run
+        older = first._older_in_unsettled_runs
 
-        def paused(cur: Any, contract: Contract, version: int) -> bool:
+        def paused(cur: Any, contract: Contract, version: int, redone: int | None) -> list[int]:
             reading.set()
             go_on.wait(10)
-            return older(cur, contract, version)
+            return older(cur, contract, version, redone)
 
-        first._older_in_unsettled_run = paused  # type: ignore[method-assign]
+        first._older_in_unsettled_runs = paused  # type: ignore[method-assign]
         same = threading.Thread(target=first.add_contract, args=(Contract(1, C, abi=x),))
         same.start()
         assert reading.wait(10)
@@ -2549,7 +2549,8 @@ def test_migration_5_merges_coverage_an_older_gapfill_commits_meanwhile(
     schema_up_to(pg_url, monkeypatch, 4)
     with open_store(pg_url, migrate=False) as s:
         assert s.migrate() == 4
-        s.add_contract(Contract(1, C))
+        with s._tx() as cur:  # as a gapfill of schema 4 wrote it
+            cur.execute(s._sql("INSERT INTO contracts (chain_id, address) VALUES (1, ?)"), (C,))
         _insert_coverage_rows(s, [(C, "blocks", 0, 9)])
     monkeypatch.undo()
     older = psycopg.connect(pg_url)  # its chunk's row, not yet committed

@@ -613,44 +613,61 @@ class Store(abc.ABC):
         given asks, in the same transaction, for its stored rows to be decoded again with it
         (:meth:`pending_redecodes`): a process killed before it did so leaves that asked.
         The ABI the contract has already asks nothing (every row was decoded again for
-        nothing), unless a run not settled yet began with an older one (see
+        nothing), unless a run not settled yet began with another version of it (see
         :meth:`settle_runs`): its rows may be decoded the old way, and giving the ABI again
-        is how one that is never settled (another host's, a container gone) has them redone."""
+        is how one that is never settled (another host's, a container gone) has them redone.
+        That asks once per such run (``abi_redone_through``), and bumps no version: bumped,
+        the run's version never matched again, and every later identical add asked again."""
         with self._tx() as cur:
-            given = 0
+            changed = asked = 0
+            redone: int | None = None
             if contract.abi is not None:
                 # Locked (PostgreSQL) until the upsert: a `contract add --abi Y` committing between
                 # this read and the upsert of the same ABI X left X at Y's version, and a run that
                 # began with Y was never asked to decode its rows again.
-                cur.execute(self._sql("SELECT abi, abi_version FROM contracts WHERE chain_id = ? "
-                                      f"AND address = ?{self._ROW_LOCK}"),
+                cur.execute(self._sql("SELECT abi, abi_version, abi_redone_through FROM contracts "
+                                      f"WHERE chain_id = ? AND address = ?{self._ROW_LOCK}"),
                             (contract.chain_id, contract.address))  # fmt: skip
                 row = cur.fetchone()
-                given = int(row is None or json_value(row[0]) != contract.abi
-                            or self._older_in_unsettled_run(cur, contract, int(row[1])))  # fmt: skip
+                if row is None or json_value(row[0]) != contract.abi:
+                    changed = asked = 1  # a new ABI: no run has been asked for with it yet
+                else:
+                    redone = None if row[2] is None else int(row[2])
+                    runs = self._older_in_unsettled_runs(cur, contract, int(row[1]), redone)
+                    if runs:
+                        asked, redone = 1, max(runs)
             cur.execute(
                 self._sql(
                     "INSERT INTO contracts (chain_id, address, label, start_block, abi, abi_version, "
-                    "redecode_asked) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (chain_id, address) "
+                    "redecode_asked, abi_redone_through) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (chain_id, address) "
                     "DO UPDATE SET label = COALESCE(EXCLUDED.label, contracts.label), "
                     "start_block = COALESCE(EXCLUDED.start_block, contracts.start_block), "
                     "abi = COALESCE(EXCLUDED.abi, contracts.abi), "
                     "abi_version = contracts.abi_version + EXCLUDED.abi_version, "
-                    "redecode_asked = contracts.redecode_asked + EXCLUDED.redecode_asked"
+                    "redecode_asked = contracts.redecode_asked + EXCLUDED.redecode_asked, "
+                    "abi_redone_through = CASE WHEN EXCLUDED.abi IS NULL "
+                    "THEN contracts.abi_redone_through ELSE EXCLUDED.abi_redone_through END"
                 ),
                 (contract.chain_id, contract.address, contract.label, contract.start_block,
-                 json_text(contract.abi), given, given),
+                 json_text(contract.abi), changed, asked, redone),
             )  # fmt: skip
 
-    def _older_in_unsettled_run(self, cur: Any, contract: Contract, version: int) -> bool:
-        """Whether a run not settled yet began with another ABI ``version`` of ``contract``."""
-        cur.execute("SELECT abi_versions FROM runs WHERE abi_versions IS NOT NULL")
-        for (text,) in cur.fetchall():
+    def _older_in_unsettled_runs(
+        self, cur: Any, contract: Contract, version: int, redone: int | None
+    ) -> list[int]:
+        """The runs not settled yet that began with another ABI ``version`` of ``contract``
+        (or before it was tracked), after run ``redone`` (the last one the same ABI given
+        again asked for)."""
+        cur.execute(self._sql("SELECT run_id, abi_versions FROM runs WHERE abi_versions IS NOT NULL "
+                              "AND run_id > ?"), (-1 if redone is None else redone,))  # fmt: skip
+        older = []
+        for run_id, text in cur.fetchall():
             started = json_value(text)
             if int(started["chain_id"]) == contract.chain_id and \
                     int(started["versions"].get(contract.address, 0)) != version:
-                return True
-        return False
+                older.append(int(run_id))
+        return older
 
     def list_contracts(self) -> list[Contract]:
         with self._read() as cur:

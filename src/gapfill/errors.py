@@ -11,7 +11,8 @@
     ├── UnknownContractError     --contract names nothing tracked
     ├── StoreError               database unreachable, missing, or failing
     │   ├── StoreRefused         it refuses the writes until fixed (also a FixFirst)
-    │   └── StoreDropped         a connection that worked was lost, or cannot be reopened
+    │   ├── StoreDropped         a connection that worked was lost, or cannot be reopened
+    │   └── StoreBusy            it did not do it this time, for a reason that may pass
     └── RpcError                 node unreachable, wrong chain, method missing
         ├── RpcKeyRefused        the node refused the key (also a FixFirst)
         ├── NodeUnavailable      the start-up check failed for a reason that may pass
@@ -72,8 +73,8 @@ class StoreError(GapfillError):
 class StoreRefused(StoreError, FixFirst):
     """The database refused what the command must do, and does so until the user fixes it:
     the role lacks a privilege, the database takes no writes (a hot standby,
-    ``default_transaction_read_only``, a read-only SQLite file or folder), a
-    ``statement_timeout`` cancelled a statement, or its disk is full. ``fix`` is what to do
+    ``default_transaction_read_only``, a read-only SQLite file or folder), or its disk is
+    full; or a run met a :class:`StoreBusy` until its retries ran out. ``fix`` is what to do
     before running the command again."""
 
 
@@ -83,6 +84,16 @@ class StoreDropped(StoreError, _WhatThenFix):
     message does not send the user to fix it. ``what`` says what happened ("lost the
     connection to PostgreSQL at ..."), ``fix`` what to do; ``str()`` is both. A run that
     retries says ``what`` and that it retries (:func:`gapfill.engine.events.db_retrying`)."""
+
+
+class StoreBusy(StoreError, _WhatThenFix):
+    """The server did not do what was asked this time, for a reason that may pass: a
+    ``lock_timeout`` met waiting for another session's lock (every worker's commit updates
+    the run's row), or a ``statement_timeout`` met (under contention too). Nothing of it
+    was written. ``what`` says which, ``fix`` what to do if it keeps happening (the
+    setting to raise); ``str()`` is both. A run retries
+    it, saying ``what`` (:func:`gapfill.engine.events.db_retrying`), and ends with both
+    once its retries run out (a worker ends with a :class:`StoreRefused` of them)."""
 
 
 class RpcError(GapfillError):

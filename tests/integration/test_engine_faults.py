@@ -389,6 +389,36 @@ def accept_writes(db: str) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_commits_waiting_past_lock_timeout_for_another_session_are_retried_and_the_run_completes(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # Every worker's commit updates the run's row: a role's lock_timeout met waiting for
+    # another's commit is contention. It was a refusal: the worker stopped (exit 6), and the
+    # run ended with "raise or unset lock_timeout", here after a lock held for one second.
+    db = pg_url + "?options=-c%20lock_timeout%3D200ms"
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(db, rpc), tmp_path, "enrich")
+        try:
+            wait_for("a few commits", lambda: committed_count(pg_url) >= 3, 60, proc=p)
+            with psycopg.connect(pg_url) as other, psycopg.connect(pg_url, autocommit=True) as watcher:
+                # Another session's slow commit of the run's row: held until one of the run's
+                # sessions has waited for it, and for 0.8 s more (past its lock_timeout).
+                other.execute("UPDATE runs SET note = note WHERE state = 'running'")
+                wait_for("a session waiting for the run's row", lambda: watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'").fetchone()[0], 30, every_s=0.02, proc=p)  # fmt: skip
+                time.sleep(0.8)
+            rc = p.wait(90)
+        finally:
+            p.close()
+    out = p.output(100_000)
+    assert rc == 0, out
+    assert "waited for a lock longer than its lock_timeout" in out, out
+    assert_rerun_is_exact(pg_url, enrich_args(pg_url, node_chain.url), tmp_path, node_chain, truth, seeded)
+    assert_leases_never_overlapped(pg_url)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(("mode", "how"), [("concurrent", "read-only"), ("concurrent", "disk-full"),
                                            ("batch", "disk-full")])  # fmt: skip
 def test_a_database_that_starts_refusing_writes_ends_the_run_with_what_to_fix(

@@ -2581,6 +2581,34 @@ def test_migration_5_merges_coverage_an_older_gapfill_commits_meanwhile(
         assert _coverage(s) == [("blocks", 0, 19)]
 
 
+def test_postgres_a_commit_waiting_past_lock_timeout_for_another_is_retried_not_refused(pg_url: str) -> None:
+    # Every worker's commit updates the run's row: one that waited for another worker's
+    # commit past the role's lock_timeout was a StoreRefused, and ended the whole run.
+    import psycopg
+
+    from gapfill.errors import StoreBusy
+    from gapfill.store.postgres import PostgresStore
+
+    with open_store(pg_url) as setup:
+        setup.add_contract(Contract(1, C))
+        setup.add_refs([Ref(1, C, h(1), 1)])
+        run = setup.create_run("concurrent", 2)
+        setup.plan(run, [(1, C)])
+    with PostgresStore(pg_url + "?options=-c%20lock_timeout%3D200ms") as s, \
+            psycopg.connect(pg_url) as other:  # fmt: skip
+        s.counts_for_run = run
+        batch = s.lease("w", 300, [(1, C)])
+        assert batch is not None
+        other.execute("UPDATE runs SET note = note WHERE run_id = %s", (run,))  # its commit, under way
+        with pytest.raises(StoreBusy) as busy:
+            s.commit_batches([(batch, Enriched(txs=[tx_row(1, 1)]))])
+        assert not isinstance(busy.value, StoreRefused)
+        assert busy.value.what.endswith("waited for a lock longer than its lock_timeout (canceling statement "
+                                        "due to lock timeout)"), busy.value.what  # fmt: skip
+        other.commit()
+        assert s.commit_batches([(batch, Enriched(txs=[tx_row(1, 1)]))]) == [1]  # the retry passes
+
+
 def test_postgres_a_dropped_connection_is_said_as_such_not_as_a_url_to_fix(pg_url: str) -> None:
     # A run's retry notice said "could not connect to PostgreSQL ...: check that the server
     # runs and fix GAPFILL_DB" after pg_terminate_backend: the connection had worked.

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from gapfill.engine.events import db_retrying
-from gapfill.errors import FixFirst, StoreDropped, StoreError, StoreRefused
+from gapfill.errors import FixFirst, StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.store.postgres import server_and_db, translate
 from gapfill.store.sqlite import _hint
 
@@ -95,6 +95,21 @@ _LOCK_TIMEOUT = psycopg.errors.LockNotAvailable("canceling statement due to lock
      "lock longer than its lock_timeout",
      'raise or unset lock_timeout for role "u" (ALTER ROLE "u" SET lock_timeout = 0), or in --db / '
      "GAPFILL_DB if its options set it"),
+])  # fmt: skip
+def test_a_timeout_met_waiting_for_another_session_may_pass_and_says_what_to_raise(
+    exc: psycopg.Error, what: str, fix: str
+) -> None:
+    # Every worker's commit updates the run's row, and contracts share transaction rows:
+    # waiting for another worker's commit is contention. As a StoreRefused it ended the run;
+    # a run retries it (saying what it met), and ends with the fix only if it keeps meeting it.
+    error = translate(exc, URL)
+    assert isinstance(error, StoreBusy) and not isinstance(error, StoreRefused | StoreDropped)
+    assert (error.what, error.fix) == (f"{what} ({exc})", fix)
+    assert str(error) == f"{what} ({exc}): {fix}"
+    assert db_retrying(error, "committing").text == f"{what} ({exc}) while committing; retrying"
+
+
+@pytest.mark.parametrize(("exc", "what", "fix"), [
     (_FULL, 'PostgreSQL at db.example:6432 has no disk space left for database "app"',
      "free space on the database server"),
     (_STANDBY, 'PostgreSQL database "app" on db.example:6432 takes no writes',

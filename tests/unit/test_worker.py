@@ -42,7 +42,7 @@ class FakeStore:
         self.already = 0  # transactions of each batch another batch stored first
         self.run_calls = 0  # the RPC calls the writes added to the run's
         self.emptied = 0  # batches the next lease call closes, as if emptied meanwhile
-        self.refusal: StoreRefused | None = None  # what a failing call raises, if not a lost connection
+        self.refusal: StoreError | None = None  # what a failing call raises, if not a lost connection
         #: A write for which this says True is done, but its answer is lost (StoreDropped).
         self.lose: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
         self.ended: dict[int, str] = {}  # batch id -> the lease event that ended its attempt
@@ -670,6 +670,59 @@ def test_a_commit_the_database_refuses_stops_the_worker_with_its_batches_given_b
     assert store.next_id - 1 <= 8, store.calls
     assert set(store.state.values()) == {"pending"}, store.state
     assert store.committed == []
+
+
+def _lock_timeout() -> StoreError:
+    """A commit cancelled at the session's lock_timeout, as the store says it."""
+    import psycopg
+
+    from gapfill.store.postgres import translate
+
+    return translate(psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"),
+                     "postgresql://u@db:5432/app")  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_a_commit_that_met_a_lock_timeout_gives_its_batch_back_and_the_worker_goes_on() -> None:
+    # Every worker's commit updates the run's row: waiting past lock_timeout for another's
+    # commit is contention, not a refusal. It stopped the worker (exit 6), and the run.
+    store = FakeStore(batches=8)
+    w = worker(store, FakeEnricher(delay_s=0.05), batches_in_flight=1)
+    store.refusal = _lock_timeout()
+    failed = iter([True, True])
+    store.fail = lambda name, args: name == "commit_batches" and next(failed, False)
+    totals = asyncio.run(w.run())
+    assert sorted(b for g in store.committed for b in g) == [3, 4, 5, 6, 7, 8]
+    assert store.state[1] == store.state[2] == "pending" and store.pauses[1] > 0  # to be retried
+    assert totals.batches == 6
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_whose_commits_keep_meeting_a_lock_timeout_stops_saying_to_raise_it() -> None:
+    store = FakeStore(batches=1000)
+    w = worker(store, FakeEnricher(delay_s=0.02), db_outage_s=0.3)
+    store.refusal = said = _lock_timeout()
+    store.fail = lambda name, args: name == "commit_batches"
+    with pytest.raises(StoreRefused) as stopped:
+        asyncio.run(w.run())
+    assert str(stopped.value) == str(said) and "raise or unset lock_timeout" in str(said)
+    assert store.committed == [] and "leased" not in store.state.values()  # all given back
+
+
+@pytest.mark.timeout(30)
+def test_a_lease_that_keeps_meeting_a_lock_timeout_ends_with_its_sentence() -> None:
+    store = FakeStore(batches=100)
+    events: list[Any] = []
+    w = worker(store, emit=events.append, db_outage_s=0.2)
+    store.refusal = said = _lock_timeout()
+    store.fail = lambda name, args: name == "lease" and store.next_id > 2
+    with pytest.raises(StoreRefused) as stopped:
+        asyncio.run(w.run())
+    assert str(stopped.value) == str(said)
+    assert store.calls.count("lease") > 3  # retried, not refused at once
+    (notice,) = [e.text for e in events if "retrying" in getattr(e, "text", "")]
+    assert notice.endswith("lock_timeout (canceling statement due to lock timeout) while leasing a batch; "
+                           "retrying"), notice
 
 
 @pytest.mark.timeout(30)

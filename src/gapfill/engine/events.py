@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gapfill.errors import StoreDropped, StoreError
+from gapfill.errors import StoreBusy, StoreDropped, StoreError
 from gapfill.model import UNKNOWN_BLOCK_KEY, RefKey
 
 
@@ -169,8 +169,10 @@ class Notice:
 def db_retrying(exc: StoreError, doing: str = "") -> Notice:
     """The notice of a run that retries after a store call failed (``doing``: "leasing a
     batch"). A connection that worked and dropped is said as such, not as a database
-    error whose URL is to be fixed: the run reconnects on its own."""
-    if isinstance(exc, StoreDropped):
+    error whose URL is to be fixed: the run reconnects on its own. So is what may pass
+    (:class:`StoreBusy`: a lock_timeout), without the fix its sentence ends with while the
+    run retries."""
+    if isinstance(exc, StoreDropped | StoreBusy):
         return Notice(f"{exc.what}{f' while {doing}' if doing else ''}; retrying")
     return Notice(f"database error{f' while {doing}' if doing else ''}, retrying: {exc}")
 

@@ -87,8 +87,8 @@ LOST_NODE_STOP_S = 10.0
 EXIT_START_FAILED = 5
 #: A worker process's exit code when the database refuses what it must do until the user
 #: fixes something (a :class:`StoreRefused`: a read-only database, a full disk, a missing
-#: grant, a statement_timeout): no restart passes it, so the coordinator ends the run with
-#: the worker's sentence, as it does with a lost node's.
+#: grant, a statement_timeout met for the whole outage window): no restart passes it, so the
+#: coordinator ends the run with the worker's sentence, as it does with a lost node's.
 EXIT_REFUSED = 6
 
 MODES = ("auto", "sequential", "batch", "concurrent")

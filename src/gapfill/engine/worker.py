@@ -54,7 +54,7 @@ from gapfill.engine.events import (
     key_range,
 )
 from gapfill.enrich.fetch import Collector, Enricher
-from gapfill.errors import GapfillError, RpcError, StoreDropped, StoreError, StoreRefused
+from gapfill.errors import GapfillError, RpcError, StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -229,6 +229,9 @@ class Worker:
         #: commit, "closed" or "given back" by a give-back. Read by the batch's next write.
         self._landed: dict[int, str] = {}
         self._lease_order = itertools.count(1)  # the batches' RPC priority: earlier first
+        #: Since when this worker's commits have failed for a reason that may pass (a
+        #: lock_timeout: :class:`StoreBusy`) with none passing since: see :meth:`_still_busy`.
+        self._busy_since: float | None = None
 
     async def db(
         self, fn: Callable[..., T], *args: Any, calls: bool = False, writes: Sequence[Batch] = (),
@@ -338,9 +341,10 @@ class Worker:
         batches wait on RPC, or as soon as a call fails because the endpoint refused the API
         key and no other could take it (a key revoked mid-run): every call would fail so.
         Raises :class:`StoreRefused` as soon as the database refuses a batch's commit so (a
-        read-only database, a full disk, a statement_timeout, a missing grant; the lease and
-        the other calls it cannot go on without raise it at once too: see :meth:`_retrying`):
-        the next commit would be refused too, after the node's work for it.
+        read-only database, a full disk, a missing grant; the lease and the other calls it
+        cannot go on without raise it at once too: see :meth:`_retrying`): the next commit
+        would be refused too, after the node's work for it. So it does once its commits
+        have met a lock_timeout or statement_timeout for ``db_outage_s`` (:meth:`_still_busy`).
         The batches in flight are given back first, with what they fetched, and no failure
         is recorded for their refs."""
         main = asyncio.current_task()
@@ -622,6 +626,7 @@ class Worker:
         call = asyncio.ensure_future(commit)
         try:
             held = await asyncio.shield(call)
+            self._busy_since = None
         except asyncio.CancelledError:
             while not call.done():
                 with contextlib.suppress(asyncio.CancelledError):
@@ -661,6 +666,8 @@ class Worker:
                     said = db_retrying(exc, what)
                     self.emit(Notice(f"[Worker-{self.index + 1}] {said.text}"))
                 elif now - down_since > self.settings.db_outage_s:
+                    if isinstance(exc, StoreBusy):  # the run ends with what to change
+                        raise StoreRefused(exc.what, exc.fix) from exc
                     raise
                 await asyncio.sleep(self.settings.db_retry_s)
 
@@ -849,12 +856,13 @@ class Worker:
             self._giving_back.add(give_back)
             give_back.add_done_callback(self._giving_back.discard)
             await asyncio.shield(give_back)
-            if isinstance(exc, StoreRefused) and self._stop_for is not None:
-                # Its commit was refused for a reason no wait lets pass (a statement_timeout
-                # its writes meet, a full disk, a grant revoked on one table): the next batch's
-                # would be too, after the node's work for it, so the worker stops and says what
-                # to fix, its other batches given back with what they fetched.
-                self._stop_for(exc)
+            refusal = self._still_busy(exc) if isinstance(exc, StoreBusy) else exc
+            if isinstance(refusal, StoreRefused) and self._stop_for is not None:
+                # Its commit was refused for a reason no wait lets pass (a full disk, a grant
+                # revoked on one table, a lock_timeout met for the whole outage window): the
+                # next batch's would be too, after the node's work for it, so the worker stops
+                # and says what to fix, its other batches given back with what they fetched.
+                self._stop_for(refusal)
         finally:
             fetched()
             if give_back is not None and not give_back.done():
@@ -863,6 +871,18 @@ class Worker:
                 give_back.add_done_callback(lambda _: self._let_go(batch.id))
             else:
                 self._let_go(batch.id)
+
+    def _still_busy(self, exc: StoreBusy) -> StoreRefused | None:
+        """A commit failed for a reason that may pass (a lock_timeout or statement_timeout
+        met waiting for another worker's commit): its batch is given back and retried. Only
+        once this worker's commits have met such failures for ``db_outage_s`` with none
+        passing, the refusal to stop with, saying what to change."""
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since = now
+        elif now - self._busy_since > self.settings.db_outage_s:
+            return StoreRefused(exc.what, exc.fix)
+        return None
 
     def _let_go(self, batch_id: int) -> None:
         """The batch's task, and the give-back it started, are over."""

@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from gapfill.errors import StoreDropped, StoreError, StoreRefused
+from gapfill.errors import StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.signals import committing
@@ -440,8 +440,7 @@ def _privilege_error(msg: str, url: str, reading: bool, check: str) -> StoreRefu
 
 def _refused_by_server(exc: psycopg.Error, msg: str, url: str, check: str) -> StoreRefused | None:
     """A statement the server refuses until someone changes it: a database that takes no
-    writes, a ``statement_timeout`` or ``lock_timeout``, a full disk (SQLite's equivalents
-    say what to do too)."""
+    writes, a full disk (SQLite's equivalents say what to do too)."""
     where, dbname = server_and_db(url)
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         return StoreRefused(
@@ -449,24 +448,33 @@ def _refused_by_server(exc: psycopg.Error, msg: str, url: str, check: str) -> St
             f"point {check} at the primary server (a hot standby is read-only) or another writable "
             "database, or turn default_transaction_read_only off for it",
         )
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return StoreRefused(f'PostgreSQL at {where} has no disk space left for database "{dbname}" ({msg})',
+                            "free space on the database server")  # fmt: skip
+    return None
+
+
+def _timed_out(exc: psycopg.Error, msg: str, url: str, check: str) -> StoreBusy | None:
+    """A statement the server cancelled at the ``statement_timeout`` or ``lock_timeout`` of
+    gapfill's session. Waiting for another session's commit is normal (every worker's commit
+    updates the run's row; contracts share transaction rows), so it may pass: a run retries
+    it, and ends with what to raise only if it keeps meeting it."""
+    where = server_and_db(url)[0]
     if isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in msg.lower():
         role = role_name(url)
-        return StoreRefused(
+        return StoreBusy(
             f"PostgreSQL at {where} cancelled a statement of gapfill's at its statement_timeout ({msg})",
             f'raise or unset statement_timeout for role "{role}" (ALTER ROLE "{role}" SET '
             f"statement_timeout = 0), or in {check} if its options set it",
         )
     if isinstance(exc, psycopg.errors.LockNotAvailable) and "lock timeout" in msg.lower():
         role = role_name(url)
-        return StoreRefused(
+        return StoreBusy(
             f"PostgreSQL at {where} cancelled a statement of gapfill's that waited for a lock longer "
             f"than its lock_timeout ({msg})",
             f'raise or unset lock_timeout for role "{role}" (ALTER ROLE "{role}" SET lock_timeout = 0), '
             f"or in {check} if its options set it",
         )
-    if isinstance(exc, psycopg.errors.DiskFull):
-        return StoreRefused(f'PostgreSQL at {where} has no disk space left for database "{dbname}" ({msg})',
-                            "free space on the database server")  # fmt: skip
     return None
 
 
@@ -620,9 +628,9 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
         what = (f"lost the connection to PostgreSQL at {where} ({msg})" if connection == "open"
                 else f"PostgreSQL at {where} is not answering now ({msg})")  # fmt: skip
         return StoreDropped(what, "check that the server runs, then run the command again")
-    refused = _refused_by_server(exc, msg, url, check)
-    if refused is not None:
-        return refused
+    said = _refused_by_server(exc, msg, url, check) or _timed_out(exc, msg, url, check)
+    if said is not None:
+        return said
     return StoreError(f"PostgreSQL error on {redact_db_url(url)}: {msg}")
 
 

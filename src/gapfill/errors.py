@@ -89,9 +89,9 @@ class StoreDropped(StoreError, _WhatThenFix):
 class StoreBusy(StoreError, _WhatThenFix):
     """The server did not do what was asked this time, for a reason that may pass: a
     ``lock_timeout`` met waiting for another session's lock (every worker's commit updates
-    the run's row), or a ``statement_timeout`` met (under contention too). Nothing of it
-    was written. ``what`` says which, ``fix`` what to do if it keeps happening (the
-    setting to raise); ``str()`` is both. A run retries
+    the run's row), a ``statement_timeout`` met (under contention too), or the server out
+    of memory. Nothing of it was written. ``what`` says which, ``fix`` what to do if it
+    keeps happening (the setting to raise, the memory to free); ``str()`` is both. A run retries
     it, saying ``what`` (:func:`gapfill.engine.events.db_retrying`), and ends with both
     once its retries run out (a worker ends with a :class:`StoreRefused` of them)."""
 

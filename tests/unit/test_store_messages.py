@@ -181,8 +181,13 @@ def test_a_server_out_of_memory_is_said_as_such_and_may_pass() -> None:
             "free memory on the database server (or run gapfill with fewer --workers, or lower work_mem "
             "for its role), then run the command again")  # fmt: skip
     error = translate(psycopg.errors.OutOfMemory("out of memory"), URL)
-    assert str(error) == says.format("out of memory")
+    assert str(error) == says.format("out of memory")  # a command ends with it
     assert not isinstance(error, FixFirst | StoreDropped)  # another session may free it: a run retries
+    # ... saying what it met, as for a connection slot: "database error while committing,
+    # retrying: ... then run the command again" contradicted itself.
+    assert isinstance(error, StoreBusy)
+    assert db_retrying(error, "committing").text == (
+        "PostgreSQL at db.example:6432 ran out of memory (out of memory) while committing; retrying")
     at_start = psycopg.OperationalError(_FAILED + "FATAL:  out of memory")
     assert str(translate(at_start, URL)) == says.format(f"{_FAILED}FATAL:  out of memory")
 

@@ -170,8 +170,8 @@ def db_retrying(exc: StoreError, doing: str = "") -> Notice:
     """The notice of a run that retries after a store call failed (``doing``: "leasing a
     batch"). A connection that worked and dropped is said as such, not as a database
     error whose URL is to be fixed: the run reconnects on its own. So is what may pass
-    (:class:`StoreBusy`: a lock_timeout), without the fix its sentence ends with while the
-    run retries."""
+    (:class:`StoreBusy`: a lock_timeout, the server out of memory), without the fix its
+    sentence ends with ("..., then run the command again") while the run retries."""
     if isinstance(exc, StoreDropped | StoreBusy):
         return Notice(f"{exc.what}{f' while {doing}' if doing else ''}; retrying")
     return Notice(f"database error{f' while {doing}' if doing else ''}, retrying: {exc}")

@@ -874,9 +874,9 @@ class Worker:
 
     def _still_busy(self, exc: StoreBusy) -> StoreRefused | None:
         """A commit failed for a reason that may pass (a lock_timeout or statement_timeout
-        met waiting for another worker's commit): its batch is given back and retried. Only
-        once this worker's commits have met such failures for ``db_outage_s`` with none
-        passing, the refusal to stop with, saying what to change."""
+        met waiting for another worker's commit, the server out of memory): its batch is
+        given back and retried. Only once this worker's commits have met such failures for
+        ``db_outage_s`` with none passing, the refusal to stop with, saying what to change."""
         now = time.monotonic()
         if self._busy_since is None:
             self._busy_since = now

@@ -533,11 +533,12 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
     if no_slot is not None:
         return no_slot
     if isinstance(exc, psycopg.errors.OutOfMemory) or _NO_MEMORY.search(msg):
-        # It may pass (another session's query freed its memory): a run retries it.
-        return StoreError(
-            f"PostgreSQL at {where} ran out of memory ({msg}): nothing of what failed was written; "
-            "free memory on the database server (or run gapfill with fewer --workers, or lower "
-            "work_mem for its role), then run the command again"
+        # It may pass (another session's query freed its memory): a run retries it, saying
+        # what it met (db_retrying), not the rerun a command ends with.
+        return StoreBusy(
+            f"PostgreSQL at {where} ran out of memory ({msg})",
+            "nothing of what failed was written; free memory on the database server (or run "
+            "gapfill with fewer --workers, or lower work_mem for its role), then run the command again",
         )
     role = _NO_ROLE.search(msg)
     if role:

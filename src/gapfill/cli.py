@@ -1244,7 +1244,8 @@ enrich_options = [
     click.option("--rpc-outage", "rpc_outage_s", type=FiniteFloatRange(min=1), default=120.0,
                  show_default=True,
                  help="Stop (batches given back) when no RPC node has replied for this many seconds "
-                      "of trying (waits for --rps or a Retry-After pause do not count)."),
+                      "of trying (waits for --rps or a Retry-After pause do not count), found by two "
+                      "checks in a row, a quarter of it (at most 5 s) apart."),
     click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
                  help="Serve Prometheus metrics on 127.0.0.1:PORT (0: a free port, said at the start)."),
     click.option("-q", "--quiet", is_flag=True,

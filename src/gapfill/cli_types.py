@@ -65,7 +65,8 @@ class Age(click.ParamType[float]):
 
 
 def said_age(seconds: float) -> str:
-    """An :class:`Age` as a sentence says it: ``30 days``, ``12 hours``, ``1.5 days``."""
+    """An :class:`Age` as a sentence says it: whole days (``30 days``), else whole hours
+    (``12 hours``; 1.5 days is ``36 hours``), else days with a fraction (``0.0625 days``)."""
     if seconds % 86_400 == 0:
         return f"{seconds / 86_400:,.0f} day" + ("" if seconds == 86_400 else "s")
     if seconds % 3_600 == 0:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from typing import Any
@@ -1339,6 +1340,49 @@ def test_two_commits_recording_the_same_failures_in_opposite_orders_do_not_deadl
             setup.clear_failures(permanent_only=False)
 
 
+@pytest.mark.timeout(60)
+def test_two_commits_recording_and_clearing_the_same_failures_crosswise_do_not_deadlock(pg_url: str) -> None:
+    # Failure records are upserted in key order, then the records of the transactions a
+    # commit stores are deleted, in key order too: but one after the other. A commit that
+    # recorded X's failure and stored Y, beside one that recorded Y's and stored X (two
+    # contracts' batches sharing both, each met a null for one), each held one record and
+    # waited for the other's: "deadlock detected", one rolled back.
+    import threading
+
+    x, y = h(1), h(2)
+    mine = ["0x" + "ab" * 20, "0x" + "cd" * 20]
+    with open_store(pg_url) as setup:
+        for k in mine:
+            setup.add_contract(Contract(1, k))
+        setup.add_refs([Ref(1, k, t, 1) for k in mine for t in (x, y)])
+        # Records of an earlier attempt's nulls, which leave the refs in the gap.
+        setup.write(Enriched(failures=[Failure(1, t, mine[0], "rpc_error", "null") for t in (x, y)]))
+        setup.plan(setup.create_run("concurrent", 2), [(1, k) for k in mine], batch_size=10)
+    between = threading.Barrier(2)  # both commits past their upserts, before their deletes
+    stores = [open_store(pg_url), open_store(pg_url)]
+    for s in stores:
+        delete = s._delete_failed
+
+        def paused(cur: Any, keys: Sequence[Any], delete: Any = delete) -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):  # the other waits for this one
+                between.wait(3)
+            delete(cur, keys)
+
+        s._delete_failed = paused  # type: ignore[method-assign]
+    try:
+        errors = _commit_at_once([
+            (s, s.lease("w", 300, [(1, k)]),
+             Enriched(txs=[tx_row(stored, 1)], failures=[Failure(1, h(failed), k, "rpc_error", "null")]))
+            for s, k, failed, stored in zip(stores, mine, [1, 2], [2, 1], strict=True)
+        ])  # fmt: skip
+    finally:
+        for s in stores:
+            s.close()
+    assert not errors, errors
+    with open_store(pg_url) as s:
+        assert {t["tx_hash"] for t in s.fetch_transactions(1)} == {x, y}
+
+
 def test_the_failed_refs_a_retry_would_put_back_are_the_contracts_unstored_permanent_failures(
     store: Store,
 ) -> None:
@@ -2156,7 +2200,9 @@ def test_postgres_clears_failure_records_and_finds_stored_blocks_by_key(
 
     def clear() -> None:
         with s._tx() as cur:  # type: ignore[attr-defined]
-            s._delete_failed(cur, batch)  # type: ignore[attr-defined]
+            keys = s._failed_of(cur, batch)  # type: ignore[attr-defined]
+            assert len(keys) == 10
+            s._delete_failed(cur, keys)  # type: ignore[attr-defined]
 
     def blocks() -> None:
         with s._tx() as cur:  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import datetime as dt
 import functools
+import itertools
 import logging
 import os
 import re
@@ -1009,24 +1010,37 @@ class Store(abc.ABC):
         transaction's rows, or another contract's batch before), and clear the records of
         the transactions it stores; returns how many it recorded."""
         failures = self._of_unstored(cur, enriched.failures)
-        if failures:
-            # In key order, as rows are (whatever the batches' order): two commits recording
-            # failures of the transactions two contracts share, each in its batch's order,
-            # deadlocked.
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO failures (chain_id, tx_hash, contract, reason, attempts, last_error) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chain_id, tx_hash) DO UPDATE SET "
-                    "reason = EXCLUDED.reason, last_error = EXCLUDED.last_error, "
-                    "attempts = failures.attempts + EXCLUDED.attempts, at = EXCLUDED.at"
-                ),
-                [(f.chain_id, f.tx_hash, f.contract, f.reason, f.attempts, f.last_error[:2000])
-                 for f in sorted(failures, key=lambda f: (f.chain_id, f.tx_hash))],
-            )  # fmt: skip
-        if enriched.txs:
-            # A transaction that is now stored no longer failed.
-            self._clear_failed(cur, enriched.txs)
+        # A transaction that is now stored no longer failed: the records to delete.
+        cleared = self._failed_of(cur, enriched.txs) if enriched.txs and self._any_failure(cur) else []
+        # One pass in key order, as rows are written (whatever the batches' order), over the
+        # records it writes and those it deletes (none is both: a failure of a transaction
+        # stored is dropped above). Two commits recording failures of the transactions two
+        # contracts share, each in its batch's order, deadlocked; so did, with the upserts and
+        # the deletes each in key order but one after the other, a commit recording X's
+        # failure and storing Y beside one recording Y's and storing X.
+        writes: list[tuple[tuple[int, str], Failure | None]] = sorted(
+            [((f.chain_id, f.tx_hash), f) for f in failures] + [(k, None) for k in cleared],
+            key=lambda w: w[0])  # fmt: skip
+        for upsert, run in itertools.groupby(writes, key=lambda w: w[1] is not None):
+            keyed = list(run)
+            if upsert:
+                self._upsert_failures(cur, [f for _, f in keyed if f is not None])
+            else:
+                self._delete_failed(cur, [k for k, _ in keyed])
         return len(failures)
+
+    def _upsert_failures(self, cur: Any, failures: Sequence[Failure]) -> None:
+        """Record ``failures``, in the order given."""
+        cur.executemany(
+            self._sql(
+                "INSERT INTO failures (chain_id, tx_hash, contract, reason, attempts, last_error) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (chain_id, tx_hash) DO UPDATE SET "
+                "reason = EXCLUDED.reason, last_error = EXCLUDED.last_error, "
+                "attempts = failures.attempts + EXCLUDED.attempts, at = EXCLUDED.at"
+            ),
+            [(f.chain_id, f.tx_hash, f.contract, f.reason, f.attempts, f.last_error[:2000])
+             for f in failures],
+        )
 
     def _of_unstored(self, cur: Any, failures: Sequence[Failure]) -> Sequence[Failure]:
         """Those of ``failures`` whose transaction is not stored, as ``cur`` sees it: one
@@ -1040,18 +1054,19 @@ class Store(abc.ABC):
                   for h in self._stored_blocks(cur, chain_id, hs)}  # fmt: skip
         return [f for f in failures if (f.chain_id, f.tx_hash) not in stored] if stored else failures
 
-    def _clear_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
+    def _any_failure(self, cur: Any) -> bool:
         # Usually there is no failure at all: one probe instead of a DELETE per transaction.
         cur.execute("SELECT 1 FROM failures LIMIT 1")
-        if cur.fetchone() is None:
-            return
-        self._delete_failed(cur, txs)
+        return cur.fetchone() is not None
 
-    def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
-        cur.executemany(
-            self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"),
-            [(t.chain_id, t.tx_hash) for t in txs],
-        )
+    def _failed_of(self, cur: Any, txs: Sequence[TxRow]) -> list[tuple[int, str]]:
+        """The keys of ``txs`` that may have a failure record, in key order (SQLite: all of
+        them, each deleted by its key)."""
+        return sorted({(t.chain_id, t.tx_hash) for t in txs})
+
+    def _delete_failed(self, cur: Any, keys: Sequence[tuple[int, str]]) -> None:
+        """Delete the failure records of ``keys``, in the order given."""
+        cur.executemany(self._sql("DELETE FROM failures WHERE chain_id = ? AND tx_hash = ?"), keys)
 
     def write(self, enriched: Enriched, calls: int = 0) -> int:
         """Store rows, failures and moved keys in one transaction, with no lease (the start-up

@@ -895,7 +895,7 @@ class PostgresStore(Store):
             cur.execute(f"TRUNCATE {stage}")
         return inserted
 
-    def _delete_failed(self, cur: Any, txs: Sequence[TxRow]) -> None:
+    def _failed_of(self, cur: Any, txs: Sequence[TxRow]) -> list[tuple[int, str]]:
         # Which of the batch's transactions have a record: one statement, one probe each
         # (_WITH_FAILURE); then only those go, each by its key (usually none).
         by_chain: dict[int, list[str]] = {}
@@ -905,8 +905,7 @@ class PostgresStore(Store):
         for chain_id, hashes in by_chain.items():
             cur.execute(_WITH_FAILURE, (hashes, chain_id))
             gone += [(chain_id, h) for (h,) in cur.fetchall()]
-        if gone:  # in key order, as a commit writes rows
-            cur.executemany("DELETE FROM failures WHERE chain_id = %s AND tx_hash = %s", sorted(gone))
+        return sorted(gone)
 
     def _plan_lock(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (PLAN_LOCK,))

@@ -556,6 +556,11 @@ def given_as(click_ctx: click.Context | None, param: str, value: object, flag: s
     return None
 
 
+#: What `status`, `contract list` and a command that needs a contract say of a database
+#: that tracks none.
+NOTHING_TRACKED = "no contract is tracked yet: add one with `gapfill contract add ADDRESS`"
+
+
 def _chains(contracts: Iterable[Contract]) -> str:
     """The chains of ``contracts``, named: "chain 1", "chains 1, 5"."""
     ids = sorted({c.chain_id for c in contracts})
@@ -580,7 +585,7 @@ def resolve_targets(store: Store, contract: str | None, chain_id: int | None,
         raise GapfillError(f"no contract is tracked on chain {chain_id} (only on {_chains(tracked)}): "
                            "fix --chain-id, or add one with `gapfill contract add ADDRESS`")  # fmt: skip
     if not found:
-        raise GapfillError("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
+        raise GapfillError(NOTHING_TRACKED)
     return found
 
 
@@ -783,6 +788,8 @@ def contract_list(ctx: Ctx, as_json: bool) -> None:
                                  for c in rows]).decode())  # fmt: skip
         return
     if not rows:
+        # As `status` says it: a bare empty output left it open whether the command had run.
+        click.echo(NOTHING_TRACKED)
         return
     # A header names the columns: "31337 0x... router - -" could not be read without --json.
     # Tab-separated off a terminal (a label may hold spaces: `cut -f3` still finds it),
@@ -994,7 +1001,7 @@ def _blocks(s: ContractStatus) -> str:
 
 def render_status(rows: Sequence[ContractStatus], extra: dict[tuple[int, str], dict[str, Any]]) -> None:
     if not rows:
-        click.echo("no contract is tracked yet: add one with `gapfill contract add ADDRESS`")
+        click.echo(NOTHING_TRACKED)
         return
     headers = ["chain", "contract", "label", "refs", "enriched", "missing", "failed", "blocks"]
     # Counts with thousands separators, as every other count gapfill says (`--json` has them bare).

@@ -105,6 +105,16 @@ def test_contract_add_and_list(tracked: str) -> None:
     ]
 
 
+def test_contract_list_of_none_says_so_and_how_to_add_one(db_url: str) -> None:
+    # QA: it printed nothing, which left it open whether the command had run at all.
+    assert run(db_url, "init").exit_code == 0
+    r = run(db_url, "contract", "list")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert r.output == "no contract is tracked yet: add one with `gapfill contract add ADDRESS`\n"
+    r = run(db_url, "contract", "list", "--json")
+    assert r.exit_code == 0 and orjson.loads(r.output) == []
+
+
 def test_contract_list_names_its_columns(
     tracked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -848,7 +858,7 @@ def test_ctrl_c_while_contract_add_asks_the_node_writes_nothing(db_url: str, tmp
     if db_url.startswith("sqlite"):
         assert not os.path.exists(db_url.removeprefix("sqlite:///"))
     else:
-        assert run(db_url, "contract", "list").output == ""
+        assert run(db_url, "contract", "list").output.startswith("no contract is tracked yet")
 
 
 def test_contract_remove_asks_then_forgets_the_contract(tracked: str) -> None:
@@ -858,7 +868,7 @@ def test_contract_remove_asks_then_forgets_the_contract(tracked: str) -> None:
     r = run(tracked, "contract", "remove", C, "--yes")
     said = f"removed {C} on chain 1: 1 ref, 0 batches, 0 failure records; its stored transactions stay"
     assert r.exit_code == 0 and said in r.output, r.output
-    assert run(tracked, "contract", "list").output == ""
+    assert run(tracked, "contract", "list").output.startswith("no contract is tracked yet")
     r = run(tracked, "contract", "remove", C, "--yes")
     assert r.exit_code == 1 and "is not tracked: nothing to remove" in one_sentence(r)
 
@@ -875,7 +885,8 @@ def test_contract_remove_at_a_terminal_names_all_it_deletes(
     assert r.output.startswith(f"Remove {C} on chain 1 with its refs, plan, discovery coverage and "
                                "failure records? [y/N]: "), r.output  # fmt: skip
     r = run(tracked, "contract", "remove", C, input="y\n")
-    assert r.exit_code == 0 and run(tracked, "contract", "list").output == ""
+    assert r.exit_code == 0
+    assert run(tracked, "contract", "list").output.startswith("no contract is tracked yet")
 
 
 def test_ctrl_c_before_an_enrich_run_starts_says_nothing_was_fetched(

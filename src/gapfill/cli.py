@@ -1257,7 +1257,8 @@ enrich_options = [
                  help="Serve Prometheus metrics on 127.0.0.1:PORT (0: a free port, said at the start)."),
     click.option("-q", "--quiet", is_flag=True,
                  help="Print only the summary, what the run waits for (a lock, a slow node) and what "
-                      "changes it (an endpoint set aside, failures put back, the metrics address)."),
+                      "changes it (an endpoint set aside, failures put back, --workers a one-process mode "
+                      "ignores, the metrics address)."),
 ]  # fmt: skip
 
 

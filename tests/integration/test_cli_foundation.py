@@ -687,6 +687,10 @@ def test_hints_name_the_config_file_for_what_it_set(tracked: str, tmp_path: Path
             "--workers", "2")  # fmt: skip
     assert "--workers 2 applies to concurrent mode" in r.output
     assert r.stderr.strip().endswith("connection refused; check --rpc-url"), r.stderr
+    # -q says it too: it changes what the run does (QA: a quiet run dropped it).
+    r = run(tracked, "--config", "", "--rpc-url", "http://127.0.0.1:9/", "enrich", "--mode", "batch",
+            "--workers", "2", "-q")  # fmt: skip
+    assert "--workers 2 applies to concurrent mode; batch mode runs one worker" in r.output, r.output
 
 
 @pytest.mark.timeout(120)

@@ -1510,5 +1510,6 @@ def run_enrich(job: EnrichJob, emit: Emit, end: HeldSignals | None = None) -> Ru
         return Coordinator(replace(job, mode=mode), emit).run(end)
     if job.workers and job.workers > 1:
         said = job.workers_said or f"--workers {job.workers}"
-        emit(Notice(f"{said} applies to concurrent mode; {mode} mode runs one worker"))
+        # Said under -q too: the run does not do what the user asked of it.
+        emit(Notice(f"{said} applies to concurrent mode; {mode} mode runs one worker", quiet_too=True))
     return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential", end=end)

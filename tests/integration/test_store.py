@@ -653,6 +653,28 @@ def test_a_read_only_sqlite_store_reads_and_refuses_writes_in_one_sentence(tmp_p
         assert [c.address for c in s.list_contracts()] == [C]
 
 
+def test_a_full_sqlite_database_is_refused_in_one_sentence(tmp_path: Any) -> None:
+    # SQLITE_FULL was a plain StoreError, which a run retried for its database outage window
+    # (a concurrent run restarting each worker that met it), where PostgreSQL's full disk ends
+    # the run at once with what to do. A page limit makes SQLite fail as a full disk does.
+    from gapfill.store.sqlite import SqliteStore
+
+    path = tmp_path / "x.db"
+    with SqliteStore(f"sqlite:///{path}") as s:
+        s.migrate()
+        s.add_contract(Contract(1, C))
+        pages = s._conn.execute("PRAGMA page_count").fetchone()[0]
+        s._conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreRefused) as err:
+            s.add_refs([Ref(1, C, h(i), i) for i in range(1, 5_001)])
+        assert str(err.value) == (f"the SQLite database {path} has no space left to write (database or "
+                                  "disk is full): free space on its disk (or move the database and set "
+                                  "--db / GAPFILL_DB to it)")  # fmt: skip
+        assert err.value.fix.startswith("free space")
+        assert list(s.iter_gap(1, C)) == []  # the transaction that failed wrote nothing
+        assert [c.address for c in s.list_contracts()] == [C]  # and it still reads
+
+
 def test_runs_are_listed(store: Store) -> None:
     r = store.create_run("batch", 1, note="x")
     assert store.finish_run(r, "done", 25)[:3] == (0, 0, 25)

@@ -175,6 +175,18 @@ def _read_only_file(path: str, check: str = DB_CHECK) -> StoreRefused:
     return StoreRefused(f"the SQLite database {path} is read-only (the file or its folder)", fix)
 
 
+def _full(exc: sqlite3.Error) -> bool:
+    return _code(exc) == sqlite3.SQLITE_FULL
+
+
+def _disk_full(path: str, exc: sqlite3.Error, check: str = DB_CHECK) -> StoreRefused:
+    """A write SQLite could not make for want of space (SQLITE_FULL): refused until the user
+    frees some, as PostgreSQL's full disk is (a run stops at once with it rather than retry it
+    for its outage window, a concurrent run restarting each worker that met it)."""
+    return StoreRefused(f"the SQLite database {path} has no space left to write ({exc})",
+                        f"free space on its disk (or move the database and set {check} to it)")  # fmt: skip
+
+
 #: How many steps of SQLite's virtual machine a statement run by the main thread takes
 #: between two calls of ``_run_signal_handlers`` (~0.3 ms of a 1M-ref import's insert).
 SIGNAL_CHECK_STEPS = 10_000
@@ -254,6 +266,8 @@ class SqliteStore(Store):
                 raise StoreError(_locked(self.path)) from exc
             if _read_only(exc):
                 raise _read_only_file(self.path, self.check) from exc
+            if _full(exc):
+                raise _disk_full(self.path, exc, self.check) from exc
             raise StoreError(
                 f"cannot open the SQLite database {self.path}: {exc}; check {check}: "
                 "it must name a SQLite file, or a new one, in a folder you can write to"
@@ -425,6 +439,8 @@ class SqliteStore(Store):
             raise KeyboardInterrupt from None
         if _read_only(exc):
             raise _read_only_file(self.path, self.check) from exc
+        if _full(exc):
+            raise _disk_full(self.path, exc, self.check) from exc
         doing = "writing to" if immediate else "reading from"
         raise StoreError(f"{doing} {self.path} failed: {exc}{_hint(exc, self.check)}") from exc
 

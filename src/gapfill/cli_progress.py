@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from gapfill.engine.events import (
+    LEASE_GONE,
     BatchAbandoned,
     BatchAssigned,
     BatchDone,
@@ -126,6 +127,15 @@ class LineRenderer:
         elif isinstance(ev, BatchAbandoned) and ev.closed:
             self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} complete as it was given back "
                       f"({ev.error}): +{ev.kept} success, {ev.kept_failed} failed")  # fmt: skip
+        elif isinstance(ev, BatchAbandoned) and ev.not_given == LEASE_GONE:
+            self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} ({ev.error}): "
+                      "its lease had ended already, nothing of it written; it was taken back for "
+                      "another attempt")  # fmt: skip
+        elif isinstance(ev, BatchAbandoned) and ev.not_given:
+            self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} ({ev.error}) "
+                      f"could not be given back ({ev.not_given}): nothing of it written; its lease "
+                      f"expires {ev.lease_timeout_s:g} s after it was last renewed (--lease-timeout), "
+                      "and the batch is taken back then")  # fmt: skip
         elif isinstance(ev, BatchAbandoned):
             self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} given back"
                       f"{_what_was_kept(ev)}: {ev.error}")  # fmt: skip

@@ -15,6 +15,7 @@ from gapfill.cli_discover import _Printer
 from gapfill.cli_progress import LineRenderer, LiveRenderer, summary_lines
 from gapfill.discover.run import DiscoverProgress
 from gapfill.engine.events import (
+    LEASE_GONE,
     BatchAbandoned,
     BatchAssigned,
     BatchDone,
@@ -43,6 +44,24 @@ def test_progress_is_shown_every_period_and_the_finished_plan_once() -> None:
         "Progress: 0/4 batches (0.0%), 1 active workers, 10 tx/s, ETA ?",
         "Progress: 4/4 batches (100.0%), 1 active workers, 10 tx/s, ETA ?",
     ], lines
+
+
+@pytest.mark.timeout(10)
+def test_a_batch_not_given_back_is_not_said_given_back() -> None:
+    # QA: a give-back that failed (the database gone) or found its lease ended was said as
+    # "given back", and its lease then expired, or was someone else's already.
+    out = io.StringIO()
+    render = LineRenderer(out)
+    render(BatchAbandoned(0, 4, "worker stopped", 2, rest=500, not_given=LEASE_GONE, lease_timeout_s=300))
+    render(BatchAbandoned(1, 5, "worker stopped", 1, rest=500, not_given="the server is gone",
+                          lease_timeout_s=300))  # fmt: skip
+    assert out.getvalue().splitlines() == [
+        "[Worker-1] Batch 4 attempt 2 (worker stopped): its lease had ended already, nothing of it "
+        "written; it was taken back for another attempt",
+        "[Worker-2] Batch 5 attempt 1 (worker stopped) could not be given back (the server is gone): "
+        "nothing of it written; its lease expires 300 s after it was last renewed (--lease-timeout), "
+        "and the batch is taken back then",
+    ]
 
 
 @pytest.mark.timeout(10)

@@ -640,6 +640,44 @@ def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_batch_whose_give_back_fails_is_not_said_given_back() -> None:
+    # QA: with the database gone, a stop said every batch in flight was "given back": their
+    # leases stay until they expire, and the line must say so.
+    store = FakeStore(batches=100)
+    events: list[Any] = []
+    w = worker(store, FakeEnricher(delay_s=0.5), emit=events.append, db_outage_s=0.1,
+               lease_timeout_s=90.0)  # fmt: skip
+    gone = {"abandon", "release_owner"}  # the stop's last try fails too
+    store.fail = lambda name, args: (name == "lease" and store.next_id > 3) or name in gone
+
+    async def go() -> None:
+        with pytest.raises(StoreError):
+            await w.run()
+
+    asyncio.run(go())
+    assert store.state == {1: "leased", 2: "leased", 3: "leased"}  # left to expire
+    abandoned = [e for e in events if isinstance(e, BatchAbandoned)]
+    assert sorted(e.batch_id for e in abandoned) == [1, 2, 3]
+    assert all(e.not_given == "abandon: the server closed the connection" for e in abandoned), abandoned
+    lines = given_back_lines(events)
+    assert lines and all(
+        line.endswith("attempt 1 (worker stopped) could not be given back (abandon: the server closed the "
+                      "connection): nothing of it written; its lease expires 90 s after it was last renewed "
+                      "(--lease-timeout), and the batch is taken back then")
+        for line in lines), lines  # fmt: skip
+    assert not any("given back:" in line for line in lines), lines
+    # The stop's last try gives them back after all (without what they fetched): said so.
+    store, events = FakeStore(batches=100), []
+    w = worker(store, FakeEnricher(delay_s=0.5), emit=events.append, db_outage_s=0.1)
+    store.fail = lambda name, args: (name == "lease" and store.next_id > 3) or name == "abandon"
+    asyncio.run(go())
+    assert store.state == {1: "pending", 2: "pending", 3: "pending"}
+    lines = given_back_lines(events)
+    assert len(lines) == 3, lines
+    assert all(line.endswith("attempt 1 given back: worker stopped") for line in lines), lines
+
+
+@pytest.mark.timeout(30)
 def test_a_database_that_refuses_the_work_stops_the_worker_at_once() -> None:
     # A read-only database, a full disk or a missing grant refuses every try alike: the
     # worker retried the lease for the whole outage window before saying what to fix.

@@ -75,6 +75,16 @@ class BatchAbandoned:
     kept_new: int = 0
     #: What it stored was all the batch had left: the batch is done, not given back.
     closed: bool = False
+    #: Why the batch was not given back, if it was not ("" if it was): the give-back failed
+    #: (``not_given`` is its error; the lease stays until it expires, ``lease_timeout_s``
+    #: after its last renewal, and is taken back then), or ``LEASE_GONE``: the lease had
+    #: ended already (it expired and was taken back). Nothing of the attempt was kept then.
+    not_given: str = ""
+    lease_timeout_s: float = 0.0
+
+
+#: :attr:`BatchAbandoned.not_given` of a batch whose lease had ended before its give-back.
+LEASE_GONE = "lease gone"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, Event
+from gapfill.engine.events import LEASE_GONE, BatchAbandoned, BatchAssigned, BatchDone, Event
 from gapfill.errors import ConfigError
 
 __all__ = ["LeaseTally", "MetricsServer", "check_port", "series"]
@@ -32,7 +32,8 @@ HELP: dict[str, str] = {
     "gapfill_leases_taken_total": "Batch leases this run's workers took.",
     "gapfill_leases_committed_total": "Leases that ended in a commit of their batch.",
     "gapfill_leases_given_back_total": "Leases given back (an error, a stop); what they fetched is kept.",
-    "gapfill_leases_lost_total": "Leases gone at commit (expired, taken by another): nothing written.",
+    "gapfill_leases_lost_total": ("Leases gone at commit or give-back (expired, taken by another): "
+                                  "nothing written."),
     "gapfill_leases_expired_total": "Leases past their timeout that this run's coordinator took back.",
     "gapfill_leases_held": "Leases this run's workers hold now.",
 }
@@ -63,7 +64,9 @@ class LeaseTally:
         elif isinstance(ev, BatchAbandoned):
             if ev.closed:
                 self.committed += 1
-            else:
+            elif ev.not_given == LEASE_GONE:
+                self.lost += 1
+            elif not ev.not_given:  # else it is left to expire (taken back: ``expired``)
                 self.given_back += 1
             self.held.pop(ev.batch_id, None)
 

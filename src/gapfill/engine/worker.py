@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from gapfill.engine.events import (
+    LEASE_GONE,
     BatchAbandoned,
     BatchAssigned,
     BatchDone,
@@ -223,6 +225,9 @@ class Worker:
         self._silent_seen = False  # the previous outage check found no reply for rpc_outage_s
         self._tasks: set[asyncio.Task[None]] = set()  # the batch tasks
         self._giving_back: set[asyncio.Future[None]] = set()  # give-backs of failed attempts under way
+        #: The batches whose give-back failed as the worker stopped, said once the stop's last
+        #: try (its ``release_owner``) has given them back or failed too.
+        self._not_given: list[BatchAbandoned] = []
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
         self._lost: _Lost | None = None  # the last write whose answer was lost, until checked
         #: Batches a write whose answer was lost turned out to have ended: "committed" by a
@@ -467,15 +472,27 @@ class Worker:
                 tasks.add(self._flusher)
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*self._giving_back, return_exceptions=True)
-            # A lease call the stop cut (its thread went on, and leased a batch no task took):
-            # given back, one try, or it stayed leased until it expired.
+            # A lease call the stop cut (its thread went on, and leased a batch no task took),
+            # or a give-back that failed: given back, one try, or it stays leased until it expires.
+            released = False
             with contextlib.suppress(Exception):
                 await self.db(self.store.release_owner, self.owner, "worker stopped", frozenset(self._held))
+                released = True
+            self._say_not_given(released)
             raise
         finally:
+            self._say_not_given(False)
             await self._save_calls()
             self.send_stats(force=True)
         return self.totals
+
+    def _say_not_given(self, released: bool) -> None:
+        """Say the batches whose give-back failed as the worker stopped: given back after all
+        (``released``: the stop's last try gave back every lease the worker still held, without
+        what they fetched), else left to expire."""
+        said, self._not_given = self._not_given, []
+        for ev in said:
+            self.emit(dataclasses.replace(ev, not_given="") if released else ev)
 
     def _idle_pause(self, polls: int) -> float:
         """The pause before idle poll number ``polls`` (0, 1, ...): doubling, capped."""
@@ -937,6 +954,7 @@ class Worker:
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
         given: GivenBack | None = None  # None: not given back
+        failed = ""  # why the give-back failed, if it did: the lease is left to expire
         give_back = functools.partial(self.db, self.store.abandon_keeping, batch, error, keep,
                                       retry_after_s, calls=True, writes=(batch,))  # fmt: skip
         try:
@@ -951,6 +969,7 @@ class Worker:
                     await self.db(self._check_lost)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)
+            failed = str(exc) or type(exc).__name__
         if given is None:  # its lease is gone: a write whose answer was lost may have ended it
             landed = self._landed.pop(batch.id, None)
             if landed == "committed":  # its commit landed: the batch is committed, not given back
@@ -975,9 +994,16 @@ class Worker:
                      "; closed: nothing of it is left" if given.closed else "",
                      f"; leased again no sooner than in {retry_after_s:.1f} s" if retry and retry_after_s
                      else "")  # fmt: skip
-        self.emit(BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed,
-                                 rest, given.stored if given else 0,
-                                 closed=given is not None and given.closed))  # fmt: skip
+        # Not given back: said so, not as given back (a stop with the database gone said every
+        # batch was), with when the batch comes back.
+        not_given = "" if given is not None else failed[:300] or LEASE_GONE
+        ev = BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed, rest,
+                            given.stored if given else 0, closed=given is not None and given.closed,
+                            not_given=not_given, lease_timeout_s=self.settings.lease_timeout_s)  # fmt: skip
+        if failed and self.stopping:  # the stop's last try may give it back yet
+            self._not_given.append(ev)
+        else:
+            self.emit(ev)
         if kept:
             self.send_stats()
 

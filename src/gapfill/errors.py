@@ -12,7 +12,8 @@
     ├── StoreError               database unreachable, missing, or failing
     │   ├── StoreRefused         it refuses the writes until fixed (also a FixFirst)
     │   ├── StoreDropped         a connection that worked was lost, or cannot be reopened
-    │   └── StoreBusy            it did not do it this time, for a reason that may pass
+    │   ├── StoreBusy            it did not do it this time, for a reason that may pass
+    │   └── StoreNoSlot          a first connection found no connection slot free
     └── RpcError                 node unreachable, wrong chain, method missing
         ├── RpcKeyRefused        the node refused the key (also a FixFirst)
         ├── NodeUnavailable      the start-up check failed for a reason that may pass
@@ -94,6 +95,15 @@ class StoreBusy(StoreError, _WhatThenFix):
     keeps happening (the setting to raise, the memory to free); ``str()`` is both. A run retries
     it, saying ``what`` (:func:`gapfill.engine.events.db_retrying`), and ends with both
     once its retries run out (a worker ends with a :class:`StoreRefused` of them)."""
+
+
+class StoreNoSlot(StoreError, _WhatThenFix):
+    """A command's first connection found no connection slot free on the server (PostgreSQL's
+    ``max_connections`` in use, or a role's or database's ``CONNECTION LIMIT`` reached):
+    ``what`` says which limit, ``fix`` what to do (close other clients, fewer ``--workers``,
+    or raise it); ``str()`` is both. A command ends with it; a run's worker process, whose
+    coordinator had connected, waits a little for a slot (other clients may leave), then
+    ends the run with it as a :class:`StoreRefused`."""
 
 
 class RpcError(GapfillError):

@@ -468,6 +468,58 @@ def test_a_database_that_starts_refusing_writes_ends_the_run_with_what_to_fix(
     assert_leases_never_overlapped(pg_url)
 
 
+@pytest.mark.timeout(120)
+def test_a_worker_that_finds_no_connection_slot_ends_the_run_with_what_to_do(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded
+) -> None:
+    # QA: a worker whose first connection found no slot (SQLSTATE 53300) exited as a crash and
+    # was restarted again and again, until the run ended "workers keep crashing ...: rerun
+    # with -v". Now it waits a little for a slot, then the run ends with the store's sentence.
+    from urllib.parse import urlsplit
+
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import run_enrich
+    from gapfill.engine.worker import WorkerSettings
+    from gapfill.errors import StoreRefused
+
+    role = f"gapfill_cl_{os.getpid()}"
+    parts = urlsplit(pg_url)
+    dbname = parts.path[1:]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        # The coordinator's session is the one the role may open: each worker finds none.
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'cl' CONNECTION LIMIT 1")
+        admin.execute(f'GRANT CONNECT, TEMPORARY ON DATABASE "{dbname}" TO {role}')
+        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}")
+        admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        admin.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    url = parts._replace(netloc=f"{role}:cl@{parts.hostname}:{parts.port or 5432}").geturl()
+    job = replace(batch_job(url, node_chain, seeded), mode="concurrent", workers=2,
+                  worker=WorkerSettings(no_slot_wait_s=1.0))  # fmt: skip
+    events: list[Any] = []
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(StoreRefused) as err:
+            run_enrich(job, events.append)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+    took = time.monotonic() - t0
+    said = str(err.value)
+    assert said.startswith(f'PostgreSQL role "{role}" has as many sessions on {parts.hostname}:'
+                           f"{parts.port or 5432} as its CONNECTION LIMIT allows ("), said  # fmt: skip
+    assert said.endswith("close other clients, or run gapfill with fewer --workers (each worker holds a "
+                         f'connection), or raise the limit (ALTER ROLE "{role}" CONNECTION LIMIT -1 lifts '
+                         "it)"), said  # fmt: skip
+    notices = [e.text for e in events if isinstance(e, Notice)]
+    assert not [n for n in notices if "restarted" in n], notices  # no crash loop
+    assert any(n.endswith(": waiting up to 1 s for one") for n in notices), notices
+    assert took < 30, f"{took:.0f} s: the run did not end once the wait was over"
+    [(state, note)] = query(pg_url, "SELECT state, note FROM runs WHERE mode = 'concurrent'")
+    assert state == "failed" and note == said, (state, note)
+    assert leased_now(pg_url) == []
+
+
 #: The server drops the connection of whoever leases a pending batch, at the 5th and
 #: the 12th lease. A sequence is not rolled back with the lease, so each drop fires once;
 #: the drop lands inside the lease call, the one place a worker has no batch to give back.

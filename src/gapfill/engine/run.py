@@ -56,7 +56,15 @@ from gapfill.engine.metrics import LeaseTally, series
 from gapfill.engine.session import make_client
 from gapfill.engine.worker import Worker, WorkerSettings
 from gapfill.enrich.fetch import Enricher, PlanSettings, decoder_for
-from gapfill.errors import GapfillError, Interrupted, NodeUnavailable, RpcError, StoreError, StoreRefused
+from gapfill.errors import (
+    GapfillError,
+    Interrupted,
+    NodeUnavailable,
+    RpcError,
+    StoreError,
+    StoreNoSlot,
+    StoreRefused,
+)
 from gapfill.model import Enriched, head_in_error
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
@@ -866,8 +874,29 @@ def _drain(sock: socket.socket) -> None:
         sock.recv(4096)
 
 
+async def _open_for_worker(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> Store:
+    """The worker's store. A first connection that finds no slot free on the server (its
+    coordinator's found one) is tried again for ``no_slot_wait_s`` (other clients may leave),
+    then refused: the run ends with the sentence that says what to do."""
+    wait_s = job.worker.no_slot_wait_s
+    deadline: float | None = None
+    while True:
+        try:
+            return open_store(job.db_url, check=job.db_check, app=f"{_app(job)} worker {index + 1}")
+        except StoreNoSlot as exc:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + wait_s
+                if wait_s > 0:
+                    emit(Notice(f"[Worker-{index + 1}] {exc.what}: waiting up to {wait_s:g} s for one",
+                                waiting=True))  # fmt: skip
+            if now >= deadline or coordinator.poll():  # or the run stops meanwhile
+                raise StoreRefused(exc.what, exc.fix) from None
+            await asyncio.sleep(min(0.5, deadline - now))
+
+
 async def _worker_body(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:
-    store = open_store(job.db_url, check=job.db_check, app=f"{_app(job)} worker {index + 1}")
+    store = await _open_for_worker(index, job, emit, coordinator)
     store.counts_for_run = job.run_id
     try:
         async with _client(job) as client:

@@ -175,6 +175,12 @@ class WorkerSettings:
     #: back and stops with one sentence, instead of retrying until every transaction is an
     #: `rpc_error` failure.
     rpc_outage_s: float = 120.0
+    #: How long a worker process whose first connection finds no connection slot free on the
+    #: server waits for one before it ends the run with what to do (close other clients, fewer
+    #: --workers, raise the limit): a slot a client about to end holds frees within seconds; a
+    #: limit lower than the run's connections frees none, and restarting the worker (as a
+    #: crash) only spent the restart budget before "workers keep crashing".
+    no_slot_wait_s: float = 10.0
 
 
 @dataclass

@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from gapfill.errors import StoreBusy, StoreDropped, StoreError, StoreRefused
+from gapfill.errors import StoreBusy, StoreDropped, StoreError, StoreNoSlot, StoreRefused
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.signals import committing
@@ -509,7 +509,7 @@ def _no_slot_left(exc: psycopg.Error, msg: str, where: str,
         what = f"PostgreSQL at {where} has no connection slot left: its max_connections are in use ({msg})"
         fix = f"{_FEWER}, or raise max_connections on the server (it takes a restart)"
     if connection == "first":
-        return StoreError(f"{what}: {fix}")
+        return StoreNoSlot(what, fix)
     return StoreDropped(what, f"{fix}, then run the command again")
 
 

@@ -151,9 +151,14 @@ class LineRenderer:
                 pct = 100.0 * ev.done_batches / ev.total_batches if ev.total_batches else 100.0
                 # The seed's line, word for word ("1 active workers" too): log parsers and
                 # the README's example read it as it is.
+                # What the batches in flight have fetched, after the seed's words: the rate and
+                # the done count move only as batches are stored, and a run of one batch said
+                # "0/1 batches ..., 0 tx/s" until its end.
+                fetched = (f"; {counted(ev.fetched, 'transaction')} fetched, not stored yet"
+                           if ev.fetched else "")  # fmt: skip
                 self.line(f"Progress: {ev.done_batches}/{ev.total_batches} batches ({pct:.1f}%), "
                           f"{ev.active_workers} active workers, {ev.rate_tx_s:,.0f} tx/s, "
-                          f"ETA {fmt_duration(ev.eta_s)}")  # fmt: skip
+                          f"ETA {fmt_duration(ev.eta_s)}{fetched}")  # fmt: skip
         elif isinstance(ev, Notice):
             self.line(ev.text)
         elif isinstance(ev, WorkerExited):
@@ -216,8 +221,9 @@ class LiveRenderer:
         parts.append(ProgressBar(total=max(total, 1), completed=done, width=60))
         if p:
             # The ETA first: a narrow terminal cuts the line's end.
+            tx = f"{p.processed:,} tx" + (f" (+{p.fetched:,} fetched, not stored yet)" if p.fetched else "")
             parts.append(Text(f"{done}/{total} batches · ETA {fmt_duration(p.eta_s)} · "
-                              f"{p.rate_tx_s:,.0f} tx/s · {p.processed:,} tx · failed {p.failed:,} · "
+                              f"{p.rate_tx_s:,.0f} tx/s · {tx} · failed {p.failed:,} · "
                               f"retries {p.retries:,} · 429s {p.rate_limited:,}"))  # fmt: skip
         t = Table(box=None, pad_edge=False)
         for col in ("worker", "pid", "batch", "tx", "tx/s", "failed", "retries", "429s"):

@@ -311,6 +311,28 @@ def test_the_live_view_header_words_the_plan_as_the_line_renderer_does() -> None
 
 
 @pytest.mark.timeout(10)
+def test_progress_of_a_batch_in_flight_says_what_it_fetched() -> None:
+    # QA: a run of one batch said "0/1 batches (0.0%), 1 active workers, 0 tx/s, ETA ?" (and
+    # the live view "0 tx") until its end, with nothing to show it was fetching: the rate and
+    # the done count move as batches are stored. What is fetched and not stored yet is said
+    # after the seed's words, which log parsers read as they were.
+    out = io.StringIO()
+    render = LineRenderer(out, progress_every_s=0)
+    render(Progress(0, 1, 1, 0, 0, 3.0, 0.0, None, fetched=312))
+    render(Progress(1, 1, 1, 480, 0, 6.0, 80.0, 0.0))
+    assert out.getvalue().splitlines() == [
+        "Progress: 0/1 batches (0.0%), 1 active workers, 0 tx/s, ETA ?; 312 transactions fetched, "
+        "not stored yet",
+        "Progress: 1/1 batches (100.0%), 1 active workers, 80 tx/s, ETA 0.0s",
+    ]
+    live = LiveRenderer()
+    live(RunStarted(7, "batch", 1, 2, 1, 480, 0))
+    live(Progress(0, 1, 1, 0, 0, 3.0, 0.0, None, fetched=1_312))
+    assert "0/1 batches · ETA ? · 0 tx/s · 0 tx (+1,312 fetched, not stored yet) · failed 0" in (
+        live_view_text(live)), live_view_text(live)  # fmt: skip
+
+
+@pytest.mark.timeout(10)
 def test_the_live_view_counts_batches_closed_without_a_commit_as_they_come() -> None:
     # One worker (batch mode): its events move the bar between the once-a-second Progress
     # events. A lease that found 2 batches' ranges already stored closes them, and a batch

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
+from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied, WorkerStats
 from gapfill.engine.worker import Worker, WorkerSettings, WorkerTotals
 from gapfill.errors import StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Contract, Enriched, Failure, Ref, TxRow
@@ -943,6 +943,52 @@ class HalfFailingEnricher(FakeEnricher):
                         failures=[Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "HTTP 502")
                                   for r in refs[1::2]],
                         moved=[Ref(r.chain_id, r.contract, r.tx_hash, 2) for r in refs[::4]])  # fmt: skip
+
+
+class HalfThenWaitEnricher(FakeEnricher):
+    """Settles half the batch's refs, then waits for ``go`` before the rest: a batch in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+        from types import SimpleNamespace
+
+        assert out is not None
+        for r in refs[: len(refs) // 2]:
+            out.row(r, SimpleNamespace(block_number=r.block_number), [])
+        await self.go.wait()
+        for r in refs[len(refs) // 2 :]:
+            out.row(r, SimpleNamespace(block_number=r.block_number), [])
+        return out.result()  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_says_what_its_batch_in_flight_has_fetched() -> None:
+    # A run of one batch said "0/1 batches, 0 tx/s" until its end: its stats now say what the
+    # batch in flight has fetched and not stored yet, and nothing once it is stored.
+    store = FakeStore(batches=1, refs=10)
+    enricher = HalfThenWaitEnricher()
+    events: list[Any] = []
+    w = worker(store, enricher, emit=events.append, stats_every_s=0.01)
+    seen: list[int] = []
+
+    async def go() -> None:
+        run = asyncio.create_task(w.run())
+        while w.fetched_unstored() < 5:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # a stats report or more
+        seen.append(w.fetched_unstored())
+        enricher.go.set()
+        await run
+
+    asyncio.run(go())
+    assert seen == [5]
+    stats = [e for e in events if isinstance(e, WorkerStats)]
+    assert any(e.fetched == 5 and e.processed == 0 for e in stats), stats
+    assert stats[-1].fetched == 0 and stats[-1].processed == 10, stats[-1]
+    assert w.fetched_unstored() == 0
 
 
 @pytest.mark.timeout(30)

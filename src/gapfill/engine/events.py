@@ -108,6 +108,9 @@ class WorkerStats:
     retries: int
     rate_limited: int
     elapsed_s: float
+    #: Transactions fetched and not stored yet (their batch still fetching, or waiting for
+    #: its group's commit): what moves while a long batch is in flight.
+    fetched: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,10 @@ class Progress:
     eta_s: float | None
     retries: int = 0
     rate_limited: int = 0
+    #: Transactions the workers have fetched and not stored yet (``processed`` and the rate
+    #: count stored ones): a run of one batch, or of a few slow ones, said "0/1 batches, 0
+    #: tx/s" until its end, with nothing to show that it was fetching.
+    fetched: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,11 +110,12 @@ PROGRESS_EVERY_S = 1.0
 
 
 def _progress_event(done: int, total: int, active: int, processed: int, failed: int, elapsed: float,
-                    retries: int, limited: int) -> Progress:  # fmt: skip
-    """Progress with its rate and ETA (the time the remaining batches take at the rate so far)."""
+                    retries: int, limited: int, fetched: int = 0) -> Progress:  # fmt: skip
+    """Progress with its rate and ETA (the time the remaining batches take at the rate so far);
+    ``fetched``: transactions fetched and not stored yet."""
     rate = processed / elapsed if elapsed > 0 else 0.0
     eta = ((total - done) * (processed / done) / rate) if done and rate > 0 else None
-    return Progress(done, total, active, processed, failed, elapsed, rate, eta, retries, limited)
+    return Progress(done, total, active, processed, failed, elapsed, rate, eta, retries, limited, fetched)
 
 
 def default_workers(cores: int | None = None) -> int:
@@ -644,7 +645,8 @@ async def _in_process(
             t = worker.totals
             _, retries, limited = _rpc_totals(client)
             emit(_progress_event(t.batches, max(total_batches, t.batches), 1, t.processed, t.failed,
-                                 time.perf_counter() - t0, retries, limited))  # fmt: skip
+                                 time.perf_counter() - t0, retries, limited,
+                                 worker.fetched_unstored()))  # fmt: skip
 
         async def tick() -> None:
             """Progress each second (the renderers choose how often to show it)."""
@@ -1495,8 +1497,11 @@ class Coordinator:
             done = self.done_batches
             total = done + open_
         processed, failed, _, retries, limited = self.totals()
+        # As each running worker's last stats said it (a worker gone stores none of it).
+        fetched = sum(s.stats.fetched for s in self.slots.values()
+                      if s.stats is not None and s.stats.pid == s.proc.pid and s.proc.is_alive())  # fmt: skip
         self.emit(_progress_event(done, total, active, processed, failed, time.perf_counter() - t0,
-                                  retries, limited))  # fmt: skip
+                                  retries, limited, fetched))  # fmt: skip
 
     def _metrics_snapshot(self) -> dict[str, float]:
         processed, failed, calls, retries, limited = self.totals()

@@ -234,6 +234,8 @@ class Worker:
         #: The batches whose give-back failed as the worker stopped, said once the stop's last
         #: try (its ``release_owner``) has given them back or failed too.
         self._not_given: list[BatchAbandoned] = []
+        #: What each batch still fetching has settled so far (:meth:`fetched_unstored`).
+        self._in_flight: dict[int, Collector] = {}
         self._calls_saved = 0  # of the client's calls, those a write added to the run's
         self._lost: _Lost | None = None  # the last write whose answer was lost, until checked
         #: Batches a write whose answer was lost turned out to have ended: "committed" by a
@@ -343,7 +345,7 @@ class Worker:
         calls, _, retries, limited = self._rpc_counters()
         t = self.totals
         self.emit(WorkerStats(self.index, os.getpid(), t.processed, t.failed, calls, retries, limited,
-                              now - t.started))  # fmt: skip
+                              now - t.started, self.fetched_unstored()))  # fmt: skip
 
     async def run(self) -> WorkerTotals:
         """Lease and process batches until none is left or :attr:`stopping` is set.
@@ -558,6 +560,11 @@ class Worker:
 
     def _waiting_txs(self) -> int:
         return sum(len(e.txs) for _, e, _ in self._waiting)
+
+    def fetched_unstored(self) -> int:
+        """Transactions fetched and not stored yet: those of the batches still fetching, and
+        of those waiting for their group's commit."""
+        return sum(len(c.txs) for c in self._in_flight.values()) + self._waiting_txs()
 
     def _group_ready(self) -> bool:
         return bool(self._waiting) and (
@@ -790,6 +797,7 @@ class Worker:
             nonlocal fetching
             if fetching:
                 fetching = False
+                self._in_flight.pop(batch.id, None)
                 self._fetching -= 1
                 self._note_change()
                 self._kick()  # with nothing left fetching, the waiting group is ready
@@ -814,6 +822,7 @@ class Worker:
         got: Enriched | None = None  # once fetched: what a stop gives back with the batch
         give_back: asyncio.Future[None] | None = None  # a failed attempt's, once under way
         fetching_now = Collector()  # while fetching: the rows in so far, given back on a stop
+        self._in_flight[batch.id] = fetching_now
         n_refs = 0
         try:
             refs = await self.db(self.store.batch_refs, batch)

@@ -666,6 +666,16 @@ def test_a_batch_whose_give_back_fails_is_not_said_given_back() -> None:
                       "(--lease-timeout), and the batch is taken back then")
         for line in lines), lines  # fmt: skip
     assert not any("given back:" in line for line in lines), lines
+    # A give-back whose answer was lost, and whose lease a look finds still held, failed too:
+    # not "its lease had ended already".
+    store, events = FakeStore(batches=100), []
+    w = worker(store, FakeEnricher(delay_s=0.5), emit=events.append, db_outage_s=0.1)
+    store.refusal = StoreDropped("lost the connection to PostgreSQL at db:5432", "check it")  # type: ignore[assignment]
+    store.fail = lambda name, args: (name == "lease" and store.next_id > 3) or name in gone
+    asyncio.run(go())
+    assert store.state == {1: "leased", 2: "leased", 3: "leased"}
+    assert [e.not_given for e in events if isinstance(e, BatchAbandoned)] == [
+        "lost the connection to PostgreSQL at db:5432: check it"] * 3, events
     # The stop's last try gives them back after all (without what they fetched): said so.
     store, events = FakeStore(batches=100), []
     w = worker(store, FakeEnricher(delay_s=0.5), emit=events.append, db_outage_s=0.1)

@@ -979,8 +979,10 @@ class Worker:
             else:
                 try:
                     given = await give_back()
-                except StoreDropped:
-                    # Its answer may be what was lost: one look at how its lease ended.
+                except StoreDropped as exc:
+                    # Its answer may be what was lost: one look at how its lease ended. Failed
+                    # unless that finds it landed (below): a lease still held stays until it expires.
+                    failed = str(exc)
                     await self.db(self._check_lost)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not give back batch %s: %s", batch.id, exc)

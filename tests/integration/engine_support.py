@@ -645,16 +645,32 @@ class StallingProxy(HungNode):
             return self.seen == self.nth
 
 
+def _emulator_control(url: str, what: str) -> None:
+    """``POST /_emulator/<what>`` to the emulator at ``url``."""
+    base = url.split("/", 3)
+    request = urllib.request.Request(f"{base[0]}//{base[2]}/_emulator/{what}", method="POST")
+    with urllib.request.urlopen(request, timeout=10):
+        pass
+
+
+def rpc_release(url: str) -> None:
+    """Let the requests the emulator at ``url`` holds (``rpc_held``, or its ``--hold-at``
+    cue) through, and the ones after them."""
+    _emulator_control(url, "release")
+
+
 @contextlib.contextmanager
 def rpc_held(url: str) -> Iterator[None]:
     """Hold every RPC request to the emulator at ``url`` (none is answered) for the block:
     a run cannot finish meanwhile, and its workers wait on calls, holding their leases."""
-    base = url.split("/", 3)
-    control = f"{base[0]}//{base[2]}/_emulator"
-    with urllib.request.urlopen(urllib.request.Request(f"{control}/hold", method="POST"), timeout=10):
-        pass
+    _emulator_control(url, "hold")
     try:
         yield
     finally:
-        with urllib.request.urlopen(urllib.request.Request(f"{control}/release", method="POST"), timeout=10):
-            pass
+        rpc_release(url)
+
+
+def rpc_held_on_cue(url: str, proc: GapfillProc) -> None:
+    """Return once the emulator at ``url``, started with ``--hold-at``, holds a request of
+    ``proc``'s run: the run is frozen just past the call of the cue."""
+    wait_for("the emulator's cue", lambda: emulator_stats(url)["held"] > 0, 60, proc=proc)

@@ -261,3 +261,36 @@ async def test_a_held_emulator_answers_nothing_until_released(reference: Referen
         async with await asyncio.wait_for(pending, 5) as r:
             assert (await r.json())["result"] == "0x7a69"
         assert emu.stats.calls_answered == 1
+
+
+async def test_an_emulator_holds_on_cue_once_k_calls_of_a_method_came(reference: Reference) -> None:
+    # Fault tests freeze a run at a chosen call (a start-up phase, a number of calls made),
+    # where waiting for it and then acting raced the run on a loaded machine.
+    import aiohttp
+
+    config = EmulatorConfig(hold_at="eth_blockNumber:2")
+    async with ProviderEmulator(reference.url, config) as emu, aiohttp.ClientSession() as http:
+        base = emu.url.rstrip("/")
+
+        def call(method: str) -> dict[str, Any]:
+            return {"jsonrpc": "2.0", "id": 1, "method": method, "params": []}
+
+        # Up to the request that brings eth_blockNumber's calls to 2: answered.
+        for body in (call("eth_blockNumber"), call("eth_chainId"),
+                     [call("eth_chainId"), call("eth_blockNumber")]):  # fmt: skip
+            async with http.post(emu.url, json=body) as r:
+                assert "result" in str(await r.json())
+        held = asyncio.ensure_future(http.post(emu.url, json=call("eth_chainId")))
+        after = asyncio.ensure_future(http.post(emu.url, json=call("eth_blockNumber")))
+        for _ in range(1000):  # both arrive (however loaded the machine), and wait
+            if emu.stats.held == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert emu.stats.held == 2 and emu.stats.calls == 4, emu.stats.as_dict()
+        assert not held.done() and not after.done()
+        async with http.post(f"{base}/_emulator/release") as r:
+            assert r.status == 200
+        for pending in (held, after):
+            async with await asyncio.wait_for(pending, 5) as r:
+                assert "result" in str(await r.json())
+        assert emu.stats.held == 0 and emu.stats.calls_answered == 6

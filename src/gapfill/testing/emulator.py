@@ -19,6 +19,9 @@ or as a process shared by several workers (the URL is the first line on stdout;
 ``POST /_emulator/hold`` makes every request from then on wait, unanswered, until
 ``POST /_emulator/release`` (or the emulator's close): a test can then act on a run
 that cannot finish meanwhile, its workers all waiting on calls (see :meth:`hold`).
+``hold_at`` (``--hold-at METHOD:K``) holds so on cue, once K calls of METHOD (``*``: of
+any method) were received: a run frozen just past a chosen call, however fast the
+machine; ``held`` in the stats counts the requests waiting.
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ class EmulatorConfig:
     #: fails all its tries on cue, where ``p_5xx`` would need luck.
     chain_id_503_from: int = 0
     chain_id_503_count: int = 0
+    #: "METHOD:K": once K calls of METHOD ("*": of any method) were received, every later
+    #: request waits unanswered until released (``POST /_emulator/release``).
+    hold_at: str = ""
 
 
 @dataclass(slots=True)
@@ -115,6 +121,7 @@ class EmulatorStats:
     calls_rate_limited: int = 0  # calls refused for the rate limit
     responses_429: int = 0  # requests answered 429 (or -32005 per item)
     batches_refused: int = 0
+    held: int = 0  # requests waiting, unanswered, while the emulator is held
     faults: Counter[str] = field(default_factory=Counter)
     methods: Counter[str] = field(default_factory=Counter)
 
@@ -126,6 +133,7 @@ class EmulatorStats:
             "calls_rate_limited": self.calls_rate_limited,
             "responses_429": self.responses_429,
             "batches_refused": self.batches_refused,
+            "held": self.held,
             "faults": dict(self.faults),
             "methods": dict(self.methods),
         }
@@ -188,6 +196,9 @@ class ProviderEmulator:
         self._closing = asyncio.Event()
         self._open = asyncio.Event()  # cleared while held
         self._open.set()
+        method, _, nth = config.hold_at.rpartition(":")
+        self._hold_at = (method, int(nth)) if config.hold_at else None
+        self._hold_seen = 0  # calls of hold_at's method received so far
         self.url = ""
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -260,6 +271,20 @@ class ProviderEmulator:
         self.release()
         return web.Response(text="released")
 
+    def _hold_on_cue(self, body: bytes) -> None:
+        """Hold once ``hold_at``'s K calls were received (see EmulatorConfig): the request
+        that brings them to K is answered, the ones after it wait."""
+        assert self._hold_at is not None
+        method, nth = self._hold_at
+        if self._hold_seen >= nth:
+            self._hold_at = None  # once: a release lets everything through
+            self.hold()
+            return
+        with contextlib.suppress(orjson.JSONDecodeError):
+            decoded = orjson.loads(body)
+            calls = decoded if isinstance(decoded, list) else [decoded]
+            self._hold_seen += sum(isinstance(c, dict) and method in ("*", c.get("method")) for c in calls)
+
     def _json(self, payload: Any, status: int = 200,
               headers: dict[str, str] | None = None) -> web.Response:
         return web.Response(body=orjson.dumps(payload), status=status,
@@ -290,8 +315,14 @@ class ProviderEmulator:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         c = self.config
         body = await request.read()
+        if self._hold_at is not None:
+            self._hold_on_cue(body)
         if not self._open.is_set():
-            await self._open.wait()
+            self.stats.held += 1
+            try:
+                await self._open.wait()
+            finally:
+                self.stats.held -= 1
         self.stats.requests += 1
         if c.fail_status is not None and self.stats.requests > c.fail_status_after:
             self.stats.faults["fail_status"] += 1

@@ -56,6 +56,8 @@ from engine_support import (
     query,
     record_sequential_run,
     rpc_held,
+    rpc_held_on_cue,
+    rpc_release,
     seed,
     wait_for,
     worker_pids,
@@ -172,13 +174,14 @@ def test_worker_killed_twice_mid_batch(
             wait_for("a first commit", lambda: committed_count(pg_url) >= 2, 60, proc=p)
             # The node's answers held meanwhile, the run cannot end before a worker is caught
             # mid-batch (in CI, one stop that met a COPY in flight let it go on for 4 s, and
-            # the other worker finished the plan).
+            # the other worker finished the plan), nor while the first is restarted.
             with rpc_held(rpc):
                 first_owner, first_held = stop_holding_worker(pg_url, p, set())
-            first_pid = owner_pid(first_owner)
-            # The coordinator restarts it; kill the next worker holding a lease (never the dead one).
-            wait_for("the worker's restart", lambda: len(worker_pids(p.pid) - {first_pid}) == 2, 60, proc=p)
-            with rpc_held(rpc):
+                first_pid = owner_pid(first_owner)
+                # The coordinator restarts it; kill the next worker holding a lease (never the
+                # dead one).
+                wait_for("the worker's restart", lambda: len(worker_pids(p.pid) - {first_pid}) == 2, 60,
+                         proc=p)  # fmt: skip
                 second_owner, second_held = stop_holding_worker(pg_url, p, {first_pid})
             rc = p.wait(120)
         finally:
@@ -249,11 +252,15 @@ def test_a_second_ctrl_c_stops_at_once_and_says_so_once(
     with emulator(node_chain.url, *LATENCY) as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc, "--grace-period", "60"), tmp_path, "enrich")
         try:
-            for what, ready in (("batches in flight", lambda: len(leased_now(pg_url)) >= 2),
-                                ("the stop said", lambda: "stopping: no new batches" in p.output())):
-                wait_for(what, ready, 60, proc=p)
-                os.killpg(p.pid, signal.SIGINT)  # Ctrl+C, then Ctrl+C again
-            rc = p.wait(30)
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 1, 60, proc=p)
+            # The node's answers held, the batches in flight cannot finish within the grace
+            # period before the second Ctrl+C (they did, on a loaded machine: the run ended).
+            with rpc_held(rpc):
+                for what, ready in (("batches in flight", lambda: len(leased_now(pg_url)) >= 2),
+                                    ("the stop said", lambda: "stopping: no new batches" in p.output())):
+                    wait_for(what, ready, 60, proc=p)
+                    os.killpg(p.pid, signal.SIGINT)  # Ctrl+C, then Ctrl+C again
+                rc = p.wait(30)
         finally:
             p.close()
     out = p.output(100_000)
@@ -298,7 +305,9 @@ def test_a_rate_limited_run_stopped_midway_keeps_the_transactions_it_paid_for(
     args = ["--db", pg_url, "--rpc-url", "", *rps, "enrich", "--mode", "concurrent", "--workers", "1",
             "--batches-in-flight", "1", "--batch-size", "500", "--plan", "per_tx",
             "--grace-period", "0"]  # fmt: skip
-    with emulator(node_chain.url, "--rps", "150") as (rpc, _):
+    # The node holds every request after its 400th call: the stop comes there however slow
+    # the test is to send it (made reached 600 as it waited on a loaded machine).
+    with emulator(node_chain.url, "--rps", "150", "--hold-at", "*:400") as (rpc, _):
         args[args.index("--rpc-url") + 1] = rpc
         p = GapfillProc(args, tmp_path, "enrich")
         try:
@@ -741,9 +750,12 @@ def test_runs_are_listed_and_metrics_are_served(
         # -q too: the "metrics: URL" line is the one way to the port 0 picks, and quiet
         # dropped it (only the summary and waits were said).
         p = GapfillProc(enrich_args(pg_url, rpc, "--metrics-port", "0", "-q"), tmp_path, "enrich")
-        try:  # scraped where its "metrics: URL" line says
-            wait_for("metrics with enriched transactions", metrics_scraper(p, scraped), 60,
-                     every_s=0.2, proc=p)  # fmt: skip
+        try:  # scraped where its "metrics: URL" line says, while the run cannot end (a scrape
+            # late on a loaded machine would find it gone)
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 1, 60, proc=p)
+            with rpc_held(rpc):
+                wait_for("metrics with enriched transactions", metrics_scraper(p, scraped), 60,
+                         every_s=0.2, proc=p)  # fmt: skip
             rc = p.wait(120)
         finally:
             p.close()
@@ -1267,7 +1279,9 @@ def test_workers_of_a_killed_coordinator_stop_instead_of_running_on(
     with emulator(node_chain.url, "--latency-s", "1") as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "coordinator")
         try:
-            owner, _held = stop_holding_worker(pg_url, p, set())
+            wait_for("a batch in flight", lambda: bool(leased_now(pg_url)), 60, proc=p)
+            with rpc_held(rpc):  # no batch ends while a worker is caught holding one
+                owner, _held = stop_holding_worker(pg_url, p, set())
             wait_for("the worker's restart", lambda: len(worker_pids(p.pid) - {owner_pid(owner)}) == 2,
                      60, proc=p)  # fmt: skip
             wait_for("workers with batches", lambda: len(leased_now(pg_url)) >= 2, 60, proc=p)
@@ -1517,8 +1531,10 @@ def test_batch_mode_serves_metrics_and_a_busy_port_is_one_sentence(
         p = GapfillProc([*batch_args(pg_url, rpc), "--metrics-port", "0", "--workers", "3"],
                         tmp_path, "batch")  # fmt: skip
         try:
-            wait_for("metrics with enriched transactions", metrics_scraper(p, scraped), 60,
-                     every_s=0.2, proc=p)  # fmt: skip
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 1, 60, proc=p)
+            with rpc_held(rpc):  # the run cannot end before it is scraped
+                wait_for("metrics with enriched transactions", metrics_scraper(p, scraped), 60,
+                         every_s=0.2, proc=p)  # fmt: skip
             os.kill(p.pid, signal.SIGINT)
             p.wait(30)
         finally:
@@ -1550,18 +1566,18 @@ def test_ctrl_c_while_a_concurrent_run_starts_stops_it_at_once(
     seed(pg_url, node_chain.chain)
     if phase == "probe":
         record_sequential_run(pg_url)
-    with emulator(node_chain.url, *(LATENCY if phase == "sample" else ("--latency-s", "3"))) as (rpc, _):
+    # The node holds its answers from a call of the phase on: the phase cannot end before
+    # the Ctrl+C (seen ending first on a loaded machine, as the test waited to send it).
+    # probe: once its first call, eth_chainId, came; sample: once a receipt of its refs came
+    # (the coordinator's probe asks one, then the sample's own probe one).
+    cue = "eth_chainId:1" if phase == "probe" else "eth_getTransactionReceipt:3"
+    latency = LATENCY if phase == "sample" else ("--latency-s", "3")
+    with emulator(node_chain.url, *latency, "--hold-at", cue) as (rpc, _):
         p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
         try:
-            def in_phase() -> bool:
-                methods = emulator_stats(rpc)["methods"]
-                if phase == "probe":
-                    return methods.get("eth_chainId", 0) >= 1
-                # the coordinator's probe asks one, then the sample's own probe one
-                return methods.get("eth_getTransactionReceipt", 0) >= 3
-
-            wait_for(f"the {phase} under way", in_phase, 60, proc=p)
+            rpc_held_on_cue(rpc, p)
             os.killpg(p.pid, signal.SIGINT)
+            rpc_release(rpc)  # the calls in flight get their answers, as from a slow node
             rc = p.wait(60)
         finally:
             p.close()

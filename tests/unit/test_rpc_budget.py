@@ -65,9 +65,10 @@ _WORKER = textwrap.dedent(
     """
     import sys, time
     from gapfill.rpc.budget import SharedBudget
-    url, rps, budget_dir, start, end = sys.argv[1], float(sys.argv[2]), sys.argv[3], \\
-        float(sys.argv[4]), float(sys.argv[5])
+    url, rps, budget_dir = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     budget = SharedBudget(url, rps, budget_dir=budget_dir, burst_s=1.0)
+    print("ready", flush=True)
+    start, end = map(float, sys.stdin.readline().split())
     while time.monotonic() < start:
         time.sleep(0.005)
     sent = []
@@ -87,21 +88,32 @@ _WORKER = textwrap.dedent(
 def test_processes_share_one_budget(tmp_path: Path) -> None:
     """Four processes drawing 5 calls at a time never exceed rps together."""
     rps, processes, seconds = 100.0, 4, 2.0
-    start = time.monotonic() + 1.5  # let every interpreter start first
-    end = start + seconds
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, URL, str(rps), str(tmp_path), str(start), str(end)],
-            stdout=subprocess.PIPE, text=True, env=env,
+            [sys.executable, "-c", _WORKER, URL, str(rps), str(tmp_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         for _ in range(processes)
     ]
+    # Every interpreter started and holds its budget before the window opens: a fixed 1.5 s
+    # for that was not enough on a loaded machine (a late one missed the burst, or all of it).
+    for child in children:
+        assert child.stdin is not None and child.stdout is not None
+        assert child.stdout.readline() == "ready\n"
+    start = time.monotonic() + 0.2
+    end = start + seconds
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(f"{start} {end}\n")
+        child.stdin.close()
     stamps: list[float] = []
     per_process: list[int] = []
     for child in children:
-        out, _ = child.communicate(timeout=25)
-        assert child.returncode == 0
+        assert child.stdout is not None
+        with child.stdout:
+            out = child.stdout.read()
+        assert child.wait(timeout=25) == 0
         mine = [float(x) for x in out.split()]
         per_process.append(len(mine))
         stamps.extend(mine)

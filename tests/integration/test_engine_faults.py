@@ -638,9 +638,9 @@ def test_stalled_rpc_calls_are_cut_by_the_lease_timeout(
         args[args.index("--rpc-url") + 1] = rpc
         # ~7 stalls in ~80 requests (this seed), most a worker killed and restarted: 30 s
         # on an idle machine, and the 140 s it had left a loaded one less than 5x that (it
-        # failed once in a loaded run). Fewer stalls are no cure: a stuck batch's expired
-        # lease that the other worker takes first kills nobody, and "stuck past its lease"
-        # went unsaid in 2 of 4 runs with 2 stalls.
+        # failed once in a loaded run). A stuck batch's expired lease that the other worker
+        # takes first kills its worker all the same, as the coordinator watches the lease
+        # events (with 2 stalls, "stuck past its lease" went unsaid in 2 of 4 runs before).
         rc, out = gapfill(args, tmp_path, "enrich", 300)
         stalls = emulator_stats(rpc)["faults"].get("stall", 0)
     assert rc == 0, out

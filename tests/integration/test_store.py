@@ -582,6 +582,24 @@ def test_expire_leases_returns_them(store: Store) -> None:
     assert store.batch_counts().pending == 1
 
 
+def test_expired_after_lists_the_leases_taken_back_by_a_worker_or_a_coordinator(store: Store) -> None:
+    # A coordinator watches them to kill its local worker whose lease another worker took.
+    store.add_refs([Ref(1, C, h(i), i) for i in range(1, 31)])
+    store.plan(store.create_run("concurrent", 1), [(1, C)], batch_size=10)
+    start, none = store.expired_after(2**62)
+    assert none == []
+    a, b = store.lease("host:1/w1", 0.3), store.lease("host:1/w2", 0.3)
+    assert a is not None and b is not None and a.id != b.id
+    time.sleep(0.4)
+    assert store.expired_after(start)[1] == []
+    taken = store.lease("host:2/w3", 60.0)  # a worker takes the oldest expired lease itself
+    assert taken is not None and taken.id == a.id
+    assert [x.id for x in store.expire_leases()] == [b.id]  # and a coordinator the other
+    top, events = store.expired_after(start)
+    assert [(batch, owner) for _, batch, owner in events] == [(a.id, "host:1/w1"), (b.id, "host:1/w2")]
+    assert top == events[-1][0] and store.expired_after(events[0][0])[1] == events[1:]
+
+
 def test_checking_for_expired_leases_does_not_take_sqlites_write_lock(tmp_path: Any) -> None:
     # Coordinators check every second; a worker's commit must not queue behind a check
     # that finds nothing.

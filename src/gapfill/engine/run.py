@@ -986,6 +986,10 @@ class Coordinator:
         self.host = owner_host()  # its workers' owner ids name it: owner_name as they run
         self.done_batches = 0
         self.leases = LeaseTally()  # for --metrics-port
+        #: The lease events watched for leases taken back (:meth:`_supervise_leases`): after
+        #: this event id (None until the run's first workers start), and those already seen.
+        self.expired_from: int | None = None
+        self.expired_seen: set[int] = set()
         # What the workers' commits stored, from their per-batch events: a worker killed
         # (stuck, crashed) takes the counters of its last stats message with it.
         self.committed = self.committed_failed = 0
@@ -1226,6 +1230,7 @@ class Coordinator:
                     job = self.job
                 if self.stopping_at is None:
                     store.notice = None
+                    self.expired_from = store.expired_after(2**62)[0]  # from now on
                     # A stop while a worker is being started (the fork server's import takes
                     # ~0.3 s) starts no more; those started see the stop and lease nothing.
                     self.spawning = True
@@ -1472,12 +1477,29 @@ class Coordinator:
                      b.lease_owner)  # fmt: skip
             self.emit(Notice(f"lease of batch {b.id} held by {shown_owner(b.lease_owner or '')} expired; "
                              "it goes back to the plan"))  # fmt: skip
-            for s in self.slots.values():
-                if b.lease_owner == self._owner(s) and s.proc.is_alive() and not s.stuck:
-                    # Once, however many of its leases expired together.
-                    self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))
-                    s.stuck = True
-                    s.proc.kill()
+            self._kill_stuck(b.lease_owner or "")
+        # A worker (this run's, another's) that leases a batch whose lease expired takes it
+        # back itself, often before the check above: the local worker that held it is as stuck.
+        # Its commit would find the lease lost, but only once the call it is stuck in ends.
+        if self.expired_from is not None:
+            top, taken = store.expired_after(self.expired_from)
+            for event_id, batch_id, owner in taken:
+                if event_id not in self.expired_seen:
+                    self.expired_seen.add(event_id)
+                    log.info("lease of batch %d held by %s expired; another worker took it", batch_id, owner)
+                    self._kill_stuck(owner)
+            # Looking back some events: on PostgreSQL an event may commit after a newer one.
+            self.expired_from = max(self.expired_from, top - 1000)
+            self.expired_seen = {e for e in self.expired_seen if e > self.expired_from}
+
+    def _kill_stuck(self, owner: str) -> None:
+        """Kill the local worker ``owner`` names, if alive: its lease expired, so it is stuck
+        (it renews while its calls progress). Once, however many of its leases expired."""
+        for s in self.slots.values():
+            if owner == self._owner(s) and s.proc.is_alive() and not s.stuck:
+                self.emit(Notice(f"[Worker-{s.index + 1}] is stuck past its lease; killing it"))
+                s.stuck = True
+                s.proc.kill()
 
     def _progress(self, store: Store, total_batches: int, active: int, t0: float) -> None:
         """Progress of the plan: the batches open at the run's start (planned by it, or

@@ -1,0 +1,35 @@
+"""What a command's start-up does not import or read (each one a fixed cost of every run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gapfill.store.base import latest_migration, migrations
+
+
+def _python(code: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_the_latest_schema_version_is_that_of_the_last_migration() -> None:
+    for backend in ("sqlite", "postgres"):
+        assert latest_migration(backend) == migrations(backend)[-1][0]
+
+
+def test_opening_a_database_at_the_latest_version_reads_no_migration(tmp_path: Path) -> None:
+    # importlib.resources (with zipfile and its readers) is what reading the migrations
+    # needs; a database already at the latest version needs neither.
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    _python("import sys\nfrom gapfill.store import open_store\nopen_store(sys.argv[1]).close()", url)
+    code = (
+        "import sys\n"
+        "from gapfill.store import open_store\n"
+        "with open_store(sys.argv[1]) as s:\n"
+        "    print(s.schema_version(), 'importlib.resources' in sys.modules)\n"
+    )
+    assert _python(code, url) == f"{migrations('sqlite')[-1][0]} False"

@@ -1296,8 +1296,11 @@ def _workers_said(ctx: Ctx, workers: int | None) -> str | None:
 
 def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict[str, Any],
          plan_new: bool = True) -> Any:  # fmt: skip
-    from gapfill.engine.run import EnrichJob
-    from gapfill.engine.worker import WorkerSettings
+    from gapfill._entry import ImportsWithoutGc
+
+    with ImportsWithoutGc():  # the run's engine, RPC client and aiohttp: most of its start-up
+        from gapfill.engine.run import EnrichJob
+        from gapfill.engine.worker import WorkerSettings
 
     return EnrichJob(
         db_url=ctx.db_url,

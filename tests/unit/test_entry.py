@@ -50,3 +50,27 @@ def test_a_run_in_one_process_does_not_load_multiprocessing() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+_COLLECTIONS_IN_IMPORTS = """
+import gc, sys
+during, started = [], []
+def seen(phase, info):
+    cli = sys.modules.get("gapfill.cli")
+    if phase == "start" and started and (cli is None or not hasattr(cli, "main")):
+        during.append(info["generation"])
+gc.callbacks.append(seen)
+gc.set_threshold(50)  # a pass every 50 allocations, so that any import would meet one
+import atexit
+atexit.register(lambda: print("collections while importing:", len(during), "enabled:", gc.isenabled()))
+from gapfill._entry import main
+started.append(True)
+main()
+"""
+
+
+def test_the_cli_is_imported_without_collector_passes_and_the_collector_runs_after() -> None:
+    r = subprocess.run([sys.executable, "-c", _COLLECTIONS_IN_IMPORTS, "--version"], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "collections while importing: 0 enabled: True" in r.stdout

@@ -197,3 +197,31 @@ def test_a_local_worker_whose_expired_lease_another_worker_took_is_killed_as_stu
     assert killed == [1] and said == [Notice("[Worker-2] is stuck past its lease; killing it")]
     assert asked == [5, 1_000]  # then it looks back 1,000 events, not from the start
     assert coordinator.expired_seen == set()  # the events seen are forgotten once out of reach
+
+
+def test_a_worker_stopped_while_it_waits_for_a_connection_slot_says_no_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ctrl+C while a worker waited for a PostgreSQL connection slot printed the refusal
+    # ("[Worker-N] ... no connection slot left: close other clients ...") beside the stop.
+    import asyncio
+
+    from gapfill.engine import run as run_module
+    from gapfill.engine.run import EnrichJob
+    from gapfill.engine.worker import WorkerSettings
+    from gapfill.errors import StoreNoSlot, StoreRefused
+
+    def no_slot(*args: object, **kwargs: object) -> Store:
+        raise StoreNoSlot("PostgreSQL at h:5432 has no connection slot left", "close other clients")
+
+    monkeypatch.setattr(run_module, "open_store", no_slot)
+    said: list[object] = []
+    job = EnrichJob("postgresql://u@h/db", (), ((1, A),), 1, worker=WorkerSettings(no_slot_wait_s=60.0))
+    polls = iter([False, True])
+    stopped = type("Lifeline", (), {"poll": lambda self: next(polls)})()
+    assert asyncio.run(run_module._open_for_worker(0, job, said.append, stopped)) is None  # type: ignore[arg-type]
+    assert len(said) == 1  # the wait, said once; no refusal
+    gone = type("Lifeline", (), {"poll": lambda self: False})()
+    job = EnrichJob("postgresql://u@h/db", (), ((1, A),), 1, worker=WorkerSettings(no_slot_wait_s=0.0))
+    with pytest.raises(StoreRefused, match="no connection slot left"):  # without a stop: refused
+        asyncio.run(run_module._open_for_worker(0, job, said.append, gone))  # type: ignore[arg-type]

@@ -876,10 +876,11 @@ def _drain(sock: socket.socket) -> None:
         sock.recv(4096)
 
 
-async def _open_for_worker(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> Store:
+async def _open_for_worker(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> Store | None:
     """The worker's store. A first connection that finds no slot free on the server (its
     coordinator's found one) is tried again for ``no_slot_wait_s`` (other clients may leave),
-    then refused: the run ends with the sentence that says what to do."""
+    then refused: the run ends with the sentence that says what to do. None: the run stopped
+    while it waited (Ctrl+C), which is no refusal to say."""
     wait_s = job.worker.no_slot_wait_s
     deadline: float | None = None
     while True:
@@ -892,13 +893,17 @@ async def _open_for_worker(index: int, job: EnrichJob, emit: Emit, coordinator: 
                 if wait_s > 0:
                     emit(Notice(f"[Worker-{index + 1}] {exc.what}: waiting up to {wait_s:g} s for one",
                                 waiting=True))  # fmt: skip
-            if now >= deadline or coordinator.poll():  # or the run stops meanwhile
+            if coordinator.poll():  # the run stops meanwhile: this worker has nothing to do
+                return None
+            if now >= deadline:
                 raise StoreRefused(exc.what, exc.fix) from None
             await asyncio.sleep(min(0.5, deadline - now))
 
 
 async def _worker_body(index: int, job: EnrichJob, emit: Emit, coordinator: Connection) -> None:
     store = await _open_for_worker(index, job, emit, coordinator)
+    if store is None:
+        return
     store.counts_for_run = job.run_id
     try:
         async with _client(job) as client:

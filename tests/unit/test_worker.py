@@ -20,7 +20,7 @@ import pytest
 
 from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied, WorkerStats
 from gapfill.engine.worker import Worker, WorkerSettings, WorkerTotals
-from gapfill.errors import StoreDropped, StoreError, StoreRefused
+from gapfill.errors import StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Contract, Enriched, Failure, Ref, TxRow
 from gapfill.store import GivenBack, Leased, open_store
 
@@ -755,6 +755,23 @@ def test_a_worker_whose_commits_keep_meeting_a_lock_timeout_stops_saying_to_rais
         asyncio.run(w.run())
     assert str(stopped.value) == str(said) and "raise or unset lock_timeout" in str(said)
     assert store.committed == [] and "leased" not in store.state.values()  # all given back
+
+
+def test_two_lock_timeouts_far_apart_are_no_run_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that commits seldom (a low --rps, big batches) met a second lock_timeout
+    # minutes after the first, no commit between them, and ended the run at once.
+    from gapfill.engine import worker as worker_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    w = worker(FakeStore(batches=1), db_outage_s=60)
+    busy = _lock_timeout()
+    assert isinstance(busy, StoreBusy)
+    for step in (0, 61, 61, 30, 20):  # each one 61 s after the last starts again, then 30 + 20
+        clock[0] += step
+        assert w._still_busy(busy) is None
+    clock[0] += 20  # 70 s of them, none more than 60 s apart
+    assert isinstance(w._still_busy(busy), StoreRefused)
 
 
 @pytest.mark.timeout(30)

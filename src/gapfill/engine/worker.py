@@ -245,6 +245,7 @@ class Worker:
         #: Since when this worker's commits have failed for a reason that may pass (a
         #: lock_timeout: :class:`StoreBusy`) with none passing since: see :meth:`_still_busy`.
         self._busy_since: float | None = None
+        self._busy_last: float | None = None  # when a commit last met a StoreBusy
 
     async def db(
         self, fn: Callable[..., T], *args: Any, calls: bool = False, writes: Sequence[Batch] = (),
@@ -910,7 +911,10 @@ class Worker:
         given back and retried. Only once this worker's commits have met such failures for
         ``db_outage_s`` with none passing, the refusal to stop with, saying what to change."""
         now = time.monotonic()
-        if self._busy_since is None:
+        last, self._busy_last = self._busy_last, now
+        if self._busy_since is None or (last is not None and now - last > self.settings.db_outage_s):
+            # (Two far apart, with no commit between them as a worker at a low --rps commits
+            # seldom, are no run of them: the second ended the run at once.)
             self._busy_since = now
         elif now - self._busy_since > self.settings.db_outage_s:
             return StoreRefused(exc.what, exc.fix)

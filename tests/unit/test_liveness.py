@@ -156,7 +156,7 @@ def test_an_expired_lease_is_said_with_its_owners_host_and_pid_not_its_space() -
     expired = Batch(3, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 1, owner, 0.0)
     store = SimpleNamespace(expire_leases=lambda: [expired])
     coordinator = SimpleNamespace(leases=LeaseTally(), emit=said.append, slots={}, expired_from=None,
-                                  _kill_stuck=lambda owner: None)  # fmt: skip
+                                  _kill_stuck=lambda owner, batch_id: None)  # fmt: skip
     Coordinator._supervise_leases(coordinator, store)  # type: ignore[arg-type]
     assert said == [Notice("lease of batch 3 held by w1:4242/run7/w2 expired; it goes back to the plan")]
     assert liveness.shown_owner("h:1/run2/w3") == "h:1/run2/w3"  # an older gapfill's
@@ -180,21 +180,40 @@ def test_a_local_worker_whose_expired_lease_another_worker_took_is_killed_as_stu
         proc = SimpleNamespace(is_alive=lambda: True, kill=lambda: killed.append(index))
         return SimpleNamespace(index=index, proc=proc, stuck=False)
 
-    slots = {0: slot(0), 1: slot(1)}
-    events = [(7, 3, "me/w1"), (8, 4, "me/w1"), (9, 5, "elsewhere/w1")]
+    slots = {0: slot(0), 1: slot(1), 2: slot(2)}
+    # Worker 3 let batch 6's lease expire (its give-back failed in a database outage) and went
+    # on: no stuck worker, whoever takes the lease back. Worker 1's lease of batch 2 the
+    # coordinator takes back itself: said once, its event seen below too.
+    events = [(6, 2, "me/w0"), (7, 3, "me/w1"), (8, 4, "me/w1"), (9, 5, "elsewhere/w1"), (10, 6, "me/w2")]
     asked: list[int] = []
 
     def expired_after(after: int) -> tuple[int, list[tuple[int, int, str]]]:
         asked.append(after)
         return 2_000, [e for e in events if e[0] > after]
 
-    store = SimpleNamespace(expire_leases=lambda: [], expired_after=expired_after)
+    from gapfill.model import Batch
+
+    own = [Batch(2, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 1, "me/w0", 0.0)]
+    store = SimpleNamespace(expire_leases=lambda: own[:1] and [own.pop()], expired_after=expired_after)
     coordinator = SimpleNamespace(leases=LeaseTally(), emit=said.append, slots=slots, expired_from=5,
-                                  expired_seen=set(), _owner=lambda s: f"me/w{s.index}")  # fmt: skip
-    coordinator._kill_stuck = lambda owner: Coordinator._kill_stuck(coordinator, owner)  # type: ignore[arg-type]
+                                  expired_seen=set(), let_expire={6},
+                                  _owner=lambda s: f"me/w{s.index}")  # fmt: skip
+    coordinator._kill_stuck = lambda owner, batch_id: Coordinator._kill_stuck(coordinator, owner, batch_id)  # type: ignore[arg-type]
     for _ in range(2):
         Coordinator._supervise_leases(coordinator, store)  # type: ignore[arg-type]
-    assert killed == [1] and said == [Notice("[Worker-2] is stuck past its lease; killing it")]
+    assert killed == [0, 1] and said == [
+        Notice("lease of batch 2 held by me/w0 expired; it goes back to the plan"),
+        Notice("[Worker-1] is stuck past its lease; killing it"),
+        Notice("[Worker-2] is stuck past its lease; killing it"),
+    ]
+    assert coordinator.let_expire == set()
+    from gapfill.engine.events import LEASE_GONE, BatchAbandoned
+
+    taking = SimpleNamespace(slots={}, leases=LeaseTally(), done_batches=0, committed=0, committed_failed=0,
+                             let_expire=set(), emit=said.append)  # fmt: skip
+    for batch_id, not_given in ((11, "database gone"), (12, ""), (13, LEASE_GONE)):
+        Coordinator._take(taking, BatchAbandoned(2, batch_id, "stopping", 1, not_given=not_given))  # type: ignore[arg-type]
+    assert taking.let_expire == {11}
     assert asked == [5, 1_000]  # then it looks back 1,000 events, not from the start
     assert coordinator.expired_seen == set()  # the events seen are forgotten once out of reach
 

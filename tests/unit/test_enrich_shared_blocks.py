@@ -71,3 +71,43 @@ async def test_a_rider_the_block_lacks_fails_nothing_and_is_not_asked(tmp_path: 
         got = await enricher.enrich(refs, riders=[lost])
     assert got.failures == [] and len(got.txs) == 4
     assert all(h != lost.tx_hash for r in node.requests for _, h in r)
+
+
+async def test_a_batch_waiting_for_another_batchs_blocks_counts_their_answers_as_progress(
+    tmp_path: Any,
+) -> None:
+    # B's refs are in the last of the blocks A fetches whole, one request per block: B asks
+    # nothing, and its lease was renewed only once A's last block came (at --rps 1, 500 s
+    # for 250 blocks, past the 300 s lease: B's worker was killed as stuck).
+    from gapfill.rpc.client import ANSWERED
+
+    class SlowNode(CountingNode):
+        async def post(self, url: str, body: bytes) -> Any:
+            await asyncio.sleep(0.01)
+            return await CountingNode.post(self, url, body)
+
+    node = SlowNode(40)  # blocks 10-29, two refs each
+    refs = node.refs()
+    client = RpcClient([EndpointConfig("http://node.invalid/", max_batch=2)],
+                       RpcSettings(budget_dir=str(tmp_path)), transport=node)  # fmt: skip
+    enricher = Enricher(client, 1, plan=PlanSettings(shape="per_block"))
+    credits: list[int] = []
+    a_done: list[int] = []
+    theirs = replace(refs[-1], contract=OTHER)
+
+    async def a() -> Any:
+        got = await enricher.enrich(refs[:-1], riders=[theirs])
+        a_done.append(len(credits))
+        return got
+
+    async def b() -> Any:
+        while refs[-1].block_number not in enricher._blocks_asked:  # once A asked its blocks
+            await asyncio.sleep(0.001)
+        ANSWERED.set(lambda: credits.append(1))
+        return await enricher.enrich([theirs], riders=refs[-2:-1])
+
+    async with client:
+        got_a, got_b = await asyncio.gather(a(), b())
+    assert got_a.failures == got_b.failures == [] and theirs.tx_hash in {t.tx_hash for t in got_b.txs}
+    assert sorted(_blocks_asked(node)) == sorted({hex(r.block_number or 0) for r in refs})  # each once
+    assert a_done and a_done[0] >= 10, (a_done, len(credits))  # credited as A's blocks came

@@ -273,6 +273,10 @@ class Enricher:
         #: :meth:`_per_block`), at most about ``shared_rows_cap`` of them.
         self._block_rows: OrderedDict[int, dict[str, tuple[TxRow, list[LogRow]]]] = OrderedDict()
         self._block_rows_n = 0
+        #: The lease hooks (:data:`ANSWERED`) of the batches waiting for another batch's block
+        #: fetch (once per block waited for): each block it gets answered counts as their
+        #: progress too, or their leases went unrenewed while the blocks before came in.
+        self._block_waiters: list[Callable[[], None]] = []
         self.shared_rows_cap = shared_rows_cap
         #: Calls per JSON-RPC request (the run's ``--rpc-batch-size``) wherever the enricher
         #: groups calls itself; elsewhere the client cuts them at its endpoint's cap.
@@ -547,6 +551,8 @@ class Enricher:
                 mine.append(n)
 
         def answered(n: int, answers: list[Any]) -> None:
+            for waiter in set(self._block_waiters):  # the fetch they wait for goes on
+                waiter()
             made = settle(n, answers)
             asked = self._blocks_asked.pop(n, None)
             if asked is not None and not asked.done():
@@ -560,10 +566,16 @@ class Enricher:
             ])  # fmt: skip
 
         async def share(n: int, asked: asyncio.Future[Made | None]) -> None:
-            await asyncio.wait({asked})  # raises only if this batch is cancelled
-            made = None if asked.cancelled() or asked.exception() is not None else asked.result()
             hook = ANSWERED.get()
             if hook is not None:  # this batch's lease is kept while the answers it waits for come
+                self._block_waiters.append(hook)
+            try:
+                await asyncio.wait({asked})  # raises only if this batch is cancelled
+            finally:
+                if hook is not None:
+                    self._block_waiters.remove(hook)
+            made = None if asked.cancelled() or asked.exception() is not None else asked.result()
+            if hook is not None:
                 hook()
             if not reuse(n, made):  # the batch that asked it stopped, or it lacks some refs
                 answers = await self._many([Call("eth_getBlockByNumber", [hex(n), True]),

@@ -192,6 +192,21 @@ def test_a_server_out_of_memory_is_said_as_such_and_may_pass() -> None:
     assert str(translate(at_start, URL)) == says.format(f"{_FAILED}FATAL:  out of memory")
 
 
+@pytest.mark.parametrize("exc", [psycopg.errors.DeadlockDetected("deadlock detected"),
+                                 psycopg.errors.SerializationFailure("deadlock detected")])  # fmt: skip
+def test_a_change_a_concurrent_one_rolled_back_is_retried_saying_so(exc: psycopg.Error) -> None:
+    # A run retrying it said "database error while committing, retrying: ...: nothing of it
+    # was written; run the command again", which contradicted itself (as the out of memory did).
+    error = translate(exc, URL)
+    assert str(error) == ("PostgreSQL at db.example:6432 rolled the change back because a concurrent one "
+                          "conflicted with it (deadlock detected): nothing of it was written; run the "
+                          "command again")  # fmt: skip
+    assert isinstance(error, StoreBusy)
+    assert db_retrying(error, "committing").text == (
+        "PostgreSQL at db.example:6432 rolled the change back because a concurrent one conflicted with it "
+        "(deadlock detected) while committing; retrying")
+
+
 # libpq's own words: it gives these no SQLSTATE, like a server that does not answer.
 _FAILED = 'connection failed: connection to server at "db.example", port 6432 failed: '
 

@@ -615,10 +615,12 @@ def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str
             "are allowed)"
         )
     if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
-        # OperationalErrors too, but the server is there: a concurrent transaction won.
-        return StoreError(
+        # OperationalErrors too, but the server is there: a concurrent transaction won. It
+        # passes: a run retries it, saying what it met (db_retrying), not the command's rerun.
+        return StoreBusy(
             f"PostgreSQL at {where} rolled the change back because a concurrent one conflicted "
-            f"with it ({msg}): nothing of it was written; run the command again"
+            f"with it ({msg})",
+            "nothing of it was written; run the command again",
         )
     if isinstance(exc, psycopg.OperationalError) and _connection_lost(exc):
         if connection == "first":

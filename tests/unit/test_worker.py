@@ -623,6 +623,39 @@ def test_a_stopping_worker_does_not_wait_for_a_database_that_is_down() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_graceful_stop_gives_its_last_try_to_the_batches_whose_give_back_failed() -> None:
+    # On a graceful stop (the coordinator's), a batch whose commit and give-back failed was
+    # said as "its lease had ended already" (it was still held) and left to expire: only a
+    # stop by cancellation tried release_owner once more.
+    def stop_while_the_database_fails(release: bool) -> tuple[FakeStore, list[str]]:
+        store = FakeStore(batches=100)
+        events: list[Any] = []
+        w = worker(store, FakeEnricher(delay_s=0.3), emit=events.append, db_outage_s=0.1,
+                   lease_timeout_s=90.0)  # fmt: skip
+
+        async def go() -> None:
+            run = asyncio.create_task(w.run())
+            while store.next_id <= 3:
+                await asyncio.sleep(0.01)
+            failing = {"commit_batches", "abandon"} | (set() if release else {"release_owner"})
+            store.fail = lambda name, args: name in failing
+            w.stopping = True
+            with contextlib.suppress(StoreError):
+                await run
+
+        asyncio.run(go())
+        return store, given_back_lines(events)
+
+    store, lines = stop_while_the_database_fails(release=True)
+    assert set(store.state.values()) == {"pending"}, store.state  # given back by the last try
+    assert lines and all(" given back: StoreError: commit_batches" in line for line in lines), lines
+    store, lines = stop_while_the_database_fails(release=False)
+    assert set(store.state.values()) == {"leased"}, store.state
+    assert lines and all("could not be given back (abandon: the server closed the connection)" in line
+                         and "expires 90 s after" in line for line in lines), lines  # fmt: skip
+
+
+@pytest.mark.timeout(30)
 def test_a_worker_that_gives_up_on_the_database_stops_its_batch_tasks() -> None:
     store = FakeStore(batches=100)
     w = worker(store, FakeEnricher(delay_s=0.5), db_outage_s=0.1)

@@ -472,6 +472,8 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             if self._flusher is not None:
                 await self._flusher
+            if self._not_given:  # a graceful stop's give-backs that failed: one last try, as below
+                await self._last_try()
         except BaseException:  # cancelled, or the database stayed down: stop every batch task
             self.stopping = True  # a give-back under way tries the database once more, no longer
             for t in tasks:
@@ -481,19 +483,22 @@ class Worker:
                 tasks.add(self._flusher)
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*self._giving_back, return_exceptions=True)
-            # A lease call the stop cut (its thread went on, and leased a batch no task took),
-            # or a give-back that failed: given back, one try, or it stays leased until it expires.
-            released = False
-            with contextlib.suppress(Exception):
-                await self.db(self.store.release_owner, self.owner, "worker stopped", frozenset(self._held))
-                released = True
-            self._say_not_given(released)
+            await self._last_try()
             raise
         finally:
             self._say_not_given(False)
             await self._save_calls()
             self.send_stats(force=True)
         return self.totals
+
+    async def _last_try(self) -> None:
+        """A lease call the stop cut (its thread went on, and leased a batch no task took), or
+        a give-back that failed: given back, one try, or it stays leased until it expires."""
+        released = False
+        with contextlib.suppress(Exception):
+            await self.db(self.store.release_owner, self.owner, "worker stopped", frozenset(self._held))
+            released = True
+        self._say_not_given(released)
 
     def _say_not_given(self, released: bool) -> None:
         """Say the batches whose give-back failed as the worker stopped: given back after all
@@ -671,7 +676,8 @@ class Worker:
         for (b, e, f), ok in zip(group, held, strict=True):
             _settle(f, self._landed_commit(b, e, ok))
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], stopping: T) -> T:
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], stopping: T,
+                        why: list[str] | None = None) -> T:  # fmt: skip
         """A store call the worker cannot go on without: retried while the database is down.
 
         A dropped connection (a server restart, ``pg_terminate_backend``) raises once; the
@@ -679,7 +685,8 @@ class Worker:
         once on a :class:`StoreRefused` (a read-only database, a full disk, a missing
         grant): no wait lets it pass, and the user waited a minute for what to fix. Once
         the worker is :attr:`stopping` it does not wait for the database: ``stopping`` is
-        returned (the leases left behind expire, or the coordinator gives them back).
+        returned (the leases left behind expire, or the coordinator gives them back), and the
+        error that made it so appended to ``why``.
         """
         down_since: float | None = None
         while True:
@@ -688,6 +695,8 @@ class Worker:
             except StoreError as exc:
                 if self.stopping:
                     log.warning("database error while %s, stopping: %s", what, exc)
+                    if why is not None:
+                        why.append(str(exc) or type(exc).__name__)
                     return stopping
                 if isinstance(exc, StoreRefused):  # no wait lets it pass: say what to fix now
                     raise
@@ -978,8 +987,11 @@ class Worker:
                                       retry_after_s, calls=True, writes=(batch,))  # fmt: skip
         try:
             if retry:
+                why: list[str] = []
                 given = await self._retrying(f"giving back batch {batch.id}", give_back,
-                                             stopping=None)  # fmt: skip
+                                             stopping=None, why=why)  # fmt: skip
+                if why:  # failed as the worker stopped: not a lease that had ended already
+                    failed = why[-1]
             else:
                 try:
                     given = await give_back()

@@ -558,12 +558,11 @@ class Enricher:
             if asked is not None and not asked.done():
                 asked.set_result(made)
 
+        def whole(n: int) -> list[Call]:
+            return [Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])]
+
         async def fetch(ns: Sequence[int]) -> None:
-            await self._many_each([
-                ([Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])],
-                 functools.partial(answered, n))
-                for n in ns
-            ])  # fmt: skip
+            await self._many_each([(whole(n), functools.partial(answered, n)) for n in ns])
 
         async def share(n: int, asked: asyncio.Future[Made | None]) -> None:
             hook = ANSWERED.get()
@@ -578,9 +577,7 @@ class Enricher:
             if hook is not None:
                 hook()
             if not reuse(n, made):  # the batch that asked it stopped, or it lacks some refs
-                answers = await self._many([Call("eth_getBlockByNumber", [hex(n), True]),
-                                            Call("eth_getBlockReceipts", [hex(n)])])  # fmt: skip
-                settle(n, answers)
+                settle(n, await self._many(whole(n)))
 
         try:
             await _together([fetch(mine), *(share(n, f) for n, f in theirs.items())])

@@ -596,7 +596,8 @@ def test_expired_after_lists_the_leases_taken_back_by_a_worker_or_a_coordinator(
     assert taken is not None and taken.id == a.id
     assert [x.id for x in store.expire_leases()] == [b.id]  # and a coordinator the other
     top, events = store.expired_after(start)
-    assert [(batch, owner) for _, batch, owner in events] == [(a.id, "host:1/w1"), (b.id, "host:1/w2")]
+    assert [(batch, owner, attempt) for _, batch, owner, attempt in events] == [
+        (a.id, "host:1/w1", 1), (b.id, "host:1/w2", 1)]  # fmt: skip
     assert top == events[-1][0] and store.expired_after(events[0][0])[1] == events[1:]
 
 

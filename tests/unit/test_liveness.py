@@ -156,7 +156,7 @@ def test_an_expired_lease_is_said_with_its_owners_host_and_pid_not_its_space() -
     expired = Batch(3, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 1, owner, 0.0)
     store = SimpleNamespace(expire_leases=lambda: [expired])
     coordinator = SimpleNamespace(leases=LeaseTally(), emit=said.append, slots={}, expired_from=None,
-                                  _kill_stuck=lambda owner, batch_id: None)  # fmt: skip
+                                  _kill_stuck=lambda owner, batch_id, attempt: None)  # fmt: skip
     Coordinator._supervise_leases(coordinator, store)  # type: ignore[arg-type]
     assert said == [Notice("lease of batch 3 held by w1:4242/run7/w2 expired; it goes back to the plan")]
     assert liveness.shown_owner("h:1/run2/w3") == "h:1/run2/w3"  # an older gapfill's
@@ -184,10 +184,11 @@ def test_a_local_worker_whose_expired_lease_another_worker_took_is_killed_as_stu
     # Worker 3 let batch 6's lease expire (its give-back failed in a database outage) and went
     # on: no stuck worker, whoever takes the lease back. Worker 1's lease of batch 2 the
     # coordinator takes back itself: said once, its event seen below too.
-    events = [(6, 2, "me/w0"), (7, 3, "me/w1"), (8, 4, "me/w1"), (9, 5, "elsewhere/w1"), (10, 6, "me/w2")]
+    events = [(6, 2, "me/w0", 1), (7, 3, "me/w1", 1), (8, 4, "me/w1", 1), (9, 5, "elsewhere/w1", 1),
+              (10, 6, "me/w2", 1)]  # fmt: skip
     asked: list[int] = []
 
-    def expired_after(after: int) -> tuple[int, list[tuple[int, int, str]]]:
+    def expired_after(after: int) -> tuple[int, list[tuple[int, int, str, int]]]:
         asked.append(after)
         return 2_000, [e for e in events if e[0] > after]
 
@@ -196,9 +197,9 @@ def test_a_local_worker_whose_expired_lease_another_worker_took_is_killed_as_stu
     own = [Batch(2, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 1, "me/w0", 0.0)]
     store = SimpleNamespace(expire_leases=lambda: own[:1] and [own.pop()], expired_after=expired_after)
     coordinator = SimpleNamespace(leases=LeaseTally(), emit=said.append, slots=slots, expired_from=5,
-                                  expired_seen=set(), let_expire={6},
+                                  expired_seen=set(), let_expire={(6, 1)},
                                   _owner=lambda s: f"me/w{s.index}")  # fmt: skip
-    coordinator._kill_stuck = lambda owner, batch_id: Coordinator._kill_stuck(coordinator, owner, batch_id)  # type: ignore[arg-type]
+    coordinator._kill_stuck = lambda *a: Coordinator._kill_stuck(coordinator, *a)  # type: ignore[arg-type]
     for _ in range(2):
         Coordinator._supervise_leases(coordinator, store)  # type: ignore[arg-type]
     assert killed == [0, 1] and said == [
@@ -213,9 +214,58 @@ def test_a_local_worker_whose_expired_lease_another_worker_took_is_killed_as_stu
                              let_expire=set(), emit=said.append)  # fmt: skip
     for batch_id, not_given in ((11, "database gone"), (12, ""), (13, LEASE_GONE)):
         Coordinator._take(taking, BatchAbandoned(2, batch_id, "stopping", 1, not_given=not_given))  # type: ignore[arg-type]
-    assert taking.let_expire == {11}
+    assert taking.let_expire == {(11, 1)}
     assert asked == [5, 1_000]  # then it looks back 1,000 events, not from the start
     assert coordinator.expired_seen == set()  # the events seen are forgotten once out of reach
+
+
+def test_a_worker_stuck_on_a_batch_another_once_let_expire_is_killed_all_the_same() -> None:
+    # The coordinator spared a worker stuck past its lease of a batch whose number another
+    # worker's failed give-back had left: that lease had ended without expiring (the other
+    # worker's release_owner, after a lost lease answer, gave it back), so the entry was
+    # still there, and the stuck worker holding no other lease stayed stuck. A lease is a
+    # batch and an attempt: only the very lease let expire is spared.
+    from types import SimpleNamespace
+
+    from gapfill.engine.events import BatchAbandoned
+    from gapfill.engine.metrics import LeaseTally
+    from gapfill.engine.run import Coordinator
+    from gapfill.model import Batch
+
+    killed: list[int] = []
+
+    def slot(index: int) -> SimpleNamespace:
+        proc = SimpleNamespace(is_alive=lambda: True, kill=lambda: killed.append(index))
+        return SimpleNamespace(index=index, proc=proc, stuck=False)
+
+    def coordinator(taken: list[tuple[int, int, str, int]]) -> tuple[SimpleNamespace, SimpleNamespace]:
+        c = SimpleNamespace(slots={0: slot(0), 1: slot(1)}, leases=LeaseTally(), done_batches=0,
+                            committed=0, committed_failed=0, let_expire=set(), emit=lambda ev: None,
+                            expired_from=0 if taken else None, expired_seen=set(),
+                            _owner=lambda s: f"me/w{s.index + 1}")  # fmt: skip
+        c._kill_stuck = lambda *a: Coordinator._kill_stuck(c, *a)  # type: ignore[arg-type]
+        # Worker 2's give-back of batch 6 (attempt 1) failed: said, left to expire. It never
+        # did: worker 2's release_owner gave it back, so no 'expired' event came for it.
+        Coordinator._take(c, BatchAbandoned(1, 6, "HTTP 502", 1, not_given="lost the connection"))  # type: ignore[arg-type]
+        stuck = Batch(6, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 2, "me/w1", 0.0)
+        store = SimpleNamespace(expire_leases=lambda: [] if taken else [stuck],
+                                expired_after=lambda after: (10, taken))  # fmt: skip
+        return c, store
+
+    # Worker 1's lease of batch 6, attempt 2, expires: the coordinator takes it back ...
+    c, store = coordinator([])
+    Coordinator._supervise_leases(c, store)  # type: ignore[arg-type]
+    assert killed == [0]
+    # ... or another worker's lease call does.
+    killed.clear()
+    c, store = coordinator([(9, 6, "me/w1", 2)])
+    Coordinator._supervise_leases(c, store)  # type: ignore[arg-type]
+    assert killed == [0]
+    # The lease worker 2 let expire, when it does expire, still kills nobody.
+    killed.clear()
+    c, store = coordinator([(9, 6, "me/w2", 1)])
+    Coordinator._supervise_leases(c, store)  # type: ignore[arg-type]
+    assert killed == [] and c.let_expire == set()
 
 
 def test_a_worker_stopped_while_it_waits_for_a_connection_slot_says_no_refusal(

@@ -996,8 +996,11 @@ class Coordinator:
         #: this event id (None until the run's first workers start), and those already seen.
         self.expired_from: int | None = None
         self.expired_seen: set[int] = set()
-        #: Batches a local worker left to expire, their give-back failed (BatchAbandoned.not_given).
-        self.let_expire: set[int] = set()
+        #: The leases a local worker left to expire, their give-back failed
+        #: (BatchAbandoned.not_given), as (batch id, attempt): one of them may end without
+        #: expiring (the worker's release_owner gave it back after all), and a later lease of
+        #: the same batch, another worker's, must not be spared when that one gets stuck.
+        self.let_expire: set[tuple[int, int]] = set()
         # What the workers' commits stored, from their per-batch events: a worker killed
         # (stuck, crashed) takes the counters of its last stats message with it.
         self.committed = self.committed_failed = 0
@@ -1150,7 +1153,7 @@ class Coordinator:
             if ev.closed:
                 self.done_batches += 1
             if ev.not_given and ev.not_given != LEASE_GONE:
-                self.let_expire.add(ev.batch_id)
+                self.let_expire.add((ev.batch_id, ev.attempt))
             self.committed += ev.kept_new
             self.committed_failed += ev.kept_failed
         if isinstance(ev, WorkerLostNode):
@@ -1489,30 +1492,30 @@ class Coordinator:
                      b.lease_owner)  # fmt: skip
             self.emit(Notice(f"lease of batch {b.id} held by {shown_owner(b.lease_owner or '')} expired; "
                              "it goes back to the plan"))  # fmt: skip
-            self._kill_stuck(b.lease_owner or "", b.id)
+            self._kill_stuck(b.lease_owner or "", b.id, b.attempts)
         # A worker (this run's, another's) that leases a batch whose lease expired takes it
         # back itself, often before the check above: the local worker that held it is as stuck.
         # Its commit would find the lease lost, but only once the call it is stuck in ends.
         if self.expired_from is not None:
             top, taken = store.expired_after(self.expired_from)
-            for event_id, batch_id, owner in taken:
+            for event_id, batch_id, owner, attempt in taken:
                 if event_id not in self.expired_seen:
                     self.expired_seen.add(event_id)
                     if batch_id not in took_back:  # (those are said above)
                         log.info("lease of batch %d held by %s expired; another worker took it",
                                  batch_id, owner)  # fmt: skip
-                        self._kill_stuck(owner, batch_id)
+                        self._kill_stuck(owner, batch_id, attempt)
             # Looking back some events: on PostgreSQL an event may commit after a newer one.
             self.expired_from = max(self.expired_from, top - 1000)
             self.expired_seen = {e for e in self.expired_seen if e > self.expired_from}
 
-    def _kill_stuck(self, owner: str, batch_id: int) -> None:
-        """Kill the local worker ``owner`` names, if alive: its lease of ``batch_id`` expired,
-        so it is stuck (it renews while its calls progress). Once, however many of its leases
-        expired. Not for a lease it let expire, its give-back having failed (a database
-        outage): it went on with its other batches, and said so."""
-        if batch_id in self.let_expire:
-            self.let_expire.discard(batch_id)
+    def _kill_stuck(self, owner: str, batch_id: int, attempt: int) -> None:
+        """Kill the local worker ``owner`` names, if alive: its lease of ``batch_id`` (at
+        ``attempt``) expired, so it is stuck (it renews while its calls progress). Once,
+        however many of its leases expired. Not for a lease it let expire, its give-back
+        having failed (a database outage): it went on with its other batches, and said so."""
+        if (batch_id, attempt) in self.let_expire:
+            self.let_expire.discard((batch_id, attempt))
             return
         for s in self.slots.values():
             if owner == self._owner(s) and s.proc.is_alive() and not s.stuck:

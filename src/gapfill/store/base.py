@@ -2047,21 +2047,22 @@ class Store(abc.ABC):
                         "AND state = 'leased'")
             return [o for (o,) in cur.fetchall() if o]
 
-    def expired_after(self, after: int) -> tuple[int, list[tuple[int, int, str]]]:
+    def expired_after(self, after: int) -> tuple[int, list[tuple[int, int, str, int]]]:
         """The newest lease event's id, and the ``expired`` events after event ``after``, as
-        (event id, batch id, owner), oldest first: the leases taken back, by a coordinator or
-        by a worker that leased a batch whose lease had expired (:meth:`lease_next`). A
-        coordinator watches them to kill a local worker whose lease another process took."""
+        (event id, batch id, owner, attempt), oldest first: the leases taken back, by a
+        coordinator or by a worker that leased a batch whose lease had expired
+        (:meth:`lease_next`). A coordinator watches them to kill a local worker whose lease
+        another process took."""
         with self._read() as cur:
             cur.execute("SELECT max(event_id) FROM lease_events")
             row = cur.fetchone()
             top = int(row[0]) if row is not None and row[0] is not None else 0
             cur.execute(
-                self._sql("SELECT event_id, batch_id, owner FROM lease_events "
+                self._sql("SELECT event_id, batch_id, owner, attempt FROM lease_events "
                           "WHERE event_id > ? AND event = 'expired' ORDER BY event_id"),
                 (after,),
             )  # fmt: skip
-            return top, [(int(e), int(b), str(o)) for e, b, o in cur.fetchall()]
+            return top, [(int(e), int(b), str(o), int(a)) for e, b, o, a in cur.fetchall()]
 
     def expire_leases(self, owner_prefix: str | None = None) -> list[Batch]:
         """Take back leases past their expiry (optionally only local owners').

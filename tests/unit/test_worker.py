@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -800,11 +801,51 @@ def test_two_lock_timeouts_far_apart_are_no_run_of_them(monkeypatch: pytest.Monk
     w = worker(FakeStore(batches=1), db_outage_s=60)
     busy = _lock_timeout()
     assert isinstance(busy, StoreBusy)
-    for step in (0, 61, 61, 30, 20):  # each one 61 s after the last starts again, then 30 + 20
+    for step in (0, 61, 30, 20):  # one 61 s after the last starts again, then 30 + 20
         clock[0] += step
         assert w._still_busy(busy) is None
     clock[0] += 20  # 70 s of them, none more than 60 s apart
     assert isinstance(w._still_busy(busy), StoreRefused)
+
+
+def test_commits_that_always_fail_end_the_run_however_seldom(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each lock_timeout (or statement_timeout its group commit exceeds) more than 60 s after
+    # the last started a new run of them: a worker committing seldom never stopped, each of
+    # its batches given back without its rows and fetched again, the node's work thrown away.
+    # Its third spell of them in a row, no commit passing between, ends it.
+    from gapfill.engine import worker as worker_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    w = worker(FakeStore(batches=1), db_outage_s=60)
+    busy = _lock_timeout()
+    for step in (0, 61, 10):  # two spells (the third failure is of the second)
+        clock[0] += step
+        assert w._still_busy(busy) is None
+    clock[0] += 600
+    refused = w._still_busy(busy)
+    assert isinstance(refused, StoreRefused) and str(refused) == str(busy)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_commits_seldom_and_always_meets_a_lock_timeout_stops_saying_to_raise_it() -> None:
+    # Its commits further apart than db_outage_s (here 20 ms), as at a low --rps.
+    store = FakeStore(batches=20)
+    w = worker(store, FakeEnricher(delay_s=0.05), db_outage_s=0.02, batches_in_flight=1)
+    store.refusal = said = _lock_timeout()
+    store.fail = lambda name, args: name == "commit_batches"
+    with pytest.raises(StoreRefused) as stopped:
+        asyncio.run(w.run())
+    assert str(stopped.value) == str(said)
+    assert store.calls.count("commit_batches") == 3 and store.committed == []
+    # A commit passing between starts the count again: one that fails now and then goes on.
+    store = FakeStore(batches=12)
+    w = worker(store, FakeEnricher(delay_s=0.05), db_outage_s=0.02, batches_in_flight=1)
+    store.refusal = _lock_timeout()
+    commits = itertools.count(1)
+    store.fail = lambda name, args: name == "commit_batches" and next(commits) % 3 != 0
+    totals = asyncio.run(w.run())
+    assert totals.batches == 4 and len([g for g in store.committed if g]) == 4
 
 
 @pytest.mark.timeout(30)

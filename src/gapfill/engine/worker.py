@@ -164,6 +164,12 @@ class WorkerSettings:
     #: pause between tries (the store reconnects on its next call).
     db_outage_s: float = 60.0
     db_retry_s: float = 0.5
+    #: A worker whose commits meet a lock_timeout or statement_timeout (:class:`StoreBusy`)
+    #: stops once they have for ``db_outage_s`` with none passing, or in this many spells in
+    #: a row (failures less than ``db_outage_s`` apart are one): one that commits seldom (a
+    #: low --rps, big batches) met each as a new spell, and had its batches given back
+    #: without their rows and fetched again, the node's work thrown away, without end.
+    db_busy_spells: int = 3
     #: Batches whose RPC is done wait to be committed together, up to this many
     #: transactions per database transaction (see :meth:`Worker._commit`) ...
     commit_group_txs: int = 2000
@@ -246,6 +252,7 @@ class Worker:
         #: lock_timeout: :class:`StoreBusy`) with none passing since: see :meth:`_still_busy`.
         self._busy_since: float | None = None
         self._busy_last: float | None = None  # when a commit last met a StoreBusy
+        self._busy_spells = 0  # the spells of them since a commit last passed
 
     async def db(
         self, fn: Callable[..., T], *args: Any, calls: bool = False, writes: Sequence[Batch] = (),
@@ -358,7 +365,8 @@ class Worker:
         read-only database, a full disk, a missing grant; the lease and the other calls it
         cannot go on without raise it at once too: see :meth:`_retrying`): the next commit
         would be refused too, after the node's work for it. So it does once its commits
-        have met a lock_timeout or statement_timeout for ``db_outage_s`` (:meth:`_still_busy`).
+        have met a lock_timeout or statement_timeout for ``db_outage_s``, or in
+        ``db_busy_spells`` spells in a row (:meth:`_still_busy`).
         The batches in flight are given back first, with what they fetched, and no failure
         is recorded for their refs."""
         main = asyncio.current_task()
@@ -662,7 +670,7 @@ class Worker:
         call = asyncio.ensure_future(commit)
         try:
             held = await asyncio.shield(call)
-            self._busy_since = None
+            self._busy_since, self._busy_spells = None, 0
         except asyncio.CancelledError:
             while not call.done():
                 with contextlib.suppress(asyncio.CancelledError):
@@ -918,13 +926,18 @@ class Worker:
         """A commit failed for a reason that may pass (a lock_timeout or statement_timeout
         met waiting for another worker's commit, the server out of memory): its batch is
         given back and retried. Only once this worker's commits have met such failures for
-        ``db_outage_s`` with none passing, the refusal to stop with, saying what to change."""
+        ``db_outage_s``, or in ``db_busy_spells`` spells, with none passing, the refusal to
+        stop with, saying what to change."""
         now = time.monotonic()
         last, self._busy_last = self._busy_last, now
         if self._busy_since is None or (last is not None and now - last > self.settings.db_outage_s):
             # (Two far apart, with no commit between them as a worker at a low --rps commits
-            # seldom, are no run of them: the second ended the run at once.)
+            # seldom, are no run of them: the second ended the run at once. A few spells are:
+            # a timeout every commit exceeds never passes, however seldom it commits.)
             self._busy_since = now
+            self._busy_spells += 1
+            if self._busy_spells >= self.settings.db_busy_spells:
+                return StoreRefused(exc.what, exc.fix)
         elif now - self._busy_since > self.settings.db_outage_s:
             return StoreRefused(exc.what, exc.fix)
         return None

@@ -1602,6 +1602,41 @@ def test_a_dry_run_counts_a_block_two_contracts_crowd_once(store: Store) -> None
     ]  # fmt: skip
 
 
+def test_a_dry_run_with_free_calls_counts_each_contracts_refs_in_a_block_apart(
+    store: Store, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With free calls (plan auto) a run looks up no riders (Enricher.may_fetch_blocks), so
+    # each contract's batch judges a block by its own refs in it: under
+    # --block-plan-min-refs 2, one ref of each of two contracts in a block is fetched one by
+    # one by each, 4 calls, where the dry run, adding both contracts' refs up, said 2.
+    from gapfill.engine.dryrun import DryRunRow, estimate
+    from gapfill.enrich.fetch import Enricher, PlanSettings
+    from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
+
+    other = "0x" + "ef" * 20
+    store.add_contract(Contract(1, other))
+    # Block 100: h(1) with h(4); block 101: h(2), h(3) with h(5).
+    store.add_refs([Ref(1, C, h(1), 100), Ref(1, C, h(2), 101), Ref(1, C, h(3), 101),
+                    Ref(1, other, h(4), 100), Ref(1, other, h(5), 101)])  # fmt: skip
+    targets = [(1, C), (1, other)]
+    free = PlanSettings(block_plan_min_refs=2, block_plan_min_refs_free=2, calls_metered=False)
+    rows = estimate(store, targets, batch_size=500, plan=free)
+    assert rows == [DryRunRow(1, C, 3, 1, 2, 1, 4, None), DryRunRow(1, other, 2, 1, 0, 0, 4, None)]
+    client = RpcClient([EndpointConfig("http://node.invalid/")], RpcSettings(budget_dir=str(tmp_path)))
+    monkeypatch.setattr(client, "supports_block_receipts", lambda: True)  # as the estimate assumes
+    enricher = Enricher(client, 1, plan=free)
+    assert not enricher.may_fetch_blocks()
+    made = 0
+    for target in targets:
+        blocks, per_tx = enricher.split(list(store.iter_gap(*target)), riders=[])
+        made += 2 * len(blocks) + 2 * len(per_tx)
+    assert made == sum(r.estimated_calls for r in rows) == 8
+    # Metered, a run looks riders up: each block is fetched once, by the first contract.
+    assert estimate(store, targets, batch_size=500, plan=replace(free, calls_metered=True)) == [
+        DryRunRow(1, C, 3, 1, 3, 2, 4, None), DryRunRow(1, other, 2, 1, 0, 0, 0, None, riders=2),
+    ]  # fmt: skip
+
+
 @pytest.mark.timeout(60)
 def test_removing_a_contract_waits_for_a_discovery_writing_it_and_deletes_what_it_wrote(
     pg_url: str,

@@ -47,14 +47,19 @@ def estimate(
     A block is fetched whole (2 calls) where the refs of the run in it, every contract's
     together, reach the break-even: the first batch that has a ref in it fetches it and
     stores them all (``Enricher.split``'s riders), so its calls count with the first of
-    ``targets`` that has refs in it (that contract's batches come first). Other refs cost 2
-    calls each (receipt and transaction; a timestamp header per block only where receipts'
-    logs carry none, which this estimate does not know in advance). A transaction two
-    contracts share is counted once, as a run fetches it once (the second contract's batch
-    finds it stored, gone from its gap): with the first of ``targets`` that has it.
+    ``targets`` that has refs in it (that contract's batches come first). A run looks riders
+    up only where a batch may fetch blocks whole at all (``Enricher.may_fetch_blocks``:
+    ``--plan per_block``, or calls metered): with free calls under ``auto`` each contract's
+    refs in a block reach the break-even on their own (each contract's fetch of it counted),
+    or are fetched one by one. Other refs cost 2 calls each (receipt and transaction; a
+    timestamp header per block only where receipts' logs carry none, which this estimate
+    does not know in advance). A transaction two contracts share is counted once, as a run
+    fetches it once (the second contract's batch finds it stored, gone from its gap): with
+    the first of ``targets`` that has it.
     """
     threshold = plan.block_plan_min_refs if plan.calls_metered else plan.block_plan_min_refs_free
     whole_blocks = block_receipts and plan.shape != "per_tx"
+    riding = plan.shape == "per_block" or plan.calls_metered
 
     @dataclass
     class Tally:
@@ -94,19 +99,20 @@ def estimate(
     blocks = [0] * len(targets)
     riders = [0] * len(targets)
     for held in in_block.values():
-        total = sum(n for _, n in held)
-        if whole_blocks and (plan.shape == "per_block" or total >= threshold):
-            first = held[0][0]
-            calls[first] += 2
-            blocks[first] += 1
-            for i, n in held:
-                if i == first:
-                    pb_refs[i] += n
-                else:
-                    riders[i] += n
-        else:
-            for i, n in held:
-                calls[i] += 2 * n
+        # Without riders each contract's batches judge the block by their own refs in it.
+        for group in [held] if riding else [[h] for h in held]:
+            if whole_blocks and (plan.shape == "per_block" or sum(n for _, n in group) >= threshold):
+                first = group[0][0]
+                calls[first] += 2
+                blocks[first] += 1
+                for i, n in group:
+                    if i == first:
+                        pb_refs[i] += n
+                    else:
+                        riders[i] += n
+            else:
+                for i, n in group:
+                    calls[i] += 2 * n
     rows = []
     for i, ((chain_id, contract), t) in enumerate(zip(targets, tallies, strict=True)):
         secs = calls[i] / rps_total if rps_total else None

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 from test_enrich_request_sizes import CountingNode
 
@@ -111,3 +112,51 @@ async def test_a_batch_waiting_for_another_batchs_blocks_counts_their_answers_as
     assert got_a.failures == got_b.failures == [] and theirs.tx_hash in {t.tx_hash for t in got_b.txs}
     assert sorted(_blocks_asked(node)) == sorted({hex(r.block_number or 0) for r in refs})  # each once
     assert a_done and a_done[0] >= 10, (a_done, len(credits))  # credited as A's blocks came
+
+
+class _GatedNode(CountingNode):
+    """Holds every request asking about a block (hex) in :attr:`gates` until its gate is set."""
+
+    def __init__(self, refs: int) -> None:
+        super().__init__(refs)
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def post(self, url: str, body: bytes) -> Any:
+        decoded = orjson.loads(body)
+        for call in decoded if isinstance(decoded, list) else [decoded]:
+            gate = self.gates.get(call["params"][0])
+            if gate is not None:
+                await gate.wait()
+        return await CountingNode.post(self, url, body)
+
+
+async def test_a_batch_that_ends_leaves_another_batchs_later_fetch_of_its_block_alone(
+    tmp_path: Any,
+) -> None:
+    # A's block 10 is answered while its block 11 is held; C, whose ref A's rows of block 10
+    # lack, asks block 10 again, and D waits for C's fetch. As A ended, it cancelled C's fetch
+    # (the one then in A's place for block 10), and D asked block 10 a third time.
+    node = _GatedNode(4)  # blocks 10 (refs 0, 1) and 11 (refs 2, 3)
+    r = node.refs()
+    client = RpcClient([EndpointConfig("http://node.invalid/", max_batch=2)],
+                       RpcSettings(budget_dir=str(tmp_path)), transport=node)  # fmt: skip
+    enricher = Enricher(client, 1, plan=PlanSettings(shape="per_block"), calls_per_request=2)
+    node.gates["0xb"] = asyncio.Event()
+    async with client:
+        a = asyncio.create_task(enricher.enrich([r[0], r[2]]))
+        while 10 not in enricher._block_rows:
+            await asyncio.sleep(0.001)
+        node.gates["0xa"] = asyncio.Event()  # C's fetch of block 10 is held
+        c = asyncio.create_task(enricher.enrich([r[1]]))
+        while 10 not in enricher._blocks_asked:
+            await asyncio.sleep(0.001)
+        d = asyncio.create_task(enricher.enrich([replace(r[1], contract=OTHER)]))
+        await asyncio.sleep(0.05)  # D waits for C's fetch
+        node.gates["0xb"].set()
+        await a
+        await asyncio.sleep(0.05)
+        node.gates["0xa"].set()
+        got_c, got_d = await c, await d
+    assert got_c.failures == got_d.failures == []
+    assert _blocks_asked(node).count("0xa") == 2, _blocks_asked(node)  # A's, and C's for D too
+

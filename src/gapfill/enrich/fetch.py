@@ -540,23 +540,29 @@ class Enricher:
             return True
 
         loop = asyncio.get_running_loop()
-        mine: list[int] = []
+        mine: dict[int, asyncio.Future[Made | None]] = {}
         theirs: dict[int, asyncio.Future[Made | None]] = {}
         for n in sorted(blocks):
             asked = self._blocks_asked.get(n)
             if asked is not None:
                 theirs[n] = asked
             elif not reuse(n, self._block_rows.get(n)):
-                self._blocks_asked[n] = loop.create_future()
-                mine.append(n)
+                mine[n] = self._blocks_asked[n] = loop.create_future()
+
+        def let_go(n: int) -> None:
+            """This batch's fetch of block ``n`` is over: no batch waits for it from now on. Once
+            it is answered, another batch may ask the block again (its rows lacked some of that
+            batch's refs): that fetch, its entry in :attr:`_blocks_asked`, is not this one's."""
+            if self._blocks_asked.get(n) is mine[n]:
+                del self._blocks_asked[n]
 
         def answered(n: int, answers: list[Any]) -> None:
             for waiter in set(self._block_waiters):  # the fetch they wait for goes on
                 waiter()
             made = settle(n, answers)
-            asked = self._blocks_asked.pop(n, None)
-            if asked is not None and not asked.done():
-                asked.set_result(made)
+            let_go(n)
+            if not mine[n].done():
+                mine[n].set_result(made)
 
         def whole(n: int) -> list[Call]:
             return [Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])]
@@ -580,12 +586,11 @@ class Enricher:
                 settle(n, await self._many(whole(n)))
 
         try:
-            await _together([fetch(mine), *(share(n, f) for n, f in theirs.items())])
+            await _together([fetch(list(mine)), *(share(n, f) for n, f in theirs.items())])
         finally:
-            for n in mine:  # not answered (this batch stopped, or a request raised): let go
-                asked = self._blocks_asked.get(n)
-                if asked is not None and not asked.done():
-                    del self._blocks_asked[n]
+            for n, asked in mine.items():  # not answered (this batch stopped, or a request raised)
+                if not asked.done():
+                    let_go(n)
                     asked.cancel()
         return leftovers
 

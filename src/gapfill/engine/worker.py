@@ -38,6 +38,7 @@ import itertools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from gapfill.engine.events import (
     db_retrying,
     key_range,
 )
-from gapfill.enrich.fetch import Collector, Enricher
+from gapfill.enrich.fetch import AWAITED, Collector, Enricher
 from gapfill.errors import GapfillError, RpcError, StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.rpc import RpcClient
@@ -766,7 +767,8 @@ class Worker:
         return [r for r in found if r.tx_hash not in own]
 
     async def _keep_lease(
-        self, batch: Batch, lost: asyncio.Event, answered: list[int], priority: int
+        self, batch: Batch, lost: asyncio.Event, answered: list[int], priority: int,
+        awaited: Counter[int] | None = None,
     ) -> None:
         """Renew while this batch's RPC calls get answers; stop renewing when they stall.
 
@@ -778,16 +780,22 @@ class Worker:
         So it is while the client holds its requests back by its own choice (its rate
         budget's tokens, a ``Retry-After`` pause, the backoff after a rate-limited answer:
         :meth:`RpcClient.held_back`), however long: that is not being stuck in a call.
+        ``awaited`` (:data:`gapfill.enrich.fetch.AWAITED`): the priorities of the batches
+        whose whole-block fetches this one waits for: their requests waiting so count as
+        this batch's own would.
         """
         period = max(self.settings.lease_timeout_s / 3, 0.05)
         seen = answered[0]
         replied = self.client.last_reply_at
+        client = self.client
         while True:
             await asyncio.sleep(period)
             now_answered = answered[0]
-            waits_turn = self.client.queued(priority) and self.client.last_reply_at > replied
-            replied = self.client.last_reply_at
-            if now_answered == seen and not waits_turn and not self.client.held_back(priority):
+            priorities = [priority, *(awaited or ())]
+            waits_turn = client.last_reply_at > replied and any(client.queued(p) for p in priorities)
+            replied = client.last_reply_at
+            held_back = any(client.held_back(p) for p in priorities)
+            if now_answered == seen and not waits_turn and not held_back:
                 log.warning("batch %s made no RPC progress for %.0fs; not renewing its lease",
                             batch.id, period)  # fmt: skip
                 continue
@@ -837,6 +845,8 @@ class Worker:
         ANSWERED.set(on_answer)
         priority = next(self._lease_order)
         PRIORITY.set(priority)
+        awaited: Counter[int] = Counter()  # the batches whose block fetches this one waits for
+        AWAITED.set(awaited)
         got: Enriched | None = None  # once fetched: what a stop gives back with the batch
         give_back: asyncio.Future[None] | None = None  # a failed attempt's, once under way
         fetching_now = Collector()  # while fetching: the rows in so far, given back on a stop
@@ -852,7 +862,7 @@ class Worker:
                          t_refs - t0, batch.attempts)  # fmt: skip
             self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
             enricher = self.enrichers[batch.chain_id]
-            keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority))
+            keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority, awaited))
             try:
                 if batch.attempts >= self.settings.max_attempts:
                     enriched = await self._isolate(enricher, refs, fetching_now)

@@ -61,19 +61,21 @@ be wrong, and only the transaction lookup tells; a ``null`` there is judged as a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from gapfill.enrich.decode import Decoder
 from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
 from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow, beyond_head_error
 from gapfill.rpc import Call, CallError, RpcClient
 from gapfill.rpc.client import ANSWERED
+from gapfill.rpc.slots import PRIORITY
 
 PlanShape = Literal["auto", "per_tx", "per_block"]
 
@@ -94,6 +96,26 @@ RECEIPTS_AHEAD = 2
 #: what 4 batches in flight of 500 refs and their riders hold (rows they hold anyway until
 #: their commit; the oldest blocks' are let go first).
 SHARED_ROWS_CAP = 10_000
+
+#: The :data:`~gapfill.rpc.slots.PRIORITY` of each batch whose whole-block fetch the batch of
+#: this context waits for (see :meth:`Enricher._per_block`), with how many of its blocks. The
+#: engine sets it per batch: those fetches are that batch's progress, so its lease is kept
+#: while they are held back by the client (its rate budget) or wait their turn behind an
+#: earlier batch's requests, as it is while its own requests do. A fetch of 100 calls at 0.3
+#: calls/s waits longer than the lease, and the batch waiting for it had no request of its own.
+AWAITED: contextvars.ContextVar[Counter[int] | None] = contextvars.ContextVar(
+    "gapfill_enrich_awaited", default=None
+)
+
+_Rows = dict[str, tuple[TxRow, list[LogRow]]]
+
+
+class _Fetching(NamedTuple):
+    """A block a batch of this process is fetching whole: the rows it made, once answered
+    (None: the block or its receipts did not come), and the PRIORITY of the batch asking."""
+
+    rows: asyncio.Future[_Rows | None]
+    priority: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,10 +290,10 @@ class Enricher:
         #: Blocks a batch of this process is fetching whole, until their answer is in: a batch
         #: in flight at the same time that wants one of them waits for that answer instead of
         #: asking the block again (two contracts' batches leased together cover the same blocks).
-        self._blocks_asked: dict[int, asyncio.Future[dict[str, tuple[TxRow, list[LogRow]]] | None]] = {}
+        self._blocks_asked: dict[int, _Fetching] = {}
         #: The rows of the blocks this process fetched whole lately, by block and hash (see
         #: :meth:`_per_block`), at most about ``shared_rows_cap`` of them.
-        self._block_rows: OrderedDict[int, dict[str, tuple[TxRow, list[LogRow]]]] = OrderedDict()
+        self._block_rows: OrderedDict[int, _Rows] = OrderedDict()
         self._block_rows_n = 0
         #: The lease hooks (:data:`ANSWERED`) of the batches waiting for another batch's block
         #: fetch (once per block waited for): each block it gets answered counts as their
@@ -500,9 +522,8 @@ class Enricher:
         still has the refs that batch's riders settled, and two contracts' batches leased
         together cover the same blocks."""
         leftovers: list[Ref] = []
-        Made = dict[str, tuple[TxRow, list[LogRow]]]
 
-        def settle(n: int, answers: list[Any]) -> Made | None:
+        def settle(n: int, answers: list[Any]) -> _Rows | None:
             block, receipts = answers
             if not isinstance(block, dict) or not isinstance(receipts, list):
                 # Unknown block (one above the node's head too: the ref's number may be
@@ -514,7 +535,7 @@ class Enricher:
             self._remember(n, ts)
             txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
             recs = {r["transactionHash"].lower(): r for r in receipts if isinstance(r, dict)}
-            made: Made = {}
+            made: _Rows = {}
             for ref in blocks[n]:
                 tx, rec = txs.get(ref.tx_hash), recs.get(ref.tx_hash)
                 rider = (ref.contract, ref.tx_hash) in riding
@@ -528,7 +549,7 @@ class Enricher:
             self._keep_rows(n, made)
             return made
 
-        def reuse(n: int, made: Made | None) -> bool:
+        def reuse(n: int, made: _Rows | None) -> bool:
             """Settle block ``n``'s refs from rows another batch's fetch made, if they hold
             every one of this batch's own refs there."""
             if made is None or any(r.tx_hash not in made for r in blocks[n]
@@ -540,14 +561,15 @@ class Enricher:
             return True
 
         loop = asyncio.get_running_loop()
-        mine: dict[int, asyncio.Future[Made | None]] = {}
-        theirs: dict[int, asyncio.Future[Made | None]] = {}
+        priority = PRIORITY.get()
+        mine: dict[int, _Fetching] = {}
+        theirs: dict[int, _Fetching] = {}
         for n in sorted(blocks):
             asked = self._blocks_asked.get(n)
             if asked is not None:
                 theirs[n] = asked
             elif not reuse(n, self._block_rows.get(n)):
-                mine[n] = self._blocks_asked[n] = loop.create_future()
+                mine[n] = self._blocks_asked[n] = _Fetching(loop.create_future(), priority)
 
         def let_go(n: int) -> None:
             """This batch's fetch of block ``n`` is over: no batch waits for it from now on. Once
@@ -561,8 +583,8 @@ class Enricher:
                 waiter()
             made = settle(n, answers)
             let_go(n)
-            if not mine[n].done():
-                mine[n].set_result(made)
+            if not mine[n].rows.done():
+                mine[n].rows.set_result(made)
 
         def whole(n: int) -> list[Call]:
             return [Call("eth_getBlockByNumber", [hex(n), True]), Call("eth_getBlockReceipts", [hex(n)])]
@@ -570,16 +592,25 @@ class Enricher:
         async def fetch(ns: Sequence[int]) -> None:
             await self._many_each([(whole(n), functools.partial(answered, n)) for n in ns])
 
-        async def share(n: int, asked: asyncio.Future[Made | None]) -> None:
-            hook = ANSWERED.get()
-            if hook is not None:  # this batch's lease is kept while the answers it waits for come
+        async def share(n: int, asked: _Fetching) -> None:
+            # This batch's lease is kept while the answers it waits for come (hook), and while
+            # the fetch is held back or waits its turn as this batch's own requests would (awaited).
+            hook, awaited = ANSWERED.get(), AWAITED.get()
+            if hook is not None:
                 self._block_waiters.append(hook)
+            if awaited is not None:
+                awaited[asked.priority] += 1
             try:
-                await asyncio.wait({asked})  # raises only if this batch is cancelled
+                await asyncio.wait({asked.rows})  # raises only if this batch is cancelled
             finally:
                 if hook is not None:
                     self._block_waiters.remove(hook)
-            made = None if asked.cancelled() or asked.exception() is not None else asked.result()
+                if awaited is not None:
+                    awaited[asked.priority] -= 1
+                    if not awaited[asked.priority]:
+                        del awaited[asked.priority]
+            rows = asked.rows
+            made = None if rows.cancelled() or rows.exception() is not None else rows.result()
             if hook is not None:
                 hook()
             if not reuse(n, made):  # the batch that asked it stopped, or it lacks some refs
@@ -589,9 +620,9 @@ class Enricher:
             await _together([fetch(list(mine)), *(share(n, f) for n, f in theirs.items())])
         finally:
             for n, asked in mine.items():  # not answered (this batch stopped, or a request raised)
-                if not asked.done():
+                if not asked.rows.done():
                     let_go(n)
-                    asked.cancel()
+                    asked.rows.cancel()
         return leftovers
 
     def _keep_rows(self, n: int, made: dict[str, tuple[TxRow, list[LogRow]]]) -> None:

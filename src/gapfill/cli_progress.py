@@ -74,13 +74,19 @@ def summary_lines(s: RunSummary) -> list[str]:
     return lines
 
 
+def _with_riders(rode: int) -> str:
+    """What a batch stored of its riders: ``, with 120 refs of other batches in the same
+    blocks`` (its own count apart: ``+N success`` and ``N stored`` count only its own refs)."""
+    return f", with {counted(rode, 'ref')} of other batches in the same blocks" if rode else ""
+
+
 def _what_was_kept(ev: BatchAbandoned) -> str:
     """`` (480 stored, the rest retried)`` for a batch given back with what it got; only
     what is true: ``(480 stored, 20 failed for good)`` says nothing is retried (a batch whose
     every ref was stored as it was given back is closed, and its line says it is complete)."""
-    if not ev.kept and not ev.kept_failed:
+    if not ev.kept and not ev.kept_failed and not ev.kept_rode:
         return ""
-    said = [f"{ev.kept} stored"]
+    said = [f"{ev.kept} stored{_with_riders(ev.kept_rode)}"]
     if ev.kept_failed:
         said.append(f"{ev.kept_failed} failed for good")
     if ev.rest:
@@ -121,12 +127,13 @@ class LineRenderer:
         elif isinstance(ev, BatchDone):
             if ev.committed:
                 self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} complete: +{ev.succeeded} success, "
-                          f"{ev.failed} failed ({ev.seconds:.1f}s)")  # fmt: skip
+                          f"{ev.failed} failed{_with_riders(ev.rode)} ({ev.seconds:.1f}s)")  # fmt: skip
             else:
                 self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id}: lease lost, nothing written")
         elif isinstance(ev, BatchAbandoned) and ev.closed:
             self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} complete as it was given back "
-                      f"({ev.error}): +{ev.kept} success, {ev.kept_failed} failed")  # fmt: skip
+                      f"({ev.error}): +{ev.kept} success, {ev.kept_failed} failed"
+                      f"{_with_riders(ev.kept_rode)}")  # fmt: skip
         elif isinstance(ev, BatchAbandoned) and ev.not_given == LEASE_GONE:
             self.line(f"[Worker-{ev.worker + 1}] Batch {ev.batch_id} attempt {ev.attempt} ({ev.error}): "
                       "its lease had ended already, nothing of it written; it was taken back for "

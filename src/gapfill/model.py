@@ -166,6 +166,15 @@ class Enriched:
     #: The refs whose block number (none, or a wrong one from an import) is not their
     #: row's, each with its row's: the transaction that stores the rows corrects them.
     moved: list[Ref] = field(default_factory=list)
+    #: Of ``txs``, the transactions (hashes) made for riders: refs in the gap that are not the
+    #: batch's, in the blocks it fetched whole (``Enricher.split``). Stored with the batch's
+    #: rows, they are not counted as the batch's: its own refs are :attr:`own`.
+    rode: set[str] = field(default_factory=set)
+
+    @property
+    def own(self) -> int:
+        """The transactions of the batch's own refs: ``txs`` but the riders'."""
+        return len(self.txs) - len(self.rode)
 
     def extend(self, other: Enriched) -> None:
         """Add what ``other`` produced to this."""
@@ -173,6 +182,7 @@ class Enriched:
         self.logs.extend(other.logs)
         self.failures.extend(other.failures)
         self.moved.extend(other.moved)
+        self.rode.update(other.rode)
 
     def settled(self) -> Enriched:
         """This with only the failures that will not pass: what to store when the refs that

@@ -271,6 +271,29 @@ def test_plan_cuts_keyset_batches_and_a_second_plan_joins(store: Store) -> None:
     assert counts.done == counts.total == 4 and counts.succeeded == 1010
 
 
+def test_a_batchs_succeeded_counts_its_own_refs_not_its_riders_rows(store: Store) -> None:
+    # A batch writes its riders' rows (refs of another batch in the blocks it fetched whole)
+    # with its own, by commit or give-back: batches.succeeded counted them as its own.
+    other = "0x" + "ef" * 20
+    for c in (C, other):
+        store.add_contract(Contract(1, c))
+    store.add_refs([Ref(1, C, h(i), 1) for i in range(1, 5)])
+    store.add_refs([Ref(1, other, h(i), 1) for i in range(11, 17)])
+    run = store.create_run("batch", 1)
+    store.plan(run, [(1, C)], batch_size=2)
+    a, b = store.lease("w1", 60.0), store.lease("w1", 60.0)
+    assert a is not None and b is not None
+
+    def rows(own: Sequence[Ref], riders: range) -> Enriched:
+        return Enriched([*(tx_row(int(r.tx_hash, 16), 1) for r in own), *(tx_row(i, 1) for i in riders)],
+                        rode={h(i) for i in riders})  # fmt: skip
+
+    assert store.commit_batch(a, rows(store.batch_refs(a), range(11, 14)))
+    assert store.abandon_keeping(b, "TransientFailures: 1 failed",
+                                 rows(store.batch_refs(b)[:1], range(14, 17))) == GivenBack(4)  # fmt: skip
+    assert store.batch_counts(run).succeeded == 3  # 2 + 1 of their own; 6 riders' rows stored too
+    assert store.count_gap(1, other) == 0
+
 def test_lost_lease_commits_nothing(store: Store) -> None:
     store.add_refs([Ref(1, C, h(i), 1) for i in range(1, 11)])
     store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=500)

@@ -58,6 +58,8 @@ async def test_two_contracts_batches_in_flight_together_ask_each_block_once(tmp_
                                     enricher.enrich(theirs, riders=mine))  # fmt: skip
     assert a.failures == b.failures == []
     assert {t.tx_hash for t in a.txs} == {t.tx_hash for t in b.txs} == {r.tx_hash for r in refs}
+    # The riders' rows, whether its fetch made them or the other's, are told apart (Enriched.own).
+    assert a.rode == {r.tx_hash for r in theirs} and b.rode == {r.tx_hash for r in mine}
     assert sorted(_blocks_asked(node)) == sorted({hex(r.block_number or 0) for r in refs})  # each once
     # Alone, one ref a block is below the break-even: each batch asked its refs one by one.
     assert not [m for r in node.requests for m, _ in r if m == "eth_getTransactionReceipt"]

@@ -114,7 +114,7 @@ class FakeStore:
             self._answer("abandon", (batch,))  # it wrote its calls, so its answer can be lost too
             return None
         # As the real stores: a batch whose every ref the give-back stored is done.
-        closed = keep is not None and len(keep.txs) + len(keep.failures) >= self.refs
+        closed = keep is not None and keep.own + len(keep.failures) >= self.refs
         self.state[batch.id] = "done" if closed else "pending"
         self.ended[batch.id] = "committed" if closed else "abandoned"
         self.pauses[batch.id] = retry_after_s
@@ -229,8 +229,9 @@ def slow_call(name: str, started: threading.Event) -> Callable[[str, Sequence[An
     return slow
 
 
-def given_back_lines(events: Sequence[Any]) -> list[str]:
-    """The progress lines of the batches given back, as the CLI prints them."""
+def batch_lines(events: Sequence[Any], kind: type = BatchAbandoned) -> list[str]:
+    """The progress lines of the ``kind`` events (batches given back, or done), as the CLI
+    prints them."""
     import io
 
     from gapfill.cli_progress import LineRenderer
@@ -238,9 +239,14 @@ def given_back_lines(events: Sequence[Any]) -> list[str]:
     out = io.StringIO()
     render = LineRenderer(out)
     for e in events:
-        if isinstance(e, BatchAbandoned):
+        if isinstance(e, kind):
             render(e)
     return out.getvalue().splitlines()
+
+
+def given_back_lines(events: Sequence[Any]) -> list[str]:
+    """The progress lines of the batches given back, as the CLI prints them."""
+    return batch_lines(events, BatchAbandoned)
 
 
 @pytest.mark.timeout(30)
@@ -1805,3 +1811,96 @@ def test_a_batch_stuck_in_one_call_stops_renewing_its_lease(tmp_path: Path, rps:
     # The stop's give-back found the lease lapsed: nothing written; the worker's last word,
     # giving back what its owner still holds, hands the batch back (no one else had it).
     assert (counts.pending, counts.leased, counts.succeeded) == (1, 0, 0), counts
+
+
+class _RiderStore(FakeStore):
+    """Each batch's block 1 holds 10 refs of another contract in the gap: its riders."""
+
+    def gap_in_blocks(self, chain_id: int, contracts: Sequence[str], blocks: Sequence[int]) -> list[Ref]:
+        self._call("gap_in_blocks", ())
+        return [Ref(1, "other", f"0x{0xbeef:04x}{i:060x}", 1) for i in range(10)]
+
+
+class _RidingEnricher(FakeEnricher):
+    """Fetches block 1 whole: every rider's row, and its own refs' but for ``failing`` of them
+    (an HTTP 502: they stay in the gap)."""
+
+    def __init__(self, failing: int = 0) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def may_fetch_blocks(self) -> bool:
+        return True
+
+    async def enrich(self, refs: Sequence[Ref], out: Any = None, riders: Sequence[Ref] = ()) -> Enriched:
+        await asyncio.sleep(self.delay_s)
+        ok, failed = refs[self.failing :], refs[: self.failing]
+        return Enriched(txs=[object() for _ in [*riders, *ok]],  # type: ignore[misc]
+                        failures=[Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "HTTP 502")
+                                  for r in failed],
+                        rode={r.tx_hash for r in riders})  # fmt: skip
+
+
+def _riding_run(failing: int) -> list[Any]:
+    """The events of a run of one batch of 10 refs, 10 riders, ``failing`` refs failing."""
+    events: list[Any] = []
+    asyncio.run(worker(_RiderStore(batches=1, refs=10), _RidingEnricher(failing), emit=events.append,
+                       max_attempts=2).run())  # fmt: skip
+    return events
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_given_back_with_its_riders_rows_counts_only_its_own_refs_as_stored() -> None:
+    # 5 of its 10 refs failed; its 5 others and the 10 riders were stored with the give-back.
+    # It said "given back (15 stored)", nothing retried, and its log "0 left in the gap".
+    events = _riding_run(failing=5)
+    first = next(e for e in events if isinstance(e, BatchAbandoned))
+    assert (first.kept, first.rest) == (5, 5), first
+    assert first.kept_rode == 10 and first.kept_new == 15, first
+    assert given_back_lines(events)[0] == (
+        "[Worker-1] Batch 1 attempt 1 given back (5 stored, with 10 refs of other batches in the "
+        "same blocks, the rest retried): 5 transaction(s) failed, e.g. "
+        f"{first.error.split('e.g. ')[1]}")  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_committed_with_its_riders_rows_says_its_own_refs_as_success() -> None:
+    # Its line said "+20 success" for a batch of 10 refs.
+    events = _riding_run(failing=0)
+    (done,) = [e for e in events if isinstance(e, BatchDone)]
+    assert (done.succeeded, done.stored) == (10, 20), done
+    assert done.rode == 10, done
+    assert batch_lines(events, BatchDone)[0].startswith(
+        "[Worker-1] Batch 1 complete: +10 success, 0 failed, with 10 refs of other batches in the "
+        "same blocks (")  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_the_transactions_fetched_not_stored_yet_are_the_batches_own() -> None:
+    # A batch still fetching holds 3 of its own rows and 10 riders' ("312 transactions
+    # fetched, not stored yet" counted the riders', which the batch fetching them whole for
+    # themselves, in flight beside it, counts again).
+    from types import SimpleNamespace
+
+    class Fetching(_RidingEnricher):
+        async def enrich(self, refs: Sequence[Ref], out: Any = None, riders: Sequence[Ref] = ()) -> Enriched:
+            for r in riders:
+                out.row(r, SimpleNamespace(block_number=r.block_number), [], rider=True)
+            for r in refs[:3]:
+                out.row(r, SimpleNamespace(block_number=r.block_number), [])
+            await asyncio.sleep(3600)
+            raise AssertionError("stopped before")
+
+    w = worker(_RiderStore(batches=1, refs=10), Fetching())
+
+    async def go() -> int:
+        run = asyncio.create_task(w.run())
+        while not any(c.txs for c in w._in_flight.values()):
+            await asyncio.sleep(0.01)
+        fetched = w.fetched_unstored()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        return fetched
+
+    assert asyncio.run(go()) == 3

@@ -51,14 +51,17 @@ class BatchAssigned:
 class BatchDone:
     worker: int
     batch_id: int
-    succeeded: int
+    succeeded: int  # of the batch's own refs (not its riders)
     failed: int
     seconds: float
     committed: bool  # False: the lease was lost and nothing was written
-    #: Of ``succeeded`` (what the batch fetched), the transactions no other batch had
-    #: stored: what the run's ``processed`` counts (a transaction two contracts share is
+    #: Of what the batch wrote (``succeeded`` and ``rode``), the transactions no other batch
+    #: had stored: what the run's ``processed`` counts (a transaction two contracts share is
     #: fetched by both contracts' batches, and stored once).
     stored: int = 0
+    #: The transactions of its riders (refs of other batches in the blocks it fetched whole,
+    #: ``Enricher.split``) it wrote with its own.
+    rode: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +70,12 @@ class BatchAbandoned:
     batch_id: int
     error: str
     attempt: int
-    kept: int = 0  # transactions the attempt stored before giving the batch back
+    kept: int = 0  # transactions of its own refs the attempt stored before giving the batch back
     kept_failed: int = 0  # and the permanent failures it recorded
     rest: int = 0  # refs it stored nothing for: they stay in the gap, for another attempt
-    #: Of ``kept``, the transactions no other batch had stored: what the run's ``processed``
-    #: counts (a transaction two contracts share is fetched by both contracts' batches).
+    #: Of what it stored (``kept`` and ``kept_rode``), the transactions no other batch had
+    #: stored: what the run's ``processed`` counts (a transaction two contracts share is
+    #: fetched by both contracts' batches).
     kept_new: int = 0
     #: What it stored was all the batch had left: the batch is done, not given back.
     closed: bool = False
@@ -81,6 +85,8 @@ class BatchAbandoned:
     #: ended already (it expired and was taken back). Nothing of the attempt was kept then.
     not_given: str = ""
     lease_timeout_s: float = 0.0
+    #: The transactions of its riders (see :attr:`BatchDone.rode`) stored with ``kept``.
+    kept_rode: int = 0
 
 
 #: :attr:`BatchAbandoned.not_given` of a batch whose lease had ended before its give-back.

@@ -105,6 +105,11 @@ def cancel_once(task: asyncio.Task[Any]) -> None:
         task.cancel()
 
 
+def _and_riders(rode: int) -> str:
+    """`` and 12 riders'``: the rows a batch wrote of its riders, beside its own, if any."""
+    return f" and {rode} riders'" if rode else ""
+
+
 def _settle(f: asyncio.Future[int | None], stored: int | None = None,
             error: BaseException | None = None) -> None:  # fmt: skip
     """Resolve a batch's commit future (the transactions it newly stored, None if its lease
@@ -578,8 +583,10 @@ class Worker:
 
     def fetched_unstored(self) -> int:
         """Transactions fetched and not stored yet: those of the batches still fetching, and
-        of those waiting for their group's commit."""
-        return sum(len(c.txs) for c in self._in_flight.values()) + self._waiting_txs()
+        of those waiting for their group's commit; of their own refs, as ``+N success`` says
+        (a block two batches in flight share holds each one's refs as the other's riders)."""
+        return (sum(len(c.txs) - len(c.rode) for c in self._in_flight.values())
+                + sum(e.own for _, e, _ in self._waiting))  # fmt: skip
 
     def _group_ready(self) -> bool:
         return bool(self._waiting) and (
@@ -960,14 +967,14 @@ class Worker:
 
     def _done(self, batch: Batch, enriched: Enriched, stored: int | None, t0: float,
               fetch_s: float) -> None:  # fmt: skip
-        """Count and report a batch whose commit is over: ``stored`` transactions newly stored,
-        None if its lease was lost (nothing written)."""
+        """Count and report a batch whose commit is over: ``stored`` transactions newly stored
+        (its riders' too), None if its lease was lost (nothing written)."""
         committed = stored is not None
         if log.isEnabledFor(logging.INFO):
             if committed:
-                log.info("batch %s committed: %d fetched (%d newly stored), %d failed; fetch %.2f s, "
-                         "commit %.2f s (with the wait for its group)", batch.id, len(enriched.txs),
-                         stored, len(enriched.failures), fetch_s,
+                log.info("batch %s committed: %d fetched%s (%d newly stored), %d failed; fetch %.2f s, "
+                         "commit %.2f s (with the wait for its group)", batch.id, enriched.own,
+                         _and_riders(len(enriched.rode)), stored, len(enriched.failures), fetch_s,
                          time.perf_counter() - t0 - fetch_s)  # fmt: skip
             else:
                 log.info("batch %s: lease lost after a fetch of %.2f s; nothing written", batch.id,
@@ -980,16 +987,17 @@ class Worker:
             t.permanent += sum(1 for f in enriched.failures if f.permanent)
         else:
             t.lost += 1
-        self.emit(BatchDone(self.index, batch.id, len(enriched.txs), len(enriched.failures),
-                            time.perf_counter() - t0, committed, stored or 0))  # fmt: skip
+        self.emit(BatchDone(self.index, batch.id, enriched.own, len(enriched.failures),
+                            time.perf_counter() - t0, committed, stored or 0,
+                            len(enriched.rode)))  # fmt: skip
         self.send_stats()
 
     def _landed_commit(self, batch: Batch, enriched: Enriched, stored: int | None) -> int | None:
         """What a commit of ``batch`` stored, None if its lease was lost; but a batch that an
         earlier commit whose answer was lost committed (:meth:`_check_lost`) is committed. How
-        many of its rows that commit newly stored went with the answer: all count (only a
-        transaction another contract's batch stored first makes that more than the run's
-        ``processed``, which the database keeps exact)."""
+        many of its rows that commit newly stored went with the answer: all count, its riders'
+        too, as ``processed`` counts every row stored (only a transaction another batch stored
+        first makes that more than the run's ``processed``, which the database keeps exact)."""
         if stored is None and self._landed.get(batch.id) == "committed":
             del self._landed[batch.id]
             return len(enriched.txs)
@@ -1034,9 +1042,9 @@ class Worker:
                 return
             if landed is not None:  # an earlier try of this give-back landed
                 given = GivenBack(len(keep.txs) if keep is not None else 0, closed=landed == "closed")
-        kept = kept_failed = 0
+        kept = kept_failed = kept_rode = 0  # kept: of its own refs (its riders' are not its)
         if given is not None and keep is not None:
-            kept, kept_failed = len(keep.txs), len(keep.failures)
+            kept, kept_failed, kept_rode = keep.own, len(keep.failures), len(keep.rode)
             t = self.totals
             t.processed += given.stored
             t.failed += kept_failed
@@ -1045,8 +1053,9 @@ class Worker:
                 t.batches += 1
         rest = max(0, refs - kept - kept_failed)
         if given is not None:
-            log.info("batch %s attempt %d given back (%s): %d stored, %d failed for good, %d left in the "
-                     "gap%s%s", batch.id, batch.attempts, error[:300], kept, kept_failed, rest,
+            log.info("batch %s attempt %d given back (%s): %d stored%s, %d failed for good, %d left in the "
+                     "gap%s%s", batch.id, batch.attempts, error[:300], kept, _and_riders(kept_rode),
+                     kept_failed, rest,
                      "; closed: nothing of it is left" if given.closed else "",
                      f"; leased again no sooner than in {retry_after_s:.1f} s" if retry and retry_after_s
                      else "")  # fmt: skip
@@ -1055,12 +1064,13 @@ class Worker:
         not_given = "" if given is not None else failed[:300] or LEASE_GONE
         ev = BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed, rest,
                             given.stored if given else 0, closed=given is not None and given.closed,
-                            not_given=not_given, lease_timeout_s=self.settings.lease_timeout_s)  # fmt: skip
+                            not_given=not_given, lease_timeout_s=self.settings.lease_timeout_s,
+                            kept_rode=kept_rode)  # fmt: skip
         if failed and self.stopping:  # the stop's last try may give it back yet
             self._not_given.append(ev)
         else:
             self.emit(ev)
-        if kept:
+        if kept or kept_rode:
             self.send_stats()
 
     async def _isolate(self, enricher: Enricher, refs: Sequence[Ref], out: Collector) -> Enriched:

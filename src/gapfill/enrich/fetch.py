@@ -169,15 +169,19 @@ class Collector:
         self.failures: list[Failure] = []
         self.moved: list[Ref] = []
         self.done: set[str] = set()
+        self.rode: set[str] = set()  # of txs, the riders' (see Enriched.rode)
         #: ``not_found`` failures that the node's head may disprove, each with the block
         #: whose ``null`` made it and what showed the node knows the transaction (if
         #: anything did): judged by :meth:`Enricher._judge_nulls`.
         self.unproven: list[tuple[Failure, int, str | None]] = []
 
-    def row(self, ref: Ref, tx: TxRow, logs: list[LogRow]) -> None:
+    def row(self, ref: Ref, tx: TxRow, logs: list[LogRow], *, rider: bool = False) -> None:
+        """Settle ``ref`` with its row; ``rider``: a ref that is not the batch's."""
         if ref.tx_hash in self.done:
             return
         self.done.add(ref.tx_hash)
+        if rider:
+            self.rode.add(ref.tx_hash)
         self.txs.append(tx)
         self.logs.extend(logs)
         if ref.block_number != tx.block_number:  # imported without one, or with a wrong one
@@ -203,16 +207,18 @@ class Collector:
         self.logs.extend(got.logs)
         self.failures.extend(got.failures)
         self.moved.extend(got.moved)
+        self.rode.update(got.rode)
 
     def result(self) -> Enriched:
         assert not self.unproven, "nulls not judged against the node's head"
-        return Enriched(self.txs, self.logs, self.failures, self.moved)
+        return Enriched(self.txs, self.logs, self.failures, self.moved, self.rode)
 
     def so_far(self) -> Enriched:
         """A copy of what is settled yet: complete rows (a transaction still waiting for its
         block's timestamp has none), and failures, but not the nulls still to be judged
         against the node's head."""
-        return Enriched(list(self.txs), list(self.logs), list(self.failures), list(self.moved))
+        return Enriched(list(self.txs), list(self.logs), list(self.failures), list(self.moved),
+                        set(self.rode))  # fmt: skip
 
 
 def _no_receipt(ref: Ref, rec: CallError, tx: Any) -> Failure:
@@ -421,7 +427,7 @@ class Enricher:
             return None
         if row.block_timestamp is not None:
             self._remember(row.block_number, row.block_timestamp)
-        out.row(ref, row, logs)
+        out.row(ref, row, logs, rider=rider)
         return row, logs
 
     # -- plans ---------------------------------------------------------------------
@@ -498,7 +504,8 @@ class Enricher:
 
         ``out``, if given, collects the rows as the answers arrive (see :class:`Collector`).
         ``riders``: see :meth:`split`; their rows are added to the result where a block
-        fetched whole holds them, and nothing else is asked or recorded for them."""
+        fetched whole holds them (told apart: :attr:`Enriched.rode`), and nothing else is
+        asked or recorded for them."""
         out = Collector() if out is None else out
         await self._probe_block_receipts([*refs, *riders])
         blocks, per_tx = self.split(refs, riders)
@@ -557,7 +564,7 @@ class Enricher:
                 return False
             for ref in blocks[n]:
                 if ref.tx_hash in made:
-                    out.row(ref, *made[ref.tx_hash])
+                    out.row(ref, *made[ref.tx_hash], rider=(ref.contract, ref.tx_hash) in riding)
             return True
 
         loop = asyncio.get_running_loop()

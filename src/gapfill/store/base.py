@@ -1838,7 +1838,7 @@ class Store(abc.ABC):
                         "UPDATE batches SET state = 'done', succeeded = succeeded + ?, failed = failed + ?, "
                         f"lease_expires_at = NULL WHERE {_LEASE_HELD}"
                     ),
-                    (len(enriched.txs), len(enriched.failures), batch.id, batch.lease_owner,
+                    (enriched.own, len(enriched.failures), batch.id, batch.lease_owner,
                      batch.attempts, now),
                 )  # fmt: skip
                 held[i] = cur.rowcount == 1
@@ -1964,7 +1964,7 @@ class Store(abc.ABC):
                 cur.execute(
                     self._sql(f"UPDATE batches SET succeeded = succeeded + ?, failed = failed + ? "
                               f"WHERE {_LEASE_HELD}"),
-                    (len(keep.txs), len(keep.failures), batch.id, batch.lease_owner, batch.attempts, now),
+                    (keep.own, len(keep.failures), batch.id, batch.lease_owner, batch.attempts, now),
                 )  # fmt: skip
                 if cur.rowcount != 1:
                     self._count_for_run(cur, 0, 0, calls)

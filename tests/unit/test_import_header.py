@@ -185,3 +185,25 @@ def test_a_header_with_two_hash_or_block_columns_is_refused(tmp_path: Path, head
     assert r.stderr == (f"error: {f} line 1: the header has {named}: keep the one to import under its "
                         f"name and rename the others (such as {last}_ignored), as columns of other names "
                         "are ignored; nothing was imported\n"), r.stderr  # fmt: skip
+
+
+@pytest.mark.parametrize("text", [
+    f'["{H1}", "{H2}", "{H3}"]\n',  # `jq -c` of a list: read as a header-less CSV of 3 columns
+    f'[\n  "{H1}",\n  "{H2}"\n]\n',  # indented: "line 1: '[' is not a transaction hash"
+    f'{{"status": "1", "result": [{{"hash": "{H1}", "blockNumber": "5"}}]}}\n',  # an explorer API's
+])
+def test_a_json_file_is_said_to_be_json(tmp_path: Path, text: str) -> None:
+    # A JSON list of 17,000 hashes on one line failed as a CSV without a header, and the header
+    # it suggested named all 17,000 columns (column1,hash,column3,...: 300 kB of error).
+    f, r = import_failing(tmp_path, text)
+    assert r.stderr == (f"error: {f} looks like JSON, which import does not read: give a text file "
+                        "with one hash per line (jq -r '.[]' writes a JSON list so), or a CSV with a "
+                        "hash column; nothing was imported\n")  # fmt: skip
+
+
+def test_hashes_on_one_line_are_not_taken_for_a_row_without_a_header(tmp_path: Path) -> None:
+    # The error asked for a header naming one of them hash and the others column2, column3, ...:
+    # an import of that header would have dropped all but the first (30,000 columns, 2 MB of error).
+    f, r = import_failing(tmp_path, ",".join([H1, H2, H3] * 10_000) + "\n")
+    assert r.stderr == (f"error: {f} line 1 holds 30,000 transaction hashes: put one hash per line; "
+                        "nothing was imported\n")  # fmt: skip

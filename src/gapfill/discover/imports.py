@@ -162,6 +162,12 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
     if not first:
         return
     stripped = first.strip()
+    if stripped.startswith(("[", "{")):
+        # A JSON list of hashes (`jq -c`) read as a header-less CSV asked for a header naming
+        # every one of its hashes a column; an explorer API's answer named its keys.
+        raise InputError(f"{name} looks like JSON, which import does not read: give a text file "
+                         "with one hash per line (jq -r '.[]' writes a JSON list so), or a CSV with "
+                         "a hash column; nothing was imported")  # fmt: skip
     delimiter = None if is_tx_hash(stripped.strip('"')) else _delimiter(stripped)
     if delimiter is None:
         # One hash per line, perhaps under a one-column header ("hash", "tx_hash").
@@ -176,7 +182,14 @@ def _parse(text: IO[str], name: str, chain_id: int, contract: str, source: str,
     _one_column(name, header_line, written, header, BLOCK_COLUMNS, "block number")
     hash_col = next((header.index(c) for c in HASH_COLUMNS if c in header), None)
     if hash_col is None:
-        if any(is_tx_hash(w) for w in written):
+        hashes = sum(map(is_tx_hash, written))
+        if hashes > 8:
+            # Not a row, which holds a few (a transaction's hash, its block's, a log's four
+            # topics): a list on one line, of which a header would import the first alone.
+            many = counted(hashes, "transaction hash", "transaction hashes")
+            raise InputError(f"{name} line {header_line} holds {many}: put one hash per line; "
+                             "nothing was imported")  # fmt: skip
+        if hashes:
             # A header-less CSV (psql's COPY ... WITH CSV writes none): its first row is data.
             raise InputError(
                 f"{name} has no header line (its first line holds a transaction hash): add one "

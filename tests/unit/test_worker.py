@@ -1113,8 +1113,8 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
     given_back = [e for e in events if isinstance(e, BatchAbandoned)]
     assert sorted((e.batch_id, e.kept) for e in given_back) == [(1, 5), (2, 5), (3, 5)]
     # An expected failure, said without the exception's class name.
-    assert all(e.error.startswith("5 transaction(s) failed, e.g. 0x") for e in given_back)
-    assert all(" given back (5 stored, the rest retried): 5 transaction(s) failed, e.g. " in line
+    assert all(e.error.startswith("5 transactions failed, e.g. 0x") for e in given_back)
+    assert all(" given back (5 stored, the rest retried): 5 transactions failed, e.g. " in line
                for line in given_back_lines(events)), given_back_lines(events)
 
 
@@ -1489,7 +1489,7 @@ def test_info_logs_each_batch_leased_committed_and_given_back_with_timings(
                and "10 fetched (10 newly stored), 0 failed; fetch " in m
                for m in committed), committed  # fmt: skip
     [given] = [m for m in said if " given back " in m]
-    assert given.startswith("batch 1 attempt 1 given back (5 transaction(s) failed, e.g. 0x"), given
+    assert given.startswith("batch 1 attempt 1 given back (5 transactions failed, e.g. 0x"), given
     assert given.endswith("5 stored, 0 failed for good, 5 left in the gap; leased again no sooner than "
                           "in 1.0 s"), given  # fmt: skip
 

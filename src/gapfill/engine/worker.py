@@ -882,7 +882,7 @@ class Worker:
                         # the batch done: give it back for another attempt; the last one stores them.
                         first = transient[0]
                         kept = enriched.settled()
-                        raise TransientFailures(f"{len(transient)} transaction(s) failed, e.g. "
+                        raise TransientFailures(f"{counted(len(transient), 'transaction')} failed, e.g. "
                                                 f"{first.tx_hash}: {first.last_error}", kept)  # fmt: skip
             finally:
                 keeper.cancel()

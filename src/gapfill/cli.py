@@ -233,6 +233,8 @@ class GapfillGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:
+            if isinstance(exc, OSError) and _stdout_refuses(exc):
+                _output_refused(ctx, exc)
             _internal_error(ctx, exc)
         finally:
             if old_term is not None:
@@ -286,6 +288,23 @@ def _internal_error(ctx: click.Context, exc: Exception) -> NoReturn:
         click.echo(redact_text(traceback.format_exc(), *obj.secrets()), err=True)
     fail(obj, RuntimeError(
         f"internal error ({type(exc).__name__}: {exc}); rerun with -v for details and report it"
+    ))  # fmt: skip
+
+
+def _stdout_refuses(exc: OSError) -> bool:
+    """Whether ``exc`` is standard output's refusal of what the command wrote to it (a file
+    on a full disk, past a file-size limit)."""
+    return any(raw.refused is exc for raw in _whole_stdout)
+
+
+def _output_refused(ctx: click.Context, exc: OSError) -> NoReturn:
+    """The command's output could not be written (`gapfill failures > f` on a full disk): the
+    user's to fix, not a bug to report (it said "internal error (OSError: [Errno 28] ...)")."""
+    with contextlib.suppress(OSError, ValueError):  # the final flush must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    fail(ctx.find_object(Ctx), GapfillError(
+        f"could not write the output to standard output ({exc.strerror or exc}): free space where it "
+        "goes (or raise its file-size limit), or send it elsewhere, then run the command again"
     ))  # fmt: skip
 
 
@@ -1668,6 +1687,8 @@ class _WholeWrites(io.RawIOBase):
     def __init__(self, fd: int) -> None:
         super().__init__()
         self._fd = fd
+        #: The error of the write the descriptor refused (ENOSPC, EFBIG), if one did.
+        self.refused: OSError | None = None
 
     def writable(self) -> bool:
         return True
@@ -1682,12 +1703,18 @@ class _WholeWrites(io.RawIOBase):
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
-            done += os.write(self._fd, view[done:])
+            try:
+                done += os.write(self._fd, view[done:])
+            except OSError as exc:
+                self.refused = exc
+                raise
         return done
 
 
 #: The streams :func:`_whole_writes` replaced, kept so that nothing closes them.
 _replaced_streams: list[Any] = []
+#: Standard output's :class:`_WholeWrites`, where it has one: its refusals are said as such.
+_whole_stdout: list[_WholeWrites] = []
 
 
 def _whole_writes() -> None:
@@ -1702,8 +1729,11 @@ def _whole_writes() -> None:
         except (AttributeError, OSError, ValueError):  # no descriptor, or gone already
             continue
         _replaced_streams.append(stream)
+        raw = _WholeWrites(fd)
+        if name == "stdout":
+            _whole_stdout.append(raw)
         setattr(sys, name, io.TextIOWrapper(
-            io.BufferedWriter(_WholeWrites(fd)), encoding=stream.encoding, errors=stream.errors,
+            io.BufferedWriter(raw), encoding=stream.encoding, errors=stream.errors,
             line_buffering=stream.line_buffering, write_through=stream.write_through,
         ))  # fmt: skip
 

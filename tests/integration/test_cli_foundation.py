@@ -791,6 +791,21 @@ def test_a_closed_pipe_ends_quietly(tracked: str, args: tuple[str, ...]) -> None
     assert r.returncode == 141 and r.stderr == "", r.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [("status",), ("contract", "list", "--json"), ("runs",)])
+def test_output_to_a_full_disk_is_said_as_such_not_as_an_internal_error(
+        tracked: str, args: tuple[str, ...]) -> None:  # fmt: skip
+    """`gapfill status > out.txt` on a full disk (/dev/full refuses every write with ENOSPC):
+    it said "internal error (OSError: [Errno 28] No space left on device); ... report it"."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([str(Path(sys.executable).parent / "gapfill"), "--db", tracked, *args],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    assert (r.returncode, r.stderr) == (1, "error: could not write the output to standard output (No "
+                                           "space left on device): free space where it goes (or raise "
+                                           "its file-size limit), or send it elsewhere, then run the "
+                                           "command again\n")  # fmt: skip
+
+
 def test_a_reader_that_leaves_mid_output_ends_the_command_as_sigpipe_would(tmp_path: Path) -> None:
     """`gapfill status --json | head -c 10`, with more output than a pipe holds: the reader
     leaves while the one large write is under way. The pipe took part of it, Python's buffered

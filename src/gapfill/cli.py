@@ -1248,7 +1248,7 @@ MAX_WORKERS = 64
 batch_size_option = click.option("--batch-size", type=int_range(1), default=500, show_default=True,
                                  help="Refs per batch (a lease covers one batch).")
 enrich_options = [
-    click.option("--workers", type=click.IntRange(min=1, max=MAX_WORKERS), default=None,
+    click.option("--workers", type=int_range(1, MAX_WORKERS), default=None,
                  help="Worker processes of a concurrent run or of `gapfill worker` "
                       "[default: 75% of cores, 2-8]."),
     batch_size_option,
@@ -1272,7 +1272,7 @@ enrich_options = [
                  help="Stop (batches given back) when no RPC node has replied for this many seconds "
                       "of trying (waits for --rps or a Retry-After pause do not count), found by two "
                       "checks in a row, a quarter of it (at most 5 s) apart."),
-    click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+    click.option("--metrics-port", type=int_range(0, 65535), default=None,
                  help="Serve Prometheus metrics on 127.0.0.1:PORT (0: a free port, said at the start)."),
     click.option("-q", "--quiet", is_flag=True,
                  help="Print only the summary, what the run waits for (a lock, a slow node) and what "

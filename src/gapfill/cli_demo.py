@@ -49,7 +49,7 @@ def _say(text: str) -> None:
               help="dense: blocks full of tracked transactions; sparse: 1-2 per block among others.")
 @click.option("--mode", type=click.Choice(["auto", "sequential", "batch", "concurrent"]), default="auto",
               show_default=True, help="Enrichment mode, as for `gapfill enrich`.")
-@click.option("--workers", type=click.IntRange(min=1, max=MAX_WORKERS), default=None,
+@click.option("--workers", type=int_range(1, MAX_WORKERS), default=None,
               help="Worker processes for concurrent mode [default: 75% of cores, 2-8].")
 @click.option("--rows", type=int_range(0), default=3, show_default=True,
               help="Decoded rows to show at the end.")

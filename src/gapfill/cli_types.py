@@ -10,7 +10,20 @@ import click
 from gapfill.model import BIGINT_MAX
 
 
-class _StorableInt(click.IntRange):
+class _WholeRange(click.IntRange):
+    """An integer range whose refusal of what is not a whole number says so in words (click's
+    said "'abc' is not a valid integer range"), as a config file's value is refused."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, int):
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a whole number.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _StorableInt(_WholeRange):
     """An integer bounded below, and above by what the database can store; the help shows
     the lower bound alone (``x>=1``, not ``1<=x<=9223372036854775807``)."""
 
@@ -18,7 +31,7 @@ class _StorableInt(click.IntRange):
         return f"x>={self.min}"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = click.INT.convert(value, param, ctx)
+        rv = _WholeRange(min=self.min).convert(value, param, ctx)
         if rv > BIGINT_MAX:
             self.fail(f"{rv} is larger than the database can store ({BIGINT_MAX}).", param, ctx)
         return super().convert(rv, param, ctx)
@@ -29,7 +42,7 @@ def int_range(min: int, max: int = BIGINT_MAX) -> click.IntRange:
     (or by ``max``)."""
     if max == BIGINT_MAX:
         return _StorableInt(min=min, max=max)
-    return click.IntRange(min=min, max=max)
+    return _WholeRange(min=min, max=max)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -38,6 +51,11 @@ class FiniteFloatRange(click.FloatRange):
     name = "float range"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, int | float):
+            try:
+                float(value)
+            except (TypeError, ValueError):  # click's said "'abc' is not a valid float range"
+                self.fail(f"{value!r} is not a number.", param, ctx)
         v = super().convert(value, param, ctx)
         if not math.isfinite(v):
             self.fail(f"{value!r} is not a finite number.", param, ctx)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from gapfill.cli_progress import summary_lines
-from gapfill.cli_types import int_range
+from gapfill.cli_types import FiniteFloatRange, int_range
 from gapfill.engine.events import RunSummary
 from gapfill.model import BIGINT_MAX
 
@@ -27,6 +27,30 @@ def test_a_storable_int_shows_its_lower_bound_and_refuses_what_the_database_cann
     r = CliRunner().invoke(command, ["--n", "0"])
     assert r.exit_code == 2 and "0 is not in the range x>=1" in r.output, r.output
     assert CliRunner().invoke(command, ["--n", str(BIGINT_MAX)]).output == f"n={BIGINT_MAX}\n"
+
+
+@click.command()
+@click.option("--n", type=int_range(1))
+@click.option("--w", type=int_range(1, 64))
+@click.option("--s", type=FiniteFloatRange(min=0.1))
+def typed(n: int | None, w: int | None, s: float | None) -> None:
+    click.echo(f"{n} {w} {s}")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("args", "said"), [
+    (["--n", "abc"], "Invalid value for '--n': 'abc' is not a whole number."),
+    (["--w", "1.5"], "Invalid value for '--w': '1.5' is not a whole number."),
+    (["--s", "x"], "Invalid value for '--s': 'x' is not a number."),
+    (["--s", "nan"], "Invalid value for '--s': 'nan' is not a finite number."),
+    (["--w", "65"], "Invalid value for '--w': 65 is not in the range 1<=x<=64."),
+])
+def test_a_value_that_is_no_number_is_said_so_in_words(args: list[str], said: str) -> None:
+    # click said "'abc' is not a valid integer range" (or "float range"), where a config
+    # file's value is "not a whole number".
+    r = CliRunner().invoke(typed, args)
+    assert r.exit_code == 2 and r.output.splitlines()[-1] == f"Error: {said}", r.output
+    assert CliRunner().invoke(typed, ["--n", "3", "--w", "64", "--s", "0.5"]).output == "3 64 0.5\n"
 
 
 @pytest.mark.timeout(10)

@@ -499,14 +499,16 @@ def enrich_defaults(file: FileConfig) -> dict[str, Any]:
 
 def _toml_type_problem(kind: click.ParamType[Any], value: Any) -> str | None:
     """What is wrong with a TOML value's own type, which click would coerce (4.5 to 4, true to 1)."""
+    # As the file spells it: TOML's true is Python's True.
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
     if isinstance(kind, click.types.BoolParamType):
-        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+        return None if isinstance(value, bool) else f"{shown} is not true or false"
     if isinstance(kind, click.types.IntParamType):
         ok = isinstance(value, int) and not isinstance(value, bool)
-        return None if ok else f"{value!r} is not a whole number"
+        return None if ok else f"{shown} is not a whole number"
     if isinstance(kind, click.types.FloatParamType):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return None if ok else f"{value!r} is not a number"
+        return None if ok else f"{shown} is not a number"
     return None
 
 

@@ -554,7 +554,7 @@ def test_the_config_files_enrich_table_gives_the_defaults(tracked: str, tmp_path
      ('plan_shape = "bogus"', "plan_shape: 'bogus' is not one of 'auto', 'per_tx', 'per_block'"),
      ('plan = "bogus"', "plan: 'bogus' is not one of 'auto', 'per_tx', 'per_block'"),
      ("workers = 4.5", "workers: 4.5 is not a whole number"),
-     ("batch_size = true", "batch_size: True is not a whole number"),
+     ("batch_size = true", "batch_size: true is not a whole number"),
      ("quiet = 1", "quiet: 1 is not true or false"),
      ("grace_period_s = nan", "grace_period_s: nan is not a finite number"),
      ('plan = "per_tx"\nplan_shape = "per_tx"',

@@ -86,10 +86,10 @@ def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str
     ("key", "value", "problem"),
     [("workers", '"four"', "'four' is not a whole number"),
      ("workers", "0", "0 is not in the range 1<=x<=64"),
-     ("workers", "true", "True is not a whole number"),
+     ("workers", "true", "true is not a whole number"),  # as TOML spells it, not True
      ("lease_timeout_s", "nan", "nan is not a finite number"),
      ("rpc_timeout_s", "inf", "inf is not a finite number"),
-     ("rpc_outage_s", "true", "True is not a number"),
+     ("rpc_outage_s", "true", "true is not a number"),
      ("grace_period_s", "-1", "-1.0 is not in the range x>=0")],
 )  # fmt: skip
 def test_a_bad_value_in_the_enrich_table_says_to_fix_it_there(

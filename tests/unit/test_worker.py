@@ -1859,7 +1859,7 @@ def test_a_batch_given_back_with_its_riders_rows_counts_only_its_own_refs_as_sto
     assert first.kept_rode == 10 and first.kept_new == 15, first
     assert given_back_lines(events)[0] == (
         "[Worker-1] Batch 1 attempt 1 given back (5 stored, with 10 refs of other batches in the "
-        "same blocks, the rest retried): 5 transaction(s) failed, e.g. "
+        "same blocks, the rest retried): 5 transactions failed, e.g. "
         f"{first.error.split('e.g. ')[1]}")  # fmt: skip
 
 

@@ -659,11 +659,17 @@ def rpc_release(url: str) -> None:
     _emulator_control(url, "release")
 
 
+def rpc_hold(url: str) -> None:
+    """Hold every RPC request to the emulator at ``url`` from now on (none is answered)
+    until :func:`rpc_release`."""
+    _emulator_control(url, "hold")
+
+
 @contextlib.contextmanager
 def rpc_held(url: str) -> Iterator[None]:
     """Hold every RPC request to the emulator at ``url`` (none is answered) for the block:
     a run cannot finish meanwhile, and its workers wait on calls, holding their leases."""
-    _emulator_control(url, "hold")
+    rpc_hold(url)
     try:
         yield
     finally:

@@ -57,6 +57,7 @@ from engine_support import (
     record_sequential_run,
     rpc_held,
     rpc_held_on_cue,
+    rpc_hold,
     rpc_release,
     seed,
     wait_for,
@@ -477,6 +478,28 @@ def test_a_database_that_starts_refusing_writes_ends_the_run_with_what_to_fix(
     assert_leases_never_overlapped(pg_url)
 
 
+def limited_role(pg_url: str, role: str, limit: int) -> str:
+    """Create ``role``, which may open ``limit`` sessions and do what a run does in the
+    database of ``pg_url``; the URL that logs in as it."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_url)
+    dbname = parts.path[1:]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'cl' CONNECTION LIMIT {limit}")
+        admin.execute(f'GRANT CONNECT, TEMPORARY ON DATABASE "{dbname}" TO {role}')
+        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}")
+        admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        admin.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    return parts._replace(netloc=f"{role}:cl@{parts.hostname}:{parts.port or 5432}").geturl()
+
+
+def drop_role(pg_url: str, role: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f"DROP OWNED BY {role}")
+        admin.execute(f"DROP ROLE {role}")
+
+
 @pytest.mark.timeout(120)
 def test_a_worker_that_finds_no_connection_slot_ends_the_run_with_what_to_do(
     pg_url: str, node_chain: NodeChain, seeded: Seeded
@@ -493,15 +516,8 @@ def test_a_worker_that_finds_no_connection_slot_ends_the_run_with_what_to_do(
 
     role = f"gapfill_cl_{os.getpid()}"
     parts = urlsplit(pg_url)
-    dbname = parts.path[1:]
-    with psycopg.connect(pg_url, autocommit=True) as admin:
-        # The coordinator's session is the one the role may open: each worker finds none.
-        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'cl' CONNECTION LIMIT 1")
-        admin.execute(f'GRANT CONNECT, TEMPORARY ON DATABASE "{dbname}" TO {role}')
-        admin.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}")
-        admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
-        admin.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
-    url = parts._replace(netloc=f"{role}:cl@{parts.hostname}:{parts.port or 5432}").geturl()
+    # The coordinator's session is the one the role may open: each worker finds none.
+    url = limited_role(pg_url, role, 1)
     job = replace(batch_job(url, node_chain, seeded), mode="concurrent", workers=2,
                   worker=WorkerSettings(no_slot_wait_s=1.0))  # fmt: skip
     events: list[Any] = []
@@ -510,9 +526,7 @@ def test_a_worker_that_finds_no_connection_slot_ends_the_run_with_what_to_do(
         with pytest.raises(StoreRefused) as err:
             run_enrich(job, events.append)
     finally:
-        with psycopg.connect(pg_url, autocommit=True) as admin:
-            admin.execute(f"DROP OWNED BY {role}")
-            admin.execute(f"DROP ROLE {role}")
+        drop_role(pg_url, role)
     took = time.monotonic() - t0
     said = str(err.value)
     assert said.startswith(f'PostgreSQL role "{role}" has as many sessions on {parts.hostname}:'
@@ -526,6 +540,59 @@ def test_a_worker_that_finds_no_connection_slot_ends_the_run_with_what_to_do(
     assert took < 30, f"{took:.0f} s: the run did not end once the wait was over"
     [(state, note)] = query(pg_url, "SELECT state, note FROM runs WHERE mode = 'concurrent'")
     assert state == "failed" and note == said, (state, note)
+    assert leased_now(pg_url) == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("slot", ["taken", "freed"])
+def test_a_worker_still_waiting_for_a_connection_slot_when_the_plan_is_done_ends_complete(
+    pg_url: str, node_chain: NodeChain, slot: str
+) -> None:
+    # A worker waiting for a connection slot (SQLSTATE 53300) while the other one did the
+    # whole plan held the run until its wait was over, and then the run ended failed with
+    # the no-slot refusal ("taken": the slot the other worker freed went to another client).
+    from gapfill.engine.events import Notice, RunStarted, WorkerExited
+    from gapfill.engine.run import run_enrich
+    from gapfill.engine.worker import WorkerSettings
+
+    role = f"gapfill_cw_{os.getpid()}"
+    silent = node_chain.chain.silent
+    first = sorted(chain_refs(node_chain.chain)[silent])[:100]  # a plan of 2 batches
+    seeded = seed(pg_url, node_chain.chain, {silent: frozenset(first)})
+    record_sequential_run(pg_url)
+    # The coordinator's session and one worker's are those the role may open.
+    url = limited_role(pg_url, role, 2)
+    events: list[Any] = []
+    with emulator(node_chain.url) as (rpc, _):
+
+        def emit(ev: Any) -> None:
+            events.append(ev)
+            if isinstance(ev, RunStarted):  # the worker that connects waits in its node check
+                rpc_hold(rpc)
+            if isinstance(ev, Notice) and "waiting up to" in ev.text:
+                if slot == "taken":  # the session open stays; none frees for the waiting worker
+                    with psycopg.connect(pg_url, autocommit=True) as admin:
+                        admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
+                rpc_release(rpc)
+
+        job = replace(batch_job(url, replace(node_chain, url=rpc), seeded), mode="concurrent", workers=2,
+                      worker=WorkerSettings(no_slot_wait_s=30.0))  # fmt: skip
+        t0 = time.monotonic()
+        try:
+            summary = run_enrich(job, emit)
+        finally:
+            drop_role(pg_url, role)
+        took = time.monotonic() - t0
+    notices = [e.text for e in events if isinstance(e, Notice)]
+    assert any(n.endswith(": waiting up to 30 s for one") for n in notices), notices
+    if slot == "taken":  # ("freed": it may have found the slot first, and ended by itself)
+        assert any(n.endswith("] stops waiting for a connection slot: the other workers finished the plan")
+                   for n in notices), notices  # fmt: skip
+    assert summary.state == "done" and summary.processed == 100, summary
+    assert took < 20, f"{took:.0f} s: the run waited for the worker that had no connection slot"
+    assert query(pg_url, "SELECT state FROM runs WHERE mode = 'concurrent'") == [("done",)]
+    exits = [(e.exitcode, e.restarted) for e in events if isinstance(e, WorkerExited)]
+    assert exits == [(0, False), (0, False)], exits
     assert leased_now(pg_url) == []
 
 

@@ -171,6 +171,18 @@ class WorkerRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerWaitsForSlot:
+    """A worker process (``pid``) whose first connection found no connection slot free on
+    the database server waits up to ``wait_s`` for one (``what``: the store's sentence). Its
+    coordinator says so, and stops it if the other workers finish the plan meanwhile."""
+
+    worker: int
+    pid: int
+    what: str
+    wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A line worth telling the user (restarts, expired leases, shutdown steps).
 
@@ -250,7 +262,7 @@ class RunSummary:
 
 Event = (
     RunStarted | BatchAssigned | BatchDone | BatchAbandoned | BatchesEmptied | WorkerStats | WorkerExited
-    | Progress | WorkerLostNode | WorkerRefused | Notice | Logged | RunSummary
+    | Progress | WorkerLostNode | WorkerRefused | WorkerWaitsForSlot | Notice | Logged | RunSummary
 )  # fmt: skip
 Emit = Callable[[Event], None]
 

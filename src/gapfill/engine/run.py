@@ -45,6 +45,7 @@ from gapfill.engine.events import (
     WorkerLostNode,
     WorkerRefused,
     WorkerStats,
+    WorkerWaitsForSlot,
     db_retrying,
 )
 from gapfill.engine.idle import (
@@ -881,7 +882,9 @@ async def _open_for_worker(index: int, job: EnrichJob, emit: Emit, coordinator: 
     """The worker's store. A first connection that finds no slot free on the server (its
     coordinator's found one) is tried again for ``no_slot_wait_s`` (other clients may leave),
     then refused: the run ends with the sentence that says what to do. None: the run stopped
-    while it waited (Ctrl+C), which is no refusal to say."""
+    while it waited (Ctrl+C), which is no refusal to say. The wait is said to the coordinator
+    (:class:`WorkerWaitsForSlot`), which stops the worker (SIGTERM) if the other workers
+    finish the plan meanwhile."""
     wait_s = job.worker.no_slot_wait_s
     deadline: float | None = None
     while True:
@@ -892,8 +895,7 @@ async def _open_for_worker(index: int, job: EnrichJob, emit: Emit, coordinator: 
             if deadline is None:
                 deadline = now + wait_s
                 if wait_s > 0:
-                    emit(Notice(f"[Worker-{index + 1}] {exc.what}: waiting up to {wait_s:g} s for one",
-                                waiting=True))  # fmt: skip
+                    emit(WorkerWaitsForSlot(index, os.getpid(), exc.what, wait_s))
             if coordinator.poll():  # the run stops meanwhile: this worker has nothing to do
                 return None
             if now >= deadline:
@@ -954,6 +956,14 @@ class _Slot:
     #: Killed by the coordinator for holding a lease past its expiry (its RPC calls made
     #: no progress): said as such, not as a crash.
     stuck: bool = False
+    #: The pid of the worker process that said it waits for a connection slot
+    #: (:class:`WorkerWaitsForSlot`) and sent no stats since: it is that one while ``proc`` is.
+    no_slot_pid: int = 0
+
+    def waits_for_slot(self) -> bool:
+        """Whether the worker running now said it waits for a connection slot and sent no
+        stats since (it may have found one, and be starting)."""
+        return self.no_slot_pid == self.proc.pid and self.proc.is_alive()
 
 
 class Coordinator:
@@ -1142,6 +1152,7 @@ class Coordinator:
             slot = self.slots.get(ev.worker)
             if slot is not None and slot.proc.pid == ev.pid:
                 slot.stats = ev
+                slot.no_slot_pid = 0  # it is working: it found a connection slot
         self.leases.take(ev)
         if isinstance(ev, BatchDone) and ev.committed:
             self.done_batches += 1
@@ -1159,6 +1170,13 @@ class Coordinator:
         if isinstance(ev, WorkerLostNode):
             (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
             return  # the run's error, or the restart's notice, says it
+        if isinstance(ev, WorkerWaitsForSlot):
+            slot = self.slots.get(ev.worker)
+            if slot is not None:
+                slot.no_slot_pid = ev.pid
+            self.emit(Notice(f"[Worker-{ev.worker + 1}] {ev.what}: waiting up to {ev.wait_s:g} s for one",
+                             waiting=True))  # fmt: skip
+            return
         if isinstance(ev, WorkerRefused):
             self.refused[ev.worker] = StoreRefused(ev.what, ev.fix)
             if self.stopping_at is not None:
@@ -1251,7 +1269,7 @@ class Coordinator:
                         if self.stopping_at is not None:
                             break
                         self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
-            last_progress = last_expiry = 0.0
+            last_progress = last_expiry = last_no_slot = 0.0
             db_down_since: float | None = None
             while True:
                 self._say_unsaid()
@@ -1292,6 +1310,14 @@ class Coordinator:
                                 self._restart(store, s)
                         else:
                             break
+                    waiting = [s for s in alive if s.waits_for_slot()]
+                    # Each second, and at once when no running worker has a connection (the
+                    # last one that had just ended, say): nothing open, nothing to wait for.
+                    look_every = 0.2 if len(waiting) == len(alive) else 1.0
+                    if waiting and self.stopping_at is None and now - last_no_slot > look_every:
+                        last_no_slot = now
+                        if not store.has_open_batches(job.targets):
+                            self._stop_waiting(waiting)
                     if now - last_expiry > 1.0:
                         last_expiry = now
                         self._supervise_leases(store)
@@ -1419,6 +1445,21 @@ class Coordinator:
         for s in self.slots.values():
             s.proc.join(timeout=max(0.0, deadline - time.monotonic()))
         self._drain()
+
+    def _stop_waiting(self, waiting: list[_Slot]) -> None:
+        """The plan has no open batch left: the workers still waiting for a connection slot
+        have nothing to do. Stop them (SIGTERM: one still waiting exits at once, one that has
+        just connected leases nothing) rather than wait for their wait's end, which ended a
+        plan done by the other workers as failed, with the no-slot refusal."""
+        for s in waiting:
+            log.info("Worker-%d (pid %s) stops waiting for a connection slot: no batch of the plan is "
+                     "left open", s.index + 1, s.proc.pid)  # fmt: skip
+            self.emit(Notice(f"[Worker-{s.index + 1}] stops waiting for a connection slot: the other "
+                             "workers finished the plan"))  # fmt: skip
+            s.no_slot_pid = 0
+            s.terminated = True
+            with contextlib.suppress(Exception):
+                s.proc.terminate()
 
     def _restart(self, store: Store, s: _Slot) -> None:
         owner = self._owner(s)

@@ -1364,17 +1364,30 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     if mode != "concurrent" or dry_run:
         _enrich(ctx, contract, chain_id, mode, dry_run, retry_failed, opts)
         return
-    # The workers fork from a server that imports the engine and the store (~0.3 s, 0.65 s
-    # on a slow machine, when no worker can start and the node waits): started now, that
-    # import overlaps this process's own, its opening of the database, the node's check and
-    # the plan. Killed at the end if no worker came of it (nothing to do, an error).
     from gapfill.engine import forkserver
 
-    try:
-        forkserver.start(ctx.db_url, _may_use_tls(ctx))
+    try:  # (_enrich starts the workers' fork server once it knows there is work)
         _enrich(ctx, contract, chain_id, mode, dry_run, retry_failed, opts)
     finally:
         forkserver.stop(unused=True)  # a run that used it has stopped it already
+
+
+def _start_workers_server(ctx: Ctx, targets: Sequence[Contract]) -> None:
+    """Start concurrent mode's fork server for a run of ``targets``, which has work: the
+    workers fork from a server that imports the engine and the store (~0.3 s, 0.65 s on a
+    slow machine, when no worker can start and the node waits); started now, that import
+    overlaps this process's import of the engine, the node's check and the plan. Not for an
+    open plan of an empty gap (its batches given back with all they had fetched): the run
+    closes its batches, and no worker starts. Killed at the end if no worker came of it
+    (an error, or a gap the start-up sample took whole)."""
+    from gapfill.engine import forkserver
+
+    store = ctx.store()
+    keys = [(c.chain_id, c.address) for c in targets]
+    # Without an open plan, the work found is a gap (or failures to put back into it).
+    if store.has_open_batches(keys) and not any(store.has_gap(c, a) for c, a in keys):
+        return  # (with --retry-failed, the run starts it once the failures are back)
+    forkserver.start(ctx.db_url, _may_use_tls(ctx))
 
 
 def _may_use_tls(ctx: Ctx) -> bool:
@@ -1420,6 +1433,8 @@ def _enrich(ctx: Ctx, contract: str | None, chain_id: int | None, mode: str, dry
         return
     if targets != tracked and _say_if_nothing_to_enrich(ctx, targets, retry_failed, left):
         return
+    if mode == "concurrent":  # nothing to do started no server: the command ended first
+        _start_workers_server(ctx, targets)
     if retry_failed:
         from gapfill.engine.session import check_node
 

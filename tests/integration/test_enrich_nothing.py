@@ -276,9 +276,9 @@ def _fork_servers(marker: str) -> list[int]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", ["nothing to do", "unreachable node"])
 def test_concurrent_mode_leaves_no_fork_server_when_no_worker_starts(sqlite_url: str, case: str) -> None:
-    # `--mode concurrent` starts the workers' fork server first thing, so that its import
-    # overlaps the command's own; a command that then starts no worker must not leave it
-    # importing behind it (it would for a few tenths of a second, orphaned).
+    # `--mode concurrent` starts the workers' fork server as soon as it finds work, so that
+    # its import overlaps the command's own; a command that then starts no worker must not
+    # leave it importing behind it (it would for a few tenths of a second, orphaned).
     import os
     import uuid
 
@@ -303,3 +303,48 @@ def test_concurrent_mode_leaves_no_fork_server_when_no_worker_starts(sqlite_url:
     else:
         assert code == 1 and "could not reach the RPC node" in said, said
     assert left == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["nothing to do", "open plan of nothing missing", "refs missing",
+                                  "open plan"])  # fmt: skip
+def test_concurrent_mode_starts_the_fork_server_only_for_work_to_lease(
+    small_chain: Any, sqlite_url: str, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--mode concurrent` started the workers' fork server first thing (a second Python,
+    # and its import of the engine, ~0.3 s) even when the run then had nothing to lease,
+    # and killed it at the end: a rerun with nothing to do took ~3x as long as in batch mode.
+    from gapfill.engine import forkserver
+
+    started: list[str] = []
+    real_start = forkserver.start
+
+    def start(db_url: str, tls: bool = False) -> None:
+        started.append(db_url)
+        real_start(db_url, tls)
+
+    monkeypatch.setattr(forkserver, "start", start)
+    db, chain = sqlite_url, small_chain.chain
+    address = chain.silent
+    assert run(db, "contract", "add", address, "--chain-id", str(chain.chain_id)).exit_code == 0
+    mine = sorted(chain.direct[address])[:40]  # more than the start-up sample takes (20)
+    assert run(db, "import", "-", "--contract", address, input="\n".join(mine)).exit_code == 0
+    with open_store(db) as store:
+        if "open plan" in case:  # as an interrupted run leaves it
+            run_id = store.create_run("concurrent", 2, chain_id=chain.chain_id)
+            store.plan(run_id, [(chain.chain_id, address)], batch_size=10)
+            store.finish_run(run_id, "interrupted", 0)
+        if "nothing" in case:  # no gap: each ref failed for good
+            store.write(Enriched(failures=[Failure(chain.chain_id, x, address, "not_found", "null")
+                                           for x in mine]))  # fmt: skip
+    rpc = UNREACHABLE if "nothing" in case else small_chain.url  # no node needed: none asked
+    r = run(db, "--rpc-url", rpc, "enrich", "--mode", "concurrent", "--workers", "2")
+    said = r.output + r.stderr
+    if "nothing" in case:  # the permanent failures: exit 3
+        # (An open plan is a run, which closes its batches: "Run #2 done".)
+        assert r.exit_code == 3 and ("Run #2 done" in said) == ("open plan" in case), said
+        assert started == [], "the fork server was started for a run with nothing to lease"
+    else:
+        assert r.exit_code == 0 and "processed: 40 transactions" in said, said
+        assert started, "the workers forked from a fork server that preloaded nothing"
+    assert "Traceback" not in said

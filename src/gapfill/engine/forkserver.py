@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 
 
 def preload(db_url: str, tls: bool = False) -> list[str]:
@@ -53,10 +54,12 @@ def stop(*, unused: bool = False) -> None:
     no process outlives the run and the workers' CPU time counts in the coordinator's
     children (``wait4``), as it did with spawned workers. A server that forked nothing
     (``unused``: nothing to do, or the run failed first) is killed rather than asked to
-    stop: it would finish importing its preload (~0.3 s) before it noticed.
+    stop: it would finish importing its preload (~0.3 s) before it noticed. Where none was
+    started, multiprocessing is not imported for it (a command with nothing to do).
     """
-    from multiprocessing import forkserver
-
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    if forkserver is None:  # this process started no server
+        return
     server = getattr(forkserver, "_forkserver", None)
     if unused:
         pid = getattr(server, "_forkserver_pid", None)

@@ -978,8 +978,8 @@ class Coordinator:
         # Workers fork from a server process that imported the engine once: a spawned
         # worker would import everything again (~0.4 CPU s each, on the node's cores).
         self.ctx = mp.get_context("forkserver")
-        # Its preload is set by forkserver.start (in run(), or earlier by the CLI), before
-        # the server or any worker starts.
+        # Its preload is set by forkserver.start (in _run() once it finds work to lease, or
+        # earlier by the CLI), before the server or any worker starts.
         # Pipes only, no multiprocessing.Queue or Event: those are named semaphores that this
         # process creates and unlinks at its exit, so a kill -9 left them to the resource
         # tracker, which warned of "leaked semaphore objects" on the terminal.
@@ -1217,9 +1217,11 @@ class Coordinator:
             run_id = store.create_run(mode, self.workers, chain_id=job.chain_id)
             store.counts_for_run = run_id  # the start-up sample's rows
             self.job = job = replace(job, run_id=run_id)  # and the workers'
-            # Start the workers' fork server now: its import of the engine (~0.3 s) then
-            # overlaps the planning instead of delaying the first worker.
-            forkserver.start(job.db_url, any_may_use_tls(e.url for e in job.endpoints))
+            work = self.stopping_at is None and _needs_node(store, job)
+            if work:  # (with none, no worker starts: the server's start and import are waste)
+                # Start the workers' fork server now: its import of the engine (~0.3 s) then
+                # overlaps the node's check and the planning instead of delaying the first worker.
+                self._start_server()
             _release_dead_local_owners(store, self.emit)
             finish_left_redecodes(store, None, self.emit)
             # One probe here, before anything is planned (or sampled), fails fast with one
@@ -1227,7 +1229,7 @@ class Coordinator:
             # loop of workers that each find out, and leaves no open plan behind. The
             # endpoints it leaves out (a hung one) are left out of the sample's and the
             # workers' clients, so that none waits the probe grace for them again.
-            probed = self.stopping_at is None and _needs_node(store, job) and self._check_node()
+            probed = work and self.stopping_at is None and self._check_node()
             job = self.job
             if job.plan_new:
                 seq = recorded_sequential_rate(store, rate_limit(job))
@@ -1257,6 +1259,7 @@ class Coordinator:
             # Ctrl+C during the start (the run ends at once, as interrupted).
             if total_batches and self.stopping_at is None:
                 if not probed:  # a plan opened by another run since the check above
+                    self._start_server()
                     self._check_node()
                     job = self.job
                 if self.stopping_at is None:
@@ -1445,6 +1448,10 @@ class Coordinator:
         for s in self.slots.values():
             s.proc.join(timeout=max(0.0, deadline - time.monotonic()))
         self._drain()
+
+    def _start_server(self) -> None:
+        """Start the workers' fork server (if it is not running: the CLI may have started it)."""
+        forkserver.start(self.job.db_url, any_may_use_tls(e.url for e in self.job.endpoints))
 
     def _stop_waiting(self, waiting: list[_Slot]) -> None:
         """The plan has no open batch left: the workers still waiting for a connection slot

@@ -1643,7 +1643,8 @@ def runs(ctx: Ctx, as_json: bool, limit: int) -> None:
         started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
         rate = "-" if r.rate is None else f"{r.rate:,.1f} tx/s"
         # A run this host cannot judge (another machine, or PID namespace, that has the name)
-        # is marked by a later run where it ran, if ever: its row may be stale.
+        # is marked by a later run where it ran, if ever: its row may be stale. One of this
+        # host whose process is gone comes as `interrupted` already (Store.list_runs).
         state = r.state if r.state != "running" or r.judged_here else "running (not checked from here)"
         click.echo(f"#{r.run_id} {started} UTC {r.host} {r.mode} x{r.workers} {state}: "
                    f"{r.processed:,} processed, {r.failed:,} failed, {counted(r.rpc_calls, 'call')}, "

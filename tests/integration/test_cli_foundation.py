@@ -1602,6 +1602,8 @@ def test_a_run_killed_outright_ends_when_it_was_last_seen_working_and_runs_says_
     # did ~280 tx/s minutes earlier. It ends at the last lease event its own processes wrote
     # (whose owners name the run), not at give-backs others write for it when they notice;
     # where nothing dates its end, neither its end nor a rate is made up.
+    from dataclasses import replace
+
     from test_store import tx_row
 
     from gapfill.model import Enriched, Ref
@@ -1636,8 +1638,11 @@ def test_a_run_killed_outright_ends_when_it_was_last_seen_working_and_runs_says_
                 cur.execute(s._sql("UPDATE lease_events SET at = ? WHERE owner = ? AND event = ?"),
                             (at, owner, event))  # fmt: skip
         assert s.release_dead_local_owners() == {gone.pid: 1}  # b: 'abandoned', dated now
+        # Listed before any run marks them, they are shown as the mark will record them.
+        shown = {r.run_id: replace(r, recorded=True) for r in s.list_runs()}
         s.create_run("batch", 1)  # the run that notices them
         got = {r.run_id: r for r in s.list_runs()}
+    assert {run_id: got[run_id] for run_id in shown} == shown
     assert (got[killed].state, got[killed].finished_at, got[killed].processed) == ("interrupted", 1004.0, 10)
     assert got[killed].note == "its process ended without finishing the run"
     assert (got[sampled].state, got[sampled].finished_at, got[sampled].processed) == ("interrupted", None, 1)
@@ -1650,6 +1655,27 @@ def test_a_run_killed_outright_ends_when_it_was_last_seen_working_and_runs_says_
     assert "interrupted: 0 processed, 0 failed, 0 calls, - (" in lines[idle], lines[idle]
     rates = {r["run_id"]: r["rate"] for r in orjson.loads(run(tracked, "runs", "--json").stdout)}
     assert (rates[killed], rates[sampled], rates[idle], rates[alive]) == (2.5, None, None, None)
+
+
+def test_runs_says_interrupted_of_a_coordinator_killed_outright_before_a_run_marks_it(tracked: str) -> None:
+    # Review: a coordinator killed outright (kill -9, the OOM killer) was listed `running`,
+    # with its counts and a `-` rate, until the next `enrich` on its host marked it: `runs`
+    # said the stored state. Its process is gone and this host can tell (its host name and
+    # PID namespace), so it is listed as the mark will record it; `runs` only reads, and
+    # the row says `running` until then.
+    code = ("import os, sys; from gapfill.store import open_store; "
+            "open_store(sys.argv[1]).create_run('concurrent', 2); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, tracked], check=True)
+    r = run(tracked, "runs")
+    assert r.exit_code == 0, r.output + r.stderr
+    line = r.stdout.splitlines()[0]
+    assert (" concurrent x2 interrupted: 0 processed, 0 failed, 0 calls, - "
+            "(its process ended without finishing the run)") in line, line
+    (listed,) = orjson.loads(run(tracked, "runs", "--json").stdout)
+    assert (listed["state"], listed["judged_here"], listed["recorded"]) == ("interrupted", True, False)
+    with open_store(tracked) as s, s._read() as cur:
+        cur.execute("SELECT state FROM runs")
+        assert cur.fetchall() == [("running",)]
 
 
 def test_a_dry_run_meters_calls_as_the_run_does_when_one_endpoint_has_an_rps(

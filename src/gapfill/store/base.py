@@ -402,6 +402,10 @@ class RunInfo:
     #: namespace, :mod:`gapfill.store.liveness`): a ``running`` row it cannot judge may
     #: be stale, left by a process killed where no later run has looked.
     judged_here: bool = True
+    #: False where the row still says ``running`` but its process is known to be gone (this
+    #: host could tell): ``state``, ``finished_at`` and ``note`` are then what the next run
+    #: on its host records when it marks it (:meth:`Store.list_runs`).
+    recorded: bool = True
 
     @property
     def rate(self) -> float | None:
@@ -1406,21 +1410,29 @@ class Store(abc.ABC):
         for run_id, pid, started, processed, failed, space in cur.fetchall():
             if liveness.verdict(host, liveness.Space.parse(space), int(pid)) is not False:
                 continue
-            note = "its process ended without finishing the run"
-            finished = self._last_seen(cur, host, int(run_id))
-            if finished is not None:
-                finished = min(max(finished, float(started)), now)
-            elif processed or failed:
-                # Rows were counted (a start-up sample's, or a run of an older gapfill whose
-                # leases name no run) but nothing dates them: its end and rate stay unknown.
-                note += ", at a time not known"
-            else:
-                finished = float(started)  # nothing it did is recorded: it ended as it began
+            finished, note = self._dead_run_end(cur, host, int(run_id), float(started),
+                                                bool(processed or failed), now)  # fmt: skip
             cur.execute(
                 self._sql("UPDATE runs SET state = 'interrupted', finished_at = ?, "
                           "note = ? WHERE run_id = ? AND state = 'running'"),
                 (finished, note, run_id),
             )  # fmt: skip
+
+    def _dead_run_end(
+        self, cur: Any, host: str, run_id: int, started: float, counted: bool, now: float
+    ) -> tuple[float | None, str]:
+        """When run ``run_id`` of ``host``, whose process is gone, ended (None: not known), and
+        the note that says so: what :meth:`_mark_dead_runs` records, and :meth:`list_runs`
+        shows until then. ``counted``: the run's row counts rows it wrote."""
+        note = "its process ended without finishing the run"
+        finished = self._last_seen(cur, host, run_id)
+        if finished is not None:
+            return min(max(finished, started), now), note
+        if counted:
+            # Rows were counted (a start-up sample's, or a run of an older gapfill whose
+            # leases name no run) but nothing dates them: its end and rate stay unknown.
+            return None, note + ", at a time not known"
+        return started, note  # nothing it did is recorded: it ended as it began
 
     def _last_seen(self, cur: Any, host: str, run_id: int) -> float | None:
         """When a process of run ``run_id`` of ``host`` last wrote a lease event of its own
@@ -1533,6 +1545,15 @@ class Store(abc.ABC):
                         (processed, failed, calls, self.counts_for_run))  # fmt: skip
 
     def list_runs(self, limit: int = 50) -> list[RunInfo]:
+        """The latest ``limit`` runs, the latest first.
+
+        A ``running`` row of this host whose process is known to be gone (killed outright:
+        ``kill -9``, the OOM killer), which no later run of the host has marked yet, is
+        shown as marking it would record it (:meth:`_mark_dead_runs`): ``interrupted``,
+        ended when it was last seen working, ``recorded`` False. Nothing is written: a
+        listing only reads (a read-only file or role, a replica), and the next run on the
+        host records it."""
+        host = liveness.host()
         with self._read() as cur:
             cur.execute(
                 self._sql(
@@ -1541,12 +1562,22 @@ class Store(abc.ABC):
                 ),
                 (limit,),
             )
-            return [
-                RunInfo(int(r[0]), float(r[1]), None if r[2] is None else float(r[2]), r[3], r[4],
-                        int(r[5]), r[6], int(r[7]), int(r[8]), int(r[9]), r[10],
-                        r[11] is not None and liveness.judged_here(r[3], liveness.Space.parse(r[12])))
-                for r in cur.fetchall()
-            ]  # fmt: skip
+            listed: list[RunInfo] = []
+            now: float | None = None
+            for r in cur.fetchall():
+                space = liveness.Space.parse(r[12])
+                info = RunInfo(int(r[0]), float(r[1]), None if r[2] is None else float(r[2]), r[3],
+                               r[4], int(r[5]), r[6], int(r[7]), int(r[8]), int(r[9]), r[10],
+                               r[11] is not None and liveness.judged_here(r[3], space))  # fmt: skip
+                if (info.state == "running" and r[11] is not None and info.host == host
+                        and liveness.verdict(host, space, int(r[11])) is False):  # fmt: skip
+                    now = self._now(cur) if now is None else now
+                    finished, note = self._dead_run_end(cur, host, info.run_id, info.started_at,
+                                                        bool(info.processed or info.failed), now)  # fmt: skip
+                    info = replace(info, state="interrupted", finished_at=finished,
+                                   note=note, recorded=False)  # fmt: skip
+                listed.append(info)
+            return listed
 
     # -- planning and leases ---------------------------------------------------------
 

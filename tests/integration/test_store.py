@@ -918,6 +918,43 @@ def test_a_new_run_marks_the_runs_of_dead_local_processes_interrupted(store: Sto
     assert states[alive][0] == "running"
 
 
+def test_a_killed_runs_end_moves_to_the_rows_its_orphaned_workers_count_after_it_was_marked(
+    store: Store,
+) -> None:
+    # Review: a coordinator killed outright leaves its workers finishing their batches (they
+    # stop on the lifeline's EOF). A run started meanwhile marked it `interrupted`, ended at
+    # its last event then; the workers' later commits grew its `processed` past that end,
+    # and `gapfill runs` divided them by too short a time.
+    import subprocess
+
+    from gapfill.store import owner_name
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store.add_refs([Ref(1, C, h(i), 10 + i) for i in range(10)])
+    killed = store.create_run("concurrent", 2)
+    with store._tx() as cur:
+        cur.execute(store._sql("UPDATE runs SET pid = ?, started_at = started_at - 10 WHERE run_id = ?"),
+                    (gone.pid, killed))  # fmt: skip
+    store.plan(killed, [(1, C)], batch_size=5)
+    store.counts_for_run = killed  # its worker, this process: alive, its coordinator gone
+    owner = owner_name("w1", killed)
+    first, second = store.lease(owner, 60.0), store.lease(owner, 60.0)
+    assert first is not None and second is not None
+    for batch in (first, second):
+        if batch is second:
+            store.create_run("batch", 1)  # marks it, ended at the first commit
+            time.sleep(0.01)
+        rows = [tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in store.batch_refs(batch)]
+        assert store.commit_batch(batch, Enriched(rows))
+    with store._read() as cur:
+        cur.execute(store._sql("SELECT max(at) FROM lease_events WHERE owner = ? AND event = 'committed'"),
+                    (owner,))  # fmt: skip
+        last = float(cur.fetchone()[0])
+    (info,) = (r for r in store.list_runs() if r.run_id == killed)
+    assert (info.state, info.processed, info.finished_at) == ("interrupted", 10, last)
+
+
 def test_only_processes_of_this_pid_namespace_or_an_earlier_boot_are_judged_dead(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1782,11 +1819,11 @@ def test_a_removal_and_a_commit_whose_lease_just_expired_do_not_deadlock(
     removal = _Removal(pg_url)
     write_results = worker._write_results  # type: ignore[attr-defined]
 
-    def late_commit(cur: Any, written: Any, calls: int = 0) -> list[int]:
+    def late_commit(cur: Any, written: Any, calls: int = 0, now: float | None = None) -> list[int]:
         # The batch's row is locked, the lease was held: now it expires, and a removal runs.
         removal.expired(b)
         removal.started_and_waiting()
-        return write_results(cur, written, calls)  # type: ignore[no-any-return]
+        return write_results(cur, written, calls, now)  # type: ignore[no-any-return]
 
     b = worker.lease("w", 2.0)
     assert b is not None

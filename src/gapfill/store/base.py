@@ -1537,12 +1537,23 @@ class Store(abc.ABC):
             with self._tx() as cur:
                 self._count_for_run(cur, 0, 0, calls)
 
-    def _count_for_run(self, cur: Any, processed: int, failed: int, calls: int) -> None:
-        """Add to the counts of the run of ``counts_for_run``, in the caller's transaction."""
-        if self.counts_for_run is not None and (processed or failed or calls):
-            cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ?, "
-                                  "rpc_calls = rpc_calls + ? WHERE run_id = ?"),
-                        (processed, failed, calls, self.counts_for_run))  # fmt: skip
+    def _count_for_run(
+        self, cur: Any, processed: int, failed: int, calls: int, now: float | None = None
+    ) -> None:
+        """Add to the counts of the run of ``counts_for_run``, in the caller's transaction.
+
+        Rows counted at ``now`` (a lease's commit or give-back) after the run's recorded end
+        move that end to ``now``: a coordinator killed outright leaves its workers finishing
+        their batches, and a run started meanwhile marked it ended at its last event then
+        (:meth:`_mark_dead_runs`); ``processed`` over too short a time overstated its rate."""
+        if self.counts_for_run is None or not (processed or failed or calls):
+            return
+        ends = () if now is None or not (processed or failed) else (now, now)
+        cur.execute(self._sql("UPDATE runs SET processed = processed + ?, failed = failed + ?, "
+                              "rpc_calls = rpc_calls + ?"
+                              + (", finished_at = CASE WHEN finished_at < ? THEN ? ELSE finished_at END"
+                                 if ends else "") + " WHERE run_id = ?"),
+                    (processed, failed, calls, *ends, self.counts_for_run))  # fmt: skip
 
     def list_runs(self, limit: int = 50) -> list[RunInfo]:
         """The latest ``limit`` runs, the latest first.
@@ -1877,17 +1888,20 @@ class Store(abc.ABC):
                     continue
                 self._event(cur, batch.id, batch.lease_owner or "", batch.attempts, "committed", now)
                 written.append(_own_moves(batch, enriched))
-            new = iter(self._write_results(cur, written, calls))
+            new = iter(self._write_results(cur, written, calls, now))
             # written is in batch order too
             for i, _ in sorted(enumerate(items), key=lambda x: x[1][0].id):
                 if held[i]:
                     stored[i] = next(new)
         return stored
 
-    def _write_results(self, cur: Any, written: Sequence[Enriched], calls: int = 0) -> list[int]:
+    def _write_results(
+        self, cur: Any, written: Sequence[Enriched], calls: int = 0, now: float | None = None
+    ) -> list[int]:
         """Rows, failures and moved keys of batches whose lease was just checked, in one
-        write each, and ``calls`` added to the run's. Returns, per batch, the transactions it
-        newly stored (a transaction two of them hold counts for the first)."""
+        write each, and ``calls`` added to the run's (written at ``now``, the leases' clock:
+        :meth:`_count_for_run`). Returns, per batch, the transactions it newly stored (a
+        transaction two of them hold counts for the first)."""
         merged = Enriched()
         for enriched in written:
             merged.extend(enriched)
@@ -1899,7 +1913,7 @@ class Store(abc.ABC):
         # Counted with the rows they count, last (the run's row is locked the shortest): a run
         # killed outright, or a worker killed before it told its coordinator, still has
         # exactly what it wrote in `runs`, and the calls that fetched it.
-        self._count_for_run(cur, new, failed, calls)
+        self._count_for_run(cur, new, failed, calls, now)
         return stored
 
     _MOVE_KEY_SQL = (
@@ -2000,7 +2014,7 @@ class Store(abc.ABC):
                 if cur.rowcount != 1:
                     self._count_for_run(cur, 0, 0, calls)
                     return None
-                (new,) = self._write_results(cur, [_own_moves(batch, keep)], calls)
+                (new,) = self._write_results(cur, [_own_moves(batch, keep)], calls, now)
                 if not self._range_in_gap(cur, batch):
                     # All it was planned for is stored (or failed for good): the batch is done,
                     # not a pending one that a plan would count and a lease would take for nothing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import threading
@@ -2639,11 +2640,37 @@ def schema_up_to(db_url: str, monkeypatch: pytest.MonkeyPatch, version: int) -> 
     monkeypatch.setattr(backend, "migrations", lambda name: [m for m in migrations(name) if m[0] <= version])
 
 
+def store_at(db_url: str, monkeypatch: pytest.MonkeyPatch, version: int) -> Store:
+    """The emptied database at ``db_url``, opened at schema ``version`` (:func:`schema_up_to`)
+    for the rows an older gapfill wrote; opened after ``monkeypatch.undo()`` it upgrades."""
+    schema_up_to(db_url, monkeypatch, version)
+    s = open_store(db_url, migrate=False)
+    assert s.migrate() == version
+    return s
+
+
+def test_runs_of_a_gapfill_too_old_to_record_their_pid_are_not_left_running_by_an_upgrade(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review: runs recorded before migration 2 have no pid, so no later run could judge
+    # them (Store._mark_dead_runs skips them) and `gapfill runs` said `running` for good.
+    with store_at(db_url, monkeypatch, 7) as s, s._tx() as cur:
+        for state, pid in (("running", None), ("done", None), ("running", os.getpid())):
+            cur.execute(s._sql("INSERT INTO runs (started_at, finished_at, host, pid, mode, workers, "
+                               "state) VALUES (1000, ?, 'h', ?, 'batch', 1, ?)"),
+                        (None if state == "running" else 1010.0, pid, state))  # fmt: skip
+    monkeypatch.undo()
+    with open_store(db_url) as s:
+        got = [(r.state, r.finished_at, r.note) for r in sorted(s.list_runs(), key=lambda r: r.run_id)]
+    assert got == [
+        ("interrupted", None, "recorded by a gapfill too old to record its process, which no run "
+                              "can check: taken as ended, at a time not known"),
+        ("done", 1010.0, ""), ("running", None, "")]  # fmt: skip
+
+
 def test_a_database_of_schema_4_has_its_coverage_merged(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    schema_up_to(db_url, monkeypatch, 4)
     other = "0x" + "cd" * 20
-    with open_store(db_url, migrate=False) as s:
-        assert s.migrate() == 4
+    with store_at(db_url, monkeypatch, 4) as s:
         _insert_coverage_rows(s, [
             *[(C, "blocks", lo, lo + 4) for lo in range(0, 50, 5)],  # touching chunks
             (C, "blocks", 20, 60), (C, "blocks", 61, 61), (C, "blocks", 3, 3),  # overlapping, inside
@@ -2728,9 +2755,7 @@ def test_migration_5_merges_coverage_an_older_gapfill_commits_meanwhile(
 
     import psycopg
 
-    schema_up_to(pg_url, monkeypatch, 4)
-    with open_store(pg_url, migrate=False) as s:
-        assert s.migrate() == 4
+    with store_at(pg_url, monkeypatch, 4) as s:
         with s._tx() as cur:  # as a gapfill of schema 4 wrote it
             cur.execute(s._sql("INSERT INTO contracts (chain_id, address) VALUES (1, ?)"), (C,))
         _insert_coverage_rows(s, [(C, "blocks", 0, 9)])

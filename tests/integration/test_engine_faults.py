@@ -65,6 +65,7 @@ from engine_support import (
     zombie,
 )
 
+from gapfill.model import Enriched, Failure
 from gapfill.store import open_store
 from gapfill.testing.anvil import Anvil
 from gapfill.testing.chain import ChainSpec, generate
@@ -292,6 +293,31 @@ def test_a_ctrl_c_whose_batches_all_finish_does_not_ask_for_a_rerun(
     assert "  interrupted: the batches in flight finished, and nothing is left to enrich" in out, out
     assert "rerun" not in out, out
     assert query(pg_url, "SELECT count(*) FROM batches WHERE state <> 'done'") == [(0,)]
+
+
+def test_a_rerun_after_ctrl_c_retries_the_transient_failures_of_batches_done_before(
+    small_chain: Any, sqlite_url: str, tmp_path: Path
+) -> None:
+    # An interrupted run's batch committed with its refs failed `rpc_error` (the calls'
+    # retries ran out: they stay in the gap for the next run), then Ctrl+C left the rest of
+    # its plan pending. The rerun joined that plan, whose open batches do not hold those
+    # refs: it stored the rest, said "failed: 0" and exited 0 with 20 refs still missing.
+    chain = small_chain.chain
+    seed(sqlite_url, chain, {chain.silent: frozenset(sorted(chain.direct[chain.silent])[:60])})
+    with open_store(sqlite_url) as store:
+        run1 = store.create_run("batch", 1)
+        assert store.plan(run1, [(chain.chain_id, chain.silent)], batch_size=20).batches == 3
+        b = store.lease("w0", 60.0)
+        assert b is not None
+        failed = [Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "503") for r in store.batch_refs(b)]
+        assert store.commit_batch(b, Enriched(failures=failed))
+        store.finish_run(run1, "interrupted")
+        assert store.count_gap(chain.chain_id, chain.silent) == 60
+    code, out = gapfill(["--db", sqlite_url, "--rpc-url", small_chain.url, "enrich", "--mode", "batch"],
+                        tmp_path, "rerun")  # fmt: skip
+    with open_store(sqlite_url) as store:
+        left = store.count_gap(chain.chain_id, chain.silent)
+    assert (code, left) == (0, 0), f"exit {code}, {left} refs left in the gap:\n{out}"
 
 
 @pytest.mark.timeout(150)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import socket
@@ -542,6 +543,64 @@ def test_a_plan_joined_closes_its_batches_with_nothing_left_to_fetch(store: Stor
                           for r in store.batch_refs(batches[1])]))  # fmt: skip
     info = store.plan(store.create_run("batch", 1), [(1, C)], batch_size=10)
     assert (info.joined, info.batches) == (0, 0) and not store.has_open_batches()
+
+
+def _drain(store: Store, owner: str) -> list[str]:
+    """Lease and commit every open batch, each ref stored; the refs the batches held."""
+    seen: list[str] = []
+    while (b := store.lease(owner, 60.0)) is not None:
+        refs = store.batch_refs(b)
+        seen += [r.tx_hash for r in refs]
+        assert store.commit_batch(b, Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0)
+                                               for r in refs]))  # fmt: skip
+    return seen
+
+
+def _open_ranges(store: Store) -> list[tuple[tuple[int, str], tuple[int, str]]]:
+    with store._read() as cur:  # type: ignore[attr-defined]
+        cur.execute("SELECT lo_block, lo_tx, hi_block, hi_tx FROM batches "
+                    "WHERE state IN ('pending', 'leased') ORDER BY lo_block, lo_tx")  # fmt: skip
+        return [((int(a), b), (int(c), d)) for a, b, c, d in cur.fetchall()]
+
+
+def test_a_plan_joined_plans_the_refs_outside_its_open_batches(store: Store) -> None:
+    # Refs imported while a plan is open, after its last key, before its first and of unknown
+    # block: a run started after the import joined the plan, which covers its batches' key
+    # ranges alone, and ended with every batch done and those refs still in the gap.
+    store.add_refs([Ref(1, C, h(i), 10 + i) for i in range(10)])
+    run1 = store.create_run("concurrent", 2)
+    assert store.plan(run1, [(1, C)], batch_size=5).batches == 2
+    late = [Ref(1, C, h(100), 500), Ref(1, C, h(101), 1), Ref(1, C, h(102), None), Ref(1, C, h(103), 14)]
+    assert store.add_refs(late).new == 4
+    # h(103) sorts between the two batches' ranges (block 14: after h(4)'s key, before h(5)'s).
+    info = store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=5)
+    assert (info.joined, info.batches, info.refs) == (1, 3, 4)
+    ranges = _open_ranges(store)
+    assert all(hi < lo for (_, hi), (lo, _) in itertools.pairwise(ranges)), ranges  # none overlap
+    # A second run joining now finds nothing outside the open batches: no batch twice.
+    again = store.plan(store.create_run("concurrent", 2), [(1, C)], batch_size=5)
+    assert (again.joined, again.batches) == (1, 0)
+    assert sorted(_drain(store, "w1")) == sorted([h(i) for i in range(10)] + [r.tx_hash for r in late])
+    assert store.count_gap(1, C) == 0
+
+
+def test_a_plan_joined_after_retry_failed_fetches_the_refs_put_back(store: Store) -> None:
+    # Batch 1 commits with ref 3 failed for good; Ctrl+C leaves batch 2 pending. `enrich
+    # --retry-failed` puts ref 3 back into the gap and its run joins the open plan: only
+    # batch 2 was leased, ref 3 never tried, and the run ended `done`.
+    store.add_refs([Ref(1, C, h(i), 10 + i) for i in range(10)])
+    assert store.plan(store.create_run("batch", 1), [(1, C)], batch_size=5).batches == 2
+    b1 = store.lease("w1", 60.0)
+    assert b1 is not None
+    ok = [r for r in store.batch_refs(b1) if r.tx_hash != h(3)]
+    assert store.commit_batch(b1, Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in ok],
+                                           failures=[Failure(1, h(3), C, "permanent", "boom")]))  # fmt: skip
+    assert store.clear_failures(1, C) == 1  # --retry-failed
+    assert store.count_gap(1, C) == 6
+    info = store.plan(store.create_run("batch", 1), [(1, C)], batch_size=5)
+    assert (info.joined, info.batches, info.refs) == (1, 1, 1)
+    assert h(3) in _drain(store, "w2")
+    assert store.count_gap(1, C) == 0
 
 
 def test_abandoned_batch_prefers_another_owner(store: Store) -> None:

@@ -235,10 +235,21 @@ MAX_ATTEMPTS = 3
 
 
 def _key_bound(op: str) -> str:
-    """`` AND`` a ref's key ``op`` (``>``, ``>=``, ``<=``) a key given as three parameters
+    """`` AND`` a ref's key ``op`` (``>``, ``>=``, ``<``, ``<=``) a key given as three parameters
     (block, hash, block). Row-value comparisons, with a plain bound on the key's first half
     that lets SQLite seek (see :meth:`Store.iter_gap`)."""
     return f" AND ({KEY_SQL}, r.tx_hash) {op} (?, ?) AND {KEY_SQL} {op[0]}= ?"
+
+
+def _key_bounds(bounds: Iterable[tuple[str, RefKey | None]], params: list[Any]) -> str:
+    """:func:`_key_bound` for each ``(op, key)`` whose key is not None, adding its parameters
+    to ``params``."""
+    sql = ""
+    for op, key in bounds:
+        if key is not None:
+            sql += _key_bound(op)
+            params += [key[0], key[1], key[0]]
+    return sql
 
 
 _LEASE_HELD = (
@@ -256,6 +267,25 @@ _LEASE_HELD = (
 #: 2,000 open: a lease 15 ms on SQLite (0.4 now), 62 ms on PostgreSQL (1.2), the expiry
 #: check each second 13 ms on SQLite (0.01).
 _OPEN = "state IN ('pending', 'leased')"
+
+
+def _cut(spans: Iterable[Iterable[RefKey]], size: int) -> Iterator[tuple[RefKey, RefKey, int]]:
+    """Cut streams of keys, each in key order, into batches ``(lo, hi, refs)`` of up to
+    ``size`` refs; no batch takes keys of two streams."""
+    for keys in spans:
+        lo: RefKey | None = None
+        last: RefKey | None = None
+        n = 0
+        for key in keys:
+            if lo is None:
+                lo = key
+            last = key
+            n += 1
+            if n == size:
+                yield lo, key, n
+                lo, n = None, 0
+        if lo is not None and last is not None:
+            yield lo, last, n
 
 
 def _of_targets(targets: Sequence[tuple[int, str]] | None, params: list[Any]) -> str:
@@ -900,16 +930,9 @@ class Store(abc.ABC):
         while True:
             sql = f"SELECT r.tx_hash, r.block_number, r.source FROM refs r WHERE {self._GAP_WHERE}"
             params: list[Any] = [chain_id, contract]
-            if first_inclusive is not None:
-                sql += _key_bound(">=")
-                params += [first_inclusive[0], first_inclusive[1], first_inclusive[0]]
-                first_inclusive = None
-            elif cursor_key is not None:
-                sql += _key_bound(">")
-                params += [cursor_key[0], cursor_key[1], cursor_key[0]]
-            if upto is not None:
-                sql += _key_bound("<=")
-                params += [upto[0], upto[1], upto[0]]
+            lower = (">=", first_inclusive) if first_inclusive is not None else (">", cursor_key)
+            first_inclusive = None
+            sql += _key_bounds([lower, ("<=", upto)], params)
             sql += f" ORDER BY {KEY_SQL}, r.tx_hash LIMIT ?"
             params.append(chunk)
             with self._read() as cur:
@@ -1599,7 +1622,9 @@ class Store(abc.ABC):
     def plan(
         self, run_id: int, targets: Sequence[tuple[int, str]], batch_size: int = 500
     ) -> PlanInfo:
-        """Cut each target's gap into keyset batches, or join its open plan.
+        """Cut each target's gap into keyset batches, or join its open plan: then only the
+        gap keys outside every open batch's key range are cut into new batches, none
+        spanning an open one (refs put back into the gap, or new since it was planned).
 
         Runs under a lock so two coordinators never plan the same contract twice.
         The gap is streamed by key: a million refs never sit in memory.
@@ -1625,22 +1650,15 @@ class Store(abc.ABC):
                 )
                 open_ = int(cur.fetchone()[0])
                 if open_ and open_ > self._close_emptied(cur, chain_id, contract, run_id):
+                    # Its open batches cover their key ranges alone: what else is in the gap
+                    # (transient failures of its done batches, refs put back by --retry-failed
+                    # or imported since) gets batches of its own between them.
                     joined += 1
-                    continue
-                rows: list[tuple[Any, ...]] = []
-                lo: RefKey | None = None
-                last: RefKey | None = None
-                n = 0
-                for key in self._gap_keys(cur, chain_id, contract):
-                    if lo is None:
-                        lo = key
-                    last = key
-                    n += 1
-                    if n == batch_size:
-                        rows.append((run_id, chain_id, contract, lo[0], lo[1], key[0], key[1], n))
-                        lo, n = None, 0
-                if lo is not None and last is not None:
-                    rows.append((run_id, chain_id, contract, lo[0], lo[1], last[0], last[1], n))
+                    spans = self._uncovered_keys(cur, chain_id, contract)
+                else:
+                    spans = iter([self._gap_keys(cur, chain_id, contract)])
+                rows = [(run_id, chain_id, contract, lo[0], lo[1], hi[0], hi[1], n)
+                        for lo, hi, n in _cut(spans, batch_size)]  # fmt: skip
                 if rows:
                     cur.executemany(
                         self._sql(
@@ -1652,6 +1670,39 @@ class Store(abc.ABC):
                 batches += len(rows)
                 refs += sum(r[7] for r in rows)
         return PlanInfo(batches, refs, joined)
+
+    def _uncovered_keys(self, cur: Any, chain_id: int, contract: str) -> Iterator[Iterator[RefKey]]:
+        """The contract's gap keys that no open batch's key range holds, as one stream per
+        stretch between two open batches (and before the first, after the last): a batch
+        cut from them spans no open batch, so batches never overlap. Each stretch is sought
+        in the gap's key index and paged by key, in the planning transaction."""
+        cur.execute(
+            self._sql(f"SELECT lo_block, lo_tx, hi_block, hi_tx FROM batches WHERE {_OPEN} "
+                      "AND chain_id = ? AND contract = ? ORDER BY lo_block, lo_tx"),
+            (chain_id, contract),
+        )  # fmt: skip
+        ranges = [((int(a), b), (int(c), d)) for a, b, c, d in cur.fetchall()]
+        after: list[RefKey | None] = [None] + [hi for _, hi in ranges]
+        before: list[RefKey | None] = [lo for lo, _ in ranges] + [None]
+        for a, b in zip(after, before, strict=True):
+            yield self._gap_keys_between(cur, chain_id, contract, a, b)
+
+    def _gap_keys_between(
+        self, cur: Any, chain_id: int, contract: str, after: RefKey | None, before: RefKey | None,
+        chunk: int = 10_000,
+    ) -> Iterator[RefKey]:
+        """The gap's keys strictly between ``after`` and ``before`` (None: unbounded), in key
+        order, by keyset pages read with ``cur``."""
+        while True:
+            sql = f"SELECT {KEY_SQL}, r.tx_hash FROM refs r WHERE {self._GAP_WHERE}"
+            params: list[Any] = [chain_id, contract]
+            sql += _key_bounds([(">", after), ("<", before)], params)
+            cur.execute(self._sql(sql + f" ORDER BY {KEY_SQL}, r.tx_hash LIMIT ?"), (*params, chunk))
+            rows = [(int(k), h) for k, h in cur.fetchall()]
+            yield from rows
+            if len(rows) < chunk:
+                return
+            after = rows[-1]
 
     def _close_emptied(self, cur: Any, chain_id: int, contract: str, run_id: int) -> int:
         """Mark done the pending batches of the contract's open plan that have nothing left

@@ -202,9 +202,16 @@ class Batch:
     hi: RefKey
     size: int
     state: str = "pending"
-    attempts: int = 0
+    attempts: int = 0  # its leases so far: with the owner, a lease's identity
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    stops: int = 0  # of its leases, those a stop gave back (Ctrl+C): no failed attempt
+
+    @property
+    def tries(self) -> int:
+        """The attempts that count toward the last one (``MAX_ATTEMPTS``): the leases but
+        those a stop gave back."""
+        return self.attempts - self.stops
 
 
 @dataclass(frozen=True, slots=True)

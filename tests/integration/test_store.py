@@ -32,6 +32,7 @@ from gapfill.model import (
     TxRow,
 )
 from gapfill.store import GivenBack, Leased, PlanInfo, RefsAdded, Store, open_store
+from gapfill.store.base import MAX_ATTEMPTS
 
 C = "0x" + "ab" * 20
 
@@ -601,6 +602,36 @@ def test_a_plan_joined_after_retry_failed_fetches_the_refs_put_back(store: Store
     assert (info.joined, info.batches, info.refs) == (1, 1, 1)
     assert h(3) in _drain(store, "w2")
     assert store.count_gap(1, C) == 0
+
+
+def test_a_stops_give_back_is_no_failed_attempt_but_a_lease_of_its_own(store: Store) -> None:
+    # Two Ctrl+C's while a batch was in flight made its third lease attempt 3, the last
+    # (MAX_ATTEMPTS): its transient failures stored at once, though it never failed. A
+    # stop's give-back leaves its tries; the lease number (a lease's identity with its
+    # owner, for the writes' lease check and the audit) still counts every lease.
+    store.add_refs([Ref(1, C, h(i), 10 + i) for i in range(5)])
+    store.plan(store.create_run("batch", 1), [(1, C)], batch_size=5)
+    first = store.lease("w", 60.0)
+    assert first is not None and (first.attempts, first.tries) == (1, 1)
+    assert store.abandon(first, "worker stopped", stop=True)
+    second = store.lease("w", 60.0)
+    assert second is not None and (second.attempts, second.tries) == (2, 1)
+    assert store.release_owner("w", "run stopped", stop=True) == 1  # a stop's last try
+    third = store.lease("w", 60.0)
+    assert third is not None and (third.attempts, third.tries) == (3, 1) and third.tries < MAX_ATTEMPTS
+    # The same owner's earlier leases are not this one: they write nothing.
+    assert not store.commit_batch(first, Enriched()) and not store.renew(second, 60.0)
+    assert [(e.attempt, e.event) for e in store.lease_events(third.id)] == [
+        (1, "leased"), (1, "abandoned"), (2, "leased"), (2, "abandoned"), (3, "leased")]  # fmt: skip
+    # A failed attempt's give-back, and a lease left to expire (a crash), still count.
+    assert store.abandon(third, "HTTP 503")
+    fourth = store.lease("w", 0.1)
+    assert fourth is not None and (fourth.attempts, fourth.tries) == (4, 2)
+    time.sleep(0.2)
+    assert [b.id for b in store.expire_leases()] == [fourth.id]
+    last = store.lease("w", 60.0)
+    assert last is not None and (last.attempts, last.tries) == (5, MAX_ATTEMPTS)
+    assert store.commit_batch(last, Enriched())
 
 
 def test_abandoned_batch_prefers_another_owner(store: Store) -> None:

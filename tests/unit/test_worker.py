@@ -47,6 +47,8 @@ class FakeStore:
         #: A write for which this says True is done, but its answer is lost (StoreDropped).
         self.lose: Callable[[str, Sequence[Any]], bool] = lambda name, args: False
         self.ended: dict[int, str] = {}  # batch id -> the lease event that ended its attempt
+        self.stops: dict[int, bool] = {}  # batch id -> whether its last give-back was a stop's
+        self.released_as_stop: list[bool] = []  # per release_owner call: whether a stop's
 
     def _call(self, name: str, args: Sequence[Any]) -> None:
         if not self._busy.acquire(blocking=False):
@@ -106,9 +108,10 @@ class FakeStore:
 
     def abandon_keeping(
         self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
-        calls: int = 0,
+        calls: int = 0, *, stop: bool = False,
     ) -> GivenBack | None:
         self._call("abandon", (batch,))
+        self.stops[batch.id] = stop
         self.run_calls += calls
         if self.state.get(batch.id) != "leased":
             self._answer("abandon", (batch,))  # it wrote its calls, so its answer can be lost too
@@ -128,8 +131,9 @@ class FakeStore:
         self._call("add_run_calls", ())
         self.run_calls += calls
 
-    def release_owner(self, owner: str, error: str, keep: Any = frozenset()) -> int:
+    def release_owner(self, owner: str, error: str, keep: Any = frozenset(), *, stop: bool = False) -> int:
         self._call("release_owner", ())
+        self.released_as_stop.append(stop)
         given = [b for b, state in self.state.items() if state == "leased" and b not in keep]
         for b in given:
             self.state[b] = "pending"
@@ -899,6 +903,7 @@ def test_a_stop_during_a_lease_call_gives_back_the_batch_it_leased() -> None:
 
     asyncio.run(go())
     assert store.next_id == 3 and store.state == {1: "pending", 2: "pending"}, store.state
+    assert store.released_as_stop == [True]  # the stop's last try gives back the one leased
 
 
 @pytest.mark.timeout(30)
@@ -921,6 +926,7 @@ def test_a_batch_cancelled_while_waiting_for_its_group_is_given_back_not_committ
     asyncio.run(stop_while_a_batch_waits(w))
     assert store.committed == [] and "commit_batches" not in store.calls
     assert store.state == {1: "done", 2: "pending"}
+    assert store.stops == {1: True, 2: True}  # a stop's give-backs: no failed attempt
     assert store.kept == {1: 10} and w.totals.batches == 1
     assert sorted(given_back_lines(events)) == [
         "[Worker-1] Batch 1 complete as it was given back (worker stopped): +10 success, 0 failed",
@@ -1106,6 +1112,7 @@ def test_a_batch_with_transient_failures_is_given_back_with_what_it_got() -> Non
                WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01), events.append)  # fmt: skip
     totals = asyncio.run(w.run())
     assert store.state == {1: "pending", 2: "pending", 3: "pending"}
+    assert store.stops == {1: False, 2: False, 3: False}  # failed attempts: they count
     assert store.pauses == {1: 1.0, 2: 1.0, 3: 1.0}  # a first attempt's retry waits 1 s
     assert store.kept == {1: 5, 2: 5, 3: 5} and "commit_batches" not in store.calls
     assert store.moved == {1: 3, 2: 3, 3: 3}  # the rows' block numbers are stored with them
@@ -1364,6 +1371,61 @@ def test_a_stop_mid_fetch_stores_the_rows_already_fetched_and_a_rerun_fetches_th
     assert (counts.done, counts.succeeded) == (1, 6)
     # Refs 5 and 6 only: two calls each, and block 4 once (its header, or the full block).
     assert rerun.calls == (4 if plan == "metered" else 5)
+
+
+class HangingEnricher(FakeEnricher):
+    """Never answers: a batch it fetches is in flight until the worker stops."""
+
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class FlakyEnricher(FakeEnricher):
+    """Every ref fails for a reason that may pass (the calls' retries ran out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetches = 0
+
+    async def enrich(self, refs: Sequence[Ref], out: Any = None) -> Enriched:
+        self.fetches += 1
+        await asyncio.sleep(0)
+        return Enriched(failures=[Failure(r.chain_id, r.tx_hash, r.contract, "rpc_error", "HTTP 503")
+                                  for r in refs])  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_given_back_on_ctrl_c_keeps_its_retries(tmp_path: Path) -> None:
+    # A batch in flight through two Ctrl+C's (a big batch under a low --rps takes minutes):
+    # each stop's give-back counted as a failed attempt, so the third run's lease was its
+    # last: the worker stored its transient failures at once, no retry, and closed the batch.
+    c = "0x" + "ab" * 20
+    store, _ = six_refs_planned(tmp_path, c)
+    settings = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, retry_pause_s=0.01)
+
+    async def stopped_mid_fetch(owner: str) -> None:
+        events: list[Any] = []
+        w = Worker(0, owner, store, FakeClient(), {1: HangingEnricher()}, settings,  # type: ignore[arg-type]
+                   events.append)  # fmt: skip
+        run = asyncio.create_task(w.run())
+        while not any(isinstance(e, BatchAssigned) for e in events):
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    for owner in ("run1/w0", "run2/w0"):
+        asyncio.run(stopped_mid_fetch(owner))
+    assert store.batch_counts().pending == 1
+    flaky = FlakyEnricher()
+    events: list[Any] = []
+    asyncio.run(Worker(0, "run3/w0", store, FakeClient(), {1: flaky}, settings,  # type: ignore[arg-type]
+                       events.append).run())  # fmt: skip
+    store.close()
+    # Two attempts given back for a retry, then the last one stores the failures.
+    assert [e.attempt for e in events if isinstance(e, BatchAssigned)] == [3, 4, 5]
+    assert flaky.fetches == 3
 
 
 @pytest.mark.timeout(30)

@@ -526,9 +526,10 @@ def run_in_process(
             held.hold(callers)
             # A lease this process still holds (a lease answer lost on Ctrl+C, a give-back
             # cut short) goes back now: batch mode has no coordinator to return it, and a
-            # rerun would wait for it to expire.
+            # rerun would wait for it to expire. A stop's is no failed attempt (a failed run's is:
+            # its state is still "done" here, as it raised).
             with contextlib.suppress(GapfillError):
-                store.release_owner(owner_name("w0", run_id), "run stopped")
+                store.release_owner(owner_name("w0", run_id), "run stopped", stop=state == "interrupted")
             with contextlib.suppress(GapfillError):  # the database may be what failed: the next run does it
                 finish_left_redecodes(store, run_id, emit)
             fill_block_numbers(store, job.targets)
@@ -1394,7 +1395,7 @@ class Coordinator:
                 if still_running or not ended:
                     why_back = "run failed" if state == "failed" else "run stopped"
                     with contextlib.suppress(GapfillError):  # the database may be what failed
-                        store.release_owner(self._owner(s), why_back)
+                        store.release_owner(self._owner(s), why_back, stop=state != "failed")
             forkserver.stop(unused=not self.slots)
             if self.metrics is not None:
                 self.metrics.close()

@@ -510,7 +510,8 @@ class Worker:
         a give-back that failed: given back, one try, or it stays leased until it expires."""
         released = False
         with contextlib.suppress(Exception):
-            await self.db(self.store.release_owner, self.owner, "worker stopped", frozenset(self._held))
+            release = functools.partial(self.store.release_owner, stop=True)  # no failed attempt
+            await self.db(release, self.owner, "worker stopped", frozenset(self._held))
             released = True
         self._say_not_given(released)
 
@@ -871,7 +872,8 @@ class Worker:
             enricher = self.enrichers[batch.chain_id]
             keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority, awaited))
             try:
-                if batch.attempts >= self.settings.max_attempts:
+                # Its leases a stop gave back were no failed attempts: they do not count.
+                if batch.tries >= self.settings.max_attempts:
                     enriched = await self._isolate(enricher, refs, fetching_now)
                 else:
                     riders = await self._riders(enricher, batch, refs)
@@ -911,7 +913,7 @@ class Worker:
                 keep = exc.kept if not lost.is_set() else None
             else:
                 keep = fetched_so_far() if got is None else None
-            pause = self.settings.retry_pause_s * 2 ** max(0, batch.attempts - 1)
+            pause = self.settings.retry_pause_s * 2 ** max(0, batch.tries - 1)
             # Refs failing for a reason that may pass is expected: said plainly. Anything
             # else is unexpected, and its class helps to tell what it was.
             said = str(exc) if isinstance(exc, TransientFailures) else f"{type(exc).__name__}: {exc}"
@@ -1014,8 +1016,10 @@ class Worker:
         # connection, and a lease not given back would hold the batch until it expires.
         given: GivenBack | None = None  # None: not given back
         failed = ""  # why the give-back failed, if it did: the lease is left to expire
-        give_back = functools.partial(self.db, self.store.abandon_keeping, batch, error, keep,
-                                      retry_after_s, calls=True, writes=(batch,))  # fmt: skip
+        # A stop's give-back (no retry) is no failed attempt: the batch keeps its retries.
+        abandon = functools.partial(self.store.abandon_keeping, stop=not retry)
+        give_back = functools.partial(self.db, abandon, batch, error, keep, retry_after_s, calls=True,
+                                      writes=(batch,))  # fmt: skip
         try:
             if retry:
                 why: list[str] = []

@@ -1822,7 +1822,7 @@ class Store(abc.ABC):
 
     _BATCH_COLS = (
         "batch_id, run_id, chain_id, contract, lo_block, lo_tx, hi_block, hi_tx, size, state, "
-        "attempts, lease_owner, lease_expires_at"
+        "attempts, lease_owner, lease_expires_at, stops"
     )
 
     @staticmethod
@@ -1830,7 +1830,7 @@ class Store(abc.ABC):
         return Batch(
             int(row[0]), int(row[1]), int(row[2]), row[3], (int(row[4]), row[5]),
             (int(row[6]), row[7]), int(row[8]), row[9], int(row[10]), row[11],
-            None if row[12] is None else float(row[12]),
+            None if row[12] is None else float(row[12]), int(row[13]),
         )  # fmt: skip
 
     def lease(
@@ -1880,7 +1880,7 @@ class Store(abc.ABC):
             )
             self._event(cur, b.id, owner, attempt, "leased", now)
             return Leased(Batch(b.id, b.run_id, b.chain_id, b.contract, b.lo, b.hi, b.size, "leased",
-                                attempt, owner, now + lease_timeout_s), emptied)  # fmt: skip
+                                attempt, owner, now + lease_timeout_s, b.stops), emptied)  # fmt: skip
 
     def renew(self, batch: Batch, lease_timeout_s: float) -> bool:
         """Extend a lease this owner still holds; False if it was lost."""
@@ -2012,16 +2012,18 @@ class Store(abc.ABC):
 
     def _give_back(
         self, cur: Any, batch_id: int, owner: str, attempt: int, error: str, event: str, now: float,
-        *, only_if_expired: bool = False, not_before: float | None = None,
+        *, only_if_expired: bool = False, not_before: float | None = None, stop: bool = False,
     ) -> bool:
         """Return one lease to the plan if ``owner`` still holds it at ``attempt``; log ``event``.
-        A pending batch's ``lease_expires_at`` is ``not_before``: no lease takes it earlier."""
+        A pending batch's ``lease_expires_at`` is ``not_before``: no lease takes it earlier.
+        A ``stop``'s give-back (Ctrl+C) is no failed attempt: counted in ``stops``, it leaves
+        the batch its retries (:attr:`Batch.tries`)."""
         sql = (
             "UPDATE batches SET state = 'pending', lease_owner = NULL, lease_expires_at = ?, "
-            "last_owner = ?, last_error = ? WHERE batch_id = ? AND state = 'leased' "
-            "AND lease_owner = ? AND attempts = ?"
+            "last_owner = ?, last_error = ?, stops = stops + ? WHERE batch_id = ? "
+            "AND state = 'leased' AND lease_owner = ? AND attempts = ?"
         )
-        params: list[Any] = [not_before, owner, error[:2000], batch_id, owner, attempt]
+        params: list[Any] = [not_before, owner, error[:2000], int(stop), batch_id, owner, attempt]
         if only_if_expired:  # not renewed in the meantime
             sql += " AND lease_expires_at < ?"
             params.append(now)
@@ -2033,7 +2035,7 @@ class Store(abc.ABC):
 
     def abandon(
         self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
-        calls: int = 0,
+        calls: int = 0, *, stop: bool = False,
     ) -> bool:
         """Give a batch back (failure or shutdown); it is retried by a later lease, taken no
         sooner than ``retry_after_s`` from now.
@@ -2042,13 +2044,14 @@ class Store(abc.ABC):
         not pass): stored in the same transaction, so the next attempt fetches only the
         refs still in the gap. Nothing is written, and False returned, if the lease is
         no longer this owner's (or, with ``keep``, has expired). ``calls`` are added to the
-        run's as by :meth:`commit_batches`, in any case.
+        run's as by :meth:`commit_batches`, in any case. A ``stop``'s give-back (Ctrl+C,
+        SIGTERM) is no failed attempt: the batch keeps its retries (:attr:`Batch.tries`).
         """
-        return self.abandon_keeping(batch, error, keep, retry_after_s, calls) is not None
+        return self.abandon_keeping(batch, error, keep, retry_after_s, calls, stop=stop) is not None
 
     def abandon_keeping(
         self, batch: Batch, error: str, keep: Enriched | None = None, retry_after_s: float = 0.0,
-        calls: int = 0,
+        calls: int = 0, *, stop: bool = False,
     ) -> GivenBack | None:
         """:meth:`abandon`, saying what of ``keep`` it newly stored and whether that closed
         the batch (None: the batch was not given back, nothing of ``keep`` written)."""
@@ -2079,7 +2082,7 @@ class Store(abc.ABC):
                 calls = 0
             not_before = now + retry_after_s if retry_after_s > 0 else None
             given = self._give_back(cur, batch.id, batch.lease_owner or "", batch.attempts, error,
-                                    "abandoned", now, not_before=not_before)  # fmt: skip
+                                    "abandoned", now, not_before=not_before, stop=stop)  # fmt: skip
             self._count_for_run(cur, 0, 0, calls)  # the run's row last, as in a commit
             return GivenBack(new) if given else None
 
@@ -2091,10 +2094,12 @@ class Store(abc.ABC):
         return cur.fetchone() is not None
 
     def release_owner(
-        self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset()
+        self, owner: str, error: str = "worker stopped", keep: Collection[int] = frozenset(),
+        *, stop: bool = False,
     ) -> int:
         """Give back every lease ``owner`` holds but the batches in ``keep`` (a worker that
-        crashed or was stopped, or one that lost the answer to a lease call)."""
+        crashed or was stopped, or one that lost the answer to a lease call); ``stop``: as
+        a stop gives them back, no failed attempt (:meth:`abandon`)."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(
@@ -2106,7 +2111,7 @@ class Store(abc.ABC):
             )
             held = [(int(b), int(a)) for b, a in cur.fetchall() if int(b) not in keep]
             # Another coordinator may have expired one meanwhile: _give_back re-checks each.
-            return sum(self._give_back(cur, b, owner, a, error, "abandoned", now) for b, a in held)
+            return sum(self._give_back(cur, b, owner, a, error, "abandoned", now, stop=stop) for b, a in held)
 
     def release_dead_local_owners(self) -> dict[int, int]:
         """Give back the leases of this host's processes that are known to be gone (killed,

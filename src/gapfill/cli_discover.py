@@ -39,7 +39,7 @@ from gapfill.discover.explorer import (
 )
 from gapfill.discover.run import DEFAULT_CONFIRMATIONS, DiscoverProgress, DiscoverSummary, check_methods
 from gapfill.discover.run import discover as run_discover
-from gapfill.errors import ConfigError, FixFirst, GapfillError
+from gapfill.errors import ConfigError, FixFirst, GapfillError, UnknownContractError
 from gapfill.model import Contract
 from gapfill.redact import ExplorerUrl
 from gapfill.rpc.config import RpcSettings
@@ -237,6 +237,11 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
         # summary as usual; the one under way, a clause of the error's sentence.
         for s in summaries:
             click.echo(s.text)
+        if isinstance(exc, UnknownContractError):
+            # Removed while it was scanned (`gapfill contract remove`): what its commits kept
+            # went with it, and a rerun can only fail on it ("not tracked"): the store's
+            # sentence alone, with neither what was kept nor the rerun.
+            raise
         # An error that running again cannot pass until the user fixes something (a key the
         # node or the explorer refuses, an explorer's HTTP error): what to check is the
         # sentence's end, then the rerun, not "run the same command again" alone.

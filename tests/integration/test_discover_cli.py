@@ -700,3 +700,35 @@ def test_blocks_scanned_below_the_start_block_show_in_the_summary_and_status(
     assert f"{chain.silent}: coverage " in res.stdout and also in res.stdout, res.stdout
     res = runner.invoke(cli, ["--db", db, "--rpc-url", small_chain.url, "status"])
     assert res.exit_code == 0 and also in res.stdout, res.output + res.stderr
+
+
+def test_a_contract_removed_mid_discovery_is_not_said_kept_nor_asked_to_run_again(
+    anvil: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`contract remove` while `discover` scans it deletes what the scan committed, and the next
+    commit fails. The error said both "nothing was written" and "50 blocks ... were scanned and
+    kept: run the same command again to continue where it stopped", and that rerun can only
+    fail ("not tracked"): what was kept went with the contract."""
+    from gapfill.store.base import Store
+
+    target = "0x" + "be" * 20
+    anvil.request("anvil_mine", hex(400))
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--db", db, "contract", "add", target, "--chain-id", "31337"])
+    assert res.exit_code == 0, res.output
+    original = Store.add_refs_and_coverage
+    calls: list[int] = []
+
+    def removed_after_the_first(self: Store, refs: Any, ranges: Any) -> int:
+        calls.append(1)
+        if len(calls) == 2:  # as `gapfill contract remove` in another terminal would
+            self.remove_contract(31337, target)
+        return original(self, refs, ranges)
+
+    monkeypatch.setattr(Store, "add_refs_and_coverage", removed_after_the_first)
+    res = runner.invoke(cli, ["--db", db, "--rpc-url", anvil.url, "discover", "--method", "blocks"])
+    assert res.exit_code == 1, res.output
+    error = res.stderr.strip().splitlines()[-1]
+    assert "no longer tracked" in error, error
+    assert "kept" not in error and "run the same command again" not in error, error

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +16,9 @@ from gapfill.discover.explorer import (
     _RateLimited,
     walk_explorer,
 )
+from gapfill.discover.run import DiscoverProgress, _Run, _walk_job
+from gapfill.model import Contract
+from gapfill.store import open_store
 from gapfill.testing.chain import GeneratedChain
 from gapfill.testing.explorer_standin import ExplorerStandIn
 
@@ -258,3 +264,40 @@ async def test_a_mistyped_explorer_path_shows_and_its_404_is_about_the_url() -> 
     assert message.endswith("check the path in --explorer-url (an Etherscan-compatible API such as "
                             "https://api.etherscan.io/v2/api)"), message  # fmt: skip
     assert KEY not in message
+
+
+class _TwoLists:
+    """txlist and txlistinternal of a contract that both list one transaction (block 10): a
+    call to it that sends ETH back out (a WETH withdraw, a bridge's release), as Etherscan
+    lists internal calls from the address as well as to it. The internal list's first page
+    ends before block 10 (many internal rows there)."""
+
+    def __init__(self, tx_hash: str) -> None:
+        self.tx_hash = tx_hash
+
+    async def _pages(self, pages: list[tuple[list[tuple[str, int]], int]]
+                     ) -> AsyncIterator[tuple[list[tuple[str, int]], int]]:  # fmt: skip
+        for p in pages:
+            yield p
+
+    def walk(self, action: str, address: str, lo: int, hi: int) -> Any:
+        if action == "txlist":
+            return self._pages([([(self.tx_hash, 10)], 20), ([], hi)])
+        return self._pages([([], 5), ([(self.tx_hash, 10)], hi)])
+
+
+async def test_a_transaction_both_lists_give_is_one_ref_found(tmp_path: Path) -> None:
+    """The walk gave a transaction once per list when one list read it before the other had
+    passed its block: "explorer 101 blocks/2 refs" and "2 refs found, 1 new" for one."""
+    tx_hash = "0x" + "a1" * 32
+    seen: list[DiscoverProgress] = []
+    contract = Contract(31337, TOKEN, None, 0, None)
+    with open_store(f"sqlite:///{tmp_path / 'd.db'}") as store:
+        store.migrate()
+        store.add_contract(contract)
+        run = _Run(store, contract, ("explorer",), {"explorer": [(0, 100)]}, seen.append)
+        await _walk_job(run, "explorer", [(0, 100)],
+                        lambda lo, hi: walk_explorer(_TwoLists(tx_hash), 31337, TOKEN, lo, hi))  # type: ignore[arg-type]
+        refs = list(store.iter_gap(31337, TOKEN))
+    assert [r.tx_hash for r in refs] == [tx_hash]
+    assert (run.refs_by_method["explorer"], seen[-1].refs_found, seen[-1].new_refs) == (1, 1, 1)

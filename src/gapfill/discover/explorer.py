@@ -411,7 +411,12 @@ async def walk_explorer(
     """Both lists of ``contract`` over ``[lo, hi]`` in lockstep, as ``(refs, done_through_block)``.
 
     A block is done once both ``txlist`` and ``txlistinternal`` have passed it; the
-    last pair has ``done_through_block == hi``.
+    last pair has ``done_through_block == hi``. A ref is given with the pair whose
+    block range holds it, once both lists have passed its block: a transaction both
+    list (a call to the contract that sends ETH back out, as Etherscan lists internal
+    calls from the address too) is then given once, not once per list when the list
+    ahead read it before the other (which counted it twice as found). What is held
+    meanwhile is at most the pages the list ahead has read past the other.
     """
     walkers = {a: explorer.walk(a, contract, lo, hi) for a in ACTIONS}
     through = dict.fromkeys(ACTIONS, lo - 1)
@@ -431,7 +436,12 @@ async def walk_explorer(
             refs.setdefault(tx_hash, Ref(chain_id, contract, tx_hash, block, METHOD))
         now = min(through.values())
         if now > done_to:
-            yield list(refs.values()), now
-            refs, done_to = {}, now
+            # Rows come in block order past a list's ``through``: none of a block both
+            # have passed is still to come, from either list.
+            done = [r for r in refs.values() if r.block_number is not None and r.block_number <= now]
+            for r in done:
+                del refs[r.tx_hash]
+            yield done, now
+            done_to = now
     if refs or done_to < hi:
         yield list(refs.values()), hi

@@ -404,3 +404,22 @@ async def test_a_long_scan_leaves_one_coverage_row_per_contiguous_range(anvil: A
         assert again.blocks_scanned["blocks"] == head + 1 - done  # only what was missing
         assert rows(store, "blocks") == rows(store, "logs") == [(0, head)]
         assert len(store.get_coverage(31337, target.address)) == 2
+
+
+@pytest.mark.parametrize("methods", [["logs", "trace"], ["logs", "explorer"], ["logs", "blocks"]])
+async def test_a_transaction_two_methods_find_is_one_ref_found(
+    small_chain: NodeChain, store: Store, methods: list[str]
+) -> None:
+    """Methods that commit apart (a log scan and a trace_filter scan each as its windows are
+    answered, the explorer on its own task) each counted a transaction both found: the
+    progress line's "N refs found" was up to twice the refs there are."""
+    chain = small_chain.chain
+    token = _track(store, chain)[0]
+    seen: list[DiscoverProgress] = []
+    async with ExplorerStandIn(chain, rps=None) as api:
+        summary = await _discover(store, small_chain.url, token, methods=methods, on_progress=seen.append,
+                                  explorer=ExplorerConfig(api.url, rps=1000))  # fmt: skip
+    stored = len(_refs(store, token))
+    # Both methods found some of the same transactions, so a double count would show.
+    assert min(summary.refs_found.values()) > 0 and sum(summary.refs_found.values()) > stored
+    assert (seen[-1].refs_found, seen[-1].new_refs) == (stored, stored)

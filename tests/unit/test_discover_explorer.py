@@ -13,7 +13,9 @@ from gapfill.discover.explorer import (
     ExplorerClient,
     ExplorerConfig,
     ExplorerError,
+    ExplorerRefused,
     _RateLimited,
+    _TooCostly,
     walk_explorer,
 )
 from gapfill.discover.run import DiscoverProgress, _Run, _walk_job
@@ -176,8 +178,11 @@ def test_envelope() -> None:
     with pytest.raises(_RateLimited):
         client._unwrap({"status": "0", "message": "NOTOK",
                         "result": "Max calls per sec rate limit reached (5/sec)"})  # fmt: skip
-    with pytest.raises(ExplorerError, match="Query Timeout") as info:
-        client._unwrap({"status": "0", "message": "NOTOK", "result": f"Query Timeout occured {KEY}"})
+    with pytest.raises(_TooCostly):  # asked again over fewer blocks
+        timed_out = "Query Timeout occured. Please select a smaller result dataset"
+        client._unwrap({"status": "0", "message": "NOTOK", "result": timed_out})
+    with pytest.raises(ExplorerError, match="Error! Invalid address") as info:
+        client._unwrap({"status": "0", "message": "NOTOK", "result": f"Error! Invalid address {KEY}"})
     assert KEY not in str(info.value)
 
 
@@ -301,3 +306,33 @@ async def test_a_transaction_both_lists_give_is_one_ref_found(tmp_path: Path) ->
         refs = list(store.iter_gap(31337, TOKEN))
     assert [r.tx_hash for r in refs] == [tx_hash]
     assert (run.refs_by_method["explorer"], seen[-1].refs_found, seen[-1].new_refs) == (1, 1, 1)
+
+
+async def test_an_etherscan_query_timeout_is_asked_again_over_fewer_blocks() -> None:
+    """Etherscan answers a list too costly to compute (a busy contract's txlistinternal over a
+    wide block range) with "Query Timeout occured. Please select a smaller result dataset".
+    The walk took it for a fatal error, and discovery ended with "run the same command
+    again", which met it again: it now asks again over half the blocks."""
+    chain = fake_chain([5] * 40)
+    async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None, costly_blocks=10) as api:
+        async with ExplorerClient(ExplorerConfig(api.url, rps=1000, page_size=20), 31337) as client:
+            found, marks = await _walk(client, 0, chain.head)
+        assert api.stats.timed_out > 0
+        widest = max(end - start + 1 for _, start, end, _, _ in api.stats.queries)
+    assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
+    assert marks == sorted(marks) and marks[-1] == chain.head
+    assert widest > 10  # widened again after a narrower query was read
+
+
+async def test_a_query_timeout_over_one_block_says_how_to_scan_it_otherwise() -> None:
+    chain = fake_chain([5] * 4)
+    async with (
+        ExplorerStandIn(chain, rps=None, costly_blocks=0) as api,
+        ExplorerClient(ExplorerConfig(api.url, rps=1000), 31337) as client,
+    ):
+        with pytest.raises(ExplorerRefused) as caught:
+            await _walk(client, 0, chain.head)
+    message, fix = str(caught.value), caught.value.fix
+    assert "even for block 0 alone (Query Timeout occured" in message, message
+    assert fix.startswith("scan block 0 with --method trace --from-block 0 --to-block 0 "), message
+    assert "--method logs,blocks" in fix, message

@@ -17,6 +17,10 @@ limits are handled here:
   (``startblock``), and the rows of that block already read are dropped;
 * the free key allows 5 calls per second: requests are spaced by ``rps``, and a
   "Max rate limit reached" answer (or HTTP 429) means wait and ask again, not fail;
+* a list too costly to compute (a busy contract's ``txlistinternal`` over many
+  blocks) is answered "Query Timeout occured. Please select a smaller result
+  dataset": the walk asks again over half the blocks (down to one), then widens
+  again, doubling, once a narrower range is read;
 * the envelope ``{"status": "0", "message": "NOTOK", "result": "..."}`` is an
   error, except ``"No transactions found"`` (status 0 with an empty result), which
   is an empty page.
@@ -84,6 +88,7 @@ KEY_PARAM = "apikey"
 _RATE_LIMIT = re.compile(r"rate limit|max calls per sec|too many requests|slow down", re.IGNORECASE)
 _WINDOW = re.compile(r"result window is too large|page\s*no?\s*x\s*offset", re.IGNORECASE)
 _BAD_KEY = re.compile(r"api.?key", re.IGNORECASE)
+_TOO_COSTLY = re.compile(r"query timeout|smaller result dataset", re.IGNORECASE)
 
 
 class ExplorerError(GapfillError):
@@ -91,10 +96,10 @@ class ExplorerError(GapfillError):
 
 
 class ExplorerRefused(ExplorerError, FixFirst):
-    """The explorer refused the API key, or answered an HTTP error (a wrong URL or key):
-    asking again cannot pass until the user fixes it. ``what`` says what happened and
-    ``fix`` what to check, for a caller that words the sentence with more in it (what was
-    kept) and the fix last."""
+    """The explorer refused the API key, answered an HTTP error (a wrong URL or key), or
+    could not list even one block (a query timeout): asking again cannot pass until the
+    user fixes it. ``what`` says what happened and ``fix`` what to check, for a caller that
+    words the sentence with more in it (what was kept) and the fix last."""
 
 
 class _RateLimited(Exception):
@@ -106,6 +111,10 @@ class _WindowTooLarge(Exception):
 
 
 class _Transient(Exception):
+    pass
+
+
+class _TooCostly(Exception):
     pass
 
 
@@ -280,6 +289,8 @@ class ExplorerClient:
             raise _RateLimited(detail)
         if _WINDOW.search(detail):
             raise _WindowTooLarge(detail)
+        if _TOO_COSTLY.search(detail):
+            raise _TooCostly(detail)
         if _BAD_KEY.search(detail):
             refused, fix = self._key_source()
             raise ExplorerRefused(self._scrub(f"the explorer at {self.shown} {refused} ({detail})"), fix)
@@ -353,11 +364,13 @@ class ExplorerClient:
         """Pages of ``action`` over ``[lo, hi]`` as ``([(tx_hash, block)], done_through_block)``.
 
         Pages go forward by ``page`` until the next would pass the result window,
-        then start again at the last block seen.
+        then start again at the last block seen. A query the explorer times out on is
+        asked again from there over half its blocks (``stop``), which then widen again.
         """
         offset = self.config.page_size
         window = self.config.max_window
         start, page = lo, 1
+        stop, width = hi, hi - lo + 1  # the query's endblock; the blocks a query last spanned
         last: int | None = None  # highest block read so far
         seen: set[str] = set()  # hashes of block ``last`` already yielded
         while True:
@@ -370,7 +383,7 @@ class ExplorerClient:
                     )
                 start, page = last, 1
             params = {"module": "account", "action": action, "address": address,
-                      "startblock": str(start), "endblock": str(hi), "page": str(page),
+                      "startblock": str(start), "endblock": str(stop), "page": str(page),
                       "offset": str(offset), "sort": "asc"}  # fmt: skip
             if action == "txlistinternal":
                 params["include_zero_value"] = "true"  # Blockscout: value > 0 only without it
@@ -385,6 +398,22 @@ class ExplorerClient:
                     window = (page - 1) * offset  # smaller than documented: start again at `last`
                     page = window // offset + 1
                 continue
+            except _TooCostly as exc:
+                if stop <= start:
+                    raise ExplorerRefused(
+                        self._scrub(f"the explorer at {self.shown} cannot list {action} of {address} "
+                                    f"even for block {start} alone ({exc})"),
+                        f"scan block {start} with --method trace --from-block {start} --to-block {start} "
+                        "first (the explorer then skips it), or discover without the explorer "
+                        "(--method logs,blocks)",
+                    ) from None
+                # What was read stays read: from the last block seen, over half the blocks.
+                if last is not None and last > start:
+                    start = last
+                page = 1
+                width = max(1, (stop - start + 1) // 2)
+                stop = start + width - 1
+                continue
             if not isinstance(rows, list):
                 raise ExplorerError(f"the explorer answered {action} with {str(rows)[:80]!r}")
             out: list[tuple[str, int]] = []
@@ -398,8 +427,13 @@ class ExplorerClient:
                 if lo <= block <= hi:
                     out.append((tx_hash, block))
             if len(rows) < offset:
-                yield out, hi
-                return
+                if stop >= hi:
+                    yield out, hi
+                    return
+                yield out, stop  # a narrower query read: the next one spans twice its blocks
+                width *= 2
+                start, page, stop = stop + 1, 1, min(hi, stop + width)
+                continue
             assert last is not None
             yield out, max(lo - 1, last - 1)
             page += 1

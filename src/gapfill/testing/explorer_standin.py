@@ -17,6 +17,9 @@ behaves as the Etherscan docs say:
 * more than ``rps`` requests per second: ``{"status": "0", "message": "NOTOK",
   "result": "Max rate limit reached"}``;
 * no rows: ``{"status": "0", "message": "No transactions found", "result": []}``;
+* a list over more than ``costly_blocks`` blocks (when set): "Query Timeout occured.
+  Please select a smaller result dataset", as Etherscan answers one too costly to compute
+  (a busy contract's ``txlistinternal`` over a wide range);
 * a wrong ``apikey`` (when ``key`` is set): "Invalid API Key"; none: "Missing/Invalid
   API Key", as Etherscan's V2 API answers a request without one.
 
@@ -48,6 +51,7 @@ class StandInStats:
     requests: int = 0
     rate_limited: int = 0
     window_refused: int = 0
+    timed_out: int = 0
     actions: Counter[str] = field(default_factory=Counter)
     #: Every account query's (action, startblock, endblock, page, offset).
     queries: list[tuple[str, int, int, int, int]] = field(default_factory=list)
@@ -95,6 +99,7 @@ class ExplorerStandIn:
         path: str = "/v2/api",
         flavour: str = "etherscan",
         valued: frozenset[str] = frozenset(),
+        costly_blocks: int | None = None,
     ) -> None:
         """``valued``: the txs whose internal calls carry ETH (those ``txlistinternal`` lists
         unless a Blockscout is asked for zero-value ones too)."""
@@ -107,6 +112,7 @@ class ExplorerStandIn:
         self.head = chain.head if head is None else head
         self.path = path
         self.flavour = flavour
+        self.costly_blocks = costly_blocks
         self.stats = StandInStats()
         self.url = ""
         self._normal, self._internal = _rows(
@@ -189,6 +195,9 @@ class ExplorerStandIn:
                 f"Result window is too large, PageNo x Offset size must be less than or equal "
                 f"to {self.max_window}",
             )  # fmt: skip
+        if self.costly_blocks is not None and end - start + 1 > self.costly_blocks:
+            self.stats.timed_out += 1
+            return self._reply("0", "NOTOK", "Query Timeout occured. Please select a smaller result dataset")
         source = self._normal if action == "txlist" else self._internal
         rows = [r for r in source.get(address, []) if start <= int(r["blockNumber"]) <= end]
         zero_too = self.flavour == "blockscout" and q.get("include_zero_value", "").lower() == "true"

@@ -7,6 +7,7 @@ from typing import Any, cast
 import pytest
 
 from gapfill.discover.coverage import merge
+from gapfill.discover.logs import scan_logs
 from gapfill.discover.ranges import AdaptiveWindow, parse_cap, parse_hint, scan_ranges, split_refused
 from gapfill.errors import RpcError, RpcKeyRefused
 from gapfill.rpc import Call, CallError, RpcClient
@@ -175,3 +176,21 @@ def test_a_refusal_survives_pickling_with_its_parts() -> None:
         assert type(back) is cls and back.what == "the node refused the request"
         assert back.fix == "check the API key"
         assert str(back) == "the node refused the request: check the API key"
+
+
+async def test_a_log_scan_keeps_only_the_contracts_logs_when_the_filter_is_ignored() -> None:
+    """A provider that ignores eth_getLogs' address filter answers every log in the range:
+    every transaction in it became a ref of the contract (trace and block scans check the
+    address; the log scan did not)."""
+    ours, other = "0x" + "a" * 40, "0x" + "b" * 40
+
+    class NoFilter:
+        check = "--rpc-url"
+
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            return [[{"address": address, "transactionHash": "0x" + str(i) * 64, "blockNumber": hex(i)}
+                     for i, address in ((1, "0x" + "A" * 40), (2, other))]  # checksummed, or not
+                    for _ in calls]  # fmt: skip
+
+    refs = await scan_logs(cast(RpcClient, NoFilter()), 1, ours, [(0, 9)], AdaptiveWindow(blocks=10))
+    assert [(r.tx_hash, r.block_number) for r in refs] == [("0x" + "1" * 64, 1)]

@@ -38,7 +38,10 @@ async def scan_logs(
         found: dict[str, Ref] = {}
         for _, logs in answers:
             for log in logs or ():
-                if log.get("removed"):
+                # A provider that ignores the address filter answers every log of the range:
+                # its other contracts' transactions are not this one's (trace and block scans
+                # check the address the same way).
+                if log.get("removed") or str(log.get("address") or "").lower() != contract:
                     continue
                 key = str(log["transactionHash"]).lower()
                 if key not in found:

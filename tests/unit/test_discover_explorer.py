@@ -336,3 +336,18 @@ async def test_a_query_timeout_over_one_block_says_how_to_scan_it_otherwise() ->
     assert "even for block 0 alone (Query Timeout occured" in message, message
     assert fix.startswith("scan block 0 with --method trace --from-block 0 --to-block 0 "), message
     assert "--method logs,blocks" in fix, message
+
+
+@pytest.mark.parametrize("cap", [7, 20])
+async def test_an_explorer_capping_the_page_size_unsaid_is_paged_to_the_end(cap: int) -> None:
+    """An explorer that gives fewer rows a page than ``offset`` asks, without a word: its
+    first page looked like the last, and the blocks past it were recorded as scanned with
+    their transactions never read. ``cap`` 20: it gives what is asked (one more request)."""
+    chain = fake_chain([5, 40, 0, 33, 7, 61, 2, 19, 44, 1])
+    async with (
+        ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None, max_offset=cap) as api,
+        ExplorerClient(ExplorerConfig(api.url, rps=1000, page_size=20), 31337) as client,
+    ):
+        found, marks = await _walk(client, 0, chain.head)
+    assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
+    assert marks == sorted(marks) and marks[-1] == chain.head

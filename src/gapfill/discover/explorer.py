@@ -21,6 +21,10 @@ limits are handled here:
   blocks) is answered "Query Timeout occured. Please select a smaller result
   dataset": the walk asks again over half the blocks (down to one), then widens
   again, doubling, once a narrower range is read;
+* a page with fewer rows than ``offset`` asks ends the list only once a page of
+  ``offset`` rows has come (the explorer gives as many) or the next page brings none:
+  an explorer may cap ``offset`` lower without a word, and the blocks past its first
+  page were recorded as scanned unread; one that does is paged by its cap;
 * the envelope ``{"status": "0", "message": "NOTOK", "result": "..."}`` is an
   error, except ``"No transactions found"`` (status 0 with an empty result), which
   is an empty page.
@@ -373,6 +377,11 @@ class ExplorerClient:
         stop, width = hi, hi - lo + 1  # the query's endblock; the blocks a query last spanned
         last: int | None = None  # highest block read so far
         seen: set[str] = set()  # hashes of block ``last`` already yielded
+        # An explorer may cap ``offset`` below what was asked without saying so, and its full
+        # page would look like the last: until a page of ``offset`` rows shows that it gives
+        # as many, a short page with rows is last only if the next one brings none new.
+        honoured = False
+        short: int | None = None  # the rows of the short page the next one checks
         while True:
             if page > 1 and page * offset > window:
                 if last is None or last <= start:
@@ -416,6 +425,15 @@ class ExplorerClient:
                 continue
             if not isinstance(rows, list):
                 raise ExplorerError(f"the explorer answered {action} with {str(rows)[:80]!r}")
+            if short is not None:
+                assert last is not None
+                read = [self._row(action, r) for r in rows]
+                if any(b > last or (b == last and h not in seen) for b, h in read):
+                    # Capped at the short page's rows: page by that from the last block read
+                    # (this page's rows may lie past rows it skipped).
+                    offset, short, start, page = short, None, last, 1
+                    continue
+                short, rows = None, []
             out: list[tuple[str, int]] = []
             for row in rows:
                 block, tx_hash = self._row(action, row)
@@ -426,6 +444,13 @@ class ExplorerClient:
                 seen.add(tx_hash)
                 if lo <= block <= hi:
                     out.append((tx_hash, block))
+            honoured = honoured or len(rows) == offset
+            if 0 < len(rows) < offset and not honoured:
+                assert last is not None
+                short = len(rows)
+                yield out, max(lo - 1, last - 1)
+                page += 1
+                continue
             if len(rows) < offset:
                 if stop >= hi:
                     yield out, hi

@@ -20,6 +20,8 @@ behaves as the Etherscan docs say:
 * a list over more than ``costly_blocks`` blocks (when set): "Query Timeout occured.
   Please select a smaller result dataset", as Etherscan answers one too costly to compute
   (a busy contract's ``txlistinternal`` over a wide range);
+* ``max_offset`` (when set): at most that many rows a page whatever ``offset`` asks, paged
+  by it, without a word, as an explorer with a lower cap than Etherscan's may;
 * a wrong ``apikey`` (when ``key`` is set): "Invalid API Key"; none: "Missing/Invalid
   API Key", as Etherscan's V2 API answers a request without one.
 
@@ -100,6 +102,7 @@ class ExplorerStandIn:
         flavour: str = "etherscan",
         valued: frozenset[str] = frozenset(),
         costly_blocks: int | None = None,
+        max_offset: int | None = None,
     ) -> None:
         """``valued``: the txs whose internal calls carry ETH (those ``txlistinternal`` lists
         unless a Blockscout is asked for zero-value ones too)."""
@@ -113,6 +116,7 @@ class ExplorerStandIn:
         self.path = path
         self.flavour = flavour
         self.costly_blocks = costly_blocks
+        self.max_offset = max_offset
         self.stats = StandInStats()
         self.url = ""
         self._normal, self._internal = _rows(
@@ -205,6 +209,8 @@ class ExplorerStandIn:
             rows = [r for r in rows if r["value"] != "0"]
         if q.get("sort") == "desc":
             rows.reverse()
+        if self.max_offset is not None:
+            offset = min(offset, self.max_offset)
         rows = rows[(page - 1) * offset : page * offset]
         if not rows:
             return self._reply("0", "No transactions found", [])

@@ -732,3 +732,21 @@ def test_a_contract_removed_mid_discovery_is_not_said_kept_nor_asked_to_run_agai
     error = res.stderr.strip().splitlines()[-1]
     assert "no longer tracked" in error, error
     assert "kept" not in error and "run the same command again" not in error, error
+
+
+def test_a_log_scan_beside_a_finished_block_scan_keeps_its_wide_windows(anvil: Any, tmp_path: Path) -> None:
+    """`--method logs,blocks` over blocks a block scan already covered: the block scan has
+    nothing to do, yet its empty plan made the log scan go in 50-block chunks, one
+    eth_getLogs each (1,000 blocks: 20 calls instead of 1; mainnet's 20M: 400,000)."""
+    target = "0x" + "be" * 20
+    anvil.request("anvil_mine", hex(1000))
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    runner = CliRunner()
+    base = ["--db", db, "--rpc-url", anvil.url]
+    assert runner.invoke(cli, ["--db", db, "contract", "add", target, "--chain-id", "31337"]).exit_code == 0
+    res = runner.invoke(cli, [*base, "discover", "--method", "blocks", "--to-block", "999"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, [*base, "discover", "--method", "logs,blocks", "--to-block", "999"])
+    assert res.exit_code == 0, res.output
+    # One 2,000-block window covers the 1,000, as with `--method logs` alone.
+    assert "; 1 RPC call, " in res.stdout, res.stdout

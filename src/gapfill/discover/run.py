@@ -478,8 +478,10 @@ async def discover(
     jobs: list[Callable[[], Awaitable[None]]] = []
     # Window and per-block methods share chunks, so one commit covers all of them.
     chunked = [m for m in chosen if m in ("logs", "blocks") or (m == "trace" and backend == TRACE_FILTER)]
-    if chunked:
-        jobs += _chunk_jobs(run, client, settings, {m: todo[m] for m in chunked})
+    # A method with nothing left to scan takes no part: an empty block plan (blocks a block
+    # scan or the explorer did) made the log scan go in 50-block chunks, one call each.
+    if chunked_todo := {m: todo[m] for m in chunked if todo[m]}:
+        jobs += _chunk_jobs(run, client, settings, chunked_todo)
     if "trace" in chosen and backend != TRACE_FILTER and todo["trace"]:
         jobs.append(lambda: _walk_job(run, "trace", todo["trace"], lambda lo, hi: walk_ots(
             client, contract.chain_id, address, lo, hi, page_size=settings.ots_page_size,

@@ -750,3 +750,28 @@ def test_a_log_scan_beside_a_finished_block_scan_keeps_its_wide_windows(anvil: A
     assert res.exit_code == 0, res.output
     # One 2,000-block window covers the 1,000, as with `--method logs` alone.
     assert "; 1 RPC call, " in res.stdout, res.stdout
+
+
+def test_a_node_that_stops_answering_mid_log_scan_is_said_to_not_answer(anvil: Any, tmp_path: Path) -> None:
+    """A node that answers the start-up checks, then nothing at all (an outage, a proxy gone):
+    every eth_getLogs window that timed out was halved, down to one block, each half waiting
+    out every try (--rpc-timeout 1: 73 s; the default 30 s: ~20 silent minutes), and the
+    error blamed block 0 ("eth_getLogs failed for blocks 0-0 ...: pick another discovery
+    method"). One split is tried (a range too wide looks the same), then it says the node
+    does not answer."""
+    target = "0x" + "be" * 20
+    anvil.request("anvil_mine", hex(300))
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--db", db, "contract", "add", target, "--chain-id", "31337"]).exit_code == 0
+    # The first eth_getLogs (discover's one-block check that the node serves it) is
+    # answered; every request after it waits, unanswered.
+    with emulator(anvil.url, "--hold-at", "eth_getLogs:1") as (url, _):
+        res = runner.invoke(cli, ["--db", db, "--rpc-url", url, "discover", "--method", "logs",
+                                  "--rpc-timeout", "1"])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    error = res.stderr.strip().splitlines()[-1]
+    # One split (a window of 289 blocks, then halves of it), not one per halving down to a block.
+    assert "eth_getLogs got no answer for blocks 0-143: " in error, error
+    assert ("the node does not answer: check that it is not stuck or overloaded, or raise --rpc-timeout"
+            in error and "pick another discovery method" not in error), error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -119,18 +120,59 @@ async def test_scan_ranges_gives_up_on_a_single_refused_block() -> None:
         await scan_ranges(cast(RpcClient, node), [(0, 3)], _logs_call, AdaptiveWindow(blocks=4))
 
 
-async def test_scan_ranges_does_not_split_on_an_outage() -> None:
+@pytest.mark.parametrize("why", ["", ": connection timed out; check --rpc-url"])
+async def test_scan_ranges_does_not_split_on_an_outage(why: str) -> None:
+    # "connection timed out" (no node there) was taken for a range too slow to answer.
     class Down:
         calls = 0
         check = "--rpc-url"
 
         async def call_many(self, calls: list[Call]) -> list[Any]:
             Down.calls += len(calls)
-            return [CallError("transient", "could not reach the RPC node") for _ in calls]
+            return [CallError("transient", f"could not reach the RPC node{why}") for _ in calls]
 
-    with pytest.raises(RpcError, match="could not reach"):
+    with pytest.raises(RpcError, match=f"blocks 0-999: could not reach the RPC node{why}"):
         await scan_ranges(cast(RpcClient, Down()), [(0, 999)], _logs_call, AdaptiveWindow(blocks=1000))
     assert Down.calls == 1
+
+
+class Slow:
+    """A node that gets no reply out for a window wider than ``answers(lo)`` blocks (none,
+    with 0), and answers the others."""
+
+    check = "--rpc-url"
+    silent = "the node does not answer: check that it is not stuck or overloaded, or raise --rpc-timeout"
+
+    def __init__(self, answers: Callable[[int], int]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[int, int]] = []
+
+    async def call_many(self, calls: list[Call]) -> list[Any]:
+        spans = [(int(c.params[0]["fromBlock"], 16), int(c.params[0]["toBlock"], 16)) for c in calls]
+        self.calls += spans
+        return [[] if hi - lo < self.answers(lo) else
+                CallError("transient", "no response within 1 s (at http://n/, after 3 attempts)")
+                for lo, hi in spans]  # fmt: skip
+
+
+async def test_a_node_that_stopped_answering_is_said_so_after_one_split() -> None:
+    # Each window that timed out was halved, down to one block, each half waiting out every
+    # try: ~20 minutes at the default timeout, then "eth_getLogs failed for blocks 0-0".
+    node = Slow(lambda lo: 0)
+    with pytest.raises(RpcError) as info:
+        await scan_ranges(cast(RpcClient, node), [(0, 999)], _logs_call, AdaptiveWindow(blocks=1000))
+    assert str(info.value) == ("eth_getLogs got no answer for blocks 0-499: no response within 1 s (at "
+                               f"http://n/, after 3 attempts); {Slow.silent}")  # fmt: skip
+    assert node.calls == [(0, 999), (0, 499), (500, 999)]
+
+
+async def test_a_node_too_slow_for_wide_windows_gets_them_split_while_it_answers() -> None:
+    # 500-block windows pass below block 1,000, 250-block ones above (a busier stretch).
+    node = Slow(lambda lo: 500 if lo < 1_000 else 250)
+    done = await scan_ranges(cast(RpcClient, node), [(0, 1_999)], _logs_call, AdaptiveWindow(blocks=1_000),
+                             parallel=2)  # fmt: skip
+    assert merge(span for span, _ in done) == [(0, 1_999)]
+    assert (1_000, 1_249) in node.calls  # split twice, an answer between the splits
 
 
 async def test_a_refused_key_keeps_what_to_fix_apart() -> None:

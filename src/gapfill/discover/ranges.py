@@ -11,6 +11,10 @@ flight at once) and, when a window is refused:
 2. else uses a stated cap ("max block range 2000", "up to a 2K block range");
 3. else halves the window.
 
+A window that got no reply within the read timeout is halved too (a range too heavy for
+the node), but only once without an answer in between: a node that answers nothing is
+down, and the scan ends saying so rather than halving down to one block.
+
 After ``grow_after`` successes in a row at full width, the width doubles again
 (up to ``max_blocks``), because result-count limits depend on how busy a stretch
 of the chain is, not on a fixed span; a span cap the node states is one, so the
@@ -121,8 +125,18 @@ def split_refused(lo: int, hi: int, message: str) -> tuple[list[Interval], int]:
 
 
 def _refusal(error: CallError) -> bool:
-    """Whether a failed range query is worth splitting (the node said no to the range)."""
+    """Whether a failed range query is worth splitting (the node said no to the range, or
+    took too long over it); see :func:`_silent` for a timeout that is an outage."""
+    if error.message.startswith("could not reach"):  # "connection timed out": no node there
+        return False
     return error.kind == "permanent" or bool(_TIMEOUT.search(error.message))
+
+
+def _silent(error: CallError) -> bool:
+    """Whether a failed call got no reply: every try waited out the read timeout. A range
+    too wide for the node looks the same as an outage, until an answer (to a narrower
+    range) tells them apart."""
+    return "no response within" in error.message
 
 
 async def scan_ranges(
@@ -140,10 +154,15 @@ async def scan_ranges(
     round is sent) and none is returned: a caller can keep them before the scan ends.
 
     Raises :class:`gapfill.errors.RpcError` when even one block is refused, or a
-    failure is not a refusal (the node is down, every retry failed).
+    failure is not a refusal (the node is down, every retry failed). A window that got no
+    reply is split only if some answer came since the last such split (the start-up checks
+    count as one): a node that stopped answering had every window halved down to one block,
+    each half waiting out every try (about 20 minutes at the default timeout), and the
+    error then blamed that block.
     """
     pending: deque[Interval] = deque(ranges)
     done: list[tuple[Interval, Any]] = []
+    heard_since_split = True
     while pending:
         batch: list[Interval] = []
         while pending and len(batch) < parallel:
@@ -159,11 +178,18 @@ async def scan_ranges(
         outs = await client.call_many(calls)
         retry: list[Interval] = []
         answered: list[tuple[Interval, Any]] = []
+        heard = heard_since_split or any(not isinstance(out, CallError) or not _silent(out) for out in outs)
+        split_silent = False
         for (lo, hi), call, out in zip(batch, calls, outs, strict=True):
             if not isinstance(out, CallError):
                 window.succeeded(hi - lo + 1)
                 answered.append(((lo, hi), out))
                 continue
+            silent = _silent(out)
+            if silent and (lo == hi or not heard):
+                raise RpcError(f"{call.method} got no answer for blocks {lo}-{hi}: {out.message}; "
+                               f"{client.silent}")  # fmt: skip
+            split_silent = split_silent or silent
             if lo == hi or not _refusal(out):
                 if out.fix is not None:  # a refused key: the fix, apart, for the CLI to say last
                     raise out.failed(f"{call.method} failed for blocks {lo}-{hi}")
@@ -179,6 +205,7 @@ async def scan_ranges(
             if cap is not None:  # a fixed span limit: growing back past it is refused again
                 window.capped(cap)
             retry.extend(pieces)
+        heard_since_split = heard and not split_silent
         if on_round is None:
             done.extend(answered)
         elif answered:

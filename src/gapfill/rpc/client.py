@@ -174,6 +174,13 @@ class RpcClient:
         URLs came from (``--rpc-url``, ``ETH_RPC_URL`` or the config file's key)."""
         return checks(e.config for e in self._endpoints)
 
+    @property
+    def silent(self) -> str:
+        """What a message about a call that got no reply within the read timeout adds: what
+        to check, and the option (or config key) that sets the timeout."""
+        return (f"the node does not answer: check that it is not stuck or overloaded, or raise "
+                f"{self._settings.timeout_check}")  # fmt: skip
+
     async def __aenter__(self) -> RpcClient:
         return self
 
@@ -266,8 +273,7 @@ class RpcClient:
                         message += ("; the node is failing: try again later, or point "
                                     f"{endpoint.config.check} at another node")
                     elif "no response within" in message:  # up (it accepted), but silent
-                        message += ("; the node does not answer: check that it is not stuck or "
-                                    f"overloaded, or raise {self._settings.timeout_check}")  # fmt: skip
+                        message += f"; {self.silent}"
                     elif "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
                         message += (f"; check that {endpoint.config.check} is the JSON-RPC "
                                     "endpoint of an Ethereum node")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -246,9 +247,9 @@ async def test_interrupted_discovery_resumes_where_it_stopped(
         left = chain.head + 1 - done
         again = await _discover(store, small_chain.url, silent, settings=settings)
         # Only the blocks not yet complete are fetched again (one block call each, one
-        # log window per chunk at most).
+        # log window per chunk at most, with the call that shows the node has its last block).
         assert again.blocks_scanned["blocks"] == left
-        assert left <= again.rpc_calls <= left + again.chunks
+        assert left <= again.rpc_calls <= left + 2 * again.chunks
         assert set(_refs(store, silent)) == chain.direct[chain.silent] | chain.emitted[chain.silent]
         final = coverage_report(store, chain.chain_id, chain.silent, chain.head)
         assert final["complete"] == [[0, chain.head]] and final["unscanned"] == []
@@ -423,3 +424,75 @@ async def test_a_transaction_two_methods_find_is_one_ref_found(
     # Both methods found some of the same transactions, so a double count would show.
     assert min(summary.refs_found.values()) > 0 and sum(summary.refs_found.values()) > stored
     assert (seen[-1].refs_found, seen[-1].new_refs) == (stored, stored)
+
+
+class _LaggingBackend:
+    """A load balancer in front of two nodes: ``eth_blockNumber`` is answered by the node at
+    the head, every other call by one behind it (a provider's backend still syncing)."""
+
+    def __new__(cls, head_url: str, behind_url: str) -> Any:
+        import json
+        from http.server import BaseHTTPRequestHandler
+
+        from engine_support import _answer, _forward, _Loopback
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                calls = body if isinstance(body, list) else [body]
+                out = [_forward(head_url if c.get("method") == "eth_blockNumber" else behind_url,
+                                json.dumps(c).encode()) for c in calls]  # fmt: skip
+                _answer(self, out if isinstance(body, list) else out[0])
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        class Proxy(_Loopback):
+            def __init__(self) -> None:
+                self._serve(Handler)
+
+        return Proxy()
+
+
+@pytest.mark.parametrize(("method", "backend"),
+                         [("logs", None), ("trace", TRACE_FILTER), ("trace", OTS_SEARCH)])  # fmt: skip
+def test_blocks_a_node_behind_the_head_has_not_reached_are_not_recorded_as_scanned(
+    anvil: Any, anvil_bin: str, store: Store, method: str, backend: str | None
+) -> None:
+    """A node behind the head answers trace_filter past its head with [], eth_getLogs cut at
+    its head, Otterscan with a firstPage at its head, and no error: discovery recorded the
+    blocks it had never seen as complete, lost the transactions in them, and a rerun said
+    them "already scanned". Only blocks a node showed it had are recorded now."""
+    import asyncio
+
+    from gapfill.errors import RpcError
+    from gapfill.testing.anvil import Anvil
+
+    target = "0x" + "be" * 20
+    anvil.request("anvil_setCode", target, "0x60006000a000")  # LOG0 on every call
+    sender = anvil.request("eth_accounts")[0]
+    sent = []
+    for _ in range(3):
+        sent.append(anvil.request("eth_sendTransaction", {"from": sender, "to": target, "value": "0x1"}))
+        anvil.request("anvil_mine", hex(500))
+    blocks = [int(anvil.request("eth_getTransactionReceipt", tx)["blockNumber"], 16) for tx in sent]
+    contract = Contract(31337, target, start_block=0)
+    store.add_contract(contract)
+    fork = ["--fork-url", anvil.url, "--fork-block-number", str(blocks[0] + 100)]
+    settings = DiscoverSettings(trace_backends=(backend,)) if backend else DiscoverSettings()
+    with Anvil(binary=anvil_bin, extra_args=fork) as behind, _LaggingBackend(anvil.url, behind.url) as lb:
+        try:
+            asyncio.run(_discover(store, lb.url, contract, methods=[method], settings=settings))
+            error = "no error"
+        except RpcError as exc:
+            error = str(exc)
+    found = {r.block_number for r in store.iter_gap(31337, target)}
+    covered = [(c.from_block, c.to_block) for c in store.get_coverage(31337, target)]
+    # Blocks 502 and 1003 were recorded as scanned, their transactions not found.
+    lost = [b for b in blocks if b not in found and any(lo <= b <= hi for lo, hi in covered)]
+    assert not lost, (covered, found, error)
+    # The first window the node had not reached: its last block (the head, or a refused
+    # window's piece).
+    assert re.search(r"by a node that could not show block \d+ \(it is behind the head", error), error

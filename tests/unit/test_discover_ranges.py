@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -61,7 +61,31 @@ async def test_a_stated_span_cap_is_not_grown_past() -> None:
         assert window.refusals <= 8 and len(node.calls) < 1_100, (hint, window.refusals)
 
 
-class FakeNode:
+class Node:
+    """What the scan asks of a client beside its calls: each window's last block, answered
+    in the same request as the window (subclasses answer the windows)."""
+
+    check = "--rpc-url"
+
+    async def call_many(self, calls: list[Call]) -> list[Any]:
+        raise NotImplementedError
+
+    async def call_many_via(self, calls: list[Call]) -> list[tuple[Any, tuple[int, int] | None]]:
+        windows = await self.call_many([c for c in calls if c.method != "eth_getBlockByNumber"])
+        answers = iter(windows)
+        out = [self.block(c.params[0]) if c.method == "eth_getBlockByNumber" else next(answers)
+               for c in calls]  # fmt: skip
+        return [(a, None if isinstance(a, CallError) else self.via(c))
+                for a, c in zip(out, calls, strict=True)]  # fmt: skip
+
+    def block(self, number: str) -> Any:
+        return {"number": number}
+
+    def via(self, call: Call) -> tuple[int, int]:
+        return (0, 0)
+
+
+class FakeNode(Node):
     """call_many for eth_getLogs with a span cap and a result cap (one log per block)."""
 
     check = "--rpc-url"
@@ -123,7 +147,7 @@ async def test_scan_ranges_gives_up_on_a_single_refused_block() -> None:
 @pytest.mark.parametrize("why", ["", ": connection timed out; check --rpc-url"])
 async def test_scan_ranges_does_not_split_on_an_outage(why: str) -> None:
     # "connection timed out" (no node there) was taken for a range too slow to answer.
-    class Down:
+    class Down(Node):
         calls = 0
         check = "--rpc-url"
 
@@ -136,7 +160,7 @@ async def test_scan_ranges_does_not_split_on_an_outage(why: str) -> None:
     assert Down.calls == 1
 
 
-class Slow:
+class Slow(Node):
     """A node that gets no reply out for a window wider than ``answers(lo)`` blocks (none,
     with 0), and answers the others."""
 
@@ -175,9 +199,42 @@ async def test_a_node_too_slow_for_wide_windows_gets_them_split_while_it_answers
     assert (1_000, 1_249) in node.calls  # split twice, an answer between the splits
 
 
+async def test_a_window_is_kept_only_from_a_node_shown_to_have_its_last_block() -> None:
+    # A node behind the head answered a window past it as if empty, and it was recorded.
+    class Behind(Node):
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            return [[] for _ in calls]
+
+        def block(self, number: str) -> Any:  # every try at it was null (the client's null_retry)
+            return CallError("not_found", "still null after 3 answers") if int(number, 16) > 500 else {}
+
+    with pytest.raises(RpcError) as info:
+        await scan_ranges(cast(RpcClient, Behind()), [(0, 999)], _logs_call, AdaptiveWindow(blocks=400))
+    assert str(info.value) == (
+        "eth_getLogs for blocks 400-799 was answered by a node that could not show block 799 (it is behind "
+        "the head, or a backend behind a load balancer is), so they were not recorded as scanned: run "
+        "discover again later, or point --rpc-url at a node in sync")
+
+    class Apart(Node):  # the proof came in another request (the batch was cut), now and then
+        asked: ClassVar[list[tuple[int, int]]] = []
+
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            Apart.asked += [(int(c.params[0]["fromBlock"], 16), int(c.params[0]["toBlock"], 16))
+                            for c in calls]  # fmt: skip
+            return [[] for _ in calls]
+
+        def via(self, call: Call) -> tuple[int, int]:
+            late = call.method == "eth_getBlockByNumber" and len(Apart.asked) < 4
+            return (0, 1 if late else 0)
+
+    done = await scan_ranges(cast(RpcClient, Apart()), [(0, 999)], _logs_call, AdaptiveWindow(blocks=400))
+    assert sorted(span for span, _ in done) == [(0, 399), (400, 799), (800, 999)]
+    assert Apart.asked[:3] == [(0, 399), (400, 799), (800, 999)] and len(Apart.asked) == 6
+
+
 async def test_a_refused_key_keeps_what_to_fix_apart() -> None:
     # The fix was only the middle of the message's text: discover's CLI could not put it last.
-    class Refusing:
+    class Refusing(Node):
         check = "--rpc-url"
 
         async def call_many(self, calls: list[Call]) -> list[Any]:
@@ -193,7 +250,7 @@ async def test_a_refused_key_keeps_what_to_fix_apart() -> None:
 
 
 async def test_a_node_without_the_method_says_what_to_do() -> None:
-    class NoLogs:
+    class NoLogs(Node):
         check = "--rpc-url"
 
         async def call_many(self, calls: list[Call]) -> list[Any]:

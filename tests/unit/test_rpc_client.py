@@ -1262,3 +1262,25 @@ def test_a_small_rate_limit_is_learned_and_the_batches_follow_it(tmp_path: Any, 
     rate = endpoint.rate_rps()
     assert rate is not None and 1.0 <= rate <= limit
     assert endpoint.cap() <= max(1, limit // 2)
+
+
+async def test_the_head_is_the_lowest_endpoints_and_each_answer_says_its_request(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # Discovery took the head from whichever endpoint answered eth_blockNumber, and scanned
+    # past the head of another, which answered those blocks as if empty.
+    def at(head: int) -> Callable[[FakeNode, Any], web.Response]:
+        def answer(node: FakeNode, body: Any) -> web.Response:
+            return reply(body, [ok(c, hex(head)) if c["method"] == "eth_blockNumber" else ok(c)
+                                for c in as_batch(body)])  # fmt: skip
+        return answer
+
+    ahead, behind = await make_node(at(1_000)), await make_node(at(900))
+    endpoints = [EndpointConfig(ahead.url), EndpointConfig(behind.url)]
+    async with RpcClient(endpoints, settings(tmp_path)) as client:
+        assert await client.lowest_head() == 900
+        calls = [Call("eth_getBlockByNumber", [hex(n), False]) for n in range(4)]
+        outs = await client.call_many_via(calls)
+    assert [out for out, _ in outs] == [c.params[0] for c in calls]
+    # One request: one endpoint, one number.
+    assert len({via for _, via in outs}) == 1 and outs[0][1] is not None

@@ -15,6 +15,15 @@ A window that got no reply within the read timeout is halved too (a range too he
 the node), but only once without an answer in between: a node that answers nothing is
 down, and the scan ends saying so rather than halving down to one block.
 
+A node behind the head answers a range past its own head as if it held nothing there
+(``trace_filter``: ``[]``; ``eth_getLogs``: the logs up to its head), with no error: a
+second ``--rpc-url`` still syncing, a load balancer's stale backend. So each window goes
+with ``eth_getBlockByNumber(hi)`` just before it (:func:`call_reaching`), and its answer is
+kept only from a node that had block ``hi`` in the same request (or an earlier one to the
+same endpoint); otherwise the window is asked again, and a node that never has ``hi``
+ends the scan saying so, with nothing recorded as scanned past what was proven. One extra
+call per window.
+
 After ``grow_after`` successes in a row at full width, the width doubles again
 (up to ``max_blocks``), because result-count limits depend on how busy a stretch
 of the chain is, not on a fixed span; a span cap the node states is one, so the
@@ -26,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +59,9 @@ _CAP = re.compile(
     re.IGNORECASE,
 )
 _TIMEOUT = re.compile(r"time.?out|timed out|no response within", re.IGNORECASE)
+#: Answers of a window whose node could not be shown to have its last block, in a row,
+#: before the scan gives up on it.
+PROOF_TRIES = 3
 
 
 def _int(text: str) -> int:
@@ -139,6 +151,36 @@ def _silent(error: CallError) -> bool:
     return "no response within" in error.message
 
 
+async def call_reaching(
+    client: RpcClient, calls: Sequence[Call], tops: Sequence[int], counter: list[int] | None = None
+) -> list[tuple[Any | CallError, bool | None]]:
+    """``calls``' results, each with whether the node that answered it had block ``tops[i]``
+    (True: shown in the same request, or an earlier one to the same endpoint), never showed
+    it (None: every answer for it was null: it is behind), or could not be shown to (False:
+    the proof came apart from the answer, or failed): ask again."""
+    # null_retry: a node a block or two short gets the client's null backoff to catch up.
+    probes = [Call("eth_getBlockByNumber", [hex(top), False], null_retry=True) for top in tops]
+    if counter is not None:
+        counter[0] += 2 * len(calls)
+    outs = await client.call_many_via([c for pair in zip(probes, calls, strict=True) for c in pair])
+    shown: list[tuple[Any | CallError, bool | None]] = []
+    for (block, proof), (out, via) in zip(outs[::2], outs[1::2], strict=True):
+        if isinstance(block, CallError) and block.kind == "not_found":
+            shown.append((out, None))
+        else:
+            shown.append((out, isinstance(block, dict) and proof is not None and via is not None
+                           and proof[0] == via[0] and proof[1] <= via[1]))  # fmt: skip
+    return shown
+
+
+def behind(client: RpcClient, method: str, lo: int, hi: int) -> RpcError:
+    """The error of a window whose node could not be shown to have reached its end."""
+    return RpcError(f"{method} for blocks {lo}-{hi} was answered by a node that could not show block {hi} "
+                    "(it is behind the head, or a backend behind a load balancer is), so they were not "
+                    f"recorded as scanned: run discover again later, or point {client.check} at a "
+                    "node in sync")  # fmt: skip
+
+
 async def scan_ranges(
     client: RpcClient,
     ranges: list[Interval],
@@ -163,6 +205,7 @@ async def scan_ranges(
     pending: deque[Interval] = deque(ranges)
     done: list[tuple[Interval, Any]] = []
     heard_since_split = True
+    doubts: dict[int, int] = {}  # per window's first block, its answers not shown to reach its end
     while pending:
         batch: list[Interval] = []
         while pending and len(batch) < parallel:
@@ -173,15 +216,20 @@ async def scan_ranges(
                 hi = lo + width - 1
             batch.append((lo, hi))
         calls = [make_call(lo, hi) for lo, hi in batch]
-        if counter is not None:
-            counter[0] += len(calls)
-        outs = await client.call_many(calls)
+        shown = await call_reaching(client, calls, [hi for _, hi in batch], counter)
         retry: list[Interval] = []
         answered: list[tuple[Interval, Any]] = []
-        heard = heard_since_split or any(not isinstance(out, CallError) or not _silent(out) for out in outs)
+        heard = heard_since_split or not all(isinstance(out, CallError) and _silent(out) for out, _ in shown)
         split_silent = False
-        for (lo, hi), call, out in zip(batch, calls, outs, strict=True):
+        for (lo, hi), call, (out, reached) in zip(batch, calls, shown, strict=True):
             if not isinstance(out, CallError):
+                if not reached:
+                    doubts[lo] = doubts.get(lo, 0) + 1
+                    if reached is None or doubts[lo] >= PROOF_TRIES:
+                        raise behind(client, call.method, lo, hi)
+                    retry.append((lo, hi))
+                    continue
+                doubts.pop(lo, None)
                 window.succeeded(hi - lo + 1)
                 answered.append(((lo, hi), out))
                 continue

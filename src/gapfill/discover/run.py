@@ -6,15 +6,18 @@ Methods, and what each one sees
 ========  ===============================================  ====================
 method    finds                                            cost
 ========  ===============================================  ====================
-logs      txs in which the contract emitted an event       1 call per window
+logs      txs in which the contract emitted an event       2 calls per window
 blocks    txs sent straight to it (reverted, silent too)   1 call per block
-trace     direct *and* internal calls (``trace_filter``    1 call per window
+trace     direct *and* internal calls (``trace_filter``    2 calls per window
           or Otterscan ``ots_searchTransactionsAfter``)    (or per page)
 explorer  ``txlist`` + ``txlistinternal`` of an            2+ requests per
           Etherscan-compatible API: direct txs, and        10,000 rows
           internal calls that carry ETH (Etherscan lists
           no others; Blockscout does, as gapfill asks)
 ========  ===============================================  ====================
+
+A window (or page) goes with ``eth_getBlockByNumber`` of its last block, so that blocks a
+node behind the head answered as empty are not recorded (see :mod:`gapfill.discover.ranges`).
 
 What each misses: ``logs`` a transaction in which the contract emitted nothing;
 ``blocks`` every internal call; ``explorer`` internal calls that carry no ETH
@@ -447,7 +450,8 @@ async def discover(
     chosen = check_methods(methods) if methods is not None else None
     if chosen is not None and "explorer" in chosen and explorer is None:
         raise ConfigError(f"{NO_EXPLORER}: {url_hint()}")
-    latest = int(str(await client.call("eth_blockNumber", [])), 16)
+    # The lowest head: a window past an endpoint's head is answered as if empty (see ranges).
+    latest = await client.lowest_head()
     safe = latest - confirmations
     coverage = await asyncio.to_thread(store.get_coverage, contract.chain_id, address)
     start = from_block if from_block is not None else (contract.start_block or 0)

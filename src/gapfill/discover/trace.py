@@ -19,10 +19,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gapfill.discover.ranges import AdaptiveWindow, Interval, OnRefs, block_number, scan_for_refs
+from gapfill.discover.ranges import (
+    PROOF_TRIES,
+    AdaptiveWindow,
+    Interval,
+    OnRefs,
+    behind,
+    block_number,
+    call_reaching,
+    scan_for_refs,
+)
 from gapfill.errors import RpcError
 from gapfill.model import Ref
-from gapfill.rpc import Call, RpcClient
+from gapfill.rpc import Call, CallError, RpcClient
 
 METHOD = "trace"
 TRACE_FILTER = "trace_filter"
@@ -106,10 +115,14 @@ async def walk_ots(
     The last pair has ``done_through_block == hi``.
     """
     after = max(lo - 1, 0)
+    doubts = 0  # pages in a row claiming ``hi`` from a node not shown to have it
     while True:
-        if counter is not None:
-            counter[0] += 1
-        page = await client.call(OTS_SEARCH, [contract, after, page_size])
+        # A node behind the head says firstPage at its own head: the page claims ``hi`` only
+        # from a node that had block ``hi`` (see ranges.call_reaching).
+        [(page, reached)] = await call_reaching(client, [Call(OTS_SEARCH, [contract, after, page_size])],
+                                                [hi], counter)  # fmt: skip
+        if isinstance(page, CallError):
+            raise page.to_exception(OTS_SEARCH)
         if not isinstance(page, dict):
             raise RpcError(f"{OTS_SEARCH} answered with {str(page)[:80]!r}, not a page")
         txs = page.get("txs") or []
@@ -123,6 +136,11 @@ async def walk_ots(
         # "After" pages come newest-first; the one holding the newest transactions
         # is flagged firstPage.
         if not txs or page.get("firstPage") or top >= hi:
+            if not reached:
+                doubts += 1
+                if reached is None or doubts >= PROOF_TRIES:
+                    raise behind(client, OTS_SEARCH, after + 1, hi)
+                continue
             yield refs, hi
             return
         if top <= after:

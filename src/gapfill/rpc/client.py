@@ -61,6 +61,13 @@ ANSWERED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Contex
 )
 
 
+#: Where a result came from: the endpoint's position (in the order given) and the
+#: request's number among those sent to it. Two results with one ``Via`` were answered in
+#: one request, by one node (or one backend of a load balancer); on one endpoint, a lower
+#: number was sent earlier.
+Via = tuple[int, int]
+
+
 @dataclass(slots=True)
 class _Item:
     call: Call
@@ -72,6 +79,8 @@ class _Item:
     sent: bool = False
     #: Endpoints to avoid for this call; immutable, so the usual empty one is shared.
     avoid: frozenset[int] = frozenset()
+    #: Where its result came from (see :data:`Via`).
+    via: Via | None = None
     #: Start-up checks try a node that answers HTTP 5xx more than ``RpcSettings.attempts``
     #: times, so a flaky node is not refused for good on three unlucky answers. An
     #: unreachable or silent node still fails after ``attempts``.
@@ -209,11 +218,42 @@ class RpcClient:
 
     async def call_many(self, calls: Sequence[Call]) -> list[Any | CallError]:
         """Results (or :class:`CallError`) in the order of ``calls``."""
+        return [out for out, _ in await self.call_many_via(calls)]
+
+    async def call_many_via(self, calls: Sequence[Call]) -> list[tuple[Any | CallError, Via | None]]:
+        """As :meth:`call_many`, each result with where it came from (:data:`Via`; None for
+        a :class:`CallError`): calls sent side by side usually travel in one request, but a
+        cap on the batch size, a retry or an endpoint without one of the methods parts them."""
         items = [_Item(call) for call in calls]
         results: list[Any] = [_PENDING] * len(items)
         if items:
             await self._drive(list(range(len(items))), items, results, None)
-        return results
+        return [(out, None if isinstance(out, CallError) else item.via)
+                for out, item in zip(results, items, strict=True)]  # fmt: skip
+
+    async def lowest_head(self) -> int:
+        """The lowest ``eth_blockNumber`` of the usable endpoints (each asked once, at once):
+        a block at or below it is one every endpoint has reached, whichever answers for it.
+        One whose answer fails is left out (its calls fail, and go to the others), unless
+        every one's does: then the first failure is raised."""
+        usable = [e for e in self._endpoints if e.usable()]
+        outs = await asyncio.gather(*(self._call_pinned(e, "eth_blockNumber", []) for e in usable))
+        heads: dict[Endpoint, int] = {}
+        for endpoint, out in zip(usable, outs, strict=True):
+            with contextlib.suppress(ValueError):
+                heads[endpoint] = int(str(out), 16)
+        if not heads:
+            failed = next((out for out in outs if isinstance(out, CallError)), None)
+            if failed is not None:
+                raise self._as_rpc_error("eth_blockNumber", failed)
+            said = repr(str(outs[0])[:60]) if outs else "nothing (no usable endpoint)"
+            raise RpcError(f"the node answered eth_blockNumber with {said}: check {self.check}")
+        top, low = max(heads.values()), min(heads.values())
+        for endpoint, head in heads.items():
+            if head < top:
+                logger.info("RPC endpoint %s is %s behind the others (at block %d)", endpoint.shown,
+                            counted(top - head, "block"), head)  # fmt: skip
+        return low
 
     def queued(self, priority: int) -> bool:
         """Whether requests of :data:`~gapfill.rpc.slots.PRIORITY` ``priority`` wait for
@@ -750,6 +790,7 @@ class RpcClient:
                         again.append(i)
                 else:
                     results[i] = result
+                    item.via = (endpoint.index, sequence)
                 continue
             else:
                 verdict = Verdict(Fault.TRANSIENT, "malformed answer: neither result nor error")

@@ -34,6 +34,15 @@ ERRORS = [
     (429, "Your app has exceeded its compute units per second capacity", Fault.RATE_LIMITED),
     (-32000, "rate limit reached", Fault.RATE_LIMITED),
     (-32016, "Too Many Requests", Fault.RATE_LIMITED),
+    # EIP-1474's own -32005 wording, QuickNode's -32007, a -32000 some providers send: read
+    # as other faults, they were given up after 3 tries (or at once) with no rate learned
+    (-32005, "limit exceeded", Fault.RATE_LIMITED),
+    (-32005, "Limit exceeded: request exceeds defined limit", Fault.RATE_LIMITED),
+    (-32007, "500/second request limit reached - reduce calls per second or upgrade your "
+             "account at quicknode.com", Fault.RATE_LIMITED),
+    (-32000, "request limit exceeded", Fault.RATE_LIMITED),
+    (-32000, "request limit reached", Fault.RATE_LIMITED),
+    (-32000, "exceeds block gas limit", Fault.PERMANENT),
     (-32600, "batch size exceeds the limit of 50 requests", Fault.BATCH_TOO_LARGE),
     (-32000, "Batch size too large", Fault.BATCH_TOO_LARGE),
     (-32600, "too many requests in batch", Fault.BATCH_TOO_LARGE),
@@ -49,7 +58,6 @@ ERRORS = [
     (-32603, "internal error", Fault.TRANSIENT),
     (-32000, "header not found", Fault.TRANSIENT),
     (-32000, "request timed out", Fault.TRANSIENT),
-    (-32005, "limit exceeded", Fault.TRANSIENT),
     # geth answers these with the generic -32000, yet each passes: its transaction index
     # being built (after a sync), its own deadline, a backend cut mid-answer, a node going down
     (-32000, "transaction indexing is in progress", Fault.TRANSIENT),

@@ -677,6 +677,22 @@ async def test_a_configured_rate_above_the_providers_shrinks_the_batches_too(
     assert any(1 < n <= 30 for n in sizes), sizes
 
 
+async def test_limit_exceeded_is_not_given_up_after_three_tries(make_node: Any, tmp_path: Any) -> None:
+    # EIP-1474's -32005 "limit exceeded" is a rate limit: 12 tries (rate_limit_attempts),
+    # not the 3 of a passing fault.
+    state = {"n": 0}
+
+    def limited(node: FakeNode, body: Any) -> web.Response:
+        state["n"] += 1
+        if state["n"] <= 3:
+            return reply(body, [err(c, -32005, "limit exceeded") for c in as_batch(body)])
+        return echo(node, body)
+
+    node = await make_node(limited)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        assert await client.call_many([Call("echo", [1])]) == [1]
+
+
 # -- batch size -------------------------------------------------------------------------
 
 

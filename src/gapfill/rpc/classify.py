@@ -5,8 +5,8 @@ A failure is one of five :class:`Fault` values:
 =================  ==========================================================  =========
 fault              examples                                                    retried?
 =================  ==========================================================  =========
-RATE_LIMITED       HTTP 429; "rate limit"/"too many requests"; -32005 with a   yes, with
-                   rate-limit message                                          backoff
+RATE_LIMITED       HTTP 429; "rate limit"/"too many requests"/"request limit   yes, with
+                   reached"/"500/second"; -32005 but a log-range limit         backoff
 BATCH_TOO_LARGE    HTTP 413; "batch size exceeds"/"batch too large"            re-split
 TRANSIENT          timeouts, stalls, resets, refused connections, 5xx but 501, yes
                    HTML/truncated bodies, -32603, "header not found"; geth's
@@ -104,6 +104,10 @@ _RATE_LIMIT = re.compile(
     r"|exceeded .{0,30}(capacity|throughput|quota)"
     r"|(capacity|quota|throughput) exceeded"
     r"|daily request count"
+    # EIP-1474's -32005 "limit exceeded", "request limit exceeded" (-32000 at some
+    # providers), QuickNode's -32007 "500/second request limit reached"
+    r"|(^|requests? )limit (exceeded|reached)"
+    r"|\d+ ?/ ?sec(ond)?\b|\d+ ?(req(uest)?s?|calls?) ?/ ?s\b"
     r"|slow down",
     re.IGNORECASE,
 )
@@ -248,7 +252,8 @@ def classify_error(error: Any) -> Verdict:
         return Verdict(Fault.BATCH_TOO_LARGE, shown, code)
     if _LOG_LIMIT.search(text):
         return Verdict(Fault.PERMANENT, shown, code)
-    if code == 429 or _RATE_LIMIT.search(text):
+    if code in (429, -32005) or _RATE_LIMIT.search(text):
+        # -32005 is EIP-1474's "limit exceeded"; Infura's log limits under it matched above
         return Verdict(Fault.RATE_LIMITED, shown, code, retry_after_from_error(error))
     if code in (-32601, -32004) or _UNSUPPORTED.search(text):
         return Verdict(Fault.UNSUPPORTED, shown, code)
@@ -257,8 +262,6 @@ def classify_error(error: Any) -> Verdict:
     if code in (-32602, -32600):
         return Verdict(Fault.PERMANENT, shown, code)
     if code in (-32603, -32700) or _TRANSIENT.search(text):
-        return Verdict(Fault.TRANSIENT, shown, code, retry_after_from_error(error))
-    if code == -32005:
         return Verdict(Fault.TRANSIENT, shown, code, retry_after_from_error(error))
     if code is not None and -32099 <= code <= -32001:
         # Implementation-defined server errors: most often overload of some kind.

@@ -696,7 +696,7 @@ async def test_limit_exceeded_is_not_given_up_after_three_tries(make_node: Any, 
 # -- batch size -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("style", ["413", "json", "json-named"])
+@pytest.mark.parametrize("style", ["413", "json", "json-named", "geth"])
 async def test_batch_too_large_halves_and_remembers(
     make_node: Any, tmp_path: Any, style: str
 ) -> None:
@@ -704,6 +704,8 @@ async def test_batch_too_large_halves_and_remembers(
         if isinstance(body, list) and len(body) > 8:
             if style == "413":
                 return web.Response(status=413, text="Request Entity Too Large")
+            if style == "geth":  # a list of one error, carrying the first call's id
+                return reply(body, [err(body[0], -32600, "batch too large")])
             message = "batch size exceeds the limit of 8" if style == "json-named" else (
                 "batch too large")
             return web.Response(body=orjson.dumps(err(None, -32600, message)),
@@ -729,6 +731,48 @@ async def test_batch_too_large_halves_and_remembers(
         assert next(iter(client.stats().values())).batch_cap == cap
         assert await client.call_many([Call("echo", [i]) for i in range(40)]) == list(range(40))
     assert len(node.requests) - before == -(-40 // cap)  # not one refused
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+async def test_geth_batch_too_large_reply_shrinks_to_the_limit(
+    make_node: Any, tmp_path: Any, refused: int
+) -> None:
+    # geth past --rpc.batch-request-limit answers a list of ONE error, -32600 "batch too
+    # large", with the first call's id. Read call by call, every other call was "no answer"
+    # (a failure spending one of its 3 attempts) and the cap went down by one a round
+    # (50, 49, 48): against a limit of 10, 47 of 50 calls failed. So with a reply that
+    # refuses two calls as too large and leaves the rest out (the cap: 48, 46, ...).
+    def geth(node: FakeNode, body: Any) -> web.Response:
+        if isinstance(body, list) and len(body) > 10:
+            return reply(body, [err(c, -32600, "batch too large") for c in body[:refused]])
+        return echo(node, body)
+
+    node = await make_node(geth)
+    async with RpcClient([EndpointConfig(node.url, max_batch=50)], settings(tmp_path)) as client:
+        assert await client.call_many([Call("echo", [i]) for i in range(50)]) == list(range(50))
+        assert next(iter(client.stats().values())).batch_cap <= 10
+    # Halving (50, 25, 12, 6): the halves of a refused batch go out together, so at most
+    # 1 + 2 + 4 refused.
+    assert sum(1 for b in node.requests if len(as_batch(b)) > 10) <= 7
+
+
+async def test_a_batch_answered_by_one_id_less_rate_limit_is_a_rate_limit(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # A list holding one error without an id: the batch's rate limit. Read call by call,
+    # each call was "no answer", failed after 3 such replies, and no rate limit was counted.
+    state = {"n": 0}
+
+    def limited(node: FakeNode, body: Any) -> web.Response:
+        state["n"] += 1
+        if state["n"] <= 3:
+            return reply(body, [err(None, -32005, "rate limit exceeded")])
+        return echo(node, body)
+
+    node = await make_node(limited)
+    async with RpcClient([EndpointConfig(node.url)], settings(tmp_path)) as client:
+        assert await client.call_many([Call("echo", [1]), Call("echo", [2])]) == [1, 2]
+        assert next(iter(client.stats().values())).rate_limited >= 1
 
 
 def test_a_learned_batch_size_is_forgotten_when_old_or_unreadable(tmp_path: Any) -> None:

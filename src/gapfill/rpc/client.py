@@ -117,6 +117,34 @@ def _as_id(value: Any) -> int | None:
     return None
 
 
+def _whole_batch_error(decoded: Any, first_id: int) -> Verdict | None:
+    """The error a batch's reply gives for the batch as a whole, if it does: an error object
+    alone, or a list of one error without an id or (geth's "batch too large" past its
+    ``--rpc.batch-request-limit``) carrying the first call's id, a batch-size or rate limit.
+    Read call by call, the calls it leaves out were each "no answer", a failure spending one
+    of their attempts, and the batch size learned was one less than sent. Anything but a
+    rate limit or a passing fault means "not like this": some providers refuse batches, or
+    big ones, with an invalid-request error, so split."""
+    if isinstance(decoded, list) and len(decoded) == 1 and isinstance(decoded[0], dict):
+        entry = decoded[0]
+        if entry.get("error") is None:
+            return None
+        answer_id = _as_id(entry.get("id"))
+        if answer_id == first_id:  # the first call's own error, or the batch's?
+            verdict = classify_error(entry["error"])
+            whole = verdict.fault in (Fault.BATCH_TOO_LARGE, Fault.RATE_LIMITED)
+            return verdict if whole else None
+        if answer_id is not None:
+            return None
+        decoded = entry
+    if not isinstance(decoded, dict) or decoded.get("error") is None:
+        return None
+    verdict = classify_error(decoded["error"])
+    if verdict.fault in (Fault.PERMANENT, Fault.UNSUPPORTED):
+        verdict = Verdict(Fault.BATCH_TOO_LARGE, verdict.message, verdict.code)
+    return verdict
+
+
 class RpcClient:
     """Async JSON-RPC client over one or more endpoints; use as ``async with``.
 
@@ -716,15 +744,10 @@ class RpcClient:
             return self._fail_request(
                 endpoint, chunk, items, results, classify_bad_body(reply.body), pin
             )
+        whole = None if single else _whole_batch_error(decoded, payload[0]["id"])
+        if whole is not None:
+            return self._fail_request(endpoint, chunk, items, results, whole, pin)
         if isinstance(decoded, dict):
-            if not single and decoded.get("error") is not None:
-                # An error for the batch as a whole. Anything but a rate limit or a
-                # passing fault means "not like this": some providers refuse batches, or
-                # big ones, with an invalid-request error, so split.
-                verdict = classify_error(decoded["error"])
-                if verdict.fault in (Fault.PERMANENT, Fault.UNSUPPORTED):
-                    verdict = Verdict(Fault.BATCH_TOO_LARGE, verdict.message, verdict.code)
-                return self._fail_request(endpoint, chunk, items, results, verdict, pin)
             if single and _as_id(decoded.get("id")) is None and decoded.get("error") is not None:
                 decoded = {**decoded, "id": payload[0]["id"]}
             decoded = [decoded]
@@ -765,13 +788,15 @@ class RpcClient:
         answered = 0
         rate_limited: list[Verdict] = []
         too_large: list[int] = []
+        unanswered: list[int] = []
         supported = endpoint.supported
         for request_id, i in by_id.items():
             entry = answers.get(request_id)
             item = items[i]
             if entry is None:
-                verdict = Verdict(Fault.TRANSIENT, "the batch reply had no answer for this call")
-            elif entry.get("error") is not None:
+                unanswered.append(i)  # settled once it is known whether any was too large
+                continue
+            if entry.get("error") is not None:
                 verdict = classify_error(entry["error"])
                 if verdict.fault is Fault.UNSUPPORTED:
                     verdict = self._believed(endpoint, item.call.method, verdict, sequence)
@@ -808,7 +833,18 @@ class RpcClient:
             if self._settle_item(endpoint, i, item, verdict, results, pin):
                 again.append(i)
         if too_large:
+            # A reply that refused calls as too large and left others out left them out
+            # for the same reason: they are sent again in the smaller batches too.
+            too_large += unanswered
+            unanswered = []
+        for i in unanswered:
+            endpoint.errors += 1
+            verdict = Verdict(Fault.TRANSIENT, "the batch reply had no answer for this call")
+            if self._settle_item(endpoint, i, items[i], verdict, results, pin):
+                again.append(i)
+        if too_large:
             sent = len(by_id)
+            # Only the calls answered were accepted (too_large holds those left out too).
             endpoint.shrink_batch(sent, accepted=sent - len(too_large) or None)
             if sent == 1:
                 endpoint.record_failure("a batch of one call was refused as too large")

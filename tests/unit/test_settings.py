@@ -153,6 +153,10 @@ def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
         ("http://127.0.0.1:99999/SECRETKEY", "Port out of range"),
         ("http://:8545/SECRETKEY", "it names no host"),
         ("http://[::1:8545/SECRETKEY", "Invalid IPv6 URL"),
+        # A host the resolver cannot encode (IDNA) failed the first request with
+        # "internal error (ExceptionGroup ...) ... report it".
+        ("https://eth..example.com/v3/SECRETKEY", "its host name has an empty label"),
+        ("https://" + "a" * 64 + ".example.com/SECRETKEY", "or one over 63 characters"),
     ],
 )
 def test_malformed_rpc_urls_are_refused_before_any_call(url: str, needle: str) -> None:

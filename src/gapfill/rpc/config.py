@@ -82,9 +82,16 @@ class EndpointConfig:
             if not parts.hostname:
                 raise ValueError("it names no host")
             parts.port  # noqa: B018 - raises ValueError when out of range
+            # The resolver encodes the host so (socket.getaddrinfo); it raised UnicodeError
+            # (a ValueError) out of the first request: "internal error ... report it".
+            parts.hostname.encode("idna")
         except ValueError as exc:
             # Its text may quote what stands as the port ("... as 'pw'"): a password's start.
             why = "its port is not a number" if "Port could not be cast" in str(exc) else exc
+            if isinstance(exc, UnicodeError):
+                why = ("its host name has an empty label (as in a..b) "
+                       "or one over 63 characters" if "label empty or too long" in str(exc)
+                       else "its host name cannot be encoded")  # fmt: skip
             raise ConfigError(
                 f"RPC URL {redact_url(self.url)!r} is not valid ({why}); check {self.check}"
             ) from None

@@ -438,6 +438,38 @@ async def test_a_refused_api_key_leaves_the_calls_to_another_endpoint(make_node:
     assert refused == []  # the calls went elsewhere: nothing to stop for
 
 
+async def test_what_an_endpoint_lacks_or_refuses_is_warned_once_per_run(
+    make_node: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each worker process of a concurrent run has its own client, and each found out and
+    # warned: "does not serve" and "set aside" were said once per worker. Logged with
+    # ``once``, the coordinator writes them for its first worker only (engine.run.log_here).
+    lacking = await make_node(lambda node, body: reply(body, [err(c, -32601, "method not found")
+                                                              for c in as_batch(body)]))
+    refusing = await make_node(lambda node, body: web.Response(status=401, text="bad key"))
+    good = await make_node(echo)
+    caplog.set_level(logging.WARNING, logger="gapfill")
+    for worker in range(2):
+        async with RpcClient([EndpointConfig(lacking.url)], settings(tmp_path / str(worker))) as client:
+            with pytest.raises(RpcError, match="does not serve eth_nope"):
+                await client.call("eth_nope", [])
+        endpoints = [EndpointConfig(refusing.url), EndpointConfig(good.url)]
+        async with RpcClient(endpoints, settings(tmp_path / str(worker), max_in_flight=1)) as client:
+            assert await client.call_many([Call("echo", [1])]) == [1]
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("gapfill.rpc")]
+    said = {r.getMessage() for r in warned}
+    assert len(warned) == 4 and len(said) == 2, [r.getMessage() for r in warned]
+    from gapfill.engine.events import Logged
+    from gapfill.engine.run import log_here
+
+    caplog.clear()
+    in_coordinator: set[str] = set()
+    for r in warned:  # as gapfill.engine.run._LogToCoordinator sends them
+        once = r.getMessage() if getattr(r, "once", False) else ""
+        log_here(Logged(r.levelno, r.name, r.getMessage(), r.created, once), in_coordinator)
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(said)
+
+
 async def test_a_key_the_last_endpoint_refuses_is_said_to_the_caller(make_node: Any, tmp_path: Any) -> None:
     # Every endpoint refuses: each endpoint but the last is set aside, and the call that the
     # last refuses tells the caller (a worker stops the run on it).

@@ -933,7 +933,8 @@ class RpcClient:
         if not endpoint.usable() or not any(e is not endpoint and e.usable() for e in self._endpoints):
             return
         endpoint.disabled_reason = self._refusal(endpoint, verdict).message
-        logger.warning("RPC endpoint %s set aside: %s", endpoint.shown, endpoint.disabled_reason)
+        logger.warning("RPC endpoint %s set aside: %s", endpoint.shown, endpoint.disabled_reason,
+                       extra={"once": True})  # each worker's client finds it out: said once
         if self.tell is not None:
             self.tell(f"set aside for this run: {endpoint.disabled_reason}; the other endpoints "
                       "take its calls")  # fmt: skip
@@ -991,7 +992,9 @@ class RpcClient:
         if fault is Fault.UNSUPPORTED:
             method = item.call.method
             if pin is None and method not in endpoint.unsupported:  # said twice (see _believed)
-                logger.warning("RPC endpoint %s does not serve %s: %s", endpoint.shown, method, message)
+                # Each worker of a run finds it out: its coordinator says it once.
+                logger.warning("RPC endpoint %s does not serve %s: %s", endpoint.shown, method, message,
+                               extra={"once": True})  # fmt: skip
             endpoint.unsupported.add(method)
             endpoint.supported.discard(method)
             if pin is None:  # its calls go to the others, if any

@@ -283,9 +283,7 @@ async def test_a_log_scan_keeps_only_the_contracts_logs_when_the_filter_is_ignor
     address; the log scan did not)."""
     ours, other = "0x" + "a" * 40, "0x" + "b" * 40
 
-    class NoFilter:
-        check = "--rpc-url"
-
+    class NoFilter(Node):
         async def call_many(self, calls: list[Call]) -> list[Any]:
             return [[{"address": address, "transactionHash": "0x" + str(i) * 64, "blockNumber": hex(i)}
                      for i, address in ((1, "0x" + "A" * 40), (2, other))]  # checksummed, or not

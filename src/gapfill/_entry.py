@@ -7,28 +7,14 @@ an import. Here it ends as any other interrupted command does: one line, exit 13
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
-from typing import NoReturn
 
+from gapfill.importing import ImportsWithoutGc
 
-class ImportsWithoutGc:
-    """A ``with`` block of imports that the cyclic garbage collector does not interrupt.
-
-    Imports allocate hundreds of thousands of objects (modules, classes, functions) and
-    free almost none, so each pass of the collector over them finds nothing: ~3.5% of the
-    instructions `gapfill enrich` runs before its first RPC call. The collector is enabled
-    again (if it was) as the block ends, whatever ends it.
-    """
-
-    def __enter__(self) -> None:
-        self._was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._was:
-            gc.enable()
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing (and re, contextlib) is imported by the CLI, without collector passes
+    from typing import NoReturn
 
 
 def main() -> NoReturn:

@@ -1317,7 +1317,7 @@ def _workers_said(ctx: Ctx, workers: int | None) -> str | None:
 
 def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict[str, Any],
          plan_new: bool = True) -> Any:  # fmt: skip
-    from gapfill._entry import ImportsWithoutGc
+    from gapfill.importing import ImportsWithoutGc
 
     with ImportsWithoutGc():  # the run's engine, RPC client and aiohttp: most of its start-up
         from gapfill.engine.run import EnrichJob

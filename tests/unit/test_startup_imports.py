@@ -33,3 +33,30 @@ def test_opening_a_database_at_the_latest_version_reads_no_migration(tmp_path: P
         "    print(s.schema_version(), 'importlib.resources' in sys.modules)\n"
     )
     assert _python(code, url) == f"{migrations('sqlite')[-1][0]} False"
+
+
+def test_the_entry_point_imports_nothing_before_it_pauses_the_collector() -> None:
+    # typing (with re and contextlib) met four collector passes before the pause began.
+    assert _python("import sys, gapfill._entry\nprint('typing' in sys.modules)") == "False"
+
+
+_BACKEND_IMPORT = """
+import gc, sys
+from gapfill.store import open_store
+during = []
+def seen(phase, info):
+    backend = sys.modules.get("gapfill.store.sqlite")
+    if phase == "start" and backend is not None and not hasattr(backend, "SqliteStore"):
+        during.append(info["generation"])
+gc.callbacks.append(seen)
+gc.set_threshold(50)  # a pass every 50 allocations, so that any import would meet one
+frozen = gc.get_freeze_count()
+open_store(sys.argv[1]).close()
+print(len(during), gc.get_freeze_count() > frozen, gc.isenabled())
+"""
+
+
+def test_a_backend_is_imported_without_collector_passes_and_its_objects_frozen(tmp_path: Path) -> None:
+    """psycopg's ~90 modules met ~50 passes in a PostgreSQL run's start-up. What the import
+    made is frozen (``gc.freeze``): no later pass walks it again."""
+    assert _python(_BACKEND_IMPORT, f"sqlite:///{tmp_path / 'g.db'}") == "0 True True"

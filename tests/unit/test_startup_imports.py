@@ -60,3 +60,16 @@ def test_a_backend_is_imported_without_collector_passes_and_its_objects_frozen(t
     """psycopg's ~90 modules met ~50 passes in a PostgreSQL run's start-up. What the import
     made is frozen (``gc.freeze``): no later pass walks it again."""
     assert _python(_BACKEND_IMPORT, f"sqlite:///{tmp_path / 'g.db'}") == "0 True True"
+
+
+def test_importing_redact_compiles_none_of_its_patterns() -> None:
+    # A command uses one to three of the 17, each compiled on its first use (test_redact).
+    code = (
+        "import re, urllib.parse, functools, typing\n"
+        "compiled = []\n"
+        "real = re.compile\n"
+        "re.compile = lambda *a: compiled.append(a) or real(*a)\n"
+        "import gapfill.redact\n"
+        "print(len(compiled))\n"
+    )
+    assert _python(code) == "0"

@@ -13,8 +13,10 @@ Conventions (they are the public schema's, see README "Schema"):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any, NamedTuple
+
+from gapfill.records import record
 
 #: The largest value a BIGINT column holds (chain ids, block numbers).
 BIGINT_MAX = 2**63 - 1
@@ -32,7 +34,7 @@ def block_key(block_number: int | None) -> int:
     return UNKNOWN_BLOCK_KEY if block_number is None else block_number
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Contract:
     """A tracked ``(chain_id, address)``."""
 
@@ -43,7 +45,7 @@ class Contract:
     abi: list[dict[str, Any]] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Ref:
     """A transaction known to belong to a contract."""
 
@@ -140,7 +142,7 @@ def head_in_error(last_error: str) -> int | None:
     return int(digits) if said and digits.isdigit() else None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Failure:
     """A transaction that could not be enriched, and why."""
 
@@ -156,7 +158,7 @@ class Failure:
         return self.reason in PERMANENT_REASONS
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Enriched:
     """What enriching some refs produced: rows to store and failures to record."""
 
@@ -190,7 +192,7 @@ class Enriched:
         return replace(self, failures=[f for f in self.failures if f.permanent])
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Batch:
     """A keyset slice ``[lo, hi]`` (inclusive) of one contract's gap."""
 
@@ -214,7 +216,7 @@ class Batch:
         return self.attempts - self.stops
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CoverageRange:
     """Blocks ``[from_block, to_block]`` that a discovery method has scanned."""
 
@@ -242,7 +244,7 @@ def merge(intervals: Iterable[Interval]) -> list[Interval]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ContractStatus:
     """The counts ``gapfill status`` shows for one contract."""
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from gapfill.errors import ConfigError
+from gapfill.records import record
 from gapfill.rpc.config import FLAG_CHECK, EndpointConfig, file_check, parse_rpc_urls
 
 DEFAULT_CONFIG_NAME = "gapfill.toml"
@@ -48,7 +49,7 @@ DEFAULT_CONFIG_NAME = "gapfill.toml"
 ENRICH_RPC_BATCH = 100
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EndpointSetting:
     url: str
     rps: float | None = None
@@ -57,7 +58,7 @@ class EndpointSetting:
     check: str = field(default=FLAG_CHECK, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FileConfig:
     """What a config file says; every field is optional."""
 

@@ -43,7 +43,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from types import TracebackType
 from typing import Any
 from urllib.parse import unquote_plus
@@ -52,6 +52,7 @@ import orjson
 
 from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Ref
+from gapfill.records import record
 from gapfill.redact import (
     MASK,
     ExplorerUrl,
@@ -122,7 +123,7 @@ class _TooCostly(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ExplorerConfig:
     """Where the explorer API is and what it allows (defaults: Etherscan's free tier)."""
 

@@ -16,11 +16,11 @@ import csv
 import io
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import IO, cast
 
 from gapfill.errors import InputError
 from gapfill.model import BIGINT_MAX, Ref
+from gapfill.records import record
 from gapfill.validate import is_tx_hash
 from gapfill.wording import counted
 
@@ -114,7 +114,7 @@ def _block(value: str, name: str, lineno: int) -> int | None:
     return n
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CsvColumns:
     """What an import read of a CSV's header: the column of hashes and the column of block
     numbers (None: none it knows), and the other columns, ignored, as the header names them."""

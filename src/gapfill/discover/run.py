@@ -89,7 +89,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from gapfill.discover.blocks import scan_blocks
 from gapfill.discover.coverage import (
@@ -110,6 +110,7 @@ from gapfill.discover.ranges import AdaptiveWindow
 from gapfill.discover.trace import BACKENDS, TRACE_FILTER, scan_trace_filter, trace_backend, walk_ots
 from gapfill.errors import ConfigError, RpcError
 from gapfill.model import Contract, CoverageRange, Ref
+from gapfill.records import record
 from gapfill.rpc import RpcClient
 from gapfill.store import Store
 from gapfill.wording import counted
@@ -119,7 +120,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIRMATIONS = 12
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DiscoverSettings:
     """Knobs of the discovery machinery (the defaults suit public providers)."""
 
@@ -145,7 +146,7 @@ class DiscoverSettings:
             raise ConfigError("discovery concurrency and chunk sizes must be at least 1")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DiscoverProgress:
     """One event: ``start`` (the plan), ``chunk`` (a commit), or ``done``."""
 
@@ -166,7 +167,7 @@ class DiscoverProgress:
     scanned: tuple[tuple[str, tuple[Interval, ...]], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DiscoverSummary:
     """What one ``discover`` call did."""
 

@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gapfill.enrich.fetch import PlanSettings
+from gapfill.records import record
 from gapfill.store import Store
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DryRunRow:
     chain_id: int
     contract: str

@@ -7,10 +7,11 @@ processes send them through pipes) and carry no rendering logic.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from gapfill.errors import StoreBusy, StoreDropped, StoreError
 from gapfill.model import UNKNOWN_BLOCK_KEY, RefKey
+from gapfill.records import record
 
 
 def key_range(lo: RefKey, hi: RefKey) -> str:
@@ -25,7 +26,7 @@ def key_range(lo: RefKey, hi: RefKey) -> str:
     return f"blocks {lo[0]}-{hi[0]}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RunStarted:
     run_id: int
     mode: str
@@ -37,7 +38,7 @@ class RunStarted:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchAssigned:
     worker: int
     batch_id: int
@@ -47,7 +48,7 @@ class BatchAssigned:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchDone:
     worker: int
     batch_id: int
@@ -64,7 +65,7 @@ class BatchDone:
     rode: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchAbandoned:
     worker: int
     batch_id: int
@@ -93,7 +94,7 @@ class BatchAbandoned:
 LEASE_GONE = "lease gone"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchesEmptied:
     """A lease call closed ``count`` batches instead of leasing them: nothing of their key
     range was left in the gap (another contract's batch or the start-up sample stored it)."""
@@ -102,7 +103,7 @@ class BatchesEmptied:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerStats:
     """Cumulative counters of one worker (sent every second or so)."""
 
@@ -119,7 +120,7 @@ class WorkerStats:
     fetched: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerExited:
     worker: int
     pid: int
@@ -130,7 +131,7 @@ class WorkerExited:
     killed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Progress:
     done_batches: int
     total_batches: int
@@ -148,7 +149,7 @@ class Progress:
     fetched: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerLostNode:
     """A worker stopped because no RPC node replies (or serves what it needs, or takes the
     API key); ``at_start``:
@@ -159,7 +160,7 @@ class WorkerLostNode:
     at_start: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerRefused:
     """A worker stopped because the database refuses what it must do until the user fixes
     something (a :class:`gapfill.errors.StoreRefused`: ``what`` happened, ``fix`` what to do):
@@ -170,7 +171,7 @@ class WorkerRefused:
     fix: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerWaitsForSlot:
     """A worker process (``pid``) whose first connection found no connection slot free on
     the database server waits up to ``wait_s`` for one (``what``: the store's sentence). Its
@@ -182,7 +183,7 @@ class WorkerWaitsForSlot:
     wait_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Notice:
     """A line worth telling the user (restarts, expired leases, shutdown steps).
 
@@ -212,7 +213,7 @@ def db_retrying(exc: StoreError, doing: str = "") -> Notice:
     return Notice(f"database error{f' while {doing}' if doing else ''}, retrying: {exc}")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Logged:
     """A log record of a worker process (``text``: its message, the worker named), on its
     way to the coordinator, which hands it to its own handlers: the CLI's writes whole
@@ -228,7 +229,7 @@ class Logged:
     once: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RunSummary:
     run_id: int
     mode: str

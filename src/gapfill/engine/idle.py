@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from gapfill.engine.events import Emit, Notice
 from gapfill.errors import GapfillError
+from gapfill.records import record
 from gapfill.store import Store
 from gapfill.wording import counted
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class NothingToEnrich:
     """What an ``enrich`` run of its targets would find instead of work."""
 

@@ -68,6 +68,7 @@ from gapfill.errors import (
     StoreRefused,
 )
 from gapfill.model import Enriched, head_in_error
+from gapfill.records import record
 from gapfill.redact import DbUrl, redact_text
 from gapfill.rpc import RpcClient, RpcSettings
 from gapfill.rpc.config import calls_metered
@@ -160,7 +161,7 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
                           "worker processes")  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EnrichJob:
     """Everything a run needs, picklable so worker processes receive it whole."""
 
@@ -320,7 +321,7 @@ def recorded_sequential_rate(store: Store, rps: float | None = None) -> tuple[fl
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Sample:
     """The sequential rate measured at the start of a concurrent run, and what it cost."""
 

@@ -59,6 +59,7 @@ from gapfill.engine.events import (
 from gapfill.enrich.fetch import AWAITED, Collector, Enricher
 from gapfill.errors import GapfillError, RpcError, StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
+from gapfill.records import record
 from gapfill.rpc import RpcClient
 from gapfill.rpc.client import ANSWERED
 from gapfill.rpc.slots import PRIORITY
@@ -126,7 +127,7 @@ def _settle(f: asyncio.Future[int | None], stored: int | None = None,
 _Waiting = tuple[Batch, Enriched, "asyncio.Future[int | None]"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Lost:
     """A write whose answer was lost (:class:`StoreDropped`): it may have committed."""
 
@@ -147,7 +148,7 @@ class TransientFailures(Exception):
         self.kept = kept
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkerSettings:
     lease_timeout_s: float = 300.0
     batches_in_flight: int = 4

@@ -42,11 +42,11 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from gapfill.keccak import keccak
+from gapfill.records import record
 
 __all__ = [
     "BUILTIN_EVENT_ABIS",
@@ -203,7 +203,7 @@ class _AbiError(ValueError):
     """An ABI entry gapfill cannot compile (unknown type, malformed JSON)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Type:
     """One compiled ABI parameter type."""
 
@@ -380,7 +380,7 @@ def _compile_type(param: Mapping[str, Any]) -> _Type:
     return t
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _ArrayOf:
     """A dynamic array of a static word type (``address[]``, ``uint256[]``) in the fast path."""
 
@@ -508,7 +508,7 @@ class _Args:
 # --- compiled ABI entries ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Function:
     name: str
     signature: str
@@ -540,7 +540,7 @@ def _topic_reader(t: _Type) -> _WordReader:
     return _hash_topic
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Event:
     name: str
     signature: str

@@ -67,12 +67,13 @@ import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal, NamedTuple
 
 from gapfill.enrich.decode import Decoder
 from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
 from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow, beyond_head_error
+from gapfill.records import record
 from gapfill.rpc import Call, CallError, RpcClient
 from gapfill.rpc.client import ANSWERED
 from gapfill.rpc.slots import PRIORITY
@@ -118,7 +119,7 @@ class _Fetching(NamedTuple):
     priority: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PlanSettings:
     """How the planner chooses; the defaults follow the cost model above."""
 

@@ -22,16 +22,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gapfill.enrich.decode import Decoder
+from gapfill.records import record
 from gapfill.store import Store
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Redecoded:
     """Rows looked at and rows the new ABI decodes, per table."""
 

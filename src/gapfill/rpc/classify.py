@@ -43,9 +43,9 @@ import re
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from gapfill.records import record
 from gapfill.rpc.tls import aiohttp
 
 
@@ -61,7 +61,7 @@ class Fault(enum.Enum):
         return self in (Fault.RATE_LIMITED, Fault.BATCH_TOO_LARGE, Fault.TRANSIENT)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Verdict:
     """A classified failure: what it is, a short message, and how long to wait if told."""
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Protocol
 
 from gapfill.errors import ConfigError
+from gapfill.records import record
 from gapfill.redact import misplaced_problem, not_http_problem, redact_url
 
 DEFAULT_MAX_BATCH = 50
@@ -52,7 +53,7 @@ def metered_rate(endpoints: Sequence[_Limited]) -> float | None:
     return sum(r for r in rates if r is not None)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EndpointConfig:
     """One JSON-RPC URL and the limits its provider grants.
 
@@ -101,7 +102,7 @@ class EndpointConfig:
             raise ConfigError(f"max_batch for {redact_url(self.url)} must be at least 1")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RpcSettings:
     """Client-wide knobs; the defaults suit public providers."""
 
@@ -136,7 +137,7 @@ class RpcSettings:
     timeout_check: str = field(default="--rpc-timeout", compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Call:
     """One JSON-RPC call; ``null_retry`` marks a ``null`` result as "not yet"."""
 

@@ -11,8 +11,8 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from gapfill.records import record
 from gapfill.redact import redact_url
 from gapfill.rpc.budget import AcceptedCalls, LearnedBudget, SharedBudget, read_learned_cap, write_learned_cap
 from gapfill.rpc.config import EndpointConfig, RpcSettings
@@ -41,7 +41,7 @@ _OUTCOMES = 16
 _DOWN_SHARE = 0.75
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EndpointStats:
     """Counters of one endpoint since the client opened (``url`` is redacted)."""
 

@@ -8,15 +8,15 @@ in :mod:`gapfill.rpc.classify`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from gapfill.errors import RpcError, RpcKeyRefused
+from gapfill.records import record
 
 CallErrorKind = Literal["not_found", "permanent", "transient"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CallError:
     """Why one call has no result.
 

@@ -8,14 +8,14 @@ from :meth:`Transport.post` are classified by :func:`gapfill.rpc.classify.classi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
+from gapfill.records import record
 from gapfill.rpc.config import RpcSettings
 from gapfill.rpc.tls import aiohttp, trust_for
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class HttpReply:
     status: int
     headers: Mapping[str, str]

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import orjson
@@ -48,6 +48,7 @@ from gapfill.model import (
     TxRow,
     merge,
 )
+from gapfill.records import record
 from gapfill.store import liveness
 
 TX_COLUMNS: tuple[str, ...] = (
@@ -415,7 +416,7 @@ def run_owner(host: str, pid: int | None, worker: str = "", run_id: int | None =
     return f"{host}:{pid}{run}" + (f"/{worker}" if worker else "")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RunInfo:
     run_id: int
     started_at: float
@@ -458,7 +459,7 @@ class RunTotals(NamedTuple):
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RefsAdded:
     """What writing refs did: refs new to the database, refs already there that got the
     block number they lacked, and refs given a block number other than the one they kept
@@ -483,7 +484,7 @@ class RefsAdded:
                          self.conflicts + other.conflicts, self.repeated + other.repeated)  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PlanInfo:
     """What planning found: per contract, whether it joined an open plan."""
 
@@ -492,7 +493,7 @@ class PlanInfo:
     joined: int  # contracts whose open plan was joined instead of planning again
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GivenBack:
     """What giving a batch back with rows stored (:meth:`Store.abandon_keeping`)."""
 
@@ -501,7 +502,7 @@ class GivenBack:
     closed: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Leased:
     """What a lease call found (:meth:`Store.lease_next`)."""
 
@@ -511,7 +512,7 @@ class Leased:
     emptied: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchCounts:
     pending: int
     leased: int
@@ -521,7 +522,7 @@ class BatchCounts:
     failed: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LeaseEvent:
     batch_id: int
     owner: str
@@ -530,7 +531,7 @@ class LeaseEvent:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FinishedPlan:
     """A plan that is over: the batches one run planned for one contract, none of them open,
     with the lease events written for them (:meth:`Store.finished_plans`). Its batch ids lie
@@ -545,7 +546,7 @@ class FinishedPlan:
     hi: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pruned:
     """What a prune deleted (or, in a dry run, would delete)."""
 

@@ -39,14 +39,15 @@ import functools
 import hashlib
 import os
 import socket
-from dataclasses import dataclass
+
+from gapfill.records import record
 
 #: The inode of the initial PID namespace (the kernel's ``PROC_PID_INIT_INO``): the same
 #: on every Linux machine, so it names no machine; other namespaces are numbered as made.
 INIT_PID_NS = 0xEFFFFFFC
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Space:
     """Where a process's pid means something: ``machine.boot.pidns`` as text."""
 

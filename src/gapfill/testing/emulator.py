@@ -44,10 +44,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gapfill.records import record
+
 _TAGS_AT_HEAD = ("latest", "pending", "safe", "finalized")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class EmulatorConfig:
     """Which faults the emulator injects; every one is off by default."""
 

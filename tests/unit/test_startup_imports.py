@@ -73,3 +73,22 @@ def test_importing_redact_compiles_none_of_its_patterns() -> None:
         "print(len(compiled))\n"
     )
     assert _python(code) == "0"
+
+
+_NOTHING_IMPORTED = """
+import gc
+from gapfill.importing import ImportsWithoutGc
+with ImportsWithoutGc():
+    import gapfill.wording
+frozen = gc.get_freeze_count()
+made = [[i] for i in range(1000)]
+with ImportsWithoutGc():
+    import gapfill.wording
+print(frozen > 0, gc.get_freeze_count() == frozen, gc.isenabled())
+"""
+
+
+def test_an_import_block_that_imports_nothing_freezes_nothing() -> None:
+    # A second store opened in one process (its backend loaded already) froze all it had
+    # made since: garbage cycles among it would never have been collected.
+    assert _python(_NOTHING_IMPORTED) == "True True True"

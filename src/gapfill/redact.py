@@ -11,48 +11,28 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any, cast
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
-
-class _LazyPattern:
-    """A regular expression compiled on its first use. A command uses one to three of this
-    module's 17 (an RPC URL's path segments, a database URL's scheme and query): compiling
-    them all at import was ~2% of the instructions `gapfill enrich` runs before its first
-    RPC call. Its methods are the compiled pattern's from then on."""
-
-    def __init__(self, pattern: str, flags: int = 0) -> None:
-        self._args = (pattern, flags)
-
-    def __getattr__(self, name: str) -> Any:
-        compiled = re.compile(*self._args)
-        for method in ("match", "fullmatch", "search", "sub", "finditer"):
-            setattr(self, method, getattr(compiled, method))
-        return getattr(compiled, name)
-
-
-def _lazy(pattern: str, flags: int = 0) -> re.Pattern[str]:
-    return cast("re.Pattern[str]", _LazyPattern(pattern, flags))
-
+from gapfill.importing import lazy_pattern
 
 MASK = "***"
 # A secret is scrubbed out of free text when at least this long: a shorter one would mask
 # pieces of ordinary words, and the masks would spell it out.
 _MIN_SCRUBBED = 3
 # Characters no URL encoder escapes: any other may show percent-encoded.
-_UNRESERVED = _lazy(r"[A-Za-z0-9._~\-]")
+_UNRESERVED = lazy_pattern(r"[A-Za-z0-9._~\-]")
 
 # Query values that look like keys: long runs of letters/digits/-/_ .
-_KEYLIKE_SEGMENT = _lazy(r"^[A-Za-z0-9_\-]{16,}$")
+_KEYLIKE_SEGMENT = lazy_pattern(r"^[A-Za-z0-9_\-]{16,}$")
 # A JSON web token: base64url parts between dots (its header and claims at least 8 each).
-_JWT = _lazy(r"^[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*$")
+_JWT = lazy_pattern(r"^[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*$")
 # A path segment that looks like a key wherever it stands: as long, with letters and digits
 # (a file or directory name has a dot, or is words).
-_KEY_SEGMENT = _lazy(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-]{16,}$")
+_KEY_SEGMENT = lazy_pattern(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-]{16,}$")
 # The only path segments of an RPC URL shown as they are: versions and a few words no
 # provider uses as a key. Any other segment may be a key, whatever its length
 # (``/v2/SECRETKEY123``), so it is masked.
-_PLAIN_SEGMENT = _lazy(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|evm)$", re.IGNORECASE)
+_PLAIN_SEGMENT = lazy_pattern(r"^(|v\d+(\.\d+)?|rpc|api|jsonrpc|http|https|ws|ext|evm)$", re.IGNORECASE)
 # A masked path segment is also scrubbed out of free text when at least this long:
 # shorter ones ("eth", "bsc") would mangle ordinary words; the whole path is scrubbed too.
 _MIN_SCRUBBED_SEGMENT = 6
@@ -60,27 +40,27 @@ _MIN_SCRUBBED_SEGMENT = 6
 _PATH_GOES_ON = r"(?![A-Za-z0-9_~%\-])"
 # libpq keyword/value connection strings: the secrets they may hold, passwords (sslpassword
 # too), SCRAM keys and an OAuth client secret.
-_DSN_PASSWORD = _lazy(
+_DSN_PASSWORD = lazy_pattern(
     r"((?:password|scram_client_key|scram_server_key|oauth_client_secret)\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)",
     re.IGNORECASE,
 )
 # A host name or address, with an optional port (a one-word host only with one: `anvil:8545`):
 # what a URL without a scheme may show.
-_HOST = _lazy(
+_HOST = lazy_pattern(
     r"^((localhost|\[[0-9a-fA-F:.]+\]|(\d{1,3}\.){3}\d{1,3}|([a-zA-Z0-9-]+\.)+[a-zA-Z]{2,})(:\d{1,5})?"
     r"|[a-zA-Z][a-zA-Z0-9-]*:\d{1,5})$"
 )
 # A scheme written wrong before a host: `http:/host`, `http//host`, `http:host`.
-_MISTYPED_SCHEME = _lazy(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DOTALL)
+_MISTYPED_SCHEME = lazy_pattern(r"^([A-Za-z][A-Za-z0-9+.\-]*)(:/*|/+)(.+)$", re.DOTALL)
 # What a value that is not a URL at all may show: a short lowercase word ("notaurl"). Keys
 # have digits, capitals or length; such a value is hidden whole.
-_PLAIN_WORD = _lazy(r"^[a-z][a-z._\-]{0,14}$")
-_SECRET_QUERY_NAMES = _lazy(r"(key|token|secret|auth|pass|pwd|sig|jwt)", re.IGNORECASE)
-_DB_SECRET_QUERY_NAMES = _lazy(r"(pass|pwd|secret|token|scram_)", re.IGNORECASE)
+_PLAIN_WORD = lazy_pattern(r"^[a-z][a-z._\-]{0,14}$")
+_SECRET_QUERY_NAMES = lazy_pattern(r"(key|token|secret|auth|pass|pwd|sig|jwt)", re.IGNORECASE)
+_DB_SECRET_QUERY_NAMES = lazy_pattern(r"(pass|pwd|secret|token|scram_)", re.IGNORECASE)
 # Where a database URL's query starts: a '?' before one of libpq's parameters (the only
 # names it takes there). A '?' before anything else may be in a password, and an '@' after
 # it may end one: one of a newer libpq's parameters then masks more, never less.
-_DB_QUERY = _lazy(
+_DB_QUERY = lazy_pattern(
     r"\?(?=(application_name|channel_binding|client_encoding|connect_timeout|dbname"
     r"|fallback_application_name|gssdelegation|gssencmode|gsslib|host|hostaddr|keepalives"
     r"|keepalives_count|keepalives_idle|keepalives_interval|krbsrvname|load_balance_hosts"
@@ -108,11 +88,11 @@ class Secret(str):
 
 
 # What a database URL's host and port look like, after what stands for its scheme.
-_HOST_PORT = _lazy(r"^([A-Za-z][A-Za-z0-9+.\-]*:/*)?[A-Za-z0-9.\-\[\]]*:\d+$")
+_HOST_PORT = lazy_pattern(r"^([A-Za-z][A-Za-z0-9+.\-]*:/*)?[A-Za-z0-9.\-\[\]]*:\d+$")
 # A libpq ``key=value`` connection string starts with a keyword and its '='.
-_KEYWORD_DSN = _lazy(r"^\s*[A-Za-z_]+\s*=")
+_KEYWORD_DSN = lazy_pattern(r"^\s*[A-Za-z_]+\s*=")
 # What stands for a scheme before a database URL's user: `scheme://`, or one written wrong.
-_DB_SCHEME = _lazy(r"^([A-Za-z][A-Za-z0-9+.\-]*://|(postgres(ql)?|sqlite)(:/*|/+))", re.IGNORECASE)
+_DB_SCHEME = lazy_pattern(r"^([A-Za-z][A-Za-z0-9+.\-]*://|(postgres(ql)?|sqlite)(:/*|/+))", re.IGNORECASE)
 
 
 def is_keyword_dsn(url: str) -> bool:
@@ -150,7 +130,7 @@ class ExplorerUrl(str):
 # An explorer URL's path segment this long may be a key pasted there: masked (see ExplorerUrl);
 # so may a shorter one mixing letters and digits (a proxy's token), but not a version ("v2").
 _EXPLORER_KEY_SEGMENT_LEN = 16
-_EXPLORER_TOKEN_SEGMENT = _lazy(r"^(?=.*\d)(?=.*[A-Za-z]).{8,}$")
+_EXPLORER_TOKEN_SEGMENT = lazy_pattern(r"^(?=.*\d)(?=.*[A-Za-z]).{8,}$")
 
 
 def _segment_masked(segment: str, explorer: bool) -> bool:
@@ -322,7 +302,7 @@ def _well_formed(url: str) -> tuple[str, str | None, bool]:
 
 # What a host and port read after a password that ran to the last '@' may be shown as: when
 # that '@' was in the query (``...?to=a@b&apikey=KEY``), what follows it is the query's.
-_HOST_AFTER_AT = _lazy(r"^(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9.\-_~%]*)(:\d*)?$")
+_HOST_AFTER_AT = lazy_pattern(r"^(\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9.\-_~%]*)(:\d*)?$")
 
 
 def misplaced_in_password(url: str) -> list[str]:

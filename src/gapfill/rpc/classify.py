@@ -45,6 +45,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from gapfill.importing import lazy_pattern
 from gapfill.records import record
 from gapfill.rpc.tls import aiohttp
 
@@ -77,7 +78,7 @@ class Verdict:
 
 
 # Order matters: the first matching rule wins.
-_BATCH_TOO_LARGE = re.compile(
+_BATCH_TOO_LARGE = lazy_pattern(
     r"batch (size )?(is )?too (large|big|long)"
     r"|batch (size |length )?(limit|exceed)"
     r"|batch.{0,40}(exceeds|limit of|max(imum)? (size|length|allowed))"
@@ -85,7 +86,7 @@ _BATCH_TOO_LARGE = re.compile(
     r"|(payload|request entity|content|body|request) too large",
     re.IGNORECASE,
 )
-_LOG_LIMIT = re.compile(
+_LOG_LIMIT = lazy_pattern(
     r"query returned more than \d+ results"
     r"|more than \d+ (results|logs)"
     r"|exceed(s|ed)? (the )?(max(imum)?|allowed) (block )?range"
@@ -95,7 +96,7 @@ _LOG_LIMIT = re.compile(
     r"|response size (exceeded|too large|should not exceed)",
     re.IGNORECASE,
 )
-_RATE_LIMIT = re.compile(
+_RATE_LIMIT = lazy_pattern(
     r"rate.?limit"
     r"|too many requests"
     r"|request rate"
@@ -111,7 +112,7 @@ _RATE_LIMIT = re.compile(
     r"|slow down",
     re.IGNORECASE,
 )
-_UNSUPPORTED = re.compile(
+_UNSUPPORTED = lazy_pattern(
     r"method .{0,60}(not found|does not exist|not available|not supported|not whitelisted"
     r"|not allowed|disabled|unsupported)"
     r"|unsupported method"
@@ -120,8 +121,8 @@ _UNSUPPORTED = re.compile(
     r"|no such method",
     re.IGNORECASE,
 )
-_REVERTED = re.compile(r"execution reverted|\brevert", re.IGNORECASE)
-_TRANSIENT = re.compile(
+_REVERTED = lazy_pattern(r"execution reverted|\brevert", re.IGNORECASE)
+_TRANSIENT = lazy_pattern(
     r"time.?out|timed out|header not found|unknown block|missing trie node|try again"
     r"|temporar|busy|overload|unavailable|internal error|upstream|gateway|no backends?"
     r"|not synced|syncing|connection|reset"
@@ -135,7 +136,7 @@ _TRANSIENT = re.compile(
     r"|no suitable peers",
     re.IGNORECASE,
 )
-_TRY_AGAIN_IN = re.compile(
+_TRY_AGAIN_IN = lazy_pattern(
     r"(?:try again|retry|back ?off|wait)\D{0,20}?(\d+(?:\.\d+)?)\s*"
     r"(ms|milliseconds?|s\b|secs?|seconds?|m\b|mins?|minutes?)?",
     re.IGNORECASE,

@@ -24,6 +24,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from gapfill.errors import StoreBusy, StoreDropped, StoreError, StoreNoSlot, StoreRefused
+from gapfill.importing import lazy_pattern
 from gapfill.model import LogRow, Ref, RefKey, TxRow
 from gapfill.redact import DbUrl, redact_db_url, redact_text
 from gapfill.signals import committing
@@ -235,7 +236,7 @@ def _copy(cur: Any, table: str, columns: str, types: Sequence[str], rows: Sequen
 
 #: libpq's refusals of a URL's ``?key=value`` part: an unknown key, a key without a value,
 #: or a value it cannot read (``sslmode=bogus``). The server was never asked.
-_BAD_QUERY = re.compile(
+_BAD_QUERY = lazy_pattern(
     r'URI query parameter|invalid connection option|invalid \w+ value: "|for connection option "',
     re.IGNORECASE,
 )
@@ -243,15 +244,15 @@ _BAD_QUERY = re.compile(
 
 # Connection errors the server (or libpq) raises when it is there: a fix in --db, not in
 # whether the server runs. libpq gives them no SQLSTATE; the text is its own.
-_NO_ROLE = re.compile(r'\brole "((?:[^"]|"")*)" does not exist')
-_NO_SSL = re.compile(r"server does not support SSL, but SSL was required", re.IGNORECASE)
+_NO_ROLE = lazy_pattern(r'\brole "((?:[^"]|"")*)" does not exist')
+_NO_SSL = lazy_pattern(r"server does not support SSL, but SSL was required", re.IGNORECASE)
 
 
 #: libpq's refusal of an ``options=`` value with a bare '=' (``-c name=value`` as typed).
-_OPTIONS_EQUALS = re.compile(r'separator "=" in URI query parameter: "options"')
+_OPTIONS_EQUALS = lazy_pattern(r'separator "=" in URI query parameter: "options"')
 #: The server's refusals of the settings a connection's ``options`` (``?options=`` in the URL,
 #: or PGOPTIONS) pass it at start-up: it runs, and the options are what to fix.
-_BAD_OPTIONS = re.compile(
+_BAD_OPTIONS = lazy_pattern(
     r"FATAL:\s+(invalid command-line argument for server process|(?:-c \S+|--\S+) requires a value"
     r"|unrecognized configuration parameter|invalid value for parameter"
     r'|parameter "[^"]*" (?:cannot be changed|requires)|.* is outside the valid range for parameter'
@@ -307,20 +308,21 @@ def _system_roots(url: str, check: str) -> str | None:
 
 #: libpq's refusal of an sslmode weaker than another setting needs (sslrootcert=system,
 #: sslnegotiation=direct), before it connects.
-_WEAK_SSLMODE = re.compile(r'weak sslmode "([^"]*)" may not be used with (\S+?)=?(\w+)? \(use ([^)]*)\)')
+_WEAK_SSLMODE = lazy_pattern(r'weak sslmode "([^"]*)" may not be used with (\S+?)=?(\w+)? \(use ([^)]*)\)')
 #: A ``service=`` (or PGSERVICE) that no service file defines.
-_NO_SERVICE = re.compile(r'definition of service "([^"]*)" not found')
+_NO_SERVICE = lazy_pattern(r'definition of service "([^"]*)" not found')
 #: libpq's refusals of one parameter: one it does not know, or a value it cannot read.
-_UNKNOWN_PARAM = re.compile(r'invalid (?:URI query parameter|connection option): "([^"]*)"')
-_BAD_VALUE = re.compile(r'invalid (\w+) value: "([^"]*)"')
+_UNKNOWN_PARAM = lazy_pattern(r'invalid (?:URI query parameter|connection option): "([^"]*)"')
+_BAD_VALUE = lazy_pattern(r'invalid (\w+) value: "([^"]*)"')
 
 
-_NO_ROOT_CERT = re.compile(r'root certificate file "([^"]*)" does not exist|could not read root certificate '
-                           r'file "([^"]*)"|could not get home directory to locate root certificate')
-_CERT_REFUSED = re.compile(r"certificate verify failed")
-_CERT_NAME = re.compile(r'server certificate for "([^"]*)"(?: \(and \d+ other names?\))? does not match host '
-                        r'name "([^"]*)"')
-_CERT_OTHER = re.compile(r"certificate|sslrootcert|private key", re.IGNORECASE)
+_NO_ROOT_CERT = lazy_pattern(r'root certificate file "([^"]*)" does not exist|could not read root '
+                             r'certificate file "([^"]*)"|could not get home directory to locate root '
+                             r"certificate")
+_CERT_REFUSED = lazy_pattern(r"certificate verify failed")
+_CERT_NAME = lazy_pattern(r'server certificate for "([^"]*)"(?: \(and \d+ other names?\))? does not match '
+                          r'host name "([^"]*)"')
+_CERT_OTHER = lazy_pattern(r"certificate|sslrootcert|private key", re.IGNORECASE)
 def _ssl_fix(check: str, system: bool = False) -> str:
     if system:  # sslmode=require is refused beside sslrootcert=system
         return (f"point sslrootcert in {check} at the server's CA certificate instead of system, "
@@ -408,7 +410,7 @@ def role_name(url: str) -> str:
     return str(user or os.environ.get("PGUSER") or getpass.getuser())
 
 
-_DENIED = re.compile(r"permission denied for (\w+) (\S+)")
+_DENIED = lazy_pattern(r"permission denied for (\w+) (\S+)")
 
 
 def _privilege_error(msg: str, url: str, reading: bool, check: str) -> StoreRefused:
@@ -482,7 +484,7 @@ def _timed_out(exc: psycopg.Error, msg: str, url: str, check: str) -> StoreBusy 
 #: passes on without its code at connect time, as it does a server that is not there): all of
 #: its ``max_connections`` in use (or all but those it keeps for superusers), or the role's or
 #: the database's ``CONNECTION LIMIT`` reached.
-_NO_SLOT = re.compile(r'sorry, too many clients already|remaining connection slots are reserved'
+_NO_SLOT = lazy_pattern(r'sorry, too many clients already|remaining connection slots are reserved'
                       r'|too many connections for (role|database) "((?:[^"]|"")*)"')
 _FEWER = "close other clients, or run gapfill with fewer --workers (each worker holds a connection)"
 
@@ -514,7 +516,7 @@ def _no_slot_left(exc: psycopg.Error, msg: str, where: str,
 
 
 #: A server out of memory as a session starts: libpq passes it on without its SQLSTATE.
-_NO_MEMORY = re.compile(r"FATAL:\s+out of memory")
+_NO_MEMORY = lazy_pattern(r"FATAL:\s+out of memory")
 
 
 def translate(exc: psycopg.Error, url: str, *, reading: bool = False, check: str = DB_CHECK,

@@ -372,6 +372,86 @@ async def test_stall_is_cut_after_read_timeout(make_node: Any, tmp_path: Any) ->
     assert state["n"] == 2
 
 
+@contextlib.asynccontextmanager
+async def paced_node(body_for: Callable[[Any], bytes], chunk: int, every_s: float) -> AsyncIterator[str]:
+    """A loopback HTTP server that sends its headers at once, then the body
+    ``body_for(request)`` ``chunk`` bytes every ``every_s`` seconds; yields its URL."""
+
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))  # fmt: skip
+        body = body_for(orjson.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+        try:
+            with contextlib.suppress(ConnectionError):
+                for at in range(0, len(body), chunk):
+                    writer.write(body[at:at + chunk])
+                    await writer.drain()
+                    await asyncio.sleep(every_s)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+        for task in handlers:  # a trickle still going
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_a_trickling_body_is_cut(tmp_path: Any) -> None:
+    # Headers, then a byte every 0.2 s: under a read timeout of 0.5 s (sock_read, and no
+    # total) the request ran as long as the body lasted, a stuck proxy's for ever.
+    async with paced_node(lambda request: b" " * 300, 1, 0.2) as url, RpcClient(
+            [EndpointConfig(url)], settings(tmp_path, read_timeout_s=0.5, attempts=1)) as client:
+        out = await asyncio.wait_for(client.call_many([Call("eth_x", ["0x1"])]), 5.0)
+    assert isinstance(out[0], CallError) and "no response within 0.5 s" in out[0].message, out
+
+
+async def test_a_big_body_on_a_slow_link_gets_through(tmp_path: Any) -> None:
+    # The body's deadline grows with what arrived: 96 KiB at 48 KiB/s, past the read
+    # timeout (0.5 s) and within the rule (0.5 s + 16 KiB/s).
+    def big(request: Any) -> bytes:
+        return orjson.dumps(ok(request, "0x" + "ab" * 48 * 1024))
+
+    async with paced_node(big, 4096, 4096 / (48 * 1024)) as url, RpcClient(
+            [EndpointConfig(url)], settings(tmp_path, read_timeout_s=0.5, attempts=1)) as client:
+        started = time.monotonic()
+        assert (await client.call("eth_x", [])).startswith("0xabab")
+    assert time.monotonic() - started > 1.0  # it did take longer than the read timeout
+
+
+async def test_a_hung_name_lookup_is_cut_after_the_connect_timeout(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Name lookups are bounded by no aiohttp timeout set (sock_connect starts after them).
+    import aiohttp.connector
+    import aiohttp.resolver
+
+    class Hung(aiohttp.resolver.ThreadedResolver):
+        async def resolve(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(aiohttp.resolver, "DefaultResolver", Hung)
+    monkeypatch.setattr(aiohttp.connector, "DefaultResolver", Hung)
+    async with RpcClient([EndpointConfig("http://node.invalid/")],
+                         settings(tmp_path, connect_timeout_s=0.3, attempts=1)) as client:  # fmt: skip
+        out = await asyncio.wait_for(client.call_many([Call("eth_x", [])]), 5.0)
+    assert isinstance(out[0], CallError), out
+    assert out[0].message.startswith(
+        "could not reach the RPC node at http://node.invalid/: connection timed out"), out
+
+
 async def test_exhausted_retries_raise_one_redacted_sentence(
     make_node: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

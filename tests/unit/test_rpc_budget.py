@@ -44,6 +44,21 @@ def test_reservations_queue_in_order(tmp_path: Path) -> None:
         budget.close()
 
 
+def test_reservations_during_a_pause_are_spread_at_the_rate_after_it(tmp_path: Path) -> None:
+    # --rps 100 and a 429 with Retry-After: 10 (the rate cut to 50 calls/s). Each request
+    # reserved meanwhile waited max(debt, pause): ten batches of 50 all woke at t = 10 s,
+    # 500 calls in one burst into the provider that had just said 429.
+    budget = SharedBudget(URL, 100.0, budget_dir=str(tmp_path), min_capacity=50)
+    try:
+        budget.on_rate_limited(10.0)
+        waits = [budget.reserve(50) for _ in range(10)]
+    finally:
+        budget.close()
+    # At 50 calls/s after the pause, the tenth batch goes no sooner than 10 + 9 s.
+    assert waits[-1] >= 10.0 + 9 * 50 / 50 - 0.5, waits
+    assert waits[0] <= 10.0 + 50 / 50 + 0.5, waits
+
+
 def test_aimd_factor_and_pause_are_shared(tmp_path: Path) -> None:
     one = SharedBudget(URL, 100, budget_dir=str(tmp_path))
     two = SharedBudget(URL, 100, budget_dir=str(tmp_path))

@@ -19,6 +19,7 @@ from gapfill.errors import NodeUnavailable, RpcError
 from gapfill.rpc import Call, CallError, EndpointConfig, RpcClient, RpcSettings
 from gapfill.rpc.budget import LEARNED_CAP_TTL_S, budget_path, read_learned_cap, write_learned_cap
 from gapfill.rpc.endpoint import GROW_AFTER_SUCCESSES, Endpoint
+from gapfill.rpc.transport import HttpReply
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -738,6 +739,71 @@ async def test_a_pause_holds_the_requests_back_off_the_outage_clock_and_silence_
     assert answered.is_set() and client.silent_s() < 0.05
 
 
+class Scripted:
+    """A Transport without sockets: ``answer(url, payload)`` gives the reply; it keeps
+    what was sent, as (url, payload)."""
+
+    def __init__(self, answer: Callable[[str, Any], HttpReply]) -> None:
+        self.answer = answer
+        self.sent: list[tuple[str, Any]] = []
+
+    async def post(self, url: str, body: bytes) -> HttpReply:
+        payload = orjson.loads(body)
+        self.sent.append((url, payload))
+        return self.answer(url, payload)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def echoed(payload: Any) -> HttpReply:
+    return HttpReply(200, {}, orjson.dumps(payload if isinstance(payload, dict) and "result" in payload
+                                           else [ok(c) for c in payload] if isinstance(payload, list)
+                                           else ok(payload)))  # fmt: skip
+
+
+async def test_a_paused_metered_endpoint_is_not_chosen_while_another_is_free(tmp_path: Any) -> None:
+    # Two --rps endpoints; A answers 429 with Retry-After: 60 once. The pause was kept in
+    # A's shared bucket only, unseen by the choice of endpoint: the next calls went to A
+    # and slept 60 s in its budget while B was free.
+    a, b = "http://127.0.0.1:1/a", "http://127.0.0.1:2/b"
+
+    def answer(url: str, payload: Any) -> HttpReply:
+        if url == a and not any(u == a for u, _ in transport.sent[:-1]):
+            return HttpReply(429, {"Retry-After": "60"}, b"")
+        return echoed(payload)
+
+    transport = Scripted(answer)
+    endpoints = [EndpointConfig(a, rps=1000.0), EndpointConfig(b, rps=10.0)]
+    async with RpcClient(endpoints, settings(tmp_path), transport=transport) as client:
+        await client.call_many([Call("eth_x", ["0x1"])])  # A: 429, then B
+        assert await asyncio.wait_for(client.call_many([Call("eth_x", ["0x2"])]), 5.0) == ["0x2"]
+    assert [u for u, _ in transport.sent] == [a, b, b]
+
+
+async def test_the_start_up_check_under_a_pause_left_by_an_earlier_run_says_so(tmp_path: Any) -> None:
+    # A run stopped (Ctrl+C) during a Retry-After: 60 left the pause in the shared bucket.
+    # The next run's start-up check waits for it before sending anything, and the notice
+    # blamed the node: "no answer to eth_chainId ... 3 tries of 30 s each".
+    from gapfill.rpc.budget import SharedBudget
+
+    url = "http://127.0.0.1:1/"
+    budget = SharedBudget(url, 10.0, budget_dir=str(tmp_path))
+    budget.on_rate_limited(60.0)
+    budget.close()
+    transport = Scripted(lambda u, p: HttpReply(200, {}, orjson.dumps(ok(p, "0x1"))))
+    told: list[str] = []
+    async with RpcClient([EndpointConfig(url, rps=10.0)], settings(tmp_path, slow_probe_notice_s=0.2),
+                         transport=transport) as client:  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.probe(tell=told.append), 1.0)
+    assert not transport.sent
+    assert len(told) == 1 and "no answer" not in told[0], told
+    assert told[0].startswith(
+        "waiting for the RPC node (http://127.0.0.1:1/): paused by the provider's Retry-After "
+        "for 60 s more (left by an earlier run or another gapfill process)"), told
+
+
 def refuses_batches_over(limit: int) -> Callable[[FakeNode, Any], web.Response]:
     """A provider whose bucket holds about a second of calls: it answers 429 to every batch
     of more than ``limit`` calls, however long the client waits."""
@@ -936,6 +1002,29 @@ async def test_tokens_of_a_learned_rate_go_back_when_the_wait_for_them_is_cancel
         await waiting
     assert endpoint.in_flight == 0
     assert endpoint.learned.reserve(1) < 0.2  # not the ~1 s the cancelled request took
+
+
+async def test_calls_held_by_a_pause_under_a_learned_rate_are_spread_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without --rps, a rate learned from 429s and a Retry-After: each request waited
+    # max(pause, debt), so every request held by the pause went at its end together.
+    from gapfill.rpc.budget import AcceptedCalls, LearnedBudget
+
+    slept: list[float] = []
+
+    async def fake_sleep(delay: float, result: Any = None) -> Any:
+        slept.append(delay)
+
+    endpoint = Endpoint(0, EndpointConfig("http://127.0.0.1:1/"), RpcSettings(), "k")
+    endpoint.learned = LearnedBudget(10.0, AcceptedCalls())
+    endpoint.record_rate_limited(5.0, refused_calls=10)
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    for _ in range(4):
+        await endpoint.acquire(10)
+        await endpoint.release()
+    # At about 10 calls/s after the 5 s pause: 10 calls a second, one batch after another.
+    assert slept[-1] >= 5.0 + 3 * 10 / 10.0, slept
 
 
 def test_a_flaky_endpoint_is_not_set_aside_a_dead_one_is() -> None:

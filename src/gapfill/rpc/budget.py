@@ -163,10 +163,10 @@ class SharedBudget:
             else:
                 tokens, refilled_at, factor, cut_at, paused_until = self.capacity, now, 1.0, 0.0, 0.0
             state = _State(tokens, refilled_at, factor, cut_at, paused_until)
-            # Refill at the current (possibly cut) rate; a full bucket stops growing.
-            state.tokens = min(
-                self.capacity, state.tokens + (now - state.refilled_at) * self.rps * state.factor
-            )
+            # Refill at the current (possibly cut) rate; a full bucket stops growing. Nothing
+            # refills during a pause: the calls reserved meanwhile go at the rate after it.
+            since = max(state.refilled_at, min(state.paused_until, now))
+            state.tokens = min(self.capacity, state.tokens + (now - since) * self.rps * state.factor)
             state.refilled_at = now
             yield state
             self.last_factor = state.factor
@@ -180,13 +180,15 @@ class SharedBudget:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def reserve(self, calls: int) -> float:
-        """Take ``calls`` tokens now; return how many seconds to sleep before sending."""
+        """Take ``calls`` tokens now; return how many seconds to sleep before sending: the
+        rest of a ``Retry-After`` pause, then the debt at the rate after it. (The larger of
+        the two sent every call reserved during a pause at its end, in one burst.)"""
         with self._locked() as state:
             now = state.refilled_at
             state.tokens -= calls
             rate = self.rps * state.factor
             wait = 0.0 if state.tokens >= 0 else -state.tokens / rate
-            return max(wait, state.paused_until - now)
+            return max(0.0, state.paused_until - now) + wait
 
     def refund(self, calls: int) -> None:
         """Give back tokens reserved for a request that was never sent (cancelled)."""
@@ -291,20 +293,26 @@ class LearnedBudget:
         self._set_rps = self.rps  # as first set or last cut: refusals at it teach nothing new
         self._bound_at = -1e9  # when a reserve last had to wait: the rate is what limits
         self._grown_at = self.at
+        #: The end of a ``Retry-After`` pause (the endpoint's): nothing refills before it.
+        self.paused_until = 0.0
 
     def _refill(self) -> float:
         now = self._clock()
-        self.tokens = min(self.rps * 0.5, self.tokens + (now - self.at) * self.rps)
+        since = max(self.at, min(self.paused_until, now))
+        self.tokens = min(self.rps * 0.5, self.tokens + (now - since) * self.rps)
         self.at = now
         return now
 
     def reserve(self, calls: int) -> float:
+        """Take ``calls`` tokens; return the seconds to wait: the rest of a pause, then
+        the debt at the rate."""
         now = self._refill()
         self.tokens -= calls
+        pause = max(0.0, self.paused_until - now)
         if self.tokens < 0:
             self._bound_at = now
-            return -self.tokens / self.rps
-        return 0.0
+            return pause - self.tokens / self.rps
+        return pause
 
     def cut(self) -> bool:
         """A 429: set the rate to what the provider accepted. False if cut less than a

@@ -428,7 +428,16 @@ class RpcClient:
 
     def _say_slow(self, tell: Callable[[str], None], tasks: dict[int, asyncio.Task[Any]]) -> None:
         s = self._settings
-        shown = ", ".join(e.shown for e in self._endpoints if not tasks[e.index].done())
+        now = time.monotonic()
+        waiting = [e for e in self._endpoints if not tasks[e.index].done()]
+        paused = [e for e in waiting if e.paused_until > now]
+        if paused:  # nothing was sent: the provider's own pause, not the node, holds the check
+            e = max(paused, key=lambda e: e.paused_until)
+            by = " (left by an earlier run or another gapfill process)" if e.sends == 0 else ""
+            tell(f"waiting for the RPC node ({', '.join(e.shown for e in paused)}): paused by the "
+                 f"provider's Retry-After for {e.paused_until - now:.0f} s more{by}")
+            return
+        shown = ", ".join(e.shown for e in waiting)
         tries = f"{s.attempts} tries" if s.attempts > 1 else "1 try"
         tell(f"waiting for the RPC node ({shown}): no answer to eth_chainId after "
              f"{s.slow_probe_notice_s:g} s; it gets {tries} of {s.read_timeout_s:g} s each "

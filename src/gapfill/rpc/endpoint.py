@@ -112,7 +112,9 @@ class Endpoint:
         self.concurrency = float(settings.max_in_flight)
         self.in_flight = 0
         self._gate = asyncio.Condition()
-        self.paused_until = 0.0  # Retry-After for endpoints without a shared budget
+        #: Until when a ``Retry-After`` pause holds it back (with --rps, the shared bucket's
+        #: as last seen: left by an earlier run or another process, or said to this one).
+        self.paused_until = 0.0 if self.budget is None else time.monotonic() + self.budget.paused_for()
         # Endpoints without a configured rate learn one from their first 429.
         self.learned: LearnedBudget | None = None
         self._accepted = AcceptedCalls()
@@ -155,6 +157,8 @@ class Endpoint:
         return self.disabled_reason is None
 
     def available_at(self) -> float:
+        """When it may take a request: after a set-aside and a ``Retry-After`` pause (with
+        --rps the shared bucket's, as last seen: see :meth:`record_rate_limited`)."""
         return max(self.down_until, self.paused_until)
 
     def rate_rps(self) -> float | None:
@@ -223,10 +227,10 @@ class Endpoint:
             async with self._gate:
                 await self._gate.wait_for(lambda: self.in_flight < max(1, int(self.concurrency)))
                 self.in_flight += 1
-            pause = self.paused_until - time.monotonic()
             learned = self.learned  # its tokens go back if the wait is cancelled
-            if learned is not None:
-                pause = max(pause, learned.reserve(calls))
+            # Under a learned rate: the rest of the pause, then the debt at the rate (calls
+            # held by a pause all went at its end, into the provider that had said 429).
+            pause = self.paused_until - time.monotonic() if learned is None else learned.reserve(calls)
             if pause > 0:
                 try:
                     with chosen():
@@ -344,6 +348,8 @@ class Endpoint:
         now = time.monotonic()
         if self.budget is not None:
             self.rate_factor = self.budget.on_rate_limited(retry_after_s)
+            if retry_after_s:  # the choice of endpoint sees it: another free one takes the calls
+                self.paused_until = max(self.paused_until, now + self.budget.paused_for())
             logger.info("RPC endpoint %s rate limited %d call(s)%s; now sending %.0f calls/s (%.2f of its "
                         "rate)", self.shown, count, _retry_after(retry_after_s), self.rate_rps() or 0.0,
                         self.rate_factor)  # fmt: skip
@@ -357,11 +363,13 @@ class Endpoint:
                 # One call refused before any was answered says no rate (a quota, a pause):
                 # the Retry-After or the call's backoff is the answer to it.
                 self.learned = LearnedBudget(max(accepted, refused_calls / 2), self._accepted)
+                self.learned.paused_until = self.paused_until
                 logger.info("RPC endpoint %s rate limits: it accepted %.0f calls/s and refused a "
                             "request of %d; sending %.0f calls/s", self.shown, accepted,
                             refused_calls, self.learned.rps)  # fmt: skip
             elif self.learned is not None:
                 self.learned.cut()
+                self.learned.paused_until = self.paused_until
             if logger.isEnabledFor(logging.INFO):
                 pause = self.paused_until - now
                 logger.info("RPC endpoint %s rate limited %d call(s)%s; %s, %.1f requests at a time",

@@ -142,7 +142,7 @@ def test_retry_after_seconds_and_date() -> None:
     assert parse_retry_after(date, now=now) == pytest.approx(7.0, abs=1.0)
     past = email.utils.formatdate(now - 100, usegmt=True)
     assert parse_retry_after(past, now=now) == 0.0
-    assert parse_retry_after("999999") == 600.0  # capped
+    assert parse_retry_after("999999") == 999999.0  # whole: a quota spent, not a pause
 
 
 def test_retry_after_header_is_taken_from_429() -> None:

@@ -804,6 +804,66 @@ async def test_the_start_up_check_under_a_pause_left_by_an_earlier_run_says_so(t
         "for 60 s more (left by an earlier run or another gapfill process)"), told
 
 
+async def test_an_exhausted_quota_is_said_not_waited_for_hours(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A provider whose daily quota is spent answers 429 with Retry-After: 86400. Capped at
+    # 600 s and honoured for each of the 12 rate-limit tries, the call slept ~2 h before it
+    # failed, the worker counted as waiting by choice all along (no outage, no message).
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def fake_sleep(delay: float, result: Any = None) -> Any:
+        slept.append(delay)
+        return await real_sleep(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    transport = Scripted(lambda u, p: HttpReply(429, {"Retry-After": "86400"}, b"daily quota exceeded"))
+    refusals: list[str] = []
+    async with RpcClient([EndpointConfig(f"http://127.0.0.1:1/{KEY}")], RpcSettings(),
+                         transport=transport) as client:  # fmt: skip
+        client.on_refused = refusals.append
+        out = (await client.call_many([Call("eth_x", ["0x1"])]))[0]
+    assert sum(slept) < 900, f"waited {sum(slept):.0f} s in all before: {out}"
+    assert len(transport.sent) == 1
+    assert isinstance(out, CallError) and refusals == [out.message]
+    assert KEY not in out.message
+    assert out.message.startswith("the provider at http://127.0.0.1:1/"), out.message
+    assert "asks to wait 86400 s (Retry-After): its quota is spent: run again in about 24 h, or add " \
+           "another endpoint to --rpc-url or ETH_RPC_URL" in out.message, out.message
+
+
+async def test_an_exhausted_quota_at_start_up_is_said_and_not_tried_again(tmp_path: Any) -> None:
+    # Not NodeUnavailable (a worker would be restarted into it), nor "check that ... is the
+    # JSON-RPC endpoint of an Ethereum node".
+    transport = Scripted(lambda u, p: HttpReply(429, {"Retry-After": "7200"}, b"monthly quota exceeded"))
+    async with RpcClient([EndpointConfig("http://127.0.0.1:1/")], settings(tmp_path),
+                         transport=transport) as client:  # fmt: skip
+        with pytest.raises(RpcError) as raised:
+            await asyncio.wait_for(client.probe(), 5.0)
+    assert not isinstance(raised.value, NodeUnavailable)
+    assert str(raised.value) == (
+        "eth_chainId failed: the provider at http://127.0.0.1:1/ asks to wait 7200 s (Retry-After): "
+        "its quota is spent: run again in about 2 h, or add another endpoint to --rpc-url or ETH_RPC_URL")
+    assert len(transport.sent) == 1
+
+
+async def test_an_exhausted_quota_sets_the_endpoint_aside_while_another_takes_the_calls(
+    tmp_path: Any,
+) -> None:
+    a, b = "http://127.0.0.1:1/a", "http://127.0.0.1:2/b"
+
+    def answer(url: str, payload: Any) -> HttpReply:
+        if url == a:
+            return HttpReply(429, {"Retry-After": "86400"}, b"daily quota exceeded")
+        return echoed(payload)
+
+    transport = Scripted(answer)
+    async with RpcClient([EndpointConfig(a), EndpointConfig(b)], settings(tmp_path),
+                         transport=transport) as client:  # fmt: skip
+        out = [await asyncio.wait_for(client.call_many([Call("eth_x", [hex(n)])]), 5.0) for n in range(4)]
+    assert out == [[hex(n)] for n in range(4)]
+    assert [u for u, _ in transport.sent].count(a) == 1
+
+
 def refuses_batches_over(limit: int) -> Callable[[FakeNode, Any], web.Response]:
     """A provider whose bucket holds about a second of calls: it answers 429 to every batch
     of more than ``limit`` calls, however long the client waits."""

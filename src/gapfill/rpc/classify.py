@@ -155,7 +155,8 @@ _BACKOFF_KEYS = (
     "retryAfterMs",
 )
 
-#: Longest wait gapfill will honour from one hint; longer hints mean a quota is gone.
+#: Longest wait gapfill will honour from one hint; longer hints mean a quota is gone. The
+#: hints are returned whole: the client tells the one from the other (see RpcClient).
 MAX_HONOURED_WAIT_S = 600.0
 
 
@@ -177,7 +178,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         seconds = when.timestamp() - current
     if math.isnan(seconds) or math.isinf(seconds):
         return None
-    return min(max(seconds, 0.0), MAX_HONOURED_WAIT_S)
+    return max(seconds, 0.0)
 
 
 def _unit_seconds(amount: float, unit: str | None) -> float:
@@ -223,7 +224,7 @@ def retry_after_from_error(error: Mapping[str, Any]) -> float | None:
             found = _unit_seconds(float(match.group(1)), match.group(2))
     if found is None:
         return None
-    return min(max(found, 0.0), MAX_HONOURED_WAIT_S)
+    return max(found, 0.0)
 
 
 def _as_code(value: Any) -> int | None:

@@ -27,6 +27,7 @@ import orjson
 from gapfill.errors import ConfigError, NodeUnavailable, RpcError
 from gapfill.redact import redact_text, redact_url
 from gapfill.rpc.classify import (
+    MAX_HONOURED_WAIT_S,
     Fault,
     Verdict,
     classify_bad_body,
@@ -98,10 +99,10 @@ def _may_pass(error: CallError) -> bool:
     """Whether a start-up check that failed so may pass if tried again: every try failed
     with HTTP 5xx (or 408, 425, 429), a timeout, a refused or reset connection, a garbled
     body; not when the node refused the call or the endpoint answered HTTP 4xx or 501 (a
-    web page's 404, a refused API key, a web server that takes no POST)."""
+    web page's 404, a refused API key, a web server that takes no POST, a quota spent)."""
     code = error.code
-    return error.kind == "transient" and (code is None or not 400 <= code < 600 or node_failing(code)
-                                          or code in (408, 425, 429))  # fmt: skip
+    return error.kind == "transient" and error.fix is None and (
+        code is None or not 400 <= code < 600 or node_failing(code) or code in (408, 425, 429))
 
 
 def _as_id(value: Any) -> int | None:
@@ -342,7 +343,7 @@ class RpcClient:
                                     f"{endpoint.config.check} at another node")
                     elif "no response within" in message:  # up (it accepted), but silent
                         message += f"; {self.silent}"
-                    elif "check " not in message:  # an HTML page, HTTP 404, a JSON-RPC error ...
+                    elif out.fix is None and "check " not in message:  # an HTML page, HTTP 404 ...
                         message += (f"; check that {endpoint.config.check} is the JSON-RPC "
                                     "endpoint of an Ethereum node")
                     failed.append((endpoint, message))
@@ -935,6 +936,15 @@ class RpcClient:
             f"check the API key in {endpoint.config.check}", verdict.code,
         )  # fmt: skip
 
+    def _quota_spent(self, endpoint: Endpoint, hint_s: float) -> CallError:
+        """A rate limit whose wait hint is above :data:`MAX_HONOURED_WAIT_S`: the provider's
+        quota (a day's, a month's) is spent; another endpoint, if any, takes the calls."""
+        later = f"about {hint_s / 3600:.0f} h" if hint_s >= 5400 else f"about {hint_s / 60:.0f} min"
+        return CallError.refused(
+            f"the provider at {endpoint.shown} asks to wait {hint_s:.0f} s (Retry-After): its quota is spent",
+            f"run again in {later}, or add another endpoint to {endpoint.config.check}", 429,
+        )  # fmt: skip
+
     def _set_aside_refusing(self, endpoint: Endpoint, verdict: Verdict) -> None:
         """An endpoint refused the API key: with another usable one left, it takes no more
         calls (asking again cannot pass), said once. The last one is kept: its calls fail
@@ -968,6 +978,13 @@ class RpcClient:
         if fault is Fault.RATE_LIMITED:
             item.rate_limits += 1
             item.avoid = item.avoid | {endpoint.index}
+            hint = verdict.retry_after_s or 0.0
+            if hint > MAX_HONOURED_WAIT_S and (pin is not None or not self._elsewhere(endpoint, item)):
+                # A quota spent, not a pause: waited out 600 s a try, it took hours, silently.
+                results[i] = self._quota_spent(endpoint, hint)
+                if pin is None and self.on_refused is not None:
+                    self.on_refused(results[i].message)
+                return False
             if item.rate_limits >= self._settings.rate_limit_attempts:
                 results[i] = CallError(
                     "transient",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from gapfill.records import record
 from gapfill.redact import redact_url
 from gapfill.rpc.budget import AcceptedCalls, LearnedBudget, SharedBudget, read_learned_cap, write_learned_cap
+from gapfill.rpc.classify import MAX_HONOURED_WAIT_S
 from gapfill.rpc.config import EndpointConfig, RpcSettings
 
 logger = logging.getLogger(__name__)
@@ -345,6 +346,8 @@ class Endpoint:
         of ``refused_calls`` calls (``count`` when not said)."""
         refused_calls = count if refused_calls is None else refused_calls
         self.rate_limited += count
+        if retry_after_s:  # a longer hint (a quota spent) sets it aside this long: see RpcClient
+            retry_after_s = min(retry_after_s, MAX_HONOURED_WAIT_S)
         now = time.monotonic()
         if self.budget is not None:
             self.rate_factor = self.budget.on_rate_limited(retry_after_s)

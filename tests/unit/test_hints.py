@@ -101,6 +101,9 @@ class _Client:
     async def call_many(self, calls: list[Call]) -> list[Any]:
         return [CallError("transient", "HTTP 500 (at http://n/, after 3 attempts)") for _ in calls]
 
+    async def call_many_via(self, calls: list[Call]) -> list[tuple[Any, None]]:
+        return [(out, None) for out in await self.call_many(calls)]
+
 
 def test_discovery_on_another_chain_names_where_the_endpoints_came_from() -> None:
     from gapfill.discover.run import discover

@@ -22,7 +22,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
 import orjson
@@ -38,6 +38,9 @@ from gapfill.signals import CommitUnknown, HeldSignals, HoldFromCommit
 from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
 from gapfill.wording import counted
+
+if TYPE_CHECKING:
+    from gapfill.engine.session import CodeAt
 
 log = logging.getLogger("gapfill")
 
@@ -652,6 +655,7 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
     """Track ADDRESS. The chain id defaults to the RPC node's."""
     ctx.kept = lambda: "nothing was written; run the same command again"
     abi = load_abi(abi_file) if abi_file else None
+    code: CodeAt | None = None  # the node's code at the address, where it was asked
     if chain_id is None and not (ctx.rpc_urls or ctx.file.endpoints):
         # Already tracked on one chain (a new ABI or label for it): that chain. Nothing is
         # tracked in a database not made yet, and the error below must not leave one behind.
@@ -664,9 +668,12 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
             raise ConfigError(
                 "cannot tell the chain id: pass --chain-id N, or give --rpc-url so it can be asked"
             )
-        from gapfill.engine.session import fetch_chain_id
+        from gapfill.engine.session import fetch_chain_id_and_code
 
-        chain_id = fetch_chain_id(ctx.endpoints(), tell=tell, settings=rpc_settings(rpc_timeout_s))
+        # The node is asked anyway: its code at the address too, so that a mistyped address
+        # (an EOA) is said now, not as a discovery that finds nothing and says nothing.
+        chain_id, code = fetch_chain_id_and_code(ctx.endpoints(), address, tell=tell,
+                                                 settings=rpc_settings(rpc_timeout_s))  # fmt: skip
     store = ctx.store(create=True)
     try:
         was: Contract | None = store.get_contract(address, chain_id)
@@ -687,6 +694,12 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         ctx.kept = lambda: written if late.committed else "nothing was written; run the same command again"
         store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(_added(was, store.get_contract(address, chain_id), abi_changed))
+    if code is not None and code.code in ("0x", ""):
+        # A warning, never an error: a contract may be deployed later than a lagging node's
+        # head, or have self-destructed (its past transactions are still there to find).
+        click.echo(f"warning: no contract code at {address} on chain {chain_id} at block {code.block:,}: "
+                   "check the address (an EOA or a contract not deployed yet finds no refs, "
+                   "a self-destructed one only those from before)", err=True)  # fmt: skip
     if abi is not None:
         from gapfill.enrich.decode import abi_problems
 

@@ -623,6 +623,22 @@ def test_a_node_reporting_chain_id_0_is_not_taken_for_a_chain(anvil_bin: str, tm
     assert r.exit_code == 1 and "chain id 0" in one_sentence(r) and "--chain-id N" in r.stderr
 
 
+def test_contract_add_warns_of_an_address_without_code_on_the_node(small_chain: Any, sqlite_url: str) -> None:
+    # `contract add` asks the node its chain id, but not what is at the address: a mistyped
+    # one (an EOA) was tracked without a word, and its discovery found 0 refs, saying nothing.
+    chain, url = small_chain.chain, small_chain.url
+    eoa = small_chain.node.accounts[0].lower()
+    r = CliRunner().invoke(cli, ["--db", sqlite_url, "--rpc-url", url, "contract", "add", eoa])
+    assert r.exit_code == 0 and f"tracking {eoa} on chain {chain.chain_id}" in r.output, r.output + r.stderr
+    (warning,) = r.stderr.strip().splitlines()
+    said = f"warning: no contract code at {eoa} on chain {chain.chain_id} at block "
+    assert warning.startswith(said) and "check the address" in warning, warning
+    # A contract the node holds: no warning. Nor without a node (--chain-id only).
+    r = CliRunner().invoke(cli, ["--db", sqlite_url, "--rpc-url", url, "contract", "add", chain.token])
+    assert r.exit_code == 0 and r.stderr == "", r.stderr
+    assert run(sqlite_url, "contract", "add", "0x" + "cd" * 20, "--chain-id", "1").stderr == ""
+
+
 def test_a_file_that_is_not_sqlite_says_what_to_check(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a database\n" * 100)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from gapfill.errors import GapfillError
 from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
+
+logger = logging.getLogger(__name__)
 
 #: Calls per JSON-RPC batch of the clients built without a size (discovery, probes);
 #: enrichment passes its own (``ENRICH_RPC_BATCH``).
@@ -53,6 +58,37 @@ def fetch_chain_id(
     ``tell`` hears of slow or left-out endpoints (see :meth:`RpcClient.probe`), and
     ``settings`` carry the command's ``--rpc-timeout``."""
     return check_node(endpoints, expected_chain_id, tell, settings, before_run=False)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class CodeAt:
+    """What the node holds at an address: its code (``0x`` for none) at block ``block``."""
+
+    block: int
+    code: str
+
+
+def fetch_chain_id_and_code(
+    endpoints: Sequence[EndpointSetting],
+    address: str,
+    tell: Callable[[str], None] | None = None,
+    settings: RpcSettings | None = None,
+) -> tuple[int, CodeAt | None]:
+    """:func:`fetch_chain_id`, and ``address``'s code at the node's head: None where the node
+    did not say (it failed to; only the chain id is needed)."""
+
+    async def go() -> tuple[int, CodeAt | None]:
+        async with make_client(endpoints, settings=settings) as client:
+            chain_id = await client.probe(tell)
+            try:
+                block = int(await client.call("eth_blockNumber", []), 16)
+                code = await client.call("eth_getCode", [address, hex(block)])
+            except (GapfillError, TypeError, ValueError) as exc:
+                logger.debug("no code asked of %s: %s", address, exc)
+                return chain_id, None
+            return chain_id, CodeAt(block, code) if isinstance(code, str) else None
+
+    return asyncio.run(go())
 
 
 def check_node(

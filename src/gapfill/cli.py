@@ -645,7 +645,8 @@ def contract() -> None:
                    "tracked on].")  # fmt: skip
 @click.option("--label", default=None, help="A name to show in status.")
 @click.option("--abi", "abi_file", type=click.Path(), default=None,
-              help="ABI JSON file (a list, or an artifact with an \"abi\" key) for decoding.")
+              help="ABI JSON file (a list, an artifact with an \"abi\" key, or an explorer's "
+                   "getabi answer) for decoding.")
 @click.option("--start-block", type=int_range(0), default=None,
               help="First block of the contract (discovery starts here).")
 @rpc_timeout_option
@@ -764,9 +765,28 @@ def load_abi(path: str) -> list[dict[str, Any]]:
         raise ConfigError(f"ABI file {path} is not JSON: give the contract's ABI JSON") from None
     if isinstance(data, dict) and isinstance(data.get("abi"), list):
         data = data["abi"]
+    elif isinstance(data, dict) and "status" in data and "result" in data:
+        data = _explorer_abi(path, data)
     if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
         raise ConfigError(f"ABI file {path} holds no ABI: expected a JSON list of entries")
     return data
+
+
+def _explorer_abi(path: str, answer: dict[str, Any]) -> Any:
+    """The ABI of an explorer's `getabi` answer (Etherscan, Blockscout), saved as it came:
+    ``{"status": "1", "message": "OK", "result": "[...]"}``, the ABI as a JSON string."""
+    result = answer["result"]
+    if str(answer["status"]) != "1":
+        said = str(result or answer.get("message") or "no reason given").strip().rstrip(".")
+        raise ConfigError(f"ABI file {path} is an explorer's refusal, not an ABI ({said}): "
+                          "give the contract's ABI JSON")  # fmt: skip
+    if isinstance(result, str):
+        try:
+            return orjson.loads(result)
+        except orjson.JSONDecodeError:
+            raise ConfigError(f"ABI file {path} is an explorer's answer whose ABI is not JSON: "
+                              "give the contract's ABI JSON") from None  # fmt: skip
+    return result
 
 
 @contract.command("remove")

@@ -183,6 +183,25 @@ def test_abi_entries_that_cannot_be_decoded_are_named(sqlite_url: str, tmp_path:
     assert r.exit_code == 0 and r.stderr == "", r.stderr
 
 
+def test_an_explorers_getabi_answer_is_taken_as_its_abi(sqlite_url: str, tmp_path: Path) -> None:
+    # `curl '...?module=contract&action=getabi&address=...' > abi.json` saves the ABI as a
+    # JSON string in "result": it was refused ("holds no ABI"), where an artifact was taken.
+    abi = [{"type": "function", "name": "fine", "inputs": [{"name": "x", "type": "uint256"}]}]
+    f = tmp_path / "getabi.json"
+    f.write_bytes(orjson.dumps({"status": "1", "message": "OK", "result": orjson.dumps(abi).decode()}))
+    r = run(sqlite_url, "contract", "add", C, "--chain-id", "1", "--abi", str(f))
+    assert r.exit_code == 0 and r.stderr == "", r.output + r.stderr
+    with open_store(sqlite_url) as s:
+        assert s.get_contract(C, 1).abi == abi
+    # A refusal (an unverified contract) says the explorer's words.
+    f.write_bytes(orjson.dumps({"status": "0", "message": "NOTOK",
+                                "result": "Contract source code not verified"}))  # fmt: skip
+    r = run(sqlite_url, "contract", "add", C, "--chain-id", "1", "--abi", str(f))
+    assert r.exit_code == 1
+    assert one_sentence(r) == (f"error: ABI file {f} is an explorer's refusal, not an ABI (Contract source "
+                               "code not verified): give the contract's ABI JSON")  # fmt: skip
+
+
 def test_an_unreadable_abi_path_is_one_sentence(sqlite_url: str, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     path = tmp_path / "notes.txt" / "abi.json"  # a file where a folder should be

@@ -56,7 +56,8 @@ class Ctx:
     verbose: int
     _store: Store | None = None
     #: What Ctrl+C would leave written, said after "interrupted: " (a command that writes
-    #: keeps it true as it goes); None says nothing more.
+    #: keeps it true as it goes; one that opens the database read-only says it wrote
+    #: nothing); None says ``_NOTHING_SAID``.
     kept: Callable[[], str] | None = None
     _store_read_only: bool = False
     #: Where ``rpc_urls`` came from, as a message's "check ..." names it.
@@ -95,6 +96,9 @@ class Ctx:
                         f"the SQLite database {path} does not exist: check {self.db_check}, "
                         "or start one with `gapfill contract add ADDRESS`"
                     )
+            if read_only and self.kept is None:  # status, runs, failures, dry runs: a Ctrl+C
+                # while they wait (a slow node's head) said a bare "interrupted"
+                self.kept = lambda: "nothing was written (this command only reads); run it again"
             self._store = open_store(self.db_url, read_only=read_only, notice=tell, check=self.db_check,
                                      app=_command_name())  # fmt: skip
             self._store_read_only = read_only
@@ -218,8 +222,11 @@ class GapfillGroup(click.Group):
             raise SystemExit(130) from None
         except KeyboardInterrupt:
             obj = ctx.find_object(Ctx)
-            kept = obj.kept() if obj is not None and obj.kept is not None else None
-            click.echo(f"interrupted: {kept}" if kept else "interrupted", err=True)
+            if obj is None:  # still importing the command (discover, demo): nothing began
+                kept = "interrupted before the command started: nothing was done; run it again"
+            else:  # (each command that writes says what it kept; with none set, no more)
+                kept = f"interrupted: {obj.kept() if obj.kept is not None else _NOTHING_SAID}"
+            click.echo(kept, err=True)
             raise SystemExit(130) from None
         except click.exceptions.NoSuchOption as exc:
             raise _name_the_global_option(ctx, exc) from None
@@ -464,6 +471,9 @@ def cli(ctx: click.Context, db_url: str | None, rpc_urls: tuple[str, ...], rps: 
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+#: What a Ctrl+C says of a command that set no ``Ctx.kept``: it wrote nothing, or committed
+#: what it wrote whole.
+_NOTHING_SAID = "what the command committed before it is kept; run the same command again"
 #: `enrich` parameters a config file's [enrich] table cannot set: they pick what to do, not how.
 _NOT_IN_CONFIG = frozenset({"contract", "chain_id", "dry_run", "retry_failed"})
 #: Former names of [enrich] keys, still read: ``plan_shape`` is ``plan``.

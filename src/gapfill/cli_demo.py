@@ -90,6 +90,11 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
         ctx.db_check = DB_CHECK
     chain_id = random.randint(100_000, 999_999)
     t_start = time.perf_counter()
+    # A Ctrl+C said a bare "interrupted" after "Stopping the node.": the chain is gone with
+    # the node, so what the database holds of it is a demo cut short.
+    where = "the database" if explicit_db else DEMO_DB  # (a URL given may hold a password)
+    ctx.kept = lambda: (f"the demo's node and chain are gone, and {where} holds what it wrote of "
+                        "them so far; run `gapfill demo` again to start over")  # fmt: skip
     _say(f"1. Starting anvil (chain id {chain_id}) ...")
     try:
         node = Anvil(chain_id=chain_id)

@@ -219,6 +219,9 @@ def discover(ctx: Ctx, contract: str | None, chain_id: int | None, from_block: i
     are named, and --rescan scans them again.
     Contracts on a chain that no endpoint serves are named and skipped (exit 3).
     """
+    # Until the scan starts (the store's opening, the targets, a slow node's first answer),
+    # a Ctrl+C said a bare "interrupted".
+    ctx.kept = lambda: "nothing was written; run the same command again"
     if from_block is not None and to_block is not None and from_block > to_block:
         raise click.UsageError(f"--from-block {from_block} is above --to-block {to_block}: swap them")
     explorer = _explorer(ctx, explorer_url, explorer_key, methods)

@@ -104,6 +104,10 @@ def test_ctrl_c_during_chain_generation_stops_cleanly(tmp_path: Path, anvil_bin:
                 pipe.close()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "internal error" not in err and "Traceback" not in err, err
+    # Not a bare "interrupted": what the database holds, and what to do.
+    said = ("interrupted: the demo's node and chain are gone, and gapfill-demo.db holds what it "
+            "wrote of them so far; run `gapfill demo` again to start over")
+    assert err.strip().splitlines()[-1] == said, err
     assert "8. Stopping the node." in out
     assert url.startswith("http://127.0.0.1:")
     host, port = url.removeprefix("http://").split(":")

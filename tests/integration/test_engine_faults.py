@@ -1035,7 +1035,7 @@ def sampled_refs(out: str) -> int | None:
 def test_the_start_up_samples_passing_failures_are_not_the_runs(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, tmp_path: Path
 ) -> None:
-    # No sequential run recorded: the coordinator first enriches 20 refs one call at a time,
+    # No sequential run recorded: the coordinator first enriches refs one call at a time,
     # for the speedup figure, through a node that fails half its requests. Its refs that
     # failed for a reason that may pass stay in the gap and the plan enriches them; they
     # used to be counted as the run's failures, so a complete run said "failed: 3" and
@@ -1043,9 +1043,11 @@ def test_the_start_up_samples_passing_failures_are_not_the_runs(
     seeded = seed(pg_url, node_chain.chain)
     with emulator(node_chain.url, "--p-5xx", "0.5", "--seed", "2") as (rpc, _):
         rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, "enrich", 120)
-    # Up to 20 refs, within its 2 s budget: retries may leave it fewer (or too few to say).
+    # Up to SAMPLE_MAX_REFS, within its 2 s budget: retries may leave it fewer (or too few to say).
+    from gapfill.engine.run import SAMPLE_MAX_REFS
+
     sampled = sampled_refs(out)
-    assert sampled is None or 5 <= sampled <= 20, out[-3000:]
+    assert sampled is None or 5 <= sampled <= SAMPLE_MAX_REFS, out[-3000:]
     summary = re.findall(r"failed: +(\d+)", out)
     assert len(summary) == 1, out[-3000:]
     failed = int(summary[0])

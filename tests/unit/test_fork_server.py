@@ -60,3 +60,19 @@ def test_what_the_fork_server_preloads_runs_no_command_and_loads_the_cas() -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["[]", "True"], out.stdout + out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_ready_returns_once_the_server_has_imported_its_preload() -> None:
+    # The start-up sample measures the node only once the server's import (~0.3 s of CPU)
+    # is over (its last module says so; the order is checked end to end in
+    # test_cli_examples.py), and asks once.
+    import asyncio
+
+    workers_server.start("sqlite:///unused.db")
+    try:
+        assert asyncio.run(workers_server.ready(20.0)) is True
+        assert asyncio.run(workers_server.ready(0.0)) is True  # said once: no second wait
+    finally:
+        workers_server.stop(unused=True)
+    assert workers_server.READY_ENV not in os.environ

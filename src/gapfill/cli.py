@@ -705,12 +705,12 @@ def contract_add(ctx: Ctx, address: str, chain_id: int | None, label: str | None
         ctx.kept = lambda: written if late.committed else "nothing was written; run the same command again"
         store.add_contract(Contract(chain_id, address, label, start_block, abi))
     click.echo(_added(was, store.get_contract(address, chain_id), abi_changed))
-    if code is not None and code.code in ("0x", ""):
-        # A warning, never an error: a contract may be deployed later than a lagging node's
-        # head, or have self-destructed (its past transactions are still there to find).
-        click.echo(f"warning: no contract code at {address} on chain {chain_id} at block {code.block:,}: "
-                   "check the address (an EOA or a contract not deployed yet finds no refs, "
-                   "a self-destructed one only those from before)", err=True)  # fmt: skip
+    if code is not None:
+        from gapfill.engine.session import no_code
+
+        warning = no_code(address, chain_id, code)
+        if warning:
+            click.echo(warning, err=True)
     if abi is not None:
         from gapfill.enrich.decode import abi_problems
 

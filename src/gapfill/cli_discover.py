@@ -274,7 +274,7 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
     """Discover the targets on the endpoints' chain, adding their summaries to ``out`` as
     each ends (an error keeps those before it); returns the targets on other chains, left
     alone (none when ``one_address``: see :func:`served`)."""
-    from gapfill.engine.session import make_client
+    from gapfill.engine.session import code_at, make_client, no_code
 
     chains = {c.chain_id for c in targets}
     # Targets all on one chain: a node of another chain is the one-sentence error of the
@@ -290,6 +290,12 @@ async def _run(ctx: Ctx, store: Store, targets: list[Contract], methods: list[st
                 store, client, c, methods=methods, from_block=from_block, to_block=to_block,
                 confirmations=confirmations, explorer=explorer, on_progress=printer, rescan=rescan,
             ))  # fmt: skip
+            if not any(out[-1].refs_found.values()) and out[-1].blocks_scanned:
+                # A mistyped address (an EOA) finds nothing, and `contract add --chain-id`
+                # never asked the node what is there: said here, where the 0 comes out.
+                warning = no_code(c.address, c.chain_id, await code_at(client, c.address))
+                if warning:
+                    tell(warning)
     return skipped
 
 

@@ -655,7 +655,16 @@ def test_contract_add_warns_of_an_address_without_code_on_the_node(small_chain: 
     # A contract the node holds: no warning. Nor without a node (--chain-id only).
     r = CliRunner().invoke(cli, ["--db", sqlite_url, "--rpc-url", url, "contract", "add", chain.token])
     assert r.exit_code == 0 and r.stderr == "", r.stderr
-    assert run(sqlite_url, "contract", "add", "0x" + "cd" * 20, "--chain-id", "1").stderr == ""
+    other = small_chain.node.accounts[1].lower()
+    assert run(sqlite_url, "contract", "add", other, "--chain-id", str(chain.chain_id)).stderr == ""
+    # Then the first command that asks the node about it, discover, says it as its 0 comes out.
+    r = CliRunner().invoke(cli, ["--db", sqlite_url, "--rpc-url", url, "discover", "--contract", other,
+                                 "--method", "logs"])  # fmt: skip
+    assert r.exit_code == 0, r.output + r.stderr
+    assert f"warning: no contract code at {other} on chain {chain.chain_id} at block " in r.stderr, r.stderr
+    r = CliRunner().invoke(cli, ["--db", sqlite_url, "--rpc-url", url, "discover", "--contract", chain.token,
+                                 "--method", "logs"])  # fmt: skip
+    assert r.exit_code == 0 and "no contract code" not in r.stderr, r.output + r.stderr
 
 
 @pytest.mark.timeout(60)

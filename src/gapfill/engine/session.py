@@ -80,15 +80,32 @@ def fetch_chain_id_and_code(
     async def go() -> tuple[int, CodeAt | None]:
         async with make_client(endpoints, settings=settings) as client:
             chain_id = await client.probe(tell)
-            try:
-                block = int(await client.call("eth_blockNumber", []), 16)
-                code = await client.call("eth_getCode", [address, hex(block)])
-            except (GapfillError, TypeError, ValueError) as exc:
-                logger.debug("no code asked of %s: %s", address, exc)
-                return chain_id, None
-            return chain_id, CodeAt(block, code) if isinstance(code, str) else None
+            return chain_id, await code_at(client, address)
 
     return asyncio.run(go())
+
+
+async def code_at(client: RpcClient, address: str) -> CodeAt | None:
+    """``address``'s code at the node's head, None where the node did not say: the answer
+    only feeds a warning (:func:`no_code`), and a failure to get it is no error."""
+    try:
+        block = int(await client.call("eth_blockNumber", []), 16)
+        code = await client.call("eth_getCode", [address, hex(block)])
+    except (GapfillError, TypeError, ValueError) as exc:
+        logger.debug("no code asked of %s: %s", address, exc)
+        return None
+    return CodeAt(block, code) if isinstance(code, str) else None
+
+
+def no_code(address: str, chain_id: int, code: CodeAt | None) -> str | None:
+    """The warning for an address the node holds no code at (a mistyped address, an EOA),
+    None where it holds some or did not say. Never an error: a contract deployed after a
+    lagging node's head, or self-destructed, has none there either."""
+    if code is None or code.code not in ("0x", ""):
+        return None
+    return (f"warning: no contract code at {address} on chain {chain_id} at block {code.block:,}: "
+            "check the address (an EOA or a contract not deployed yet finds no refs, "
+            "a self-destructed one only those from before)")  # fmt: skip
 
 
 def check_node(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -659,9 +660,9 @@ def test_concurrent_mode_on_postgres_is_exact(pg_url: str, world: World, tmp_pat
     print(f"concurrent x2: {len(hashes)} txs in {secs:.1f}s")
     run = last_run(pg_url)
     assert (run["mode"], run["workers"], run["state"]) == ("concurrent", 2, "done"), run
-    # The 20 refs of the start-up sequential sample are this run's rows too. A transaction
+    # The refs of the start-up sequential sample are this run's rows too. A transaction
     # tracked by both contracts may be fetched by both workers: it is stored, and counted, once.
-    assert "measured on 20 refs" in proc.stderr + proc.stdout
+    assert re.search(r"measured on \d+ refs", proc.stderr + proc.stdout)
     assert run["processed"] == len(hashes), run
     before = assert_exact(pg_url, world, hashes)
     assert_rerun_is_a_no_op(pg_url, world, before)

@@ -334,8 +334,8 @@ class _Sample:
 
 
 #: The start-up sample of a concurrent run measures for at least ``SAMPLE_S`` and
-#: ``SAMPLE_REFS`` refs (20 refs of a local node took ~0.1 s, at the mercy of one slice of
-#: the scheduler: 79 to 361 tx/s of a node a sequential run did 275-530 tx/s on), at most
+#: ``SAMPLE_REFS`` refs (20 refs of a local node took ~0.1 s, at the mercy of a few slices
+#: of the scheduler; see docs/architecture.md for what it measured), at most
 #: ``SAMPLE_MAX_REFS`` and a quarter of the gap it found (the rest is the workers'; of a gap
 #: under 80 refs, ``SAMPLE_REFS`` as before), and no longer than ``SAMPLE_BUDGET_S`` (a slow
 #: or stalling node would hold the run's start).

@@ -545,6 +545,20 @@ def test_hex_int() -> None:
     assert hex_int("0x" + "f" * 64) == 2**256 - 1
     with pytest.raises(ValueError):
         hex_int("0xzz")
+    assert hex_int(7) == 7  # a node that sends numbers
+
+
+# What int(v, 16) reads that is no 0x hex quantity: a decimal string (as some providers
+# send: "10" read as 16), a sign, underscores, surrounding whitespace, the uppercase or a
+# missing prefix, non-ASCII digits; and JSON true, which is an int to Python.
+NOT_HEX = ["10", "1e3", "-0x1", "+0x1", "0x1_0", "0x_1", " 0x10", "0x10 ", "0x10\n", "0X10",
+           "0x\u0661\u0660", "\uff10x10", "0x0x1"]
+
+
+@pytest.mark.parametrize("given", [*NOT_HEX, True, 1.5, [1]])
+def test_hex_int_refuses_what_is_not_0x_hex_rather_than_guess(given: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="quantity"):
+        hex_int(given)
 
 
 # --- shapes the fixtures do not cover --------------------------------------------
@@ -777,6 +791,52 @@ def test_malformed_values() -> None:
     bad["logs"][0]["transactionHash"] = "0x" + "00" * 32
     with pytest.raises(NormaliseError):
         normalise_tx(CHAIN, tx, bad, None)
+
+
+QUANTITIES = [("tx", "value"), ("tx", "nonce"), ("tx", "gas"), ("tx", "type"), ("tx", "gasPrice"),
+              ("tx", "maxFeePerGas"), ("receipt", "blockNumber"), ("receipt", "transactionIndex"),
+              ("receipt", "gasUsed"), ("receipt", "cumulativeGasUsed"), ("receipt", "status"),
+              ("receipt", "effectiveGasPrice"), ("log", "logIndex"), ("log", "blockNumber")]
+
+
+def with_field(where: str, field: str, given: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    tx, receipt = pair("get-dynamic-fee")  # type 2, one log
+    {"tx": tx, "receipt": receipt, "log": receipt["logs"][0]}[where][field] = given
+    return tx, receipt
+
+
+@pytest.mark.parametrize(("where", "field"), QUANTITIES)
+@pytest.mark.parametrize("given", ["10", "1e3", "-0x1", "0x1_0", " 0x10", "0X10"])
+def test_a_quantity_that_is_not_0x_hex_is_refused_not_guessed(where: str, field: str, given: str) -> None:
+    # int(v, 16) read "10" as 16 and "1e3" as 483, and took the sign, underscore and space:
+    # a provider's malformed quantity was stored as a wrong value.
+    tx, receipt = with_field(where, field, given)
+    with pytest.raises(NormaliseError, match="0x hex"):
+        normalise_tx(CHAIN, tx, receipt, None)
+
+
+@pytest.mark.parametrize(("where", "field"), QUANTITIES)
+def test_a_quantity_sent_as_a_number_or_as_bare_0x_still_reads(where: str, field: str) -> None:
+    for given, read in ((0x1B if field == "blockNumber" else 0x2, None), ("0x", 0)):
+        tx, receipt = with_field(where, field, given)
+        if where == "receipt" and field == "blockNumber":
+            receipt["logs"][0]["blockNumber"] = given
+        row, logs = normalise_tx(CHAIN, tx, receipt, None)
+        got = {"value": row.value, "nonce": row.nonce, "gas": row.gas, "type": row.tx_type,
+               "gasPrice": row.gas_price, "maxFeePerGas": row.max_fee_per_gas,
+               "transactionIndex": row.tx_index, "gasUsed": row.gas_used,
+               "cumulativeGasUsed": row.cumulative_gas_used, "status": row.status,
+               "effectiveGasPrice": row.effective_gas_price, "logIndex": logs[0].log_index,
+               "blockNumber": logs[0].block_number if where == "log" else row.block_number}[field]
+        assert got == (given if read is None else read)
+
+
+def test_a_log_repeating_the_receipts_block_number_or_giving_its_own() -> None:
+    tx, receipt = pair("get-dynamic-fee")
+    assert receipt["logs"][0]["blockNumber"] == receipt["blockNumber"] == "0x1b"
+    assert normalise_tx(CHAIN, tx, receipt, None)[1][0].block_number == 0x1B
+    receipt["logs"][0]["blockNumber"] = "0x1c"  # kept as before, though the two disagree
+    assert normalise_tx(CHAIN, tx, receipt, None)[1][0].block_number == 0x1C
 
 
 # --- with the decoder -----------------------------------------------------------------

@@ -4,7 +4,9 @@ Pure functions, no I/O. Inputs are what geth-compatible nodes return from
 ``eth_getTransactionByHash`` (or a full transaction object of
 ``eth_getBlockByNumber(n, true)``) and ``eth_getTransactionReceipt`` (or an item of
 ``eth_getBlockReceipts``). Output follows the public schema: hashes, addresses
-and byte strings lowercase ``0x`` hex, quantities exact Python ``int``.
+and byte strings lowercase ``0x`` hex, quantities exact Python ``int``. A quantity
+that is not ``0x`` hex (a decimal ``"10"``, a sign, spaces, underscores) is refused
+(:class:`NormaliseError`), never guessed.
 
 Per transaction type, which columns are filled:
 
@@ -88,20 +90,27 @@ def hex_int(v: str | None) -> int | None:
     """A JSON-RPC quantity (``"0x1a"``) as an ``int``; ``None`` stays ``None``.
 
     ``"0x"`` reads as 0, and an ``int`` passes through (a few nodes send
-    numbers). Raises ``ValueError`` on anything else.
+    numbers). Raises ``ValueError`` on any other string and ``TypeError`` on any
+    other type: ``int(v, 16)`` alone would read a decimal ``"10"`` as 16, and take
+    a sign, underscores, spaces or non-ASCII digits, so a provider's malformed
+    quantity would be stored as a wrong value instead of refused.
     """
     if v is None:
         return None
     try:
-        return int(v, 16)
+        n = int(v, 16)
     except TypeError:
-        if isinstance(v, int):  # the annotation says str; a few nodes disagree
+        if isinstance(v, int) and not isinstance(v, bool):  # the annotation says str; a few nodes disagree
             return v
-        raise
+        raise TypeError(f"{v!r} is not a quantity (0x hex)") from None
     except ValueError:
         if v == "0x":
             return 0
-        raise
+        raise ValueError(f"{v!r} is not a 0x hex quantity") from None
+    # What int(v, 16) reads besides 0x hex (all of it, so a lowercase x is the prefix).
+    if v.isalnum() and v.isascii() and "x" in v:
+        return n
+    raise ValueError(f"{v!r} is not a 0x hex quantity")
 
 
 def timestamp_from_receipt(receipt: Mapping[str, Any], tx: Any = None) -> int | None:
@@ -139,9 +148,15 @@ def _required(obj: Mapping[str, Any], key: str, what: str, tx_hash: str = "") ->
 
 
 def _required_int(obj: Mapping[str, Any], key: str, what: str, tx_hash: str = "") -> int:
-    v = hex_int(_required(obj, key, what, tx_hash))
-    assert v is not None  # _required rejected None
-    return v
+    """The quantity ``obj[key]``; the slow path of the reads ``_normalise_tx`` inlines."""
+    v = _required(obj, key, what, tx_hash)
+    try:
+        n = hex_int(v)
+    except (TypeError, ValueError):
+        raise NormaliseError(f"{what} {tx_hash} has {key!r} {v!r}, not a 0x hex quantity"
+                             if tx_hash else f"{what} has {key!r} {v!r}, not a 0x hex quantity") from None
+    assert n is not None  # _required rejected None
+    return n
 
 
 def _access_list(v: Any) -> list[Any]:
@@ -173,8 +188,13 @@ def normalise_log(
     block_number: int,
     log: Mapping[str, Any],
     decoder: Decoder | None = None,
+    block_hex: str | None = None,
 ) -> LogRow:
-    """One receipt log as a :class:`LogRow`; ``tx_hash`` must already be lowercase."""
+    """One receipt log as a :class:`LogRow`; ``tx_hash`` must already be lowercase.
+
+    ``block_hex``: the receipt's ``blockNumber`` as sent, ``block_number`` read; a log
+    that repeats it (as every log does) is not read again.
+    """
     g: Callable[[str], Any] = log.get
     log_tx = g("transactionHash")
     if log_tx is not None and log_tx != tx_hash and log_tx.lower() != tx_hash:
@@ -187,14 +207,18 @@ def normalise_log(
     data = (g("data") or "0x").lower()
     n = len(topics)
     v = g("blockNumber")
-    if v is not None:
+    if v is not None and v != block_hex:
         try:
             block_number = int(v, 16)
+            if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+                raise ValueError(v)
         except (TypeError, ValueError):
             block_number = hex_int(v)  # type: ignore[assignment]  # an int, "0x", or raises
     v = g("logIndex")
     try:
         log_index = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         log_index = _required_int(log, "logIndex", "log")
     topic0 = topics[0].lower() if n else None
@@ -252,8 +276,10 @@ def _normalise_tx(
     decoder: Decoder | None,
 ) -> tuple[TxRow, list[LogRow]]:
     # The hottest function of a run: fields are read with one dict lookup and one int()
-    # each; the helpers (_required, _required_int, hex_int) run only to raise the same
-    # errors, or to read the odd values (ints, "0x") that int(v, 16) refuses.
+    # each, and the check of hex_int on what int() read (isalnum, isascii and "x" in:
+    # less than a precompiled re.fullmatch costs); the helpers (_required, _required_int,
+    # hex_int) run only to raise the same errors, or to read the odd values (ints, "0x")
+    # that int(v, 16) refuses.
     g: Callable[[str], Any] = tx.get
     rg: Callable[[str], Any] = receipt.get
     v = g("hash")
@@ -271,14 +297,18 @@ def _normalise_tx(
     if v is None:
         _required(receipt, "blockHash", "receipt of", tx_hash)
     block_hash: str = v.lower()
-    v = rg("blockNumber")
+    v = block_hex = rg("blockNumber")
     try:
         block_number = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         block_number = _required_int(receipt, "blockNumber", "receipt of", tx_hash)
     v = rg("transactionIndex")
     try:
         tx_index = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         tx_index = _required_int(receipt, "transactionIndex", "receipt of", tx_hash)
     tx_block = g("blockHash")
@@ -290,6 +320,8 @@ def _normalise_tx(
     v = g("type") or rg("type")
     try:
         tx_type = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         tx_type = hex_int(v) or 0
     to_address = g("to")
@@ -339,7 +371,8 @@ def _normalise_tx(
     raw_logs = rg("logs")
     if raw_logs is None:
         _required(receipt, "logs", "receipt of", tx_hash)
-    logs = [normalise_log(chain_id, tx_hash, block_number, log, decoder) for log in raw_logs]
+    logs = [normalise_log(chain_id, tx_hash, block_number, log, decoder, block_hex)
+            for log in raw_logs]
 
     v = g("from")
     if v is None:
@@ -348,16 +381,22 @@ def _normalise_tx(
     v = g("value")
     try:
         value = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         value = _required_int(tx, "value", "transaction", tx_hash)
     v = g("nonce")
     try:
         nonce = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         nonce = _required_int(tx, "nonce", "transaction", tx_hash)
     v = g("gas")
     try:
         gas = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         gas = _required_int(tx, "gas", "transaction", tx_hash)
     status = hex_int(rg("status"))
@@ -367,11 +406,15 @@ def _normalise_tx(
     v = rg("gasUsed")
     try:
         gas_used = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         gas_used = _required_int(receipt, "gasUsed", "receipt of", tx_hash)
     v = rg("cumulativeGasUsed")
     try:
         cumulative_gas_used = int(v, 16)
+        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
+            raise ValueError(v)
     except (TypeError, ValueError):
         cumulative_gas_used = _required_int(receipt, "cumulativeGasUsed", "receipt of", tx_hash)
     created = None

@@ -839,6 +839,17 @@ def test_a_log_repeating_the_receipts_block_number_or_giving_its_own() -> None:
     assert normalise_tx(CHAIN, tx, receipt, None)[1][0].block_number == 0x1C
 
 
+def test_a_removed_log_is_not_stored_as_a_live_one() -> None:
+    # A receipt whose log the node marks "removed": true (reorged out) is inconsistent:
+    # it was stored like any other; refused, the ref is tried again (rpc_error).
+    tx, receipt = pair("get-dynamic-fee")
+    assert receipt["logs"][0]["removed"] is False
+    assert len(normalise_tx(CHAIN, tx, receipt, None)[1]) == 1
+    receipt["logs"][0]["removed"] = True
+    with pytest.raises(NormaliseError, match="removed"):
+        normalise_tx(CHAIN, tx, receipt, None)
+
+
 # --- with the decoder -----------------------------------------------------------------
 
 

@@ -6,7 +6,8 @@ Pure functions, no I/O. Inputs are what geth-compatible nodes return from
 ``eth_getBlockReceipts``). Output follows the public schema: hashes, addresses
 and byte strings lowercase ``0x`` hex, quantities exact Python ``int``. A quantity
 that is not ``0x`` hex (a decimal ``"10"``, a sign, spaces, underscores) is refused
-(:class:`NormaliseError`), never guessed.
+(:class:`NormaliseError`), never guessed, and so is a receipt with a log marked
+``removed``.
 
 Per transaction type, which columns are filled:
 
@@ -194,11 +195,16 @@ def normalise_log(
 
     ``block_hex``: the receipt's ``blockNumber`` as sent, ``block_number`` read; a log
     that repeats it (as every log does) is not read again.
+
+    Raises :class:`NormaliseError` for a log marked ``removed`` (reorged out): a
+    receipt that has one is no answer to store.
     """
     g: Callable[[str], Any] = log.get
     log_tx = g("transactionHash")
     if log_tx is not None and log_tx != tx_hash and log_tx.lower() != tx_hash:
         raise NormaliseError(f"log of {log_tx} in the receipt of {tx_hash}")
+    if g("removed") is True:
+        raise NormaliseError(f"log {g('logIndex')} of {tx_hash} is marked removed (reorged out)")
     address = g("address")
     if address is None:
         _required(log, "address", "log")

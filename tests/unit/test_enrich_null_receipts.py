@@ -67,7 +67,8 @@ class ScriptedNode:
             return HttpReply(502, {}, b"bad gateway")
         found = {TX_METHOD: self.tx, RECEIPT_METHOD: self.receipt, HEAD_METHOD: hex(self.head),
                  BLOCK_RECEIPTS_METHOD: [self.receipt],
-                 BLOCK_METHOD: {"number": TX["blockNumber"], "timestamp": "0x1e", "transactions": [self.tx]}}
+                 BLOCK_METHOD: {"number": TX["blockNumber"], "hash": self.receipt["blockHash"],
+                                "timestamp": "0x1e", "transactions": [self.tx]}}
         lacks = {"code": -32601, "message": "the method does not exist/is not available"}
         answers = [{"jsonrpc": "2.0", "id": c["id"], "error": lacks} if step == "lacks" else
                    {"jsonrpc": "2.0", "id": c["id"], "result": None if step == "null" else found[c["method"]]}
@@ -296,3 +297,45 @@ def test_null_spacing_is_bounded(tmp_path: Any) -> None:
     delays = [client._retry_delay([i], items, items[i].nulls) for i in range(len(items))]
     assert delays[:3] == [0.25, 0.5, 1.0]
     assert max(delays) == 2.0  # null_backoff_max_s
+
+
+OTHER_BLOCK = "0x" + "ee" * 32  # the block now at the receipt's height (another fork)
+
+
+class OtherForkHeaders(ScriptedNode):
+    """Headers come from the other fork: same number, another hash and timestamp."""
+
+    async def post(self, url: str, body: bytes) -> HttpReply:
+        reply = await super().post(url, body)
+        decoded, answers = orjson.loads(body), orjson.loads(reply.body)
+        many = isinstance(answers, list)
+        for call, answer in zip(decoded if many else [decoded], answers if many else [answers], strict=True):
+            if call["method"] == BLOCK_METHOD and answer.get("result"):
+                answer["result"] = {**answer["result"], "hash": OTHER_BLOCK, "timestamp": "0x99"}
+        return HttpReply(reply.status, reply.headers, orjson.dumps(answers))
+
+
+@pytest.mark.parametrize("plan", ["pairs", "sequential"])
+async def test_a_header_of_another_block_at_the_receipts_height_fails_the_ref_not_its_timestamp(
+    settings: RpcSettings, plan: str
+) -> None:
+    # Neither transaction nor receipt carries blockTimestamp: the header is asked by number,
+    # and after a reorg (or behind backends on two forks) it is another block's. The row
+    # took that block's timestamp with the receipt's block hash, silently.
+    tx = {k: v for k, v in TX.items() if k != "blockTimestamp"}
+    node = OtherForkHeaders({TX_METHOD: ["found"], RECEIPT_METHOD: ["found"]}, tx=tx)
+    got = await enrich(node, settings, plan)
+    assert node.asked.get(BLOCK_METHOD), "the header path was not taken"
+    assert got.txs == []
+    [failure] = got.failures
+    assert failure.reason == "rpc_error" and f"block {BLOCK} changed under the node" in failure.last_error
+
+
+@pytest.mark.parametrize("plan", ["pairs", "sequential"])
+async def test_a_header_of_the_receipts_block_gives_the_row_its_timestamp(
+    settings: RpcSettings, plan: str
+) -> None:
+    tx = {k: v for k, v in TX.items() if k != "blockTimestamp"}
+    got = await enrich(ScriptedNode({TX_METHOD: ["found"], RECEIPT_METHOD: ["found"]}, tx=tx), settings, plan)
+    [row] = got.txs
+    assert (row.block_hash, row.block_timestamp) == (RECEIPT["blockHash"].lower(), 0x1E)

@@ -264,6 +264,29 @@ def _fail_despite_receipt(out: Collector, ref: Ref, tx: CallError, rec: Mapping[
              known=f"the node returned its receipt (block {block})")  # fmt: skip
 
 
+def _hash_key(block_hash: Any) -> str:
+    """A block hash as the timestamp cache keys it."""
+    return str(block_hash).lower()
+
+
+def _header_stamp(out: Collector, ref: Ref, rec: Mapping[str, Any], header: Any) -> int | None:
+    """The timestamp of the receipt's block from ``header`` (asked by the receipt's block
+    number), or ``None`` with the ref failed: the call failed, or the header is of another
+    block at that height (a reorg since the receipt, or a load balancer's backends on two
+    forks), whose timestamp the row must not take: ``rpc_error``, the ref stays in the gap
+    and the next attempt reads the receipt again (of the block that stayed)."""
+    block = int(rec["blockNumber"], 16)
+    if isinstance(header, CallError):
+        out.fail(_failure(ref, header), block, known=_block_known(block))
+        return None
+    if _hash_key(header.get("hash")) != _hash_key(rec.get("blockHash")):
+        out.fail(_failure(ref, (
+            f"block {block} changed under the node (a reorg?): its header is block "
+            f"{header.get('hash')}, the receipt's {rec.get('blockHash')}; tried again later")))  # fmt: skip
+        return None
+    return int(header["timestamp"], 16)
+
+
 def _block_known(block: int) -> str:
     """Why a ``null`` for ``block`` (a header, a full block) is no proof: a receipt in it came."""
     return f"the node returned a receipt in block {block}"
@@ -290,7 +313,10 @@ class Enricher:
         self.calls = 0
         self._block_receipts_probed = False
         self._probe_lock = asyncio.Lock()  # batches in flight share one probe
-        self._ts: dict[int, int] = {}
+        #: Block timestamps by block hash (lower case): by number, a header of another fork
+        #: at that height (a reorg, a load balancer's backends on two forks) gave its
+        #: timestamp to the rows of the block that went.
+        self._ts: dict[str, int] = {}
         self._ts_cap = timestamp_cache_size
         self._head: tuple[float, int] | None = None  # (time.monotonic() asked, head)
         self._head_lock = asyncio.Lock()  # batches in flight share one eth_blockNumber
@@ -357,16 +383,18 @@ class Enricher:
 
         await _together(ask(r) for r in range(len(holding)))
 
-    def _remember(self, block_number: int, ts: int) -> None:
+    def _remember(self, block_hash: Any, ts: int) -> None:
+        if block_hash is None:  # malformed: not a key another answer could match
+            return
         if len(self._ts) >= self._ts_cap:
             self._ts.clear()
-        self._ts[block_number] = ts
+        self._ts[_hash_key(block_hash)] = ts
 
     def _block_and_ts(self, rec: Mapping[str, Any], tx: Any = None) -> tuple[int, int | None]:
         """The receipt's block, and its timestamp if the answers or the cache tell it."""
         block = int(rec["blockNumber"], 16)  # malformed: raises, caught per batch
         ts = timestamp_from_receipt(rec, tx)
-        return block, ts if ts is not None else self._ts.get(block)
+        return block, ts if ts is not None else self._ts.get(_hash_key(rec.get("blockHash")))
 
     async def _node_head(self) -> int | str:
         """The node's head block, or why it is unknown: asked at most once per
@@ -427,7 +455,7 @@ class Enricher:
                 out.fail(_failure(ref, f"inconsistent answers: {exc}"))
             return None
         if row.block_timestamp is not None:
-            self._remember(row.block_number, row.block_timestamp)
+            self._remember(row.block_hash, row.block_timestamp)
         out.row(ref, row, logs, rider=rider)
         return row, logs
 
@@ -540,7 +568,7 @@ class Enricher:
                 leftovers.extend(r for r in blocks[n] if (r.contract, r.tx_hash) not in riding)
                 return None
             ts = int(block["timestamp"], 16)
-            self._remember(n, ts)
+            self._remember(block.get("hash"), ts)
             txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
             recs = {r["transactionHash"].lower(): r for r in receipts if isinstance(r, dict)}
             made: _Rows = {}
@@ -679,26 +707,29 @@ class Enricher:
                 self._normalise(out, ref, tx, rec, ts)
 
     async def _with_headers(self, late: list[tuple[Ref, Any, dict[str, Any]]], out: Collector) -> None:
-        """Timestamps from one header per block (those no other answer has told since)."""
-        needed = {int(rec["blockNumber"], 16) for _, _, rec in late}
-        stamps: dict[int, int | CallError] = {b: self._ts[b] for b in needed if b in self._ts}
-        blocks = sorted(needed - stamps.keys())
+        """Timestamps from one header per block (those no other answer has told since); a
+        header that is not the receipt's block fails the ref (see :func:`_header_stamp`)."""
+        cached: dict[str, int] = {}
+        wanted: set[int] = set()
+        for _, _, rec in late:
+            key = _hash_key(rec.get("blockHash"))
+            if key in self._ts:
+                cached[key] = self._ts[key]
+            else:
+                wanted.add(int(rec["blockNumber"], 16))
+        blocks = sorted(wanted)
         headers = await self._many(
             [Call("eth_getBlockByNumber", [hex(b), False], null_retry=True) for b in blocks]
         )
-        for b, header in zip(blocks, headers, strict=True):
-            if isinstance(header, CallError):
-                stamps[b] = header
-            else:
-                header_ts = int(header["timestamp"], 16)
-                stamps[b] = header_ts
-                self._remember(b, header_ts)
+        asked = dict(zip(blocks, headers, strict=True))
+        for header in headers:
+            if not isinstance(header, CallError):
+                self._remember(header.get("hash"), int(header["timestamp"], 16))
         for ref, tx, rec in late:
-            block = int(rec["blockNumber"], 16)
-            stamp = stamps[block]
-            if isinstance(stamp, CallError):
-                out.fail(_failure(ref, stamp), block, known=_block_known(block))
-            else:
+            stamp = cached.get(_hash_key(rec.get("blockHash")))
+            if stamp is None:
+                stamp = _header_stamp(out, ref, rec, asked[int(rec["blockNumber"], 16)])
+            if stamp is not None:
                 self._normalise(out, ref, tx, rec, stamp)
 
     async def _per_tx_rounds(self, refs: Sequence[Ref], out: Collector) -> None:
@@ -774,7 +805,7 @@ class Enricher:
                     out.fail(_failure(ref, full), b, known=_block_known(b))
                 return
             block_ts = int(full["timestamp"], 16)
-            self._remember(b, block_ts)
+            self._remember(full.get("hash"), block_ts)
             txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
             for ref, rec in items:
                 found = txs.get(ref.tx_hash)
@@ -829,10 +860,9 @@ class Enricher:
                 (header,) = await self._many(
                     [Call("eth_getBlockByNumber", [hex(block), False], null_retry=True)]
                 )
-                if isinstance(header, CallError):
-                    out.fail(_failure(ref, header), block, known=_block_known(block))
+                ts = _header_stamp(out, ref, rec, header)
+                if ts is None:
                     continue
-                ts = int(header["timestamp"], 16)
             self._normalise(out, ref, tx, rec, ts)
         await self._judge_nulls(out)
         return out.result()

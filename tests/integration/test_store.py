@@ -200,6 +200,21 @@ def test_extreme_and_missing_values_are_stored_exactly(store: Store) -> None:
     assert {k: got[k] for k in LogRow._fields} == log._asdict()
 
 
+def test_a_decoded_string_holding_a_literal_backslash_u0000_is_kept_exactly(store: Store) -> None:
+    # A NUL becomes U+FFFD on PostgreSQL, replaced in the JSON text, where orjson writes it
+    # "\u0000": a literal backslash then "u0000" is written "\\u0000", whose last six
+    # characters matched too, and the string was stored with a literal "\ufffd".
+    text = "C:\\u0000dir"  # backslash, then u0000: no NUL character anywhere
+    both = "\\\x00"  # a backslash, then a NUL: U+FFFD on PostgreSQL, the backslash kept
+    kept = "\\\ufffd" if type(store).__name__ == "PostgresStore" else both
+    store.write(Enriched([tx_row(1, 51, method_args={"path": text, "both": both})],
+                         [LogRow(1, h(1), 0, 51, C, h(99), None, None, None, "0x", "E", {"s": text})]))
+    (tx,) = store.fetch_transactions(1)
+    (log,) = store.fetch_logs(1)
+    assert tx["method_args"] == {"path": text, "both": kept}
+    assert log["event_args"] == {"s": text}
+
+
 def test_postgres_copies_each_column_as_the_schema_types_it(pg_url: str) -> None:
     # Rows are copied in binary, which needs each column's exact type: the list must follow
     # the schema (a migration that changes a column's type changes it too).

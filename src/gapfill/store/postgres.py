@@ -143,11 +143,20 @@ def _session_settings(given: dict[str, Any]) -> dict[str, str]:
     return {**{k: str(v) for k, v in SERVER_TCP_DEFAULTS.items() if k not in options}, **out}
 
 
+#: orjson writes a NUL as ``\u0000`` and a backslash as ``\\``: ``\u0000`` is a NUL only after
+#: an even number of backslashes (``\\u0000`` is a literal backslash then "u0000").
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _jsonb(value: Any) -> str | None:
-    """JSON text PostgreSQL accepts: JSONB refuses NUL characters, which decoded strings may hold."""
+    """JSON text PostgreSQL accepts: JSONB refuses NUL characters, which decoded strings may
+    hold; each becomes U+FFFD (the replacement character)."""
     if value is None:
         return None
-    return orjson.dumps(value).decode().replace("\\u0000", "\\ufffd")
+    text = orjson.dumps(value).decode()
+    if "\\u0000" not in text:
+        return text
+    return _JSON_NUL.sub(r"\1\\ufffd", text)
 
 
 class _JsonbDumper(psycopg.adapt.Dumper):

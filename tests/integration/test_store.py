@@ -865,6 +865,40 @@ def test_a_runs_counts_are_kept_by_the_writes_they_count(store: Store) -> None:
     assert (info.state, info.processed, info.failed, info.rpc_calls) == ("done", 17, 2, 91)
 
 
+def test_a_transaction_stored_again_from_another_block_keeps_only_its_new_logs(store: Store) -> None:
+    # Two batches (two contracts sharing a tx, or a rider and its own batch) fetch the same
+    # transaction on both sides of a reorg: block 51 gave it logs 3 and 4, block 52 logs 0, 1.
+    # The second write updated the row but left logs 3 and 4 of the dead block.
+    old = [log_row(1, 51)._replace(log_index=i) for i in (3, 4)]
+    new = [log_row(1, 52)._replace(log_index=i) for i in (0, 1)]
+    store.write(Enriched([tx_row(1, 51, log_count=2)], old))
+    store.write(Enriched([tx_row(1, 52, block_hash=h(777), log_count=2)], new))
+    (tx,) = store.fetch_transactions(1)
+    assert (tx["block_number"], tx["block_hash"]) == (52, h(777))
+    assert sorted((g["log_index"], g["block_number"]) for g in store.fetch_logs(1)) == [(0, 52), (1, 52)]
+    store.write(Enriched([tx_row(1, 53, log_count=0)], []))  # a block where it logged nothing
+    assert store.fetch_logs(1) == []
+
+
+def test_a_commit_group_holding_two_versions_of_a_transaction_stores_one_whole(store: Store) -> None:
+    # Two contracts' batches in one commit group fetched a transaction they share on either
+    # side of a reorg: the row came from one (PostgreSQL: DISTINCT ON, any) and the logs
+    # from both. Now the last batch's row and its logs, as one fetch made them.
+    D = "0x" + "cd" * 20
+    store.add_contract(Contract(1, D, label="other"))
+    store.add_refs([Ref(1, c, h(1), None) for c in (C, D)])
+    run = store.create_run("concurrent", 2)
+    store.plan(run, [(1, C), (1, D)], batch_size=10)
+    first, last = sorted((store.lease("w", 60.0) for _ in range(2)), key=lambda b: b.id if b else 0)
+    assert first is not None and last is not None
+    old = Enriched([tx_row(1, 51, log_count=2)], [log_row(1, 51)._replace(log_index=i) for i in (3, 4)])
+    new = Enriched([tx_row(1, 52, block_hash=h(777), log_count=1)], [log_row(1, 52)])
+    assert store.commit_batches([(last, new), (first, old)]) == [0, 1]  # counted for the first
+    (tx,) = store.fetch_transactions(1)
+    assert (tx["block_number"], tx["block_hash"], tx["log_count"]) == (52, h(777), 1)
+    assert [(g["log_index"], g["block_number"]) for g in store.fetch_logs(1)] == [(0, 52)]
+
+
 def test_a_transaction_two_contracts_share_counts_once_in_the_run(store: Store) -> None:
     # Two contracts' batches in flight at once both fetch a transaction they share: a run's
     # `processed` counts the transactions it newly stored, so each once, whichever batch

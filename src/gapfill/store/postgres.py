@@ -131,6 +131,16 @@ _WITH_FAILURE = (
 SESSION_DEFAULTS = {"jit": "off"}
 
 
+#: The logs a transaction stored again no longer has: of another block, where it was
+#: before a reorg (its row now says the new one, and log_count the new logs).
+_DELETE_STALE_LOGS = """
+DELETE FROM logs l USING stage_tx s
+WHERE l.chain_id = s.chain_id AND l.tx_hash = s.tx_hash AND NOT EXISTS
+    (SELECT 1 FROM stage_logs g
+     WHERE g.chain_id = l.chain_id AND g.tx_hash = l.tx_hash AND g.log_index = l.log_index)
+"""
+
+
 def _session_settings(given: dict[str, Any]) -> dict[str, str]:
     """The settings to set on a new session: the server-side TCP ones unless the URL's
     ``options`` name them, a service file decides, or the URL turned keepalives off; and
@@ -905,7 +915,11 @@ class PostgresStore(Store):
                 inserted = {(int(c), h) for c, h in cur.fetchall()}
             else:
                 cur.execute(upsert)
-            cur.execute(f"TRUNCATE {stage}")
+        if tx_rows:
+            # Under the rows' locks the upsert took: no other writer of them in between.
+            cur.execute(_DELETE_STALE_LOGS)
+        filled = [stage for stage, rows in (("stage_tx", tx_rows), ("stage_logs", log_rows)) if rows]
+        cur.execute(f"TRUNCATE {', '.join(filled)}")  # one of them at least: a COPY failed
         return inserted
 
     def _failed_of(self, cur: Any, txs: Sequence[TxRow]) -> list[tuple[int, str]]:

@@ -595,6 +595,7 @@ class SqliteStore(Store):
             if cur.fetchone()[0] - before != len(txs):
                 cur.execute("SELECT chain_id, tx_hash FROM transactions WHERE rowid > ?", (before,))
                 inserted = {(int(c), h) for c, h in cur.fetchall()}
+                _delete_stale_logs(cur, txs, logs, inserted)
         if logs:
             cur.executemany(_INSERT_LOG, [_log_tuple(g) for g in logs])
         return inserted
@@ -616,6 +617,22 @@ class SqliteStore(Store):
                     yield (int(k), h)
         finally:
             read.close()
+
+
+def _delete_stale_logs(
+    cur: Any, txs: Sequence[TxRow], logs: Sequence[LogRow], inserted: set[tuple[int, str]]
+) -> None:
+    """Delete the logs the transactions stored again (not ``inserted``) no longer have: of
+    another block, where one was before a reorg (its row now says the new one)."""
+    kept: dict[tuple[int, str], list[int]] = {}
+    for g in logs:
+        kept.setdefault((g.chain_id, g.tx_hash), []).append(g.log_index)
+    cur.executemany(
+        "DELETE FROM logs WHERE chain_id = ? AND tx_hash = ? "
+        "AND log_index NOT IN (SELECT value FROM json_each(?))",
+        [(t.chain_id, t.tx_hash, orjson.dumps(kept.get((t.chain_id, t.tx_hash), [])).decode())
+         for t in txs if (t.chain_id, t.tx_hash) not in inserted],
+    )  # fmt: skip
 
 
 def _split(sql: str) -> list[str]:

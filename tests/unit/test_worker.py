@@ -1260,9 +1260,10 @@ class StallingNode:
         self.txs, self.recs = {}, {}
         for i, h in enumerate(hashes, 1):
             block = 4 if i == 6 else 3
-            t = {**tx, "hash": h, "blockNumber": hex(block)}
+            block_hash = rec["blockHash"] if block == 3 else "0x" + "44" * 32  # one hash a block
+            t = {**tx, "hash": h, "blockNumber": hex(block), "blockHash": block_hash}
             t.pop("blockTimestamp")
-            r = {**rec, "transactionHash": h, "blockNumber": hex(block)}
+            r = {**rec, "transactionHash": h, "blockNumber": hex(block), "blockHash": block_hash}
             if block == 3:
                 r["blockTimestamp"] = "0x1e"
             self.txs[h], self.recs[h] = t, r
@@ -1275,7 +1276,8 @@ class StallingNode:
         assert method == "eth_getBlockByNumber", method
         n = int(params[0], 16)
         full = [t for t in self.txs.values() if t["blockNumber"] == params[0]] if params[1] else []
-        return {"number": params[0], "timestamp": hex(10 * n), "transactions": full}, n
+        block_hash = next(r["blockHash"] for r in self.recs.values() if r["blockNumber"] == params[0])
+        return {"number": params[0], "hash": block_hash, "timestamp": hex(10 * n), "transactions": full}, n
 
     async def post(self, url: str, body: bytes) -> Any:
         import orjson

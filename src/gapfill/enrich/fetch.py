@@ -265,8 +265,8 @@ def _fail_despite_receipt(out: Collector, ref: Ref, tx: CallError, rec: Mapping[
 
 
 def _hash_key(block_hash: Any) -> str:
-    """A block hash as the timestamp cache keys it."""
-    return str(block_hash).lower()
+    """A block hash as the timestamp cache keys it (a missing one: a key no hash matches)."""
+    return "" if block_hash is None else str(block_hash).lower()
 
 
 def _header_stamp(out: Collector, ref: Ref, rec: Mapping[str, Any], header: Any) -> int | None:
@@ -383,12 +383,12 @@ class Enricher:
 
         await _together(ask(r) for r in range(len(holding)))
 
-    def _remember(self, block_hash: Any, ts: int) -> None:
-        if block_hash is None:  # malformed: not a key another answer could match
-            return
+    def _remember(self, key: str, ts: int) -> None:
+        """Cache ``ts`` as the timestamp of the block ``key`` (:func:`_hash_key`, or a row's
+        block hash: lower case already)."""
         if len(self._ts) >= self._ts_cap:
             self._ts.clear()
-        self._ts[_hash_key(block_hash)] = ts
+        self._ts[key] = ts
 
     def _block_and_ts(self, rec: Mapping[str, Any], tx: Any = None) -> tuple[int, int | None]:
         """The receipt's block, and its timestamp if the answers or the cache tell it."""
@@ -568,7 +568,7 @@ class Enricher:
                 leftovers.extend(r for r in blocks[n] if (r.contract, r.tx_hash) not in riding)
                 return None
             ts = int(block["timestamp"], 16)
-            self._remember(block.get("hash"), ts)
+            self._remember(_hash_key(block.get("hash")), ts)
             txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
             recs = {r["transactionHash"].lower(): r for r in receipts if isinstance(r, dict)}
             made: _Rows = {}
@@ -724,7 +724,7 @@ class Enricher:
         asked = dict(zip(blocks, headers, strict=True))
         for header in headers:
             if not isinstance(header, CallError):
-                self._remember(header.get("hash"), int(header["timestamp"], 16))
+                self._remember(_hash_key(header.get("hash")), int(header["timestamp"], 16))
         for ref, tx, rec in late:
             stamp = cached.get(_hash_key(rec.get("blockHash")))
             if stamp is None:
@@ -805,7 +805,7 @@ class Enricher:
                     out.fail(_failure(ref, full), b, known=_block_known(b))
                 return
             block_ts = int(full["timestamp"], 16)
-            self._remember(full.get("hash"), block_ts)
+            self._remember(_hash_key(full.get("hash")), block_ts)
             txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
             for ref, rec in items:
                 found = txs.get(ref.tx_hash)

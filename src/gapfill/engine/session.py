@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from gapfill.errors import GapfillError
+from gapfill.records import record
 from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
 
@@ -60,7 +60,7 @@ def fetch_chain_id(
     return check_node(endpoints, expected_chain_id, tell, settings, before_run=False)[0]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CodeAt:
     """What the node holds at an address: its code (``0x`` for none) at block ``block``."""
 

@@ -155,7 +155,7 @@ def _session_settings(given: dict[str, Any]) -> dict[str, str]:
 
 #: orjson writes a NUL as ``\u0000`` and a backslash as ``\\``: ``\u0000`` is a NUL only after
 #: an even number of backslashes (``\\u0000`` is a literal backslash then "u0000").
-_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+_JSON_NUL = lazy_pattern(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 def _jsonb(value: Any) -> str | None:

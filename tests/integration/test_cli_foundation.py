@@ -667,38 +667,6 @@ def test_contract_add_warns_of_an_address_without_code_on_the_node(small_chain: 
     assert r.exit_code == 0 and "no contract code" not in r.stderr, r.output + r.stderr
 
 
-@pytest.mark.timeout(60)
-def test_ctrl_c_while_status_waits_for_the_node_says_nothing_was_written(
-    small_chain: Any, sqlite_url: str
-) -> None:
-    # It said a bare "interrupted": nothing of what was kept, nor what to do.
-    import signal
-    import time
-    import urllib.request
-
-    from engine_support import emulator, emulator_stats
-
-    assert run(sqlite_url, "contract", "add", C, "--chain-id", str(small_chain.chain.chain_id)).exit_code == 0
-    with emulator(small_chain.url) as (rpc, _):
-        base = rpc.split("/", 3)
-        urllib.request.urlopen(urllib.request.Request(f"{base[0]}//{base[2]}/_emulator/hold", method="POST"),
-                               timeout=10).close()  # fmt: skip
-        argv = [*gapfill_argv(), "--db", sqlite_url, "--rpc-url", rpc, "status", "--rpc-timeout", "50"]
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 30
-            while emulator_stats(rpc)["held"] < 1:  # status is waiting for the node's answer
-                assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-                time.sleep(0.05)
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=20)
-        finally:
-            p.kill()
-    assert p.returncode == 130, out + err
-    said = "interrupted: nothing was written (this command only reads); run it again"
-    assert err.strip().splitlines()[-1] == said, err
-
-
 def test_ctrl_c_before_discover_starts_its_scan_says_nothing_was_written(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -987,10 +987,16 @@ class Store(abc.ABC):
                         (chain_id, contract))  # fmt: skip
             return cur.fetchone() is not None
 
-    def count_gap(self, chain_id: int, contract: str) -> int:
+    def count_gap(self, chain_id: int, contract: str, upto: int | None = None) -> int:
+        """How many refs of the contract are missing; with ``upto``, counted only that far
+        (``upto`` where there are more): a size is known without walking a large gap."""
+        sql = f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"
+        params: tuple[Any, ...] = (chain_id, contract)
+        if upto is not None:
+            sql = f"SELECT count(*) FROM (SELECT 1 FROM refs r WHERE {self._GAP_WHERE} LIMIT ?) g"
+            params = (chain_id, contract, upto)
         with self._read() as cur:
-            cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"),
-                        (chain_id, contract))  # fmt: skip
+            cur.execute(self._sql(sql), params)
             return int(cur.fetchone()[0])
 
     #: A contract's refs in the gap (parameters: chain, contract) whose block is one of a list
@@ -1643,6 +1649,11 @@ class Store(abc.ABC):
     def _plan_lock(self, cur: Any) -> None:
         """Serialise planning across processes and hosts (inside the transaction)."""
 
+    def _fresh_stats(self) -> None:
+        """Give the gap's probes of stored transactions statistics to plan by, where the
+        database has none yet (a backend's hook; SQLite's probe needs none)."""
+        return None
+
     def plan(
         self, run_id: int, targets: Sequence[tuple[int, str]], batch_size: int = 500
     ) -> PlanInfo:
@@ -1654,6 +1665,7 @@ class Store(abc.ABC):
         The gap is streamed by key: a million refs never sit in memory.
         """
         batches = refs = joined = 0
+        self._fresh_stats()
         with self._tx() as cur:
             # The targets' rows first, shared (the lock order of every writer of refs: the
             # contract's row, then the planning lock). A removal locks its contract's row for

@@ -123,6 +123,14 @@ _WITH_FAILURE = (
 )
 
 
+#: A row if the transactions table has rows but no statistics (never analyzed, or analyzed
+#: while empty): see ``PostgresStore._fresh_stats``.
+_NEVER_ANALYZED = (
+    "SELECT 1 FROM pg_class c WHERE c.oid = 'transactions'::regclass AND c.reltuples <= 0 "
+    "AND EXISTS (SELECT 1 FROM transactions)"
+)
+
+
 #: Settings of every session besides the TCP ones, unless the URL's ``options`` or PGOPTIONS
 #: name them. JIT off: gapfill's large reads (status, the dry run's and the planner's counts
 #: at a million refs) paid more for compiling than they won by it; on 1M refs (bench/
@@ -936,6 +944,20 @@ class PostgresStore(Store):
 
     def _plan_lock(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (PLAN_LOCK,))
+
+    def _fresh_stats(self) -> None:
+        # A transactions table never analyzed (or analyzed empty) has no statistics: the
+        # gap's probe of a ref's stored transaction (chain, hash) then looked as cheap by
+        # (chain, block) as by the primary key, and PostgreSQL took the smaller index and
+        # filtered every stored row of the chain by hash, per ref. After a new database's
+        # start-up sample stored ~250 rows, planning 8,104 refs and the first leases took
+        # 1.64 s of statement time instead of 0.86 s (autovacuum analyzes a minute later
+        # at best). Analyzed once it has rows, the statistics say that the chain is most
+        # of it, and the primary key is the probe's from then on.
+        with self._tx() as cur:
+            cur.execute(_NEVER_ANALYZED)
+            if cur.fetchone() is not None:
+                cur.execute("ANALYZE transactions")
 
     def _removal_lock(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (REMOVAL_LOCK,))

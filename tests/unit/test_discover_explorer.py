@@ -144,13 +144,18 @@ async def test_walk_discovers_a_smaller_window_than_configured() -> None:
     assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
 
 
-async def test_more_rows_in_one_block_than_the_window_is_an_error() -> None:
+async def test_more_rows_in_one_block_than_the_window_says_how_to_scan_it_otherwise() -> None:
+    """A plain ExplorerError let discover end with "run the same command again", which
+    starts at that block and meets it again: the fix (another method for that block) is
+    said instead, as for a block the explorer times out on."""
     chain = fake_chain([200])
     async with ExplorerStandIn(chain, valued=chain.internal[TOKEN], rps=None, max_window=50) as api:
         config = ExplorerConfig(api.url, rps=1000, page_size=25, max_window=50)
         async with ExplorerClient(config, 31337) as client:
-            with pytest.raises(ExplorerError, match="cannot page past"):
+            with pytest.raises(ExplorerRefused, match="cannot page past") as caught:
                 await _walk(client, 0, 1)
+    assert caught.value.fix.startswith("scan block 1 with --method trace --from-block 1 --to-block 1 ")
+    assert "--method logs,blocks" in caught.value.fix
 
 
 async def test_empty_result_is_success_and_bad_key_is_never_printed() -> None:

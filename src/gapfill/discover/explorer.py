@@ -107,6 +107,13 @@ class ExplorerRefused(ExplorerError, FixFirst):
     words the sentence with more in it (what was kept) and the fix last."""
 
 
+def _scan_otherwise(block: int) -> str:
+    """What to do about a block the explorer cannot list: a rerun would meet it again."""
+    return (f"scan block {block} with --method trace --from-block {block} --to-block {block} "
+            "first (the explorer then skips it), or discover without the explorer "
+            "(--method logs,blocks)")  # fmt: skip
+
+
 class _RateLimited(Exception):
     pass
 
@@ -386,10 +393,12 @@ class ExplorerClient:
         while True:
             if page > 1 and page * offset > window:
                 if last is None or last <= start:
-                    raise ExplorerError(
-                        f"{address} has more than {window} {action} rows in block {start}: "
-                        "the explorer cannot page past them; scan that range with "
-                        "--method blocks or trace"
+                    # Not "run the same command again", which the CLI says after a plain
+                    # ExplorerError: the rerun starts at this block and meets it again.
+                    raise ExplorerRefused(
+                        f"{address} has more than {window} {action} rows in block {start}, "
+                        "which the explorer cannot page past",
+                        _scan_otherwise(start),
                     )
                 start, page = last, 1
             params = {"module": "account", "action": action, "address": address,
@@ -413,9 +422,7 @@ class ExplorerClient:
                     raise ExplorerRefused(
                         self._scrub(f"the explorer at {self.shown} cannot list {action} of {address} "
                                     f"even for block {start} alone ({exc})"),
-                        f"scan block {start} with --method trace --from-block {start} --to-block {start} "
-                        "first (the explorer then skips it), or discover without the explorer "
-                        "(--method logs,blocks)",
+                        _scan_otherwise(start),
                     ) from None
                 # What was read stays read: from the last block seen, over half the blocks.
                 if last is not None and last > start:

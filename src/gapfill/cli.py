@@ -1304,7 +1304,8 @@ enrich_options = [
                  help="Batches each worker fetches at once (finished ones wait to be committed together)."),
     click.option("--lease-timeout", "lease_timeout_s", type=FiniteFloatRange(min=0.1), default=300.0,
                  show_default=True, help="Seconds without progress before a batch is taken back."),
-    click.option("--grace-period", "grace_period_s", type=FiniteFloatRange(min=0), default=30.0,
+    # At most a day: more is a mistyped number (1e308 was taken), not a wait anyone means.
+    click.option("--grace-period", "grace_period_s", type=FiniteFloatRange(min=0, max=86_400), default=30.0,
                  show_default=True, help="Seconds workers get to finish after Ctrl+C or SIGTERM."),
     click.option("--plan", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
                  show_default=True, help="Force the call plan (the planner chooses by default)."),

@@ -62,8 +62,14 @@ class FiniteFloatRange(click.FloatRange):
         return v
 
 
+#: The longest :class:`Age` taken, in days (a century): a longer one is a mistyped number
+#: (``1`` and 300 zeros was taken, and said "older than 1e+300 days").
+AGE_MAX_DAYS = 36_500
+
+
 class Age(click.ParamType[float]):
-    """An age in seconds, given as days (``30``, ``1.5``) or with a unit: ``12h``, ``7d``."""
+    """An age in seconds, given as days (``30``, ``1.5``) or with a unit: ``12h``, ``7d``;
+    at most :data:`AGE_MAX_DAYS`."""
 
     name = "age"
 
@@ -79,7 +85,11 @@ class Age(click.ParamType[float]):
         if not math.isfinite(n) or n < 0 or not number.replace(".", "", 1).isdigit():
             self.fail(f"{value!r} is not an age: give days (30), or hours or days with h or d (12h, 7d)",
                       param, ctx)  # fmt: skip
-        return n * (3_600 if unit == "h" else 86_400)
+        seconds = n * (3_600 if unit == "h" else 86_400)
+        if seconds > AGE_MAX_DAYS * 86_400:
+            self.fail(f"{value!r} is more than a century: give at most {AGE_MAX_DAYS} days "
+                      f"({AGE_MAX_DAYS * 24}h)", param, ctx)  # fmt: skip
+        return seconds
 
 
 def said_age(seconds: float) -> str:

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from gapfill.cli_progress import summary_lines
-from gapfill.cli_types import FiniteFloatRange, int_range
+from gapfill.cli_types import Age, FiniteFloatRange, int_range
 from gapfill.engine.events import RunSummary
 from gapfill.model import BIGINT_MAX
 
@@ -102,3 +102,36 @@ def test_a_rate_limited_run_compares_with_what_the_limit_allows_one_call_at_a_ti
     # Without a limit, or a sequential rate the limit allows anyway, the figure stands.
     assert sequential_baseline(500.0, why, 3.0, None) == (500.0, why)
     assert sequential_baseline(40.0, why, 3.0, 150.0) == (40.0, why)
+
+
+@click.command()
+@click.option("--age", type=Age())
+def aged(age: float | None) -> None:
+    click.echo(f"{age}")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("value", ["1" + "0" * 300, "36501", "876001h"])
+def test_an_age_past_a_century_is_refused_in_one_sentence(value: str) -> None:
+    # 1 and 300 zeros was taken, and prune said "no finished plan older than 1e+300 days".
+    r = CliRunner().invoke(aged, ["--age", value])
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines()[-1] == (f"Error: Invalid value for '--age': {value!r} is more than a "
+                                         "century: give at most 36500 days (876000h)")  # fmt: skip
+    assert CliRunner().invoke(aged, ["--age", "36500"]).output == f"{36_500 * 86_400.0}\n"
+    assert CliRunner().invoke(aged, ["--age", "876000h"]).output == f"{36_500 * 86_400.0}\n"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("value", ["1e308", "inf", "nan", "86401"])
+@pytest.mark.parametrize("command", ["enrich", "worker"])
+def test_a_grace_period_past_a_day_or_not_finite_is_refused(value: str, command: str) -> None:
+    # 1e308 was taken ("workers have 1e+308s to finish"); the options are parsed before the
+    # command opens a database.
+    from gapfill.cli import cli
+
+    r = CliRunner().invoke(cli, [command, "--grace-period", value])
+    assert r.exit_code == 2, r.output
+    last = r.output.splitlines()[-1]
+    assert last.startswith("Error: Invalid value for '--grace-period': "), r.output
+    assert last.endswith(("is not in the range 0<=x<=86400.", "is not a finite number.")), r.output

@@ -3003,3 +3003,41 @@ def test_postgres_a_dropped_connection_is_said_as_such_not_as_a_url_to_fix(pg_ur
             s.schema_version()
         assert str(down.value).startswith("PostgreSQL at 127.0.0.1:1 is not answering now (")
         assert str(down.value).endswith(": check that the server runs, then run the command again")
+
+
+def test_the_readmes_sqlite_query_compares_text_integers_by_value(sqlite_url: str) -> None:
+    """The README's SQLite example (its ``sql`` block after "compare and sort those"), run
+    on stored rows: a plain comparison reads ``value`` as text, and CAST AS INTEGER stops at
+    2**63 - 1, so both get these rows wrong; the example does not."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    after = readme[readme.index("compare and sort those"):]
+    start = after.index("```sql\n") + 7
+    query = after[start : after.index("\n```", start)]
+    assert query.startswith("SELECT tx_hash, value"), query
+    wei = 10**18
+    values = [2, 10 * wei - 1, 10 * wei, 2**63, 2**70, 9 * wei, 11 * wei]
+    with open_store(sqlite_url) as s:
+        s.add_contract(Contract(1, C))
+        s.add_refs([Ref(1, C, h(i), 7) for i in range(len(values))])
+        run = s.create_run("batch", 1)
+        s.plan(run, [(1, C)], batch_size=100)
+        b = s.lease("w1", 60.0)
+        assert b is not None
+        assert s.commit_batch(b, Enriched([tx_row(i, 7, value=v) for i, v in enumerate(values)]))
+    import sqlite3
+
+    con = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        got = con.execute(query).fetchall()
+        naive = con.execute("SELECT value FROM transactions WHERE value >= 10000000000000000000").fetchall()
+        capped = con.execute("SELECT count(DISTINCT CAST(value AS INTEGER)) FROM transactions "
+                             "WHERE value IN (?, ?)", (str(2**63), str(2**70))).fetchone()  # fmt: skip
+    finally:
+        con.close()
+    big = sorted((v for v in values if v >= 10 * wei), reverse=True)
+    assert [int(v) for _, v, _ in got] == big
+    assert [h(values.index(v)) for v in big] == [t for t, _, _ in got]
+    assert [eth for _, _, eth in got] == pytest.approx([v / wei for v in big])
+    assert {int(v) for (v,) in naive} != set(big) and capped == (1,)  # what the README warns of

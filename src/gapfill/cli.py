@@ -1405,6 +1405,8 @@ def _job(ctx: Ctx, chain_id: int, targets: list[Contract], mode: str, opts: dict
 def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, dry_run: bool,
            retry_failed: bool, **opts: Any) -> None:  # fmt: skip
     """Fill the gap: fetch, decode and store every missing transaction."""
+    if mode == "sequential":
+        _say_unused_in_sequential(ctx, opts)
     if mode != "concurrent" or dry_run:
         _enrich(ctx, contract, chain_id, mode, dry_run, retry_failed, opts)
         return
@@ -1414,6 +1416,20 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
         _enrich(ctx, contract, chain_id, mode, dry_run, retry_failed, opts)
     finally:
         forkserver.stop(unused=True)  # a run that used it has stopped it already
+
+
+def _say_unused_in_sequential(ctx: Ctx, opts: dict[str, Any]) -> None:
+    """Warn, once, of the batching options a sequential run does not use, when the user gave
+    them: it is the seed's baseline, one call at a time (honouring them would make it batch
+    mode, and its rate no longer the baseline the speedup compares with)."""
+    click_ctx = click.get_current_context()
+    unused = [said for param, flag in (("rpc_batch_size", "--rpc-batch-size"),
+                                       ("batches_in_flight", "--batches-in-flight"))
+              if (said := given_as(click_ctx, param, opts[param], f"{flag} {opts[param]}", None,
+                                   f"{param} = {opts[param]} (from {ctx.file.path})"))]  # fmt: skip
+    if unused:
+        tell(f"warning: sequential mode sends one call at a time, so {' and '.join(unused)} "
+             f"{'is' if len(unused) == 1 else 'are'} not used: use --mode batch to batch calls")
 
 
 def _start_workers_server(ctx: Ctx, targets: Sequence[Contract]) -> None:

@@ -80,3 +80,23 @@ def test_an_option_of_gapfill_itself_after_the_command_says_where_it_goes(
     said = f"Error: {name} is an option of gapfill itself, not of `{sub}`: put it before the command"
     assert said in r.stderr and "Did you mean" not in r.stderr, r.stderr
     assert "No such option '--nope'" in run(tracked, "worker", "--nope").stderr  # others as before
+
+
+def test_sequential_mode_says_once_that_it_does_not_batch_calls(tracked: Path) -> None:
+    """--rpc-batch-size (and --batches-in-flight) were taken and ignored in silence by a
+    sequential run, the seed's one-call-at-a-time baseline: it says so, once, and runs."""
+    warning = "warning: sequential mode sends one call at a time"
+    r = run(tracked, "enrich", "--mode", "sequential", "--rpc-batch-size", "50")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count(warning) == 1, r.stderr
+    assert (f"{warning}, so --rpc-batch-size 50 is not used: use --mode batch to batch "
+            "calls\n") in r.stderr, r.stderr  # fmt: skip
+    r = run(tracked, "enrich", "--mode", "sequential", "--rpc-batch-size", "50", "--batches-in-flight", "2")
+    assert "so --rpc-batch-size 50 and --batches-in-flight 2 are not used" in r.stderr, r.stderr
+    cfg = tracked / "g.toml"
+    cfg.write_text("[enrich]\nrpc_batch_size = 20\n")
+    r = run(tracked, "--config", str(cfg), "enrich", "--mode", "sequential")
+    assert f"so rpc_batch_size = 20 (from {cfg}) is not used" in r.stderr, r.stderr
+    for args in (("--mode", "sequential"), ("--mode", "batch", "--rpc-batch-size", "50")):
+        r = run(tracked, "enrich", *args)
+        assert r.exit_code == 0 and "warning" not in r.stderr, r.output

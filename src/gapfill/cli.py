@@ -1026,6 +1026,7 @@ def _node_head(ctx: Ctx, chains: set[int], rpc: RpcSettings) -> dict[int, int]:
     import asyncio
 
     from gapfill.engine.session import make_client
+    from gapfill.quantity import QuantityError, quantity
 
     settings = dataclasses.replace(rpc, attempts=1, connect_timeout_s=min(3.0, rpc.read_timeout_s))
 
@@ -1034,9 +1035,9 @@ def _node_head(ctx: Ctx, chains: set[int], rpc: RpcSettings) -> dict[int, int]:
             chain = await client.probe()
             head = await client.call("eth_blockNumber", [])
             try:
-                return {chain: int(head, 16)}
-            except (TypeError, ValueError):
-                raise RpcError(f"it answered eth_blockNumber with {str(head)[:60]!r}") from None
+                return {chain: quantity(head, "its answer to eth_blockNumber")}
+            except QuantityError as exc:
+                raise RpcError(str(exc)) from None
 
     try:
         return asyncio.run(go())

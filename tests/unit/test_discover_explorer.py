@@ -356,3 +356,15 @@ async def test_an_explorer_capping_the_page_size_unsaid_is_paged_to_the_end(cap:
         found, marks = await _walk(client, 0, chain.head)
     assert set(found) == chain.direct[TOKEN] | chain.internal[TOKEN]
     assert marks == sorted(marks) and marks[-1] == chain.head
+
+
+@pytest.mark.parametrize("answer", ["10", "0x1_0"])
+async def test_an_explorer_head_that_is_not_0x_hex_is_unknown_not_another_block(answer: Any) -> None:
+    # int(str(v), 16) read a decimal "10" (and "0x1_0") as block 16.
+    client = ExplorerClient(ExplorerConfig("http://127.0.0.1:9/api", rps=1000), 31337)
+
+    async def request(params: dict[str, str]) -> Any:
+        return answer
+
+    client.request = request  # type: ignore[method-assign]
+    assert await client.head() is None

@@ -291,3 +291,24 @@ async def test_a_log_scan_keeps_only_the_contracts_logs_when_the_filter_is_ignor
 
     refs = await scan_logs(cast(RpcClient, NoFilter()), 1, ours, [(0, 9)], AdaptiveWindow(blocks=10))
     assert [(r.tx_hash, r.block_number) for r in refs] == [("0x" + "1" * 64, 1)]
+
+
+@pytest.mark.parametrize(("given", "said"), [("10", "'10', not a 0x hex quantity"),
+                                             ("0xzz", "'0xzz', not a 0x hex quantity"),
+                                             (None, "missing")])  # fmt: skip
+async def test_a_log_whose_block_number_is_not_0x_hex_is_said_so_not_read_as_another(
+    given: Any, said: str
+) -> None:
+    """int(v, 16) read a decimal "10" as block 16 (a ref in the wrong block), and garbage
+    ended discover with "internal error (ValueError: ...)": the sentence names the field."""
+    ours = "0x" + "a" * 40
+    tx = "0x" + "1" * 64
+
+    class Decimal(Node):
+        async def call_many(self, calls: list[Call]) -> list[Any]:
+            return [[{"address": ours, "transactionHash": tx, "blockNumber": given}] for _ in calls]
+
+    with pytest.raises(RpcError) as info:
+        await scan_logs(cast(RpcClient, Decimal()), 1, ours, [(0, 9)], AdaptiveWindow(blocks=10))
+    assert str(info.value) == (f"the blockNumber of a log of {tx} (eth_getLogs) is {said}: the node "
+                               "answers in a form gapfill cannot read; use another node")  # fmt: skip

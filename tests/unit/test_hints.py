@@ -362,3 +362,31 @@ def test_status_waits_for_the_head_as_long_as_the_rpc_timeout_says_and_says_when
                                "highest scanned block: eth_chainId failed: no response within 0.3 s"), line
         assert line.endswith(f"or raise {said}"), line
     assert json.loads(r.stdout)[0]["contract"] == A
+
+
+@pytest.fixture
+def decimal_head_node() -> Any:
+    """A loopback node on chain 1 whose eth_blockNumber is a decimal "100" (not 0x hex)."""
+    from fixtures_http import loopback, rpc_answers
+
+    with loopback(rpc_answers({"eth_chainId": "0x1", "eth_blockNumber": "100"})) as url:
+        yield f"{url}/"
+
+
+@pytest.mark.timeout(30)
+def test_status_says_a_head_that_is_not_0x_hex_rather_than_read_it_as_another(
+    tmp_path: Path, decimal_head_node: str
+) -> None:
+    # int(head, 16) read "100" as block 256: coverage was reported up to a block the node
+    # had not said. Now the head is unknown, and the note says which answer was bad.
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+
+    db = ["--db", f"sqlite:///{tmp_path / 'x.db'}", "--rpc-url", decimal_head_node]
+    assert CliRunner().invoke(cli, [*db, "contract", "add", A, "--chain-id", "1"]).exit_code == 0
+    r = CliRunner().invoke(cli, [*db, "status"])
+    assert r.exit_code == 0, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line == ("note: no head block from the RPC node, so coverage stops at the highest scanned "
+                    "block: its answer to eth_blockNumber is '100', not a 0x hex quantity"), line

@@ -1605,3 +1605,23 @@ async def test_the_head_is_the_lowest_endpoints_and_each_answer_says_its_request
     assert [out for out, _ in outs] == [c.params[0] for c in calls]
     # One request: one endpoint, one number.
     assert len({via for _, via in outs}) == 1 and outs[0][1] is not None
+
+
+async def test_a_head_that_is_not_0x_hex_is_left_out_not_read_as_another(
+    make_node: Any, tmp_path: Any
+) -> None:
+    # int(str(v), 16) read a decimal "900" as 0x900 (2304): a head no endpoint had, taken as
+    # the lowest; it is left out as a malformed answer is (and alone, said so).
+    def at(head: str) -> Callable[[FakeNode, Any], web.Response]:
+        def answer(node: FakeNode, body: Any) -> web.Response:
+            return reply(body, [ok(c, head) if c["method"] == "eth_blockNumber" else ok(c)
+                                for c in as_batch(body)])  # fmt: skip
+        return answer
+
+    good, decimal = await make_node(at(hex(5_000))), await make_node(at("900"))
+    both = [EndpointConfig(good.url), EndpointConfig(decimal.url)]
+    async with RpcClient(both, settings(tmp_path)) as client:
+        assert await client.lowest_head() == 5_000
+    async with RpcClient([EndpointConfig(decimal.url)], settings(tmp_path)) as client:
+        with pytest.raises(RpcError, match="answered eth_blockNumber with '900'"):
+            await client.lowest_head()

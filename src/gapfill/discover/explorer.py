@@ -52,6 +52,7 @@ import orjson
 
 from gapfill.errors import ConfigError, FixFirst, GapfillError
 from gapfill.model import Ref
+from gapfill.quantity import QuantityError, quantity
 from gapfill.records import record
 from gapfill.redact import (
     MASK,
@@ -346,8 +347,8 @@ class ExplorerClient:
         its indexer has got: only ``confirmations`` keep blocks not yet indexed out."""
         try:
             result = await self.request({"module": "proxy", "action": "eth_blockNumber"})
-            return int(str(result), 16)
-        except (ExplorerError, ValueError) as exc:
+            return quantity(result, "its answer to eth_blockNumber")  # a decimal "10" is not 16
+        except (ExplorerError, QuantityError) as exc:
             logger.debug("explorer head unknown: %s", exc)
             return None
 

@@ -45,7 +45,8 @@ async def scan_logs(
                     continue
                 key = str(log["transactionHash"]).lower()
                 if key not in found:
-                    found[key] = Ref(chain_id, contract, key, block_number(log["blockNumber"]), METHOD)
+                    block = block_number(log.get("blockNumber"), f"a log of {key} (eth_getLogs)")
+                    found[key] = Ref(chain_id, contract, key, block, METHOD)
         return list(found.values())
 
     return await scan_for_refs(client, ranges, call, window, refs, counter=counter, on_refs=on_refs)

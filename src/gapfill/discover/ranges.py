@@ -41,6 +41,7 @@ from typing import Any
 
 from gapfill.errors import RpcError
 from gapfill.model import Ref
+from gapfill.quantity import QuantityError, quantity
 from gapfill.rpc import Call, CallError, RpcClient
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,14 @@ def _int(text: str) -> int:
     return int(text, 16) if text.lower().startswith("0x") else int(text)
 
 
-def block_number(value: Any) -> int:
-    """A block number as a node sends it: a hex quantity, or (Otterscan) a JSON number."""
-    return value if isinstance(value, int) else int(str(value), 16)
+def block_number(value: Any, what: str) -> int:
+    """A block number as a node sends it: a hex quantity, or (Otterscan) a JSON number; else
+    the :class:`RpcError` that names ``what`` ("a log of 0x.. (eth_getLogs)") and the value
+    (``int(v, 16)`` read a decimal "10" as block 16, and garbage raised an internal error)."""
+    try:
+        return quantity(value, f"the blockNumber of {what}")
+    except QuantityError as exc:
+        raise RpcError(f"{exc}: the node answers in a form gapfill cannot read; use another node") from None
 
 
 def parse_hint(message: str, lo: int, hi: int) -> Interval | None:

@@ -94,7 +94,8 @@ async def scan_trace_filter(
                     continue
                 key = str(tx_hash).lower()
                 if key not in found:
-                    found[key] = Ref(chain_id, contract, key, block_number(trace["blockNumber"]), METHOD)
+                    block = block_number(trace.get("blockNumber"), f"a trace of {key} ({TRACE_FILTER})")
+                    found[key] = Ref(chain_id, contract, key, block, METHOD)
         return list(found.values())
 
     return await scan_for_refs(client, ranges, call, window, refs, counter=counter, on_refs=on_refs)
@@ -129,7 +130,8 @@ async def walk_ots(
         refs: list[Ref] = []
         top = after
         for tx in txs:
-            block = block_number(tx["blockNumber"])
+            block = block_number(tx.get("blockNumber"), f"transaction {str(tx.get('hash'))[:66]} "
+                                                        f"({OTS_SEARCH})")  # fmt: skip
             top = max(top, block)
             if lo <= block <= hi:  # without a "to": the transaction that created it
                 refs.append(Ref(chain_id, contract, str(tx["hash"]).lower(), block, METHOD))

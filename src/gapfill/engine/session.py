@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from gapfill.errors import GapfillError
+from gapfill.quantity import quantity
 from gapfill.records import record
 from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
@@ -89,7 +90,7 @@ async def code_at(client: RpcClient, address: str) -> CodeAt | None:
     """``address``'s code at the node's head, None where the node did not say: the answer
     only feeds a warning (:func:`no_code`), and a failure to get it is no error."""
     try:
-        block = int(await client.call("eth_blockNumber", []), 16)
+        block = quantity(await client.call("eth_blockNumber", []), "the node's answer to eth_blockNumber")
         code = await client.call("eth_getCode", [address, hex(block)])
     except (GapfillError, TypeError, ValueError) as exc:
         logger.debug("no code asked of %s: %s", address, exc)

@@ -58,6 +58,7 @@ from typing import Any
 
 from gapfill.enrich.decode import Decoder, method_id
 from gapfill.model import LogRow, TxRow
+from gapfill.quantity import hex_int
 
 __all__ = [
     "BlockMismatchError",
@@ -85,33 +86,6 @@ class BlockMismatchError(NormaliseError):
     fetching both again normally fixes it, so callers should retry rather than
     record a permanent failure.
     """
-
-
-def hex_int(v: str | None) -> int | None:
-    """A JSON-RPC quantity (``"0x1a"``) as an ``int``; ``None`` stays ``None``.
-
-    ``"0x"`` reads as 0, and an ``int`` passes through (a few nodes send
-    numbers). Raises ``ValueError`` on any other string and ``TypeError`` on any
-    other type: ``int(v, 16)`` alone would read a decimal ``"10"`` as 16, and take
-    a sign, underscores, spaces or non-ASCII digits, so a provider's malformed
-    quantity would be stored as a wrong value instead of refused.
-    """
-    if v is None:
-        return None
-    try:
-        n = int(v, 16)
-    except TypeError:
-        if isinstance(v, int) and not isinstance(v, bool):  # the annotation says str; a few nodes disagree
-            return v
-        raise TypeError(f"{v!r} is not a quantity (0x hex)") from None
-    except ValueError:
-        if v == "0x":
-            return 0
-        raise ValueError(f"{v!r} is not a 0x hex quantity") from None
-    # What int(v, 16) reads besides 0x hex (all of it, so a lowercase x is the prefix).
-    if v.isalnum() and v.isascii() and "x" in v:
-        return n
-    raise ValueError(f"{v!r} is not a 0x hex quantity")
 
 
 def timestamp_from_receipt(receipt: Mapping[str, Any], tx: Any = None) -> int | None:

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from gapfill.errors import ConfigError, NodeUnavailable, RpcError
+from gapfill.quantity import QuantityError, quantity
 from gapfill.redact import redact_text, redact_url
 from gapfill.rpc.classify import (
     MAX_HONOURED_WAIT_S,
@@ -269,8 +270,8 @@ class RpcClient:
         outs = await asyncio.gather(*(self._call_pinned(e, "eth_blockNumber", []) for e in usable))
         heads: dict[Endpoint, int] = {}
         for endpoint, out in zip(usable, outs, strict=True):
-            with contextlib.suppress(ValueError):
-                heads[endpoint] = int(str(out), 16)
+            with contextlib.suppress(QuantityError):
+                heads[endpoint] = quantity(out, "eth_blockNumber")  # "10" is no head 16 either
         if not heads:
             failed = next((out for out in outs if isinstance(out, CallError)), None)
             if failed is not None:

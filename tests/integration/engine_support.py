@@ -552,12 +552,15 @@ def _answer(handler: BaseHTTPRequestHandler, reply: Any) -> None:
 
 
 class CorruptingProxy(_Loopback):
-    """A loopback JSON-RPC proxy: every receipt of ``bad_hash`` comes back with a
-    malformed ``blockNumber`` (as a broken provider might), everything else is upstream's."""
+    """A loopback JSON-RPC proxy: every receipt of ``bad_hash`` comes back with its ``field``
+    malformed (``value``; by default a ``blockNumber`` that is not a number), as a broken
+    provider might; everything else is upstream's."""
 
-    def __init__(self, upstream: str, bad_hash: str) -> None:
+    def __init__(self, upstream: str, bad_hash: str, field: str = "blockNumber",
+                 value: str = "0xnot-a-number") -> None:  # fmt: skip
         self.upstream = upstream
         self.bad_hash = bad_hash.lower()
+        self.field, self.value = field, value
         self.corrupted = 0
         proxy = self
 
@@ -581,7 +584,7 @@ class CorruptingProxy(_Loopback):
             for rec in receipts:
                 if isinstance(rec, dict) and str(rec.get("transactionHash", "")).lower() == self.bad_hash \
                         and "cumulativeGasUsed" in rec:  # fmt: skip
-                    rec["blockNumber"] = "0xnot-a-number"
+                    rec[self.field] = self.value
                     self.corrupted += 1
         return reply
 

@@ -18,6 +18,7 @@ from fixtures_io import load_io, result
 from gapfill.enrich.decode import Decoder
 from gapfill.enrich.normalise import (
     BlockMismatchError,
+    MalformedAnswer,
     NormaliseError,
     hex_int,
     normalise_tx,
@@ -813,6 +814,18 @@ def test_a_quantity_that_is_not_0x_hex_is_refused_not_guessed(where: str, field:
     tx, receipt = with_field(where, field, given)
     with pytest.raises(NormaliseError, match="0x hex"):
         normalise_tx(CHAIN, tx, receipt, None)
+
+
+@pytest.mark.parametrize(("where", "field"), QUANTITIES)
+def test_a_refused_quantity_is_a_malformed_answer_naming_its_field(where: str, field: str) -> None:
+    # It was a NormaliseError, which the enricher records as a failure that passes (tried
+    # again on every run), and an optional one (gasPrice, status, ...) said only
+    # "malformed transaction or receipt 0x..: ValueError(\"'10' is not a 0x hex quantity\")".
+    tx, receipt = with_field(where, field, "10")
+    with pytest.raises(MalformedAnswer) as info:
+        normalise_tx(CHAIN, tx, receipt, None)
+    what = {"tx": "transaction", "receipt": "receipt of", "log": "log in the receipt of"}[where]
+    assert str(info.value) == f"{what} {tx['hash']} has {field!r} '10', not a 0x hex quantity"
 
 
 @pytest.mark.parametrize(("where", "field"), QUANTITIES)

@@ -57,6 +57,7 @@ from gapfill.engine.events import (
     key_range,
 )
 from gapfill.enrich.fetch import AWAITED, Collector, Enricher
+from gapfill.enrich.normalise import MalformedAnswer
 from gapfill.errors import GapfillError, RpcError, StoreBusy, StoreDropped, StoreError, StoreRefused
 from gapfill.model import Batch, Enriched, Failure, Ref
 from gapfill.records import record
@@ -1092,10 +1093,12 @@ class Worker:
             except Exception as exc:
                 if len(part) == 1:
                     r = part[0]
+                    # A malformed answer says which field it was; anything else, its class.
+                    why = (f"the node's answer is malformed: {exc}" if isinstance(exc, MalformedAnswer)
+                           else f"{type(exc).__name__}: {exc}")  # fmt: skip
                     out.fail(Failure(r.chain_id, r.tx_hash, r.contract, "permanent",
                                      f"isolated after "
-                                     f"{counted(self.settings.max_attempts, 'attempt')}: "
-                                     f"{type(exc).__name__}: {exc}"))  # fmt: skip
+                                     f"{counted(self.settings.max_attempts, 'attempt')}: {why}"))  # fmt: skip
                     return
                 mid = len(part) // 2
                 await go(part[:mid])

@@ -61,6 +61,7 @@ be wrong, and only the transaction lookup tells; a ``null`` there is judged as a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import time
@@ -71,8 +72,9 @@ from dataclasses import replace
 from typing import Any, Literal, NamedTuple
 
 from gapfill.enrich.decode import Decoder
-from gapfill.enrich.normalise import NormaliseError, normalise_tx, timestamp_from_receipt
+from gapfill.enrich.normalise import MalformedAnswer, NormaliseError, normalise_tx, timestamp_from_receipt
 from gapfill.model import Enriched, Failure, LogRow, Ref, TxRow, beyond_head_error
+from gapfill.quantity import QuantityError, hex_int, quantity
 from gapfill.records import record
 from gapfill.rpc import Call, CallError, RpcClient
 from gapfill.rpc.client import ANSWERED
@@ -233,7 +235,9 @@ def _no_receipt(ref: Ref, rec: CallError, tx: Any) -> Failure:
     if isinstance(tx, dict):
         where = tx.get("blockNumber") or tx.get("blockHash")
         if isinstance(where, str) and where.startswith("0x") and len(where) <= 18:
-            where = int(where, 16)  # a block number, said as the user's other numbers are
+            # A block number, said as the user's other numbers are (a malformed one as sent).
+            with contextlib.suppress(TypeError, ValueError):
+                where = hex_int(where)
         state = f"mined in block {where}" if where is not None else "pending (not mined yet)"
         return _failure(ref, f"receipt {rec.message}, but the transaction is {state}: "
                              "the node's receipts lag; tried again later")  # fmt: skip
@@ -248,17 +252,39 @@ def _receipt(out: Collector, ref: Ref, rec: Any, tx: Any) -> dict[str, Any] | No
         out.fail(_no_receipt(ref, rec, tx) if rec.kind == "not_found" else _failure(ref, rec),
                  ref.block_number)
         return None
-    if not isinstance(rec, dict) or "blockNumber" not in rec:
-        out.fail(_failure(ref, f"malformed receipt: {str(rec)[:200]}"))
-        return None
+    if not isinstance(rec, dict):
+        # The same every time, as a malformed field (see MalformedAnswer): raised, not a
+        # failure that passes and is asked again on every run.
+        raise MalformedAnswer(f"the receipt of {ref.tx_hash} is malformed: {str(rec)[:200]}")
     return rec
+
+
+def _block_of(rec: Mapping[str, Any]) -> int:
+    """The block number of a receipt, or the :class:`MalformedAnswer` that names it."""
+    # Read as normalise reads its fields (this runs for every receipt): int() and hex_int's
+    # check inline; quantity() only for the odd forms (a number, "0x") and the error.
+    v: Any = rec.get("blockNumber")
+    try:
+        n = int(v, 16)
+        if v.isalnum() and v.isascii() and "x" in v:
+            return n
+    except (TypeError, ValueError):
+        pass
+    return quantity(v, lambda: f"the blockNumber of the receipt of {rec.get('transactionHash')}",
+                    MalformedAnswer)  # fmt: skip
+
+
+def _timestamp_of(header: Any, block: int | str) -> int:
+    """The timestamp of a header or a block, or the :class:`MalformedAnswer` that names it."""
+    stamp = header.get("timestamp") if isinstance(header, dict) else None
+    return quantity(stamp, f"the timestamp of block {block}", MalformedAnswer)
 
 
 def _fail_despite_receipt(out: Collector, ref: Ref, tx: CallError, rec: Mapping[str, Any]) -> None:
     """Settle a ref whose transaction lookup failed although its receipt (``rec``) came: a
     ``null`` there is a lagging backend's, not an unknown transaction (unless the receipt's
     block is above the node's head: see :meth:`Enricher._judge_nulls`)."""
-    block = int(rec["blockNumber"], 16)  # malformed: raises, caught per batch
+    block = _block_of(rec)
     failure = _failure(ref, tx)
     out.fail(replace(failure, last_error=f"transaction lookup {tx.message}"), block,
              known=f"the node returned its receipt (block {block})")  # fmt: skip
@@ -275,7 +301,7 @@ def _header_stamp(out: Collector, ref: Ref, rec: Mapping[str, Any], header: Any)
     block at that height (a reorg since the receipt, or a load balancer's backends on two
     forks), whose timestamp the row must not take: ``rpc_error``, the ref stays in the gap
     and the next attempt reads the receipt again (of the block that stayed)."""
-    block = int(rec["blockNumber"], 16)
+    block = _block_of(rec)
     if isinstance(header, CallError):
         out.fail(_failure(ref, header), block, known=_block_known(block))
         return None
@@ -284,7 +310,7 @@ def _header_stamp(out: Collector, ref: Ref, rec: Mapping[str, Any], header: Any)
             f"block {block} changed under the node (a reorg?): its header is block "
             f"{header.get('hash')}, the receipt's {rec.get('blockHash')}; tried again later")))  # fmt: skip
         return None
-    return int(header["timestamp"], 16)
+    return _timestamp_of(header, block)
 
 
 def _block_known(block: int) -> str:
@@ -392,7 +418,7 @@ class Enricher:
 
     def _block_and_ts(self, rec: Mapping[str, Any], tx: Any = None) -> tuple[int, int | None]:
         """The receipt's block, and its timestamp if the answers or the cache tell it."""
-        block = int(rec["blockNumber"], 16)  # malformed: raises, caught per batch
+        block = _block_of(rec)
         ts = timestamp_from_receipt(rec, tx)
         return block, ts if ts is not None else self._ts.get(_hash_key(rec.get("blockHash")))
 
@@ -406,9 +432,9 @@ class Enricher:
             if isinstance(answer, CallError):
                 return answer.message
             try:
-                head = int(answer, 16)
-            except (TypeError, ValueError):
-                return f"malformed eth_blockNumber answer: {str(answer)[:100]}"
+                head = quantity(answer, "the node's answer to eth_blockNumber")
+            except QuantityError as exc:
+                return str(exc)
             self._head = (time.monotonic(), head)
             return head
 
@@ -448,6 +474,10 @@ class Enricher:
         the batch's, which never fails it (its own batch finds it still in the gap)."""
         try:
             row, logs = normalise_tx(self.chain_id, tx, receipt, ts, self.decoder)
+        except MalformedAnswer:
+            if rider:
+                return None  # its own batch meets it, and says so
+            raise  # the same answer every time: its batch's last attempt isolates it
         except NormaliseError as exc:
             # Transaction and receipt disagree (a reorg between the calls, or a lagging
             # node): transient, the ref stays in the gap for the next attempt.
@@ -567,7 +597,7 @@ class Enricher:
                 # receipts after all: the per-transaction plan settles these refs.
                 leftovers.extend(r for r in blocks[n] if (r.contract, r.tx_hash) not in riding)
                 return None
-            ts = int(block["timestamp"], 16)
+            ts = _timestamp_of(block, n)
             self._remember(_hash_key(block.get("hash")), ts)
             txs = {t["hash"].lower(): t for t in block.get("transactions", []) if isinstance(t, dict)}
             recs = {r["transactionHash"].lower(): r for r in receipts if isinstance(r, dict)}
@@ -716,19 +746,19 @@ class Enricher:
             if key in self._ts:
                 cached[key] = self._ts[key]
             else:
-                wanted.add(int(rec["blockNumber"], 16))
+                wanted.add(_block_of(rec))
         blocks = sorted(wanted)
         headers = await self._many(
             [Call("eth_getBlockByNumber", [hex(b), False], null_retry=True) for b in blocks]
         )
         asked = dict(zip(blocks, headers, strict=True))
-        for header in headers:
+        for b, header in asked.items():
             if not isinstance(header, CallError):
-                self._remember(_hash_key(header.get("hash")), int(header["timestamp"], 16))
+                self._remember(_hash_key(header.get("hash")), _timestamp_of(header, b))
         for ref, tx, rec in late:
             stamp = cached.get(_hash_key(rec.get("blockHash")))
             if stamp is None:
-                stamp = _header_stamp(out, ref, rec, asked[int(rec["blockNumber"], 16)])
+                stamp = _header_stamp(out, ref, rec, asked[_block_of(rec)])
             if stamp is not None:
                 self._normalise(out, ref, tx, rec, stamp)
 
@@ -804,7 +834,7 @@ class Enricher:
                 for ref, _ in items:
                     out.fail(_failure(ref, full), b, known=_block_known(b))
                 return
-            block_ts = int(full["timestamp"], 16)
+            block_ts = _timestamp_of(full, b)
             self._remember(_hash_key(full.get("hash")), block_ts)
             txs = {t["hash"].lower(): t for t in full.get("transactions", []) if isinstance(t, dict)}
             for ref, rec in items:

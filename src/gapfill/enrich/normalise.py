@@ -58,10 +58,11 @@ from typing import Any
 
 from gapfill.enrich.decode import Decoder, method_id
 from gapfill.model import LogRow, TxRow
-from gapfill.quantity import hex_int
+from gapfill.quantity import QuantityError, hex_int
 
 __all__ = [
     "BlockMismatchError",
+    "MalformedAnswer",
     "NormaliseError",
     "hex_int",
     "normalise_log",
@@ -77,6 +78,15 @@ _KNOWN_TYPES = frozenset({0, 1, 2, 3, 4})
 
 class NormaliseError(ValueError):
     """A transaction or receipt is malformed, or the two do not belong together."""
+
+
+class MalformedAnswer(NormaliseError, QuantityError):
+    """A field of the node's answer is missing, of the wrong JSON type, or not a ``0x`` hex
+    quantity; ``str()`` names it. Unlike a mismatch (a reorg between two calls), the node
+    answers the same every time (its bug, or a chain's own format): the enricher raises it,
+    so a batch's last attempt isolates the transaction and fails it for good (see
+    ``gapfill.engine.worker``), rather than recording a failure that passes and is tried
+    again on every run."""
 
 
 class BlockMismatchError(NormaliseError):
@@ -118,7 +128,7 @@ def _required(obj: Mapping[str, Any], key: str, what: str, tx_hash: str = "") ->
     v = obj.get(key)
     if v is None:
         # The message is built only here: _required runs a dozen times per row.
-        raise NormaliseError(f"{what} {tx_hash} has no {key!r}" if tx_hash else f"{what} has no {key!r}")
+        raise MalformedAnswer(f"{what} {tx_hash} has no {key!r}" if tx_hash else f"{what} has no {key!r}")
     return v
 
 
@@ -128,10 +138,52 @@ def _required_int(obj: Mapping[str, Any], key: str, what: str, tx_hash: str = ""
     try:
         n = hex_int(v)
     except (TypeError, ValueError):
-        raise NormaliseError(f"{what} {tx_hash} has {key!r} {v!r}, not a 0x hex quantity"
-                             if tx_hash else f"{what} has {key!r} {v!r}, not a 0x hex quantity") from None
+        raise MalformedAnswer(_not_hex(what, tx_hash, key, v)) from None
     assert n is not None  # _required rejected None
     return n
+
+
+def _not_hex(what: str, tx_hash: str, key: str, v: Any) -> str:
+    return (f"{what} {tx_hash} has {key!r} {str(v)[:60]!r}, not a 0x hex quantity" if tx_hash
+            else f"{what} has {key!r} {str(v)[:60]!r}, not a 0x hex quantity")  # fmt: skip
+
+
+#: The quantities and strings of a transaction, a receipt and a log that the rows read: what
+#: :func:`_bad_field` looks through, once normalising them failed, to name the bad one.
+_QUANTITIES = {
+    "transaction": ("blockNumber", "transactionIndex", "type", "value", "nonce", "gas", "gasPrice",
+                    "maxFeePerGas", "maxPriorityFeePerGas", "maxFeePerBlobGas", "blockTimestamp"),
+    "receipt of": ("blockNumber", "transactionIndex", "type", "status", "gasUsed", "cumulativeGasUsed",
+                   "effectiveGasPrice", "blobGasUsed", "blobGasPrice", "blockTimestamp"),
+    "log in the receipt of": ("blockNumber", "logIndex", "blockTimestamp"),
+}  # fmt: skip
+_STRINGS = {
+    "transaction": ("hash", "from", "to", "blockHash", "input"),
+    "receipt of": ("transactionHash", "blockHash", "contractAddress", "root"),
+    "log in the receipt of": ("address", "data", "transactionHash"),
+}
+
+
+def _bad_field(tx: Mapping[str, Any], receipt: Mapping[str, Any], tx_hash: str) -> str | None:
+    """The first field of ``tx``, ``receipt`` or its logs that is not what the rows read
+    (a quantity not 0x hex, a string of another JSON type), said as a sentence; None if
+    none is. The slow path of a failure: the hot one reads each field once, unnamed."""
+    logs = receipt.get("logs")
+    parts = [("transaction", tx), ("receipt of", receipt)]
+    parts += [("log in the receipt of", log) for log in logs if isinstance(log, Mapping)] if isinstance(
+        logs, list) else []  # fmt: skip
+    for what, part in parts:
+        for key in _QUANTITIES[what]:
+            v = part.get(key)
+            try:
+                hex_int(v)
+            except (TypeError, ValueError):
+                return _not_hex(what, tx_hash, key, v)
+        for key in _STRINGS[what]:
+            v = part.get(key)
+            if v is not None and not isinstance(v, str):
+                return f"{what} {tx_hash} has {key!r} {str(v)[:60]!r}, not a string"
+    return None
 
 
 def _access_list(v: Any) -> list[Any]:
@@ -181,7 +233,7 @@ def normalise_log(
         raise NormaliseError(f"log {g('logIndex')} of {tx_hash} is marked removed (reorged out)")
     address = g("address")
     if address is None:
-        _required(log, "address", "log")
+        _required(log, "address", "log in the receipt of", tx_hash)
     address = address.lower()
     topics: Sequence[str] = g("topics") or ()
     data = (g("data") or "0x").lower()
@@ -200,7 +252,7 @@ def normalise_log(
         if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
             raise ValueError(v)
     except (TypeError, ValueError):
-        log_index = _required_int(log, "logIndex", "log")
+        log_index = _required_int(log, "logIndex", "log in the receipt of", tx_hash)
     topic0 = topics[0].lower() if n else None
     if decoder is not None and topic0 is not None:
         event_name, event_args = decoder.decode_log_lower(address, topic0, topics, data)
@@ -243,9 +295,11 @@ def normalise_tx(
     except NormaliseError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        # A field of the wrong JSON type or a malformed quantity.
-        tx_hash = tx.get("hash")
-        raise NormaliseError(f"malformed transaction or receipt {tx_hash}: {exc!r}") from exc
+        # A field of the wrong JSON type or a malformed quantity: named when it is one the
+        # rows read (the hot path does not say which it was reading).
+        tx_hash = str(tx.get("hash")).lower()
+        said = _bad_field(tx, receipt, tx_hash) or f"malformed transaction or receipt {tx_hash}: {exc!r}"
+        raise MalformedAnswer(said) from exc
 
 
 def _normalise_tx(

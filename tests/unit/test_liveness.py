@@ -213,8 +213,10 @@ def test_a_local_worker_whose_expired_lease_another_worker_took_is_killed_as_stu
     taking = SimpleNamespace(slots={}, leases=LeaseTally(), done_batches=0, committed=0, committed_failed=0,
                              let_expire=set(), emit=said.append)  # fmt: skip
     for batch_id, not_given in ((11, "database gone"), (12, ""), (13, LEASE_GONE)):
-        Coordinator._take(taking, BatchAbandoned(2, batch_id, "stopping", 1, not_given=not_given))  # type: ignore[arg-type]
-    assert taking.let_expire == {(11, 1)}
+        # Its first try, on its third lease (two stops gave the others back): the lease it
+        # leaves to expire is lease 3, as the 'expired' event will say, not attempt 1.
+        Coordinator._take(taking, BatchAbandoned(2, batch_id, "stopping", 1, 3, not_given=not_given))  # type: ignore[arg-type]
+    assert taking.let_expire == {(11, 3)}
     assert asked == [5, 1_000]  # then it looks back 1,000 events, not from the start
     assert coordinator.expired_seen == set()  # the events seen are forgotten once out of reach
 
@@ -246,7 +248,7 @@ def test_a_worker_stuck_on_a_batch_another_once_let_expire_is_killed_all_the_sam
         c._kill_stuck = lambda *a: Coordinator._kill_stuck(c, *a)  # type: ignore[arg-type]
         # Worker 2's give-back of batch 6 (attempt 1) failed: said, left to expire. It never
         # did: worker 2's release_owner gave it back, so no 'expired' event came for it.
-        Coordinator._take(c, BatchAbandoned(1, 6, "HTTP 502", 1, not_given="lost the connection"))  # type: ignore[arg-type]
+        Coordinator._take(c, BatchAbandoned(1, 6, "HTTP 502", 1, 1, not_given="lost the connection"))  # type: ignore[arg-type]
         stuck = Batch(6, 7, 1, A, (1, "0x00"), (9, "0xff"), 10, "leased", 2, "me/w1", 0.0)
         store = SimpleNamespace(expire_leases=lambda: [] if taken else [stuck],
                                 expired_after=lambda after: (10, taken))  # fmt: skip

@@ -16,18 +16,18 @@ KEY = (1, "0x" + "00" * 32)
 
 
 def assigned(batch_id: int) -> BatchAssigned:
-    return BatchAssigned(worker=0, batch_id=batch_id, lo=KEY, hi=KEY, refs=10, attempt=1)  # type: ignore[arg-type]
+    return BatchAssigned(worker=0, batch_id=batch_id, lo=KEY, hi=KEY, refs=10, attempt=1, lease=1)  # type: ignore[arg-type]
 
 
 def test_the_lease_tally_follows_each_lease_to_its_end() -> None:
     tally = LeaseTally()
     for ev in (
         *(assigned(i) for i in range(1, 8)),
-        BatchAssigned(worker=1, batch_id=8, lo=KEY, hi=KEY, refs=10, attempt=1),  # type: ignore[arg-type]
+        BatchAssigned(worker=1, batch_id=8, lo=KEY, hi=KEY, refs=10, attempt=1, lease=1),  # type: ignore[arg-type]
         BatchDone(0, 1, 10, 0, 0.1, committed=True, stored=10),
         BatchDone(0, 2, 10, 0, 0.1, committed=False),  # lost at commit: nothing written
-        BatchAbandoned(0, 3, "node gone", 1, kept=4, rest=6),  # given back
-        BatchAbandoned(0, 4, "stopped", 1, kept=10, closed=True),  # what it kept was all: done
+        BatchAbandoned(0, 3, "node gone", 1, 1, kept=4, rest=6),  # given back
+        BatchAbandoned(0, 4, "stopped", 1, 1, kept=10, closed=True),  # what it kept was all: done
         BatchesEmptied(0, 3),  # closed without a lease: no lease event
     ):
         tally.take(ev)

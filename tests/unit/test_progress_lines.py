@@ -52,8 +52,8 @@ def test_a_batch_not_given_back_is_not_said_given_back() -> None:
     # "given back", and its lease then expired, or was someone else's already.
     out = io.StringIO()
     render = LineRenderer(out)
-    render(BatchAbandoned(0, 4, "worker stopped", 2, rest=500, not_given=LEASE_GONE, lease_timeout_s=300))
-    render(BatchAbandoned(1, 5, "worker stopped", 1, rest=500, not_given="the server is gone",
+    render(BatchAbandoned(0, 4, "worker stopped", 2, 2, rest=500, not_given=LEASE_GONE, lease_timeout_s=300))
+    render(BatchAbandoned(1, 5, "worker stopped", 1, 1, rest=500, not_given="the server is gone",
                           lease_timeout_s=300))  # fmt: skip
     assert out.getvalue().splitlines() == [
         "[Worker-1] Batch 4 attempt 2 (worker stopped): its lease had ended already, nothing of it "
@@ -274,7 +274,7 @@ def test_a_count_of_one_is_said_in_the_singular() -> None:
     out = io.StringIO()
     render = LineRenderer(out)
     render(RunStarted(7, "batch", 1, 2, 1, 1, 0))
-    render(BatchAssigned(0, 5, (10, 0, 0), (10, 0, 0), 1, 1))
+    render(BatchAssigned(0, 5, (10, 0, 0), (10, 0, 0), 1, 1, 1))
     render(RunStarted(8, "worker", 2, 2, 3, 0, 1))  # `gapfill worker` joins; it never plans
     assert out.getvalue().splitlines() == [
         "Run #7: mode batch, 1 worker(s) on 2 CPU cores; 1 open batch, 1 ref newly planned",
@@ -343,10 +343,10 @@ def test_the_live_view_counts_batches_closed_without_a_commit_as_they_come() -> 
     assert live.progress is not None and live.progress.done_batches == 1
     live(BatchesEmptied(0, 2))
     assert live.progress.done_batches == 3
-    live(BatchAbandoned(0, 4, "worker stopped", 1, kept=380, kept_failed=20, kept_new=370, closed=True))
+    live(BatchAbandoned(0, 4, "worker stopped", 1, 1, kept=380, kept_failed=20, kept_new=370, closed=True))
     assert (live.progress.done_batches, live.progress.processed, live.progress.failed) == (4, 770, 20)
     # Given back with some of it stored: not done, what it stored counted.
-    live(BatchAbandoned(0, 5, "HTTP 503", 1, kept=100, rest=300, kept_new=100))
+    live(BatchAbandoned(0, 5, "HTTP 503", 1, 1, kept=100, rest=300, kept_new=100))
     assert (live.progress.done_batches, live.progress.processed) == (4, 870)
     assert "4/5 batches" in live_view_text(live)
 
@@ -375,9 +375,9 @@ def test_a_coordinators_done_count_takes_emptied_and_closed_batches_as_they_come
     try:
         coordinator._take(BatchDone(0, 1, 10, 0, 0.5, True, 10))
         coordinator._take(BatchesEmptied(1, 2))
-        closed = BatchAbandoned(0, 4, "worker stopped", 1, kept=5, kept_failed=5, kept_new=5, closed=True)
+        closed = BatchAbandoned(0, 4, "worker stopped", 1, 1, kept=5, kept_failed=5, kept_new=5, closed=True)
         coordinator._take(closed)
-        coordinator._take(BatchAbandoned(1, 5, "HTTP 503", 1, kept=3, rest=7, kept_new=3))
+        coordinator._take(BatchAbandoned(1, 5, "HTTP 503", 1, 1, kept=3, rest=7, kept_new=3))
     finally:
         coordinator.lifeline.close()
         coordinator._lifeline_w.close()

@@ -1402,6 +1402,7 @@ def test_a_batch_given_back_on_ctrl_c_keeps_its_retries(tmp_path: Path) -> None:
     # A batch in flight through two Ctrl+C's (a big batch under a low --rps takes minutes):
     # each stop's give-back counted as a failed attempt, so the third run's lease was its
     # last: the worker stored its transient failures at once, no retry, and closed the batch.
+    # And its lines numbered the attempts as the leases: the first real one read "attempt 3".
     c = "0x" + "ab" * 20
     store, _ = six_refs_planned(tmp_path, c)
     settings = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, retry_pause_s=0.01)
@@ -1426,8 +1427,17 @@ def test_a_batch_given_back_on_ctrl_c_keeps_its_retries(tmp_path: Path) -> None:
                        events.append).run())  # fmt: skip
     store.close()
     # Two attempts given back for a retry, then the last one stores the failures.
-    assert [e.attempt for e in events if isinstance(e, BatchAssigned)] == [3, 4, 5]
     assert flaky.fetches == 3
+    # Said as the batch's first to third attempt: the lines showed the lease's number, and the
+    # first real try read "attempt 3". Its leases keep their numbers, for the lease check.
+    assert batch_lines(events, BatchAssigned) == [
+        "[Worker-1] Assigned batch 1: blocks 3-4, 6 refs",
+        "[Worker-1] Assigned batch 1: blocks 3-4, 6 refs (attempt 2)",
+        "[Worker-1] Assigned batch 1: blocks 3-4, 6 refs (attempt 3)",
+    ]
+    assert [ln.split(" given back")[0] for ln in given_back_lines(events)] == [
+        "[Worker-1] Batch 1 attempt 1", "[Worker-1] Batch 1 attempt 2"]  # fmt: skip
+    assert [(e.attempt, e.lease) for e in events if isinstance(e, BatchAssigned)] == [(1, 3), (2, 4), (3, 5)]
 
 
 @pytest.mark.timeout(30)

@@ -45,7 +45,13 @@ class BatchAssigned:
     lo: RefKey
     hi: RefKey
     refs: int
+    #: Which try of the batch this is: its failed attempts + 1 (:attr:`Batch.tries`), what the
+    #: lines say. A lease given back without a failed attempt (a stop's, one whose lease answer
+    #: was lost) is not one.
     attempt: int
+    #: The lease's number (:attr:`Batch.attempts`, every lease counted): with the owner, the
+    #: lease's identity, as its lease checks and ``lease_events`` know it.
+    lease: int
 
 
 @record
@@ -70,7 +76,8 @@ class BatchAbandoned:
     worker: int
     batch_id: int
     error: str
-    attempt: int
+    attempt: int  # which try it was (see :attr:`BatchAssigned.attempt`)
+    lease: int  # and the lease's number (:attr:`BatchAssigned.lease`)
     kept: int = 0  # transactions of its own refs the attempt stored before giving the batch back
     kept_failed: int = 0  # and the permanent failures it recorded
     rest: int = 0  # refs it stored nothing for: they stay in the gap, for another attempt

@@ -1040,7 +1040,7 @@ class Coordinator:
         self.expired_from: int | None = None
         self.expired_seen: set[int] = set()
         #: The leases a local worker left to expire, their give-back failed
-        #: (BatchAbandoned.not_given), as (batch id, attempt): one of them may end without
+        #: (BatchAbandoned.not_given), as (batch id, lease number): one of them may end without
         #: expiring (the worker's release_owner gave it back after all), and a later lease of
         #: the same batch, another worker's, must not be spared when that one gets stuck.
         self.let_expire: set[tuple[int, int]] = set()
@@ -1197,7 +1197,7 @@ class Coordinator:
             if ev.closed:
                 self.done_batches += 1
             if ev.not_given and ev.not_given != LEASE_GONE:
-                self.let_expire.add((ev.batch_id, ev.attempt))
+                self.let_expire.add((ev.batch_id, ev.lease))
             self.committed += ev.kept_new
             self.committed_failed += ev.kept_failed
         if isinstance(ev, WorkerLostNode):
@@ -1569,8 +1569,8 @@ class Coordinator:
         for b in store.expire_leases():
             took_back.add(b.id)
             self.leases.took_back(b.id)
-            log.info("lease of batch %d (attempt %d) held by %s expired; taken back", b.id, b.attempts,
-                     b.lease_owner)  # fmt: skip
+            log.info("lease of batch %d (attempt %d, lease %d) held by %s expired; taken back", b.id,
+                     b.tries, b.attempts, b.lease_owner)  # fmt: skip
             self.emit(Notice(f"lease of batch {b.id} held by {shown_owner(b.lease_owner or '')} expired; "
                              "it goes back to the plan"))  # fmt: skip
             self._kill_stuck(b.lease_owner or "", b.id, b.attempts)

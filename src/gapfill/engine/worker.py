@@ -867,10 +867,11 @@ class Worker:
             n_refs = len(refs)
             t_refs = time.perf_counter()
             if log.isEnabledFor(logging.INFO):
-                log.info("batch %s leased: %s of %s, %s still in the gap (query %.3f s), attempt %d",
-                         batch.id, key_range(batch.lo, batch.hi), batch.contract, counted(n_refs, "ref"),
-                         t_refs - t0, batch.attempts)  # fmt: skip
-            self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.attempts))
+                log.info("batch %s leased: %s of %s, %s still in the gap (query %.3f s), attempt %d "
+                         "(lease %d)", batch.id, key_range(batch.lo, batch.hi), batch.contract,
+                         counted(n_refs, "ref"), t_refs - t0, batch.tries, batch.attempts)  # fmt: skip
+            self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.tries,
+                                    batch.attempts))  # fmt: skip
             enricher = self.enrichers[batch.chain_id]
             keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority, awaited))
             try:
@@ -907,7 +908,7 @@ class Worker:
                                                refs=n_refs, fetched=got, t0=t0))  # fmt: skip
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
-            log.warning("batch %s attempt %s failed: %s", batch.id, batch.attempts, exc)
+            log.warning("batch %s attempt %s failed: %s", batch.id, batch.tries, exc)
             # What the attempt fetched before the failure is kept as a stop keeps it, unless
             # the fetch was over: then the failure was the commit's, which those rows may
             # well fail again, and the give-back must not.
@@ -1060,7 +1061,7 @@ class Worker:
         rest = max(0, refs - kept - kept_failed)
         if given is not None:
             log.info("batch %s attempt %d given back (%s): %d stored%s, %d failed for good, %d left in the "
-                     "gap%s%s", batch.id, batch.attempts, error[:300], kept, _and_riders(kept_rode),
+                     "gap%s%s", batch.id, batch.tries, error[:300], kept, _and_riders(kept_rode),
                      kept_failed, rest,
                      "; closed: nothing of it is left" if given.closed else "",
                      f"; leased again no sooner than in {retry_after_s:.1f} s" if retry and retry_after_s
@@ -1068,8 +1069,8 @@ class Worker:
         # Not given back: said so, not as given back (a stop with the database gone said every
         # batch was), with when the batch comes back.
         not_given = "" if given is not None else failed[:300] or LEASE_GONE
-        ev = BatchAbandoned(self.index, batch.id, error[:300], batch.attempts, kept, kept_failed, rest,
-                            given.stored if given else 0, closed=given is not None and given.closed,
+        ev = BatchAbandoned(self.index, batch.id, error[:300], batch.tries, batch.attempts, kept, kept_failed,
+                            rest, given.stored if given else 0, closed=given is not None and given.closed,
                             not_given=not_given, lease_timeout_s=self.settings.lease_timeout_s,
                             kept_rode=kept_rode)  # fmt: skip
         if failed and self.stopping:  # the stop's last try may give it back yet

@@ -1441,6 +1441,38 @@ def test_a_batch_given_back_on_ctrl_c_keeps_its_retries(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_lease_whose_answer_was_lost_keeps_the_batch_its_retries(tmp_path: Path) -> None:
+    # A lease granted on the server whose answer the worker never got is given back before it
+    # leases again; nobody tried the batch, yet that give-back counted as a failed attempt:
+    # the batch had two tries left, its transient failures stored after one retry.
+    c = "0x" + "ab" * 20
+    store, _ = six_refs_planned(tmp_path, c)
+    real_lease = store.lease_next
+    lost: list[int] = []
+
+    def lease_then_lose_the_answer(*args: Any) -> Leased:
+        got = real_lease(*args)
+        if not lost and got.batch is not None:
+            lost.append(got.batch.id)
+            raise StoreDropped("lost the connection to PostgreSQL at db:5432 (server closed the connection "
+                               "unexpectedly)", "check that the server runs, then run the command again")
+        return got
+
+    store.lease_next = lease_then_lose_the_answer
+    settings = WorkerSettings(commit_wait_s=0.05, db_retry_s=0.01, retry_pause_s=0.01)
+    flaky = FlakyEnricher()
+    events: list[Any] = []
+    asyncio.run(Worker(0, "run1/w0", store, FakeClient(), {1: flaky}, settings,  # type: ignore[arg-type]
+                       events.append).run())  # fmt: skip
+    given = [e.event for e in store.lease_events(1)]
+    store.close()
+    assert lost == [1], "no lease answer was lost as planned: the test proved nothing"
+    assert given[:2] == ["leased", "abandoned"]  # the lease without an answer, given back
+    assert flaky.fetches == 3  # three tries, the last storing the failures
+    assert [(e.attempt, e.lease) for e in events if isinstance(e, BatchAssigned)] == [(1, 2), (2, 3), (3, 4)]
+
+
+@pytest.mark.timeout(30)
 def test_each_batchs_rpc_requests_carry_its_lease_order() -> None:
     # The client serves metered requests lowest priority first (gapfill.rpc.slots): the
     # batch leased first must have the lowest.

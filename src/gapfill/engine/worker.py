@@ -739,8 +739,10 @@ class Worker:
         async def attempt() -> Batch | None:
             nonlocal unsure
             if unsure:
-                await self.db(self.store.release_owner, self.owner, "its lease answer was lost",
-                              frozenset(self._held))  # fmt: skip
+                # No failed attempt either (as a stop's give-back): no worker tried the batch.
+                # Counted, a batch leased so twice had its next lease taken as its last.
+                release = functools.partial(self.store.release_owner, stop=True)
+                await self.db(release, self.owner, "its lease answer was lost", frozenset(self._held))
             unsure = True
             leased = await self.db(self.store.lease_next, self.owner, self.settings.lease_timeout_s,
                                    self.targets)  # fmt: skip

@@ -2134,8 +2134,9 @@ class Store(abc.ABC):
         *, stop: bool = False,
     ) -> int:
         """Give back every lease ``owner`` holds but the batches in ``keep`` (a worker that
-        crashed or was stopped, or one that lost the answer to a lease call); ``stop``: as
-        a stop gives them back, no failed attempt (:meth:`abandon`)."""
+        crashed or was stopped, or one that lost the answer to a lease call); ``stop``: no
+        failed attempt, as a stop gives them back (:meth:`abandon`), or a lease whose answer
+        was lost (nobody tried the batch)."""
         with self._tx() as cur:
             now = self._now(cur)
             cur.execute(

@@ -1581,12 +1581,14 @@ def _dry_run(ctx: Ctx, targets: list[Contract], opts: dict[str, Any], retry_fail
                  if r.per_block_refs else "")  # fmt: skip
         # A contract with an open plan (a run in progress, or one stopped) is not planned
         # again: the run joins it, batches and all, so "N batches of --batch-size" would be
-        # a plan that never happens.
-        plan = ctx.store(read_only=True).batch_counts(targets=[(r.chain_id, r.contract)])
-        batches = (f"{counted(r.batches, 'batch', 'batches')} of {opts['batch_size']}"
-                   if not (plan.pending or plan.leased) or not r.missing else
-                   f"joins the open plan ({plan.pending:,} pending, {plan.leased:,} leased "
-                   f"{'batch' if plan.pending + plan.leased == 1 else 'batches'})")  # fmt: skip
+        # a plan that never happens; it cuts new batches only for the gap outside them.
+        batches = f"{counted(r.batches, 'batch', 'batches')} of {opts['batch_size']}"
+        if r.joins and r.missing:
+            plan = ctx.store(read_only=True).batch_counts(targets=[(r.chain_id, r.contract)])
+            more = (f" and plans {batches} more for the {counted(r.outside, 'ref')} outside them"
+                    if r.batches else "")  # fmt: skip
+            batches = (f"joins the open plan ({plan.pending:,} pending, {plan.leased:,} leased "
+                       f"{'batch' if plan.pending + plan.leased == 1 else 'batches'}){more}")  # fmt: skip
         # A transaction a contract above shares is fetched once, and a block a contract above
         # fetches whole stores this one's refs in it too: their calls are counted there.
         above = [f"{r.shared:,} shared with a contract above"] if r.shared else []

@@ -600,10 +600,9 @@ def test_a_plan_joined_plans_the_refs_outside_its_open_batches(store: Store) -> 
     assert store.count_gap(1, C) == 0
 
 
-def test_a_plan_joined_after_retry_failed_fetches_the_refs_put_back(store: Store) -> None:
-    # Batch 1 commits with ref 3 failed for good; Ctrl+C leaves batch 2 pending. `enrich
-    # --retry-failed` puts ref 3 back into the gap and its run joins the open plan: only
-    # batch 2 was leased, ref 3 never tried, and the run ended `done`.
+def _first_done_ref_3_failed(store: Store) -> None:
+    """Refs 0-9 (blocks 10-19) planned in 2 batches of 5; the first committed with ref 3
+    failed for good, the second (blocks 15-19) left pending, as a Ctrl+C leaves it."""
     store.add_refs([Ref(1, C, h(i), 10 + i) for i in range(10)])
     assert store.plan(store.create_run("batch", 1), [(1, C)], batch_size=5).batches == 2
     b1 = store.lease("w1", 60.0)
@@ -611,12 +610,45 @@ def test_a_plan_joined_after_retry_failed_fetches_the_refs_put_back(store: Store
     ok = [r for r in store.batch_refs(b1) if r.tx_hash != h(3)]
     assert store.commit_batch(b1, Enriched([tx_row(int(r.tx_hash, 16), r.block_number or 0) for r in ok],
                                            failures=[Failure(1, h(3), C, "permanent", "boom")]))  # fmt: skip
+
+
+def test_a_plan_joined_after_retry_failed_fetches_the_refs_put_back(store: Store) -> None:
+    # Batch 1 commits with ref 3 failed for good; Ctrl+C leaves batch 2 pending. `enrich
+    # --retry-failed` puts ref 3 back into the gap and its run joins the open plan: only
+    # batch 2 was leased, ref 3 never tried, and the run ended `done`.
+    _first_done_ref_3_failed(store)
     assert store.clear_failures(1, C) == 1  # --retry-failed
     assert store.count_gap(1, C) == 6
     info = store.plan(store.create_run("batch", 1), [(1, C)], batch_size=5)
     assert (info.joined, info.batches, info.refs) == (1, 1, 1)
     assert h(3) in _drain(store, "w2")
     assert store.count_gap(1, C) == 0
+
+
+def test_a_dry_run_counts_the_batches_a_joined_plan_adds_as_the_plan_cuts_them(store: Store) -> None:
+    # A plan joined cuts new batches for the gap outside its open batches (b66bec7); the dry
+    # run said "joins the open plan" alone, its batches those of a plan that never happens.
+    from gapfill.engine.dryrun import estimate
+    from gapfill.enrich.fetch import PlanSettings
+
+    _first_done_ref_3_failed(store)
+    # Imported since: one before the open batch (blocks 15-19), two after it, one inside.
+    assert store.add_refs([Ref(1, C, h(103), 14), Ref(1, C, h(120), 30), Ref(1, C, h(121), 31),
+                           Ref(1, C, h(117), 17)]).new == 4  # fmt: skip
+    plan = PlanSettings(shape="per_tx")
+    [row] = estimate(store, [(1, C)], batch_size=5, plan=plan)
+    assert (row.missing, row.joins, row.batches, row.outside) == (9, True, 2, 3)
+    # --retry-failed puts h(3) (block 13) back first: it goes with h(103), before the open batch.
+    [row] = estimate(store, [(1, C)], batch_size=5, plan=plan, retry_failed=True)
+    assert (row.missing, row.joins, row.batches, row.outside) == (10, True, 2, 4)
+    assert store.clear_failures(1, C) == 1
+    info = store.plan(store.create_run("batch", 1), [(1, C)], batch_size=5)
+    assert (info.joined, info.batches, info.refs) == (1, row.batches, row.outside)
+    # Nothing is left outside the open batches now; without an open plan, the whole gap.
+    [row] = estimate(store, [(1, C)], batch_size=5, plan=plan)
+    assert (row.joins, row.batches, row.outside) == (True, 0, 0)
+    [row] = estimate(store, [(1, "0x" + "ef" * 20)], batch_size=5, plan=plan)
+    assert (row.joins, row.batches) == (False, 0)
 
 
 def test_a_stops_give_back_is_no_failed_attempt_but_a_lease_of_its_own(store: Store) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gapfill.enrich.fetch import PlanSettings
+from gapfill.model import Ref
 from gapfill.records import record
 from gapfill.store import Store
 
@@ -30,6 +31,11 @@ class DryRunRow:
     #: the batch that fetches a block stores every ref of the run in it, so their calls are
     #: counted there too.
     riders: int = 0
+    #: The contract has an open plan, which a run joins: ``batches`` are then the new ones it
+    #: cuts for the ``outside`` refs of the gap that no open batch's key range holds (the
+    #: transient failures of its done batches, refs imported or put back since).
+    joins: bool = False
+    outside: int = 0
 
 
 def estimate(
@@ -71,15 +77,20 @@ def estimate(
 
     tallies: list[Tally] = []
     failed_before: dict[int, set[str]] = {}
+    #: Per target with an open plan, the gap refs outside its open batches, per stretch.
+    outside: list[list[int] | None] = []
     for i, (chain_id, contract) in enumerate(targets):
         t = Tally()
         before = [c for cid, c in targets[:i] if cid == chain_id]
         gap: Iterable[tuple[int | None, int, int]] = store.gap_blocks(chain_id, contract, before)
+        failed: list[Ref] = []
         if retry_failed:  # not in the gap: the two never count a ref twice
             seen = failed_before.setdefault(chain_id, set())
             failed = list(store.iter_failed_refs(chain_id, contract))
             gap = itertools.chain(gap, [(ref.block_number, 1, int(ref.tx_hash in seen)) for ref in failed])
             seen.update(ref.tx_hash for ref in failed)
+        # A run joining an open plan cuts new batches for the gap outside its open ones.
+        outside.append(store.gap_outside_open_batches(chain_id, contract, [r.key for r in failed]))
         for block, n, counted_above in gap:
             t.missing += n
             t.shared += counted_above
@@ -117,6 +128,11 @@ def estimate(
     rows = []
     for i, ((chain_id, contract), t) in enumerate(zip(targets, tallies, strict=True)):
         secs = calls[i] / rps_total if rps_total else None
-        rows.append(DryRunRow(chain_id, contract, t.missing, math.ceil(t.missing / batch_size), pb_refs[i],
-                              blocks[i], calls[i], secs, t.shared, riders[i]))  # fmt: skip
+        stretches = outside[i]
+        if stretches is None:
+            joins, batches, out = False, math.ceil(t.missing / batch_size), 0
+        else:  # as the plan cuts them: no batch takes refs of two stretches
+            joins, batches, out = True, sum(math.ceil(n / batch_size) for n in stretches), sum(stretches)
+        rows.append(DryRunRow(chain_id, contract, t.missing, batches, pb_refs[i], blocks[i], calls[i], secs,
+                              t.shared, riders[i], joins, out))  # fmt: skip
     return rows

@@ -17,6 +17,7 @@ Rules this module enforces (see docs/architecture.md):
 from __future__ import annotations
 
 import abc
+import bisect
 import datetime as dt
 import functools
 import itertools
@@ -1712,16 +1713,51 @@ class Store(abc.ABC):
         stretch between two open batches (and before the first, after the last): a batch
         cut from them spans no open batch, so batches never overlap. Each stretch is sought
         in the gap's key index and paged by key, in the planning transaction."""
+        for a, b in self._stretches(cur, chain_id, contract):
+            yield self._gap_keys_between(cur, chain_id, contract, a, b)
+
+    def _stretches(self, cur: Any, chain_id: int, contract: str) -> list[tuple[RefKey | None, RefKey | None]]:
+        """The key ranges between the contract's open batches, before the first and after
+        the last, as (after, before) exclusive bounds (None: unbounded); none if it has no
+        open batch."""
         cur.execute(
             self._sql(f"SELECT lo_block, lo_tx, hi_block, hi_tx FROM batches WHERE {_OPEN} "
                       "AND chain_id = ? AND contract = ? ORDER BY lo_block, lo_tx"),
             (chain_id, contract),
         )  # fmt: skip
         ranges = [((int(a), b), (int(c), d)) for a, b, c, d in cur.fetchall()]
+        if not ranges:
+            return []
         after: list[RefKey | None] = [None] + [hi for _, hi in ranges]
         before: list[RefKey | None] = [lo for lo, _ in ranges] + [None]
-        for a, b in zip(after, before, strict=True):
-            yield self._gap_keys_between(cur, chain_id, contract, a, b)
+        return list(zip(after, before, strict=True))
+
+    def gap_outside_open_batches(
+        self, chain_id: int, contract: str, more: Iterable[RefKey] = ()
+    ) -> list[int] | None:
+        """For ``enrich --dry-run``: the contract's gap refs that no open batch's key range
+        holds, counted per stretch between its open batches as :meth:`plan` cuts new batches
+        from them when a run joins the plan, with the keys ``more`` (refs a ``--retry-failed``
+        run puts back into the gap first) counted in their stretches; None if the contract
+        has no open plan (a run plans its whole gap). Read only: one count per stretch."""
+        with self._read() as cur:
+            stretches = self._stretches(cur, chain_id, contract)
+            if not stretches:
+                return None
+            counts = []
+            for after, before in stretches:
+                params: list[Any] = [chain_id, contract]
+                sql = f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"
+                sql += _key_bounds([(">", after), ("<", before)], params)
+                cur.execute(self._sql(sql), params)
+                counts.append(int(cur.fetchone()[0]))
+        los = [b for _, b in stretches if b is not None]  # the open batches' low keys, in order
+        for key in more:  # in the stretch whose bounds hold it, if any (else in an open batch)
+            i = bisect.bisect_left(los, key)
+            after, before = stretches[i]
+            if (after is None or key > after) and (before is None or key < before):
+                counts[i] += 1
+        return counts
 
     def _gap_keys_between(
         self, cur: Any, chain_id: int, contract: str, after: RefKey | None, before: RefKey | None,

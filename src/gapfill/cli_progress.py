@@ -67,6 +67,9 @@ def summary_lines(s: RunSummary) -> list[str]:
         lines.append(f"  not yet:   {counted(s.beyond_head, 'ref')} {'is' if s.beyond_head == 1 else 'are'} "
                      "in blocks the node has not reached yet"
                      f"{head}: rerun once it has caught up to fill them")  # fmt: skip
+    if s.arrived:
+        lines.append(f"  arrived:   {counted(s.arrived, 'ref')} imported or discovered during the run, after "
+                     "its plan, still missing: rerun the same command to fill them")  # fmt: skip
     if s.state == "interrupted" and s.nothing_left:
         lines.append("  interrupted: the batches in flight finished, and nothing is left to enrich")
     elif s.state == "interrupted":

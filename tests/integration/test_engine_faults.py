@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -1103,6 +1104,80 @@ def test_the_start_up_samples_own_node_check_stops_at_its_budget(
     # Cut at the budget: no sample, so no speedup figure measured on it.
     assert sampled_refs(out) is None and "speedup" not in out, out[-3000:]
     assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(60)
+def test_refs_imported_while_a_run_works_are_said_at_its_end(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ref imported (another shell's `gapfill import`) after the run planned is outside its
+    # batches: left in the gap, and the run ended complete, exit 0, without a word of it.
+    from gapfill.cli_progress import summary_lines
+    from gapfill.engine.run import run_enrich
+    from gapfill.model import Ref
+    from gapfill.store.postgres import PostgresStore
+
+    real_commit = PostgresStore.commit_batches
+    contract = sorted(seeded.refs)[0]
+    imported: list[int] = []
+
+    def commit_then_import(self: PostgresStore, *args: Any, **kw: Any) -> Any:
+        out = real_commit(self, *args, **kw)
+        if not imported:
+            with open_store(pg_url) as other:
+                new = Ref(node_chain.chain.chain_id, contract, "0x" + "7e" * 32)
+                imported.append(other.add_refs([new]).new)
+        return out
+
+    monkeypatch.setattr(PostgresStore, "commit_batches", commit_then_import)
+    summary = run_enrich(batch_job(pg_url, node_chain, seeded), lambda event: None)
+    assert imported == [1] and summary.state == "done"
+    assert summary.arrived == 1
+    assert ("  arrived:   1 ref imported or discovered during the run, after its plan, still missing: "
+            "rerun the same command to fill them") in summary_lines(summary)  # fmt: skip
+    # The rerun plans it (its failure recorded: no such transaction); nothing new came meanwhile.
+    monkeypatch.setattr(PostgresStore, "commit_batches", real_commit)
+    again = run_enrich(batch_job(pg_url, node_chain, seeded), lambda event: None)
+    assert again.arrived == 0 and again.failed == 1, again
+
+
+class GatedProxy(HungNode):
+    """Forwards every request upstream, the JSON-RPC batches (the workers' calls) only once
+    :attr:`gate` is set: the run's start goes through, its work waits."""
+
+    def __init__(self, upstream: str) -> None:
+        self.gate = threading.Event()
+        super().__init__("/", upstream)
+
+    def _stalls(self, body: bytes) -> bool:
+        if isinstance(orjson.loads(body), list):
+            self.gate.wait(30)
+        return False
+
+
+@pytest.mark.timeout(90)
+def test_refs_imported_while_a_concurrent_run_works_are_said_at_its_end(
+    pg_url: str, node_chain: NodeChain, seeded: Seeded, tmp_path: Path
+) -> None:
+    # The coordinator's end says them as batch mode's does: one line, exit 0.
+    from gapfill.model import Ref
+
+    with GatedProxy(node_chain.url) as node:
+        p = GapfillProc(enrich_args(pg_url, node.url), tmp_path, "enrich")
+        try:
+            wait_for("the plan", lambda: "Run #" in p.output(10**6), 60, proc=p)
+            with open_store(pg_url) as other:  # another shell's `gapfill import`
+                new = [Ref(node_chain.chain.chain_id, sorted(seeded.refs)[0], "0x" + f"{i:02x}" * 32)
+                       for i in (0x7D, 0x7E)]  # fmt: skip
+                assert other.add_refs(new).new == 2
+            node.gate.set()
+            rc = p.wait(60)
+        finally:
+            p.kill_tree()
+    out = p.output(20_000)
+    assert rc == 0 and "Traceback" not in out, out[-3000:]
+    assert ("  arrived:   2 refs imported or discovered during the run, after its plan, still missing: "
+            "rerun the same command to fill them") in out, out[-3000:]  # fmt: skip
 
 
 @pytest.mark.timeout(60)

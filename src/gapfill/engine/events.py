@@ -260,6 +260,10 @@ class RunSummary:
     #: An interrupted run whose batches in flight finished within the grace period and left
     #: nothing to do: a rerun would only say "nothing to enrich".
     nothing_left: bool = False
+    #: Of a complete run: refs imported or discovered while it worked, after its plan, left
+    #: in the gap for a rerun (``engine.run.refs_arrived``). The exit code stays 0: the run
+    #: did all it planned.
+    arrived: int = 0
 
     @property
     def speedup(self) -> float | None:

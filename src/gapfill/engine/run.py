@@ -453,21 +453,35 @@ def wait_for_plan(store: Store, targets: Sequence[tuple[int, str]], poll_s: floa
         time.sleep(poll_s)
 
 
-def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int]:
-    """Plan (or join); returns the open batches this run will work on, refs planned, plans joined."""
+def _plan(store: Store, job: EnrichJob, run_id: int) -> tuple[int, int, int, int | None]:
+    """Plan (or join); returns the open batches this run will work on, refs planned, plans
+    joined, and the targets' refs just before it planned (None for `gapfill worker`, which
+    plans nothing): see :func:`refs_arrived`."""
     if not job.plan_new:  # `gapfill worker`: the open plans of its node's chain, if any
         open_per_target = [store.count_open_batches([t]) for t in job.targets]
         joined = sum(1 for n in open_per_target if n)
         log.info("run %s joins %d open plan(s) of %d contract(s): %d open batches", run_id, joined,
                  len(job.targets), sum(open_per_target))  # fmt: skip
-        return sum(open_per_target), 0, joined
+        return sum(open_per_target), 0, joined, None
     t0 = time.perf_counter()
+    refs_before = store.count_refs(job.targets)
     info = store.plan(run_id, job.targets, job.batch_size)
     batches = store.count_open_batches(job.targets)
     log.info("run %s planned %d ref(s) into %d new batch(es) of up to %d refs, joined %d open plan(s); "
              "%d open batches for %d contract(s) (%.2f s)", run_id, info.refs, info.batches, job.batch_size,
              info.joined, batches, len(job.targets), time.perf_counter() - t0)  # fmt: skip
-    return batches, info.refs, info.joined
+    return batches, info.refs, info.joined, refs_before
+
+
+def refs_arrived(store: Store, targets: Sequence[tuple[int, str]], refs_before: int | None) -> int:
+    """At a complete run's end: the refs of ``targets`` imported or discovered while it
+    worked, after its plan (``refs_before``: the targets' refs when it planned), which it
+    left in the gap: a rerun plans them. The gap's probes (each ref's transaction and failure
+    records) only where the targets' refs grew since, which one count of their index tells:
+    a run with nothing new pays that count alone."""
+    if refs_before is None or store.count_refs(targets) <= refs_before:
+        return 0
+    return sum(store.count_untried(chain_id, contract) for chain_id, contract in targets)
 
 
 # -- in-process modes ----------------------------------------------------------------------
@@ -528,7 +542,7 @@ def run_in_process(
         state = "done"
         def start() -> int:
             """Plan (or join) and say so; returns the run's open batches."""
-            batches, refs, joined = _plan(store, job, run_id)
+            batches, refs, joined, totals_box["refs_before"] = _plan(store, job, run_id)
             emit(RunStarted(run_id, mode, 1, os.cpu_count() or 1, batches, refs, joined))
             return batches
 
@@ -570,12 +584,13 @@ def run_in_process(
         secs = _as_recorded(secs, recorded)
         permanent = permanent_failures(store, job.targets)
         behind, head = refs_beyond_head(store, job.targets)
+        arrived = refs_arrived(store, job.targets, totals_box.get("refs_before")) if state == "done" else 0
         seq = recorded_sequential_rate(store, rate_limit(job)) if not sequential else None
         summary = RunSummary(
             run_id, mode, 1, processed, failed, permanent, secs, processed / secs if secs > 0 else 0.0,
             calls, calls / processed if processed else 0.0, state,
             seq[0] if seq else None, seq[1] if seq else "", beyond_head=behind, head=head,
-            nothing_left=state == "interrupted" and _nothing_left(store, job),
+            nothing_left=state == "interrupted" and _nothing_left(store, job), arrived=arrived,
         )  # fmt: skip
         emit(summary)
         if state == "interrupted":
@@ -1031,6 +1046,7 @@ class Coordinator:
         #: How far the start went, for what a stop then leaves: the plan written (``planned``)
         #: and the workers being started (``spawning``), which then get the grace period.
         self.planned = self.spawning = False
+        self.refs_before: int | None = None  # the targets' refs as it planned (refs_arrived)
         self.restarts = 0
         self.host = owner_host()  # its workers' owner ids name it: owner_name as they run
         self.done_batches = 0
@@ -1277,7 +1293,7 @@ class Coordinator:
             # batches, 0 refs newly planned" after "stopping:" read as a run starting with
             # nothing to do (the in-process modes say it after planning too).
             if self.stopping_at is None:
-                batches, refs, joined = _plan(store, job, run_id)
+                batches, refs, joined, self.refs_before = _plan(store, job, run_id)
                 self.planned = True
                 self.emit(RunStarted(run_id, mode, self.workers, os.cpu_count() or 1, batches, refs, joined))
             if job.metrics_port is not None:
@@ -1444,11 +1460,12 @@ class Coordinator:
                     processed, failed, calls, recorded = store.finish_run(run_id, state, self.own_calls,
                                                                           note=why)  # fmt: skip
                     secs = _as_recorded(secs, recorded)
-            permanent, behind, head, nothing_left = 0, 0, None, False
+            permanent, behind, head, nothing_left, arrived = 0, 0, None, False, 0
             with contextlib.suppress(GapfillError):
                 permanent = permanent_failures(store, job.targets)
                 behind, head = refs_beyond_head(store, job.targets)
                 nothing_left = state == "interrupted" and _nothing_left(store, job)
+                arrived = refs_arrived(store, job.targets, self.refs_before) if state == "done" else 0
             store.close()
             for conn in self.events:
                 conn.close()
@@ -1459,7 +1476,7 @@ class Coordinator:
             run_id, "concurrent" if job.plan_new else "worker", self.workers, processed, failed,
             permanent, secs, rate, calls, calls / processed if processed else 0.0, state,
             seq[0] if seq else None, seq[1] if seq else "", self.restarts,
-            beyond_head=behind, head=head, nothing_left=nothing_left,
+            beyond_head=behind, head=head, nothing_left=nothing_left, arrived=arrived,
         )  # fmt: skip
         self.emit(summary)
         if state == "interrupted":

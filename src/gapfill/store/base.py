@@ -1000,6 +1000,27 @@ class Store(abc.ABC):
             cur.execute(self._sql(sql), params)
             return int(cur.fetchone()[0])
 
+    def count_refs(self, targets: Sequence[tuple[int, str]]) -> int:
+        """The refs of ``targets``, missing or not: one count of the primary key's index per
+        target, no lookup of their transactions (a run's trigger for :meth:`count_untried`)."""
+        with self._read() as cur:
+            n = 0
+            for chain_id, contract in targets:
+                cur.execute(self._sql("SELECT count(*) FROM refs WHERE chain_id = ? AND contract = ?"),
+                            (chain_id, contract))  # fmt: skip
+                n += int(cur.fetchone()[0])
+            return n
+
+    def count_untried(self, chain_id: int, contract: str) -> int:
+        """The contract's refs in the gap with no failure record at all: no batch tried them.
+        After a complete run, the refs imported or discovered while it ran, outside its plan
+        (its batches stored every ref they held, or recorded its failure)."""
+        sql = (f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE} AND NOT EXISTS (SELECT 1 FROM "
+               f"failures f WHERE f.chain_id = r.chain_id AND f.tx_hash = r.tx_hash{self._FENCE})")
+        with self._read() as cur:
+            cur.execute(self._sql(sql), (chain_id, contract))
+            return int(cur.fetchone()[0])
+
     #: A contract's refs in the gap (parameters: chain, contract) whose block is one of a list
     #: (``{marks}``: a parameter per block), by one seek of the gap's key index per block:
     #: SQLite does that with ``IN`` on the index's own expression (see :meth:`gap_in_blocks`).

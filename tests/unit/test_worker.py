@@ -1473,6 +1473,27 @@ def test_a_lease_whose_answer_was_lost_keeps_the_batch_its_retries(tmp_path: Pat
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize(("error", "a_failed_attempt"), [
+    (StoreDropped("lost the connection to PostgreSQL at db:5432 (server closed the connection unexpectedly)",
+                  "check that the server runs, then run the command again"), False),
+    (StoreError("PostgreSQL error on db:5432: numeric field overflow"), True),
+])  # fmt: skip
+def test_a_commit_the_database_dropped_gives_its_batch_back_without_a_failed_attempt(
+    error: StoreError, a_failed_attempt: bool
+) -> None:
+    # The batch's fetch went well; the database dropped the connection of its commit (a
+    # restart, or the answer lost, which a look finds did not land). Its give-back spent one
+    # of its 3 attempts, and two such drops made its next lease its last.
+    store = FakeStore(batches=1)
+    store.refusal = error
+    failed: list[str] = []
+    store.fail = lambda name, args: name == "commit_batches" and not failed and not failed.append(name)
+    asyncio.run(worker(store).run())
+    assert failed and store.state == {1: "pending"}
+    assert store.stops == {1: not a_failed_attempt}
+
+
+@pytest.mark.timeout(30)
 def test_each_batchs_rpc_requests_carry_its_lease_order() -> None:
     # The client serves metered requests lowest priority first (gapfill.rpc.slots): the
     # batch leased first must have the lowest.

@@ -918,15 +918,24 @@ class Worker:
                 keep = exc.kept if not lost.is_set() else None
             else:
                 keep = fetched_so_far() if got is None else None
-            pause = self.settings.retry_pause_s * 2 ** max(0, batch.tries - 1)
+            # A connection the database dropped (a restart; a write whose answer was lost, which
+            # a look found did not land) is no failure of the batch: given back as a stop's,
+            # it keeps its tries. Counted, every batch in flight or waiting for its group's
+            # commit spent one per drop, and after two drops stored its transient failures at
+            # once (a commit the database keeps refusing is not split off by the last attempt,
+            # which isolates refs the node fails). Its pause still doubles per lease: a commit
+            # dropped every time (a pooler's size limit, say) backs off as it did.
+            failed_attempt = not isinstance(exc, StoreDropped)
+            done_before = batch.tries if failed_attempt else batch.attempts
+            pause = self.settings.retry_pause_s * 2 ** max(0, done_before - 1)
             # Refs failing for a reason that may pass is expected: said plainly. Anything
             # else is unexpected, and its class helps to tell what it was.
             said = str(exc) if isinstance(exc, TransientFailures) else f"{type(exc).__name__}: {exc}"
             # Not cut short by a stop that cancels this task (a refusal seen by another batch
             # of the same commit group stops the worker): the worker waits for it as it stops.
             give_back = asyncio.ensure_future(self._abandon(batch, said, keep=keep, refs=n_refs,
-                                                            retry_after_s=pause, fetched=got,
-                                                            t0=t0))  # fmt: skip
+                                                            retry_after_s=pause, fetched=got, t0=t0,
+                                                            failed_attempt=failed_attempt))  # fmt: skip
             self._giving_back.add(give_back)
             give_back.add_done_callback(self._giving_back.discard)
             await asyncio.shield(give_back)
@@ -1013,16 +1022,18 @@ class Worker:
     async def _abandon(
         self, batch: Batch, error: str, retry: bool = True, keep: Enriched | None = None,
         refs: int = 0, retry_after_s: float = 0.0, fetched: Enriched | None = None, t0: float = 0.0,
+        failed_attempt: bool = True,
     ) -> None:
         """Give ``batch`` back, storing ``keep`` (what the attempt got of its ``refs`` refs)
         with it. ``fetched``: all the attempt fetched, if its fetch was over (what its commit
-        held, if one ran; the batch task's start at ``t0``)."""
+        held, if one ran; the batch task's start at ``t0``). ``failed_attempt``: a retry's
+        give-back is a failed attempt (:attr:`Batch.tries`) unless the database's doing."""
         # Retried like a lease: the call that failed the batch often met a dropped
         # connection, and a lease not given back would hold the batch until it expires.
         given: GivenBack | None = None  # None: not given back
         failed = ""  # why the give-back failed, if it did: the lease is left to expire
         # A stop's give-back (no retry) is no failed attempt: the batch keeps its retries.
-        abandon = functools.partial(self.store.abandon_keeping, stop=not retry)
+        abandon = functools.partial(self.store.abandon_keeping, stop=not (retry and failed_attempt))
         give_back = functools.partial(self.db, abandon, batch, error, keep, retry_after_s, calls=True,
                                       writes=(batch,))  # fmt: skip
         try:

@@ -54,7 +54,7 @@ def test_info_logs_migrations_planning_and_redecodes(
         store.add_contract(Contract(1, C))
         store.add_refs(Ref(1, C, f"0x{i:064x}", 10 + i) for i in range(5))
         run_id = store.create_run("batch", 1)
-        assert _plan(store, EnrichJob(url, (), ((1, C),), 1, batch_size=2), run_id) == (3, 5, 0)
+        assert _plan(store, EnrichJob(url, (), ((1, C),), 1, batch_size=2), run_id) == (3, 5, 0, 5)
         redecode_contract(store, 1, C, [])
     migrations = _said(caplog, "gapfill.store.base")
     assert migrations and migrations[0].startswith(

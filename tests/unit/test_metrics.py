@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gapfill.engine.events import BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
+from gapfill.engine.events import LEASE_GONE, BatchAbandoned, BatchAssigned, BatchDone, BatchesEmptied
 from gapfill.engine.metrics import HELP, LeaseTally, MetricsServer, check_port, series
 from gapfill.errors import ConfigError
 
@@ -44,6 +44,25 @@ def test_the_lease_tally_follows_each_lease_to_its_end() -> None:
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return str(resp.read().decode())
+
+
+def test_a_stuck_workers_late_lost_commit_leaves_the_new_holders_lease_held() -> None:
+    tally = LeaseTally()
+    tally.take(assigned(7))  # worker 0, attempt 1
+    tally.took_back(7)  # its lease expired: the coordinator took it back
+    tally.take(BatchAssigned(worker=1, batch_id=7, lo=KEY, hi=KEY, refs=10, attempt=2))  # type: ignore[arg-type]
+    # Worker 0's call finally returns: its commit finds the lease gone, nothing written.
+    tally.take(BatchDone(0, 7, 10, 0, 0.1, committed=False))
+    assert tally.held == {7: 1}  # worker 1 still holds batch 7's lease
+    assert series(0, 0, 0, 0, 0, 0, 2, 0, tally)["gapfill_leases_held"] == 1
+
+
+def test_a_late_give_back_that_found_its_lease_gone_leaves_the_new_holders_lease_held() -> None:
+    tally = LeaseTally()
+    tally.take(assigned(7))
+    tally.take(BatchAssigned(worker=1, batch_id=7, lo=KEY, hi=KEY, refs=10, attempt=2))  # type: ignore[arg-type]
+    tally.take(BatchAbandoned(0, 7, "stopped", 1, not_given=LEASE_GONE))
+    assert tally.held == {7: 1}
 
 
 def test_the_endpoint_serves_every_series_with_its_help_read_at_each_scrape() -> None:

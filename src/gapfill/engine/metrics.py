@@ -60,7 +60,7 @@ class LeaseTally:
                 self.committed += 1
             else:
                 self.lost += 1
-            self.held.pop(ev.batch_id, None)
+            self._ended(ev.worker, ev.batch_id)
         elif isinstance(ev, BatchAbandoned):
             if ev.closed:
                 self.committed += 1
@@ -68,7 +68,13 @@ class LeaseTally:
                 self.lost += 1
             elif not ev.not_given:  # else it is left to expire (taken back: ``expired``)
                 self.given_back += 1
-            self.held.pop(ev.batch_id, None)
+            self._ended(ev.worker, ev.batch_id)
+
+    def _ended(self, worker: int, batch_id: int) -> None:
+        # Only the worker's own lease: one whose lease expired says so late (its commit or
+        # give-back found the lease gone), when another worker may hold the batch's new one.
+        if self.held.get(batch_id) == worker:
+            del self.held[batch_id]
 
     def took_back(self, batch_id: int) -> None:
         """The coordinator took back an expired lease (a stuck worker's, or anyone's)."""

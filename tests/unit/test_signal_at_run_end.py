@@ -111,6 +111,20 @@ def _ten_refs(db: str) -> None:
     assert CliRunner().invoke(cli, [*base, "import", "-", "--contract", A], input=hashes).exit_code == 0
 
 
+def _started_worker() -> Any:
+    """A process started as :func:`_starting_worker`, once it has ignored Ctrl+C."""
+    import multiprocessing
+    import os
+
+    ready, ready_w = os.pipe()
+    proc = multiprocessing.get_context("fork").Process(target=_starting_worker, args=(ready_w,), daemon=True)
+    proc.start()
+    assert os.read(ready, 1) == b"!"
+    os.close(ready)
+    os.close(ready_w)
+    return proc
+
+
 def _starting_worker(ready: int) -> None:
     """A worker process before its event loop handles SIGTERM (as the fork server starts it)."""
     import os
@@ -130,8 +144,6 @@ def test_a_worker_the_grace_periods_sigterm_ends_as_it_starts_is_no_crash(
     # whose event loop had not yet set its handler died of it (-15), and the run said "[Worker-1]
     # exited with code -15", a crash the coordinator had caused itself. The worker here never
     # sets one.
-    import multiprocessing
-    import os
 
     from gapfill.cli_progress import LineRenderer
     from gapfill.engine.run import Coordinator, EnrichJob
@@ -141,13 +153,7 @@ def test_a_worker_the_grace_periods_sigterm_ends_as_it_starts_is_no_crash(
     _ten_refs(db)
 
     def spawn_then_stop(self: Coordinator, index: int) -> Any:
-        ready, ready_w = os.pipe()
-        fork = multiprocessing.get_context("fork")
-        proc = fork.Process(target=_starting_worker, args=(ready_w,), daemon=True)
-        proc.start()
-        assert os.read(ready, 1) == b"!"
-        os.close(ready)
-        os.close(ready_w)
+        proc = _started_worker()
         signal.raise_signal(signal.SIGINT)  # the stop, as the first worker starts
         return proc
 
@@ -161,6 +167,55 @@ def test_a_worker_the_grace_periods_sigterm_ends_as_it_starts_is_no_crash(
         Coordinator(job, renderer).run()
     assert not [ln for ln in lines if "exited with code" in ln], lines
     assert any(ln.startswith("stopping: no new batches") for ln in lines), lines
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("database", ["up", "blips"])
+def test_a_worker_the_stop_kills_gives_its_lease_back_as_a_stop_not_a_failed_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    # Review h5: the leases of a worker the stop killed (the grace period's end, a second
+    # Ctrl+C) went back through the run's end as a failed attempt (no `stop`): each such stop
+    # spent one of the batch's 3 attempts. And a database blip on that give-back recorded an
+    # interrupted run as failed, raising the store's error in place of the stop.
+    import sqlite3
+
+    from gapfill.engine.run import Coordinator, EnrichJob
+    from gapfill.errors import Interrupted, StoreError
+    from gapfill.store.base import run_owner
+
+    path = tmp_path / "g.db"
+    db = f"sqlite:///{path}"
+    _ten_refs(db)
+
+    def spawn_leasing_then_stop(self: Coordinator, index: int) -> Any:
+        proc = _started_worker()
+        with open_store(db) as store:  # what the worker leased before the stop
+            assert store.lease(run_owner(self.host, proc.pid, f"w{index + 1}", self.job.run_id), 300.0)
+        signal.raise_signal(signal.SIGINT)  # the stop: --grace-period 0 sends SIGTERM at once
+        return proc
+
+    release_owner = Store.release_owner
+
+    def blip(self: Store, owner: str, error: str = "worker stopped", *args: Any, **kwargs: Any) -> int:
+        if error == "worker stopped":
+            raise StoreError("the database closed the connection: check it, then rerun")
+        return release_owner(self, owner, error, *args, **kwargs)
+
+    monkeypatch.setattr(Coordinator, "_spawn", spawn_leasing_then_stop)
+    monkeypatch.setattr(Coordinator, "_check_node", lambda self: True)
+    if database == "blips":
+        monkeypatch.setattr(Store, "release_owner", blip)
+    job = EnrichJob(db, (), ((1, A),), 1, workers=1, batch_size=5, grace_period_s=0.0,
+                    measure_sequential=False)  # fmt: skip
+    with pytest.raises(Interrupted):
+        Coordinator(job, lambda ev: None).run()
+    with open_store(db) as store:
+        assert max(store.list_runs(), key=lambda run: run.run_id).state == "interrupted"
+    if database == "up":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT state, attempts, stops FROM batches WHERE attempts > 0").fetchall()
+        assert rows == [("pending", 1, 1)]  # given back by its stop: no attempt failed
 
 
 def _signal_as_the_summary_is_said(monkeypatch: pytest.MonkeyPatch, signals: list[int]) -> None:

@@ -1410,7 +1410,12 @@ class Coordinator:
                     s.terminated and s.proc.exitcode == -signal.SIGTERM)
                 self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False, killed))
                 if s.proc.exitcode not in (0, None):
-                    store.release_owner(self._owner(s), "worker stopped")
+                    # Killed by the stop (a second Ctrl+C, the grace period's end): its leases
+                    # go back as a stop gives them, no failed attempt. A database blip here
+                    # leaves them to expire; the run ended as it did, as with the progress above.
+                    with contextlib.suppress(StoreError):
+                        store.release_owner(self._owner(s), "worker stopped",
+                                            stop=self.stopping_at is not None)  # fmt: skip
             if self.stopping_at is not None:
                 state = "interrupted"
             ended = True

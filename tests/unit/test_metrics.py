@@ -93,6 +93,53 @@ def test_the_endpoint_serves_every_series_with_its_help_read_at_each_scrape() ->
         server.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_coordinators_scrape_as_a_worker_exits_leaves_its_exit_code_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review h5: the snapshot (the HTTP server's thread) called proc.is_alive() on the
+    # workers, as the supervision loop does in the main thread. A forkserver Process reads its
+    # exit code from its sentinel pipe once: of two threads that both found it readable, one
+    # read the code, the other met EOF and set returncode = 255. A worker that ended 0 then
+    # read as crashed (restarted, "exited with code 255").
+    import multiprocessing
+    import multiprocessing.forkserver
+    import threading
+    import time
+    from multiprocessing.connection import wait
+
+    from gapfill.engine.run import Coordinator, EnrichJob, _Slot
+    from gapfill.settings import EndpointSetting
+
+    job = EnrichJob(db_url="sqlite:///unused.db", endpoints=(EndpointSetting("http://127.0.0.1:1"),),
+                    targets=((1, "0x" + "11" * 20),), chain_id=1)  # fmt: skip
+    c = Coordinator(job, lambda ev: None)
+    proc = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(0,))
+    proc.start()
+    try:
+        c.slots[0] = _Slot(0, proc, time.monotonic())
+        c.alive_now = 1  # as the loop last counted
+        assert wait([proc.sentinel], 30)  # it has exited: its code waits in the pipe
+        real = multiprocessing.forkserver.read_signed
+
+        def read_slowly(fd: int) -> int:  # widens the window between the wait and the read
+            time.sleep(0.2)
+            return int(real(fd))
+
+        monkeypatch.setattr(multiprocessing.forkserver, "read_signed", read_slowly)
+        scraped: list[dict[str, float]] = []
+        scrape = threading.Thread(target=lambda: scraped.append(c._metrics_snapshot()))
+        scrape.start()
+        time.sleep(0.05)
+        proc.is_alive()  # the supervision loop's turn
+        scrape.join()
+        assert proc.exitcode == 0
+        assert scraped[0]["gapfill_workers_alive"] == 1
+    finally:
+        c.lifeline.close()
+        c._lifeline_w.close()
+
+
 def test_a_busy_port_is_one_sentence() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

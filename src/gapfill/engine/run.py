@@ -1051,6 +1051,10 @@ class Coordinator:
         self.host = owner_host()  # its workers' owner ids name it: owner_name as they run
         self.done_batches = 0
         self.leases = LeaseTally()  # for --metrics-port
+        #: The workers alive, as the supervision loop last counted them, for --metrics-port:
+        #: its thread must not ask the processes (a forkserver Process reads its exit code from
+        #: its sentinel once; two threads reading it raced, and the loser's read 255).
+        self.alive_now = 0
         #: The lease events watched for leases taken back (:meth:`_supervise_leases`): after
         #: this event id (None until the run's first workers start), and those already seen.
         self.expired_from: int | None = None
@@ -1329,6 +1333,7 @@ class Coordinator:
                 now = time.monotonic()
                 try:
                     alive = [s for s in self.slots.values() if s.proc.is_alive()]
+                    self.alive_now = len(alive)
                     for s in list(self.slots.values()):
                         if s.proc.is_alive() or s.proc.exitcode is None:
                             continue
@@ -1652,9 +1657,8 @@ class Coordinator:
 
     def _metrics_snapshot(self) -> dict[str, float]:
         processed, failed, calls, retries, limited = self.totals()
-        alive = sum(1 for s in self.slots.values() if s.proc.is_alive())
-        return series(processed, failed, calls, retries, limited, self.done_batches, alive, self.restarts,
-                      self.leases)
+        return series(processed, failed, calls, retries, limited, self.done_batches, self.alive_now,
+                      self.restarts, self.leases)  # fmt: skip
 
 
 # -- entry point ---------------------------------------------------------------------------

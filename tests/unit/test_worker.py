@@ -277,6 +277,57 @@ def test_batches_a_lease_closed_as_emptied_count_as_done_without_a_line() -> Non
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("refs_read", ["fails", "is_stopped"])
+def test_a_lease_whose_refs_were_not_read_is_said_assigned_before_it_is_given_back(refs_read: str) -> None:
+    # Review h5: a worker said a lease taken (BatchAssigned) only once batch_refs had answered;
+    # a lease whose batch_refs failed (a dropped connection), or that a stop cut short, was
+    # given back, and counted as given back, but never as taken (gapfill_leases_taken_total <
+    # committed + given back + lost), and its "given back" line came with no "Assigned" line.
+    from gapfill.engine.metrics import LeaseTally
+
+    store = FakeStore(batches=4)
+    reading, go_on = threading.Event(), threading.Event()
+    failed: list[int] = []
+
+    def fail_once(name: str, args: object) -> bool:
+        if name == "batch_refs" and not failed:
+            failed.append(1)
+            if refs_read == "is_stopped":
+                reading.set()
+                go_on.wait(10)
+                return False
+            return True
+        return False
+
+    store.fail = fail_once  # type: ignore[assignment]
+    tally = LeaseTally()
+    events: list[Any] = []
+
+    def emit(ev: Any) -> None:
+        events.append(ev)
+        tally.take(ev)
+
+    async def stopped_while_reading() -> None:
+        run = asyncio.create_task(worker(store, emit=emit).run())
+        while not reading.is_set():
+            await asyncio.sleep(0.01)
+        run.cancel()  # the stop's SIGTERM
+        go_on.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    if refs_read == "fails":
+        asyncio.run(worker(store, emit=emit).run())
+        assert (tally.committed, tally.given_back) == (3, 1)
+    else:
+        asyncio.run(stopped_while_reading())
+        assert tally.given_back >= 1  # (and any other batch whose refs were being read)
+    assert tally.taken == tally.committed + tally.given_back + tally.lost
+    said = [(type(e).__name__, e.batch_id) for e in events if isinstance(e, (BatchAssigned, BatchAbandoned))]
+    assert said.index(("BatchAssigned", 1)) < said.index(("BatchAbandoned", 1)), said
+
+
+@pytest.mark.timeout(30)
 def test_the_totals_count_what_the_batches_newly_stored_not_what_they_fetched() -> None:
     # Two contracts' batches in flight at once both fetch a transaction they share; it is
     # stored once, and the run's count in the database counts it once: so do the totals

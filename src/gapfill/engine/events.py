@@ -44,6 +44,8 @@ class BatchAssigned:
     batch_id: int
     lo: RefKey
     hi: RefKey
+    #: Its refs still in the gap; the batch's planned size when they could not be read (the
+    #: read failed, or a stop came first: it is said as it is given back).
     refs: int
     #: Which try of the batch this is: its failed attempts + 1 (:attr:`Batch.tries`), what the
     #: lines say. A lease given back without a failed attempt (a stop's, one whose lease answer

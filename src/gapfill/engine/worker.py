@@ -864,6 +864,19 @@ class Worker:
         fetching_now = Collector()  # while fetching: the rows in so far, given back on a stop
         self._in_flight[batch.id] = fetching_now
         n_refs = 0
+        said_assigned = False
+
+        def assigned(refs: int) -> None:
+            # The lease is taken: said (and counted, gapfill_leases_taken_total) once, before
+            # anything of it ends. A lease whose refs could not be read (batch_refs failed, or a
+            # stop came first) is said with its planned size as it is given back: its
+            # "given back" line came with no "Assigned" line, and the lease went uncounted.
+            nonlocal said_assigned
+            if not said_assigned:
+                said_assigned = True
+                self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, refs, batch.tries,
+                                        batch.attempts))  # fmt: skip
+
         try:
             refs = await self.db(self.store.batch_refs, batch)
             n_refs = len(refs)
@@ -872,8 +885,7 @@ class Worker:
                 log.info("batch %s leased: %s of %s, %s still in the gap (query %.3f s), attempt %d "
                          "(lease %d)", batch.id, key_range(batch.lo, batch.hi), batch.contract,
                          counted(n_refs, "ref"), t_refs - t0, batch.tries, batch.attempts)  # fmt: skip
-            self.emit(BatchAssigned(self.index, batch.id, batch.lo, batch.hi, len(refs), batch.tries,
-                                    batch.attempts))  # fmt: skip
+            assigned(n_refs)
             enricher = self.enrichers[batch.chain_id]
             keeper = asyncio.create_task(self._keep_lease(batch, lost, answered, priority, awaited))
             try:
@@ -905,12 +917,14 @@ class Worker:
             # given back with the rows (and permanent failures) it has: all of them once
             # fetched and waiting for its group's commit, else those whose answers are in:
             # a Ctrl+C must not throw away calls already paid for.
+            assigned(batch.size)
             keep = got.settled() if got is not None else fetched_so_far()
             await asyncio.shield(self._abandon(batch, "worker stopped", retry=False, keep=keep,
                                                refs=n_refs, fetched=got, t0=t0))  # fmt: skip
             raise
         except Exception as exc:  # a batch-level failure: give it back for a retry
             log.warning("batch %s attempt %s failed: %s", batch.id, batch.tries, exc)
+            assigned(batch.size)
             # What the attempt fetched before the failure is kept as a stop keeps it, unless
             # the fetch was over: then the failure was the commit's, which those rows may
             # well fail again, and the give-back must not.

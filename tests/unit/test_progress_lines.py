@@ -454,6 +454,39 @@ def test_a_workers_refusal_kept_for_the_runs_error_is_said_once_when_a_stop_come
 
 
 @pytest.mark.timeout(10)
+def test_a_workers_lost_node_is_said_when_the_run_stops_anyway() -> None:
+    # A worker that loses the node (no reply for the outage window, every endpoint refusing
+    # the key) sends why for the run's error, raised when the loop sees it exit with
+    # EXIT_LOST_NODE; a run that stops skips its workers' exit codes (it ends interrupted), so
+    # one lost during the stop (a Ctrl+C at a hung node, say), or kept before the stop came,
+    # was never said, as refusals were not: the rerun met the dead node unwarned.
+    import signal
+
+    from gapfill.engine.events import WorkerLostNode
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    lost = "no RPC node has replied for 60 s (last: no reply): check the node, then rerun to continue"
+    seen: list[Any] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=3)
+    coordinator = Coordinator(job, seen.append)
+    coordinator.planned = coordinator.spawning = True  # its workers were being started
+    try:
+        coordinator._take(WorkerLostNode(0, lost))  # kept for the run's error
+        coordinator._take(WorkerLostNode(2, "its start-up check failed", at_start=True))  # a restart's
+        coordinator._say_unsaid()
+        assert seen == []
+        coordinator._on_signal(signal.SIGINT, None)
+        coordinator._say_unsaid()
+        coordinator._take(WorkerLostNode(1, lost))  # during the stop
+        coordinator._say_unsaid()  # the run's end
+    finally:
+        coordinator.lifeline.close()
+        coordinator._lifeline_w.close()
+    assert [e.text for e in seen[1:]] == [f"[Worker-1] {lost}", f"[Worker-2] {lost}"], seen
+    assert all(e.quiet_too for e in seen[1:])
+
+
+@pytest.mark.timeout(10)
 def test_a_notice_every_worker_says_once_is_said_once_per_run() -> None:
     # Each worker process sets aside an endpoint that refuses the API key, and says so: the
     # run says it once, and still every other notice.

@@ -1145,14 +1145,16 @@ class Coordinator:
             self._say_refused()  # one kept for the run's error before the stop came
 
     def _say_refused(self) -> None:
-        """While stopping: each worker's database refusal not said yet, as its notice.
+        """While stopping: each worker's database refusal, or node lost, not said yet, as its
+        notice.
 
-        A refusal is kept for the run's error, which the supervision loop raises when it sees
+        Each is kept for the run's error, which the supervision loop raises when it sees
         that worker's exit code; a stop (Ctrl+C) ends the run as interrupted whatever its
         workers exit with, so one that comes during the stop, or that was kept before the
         stop came and the loop saw the exit, would never be said, and the rerun would meet
         it unwarned."""
-        for index, refused in sorted(self.refused.items()):
+        kept = [*self.refused.items(), *self.lost_node.items()]
+        for index, refused in sorted(kept, key=lambda kept: kept[0]):
             text = f"[Worker-{index + 1}] {refused}"
             if text not in self.said:
                 self.said.add(text)
@@ -1222,7 +1224,9 @@ class Coordinator:
             self.committed_failed += ev.kept_failed
         if isinstance(ev, WorkerLostNode):
             (self.start_failed if ev.at_start else self.lost_node)[ev.worker] = ev.message
-            return  # the run's error, or the restart's notice, says it
+            if self.stopping_at is not None and not ev.at_start:
+                self._say_refused()
+            return  # else the run's error, or the restart's notice, says it
         if isinstance(ev, WorkerWaitsForSlot):
             slot = self.slots.get(ev.worker)
             if slot is not None:

@@ -212,6 +212,31 @@ def test_worker_killed_twice_mid_batch(
 
 
 @pytest.mark.timeout(150)
+def test_a_worker_stopped_from_outside_the_run_is_restarted(
+    pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
+) -> None:
+    # A SIGTERM to one worker's pid (not the coordinator's): it takes it for a stop, gives its
+    # batches back and exits 0, which the coordinator took for a worker done with the plan:
+    # nothing said, no restart, and the run went on one worker short.
+    with emulator(node_chain.url, *LATENCY) as (rpc, _):
+        p = GapfillProc(enrich_args(pg_url, rpc), tmp_path, "enrich")
+        try:
+            wait_for("a first commit", lambda: committed_count(pg_url) >= 1, 60, proc=p)
+            with rpc_held(rpc):  # the plan cannot end meanwhile
+                wait_for("both workers", lambda: len(worker_pids(p.pid)) == 2, 60, proc=p)
+                stopped = min(worker_pids(p.pid))
+                os.kill(stopped, signal.SIGTERM)
+                wait_for("its restart", lambda: len(worker_pids(p.pid) - {stopped}) == 2, 60, proc=p)
+            rc = p.wait(120)
+        finally:
+            p.close()
+    out = p.output(50_000)
+    assert rc == 0, out
+    assert "stopped from outside the run (a SIGTERM, say) while batches are still open; restarted" in out, out
+    assert_exact(pg_url, node_chain, truth, seeded)
+
+
+@pytest.mark.timeout(150)
 def test_sigint_stops_within_grace_period_and_rerun_completes(
     pg_url: str, node_chain: NodeChain, truth: NodeTruth, seeded: Seeded, tmp_path: Path
 ) -> None:

@@ -1007,6 +1007,8 @@ class _Slot:
     #: The pid of the worker process that said it waits for a connection slot
     #: (:class:`WorkerWaitsForSlot`) and sent no stats since: it is that one while ``proc`` is.
     no_slot_pid: int = 0
+    #: The pid of the worker process whose exit 0 was looked at (:meth:`Coordinator._ended_early`).
+    ended_pid: int = 0
 
     def waits_for_slot(self) -> bool:
         """Whether the worker running now said it waits for a connection slot and sent no
@@ -1342,6 +1344,8 @@ class Coordinator:
                         if s.proc.is_alive() or s.proc.exitcode is None:
                             continue
                         if s.proc.exitcode == 0 or self.stopping_at is not None:
+                            if s.proc.exitcode == 0 and self._ended_early(store, s):
+                                self._restart(store, s)
                             continue
                         if s.proc.exitcode == EXIT_LOST_NODE:
                             self._stop_workers()
@@ -1532,6 +1536,17 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 s.proc.terminate()
 
+    def _ended_early(self, store: Store, s: _Slot) -> bool:
+        """Whether the worker that exited 0 left batches open, the run not stopping, nor the
+        coordinator having stopped it: its own end comes once none is open (it waits while
+        other workers hold the last ones), so it was stopped from outside the run (a SIGTERM
+        to its pid, which it takes for a stop: it gives its batches back and exits 0), and
+        the run went on one worker short. Looked at once per process."""
+        if self.stopping_at is not None or s.terminated or s.ended_pid == s.proc.pid:
+            return False
+        s.ended_pid = s.proc.pid or 0
+        return store.has_open_batches(self.job.targets)
+
     def _restart(self, store: Store, s: _Slot) -> None:
         owner = self._owner(s)
         code = s.proc.exitcode
@@ -1571,6 +1586,7 @@ class Coordinator:
         self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True))
         why = (f"its start-up check of the RPC node failed ({start_failed})" if start_failed
                else "was killed, stuck past its lease" if stuck
+               else "stopped from outside the run (a SIGTERM, say) while batches are still open" if code == 0
                else f"exited with code {code}")  # fmt: skip
         log.info("restarting Worker-%d (pid %s, up %.1f s): %s; %d lease(s) returned; restart %d of the "
                  "run (at most %d)", s.index + 1, s.proc.pid, time.monotonic() - s.started, why, n,

@@ -181,3 +181,55 @@ def test_the_block_refuses_a_wakeup_fd_set_already() -> None:
     """)
     done = _python(script)
     assert done.returncode == 0 and done.stdout == "refused: True\nleft be: True\n", done
+
+
+def _ending_with_events_unsent(events: object, count: int) -> None:
+    """A worker that the coordinator's SIGTERM finds with ``count`` events still to send (more
+    than a pipe holds): it sends them as it exits (:meth:`_EventSender.close`), then ends 0."""
+    import signal
+
+    from gapfill.engine.events import Notice
+    from gapfill.engine.run import _EventSender
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a worker's is once its loop has ended
+    sender = _EventSender(events, "Worker-1")  # type: ignore[arg-type]
+    for i in range(count):
+        sender.put(Notice(f"event {i} " + "x" * 200))
+    sender.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_coordinator_reads_a_stopping_workers_events_while_it_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # _stop_workers (a lost node, a refusal) sent SIGTERM and joined each worker for up to
+    # LOST_NODE_STOP_S without reading their event pipes: a worker with more than a pipe's
+    # 64 KiB of events unsent blocked in its last send until then, and the run's end killed it,
+    # its last events (what it gave back, and with what) lost.
+    import multiprocessing
+
+    import gapfill.engine.run
+    from gapfill.engine.run import Coordinator, EnrichJob, _Slot
+
+    monkeypatch.setattr(gapfill.engine.run, "LOST_NODE_STOP_S", 3.0)
+    seen: list[object] = []
+    job = EnrichJob("sqlite:///unused.db", (), ((1, "0x" + "ab" * 20),), 1, workers=1)
+    c = Coordinator(job, seen.append)
+    fork = multiprocessing.get_context("fork")
+    reader, writer = fork.Pipe(duplex=False)
+    proc = fork.Process(target=_ending_with_events_unsent, args=(writer, 1_000), daemon=True)
+    proc.start()
+    writer.close()
+    c.events.append(reader)
+    c.slots[0] = _Slot(0, proc, 0.0)
+    try:
+        assert reader.poll(30)  # it sends: its SIGTERM is ignored by now
+        c._stop_workers()
+        alive = proc.is_alive()
+    finally:
+        proc.kill()
+        proc.join()
+        c.lifeline.close()
+        c._lifeline_w.close()
+    assert not alive and proc.exitcode == 0, "the worker was left blocked on its event pipe"
+    assert len(seen) == 1_000

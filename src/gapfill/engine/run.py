@@ -1506,15 +1506,23 @@ class Coordinator:
         database refuses the run's work (:class:`StoreRefused`): the others would meet it too.
         Stop them as the grace period's SIGTERM does, so each gives its batches
         back with what it fetched, for at most ``LOST_NODE_STOP_S``; the run's end kills and
-        releases any still running."""
+        releases any still running. Their events are read meanwhile: a worker sends the last
+        ones as it exits, and one with more than a pipe holds (64 KiB) waited for this one
+        to read them until it was killed, its last events lost."""
+        from multiprocessing.connection import wait
+
         for s in self.slots.values():
             if s.proc.is_alive():
                 s.terminated = True
                 with contextlib.suppress(Exception):
                     s.proc.terminate()
         deadline = time.monotonic() + LOST_NODE_STOP_S
-        for s in self.slots.values():
-            s.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        while (left := deadline - time.monotonic()) > 0:
+            running = [s.proc.sentinel for s in self.slots.values() if s.proc.is_alive()]
+            if not running:
+                break
+            wait([*running, *self.events], timeout=left)  # an exit, or events to read
+            self._drain()
         self._drain()
 
     def _start_server(self) -> None:

@@ -50,7 +50,7 @@ def test_a_stuck_workers_late_lost_commit_leaves_the_new_holders_lease_held() ->
     tally = LeaseTally()
     tally.take(assigned(7))  # worker 0, attempt 1
     tally.took_back(7)  # its lease expired: the coordinator took it back
-    tally.take(BatchAssigned(worker=1, batch_id=7, lo=KEY, hi=KEY, refs=10, attempt=2))  # type: ignore[arg-type]
+    tally.take(BatchAssigned(worker=1, batch_id=7, lo=KEY, hi=KEY, refs=10, attempt=2, lease=2))  # type: ignore[arg-type]
     # Worker 0's call finally returns: its commit finds the lease gone, nothing written.
     tally.take(BatchDone(0, 7, 10, 0, 0.1, committed=False))
     assert tally.held == {7: 1}  # worker 1 still holds batch 7's lease
@@ -60,8 +60,8 @@ def test_a_stuck_workers_late_lost_commit_leaves_the_new_holders_lease_held() ->
 def test_a_late_give_back_that_found_its_lease_gone_leaves_the_new_holders_lease_held() -> None:
     tally = LeaseTally()
     tally.take(assigned(7))
-    tally.take(BatchAssigned(worker=1, batch_id=7, lo=KEY, hi=KEY, refs=10, attempt=2))  # type: ignore[arg-type]
-    tally.take(BatchAbandoned(0, 7, "stopped", 1, not_given=LEASE_GONE))
+    tally.take(BatchAssigned(worker=1, batch_id=7, lo=KEY, hi=KEY, refs=10, attempt=2, lease=2))  # type: ignore[arg-type]
+    tally.take(BatchAbandoned(0, 7, "stopped", 1, 1, not_given=LEASE_GONE))
     assert tally.held == {7: 1}
 
 

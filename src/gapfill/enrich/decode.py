@@ -424,12 +424,14 @@ class _Args:
         self._head = _WORD_HEX * len(types)
         self._at = tuple(range(0, self._head, _WORD_HEX))
         words = [t.word for t in types]
-        self._words: tuple[_WordReader, ...] | None = None
+        #: Each word's place and reader when every type is a static word (zipped once here:
+        #: a ``zip(..., strict=True)`` per decode cost ~1,700 instructions, more than the words).
+        self._words: tuple[tuple[int, _WordReader], ...] | None = None
         self._slots: tuple[tuple[int, _Slot], ...] | None = None
         self._tuple: Any = None
         self._codecs = tuple(t.codec for t in types)
         if all(w is not None for w in words):
-            self._words = tuple(w for w in words if w is not None)
+            self._words = tuple(zip(self._at, [w for w in words if w is not None], strict=True))
         else:
             slots = _slots(types)
             if slots is not None:
@@ -451,7 +453,7 @@ class _Args:
             if n < self._head or (exact and n != self._head):
                 return None
             try:
-                return [read(body[i : i + _WORD_HEX]) for i, read in zip(self._at, words, strict=True)]
+                return [read(body[i : i + _WORD_HEX]) for i, read in words]
             except ValueError:
                 return None
         try:
@@ -517,7 +519,9 @@ class _Function:
 
     def decode(self, body: str) -> dict[str, Any] | None:
         values = self.args.decode(body, exact=False)
-        return None if values is None else dict(zip(self.names, values, strict=True))
+        # One value per parameter, as many as names. No strict= (True or False): a keyword
+        # argument takes zip's slow path (~1,300 instructions, more than reading a word).
+        return None if values is None else dict(zip(self.names, values))  # noqa: B905
 
 
 def _hash_topic(w: str) -> str:
@@ -546,9 +550,9 @@ class _Event:
     signature: str
     n_topics: int
     names: tuple[str, ...]
-    #: For each parameter in ABI order: (True, topic position, reader) for an
-    #: indexed one, (False, position among the data values, None) otherwise.
-    plan: tuple[tuple[bool, int, _WordReader | None], ...]
+    #: For each parameter in ABI order, its name (of ``names``) and (True, topic position,
+    #: reader) for an indexed one, (False, position among the data values, None) otherwise.
+    plan: tuple[tuple[str, bool, int, _WordReader | None], ...]
     data: _Args
     data_static: bool
 
@@ -558,7 +562,7 @@ class _Event:
             return None
         out: dict[str, Any] = {}
         try:
-            for name, (indexed, pos, reader) in zip(self.names, self.plan, strict=True):
+            for name, indexed, pos, reader in self.plan:
                 if indexed:
                     topic = topics[pos]
                     if len(topic) != 2 + _WORD_HEX:
@@ -587,22 +591,23 @@ def _compile_event(entry: Mapping[str, Any]) -> _Event:
         raise _AbiError("event without a name")
     params = entry.get("inputs") or []
     types = [_compile_type(p) for p in params]
-    plan: list[tuple[bool, int, _WordReader | None]] = []
+    names = _arg_names(params)
+    plan: list[tuple[str, bool, int, _WordReader | None]] = []
     data_types: list[_Type] = []
     n_indexed = 0
-    for p, t in zip(params, types, strict=True):
+    for arg, p, t in zip(names, params, types, strict=True):
         if p.get("indexed"):
             n_indexed += 1
-            plan.append((True, n_indexed, _topic_reader(t)))
+            plan.append((arg, True, n_indexed, _topic_reader(t)))
         else:
-            plan.append((False, len(data_types), None))
+            plan.append((arg, False, len(data_types), None))
             data_types.append(t)
     signature = f"{name}({','.join(t.canonical for t in types)})"
     return _Event(
         name,
         signature,
         1 + n_indexed,
-        _arg_names(params),
+        names,
         tuple(plan),
         _Args(data_types),
         all(t.word is not None for t in data_types),

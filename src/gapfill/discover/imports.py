@@ -61,6 +61,11 @@ def open_text(path: str, stdin: IO[bytes] | None = None) -> tuple[str, IO[str]]:
                          "is readable there") from None  # fmt: skip
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, raw))
     head = buffered.peek(8192)[:8192]
+    if not head:
+        # The end already: the peek's read consumed it, and at a terminal (Ctrl+D on an empty
+        # line) the reader's next read would wait for more typing, a second Ctrl+D.
+        raw.close()
+        return name, io.StringIO("")
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         # Excel's "Unicode Text" and Windows PowerShell's `>` write UTF-16 (its NULs are
         # not a binary file): the BOM says which byte order.

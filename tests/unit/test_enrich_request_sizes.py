@@ -127,6 +127,26 @@ async def test_the_metered_plan_asks_transactions_before_the_last_receipts(tmp_p
     assert first_tx < last_receipts, methods
 
 
+async def test_under_rps_a_part_is_one_request_and_its_transactions_go_before_the_next_receipts(
+    tmp_path: Any,
+) -> None:
+    # `--rps 20` caps a request at 20 calls (a second of the rate) while a part held
+    # --rpc-batch-size (100) refs: the receipts of the 2 parts asked ahead were 10 requests,
+    # and the next part's were queued before the first part's transactions. A Ctrl+C after
+    # 15 s had asked only receipts and kept nothing (QA). Here: rps 10, parts of 30 refs.
+    R, T = "eth_getTransactionReceipt", "eth_getTransactionByHash"
+    node = CountingNode(30)
+    endpoint = EndpointConfig("http://node.invalid/", rps=10)
+    client = RpcClient([endpoint], RpcSettings(budget_dir=str(tmp_path)), transport=node)
+    async with client:
+        got = await Enricher(client, 1, plan=PlanSettings(shape="per_tx", calls_metered=True),
+                             calls_per_request=30).enrich(node.refs())  # fmt: skip
+    assert len(got.txs) == 30
+    assert node.sizes(R, T) == [10] * 6
+    # Each part's transactions before the receipts of the parts after those asked ahead.
+    assert [r[0][0] for r in node.requests] == [R, R, T, R, T, T]
+
+
 async def test_a_full_block_the_metered_plan_asks_serves_the_later_requests_refs_too(tmp_path: Any) -> None:
     # Receipts without a timestamp: one full block per block gives transactions and
     # timestamp. Asked a request's refs at a time, a block whose refs straddle two requests

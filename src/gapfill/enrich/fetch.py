@@ -36,9 +36,11 @@ Plans, per ref:
      others, the block with full transactions, once per block, which gives
      transaction and timestamp in one call: at most 2 calls per transaction.
 
-  Both rounds go one request's refs at a time, a few requests of receipts ahead of
-  the transactions (:data:`RECEIPTS_AHEAD`), so that transactions complete steadily
-  through the batch: a stop (Ctrl+C, a node gone) keeps them.
+  Both rounds go one request's refs at a time (as many as the client puts in one
+  request: under ``--rps`` a second of the rate), a few requests of receipts ahead of
+  the transactions (:data:`RECEIPTS_AHEAD`), each request's transactions sent before
+  the next receipts, so that transactions complete steadily through the batch: a stop
+  (Ctrl+C, a node gone) keeps them.
 
 Block timestamps are cached per process, so a header is fetched at most once.
 Each ref ends enriched or as a :class:`~gapfill.model.Failure`: ``not_found``
@@ -144,11 +146,14 @@ def _failure(ref: Ref, err: CallError | str, *, reason: str | None = None) -> Fa
     return Failure(ref.chain_id, ref.tx_hash, ref.contract, reason or "rpc_error", err)
 
 
-async def _together(requests: Iterable[Awaitable[None]]) -> None:
+async def _together(requests: Iterable[Awaitable[None]], queued: Callable[[], None] | None = None) -> None:
     """Await a batch's requests sent at once. One that raises (or whose answers raise as
     they are settled) ends them all: the others must not run on, asking the node (and
-    spending a rate limit) for a batch already given back."""
+    spending a rate limit) for a batch already given back. ``queued()`` is called once they
+    are started: what the caller starts after it reaches the client after them."""
     asked = [asyncio.ensure_future(r) for r in requests]
+    if queued is not None:
+        queued()
     try:
         await asyncio.gather(*asked)
     except BaseException:
@@ -375,12 +380,16 @@ class Enricher:
         self.calls += len(calls)
         return await self.client.call_many(calls)
 
-    async def _many_each(self, jobs: Sequence[tuple[list[Call], Callable[[list[Any]], None]]]) -> None:
+    async def _many_each(
+        self,
+        jobs: Sequence[tuple[list[Call], Callable[[list[Any]], None]]],
+        queued: Callable[[], None] | None = None,
+    ) -> None:
         """Ask every job's calls, in requests of ``calls_per_request`` calls sent at once, and
         hand each job its answers as soon as the requests holding its calls are in (a job may
         straddle two: requests are filled to the size). Rows so become complete while the
         rest is still asked (and rate-limited): a batch stopped midway keeps them (see
-        :class:`Collector`)."""
+        :class:`Collector`). ``queued``: as :func:`_together`'s."""
         step = self.calls_per_request
         calls: list[Call] = []
         spans: list[tuple[int, int]] = []  # each job's calls: calls[start:end]
@@ -407,7 +416,7 @@ class Enricher:
                     start, end = spans[j]
                     jobs[j][1](answers[start:end])
 
-        await _together(ask(r) for r in range(len(holding)))
+        await _together((ask(r) for r in range(len(holding))), queued)
 
     def _remember(self, key: str, ts: int) -> None:
         """Cache ``ts`` as the timestamp of the block ``key`` (:func:`_hash_key`, or a row's
@@ -770,8 +779,13 @@ class Enricher:
         and a stop keeps them; asking every receipt of the batch first (as this plan did)
         kept none until the last receipt was in, at the rate limit seconds or minutes later.
         The calls are the same: a full block one part asks also settles the refs of that
-        block the later parts have (see :meth:`_rounds`)."""
-        step = self.calls_per_request
+        block the later parts have (see :meth:`_rounds`).
+
+        A part is what one request carries: ``--rpc-batch-size`` refs, or fewer where the
+        client cuts requests smaller (one second of an ``--rps``: 20 calls at 20 rps). Parts
+        of 100 refs at 20 rps were 5 requests each, and the 10 requests of receipts asked
+        ahead held every transaction back for 10 s."""
+        step = min(self.calls_per_request, self.client.request_cap())
         parts = [refs[i : i + step] for i in range(0, len(refs), step)]
         turns = [asyncio.Event() for _ in parts]
         fulls: dict[int, asyncio.Future[Any]] = {}
@@ -791,13 +805,13 @@ class Enricher:
         receipts_in: Callable[[], None],
     ) -> None:
         """Both rounds of the metered plan for ``refs``; ``receipts_in()`` once the first is
-        answered. ``fulls``: the full blocks the batch's parts asked (the answer, or the
-        :class:`CallError`, once in): a ref in one of them waits for it instead of asking
-        for its transaction, as if its part had asked the block with the earlier one."""
+        answered and the second's requests are started. ``fulls``: the full blocks the
+        batch's parts asked (the answer, or the :class:`CallError`, once in): a ref in one
+        of them waits for it instead of asking for its transaction, as if its part had asked
+        the block with the earlier one."""
         answers = await self._many(
             [Call("eth_getTransactionReceipt", [r.tx_hash], null_retry=True) for r in refs]
         )
-        receipts_in()
         with_ts: list[tuple[Ref, dict[str, Any], int]] = []
         without_ts: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
         riders: dict[int, list[tuple[Ref, dict[str, Any]]]] = defaultdict(list)
@@ -865,8 +879,11 @@ class Enricher:
         ]
         jobs += [(lookup(ref.tx_hash), partial(judged, ref, missing)) for ref, missing in unproven]
         # Each request's transactions are stored as soon as it is answered, not once every
-        # request of the round is: with a tight rate limit that is seconds apart.
-        await self._many_each(jobs)
+        # request of the round is: with a tight rate limit that is seconds apart. The next
+        # part's receipts are let go once these requests are started, so that the client
+        # (its slots and rate budget serve in arrival order) sends them after these: let go
+        # as the receipts came in, they went first.
+        await self._many_each(jobs, queued=receipts_in)
         for b, items in riders.items():
             with_block(b, items, await fulls[b])
 

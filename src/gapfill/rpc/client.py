@@ -285,6 +285,11 @@ class RpcClient:
                             counted(top - head, "block"), head)  # fmt: skip
         return low
 
+    def request_cap(self) -> int:
+        """The most calls one request carries now, on whichever usable endpoint it goes to:
+        the smallest cap (``max_batch``, one second of an ``rps``, or what refusals taught)."""
+        return min((e.cap() for e in self._endpoints if e.usable()), default=1)
+
     def queued(self, priority: int) -> bool:
         """Whether requests of :data:`~gapfill.rpc.slots.PRIORITY` ``priority`` wait for
         their turn behind those of a lower one (only once calls are metered: before, they

@@ -1177,7 +1177,7 @@ def unserved(skipped: Sequence[Contract], check: str,
     return out
 
 
-def _renderer(quiet: bool) -> Any:
+def _renderer(quiet: bool, go_on: str) -> Any:
     from gapfill.cli_progress import LineRenderer, LiveRenderer
 
     if quiet:
@@ -1186,23 +1186,27 @@ def _renderer(quiet: bool) -> Any:
         # Quiet is the summary, what the run waits for (a lock or a node silent for minutes
         # would otherwise look like a hang), and what the user must know of it: an endpoint
         # set aside, the metrics address (Notice.quiet_too).
-        lines = LineRenderer()
+        lines = LineRenderer(go_on=go_on)
         return lambda ev: lines(ev) if isinstance(ev, RunSummary) or (
             isinstance(ev, Notice) and (ev.waiting or ev.quiet_too)) else None
-    return LiveRenderer() if _is_tty() else LineRenderer()
+    return LiveRenderer() if _is_tty() else LineRenderer(go_on=go_on)
 
 
-def _run_job(job: Any, quiet: bool, left: Sequence[str] = (), deliver: bool = False) -> None:
+def _run_job(
+    job: Any, quiet: bool, left: Sequence[str] = (), deliver: bool = False, go_on: str | None = None
+) -> None:
     """Run ``job``; ``left`` are the sentences naming work it cannot do (contracts on a
     chain no endpoint serves), said after its summary: then it ends with exit 3.
     ``deliver``: a first Ctrl+C or SIGTERM held through the run's end is handled once that
     end is said (``gapfill demo`` stops there, before its next steps); else the command ends
-    with its run's exit code."""
-    from gapfill.cli_progress import LiveRenderer, summary_lines
+    with its run's exit code. ``go_on``: what a stopped run says to do (by default, run the
+    same command again: it continues where it stopped)."""
+    from gapfill.cli_progress import RERUN, LiveRenderer, summary_lines
     from gapfill.engine.events import RunStarted, RunSummary
     from gapfill.engine.run import run_enrich
 
-    render = _renderer(quiet)
+    go_on = go_on or RERUN
+    render = _renderer(quiet, go_on)
     live = isinstance(render, LiveRenderer)
     summaries: list[RunSummary] = []
     started = reader_left = False
@@ -1261,16 +1265,15 @@ def _run_job(job: Any, quiet: bool, left: Sequence[str] = (), deliver: bool = Fa
             if not summaries and not started:
                 raise  # the command says what a stop before the run leaves
             if not summaries:  # a second Ctrl+C cut the run's end short: the next run marks it
-                tell("interrupted: what the run committed is kept; rerun the same command to continue "
-                     "where it stopped")  # fmt: skip
+                tell(f"interrupted: what the run committed is kept; {go_on}")
                 raise SystemExit(130) from None
             # The summary says it was interrupted and how to go on: no second line for it.
             if live:
-                for line in summary_lines(summaries[-1]):
+                for line in summary_lines(summaries[-1], go_on):
                     click.echo(line)
             raise SystemExit(130) from None
         if live:
-            for line in summary_lines(summary):
+            for line in summary_lines(summary, go_on):
                 click.echo(line)
         for sentence in left:
             tell(sentence)

@@ -95,6 +95,10 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
     where = "the database" if explicit_db else DEMO_DB  # (a URL given may hold a password)
     ctx.kept = lambda: (f"the demo's node and chain are gone, and {where} holds what it wrote of "
                         "them so far; run `gapfill demo` again to start over")  # fmt: skip
+    # Not enrich's "rerun the same command to continue where it stopped": a rerun builds a
+    # new chain (and replaces gapfill-demo.db), and this one ends with its node.
+    go_on = (f"{where} holds what the run stored, but the demo's chain ends with its node: run "
+             "`gapfill demo` again to start over on a new chain")  # fmt: skip
     _say(f"1. Starting anvil (chain id {chain_id}) ...")
     try:
         node = Anvil(chain_id=chain_id)
@@ -137,7 +141,8 @@ def demo(click_ctx: click.Context, txs: int, layout: str, mode: str, workers: in
         }  # fmt: skip
         try:
             # A Ctrl+C held as the run ended stops the demo once the run's end is said.
-            _run_job(_job(ctx, chain_id, [token, silent], mode, opts), quiet=False, deliver=True)
+            _run_job(_job(ctx, chain_id, [token, silent], mode, opts), quiet=False, deliver=True,
+                     go_on=go_on)  # fmt: skip
         except SystemExit as exc:
             if exc.code not in (0, 3, None):
                 raise

@@ -36,7 +36,13 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
-def summary_lines(s: RunSummary) -> list[str]:
+#: What the summary of an interrupted run says to do, after "interrupted: ".
+RERUN = "rerun the same command to continue where it stopped"
+
+
+def summary_lines(s: RunSummary, go_on: str = RERUN) -> list[str]:
+    """The run's summary; ``go_on``: what an interrupted run's says to do (`gapfill demo`'s
+    chain goes with its node: a rerun starts over)."""
     see = " (see `gapfill failures`)"
     # ``failed`` is what this run recorded, ``permanent_failures`` what the database holds
     # for the run's contracts, whichever run recorded it: two lines, where "3 (8,006
@@ -73,7 +79,7 @@ def summary_lines(s: RunSummary) -> list[str]:
     if s.state == "interrupted" and s.nothing_left:
         lines.append("  interrupted: the batches in flight finished, and nothing is left to enrich")
     elif s.state == "interrupted":
-        lines.append("  interrupted: rerun the same command to continue where it stopped")
+        lines.append(f"  interrupted: {go_on}")
     return lines
 
 
@@ -110,9 +116,10 @@ def plan_said(ev: RunStarted) -> str:
 class LineRenderer:
     """The seed's log lines, with key ranges where the seed printed offsets."""
 
-    def __init__(self, out: TextIO | None = None, progress_every_s: float = 5.0) -> None:
+    def __init__(self, out: TextIO | None = None, progress_every_s: float = 5.0, go_on: str = RERUN) -> None:
         self.out = out
         self.every = progress_every_s
+        self.go_on = go_on  # see summary_lines
         self._last: float | None = None  # when a progress line was last said
         self._said_all: tuple[int, int] | None = None  # the "every batch done" line, said once
 
@@ -175,7 +182,7 @@ class LineRenderer:
             if ev.exitcode not in (0, None) and not ev.restarted and not ev.killed:
                 self.line(f"[Worker-{ev.worker + 1}] exited with code {ev.exitcode}")
         elif isinstance(ev, RunSummary):
-            for ln in summary_lines(ev):
+            for ln in summary_lines(ev, self.go_on):
                 self.line(ln)
 
 

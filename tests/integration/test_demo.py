@@ -147,3 +147,36 @@ def test_ctrl_c_as_the_demos_run_summary_is_said_stops_the_demo_after_it(
     assert r.output.count("  processed:") == 1 and "  calls:" in r.output, r.output  # said whole
     assert "7. After enrichment" not in r.output and "8. Stopping the node" in r.output, r.output
     assert "Traceback" not in r.output, r.output
+
+
+@pytest.mark.timeout(180)
+def test_a_demo_stopped_while_it_enriches_says_to_start_over_not_to_continue(
+    tmp_path: Path, anvil_bin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interrupted run's summary said enrich's "rerun the same command to continue where
+    it stopped", but a rerun replaces gapfill-demo.db and builds a new chain."""
+    from click.testing import CliRunner
+
+    from gapfill.cli import cli
+    from gapfill.cli_progress import LineRenderer
+
+    monkeypatch.setenv("GAPFILL_ANVIL", anvil_bin)
+    monkeypatch.chdir(tmp_path)
+    line = LineRenderer.line
+
+    def line_signalled(self: LineRenderer, text: str) -> None:
+        line(self, text)
+        if "Assigned batch" in text:
+            signal.raise_signal(signal.SIGINT)  # a Ctrl+C as the first batch is fetched
+
+    monkeypatch.setattr(LineRenderer, "line", line_signalled)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal
+    try:
+        r = CliRunner().invoke(cli, ["demo", "--txs", "500", "--rows", "0", "--mode", "batch"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert r.exit_code == 130, r.output
+    assert ("  interrupted: gapfill-demo.db holds what the run stored, but the demo's chain ends with "
+            "its node: run `gapfill demo` again to start over on a new chain\n") in r.stderr, r.stderr
+    assert "continue where it stopped" not in r.output, r.output
+    assert "8. Stopping the node" in r.stdout and "Traceback" not in r.output, r.output

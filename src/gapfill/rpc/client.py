@@ -444,6 +444,15 @@ class RpcClient:
             tell(f"waiting for the RPC node ({', '.join(e.shown for e in paused)}): paused by the "
                  f"provider's Retry-After for {e.paused_until - now:.0f} s more{by}")
             return
+        budgeted = [e for e in waiting if e.budget_until > now]
+        if budgeted:  # not sent yet: this host's --rps budget, spent ahead of it, holds the check
+            e = max(budgeted, key=lambda e: e.budget_until)
+            left = e.budget_until - now
+            tell(f"waiting for this host's rate budget, not for the RPC node "
+                 f"({', '.join(e.shown for e in budgeted)}): its {e.config.rps or 0:g} calls/s are "
+                 "shared by every gapfill process of this host, and another process (or an earlier "
+                 f"run) has spent them ahead of this one: the check goes in {left:.0f} s")  # fmt: skip
+            return
         shown = ", ".join(e.shown for e in waiting)
         tries = f"{s.attempts} tries" if s.attempts > 1 else "1 try"
         tell(f"waiting for the RPC node ({shown}): no answer to eth_chainId after "

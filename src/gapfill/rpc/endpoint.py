@@ -116,6 +116,9 @@ class Endpoint:
         #: Until when a ``Retry-After`` pause holds it back (with --rps, the shared bucket's
         #: as last seen: left by an earlier run or another process, or said to this one).
         self.paused_until = 0.0 if self.budget is None else time.monotonic() + self.budget.paused_for()
+        #: Until when the shared budget's debt holds back the requests that reserved their
+        #: tokens last (calls reserved ahead of them by this process or another of the host).
+        self.budget_until = 0.0
         # Endpoints without a configured rate learn one from their first 429.
         self.learned: LearnedBudget | None = None
         self._accepted = AcceptedCalls()
@@ -246,6 +249,7 @@ class Endpoint:
         wait = self.budget.reserve(calls)
         self.rate_factor = self.budget.last_factor
         if wait > 0:
+            self.budget_until = max(self.budget_until, time.monotonic() + wait)
             try:
                 with chosen():
                     await asyncio.sleep(wait)

@@ -667,6 +667,44 @@ def test_contract_add_warns_of_an_address_without_code_on_the_node(small_chain: 
     assert r.exit_code == 0 and "no contract code" not in r.stderr, r.output + r.stderr
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("parent_sigint", ["terminal", "background"])
+def test_ctrl_c_while_status_waits_for_the_node_says_nothing_was_written(
+    small_chain: Any, sqlite_url: str, tmp_path: Path, parent_sigint: str
+) -> None:
+    # It said a bare "interrupted": nothing of what was kept, nor what to do.
+    # background: the test run ignores SIGINT, as a CI started by a non-interactive shell's
+    # `cmd &` does. Started with a plain Popen, status inherited that, kept it ignored as
+    # gapfill does (`cmd &`), and waited for the node to its --rpc-timeout of 50 s: in a full
+    # CI run it did not end within 20 s of the SIGINT, and the process left behind failed
+    # the next test with ResourceWarnings. GapfillProc starts it as a terminal would.
+    import signal
+
+    from engine_support import GapfillProc, emulator, emulator_stats, rpc_hold, wait_for
+
+    assert run(sqlite_url, "contract", "add", C, "--chain-id", str(small_chain.chain.chain_id)).exit_code == 0
+    ours = signal.SIG_IGN if parent_sigint == "background" else signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        with emulator(small_chain.url) as (rpc, _):
+            rpc_hold(rpc)
+            p = GapfillProc(["--db", sqlite_url, "--rpc-url", rpc, "status", "--rpc-timeout", "50"], tmp_path,
+                            "status")  # fmt: skip
+            try:
+                signal.signal(signal.SIGINT, previous)  # (the child has it as it started)
+                wait_for("status to wait for the node", lambda: emulator_stats(rpc)["held"] >= 1, 30, proc=p)
+                os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl+C
+                rc = p.wait(20)  # kills it and fails with its output if it does not end
+            finally:
+                p.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = p.err_path.read_text()
+    assert rc == 130, p.output()
+    said = "interrupted: nothing was written (this command only reads); run it again"
+    assert err.strip().splitlines()[-1] == said, err
+
+
 def test_ctrl_c_before_discover_starts_its_scan_says_nothing_was_written(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,13 @@ from gapfill.model import Contract, ContractStatus, Ref
 from gapfill.redact import DbUrl, Secret, redact_text
 from gapfill.rpc.config import FLAG_CHECK, RpcSettings, calls_metered, checks, metered_rate, parse_rpc_urls
 from gapfill.settings import ENRICH_RPC_BATCH, EndpointSetting, FileConfig, load_config, resolve_endpoints
-from gapfill.signals import CommitUnknown, HeldSignals, HoldFromCommit
+from gapfill.signals import (
+    CommitUnknown,
+    HeldSignals,
+    HoldFromCommit,
+    keep_lost_interrupts,
+    run_interruptible,
+)
 from gapfill.store import DB_CHECK, DEFAULT_DB_URL, Store, open_store
 from gapfill.validate import parse_address
 from gapfill.wording import counted
@@ -201,6 +207,7 @@ class GapfillGroup(click.Group):
         # `timeout`, systemd and `docker stop` send SIGTERM: every command stops as on Ctrl+C
         # (enrich's modes install their own handlers on top of this one).
         old_term = _term_as_interrupt()
+        keep_lost_interrupts()  # a Ctrl+C a finalizer swallowed ends the next wait on a node
         # Read by the group's callback, once click has moved the subcommand's arguments away.
         ctx.meta["gapfill.help_asked"] = any(a in ("-h", "--help") for a in ctx.args)
         try:
@@ -1023,14 +1030,14 @@ def _node_head(ctx: Ctx, chains: set[int], rpc: RpcSettings) -> dict[int, int]:
     """
     if not (ctx.rpc_urls or ctx.file.endpoints) or not chains:
         return {}
-    import asyncio
-
-    from gapfill.engine.session import make_client
     from gapfill.quantity import QuantityError, quantity
 
     settings = dataclasses.replace(rpc, attempts=1, connect_timeout_s=min(3.0, rpc.read_timeout_s))
 
     async def go() -> dict[int, int]:
+        # Imported in the loop, where a Ctrl+C during the import is not lost (run_interruptible).
+        from gapfill.engine.session import make_client
+
         async with make_client(ctx.endpoints(), settings=settings) as client:
             chain = await client.probe()
             head = await client.call("eth_blockNumber", [])
@@ -1040,7 +1047,7 @@ def _node_head(ctx: Ctx, chains: set[int], rpc: RpcSettings) -> dict[int, int]:
                 raise RpcError(str(exc)) from None
 
     try:
-        return asyncio.run(go())
+        return run_interruptible(go)
     except GapfillError as exc:
         why = redact_text(str(exc), *ctx.secrets()).rstrip(".")
         tell(f"note: no head block from the RPC node, so coverage stops at the highest scanned "

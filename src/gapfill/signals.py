@@ -17,6 +17,8 @@ outcome was unknown there.
   commit, which no signal cuts, has returned by then, and its store says what it did).
 * :class:`HoldFromCommit`: where a command says what a commit stored, it holds the signals
   from that commit's start to the scope's end, and the command reports what it did.
+* :func:`run_interruptible`: ``asyncio.run`` for a command's wait on a node, which a first
+  Ctrl+C ends wherever it lands (:func:`keep_lost_interrupts` keeps one a finalizer swallowed).
 
 Neutral: the stores, the engine and the CLI use it, and it imports none of them.
 """
@@ -24,11 +26,14 @@ Neutral: the stores, the engine and the CLI use it, and it imports none of them.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class HeldSignals:
@@ -185,3 +190,87 @@ def committing() -> Iterator[None]:
     held.restore()
     if held.first is not None:
         signal.raise_signal(held.first)  # handled now that the commit is done
+
+
+#: Ctrl+Cs (or SIGTERMs raised as ``KeyboardInterrupt``) that a finalizer swallowed, not yet
+#: acted on (see :func:`keep_lost_interrupts`).
+_lost: list[KeyboardInterrupt] = []
+
+
+def keep_lost_interrupts() -> None:
+    """Keep the ``KeyboardInterrupt`` a first Ctrl+C raised where Python cannot pass it on,
+    in a finalizer (``__del__``, a weakref callback such as an import's module lock's, the
+    garbage collector's): Python printed it as "Exception ignored in ..." and the command
+    went on, into a wait on the node for all of ``--rpc-timeout``. The next
+    :func:`run_interruptible` acts on it, before it waits for anything. At each command's
+    start (the hook is installed once); other unraisable exceptions go to the hook there was."""
+    _lost.clear()  # one an earlier command lost (in-process: tests) is not this one's
+    previous = sys.unraisablehook
+    if getattr(previous, "keeps_lost_interrupts", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _lost.append(unraisable.exc_value)
+            return
+        previous(unraisable)
+
+    hook.keeps_lost_interrupts = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+class _Interrupts:
+    """A first Ctrl+C during :func:`run_interruptible`: counted, and the main task cancelled
+    (nothing is raised, so no finalizer can swallow it); a second raises at once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.task: Any = None  # the asyncio task to cancel, once there is one
+
+    def on_signal(self, signum: int, _: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+            task.get_loop().call_soon_threadsafe(lambda: None)  # wakes a select() with a long timeout
+
+
+def run_interruptible(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """``asyncio.run(main())`` that a first Ctrl+C ends with ``KeyboardInterrupt`` wherever it
+    lands, once the loop is torn down: before the loop runs (``main``'s module imports are
+    best made in it), while ``main`` waits, or as the loop closes. ``asyncio.run`` raises
+    in its handler only from its own, so a Ctrl+C in ``main``'s imports before it, or in
+    a finalizer there, was lost and the command waited on its node until the node's
+    timeout; one the command lost before (:func:`keep_lost_interrupts`) ends it here. Where
+    Ctrl+C is not Python's default (ignored, held) or outside the main thread, it is
+    ``asyncio.run`` as it is."""
+    import asyncio
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # fmt: skip
+        return asyncio.run(main())
+    got = _Interrupts()
+    previous = signal.signal(signal.SIGINT, got.on_signal)
+    try:
+        if _lost:
+            _lost.clear()
+            raise KeyboardInterrupt
+        result: Any = None
+        with asyncio.Runner() as runner:
+            loop = runner.get_loop()
+            if not got.count:
+                got.task = loop.create_task(main())
+                try:
+                    result = loop.run_until_complete(got.task)
+                except BaseException:
+                    if not got.count or got.count > 1:
+                        raise
+                    # Cancelled by the first Ctrl+C, or an error of its own meanwhile.
+        if got.count:  # whatever ``main`` did with its cancellation, the command stops
+            raise KeyboardInterrupt
+        return result  # type: ignore[no-any-return]
+    finally:
+        if signal.getsignal(signal.SIGINT) == got.on_signal:
+            signal.signal(signal.SIGINT, previous)

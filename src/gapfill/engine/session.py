@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -11,6 +10,7 @@ from gapfill.quantity import quantity
 from gapfill.records import record
 from gapfill.rpc import EndpointConfig, RpcClient, RpcSettings
 from gapfill.settings import EndpointSetting
+from gapfill.signals import run_interruptible
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def fetch_chain_id_and_code(
             chain_id = await client.probe(tell)
             return chain_id, await code_at(client, address)
 
-    return asyncio.run(go())
+    return run_interruptible(go)
 
 
 async def code_at(client: RpcClient, address: str) -> CodeAt | None:
@@ -127,4 +127,4 @@ def check_node(
                                chain_said=before_run) as client:  # fmt: skip
             return await client.probe(tell), client.left_out()
 
-    return asyncio.run(go())
+    return run_interruptible(go)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gapfill.engine import forkserver
@@ -1156,7 +1157,7 @@ class Coordinator:
         stop came and the loop saw the exit, would never be said, and the rerun would meet
         it unwarned."""
         kept = [*self.refused.items(), *self.lost_node.items()]
-        for index, refused in sorted(kept, key=lambda kept: kept[0]):
+        for index, refused in sorted(kept, key=itemgetter(0)):
             text = f"[Worker-{index + 1}] {refused}"
             if text not in self.said:
                 self.said.add(text)

@@ -170,8 +170,8 @@ def _bad_field(tx: Mapping[str, Any], receipt: Mapping[str, Any], tx_hash: str) 
     none is. The slow path of a failure: the hot one reads each field once, unnamed."""
     logs = receipt.get("logs")
     parts = [("transaction", tx), ("receipt of", receipt)]
-    parts += [("log in the receipt of", log) for log in logs if isinstance(log, Mapping)] if isinstance(
-        logs, list) else []  # fmt: skip
+    if isinstance(logs, list):
+        parts += [("log in the receipt of", log) for log in logs if isinstance(log, Mapping)]
     for what, part in parts:
         for key in _QUANTITIES[what]:
             v = part.get(key)

@@ -1313,9 +1313,11 @@ enrich_options = [
                       "a transaction and its receipt share a batch, so an odd size sends one call less)."),
     click.option("--batches-in-flight", type=int_range(1), default=4, show_default=True,
                  help="Batches each worker fetches at once (finished ones wait to be committed together)."),
-    click.option("--lease-timeout", "lease_timeout_s", type=FiniteFloatRange(min=0.1), default=300.0,
-                 show_default=True, help="Seconds without progress before a batch is taken back."),
-    # At most a day: more is a mistyped number (1e308 was taken), not a wait anyone means.
+    # These three at most a day: more is a mistyped number (1e308 was taken), not a wait anyone
+    # means; a lease is renewed while its batch progresses, so a day without progress is stuck.
+    click.option("--lease-timeout", "lease_timeout_s", type=FiniteFloatRange(min=0.1, max=86_400),
+                 default=300.0, show_default=True,
+                 help="Seconds without progress before a batch is taken back."),
     click.option("--grace-period", "grace_period_s", type=FiniteFloatRange(min=0, max=86_400), default=30.0,
                  show_default=True, help="Seconds workers get to finish after Ctrl+C or SIGTERM."),
     click.option("--plan", type=click.Choice(["auto", "per_tx", "per_block"]), default="auto",
@@ -1324,7 +1326,7 @@ enrich_options = [
                  help="Refs sharing a block (of all the run's contracts) from which it is fetched "
                       "whole, once [default: 2 when --rps is set; never without a rate limit]."),
     rpc_timeout_option,
-    click.option("--rpc-outage", "rpc_outage_s", type=FiniteFloatRange(min=1), default=120.0,
+    click.option("--rpc-outage", "rpc_outage_s", type=FiniteFloatRange(min=1, max=86_400), default=120.0,
                  show_default=True,
                  help="Stop (batches given back) when no RPC node has replied for this many seconds "
                       "of trying (waits for --rps or a Retry-After pause do not count), found by two "

@@ -125,13 +125,14 @@ def test_an_age_past_a_century_is_refused_in_one_sentence(value: str) -> None:
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("value", ["1e308", "inf", "nan", "86401"])
 @pytest.mark.parametrize("command", ["enrich", "worker"])
-def test_a_grace_period_past_a_day_or_not_finite_is_refused(value: str, command: str) -> None:
-    # 1e308 was taken ("workers have 1e+308s to finish"); the options are parsed before the
-    # command opens a database.
+@pytest.mark.parametrize("option", ["--grace-period", "--lease-timeout", "--rpc-outage"])
+def test_a_wait_past_a_day_or_not_finite_is_refused(value: str, command: str, option: str) -> None:
+    # 1e308 was taken ("workers have 1e+308s to finish"; a lease that never expires, an outage
+    # never declared); the options are parsed before the command opens a database.
     from gapfill.cli import cli
 
-    r = CliRunner().invoke(cli, [command, "--grace-period", value])
+    r = CliRunner().invoke(cli, [command, option, value])
     assert r.exit_code == 2, r.output
     last = r.output.splitlines()[-1]
-    assert last.startswith("Error: Invalid value for '--grace-period': "), r.output
-    assert last.endswith(("is not in the range 0<=x<=86400.", "is not a finite number.")), r.output
+    assert last.startswith(f"Error: Invalid value for '{option}': "), r.output
+    assert last.endswith(("<=x<=86400.", "is not a finite number.")), r.output

@@ -91,7 +91,9 @@ def test_bad_config_files_say_what_to_fix(tmp_path: Path, text: str, needle: str
      ("rpc_timeout_s", "inf", "inf is not a finite number"),
      ("rpc_outage_s", "true", "true is not a number"),
      ("grace_period_s", "-1", "-1.0 is not in the range 0<=x<=86400"),
-     ("grace_period_s", "1e308", "1e+308 is not in the range 0<=x<=86400")],
+     ("grace_period_s", "1e308", "1e+308 is not in the range 0<=x<=86400"),
+     ("lease_timeout_s", "1e308", "1e+308 is not in the range 0.1<=x<=86400"),
+     ("rpc_outage_s", "1e9", "1000000000.0 is not in the range 1<=x<=86400")],
 )  # fmt: skip
 def test_a_bad_value_in_the_enrich_table_says_to_fix_it_there(
     tmp_path: Path, key: str, value: str, problem: str

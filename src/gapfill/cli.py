@@ -152,6 +152,14 @@ class Ctx:
         if self.log_handler is not None:
             self.log_handler.secrets = self.secrets()
 
+    def take_store(self) -> Store | None:
+        """The open database, handed to the caller, who closes it (None: none is open, or
+        only read-only); the command holds it no longer."""
+        if self._store_read_only:
+            self.close()
+        store, self._store = self._store, None
+        return store
+
     def close(self) -> None:
         store, self._store = self._store, None  # closed once, even if cut short
         if store is not None:
@@ -1200,10 +1208,12 @@ def _renderer(quiet: bool, go_on: str) -> Any:
 
 
 def _run_job(
-    job: Any, quiet: bool, left: Sequence[str] = (), deliver: bool = False, go_on: str | None = None
+    job: Any, quiet: bool, left: Sequence[str] = (), deliver: bool = False, go_on: str | None = None,
+    store: Store | None = None,
 ) -> None:
     """Run ``job``; ``left`` are the sentences naming work it cannot do (contracts on a
     chain no endpoint serves), said after its summary: then it ends with exit 3.
+    ``store``: the command's open database, which the run takes over (see ``run_enrich``).
     ``deliver``: a first Ctrl+C or SIGTERM held through the run's end is handled once that
     end is said (``gapfill demo`` stops there, before its next steps); else the command ends
     with its run's exit code. ``go_on``: what a stopped run says to do (by default, run the
@@ -1250,7 +1260,7 @@ def _run_job(
     def run() -> RunSummary:
         nonlocal cut
         try:
-            return run_enrich(job, emit, end)
+            return run_enrich(job, emit, end, store)
         except KeyboardInterrupt:
             cut = end.held > 1
             raise
@@ -1515,8 +1525,12 @@ def _enrich(ctx: Ctx, contract: str | None, chain_id: int | None, mode: str, dry
         _, ctx.left_out = check_node(ctx.endpoints(), expected_chain_id=chain, tell=tell, settings=rpc)
         n = sum(ctx.store().clear_failures(c.chain_id, c.address) for c in targets)
         click.echo(f"{counted(n, 'failed ref')} put back into the gap", err=True)
-    ctx.close()  # workers open their own connections
-    _run_job(_job(ctx, chain, targets, mode, opts), opts["quiet"], left)
+    job = _job(ctx, chain, targets, mode, opts)
+    # An in-process run goes on with this connection (a second one's start came before the
+    # node's first call); a concurrent run's coordinator and workers open their own.
+    if mode == "concurrent":
+        ctx.close()
+    _run_job(job, opts["quiet"], left, store=ctx.take_store())
 
 
 def _say_if_nothing_to_enrich(ctx: Ctx, targets: list[Contract], retry_failed: bool,

@@ -287,7 +287,7 @@ def test_a_signal_as_the_unreached_contracts_are_named_leaves_the_exit_code_the_
     import gapfill.engine.run
     from gapfill.engine.events import RunSummary
 
-    def run_enrich(job: Any, emit: Any, end: Any = None) -> RunSummary:
+    def run_enrich(job: Any, emit: Any, end: Any = None, store: Any = None) -> RunSummary:
         summary = RunSummary(1, "batch", 1, 5, 0, 0, 1.0, 5.0, 10, 2.0, "done")
         emit(summary)
         return summary

@@ -500,13 +500,17 @@ def _app(job: EnrichJob) -> str:
     return "enrich" if job.plan_new else "worker"
 
 
-def _open(job: EnrichJob, emit: Emit) -> Store:
+def _open(job: EnrichJob, emit: Emit, store: Store | None = None) -> Store:
     """The run's database, saying through ``emit`` what it waits for (another process's lock),
     while this process is the run's only writer. A concurrent run's coordinator (once its
     workers started) and workers wait on each other's commits, which is no news: they do
-    not say it."""
-    return open_store(job.db_url, notice=lambda text: emit(Notice(text, waiting=True)), check=job.db_check,
-                      app=_app(job))
+    not say it. ``store``: the job's database, open already (see :func:`run_enrich`), which
+    the run takes over instead of opening it again."""
+    notice = lambda text: emit(Notice(text, waiting=True))  # noqa: E731
+    if store is not None:
+        store.notice = notice
+        return store
+    return open_store(job.db_url, notice=notice, check=job.db_check, app=_app(job))
 
 
 def _as_recorded(measured_s: float, recorded_s: float) -> float:
@@ -523,11 +527,12 @@ def _release_dead_local_owners(store: Store, emit: Emit) -> None:
 
 
 def run_in_process(
-    job: EnrichJob, emit: Emit, *, sequential: bool, end: HeldSignals | None = None
+    job: EnrichJob, emit: Emit, *, sequential: bool, end: HeldSignals | None = None,
+    store: Store | None = None,
 ) -> RunSummary:
-    """``end``: see :func:`run_enrich`."""
+    """``end`` and ``store`` (taken over, closed as the run ends): see :func:`run_enrich`."""
     mode = "sequential" if sequential else "batch"
-    store = _open(job, emit)
+    store = _open(job, emit, store)
     term = _Term()
     old_int = signal.getsignal(signal.SIGINT)
     old_term = _sigterm_as_sigint(term)
@@ -1693,37 +1698,55 @@ class Coordinator:
 # -- entry point ---------------------------------------------------------------------------
 
 
-def run_enrich(job: EnrichJob, emit: Emit, end: HeldSignals | None = None) -> RunSummary:
+def run_enrich(
+    job: EnrichJob, emit: Emit, end: HeldSignals | None = None, store: Store | None = None
+) -> RunSummary:
     """Run ``job`` in its mode (``auto`` picks one); emits events, returns the summary.
 
     The run's end (recorded, its database closed) holds a first Ctrl+C or SIGTERM in
     ``end``, with the caller's handlers as those :meth:`HeldSignals.restore` puts back; with
     ``end`` the caller's, the run leaves them held and the caller restores them once it has
     said the end, so that no signal lands in between (it ended a complete run with 130).
-    Without it, the run gives them back as it returns."""
-    mode = job.mode
-    if mode not in MODES:
-        raise GapfillError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    if job.metrics_port:  # a busy port is said before any run row or plan is written
-        from gapfill.engine.metrics import check_port
+    Without it, the run gives them back as it returns.
 
-        check_port(job.metrics_port)
-    if mode == "auto":
-        with _open(job, emit) as store:
+    ``store``: the job's database, open already (the command's own connection, with which
+    it found the work; not read-only), which the run takes over and closes: a batch or
+    sequential run (and auto mode's count) works on it rather than open a second session,
+    whose start (on PostgreSQL a new server process, its settings and the schema check)
+    came before the node's first call. A concurrent run closes it at once: its coordinator
+    and workers open their own."""
+    try:
+        mode = job.mode
+        if mode not in MODES:
+            raise GapfillError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        if job.metrics_port:  # a busy port is said before any run row or plan is written
+            from gapfill.engine.metrics import check_port
+
+            check_port(job.metrics_port)
+        if mode == "auto":
+            store = _open(job, emit, store)  # kept for an in-process run: one session, not two
             t0 = time.perf_counter()
             gap = gap_size(store, job.targets)
             open_plan = store.has_open_batches(job.targets)
-        mode, why = choose_mode(gap)
-        log.info("mode auto: a gap of %d ref(s) (counted in %.2f s)%s on %d core(s): %s (%s)", gap,
-                 time.perf_counter() - t0, ", an open plan" if open_plan else "", os.cpu_count() or 1, mode,
-                 why)  # fmt: skip
-        if open_plan and mode == "batch":
-            why += "; joining the open plan"
-        emit(Notice(f"mode auto: {mode} ({why})"))
-    if mode == "concurrent":
-        return Coordinator(replace(job, mode=mode), emit).run(end)
-    if job.workers and job.workers > 1:
-        said = job.workers_said or f"--workers {job.workers}"
-        # Said under -q too: the run does not do what the user asked of it.
-        emit(Notice(f"{said} applies to concurrent mode; {mode} mode runs one worker", quiet_too=True))
-    return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential", end=end)
+            mode, why = choose_mode(gap)
+            log.info("mode auto: a gap of %d ref(s) (counted in %.2f s)%s on %d core(s): %s (%s)", gap,
+                     time.perf_counter() - t0, ", an open plan" if open_plan else "", os.cpu_count() or 1,
+                     mode, why)  # fmt: skip
+            if open_plan and mode == "batch":
+                why += "; joining the open plan"
+            emit(Notice(f"mode auto: {mode} ({why})"))
+        if mode == "concurrent":
+            handed, store = store, None
+            if handed is not None:
+                handed.close()
+            return Coordinator(replace(job, mode=mode), emit).run(end)
+        if job.workers and job.workers > 1:
+            said = job.workers_said or f"--workers {job.workers}"
+            # Said under -q too: the run does not do what the user asked of it.
+            emit(Notice(f"{said} applies to concurrent mode; {mode} mode runs one worker", quiet_too=True))
+        store, handed = None, store  # run_in_process closes it from here on
+        return run_in_process(replace(job, mode=mode), emit, sequential=mode == "sequential", end=end,
+                              store=handed)  # fmt: skip
+    finally:
+        if store is not None:  # the run never took it (a busy metrics port, a failed count)
+            store.close()

@@ -326,7 +326,13 @@ def test_a_runs_job_carries_where_the_database_url_came_from(
     r = CliRunner().invoke(cli, ["--config", str(cfg), "import", "-", "--contract", A], input=ref)
     assert r.exit_code == 0, r.stderr
     jobs: list[Any] = []
-    monkeypatch.setattr(gapfill.cli, "_run_job", lambda job, *a: jobs.append(job))
+
+    def run_job(job: Any, *args: Any, store: Any = None, **kwargs: Any) -> None:
+        jobs.append(job)
+        if store is not None:  # the command's connection, handed to the run
+            store.close()
+
+    monkeypatch.setattr(gapfill.cli, "_run_job", run_job)
     r = CliRunner().invoke(cli, ["--config", str(cfg), "enrich"])  # `worker` builds its job alike
     assert r.exit_code == 0, r.stderr
     assert [job.db_check for job in jobs] == [f"the db key of {cfg}"]

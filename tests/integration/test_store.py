@@ -2879,6 +2879,34 @@ def test_a_database_of_schema_4_has_its_coverage_merged(db_url: str, monkeypatch
         assert _coverage(s, other) == [("blocks", 62, 69)]
 
 
+def _indexes(s: Store, table: str) -> set[str]:
+    sql = ("SELECT indexname FROM pg_indexes WHERE tablename = ?" if s.backend == "postgres"
+           else "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?")  # fmt: skip
+    with s._read() as cur:
+        cur.execute(s._sql(sql), (table,))
+        return {name for (name,) in cur.fetchall()}
+
+
+def test_a_database_of_schema_9_loses_the_transactions_block_index_and_keeps_its_rows(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # transactions_block served no query gapfill runs, and every written row paid an entry in
+    # it; PostgreSQL also took it for the gap's probe before `transactions` had statistics.
+    with store_at(db_url, monkeypatch, 9) as s:
+        assert "transactions_block" in _indexes(s, "transactions")
+        s.add_contract(Contract(1, C))
+        s.add_refs([Ref(1, C, h(1), 51, "import"), Ref(1, C, h(2), 52, "import")])
+        s.write(Enriched([tx_row(1, 51)], [log_row(1, 51)]))
+    monkeypatch.undo()
+    with open_store(db_url) as s:
+        assert s.schema_version() == s.latest_version() >= 10
+        indexes = _indexes(s, "transactions")
+        assert "transactions_block" not in indexes and "transactions_to" in indexes
+        assert [t["tx_hash"] for t in s.fetch_transactions(1)] == [h(1)]
+        assert [r.tx_hash for r in s.iter_gap(1, C)] == [h(2)]
+        s.write(Enriched([tx_row(2, 52)], []))
+        assert s.count_gap(1, C) == 0
+
 @pytest.mark.timeout(60)
 def test_two_discoveries_of_one_contract_record_coverage_one_after_the_other(
     pg_url: str, monkeypatch: pytest.MonkeyPatch

@@ -948,7 +948,8 @@ class PostgresStore(Store):
     def _fresh_stats(self) -> None:
         # A transactions table never analyzed (or analyzed empty) has no statistics: the
         # gap's probe of a ref's stored transaction (chain, hash) then looked as cheap by
-        # (chain, block) as by the primary key, and PostgreSQL took the smaller index and
+        # (chain, block) as by the primary key (by (chain, to) likewise, since that index is
+        # gone: migration 10), and PostgreSQL took the smaller index and
         # filtered every stored row of the chain by hash, per ref. After a new database's
         # start-up sample stored ~250 rows, planning 8,104 refs and the first leases took
         # 1.64 s of statement time instead of 0.86 s (autovacuum analyzes a minute later

@@ -211,20 +211,27 @@ class _Committing:
 
 
 def _tx_tuple(t: TxRow) -> tuple[Any, ...]:
-    """A row in TX_COLUMNS order, JSON columns as text (COPY turns ints into NUMERIC itself)."""
+    """A row in TX_COLUMNS order, JSON columns as text (COPY turns ints into NUMERIC itself).
+    :func:`_jsonb` is called only for a value: most JSON columns of a row are NULL, and a
+    call per column cost more than its test (as :func:`gapfill.store.sqlite._tx_tuple`)."""
+    access_list, blob_hashes, authorizations, method_args = (
+        t.access_list, t.blob_versioned_hashes, t.authorization_list, t.method_args)  # fmt: skip
     return (
         t.chain_id, t.tx_hash, t.block_number, t.block_hash, t.tx_index, t.block_timestamp,
         t.from_address, t.to_address, t.value, t.input, t.nonce, t.gas, t.gas_price,
         t.max_fee_per_gas, t.max_priority_fee_per_gas, t.tx_type, t.status, t.root, t.gas_used,
-        t.cumulative_gas_used, t.effective_gas_price, t.created_contract, _jsonb(t.access_list),
-        t.max_fee_per_blob_gas, _jsonb(t.blob_versioned_hashes), t.blob_gas_used, t.blob_gas_price,
-        _jsonb(t.authorization_list), t.method_id, t.method_name, _jsonb(t.method_args), t.log_count,
+        t.cumulative_gas_used, t.effective_gas_price, t.created_contract,
+        None if access_list is None else _jsonb(access_list), t.max_fee_per_blob_gas,
+        None if blob_hashes is None else _jsonb(blob_hashes), t.blob_gas_used, t.blob_gas_price,
+        None if authorizations is None else _jsonb(authorizations), t.method_id, t.method_name,
+        None if method_args is None else _jsonb(method_args), t.log_count,
     )  # fmt: skip
 
 
 def _log_tuple(g: LogRow) -> tuple[Any, ...]:
+    args = g.event_args
     return (g.chain_id, g.tx_hash, g.log_index, g.block_number, g.address, g.topic0, g.topic1,
-            g.topic2, g.topic3, g.data, g.event_name, _jsonb(g.event_args))  # fmt: skip
+            g.topic2, g.topic3, g.data, g.event_name, None if args is None else _jsonb(args))  # fmt: skip
 
 
 check_row_tuples(_tx_tuple, _log_tuple, big=(), json=JSON_COLUMNS)

@@ -145,6 +145,21 @@ def test_a_batch_mixing_new_and_stored_rows_stores_all_and_updates_the_old(store
     assert [(g["tx_hash"], g["log_index"]) for g in store.fetch_logs(1)] == [(h(1), 0), (h(2), 0)]
 
 
+def test_a_batch_of_many_rows_upserts_each_in_order_whatever_statement_it_falls_in(store: Store) -> None:
+    # SQLite inserts a batch's rows 20 a statement (ROWS_PER_INSERT), the rest one a
+    # statement: a key stored before, or twice in one statement, or in two, is updated as
+    # with a statement per row, and counted as new once.
+    store.write(Enriched([tx_row(i, 50 + i) for i in range(0, 45, 2)],
+                         [log_row(i, 50 + i) for i in range(0, 45, 2)]))  # fmt: skip
+    again = [tx_row(i, 50 + i, method_name="again") for i in range(45)]
+    txs = again[:10] + [again[3]] + again[10:] + [again[7]]  # 3 twice in one statement, 7 in two
+    assert store.write(Enriched(txs, [log_row(i, 50 + i) for i in range(45)])) == 22
+    stored = store.fetch_transactions(1)
+    assert [t["tx_hash"] for t in stored] == [h(i) for i in range(45)]
+    assert {t["method_name"] for t in stored} == {"again"}
+    assert [g["tx_hash"] for g in store.fetch_logs(1)] == [h(i) for i in range(45)]
+
+
 def test_a_write_after_one_rolled_back_mid_upsert_still_upserts(store: Store) -> None:
     # A commit group whose transaction failed after a staged upsert (a deadlock between two
     # workers writing a shared transaction) took PostgreSQL's temporary staging tables with

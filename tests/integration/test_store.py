@@ -152,7 +152,7 @@ def test_a_batch_of_many_rows_upserts_each_in_order_whatever_statement_it_falls_
     store.write(Enriched([tx_row(i, 50 + i) for i in range(0, 45, 2)],
                          [log_row(i, 50 + i) for i in range(0, 45, 2)]))  # fmt: skip
     again = [tx_row(i, 50 + i, method_name="again") for i in range(45)]
-    txs = again[:10] + [again[3]] + again[10:] + [again[7]]  # 3 twice in one statement, 7 in two
+    txs = [*again[:10], again[3], *again[10:], again[7]]  # 3 twice in one statement, 7 in two
     assert store.write(Enriched(txs, [log_row(i, 50 + i) for i in range(45)])) == 22
     stored = store.fetch_transactions(1)
     assert [t["tx_hash"] for t in stored] == [h(i) for i in range(45)]

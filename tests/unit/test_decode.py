@@ -240,6 +240,14 @@ def test_builtin_erc20_transfer_without_abi() -> None:
     ) == ("Transfer", {"from": ALICE, "to": BOB, "value": "5"})
 
 
+def test_upper_case_indexed_topics_decode_to_lower_case_args() -> None:
+    assert Decoder().decode_log(
+        CAROL,
+        [TRANSFER_TOPIC, word(ALICE).upper().replace("0X", "0x"), word(BOB).upper()],
+        data(["uint256"], [5]).upper(),
+    ) == ("Transfer", {"from": ALICE, "to": BOB, "value": "5"})
+
+
 def test_builtin_erc721_transfer_told_apart_by_topic_count() -> None:
     topics = [TRANSFER_TOPIC, word(ALICE), word(BOB), word(2**255)]
     assert Decoder().decode_log(CAROL, topics, "0x") == (

@@ -380,17 +380,18 @@ def _compile_type(param: Mapping[str, Any]) -> _Type:
     return t
 
 
-@record
-class _ArrayOf:
-    """A dynamic array of a static word type (``address[]``, ``uint256[]``) in the fast path."""
+#: How a top-level parameter of the fast paths is read (a slot's kind): a static word, read
+#: by its reader or, for the two commonest types, inline (a call costs more than the read);
+#: then the dynamic ones: ``bytes`` (hex), ``string`` (UTF-8 text), an array of static words.
+_WORD, _UINT256, _ADDRESS, _BYTES, _STRING, _ARRAY = range(6)
+#: A slot: the kind and the word reader (of the word itself, or of an array's items; None
+#: for ``bytes`` and ``string``).
+_Slot = tuple[int, _WordReader | None]
 
-    read: _WordReader
 
-
-#: How a top-level parameter of the mixed fast path is read: a static word reader,
-#: ``True``/``False`` for a dynamic ``string``/``bytes`` (UTF-8 text or hex), or an
-#: :class:`_ArrayOf` for a dynamic array of static words.
-_Slot = _WordReader | bool | _ArrayOf
+def _word_kind(t: _Type) -> int:
+    """The kind of a static word type (see :data:`_Slot`)."""
+    return {"uint256": _UINT256, "address": _ADDRESS}.get(t.canonical, _WORD)
 
 
 def _slots(types: Sequence[_Type]) -> tuple[_Slot, ...] | None:
@@ -398,11 +399,11 @@ def _slots(types: Sequence[_Type]) -> tuple[_Slot, ...] | None:
     out: list[_Slot] = []
     for t in types:
         if t.word is not None:
-            out.append(t.word)
+            out.append((_word_kind(t), t.word))
         elif t.canonical in ("bytes", "string"):
-            out.append(t.canonical == "string")
+            out.append((_STRING if t.canonical == "string" else _BYTES, None))
         elif t.array_of is not None:
-            out.append(_ArrayOf(t.array_of))
+            out.append((_ARRAY, t.array_of))
         else:
             return None
     return tuple(out)
@@ -418,25 +419,23 @@ class _Args:
     padding complete, every item valid); anything else through ``eth_abi``.
     """
 
-    __slots__ = ("_at", "_codecs", "_fmts", "_head", "_slots", "_tuple", "_words")
+    __slots__ = ("_codecs", "_fmts", "_head", "_slots", "_static", "_tuple")
 
     def __init__(self, types: Sequence[_Type]) -> None:
         self._head = _WORD_HEX * len(types)
-        self._at = tuple(range(0, self._head, _WORD_HEX))
-        words = [t.word for t in types]
-        #: Each word's place and reader when every type is a static word (zipped once here:
-        #: a ``zip(..., strict=True)`` per decode cost ~1,700 instructions, more than the words).
-        self._words: tuple[tuple[int, _WordReader], ...] | None = None
-        self._slots: tuple[tuple[int, _Slot], ...] | None = None
+        #: Each parameter's place, kind and reader (see :data:`_Slot`) for the fast paths
+        #: (zipped once here: a ``zip(..., strict=True)`` per decode cost ~1,700 instructions,
+        #: more than the words).
+        self._slots: tuple[tuple[int, int, _WordReader | None], ...] | None = None
         self._tuple: Any = None
         self._codecs = tuple(t.codec for t in types)
-        if all(w is not None for w in words):
-            self._words = tuple(zip(self._at, [w for w in words if w is not None], strict=True))
-        else:
-            slots = _slots(types)
-            if slots is not None:
-                self._slots = tuple(zip(self._at, slots, strict=True))
-            # The eth_abi decoder is built the first time a body needs it.
+        #: Every type is a static word: the body needs no check as hex (int() checks each word).
+        self._static = all(t.word is not None for t in types)
+        slots = _slots(types)
+        if slots is not None:
+            self._slots = tuple((at, kind, read) for at, (kind, read)
+                                in zip(range(0, self._head, _WORD_HEX), slots, strict=True))  # fmt: skip
+        # Otherwise the eth_abi decoder is built the first time a body needs it.
         self._fmts = tuple(t.fmt for t in types)
 
     def _eth_abi(self) -> Any:
@@ -448,20 +447,16 @@ class _Args:
     def decode(self, body: str, exact: bool) -> list[Any] | None:
         """The formatted values, or ``None`` when ``body`` (lowercase hex, no ``0x``) does not fit."""
         n = len(body)
-        words = self._words
-        if words is not None:
+        if self._static:
             if n < self._head or (exact and n != self._head):
                 return None
-            try:
-                return [read(body[i : i + _WORD_HEX]) for i, read in words]
-            except ValueError:
-                return None
+            return self._read(body, n, b"")
         try:
             raw = bytes.fromhex(body)
         except ValueError:
             return None
         if self._slots is not None and 2 * len(raw) == n:  # pure hex: no whitespace fromhex skipped
-            return self._decode_slots(body, n)
+            return self._read(body, n, raw)
         try:
             if self._tuple is None:
                 self._tuple = self._eth_abi()
@@ -470,38 +465,48 @@ class _Args:
         except Exception:  # eth_abi raises a zoo (DecodingError, OverflowError, ...) on bad data
             return None
 
-    def _decode_slots(self, body: str, n: int) -> list[Any] | None:
-        """The mixed fast path; ``body`` is valid hex of ``n`` characters."""
+    def _read(self, body: str, n: int, raw: bytes) -> list[Any] | None:
+        """The fast paths; ``body`` has ``n`` characters and, unless every type is a static
+        word, is valid hex and ``raw`` its bytes."""
         head = self._head
         if n < head:
             return None
         out: list[Any] = []
         try:
-            for at, slot in self._slots or ():
-                word = body[at : at + _WORD_HEX]
-                if isinstance(slot, (bool, _ArrayOf)):
-                    # A pointer (bytes from the block's start) past the head and inside the
-                    # data, to a length word, then the value and its zero padding.
-                    start = 2 * int(word, 16)
-                    if start < head or start >= n or start + _WORD_HEX > n:
+            for at, kind, read in self._slots or ():
+                if kind == _UINT256:  # 64 hex digits hold no more than 256 bits: no range check
+                    out.append(str(int(body[at : at + _WORD_HEX], 16)))
+                    continue
+                if kind == _ADDRESS:  # as _address_word reads it
+                    if not body.startswith(_ADDRESS_PAD, at):
                         return None
-                    size = int(body[start : start + _WORD_HEX], 16)
-                    start += _WORD_HEX
-                    if isinstance(slot, _ArrayOf):  # then ``size`` words, each a valid item
-                        end = start + _WORD_HEX * size
-                        if end > n:
-                            return None
-                        read = slot.read
-                        out.append([read(body[i : i + _WORD_HEX]) for i in range(start, end, _WORD_HEX)])
-                        continue
-                    end = start + 2 * size
-                    padded = start + 2 * (-(-size // 32) * 32)
-                    if padded > n or body[end:padded].strip("0"):
+                    out.append("0x" + body[at + 24 : at + _WORD_HEX])
+                    continue
+                if kind == _WORD:
+                    out.append(read(body[at : at + _WORD_HEX]))  # type: ignore[misc]
+                    continue
+                # A pointer (bytes from the block's start) past the head and inside the data,
+                # to a length word, then the value and its zero padding. (int() of the whole
+                # word: reading only its low digits after a check of the high ones costs more.)
+                start = 2 * int(body[at : at + _WORD_HEX], 16)
+                if start < head or start + _WORD_HEX > n:
+                    return None
+                size = int(body[start : start + _WORD_HEX], 16)
+                start += _WORD_HEX
+                if kind == _ARRAY:  # then ``size`` words, each a valid item
+                    end = start + _WORD_HEX * size
+                    if end > n:
                         return None
-                    value = body[start:end]
-                    out.append(bytes.fromhex(value).decode("utf-8", "replace") if slot else "0x" + value)
+                    out.append([read(body[i : i + _WORD_HEX]) for i in range(start, end, _WORD_HEX)])  # type: ignore[misc]
+                    continue
+                end = start + 2 * size
+                padded = start + 2 * (-(-size // 32) * 32)
+                if padded > n or body[end:padded].strip("0"):
+                    return None
+                if kind == _STRING:
+                    out.append(raw[start // 2 : end // 2].decode("utf-8", "replace"))
                 else:
-                    out.append(slot(word))
+                    out.append("0x" + body[start:end])
         except ValueError:
             return None
         return out
@@ -550,26 +555,34 @@ class _Event:
     signature: str
     n_topics: int
     names: tuple[str, ...]
-    #: For each parameter in ABI order, its name (of ``names``) and (True, topic position,
-    #: reader) for an indexed one, (False, position among the data values, None) otherwise.
-    plan: tuple[tuple[str, bool, int, _WordReader | None], ...]
+    #: For each parameter in ABI order, its name (of ``names``) and, for an indexed one, its
+    #: topic's kind (:data:`_ADDRESS` read inline, else :data:`_WORD`), position and reader;
+    #: otherwise (``None``, position among the data values, ``None``).
+    plan: tuple[tuple[str, int | None, int, _WordReader | None], ...]
     data: _Args
     data_static: bool
 
     def decode(self, topics: Sequence[str], data: str) -> dict[str, Any] | None:
+        """The arguments of a log with these ``topics`` and ``data`` (both lowercase, data
+        without ``0x``), or ``None`` when they do not fit."""
         values = self.data.decode(data, exact=self.data_static)
         if values is None:
             return None
         out: dict[str, Any] = {}
         try:
-            for name, indexed, pos, reader in self.plan:
-                if indexed:
-                    topic = topics[pos]
-                    if len(topic) != 2 + _WORD_HEX:
-                        return None
-                    out[name] = reader(topic[2:].lower())  # type: ignore[misc]
-                else:
+            for name, kind, pos, reader in self.plan:
+                if kind is None:
                     out[name] = values[pos]
+                    continue
+                topic = topics[pos]
+                if len(topic) != 2 + _WORD_HEX:
+                    return None
+                if kind == _ADDRESS:  # as _address_word reads topic[2:]
+                    if not topic.startswith(_ADDRESS_PAD, 2):
+                        return None
+                    out[name] = "0x" + topic[26:]
+                else:
+                    out[name] = reader(topic[2:])  # type: ignore[misc]
         except (ValueError, TypeError, AttributeError):
             return None
         return out
@@ -592,15 +605,16 @@ def _compile_event(entry: Mapping[str, Any]) -> _Event:
     params = entry.get("inputs") or []
     types = [_compile_type(p) for p in params]
     names = _arg_names(params)
-    plan: list[tuple[str, bool, int, _WordReader | None]] = []
+    plan: list[tuple[str, int | None, int, _WordReader | None]] = []
     data_types: list[_Type] = []
     n_indexed = 0
     for arg, p, t in zip(names, params, types, strict=True):
         if p.get("indexed"):
             n_indexed += 1
-            plan.append((arg, True, n_indexed, _topic_reader(t)))
+            kind = _ADDRESS if t.canonical == "address" else _WORD
+            plan.append((arg, kind, n_indexed, _topic_reader(t)))
         else:
-            plan.append((arg, False, len(data_types), None))
+            plan.append((arg, None, len(data_types), None))
             data_types.append(t)
     signature = f"{name}({','.join(t.canonical for t in types)})"
     return _Event(
@@ -755,16 +769,17 @@ class Decoder:
         if candidates is None:
             return mid, None, None
         body = input_hex[10:]
-        for f in candidates:
-            args = f.decode(body)
-            if args is not None:
-                return mid, f.name, args
+        for f in candidates:  # f.decode(body), inline: this runs for every transaction
+            values = f.args.decode(body, False)
+            if values is not None:
+                return mid, f.name, dict(zip(f.names, values))  # noqa: B905 - see _Function.decode
         return mid, None, None
 
     def decode_log_lower(
         self, address: str, topic0: str, topics: Sequence[str], data: str
     ) -> tuple[str | None, dict[str, Any] | None]:
-        """:meth:`decode_log` for an ``address``, ``topic0`` and ``data`` already lowercase."""
+        """:meth:`decode_log` for an ``address``, ``topic0``, ``topics`` and ``data`` already
+        lowercase (normalise lowers them once, for the row and the decoding both)."""
         try:
             n = len(topics)
             body: str | None = None
@@ -807,6 +822,7 @@ class Decoder:
                         continue
                     if body is None:
                         body = data[2:].lower() if data[:2] in ("0x", "0X") else data.lower()
+                        topics = [t.lower() for t in topics]
                     args = e.decode(topics, body)
                     if args is not None:
                         return e.name, args

@@ -891,6 +891,39 @@ def test_decoded_call_and_log() -> None:
     assert logs[0].event_args == {"from": SENDER, "to": recipient, "value": "1" + "0" * 30}
 
 
+def test_upper_case_indexed_topics_are_lowered_for_the_row_and_the_decoded_args() -> None:
+    # normalise lowers each topic once, for the row and the decoder both.
+    tx, receipt = pair("get-dynamic-fee")
+    recipient = "0x" + "ab" * 20
+    log = receipt["logs"][0]
+    log["topics"] = [
+        "0xDDF252AD1BE2C89B69C2B068FC378DAA952BA7F163C4A11628F55A4DF523B3EF",
+        "0x000000000000000000000000" + SENDER[2:].upper(),
+        "0x000000000000000000000000" + recipient[2:].upper(),
+    ]
+    log["data"] = "0x" + encode(["uint256"], [7]).hex()
+    _, logs = normalise_tx(CHAIN, tx, receipt, None, Decoder({EMITTER: token_abi()}))
+    assert (logs[0].topic1, logs[0].topic2) == ("0x" + "0" * 24 + SENDER[2:], "0x" + "0" * 24 + recipient[2:])
+    assert logs[0].event_args == {"from": SENDER, "to": recipient, "value": "7"}
+
+
+def test_of_two_faults_the_one_read_first_is_said() -> None:
+    # The common quantities are checked together; when that check fails, each is read again
+    # where it always was, so the error a user reads does not depend on the shortcut.
+    tx, receipt = with_field("tx", "value", "10")
+    receipt["blockNumber"] = "0X1B"
+    with pytest.raises(MalformedAnswer, match="'blockNumber' '0X1B'"):
+        normalise_tx(CHAIN, tx, receipt, None)
+    tx, receipt = with_field("tx", "value", "10")
+    receipt["logs"][0]["removed"] = True  # the logs are read before the value
+    with pytest.raises(NormaliseError, match="marked removed"):
+        normalise_tx(CHAIN, tx, receipt, None)
+    tx, receipt = with_field("tx", "gas", 0x5208)  # a number: read, as the rest
+    receipt["status"] = None  # pre-Byzantium
+    row, _ = normalise_tx(CHAIN, tx, receipt, None)
+    assert (row.gas, row.status, row.value) == (0x5208, None, int(tx["value"], 16))
+
+
 def test_fixture_loader_reads_requests_too() -> None:
     (exchange,) = load_io("eth_getTransactionByHash/get-legacy-tx")
     assert exchange.request["method"] == "eth_getTransactionByHash"

@@ -75,6 +75,10 @@ _GAS_PRICE_TYPES = frozenset({0, 1})
 _ACCESS_LIST_TYPES = frozenset({1, 2, 3, 4})
 _KNOWN_TYPES = frozenset({0, 1, 2, 3, 4})
 
+#: Builds a row (a named tuple) from the tuple of its fields, without the Python-level
+#: ``__new__`` a named tuple's constructor runs: that frame costs more than the tuple.
+_new_row = tuple.__new__
+
 
 class NormaliseError(ValueError):
     """A transaction or receipt is malformed, or the two do not belong together."""
@@ -114,6 +118,8 @@ def timestamp_from_receipt(receipt: Mapping[str, Any], tx: Any = None) -> int | 
                 break
     if ts is None and isinstance(tx, dict):
         ts = tx.get("blockTimestamp")
+    if type(ts) is int:  # as hex_int reads it (anvil's receipts say a number), without its raise
+        return ts
     try:
         return hex_int(ts)
     except (TypeError, ValueError):
@@ -253,18 +259,30 @@ def normalise_log(
             raise ValueError(v)
     except (TypeError, ValueError):
         log_index = _required_int(log, "logIndex", "log in the receipt of", tx_hash)
-    topic0 = topics[0].lower() if n else None
+    # Each topic is lowered once, for the row and the decoder both.
+    topic0 = topic1 = topic2 = topic3 = None
+    if n:
+        topic0 = topics[0].lower()
+        lowered: Sequence[str] = (topic0,)
+        if n > 1:
+            topic1 = topics[1].lower()
+            lowered = (topic0, topic1)
+            if n > 2:
+                topic2 = topics[2].lower()
+                lowered = (topic0, topic1, topic2)
+                if n > 3:
+                    topic3 = topics[3].lower()
+                    lowered = (topic0, topic1, topic2, topic3)
+    event_name = event_args = None
     if decoder is not None and topic0 is not None:
-        event_name, event_args = decoder.decode_log_lower(address, topic0, topics, data)
-    else:
-        event_name = event_args = None
-    return LogRow(
-        chain_id, tx_hash, log_index, block_number, address, topic0,
-        topics[1].lower() if n > 1 else None,
-        topics[2].lower() if n > 2 else None,
-        topics[3].lower() if n > 3 else None,
+        if n > 4:  # no EVM log has more (LOG0 to LOG4): the decoder lowers them all itself
+            event_name, event_args = decoder.decode_log(address, topics, data)
+        else:
+            event_name, event_args = decoder.decode_log_lower(address, topic0, lowered, data)
+    return _new_row(LogRow, (
+        chain_id, tx_hash, log_index, block_number, address, topic0, topic1, topic2, topic3,
         data, event_name, event_args,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def normalise_tx(
@@ -310,40 +328,61 @@ def _normalise_tx(
     decoder: Decoder | None,
 ) -> tuple[TxRow, list[LogRow]]:
     # The hottest function of a run: fields are read with one dict lookup and one int()
-    # each, and the check of hex_int on what int() read (isalnum, isascii and "x" in:
-    # less than a precompiled re.fullmatch costs); the helpers (_required, _required_int,
-    # hex_int) run only to raise the same errors, or to read the odd values (ints, "0x")
-    # that int(v, 16) refuses.
+    # each, and hex_int's rules (0x hex only: isalnum, isascii and one "x") are checked once
+    # on the common quantities together (``quick``), less than a check per field costs. When
+    # that check fails, each field is read again where it always was, by the helpers
+    # (_required, _required_int, hex_int), which raise the same errors or read the odd
+    # values (ints, "0x") that int(v, 16) refuses.
     g: Callable[[str], Any] = tx.get
     rg: Callable[[str], Any] = receipt.get
     v = g("hash")
     if v is None:
         _required(tx, "hash", "transaction")
     tx_hash: str = v.lower()
-    v = rg("transactionHash")
-    if v is None:
+    r = rg("transactionHash")
+    if r is None:
         _required(receipt, "transactionHash", "receipt")
-    r_hash: str = v.lower()
-    if r_hash != tx_hash:
-        raise NormaliseError(f"receipt of {r_hash} given for transaction {tx_hash}")
+    if r != v:  # the same string is the same hash: not lowered again
+        r_hash: str = r.lower()
+        if r_hash != tx_hash:
+            raise NormaliseError(f"receipt of {r_hash} given for transaction {tx_hash}")
 
     v = rg("blockHash")
     if v is None:
         _required(receipt, "blockHash", "receipt of", tx_hash)
     block_hash: str = v.lower()
-    v = block_hex = rg("blockNumber")
+    type_hex = g("type") or rg("type")
+    block_hex = rg("blockNumber")
+    index_hex = rg("transactionIndex")
+    value_hex = g("value")
+    nonce_hex = g("nonce")
+    gas_hex = g("gas")
+    gas_price_hex = g("gasPrice")
+    status_hex = rg("status")
+    gas_used_hex = rg("gasUsed")
+    cumulative_hex = rg("cumulativeGasUsed")
+    effective_hex = rg("effectiveGasPrice")
     try:
-        block_number = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
+        tx_type = int(type_hex, 16)
+        block_number = int(block_hex, 16)
+        tx_index = int(index_hex, 16)
+        value = int(value_hex, 16)
+        nonce = int(nonce_hex, 16)
+        gas = int(gas_hex, 16)
+        gas_price: int | None = int(gas_price_hex, 16)
+        status: int | None = int(status_hex, 16)
+        gas_used = int(gas_used_hex, 16)
+        cumulative_gas_used = int(cumulative_hex, 16)
+        effective_gas_price: int | None = int(effective_hex, 16)
+        # int() took each (none is None, nor a number); int() takes one "x" at most, as the
+        # prefix: eleven of them are a prefix each.
+        said: str = (type_hex + block_hex + index_hex + value_hex + nonce_hex + gas_hex + gas_price_hex
+                     + status_hex + gas_used_hex + cumulative_hex + effective_hex)  # fmt: skip
+        quick = said.isalnum() and said.isascii() and said.count("x") == 11
     except (TypeError, ValueError):
+        quick = False
+    if not quick:
         block_number = _required_int(receipt, "blockNumber", "receipt of", tx_hash)
-    v = rg("transactionIndex")
-    try:
-        tx_index = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
         tx_index = _required_int(receipt, "transactionIndex", "receipt of", tx_hash)
     tx_block = g("blockHash")
     if tx_block is not None and tx_block != block_hash and tx_block.lower() != block_hash:
@@ -351,24 +390,29 @@ def _normalise_tx(
             f"transaction {tx_hash} is in block {tx_block.lower()}, its receipt in {block_hash}"
         )
 
-    v = g("type") or rg("type")
-    try:
-        tx_type = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
-        tx_type = hex_int(v) or 0
+    if not quick:
+        tx_type = hex_int(type_hex) or 0
     to_address = g("to")
     if to_address is not None:
         to_address = to_address.lower()
     input_hex: str = (g("input") or g("data") or "0x").lower()
-    gas_price = hex_int(g("gasPrice"))
+    if not quick:
+        gas_price = hex_int(gas_price_hex)
 
     if tx_type in _GAS_PRICE_TYPES:
         max_fee = max_priority = None
     else:
-        max_fee = hex_int(g("maxFeePerGas"))
-        max_priority = hex_int(g("maxPriorityFeePerGas"))
+        v = g("maxFeePerGas")
+        w = g("maxPriorityFeePerGas")
+        try:  # as above, the two checked together
+            max_fee = int(v, 16)
+            max_priority = int(w, 16)
+            said = v + w
+            if not (said.isalnum() and said.isascii() and said.count("x") == 2):
+                raise ValueError(said)
+        except (TypeError, ValueError):
+            max_fee = hex_int(v)
+            max_priority = hex_int(w)
     known = tx_type in _KNOWN_TYPES
     access_list = None
     raw = g("accessList")
@@ -388,7 +432,8 @@ def _normalise_tx(
         raw = g("authorizationList")
         authorization_list = None if raw is None else _authorization_list(raw)
 
-    effective_gas_price = hex_int(rg("effectiveGasPrice"))
+    if not quick:
+        effective_gas_price = hex_int(effective_hex)
     if effective_gas_price is None and tx_type in _GAS_PRICE_TYPES:
         effective_gas_price = gas_price
 
@@ -405,51 +450,25 @@ def _normalise_tx(
     raw_logs = rg("logs")
     if raw_logs is None:
         _required(receipt, "logs", "receipt of", tx_hash)
-    logs = [normalise_log(chain_id, tx_hash, block_number, log, decoder, block_hex)
-            for log in raw_logs]
+    logs: list[LogRow] = []
+    if raw_logs != []:  # (most transactions have none, and a comprehension is a call)
+        logs = [normalise_log(chain_id, tx_hash, block_number, log, decoder, block_hex)
+                for log in raw_logs]
 
     v = g("from")
     if v is None:
         _required(tx, "from", "transaction", tx_hash)
     from_address: str = v.lower()
-    v = g("value")
-    try:
-        value = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
+    if not quick:
         value = _required_int(tx, "value", "transaction", tx_hash)
-    v = g("nonce")
-    try:
-        nonce = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
         nonce = _required_int(tx, "nonce", "transaction", tx_hash)
-    v = g("gas")
-    try:
-        gas = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
         gas = _required_int(tx, "gas", "transaction", tx_hash)
-    status = hex_int(rg("status"))
+        status = hex_int(status_hex)
     root = rg("root")
     if root is not None:
         root = root.lower()
-    v = rg("gasUsed")
-    try:
-        gas_used = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
+    if not quick:
         gas_used = _required_int(receipt, "gasUsed", "receipt of", tx_hash)
-    v = rg("cumulativeGasUsed")
-    try:
-        cumulative_gas_used = int(v, 16)
-        if not (v.isalnum() and v.isascii() and "x" in v):  # 0x hex only, as in hex_int
-            raise ValueError(v)
-    except (TypeError, ValueError):
         cumulative_gas_used = _required_int(receipt, "cumulativeGasUsed", "receipt of", tx_hash)
     created = None
     if to_address is None:
@@ -457,11 +476,11 @@ def _normalise_tx(
         if created is not None:
             created = created.lower()
 
-    row = TxRow(
+    row = _new_row(TxRow, (
         chain_id, tx_hash, block_number, block_hash, tx_index, block_timestamp, from_address,
         to_address, value, input_hex, nonce, gas, gas_price, max_fee, max_priority, tx_type,
         status, root, gas_used, cumulative_gas_used, effective_gas_price, created, access_list,
         max_fee_per_blob_gas, blob_hashes, blob_gas_used, blob_gas_price, authorization_list,
         mid, method_name, method_args, len(raw_logs),
-    )  # fmt: skip
+    ))  # fmt: skip
     return row, logs

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
 import random
 import time
@@ -70,6 +69,9 @@ ANSWERED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.Contex
 Via = tuple[int, int]
 
 
+_AVOID_NONE: frozenset[int] = frozenset()
+
+
 @dataclass(slots=True)
 class _Item:
     call: Call
@@ -80,7 +82,7 @@ class _Item:
     rate_limits: int = 0
     sent: bool = False
     #: Endpoints to avoid for this call; immutable, so the usual empty one is shared.
-    avoid: frozenset[int] = frozenset()
+    avoid: frozenset[int] = _AVOID_NONE
     #: Where its result came from (see :data:`Via`).
     via: Via | None = None
     #: Start-up checks try a node that answers HTTP 5xx more than ``RpcSettings.attempts``
@@ -189,7 +191,7 @@ class RpcClient:
         self._slots = PrioritySlots(
             settings.max_in_flight, prioritized=any(e.rps is not None for e in endpoints)
         )
-        self._ids = itertools.count(1)
+        self._next_id = 1  # the next JSON-RPC request id
         self._chain_id: int | None = None
         self._probe_lock = asyncio.Lock()
         self._rng = random.Random()
@@ -248,18 +250,23 @@ class RpcClient:
 
     async def call_many(self, calls: Sequence[Call]) -> list[Any | CallError]:
         """Results (or :class:`CallError`) in the order of ``calls``."""
-        return [out for out, _ in await self.call_many_via(calls)]
+        return (await self._call_items(calls))[0]
 
     async def call_many_via(self, calls: Sequence[Call]) -> list[tuple[Any | CallError, Via | None]]:
         """As :meth:`call_many`, each result with where it came from (:data:`Via`; None for
         a :class:`CallError`): calls sent side by side usually travel in one request, but a
         cap on the batch size, a retry or an endpoint without one of the methods parts them."""
+        results, items = await self._call_items(calls)
+        return [(out, None if isinstance(out, CallError) else item.via)
+                for out, item in zip(results, items, strict=True)]  # fmt: skip
+
+    async def _call_items(self, calls: Sequence[Call]) -> tuple[list[Any], list[_Item]]:
+        """The results of ``calls`` in their order, and their items (where each came from)."""
         items = [_Item(call) for call in calls]
         results: list[Any] = [_PENDING] * len(items)
         if items:
             await self._drive(list(range(len(items))), items, results, None)
-        return [(out, None if isinstance(out, CallError) else item.via)
-                for out, item in zip(results, items, strict=True)]  # fmt: skip
+        return results, items
 
     async def lowest_head(self) -> int:
         """The lowest ``eth_blockNumber`` of the usable endpoints (each asked once, at once):
@@ -596,10 +603,13 @@ class RpcClient:
         for endpoint in self._endpoints:
             restricted |= endpoint.unsupported
         groups: dict[tuple[frozenset[int], str | None], list[int]] = {}
-        for i in indices:
-            name = items[i].call.method
-            key = (items[i].avoid, name if name in restricted else None)
-            groups.setdefault(key, []).append(i)
+        if not restricted and not any(items[i].avoid for i in indices):
+            groups[(_AVOID_NONE, None)] = indices  # the usual case: a call_many's first send
+        else:
+            for i in indices:
+                name = items[i].call.method
+                key = (items[i].avoid, name if name in restricted else None)
+                groups.setdefault(key, []).append(i)
         async with asyncio.TaskGroup() as tasks:
             for (avoid, method), group in groups.items():
                 remaining = group
@@ -694,15 +704,15 @@ class RpcClient:
         pin: Endpoint | None,
     ) -> list[int]:
         """Send one batch; settle what can be settled; return the items to send again."""
-        by_id: dict[int, int] = {}
-        payload: list[dict[str, Any]] = []
-        for i in chunk:
-            request_id = next(self._ids)
-            by_id[request_id] = i
-            call = items[i].call
-            payload.append(
-                {"jsonrpc": "2.0", "id": request_id, "method": call.method, "params": call.params}
-            )
+        # The chunk's ids are consecutive: id first + k is the chunk's k-th call.
+        first = self._next_id
+        self._next_id = first + len(chunk)
+        by_id = dict(zip(range(first, self._next_id), chunk))  # noqa: B905 - same length
+        calls = [items[i].call for i in chunk]
+        payload: list[dict[str, Any]] = [
+            {"jsonrpc": "2.0", "id": request_id, "method": call.method, "params": call.params}
+            for request_id, call in zip(range(first, self._next_id), calls)  # noqa: B905
+        ]
         single = len(payload) == 1
         body = orjson.dumps(payload[0] if single else payload)
         reply: HttpReply | None = None
@@ -784,9 +794,11 @@ class RpcClient:
         answers: dict[int, dict[str, Any]] = {}
         duplicates = 0
         for entry in decoded:
-            if not isinstance(entry, dict):
+            if type(entry) is not dict:  # parsed JSON: a plain dict, or no answer
                 continue
-            answer_id = _as_id(entry.get("id"))
+            answer_id = entry.get("id")
+            if type(answer_id) is not int:  # the ids sent; a node may echo them as text
+                answer_id = _as_id(answer_id)
             if answer_id is None or answer_id not in by_id:
                 continue
             if answer_id in answers:
@@ -815,6 +827,7 @@ class RpcClient:
         too_large: list[int] = []
         unanswered: list[int] = []
         supported = endpoint.supported
+        via = (endpoint.index, sequence)  # one tuple for the reply's every result
         for request_id, i in by_id.items():
             entry = answers.get(request_id)
             item = items[i]
@@ -840,7 +853,7 @@ class RpcClient:
                         again.append(i)
                 else:
                     results[i] = result
-                    item.via = (endpoint.index, sequence)
+                    item.via = via
                 continue
             else:
                 verdict = Verdict(Fault.TRANSIENT, "malformed answer: neither result nor error")

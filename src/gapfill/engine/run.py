@@ -1049,6 +1049,11 @@ class Coordinator:
         # Its stop (the first Ctrl+C or SIGTERM) is written to it, and read by nobody.
         self.lifeline, self._lifeline_w = self.ctx.Pipe(duplex=False)
         self.slots: dict[int, _Slot] = {}
+        #: Held by the main thread while it adds a slot or moves a restarted worker's stats into
+        #: its base counters, and by :meth:`totals`: a --metrics-port scrape (its HTTP thread)
+        #: iterating the slots met "dictionary changed size during iteration" during the
+        #: spawning, and counted a restarted worker's calls twice (in its base and its stats).
+        self._counting = threading.Lock()
         self.stopping_at: float | None = None
         self.interrupts = 0
         #: How far the start went, for what a stop then leaves: the plan written (``planned``)
@@ -1103,6 +1108,11 @@ class Coordinator:
             writer.close()
         self.events.append(reader)
         return p
+
+    def _add_slot(self, index: int) -> None:
+        slot = _Slot(index, self._spawn(index), time.monotonic())
+        with self._counting:  # (not the spawn: a scrape never waits for a fork)
+            self.slots[index] = slot
 
     def _owner(self, slot: _Slot) -> str:
         return run_owner(self.host, slot.proc.pid, f"w{slot.index + 1}", self.job.run_id)
@@ -1184,14 +1194,15 @@ class Coordinator:
         calls, retries and 429s from the stats, which a killed worker's last second misses."""
         processed, failed = self.committed, self.committed_failed
         calls = retries = limited = 0
-        for s in self.slots.values():
-            calls += s.base_calls
-            retries += s.base_retries
-            limited += s.base_limited
-            if s.stats is not None:
-                calls += s.stats.calls
-                retries += s.stats.retries
-                limited += s.stats.rate_limited
+        with self._counting:
+            for s in self.slots.values():
+                calls += s.base_calls
+                retries += s.base_retries
+                limited += s.base_limited
+                if s.stats is not None:
+                    calls += s.stats.calls
+                    retries += s.stats.retries
+                    limited += s.stats.rate_limited
         if self.sample is not None:  # its rows are this run's too
             processed += self.sample.processed
             failed += self.sample.failed
@@ -1336,7 +1347,7 @@ class Coordinator:
                     for i in range(self.workers):
                         if self.stopping_at is not None:
                             break
-                        self.slots[i] = _Slot(i, self._spawn(i), time.monotonic())
+                        self._add_slot(i)
             last_progress = last_expiry = last_no_slot = 0.0
             db_down_since: float | None = None
             while True:
@@ -1568,10 +1579,11 @@ class Coordinator:
         self._drain()  # its last events first: they may end leases it held
         self.leases.worker_gone(s.index)
         if s.stats is not None and s.stats.pid == s.proc.pid:
-            s.base_calls += s.stats.calls
-            s.base_retries += s.stats.retries
-            s.base_limited += s.stats.rate_limited
-            s.stats = None
+            with self._counting:
+                s.base_calls += s.stats.calls
+                s.base_retries += s.stats.retries
+                s.base_limited += s.stats.rate_limited
+                s.stats = None
         start_failed = None
         if code == EXIT_START_FAILED:
             self._drain()  # its last event may have come in after the loop's drain

@@ -114,3 +114,20 @@ def test_a_scrape_during_a_restart_counts_the_workers_calls_once(coordinator: Co
     assert c.totals() == (0, 0, 7, 1, 0)
     assert c.slots[0].stats is None and c.slots[0].proc.pid == 200
 
+
+def test_a_restarted_slots_new_worker_is_not_taken_for_one_the_coordinator_stopped(
+    coordinator: Coordinator,
+) -> None:
+    # _stop_waiting sends SIGTERM to a worker still waiting for a connection slot, the plan
+    # having no open batch left; one still starting dies of it and is restarted, as is every
+    # slot when open batches come back once all have ended. The new worker kept the flag: a
+    # SIGTERM from outside the run then (it gives its batches back, exits 0) was never
+    # restarted, the run going on a worker short, and its death of a SIGTERM while starting
+    # read as the coordinator's own stop, not as a crash.
+    c = coordinator
+    s = c.slots[0] = _Slot(0, FakeProc(100, exitcode=-15), time.monotonic(), terminated=True)  # type: ignore[arg-type]
+    store = FakeStore()
+    c._restart(store, s)  # type: ignore[arg-type]
+    assert not s.terminated
+    s.proc.exitcode = 0  # type: ignore[attr-defined]  # stopped from outside, batches still open
+    assert c._ended_early(store, s)  # type: ignore[arg-type]

@@ -1006,6 +1006,7 @@ class _Slot:
     base_limited: int = 0
     #: Sent SIGTERM by the coordinator (the grace period's end, a lost node): a worker that
     #: dies of it had not set its handler yet (still starting), which is no crash to report.
+    #: The worker running now's: a restart clears it.
     terminated: bool = False
     #: Killed by the coordinator for holding a lease past its expiry (its RPC calls made
     #: no progress): said as such, not as a crash.
@@ -1621,6 +1622,7 @@ class Coordinator:
                          + (f", {n} batch(es) returned to the plan" if n else "")))  # fmt: skip
         s.proc = self._spawn(s.index)
         s.started = time.monotonic()
+        s.terminated = False  # the worker stopped was the old one: this one may end early, or crash
 
     def _check_node(self) -> bool:
         """The node's start-up check, from the coordinator (it raises what fails it); the

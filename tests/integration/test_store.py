@@ -32,7 +32,7 @@ from gapfill.model import (
     TxRow,
 )
 from gapfill.store import GivenBack, Leased, PlanInfo, RefsAdded, Store, open_store
-from gapfill.store.base import MAX_ATTEMPTS
+from gapfill.store.base import DEAD_RUN_NOTE, MAX_ATTEMPTS
 
 C = "0x" + "ab" * 20
 
@@ -694,6 +694,33 @@ def test_a_stops_give_back_is_no_failed_attempt_but_a_lease_of_its_own(store: St
     last = store.lease("w", 60.0)
     assert last is not None and (last.attempts, last.tries) == (5, MAX_ATTEMPTS)
     assert store.commit_batch(last, Enriched())
+
+
+@pytest.mark.parametrize("taken_back", ["expired", "leased", "released"])
+@pytest.mark.parametrize(("state", "note", "counted"), [
+    ("interrupted", None, False), ("interrupted", DEAD_RUN_NOTE, True), ("failed", "node gone", True)])
+def test_a_lease_a_stopped_runs_give_back_left_is_no_failed_attempt_when_taken_back(
+    store: Store, taken_back: str, state: str, note: str | None, counted: bool,
+) -> None:
+    # A stop's give-back that met the database down left the lease to expire: taken back
+    # by a coordinator, by another worker's lease or as a dead owner's, it counted as a
+    # failed attempt, and a few such stops took a healthy batch to its last attempt. A run
+    # found killed or crashed, or one that failed, is no stop: its leases still count.
+    store.add_refs([Ref(1, C, h(i), 10 + i) for i in range(5)])
+    run = store.create_run("concurrent", 1)
+    store.plan(run, [(1, C)], batch_size=5)
+    owner = f"host:1/run{run}/w1"
+    left = store.lease(owner, 0.1)
+    assert left is not None and left.tries == 1
+    store.finish_run(run, state, note=note)
+    time.sleep(0.2)
+    if taken_back == "expired":
+        assert [b.id for b in store.expire_leases()] == [left.id]
+    elif taken_back == "released":
+        assert store.release_owner(owner, "owner process is gone") == 1
+    again = store.lease("w", 60.0)
+    assert again is not None and again.id == left.id
+    assert (again.attempts, again.tries) == (2, 2 if counted else 1)
 
 
 def test_abandoned_batch_prefers_another_owner(store: Store) -> None:

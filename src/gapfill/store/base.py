@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from gapfill.errors import GapfillError, UnknownContractError
+from gapfill.importing import lazy_pattern
 from gapfill.model import (
     PERMANENT_REASONS,
     UNKNOWN_BLOCK_KEY,
@@ -432,6 +433,14 @@ def owner_name(worker: str = "", run_id: int | None = None) -> str:
     run's evidence of being alive, which dates the end of a run killed outright
     (:meth:`Store._mark_dead_runs`)."""
     return run_owner(liveness.owner_host(), os.getpid(), worker, run_id)
+
+
+#: The run a lease owner (:func:`owner_name`) works for, if it names one.
+_OWNER_RUN = lazy_pattern(r"/run(\d+)(?:/|$)")
+
+#: The note of a run whose process was found gone (:meth:`Store._mark_dead_runs`): killed
+#: or crashed, not stopped.
+DEAD_RUN_NOTE = "its process ended without finishing the run"
 
 
 def run_owner(host: str, pid: int | None, worker: str = "", run_id: int | None = None) -> str:
@@ -1499,7 +1508,7 @@ class Store(abc.ABC):
         """When run ``run_id`` of ``host``, whose process is gone, ended (None: not known), and
         the note that says so: what :meth:`_mark_dead_runs` records, and :meth:`list_runs`
         shows until then. ``counted``: the run's row counts rows it wrote."""
-        note = "its process ended without finishing the run"
+        note = DEAD_RUN_NOTE
         finished = self._last_seen(cur, host, run_id)
         if finished is not None:
             return min(max(finished, started), now), note
@@ -1959,6 +1968,8 @@ class Store(abc.ABC):
                 b = self._batch(row)
                 if b.state == "leased" and b.lease_owner is not None:
                     self._event(cur, b.id, b.lease_owner, b.attempts, "expired", now)
+                    if self._stopped_owner(cur, b.lease_owner):  # see _stopped_owner
+                        b = replace(b, stops=b.stops + 1)
                 # (A batch it could not close, none should be, is leased as before.)
                 if self._range_in_gap(cur, b) or not self._mark_emptied(cur, b, owner, now):
                     break
@@ -1967,9 +1978,9 @@ class Store(abc.ABC):
             cur.execute(
                 self._sql(
                     "UPDATE batches SET state = 'leased', attempts = ?, lease_owner = ?, "
-                    "lease_expires_at = ? WHERE batch_id = ?"
+                    "lease_expires_at = ?, stops = ? WHERE batch_id = ?"
                 ),
-                (attempt, owner, now + lease_timeout_s, b.id),
+                (attempt, owner, now + lease_timeout_s, b.stops, b.id),
             )
             self._event(cur, b.id, owner, attempt, "leased", now)
             return Leased(Batch(b.id, b.run_id, b.chain_id, b.contract, b.lo, b.hi, b.size, "leased",
@@ -2204,8 +2215,24 @@ class Store(abc.ABC):
                 (owner,),
             )
             held = [(int(b), int(a)) for b, a in cur.fetchall() if int(b) not in keep]
+            stop = stop or (bool(held) and self._stopped_owner(cur, owner))
             # Another coordinator may have expired one meanwhile: _give_back re-checks each.
             return sum(self._give_back(cur, b, owner, a, error, "abandoned", now, stop=stop) for b, a in held)
+
+    def _stopped_owner(self, cur: Any, owner: str) -> bool:
+        """Whether ``owner`` works for a run that recorded itself stopped (``interrupted``:
+        a Ctrl+C, SIGTERM, the grace period's end; not one found killed or crashed,
+        :data:`DEAD_RUN_NOTE`). Its worker gave its leases back as it stopped, no failed
+        attempt, unless that give-back met the database down (a dropped connection): a lease
+        it left is no failed attempt either when it expires or a later run releases it, else
+        a few such stops took a healthy batch to its last attempt, split and isolated."""
+        m = _OWNER_RUN.search(owner)
+        if m is None:
+            return False
+        cur.execute(self._sql("SELECT 1 FROM runs WHERE run_id = ? AND state = 'interrupted' "
+                              "AND (note IS NULL OR note NOT LIKE ?)"),
+                    (int(m[1]), DEAD_RUN_NOTE + "%"))  # fmt: skip
+        return cur.fetchone() is not None
 
     def release_dead_local_owners(self) -> dict[int, int]:
         """Give back the leases of this host's processes that are known to be gone (killed,
@@ -2288,8 +2315,9 @@ class Store(abc.ABC):
             for b in rows:
                 if owner_prefix is not None and not (b.lease_owner or "").startswith(owner_prefix):
                     continue
-                if self._give_back(cur, b.id, b.lease_owner or "", b.attempts, "lease expired", "expired",
-                                   now, only_if_expired=True):  # fmt: skip
+                owner = b.lease_owner or ""
+                if self._give_back(cur, b.id, owner, b.attempts, "lease expired", "expired", now,
+                                   only_if_expired=True, stop=self._stopped_owner(cur, owner)):  # fmt: skip
                     out.append(b)
             return out
 

@@ -852,6 +852,28 @@ def test_a_worker_whose_commits_keep_meeting_a_lock_timeout_stops_saying_to_rais
     assert store.committed == [] and "leased" not in store.state.values()  # all given back
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("seldom", [False, True])
+def test_a_worker_whose_commits_the_database_drops_every_time_stops_with_one_sentence(seldom: bool) -> None:
+    # A connection dropped at every commit (a pooler's or a proxy's limit, say) reopens each
+    # time, so no other call gives up: its batches were given back and fetched again, their
+    # pauses doubling, without end. Seldom: commits further apart than db_outage_s.
+    store = FakeStore(batches=200)
+    w = worker(store, FakeEnricher(delay_s=0.05 if seldom else 0.02), db_outage_s=0.02 if seldom else 0.3,
+               batches_in_flight=1, retry_pause_s=0.0)  # fmt: skip
+    store.refusal = StoreDropped("lost the connection to PostgreSQL at db:5432 (server closed the connection "
+                                 "unexpectedly)", "check that the server runs, then run the command again")
+    store.fail = lambda name, args: name == "commit_batches"
+    with pytest.raises(StoreRefused) as stopped:
+        asyncio.run(w.run())
+    assert str(stopped.value) == (
+        "lost the connection to PostgreSQL at db:5432 (server closed the connection unexpectedly), and "
+        "again at every commit since, none passing: nothing of them was written; find why the server (or "
+        "a pooler or proxy in between) ends the connection, then run the command again")  # fmt: skip
+    assert store.committed == [] and "leased" not in store.state.values()  # all given back
+    assert len(store.state) < 100
+
+
 def test_two_lock_timeouts_far_apart_are_no_run_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
     # A worker that commits seldom (a low --rps, big batches) met a second lock_timeout
     # minutes after the first, no commit between them, and ended the run at once.

@@ -107,6 +107,15 @@ def cancel_once(task: asyncio.Task[Any]) -> None:
         task.cancel()
 
 
+def _given_up(exc: StoreBusy | StoreDropped) -> StoreRefused:
+    """What a worker whose commits keep failing with ``exc`` stops with (:meth:`Worker._still_busy`)."""
+    if isinstance(exc, StoreDropped):  # its fix says to check that the server runs: it does
+        return StoreRefused(f"{exc.what}, and again at every commit since, none passing",
+                            "nothing of them was written; find why the server (or a pooler or proxy in "
+                            "between) ends the connection, then run the command again")  # fmt: skip
+    return StoreRefused(exc.what, exc.fix)
+
+
 def _and_riders(rode: int) -> str:
     """`` and 12 riders'``: the rows a batch wrote of its riders, beside its own, if any."""
     return f" and {rode} riders'" if rode else ""
@@ -938,7 +947,8 @@ class Worker:
             # commit spent one per drop, and after two drops stored its transient failures at
             # once (a commit the database keeps refusing is not split off by the last attempt,
             # which isolates refs the node fails). Its pause still doubles per lease: a commit
-            # dropped every time (a pooler's size limit, say) backs off as it did.
+            # dropped every time (a pooler's size limit, say) backs off as it did, and ends
+            # the worker as commits that keep meeting a lock_timeout do (_still_busy).
             failed_attempt = not isinstance(exc, StoreDropped)
             done_before = batch.tries if failed_attempt else batch.attempts
             pause = self.settings.retry_pause_s * 2 ** max(0, done_before - 1)
@@ -953,7 +963,7 @@ class Worker:
             self._giving_back.add(give_back)
             give_back.add_done_callback(self._giving_back.discard)
             await asyncio.shield(give_back)
-            refusal = self._still_busy(exc) if isinstance(exc, StoreBusy) else exc
+            refusal = self._still_busy(exc) if isinstance(exc, StoreBusy | StoreDropped) else exc
             if isinstance(refusal, StoreRefused) and self._stop_for is not None:
                 # Its commit was refused for a reason no wait lets pass (a full disk, a grant
                 # revoked on one table, a lock_timeout met for the whole outage window): the
@@ -969,12 +979,14 @@ class Worker:
             else:
                 self._let_go(batch.id)
 
-    def _still_busy(self, exc: StoreBusy) -> StoreRefused | None:
+    def _still_busy(self, exc: StoreBusy | StoreDropped) -> StoreRefused | None:
         """A commit failed for a reason that may pass (a lock_timeout or statement_timeout
-        met waiting for another worker's commit, the server out of memory): its batch is
-        given back and retried. Only once this worker's commits have met such failures for
-        ``db_outage_s``, or in ``db_busy_spells`` spells, with none passing, the refusal to
-        stop with, saying what to change."""
+        met waiting for another worker's commit, the server out of memory, a connection
+        dropped by a restart): its batch is given back and retried. Only once this worker's
+        commits have met such failures for ``db_outage_s``, or in ``db_busy_spells`` spells,
+        with none passing, the refusal to stop with, saying what to change. (A connection
+        dropped at every commit, by a pooler's or a proxy's limit say, was retried without
+        end: the connection reopens each time, so no other call of the worker gave up.)"""
         now = time.monotonic()
         last, self._busy_last = self._busy_last, now
         if self._busy_since is None or (last is not None and now - last > self.settings.db_outage_s):
@@ -984,9 +996,9 @@ class Worker:
             self._busy_since = now
             self._busy_spells += 1
             if self._busy_spells >= self.settings.db_busy_spells:
-                return StoreRefused(exc.what, exc.fix)
+                return _given_up(exc)
         elif now - self._busy_since > self.settings.db_outage_s:
-            return StoreRefused(exc.what, exc.fix)
+            return _given_up(exc)
         return None
 
     def _let_go(self, batch_id: int) -> None:

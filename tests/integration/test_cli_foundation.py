@@ -568,7 +568,7 @@ def test_the_config_files_enrich_table_gives_the_defaults(tracked: str, tmp_path
     ("setting", "said"),
     [("workers = 0", "workers: 0 is not in the range 1<=x<=64"),
      ('mode = "turbo"', "mode: 'turbo' is not one of 'auto', 'sequential', 'batch', 'concurrent'"),
-     ("lease_timeout_s = -3", "lease_timeout_s: -3.0 is not in the range x>=0.1"),
+     ("lease_timeout_s = -3", "lease_timeout_s: -3.0 is not in the range 0.1<=x<=86400"),
      ("metrics_port = 99999", "metrics_port: 99999 is not in the range 0<=x<=65535"),
      ('plan_shape = "bogus"', "plan_shape: 'bogus' is not one of 'auto', 'per_tx', 'per_block'"),
      ('plan = "bogus"', "plan: 'bogus' is not one of 'auto', 'per_tx', 'per_block'"),

@@ -1086,11 +1086,11 @@ def test_the_start_up_samples_passing_failures_are_not_the_runs(
     seeded = seed(pg_url, node_chain.chain)
     with emulator(node_chain.url, "--p-5xx", "0.5", "--seed", "2") as (rpc, _):
         rc, out = gapfill(enrich_args(pg_url, rpc), tmp_path, "enrich", 120)
-    # Up to SAMPLE_MAX_REFS, within its 2 s budget: retries may leave it fewer (or too few to say).
-    from gapfill.engine.run import SAMPLE_MAX_REFS
+    # Up to SAMPLE_REFS, within its 2 s budget: retries may leave it fewer (or too few to say).
+    from gapfill.engine.run import SAMPLE_REFS
 
     sampled = sampled_refs(out)
-    assert sampled is None or 5 <= sampled <= SAMPLE_MAX_REFS, out[-3000:]
+    assert sampled is None or 5 <= sampled <= SAMPLE_REFS, out[-3000:]
     summary = re.findall(r"failed: +(\d+)", out)
     assert len(summary) == 1, out[-3000:]
     failed = int(summary[0])

@@ -1,4 +1,4 @@
-"""The start-up sample of a concurrent run takes a hundredth of the gap (20 to 250 refs)."""
+"""The start-up sample of a concurrent run takes the gap's first 20 refs, whatever its size."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gapfill.engine.run import SAMPLE_MAX_REFS, SAMPLE_REFS, SAMPLE_SHARE, sample_size
+from gapfill.engine.run import SAMPLE_REFS, sample_refs
 from gapfill.model import Contract, Ref
 from gapfill.store import open_store
 
@@ -17,24 +17,28 @@ B = "0x" + "cd" * 20
 @pytest.mark.parametrize(
     ("gaps", "expected"),
     [
-        ((5,), SAMPLE_REFS),  # a gap under 20 refs: the sample takes what there is
-        ((1_415,), SAMPLE_REFS),  # the sparse bench gap: a quarter (250 refs) made 0.8 s 2.3 s
-        ((8_000,), 80),
-        ((20_000, 20_000), SAMPLE_MAX_REFS),  # counted over the targets, and only that far
-        ((30_000,), SAMPLE_MAX_REFS),
+        ((5,), [(A, 5)]),  # a gap under 20 refs: the sample takes what there is
+        ((30_000,), [(A, SAMPLE_REFS)]),  # a hundredth of it was 250 refs, 0.3-0.4 s of the start
+        ((12, 30_000), [(A, 12), (B, SAMPLE_REFS - 12)]),  # over the targets, in their order
+        ((0, 7), [(B, 7)]),
     ],
 )
-def test_the_sample_takes_a_hundredth_of_the_gap(
-    tmp_path: Path, gaps: tuple[int, ...], expected: int
+def test_the_sample_takes_the_gaps_first_20_refs(
+    tmp_path: Path, gaps: tuple[int, ...], expected: list[tuple[str, int]]
 ) -> None:
-    # A quarter of the gap, one call at a time, was a large part of a short concurrent run:
-    # a run s times faster than sequential is longer by about (s - 1) / SAMPLE_SHARE.
-    assert SAMPLE_SHARE == 100
+    # The workers start after the sample, one call at a time: a hundredth of a 32,000-ref gap
+    # (and the count of the gap that sized it) took 0.4-0.5 s of a concurrent run's start.
+    assert SAMPLE_REFS == 20
     with open_store(f"sqlite:///{tmp_path / 'g.db'}") as store:
         targets = []
         for contract, n in zip((A, B), gaps, strict=False):
             store.add_contract(Contract(1, contract))
             store.add_refs([Ref(1, contract, "0x" + f"{i:064x}", 100 + i // 50) for i in range(n)])
             targets.append((1, contract))
-        assert store.count_gap(1, A, upto=1_000) == min(gaps[0], 1_000)
-        assert sample_size(store, targets) == expected
+        got = sample_refs(store, targets)
+        taken = [(c, sum(1 for r in got if r.contract == c)) for c in (A, B)]
+        assert [t for t in taken if t[1]] == expected
+        # the first of each contract's gap, in the gap's key order
+        for contract, n in expected:
+            mine = [r.tx_hash for r in got if r.contract == contract]
+            assert mine == ["0x" + f"{i:064x}" for i in range(n)]

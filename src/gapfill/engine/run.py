@@ -334,54 +334,37 @@ class _Sample:
     job: EnrichJob  # the run's job, without the endpoints the sample's probe left out
 
 
-#: The start-up sample of a concurrent run measures for at least ``SAMPLE_S`` and
-#: ``SAMPLE_REFS`` refs (20 refs of a local node took ~0.1 s, at the mercy of a few slices
-#: of the scheduler; see docs/architecture.md for what it measured), at most
-#: ``SAMPLE_MAX_REFS`` and a ``SAMPLE_SHARE``-th of the gap (``SAMPLE_REFS`` of a gap under
-#: 2,000 refs), and no longer than ``SAMPLE_BUDGET_S`` (a slow or stalling node would hold
-#: the run's start). Each ref it does one at a time costs the run the time the workers would
-#: not have spent on it: a run ``s`` times faster than sequential is longer by about
-#: ``(s - 1) / SAMPLE_SHARE`` (a quarter of a 1,415-ref gap, 250 refs, made a 0.8 s
-#: concurrent run 2.3 s).
-SAMPLE_S = 0.5
+#: The start-up sample of a concurrent run enriches the gap's first ``SAMPLE_REFS`` refs one
+#: call at a time (fewer where the gap has fewer), for at most ``SAMPLE_BUDGET_S`` (a slow or
+#: stalling node would hold the run's start). The workers start after it, so each of its refs
+#: costs the run what one call at a time costs more than the workers: it used to take a
+#: hundredth of the gap, up to 250 refs, which with the count of the gap that sized it took
+#: 0.4-0.5 s of a 32,000-ref run's start on a local node (see docs/architecture.md).
 SAMPLE_REFS = 20
-SAMPLE_MAX_REFS = 250
-SAMPLE_SHARE = 100
 SAMPLE_BUDGET_S = 2.0
 _SAMPLE_MIN_REFS = 5
 #: How long the sample waits for the workers' fork server to finish its import first.
 _SERVER_READY_WAIT_S = 5.0
 
 
-def sample_size(store: Store, targets: Sequence[tuple[int, str]]) -> int:
-    """How many refs the start-up sample takes at most: a ``SAMPLE_SHARE``-th of the
-    targets' gap, at least ``SAMPLE_REFS`` and at most ``SAMPLE_MAX_REFS`` (the gap is
-    counted only that far)."""
-    enough = SAMPLE_SHARE * SAMPLE_MAX_REFS
-    gap = 0
+def sample_refs(store: Store, targets: Sequence[tuple[int, str]]) -> list[Ref]:
+    """The refs the start-up sample enriches: the first ``SAMPLE_REFS`` of the targets' gap,
+    in their order, or the whole gap where it is smaller."""
+    refs: list[Ref] = []
     for chain_id, contract in targets:
-        gap += store.count_gap(chain_id, contract, upto=enough - gap)
-        if gap >= enough:
-            break
-    return max(SAMPLE_REFS, gap // SAMPLE_SHARE)
+        for r in store.iter_gap(chain_id, contract, chunk=SAMPLE_REFS):
+            refs.append(r)
+            if len(refs) >= SAMPLE_REFS:
+                return refs
+    return refs
 
 
 async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Sample | None:
-    """Enrich the gap's first refs one call at a time, for the speedup figure: for
-    ``SAMPLE_S`` and ``SAMPLE_REFS`` refs, at most ``SAMPLE_MAX_REFS`` and a
-    ``SAMPLE_SHARE``-th of the gap (``SAMPLE_REFS`` of a smaller one), stopping after
-    ``SAMPLE_BUDGET_S``; None if fewer than five were done by then (the summary then has no
-    speedup). It first waits for the workers' fork server to import its preload, which
-    otherwise took a core from the node and the sample."""
-    most = sample_size(store, job.targets)
-    refs: list[Ref] = []
-    for chain_id, contract in job.targets:
-        for r in store.iter_gap(chain_id, contract, chunk=most):
-            refs.append(r)
-            if len(refs) >= most:
-                break
-        if len(refs) >= most:
-            break
+    """Enrich the gap's first ``SAMPLE_REFS`` refs one call at a time, for the speedup figure,
+    stopping after ``SAMPLE_BUDGET_S``; None if fewer than five were done by then (the
+    summary then has no speedup). It first waits for the workers' fork server to import its
+    preload, which otherwise took a core from the node and the sample."""
+    refs = sample_refs(store, job.targets)
     if len(refs) < _SAMPLE_MIN_REFS:
         return None
     await forkserver.ready(_SERVER_READY_WAIT_S)
@@ -400,7 +383,7 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
         for ref in refs:
             now = time.perf_counter()
             left = deadline - now
-            if left <= 0 or (done >= SAMPLE_REFS and now - t0 >= SAMPLE_S):
+            if left <= 0:
                 break
             try:  # a call that stalls is cut at the deadline; its ref stays in the gap
                 enriched.extend(await asyncio.wait_for(enricher.enrich_sequential([ref]), left))

@@ -1438,7 +1438,7 @@ def enrich(ctx: Ctx, /, contract: str | None, chain_id: int | None, mode: str, d
     try:  # (_enrich starts the workers' fork server once it knows there is work)
         _enrich(ctx, contract, chain_id, mode, dry_run, retry_failed, opts)
     finally:
-        forkserver.stop(unused=True)  # a run that used it has stopped it already
+        forkserver.stop()  # a run that used it has stopped it already
 
 
 def _say_unused_in_sequential(ctx: Ctx, opts: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ def test_the_fork_server_ignores_ctrl_c_from_its_start_and_an_unused_one_is_reap
         assert signal.getsignal(signal.SIGINT) is before  # the coordinator's handler is back
         assert _ignored_signals(pid) & (1 << (signal.SIGINT - 1)), "the server would die on Ctrl+C"
     finally:
-        workers_server.stop(unused=True)
+        workers_server.stop()
     assert server._forkserver_pid is None  # type: ignore[attr-defined]
     with pytest.raises(ChildProcessError):  # already reaped: nothing outlives the run
         os.waitpid(pid, os.WNOHANG)
@@ -74,5 +74,36 @@ def test_ready_returns_once_the_server_has_imported_its_preload() -> None:
         assert asyncio.run(workers_server.ready(20.0)) is True
         assert asyncio.run(workers_server.ready(0.0)) is True  # said once: no second wait
     finally:
-        workers_server.stop(unused=True)
+        workers_server.stop()
     assert workers_server.READY_ENV not in os.environ
+
+
+@pytest.mark.timeout(30)
+def test_a_used_fork_server_is_killed_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Asked to stop (its alive pipe closed), a server that had forked workers finalised an
+    # interpreter with the engine imported: every concurrent run's end waited 0.07-0.14 s
+    # for it. Once its workers are gone it holds nothing to write: it is killed.
+    import multiprocessing
+
+    workers_server.start("sqlite:///unused.db")
+    server = forkserver._forkserver
+    pid = server._forkserver_pid  # type: ignore[attr-defined]
+    sent: list[tuple[int, int]] = []
+    real_kill = os.kill
+
+    def kill(p: int, sig: int) -> None:
+        sent.append((p, sig))
+        real_kill(p, sig)
+
+    try:
+        worker = multiprocessing.get_context("forkserver").Process(target=os.getpid)
+        worker.start()
+        worker.join(20)
+        assert worker.exitcode == 0
+        monkeypatch.setattr(os, "kill", kill)
+    finally:
+        workers_server.stop()
+    assert sent == [(pid, signal.SIGKILL)]
+    assert server._forkserver_pid is None  # type: ignore[attr-defined]
+    with pytest.raises(ChildProcessError):  # reaped: nothing outlives the run
+        os.waitpid(pid, os.WNOHANG)

@@ -1463,7 +1463,7 @@ class Coordinator:
                     why_back = "run failed" if state == "failed" else "run stopped"
                     with contextlib.suppress(GapfillError):  # the database may be what failed
                         store.release_owner(self._owner(s), why_back, stop=state != "failed")
-            forkserver.stop(unused=not self.slots)
+            forkserver.stop()
             if self.metrics is not None:
                 self.metrics.close()
             # After the workers' clean-up, which a failing write of a notice must not skip.

@@ -210,6 +210,32 @@ def test_the_start_up_sample_waits_for_the_fork_servers_import(
 
 
 @pytest.mark.timeout(120)
+def test_a_sample_that_takes_the_whole_gap_starts_no_worker(tmp_path: Path, small_chain: Any) -> None:
+    """The plan comes before the start-up sample (it overlaps the fork server's import, which
+    the sample waits for). A gap of 12 refs the sample takes whole: planning again closes the
+    batch it emptied, so no worker starts to lease it for nothing."""
+    chain = small_chain.chain
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    hashes = "".join(f"{h}\n" for h in sorted(chain.direct[chain.token])[:12])
+    base = [GAPFILL, "--db", db, "--rpc-url", small_chain.url]
+    for args, stdin in ((["contract", "add", chain.token], None),
+                        (["import", "-", "--contract", chain.token], hashes)):  # fmt: skip
+        subprocess.run(base + args, input=stdin, capture_output=True, text=True, timeout=60, check=True)
+    r = subprocess.run([*base, "enrich", "--mode", "concurrent", "--workers", "2"],
+                       capture_output=True, text=True, timeout=100)  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "1 open batch, 12 refs newly planned" in out, out
+    assert "measured on 12 refs" in out and "processed: 12 transactions" in out, out
+    assert "active workers" not in out, out  # (one that leased the emptied batch closed it, unsaid)
+    with open_store(db) as store, store._read() as cur:
+        cur.execute("SELECT state, count(*) FROM batches GROUP BY state")
+        assert cur.fetchall() == [("done", 1)]
+        cur.execute("SELECT count(*) FROM lease_events WHERE event = 'leased'")
+        assert cur.fetchone() == (0,)
+
+
+@pytest.mark.timeout(120)
 def test_a_rerun_joining_an_open_plan_reports_its_progress(tmp_path: Path, small_chain: Any) -> None:
     """A concurrent run counted done only the batches its own run id planned: joining the
     plan an interrupted run left, it said "Progress: 0/10 batches (0.0%)" to the end."""

@@ -1172,10 +1172,8 @@ class Store(abc.ABC):
     def write(self, enriched: Enriched, calls: int = 0) -> int:
         """Store rows, failures and moved keys in one transaction, with no lease (the start-up
         sample of a concurrent run), adding ``calls`` to the run's; returns the transactions
-        it newly stored. No open plan
-        keeps an import or a discovery from filling these refs' block numbers meanwhile, so
-        their keys move as those fills do: after the contracts' rows and under the planning
-        lock."""
+        it newly stored. No lease covers these refs, so their keys move as an import's or a
+        discovery's block fills do: after the contracts' rows and under the planning lock."""
         with self._tx() as cur:
             if enriched.moved:
                 for chain_id, contract in sorted({(r.chain_id, r.contract) for r in enriched.moved}):

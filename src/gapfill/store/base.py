@@ -997,16 +997,11 @@ class Store(abc.ABC):
                         (chain_id, contract))  # fmt: skip
             return cur.fetchone() is not None
 
-    def count_gap(self, chain_id: int, contract: str, upto: int | None = None) -> int:
-        """How many refs of the contract are missing; with ``upto``, counted only that far
-        (``upto`` where there are more): a size is known without walking a large gap."""
-        sql = f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"
-        params: tuple[Any, ...] = (chain_id, contract)
-        if upto is not None:
-            sql = f"SELECT count(*) FROM (SELECT 1 FROM refs r WHERE {self._GAP_WHERE} LIMIT ?) g"
-            params = (chain_id, contract, upto)
+    def count_gap(self, chain_id: int, contract: str) -> int:
+        """How many refs of the contract are missing."""
         with self._read() as cur:
-            cur.execute(self._sql(sql), params)
+            cur.execute(self._sql(f"SELECT count(*) FROM refs r WHERE {self._GAP_WHERE}"),
+                        (chain_id, contract))  # fmt: skip
             return int(cur.fetchone()[0])
 
     def count_refs(self, targets: Sequence[tuple[int, str]]) -> int:

@@ -77,7 +77,12 @@ T = TypeVar("T")
 #: the collector keeps rescanning them, and the whole heap now and then, for no garbage:
 #: ~4 µs of CPU per transaction (bench/hotpath.py, ~20% of enriching). Almost everything a
 #: worker frees goes by reference counting; cycles are still collected, just less often.
-GC_THRESHOLDS = (10_000, 50, 100)
+#: 10,000 still ran a young pass every few batches (13 in a 24,000-transaction dense run,
+#: 4-6 ms each: the batches in flight hold more young containers than that), ~55 ms that
+#: freed 9 objects; 50,000 ran none, as a batch's containers are freed again before that
+#: many have accumulated. Cyclic garbage still starts a pass once 50,000 containers of it
+#: have built up (a few MB at most).
+GC_THRESHOLDS = (50_000, 50, 100)
 _gc_users = 0
 _gc_saved: tuple[int, int, int] | None = None
 

@@ -95,3 +95,31 @@ def test_the_progress_events_compile_only_their_init_and_frozen_methods() -> Non
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "True True"
+
+
+@pytest.mark.parametrize("name", ["gapfill.model.Ref", "gapfill.rpc.config.Call"])
+def test_a_hand_written_init_takes_and_sets_what_the_dataclass_one_would(name: str) -> None:
+    """Ref and Call set their slots through the slots' own setters (faster than the frozen
+    dataclass's ``object.__setattr__``): same parameters, defaults and fields, still frozen."""
+    import importlib
+    import inspect
+
+    module, _, cls_name = name.rpartition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+    fs = dataclasses.fields(cls)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    assert [p.name for p in params] == [f.name for f in fs]
+    assert [p.default for p in params] == [
+        inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default for f in fs
+    ]
+    values = [f"v{i}" for i, _ in enumerate(fs)]
+    made = cls(*values)
+    assert [getattr(made, f.name) for f in fs] == values
+    assert cls(**{f.name: v for f, v in zip(fs, values, strict=True)}) == made
+    required = [v for f, v in zip(fs, values, strict=True) if f.default is dataclasses.MISSING]
+    assert [getattr(cls(*required), f.name) for f in fs if f.default is not dataclasses.MISSING] == [
+        f.default for f in fs if f.default is not dataclasses.MISSING
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.__setattr__(fs[0].name, 1)
+    assert pickle.loads(pickle.dumps(cls(*required))) == cls(*required)

@@ -14,7 +14,8 @@ imported), then ``gapfill -v enrich --mode MODE`` measured as the suite measures
 
 A case may run another source tree (``--src NAME=DIR``, a ``src/`` directory: a
 checkout of another commit, say) on ``PYTHONPATH``, so that old and new code alternate
-on the same chain: ``--case NAME:MODE:BACKEND[:SRC]``.
+on the same chain: ``--case NAME:MODE:BACKEND[:SRC]``; ``--extra NAME=ARGS`` adds options
+to that case's ``enrich`` (``--extra big="--rpc-batch-size 500"``).
 
     .venv/bin/python bench/phases.py --txs 40000 --rounds 3 \\
         --case batch:batch:postgres --case conc:concurrent:postgres
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -68,9 +70,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--case", action="append", default=[], metavar="NAME:MODE:BACKEND[:SRC]")
     ap.add_argument("--src", action="append", default=[], metavar="NAME=DIR")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS")
     ap.add_argument("--pg", default=suite.ARGS_PG)
     args = ap.parse_args()
     srcs = dict(s.split("=", 1) for s in args.src)
+    extra = {k: shlex.split(v) for k, v in (e.split("=", 1) for e in args.extra)}
     cases = [c.split(":") for c in args.case] or [["batch", "batch", "postgres"],
                                                   ["concurrent", "concurrent", "postgres"]]  # fmt: skip
     work = suite.BENCH / "work" / "phases"
@@ -92,7 +96,8 @@ def main() -> int:
                     if src:
                         env["PYTHONPATH"] = srcs[src[0]]
                         cmd = [suite.PY, "-c", "import sys; from gapfill._entry import main; main()"]
-                    cmd += ["--db", db, "--rpc-url", node.url, "-v", "enrich", "--mode", mode]
+                    cmd += ["--db", db, "--rpc-url", node.url, "-v", "enrich", "--mode", mode,
+                            *extra.get(name, [])]  # fmt: skip
                     started = time.time()
                     tag = db.rsplit("/", 1)[1] if backend == "postgres" else None
                     m = suite.measure(cmd, node_pid=node.pid, env=env, db_tag=tag)

@@ -131,3 +131,26 @@ def test_a_restarted_slots_new_worker_is_not_taken_for_one_the_coordinator_stopp
     assert not s.terminated
     s.proc.exitcode = 0  # type: ignore[attr-defined]  # stopped from outside, batches still open
     assert c._ended_early(store, s)  # type: ignore[arg-type]
+
+
+def test_a_worker_the_coordinator_stopped_is_started_again_as_no_crash(coordinator: Coordinator) -> None:
+    # _stop_waiting stops (SIGTERM) a worker waiting for a connection slot, no batch being
+    # open; one still starting dies of it. Once every worker has ended while batches are open
+    # again (another run planned more), each slot is restarted: that one was said as a crash
+    # ("exited with code -15; restarted") and counted against the restart budget.
+    from gapfill.engine.events import Notice, WorkerExited
+
+    c = coordinator
+    seen: list[Any] = []
+    c.emit = seen.append
+    s = c.slots[0] = _Slot(0, FakeProc(100, exitcode=-15), time.monotonic(), terminated=True)  # type: ignore[arg-type]
+    c._restart(FakeStore(), s)  # type: ignore[arg-type]
+    assert c.restarts == 0 and s.restarts == 0 and s.proc.pid == 200
+    assert [ev.text for ev in seen if isinstance(ev, Notice)] == [
+        "[Worker-1] was stopped while no batch was open, and batches are open again; restarted"]
+    assert [ev.killed for ev in seen if isinstance(ev, WorkerExited)] == [True]
+    # A SIGTERM from outside the run (the slot not stopped by the coordinator) is a crash.
+    s.proc.exitcode = -15  # type: ignore[attr-defined]
+    c._restart(FakeStore(), s)  # type: ignore[arg-type]
+    assert c.restarts == 1 and s.restarts == 1
+    assert seen[-1] == Notice("[Worker-1] exited with code -15; restarted")

@@ -485,3 +485,95 @@ def test_a_database_failing_at_the_runs_end_does_not_hide_why_it_failed(
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output, r.output
     assert "the RPC node went away" in r.output and "database went away" not in r.output, r.output
+
+
+
+def _spawn_waiting_for_a_slot(self: Any, index: int) -> Any:
+    """A worker as :func:`_started_worker`, which has said it waits for a connection slot
+    (:class:`WorkerWaitsForSlot`, through an event pipe of its own)."""
+    import multiprocessing
+
+    from gapfill.engine.events import WorkerWaitsForSlot
+
+    proc = _started_worker()
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)
+    writer.send(WorkerWaitsForSlot(index, proc.pid, "no connection slot is free on the server", 30.0))
+    writer.close()
+    self.events.append(reader)
+    return proc
+
+
+def _coordinator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawn: Any, **job: Any
+) -> tuple[Any, list[Any]]:
+    """A one-worker Coordinator of ten refs whose workers ``spawn`` starts, and the events it emits."""
+    from gapfill.engine.run import Coordinator, EnrichJob
+
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    _ten_refs(db)
+    monkeypatch.setattr(Coordinator, "_spawn", spawn)
+    monkeypatch.setattr(Coordinator, "_check_node", lambda self: True)
+    seen: list[Any] = []
+    return Coordinator(EnrichJob(db, (), ((1, A),), 1, workers=1, measure_sequential=False, **job),
+                       seen.append), seen  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_stopped_as_it_waits_for_a_slot_is_not_restarted_as_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The plan has no open batch left (the other workers finished it): the coordinator sends
+    # SIGTERM to the workers still waiting for a connection slot. One still starting (its
+    # handler not set yet) died of it (-15), and the run not stopping, the supervision loop
+    # restarted it as a crash ("[Worker-1] exited with code -15; restarted"), counting a
+    # restart, again and again until "workers keep crashing" failed the run.
+    from gapfill.engine.events import Notice, WorkerExited
+
+    spawned: list[int] = []
+
+    def spawn(self: Any, index: int) -> Any:
+        proc = _spawn_waiting_for_a_slot(self, index)
+        spawned.append(proc.pid)
+        return proc
+
+    c, seen = _coordinator(tmp_path, monkeypatch, spawn)
+    # Planned and counted open, then closed by the other workers as this one waits.
+    monkeypatch.setattr(Store, "has_open_batches", lambda self, targets=None: not spawned)
+    summary = c.run()
+    assert len(spawned) == 1 and c.restarts == 0 and summary.restarts == 0, seen
+    assert not [ev for ev in seen if isinstance(ev, Notice) and "restarted" in ev.text], seen
+    assert any(isinstance(ev, Notice) and "stops waiting for a connection slot" in ev.text for ev in seen)
+    exited = [ev for ev in seen if isinstance(ev, WorkerExited)]
+    assert [(ev.exitcode, ev.restarted, ev.killed) for ev in exited] == [(-signal.SIGTERM, False, True)]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_from_outside_the_run_is_still_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other side of the test above: a SIGTERM the coordinator did not send (its slot not
+    # `terminated`) that kills a starting worker is a crash, and the worker is restarted.
+    import os
+
+    from gapfill.engine.events import Notice
+    from gapfill.errors import Interrupted
+
+    spawned: list[int] = []
+
+    def spawn(self: Any, index: int) -> Any:
+        proc = _started_worker()
+        spawned.append(proc.pid)
+        if len(spawned) == 1:
+            os.kill(proc.pid, signal.SIGTERM)  # from outside the run
+            proc.join(10)
+        else:  # the restarted one: the user stops the run (its grace period's SIGTERM ends it)
+            signal.raise_signal(signal.SIGINT)
+        return proc
+
+    c, seen = _coordinator(tmp_path, monkeypatch, spawn, grace_period_s=0.0)
+    with pytest.raises(Interrupted):
+        c.run()
+    assert len(spawned) == 2 and c.restarts == 1, seen
+    assert [ev.text for ev in seen if isinstance(ev, Notice) and "restarted" in ev.text] == [
+        "[Worker-1] exited with code -15; restarted"
+    ], seen

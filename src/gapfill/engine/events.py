@@ -136,7 +136,8 @@ class WorkerExited:
     exitcode: int | None
     restarted: bool
     #: Killed by its coordinator as the user asked (a second Ctrl+C), or ended by the SIGTERM
-    #: it sent (the grace period's end) before its handler was set: not crashed.
+    #: it sent (the grace period's end, a wait for a connection slot with no batch open) before
+    #: its handler was set: not crashed.
     killed: bool = False
 
 

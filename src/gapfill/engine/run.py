@@ -987,8 +987,9 @@ class _Slot:
     base_calls: int = 0
     base_retries: int = 0
     base_limited: int = 0
-    #: Sent SIGTERM by the coordinator (the grace period's end, a lost node): a worker that
-    #: dies of it had not set its handler yet (still starting), which is no crash to report.
+    #: Sent SIGTERM by the coordinator (the grace period's end, a lost node, no batch open for
+    #: it as it waits for a connection slot): a worker that dies of it had not set its handler
+    #: yet (still starting), which is no crash to report or restart (:meth:`Coordinator._stopped_here`).
     #: The worker running now's: a restart clears it.
     terminated: bool = False
     #: Killed by the coordinator for holding a lease past its expiry (its RPC calls made
@@ -1351,7 +1352,10 @@ class Coordinator:
                     for s in list(self.slots.values()):
                         if s.proc.is_alive() or s.proc.exitcode is None:
                             continue
-                        if s.proc.exitcode == 0 or self.stopping_at is not None:
+                        # Nor a worker that died of the SIGTERM this process sent it (no batch
+                        # left open for one waiting for a connection slot) before its handler
+                        # was set: it was restarted as a crash, again and again while none opened.
+                        if s.proc.exitcode == 0 or self.stopping_at is not None or self._stopped_here(s):
                             if s.proc.exitcode == 0 and self._ended_early(store, s):
                                 self._restart(store, s)
                             continue
@@ -1425,10 +1429,7 @@ class Coordinator:
                     self._progress(store, total_batches, 0, t0)
             for s in self.slots.values():
                 s.proc.join(timeout=5)
-                # Killed as asked (a second Ctrl+C) is no crash to report: said once above; nor
-                # the SIGTERM this process sent, to a worker still starting.
-                killed = (self.stopping_at == -1.0 and s.proc.exitcode == -signal.SIGKILL) or (
-                    s.terminated and s.proc.exitcode == -signal.SIGTERM)
+                killed = self._stopped_here(s)
                 self.emit(WorkerExited(s.index, s.proc.pid or 0, s.proc.exitcode, False, killed))
                 if s.proc.exitcode not in (0, None):
                     # Killed by the stop (a second Ctrl+C, the grace period's end): its leases
@@ -1552,6 +1553,17 @@ class Coordinator:
             with contextlib.suppress(Exception):
                 s.proc.terminate()
 
+    def _stopped_here(self, s: _Slot) -> bool:
+        """Whether the slot's worker, exited, died of a signal this process sent it, which is no
+        crash to restart or report: the SIGKILL of a second Ctrl+C (said once, as it came), or
+        the SIGTERM of :meth:`_stop_waiting`, of the grace period's end or of
+        :meth:`_stop_workers` (``terminated``) to a worker still starting, before its handler
+        was set (:func:`_sigterm_cancels_main`). A SIGTERM from outside the run, to a slot this
+        process did not stop, is a crash."""
+        code = s.proc.exitcode
+        return (self.stopping_at == -1.0 and code == -signal.SIGKILL) or (
+            s.terminated and code == -signal.SIGTERM)
+
     def _ended_early(self, store: Store, s: _Slot) -> bool:
         """Whether the worker that exited 0 left batches open, the run not stopping, nor the
         coordinator having stopped it: its own end comes once none is open (it waits while
@@ -1585,7 +1597,11 @@ class Coordinator:
             if start_failed is not None and not self._check_node():
                 return  # a Ctrl+C during the check: the run stops
         stuck, s.stuck = s.stuck, False
-        if self.restarts >= 10 * self.workers:
+        # Stopped by this process as it waited for a connection slot, no batch being open (the
+        # loop restarts every slot once all have ended while batches are open again): no crash,
+        # said as what it was and not counted against the restart budget.
+        stopped_here = self._stopped_here(s)
+        if not stopped_here and self.restarts >= 10 * self.workers:
             if start_failed is not None:  # the node kept failing the workers' start-up checks
                 raise NodeUnavailable(start_failed)
             if stuck:  # -v would not say more: the node is too slow for the lease timeout
@@ -1598,11 +1614,13 @@ class Coordinator:
             raise GapfillError(
                 f"workers keep crashing ({self.restarts} restarts): rerun with -v to see why"
             )
-        self.restarts += 1
-        s.restarts += 1
-        self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True))
+        if not stopped_here:
+            self.restarts += 1
+            s.restarts += 1
+        self.emit(WorkerExited(s.index, s.proc.pid or 0, code, True, stopped_here))
         why = (f"its start-up check of the RPC node failed ({start_failed})" if start_failed
                else "was killed, stuck past its lease" if stuck
+               else "was stopped while no batch was open, and batches are open again" if stopped_here
                else "stopped from outside the run (a SIGTERM, say) while batches are still open" if code == 0
                else f"exited with code {code}")  # fmt: skip
         log.info("restarting Worker-%d (pid %s, up %.1f s): %s; %d lease(s) returned; restart %d of the "

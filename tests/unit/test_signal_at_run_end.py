@@ -514,8 +514,8 @@ def _coordinator(
     monkeypatch.setattr(Coordinator, "_spawn", spawn)
     monkeypatch.setattr(Coordinator, "_check_node", lambda self: True)
     seen: list[Any] = []
-    return Coordinator(EnrichJob(db, (), ((1, A),), 1, workers=1, measure_sequential=False, **job),
-                       seen.append), seen  # fmt: skip
+    job.setdefault("measure_sequential", False)
+    return Coordinator(EnrichJob(db, (), ((1, A),), 1, workers=1, **job), seen.append), seen
 
 
 @pytest.mark.timeout(60)
@@ -577,3 +577,31 @@ def test_a_worker_killed_from_outside_the_run_is_still_restarted(
     assert [ev.text for ev in seen if isinstance(ev, Notice) and "restarted" in ev.text] == [
         "[Worker-1] exited with code -15; restarted"
     ], seen
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_just_before_the_start_up_sample_starts_no_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3c52896 planned first, and checked for a stop only before looking for a recorded
+    # sequential rate: a Ctrl+C during that look-up (or before the sample's task was there to
+    # cancel) let the sample run its 2 s budget after the stop and write its rows.
+    from gapfill.engine import run
+    from gapfill.errors import Interrupted
+
+    sampled: list[bool] = []
+
+    async def sample(*args: Any) -> None:
+        sampled.append(True)
+
+    def stopped_as_it_looks(*args: Any) -> None:
+        signal.raise_signal(signal.SIGINT)  # its handler runs here, as the rate is looked up
+        return None
+
+    monkeypatch.setattr(run, "recorded_sequential_rate", stopped_as_it_looks)
+    monkeypatch.setattr(run, "_measure_sequential", sample)
+    c, seen = _coordinator(tmp_path, monkeypatch, lambda self, index: pytest.fail("a worker started"),
+                           measure_sequential=True)  # fmt: skip
+    with pytest.raises(Interrupted):
+        c.run()
+    assert sampled == [], seen

@@ -1165,9 +1165,16 @@ class Coordinator:
 
     def _cancellable(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``work()`` in an event loop that a Ctrl+C or SIGTERM cancels (see
-        :meth:`_on_signal`); None when it was."""
+        :meth:`_on_signal`); None when it was, or when a signal came before its task was there
+        to cancel (the sample ran its whole budget after a stop during the look-up of a
+        recorded sequential rate, then wrote its rows)."""
+
+        async def unless_stopped() -> T | None:
+            # Its task is in ``_start`` by now: a signal from here on cancels it.
+            return None if self.stopping_at is not None else await work()
+
         try:
-            return asyncio.run(_tracked(self._start, work))
+            return asyncio.run(_tracked(self._start, unless_stopped))
         except asyncio.CancelledError:
             return None
         finally:

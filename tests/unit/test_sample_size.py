@@ -42,3 +42,46 @@ def test_the_sample_takes_the_gaps_first_20_refs(
         for contract, n in expected:
             mine = [r.tx_hash for r in got if r.contract == contract]
             assert mine == ["0x" + f"{i:064x}" for i in range(n)]
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_sample_that_stores_nothing_counts_its_calls_in_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: bool
+) -> None:
+    # Its node check (7 calls so far) stalls past its 2 s budget: there is no sample; or a
+    # Ctrl+C cuts it (``cut``), its rows not written. Its calls were made, but counted only in
+    # the coordinator's totals, which the run's recorded calls (finish_run, the summary's
+    # "calls:") replace: they were lost.
+    import asyncio
+
+    from gapfill.engine import run
+    from gapfill.settings import EndpointSetting
+
+    async def stalls(*args: object) -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    monkeypatch.setattr(run, "SAMPLE_BUDGET_S", 5.0 if cut else 0.05)
+    monkeypatch.setattr(run, "_ready", stalls)
+    monkeypatch.setattr(run, "_rpc_totals", lambda client: (7, 0, 0))
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    with open_store(db) as store:
+        store.add_contract(Contract(1, A))
+        store.add_refs([Ref(1, A, "0x" + f"{i:064x}", 100) for i in range(10)])
+        run_id = store.create_run("concurrent", 2, chain_id=1)
+        store.counts_for_run = run_id
+        job = run.EnrichJob(db, (EndpointSetting("http://127.0.0.1:9/"),), ((1, A),), 1, run_id=run_id)
+
+        async def sample() -> object:
+            task = asyncio.create_task(run._measure_sequential(job, store, lambda ev: None))
+            if cut:
+                asyncio.get_running_loop().call_later(0.05, task.cancel)
+            return await task
+
+        if cut:
+            with pytest.raises(asyncio.CancelledError):
+                asyncio.run(sample())
+        else:
+            got = asyncio.run(sample())
+            assert isinstance(got, run._Sample) and got.rate == 0 and got.calls == 7
+        assert store.finish_run(run_id, "done").calls == 7

@@ -369,30 +369,39 @@ async def _measure_sequential(job: EnrichJob, store: Store, emit: Emit) -> _Samp
         return None
     await forkserver.ready(_SERVER_READY_WAIT_S)
     async with _client(job, sequential=True) as client:
-        try:  # its own start-up check has the same budget: one stalled call held the run's
-            # start (and its first line) for three --rpc-timeout tries, silently
-            await asyncio.wait_for(_ready(client, emit), SAMPLE_BUDGET_S)
-        except TimeoutError:  # no sample, no speedup figure; the workers check the node again
-            return _Sample(0.0, "", 0, 0, _rpc_totals(client)[0], _without_left_out(job, client))
-        enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
-        enriched = Enriched()
-        done = 0
-        calls0 = _rpc_totals(client)[0]  # the probe's: not the sample's calls per ref
-        t0 = time.perf_counter()
-        deadline = t0 + SAMPLE_BUDGET_S
-        for ref in refs:
-            now = time.perf_counter()
-            left = deadline - now
-            if left <= 0:
-                break
-            try:  # a call that stalls is cut at the deadline; its ref stays in the gap
-                enriched.extend(await asyncio.wait_for(enricher.enrich_sequential([ref]), left))
-            except TimeoutError:
-                break
-            done += 1
-        secs = time.perf_counter() - t0
-        calls = _rpc_totals(client)[0]
-        job = _without_left_out(job, client)
+        carried = False  # its calls, with its rows (store.write below)
+        try:
+            try:  # its own start-up check has the same budget: one stalled call held the run's
+                # start (and its first line) for three --rpc-timeout tries, silently
+                await asyncio.wait_for(_ready(client, emit), SAMPLE_BUDGET_S)
+            except TimeoutError:  # no sample, no speedup figure; the workers check the node again
+                return _Sample(0.0, "", 0, 0, _rpc_totals(client)[0], _without_left_out(job, client))
+            enricher = _decoder_and_enricher(store, client, job)[job.chain_id]
+            enriched = Enriched()
+            done = 0
+            calls0 = _rpc_totals(client)[0]  # the probe's: not the sample's calls per ref
+            t0 = time.perf_counter()
+            deadline = t0 + SAMPLE_BUDGET_S
+            for ref in refs:
+                now = time.perf_counter()
+                left = deadline - now
+                if left <= 0:
+                    break
+                try:  # a call that stalls is cut at the deadline; its ref stays in the gap
+                    enriched.extend(await asyncio.wait_for(enricher.enrich_sequential([ref]), left))
+                except TimeoutError:
+                    break
+                done += 1
+            secs = time.perf_counter() - t0
+            calls = _rpc_totals(client)[0]
+            job = _without_left_out(job, client)
+            carried = True
+        finally:
+            # No sample (its check ran out of its budget), or cut (a Ctrl+C) or failed: no rows
+            # to write, but calls made, which the run's recorded ones (finish_run) missed.
+            if not carried:
+                with contextlib.suppress(GapfillError):  # (the database may be what failed)
+                    store.add_run_calls(_rpc_totals(client)[0])
     # Real rows, idempotent: they simply leave the gap. Failures that may pass are not the
     # run's: those refs stay in the gap, and the plan that follows enriches them.
     kept = enriched.settled()

@@ -158,9 +158,11 @@ def choose_mode(gap: int, cores: int | None = None) -> tuple[str, str]:
       processes dominates);
     * at 80,000 refs concurrent ran at 0.87-0.96x batch over six runs on an AMD
       machine, and at 0.95x in two runs on an Intel one after its start-up and
-      shutdown were cut by ~0.5 s (2026-11-28, both backends): one process already
-      keeps the node busy, and a second one takes CPU from it, so concurrent does
-      not win.
+      shutdown were cut by ~0.5 s (2026-11-28, both backends); at 0.82-1.10x in the
+      runs since, 1.09x / 0.83x (PostgreSQL / SQLite) in the latest (2026-12-01
+      07:43, its start cut by another 0.5-0.8 s and its workers sharing batch mode's
+      requests in flight): one process already keeps the node busy, and a second
+      one takes CPU from it, so concurrent does not reliably win.
 
     So concurrent pays only where there are cores to spare beyond the node's and
     one worker's; auto picks it from ``AUTO_CONCURRENT_FROM`` refs on machines
